@@ -1,0 +1,41 @@
+# vtpmd — see README.md. `make run` and `make test` set up everything they need.
+
+GO          ?= go
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
+BIN         := bin
+
+.PHONY: all build run test lint deps fuzz bench clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+# The main job on embedded defaults.
+run: deps build
+	@echo "vtpmctl is built at $(BIN)/vtpmctl; try:"
+	$(BIN)/vtpmctl resolve --flavor-name m1.small --flavor-spec hw:tpm_version=2.0 --image-prop hw_tpm_model=tpm-crb
+
+# Everything CI runs: system packages, formatting, vet, staticcheck, and all
+# tests (the committed fuzz corpus included) under the race detector.
+test: deps lint
+	$(GO) test -race -count=1 ./...
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) run $(STATICCHECK) ./...
+
+# System packages (Debian) the product and its tests use.
+deps:
+	@scripts/deps.sh
+
+# Grow the fuzz corpus; copy new entries into testdata/fuzz to keep them.
+fuzz:
+	$(GO) test ./internal/spec -run '^$$' -fuzz FuzzResolve -fuzztime 60s
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem -count 5 ./internal/spec
+
+clean:
+	rm -rf $(BIN)

@@ -1,0 +1,43 @@
+// Package api holds the wire types of vtpmd's REST API and of vtpmctl's JSON
+// output. It has no behaviour; the server and the client share it.
+package api
+
+// ErrorBody is every error response: {"error": {"code": ..., "message": ...}}.
+type ErrorBody struct {
+	Error Error `json:"error"`
+}
+
+// Error is a refusal or failure with a stable code and a message for people.
+type Error struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+// ResolveRequest asks what vTPM a flavor and image give, without creating it.
+type ResolveRequest struct {
+	FlavorName  string            `json:"flavor_name,omitempty"`
+	FlavorSpecs map[string]string `json:"flavor_specs,omitempty"`
+	ImageName   string            `json:"image_name,omitempty"`
+	ImageProps  map[string]string `json:"image_props,omitempty"`
+}
+
+// Resolution is the outcome of a request that was not refused.
+type Resolution struct {
+	// VTPM is null when the request asks for no vTPM.
+	VTPM *VTPMSpec `json:"vtpm"`
+	// RequiredTraits are the traits the serving host must offer, sorted.
+	RequiredTraits []string `json:"required_traits"`
+}
+
+// VTPMSpec is a resolved vTPM.
+type VTPMSpec struct {
+	Version string `json:"version"`
+	// Model is tpm-tis or tpm-crb; null on Hyper-V, where the hypervisor decides.
+	Model          *string `json:"model"`
+	SecretSecurity string  `json:"secret_security,omitempty"`
+	// Hypervisor is "hyperv" for a Hyper-V vTPM, absent for libvirt/QEMU.
+	Hypervisor string `json:"hypervisor,omitempty"`
+	// Keys are the key-manager secret UUIDs for a Hyper-V vTPM (present, maybe
+	// empty, on Hyper-V; absent otherwise).
+	Keys []string `json:"keys,omitzero"`
+}

@@ -1,0 +1,119 @@
+// Package cli is vtpmctl's command tree. Commands write only to the
+// command's own output streams, so tests drive them with SetArgs and SetOut.
+package cli
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/spf13/cobra"
+)
+
+// Exit statuses of vtpmctl.
+const (
+	ExitOK     = 0
+	ExitFailed = 1 // the request was refused or failed
+	ExitUsage  = 2 // the command line is wrong
+)
+
+// Output formats of -o.
+const (
+	outputJSON  = "json"
+	outputTable = "table"
+)
+
+// exitError ends vtpmctl with status code; a non-nil err is printed to
+// stderr, and for usage errors a pointer to --help follows it.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e *exitError) Error() string {
+	if e.err == nil {
+		return fmt.Sprintf("exit status %d", e.code)
+	}
+	return e.err.Error()
+}
+
+func (e *exitError) Unwrap() error { return e.err }
+
+func usageErrorf(format string, a ...any) error {
+	return &exitError{ExitUsage, fmt.Errorf(format, a...)}
+}
+
+// noArgs refuses positional arguments as a usage error.
+func noArgs(cmd *cobra.Command, args []string) error {
+	if len(args) > 0 {
+		if cmd.HasSubCommands() {
+			return usageErrorf("unknown command %q", args[0])
+		}
+		return usageErrorf("%s takes no arguments, got %q", cmd.CommandPath(), args[0])
+	}
+	return nil
+}
+
+// globals are the flags every command shares.
+type globals struct {
+	output string
+}
+
+// format is -o, or def when the user gave none.
+func (g *globals) format(def string) string {
+	if g.output == "" {
+		return def
+	}
+	return g.output
+}
+
+// NewRootCommand builds vtpmctl's command tree.
+func NewRootCommand() *cobra.Command {
+	g := &globals{}
+	root := &cobra.Command{
+		Use:           "vtpmctl",
+		Short:         "Manage virtual TPMs of cloud instances",
+		SilenceErrors: true,
+		SilenceUsage:  true,
+		Args:          noArgs,
+		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
+			switch g.output {
+			case "", outputJSON, outputTable:
+				return nil
+			}
+			return usageErrorf("unknown output format %q (want json or table)", g.output)
+		},
+		RunE: func(cmd *cobra.Command, args []string) error { return cmd.Help() },
+	}
+	root.PersistentFlags().StringVarP(&g.output, "output", "o", "", "output format: json or table")
+	root.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error {
+		return &exitError{ExitUsage, err}
+	})
+	root.AddCommand(newResolveCommand(g))
+	return root
+}
+
+// Main runs vtpmctl with args and returns its exit status.
+func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	root := NewRootCommand()
+	root.SetArgs(args)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	cmd, err := root.ExecuteContextC(ctx)
+	if err == nil {
+		return ExitOK
+	}
+	code := ExitFailed
+	var ee *exitError
+	if errors.As(err, &ee) {
+		code, err = ee.code, ee.err
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "vtpmctl: %v\n", err)
+	}
+	if code == ExitUsage {
+		fmt.Fprintf(stderr, "Run '%s --help' for usage.\n", cmd.CommandPath())
+	}
+	return code
+}
