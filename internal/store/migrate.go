@@ -1,0 +1,77 @@
+package store
+
+import (
+	"context"
+	"fmt"
+)
+
+// migrations are applied in order, each once, each in its own transaction.
+// Append only: never edit one that has shipped.
+var migrations = []string{
+	1: `
+CREATE TABLE hosts (
+	name        TEXT PRIMARY KEY,
+	traits      TEXT NOT NULL,          -- JSON array, sorted
+	capacity    INTEGER NOT NULL,
+	backend     TEXT NOT NULL,
+	seen_at     TEXT NOT NULL
+);
+CREATE TABLE vtpms (
+	instance_id     TEXT PRIMARY KEY,
+	project         TEXT NOT NULL,
+	version         TEXT NOT NULL,
+	model           TEXT NOT NULL,
+	secret_security TEXT NOT NULL,
+	hypervisor      TEXT NOT NULL,
+	keys            TEXT NOT NULL,      -- JSON array
+	host            TEXT NOT NULL REFERENCES hosts(name),
+	desired         TEXT NOT NULL,
+	phase           TEXT NOT NULL,
+	reason          TEXT NOT NULL,
+	secret_id       TEXT NOT NULL,
+	eks             TEXT NOT NULL,      -- JSON array of EK records
+	generation      INTEGER NOT NULL,
+	created_at      TEXT NOT NULL,
+	updated_at      TEXT NOT NULL
+);
+CREATE INDEX vtpms_project ON vtpms(project, instance_id);
+CREATE INDEX vtpms_host ON vtpms(host, instance_id);
+CREATE TABLE events (
+	id          INTEGER PRIMARY KEY AUTOINCREMENT,
+	at          TEXT NOT NULL,
+	actor       TEXT NOT NULL,
+	instance_id TEXT NOT NULL,
+	action      TEXT NOT NULL,
+	detail      TEXT NOT NULL
+);
+CREATE INDEX events_instance ON events(instance_id, id);
+CREATE TRIGGER events_no_update BEFORE UPDATE ON events BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+CREATE TRIGGER events_no_delete BEFORE DELETE ON events BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+`,
+}
+
+func (s *Store) migrate(ctx context.Context) error {
+	if _, err := s.db.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)`); err != nil {
+		return err
+	}
+	for v := 1; v < len(migrations); v++ {
+		err := s.Update(ctx, func(tx *Tx) error {
+			var cur int
+			if err := tx.tx.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_version`).Scan(&cur); err != nil {
+				return err
+			}
+			if cur >= v {
+				return nil
+			}
+			if _, err := tx.exec(migrations[v]); err != nil {
+				return fmt.Errorf("migration %d: %w", v, err)
+			}
+			_, err := tx.exec(`INSERT INTO schema_version (version) VALUES (?)`, v)
+			return err
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}

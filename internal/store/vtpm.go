@@ -1,0 +1,240 @@
+package store
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/vtpmd/vtpmd/internal/spec"
+)
+
+// Phase is where a vTPM is in its life, as the host agent observes it:
+// pending → provisioning → active ⇄ stopped → deleting → (record removed);
+// error, with a reason, from any of them.
+type Phase string
+
+// The phases.
+const (
+	PhasePending      Phase = "pending"
+	PhaseProvisioning Phase = "provisioning"
+	PhaseActive       Phase = "active"
+	PhaseStopped      Phase = "stopped"
+	PhaseDeleting     Phase = "deleting"
+	PhaseError        Phase = "error"
+)
+
+// Desired is what the user asked for; agents move Phase towards it.
+type Desired string
+
+// The desired states.
+const (
+	DesiredRunning Desired = "running"
+	DesiredStopped Desired = "stopped"
+	DesiredDeleted Desired = "deleted"
+)
+
+// EK is an endorsement key of a manufactured vTPM.
+type EK struct {
+	Kind      string `json:"kind"`
+	Handle    uint32 `json:"handle"`
+	NVIndex   uint32 `json:"nv_index,omitempty"`
+	PublicDER []byte `json:"public_der"` // PKIX
+	CertDER   []byte `json:"cert_der,omitempty"`
+}
+
+// VTPM is one instance's virtual TPM.
+type VTPM struct {
+	InstanceID string
+	Project    string
+	Spec       spec.Spec
+	Host       string
+	Desired    Desired
+	Phase      Phase
+	Reason     string // why Phase is error
+	SecretID   string // key-manager secret that encrypts the state
+	EKs        []EK
+	// Generation increases with every update; UpdateVTPM refuses a stale one.
+	Generation int64
+	CreatedAt  time.Time
+	UpdatedAt  time.Time
+}
+
+const vtpmColumns = `instance_id, project, version, model, secret_security, hypervisor, keys, host,
+	desired, phase, reason, secret_id, eks, generation, created_at, updated_at`
+
+// CreateVTPM inserts v with generation 1; ErrExists if the instance has one.
+func (t *Tx) CreateVTPM(v *VTPM) error {
+	keys, eks, err := encodeLists(v)
+	if err != nil {
+		return err
+	}
+	// Checked in the transaction rather than read from a driver error, so it
+	// means the same on every engine.
+	if _, err := t.GetVTPM(v.InstanceID); err == nil {
+		return fmt.Errorf("vtpm %s: %w", v.InstanceID, ErrExists)
+	} else if !errors.Is(err, ErrNotFound) {
+		return err
+	}
+	v.Generation, v.CreatedAt, v.UpdatedAt = 1, t.now, t.now
+	_, err = t.exec(`INSERT INTO vtpms (`+vtpmColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
+		v.InstanceID, v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, v.Host,
+		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Generation, stamp(t.now), stamp(t.now))
+	return err
+}
+
+// UpdateVTPM writes v back if nobody changed it since it was read (same
+// Generation), and bumps its Generation; ErrConflict otherwise.
+func (t *Tx) UpdateVTPM(v *VTPM) error {
+	keys, eks, err := encodeLists(v)
+	if err != nil {
+		return err
+	}
+	res, err := t.exec(`UPDATE vtpms SET project=?, version=?, model=?, secret_security=?, hypervisor=?, keys=?, host=?,
+		desired=?, phase=?, reason=?, secret_id=?, eks=?, generation=generation+1, updated_at=?
+		WHERE instance_id=? AND generation=?`,
+		v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, v.Host,
+		v.Desired, v.Phase, v.Reason, v.SecretID, eks, stamp(t.now), v.InstanceID, v.Generation)
+	if err != nil {
+		return err
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		if _, gerr := t.GetVTPM(v.InstanceID); gerr != nil {
+			return gerr
+		}
+		return fmt.Errorf("vtpm %s: %w", v.InstanceID, ErrConflict)
+	}
+	v.Generation++
+	v.UpdatedAt = t.now
+	return nil
+}
+
+// DeleteVTPM removes the record; ErrNotFound if there is none.
+func (t *Tx) DeleteVTPM(instanceID string) error {
+	res, err := t.exec(`DELETE FROM vtpms WHERE instance_id=?`, instanceID)
+	if err != nil {
+		return err
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("vtpm %s: %w", instanceID, ErrNotFound)
+	}
+	return nil
+}
+
+// GetVTPM reads one vTPM; ErrNotFound if there is none.
+func (t *Tx) GetVTPM(instanceID string) (*VTPM, error) {
+	row := t.tx.QueryRowContext(t.ctx, `SELECT `+vtpmColumns+` FROM vtpms WHERE instance_id=?`, instanceID)
+	v, err := scanVTPM(row)
+	if err != nil {
+		return nil, fmt.Errorf("vtpm %s: %w", instanceID, notFound(err))
+	}
+	return v, nil
+}
+
+// Filter selects vTPMs; empty fields match everything.
+type Filter struct {
+	Project string
+	Host    string
+	Phase   Phase
+	// After is the last instance id of the previous page.
+	After string
+	// Limit caps the page; 0 means no limit.
+	Limit int
+}
+
+// ListVTPMs returns the vTPMs matching f, ordered by instance id.
+func (t *Tx) ListVTPMs(f Filter) ([]*VTPM, error) {
+	var where []string
+	var args []any
+	for _, c := range []struct{ col, val string }{
+		{"project", f.Project}, {"host", f.Host}, {"phase", string(f.Phase)},
+	} {
+		if c.val != "" {
+			where = append(where, c.col+"=?")
+			args = append(args, c.val)
+		}
+	}
+	if f.After != "" {
+		where = append(where, "instance_id>?")
+		args = append(args, f.After)
+	}
+	q := `SELECT ` + vtpmColumns + ` FROM vtpms`
+	if len(where) > 0 {
+		q += " WHERE " + strings.Join(where, " AND ")
+	}
+	q += " ORDER BY instance_id"
+	if f.Limit > 0 {
+		q += " LIMIT ?"
+		args = append(args, f.Limit)
+	}
+	rows, err := t.tx.QueryContext(t.ctx, q, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []*VTPM
+	for rows.Next() {
+		v, err := scanVTPM(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, v)
+	}
+	return out, rows.Err()
+}
+
+// CountVTPMs counts the vTPMs placed on each host.
+func (t *Tx) CountVTPMs() (map[string]int, error) {
+	rows, err := t.tx.QueryContext(t.ctx, `SELECT host, COUNT(*) FROM vtpms GROUP BY host`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	counts := map[string]int{}
+	for rows.Next() {
+		var h string
+		var n int
+		if err := rows.Scan(&h, &n); err != nil {
+			return nil, err
+		}
+		counts[h] = n
+	}
+	return counts, rows.Err()
+}
+
+func scanVTPM(row interface{ Scan(...any) error }) (*VTPM, error) {
+	var v VTPM
+	var keys, eks, created, updated string
+	err := row.Scan(&v.InstanceID, &v.Project, &v.Spec.Version, &v.Spec.Model, &v.Spec.SecretSecurity, &v.Spec.Hypervisor,
+		&keys, &v.Host, &v.Desired, &v.Phase, &v.Reason, &v.SecretID, &eks, &v.Generation, &created, &updated)
+	if err != nil {
+		return nil, err
+	}
+	if err := json.Unmarshal([]byte(keys), &v.Spec.Keys); err != nil {
+		return nil, fmt.Errorf("decoding keys of %s: %w", v.InstanceID, err)
+	}
+	if err := json.Unmarshal([]byte(eks), &v.EKs); err != nil {
+		return nil, fmt.Errorf("decoding EKs of %s: %w", v.InstanceID, err)
+	}
+	v.CreatedAt, v.UpdatedAt = parseStamp(created), parseStamp(updated)
+	return &v, nil
+}
+
+func encodeLists(v *VTPM) (keys, eks string, err error) {
+	k, err := json.Marshal(v.Spec.Keys)
+	if err != nil {
+		return "", "", err
+	}
+	e, err := json.Marshal(v.EKs)
+	return string(k), string(e), err
+}
+
+// Timestamps are stored as RFC 3339 text with nanoseconds, in UTC, so they
+// sort and read the same in SQLite and PostgreSQL.
+func stamp(t time.Time) string { return t.UTC().Format(time.RFC3339Nano) }
+
+func parseStamp(s string) time.Time {
+	t, _ := time.Parse(time.RFC3339Nano, s)
+	return t
+}
