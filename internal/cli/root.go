@@ -7,8 +7,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 
 	"github.com/spf13/cobra"
+
+	"github.com/vtpmd/vtpmd/client"
 )
 
 // Exit statuses of vtpmctl.
@@ -57,7 +60,9 @@ func noArgs(cmd *cobra.Command, args []string) error {
 
 // globals are the flags every command shares.
 type globals struct {
-	output string
+	output  string
+	server  string
+	project string
 }
 
 // format is -o, or def when the user gave none.
@@ -86,11 +91,26 @@ func NewRootCommand() *cobra.Command {
 		},
 		RunE: func(cmd *cobra.Command, args []string) error { return cmd.Help() },
 	}
-	root.PersistentFlags().StringVarP(&g.output, "output", "o", "", "output format: json or table")
+	pf := root.PersistentFlags()
+	pf.StringVarP(&g.output, "output", "o", "", "output format: json or table")
+	pf.StringVar(&g.server, "server", envOr(EnvServer, DefaultServer), "vtpmd API URL (env "+EnvServer+")")
+	pf.StringVar(&g.project, "project", os.Getenv(EnvProject), "act as this project (tenant) (env "+EnvProject+"); empty: operator")
 	root.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error {
 		return &exitError{ExitUsage, err}
 	})
-	root.AddCommand(newResolveCommand(g))
+	root.AddCommand(
+		newResolveCommand(g),
+		newCreateCommand(g),
+		newListCommand(g),
+		newShowCommand(g),
+		newIdentityCommand(g),
+		newActionCommand(g, "start", "Start a stopped vTPM (state kept)", "active", (*client.Client).Start),
+		newActionCommand(g, "stop", "Stop a vTPM (state kept)", "stopped", (*client.Client).Stop),
+		newActionCommand(g, "delete", "Delete a vTPM, destroying its state and secret", "deleted", (*client.Client).Delete),
+		newEventsCommand(g),
+		newHostsCommand(g),
+		newCACommand(g),
+	)
 	return root
 }
 

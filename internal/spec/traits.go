@@ -8,13 +8,13 @@ import (
 // Placement traits, with the names Nova and os-traits use, so a placement
 // service and its operators read them unchanged.
 const (
-	TraitTPM12                      = "COMPUTE_SECURITY_TPM_1_2"
-	TraitTPM20                      = "COMPUTE_SECURITY_TPM_2_0"
-	TraitTPMTIS                     = "COMPUTE_SECURITY_TPM_TIS"
-	TraitTPMCRB                     = "COMPUTE_SECURITY_TPM_CRB"
-	TraitSecretSecurityUser         = "COMPUTE_SECURITY_TPM_SECRET_SECURITY_USER"
-	TraitSecretSecurityHost         = "COMPUTE_SECURITY_TPM_SECRET_SECURITY_HOST"
-	TraitSecretSecurityDeployment   = "COMPUTE_SECURITY_TPM_SECRET_SECURITY_DEPLOYMENT"
+	TraitTPM12                    = "COMPUTE_SECURITY_TPM_1_2"
+	TraitTPM20                    = "COMPUTE_SECURITY_TPM_2_0"
+	TraitTPMTIS                   = "COMPUTE_SECURITY_TPM_TIS"
+	TraitTPMCRB                   = "COMPUTE_SECURITY_TPM_CRB"
+	TraitSecretSecurityUser       = "COMPUTE_SECURITY_TPM_SECRET_SECURITY_USER"
+	TraitSecretSecurityHost       = "COMPUTE_SECURITY_TPM_SECRET_SECURITY_HOST"
+	TraitSecretSecurityDeployment = "COMPUTE_SECURITY_TPM_SECRET_SECURITY_DEPLOYMENT"
 	// TraitHyperVGen2 marks a Hyper-V host that runs Generation 2 VMs with
 	// vTPMs. os-traits has no such trait, so it lives in the CUSTOM_ namespace.
 	TraitHyperVGen2 = "CUSTOM_HYPERV_GEN2_VTPM"

@@ -1,0 +1,92 @@
+package api
+
+import "time"
+
+// CreateVTPMRequest asks for a vTPM for an instance. The flavor and image
+// are resolved with the same rules as POST /v1/resolve.
+type CreateVTPMRequest struct {
+	InstanceID string `json:"instance_id"`
+	// Project owns the instance; a caller scoped to a project may omit it.
+	Project string `json:"project,omitempty"`
+	ResolveRequest
+}
+
+// VTPM is a vTPM record as the API shows it.
+type VTPM struct {
+	InstanceID string   `json:"instance_id"`
+	Project    string   `json:"project"`
+	Spec       VTPMSpec `json:"spec"`
+	Host       string   `json:"host"`
+	// Desired is what was asked: running, stopped or deleted.
+	Desired string `json:"desired"`
+	// Phase is what the host agent observed: pending, provisioning,
+	// active, stopped, deleting or error.
+	Phase  string `json:"phase"`
+	Reason string `json:"reason,omitempty"`
+	// SecretRef is the key-manager secret that encrypts the state (a
+	// reference, never the secret).
+	SecretRef string `json:"secret_ref"`
+	// Sockets are where a TPM client or QEMU attaches, once manufactured.
+	Sockets   *Sockets  `json:"sockets,omitempty"`
+	CreatedAt time.Time `json:"created_at"`
+	UpdatedAt time.Time `json:"updated_at"`
+}
+
+// Sockets are a vTPM's unix sockets: TPM commands on Data (tpm2-tss's
+// swtpm TCTI with path=Data), swtpm's control channel on Ctrl (QEMU).
+type Sockets struct {
+	Data string `json:"data"`
+	Ctrl string `json:"ctrl"`
+}
+
+// VTPMList is one page of vTPMs; Next, when set, is the cursor of the next page.
+type VTPMList struct {
+	Items []VTPM `json:"items"`
+	Next  string `json:"next,omitempty"`
+}
+
+// Identity is what a tenant needs to trust a vTPM: its endorsement keys,
+// their certificates and the CA chain that issued them (like GCP's
+// getShieldedInstanceIdentity).
+type Identity struct {
+	InstanceID string `json:"instance_id"`
+	EKs        []EK   `json:"endorsement_keys"`
+	CAChainPEM string `json:"ca_chain_pem"`
+}
+
+// EK is one endorsement key.
+type EK struct {
+	Kind           string `json:"kind"`
+	Handle         string `json:"handle"`
+	NVIndex        string `json:"nv_index,omitempty"`
+	PublicKeyPEM   string `json:"public_key_pem"`
+	CertificatePEM string `json:"certificate_pem,omitempty"`
+}
+
+// Host is a hypervisor host with its traits and capacity.
+type Host struct {
+	Name     string    `json:"name"`
+	Backend  string    `json:"backend"`
+	Traits   []string  `json:"traits"`
+	Capacity int       `json:"capacity"`
+	Used     int       `json:"used"`
+	SeenAt   time.Time `json:"seen_at"`
+}
+
+// HostList is every host.
+type HostList struct {
+	Items []Host `json:"items"`
+}
+
+// Event is one entry of a vTPM's audit log.
+type Event struct {
+	At     time.Time `json:"at"`
+	Actor  string    `json:"actor"`
+	Action string    `json:"action"`
+	Detail string    `json:"detail,omitempty"`
+}
+
+// EventList is a vTPM's audit log, oldest first.
+type EventList struct {
+	Items []Event `json:"items"`
+}

@@ -1,0 +1,198 @@
+// Package client is the Go client of vtpmd's REST API, used by vtpmctl and
+// by programs that drive vtpmd.
+package client
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+
+	"github.com/vtpmd/vtpmd/api"
+)
+
+// Client talks to one vtpmd server.
+type Client struct {
+	base    string
+	http    *http.Client
+	project string
+}
+
+// New returns a client for the server at base (e.g. http://127.0.0.1:8780).
+// A non-empty project scopes every request to that project.
+func New(base, project string) *Client {
+	return &Client{base: strings.TrimRight(base, "/"), http: http.DefaultClient, project: project}
+}
+
+// Error is an error response of the API.
+type Error struct {
+	Status  int
+	Code    string
+	Message string
+}
+
+func (e *Error) Error() string { return fmt.Sprintf("%s: %s", e.Code, e.Message) }
+
+// IsNotFound reports whether err is a 404 from the API.
+func IsNotFound(err error) bool {
+	var e *Error
+	return errors.As(err, &e) && e.Status == http.StatusNotFound
+}
+
+func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
+	if err != nil {
+		return err
+	}
+	if in != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if c.project != "" {
+		req.Header.Set("X-Project-ID", c.project)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if err != nil {
+		return fmt.Errorf("reading response: %w", err)
+	}
+	if resp.StatusCode >= 300 {
+		var eb api.ErrorBody
+		if json.Unmarshal(data, &eb) != nil || eb.Error.Code == "" {
+			return &Error{Status: resp.StatusCode, Code: fmt.Sprintf("http_%d", resp.StatusCode), Message: strings.TrimSpace(string(data))}
+		}
+		return &Error{Status: resp.StatusCode, Code: eb.Error.Code, Message: eb.Error.Message}
+	}
+	switch out := out.(type) {
+	case nil:
+		return nil
+	case *[]byte:
+		*out = data
+		return nil
+	default:
+		if err := json.Unmarshal(data, out); err != nil {
+			return fmt.Errorf("decoding response of %s %s: %w", method, path, err)
+		}
+		return nil
+	}
+}
+
+// Resolve resolves a request without creating anything.
+func (c *Client) Resolve(ctx context.Context, r api.ResolveRequest) (api.Resolution, error) {
+	var out api.Resolution
+	return out, c.do(ctx, http.MethodPost, "/v1/resolve", r, &out)
+}
+
+// Create asks for a vTPM; it returns once the request is recorded, usually
+// before the vTPM is active (see Wait).
+func (c *Client) Create(ctx context.Context, r api.CreateVTPMRequest) (api.VTPM, error) {
+	var out api.VTPM
+	return out, c.do(ctx, http.MethodPost, "/v1/vtpms", r, &out)
+}
+
+// Get reads a vTPM.
+func (c *Client) Get(ctx context.Context, id string) (api.VTPM, error) {
+	var out api.VTPM
+	return out, c.do(ctx, http.MethodGet, "/v1/vtpms/"+url.PathEscape(id), nil, &out)
+}
+
+// ListOptions filter and page List.
+type ListOptions struct {
+	Project, Host, Phase, After string
+	Limit                       int
+}
+
+// List reads one page of vTPMs.
+func (c *Client) List(ctx context.Context, o ListOptions) (api.VTPMList, error) {
+	q := url.Values{}
+	for k, v := range map[string]string{"project": o.Project, "host": o.Host, "phase": o.Phase, "after": o.After} {
+		if v != "" {
+			q.Set(k, v)
+		}
+	}
+	if o.Limit > 0 {
+		q.Set("limit", fmt.Sprint(o.Limit))
+	}
+	var out api.VTPMList
+	return out, c.do(ctx, http.MethodGet, "/v1/vtpms?"+q.Encode(), nil, &out)
+}
+
+// Delete asks for a vTPM's deletion.
+func (c *Client) Delete(ctx context.Context, id string) (api.VTPM, error) {
+	var out api.VTPM
+	return out, c.do(ctx, http.MethodDelete, "/v1/vtpms/"+url.PathEscape(id), nil, &out)
+}
+
+// Start asks for a stopped vTPM to run again.
+func (c *Client) Start(ctx context.Context, id string) (api.VTPM, error) {
+	var out api.VTPM
+	return out, c.do(ctx, http.MethodPost, "/v1/vtpms/"+url.PathEscape(id)+"/start", nil, &out)
+}
+
+// Stop asks for a vTPM to stop, keeping its state.
+func (c *Client) Stop(ctx context.Context, id string) (api.VTPM, error) {
+	var out api.VTPM
+	return out, c.do(ctx, http.MethodPost, "/v1/vtpms/"+url.PathEscape(id)+"/stop", nil, &out)
+}
+
+// Identity reads a vTPM's endorsement keys, certificates and CA chain.
+func (c *Client) Identity(ctx context.Context, id string) (api.Identity, error) {
+	var out api.Identity
+	return out, c.do(ctx, http.MethodGet, "/v1/vtpms/"+url.PathEscape(id)+"/identity", nil, &out)
+}
+
+// Events reads a vTPM's audit log.
+func (c *Client) Events(ctx context.Context, id string) (api.EventList, error) {
+	var out api.EventList
+	return out, c.do(ctx, http.MethodGet, "/v1/vtpms/"+url.PathEscape(id)+"/events", nil, &out)
+}
+
+// Hosts lists the hosts.
+func (c *Client) Hosts(ctx context.Context) (api.HostList, error) {
+	var out api.HostList
+	return out, c.do(ctx, http.MethodGet, "/v1/hosts", nil, &out)
+}
+
+// CA returns the deployment CA chain (PEM).
+func (c *Client) CA(ctx context.Context) ([]byte, error) {
+	var out []byte
+	return out, c.do(ctx, http.MethodGet, "/v1/ca", nil, &out)
+}
+
+// Wait polls a vTPM until done says so, reporting each change of phase to
+// progress (may be nil). A vTPM that disappears ends the wait with a 404.
+func (c *Client) Wait(ctx context.Context, id string, done func(api.VTPM) bool, progress func(api.VTPM)) (api.VTPM, error) {
+	last := ""
+	for {
+		v, err := c.Get(ctx, id)
+		if err != nil {
+			return v, err
+		}
+		if progress != nil && v.Phase != last {
+			progress(v)
+			last = v.Phase
+		}
+		if done(v) {
+			return v, nil
+		}
+		if err := sleep(ctx); err != nil {
+			return v, err
+		}
+	}
+}

@@ -1,0 +1,233 @@
+// Package agent is the host agent: it registers its host with the traits its
+// backend can serve and moves every vTPM placed on the host towards its
+// desired state. Reconciliation is level-triggered and idempotent: each pass
+// reads the records and the backend afresh, so a pass interrupted by a crash
+// is finished by the next one.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/store"
+)
+
+// Backend runs vTPMs on one host. Every method is idempotent.
+type Backend interface {
+	// Name says which backend this is (swtpm, libvirt, ...).
+	Name() string
+	// Capabilities are what the host can serve.
+	Capabilities(ctx context.Context) (spec.Capabilities, error)
+	// Ensure makes v's vTPM exist and run, manufacturing it on first use with
+	// secret as its state key. It returns the vTPM's endorsement keys.
+	Ensure(ctx context.Context, v *store.VTPM, secret []byte) ([]store.EK, error)
+	// Stop stops v's vTPM, keeping its state.
+	Stop(ctx context.Context, instanceID string) error
+	// Destroy stops v's vTPM and removes its state.
+	Destroy(ctx context.Context, instanceID string) error
+	// Sockets are where clients attach to v's vTPM.
+	Sockets(instanceID string) api.Sockets
+}
+
+// Agent reconciles one host.
+type Agent struct {
+	Host     string
+	Capacity int
+	Store    *store.Store
+	Keyring  keyring.Keyring
+	Backend  Backend
+	Log      *slog.Logger
+	// Interval between full passes when nothing kicks the agent; default 5s.
+	Interval time.Duration
+	// Workers bounds how many vTPMs are reconciled at once; default 8.
+	Workers int
+
+	kick chan struct{}
+	once sync.Once
+}
+
+func (a *Agent) init() {
+	a.once.Do(func() {
+		a.kick = make(chan struct{}, 1)
+		if a.Log == nil {
+			a.Log = slog.New(slog.DiscardHandler)
+		}
+		if a.Interval == 0 {
+			a.Interval = 5 * time.Second
+		}
+		if a.Workers == 0 {
+			a.Workers = 8
+		}
+	})
+}
+
+// Register records the host with the traits its backend offers.
+func (a *Agent) Register(ctx context.Context) error {
+	a.init()
+	caps, err := a.Backend.Capabilities(ctx)
+	if err != nil {
+		return fmt.Errorf("reading capabilities of host %s: %w", a.Host, err)
+	}
+	h := &store.Host{Name: a.Host, Traits: spec.HostTraits(caps).List(), Capacity: a.Capacity, Backend: a.Backend.Name()}
+	return a.Store.Update(ctx, func(tx *store.Tx) error { return tx.PutHost(h) })
+}
+
+// Kick asks for a reconciliation pass soon; it never blocks.
+func (a *Agent) Kick() {
+	a.init()
+	select {
+	case a.kick <- struct{}{}:
+	default:
+	}
+}
+
+// Run registers the host and reconciles until ctx ends.
+func (a *Agent) Run(ctx context.Context) error {
+	a.init()
+	if err := a.Register(ctx); err != nil {
+		return err
+	}
+	t := time.NewTicker(a.Interval)
+	defer t.Stop()
+	for {
+		if err := a.Reconcile(ctx); err != nil && ctx.Err() == nil {
+			a.Log.Error("reconcile pass failed", "host", a.Host, "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-a.kick:
+		case <-t.C:
+		}
+	}
+}
+
+// Reconcile makes one pass over the host's vTPMs.
+func (a *Agent) Reconcile(ctx context.Context) error {
+	a.init()
+	var vs []*store.VTPM
+	err := a.Store.View(ctx, func(tx *store.Tx) (err error) {
+		vs, err = tx.ListVTPMs(store.Filter{Host: a.Host})
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	sem := make(chan struct{}, a.Workers)
+	var wg sync.WaitGroup
+	for _, v := range vs {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			if err := a.reconcile(ctx, v); err != nil && ctx.Err() == nil {
+				a.Log.Warn("reconcile", "instance", v.InstanceID, "err", err)
+			}
+		}()
+	}
+	wg.Wait()
+	return nil
+}
+
+func (a *Agent) reconcile(ctx context.Context, v *store.VTPM) error {
+	switch v.Desired {
+	case store.DesiredDeleted:
+		return a.destroy(ctx, v)
+	case store.DesiredStopped:
+		if v.Phase == store.PhaseStopped {
+			return nil
+		}
+		if err := a.Backend.Stop(ctx, v.InstanceID); err != nil {
+			return a.fail(ctx, v, "stopping", err)
+		}
+		return a.setPhase(ctx, v, store.PhaseStopped, "", "stopped")
+	default:
+		return a.run(ctx, v)
+	}
+}
+
+func (a *Agent) run(ctx context.Context, v *store.VTPM) error {
+	if v.Phase == store.PhasePending {
+		if err := a.setPhase(ctx, v, store.PhaseProvisioning, "", "provisioning"); err != nil {
+			return err
+		}
+	}
+	sec, err := a.Keyring.Get(ctx, v.SecretID)
+	if err != nil {
+		return a.fail(ctx, v, "reading the vTPM secret", err)
+	}
+	eks, err := a.Backend.Ensure(ctx, v, sec.Payload)
+	if err != nil {
+		return a.fail(ctx, v, "running the vTPM", err)
+	}
+	if v.Phase == store.PhaseActive && len(v.EKs) > 0 {
+		return nil
+	}
+	action := "started"
+	if len(v.EKs) == 0 {
+		v.EKs, action = eks, "manufactured and started"
+	}
+	return a.setPhase(ctx, v, store.PhaseActive, "", action)
+}
+
+// destroy removes the state, then the secret, then the record, so that a
+// crash at any step leaves a record that the next pass finishes deleting.
+func (a *Agent) destroy(ctx context.Context, v *store.VTPM) error {
+	if v.Phase != store.PhaseDeleting {
+		if err := a.setPhase(ctx, v, store.PhaseDeleting, "", "deleting"); err != nil {
+			return err
+		}
+	}
+	if err := a.Backend.Destroy(ctx, v.InstanceID); err != nil {
+		return a.fail(ctx, v, "removing the vTPM state", err)
+	}
+	if err := a.Keyring.Delete(ctx, v.SecretID); err != nil && !errors.Is(err, keyring.ErrNotFound) {
+		return a.fail(ctx, v, "deleting the vTPM secret", err)
+	}
+	return a.Store.Update(ctx, func(tx *store.Tx) error {
+		if err := tx.DeleteVTPM(v.InstanceID); err != nil {
+			return err
+		}
+		return tx.AppendEvent(store.Event{Actor: a.actor(), InstanceID: v.InstanceID, Action: "deleted",
+			Detail: "state and secret destroyed"})
+	})
+}
+
+// fail records an error phase with a reason a person can act on.
+func (a *Agent) fail(ctx context.Context, v *store.VTPM, doing string, err error) error {
+	reason := doing + ": " + err.Error()
+	if v.Desired == store.DesiredDeleted && v.Phase == store.PhaseDeleting || v.Phase == store.PhaseError && v.Reason == reason {
+		return err // already recorded; keep retrying without flooding the log
+	}
+	phase := store.PhaseError
+	if v.Desired == store.DesiredDeleted {
+		phase = store.PhaseDeleting
+	}
+	if uerr := a.setPhase(ctx, v, phase, reason, "error"); uerr != nil {
+		return errors.Join(err, uerr)
+	}
+	return err
+}
+
+func (a *Agent) setPhase(ctx context.Context, v *store.VTPM, p store.Phase, reason, action string) error {
+	v.Phase, v.Reason = p, reason
+	detail := string(p)
+	if reason != "" {
+		detail = reason
+	}
+	return a.Store.Update(ctx, func(tx *store.Tx) error {
+		if err := tx.UpdateVTPM(v); err != nil {
+			return err
+		}
+		return tx.AppendEvent(store.Event{Actor: a.actor(), InstanceID: v.InstanceID, Action: action, Detail: detail})
+	})
+}
+
+func (a *Agent) actor() string { return "agent:" + a.Host }

@@ -1,0 +1,28 @@
+package ca
+
+import "errors"
+
+var (
+	// ErrDamaged: the CA directory holds a committed CA (ca.json) that
+	// cannot be loaded: ca.pem is missing or does not match, or the key is
+	// missing from the keyring, belongs to another project, or does not
+	// match the certificate. Open reports this rather than creating a new
+	// CA, because every EK certificate already issued chains to the old one.
+	ErrDamaged = errors.New("deployment ca is damaged")
+
+	// ErrUnsupportedKey: IssueEK was given a public key that is not an EK
+	// key type: RSA (2048, 3072 or 4096 bits) or ECDSA (P-256 or P-384),
+	// and only RSA-2048 for a TPM 1.2.
+	ErrUnsupportedKey = errors.New("unsupported ek public key")
+
+	// ErrInvalidProfile: an EKProfile field is missing, too long, not
+	// UTF-8, or out of range (unknown TPM version, NotAfter before now or
+	// after the CA's own expiry).
+	ErrInvalidProfile = errors.New("invalid ek profile")
+
+	// ErrNotEK: a certificate does not parse, or lacks what makes it a TCG
+	// EK certificate (the subjectAltName directoryName with TPM
+	// manufacturer, model and version; for VerifyEK also the
+	// tcg-kp-EKCertificate extended key usage).
+	ErrNotEK = errors.New("not a tcg ek certificate")
+)

@@ -1,0 +1,121 @@
+package keyring
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"syscall"
+)
+
+// Prefixes of the transient files the embedded keyring makes in its
+// directory. List ignores them; OpenEmbedded removes those a crash left.
+const (
+	tmpPrefix = ".tmp-" // a file being written, not yet linked into place
+	delPrefix = ".del-" // a secret unlinked from its name, being shredded
+)
+
+// createFile writes data to dir/name crash-safely and never replaces an
+// existing file: temp file (mode 0600), fsync, hard link to the final name
+// (which fails if the name exists, unlike rename), unlink the temp, fsync
+// the directory. A crash leaves either no dir/name or the complete one.
+// When dir/name exists, the error wraps fs.ErrExist.
+func createFile(dir, name string, data []byte) (err error) {
+	f, err := os.CreateTemp(dir, tmpPrefix+"*")
+	if err != nil {
+		return fmt.Errorf("creating temp file: %w", err)
+	}
+	tmp := f.Name()
+	defer func() {
+		if f != nil {
+			f.Close()
+		}
+		os.Remove(tmp) // harmless after the link; cleans up on failure
+	}()
+	if _, err := f.Write(data); err != nil {
+		return fmt.Errorf("writing %s: %w", tmp, err)
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("syncing %s: %w", tmp, err)
+	}
+	err = f.Close()
+	f = nil
+	if err != nil {
+		return fmt.Errorf("closing %s: %w", tmp, err)
+	}
+	if err := os.Link(tmp, filepath.Join(dir, name)); err != nil {
+		return fmt.Errorf("linking %s into place: %w", name, err)
+	}
+	if err := os.Remove(tmp); err != nil {
+		return fmt.Errorf("removing %s: %w", tmp, err)
+	}
+	return syncDir(dir)
+}
+
+// syncDir makes renames, links and unlinks in dir durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("opening %s to sync: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("syncing %s: %w", dir, err)
+	}
+	return nil
+}
+
+// errTooLarge: a file is larger than its reader allows.
+var errTooLarge = errors.New("file too large")
+
+// readSmallFile reads a regular file of at most limit bytes without
+// following a symlink in its last element. A missing file wraps
+// fs.ErrNotExist, a larger one errTooLarge; mode is the file's mode for the
+// caller to check.
+func readSmallFile(path string, limit int64) (data []byte, mode fs.FileMode, err error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		if errors.Is(err, syscall.ELOOP) {
+			return nil, 0, fmt.Errorf("%w: %s is a symlink", ErrInsecureMode, path)
+		}
+		return nil, 0, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, 0, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, 0, fmt.Errorf("%w: %s is not a regular file", ErrInsecureMode, path)
+	}
+	if fi.Size() > limit {
+		return nil, fi.Mode(), fmt.Errorf("%w: %s is %d bytes, more than %d", errTooLarge, path, fi.Size(), limit)
+	}
+	data = make([]byte, fi.Size())
+	n, err := f.ReadAt(data, 0)
+	if err != nil && n != len(data) {
+		return nil, fi.Mode(), fmt.Errorf("reading %s: %w", path, err)
+	}
+	return data, fi.Mode(), nil
+}
+
+// shred overwrites a file with zeros and syncs it before it is unlinked, so
+// the sealed blob does not linger in the file's blocks. It is best effort:
+// journaling, copy-on-write file systems and SSD wear levelling can keep
+// old blocks, which is why the blob was sealed in the first place.
+func shred(path string) {
+	f, err := os.OpenFile(path, os.O_WRONLY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil || !fi.Mode().IsRegular() {
+		return
+	}
+	if _, err := f.WriteAt(make([]byte, fi.Size()), 0); err != nil {
+		return
+	}
+	f.Sync()
+}

@@ -1,0 +1,82 @@
+package server
+
+import (
+	"context"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/vtpmd/vtpmd/internal/store"
+)
+
+type metrics struct {
+	reg      *prometheus.Registry
+	requests *prometheus.CounterVec
+	latency  *prometheus.HistogramVec
+}
+
+func newMetrics(reg *prometheus.Registry, st *store.Store) *metrics {
+	m := &metrics{
+		reg: reg,
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vtpmd_http_requests_total", Help: "API requests by route and status code.",
+		}, []string{"route", "code"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "vtpmd_http_request_duration_seconds", Help: "API request latency by route.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
+		}, []string{"route"}),
+	}
+	reg.MustRegister(m.requests, m.latency, &phaseCollector{st})
+	return m
+}
+
+func (m *metrics) handler() http.Handler { return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}) }
+
+func (m *metrics) instrument(route string, h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		sw := &statusWriter{ResponseWriter: w, code: http.StatusOK}
+		h.ServeHTTP(sw, r)
+		m.requests.WithLabelValues(route, strconv.Itoa(sw.code)).Inc()
+		m.latency.WithLabelValues(route).Observe(time.Since(start).Seconds())
+	})
+}
+
+type statusWriter struct {
+	http.ResponseWriter
+	code int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	w.code = code
+	w.ResponseWriter.WriteHeader(code)
+}
+
+// phaseCollector reports how many vTPMs are in each phase, read from the
+// store at scrape time so it is never out of step.
+type phaseCollector struct{ st *store.Store }
+
+var phaseDesc = prometheus.NewDesc("vtpmd_vtpms", "vTPMs by phase.", []string{"phase"}, nil)
+
+func (c *phaseCollector) Describe(ch chan<- *prometheus.Desc) { ch <- phaseDesc }
+
+func (c *phaseCollector) Collect(ch chan<- prometheus.Metric) {
+	counts := map[store.Phase]int{}
+	err := c.st.View(context.Background(), func(tx *store.Tx) error {
+		vs, err := tx.ListVTPMs(store.Filter{})
+		for _, v := range vs {
+			counts[v.Phase]++
+		}
+		return err
+	})
+	if err != nil {
+		ch <- prometheus.NewInvalidMetric(phaseDesc, err)
+		return
+	}
+	for _, p := range []store.Phase{store.PhasePending, store.PhaseProvisioning, store.PhaseActive, store.PhaseStopped, store.PhaseDeleting, store.PhaseError} {
+		ch <- prometheus.MustNewConstMetric(phaseDesc, prometheus.GaugeValue, float64(counts[p]), string(p))
+	}
+}

@@ -1,0 +1,503 @@
+// Package server is vtpmd's REST API under /v1: it validates and resolves
+// requests, places vTPMs on hosts and records the desired state that host
+// agents carry out. Handlers return errors; toAPIError turns them into
+// responses.
+package server
+
+import (
+	"context"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"regexp"
+	"strconv"
+
+	"github.com/google/uuid"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/store"
+)
+
+// ProjectHeader scopes a request to one project (tenant): such a caller sees
+// and changes only that project's vTPMs. A request without it acts as the
+// operator. Until authentication lands, the API listens on loopback only.
+const ProjectHeader = "X-Project-ID"
+
+// maxBody bounds request bodies; real requests are a few hundred bytes.
+const maxBody = 64 << 10
+
+// Server holds the API's dependencies.
+type Server struct {
+	Store   *store.Store
+	Keyring keyring.Keyring
+	// CAChainPEM returns the deployment CA chain.
+	CAChainPEM func() []byte
+	Options    spec.Options
+	// Sockets says where a vTPM on a host is reachable, or nil if unknown.
+	Sockets func(host, instanceID string) *api.Sockets
+	// Notify tells a host's agent that its desired state changed.
+	Notify func(host string)
+	Log    *slog.Logger
+	// Registry receives the API's metrics; nil: a private one.
+	Registry *prometheus.Registry
+}
+
+// Handler returns the API's HTTP handler.
+func (s *Server) Handler() http.Handler {
+	if s.Log == nil {
+		s.Log = slog.New(slog.DiscardHandler)
+	}
+	if s.Registry == nil {
+		s.Registry = prometheus.NewRegistry()
+	}
+	m := newMetrics(s.Registry, s.Store)
+	mux := http.NewServeMux()
+	for _, r := range s.routes() {
+		mux.Handle(r.pattern, m.instrument(r.pattern, s.handle(r.h)))
+	}
+	mux.Handle("GET /metrics", m.handler())
+	return mux
+}
+
+type route struct {
+	pattern string
+	h       func(http.ResponseWriter, *http.Request) error
+}
+
+// routes lists every endpoint; the OpenAPI test checks the document
+// against this list.
+func (s *Server) routes() []route {
+	return []route{
+		{"GET /healthz", s.healthz},
+		{"GET /v1/openapi.json", s.openapi},
+		{"POST /v1/resolve", s.resolve},
+		{"POST /v1/vtpms", s.createVTPM},
+		{"GET /v1/vtpms", s.listVTPMs},
+		{"GET /v1/vtpms/{id}", s.getVTPM},
+		{"DELETE /v1/vtpms/{id}", s.deleteVTPM},
+		{"POST /v1/vtpms/{id}/start", s.startVTPM},
+		{"POST /v1/vtpms/{id}/stop", s.stopVTPM},
+		{"GET /v1/vtpms/{id}/identity", s.identity},
+		{"GET /v1/vtpms/{id}/events", s.events},
+		{"GET /v1/hosts", s.listHosts},
+		{"GET /v1/hosts/{name}", s.getHost},
+		{"GET /v1/ca", s.caChain},
+	}
+}
+
+func (s *Server) handle(h func(http.ResponseWriter, *http.Request) error) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if err := h(w, r); err != nil {
+			writeError(w, toAPIError(err, s.Log, r))
+		}
+	})
+}
+
+func (s *Server) healthz(w http.ResponseWriter, r *http.Request) error {
+	if err := s.Store.View(r.Context(), func(tx *store.Tx) error { _, err := tx.ListHosts(); return err }); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	return nil
+}
+
+// decode reads a JSON body strictly: bounded size, no unknown fields, one value.
+func decode(w http.ResponseWriter, r *http.Request, v any) error {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return err
+		}
+		return apiErr(http.StatusBadRequest, CodeInvalidJSON, "The request body is not valid JSON for this endpoint: "+err.Error())
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return apiErr(http.StatusBadRequest, CodeInvalidJSON, "The request body holds more than one JSON value.")
+	}
+	return nil
+}
+
+func (s *Server) resolve(w http.ResponseWriter, r *http.Request) error {
+	var req api.ResolveRequest
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	sp, err := spec.Resolve(specRequest(req), s.Options)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, spec.Resolution(sp))
+	return nil
+}
+
+func specRequest(r api.ResolveRequest) spec.Request {
+	return spec.Request{FlavorName: r.FlavorName, FlavorSpecs: r.FlavorSpecs, ImageName: r.ImageName, ImageProps: r.ImageProps}
+}
+
+// instanceID validates a path or body instance id: a canonical UUID, so it
+// is safe as a directory name and a key. Upper-case hex is accepted and
+// lowered.
+func instanceID(raw string) (string, error) {
+	id, err := uuid.Parse(raw)
+	if err != nil || len(raw) != 36 {
+		return "", apiErr(http.StatusBadRequest, CodeInvalidInstanceID,
+			fmt.Sprintf("Instance id %s is not a UUID of the form xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx.", strconv.Quote(truncate(raw))))
+	}
+	return id.String(), nil
+}
+
+var projectRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+
+// project is the caller's scope ("" for the operator).
+func project(r *http.Request) (string, error) {
+	p := r.Header.Get(ProjectHeader)
+	if p != "" && !projectRE.MatchString(p) {
+		return "", apiErr(http.StatusBadRequest, CodeInvalidProject, "The "+ProjectHeader+" header is not a valid project id.")
+	}
+	return p, nil
+}
+
+func (s *Server) createVTPM(w http.ResponseWriter, r *http.Request) error {
+	scope, err := project(r)
+	if err != nil {
+		return err
+	}
+	var req api.CreateVTPMRequest
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	id, err := instanceID(req.InstanceID)
+	if err != nil {
+		return err
+	}
+	switch {
+	case req.Project == "" && scope == "":
+		return apiErr(http.StatusBadRequest, CodeInvalidProject, "A project is required: set \"project\" or the "+ProjectHeader+" header.")
+	case req.Project == "":
+		req.Project = scope
+	case scope != "" && req.Project != scope:
+		return apiErr(http.StatusForbidden, CodeInvalidProject, "A caller scoped to one project cannot create vTPMs for another.")
+	case !projectRE.MatchString(req.Project):
+		return apiErr(http.StatusBadRequest, CodeInvalidProject, "Project "+strconv.Quote(truncate(req.Project))+" is not a valid project id.")
+	}
+	sp, err := spec.Resolve(specRequest(req.ResolveRequest), s.Options)
+	if err != nil {
+		return err
+	}
+	if sp == nil {
+		return apiErr(http.StatusBadRequest, CodeNoVTPMRequested,
+			"The flavor and image ask for no vTPM; set hw:tpm_version on the flavor or hw_tpm_version on the image.")
+	}
+
+	// Refuse duplicates and full fleets before a secret exists.
+	var host spec.Host
+	err = s.Store.View(r.Context(), func(tx *store.Tx) error {
+		if _, err := tx.GetVTPM(id); err == nil {
+			return store.ErrExists
+		} else if !errors.Is(err, store.ErrNotFound) {
+			return err
+		}
+		hosts, err := candidates(tx)
+		if err != nil {
+			return err
+		}
+		host, err = spec.Place(hosts, sp.RequiredTraits())
+		return err
+	})
+	if err != nil {
+		return err
+	}
+
+	payload, err := keyring.NewVTPMSecret()
+	if err != nil {
+		return err
+	}
+	secretID, err := s.Keyring.Create(r.Context(), req.Project, payload)
+	if err != nil {
+		return fmt.Errorf("creating vTPM secret: %w", err)
+	}
+	v := &store.VTPM{InstanceID: id, Project: req.Project, Spec: *sp, Host: host.Name,
+		Desired: store.DesiredRunning, Phase: store.PhasePending, SecretID: secretID}
+	err = s.Store.Update(r.Context(), func(tx *store.Tx) error {
+		if err := tx.CreateVTPM(v); err != nil {
+			return err
+		}
+		return tx.AppendEvent(store.Event{Actor: actor(scope), InstanceID: id, Action: "created",
+			Detail: fmt.Sprintf("TPM %s %s on host %s", sp.Version, sp.Model, host.Name)})
+	})
+	if err != nil {
+		// Leave no orphan secret behind (a racing create won).
+		if derr := s.Keyring.Delete(context.WithoutCancel(r.Context()), secretID); derr != nil {
+			s.Log.Warn("deleting secret of a failed create", "secret", secretID, "err", derr)
+		}
+		return err
+	}
+	s.notify(host.Name)
+	w.Header().Set("Location", "/v1/vtpms/"+id)
+	writeJSON(w, http.StatusAccepted, s.view(v))
+	return nil
+}
+
+// candidates are the registered hosts with their free capacity.
+func candidates(tx *store.Tx) ([]spec.Host, error) {
+	hosts, err := tx.ListHosts()
+	if err != nil {
+		return nil, err
+	}
+	used, err := tx.CountVTPMs()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]spec.Host, len(hosts))
+	for i, h := range hosts {
+		out[i] = spec.Host{Name: h.Name, Traits: spec.NewTraitSet(h.Traits...), Free: h.Capacity - used[h.Name]}
+	}
+	return out, nil
+}
+
+// lookup reads a vTPM the caller may see; another project's is "not found".
+func (s *Server) lookup(r *http.Request) (*store.VTPM, string, error) {
+	scope, err := project(r)
+	if err != nil {
+		return nil, "", err
+	}
+	id, err := instanceID(r.PathValue("id"))
+	if err != nil {
+		return nil, "", err
+	}
+	var v *store.VTPM
+	err = s.Store.View(r.Context(), func(tx *store.Tx) (err error) { v, err = tx.GetVTPM(id); return err })
+	if err == nil && scope != "" && v.Project != scope {
+		err = store.ErrNotFound
+	}
+	return v, scope, err
+}
+
+func (s *Server) getVTPM(w http.ResponseWriter, r *http.Request) error {
+	v, _, err := s.lookup(r)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, s.view(v))
+	return nil
+}
+
+func (s *Server) listVTPMs(w http.ResponseWriter, r *http.Request) error {
+	scope, err := project(r)
+	if err != nil {
+		return err
+	}
+	q := r.URL.Query()
+	f := store.Filter{Project: q.Get("project"), Host: q.Get("host"), Phase: store.Phase(q.Get("phase")), After: q.Get("after"), Limit: 100}
+	if scope != "" {
+		if f.Project != "" && f.Project != scope {
+			return apiErr(http.StatusForbidden, CodeInvalidProject, "A caller scoped to one project cannot list another's vTPMs.")
+		}
+		f.Project = scope
+	}
+	if l := q.Get("limit"); l != "" {
+		n, err := strconv.Atoi(l)
+		if err != nil || n < 1 || n > 1000 {
+			return apiErr(http.StatusBadRequest, CodeInvalidParameter, "limit must be a whole number from 1 to 1000.")
+		}
+		f.Limit = n
+	}
+	switch f.Phase {
+	case "", store.PhasePending, store.PhaseProvisioning, store.PhaseActive, store.PhaseStopped, store.PhaseDeleting, store.PhaseError:
+	default:
+		return apiErr(http.StatusBadRequest, CodeInvalidParameter, "phase must be one of pending, provisioning, active, stopped, deleting, error.")
+	}
+	// Fetch one more than the page to know whether a next page exists.
+	f.Limit++
+	var vs []*store.VTPM
+	if err := s.Store.View(r.Context(), func(tx *store.Tx) (err error) { vs, err = tx.ListVTPMs(f); return err }); err != nil {
+		return err
+	}
+	out := api.VTPMList{Items: []api.VTPM{}}
+	if len(vs) == f.Limit {
+		vs = vs[:len(vs)-1]
+		out.Next = vs[len(vs)-1].InstanceID
+	}
+	for _, v := range vs {
+		out.Items = append(out.Items, s.view(v))
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+func (s *Server) deleteVTPM(w http.ResponseWriter, r *http.Request) error {
+	return s.setDesired(w, r, store.DesiredDeleted, "delete requested")
+}
+
+func (s *Server) startVTPM(w http.ResponseWriter, r *http.Request) error {
+	return s.setDesired(w, r, store.DesiredRunning, "start requested")
+}
+
+func (s *Server) stopVTPM(w http.ResponseWriter, r *http.Request) error {
+	return s.setDesired(w, r, store.DesiredStopped, "stop requested")
+}
+
+// setDesired records what the user wants and wakes the host's agent.
+// Repeating a request is harmless; a deleted vTPM cannot be started again.
+func (s *Server) setDesired(w http.ResponseWriter, r *http.Request, d store.Desired, action string) error {
+	v, scope, err := s.lookup(r)
+	if err != nil {
+		return err
+	}
+	if v.Desired == store.DesiredDeleted && d != store.DesiredDeleted {
+		return apiErr(http.StatusConflict, CodeConflict, "The vTPM is being deleted.")
+	}
+	if v.Desired != d {
+		v.Desired = d
+		if d != store.DesiredDeleted && v.Phase == store.PhaseError {
+			v.Reason = "" // a new request retries from the error
+		}
+		err = s.Store.Update(r.Context(), func(tx *store.Tx) error {
+			if err := tx.UpdateVTPM(v); err != nil {
+				return err
+			}
+			return tx.AppendEvent(store.Event{Actor: actor(scope), InstanceID: v.InstanceID, Action: action})
+		})
+		if err != nil {
+			return err
+		}
+	}
+	s.notify(v.Host)
+	writeJSON(w, http.StatusAccepted, s.view(v))
+	return nil
+}
+
+func (s *Server) identity(w http.ResponseWriter, r *http.Request) error {
+	v, _, err := s.lookup(r)
+	if err != nil {
+		return err
+	}
+	if len(v.EKs) == 0 {
+		return apiErr(http.StatusConflict, CodeNotReady, "The vTPM has not been manufactured yet (phase "+string(v.Phase)+").")
+	}
+	id := api.Identity{InstanceID: v.InstanceID, CAChainPEM: string(s.CAChainPEM())}
+	for _, ek := range v.EKs {
+		e := api.EK{Kind: ek.Kind, Handle: fmt.Sprintf("0x%08x", ek.Handle),
+			PublicKeyPEM: string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: ek.PublicDER}))}
+		if ek.NVIndex != 0 {
+			e.NVIndex = fmt.Sprintf("0x%08x", ek.NVIndex)
+		}
+		if len(ek.CertDER) > 0 {
+			e.CertificatePEM = string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ek.CertDER}))
+		}
+		id.EKs = append(id.EKs, e)
+	}
+	writeJSON(w, http.StatusOK, id)
+	return nil
+}
+
+func (s *Server) events(w http.ResponseWriter, r *http.Request) error {
+	v, _, err := s.lookup(r)
+	if err != nil {
+		return err
+	}
+	var evs []store.Event
+	if err := s.Store.View(r.Context(), func(tx *store.Tx) (err error) { evs, err = tx.ListEvents(v.InstanceID); return err }); err != nil {
+		return err
+	}
+	out := api.EventList{Items: []api.Event{}}
+	for _, e := range evs {
+		out.Items = append(out.Items, api.Event{At: e.At, Actor: e.Actor, Action: e.Action, Detail: e.Detail})
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+func (s *Server) listHosts(w http.ResponseWriter, r *http.Request) error {
+	hosts, err := s.hosts(r.Context(), "")
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.HostList{Items: hosts})
+	return nil
+}
+
+func (s *Server) getHost(w http.ResponseWriter, r *http.Request) error {
+	hosts, err := s.hosts(r.Context(), r.PathValue("name"))
+	if err != nil {
+		return err
+	}
+	if len(hosts) == 0 {
+		return apiErr(http.StatusNotFound, CodeNotFound, "No such host.")
+	}
+	writeJSON(w, http.StatusOK, hosts[0])
+	return nil
+}
+
+// hosts returns all hosts, or the one named.
+func (s *Server) hosts(ctx context.Context, name string) ([]api.Host, error) {
+	out := []api.Host{}
+	err := s.Store.View(ctx, func(tx *store.Tx) error {
+		hosts, err := tx.ListHosts()
+		if err != nil {
+			return err
+		}
+		used, err := tx.CountVTPMs()
+		if err != nil {
+			return err
+		}
+		for _, h := range hosts {
+			if name == "" || h.Name == name {
+				out = append(out, api.Host{Name: h.Name, Backend: h.Backend, Traits: h.Traits, Capacity: h.Capacity, Used: used[h.Name], SeenAt: h.SeenAt})
+			}
+		}
+		return nil
+	})
+	return out, err
+}
+
+func (s *Server) caChain(w http.ResponseWriter, r *http.Request) error {
+	w.Header().Set("Content-Type", "application/x-pem-file")
+	_, err := w.Write(s.CAChainPEM())
+	return err
+}
+
+func (s *Server) openapi(w http.ResponseWriter, r *http.Request) error {
+	w.Header().Set("Content-Type", "application/json")
+	_, err := w.Write(api.OpenAPI)
+	return err
+}
+
+// view is a record as the API shows it.
+func (s *Server) view(v *store.VTPM) api.VTPM {
+	out := api.VTPM{InstanceID: v.InstanceID, Project: v.Project, Spec: *spec.Resolution(&v.Spec).VTPM,
+		Host: v.Host, Desired: string(v.Desired), Phase: string(v.Phase), Reason: v.Reason, SecretRef: v.SecretID,
+		CreatedAt: v.CreatedAt, UpdatedAt: v.UpdatedAt}
+	if len(v.EKs) > 0 && s.Sockets != nil {
+		out.Sockets = s.Sockets(v.Host, v.InstanceID)
+	}
+	return out
+}
+
+func (s *Server) notify(host string) {
+	if s.Notify != nil {
+		s.Notify(host)
+	}
+}
+
+func actor(scope string) string {
+	if scope == "" {
+		return "api:operator"
+	}
+	return "api:project:" + scope
+}
+
+func truncate(s string) string {
+	if len(s) > 64 {
+		return s[:64] + "..."
+	}
+	return s
+}

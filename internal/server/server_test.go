@@ -1,0 +1,361 @@
+package server
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strings"
+	"testing"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/store"
+)
+
+const inst = "7d7a0c4e-8f4b-4bd2-9d6e-2b8f4f3c1a10"
+
+type fixture struct {
+	srv    *httptest.Server
+	store  *store.Store
+	keys   *keyring.Embedded
+	dir    string
+	kicked []string
+}
+
+// newFixture runs the API on a real SQLite store and key manager, with one
+// TPM 2.0 host of capacity 2 and no agent: records stay pending.
+func newFixture(t *testing.T) *fixture {
+	t.Helper()
+	dir := t.TempDir()
+	st, err := store.Open(context.Background(), filepath.Join(dir, "db"), store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	caps := spec.Capabilities{Enabled: true, Versions: []spec.Version{spec.V20}, Models: []spec.Model{spec.TIS, spec.CRB}}
+	err = st.Update(context.Background(), func(tx *store.Tx) error {
+		return tx.PutHost(&store.Host{Name: "h1", Traits: spec.HostTraits(caps).List(), Capacity: 2, Backend: "swtpm"})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &fixture{store: st, keys: kr, dir: dir}
+	s := &Server{Store: st, Keyring: kr, CAChainPEM: func() []byte { return []byte("-----BEGIN CERTIFICATE-----\n") },
+		Notify: func(h string) { f.kicked = append(f.kicked, h) }}
+	f.srv = httptest.NewServer(s.Handler())
+	t.Cleanup(f.srv.Close)
+	return f
+}
+
+// call sends a request and decodes the JSON answer into out (if non-nil).
+func (f *fixture) call(t *testing.T, method, path, project string, body any, out any) int {
+	t.Helper()
+	var r io.Reader
+	switch b := body.(type) {
+	case nil:
+	case string:
+		r = strings.NewReader(b)
+	default:
+		data, _ := json.Marshal(b)
+		r = bytes.NewReader(data)
+	}
+	req, _ := http.NewRequest(method, f.srv.URL+path, r)
+	if project != "" {
+		req.Header.Set(ProjectHeader, project)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(resp.Body)
+	if out != nil {
+		if err := json.Unmarshal(data, out); err != nil {
+			t.Fatalf("%s %s: %d %s: %v", method, path, resp.StatusCode, data, err)
+		}
+	}
+	return resp.StatusCode
+}
+
+func create(id string, specs map[string]string) api.CreateVTPMRequest {
+	return api.CreateVTPMRequest{InstanceID: id, Project: "p1", ResolveRequest: api.ResolveRequest{FlavorSpecs: specs}}
+}
+
+func TestCreateAndRead(t *testing.T) {
+	f := newFixture(t)
+	var v api.VTPM
+	code := f.call(t, "POST", "/v1/vtpms", "", create(strings.ToUpper(inst), map[string]string{"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb"}), &v)
+	if code != http.StatusAccepted || v.InstanceID != inst || v.Phase != "pending" || v.Host != "h1" || v.Spec.Version != "2.0" || *v.Spec.Model != "tpm-crb" {
+		t.Fatalf("create: %d %+v", code, v)
+	}
+	if !slices.Equal(f.kicked, []string{"h1"}) {
+		t.Fatalf("agent not notified: %v", f.kicked)
+	}
+	// The secret exists, belongs to the project and is a Nova-style secret.
+	sec, err := f.keys.Get(context.Background(), v.SecretRef)
+	if err != nil || sec.Project != "p1" || len(sec.Payload) != 512 {
+		t.Fatalf("secret: %v project %q len %d", err, sec.Project, len(sec.Payload))
+	}
+	var got api.VTPM
+	if code := f.call(t, "GET", "/v1/vtpms/"+inst, "", nil, &got); code != 200 || got.SecretRef != v.SecretRef {
+		t.Fatalf("get: %d %+v", code, got)
+	}
+	var evs api.EventList
+	if f.call(t, "GET", "/v1/vtpms/"+inst+"/events", "", nil, &evs); len(evs.Items) != 1 || evs.Items[0].Action != "created" {
+		t.Fatalf("events: %+v", evs)
+	}
+	var e api.ErrorBody
+	if code := f.call(t, "GET", "/v1/vtpms/"+inst+"/identity", "", nil, &e); code != 409 || e.Error.Code != CodeNotReady {
+		t.Fatalf("identity before manufacture: %d %+v", code, e)
+	}
+}
+
+func TestCreateRefusals(t *testing.T) {
+	f := newFixture(t)
+	v20 := map[string]string{"hw:tpm_version": "2.0"}
+	if code := f.call(t, "POST", "/v1/vtpms", "", create(inst, v20), nil); code != 202 {
+		t.Fatalf("first create: %d", code)
+	}
+	cases := []struct {
+		name    string
+		project string
+		body    any
+		status  int
+		code    string
+	}{
+		{"malformed JSON", "", `{"instance_id": `, 400, CodeInvalidJSON},
+		{"unknown field", "", `{"instance_id":"` + inst + `","bogus":1}`, 400, CodeInvalidJSON},
+		{"two values", "", `{} {}`, 400, CodeInvalidJSON},
+		{"oversized body", "", `{"instance_id":"` + strings.Repeat("a", maxBody) + `"}`, 413, CodeBodyTooLarge},
+		{"not a uuid", "", create("not-a-uuid", v20), 400, CodeInvalidInstanceID},
+		{"path trick", "", create("../../etc/passwd", v20), 400, CodeInvalidInstanceID},
+		{"braced uuid", "", create("{"+inst+"}", v20), 400, CodeInvalidInstanceID},
+		{"no project", "", api.CreateVTPMRequest{InstanceID: "11111111-2222-4333-8444-555555555555", ResolveRequest: api.ResolveRequest{FlavorSpecs: v20}}, 400, CodeInvalidProject},
+		{"bad project", "", api.CreateVTPMRequest{InstanceID: "11111111-2222-4333-8444-555555555555", Project: "../x", ResolveRequest: api.ResolveRequest{FlavorSpecs: v20}}, 400, CodeInvalidProject},
+		{"other project", "p2", create("11111111-2222-4333-8444-555555555555", v20), 403, CodeInvalidProject},
+		{"duplicate", "", create(inst, v20), 409, CodeAlreadyExists},
+		{"refused request", "", create("11111111-2222-4333-8444-555555555555", map[string]string{"hw:tpm_version": "3"}), 400, string(spec.CodeInvalidTPMVersion)},
+		{"no vTPM asked", "", create("11111111-2222-4333-8444-555555555555", nil), 400, CodeNoVTPMRequested},
+		{"no host serves 1.2", "", create("11111111-2222-4333-8444-555555555555", map[string]string{"hw:tpm_version": "1.2"}), 409, string(spec.CodeNoValidHost)},
+	}
+	before := secretCount(t, f)
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			var e api.ErrorBody
+			status := f.call(t, "POST", "/v1/vtpms", c.project, c.body, &e)
+			if status != c.status || e.Error.Code != c.code || e.Error.Message == "" {
+				t.Fatalf("got %d %+v; want %d %s", status, e.Error, c.status, c.code)
+			}
+		})
+	}
+	// Nothing was created by any refusal: no record, no secret, no file.
+	var list api.VTPMList
+	f.call(t, "GET", "/v1/vtpms", "", nil, &list)
+	if len(list.Items) != 1 || secretCount(t, f) != before {
+		t.Fatalf("refusals left state behind: %d records, %d secrets (was %d)", len(list.Items), secretCount(t, f), before)
+	}
+	if _, err := os.Stat(filepath.Join(f.dir, "etc")); err == nil {
+		t.Fatal("a path trick created a directory")
+	}
+}
+
+func secretCount(t *testing.T, f *fixture) int {
+	ids, err := f.keys.List(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ids)
+}
+
+func TestCapacityAndPlacement(t *testing.T) {
+	f := newFixture(t)
+	for i, id := range []string{"11111111-0000-4000-8000-000000000001", "11111111-0000-4000-8000-000000000002"} {
+		if code := f.call(t, "POST", "/v1/vtpms", "", create(id, map[string]string{"hw:tpm_version": "2.0"}), nil); code != 202 {
+			t.Fatalf("create %d: %d", i, code)
+		}
+	}
+	var e api.ErrorBody
+	if code := f.call(t, "POST", "/v1/vtpms", "", create(inst, map[string]string{"hw:tpm_version": "2.0"}), &e); code != 409 || e.Error.Code != "no_valid_host" {
+		t.Fatalf("full host: %d %+v", code, e)
+	}
+	var hosts api.HostList
+	f.call(t, "GET", "/v1/hosts", "", nil, &hosts)
+	if len(hosts.Items) != 1 || hosts.Items[0].Used != 2 || hosts.Items[0].Capacity != 2 {
+		t.Fatalf("hosts: %+v", hosts)
+	}
+}
+
+func TestProjectsAreIsolated(t *testing.T) {
+	f := newFixture(t)
+	mine := "22222222-0000-4000-8000-000000000001"
+	theirs := "22222222-0000-4000-8000-000000000002"
+	f.call(t, "POST", "/v1/vtpms", "alice", api.CreateVTPMRequest{InstanceID: mine, ResolveRequest: api.ResolveRequest{FlavorSpecs: map[string]string{"hw:tpm_version": "2.0"}}}, nil)
+	f.call(t, "POST", "/v1/vtpms", "bob", api.CreateVTPMRequest{InstanceID: theirs, ResolveRequest: api.ResolveRequest{FlavorSpecs: map[string]string{"hw:tpm_version": "2.0"}}}, nil)
+
+	var list api.VTPMList
+	f.call(t, "GET", "/v1/vtpms", "alice", nil, &list)
+	if len(list.Items) != 1 || list.Items[0].InstanceID != mine || list.Items[0].Project != "alice" {
+		t.Fatalf("alice sees %+v", list.Items)
+	}
+	for _, req := range [][2]string{{"GET", ""}, {"GET", "/identity"}, {"GET", "/events"}, {"POST", "/stop"}, {"DELETE", ""}} {
+		if code := f.call(t, req[0], "/v1/vtpms/"+theirs+req[1], "alice", nil, nil); code != 404 {
+			t.Errorf("alice %s %s on bob's vTPM: %d; want 404", req[0], req[1], code)
+		}
+	}
+	if code := f.call(t, "GET", "/v1/vtpms?project=bob", "alice", nil, nil); code != 403 {
+		t.Errorf("alice listing bob's: %d", code)
+	}
+	f.call(t, "GET", "/v1/vtpms", "", nil, &list)
+	if len(list.Items) != 2 {
+		t.Fatalf("operator sees %d vTPMs", len(list.Items))
+	}
+}
+
+func TestListPages(t *testing.T) {
+	f := newFixture(t)
+	err := f.store.Update(context.Background(), func(tx *store.Tx) error {
+		if err := tx.PutHost(&store.Host{Name: "h1", Traits: []string{}, Capacity: 100, Backend: "swtpm"}); err != nil {
+			return err
+		}
+		for i := range 7 {
+			v := &store.VTPM{InstanceID: "33333333-0000-4000-8000-00000000000" + string(rune('0'+i)), Project: "p", Host: "h1",
+				Spec: spec.Spec{Version: spec.V20, Model: spec.TIS, SecretSecurity: spec.User}, Desired: store.DesiredRunning, Phase: store.PhasePending}
+			if i == 4 {
+				v.Phase = store.PhaseError
+			}
+			if err := tx.CreateVTPM(v); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var seen []string
+	after := ""
+	for pages := 0; ; pages++ {
+		var page api.VTPMList
+		if code := f.call(t, "GET", "/v1/vtpms?limit=3&after="+after, "", nil, &page); code != 200 || pages > 5 {
+			t.Fatalf("page: %d", code)
+		}
+		for _, v := range page.Items {
+			seen = append(seen, v.InstanceID)
+		}
+		if page.Next == "" {
+			break
+		}
+		after = page.Next
+	}
+	if len(seen) != 7 || !sort.StringsAreSorted(seen) {
+		t.Fatalf("paged through %v", seen)
+	}
+	var errs api.VTPMList
+	f.call(t, "GET", "/v1/vtpms?phase=error", "", nil, &errs)
+	if len(errs.Items) != 1 {
+		t.Fatalf("phase filter: %+v", errs.Items)
+	}
+	for _, q := range []string{"limit=0", "limit=x", "limit=1001", "phase=bogus"} {
+		var e api.ErrorBody
+		if code := f.call(t, "GET", "/v1/vtpms?"+q, "", nil, &e); code != 400 || e.Error.Code != CodeInvalidParameter {
+			t.Errorf("%s: %d %+v", q, code, e)
+		}
+	}
+}
+
+func TestDesiredState(t *testing.T) {
+	f := newFixture(t)
+	f.call(t, "POST", "/v1/vtpms", "", create(inst, map[string]string{"hw:tpm_version": "2.0"}), nil)
+	var v api.VTPM
+	if code := f.call(t, "POST", "/v1/vtpms/"+inst+"/stop", "", nil, &v); code != 202 || v.Desired != "stopped" {
+		t.Fatalf("stop: %d %+v", code, v)
+	}
+	if code := f.call(t, "POST", "/v1/vtpms/"+inst+"/stop", "", nil, &v); code != 202 || v.Desired != "stopped" {
+		t.Fatalf("stop again: %d %+v", code, v)
+	}
+	if code := f.call(t, "DELETE", "/v1/vtpms/"+inst, "", nil, &v); code != 202 || v.Desired != "deleted" {
+		t.Fatalf("delete: %d %+v", code, v)
+	}
+	var e api.ErrorBody
+	if code := f.call(t, "POST", "/v1/vtpms/"+inst+"/start", "", nil, &e); code != 409 {
+		t.Fatalf("start while deleting: %d %+v", code, e)
+	}
+	if code := f.call(t, "GET", "/v1/vtpms/11111111-0000-4000-8000-00000000000f", "", nil, &e); code != 404 || e.Error.Code != CodeNotFound {
+		t.Fatalf("unknown id: %d %+v", code, e)
+	}
+	if code := f.call(t, "GET", "/v1/vtpms/..%2f..%2fetc", "", nil, &e); code != 400 && code != 404 {
+		t.Fatalf("path trick: %d", code)
+	}
+}
+
+func TestResolveEndpoint(t *testing.T) {
+	f := newFixture(t)
+	var res api.Resolution
+	if code := f.call(t, "POST", "/v1/resolve", "", api.ResolveRequest{FlavorSpecs: map[string]string{"hw:tpm_version": "2.0"}}, &res); code != 200 || res.VTPM == nil || len(res.RequiredTraits) != 3 {
+		t.Fatalf("resolve: %d %+v", code, res)
+	}
+	var e api.ErrorBody
+	code := f.call(t, "POST", "/v1/resolve", "", api.ResolveRequest{FlavorName: "m1.small", FlavorSpecs: map[string]string{"hw:tpm_version": "1.2"},
+		ImageName: "win11", ImageProps: map[string]string{"hw_tpm_version": "2.0"}}, &e)
+	want := "Flavor m1.small has hw:tpm_version extra spec explicitly set to 1.2, conflicting with image win11 which has hw_tpm_version explicitly set to 2.0."
+	if code != 400 || e.Error.Code != "flavor_image_conflict" || e.Error.Message != want {
+		t.Fatalf("refused resolve: %d %+v", code, e)
+	}
+}
+
+// TestOpenAPIMatchesHandlers: every route is documented with its method,
+// and the document lists nothing the server does not serve.
+func TestOpenAPIMatchesHandlers(t *testing.T) {
+	var doc struct {
+		Paths map[string]map[string]json.RawMessage `json:"paths"`
+	}
+	if err := json.Unmarshal(api.OpenAPI, &doc); err != nil {
+		t.Fatal(err)
+	}
+	var documented []string
+	for path, ops := range doc.Paths {
+		for method := range ops {
+			documented = append(documented, strings.ToUpper(method)+" "+path)
+		}
+	}
+	served := []string{"GET /metrics"}
+	for _, r := range (&Server{}).routes() {
+		served = append(served, r.pattern)
+	}
+	sort.Strings(documented)
+	sort.Strings(served)
+	if !slices.Equal(documented, served) {
+		t.Fatalf("OpenAPI and handlers differ:\ndocumented %v\nserved     %v", documented, served)
+	}
+}
+
+func TestMetricsAndHealth(t *testing.T) {
+	f := newFixture(t)
+	f.call(t, "POST", "/v1/vtpms", "", create(inst, map[string]string{"hw:tpm_version": "2.0"}), nil)
+	if code := f.call(t, "GET", "/healthz", "", nil, nil); code != 200 {
+		t.Fatalf("healthz: %d", code)
+	}
+	resp, err := http.Get(f.srv.URL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{`vtpmd_vtpms{phase="pending"} 1`, `vtpmd_http_requests_total{code="202",route="POST /v1/vtpms"} 1`} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+}
