@@ -1,0 +1,82 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"net/http/httptest"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/server"
+	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/store"
+)
+
+// apiServer runs the real API on a real store and key manager, with one
+// host and no agent (vTPMs stay pending), and returns its URL.
+func apiServer(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	st, err := store.Open(context.Background(), filepath.Join(dir, "db"), store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	traits := spec.HostTraits(spec.Capabilities{Enabled: true, Models: []spec.Model{spec.TIS}}).List()
+	if err := st.Update(context.Background(), func(tx *store.Tx) error {
+		return tx.PutHost(&store.Host{Name: "h1", Traits: traits, Capacity: 5, Backend: "swtpm"})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer((&server.Server{Store: st, Keyring: kr, CAChainPEM: func() []byte { return nil }}).Handler())
+	t.Cleanup(srv.Close)
+	return srv.URL
+}
+
+func TestVTPMCommandsExitCodes(t *testing.T) {
+	url := apiServer(t)
+	id := "7d7a0c4e-8f4b-4bd2-9d6e-2b8f4f3c1a10"
+	base := []string{"--server", url}
+
+	code, out, errOut := run(t, append(base, "create", "--instance", id, "--for-project", "p1", "--flavor-spec", "hw:tpm_version=2.0", "--wait=false", "-o", "json")...)
+	var v api.VTPM
+	if code != ExitOK || json.Unmarshal([]byte(out), &v) != nil || v.InstanceID != id || v.Phase != "pending" {
+		t.Fatalf("create: %d %q %q", code, out, errOut)
+	}
+	cases := []struct {
+		args []string
+		code int
+		want string // in stdout or stderr
+	}{
+		{[]string{"create", "--instance", id, "--for-project", "p1", "--flavor-spec", "hw:tpm_version=2.0", "--wait=false"}, ExitConflict, "already_exists"},
+		{[]string{"create", "--instance", "x", "--for-project", "p1", "--flavor-spec", "hw:tpm_version=2.0", "-o", "json"}, ExitFailed, `"code": "invalid_instance_id"`},
+		{[]string{"create", "--instance", "11111111-2222-4333-8444-555555555555", "--for-project", "p1", "--flavor-spec", "hw:tpm_version=3.0", "-o", "json"}, ExitFailed, `"code": "invalid_tpm_version"`},
+		{[]string{"create", "--flavor-spec", "hw:tpm_version=2.0"}, ExitUsage, "--instance is required"},
+		{[]string{"show", "11111111-2222-4333-8444-555555555555"}, ExitNotFound, "not_found"},
+		{[]string{"show"}, ExitUsage, "exactly one argument"},
+		{[]string{"identity", id}, ExitConflict, "not_ready"},
+		{[]string{"show", id}, ExitOK, "pending"},
+		{[]string{"list"}, ExitOK, id},
+		{[]string{"hosts"}, ExitOK, "COMPUTE_SECURITY_TPM_2_0"},
+		{[]string{"--project", "other", "show", id}, ExitNotFound, "not_found"},
+		{[]string{"events", id}, ExitOK, "created"},
+	}
+	for _, c := range cases {
+		code, out, errOut := run(t, append(base, c.args...)...)
+		if code != c.code || !strings.Contains(out+errOut, c.want) {
+			t.Errorf("%v: exit %d, stdout %q, stderr %q; want exit %d and %q", c.args, code, out, errOut, c.code, c.want)
+		}
+	}
+
+	code, _, errOut = run(t, "--server", "http://127.0.0.1:1", "list")
+	if code != ExitUnreachable || !strings.Contains(errOut, "cannot reach vtpmd") {
+		t.Fatalf("unreachable server: exit %d, %q", code, errOut)
+	}
+}
