@@ -110,6 +110,7 @@ func NewRootCommand() *cobra.Command {
 		newEventsCommand(g),
 		newHostsCommand(g),
 		newCACommand(g),
+		newBenchCommand(g),
 	)
 	return root
 }

@@ -1,0 +1,171 @@
+package direct
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/vtpmd/vtpmd/internal/swtpm"
+)
+
+// Restart backoff of a crashed swtpm: doubling from backoffMin to backoffMax,
+// back to the minimum once a process has stayed up for healthyAfter.
+const (
+	backoffMin   = 50 * time.Millisecond
+	backoffMax   = 10 * time.Second
+	healthyAfter = 30 * time.Second
+	stopTimeout  = 5 * time.Second
+)
+
+// supervisor keeps one vTPM's swtpm running until told to stop.
+type supervisor struct {
+	b    *Backend
+	id   string
+	inst swtpm.Instance
+	stop chan struct{}
+	done chan struct{}
+
+	mu      sync.Mutex
+	proc    *swtpm.Process
+	lastErr error // set while restarts fail
+}
+
+// start runs id's swtpm under supervision unless it already is. The first
+// start is synchronous so that its failure (a wrong secret, say) reaches the
+// caller; later failures are retried, and reported by the next start call.
+func (b *Backend) start(ctx context.Context, id string, inst swtpm.Instance) error {
+	b.mu.Lock()
+	s := b.runs[id]
+	b.mu.Unlock()
+	if s != nil {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return s.lastErr
+	}
+	p, err := swtpm.Start(ctx, inst, b.log)
+	if err != nil {
+		return err
+	}
+	s = &supervisor{b: b, id: id, inst: inst, proc: p, stop: make(chan struct{}), done: make(chan struct{})}
+	b.mu.Lock()
+	if b.runs[id] != nil { // lost a race with another start: keep the first
+		b.mu.Unlock()
+		sctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
+		defer cancel()
+		return p.Stop(sctx)
+	}
+	b.runs[id] = s
+	b.mu.Unlock()
+	go s.loop()
+	return nil
+}
+
+func (s *supervisor) loop() {
+	defer close(s.done)
+	backoff := backoffMin
+	for {
+		s.mu.Lock()
+		p := s.proc
+		s.mu.Unlock()
+		started := time.Now()
+		if p != nil {
+			select {
+			case <-s.stop:
+				ctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
+				defer cancel()
+				if err := p.Stop(ctx); err != nil {
+					s.b.log.Warn("stopping swtpm", "instance", s.id, "err", err)
+				}
+				return
+			case <-p.Done():
+				s.b.log.Warn("swtpm exited; restarting", "instance", s.id, "pid", p.Pid(), "err", p.Err())
+			}
+			if time.Since(started) > healthyAfter {
+				backoff = backoffMin
+			}
+		}
+		select {
+		case <-s.stop:
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, backoffMax)
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		np, err := swtpm.Start(ctx, s.inst, s.b.log)
+		cancel()
+		s.mu.Lock()
+		s.proc, s.lastErr = np, err
+		s.mu.Unlock()
+		if err != nil {
+			s.b.log.Error("restarting swtpm failed", "instance", s.id, "err", err)
+		}
+	}
+}
+
+func (s *supervisor) pid() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.proc == nil {
+		return 0
+	}
+	return s.proc.Pid()
+}
+
+// stopRun stops id's supervised swtpm, if any, and waits for it to exit.
+func (b *Backend) stopRun(ctx context.Context, id string) error {
+	b.mu.Lock()
+	s := b.runs[id]
+	delete(b.runs, id)
+	b.mu.Unlock()
+	if s == nil {
+		return nil
+	}
+	close(s.stop)
+	select {
+	case <-s.done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Sweep kills swtpm processes left behind by an earlier vtpmd that died
+// without stopping them (swtpm normally dies with vtpmd through its parent
+// death signal). It recognises them by the pid file in each vTPM directory
+// and checks the process really is a swtpm serving that directory.
+func (b *Backend) Sweep() (killed int, err error) {
+	files, err := filepath.Glob(filepath.Join(b.cfg.Root, "*", "swtpm.pid"))
+	if err != nil {
+		return 0, err
+	}
+	for _, f := range files {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		pid, err := strconv.Atoi(strings.TrimSpace(string(data)))
+		if err != nil || pid <= 1 {
+			continue
+		}
+		cmdline, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+		if err != nil {
+			continue // not running
+		}
+		if !bytes.Contains(cmdline, []byte("swtpm")) || !bytes.Contains(cmdline, []byte(filepath.Dir(f))) {
+			continue // the pid was reused by something else
+		}
+		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+			return killed, err
+		}
+		b.log.Warn("killed stale swtpm", "pid", pid, "dir", filepath.Dir(f))
+		killed++
+	}
+	return killed, nil
+}

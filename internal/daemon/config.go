@@ -1,0 +1,105 @@
+// Package daemon assembles vtpmd's roles from their parts. The all-in-one
+// role runs the API server and one host agent in a process, wired through
+// the same interfaces a split deployment uses.
+package daemon
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/user"
+	"path/filepath"
+
+	"github.com/vtpmd/vtpmd/internal/spec"
+)
+
+// Config is vtpmd's configuration. The zero value plus a DataDir is valid:
+// Defaults fills in everything else.
+type Config struct {
+	// DataDir holds the store, the key manager, the CA and the vTPM states.
+	// Default /var/lib/vtpmd.
+	DataDir string
+	// Listen is the API address. Default 127.0.0.1:8780 (loopback: the API
+	// has no authentication yet).
+	Listen string
+	// HostName names this host to the scheduler. Default: the OS host name.
+	HostName string
+	// Capacity is how many vTPMs this host takes. Default 1000.
+	Capacity int
+	// SwtpmUser and SwtpmGroup run swtpm; empty (the default) means vtpmd's
+	// own user and group.
+	SwtpmUser, SwtpmGroup string
+	// SwtpmBinary is the swtpm executable. Default "swtpm" from PATH.
+	SwtpmBinary string
+	// PCRBanks are allocated in every new TPM 2.0. Default ["sha256"].
+	PCRBanks []string
+	// DefaultTPMVersion gives instances whose flavor and image ask for no
+	// vTPM one of this version. Default "" (off).
+	DefaultTPMVersion spec.Version
+	// CAOrganization appears in the deployment CA's subject. Default "vtpmd".
+	CAOrganization string
+}
+
+// Defaults fills the unset fields.
+func (c *Config) Defaults() {
+	if c.DataDir == "" {
+		c.DataDir = "/var/lib/vtpmd"
+	}
+	if c.Listen == "" {
+		c.Listen = "127.0.0.1:8780"
+	}
+	if c.HostName == "" {
+		c.HostName, _ = os.Hostname()
+	}
+	if c.Capacity == 0 {
+		c.Capacity = 1000
+	}
+	if c.SwtpmBinary == "" {
+		c.SwtpmBinary = "swtpm"
+	}
+	if len(c.PCRBanks) == 0 {
+		c.PCRBanks = []string{"sha256"}
+	}
+	if c.CAOrganization == "" {
+		c.CAOrganization = "vtpmd"
+	}
+}
+
+// Validate reports every problem with the configuration at once.
+func (c *Config) Validate() error {
+	var errs []error
+	if !filepath.IsAbs(c.DataDir) {
+		errs = append(errs, fmt.Errorf("data dir %q must be an absolute path", c.DataDir))
+	}
+	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
+		errs = append(errs, fmt.Errorf("listen address %q: %w", c.Listen, err))
+	}
+	if c.HostName == "" {
+		errs = append(errs, errors.New("host name is empty and the OS gave none"))
+	}
+	if c.Capacity < 1 {
+		errs = append(errs, fmt.Errorf("capacity %d must be at least 1", c.Capacity))
+	}
+	switch c.DefaultTPMVersion {
+	case "", spec.V12, spec.V20:
+	default:
+		errs = append(errs, fmt.Errorf("default TPM version %q must be 1.2, 2.0 or empty", c.DefaultTPMVersion))
+	}
+	for _, b := range c.PCRBanks {
+		if b != "sha1" && b != "sha256" && b != "sha384" && b != "sha512" {
+			errs = append(errs, fmt.Errorf("PCR bank %q must be sha1, sha256, sha384 or sha512", b))
+		}
+	}
+	if c.SwtpmUser != "" {
+		if _, err := user.Lookup(c.SwtpmUser); err != nil {
+			errs = append(errs, fmt.Errorf("swtpm user %q does not exist", c.SwtpmUser))
+		}
+	}
+	if c.SwtpmGroup != "" {
+		if _, err := user.LookupGroup(c.SwtpmGroup); err != nil {
+			errs = append(errs, fmt.Errorf("swtpm group %q does not exist", c.SwtpmGroup))
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,145 @@
+package daemon
+
+import (
+	"context"
+	"crypto"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/agent"
+	"github.com/vtpmd/vtpmd/internal/backend/direct"
+	"github.com/vtpmd/vtpmd/internal/ca"
+	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/server"
+	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/store"
+	"github.com/vtpmd/vtpmd/internal/swtpm"
+)
+
+// AllInOne is a running server plus local agent.
+type AllInOne struct {
+	Addr    string // the address the API listens on
+	cfg     Config
+	store   *store.Store
+	backend *direct.Backend
+	agent   *agent.Agent
+	http    *http.Server
+	ln      net.Listener
+	log     *slog.Logger
+}
+
+// StartAllInOne opens (creating on first start) everything under
+// cfg.DataDir, starts the API and the agent, and returns once the API
+// listens. Stop it with Shutdown.
+func StartAllInOne(ctx context.Context, cfg Config, log *slog.Logger) (*AllInOne, error) {
+	cfg.Defaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("invalid configuration: %w", err)
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("creating data dir: %w", err)
+	}
+	st, err := store.Open(ctx, filepath.Join(cfg.DataDir, "vtpmd.db"), store.Options{})
+	if err != nil {
+		return nil, err
+	}
+	d := &AllInOne{cfg: cfg, store: st, log: log}
+	if err := d.start(ctx); err != nil {
+		st.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+func (d *AllInOne) start(ctx context.Context) error {
+	cfg := d.cfg
+	kr, err := keyring.OpenEmbedded(filepath.Join(cfg.DataDir, "keys"))
+	if err != nil {
+		return fmt.Errorf("opening key manager: %w", err)
+	}
+	authority, err := ca.Open(ctx, filepath.Join(cfg.DataDir, "ca"), kr, ca.Options{Organization: cfg.CAOrganization})
+	if err != nil {
+		return fmt.Errorf("opening CA: %w", err)
+	}
+	d.backend, err = direct.New(direct.Config{
+		Root: filepath.Join(cfg.DataDir, "vtpms"), User: cfg.SwtpmUser, Group: cfg.SwtpmGroup,
+		Binary: cfg.SwtpmBinary, PCRBanks: cfg.PCRBanks, Certifier: certifier{authority}, Log: d.log,
+	})
+	if err != nil {
+		return err
+	}
+	if n, err := d.backend.Sweep(); err != nil {
+		return fmt.Errorf("sweeping stale swtpm processes: %w", err)
+	} else if n > 0 {
+		d.log.Warn("killed swtpm processes left by an earlier run", "count", n)
+	}
+	d.agent = &agent.Agent{Host: cfg.HostName, Capacity: cfg.Capacity, Store: d.store, Keyring: kr, Backend: d.backend, Log: d.log}
+	if err := d.agent.Register(ctx); err != nil {
+		return err
+	}
+	// Bring back every vTPM that should run before the API answers, so that
+	// no phase it reports is left over from before a restart.
+	if err := d.agent.Reconcile(ctx); err != nil {
+		return fmt.Errorf("restoring vTPMs: %w", err)
+	}
+	srv := &server.Server{
+		Store: d.store, Keyring: kr, CAChainPEM: authority.ChainPEM, Options: spec.Options{DefaultTPMVersion: cfg.DefaultTPMVersion},
+		Log: d.log,
+		Sockets: func(host, id string) *api.Sockets {
+			if host != cfg.HostName {
+				return nil
+			}
+			s := d.backend.Sockets(id)
+			return &s
+		},
+		Notify: func(host string) {
+			if host == cfg.HostName {
+				d.agent.Kick()
+			}
+		},
+	}
+	d.ln, err = net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listening on %s: %w", cfg.Listen, err)
+	}
+	d.Addr = d.ln.Addr().String()
+	d.http = &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := d.http.Serve(d.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			d.log.Error("API server stopped", "err", err)
+		}
+	}()
+	return nil
+}
+
+// Run reconciles until ctx ends; the first pass brings back every vTPM
+// that should be running.
+func (d *AllInOne) Run(ctx context.Context) error { return d.agent.Run(ctx) }
+
+// Shutdown stops the API, then every vTPM (state kept), then the store.
+func (d *AllInOne) Shutdown(ctx context.Context) error {
+	errs := []error{d.http.Shutdown(ctx), d.backend.Close(ctx), d.store.Close()}
+	return errors.Join(errs...)
+}
+
+// Backend exposes the swtpm backend (tests look at its processes).
+func (d *AllInOne) Backend() *direct.Backend { return d.backend }
+
+// certifier issues EK certificates from the deployment CA with the
+// manufacturer, model and version swtpm_setup uses, so tools that accept
+// swtpm's own certificates accept these.
+type certifier struct{ ca *ca.CA }
+
+func (c certifier) CertifyEK(ctx context.Context, instanceID string, v spec.Version, kind swtpm.EKKind, pub crypto.PublicKey) ([]byte, error) {
+	return c.ca.IssueEK(pub, ca.EKProfile{Manufacturer: "id:00001014", Model: "swtpm", Version: "id:20191023", TPMVersion: string(v)})
+}
