@@ -11,10 +11,14 @@ all: build
 build:
 	$(GO) build -o $(BIN)/ ./cmd/...
 
-# The main job on embedded defaults.
+RUN_DIR ?= $(CURDIR)/.run
+
+# The main job on embedded defaults: vtpmd all-in-one (API, SQLite store,
+# embedded key manager, local CA, local swtpm agent) in the foreground.
 run: deps build
-	@echo "vtpmctl is built at $(BIN)/vtpmctl; try:"
-	$(BIN)/vtpmctl resolve --flavor-name m1.small --flavor-spec hw:tpm_version=2.0 --image-prop hw_tpm_model=tpm-crb
+	@mkdir -p $(RUN_DIR)
+	@echo "vtpmctl is at $(BIN)/vtpmctl (add $(CURDIR)/$(BIN) to PATH)"
+	$(BIN)/vtpmd all-in-one --data-dir $(RUN_DIR)/data --listen 127.0.0.1:8780
 
 # Everything CI runs: system packages, formatting, vet, staticcheck, and all
 # tests (the committed fuzz corpus included) under the race detector.

@@ -9,12 +9,14 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 
 	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/swtpm/ctrl"
 )
 
 // EKKind names an endorsement key type.
@@ -61,40 +63,41 @@ type ManufactureOptions struct {
 }
 
 // Manufacture makes a brand-new TPM in i.Dir, which must hold no TPM state
-// yet, and leaves it shut down with its state saved and encrypted.
+// yet, and returns its identity and the swtpm process, left running and
+// ready for clients, so that a new vTPM costs one process start. Every
+// change is on disk (encrypted) when it returns.
 //
-// TPM 2.0, in one swtpm process: the RSA-2048 and ECC P-256 EKs are created
-// inside the TPM from the TCG default templates and made persistent; their
-// certificates go into NV 0x01c00002 and 0x01c00016, defined in the platform
-// hierarchy and write-locked as swtpm_setup --lock-nvram does; the PCR banks
-// are allocated (effective from the next start).
+// TPM 2.0: the PCR banks are allocated and the TPM reset through the
+// control channel so that the allocation takes effect; the RSA-2048 and ECC
+// P-256 EKs are created inside the TPM from the TCG default templates and
+// made persistent; their certificates go into NV 0x01c00002 and 0x01c00016,
+// defined in the platform hierarchy and write-locked as swtpm_setup
+// --lock-nvram does.
 //
 // TPM 1.2: the EK is created by TPM_CreateEndorsementKeyPair and certified;
 // its certificate is returned (for the API) but not written into the TPM's
 // NV, which needs physical-presence commands vtpmd does not issue yet.
-func Manufacture(ctx context.Context, i Instance, opts ManufactureOptions) (*Identity, error) {
+func Manufacture(ctx context.Context, i Instance, opts ManufactureOptions) (*Identity, *Process, error) {
 	for _, f := range []string{stateFileV20, stateFileV12} {
-		if _, err := os.Stat(i.Dir + "/" + f); err == nil {
-			return nil, fmt.Errorf("manufacturing in %s: a TPM state exists already", i.Dir)
+		if _, err := os.Stat(filepath.Join(i.Dir, f)); err == nil {
+			return nil, nil, fmt.Errorf("manufacturing in %s: a TPM state exists already", i.Dir)
 		}
 	}
 	p, err := Start(ctx, i, opts.Log)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	id, merr := manufacture(ctx, i, p, opts)
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-	defer cancel()
-	if err := p.Stop(sctx); err != nil && merr == nil {
-		merr = err
+	id, err := manufacture(ctx, i, opts)
+	if err != nil {
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		defer cancel()
+		p.Stop(sctx)
+		return nil, nil, fmt.Errorf("manufacturing in %s: %w", i.Dir, err)
 	}
-	if merr != nil {
-		return nil, fmt.Errorf("manufacturing in %s: %w", i.Dir, merr)
-	}
-	return id, nil
+	return id, p, nil
 }
 
-func manufacture(ctx context.Context, i Instance, p *Process, opts ManufactureOptions) (*Identity, error) {
+func manufacture(ctx context.Context, i Instance, opts ManufactureOptions) (*Identity, error) {
 	conn, err := net.Dial("unix", i.DataSocket())
 	if err != nil {
 		return nil, err
@@ -105,7 +108,15 @@ func manufacture(ctx context.Context, i Instance, p *Process, opts ManufactureOp
 	}
 	tpm := Retrying(transport.FromReadWriter(conn))
 	if i.Version == spec.V12 {
-		return manufacture12(ctx, tpm, opts)
+		id, err := manufacture12(ctx, tpm, opts)
+		if err != nil {
+			return nil, err
+		}
+		// Activation takes effect at the next reset.
+		if err := reset(i); err != nil {
+			return nil, err
+		}
+		return id, startup12(tpm)
 	}
 
 	banks := opts.PCRBanks
@@ -115,6 +126,15 @@ func manufacture(ctx context.Context, i Instance, p *Process, opts ManufactureOp
 	if err := allocatePCRs(tpm, banks); err != nil {
 		return nil, err
 	}
+	// A reset applies the allocation: swtpm re-initialises libtpms in place
+	// (no process restart), then the TPM is started again.
+	if err := reset(i); err != nil {
+		return nil, err
+	}
+	if _, err := (tpm2.Startup{StartupType: tpm2.TPMSUClear}).Execute(tpm); err != nil && !errors.Is(err, tpm2.TPMRCInitialize) {
+		return nil, fmt.Errorf("TPM2_Startup after PCR allocation: %w", err)
+	}
+
 	id := &Identity{}
 	for _, k := range []struct {
 		kind     EKKind
@@ -141,10 +161,18 @@ func manufacture(ctx context.Context, i Instance, p *Process, opts ManufactureOp
 		}
 		id.EKs = append(id.EKs, ek)
 	}
-	if _, err := (tpm2.Shutdown{ShutdownType: tpm2.TPMSUClear}).Execute(tpm); err != nil {
-		return nil, fmt.Errorf("TPM2_Shutdown: %w", err)
-	}
 	return id, nil
+}
+
+// reset re-initialises the TPM through the control channel, as a machine
+// reset would. Only for a TPM no guest uses: it discards volatile state.
+func reset(i Instance) error {
+	c, err := ctrl.Dial(i.CtrlSocket())
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	return c.Init(0)
 }
 
 // createEK creates an EK in the endorsement hierarchy and makes it

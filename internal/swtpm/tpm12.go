@@ -20,6 +20,9 @@ const (
 	ordPhysicalSetDeactivated = 0x72
 	ordTSCPhysicalPresence    = 0x4000000a
 	ordSaveState              = 0x98
+	ordStartup                = 0x99
+	stClear                   = 0x0001
+	rcInvalidPostInit         = 0x26
 	ppCmdEnable               = 0x0020
 	ppPresent                 = 0x0008
 	algRSA                    = 0x00000001
@@ -119,7 +122,23 @@ func send12(tpm transport.TPM, cmd []byte) ([]byte, error) {
 		return nil, errors.New("short TPM 1.2 response")
 	}
 	if rc := binary.BigEndian.Uint32(rsp[6:10]); rc != 0 {
-		return nil, fmt.Errorf("TPM 1.2 ordinal 0x%x failed with 0x%x", binary.BigEndian.Uint32(cmd[6:10]), rc)
+		return nil, fmt.Errorf("TPM 1.2 ordinal 0x%x: %w", binary.BigEndian.Uint32(cmd[6:10]), rc12(rc))
 	}
 	return rsp[10:], nil
 }
+
+// startup12 sends TPM_Startup(ST_CLEAR), tolerating a TPM swtpm already
+// started.
+func startup12(tpm transport.TPM) error {
+	_, err := send12(tpm, cmd12(ordStartup, binary.BigEndian.AppendUint16(nil, stClear)))
+	var rc rc12
+	if errors.As(err, &rc) && rc == rcInvalidPostInit {
+		return nil
+	}
+	return err
+}
+
+// rc12 is a TPM 1.2 return code.
+type rc12 uint32
+
+func (r rc12) Error() string { return fmt.Sprintf("TPM 1.2 error 0x%x", uint32(r)) }

@@ -123,7 +123,7 @@ func (b *Backend) manufacture(ctx context.Context, v *store.VTPM, inst swtpm.Ins
 		return nil, fmt.Errorf("clearing half-made state: %w", err)
 	}
 	start := time.Now()
-	id, err := swtpm.Manufacture(ctx, inst, swtpm.ManufactureOptions{
+	id, proc, err := swtpm.Manufacture(ctx, inst, swtpm.ManufactureOptions{
 		PCRBanks: b.cfg.PCRBanks,
 		Log:      b.log,
 		Certify: func(ctx context.Context, kind swtpm.EKKind, pub crypto.PublicKey) ([]byte, error) {
@@ -137,18 +137,23 @@ func (b *Backend) manufacture(ctx context.Context, v *store.VTPM, inst swtpm.Ins
 	for _, ek := range id.EKs {
 		der, err := x509.MarshalPKIXPublicKey(ek.Public)
 		if err != nil {
+			proc.Stop(ctx)
 			return nil, fmt.Errorf("encoding EK: %w", err)
 		}
 		eks = append(eks, store.EK{Kind: string(ek.Kind), Handle: ek.Handle, NVIndex: ek.NVIndex, PublicDER: der, CertDER: ek.CertDER})
 	}
 	data, err := json.Marshal(eks)
 	if err != nil {
+		proc.Stop(ctx)
 		return nil, err
 	}
 	if err := atomicfile.Write(filepath.Join(inst.Dir, identityFile), data, 0o600); err != nil {
+		proc.Stop(ctx)
 		return nil, fmt.Errorf("recording identity: %w", err)
 	}
 	b.log.Info("manufactured vTPM", "instance", v.InstanceID, "version", v.Spec.Version, "took", time.Since(start))
+	// The manufacturing process goes on serving: no second start.
+	b.supervise(v.InstanceID, inst, proc)
 	return eks, nil
 }
 

@@ -53,18 +53,25 @@ func (b *Backend) start(ctx context.Context, id string, inst swtpm.Instance) err
 	if err != nil {
 		return err
 	}
-	s = &supervisor{b: b, id: id, inst: inst, proc: p, stop: make(chan struct{}), done: make(chan struct{})}
+	b.supervise(id, inst, p)
+	return nil
+}
+
+// supervise keeps p, id's running swtpm, under supervision. If another
+// start won a race for id, p is stopped and the winner kept.
+func (b *Backend) supervise(id string, inst swtpm.Instance, p *swtpm.Process) {
+	s := &supervisor{b: b, id: id, inst: inst, proc: p, stop: make(chan struct{}), done: make(chan struct{})}
 	b.mu.Lock()
-	if b.runs[id] != nil { // lost a race with another start: keep the first
+	if b.runs[id] != nil {
 		b.mu.Unlock()
 		sctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
 		defer cancel()
-		return p.Stop(sctx)
+		p.Stop(sctx)
+		return
 	}
 	b.runs[id] = s
 	b.mu.Unlock()
 	go s.loop()
-	return nil
 }
 
 func (s *supervisor) loop() {
