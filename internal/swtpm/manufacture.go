@@ -3,13 +3,13 @@ package swtpm
 import (
 	"context"
 	"crypto"
-	"encoding/binary"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"github.com/google/go-tpm/tpm2"
@@ -28,26 +28,31 @@ const (
 	ECCP256 EKKind = "ecc-nist-p256"
 )
 
-// TCG handles (TCG EK Credential Profile 2.0, section 2.2.1.4): persistent
-// EK handles as swtpm_setup uses them, and the NV indices of the EK
-// certificates.
+// TPM 2.0 EK handles and certificate NV indices, as vtpmd's design fixes
+// them. RSA: TCG EK Credential Profile 2.0 (2.2.1.4, template L-1). ECC:
+// where swtpm_setup puts its ECC EK. Note that the TCG registry assigns
+// 0x01c00016 to the NIST P-384 EK certificate (template H-3) and 0x01c0000a
+// to the P-256 one (L-2), so tools that look for a P-256 EK certificate at
+// 0x01c0000a (tpm2_getekcertificate, go-attestation) do not find this one.
 const (
-	RSAEKHandle  = 0x81010001
-	ECCEKHandle  = 0x81010016
-	RSAEKCertNV  = 0x01c00002
-	ECCEKCertNV  = 0x01c00016
-	nvChunk      = 1024 // at most MAX_NV_BUFFER_SIZE per NV_Write
-	stateFileV20 = "tpm2-00.permall"
-	stateFileV12 = "tpm-00.permall"
+	RSAEKHandle = 0x81010001
+	ECCEKHandle = 0x81010016
+	RSAEKCertNV = 0x01c00002
+	ECCEKCertNV = 0x01c00016
 )
+
+// EKCertNV12 is the TPM 1.2 EK certificate's NV index (TPM_NV_INDEX_EKCert
+// with the D bit; TCG PC Client Implementation Specification for
+// Conventional BIOS 1.21, 7.4.4).
+const EKCertNV12 = 0x1000f000
 
 // EK is an endorsement key of a manufactured TPM.
 type EK struct {
 	Kind    EKKind
-	Handle  uint32 // persistent handle (0 for TPM 1.2)
-	NVIndex uint32 // where the certificate is (0 if not in NV)
+	Handle  uint32 // persistent handle; 0 for TPM 1.2, whose EK has none
+	NVIndex uint32 // where the certificate is in the TPM's NV; 0 if not
 	Public  crypto.PublicKey
-	CertDER []byte
+	CertDER []byte // nil when not certified
 }
 
 // Identity is a manufactured TPM's public identity.
@@ -55,254 +60,240 @@ type Identity struct{ EKs []EK }
 
 // ManufactureOptions configure Manufacture.
 type ManufactureOptions struct {
-	// Certify issues the certificate of an EK; nil leaves EKs uncertified.
-	Certify func(ctx context.Context, kind EKKind, pub crypto.PublicKey) ([]byte, error)
-	// PCRBanks to allocate in a TPM 2.0; default {"sha256"}.
+	// Certify issues the certificate (DER) of an EK. It may run while the
+	// TPM creates the next EK. nil, or a nil certificate, leaves the EK
+	// uncertified; an error fails the manufacture.
+	Certify func(ctx context.Context, kind EKKind, pub crypto.PublicKey) (der []byte, err error)
+	// PCRBanks are the PCR banks a TPM 2.0 has active: any of "sha1",
+	// "sha256", "sha384", "sha512". Default {"sha256"}, as swtpm_setup.
 	PCRBanks []string
-	Log      *slog.Logger
+	// Log receives progress at debug level; nil is silent.
+	Log *slog.Logger
 }
 
-// Manufacture makes a brand-new TPM in i.Dir, which must hold no TPM state
-// yet, and returns its identity and the swtpm process, left running and
-// ready for clients, so that a new vTPM costs one process start. Every
-// change is on disk (encrypted) when it returns.
+// Manufacture creates a brand-new TPM in i.Dir, which must not hold TPM
+// state yet (ErrManufactured), all in one swtpm process, and returns its
+// identity once swtpm has shut down and the state (encrypted with i.Secret)
+// is on disk.
 //
-// TPM 2.0: the PCR banks are allocated and the TPM reset through the
-// control channel so that the allocation takes effect; the RSA-2048 and ECC
-// P-256 EKs are created inside the TPM from the TCG default templates and
-// made persistent; their certificates go into NV 0x01c00002 and 0x01c00016,
-// defined in the platform hierarchy and write-locked as swtpm_setup
-// --lock-nvram does.
+// TPM 2.0: the RSA-2048 and ECC NIST P-256 EKs are created inside the TPM
+// from the TCG default templates (EK Credential Profile L-1, L-2) and made
+// persistent at RSAEKHandle and ECCEKHandle; opts.Certify certifies each and
+// the DER goes into RSAEKCertNV and ECCEKCertNV, defined with platform
+// authorisation and the attributes swtpm_setup uses (platform-create,
+// written by platform only, readable by owner, platform and without
+// authorisation, no DA), then write-locked as swtpm_setup --lock-nvram does;
+// the PCR banks of opts are allocated (TPM2_PCR_Allocate, effective from
+// the next start); TPM2_Shutdown(CLEAR) ends it cleanly.
 //
-// TPM 1.2: the EK is created by TPM_CreateEndorsementKeyPair and certified;
-// its certificate is returned (for the API) but not written into the TPM's
-// NV, which needs physical-presence commands vtpmd does not issue yet.
-func Manufacture(ctx context.Context, i Instance, opts ManufactureOptions) (*Identity, *Process, error) {
-	for _, f := range []string{stateFileV20, stateFileV12} {
-		if _, err := os.Stat(filepath.Join(i.Dir, f)); err == nil {
-			return nil, nil, fmt.Errorf("manufacturing in %s: a TPM state exists already", i.Dir)
-		}
+// TPM 1.2: the TPM is enabled and activated through physical presence, the
+// EK created (TPM_CreateEndorsementKeyPair, RSA-2048), its certificate
+// written into EKCertNV12 with the TCG stored-certificate header, and the
+// NV locked (TPM_NV_DefineSpace(TPM_NV_INDEX_LOCK)), as swtpm_setup does.
+//
+// When it fails, the files swtpm made are removed, so it can be run again.
+func Manufacture(ctx context.Context, i Instance, opts ManufactureOptions) (*Identity, error) {
+	id, _, err := manufacture(ctx, i, opts, false)
+	return id, err
+}
+
+// ManufactureAndStart is Manufacture that leaves the TPM running, as Start
+// would, instead of stopping swtpm: one process start fewer for a vTPM that
+// is to serve at once. Before it returns, the TPM is reset through the
+// control channel (so the PCR allocation and a 1.2 TPM's activation take
+// effect, and the state is proven to reload) and started again.
+func ManufactureAndStart(ctx context.Context, i Instance, opts ManufactureOptions) (*Identity, *Process, error) {
+	return manufacture(ctx, i, opts, true)
+}
+
+func manufacture(ctx context.Context, i Instance, opts ManufactureOptions, keep bool) (_ *Identity, _ *Process, err error) {
+	i, err = i.check()
+	if err != nil {
+		return nil, nil, fmt.Errorf("manufacturing: %w", err)
 	}
-	p, err := Start(ctx, i, opts.Log)
+	log := opts.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	banks, err := pcrBanks(opts.PCRBanks)
+	if err != nil {
+		return nil, nil, fmt.Errorf("manufacturing: %w", err)
+	}
+	if exists, err := hasState(i.Dir); err != nil {
+		return nil, nil, fmt.Errorf("manufacturing in %s: %w", i.Dir, err)
+	} else if exists {
+		return nil, nil, fmt.Errorf("manufacturing in %s: %w", i.Dir, ErrManufactured)
+	}
+	sw := newStopwatch()
+	p, err := launch(ctx, i, log)
+	if err != nil {
+		return nil, nil, fmt.Errorf("manufacturing in %s: %w", i.Dir, err)
+	}
+	defer func() {
+		if err != nil {
+			p.kill(syscall.SIGKILL)
+			<-p.done
+			removeState(i.Dir)
+			err = fmt.Errorf("manufacturing in %s: %w", i.Dir, err)
+		}
+	}()
+	sw.lap("launch")
+
+	tpm, err := Dial(ctx, i.DataSocket())
 	if err != nil {
 		return nil, nil, err
 	}
-	id, err := manufacture(ctx, i, opts)
+	defer tpm.Close()
+	var id *Identity
+	if i.Version == spec.V12 {
+		id, err = manufacture12(ctx, tpm, opts.Certify, sw)
+	} else {
+		id, err = manufacture20(ctx, tpm, opts.Certify, banks, sw)
+	}
 	if err != nil {
-		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-		defer cancel()
-		p.Stop(sctx)
-		return nil, nil, fmt.Errorf("manufacturing in %s: %w", i.Dir, err)
+		return nil, nil, err
+	}
+	if keep {
+		err = restart(ctx, tpm, i)
+	} else {
+		err = finish(ctx, tpm, p)
+	}
+	if err != nil {
+		return nil, nil, err
+	}
+	// swtpm fsyncs its files but not the directory holding their names.
+	if err := syncDir(i.Dir); err != nil {
+		return nil, nil, err
+	}
+	sw.lap("finish")
+	log.Debug("manufactured TPM", append([]any{"dir", i.Dir, "version", i.Version, "took", sw.total()}, sw.laps...)...)
+	if !keep {
+		p = nil
 	}
 	return id, p, nil
 }
 
-func manufacture(ctx context.Context, i Instance, opts ManufactureOptions) (*Identity, error) {
-	conn, err := net.Dial("unix", i.DataSocket())
-	if err != nil {
-		return nil, err
-	}
-	defer conn.Close()
-	if dl, ok := ctx.Deadline(); ok {
-		conn.SetDeadline(dl)
-	}
-	tpm := Retrying(transport.FromReadWriter(conn))
-	if i.Version == spec.V12 {
-		id, err := manufacture12(ctx, tpm, opts)
-		if err != nil {
-			return nil, err
+// finish shuts the TPM down as swtpm_setup does (orderly TPM shutdown, then
+// CMD_SHUTDOWN) and waits for a clean exit.
+func finish(ctx context.Context, tpm transport.TPMCloser, p *Process) error {
+	if p.inst.Version == spec.V20 {
+		if err := shutdown20(tpm, tpm2.TPMSUClear); err != nil {
+			return err
 		}
-		// Activation takes effect at the next reset.
-		if err := reset(i); err != nil {
-			return nil, err
-		}
-		return id, startup12(tpm)
 	}
-
-	banks := opts.PCRBanks
-	if len(banks) == 0 {
-		banks = []string{"sha256"}
+	tpm.Close() // swtpm serves the next client (none) and exits cleanly
+	if err := shutdown(ctx, p.inst); err != nil {
+		return fmt.Errorf("shutting swtpm down: %w", err)
 	}
-	if err := allocatePCRs(tpm, banks); err != nil {
-		return nil, err
+	select {
+	case <-p.done:
+	case <-ctx.Done():
+		return ctx.Err()
 	}
-	// A reset applies the allocation: swtpm re-initialises libtpms in place
-	// (no process restart), then the TPM is started again.
-	if err := reset(i); err != nil {
-		return nil, err
+	if p.err != nil {
+		return fmt.Errorf("swtpm exited: %w: %s", p.err, lastLines(p.out.String(), 4))
 	}
-	if _, err := (tpm2.Startup{StartupType: tpm2.TPMSUClear}).Execute(tpm); err != nil && !errors.Is(err, tpm2.TPMRCInitialize) {
-		return nil, fmt.Errorf("TPM2_Startup after PCR allocation: %w", err)
-	}
-
-	id := &Identity{}
-	for _, k := range []struct {
-		kind     EKKind
-		template tpm2.TPMTPublic
-		handle   uint32
-		nv       uint32
-	}{
-		{RSA2048, tpm2.RSAEKTemplate, RSAEKHandle, RSAEKCertNV},
-		{ECCP256, tpm2.ECCEKTemplate, ECCEKHandle, ECCEKCertNV},
-	} {
-		pub, err := createEK(tpm, k.template, k.handle)
-		if err != nil {
-			return nil, fmt.Errorf("creating %s EK: %w", k.kind, err)
-		}
-		ek := EK{Kind: k.kind, Handle: k.handle, Public: pub}
-		if opts.Certify != nil {
-			if ek.CertDER, err = opts.Certify(ctx, k.kind, pub); err != nil {
-				return nil, fmt.Errorf("certifying %s EK: %w", k.kind, err)
-			}
-			if err := writeLockedNV(tpm, k.nv, ek.CertDER); err != nil {
-				return nil, fmt.Errorf("storing %s EK certificate: %w", k.kind, err)
-			}
-			ek.NVIndex = k.nv
-		}
-		id.EKs = append(id.EKs, ek)
-	}
-	return id, nil
+	return nil
 }
 
-// reset re-initialises the TPM through the control channel, as a machine
-// reset would. Only for a TPM no guest uses: it discards volatile state.
-func reset(i Instance) error {
-	c, err := ctrl.Dial(i.CtrlSocket())
+// restart resets the TPM (orderly shutdown, CMD_INIT) and starts it again,
+// leaving it as a fresh Start would.
+func restart(ctx context.Context, tpm transport.TPM, i Instance) error {
+	if i.Version == spec.V20 {
+		if err := shutdown20(tpm, tpm2.TPMSUClear); err != nil {
+			return err
+		}
+	} else if _, err := send12(tpm, cmd12(ordSaveState, nil)); err != nil {
+		return fmt.Errorf("TPM_SaveState: %w", err)
+	}
+	c, err := ctrl.Dial(ctx, i.CtrlSocket())
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	return c.Init(0)
+	if err := c.Init(ctx, 0); err != nil {
+		return fmt.Errorf("resetting the TPM: %w", err)
+	}
+	if i.Version == spec.V12 {
+		return startup12(tpm)
+	}
+	return startup20(tpm)
 }
 
-// createEK creates an EK in the endorsement hierarchy and makes it
-// persistent at handle.
-func createEK(tpm transport.TPM, template tpm2.TPMTPublic, handle uint32) (crypto.PublicKey, error) {
-	rsp, err := tpm2.CreatePrimary{
-		PrimaryHandle: tpm2.TPMRHEndorsement,
-		InPublic:      tpm2.New2B(template),
-	}.Execute(tpm)
-	if err != nil {
-		return nil, err
-	}
-	defer tpm2.FlushContext{FlushHandle: rsp.ObjectHandle}.Execute(tpm)
-	_, err = tpm2.EvictControl{
-		Auth:             tpm2.TPMRHOwner,
-		ObjectHandle:     tpm2.NamedHandle{Handle: rsp.ObjectHandle, Name: rsp.Name},
-		PersistentHandle: tpm2.TPMHandle(handle),
-	}.Execute(tpm)
-	if err != nil {
-		return nil, fmt.Errorf("making EK persistent: %w", err)
-	}
-	pub, err := rsp.OutPublic.Contents()
-	if err != nil {
-		return nil, err
-	}
-	return tpm2.Pub(*pub)
+// stopwatch records how long each step of a manufacture takes, for the
+// debug log and the benchmarks that read it.
+type stopwatch struct {
+	start, last time.Time
+	laps        []any // step name, duration, ...
 }
 
-// writeLockedNV stores data in a platform-created NV index that anyone may
-// read and nobody may change after the write lock (what swtpm_setup does
-// for EK certificates).
-func writeLockedNV(tpm transport.TPM, index uint32, data []byte) error {
-	pub := tpm2.TPMSNVPublic{
-		NVIndex: tpm2.TPMHandle(index),
-		NameAlg: tpm2.TPMAlgSHA256,
-		Attributes: tpm2.TPMANV{
-			PPWrite: true, WriteDefine: true, PPRead: true, OwnerRead: true, AuthRead: true,
-			NoDA: true, PlatformCreate: true, NT: tpm2.TPMNTOrdinary,
-		},
-		DataSize: uint16(len(data)),
+func newStopwatch() *stopwatch {
+	now := time.Now()
+	return &stopwatch{start: now, last: now}
+}
+
+// lap ends step.
+func (s *stopwatch) lap(step string) {
+	now := time.Now()
+	s.laps = append(s.laps, step, now.Sub(s.last))
+	s.last = now
+}
+
+func (s *stopwatch) total() time.Duration { return s.last.Sub(s.start) }
+
+// certifyAsync runs certify in the background and returns a function that
+// waits for its result and checks that the certificate is for pub.
+func certifyAsync(ctx context.Context, certify func(context.Context, EKKind, crypto.PublicKey) ([]byte, error),
+	kind EKKind, pub crypto.PublicKey) func() ([]byte, error) {
+	if certify == nil {
+		return func() ([]byte, error) { return nil, nil }
 	}
-	if _, err := (tpm2.NVDefineSpace{AuthHandle: tpm2.TPMRHPlatform, PublicInfo: tpm2.New2B(pub)}).Execute(tpm); err != nil {
-		return fmt.Errorf("NV_DefineSpace 0x%x: %w", index, err)
+	type result struct {
+		der []byte
+		err error
 	}
-	name, err := tpm2.NVName(&pub)
+	ch := make(chan result, 1)
+	go func() {
+		der, err := certify(ctx, kind, pub)
+		ch <- result{der, err}
+	}()
+	return func() ([]byte, error) {
+		r := <-ch
+		if r.err != nil {
+			return nil, fmt.Errorf("certifying the %s EK: %w", kind, r.err)
+		}
+		if r.der == nil {
+			return nil, nil
+		}
+		cert, err := x509.ParseCertificate(r.der)
+		if err != nil {
+			return nil, fmt.Errorf("certificate of the %s EK: %w", kind, err)
+		}
+		if k, ok := cert.PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(pub) {
+			return nil, fmt.Errorf("certificate of the %s EK is for another key", kind)
+		}
+		return r.der, nil
+	}
+}
+
+// removeState deletes what swtpm wrote into a directory that held no TPM
+// state before a failed manufacture.
+func removeState(dir string) {
+	for _, f := range []string{permallV20, "tpm2-00.volatilestate", "tpm2-00.savestate",
+		permallV12, "tpm-00.volatilestate", "tpm-00.savestate", ".lock"} {
+		os.Remove(filepath.Join(dir, f))
+	}
+}
+
+// syncDir makes the names of the files in dir durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
 	if err != nil {
 		return err
 	}
-	nv := tpm2.NamedHandle{Handle: tpm2.TPMHandle(index), Name: *name}
-	for off := 0; off < len(data); off += nvChunk {
-		chunk := data[off:min(off+nvChunk, len(data))]
-		if _, err := (tpm2.NVWrite{AuthHandle: tpm2.TPMRHPlatform, NVIndex: nv,
-			Data: tpm2.TPM2BMaxNVBuffer{Buffer: chunk}, Offset: uint16(off)}).Execute(tpm); err != nil {
-			return fmt.Errorf("NV_Write 0x%x: %w", index, err)
-		}
-	}
-	// The name changes once written; read it back for the lock.
-	rp, err := tpm2.NVReadPublic{NVIndex: tpm2.TPMHandle(index)}.Execute(tpm)
-	if err != nil {
-		return err
-	}
-	nv.Name = rp.NVName
-	if _, err := (tpm2.NVWriteLock{AuthHandle: tpm2.TPMRHPlatform, NVIndex: nv}).Execute(tpm); err != nil {
-		return fmt.Errorf("NV_WriteLock 0x%x: %w", index, err)
+	defer d.Close()
+	if err := d.Sync(); err != nil && !errors.Is(err, syscall.EINVAL) {
+		return fmt.Errorf("syncing %s: %w", dir, err)
 	}
 	return nil
-}
-
-var bankAlgs = map[string]tpm2.TPMAlgID{
-	"sha1": tpm2.TPMAlgSHA1, "sha256": tpm2.TPMAlgSHA256, "sha384": tpm2.TPMAlgSHA384, "sha512": tpm2.TPMAlgSHA512,
-}
-
-// allocatePCRs activates exactly the given banks (all 24 PCRs each) with
-// TPM2_PCR_Allocate, which go-tpm does not wrap, so it is marshalled here
-// (TPM 2.0 Part 3, 22.5). It takes effect at the TPM's next start.
-func allocatePCRs(tpm transport.TPM, banks []string) error {
-	want := map[tpm2.TPMAlgID]bool{}
-	for _, b := range banks {
-		alg, ok := bankAlgs[b]
-		if !ok {
-			return fmt.Errorf("unknown PCR bank %q", b)
-		}
-		want[alg] = true
-	}
-	be := binary.BigEndian
-	var body []byte
-	body = be.AppendUint32(body, uint32(tpm2.TPMRHPlatform))
-	// Password session with empty auth: handle, nonce(0), attributes, hmac(0).
-	body = be.AppendUint32(body, 9)
-	body = be.AppendUint32(body, uint32(tpm2.TPMRSPW))
-	body = append(body, 0, 0, 0, 0, 0)
-	algs := []tpm2.TPMAlgID{tpm2.TPMAlgSHA1, tpm2.TPMAlgSHA256, tpm2.TPMAlgSHA384, tpm2.TPMAlgSHA512}
-	body = be.AppendUint32(body, uint32(len(algs)))
-	for _, a := range algs {
-		body = be.AppendUint16(body, uint16(a))
-		body = append(body, 3)
-		if want[a] {
-			body = append(body, 0xff, 0xff, 0xff)
-		} else {
-			body = append(body, 0, 0, 0)
-		}
-	}
-	cmd := be.AppendUint16(nil, uint16(tpm2.TPMSTSessions))
-	cmd = be.AppendUint32(cmd, uint32(10+len(body)))
-	cmd = be.AppendUint32(cmd, uint32(tpm2.TPMCCPCRAllocate))
-	rsp, err := tpm.Send(append(cmd, body...))
-	if err != nil {
-		return fmt.Errorf("TPM2_PCR_Allocate: %w", err)
-	}
-	if len(rsp) < 10 {
-		return errors.New("TPM2_PCR_Allocate: short response")
-	}
-	if rc := be.Uint32(rsp[6:10]); rc != 0 {
-		return fmt.Errorf("TPM2_PCR_Allocate: %w", tpm2.TPMRC(rc))
-	}
-	return nil
-}
-
-// Retrying wraps a TPM transport so that commands answered with
-// TPM_RC_RETRY (which a freshly started swtpm returns once) are re-sent.
-func Retrying(t transport.TPM) transport.TPM { return retrying{t} }
-
-type retrying struct{ t transport.TPM }
-
-func (r retrying) Send(cmd []byte) ([]byte, error) {
-	for try := 0; ; try++ {
-		rsp, err := r.t.Send(cmd)
-		if err != nil || try == 10 || len(rsp) < 10 || tpm2.TPMRC(binary.BigEndian.Uint32(rsp[6:10])) != tpm2.TPMRCRetry {
-			return rsp, err
-		}
-		time.Sleep(time.Millisecond << try)
-	}
 }

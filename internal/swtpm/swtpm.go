@@ -1,64 +1,124 @@
-// Package swtpm runs and manufactures swtpm vTPMs.
+// Package swtpm runs and manufactures swtpm vTPMs, TPM 2.0 and TPM 1.2.
 //
 // Each vTPM is one `swtpm socket` process serving one state directory, with
-// TPM commands on <dir>/tpm.sock and the control channel on
-// <dir>/tpm.sock.ctrl (the names tpm2-tss's swtpm TCTI expects). The state is
-// encrypted with a per-vTPM secret that reaches swtpm through an inherited
-// pipe (`--key pwdfd=3,mode=aes-256-cbc`, the way libvirt passes it), never
-// through argv, the environment or a file.
+// TPM commands on Dir/tpm.sock and the control channel on Dir/tpm.sock.ctrl
+// (the names tpm2-tss's swtpm TCTI expects; QEMU attaches to the control
+// socket). The command line is, with fds 3-5 inherited:
+//
+//	swtpm socket [--tpm2] --tpmstate dir=DIR,mode=0600
+//	  --server type=unixio,fd=4 --ctrl type=unixio,fd=5
+//	  --key pwdfd=3,mode=aes-256-cbc --pid file=DIR/swtpm.pid
+//	  --flags not-need-init,startup-clear
+//
+// The state is encrypted with the instance's secret, which reaches swtpm only
+// through the pipe on fd 3, the way libvirt passes it, so a libvirt-run swtpm
+// opens the same state; swtpm derives the AES key with PBKDF2 (SHA-512, 1000
+// rounds). The secret is never in argv, the environment, a file or a log.
+//
+// vtpmd binds both sockets itself and hands swtpm the listening fds: the
+// sockets exist (mode 0600, owned by swtpm's user) before swtpm runs, a client
+// that connects early waits in the backlog instead of polling, and Start
+// returns after one round trip on each socket.
+//
+// not-need-init,startup-clear make swtpm initialise the TPM and send
+// TPM2_Startup(CLEAR) (TPM_Startup(ST_CLEAR) for 1.2) itself, so a direct
+// client (go-tpm, tpm2-tools with TPM2TOOLS_TCTI=swtpm:path=Dir/tpm.sock) can
+// use it at once. QEMU resets the TPM with CMD_INIT anyway and its firmware
+// sends its own Startup, so a guest boots as with libvirt. That reset is not
+// an orderly shutdown, but TPM 2.0 only counts one against dictionary-attack
+// protection when a DA-protected authorisation was used since the Startup,
+// which no one does between swtpm's start and QEMU's reset (checked with
+// TPM_PT_LOCKOUT_COUNTER in the tests). Process.Stop sends TPM2_Shutdown
+// before ending swtpm when no guest holds the data channel (a guest's OS
+// sends its own at power-off), so the next boot is orderly.
+//
+// swtpm runs in its own process group with a parent-death signal (SIGKILL),
+// so it cannot outlive vtpmd, and records its pid in Dir/swtpm.pid so that a
+// restarted vtpmd finds processes a crash left behind (Stale).
+//
+// TPM 1.2: Manufacture creates the EK and writes its certificate into NV
+// index 0x1000f000 with the TCG header, as swtpm_setup --createek
+// --create-ek-cert --lock-nvram does. After the NV lock only the TPM owner
+// can read that index; vtpmd takes no ownership, so the certificate is
+// readable in the TPM once the guest's owner took ownership (and always
+// through vtpmd's API, from Identity). libtpms takes 0.15-0.3 s to
+// initialise a TPM 1.2 (at every start, whatever the flags), and its EK is
+// a random RSA key, not derived from a seed: a 1.2 vTPM costs about 0.35 s
+// to manufacture and 0.2 s to start, against 0.05 s and 0.013 s for 2.0.
 package swtpm
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
-	"net"
 	"os"
-	"os/exec"
-	"os/user"
 	"path/filepath"
-	"strconv"
-	"syscall"
-	"time"
+	"strings"
 
 	"github.com/vtpmd/vtpmd/internal/spec"
-	"github.com/vtpmd/vtpmd/internal/swtpm/ctrl"
 )
-
-// ErrWrongSecret: swtpm could not decrypt the state with the given secret.
-// The state is left as it was.
-var ErrWrongSecret = errors.New("the vTPM state does not open with this secret")
 
 // Instance describes one vTPM's swtpm.
 type Instance struct {
-	// Dir is the state directory (created 0700); the sockets live in it.
-	Dir     string
+	// Dir is the state directory, created 0700 if missing; the sockets and
+	// the pid file live in it. It must not contain a comma (swtpm's option
+	// separator).
+	Dir string
+	// Version is spec.V20 or spec.V12.
 	Version spec.Version
-	// Secret is the state-encryption passphrase.
+	// Secret is the state-encryption passphrase (base64 text of 384 random
+	// bytes in vtpmd); required, at most 4 KiB.
 	Secret []byte
-	// User and Group run swtpm when set (vtpmd must then be root).
+	// User and Group run swtpm when set (vtpmd must then be root); swtpm
+	// gets no supplementary groups. Empty: vtpmd's own user and group.
 	User, Group string
-	// Binary is the swtpm executable; "" means swtpm from PATH.
+	// Binary is the swtpm executable; "" is "swtpm" from PATH.
 	Binary string
 }
 
-// DataSocket is where TPM commands go.
+// String describes i without its secret, so that printing or logging an
+// Instance never leaks it.
+func (i Instance) String() string {
+	return fmt.Sprintf("swtpm %s in %s", i.Version, i.Dir)
+}
+
+// GoString is String, for %#v.
+func (i Instance) GoString() string { return i.String() }
+
+// LogValue keeps the secret out of structured logs.
+func (i Instance) LogValue() slog.Value {
+	return slog.GroupValue(slog.String("dir", i.Dir), slog.String("version", string(i.Version)),
+		slog.String("user", i.User), slog.String("group", i.Group))
+}
+
+// DataSocket is where TPM commands go (Dir/tpm.sock).
 func (i Instance) DataSocket() string { return filepath.Join(i.Dir, "tpm.sock") }
 
-// CtrlSocket is swtpm's control channel (QEMU's chardev).
-func (i Instance) CtrlSocket() string { return filepath.Join(i.Dir, "tpm.sock.ctrl") }
+// CtrlSocket is swtpm's control channel (Dir/tpm.sock.ctrl), QEMU's chardev.
+func (i Instance) CtrlSocket() string { return i.DataSocket() + ".ctrl" }
 
-// PIDFile is where swtpm records its pid, for finding stale processes.
+// PIDFile is where swtpm records its pid (Dir/swtpm.pid).
 func (i Instance) PIDFile() string { return filepath.Join(i.Dir, "swtpm.pid") }
 
-func (i Instance) logFile() string { return filepath.Join(i.Dir, "swtpm.log") }
+// State files of swtpm (swtpm's "dir" backend).
+const (
+	permallV20 = "tpm2-00.permall"
+	permallV12 = "tpm-00.permall"
+)
 
-// args is swtpm's command line. The flags not-need-init and startup-clear
-// make the TPM usable at once by a plain TPM client (tpm2-tools, go-tpm);
-// QEMU sends its own CMD_INIT when a guest boots.
+// maxSecret bounds the secret so that writing it into the pipe before
+// swtpm reads cannot block (a pipe buffers at least 4 KiB).
+const maxSecret = 4096
+
+// fds swtpm inherits (ExtraFiles start at 3).
+const (
+	fdSecret = 3
+	fdData   = 4
+	fdCtrl   = 5
+)
+
+// args is swtpm's command line. See the package comment for why each flag.
 func (i Instance) args() []string {
 	a := []string{"socket"}
 	if i.Version == spec.V20 {
@@ -66,239 +126,80 @@ func (i Instance) args() []string {
 	}
 	return append(a,
 		"--tpmstate", "dir="+i.Dir+",mode=0600",
-		"--server", "type=unixio,path="+i.DataSocket()+",mode=0600",
-		"--ctrl", "type=unixio,path="+i.CtrlSocket()+",mode=0600",
-		"--key", "pwdfd=3,mode=aes-256-cbc",
+		"--server", fmt.Sprintf("type=unixio,fd=%d", fdData),
+		"--ctrl", fmt.Sprintf("type=unixio,fd=%d", fdCtrl),
+		"--key", fmt.Sprintf("pwdfd=%d,mode=aes-256-cbc", fdSecret),
 		"--pid", "file="+i.PIDFile(),
-		"--log", "file="+i.logFile()+",level=1",
 		"--flags", "not-need-init,startup-clear",
 	)
 }
 
-// Process is a running swtpm.
-type Process struct {
-	inst Instance
-	cmd  *exec.Cmd
-	done chan struct{}
-	err  error
+// check validates i and makes Dir absolute.
+func (i Instance) check() (Instance, error) {
+	if i.Version != spec.V20 && i.Version != spec.V12 {
+		return i, fmt.Errorf("unsupported TPM version %q", i.Version)
+	}
+	if len(i.Secret) == 0 {
+		return i, ErrNoSecret
+	}
+	if len(i.Secret) > maxSecret {
+		return i, fmt.Errorf("secret longer than %d bytes", maxSecret)
+	}
+	if i.Dir == "" {
+		return i, errors.New("no state directory")
+	}
+	dir, err := filepath.Abs(i.Dir)
+	if err != nil {
+		return i, fmt.Errorf("state directory: %w", err)
+	}
+	if strings.ContainsAny(dir, ",\x00") {
+		return i, fmt.Errorf("state directory %q contains a comma", dir)
+	}
+	i.Dir = dir
+	return i, nil
 }
 
-// Pid is swtpm's process id.
-func (p *Process) Pid() int { return p.cmd.Process.Pid }
-
-// Done is closed when the process has exited.
-func (p *Process) Done() <-chan struct{} { return p.done }
-
-// Err is how the process ended; valid after Done.
-func (p *Process) Err() error { return p.err }
-
-// Start runs swtpm on the state in i.Dir and returns once its control
-// channel answers.
-func Start(ctx context.Context, i Instance, log *slog.Logger) (*Process, error) {
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
+func (i Instance) permall() string {
+	if i.Version == spec.V12 {
+		return filepath.Join(i.Dir, permallV12)
 	}
-	if err := prepareDir(i); err != nil {
-		return nil, err
-	}
-	// Remove sockets of a previous run: swtpm refuses to bind over them.
-	for _, s := range []string{i.DataSocket(), i.CtrlSocket()} {
-		if err := os.Remove(s); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return nil, err
+	return filepath.Join(i.Dir, permallV20)
+}
+
+// hasState reports whether Dir holds a TPM state of either version.
+func hasState(dir string) (bool, error) {
+	for _, f := range []string{permallV20, permallV12} {
+		_, err := os.Stat(filepath.Join(dir, f))
+		if err == nil {
+			return true, nil
+		}
+		if !errors.Is(err, os.ErrNotExist) {
+			return false, fmt.Errorf("looking for TPM state: %w", err)
 		}
 	}
-	logStart := fileSize(i.logFile())
+	return false, nil
+}
 
-	r, w, err := os.Pipe()
+// Start runs swtpm on the manufactured state in i.Dir and returns once both
+// sockets answer: the control channel to CMD_GET_CAPABILITY and the data
+// socket to a TPM GetCapability command. It fails with ErrWrongSecret when
+// the secret does not decrypt the state (which is then left untouched), with
+// ErrNotManufactured when there is no state, and with ErrBusy when another
+// swtpm serves the directory. ctx bounds the start only, not the process.
+func Start(ctx context.Context, i Instance, log *slog.Logger) (*Process, error) {
+	i, err := i.check()
 	if err != nil {
-		return nil, err
-	}
-	defer r.Close()
-	// The pipe buffer holds far more than a 512-byte secret, so writing
-	// before swtpm reads cannot block.
-	if _, err := w.Write(i.Secret); err != nil {
-		w.Close()
-		return nil, err
-	}
-	w.Close()
-
-	bin := i.Binary
-	if bin == "" {
-		bin = "swtpm"
-	}
-	cmd := exec.Command(bin, i.args()...)
-	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
-	cmd.ExtraFiles = []*os.File{r} // fd 3
-	cmd.SysProcAttr = &syscall.SysProcAttr{
-		Setpgid:   true,
-		Pdeathsig: syscall.SIGKILL, // never outlive vtpmd
-	}
-	if cred, err := credential(i); err != nil {
-		return nil, err
-	} else if cred != nil {
-		cmd.SysProcAttr.Credential = cred
-	}
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("starting swtpm: %w", err)
 	}
-	p := &Process{inst: i, cmd: cmd, done: make(chan struct{})}
-	go func() {
-		p.err = cmd.Wait()
-		close(p.done)
-	}()
-
-	if err := p.waitReady(ctx); err != nil {
-		syscall.Kill(-p.Pid(), syscall.SIGKILL)
-		<-p.done
-		msg := readFrom(i.logFile(), logStart) + stderr.String()
-		if bytes.Contains([]byte(msg), []byte("Verification of HMAC failed")) {
-			return nil, fmt.Errorf("starting swtpm in %s: %w", i.Dir, ErrWrongSecret)
+	if _, err := os.Stat(i.permall()); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("starting swtpm in %s: %w", i.Dir, ErrNotManufactured)
 		}
-		return nil, fmt.Errorf("starting swtpm in %s: %w: %s", i.Dir, err, lastLines(msg, 3))
+		return nil, fmt.Errorf("starting swtpm in %s: %w", i.Dir, err)
 	}
-	log.Debug("swtpm started", "dir", i.Dir, "pid", p.Pid())
+	p, err := launch(ctx, i, log)
+	if err != nil {
+		return nil, fmt.Errorf("starting swtpm in %s: %w", i.Dir, err)
+	}
 	return p, nil
-}
-
-// waitReady polls the control channel until it answers, the process dies,
-// or ctx ends.
-func (p *Process) waitReady(ctx context.Context) error {
-	deadline := time.Now().Add(10 * time.Second)
-	for delay := time.Millisecond; ; delay = min(delay*2, 20*time.Millisecond) {
-		if c, err := ctrl.Dial(p.inst.CtrlSocket()); err == nil {
-			_, err = c.GetCapability()
-			c.Close()
-			if err == nil {
-				return nil
-			}
-		}
-		select {
-		case <-p.done:
-			return fmt.Errorf("swtpm exited: %v", p.err)
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(delay):
-		}
-		if time.Now().After(deadline) {
-			return errors.New("swtpm did not answer within 10s")
-		}
-	}
-}
-
-// Stop asks swtpm to save its state and exit, and kills it if ctx ends
-// first.
-func (p *Process) Stop(ctx context.Context) error {
-	select {
-	case <-p.done:
-		return nil
-	default:
-	}
-	p.orderlyShutdown()
-	if c, err := ctrl.Dial(p.inst.CtrlSocket()); err == nil {
-		c.Shutdown()
-		c.Close()
-	}
-	select {
-	case <-p.done:
-		return nil
-	case <-ctx.Done():
-		syscall.Kill(-p.Pid(), syscall.SIGKILL)
-		<-p.done
-		return fmt.Errorf("swtpm %d did not shut down; killed: %w", p.Pid(), ctx.Err())
-	}
-}
-
-// orderlyShutdown tells the TPM the platform is going down, as a host's OS
-// does, so the next start is orderly: TPM 2.0 counts a start without one
-// against dictionary-attack protection, and a few such restarts lock out
-// every DA-protected key and NV index. Best effort: when a client holds the
-// data socket (swtpm serves one at a time) the TPM is left as it is.
-func (p *Process) orderlyShutdown() {
-	conn, err := net.DialTimeout("unix", p.inst.DataSocket(), 100*time.Millisecond)
-	if err != nil {
-		return
-	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(500 * time.Millisecond))
-	if p.inst.Version == spec.V12 {
-		conn.Write(cmd12(ordSaveState, nil))
-	} else {
-		// TPM2_Shutdown(TPM_SU_STATE): tag, size, command code, shutdown type.
-		conn.Write([]byte{0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x45, 0, 1})
-	}
-	conn.Read(make([]byte, 64))
-}
-
-// prepareDir creates the state directory 0700, owned by swtpm's user.
-func prepareDir(i Instance) error {
-	if err := os.MkdirAll(i.Dir, 0o700); err != nil {
-		return fmt.Errorf("creating state dir: %w", err)
-	}
-	if err := os.Chmod(i.Dir, 0o700); err != nil {
-		return err
-	}
-	cred, err := credential(i)
-	if err != nil || cred == nil {
-		return err
-	}
-	return filepath.Walk(i.Dir, func(path string, _ os.FileInfo, err error) error {
-		if err != nil {
-			return err
-		}
-		return os.Lchown(path, int(cred.Uid), int(cred.Gid))
-	})
-}
-
-// credential is the uid/gid to run swtpm as, or nil for vtpmd's own.
-func credential(i Instance) (*syscall.Credential, error) {
-	if i.User == "" && i.Group == "" {
-		return nil, nil
-	}
-	uid, gid := os.Getuid(), os.Getgid()
-	if i.User != "" {
-		u, err := user.Lookup(i.User)
-		if err != nil {
-			return nil, fmt.Errorf("swtpm user: %w", err)
-		}
-		uid, _ = strconv.Atoi(u.Uid)
-		gid, _ = strconv.Atoi(u.Gid)
-	}
-	if i.Group != "" {
-		g, err := user.LookupGroup(i.Group)
-		if err != nil {
-			return nil, fmt.Errorf("swtpm group: %w", err)
-		}
-		gid, _ = strconv.Atoi(g.Gid)
-	}
-	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), NoSetGroups: true}, nil
-}
-
-func fileSize(path string) int64 {
-	fi, err := os.Stat(path)
-	if err != nil {
-		return 0
-	}
-	return fi.Size()
-}
-
-// readFrom returns what was appended to path since offset (at most 64 KiB).
-func readFrom(path string, offset int64) string {
-	f, err := os.Open(path)
-	if err != nil {
-		return ""
-	}
-	defer f.Close()
-	f.Seek(offset, io.SeekStart)
-	b, _ := io.ReadAll(io.LimitReader(f, 64<<10))
-	return string(b)
-}
-
-func lastLines(s string, n int) string {
-	lines := bytes.Split(bytes.TrimSpace([]byte(s)), []byte("\n"))
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return string(bytes.Join(lines, []byte("; ")))
 }

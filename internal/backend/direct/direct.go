@@ -123,7 +123,7 @@ func (b *Backend) manufacture(ctx context.Context, v *store.VTPM, inst swtpm.Ins
 		return nil, fmt.Errorf("clearing half-made state: %w", err)
 	}
 	start := time.Now()
-	id, proc, err := swtpm.Manufacture(ctx, inst, swtpm.ManufactureOptions{
+	id, proc, err := swtpm.ManufactureAndStart(ctx, inst, swtpm.ManufactureOptions{
 		PCRBanks: b.cfg.PCRBanks,
 		Log:      b.log,
 		Certify: func(ctx context.Context, kind swtpm.EKKind, pub crypto.PublicKey) ([]byte, error) {

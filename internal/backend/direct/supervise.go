@@ -1,15 +1,10 @@
 package direct
 
 import (
-	"bytes"
 	"context"
-	"errors"
 	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/vtpmd/vtpmd/internal/swtpm"
@@ -145,34 +140,25 @@ func (b *Backend) stopRun(ctx context.Context, id string) error {
 
 // Sweep kills swtpm processes left behind by an earlier vtpmd that died
 // without stopping them (swtpm normally dies with vtpmd through its parent
-// death signal). It recognises them by the pid file in each vTPM directory
-// and checks the process really is a swtpm serving that directory.
+// death signal), found through the pid file in each vTPM directory.
 func (b *Backend) Sweep() (killed int, err error) {
-	files, err := filepath.Glob(filepath.Join(b.cfg.Root, "*", "swtpm.pid"))
+	dirs, err := os.ReadDir(b.cfg.Root)
 	if err != nil {
 		return 0, err
 	}
-	for _, f := range files {
-		data, err := os.ReadFile(f)
-		if err != nil {
+	for _, d := range dirs {
+		if !d.IsDir() {
 			continue
 		}
-		pid, err := strconv.Atoi(strings.TrimSpace(string(data)))
-		if err != nil || pid <= 1 {
-			continue
-		}
-		cmdline, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+		dir := filepath.Join(b.cfg.Root, d.Name())
+		pid, err := swtpm.KillStale(swtpm.Instance{Dir: dir})
 		if err != nil {
-			continue // not running
-		}
-		if !bytes.Contains(cmdline, []byte("swtpm")) || !bytes.Contains(cmdline, []byte(filepath.Dir(f))) {
-			continue // the pid was reused by something else
-		}
-		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
 			return killed, err
 		}
-		b.log.Warn("killed stale swtpm", "pid", pid, "dir", filepath.Dir(f))
-		killed++
+		if pid != 0 {
+			b.log.Warn("killed stale swtpm", "pid", pid, "dir", dir)
+			killed++
+		}
 	}
 	return killed, nil
 }

@@ -1,0 +1,520 @@
+package swtpm
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/swtpm/ctrl"
+)
+
+// Process is a running swtpm.
+type Process struct {
+	inst Instance
+	pid  int
+	log  *slog.Logger
+	out  *output
+
+	done chan struct{}
+	err  error // set before done is closed
+
+	stopMu sync.Mutex
+}
+
+// Pid is swtpm's process id (also its process group id).
+func (p *Process) Pid() int { return p.pid }
+
+// Done is closed when the process has exited.
+func (p *Process) Done() <-chan struct{} { return p.done }
+
+// Err is how the process ended (nil after a clean shutdown); valid once
+// Done is closed.
+func (p *Process) Err() error {
+	select {
+	case <-p.done:
+		return p.err
+	default:
+		return nil
+	}
+}
+
+// Instance is what p serves.
+func (p *Process) Instance() Instance { return p.inst }
+
+func (p *Process) exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// kill sends sig to swtpm's process group while it runs.
+func (p *Process) kill(sig syscall.Signal) {
+	if !p.exited() {
+		syscall.Kill(-p.pid, sig)
+	}
+}
+
+// gracePeriod bounds each polite step of Stop, so that a swtpm whose
+// channels a guest holds still gets SIGTERM in time.
+const gracePeriod = 250 * time.Millisecond
+
+// Stop ends swtpm gracefully and waits for it to exit: it sends the TPM an
+// orderly shutdown (TPM2_Shutdown(STATE) or TPM_SaveState) so that the next
+// start is orderly, then CMD_SHUTDOWN on the control channel. swtpm serves
+// one client per channel, so while QEMU holds them those requests wait; after
+// gracePeriod each, Stop sends SIGTERM, on which swtpm also saves and exits.
+// If ctx ends first, swtpm is killed (SIGKILL) and the error wraps ctx's.
+// Stopping an exited process returns nil.
+func (p *Process) Stop(ctx context.Context) error {
+	p.stopMu.Lock()
+	defer p.stopMu.Unlock()
+	if p.exited() {
+		return nil
+	}
+	polite, cancel := context.WithTimeout(ctx, gracePeriod)
+	orderlyShutdown(polite, p.inst)
+	cancel()
+	polite, cancel = context.WithTimeout(ctx, gracePeriod)
+	err := shutdown(polite, p.inst)
+	cancel()
+	if err == nil {
+		select {
+		case <-p.done:
+			return nil
+		case <-time.After(gracePeriod):
+		case <-ctx.Done():
+		}
+	}
+	if ctx.Err() == nil {
+		p.log.Debug("swtpm did not take CMD_SHUTDOWN; sending SIGTERM", "dir", p.inst.Dir, "pid", p.pid, "err", err)
+		p.kill(syscall.SIGTERM)
+	}
+	select {
+	case <-p.done:
+		return nil
+	case <-ctx.Done():
+		p.kill(syscall.SIGKILL)
+		<-p.done
+		return fmt.Errorf("swtpm %d did not stop, killed: %w", p.pid, ctx.Err())
+	}
+}
+
+// shutdown sends CMD_SHUTDOWN, which makes swtpm exit.
+func shutdown(ctx context.Context, i Instance) error {
+	c, err := ctrl.Dial(ctx, i.CtrlSocket())
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	return c.Shutdown(ctx)
+}
+
+// orderlyShutdown tells the TPM the platform goes down, as an OS does, best
+// effort: TPM 2.0 counts a reset without one (after DA-protected use)
+// against dictionary-attack protection. TPM_SU_STATE keeps what a resume
+// would need; a Startup(CLEAR) after it is still orderly.
+func orderlyShutdown(ctx context.Context, i Instance) {
+	tpm, err := Dial(ctx, i.DataSocket())
+	if err != nil {
+		return
+	}
+	defer tpm.Close()
+	if i.Version == spec.V12 {
+		tpm.Send(cmd12(ordSaveState, nil))
+	} else {
+		// TPM2_Shutdown(TPM_SU_STATE): tag, size, command code, type.
+		tpm.Send([]byte{0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x45, 0, 1})
+	}
+}
+
+// launch runs swtpm on i (already checked) and waits until it serves.
+func launch(ctx context.Context, i Instance, log *slog.Logger) (*Process, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if pid, err := Stale(i); err != nil {
+		return nil, err
+	} else if pid != 0 {
+		return nil, fmt.Errorf("%w (pid %d)", ErrBusy, pid)
+	}
+	cred, err := credential(i)
+	if err != nil {
+		return nil, err
+	}
+	if err := prepareDir(i.Dir, cred); err != nil {
+		return nil, err
+	}
+	data, err := listen(i.DataSocket(), cred)
+	if err != nil {
+		return nil, err
+	}
+	defer data.Close()
+	ctl, err := listen(i.CtrlSocket(), cred)
+	if err != nil {
+		os.Remove(i.DataSocket())
+		return nil, err
+	}
+	defer ctl.Close()
+	secret, err := secretPipe(i.Secret)
+	if err != nil {
+		return nil, err
+	}
+	defer secret.Close()
+
+	bin := i.Binary
+	if bin == "" {
+		bin = "swtpm"
+	}
+	cmd := exec.Command(bin, i.args()...)
+	cmd.Env = []string{} // nothing of vtpmd's environment
+	cmd.Dir = "/"
+	cmd.ExtraFiles = []*os.File{fdSecret - 3: secret, fdData - 3: data.f, fdCtrl - 3: ctl.f}
+	out := newOutput(log.With("dir", i.Dir))
+	cmd.Stdout, cmd.Stderr = out, out // swtpm logs errors to stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Setpgid:    true,
+		Pdeathsig:  syscall.SIGKILL,
+		Credential: cred,
+	}
+
+	p := &Process{inst: i, log: log, out: out, done: make(chan struct{})}
+	started := make(chan error, 1)
+	go func() {
+		// The parent-death signal fires when the thread that forked swtpm
+		// ends, not when vtpmd does, and Go may end idle threads. Locking
+		// this goroutine to its thread for swtpm's whole life (it waits for
+		// swtpm) keeps that thread alive exactly as long as needed.
+		runtime.LockOSThread()
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
+		err := cmd.Wait()
+		removeIfSame(i.DataSocket(), data.info)
+		removeIfSame(i.CtrlSocket(), ctl.info)
+		removePIDFile(i.PIDFile(), cmd.Process.Pid)
+		p.err = err
+		close(p.done)
+	}()
+	if err := <-started; err != nil {
+		os.Remove(i.DataSocket())
+		os.Remove(i.CtrlSocket())
+		return nil, fmt.Errorf("running %s: %w", bin, err)
+	}
+	p.pid = cmd.Process.Pid
+	// Only swtpm may hold the listening sockets now: when it dies, clients
+	// see the connection refused or reset instead of waiting forever.
+	data.Close()
+	ctl.Close()
+	secret.Close()
+
+	if err := p.waitReady(ctx); err != nil {
+		p.kill(syscall.SIGKILL)
+		<-p.done
+		return nil, p.startError(err)
+	}
+	log.Debug("swtpm started", "dir", i.Dir, "pid", p.pid, "version", i.Version)
+	return p, nil
+}
+
+// waitReady returns once both channels answered, or swtpm exited, or ctx
+// ended.
+func (p *Process) waitReady(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	ready := make(chan error, 1)
+	go func() { ready <- probe(ctx, p.inst) }()
+	select {
+	case err := <-ready:
+		if err == nil {
+			return nil
+		}
+		// A probe fails at once when swtpm dies; give it a moment to be
+		// reaped so that the error can say why.
+		select {
+		case <-p.done:
+			return ErrExited
+		case <-time.After(time.Second):
+			return err
+		}
+	case <-p.done:
+		return ErrExited
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// probe does one round trip on each channel.
+func probe(ctx context.Context, i Instance) error {
+	c, err := ctrl.Dial(ctx, i.CtrlSocket())
+	if err != nil {
+		return err
+	}
+	_, err = c.GetCapability(ctx)
+	c.Close()
+	if err != nil {
+		return err
+	}
+	tpm, err := Dial(ctx, i.DataSocket())
+	if err != nil {
+		return err
+	}
+	defer tpm.Close()
+	// GetCapability for the manufacturer: read-only, valid in any state.
+	// Any well-formed answer will do (the Retrying transport absorbs the
+	// TPM_RC_RETRY a fresh TPM may give).
+	cmd := []byte{0x80, 0x01, 0, 0, 0, 22, 0, 0, 0x01, 0x7a, 0, 0, 0, 6, 0, 0, 0x01, 0x05, 0, 0, 0, 1}
+	if i.Version == spec.V12 {
+		cmd = []byte{0x00, 0xc1, 0, 0, 0, 22, 0, 0, 0, 0x65, 0, 0, 0, 5, 0, 0, 0, 4, 0, 0, 0x01, 0x03}
+	}
+	_, err = tpm.Send(cmd)
+	return err
+}
+
+// startError explains a start that failed with err, from swtpm's output.
+func (p *Process) startError(err error) error {
+	if known := p.out.classify(); known != nil {
+		return known
+	}
+	if errors.Is(err, ErrExited) && p.err != nil {
+		err = fmt.Errorf("%w (%v)", err, p.err)
+	}
+	if msg := lastLines(p.out.String(), 4); msg != "" {
+		return fmt.Errorf("%w: %s", err, msg)
+	}
+	return err
+}
+
+// secretPipe returns the read end of a pipe that holds secret and then
+// EOF. swtpm reads the passphrase until a short read.
+func secretPipe(secret []byte) (*os.File, error) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("secret pipe: %w", err)
+	}
+	_, err = w.Write(secret)
+	if cerr := w.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		r.Close()
+		return nil, fmt.Errorf("secret pipe: %w", err)
+	}
+	return r, nil
+}
+
+// listener is a listening unix socket for swtpm to inherit.
+type listener struct {
+	f    *os.File
+	info fs.FileInfo // the socket file, to remove only our own later
+}
+
+func (l listener) Close() { l.f.Close() }
+
+// listen binds a unix socket at path, mode 0600 and owned by cred's user,
+// replacing a stale socket file but never one something still listens on.
+func listen(path string, cred *syscall.Credential) (listener, error) {
+	if len(path) >= len(syscall.RawSockaddrUnix{}.Path) {
+		return listener{}, fmt.Errorf("socket path %s is too long for a unix socket", path)
+	}
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return listener{}, fmt.Errorf("%w: %s answers", ErrBusy, path)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return listener{}, fmt.Errorf("removing stale socket: %w", err)
+	}
+	fd, err := syscall.Socket(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return listener{}, fmt.Errorf("socket: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), path)
+	fail := func(what string, err error) (listener, error) {
+		f.Close()
+		os.Remove(path)
+		return listener{}, fmt.Errorf("%s %s: %w", what, path, err)
+	}
+	if err := syscall.Bind(fd, &syscall.SockaddrUnix{Name: path}); err != nil {
+		return fail("binding", err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		return fail("chmod", err)
+	}
+	if cred != nil {
+		if err := os.Lchown(path, int(cred.Uid), int(cred.Gid)); err != nil {
+			return fail("chown", err)
+		}
+	}
+	if err := syscall.Listen(fd, 16); err != nil {
+		return fail("listening on", err)
+	}
+	info, err := os.Lstat(path)
+	if err != nil {
+		return fail("stat", err)
+	}
+	return listener{f: f, info: info}, nil
+}
+
+// removeIfSame removes path if it is still the file info describes, so that
+// an exiting swtpm never removes the socket of its successor.
+func removeIfSame(path string, info fs.FileInfo) {
+	if now, err := os.Lstat(path); err == nil && os.SameFile(now, info) {
+		os.Remove(path)
+	}
+}
+
+// removePIDFile removes swtpm's pid file if it names pid (swtpm leaves it).
+func removePIDFile(path string, pid int) {
+	if b, err := os.ReadFile(path); err == nil && strings.TrimSpace(string(b)) == strconv.Itoa(pid) {
+		os.Remove(path)
+	}
+}
+
+// prepareDir makes dir 0700, owned by cred's user (with its contents) when
+// swtpm runs as another user.
+func prepareDir(dir string, cred *syscall.Credential) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("creating state dir: %w", err)
+	}
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return fmt.Errorf("state dir: %w", err)
+	}
+	if cred == nil {
+		return nil
+	}
+	return filepath.WalkDir(dir, func(path string, _ fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if err := os.Lchown(path, int(cred.Uid), int(cred.Gid)); err != nil {
+			return fmt.Errorf("state dir: %w", err)
+		}
+		return nil
+	})
+}
+
+// credential is the uid/gid to run swtpm as, or nil for vtpmd's own.
+func credential(i Instance) (*syscall.Credential, error) {
+	if i.User == "" && i.Group == "" {
+		return nil, nil
+	}
+	uid, gid := os.Getuid(), os.Getgid()
+	if i.User != "" {
+		u, err := user.Lookup(i.User)
+		if err != nil {
+			return nil, fmt.Errorf("swtpm user: %w", err)
+		}
+		uid, _ = strconv.Atoi(u.Uid)
+		gid, _ = strconv.Atoi(u.Gid)
+	}
+	if i.Group != "" {
+		g, err := user.LookupGroup(i.Group)
+		if err != nil {
+			return nil, fmt.Errorf("swtpm group: %w", err)
+		}
+		gid, _ = strconv.Atoi(g.Gid)
+	}
+	if uid == os.Getuid() && gid == os.Getgid() {
+		return nil, nil
+	}
+	// An empty Groups drops vtpmd's supplementary groups (root's included).
+	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}}, nil
+}
+
+// output collects swtpm's log lines: each goes to the logger at debug level,
+// the last few are kept to explain a failed start, and the lines that
+// classify a failure are remembered however early they came.
+type output struct {
+	log *slog.Logger
+
+	mu         sync.Mutex
+	partial    []byte
+	lines      []string
+	wrongKey   bool
+	lockFailed bool
+}
+
+const keptLines = 16
+
+// Lines by which swtpm 0.7 reports the failures Start classifies. swtpm
+// checks the state's HMAC, keyed by the secret, before it decrypts or
+// writes anything; the lock is on Dir/.lock.
+const (
+	markWrongKey   = "Verification of HMAC failed"
+	markLockFailed = "Could not lock access to lockfile"
+)
+
+func newOutput(log *slog.Logger) *output { return &output{log: log} }
+
+func (o *output) Write(b []byte) (int, error) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.partial = append(o.partial, b...)
+	for {
+		n := bytes.IndexByte(o.partial, '\n')
+		if n < 0 {
+			break
+		}
+		line := strings.TrimSpace(string(o.partial[:n]))
+		o.partial = o.partial[n+1:]
+		if line == "" {
+			continue
+		}
+		o.log.Debug("swtpm output", "line", line)
+		o.wrongKey = o.wrongKey || strings.Contains(line, markWrongKey)
+		o.lockFailed = o.lockFailed || strings.Contains(line, markLockFailed)
+		o.lines = append(o.lines, line)
+		if len(o.lines) > keptLines {
+			o.lines = o.lines[1:]
+		}
+	}
+	if len(o.partial) > 4096 { // a runaway line
+		o.partial = o.partial[:0]
+	}
+	return len(b), nil
+}
+
+func (o *output) String() string {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return strings.Join(append(o.lines, string(o.partial)), "\n")
+}
+
+func (o *output) classify() error {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	switch {
+	case o.wrongKey:
+		return ErrWrongSecret
+	case o.lockFailed:
+		return ErrBusy
+	}
+	return nil
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.TrimSpace(strings.Join(lines, "; "))
+}
