@@ -4,7 +4,7 @@ GO          ?= go
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 BIN         := bin
 
-.PHONY: all build run test lint deps fuzz bench clean
+.PHONY: all build run test lint deps fuzz bench bench-density bench-provision clean
 
 all: build
 
@@ -40,6 +40,16 @@ fuzz:
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem -count 5 ./internal/spec
+
+# 1,000 running vTPMs on this host: create time, restart time, vtpmd memory.
+bench-density: build
+	N=$${N:-1000} scripts/bench-density.sh
+
+# Create-to-active latency next to swtpm_setup, against a throwaway vtpmd.
+bench-provision: build
+	@dir=$$(mktemp -d); $(BIN)/vtpmd all-in-one --data-dir $$dir --listen 127.0.0.1:8791 --log-level error & pid=$$!; \
+	until $(BIN)/vtpmctl --server http://127.0.0.1:8791 hosts >/dev/null 2>&1; do sleep 0.05; done; \
+	$(BIN)/vtpmctl --server http://127.0.0.1:8791 bench provision -n $${N:-30}; kill $$pid; wait $$pid; rm -rf $$dir
 
 clean:
 	rm -rf $(BIN)

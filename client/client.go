@@ -39,9 +39,15 @@ type Error struct {
 func (e *Error) Error() string { return fmt.Sprintf("%s: %s", e.Code, e.Message) }
 
 // IsNotFound reports whether err is a 404 from the API.
-func IsNotFound(err error) bool {
+func IsNotFound(err error) bool { return hasStatus(err, http.StatusNotFound) }
+
+// IsConflict reports whether err is the API's 409 (a duplicate instance,
+// or an action the vTPM's phase does not allow).
+func IsConflict(err error) bool { return hasStatus(err, http.StatusConflict) }
+
+func hasStatus(err error, status int) bool {
 	var e *Error
-	return errors.As(err, &e) && e.Status == http.StatusNotFound
+	return errors.As(err, &e) && e.Status == status
 }
 
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"text/tabwriter"
 
@@ -39,6 +40,7 @@ func refused(w io.Writer, format string, e api.Error) error {
 
 // orDash renders an empty list as "-".
 func orDash(items []string) string {
+	items = slices.DeleteFunc(slices.Clone(items), func(s string) bool { return s == "" })
 	if len(items) == 0 {
 		return "-"
 	}

@@ -145,10 +145,10 @@ func nvWrite(t *testing.T, tpm transport.TPM, data []byte) {
 
 // checkIdentity verifies each EK certificate in NV against the deployment
 // CA and against the key the TPM itself holds at the EK handle.
-func checkIdentity(t *testing.T, u *daemonUnderTest, v api.VTPM) {
+func checkIdentity(t *testing.T, c *client.Client, v api.VTPM) {
 	t.Helper()
 	ctx := context.Background()
-	chainPEM, err := u.c.CA(ctx)
+	chainPEM, err := c.CA(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -156,7 +156,7 @@ func checkIdentity(t *testing.T, u *daemonUnderTest, v api.VTPM) {
 	if !pool.AppendCertsFromPEM(chainPEM) {
 		t.Fatalf("GET /v1/ca is not PEM: %q", chainPEM)
 	}
-	id, err := u.c.Identity(ctx, v.InstanceID)
+	id, err := c.Identity(ctx, v.InstanceID)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -223,7 +223,7 @@ func TestAllInOneLifecycle(t *testing.T) {
 	if v.Sockets == nil || v.Sockets.Data != filepath.Join(dir, "vtpms", id20, "tpm.sock") || v.Sockets.Ctrl != v.Sockets.Data+".ctrl" {
 		t.Fatalf("sockets: %+v", v.Sockets)
 	}
-	checkIdentity(t, u, v)
+	checkIdentity(t, u.c, v)
 
 	// The state on disk is encrypted: the EK certificate's bytes are public,
 	// so finding them in swtpm's state file would mean plaintext.

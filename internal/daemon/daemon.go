@@ -83,6 +83,9 @@ func (d *AllInOne) start(ctx context.Context) error {
 	} else if n > 0 {
 		d.log.Warn("killed swtpm processes left by an earlier run", "count", n)
 	}
+	if err := reclaimSecrets(ctx, d.store, kr, d.log); err != nil {
+		return fmt.Errorf("reclaiming orphan secrets: %w", err)
+	}
 	d.agent = &agent.Agent{Host: cfg.HostName, Capacity: cfg.Capacity, Store: d.store, Keyring: kr, Backend: d.backend, Log: d.log}
 	if err := d.agent.Register(ctx); err != nil {
 		return err
@@ -142,4 +145,43 @@ type certifier struct{ ca *ca.CA }
 
 func (c certifier) CertifyEK(ctx context.Context, instanceID string, v spec.Version, kind swtpm.EKKind, pub crypto.PublicKey) ([]byte, error) {
 	return c.ca.IssueEK(pub, ca.EKProfile{Manufacturer: "id:00001014", Model: "swtpm", Version: "id:20191023", TPMVersion: string(v)})
+}
+
+// reclaimSecrets deletes vTPM secrets that no record refers to. A create
+// makes the secret before it commits the record, so a crash between the two
+// leaves one behind; it runs before the API listens, so no create is in
+// flight.
+func reclaimSecrets(ctx context.Context, st *store.Store, kr keyring.Keyring, log *slog.Logger) error {
+	used := map[string]bool{}
+	err := st.View(ctx, func(tx *store.Tx) error {
+		vs, err := tx.ListVTPMs(store.Filter{})
+		for _, v := range vs {
+			used[v.SecretID] = true
+		}
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	ids, err := kr.List(ctx)
+	if err != nil {
+		return err
+	}
+	for _, id := range ids {
+		if used[id] {
+			continue
+		}
+		s, err := kr.Get(ctx, id)
+		if err != nil {
+			return err
+		}
+		if s.Project == ca.KeyProject {
+			continue
+		}
+		if err := kr.Delete(ctx, id); err != nil && !errors.Is(err, keyring.ErrNotFound) {
+			return err
+		}
+		log.Warn("deleted a vTPM secret no record refers to (left by an interrupted create)", "secret", id, "project", s.Project)
+	}
+	return nil
 }

@@ -18,6 +18,7 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/keyring"
@@ -56,6 +57,7 @@ func (s *Server) Handler() http.Handler {
 	}
 	if s.Registry == nil {
 		s.Registry = prometheus.NewRegistry()
+		s.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	}
 	m := newMetrics(s.Registry, s.Store)
 	mux := http.NewServeMux()

@@ -66,7 +66,7 @@ func CheckNoProcesses(t testing.TB, root string) {
 	t.Helper()
 	var leaked []string
 	for deadline := time.Now().Add(time.Second); ; time.Sleep(20 * time.Millisecond) {
-		leaked = swtpmsUnder(root)
+		leaked = Processes(root)
 		if len(leaked) == 0 || time.Now().After(deadline) {
 			break
 		}
@@ -76,9 +76,9 @@ func CheckNoProcesses(t testing.TB, root string) {
 	}
 }
 
-// swtpmsUnder lists "pid: cmdline" of swtpm processes whose arguments name
-// a path under root.
-func swtpmsUnder(root string) []string {
+// Processes lists "pid: cmdline" of the swtpm processes whose arguments
+// name a path under root.
+func Processes(root string) []string {
 	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
 	var found []string
 	for _, p := range procs {

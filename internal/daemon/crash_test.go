@@ -1,0 +1,299 @@
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/go-tpm/tpm2/transport"
+	"github.com/google/uuid"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/store"
+	"github.com/vtpmd/vtpmd/internal/swtpm"
+	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmtest"
+)
+
+// vtpmdProcess is the vtpmd binary running as its own process, so that a
+// test can kill -9 it.
+type vtpmdProcess struct {
+	cmd *exec.Cmd
+	c   *client.Client
+}
+
+func buildVtpmd(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "vtpmd")
+	out, err := exec.Command("go", "build", "-o", bin, "github.com/vtpmd/vtpmd/cmd/vtpmd").CombinedOutput()
+	if err != nil {
+		t.Fatalf("building vtpmd: %v\n%s", err, out)
+	}
+	return bin
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// runVtpmd starts vtpmd all-in-one on dir and returns once its API answers.
+func runVtpmd(t *testing.T, bin, dir string) *vtpmdProcess {
+	t.Helper()
+	addr := freeAddr(t)
+	cmd := exec.Command(bin, "all-in-one", "--data-dir", dir, "--listen", addr, "--host-name", "test-host", "--log-level", "error")
+	logPath := filepath.Join(t.TempDir(), "vtpmd.log")
+	logFile, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logFile.Close()
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			b, _ := os.ReadFile(logPath)
+			t.Logf("vtpmd output:\n%s", b)
+		}
+	})
+	p := &vtpmdProcess{cmd: cmd, c: client.New("http://"+addr, "")}
+	t.Cleanup(func() { p.signal(syscall.SIGKILL) })
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(10 * time.Millisecond) {
+		if _, err := p.c.Hosts(context.Background()); err == nil {
+			return p
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("vtpmd did not answer within a minute")
+		}
+	}
+}
+
+// signal sends sig and waits for vtpmd to exit.
+func (p *vtpmdProcess) signal(sig syscall.Signal) {
+	if p.cmd.ProcessState != nil {
+		return
+	}
+	p.cmd.Process.Signal(sig)
+	p.cmd.Wait()
+}
+
+func createRequest(id string) api.CreateVTPMRequest {
+	return api.CreateVTPMRequest{InstanceID: id, Project: "p1",
+		ResolveRequest: api.ResolveRequest{FlavorSpecs: map[string]string{"hw:tpm_version": "2.0"}}}
+}
+
+// TestCrashMidCreate kills vtpmd with SIGKILL at moments spread over a
+// create (before the record is committed, while the TPM is manufactured,
+// after), then checks that the restarted daemon leaves nothing half-made:
+// every create either completes or left no trace and can be made again, no
+// swtpm outlives its vtpmd, and no secret is orphaned.
+func TestCrashMidCreate(t *testing.T) {
+	swtpmtest.Require(t)
+	bin := buildVtpmd(t)
+	dir := t.TempDir()
+	var ids []string
+	for _, delay := range []time.Duration{0, 1, 3, 6, 10, 15, 20, 30, 40, 60, 90} {
+		p := runVtpmd(t, bin, dir)
+		id := uuid.NewString()
+		ids = append(ids, id)
+		go p.c.Create(context.Background(), createRequest(id))
+		time.Sleep(delay * time.Millisecond)
+		p.signal(syscall.SIGKILL)
+		swtpmtest.CheckNoProcesses(t, dir) // swtpm dies with its vtpmd
+	}
+
+	p := runVtpmd(t, bin, dir)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	retried := 0
+	for _, id := range ids {
+		_, err := p.c.Get(ctx, id)
+		switch {
+		case client.IsNotFound(err):
+			// The create never took: it can simply be made again.
+			retried++
+			if _, err := p.c.Create(ctx, createRequest(id)); err != nil {
+				t.Fatalf("retrying the create of %s: %v", id, err)
+			}
+		case err != nil:
+			t.Fatal(err)
+		default:
+			// It took: a retry is a duplicate, and the vTPM completes.
+			if _, err := p.c.Create(ctx, createRequest(id)); !client.IsConflict(err) {
+				t.Fatalf("repeating a create that took: want 409, got %v", err)
+			}
+		}
+		v, err := p.c.Wait(ctx, id, func(v api.VTPM) bool { return v.Phase == "active" || v.Phase == "error" }, nil)
+		if err != nil || v.Phase != "active" {
+			t.Fatalf("%s after restart: %v (phase %s, reason %q)", id, err, v.Phase, v.Reason)
+		}
+		checkIdentity(t, p.c, v)
+	}
+	t.Logf("%d of %d creates had not taken when vtpmd was killed", retried, len(ids))
+
+	// One state directory and one swtpm per vTPM, nothing else.
+	entries, err := os.ReadDir(filepath.Join(dir, "vtpms"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dirs []string
+	for _, e := range entries {
+		dirs = append(dirs, e.Name())
+	}
+	want := append([]string(nil), ids...)
+	sort.Strings(want)
+	if fmt.Sprint(dirs) != fmt.Sprint(want) {
+		t.Fatalf("state directories %v, want %v", dirs, want)
+	}
+	if procs := swtpmtest.Processes(dir); len(procs) != len(ids) {
+		t.Fatalf("%d swtpm processes for %d vTPMs: %v", len(procs), len(ids), procs)
+	}
+
+	// One secret per vTPM plus the CA's key: none left by a create that
+	// died between making its secret and committing its record.
+	p.signal(syscall.SIGTERM)
+	swtpmtest.CheckNoProcesses(t, dir)
+	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	secrets, err := kr.List(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(secrets) != len(ids)+1 {
+		t.Fatalf("%d secrets for %d vTPMs and the CA", len(secrets), len(ids))
+	}
+}
+
+// TestWrongSecret swaps the secrets of two manufactured vTPMs, as a key
+// manager mix-up would: swtpm must refuse each state, vtpmd must say so, and
+// the states must stay byte for byte as they were, so that putting the
+// secrets back brings both TPMs back with their data.
+func TestWrongSecret(t *testing.T) {
+	dir := t.TempDir()
+	u := startDaemon(t, dir)
+	ids := []string{"0a0a0a0a-0000-4000-8000-00000000bad1", "0a0a0a0a-0000-4000-8000-00000000bad2"}
+	before := map[string][]byte{}
+	for _, id := range ids {
+		v := u.create(t, id, "2.0")
+		withTPM(t, v.Sockets.Data, func(tpm transport.TPM) { nvWrite(t, tpm, []byte(id)) })
+	}
+	u.stop()
+	state := func(id string) []byte {
+		b, err := os.ReadFile(filepath.Join(dir, "vtpms", id, "tpm2-00.permall"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	for _, id := range ids {
+		before[id] = state(id)
+	}
+
+	swapSecrets(t, dir, ids[0], ids[1])
+	u = startDaemon(t, dir)
+	for _, id := range ids {
+		v := u.wait(t, id, "error")
+		if !strings.Contains(v.Reason, swtpm.ErrWrongSecret.Error()) {
+			t.Fatalf("reason %q does not say the secret is wrong", v.Reason)
+		}
+		if pid := u.d.Backend().Running(id); pid != 0 {
+			t.Fatalf("a swtpm (%d) runs on a state it cannot open", pid)
+		}
+	}
+	u.stop()
+	for _, id := range ids {
+		if !bytes.Equal(state(id), before[id]) {
+			t.Fatalf("the state of %s changed under a wrong secret", id)
+		}
+	}
+
+	swapSecrets(t, dir, ids[0], ids[1])
+	u = startDaemon(t, dir)
+	for _, id := range ids {
+		v := u.wait(t, id, "active")
+		if got := readUserNV(t, v); string(got) != id {
+			t.Fatalf("NV of %s after its secret came back = %q", id, got)
+		}
+	}
+}
+
+// swapSecrets exchanges the secret references of two vTPM records while
+// the daemon is stopped.
+func swapSecrets(t *testing.T, dir, a, b string) {
+	t.Helper()
+	st, err := store.Open(context.Background(), filepath.Join(dir, "vtpmd.db"), store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	err = st.Update(context.Background(), func(tx *store.Tx) error {
+		va, err := tx.GetVTPM(a)
+		if err != nil {
+			return err
+		}
+		vb, err := tx.GetVTPM(b)
+		if err != nil {
+			return err
+		}
+		va.SecretID, vb.SecretID = vb.SecretID, va.SecretID
+		if err := tx.UpdateVTPM(va); err != nil {
+			return err
+		}
+		return tx.UpdateVTPM(vb)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestReclaimOrphanSecret plants what a create killed between making its
+// secret and committing its record leaves behind: the restarted daemon
+// deletes it, and keeps the secrets in use and the CA's key.
+func TestReclaimOrphanSecret(t *testing.T) {
+	dir := t.TempDir()
+	u := startDaemon(t, dir)
+	id := "0a0a0a0a-0000-4000-8000-0000000000a1"
+	v := u.create(t, id, "2.0")
+	u.stop()
+	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	payload, _ := keyring.NewVTPMSecret()
+	orphan, err := kr.Create(ctx, "p1", payload)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept, _ := kr.List(ctx)
+
+	u = startDaemon(t, dir)
+	u.wait(t, id, "active")
+	left, err := kr.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(left) != len(kept)-1 || slices.Contains(left, orphan) || !slices.Contains(left, v.SecretRef) {
+		t.Fatalf("secrets after restart %v; orphan %s, in use %s", left, orphan, v.SecretRef)
+	}
+}
