@@ -19,6 +19,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/swtpm/ctrl"
 )
@@ -196,18 +198,13 @@ func launch(ctx context.Context, i Instance, log *slog.Logger) (*Process, error)
 	}
 
 	p := &Process{inst: i, log: log, out: out, done: make(chan struct{})}
-	started := make(chan error, 1)
+	if err := startPinned(cmd); err != nil {
+		os.Remove(i.DataSocket())
+		os.Remove(i.CtrlSocket())
+		return nil, fmt.Errorf("running %s: %w", bin, err)
+	}
 	go func() {
-		// The parent-death signal fires when the thread that forked swtpm
-		// ends, not when vtpmd does, and Go may end idle threads. Locking
-		// this goroutine to its thread for swtpm's whole life (it waits for
-		// swtpm) keeps that thread alive exactly as long as needed.
-		runtime.LockOSThread()
-		if err := cmd.Start(); err != nil {
-			started <- err
-			return
-		}
-		started <- nil
+		awaitExit(cmd.Process.Pid)
 		err := cmd.Wait()
 		removeIfSame(i.DataSocket(), data.info)
 		removeIfSame(i.CtrlSocket(), ctl.info)
@@ -215,11 +212,6 @@ func launch(ctx context.Context, i Instance, log *slog.Logger) (*Process, error)
 		p.err = err
 		close(p.done)
 	}()
-	if err := <-started; err != nil {
-		os.Remove(i.DataSocket())
-		os.Remove(i.CtrlSocket())
-		return nil, fmt.Errorf("running %s: %w", bin, err)
-	}
 	p.pid = cmd.Process.Pid
 	// Only swtpm may hold the listening sockets now: when it dies, clients
 	// see the connection refused or reset instead of waiting forever.
@@ -234,6 +226,63 @@ func launch(ctx context.Context, i Instance, log *slog.Logger) (*Process, error)
 	}
 	log.Debug("swtpm started", "dir", i.Dir, "pid", p.pid, "version", i.Version)
 	return p, nil
+}
+
+// spawns carries starts to the spawner thread.
+var (
+	spawnOnce sync.Once
+	spawns    chan spawn
+)
+
+type spawn struct {
+	cmd  *exec.Cmd
+	done chan error
+}
+
+// startPinned starts cmd from one OS thread that lives as long as vtpmd.
+// The parent-death signal fires when the thread that forked a child ends,
+// not when the process does, and Go may end idle threads; forking every
+// swtpm from a thread locked for good makes them all die with vtpmd and
+// never before, at the cost of one thread rather than one per vTPM.
+func startPinned(cmd *exec.Cmd) error {
+	spawnOnce.Do(func() {
+		spawns = make(chan spawn)
+		go func() {
+			runtime.LockOSThread() // never unlocked: the thread is kept until exit
+			for s := range spawns {
+				s.done <- s.cmd.Start()
+			}
+		}()
+	})
+	done := make(chan error, 1)
+	spawns <- spawn{cmd, done}
+	return <-done
+}
+
+// awaitExit returns once process pid (a child not yet waited for) has
+// exited, without holding an OS thread meanwhile: a goroutine blocked in
+// wait4 pins one thread per vTPM, while a pidfd waits in the runtime's
+// poller. If pidfds are unavailable it returns at once, and the caller's
+// blocking Wait does the waiting.
+func awaitExit(pid int) {
+	fd, err := unix.PidfdOpen(pid, unix.PIDFD_NONBLOCK)
+	if err != nil {
+		return
+	}
+	f := os.NewFile(uintptr(fd), "pidfd")
+	defer f.Close()
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return
+	}
+	// A pidfd turns readable when the process exits; Read waits for that
+	// in the poller each time the function reports "not done".
+	polled := false
+	rc.Read(func(uintptr) bool {
+		done := polled
+		polled = true
+		return done
+	})
 }
 
 // waitReady returns once both channels answered, or swtpm exited, or ctx
