@@ -27,7 +27,9 @@ type VTPM struct {
 	// reference, never the secret).
 	SecretRef string `json:"secret_ref"`
 	// Sockets are where a TPM client or QEMU attaches, once manufactured.
-	Sockets   *Sockets  `json:"sockets,omitempty"`
+	Sockets *Sockets `json:"sockets,omitempty"`
+	// Domain is the libvirt domain the vTPM is attached to, if any.
+	Domain    string    `json:"domain,omitempty"`
 	CreatedAt time.Time `json:"created_at"`
 	UpdatedAt time.Time `json:"updated_at"`
 }
@@ -89,4 +91,31 @@ type Event struct {
 // EventList is a vTPM's audit log, oldest first.
 type EventList struct {
 	Items []Event `json:"items"`
+}
+
+// AttachRequest attaches a vTPM to a libvirt domain on its host.
+type AttachRequest struct {
+	Domain string `json:"domain"`
+}
+
+// Finding is a piece of drift between a host's hypervisor and vtpmd's
+// records: an object with no vTPM record, or a record whose objects are gone.
+type Finding struct {
+	// Kind: orphan_secret (a libvirt vTPM secret with no record),
+	// orphan_state (a TPM state directory with no record), missing_domain
+	// (a record attached to a domain that no longer exists), missing_state
+	// (a manufactured record whose state is gone).
+	Kind string `json:"kind"`
+	// Object names what was found: a secret UUID, a path, a domain.
+	Object     string `json:"object"`
+	InstanceID string `json:"instance_id,omitempty"`
+	Detail     string `json:"detail"`
+	// Deleted is set when a repair removed the object.
+	Deleted bool `json:"deleted,omitempty"`
+}
+
+// Drift is what a host's agent found.
+type Drift struct {
+	Host     string    `json:"host"`
+	Findings []Finding `json:"findings"`
 }

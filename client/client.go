@@ -157,6 +157,28 @@ func (c *Client) Stop(ctx context.Context, id string) (api.VTPM, error) {
 	return out, c.do(ctx, http.MethodPost, "/v1/vtpms/"+url.PathEscape(id)+"/stop", nil, &out)
 }
 
+// Attach asks for a vTPM to be attached to a libvirt domain on its host.
+func (c *Client) Attach(ctx context.Context, id, domain string) (api.VTPM, error) {
+	var out api.VTPM
+	return out, c.do(ctx, http.MethodPost, "/v1/vtpms/"+url.PathEscape(id)+"/attach", api.AttachRequest{Domain: domain}, &out)
+}
+
+// Detach asks for a vTPM to be detached from its libvirt domain.
+func (c *Client) Detach(ctx context.Context, id string) (api.VTPM, error) {
+	var out api.VTPM
+	return out, c.do(ctx, http.MethodPost, "/v1/vtpms/"+url.PathEscape(id)+"/detach", nil, &out)
+}
+
+// Drift asks a host's agent what differs between its hypervisor and the
+// records; repair deletes the orphans it finds.
+func (c *Client) Drift(ctx context.Context, host string, repair bool) (api.Drift, error) {
+	var out api.Drift
+	if repair {
+		return out, c.do(ctx, http.MethodPost, "/v1/hosts/"+url.PathEscape(host)+"/drift/repair", nil, &out)
+	}
+	return out, c.do(ctx, http.MethodGet, "/v1/hosts/"+url.PathEscape(host)+"/drift", nil, &out)
+}
+
 // Identity reads a vTPM's endorsement keys, certificates and CA chain.
 func (c *Client) Identity(ctx context.Context, id string) (api.Identity, error) {
 	var out api.Identity

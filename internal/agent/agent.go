@@ -29,9 +29,9 @@ type Backend interface {
 	// secret as its state key. It returns the vTPM's endorsement keys.
 	Ensure(ctx context.Context, v *store.VTPM, secret []byte) ([]store.EK, error)
 	// Stop stops v's vTPM, keeping its state.
-	Stop(ctx context.Context, instanceID string) error
+	Stop(ctx context.Context, v *store.VTPM) error
 	// Destroy stops v's vTPM and removes its state.
-	Destroy(ctx context.Context, instanceID string) error
+	Destroy(ctx context.Context, v *store.VTPM) error
 	// Sockets are where clients attach to v's vTPM.
 	Sockets(instanceID string) api.Sockets
 }
@@ -144,7 +144,7 @@ func (a *Agent) reconcile(ctx context.Context, v *store.VTPM) error {
 		if v.Phase == store.PhaseStopped {
 			return nil
 		}
-		if err := a.Backend.Stop(ctx, v.InstanceID); err != nil {
+		if err := a.Backend.Stop(ctx, v); err != nil {
 			return a.fail(ctx, v, "stopping", err)
 		}
 		return a.setPhase(ctx, v, store.PhaseStopped, "", "stopped")
@@ -185,7 +185,7 @@ func (a *Agent) destroy(ctx context.Context, v *store.VTPM) error {
 			return err
 		}
 	}
-	if err := a.Backend.Destroy(ctx, v.InstanceID); err != nil {
+	if err := a.Backend.Destroy(ctx, v); err != nil {
 		return a.fail(ctx, v, "removing the vTPM state", err)
 	}
 	if err := a.Keyring.Delete(ctx, v.SecretID); err != nil && !errors.Is(err, keyring.ErrNotFound) {

@@ -35,6 +35,8 @@ const (
 	CodeAlreadyExists     = "already_exists"
 	CodeConflict          = "conflict"
 	CodeNotReady          = "not_ready"
+	CodeNotSupported      = "not_supported"
+	CodeForbidden         = "forbidden"
 	CodeInternal          = "internal"
 )
 

@@ -45,7 +45,11 @@ type Server struct {
 	Sockets func(host, instanceID string) *api.Sockets
 	// Notify tells a host's agent that its desired state changed.
 	Notify func(host string)
-	Log    *slog.Logger
+	// Drift asks a host's agent what differs between its hypervisor and the
+	// records, deleting orphans when repair is set; nil when no agent here
+	// can tell.
+	Drift func(ctx context.Context, host string, repair bool) (*api.Drift, error)
+	Log   *slog.Logger
 	// Registry receives the API's metrics; nil: a private one.
 	Registry *prometheus.Registry
 }
@@ -86,10 +90,14 @@ func (s *Server) routes() []route {
 		{"DELETE /v1/vtpms/{id}", s.deleteVTPM},
 		{"POST /v1/vtpms/{id}/start", s.startVTPM},
 		{"POST /v1/vtpms/{id}/stop", s.stopVTPM},
+		{"POST /v1/vtpms/{id}/attach", s.attachVTPM},
+		{"POST /v1/vtpms/{id}/detach", s.detachVTPM},
 		{"GET /v1/vtpms/{id}/identity", s.identity},
 		{"GET /v1/vtpms/{id}/events", s.events},
 		{"GET /v1/hosts", s.listHosts},
 		{"GET /v1/hosts/{name}", s.getHost},
+		{"GET /v1/hosts/{name}/drift", s.drift},
+		{"POST /v1/hosts/{name}/drift/repair", s.repairDrift},
 		{"GET /v1/ca", s.caChain},
 	}
 }
@@ -336,31 +344,96 @@ func (s *Server) listVTPMs(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) deleteVTPM(w http.ResponseWriter, r *http.Request) error {
-	return s.setDesired(w, r, store.DesiredDeleted, "delete requested")
+	return s.change(w, r, "delete requested", func(v *store.VTPM) error { return desire(v, store.DesiredDeleted) })
 }
 
 func (s *Server) startVTPM(w http.ResponseWriter, r *http.Request) error {
-	return s.setDesired(w, r, store.DesiredRunning, "start requested")
+	return s.change(w, r, "start requested", func(v *store.VTPM) error { return desire(v, store.DesiredRunning) })
 }
 
 func (s *Server) stopVTPM(w http.ResponseWriter, r *http.Request) error {
-	return s.setDesired(w, r, store.DesiredStopped, "stop requested")
+	return s.change(w, r, "stop requested", func(v *store.VTPM) error { return desire(v, store.DesiredStopped) })
 }
 
-// setDesired records what the user wants and wakes the host's agent.
-// Repeating a request is harmless; a deleted vTPM cannot be started again.
-func (s *Server) setDesired(w http.ResponseWriter, r *http.Request, d store.Desired, action string) error {
+// desire sets what the user wants. A deleted vTPM cannot be started again.
+func desire(v *store.VTPM, d store.Desired) error {
+	if v.Desired == store.DesiredDeleted && d != store.DesiredDeleted {
+		return apiErr(http.StatusConflict, CodeConflict, "The vTPM is being deleted.")
+	}
+	v.Desired = d
+	return nil
+}
+
+// domainRE bounds libvirt domain names to what is safe in paths and XML.
+var domainRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$`)
+
+func (s *Server) attachVTPM(w http.ResponseWriter, r *http.Request) error {
+	var req api.AttachRequest
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	if !domainRE.MatchString(req.Domain) {
+		return apiErr(http.StatusBadRequest, CodeInvalidParameter, "Domain "+strconv.Quote(truncate(req.Domain))+
+			" is not a valid libvirt domain name (letters, digits, '_', '.', '+', '-'; at most 128).")
+	}
+	return s.change(w, r, "attach to domain "+req.Domain, func(v *store.VTPM) error {
+		if err := s.canAttach(r.Context(), v); err != nil {
+			return err
+		}
+		if v.Domain != "" && v.Domain != req.Domain {
+			return apiErr(http.StatusConflict, CodeConflict, "The vTPM is attached to domain "+v.Domain+"; detach it first.")
+		}
+		v.Domain = req.Domain
+		return nil
+	})
+}
+
+func (s *Server) detachVTPM(w http.ResponseWriter, r *http.Request) error {
+	return s.change(w, r, "detach", func(v *store.VTPM) error {
+		v.Domain = ""
+		return nil
+	})
+}
+
+// canAttach refuses vTPMs on hosts whose backend has no guests to attach
+// to, and deleted ones.
+func (s *Server) canAttach(ctx context.Context, v *store.VTPM) error {
+	if v.Desired == store.DesiredDeleted {
+		return apiErr(http.StatusConflict, CodeConflict, "The vTPM is being deleted.")
+	}
+	var h *store.Host
+	err := s.Store.View(ctx, func(tx *store.Tx) (err error) {
+		h, err = tx.GetHost(v.Host)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	if h.Backend != "libvirt" {
+		return apiErr(http.StatusConflict, CodeNotSupported, "Host "+h.Name+" runs the "+h.Backend+
+			" backend, which has no libvirt domains to attach to.")
+	}
+	return nil
+}
+
+// change applies mutate to the vTPM named in the request, records the
+// event when it changed anything, wakes the host's agent and answers 202.
+// Repeating a request is harmless.
+func (s *Server) change(w http.ResponseWriter, r *http.Request, action string, mutate func(*store.VTPM) error) error {
 	v, scope, err := s.lookup(r)
 	if err != nil {
 		return err
 	}
-	if v.Desired == store.DesiredDeleted && d != store.DesiredDeleted {
-		return apiErr(http.StatusConflict, CodeConflict, "The vTPM is being deleted.")
+	before := *v
+	if err := mutate(v); err != nil {
+		return err
 	}
-	if v.Desired != d {
-		v.Desired = d
-		if d != store.DesiredDeleted && v.Phase == store.PhaseError {
+	if v.Desired != before.Desired || v.Domain != before.Domain {
+		if v.Desired != store.DesiredDeleted && v.Phase == store.PhaseError {
 			v.Reason = "" // a new request retries from the error
+		}
+		if v.Domain != before.Domain && (v.Phase == store.PhaseActive || v.Phase == store.PhaseStopped) {
+			v.Phase = store.PhasePending // until the agent has attached or detached it
 		}
 		err = s.Store.Update(r.Context(), func(tx *store.Tx) error {
 			if err := tx.UpdateVTPM(v); err != nil {
@@ -461,6 +534,39 @@ func (s *Server) hosts(ctx context.Context, name string) ([]api.Host, error) {
 	return out, err
 }
 
+func (s *Server) drift(w http.ResponseWriter, r *http.Request) error {
+	return s.hostDrift(w, r, false)
+}
+
+func (s *Server) repairDrift(w http.ResponseWriter, r *http.Request) error {
+	return s.hostDrift(w, r, true)
+}
+
+// hostDrift is operator-only: drift names objects of every project.
+func (s *Server) hostDrift(w http.ResponseWriter, r *http.Request, repair bool) error {
+	if scope, err := project(r); err != nil {
+		return err
+	} else if scope != "" {
+		return apiErr(http.StatusForbidden, CodeForbidden, "Only the operator can see a host's drift.")
+	}
+	hosts, err := s.hosts(r.Context(), r.PathValue("name"))
+	if err != nil {
+		return err
+	}
+	if len(hosts) == 0 {
+		return apiErr(http.StatusNotFound, CodeNotFound, "No such host.")
+	}
+	if s.Drift == nil {
+		return apiErr(http.StatusConflict, CodeNotSupported, "No agent here can check this host's drift.")
+	}
+	d, err := s.Drift(r.Context(), hosts[0].Name, repair)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, d)
+	return nil
+}
+
 func (s *Server) caChain(w http.ResponseWriter, r *http.Request) error {
 	w.Header().Set("Content-Type", "application/x-pem-file")
 	_, err := w.Write(s.CAChainPEM())
@@ -477,7 +583,7 @@ func (s *Server) openapi(w http.ResponseWriter, r *http.Request) error {
 func (s *Server) view(v *store.VTPM) api.VTPM {
 	out := api.VTPM{InstanceID: v.InstanceID, Project: v.Project, Spec: *spec.Resolution(&v.Spec).VTPM,
 		Host: v.Host, Desired: string(v.Desired), Phase: string(v.Phase), Reason: v.Reason, SecretRef: v.SecretID,
-		CreatedAt: v.CreatedAt, UpdatedAt: v.UpdatedAt}
+		Domain: v.Domain, CreatedAt: v.CreatedAt, UpdatedAt: v.UpdatedAt}
 	if len(v.EKs) > 0 && s.Sockets != nil {
 		out.Sockets = s.Sockets(v.Host, v.InstanceID)
 	}

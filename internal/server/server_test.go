@@ -359,3 +359,65 @@ func TestMetricsAndHealth(t *testing.T) {
 		}
 	}
 }
+
+func TestAttachDetach(t *testing.T) {
+	f := newFixture(t)
+	v20 := map[string]string{"hw:tpm_version": "2.0"}
+	if code := f.call(t, "POST", "/v1/vtpms", "", create(inst, v20), nil); code != 202 {
+		t.Fatalf("create: %d", code)
+	}
+	path := "/v1/vtpms/" + inst
+	var e api.ErrorBody
+	// h1 runs the swtpm backend: nothing to attach to.
+	if code := f.call(t, "POST", path+"/attach", "", api.AttachRequest{Domain: "guest1"}, &e); code != 409 || e.Error.Code != CodeNotSupported {
+		t.Fatalf("attach on a swtpm host: %d %+v", code, e)
+	}
+	err := f.store.Update(context.Background(), func(tx *store.Tx) error {
+		h, err := tx.GetHost("h1")
+		if err != nil {
+			return err
+		}
+		h.Backend = "libvirt"
+		return tx.PutHost(h)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range []string{"", "../etc", "a b", "<x>", strings.Repeat("d", 129)} {
+		if code := f.call(t, "POST", path+"/attach", "", api.AttachRequest{Domain: bad}, &e); code != 400 || e.Error.Code != CodeInvalidParameter {
+			t.Fatalf("attach to %q: %d %+v", bad, code, e)
+		}
+	}
+	var v api.VTPM
+	for range 2 { // repeating is harmless
+		if code := f.call(t, "POST", path+"/attach", "p1", api.AttachRequest{Domain: "guest1"}, &v); code != 202 || v.Domain != "guest1" {
+			t.Fatalf("attach: %d %+v", code, v)
+		}
+	}
+	if code := f.call(t, "POST", path+"/attach", "", api.AttachRequest{Domain: "guest2"}, &e); code != 409 || e.Error.Code != CodeConflict {
+		t.Fatalf("attach to a second domain: %d %+v", code, e)
+	}
+	if code := f.call(t, "POST", path+"/attach", "p2", api.AttachRequest{Domain: "guest1"}, &e); code != 404 {
+		t.Fatalf("attach by another project: %d", code)
+	}
+	v = api.VTPM{}
+	if code := f.call(t, "POST", path+"/detach", "", nil, &v); code != 202 || v.Domain != "" {
+		t.Fatalf("detach: %d %+v", code, v)
+	}
+	var events api.EventList
+	f.call(t, "GET", path+"/events", "", nil, &events)
+	if n := len(events.Items); n != 3 || events.Items[1].Action != "attach to domain guest1" || events.Items[2].Action != "detach" {
+		t.Fatalf("events: %+v", events.Items)
+	}
+
+	// Drift is the operator's, and needs an agent that can tell.
+	if code := f.call(t, "GET", "/v1/hosts/h1/drift", "p1", nil, &e); code != 403 {
+		t.Fatalf("drift as a tenant: %d", code)
+	}
+	if code := f.call(t, "GET", "/v1/hosts/nope/drift", "", nil, &e); code != 404 {
+		t.Fatalf("drift of an unknown host: %d", code)
+	}
+	if code := f.call(t, "GET", "/v1/hosts/h1/drift", "", nil, &e); code != 409 || e.Error.Code != CodeNotSupported {
+		t.Fatalf("drift without an agent: %d %+v", code, e)
+	}
+}

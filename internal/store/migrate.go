@@ -48,6 +48,8 @@ CREATE INDEX events_instance ON events(instance_id, id);
 CREATE TRIGGER events_no_update BEFORE UPDATE ON events BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
 CREATE TRIGGER events_no_delete BEFORE DELETE ON events BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
 `,
+	// The libvirt domain a vTPM is attached to ('' for none).
+	2: `ALTER TABLE vtpms ADD COLUMN domain TEXT NOT NULL DEFAULT '';`,
 }
 
 func (s *Store) migrate(ctx context.Context) error {

@@ -55,6 +55,8 @@ type VTPM struct {
 	Reason     string // why Phase is error
 	SecretID   string // key-manager secret that encrypts the state
 	EKs        []EK
+	// Domain is the libvirt domain the vTPM is attached to; "" for none.
+	Domain string
 	// Generation increases with every update; UpdateVTPM refuses a stale one.
 	Generation int64
 	CreatedAt  time.Time
@@ -62,7 +64,7 @@ type VTPM struct {
 }
 
 const vtpmColumns = `instance_id, project, version, model, secret_security, hypervisor, keys, host,
-	desired, phase, reason, secret_id, eks, generation, created_at, updated_at`
+	desired, phase, reason, secret_id, eks, domain, generation, created_at, updated_at`
 
 // CreateVTPM inserts v with generation 1; ErrExists if the instance has one.
 func (t *Tx) CreateVTPM(v *VTPM) error {
@@ -78,9 +80,9 @@ func (t *Tx) CreateVTPM(v *VTPM) error {
 		return err
 	}
 	v.Generation, v.CreatedAt, v.UpdatedAt = 1, t.now, t.now
-	_, err = t.exec(`INSERT INTO vtpms (`+vtpmColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
+	_, err = t.exec(`INSERT INTO vtpms (`+vtpmColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
 		v.InstanceID, v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, v.Host,
-		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Generation, stamp(t.now), stamp(t.now))
+		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Generation, stamp(t.now), stamp(t.now))
 	return err
 }
 
@@ -92,10 +94,10 @@ func (t *Tx) UpdateVTPM(v *VTPM) error {
 		return err
 	}
 	res, err := t.exec(`UPDATE vtpms SET project=?, version=?, model=?, secret_security=?, hypervisor=?, keys=?, host=?,
-		desired=?, phase=?, reason=?, secret_id=?, eks=?, generation=generation+1, updated_at=?
+		desired=?, phase=?, reason=?, secret_id=?, eks=?, domain=?, generation=generation+1, updated_at=?
 		WHERE instance_id=? AND generation=?`,
 		v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, v.Host,
-		v.Desired, v.Phase, v.Reason, v.SecretID, eks, stamp(t.now), v.InstanceID, v.Generation)
+		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, stamp(t.now), v.InstanceID, v.Generation)
 	if err != nil {
 		return err
 	}
@@ -207,7 +209,7 @@ func scanVTPM(row interface{ Scan(...any) error }) (*VTPM, error) {
 	var v VTPM
 	var keys, eks, created, updated string
 	err := row.Scan(&v.InstanceID, &v.Project, &v.Spec.Version, &v.Spec.Model, &v.Spec.SecretSecurity, &v.Spec.Hypervisor,
-		&keys, &v.Host, &v.Desired, &v.Phase, &v.Reason, &v.SecretID, &eks, &v.Generation, &created, &updated)
+		&keys, &v.Host, &v.Desired, &v.Phase, &v.Reason, &v.SecretID, &eks, &v.Domain, &v.Generation, &created, &updated)
 	if err != nil {
 		return nil, err
 	}

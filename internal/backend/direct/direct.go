@@ -170,17 +170,17 @@ func readIdentity(dir string) ([]store.EK, error) {
 }
 
 // Stop implements agent.Backend.
-func (b *Backend) Stop(ctx context.Context, id string) error {
-	return b.stopRun(ctx, id)
+func (b *Backend) Stop(ctx context.Context, v *store.VTPM) error {
+	return b.stopRun(ctx, v.InstanceID)
 }
 
 // Destroy implements agent.Backend.
-func (b *Backend) Destroy(ctx context.Context, id string) error {
-	if err := b.stopRun(ctx, id); err != nil {
+func (b *Backend) Destroy(ctx context.Context, v *store.VTPM) error {
+	if err := b.stopRun(ctx, v.InstanceID); err != nil {
 		return err
 	}
-	if err := os.RemoveAll(b.dir(id)); err != nil {
-		return fmt.Errorf("removing state of %s: %w", id, err)
+	if err := os.RemoveAll(b.dir(v.InstanceID)); err != nil {
+		return fmt.Errorf("removing state of %s: %w", v.InstanceID, err)
 	}
 	return nil
 }
