@@ -10,30 +10,38 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
+	"github.com/vtpmd/vtpmd/internal/atomicfile"
+	"github.com/vtpmd/vtpmd/internal/backend/libvirt"
 	"github.com/vtpmd/vtpmd/internal/daemon"
 	"github.com/vtpmd/vtpmd/internal/spec"
 )
 
 func usage() {
 	fmt.Fprintf(os.Stderr, `usage: vtpmd all-in-one [flags]
+       vtpmd agent configure-host --swtpm-user U --swtpm-group G [--qemu-conf FILE]
 
 Roles:
-  all-in-one   API server and the host agent for this host, in one process
+  all-in-one             API server and the host agent for this host, in one process
+  agent configure-host   set swtpm_user and swtpm_group in libvirt's qemu.conf
 
 Run 'vtpmd all-in-one -h' for the flags.
 `)
 }
 
 func main() {
-	if len(os.Args) < 2 || os.Args[1] != "all-in-one" {
+	switch {
+	case len(os.Args) >= 3 && os.Args[1] == "agent" && os.Args[2] == "configure-host":
+		os.Exit(configureHost(os.Args[3:]))
+	case len(os.Args) < 2 || os.Args[1] != "all-in-one":
 		usage()
 		os.Exit(2)
 	}
 	var cfg daemon.Config
-	var defVersion, level string
+	var defVersion, level, secretSecurity string
 	fs := flag.NewFlagSet("vtpmd all-in-one", flag.ExitOnError)
 	fs.StringVar(&cfg.DataDir, "data-dir", "/var/lib/vtpmd", "directory for the store, keys, CA and vTPM states")
 	fs.StringVar(&cfg.Listen, "listen", "127.0.0.1:8780", "API address (HOST:PORT)")
@@ -43,8 +51,16 @@ func main() {
 	fs.StringVar(&cfg.SwtpmGroup, "swtpm-group", "", "run swtpm as this group (default: vtpmd's)")
 	fs.StringVar(&defVersion, "default-tpm-version", "", "give every instance a vTPM of this version (1.2 or 2.0) unless its flavor or image says")
 	fs.StringVar(&level, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&cfg.Backend, "backend", "swtpm", "how this host runs vTPMs: swtpm (vtpmd runs swtpm) or libvirt (attached to libvirt domains)")
+	fs.StringVar(&cfg.Libvirt.Mode, "libvirt-mode", "emulator", "libvirt backend: emulator (libvirt runs swtpm, as Nova) or external (vtpmd runs swtpm)")
+	fs.BoolVar(&cfg.Libvirt.EnableVTPM, "enable-vtpm", false, "libvirt backend: offer vTPMs on this host")
+	fs.StringVar(&cfg.Libvirt.Socket, "libvirt-socket", "/var/run/libvirt/libvirt-sock", "libvirt backend: libvirtd's socket")
+	fs.StringVar(&secretSecurity, "secret-security", "user,host,deployment", "libvirt backend: secret-security modes offered (comma-separated)")
 	fs.Parse(os.Args[2:])
 	cfg.DefaultTPMVersion = spec.Version(defVersion)
+	for _, m := range strings.Split(secretSecurity, ",") {
+		cfg.Libvirt.SecretSecurity = append(cfg.Libvirt.SecretSecurity, spec.SecretSecurity(strings.TrimSpace(m)))
+	}
 	if abs, err := filepath.Abs(cfg.DataDir); err == nil {
 		cfg.DataDir = abs
 	}
@@ -84,4 +100,46 @@ Try, in another terminal:
 		fmt.Fprintf(os.Stderr, "vtpmd: %v\n", runErr)
 		os.Exit(1)
 	}
+}
+
+// configureHost writes swtpm_user and swtpm_group into libvirt's qemu.conf,
+// keeping every other line, and says what it changed.
+func configureHost(args []string) int {
+	fs := flag.NewFlagSet("vtpmd agent configure-host", flag.ExitOnError)
+	user := fs.String("swtpm-user", "", "user libvirt runs swtpm as (required)")
+	group := fs.String("swtpm-group", "", "group libvirt runs swtpm as (required)")
+	path := fs.String("qemu-conf", libvirt.QEMUConfPath, "libvirt's qemu.conf")
+	fs.Parse(args)
+	if *user == "" || *group == "" {
+		fmt.Fprintln(os.Stderr, "vtpmd agent configure-host: --swtpm-user and --swtpm-group are required")
+		return 2
+	}
+	info, err := os.Stat(*path)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "vtpmd: %v\n", err)
+		return 1
+	}
+	conf, err := os.ReadFile(*path)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "vtpmd: %v\n", err)
+		return 1
+	}
+	out, changes, err := libvirt.ConfigureQEMUConf(conf, *user, *group)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "vtpmd: %v\n", err)
+		return 2
+	}
+	if len(changes) == 0 {
+		fmt.Printf("%s already runs swtpm as %s:%s; nothing changed\n", *path, *user, *group)
+		return 0
+	}
+	if err := atomicfile.Write(*path, out, info.Mode().Perm()); err != nil {
+		fmt.Fprintf(os.Stderr, "vtpmd: %v\n", err)
+		return 1
+	}
+	for _, c := range changes {
+		fmt.Printf("%s: %s\n", *path, c)
+	}
+	fmt.Println("restart libvirtd for the change to take effect")
+	return 0
 }

@@ -39,6 +39,27 @@ type Config struct {
 	DefaultTPMVersion spec.Version
 	// CAOrganization appears in the deployment CA's subject. Default "vtpmd".
 	CAOrganization string
+
+	// Backend is how this host runs vTPMs: "swtpm" (default; vtpmd runs
+	// swtpm, reachable over unix sockets) or "libvirt" (attached to
+	// libvirt domains).
+	Backend string
+	// Libvirt configures the libvirt backend.
+	Libvirt LibvirtConfig
+}
+
+// LibvirtConfig holds the libvirt backend's operator settings, after the
+// OpenStack charm's.
+type LibvirtConfig struct {
+	// Mode is "emulator" (default; libvirt runs swtpm, as under Nova) or
+	// "external" (vtpmd runs swtpm, the guest connects to it).
+	Mode string
+	// EnableVTPM is enable-vtpm; off (the default) the host offers no vTPM.
+	EnableVTPM bool
+	// Socket is libvirtd's; default /var/run/libvirt/libvirt-sock.
+	Socket string
+	// SecretSecurity are the modes offered; empty means all three.
+	SecretSecurity []spec.SecretSecurity
 }
 
 // Defaults fills the unset fields.
@@ -63,6 +84,12 @@ func (c *Config) Defaults() {
 	}
 	if c.CAOrganization == "" {
 		c.CAOrganization = "vtpmd"
+	}
+	if c.Backend == "" {
+		c.Backend = "swtpm"
+	}
+	if c.Libvirt.Mode == "" {
+		c.Libvirt.Mode = "emulator"
 	}
 }
 
@@ -99,6 +126,17 @@ func (c *Config) Validate() error {
 	if c.SwtpmGroup != "" {
 		if _, err := user.LookupGroup(c.SwtpmGroup); err != nil {
 			errs = append(errs, fmt.Errorf("swtpm group %q does not exist", c.SwtpmGroup))
+		}
+	}
+	if c.Backend != "swtpm" && c.Backend != "libvirt" {
+		errs = append(errs, fmt.Errorf("backend %q must be swtpm or libvirt", c.Backend))
+	}
+	if c.Libvirt.Mode != "emulator" && c.Libvirt.Mode != "external" {
+		errs = append(errs, fmt.Errorf("libvirt mode %q must be emulator or external", c.Libvirt.Mode))
+	}
+	for _, m := range c.Libvirt.SecretSecurity {
+		if m != spec.User && m != spec.HostMode && m != spec.Deployment {
+			errs = append(errs, fmt.Errorf("secret security %q must be user, host or deployment", m))
 		}
 	}
 	return errors.Join(errs...)

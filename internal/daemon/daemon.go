@@ -15,6 +15,7 @@ import (
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/agent"
 	"github.com/vtpmd/vtpmd/internal/backend/direct"
+	"github.com/vtpmd/vtpmd/internal/backend/libvirt"
 	"github.com/vtpmd/vtpmd/internal/ca"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/server"
@@ -28,7 +29,8 @@ type AllInOne struct {
 	Addr    string // the address the API listens on
 	cfg     Config
 	store   *store.Store
-	backend *direct.Backend
+	backend *direct.Backend // runs swtpm; the host backend itself or under libvirt's
+	host    hostBackend     // what the agent drives
 	agent   *agent.Agent
 	http    *http.Server
 	ln      net.Listener
@@ -86,7 +88,18 @@ func (d *AllInOne) start(ctx context.Context) error {
 	if err := reclaimSecrets(ctx, d.store, kr, d.log); err != nil {
 		return fmt.Errorf("reclaiming orphan secrets: %w", err)
 	}
-	d.agent = &agent.Agent{Host: cfg.HostName, Capacity: cfg.Capacity, Store: d.store, Keyring: kr, Backend: d.backend, Log: d.log}
+	d.host = d.backend
+	if cfg.Backend == "libvirt" {
+		d.host, err = libvirt.New(ctx, libvirt.Config{
+			Mode: libvirt.Mode(cfg.Libvirt.Mode), EnableVTPM: cfg.Libvirt.EnableVTPM, Socket: cfg.Libvirt.Socket,
+			SwtpmUser: cfg.SwtpmUser, SwtpmGroup: cfg.SwtpmGroup, SecretSecurity: cfg.Libvirt.SecretSecurity,
+			Direct: d.backend, Log: d.log,
+		})
+		if err != nil {
+			return fmt.Errorf("libvirt backend: %w", err)
+		}
+	}
+	d.agent = &agent.Agent{Host: cfg.HostName, Capacity: cfg.Capacity, Store: d.store, Keyring: kr, Backend: d.host, Log: d.log}
 	if err := d.agent.Register(ctx); err != nil {
 		return err
 	}
@@ -102,9 +115,12 @@ func (d *AllInOne) start(ctx context.Context) error {
 			if host != cfg.HostName {
 				return nil
 			}
-			s := d.backend.Sockets(id)
-			return &s
+			if s := d.host.Sockets(id); s.Data != "" {
+				return &s
+			}
+			return nil
 		},
+		Drift: d.drift,
 		Notify: func(host string) {
 			if host == cfg.HostName {
 				d.agent.Kick()
@@ -132,7 +148,35 @@ func (d *AllInOne) Run(ctx context.Context) error { return d.agent.Run(ctx) }
 // Shutdown stops the API, then every vTPM (state kept), then the store.
 func (d *AllInOne) Shutdown(ctx context.Context) error {
 	errs := []error{d.http.Shutdown(ctx), d.backend.Close(ctx), d.store.Close()}
+	if lb, ok := d.host.(*libvirt.Backend); ok {
+		errs = append(errs, lb.Close())
+	}
 	return errors.Join(errs...)
+}
+
+// hostBackend is a backend that can also report drift.
+type hostBackend interface {
+	agent.Backend
+	Drift(ctx context.Context, records func(context.Context) ([]*store.VTPM, error), repair bool) ([]api.Finding, error)
+}
+
+// drift asks this host's backend for drift against the host's records.
+func (d *AllInOne) drift(ctx context.Context, host string, repair bool) (*api.Drift, error) {
+	if host != d.cfg.HostName {
+		return nil, fmt.Errorf("host %s has no agent in this process", host)
+	}
+	records := func(ctx context.Context) (vs []*store.VTPM, err error) {
+		err = d.store.View(ctx, func(tx *store.Tx) error {
+			vs, err = tx.ListVTPMs(store.Filter{Host: host})
+			return err
+		})
+		return vs, err
+	}
+	fs, err := d.host.Drift(ctx, records, repair)
+	if err != nil {
+		return nil, err
+	}
+	return &api.Drift{Host: host, Findings: fs}, nil
 }
 
 // Backend exposes the swtpm backend (tests look at its processes).

@@ -428,13 +428,16 @@ func (s *Server) change(w http.ResponseWriter, r *http.Request, action string, m
 	if err := mutate(v); err != nil {
 		return err
 	}
-	if v.Desired != before.Desired || v.Domain != before.Domain {
-		if v.Desired != store.DesiredDeleted && v.Phase == store.PhaseError {
-			v.Reason = "" // a new request retries from the error
-		}
-		if v.Domain != before.Domain && (v.Phase == store.PhaseActive || v.Phase == store.PhaseStopped) {
-			v.Phase = store.PhasePending // until the agent has attached or detached it
-		}
+	switch {
+	case v.Desired != store.DesiredDeleted && v.Phase == store.PhaseError:
+		v.Reason = "" // a new request retries from the error
+	case v.Desired == store.DesiredRunning && v.Phase == store.PhaseActive,
+		v.Domain != before.Domain && v.Phase == store.PhaseStopped:
+		// The agent looks again: a start starts a guest that powered
+		// itself off; an attach or detach changes its domain.
+		v.Phase = store.PhasePending
+	}
+	if v.Desired != before.Desired || v.Domain != before.Domain || v.Phase != before.Phase || v.Reason != before.Reason {
 		err = s.Store.Update(r.Context(), func(tx *store.Tx) error {
 			if err := tx.UpdateVTPM(v); err != nil {
 				return err

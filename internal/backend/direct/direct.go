@@ -88,14 +88,17 @@ func (b *Backend) Sockets(id string) api.Sockets {
 
 func (b *Backend) dir(id string) string { return filepath.Join(b.cfg.Root, id) }
 
+// Dir is where vTPM id's state lives.
+func (b *Backend) Dir(id string) string { return b.dir(id) }
+
 func (b *Backend) instance(v *store.VTPM, secret []byte) swtpm.Instance {
 	return swtpm.Instance{Dir: b.dir(v.InstanceID), Version: v.Spec.Version, Secret: secret,
 		User: b.cfg.User, Group: b.cfg.Group, Binary: b.cfg.Binary}
 }
 
-// identityFile records a manufactured vTPM's public identity next to its
+// IdentityFile records a manufactured vTPM's public identity next to its
 // state. It is written last, so its presence means manufacturing finished.
-const identityFile = "identity.json"
+const IdentityFile = "identity.json"
 
 // Ensure implements agent.Backend.
 func (b *Backend) Ensure(ctx context.Context, v *store.VTPM, secret []byte) ([]store.EK, error) {
@@ -115,50 +118,85 @@ func (b *Backend) Ensure(ctx context.Context, v *store.VTPM, secret []byte) ([]s
 	return eks, b.start(ctx, v.InstanceID, inst)
 }
 
-// manufacture makes a new TPM from scratch; leftovers of an interrupted
-// attempt are wiped first.
+// manufacture makes a new TPM from scratch and leaves it serving;
+// leftovers of an interrupted attempt are wiped first.
 func (b *Backend) manufacture(ctx context.Context, v *store.VTPM, inst swtpm.Instance) ([]store.EK, error) {
 	b.stopRun(ctx, v.InstanceID)
-	if err := os.RemoveAll(inst.Dir); err != nil {
-		return nil, fmt.Errorf("clearing half-made state: %w", err)
-	}
-	start := time.Now()
-	id, proc, err := swtpm.ManufactureAndStart(ctx, inst, swtpm.ManufactureOptions{
-		PCRBanks: b.cfg.PCRBanks,
-		Log:      b.log,
-		Certify: func(ctx context.Context, kind swtpm.EKKind, pub crypto.PublicKey) ([]byte, error) {
-			return b.cfg.Certifier.CertifyEK(ctx, v.InstanceID, v.Spec.Version, kind, pub)
-		},
-	})
+	eks, proc, err := b.make(ctx, v, inst, true)
 	if err != nil {
-		return nil, fmt.Errorf("manufacturing: %w", err)
-	}
-	var eks []store.EK
-	for _, ek := range id.EKs {
-		der, err := x509.MarshalPKIXPublicKey(ek.Public)
-		if err != nil {
-			proc.Stop(ctx)
-			return nil, fmt.Errorf("encoding EK: %w", err)
-		}
-		eks = append(eks, store.EK{Kind: string(ek.Kind), Handle: ek.Handle, NVIndex: ek.NVIndex, PublicDER: der, CertDER: ek.CertDER})
-	}
-	data, err := json.Marshal(eks)
-	if err != nil {
-		proc.Stop(ctx)
 		return nil, err
 	}
-	if err := atomicfile.Write(filepath.Join(inst.Dir, identityFile), data, 0o600); err != nil {
-		proc.Stop(ctx)
-		return nil, fmt.Errorf("recording identity: %w", err)
-	}
-	b.log.Info("manufactured vTPM", "instance", v.InstanceID, "version", v.Spec.Version, "took", time.Since(start))
 	// The manufacturing process goes on serving: no second start.
 	b.supervise(v.InstanceID, inst, proc)
 	return eks, nil
 }
 
+// Manufacture makes v's TPM in dir and stops it, for a TPM that another
+// program runs (libvirt's swtpm). A dir that already holds a manufactured
+// TPM is kept and its EKs returned; a half-made one is wiped and made again.
+func (b *Backend) Manufacture(ctx context.Context, v *store.VTPM, secret []byte, dir string) ([]store.EK, error) {
+	if eks, err := readIdentity(dir); err == nil || !errors.Is(err, fs.ErrNotExist) {
+		return eks, err
+	}
+	if len(v.EKs) > 0 {
+		return nil, fmt.Errorf("state of %s is missing its identity; refusing to re-manufacture over it", v.InstanceID)
+	}
+	inst := b.instance(v, secret)
+	inst.Dir = dir
+	eks, _, err := b.make(ctx, v, inst, false)
+	return eks, err
+}
+
+// make manufactures inst from an empty directory and records its identity
+// next to the state, last, so that the identity file means "finished".
+// With serve, the manufacturing swtpm is left running and returned.
+func (b *Backend) make(ctx context.Context, v *store.VTPM, inst swtpm.Instance, serve bool) (_ []store.EK, proc *swtpm.Process, err error) {
+	if err := os.RemoveAll(inst.Dir); err != nil {
+		return nil, nil, fmt.Errorf("clearing half-made state: %w", err)
+	}
+	start := time.Now()
+	opts := swtpm.ManufactureOptions{
+		PCRBanks: b.cfg.PCRBanks,
+		Log:      b.log,
+		Certify: func(ctx context.Context, kind swtpm.EKKind, pub crypto.PublicKey) ([]byte, error) {
+			return b.cfg.Certifier.CertifyEK(ctx, v.InstanceID, v.Spec.Version, kind, pub)
+		},
+	}
+	var id *swtpm.Identity
+	if serve {
+		id, proc, err = swtpm.ManufactureAndStart(ctx, inst, opts)
+	} else {
+		id, err = swtpm.Manufacture(ctx, inst, opts)
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("manufacturing: %w", err)
+	}
+	defer func() {
+		if err != nil && proc != nil {
+			proc.Stop(ctx)
+		}
+	}()
+	var eks []store.EK
+	for _, ek := range id.EKs {
+		der, err := x509.MarshalPKIXPublicKey(ek.Public)
+		if err != nil {
+			return nil, nil, fmt.Errorf("encoding EK: %w", err)
+		}
+		eks = append(eks, store.EK{Kind: string(ek.Kind), Handle: ek.Handle, NVIndex: ek.NVIndex, PublicDER: der, CertDER: ek.CertDER})
+	}
+	data, err := json.Marshal(eks)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := atomicfile.Write(filepath.Join(inst.Dir, IdentityFile), data, 0o600); err != nil {
+		return nil, nil, fmt.Errorf("recording identity: %w", err)
+	}
+	b.log.Info("manufactured vTPM", "instance", v.InstanceID, "version", v.Spec.Version, "took", time.Since(start))
+	return eks, proc, nil
+}
+
 func readIdentity(dir string) ([]store.EK, error) {
-	data, err := os.ReadFile(filepath.Join(dir, identityFile))
+	data, err := os.ReadFile(filepath.Join(dir, IdentityFile))
 	if err != nil {
 		return nil, err
 	}
@@ -209,4 +247,53 @@ func (b *Backend) Running(id string) int {
 		return 0
 	}
 	return s.pid()
+}
+
+// Drift compares the state directories with the records of this host's
+// vTPMs: a directory no record refers to is an orphan (deleted with repair,
+// after killing any swtpm still serving it); a manufactured record whose
+// state is gone is reported. Records are never touched. The directories are
+// listed before the records are read: a record always exists before its
+// directory, so a vTPM being created is never taken for an orphan.
+func (b *Backend) Drift(ctx context.Context, records func(context.Context) ([]*store.VTPM, error), repair bool) ([]api.Finding, error) {
+	entries, err := os.ReadDir(b.cfg.Root)
+	if err != nil {
+		return nil, err
+	}
+	vs, err := records(ctx)
+	if err != nil {
+		return nil, err
+	}
+	ids := map[string]bool{}
+	findings := []api.Finding{}
+	for _, v := range vs {
+		ids[v.InstanceID] = true
+		if len(v.EKs) == 0 || v.Desired == store.DesiredDeleted {
+			continue
+		}
+		if _, err := os.Stat(filepath.Join(b.dir(v.InstanceID), IdentityFile)); errors.Is(err, fs.ErrNotExist) {
+			findings = append(findings, api.Finding{Kind: "missing_state", Object: b.dir(v.InstanceID), InstanceID: v.InstanceID,
+				Detail: "the vTPM was manufactured but its state is gone"})
+		} else if err != nil {
+			return nil, err
+		}
+	}
+	for _, e := range entries {
+		if !e.IsDir() || ids[e.Name()] {
+			continue
+		}
+		dir := b.dir(e.Name())
+		f := api.Finding{Kind: "orphan_state", Object: dir, Detail: "TPM state that no vTPM refers to"}
+		if repair {
+			if _, err := swtpm.KillStale(swtpm.Instance{Dir: dir}); err != nil {
+				return nil, err
+			}
+			if err := os.RemoveAll(dir); err != nil {
+				return nil, err
+			}
+			f.Deleted = true
+		}
+		findings = append(findings, f)
+	}
+	return findings, nil
 }

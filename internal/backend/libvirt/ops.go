@@ -1,0 +1,302 @@
+package libvirt
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+
+	golibvirt "github.com/digitalocean/go-libvirt"
+	"github.com/google/uuid"
+	"libvirt.org/go/libvirtxml"
+
+	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/store"
+)
+
+// Ensure implements agent.Backend: the TPM is manufactured, attached to
+// v.Domain (and to no other domain), and, when the vTPM is being started
+// rather than checked again, the guest runs. A guest that shut itself down
+// is not restarted behind its owner's back.
+func (b *Backend) Ensure(ctx context.Context, v *store.VTPM, secret []byte) ([]store.EK, error) {
+	if !b.cfg.EnableVTPM {
+		return nil, errors.New("vTPM is disabled on this host (enable-vtpm)")
+	}
+	if v.Spec.SecretSecurity != "" && b.cfg.SecretSecurity != nil && !slices.Contains(b.cfg.SecretSecurity, v.Spec.SecretSecurity) {
+		return nil, fmt.Errorf("secret security %q is not offered on this host", v.Spec.SecretSecurity)
+	}
+	lv, err := b.conn()
+	if err != nil {
+		return nil, err
+	}
+	var eks []store.EK
+	if b.cfg.Mode == External {
+		eks, err = b.cfg.Direct.Ensure(ctx, v, secret)
+	} else {
+		eks, err = b.cfg.Direct.Manufacture(ctx, v, secret, filepath.Join(b.stateDir(v.InstanceID), tpmDir(v.Spec.Version)))
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := b.detachOthers(lv, v); err != nil {
+		return nil, err
+	}
+	if v.Domain == "" {
+		return eks, nil
+	}
+	dom, err := b.domain(lv, v)
+	if err != nil {
+		return nil, err
+	}
+	if err := b.attach(lv, dom, v); err != nil {
+		return nil, err
+	}
+	if v.Phase == store.PhaseActive {
+		return eks, nil
+	}
+	return eks, b.startGuest(lv, dom, v, secret)
+}
+
+// Stop implements agent.Backend: the guest is powered off and, in external
+// mode, vtpmd's swtpm stopped; the TPM state stays.
+func (b *Backend) Stop(ctx context.Context, v *store.VTPM) error {
+	lv, err := b.conn()
+	if err != nil {
+		return err
+	}
+	if err := b.detachOthers(lv, v); err != nil {
+		return err
+	}
+	if v.Domain != "" {
+		dom, err := lv.DomainLookupByName(v.Domain)
+		switch {
+		case golibvirt.IsNotFound(err):
+		case err != nil:
+			return err
+		default:
+			if err := b.stopGuest(lv, dom); err != nil {
+				return err
+			}
+		}
+	}
+	if b.cfg.Mode == External {
+		return b.cfg.Direct.Stop(ctx, v)
+	}
+	return nil
+}
+
+// Destroy implements agent.Backend: the guest is stopped and loses its TPM
+// device (the rest of its definition stays), the libvirt secret is
+// undefined and the state removed.
+func (b *Backend) Destroy(ctx context.Context, v *store.VTPM) error {
+	lv, err := b.conn()
+	if err != nil {
+		return err
+	}
+	detached := *v
+	detached.Domain = ""
+	if err := b.detachOthers(lv, &detached); err != nil {
+		return err
+	}
+	if err := b.undefineSecret(lv, v.SecretID); err != nil {
+		return err
+	}
+	if b.cfg.Mode == External {
+		return b.cfg.Direct.Destroy(ctx, v)
+	}
+	if err := os.RemoveAll(b.stateDir(v.InstanceID)); err != nil {
+		return fmt.Errorf("removing the state of %s: %w", v.InstanceID, err)
+	}
+	return nil
+}
+
+// domain finds v's domain; in emulator mode its UUID must be the instance
+// id, since libvirt keeps the TPM state by domain UUID.
+func (b *Backend) domain(lv *golibvirt.Libvirt, v *store.VTPM) (golibvirt.Domain, error) {
+	dom, err := lv.DomainLookupByName(v.Domain)
+	if golibvirt.IsNotFound(err) {
+		return dom, fmt.Errorf("no libvirt domain named %q on this host", v.Domain)
+	}
+	if err != nil {
+		return dom, err
+	}
+	if b.cfg.Mode == Emulator && uuid.UUID(dom.UUID).String() != v.InstanceID {
+		return dom, fmt.Errorf("domain %q has UUID %s, but in emulator mode a vTPM attaches only to the domain whose UUID is its instance id (%s): libvirt keeps TPM state by domain UUID",
+			v.Domain, uuid.UUID(dom.UUID), v.InstanceID)
+	}
+	return dom, nil
+}
+
+// device is the TPM device v's domain gets.
+func (b *Backend) device(v *store.VTPM) *libvirtxml.DomainTPM {
+	if b.cfg.Mode == External {
+		return TPMDevice(v.Spec, External, "", b.cfg.Direct.Sockets(v.InstanceID).Ctrl)
+	}
+	return TPMDevice(v.Spec, Emulator, v.SecretID, "")
+}
+
+// attach puts v's TPM device into dom's persistent definition, keeping the
+// rest, unless it is there already. A running guest sees the change at its
+// next start.
+func (b *Backend) attach(lv *golibvirt.Libvirt, dom golibvirt.Domain, v *store.VTPM) error {
+	xml, err := lv.DomainGetXMLDesc(dom, golibvirt.DomainXMLInactive|golibvirt.DomainXMLSecure)
+	if err != nil {
+		return err
+	}
+	updated, err := AttachTPM(xml, b.device(v))
+	if err != nil {
+		return fmt.Errorf("attaching to %s: %w", v.Domain, err)
+	}
+	if updated == xml {
+		return nil
+	}
+	if _, err := lv.DomainDefineXML(updated); err != nil {
+		return fmt.Errorf("redefining %s with its vTPM: %w", v.Domain, err)
+	}
+	b.log.Info("attached vTPM", "instance", v.InstanceID, "domain", v.Domain, "mode", b.cfg.Mode)
+	return nil
+}
+
+// detachOthers removes v's TPM from every domain other than v.Domain: a
+// vTPM is in at most one guest.
+func (b *Backend) detachOthers(lv *golibvirt.Libvirt, v *store.VTPM) error {
+	doms, _, err := lv.ConnectListAllDomains(1, 0)
+	if err != nil {
+		return err
+	}
+	for _, dom := range doms {
+		if dom.Name == v.Domain {
+			continue
+		}
+		xml, err := lv.DomainGetXMLDesc(dom, golibvirt.DomainXMLInactive|golibvirt.DomainXMLSecure)
+		if err != nil {
+			return err
+		}
+		if !b.uses(xml, v) {
+			continue
+		}
+		if err := b.stopGuest(lv, dom); err != nil {
+			return err
+		}
+		updated, _, err := DetachTPM(xml)
+		if err != nil {
+			return err
+		}
+		if _, err := lv.DomainDefineXML(updated); err != nil {
+			return fmt.Errorf("redefining %s without its vTPM: %w", dom.Name, err)
+		}
+		b.log.Info("detached vTPM", "instance", v.InstanceID, "domain", dom.Name)
+	}
+	return nil
+}
+
+// uses reports whether domain XML holds v's TPM: its secret (emulator) or
+// its control socket (external).
+func (b *Backend) uses(xml string, v *store.VTPM) bool {
+	var d libvirtxml.Domain
+	if err := d.Unmarshal(xml); err != nil || d.Devices == nil {
+		return false
+	}
+	for _, t := range d.Devices.TPMs {
+		switch be := t.Backend; {
+		case be == nil:
+		case be.Emulator != nil && be.Emulator.Encryption != nil:
+			if be.Emulator.Encryption.Secret == v.SecretID {
+				return true
+			}
+		case be.External != nil && be.External.Source != nil && be.External.Source.UNIX != nil:
+			if be.External.Source.UNIX.Path == b.cfg.Direct.Sockets(v.InstanceID).Ctrl {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// startGuest starts dom unless it runs. In emulator mode libvirt needs the
+// vTPM secret while it starts swtpm: for secret security user and
+// deployment it is defined ephemeral and private just for the start and
+// undefined once the guest runs (Nova does the same); for host it is
+// persistent and kept.
+func (b *Backend) startGuest(lv *golibvirt.Libvirt, dom golibvirt.Domain, v *store.VTPM, secret []byte) error {
+	state, _, err := lv.DomainGetState(dom, 0)
+	if err != nil {
+		return err
+	}
+	if golibvirt.DomainState(state) == golibvirt.DomainRunning {
+		return nil
+	}
+	if b.cfg.Mode == Emulator {
+		keep := v.Spec.SecretSecurity == spec.HostMode
+		if err := b.defineSecret(lv, v, secret, !keep); err != nil {
+			return err
+		}
+		if !keep {
+			defer b.undefineSecret(lv, v.SecretID)
+		}
+	}
+	if err := lv.DomainCreate(dom); err != nil {
+		return fmt.Errorf("starting guest %s: %w", dom.Name, err)
+	}
+	b.log.Info("started guest", "instance", v.InstanceID, "domain", dom.Name)
+	return nil
+}
+
+// stopGuest powers dom off if it runs. The TPM state is swtpm's and stays.
+func (b *Backend) stopGuest(lv *golibvirt.Libvirt, dom golibvirt.Domain) error {
+	state, _, err := lv.DomainGetState(dom, 0)
+	if err != nil {
+		return err
+	}
+	if golibvirt.DomainState(state) == golibvirt.DomainShutoff {
+		return nil
+	}
+	if err := lv.DomainDestroy(dom); err != nil {
+		return fmt.Errorf("stopping guest %s: %w", dom.Name, err)
+	}
+	return nil
+}
+
+// defineSecret gives libvirt v's secret under the key-manager secret's UUID,
+// with usage type vtpm, as Nova does.
+func (b *Backend) defineSecret(lv *golibvirt.Libvirt, v *store.VTPM, secret []byte, ephemeral bool) error {
+	xml, err := SecretXML(v.SecretID, ephemeral, ephemeral, v.InstanceID)
+	if err != nil {
+		return err
+	}
+	s, err := lv.SecretDefineXML(xml, 0)
+	if err != nil {
+		return fmt.Errorf("defining the libvirt secret of %s: %w", v.InstanceID, err)
+	}
+	if err := lv.SecretSetValue(s, secret, 0); err != nil {
+		lv.SecretUndefine(s)
+		return fmt.Errorf("setting the libvirt secret of %s: %w", v.InstanceID, err)
+	}
+	return nil
+}
+
+// undefineSecret removes the libvirt secret id, if defined.
+func (b *Backend) undefineSecret(lv *golibvirt.Libvirt, id string) error {
+	u, err := uuid.Parse(id)
+	if err != nil {
+		return err
+	}
+	s, err := lv.SecretLookupByUUID(golibvirt.UUID(u))
+	if isNoSecret(err) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if err := lv.SecretUndefine(s); err != nil && !isNoSecret(err) {
+		return fmt.Errorf("undefining libvirt secret %s: %w", id, err)
+	}
+	return nil
+}
+
+func isNoSecret(err error) bool {
+	var e golibvirt.Error
+	return errors.As(err, &e) && e.Code == uint32(golibvirt.ErrNoSecret)
+}

@@ -1,0 +1,287 @@
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	golibvirt "github.com/digitalocean/go-libvirt"
+	"github.com/digitalocean/go-libvirt/socket/dialers"
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
+	"github.com/google/uuid"
+	"libvirt.org/go/libvirtxml"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/swtpm"
+	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmtest"
+)
+
+const libvirtSocket = "/var/run/libvirt/libvirt-sock"
+
+// connectLibvirt connects to the system libvirtd, failing under CI=true
+// and skipping otherwise when none runs.
+func connectLibvirt(t *testing.T) *golibvirt.Libvirt {
+	t.Helper()
+	swtpmtest.Require(t)
+	if _, err := os.Stat(libvirtSocket); err != nil {
+		msg := "libvirtd is not running (scripts/libvirtd-up.sh starts it)"
+		if os.Getenv("CI") == "true" {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+	lv := golibvirt.NewWithDialer(dialers.NewLocal(dialers.WithSocket(libvirtSocket)))
+	if err := lv.ConnectToURI(golibvirt.QEMUSystem); err != nil {
+		t.Fatalf("connecting to libvirtd: %v", err)
+	}
+	t.Cleanup(func() { lv.Disconnect() })
+	return lv
+}
+
+// defineGuest defines a small UEFI guest (q35, OVMF, 256 MiB, TCG, no disk)
+// whose UUID is id, with its serial console in dir/console.log. It is
+// undefined, with its TPM state and NVRAM, when the test ends.
+func defineGuest(t *testing.T, lv *golibvirt.Libvirt, id, dir string) golibvirt.Domain {
+	t.Helper()
+	nvram := filepath.Join(dir, "OVMF_VARS.fd")
+	vars, err := os.ReadFile("/usr/share/OVMF/OVMF_VARS_4M.fd")
+	if err != nil {
+		t.Fatalf("OVMF is not installed: %v", err)
+	}
+	if err := os.WriteFile(nvram, vars, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	port := uint(0)
+	d := libvirtxml.Domain{
+		Type: "qemu", Name: "vtpmd-test-" + id[:8], UUID: id,
+		Memory: &libvirtxml.DomainMemory{Value: 256, Unit: "MiB"},
+		VCPU:   &libvirtxml.DomainVCPU{Value: 1},
+		OS: &libvirtxml.DomainOS{
+			Type:   &libvirtxml.DomainOSType{Arch: "x86_64", Machine: "q35", Type: "hvm"},
+			Loader: &libvirtxml.DomainLoader{Path: "/usr/share/OVMF/OVMF_CODE_4M.fd", Readonly: "yes", Type: "pflash"},
+			NVRam:  &libvirtxml.DomainNVRam{NVRam: nvram},
+		},
+		Features:   &libvirtxml.DomainFeatureList{ACPI: &libvirtxml.DomainFeature{}},
+		OnPoweroff: "destroy", OnReboot: "destroy", OnCrash: "destroy",
+		Devices: &libvirtxml.DomainDeviceList{
+			Emulator: "/usr/bin/qemu-system-x86_64",
+			Serials: []libvirtxml.DomainSerial{{
+				Source: &libvirtxml.DomainChardevSource{File: &libvirtxml.DomainChardevSourceFile{Path: filepath.Join(dir, "console.log")}},
+				Target: &libvirtxml.DomainSerialTarget{Port: &port},
+			}},
+		},
+	}
+	xml, err := d.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dom, err := lv.DomainDefineXML(xml)
+	if err != nil {
+		t.Fatalf("defining the guest: %v", err)
+	}
+	t.Cleanup(func() {
+		lv.DomainDestroy(dom)
+		lv.DomainUndefineFlags(dom, golibvirt.DomainUndefineNvram)
+	})
+	return dom
+}
+
+func guestState(t *testing.T, lv *golibvirt.Libvirt, dom golibvirt.Domain) golibvirt.DomainState {
+	t.Helper()
+	st, _, err := lv.DomainGetState(dom, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return golibvirt.DomainState(st)
+}
+
+func guestTPM(t *testing.T, lv *golibvirt.Libvirt, dom golibvirt.Domain) []libvirtxml.DomainTPM {
+	t.Helper()
+	xml, err := lv.DomainGetXMLDesc(dom, golibvirt.DomainXMLInactive)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var d libvirtxml.Domain
+	if err := d.Unmarshal(xml); err != nil {
+		t.Fatal(err)
+	}
+	return d.Devices.TPMs
+}
+
+// rsaEK starts a swtpm of our own on a stopped vTPM's state and reads the
+// RSA EK the TPM holds: the TPM libvirt ran must be the one vtpmd made.
+func rsaEK(t *testing.T, dir string, secret []byte) []byte {
+	t.Helper()
+	i := swtpm.Instance{Dir: dir, Version: spec.V20, Secret: secret}
+	p, err := swtpm.Start(context.Background(), i, nil)
+	if err != nil {
+		t.Fatalf("opening the state in %s: %v", dir, err)
+	}
+	defer p.Stop(context.Background())
+	var der []byte
+	withTPM(t, i.DataSocket(), func(tpm transport.TPM) {
+		rp, err := tpm2.ReadPublic{ObjectHandle: tpm2.TPMHandle(swtpm.RSAEKHandle)}.Execute(tpm)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pub, _ := rp.OutPublic.Contents()
+		key, err := tpm2.Pub(*pub)
+		if err != nil {
+			t.Fatal(err)
+		}
+		der, _ = x509.MarshalPKIXPublicKey(key)
+	})
+	return der
+}
+
+// TestLibvirt runs the libvirt backend against the real libvirtd, in both
+// modes: attach a vTPM to a UEFI guest, run it, stop and start it (same
+// TPM), detach and delete it.
+func TestLibvirt(t *testing.T) {
+	for _, mode := range []string{"emulator", "external"} {
+		t.Run(mode, func(t *testing.T) { testLibvirt(t, mode) })
+	}
+}
+
+func testLibvirt(t *testing.T, mode string) {
+	lv := connectLibvirt(t)
+	dir := t.TempDir()
+	ctx, cancel := context.WithCancel(context.Background())
+	d, err := StartAllInOne(ctx, Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "lv-host", Backend: "libvirt",
+		Libvirt: LibvirtConfig{Mode: mode, EnableVTPM: true}}, nil)
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	u := &daemonUnderTest{d: d, c: client.New("http://"+d.Addr, ""), cancel: cancel, done: make(chan error, 1)}
+	go func() { u.done <- d.Run(ctx) }()
+	t.Cleanup(u.stop)
+
+	hosts, err := u.c.Hosts(ctx)
+	if err != nil || len(hosts.Items) != 1 || hosts.Items[0].Backend != "libvirt" ||
+		!strings.Contains(strings.Join(hosts.Items[0].Traits, ","), "COMPUTE_SECURITY_TPM_CRB") {
+		t.Fatalf("hosts: %+v %v", hosts, err)
+	}
+
+	id := uuid.NewString()
+	dom := defineGuest(t, lv, id, dir)
+	_, err = u.c.Create(ctx, api.CreateVTPMRequest{InstanceID: id, Project: "p1", ResolveRequest: api.ResolveRequest{
+		FlavorSpecs: map[string]string{"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := u.wait(t, id, "active")
+	if _, err := u.c.Attach(ctx, id, dom.Name); err != nil {
+		t.Fatal(err)
+	}
+	v = u.wait(t, id, "active")
+	if v.Domain != dom.Name || guestState(t, lv, dom) != golibvirt.DomainRunning {
+		t.Fatalf("after attach: domain %q, guest state %v", v.Domain, guestState(t, lv, dom))
+	}
+	tpms := guestTPM(t, lv, dom)
+	if len(tpms) != 1 || tpms[0].Model != "tpm-crb" {
+		t.Fatalf("guest TPM devices: %+v", tpms)
+	}
+
+	// The swtpm serving the guest encrypts its state with the vTPM secret.
+	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	secret, err := kr.Get(ctx, v.SecretRef)
+	if err != nil {
+		t.Fatal(err)
+	}
+	state := filepath.Join("/var/lib/libvirt/swtpm", id, "tpm2")
+	switch mode {
+	case "emulator":
+		procs := swtpmtest.Processes(filepath.Dir(state))
+		if len(procs) != 1 || !strings.Contains(procs[0], "pwdfd=") {
+			t.Fatalf("libvirt's swtpm for %s: %v", state, procs)
+		}
+		if e := tpms[0].Backend.Emulator; e == nil || e.Version != "2.0" || e.Encryption == nil || e.Encryption.Secret != v.SecretRef {
+			t.Fatalf("emulator backend: %+v", tpms[0].Backend)
+		}
+		// Secret security "user": libvirt's copy of the secret is gone once the guest runs.
+		if _, err := lv.SecretLookupByUUID(golibvirt.UUID(uuid.MustParse(v.SecretRef))); err == nil {
+			t.Fatal("the ephemeral libvirt secret outlived the guest's start")
+		}
+	case "external":
+		state = d.Backend().Dir(id)
+		if x := tpms[0].Backend.External; x == nil || x.Source.UNIX.Path != v.Sockets.Ctrl {
+			t.Fatalf("external backend: %+v", tpms[0].Backend)
+		}
+		if d.Backend().Running(id) == 0 {
+			t.Fatal("vtpmd's swtpm is not running")
+		}
+	}
+
+	identity, err := u.c.Identity(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certified, _ := pem.Decode([]byte(identity.EKs[0].PublicKeyPEM))
+
+	// Stop: guest off, state kept; it is the TPM vtpmd made. Start: back.
+	if _, err := u.c.Stop(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	u.wait(t, id, "stopped")
+	if guestState(t, lv, dom) != golibvirt.DomainShutoff {
+		t.Fatal("guest still runs after stop")
+	}
+	waitNoProcesses(t, filepath.Dir(state))
+	if got := rsaEK(t, state, secret.Payload); !bytes.Equal(got, certified.Bytes) {
+		t.Fatal("the TPM state after the guest ran holds another EK than the one vtpmd certified")
+	}
+	if _, err := u.c.Start(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	u.wait(t, id, "active")
+	if guestState(t, lv, dom) != golibvirt.DomainRunning {
+		t.Fatal("guest does not run after start")
+	}
+
+	// Delete: the guest loses its TPM (and nothing else), secret and state go.
+	if _, err := u.c.Delete(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	wctx, wcancel := context.WithTimeout(ctx, time.Minute)
+	defer wcancel()
+	if _, err := u.c.Wait(wctx, id, func(api.VTPM) bool { return false }, nil); !client.IsNotFound(err) {
+		t.Fatalf("after delete: %v", err)
+	}
+	if tpms := guestTPM(t, lv, dom); len(tpms) != 0 {
+		t.Fatalf("guest still has TPM devices: %+v", tpms)
+	}
+	if _, err := os.Stat(state); !os.IsNotExist(err) {
+		t.Fatalf("state %s remains: %v", state, err)
+	}
+	if _, err := lv.SecretLookupByUUID(golibvirt.UUID(uuid.MustParse(v.SecretRef))); err == nil {
+		t.Fatal("libvirt secret remains")
+	}
+	drift, err := u.c.Drift(ctx, "lv-host", false)
+	if err != nil || len(drift.Findings) != 0 {
+		t.Fatalf("drift after delete: %+v %v", drift, err)
+	}
+}
+
+// waitNoProcesses waits for the swtpm serving under dir to exit after its guest.
+func waitNoProcesses(t *testing.T, dir string) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); len(swtpmtest.Processes(dir)) > 0; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("swtpm still serves %s", dir)
+		}
+	}
+}
