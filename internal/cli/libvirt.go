@@ -14,7 +14,9 @@ import (
 func newAttachCommand(g *globals) *cobra.Command {
 	var domain string
 	cmd := newActionCommand(g, "attach", "Attach a vTPM to a libvirt domain on its host (the rest of the domain is kept)", "active",
-		func(c *client.Client, ctx context.Context, id string) (api.VTPM, error) { return c.Attach(ctx, id, domain) })
+		func(c *client.Client, ctx context.Context, id string) (api.VTPM, error) {
+			return c.Attach(ctx, id, domain)
+		})
 	cmd.Flags().StringVar(&domain, "domain", "", "libvirt domain name (required)")
 	cmd.MarkFlagRequired("domain")
 	return cmd
