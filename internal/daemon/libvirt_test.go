@@ -20,6 +20,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/guest"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/swtpm"
@@ -48,11 +49,56 @@ func connectLibvirt(t *testing.T) *golibvirt.Libvirt {
 	return lv
 }
 
+// guestImage is the Debian kernel and an initramfs whose /init prints the
+// TPM's PCRs and powers off (internal/guest/testinit), cached.
+func guestImage(t *testing.T) (kernel, initrd string) {
+	t.Helper()
+	cache, err := guest.CacheDir()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	k, err := guest.DebianKernel(ctx, cache)
+	if err != nil {
+		t.Fatalf("getting the guest kernel: %v", err)
+	}
+	initrd, err = guest.Initramfs(ctx, cache, "github.com/vtpmd/vtpmd/internal/guest/testinit", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k.Vmlinuz, initrd
+}
+
+// bootPCRs waits for the test init's report on the guest's console and
+// returns the PCR values it printed.
+func bootPCRs(t *testing.T, console string) map[string]string {
+	t.Helper()
+	deadline := time.Now().Add(4 * time.Minute) // TCG boots in ≈16 s; CI machines are slower
+	for {
+		b, _ := os.ReadFile(console)
+		if bytes.Contains(b, []byte("VTPM-TESTINIT DONE")) {
+			pcrs := map[string]string{}
+			for _, line := range strings.Split(string(b), "\n") {
+				if k, v, ok := strings.Cut(strings.TrimSpace(strings.TrimPrefix(line, "PCR ")), "="); ok && strings.HasPrefix(line, "PCR ") {
+					pcrs[k] = v
+				}
+			}
+			return pcrs
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the guest did not report its PCRs; console:\n%s", b)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
 // defineGuest defines a small UEFI guest (q35, OVMF, 256 MiB, TCG, no disk)
-// whose UUID is id, with its serial console in dir/console.log. It is
-// undefined, with its TPM state and NVRAM, when the test ends.
+// whose UUID is id, booting the Debian kernel and the test init, with its
+// serial console in dir/console.log. It is undefined, with its TPM state
+// and NVRAM, when the test ends.
 func defineGuest(t *testing.T, lv *golibvirt.Libvirt, id, dir string) golibvirt.Domain {
 	t.Helper()
+	kernel, initrd := guestImage(t)
 	nvram := filepath.Join(dir, "OVMF_VARS.fd")
 	vars, err := os.ReadFile("/usr/share/OVMF/OVMF_VARS_4M.fd")
 	if err != nil {
@@ -67,9 +113,12 @@ func defineGuest(t *testing.T, lv *golibvirt.Libvirt, id, dir string) golibvirt.
 		Memory: &libvirtxml.DomainMemory{Value: 256, Unit: "MiB"},
 		VCPU:   &libvirtxml.DomainVCPU{Value: 1},
 		OS: &libvirtxml.DomainOS{
-			Type:   &libvirtxml.DomainOSType{Arch: "x86_64", Machine: "q35", Type: "hvm"},
-			Loader: &libvirtxml.DomainLoader{Path: "/usr/share/OVMF/OVMF_CODE_4M.fd", Readonly: "yes", Type: "pflash"},
-			NVRam:  &libvirtxml.DomainNVRam{NVRam: nvram},
+			Type:    &libvirtxml.DomainOSType{Arch: "x86_64", Machine: "q35", Type: "hvm"},
+			Loader:  &libvirtxml.DomainLoader{Path: "/usr/share/OVMF/OVMF_CODE_4M.fd", Readonly: "yes", Type: "pflash"},
+			NVRam:   &libvirtxml.DomainNVRam{NVRam: nvram},
+			Kernel:  kernel,
+			Initrd:  initrd,
+			Cmdline: "console=ttyS0 panic=-1",
 		},
 		Features:   &libvirtxml.DomainFeatureList{ACPI: &libvirtxml.DomainFeature{}},
 		OnPoweroff: "destroy", OnReboot: "destroy", OnCrash: "destroy",
@@ -192,6 +241,10 @@ func testLibvirt(t *testing.T, mode string) {
 	if len(tpms) != 1 || tpms[0].Model != "tpm-crb" {
 		t.Fatalf("guest TPM devices: %+v", tpms)
 	}
+	procs := swtpmtest.Processes("/var/lib/libvirt/swtpm/" + id)
+	if mode == "external" {
+		procs = swtpmtest.Processes(d.Backend().Dir(id))
+	}
 
 	// The swtpm serving the guest encrypts its state with the vTPM secret.
 	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
@@ -205,7 +258,6 @@ func testLibvirt(t *testing.T, mode string) {
 	state := filepath.Join("/var/lib/libvirt/swtpm", id, "tpm2")
 	switch mode {
 	case "emulator":
-		procs := swtpmtest.Processes(filepath.Dir(state))
 		if len(procs) != 1 || !strings.Contains(procs[0], "pwdfd=") {
 			t.Fatalf("libvirt's swtpm for %s: %v", state, procs)
 		}
@@ -225,6 +277,13 @@ func testLibvirt(t *testing.T, mode string) {
 			t.Fatal("vtpmd's swtpm is not running")
 		}
 	}
+
+	// The firmware measured the boot into this vTPM.
+	pcrs := bootPCRs(t, filepath.Join(dir, "console.log"))
+	if pcr0 := pcrs["sha256:0"]; len(pcr0) != 64 || strings.Trim(pcr0, "0") == "" {
+		t.Fatalf("guest PCR 0 = %q (all PCRs: %v)", pcr0, pcrs)
+	}
+	t.Logf("guest PCRs: %v", pcrs)
 
 	identity, err := u.c.Identity(ctx, id)
 	if err != nil {
