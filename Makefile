@@ -4,7 +4,7 @@ GO          ?= go
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 BIN         := bin
 
-.PHONY: all build run test lint deps fuzz bench bench-density bench-provision clean
+.PHONY: all build run test lint deps libvirtd fuzz bench bench-density bench-provision clean
 
 all: build
 
@@ -22,8 +22,8 @@ run: deps build
 
 # Everything CI runs: system packages, formatting, vet, staticcheck, and all
 # tests (the committed fuzz corpus included) under the race detector.
-test: deps lint
-	$(GO) test -race -count=1 ./...
+test: deps lint libvirtd
+	$(GO) test -race -count=1 -timeout 30m ./...
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
@@ -33,6 +33,10 @@ lint:
 # System packages (Debian) the product and its tests use.
 deps:
 	@scripts/deps.sh
+
+# libvirtd and virtlogd for the libvirt backend's tests (root; no systemd).
+libvirtd:
+	@scripts/libvirtd-up.sh
 
 # Grow the fuzz corpus; copy new entries into testdata/fuzz to keep them.
 fuzz:

@@ -108,6 +108,7 @@ func (d *AllInOne) start(ctx context.Context) error {
 	if err := d.agent.Reconcile(ctx); err != nil {
 		return fmt.Errorf("restoring vTPMs: %w", err)
 	}
+	d.reportDrift(ctx)
 	srv := &server.Server{
 		Store: d.store, Keyring: kr, CAChainPEM: authority.ChainPEM, Options: spec.Options{DefaultTPMVersion: cfg.DefaultTPMVersion},
 		Log: d.log,
@@ -177,6 +178,20 @@ func (d *AllInOne) drift(ctx context.Context, host string, repair bool) (*api.Dr
 		return nil, err
 	}
 	return &api.Drift{Host: host, Findings: fs}, nil
+}
+
+// reportDrift logs what differs between the host and the records; only an
+// operator's explicit repair deletes anything.
+func (d *AllInOne) reportDrift(ctx context.Context) {
+	dr, err := d.drift(ctx, d.cfg.HostName, false)
+	if err != nil {
+		d.log.Warn("checking drift", "err", err)
+		return
+	}
+	for _, f := range dr.Findings {
+		d.log.Warn("drift (vtpmctl doctor lists it; --delete-orphans removes orphans)", "kind", f.Kind, "object", f.Object,
+			"instance", f.InstanceID, "detail", f.Detail)
+	}
 }
 
 // Backend exposes the swtpm backend (tests look at its processes).

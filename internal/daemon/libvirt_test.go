@@ -3,6 +3,7 @@ package daemon
 import (
 	"bytes"
 	"context"
+	"errors"
 	"crypto/x509"
 	"encoding/pem"
 	"os"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/backend/libvirt"
 	"github.com/vtpmd/vtpmd/internal/guest"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/spec"
@@ -193,6 +195,23 @@ func rsaEK(t *testing.T, dir string, secret []byte) []byte {
 	return der
 }
 
+// startLibvirtDaemon runs an all-in-one daemon with the libvirt backend in
+// mode, vTPM enabled, as host lv-host.
+func startLibvirtDaemon(t *testing.T, dir, mode string) *daemonUnderTest {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	d, err := StartAllInOne(ctx, Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "lv-host", Backend: "libvirt",
+		Libvirt: LibvirtConfig{Mode: mode, EnableVTPM: true}}, nil)
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	u := &daemonUnderTest{d: d, c: client.New("http://"+d.Addr, ""), cancel: cancel, done: make(chan error, 1)}
+	go func() { u.done <- d.Run(ctx) }()
+	t.Cleanup(u.stop)
+	return u
+}
+
 // TestLibvirt runs the libvirt backend against the real libvirtd, in both
 // modes: attach a vTPM to a UEFI guest, run it, stop and start it (same
 // TPM), detach and delete it.
@@ -205,16 +224,8 @@ func TestLibvirt(t *testing.T) {
 func testLibvirt(t *testing.T, mode string) {
 	lv := connectLibvirt(t)
 	dir := t.TempDir()
-	ctx, cancel := context.WithCancel(context.Background())
-	d, err := StartAllInOne(ctx, Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "lv-host", Backend: "libvirt",
-		Libvirt: LibvirtConfig{Mode: mode, EnableVTPM: true}}, nil)
-	if err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	u := &daemonUnderTest{d: d, c: client.New("http://"+d.Addr, ""), cancel: cancel, done: make(chan error, 1)}
-	go func() { u.done <- d.Run(ctx) }()
-	t.Cleanup(u.stop)
+	u := startLibvirtDaemon(t, dir, mode)
+	d, ctx := u.d, context.Background()
 
 	hosts, err := u.c.Hosts(ctx)
 	if err != nil || len(hosts.Items) != 1 || hosts.Items[0].Backend != "libvirt" ||
@@ -329,9 +340,16 @@ func testLibvirt(t *testing.T, mode string) {
 	if _, err := lv.SecretLookupByUUID(golibvirt.UUID(uuid.MustParse(v.SecretRef))); err == nil {
 		t.Fatal("libvirt secret remains")
 	}
+	// Nothing of this vTPM is left for drift to find (the host's libvirt is
+	// shared with other tests, so only this vTPM's objects count).
 	drift, err := u.c.Drift(ctx, "lv-host", false)
-	if err != nil || len(drift.Findings) != 0 {
-		t.Fatalf("drift after delete: %+v %v", drift, err)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range drift.Findings {
+		if f.InstanceID == id || strings.Contains(f.Object, id) || f.Object == v.SecretRef {
+			t.Fatalf("drift after delete: %+v", f)
+		}
 	}
 }
 
@@ -342,5 +360,115 @@ func waitNoProcesses(t *testing.T, dir string) {
 		if time.Now().After(deadline) {
 			t.Fatalf("swtpm still serves %s", dir)
 		}
+	}
+}
+
+// TestLibvirtDisabled: with enable-vtpm off (the default) a libvirt host
+// offers no TPM traits, so creates find no host.
+func TestLibvirtDisabled(t *testing.T) {
+	connectLibvirt(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	d, err := StartAllInOne(ctx, Config{DataDir: t.TempDir(), Listen: "127.0.0.1:0", HostName: "lv-off", Backend: "libvirt"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Shutdown(context.Background())
+	c := client.New("http://"+d.Addr, "")
+	hosts, err := c.Hosts(ctx)
+	if err != nil || len(hosts.Items) != 1 || len(hosts.Items[0].Traits) != 0 {
+		t.Fatalf("hosts: %+v %v", hosts, err)
+	}
+	_, err = c.Create(ctx, api.CreateVTPMRequest{InstanceID: uuid.NewString(), Project: "p1",
+		ResolveRequest: api.ResolveRequest{FlavorSpecs: map[string]string{"hw:tpm_version": "2.0"}}})
+	var e *client.Error
+	if !errors.As(err, &e) || e.Status != 409 || e.Code != "no_valid_host" {
+		t.Fatalf("create on a host with vTPM disabled: %v", err)
+	}
+}
+
+// TestLibvirtDrift plants what a crash or a hand on the host leaves: a
+// libvirt vTPM secret and a TPM state with no record, and a vTPM whose
+// domain was undefined behind vtpmd's back. Drift names each; repair
+// deletes the orphans only.
+func TestLibvirtDrift(t *testing.T) {
+	lv := connectLibvirt(t)
+	dir := t.TempDir()
+	u := startLibvirtDaemon(t, dir, "emulator")
+	ctx := context.Background()
+
+	orphanSecret := uuid.NewString()
+	xml, _ := libvirt.SecretXML(orphanSecret, false, false, uuid.NewString())
+	if _, err := lv.SecretDefineXML(xml, 0); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if s, err := lv.SecretLookupByUUID(golibvirt.UUID(uuid.MustParse(orphanSecret))); err == nil {
+			lv.SecretUndefine(s)
+		}
+	})
+	orphanState := filepath.Join("/var/lib/libvirt/swtpm", uuid.NewString())
+	if err := os.MkdirAll(filepath.Join(orphanState, "tpm2"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(orphanState) })
+
+	id := uuid.NewString()
+	dom := defineGuest(t, lv, id, dir)
+	if _, err := u.c.Create(ctx, api.CreateVTPMRequest{InstanceID: id, Project: "p1",
+		ResolveRequest: api.ResolveRequest{FlavorSpecs: map[string]string{"hw:tpm_version": "2.0"}}}); err != nil {
+		t.Fatal(err)
+	}
+	u.wait(t, id, "active")
+	if _, err := u.c.Attach(ctx, id, dom.Name); err != nil {
+		t.Fatal(err)
+	}
+	u.wait(t, id, "active")
+	lv.DomainDestroy(dom)
+	if err := lv.DomainUndefineFlags(dom, golibvirt.DomainUndefineNvram|golibvirt.DomainUndefineKeepTpm); err != nil {
+		t.Fatal(err)
+	}
+
+	find := func(d api.Drift, kind, object string) *api.Finding {
+		for _, f := range d.Findings {
+			if f.Kind == kind && f.Object == object {
+				return &f
+			}
+		}
+		return nil
+	}
+	drift, err := u.c.Drift(ctx, "lv-host", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range [][2]string{{"orphan_secret", orphanSecret}, {"orphan_state", orphanState}, {"missing_domain", dom.Name}} {
+		if f := find(drift, want[0], want[1]); f == nil || f.Deleted {
+			t.Fatalf("drift lacks %s %s: %+v", want[0], want[1], drift.Findings)
+		}
+	}
+	if _, err := os.Stat(orphanState); err != nil {
+		t.Fatal("looking at drift deleted something")
+	}
+
+	repaired, err := u.c.Drift(ctx, "lv-host", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range [][2]string{{"orphan_secret", orphanSecret}, {"orphan_state", orphanState}} {
+		if f := find(repaired, want[0], want[1]); f == nil || !f.Deleted {
+			t.Fatalf("repair did not delete %s %s: %+v", want[0], want[1], repaired.Findings)
+		}
+	}
+	if _, err := lv.SecretLookupByUUID(golibvirt.UUID(uuid.MustParse(orphanSecret))); err == nil {
+		t.Fatal("the orphan secret is still defined")
+	}
+	if _, err := os.Stat(orphanState); !os.IsNotExist(err) {
+		t.Fatal("the orphan state is still there")
+	}
+	if f := find(repaired, "missing_domain", dom.Name); f == nil || f.Deleted {
+		t.Fatalf("repair touched the record of a vTPM whose domain is gone: %+v", f)
+	}
+	if _, err := u.c.Get(ctx, id); err != nil {
+		t.Fatalf("the vTPM record is gone: %v", err)
 	}
 }
