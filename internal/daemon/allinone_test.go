@@ -73,7 +73,7 @@ func (u *daemonUnderTest) create(t *testing.T, id, version string) api.VTPM {
 	return u.wait(t, id, "active")
 }
 
-func (u *daemonUnderTest) wait(t *testing.T, id, phase string) api.VTPM {
+func (u *daemonUnderTest) wait(t testing.TB, id, phase string) api.VTPM {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()

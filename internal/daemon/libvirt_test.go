@@ -33,7 +33,7 @@ const libvirtSocket = "/var/run/libvirt/libvirt-sock"
 
 // connectLibvirt connects to the system libvirtd, failing under CI=true
 // and skipping otherwise when none runs.
-func connectLibvirt(t *testing.T) *golibvirt.Libvirt {
+func connectLibvirt(t testing.TB) *golibvirt.Libvirt {
 	t.Helper()
 	swtpmtest.Require(t)
 	if _, err := os.Stat(libvirtSocket); err != nil {
@@ -53,7 +53,7 @@ func connectLibvirt(t *testing.T) *golibvirt.Libvirt {
 
 // guestImage is the Debian kernel and an initramfs whose /init prints the
 // TPM's PCRs and powers off (internal/guest/testinit), cached.
-func guestImage(t *testing.T) (kernel, initrd string) {
+func guestImage(t testing.TB) (kernel, initrd string) {
 	t.Helper()
 	cache, err := guest.CacheDir()
 	if err != nil {
@@ -98,7 +98,7 @@ func bootPCRs(t *testing.T, console string) map[string]string {
 // whose UUID is id, booting the Debian kernel and the test init, with its
 // serial console in dir/console.log. It is undefined, with its TPM state
 // and NVRAM, when the test ends.
-func defineGuest(t *testing.T, lv *golibvirt.Libvirt, id, dir string) golibvirt.Domain {
+func defineGuest(t testing.TB, lv *golibvirt.Libvirt, id, dir string) golibvirt.Domain {
 	t.Helper()
 	kernel, initrd := guestImage(t)
 	nvram := filepath.Join(dir, "OVMF_VARS.fd")
@@ -197,7 +197,7 @@ func rsaEK(t *testing.T, dir string, secret []byte) []byte {
 
 // startLibvirtDaemon runs an all-in-one daemon with the libvirt backend in
 // mode, vTPM enabled, as host lv-host.
-func startLibvirtDaemon(t *testing.T, dir, mode string) *daemonUnderTest {
+func startLibvirtDaemon(t testing.TB, dir, mode string) *daemonUnderTest {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	d, err := StartAllInOne(ctx, Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "lv-host", Backend: "libvirt",
