@@ -3,9 +3,9 @@ package daemon
 import (
 	"bytes"
 	"context"
-	"errors"
 	"crypto/x509"
 	"encoding/pem"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
