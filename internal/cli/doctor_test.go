@@ -1,0 +1,55 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/daemon"
+	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmtest"
+)
+
+// TestDoctor runs vtpmctl doctor against a real all-in-one daemon (swtpm
+// backend) with a TPM state directory no record refers to.
+func TestDoctor(t *testing.T) {
+	swtpmtest.Require(t)
+	dir := t.TempDir()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	d, err := daemon.StartAllInOne(ctx, daemon.Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "h1"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Shutdown(context.Background())
+	base := []string{"--server", "http://" + d.Addr}
+
+	if code, out, errOut := run(t, append(base, "doctor")...); code != ExitOK || out != "" || !strings.Contains(errOut, "no drift") {
+		t.Fatalf("doctor on a clean host: %d %q %q", code, out, errOut)
+	}
+	orphan := filepath.Join(dir, "vtpms", "5b1f8c2e-9a0d-4c3b-8e7f-1a2b3c4d5e6f")
+	if err := os.MkdirAll(orphan, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	code, out, _ := run(t, append(base, "doctor")...)
+	if code != ExitFailed || !strings.Contains(out, "orphan_state") || !strings.Contains(out, orphan) {
+		t.Fatalf("doctor with an orphan: %d %q", code, out)
+	}
+	if _, err := os.Stat(orphan); err != nil {
+		t.Fatal("doctor without --delete-orphans deleted the orphan")
+	}
+	code, out, _ = run(t, append(base, "doctor", "--delete-orphans", "-o", "json")...)
+	var drifts []api.Drift
+	if code != ExitOK || json.Unmarshal([]byte(out), &drifts) != nil || len(drifts) != 1 || len(drifts[0].Findings) != 1 || !drifts[0].Findings[0].Deleted {
+		t.Fatalf("doctor --delete-orphans: %d %q", code, out)
+	}
+	if _, err := os.Stat(orphan); !os.IsNotExist(err) {
+		t.Fatal("the orphan is still there")
+	}
+	if code, _, errOut := run(t, append(base, "--project", "p1", "doctor")...); code != ExitFailed || !strings.Contains(errOut, "forbidden") {
+		t.Fatalf("doctor as a tenant: %d %q", code, errOut)
+	}
+}
