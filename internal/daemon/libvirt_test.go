@@ -216,12 +216,14 @@ func startLibvirtDaemon(t testing.TB, dir, mode string) *daemonUnderTest {
 // modes: attach a vTPM to a UEFI guest, run it, stop and start it (same
 // TPM), detach and delete it.
 func TestLibvirt(t *testing.T) {
-	for _, mode := range []string{"emulator", "external"} {
-		t.Run(mode, func(t *testing.T) { testLibvirt(t, mode) })
+	for _, c := range []struct{ mode, secretSecurity string }{
+		{"emulator", "user"}, {"emulator", "host"}, {"external", "user"},
+	} {
+		t.Run(c.mode+"/"+c.secretSecurity, func(t *testing.T) { testLibvirt(t, c.mode, c.secretSecurity) })
 	}
 }
 
-func testLibvirt(t *testing.T, mode string) {
+func testLibvirt(t *testing.T, mode, secretSecurity string) {
 	lv := connectLibvirt(t)
 	dir := t.TempDir()
 	u := startLibvirtDaemon(t, dir, mode)
@@ -236,7 +238,7 @@ func testLibvirt(t *testing.T, mode string) {
 	id := uuid.NewString()
 	dom := defineGuest(t, lv, id, dir)
 	_, err = u.c.Create(ctx, api.CreateVTPMRequest{InstanceID: id, Project: "p1", ResolveRequest: api.ResolveRequest{
-		FlavorSpecs: map[string]string{"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb"}}})
+		FlavorSpecs: map[string]string{"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb", "hw:tpm_secret_security": secretSecurity}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -275,9 +277,19 @@ func testLibvirt(t *testing.T, mode string) {
 		if e := tpms[0].Backend.Emulator; e == nil || e.Version != "2.0" || e.Encryption == nil || e.Encryption.Secret != v.SecretRef {
 			t.Fatalf("emulator backend: %+v", tpms[0].Backend)
 		}
-		// Secret security "user": libvirt's copy of the secret is gone once the guest runs.
-		if _, err := lv.SecretLookupByUUID(golibvirt.UUID(uuid.MustParse(v.SecretRef))); err == nil {
+		// Secret security user: libvirt's copy of the secret is gone once
+		// the guest runs. host: it stays, persistent and readable, so that
+		// libvirt can start the guest on its own.
+		s, err := lv.SecretLookupByUUID(golibvirt.UUID(uuid.MustParse(v.SecretRef)))
+		switch {
+		case secretSecurity == "user" && err == nil:
 			t.Fatal("the ephemeral libvirt secret outlived the guest's start")
+		case secretSecurity == "host" && err != nil:
+			t.Fatalf("the host-mode libvirt secret is gone: %v", err)
+		case secretSecurity == "host":
+			if value, err := lv.SecretGetValue(s, 0); err != nil || !bytes.Equal(value, secret.Payload) {
+				t.Fatalf("host-mode libvirt secret value: %v", err)
+			}
 		}
 	case "external":
 		state = d.Backend().Dir(id)

@@ -254,6 +254,10 @@ func (b *Backend) stopGuest(lv *golibvirt.Libvirt, dom golibvirt.Domain) error {
 		return nil
 	}
 	if err := lv.DomainDestroy(dom); err != nil {
+		// The guest may have powered itself off meanwhile.
+		if state, _, serr := lv.DomainGetState(dom, 0); serr == nil && golibvirt.DomainState(state) == golibvirt.DomainShutoff {
+			return nil
+		}
 		return fmt.Errorf("stopping guest %s: %w", dom.Name, err)
 	}
 	return nil
