@@ -36,9 +36,15 @@ type daemonUnderTest struct {
 
 func startDaemon(t *testing.T, dir string) *daemonUnderTest {
 	t.Helper()
+	return startConfigured(t, Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "test-host"})
+}
+
+// startConfigured runs an all-in-one daemon with cfg until the test ends.
+func startConfigured(t testing.TB, cfg Config) *daemonUnderTest {
+	t.Helper()
 	swtpmtest.Require(t)
 	ctx, cancel := context.WithCancel(context.Background())
-	d, err := StartAllInOne(ctx, Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "test-host"}, nil)
+	d, err := StartAllInOne(ctx, cfg, nil)
 	if err != nil {
 		cancel()
 		t.Fatal(err)

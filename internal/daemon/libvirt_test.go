@@ -199,17 +199,8 @@ func rsaEK(t *testing.T, dir string, secret []byte) []byte {
 // mode, vTPM enabled, as host lv-host.
 func startLibvirtDaemon(t testing.TB, dir, mode string) *daemonUnderTest {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	d, err := StartAllInOne(ctx, Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "lv-host", Backend: "libvirt",
-		Libvirt: LibvirtConfig{Mode: mode, EnableVTPM: true}}, nil)
-	if err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	u := &daemonUnderTest{d: d, c: client.New("http://"+d.Addr, ""), cancel: cancel, done: make(chan error, 1)}
-	go func() { u.done <- d.Run(ctx) }()
-	t.Cleanup(u.stop)
-	return u
+	return startConfigured(t, Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "lv-host", Backend: "libvirt",
+		Libvirt: LibvirtConfig{Mode: mode, EnableVTPM: true}})
 }
 
 // TestLibvirt runs the libvirt backend against the real libvirtd, in both

@@ -490,20 +490,7 @@ func TestQEMUStyleAttach(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	theirs := os.NewFile(uintptr(fds[1]), "swtpm end")
-	ours, err := net.FileConn(os.NewFile(uintptr(fds[0]), "guest end"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ours.Close()
-	if err := c.SetDataFD(ctx(t), theirs); err != nil {
-		t.Fatalf("CMD_SET_DATAFD: %v", err)
-	}
-	theirs.Close()
+	ours := setDataFD(t, c)
 	if err := c.Stop(ctx(t)); err != nil {
 		t.Fatalf("CMD_STOP: %v", err)
 	}
@@ -737,20 +724,7 @@ func TestLibvirtStyleSwtpmOpensState(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	theirs := os.NewFile(uintptr(fds[1]), "swtpm end")
-	ours, err := net.FileConn(os.NewFile(uintptr(fds[0]), "qemu end"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ours.Close()
-	if err := c.SetDataFD(ctx(t), theirs); err != nil {
-		t.Fatal(err)
-	}
-	theirs.Close()
+	ours := setDataFD(t, c)
 	if err := c.Init(ctx(t), 0); err != nil {
 		t.Fatalf("CMD_INIT (state load): %v", err)
 	}
@@ -768,4 +742,26 @@ func TestLibvirtStyleSwtpmOpensState(t *testing.T) {
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("swtpm exit: %v", err)
 	}
+}
+
+// setDataFD hands swtpm one end of a socket pair as its data channel, as
+// QEMU does (CMD_SET_DATAFD), and returns the other end, closed when the
+// test ends.
+func setDataFD(t *testing.T, c *ctrl.Client) net.Conn {
+	t.Helper()
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	theirs := os.NewFile(uintptr(fds[1]), "swtpm end")
+	defer theirs.Close()
+	ours, err := net.FileConn(os.NewFile(uintptr(fds[0]), "qemu end"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ours.Close() })
+	if err := c.SetDataFD(ctx(t), theirs); err != nil {
+		t.Fatalf("CMD_SET_DATAFD: %v", err)
+	}
+	return ours
 }
