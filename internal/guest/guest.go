@@ -52,8 +52,8 @@ func CacheDir() (string, error) {
 type Kernel struct {
 	Version string
 	Vmlinuz string
-	// Modules holds the e1000 network driver, which the Debian kernel
-	// builds as a module (guest networking needs it).
+	// E1000 is the e1000 network driver, which the Debian kernel builds
+	// as a module (guest networking needs it).
 	E1000 string
 }
 
@@ -65,12 +65,16 @@ var kernelRE = regexp.MustCompile(`Depends: (linux-image-[0-9][0-9a-z.+-]*-amd64
 // the cache or downloaded with apt-get and unpacked there.
 func DebianKernel(ctx context.Context, cache string) (*Kernel, error) {
 	out, err := exec.CommandContext(ctx, "apt-cache", "depends", "linux-image-amd64").Output()
-	if err != nil {
-		return nil, fmt.Errorf("asking apt for the kernel package: %w", err)
-	}
 	m := kernelRE.FindSubmatch(out)
-	if m == nil {
-		return nil, fmt.Errorf("apt names no versioned kernel for linux-image-amd64:\n%s", out)
+	if err != nil || m == nil {
+		// A machine whose package lists were never fetched knows no kernel.
+		if uerr := exec.CommandContext(ctx, "apt-get", "update", "-qq").Run(); uerr != nil {
+			return nil, fmt.Errorf("asking apt for the kernel package: %w (apt-get update: %v)", err, uerr)
+		}
+		out, err = exec.CommandContext(ctx, "apt-cache", "depends", "linux-image-amd64").Output()
+		if m = kernelRE.FindSubmatch(out); err != nil || m == nil {
+			return nil, fmt.Errorf("apt names no versioned kernel for linux-image-amd64 (%v):\n%s", err, out)
+		}
 	}
 	pkg := string(m[1])
 	version := strings.TrimPrefix(pkg, "linux-image-")
@@ -79,14 +83,12 @@ func DebianKernel(ctx context.Context, cache string) (*Kernel, error) {
 	if _, err := os.Stat(k.E1000); err == nil {
 		return k, nil
 	}
+	if err := os.MkdirAll(cache, 0o755); err != nil {
+		return nil, err
+	}
 	tmp, err := os.MkdirTemp(cache, "download-")
 	if err != nil {
-		if err := os.MkdirAll(cache, 0o755); err != nil {
-			return nil, err
-		}
-		if tmp, err = os.MkdirTemp(cache, "download-"); err != nil {
-			return nil, err
-		}
+		return nil, err
 	}
 	defer os.RemoveAll(tmp)
 	dl := exec.CommandContext(ctx, "apt-get", "download", pkg)

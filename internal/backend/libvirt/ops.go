@@ -35,6 +35,13 @@ func (b *Backend) Ensure(ctx context.Context, v *store.VTPM, secret []byte) ([]s
 	if b.cfg.Mode == External {
 		eks, err = b.cfg.Direct.Ensure(ctx, v, secret)
 	} else {
+		// libvirt's swtpm runs as swtpm_user: the directories above its
+		// state must be traversable, as libvirt makes them (0711).
+		for _, d := range []string{b.cfg.StateRoot, b.stateDir(v.InstanceID)} {
+			if err := os.Mkdir(d, 0o711); err != nil && !os.IsExist(err) {
+				return nil, fmt.Errorf("creating %s: %w", d, err)
+			}
+		}
 		eks, err = b.cfg.Direct.Manufacture(ctx, v, secret, filepath.Join(b.stateDir(v.InstanceID), tpmDir(v.Spec.Version)))
 	}
 	if err != nil {
