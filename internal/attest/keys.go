@@ -36,10 +36,14 @@ func EKPublic(pub crypto.PublicKey) (*tpm2.TPMTPublic, error) {
 		if k.Curve != elliptic.P256() {
 			return nil, errors.New("an ECC EK must be on NIST P-256 (template L-2)")
 		}
+		point, err := k.Bytes() // 0x04 || X || Y
+		if err != nil {
+			return nil, fmt.Errorf("ECC EK: %w", err)
+		}
 		t := tpm2.ECCEKTemplate
 		t.Unique = tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{
-			X: tpm2.TPM2BECCParameter{Buffer: k.X.FillBytes(make([]byte, 32))},
-			Y: tpm2.TPM2BECCParameter{Buffer: k.Y.FillBytes(make([]byte, 32))},
+			X: tpm2.TPM2BECCParameter{Buffer: point[1:33]},
+			Y: tpm2.TPM2BECCParameter{Buffer: point[33:]},
 		})
 		return &t, nil
 	}
