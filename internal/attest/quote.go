@@ -6,6 +6,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/rsa"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/big"
@@ -39,27 +40,16 @@ func VerifyQuote(ak *AK, attest, sig, nonce []byte, pcrs map[int][]byte) (*Quote
 	if err := verifySignature(ak.Key, attest, sig); err != nil {
 		return nil, err
 	}
-	a, err := tpm2.Unmarshal[tpm2.TPMSAttest](attest)
-	if err != nil {
-		return nil, fmt.Errorf("parsing the quote: %w", err)
-	}
-	if a.Magic != tpm2.TPMGeneratedValue || a.Type != tpm2.TPMSTAttestQuote {
-		return nil, errors.New("the signed structure is not a TPM-generated quote")
-	}
-	if !bytes.Equal(a.ExtraData.Buffer, nonce) {
-		return nil, ErrNonce
-	}
-	info, err := a.Attested.Quote()
-	if err != nil {
-		return nil, fmt.Errorf("parsing the quote: %w", err)
-	}
-	selected, err := sha256Selection(info.PCRSelect)
+	a, err := parseQuote(attest)
 	if err != nil {
 		return nil, err
 	}
+	if !bytes.Equal(a.extraData, nonce) {
+		return nil, ErrNonce
+	}
 	h := sha256.New()
-	quoted := map[int][]byte{}
-	for _, i := range selected {
+	quoted := make(map[int][]byte, len(a.selected))
+	for _, i := range a.selected {
 		v, ok := pcrs[i]
 		if !ok || len(v) != sha256.Size {
 			return nil, fmt.Errorf("%w: PCR %d is quoted but not reported", ErrPCRDigest, i)
@@ -67,58 +57,87 @@ func VerifyQuote(ak *AK, attest, sig, nonce []byte, pcrs map[int][]byte) (*Quote
 		h.Write(v)
 		quoted[i] = v
 	}
-	if len(pcrs) != len(selected) {
-		return nil, fmt.Errorf("%w: %d PCRs reported, %d quoted", ErrPCRDigest, len(pcrs), len(selected))
+	if len(pcrs) != len(a.selected) {
+		return nil, fmt.Errorf("%w: %d PCRs reported, %d quoted", ErrPCRDigest, len(pcrs), len(a.selected))
 	}
-	if !bytes.Equal(h.Sum(nil), info.PCRDigest.Buffer) {
+	if !bytes.Equal(h.Sum(nil), a.pcrDigest) {
 		return nil, ErrPCRDigest
 	}
-	c := a.ClockInfo
-	return &Quote{Clock: c.Clock, ResetCount: c.ResetCount, RestartCount: c.RestartCount, Safe: bool(c.Safe), PCRs: quoted}, nil
+	a.q.PCRs = quoted
+	return &a.q, nil
 }
 
-// sha256Selection lists the PCRs a selection picks, which must all be of
-// the SHA-256 bank.
-func sha256Selection(sel tpm2.TPMLPCRSelection) ([]int, error) {
-	var out []int
-	for _, s := range sel.PCRSelections {
-		if s.Hash != tpm2.TPMAlgSHA256 {
-			return nil, fmt.Errorf("the quote covers the %v bank; only SHA-256 is accepted", s.Hash)
+// quoteFields are the parts of a TPMS_ATTEST of type quote the verifier
+// uses.
+type quoteFields struct {
+	q         Quote
+	extraData []byte
+	selected  []int // SHA-256 PCRs, ascending
+	pcrDigest []byte
+}
+
+// parseQuote reads a TPMS_ATTEST (TPM 2.0 Part 2, 10.12.12; big-endian) by
+// hand: it is on the verifier's hot path, where reflection costs as much as
+// the signature check.
+func parseQuote(b []byte) (*quoteFields, error) {
+	r := reader{b: b, order: binary.BigEndian}
+	magic, typ := r.u32(), r.u16()
+	r.tpm2b() // qualifiedSigner
+	f := &quoteFields{extraData: r.tpm2b()}
+	f.q.Clock, f.q.ResetCount, f.q.RestartCount, f.q.Safe = r.u64(), r.u32(), r.u32(), r.u8() == 1
+	r.u64() // firmwareVersion
+	if r.err == nil && (magic != uint32(tpm2.TPMGeneratedValue) || typ != uint16(tpm2.TPMSTAttestQuote)) {
+		return nil, errors.New("the signed structure is not a TPM-generated quote")
+	}
+	n := r.u32()
+	if n > 8 {
+		return nil, fmt.Errorf("parsing the quote: %d PCR selections", n)
+	}
+	for range n {
+		hash, size := r.u16(), int(r.u8())
+		sel := r.bytes(size)
+		if r.err == nil && hash != uint16(tpm2.TPMAlgSHA256) {
+			return nil, fmt.Errorf("the quote covers the bank 0x%x; only SHA-256 is accepted", hash)
 		}
-		for byteIdx, b := range s.PCRSelect {
+		for byteIdx, v := range sel {
 			for bit := range 8 {
-				if b&(1<<bit) != 0 {
-					out = append(out, byteIdx*8+bit)
+				if v&(1<<bit) != 0 {
+					f.selected = append(f.selected, byteIdx*8+bit)
 				}
 			}
 		}
 	}
-	slices.Sort(out)
-	return out, nil
+	f.pcrDigest = r.tpm2b()
+	if r.err != nil || r.off != len(b) {
+		return nil, errors.New("parsing the quote: malformed TPMS_ATTEST")
+	}
+	slices.Sort(f.selected)
+	f.selected = slices.Compact(f.selected)
+	return f, nil
 }
 
-func verifySignature(key crypto.PublicKey, msg, sigBytes []byte) error {
-	sig, err := tpm2.Unmarshal[tpm2.TPMTSignature](sigBytes)
-	if err != nil {
-		return fmt.Errorf("%w: %v", ErrSignature, err)
+func verifySignature(key crypto.PublicKey, msg, sig []byte) error {
+	r := reader{b: sig, order: binary.BigEndian}
+	alg, hash := r.u16(), r.u16()
+	if r.err != nil || hash != uint16(tpm2.TPMAlgSHA256) {
+		return fmt.Errorf("%w: want a SHA-256 signature", ErrSignature)
 	}
 	digest := sha256.Sum256(msg)
 	switch k := key.(type) {
 	case *rsa.PublicKey:
-		s, err := sig.Signature.RSASSA()
-		if err != nil || s.Hash != tpm2.TPMAlgSHA256 {
-			return fmt.Errorf("%w: want RSASSA with SHA-256", ErrSignature)
+		s := r.tpm2b()
+		if alg != uint16(tpm2.TPMAlgRSASSA) || r.err != nil || r.off != len(sig) {
+			return fmt.Errorf("%w: want an RSASSA signature", ErrSignature)
 		}
-		if rsa.VerifyPKCS1v15(k, crypto.SHA256, digest[:], s.Sig.Buffer) != nil {
+		if rsa.VerifyPKCS1v15(k, crypto.SHA256, digest[:], s) != nil {
 			return ErrSignature
 		}
 	case *ecdsa.PublicKey:
-		s, err := sig.Signature.ECDSA()
-		if err != nil || s.Hash != tpm2.TPMAlgSHA256 {
-			return fmt.Errorf("%w: want ECDSA with SHA-256", ErrSignature)
+		rb, sb := r.tpm2b(), r.tpm2b()
+		if alg != uint16(tpm2.TPMAlgECDSA) || r.err != nil || r.off != len(sig) {
+			return fmt.Errorf("%w: want an ECDSA signature", ErrSignature)
 		}
-		r, ss := new(big.Int).SetBytes(s.SignatureR.Buffer), new(big.Int).SetBytes(s.SignatureS.Buffer)
-		if !ecdsa.Verify(k, digest[:], r, ss) {
+		if !ecdsa.Verify(k, digest[:], new(big.Int).SetBytes(rb), new(big.Int).SetBytes(sb)) {
 			return ErrSignature
 		}
 	default:
@@ -126,6 +145,9 @@ func verifySignature(key crypto.PublicKey, msg, sigBytes []byte) error {
 	}
 	return nil
 }
+
+// tpm2b reads a TPM2B: a 16-bit size, then that many bytes.
+func (r *reader) tpm2b() []byte { return r.bytes(int(r.u16())) }
 
 // CheckProgress refuses a quote whose TPM counters go back from the last
 // accepted one: a replayed quote, or a TPM state rolled back to a copy.

@@ -4,8 +4,11 @@ import (
 	"bytes"
 	"context"
 	"crypto/x509"
+	"encoding/base64"
+	"encoding/hex"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -21,6 +24,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/attest"
 	"github.com/vtpmd/vtpmd/internal/backend/libvirt"
 	"github.com/vtpmd/vtpmd/internal/guest"
 	"github.com/vtpmd/vtpmd/internal/keyring"
@@ -81,8 +85,12 @@ func bootPCRs(t *testing.T, console string) map[string]string {
 		if bytes.Contains(b, []byte("VTPM-TESTINIT DONE")) {
 			pcrs := map[string]string{}
 			for _, line := range strings.Split(string(b), "\n") {
-				if k, v, ok := strings.Cut(strings.TrimSpace(strings.TrimPrefix(line, "PCR ")), "="); ok && strings.HasPrefix(line, "PCR ") {
+				line = strings.TrimSpace(line)
+				if k, v, ok := strings.Cut(strings.TrimPrefix(line, "PCR "), "="); ok && strings.HasPrefix(line, "PCR ") {
 					pcrs[k] = v
+				}
+				if l, ok := strings.CutPrefix(line, "EVENTLOG "); ok {
+					pcrs["eventlog"] = l
 				}
 			}
 			return pcrs
@@ -297,7 +305,24 @@ func testLibvirt(t *testing.T, mode, secretSecurity string) {
 	if pcr0 := pcrs["sha256:0"]; len(pcr0) != 64 || strings.Trim(pcr0, "0") == "" {
 		t.Fatalf("guest PCR 0 = %q (all PCRs: %v)", pcr0, pcrs)
 	}
-	t.Logf("guest PCRs: %v", pcrs)
+	// The firmware's event log, read in the guest, replays to those PCRs.
+	log, err := base64.StdEncoding.DecodeString(pcrs["eventlog"])
+	if err != nil {
+		t.Fatalf("event log from the guest: %v", err)
+	}
+	events, err := attest.ParseEventLog(log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	replayed := attest.Replay(events)
+	for i := range 8 {
+		if got := hex.EncodeToString(replayed[i]); got != pcrs[fmt.Sprintf("sha256:%d", i)] {
+			t.Fatalf("PCR %d: the event log (%d events) replays to %s, the TPM says %s", i, len(events), got, pcrs[fmt.Sprintf("sha256:%d", i)])
+		}
+	}
+	if out := os.Getenv("VTPMD_SAVE_EVENTLOG"); out != "" {
+		os.WriteFile(out, log, 0o644)
+	}
 
 	identity, err := u.c.Identity(ctx, id)
 	if err != nil {

@@ -1,10 +1,12 @@
 // Command testinit is the /init of the test guests' initramfs: it mounts
 // the kernel's file systems, prints the TPM's PCRs 0–7 (SHA-256 bank) to the
-// console as "PCR sha256:N=<hex>", then "VTPM-TESTINIT DONE", and powers
-// the guest off. Built static (CGO_ENABLED=0).
+// console as "PCR sha256:N=<hex>", the firmware's event log as
+// "EVENTLOG <base64>", then "VTPM-TESTINIT DONE", and powers the guest off.
+// Built static (CGO_ENABLED=0).
 package main
 
 import (
+	"encoding/base64"
 	"fmt"
 	"os"
 	"strings"
@@ -42,6 +44,11 @@ func main() {
 			continue
 		}
 		fmt.Printf("PCR sha256:%d=%s\n", i, strings.ToLower(strings.TrimSpace(string(b))))
+	}
+	if log, err := os.ReadFile("/sys/kernel/security/tpm0/binary_bios_measurements"); err == nil {
+		fmt.Printf("EVENTLOG %s\n", base64.StdEncoding.EncodeToString(log))
+	} else {
+		fmt.Printf("EVENTLOG error %v\n", err)
 	}
 	fmt.Println("VTPM-TESTINIT DONE")
 	syscall.Sync()

@@ -1,0 +1,207 @@
+package attest
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"encoding/binary"
+	"testing"
+
+	"github.com/google/go-tpm/tpm2"
+)
+
+// softQuote makes a TPM-format quote signed in software, so the verifier's
+// production path can be loaded beyond what a TPM produces.
+func softQuote(tb testing.TB, key crypto.Signer, nonce []byte, pcrs map[int][]byte) (attest, sig []byte) {
+	tb.Helper()
+	idx := []uint{}
+	h := sha256.New()
+	for i := range 24 {
+		if v, ok := pcrs[i]; ok {
+			idx = append(idx, uint(i))
+			h.Write(v)
+		}
+	}
+	a := tpm2.TPMSAttest{
+		Magic: tpm2.TPMGeneratedValue, Type: tpm2.TPMSTAttestQuote,
+		ExtraData: tpm2.TPM2BData{Buffer: nonce},
+		ClockInfo: tpm2.TPMSClockInfo{Clock: 1000, ResetCount: 1, Safe: true},
+		Attested: tpm2.NewTPMUAttest(tpm2.TPMSTAttestQuote, &tpm2.TPMSQuoteInfo{
+			PCRSelect: tpm2.TPMLPCRSelection{PCRSelections: []tpm2.TPMSPCRSelection{{Hash: tpm2.TPMAlgSHA256, PCRSelect: tpm2.PCClientCompatible.PCRs(idx...)}}},
+			PCRDigest: tpm2.TPM2BDigest{Buffer: h.Sum(nil)},
+		}),
+	}
+	attest = tpm2.Marshal(a)
+	digest := sha256.Sum256(attest)
+	raw, err := key.Sign(rand.Reader, digest[:], crypto.SHA256)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var s tpm2.TPMTSignature
+	switch key.(type) {
+	case *rsa.PrivateKey:
+		s = tpm2.TPMTSignature{SigAlg: tpm2.TPMAlgRSASSA, Signature: tpm2.NewTPMUSignature(tpm2.TPMAlgRSASSA,
+			&tpm2.TPMSSignatureRSA{Hash: tpm2.TPMAlgSHA256, Sig: tpm2.TPM2BPublicKeyRSA{Buffer: raw}})}
+	case *ecdsa.PrivateKey:
+		r, ss := parseASN1Sig(tb, raw)
+		s = tpm2.TPMTSignature{SigAlg: tpm2.TPMAlgECDSA, Signature: tpm2.NewTPMUSignature(tpm2.TPMAlgECDSA,
+			&tpm2.TPMSSignatureECC{Hash: tpm2.TPMAlgSHA256, SignatureR: tpm2.TPM2BECCParameter{Buffer: r}, SignatureS: tpm2.TPM2BECCParameter{Buffer: ss}})}
+	}
+	return attest, tpm2.Marshal(s)
+}
+
+// parseASN1Sig splits an ASN.1 ECDSA signature into r and s.
+func parseASN1Sig(tb testing.TB, der []byte) (r, s []byte) {
+	// SEQUENCE { INTEGER r, INTEGER s }, short forms only (P-256).
+	if len(der) < 8 || der[0] != 0x30 || der[2] != 0x02 {
+		tb.Fatal("unexpected ECDSA signature encoding")
+	}
+	rl := int(der[3])
+	r = der[4 : 4+rl]
+	s = der[4+rl+2:]
+	return r, s
+}
+
+// longLog is the fixture log grown to about 100 events with driver
+// measurements into PCR 2, as a firmware with option ROMs writes.
+func longLog(tb testing.TB) []byte {
+	log, _ := fixture(tb)
+	for i := 0; len(log) < 12000; i++ {
+		ev := binary.LittleEndian.AppendUint32(nil, 2)
+		ev = binary.LittleEndian.AppendUint32(ev, 0x80000004) // EV_EFI_BOOT_SERVICES_DRIVER
+		ev = binary.LittleEndian.AppendUint32(ev, 1)          // one digest: the vTPM has the SHA-256 bank only
+		ev = binary.LittleEndian.AppendUint16(ev, 0x000b)     // SHA-256
+		d := sha256.Sum256([]byte{byte(i)})
+		ev = append(ev, d[:]...)
+		data := make([]byte, 80)
+		ev = binary.LittleEndian.AppendUint32(ev, uint32(len(data)))
+		log = append(log, append(ev, data...)...)
+	}
+	return log
+}
+
+// BenchmarkVerify measures whole evidence bundles (quote, counters, a
+// ≈100-event log, policy) against the bare signature check of the same
+// key, the floor: of-floor = floor ns / bundle ns. "first" parses and
+// replays the log; "steady" is an agent's next push with the same log.
+//
+//	go test -run '^$' -bench Verify -benchmem ./internal/attest
+func BenchmarkVerify(b *testing.B) {
+	rsaKey, _ := rsa.GenerateKey(rand.Reader, 2048)
+	ecKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	log := longLog(b)
+	events, err := ParseEventLog(log)
+	if err != nil {
+		b.Fatal(err)
+	}
+	pcrs := Replay(events)
+	quoted := map[int][]byte{}
+	for i := range 8 {
+		quoted[i] = pcrs[i]
+	}
+	policy := Learn(quoted, events, []int{0, 1, 2, 3, 4, 5, 6, 7})
+	nonce := make([]byte, 32)
+	for name, key := range map[string]crypto.Signer{"rsa2048": rsaKey, "p256": ecKey} {
+		attest, sig := softQuote(b, key, nonce, quoted)
+		ak := &AK{Key: key.Public()}
+		ev := Evidence{Attest: attest, Signature: sig, PCRs: quoted, EventLog: log}
+		v, steady := Verify(ak, ev, nonce, State{}, &policy)
+		if !v.Trusted {
+			b.Fatalf("%s: %v", name, v.Reasons)
+		}
+		steady.Quote = nil // the same quote again would be a replay
+		var floor float64
+		raw := rawSignature(b, key, attest)
+		b.Run(name+"/signature-only", func(b *testing.B) {
+			for range b.N {
+				digest := sha256.Sum256(attest)
+				if !bareVerify(key.Public(), digest[:], raw) {
+					b.Fatal("bare verification failed")
+				}
+			}
+			floor = float64(b.Elapsed().Nanoseconds()) / float64(b.N)
+		})
+		for _, c := range []struct {
+			name string
+			prev State
+		}{{"bundle-first", State{}}, {"bundle-steady", steady}} {
+			b.Run(name+"/"+c.name, func(b *testing.B) {
+				for range b.N {
+					if v, _ := Verify(ak, ev, nonce, c.prev, &policy); !v.Trusted {
+						b.Fatal(v.Reasons)
+					}
+				}
+				bundle := float64(b.Elapsed().Nanoseconds()) / float64(b.N)
+				b.ReportMetric(1e9/bundle, "bundles/s")
+				if floor > 0 {
+					b.ReportMetric(floor/bundle, "of-floor")
+				}
+			})
+		}
+	}
+}
+
+func TestVerifyBundle(t *testing.T) {
+	key, _ := rsa.GenerateKey(rand.Reader, 2048)
+	log := longLog(t)
+	events, err := ParseEventLog(log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(events) < 90 {
+		t.Fatalf("only %d events", len(events))
+	}
+	pcrs := map[int][]byte{}
+	for i, v := range Replay(events) {
+		if i < 8 {
+			pcrs[i] = v
+		}
+	}
+	nonce := []byte("0123456789abcdef0123456789abcdef")
+	attest, sig := softQuote(t, key, nonce, pcrs)
+	ak := &AK{Key: key.Public()}
+	ev := Evidence{Attest: attest, Signature: sig, PCRs: pcrs, EventLog: log}
+	if v, _ := Verify(ak, ev, nonce, State{}, nil); v.Trusted || v.Quote == nil || v.Reasons[0] != "no policy yet" {
+		t.Fatalf("without a policy: %+v", v)
+	}
+	p := Learn(pcrs, events, []int{0, 2, 7})
+	if v, _ := Verify(ak, ev, nonce, State{}, &p); !v.Trusted {
+		t.Fatalf("learned boot: %v", v.Reasons)
+	}
+	// The log no longer matching the quote is caught before the policy.
+	bad := Evidence{Attest: attest, Signature: sig, PCRs: pcrs, EventLog: log[:len(log)-120]}
+	if v, _ := Verify(ak, bad, nonce, State{}, &p); v.Trusted || len(v.Reasons) != 1 {
+		t.Fatalf("short log: %+v", v)
+	}
+	// A stale nonce, a rolled-back TPM.
+	if v, _ := Verify(ak, ev, []byte("other"), State{}, &p); v.Trusted || v.Quote != nil {
+		t.Fatalf("other nonce: %+v", v)
+	}
+	if v, _ := Verify(ak, ev, nonce, State{Quote: &Quote{Clock: 5000, ResetCount: 1}}, &p); v.Trusted {
+		t.Fatalf("clock went back: %+v", v)
+	}
+}
+
+// rawSignature and bareVerify are the crypto floor: the library's own
+// verification of a signature over the same bytes, nothing else.
+func rawSignature(tb testing.TB, key crypto.Signer, msg []byte) []byte {
+	digest := sha256.Sum256(msg)
+	raw, err := key.Sign(rand.Reader, digest[:], crypto.SHA256)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return raw
+}
+
+func bareVerify(pub crypto.PublicKey, digest, raw []byte) bool {
+	switch k := pub.(type) {
+	case *rsa.PublicKey:
+		return rsa.VerifyPKCS1v15(k, crypto.SHA256, digest, raw) == nil
+	case *ecdsa.PublicKey:
+		return ecdsa.VerifyASN1(k, digest, raw)
+	}
+	return false
+}

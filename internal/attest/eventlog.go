@@ -1,0 +1,221 @@
+package attest
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+)
+
+// Event is one measurement of a TCG crypto-agile event log (TCG PC Client
+// Platform Firmware Profile, TCG_PCR_EVENT2), with its SHA-256 digest.
+type Event struct {
+	Index  int // position in the log, from 0 (the Spec ID header)
+	PCR    int
+	Type   uint32
+	Digest []byte // SHA-256
+	Data   []byte
+}
+
+// Event types the verifier names in its reasons.
+var eventTypeNames = map[uint32]string{
+	0x00000001: "EV_POST_CODE", 0x00000003: "EV_NO_ACTION", 0x00000004: "EV_SEPARATOR",
+	0x00000005: "EV_ACTION", 0x00000006: "EV_EVENT_TAG", 0x00000007: "EV_S_CRTM_CONTENTS",
+	0x00000008: "EV_S_CRTM_VERSION", 0x00000009: "EV_CPU_MICROCODE", 0x0000000a: "EV_PLATFORM_CONFIG_FLAGS",
+	0x0000000b: "EV_TABLE_OF_DEVICES", 0x0000000c: "EV_COMPACT_HASH", 0x0000000d: "EV_IPL",
+	0x0000000e: "EV_IPL_PARTITION_DATA", 0x0000000f: "EV_NONHOST_CODE", 0x00000010: "EV_NONHOST_CONFIG",
+	0x00000011: "EV_NONHOST_INFO", 0x00000012: "EV_OMIT_BOOT_DEVICE_EVENTS",
+	0x80000001: "EV_EFI_VARIABLE_DRIVER_CONFIG", 0x80000002: "EV_EFI_VARIABLE_BOOT",
+	0x80000003: "EV_EFI_BOOT_SERVICES_APPLICATION", 0x80000004: "EV_EFI_BOOT_SERVICES_DRIVER",
+	0x80000005: "EV_EFI_RUNTIME_SERVICES_DRIVER", 0x80000006: "EV_EFI_GPT_EVENT", 0x80000007: "EV_EFI_ACTION",
+	0x80000008: "EV_EFI_PLATFORM_FIRMWARE_BLOB", 0x80000009: "EV_EFI_HANDOFF_TABLES",
+	0x8000000a: "EV_EFI_PLATFORM_FIRMWARE_BLOB2", 0x8000000b: "EV_EFI_HANDOFF_TABLES2",
+	0x800000e0: "EV_EFI_VARIABLE_AUTHORITY",
+}
+
+// TypeName is the event type's name in the TCG specification.
+func (e Event) TypeName() string {
+	if n, ok := eventTypeNames[e.Type]; ok {
+		return n
+	}
+	return fmt.Sprintf("event type 0x%x", e.Type)
+}
+
+const (
+	evNoAction  = 0x00000003
+	algSHA256   = 0x000b
+	maxEvents   = 10000   // a firmware log has a few hundred
+	maxEventLen = 1 << 20 // bounds one event's data
+)
+
+// ParseEventLog reads a crypto-agile event log as the kernel exposes it
+// (/sys/kernel/security/tpm0/binary_bios_measurements): a TCG_PCR_EVENT
+// header carrying the "Spec ID Event03" structure with the digest sizes,
+// then TCG_PCR_EVENT2 records. It keeps each event's SHA-256 digest.
+func ParseEventLog(log []byte) ([]Event, error) {
+	r := reader{b: log, order: binary.LittleEndian}
+	// The header: pcrIndex, eventType, a SHA-1-sized digest, the Spec ID.
+	r.u32()
+	if t := r.u32(); t != evNoAction {
+		return nil, errors.New("event log: not a crypto-agile log (no Spec ID event first)")
+	}
+	r.bytes(20)
+	spec := r.bytes(int(r.u32()))
+	if r.err != nil {
+		return nil, fmt.Errorf("event log header: %w", r.err)
+	}
+	sizes, err := digestSizes(spec)
+	if err != nil {
+		return nil, err
+	}
+	if _, ok := sizes[algSHA256]; !ok {
+		return nil, errors.New("event log: no SHA-256 digests")
+	}
+	events := []Event{{Index: 0, PCR: 0, Type: evNoAction, Data: spec}}
+	for r.left() > 0 {
+		if len(events) > maxEvents {
+			return nil, fmt.Errorf("event log: more than %d events", maxEvents)
+		}
+		e := Event{Index: len(events), PCR: int(r.u32()), Type: r.u32()}
+		n := r.u32()
+		if n > uint32(len(sizes)) {
+			return nil, fmt.Errorf("event log: event %d has %d digests", e.Index, n)
+		}
+		for range n {
+			alg := r.u16()
+			size, ok := sizes[alg]
+			if !ok {
+				return nil, fmt.Errorf("event log: event %d uses algorithm 0x%x the header does not list", e.Index, alg)
+			}
+			d := r.bytes(size)
+			if alg == algSHA256 {
+				e.Digest = d
+			}
+		}
+		size := r.u32()
+		if size > maxEventLen {
+			return nil, fmt.Errorf("event log: event %d claims %d bytes", e.Index, size)
+		}
+		e.Data = r.bytes(int(size))
+		if r.err != nil {
+			return nil, fmt.Errorf("event log: event %d: %w", e.Index, r.err)
+		}
+		if e.Digest == nil {
+			return nil, fmt.Errorf("event log: event %d has no SHA-256 digest", e.Index)
+		}
+		if e.PCR < 0 || e.PCR > 23 {
+			return nil, fmt.Errorf("event log: event %d extends PCR %d", e.Index, e.PCR)
+		}
+		events = append(events, e)
+	}
+	return events, nil
+}
+
+// digestSizes reads the algorithm table of a TCG_EfiSpecIDEvent.
+func digestSizes(spec []byte) (map[uint16]int, error) {
+	r := reader{b: spec, order: binary.LittleEndian}
+	if sig := r.bytes(16); !bytes.Equal(sig, []byte("Spec ID Event03\x00")) {
+		return nil, errors.New("event log: the header is not a Spec ID Event03")
+	}
+	r.bytes(4 + 4) // platformClass, versions, errata, uintnSize
+	n := r.u32()
+	if n > 16 {
+		return nil, fmt.Errorf("event log: %d digest algorithms", n)
+	}
+	sizes := map[uint16]int{}
+	for range n {
+		alg, size := r.u16(), int(r.u16())
+		sizes[alg] = size
+	}
+	if r.err != nil || n == 0 {
+		return nil, errors.New("event log: malformed Spec ID event")
+	}
+	return sizes, nil
+}
+
+// Replay computes the SHA-256 PCR values the events extend. The locality
+// of the startup, when the log records one (EV_NO_ACTION "StartupLocality"
+// in PCR 0), is PCR 0's starting value, as the TPM sets it.
+func Replay(events []Event) map[int][]byte {
+	var banks [24]*[sha256.Size]byte // ParseEventLog bounds PCR to 0–23
+	h := sha256.New()
+	for _, e := range events {
+		if e.PCR < 0 || e.PCR >= len(banks) {
+			continue
+		}
+		if e.Type == evNoAction {
+			if e.PCR == 0 && bytes.HasPrefix(e.Data, []byte("StartupLocality\x00")) && len(e.Data) == 17 {
+				banks[0] = &[sha256.Size]byte{sha256.Size - 1: e.Data[16]}
+			}
+			continue
+		}
+		v := banks[e.PCR]
+		if v == nil {
+			v = new([sha256.Size]byte)
+			banks[e.PCR] = v
+		}
+		h.Reset()
+		h.Write(v[:])
+		h.Write(e.Digest)
+		h.Sum(v[:0])
+	}
+	pcrs := make(map[int][]byte, len(banks))
+	for i, v := range banks {
+		if v != nil {
+			pcrs[i] = v[:]
+		}
+	}
+	return pcrs
+}
+
+// reader reads fixed-size fields in one byte order (event logs are
+// little-endian, TPM structures big-endian), remembering the first overrun.
+type reader struct {
+	b     []byte
+	off   int
+	order binary.ByteOrder
+	err   error
+}
+
+func (r *reader) left() int { return len(r.b) - r.off }
+
+func (r *reader) bytes(n int) []byte {
+	if r.err != nil || n < 0 || r.left() < n {
+		if r.err == nil {
+			r.err = errors.New("truncated")
+		}
+		return nil
+	}
+	b := r.b[r.off : r.off+n]
+	r.off += n
+	return b
+}
+
+func (r *reader) u8() uint8 {
+	if b := r.bytes(1); b != nil {
+		return b[0]
+	}
+	return 0
+}
+
+func (r *reader) u16() uint16 {
+	if b := r.bytes(2); b != nil {
+		return r.order.Uint16(b)
+	}
+	return 0
+}
+
+func (r *reader) u32() uint32 {
+	if b := r.bytes(4); b != nil {
+		return r.order.Uint32(b)
+	}
+	return 0
+}
+
+func (r *reader) u64() uint64 {
+	if b := r.bytes(8); b != nil {
+		return r.order.Uint64(b)
+	}
+	return 0
+}

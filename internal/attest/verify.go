@@ -1,0 +1,73 @@
+package attest
+
+import (
+	"bytes"
+	"fmt"
+)
+
+// Evidence is what a guest agent sends for one attestation.
+type Evidence struct {
+	Attest    []byte         // TPMS_ATTEST from TPM2_Quote
+	Signature []byte         // TPMT_SIGNATURE
+	PCRs      map[int][]byte // the SHA-256 PCR values quoted
+	EventLog  []byte         // the firmware's crypto-agile event log
+}
+
+// Verdict is the verifier's judgement of one piece of evidence.
+type Verdict struct {
+	Trusted bool
+	// Reasons say why not: a broken protocol step (signature, nonce,
+	// counters, log) or the policy's mismatches, each naming its PCR.
+	Reasons []string
+	Quote   *Quote // nil when the quote itself failed
+}
+
+// State is what the verifier keeps of an instance's last accepted
+// evidence. Agents push the same firmware log every time, so a log equal
+// to the last one is not parsed and replayed again.
+type State struct {
+	Quote    *Quote
+	EventLog []byte
+	Events   []Event
+	Replayed map[int][]byte
+}
+
+// Verify runs every check on ev, in order, for the registered ak: the
+// quote's signature, nonce and PCR digest; the counters against the last
+// accepted quote; the event log replaying to the quoted PCRs it covers;
+// then the policy (nil: no policy, nothing to judge yet). Evidence that
+// breaks the protocol stops at the first failure. It returns the verdict
+// and, when the protocol held, the state to keep for the next evidence.
+func Verify(ak *AK, ev Evidence, nonce []byte, prev State, p *Policy) (Verdict, State) {
+	q, err := VerifyQuote(ak, ev.Attest, ev.Signature, nonce, ev.PCRs)
+	if err != nil {
+		return Verdict{Reasons: []string{err.Error()}}, prev
+	}
+	if err := CheckProgress(prev.Quote, q); err != nil {
+		return Verdict{Reasons: []string{err.Error()}, Quote: q}, prev
+	}
+	next := State{Quote: q, EventLog: prev.EventLog, Events: prev.Events, Replayed: prev.Replayed}
+	if next.Events == nil || !bytes.Equal(ev.EventLog, prev.EventLog) {
+		events, err := ParseEventLog(ev.EventLog)
+		if err != nil {
+			return Verdict{Reasons: []string{err.Error()}, Quote: q}, prev
+		}
+		next.EventLog, next.Events, next.Replayed = bytes.Clone(ev.EventLog), events, Replay(events)
+	}
+	for i, v := range q.PCRs {
+		// PCRs the firmware log covers (0–7) must match it exactly; others
+		// (later stages, IMA) are judged by the policy alone.
+		if r, ok := next.Replayed[i]; ok && i < 8 && !bytes.Equal(r, v) {
+			return Verdict{Reasons: []string{fmt.Sprintf("the event log does not replay to the quoted PCR %d", i)}, Quote: q}, prev
+		}
+	}
+	if p == nil {
+		return Verdict{Reasons: []string{"no policy yet"}, Quote: q}, next
+	}
+	mismatches := Evaluate(*p, q.PCRs, next.Events)
+	v := Verdict{Trusted: len(mismatches) == 0, Quote: q}
+	for _, m := range mismatches {
+		v.Reasons = append(v.Reasons, m.String())
+	}
+	return v, next
+}
