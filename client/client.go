@@ -179,6 +179,51 @@ func (c *Client) Drift(ctx context.Context, host string, repair bool) (api.Drift
 	return out, c.do(ctx, http.MethodGet, "/v1/hosts/"+url.PathEscape(host)+"/drift", nil, &out)
 }
 
+// Register submits a guest's attestation key; the answer is the credential
+// its TPM must activate.
+func (c *Client) Register(ctx context.Context, id string, req api.RegisterRequest) (api.CredentialChallenge, error) {
+	var out api.CredentialChallenge
+	return out, c.do(ctx, http.MethodPost, c.attestationPath(id, "register"), req, &out)
+}
+
+// Activate answers the registration's credential challenge.
+func (c *Client) Activate(ctx context.Context, id string, secret []byte) (api.Attestation, error) {
+	var out api.Attestation
+	return out, c.do(ctx, http.MethodPost, c.attestationPath(id, "activate"), api.ActivateRequest{Secret: secret}, &out)
+}
+
+// Nonce asks for the nonce the next quote must answer.
+func (c *Client) Nonce(ctx context.Context, id string) (api.Nonce, error) {
+	var out api.Nonce
+	return out, c.do(ctx, http.MethodPost, c.attestationPath(id, "nonce"), nil, &out)
+}
+
+// Evidence pushes a quote and gets the verdict.
+func (c *Client) Evidence(ctx context.Context, id string, req api.EvidenceRequest) (api.Attestation, error) {
+	var out api.Attestation
+	return out, c.do(ctx, http.MethodPost, c.attestationPath(id, "evidence"), req, &out)
+}
+
+// SetPolicy sets an instance's measured-boot policy.
+func (c *Client) SetPolicy(ctx context.Context, id string, req api.PolicyRequest) (api.Attestation, error) {
+	var out api.Attestation
+	return out, c.do(ctx, http.MethodPost, c.attestationPath(id, "policy"), req, &out)
+}
+
+// Attestation reads an instance's attestation status.
+func (c *Client) Attestation(ctx context.Context, id string) (api.Attestation, error) {
+	var out api.Attestation
+	return out, c.do(ctx, http.MethodGet, c.attestationPath(id, ""), nil, &out)
+}
+
+func (c *Client) attestationPath(id, op string) string {
+	p := "/v1/vtpms/" + url.PathEscape(id) + "/attestation"
+	if op != "" {
+		p += "/" + op
+	}
+	return p
+}
+
 // Identity reads a vTPM's endorsement keys, certificates and CA chain.
 func (c *Client) Identity(ctx context.Context, id string) (api.Identity, error) {
 	var out api.Identity

@@ -195,6 +195,9 @@ func (a *Agent) destroy(ctx context.Context, v *store.VTPM) error {
 		if err := tx.DeleteVTPM(v.InstanceID); err != nil {
 			return err
 		}
+		if err := tx.DeleteAttestation(v.InstanceID); err != nil {
+			return err
+		}
 		return tx.AppendEvent(store.Event{Actor: a.actor(), InstanceID: v.InstanceID, Action: "deleted",
 			Detail: "state and secret destroyed"})
 	})

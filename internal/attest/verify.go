@@ -15,6 +15,9 @@ type Evidence struct {
 
 // Verdict is the verifier's judgement of one piece of evidence.
 type Verdict struct {
+	// Genuine: the quote, counters and log held, so the evidence is the
+	// TPM's word (whatever the policy says of it).
+	Genuine bool
 	Trusted bool
 	// Reasons say why not: a broken protocol step (signature, nonce,
 	// counters, log) or the policy's mismatches, each naming its PCR.
@@ -62,10 +65,10 @@ func Verify(ak *AK, ev Evidence, nonce []byte, prev State, p *Policy) (Verdict, 
 		}
 	}
 	if p == nil {
-		return Verdict{Reasons: []string{"no policy yet"}, Quote: q}, next
+		return Verdict{Genuine: true, Reasons: []string{"no policy yet"}, Quote: q}, next
 	}
 	mismatches := Evaluate(*p, q.PCRs, next.Events)
-	v := Verdict{Trusted: len(mismatches) == 0, Quote: q}
+	v := Verdict{Genuine: true, Trusted: len(mismatches) == 0, Quote: q}
 	for _, m := range mismatches {
 		v.Reasons = append(v.Reasons, m.String())
 	}

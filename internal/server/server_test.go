@@ -421,3 +421,35 @@ func TestAttachDetach(t *testing.T) {
 		t.Fatalf("drift without an agent: %d %+v", code, e)
 	}
 }
+
+func TestAttestationRefusals(t *testing.T) {
+	f := newFixture(t)
+	if code := f.call(t, "POST", "/v1/vtpms", "", create(inst, map[string]string{"hw:tpm_version": "2.0"}), nil); code != 202 {
+		t.Fatalf("create: %d", code)
+	}
+	base := "/v1/vtpms/" + inst + "/attestation"
+	for _, c := range []struct {
+		method, path, project string
+		body                  any
+		status                int
+		code                  string
+	}{
+		{"GET", base, "", nil, 404, CodeNotRegistered},
+		{"GET", base, "p2", nil, 404, CodeNotFound},
+		{"POST", base + "/register", "", api.RegisterRequest{AKPublic: []byte{1, 2, 3}}, 409, CodeNotReady}, // not manufactured
+		{"POST", base + "/register", "", `{"ak_public": 5}`, 400, CodeInvalidJSON},
+		{"POST", base + "/activate", "", api.ActivateRequest{Secret: []byte("x")}, 409, CodeNotRegistered},
+		{"POST", base + "/nonce", "", nil, 409, CodeNotRegistered},
+		{"POST", base + "/evidence", "", api.EvidenceRequest{Nonce: []byte("n")}, 409, CodeNotRegistered},
+		{"POST", base + "/policy", "", api.PolicyRequest{}, 400, CodeInvalidParameter},
+		{"POST", base + "/policy", "", api.PolicyRequest{Learn: true, PCRs: []int{24}}, 400, CodeInvalidParameter},
+		{"POST", base + "/policy", "", api.PolicyRequest{Learn: true}, 409, CodeNoEvidence},
+		{"POST", "/v1/vtpms/not-a-uuid/attestation/nonce", "", nil, 400, CodeInvalidInstanceID},
+		{"GET", base, "", nil, 404, CodeNotRegistered}, // refusals left no record behind
+	} {
+		var e api.ErrorBody
+		if got := f.call(t, c.method, c.path, c.project, c.body, &e); got != c.status || e.Error.Code != c.code {
+			t.Errorf("%s %s: %d %q, want %d %q", c.method, c.path, got, e.Error.Code, c.status, c.code)
+		}
+	}
+}

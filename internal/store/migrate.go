@@ -50,6 +50,13 @@ CREATE TRIGGER events_no_delete BEFORE DELETE ON events BEGIN SELECT RAISE(ABORT
 `,
 	// The libvirt domain a vTPM is attached to ('' for none).
 	2: `ALTER TABLE vtpms ADD COLUMN domain TEXT NOT NULL DEFAULT '';`,
+	// An instance's attestation: registration, last evidence, policy, verdict.
+	3: `
+CREATE TABLE attestations (
+	instance_id TEXT PRIMARY KEY,
+	doc         TEXT NOT NULL,          -- JSON, see Attestation
+	updated_at  TEXT NOT NULL
+);`,
 }
 
 func (s *Store) migrate(ctx context.Context) error {

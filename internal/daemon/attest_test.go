@@ -1,0 +1,189 @@
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/attest"
+	"github.com/vtpmd/vtpmd/internal/guestagent"
+	"github.com/vtpmd/vtpmd/internal/swtpm"
+)
+
+// firmwareLog is the event log OVMF wrote into a vtpmd vTPM in a real boot
+// (internal/attest's fixture).
+func firmwareLog(t *testing.T) []byte {
+	t.Helper()
+	log, err := os.ReadFile("../attest/testdata/ovmf-q35-eventlog.bin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return log
+}
+
+// boot plays firmware: it extends every event of log into the TPM, so its
+// PCRs are what that boot measured.
+func boot(t *testing.T, tpm transport.TPM, log []byte) {
+	t.Helper()
+	events, err := attest.ParseEventLog(log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range events {
+		if e.Type == 3 { // EV_NO_ACTION is not extended
+			continue
+		}
+		_, err := tpm2.PCRExtend{PCRHandle: tpm2.AuthHandle{Handle: tpm2.TPMHandle(e.PCR), Auth: tpm2.PasswordAuth(nil)},
+			Digests: tpm2.TPMLDigestValues{Digests: []tpm2.TPMTHA{{HashAlg: tpm2.TPMAlgSHA256, Digest: e.Digest}}}}.Execute(tpm)
+		if err != nil {
+			t.Fatalf("extending event %d: %v", e.Index, err)
+		}
+	}
+}
+
+// otherKernel is log with the kernel's measurement (the first
+// EV_EFI_BOOT_SERVICES_APPLICATION, into PCR 4) replaced.
+func otherKernel(t *testing.T, log []byte) []byte {
+	t.Helper()
+	out := bytes.Clone(log)
+	events, _ := attest.ParseEventLog(log)
+	for _, e := range events {
+		if e.Type == 0x80000003 {
+			i := bytes.Index(out, e.Digest)
+			copy(out[i:], bytes.Repeat([]byte{0x4b}, 32))
+			return out
+		}
+	}
+	t.Fatal("no boot application in the log")
+	return nil
+}
+
+func dialTPM(t *testing.T, sock string) transport.TPM {
+	t.Helper()
+	conn, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	conn.SetDeadline(time.Now().Add(2 * time.Minute))
+	return swtpm.Retrying(transport.FromReadWriter(conn))
+}
+
+// TestAttestation runs the attestation protocol end to end over the real
+// API with the guest agent's code on a vTPM vtpmd made: registration by
+// credential activation, pending without a policy, learning it, trusted,
+// a boot with another kernel untrusted naming PCR 4 and its event, a
+// replayed quote, a quote by an unregistered key, a foreign EK, and an AK
+// from another TPM.
+func TestAttestation(t *testing.T) {
+	dir := t.TempDir()
+	u := startDaemon(t, dir)
+	ctx := context.Background()
+	id := "0a0a0a0a-0000-4000-8000-0000000a7e57"
+	v := u.create(t, id, "2.0")
+	log := firmwareLog(t)
+	logPath := filepath.Join(dir, "binary_bios_measurements")
+	os.WriteFile(logPath, log, 0o644)
+
+	tpm := dialTPM(t, v.Sockets.Data)
+	boot(t, tpm, log)
+	agent := &guestagent.Agent{TPM: tpm, API: u.c, InstanceID: id, EventLog: logPath}
+	if err := agent.Register(ctx); err != nil {
+		t.Fatal(err)
+	}
+	a, err := agent.Attest(ctx)
+	if err != nil || a.State != "registered" || a.Verdict != "pending" {
+		t.Fatalf("first evidence: %+v %v", a, err)
+	}
+	if a, err = u.c.SetPolicy(ctx, id, api.PolicyRequest{Learn: true}); err != nil || a.Verdict != "trusted" || len(a.PolicyPCRs) != 8 {
+		t.Fatalf("learning: %+v %v", a, err)
+	}
+	if a, err = agent.Attest(ctx); err != nil || a.Verdict != "trusted" {
+		t.Fatalf("second evidence: %+v %v", a, err)
+	}
+
+	// An old quote replayed: its nonce is spent.
+	n, _ := u.c.Nonce(ctx, id)
+	ev, err := agent.Evidence(n.Nonce)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := u.c.Evidence(ctx, id, ev); err != nil {
+		t.Fatal(err)
+	}
+	var e *client.Error
+	if _, err := u.c.Evidence(ctx, id, ev); !asCode(err, &e, "stale_nonce") {
+		t.Fatalf("replayed evidence: %v", err)
+	}
+
+	// Reboot with another kernel: untrusted, naming PCR 4 and the event.
+	if _, err := u.c.Stop(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	u.wait(t, id, "stopped")
+	if _, err := u.c.Start(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	u.wait(t, id, "active")
+	tpm = dialTPM(t, v.Sockets.Data)
+	other := otherKernel(t, log)
+	os.WriteFile(logPath, other, 0o644)
+	boot(t, tpm, other)
+	agent = &guestagent.Agent{TPM: tpm, API: u.c, InstanceID: id, EventLog: logPath}
+	if err := agent.Register(ctx); err != nil {
+		t.Fatal(err)
+	}
+	a, err = agent.Attest(ctx)
+	if err != nil || a.Verdict != "untrusted" || len(a.Reasons) != 1 || !strings.Contains(a.Reasons[0], "PCR 4") ||
+		!strings.Contains(a.Reasons[0], "EV_EFI_BOOT_SERVICES_APPLICATION") {
+		t.Fatalf("other kernel: %+v %v", a, err)
+	}
+
+	// Another instance's guest, registered for its own vTPM: its quote
+	// pushed for this instance is refused, and it cannot register here
+	// with its own EK.
+	id2 := "0a0a0a0a-0000-4000-8000-0000000a7e58"
+	v2 := u.create(t, id2, "2.0")
+	tpm2nd := dialTPM(t, v2.Sockets.Data)
+	boot(t, tpm2nd, log)
+	neighbour := &guestagent.Agent{TPM: tpm2nd, API: u.c, InstanceID: id2, EventLog: logPath}
+	if err := neighbour.Register(ctx); err != nil {
+		t.Fatal(err)
+	}
+	n, _ = u.c.Nonce(ctx, id)
+	if ev, err = neighbour.Evidence(n.Nonce); err != nil {
+		t.Fatal(err)
+	}
+	if a, err = u.c.Evidence(ctx, id, ev); err != nil || a.Verdict != "untrusted" ||
+		!strings.Contains(strings.Join(a.Reasons, " "), "not signed by the registered attestation key") {
+		t.Fatalf("another guest's quote: %+v %v", a, err)
+	}
+	impostor := &guestagent.Agent{TPM: tpm2nd, API: u.c, InstanceID: id, EventLog: logPath}
+	if err := impostor.Register(ctx); !asCode(err, &e, "ek_mismatch") {
+		t.Fatalf("registering with another TPM's EK: %v", err)
+	}
+
+	events, _ := u.c.Events(ctx, id)
+	var actions []string
+	for _, ev := range events.Items {
+		actions = append(actions, ev.Action)
+	}
+	if s := strings.Join(actions, ","); !strings.Contains(s, "attestation trusted") || !strings.Contains(s, "attestation untrusted") {
+		t.Fatalf("events: %s", s)
+	}
+}
+
+func asCode(err error, e **client.Error, code string) bool {
+	return errors.As(err, e) && (*e).Code == code
+}

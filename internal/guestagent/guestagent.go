@@ -1,0 +1,170 @@
+// Package guestagent is the in-guest side of attestation (the vtpm-guest
+// command): it makes an attestation key (AK) in the guest's TPM, registers
+// it with vtpmd proving by credential activation that it lives in the TPM
+// vtpmd made for the instance, then quotes the PCRs against vtpmd's nonces
+// and pushes the quote with the firmware's event log.
+package guestagent
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/client"
+)
+
+// DefaultEventLog is where Linux exposes the firmware's event log.
+const DefaultEventLog = "/sys/kernel/security/tpm0/binary_bios_measurements"
+
+// Agent attests one instance.
+type Agent struct {
+	TPM        transport.TPM
+	API        *client.Client
+	InstanceID string
+	// EventLog is the firmware event log's path; default DefaultEventLog.
+	EventLog string
+	// PCRs are the SHA-256 PCRs quoted; default 0–7.
+	PCRs []uint
+
+	ak *tpm2.NamedHandle
+}
+
+// akTemplate is a restricted RSA-2048 signing key (RSASSA, SHA-256): an
+// AK in the sense of the TCG, which can sign only TPM-made structures.
+var akTemplate = tpm2.TPMTPublic{
+	Type: tpm2.TPMAlgRSA, NameAlg: tpm2.TPMAlgSHA256,
+	ObjectAttributes: tpm2.TPMAObject{FixedTPM: true, FixedParent: true, SensitiveDataOrigin: true,
+		UserWithAuth: true, Restricted: true, SignEncrypt: true},
+	Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgRSA, &tpm2.TPMSRSAParms{
+		Scheme: tpm2.TPMTRSAScheme{Scheme: tpm2.TPMAlgRSASSA,
+			Details: tpm2.NewTPMUAsymScheme(tpm2.TPMAlgRSASSA, &tpm2.TPMSSigSchemeRSASSA{HashAlg: tpm2.TPMAlgSHA256})},
+		KeyBits: 2048,
+	}),
+}
+
+// Register creates the AK (a primary key of the owner hierarchy: the same
+// template gives the same key after a reboot) and registers it.
+func (a *Agent) Register(ctx context.Context) error {
+	created, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHOwner, InPublic: tpm2.New2B(akTemplate)}.Execute(a.TPM)
+	if err != nil {
+		return fmt.Errorf("creating the attestation key: %w", err)
+	}
+	a.ak = &tpm2.NamedHandle{Handle: created.ObjectHandle, Name: created.Name}
+	ekPub, err := a.readEK(tpm2.TPMHandle(0x81010001))
+	if err != nil {
+		return err
+	}
+	ch, err := a.API.Register(ctx, a.InstanceID, api.RegisterRequest{EKPublic: ekPub, AKPublic: tpm2.Marshal(created.OutPublic)})
+	if err != nil {
+		return fmt.Errorf("registering: %w", err)
+	}
+	ekHandle, err := strconv.ParseUint(ch.EKHandle, 0, 32)
+	if err != nil {
+		return fmt.Errorf("EK handle %q: %w", ch.EKHandle, err)
+	}
+	secret, err := a.activate(tpm2.TPMHandle(ekHandle), ch)
+	if err != nil {
+		return err
+	}
+	if _, err := a.API.Activate(ctx, a.InstanceID, secret); err != nil {
+		return fmt.Errorf("activating: %w", err)
+	}
+	return nil
+}
+
+func (a *Agent) readEK(h tpm2.TPMHandle) ([]byte, error) {
+	rp, err := tpm2.ReadPublic{ObjectHandle: h}.Execute(a.TPM)
+	if err != nil {
+		return nil, fmt.Errorf("reading the EK at 0x%x: %w", uint32(h), err)
+	}
+	pub, err := rp.OutPublic.Contents()
+	if err != nil {
+		return nil, err
+	}
+	key, err := tpm2.Pub(*pub)
+	if err != nil {
+		return nil, err
+	}
+	return x509.MarshalPKIXPublicKey(key)
+}
+
+// activate opens the credential with the EK, under the TCG EK policy
+// (PolicySecret of the endorsement hierarchy).
+func (a *Agent) activate(ek tpm2.TPMHandle, ch api.CredentialChallenge) ([]byte, error) {
+	rp, err := tpm2.ReadPublic{ObjectHandle: ek}.Execute(a.TPM)
+	if err != nil {
+		return nil, err
+	}
+	policy := tpm2.Policy(tpm2.TPMAlgSHA256, 16, func(tpm transport.TPM, handle tpm2.TPMISHPolicy, nonceTPM tpm2.TPM2BNonce) error {
+		_, err := tpm2.PolicySecret{AuthHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: tpm2.PasswordAuth(nil)},
+			PolicySession: handle, NonceTPM: nonceTPM}.Execute(tpm)
+		return err
+	})
+	rsp, err := tpm2.ActivateCredential{
+		ActivateHandle: tpm2.AuthHandle{Handle: a.ak.Handle, Name: a.ak.Name, Auth: tpm2.PasswordAuth(nil)},
+		KeyHandle:      tpm2.AuthHandle{Handle: ek, Name: rp.Name, Auth: policy},
+		CredentialBlob: tpm2.TPM2BIDObject{Buffer: ch.CredentialBlob},
+		Secret:         tpm2.TPM2BEncryptedSecret{Buffer: ch.EncryptedSeed},
+	}.Execute(a.TPM)
+	if err != nil {
+		return nil, fmt.Errorf("activating the credential: %w", err)
+	}
+	return rsp.CertInfo.Buffer, nil
+}
+
+// Attest quotes the PCRs against a fresh nonce and pushes the evidence;
+// it returns vtpmd's verdict.
+func (a *Agent) Attest(ctx context.Context) (api.Attestation, error) {
+	if a.ak == nil {
+		return api.Attestation{}, errors.New("not registered")
+	}
+	n, err := a.API.Nonce(ctx, a.InstanceID)
+	if err != nil {
+		return api.Attestation{}, fmt.Errorf("asking for a nonce: %w", err)
+	}
+	ev, err := a.Evidence(n.Nonce)
+	if err != nil {
+		return api.Attestation{}, err
+	}
+	return a.API.Evidence(ctx, a.InstanceID, ev)
+}
+
+// Evidence quotes the PCRs with nonce and gathers what goes with it.
+func (a *Agent) Evidence(nonce []byte) (api.EvidenceRequest, error) {
+	pcrs := a.PCRs
+	if pcrs == nil {
+		pcrs = []uint{0, 1, 2, 3, 4, 5, 6, 7}
+	}
+	sel := func(pcrs ...uint) tpm2.TPMLPCRSelection {
+		return tpm2.TPMLPCRSelection{PCRSelections: []tpm2.TPMSPCRSelection{{Hash: tpm2.TPMAlgSHA256, PCRSelect: tpm2.PCClientCompatible.PCRs(pcrs...)}}}
+	}
+	q, err := tpm2.Quote{SignHandle: *a.ak, QualifyingData: tpm2.TPM2BData{Buffer: nonce},
+		InScheme: tpm2.TPMTSigScheme{Scheme: tpm2.TPMAlgNull}, PCRSelect: sel(pcrs...)}.Execute(a.TPM)
+	if err != nil {
+		return api.EvidenceRequest{}, fmt.Errorf("quoting: %w", err)
+	}
+	ev := api.EvidenceRequest{Nonce: nonce, Attest: q.Quoted.Bytes(), Signature: tpm2.Marshal(q.Signature), PCRs: map[int][]byte{}}
+	// PCRRead returns at most 8 values per call; one per PCR keeps it plain.
+	for _, i := range pcrs {
+		r, err := tpm2.PCRRead{PCRSelectionIn: sel(i)}.Execute(a.TPM)
+		if err != nil || len(r.PCRValues.Digests) != 1 {
+			return api.EvidenceRequest{}, fmt.Errorf("reading PCR %d: %v", i, err)
+		}
+		ev.PCRs[int(i)] = r.PCRValues.Digests[0].Buffer
+	}
+	path := a.EventLog
+	if path == "" {
+		path = DefaultEventLog
+	}
+	if ev.EventLog, err = os.ReadFile(path); err != nil {
+		return api.EvidenceRequest{}, fmt.Errorf("reading the event log: %w", err)
+	}
+	return ev, nil
+}

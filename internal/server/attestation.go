@@ -1,0 +1,348 @@
+package server
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"time"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/attest"
+	"github.com/vtpmd/vtpmd/internal/store"
+)
+
+// nonceLifetime bounds how long a guest may take to quote.
+const nonceLifetime = 5 * time.Minute
+
+// Attestation error codes.
+const (
+	CodeInvalidAK        = "invalid_ak"
+	CodeEKMismatch       = "ek_mismatch"
+	CodeActivationFailed = "activation_failed"
+	CodeNotRegistered    = "not_registered"
+	CodeStaleNonce       = "stale_nonce"
+	CodeNoEvidence       = "no_evidence"
+)
+
+// register checks the guest's AK and answers with a credential only the
+// TPM vtpmd made for this instance can open, and only for this AK.
+func (s *Server) register(w http.ResponseWriter, r *http.Request) error {
+	var req api.RegisterRequest
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	v, scope, err := s.lookup(r)
+	if err != nil {
+		return err
+	}
+	if req.EKKind == "" {
+		req.EKKind = "rsa2048"
+	}
+	var ek *store.EK
+	for i := range v.EKs {
+		if v.EKs[i].Kind == req.EKKind {
+			ek = &v.EKs[i]
+		}
+	}
+	if ek == nil {
+		return apiErr(http.StatusConflict, CodeNotReady, "The vTPM has no "+req.EKKind+" EK (phase "+string(v.Phase)+").")
+	}
+	if req.EKPublic != nil && !bytes.Equal(req.EKPublic, ek.PublicDER) {
+		return apiErr(http.StatusForbidden, CodeEKMismatch, "This EK is not the one vtpmd made for instance "+v.InstanceID+"; registration refused.")
+	}
+	ak, err := attest.ParseAK(req.AKPublic)
+	if err != nil {
+		return apiErr(http.StatusBadRequest, CodeInvalidAK, err.Error())
+	}
+	ekPub, err := x509.ParsePKIXPublicKey(ek.PublicDER)
+	if err != nil {
+		return err
+	}
+	ch, err := attest.NewChallenge(ekPub, ak)
+	if err != nil {
+		return err
+	}
+	hash := sha256.Sum256(ch.Secret)
+	err = s.updateAttestation(r.Context(), v.InstanceID, scope, "attestation key submitted", func(a *store.Attestation) error {
+		*a = store.Attestation{InstanceID: v.InstanceID, EKKind: req.EKKind, AKPublic: req.AKPublic, ChallengeHash: hash[:],
+			Verdict: "pending", PolicyPCRs: a.PolicyPCRs, PolicyEventLog: a.PolicyEventLog}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.CredentialChallenge{EKHandle: fmt.Sprintf("0x%08x", ek.Handle),
+		CredentialBlob: ch.CredentialBlob, EncryptedSeed: ch.EncryptedSeed})
+	return nil
+}
+
+// activate completes registration when the TPM gave the credential back.
+func (s *Server) activate(w http.ResponseWriter, r *http.Request) error {
+	var req api.ActivateRequest
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	v, scope, err := s.lookup(r)
+	if err != nil {
+		return err
+	}
+	var out *store.Attestation
+	err = s.updateAttestation(r.Context(), v.InstanceID, scope, "attestation key registered", func(a *store.Attestation) error {
+		if a.ChallengeHash == nil {
+			return apiErr(http.StatusConflict, CodeNotRegistered, "No registration is waiting for a credential; register the AK first.")
+		}
+		got := sha256.Sum256(req.Secret)
+		if subtle.ConstantTimeCompare(got[:], a.ChallengeHash) != 1 {
+			return apiErr(http.StatusForbidden, CodeActivationFailed, "The credential does not match: the AK is not in the TPM vtpmd made for this instance.")
+		}
+		a.ChallengeHash, a.RegisteredAt = nil, time.Now().UTC()
+		out = a
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, attestationView(out))
+	return nil
+}
+
+// nonce hands out the single-use nonce the next quote must answer.
+func (s *Server) nonce(w http.ResponseWriter, r *http.Request) error {
+	v, scope, err := s.lookup(r)
+	if err != nil {
+		return err
+	}
+	n := api.Nonce{Nonce: make([]byte, 32), ExpiresAt: time.Now().UTC().Add(nonceLifetime)}
+	if _, err := rand.Read(n.Nonce); err != nil {
+		return err
+	}
+	err = s.updateAttestation(r.Context(), v.InstanceID, scope, "", func(a *store.Attestation) error {
+		if a.RegisteredAt.IsZero() {
+			return apiErr(http.StatusConflict, CodeNotRegistered, "The instance has no registered attestation key.")
+		}
+		a.Nonce, a.NonceExpires = n.Nonce, n.ExpiresAt
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, n)
+	return nil
+}
+
+// evidence verifies a pushed quote and records the verdict. The nonce is
+// spent whatever the outcome.
+func (s *Server) evidence(w http.ResponseWriter, r *http.Request) error {
+	var req api.EvidenceRequest
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	v, scope, err := s.lookup(r)
+	if err != nil {
+		return err
+	}
+	var out *store.Attestation
+	err = s.updateAttestation(r.Context(), v.InstanceID, scope, "", func(a *store.Attestation) error {
+		if a.RegisteredAt.IsZero() {
+			return apiErr(http.StatusConflict, CodeNotRegistered, "The instance has no registered attestation key.")
+		}
+		fresh := a.Nonce != nil && bytes.Equal(a.Nonce, req.Nonce) && time.Now().Before(a.NonceExpires)
+		a.Nonce = nil
+		if !fresh {
+			return apiErr(http.StatusConflict, CodeStaleNonce, "The evidence does not answer the current nonce (used, expired or never issued); ask for a new one.")
+		}
+		ak, err := attest.ParseAK(a.AKPublic)
+		if err != nil {
+			return err
+		}
+		prev := attest.State{EventLog: a.EventLog}
+		if a.PCRs != nil {
+			prev.Quote = &attest.Quote{Clock: a.Clock, ResetCount: a.ResetCount, RestartCount: a.RestartCount}
+		}
+		policy, err := storedPolicy(a)
+		if err != nil {
+			return err
+		}
+		verdict, next := attest.Verify(ak, attest.Evidence{Attest: req.Attest, Signature: req.Signature, PCRs: req.PCRs, EventLog: req.EventLog},
+			req.Nonce, prev, policy)
+		record(a, verdict)
+		if verdict.Genuine {
+			q := next.Quote
+			a.Clock, a.ResetCount, a.RestartCount, a.PCRs, a.EventLog = q.Clock, q.ResetCount, q.RestartCount, q.PCRs, next.EventLog
+		}
+		out = a
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, attestationView(out))
+	return nil
+}
+
+// record puts a verdict on a.
+func record(a *store.Attestation, v attest.Verdict) {
+	a.Reasons, a.VerifiedAt = v.Reasons, time.Now().UTC()
+	switch {
+	case v.Trusted:
+		a.Verdict = "trusted"
+	case v.Genuine && len(a.PolicyPCRs) == 0:
+		a.Verdict = "pending"
+	default:
+		a.Verdict = "untrusted"
+	}
+}
+
+// storedPolicy rebuilds the policy kept with a; nil when there is none.
+func storedPolicy(a *store.Attestation) (*attest.Policy, error) {
+	if len(a.PolicyPCRs) == 0 {
+		return nil, nil
+	}
+	p := &attest.Policy{PCRs: a.PolicyPCRs}
+	if a.PolicyEventLog != nil {
+		events, err := attest.ParseEventLog(a.PolicyEventLog)
+		if err != nil {
+			return nil, err
+		}
+		p.Events = events
+	}
+	return p, nil
+}
+
+// setPolicy learns the policy from the last accepted evidence and judges
+// that evidence by it at once.
+func (s *Server) setPolicy(w http.ResponseWriter, r *http.Request) error {
+	var req api.PolicyRequest
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	if !req.Learn {
+		return apiErr(http.StatusBadRequest, CodeInvalidParameter, "Only learning a policy from the last accepted evidence is supported: set \"learn\": true.")
+	}
+	if req.PCRs == nil {
+		req.PCRs = []int{0, 1, 2, 3, 4, 5, 6, 7}
+	}
+	for _, i := range req.PCRs {
+		if i < 0 || i > 23 {
+			return apiErr(http.StatusBadRequest, CodeInvalidParameter, fmt.Sprintf("PCR %d does not exist (0–23).", i))
+		}
+	}
+	v, scope, err := s.lookup(r)
+	if err != nil {
+		return err
+	}
+	var out *store.Attestation
+	err = s.updateAttestation(r.Context(), v.InstanceID, scope, "policy learned", func(a *store.Attestation) error {
+		if a.PCRs == nil {
+			return apiErr(http.StatusConflict, CodeNoEvidence, "No evidence has been accepted yet to learn from.")
+		}
+		events, err := attest.ParseEventLog(a.EventLog)
+		if err != nil {
+			return err
+		}
+		p := attest.Learn(a.PCRs, events, req.PCRs)
+		a.PolicyPCRs, a.PolicyEventLog = p.PCRs, a.EventLog
+		mismatches := attest.Evaluate(p, a.PCRs, events)
+		v := attest.Verdict{Genuine: true, Trusted: len(mismatches) == 0}
+		for _, m := range mismatches {
+			v.Reasons = append(v.Reasons, m.String())
+		}
+		record(a, v)
+		out = a
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, attestationView(out))
+	return nil
+}
+
+func (s *Server) getAttestation(w http.ResponseWriter, r *http.Request) error {
+	v, _, err := s.lookup(r)
+	if err != nil {
+		return err
+	}
+	var a *store.Attestation
+	err = s.Store.View(r.Context(), func(tx *store.Tx) (err error) {
+		a, err = tx.GetAttestation(v.InstanceID)
+		return err
+	})
+	if errors.Is(err, store.ErrNotFound) {
+		return apiErr(http.StatusNotFound, CodeNotRegistered, "The instance has never registered an attestation key.")
+	}
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, attestationView(a))
+	return nil
+}
+
+// updateAttestation applies fn to the instance's attestation record (a new
+// one if none) in one transaction, with an event when action is set. The
+// record is written even when fn refuses, so that a spent nonce stays
+// spent; fn's error is returned after.
+func (s *Server) updateAttestation(ctx context.Context, id, scope, action string, fn func(*store.Attestation) error) error {
+	var refusal error
+	err := s.Store.Update(ctx, func(tx *store.Tx) error {
+		a, err := tx.GetAttestation(id)
+		existed := err == nil
+		if errors.Is(err, store.ErrNotFound) {
+			a, err = &store.Attestation{InstanceID: id, Verdict: "pending"}, nil
+		}
+		if err != nil {
+			return err
+		}
+		before := a.Verdict
+		if refusal = fn(a); refusal != nil {
+			var ae *APIError
+			if !errors.As(refusal, &ae) || !existed {
+				return nil // a fault, or nothing to keep: write nothing
+			}
+		}
+		if err := tx.PutAttestation(a); err != nil {
+			return err
+		}
+		if refusal == nil && a.Verdict != before {
+			action = "attestation " + a.Verdict
+		}
+		if action == "" || refusal != nil {
+			return nil
+		}
+		return tx.AppendEvent(store.Event{Actor: actor(scope), InstanceID: id, Action: action, Detail: detail(a)})
+	})
+	if err != nil {
+		return err
+	}
+	return refusal
+}
+
+func detail(a *store.Attestation) string {
+	if len(a.Reasons) > 0 {
+		return a.Reasons[0]
+	}
+	return a.Verdict
+}
+
+func attestationView(a *store.Attestation) api.Attestation {
+	out := api.Attestation{InstanceID: a.InstanceID, State: "unregistered", RegisteredAt: a.RegisteredAt, Verdict: a.Verdict,
+		Reasons: a.Reasons, VerifiedAt: a.VerifiedAt, PCRs: a.PCRs}
+	switch {
+	case a.ChallengeHash != nil:
+		out.State = "challenged"
+	case !a.RegisteredAt.IsZero():
+		out.State = "registered"
+	}
+	for i := range a.PolicyPCRs {
+		out.PolicyPCRs = append(out.PolicyPCRs, i)
+	}
+	slices.Sort(out.PolicyPCRs)
+	return out
+}

@@ -1,0 +1,75 @@
+package store
+
+import (
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// Attestation is an instance's attestation record: the registered AK, the
+// pending challenge or nonce, the last accepted evidence, the policy and
+// the verdict. Byte fields are TPM structures or digests; none is a secret
+// (the challenge is kept only as its hash).
+type Attestation struct {
+	InstanceID string `json:"-"`
+	EKKind     string `json:"ek_kind"`
+	AKPublic   []byte `json:"ak_public"` // TPM2B_PUBLIC
+	// ChallengeHash is SHA-256 of the credential the TPM must give back;
+	// set while registration waits for it.
+	ChallengeHash []byte    `json:"challenge_hash,omitempty"`
+	RegisteredAt  time.Time `json:"registered_at,omitzero"`
+	// Nonce is the one a quote must answer; used once, until NonceExpires.
+	Nonce        []byte    `json:"nonce,omitempty"`
+	NonceExpires time.Time `json:"nonce_expires,omitzero"`
+	// The last accepted quote's counters, PCRs and event log.
+	Clock        uint64         `json:"clock,omitempty"`
+	ResetCount   uint32         `json:"reset_count,omitempty"`
+	RestartCount uint32         `json:"restart_count,omitempty"`
+	PCRs         map[int][]byte `json:"pcrs,omitempty"`
+	EventLog     []byte         `json:"event_log,omitempty"`
+	// Policy: reference PCR values, and the log they were learned from.
+	PolicyPCRs     map[int][]byte `json:"policy_pcrs,omitempty"`
+	PolicyEventLog []byte         `json:"policy_event_log,omitempty"`
+	// Verdict: pending, trusted or untrusted, with reasons.
+	Verdict    string    `json:"verdict"`
+	Reasons    []string  `json:"reasons,omitempty"`
+	VerifiedAt time.Time `json:"verified_at,omitzero"`
+}
+
+// GetAttestation reads an instance's attestation; ErrNotFound if it never
+// registered.
+func (t *Tx) GetAttestation(instanceID string) (*Attestation, error) {
+	var doc string
+	err := t.tx.QueryRowContext(t.ctx, `SELECT doc FROM attestations WHERE instance_id=?`, instanceID).Scan(&doc)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, fmt.Errorf("attestation of %s: %w", instanceID, ErrNotFound)
+	}
+	if err != nil {
+		return nil, err
+	}
+	a := &Attestation{InstanceID: instanceID}
+	if err := json.Unmarshal([]byte(doc), a); err != nil {
+		return nil, fmt.Errorf("decoding attestation of %s: %w", instanceID, err)
+	}
+	return a, nil
+}
+
+// PutAttestation writes a (insert or replace).
+func (t *Tx) PutAttestation(a *Attestation) error {
+	doc, err := json.Marshal(a)
+	if err != nil {
+		return err
+	}
+	_, err = t.exec(`INSERT INTO attestations (instance_id, doc, updated_at) VALUES (?,?,?)
+		ON CONFLICT(instance_id) DO UPDATE SET doc=excluded.doc, updated_at=excluded.updated_at`,
+		a.InstanceID, string(doc), stamp(t.now))
+	return err
+}
+
+// DeleteAttestation removes an instance's attestation, if any.
+func (t *Tx) DeleteAttestation(instanceID string) error {
+	_, err := t.exec(`DELETE FROM attestations WHERE instance_id=?`, instanceID)
+	return err
+}
