@@ -57,10 +57,11 @@ func Verify(ak *AK, ev Evidence, nonce []byte, prev State, p *Policy) (Verdict, 
 		}
 		next.EventLog, next.Events, next.Replayed = bytes.Clone(ev.EventLog), events, Replay(events)
 	}
-	for i, v := range q.PCRs {
+	for i := range 8 {
 		// PCRs the firmware log covers (0–7) must match it exactly; others
 		// (later stages, IMA) are judged by the policy alone.
-		if r, ok := next.Replayed[i]; ok && i < 8 && !bytes.Equal(r, v) {
+		v, quoted := q.PCRs[i]
+		if r, ok := next.Replayed[i]; ok && quoted && !bytes.Equal(r, v) {
 			return Verdict{Reasons: []string{fmt.Sprintf("the event log does not replay to the quoted PCR %d", i)}, Quote: q}, prev
 		}
 	}

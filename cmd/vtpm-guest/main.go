@@ -1,0 +1,90 @@
+// Command vtpm-guest is vtpmd's in-guest attestation agent: a static binary
+// (CGO_ENABLED=0) that registers the guest's TPM with vtpmd and then pushes
+// a quote of PCRs 0–7 with the firmware's event log on an interval.
+//
+//	vtpm-guest --server http://10.0.2.2:8780 [--instance UUID] [--tpm /dev/tpmrm0] [--interval 30s] [--once]
+//
+// The instance id defaults to the machine's SMBIOS UUID, which is the
+// instance id under libvirt and Nova.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/google/go-tpm/tpm2/transport"
+	"github.com/google/go-tpm/tpm2/transport/linuxtpm"
+
+	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/guestagent"
+)
+
+func main() {
+	server := flag.String("server", "http://10.0.2.2:8780", "vtpmd API URL")
+	instance := flag.String("instance", "", "instance id (default: the SMBIOS UUID, /sys/class/dmi/id/product_uuid)")
+	tpmPath := flag.String("tpm", "/dev/tpmrm0", "TPM device, or unix:PATH for a swtpm data socket")
+	eventLog := flag.String("event-log", guestagent.DefaultEventLog, "firmware event log")
+	interval := flag.Duration("interval", 30*time.Second, "time between attestations")
+	once := flag.Bool("once", false, "register, attest once and exit")
+	flag.Parse()
+	if err := run(*server, *instance, *tpmPath, *eventLog, *interval, *once); err != nil {
+		fmt.Fprintln(os.Stderr, "vtpm-guest:", err)
+		os.Exit(1)
+	}
+}
+
+func run(server, instance, tpmPath, eventLog string, interval time.Duration, once bool) error {
+	if instance == "" {
+		b, err := os.ReadFile("/sys/class/dmi/id/product_uuid")
+		if err != nil {
+			return fmt.Errorf("no --instance and no SMBIOS UUID: %w", err)
+		}
+		instance = strings.ToLower(strings.TrimSpace(string(b)))
+	}
+	tpm, err := openTPM(tpmPath)
+	if err != nil {
+		return err
+	}
+	defer tpm.Close()
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	agent := &guestagent.Agent{TPM: tpm, API: client.New(server, ""), InstanceID: instance, EventLog: eventLog}
+	if err := agent.Register(ctx); err != nil {
+		return err
+	}
+	fmt.Printf("vtpm-guest: instance %s registered\n", instance)
+	for {
+		a, err := agent.Attest(ctx)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "vtpm-guest: attesting:", err)
+		} else {
+			fmt.Printf("vtpm-guest: verdict %s %s\n", a.Verdict, strings.Join(a.Reasons, "; "))
+		}
+		if once {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(interval):
+		}
+	}
+}
+
+func openTPM(path string) (transport.TPMCloser, error) {
+	if sock, ok := strings.CutPrefix(path, "unix:"); ok {
+		conn, err := net.Dial("unix", sock)
+		if err != nil {
+			return nil, err
+		}
+		return transport.FromReadWriteCloser(conn), nil
+	}
+	return linuxtpm.Open(path)
+}
