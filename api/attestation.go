@@ -46,7 +46,7 @@ type EvidenceRequest struct {
 type PolicyRequest struct {
 	// Learn takes the last accepted evidence as the reference.
 	Learn bool `json:"learn"`
-	// PCRs are the PCRs the policy covers; default 0–7.
+	// PCRs are the PCRs the policy covers; default: every PCR quoted.
 	PCRs []int `json:"pcrs,omitempty"`
 }
 

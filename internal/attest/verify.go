@@ -57,9 +57,9 @@ func Verify(ak *AK, ev Evidence, nonce []byte, prev State, p *Policy) (Verdict, 
 		}
 		next.EventLog, next.Events, next.Replayed = bytes.Clone(ev.EventLog), events, Replay(events)
 	}
-	for i := range 8 {
-		// PCRs the firmware log covers (0–7) must match it exactly; others
-		// (later stages, IMA) are judged by the policy alone.
+	for i := range 24 {
+		// Quoted PCRs the log extends must match it exactly; others (IMA,
+		// later stages with logs of their own) are judged by the policy.
 		v, quoted := q.PCRs[i]
 		if r, ok := next.Replayed[i]; ok && quoted && !bytes.Equal(r, v) {
 			return Verdict{Reasons: []string{fmt.Sprintf("the event log does not replay to the quoted PCR %d", i)}, Quote: q}, prev

@@ -55,9 +55,9 @@ func connectLibvirt(t testing.TB) *golibvirt.Libvirt {
 	return lv
 }
 
-// guestImage is the Debian kernel and an initramfs whose /init prints the
-// TPM's PCRs and powers off (internal/guest/testinit), cached.
-func guestImage(t testing.TB) (kernel, initrd string) {
+// guestImage is the Debian kernel and an initramfs whose /init is the Go
+// main package init (with the e1000 driver at /lib/modules/e1000.ko), cached.
+func guestImage(t testing.TB, init string) (kernel, initrd string) {
 	t.Helper()
 	cache, err := guest.CacheDir()
 	if err != nil {
@@ -68,38 +68,57 @@ func guestImage(t testing.TB) (kernel, initrd string) {
 	if err != nil {
 		t.Fatalf("getting the guest kernel: %v", err)
 	}
-	initrd, err = guest.Initramfs(ctx, cache, "github.com/vtpmd/vtpmd/internal/guest/testinit", nil)
+	initrd, err = guest.Initramfs(ctx, cache, init, map[string]string{"lib/modules/e1000.ko": k.E1000})
 	if err != nil {
 		t.Fatal(err)
 	}
 	return k.Vmlinuz, initrd
 }
 
-// bootPCRs waits for the test init's report on the guest's console and
-// returns the PCR values it printed.
-func bootPCRs(t *testing.T, console string) map[string]string {
+// The guests' /init programs.
+const (
+	pcrInit    = "github.com/vtpmd/vtpmd/internal/guest/testinit"   // prints PCRs and the event log
+	attestInit = "github.com/vtpmd/vtpmd/internal/guest/attestinit" // runs the guest agent once
+)
+
+// waitConsole waits until the guest's console holds marker, and returns it.
+func waitConsole(t testing.TB, console, marker string) string {
 	t.Helper()
 	deadline := time.Now().Add(4 * time.Minute) // TCG boots in ≈16 s; CI machines are slower
 	for {
 		b, _ := os.ReadFile(console)
-		if bytes.Contains(b, []byte("VTPM-TESTINIT DONE")) {
-			pcrs := map[string]string{}
-			for _, line := range strings.Split(string(b), "\n") {
-				line = strings.TrimSpace(line)
-				if k, v, ok := strings.Cut(strings.TrimPrefix(line, "PCR "), "="); ok && strings.HasPrefix(line, "PCR ") {
-					pcrs[k] = v
-				}
-				if l, ok := strings.CutPrefix(line, "EVENTLOG "); ok {
-					pcrs["eventlog"] = l
-				}
-			}
-			return pcrs
+		if bytes.Contains(b, []byte(marker)) {
+			return string(b)
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the guest did not report its PCRs; console:\n%s", b)
+			t.Fatalf("the guest did not print %q; console:\n%s", marker, b)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+}
+
+// bootPCRs waits for the test init's report on the guest's console and
+// returns the PCR values (and the event log, as "eventlog") it printed.
+func bootPCRs(t *testing.T, console string) map[string]string {
+	t.Helper()
+	pcrs := map[string]string{}
+	for _, line := range strings.Split(waitConsole(t, console, "VTPM-TESTINIT DONE"), "\n") {
+		line = strings.TrimSpace(line)
+		if k, v, ok := strings.Cut(strings.TrimPrefix(line, "PCR "), "="); ok && strings.HasPrefix(line, "PCR ") {
+			pcrs[k] = v
+		}
+		if l, ok := strings.CutPrefix(line, "EVENTLOG "); ok {
+			pcrs["eventlog"] = l
+		}
+	}
+	return pcrs
+}
+
+// guestOptions shape a test guest.
+type guestOptions struct {
+	init    string // Go main package for /init
+	cmdline string // appended to the kernel command line
+	network bool   // QEMU user networking (e1000): the host is 10.0.2.2
 }
 
 // defineGuest defines a small UEFI guest (q35, OVMF, 256 MiB, TCG, no disk)
@@ -108,7 +127,12 @@ func bootPCRs(t *testing.T, console string) map[string]string {
 // and NVRAM, when the test ends.
 func defineGuest(t testing.TB, lv *golibvirt.Libvirt, id, dir string) golibvirt.Domain {
 	t.Helper()
-	kernel, initrd := guestImage(t)
+	return defineGuestWith(t, lv, id, dir, guestOptions{init: pcrInit})
+}
+
+func defineGuestWith(t testing.TB, lv *golibvirt.Libvirt, id, dir string, o guestOptions) golibvirt.Domain {
+	t.Helper()
+	kernel, initrd := guestImage(t, o.init)
 	nvram := filepath.Join(dir, "OVMF_VARS.fd")
 	vars, err := os.ReadFile("/usr/share/OVMF/OVMF_VARS_4M.fd")
 	if err != nil {
@@ -128,7 +152,7 @@ func defineGuest(t testing.TB, lv *golibvirt.Libvirt, id, dir string) golibvirt.
 			NVRam:   &libvirtxml.DomainNVRam{NVRam: nvram},
 			Kernel:  kernel,
 			Initrd:  initrd,
-			Cmdline: "console=ttyS0 panic=-1",
+			Cmdline: strings.TrimSpace("console=ttyS0 panic=-1 " + o.cmdline),
 		},
 		Features:   &libvirtxml.DomainFeatureList{ACPI: &libvirtxml.DomainFeature{}},
 		OnPoweroff: "destroy", OnReboot: "destroy", OnCrash: "destroy",
@@ -139,6 +163,12 @@ func defineGuest(t testing.TB, lv *golibvirt.Libvirt, id, dir string) golibvirt.
 				Target: &libvirtxml.DomainSerialTarget{Port: &port},
 			}},
 		},
+	}
+	if o.network {
+		d.Devices.Interfaces = []libvirtxml.DomainInterface{{
+			Source: &libvirtxml.DomainInterfaceSource{User: &libvirtxml.DomainInterfaceSourceUser{}},
+			Model:  &libvirtxml.DomainInterfaceModel{Type: "e1000"},
+		}}
 	}
 	xml, err := d.Marshal()
 	if err != nil {

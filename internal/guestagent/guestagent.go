@@ -30,7 +30,9 @@ type Agent struct {
 	InstanceID string
 	// EventLog is the firmware event log's path; default DefaultEventLog.
 	EventLog string
-	// PCRs are the SHA-256 PCRs quoted; default 0–7.
+	// PCRs are the SHA-256 PCRs quoted; default 0–9: the firmware's (0–7)
+	// and the Linux EFI stub's measurements of the initrd and command
+	// line (9).
 	PCRs []uint
 
 	ak *tpm2.NamedHandle
@@ -140,7 +142,7 @@ func (a *Agent) Attest(ctx context.Context) (api.Attestation, error) {
 func (a *Agent) Evidence(nonce []byte) (api.EvidenceRequest, error) {
 	pcrs := a.PCRs
 	if pcrs == nil {
-		pcrs = []uint{0, 1, 2, 3, 4, 5, 6, 7}
+		pcrs = []uint{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}
 	}
 	sel := func(pcrs ...uint) tpm2.TPMLPCRSelection {
 		return tpm2.TPMLPCRSelection{PCRSelections: []tpm2.TPMSPCRSelection{{Hash: tpm2.TPMAlgSHA256, PCRSelect: tpm2.PCClientCompatible.PCRs(pcrs...)}}}

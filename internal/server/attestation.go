@@ -226,9 +226,6 @@ func (s *Server) setPolicy(w http.ResponseWriter, r *http.Request) error {
 	if !req.Learn {
 		return apiErr(http.StatusBadRequest, CodeInvalidParameter, "Only learning a policy from the last accepted evidence is supported: set \"learn\": true.")
 	}
-	if req.PCRs == nil {
-		req.PCRs = []int{0, 1, 2, 3, 4, 5, 6, 7}
-	}
 	for _, i := range req.PCRs {
 		if i < 0 || i > 23 {
 			return apiErr(http.StatusBadRequest, CodeInvalidParameter, fmt.Sprintf("PCR %d does not exist (0–23).", i))
@@ -247,7 +244,13 @@ func (s *Server) setPolicy(w http.ResponseWriter, r *http.Request) error {
 		if err != nil {
 			return err
 		}
-		p := attest.Learn(a.PCRs, events, req.PCRs)
+		which := req.PCRs
+		if which == nil { // every PCR the evidence quoted
+			for i := range a.PCRs {
+				which = append(which, i)
+			}
+		}
+		p := attest.Learn(a.PCRs, events, which)
 		a.PolicyPCRs, a.PolicyEventLog = p.PCRs, a.EventLog
 		mismatches := attest.Evaluate(p, a.PCRs, events)
 		v := attest.Verdict{Genuine: true, Trusted: len(mismatches) == 0}

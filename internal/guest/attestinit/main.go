@@ -1,0 +1,124 @@
+// Command attestinit is the /init of the attestation test guests: it mounts
+// the kernel's file systems, loads the e1000 driver and configures QEMU
+// user networking (10.0.2.15/24; vtpmd is reached at 10.0.2.2), runs the
+// guest agent once (register, attest) against the server named by
+// vtpmd.server= on the kernel command line, prints "VTPM-GUEST VERDICT
+// <verdict> <reasons>" and powers off. Built static (CGO_ENABLED=0).
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/google/go-tpm/tpm2/transport/linuxtpm"
+	"golang.org/x/sys/unix"
+
+	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/guestagent"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Println("VTPM-GUEST ERROR", err)
+	}
+	syscall.Sync()
+	syscall.Reboot(syscall.LINUX_REBOOT_CMD_POWER_OFF)
+}
+
+func run() error {
+	for _, m := range [][3]string{{"proc", "/proc", "proc"}, {"sysfs", "/sys", "sysfs"},
+		{"devtmpfs", "/dev", "devtmpfs"}, {"securityfs", "/sys/kernel/security", "securityfs"}} {
+		os.MkdirAll(m[1], 0o755)
+		if err := syscall.Mount(m[0], m[1], m[2], 0, ""); err != nil && err != syscall.EBUSY {
+			return fmt.Errorf("mounting %s: %w", m[1], err)
+		}
+	}
+	cmdline, _ := os.ReadFile("/proc/cmdline")
+	var server string
+	for _, f := range strings.Fields(string(cmdline)) {
+		if v, ok := strings.CutPrefix(f, "vtpmd.server="); ok {
+			server = v
+		}
+	}
+	if server == "" {
+		return fmt.Errorf("no vtpmd.server= on the kernel command line")
+	}
+	if err := network(); err != nil {
+		return err
+	}
+	// The TPM driver may probe after init starts.
+	t, err := linuxtpm.Open("/dev/tpmrm0")
+	for deadline := time.Now().Add(20 * time.Second); err != nil && time.Now().Before(deadline); {
+		time.Sleep(100 * time.Millisecond)
+		t, err = linuxtpm.Open("/dev/tpmrm0")
+	}
+	if err != nil {
+		return fmt.Errorf("no TPM: %w", err)
+	}
+	defer t.Close()
+	uuid, err := os.ReadFile("/sys/class/dmi/id/product_uuid")
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	agent := &guestagent.Agent{TPM: t, API: client.New(server, ""), InstanceID: strings.ToLower(strings.TrimSpace(string(uuid)))}
+	if err := agent.Register(ctx); err != nil {
+		return err
+	}
+	a, err := agent.Attest(ctx)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("VTPM-GUEST VERDICT %s %s\n", a.Verdict, strings.Join(a.Reasons, "; "))
+	return nil
+}
+
+// network loads e1000 and gives eth0 10.0.2.15/24, QEMU user networking's
+// guest address; the host (10.0.2.2) is then on the link.
+func network() error {
+	f, err := os.Open("/lib/modules/e1000.ko")
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := unix.FinitModule(int(f.Fd()), "", 0); err != nil && err != unix.EEXIST {
+		return fmt.Errorf("loading e1000: %w", err)
+	}
+	s, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(s)
+	var ifr *unix.Ifreq
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if ifr, err = unix.NewIfreq("eth0"); err == nil {
+			if err = unix.IoctlIfreq(s, unix.SIOCGIFFLAGS, ifr); err == nil {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("no eth0: %w", err)
+		}
+	}
+	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP | unix.IFF_RUNNING)
+	if err := unix.IoctlIfreq(s, unix.SIOCSIFFLAGS, ifr); err != nil {
+		return fmt.Errorf("bringing eth0 up: %w", err)
+	}
+	for _, set := range []struct {
+		req  uint
+		addr [4]byte
+	}{{unix.SIOCSIFADDR, [4]byte{10, 0, 2, 15}}, {unix.SIOCSIFNETMASK, [4]byte{255, 255, 255, 0}}} {
+		if err := ifr.SetInet4Addr(set.addr[:]); err != nil {
+			return err
+		}
+		if err := unix.IoctlIfreq(s, set.req, ifr); err != nil {
+			return fmt.Errorf("configuring eth0: %w", err)
+		}
+	}
+	return nil
+}
