@@ -53,3 +53,30 @@ func TestDoctor(t *testing.T) {
 		t.Fatalf("doctor as a tenant: %d %q", code, errOut)
 	}
 }
+
+// TestAttestationCommands: status of a guest that never registered, and a
+// policy with nothing to learn from, against a real daemon.
+func TestAttestationCommands(t *testing.T) {
+	swtpmtest.Require(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	d, err := daemon.StartAllInOne(ctx, daemon.Config{DataDir: t.TempDir(), Listen: "127.0.0.1:0", HostName: "h1"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Shutdown(context.Background())
+	base := []string{"--server", "http://" + d.Addr}
+	id := "5b1f8c2e-9a0d-4c3b-8e7f-1a2b3c4d5e6f"
+	if code, _, errOut := run(t, append(base, "create", "--instance", id, "--for-project", "p1", "--flavor-spec", "hw:tpm_version=2.0", "--wait=false")...); code != ExitOK {
+		t.Fatalf("create: %d %s", code, errOut)
+	}
+	if code, _, errOut := run(t, append(base, "attestation", "status", id)...); code != ExitNotFound || !strings.Contains(errOut, "never registered") {
+		t.Fatalf("status before registration: %d %q", code, errOut)
+	}
+	if code, _, errOut := run(t, append(base, "policy", "learn", id, "--pcrs", "0,x")...); code != ExitUsage || !strings.Contains(errOut, "not a PCR number") {
+		t.Fatalf("bad --pcrs: %d %q", code, errOut)
+	}
+	if code, _, errOut := run(t, append(base, "policy", "learn", id)...); code != ExitConflict || !strings.Contains(errOut, "no_evidence") {
+		t.Fatalf("learn without evidence: %d %q", code, errOut)
+	}
+}

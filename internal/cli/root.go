@@ -110,6 +110,8 @@ func NewRootCommand() *cobra.Command {
 		newAttachCommand(g),
 		newActionCommand(g, "detach", "Detach a vTPM from its libvirt domain (state kept)", "active", (*client.Client).Detach),
 		newDoctorCommand(g),
+		newAttestationCommand(g),
+		newPolicyCommand(g),
 		newEventsCommand(g),
 		newHostsCommand(g),
 		newCACommand(g),
