@@ -86,15 +86,7 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) error {
 // activate completes registration when the TPM gave the credential back.
 func (s *Server) activate(w http.ResponseWriter, r *http.Request) error {
 	var req api.ActivateRequest
-	if err := decode(w, r, &req); err != nil {
-		return err
-	}
-	v, scope, err := s.lookup(r)
-	if err != nil {
-		return err
-	}
-	var out *store.Attestation
-	err = s.updateAttestation(r.Context(), v.InstanceID, scope, "attestation key registered", func(a *store.Attestation) error {
+	return s.attestationChange(w, r, &req, "attestation key registered", func(a *store.Attestation) error {
 		if a.ChallengeHash == nil {
 			return apiErr(http.StatusConflict, CodeNotRegistered, "No registration is waiting for a credential; register the AK first.")
 		}
@@ -103,8 +95,25 @@ func (s *Server) activate(w http.ResponseWriter, r *http.Request) error {
 			return apiErr(http.StatusForbidden, CodeActivationFailed, "The credential does not match: the AK is not in the TPM vtpmd made for this instance.")
 		}
 		a.ChallengeHash, a.RegisteredAt = nil, time.Now().UTC()
-		out = a
 		return nil
+	})
+}
+
+// attestationChange decodes the body into req, applies fn to the
+// instance's attestation record (see updateAttestation) and answers with
+// the resulting status.
+func (s *Server) attestationChange(w http.ResponseWriter, r *http.Request, req any, action string, fn func(*store.Attestation) error) error {
+	if err := decode(w, r, req); err != nil {
+		return err
+	}
+	v, scope, err := s.lookup(r)
+	if err != nil {
+		return err
+	}
+	var out *store.Attestation
+	err = s.updateAttestation(r.Context(), v.InstanceID, scope, action, func(a *store.Attestation) error {
+		out = a
+		return fn(a)
 	})
 	if err != nil {
 		return err
@@ -141,15 +150,7 @@ func (s *Server) nonce(w http.ResponseWriter, r *http.Request) error {
 // spent whatever the outcome.
 func (s *Server) evidence(w http.ResponseWriter, r *http.Request) error {
 	var req api.EvidenceRequest
-	if err := decode(w, r, &req); err != nil {
-		return err
-	}
-	v, scope, err := s.lookup(r)
-	if err != nil {
-		return err
-	}
-	var out *store.Attestation
-	err = s.updateAttestation(r.Context(), v.InstanceID, scope, "", func(a *store.Attestation) error {
+	return s.attestationChange(w, r, &req, "", func(a *store.Attestation) error {
 		if a.RegisteredAt.IsZero() {
 			return apiErr(http.StatusConflict, CodeNotRegistered, "The instance has no registered attestation key.")
 		}
@@ -177,14 +178,8 @@ func (s *Server) evidence(w http.ResponseWriter, r *http.Request) error {
 			q := next.Quote
 			a.Clock, a.ResetCount, a.RestartCount, a.PCRs, a.EventLog = q.Clock, q.ResetCount, q.RestartCount, q.PCRs, next.EventLog
 		}
-		out = a
 		return nil
 	})
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, attestationView(out))
-	return nil
 }
 
 // record puts a verdict on a.
@@ -220,23 +215,15 @@ func storedPolicy(a *store.Attestation) (*attest.Policy, error) {
 // that evidence by it at once.
 func (s *Server) setPolicy(w http.ResponseWriter, r *http.Request) error {
 	var req api.PolicyRequest
-	if err := decode(w, r, &req); err != nil {
-		return err
-	}
-	if !req.Learn {
-		return apiErr(http.StatusBadRequest, CodeInvalidParameter, "Only learning a policy from the last accepted evidence is supported: set \"learn\": true.")
-	}
-	for _, i := range req.PCRs {
-		if i < 0 || i > 23 {
-			return apiErr(http.StatusBadRequest, CodeInvalidParameter, fmt.Sprintf("PCR %d does not exist (0–23).", i))
+	return s.attestationChange(w, r, &req, "policy learned", func(a *store.Attestation) error {
+		if !req.Learn {
+			return apiErr(http.StatusBadRequest, CodeInvalidParameter, "Only learning a policy from the last accepted evidence is supported: set \"learn\": true.")
 		}
-	}
-	v, scope, err := s.lookup(r)
-	if err != nil {
-		return err
-	}
-	var out *store.Attestation
-	err = s.updateAttestation(r.Context(), v.InstanceID, scope, "policy learned", func(a *store.Attestation) error {
+		for _, i := range req.PCRs {
+			if i < 0 || i > 23 {
+				return apiErr(http.StatusBadRequest, CodeInvalidParameter, fmt.Sprintf("PCR %d does not exist (0–23).", i))
+			}
+		}
 		if a.PCRs == nil {
 			return apiErr(http.StatusConflict, CodeNoEvidence, "No evidence has been accepted yet to learn from.")
 		}
@@ -258,14 +245,8 @@ func (s *Server) setPolicy(w http.ResponseWriter, r *http.Request) error {
 			v.Reasons = append(v.Reasons, m.String())
 		}
 		record(a, v)
-		out = a
 		return nil
 	})
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, attestationView(out))
-	return nil
 }
 
 func (s *Server) getAttestation(w http.ResponseWriter, r *http.Request) error {
