@@ -47,8 +47,12 @@ func (b *Backend) Ensure(ctx context.Context, v *store.VTPM, secret []byte) ([]s
 	if err != nil {
 		return nil, err
 	}
-	if err := b.detachOthers(lv, v); err != nil {
-		return nil, err
+	// A settled vTPM is only checked, not searched for in every domain:
+	// a pass over all domains per vTPM and pass would not scale.
+	if v.Phase != store.PhaseActive {
+		if err := b.detachOthers(lv, v); err != nil {
+			return nil, err
+		}
 	}
 	if v.Domain == "" {
 		return eks, nil
