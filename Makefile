@@ -49,10 +49,12 @@ bench:
 bench-density: build
 	N=$${N:-1000} scripts/bench-density.sh
 
-# Create-to-active latency next to swtpm_setup, against a throwaway vtpmd.
+# Create-to-active latency next to swtpm_setup, against a throwaway vtpmd;
+# POOL=K keeps K manufactured TPMs ready (the run waits until they are).
 bench-provision: build
-	@dir=$$(mktemp -d); $(BIN)/vtpmd all-in-one --data-dir $$dir --listen 127.0.0.1:8791 --log-level error & pid=$$!; \
+	@dir=$$(mktemp -d); $(BIN)/vtpmd all-in-one --data-dir $$dir --listen 127.0.0.1:8791 --log-level error --pool-size $${POOL:-0} & pid=$$!; \
 	until $(BIN)/vtpmctl --server http://127.0.0.1:8791 hosts >/dev/null 2>&1; do sleep 0.05; done; \
+	until [ $$(ls $$dir/vtpms/.pool/*/identity.json 2>/dev/null | wc -l) -ge $${POOL:-0} ]; do sleep 0.1; done; \
 	$(BIN)/vtpmctl --server http://127.0.0.1:8791 bench provision -n $${N:-30}; kill $$pid; wait $$pid; rm -rf $$dir
 
 clean:

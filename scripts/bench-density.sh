@@ -12,7 +12,7 @@ trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$DIR"' EXIT
 
 rss_kib() { awk '/^VmRSS/ {print $2}' /proc/$1/status; }
 start_vtpmd() {
-	"$BIN/vtpmd" all-in-one --data-dir "$DIR" --listen 127.0.0.1:$PORT --capacity $((N + 10)) --log-level error 2>>"$DIR/vtpmd.log" &
+	"$BIN/vtpmd" all-in-one --data-dir "$DIR" --listen 127.0.0.1:$PORT --capacity $((N + 10)) --pool-size 0 --log-level error 2>>"$DIR/vtpmd.log" &
 	PID=$!
 	until "$BIN/vtpmctl" hosts >/dev/null 2>&1; do sleep 0.05; done
 }

@@ -36,6 +36,15 @@ type Backend interface {
 	Sockets(instanceID string) api.Sockets
 }
 
+// Pool is a backend that keeps manufactured TPMs ready (see
+// direct.Backend): Claim hands out one's secret, which the agent stores in
+// the key manager before adopt moves the TPM to the instance; discard
+// throws it away. AdoptedSecret names the secret an adopted TPM needs.
+type Pool interface {
+	Claim(v spec.Version) (secret []byte, adopt func(ctx context.Context, instanceID, secretID string) ([]store.EK, error), discard func(), ok bool)
+	AdoptedSecret(instanceID string) string
+}
+
 // Agent reconciles one host.
 type Agent struct {
 	Host     string
@@ -159,6 +168,11 @@ func (a *Agent) run(ctx context.Context, v *store.VTPM) error {
 			return err
 		}
 	}
+	if pool, ok := a.Backend.(Pool); ok && len(v.EKs) == 0 {
+		if err := a.fromPool(ctx, pool, v); err != nil {
+			return a.fail(ctx, v, "taking a pre-manufactured TPM", err)
+		}
+	}
 	sec, err := a.Keyring.Get(ctx, v.SecretID)
 	if err != nil {
 		return a.fail(ctx, v, "reading the vTPM secret", err)
@@ -175,6 +189,54 @@ func (a *Agent) run(ctx context.Context, v *store.VTPM) error {
 		v.EKs, action = eks, "manufactured and started"
 	}
 	return a.setPhase(ctx, v, store.PhaseActive, "", action)
+}
+
+// fromPool gives a vTPM not yet manufactured a pooled TPM: its secret is
+// stored for the vTPM's project, the TPM adopted, and the record pointed at
+// the secret. It also finishes an adoption a crash interrupted.
+func (a *Agent) fromPool(ctx context.Context, pool Pool, v *store.VTPM) error {
+	if id := pool.AdoptedSecret(v.InstanceID); id != "" {
+		if id == v.SecretID {
+			return nil
+		}
+		return a.switchSecret(ctx, v, id)
+	}
+	secret, adopt, discard, ok := pool.Claim(v.Spec.Version)
+	if !ok {
+		return nil // manufacture on demand
+	}
+	id, err := a.Keyring.Create(ctx, v.Project, secret)
+	if err != nil {
+		discard()
+		return err
+	}
+	if _, err := adopt(ctx, v.InstanceID, id); err != nil {
+		discard()
+		a.Keyring.Delete(context.WithoutCancel(ctx), id)
+		return err
+	}
+	return a.switchSecret(ctx, v, id)
+}
+
+// switchSecret points v at secret id and deletes the one it had, which no
+// state was ever encrypted with.
+func (a *Agent) switchSecret(ctx context.Context, v *store.VTPM, id string) error {
+	old := v.SecretID
+	v.SecretID = id
+	err := a.Store.Update(ctx, func(tx *store.Tx) error {
+		if err := tx.UpdateVTPM(v); err != nil {
+			return err
+		}
+		return tx.AppendEvent(store.Event{Actor: a.actor(), InstanceID: v.InstanceID, Action: "adopted a pre-manufactured TPM",
+			Detail: "its key is secret " + id})
+	})
+	if err != nil {
+		return err
+	}
+	if err := a.Keyring.Delete(ctx, old); err != nil && !errors.Is(err, keyring.ErrNotFound) {
+		a.Log.Warn("deleting the unused vTPM secret", "secret", old, "err", err)
+	}
+	return nil
 }
 
 // destroy removes the state, then the secret, then the record, so that a

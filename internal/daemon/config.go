@@ -39,6 +39,9 @@ type Config struct {
 	DefaultTPMVersion spec.Version
 	// CAOrganization appears in the deployment CA's subject. Default "vtpmd".
 	CAOrganization string
+	// PoolSize is how many manufactured TPM 2.0s the swtpm backend keeps
+	// ready for new instances. Default 0 (every TPM made on demand).
+	PoolSize int
 
 	// Backend is how this host runs vTPMs: "swtpm" (default; vtpmd runs
 	// swtpm, reachable over unix sockets) or "libvirt" (attached to
@@ -127,6 +130,9 @@ func (c *Config) Validate() error {
 		if _, err := user.LookupGroup(c.SwtpmGroup); err != nil {
 			errs = append(errs, fmt.Errorf("swtpm group %q does not exist", c.SwtpmGroup))
 		}
+	}
+	if c.PoolSize < 0 || c.PoolSize > 1000 {
+		errs = append(errs, fmt.Errorf("pool size %d must be between 0 and 1000", c.PoolSize))
 	}
 	if c.Backend != "swtpm" && c.Backend != "libvirt" {
 		errs = append(errs, fmt.Errorf("backend %q must be swtpm or libvirt", c.Backend))

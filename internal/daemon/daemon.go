@@ -75,7 +75,7 @@ func (d *AllInOne) start(ctx context.Context) error {
 	}
 	d.backend, err = direct.New(direct.Config{
 		Root: filepath.Join(cfg.DataDir, "vtpms"), User: cfg.SwtpmUser, Group: cfg.SwtpmGroup,
-		Binary: cfg.SwtpmBinary, PCRBanks: cfg.PCRBanks, Certifier: certifier{authority}, Log: d.log,
+		Binary: cfg.SwtpmBinary, PCRBanks: cfg.PCRBanks, Certifier: certifier{authority}, Log: d.log, PoolSize: poolSize(cfg),
 	})
 	if err != nil {
 		return err
@@ -85,7 +85,7 @@ func (d *AllInOne) start(ctx context.Context) error {
 	} else if n > 0 {
 		d.log.Warn("killed swtpm processes left by an earlier run", "count", n)
 	}
-	if err := reclaimSecrets(ctx, d.store, kr, d.log); err != nil {
+	if err := reclaimSecrets(ctx, d.store, d.backend, kr, d.log); err != nil {
 		return fmt.Errorf("reclaiming orphan secrets: %w", err)
 	}
 	d.host = d.backend
@@ -155,6 +155,15 @@ func (d *AllInOne) Shutdown(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
+// poolSize is the pool the swtpm backend keeps: none when it only serves
+// the libvirt backend, whose agent does not claim from it.
+func poolSize(cfg Config) int {
+	if cfg.Backend != "swtpm" {
+		return 0
+	}
+	return cfg.PoolSize
+}
+
 // hostBackend is a backend that can also report drift.
 type hostBackend interface {
 	agent.Backend
@@ -210,9 +219,12 @@ func (c certifier) CertifyEK(ctx context.Context, instanceID string, v spec.Vers
 // makes the secret before it commits the record, so a crash between the two
 // leaves one behind; it runs before the API listens, so no create is in
 // flight.
-func reclaimSecrets(ctx context.Context, st *store.Store, kr keyring.Keyring, log *slog.Logger) error {
-	used := map[string]bool{}
-	err := st.View(ctx, func(tx *store.Tx) error {
+func reclaimSecrets(ctx context.Context, st *store.Store, b *direct.Backend, kr keyring.Keyring, log *slog.Logger) error {
+	used, err := b.AdoptedSecrets() // TPMs adopted from the pool, records not yet updated
+	if err != nil {
+		return err
+	}
+	err = st.View(ctx, func(tx *store.Tx) error {
 		vs, err := tx.ListVTPMs(store.Filter{})
 		for _, v := range vs {
 			used[v.SecretID] = true

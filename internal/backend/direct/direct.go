@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -42,6 +43,9 @@ type Config struct {
 	Certifier Certifier
 	// PCRBanks allocated at manufacture; default sha256.
 	PCRBanks []string
+	// PoolSize is how many manufactured TPM 2.0s are kept ready for new
+	// instances; 0 makes every TPM on demand.
+	PoolSize int
 	Log      *slog.Logger
 }
 
@@ -51,6 +55,7 @@ type Backend struct {
 	log  *slog.Logger
 	mu   sync.Mutex
 	runs map[string]*supervisor
+	pool *pool // nil without a pool
 }
 
 var _ agent.Backend = (*Backend)(nil)
@@ -64,7 +69,13 @@ func New(cfg Config) (*Backend, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Backend{cfg: cfg, log: log, runs: map[string]*supervisor{}}, nil
+	b := &Backend{cfg: cfg, log: log, runs: map[string]*supervisor{}}
+	if cfg.PoolSize > 0 {
+		if err := b.startPool(cfg.PoolSize); err != nil {
+			return nil, err
+		}
+	}
+	return b, nil
 }
 
 // Name implements agent.Backend.
@@ -223,8 +234,9 @@ func (b *Backend) Destroy(ctx context.Context, v *store.VTPM) error {
 	return nil
 }
 
-// Close stops every vTPM (state kept).
+// Close stops every vTPM (state kept) and discards the pool.
 func (b *Backend) Close(ctx context.Context) error {
+	b.closePool(ctx)
 	b.mu.Lock()
 	ids := make([]string, 0, len(b.runs))
 	for id := range b.runs {
@@ -279,7 +291,7 @@ func (b *Backend) Drift(ctx context.Context, records func(context.Context) ([]*s
 		}
 	}
 	for _, e := range entries {
-		if !e.IsDir() || ids[e.Name()] {
+		if !e.IsDir() || ids[e.Name()] || strings.HasPrefix(e.Name(), ".") { // .pool is vtpmd's own
 			continue
 		}
 		dir := b.dir(e.Name())

@@ -1,0 +1,226 @@
+package direct
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/store"
+	"github.com/vtpmd/vtpmd/internal/swtpm"
+)
+
+// The pool keeps manufactured TPM 2.0s ready, so that a create costs a
+// swtpm start instead of an RSA key generation. Each pooled TPM is unique
+// and used once. Its state is encrypted with a secret of its own that
+// exists only in this process until a claim stores it in the key manager:
+// pooled state whose secret died with a crash is wiped at start.
+//
+// A claim is crash-safe in this order: the agent stores the secret under
+// the tenant's project; Adopt writes the new secret's id into the pooled
+// directory and renames it to the instance's (the commit point); the agent
+// then points the record at the secret. After a crash between the last two
+// steps, AdoptedSecret tells the agent which secret the state needs.
+
+const (
+	poolDir        = ".pool"
+	secretIDFile   = "secret-id"
+	poolRetryPause = time.Second
+)
+
+type pooled struct {
+	dir    string
+	secret []byte
+	proc   *swtpm.Process
+	eks    []store.EK
+}
+
+type pool struct {
+	size    int
+	mu      sync.Mutex
+	entries []*pooled
+	wake    chan struct{}
+	stop    chan struct{}
+	done    chan struct{}
+}
+
+// startPool wipes what an earlier process left in the pool and starts
+// filling it with size TPMs.
+func (b *Backend) startPool(size int) error {
+	dir := filepath.Join(b.cfg.Root, poolDir)
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		swtpm.KillStale(swtpm.Instance{Dir: filepath.Join(dir, e.Name())})
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("wiping the pool: %w", err)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	b.pool = &pool{size: size, wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
+	go b.fillPool()
+	return nil
+}
+
+func (b *Backend) fillPool() {
+	p := b.pool
+	defer close(p.done)
+	for {
+		p.mu.Lock()
+		full := len(p.entries) >= p.size
+		p.mu.Unlock()
+		if full {
+			select {
+			case <-p.stop:
+				return
+			case <-p.wake:
+			}
+			continue
+		}
+		e, err := b.manufacturePooled()
+		if err != nil {
+			b.log.Warn("filling the vTPM pool", "err", err)
+			select {
+			case <-p.stop:
+				return
+			case <-time.After(poolRetryPause):
+			}
+			continue
+		}
+		p.mu.Lock()
+		p.entries = append(p.entries, e)
+		if len(p.entries) == p.size {
+			b.log.Info("vTPM pool full", "size", p.size)
+		}
+		p.mu.Unlock()
+	}
+}
+
+func (b *Backend) manufacturePooled() (*pooled, error) {
+	secret, err := keyring.NewVTPMSecret()
+	if err != nil {
+		return nil, err
+	}
+	name := make([]byte, 8)
+	rand.Read(name)
+	inst := swtpm.Instance{Dir: filepath.Join(b.cfg.Root, poolDir, hex.EncodeToString(name)), Version: spec.V20, Secret: secret,
+		User: b.cfg.User, Group: b.cfg.Group, Binary: b.cfg.Binary}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	eks, proc, err := b.make(ctx, &store.VTPM{Spec: spec.Spec{Version: spec.V20}}, inst, true)
+	if err != nil {
+		return nil, err
+	}
+	return &pooled{dir: inst.Dir, secret: secret, proc: proc, eks: eks}, nil
+}
+
+// closePool stops filling and discards the pooled TPMs.
+func (b *Backend) closePool(ctx context.Context) {
+	p := b.pool
+	if p == nil {
+		return
+	}
+	close(p.stop)
+	<-p.done
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, e := range p.entries {
+		e.proc.Stop(ctx)
+		os.RemoveAll(e.dir)
+	}
+	p.entries = nil
+}
+
+// Claim implements agent.Pool: a pooled TPM of version v, if one is ready.
+// Its secret goes to the key manager; adopt then moves the TPM to the
+// instance; discard throws it away if that cannot happen.
+func (b *Backend) Claim(v spec.Version) (secret []byte, adopt func(ctx context.Context, instanceID, secretID string) ([]store.EK, error), discard func(), ok bool) {
+	p := b.pool
+	if p == nil || v != spec.V20 {
+		return nil, nil, nil, false
+	}
+	p.mu.Lock()
+	if len(p.entries) == 0 {
+		p.mu.Unlock()
+		return nil, nil, nil, false
+	}
+	e := p.entries[0]
+	p.entries = p.entries[1:]
+	p.mu.Unlock()
+	select {
+	case p.wake <- struct{}{}:
+	default:
+	}
+	adopt = func(ctx context.Context, instanceID, secretID string) ([]store.EK, error) {
+		return b.adopt(ctx, e, instanceID, secretID)
+	}
+	discard = func() {
+		e.proc.Stop(context.Background())
+		os.RemoveAll(e.dir)
+	}
+	return e.secret, adopt, discard, true
+}
+
+// adopt stops the pooled TPM, records which key-manager secret now holds
+// its key, and renames its directory to the instance's: from then on it is
+// the instance's TPM, started by Ensure like any other.
+func (b *Backend) adopt(ctx context.Context, e *pooled, instanceID, secretID string) ([]store.EK, error) {
+	if err := e.proc.Stop(ctx); err != nil {
+		return nil, fmt.Errorf("stopping the pooled TPM: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(e.dir, secretIDFile), []byte(secretID+"\n"), 0o600); err != nil {
+		return nil, err
+	}
+	if err := os.Rename(e.dir, b.dir(instanceID)); err != nil {
+		return nil, fmt.Errorf("adopting the pooled TPM: %w", err)
+	}
+	return e.eks, syncDir(b.cfg.Root)
+}
+
+// AdoptedSecret implements agent.Pool: the key-manager secret an adopted
+// TPM's state needs, or "" if the instance's TPM was not adopted.
+func (b *Backend) AdoptedSecret(instanceID string) string {
+	data, err := os.ReadFile(filepath.Join(b.dir(instanceID), secretIDFile))
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(data))
+}
+
+// AdoptedSecrets lists the secrets adopted TPMs need, so that reclaiming
+// orphan secrets never takes one.
+func (b *Backend) AdoptedSecrets() (map[string]bool, error) {
+	files, err := filepath.Glob(filepath.Join(b.cfg.Root, "*", secretIDFile))
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]bool{}
+	for _, f := range files {
+		if data, err := os.ReadFile(f); err == nil {
+			out[strings.TrimSpace(string(data))] = true
+		} else if !errors.Is(err, fs.ErrNotExist) {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+// syncDir makes a rename in dir durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
