@@ -101,8 +101,8 @@ func createRequest(id string) api.CreateVTPMRequest {
 }
 
 // TestCrashMidCreate kills vtpmd with SIGKILL at moments spread over a
-// create (before the record is committed, while the TPM is manufactured,
-// after), then checks that the restarted daemon leaves nothing half-made:
+// create (before the record is committed, while the TPM is manufactured or
+// taken from the default pool, after), then checks that the restarted daemon leaves nothing half-made:
 // every create either completes or left no trace and can be made again, no
 // swtpm outlives its vtpmd, and no secret is orphaned.
 func TestCrashMidCreate(t *testing.T) {
@@ -110,8 +110,11 @@ func TestCrashMidCreate(t *testing.T) {
 	bin := buildVtpmd(t)
 	dir := t.TempDir()
 	var ids []string
-	for _, delay := range []time.Duration{0, 1, 3, 6, 10, 15, 20, 30, 40, 60, 90} {
+	for n, delay := range []time.Duration{0, 1, 3, 6, 10, 15, 20, 30, 40, 60, 90, 0, 1, 3, 6, 10, 15, 20, 30} {
 		p := runVtpmd(t, bin, dir)
+		if n%2 == 1 {
+			waitPool(t, dir, 1) // this create takes a pooled TPM
+		}
 		id := uuid.NewString()
 		ids = append(ids, id)
 		go p.c.Create(context.Background(), createRequest(id))
@@ -147,7 +150,19 @@ func TestCrashMidCreate(t *testing.T) {
 		}
 		checkIdentity(t, p.c, v)
 	}
-	t.Logf("%d of %d creates had not taken when vtpmd was killed", retried, len(ids))
+	adopted := 0
+	for _, id := range ids {
+		evs, _ := p.c.Events(ctx, id)
+		for _, e := range evs.Items {
+			if e.Action == "adopted a pre-manufactured TPM" {
+				adopted++
+			}
+		}
+	}
+	t.Logf("%d of %d creates had not taken when vtpmd was killed; %d vTPMs are pooled TPMs", retried, len(ids), adopted)
+	if adopted == 0 {
+		t.Fatal("no create took a pooled TPM: the pool path went untested")
+	}
 
 	// One state directory and one swtpm per vTPM, nothing else.
 	entries, err := os.ReadDir(filepath.Join(dir, "vtpms"))
@@ -156,14 +171,22 @@ func TestCrashMidCreate(t *testing.T) {
 	}
 	var dirs []string
 	for _, e := range entries {
-		dirs = append(dirs, e.Name())
+		if e.Name() != ".pool" { // the default pool of manufactured TPMs
+			dirs = append(dirs, e.Name())
+		}
 	}
 	want := append([]string(nil), ids...)
 	sort.Strings(want)
 	if fmt.Sprint(dirs) != fmt.Sprint(want) {
 		t.Fatalf("state directories %v, want %v", dirs, want)
 	}
-	if procs := swtpmtest.Processes(dir); len(procs) != len(ids) {
+	var procs []string
+	for _, p := range swtpmtest.Processes(dir) {
+		if !strings.Contains(p, "/.pool/") {
+			procs = append(procs, p)
+		}
+	}
+	if len(procs) != len(ids) {
 		t.Fatalf("%d swtpm processes for %d vTPMs: %v", len(procs), len(ids), procs)
 	}
 
