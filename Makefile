@@ -4,7 +4,7 @@ GO          ?= go
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 BIN         := bin
 
-.PHONY: all build run test lint deps libvirtd fuzz bench bench-density bench-provision clean
+.PHONY: all build run test lint deps libvirtd demo fuzz bench bench-density bench-provision clean
 
 all: build
 
@@ -37,6 +37,12 @@ deps:
 # libvirtd and virtlogd for the libvirt backend's tests (root; no systemd).
 libvirtd:
 	@scripts/libvirtd-up.sh
+
+# The attestation scenario in a real VM, step by step: a guest with a vTPM
+# from vtpmd registers, is judged pending, trusted once its boot is the
+# policy, and untrusted (naming PCR 9) when booted another way.
+demo: libvirtd
+	CI=true $(GO) test -count=1 -run 'TestGuestAttestation$$' -v ./internal/daemon
 
 # Grow the fuzz corpus; copy new entries into testdata/fuzz to keep them.
 fuzz:

@@ -46,7 +46,7 @@ func TestGuestAttestation(t *testing.T) {
 		if err != nil || a.Verdict != want {
 			t.Fatalf("attestation: %+v %v", a, err)
 		}
-		t.Logf("verdict %s %v", a.Verdict, a.Reasons)
+		t.Logf("        verdict: %s %s", a.Verdict, strings.Join(a.Reasons, "; "))
 		return a
 	}
 	restart := func(edit func(*libvirtxml.Domain)) {
@@ -76,21 +76,25 @@ func TestGuestAttestation(t *testing.T) {
 		u.wait(t, id, "active")
 	}
 
+	t.Logf("step 1: vTPM %s made and certified; attaching it to guest %s and booting (TCG, ≈20 s)", id, dom.Name)
 	// First boot: registered, no policy yet.
 	if _, err := u.c.Attach(ctx, id, dom.Name); err != nil {
 		t.Fatal(err)
 	}
 	u.wait(t, id, "active")
 	boot("pending")
+	t.Log("step 2: the guest agent registered (credential activation) and attested; learning this boot as the policy")
 	if a, err := u.c.SetPolicy(ctx, id, api.PolicyRequest{Learn: true}); err != nil || a.Verdict != "trusted" {
 		t.Fatalf("learning from the first boot: %+v %v", a, err)
 	}
 
 	// The same boot again: trusted.
+	t.Log("step 3: stopping the guest and booting it the same way again")
 	restart(nil)
 	boot("trusted")
 
 	// Another kernel command line: PCR 9 (the EFI stub measures it) differs.
+	t.Log("step 4: booting with another kernel command line (\"quiet\" added)")
 	restart(func(d *libvirtxml.Domain) { d.OS.Cmdline += " quiet" })
 	a := boot("untrusted")
 	if len(a.Reasons) == 0 || !strings.Contains(a.Reasons[0], "PCR 9") {
