@@ -57,7 +57,8 @@ type Attestation struct {
 	// credential) or registered.
 	State        string    `json:"state"`
 	RegisteredAt time.Time `json:"registered_at,omitzero"`
-	// Verdict: pending (no evidence or no policy yet), trusted or untrusted.
+	// Verdict: pending (no evidence or no policy yet), trusted, untrusted,
+	// or stale (no evidence for several rounds).
 	Verdict    string         `json:"verdict"`
 	Reasons    []string       `json:"reasons,omitempty"`
 	VerifiedAt time.Time      `json:"verified_at,omitzero"`

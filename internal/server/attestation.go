@@ -21,6 +21,11 @@ import (
 // nonceLifetime bounds how long a guest may take to quote.
 const nonceLifetime = 5 * time.Minute
 
+// staleAfter is how long a registered instance may go without genuine
+// evidence before its verdict reads "stale": guest agents attest every 30 s
+// by default, so this is several missed rounds.
+const staleAfter = 3 * time.Minute
+
 // Attestation error codes.
 const (
 	CodeInvalidAK        = "invalid_ak"
@@ -118,7 +123,7 @@ func (s *Server) attestationChange(w http.ResponseWriter, r *http.Request, req a
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, attestationView(out))
+	writeJSON(w, http.StatusOK, attestationView(out, time.Now()))
 	return nil
 }
 
@@ -265,7 +270,7 @@ func (s *Server) getAttestation(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, attestationView(a))
+	writeJSON(w, http.StatusOK, attestationView(a, time.Now()))
 	return nil
 }
 
@@ -315,7 +320,10 @@ func detail(a *store.Attestation) string {
 	return a.Verdict
 }
 
-func attestationView(a *store.Attestation) api.Attestation {
+// attestationView is the status as of now: a registered instance whose
+// last genuine evidence (or registration) is older than staleAfter is
+// "stale", whatever its last verdict said.
+func attestationView(a *store.Attestation, now time.Time) api.Attestation {
 	out := api.Attestation{InstanceID: a.InstanceID, State: "unregistered", RegisteredAt: a.RegisteredAt, Verdict: a.Verdict,
 		Reasons: a.Reasons, VerifiedAt: a.VerifiedAt, PCRs: a.PCRs}
 	switch {
@@ -323,6 +331,14 @@ func attestationView(a *store.Attestation) api.Attestation {
 		out.State = "challenged"
 	case !a.RegisteredAt.IsZero():
 		out.State = "registered"
+		last := a.RegisteredAt
+		if a.VerifiedAt.After(last) {
+			last = a.VerifiedAt
+		}
+		if now.Sub(last) > staleAfter {
+			out.Verdict = "stale"
+			out.Reasons = []string{fmt.Sprintf("no evidence since %s (the last verdict was %s)", last.Format(time.RFC3339), a.Verdict)}
+		}
 	}
 	for i := range a.PolicyPCRs {
 		out.PolicyPCRs = append(out.PolicyPCRs, i)

@@ -13,6 +13,7 @@ import (
 	"sort"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/keyring"
@@ -451,5 +452,20 @@ func TestAttestationRefusals(t *testing.T) {
 		if got := f.call(t, c.method, c.path, c.project, c.body, &e); got != c.status || e.Error.Code != c.code {
 			t.Errorf("%s %s: %d %q, want %d %q", c.method, c.path, got, e.Error.Code, c.status, c.code)
 		}
+	}
+}
+
+func TestAttestationStale(t *testing.T) {
+	now := time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
+	a := &store.Attestation{InstanceID: inst, RegisteredAt: now.Add(-time.Hour), VerifiedAt: now.Add(-time.Minute), Verdict: "trusted"}
+	if v := attestationView(a, now); v.Verdict != "trusted" || v.State != "registered" {
+		t.Fatalf("fresh: %+v", v)
+	}
+	if v := attestationView(a, now.Add(staleAfter)); v.Verdict != "stale" || !strings.Contains(v.Reasons[0], "was trusted") {
+		t.Fatalf("after staleAfter without evidence: %+v", v)
+	}
+	a.ChallengeHash = []byte{1}
+	if v := attestationView(a, now.Add(time.Hour)); v.Verdict != "trusted" || v.State != "challenged" {
+		t.Fatalf("a challenged registration is not judged stale: %+v", v)
 	}
 }
