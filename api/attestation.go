@@ -65,3 +65,11 @@ type Attestation struct {
 	PolicyPCRs []int          `json:"policy_pcrs,omitempty"`
 	PCRs       map[int][]byte `json:"pcrs,omitempty"`
 }
+
+// VerdictToken is an attestation verdict signed by the verifier: a JWT
+// (ES256) whose claims are iss, sub (the instance), iat, exp, project,
+// host, verdict, reasons, verified_at and policy_pcrs. The key is at
+// GET /.well-known/vtpmd/jwks.json.
+type VerdictToken struct {
+	Token string `json:"token"`
+}

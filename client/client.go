@@ -248,6 +248,19 @@ func (c *Client) CA(ctx context.Context) ([]byte, error) {
 	return out, c.do(ctx, http.MethodGet, "/v1/ca", nil, &out)
 }
 
+// VerdictToken is an instance's attestation verdict signed by the verifier.
+func (c *Client) VerdictToken(ctx context.Context, id string) (string, error) {
+	var out api.VerdictToken
+	return out.Token, c.do(ctx, http.MethodGet, c.attestationPath(id, "token"), nil, &out)
+}
+
+// VerdictKeys is the verifier's public keys (JWKS) that verdict tokens
+// verify against.
+func (c *Client) VerdictKeys(ctx context.Context) ([]byte, error) {
+	var out []byte
+	return out, c.do(ctx, http.MethodGet, "/.well-known/vtpmd/jwks.json", nil, &out)
+}
+
 // Wait polls a vTPM until done says so, reporting each change of phase to
 // progress (may be nil). A vTPM that disappears ends the wait with a 404.
 func (c *Client) Wait(ctx context.Context, id string, done func(api.VTPM) bool, progress func(api.VTPM)) (api.VTPM, error) {

@@ -3,6 +3,7 @@ package daemon
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"net"
 	"os"
@@ -111,6 +112,21 @@ func TestAttestation(t *testing.T) {
 	}
 	if a, err = agent.Attest(ctx); err != nil || a.Verdict != "trusted" {
 		t.Fatalf("second evidence: %+v %v", a, err)
+	}
+
+	// A relying party checks the signed verdict offline.
+	tok, err := u.c.VerdictToken(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys, err := u.c.VerdictKeys(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	payload, err := attest.VerifyToken(tok, keys)
+	var claims struct{ Sub, Verdict, Project string }
+	if err != nil || json.Unmarshal(payload, &claims) != nil || claims.Sub != id || claims.Verdict != "trusted" || claims.Project != "p1" {
+		t.Fatalf("verdict token: %s %v", payload, err)
 	}
 
 	// An old quote replayed: its nonce is spent.

@@ -3,17 +3,25 @@ package daemon
 import (
 	"context"
 	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/agent"
+	"github.com/vtpmd/vtpmd/internal/atomicfile"
+	"github.com/vtpmd/vtpmd/internal/attest"
 	"github.com/vtpmd/vtpmd/internal/backend/direct"
 	"github.com/vtpmd/vtpmd/internal/backend/libvirt"
 	"github.com/vtpmd/vtpmd/internal/ca"
@@ -109,8 +117,13 @@ func (d *AllInOne) start(ctx context.Context) error {
 		return fmt.Errorf("restoring vTPMs: %w", err)
 	}
 	d.reportDrift(ctx)
+	verdicts, err := verdictSigner(ctx, filepath.Join(cfg.DataDir, "verdict-key"), kr)
+	if err != nil {
+		return fmt.Errorf("opening the verdict signing key: %w", err)
+	}
 	srv := &server.Server{
-		Store: d.store, Keyring: kr, CAChainPEM: authority.ChainPEM, Options: spec.Options{DefaultTPMVersion: cfg.DefaultTPMVersion},
+		Verdicts: verdicts,
+		Store:    d.store, Keyring: kr, CAChainPEM: authority.ChainPEM, Options: spec.Options{DefaultTPMVersion: cfg.DefaultTPMVersion},
 		Log: d.log,
 		Sockets: func(host, id string) *api.Sockets {
 			if host != cfg.HostName {
@@ -187,6 +200,48 @@ func (d *AllInOne) drift(ctx context.Context, host string, repair bool) (*api.Dr
 		return nil, err
 	}
 	return &api.Drift{Host: host, Findings: fs}, nil
+}
+
+// verdictSigner opens the key that signs attestation verdicts, making it on
+// first start: an ECDSA P-256 key sealed by the key manager, whose secret
+// id is kept in refFile. (A crash between making the secret and writing
+// refFile leaves one unused system secret.)
+func verdictSigner(ctx context.Context, refFile string, kr keyring.Keyring) (*attest.Signer, error) {
+	ref, err := os.ReadFile(refFile)
+	if errors.Is(err, fs.ErrNotExist) {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			return nil, err
+		}
+		der, err := x509.MarshalPKCS8PrivateKey(key)
+		if err != nil {
+			return nil, err
+		}
+		id, err := kr.Create(ctx, ca.KeyProject, der)
+		if err != nil {
+			return nil, err
+		}
+		if err := atomicfile.Write(refFile, []byte(id), 0o600); err != nil {
+			return nil, err
+		}
+		return attest.NewSigner(key)
+	}
+	if err != nil {
+		return nil, err
+	}
+	secret, err := kr.Get(ctx, strings.TrimSpace(string(ref)))
+	if err != nil {
+		return nil, err
+	}
+	key, err := x509.ParsePKCS8PrivateKey(secret.Payload)
+	if err != nil {
+		return nil, err
+	}
+	ec, ok := key.(*ecdsa.PrivateKey)
+	if !ok {
+		return nil, fmt.Errorf("the verdict key is a %T, not ECDSA", key)
+	}
+	return attest.NewSigner(ec)
 }
 
 // reportDrift logs what differs between the host and the records; only an

@@ -274,6 +274,53 @@ func (s *Server) getAttestation(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
+// tokenLifetime bounds how long a relying party may rely on a signed verdict.
+const tokenLifetime = 5 * time.Minute
+
+// token is the attestation status as a signed JWT (ES256) that a relying
+// party checks offline against GET /.well-known/vtpmd/jwks.json.
+func (s *Server) token(w http.ResponseWriter, r *http.Request) error {
+	if s.Verdicts == nil {
+		return apiErr(http.StatusConflict, CodeNotSupported, "This server does not sign verdicts.")
+	}
+	v, _, err := s.lookup(r)
+	if err != nil {
+		return err
+	}
+	var a *store.Attestation
+	err = s.Store.View(r.Context(), func(tx *store.Tx) (err error) {
+		a, err = tx.GetAttestation(v.InstanceID)
+		return err
+	})
+	if errors.Is(err, store.ErrNotFound) {
+		return apiErr(http.StatusNotFound, CodeNotRegistered, "The instance has never registered an attestation key.")
+	}
+	if err != nil {
+		return err
+	}
+	now := time.Now()
+	view := attestationView(a, now)
+	tok, err := s.Verdicts.Sign(map[string]any{
+		"iss": "vtpmd", "sub": v.InstanceID, "iat": now.Unix(), "exp": now.Add(tokenLifetime).Unix(),
+		"project": v.Project, "host": v.Host, "verdict": view.Verdict, "reasons": view.Reasons,
+		"verified_at": view.VerifiedAt, "policy_pcrs": view.PolicyPCRs,
+	})
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.VerdictToken{Token: tok})
+	return nil
+}
+
+func (s *Server) jwks(w http.ResponseWriter, r *http.Request) error {
+	if s.Verdicts == nil {
+		return apiErr(http.StatusNotFound, CodeNotFound, "This server does not sign verdicts.")
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_, err := w.Write(s.Verdicts.JWKS())
+	return err
+}
+
 // updateAttestation applies fn to the instance's attestation record (a new
 // one if none) in one transaction, with an event when action is set. The
 // record is written even when fn refuses, so that a spent nonce stays

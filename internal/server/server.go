@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/attest"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
@@ -49,6 +50,8 @@ type Server struct {
 	// records, deleting orphans when repair is set; nil when no agent here
 	// can tell.
 	Drift func(ctx context.Context, host string, repair bool) (*api.Drift, error)
+	// Verdicts signs attestation verdicts for relying parties; nil: none.
+	Verdicts *attest.Signer
 	Log   *slog.Logger
 	// Registry receives the API's metrics; nil: a private one.
 	Registry *prometheus.Registry
@@ -99,6 +102,8 @@ func (s *Server) routes() []route {
 		{"POST /v1/vtpms/{id}/attestation/nonce", s.nonce},
 		{"POST /v1/vtpms/{id}/attestation/evidence", s.evidence},
 		{"POST /v1/vtpms/{id}/attestation/policy", s.setPolicy},
+		{"GET /v1/vtpms/{id}/attestation/token", s.token},
+		{"GET /.well-known/vtpmd/jwks.json", s.jwks},
 		{"GET /v1/vtpms/{id}/events", s.events},
 		{"GET /v1/hosts", s.listHosts},
 		{"GET /v1/hosts/{name}", s.getHost},
