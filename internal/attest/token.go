@@ -135,4 +135,3 @@ func asn1Sig(r, s []byte) []byte {
 	body := append(integer(r), integer(s)...)
 	return append([]byte{0x30, byte(len(body))}, body...)
 }
-

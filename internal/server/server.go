@@ -52,7 +52,7 @@ type Server struct {
 	Drift func(ctx context.Context, host string, repair bool) (*api.Drift, error)
 	// Verdicts signs attestation verdicts for relying parties; nil: none.
 	Verdicts *attest.Signer
-	Log   *slog.Logger
+	Log      *slog.Logger
 	// Registry receives the API's metrics; nil: a private one.
 	Registry *prometheus.Registry
 }
