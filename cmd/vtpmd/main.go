@@ -51,6 +51,7 @@ func main() {
 	fs.StringVar(&cfg.SwtpmGroup, "swtpm-group", "", "run swtpm as this group (default: vtpmd's)")
 	fs.StringVar(&defVersion, "default-tpm-version", "", "give every instance a vTPM of this version (1.2 or 2.0) unless its flavor or image says")
 	fs.StringVar(&level, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&cfg.WebhookURL, "webhook-url", "", "POST every attestation verdict change here, as a signed token")
 	fs.IntVar(&cfg.PoolSize, "pool-size", 4, "manufactured TPM 2.0s kept ready for new instances (swtpm backend; 0: none)")
 	fs.StringVar(&cfg.Backend, "backend", "swtpm", "how this host runs vTPMs: swtpm (vtpmd runs swtpm) or libvirt (attached to libvirt domains)")
 	fs.StringVar(&cfg.Libvirt.Mode, "libvirt-mode", "emulator", "libvirt backend: emulator (libvirt runs swtpm, as Nova) or external (vtpmd runs swtpm)")

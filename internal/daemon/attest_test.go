@@ -6,9 +6,12 @@ import (
 	"encoding/json"
 	"errors"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -89,7 +92,8 @@ func dialTPM(t *testing.T, sock string) transport.TPM {
 // from another TPM.
 func TestAttestation(t *testing.T) {
 	dir := t.TempDir()
-	u := startDaemon(t, dir)
+	hook := newHookReceiver(t)
+	u := startConfigured(t, Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "test-host", WebhookURL: hook.srv.URL})
 	ctx := context.Background()
 	id := "0a0a0a0a-0000-4000-8000-0000000a7e57"
 	v := u.create(t, id, "2.0")
@@ -190,6 +194,15 @@ func TestAttestation(t *testing.T) {
 		t.Fatalf("registering with another TPM's EK: %v", err)
 	}
 
+	// The webhook got every verdict change, signed, despite its first
+	// delivery failing.
+	keys, _ = u.c.VerdictKeys(ctx)
+	// (learned → trusted; re-registration after the reboot → pending;
+	// another kernel → untrusted; the neighbour's quote changes nothing.)
+	if got := strings.Join(hook.verdicts(t, keys, 3), ","); got != "trusted,pending,untrusted" {
+		t.Fatalf("webhook verdicts: %s", got)
+	}
+
 	events, _ := u.c.Events(ctx, id)
 	var actions []string
 	for _, ev := range events.Items {
@@ -202,4 +215,53 @@ func TestAttestation(t *testing.T) {
 
 func asCode(err error, e **client.Error, code string) bool {
 	return errors.As(err, e) && (*e).Code == code
+}
+
+// hookReceiver is a webhook endpoint that refuses its first delivery.
+type hookReceiver struct {
+	srv    *httptest.Server
+	mu     sync.Mutex
+	calls  int
+	tokens []string
+}
+
+func newHookReceiver(t *testing.T) *hookReceiver {
+	h := &hookReceiver{}
+	h.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		h.calls++
+		if h.calls == 1 {
+			http.Error(w, "not yet", http.StatusServiceUnavailable)
+			return
+		}
+		var body api.VerdictToken
+		json.NewDecoder(r.Body).Decode(&body)
+		h.tokens = append(h.tokens, body.Token)
+	}))
+	t.Cleanup(h.srv.Close)
+	return h
+}
+
+// verdicts waits for at least n deliveries and returns their verdicts,
+// each token verified against keys.
+func (h *hookReceiver) verdicts(t *testing.T, keys []byte, n int) []string {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		h.mu.Lock()
+		tokens := append([]string(nil), h.tokens...)
+		h.mu.Unlock()
+		if len(tokens) >= n || time.Now().After(deadline) {
+			var out []string
+			for _, tok := range tokens {
+				payload, err := attest.VerifyToken(tok, keys)
+				var c struct{ Verdict string }
+				if err != nil || json.Unmarshal(payload, &c) != nil {
+					t.Fatalf("webhook token: %v", err)
+				}
+				out = append(out, c.Verdict)
+			}
+			return out
+		}
+	}
 }

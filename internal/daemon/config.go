@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"os"
 	"os/user"
 	"path/filepath"
@@ -39,6 +40,9 @@ type Config struct {
 	DefaultTPMVersion spec.Version
 	// CAOrganization appears in the deployment CA's subject. Default "vtpmd".
 	CAOrganization string
+	// WebhookURL receives every attestation verdict change, signed; "" for
+	// none.
+	WebhookURL string
 	// PoolSize is how many manufactured TPM 2.0s the swtpm backend keeps
 	// ready for new instances. Default 0 (every TPM made on demand).
 	PoolSize int
@@ -129,6 +133,11 @@ func (c *Config) Validate() error {
 	if c.SwtpmGroup != "" {
 		if _, err := user.LookupGroup(c.SwtpmGroup); err != nil {
 			errs = append(errs, fmt.Errorf("swtpm group %q does not exist", c.SwtpmGroup))
+		}
+	}
+	if c.WebhookURL != "" {
+		if u, err := url.Parse(c.WebhookURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			errs = append(errs, fmt.Errorf("webhook URL %q must be an http or https URL", c.WebhookURL))
 		}
 	}
 	if c.PoolSize < 0 || c.PoolSize > 1000 {

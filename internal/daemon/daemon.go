@@ -43,6 +43,8 @@ type AllInOne struct {
 	http    *http.Server
 	ln      net.Listener
 	log     *slog.Logger
+	// stopBackground ends work that outlives requests (webhook deliveries).
+	stopBackground context.CancelFunc
 }
 
 // StartAllInOne opens (creating on first start) everything under
@@ -121,8 +123,16 @@ func (d *AllInOne) start(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("opening the verdict signing key: %w", err)
 	}
+	var hook *server.Webhook
+	if cfg.WebhookURL != "" {
+		hook = &server.Webhook{URL: cfg.WebhookURL, Signer: verdicts, Log: d.log}
+		var bg context.Context
+		bg, d.stopBackground = context.WithCancel(context.Background())
+		hook.Start(bg)
+	}
 	srv := &server.Server{
 		Verdicts: verdicts,
+		Webhook:  hook,
 		Store:    d.store, Keyring: kr, CAChainPEM: authority.ChainPEM, Options: spec.Options{DefaultTPMVersion: cfg.DefaultTPMVersion},
 		Log: d.log,
 		Sockets: func(host, id string) *api.Sockets {
@@ -162,6 +172,9 @@ func (d *AllInOne) Run(ctx context.Context) error { return d.agent.Run(ctx) }
 // Shutdown stops the API, then every vTPM (state kept), then the store.
 func (d *AllInOne) Shutdown(ctx context.Context) error {
 	errs := []error{d.http.Shutdown(ctx), d.backend.Close(ctx), d.store.Close()}
+	if d.stopBackground != nil {
+		d.stopBackground()
+	}
 	if lb, ok := d.host.(*libvirt.Backend); ok {
 		errs = append(errs, lb.Close())
 	}

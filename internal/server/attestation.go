@@ -75,7 +75,7 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	hash := sha256.Sum256(ch.Secret)
-	err = s.updateAttestation(r.Context(), v.InstanceID, scope, "attestation key submitted", func(a *store.Attestation) error {
+	err = s.updateAttestation(r.Context(), v, scope, "attestation key submitted", func(a *store.Attestation) error {
 		*a = store.Attestation{InstanceID: v.InstanceID, EKKind: req.EKKind, AKPublic: req.AKPublic, ChallengeHash: hash[:],
 			Verdict: "pending", PolicyPCRs: a.PolicyPCRs, PolicyEventLog: a.PolicyEventLog}
 		return nil
@@ -116,7 +116,7 @@ func (s *Server) attestationChange(w http.ResponseWriter, r *http.Request, req a
 		return err
 	}
 	var out *store.Attestation
-	err = s.updateAttestation(r.Context(), v.InstanceID, scope, action, func(a *store.Attestation) error {
+	err = s.updateAttestation(r.Context(), v, scope, action, func(a *store.Attestation) error {
 		out = a
 		return fn(a)
 	})
@@ -137,7 +137,7 @@ func (s *Server) nonce(w http.ResponseWriter, r *http.Request) error {
 	if _, err := rand.Read(n.Nonce); err != nil {
 		return err
 	}
-	err = s.updateAttestation(r.Context(), v.InstanceID, scope, "", func(a *store.Attestation) error {
+	err = s.updateAttestation(r.Context(), v, scope, "", func(a *store.Attestation) error {
 		if a.RegisteredAt.IsZero() {
 			return apiErr(http.StatusConflict, CodeNotRegistered, "The instance has no registered attestation key.")
 		}
@@ -298,18 +298,22 @@ func (s *Server) token(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	now := time.Now()
-	view := attestationView(a, now)
-	tok, err := s.Verdicts.Sign(map[string]any{
-		"iss": "vtpmd", "sub": v.InstanceID, "iat": now.Unix(), "exp": now.Add(tokenLifetime).Unix(),
-		"project": v.Project, "host": v.Host, "verdict": view.Verdict, "reasons": view.Reasons,
-		"verified_at": view.VerifiedAt, "policy_pcrs": view.PolicyPCRs,
-	})
+	tok, err := s.Verdicts.Sign(verdictClaims(v, a, time.Now()))
 	if err != nil {
 		return err
 	}
 	writeJSON(w, http.StatusOK, api.VerdictToken{Token: tok})
 	return nil
+}
+
+// verdictClaims are a verdict's claims as tokens and webhooks carry them.
+func verdictClaims(v *store.VTPM, a *store.Attestation, now time.Time) map[string]any {
+	view := attestationView(a, now)
+	return map[string]any{
+		"iss": "vtpmd", "sub": v.InstanceID, "iat": now.Unix(), "exp": now.Add(tokenLifetime).Unix(),
+		"project": v.Project, "host": v.Host, "verdict": view.Verdict, "reasons": view.Reasons,
+		"verified_at": view.VerifiedAt, "policy_pcrs": view.PolicyPCRs,
+	}
 }
 
 func (s *Server) jwks(w http.ResponseWriter, r *http.Request) error {
@@ -325,8 +329,10 @@ func (s *Server) jwks(w http.ResponseWriter, r *http.Request) error {
 // one if none) in one transaction, with an event when action is set. The
 // record is written even when fn refuses, so that a spent nonce stays
 // spent; fn's error is returned after.
-func (s *Server) updateAttestation(ctx context.Context, id, scope, action string, fn func(*store.Attestation) error) error {
+func (s *Server) updateAttestation(ctx context.Context, v *store.VTPM, scope, action string, fn func(*store.Attestation) error) error {
+	id := v.InstanceID
 	var refusal error
+	var changed *store.Attestation
 	err := s.Store.Update(ctx, func(tx *store.Tx) error {
 		a, err := tx.GetAttestation(id)
 		existed := err == nil
@@ -348,6 +354,7 @@ func (s *Server) updateAttestation(ctx context.Context, id, scope, action string
 		}
 		if refusal == nil && a.Verdict != before {
 			action = "attestation " + a.Verdict
+			changed = a
 		}
 		if action == "" || refusal != nil {
 			return nil
@@ -356,6 +363,9 @@ func (s *Server) updateAttestation(ctx context.Context, id, scope, action string
 	})
 	if err != nil {
 		return err
+	}
+	if changed != nil {
+		s.Webhook.notify(verdictClaims(v, changed, time.Now()))
 	}
 	return refusal
 }

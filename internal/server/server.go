@@ -52,7 +52,9 @@ type Server struct {
 	Drift func(ctx context.Context, host string, repair bool) (*api.Drift, error)
 	// Verdicts signs attestation verdicts for relying parties; nil: none.
 	Verdicts *attest.Signer
-	Log      *slog.Logger
+	// Webhook is told of every verdict change; nil: none.
+	Webhook *Webhook
+	Log     *slog.Logger
 	// Registry receives the API's metrics; nil: a private one.
 	Registry *prometheus.Registry
 }
