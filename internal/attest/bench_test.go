@@ -10,59 +10,17 @@ import (
 	"encoding/binary"
 	"testing"
 
-	"github.com/google/go-tpm/tpm2"
+	"github.com/vtpmd/vtpmd/internal/attest/attesttest"
 )
 
-// softQuote makes a TPM-format quote signed in software, so the verifier's
-// production path can be loaded beyond what a TPM produces.
+// softQuote is a TPM-format quote signed in software.
 func softQuote(tb testing.TB, key crypto.Signer, nonce []byte, pcrs map[int][]byte) (attest, sig []byte) {
 	tb.Helper()
-	idx := []uint{}
-	h := sha256.New()
-	for i := range 24 {
-		if v, ok := pcrs[i]; ok {
-			idx = append(idx, uint(i))
-			h.Write(v)
-		}
-	}
-	a := tpm2.TPMSAttest{
-		Magic: tpm2.TPMGeneratedValue, Type: tpm2.TPMSTAttestQuote,
-		ExtraData: tpm2.TPM2BData{Buffer: nonce},
-		ClockInfo: tpm2.TPMSClockInfo{Clock: 1000, ResetCount: 1, Safe: true},
-		Attested: tpm2.NewTPMUAttest(tpm2.TPMSTAttestQuote, &tpm2.TPMSQuoteInfo{
-			PCRSelect: tpm2.TPMLPCRSelection{PCRSelections: []tpm2.TPMSPCRSelection{{Hash: tpm2.TPMAlgSHA256, PCRSelect: tpm2.PCClientCompatible.PCRs(idx...)}}},
-			PCRDigest: tpm2.TPM2BDigest{Buffer: h.Sum(nil)},
-		}),
-	}
-	attest = tpm2.Marshal(a)
-	digest := sha256.Sum256(attest)
-	raw, err := key.Sign(rand.Reader, digest[:], crypto.SHA256)
+	attest, sig, err := attesttest.Quote(key, nonce, pcrs, 1000)
 	if err != nil {
 		tb.Fatal(err)
 	}
-	var s tpm2.TPMTSignature
-	switch key.(type) {
-	case *rsa.PrivateKey:
-		s = tpm2.TPMTSignature{SigAlg: tpm2.TPMAlgRSASSA, Signature: tpm2.NewTPMUSignature(tpm2.TPMAlgRSASSA,
-			&tpm2.TPMSSignatureRSA{Hash: tpm2.TPMAlgSHA256, Sig: tpm2.TPM2BPublicKeyRSA{Buffer: raw}})}
-	case *ecdsa.PrivateKey:
-		r, ss := parseASN1Sig(tb, raw)
-		s = tpm2.TPMTSignature{SigAlg: tpm2.TPMAlgECDSA, Signature: tpm2.NewTPMUSignature(tpm2.TPMAlgECDSA,
-			&tpm2.TPMSSignatureECC{Hash: tpm2.TPMAlgSHA256, SignatureR: tpm2.TPM2BECCParameter{Buffer: r}, SignatureS: tpm2.TPM2BECCParameter{Buffer: ss}})}
-	}
-	return attest, tpm2.Marshal(s)
-}
-
-// parseASN1Sig splits an ASN.1 ECDSA signature into r and s.
-func parseASN1Sig(tb testing.TB, der []byte) (r, s []byte) {
-	// SEQUENCE { INTEGER r, INTEGER s }, short forms only (P-256).
-	if len(der) < 8 || der[0] != 0x30 || der[2] != 0x02 {
-		tb.Fatal("unexpected ECDSA signature encoding")
-	}
-	rl := int(der[3])
-	r = der[4 : 4+rl]
-	s = der[4+rl+2:]
-	return r, s
+	return attest, sig
 }
 
 // longLog is the fixture log grown to about 100 events with driver
