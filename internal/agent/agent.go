@@ -41,7 +41,7 @@ type Backend interface {
 // the key manager before adopt moves the TPM to the instance; discard
 // throws it away. AdoptedSecret names the secret an adopted TPM needs.
 type Pool interface {
-	Claim(v spec.Version) (secret []byte, adopt func(ctx context.Context, instanceID, secretID string) ([]store.EK, error), discard func(), ok bool)
+	Claim(v spec.Version) (secret []byte, adopt func(ctx context.Context, instanceID, secretID string) error, discard func(), ok bool)
 	AdoptedSecret(instanceID string) string
 }
 
@@ -97,12 +97,9 @@ func (a *Agent) Kick() {
 	}
 }
 
-// Run registers the host and reconciles until ctx ends.
+// Run reconciles until ctx ends; the host must be registered.
 func (a *Agent) Run(ctx context.Context) error {
 	a.init()
-	if err := a.Register(ctx); err != nil {
-		return err
-	}
 	t := time.NewTicker(a.Interval)
 	defer t.Stop()
 	for {
@@ -210,7 +207,7 @@ func (a *Agent) fromPool(ctx context.Context, pool Pool, v *store.VTPM) error {
 		discard()
 		return err
 	}
-	if _, err := adopt(ctx, v.InstanceID, id); err != nil {
+	if err := adopt(ctx, v.InstanceID, id); err != nil {
 		discard()
 		a.Keyring.Delete(context.WithoutCancel(ctx), id)
 		return err

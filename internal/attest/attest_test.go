@@ -34,15 +34,7 @@ func guestTPM(t *testing.T) (transport.TPM, *swtpm.Identity) {
 
 // akTemplates are restricted signing keys, as the guest agent makes them.
 var akTemplates = map[string]tpm2.TPMTPublic{
-	"rsa": {
-		Type: tpm2.TPMAlgRSA, NameAlg: tpm2.TPMAlgSHA256,
-		ObjectAttributes: tpm2.TPMAObject{FixedTPM: true, FixedParent: true, SensitiveDataOrigin: true, UserWithAuth: true,
-			Restricted: true, SignEncrypt: true},
-		Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgRSA, &tpm2.TPMSRSAParms{
-			Scheme:  tpm2.TPMTRSAScheme{Scheme: tpm2.TPMAlgRSASSA, Details: tpm2.NewTPMUAsymScheme(tpm2.TPMAlgRSASSA, &tpm2.TPMSSigSchemeRSASSA{HashAlg: tpm2.TPMAlgSHA256})},
-			KeyBits: 2048,
-		}),
-	},
+	"rsa": RSAAKTemplate,
 	"ecc": {
 		Type: tpm2.TPMAlgECC, NameAlg: tpm2.TPMAlgSHA256,
 		ObjectAttributes: tpm2.TPMAObject{FixedTPM: true, FixedParent: true, SensitiveDataOrigin: true, UserWithAuth: true,

@@ -86,9 +86,9 @@ func FuzzParseEventLog(f *testing.F) {
 }
 
 func TestPolicy(t *testing.T) {
-	_, events := fixture(t)
+	log, events := fixture(t)
 	pcrs := fixtureValues(t)
-	p := Learn(pcrs, events, []int{0, 1, 2, 3, 4, 5, 6, 7})
+	p := Learn(pcrs, log, []int{0, 1, 2, 3, 4, 5, 6, 7})
 	if m := Evaluate(p, pcrs, events); len(m) != 0 {
 		t.Fatalf("the learned boot itself: %v", m)
 	}

@@ -50,6 +50,20 @@ func EKPublic(pub crypto.PublicKey) (*tpm2.TPMTPublic, error) {
 	return nil, fmt.Errorf("unsupported EK key type %T", pub)
 }
 
+// RSAAKTemplate is the attestation key guest agents make: a restricted
+// RSA-2048 signing key (RSASSA, SHA-256) that can sign only TPM-made
+// structures and never leaves its TPM.
+var RSAAKTemplate = tpm2.TPMTPublic{
+	Type: tpm2.TPMAlgRSA, NameAlg: tpm2.TPMAlgSHA256,
+	ObjectAttributes: tpm2.TPMAObject{FixedTPM: true, FixedParent: true, SensitiveDataOrigin: true,
+		UserWithAuth: true, Restricted: true, SignEncrypt: true},
+	Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgRSA, &tpm2.TPMSRSAParms{
+		Scheme: tpm2.TPMTRSAScheme{Scheme: tpm2.TPMAlgRSASSA,
+			Details: tpm2.NewTPMUAsymScheme(tpm2.TPMAlgRSASSA, &tpm2.TPMSSigSchemeRSASSA{HashAlg: tpm2.TPMAlgSHA256})},
+		KeyBits: 2048,
+	}),
+}
+
 // AK is a checked attestation key.
 type AK struct {
 	Public tpm2.TPMTPublic

@@ -8,17 +8,18 @@ import (
 )
 
 // Policy is a measured-boot reference: the SHA-256 value each listed PCR
-// must hold and, when learned from a known-good boot, that boot's events,
-// so a mismatch can be traced to the event that differs.
+// must hold and, when learned from a known-good boot, that boot's event
+// log, so a mismatch can be traced to the event that differs. The log is
+// read only when a mismatch needs explaining.
 type Policy struct {
-	PCRs   map[int][]byte
-	Events []Event // the reference boot's log; optional
+	PCRs     map[int][]byte
+	EventLog []byte // the reference boot's log; optional
 }
 
 // Learn takes a known-good boot as the reference for the given PCRs (like
 // GCP's integrity baseline): their quoted values, and the event log.
-func Learn(pcrs map[int][]byte, events []Event, which []int) Policy {
-	p := Policy{PCRs: map[int][]byte{}, Events: events}
+func Learn(pcrs map[int][]byte, log []byte, which []int) Policy {
+	p := Policy{PCRs: map[int][]byte{}, EventLog: log}
 	for _, i := range which {
 		if v, ok := pcrs[i]; ok {
 			p.PCRs[i] = bytes.Clone(v)
@@ -65,15 +66,28 @@ func Evaluate(p Policy, pcrs map[int][]byte, events []Event) []Mismatch {
 		if bytes.Equal(want, got) {
 			continue
 		}
-		out = append(out, Mismatch{PCR: i, Want: want, Got: got, Event: firstDifference(p.Events, events, i)})
+		out = append(out, Mismatch{PCR: i, Want: want, Got: got, Event: firstDifference(p.EventLog, events, i)})
 	}
 	return out
 }
 
+// Judge is the verdict on genuine evidence: trusted when pcrs meet p, else
+// untrusted with the mismatches as reasons.
+func Judge(p Policy, pcrs map[int][]byte, events []Event) Verdict {
+	mismatches := Evaluate(p, pcrs, events)
+	v := Verdict{Genuine: true, Trusted: len(mismatches) == 0}
+	for _, m := range mismatches {
+		v.Reasons = append(v.Reasons, m.String())
+	}
+	return v
+}
+
 // firstDifference names the first event extending pcr that differs
-// between the reference and the current log, or "" if either is unknown.
-func firstDifference(ref, cur []Event, pcr int) string {
-	if ref == nil || cur == nil {
+// between the reference log and the current events, or "" if either is
+// unknown.
+func firstDifference(refLog []byte, cur []Event, pcr int) string {
+	ref, err := ParseEventLog(refLog)
+	if err != nil || cur == nil {
 		return ""
 	}
 	of := func(events []Event) []Event {

@@ -68,10 +68,7 @@ func Verify(ak *AK, ev Evidence, nonce []byte, prev State, p *Policy) (Verdict, 
 	if p == nil {
 		return Verdict{Genuine: true, Reasons: []string{"no policy yet"}, Quote: q}, next
 	}
-	mismatches := Evaluate(*p, q.PCRs, next.Events)
-	v := Verdict{Genuine: true, Trusted: len(mismatches) == 0, Quote: q}
-	for _, m := range mismatches {
-		v.Reasons = append(v.Reasons, m.String())
-	}
+	v := Judge(*p, q.PCRs, next.Events)
+	v.Quote = q
 	return v, next
 }

@@ -6,7 +6,6 @@ import (
 	"strings"
 	"testing"
 
-	golibvirt "github.com/digitalocean/go-libvirt"
 	"github.com/google/uuid"
 	"libvirt.org/go/libvirtxml"
 
@@ -56,16 +55,9 @@ func TestGuestAttestation(t *testing.T) {
 		}
 		u.wait(t, id, "stopped")
 		if edit != nil {
-			xml, err := lv.DomainGetXMLDesc(dom, golibvirt.DomainXMLInactive)
-			if err != nil {
-				t.Fatal(err)
-			}
-			var d libvirtxml.Domain
-			if err := d.Unmarshal(xml); err != nil {
-				t.Fatal(err)
-			}
-			edit(&d)
-			xml, _ = d.Marshal()
+			d := definition(t, lv, dom)
+			edit(d)
+			xml, _ := d.Marshal()
 			if _, err := lv.DomainDefineXML(xml); err != nil {
 				t.Fatal(err)
 			}

@@ -196,6 +196,12 @@ func guestState(t *testing.T, lv *golibvirt.Libvirt, dom golibvirt.Domain) golib
 
 func guestTPM(t *testing.T, lv *golibvirt.Libvirt, dom golibvirt.Domain) []libvirtxml.DomainTPM {
 	t.Helper()
+	return definition(t, lv, dom).Devices.TPMs
+}
+
+// definition is dom's persistent definition.
+func definition(t *testing.T, lv *golibvirt.Libvirt, dom golibvirt.Domain) *libvirtxml.Domain {
+	t.Helper()
 	xml, err := lv.DomainGetXMLDesc(dom, golibvirt.DomainXMLInactive)
 	if err != nil {
 		t.Fatal(err)
@@ -204,7 +210,7 @@ func guestTPM(t *testing.T, lv *golibvirt.Libvirt, dom golibvirt.Domain) []libvi
 	if err := d.Unmarshal(xml); err != nil {
 		t.Fatal(err)
 	}
-	return d.Devices.TPMs
+	return &d
 }
 
 // rsaEK starts a swtpm of our own on a stopped vTPM's state and reads the

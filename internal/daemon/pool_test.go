@@ -86,7 +86,7 @@ func TestPoolAdoptionRecovery(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := adopt(context.Background(), id, adopted); err != nil {
+	if err := adopt(context.Background(), id, adopted); err != nil {
 		t.Fatal(err)
 	}
 	v := u.create(t, id, "2.0") // the API made a secret of its own

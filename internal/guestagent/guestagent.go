@@ -18,6 +18,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/attest"
 )
 
 // DefaultEventLog is where Linux exposes the firmware's event log.
@@ -38,23 +39,10 @@ type Agent struct {
 	ak *tpm2.NamedHandle
 }
 
-// akTemplate is a restricted RSA-2048 signing key (RSASSA, SHA-256): an
-// AK in the sense of the TCG, which can sign only TPM-made structures.
-var akTemplate = tpm2.TPMTPublic{
-	Type: tpm2.TPMAlgRSA, NameAlg: tpm2.TPMAlgSHA256,
-	ObjectAttributes: tpm2.TPMAObject{FixedTPM: true, FixedParent: true, SensitiveDataOrigin: true,
-		UserWithAuth: true, Restricted: true, SignEncrypt: true},
-	Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgRSA, &tpm2.TPMSRSAParms{
-		Scheme: tpm2.TPMTRSAScheme{Scheme: tpm2.TPMAlgRSASSA,
-			Details: tpm2.NewTPMUAsymScheme(tpm2.TPMAlgRSASSA, &tpm2.TPMSSigSchemeRSASSA{HashAlg: tpm2.TPMAlgSHA256})},
-		KeyBits: 2048,
-	}),
-}
-
 // Register creates the AK (a primary key of the owner hierarchy: the same
 // template gives the same key after a reboot) and registers it.
 func (a *Agent) Register(ctx context.Context) error {
-	created, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHOwner, InPublic: tpm2.New2B(akTemplate)}.Execute(a.TPM)
+	created, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHOwner, InPublic: tpm2.New2B(attest.RSAAKTemplate)}.Execute(a.TPM)
 	if err != nil {
 		return fmt.Errorf("creating the attestation key: %w", err)
 	}

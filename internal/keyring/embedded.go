@@ -11,6 +11,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/vtpmd/vtpmd/internal/atomicfile"
 )
 
 // Embedded is a key manager that needs only a local directory: the
@@ -230,7 +232,7 @@ func (e *Embedded) Delete(ctx context.Context, id string) error {
 	if err := os.Remove(doomed); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("deleting secret %s: %w", id, err)
 	}
-	if err := syncDir(e.dir); err != nil {
+	if err := atomicfile.SyncDir(e.dir); err != nil {
 		return fmt.Errorf("deleting secret %s: %w", id, err)
 	}
 	return nil

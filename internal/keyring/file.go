@@ -7,6 +7,8 @@ import (
 	"os"
 	"path/filepath"
 	"syscall"
+
+	"github.com/vtpmd/vtpmd/internal/atomicfile"
 )
 
 // Prefixes of the transient files the embedded keyring makes in its
@@ -50,20 +52,7 @@ func createFile(dir, name string, data []byte) (err error) {
 	if err := os.Remove(tmp); err != nil {
 		return fmt.Errorf("removing %s: %w", tmp, err)
 	}
-	return syncDir(dir)
-}
-
-// syncDir makes renames, links and unlinks in dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("opening %s to sync: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("syncing %s: %w", dir, err)
-	}
-	return nil
+	return atomicfile.SyncDir(dir)
 }
 
 // errTooLarge: a file is larger than its reader allows.

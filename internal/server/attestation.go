@@ -172,12 +172,8 @@ func (s *Server) evidence(w http.ResponseWriter, r *http.Request) error {
 		if a.PCRs != nil {
 			prev.Quote = &attest.Quote{Clock: a.Clock, ResetCount: a.ResetCount, RestartCount: a.RestartCount}
 		}
-		policy, err := storedPolicy(a)
-		if err != nil {
-			return err
-		}
 		verdict, next := attest.Verify(ak, attest.Evidence{Attest: req.Attest, Signature: req.Signature, PCRs: req.PCRs, EventLog: req.EventLog},
-			req.Nonce, prev, policy)
+			req.Nonce, prev, storedPolicy(a))
 		record(a, verdict)
 		if verdict.Genuine {
 			q := next.Quote
@@ -200,20 +196,12 @@ func record(a *store.Attestation, v attest.Verdict) {
 	}
 }
 
-// storedPolicy rebuilds the policy kept with a; nil when there is none.
-func storedPolicy(a *store.Attestation) (*attest.Policy, error) {
+// storedPolicy is the policy kept with a; nil when there is none.
+func storedPolicy(a *store.Attestation) *attest.Policy {
 	if len(a.PolicyPCRs) == 0 {
-		return nil, nil
+		return nil
 	}
-	p := &attest.Policy{PCRs: a.PolicyPCRs}
-	if a.PolicyEventLog != nil {
-		events, err := attest.ParseEventLog(a.PolicyEventLog)
-		if err != nil {
-			return nil, err
-		}
-		p.Events = events
-	}
-	return p, nil
+	return &attest.Policy{PCRs: a.PolicyPCRs, EventLog: a.PolicyEventLog}
 }
 
 // setPolicy learns the policy from the last accepted evidence and judges
@@ -242,36 +230,36 @@ func (s *Server) setPolicy(w http.ResponseWriter, r *http.Request) error {
 				which = append(which, i)
 			}
 		}
-		p := attest.Learn(a.PCRs, events, which)
-		a.PolicyPCRs, a.PolicyEventLog = p.PCRs, a.EventLog
-		mismatches := attest.Evaluate(p, a.PCRs, events)
-		v := attest.Verdict{Genuine: true, Trusted: len(mismatches) == 0}
-		for _, m := range mismatches {
-			v.Reasons = append(v.Reasons, m.String())
-		}
-		record(a, v)
+		p := attest.Learn(a.PCRs, a.EventLog, which)
+		a.PolicyPCRs, a.PolicyEventLog = p.PCRs, p.EventLog
+		record(a, attest.Judge(p, a.PCRs, events))
 		return nil
 	})
 }
 
 func (s *Server) getAttestation(w http.ResponseWriter, r *http.Request) error {
-	v, _, err := s.lookup(r)
-	if err != nil {
-		return err
-	}
-	var a *store.Attestation
-	err = s.Store.View(r.Context(), func(tx *store.Tx) (err error) {
-		a, err = tx.GetAttestation(v.InstanceID)
-		return err
-	})
-	if errors.Is(err, store.ErrNotFound) {
-		return apiErr(http.StatusNotFound, CodeNotRegistered, "The instance has never registered an attestation key.")
-	}
+	_, a, err := s.lookupAttestation(r)
 	if err != nil {
 		return err
 	}
 	writeJSON(w, http.StatusOK, attestationView(a, time.Now()))
 	return nil
+}
+
+// lookupAttestation reads the vTPM the request names and its attestation
+// record; 404 if the instance never registered.
+func (s *Server) lookupAttestation(r *http.Request) (v *store.VTPM, a *store.Attestation, err error) {
+	if v, _, err = s.lookup(r); err != nil {
+		return nil, nil, err
+	}
+	err = s.Store.View(r.Context(), func(tx *store.Tx) error {
+		a, err = tx.GetAttestation(v.InstanceID)
+		return err
+	})
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, nil, apiErr(http.StatusNotFound, CodeNotRegistered, "The instance has never registered an attestation key.")
+	}
+	return v, a, err
 }
 
 // tokenLifetime bounds how long a relying party may rely on a signed verdict.
@@ -283,18 +271,7 @@ func (s *Server) token(w http.ResponseWriter, r *http.Request) error {
 	if s.Verdicts == nil {
 		return apiErr(http.StatusConflict, CodeNotSupported, "This server does not sign verdicts.")
 	}
-	v, _, err := s.lookup(r)
-	if err != nil {
-		return err
-	}
-	var a *store.Attestation
-	err = s.Store.View(r.Context(), func(tx *store.Tx) (err error) {
-		a, err = tx.GetAttestation(v.InstanceID)
-		return err
-	})
-	if errors.Is(err, store.ErrNotFound) {
-		return apiErr(http.StatusNotFound, CodeNotRegistered, "The instance has never registered an attestation key.")
-	}
+	v, a, err := s.lookupAttestation(r)
 	if err != nil {
 		return err
 	}

@@ -54,7 +54,7 @@ func BenchmarkDetectionLatency(b *testing.B) {
 		}
 	}
 	akKey, _ := rsa.GenerateKey(rand.Reader, 2048) // one software AK serves every instance
-	akPublic := attesttest.AKPublic(akKey)
+	akPublic := attesttest.AKPublic(attest.RSAAKTemplate, akKey)
 	ids := make([]string, instances)
 	err = st.Update(context.Background(), func(tx *store.Tx) error {
 		if err := tx.PutHost(&store.Host{Name: "h1", Traits: []string{}, Capacity: instances, Backend: "swtpm"}); err != nil {

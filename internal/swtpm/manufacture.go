@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto"
 	"crypto/x509"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -15,6 +14,7 @@ import (
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 
+	"github.com/vtpmd/vtpmd/internal/atomicfile"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/swtpm/ctrl"
 )
@@ -162,7 +162,7 @@ func manufacture(ctx context.Context, i Instance, opts ManufactureOptions, keep 
 		return nil, nil, err
 	}
 	// swtpm fsyncs its files but not the directory holding their names.
-	if err := syncDir(i.Dir); err != nil {
+	if err := atomicfile.SyncDir(i.Dir); err != nil {
 		return nil, nil, err
 	}
 	sw.lap("finish")
@@ -283,17 +283,4 @@ func removeState(dir string) {
 		permallV12, "tpm-00.volatilestate", "tpm-00.savestate", ".lock"} {
 		os.Remove(filepath.Join(dir, f))
 	}
-}
-
-// syncDir makes the names of the files in dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil && !errors.Is(err, syscall.EINVAL) {
-		return fmt.Errorf("syncing %s: %w", dir, err)
-	}
-	return nil
 }

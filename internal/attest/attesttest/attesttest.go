@@ -14,20 +14,11 @@ import (
 	"github.com/google/go-tpm/tpm2"
 )
 
-// AKPublic is the TPM2B_PUBLIC of an RSA-2048 restricted signing key with
-// key's public part, as a TPM would describe it.
-func AKPublic(key *rsa.PrivateKey) []byte {
-	pub := tpm2.TPMTPublic{
-		Type: tpm2.TPMAlgRSA, NameAlg: tpm2.TPMAlgSHA256,
-		ObjectAttributes: tpm2.TPMAObject{FixedTPM: true, FixedParent: true, SensitiveDataOrigin: true, UserWithAuth: true,
-			Restricted: true, SignEncrypt: true},
-		Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgRSA, &tpm2.TPMSRSAParms{
-			Scheme: tpm2.TPMTRSAScheme{Scheme: tpm2.TPMAlgRSASSA,
-				Details: tpm2.NewTPMUAsymScheme(tpm2.TPMAlgRSASSA, &tpm2.TPMSSigSchemeRSASSA{HashAlg: tpm2.TPMAlgSHA256})},
-			KeyBits: 2048,
-		}),
-		Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgRSA, &tpm2.TPM2BPublicKeyRSA{Buffer: key.N.FillBytes(make([]byte, 256))}),
-	}
+// AKPublic is the TPM2B_PUBLIC a TPM would give for an RSA key made from
+// template (attest.RSAAKTemplate) whose public part is key's.
+func AKPublic(template tpm2.TPMTPublic, key *rsa.PrivateKey) []byte {
+	pub := template
+	pub.Unique = tpm2.NewTPMUPublicID(tpm2.TPMAlgRSA, &tpm2.TPM2BPublicKeyRSA{Buffer: key.N.FillBytes(make([]byte, 256))})
 	return tpm2.Marshal(tpm2.New2B(pub))
 }
 

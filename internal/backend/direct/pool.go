@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vtpmd/vtpmd/internal/atomicfile"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
@@ -41,7 +42,6 @@ type pooled struct {
 	dir    string
 	secret []byte
 	proc   *swtpm.Process
-	eks    []store.EK
 }
 
 type pool struct {
@@ -117,11 +117,11 @@ func (b *Backend) manufacturePooled() (*pooled, error) {
 		User: b.cfg.User, Group: b.cfg.Group, Binary: b.cfg.Binary}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	eks, proc, err := b.make(ctx, &store.VTPM{Spec: spec.Spec{Version: spec.V20}}, inst, true)
+	_, proc, err := b.make(ctx, &store.VTPM{Spec: spec.Spec{Version: spec.V20}}, inst, true)
 	if err != nil {
 		return nil, err
 	}
-	return &pooled{dir: inst.Dir, secret: secret, proc: proc, eks: eks}, nil
+	return &pooled{dir: inst.Dir, secret: secret, proc: proc}, nil
 }
 
 // closePool stops filling and discards the pooled TPMs.
@@ -144,7 +144,7 @@ func (b *Backend) closePool(ctx context.Context) {
 // Claim implements agent.Pool: a pooled TPM of version v, if one is ready.
 // Its secret goes to the key manager; adopt then moves the TPM to the
 // instance; discard throws it away if that cannot happen.
-func (b *Backend) Claim(v spec.Version) (secret []byte, adopt func(ctx context.Context, instanceID, secretID string) ([]store.EK, error), discard func(), ok bool) {
+func (b *Backend) Claim(v spec.Version) (secret []byte, adopt func(ctx context.Context, instanceID, secretID string) error, discard func(), ok bool) {
 	p := b.pool
 	if p == nil || v != spec.V20 {
 		return nil, nil, nil, false
@@ -161,7 +161,7 @@ func (b *Backend) Claim(v spec.Version) (secret []byte, adopt func(ctx context.C
 	case p.wake <- struct{}{}:
 	default:
 	}
-	adopt = func(ctx context.Context, instanceID, secretID string) ([]store.EK, error) {
+	adopt = func(ctx context.Context, instanceID, secretID string) error {
 		return b.adopt(ctx, e, instanceID, secretID)
 	}
 	discard = func() {
@@ -174,17 +174,17 @@ func (b *Backend) Claim(v spec.Version) (secret []byte, adopt func(ctx context.C
 // adopt stops the pooled TPM, records which key-manager secret now holds
 // its key, and renames its directory to the instance's: from then on it is
 // the instance's TPM, started by Ensure like any other.
-func (b *Backend) adopt(ctx context.Context, e *pooled, instanceID, secretID string) ([]store.EK, error) {
+func (b *Backend) adopt(ctx context.Context, e *pooled, instanceID, secretID string) error {
 	if err := e.proc.Stop(ctx); err != nil {
-		return nil, fmt.Errorf("stopping the pooled TPM: %w", err)
+		return fmt.Errorf("stopping the pooled TPM: %w", err)
 	}
-	if err := os.WriteFile(filepath.Join(e.dir, secretIDFile), []byte(secretID+"\n"), 0o600); err != nil {
-		return nil, err
+	if err := atomicfile.Write(filepath.Join(e.dir, secretIDFile), []byte(secretID+"\n"), 0o600); err != nil {
+		return err
 	}
 	if err := os.Rename(e.dir, b.dir(instanceID)); err != nil {
-		return nil, fmt.Errorf("adopting the pooled TPM: %w", err)
+		return fmt.Errorf("adopting the pooled TPM: %w", err)
 	}
-	return e.eks, syncDir(b.cfg.Root)
+	return atomicfile.SyncDir(b.cfg.Root)
 }
 
 // AdoptedSecret implements agent.Pool: the key-manager secret an adopted
@@ -213,14 +213,4 @@ func (b *Backend) AdoptedSecrets() (map[string]bool, error) {
 		}
 	}
 	return out, nil
-}
-
-// syncDir makes a rename in dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
