@@ -12,12 +12,18 @@ type RegisterRequest struct {
 	EKPublic []byte `json:"ek_public,omitempty"`
 	// AKPublic is the AK's TPM2B_PUBLIC.
 	AKPublic []byte `json:"ak_public"`
+	// EKCertificate (DER) is how a host's TPM, which vtpmd did not make,
+	// proves its EK: the certificate must chain to a configured CA
+	// (--host-ek-ca) and certify EKPublic.
+	EKCertificate []byte `json:"ek_certificate,omitempty"`
 }
 
 // CredentialChallenge is TPM2_MakeCredential's output for the guest's
 // TPM2_ActivateCredential.
 type CredentialChallenge struct {
-	EKHandle       string `json:"ek_handle"`
+	// EKHandle is the EK to activate with, when vtpmd knows it (a vTPM it
+	// made); otherwise the TPM's own.
+	EKHandle       string `json:"ek_handle,omitempty"`
 	CredentialBlob []byte `json:"credential_blob"`
 	EncryptedSeed  []byte `json:"encrypted_seed"`
 }
@@ -50,20 +56,61 @@ type PolicyRequest struct {
 	PCRs []int `json:"pcrs,omitempty"`
 }
 
-// Attestation is an instance's attestation status.
+// Attestation is the attestation status of an instance (its vTPM) or of a
+// host (its own TPM).
 type Attestation struct {
-	InstanceID string `json:"instance_id"`
+	InstanceID string `json:"instance_id,omitempty"`
+	HostName   string `json:"host_name,omitempty"` // a host's own attestation
 	// State: unregistered, challenged (registration waits for the
 	// credential) or registered.
 	State        string    `json:"state"`
 	RegisteredAt time.Time `json:"registered_at,omitzero"`
-	// Verdict: pending (no evidence or no policy yet), trusted, untrusted,
-	// or stale (no evidence for several rounds).
+	// Verdict on the subject's own evidence: pending (no evidence or no
+	// policy yet), trusted, untrusted, or stale (no evidence for several
+	// rounds).
 	Verdict    string         `json:"verdict"`
 	Reasons    []string       `json:"reasons,omitempty"`
 	VerifiedAt time.Time      `json:"verified_at,omitzero"`
 	PolicyPCRs []int          `json:"policy_pcrs,omitempty"`
 	PCRs       map[int][]byte `json:"pcrs,omitempty"`
+
+	// For an instance: the verdict on the host it runs on, and the record
+	// of how its vTPM was provisioned.
+	Host         *HostVerdict  `json:"host,omitempty"`
+	Provisioning *Provisioning `json:"provisioning,omitempty"`
+	// Overall is the tenant's one answer for an instance: trusted only for
+	// a trusted VM, with a vTPM vtpmd provisioned, on a trusted host;
+	// otherwise untrusted, pending or stale. Summary says why in words.
+	Overall string `json:"overall,omitempty"`
+	Summary string `json:"summary,omitempty"`
+}
+
+// HostVerdict is a host's attestation as an instance's status carries it.
+// Verdict is "unattested" for a host whose TPM never registered.
+type HostVerdict struct {
+	Name       string    `json:"name"`
+	Verdict    string    `json:"verdict"`
+	Reasons    []string  `json:"reasons,omitempty"`
+	VerifiedAt time.Time `json:"verified_at,omitzero"`
+}
+
+// Provisioning says who made a vTPM's identity: its EK certificates, their
+// issuer, and whether they chain to the deployment CA; and the host vtpmd
+// placed it on.
+type Provisioning struct {
+	Host           string          `json:"host"`
+	EKCertificates []EKCertificate `json:"ek_certificates"`
+	// Verified: every EK certificate chains to the deployment CA.
+	Verified bool   `json:"verified"`
+	Reason   string `json:"reason,omitempty"`
+}
+
+// EKCertificate describes one EK certificate.
+type EKCertificate struct {
+	Kind      string    `json:"kind"`
+	Issuer    string    `json:"issuer"`
+	Serial    string    `json:"serial"`
+	NotBefore time.Time `json:"not_before"`
 }
 
 // VerdictToken is an attestation verdict signed by the verifier: a JWT

@@ -179,49 +179,57 @@ func (c *Client) Drift(ctx context.Context, host string, repair bool) (api.Drift
 	return out, c.do(ctx, http.MethodGet, "/v1/hosts/"+url.PathEscape(host)+"/drift", nil, &out)
 }
 
-// Register submits a guest's attestation key; the answer is the credential
-// its TPM must activate.
-func (c *Client) Register(ctx context.Context, id string, req api.RegisterRequest) (api.CredentialChallenge, error) {
+// Subject is what attests: an instance (its vTPM) or a host (its own TPM).
+type Subject struct{ path string }
+
+// Instance is the subject for an instance's vTPM.
+func Instance(id string) Subject { return Subject{"/v1/vtpms/" + url.PathEscape(id) + "/attestation"} }
+
+// Host is the subject for a host's own TPM.
+func Host(name string) Subject { return Subject{"/v1/hosts/" + url.PathEscape(name) + "/attestation"} }
+
+func (s Subject) op(op string) string {
+	if op == "" {
+		return s.path
+	}
+	return s.path + "/" + op
+}
+
+// Register submits an attestation key; the answer is the credential the
+// TPM must activate.
+func (c *Client) Register(ctx context.Context, s Subject, req api.RegisterRequest) (api.CredentialChallenge, error) {
 	var out api.CredentialChallenge
-	return out, c.do(ctx, http.MethodPost, c.attestationPath(id, "register"), req, &out)
+	return out, c.do(ctx, http.MethodPost, s.op("register"), req, &out)
 }
 
 // Activate answers the registration's credential challenge.
-func (c *Client) Activate(ctx context.Context, id string, secret []byte) (api.Attestation, error) {
+func (c *Client) Activate(ctx context.Context, s Subject, secret []byte) (api.Attestation, error) {
 	var out api.Attestation
-	return out, c.do(ctx, http.MethodPost, c.attestationPath(id, "activate"), api.ActivateRequest{Secret: secret}, &out)
+	return out, c.do(ctx, http.MethodPost, s.op("activate"), api.ActivateRequest{Secret: secret}, &out)
 }
 
 // Nonce asks for the nonce the next quote must answer.
-func (c *Client) Nonce(ctx context.Context, id string) (api.Nonce, error) {
+func (c *Client) Nonce(ctx context.Context, s Subject) (api.Nonce, error) {
 	var out api.Nonce
-	return out, c.do(ctx, http.MethodPost, c.attestationPath(id, "nonce"), nil, &out)
+	return out, c.do(ctx, http.MethodPost, s.op("nonce"), nil, &out)
 }
 
 // Evidence pushes a quote and gets the verdict.
-func (c *Client) Evidence(ctx context.Context, id string, req api.EvidenceRequest) (api.Attestation, error) {
+func (c *Client) Evidence(ctx context.Context, s Subject, req api.EvidenceRequest) (api.Attestation, error) {
 	var out api.Attestation
-	return out, c.do(ctx, http.MethodPost, c.attestationPath(id, "evidence"), req, &out)
+	return out, c.do(ctx, http.MethodPost, s.op("evidence"), req, &out)
 }
 
-// SetPolicy sets an instance's measured-boot policy.
-func (c *Client) SetPolicy(ctx context.Context, id string, req api.PolicyRequest) (api.Attestation, error) {
+// SetPolicy sets the measured-boot policy.
+func (c *Client) SetPolicy(ctx context.Context, s Subject, req api.PolicyRequest) (api.Attestation, error) {
 	var out api.Attestation
-	return out, c.do(ctx, http.MethodPost, c.attestationPath(id, "policy"), req, &out)
+	return out, c.do(ctx, http.MethodPost, s.op("policy"), req, &out)
 }
 
-// Attestation reads an instance's attestation status.
-func (c *Client) Attestation(ctx context.Context, id string) (api.Attestation, error) {
+// Attestation reads the attestation status.
+func (c *Client) Attestation(ctx context.Context, s Subject) (api.Attestation, error) {
 	var out api.Attestation
-	return out, c.do(ctx, http.MethodGet, c.attestationPath(id, ""), nil, &out)
-}
-
-func (c *Client) attestationPath(id, op string) string {
-	p := "/v1/vtpms/" + url.PathEscape(id) + "/attestation"
-	if op != "" {
-		p += "/" + op
-	}
-	return p
+	return out, c.do(ctx, http.MethodGet, s.op(""), nil, &out)
 }
 
 // Identity reads a vTPM's endorsement keys, certificates and CA chain.
@@ -251,7 +259,7 @@ func (c *Client) CA(ctx context.Context) ([]byte, error) {
 // VerdictToken is an instance's attestation verdict signed by the verifier.
 func (c *Client) VerdictToken(ctx context.Context, id string) (string, error) {
 	var out api.VerdictToken
-	return out.Token, c.do(ctx, http.MethodGet, c.attestationPath(id, "token"), nil, &out)
+	return out.Token, c.do(ctx, http.MethodGet, Instance(id).op("token"), nil, &out)
 }
 
 // VerdictKeys is the verifier's public keys (JWKS) that verdict tokens

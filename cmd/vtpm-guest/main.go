@@ -23,14 +23,14 @@ import (
 	"github.com/google/go-tpm/tpm2/transport/linuxtpm"
 
 	"github.com/vtpmd/vtpmd/client"
-	"github.com/vtpmd/vtpmd/internal/guestagent"
+	"github.com/vtpmd/vtpmd/internal/attestor"
 )
 
 func main() {
 	server := flag.String("server", "http://10.0.2.2:8780", "vtpmd API URL")
 	instance := flag.String("instance", "", "instance id (default: the SMBIOS UUID, /sys/class/dmi/id/product_uuid)")
 	tpmPath := flag.String("tpm", "/dev/tpmrm0", "TPM device, or unix:PATH for a swtpm data socket")
-	eventLog := flag.String("event-log", guestagent.DefaultEventLog, "firmware event log")
+	eventLog := flag.String("event-log", attestor.DefaultEventLog, "firmware event log")
 	interval := flag.Duration("interval", 30*time.Second, "time between attestations")
 	once := flag.Bool("once", false, "register, attest once and exit")
 	flag.Parse()
@@ -55,7 +55,7 @@ func run(server, instance, tpmPath, eventLog string, interval time.Duration, onc
 	defer tpm.Close()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	agent := &guestagent.Agent{TPM: tpm, API: client.New(server, ""), InstanceID: instance, EventLog: eventLog}
+	agent := &attestor.Agent{TPM: tpm, API: client.New(server, ""), Subject: client.Instance(instance), EventLog: eventLog}
 	if err := agent.Register(ctx); err != nil {
 		return err
 	}

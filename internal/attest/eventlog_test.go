@@ -6,6 +6,8 @@ import (
 	"os"
 	"strings"
 	"testing"
+
+	"github.com/vtpmd/vtpmd/internal/attest/attesttest"
 )
 
 // The fixture is the event log OVMF wrote into a vtpmd vTPM while booting
@@ -115,5 +117,25 @@ func TestPolicy(t *testing.T) {
 	delete(pcrs, 7)
 	if m := Evaluate(p, pcrs, nil); len(m) != 1 || m[0].PCR != 7 || !strings.Contains(m[0].String(), "missing") {
 		t.Fatalf("missing PCR 7: %v", m)
+	}
+}
+
+// The test event-log builder writes what the parser reads and replays.
+func TestMadeUpEventLog(t *testing.T) {
+	log, pcrs := attesttest.EventLog([]attesttest.Measurement{
+		{PCR: 0, Type: 0x80000008, Data: []byte("host firmware")},
+		{PCR: 4, Type: 0x80000003, Data: []byte("host kernel")},
+		{PCR: 4, Type: 0x80000003, Data: []byte("host initrd")},
+	})
+	events, err := ParseEventLog(log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(events) != 4 || events[2].PCR != 4 || string(events[2].Data) != "host kernel" {
+		t.Fatalf("events %+v", events)
+	}
+	replayed := Replay(events)
+	if len(replayed) != 2 || !bytes.Equal(replayed[0], pcrs[0]) || !bytes.Equal(replayed[4], pcrs[4]) {
+		t.Fatalf("replayed %x, want %x", replayed, pcrs)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/client"
 )
 
 func newAttestationCommand(g *globals) *cobra.Command {
@@ -20,7 +21,37 @@ func newAttestationCommand(g *globals) *cobra.Command {
 		Short: "Show whether the instance's guest registered, and the verdict on its last evidence",
 		Args:  exactlyOne,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			a, err := g.client().Attestation(cmd.Context(), args[0])
+			a, err := g.client().Attestation(cmd.Context(), client.Instance(args[0]))
+			if err != nil {
+				return apiFailure(err)
+			}
+			return printAttestation(cmd.OutOrStdout(), g.format(outputTable), a)
+		},
+	})
+	cmd.AddCommand(&cobra.Command{
+		Use:   "token INSTANCE",
+		Short: "Print the verdict as a token signed by the verifier, for a relying party to check offline",
+		Args:  exactlyOne,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			tok, err := g.client().VerdictToken(cmd.Context(), args[0])
+			if err != nil {
+				return apiFailure(err)
+			}
+			_, err = fmt.Fprintln(cmd.OutOrStdout(), tok)
+			return err
+		},
+	})
+	return cmd
+}
+
+func newHostCommand(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "host", Short: "Attestation of a host's own TPM"}
+	cmd.AddCommand(&cobra.Command{
+		Use:   "status HOST",
+		Short: "Show whether the host's TPM registered, and the verdict on the host's last evidence",
+		Args:  exactlyOne,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			a, err := g.client().Attestation(cmd.Context(), client.Host(args[0]))
 			if err != nil {
 				return apiFailure(err)
 			}
@@ -33,9 +64,10 @@ func newAttestationCommand(g *globals) *cobra.Command {
 func newPolicyCommand(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "policy", Short: "Measured-boot policies"}
 	var pcrs string
+	var host bool
 	learn := &cobra.Command{
-		Use:   "learn INSTANCE",
-		Short: "Take the instance's last accepted evidence as its reference boot, and judge it",
+		Use:   "learn INSTANCE | --host HOST",
+		Short: "Take the last accepted evidence of an instance (or a host) as its reference boot, and judge it",
 		Args:  exactlyOne,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			req := api.PolicyRequest{Learn: true}
@@ -46,13 +78,18 @@ func newPolicyCommand(g *globals) *cobra.Command {
 				}
 				req.PCRs = append(req.PCRs, i)
 			}
-			a, err := g.client().SetPolicy(cmd.Context(), args[0], req)
+			subject := client.Instance(args[0])
+			if host {
+				subject = client.Host(args[0])
+			}
+			a, err := g.client().SetPolicy(cmd.Context(), subject, req)
 			if err != nil {
 				return apiFailure(err)
 			}
 			return printAttestation(cmd.OutOrStdout(), g.format(outputTable), a)
 		},
 	}
+	learn.Flags().BoolVar(&host, "host", false, "the argument names a host, whose own TPM's policy is learned")
 	learn.Flags().StringVar(&pcrs, "pcrs", "", "PCRs the policy covers, e.g. 0,1,2,3,4,5,6,7 (default: every PCR quoted)")
 	cmd.AddCommand(learn)
 	return cmd
@@ -66,15 +103,40 @@ func printAttestation(w io.Writer, format string, a api.Attestation) error {
 	for _, i := range a.PolicyPCRs {
 		policy = append(policy, strconv.Itoa(i))
 	}
-	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	for _, row := range [][2]string{
-		{"INSTANCE", a.InstanceID}, {"STATE", a.State}, {"VERDICT", a.Verdict},
+	rows := [][2]string{{"INSTANCE", a.InstanceID}}
+	if a.HostName != "" {
+		rows = [][2]string{{"HOST", a.HostName}}
+	}
+	rows = append(rows, [][2]string{
+		{"STATE", a.State}, {"VERDICT", a.Verdict},
 		{"REASONS", orDash([]string{strings.Join(a.Reasons, "; ")})},
 		{"POLICY PCRS", orDash(policy)}, {"VERIFIED", orDash([]string{verifiedAt(a)})},
-	} {
+	}...)
+	if h := a.Host; h != nil {
+		rows = append(rows, [2]string{"HOST", h.Name + ": " + h.Verdict + reasons(h.Reasons)})
+	}
+	if p := a.Provisioning; p != nil {
+		what := "EK certificates chain to the deployment CA"
+		if !p.Verified {
+			what = "not verified: " + p.Reason
+		}
+		rows = append(rows, [2]string{"PROVISIONING", "on " + p.Host + "; " + what})
+	}
+	if a.Overall != "" {
+		rows = append(rows, [2]string{"OVERALL", a.Overall + " (" + a.Summary + ")"})
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	for _, row := range rows {
 		fmt.Fprintf(tw, "%s\t%s\n", row[0], row[1])
 	}
 	return tw.Flush()
+}
+
+func reasons(rs []string) string {
+	if len(rs) == 0 {
+		return ""
+	}
+	return " (" + strings.Join(rs, "; ") + ")"
 }
 
 func verifiedAt(a api.Attestation) string {

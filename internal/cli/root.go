@@ -112,6 +112,7 @@ func NewRootCommand() *cobra.Command {
 		newDoctorCommand(g),
 		newAttestationCommand(g),
 		newPolicyCommand(g),
+		newHostCommand(g),
 		newEventsCommand(g),
 		newHostsCommand(g),
 		newCACommand(g),

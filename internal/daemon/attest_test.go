@@ -21,7 +21,7 @@ import (
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/attest"
-	"github.com/vtpmd/vtpmd/internal/guestagent"
+	"github.com/vtpmd/vtpmd/internal/attestor"
 	"github.com/vtpmd/vtpmd/internal/swtpm"
 )
 
@@ -103,7 +103,7 @@ func TestAttestation(t *testing.T) {
 
 	tpm := dialTPM(t, v.Sockets.Data)
 	boot(t, tpm, log)
-	agent := &guestagent.Agent{TPM: tpm, API: u.c, InstanceID: id, EventLog: logPath}
+	agent := &attestor.Agent{TPM: tpm, API: u.c, Subject: client.Instance(id), EventLog: logPath}
 	if err := agent.Register(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -111,7 +111,7 @@ func TestAttestation(t *testing.T) {
 	if err != nil || a.State != "registered" || a.Verdict != "pending" {
 		t.Fatalf("first evidence: %+v %v", a, err)
 	}
-	if a, err = u.c.SetPolicy(ctx, id, api.PolicyRequest{Learn: true}); err != nil || a.Verdict != "trusted" || len(a.PolicyPCRs) != 10 {
+	if a, err = u.c.SetPolicy(ctx, client.Instance(id), api.PolicyRequest{Learn: true}); err != nil || a.Verdict != "trusted" || len(a.PolicyPCRs) != 10 {
 		t.Fatalf("learning: %+v %v", a, err)
 	}
 	if a, err = agent.Attest(ctx); err != nil || a.Verdict != "trusted" {
@@ -134,16 +134,16 @@ func TestAttestation(t *testing.T) {
 	}
 
 	// An old quote replayed: its nonce is spent.
-	n, _ := u.c.Nonce(ctx, id)
+	n, _ := u.c.Nonce(ctx, client.Instance(id))
 	ev, err := agent.Evidence(n.Nonce)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := u.c.Evidence(ctx, id, ev); err != nil {
+	if _, err := u.c.Evidence(ctx, client.Instance(id), ev); err != nil {
 		t.Fatal(err)
 	}
 	var e *client.Error
-	if _, err := u.c.Evidence(ctx, id, ev); !asCode(err, &e, "stale_nonce") {
+	if _, err := u.c.Evidence(ctx, client.Instance(id), ev); !asCode(err, &e, "stale_nonce") {
 		t.Fatalf("replayed evidence: %v", err)
 	}
 
@@ -160,7 +160,7 @@ func TestAttestation(t *testing.T) {
 	other := otherKernel(t, log)
 	os.WriteFile(logPath, other, 0o644)
 	boot(t, tpm, other)
-	agent = &guestagent.Agent{TPM: tpm, API: u.c, InstanceID: id, EventLog: logPath}
+	agent = &attestor.Agent{TPM: tpm, API: u.c, Subject: client.Instance(id), EventLog: logPath}
 	if err := agent.Register(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -177,19 +177,19 @@ func TestAttestation(t *testing.T) {
 	v2 := u.create(t, id2, "2.0")
 	tpm2nd := dialTPM(t, v2.Sockets.Data)
 	boot(t, tpm2nd, log)
-	neighbour := &guestagent.Agent{TPM: tpm2nd, API: u.c, InstanceID: id2, EventLog: logPath}
+	neighbour := &attestor.Agent{TPM: tpm2nd, API: u.c, Subject: client.Instance(id2), EventLog: logPath}
 	if err := neighbour.Register(ctx); err != nil {
 		t.Fatal(err)
 	}
-	n, _ = u.c.Nonce(ctx, id)
+	n, _ = u.c.Nonce(ctx, client.Instance(id))
 	if ev, err = neighbour.Evidence(n.Nonce); err != nil {
 		t.Fatal(err)
 	}
-	if a, err = u.c.Evidence(ctx, id, ev); err != nil || a.Verdict != "untrusted" ||
+	if a, err = u.c.Evidence(ctx, client.Instance(id), ev); err != nil || a.Verdict != "untrusted" ||
 		!strings.Contains(strings.Join(a.Reasons, " "), "not signed by the registered attestation key") {
 		t.Fatalf("another guest's quote: %+v %v", a, err)
 	}
-	impostor := &guestagent.Agent{TPM: tpm2nd, API: u.c, InstanceID: id, EventLog: logPath}
+	impostor := &attestor.Agent{TPM: tpm2nd, API: u.c, Subject: client.Instance(id), EventLog: logPath}
 	if err := impostor.Register(ctx); !asCode(err, &e, "ek_mismatch") {
 		t.Fatalf("registering with another TPM's EK: %v", err)
 	}

@@ -10,6 +10,7 @@ import (
 	"libvirt.org/go/libvirtxml"
 
 	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/client"
 )
 
 // TestGuestAttestation boots a real UEFI guest with a vTPM from vtpmd whose
@@ -41,7 +42,7 @@ func TestGuestAttestation(t *testing.T) {
 		if !strings.Contains(out, "VTPM-GUEST VERDICT "+want) {
 			t.Fatalf("guest console, want verdict %s:\n%s", want, out)
 		}
-		a, err := u.c.Attestation(ctx, id)
+		a, err := u.c.Attestation(ctx, client.Instance(id))
 		if err != nil || a.Verdict != want {
 			t.Fatalf("attestation: %+v %v", a, err)
 		}
@@ -76,7 +77,7 @@ func TestGuestAttestation(t *testing.T) {
 	u.wait(t, id, "active")
 	boot("pending")
 	t.Log("step 2: the guest agent registered (credential activation) and attested; learning this boot as the policy")
-	if a, err := u.c.SetPolicy(ctx, id, api.PolicyRequest{Learn: true}); err != nil || a.Verdict != "trusted" {
+	if a, err := u.c.SetPolicy(ctx, client.Instance(id), api.PolicyRequest{Learn: true}); err != nil || a.Verdict != "trusted" {
 		t.Fatalf("learning from the first boot: %+v %v", a, err)
 	}
 

@@ -30,62 +30,145 @@ const staleAfter = 3 * time.Minute
 const (
 	CodeInvalidAK        = "invalid_ak"
 	CodeEKMismatch       = "ek_mismatch"
+	CodeEKUntrusted      = "ek_untrusted"
 	CodeActivationFailed = "activation_failed"
 	CodeNotRegistered    = "not_registered"
 	CodeStaleNonce       = "stale_nonce"
 	CodeNoEvidence       = "no_evidence"
 )
 
-// register checks the guest's AK and answers with a credential only the
-// TPM vtpmd made for this instance can open, and only for this AK.
+// subject is what an attestation request is about: an instance's vTPM
+// (vtpm set) or a host's own TPM (host set).
+type subject struct {
+	key   string // the attestation record's key
+	vtpm  *store.VTPM
+	host  string
+	scope string
+}
+
+func (sub subject) kind() string {
+	if sub.vtpm != nil {
+		return "instance"
+	}
+	return "host"
+}
+
+// subject reads the instance or host the request names. A host's own
+// attestation is the operator's business: a project-scoped caller sees it
+// only through its instances' status.
+func (s *Server) subject(r *http.Request) (subject, error) {
+	name := r.PathValue("name")
+	if name == "" {
+		v, scope, err := s.lookup(r)
+		if err != nil {
+			return subject{}, err
+		}
+		return subject{key: v.InstanceID, vtpm: v, scope: scope}, nil
+	}
+	scope, err := project(r)
+	if err != nil {
+		return subject{}, err
+	}
+	if scope != "" {
+		return subject{}, apiErr(http.StatusForbidden, CodeForbidden, "A host's own attestation is for the operator; a project sees it in its instances' attestation status.")
+	}
+	err = s.Store.View(r.Context(), func(tx *store.Tx) error { _, err := tx.GetHost(name); return err })
+	if errors.Is(err, store.ErrNotFound) {
+		return subject{}, apiErr(http.StatusNotFound, CodeNotFound, "No such host.")
+	}
+	return subject{key: store.HostKey(name), host: name}, err
+}
+
+// register checks the AK and answers with a credential only the TPM of the
+// registered EK can open, and only for this AK. An instance's EK must be
+// the one vtpmd made for it; a host's, one its certificate vouches for.
 func (s *Server) register(w http.ResponseWriter, r *http.Request) error {
 	var req api.RegisterRequest
 	if err := decode(w, r, &req); err != nil {
 		return err
 	}
-	v, scope, err := s.lookup(r)
+	sub, err := s.subject(r)
 	if err != nil {
 		return err
 	}
-	if req.EKKind == "" {
-		req.EKKind = "rsa2048"
-	}
-	var ek *store.EK
-	for i := range v.EKs {
-		if v.EKs[i].Kind == req.EKKind {
-			ek = &v.EKs[i]
+	var ekDER []byte
+	var ch api.CredentialChallenge
+	if sub.vtpm != nil {
+		ek, err := instanceEK(sub.vtpm, &req)
+		if err != nil {
+			return err
 		}
-	}
-	if ek == nil {
-		return apiErr(http.StatusConflict, CodeNotReady, "The vTPM has no "+req.EKKind+" EK (phase "+string(v.Phase)+").")
-	}
-	if req.EKPublic != nil && !bytes.Equal(req.EKPublic, ek.PublicDER) {
-		return apiErr(http.StatusForbidden, CodeEKMismatch, "This EK is not the one vtpmd made for instance "+v.InstanceID+"; registration refused.")
+		ekDER, ch.EKHandle = ek.PublicDER, fmt.Sprintf("0x%08x", ek.Handle)
+	} else if ekDER, err = s.hostEK(&req); err != nil {
+		return err
 	}
 	ak, err := attest.ParseAK(req.AKPublic)
 	if err != nil {
 		return apiErr(http.StatusBadRequest, CodeInvalidAK, err.Error())
 	}
-	ekPub, err := x509.ParsePKIXPublicKey(ek.PublicDER)
+	ekPub, err := x509.ParsePKIXPublicKey(ekDER)
 	if err != nil {
 		return err
 	}
-	ch, err := attest.NewChallenge(ekPub, ak)
+	c, err := attest.NewChallenge(ekPub, ak)
 	if err != nil {
 		return err
 	}
-	hash := sha256.Sum256(ch.Secret)
-	err = s.updateAttestation(r.Context(), v, scope, "attestation key submitted", func(a *store.Attestation) error {
-		*a = store.Attestation{InstanceID: v.InstanceID, EKKind: req.EKKind, AKPublic: req.AKPublic, ChallengeHash: hash[:],
+	ch.CredentialBlob, ch.EncryptedSeed = c.CredentialBlob, c.EncryptedSeed
+	hash := sha256.Sum256(c.Secret)
+	err = s.updateAttestation(r.Context(), sub, "attestation key submitted", func(a *store.Attestation) error {
+		if sub.host != "" && a.EKPublic != nil && !bytes.Equal(a.EKPublic, ekDER) {
+			return apiErr(http.StatusForbidden, CodeEKMismatch, "Host "+sub.host+" registered with another TPM; registration refused.")
+		}
+		*a = store.Attestation{InstanceID: sub.key, EKKind: req.EKKind, EKPublic: a.EKPublic, AKPublic: req.AKPublic, ChallengeHash: hash[:],
 			Verdict: "pending", PolicyPCRs: a.PolicyPCRs, PolicyEventLog: a.PolicyEventLog}
+		if sub.host != "" {
+			a.EKPublic = ekDER
+		}
 		return nil
-	})
+	}, nil)
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, api.CredentialChallenge{EKHandle: fmt.Sprintf("0x%08x", ek.Handle),
-		CredentialBlob: ch.CredentialBlob, EncryptedSeed: ch.EncryptedSeed})
+	writeJSON(w, http.StatusOK, ch)
 	return nil
+}
+
+// instanceEK is the EK vtpmd made for v that the registration asks for.
+func instanceEK(v *store.VTPM, req *api.RegisterRequest) (*store.EK, error) {
+	if req.EKKind == "" {
+		req.EKKind = "rsa2048"
+	}
+	for i := range v.EKs {
+		if v.EKs[i].Kind != req.EKKind {
+			continue
+		}
+		if req.EKPublic != nil && !bytes.Equal(req.EKPublic, v.EKs[i].PublicDER) {
+			return nil, apiErr(http.StatusForbidden, CodeEKMismatch, "This EK is not the one vtpmd made for instance "+v.InstanceID+"; registration refused.")
+		}
+		return &v.EKs[i], nil
+	}
+	return nil, apiErr(http.StatusConflict, CodeNotReady, "The vTPM has no "+req.EKKind+" EK (phase "+string(v.Phase)+").")
+}
+
+// hostEK is the EK a host's TPM registers with: the one its certificate,
+// which must chain to the configured host EK CA, certifies.
+func (s *Server) hostEK(req *api.RegisterRequest) ([]byte, error) {
+	if req.EKCertificate == nil {
+		return nil, apiErr(http.StatusBadRequest, CodeInvalidParameter, "A host registers with its TPM's EK certificate (ek_certificate).")
+	}
+	pub, err := attest.VerifyEKCertificate(req.EKCertificate, s.HostEKRoots)
+	if err != nil {
+		return nil, apiErr(http.StatusForbidden, CodeEKUntrusted, "The host's EK certificate is not vouched for by a configured CA: "+err.Error())
+	}
+	der, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return nil, err
+	}
+	if req.EKPublic != nil && !bytes.Equal(req.EKPublic, der) {
+		return nil, apiErr(http.StatusForbidden, CodeEKMismatch, "The EK is not the one the EK certificate certifies; registration refused.")
+	}
+	return der, nil
 }
 
 // activate completes registration when the TPM gave the credential back.
@@ -111,25 +194,22 @@ func (s *Server) attestationChange(w http.ResponseWriter, r *http.Request, req a
 	if err := decode(w, r, req); err != nil {
 		return err
 	}
-	v, scope, err := s.lookup(r)
+	sub, err := s.subject(r)
 	if err != nil {
 		return err
 	}
-	var out *store.Attestation
-	err = s.updateAttestation(r.Context(), v, scope, action, func(a *store.Attestation) error {
-		out = a
-		return fn(a)
-	})
+	var view api.Attestation
+	err = s.updateAttestation(r.Context(), sub, action, fn, &view)
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, attestationView(out, time.Now()))
+	writeJSON(w, http.StatusOK, view)
 	return nil
 }
 
 // nonce hands out the single-use nonce the next quote must answer.
 func (s *Server) nonce(w http.ResponseWriter, r *http.Request) error {
-	v, scope, err := s.lookup(r)
+	sub, err := s.subject(r)
 	if err != nil {
 		return err
 	}
@@ -137,13 +217,13 @@ func (s *Server) nonce(w http.ResponseWriter, r *http.Request) error {
 	if _, err := rand.Read(n.Nonce); err != nil {
 		return err
 	}
-	err = s.updateAttestation(r.Context(), v, scope, "", func(a *store.Attestation) error {
+	err = s.updateAttestation(r.Context(), sub, "", func(a *store.Attestation) error {
 		if a.RegisteredAt.IsZero() {
 			return apiErr(http.StatusConflict, CodeNotRegistered, "The instance has no registered attestation key.")
 		}
 		a.Nonce, a.NonceExpires = n.Nonce, n.ExpiresAt
 		return nil
-	})
+	}, nil)
 	if err != nil {
 		return err
 	}
@@ -238,44 +318,58 @@ func (s *Server) setPolicy(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) getAttestation(w http.ResponseWriter, r *http.Request) error {
-	_, a, err := s.lookupAttestation(r)
+	sub, err := s.subject(r)
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, attestationView(a, time.Now()))
-	return nil
-}
-
-// lookupAttestation reads the vTPM the request names and its attestation
-// record; 404 if the instance never registered.
-func (s *Server) lookupAttestation(r *http.Request) (v *store.VTPM, a *store.Attestation, err error) {
-	if v, _, err = s.lookup(r); err != nil {
-		return nil, nil, err
-	}
+	var view api.Attestation
 	err = s.Store.View(r.Context(), func(tx *store.Tx) error {
-		a, err = tx.GetAttestation(v.InstanceID)
+		a, err := tx.GetAttestation(sub.key)
+		if errors.Is(err, store.ErrNotFound) {
+			return apiErr(http.StatusNotFound, CodeNotRegistered, "The "+sub.kind()+" has never registered an attestation key.")
+		}
+		if err != nil {
+			return err
+		}
+		view, err = s.attestation(tx, sub, a, time.Now())
 		return err
 	})
-	if errors.Is(err, store.ErrNotFound) {
-		return nil, nil, apiErr(http.StatusNotFound, CodeNotRegistered, "The instance has never registered an attestation key.")
+	if err != nil {
+		return err
 	}
-	return v, a, err
+	writeJSON(w, http.StatusOK, view)
+	return nil
 }
 
 // tokenLifetime bounds how long a relying party may rely on a signed verdict.
 const tokenLifetime = 5 * time.Minute
 
-// token is the attestation status as a signed JWT (ES256) that a relying
-// party checks offline against GET /.well-known/vtpmd/jwks.json.
+// token is an instance's attestation status as a signed JWT (ES256) that a
+// relying party checks offline against GET /.well-known/vtpmd/jwks.json.
 func (s *Server) token(w http.ResponseWriter, r *http.Request) error {
 	if s.Verdicts == nil {
 		return apiErr(http.StatusConflict, CodeNotSupported, "This server does not sign verdicts.")
 	}
-	v, a, err := s.lookupAttestation(r)
+	sub, err := s.subject(r)
 	if err != nil {
 		return err
 	}
-	tok, err := s.Verdicts.Sign(verdictClaims(v, a, time.Now()))
+	var view api.Attestation
+	err = s.Store.View(r.Context(), func(tx *store.Tx) error {
+		a, err := tx.GetAttestation(sub.key)
+		if errors.Is(err, store.ErrNotFound) {
+			return apiErr(http.StatusNotFound, CodeNotRegistered, "The instance has never registered an attestation key.")
+		}
+		if err != nil {
+			return err
+		}
+		view, err = s.attestation(tx, sub, a, time.Now())
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	tok, err := s.Verdicts.Sign(verdictClaims(sub.vtpm, view, time.Now()))
 	if err != nil {
 		return err
 	}
@@ -283,14 +377,22 @@ func (s *Server) token(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-// verdictClaims are a verdict's claims as tokens and webhooks carry them.
-func verdictClaims(v *store.VTPM, a *store.Attestation, now time.Time) map[string]any {
-	view := attestationView(a, now)
-	return map[string]any{
+// verdictClaims are an instance's verdict as tokens and webhooks carry
+// them: overall is the answer to rely on.
+func verdictClaims(v *store.VTPM, view api.Attestation, now time.Time) map[string]any {
+	c := map[string]any{
 		"iss": "vtpmd", "sub": v.InstanceID, "iat": now.Unix(), "exp": now.Add(tokenLifetime).Unix(),
 		"project": v.Project, "host": v.Host, "verdict": view.Verdict, "reasons": view.Reasons,
 		"verified_at": view.VerifiedAt, "policy_pcrs": view.PolicyPCRs,
+		"overall": view.Overall, "summary": view.Summary,
 	}
+	if view.Host != nil {
+		c["host_verdict"] = view.Host.Verdict
+	}
+	if view.Provisioning != nil {
+		c["provisioning_verified"] = view.Provisioning.Verified
+	}
+	return c
 }
 
 func (s *Server) jwks(w http.ResponseWriter, r *http.Request) error {
@@ -302,19 +404,21 @@ func (s *Server) jwks(w http.ResponseWriter, r *http.Request) error {
 	return err
 }
 
-// updateAttestation applies fn to the instance's attestation record (a new
-// one if none) in one transaction, with an event when action is set. The
-// record is written even when fn refuses, so that a spent nonce stays
-// spent; fn's error is returned after.
-func (s *Server) updateAttestation(ctx context.Context, v *store.VTPM, scope, action string, fn func(*store.Attestation) error) error {
-	id := v.InstanceID
+// updateAttestation applies fn to the subject's attestation record (a new
+// one if none) in one transaction, with an event when action is set, and
+// puts the resulting status in view (when not nil). The record is written
+// even when fn refuses, so that a spent nonce stays spent; fn's error is
+// returned after. A verdict change is an event and a webhook, for a host
+// on every instance it runs.
+func (s *Server) updateAttestation(ctx context.Context, sub subject, action string, fn func(*store.Attestation) error, view *api.Attestation) error {
 	var refusal error
-	var changed *store.Attestation
+	var notes []map[string]any
 	err := s.Store.Update(ctx, func(tx *store.Tx) error {
-		a, err := tx.GetAttestation(id)
+		notes = nil
+		a, err := tx.GetAttestation(sub.key)
 		existed := err == nil
 		if errors.Is(err, store.ErrNotFound) {
-			a, err = &store.Attestation{InstanceID: id, Verdict: "pending"}, nil
+			a, err = &store.Attestation{InstanceID: sub.key, Verdict: "pending"}, nil
 		}
 		if err != nil {
 			return err
@@ -329,22 +433,70 @@ func (s *Server) updateAttestation(ctx context.Context, v *store.VTPM, scope, ac
 		if err := tx.PutAttestation(a); err != nil {
 			return err
 		}
-		if refusal == nil && a.Verdict != before {
-			action = "attestation " + a.Verdict
-			changed = a
-		}
-		if action == "" || refusal != nil {
+		if refusal != nil {
 			return nil
 		}
-		return tx.AppendEvent(store.Event{Actor: actor(scope), InstanceID: id, Action: action, Detail: detail(a)})
+		if view != nil {
+			if *view, err = s.attestation(tx, sub, a, time.Now()); err != nil {
+				return err
+			}
+		}
+		changed := a.Verdict != before
+		if changed {
+			action = "attestation " + a.Verdict
+		}
+		if action != "" {
+			if err := tx.AppendEvent(store.Event{Actor: actor(sub.scope), InstanceID: sub.key, Action: action, Detail: detail(a)}); err != nil {
+				return err
+			}
+		}
+		if !changed {
+			return nil
+		}
+		notes, err = s.verdictNotes(tx, sub, a)
+		return err
 	})
 	if err != nil {
 		return err
 	}
-	if changed != nil {
-		s.Webhook.notify(verdictClaims(v, changed, time.Now()))
+	for _, n := range notes {
+		s.Webhook.notify(n)
 	}
 	return refusal
+}
+
+// verdictNotes are the webhook payloads a verdict change on sub makes: the
+// instance's own, or, for a host, one for each registered instance on it
+// (their overall answer changes with it), each also an event.
+func (s *Server) verdictNotes(tx *store.Tx, sub subject, a *store.Attestation) ([]map[string]any, error) {
+	now := time.Now()
+	if sub.vtpm != nil {
+		view, err := s.attestation(tx, sub, a, now)
+		return []map[string]any{verdictClaims(sub.vtpm, view, now)}, err
+	}
+	vs, err := tx.ListVTPMs(store.Filter{Host: sub.host})
+	if err != nil {
+		return nil, err
+	}
+	var notes []map[string]any
+	for _, v := range vs {
+		va, err := tx.GetAttestation(v.InstanceID)
+		if errors.Is(err, store.ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		view, err := s.attestation(tx, subject{key: v.InstanceID, vtpm: v}, va, now)
+		if err != nil {
+			return nil, err
+		}
+		if err := tx.AppendEvent(store.Event{Actor: actor(""), InstanceID: v.InstanceID, Action: "host attestation " + a.Verdict, Detail: detail(a)}); err != nil {
+			return nil, err
+		}
+		notes = append(notes, verdictClaims(v, view, now))
+	}
+	return notes, nil
 }
 
 func detail(a *store.Attestation) string {
@@ -379,4 +531,97 @@ func attestationView(a *store.Attestation, now time.Time) api.Attestation {
 	}
 	slices.Sort(out.PolicyPCRs)
 	return out
+}
+
+// attestation is sub's attestation status as of now. An instance's carries its
+// host's verdict, its provisioning record and the overall answer.
+func (s *Server) attestation(tx *store.Tx, sub subject, a *store.Attestation, now time.Time) (api.Attestation, error) {
+	out := attestationView(a, now)
+	v := sub.vtpm
+	if v == nil {
+		out.InstanceID, out.HostName = "", sub.host
+		return out, nil
+	}
+	host := api.HostVerdict{Name: v.Host, Verdict: "unattested"}
+	ha, err := tx.GetAttestation(store.HostKey(v.Host))
+	switch {
+	case err == nil:
+		if hv := attestationView(ha, now); hv.State == "registered" {
+			host.Verdict, host.Reasons, host.VerifiedAt = hv.Verdict, hv.Reasons, hv.VerifiedAt
+		}
+	case !errors.Is(err, store.ErrNotFound):
+		return out, err
+	}
+	p := s.provisioning(v)
+	out.Host, out.Provisioning = &host, &p
+	out.Overall, out.Summary = overall(out.Verdict, out.Reasons, host, p)
+	return out, nil
+}
+
+// provisioning is v's provisioning record: the host vtpmd placed it on
+// and its EK certificates, checked against the deployment CA and against
+// the EKs recorded when vtpmd made the TPM.
+func (s *Server) provisioning(v *store.VTPM) api.Provisioning {
+	p := api.Provisioning{Host: v.Host, Verified: len(v.EKs) > 0}
+	if len(v.EKs) == 0 {
+		p.Reason = "the vTPM has no endorsement key yet"
+	}
+	fail := func(reason string) {
+		if p.Verified {
+			p.Verified, p.Reason = false, reason
+		}
+	}
+	for _, ek := range v.EKs {
+		cert, err := x509.ParseCertificate(ek.CertDER)
+		if err != nil {
+			fail(fmt.Sprintf("the %s EK has no readable certificate", ek.Kind))
+			continue
+		}
+		p.EKCertificates = append(p.EKCertificates, api.EKCertificate{Kind: ek.Kind, Issuer: cert.Issuer.String(),
+			Serial: cert.SerialNumber.Text(16), NotBefore: cert.NotBefore})
+		pub, err := attest.VerifyEKCertificate(ek.CertDER, s.deploymentCA())
+		if err != nil {
+			fail(err.Error())
+			continue
+		}
+		if der, err := x509.MarshalPKIXPublicKey(pub); err != nil || !bytes.Equal(der, ek.PublicDER) {
+			fail(fmt.Sprintf("the %s EK certificate certifies another key than the EK vtpmd made", ek.Kind))
+		}
+	}
+	return p
+}
+
+// deploymentCA is the pool of the deployment CA chain, read once.
+func (s *Server) deploymentCA() *x509.CertPool {
+	s.caOnce.Do(func() {
+		if s.CAChainPEM == nil {
+			return
+		}
+		s.caPool = x509.NewCertPool()
+		s.caPool.AppendCertsFromPEM(s.CAChainPEM())
+	})
+	return s.caPool
+}
+
+// overall is the tenant's one answer about an instance: its own verdict
+// first, then its vTPM's provenance, then its host's verdict.
+func overall(verdict string, reasons []string, host api.HostVerdict, p api.Provisioning) (string, string) {
+	first := func(rs []string) string {
+		if len(rs) == 0 {
+			return ""
+		}
+		return ": " + rs[0]
+	}
+	switch {
+	case verdict != "trusted":
+		return verdict, "the VM is " + verdict + first(reasons)
+	case !p.Verified:
+		return "untrusted", "VM trusted, but its vTPM is not one vtpmd provisioned: " + p.Reason
+	case host.Verdict == "trusted":
+		return "trusted", "VM trusted on trusted host " + host.Name
+	case host.Verdict == "unattested":
+		return "untrusted", "VM trusted, but host " + host.Name + " does not attest: its integrity is unknown"
+	default:
+		return host.Verdict, "VM trusted, but host " + host.Name + " is " + host.Verdict + first(host.Reasons)
+	}
 }

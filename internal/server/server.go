@@ -6,6 +6,7 @@ package server
 
 import (
 	"context"
+	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -15,6 +16,7 @@ import (
 	"net/http"
 	"regexp"
 	"strconv"
+	"sync"
 
 	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
@@ -50,6 +52,9 @@ type Server struct {
 	// records, deleting orphans when repair is set; nil when no agent here
 	// can tell.
 	Drift func(ctx context.Context, host string, repair bool) (*api.Drift, error)
+	// HostEKRoots are the CAs (TPM vendors' or the operator's) whose EK
+	// certificates a host's own TPM may register with; nil: hosts cannot.
+	HostEKRoots *x509.CertPool
 	// Verdicts signs attestation verdicts for relying parties; nil: none.
 	Verdicts *attest.Signer
 	// Webhook is told of every verdict change; nil: none.
@@ -57,6 +62,9 @@ type Server struct {
 	Log     *slog.Logger
 	// Registry receives the API's metrics; nil: a private one.
 	Registry *prometheus.Registry
+
+	caOnce sync.Once
+	caPool *x509.CertPool
 }
 
 // Handler returns the API's HTTP handler.
@@ -110,6 +118,12 @@ func (s *Server) routes() []route {
 		{"GET /v1/hosts", s.listHosts},
 		{"GET /v1/hosts/{name}", s.getHost},
 		{"GET /v1/hosts/{name}/drift", s.drift},
+		{"GET /v1/hosts/{name}/attestation", s.getAttestation},
+		{"POST /v1/hosts/{name}/attestation/register", s.register},
+		{"POST /v1/hosts/{name}/attestation/activate", s.activate},
+		{"POST /v1/hosts/{name}/attestation/nonce", s.nonce},
+		{"POST /v1/hosts/{name}/attestation/evidence", s.evidence},
+		{"POST /v1/hosts/{name}/attestation/policy", s.setPolicy},
 		{"POST /v1/hosts/{name}/drift/repair", s.repairDrift},
 		{"GET /v1/ca", s.caChain},
 	}

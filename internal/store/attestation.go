@@ -8,14 +8,21 @@ import (
 	"time"
 )
 
-// Attestation is an instance's attestation record: the registered AK, the
+// HostKey is the key of a host's own attestation record, which shares the
+// table with instances' records (keyed by instance id, a UUID).
+func HostKey(name string) string { return "host:" + name }
+
+// Attestation is an instance's (or a host's) attestation record: the registered AK, the
 // pending challenge or nonce, the last accepted evidence, the policy and
 // the verdict. Byte fields are TPM structures or digests; none is a secret
 // (the challenge is kept only as its hash).
 type Attestation struct {
 	InstanceID string `json:"-"`
 	EKKind     string `json:"ek_kind"`
-	AKPublic   []byte `json:"ak_public"` // TPM2B_PUBLIC
+	// EKPublic (PKIX) is the EK a host's TPM registered with; a host keeps
+	// one. Instances' EKs are in their vTPM records.
+	EKPublic []byte `json:"ek_public,omitempty"`
+	AKPublic []byte `json:"ak_public"` // TPM2B_PUBLIC
 	// ChallengeHash is SHA-256 of the credential the TPM must give back;
 	// set while registration waits for it.
 	ChallengeHash []byte    `json:"challenge_hash,omitempty"`

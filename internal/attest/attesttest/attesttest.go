@@ -9,6 +9,7 @@ import (
 	"crypto/rsa"
 	"crypto/sha256"
 	"encoding/asn1"
+	"encoding/binary"
 	"math/big"
 
 	"github.com/google/go-tpm/tpm2"
@@ -64,3 +65,42 @@ func Quote(key crypto.Signer, nonce []byte, pcrs map[int][]byte, clock uint64) (
 	}
 	return attest, tpm2.Marshal(s), nil
 }
+
+// Measurement is one event of a boot a test makes up: Data is measured
+// (its SHA-256 extends PCR) and logged with Type.
+type Measurement struct {
+	PCR  int
+	Type uint32
+	Data []byte
+}
+
+// EventLog is the crypto-agile event log (SHA-256 only) of ms, as firmware
+// writes it, and the PCR values it replays to; a TPM extended with the
+// same measurements holds those values.
+func EventLog(ms []Measurement) (log []byte, pcrs map[int][]byte) {
+	le := binary.LittleEndian
+	spec := append([]byte("Spec ID Event03\x00"), 0, 0, 0, 0, 0, 2, 0, 2) // platform class, 2.0, errata 0, uintn 8 bytes
+	spec = le.AppendUint32(spec, 1)
+	spec = le.AppendUint16(le.AppendUint16(spec, uint16(tpm2.TPMAlgSHA256)), sha256.Size)
+	spec = append(spec, 0)                            // no vendor info
+	log = le.AppendUint32(le.AppendUint32(nil, 0), 3) // PCR 0, EV_NO_ACTION
+	log = append(log, make([]byte, sha1Size)...)
+	log = append(le.AppendUint32(log, uint32(len(spec))), spec...)
+	pcrs = map[int][]byte{}
+	for _, m := range ms {
+		d := sha256.Sum256(m.Data)
+		log = le.AppendUint32(le.AppendUint32(log, uint32(m.PCR)), m.Type)
+		log = le.AppendUint16(le.AppendUint32(log, 1), uint16(tpm2.TPMAlgSHA256))
+		log = append(log, d[:]...)
+		log = append(le.AppendUint32(log, uint32(len(m.Data))), m.Data...)
+		prev, ok := pcrs[m.PCR]
+		if !ok {
+			prev = make([]byte, sha256.Size)
+		}
+		next := sha256.Sum256(append(prev, d[:]...))
+		pcrs[m.PCR] = next[:]
+	}
+	return log, pcrs
+}
+
+const sha1Size = 20

@@ -18,7 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/vtpmd/vtpmd/client"
-	"github.com/vtpmd/vtpmd/internal/guestagent"
+	"github.com/vtpmd/vtpmd/internal/attestor"
 )
 
 func main() {
@@ -66,7 +66,7 @@ func run() error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	agent := &guestagent.Agent{TPM: t, API: client.New(server, ""), InstanceID: strings.ToLower(strings.TrimSpace(string(uuid)))}
+	agent := &attestor.Agent{TPM: t, API: client.New(server, ""), Subject: client.Instance(strings.ToLower(strings.TrimSpace(string(uuid))))}
 	if err := agent.Register(ctx); err != nil {
 		return err
 	}

@@ -1,9 +1,10 @@
-// Package guestagent is the in-guest side of attestation (the vtpm-guest
-// command): it makes an attestation key (AK) in the guest's TPM, registers
-// it with vtpmd proving by credential activation that it lives in the TPM
-// vtpmd made for the instance, then quotes the PCRs against vtpmd's nonces
-// and pushes the quote with the firmware's event log.
-package guestagent
+// Package attestor is the attesting side of vtpmd's attestation, run by
+// vtpm-guest inside a guest for its vTPM and by the host agent for the
+// host's own TPM: it makes an attestation key (AK) in the TPM, registers it
+// with vtpmd proving by credential activation that it lives in the TPM of
+// the registered EK, then quotes the PCRs against vtpmd's nonces and pushes
+// the quote with the firmware's event log.
+package attestor
 
 import (
 	"context"
@@ -24,17 +25,29 @@ import (
 // DefaultEventLog is where Linux exposes the firmware's event log.
 const DefaultEventLog = "/sys/kernel/security/tpm0/binary_bios_measurements"
 
-// Agent attests one instance.
+// TCG handles: the EK's persistent handle, and the NV index of the RSA
+// EK certificate.
+const (
+	ekHandle     = tpm2.TPMHandle(0x81010001)
+	ekCertRSA    = tpm2.TPMHandle(0x01c00002)
+	nvReadChunk  = 768 // below every TPM's TPM_PT_NV_BUFFER_MAX
+	maxEKCertLen = 4096
+)
+
+// Agent attests one subject.
 type Agent struct {
-	TPM        transport.TPM
-	API        *client.Client
-	InstanceID string
+	TPM     transport.TPM
+	API     *client.Client
+	Subject client.Subject
 	// EventLog is the firmware event log's path; default DefaultEventLog.
 	EventLog string
 	// PCRs are the SHA-256 PCRs quoted; default 0–9: the firmware's (0–7)
 	// and the Linux EFI stub's measurements of the initrd and command
 	// line (9).
 	PCRs []uint
+	// EKCertificate sends the EK certificate from the TPM's NV: a host's
+	// TPM, which vtpmd did not make, is known only by its certificate.
+	EKCertificate bool
 
 	ak *tpm2.NamedHandle
 }
@@ -47,26 +60,78 @@ func (a *Agent) Register(ctx context.Context) error {
 		return fmt.Errorf("creating the attestation key: %w", err)
 	}
 	a.ak = &tpm2.NamedHandle{Handle: created.ObjectHandle, Name: created.Name}
-	ekPub, err := a.readEK(tpm2.TPMHandle(0x81010001))
+	ek, err := a.endorsementKey()
 	if err != nil {
 		return err
 	}
-	ch, err := a.API.Register(ctx, a.InstanceID, api.RegisterRequest{EKPublic: ekPub, AKPublic: tpm2.Marshal(created.OutPublic)})
+	req := api.RegisterRequest{AKPublic: tpm2.Marshal(created.OutPublic)}
+	if req.EKPublic, err = a.readEK(ek); err != nil {
+		return err
+	}
+	if a.EKCertificate {
+		if req.EKCertificate, err = a.readNV(ekCertRSA); err != nil {
+			return fmt.Errorf("reading the EK certificate: %w", err)
+		}
+	}
+	ch, err := a.API.Register(ctx, a.Subject, req)
 	if err != nil {
 		return fmt.Errorf("registering: %w", err)
 	}
-	ekHandle, err := strconv.ParseUint(ch.EKHandle, 0, 32)
-	if err != nil {
-		return fmt.Errorf("EK handle %q: %w", ch.EKHandle, err)
+	if ch.EKHandle != "" {
+		h, err := strconv.ParseUint(ch.EKHandle, 0, 32)
+		if err != nil {
+			return fmt.Errorf("EK handle %q: %w", ch.EKHandle, err)
+		}
+		ek = tpm2.TPMHandle(h)
 	}
-	secret, err := a.activate(tpm2.TPMHandle(ekHandle), ch)
+	secret, err := a.activate(ek, ch)
 	if err != nil {
 		return err
 	}
-	if _, err := a.API.Activate(ctx, a.InstanceID, secret); err != nil {
+	if _, err := a.API.Activate(ctx, a.Subject, secret); err != nil {
 		return fmt.Errorf("activating: %w", err)
 	}
 	return nil
+}
+
+// endorsementKey is the RSA EK: persistent at the TCG handle, as vtpmd
+// makes it, or else made again from the TCG default template, as most
+// TPMs that leave the factory need.
+func (a *Agent) endorsementKey() (tpm2.TPMHandle, error) {
+	if _, err := (tpm2.ReadPublic{ObjectHandle: ekHandle}).Execute(a.TPM); err == nil {
+		return ekHandle, nil
+	}
+	created, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHEndorsement, InPublic: tpm2.New2B(tpm2.RSAEKTemplate)}.Execute(a.TPM)
+	if err != nil {
+		return 0, fmt.Errorf("making the endorsement key: %w", err)
+	}
+	return created.ObjectHandle, nil
+}
+
+// readNV reads a whole NV index, in chunks the TPM accepts.
+func (a *Agent) readNV(index tpm2.TPMHandle) ([]byte, error) {
+	pub, err := tpm2.NVReadPublic{NVIndex: index}.Execute(a.TPM)
+	if err != nil {
+		return nil, err
+	}
+	info, err := pub.NVPublic.Contents()
+	if err != nil {
+		return nil, err
+	}
+	if info.DataSize > maxEKCertLen {
+		return nil, fmt.Errorf("NV index 0x%x holds %d bytes", uint32(index), info.DataSize)
+	}
+	auth := tpm2.AuthHandle{Handle: index, Name: pub.NVName, Auth: tpm2.PasswordAuth(nil)}
+	var out []byte
+	for off := uint16(0); off < info.DataSize; off += nvReadChunk {
+		rsp, err := tpm2.NVRead{AuthHandle: auth, NVIndex: tpm2.NamedHandle{Handle: index, Name: pub.NVName},
+			Size: min(nvReadChunk, info.DataSize-off), Offset: off}.Execute(a.TPM)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, rsp.Data.Buffer...)
+	}
+	return out, nil
 }
 
 func (a *Agent) readEK(h tpm2.TPMHandle) ([]byte, error) {
@@ -115,7 +180,7 @@ func (a *Agent) Attest(ctx context.Context) (api.Attestation, error) {
 	if a.ak == nil {
 		return api.Attestation{}, errors.New("not registered")
 	}
-	n, err := a.API.Nonce(ctx, a.InstanceID)
+	n, err := a.API.Nonce(ctx, a.Subject)
 	if err != nil {
 		return api.Attestation{}, fmt.Errorf("asking for a nonce: %w", err)
 	}
@@ -123,7 +188,7 @@ func (a *Agent) Attest(ctx context.Context) (api.Attestation, error) {
 	if err != nil {
 		return api.Attestation{}, err
 	}
-	return a.API.Evidence(ctx, a.InstanceID, ev)
+	return a.API.Evidence(ctx, a.Subject, ev)
 }
 
 // Evidence quotes the PCRs with nonce and gathers what goes with it.
