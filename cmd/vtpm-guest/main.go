@@ -12,15 +12,11 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"net"
 	"os"
 	"os/signal"
 	"strings"
 	"syscall"
 	"time"
-
-	"github.com/google/go-tpm/tpm2/transport"
-	"github.com/google/go-tpm/tpm2/transport/linuxtpm"
 
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/attestor"
@@ -48,7 +44,7 @@ func run(server, instance, tpmPath, eventLog string, interval time.Duration, onc
 		}
 		instance = strings.ToLower(strings.TrimSpace(string(b)))
 	}
-	tpm, err := openTPM(tpmPath)
+	tpm, err := attestor.OpenTPM(tpmPath)
 	if err != nil {
 		return err
 	}
@@ -76,15 +72,4 @@ func run(server, instance, tpmPath, eventLog string, interval time.Duration, onc
 		case <-time.After(interval):
 		}
 	}
-}
-
-func openTPM(path string) (transport.TPMCloser, error) {
-	if sock, ok := strings.CutPrefix(path, "unix:"); ok {
-		conn, err := net.Dial("unix", sock)
-		if err != nil {
-			return nil, err
-		}
-		return transport.FromReadWriteCloser(conn), nil
-	}
-	return linuxtpm.Open(path)
 }

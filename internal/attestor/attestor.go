@@ -11,11 +11,14 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"strconv"
+	"strings"
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
+	"github.com/google/go-tpm/tpm2/transport/linuxtpm"
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
@@ -34,6 +37,19 @@ const (
 	maxEKCertLen = 4096
 )
 
+// OpenTPM opens a TPM device (/dev/tpmrm0), or unix:PATH, a TPM
+// simulator's data socket.
+func OpenTPM(path string) (transport.TPMCloser, error) {
+	if sock, ok := strings.CutPrefix(path, "unix:"); ok {
+		conn, err := net.Dial("unix", sock)
+		if err != nil {
+			return nil, err
+		}
+		return transport.FromReadWriteCloser(conn), nil
+	}
+	return linuxtpm.Open(path)
+}
+
 // Agent attests one subject.
 type Agent struct {
 	TPM     transport.TPM
@@ -49,7 +65,17 @@ type Agent struct {
 	// TPM, which vtpmd did not make, is known only by its certificate.
 	EKCertificate bool
 
-	ak *tpm2.NamedHandle
+	ak        *tpm2.NamedHandle
+	transient []tpm2.TPMHandle // what Register loaded, for Flush
+}
+
+// Flush unloads the keys Register loaded. A resource manager
+// (/dev/tpmrm0) does it when the TPM is closed; a bare TPM keeps them.
+func (a *Agent) Flush() {
+	for _, h := range a.transient {
+		tpm2.FlushContext{FlushHandle: h}.Execute(a.TPM)
+	}
+	a.transient, a.ak = nil, nil
 }
 
 // Register creates the AK (a primary key of the owner hierarchy: the same
@@ -60,6 +86,7 @@ func (a *Agent) Register(ctx context.Context) error {
 		return fmt.Errorf("creating the attestation key: %w", err)
 	}
 	a.ak = &tpm2.NamedHandle{Handle: created.ObjectHandle, Name: created.Name}
+	a.transient = append(a.transient, created.ObjectHandle)
 	ek, err := a.endorsementKey()
 	if err != nil {
 		return err
@@ -105,6 +132,7 @@ func (a *Agent) endorsementKey() (tpm2.TPMHandle, error) {
 	if err != nil {
 		return 0, fmt.Errorf("making the endorsement key: %w", err)
 	}
+	a.transient = append(a.transient, created.ObjectHandle)
 	return created.ObjectHandle, nil
 }
 

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/user"
 	"path/filepath"
+	"time"
 
 	"github.com/vtpmd/vtpmd/internal/spec"
 )
@@ -43,6 +44,17 @@ type Config struct {
 	// WebhookURL receives every attestation verdict change, signed; "" for
 	// none.
 	WebhookURL string
+	// HostTPM is this host's own TPM, attested to the verifier so that
+	// instances' verdicts carry their host's: a device (/dev/tpmrm0) or
+	// unix:PATH (a TPM simulator's data socket); "" for none.
+	HostTPM string
+	// HostEventLog is the host firmware's event log. Default the kernel's.
+	HostEventLog string
+	// HostAttestInterval is the time between host attestations. Default 30s.
+	HostAttestInterval time.Duration
+	// HostEKCA is a PEM file of the CAs (TPM vendors', or the operator's)
+	// whose EK certificates hosts' TPMs may register with; "" for none.
+	HostEKCA string
 	// PoolSize is how many manufactured TPM 2.0s the swtpm backend keeps
 	// ready for new instances. Default 0 (every TPM made on demand).
 	PoolSize int
@@ -73,6 +85,9 @@ type LibvirtConfig struct {
 func (c *Config) Defaults() {
 	if c.DataDir == "" {
 		c.DataDir = "/var/lib/vtpmd"
+	}
+	if c.HostAttestInterval == 0 {
+		c.HostAttestInterval = 30 * time.Second
 	}
 	if c.Listen == "" {
 		c.Listen = "127.0.0.1:8780"

@@ -43,7 +43,9 @@ type AllInOne struct {
 	http    *http.Server
 	ln      net.Listener
 	log     *slog.Logger
-	// stopBackground ends work that outlives requests (webhook deliveries).
+	hostTPM *hostAttester // nil when the host attests no TPM
+	// stopBackground ends work that outlives requests (webhook deliveries,
+	// host attestation).
 	stopBackground context.CancelFunc
 }
 
@@ -123,17 +125,22 @@ func (d *AllInOne) start(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("opening the verdict signing key: %w", err)
 	}
+	hostRoots, err := hostEKRoots(cfg.HostEKCA)
+	if err != nil {
+		return err
+	}
+	var bg context.Context
+	bg, d.stopBackground = context.WithCancel(context.Background())
 	var hook *server.Webhook
 	if cfg.WebhookURL != "" {
 		hook = &server.Webhook{URL: cfg.WebhookURL, Signer: verdicts, Log: d.log}
-		var bg context.Context
-		bg, d.stopBackground = context.WithCancel(context.Background())
 		hook.Start(bg)
 	}
 	srv := &server.Server{
-		Verdicts: verdicts,
-		Webhook:  hook,
-		Store:    d.store, Keyring: kr, CAChainPEM: authority.ChainPEM, Options: spec.Options{DefaultTPMVersion: cfg.DefaultTPMVersion},
+		HostEKRoots: hostRoots,
+		Verdicts:    verdicts,
+		Webhook:     hook,
+		Store:       d.store, Keyring: kr, CAChainPEM: authority.ChainPEM, Options: spec.Options{DefaultTPMVersion: cfg.DefaultTPMVersion},
 		Log: d.log,
 		Sockets: func(host, id string) *api.Sockets {
 			if host != cfg.HostName {
@@ -162,6 +169,10 @@ func (d *AllInOne) start(ctx context.Context) error {
 			d.log.Error("API server stopped", "err", err)
 		}
 	}()
+	if cfg.HostTPM != "" {
+		d.hostTPM = newHostAttester(cfg, d.Addr, d.log)
+		go d.hostTPM.run(bg)
+	}
 	return nil
 }
 
@@ -171,9 +182,12 @@ func (d *AllInOne) Run(ctx context.Context) error { return d.agent.Run(ctx) }
 
 // Shutdown stops the API, then every vTPM (state kept), then the store.
 func (d *AllInOne) Shutdown(ctx context.Context) error {
-	errs := []error{d.http.Shutdown(ctx), d.backend.Close(ctx), d.store.Close()}
 	if d.stopBackground != nil {
 		d.stopBackground()
+	}
+	errs := []error{d.http.Shutdown(ctx), d.backend.Close(ctx), d.store.Close()}
+	if d.hostTPM != nil {
+		errs = append(errs, d.hostTPM.close())
 	}
 	if lb, ok := d.host.(*libvirt.Backend); ok {
 		errs = append(errs, lb.Close())

@@ -1,0 +1,165 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"encoding/pem"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-tpm/tpm2/transport"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/attest"
+	"github.com/vtpmd/vtpmd/internal/attest/attesttest"
+	"github.com/vtpmd/vtpmd/internal/attestor"
+	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/swtpm"
+	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmtest"
+)
+
+// bootHost starts the swtpm that plays the host's TPM and measures into it
+// a host boot of the given kernel, writing the boot's event log to logPath,
+// as a host's firmware and boot loader would.
+func bootHost(t *testing.T, i swtpm.Instance, kernel, logPath string) *swtpm.Process {
+	t.Helper()
+	p := swtpmtest.Start(t, i)
+	log, _ := attesttest.EventLog([]attesttest.Measurement{
+		{PCR: 0, Type: 0x80000008, Data: []byte("host firmware 1.0")},
+		{PCR: 4, Type: 0x80000003, Data: []byte(kernel)},
+		{PCR: 9, Type: 0x0d, Data: []byte("host initrd")},
+	})
+	conn, err := net.Dial("unix", i.DataSocket())
+	if err != nil {
+		t.Fatal(err)
+	}
+	boot(t, swtpm.Retrying(transport.FromReadWriter(conn)), log)
+	conn.Close() // swtpm serves one connection: the host agent's next
+	if err := os.WriteFile(logPath, log, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// TestHostBinding attests the host under a VM with a swtpm playing the
+// host's TPM (EK certificate from a "vendor" CA, measurements the test
+// makes): the host registers by its EK certificate, a VM's status carries
+// the host's verdict and its vTPM's provisioning record, and when the host
+// reboots into another kernel the VM is reported as running on an
+// untrusted host, naming the host's PCR. A TPM whose EK certificate no
+// configured CA vouches for, or another TPM than the host registered
+// with, is refused.
+func TestHostBinding(t *testing.T) {
+	dir := t.TempDir()
+	ctx := context.Background()
+	vendor := swtpmtest.NewCA(t)
+	caFile := filepath.Join(dir, "host-ek-ca.pem")
+	os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: vendor.Cert.Raw}), 0o644)
+	hostTPM, _ := swtpmtest.Manufactured(t, spec.V20, vendor)
+	hostLog := filepath.Join(dir, "host-event-log")
+	proc := bootHost(t, hostTPM, "host kernel 6.1", hostLog)
+
+	hook := newHookReceiver(t)
+	u := startConfigured(t, Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "test-host", WebhookURL: hook.srv.URL,
+		HostTPM: "unix:" + hostTPM.DataSocket(), HostEventLog: hostLog, HostEKCA: caFile, HostAttestInterval: time.Hour})
+	host := client.Host("test-host")
+	h, err := u.d.AttestHost(ctx)
+	if err != nil || h.HostName != "test-host" || h.State != "registered" || h.Verdict != "pending" {
+		t.Fatalf("host's first evidence: %+v %v", h, err)
+	}
+
+	// A VM on it, trusted by its own policy: overall still pending on the host.
+	id := "0b0b0b0b-0000-4000-8000-00000000b057"
+	v := u.create(t, id, "2.0")
+	vmLog := filepath.Join(dir, "vm-event-log")
+	os.WriteFile(vmLog, firmwareLog(t), 0o644)
+	vm := dialTPM(t, v.Sockets.Data)
+	boot(t, vm, firmwareLog(t))
+	guest := &attestor.Agent{TPM: vm, API: u.c, Subject: client.Instance(id), EventLog: vmLog}
+	if err := guest.Register(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := guest.Attest(ctx); err != nil {
+		t.Fatal(err)
+	}
+	a, err := u.c.SetPolicy(ctx, client.Instance(id), api.PolicyRequest{Learn: true})
+	if err != nil || a.Verdict != "trusted" || a.Overall != "pending" || a.Host == nil || a.Host.Verdict != "pending" {
+		t.Fatalf("VM trusted, host without policy: %+v %v", a, err)
+	}
+	if p := a.Provisioning; p == nil || !p.Verified || p.Host != "test-host" || len(p.EKCertificates) == 0 {
+		t.Fatalf("provisioning record: %+v", a.Provisioning)
+	}
+
+	// The operator learns the host's policy: one answer, trusted.
+	if h, err = u.c.SetPolicy(ctx, host, api.PolicyRequest{Learn: true}); err != nil || h.Verdict != "trusted" {
+		t.Fatalf("learning the host's policy: %+v %v", h, err)
+	}
+	if a, err = u.c.Attestation(ctx, client.Instance(id)); err != nil || a.Overall != "trusted" || a.Summary != "VM trusted on trusted host test-host" {
+		t.Fatalf("VM on a trusted host: %+v %v", a, err)
+	}
+	var e *client.Error
+	if _, err := client.New("http://"+u.d.Addr, "p1").Attestation(ctx, host); !asCode(err, &e, "forbidden") {
+		t.Fatalf("a project reading the host's attestation: %v", err)
+	}
+
+	// The host reboots into another kernel.
+	if err := proc.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	bootHost(t, hostTPM, "host kernel 6.1 with a rootkit", hostLog)
+	if h, err = u.d.AttestHost(ctx); err == nil {
+		t.Fatal("attesting over the connection the reboot broke: no error")
+	}
+	if h, err = u.d.AttestHost(ctx); err != nil || h.Verdict != "untrusted" || !strings.Contains(strings.Join(h.Reasons, ";"), "PCR 4") {
+		t.Fatalf("host after the reboot: %+v %v", h, err)
+	}
+	a, err = u.c.Attestation(ctx, client.Instance(id))
+	if err != nil || a.Verdict != "trusted" || a.Overall != "untrusted" || !strings.Contains(a.Summary, "host test-host is untrusted: PCR 4") {
+		t.Fatalf("VM on an untrusted host: %+v %v", a, err)
+	}
+	keys, _ := u.c.VerdictKeys(ctx)
+	if got := hook.overall(t, keys, "untrusted"); !got {
+		t.Fatal("no webhook said the VM's overall verdict became untrusted")
+	}
+
+	// Another TPM: from an unknown vendor, refused; from the vendor but not
+	// the host's, refused.
+	for _, c := range []struct {
+		ca   *swtpmtest.CA
+		code string
+	}{{swtpmtest.NewCA(t), "ek_untrusted"}, {vendor, "ek_mismatch"}} {
+		other, _ := swtpmtest.Manufactured(t, spec.V20, c.ca)
+		swtpmtest.Start(t, other)
+		impostor := &attestor.Agent{TPM: dialTPM(t, other.DataSocket()), API: u.c, Subject: host, EKCertificate: true}
+		if err := impostor.Register(ctx); !asCode(err, &e, c.code) {
+			t.Fatalf("registering another TPM for the host: %v, want %s", err, c.code)
+		}
+	}
+}
+
+// overall waits for a delivered token, verified against keys, whose
+// overall verdict is want.
+func (h *hookReceiver) overall(t *testing.T, keys []byte, want string) bool {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		h.mu.Lock()
+		tokens := append([]string(nil), h.tokens...)
+		h.mu.Unlock()
+		for _, tok := range tokens {
+			payload, err := attest.VerifyToken(tok, keys)
+			var c struct{ Overall string }
+			if err != nil || json.Unmarshal(payload, &c) != nil {
+				t.Fatalf("webhook token: %v", err)
+			}
+			if c.Overall == want {
+				return true
+			}
+		}
+	}
+	return false
+}
