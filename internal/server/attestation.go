@@ -318,11 +318,20 @@ func (s *Server) setPolicy(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) getAttestation(w http.ResponseWriter, r *http.Request) error {
-	sub, err := s.subject(r)
+	_, view, err := s.readAttestation(r)
 	if err != nil {
 		return err
 	}
-	var view api.Attestation
+	writeJSON(w, http.StatusOK, view)
+	return nil
+}
+
+// readAttestation reads the status of the instance or host the request
+// names; 404 if it never registered.
+func (s *Server) readAttestation(r *http.Request) (sub subject, view api.Attestation, err error) {
+	if sub, err = s.subject(r); err != nil {
+		return sub, view, err
+	}
 	err = s.Store.View(r.Context(), func(tx *store.Tx) error {
 		a, err := tx.GetAttestation(sub.key)
 		if errors.Is(err, store.ErrNotFound) {
@@ -334,11 +343,7 @@ func (s *Server) getAttestation(w http.ResponseWriter, r *http.Request) error {
 		view, err = s.attestation(tx, sub, a, time.Now())
 		return err
 	})
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, view)
-	return nil
+	return sub, view, err
 }
 
 // tokenLifetime bounds how long a relying party may rely on a signed verdict.
@@ -350,22 +355,7 @@ func (s *Server) token(w http.ResponseWriter, r *http.Request) error {
 	if s.Verdicts == nil {
 		return apiErr(http.StatusConflict, CodeNotSupported, "This server does not sign verdicts.")
 	}
-	sub, err := s.subject(r)
-	if err != nil {
-		return err
-	}
-	var view api.Attestation
-	err = s.Store.View(r.Context(), func(tx *store.Tx) error {
-		a, err := tx.GetAttestation(sub.key)
-		if errors.Is(err, store.ErrNotFound) {
-			return apiErr(http.StatusNotFound, CodeNotRegistered, "The instance has never registered an attestation key.")
-		}
-		if err != nil {
-			return err
-		}
-		view, err = s.attestation(tx, sub, a, time.Now())
-		return err
-	})
+	sub, view, err := s.readAttestation(r)
 	if err != nil {
 		return err
 	}
