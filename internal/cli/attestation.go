@@ -16,18 +16,9 @@ import (
 
 func newAttestationCommand(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "attestation", Short: "Attestation of an instance: registration and verdict"}
-	cmd.AddCommand(&cobra.Command{
-		Use:   "status INSTANCE",
-		Short: "Show whether the instance's guest registered, and the verdict on its last evidence",
-		Args:  exactlyOne,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			a, err := g.client().Attestation(cmd.Context(), client.Instance(args[0]))
-			if err != nil {
-				return apiFailure(err)
-			}
-			return printAttestation(cmd.OutOrStdout(), g.format(outputTable), a)
-		},
-	})
+	cmd.AddCommand(statusCommand(g, "status INSTANCE",
+		"Show whether the instance's guest registered, the verdict on its last evidence, its host's, and the overall answer",
+		client.Instance))
 	cmd.AddCommand(&cobra.Command{
 		Use:   "token INSTANCE",
 		Short: "Print the verdict as a token signed by the verifier, for a relying party to check offline",
@@ -46,19 +37,26 @@ func newAttestationCommand(g *globals) *cobra.Command {
 
 func newHostCommand(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "host", Short: "Attestation of a host's own TPM"}
-	cmd.AddCommand(&cobra.Command{
-		Use:   "status HOST",
-		Short: "Show whether the host's TPM registered, and the verdict on the host's last evidence",
+	cmd.AddCommand(statusCommand(g, "status HOST",
+		"Show whether the host's TPM registered, and the verdict on the host's last evidence", client.Host))
+	return cmd
+}
+
+// statusCommand prints the attestation status of the subject its argument
+// names.
+func statusCommand(g *globals, use, short string, subject func(string) client.Subject) *cobra.Command {
+	return &cobra.Command{
+		Use:   use,
+		Short: short,
 		Args:  exactlyOne,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			a, err := g.client().Attestation(cmd.Context(), client.Host(args[0]))
+			a, err := g.client().Attestation(cmd.Context(), subject(args[0]))
 			if err != nil {
 				return apiFailure(err)
 			}
 			return printAttestation(cmd.OutOrStdout(), g.format(outputTable), a)
 		},
-	})
-	return cmd
+	}
 }
 
 func newPolicyCommand(g *globals) *cobra.Command {

@@ -73,6 +73,15 @@ func TestAttestationCommands(t *testing.T) {
 	if code, _, errOut := run(t, append(base, "attestation", "status", id)...); code != ExitNotFound || !strings.Contains(errOut, "never registered") {
 		t.Fatalf("status before registration: %d %q", code, errOut)
 	}
+	if code, _, errOut := run(t, append(base, "host", "status", "h1")...); code != ExitNotFound || !strings.Contains(errOut, "host has never registered") {
+		t.Fatalf("host status before the host's TPM registered: %d %q", code, errOut)
+	}
+	if code, _, errOut := run(t, append(base, "host", "status", "h2")...); code != ExitNotFound || !strings.Contains(errOut, "No such host") {
+		t.Fatalf("status of an unknown host: %d %q", code, errOut)
+	}
+	if code, _, errOut := run(t, append(base, "--project", "p1", "host", "status", "h1")...); code == ExitOK || !strings.Contains(errOut, "forbidden") {
+		t.Fatalf("a project reading a host's attestation: %d %q", code, errOut)
+	}
 	if code, _, errOut := run(t, append(base, "policy", "learn", id, "--pcrs", "0,x")...); code != ExitUsage || !strings.Contains(errOut, "not a PCR number") {
 		t.Fatalf("bad --pcrs: %d %q", code, errOut)
 	}

@@ -243,25 +243,38 @@ func newHookReceiver(t *testing.T) *hookReceiver {
 	return h
 }
 
-// verdicts waits for at least n deliveries and returns their verdicts,
-// each token verified against keys.
-func (h *hookReceiver) verdicts(t *testing.T, keys []byte, n int) []string {
+// verdictClaim is what the tests read of a delivered verdict token.
+type verdictClaim struct{ Verdict, Overall string }
+
+// await waits (up to 30 s) until the tokens delivered so far, each
+// verified against keys, satisfy ok, and returns their claims.
+func (h *hookReceiver) await(t *testing.T, keys []byte, ok func([]verdictClaim) bool) []verdictClaim {
 	t.Helper()
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
 		h.mu.Lock()
 		tokens := append([]string(nil), h.tokens...)
 		h.mu.Unlock()
-		if len(tokens) >= n || time.Now().After(deadline) {
-			var out []string
-			for _, tok := range tokens {
-				payload, err := attest.VerifyToken(tok, keys)
-				var c struct{ Verdict string }
-				if err != nil || json.Unmarshal(payload, &c) != nil {
-					t.Fatalf("webhook token: %v", err)
-				}
-				out = append(out, c.Verdict)
+		var out []verdictClaim
+		for _, tok := range tokens {
+			payload, err := attest.VerifyToken(tok, keys)
+			var c verdictClaim
+			if err != nil || json.Unmarshal(payload, &c) != nil {
+				t.Fatalf("webhook token: %v", err)
 			}
+			out = append(out, c)
+		}
+		if ok(out) || time.Now().After(deadline) {
 			return out
 		}
 	}
+}
+
+// verdicts waits for at least n deliveries and returns their verdicts.
+func (h *hookReceiver) verdicts(t *testing.T, keys []byte, n int) []string {
+	t.Helper()
+	var out []string
+	for _, c := range h.await(t, keys, func(cs []verdictClaim) bool { return len(cs) >= n }) {
+		out = append(out, c.Verdict)
+	}
+	return out
 }

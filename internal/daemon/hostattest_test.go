@@ -2,11 +2,11 @@ package daemon
 
 import (
 	"context"
-	"encoding/json"
 	"encoding/pem"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -15,7 +15,6 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
-	"github.com/vtpmd/vtpmd/internal/attest"
 	"github.com/vtpmd/vtpmd/internal/attest/attesttest"
 	"github.com/vtpmd/vtpmd/internal/attestor"
 	"github.com/vtpmd/vtpmd/internal/spec"
@@ -123,7 +122,10 @@ func TestHostBinding(t *testing.T) {
 		t.Fatalf("VM on an untrusted host: %+v %v", a, err)
 	}
 	keys, _ := u.c.VerdictKeys(ctx)
-	if got := hook.overall(t, keys, "untrusted"); !got {
+	untrusted := func(cs []verdictClaim) bool {
+		return slices.ContainsFunc(cs, func(c verdictClaim) bool { return c.Overall == "untrusted" })
+	}
+	if !untrusted(hook.await(t, keys, untrusted)) {
 		t.Fatal("no webhook said the VM's overall verdict became untrusted")
 	}
 
@@ -140,26 +142,4 @@ func TestHostBinding(t *testing.T) {
 			t.Fatalf("registering another TPM for the host: %v, want %s", err, c.code)
 		}
 	}
-}
-
-// overall waits for a delivered token, verified against keys, whose
-// overall verdict is want.
-func (h *hookReceiver) overall(t *testing.T, keys []byte, want string) bool {
-	t.Helper()
-	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-		h.mu.Lock()
-		tokens := append([]string(nil), h.tokens...)
-		h.mu.Unlock()
-		for _, tok := range tokens {
-			payload, err := attest.VerifyToken(tok, keys)
-			var c struct{ Overall string }
-			if err != nil || json.Unmarshal(payload, &c) != nil {
-				t.Fatalf("webhook token: %v", err)
-			}
-			if c.Overall == want {
-				return true
-			}
-		}
-	}
-	return false
 }

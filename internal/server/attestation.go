@@ -426,12 +426,16 @@ func (s *Server) updateAttestation(ctx context.Context, sub subject, action stri
 		if refusal != nil {
 			return nil
 		}
-		if view != nil {
-			if *view, err = s.attestation(tx, sub, a, time.Now()); err != nil {
+		changed := a.Verdict != before
+		var status api.Attestation
+		if view != nil || (changed && sub.vtpm != nil) {
+			if status, err = s.attestation(tx, sub, a, time.Now()); err != nil {
 				return err
 			}
+			if view != nil {
+				*view = status
+			}
 		}
-		changed := a.Verdict != before
 		if changed {
 			action = "attestation " + a.Verdict
 		}
@@ -443,7 +447,11 @@ func (s *Server) updateAttestation(ctx context.Context, sub subject, action stri
 		if !changed {
 			return nil
 		}
-		notes, err = s.verdictNotes(tx, sub, a)
+		if sub.vtpm != nil {
+			notes = []map[string]any{verdictClaims(sub.vtpm, status, time.Now())}
+			return nil
+		}
+		notes, err = s.hostVerdictNotes(tx, sub.host, a)
 		return err
 	})
 	if err != nil {
@@ -455,16 +463,12 @@ func (s *Server) updateAttestation(ctx context.Context, sub subject, action stri
 	return refusal
 }
 
-// verdictNotes are the webhook payloads a verdict change on sub makes: the
-// instance's own, or, for a host, one for each registered instance on it
-// (their overall answer changes with it), each also an event.
-func (s *Server) verdictNotes(tx *store.Tx, sub subject, a *store.Attestation) ([]map[string]any, error) {
+// hostVerdictNotes are the webhook payloads of a change of host's verdict
+// (a): one for each registered instance on it, whose overall answer
+// changes with it, each also an event.
+func (s *Server) hostVerdictNotes(tx *store.Tx, host string, a *store.Attestation) ([]map[string]any, error) {
 	now := time.Now()
-	if sub.vtpm != nil {
-		view, err := s.attestation(tx, sub, a, now)
-		return []map[string]any{verdictClaims(sub.vtpm, view, now)}, err
-	}
-	vs, err := tx.ListVTPMs(store.Filter{Host: sub.host})
+	vs, err := tx.ListVTPMs(store.Filter{Host: host})
 	if err != nil {
 		return nil, err
 	}
@@ -556,29 +560,47 @@ func (s *Server) provisioning(v *store.VTPM) api.Provisioning {
 	if len(v.EKs) == 0 {
 		p.Reason = "the vTPM has no endorsement key yet"
 	}
-	fail := func(reason string) {
-		if p.Verified {
-			p.Verified, p.Reason = false, reason
-		}
-	}
 	for _, ek := range v.EKs {
-		cert, err := x509.ParseCertificate(ek.CertDER)
-		if err != nil {
-			fail(fmt.Sprintf("the %s EK has no readable certificate", ek.Kind))
-			continue
+		c := s.checkEK(ek)
+		if c.cert != nil {
+			p.EKCertificates = append(p.EKCertificates, *c.cert)
 		}
-		p.EKCertificates = append(p.EKCertificates, api.EKCertificate{Kind: ek.Kind, Issuer: cert.Issuer.String(),
-			Serial: cert.SerialNumber.Text(16), NotBefore: cert.NotBefore})
-		pub, err := attest.VerifyEKCertificate(ek.CertDER, s.deploymentCA())
-		if err != nil {
-			fail(err.Error())
-			continue
-		}
-		if der, err := x509.MarshalPKIXPublicKey(pub); err != nil || !bytes.Equal(der, ek.PublicDER) {
-			fail(fmt.Sprintf("the %s EK certificate certifies another key than the EK vtpmd made", ek.Kind))
+		if c.failure != "" && p.Verified {
+			p.Verified, p.Reason = false, c.failure
 		}
 	}
 	return p
+}
+
+// ekCheck is the outcome of checking one EK certificate.
+type ekCheck struct {
+	cert    *api.EKCertificate // nil if unreadable
+	failure string
+}
+
+// checkEK checks ek's certificate against the deployment CA and the EK.
+// Neither changes, so the outcome is kept: a status read, or evidence on
+// the verifier's path, costs no signature check.
+func (s *Server) checkEK(ek store.EK) ekCheck {
+	key := sha256.Sum256(append(bytes.Clone(ek.CertDER), ek.PublicDER...))
+	if c, ok := s.ekChecks.Load(key); ok {
+		return c.(ekCheck)
+	}
+	var c ekCheck
+	cert, err := x509.ParseCertificate(ek.CertDER)
+	if err != nil {
+		c.failure = fmt.Sprintf("the %s EK has no readable certificate", ek.Kind)
+	} else {
+		c.cert = &api.EKCertificate{Kind: ek.Kind, Issuer: cert.Issuer.String(), Serial: cert.SerialNumber.Text(16), NotBefore: cert.NotBefore}
+		pub, err := attest.VerifyEKCertificate(ek.CertDER, s.deploymentCA())
+		if err != nil {
+			c.failure = err.Error()
+		} else if der, err := x509.MarshalPKIXPublicKey(pub); err != nil || !bytes.Equal(der, ek.PublicDER) {
+			c.failure = fmt.Sprintf("the %s EK certificate certifies another key than the EK vtpmd made", ek.Kind)
+		}
+	}
+	s.ekChecks.Store(key, c)
+	return c
 }
 
 // deploymentCA is the pool of the deployment CA chain, read once.

@@ -63,8 +63,9 @@ type Server struct {
 	// Registry receives the API's metrics; nil: a private one.
 	Registry *prometheus.Registry
 
-	caOnce sync.Once
-	caPool *x509.CertPool
+	caOnce   sync.Once
+	caPool   *x509.CertPool
+	ekChecks sync.Map // [sha256.Size]byte → ekCheck; see checkEK
 }
 
 // Handler returns the API's HTTP handler.

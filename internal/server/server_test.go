@@ -469,3 +469,43 @@ func TestAttestationStale(t *testing.T) {
 		t.Fatalf("a challenged registration is not judged stale: %+v", v)
 	}
 }
+
+// The overall answer takes the VM's verdict first, then its vTPM's
+// provenance, then its host's; a vTPM whose EK certificate is not the
+// deployment CA's is never "trusted".
+func TestOverallAnswer(t *testing.T) {
+	ok := api.Provisioning{Verified: true}
+	host := func(v string, rs ...string) api.HostVerdict {
+		return api.HostVerdict{Name: "h1", Verdict: v, Reasons: rs}
+	}
+	for _, c := range []struct {
+		vm      string
+		host    api.HostVerdict
+		prov    api.Provisioning
+		want    string
+		summary string
+	}{
+		{"trusted", host("trusted"), ok, "trusted", "VM trusted on trusted host h1"},
+		{"untrusted", host("trusted"), ok, "untrusted", "the VM is untrusted: PCR 9 differs"},
+		{"pending", host("untrusted"), ok, "pending", "the VM is pending: PCR 9 differs"},
+		{"trusted", host("untrusted", "PCR 4 differs"), ok, "untrusted", "VM trusted, but host h1 is untrusted: PCR 4 differs"},
+		{"trusted", host("unattested"), ok, "untrusted", "VM trusted, but host h1 does not attest: its integrity is unknown"},
+		{"trusted", host("stale", "no evidence"), ok, "stale", "VM trusted, but host h1 is stale: no evidence"},
+		{"trusted", host("trusted"), api.Provisioning{Reason: "x509: unknown authority"}, "untrusted",
+			"VM trusted, but its vTPM is not one vtpmd provisioned: x509: unknown authority"},
+	} {
+		got, summary := overall(c.vm, []string{"PCR 9 differs"}, c.host, c.prov)
+		if got != c.want || summary != c.summary {
+			t.Errorf("overall(%s, host %s, verified %v) = %s %q, want %s %q", c.vm, c.host.Verdict, c.prov.Verified, got, summary, c.want, c.summary)
+		}
+	}
+
+	s := &Server{CAChainPEM: func() []byte { return nil }}
+	p := s.provisioning(&store.VTPM{Host: "h1", EKs: []store.EK{{Kind: "rsa2048", CertDER: []byte("junk")}}})
+	if p.Verified || p.Reason != "the rsa2048 EK has no readable certificate" || p.Host != "h1" {
+		t.Fatalf("provisioning with a junk certificate: %+v", p)
+	}
+	if p := s.provisioning(&store.VTPM{Host: "h1"}); p.Verified {
+		t.Fatalf("provisioning without EKs: %+v", p)
+	}
+}
