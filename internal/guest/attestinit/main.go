@@ -37,6 +37,9 @@ func run() error {
 			return fmt.Errorf("mounting %s: %w", m[1], err)
 		}
 	}
+	// Kernel messages on the console would split the lines tests read:
+	// only emergencies from here on (klogctl SYSLOG_ACTION_CONSOLE_LEVEL).
+	unix.Syscall(unix.SYS_SYSLOG, 8, 0, 1)
 	cmdline, _ := os.ReadFile("/proc/cmdline")
 	var server string
 	for _, f := range strings.Fields(string(cmdline)) {

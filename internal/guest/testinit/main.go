@@ -26,6 +26,8 @@ func main() {
 			fmt.Printf("mount %s: %v\n", m.target, err)
 		}
 	}
+	// Kernel messages on the console would split the long lines below.
+	quietConsole()
 	// The TPM driver may probe after init starts.
 	const pcrs = "/sys/class/tpm/tpm0/pcr-sha256"
 	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(100 * time.Millisecond) {
@@ -53,4 +55,10 @@ func main() {
 	fmt.Println("VTPM-TESTINIT DONE")
 	syscall.Sync()
 	syscall.Reboot(syscall.LINUX_REBOOT_CMD_POWER_OFF)
+}
+
+// quietConsole stops the kernel printing anything but emergencies to the
+// console (klogctl SYSLOG_ACTION_CONSOLE_LEVEL, level 1).
+func quietConsole() {
+	syscall.Syscall(syscall.SYS_SYSLOG, 8, 0, 1)
 }
