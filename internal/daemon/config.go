@@ -52,6 +52,9 @@ type Config struct {
 	HostEventLog string
 	// HostAttestInterval is the time between host attestations. Default 30s.
 	HostAttestInterval time.Duration
+	// StaleAfter is how long an attesting instance or host may go without
+	// evidence before its verdict turns stale. Default 3m.
+	StaleAfter time.Duration
 	// HostEKCA is a PEM file of the CAs (TPM vendors', or the operator's)
 	// whose EK certificates hosts' TPMs may register with; "" for none.
 	HostEKCA string

@@ -140,6 +140,7 @@ func (d *AllInOne) start(ctx context.Context) error {
 		HostEKRoots: hostRoots,
 		Verdicts:    verdicts,
 		Webhook:     hook,
+		StaleAfter:  cfg.StaleAfter,
 		Store:       d.store, Keyring: kr, CAChainPEM: authority.ChainPEM, Options: spec.Options{DefaultTPMVersion: cfg.DefaultTPMVersion},
 		Log: d.log,
 		Sockets: func(host, id string) *api.Sockets {
@@ -164,6 +165,7 @@ func (d *AllInOne) start(ctx context.Context) error {
 	}
 	d.Addr = d.ln.Addr().String()
 	d.http = &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	go srv.WatchStale(bg)
 	go func() {
 		if err := d.http.Serve(d.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			d.log.Error("API server stopped", "err", err)

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/vtpmd/vtpmd/api"
@@ -21,10 +22,10 @@ import (
 // nonceLifetime bounds how long a guest may take to quote.
 const nonceLifetime = 5 * time.Minute
 
-// staleAfter is how long a registered instance may go without genuine
-// evidence before its verdict reads "stale": guest agents attest every 30 s
-// by default, so this is several missed rounds.
-const staleAfter = 3 * time.Minute
+// DefaultStaleAfter is how long a registered instance may go without
+// genuine evidence before its verdict turns "stale": guest agents attest
+// every 30 s by default, so this is several missed rounds.
+const DefaultStaleAfter = 3 * time.Minute
 
 // Attestation error codes.
 const (
@@ -256,6 +257,7 @@ func (s *Server) evidence(w http.ResponseWriter, r *http.Request) error {
 			req.Nonce, prev, storedPolicy(a))
 		record(a, verdict)
 		if verdict.Genuine {
+			a.EvidenceAt = time.Now().UTC()
 			q := next.Quote
 			a.Clock, a.ResetCount, a.RestartCount, a.PCRs, a.EventLog = q.Clock, q.ResetCount, q.RestartCount, q.PCRs, next.EventLog
 		}
@@ -420,6 +422,7 @@ func (s *Server) updateAttestation(ctx context.Context, sub subject, action stri
 				return nil // a fault, or nothing to keep: write nothing
 			}
 		}
+		a.StaleAt = s.staleAt(a)
 		if err := tx.PutAttestation(a); err != nil {
 			return err
 		}
@@ -500,10 +503,89 @@ func detail(a *store.Attestation) string {
 	return a.Verdict
 }
 
-// attestationView is the status as of now: a registered instance whose
-// last genuine evidence (or registration) is older than staleAfter is
-// "stale", whatever its last verdict said.
+// staleAt is when a's verdict turns stale without new evidence: a
+// registered subject must send genuine evidence within StaleAfter of its
+// last (or of registering).
+func (s *Server) staleAt(a *store.Attestation) time.Time {
+	if a.RegisteredAt.IsZero() || a.ChallengeHash != nil || a.Verdict == "stale" {
+		return time.Time{}
+	}
+	after := s.StaleAfter
+	if after <= 0 {
+		after = DefaultStaleAfter
+	}
+	return lastSeen(a).Add(after)
+}
+
+// lastSeen is when a's subject last sent genuine evidence, or registered.
+func lastSeen(a *store.Attestation) time.Time {
+	if a.EvidenceAt.After(a.RegisteredAt) {
+		return a.EvidenceAt
+	}
+	return a.RegisteredAt
+}
+
+// goStale turns a's verdict stale if its evidence is overdue at now.
+func goStale(a *store.Attestation, now time.Time) {
+	if a.StaleAt.IsZero() || now.Before(a.StaleAt) {
+		return
+	}
+	a.Reasons = []string{fmt.Sprintf("no evidence since %s (the last verdict was %s)", lastSeen(a).Format(time.RFC3339), a.Verdict)}
+	a.Verdict, a.StaleAt = "stale", time.Time{}
+}
+
+// MarkStale turns the verdict of every subject whose evidence is overdue
+// into "stale", which like any verdict change is an event and a webhook.
+func (s *Server) MarkStale(ctx context.Context) error {
+	var keys []string
+	err := s.Store.View(ctx, func(tx *store.Tx) (err error) { keys, err = tx.OverdueAttestations(time.Now()); return err })
+	if err != nil {
+		return err
+	}
+	for _, key := range keys {
+		sub := subject{key: key}
+		if host, ok := strings.CutPrefix(key, store.HostKey("")); ok {
+			sub.host = host
+		} else if err := s.Store.View(ctx, func(tx *store.Tx) (err error) { sub.vtpm, err = tx.GetVTPM(key); return err }); err != nil {
+			return err
+		}
+		err := s.updateAttestation(ctx, sub, "", func(a *store.Attestation) error { goStale(a, time.Now()); return nil }, nil)
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// WatchStale runs MarkStale until ctx ends, often enough that a verdict
+// turns stale within a tenth of StaleAfter of its deadline.
+func (s *Server) WatchStale(ctx context.Context) {
+	every := s.StaleAfter / 10
+	if every <= 0 {
+		every = DefaultStaleAfter / 10
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if err := s.MarkStale(ctx); err != nil && ctx.Err() == nil {
+				s.Log.Error("marking overdue attestations stale", "err", err)
+			}
+		}
+	}
+}
+
+// attestationView is the status as of now: a verdict whose evidence is
+// overdue reads "stale" even before MarkStale records it.
 func attestationView(a *store.Attestation, now time.Time) api.Attestation {
+	if !a.StaleAt.IsZero() && !now.Before(a.StaleAt) {
+		c := *a
+		goStale(&c, now)
+		a = &c
+	}
 	out := api.Attestation{InstanceID: a.InstanceID, State: "unregistered", RegisteredAt: a.RegisteredAt, Verdict: a.Verdict,
 		Reasons: a.Reasons, VerifiedAt: a.VerifiedAt, PCRs: a.PCRs}
 	switch {
@@ -511,14 +593,6 @@ func attestationView(a *store.Attestation, now time.Time) api.Attestation {
 		out.State = "challenged"
 	case !a.RegisteredAt.IsZero():
 		out.State = "registered"
-		last := a.RegisteredAt
-		if a.VerifiedAt.After(last) {
-			last = a.VerifiedAt
-		}
-		if now.Sub(last) > staleAfter {
-			out.Verdict = "stale"
-			out.Reasons = []string{fmt.Sprintf("no evidence since %s (the last verdict was %s)", last.Format(time.RFC3339), a.Verdict)}
-		}
 	}
 	for i := range a.PolicyPCRs {
 		out.PolicyPCRs = append(out.PolicyPCRs, i)

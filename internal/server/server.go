@@ -17,6 +17,7 @@ import (
 	"regexp"
 	"strconv"
 	"sync"
+	"time"
 
 	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
@@ -59,7 +60,10 @@ type Server struct {
 	Verdicts *attest.Signer
 	// Webhook is told of every verdict change; nil: none.
 	Webhook *Webhook
-	Log     *slog.Logger
+	// StaleAfter is how long a registered instance or host may go without
+	// genuine evidence before its verdict turns stale; 0: DefaultStaleAfter.
+	StaleAfter time.Duration
+	Log        *slog.Logger
 	// Registry receives the API's metrics; nil: a private one.
 	Registry *prometheus.Registry
 

@@ -24,6 +24,7 @@ import (
 const inst = "7d7a0c4e-8f4b-4bd2-9d6e-2b8f4f3c1a10"
 
 type fixture struct {
+	api    *Server
 	srv    *httptest.Server
 	store  *store.Store
 	keys   *keyring.Embedded
@@ -55,7 +56,7 @@ func newFixture(t *testing.T) *fixture {
 	f := &fixture{store: st, keys: kr, dir: dir}
 	s := &Server{Store: st, Keyring: kr, CAChainPEM: func() []byte { return []byte("-----BEGIN CERTIFICATE-----\n") },
 		Notify: func(h string) { f.kicked = append(f.kicked, h) }}
-	f.srv = httptest.NewServer(s.Handler())
+	f.api, f.srv = s, httptest.NewServer(s.Handler())
 	t.Cleanup(f.srv.Close)
 	return f
 }
@@ -455,18 +456,59 @@ func TestAttestationRefusals(t *testing.T) {
 	}
 }
 
+// A registered instance whose evidence is overdue reads stale at once;
+// MarkStale records it, once, as an event (and a webhook); evidence
+// would make it fresh again.
 func TestAttestationStale(t *testing.T) {
-	now := time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
-	a := &store.Attestation{InstanceID: inst, RegisteredAt: now.Add(-time.Hour), VerifiedAt: now.Add(-time.Minute), Verdict: "trusted"}
-	if v := attestationView(a, now); v.Verdict != "trusted" || v.State != "registered" {
-		t.Fatalf("fresh: %+v", v)
+	f := newFixture(t)
+	if code := f.call(t, "POST", "/v1/vtpms", "", create(inst, map[string]string{"hw:tpm_version": "2.0"}), nil); code != 202 {
+		t.Fatalf("create: %d", code)
 	}
-	if v := attestationView(a, now.Add(staleAfter)); v.Verdict != "stale" || !strings.Contains(v.Reasons[0], "was trusted") {
-		t.Fatalf("after staleAfter without evidence: %+v", v)
+	now := time.Now().UTC()
+	a := &store.Attestation{InstanceID: inst, RegisteredAt: now.Add(-time.Hour), EvidenceAt: now.Add(-4 * time.Minute), Verdict: "trusted"}
+	if a.StaleAt = f.api.staleAt(a); !a.StaleAt.Equal(a.EvidenceAt.Add(DefaultStaleAfter)) {
+		t.Fatalf("deadline %v, want %v after the last evidence", a.StaleAt, DefaultStaleAfter)
 	}
-	a.ChallengeHash = []byte{1}
-	if v := attestationView(a, now.Add(time.Hour)); v.Verdict != "trusted" || v.State != "challenged" {
-		t.Fatalf("a challenged registration is not judged stale: %+v", v)
+	if v := attestationView(a, now.Add(-2*time.Minute)); v.Verdict != "trusted" || v.State != "registered" {
+		t.Fatalf("before the deadline: %+v", v)
+	}
+	ctx := context.Background()
+	if err := f.store.Update(ctx, func(tx *store.Tx) error { return tx.PutAttestation(a) }); err != nil {
+		t.Fatal(err)
+	}
+	var got api.Attestation
+	if code := f.call(t, "GET", "/v1/vtpms/"+inst+"/attestation", "", nil, &got); code != 200 || got.Verdict != "stale" || !strings.Contains(got.Reasons[0], "was trusted") {
+		t.Fatalf("overdue: %d %+v", code, got)
+	}
+	staleEvents := func() (n int) {
+		var evs api.EventList
+		f.call(t, "GET", "/v1/vtpms/"+inst+"/events", "", nil, &evs)
+		for _, e := range evs.Items {
+			if e.Action == "attestation stale" {
+				n++
+			}
+		}
+		return n
+	}
+	if n := staleEvents(); n != 0 {
+		t.Fatalf("%d stale events before MarkStale", n)
+	}
+	for range 2 {
+		if err := f.api.MarkStale(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := staleEvents(); n != 1 {
+		t.Fatalf("%d stale events after MarkStale twice, want 1", n)
+	}
+	f.store.View(ctx, func(tx *store.Tx) (err error) { a, err = tx.GetAttestation(inst); return err })
+	if a.Verdict != "stale" || !a.StaleAt.IsZero() {
+		t.Fatalf("recorded: %+v", a)
+	}
+
+	a.ChallengeHash = []byte{1} // registering again: no deadline
+	if at := f.api.staleAt(a); !at.IsZero() {
+		t.Fatalf("a challenged registration has deadline %v", at)
 	}
 }
 

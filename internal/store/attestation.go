@@ -39,10 +39,15 @@ type Attestation struct {
 	// Policy: reference PCR values, and the log they were learned from.
 	PolicyPCRs     map[int][]byte `json:"policy_pcrs,omitempty"`
 	PolicyEventLog []byte         `json:"policy_event_log,omitempty"`
-	// Verdict: pending, trusted or untrusted, with reasons.
+	// EvidenceAt is when the last genuine evidence arrived.
+	EvidenceAt time.Time `json:"evidence_at,omitzero"`
+	// Verdict: pending, trusted, untrusted or stale, with reasons.
 	Verdict    string    `json:"verdict"`
 	Reasons    []string  `json:"reasons,omitempty"`
 	VerifiedAt time.Time `json:"verified_at,omitzero"`
+	// StaleAt is when the verdict turns stale unless evidence arrives;
+	// zero when it cannot (unregistered, or stale already).
+	StaleAt time.Time `json:"stale_at,omitzero"`
 }
 
 // GetAttestation reads an instance's attestation; ErrNotFound if it never
@@ -69,11 +74,39 @@ func (t *Tx) PutAttestation(a *Attestation) error {
 	if err != nil {
 		return err
 	}
-	_, err = t.exec(`INSERT INTO attestations (instance_id, doc, updated_at) VALUES (?,?,?)
-		ON CONFLICT(instance_id) DO UPDATE SET doc=excluded.doc, updated_at=excluded.updated_at`,
-		a.InstanceID, string(doc), stamp(t.now))
+	staleAt := ""
+	if !a.StaleAt.IsZero() {
+		staleAt = sortable(a.StaleAt)
+	}
+	_, err = t.exec(`INSERT INTO attestations (instance_id, doc, updated_at, stale_at) VALUES (?,?,?,?)
+		ON CONFLICT(instance_id) DO UPDATE SET doc=excluded.doc, updated_at=excluded.updated_at, stale_at=excluded.stale_at`,
+		a.InstanceID, string(doc), stamp(t.now), staleAt)
 	return err
 }
+
+// OverdueAttestations lists the keys of the attestations whose StaleAt
+// has passed by now.
+func (t *Tx) OverdueAttestations(now time.Time) ([]string, error) {
+	rows, err := t.tx.QueryContext(t.ctx,
+		`SELECT instance_id FROM attestations WHERE stale_at != '' AND stale_at <= ? ORDER BY stale_at`, sortable(now))
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var keys []string
+	for rows.Next() {
+		var k string
+		if err := rows.Scan(&k); err != nil {
+			return nil, err
+		}
+		keys = append(keys, k)
+	}
+	return keys, rows.Err()
+}
+
+// sortable formats t so that text order is time order (RFC 3339 with
+// trailing zeros trimmed is not).
+func sortable(t time.Time) string { return t.UTC().Format("2006-01-02T15:04:05.000000000Z") }
 
 // DeleteAttestation removes an instance's attestation, if any.
 func (t *Tx) DeleteAttestation(instanceID string) error {

@@ -57,6 +57,11 @@ CREATE TABLE attestations (
 	doc         TEXT NOT NULL,          -- JSON, see Attestation
 	updated_at  TEXT NOT NULL
 );`,
+	// When a registered subject's evidence is overdue ('' for never), so
+	// that finding overdue ones is an index scan.
+	4: `
+ALTER TABLE attestations ADD COLUMN stale_at TEXT NOT NULL DEFAULT '';
+CREATE INDEX attestations_stale_at ON attestations(stale_at) WHERE stale_at != '';`,
 }
 
 func (s *Store) migrate(ctx context.Context) error {
