@@ -48,12 +48,55 @@ type EvidenceRequest struct {
 	EventLog  []byte         `json:"event_log"`
 }
 
-// PolicyRequest sets an instance's measured-boot policy.
+// PolicyRequest sets an instance's (or a host's) measured-boot policy:
+// learned from its last accepted evidence, or a copy of a named policy.
 type PolicyRequest struct {
 	// Learn takes the last accepted evidence as the reference.
-	Learn bool `json:"learn"`
-	// PCRs are the PCRs the policy covers; default: every PCR quoted.
+	Learn bool `json:"learn,omitempty"`
+	// PCRs are the PCRs a learned policy covers; default: every PCR quoted.
 	PCRs []int `json:"pcrs,omitempty"`
+	// Policy names a policy to apply instead (the caller's project's, else
+	// the operator's shared one of that name).
+	Policy string `json:"policy,omitempty"`
+}
+
+// Policy is a named measured-boot reference: the SHA-256 value (hex) each
+// listed PCR must hold. Applying it copies it: deleting or re-creating a
+// policy does not change the instances it was applied to.
+type Policy struct {
+	Name string `json:"name"`
+	// Project owns it; "" is the operator's, which every project may apply.
+	Project string         `json:"project,omitempty"`
+	PCRs    map[int]string `json:"pcrs"`
+	// LearnedFrom is the instance (or "host:NAME") it was learned from.
+	LearnedFrom string `json:"learned_from,omitempty"`
+	// HasEventLog: the reference boot's event log is kept, so a mismatch
+	// names the event that differs.
+	HasEventLog bool      `json:"has_event_log"`
+	CreatedAt   time.Time `json:"created_at"`
+}
+
+// CreatePolicyRequest creates a named policy from reference values, or
+// learns one from the last accepted evidence of an instance or host.
+type CreatePolicyRequest struct {
+	Name string `json:"name"`
+	// Project defaults to the caller's; the operator's default is "" (shared).
+	Project   string         `json:"project,omitempty"`
+	PCRs      map[int]string `json:"pcrs,omitempty"`
+	LearnFrom *LearnFrom     `json:"learn_from,omitempty"`
+}
+
+// LearnFrom names the attestation a policy is learned from: an instance or
+// (operator only) a host, and the PCRs to take (default: all quoted).
+type LearnFrom struct {
+	InstanceID string `json:"instance_id,omitempty"`
+	Host       string `json:"host,omitempty"`
+	PCRs       []int  `json:"pcrs,omitempty"`
+}
+
+// PolicyList is a list of policies.
+type PolicyList struct {
+	Items []Policy `json:"items"`
 }
 
 // Attestation is the attestation status of an instance (its vTPM) or of a
@@ -68,11 +111,13 @@ type Attestation struct {
 	// Verdict on the subject's own evidence: pending (no evidence or no
 	// policy yet), trusted, untrusted, or stale (no evidence for several
 	// rounds).
-	Verdict    string         `json:"verdict"`
-	Reasons    []string       `json:"reasons,omitempty"`
-	VerifiedAt time.Time      `json:"verified_at,omitzero"`
-	PolicyPCRs []int          `json:"policy_pcrs,omitempty"`
-	PCRs       map[int][]byte `json:"pcrs,omitempty"`
+	Verdict    string    `json:"verdict"`
+	Reasons    []string  `json:"reasons,omitempty"`
+	VerifiedAt time.Time `json:"verified_at,omitzero"`
+	PolicyPCRs []int     `json:"policy_pcrs,omitempty"`
+	// Policy names the policy applied, if one was ("" when learned).
+	Policy string         `json:"policy,omitempty"`
+	PCRs   map[int][]byte `json:"pcrs,omitempty"`
 
 	// For an instance: the verdict on the host it runs on, and the record
 	// of how its vTPM was provisioned.

@@ -226,6 +226,35 @@ func (c *Client) SetPolicy(ctx context.Context, s Subject, req api.PolicyRequest
 	return out, c.do(ctx, http.MethodPost, s.op("policy"), req, &out)
 }
 
+// History reads the attestation events, oldest first.
+func (c *Client) History(ctx context.Context, s Subject) (api.EventList, error) {
+	var out api.EventList
+	return out, c.do(ctx, http.MethodGet, s.op("history"), nil, &out)
+}
+
+// CreatePolicy creates a named policy.
+func (c *Client) CreatePolicy(ctx context.Context, req api.CreatePolicyRequest) (api.Policy, error) {
+	var out api.Policy
+	return out, c.do(ctx, http.MethodPost, "/v1/policies", req, &out)
+}
+
+// Policies lists the policies the caller sees.
+func (c *Client) Policies(ctx context.Context) (api.PolicyList, error) {
+	var out api.PolicyList
+	return out, c.do(ctx, http.MethodGet, "/v1/policies", nil, &out)
+}
+
+// Policy reads a policy by name.
+func (c *Client) Policy(ctx context.Context, name string) (api.Policy, error) {
+	var out api.Policy
+	return out, c.do(ctx, http.MethodGet, "/v1/policies/"+url.PathEscape(name), nil, &out)
+}
+
+// DeletePolicy deletes a policy by name.
+func (c *Client) DeletePolicy(ctx context.Context, name string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/policies/"+url.PathEscape(name), nil, nil)
+}
+
 // Attestation reads the attestation status.
 func (c *Client) Attestation(ctx context.Context, s Subject) (api.Attestation, error) {
 	var out api.Attestation

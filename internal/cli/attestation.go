@@ -19,6 +19,8 @@ func newAttestationCommand(g *globals) *cobra.Command {
 	cmd.AddCommand(statusCommand(g, "status INSTANCE",
 		"Show whether the instance's guest registered, the verdict on its last evidence, its host's, and the overall answer",
 		client.Instance))
+	cmd.AddCommand(historyCommand(g, "history INSTANCE",
+		"Show the instance's attestation events: registrations, policies, each verdict change of the VM and of its host", client.Instance))
 	cmd.AddCommand(&cobra.Command{
 		Use:   "token INSTANCE",
 		Short: "Print the verdict as a token signed by the verifier, for a relying party to check offline",
@@ -39,7 +41,25 @@ func newHostCommand(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "host", Short: "Attestation of a host's own TPM"}
 	cmd.AddCommand(statusCommand(g, "status HOST",
 		"Show whether the host's TPM registered, and the verdict on the host's last evidence", client.Host))
+	cmd.AddCommand(historyCommand(g, "history HOST", "Show the host's own attestation events", client.Host))
 	return cmd
+}
+
+// historyCommand prints the attestation events of the subject its
+// argument names.
+func historyCommand(g *globals, use, short string, subject func(string) client.Subject) *cobra.Command {
+	return &cobra.Command{
+		Use:   use,
+		Short: short,
+		Args:  exactlyOne,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			evs, err := g.client().History(cmd.Context(), subject(args[0]))
+			if err != nil {
+				return apiFailure(err)
+			}
+			return printEvents(cmd.OutOrStdout(), g.format(outputTable), evs)
+		},
+	}
 }
 
 // statusCommand prints the attestation status of the subject its argument
@@ -59,40 +79,6 @@ func statusCommand(g *globals, use, short string, subject func(string) client.Su
 	}
 }
 
-func newPolicyCommand(g *globals) *cobra.Command {
-	cmd := &cobra.Command{Use: "policy", Short: "Measured-boot policies"}
-	var pcrs string
-	var host bool
-	learn := &cobra.Command{
-		Use:   "learn INSTANCE | --host HOST",
-		Short: "Take the last accepted evidence of an instance (or a host) as its reference boot, and judge it",
-		Args:  exactlyOne,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			req := api.PolicyRequest{Learn: true}
-			for _, f := range strings.FieldsFunc(pcrs, func(r rune) bool { return r == ',' }) {
-				i, err := strconv.Atoi(strings.TrimSpace(f))
-				if err != nil {
-					return &exitError{ExitUsage, fmt.Errorf("--pcrs: %q is not a PCR number", f)}
-				}
-				req.PCRs = append(req.PCRs, i)
-			}
-			subject := client.Instance(args[0])
-			if host {
-				subject = client.Host(args[0])
-			}
-			a, err := g.client().SetPolicy(cmd.Context(), subject, req)
-			if err != nil {
-				return apiFailure(err)
-			}
-			return printAttestation(cmd.OutOrStdout(), g.format(outputTable), a)
-		},
-	}
-	learn.Flags().BoolVar(&host, "host", false, "the argument names a host, whose own TPM's policy is learned")
-	learn.Flags().StringVar(&pcrs, "pcrs", "", "PCRs the policy covers, e.g. 0,1,2,3,4,5,6,7 (default: every PCR quoted)")
-	cmd.AddCommand(learn)
-	return cmd
-}
-
 func printAttestation(w io.Writer, format string, a api.Attestation) error {
 	if format == outputJSON {
 		return writeJSON(w, a)
@@ -108,7 +94,7 @@ func printAttestation(w io.Writer, format string, a api.Attestation) error {
 	rows = append(rows, [][2]string{
 		{"STATE", a.State}, {"VERDICT", a.Verdict},
 		{"REASONS", orDash([]string{strings.Join(a.Reasons, "; ")})},
-		{"POLICY PCRS", orDash(policy)}, {"VERIFIED", orDash([]string{verifiedAt(a)})},
+		{"POLICY", policyLabel(a.Policy, policy)}, {"VERIFIED", orDash([]string{verifiedAt(a)})},
 	}...)
 	if h := a.Host; h != nil {
 		rows = append(rows, [2]string{"HOST", h.Name + ": " + h.Verdict + reasons(h.Reasons)})
@@ -128,6 +114,17 @@ func printAttestation(w io.Writer, format string, a api.Attestation) error {
 		fmt.Fprintf(tw, "%s\t%s\n", row[0], row[1])
 	}
 	return tw.Flush()
+}
+
+// policyLabel is "NAME: PCRs 0,4", "learned: PCRs 0,4" or "-".
+func policyLabel(name string, pcrs []string) string {
+	if len(pcrs) == 0 {
+		return "-"
+	}
+	if name == "" {
+		name = "learned"
+	}
+	return name + ": PCRs " + strings.Join(pcrs, ",")
 }
 
 func reasons(rs []string) string {

@@ -88,4 +88,43 @@ func TestAttestationCommands(t *testing.T) {
 	if code, _, errOut := run(t, append(base, "policy", "learn", id)...); code != ExitConflict || !strings.Contains(errOut, "no_evidence") {
 		t.Fatalf("learn without evidence: %d %q", code, errOut)
 	}
+
+	// Named policies: create, list, show, apply, delete; the history.
+	digest := strings.Repeat("ab", 32)
+	if code, out, errOut := run(t, append(base, "policy", "create", "golden", "--pcr", "0="+digest, "--pcr", "4="+digest)...); code != ExitOK || !strings.Contains(out, "PCR 4") {
+		t.Fatalf("policy create: %d %q %q", code, out, errOut)
+	}
+	if code, _, errOut := run(t, append(base, "policy", "create", "golden", "--pcr", "0="+digest)...); code != ExitConflict || !strings.Contains(errOut, "already_exists") {
+		t.Fatalf("policy create twice: %d %q", code, errOut)
+	}
+	if code, _, errOut := run(t, append(base, "policy", "create", "bad", "--pcr", "zero")...); code != ExitUsage || !strings.Contains(errOut, "N=SHA256HEX") {
+		t.Fatalf("policy create --pcr zero: %d %q", code, errOut)
+	}
+	if code, _, errOut := run(t, append(base, "--project", "p1", "policy", "create", "mine", "--from", id)...); code != ExitNotFound || !strings.Contains(errOut, "to learn from") {
+		t.Fatalf("policy create --from without evidence: %d %q", code, errOut)
+	}
+	if code, out, _ := run(t, append(base, "--project", "p1", "policy", "list")...); code != ExitOK || !strings.Contains(out, "golden") || !strings.Contains(out, "0,4") {
+		t.Fatalf("policy list: %d %q", code, out)
+	}
+	if code, out, _ := run(t, append(base, "-o", "json", "policy", "show", "golden")...); code != ExitOK || !strings.Contains(out, `"4": "`+digest) {
+		t.Fatalf("policy show: %d %q", code, out)
+	}
+	if code, out, errOut := run(t, append(base, "--project", "p1", "policy", "apply", "golden", id)...); code != ExitOK || !strings.Contains(out, "golden: PCRs 0,4") {
+		t.Fatalf("policy apply: %d %q %q", code, out, errOut)
+	}
+	if code, _, errOut := run(t, append(base, "policy", "apply", "golden")...); code != ExitUsage {
+		t.Fatalf("policy apply without a subject: %d %q", code, errOut)
+	}
+	if code, _, errOut := run(t, append(base, "--project", "p1", "policy", "delete", "golden")...); code == ExitOK || !strings.Contains(errOut, "forbidden") {
+		t.Fatalf("a project deleting the operator's policy: %d %q", code, errOut)
+	}
+	if code, out, _ := run(t, append(base, "policy", "delete", "golden")...); code != ExitOK || !strings.Contains(out, "deleted") {
+		t.Fatalf("policy delete: %d %q", code, out)
+	}
+	if code, _, errOut := run(t, append(base, "policy", "show", "golden")...); code != ExitNotFound {
+		t.Fatalf("policy show after delete: %d %q", code, errOut)
+	}
+	if code, out, _ := run(t, append(base, "attestation", "history", id)...); code != ExitOK || !strings.Contains(out, "policy golden applied") {
+		t.Fatalf("attestation history: %d %q", code, out)
+	}
 }

@@ -294,18 +294,21 @@ func newEventsCommand(g *globals) *cobra.Command {
 			if err != nil {
 				return apiFailure(err)
 			}
-			w := cmd.OutOrStdout()
-			if g.format(outputTable) == outputJSON {
-				return writeJSON(w, evs.Items)
-			}
-			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "TIME\tACTOR\tACTION\tDETAIL")
-			for _, e := range evs.Items {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", e.At.Format(time.RFC3339), e.Actor, e.Action, e.Detail)
-			}
-			return tw.Flush()
+			return printEvents(cmd.OutOrStdout(), g.format(outputTable), evs)
 		},
 	}
+}
+
+func printEvents(w io.Writer, format string, evs api.EventList) error {
+	if format == outputJSON {
+		return writeJSON(w, evs.Items)
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "TIME\tACTOR\tACTION\tDETAIL")
+	for _, e := range evs.Items {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", e.At.Format(time.RFC3339), e.Actor, e.Action, e.Detail)
+	}
+	return tw.Flush()
 }
 
 func printVTPM(w io.Writer, format string, v api.VTPM) error {

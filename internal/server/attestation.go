@@ -122,7 +122,7 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) error {
 			return apiErr(http.StatusForbidden, CodeEKMismatch, "Host "+sub.host+" registered with another TPM; registration refused.")
 		}
 		*a = store.Attestation{InstanceID: sub.key, EKKind: req.EKKind, EKPublic: a.EKPublic, AKPublic: req.AKPublic, ChallengeHash: hash[:],
-			Verdict: "pending", PolicyPCRs: a.PolicyPCRs, PolicyEventLog: a.PolicyEventLog}
+			Verdict: "pending", PolicyPCRs: a.PolicyPCRs, PolicyEventLog: a.PolicyEventLog, PolicyName: a.PolicyName}
 		if sub.host != "" {
 			a.EKPublic = ekDER
 		}
@@ -286,37 +286,81 @@ func storedPolicy(a *store.Attestation) *attest.Policy {
 	return &attest.Policy{PCRs: a.PolicyPCRs, EventLog: a.PolicyEventLog}
 }
 
-// setPolicy learns the policy from the last accepted evidence and judges
-// that evidence by it at once.
+// setPolicy gives the subject a policy, learned from its last accepted
+// evidence or copied from a named one, and judges that evidence by it.
 func (s *Server) setPolicy(w http.ResponseWriter, r *http.Request) error {
 	var req api.PolicyRequest
-	return s.attestationChange(w, r, &req, "policy learned", func(a *store.Attestation) error {
-		if !req.Learn {
-			return apiErr(http.StatusBadRequest, CodeInvalidParameter, "Only learning a policy from the last accepted evidence is supported: set \"learn\": true.")
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	sub, err := s.subject(r)
+	if err != nil {
+		return err
+	}
+	var named *store.Policy
+	action := "policy learned"
+	switch {
+	case req.Learn == (req.Policy != ""):
+		return apiErr(http.StatusBadRequest, CodeInvalidParameter, "Set either \"learn\": true, to learn from the last accepted evidence, or \"policy\": NAME.")
+	case req.Policy != "":
+		owner := "" // a host takes the operator's policies
+		if sub.vtpm != nil {
+			owner = sub.vtpm.Project
 		}
-		for _, i := range req.PCRs {
-			if i < 0 || i > 23 {
-				return apiErr(http.StatusBadRequest, CodeInvalidParameter, fmt.Sprintf("PCR %d does not exist (0–23).", i))
+		if err := s.Store.View(r.Context(), func(tx *store.Tx) (err error) { named, err = findPolicy(tx, owner, req.Policy); return err }); err != nil {
+			return err
+		}
+		action = "policy " + named.Name + " applied"
+	}
+	var view api.Attestation
+	err = s.updateAttestation(r.Context(), sub, action, func(a *store.Attestation) error {
+		var p attest.Policy
+		if named != nil {
+			p, a.PolicyName = attest.Policy{PCRs: named.PCRs, EventLog: named.EventLog}, named.Name
+		} else {
+			learned, err := learn(a, req.PCRs)
+			if err != nil {
+				return err
 			}
+			p, a.PolicyName = learned, ""
 		}
+		a.PolicyPCRs, a.PolicyEventLog = p.PCRs, p.EventLog
 		if a.PCRs == nil {
-			return apiErr(http.StatusConflict, CodeNoEvidence, "No evidence has been accepted yet to learn from.")
+			return nil // judged when evidence comes
 		}
 		events, err := attest.ParseEventLog(a.EventLog)
 		if err != nil {
 			return err
 		}
-		which := req.PCRs
-		if which == nil { // every PCR the evidence quoted
-			for i := range a.PCRs {
-				which = append(which, i)
-			}
-		}
-		p := attest.Learn(a.PCRs, a.EventLog, which)
-		a.PolicyPCRs, a.PolicyEventLog = p.PCRs, p.EventLog
 		record(a, attest.Judge(p, a.PCRs, events))
 		return nil
-	})
+	}, &view)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, view)
+	return nil
+}
+
+// history is the subject's attestation events, oldest first:
+// registrations, policies, and each change of its verdict and its host's.
+func (s *Server) history(w http.ResponseWriter, r *http.Request) error {
+	sub, err := s.subject(r)
+	if err != nil {
+		return err
+	}
+	var evs []store.Event
+	if err := s.Store.View(r.Context(), func(tx *store.Tx) (err error) { evs, err = tx.ListEvents(sub.key); return err }); err != nil {
+		return err
+	}
+	out := api.EventList{Items: []api.Event{}}
+	for _, e := range evs {
+		if strings.HasPrefix(e.Action, "attestation ") || strings.HasPrefix(e.Action, "host attestation ") || strings.HasPrefix(e.Action, "policy ") {
+			out.Items = append(out.Items, api.Event{At: e.At, Actor: e.Actor, Action: e.Action, Detail: e.Detail})
+		}
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
 }
 
 func (s *Server) getAttestation(w http.ResponseWriter, r *http.Request) error {
@@ -439,11 +483,15 @@ func (s *Server) updateAttestation(ctx context.Context, sub subject, action stri
 				*view = status
 			}
 		}
+		acts := []string{action}
 		if changed {
-			action = "attestation " + a.Verdict
+			acts = append(acts, "attestation "+a.Verdict)
 		}
-		if action != "" {
-			if err := tx.AppendEvent(store.Event{Actor: actor(sub.scope), InstanceID: sub.key, Action: action, Detail: detail(a)}); err != nil {
+		for _, act := range acts {
+			if act == "" {
+				continue
+			}
+			if err := tx.AppendEvent(store.Event{Actor: actor(sub.scope), InstanceID: sub.key, Action: act, Detail: detail(a)}); err != nil {
 				return err
 			}
 		}
@@ -587,7 +635,7 @@ func attestationView(a *store.Attestation, now time.Time) api.Attestation {
 		a = &c
 	}
 	out := api.Attestation{InstanceID: a.InstanceID, State: "unregistered", RegisteredAt: a.RegisteredAt, Verdict: a.Verdict,
-		Reasons: a.Reasons, VerifiedAt: a.VerifiedAt, PCRs: a.PCRs}
+		Reasons: a.Reasons, VerifiedAt: a.VerifiedAt, PCRs: a.PCRs, Policy: a.PolicyName}
 	switch {
 	case a.ChallengeHash != nil:
 		out.State = "challenged"

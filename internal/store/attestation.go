@@ -39,6 +39,7 @@ type Attestation struct {
 	// Policy: reference PCR values, and the log they were learned from.
 	PolicyPCRs     map[int][]byte `json:"policy_pcrs,omitempty"`
 	PolicyEventLog []byte         `json:"policy_event_log,omitempty"`
+	PolicyName     string         `json:"policy_name,omitempty"` // the named policy copied, if any
 	// EvidenceAt is when the last genuine evidence arrived.
 	EvidenceAt time.Time `json:"evidence_at,omitzero"`
 	// Verdict: pending, trusted, untrusted or stale, with reasons.

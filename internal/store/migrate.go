@@ -62,6 +62,15 @@ CREATE TABLE attestations (
 	4: `
 ALTER TABLE attestations ADD COLUMN stale_at TEXT NOT NULL DEFAULT '';
 CREATE INDEX attestations_stale_at ON attestations(stale_at) WHERE stale_at != '';`,
+	// Named measured-boot policies; project '' is the operator's, shared.
+	5: `
+CREATE TABLE policies (
+	project     TEXT NOT NULL,
+	name        TEXT NOT NULL,
+	doc         TEXT NOT NULL,          -- JSON, see Policy
+	created_at  TEXT NOT NULL,
+	PRIMARY KEY (project, name)
+);`,
 }
 
 func (s *Store) migrate(ctx context.Context) error {

@@ -1,0 +1,140 @@
+package server
+
+import (
+	"context"
+	"encoding/hex"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/attest/attesttest"
+	"github.com/vtpmd/vtpmd/internal/store"
+)
+
+// Named policies: created from values or learned, scoped to projects (the
+// operator's shared), applied as copies, deleted without touching the
+// instances they were applied to; every step in the attestation history.
+func TestPolicies(t *testing.T) {
+	f := newFixture(t)
+	if code := f.call(t, "POST", "/v1/vtpms", "", create(inst, map[string]string{"hw:tpm_version": "2.0"}), nil); code != 202 {
+		t.Fatalf("create: %d", code)
+	}
+	// The instance's last accepted evidence: a boot into PCRs 0 and 4.
+	log, pcrs := attesttest.EventLog([]attesttest.Measurement{{PCR: 0, Type: 8, Data: []byte("firmware")}, {PCR: 4, Type: 0x80000003, Data: []byte("kernel")}})
+	now := time.Now().UTC()
+	err := f.store.Update(context.Background(), func(tx *store.Tx) error {
+		return tx.PutAttestation(&store.Attestation{InstanceID: inst, RegisteredAt: now, EvidenceAt: now, Verdict: "pending", PCRs: pcrs, EventLog: log})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	zero := strings.Repeat("00", 32)
+	pcr0 := hex.EncodeToString(pcrs[0])
+
+	var p api.Policy
+	if code := f.call(t, "POST", "/v1/policies", "", api.CreatePolicyRequest{Name: "golden", PCRs: map[int]string{0: zero}}, &p); code != 201 || p.Project != "" || p.PCRs[0] != zero {
+		t.Fatalf("operator's policy: %d %+v", code, p)
+	}
+	learnReq := api.CreatePolicyRequest{Name: "learned", LearnFrom: &api.LearnFrom{InstanceID: inst, PCRs: []int{0, 4}}}
+	if code := f.call(t, "POST", "/v1/policies", "p1", learnReq, &p); code != 201 || p.Project != "p1" || p.PCRs[0] != pcr0 || p.LearnedFrom != inst || !p.HasEventLog {
+		t.Fatalf("learned policy: %d %+v", code, p)
+	}
+
+	for _, c := range []struct {
+		name, project string
+		req           any
+		status        int
+		code          string
+	}{
+		{"duplicate", "p1", learnReq, 409, CodeAlreadyExists},
+		{"bad name", "", api.CreatePolicyRequest{Name: "Golden!", PCRs: map[int]string{0: zero}}, 400, CodeInvalidParameter},
+		{"short digest", "", api.CreatePolicyRequest{Name: "x", PCRs: map[int]string{0: "00"}}, 400, CodeInvalidParameter},
+		{"no such PCR", "", api.CreatePolicyRequest{Name: "x", PCRs: map[int]string{24: zero}}, 400, CodeInvalidParameter},
+		{"values and learning", "", api.CreatePolicyRequest{Name: "x", PCRs: map[int]string{0: zero}, LearnFrom: &api.LearnFrom{InstanceID: inst}}, 400, CodeInvalidParameter},
+		{"neither", "", api.CreatePolicyRequest{Name: "x"}, 400, CodeInvalidParameter},
+		{"another project's", "p1", api.CreatePolicyRequest{Name: "x", Project: "p2", PCRs: map[int]string{0: zero}}, 403, CodeInvalidProject},
+		{"host by a project", "p1", api.CreatePolicyRequest{Name: "x", LearnFrom: &api.LearnFrom{Host: "h1"}}, 403, CodeForbidden},
+		{"another project's instance", "p2", api.CreatePolicyRequest{Name: "x", LearnFrom: &api.LearnFrom{InstanceID: inst}}, 404, CodeNotFound},
+		{"host without attestation", "", api.CreatePolicyRequest{Name: "x", LearnFrom: &api.LearnFrom{Host: "h1"}}, 404, CodeNotFound},
+		{"bad JSON", "", `{"name": 1}`, 400, CodeInvalidJSON},
+	} {
+		var e api.ErrorBody
+		if got := f.call(t, "POST", "/v1/policies", c.project, c.req, &e); got != c.status || e.Error.Code != c.code {
+			t.Errorf("%s: %d %q, want %d %q", c.name, got, e.Error.Code, c.status, c.code)
+		}
+	}
+
+	names := func(project string) (out []string) {
+		var l api.PolicyList
+		f.call(t, "GET", "/v1/policies", project, nil, &l)
+		for _, p := range l.Items {
+			out = append(out, p.Project+"/"+p.Name)
+		}
+		return out
+	}
+	for project, want := range map[string][]string{"": {"/golden", "p1/learned"}, "p1": {"/golden", "p1/learned"}, "p2": {"/golden"}} {
+		if got := names(project); !slices.Equal(got, want) {
+			t.Errorf("%q lists %v, want %v", project, got, want)
+		}
+	}
+	if code := f.call(t, "GET", "/v1/policies/learned", "p2", nil, nil); code != 404 {
+		t.Fatalf("p2 reads p1's policy: %d", code)
+	}
+	if code := f.call(t, "GET", "/v1/policies/learned?project=p1", "", nil, &p); code != 200 || p.Name != "learned" {
+		t.Fatalf("operator reads p1's policy: %d %+v", code, p)
+	}
+
+	// Applying: the shared policy does not fit this boot, the learned one does.
+	base := "/v1/vtpms/" + inst + "/attestation"
+	var a api.Attestation
+	if code := f.call(t, "POST", base+"/policy", "p1", api.PolicyRequest{Policy: "golden"}, &a); code != 200 || a.Verdict != "untrusted" || a.Policy != "golden" || !strings.Contains(a.Reasons[0], "PCR 0") {
+		t.Fatalf("apply golden: %d %+v", code, a)
+	}
+	if code := f.call(t, "POST", base+"/policy", "p1", api.PolicyRequest{Policy: "learned"}, &a); code != 200 || a.Verdict != "trusted" || !slices.Equal(a.PolicyPCRs, []int{0, 4}) {
+		t.Fatalf("apply learned: %d %+v", code, a)
+	}
+	for _, c := range []struct {
+		req  api.PolicyRequest
+		code string
+	}{
+		{api.PolicyRequest{Policy: "nope"}, CodeNotFound},
+		{api.PolicyRequest{Policy: "golden", Learn: true}, CodeInvalidParameter},
+	} {
+		var e api.ErrorBody
+		if f.call(t, "POST", base+"/policy", "p1", c.req, &e); e.Error.Code != c.code {
+			t.Errorf("apply %+v: %q, want %q", c.req, e.Error.Code, c.code)
+		}
+	}
+
+	// Deleting: a project cannot delete the operator's; its own goes, and
+	// the instance keeps its copy.
+	if code := f.call(t, "DELETE", "/v1/policies/golden", "p1", nil, nil); code != 403 {
+		t.Fatalf("p1 deletes the shared policy: %d", code)
+	}
+	if code := f.call(t, "DELETE", "/v1/policies/learned", "p1", nil, nil); code != 204 {
+		t.Fatalf("delete: %d", code)
+	}
+	if code := f.call(t, "DELETE", "/v1/policies/learned", "p1", nil, nil); code != 404 {
+		t.Fatalf("delete twice: %d", code)
+	}
+	if f.call(t, "GET", base, "p1", nil, &a); a.Verdict != "trusted" || a.Policy != "learned" || len(a.PolicyPCRs) != 2 {
+		t.Fatalf("after the policy's deletion: %+v", a)
+	}
+
+	var h api.EventList
+	if code := f.call(t, "GET", base+"/history", "p1", nil, &h); code != 200 {
+		t.Fatalf("history: %d", code)
+	}
+	var actions []string
+	for _, e := range h.Items {
+		actions = append(actions, e.Action)
+	}
+	if want := []string{"policy golden applied", "attestation untrusted", "policy learned applied", "attestation trusted"}; !slices.Equal(actions, want) {
+		t.Fatalf("history %v, want %v", actions, want)
+	}
+	if code := f.call(t, "GET", base+"/history", "p2", nil, nil); code != 404 {
+		t.Fatalf("p2 reads p1's history: %d", code)
+	}
+}

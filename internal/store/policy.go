@@ -1,0 +1,101 @@
+package store
+
+import (
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+)
+
+// Policy is a named measured-boot reference that can be applied to
+// instances or hosts, which take a copy. Project "" is the operator's,
+// usable by every project.
+type Policy struct {
+	Project string         `json:"-"`
+	Name    string         `json:"-"`
+	PCRs    map[int][]byte `json:"pcrs"`
+	// EventLog is the reference boot's log when the policy was learned;
+	// it lets a mismatch be traced to an event.
+	EventLog []byte `json:"event_log,omitempty"`
+	// LearnedFrom is the attestation record it was learned from, if any.
+	LearnedFrom string    `json:"learned_from,omitempty"`
+	CreatedAt   time.Time `json:"-"`
+}
+
+// CreatePolicy stores p; ErrExists if its project has one of that name.
+func (t *Tx) CreatePolicy(p *Policy) error {
+	doc, err := json.Marshal(p)
+	if err != nil {
+		return err
+	}
+	res, err := t.exec(`INSERT INTO policies (project, name, doc, created_at) VALUES (?,?,?,?) ON CONFLICT DO NOTHING`,
+		p.Project, p.Name, string(doc), stamp(t.now))
+	if err != nil {
+		return err
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("policy %s: %w", p.Name, ErrExists)
+	}
+	p.CreatedAt = t.now
+	return nil
+}
+
+// GetPolicy reads a project's policy; ErrNotFound if there is none.
+func (t *Tx) GetPolicy(project, name string) (*Policy, error) {
+	p := &Policy{Project: project, Name: name}
+	var doc, at string
+	err := t.tx.QueryRowContext(t.ctx, `SELECT doc, created_at FROM policies WHERE project=? AND name=?`, project, name).Scan(&doc, &at)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, fmt.Errorf("policy %s: %w", name, ErrNotFound)
+	}
+	if err != nil {
+		return nil, err
+	}
+	p.CreatedAt = parseStamp(at)
+	return p, json.Unmarshal([]byte(doc), p)
+}
+
+// ListPolicies lists the policies of the given projects (all when none
+// is given), by project and name.
+func (t *Tx) ListPolicies(projects ...string) ([]*Policy, error) {
+	q, args := `SELECT project, name, doc, created_at FROM policies`, []any{}
+	if len(projects) > 0 {
+		q += ` WHERE project IN (?` + strings.Repeat(",?", len(projects)-1) + `)`
+		for _, p := range projects {
+			args = append(args, p)
+		}
+	}
+	rows, err := t.tx.QueryContext(t.ctx, q+` ORDER BY project, name`, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []*Policy
+	for rows.Next() {
+		p := &Policy{}
+		var doc, at string
+		if err := rows.Scan(&p.Project, &p.Name, &doc, &at); err != nil {
+			return nil, err
+		}
+		if err := json.Unmarshal([]byte(doc), p); err != nil {
+			return nil, fmt.Errorf("decoding policy %s: %w", p.Name, err)
+		}
+		p.CreatedAt = parseStamp(at)
+		out = append(out, p)
+	}
+	return out, rows.Err()
+}
+
+// DeletePolicy removes a project's policy; ErrNotFound if there is none.
+func (t *Tx) DeletePolicy(project, name string) error {
+	res, err := t.exec(`DELETE FROM policies WHERE project=? AND name=?`, project, name)
+	if err != nil {
+		return err
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("policy %s: %w", name, ErrNotFound)
+	}
+	return nil
+}
