@@ -48,6 +48,14 @@ type EvidenceRequest struct {
 	EventLog  []byte         `json:"event_log"`
 }
 
+// Refresh is a request for fresh evidence: the answer to asking for one
+// (POST …/attestation/refresh) and to an agent's long poll for one (GET
+// …/attestation/refresh?wait=D), where Requested says whether it was asked.
+type Refresh struct {
+	Requested   bool      `json:"requested"`
+	RequestedAt time.Time `json:"requested_at,omitzero"`
+}
+
 // PolicyRequest sets an instance's (or a host's) measured-boot policy:
 // learned from its last accepted evidence, or a copy of a named policy.
 type PolicyRequest struct {

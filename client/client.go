@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"time"
 
 	"github.com/vtpmd/vtpmd/api"
 )
@@ -224,6 +225,22 @@ func (c *Client) Evidence(ctx context.Context, s Subject, req api.EvidenceReques
 func (c *Client) SetPolicy(ctx context.Context, s Subject, req api.PolicyRequest) (api.Attestation, error) {
 	var out api.Attestation
 	return out, c.do(ctx, http.MethodPost, s.op("policy"), req, &out)
+}
+
+// RequestRefresh asks the subject's agent for fresh evidence now.
+func (c *Client) RequestRefresh(ctx context.Context, s Subject) (api.Refresh, error) {
+	var out api.Refresh
+	return out, c.do(ctx, http.MethodPost, s.op("refresh"), nil, &out)
+}
+
+// AwaitRefresh is an agent's long poll: it returns true as soon as fresh
+// evidence is asked for, false after wait (capped at the server's 5m)
+// without a request.
+func (c *Client) AwaitRefresh(ctx context.Context, s Subject, wait time.Duration) (bool, error) {
+	wait = min(wait, 5*time.Minute)
+	var out api.Refresh
+	err := c.do(ctx, http.MethodGet, s.op("refresh")+"?wait="+url.QueryEscape(wait.Round(time.Millisecond).String()), nil, &out)
+	return out.Requested, err
 }
 
 // History reads the attestation events, oldest first.

@@ -1,6 +1,7 @@
 // Command vtpm-guest is vtpmd's in-guest attestation agent: a static binary
 // (CGO_ENABLED=0) that registers the guest's TPM with vtpmd and then pushes
-// a quote of PCRs 0–7 with the firmware's event log on an interval.
+// a quote of PCRs 0–9 with the firmware's event log on an interval, and
+// at once whenever vtpmd asks for fresh evidence (a long poll).
 //
 //	vtpm-guest --server http://10.0.2.2:8780 [--instance UUID] [--tpm /dev/tpmrm0] [--interval 30s] [--once]
 //
@@ -66,10 +67,9 @@ func run(server, instance, tpmPath, eventLog string, interval time.Duration, onc
 		if once {
 			return err
 		}
-		select {
-		case <-ctx.Done():
+		agent.Wait(ctx, interval)
+		if ctx.Err() != nil {
 			return nil
-		case <-time.After(interval):
 		}
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
@@ -217,6 +218,26 @@ func (a *Agent) Attest(ctx context.Context) (api.Attestation, error) {
 		return api.Attestation{}, err
 	}
 	return a.API.Evidence(ctx, a.Subject, ev)
+}
+
+// Wait returns when the next attestation is due: after interval, or as
+// soon as vtpmd asks for fresh evidence (a long poll). When vtpmd cannot
+// be asked it just sleeps.
+func (a *Agent) Wait(ctx context.Context, interval time.Duration) {
+	deadline := time.Now().Add(interval)
+	for left := interval; left > 0; left = time.Until(deadline) {
+		asked, err := a.API.AwaitRefresh(ctx, a.Subject, left)
+		if asked {
+			return
+		}
+		if err != nil {
+			select {
+			case <-ctx.Done():
+			case <-time.After(time.Until(deadline)):
+			}
+			return
+		}
+	}
 }
 
 // Evidence quotes the PCRs with nonce and gathers what goes with it.

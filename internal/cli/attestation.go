@@ -19,6 +19,7 @@ func newAttestationCommand(g *globals) *cobra.Command {
 	cmd.AddCommand(statusCommand(g, "status INSTANCE",
 		"Show whether the instance's guest registered, the verdict on its last evidence, its host's, and the overall answer",
 		client.Instance))
+	cmd.AddCommand(refreshCommand(g, "refresh INSTANCE", "the instance's guest agent", client.Instance))
 	cmd.AddCommand(historyCommand(g, "history INSTANCE",
 		"Show the instance's attestation events: registrations, policies, each verdict change of the VM and of its host", client.Instance))
 	cmd.AddCommand(&cobra.Command{
@@ -41,7 +42,41 @@ func newHostCommand(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "host", Short: "Attestation of a host's own TPM"}
 	cmd.AddCommand(statusCommand(g, "status HOST",
 		"Show whether the host's TPM registered, and the verdict on the host's last evidence", client.Host))
+	cmd.AddCommand(refreshCommand(g, "refresh HOST", "the host's agent", client.Host))
 	cmd.AddCommand(historyCommand(g, "history HOST", "Show the host's own attestation events", client.Host))
+	return cmd
+}
+
+// refreshCommand asks the subject's agent for fresh evidence and waits for
+// the verdict on it.
+func refreshCommand(g *globals, use, agent string, subject func(string) client.Subject) *cobra.Command {
+	var timeout time.Duration
+	cmd := &cobra.Command{
+		Use:   use,
+		Short: "Ask " + agent + " for fresh evidence now, and show the verdict on it",
+		Args:  exactlyOne,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, sub := g.client(), subject(args[0])
+			req, err := c.RequestRefresh(cmd.Context(), sub)
+			if err != nil {
+				return apiFailure(err)
+			}
+			fmt.Fprintf(cmd.ErrOrStderr(), "asked %s for fresh evidence; waiting up to %s\n", agent, timeout)
+			for deadline := time.Now().Add(timeout); ; time.Sleep(250 * time.Millisecond) {
+				a, err := c.Attestation(cmd.Context(), sub)
+				if err != nil {
+					return apiFailure(err)
+				}
+				if !a.VerifiedAt.Before(req.RequestedAt) {
+					return printAttestation(cmd.OutOrStdout(), g.format(outputTable), a)
+				}
+				if time.Now().After(deadline) {
+					return &exitError{ExitFailed, fmt.Errorf("no fresh evidence within %s: is %s running?", timeout, agent)}
+				}
+			}
+		},
+	}
+	cmd.Flags().DurationVar(&timeout, "timeout", time.Minute, "how long to wait for the fresh verdict")
 	return cmd
 }
 

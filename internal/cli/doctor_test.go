@@ -124,6 +124,9 @@ func TestAttestationCommands(t *testing.T) {
 	if code, _, errOut := run(t, append(base, "policy", "show", "golden")...); code != ExitNotFound {
 		t.Fatalf("policy show after delete: %d %q", code, errOut)
 	}
+	if code, _, errOut := run(t, append(base, "attestation", "refresh", id)...); code != ExitConflict || !strings.Contains(errOut, "not_registered") {
+		t.Fatalf("refresh before the guest registered: %d %q", code, errOut)
+	}
 	if code, out, _ := run(t, append(base, "attestation", "history", id)...); code != ExitOK || !strings.Contains(out, "policy golden applied") {
 		t.Fatalf("attestation history: %d %q", code, out)
 	}

@@ -165,6 +165,7 @@ func (d *AllInOne) start(ctx context.Context) error {
 	}
 	d.Addr = d.ln.Addr().String()
 	d.http = &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	d.http.RegisterOnShutdown(srv.EndLongPolls)
 	go srv.WatchStale(bg)
 	go func() {
 		if err := d.http.Serve(d.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {

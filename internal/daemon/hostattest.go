@@ -78,7 +78,7 @@ func (h *hostAttester) close() error {
 	return h.closeTPM()
 }
 
-// run attests on the interval until ctx ends.
+// run attests on the interval, and when the verifier asks, until ctx ends.
 func (h *hostAttester) run(ctx context.Context) {
 	last := ""
 	for {
@@ -90,10 +90,9 @@ func (h *hostAttester) run(ctx context.Context) {
 			h.log.Info("host attestation", "verdict", a.Verdict, "reasons", strings.Join(a.Reasons, "; "))
 			last = a.Verdict
 		}
-		select {
-		case <-ctx.Done():
+		h.agent.Wait(ctx, h.interval)
+		if ctx.Err() != nil {
 			return
-		case <-time.After(h.interval):
 		}
 	}
 }

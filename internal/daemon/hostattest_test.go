@@ -101,6 +101,20 @@ func TestHostBinding(t *testing.T) {
 	if a, err = u.c.Attestation(ctx, client.Instance(id)); err != nil || a.Overall != "trusted" || a.Summary != "VM trusted on trusted host test-host" {
 		t.Fatalf("VM on a trusted host: %+v %v", a, err)
 	}
+	// Asked for fresh evidence, the host's agent (attesting hourly here)
+	// answers its long poll at once.
+	req, err := u.c.RequestRefresh(ctx, host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if h, err = u.c.Attestation(ctx, host); err == nil && !h.VerifiedAt.Before(req.RequestedAt) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no fresh host evidence after asking at %s: %+v %v", req.RequestedAt, h, err)
+		}
+	}
 	var e *client.Error
 	if _, err := client.New("http://"+u.d.Addr, "p1").Attestation(ctx, host); !asCode(err, &e, "forbidden") {
 		t.Fatalf("a project reading the host's attestation: %v", err)

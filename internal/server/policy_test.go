@@ -3,6 +3,8 @@ package server
 import (
 	"context"
 	"encoding/hex"
+	"encoding/json"
+	"net/http"
 	"slices"
 	"strings"
 	"testing"
@@ -136,5 +138,63 @@ func TestPolicies(t *testing.T) {
 	}
 	if code := f.call(t, "GET", base+"/history", "p2", nil, nil); code != 404 {
 		t.Fatalf("p2 reads p1's history: %d", code)
+	}
+}
+
+// An agent's long poll returns as soon as fresh evidence is asked for, or
+// at once if it was asked before; without a request it times out.
+func TestRefresh(t *testing.T) {
+	f := newFixture(t)
+	if code := f.call(t, "POST", "/v1/vtpms", "", create(inst, map[string]string{"hw:tpm_version": "2.0"}), nil); code != 202 {
+		t.Fatalf("create: %d", code)
+	}
+	base := "/v1/vtpms/" + inst + "/attestation/refresh"
+	var e api.ErrorBody
+	if code := f.call(t, "POST", base, "p1", nil, &e); code != 409 || e.Error.Code != CodeNotRegistered {
+		t.Fatalf("refresh before registration: %d %+v", code, e)
+	}
+	now := time.Now().UTC()
+	err := f.store.Update(context.Background(), func(tx *store.Tx) error {
+		return tx.PutAttestation(&store.Attestation{InstanceID: inst, RegisteredAt: now, Verdict: "pending"})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r api.Refresh
+	if code := f.call(t, "GET", base+"?wait=50ms", "", nil, &r); code != 200 || r.Requested {
+		t.Fatalf("long poll without a request: %d %+v", code, r)
+	}
+	for _, wait := range []string{"6m", "-1s", "soon"} {
+		if code := f.call(t, "GET", base+"?wait="+wait, "", nil, &e); code != 400 || e.Error.Code != CodeInvalidParameter {
+			t.Errorf("wait=%s: %d %+v", wait, code, e)
+		}
+	}
+
+	got := make(chan api.Refresh)
+	go func() { // no t.Fatal off the test's goroutine
+		var r api.Refresh
+		if resp, err := http.Get(f.srv.URL + base + "?wait=60"); err == nil {
+			json.NewDecoder(resp.Body).Decode(&r)
+			resp.Body.Close()
+		}
+		got <- r
+	}()
+	time.Sleep(100 * time.Millisecond) // let the poll start waiting; it works either way
+	var asked api.Refresh
+	if code := f.call(t, "POST", base, "p1", nil, &asked); code != 202 || !asked.Requested {
+		t.Fatalf("refresh: %d %+v", code, asked)
+	}
+	if r := <-got; !r.Requested || !r.RequestedAt.Equal(asked.RequestedAt) {
+		t.Fatalf("the waiting agent got %+v, want the request of %s", r, asked.RequestedAt)
+	}
+	// Asked while no agent waits: the next poll collects it, once.
+	f.call(t, "POST", base, "", nil, &asked)
+	for i, want := range []bool{true, false} {
+		if f.call(t, "GET", base+"?wait=10ms", "", nil, &r); r.Requested != want {
+			t.Fatalf("poll %d after an earlier request: %+v", i, r)
+		}
+	}
+	if code := f.call(t, "POST", base, "p2", nil, &e); code != 404 {
+		t.Fatalf("another project asks: %d", code)
 	}
 }

@@ -67,9 +67,10 @@ type Server struct {
 	// Registry receives the API's metrics; nil: a private one.
 	Registry *prometheus.Registry
 
-	caOnce   sync.Once
-	caPool   *x509.CertPool
-	ekChecks sync.Map // [sha256.Size]byte → ekCheck; see checkEK
+	caOnce    sync.Once
+	caPool    *x509.CertPool
+	ekChecks  sync.Map // [sha256.Size]byte → ekCheck; see checkEK
+	refreshes refreshes
 }
 
 // Handler returns the API's HTTP handler.
@@ -119,6 +120,8 @@ func (s *Server) routes() []route {
 		{"POST /v1/vtpms/{id}/attestation/policy", s.setPolicy},
 		{"GET /v1/vtpms/{id}/attestation/token", s.token},
 		{"GET /v1/vtpms/{id}/attestation/history", s.history},
+		{"POST /v1/vtpms/{id}/attestation/refresh", s.requestRefresh},
+		{"GET /v1/vtpms/{id}/attestation/refresh", s.awaitRefresh},
 		{"GET /.well-known/vtpmd/jwks.json", s.jwks},
 		{"GET /v1/vtpms/{id}/events", s.events},
 		{"POST /v1/policies", s.createPolicy},
@@ -130,6 +133,8 @@ func (s *Server) routes() []route {
 		{"GET /v1/hosts/{name}/drift", s.drift},
 		{"GET /v1/hosts/{name}/attestation", s.getAttestation},
 		{"GET /v1/hosts/{name}/attestation/history", s.history},
+		{"POST /v1/hosts/{name}/attestation/refresh", s.requestRefresh},
+		{"GET /v1/hosts/{name}/attestation/refresh", s.awaitRefresh},
 		{"POST /v1/hosts/{name}/attestation/register", s.register},
 		{"POST /v1/hosts/{name}/attestation/activate", s.activate},
 		{"POST /v1/hosts/{name}/attestation/nonce", s.nonce},
