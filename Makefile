@@ -39,8 +39,10 @@ libvirtd:
 	@scripts/libvirtd-up.sh
 
 # The attestation scenario in a real VM, step by step: a guest with a vTPM
-# from vtpmd registers, is judged pending, trusted once its boot is the
-# policy, and untrusted (naming PCR 9) when booted another way.
+# from vtpmd registers, is judged pending, trusted on a trusted host once
+# its boot and the host's are the policies, on an untrusted host (naming
+# the host's PCR 4) when the host reboots into another kernel, and
+# untrusted (naming PCR 9) when booted another way.
 demo: libvirtd
 	CI=true $(GO) test -count=1 -run 'TestGuestAttestation$$' -v ./internal/daemon
 

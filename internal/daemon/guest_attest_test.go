@@ -2,30 +2,46 @@ package daemon
 
 import (
 	"context"
+	"encoding/pem"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/uuid"
 	"libvirt.org/go/libvirtxml"
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmtest"
 )
 
 // TestGuestAttestation boots a real UEFI guest with a vTPM from vtpmd whose
-// /init runs the guest agent over QEMU user networking: registered and
-// pending at first boot; trusted after the policy is learned from it and
-// the guest boots the same way again; untrusted, naming PCR 9, when it
-// boots with another kernel command line.
+// /init runs the guest agent over QEMU user networking, on a host whose own
+// TPM (a swtpm from a "vendor" CA, with measurements the test makes) the
+// host agent attests: registered and pending at first boot; trusted on a
+// trusted host after the policies are learned and the guest boots the same
+// way again; running on an untrusted host, naming the host's PCR 4, when
+// the host reboots into another kernel; untrusted, naming PCR 9, when the
+// guest boots with another kernel command line.
 func TestGuestAttestation(t *testing.T) {
 	lv := connectLibvirt(t)
 	dir := t.TempDir()
 	addr := freeAddr(t)
 	_, port, _ := strings.Cut(addr, ":")
+	vendor := swtpmtest.NewCA(t)
+	caFile := filepath.Join(dir, "host-ek-ca.pem")
+	os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: vendor.Cert.Raw}), 0o644)
+	hostTPM, _ := swtpmtest.Manufactured(t, spec.V20, vendor)
+	hostLog := filepath.Join(dir, "host-event-log")
+	hostBoot := bootHost(t, hostTPM, "host kernel 6.1", hostLog)
 	u := startConfigured(t, Config{DataDir: dir, Listen: addr, HostName: "lv-host", Backend: "libvirt",
-		Libvirt: LibvirtConfig{Mode: "emulator", EnableVTPM: true}})
+		Libvirt: LibvirtConfig{Mode: "emulator", EnableVTPM: true},
+		HostTPM: "unix:" + hostTPM.DataSocket(), HostEventLog: hostLog, HostEKCA: caFile, HostAttestInterval: time.Hour})
 	ctx := context.Background()
+	host := client.Host("lv-host")
 	id := uuid.NewString()
 	console := filepath.Join(dir, "console.log")
 	dom := defineGuestWith(t, lv, id, dir, guestOptions{init: attestInit, network: true,
@@ -46,7 +62,8 @@ func TestGuestAttestation(t *testing.T) {
 		if err != nil || a.Verdict != want {
 			t.Fatalf("attestation: %+v %v", a, err)
 		}
-		t.Logf("        verdict: %s %s", a.Verdict, strings.Join(a.Reasons, "; "))
+		t.Logf("        VM verdict: %s %s", a.Verdict, strings.Join(a.Reasons, "; "))
+		t.Logf("        overall: %s (%s)", a.Overall, a.Summary)
 		return a
 	}
 	restart := func(edit func(*libvirtxml.Domain)) {
@@ -69,6 +86,15 @@ func TestGuestAttestation(t *testing.T) {
 		u.wait(t, id, "active")
 	}
 
+	t.Log("step 0: the host agent attests the host's own TPM; its boot becomes the host's policy")
+	if _, err := u.d.AttestHost(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if h, err := u.c.SetPolicy(ctx, host, api.PolicyRequest{Learn: true}); err != nil || h.Verdict != "trusted" {
+		t.Fatalf("learning the host's policy: %+v %v", h, err)
+	}
+	t.Logf("        host verdict: trusted")
+
 	t.Logf("step 1: vTPM %s made and certified; attaching it to guest %s and booting (TCG, ≈20 s)", id, dom.Name)
 	// First boot: registered, no policy yet.
 	if _, err := u.c.Attach(ctx, id, dom.Name); err != nil {
@@ -84,12 +110,30 @@ func TestGuestAttestation(t *testing.T) {
 	// The same boot again: trusted.
 	t.Log("step 3: stopping the guest and booting it the same way again")
 	restart(nil)
-	boot("trusted")
+	if a := boot("trusted"); a.Overall != "trusted" || a.Summary != "VM trusted on trusted host lv-host" {
+		t.Fatalf("overall: %s (%s)", a.Overall, a.Summary)
+	}
+
+	// The host reboots into another kernel: the VM runs on an untrusted host.
+	t.Log("step 4: the host reboots into another kernel; its agent attests again")
+	if err := hostBoot.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	hostBoot = bootHost(t, hostTPM, "host kernel 6.1 with a rootkit", hostLog)
+	u.d.AttestHost(ctx) // the reboot broke the agent's connection: it reconnects on the next try
+	if h, err := u.d.AttestHost(ctx); err != nil || h.Verdict != "untrusted" {
+		t.Fatalf("host after the reboot: %+v %v", h, err)
+	}
+	a, err := u.c.Attestation(ctx, client.Instance(id))
+	if err != nil || a.Overall != "untrusted" || !strings.Contains(a.Summary, "host lv-host is untrusted: PCR 4") {
+		t.Fatalf("VM on an untrusted host: %+v %v", a, err)
+	}
+	t.Logf("        overall: %s (%s)", a.Overall, a.Summary)
 
 	// Another kernel command line: PCR 9 (the EFI stub measures it) differs.
-	t.Log("step 4: booting with another kernel command line (\"quiet\" added)")
+	t.Log("step 5: booting the guest with another kernel command line (\"quiet\" added)")
 	restart(func(d *libvirtxml.Domain) { d.OS.Cmdline += " quiet" })
-	a := boot("untrusted")
+	a = boot("untrusted")
 	if len(a.Reasons) == 0 || !strings.Contains(a.Reasons[0], "PCR 9") {
 		t.Fatalf("untrusted for %v; want PCR 9 named", a.Reasons)
 	}
