@@ -46,6 +46,7 @@ type EvidenceRequest struct {
 	Signature []byte         `json:"signature"` // TPMT_SIGNATURE
 	PCRs      map[int][]byte `json:"pcrs"`      // SHA-256 bank
 	EventLog  []byte         `json:"event_log"`
+	IMALog    []byte         `json:"ima_log,omitempty"` // binary_runtime_measurements, when IMA runs
 }
 
 // Refresh is a request for fresh evidence: the answer to asking for one
@@ -61,8 +62,13 @@ type Refresh struct {
 type PolicyRequest struct {
 	// Learn takes the last accepted evidence as the reference.
 	Learn bool `json:"learn,omitempty"`
-	// PCRs are the PCRs a learned policy covers; default: every PCR quoted.
+	// PCRs are the PCRs a learned policy covers; default: every PCR quoted
+	// but 10 (IMA's, which changes as the system runs) for values, and
+	// every PCR measured for digests.
 	PCRs []int `json:"pcrs,omitempty"`
+	// Digests learns the digests each PCR's events carry (and IMA's file
+	// digests for PCR 10) instead of the PCRs' values.
+	Digests bool `json:"digests,omitempty"`
 	// Policy names a policy to apply instead (the caller's project's, else
 	// the operator's shared one of that name).
 	Policy string `json:"policy,omitempty"`
@@ -75,7 +81,10 @@ type Policy struct {
 	Name string `json:"name"`
 	// Project owns it; "" is the operator's, which every project may apply.
 	Project string         `json:"project,omitempty"`
-	PCRs    map[int]string `json:"pcrs"`
+	PCRs    map[int]string `json:"pcrs,omitempty"`
+	// Digests lists, per PCR, the digests (hex SHA-256) its events may
+	// carry: firmware events', or for PCR 10 IMA's file digests.
+	Digests map[int][]string `json:"digests,omitempty"`
 	// LearnedFrom is the instance (or "host:NAME") it was learned from.
 	LearnedFrom string `json:"learned_from,omitempty"`
 	// HasEventLog: the reference boot's event log is kept, so a mismatch
@@ -89,9 +98,10 @@ type Policy struct {
 type CreatePolicyRequest struct {
 	Name string `json:"name"`
 	// Project defaults to the caller's; the operator's default is "" (shared).
-	Project   string         `json:"project,omitempty"`
-	PCRs      map[int]string `json:"pcrs,omitempty"`
-	LearnFrom *LearnFrom     `json:"learn_from,omitempty"`
+	Project   string           `json:"project,omitempty"`
+	PCRs      map[int]string   `json:"pcrs,omitempty"`
+	Digests   map[int][]string `json:"digests,omitempty"`
+	LearnFrom *LearnFrom       `json:"learn_from,omitempty"`
 }
 
 // LearnFrom names the attestation a policy is learned from: an instance or
@@ -100,6 +110,7 @@ type LearnFrom struct {
 	InstanceID string `json:"instance_id,omitempty"`
 	Host       string `json:"host,omitempty"`
 	PCRs       []int  `json:"pcrs,omitempty"`
+	Digests    bool   `json:"digests,omitempty"` // learn digests, not values
 }
 
 // PolicyList is a list of policies.
@@ -126,6 +137,8 @@ type Attestation struct {
 	// Policy names the policy applied, if one was ("" when learned).
 	Policy string         `json:"policy,omitempty"`
 	PCRs   map[int][]byte `json:"pcrs,omitempty"`
+	// IMAEntries is how many IMA entries the last quote vouched for.
+	IMAEntries int `json:"ima_entries,omitempty"`
 
 	// For an instance: the verdict on the host it runs on, and the record
 	// of how its vTPM was provisioned.

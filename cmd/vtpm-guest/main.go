@@ -3,7 +3,7 @@
 // a quote of PCRs 0–9 with the firmware's event log on an interval, and
 // at once whenever vtpmd asks for fresh evidence (a long poll).
 //
-//	vtpm-guest --server http://10.0.2.2:8780 [--instance UUID] [--tpm /dev/tpmrm0] [--interval 30s] [--once]
+//	vtpm-guest --server http://10.0.2.2:8780 [--instance UUID] [--tpm /dev/tpmrm0] [--interval 30s] [--ima-log PATH] [--once]
 //
 // The instance id defaults to the machine's SMBIOS UUID, which is the
 // instance id under libvirt and Nova.
@@ -28,16 +28,17 @@ func main() {
 	instance := flag.String("instance", "", "instance id (default: the SMBIOS UUID, /sys/class/dmi/id/product_uuid)")
 	tpmPath := flag.String("tpm", "/dev/tpmrm0", "TPM device, or unix:PATH for a swtpm data socket")
 	eventLog := flag.String("event-log", attestor.DefaultEventLog, "firmware event log")
+	imaLog := flag.String("ima-log", attestor.DefaultIMALog, "IMA's binary measurement list, sent when present (\"\": never)")
 	interval := flag.Duration("interval", 30*time.Second, "time between attestations")
 	once := flag.Bool("once", false, "register, attest once and exit")
 	flag.Parse()
-	if err := run(*server, *instance, *tpmPath, *eventLog, *interval, *once); err != nil {
+	if err := run(*server, *instance, *tpmPath, *eventLog, *imaLog, *interval, *once); err != nil {
 		fmt.Fprintln(os.Stderr, "vtpm-guest:", err)
 		os.Exit(1)
 	}
 }
 
-func run(server, instance, tpmPath, eventLog string, interval time.Duration, once bool) error {
+func run(server, instance, tpmPath, eventLog, imaLog string, interval time.Duration, once bool) error {
 	if instance == "" {
 		b, err := os.ReadFile("/sys/class/dmi/id/product_uuid")
 		if err != nil {
@@ -52,7 +53,7 @@ func run(server, instance, tpmPath, eventLog string, interval time.Duration, onc
 	defer tpm.Close()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	agent := &attestor.Agent{TPM: tpm, API: client.New(server, ""), Subject: client.Instance(instance), EventLog: eventLog}
+	agent := &attestor.Agent{TPM: tpm, API: client.New(server, ""), Subject: client.Instance(instance), EventLog: eventLog, IMALog: imaLog}
 	if err := agent.Register(ctx); err != nil {
 		return err
 	}

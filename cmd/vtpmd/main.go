@@ -55,6 +55,7 @@ func main() {
 	fs.StringVar(&cfg.HostTPM, "host-tpm", "", "this host's own TPM to attest (/dev/tpmrm0, or unix:PATH of a simulator); empty: the host does not attest")
 	fs.StringVar(&cfg.HostEventLog, "host-event-log", "", "the host firmware's event log (default the kernel's)")
 	fs.DurationVar(&cfg.HostAttestInterval, "host-attest-interval", 0, "time between host attestations (default 30s)")
+	fs.StringVar(&cfg.HostIMALog, "host-ima-log", "", "the host's IMA measurement list to attest with (e.g. /sys/kernel/security/ima/binary_runtime_measurements)")
 	fs.DurationVar(&cfg.StaleAfter, "stale-after", 0, "time without evidence after which an attestation verdict turns stale (default 3m)")
 	fs.StringVar(&cfg.HostEKCA, "host-ek-ca", "", "PEM file of the CAs whose EK certificates hosts' TPMs may register with")
 	fs.IntVar(&cfg.PoolSize, "pool-size", 4, "manufactured TPM 2.0s kept ready for new instances (swtpm backend; 0: none)")

@@ -60,7 +60,7 @@ func BenchmarkVerify(b *testing.B) {
 	for i := range 8 {
 		quoted[i] = pcrs[i]
 	}
-	policy := Learn(quoted, log, []int{0, 1, 2, 3, 4, 5, 6, 7})
+	policy := Learn(Boot{PCRs: quoted}, log, []int{0, 1, 2, 3, 4, 5, 6, 7})
 	nonce := make([]byte, 32)
 	for name, key := range map[string]crypto.Signer{"rsa2048": rsaKey, "p256": ecKey} {
 		attest, sig := softQuote(b, key, nonce, quoted)
@@ -125,7 +125,7 @@ func TestVerifyBundle(t *testing.T) {
 	if v, _ := Verify(ak, ev, nonce, State{}, nil); v.Trusted || v.Quote == nil || v.Reasons[0] != "no policy yet" {
 		t.Fatalf("without a policy: %+v", v)
 	}
-	p := Learn(pcrs, log, []int{0, 2, 7})
+	p := Learn(Boot{PCRs: pcrs}, log, []int{0, 2, 7})
 	if v, _ := Verify(ak, ev, nonce, State{}, &p); !v.Trusted {
 		t.Fatalf("learned boot: %v", v.Reasons)
 	}

@@ -90,8 +90,8 @@ func FuzzParseEventLog(f *testing.F) {
 func TestPolicy(t *testing.T) {
 	log, events := fixture(t)
 	pcrs := fixtureValues(t)
-	p := Learn(pcrs, log, []int{0, 1, 2, 3, 4, 5, 6, 7})
-	if m := Evaluate(p, pcrs, events); len(m) != 0 {
+	p := Learn(Boot{PCRs: pcrs}, log, []int{0, 1, 2, 3, 4, 5, 6, 7})
+	if m := Evaluate(p, Boot{PCRs: pcrs, Events: events}); len(m) != 0 {
 		t.Fatalf("the learned boot itself: %v", m)
 	}
 
@@ -109,13 +109,13 @@ func TestPolicy(t *testing.T) {
 	if changed < 0 {
 		t.Fatal("the fixture measures no boot application into PCR 4")
 	}
-	m := Evaluate(p, Replay(other), other)
+	m := Evaluate(p, Boot{PCRs: Replay(other), Events: other})
 	if len(m) != 1 || m[0].PCR != 4 || !strings.Contains(m[0].String(), "EV_EFI_BOOT_SERVICES_APPLICATION") {
 		t.Fatalf("mismatches: %v", m)
 	}
 	// A PCR left out of the quote is a mismatch too.
 	delete(pcrs, 7)
-	if m := Evaluate(p, pcrs, nil); len(m) != 1 || m[0].PCR != 7 || !strings.Contains(m[0].String(), "missing") {
+	if m := Evaluate(p, Boot{PCRs: pcrs}); len(m) != 1 || m[0].PCR != 7 || !strings.Contains(m[0].String(), "missing") {
 		t.Fatalf("missing PCR 7: %v", m)
 	}
 }

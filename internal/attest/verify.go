@@ -11,6 +11,7 @@ type Evidence struct {
 	Signature []byte         // TPMT_SIGNATURE
 	PCRs      map[int][]byte // the SHA-256 PCR values quoted
 	EventLog  []byte         // the firmware's crypto-agile event log
+	IMALog    []byte         // the kernel's binary IMA log; optional
 }
 
 // Verdict is the verifier's judgement of one piece of evidence.
@@ -33,12 +34,13 @@ type State struct {
 	EventLog []byte
 	Events   []Event
 	Replayed map[int][]byte
+	IMA      []IMAEntry // the entries the quote covers
 }
 
 // Verify runs every check on ev, in order, for the registered ak: the
 // quote's signature, nonce and PCR digest; the counters against the last
 // accepted quote; the event log replaying to the quoted PCRs it covers;
-// then the policy (nil: no policy, nothing to judge yet). Evidence that
+// the IMA log, if any, replaying to the quoted PCR 10; then the policy (nil: no policy, nothing to judge yet). Evidence that
 // breaks the protocol stops at the first failure. It returns the verdict
 // and, when the protocol held, the state to keep for the next evidence.
 func Verify(ak *AK, ev Evidence, nonce []byte, prev State, p *Policy) (Verdict, State) {
@@ -65,10 +67,25 @@ func Verify(ak *AK, ev Evidence, nonce []byte, prev State, p *Policy) (Verdict, 
 			return Verdict{Reasons: []string{fmt.Sprintf("the event log does not replay to the quoted PCR %d", i)}, Quote: q}, prev
 		}
 	}
+	if len(ev.IMALog) > 0 {
+		quoted, ok := q.PCRs[IMAPCR]
+		if !ok {
+			return Verdict{Reasons: []string{fmt.Sprintf("an IMA log came without a quote of PCR %d", IMAPCR)}, Quote: q}, prev
+		}
+		entries, err := ParseIMALog(ev.IMALog)
+		if err != nil {
+			return Verdict{Reasons: []string{err.Error()}, Quote: q}, prev
+		}
+		n, err := ReplayIMA(entries, quoted)
+		if err != nil {
+			return Verdict{Reasons: []string{err.Error()}, Quote: q}, prev
+		}
+		next.IMA = entries[:n]
+	}
 	if p == nil {
 		return Verdict{Genuine: true, Reasons: []string{"no policy yet"}, Quote: q}, next
 	}
-	v := Judge(*p, q.PCRs, next.Events)
+	v := Judge(*p, Boot{PCRs: q.PCRs, Events: next.Events, IMA: next.IMA})
 	v.Quote = q
 	return v, next
 }

@@ -7,12 +7,15 @@
 package attestor
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
 	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -28,6 +31,9 @@ import (
 
 // DefaultEventLog is where Linux exposes the firmware's event log.
 const DefaultEventLog = "/sys/kernel/security/tpm0/binary_bios_measurements"
+
+// DefaultIMALog is where Linux exposes IMA's measurement list.
+const DefaultIMALog = "/sys/kernel/security/ima/binary_runtime_measurements"
 
 // TCG handles: the EK's persistent handle, and the NV index of the RSA
 // EK certificate.
@@ -58,9 +64,12 @@ type Agent struct {
 	Subject client.Subject
 	// EventLog is the firmware event log's path; default DefaultEventLog.
 	EventLog string
-	// PCRs are the SHA-256 PCRs quoted; default 0–9: the firmware's (0–7)
-	// and the Linux EFI stub's measurements of the initrd and command
-	// line (9).
+	// IMALog is the kernel's binary IMA log (DefaultIMALog), sent when
+	// present; "" sends none.
+	IMALog string
+	// PCRs are the SHA-256 PCRs quoted; default 0–10: the firmware's
+	// (0–7), the Linux EFI stub's measurements of the initrd and command
+	// line (9), and IMA's (10).
 	PCRs []uint
 	// EKCertificate sends the EK certificate from the TPM's NV: a host's
 	// TPM, which vtpmd did not make, is known only by its certificate.
@@ -240,35 +249,79 @@ func (a *Agent) Wait(ctx context.Context, interval time.Duration) {
 	}
 }
 
-// Evidence quotes the PCRs with nonce and gathers what goes with it.
+// Evidence quotes the PCRs with nonce and gathers what goes with it: the
+// PCR values, the firmware's event log, and the IMA log (read after the
+// quote, so that it holds at least what the quote covers).
 func (a *Agent) Evidence(nonce []byte) (api.EvidenceRequest, error) {
 	pcrs := a.PCRs
 	if pcrs == nil {
-		pcrs = []uint{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}
+		pcrs = []uint{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, attest.IMAPCR}
 	}
-	sel := func(pcrs ...uint) tpm2.TPMLPCRSelection {
-		return tpm2.TPMLPCRSelection{PCRSelections: []tpm2.TPMSPCRSelection{{Hash: tpm2.TPMAlgSHA256, PCRSelect: tpm2.PCClientCompatible.PCRs(pcrs...)}}}
-	}
-	q, err := tpm2.Quote{SignHandle: *a.ak, QualifyingData: tpm2.TPM2BData{Buffer: nonce},
-		InScheme: tpm2.TPMTSigScheme{Scheme: tpm2.TPMAlgNull}, PCRSelect: sel(pcrs...)}.Execute(a.TPM)
-	if err != nil {
-		return api.EvidenceRequest{}, fmt.Errorf("quoting: %w", err)
-	}
-	ev := api.EvidenceRequest{Nonce: nonce, Attest: q.Quoted.Bytes(), Signature: tpm2.Marshal(q.Signature), PCRs: map[int][]byte{}}
-	// PCRRead returns at most 8 values per call; one per PCR keeps it plain.
-	for _, i := range pcrs {
-		r, err := tpm2.PCRRead{PCRSelectionIn: sel(i)}.Execute(a.TPM)
-		if err != nil || len(r.PCRValues.Digests) != 1 {
-			return api.EvidenceRequest{}, fmt.Errorf("reading PCR %d: %v", i, err)
+	ev := api.EvidenceRequest{Nonce: nonce}
+	// IMA may extend PCR 10 between reading the PCRs and quoting them:
+	// then the values do not match the quote, and the agent tries again.
+	for try := 0; ; try++ {
+		values, err := a.readPCRs(pcrs)
+		if err != nil {
+			return ev, err
 		}
-		ev.PCRs[int(i)] = r.PCRValues.Digests[0].Buffer
+		q, err := tpm2.Quote{SignHandle: *a.ak, QualifyingData: tpm2.TPM2BData{Buffer: nonce},
+			InScheme: tpm2.TPMTSigScheme{Scheme: tpm2.TPMAlgNull}, PCRSelect: pcrSelection(pcrs...)}.Execute(a.TPM)
+		if err != nil {
+			return ev, fmt.Errorf("quoting: %w", err)
+		}
+		if quotes(q.Quoted, pcrs, values) || try == 2 {
+			ev.Attest, ev.Signature, ev.PCRs = q.Quoted.Bytes(), tpm2.Marshal(q.Signature), values
+			break
+		}
 	}
 	path := a.EventLog
 	if path == "" {
 		path = DefaultEventLog
 	}
+	var err error
 	if ev.EventLog, err = os.ReadFile(path); err != nil {
-		return api.EvidenceRequest{}, fmt.Errorf("reading the event log: %w", err)
+		return ev, fmt.Errorf("reading the event log: %w", err)
+	}
+	if a.IMALog != "" {
+		if ev.IMALog, err = os.ReadFile(a.IMALog); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return ev, fmt.Errorf("reading the IMA log: %w", err)
+		}
 	}
 	return ev, nil
+}
+
+func pcrSelection(pcrs ...uint) tpm2.TPMLPCRSelection {
+	return tpm2.TPMLPCRSelection{PCRSelections: []tpm2.TPMSPCRSelection{{Hash: tpm2.TPMAlgSHA256, PCRSelect: tpm2.PCClientCompatible.PCRs(pcrs...)}}}
+}
+
+// readPCRs reads the SHA-256 values of pcrs. PCR_Read returns at most 8
+// values per call; one PCR per call keeps it plain.
+func (a *Agent) readPCRs(pcrs []uint) (map[int][]byte, error) {
+	out := map[int][]byte{}
+	for _, i := range pcrs {
+		r, err := tpm2.PCRRead{PCRSelectionIn: pcrSelection(i)}.Execute(a.TPM)
+		if err != nil || len(r.PCRValues.Digests) != 1 {
+			return nil, fmt.Errorf("reading PCR %d: %v", i, err)
+		}
+		out[int(i)] = r.PCRValues.Digests[0].Buffer
+	}
+	return out, nil
+}
+
+// quotes reports whether quoted covers exactly values (in PCR order).
+func quotes(quoted tpm2.TPM2BAttest, pcrs []uint, values map[int][]byte) bool {
+	at, err := quoted.Contents()
+	if err != nil {
+		return false
+	}
+	info, err := at.Attested.Quote()
+	if err != nil {
+		return false
+	}
+	h := sha256.New()
+	for _, i := range slices.Sorted(slices.Values(pcrs)) {
+		h.Write(values[int(i)])
+	}
+	return bytes.Equal(h.Sum(nil), info.PCRDigest.Buffer)
 }

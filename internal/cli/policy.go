@@ -72,19 +72,21 @@ func subjectFlag(cmd *cobra.Command) func(string) client.Subject {
 
 func policyLearnCommand(g *globals) *cobra.Command {
 	var pcrs string
+	var digests bool
 	cmd := &cobra.Command{
 		Use:   "learn INSTANCE | --host HOST",
 		Short: "Take the last accepted evidence of an instance (or a host) as its reference boot, and judge it",
 		Args:  exactlyOne,
 	}
 	subject := subjectFlag(cmd)
-	cmd.Flags().StringVar(&pcrs, "pcrs", "", "PCRs the policy covers, e.g. 0,1,2,3,4,5,6,7 (default: every PCR quoted)")
+	cmd.Flags().StringVar(&pcrs, "pcrs", "", "PCRs the policy covers, e.g. 0,1,2,3,4,5,6,7 (default: every PCR quoted, but 10 for values)")
+	cmd.Flags().BoolVar(&digests, "digests", false, "learn the digests the PCRs' events carry (IMA's file digests for PCR 10), not the PCRs' values")
 	cmd.RunE = func(cmd *cobra.Command, args []string) error {
 		which, err := pcrList(pcrs)
 		if err != nil {
 			return err
 		}
-		a, err := g.client().SetPolicy(cmd.Context(), subject(args[0]), api.PolicyRequest{Learn: true, PCRs: which})
+		a, err := g.client().SetPolicy(cmd.Context(), subject(args[0]), api.PolicyRequest{Learn: true, PCRs: which, Digests: digests})
 		if err != nil {
 			return apiFailure(err)
 		}
@@ -116,31 +118,41 @@ func policyApplyCommand(g *globals) *cobra.Command {
 }
 
 func policyCreateCommand(g *globals) *cobra.Command {
-	var values []string
+	var values, allowed []string
 	var from, fromHost, pcrs, project string
+	var digests bool
 	cmd := &cobra.Command{
-		Use:   "create NAME (--pcr N=SHA256HEX ... | --from INSTANCE | --from-host HOST)",
+		Use:   "create NAME (--pcr N=SHA256HEX ... | --allow N=SHA256HEX ... | --from INSTANCE | --from-host HOST)",
 		Short: "Create a named policy from reference values, or learn it from an instance's (or host's) last accepted evidence",
 		Args:  exactlyOne,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			req := api.CreatePolicyRequest{Name: args[0], Project: project}
 			for _, v := range values {
-				n, digest, ok := strings.Cut(v, "=")
-				i, err := strconv.Atoi(n)
-				if !ok || err != nil {
-					return usageErrorf("--pcr %q: want N=SHA256HEX", v)
+				i, digest, err := pcrDigest("--pcr", v)
+				if err != nil {
+					return err
 				}
 				if req.PCRs == nil {
 					req.PCRs = map[int]string{}
 				}
 				req.PCRs[i] = digest
 			}
+			for _, v := range allowed {
+				i, digest, err := pcrDigest("--allow", v)
+				if err != nil {
+					return err
+				}
+				if req.Digests == nil {
+					req.Digests = map[int][]string{}
+				}
+				req.Digests[i] = append(req.Digests[i], digest)
+			}
 			if from != "" || fromHost != "" {
 				which, err := pcrList(pcrs)
 				if err != nil {
 					return err
 				}
-				req.LearnFrom = &api.LearnFrom{InstanceID: from, Host: fromHost, PCRs: which}
+				req.LearnFrom = &api.LearnFrom{InstanceID: from, Host: fromHost, PCRs: which, Digests: digests}
 			}
 			p, err := g.client().CreatePolicy(cmd.Context(), req)
 			if err != nil {
@@ -150,12 +162,24 @@ func policyCreateCommand(g *globals) *cobra.Command {
 		},
 	}
 	f := cmd.Flags()
-	f.StringArrayVar(&values, "pcr", nil, "a reference value, N=SHA256HEX (repeatable)")
+	f.StringArrayVar(&values, "pcr", nil, "a reference value, N=SHA256HEX: PCR N must hold it (repeatable)")
+	f.StringArrayVar(&allowed, "allow", nil, "an allowed digest, N=SHA256HEX: PCR N's events may carry it (repeatable; for 10, IMA file digests)")
+	f.BoolVar(&digests, "digests", false, "with --from or --from-host: learn the digests the events carry, not the PCRs' values")
 	f.StringVar(&from, "from", "", "learn from this instance's last accepted evidence")
 	f.StringVar(&fromHost, "from-host", "", "learn from this host's last accepted evidence (operator)")
 	f.StringVar(&pcrs, "pcrs", "", "with --from or --from-host: the PCRs to take, e.g. 0,4,7 (default: every PCR quoted)")
 	f.StringVar(&project, "project", "", "the owning project (default: the caller's; the operator's is shared)")
 	return cmd
+}
+
+// pcrDigest parses N=SHA256HEX; the server checks the digest.
+func pcrDigest(flag, v string) (int, string, error) {
+	n, digest, ok := strings.Cut(v, "=")
+	i, err := strconv.Atoi(n)
+	if !ok || err != nil {
+		return 0, "", usageErrorf("%s %q: want N=SHA256HEX", flag, v)
+	}
+	return i, digest, nil
 }
 
 // pcrList parses "0,4,7"; nil for "".
@@ -196,12 +220,19 @@ func printPolicy(w io.Writer, format string, p api.Policy) error {
 	for _, i := range slices.Sorted(maps.Keys(p.PCRs)) {
 		fields = append(fields, [2]string{"PCR " + strconv.Itoa(i), p.PCRs[i]})
 	}
+	for _, i := range slices.Sorted(maps.Keys(p.Digests)) {
+		for _, d := range p.Digests[i] {
+			fields = append(fields, [2]string{"PCR " + strconv.Itoa(i) + " ALLOWS", d})
+		}
+	}
 	return writeFields(w, fields)
 }
 
 func pcrIndexes(p api.Policy) string {
+	idx := slices.AppendSeq(slices.Collect(maps.Keys(p.PCRs)), maps.Keys(p.Digests))
+	slices.Sort(idx)
 	var out []string
-	for _, i := range slices.Sorted(maps.Keys(p.PCRs)) {
+	for _, i := range slices.Compact(idx) {
 		out = append(out, strconv.Itoa(i))
 	}
 	return strings.Join(out, ",")

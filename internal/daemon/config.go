@@ -52,6 +52,9 @@ type Config struct {
 	HostEventLog string
 	// HostAttestInterval is the time between host attestations. Default 30s.
 	HostAttestInterval time.Duration
+	// HostIMALog is the host's IMA measurement list, sent with its
+	// evidence when set (attestor.DefaultIMALog on a host running IMA).
+	HostIMALog string
 	// StaleAfter is how long an attesting instance or host may go without
 	// evidence before its verdict turns stale. Default 3m.
 	StaleAfter time.Duration

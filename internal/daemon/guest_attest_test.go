@@ -110,9 +110,21 @@ func TestGuestAttestation(t *testing.T) {
 	// The same boot again: trusted.
 	t.Log("step 3: stopping the guest and booting it the same way again")
 	restart(nil)
-	if a := boot("trusted"); a.Overall != "trusted" || a.Summary != "VM trusted on trusted host lv-host" {
+	a := boot("trusted")
+	if a.Overall != "trusted" || a.Summary != "VM trusted on trusted host lv-host" {
 		t.Fatalf("overall: %s (%s)", a.Overall, a.Summary)
 	}
+	// The guest kernel's IMA log (its boot_aggregate) replayed to PCR 10.
+	if a.IMAEntries < 1 {
+		t.Fatalf("no IMA entries judged: %+v", a)
+	}
+	t.Logf("        IMA: %d entries replay to the quoted PCR 10", a.IMAEntries)
+	p, err := u.c.CreatePolicy(ctx, api.CreatePolicyRequest{Name: "ima-allowlist", Project: "p1",
+		LearnFrom: &api.LearnFrom{InstanceID: id, PCRs: []int{10}, Digests: true}})
+	if err != nil || len(p.Digests[10]) != a.IMAEntries {
+		t.Fatalf("learning IMA's file digests: %+v %v", p, err)
+	}
+	t.Logf("        named policy %s: the %d file digests IMA measured", p.Name, len(p.Digests[10]))
 
 	// The host reboots into another kernel: the VM runs on an untrusted host.
 	t.Log("step 4: the host reboots into another kernel; its agent attests again")
@@ -124,7 +136,7 @@ func TestGuestAttestation(t *testing.T) {
 	if h, err := u.d.AttestHost(ctx); err != nil || h.Verdict != "untrusted" {
 		t.Fatalf("host after the reboot: %+v %v", h, err)
 	}
-	a, err := u.c.Attestation(ctx, client.Instance(id))
+	a, err = u.c.Attestation(ctx, client.Instance(id))
 	if err != nil || a.Overall != "untrusted" || !strings.Contains(a.Summary, "host lv-host is untrusted: PCR 4") {
 		t.Fatalf("VM on an untrusted host: %+v %v", a, err)
 	}
@@ -137,4 +149,10 @@ func TestGuestAttestation(t *testing.T) {
 	if len(a.Reasons) == 0 || !strings.Contains(a.Reasons[0], "PCR 9") {
 		t.Fatalf("untrusted for %v; want PCR 9 named", a.Reasons)
 	}
+	// IMA's boot_aggregate covers PCRs 0–9: the allowlist sees it too.
+	a, err = u.c.SetPolicy(ctx, client.Instance(id), api.PolicyRequest{Policy: "ima-allowlist"})
+	if err != nil || a.Verdict != "untrusted" || !strings.HasPrefix(strings.Join(a.Reasons, ";"), "PCR 10: boot_aggregate (sha256:") {
+		t.Fatalf("judged by the IMA allowlist: %+v %v", a, err)
+	}
+	t.Logf("        by policy ima-allowlist: %s %s", a.Verdict, strings.Join(a.Reasons, "; "))
 }

@@ -33,7 +33,7 @@ type hostAttester struct {
 func newHostAttester(cfg Config, apiAddr string, log *slog.Logger) *hostAttester {
 	return &hostAttester{path: cfg.HostTPM, interval: cfg.HostAttestInterval, log: log,
 		agent: attestor.Agent{API: client.New("http://"+apiAddr, ""), Subject: client.Host(cfg.HostName),
-			EventLog: cfg.HostEventLog, EKCertificate: true}}
+			EventLog: cfg.HostEventLog, IMALog: cfg.HostIMALog, EKCertificate: true}}
 }
 
 // attest opens and registers the host's TPM if need be, then pushes one

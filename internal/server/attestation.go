@@ -122,7 +122,7 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) error {
 			return apiErr(http.StatusForbidden, CodeEKMismatch, "Host "+sub.host+" registered with another TPM; registration refused.")
 		}
 		*a = store.Attestation{InstanceID: sub.key, EKKind: req.EKKind, EKPublic: a.EKPublic, AKPublic: req.AKPublic, ChallengeHash: hash[:],
-			Verdict: "pending", PolicyPCRs: a.PolicyPCRs, PolicyEventLog: a.PolicyEventLog, PolicyName: a.PolicyName}
+			Verdict: "pending", PolicyPCRs: a.PolicyPCRs, PolicyDigests: a.PolicyDigests, PolicyEventLog: a.PolicyEventLog, PolicyName: a.PolicyName}
 		if sub.host != "" {
 			a.EKPublic = ekDER
 		}
@@ -253,13 +253,14 @@ func (s *Server) evidence(w http.ResponseWriter, r *http.Request) error {
 		if a.PCRs != nil {
 			prev.Quote = &attest.Quote{Clock: a.Clock, ResetCount: a.ResetCount, RestartCount: a.RestartCount}
 		}
-		verdict, next := attest.Verify(ak, attest.Evidence{Attest: req.Attest, Signature: req.Signature, PCRs: req.PCRs, EventLog: req.EventLog},
+		verdict, next := attest.Verify(ak, attest.Evidence{Attest: req.Attest, Signature: req.Signature, PCRs: req.PCRs, EventLog: req.EventLog, IMALog: req.IMALog},
 			req.Nonce, prev, storedPolicy(a))
 		record(a, verdict)
 		if verdict.Genuine {
 			a.EvidenceAt = time.Now().UTC()
 			q := next.Quote
 			a.Clock, a.ResetCount, a.RestartCount, a.PCRs, a.EventLog = q.Clock, q.ResetCount, q.RestartCount, q.PCRs, next.EventLog
+			a.IMALog, a.IMAEntries = req.IMALog, len(next.IMA)
 		}
 		return nil
 	})
@@ -271,7 +272,7 @@ func record(a *store.Attestation, v attest.Verdict) {
 	switch {
 	case v.Trusted:
 		a.Verdict = "trusted"
-	case v.Genuine && len(a.PolicyPCRs) == 0:
+	case v.Genuine && storedPolicy(a) == nil:
 		a.Verdict = "pending"
 	default:
 		a.Verdict = "untrusted"
@@ -280,10 +281,26 @@ func record(a *store.Attestation, v attest.Verdict) {
 
 // storedPolicy is the policy kept with a; nil when there is none.
 func storedPolicy(a *store.Attestation) *attest.Policy {
-	if len(a.PolicyPCRs) == 0 {
+	if len(a.PolicyPCRs) == 0 && len(a.PolicyDigests) == 0 {
 		return nil
 	}
-	return &attest.Policy{PCRs: a.PolicyPCRs, EventLog: a.PolicyEventLog}
+	return &attest.Policy{PCRs: a.PolicyPCRs, Digests: a.PolicyDigests, EventLog: a.PolicyEventLog}
+}
+
+// lastBoot is what a's last accepted evidence showed.
+func lastBoot(a *store.Attestation) (attest.Boot, error) {
+	b := attest.Boot{PCRs: a.PCRs}
+	var err error
+	if b.Events, err = attest.ParseEventLog(a.EventLog); err != nil {
+		return b, err
+	}
+	if a.IMAEntries > 0 {
+		if b.IMA, err = attest.ParseIMALog(a.IMALog); err != nil {
+			return b, err
+		}
+		b.IMA = b.IMA[:min(a.IMAEntries, len(b.IMA))]
+	}
+	return b, nil
 }
 
 // setPolicy gives the subject a policy, learned from its last accepted
@@ -316,23 +333,23 @@ func (s *Server) setPolicy(w http.ResponseWriter, r *http.Request) error {
 	err = s.updateAttestation(r.Context(), sub, action, func(a *store.Attestation) error {
 		var p attest.Policy
 		if named != nil {
-			p, a.PolicyName = attest.Policy{PCRs: named.PCRs, EventLog: named.EventLog}, named.Name
+			p, a.PolicyName = attest.Policy{PCRs: named.PCRs, Digests: named.Digests, EventLog: named.EventLog}, named.Name
 		} else {
-			learned, err := learn(a, req.PCRs)
+			learned, err := learn(a, req.PCRs, req.Digests)
 			if err != nil {
 				return err
 			}
 			p, a.PolicyName = learned, ""
 		}
-		a.PolicyPCRs, a.PolicyEventLog = p.PCRs, p.EventLog
+		a.PolicyPCRs, a.PolicyDigests, a.PolicyEventLog = p.PCRs, p.Digests, p.EventLog
 		if a.PCRs == nil {
 			return nil // judged when evidence comes
 		}
-		events, err := attest.ParseEventLog(a.EventLog)
+		b, err := lastBoot(a)
 		if err != nil {
 			return err
 		}
-		record(a, attest.Judge(p, a.PCRs, events))
+		record(a, attest.Judge(p, b))
 		return nil
 	}, &view)
 	if err != nil {
@@ -635,7 +652,7 @@ func attestationView(a *store.Attestation, now time.Time) api.Attestation {
 		a = &c
 	}
 	out := api.Attestation{InstanceID: a.InstanceID, State: "unregistered", RegisteredAt: a.RegisteredAt, Verdict: a.Verdict,
-		Reasons: a.Reasons, VerifiedAt: a.VerifiedAt, PCRs: a.PCRs, Policy: a.PolicyName}
+		Reasons: a.Reasons, VerifiedAt: a.VerifiedAt, PCRs: a.PCRs, Policy: a.PolicyName, IMAEntries: a.IMAEntries}
 	switch {
 	case a.ChallengeHash != nil:
 		out.State = "challenged"
@@ -645,7 +662,11 @@ func attestationView(a *store.Attestation, now time.Time) api.Attestation {
 	for i := range a.PolicyPCRs {
 		out.PolicyPCRs = append(out.PolicyPCRs, i)
 	}
+	for i := range a.PolicyDigests {
+		out.PolicyPCRs = append(out.PolicyPCRs, i)
+	}
 	slices.Sort(out.PolicyPCRs)
+	out.PolicyPCRs = slices.Compact(out.PolicyPCRs)
 	return out
 }
 

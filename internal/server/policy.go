@@ -41,16 +41,16 @@ func (s *Server) createPolicy(w http.ResponseWriter, r *http.Request) error {
 	}
 	p := &store.Policy{Project: req.Project, Name: req.Name}
 	switch {
-	case (len(req.PCRs) > 0) == (req.LearnFrom != nil):
-		return apiErr(http.StatusBadRequest, CodeInvalidParameter, "Give either reference values (\"pcrs\") or where to learn them (\"learn_from\").")
+	case (len(req.PCRs) > 0 || len(req.Digests) > 0) == (req.LearnFrom != nil):
+		return apiErr(http.StatusBadRequest, CodeInvalidParameter, "Give either reference values (\"pcrs\", \"digests\") or where to learn them (\"learn_from\").")
 	case req.LearnFrom != nil:
 		learned, from, err := s.learnFrom(r.Context(), scope, req.LearnFrom)
 		if err != nil {
 			return err
 		}
-		p.PCRs, p.EventLog, p.LearnedFrom = learned.PCRs, learned.EventLog, from
+		p.PCRs, p.Digests, p.EventLog, p.LearnedFrom = learned.PCRs, learned.Digests, learned.EventLog, from
 	default:
-		if p.PCRs, err = referenceValues(req.PCRs); err != nil {
+		if p.PCRs, p.Digests, err = referenceValues(req.PCRs, req.Digests); err != nil {
 			return err
 		}
 	}
@@ -65,21 +65,40 @@ func (s *Server) createPolicy(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-// referenceValues checks hand-written reference values: SHA-256 digests,
-// in hex, of existing PCRs.
-func referenceValues(in map[int]string) (map[int][]byte, error) {
-	out := map[int][]byte{}
-	for i, h := range in {
+// referenceValues checks hand-written reference values and allowed
+// digests: SHA-256 digests, in hex, for existing PCRs.
+func referenceValues(values map[int]string, digests map[int][]string) (map[int][]byte, map[int][][]byte, error) {
+	sha256Hex := func(i int, h string) ([]byte, error) {
 		if err := checkPCR(i); err != nil {
 			return nil, err
 		}
 		v, err := hex.DecodeString(h)
 		if err != nil || len(v) != 32 {
-			return nil, apiErr(http.StatusBadRequest, CodeInvalidParameter, fmt.Sprintf("PCR %d: the reference value must be a SHA-256 digest in hex (64 digits).", i))
+			return nil, apiErr(http.StatusBadRequest, CodeInvalidParameter, fmt.Sprintf("PCR %d: %q is not a SHA-256 digest in hex (64 digits).", i, truncate(h)))
 		}
-		out[i] = v
+		return v, nil
 	}
-	return out, nil
+	pcrs, allowed := map[int][]byte{}, map[int][][]byte{}
+	for i, h := range values {
+		v, err := sha256Hex(i, h)
+		if err != nil {
+			return nil, nil, err
+		}
+		pcrs[i] = v
+	}
+	for i, hs := range digests {
+		if len(hs) == 0 {
+			return nil, nil, apiErr(http.StatusBadRequest, CodeInvalidParameter, fmt.Sprintf("PCR %d: an empty list of digests allows nothing.", i))
+		}
+		for _, h := range hs {
+			v, err := sha256Hex(i, h)
+			if err != nil {
+				return nil, nil, err
+			}
+			allowed[i] = append(allowed[i], v)
+		}
+	}
+	return pcrs, allowed, nil
 }
 
 func checkPCR(i int) error {
@@ -122,13 +141,15 @@ func (s *Server) learnFrom(ctx context.Context, scope string, from *api.LearnFro
 	if err != nil {
 		return attest.Policy{}, "", err
 	}
-	p, err := learn(a, from.PCRs)
+	p, err := learn(a, from.PCRs, from.Digests)
 	return p, key, err
 }
 
 // learn takes a's last accepted evidence as the reference boot for the
-// given PCRs (default: every PCR it quoted).
-func learn(a *store.Attestation, which []int) (attest.Policy, error) {
+// given PCRs: their values (default: every PCR quoted but IMA's, which
+// changes as the system runs), or the digests of what extended them
+// (default: every PCR quoted).
+func learn(a *store.Attestation, which []int, digests bool) (attest.Policy, error) {
 	for _, i := range which {
 		if err := checkPCR(i); err != nil {
 			return attest.Policy{}, err
@@ -137,10 +158,17 @@ func learn(a *store.Attestation, which []int) (attest.Policy, error) {
 	if a.PCRs == nil {
 		return attest.Policy{}, apiErr(http.StatusConflict, CodeNoEvidence, "No evidence has been accepted yet to learn from.")
 	}
-	if which == nil {
-		which = slices.Sorted(maps.Keys(a.PCRs))
+	b, err := lastBoot(a)
+	if err != nil {
+		return attest.Policy{}, err
 	}
-	return attest.Learn(a.PCRs, a.EventLog, which), nil
+	if which == nil {
+		which = slices.DeleteFunc(slices.Sorted(maps.Keys(a.PCRs)), func(i int) bool { return i == attest.IMAPCR && !digests })
+	}
+	if digests {
+		return attest.LearnDigests(b, which), nil
+	}
+	return attest.Learn(b, a.EventLog, which), nil
 }
 
 func (s *Server) listPolicies(w http.ResponseWriter, r *http.Request) error {
@@ -225,10 +253,20 @@ func findPolicy(tx *store.Tx, project, name string) (*store.Policy, error) {
 }
 
 func policyView(p *store.Policy) api.Policy {
-	out := api.Policy{Name: p.Name, Project: p.Project, PCRs: map[int]string{}, LearnedFrom: p.LearnedFrom,
-		HasEventLog: len(p.EventLog) > 0, CreatedAt: p.CreatedAt}
+	out := api.Policy{Name: p.Name, Project: p.Project, LearnedFrom: p.LearnedFrom, HasEventLog: len(p.EventLog) > 0, CreatedAt: p.CreatedAt}
 	for i, v := range p.PCRs {
+		if out.PCRs == nil {
+			out.PCRs = map[int]string{}
+		}
 		out.PCRs[i] = hex.EncodeToString(v)
+	}
+	for i, ds := range p.Digests {
+		if out.Digests == nil {
+			out.Digests = map[int][]string{}
+		}
+		for _, d := range ds {
+			out.Digests[i] = append(out.Digests[i], hex.EncodeToString(d))
+		}
 	}
 	return out
 }

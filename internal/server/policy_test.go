@@ -44,6 +44,16 @@ func TestPolicies(t *testing.T) {
 		t.Fatalf("learned policy: %d %+v", code, p)
 	}
 
+	digestsReq := api.CreatePolicyRequest{Name: "boot-digests", LearnFrom: &api.LearnFrom{InstanceID: inst, Digests: true}}
+	p = api.Policy{}
+	if code := f.call(t, "POST", "/v1/policies", "", digestsReq, &p); code != 201 || p.Project != "" || len(p.Digests[0]) != 1 || len(p.Digests[4]) != 1 || p.PCRs != nil {
+		t.Fatalf("learned digests: %d %+v", code, p)
+	}
+	allow := api.CreatePolicyRequest{Name: "kernels", Digests: map[int][]string{4: {zero, p.Digests[4][0]}}}
+	p = api.Policy{}
+	if code := f.call(t, "POST", "/v1/policies", "", allow, &p); code != 201 || len(p.Digests[4]) != 2 {
+		t.Fatalf("allowed digests: %d %+v", code, p)
+	}
 	for _, c := range []struct {
 		name, project string
 		req           any
@@ -61,6 +71,8 @@ func TestPolicies(t *testing.T) {
 		{"another project's instance", "p2", api.CreatePolicyRequest{Name: "x", LearnFrom: &api.LearnFrom{InstanceID: inst}}, 404, CodeNotFound},
 		{"host without attestation", "", api.CreatePolicyRequest{Name: "x", LearnFrom: &api.LearnFrom{Host: "h1"}}, 404, CodeNotFound},
 		{"bad JSON", "", `{"name": 1}`, 400, CodeInvalidJSON},
+		{"empty digest list", "", api.CreatePolicyRequest{Name: "x", Digests: map[int][]string{4: {}}}, 400, CodeInvalidParameter},
+		{"short allowed digest", "", api.CreatePolicyRequest{Name: "x", Digests: map[int][]string{4: {"ab"}}}, 400, CodeInvalidParameter},
 	} {
 		var e api.ErrorBody
 		if got := f.call(t, "POST", "/v1/policies", c.project, c.req, &e); got != c.status || e.Error.Code != c.code {
@@ -76,7 +88,8 @@ func TestPolicies(t *testing.T) {
 		}
 		return out
 	}
-	for project, want := range map[string][]string{"": {"/golden", "p1/learned"}, "p1": {"/golden", "p1/learned"}, "p2": {"/golden"}} {
+	for project, want := range map[string][]string{"": {"/boot-digests", "/golden", "/kernels", "p1/learned"},
+		"p1": {"/boot-digests", "/golden", "/kernels", "p1/learned"}, "p2": {"/boot-digests", "/golden", "/kernels"}} {
 		if got := names(project); !slices.Equal(got, want) {
 			t.Errorf("%q lists %v, want %v", project, got, want)
 		}
@@ -94,6 +107,11 @@ func TestPolicies(t *testing.T) {
 	if code := f.call(t, "POST", base+"/policy", "p1", api.PolicyRequest{Policy: "golden"}, &a); code != 200 || a.Verdict != "untrusted" || a.Policy != "golden" || !strings.Contains(a.Reasons[0], "PCR 0") {
 		t.Fatalf("apply golden: %d %+v", code, a)
 	}
+	a = api.Attestation{}
+	if code := f.call(t, "POST", base+"/policy", "p1", api.PolicyRequest{Policy: "kernels"}, &a); code != 200 || a.Verdict != "trusted" || !slices.Equal(a.PolicyPCRs, []int{4}) {
+		t.Fatalf("apply allowed kernels: %d %+v", code, a)
+	}
+	a = api.Attestation{}
 	if code := f.call(t, "POST", base+"/policy", "p1", api.PolicyRequest{Policy: "learned"}, &a); code != 200 || a.Verdict != "trusted" || !slices.Equal(a.PolicyPCRs, []int{0, 4}) {
 		t.Fatalf("apply learned: %d %+v", code, a)
 	}
@@ -121,6 +139,7 @@ func TestPolicies(t *testing.T) {
 	if code := f.call(t, "DELETE", "/v1/policies/learned", "p1", nil, nil); code != 404 {
 		t.Fatalf("delete twice: %d", code)
 	}
+	a = api.Attestation{}
 	if f.call(t, "GET", base, "p1", nil, &a); a.Verdict != "trusted" || a.Policy != "learned" || len(a.PolicyPCRs) != 2 {
 		t.Fatalf("after the policy's deletion: %+v", a)
 	}
@@ -133,7 +152,7 @@ func TestPolicies(t *testing.T) {
 	for _, e := range h.Items {
 		actions = append(actions, e.Action)
 	}
-	if want := []string{"policy golden applied", "attestation untrusted", "policy learned applied", "attestation trusted"}; !slices.Equal(actions, want) {
+	if want := []string{"policy golden applied", "attestation untrusted", "policy kernels applied", "attestation trusted", "policy learned applied"}; !slices.Equal(actions, want) {
 		t.Fatalf("history %v, want %v", actions, want)
 	}
 	if code := f.call(t, "GET", base+"/history", "p2", nil, nil); code != 404 {

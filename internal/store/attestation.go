@@ -36,10 +36,16 @@ type Attestation struct {
 	RestartCount uint32         `json:"restart_count,omitempty"`
 	PCRs         map[int][]byte `json:"pcrs,omitempty"`
 	EventLog     []byte         `json:"event_log,omitempty"`
-	// Policy: reference PCR values, and the log they were learned from.
-	PolicyPCRs     map[int][]byte `json:"policy_pcrs,omitempty"`
-	PolicyEventLog []byte         `json:"policy_event_log,omitempty"`
-	PolicyName     string         `json:"policy_name,omitempty"` // the named policy copied, if any
+	// IMALog is the last IMA log; its first IMAEntries entries are what
+	// the quote vouched for.
+	IMALog     []byte `json:"ima_log,omitempty"`
+	IMAEntries int    `json:"ima_entries,omitempty"`
+	// Policy: reference PCR values or allowed digests per PCR, and the
+	// log they were learned from.
+	PolicyPCRs     map[int][]byte   `json:"policy_pcrs,omitempty"`
+	PolicyDigests  map[int][][]byte `json:"policy_digests,omitempty"`
+	PolicyEventLog []byte           `json:"policy_event_log,omitempty"`
+	PolicyName     string           `json:"policy_name,omitempty"` // the named policy copied, if any
 	// EvidenceAt is when the last genuine evidence arrived.
 	EvidenceAt time.Time `json:"evidence_at,omitzero"`
 	// Verdict: pending, trusted, untrusted or stale, with reasons.

@@ -13,9 +13,10 @@ import (
 // instances or hosts, which take a copy. Project "" is the operator's,
 // usable by every project.
 type Policy struct {
-	Project string         `json:"-"`
-	Name    string         `json:"-"`
-	PCRs    map[int][]byte `json:"pcrs"`
+	Project string           `json:"-"`
+	Name    string           `json:"-"`
+	PCRs    map[int][]byte   `json:"pcrs,omitempty"`
+	Digests map[int][][]byte `json:"digests,omitempty"` // allowed per PCR
 	// EventLog is the reference boot's log when the policy was learned;
 	// it lets a mismatch be traced to an event.
 	EventLog []byte `json:"event_log,omitempty"`

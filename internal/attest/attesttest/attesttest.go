@@ -3,10 +3,12 @@
 package attesttest
 
 import (
+	"bytes"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/rand"
 	"crypto/rsa"
+	"crypto/sha1"
 	"crypto/sha256"
 	"encoding/asn1"
 	"encoding/binary"
@@ -104,3 +106,35 @@ func EventLog(ms []Measurement) (log []byte, pcrs map[int][]byte) {
 }
 
 const sha1Size = 20
+
+// IMAFile is one measurement of an IMA log a test makes up.
+type IMAFile struct {
+	Path      string
+	Content   []byte
+	Violation bool // IMA could not measure it reliably
+}
+
+// IMALog is the kernel's binary IMA log (ima-ng template, SHA-256 file
+// digests) of files, and what each entry extends into the SHA-256 bank of
+// PCR 10, in order.
+func IMALog(files []IMAFile) (log []byte, extends [][]byte) {
+	le := binary.LittleEndian
+	for _, f := range files {
+		digest := sha256.Sum256(f.Content)
+		dng := append([]byte("sha256:\x00"), digest[:]...)
+		nng := append([]byte(f.Path), 0)
+		data := append(le.AppendUint32(nil, uint32(len(dng))), dng...)
+		data = append(le.AppendUint32(data, uint32(len(nng))), nng...)
+		sha1 := sha1.Sum(data)
+		extend := sha256.Sum256(data)
+		if f.Violation {
+			sha1 = [20]byte{}
+			copy(extend[:], bytes.Repeat([]byte{0xff}, sha256.Size))
+		}
+		log = append(le.AppendUint32(log, 10), sha1[:]...)
+		log = append(le.AppendUint32(log, uint32(len("ima-ng"))), "ima-ng"...)
+		log = append(le.AppendUint32(log, uint32(len(data))), data...)
+		extends = append(extends, extend[:])
+	}
+	return log, extends
+}

@@ -69,7 +69,8 @@ func run() error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	agent := &attestor.Agent{TPM: t, API: client.New(server, ""), Subject: client.Instance(strings.ToLower(strings.TrimSpace(string(uuid))))}
+	agent := &attestor.Agent{TPM: t, API: client.New(server, ""), Subject: client.Instance(strings.ToLower(strings.TrimSpace(string(uuid)))),
+		IMALog: attestor.DefaultIMALog}
 	if err := agent.Register(ctx); err != nil {
 		return err
 	}

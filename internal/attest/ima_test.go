@@ -1,0 +1,151 @@
+package attest
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"strings"
+	"testing"
+
+	"github.com/google/go-tpm/tpm2"
+
+	"github.com/vtpmd/vtpmd/internal/attest/attesttest"
+)
+
+func extendAll(extends [][]byte) []byte {
+	v := make([]byte, sha256.Size)
+	for _, e := range extends {
+		s := sha256.Sum256(append(v, e...))
+		v = s[:]
+	}
+	return v
+}
+
+func TestIMALog(t *testing.T) {
+	files := []attesttest.IMAFile{{Path: "boot_aggregate", Content: []byte("pcrs 0-9")},
+		{Path: "/usr/bin/sshd", Content: []byte("sshd")}, {Path: "/etc/passwd", Content: []byte("root"), Violation: true}}
+	log, extends := attesttest.IMALog(files)
+	entries, err := ParseIMALog(log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(entries) != 3 || entries[1].Path != "/usr/bin/sshd" || entries[1].Algorithm != "sha256" || entries[0].Template != "ima-ng" {
+		t.Fatalf("entries: %+v", entries)
+	}
+	if !entries[2].Violation || entries[1].Violation || !bytes.Equal(entries[2].Extend, bytes.Repeat([]byte{0xff}, 32)) {
+		t.Fatalf("violation: %+v", entries[2])
+	}
+	if d := sha256.Sum256([]byte("sshd")); !bytes.Equal(entries[1].FileDigest, d[:]) {
+		t.Fatal("file digest of sshd")
+	}
+	// The quote may come before the last measurements: a prefix replays.
+	for n := range 4 {
+		if got, err := ReplayIMA(entries, extendAll(extends[:n])); err != nil || got != n {
+			t.Errorf("replay to the value after %d entries: %d %v", n, got, err)
+		}
+	}
+	if _, err := ReplayIMA(entries, bytes.Repeat([]byte{1}, 32)); err == nil || !strings.Contains(err.Error(), "does not replay") {
+		t.Fatalf("replay to a foreign value: %v", err)
+	}
+
+	for name, bad := range map[string][]byte{
+		"truncated":     log[:len(log)-3],
+		"other PCR":     append([]byte{9, 0, 0, 0}, log[4:]...),
+		"legacy 'ima'":  legacy(),
+		"no d-ng field": append(append([]byte{10, 0, 0, 0}, make([]byte, 20)...), 6, 0, 0, 0, 'i', 'm', 'a', '-', 'n', 'g', 0, 0, 0, 0),
+	} {
+		if _, err := ParseIMALog(bad); err == nil {
+			t.Errorf("%s: parsed", name)
+		}
+	}
+}
+
+func legacy() []byte {
+	b := append([]byte{10, 0, 0, 0}, make([]byte, 20)...)
+	b = append(b, 3, 0, 0, 0, 'i', 'm', 'a')
+	return append(b, 0, 0, 0, 0)
+}
+
+// A digest policy allows any of several known-good measurements: here
+// two kernels, and the files IMA measured on a known-good machine.
+func TestDigestPolicy(t *testing.T) {
+	kernel := func(k string) Boot {
+		log, pcrs := attesttest.EventLog([]attesttest.Measurement{{PCR: 4, Type: 0x80000003, Data: []byte(k)}})
+		events, err := ParseEventLog(log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return Boot{PCRs: pcrs, Events: events}
+	}
+	a, b := LearnDigests(kernel("kernel A"), []int{4}), LearnDigests(kernel("kernel B"), []int{4})
+	p := Policy{Digests: map[int][][]byte{4: append(a.Digests[4], b.Digests[4]...)}}
+	for _, k := range []string{"kernel A", "kernel B"} {
+		if m := Evaluate(p, kernel(k)); len(m) != 0 {
+			t.Errorf("%s: %v", k, m)
+		}
+	}
+	m := Evaluate(p, kernel("kernel C"))
+	if len(m) != 1 || m[0].String() != "PCR 4: event #1 (EV_EFI_BOOT_SERVICES_APPLICATION) has a digest the policy does not allow" {
+		t.Fatalf("kernel C: %v", m)
+	}
+	if m := Evaluate(p, Boot{}); len(m) != 1 || m[0].String() != "PCR 4: nothing was measured" {
+		t.Fatalf("no events: %v", m)
+	}
+
+	ima := func(files ...attesttest.IMAFile) Boot {
+		log, _ := attesttest.IMALog(files)
+		entries, err := ParseIMALog(log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return Boot{IMA: entries}
+	}
+	good := []attesttest.IMAFile{{Path: "boot_aggregate", Content: []byte("agg")}, {Path: "/usr/bin/sshd", Content: []byte("sshd")}}
+	p = LearnDigests(ima(good...), []int{IMAPCR})
+	if m := Evaluate(p, ima(good[1], good[0], good[1])); len(m) != 0 {
+		t.Fatalf("the same files again: %v", m)
+	}
+	m = Evaluate(p, ima(append(good, attesttest.IMAFile{Path: "/tmp/x", Content: []byte("x")}, attesttest.IMAFile{Path: "/tmp/y", Content: []byte("y")})...))
+	if len(m) != 1 || !strings.HasPrefix(m[0].String(), "PCR 10: /tmp/x (sha256:") || !strings.HasSuffix(m[0].String(), "does not allow, and 1 more") {
+		t.Fatalf("unknown files: %v", m)
+	}
+	m = Evaluate(p, ima(good[0], attesttest.IMAFile{Path: "/usr/bin/sshd", Content: []byte("sshd"), Violation: true}))
+	if len(m) != 1 || !strings.Contains(m[0].String(), "/usr/bin/sshd") || !strings.Contains(m[0].String(), "measurement violation") {
+		t.Fatalf("violation: %v", m)
+	}
+}
+
+// The verifier accepts an IMA log only as far as the quoted PCR 10 vouches
+// for it, in a real TPM extended as the kernel does.
+func TestVerifyIMA(t *testing.T) {
+	tpm, _ := guestTPM(t)
+	akHandle, akPublic := createKey(t, tpm, RSAAKTemplate)
+	ak, err := ParseAK(akPublic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	imaLog, extends := attesttest.IMALog([]attesttest.IMAFile{{Path: "boot_aggregate", Content: []byte("agg")}, {Path: "/sbin/init", Content: []byte("init")}})
+	for _, e := range extends[:1] { // the second is measured after the quote
+		if _, err := (tpm2.PCRExtend{PCRHandle: tpm2.AuthHandle{Handle: IMAPCR, Auth: tpm2.PasswordAuth(nil)},
+			Digests: tpm2.TPMLDigestValues{Digests: []tpm2.TPMTHA{{HashAlg: tpm2.TPMAlgSHA256, Digest: e}}}}).Execute(tpm); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fwLog, _ := attesttest.EventLog(nil)
+	nonce := bytes.Repeat([]byte{7}, 32)
+	attest, sig, values := quote(t, tpm, akHandle, nonce, []uint{0, IMAPCR})
+	ev := Evidence{Attest: attest, Signature: sig, PCRs: values, EventLog: fwLog, IMALog: imaLog}
+	v, st := Verify(ak, ev, nonce, State{}, nil)
+	if !v.Genuine || len(st.IMA) != 1 || st.IMA[0].Path != "boot_aggregate" {
+		t.Fatalf("IMA log one entry ahead of the quote: %+v, %d entries judged", v, len(st.IMA))
+	}
+	other, _ := attesttest.IMALog([]attesttest.IMAFile{{Path: "boot_aggregate", Content: []byte("forged")}})
+	ev.IMALog = other
+	if v, _ := Verify(ak, ev, nonce, State{}, nil); v.Genuine || !strings.Contains(v.Reasons[0], "does not replay to the quoted PCR 10") {
+		t.Fatalf("a forged IMA log: %+v", v)
+	}
+	attest, sig, values = quote(t, tpm, akHandle, nonce, []uint{0})
+	ev = Evidence{Attest: attest, Signature: sig, PCRs: values, EventLog: fwLog, IMALog: imaLog}
+	if v, _ := Verify(ak, ev, nonce, State{}, nil); v.Genuine || !strings.Contains(v.Reasons[0], "without a quote of PCR 10") {
+		t.Fatalf("an IMA log without PCR 10 quoted: %+v", v)
+	}
+}
