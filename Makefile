@@ -42,7 +42,8 @@ libvirtd:
 # from vtpmd registers, is judged pending, trusted on a trusted host once
 # its boot and the host's are the policies, on an untrusted host (naming
 # the host's PCR 4) when the host reboots into another kernel, and
-# untrusted (naming PCR 9) when booted another way.
+# untrusted (naming PCR 9) when booted another way; then the attacks (its
+# evidence replayed, a quote by another key, another TPM registering).
 demo: libvirtd
 	CI=true $(GO) test -count=1 -run 'TestGuestAttestation$$' -v ./internal/daemon
 

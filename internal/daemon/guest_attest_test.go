@@ -1,11 +1,21 @@
 package daemon
 
 import (
+	"bytes"
 	"context"
+	"crypto/rand"
+	"crypto/rsa"
+	"encoding/json"
 	"encoding/pem"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -14,6 +24,8 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/attest/attesttest"
+	"github.com/vtpmd/vtpmd/internal/attestor"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmtest"
 )
@@ -25,23 +37,26 @@ import (
 // trusted host after the policies are learned and the guest boots the same
 // way again; running on an untrusted host, naming the host's PCR 4, when
 // the host reboots into another kernel; untrusted, naming PCR 9, when the
-// guest boots with another kernel command line.
+// guest boots with another kernel command line. Then the attacks: the
+// guest's last evidence replayed, a quote signed by another key, another
+// TPM registering for the instance.
 func TestGuestAttestation(t *testing.T) {
 	lv := connectLibvirt(t)
 	dir := t.TempDir()
-	addr := freeAddr(t)
-	_, port, _ := strings.Cut(addr, ":")
 	vendor := swtpmtest.NewCA(t)
 	caFile := filepath.Join(dir, "host-ek-ca.pem")
 	os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: vendor.Cert.Raw}), 0o644)
 	hostTPM, _ := swtpmtest.Manufactured(t, spec.V20, vendor)
 	hostLog := filepath.Join(dir, "host-event-log")
 	hostBoot := bootHost(t, hostTPM, "host kernel 6.1", hostLog)
-	u := startConfigured(t, Config{DataDir: dir, Listen: addr, HostName: "lv-host", Backend: "libvirt",
+	u := startConfigured(t, Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "lv-host", Backend: "libvirt",
 		Libvirt: LibvirtConfig{Mode: "emulator", EnableVTPM: true},
 		HostTPM: "unix:" + hostTPM.DataSocket(), HostEventLog: hostLog, HostEKCA: caFile, HostAttestInterval: time.Hour})
 	ctx := context.Background()
 	host := client.Host("lv-host")
+	// The guest reaches vtpmd through a proxy that keeps its last evidence.
+	rec := recordEvidence(t, u.d.Addr)
+	_, port, _ := strings.Cut(rec.addr, ":")
 	id := uuid.NewString()
 	console := filepath.Join(dir, "console.log")
 	dom := defineGuestWith(t, lv, id, dir, guestOptions{init: attestInit, network: true,
@@ -155,4 +170,66 @@ func TestGuestAttestation(t *testing.T) {
 		t.Fatalf("judged by the IMA allowlist: %+v %v", a, err)
 	}
 	t.Logf("        by policy ima-allowlist: %s %s", a.Verdict, strings.Join(a.Reasons, "; "))
+
+	t.Log("step 6: attacks: the guest's last evidence replayed; a quote by another key; another TPM registering")
+	var e *client.Error
+	last := rec.last()
+	if _, err := u.c.Evidence(ctx, client.Instance(id), last); !asCode(err, &e, "stale_nonce") {
+		t.Fatalf("replayed evidence: %v", err)
+	}
+	t.Logf("        replayed: refused, %s", e.Code)
+	key, _ := rsa.GenerateKey(rand.Reader, 2048)
+	n, err := u.c.Nonce(ctx, client.Instance(id))
+	if err != nil {
+		t.Fatal(err)
+	}
+	forged := api.EvidenceRequest{Nonce: n.Nonce, PCRs: last.PCRs, EventLog: last.EventLog}
+	if forged.Attest, forged.Signature, err = attesttest.Quote(key, n.Nonce, last.PCRs, 1<<40); err != nil {
+		t.Fatal(err)
+	}
+	if a, err = u.c.Evidence(ctx, client.Instance(id), forged); err != nil || a.Verdict != "untrusted" ||
+		!strings.Contains(strings.Join(a.Reasons, " "), "not signed by the registered attestation key") {
+		t.Fatalf("a quote by another key: %+v %v", a, err)
+	}
+	t.Logf("        quote by another key: %s, %s", a.Verdict, a.Reasons[0])
+	other, _ := swtpmtest.Manufactured(t, spec.V20, nil)
+	swtpmtest.Start(t, other)
+	impostor := &attestor.Agent{TPM: dialTPM(t, other.DataSocket()), API: u.c, Subject: client.Instance(id)}
+	if err := impostor.Register(ctx); !asCode(err, &e, "ek_mismatch") {
+		t.Fatalf("registering another TPM's EK: %v", err)
+	}
+	t.Logf("        another TPM: registration refused, %s", e.Code)
+}
+
+// evidenceRecorder is a proxy in front of vtpmd that keeps the last
+// evidence a guest pushed through it.
+type evidenceRecorder struct {
+	addr string
+	mu   sync.Mutex
+	ev   api.EvidenceRequest
+}
+
+func recordEvidence(t *testing.T, target string) *evidenceRecorder {
+	t.Helper()
+	rec := &evidenceRecorder{}
+	proxy := httputil.NewSingleHostReverseProxy(&url.URL{Scheme: "http", Host: target})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasSuffix(r.URL.Path, "/attestation/evidence") {
+			body, _ := io.ReadAll(r.Body)
+			rec.mu.Lock()
+			json.Unmarshal(body, &rec.ev)
+			rec.mu.Unlock()
+			r.Body = io.NopCloser(bytes.NewReader(body))
+		}
+		proxy.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	rec.addr = srv.Listener.Addr().String()
+	return rec
+}
+
+func (r *evidenceRecorder) last() api.EvidenceRequest {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.ev
 }
