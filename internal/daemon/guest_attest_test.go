@@ -146,7 +146,7 @@ func TestGuestAttestation(t *testing.T) {
 	if err := hostBoot.Stop(ctx); err != nil {
 		t.Fatal(err)
 	}
-	hostBoot = bootHost(t, hostTPM, "host kernel 6.1 with a rootkit", hostLog)
+	bootHost(t, hostTPM, "host kernel 6.1 with a rootkit", hostLog)
 	u.d.AttestHost(ctx) // the reboot broke the agent's connection: it reconnects on the next try
 	if h, err := u.d.AttestHost(ctx); err != nil || h.Verdict != "untrusted" {
 		t.Fatalf("host after the reboot: %+v %v", h, err)
