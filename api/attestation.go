@@ -118,6 +118,14 @@ type PolicyList struct {
 	Items []Policy `json:"items"`
 }
 
+// Activation answers a completed registration: the status, and the
+// bearer token the agent must send (Authorization: Bearer) for nonces,
+// evidence and long polls. Only the TPM that opened the credential gets it.
+type Activation struct {
+	Attestation
+	AgentToken string `json:"agent_token"`
+}
+
 // Attestation is the attestation status of an instance (its vTPM) or of a
 // host (its own TPM).
 type Attestation struct {

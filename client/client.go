@@ -22,12 +22,21 @@ type Client struct {
 	base    string
 	http    *http.Client
 	project string
+	token   string // a registered attestation agent's bearer token
 }
 
 // New returns a client for the server at base (e.g. http://127.0.0.1:8780).
 // A non-empty project scopes every request to that project.
 func New(base, project string) *Client {
 	return &Client{base: strings.TrimRight(base, "/"), http: http.DefaultClient, project: project}
+}
+
+// WithAgentToken returns a copy of c that sends token, the bearer token a
+// registered attestation agent got (Activate), as agents' calls need.
+func (c *Client) WithAgentToken(token string) *Client {
+	cc := *c
+	cc.token = token
+	return &cc
 }
 
 // Error is an error response of the API.
@@ -69,6 +78,9 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	}
 	if c.project != "" {
 		req.Header.Set("X-Project-ID", c.project)
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
@@ -203,9 +215,10 @@ func (c *Client) Register(ctx context.Context, s Subject, req api.RegisterReques
 	return out, c.do(ctx, http.MethodPost, s.op("register"), req, &out)
 }
 
-// Activate answers the registration's credential challenge.
-func (c *Client) Activate(ctx context.Context, s Subject, secret []byte) (api.Attestation, error) {
-	var out api.Attestation
+// Activate answers the registration's credential challenge; the answer
+// carries the agent's bearer token (see WithAgentToken).
+func (c *Client) Activate(ctx context.Context, s Subject, secret []byte) (api.Activation, error) {
+	var out api.Activation
 	return out, c.do(ctx, http.MethodPost, s.op("activate"), api.ActivateRequest{Secret: secret}, &out)
 }
 

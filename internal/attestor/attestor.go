@@ -125,9 +125,11 @@ func (a *Agent) Register(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if _, err := a.API.Activate(ctx, a.Subject, secret); err != nil {
+	act, err := a.API.Activate(ctx, a.Subject, secret)
+	if err != nil {
 		return fmt.Errorf("activating: %w", err)
 	}
+	a.API = a.API.WithAgentToken(act.AgentToken)
 	return nil
 }
 

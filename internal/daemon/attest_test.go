@@ -3,7 +3,10 @@ package daemon
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"crypto/rsa"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"net"
 	"net/http"
@@ -21,6 +24,7 @@ import (
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/attest"
+	"github.com/vtpmd/vtpmd/internal/attest/attesttest"
 	"github.com/vtpmd/vtpmd/internal/attestor"
 	"github.com/vtpmd/vtpmd/internal/swtpm"
 )
@@ -133,17 +137,42 @@ func TestAttestation(t *testing.T) {
 		t.Fatalf("verdict token: %s %v", payload, err)
 	}
 
-	// An old quote replayed: its nonce is spent.
-	n, _ := u.c.Nonce(ctx, client.Instance(id))
+	// Without the agent's token nobody gets a nonce or pushes evidence,
+	// and the agent's nonce stays unspent.
+	var e *client.Error
+	if _, err := u.c.Nonce(ctx, client.Instance(id)); !asCode(err, &e, "unauthenticated") || e.Status != 401 {
+		t.Fatalf("a nonce without the agent's token: %v", err)
+	}
+	n, _ := agent.API.Nonce(ctx, client.Instance(id))
 	ev, err := agent.Evidence(n.Nonce)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := u.c.Evidence(ctx, client.Instance(id), ev); err != nil {
+	if _, err := u.c.Evidence(ctx, client.Instance(id), ev); !asCode(err, &e, "unauthenticated") {
+		t.Fatalf("evidence without the agent's token: %v", err)
+	}
+	if _, err := agent.API.Evidence(ctx, client.Instance(id), ev); err != nil {
 		t.Fatal(err)
 	}
-	var e *client.Error
-	if _, err := u.c.Evidence(ctx, client.Instance(id), ev); !asCode(err, &e, "stale_nonce") {
+	// A stranger starts a registration for the instance (the EK is public;
+	// its AK is a software key): it cannot complete it, and the registered
+	// agent attests on undisturbed.
+	key, _ := rsa.GenerateKey(rand.Reader, 2048)
+	identity, _ := u.c.Identity(ctx, id)
+	ekBlock, _ := pem.Decode([]byte(identity.EKs[0].PublicKeyPEM))
+	if _, err := u.c.Register(ctx, client.Instance(id), api.RegisterRequest{EKPublic: ekBlock.Bytes,
+		AKPublic: attesttest.AKPublic(attest.RSAAKTemplate, key)}); err != nil {
+		t.Fatalf("a registration anyone may start: %v", err)
+	}
+	if _, err := u.c.Activate(ctx, client.Instance(id), make([]byte, 32)); !asCode(err, &e, "activation_failed") {
+		t.Fatalf("activating without the TPM: %v", err)
+	}
+	if a, err := agent.Attest(ctx); err != nil || a.State != "registered" || a.Verdict != "trusted" {
+		t.Fatalf("the registered agent after a stranger's registration: %+v %v", a, err)
+	}
+
+	// An old quote replayed: its nonce is spent.
+	if _, err := agent.API.Evidence(ctx, client.Instance(id), ev); !asCode(err, &e, "stale_nonce") {
 		t.Fatalf("replayed evidence: %v", err)
 	}
 
@@ -181,11 +210,16 @@ func TestAttestation(t *testing.T) {
 	if err := neighbour.Register(ctx); err != nil {
 		t.Fatal(err)
 	}
-	n, _ = u.c.Nonce(ctx, client.Instance(id))
+	n, _ = agent.API.Nonce(ctx, client.Instance(id))
 	if ev, err = neighbour.Evidence(n.Nonce); err != nil {
 		t.Fatal(err)
 	}
-	if a, err = u.c.Evidence(ctx, client.Instance(id), ev); err != nil || a.Verdict != "untrusted" ||
+	if _, err = neighbour.API.Evidence(ctx, client.Instance(id), ev); !asCode(err, &e, "unauthenticated") {
+		t.Fatalf("another guest's quote, with its own token: %v", err)
+	}
+	// Even with this instance's agent's token (stolen), the quote is not
+	// signed by this instance's AK.
+	if a, err = agent.API.Evidence(ctx, client.Instance(id), ev); err != nil || a.Verdict != "untrusted" ||
 		!strings.Contains(strings.Join(a.Reasons, " "), "not signed by the registered attestation key") {
 		t.Fatalf("another guest's quote: %+v %v", a, err)
 	}

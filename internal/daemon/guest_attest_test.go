@@ -173,13 +173,19 @@ func TestGuestAttestation(t *testing.T) {
 
 	t.Log("step 6: attacks: the guest's last evidence replayed; a quote by another key; another TPM registering")
 	var e *client.Error
-	last := rec.last()
-	if _, err := u.c.Evidence(ctx, client.Instance(id), last); !asCode(err, &e, "stale_nonce") {
+	last, token := rec.last()
+	if _, err := u.c.Evidence(ctx, client.Instance(id), last); !asCode(err, &e, "unauthenticated") {
+		t.Fatalf("replayed evidence without the agent's token: %v", err)
+	}
+	t.Logf("        replayed without the agent's token: refused, %s", e.Code)
+	// An attacker on the path also took the agent's token.
+	stolen := u.c.WithAgentToken(token)
+	if _, err := stolen.Evidence(ctx, client.Instance(id), last); !asCode(err, &e, "stale_nonce") {
 		t.Fatalf("replayed evidence: %v", err)
 	}
-	t.Logf("        replayed: refused, %s", e.Code)
+	t.Logf("        replayed with the agent's token: refused, %s", e.Code)
 	key, _ := rsa.GenerateKey(rand.Reader, 2048)
-	n, err := u.c.Nonce(ctx, client.Instance(id))
+	n, err := stolen.Nonce(ctx, client.Instance(id))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -187,7 +193,7 @@ func TestGuestAttestation(t *testing.T) {
 	if forged.Attest, forged.Signature, err = attesttest.Quote(key, n.Nonce, last.PCRs, 1<<40); err != nil {
 		t.Fatal(err)
 	}
-	if a, err = u.c.Evidence(ctx, client.Instance(id), forged); err != nil || a.Verdict != "untrusted" ||
+	if a, err = stolen.Evidence(ctx, client.Instance(id), forged); err != nil || a.Verdict != "untrusted" ||
 		!strings.Contains(strings.Join(a.Reasons, " "), "not signed by the registered attestation key") {
 		t.Fatalf("a quote by another key: %+v %v", a, err)
 	}
@@ -202,11 +208,12 @@ func TestGuestAttestation(t *testing.T) {
 }
 
 // evidenceRecorder is a proxy in front of vtpmd that keeps the last
-// evidence a guest pushed through it.
+// evidence a guest pushed through it, and the agent's token.
 type evidenceRecorder struct {
-	addr string
-	mu   sync.Mutex
-	ev   api.EvidenceRequest
+	addr  string
+	mu    sync.Mutex
+	ev    api.EvidenceRequest
+	token string
 }
 
 func recordEvidence(t *testing.T, target string) *evidenceRecorder {
@@ -218,6 +225,7 @@ func recordEvidence(t *testing.T, target string) *evidenceRecorder {
 			body, _ := io.ReadAll(r.Body)
 			rec.mu.Lock()
 			json.Unmarshal(body, &rec.ev)
+			rec.token = strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
 			rec.mu.Unlock()
 			r.Body = io.NopCloser(bytes.NewReader(body))
 		}
@@ -228,8 +236,8 @@ func recordEvidence(t *testing.T, target string) *evidenceRecorder {
 	return rec
 }
 
-func (r *evidenceRecorder) last() api.EvidenceRequest {
+func (r *evidenceRecorder) last() (api.EvidenceRequest, string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return r.ev
+	return r.ev, r.token
 }

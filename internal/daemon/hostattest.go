@@ -90,7 +90,10 @@ func (h *hostAttester) run(ctx context.Context) {
 			h.log.Info("host attestation", "verdict", a.Verdict, "reasons", strings.Join(a.Reasons, "; "))
 			last = a.Verdict
 		}
-		h.agent.Wait(ctx, h.interval)
+		h.mu.Lock()
+		agent := h.agent // Register swaps its API client (the agent's token)
+		h.mu.Unlock()
+		agent.Wait(ctx, h.interval)
 		if ctx.Err() != nil {
 			return
 		}

@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"crypto/x509"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"net/http"
@@ -36,6 +37,7 @@ const (
 	CodeNotRegistered    = "not_registered"
 	CodeStaleNonce       = "stale_nonce"
 	CodeNoEvidence       = "no_evidence"
+	CodeUnauthenticated  = "unauthenticated"
 )
 
 // subject is what an attestation request is about: an instance's vTPM
@@ -121,10 +123,9 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) error {
 		if sub.host != "" && a.EKPublic != nil && !bytes.Equal(a.EKPublic, ekDER) {
 			return apiErr(http.StatusForbidden, CodeEKMismatch, "Host "+sub.host+" registered with another TPM; registration refused.")
 		}
-		*a = store.Attestation{InstanceID: sub.key, EKKind: req.EKKind, EKPublic: a.EKPublic, AKPublic: req.AKPublic, ChallengeHash: hash[:],
-			Verdict: "pending", PolicyPCRs: a.PolicyPCRs, PolicyDigests: a.PolicyDigests, PolicyEventLog: a.PolicyEventLog, PolicyName: a.PolicyName}
+		a.ChallengeHash, a.PendingAK, a.PendingEKKind, a.PendingEK = hash[:], req.AKPublic, req.EKKind, nil
 		if sub.host != "" {
-			a.EKPublic = ekDER
+			a.PendingEK = ekDER
 		}
 		return nil
 	}, nil)
@@ -172,10 +173,24 @@ func (s *Server) hostEK(req *api.RegisterRequest) ([]byte, error) {
 	return der, nil
 }
 
-// activate completes registration when the TPM gave the credential back.
+// activate completes registration when the TPM gave the credential back:
+// its AK becomes the registered one and its agent gets a bearer token.
+// The TPM's counters are kept, so registering again cannot hide a rollback.
 func (s *Server) activate(w http.ResponseWriter, r *http.Request) error {
 	var req api.ActivateRequest
-	return s.attestationChange(w, r, &req, "attestation key registered", func(a *store.Attestation) error {
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	sub, err := s.subject(r)
+	if err != nil {
+		return err
+	}
+	token := make([]byte, 32)
+	if _, err := rand.Read(token); err != nil {
+		return err
+	}
+	out := api.Activation{AgentToken: base64.RawURLEncoding.EncodeToString(token)}
+	err = s.updateAttestation(r.Context(), sub, "attestation key registered", func(a *store.Attestation) error {
 		if a.ChallengeHash == nil {
 			return apiErr(http.StatusConflict, CodeNotRegistered, "No registration is waiting for a credential; register the AK first.")
 		}
@@ -183,9 +198,31 @@ func (s *Server) activate(w http.ResponseWriter, r *http.Request) error {
 		if subtle.ConstantTimeCompare(got[:], a.ChallengeHash) != 1 {
 			return apiErr(http.StatusForbidden, CodeActivationFailed, "The credential does not match: the AK is not in the TPM vtpmd made for this instance.")
 		}
-		a.ChallengeHash, a.RegisteredAt = nil, time.Now().UTC()
+		tokenHash := sha256.Sum256([]byte(out.AgentToken))
+		a.AKPublic, a.EKKind, a.AgentTokenHash, a.RegisteredAt = a.PendingAK, a.PendingEKKind, tokenHash[:], time.Now().UTC()
+		if a.PendingEK != nil {
+			a.EKPublic = a.PendingEK
+		}
+		a.ChallengeHash, a.PendingAK, a.PendingEK, a.PendingEKKind, a.Nonce = nil, nil, nil, "", nil
+		a.Verdict, a.Reasons = "pending", []string{"registered; waiting for evidence"}
 		return nil
-	})
+	}, &out.Attestation)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+// fromAgent refuses a request that does not carry the bearer token of
+// the subject's registered agent.
+func fromAgent(r *http.Request, a *store.Attestation) error {
+	token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	got := sha256.Sum256([]byte(token))
+	if !ok || a.AgentTokenHash == nil || subtle.ConstantTimeCompare(got[:], a.AgentTokenHash) != 1 {
+		return apiErr(http.StatusUnauthorized, CodeUnauthenticated, "Only the registered agent may do this: send the token it got at registration (Authorization: Bearer).")
+	}
+	return nil
 }
 
 // attestationChange decodes the body into req, applies fn to the
@@ -220,7 +257,10 @@ func (s *Server) nonce(w http.ResponseWriter, r *http.Request) error {
 	}
 	err = s.updateAttestation(r.Context(), sub, "", func(a *store.Attestation) error {
 		if a.RegisteredAt.IsZero() {
-			return apiErr(http.StatusConflict, CodeNotRegistered, "The instance has no registered attestation key.")
+			return apiErr(http.StatusConflict, CodeNotRegistered, "The "+sub.kind()+" has no registered attestation key.")
+		}
+		if err := fromAgent(r, a); err != nil {
+			return err
 		}
 		a.Nonce, a.NonceExpires = n.Nonce, n.ExpiresAt
 		return nil
@@ -239,6 +279,9 @@ func (s *Server) evidence(w http.ResponseWriter, r *http.Request) error {
 	return s.attestationChange(w, r, &req, "", func(a *store.Attestation) error {
 		if a.RegisteredAt.IsZero() {
 			return apiErr(http.StatusConflict, CodeNotRegistered, "The instance has no registered attestation key.")
+		}
+		if err := fromAgent(r, a); err != nil {
+			return err // before the nonce is spent: a stranger cannot spend it
 		}
 		fresh := a.Nonce != nil && bytes.Equal(a.Nonce, req.Nonce) && time.Now().Before(a.NonceExpires)
 		a.Nonce = nil
@@ -572,7 +615,7 @@ func detail(a *store.Attestation) string {
 // registered subject must send genuine evidence within StaleAfter of its
 // last (or of registering).
 func (s *Server) staleAt(a *store.Attestation) time.Time {
-	if a.RegisteredAt.IsZero() || a.ChallengeHash != nil || a.Verdict == "stale" {
+	if a.RegisteredAt.IsZero() || a.Verdict == "stale" {
 		return time.Time{}
 	}
 	after := s.StaleAfter
@@ -654,10 +697,10 @@ func attestationView(a *store.Attestation, now time.Time) api.Attestation {
 	out := api.Attestation{InstanceID: a.InstanceID, State: "unregistered", RegisteredAt: a.RegisteredAt, Verdict: a.Verdict,
 		Reasons: a.Reasons, VerifiedAt: a.VerifiedAt, PCRs: a.PCRs, Policy: a.PolicyName, IMAEntries: a.IMAEntries}
 	switch {
-	case a.ChallengeHash != nil:
-		out.State = "challenged"
 	case !a.RegisteredAt.IsZero():
 		out.State = "registered"
+	case a.ChallengeHash != nil:
+		out.State = "challenged"
 	}
 	for i := range a.PolicyPCRs {
 		out.PolicyPCRs = append(out.PolicyPCRs, i)

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"net/http"
@@ -174,12 +175,18 @@ func TestRefresh(t *testing.T) {
 	}
 	now := time.Now().UTC()
 	err := f.store.Update(context.Background(), func(tx *store.Tx) error {
-		return tx.PutAttestation(&store.Attestation{InstanceID: inst, RegisteredAt: now, Verdict: "pending"})
+		tokenHash := sha256.Sum256([]byte("agent-token"))
+		return tx.PutAttestation(&store.Attestation{InstanceID: inst, RegisteredAt: now, Verdict: "pending", AgentTokenHash: tokenHash[:]})
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	var r api.Refresh
+	f.token = "not-the-agent"
+	if code := f.call(t, "GET", base+"?wait=50ms", "", nil, &e); code != 401 || e.Error.Code != CodeUnauthenticated {
+		t.Fatalf("long poll without the agent's token: %d %+v", code, e)
+	}
+	f.token = "agent-token"
 	if code := f.call(t, "GET", base+"?wait=50ms", "", nil, &r); code != 200 || r.Requested {
 		t.Fatalf("long poll without a request: %d %+v", code, r)
 	}
@@ -192,7 +199,9 @@ func TestRefresh(t *testing.T) {
 	got := make(chan api.Refresh)
 	go func() { // no t.Fatal off the test's goroutine
 		var r api.Refresh
-		if resp, err := http.Get(f.srv.URL + base + "?wait=60"); err == nil {
+		req, _ := http.NewRequest("GET", f.srv.URL+base+"?wait=60", nil)
+		req.Header.Set("Authorization", "Bearer agent-token")
+		if resp, err := http.DefaultClient.Do(req); err == nil {
 			json.NewDecoder(resp.Body).Decode(&r)
 			resp.Body.Close()
 		}

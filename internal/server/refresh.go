@@ -96,7 +96,7 @@ func (s *Server) EndLongPolls() { s.refreshes.stop() }
 // requestRefresh asks the subject's agent for fresh evidence now, instead
 // of at its next interval.
 func (s *Server) requestRefresh(w http.ResponseWriter, r *http.Request) error {
-	sub, err := s.registered(r)
+	sub, _, err := s.registered(r)
 	if err != nil {
 		return err
 	}
@@ -120,8 +120,11 @@ func (s *Server) awaitRefresh(w http.ResponseWriter, r *http.Request) error {
 		}
 		wait = d
 	}
-	sub, err := s.registered(r)
+	sub, a, err := s.registered(r)
 	if err != nil {
+		return err
+	}
+	if err := fromAgent(r, a); err != nil {
 		return err
 	}
 	at, ok := s.refreshes.await(r.Context(), sub.key, wait)
@@ -129,17 +132,18 @@ func (s *Server) awaitRefresh(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-// registered is the request's subject, which must have registered an AK.
-func (s *Server) registered(r *http.Request) (subject, error) {
-	sub, err := s.subject(r)
-	if err != nil {
-		return sub, err
+// registered is the request's subject, which must have registered an AK,
+// and its attestation record.
+func (s *Server) registered(r *http.Request) (sub subject, a *store.Attestation, err error) {
+	if sub, err = s.subject(r); err != nil {
+		return sub, nil, err
 	}
-	return sub, s.Store.View(r.Context(), func(tx *store.Tx) error {
-		a, err := tx.GetAttestation(sub.key)
+	err = s.Store.View(r.Context(), func(tx *store.Tx) (err error) {
+		a, err = tx.GetAttestation(sub.key)
 		if errors.Is(err, store.ErrNotFound) || err == nil && a.RegisteredAt.IsZero() {
 			return apiErr(http.StatusConflict, CodeNotRegistered, "The "+sub.kind()+" has no registered attestation key.")
 		}
 		return err
 	})
+	return sub, a, err
 }

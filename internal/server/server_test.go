@@ -30,6 +30,7 @@ type fixture struct {
 	keys   *keyring.Embedded
 	dir    string
 	kicked []string
+	token  string // sent as the agent's bearer token when set
 }
 
 // newFixture runs the API on a real SQLite store and key manager, with one
@@ -76,6 +77,9 @@ func (f *fixture) call(t *testing.T, method, path, project string, body any, out
 	req, _ := http.NewRequest(method, f.srv.URL+path, r)
 	if project != "" {
 		req.Header.Set(ProjectHeader, project)
+	}
+	if f.token != "" {
+		req.Header.Set("Authorization", "Bearer "+f.token)
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {

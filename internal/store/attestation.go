@@ -23,10 +23,18 @@ type Attestation struct {
 	// one. Instances' EKs are in their vTPM records.
 	EKPublic []byte `json:"ek_public,omitempty"`
 	AKPublic []byte `json:"ak_public"` // TPM2B_PUBLIC
-	// ChallengeHash is SHA-256 of the credential the TPM must give back;
-	// set while registration waits for it.
-	ChallengeHash []byte    `json:"challenge_hash,omitempty"`
-	RegisteredAt  time.Time `json:"registered_at,omitzero"`
+	// A registration waiting for its credential: ChallengeHash is SHA-256
+	// of the credential the TPM must give back; the pending AK (and, for
+	// a host, EK) replace the registered ones only when it does, so that
+	// an unproven registration disturbs nothing.
+	ChallengeHash []byte `json:"challenge_hash,omitempty"`
+	PendingAK     []byte `json:"pending_ak,omitempty"`
+	PendingEK     []byte `json:"pending_ek,omitempty"`
+	PendingEKKind string `json:"pending_ek_kind,omitempty"`
+	// AgentTokenHash is SHA-256 of the bearer token the registered agent
+	// got: nonces, evidence and long polls need it.
+	AgentTokenHash []byte    `json:"agent_token_hash,omitempty"`
+	RegisteredAt   time.Time `json:"registered_at,omitzero"`
 	// Nonce is the one a quote must answer; used once, until NonceExpires.
 	Nonce        []byte    `json:"nonce,omitempty"`
 	NonceExpires time.Time `json:"nonce_expires,omitzero"`
