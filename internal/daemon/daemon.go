@@ -133,7 +133,7 @@ func (d *AllInOne) start(ctx context.Context) error {
 	bg, d.stopBackground = context.WithCancel(context.Background())
 	var hook *server.Webhook
 	if cfg.WebhookURL != "" {
-		hook = &server.Webhook{URL: cfg.WebhookURL, Signer: verdicts, Log: d.log}
+		hook = &server.Webhook{URL: cfg.WebhookURL, Signer: verdicts, Store: d.store, Log: d.log}
 		hook.Start(bg)
 	}
 	srv := &server.Server{

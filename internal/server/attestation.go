@@ -504,13 +504,13 @@ func (s *Server) jwks(w http.ResponseWriter, r *http.Request) error {
 // one if none) in one transaction, with an event when action is set, and
 // puts the resulting status in view (when not nil). The record is written
 // even when fn refuses, so that a spent nonce stays spent; fn's error is
-// returned after. A verdict change is an event and a webhook, for a host
-// on every instance it runs.
+// returned after. A verdict change is an event and a webhook (queued in the
+// outbox in the same transaction), for a host on every instance it runs.
 func (s *Server) updateAttestation(ctx context.Context, sub subject, action string, fn func(*store.Attestation) error, view *api.Attestation) error {
 	var refusal error
-	var notes []map[string]any
+	var notified bool
 	err := s.Store.Update(ctx, func(tx *store.Tx) error {
-		notes = nil
+		notified = false
 		a, err := tx.GetAttestation(sub.key)
 		existed := err == nil
 		if errors.Is(err, store.ErrNotFound) {
@@ -558,18 +558,25 @@ func (s *Server) updateAttestation(ctx context.Context, sub subject, action stri
 		if !changed {
 			return nil
 		}
+		notes := []map[string]any{}
 		if sub.vtpm != nil {
-			notes = []map[string]any{verdictClaims(sub.vtpm, status, time.Now())}
-			return nil
+			notes = append(notes, verdictClaims(sub.vtpm, status, time.Now()))
+		} else if notes, err = s.hostVerdictNotes(tx, sub.host, a); err != nil {
+			return err
 		}
-		notes, err = s.hostVerdictNotes(tx, sub.host, a)
-		return err
+		for _, n := range notes {
+			if err := s.Webhook.enqueue(tx, n); err != nil {
+				return err
+			}
+		}
+		notified = len(notes) > 0
+		return nil
 	})
 	if err != nil {
 		return err
 	}
-	for _, n := range notes {
-		s.Webhook.notify(n)
+	if notified {
+		s.Webhook.wake()
 	}
 	return refusal
 }

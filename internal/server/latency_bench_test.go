@@ -7,6 +7,7 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
+	"crypto/sha256"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -55,6 +56,7 @@ func BenchmarkDetectionLatency(b *testing.B) {
 	}
 	akKey, _ := rsa.GenerateKey(rand.Reader, 2048) // one software AK serves every instance
 	akPublic := attesttest.AKPublic(attest.RSAAKTemplate, akKey)
+	tokenHash := sha256.Sum256([]byte("agent-token")) // and one agent token
 	ids := make([]string, instances)
 	err = st.Update(context.Background(), func(tx *store.Tx) error {
 		if err := tx.PutHost(&store.Host{Name: "h1", Traits: []string{}, Capacity: instances, Backend: "swtpm"}); err != nil {
@@ -67,7 +69,7 @@ func BenchmarkDetectionLatency(b *testing.B) {
 				return err
 			}
 			if err := tx.PutAttestation(&store.Attestation{InstanceID: ids[i], EKKind: "rsa2048", AKPublic: akPublic,
-				RegisteredAt: time.Now(), Verdict: "trusted", PolicyPCRs: good, PolicyEventLog: log, EventLog: log}); err != nil {
+				RegisteredAt: time.Now(), AgentTokenHash: tokenHash[:], Verdict: "trusted", PolicyPCRs: good, PolicyEventLog: log, EventLog: log}); err != nil {
 				return err
 			}
 		}
@@ -88,14 +90,16 @@ func BenchmarkDetectionLatency(b *testing.B) {
 	signer, _ := attest.NewSigner(key)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	hook := &Webhook{URL: receiver.URL, Signer: signer}
+	hook := &Webhook{URL: receiver.URL, Signer: signer, Store: st}
 	hook.Start(ctx)
 	srv := httptest.NewServer((&Server{Store: st, Keyring: kr, CAChainPEM: func() []byte { return nil }, Verdicts: signer, Webhook: hook}).Handler())
 	defer srv.Close()
 
 	post := func(path string, in, out any) {
 		body, _ := json.Marshal(in)
-		resp, err := http.Post(srv.URL+path, "application/json", bytes.NewReader(body))
+		req, _ := http.NewRequest("POST", srv.URL+path, bytes.NewReader(body))
+		req.Header.Set("Authorization", "Bearer agent-token")
+		resp, err := http.DefaultClient.Do(req)
 		if err != nil || resp.StatusCode != 200 {
 			b.Fatalf("%s: %v %v", path, err, resp.Status)
 		}

@@ -121,7 +121,9 @@ func (t *Tx) OverdueAttestations(now time.Time) ([]string, error) {
 
 // sortable formats t so that text order is time order (RFC 3339 with
 // trailing zeros trimmed is not).
-func sortable(t time.Time) string { return t.UTC().Format("2006-01-02T15:04:05.000000000Z") }
+func sortable(t time.Time) string { return t.UTC().Format(sortableLayout) }
+
+const sortableLayout = "2006-01-02T15:04:05.000000000Z"
 
 // DeleteAttestation removes an instance's attestation, if any.
 func (t *Tx) DeleteAttestation(instanceID string) error {

@@ -71,6 +71,16 @@ CREATE TABLE policies (
 	created_at  TEXT NOT NULL,
 	PRIMARY KEY (project, name)
 );`,
+	// Webhook deliveries, written in the transaction of the change they
+	// announce (a transactional outbox): none is lost to a crash.
+	6: `
+CREATE TABLE outbox (
+	id          INTEGER PRIMARY KEY AUTOINCREMENT,
+	payload     TEXT NOT NULL,          -- JSON
+	attempts    INTEGER NOT NULL DEFAULT 0,
+	next_at     TEXT NOT NULL,          -- sortable UTC time
+	created_at  TEXT NOT NULL
+);`,
 }
 
 func (s *Store) migrate(ctx context.Context) error {

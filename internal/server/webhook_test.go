@@ -1,0 +1,86 @@
+package server
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/attest"
+	"github.com/vtpmd/vtpmd/internal/store"
+)
+
+// Deliveries queued before the webhook runs (a restart) go out, in
+// order, a failed one holding back those after it; one that keeps failing
+// is given up after Attempts.
+func TestWebhookOutbox(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	st, err := store.Open(ctx, filepath.Join(t.TempDir(), "db"), store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	signer, _ := attest.NewSigner(key)
+
+	var mu sync.Mutex
+	var got []string
+	calls, failFor := 0, map[int]bool{1: true} // the first call fails
+	receiver := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		calls++
+		var body api.VerdictToken
+		json.NewDecoder(r.Body).Decode(&body)
+		payload, err := attest.VerifyToken(body.Token, signer.JWKS())
+		var claims struct{ Sub string }
+		if err != nil || json.Unmarshal(payload, &claims) != nil {
+			t.Errorf("webhook body: %v", err)
+		}
+		if failFor[calls] || claims.Sub == "never" {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return
+		}
+		got = append(got, claims.Sub)
+	}))
+	defer receiver.Close()
+
+	hook := &Webhook{URL: receiver.URL, Signer: signer, Store: st, Backoff: 10 * time.Millisecond, Attempts: 3}
+	err = st.Update(ctx, func(tx *store.Tx) error {
+		for _, sub := range []string{"first", "never", "second"} {
+			if err := hook.enqueue(tx, map[string]any{"sub": sub}); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hook.Start(ctx)
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		var left []store.Delivery
+		st.View(ctx, func(tx *store.Tx) (err error) { left, err = tx.Deliveries(10); return err })
+		if len(left) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d deliveries still waiting", len(left))
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	// first: failed, then delivered; never: 3 attempts, given up; second.
+	if len(got) != 2 || got[0] != "first" || got[1] != "second" || calls != 6 {
+		t.Fatalf("delivered %v in %d calls; want [first second] in 6", got, calls)
+	}
+}
