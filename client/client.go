@@ -256,6 +256,12 @@ func (c *Client) AwaitRefresh(ctx context.Context, s Subject, wait time.Duration
 	return out.Requested, err
 }
 
+// ForgetHost drops a host's attestation registration, so that a replaced
+// TPM can register.
+func (c *Client) ForgetHost(ctx context.Context, name string) error {
+	return c.do(ctx, http.MethodDelete, Host(name).op(""), nil, nil)
+}
+
 // History reads the attestation events, oldest first.
 func (c *Client) History(ctx context.Context, s Subject) (api.EventList, error) {
 	var out api.EventList

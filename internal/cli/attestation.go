@@ -44,6 +44,18 @@ func newHostCommand(g *globals) *cobra.Command {
 		"Show whether the host's TPM registered, and the verdict on the host's last evidence", client.Host))
 	cmd.AddCommand(refreshCommand(g, "refresh HOST", "the host's agent", client.Host))
 	cmd.AddCommand(historyCommand(g, "history HOST", "Show the host's own attestation events", client.Host))
+	cmd.AddCommand(&cobra.Command{
+		Use:   "forget HOST",
+		Short: "Drop the host's TPM registration (after replacing its TPM): its next agent registers afresh",
+		Args:  exactlyOne,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := g.client().ForgetHost(cmd.Context(), args[0]); err != nil {
+				return apiFailure(err)
+			}
+			_, err := fmt.Fprintf(cmd.OutOrStdout(), "host %s: TPM registration dropped; its instances read it as unattested until it registers again\n", args[0])
+			return err
+		},
+	})
 	return cmd
 }
 

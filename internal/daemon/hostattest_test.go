@@ -155,5 +155,21 @@ func TestHostBinding(t *testing.T) {
 		if err := impostor.Register(ctx); !asCode(err, &e, c.code) {
 			t.Fatalf("registering another TPM for the host: %v, want %s", err, c.code)
 		}
+		if c.code != "ek_mismatch" {
+			continue
+		}
+		// The operator replaced the host's TPM: forgotten, the new one registers.
+		if err := client.New("http://"+u.d.Addr, "p1").ForgetHost(ctx, "test-host"); !asCode(err, &e, "forbidden") {
+			t.Fatalf("a project forgetting a host: %v", err)
+		}
+		if err := u.c.ForgetHost(ctx, "test-host"); err != nil {
+			t.Fatal(err)
+		}
+		if a, err := u.c.Attestation(ctx, client.Instance(id)); err != nil || a.Host.Verdict != "unattested" || a.Overall != "untrusted" {
+			t.Fatalf("VM on a forgotten host: %+v %v", a, err)
+		}
+		if err := impostor.Register(ctx); err != nil {
+			t.Fatalf("the replacement TPM registering: %v", err)
+		}
 	}
 }

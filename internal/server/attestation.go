@@ -581,6 +581,51 @@ func (s *Server) updateAttestation(ctx context.Context, sub subject, action stri
 	return refusal
 }
 
+// forgetHost drops a host's attestation record (the TPM it is pinned to,
+// its AK, policy and verdict) so that a replaced TPM can register. Until
+// one does, its instances read their host as unattested.
+func (s *Server) forgetHost(w http.ResponseWriter, r *http.Request) error {
+	sub, err := s.subject(r)
+	if err != nil {
+		return err
+	}
+	const why = "the host's TPM registration was removed"
+	var notified bool
+	err = s.Store.Update(r.Context(), func(tx *store.Tx) error {
+		notified = false
+		if _, err := tx.GetAttestation(sub.key); errors.Is(err, store.ErrNotFound) {
+			return apiErr(http.StatusNotFound, CodeNotRegistered, "The host has never registered an attestation key.")
+		} else if err != nil {
+			return err
+		}
+		if err := tx.DeleteAttestation(sub.key); err != nil {
+			return err
+		}
+		if err := tx.AppendEvent(store.Event{Actor: actor(""), InstanceID: sub.key, Action: "attestation forgotten", Detail: why}); err != nil {
+			return err
+		}
+		notes, err := s.hostVerdictNotes(tx, sub.host, &store.Attestation{Verdict: "unattested", Reasons: []string{why}})
+		if err != nil {
+			return err
+		}
+		for _, n := range notes {
+			if err := s.Webhook.enqueue(tx, n); err != nil {
+				return err
+			}
+		}
+		notified = len(notes) > 0
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if notified {
+		s.Webhook.wake()
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
 // hostVerdictNotes are the webhook payloads of a change of host's verdict
 // (a): one for each registered instance on it, whose overall answer
 // changes with it, each also an event.

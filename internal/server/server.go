@@ -132,6 +132,7 @@ func (s *Server) routes() []route {
 		{"GET /v1/hosts/{name}", s.getHost},
 		{"GET /v1/hosts/{name}/drift", s.drift},
 		{"GET /v1/hosts/{name}/attestation", s.getAttestation},
+		{"DELETE /v1/hosts/{name}/attestation", s.forgetHost},
 		{"GET /v1/hosts/{name}/attestation/history", s.history},
 		{"POST /v1/hosts/{name}/attestation/refresh", s.requestRefresh},
 		{"GET /v1/hosts/{name}/attestation/refresh", s.awaitRefresh},
