@@ -104,7 +104,9 @@ type Finding struct {
 	// Kind: orphan_secret (a libvirt vTPM secret with no record),
 	// orphan_state (a TPM state directory with no record), missing_domain
 	// (a record attached to a domain that no longer exists), missing_state
-	// (a manufactured record whose state is gone).
+	// (a manufactured record whose state is gone); on Xen hosts
+	// orphan_stub_domain, orphan_uuid (registered with the VTPM manager,
+	// used by no stub domain) and missing_stub_domain.
 	Kind string `json:"kind"`
 	// Object names what was found: a secret UUID, a path, a domain.
 	Object     string `json:"object"`
