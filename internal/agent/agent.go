@@ -178,8 +178,8 @@ func (a *Agent) run(ctx context.Context, v *store.VTPM) error {
 	if err != nil {
 		return a.fail(ctx, v, "running the vTPM", err)
 	}
-	if v.Phase == store.PhaseActive && len(v.EKs) > 0 {
-		return nil
+	if v.Phase == store.PhaseActive && (len(v.EKs) > 0 || len(eks) == 0) {
+		return nil // as recorded (a Xen stub domain makes its EK itself: none to record)
 	}
 	action := "started"
 	if len(v.EKs) == 0 {

@@ -90,6 +90,16 @@ func (u *daemonUnderTest) wait(t testing.TB, id, phase string) api.VTPM {
 	return v
 }
 
+// waitGone waits until the record of a deleted vTPM is gone.
+func (u *daemonUnderTest) waitGone(t testing.TB, id string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := u.c.Wait(ctx, id, func(api.VTPM) bool { return false }, nil); !client.IsNotFound(err) {
+		t.Fatalf("%s after delete: %v", id, err)
+	}
+}
+
 // withTPM runs fn with a TPM 2.0 client on a vTPM's data socket. swtpm
 // serves one data connection at a time, so the connection is closed after.
 func withTPM(t *testing.T, sock string, fn func(transport.TPM)) {

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/vtpmd/vtpmd/internal/backend/xen"
 	"github.com/vtpmd/vtpmd/internal/spec"
 )
 
@@ -66,11 +67,27 @@ type Config struct {
 	PoolSize int
 
 	// Backend is how this host runs vTPMs: "swtpm" (default; vtpmd runs
-	// swtpm, reachable over unix sockets) or "libvirt" (attached to
-	// libvirt domains).
+	// swtpm, reachable over unix sockets), "libvirt" (attached to libvirt
+	// domains) or "xen" (vtpm stub domains under the VTPM manager).
 	Backend string
 	// Libvirt configures the libvirt backend.
 	Libvirt LibvirtConfig
+	// Xen configures the Xen backend.
+	Xen XenConfig
+}
+
+// XenConfig holds the Xen backend's settings; zero values take the
+// original design's (see xen.Layout).
+type XenConfig struct {
+	xen.Layout
+	// Group is the VTPM manager group vTPMs register to; default Group1
+	// (Group0 is vtpmmgr's own).
+	Group string
+	// GroupCapacity is how many vTPMs the group takes; default 64.
+	GroupCapacity int
+	// UUIDListen, when set, serves the UUID service (GET / → a fresh
+	// registered vTPM UUID) on HOST:PORT, as the original's did on 8081.
+	UUIDListen string
 }
 
 // LibvirtConfig holds the libvirt backend's operator settings, after the
@@ -119,6 +136,9 @@ func (c *Config) Defaults() {
 	if c.Libvirt.Mode == "" {
 		c.Libvirt.Mode = "emulator"
 	}
+	if c.Xen.Group == "" {
+		c.Xen.Group = "Group1"
+	}
 }
 
 // Validate reports every problem with the configuration at once.
@@ -164,8 +184,13 @@ func (c *Config) Validate() error {
 	if c.PoolSize < 0 || c.PoolSize > 1000 {
 		errs = append(errs, fmt.Errorf("pool size %d must be between 0 and 1000", c.PoolSize))
 	}
-	if c.Backend != "swtpm" && c.Backend != "libvirt" {
-		errs = append(errs, fmt.Errorf("backend %q must be swtpm or libvirt", c.Backend))
+	if c.Backend != "swtpm" && c.Backend != "libvirt" && c.Backend != "xen" {
+		errs = append(errs, fmt.Errorf("backend %q must be swtpm, libvirt or xen", c.Backend))
+	}
+	if c.Xen.UUIDListen != "" {
+		if _, _, err := net.SplitHostPort(c.Xen.UUIDListen); err != nil {
+			errs = append(errs, fmt.Errorf("xen UUID service address %q: %w", c.Xen.UUIDListen, err))
+		}
 	}
 	if c.Libvirt.Mode != "emulator" && c.Libvirt.Mode != "external" {
 		errs = append(errs, fmt.Errorf("libvirt mode %q must be emulator or external", c.Libvirt.Mode))

@@ -34,16 +34,19 @@ import (
 
 // AllInOne is a running server plus local agent.
 type AllInOne struct {
-	Addr    string // the address the API listens on
-	cfg     Config
-	store   *store.Store
-	backend *direct.Backend // runs swtpm; the host backend itself or under libvirt's
-	host    hostBackend     // what the agent drives
-	agent   *agent.Agent
-	http    *http.Server
-	ln      net.Listener
-	log     *slog.Logger
-	hostTPM *hostAttester // nil when the host attests no TPM
+	Addr string // the address the API listens on
+	// XenUUIDAddr is where the Xen UUID service listens; "" if not served.
+	XenUUIDAddr string
+	cfg         Config
+	store       *store.Store
+	backend     *direct.Backend // runs swtpm; the host backend itself or under libvirt's
+	host        hostBackend     // what the agent drives
+	agent       *agent.Agent
+	http        *http.Server
+	ln          net.Listener
+	log         *slog.Logger
+	hostTPM     *hostAttester // nil when the host attests no TPM
+	xenUUID     *http.Server  // the Xen UUID service, when served
 	// stopBackground ends work that outlives requests (webhook deliveries,
 	// host attestation).
 	stopBackground context.CancelFunc
@@ -109,6 +112,11 @@ func (d *AllInOne) start(ctx context.Context) error {
 		})
 		if err != nil {
 			return fmt.Errorf("libvirt backend: %w", err)
+		}
+	}
+	if cfg.Backend == "xen" {
+		if d.host, err = d.startXen(); err != nil {
+			return fmt.Errorf("xen backend: %w", err)
 		}
 	}
 	d.agent = &agent.Agent{Host: cfg.HostName, Capacity: cfg.Capacity, Store: d.store, Keyring: kr, Backend: d.host, Log: d.log}
@@ -191,6 +199,9 @@ func (d *AllInOne) Shutdown(ctx context.Context) error {
 	errs := []error{d.http.Shutdown(ctx), d.backend.Close(ctx), d.store.Close()}
 	if d.hostTPM != nil {
 		errs = append(errs, d.hostTPM.close())
+	}
+	if d.xenUUID != nil {
+		errs = append(errs, d.xenUUID.Shutdown(ctx))
 	}
 	if lb, ok := d.host.(*libvirt.Backend); ok {
 		errs = append(errs, lb.Close())

@@ -390,11 +390,7 @@ func testLibvirt(t *testing.T, mode, secretSecurity string) {
 	if _, err := u.c.Delete(ctx, id); err != nil {
 		t.Fatal(err)
 	}
-	wctx, wcancel := context.WithTimeout(ctx, time.Minute)
-	defer wcancel()
-	if _, err := u.c.Wait(wctx, id, func(api.VTPM) bool { return false }, nil); !client.IsNotFound(err) {
-		t.Fatalf("after delete: %v", err)
-	}
+	u.waitGone(t, id)
 	if tpms := guestTPM(t, lv, dom); len(tpms) != 0 {
 		t.Fatalf("guest still has TPM devices: %+v", tpms)
 	}

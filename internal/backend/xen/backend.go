@@ -68,7 +68,7 @@ func (b *Backend) Ensure(ctx context.Context, v *store.VTPM, secret []byte) ([]s
 		return nil, err
 	}
 	if id == uuid.Nil {
-		if id, err = b.manager.Register(ctx); err != nil {
+		if id, err = b.manager.Register(ctx, stubOwner(v.InstanceID)); err != nil {
 			return nil, err
 		}
 	}
@@ -170,6 +170,9 @@ func (b *Backend) Destroy(ctx context.Context, v *store.VTPM) error {
 	return b.manager.Release(ctx, id)
 }
 
+// stubOwner is the owner of the UUID of instanceID's stub domain.
+func stubOwner(instanceID string) string { return "vtpm-" + instanceID }
+
 // Sockets: a stub domain is reached through Xen, not a socket.
 func (b *Backend) Sockets(string) api.Sockets { return api.Sockets{} }
 
@@ -223,13 +226,14 @@ func (b *Backend) Drift(ctx context.Context, records func(context.Context) ([]*s
 	if err != nil {
 		return nil, err
 	}
-	for _, id := range registered {
-		if used[id] {
-			continue
+	for _, r := range registered {
+		if used[r.UUID] || !strings.HasPrefix(r.Owner, stubOwner("")) {
+			continue // in use, or the UUID service's caller's
 		}
-		f := api.Finding{Kind: "orphan_uuid", Object: id.String(), Detail: "vTPM UUID registered with the VTPM manager that no stub domain uses"}
+		f := api.Finding{Kind: "orphan_uuid", Object: r.UUID.String(), InstanceID: strings.TrimPrefix(r.Owner, stubOwner("")),
+			Detail: "vTPM UUID registered with the VTPM manager for a stub domain that was never written"}
 		if repair {
-			if err := b.manager.Release(ctx, id); err != nil {
+			if err := b.manager.Release(ctx, r.UUID); err != nil {
 				return nil, err
 			}
 			f.Deleted = true

@@ -43,10 +43,10 @@ func TestProvisionAndDelete(t *testing.T) {
 		t.Fatalf("ensure: %v %v", eks, err)
 	}
 	registered, _ := g.Registered(ctx)
-	if len(registered) != 1 {
+	if len(registered) != 1 || registered[0].Owner != "vtpm-"+instance {
 		t.Fatalf("registered: %v", registered)
 	}
-	d := layout.StubDomain(instance, registered[0])
+	d := layout.StubDomain(instance, registered[0].UUID)
 	info, err := os.Stat(d.Image)
 	if err != nil || info.Size() != 2*1024*1024 {
 		t.Fatalf("image: %v %v", info, err)
@@ -122,7 +122,10 @@ func TestDrift(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	lost, _ := g.Register(ctx)
+	lost, _ := g.Register(ctx, "vtpm-0e0e0e0e-0000-4000-8000-00000000e0e0") // a crash before its configuration
+	if _, err := g.Register(ctx, UUIDServiceOwner); err != nil { // the caller's: never drift
+		t.Fatal(err)
+	}
 	gone := vtpm("0d0d0d0d-0000-4000-8000-00000000d0d0", spec.V12)
 	records := func(context.Context) ([]*store.VTPM, error) { return []*store.VTPM{kept, gone}, nil }
 
@@ -150,7 +153,7 @@ func TestDrift(t *testing.T) {
 	if got := kinds(false); len(got) != 1 || got["missing_stub_domain"] == "" {
 		t.Fatalf("after repair: %v", got)
 	}
-	if left, _ := g.Registered(ctx); len(left) != 1 {
+	if left, _ := g.Registered(ctx); len(left) != 2 || left[1].Owner != UUIDServiceOwner {
 		t.Fatalf("UUIDs after repair: %v", left)
 	}
 }

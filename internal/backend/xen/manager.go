@@ -27,12 +27,20 @@ import (
 // Manager is a VTPM manager group: the vTPM UUIDs vtpmmgr will serve keys
 // for. On a Xen host it is vtpmmgr's group; here, Group.
 type Manager interface {
-	// Register allocates a fresh vTPM UUID and registers it with the group.
-	Register(ctx context.Context) (uuid.UUID, error)
+	// Register allocates a fresh vTPM UUID and registers it with the group
+	// for owner: a stub domain vtpmd provisions, or the UUID service's
+	// caller.
+	Register(ctx context.Context, owner string) (uuid.UUID, error)
 	// Release removes id from the group; releasing an unknown id is a no-op.
 	Release(ctx context.Context, id uuid.UUID) error
-	// Registered lists the group's UUIDs, oldest first.
-	Registered(ctx context.Context) ([]uuid.UUID, error)
+	// Registered lists the group's registrations, oldest first.
+	Registered(ctx context.Context) ([]Registration, error)
+}
+
+// Registration is one vTPM UUID of a group and who asked for it.
+type Registration struct {
+	UUID  uuid.UUID `json:"uuid"`
+	Owner string    `json:"owner"`
 }
 
 // ErrGroupFull is returned by Register when the group holds as many vTPMs
@@ -50,8 +58,8 @@ type Group struct {
 	capacity int
 	path     string
 
-	mu    sync.Mutex
-	uuids []uuid.UUID
+	mu   sync.Mutex
+	regs []Registration
 }
 
 // OpenGroup opens (or creates) group name's books in dir. Group0 is
@@ -82,26 +90,26 @@ func OpenGroup(dir, name string, capacity int) (*Group, error) {
 	if err := json.Unmarshal(data, &books); err != nil || books.Group != name {
 		return nil, fmt.Errorf("%s is not %s's books: %v", g.path, name, err)
 	}
-	g.uuids = books.UUIDs
+	g.regs = books.Registrations
 	return g, nil
 }
 
 type groupFile struct {
-	Group string      `json:"group"`
-	UUIDs []uuid.UUID `json:"uuids"`
+	Group         string         `json:"group"`
+	Registrations []Registration `json:"registrations"`
 }
 
 // Name is the group's name.
 func (g *Group) Name() string { return g.name }
 
-func (g *Group) Register(ctx context.Context) (uuid.UUID, error) {
+func (g *Group) Register(ctx context.Context, owner string) (uuid.UUID, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if len(g.uuids) >= g.capacity {
-		return uuid.Nil, fmt.Errorf("%w: %s holds %d", ErrGroupFull, g.name, len(g.uuids))
+	if len(g.regs) >= g.capacity {
+		return uuid.Nil, fmt.Errorf("%w: %s holds %d", ErrGroupFull, g.name, len(g.regs))
 	}
 	id := uuid.New()
-	if err := g.save(append(slices.Clip(g.uuids), id)); err != nil {
+	if err := g.save(append(slices.Clip(g.regs), Registration{UUID: id, Owner: owner})); err != nil {
 		return uuid.Nil, err
 	}
 	return id, nil
@@ -110,28 +118,28 @@ func (g *Group) Register(ctx context.Context) (uuid.UUID, error) {
 func (g *Group) Release(ctx context.Context, id uuid.UUID) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	i := slices.Index(g.uuids, id)
+	i := slices.IndexFunc(g.regs, func(r Registration) bool { return r.UUID == id })
 	if i < 0 {
 		return nil
 	}
-	return g.save(slices.Delete(slices.Clone(g.uuids), i, i+1))
+	return g.save(slices.Delete(slices.Clone(g.regs), i, i+1))
 }
 
-func (g *Group) Registered(ctx context.Context) ([]uuid.UUID, error) {
+func (g *Group) Registered(ctx context.Context) ([]Registration, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	return slices.Clone(g.uuids), nil
+	return slices.Clone(g.regs), nil
 }
 
-// save writes uuids as the group's books, then adopts them.
-func (g *Group) save(uuids []uuid.UUID) error {
-	data, err := json.MarshalIndent(groupFile{Group: g.name, UUIDs: uuids}, "", "  ")
+// save writes regs as the group's books, then adopts them.
+func (g *Group) save(regs []Registration) error {
+	data, err := json.MarshalIndent(groupFile{Group: g.name, Registrations: regs}, "", "  ")
 	if err != nil {
 		return err
 	}
 	if err := atomicfile.Write(g.path, data, 0o600); err != nil {
 		return err
 	}
-	g.uuids = uuids
+	g.regs = regs
 	return nil
 }

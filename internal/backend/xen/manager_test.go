@@ -27,15 +27,15 @@ func TestGroup(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a, err := g.Register(ctx)
+	a, err := g.Register(ctx, "vtpm-a")
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := g.Register(ctx)
+	b, err := g.Register(ctx, "vtpm-b")
 	if err != nil || a == b {
 		t.Fatalf("second UUID: %v %v", b, err)
 	}
-	if _, err := g.Register(ctx); !errors.Is(err, ErrGroupFull) {
+	if _, err := g.Register(ctx, "vtpm-c"); !errors.Is(err, ErrGroupFull) {
 		t.Fatalf("registering beyond capacity: %v", err)
 	}
 	// The books survive a restart; a release frees a place.
@@ -43,7 +43,7 @@ func TestGroup(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if ids, _ := g.Registered(ctx); len(ids) != 2 || ids[0] != a || ids[1] != b {
+	if ids, _ := g.Registered(ctx); len(ids) != 2 || ids[0] != (Registration{a, "vtpm-a"}) || ids[1] != (Registration{b, "vtpm-b"}) {
 		t.Fatalf("after reopening: %v", ids)
 	}
 	if err := g.Release(ctx, a); err != nil {
@@ -52,7 +52,7 @@ func TestGroup(t *testing.T) {
 	if err := g.Release(ctx, uuid.New()); err != nil {
 		t.Fatalf("releasing an unknown UUID: %v", err)
 	}
-	if _, err := g.Register(ctx); err != nil {
+	if _, err := g.Register(ctx, "vtpm-c"); err != nil {
 		t.Fatalf("registering after a release: %v", err)
 	}
 }
@@ -99,9 +99,9 @@ func TestUUIDServer(t *testing.T) {
 	if len(seen) != 100 || len(registered) != 100 {
 		t.Fatalf("%d distinct UUIDs served, %d registered; want 100 and 100", len(seen), len(registered))
 	}
-	for _, id := range registered {
-		if !seen[id] {
-			t.Fatalf("registered %s was never served", id)
+	for _, r := range registered {
+		if !seen[r.UUID] || r.Owner != UUIDServiceOwner {
+			t.Fatalf("registered %+v was never served", r)
 		}
 	}
 

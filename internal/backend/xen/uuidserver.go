@@ -9,6 +9,10 @@ import (
 	"github.com/vtpmd/vtpmd/api"
 )
 
+// UUIDServiceOwner owns the registrations the UUID service makes: the
+// caller's to use and release, never reported as drift.
+const UUIDServiceOwner = "uuid-service"
+
 // UUIDServer is the original design's UUID service, which Nova called at
 // http://keylime_vm:8081 before spawning a vTPM: GET / answers 200 with
 // {"uuid": "<uuid>"}, a fresh vTPM UUID registered with the manager's
@@ -27,7 +31,7 @@ func UUIDServer(m Manager, log *slog.Logger) http.Handler {
 			fail(w, http.StatusMethodNotAllowed, "method_not_allowed", "The UUID service serves only GET /.")
 			return
 		}
-		id, err := m.Register(r.Context())
+		id, err := m.Register(r.Context(), UUIDServiceOwner)
 		switch {
 		case errors.Is(err, ErrGroupFull):
 			fail(w, http.StatusInsufficientStorage, "group_full", err.Error()+"; release vTPMs or register them to another group.")
