@@ -123,7 +123,7 @@ func TestDrift(t *testing.T) {
 		}
 	}
 	lost, _ := g.Register(ctx, "vtpm-0e0e0e0e-0000-4000-8000-00000000e0e0") // a crash before its configuration
-	if _, err := g.Register(ctx, UUIDServiceOwner); err != nil { // the caller's: never drift
+	if _, err := g.Register(ctx, UUIDServiceOwner); err != nil {            // the caller's: never drift
 		t.Fatal(err)
 	}
 	gone := vtpm("0d0d0d0d-0000-4000-8000-00000000d0d0", spec.V12)
