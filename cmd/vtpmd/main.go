@@ -4,9 +4,12 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -16,6 +19,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/internal/atomicfile"
 	"github.com/vtpmd/vtpmd/internal/backend/libvirt"
+	"github.com/vtpmd/vtpmd/internal/backend/xen"
 	"github.com/vtpmd/vtpmd/internal/daemon"
 	"github.com/vtpmd/vtpmd/internal/spec"
 )
@@ -23,10 +27,13 @@ import (
 func usage() {
 	fmt.Fprintf(os.Stderr, `usage: vtpmd all-in-one [flags]
        vtpmd agent configure-host --swtpm-user U --swtpm-group G [--qemu-conf FILE]
+       vtpmd xen-uuid-server --listen HOST:PORT [--data-dir DIR] [--group Group1] [--capacity N]
 
 Roles:
   all-in-one             API server and the host agent for this host, in one process
   agent configure-host   set swtpm_user and swtpm_group in libvirt's qemu.conf
+  xen-uuid-server        the Xen design's UUID service: GET / registers a fresh vTPM UUID
+                         with the VTPM manager group (in-process here: no Xen)
 
 Run 'vtpmd all-in-one -h' for the flags.
 `)
@@ -36,6 +43,8 @@ func main() {
 	switch {
 	case len(os.Args) >= 3 && os.Args[1] == "agent" && os.Args[2] == "configure-host":
 		os.Exit(configureHost(os.Args[3:]))
+	case len(os.Args) >= 2 && os.Args[1] == "xen-uuid-server":
+		os.Exit(xenUUIDServer(os.Args[2:]))
 	case len(os.Args) < 2 || os.Args[1] != "all-in-one":
 		usage()
 		os.Exit(2)
@@ -59,11 +68,18 @@ func main() {
 	fs.DurationVar(&cfg.StaleAfter, "stale-after", 0, "time without evidence after which an attestation verdict turns stale (default 3m)")
 	fs.StringVar(&cfg.HostEKCA, "host-ek-ca", "", "PEM file of the CAs whose EK certificates hosts' TPMs may register with")
 	fs.IntVar(&cfg.PoolSize, "pool-size", 4, "manufactured TPM 2.0s kept ready for new instances (swtpm backend; 0: none)")
-	fs.StringVar(&cfg.Backend, "backend", "swtpm", "how this host runs vTPMs: swtpm (vtpmd runs swtpm) or libvirt (attached to libvirt domains)")
+	fs.StringVar(&cfg.Backend, "backend", "swtpm", "how this host runs vTPMs: swtpm (vtpmd runs swtpm), libvirt (attached to libvirt domains) or xen (stub domains)")
 	fs.StringVar(&cfg.Libvirt.Mode, "libvirt-mode", "emulator", "libvirt backend: emulator (libvirt runs swtpm, as Nova) or external (vtpmd runs swtpm)")
 	fs.BoolVar(&cfg.Libvirt.EnableVTPM, "enable-vtpm", false, "libvirt backend: offer vTPMs on this host")
 	fs.StringVar(&cfg.Libvirt.Socket, "libvirt-socket", "/var/run/libvirt/libvirt-sock", "libvirt backend: libvirtd's socket")
 	fs.StringVar(&secretSecurity, "secret-security", "user,host,deployment", "libvirt backend: secret-security modes offered (comma-separated)")
+	fs.StringVar(&cfg.Xen.ImageDir, "xen-image-dir", "", "xen backend: vTPM stub domains' disks (default /var/lib/xen/images/nova_vtpms)")
+	fs.StringVar(&cfg.Xen.ConfigDir, "xen-config-dir", "", "xen backend: their xl and libvirt configurations (default: the image dir)")
+	fs.StringVar(&cfg.Xen.Kernel, "xen-stubdom-kernel", "", "xen backend: the vtpm stub domain kernel (default /usr/lib/xen/boot/vtpm-stubdom.gz)")
+	fs.StringVar(&cfg.Xen.Manager, "xen-manager", "", "xen backend: the VTPM manager domain's name (default vtpmmgr)")
+	fs.StringVar(&cfg.Xen.Group, "xen-group", "Group1", "xen backend: the VTPM manager group vTPMs register to (never Group0)")
+	fs.IntVar(&cfg.Xen.GroupCapacity, "xen-group-capacity", xen.DefaultCapacity, "xen backend: vTPMs the group takes (its TPM's NVRAM)")
+	fs.StringVar(&cfg.Xen.UUIDListen, "xen-uuid-listen", "", "xen backend: also serve the UUID service on HOST:PORT (the original used :8081)")
 	fs.Parse(os.Args[2:])
 	cfg.DefaultTPMVersion = spec.Version(defVersion)
 	for _, m := range strings.Split(secretSecurity, ",") {
@@ -108,6 +124,47 @@ Try, in another terminal:
 		fmt.Fprintf(os.Stderr, "vtpmd: %v\n", runErr)
 		os.Exit(1)
 	}
+}
+
+// xenUUIDServer runs the UUID service on its own, over a VTPM manager
+// group kept in the data dir.
+func xenUUIDServer(args []string) int {
+	fs := flag.NewFlagSet("vtpmd xen-uuid-server", flag.ExitOnError)
+	listen := fs.String("listen", "", "address to serve on, HOST:PORT (required; the original used :8081)")
+	dataDir := fs.String("data-dir", "/var/lib/vtpmd/xen", "where the group's books are kept")
+	group := fs.String("group", "Group1", "the VTPM manager group (never Group0)")
+	capacity := fs.Int("capacity", xen.DefaultCapacity, "vTPMs the group takes (its TPM's NVRAM)")
+	fs.Parse(args)
+	if *listen == "" || fs.NArg() > 0 {
+		fmt.Fprintln(os.Stderr, "vtpmd xen-uuid-server: --listen HOST:PORT is required, and nothing else")
+		return 2
+	}
+	g, err := xen.OpenGroup(*dataDir, *group, *capacity)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "vtpmd: %v\n", err)
+		return 2
+	}
+	log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "vtpmd: %v\n", err)
+		return 1
+	}
+	srv := &http.Server{Handler: xen.UUIDServer(g, log), ReadHeaderTimeout: 10 * time.Second}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+	}()
+	log.Info("Xen UUID service listening", "addr", ln.Addr().String(), "group", g.Name(), "books", *dataDir)
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		fmt.Fprintf(os.Stderr, "vtpmd: %v\n", err)
+		return 1
+	}
+	return 0
 }
 
 // configureHost writes swtpm_user and swtpm_group into libvirt's qemu.conf,
