@@ -256,6 +256,29 @@ func (c *Client) AwaitRefresh(ctx context.Context, s Subject, wait time.Duration
 	return out.Requested, err
 }
 
+// HyperVPlan is the PowerShell plan for a Hyper-V vTPM; vmName "" means
+// the instance id.
+func (c *Client) HyperVPlan(ctx context.Context, id, vmName string) (api.HyperVPlan, error) {
+	var out api.HyperVPlan
+	path := "/v1/vtpms/" + url.PathEscape(id) + "/hyperv/plan"
+	if vmName != "" {
+		path += "?vm_name=" + url.QueryEscape(vmName)
+	}
+	return out, c.do(ctx, http.MethodGet, path, nil, &out)
+}
+
+// CreateSecret stores key material; the answer never carries it.
+func (c *Client) CreateSecret(ctx context.Context, req api.CreateSecretRequest) (api.Secret, error) {
+	var out api.Secret
+	return out, c.do(ctx, http.MethodPost, "/v1/secrets", req, &out)
+}
+
+// HostCredential makes a host's key-manager credential (operator).
+func (c *Client) HostCredential(ctx context.Context, host string) (api.HostCredential, error) {
+	var out api.HostCredential
+	return out, c.do(ctx, http.MethodPost, "/v1/hosts/"+url.PathEscape(host)+"/credentials", nil, &out)
+}
+
 // ForgetHost drops a host's attestation registration, so that a replaced
 // TPM can register.
 func (c *Client) ForgetHost(ctx context.Context, name string) error {

@@ -73,6 +73,8 @@ func main() {
 	fs.BoolVar(&cfg.Libvirt.EnableVTPM, "enable-vtpm", false, "libvirt backend: offer vTPMs on this host")
 	fs.StringVar(&cfg.Libvirt.Socket, "libvirt-socket", "/var/run/libvirt/libvirt-sock", "libvirt backend: libvirtd's socket")
 	fs.StringVar(&secretSecurity, "secret-security", "user,host,deployment", "libvirt backend: secret-security modes offered (comma-separated)")
+	fs.StringVar(&cfg.PublicURL, "public-url", "", "the API's URL as hosts reach it, written into Hyper-V plans (default http://<listen>)")
+	fs.StringVar(&cfg.HyperVHGS, "hyperv-hgs-url", "", "Hyper-V plans: the Host Guardian Service's URL (key protectors also name its guardian); default: local key protectors")
 	fs.StringVar(&cfg.Xen.ImageDir, "xen-image-dir", "", "xen backend: vTPM stub domains' disks (default /var/lib/xen/images/nova_vtpms)")
 	fs.StringVar(&cfg.Xen.ConfigDir, "xen-config-dir", "", "xen backend: their xl and libvirt configurations (default: the image dir)")
 	fs.StringVar(&cfg.Xen.Kernel, "xen-stubdom-kernel", "", "xen backend: the vtpm stub domain kernel (default /usr/lib/xen/boot/vtpm-stubdom.gz)")

@@ -130,4 +130,21 @@ func TestAttestationCommands(t *testing.T) {
 	if code, out, _ := run(t, append(base, "attestation", "history", id)...); code != ExitOK || !strings.Contains(out, "policy golden applied") {
 		t.Fatalf("attestation history: %d %q", code, out)
 	}
+
+	// Hyper-V and key-manager commands (no Hyper-V host here: a libvirt
+	// vTPM has no plan).
+	if code, _, errOut := run(t, append(base, "hyperv", "plan", id)...); code != ExitConflict || !strings.Contains(errOut, "not_hyperv") {
+		t.Fatalf("hyperv plan of a non-Hyper-V vTPM: %d %q", code, errOut)
+	}
+	if code, _, errOut := run(t, append(base, "--project", "p1", "secret", "create")...); code != ExitUsage || !strings.Contains(errOut, "--payload-file") {
+		t.Fatalf("secret create without a file: %d %q", code, errOut)
+	}
+	keyFile := filepath.Join(t.TempDir(), "owner.pfx.b64")
+	os.WriteFile(keyFile, []byte("S0VZLU1BVEVSSUFM\n"), 0o600)
+	if code, out, errOut := run(t, append(base, "--project", "p1", "secret", "create", "--payload-file", keyFile)...); code != ExitOK || len(strings.TrimSpace(out)) != 36 || strings.Contains(out, "S0VZ") {
+		t.Fatalf("secret create: %d %q %q", code, out, errOut)
+	}
+	if code, out, errOut := run(t, append(base, "hyperv", "host-token", "h1")...); code != ExitOK || len(strings.TrimSpace(out)) < 40 {
+		t.Fatalf("hyperv host-token: %d %q %q", code, out, errOut)
+	}
 }

@@ -112,6 +112,8 @@ func NewRootCommand() *cobra.Command {
 		newDoctorCommand(g),
 		newAttestationCommand(g),
 		newPolicyCommand(g),
+		newHyperVCommand(g),
+		newSecretCommand(g),
 		newHostCommand(g),
 		newEventsCommand(g),
 		newHostsCommand(g),

@@ -74,6 +74,12 @@ type Config struct {
 	Libvirt LibvirtConfig
 	// Xen configures the Xen backend.
 	Xen XenConfig
+	// PublicURL is the API as hosts reach it, written into Hyper-V plans;
+	// default http://<the listen address>.
+	PublicURL string
+	// HyperVHGS is the Host Guardian Service's URL for Hyper-V key
+	// protectors; "" for local ones.
+	HyperVHGS string
 }
 
 // XenConfig holds the Xen backend's settings; zero values take the

@@ -172,6 +172,10 @@ func (d *AllInOne) start(ctx context.Context) error {
 		return fmt.Errorf("listening on %s: %w", cfg.Listen, err)
 	}
 	d.Addr = d.ln.Addr().String()
+	srv.HyperV = server.HyperVOptions{PublicURL: cfg.PublicURL, HGS: cfg.HyperVHGS}
+	if srv.HyperV.PublicURL == "" {
+		srv.HyperV.PublicURL = "http://" + d.Addr
+	}
 	d.http = &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second}
 	d.http.RegisterOnShutdown(srv.EndLongPolls)
 	go srv.WatchStale(bg)

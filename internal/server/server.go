@@ -60,6 +60,8 @@ type Server struct {
 	Verdicts *attest.Signer
 	// Webhook is told of every verdict change; nil: none.
 	Webhook *Webhook
+	// HyperV shapes Hyper-V plans.
+	HyperV HyperVOptions
 	// StaleAfter is how long a registered instance or host may go without
 	// genuine evidence before its verdict turns stale; 0: DefaultStaleAfter.
 	StaleAfter time.Duration
@@ -124,6 +126,11 @@ func (s *Server) routes() []route {
 		{"GET /v1/vtpms/{id}/attestation/refresh", s.awaitRefresh},
 		{"GET /.well-known/vtpmd/jwks.json", s.jwks},
 		{"GET /v1/vtpms/{id}/events", s.events},
+		{"GET /v1/vtpms/{id}/hyperv/plan", s.hypervPlan},
+		{"POST /v1/secrets", s.createSecret},
+		{"GET /v1/secrets/{id}", s.getSecret},
+		{"GET /v1/secrets/{id}/payload", s.secretPayload},
+		{"POST /v1/hosts/{name}/credentials", s.hostCredential},
 		{"POST /v1/policies", s.createPolicy},
 		{"GET /v1/policies", s.listPolicies},
 		{"GET /v1/policies/{name}", s.getPolicy},
@@ -249,6 +256,12 @@ func (s *Server) createVTPM(w http.ResponseWriter, r *http.Request) error {
 	if sp == nil {
 		return apiErr(http.StatusBadRequest, CodeNoVTPMRequested,
 			"The flavor and image ask for no vTPM; set hw:tpm_version on the flavor or hw_tpm_version on the image.")
+	}
+
+	if sp.Hypervisor == spec.HyperV {
+		if err := s.checkVTPMKeys(r.Context(), req.Project, sp.Keys); err != nil {
+			return err
+		}
 	}
 
 	// Refuse duplicates and full fleets before a secret exists.

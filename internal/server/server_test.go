@@ -87,6 +87,10 @@ func (f *fixture) call(t *testing.T, method, path, project string, body any, out
 	}
 	defer resp.Body.Close()
 	data, _ := io.ReadAll(resp.Body)
+	if raw, ok := out.(*[]byte); ok {
+		*raw = data
+		return resp.StatusCode
+	}
 	if out != nil {
 		if err := json.Unmarshal(data, out); err != nil {
 			t.Fatalf("%s %s: %d %s: %v", method, path, resp.StatusCode, data, err)

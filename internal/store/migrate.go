@@ -81,6 +81,14 @@ CREATE TABLE outbox (
 	next_at     TEXT NOT NULL,          -- sortable UTC time
 	created_at  TEXT NOT NULL
 );`,
+	// A host's credential for the key manager (Hyper-V hosts fetch their
+	// instances' keys with it): SHA-256 of its bearer token.
+	7: `
+CREATE TABLE host_credentials (
+	host        TEXT PRIMARY KEY REFERENCES hosts(name),
+	token_hash  BLOB NOT NULL UNIQUE,
+	created_at  TEXT NOT NULL
+);`,
 }
 
 func (s *Store) migrate(ctx context.Context) error {

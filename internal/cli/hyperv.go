@@ -1,0 +1,82 @@
+package cli
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/vtpmd/vtpmd/api"
+)
+
+func newHyperVCommand(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "hyperv", Short: "Hyper-V vTPMs: the plan a Hyper-V host runs, and hosts' key-manager credentials"}
+	var vmName string
+	plan := &cobra.Command{
+		Use:   "plan INSTANCE",
+		Short: "Print the PowerShell plan that gives the instance's Hyper-V VM its vTPM (keys by reference only)",
+		Args:  exactlyOne,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			p, err := g.client().HyperVPlan(cmd.Context(), args[0], vmName)
+			if err != nil {
+				return apiFailure(err)
+			}
+			if g.format(outputTable) == outputJSON {
+				return writeJSON(cmd.OutOrStdout(), p)
+			}
+			_, err = io.WriteString(cmd.OutOrStdout(), p.Script)
+			return err
+		},
+	}
+	plan.Flags().StringVar(&vmName, "vm-name", "", "the Hyper-V VM's name (default: the instance id)")
+	cmd.AddCommand(plan, &cobra.Command{
+		Use:   "host-token HOST",
+		Short: "Make the host's key-manager credential (replacing its old one); install it on the host, readable by Administrators only",
+		Args:  exactlyOne,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := g.client().HostCredential(cmd.Context(), args[0])
+			if err != nil {
+				return apiFailure(err)
+			}
+			if g.format(outputTable) == outputJSON {
+				return writeJSON(cmd.OutOrStdout(), c)
+			}
+			_, err = fmt.Fprintln(cmd.OutOrStdout(), c.Token)
+			return err
+		},
+	})
+	return cmd
+}
+
+func newSecretCommand(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "secret", Short: "Key material in vtpmd's key manager (e.g. what os_vtpm_keys names)"}
+	var file string
+	create := &cobra.Command{
+		Use:   "create --payload-file FILE",
+		Short: "Store the file's contents as a secret of the project; prints its id (the payload is never shown again)",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if file == "" {
+				return usageErrorf("--payload-file is required (the secret never goes on the command line)")
+			}
+			data, err := os.ReadFile(file)
+			if err != nil {
+				return &exitError{ExitUsage, err}
+			}
+			s, err := g.client().CreateSecret(cmd.Context(), api.CreateSecretRequest{Payload: strings.TrimRight(string(data), "\n")})
+			if err != nil {
+				return apiFailure(err)
+			}
+			if g.format(outputTable) == outputJSON {
+				return writeJSON(cmd.OutOrStdout(), s)
+			}
+			_, err = fmt.Fprintln(cmd.OutOrStdout(), s.ID)
+			return err
+		},
+	}
+	create.Flags().StringVar(&file, "payload-file", "", "file holding the secret (text, e.g. a base64 PFX)")
+	cmd.AddCommand(create)
+	return cmd
+}
