@@ -508,36 +508,34 @@ func (s *Server) jwks(w http.ResponseWriter, r *http.Request) error {
 // outbox in the same transaction), for a host on every instance it runs.
 func (s *Server) updateAttestation(ctx context.Context, sub subject, action string, fn func(*store.Attestation) error, view *api.Attestation) error {
 	var refusal error
-	var notified bool
-	err := s.Store.Update(ctx, func(tx *store.Tx) error {
-		notified = false
+	err := s.updateNotifying(ctx, func(tx *store.Tx) ([]map[string]any, error) {
 		a, err := tx.GetAttestation(sub.key)
 		existed := err == nil
 		if errors.Is(err, store.ErrNotFound) {
 			a, err = &store.Attestation{InstanceID: sub.key, Verdict: "pending"}, nil
 		}
 		if err != nil {
-			return err
+			return nil, err
 		}
 		before := a.Verdict
 		if refusal = fn(a); refusal != nil {
 			var ae *APIError
 			if !errors.As(refusal, &ae) || !existed {
-				return nil // a fault, or nothing to keep: write nothing
+				return nil, nil // a fault, or nothing to keep: write nothing
 			}
 		}
 		a.StaleAt = s.staleAt(a)
 		if err := tx.PutAttestation(a); err != nil {
-			return err
+			return nil, err
 		}
 		if refusal != nil {
-			return nil
+			return nil, nil
 		}
 		changed := a.Verdict != before
 		var status api.Attestation
 		if view != nil || (changed && sub.vtpm != nil) {
 			if status, err = s.attestation(tx, sub, a, time.Now()); err != nil {
-				return err
+				return nil, err
 			}
 			if view != nil {
 				*view = status
@@ -552,59 +550,30 @@ func (s *Server) updateAttestation(ctx context.Context, sub subject, action stri
 				continue
 			}
 			if err := tx.AppendEvent(store.Event{Actor: actor(sub.scope), InstanceID: sub.key, Action: act, Detail: detail(a)}); err != nil {
-				return err
+				return nil, err
 			}
 		}
-		if !changed {
-			return nil
+		switch {
+		case !changed:
+			return nil, nil
+		case sub.vtpm != nil:
+			return []map[string]any{verdictClaims(sub.vtpm, status, time.Now())}, nil
 		}
-		notes := []map[string]any{}
-		if sub.vtpm != nil {
-			notes = append(notes, verdictClaims(sub.vtpm, status, time.Now()))
-		} else if notes, err = s.hostVerdictNotes(tx, sub.host, a); err != nil {
-			return err
-		}
-		for _, n := range notes {
-			if err := s.Webhook.enqueue(tx, n); err != nil {
-				return err
-			}
-		}
-		notified = len(notes) > 0
-		return nil
+		return s.hostVerdictNotes(tx, sub.host, a)
 	})
 	if err != nil {
 		return err
 	}
-	if notified {
-		s.Webhook.wake()
-	}
 	return refusal
 }
 
-// forgetHost drops a host's attestation record (the TPM it is pinned to,
-// its AK, policy and verdict) so that a replaced TPM can register. Until
-// one does, its instances read their host as unattested.
-func (s *Server) forgetHost(w http.ResponseWriter, r *http.Request) error {
-	sub, err := s.subject(r)
-	if err != nil {
-		return err
-	}
-	const why = "the host's TPM registration was removed"
+// updateNotifying runs fn in one transaction; the verdict changes it
+// returns are queued for the webhook in that same transaction, and the
+// deliverer woken once it commits.
+func (s *Server) updateNotifying(ctx context.Context, fn func(tx *store.Tx) ([]map[string]any, error)) error {
 	var notified bool
-	err = s.Store.Update(r.Context(), func(tx *store.Tx) error {
-		notified = false
-		if _, err := tx.GetAttestation(sub.key); errors.Is(err, store.ErrNotFound) {
-			return apiErr(http.StatusNotFound, CodeNotRegistered, "The host has never registered an attestation key.")
-		} else if err != nil {
-			return err
-		}
-		if err := tx.DeleteAttestation(sub.key); err != nil {
-			return err
-		}
-		if err := tx.AppendEvent(store.Event{Actor: actor(""), InstanceID: sub.key, Action: "attestation forgotten", Detail: why}); err != nil {
-			return err
-		}
-		notes, err := s.hostVerdictNotes(tx, sub.host, &store.Attestation{Verdict: "unattested", Reasons: []string{why}})
+	err := s.Store.Update(ctx, func(tx *store.Tx) error {
+		notes, err := fn(tx)
 		if err != nil {
 			return err
 		}
@@ -616,11 +585,37 @@ func (s *Server) forgetHost(w http.ResponseWriter, r *http.Request) error {
 		notified = len(notes) > 0
 		return nil
 	})
+	if err == nil && notified {
+		s.Webhook.wake()
+	}
+	return err
+}
+
+// forgetHost drops a host's attestation record (the TPM it is pinned to,
+// its AK, policy and verdict) so that a replaced TPM can register. Until
+// one does, its instances read their host as unattested.
+func (s *Server) forgetHost(w http.ResponseWriter, r *http.Request) error {
+	sub, err := s.subject(r)
 	if err != nil {
 		return err
 	}
-	if notified {
-		s.Webhook.wake()
+	const why = "the host's TPM registration was removed"
+	err = s.updateNotifying(r.Context(), func(tx *store.Tx) ([]map[string]any, error) {
+		if _, err := tx.GetAttestation(sub.key); errors.Is(err, store.ErrNotFound) {
+			return nil, apiErr(http.StatusNotFound, CodeNotRegistered, "The host has never registered an attestation key.")
+		} else if err != nil {
+			return nil, err
+		}
+		if err := tx.DeleteAttestation(sub.key); err != nil {
+			return nil, err
+		}
+		if err := tx.AppendEvent(store.Event{Actor: actor(""), InstanceID: sub.key, Action: "attestation forgotten", Detail: why}); err != nil {
+			return nil, err
+		}
+		return s.hostVerdictNotes(tx, sub.host, &store.Attestation{Verdict: "unattested", Reasons: []string{why}})
+	})
+	if err != nil {
+		return err
 	}
 	w.WriteHeader(http.StatusNoContent)
 	return nil

@@ -98,15 +98,8 @@ func (s *Server) createSecret(w http.ResponseWriter, r *http.Request) error {
 	if err := decode(w, r, &req); err != nil {
 		return err
 	}
-	switch {
-	case req.Project == "" && scope == "":
-		return apiErr(http.StatusBadRequest, CodeInvalidProject, "A project is required: set \"project\" or the "+ProjectHeader+" header.")
-	case req.Project == "":
-		req.Project = scope
-	case scope != "" && req.Project != scope:
-		return apiErr(http.StatusForbidden, CodeInvalidProject, "A caller scoped to one project cannot store secrets for another.")
-	case !projectRE.MatchString(req.Project):
-		return apiErr(http.StatusBadRequest, CodeInvalidProject, "The project is not a valid project id.")
+	if req.Project, err = owningProject(scope, req.Project, "secrets", true); err != nil {
+		return err
 	}
 	if len(req.Payload) == 0 || len(req.Payload) > keyring.MaxPayloadLen {
 		return apiErr(http.StatusBadRequest, CodeInvalidPayload, fmt.Sprintf("The payload must be 1 to %d bytes; it is %d.", keyring.MaxPayloadLen, len(req.Payload)))

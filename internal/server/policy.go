@@ -29,15 +29,12 @@ func (s *Server) createPolicy(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	switch {
-	case !policyNameRE.MatchString(req.Name):
+	if !policyNameRE.MatchString(req.Name) {
 		return apiErr(http.StatusBadRequest, CodeInvalidParameter, "Policy name "+strconv.Quote(truncate(req.Name))+" is invalid: lower-case letters, digits, '.', '_' and '-', at most 63.")
-	case req.Project == "":
-		req.Project = scope
-	case scope != "" && req.Project != scope:
-		return apiErr(http.StatusForbidden, CodeInvalidProject, "A caller scoped to one project cannot create policies for another.")
-	case !projectRE.MatchString(req.Project):
-		return apiErr(http.StatusBadRequest, CodeInvalidProject, "Project "+strconv.Quote(truncate(req.Project))+" is not a valid project id.")
+	}
+	// The operator's policies without a project are shared.
+	if req.Project, err = owningProject(scope, req.Project, "policies", false); err != nil {
+		return err
 	}
 	p := &store.Policy{Project: req.Project, Name: req.Name}
 	switch {

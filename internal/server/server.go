@@ -226,6 +226,23 @@ func project(r *http.Request) (string, error) {
 	return p, nil
 }
 
+// owningProject is the project a new resource belongs to: the one asked
+// for, else the caller's; required when the operator (no scope) must name
+// one.
+func owningProject(scope, requested, what string, required bool) (string, error) {
+	switch {
+	case requested == "" && scope == "" && required:
+		return "", apiErr(http.StatusBadRequest, CodeInvalidProject, "A project is required: set \"project\" or the "+ProjectHeader+" header.")
+	case requested == "":
+		return scope, nil
+	case scope != "" && requested != scope:
+		return "", apiErr(http.StatusForbidden, CodeInvalidProject, "A caller scoped to one project cannot create "+what+" for another.")
+	case !projectRE.MatchString(requested):
+		return "", apiErr(http.StatusBadRequest, CodeInvalidProject, "Project "+strconv.Quote(truncate(requested))+" is not a valid project id.")
+	}
+	return requested, nil
+}
+
 func (s *Server) createVTPM(w http.ResponseWriter, r *http.Request) error {
 	scope, err := project(r)
 	if err != nil {
@@ -239,15 +256,8 @@ func (s *Server) createVTPM(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	switch {
-	case req.Project == "" && scope == "":
-		return apiErr(http.StatusBadRequest, CodeInvalidProject, "A project is required: set \"project\" or the "+ProjectHeader+" header.")
-	case req.Project == "":
-		req.Project = scope
-	case scope != "" && req.Project != scope:
-		return apiErr(http.StatusForbidden, CodeInvalidProject, "A caller scoped to one project cannot create vTPMs for another.")
-	case !projectRE.MatchString(req.Project):
-		return apiErr(http.StatusBadRequest, CodeInvalidProject, "Project "+strconv.Quote(truncate(req.Project))+" is not a valid project id.")
+	if req.Project, err = owningProject(scope, req.Project, "vTPMs", true); err != nil {
+		return err
 	}
 	sp, err := spec.Resolve(specRequest(req.ResolveRequest), s.Options)
 	if err != nil {
