@@ -6,18 +6,15 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"encoding/json"
-	"encoding/pem"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/google/uuid"
 	"libvirt.org/go/libvirtxml"
@@ -43,15 +40,9 @@ import (
 func TestGuestAttestation(t *testing.T) {
 	lv := connectLibvirt(t)
 	dir := t.TempDir()
-	vendor := swtpmtest.NewCA(t)
-	caFile := filepath.Join(dir, "host-ek-ca.pem")
-	os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: vendor.Cert.Raw}), 0o644)
-	hostTPM, _ := swtpmtest.Manufactured(t, spec.V20, vendor)
-	hostLog := filepath.Join(dir, "host-event-log")
-	hostBoot := bootHost(t, hostTPM, "host kernel 6.1", hostLog)
-	u := startConfigured(t, Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "lv-host", Backend: "libvirt",
-		Libvirt: LibvirtConfig{Mode: "emulator", EnableVTPM: true},
-		HostTPM: "unix:" + hostTPM.DataSocket(), HostEventLog: hostLog, HostEKCA: caFile, HostAttestInterval: time.Hour})
+	th := newTestHost(t, dir, "host kernel 6.1")
+	u := startConfigured(t, th.attests(Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "lv-host", Backend: "libvirt",
+		Libvirt: LibvirtConfig{Mode: "emulator", EnableVTPM: true}}))
 	ctx := context.Background()
 	host := client.Host("lv-host")
 	// The guest reaches vtpmd through a proxy that keeps its last evidence.
@@ -143,10 +134,7 @@ func TestGuestAttestation(t *testing.T) {
 
 	// The host reboots into another kernel: the VM runs on an untrusted host.
 	t.Log("step 4: the host reboots into another kernel; its agent attests again")
-	if err := hostBoot.Stop(ctx); err != nil {
-		t.Fatal(err)
-	}
-	bootHost(t, hostTPM, "host kernel 6.1 with a rootkit", hostLog)
+	th.reboot(t, "host kernel 6.1 with a rootkit")
 	u.d.AttestHost(ctx) // the reboot broke the agent's connection: it reconnects on the next try
 	if h, err := u.d.AttestHost(ctx); err != nil || h.Verdict != "untrusted" {
 		t.Fatalf("host after the reboot: %+v %v", h, err)

@@ -22,6 +22,40 @@ import (
 	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmtest"
 )
 
+// testHost is a swtpm playing a host's TPM, with an EK certificate from a
+// test "vendor" CA, booted into a kernel of the test's choosing.
+type testHost struct {
+	vendor *swtpmtest.CA
+	tpm    swtpm.Instance
+	proc   *swtpm.Process
+	caFile string // the vendor CA, as --host-ek-ca takes it
+	log    string // the host boot's event log
+}
+
+func newTestHost(t *testing.T, dir, kernel string) *testHost {
+	t.Helper()
+	h := &testHost{vendor: swtpmtest.NewCA(t), caFile: filepath.Join(dir, "host-ek-ca.pem"), log: filepath.Join(dir, "host-event-log")}
+	os.WriteFile(h.caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: h.vendor.Cert.Raw}), 0o644)
+	h.tpm, _ = swtpmtest.Manufactured(t, spec.V20, h.vendor)
+	h.proc = bootHost(t, h.tpm, kernel, h.log)
+	return h
+}
+
+// attests makes cfg's host agent attest h (hourly, so tests say when).
+func (h *testHost) attests(cfg Config) Config {
+	cfg.HostTPM, cfg.HostEventLog, cfg.HostEKCA, cfg.HostAttestInterval = "unix:"+h.tpm.DataSocket(), h.log, h.caFile, time.Hour
+	return cfg
+}
+
+// reboot restarts the host's TPM and measures a boot of kernel into it.
+func (h *testHost) reboot(t *testing.T, kernel string) {
+	t.Helper()
+	if err := h.proc.Stop(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	h.proc = bootHost(t, h.tpm, kernel, h.log)
+}
+
 // bootHost starts the swtpm that plays the host's TPM and measures into it
 // a host boot of the given kernel, writing the boot's event log to logPath,
 // as a host's firmware and boot loader would.
@@ -56,16 +90,9 @@ func bootHost(t *testing.T, i swtpm.Instance, kernel, logPath string) *swtpm.Pro
 func TestHostBinding(t *testing.T) {
 	dir := t.TempDir()
 	ctx := context.Background()
-	vendor := swtpmtest.NewCA(t)
-	caFile := filepath.Join(dir, "host-ek-ca.pem")
-	os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: vendor.Cert.Raw}), 0o644)
-	hostTPM, _ := swtpmtest.Manufactured(t, spec.V20, vendor)
-	hostLog := filepath.Join(dir, "host-event-log")
-	proc := bootHost(t, hostTPM, "host kernel 6.1", hostLog)
-
+	th := newTestHost(t, dir, "host kernel 6.1")
 	hook := newHookReceiver(t)
-	u := startConfigured(t, Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "test-host", WebhookURL: hook.srv.URL,
-		HostTPM: "unix:" + hostTPM.DataSocket(), HostEventLog: hostLog, HostEKCA: caFile, HostAttestInterval: time.Hour})
+	u := startConfigured(t, th.attests(Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "test-host", WebhookURL: hook.srv.URL}))
 	host := client.Host("test-host")
 	h, err := u.d.AttestHost(ctx)
 	if err != nil || h.HostName != "test-host" || h.State != "registered" || h.Verdict != "pending" {
@@ -121,10 +148,7 @@ func TestHostBinding(t *testing.T) {
 	}
 
 	// The host reboots into another kernel.
-	if err := proc.Stop(ctx); err != nil {
-		t.Fatal(err)
-	}
-	bootHost(t, hostTPM, "host kernel 6.1 with a rootkit", hostLog)
+	th.reboot(t, "host kernel 6.1 with a rootkit")
 	if h, err = u.d.AttestHost(ctx); err == nil {
 		t.Fatal("attesting over the connection the reboot broke: no error")
 	}
@@ -148,7 +172,7 @@ func TestHostBinding(t *testing.T) {
 	for _, c := range []struct {
 		ca   *swtpmtest.CA
 		code string
-	}{{swtpmtest.NewCA(t), "ek_untrusted"}, {vendor, "ek_mismatch"}} {
+	}{{swtpmtest.NewCA(t), "ek_untrusted"}, {th.vendor, "ek_mismatch"}} {
 		other, _ := swtpmtest.Manufactured(t, spec.V20, c.ca)
 		swtpmtest.Start(t, other)
 		impostor := &attestor.Agent{TPM: dialTPM(t, other.DataSocket()), API: u.c, Subject: host, EKCertificate: true}
