@@ -12,8 +12,8 @@ import (
 	"github.com/vtpmd/vtpmd/internal/store"
 )
 
-// maxRefreshWait bounds an agent's long poll, below common proxies' idle
-// timeouts.
+// maxRefreshWait bounds an agent's long poll (a proxy in front of vtpmd
+// must allow it as an idle time, or agents ask for less).
 const maxRefreshWait = 5 * time.Minute
 
 // refreshes are the requests for fresh evidence, per attestation key: one
