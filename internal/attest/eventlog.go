@@ -72,7 +72,9 @@ func ParseEventLog(log []byte) ([]Event, error) {
 	if _, ok := sizes[algSHA256]; !ok {
 		return nil, errors.New("event log: no SHA-256 digests")
 	}
-	events := []Event{{Index: 0, PCR: 0, Type: evNoAction, Data: spec}}
+	// A firmware event is rarely under 64 bytes: room for all, one allocation.
+	events := make([]Event, 1, min(r.left()/64+1, maxEvents+1))
+	events[0] = Event{Index: 0, PCR: 0, Type: evNoAction, Data: spec}
 	for r.left() > 0 {
 		if len(events) > maxEvents {
 			return nil, fmt.Errorf("event log: more than %d events", maxEvents)
@@ -139,7 +141,7 @@ func digestSizes(spec []byte) (map[uint16]int, error) {
 // in PCR 0), is PCR 0's starting value, as the TPM sets it.
 func Replay(events []Event) map[int][]byte {
 	var banks [24]*[sha256.Size]byte // ParseEventLog bounds PCR to 0–23
-	h := sha256.New()
+	var buf [2 * sha256.Size]byte     // PCR || digest: one Sum256 per extend, no allocation
 	for _, e := range events {
 		if e.PCR < 0 || e.PCR >= len(banks) {
 			continue
@@ -155,10 +157,9 @@ func Replay(events []Event) map[int][]byte {
 			v = new([sha256.Size]byte)
 			banks[e.PCR] = v
 		}
-		h.Reset()
-		h.Write(v[:])
-		h.Write(e.Digest)
-		h.Sum(v[:0])
+		copy(buf[:sha256.Size], v[:])
+		copy(buf[sha256.Size:], e.Digest)
+		*v = sha256.Sum256(buf[:])
 	}
 	pcrs := make(map[int][]byte, len(banks))
 	for i, v := range banks {

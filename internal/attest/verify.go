@@ -28,7 +28,9 @@ type Verdict struct {
 
 // State is what the verifier keeps of an instance's last accepted
 // evidence. Agents push the same firmware log every time, so a log equal
-// to the last one is not parsed and replayed again.
+// to the last one is not parsed and replayed again. It shares the
+// evidence's log (no copy: a verifier's hot path), which must not be
+// changed after.
 type State struct {
 	Quote    *Quote
 	EventLog []byte
@@ -57,7 +59,7 @@ func Verify(ak *AK, ev Evidence, nonce []byte, prev State, p *Policy) (Verdict, 
 		if err != nil {
 			return Verdict{Reasons: []string{err.Error()}, Quote: q}, prev
 		}
-		next.EventLog, next.Events, next.Replayed = bytes.Clone(ev.EventLog), events, Replay(events)
+		next.EventLog, next.Events, next.Replayed = ev.EventLog, events, Replay(events)
 	}
 	for i := range 24 {
 		// Quoted PCRs the log extends must match it exactly; others (IMA,
