@@ -162,10 +162,14 @@ func learn(a *store.Attestation, which []int, digests bool) (attest.Policy, erro
 	if which == nil {
 		which = slices.DeleteFunc(slices.Sorted(maps.Keys(a.PCRs)), func(i int) bool { return i == attest.IMAPCR && !digests })
 	}
+	p := attest.Learn(b, a.EventLog, which)
 	if digests {
-		return attest.LearnDigests(b, which), nil
+		p = attest.LearnDigests(b, which)
 	}
-	return attest.Learn(b, a.EventLog, which), nil
+	if len(p.PCRs) == 0 && len(p.Digests) == 0 {
+		return p, apiErr(http.StatusBadRequest, CodeInvalidParameter, fmt.Sprintf("Nothing to learn: the last accepted evidence has nothing for PCRs %v.", which))
+	}
+	return p, nil
 }
 
 func (s *Server) listPolicies(w http.ResponseWriter, r *http.Request) error {

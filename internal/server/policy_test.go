@@ -72,6 +72,7 @@ func TestPolicies(t *testing.T) {
 		{"another project's instance", "p2", api.CreatePolicyRequest{Name: "x", LearnFrom: &api.LearnFrom{InstanceID: inst}}, 404, CodeNotFound},
 		{"host without attestation", "", api.CreatePolicyRequest{Name: "x", LearnFrom: &api.LearnFrom{Host: "h1"}}, 404, CodeNotFound},
 		{"bad JSON", "", `{"name": 1}`, 400, CodeInvalidJSON},
+		{"nothing to learn", "p1", api.CreatePolicyRequest{Name: "x", LearnFrom: &api.LearnFrom{InstanceID: inst, PCRs: []int{15}}}, 400, CodeInvalidParameter},
 		{"empty digest list", "", api.CreatePolicyRequest{Name: "x", Digests: map[int][]string{4: {}}}, 400, CodeInvalidParameter},
 		{"short allowed digest", "", api.CreatePolicyRequest{Name: "x", Digests: map[int][]string{4: {"ab"}}}, 400, CodeInvalidParameter},
 	} {
