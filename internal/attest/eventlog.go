@@ -141,7 +141,7 @@ func digestSizes(spec []byte) (map[uint16]int, error) {
 // in PCR 0), is PCR 0's starting value, as the TPM sets it.
 func Replay(events []Event) map[int][]byte {
 	var banks [24]*[sha256.Size]byte // ParseEventLog bounds PCR to 0–23
-	var buf [2 * sha256.Size]byte     // PCR || digest: one Sum256 per extend, no allocation
+	var buf [2 * sha256.Size]byte    // PCR || digest: one Sum256 per extend, no allocation
 	for _, e := range events {
 		if e.PCR < 0 || e.PCR >= len(banks) {
 			continue
