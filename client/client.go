@@ -5,12 +5,15 @@ package client
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"net/url"
+	"os"
 	"strings"
 	"time"
 
@@ -37,6 +40,27 @@ func (c *Client) WithAgentToken(token string) *Client {
 	cc := *c
 	cc.token = token
 	return &cc
+}
+
+// WithTLS returns a copy of c whose HTTPS connections use cfg, e.g. to
+// trust a deployment's private CA (LoadCAs).
+func (c *Client) WithTLS(cfg *tls.Config) *Client {
+	cc := *c
+	cc.http = &http.Client{Transport: &http.Transport{TLSClientConfig: cfg, Proxy: http.ProxyFromEnvironment}}
+	return &cc
+}
+
+// LoadCAs reads a PEM file of CA certificates as a pool to trust.
+func LoadCAs(path string) (*x509.CertPool, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(data) {
+		return nil, fmt.Errorf("%s holds no PEM certificate", path)
+	}
+	return pool, nil
 }
 
 // Error is an error response of the API.

@@ -11,6 +11,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"flag"
 	"fmt"
 	"os"
@@ -28,17 +29,27 @@ func main() {
 	instance := flag.String("instance", "", "instance id (default: the SMBIOS UUID, /sys/class/dmi/id/product_uuid)")
 	tpmPath := flag.String("tpm", "/dev/tpmrm0", "TPM device, or unix:PATH for a swtpm data socket")
 	eventLog := flag.String("event-log", attestor.DefaultEventLog, "firmware event log")
+	caFile := flag.String("ca-file", "", "PEM CAs to trust when the server is https (default: the system's)")
 	imaLog := flag.String("ima-log", attestor.DefaultIMALog, "IMA's binary measurement list, sent when present (\"\": never)")
 	interval := flag.Duration("interval", 30*time.Second, "time between attestations")
 	once := flag.Bool("once", false, "register, attest once and exit")
 	flag.Parse()
-	if err := run(*server, *instance, *tpmPath, *eventLog, *imaLog, *interval, *once); err != nil {
+	api := client.New(*server, "")
+	if *caFile != "" {
+		pool, err := client.LoadCAs(*caFile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "vtpm-guest: --ca-file:", err)
+			os.Exit(2)
+		}
+		api = api.WithTLS(&tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12})
+	}
+	if err := run(api, *instance, *tpmPath, *eventLog, *imaLog, *interval, *once); err != nil {
 		fmt.Fprintln(os.Stderr, "vtpm-guest:", err)
 		os.Exit(1)
 	}
 }
 
-func run(server, instance, tpmPath, eventLog, imaLog string, interval time.Duration, once bool) error {
+func run(api *client.Client, instance, tpmPath, eventLog, imaLog string, interval time.Duration, once bool) error {
 	if instance == "" {
 		b, err := os.ReadFile("/sys/class/dmi/id/product_uuid")
 		if err != nil {
@@ -53,7 +64,7 @@ func run(server, instance, tpmPath, eventLog, imaLog string, interval time.Durat
 	defer tpm.Close()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	agent := &attestor.Agent{TPM: tpm, API: client.New(server, ""), Subject: client.Instance(instance), EventLog: eventLog, IMALog: imaLog}
+	agent := &attestor.Agent{TPM: tpm, API: api, Subject: client.Instance(instance), EventLog: eventLog, IMALog: imaLog}
 	if err := agent.Register(ctx); err != nil {
 		return err
 	}

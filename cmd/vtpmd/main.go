@@ -73,6 +73,8 @@ func main() {
 	fs.BoolVar(&cfg.Libvirt.EnableVTPM, "enable-vtpm", false, "libvirt backend: offer vTPMs on this host")
 	fs.StringVar(&cfg.Libvirt.Socket, "libvirt-socket", "/var/run/libvirt/libvirt-sock", "libvirt backend: libvirtd's socket")
 	fs.StringVar(&secretSecurity, "secret-security", "user,host,deployment", "libvirt backend: secret-security modes offered (comma-separated)")
+	fs.StringVar(&cfg.TLSCert, "tls-cert", "", "PEM certificate (chain) of the API: with --tls-key, the API speaks only HTTPS")
+	fs.StringVar(&cfg.TLSKey, "tls-key", "", "PEM private key of the API's certificate")
 	fs.StringVar(&cfg.PublicURL, "public-url", "", "the API's URL as hosts reach it, written into Hyper-V plans (default http://<listen>)")
 	fs.StringVar(&cfg.HyperVHGS, "hyperv-hgs-url", "", "Hyper-V plans: the Host Guardian Service's URL (key protectors also name its guardian); default: local key protectors")
 	fs.StringVar(&cfg.Xen.ImageDir, "xen-image-dir", "", "xen backend: vTPM stub domains' disks (default /var/lib/xen/images/nova_vtpms)")
@@ -105,17 +107,17 @@ func main() {
 		fmt.Fprintf(os.Stderr, "vtpmd: %v\n", err)
 		os.Exit(1)
 	}
-	log.Info("vtpmd all-in-one listening", "addr", d.Addr, "data_dir", cfg.DataDir)
+	log.Info("vtpmd all-in-one listening", "url", d.URL, "data_dir", cfg.DataDir)
 	fmt.Fprintf(os.Stderr, `
-vtpmd is running. API: http://%[1]s   (Ctrl-C stops it; vTPM state is kept)
+vtpmd is running. API: %[1]s   (Ctrl-C stops it; vTPM state is kept)
 Try, in another terminal:
-  export VTPMD_SERVER=http://%[1]s
+  export VTPMD_SERVER=%[1]s
   vtpmctl create --instance $(cat /proc/sys/kernel/random/uuid) --for-project demo --flavor-spec hw:tpm_version=2.0
   vtpmctl list
   vtpmctl identity <instance>
   TPM2TOOLS_TCTI=swtpm:path=<data socket from 'vtpmctl show'> tpm2_pcrread sha256:0-7
 
-`, d.Addr)
+`, d.URL)
 	runErr := d.Run(ctx)
 	sctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()

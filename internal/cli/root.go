@@ -4,6 +4,7 @@ package cli
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -63,6 +64,8 @@ type globals struct {
 	output  string
 	server  string
 	project string
+	caFile  string
+	tls     *tls.Config // when --ca-file is set
 }
 
 // format is -o, or def when the user gave none.
@@ -85,9 +88,17 @@ func NewRootCommand() *cobra.Command {
 		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
 			switch g.output {
 			case "", outputJSON, outputTable:
-				return nil
+			default:
+				return usageErrorf("unknown output format %q (want json or table)", g.output)
 			}
-			return usageErrorf("unknown output format %q (want json or table)", g.output)
+			if g.caFile != "" {
+				pool, err := client.LoadCAs(g.caFile)
+				if err != nil {
+					return usageErrorf("--ca-file: %v", err)
+				}
+				g.tls = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+			}
+			return nil
 		},
 		RunE: func(cmd *cobra.Command, args []string) error { return cmd.Help() },
 	}
@@ -95,6 +106,7 @@ func NewRootCommand() *cobra.Command {
 	pf.StringVarP(&g.output, "output", "o", "", "output format: json or table")
 	pf.StringVar(&g.server, "server", envOr(EnvServer, DefaultServer), "vtpmd API URL (env "+EnvServer+")")
 	pf.StringVar(&g.project, "project", os.Getenv(EnvProject), "act as this project (tenant) (env "+EnvProject+"); empty: operator")
+	pf.StringVar(&g.caFile, "ca-file", os.Getenv(EnvCAFile), "PEM CAs to trust for an https server (env "+EnvCAFile+"); default: the system's")
 	root.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error {
 		return &exitError{ExitUsage, err}
 	})

@@ -28,10 +28,17 @@ const (
 const (
 	EnvServer     = "VTPMD_SERVER"
 	EnvProject    = "VTPMD_PROJECT"
+	EnvCAFile     = "VTPMD_CA_FILE"
 	DefaultServer = "http://127.0.0.1:8780"
 )
 
-func (g *globals) client() *client.Client { return client.New(g.server, g.project) }
+func (g *globals) client() *client.Client {
+	c := client.New(g.server, g.project)
+	if g.tls != nil {
+		c = c.WithTLS(g.tls)
+	}
+	return c
+}
 
 // apiFailure turns a client error into vtpmctl's exit status and message.
 func apiFailure(err error) error {

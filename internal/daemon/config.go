@@ -4,6 +4,7 @@
 package daemon
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -74,6 +75,9 @@ type Config struct {
 	Libvirt LibvirtConfig
 	// Xen configures the Xen backend.
 	Xen XenConfig
+	// TLSCert and TLSKey are PEM files of the API's certificate (chain)
+	// and key: with them the API speaks only HTTPS.
+	TLSCert, TLSKey string
 	// PublicURL is the API as hosts reach it, written into Hyper-V plans;
 	// default http://<the listen address>.
 	PublicURL string
@@ -192,6 +196,13 @@ func (c *Config) Validate() error {
 	}
 	if c.Backend != "swtpm" && c.Backend != "libvirt" && c.Backend != "xen" {
 		errs = append(errs, fmt.Errorf("backend %q must be swtpm, libvirt or xen", c.Backend))
+	}
+	if (c.TLSCert == "") != (c.TLSKey == "") {
+		errs = append(errs, errors.New("TLS needs both a certificate and a key file"))
+	} else if c.TLSCert != "" {
+		if _, err := tls.LoadX509KeyPair(c.TLSCert, c.TLSKey); err != nil {
+			errs = append(errs, fmt.Errorf("TLS certificate and key: %w", err))
+		}
 	}
 	if c.Xen.UUIDListen != "" {
 		if _, _, err := net.SplitHostPort(c.Xen.UUIDListen); err != nil {

@@ -6,6 +6,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -35,6 +36,7 @@ import (
 // AllInOne is a running server plus local agent.
 type AllInOne struct {
 	Addr string // the address the API listens on
+	URL  string // the API's URL: http:// or, with TLS, https:// Addr
 	// XenUUIDAddr is where the Xen UUID service listens; "" if not served.
 	XenUUIDAddr string
 	cfg         Config
@@ -167,25 +169,41 @@ func (d *AllInOne) start(ctx context.Context) error {
 			}
 		},
 	}
+	// With TLS, self is how this process's own clients (the host agent)
+	// trust the API.
+	var serving, self *tls.Config
+	if cfg.TLSCert != "" {
+		if serving, self, err = tlsConfigs(cfg.TLSCert, cfg.TLSKey); err != nil {
+			return err
+		}
+	}
 	d.ln, err = net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listening on %s: %w", cfg.Listen, err)
 	}
-	d.Addr = d.ln.Addr().String()
+	d.Addr, d.URL = d.ln.Addr().String(), "http://"+d.ln.Addr().String()
+	if serving != nil {
+		d.URL = "https://" + d.Addr
+	}
 	srv.HyperV = server.HyperVOptions{PublicURL: cfg.PublicURL, HGS: cfg.HyperVHGS}
 	if srv.HyperV.PublicURL == "" {
-		srv.HyperV.PublicURL = "http://" + d.Addr
+		srv.HyperV.PublicURL = d.URL
 	}
-	d.http = &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	d.http = &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, TLSConfig: serving,
+		ErrorLog: slog.NewLogLogger(d.log.Handler(), slog.LevelWarn)} // TLS handshake failures, as structured logs
 	d.http.RegisterOnShutdown(srv.EndLongPolls)
 	go srv.WatchStale(bg)
 	go func() {
-		if err := d.http.Serve(d.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		serve := d.http.Serve
+		if d.http.TLSConfig != nil {
+			serve = func(ln net.Listener) error { return d.http.ServeTLS(ln, "", "") }
+		}
+		if err := serve(d.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			d.log.Error("API server stopped", "err", err)
 		}
 	}()
 	if cfg.HostTPM != "" {
-		d.hostTPM = newHostAttester(cfg, d.Addr, d.log)
+		d.hostTPM = newHostAttester(cfg, d.URL, self, d.log)
 		go d.hostTPM.run(bg)
 	}
 	return nil

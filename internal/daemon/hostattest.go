@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"crypto/tls"
 	"crypto/x509"
 	"fmt"
 	"log/slog"
@@ -30,9 +31,13 @@ type hostAttester struct {
 	agent attestor.Agent // registered while tpm is open
 }
 
-func newHostAttester(cfg Config, apiAddr string, log *slog.Logger) *hostAttester {
+func newHostAttester(cfg Config, apiURL string, tlsConfig *tls.Config, log *slog.Logger) *hostAttester {
+	api := client.New(apiURL, "")
+	if tlsConfig != nil {
+		api = api.WithTLS(tlsConfig)
+	}
 	return &hostAttester{path: cfg.HostTPM, interval: cfg.HostAttestInterval, log: log,
-		agent: attestor.Agent{API: client.New("http://"+apiAddr, ""), Subject: client.Host(cfg.HostName),
+		agent: attestor.Agent{API: api, Subject: client.Host(cfg.HostName),
 			EventLog: cfg.HostEventLog, IMALog: cfg.HostIMALog, EKCertificate: true}}
 }
 
