@@ -12,7 +12,7 @@ import (
 	"strings"
 
 	"github.com/vtpmd/vtpmd/api"
-	"github.com/vtpmd/vtpmd/internal/hyperv"
+	"github.com/vtpmd/vtpmd/internal/backend/hyperv"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
