@@ -297,6 +297,12 @@ func (c *Client) CreateSecret(ctx context.Context, req api.CreateSecretRequest) 
 	return out, c.do(ctx, http.MethodPost, "/v1/secrets", req, &out)
 }
 
+// Secret reads a secret's metadata.
+func (c *Client) Secret(ctx context.Context, id string) (api.Secret, error) {
+	var out api.Secret
+	return out, c.do(ctx, http.MethodGet, "/v1/secrets/"+url.PathEscape(id), nil, &out)
+}
+
 // HostCredential makes a host's key-manager credential (operator).
 func (c *Client) HostCredential(ctx context.Context, host string) (api.HostCredential, error) {
 	var out api.HostCredential

@@ -327,3 +327,21 @@ func TestAllInOneTPM12(t *testing.T) {
 		t.Fatalf("1.2 vTPM: %+v", v)
 	}
 }
+
+// Secrets tenants store through the API are theirs: a restart, which
+// reclaims vTPM secrets no record refers to, keeps them.
+func TestTenantSecretsSurviveRestart(t *testing.T) {
+	dir := t.TempDir()
+	cfg := Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "h1"}
+	u := startConfigured(t, cfg)
+	ctx := context.Background()
+	s, err := client.New("http://"+u.d.Addr, "p1").CreateSecret(ctx, api.CreateSecretRequest{Payload: "owner guardian PFX, base64"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	u.stop()
+	u = startConfigured(t, cfg)
+	if got, err := u.c.Secret(ctx, s.ID); err != nil || got.Project != "p1" {
+		t.Fatalf("the tenant's secret after a restart: %+v %v", got, err)
+	}
+}

@@ -344,8 +344,15 @@ func reclaimSecrets(ctx context.Context, st *store.Store, b *direct.Backend, kr 
 	}
 	err = st.View(ctx, func(tx *store.Tx) error {
 		vs, err := tx.ListVTPMs(store.Filter{})
+		if err != nil {
+			return err
+		}
 		for _, v := range vs {
 			used[v.SecretID] = true
+		}
+		tenants, err := tx.Secrets() // stored through the API: not vTPMs'
+		for _, id := range tenants {
+			used[id] = true
 		}
 		return err
 	})

@@ -38,17 +38,19 @@ type HyperVOptions struct {
 	HGS string
 }
 
-// checkVTPMKeys makes sure each os_vtpm_keys secret exists and belongs to
-// project, saying which does not; it never reveals a payload.
+// checkVTPMKeys makes sure each os_vtpm_keys secret is a secret a tenant
+// stored, still in the key manager, and project's, saying which is not;
+// it never reveals a payload.
 func (s *Server) checkVTPMKeys(ctx context.Context, project string, keys []string) error {
 	if len(keys) > maxHyperVKeys {
 		return apiErr(http.StatusConflict, CodeTooManyHyperVKeys, fmt.Sprintf(
 			"os_vtpm_keys names %d secrets; on Hyper-V vtpmd uses at most %d: the owner guardian's signing certificate and, optionally, its encryption certificate.", len(keys), maxHyperVKeys))
 	}
 	for _, id := range keys {
-		sec, err := s.Keyring.Get(ctx, id)
+		sec, err := s.userSecret(ctx, id)
+		var ae *APIError
 		switch {
-		case errors.Is(err, keyring.ErrNotFound):
+		case errors.As(err, &ae) && ae.Status == http.StatusNotFound:
 			return apiErr(http.StatusConflict, CodeVTPMKeyMissing, "The os_vtpm_keys secret "+id+" does not exist in the key manager.")
 		case err != nil:
 			return err
@@ -57,6 +59,27 @@ func (s *Server) checkVTPMKeys(ctx context.Context, project string, keys []strin
 		}
 	}
 	return nil
+}
+
+// userSecret reads a secret a tenant stored through the API; a vTPM's own
+// secret is not one, and is "not found" here.
+func (s *Server) userSecret(ctx context.Context, id string) (keyring.Secret, error) {
+	if !keyring.ValidID(id) {
+		return keyring.Secret{}, apiErr(http.StatusBadRequest, CodeInvalidParameter, "A secret id is a UUID.")
+	}
+	notFound := apiErr(http.StatusNotFound, CodeNotFound, "No such secret.")
+	err := s.Store.View(ctx, func(tx *store.Tx) error { _, err := tx.SecretProject(id); return err })
+	if errors.Is(err, store.ErrNotFound) {
+		return keyring.Secret{}, notFound
+	}
+	if err != nil {
+		return keyring.Secret{}, err
+	}
+	sec, err := s.Keyring.Get(ctx, id)
+	if errors.Is(err, keyring.ErrNotFound) {
+		return sec, notFound
+	}
+	return sec, err
 }
 
 // hypervPlan answers the PowerShell plan for a Hyper-V vTPM, after checking
@@ -108,6 +131,11 @@ func (s *Server) createSecret(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	// Recorded as a tenant's, or it would be taken for an orphan vTPM secret.
+	if err := s.Store.Update(r.Context(), func(tx *store.Tx) error { return tx.AddSecret(id, req.Project) }); err != nil {
+		s.Keyring.Delete(context.WithoutCancel(r.Context()), id)
+		return err
+	}
 	sec, err := s.Keyring.Get(r.Context(), id)
 	if err != nil {
 		return err
@@ -123,7 +151,7 @@ func (s *Server) getSecret(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	sec, err := s.secret(r)
+	sec, err := s.userSecret(r.Context(), r.PathValue("id"))
 	if err != nil {
 		return err
 	}
@@ -134,18 +162,6 @@ func (s *Server) getSecret(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-func (s *Server) secret(r *http.Request) (keyring.Secret, error) {
-	id := r.PathValue("id")
-	if !keyring.ValidID(id) {
-		return keyring.Secret{}, apiErr(http.StatusBadRequest, CodeInvalidParameter, "A secret id is a UUID.")
-	}
-	sec, err := s.Keyring.Get(r.Context(), id)
-	if errors.Is(err, keyring.ErrNotFound) {
-		return sec, apiErr(http.StatusNotFound, CodeNotFound, "No such secret.")
-	}
-	return sec, err
-}
-
 // secretPayload releases a secret to a host, with the host's credential,
 // only when an instance placed on that host names it in os_vtpm_keys.
 func (s *Server) secretPayload(w http.ResponseWriter, r *http.Request) error {
@@ -153,7 +169,7 @@ func (s *Server) secretPayload(w http.ResponseWriter, r *http.Request) error {
 	if !ok || token == "" {
 		return apiErr(http.StatusUnauthorized, CodeUnauthenticated, "A host fetches keys with its credential (Authorization: Bearer; vtpmctl hyperv host-token).")
 	}
-	sec, err := s.secret(r)
+	sec, err := s.userSecret(r.Context(), r.PathValue("id"))
 	if err != nil {
 		return err
 	}

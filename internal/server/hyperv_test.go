@@ -114,7 +114,15 @@ func TestHyperV(t *testing.T) {
 		t.Fatalf("another project's plan: %d", code)
 	}
 	other := "0b0b0b0b-0000-4000-8000-00000000b057"
-	call("POST", "/v1/vtpms", "p1", "", create(other, map[string]string{"hw:tpm_version": "2.0"}), nil)
+	var libvirtVTPM api.VTPM
+	call("POST", "/v1/vtpms", "p1", "", create(other, map[string]string{"hw:tpm_version": "2.0"}), &libvirtVTPM)
+	// A vTPM's own secret is not a tenant's: not shown, not usable as a key.
+	if code := call("GET", "/v1/secrets/"+libvirtVTPM.SecretRef, "p1", "", nil, &e); code != 404 {
+		t.Fatalf("a vTPM's own secret through the secrets API: %d", code)
+	}
+	if code := call("POST", "/v1/vtpms", "p1", "", hypervVTPM("0c0c0c0c-0000-4000-8000-00000000c0c0", libvirtVTPM.SecretRef), &e); code != 409 || e.Error.Code != CodeVTPMKeyMissing {
+		t.Fatalf("a vTPM's own secret as os_vtpm_keys: %d %+v", code, e)
+	}
 	if code := call("GET", "/v1/vtpms/"+other+"/hyperv/plan", "p1", "", nil, &e); code != 409 || e.Error.Code != CodeNotHyperV {
 		t.Fatalf("plan for a libvirt vTPM: %d %+v", code, e)
 	}

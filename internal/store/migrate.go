@@ -89,6 +89,15 @@ CREATE TABLE host_credentials (
 	token_hash  BLOB NOT NULL UNIQUE,
 	created_at  TEXT NOT NULL
 );`,
+	// Secrets tenants stored through the API (key material such as
+	// os_vtpm_keys), as opposed to the vTPMs' own: kept by the key
+	// manager, listed here so that nothing takes them for orphans.
+	8: `
+CREATE TABLE secrets (
+	id          TEXT PRIMARY KEY,
+	project     TEXT NOT NULL,
+	created_at  TEXT NOT NULL
+);`,
 }
 
 func (s *Store) migrate(ctx context.Context) error {
