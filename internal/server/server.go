@@ -15,7 +15,9 @@ import (
 	"log/slog"
 	"net/http"
 	"regexp"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -411,7 +413,48 @@ func (s *Server) listVTPMs(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) deleteVTPM(w http.ResponseWriter, r *http.Request) error {
+	if done, err := s.deleteUntouched(w, r); done || err != nil {
+		return err
+	}
 	return s.change(w, r, "delete requested", func(v *store.VTPM) error { return desire(v, store.DesiredDeleted) })
+}
+
+// deleteUntouched deletes at once a vTPM no agent has acted on: nothing of
+// it exists on any host, and a host without a vtpmd agent (Hyper-V) would
+// never finish the delete. An agent's first act is recorded in the same
+// store, so the check and the delete are one transaction.
+func (s *Server) deleteUntouched(w http.ResponseWriter, r *http.Request) (bool, error) {
+	v, scope, err := s.lookup(r)
+	if err != nil || v.Phase != store.PhasePending || len(v.EKs) > 0 {
+		return false, err
+	}
+	var deleted bool
+	err = s.Store.Update(r.Context(), func(tx *store.Tx) error {
+		evs, err := tx.ListEvents(v.InstanceID)
+		if err != nil || slices.ContainsFunc(evs, func(e store.Event) bool { return strings.HasPrefix(e.Actor, "agent:") }) {
+			return err
+		}
+		if err := tx.DeleteVTPM(v.InstanceID); err != nil {
+			return err
+		}
+		if err := tx.DeleteAttestation(v.InstanceID); err != nil {
+			return err
+		}
+		deleted = true
+		return tx.AppendEvent(store.Event{Actor: actor(scope), InstanceID: v.InstanceID, Action: "deleted", Detail: "never provisioned: nothing on the host"})
+	})
+	if err != nil || !deleted {
+		return false, err
+	}
+	// After the record: a crash here leaves an orphan secret, which the next
+	// start reclaims.
+	if err := s.Keyring.Delete(context.WithoutCancel(r.Context()), v.SecretID); err != nil && !errors.Is(err, keyring.ErrNotFound) {
+		s.Log.Warn("deleting the secret of a never-provisioned vTPM", "secret", v.SecretID, "err", err)
+	}
+	view := s.view(v)
+	view.Desired, view.Phase = string(store.DesiredDeleted), "deleted"
+	writeJSON(w, http.StatusOK, view)
+	return true, nil
 }
 
 func (s *Server) startVTPM(w http.ResponseWriter, r *http.Request) error {

@@ -295,10 +295,25 @@ func TestDesiredState(t *testing.T) {
 	if code := f.call(t, "POST", "/v1/vtpms/"+inst+"/stop", "", nil, &v); code != 202 || v.Desired != "stopped" {
 		t.Fatalf("stop again: %d %+v", code, v)
 	}
+	// No agent ever acted on it: nothing on a host, so it goes at once.
+	if code := f.call(t, "DELETE", "/v1/vtpms/"+inst, "", nil, &v); code != 200 || v.Phase != "deleted" || v.Desired != "deleted" {
+		t.Fatalf("delete of an untouched vTPM: %d %+v", code, v)
+	}
+	var e api.ErrorBody
+	if code := f.call(t, "GET", "/v1/vtpms/"+inst, "", nil, &e); code != 404 {
+		t.Fatalf("after deleting an untouched vTPM: %d", code)
+	}
+	if _, err := f.keys.Get(context.Background(), v.SecretRef); err == nil {
+		t.Fatal("the untouched vTPM's secret outlived it")
+	}
+	// Once an agent acted on it, the agent finishes the delete.
+	f.call(t, "POST", "/v1/vtpms", "", create(inst, map[string]string{"hw:tpm_version": "2.0"}), nil)
+	f.store.Update(context.Background(), func(tx *store.Tx) error {
+		return tx.AppendEvent(store.Event{Actor: "agent:h1", InstanceID: inst, Action: "provisioning"})
+	})
 	if code := f.call(t, "DELETE", "/v1/vtpms/"+inst, "", nil, &v); code != 202 || v.Desired != "deleted" {
 		t.Fatalf("delete: %d %+v", code, v)
 	}
-	var e api.ErrorBody
 	if code := f.call(t, "POST", "/v1/vtpms/"+inst+"/start", "", nil, &e); code != 409 {
 		t.Fatalf("start while deleting: %d %+v", code, e)
 	}
