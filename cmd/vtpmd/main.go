@@ -73,6 +73,7 @@ func main() {
 	fs.BoolVar(&cfg.Libvirt.EnableVTPM, "enable-vtpm", false, "libvirt backend: offer vTPMs on this host")
 	fs.StringVar(&cfg.Libvirt.Socket, "libvirt-socket", "/var/run/libvirt/libvirt-sock", "libvirt backend: libvirtd's socket")
 	fs.StringVar(&secretSecurity, "secret-security", "user,host,deployment", "libvirt backend: secret-security modes offered (comma-separated)")
+	fs.StringVar(&cfg.Store, "store", "", "PostgreSQL connection string (postgres://user@host/db; the password in a passfile, never here); default: SQLite in the data dir")
 	fs.StringVar(&cfg.TLSCert, "tls-cert", "", "PEM certificate (chain) of the API: with --tls-key, the API speaks only HTTPS")
 	fs.StringVar(&cfg.TLSKey, "tls-key", "", "PEM private key of the API's certificate")
 	fs.StringVar(&cfg.PublicURL, "public-url", "", "the API's URL as hosts reach it, written into Hyper-V plans (default http://<listen>)")

@@ -21,6 +21,7 @@ import (
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/ca"
+	"github.com/vtpmd/vtpmd/internal/store/pgtest"
 	"github.com/vtpmd/vtpmd/internal/swtpm"
 	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmtest"
 )
@@ -343,5 +344,38 @@ func TestTenantSecretsSurviveRestart(t *testing.T) {
 	u = startConfigured(t, cfg)
 	if got, err := u.c.Secret(ctx, s.ID); err != nil || got.Project != "p1" {
 		t.Fatalf("the tenant's secret after a restart: %+v %v", got, err)
+	}
+}
+
+// TestAllInOnePostgres keeps the store in PostgreSQL: a vTPM made, still
+// there after a restart, deleted. A password in the connection string is
+// refused (it would show in argv).
+func TestAllInOnePostgres(t *testing.T) {
+	dsn := pgtest.DSN(t)
+	dir := t.TempDir()
+	cfg := Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "pg-host", Store: dsn}
+	u := startConfigured(t, cfg)
+	id := "0d0d0d0d-0000-4000-8000-0000000000d0"
+	if v := u.create(t, id, "2.0"); v.Phase != "active" {
+		t.Fatalf("created: %+v", v)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "vtpmd.db")); err == nil {
+		t.Fatal("a SQLite store was made beside PostgreSQL")
+	}
+	u.stop()
+	u = startConfigured(t, cfg)
+	if got, err := u.c.Get(context.Background(), id); err != nil || got.Phase != "active" {
+		t.Fatalf("after a restart: %+v %v", got, err)
+	}
+	if _, err := u.c.Delete(context.Background(), id); err != nil {
+		t.Fatal(err)
+	}
+	u.waitGone(t, id)
+
+	for _, bad := range []string{"postgres://vtpmd:hunter2@localhost/vtpmd", "host=/tmp dbname=x password=hunter2", "postgres://[::1"} {
+		_, err := StartAllInOne(context.Background(), Config{DataDir: t.TempDir(), Listen: "127.0.0.1:0", Store: bad}, nil)
+		if err == nil || strings.Contains(err.Error(), "hunter2") {
+			t.Errorf("store %q: %v", bad, err)
+		}
 	}
 }

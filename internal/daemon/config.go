@@ -12,7 +12,10 @@ import (
 	"os"
 	"os/user"
 	"path/filepath"
+	"strings"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/vtpmd/vtpmd/internal/backend/xen"
 	"github.com/vtpmd/vtpmd/internal/spec"
@@ -75,6 +78,10 @@ type Config struct {
 	Libvirt LibvirtConfig
 	// Xen configures the Xen backend.
 	Xen XenConfig
+	// Store is a PostgreSQL connection string (URL or key=value pairs);
+	// "" keeps the store in SQLite under DataDir. A password never goes in
+	// it: libpq's passfile (PGPASSFILE, ~/.pgpass) holds it.
+	Store string
 	// TLSCert and TLSKey are PEM files of the API's certificate (chain)
 	// and key: with them the API speaks only HTTPS.
 	TLSCert, TLSKey string
@@ -197,6 +204,11 @@ func (c *Config) Validate() error {
 	if c.Backend != "swtpm" && c.Backend != "libvirt" && c.Backend != "xen" {
 		errs = append(errs, fmt.Errorf("backend %q must be swtpm, libvirt or xen", c.Backend))
 	}
+	if c.Store != "" {
+		if err := checkStoreDSN(c.Store); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	if (c.TLSCert == "") != (c.TLSKey == "") {
 		errs = append(errs, errors.New("TLS needs both a certificate and a key file"))
 	} else if c.TLSCert != "" {
@@ -218,4 +230,22 @@ func (c *Config) Validate() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// checkStoreDSN refuses a PostgreSQL connection string that carries a
+// password (it would show in the process's arguments) or is not one.
+func checkStoreDSN(dsn string) error {
+	const noPassword = "store: the connection string carries a password; put it in a passfile (PGPASSFILE or ~/.pgpass)"
+	if u, err := url.Parse(dsn); err == nil && u.User != nil {
+		if _, ok := u.User.Password(); ok {
+			return errors.New(noPassword)
+		}
+	}
+	if strings.Contains(dsn, "password=") {
+		return errors.New(noPassword)
+	}
+	if _, err := pgconn.ParseConfig(dsn); err != nil {
+		return fmt.Errorf("store: not a PostgreSQL connection string: %w", err)
+	}
+	return nil
 }

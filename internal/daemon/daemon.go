@@ -68,7 +68,7 @@ func StartAllInOne(ctx context.Context, cfg Config, log *slog.Logger) (*AllInOne
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating data dir: %w", err)
 	}
-	st, err := store.Open(ctx, filepath.Join(cfg.DataDir, "vtpmd.db"), store.Options{})
+	st, err := openStore(ctx, cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -229,6 +229,15 @@ func (d *AllInOne) Shutdown(ctx context.Context) error {
 		errs = append(errs, lb.Close())
 	}
 	return errors.Join(errs...)
+}
+
+// openStore opens the configured PostgreSQL database, or else SQLite in
+// the data dir.
+func openStore(ctx context.Context, cfg Config) (*store.Store, error) {
+	if cfg.Store != "" {
+		return store.OpenPostgres(ctx, cfg.Store, store.Options{})
+	}
+	return store.Open(ctx, filepath.Join(cfg.DataDir, "vtpmd.db"), store.Options{})
 }
 
 // poolSize is the pool the swtpm backend keeps: none when it only serves

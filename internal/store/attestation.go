@@ -69,7 +69,7 @@ type Attestation struct {
 // registered.
 func (t *Tx) GetAttestation(instanceID string) (*Attestation, error) {
 	var doc string
-	err := t.tx.QueryRowContext(t.ctx, `SELECT doc FROM attestations WHERE instance_id=?`, instanceID).Scan(&doc)
+	err := t.queryRow(`SELECT doc FROM attestations WHERE instance_id=?`, instanceID).Scan(&doc)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, fmt.Errorf("attestation of %s: %w", instanceID, ErrNotFound)
 	}
@@ -102,7 +102,7 @@ func (t *Tx) PutAttestation(a *Attestation) error {
 // OverdueAttestations lists the keys of the attestations whose StaleAt
 // has passed by now.
 func (t *Tx) OverdueAttestations(now time.Time) ([]string, error) {
-	rows, err := t.tx.QueryContext(t.ctx,
+	rows, err := t.query(
 		`SELECT instance_id FROM attestations WHERE stale_at != '' AND stale_at <= ? ORDER BY stale_at`, sortable(now))
 	if err != nil {
 		return nil, err

@@ -21,7 +21,7 @@ func (t *Tx) AppendEvent(e Event) error {
 
 // ListEvents returns an instance's events, oldest first.
 func (t *Tx) ListEvents(instanceID string) ([]Event, error) {
-	rows, err := t.tx.QueryContext(t.ctx,
+	rows, err := t.query(
 		`SELECT id, at, actor, instance_id, action, detail FROM events WHERE instance_id=? ORDER BY id`, instanceID)
 	if err != nil {
 		return nil, err

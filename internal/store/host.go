@@ -45,7 +45,7 @@ func (t *Tx) GetHost(name string) (*Host, error) {
 func (t *Tx) ListHosts() ([]*Host, error) { return t.hosts("") }
 
 func (t *Tx) hosts(where string, args ...any) ([]*Host, error) {
-	rows, err := t.tx.QueryContext(t.ctx, `SELECT name, traits, capacity, backend, seen_at FROM hosts `+where+` ORDER BY name`, args...)
+	rows, err := t.query(`SELECT name, traits, capacity, backend, seen_at FROM hosts `+where+` ORDER BY name`, args...)
 	if err != nil {
 		return nil, err
 	}

@@ -20,7 +20,7 @@ func (t *Tx) Enqueue(payload []byte) error {
 // Deliveries lists up to limit waiting deliveries in the order they were
 // queued.
 func (t *Tx) Deliveries(limit int) ([]Delivery, error) {
-	rows, err := t.tx.QueryContext(t.ctx, `SELECT id, payload, attempts, next_at FROM outbox ORDER BY id LIMIT ?`, limit)
+	rows, err := t.query(`SELECT id, payload, attempts, next_at FROM outbox ORDER BY id LIMIT ?`, limit)
 	if err != nil {
 		return nil, err
 	}

@@ -47,7 +47,7 @@ func (t *Tx) CreatePolicy(p *Policy) error {
 func (t *Tx) GetPolicy(project, name string) (*Policy, error) {
 	p := &Policy{Project: project, Name: name}
 	var doc, at string
-	err := t.tx.QueryRowContext(t.ctx, `SELECT doc, created_at FROM policies WHERE project=? AND name=?`, project, name).Scan(&doc, &at)
+	err := t.queryRow(`SELECT doc, created_at FROM policies WHERE project=? AND name=?`, project, name).Scan(&doc, &at)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, fmt.Errorf("policy %s: %w", name, ErrNotFound)
 	}
@@ -68,7 +68,7 @@ func (t *Tx) ListPolicies(projects ...string) ([]*Policy, error) {
 			args = append(args, p)
 		}
 	}
-	rows, err := t.tx.QueryContext(t.ctx, q+` ORDER BY project, name`, args...)
+	rows, err := t.query(q+` ORDER BY project, name`, args...)
 	if err != nil {
 		return nil, err
 	}

@@ -19,7 +19,7 @@ func (t *Tx) PutHostCredential(host string, tokenHash []byte) error {
 // ErrNotFound if none.
 func (t *Tx) HostByCredential(tokenHash []byte) (string, error) {
 	var host string
-	err := t.tx.QueryRowContext(t.ctx, `SELECT host FROM host_credentials WHERE token_hash=?`, tokenHash).Scan(&host)
+	err := t.queryRow(`SELECT host FROM host_credentials WHERE token_hash=?`, tokenHash).Scan(&host)
 	if errors.Is(err, sql.ErrNoRows) {
 		return "", fmt.Errorf("host credential: %w", ErrNotFound)
 	}
@@ -37,7 +37,7 @@ func (t *Tx) AddSecret(id, project string) error {
 // not one (a vTPM's own secret, or none at all).
 func (t *Tx) SecretProject(id string) (string, error) {
 	var project string
-	err := t.tx.QueryRowContext(t.ctx, `SELECT project FROM secrets WHERE id=?`, id).Scan(&project)
+	err := t.queryRow(`SELECT project FROM secrets WHERE id=?`, id).Scan(&project)
 	if errors.Is(err, sql.ErrNoRows) {
 		return "", fmt.Errorf("secret %s: %w", id, ErrNotFound)
 	}
@@ -46,7 +46,7 @@ func (t *Tx) SecretProject(id string) (string, error) {
 
 // Secrets lists the ids of tenants' secrets.
 func (t *Tx) Secrets() ([]string, error) {
-	rows, err := t.tx.QueryContext(t.ctx, `SELECT id FROM secrets ORDER BY id`)
+	rows, err := t.query(`SELECT id FROM secrets ORDER BY id`)
 	if err != nil {
 		return nil, err
 	}

@@ -1,7 +1,9 @@
 // Package store keeps vtpmd's desired and observed state: hosts, vTPMs and an
-// append-only event log, in SQLite (embedded, pure Go). Every access goes
-// through a transaction closure: Update commits when the closure returns nil
-// and rolls back on an error or a panic; View is read-only.
+// append-only event log, in SQLite (embedded, pure Go) or PostgreSQL (for
+// several servers sharing one database). Every access goes through a
+// transaction closure: Update commits when the closure returns nil and rolls
+// back on an error or a panic; View is read-only. Both engines run the same
+// SQL, the same migrations (with PostgreSQL's types) and the same tests.
 package store
 
 import (
@@ -10,15 +12,20 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"strconv"
+	"strings"
 	"time"
 
-	_ "modernc.org/sqlite" // registers the "sqlite" driver
+	"github.com/jackc/pgx/v5/pgconn"
+	_ "github.com/jackc/pgx/v5/stdlib" // registers the "pgx" driver
+	_ "modernc.org/sqlite"             // registers the "sqlite" driver
 )
 
 // Store is an open database.
 type Store struct {
 	db  *sql.DB
 	now func() time.Time
+	pg  bool // PostgreSQL; else SQLite
 }
 
 // Options tune Open.
@@ -55,6 +62,26 @@ func Open(ctx context.Context, path string, opts Options) (*Store, error) {
 	return s, nil
 }
 
+// OpenPostgres connects to the PostgreSQL database dsn names (a URL or
+// key=value pairs, as libpq takes them) and brings its schema up to date.
+// Several servers may share it: every Update is serializable, retried when
+// PostgreSQL aborts it for a conflicting one.
+func OpenPostgres(ctx context.Context, dsn string, opts Options) (*Store, error) {
+	db, err := sql.Open("pgx", dsn)
+	if err != nil {
+		return nil, fmt.Errorf("opening store: %w", err)
+	}
+	s := &Store{db: db, now: opts.Now, pg: true}
+	if s.now == nil {
+		s.now = time.Now
+	}
+	if err := s.migrate(ctx); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("migrating store: %w", err)
+	}
+	return s, nil
+}
+
 // Close closes the database.
 func (s *Store) Close() error { return s.db.Close() }
 
@@ -68,8 +95,28 @@ func (s *Store) View(ctx context.Context, fn func(*Tx) error) error {
 	return s.run(ctx, true, fn)
 }
 
-func (s *Store) run(ctx context.Context, readOnly bool, fn func(*Tx) error) (err error) {
-	sqlTx, err := s.db.BeginTx(ctx, &sql.TxOptions{ReadOnly: readOnly})
+// run runs fn in a transaction; on PostgreSQL a serialization failure
+// (another server's transaction won) runs it again, a few times.
+func (s *Store) run(ctx context.Context, readOnly bool, fn func(*Tx) error) error {
+	for try := 1; ; try++ {
+		err := s.runOnce(ctx, readOnly, fn)
+		var pe *pgconn.PgError
+		if !s.pg || try == 5 || !errors.As(err, &pe) || pe.Code != "40001" && pe.Code != "40P01" {
+			return err
+		}
+	}
+}
+
+func (s *Store) runOnce(ctx context.Context, readOnly bool, fn func(*Tx) error) (err error) {
+	opts := &sql.TxOptions{ReadOnly: readOnly}
+	if s.pg {
+		// One snapshot for a whole read; writes as if one at a time.
+		opts.Isolation = sql.LevelRepeatableRead
+		if !readOnly {
+			opts.Isolation = sql.LevelSerializable
+		}
+	}
+	sqlTx, err := s.db.BeginTx(ctx, opts)
 	if err != nil {
 		return fmt.Errorf("beginning transaction: %w", err)
 	}
@@ -86,7 +133,7 @@ func (s *Store) run(ctx context.Context, readOnly bool, fn func(*Tx) error) (err
 			err = fmt.Errorf("committing transaction: %w", cerr)
 		}
 	}()
-	return fn(&Tx{ctx: ctx, tx: sqlTx, now: s.now().UTC()})
+	return fn(&Tx{ctx: ctx, tx: sqlTx, now: s.now().UTC(), pg: s.pg})
 }
 
 // Tx is one transaction. It must not be used after its closure returns.
@@ -94,10 +141,38 @@ type Tx struct {
 	ctx context.Context
 	tx  *sql.Tx
 	now time.Time
+	pg  bool
 }
 
 func (t *Tx) exec(query string, args ...any) (sql.Result, error) {
-	return t.tx.ExecContext(t.ctx, query, args...)
+	return t.tx.ExecContext(t.ctx, t.rebind(query), args...)
+}
+
+func (t *Tx) query(query string, args ...any) (*sql.Rows, error) {
+	return t.tx.QueryContext(t.ctx, t.rebind(query), args...)
+}
+
+func (t *Tx) queryRow(query string, args ...any) *sql.Row {
+	return t.tx.QueryRowContext(t.ctx, t.rebind(query), args...)
+}
+
+// rebind turns the ? placeholders (SQLite's) into PostgreSQL's $1, $2, …;
+// no query here has a ? anywhere else.
+func (t *Tx) rebind(query string) string {
+	if !t.pg || !strings.Contains(query, "?") {
+		return query
+	}
+	var b strings.Builder
+	n := 0
+	for _, r := range query {
+		if r == '?' {
+			n++
+			b.WriteString("$" + strconv.Itoa(n))
+			continue
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
 }
 
 // notFound maps sql.ErrNoRows to ErrNotFound.

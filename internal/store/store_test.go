@@ -4,32 +4,75 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"reflect"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/store/pgtest"
 )
 
-// open returns a store in a temporary directory with a fixed clock, and
-// checks on cleanup that the database is still consistent.
-func open(t testing.TB) (*Store, string) {
-	t.Helper()
-	path := filepath.Join(t.TempDir(), "vtpmd.db")
-	clock := time.Date(2026, 11, 22, 12, 0, 0, 0, time.UTC)
-	s, err := Open(context.Background(), path, Options{Now: func() time.Time { clock = clock.Add(time.Second); return clock }})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		var ok string
-		if err := s.db.QueryRow(`PRAGMA integrity_check`).Scan(&ok); err != nil || ok != "ok" {
-			t.Errorf("integrity check: %q, %v", ok, err)
+func TestMain(m *testing.M) {
+	code := m.Run()
+	pgtest.Stop()
+	os.Exit(code)
+}
+
+// engine opens stores of one database engine: every test runs on both.
+type engine struct {
+	name string
+	// open returns a fresh store with a fixed clock, and how to open the
+	// same database again.
+	open func(t testing.TB) (*Store, func() (*Store, error))
+}
+
+var engines = []engine{
+	{"sqlite", func(t testing.TB) (*Store, func() (*Store, error)) {
+		path := filepath.Join(t.TempDir(), "vtpmd.db")
+		s, err := Open(context.Background(), path, Options{Now: testClock()})
+		if err != nil {
+			t.Fatal(err)
 		}
-		s.Close()
-	})
-	return s, path
+		t.Cleanup(func() {
+			var ok string
+			if err := s.db.QueryRow(`PRAGMA integrity_check`).Scan(&ok); err != nil || ok != "ok" {
+				t.Errorf("integrity check: %q, %v", ok, err)
+			}
+			s.Close()
+		})
+		return s, func() (*Store, error) { return Open(context.Background(), path, Options{}) }
+	}},
+	{"postgres", func(t testing.TB) (*Store, func() (*Store, error)) {
+		dsn := pgtest.DSN(t)
+		s, err := OpenPostgres(context.Background(), dsn, Options{Now: testClock()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		return s, func() (*Store, error) { return OpenPostgres(context.Background(), dsn, Options{}) }
+	}},
+}
+
+// onEngines runs test once per engine, as a subtest.
+func onEngines(t *testing.T, test func(t *testing.T, open func(testing.TB) (*Store, func() (*Store, error)))) {
+	for _, e := range engines {
+		t.Run(e.name, func(t *testing.T) { test(t, e.open) })
+	}
+}
+
+// testClock ticks a second per read, from a fixed day.
+func testClock() func() time.Time {
+	clock := time.Date(2026, 11, 22, 12, 0, 0, 0, time.UTC)
+	var mu sync.Mutex
+	return func() time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		clock = clock.Add(time.Second)
+		return clock
+	}
 }
 
 func sample(id, project, host string) *VTPM {
@@ -57,195 +100,205 @@ func putHosts(t testing.TB, s *Store, names ...string) {
 }
 
 func TestVTPMLifecycle(t *testing.T) {
-	ctx := context.Background()
-	s, path := open(t)
-	putHosts(t, s, "h1")
-	v := sample("i-1", "p1", "h1")
-	if err := s.Update(ctx, func(tx *Tx) error { return tx.CreateVTPM(v) }); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Update(ctx, func(tx *Tx) error { return tx.CreateVTPM(sample("i-1", "p2", "h1")) }); !errors.Is(err, ErrExists) {
-		t.Fatalf("duplicate create: %v; want ErrExists", err)
-	}
+	onEngines(t, func(t *testing.T, open func(testing.TB) (*Store, func() (*Store, error))) {
+		ctx := context.Background()
+		s, reopen := open(t)
+		putHosts(t, s, "h1")
+		v := sample("i-1", "p1", "h1")
+		if err := s.Update(ctx, func(tx *Tx) error { return tx.CreateVTPM(v) }); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Update(ctx, func(tx *Tx) error { return tx.CreateVTPM(sample("i-1", "p2", "h1")) }); !errors.Is(err, ErrExists) {
+			t.Fatalf("duplicate create: %v; want ErrExists", err)
+		}
 
-	var got *VTPM
-	if err := s.View(ctx, func(tx *Tx) (err error) { got, err = tx.GetVTPM("i-1"); return }); err != nil {
-		t.Fatal(err)
-	}
-	if !reflect.DeepEqual(got, v) {
-		t.Fatalf("read back:\n got %+v\nwant %+v", got, v)
-	}
+		var got *VTPM
+		if err := s.View(ctx, func(tx *Tx) (err error) { got, err = tx.GetVTPM("i-1"); return }); err != nil {
+			t.Fatal(err)
+		}
+		if !reflect.DeepEqual(got, v) {
+			t.Fatalf("read back:\n got %+v\nwant %+v", got, v)
+		}
 
-	// An update from a stale read is refused.
-	stale := *got
-	got.Phase = PhaseActive
-	if err := s.Update(ctx, func(tx *Tx) error { return tx.UpdateVTPM(got) }); err != nil || got.Generation != 2 {
-		t.Fatalf("update: %v, generation %d", err, got.Generation)
-	}
-	stale.Phase = PhaseError
-	if err := s.Update(ctx, func(tx *Tx) error { return tx.UpdateVTPM(&stale) }); !errors.Is(err, ErrConflict) {
-		t.Fatalf("stale update: %v; want ErrConflict", err)
-	}
+		// An update from a stale read is refused.
+		stale := *got
+		got.Phase = PhaseActive
+		if err := s.Update(ctx, func(tx *Tx) error { return tx.UpdateVTPM(got) }); err != nil || got.Generation != 2 {
+			t.Fatalf("update: %v, generation %d", err, got.Generation)
+		}
+		stale.Phase = PhaseError
+		if err := s.Update(ctx, func(tx *Tx) error { return tx.UpdateVTPM(&stale) }); !errors.Is(err, ErrConflict) {
+			t.Fatalf("stale update: %v; want ErrConflict", err)
+		}
 
-	// Reopen: the data survives.
-	s.Close()
-	s2, err := Open(ctx, path, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	s.db = s2.db // the cleanup checks and closes the reopened database
-	if err := s2.View(ctx, func(tx *Tx) (err error) { got, err = tx.GetVTPM("i-1"); return }); err != nil || got.Phase != PhaseActive {
-		t.Fatalf("after reopen: %+v, %v", got, err)
-	}
-	if err := s2.Update(ctx, func(tx *Tx) error { return tx.DeleteVTPM("i-1") }); err != nil {
-		t.Fatal(err)
-	}
-	err = s2.View(ctx, func(tx *Tx) error { _, err := tx.GetVTPM("i-1"); return err })
-	if !errors.Is(err, ErrNotFound) {
-		t.Fatalf("get after delete: %v", err)
-	}
-	if err := s2.Update(ctx, func(tx *Tx) error { return tx.DeleteVTPM("i-1") }); !errors.Is(err, ErrNotFound) {
-		t.Fatalf("second delete: %v", err)
-	}
+		// Reopen: the data survives.
+		s.Close()
+		s2, err := reopen()
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.db = s2.db // the cleanup checks and closes the reopened database
+		if err := s2.View(ctx, func(tx *Tx) (err error) { got, err = tx.GetVTPM("i-1"); return }); err != nil || got.Phase != PhaseActive {
+			t.Fatalf("after reopen: %+v, %v", got, err)
+		}
+		if err := s2.Update(ctx, func(tx *Tx) error { return tx.DeleteVTPM("i-1") }); err != nil {
+			t.Fatal(err)
+		}
+		err = s2.View(ctx, func(tx *Tx) error { _, err := tx.GetVTPM("i-1"); return err })
+		if !errors.Is(err, ErrNotFound) {
+			t.Fatalf("get after delete: %v", err)
+		}
+		if err := s2.Update(ctx, func(tx *Tx) error { return tx.DeleteVTPM("i-1") }); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("second delete: %v", err)
+		}
+	})
 }
 
 func TestUpdateRollsBack(t *testing.T) {
-	ctx := context.Background()
-	s, _ := open(t)
-	putHosts(t, s, "h1")
-	boom := errors.New("boom")
-	err := s.Update(ctx, func(tx *Tx) error {
-		if err := tx.CreateVTPM(sample("i-err", "p", "h1")); err != nil {
-			return err
-		}
-		return boom
-	})
-	if !errors.Is(err, boom) {
-		t.Fatalf("Update = %v", err)
-	}
-	func() {
-		defer func() {
-			if recover() == nil {
-				t.Fatal("panic was swallowed")
+	onEngines(t, func(t *testing.T, open func(testing.TB) (*Store, func() (*Store, error))) {
+		ctx := context.Background()
+		s, _ := open(t)
+		putHosts(t, s, "h1")
+		boom := errors.New("boom")
+		err := s.Update(ctx, func(tx *Tx) error {
+			if err := tx.CreateVTPM(sample("i-err", "p", "h1")); err != nil {
+				return err
 			}
-		}()
-		s.Update(ctx, func(tx *Tx) error {
-			tx.CreateVTPM(sample("i-panic", "p", "h1"))
-			panic("midway")
+			return boom
 		})
-	}()
-	var n int
-	s.View(ctx, func(tx *Tx) error {
-		l, err := tx.ListVTPMs(Filter{})
-		n = len(l)
-		return err
+		if !errors.Is(err, boom) {
+			t.Fatalf("Update = %v", err)
+		}
+		func() {
+			defer func() {
+				if recover() == nil {
+					t.Fatal("panic was swallowed")
+				}
+			}()
+			s.Update(ctx, func(tx *Tx) error {
+				tx.CreateVTPM(sample("i-panic", "p", "h1"))
+				panic("midway")
+			})
+		}()
+		var n int
+		s.View(ctx, func(tx *Tx) error {
+			l, err := tx.ListVTPMs(Filter{})
+			n = len(l)
+			return err
+		})
+		if n != 0 {
+			t.Fatalf("%d vTPMs survived rolled-back transactions", n)
+		}
 	})
-	if n != 0 {
-		t.Fatalf("%d vTPMs survived rolled-back transactions", n)
-	}
 }
 
 func TestListFiltersAndPages(t *testing.T) {
-	ctx := context.Background()
-	s, _ := open(t)
-	putHosts(t, s, "h1", "h2")
-	err := s.Update(ctx, func(tx *Tx) error {
-		for i := range 10 {
-			v := sample(fmt.Sprintf("i-%02d", i), []string{"pa", "pb"}[i%2], []string{"h1", "h2"}[i/5])
-			if i == 3 {
-				v.Phase = PhaseError
+	onEngines(t, func(t *testing.T, open func(testing.TB) (*Store, func() (*Store, error))) {
+		ctx := context.Background()
+		s, _ := open(t)
+		putHosts(t, s, "h1", "h2")
+		err := s.Update(ctx, func(tx *Tx) error {
+			for i := range 10 {
+				v := sample(fmt.Sprintf("i-%02d", i), []string{"pa", "pb"}[i%2], []string{"h1", "h2"}[i/5])
+				if i == 3 {
+					v.Phase = PhaseError
+				}
+				if err := tx.CreateVTPM(v); err != nil {
+					return err
+				}
 			}
-			if err := tx.CreateVTPM(v); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ids := func(f Filter) []string {
-		var out []string
-		s.View(ctx, func(tx *Tx) error {
-			l, err := tx.ListVTPMs(f)
-			for _, v := range l {
-				out = append(out, v.InstanceID)
-			}
-			return err
+			return nil
 		})
-		return out
-	}
-	cases := []struct {
-		f    Filter
-		want []string
-	}{
-		{Filter{Project: "pa", Host: "h1"}, []string{"i-00", "i-02", "i-04"}},
-		{Filter{Phase: PhaseError}, []string{"i-03"}},
-		{Filter{Limit: 3}, []string{"i-00", "i-01", "i-02"}},
-		{Filter{Limit: 3, After: "i-02"}, []string{"i-03", "i-04", "i-05"}},
-		{Filter{Host: "h2", After: "i-08"}, []string{"i-09"}},
-		{Filter{Project: "nobody"}, nil},
-	}
-	for _, c := range cases {
-		if got := ids(c.f); !reflect.DeepEqual(got, c.want) {
-			t.Errorf("ListVTPMs(%+v) = %v; want %v", c.f, got, c.want)
+		if err != nil {
+			t.Fatal(err)
 		}
-	}
-	var counts map[string]int
-	s.View(ctx, func(tx *Tx) (err error) { counts, err = tx.CountVTPMs(); return })
-	if !reflect.DeepEqual(counts, map[string]int{"h1": 5, "h2": 5}) {
-		t.Fatalf("counts = %v", counts)
-	}
+		ids := func(f Filter) []string {
+			var out []string
+			s.View(ctx, func(tx *Tx) error {
+				l, err := tx.ListVTPMs(f)
+				for _, v := range l {
+					out = append(out, v.InstanceID)
+				}
+				return err
+			})
+			return out
+		}
+		cases := []struct {
+			f    Filter
+			want []string
+		}{
+			{Filter{Project: "pa", Host: "h1"}, []string{"i-00", "i-02", "i-04"}},
+			{Filter{Phase: PhaseError}, []string{"i-03"}},
+			{Filter{Limit: 3}, []string{"i-00", "i-01", "i-02"}},
+			{Filter{Limit: 3, After: "i-02"}, []string{"i-03", "i-04", "i-05"}},
+			{Filter{Host: "h2", After: "i-08"}, []string{"i-09"}},
+			{Filter{Project: "nobody"}, nil},
+		}
+		for _, c := range cases {
+			if got := ids(c.f); !reflect.DeepEqual(got, c.want) {
+				t.Errorf("ListVTPMs(%+v) = %v; want %v", c.f, got, c.want)
+			}
+		}
+		var counts map[string]int
+		s.View(ctx, func(tx *Tx) (err error) { counts, err = tx.CountVTPMs(); return })
+		if !reflect.DeepEqual(counts, map[string]int{"h1": 5, "h2": 5}) {
+			t.Fatalf("counts = %v", counts)
+		}
+	})
 }
 
 func TestEventsAreAppendOnly(t *testing.T) {
-	ctx := context.Background()
-	s, _ := open(t)
-	err := s.Update(ctx, func(tx *Tx) error {
-		for _, a := range []string{"created", "started"} {
-			if err := tx.AppendEvent(Event{Actor: "api:p", InstanceID: "i-1", Action: a}); err != nil {
-				return err
+	onEngines(t, func(t *testing.T, open func(testing.TB) (*Store, func() (*Store, error))) {
+		ctx := context.Background()
+		s, _ := open(t)
+		err := s.Update(ctx, func(tx *Tx) error {
+			for _, a := range []string{"created", "started"} {
+				if err := tx.AppendEvent(Event{Actor: "api:p", InstanceID: "i-1", Action: a}); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var evs []Event
+		s.View(ctx, func(tx *Tx) (err error) { evs, err = tx.ListEvents("i-1"); return })
+		if len(evs) != 2 || evs[0].Action != "created" || evs[1].Action != "started" || evs[0].ID >= evs[1].ID || evs[0].At.IsZero() {
+			t.Fatalf("events = %+v", evs)
+		}
+		for _, q := range []string{`UPDATE events SET action='x'`, `DELETE FROM events`} {
+			err := s.Update(ctx, func(tx *Tx) error { _, err := tx.exec(q); return err })
+			if err == nil {
+				t.Fatalf("%s succeeded on the append-only log", q)
 			}
 		}
-		return nil
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var evs []Event
-	s.View(ctx, func(tx *Tx) (err error) { evs, err = tx.ListEvents("i-1"); return })
-	if len(evs) != 2 || evs[0].Action != "created" || evs[1].Action != "started" || evs[0].ID >= evs[1].ID || evs[0].At.IsZero() {
-		t.Fatalf("events = %+v", evs)
-	}
-	for _, q := range []string{`UPDATE events SET action='x'`, `DELETE FROM events`} {
-		err := s.Update(ctx, func(tx *Tx) error { _, err := tx.exec(q); return err })
-		if err == nil {
-			t.Fatalf("%s succeeded on the append-only log", q)
-		}
-	}
 }
 
 func TestHosts(t *testing.T) {
-	ctx := context.Background()
-	s, _ := open(t)
-	putHosts(t, s, "b", "a")
-	if err := s.Update(ctx, func(tx *Tx) error {
-		return tx.PutHost(&Host{Name: "a", Traits: []string{"X", "Y"}, Capacity: 3, Backend: "libvirt"})
-	}); err != nil {
-		t.Fatal(err)
-	}
-	var hs []*Host
-	s.View(ctx, func(tx *Tx) (err error) { hs, err = tx.ListHosts(); return })
-	if len(hs) != 2 || hs[0].Name != "a" || hs[0].Capacity != 3 || !reflect.DeepEqual(hs[0].Traits, []string{"X", "Y"}) || hs[1].Name != "b" {
-		t.Fatalf("hosts = %+v", hs)
-	}
-	err := s.View(ctx, func(tx *Tx) error { _, err := tx.GetHost("zz"); return err })
-	if !errors.Is(err, ErrNotFound) {
-		t.Fatalf("GetHost unknown: %v", err)
-	}
-	// A vTPM must name a known host.
-	err = s.Update(ctx, func(tx *Tx) error { return tx.CreateVTPM(sample("i-x", "p", "nohost")) })
-	if err == nil {
-		t.Fatal("vTPM on an unknown host was accepted")
-	}
+	onEngines(t, func(t *testing.T, open func(testing.TB) (*Store, func() (*Store, error))) {
+		ctx := context.Background()
+		s, _ := open(t)
+		putHosts(t, s, "b", "a")
+		if err := s.Update(ctx, func(tx *Tx) error {
+			return tx.PutHost(&Host{Name: "a", Traits: []string{"X", "Y"}, Capacity: 3, Backend: "libvirt"})
+		}); err != nil {
+			t.Fatal(err)
+		}
+		var hs []*Host
+		s.View(ctx, func(tx *Tx) (err error) { hs, err = tx.ListHosts(); return })
+		if len(hs) != 2 || hs[0].Name != "a" || hs[0].Capacity != 3 || !reflect.DeepEqual(hs[0].Traits, []string{"X", "Y"}) || hs[1].Name != "b" {
+			t.Fatalf("hosts = %+v", hs)
+		}
+		err := s.View(ctx, func(tx *Tx) error { _, err := tx.GetHost("zz"); return err })
+		if !errors.Is(err, ErrNotFound) {
+			t.Fatalf("GetHost unknown: %v", err)
+		}
+		// A vTPM must name a known host.
+		err = s.Update(ctx, func(tx *Tx) error { return tx.CreateVTPM(sample("i-x", "p", "nohost")) })
+		if err == nil {
+			t.Fatal("vTPM on an unknown host was accepted")
+		}
+	})
 }

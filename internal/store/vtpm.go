@@ -126,7 +126,7 @@ func (t *Tx) DeleteVTPM(instanceID string) error {
 
 // GetVTPM reads one vTPM; ErrNotFound if there is none.
 func (t *Tx) GetVTPM(instanceID string) (*VTPM, error) {
-	row := t.tx.QueryRowContext(t.ctx, `SELECT `+vtpmColumns+` FROM vtpms WHERE instance_id=?`, instanceID)
+	row := t.queryRow(`SELECT `+vtpmColumns+` FROM vtpms WHERE instance_id=?`, instanceID)
 	v, err := scanVTPM(row)
 	if err != nil {
 		return nil, fmt.Errorf("vtpm %s: %w", instanceID, notFound(err))
@@ -170,7 +170,7 @@ func (t *Tx) ListVTPMs(f Filter) ([]*VTPM, error) {
 		q += " LIMIT ?"
 		args = append(args, f.Limit)
 	}
-	rows, err := t.tx.QueryContext(t.ctx, q, args...)
+	rows, err := t.query(q, args...)
 	if err != nil {
 		return nil, err
 	}
@@ -188,7 +188,7 @@ func (t *Tx) ListVTPMs(f Filter) ([]*VTPM, error) {
 
 // CountVTPMs counts the vTPMs placed on each host.
 func (t *Tx) CountVTPMs() (map[string]int, error) {
-	rows, err := t.tx.QueryContext(t.ctx, `SELECT host, COUNT(*) FROM vtpms GROUP BY host`)
+	rows, err := t.query(`SELECT host, COUNT(*) FROM vtpms GROUP BY host`)
 	if err != nil {
 		return nil, err
 	}

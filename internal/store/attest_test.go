@@ -1,0 +1,126 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"testing"
+	"time"
+)
+
+// Attestations, policies, the webhook outbox, tenants' secrets and host
+// credentials, on both engines.
+func TestAttestationTables(t *testing.T) {
+	onEngines(t, func(t *testing.T, open func(testing.TB) (*Store, func() (*Store, error))) {
+		ctx := context.Background()
+		s, _ := open(t)
+		putHosts(t, s, "h1")
+		now := time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)
+		put := func(a *Attestation) {
+			t.Helper()
+			if err := s.Update(ctx, func(tx *Tx) error { return tx.PutAttestation(a) }); err != nil {
+				t.Fatal(err)
+			}
+		}
+		put(&Attestation{InstanceID: "i-1", Verdict: "trusted", PCRs: map[int][]byte{0: {1}}, StaleAt: now.Add(time.Minute)})
+		put(&Attestation{InstanceID: HostKey("h1"), Verdict: "trusted", StaleAt: now.Add(-time.Minute)})
+		put(&Attestation{InstanceID: "i-1", Verdict: "untrusted", StaleAt: now.Add(-time.Second)}) // replaces
+		put(&Attestation{InstanceID: "i-2", Verdict: "pending"})                                   // no deadline
+		var overdue []string
+		var a *Attestation
+		err := s.View(ctx, func(tx *Tx) (err error) {
+			if overdue, err = tx.OverdueAttestations(now); err != nil {
+				return err
+			}
+			a, err = tx.GetAttestation("i-1")
+			return err
+		})
+		if err != nil || !slices.Equal(overdue, []string{HostKey("h1"), "i-1"}) || a.Verdict != "untrusted" || a.PCRs != nil {
+			t.Fatalf("overdue %v, i-1 %+v, %v", overdue, a, err)
+		}
+
+		// Policies: per project, listed by project and name, unique.
+		for _, p := range []*Policy{{Project: "", Name: "shared", PCRs: map[int][]byte{4: {4}}}, {Project: "p1", Name: "mine", Digests: map[int][][]byte{10: {{1}, {2}}}},
+			{Project: "p2", Name: "theirs"}} {
+			if err := s.Update(ctx, func(tx *Tx) error { return tx.CreatePolicy(p) }); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := s.Update(ctx, func(tx *Tx) error { return tx.CreatePolicy(&Policy{Project: "p1", Name: "mine"}) }); !errors.Is(err, ErrExists) {
+			t.Fatalf("a second policy of that name: %v", err)
+		}
+		var ps []*Policy
+		var mine *Policy
+		err = s.View(ctx, func(tx *Tx) (err error) {
+			if ps, err = tx.ListPolicies("p1", ""); err != nil {
+				return err
+			}
+			mine, err = tx.GetPolicy("p1", "mine")
+			return err
+		})
+		if err != nil || len(ps) != 2 || ps[0].Name != "shared" || ps[1].Name != "mine" || len(mine.Digests[10]) != 2 || mine.CreatedAt.IsZero() {
+			t.Fatalf("policies %+v, mine %+v, %v", ps, mine, err)
+		}
+		if err := s.Update(ctx, func(tx *Tx) error { return tx.DeletePolicy("p1", "mine") }); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Update(ctx, func(tx *Tx) error { return tx.DeletePolicy("p1", "mine") }); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("deleting twice: %v", err)
+		}
+
+		// The outbox: in order, retries later, delivered goes.
+		err = s.Update(ctx, func(tx *Tx) error {
+			for _, p := range []string{`{"n":1}`, `{"n":2}`} {
+				if err := tx.Enqueue([]byte(p)); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ds []Delivery
+		s.View(ctx, func(tx *Tx) (err error) { ds, err = tx.Deliveries(10); return err })
+		if len(ds) != 2 || string(ds[0].Payload) != `{"n":1}` || ds[0].ID >= ds[1].ID {
+			t.Fatalf("deliveries %+v", ds)
+		}
+		later := time.Now().Add(time.Hour).UTC().Truncate(time.Microsecond)
+		s.Update(ctx, func(tx *Tx) error { return tx.Retry(ds[0].ID, later) })
+		s.Update(ctx, func(tx *Tx) error { return tx.Delivered(ds[1].ID) })
+		s.View(ctx, func(tx *Tx) (err error) { ds, err = tx.Deliveries(10); return err })
+		if len(ds) != 1 || ds[0].Attempts != 1 || !ds[0].NextAt.Equal(later) {
+			t.Fatalf("after a retry and a delivery: %+v", ds)
+		}
+
+		// Tenants' secrets and host credentials.
+		var project, host string
+		var ids []string
+		err = s.Update(ctx, func(tx *Tx) (err error) {
+			if err = tx.AddSecret("s-1", "p1"); err != nil {
+				return err
+			}
+			if err = tx.PutHostCredential("h1", []byte("old")); err != nil {
+				return err
+			}
+			if err = tx.PutHostCredential("h1", []byte("new")); err != nil {
+				return err
+			}
+			if project, err = tx.SecretProject("s-1"); err != nil {
+				return err
+			}
+			if ids, err = tx.Secrets(); err != nil {
+				return err
+			}
+			host, err = tx.HostByCredential([]byte("new"))
+			return err
+		})
+		if err != nil || project != "p1" || !slices.Equal(ids, []string{"s-1"}) || host != "h1" {
+			t.Fatalf("secret %q %v, credential of %q: %v", project, ids, host, err)
+		}
+		err = s.View(ctx, func(tx *Tx) error { _, err := tx.HostByCredential([]byte("old")); return err })
+		if !errors.Is(err, ErrNotFound) {
+			t.Fatalf("a replaced credential: %v", err)
+		}
+	})
+}

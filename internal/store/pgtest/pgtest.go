@@ -1,0 +1,119 @@
+// Package pgtest runs a throwaway PostgreSQL server for tests, from
+// Debian's packages: one per test process, reached over a unix socket
+// only, with a fresh database per test. As root it runs the server as the
+// postgres user (initdb refuses root).
+package pgtest
+
+import (
+	"database/sql"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	_ "github.com/jackc/pgx/v5/stdlib" // the "pgx" driver
+)
+
+var (
+	once     sync.Once
+	dir      string // socket and data directory
+	port     int
+	startErr error
+	stop     func()
+	next     atomic.Int64
+)
+
+// DSN returns the connection string of a fresh, empty database, dropped
+// when the test ends. Without PostgreSQL installed the test is skipped,
+// and fails under CI=true.
+func DSN(t testing.TB) string {
+	t.Helper()
+	once.Do(start)
+	if startErr != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("PostgreSQL: %v", startErr)
+		}
+		t.Skipf("PostgreSQL: %v", startErr)
+	}
+	name := fmt.Sprintf("test_%d_%d", os.Getpid(), next.Add(1))
+	admin, err := sql.Open("pgx", dsn("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	if _, err := admin.Exec("CREATE DATABASE " + name); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if admin, err := sql.Open("pgx", dsn("postgres")); err == nil {
+			admin.Exec("DROP DATABASE " + name + " WITH (FORCE)")
+			admin.Close()
+		}
+	})
+	return dsn(name)
+}
+
+func dsn(db string) string {
+	return fmt.Sprintf("host=%s port=%d user=postgres dbname=%s sslmode=disable", dir, port, db)
+}
+
+// Stop stops the server, if one was started; call it from TestMain.
+func Stop() {
+	if stop != nil {
+		stop()
+	}
+}
+
+func start() {
+	bins, _ := filepath.Glob("/usr/lib/postgresql/*/bin/pg_ctl")
+	if len(bins) == 0 {
+		startErr = fmt.Errorf("not installed (Debian package postgresql)")
+		return
+	}
+	slices.Sort(bins)
+	bin := filepath.Dir(bins[len(bins)-1])
+	if dir, startErr = os.MkdirTemp("", "vtpmd-pg-"); startErr != nil {
+		return
+	}
+	port = 20000 + os.Getpid()%10000 // names the socket file only: no TCP
+	run := func(name string, args ...string) error {
+		cmd := exec.Command(filepath.Join(bin, name), args...)
+		if os.Geteuid() == 0 {
+			cmd = exec.Command("runuser", append([]string{"-u", "postgres", "--", filepath.Join(bin, name)}, args...)...)
+		}
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("%s: %v\n%s", name, err, out)
+		}
+		return nil
+	}
+	if os.Geteuid() == 0 {
+		u, err := user.Lookup("postgres")
+		if err != nil {
+			startErr = err
+			return
+		}
+		uid, _ := strconv.Atoi(u.Uid)
+		gid, _ := strconv.Atoi(u.Gid)
+		if startErr = os.Chown(dir, uid, gid); startErr != nil {
+			return
+		}
+	}
+	data := filepath.Join(dir, "data")
+	if startErr = run("initdb", "-D", data, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"); startErr != nil {
+		return
+	}
+	opts := fmt.Sprintf("-c listen_addresses='' -k %s -p %d -c fsync=off -c max_connections=200", dir, port)
+	if startErr = run("pg_ctl", "-D", data, "-o", opts, "-l", filepath.Join(dir, "log"), "-w", "start"); startErr != nil {
+		return
+	}
+	stop = func() {
+		run("pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
+		os.RemoveAll(dir)
+	}
+}
