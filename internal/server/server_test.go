@@ -19,6 +19,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
+	"github.com/vtpmd/vtpmd/internal/store/pgtest"
 )
 
 const inst = "7d7a0c4e-8f4b-4bd2-9d6e-2b8f4f3c1a10"
@@ -33,16 +34,12 @@ type fixture struct {
 	token  string // sent as the agent's bearer token when set
 }
 
-// newFixture runs the API on a real SQLite store and key manager, with one
+// newFixture runs the API on a real store (openStore) and key manager, with one
 // TPM 2.0 host of capacity 2 and no agent: records stay pending.
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
 	dir := t.TempDir()
-	st, err := store.Open(context.Background(), filepath.Join(dir, "db"), store.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
+	st := openStore(t, dir)
 	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
 	if err != nil {
 		t.Fatal(err)
@@ -60,6 +57,34 @@ func newFixture(t *testing.T) *fixture {
 	f.api, f.srv = s, httptest.NewServer(s.Handler())
 	t.Cleanup(f.srv.Close)
 	return f
+}
+
+// openStore opens the store the tests run on: SQLite in dir, or with
+// VTPMD_TEST_STORE=postgres (make test runs this package both ways) a
+// fresh PostgreSQL database.
+func openStore(t testing.TB, dir string) *store.Store {
+	t.Helper()
+	var st *store.Store
+	var err error
+	switch os.Getenv("VTPMD_TEST_STORE") {
+	case "", "sqlite":
+		st, err = store.Open(context.Background(), filepath.Join(dir, "db"), store.Options{})
+	case "postgres":
+		st, err = store.OpenPostgres(context.Background(), pgtest.DSN(t), store.Options{})
+	default:
+		t.Fatalf("VTPMD_TEST_STORE=%q: want sqlite or postgres", os.Getenv("VTPMD_TEST_STORE"))
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	return st
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	pgtest.Stop()
+	os.Exit(code)
 }
 
 // call sends a request and decodes the JSON answer into out (if non-nil).
