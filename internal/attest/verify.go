@@ -27,8 +27,10 @@ type Verdict struct {
 }
 
 // State is what the verifier keeps of an instance's last accepted
-// evidence. Agents push the same firmware log every time, so a log equal
-// to the last one is not parsed and replayed again. It shares the
+// evidence. Agents push the same firmware log every time, so a caller that
+// keeps Events and Replayed has a log equal to the last one neither parsed
+// nor replayed again (the API server keeps only the log: parsed logs of
+// every instance would not fit its memory). It shares the
 // evidence's log (no copy: a verifier's hot path), which must not be
 // changed after.
 type State struct {

@@ -4,7 +4,6 @@
 package daemon
 
 import (
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -211,10 +210,6 @@ func (c *Config) Validate() error {
 	}
 	if (c.TLSCert == "") != (c.TLSKey == "") {
 		errs = append(errs, errors.New("TLS needs both a certificate and a key file"))
-	} else if c.TLSCert != "" {
-		if _, err := tls.LoadX509KeyPair(c.TLSCert, c.TLSKey); err != nil {
-			errs = append(errs, fmt.Errorf("TLS certificate and key: %w", err))
-		}
 	}
 	if c.Xen.UUIDListen != "" {
 		if _, _, err := net.SplitHostPort(c.Xen.UUIDListen); err != nil {

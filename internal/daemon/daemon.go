@@ -82,6 +82,16 @@ func StartAllInOne(ctx context.Context, cfg Config, log *slog.Logger) (*AllInOne
 
 func (d *AllInOne) start(ctx context.Context) error {
 	cfg := d.cfg
+	// TLS first: a bad certificate must stop the start before any vTPM
+	// runs. With TLS, self is how this process's own clients (the host
+	// agent) trust the API.
+	var serving, self *tls.Config
+	if cfg.TLSCert != "" {
+		var err error
+		if serving, self, err = tlsConfigs(cfg.TLSCert, cfg.TLSKey); err != nil {
+			return fmt.Errorf("TLS certificate and key: %w", err)
+		}
+	}
 	kr, err := keyring.OpenEmbedded(filepath.Join(cfg.DataDir, "keys"))
 	if err != nil {
 		return fmt.Errorf("opening key manager: %w", err)
@@ -168,14 +178,6 @@ func (d *AllInOne) start(ctx context.Context) error {
 				d.agent.Kick()
 			}
 		},
-	}
-	// With TLS, self is how this process's own clients (the host agent)
-	// trust the API.
-	var serving, self *tls.Config
-	if cfg.TLSCert != "" {
-		if serving, self, err = tlsConfigs(cfg.TLSCert, cfg.TLSKey); err != nil {
-			return err
-		}
 	}
 	d.ln, err = net.Listen("tcp", cfg.Listen)
 	if err != nil {

@@ -6,7 +6,6 @@ import (
 	"crypto/x509"
 	"fmt"
 	"log/slog"
-	"os"
 	"strings"
 	"sync"
 	"time"
@@ -120,13 +119,9 @@ func hostEKRoots(path string) (*x509.CertPool, error) {
 	if path == "" {
 		return nil, nil
 	}
-	pem, err := os.ReadFile(path)
+	pool, err := client.LoadCAs(path)
 	if err != nil {
 		return nil, fmt.Errorf("host EK CA: %w", err)
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("host EK CA: %s holds no PEM certificate", path)
 	}
 	return pool, nil
 }

@@ -7,7 +7,6 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"crypto/x509"
-	"encoding/base64"
 	"errors"
 	"fmt"
 	"net/http"
@@ -185,11 +184,11 @@ func (s *Server) activate(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	token := make([]byte, 32)
-	if _, err := rand.Read(token); err != nil {
+	token, tokenHash, err := newBearer()
+	if err != nil {
 		return err
 	}
-	out := api.Activation{AgentToken: base64.RawURLEncoding.EncodeToString(token)}
+	out := api.Activation{AgentToken: token}
 	err = s.updateAttestation(r.Context(), sub, "attestation key registered", func(a *store.Attestation) error {
 		if a.ChallengeHash == nil {
 			return apiErr(http.StatusConflict, CodeNotRegistered, "No registration is waiting for a credential; register the AK first.")
@@ -198,8 +197,7 @@ func (s *Server) activate(w http.ResponseWriter, r *http.Request) error {
 		if subtle.ConstantTimeCompare(got[:], a.ChallengeHash) != 1 {
 			return apiErr(http.StatusForbidden, CodeActivationFailed, "The credential does not match: the AK is not in the TPM vtpmd made for this instance.")
 		}
-		tokenHash := sha256.Sum256([]byte(out.AgentToken))
-		a.AKPublic, a.EKKind, a.AgentTokenHash, a.RegisteredAt = a.PendingAK, a.PendingEKKind, tokenHash[:], time.Now().UTC()
+		a.AKPublic, a.EKKind, a.AgentTokenHash, a.RegisteredAt = a.PendingAK, a.PendingEKKind, tokenHash, time.Now().UTC()
 		if a.PendingEK != nil {
 			a.EKPublic = a.PendingEK
 		}
@@ -217,9 +215,8 @@ func (s *Server) activate(w http.ResponseWriter, r *http.Request) error {
 // fromAgent refuses a request that does not carry the bearer token of
 // the subject's registered agent.
 func fromAgent(r *http.Request, a *store.Attestation) error {
-	token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	got := sha256.Sum256([]byte(token))
-	if !ok || a.AgentTokenHash == nil || subtle.ConstantTimeCompare(got[:], a.AgentTokenHash) != 1 {
+	got, ok := bearerHash(r)
+	if !ok || a.AgentTokenHash == nil || subtle.ConstantTimeCompare(got, a.AgentTokenHash) != 1 {
 		return apiErr(http.StatusUnauthorized, CodeUnauthenticated, "Only the registered agent may do this: send the token it got at registration (Authorization: Bearer).")
 	}
 	return nil
@@ -665,11 +662,14 @@ func (s *Server) staleAt(a *store.Attestation) time.Time {
 	if a.RegisteredAt.IsZero() || a.Verdict == "stale" {
 		return time.Time{}
 	}
-	after := s.StaleAfter
-	if after <= 0 {
-		after = DefaultStaleAfter
+	return lastSeen(a).Add(s.staleAfter())
+}
+
+func (s *Server) staleAfter() time.Duration {
+	if s.StaleAfter <= 0 {
+		return DefaultStaleAfter
 	}
-	return lastSeen(a).Add(after)
+	return s.StaleAfter
 }
 
 // lastSeen is when a's subject last sent genuine evidence, or registered.
@@ -715,11 +715,7 @@ func (s *Server) MarkStale(ctx context.Context) error {
 // WatchStale runs MarkStale until ctx ends, often enough that a verdict
 // turns stale within a tenth of StaleAfter of its deadline.
 func (s *Server) WatchStale(ctx context.Context) {
-	every := s.StaleAfter / 10
-	if every <= 0 {
-		every = DefaultStaleAfter / 10
-	}
-	t := time.NewTicker(every)
+	t := time.NewTicker(s.staleAfter() / 10)
 	defer t.Stop()
 	for {
 		select {

@@ -2,14 +2,10 @@ package server
 
 import (
 	"context"
-	"crypto/rand"
-	"crypto/sha256"
-	"encoding/base64"
 	"errors"
 	"fmt"
 	"net/http"
 	"slices"
-	"strings"
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/backend/hyperv"
@@ -165,19 +161,18 @@ func (s *Server) getSecret(w http.ResponseWriter, r *http.Request) error {
 // secretPayload releases a secret to a host, with the host's credential,
 // only when an instance placed on that host names it in os_vtpm_keys.
 func (s *Server) secretPayload(w http.ResponseWriter, r *http.Request) error {
-	token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	if !ok || token == "" {
+	hash, ok := bearerHash(r)
+	if !ok {
 		return apiErr(http.StatusUnauthorized, CodeUnauthenticated, "A host fetches keys with its credential (Authorization: Bearer; vtpmctl hyperv host-token).")
 	}
 	sec, err := s.userSecret(r.Context(), r.PathValue("id"))
 	if err != nil {
 		return err
 	}
-	hash := sha256.Sum256([]byte(token))
 	var host string
 	var needed bool
 	err = s.Store.View(r.Context(), func(tx *store.Tx) error {
-		h, err := tx.HostByCredential(hash[:])
+		h, err := tx.HostByCredential(hash)
 		if err != nil {
 			return err
 		}
@@ -213,17 +208,16 @@ func (s *Server) hostCredential(w http.ResponseWriter, r *http.Request) error {
 		return apiErr(http.StatusForbidden, CodeForbidden, "Host credentials are the operator's.")
 	}
 	name := r.PathValue("name")
-	raw := make([]byte, 32)
-	if _, err := rand.Read(raw); err != nil {
+	token, hash, err := newBearer()
+	if err != nil {
 		return err
 	}
-	out := api.HostCredential{Host: name, Token: base64.RawURLEncoding.EncodeToString(raw)}
-	hash := sha256.Sum256([]byte(out.Token))
+	out := api.HostCredential{Host: name, Token: token}
 	err = s.Store.Update(r.Context(), func(tx *store.Tx) error {
 		if _, err := tx.GetHost(name); err != nil {
 			return err
 		}
-		return tx.PutHostCredential(name, hash[:])
+		return tx.PutHostCredential(name, hash)
 	})
 	if errors.Is(err, store.ErrNotFound) {
 		return apiErr(http.StatusNotFound, CodeNotFound, "No such host.")

@@ -413,23 +413,26 @@ func (s *Server) listVTPMs(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) deleteVTPM(w http.ResponseWriter, r *http.Request) error {
-	if done, err := s.deleteUntouched(w, r); done || err != nil {
+	v, scope, err := s.lookup(r)
+	if err != nil {
 		return err
 	}
-	return s.change(w, r, "delete requested", func(v *store.VTPM) error { return desire(v, store.DesiredDeleted) })
+	if done, err := s.deleteUntouched(w, r, v, scope); done || err != nil {
+		return err
+	}
+	return s.changeVTPM(w, r, v, scope, "delete requested", func(v *store.VTPM) error { return desire(v, store.DesiredDeleted) })
 }
 
 // deleteUntouched deletes at once a vTPM no agent has acted on: nothing of
 // it exists on any host, and a host without a vtpmd agent (Hyper-V) would
 // never finish the delete. An agent's first act is recorded in the same
 // store, so the check and the delete are one transaction.
-func (s *Server) deleteUntouched(w http.ResponseWriter, r *http.Request) (bool, error) {
-	v, scope, err := s.lookup(r)
-	if err != nil || v.Phase != store.PhasePending || len(v.EKs) > 0 {
-		return false, err
+func (s *Server) deleteUntouched(w http.ResponseWriter, r *http.Request, v *store.VTPM, scope string) (bool, error) {
+	if v.Phase != store.PhasePending || len(v.EKs) > 0 {
+		return false, nil
 	}
 	var deleted bool
-	err = s.Store.Update(r.Context(), func(tx *store.Tx) error {
+	err := s.Store.Update(r.Context(), func(tx *store.Tx) error {
 		evs, err := tx.ListEvents(v.InstanceID)
 		if err != nil || slices.ContainsFunc(evs, func(e store.Event) bool { return strings.HasPrefix(e.Actor, "agent:") }) {
 			return err
@@ -534,6 +537,11 @@ func (s *Server) change(w http.ResponseWriter, r *http.Request, action string, m
 	if err != nil {
 		return err
 	}
+	return s.changeVTPM(w, r, v, scope, action, mutate)
+}
+
+// changeVTPM is change for a vTPM already looked up.
+func (s *Server) changeVTPM(w http.ResponseWriter, r *http.Request, v *store.VTPM, scope, action string, mutate func(*store.VTPM) error) error {
 	before := *v
 	if err := mutate(v); err != nil {
 		return err
@@ -548,7 +556,7 @@ func (s *Server) change(w http.ResponseWriter, r *http.Request, action string, m
 		v.Phase = store.PhasePending
 	}
 	if v.Desired != before.Desired || v.Domain != before.Domain || v.Phase != before.Phase || v.Reason != before.Reason {
-		err = s.Store.Update(r.Context(), func(tx *store.Tx) error {
+		err := s.Store.Update(r.Context(), func(tx *store.Tx) error {
 			if err := tx.UpdateVTPM(v); err != nil {
 				return err
 			}
