@@ -85,17 +85,28 @@ func hasStatus(err error, status int) bool {
 }
 
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	_, err := c.send(ctx, method, path, nil, in, out)
+	return err
+}
+
+// send makes one request with the extra headers hdr (may be nil) and
+// decodes the response into out. A 304 Not Modified is not an error: out is
+// left as it was.
+func (c *Client) send(ctx context.Context, method, path string, hdr http.Header, in, out any) (*http.Response, error) {
 	var body io.Reader
 	if in != nil {
 		b, err := json.Marshal(in)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		body = bytes.NewReader(b)
 	}
 	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
 	if err != nil {
-		return err
+		return nil, err
+	}
+	for k, v := range hdr {
+		req.Header[k] = v
 	}
 	if in != nil {
 		req.Header.Set("Content-Type", "application/json")
@@ -108,32 +119,33 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
 	if err != nil {
-		return fmt.Errorf("reading response: %w", err)
+		return resp, fmt.Errorf("reading response: %w", err)
+	}
+	if resp.StatusCode == http.StatusNotModified {
+		return resp, nil
 	}
 	if resp.StatusCode >= 300 {
 		var eb api.ErrorBody
 		if json.Unmarshal(data, &eb) != nil || eb.Error.Code == "" {
-			return &Error{Status: resp.StatusCode, Code: fmt.Sprintf("http_%d", resp.StatusCode), Message: strings.TrimSpace(string(data))}
+			return resp, &Error{Status: resp.StatusCode, Code: fmt.Sprintf("http_%d", resp.StatusCode), Message: strings.TrimSpace(string(data))}
 		}
-		return &Error{Status: resp.StatusCode, Code: eb.Error.Code, Message: eb.Error.Message}
+		return resp, &Error{Status: resp.StatusCode, Code: eb.Error.Code, Message: eb.Error.Message}
 	}
 	switch out := out.(type) {
 	case nil:
-		return nil
 	case *[]byte:
 		*out = data
-		return nil
 	default:
 		if err := json.Unmarshal(data, out); err != nil {
-			return fmt.Errorf("decoding response of %s %s: %w", method, path, err)
+			return resp, fmt.Errorf("decoding response of %s %s: %w", method, path, err)
 		}
-		return nil
 	}
+	return resp, nil
 }
 
 // Resolve resolves a request without creating anything.
@@ -385,26 +397,4 @@ func (c *Client) VerdictToken(ctx context.Context, id string) (string, error) {
 func (c *Client) VerdictKeys(ctx context.Context) ([]byte, error) {
 	var out []byte
 	return out, c.do(ctx, http.MethodGet, "/.well-known/vtpmd/jwks.json", nil, &out)
-}
-
-// Wait polls a vTPM until done says so, reporting each change of phase to
-// progress (may be nil). A vTPM that disappears ends the wait with a 404.
-func (c *Client) Wait(ctx context.Context, id string, done func(api.VTPM) bool, progress func(api.VTPM)) (api.VTPM, error) {
-	last := ""
-	for {
-		v, err := c.Get(ctx, id)
-		if err != nil {
-			return v, err
-		}
-		if progress != nil && v.Phase != last {
-			progress(v)
-			last = v.Phase
-		}
-		if done(v) {
-			return v, nil
-		}
-		if err := sleep(ctx); err != nil {
-			return v, err
-		}
-	}
 }

@@ -41,7 +41,11 @@ func (m *metrics) instrument(route string, h http.Handler) http.Handler {
 		sw := &statusWriter{ResponseWriter: w, code: http.StatusOK}
 		h.ServeHTTP(sw, r)
 		m.requests.WithLabelValues(route, strconv.Itoa(sw.code)).Inc()
-		m.latency.WithLabelValues(route).Observe(time.Since(start).Seconds())
+		// A long poll takes as long as it waits; it would bury the
+		// latency of everything else in the top buckets.
+		if !r.URL.Query().Has("wait") {
+			m.latency.WithLabelValues(route).Observe(time.Since(start).Seconds())
+		}
 	})
 }
 

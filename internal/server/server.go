@@ -75,6 +75,9 @@ type Server struct {
 	caPool    *x509.CertPool
 	ekChecks  sync.Map // [sha256.Size]byte → ekCheck; see checkEK
 	refreshes refreshes
+	end       chan struct{} // see ending
+	endOnce   sync.Once
+	endClose  sync.Once
 }
 
 // Handler returns the API's HTTP handler.
@@ -358,15 +361,6 @@ func (s *Server) lookup(r *http.Request) (*store.VTPM, string, error) {
 		err = store.ErrNotFound
 	}
 	return v, scope, err
-}
-
-func (s *Server) getVTPM(w http.ResponseWriter, r *http.Request) error {
-	v, _, err := s.lookup(r)
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, s.view(v))
-	return nil
 }
 
 func (s *Server) listVTPMs(w http.ResponseWriter, r *http.Request) error {

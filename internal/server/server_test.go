@@ -31,7 +31,8 @@ type fixture struct {
 	keys   *keyring.Embedded
 	dir    string
 	kicked []string
-	token  string // sent as the agent's bearer token when set
+	token  string              // sent as the agent's bearer token when set
+	reopen func() *store.Store // another handle on the same database
 }
 
 // newFixture runs the API on a real store (openStore) and key manager, with one
@@ -39,7 +40,8 @@ type fixture struct {
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
 	dir := t.TempDir()
-	st := openStore(t, dir)
+	reopen := storeOpener(t, dir)
+	st := reopen()
 	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
 	if err != nil {
 		t.Fatal(err)
@@ -51,7 +53,7 @@ func newFixture(t *testing.T) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &fixture{store: st, keys: kr, dir: dir}
+	f := &fixture{store: st, keys: kr, dir: dir, reopen: reopen}
 	s := &Server{Store: st, Keyring: kr, CAChainPEM: func() []byte { return []byte("-----BEGIN CERTIFICATE-----\n") },
 		Notify: func(h string) { f.kicked = append(f.kicked, h) }}
 	f.api, f.srv = s, httptest.NewServer(s.Handler())
@@ -62,23 +64,32 @@ func newFixture(t *testing.T) *fixture {
 // openStore opens the store the tests run on: SQLite in dir, or with
 // VTPMD_TEST_STORE=postgres (make test runs this package both ways) a
 // fresh PostgreSQL database.
-func openStore(t testing.TB, dir string) *store.Store {
+func openStore(t testing.TB, dir string) *store.Store { return storeOpener(t, dir)() }
+
+// storeOpener returns a function that opens a new handle on the test
+// database each time it is called, as a second process would.
+func storeOpener(t testing.TB, dir string) func() *store.Store {
 	t.Helper()
-	var st *store.Store
-	var err error
+	var open func() (*store.Store, error)
 	switch os.Getenv("VTPMD_TEST_STORE") {
 	case "", "sqlite":
-		st, err = store.Open(context.Background(), filepath.Join(dir, "db"), store.Options{})
+		open = func() (*store.Store, error) {
+			return store.Open(context.Background(), filepath.Join(dir, "db"), store.Options{})
+		}
 	case "postgres":
-		st, err = store.OpenPostgres(context.Background(), pgtest.DSN(t), store.Options{})
+		dsn := pgtest.DSN(t)
+		open = func() (*store.Store, error) { return store.OpenPostgres(context.Background(), dsn, store.Options{}) }
 	default:
 		t.Fatalf("VTPMD_TEST_STORE=%q: want sqlite or postgres", os.Getenv("VTPMD_TEST_STORE"))
 	}
-	if err != nil {
-		t.Fatal(err)
+	return func() *store.Store {
+		st, err := open()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { st.Close() })
+		return st
 	}
-	t.Cleanup(func() { st.Close() })
-	return st
 }
 
 func TestMain(m *testing.M) {

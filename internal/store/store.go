@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -26,6 +27,32 @@ type Store struct {
 	db  *sql.DB
 	now func() time.Time
 	pg  bool // PostgreSQL; else SQLite
+
+	mu      sync.Mutex
+	changed chan struct{} // closed by the next commit; see Changed
+}
+
+// Changed returns a channel that is closed when a write transaction of this
+// Store next commits, so that a reader can wait for news instead of
+// polling: take the channel, read, and wait on it if what was read is not
+// yet what is wanted. Commits by other processes sharing a PostgreSQL
+// database do not close it.
+func (s *Store) Changed() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.changed == nil {
+		s.changed = make(chan struct{})
+	}
+	return s.changed
+}
+
+func (s *Store) committed() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.changed != nil {
+		close(s.changed)
+		s.changed = nil
+	}
 }
 
 // Options tune Open.
@@ -131,6 +158,8 @@ func (s *Store) runOnce(ctx context.Context, readOnly bool, fn func(*Tx) error) 
 		}
 		if cerr := sqlTx.Commit(); cerr != nil {
 			err = fmt.Errorf("committing transaction: %w", cerr)
+		} else if !readOnly {
+			s.committed()
 		}
 	}()
 	return fn(&Tx{ctx: ctx, tx: sqlTx, now: s.now().UTC(), pg: s.pg})

@@ -302,3 +302,34 @@ func TestHosts(t *testing.T) {
 		}
 	})
 }
+
+func TestChanged(t *testing.T) {
+	onEngines(t, func(t *testing.T, open func(testing.TB) (*Store, func() (*Store, error))) {
+		ctx := context.Background()
+		s, _ := open(t)
+		closed := func(ch <-chan struct{}) bool {
+			select {
+			case <-ch:
+				return true
+			default:
+				return false
+			}
+		}
+		ch := s.Changed()
+		if s.Changed() != ch {
+			t.Fatal("two readers waiting for the same commit got different channels")
+		}
+		s.View(ctx, func(tx *Tx) error { _, err := tx.ListVTPMs(Filter{}); return err })
+		s.Update(ctx, func(tx *Tx) error { return errors.New("rolled back") })
+		if closed(ch) {
+			t.Fatal("a read or a rolled-back write signalled a change")
+		}
+		putHosts(t, s, "h1")
+		if !closed(ch) {
+			t.Fatal("a commit did not signal a change")
+		}
+		if closed(s.Changed()) {
+			t.Fatal("the channel after a commit is already closed")
+		}
+	})
+}
