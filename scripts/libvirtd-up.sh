@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Brings up libvirtd and virtlogd for the libvirt backend's tests on a Debian
 # machine without systemd (as CI and these sandboxes are): installs what is
-# missing, creates what libvirt's defaults look up, runs QEMU and swtpm as
-# root (tests only), starts the daemons, and waits until libvirtd answers.
-# Idempotent: a second run changes nothing and returns at once.
+# missing, creates what libvirt's defaults look up, runs QEMU as
+# libvirt-qemu and swtpm as tss (Debian's defaults, so the tests see the
+# permissions a real host has), starts the daemons, and waits until
+# libvirtd answers. Idempotent: a second run changes nothing and returns at
+# once.
 set -euo pipefail
 [ "$(id -u)" -eq 0 ] || exec sudo "$0" "$@"
 
@@ -23,16 +25,24 @@ getent group kvm >/dev/null || { groupadd -r kvm; echo "libvirtd-up: created gro
 getent group libvirt-qemu >/dev/null || { groupadd -r libvirt-qemu; echo "libvirtd-up: created group libvirt-qemu"; }
 id libvirt-qemu >/dev/null 2>&1 || { useradd -r -g libvirt-qemu -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu; echo "libvirtd-up: created user libvirt-qemu"; }
 
+getent passwd tss >/dev/null || { echo "libvirtd-up: no user tss (swtpm-tools makes it; run scripts/deps.sh)" >&2; exit 1; }
+
 conf=/etc/libvirt/qemu.conf
 touch "$conf"
-for kv in 'user = "root"' 'group = "root"'; do
+restart=
+for kv in 'user = "libvirt-qemu"' 'group = "libvirt-qemu"'; do
 	key=${kv%% *}
-	grep -q "^${key} = " "$conf" || { echo "$kv" >>"$conf"; echo "libvirtd-up: $conf: $kv"; }
+	grep -qx "$kv" "$conf" && continue
+	sed -i "/^${key} = /d" "$conf"
+	echo "$kv" >>"$conf"
+	echo "libvirtd-up: $conf: $kv"
+	restart=yes
 done
 # swtpm_user and swtpm_group go through the product's own command.
-out=$(go run ./cmd/vtpmd agent configure-host --swtpm-user root --swtpm-group root --qemu-conf "$conf")
+out=$(go run ./cmd/vtpmd agent configure-host --swtpm-user tss --swtpm-group tss --qemu-conf "$conf")
 echo "$out" | sed 's/^/libvirtd-up: /'
-if [[ $out == *"restart libvirtd"* ]] && pgrep -x libvirtd >/dev/null; then
+[[ $out == *"restart libvirtd"* ]] && restart=yes
+if [ -n "$restart" ] && pgrep -x libvirtd >/dev/null; then
 	pkill -x libvirtd
 	while pgrep -x libvirtd >/dev/null; do sleep 0.1; done
 fi

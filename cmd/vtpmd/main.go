@@ -58,6 +58,8 @@ func main() {
 	fs.IntVar(&cfg.Capacity, "capacity", 1000, "how many vTPMs this host takes")
 	fs.StringVar(&cfg.SwtpmUser, "swtpm-user", "", "run swtpm as this user (default: vtpmd's)")
 	fs.StringVar(&cfg.SwtpmGroup, "swtpm-group", "", "run swtpm as this group (default: vtpmd's)")
+	fs.StringVar(&cfg.SocketDir, "socket-dir", "", "put vTPM sockets here, for clients such as QEMU (default: each vTPM's private directory; /run/vtpmd in libvirt's external mode)")
+	fs.StringVar(&cfg.SocketGroup, "socket-group", "", "let this group connect to vTPM sockets (default in libvirt's external mode: the group libvirt runs QEMU as)")
 	fs.StringVar(&defVersion, "default-tpm-version", "", "give every instance a vTPM of this version (1.2 or 2.0) unless its flavor or image says")
 	fs.StringVar(&level, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&cfg.WebhookURL, "webhook-url", "", "POST every attestation verdict change here, as a signed token")

@@ -36,6 +36,14 @@ type Config struct {
 	// SwtpmUser and SwtpmGroup run swtpm; empty (the default) means vtpmd's
 	// own user and group.
 	SwtpmUser, SwtpmGroup string
+	// SocketDir holds vtpmd's swtpm sockets when clients other than
+	// vtpmd's user must connect: QEMU, under libvirt in external mode
+	// (default there /run/vtpmd). Default elsewhere: each vTPM's private
+	// state directory.
+	SocketDir string
+	// SocketGroup may connect to those sockets. Default in libvirt's
+	// external mode: the group libvirt runs QEMU as, asked of libvirtd.
+	SocketGroup string
 	// SwtpmBinary is the swtpm executable. Default "swtpm" from PATH.
 	SwtpmBinary string
 	// PCRBanks are allocated in every new TPM 2.0. Default ["sha256"].
@@ -152,9 +160,16 @@ func (c *Config) Defaults() {
 	if c.Libvirt.Mode == "" {
 		c.Libvirt.Mode = "emulator"
 	}
+	if c.SocketDir == "" && c.libvirtExternal() {
+		c.SocketDir = "/run/vtpmd"
+	}
 	if c.Xen.Group == "" {
 		c.Xen.Group = "Group1"
 	}
+}
+
+func (c *Config) libvirtExternal() bool {
+	return c.Backend == "libvirt" && c.Libvirt.Mode == "external"
 }
 
 // Validate reports every problem with the configuration at once.
@@ -190,6 +205,17 @@ func (c *Config) Validate() error {
 	if c.SwtpmGroup != "" {
 		if _, err := user.LookupGroup(c.SwtpmGroup); err != nil {
 			errs = append(errs, fmt.Errorf("swtpm group %q does not exist", c.SwtpmGroup))
+		}
+	}
+	if c.SocketDir != "" && !filepath.IsAbs(c.SocketDir) {
+		errs = append(errs, fmt.Errorf("socket dir %q must be an absolute path", c.SocketDir))
+	}
+	if c.SocketGroup != "" {
+		if _, err := user.LookupGroup(c.SocketGroup); err != nil {
+			errs = append(errs, fmt.Errorf("socket group %q does not exist", c.SocketGroup))
+		}
+		if c.SocketDir == "" {
+			errs = append(errs, errors.New("a socket group needs a socket dir: vTPM state directories are private"))
 		}
 	}
 	if c.WebhookURL != "" {

@@ -100,8 +100,15 @@ func (d *AllInOne) start(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("opening CA: %w", err)
 	}
+	if cfg.libvirtExternal() && cfg.SocketGroup == "" {
+		// QEMU connects to vtpmd's swtpm as whatever libvirt runs it as.
+		if cfg.SocketGroup, err = libvirt.QEMUGroup(cfg.Libvirt.Socket); err != nil {
+			return fmt.Errorf("libvirt backend: %w", err)
+		}
+	}
 	d.backend, err = direct.New(direct.Config{
-		Root: filepath.Join(cfg.DataDir, "vtpms"), User: cfg.SwtpmUser, Group: cfg.SwtpmGroup,
+		Root: filepath.Join(cfg.DataDir, "vtpms"), SocketDir: cfg.SocketDir, SocketGroup: cfg.SocketGroup,
+		User: cfg.SwtpmUser, Group: cfg.SwtpmGroup,
 		Binary: cfg.SwtpmBinary, PCRBanks: cfg.PCRBanks, Certifier: certifier{authority}, Log: d.log, PoolSize: poolSize(cfg),
 	})
 	if err != nil {

@@ -9,9 +9,13 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -133,6 +137,13 @@ func defineGuest(t testing.TB, lv *golibvirt.Libvirt, id, dir string) golibvirt.
 func defineGuestWith(t testing.TB, lv *golibvirt.Libvirt, id, dir string, o guestOptions) golibvirt.Domain {
 	t.Helper()
 	kernel, initrd := guestImage(t, o.init)
+	// QEMU may run as another user (libvirt-qemu): it must reach the
+	// guest's files, as it would under /var/lib/libvirt.
+	for _, d := range []string{filepath.Dir(dir), dir} {
+		if err := os.Chmod(d, 0o711); err != nil {
+			t.Fatal(err)
+		}
+	}
 	nvram := filepath.Join(dir, "OVMF_VARS.fd")
 	vars, err := os.ReadFile("/usr/share/OVMF/OVMF_VARS_4M.fd")
 	if err != nil {
@@ -303,11 +314,24 @@ func testLibvirt(t *testing.T, mode, secretSecurity string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// QEMU and libvirt's swtpm run unprivileged, as libvirt-qemu and tss
+	// (Debian's defaults, set by scripts/libvirtd-up.sh), so the vTPM must
+	// be reachable by those users alone.
+	pid, err := os.ReadFile("/var/run/libvirt/qemu/" + dom.Name + ".pid")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if u := processUser(t, string(pid)); u != "libvirt-qemu" {
+		t.Fatalf("QEMU runs as %s, not libvirt-qemu: run scripts/libvirtd-up.sh", u)
+	}
 	state := filepath.Join("/var/lib/libvirt/swtpm", id, "tpm2")
 	switch mode {
 	case "emulator":
 		if len(procs) != 1 || !strings.Contains(procs[0], "pwdfd=") {
 			t.Fatalf("libvirt's swtpm for %s: %v", state, procs)
+		}
+		if pid, _, _ := strings.Cut(procs[0], ":"); processUser(t, pid) != "tss" {
+			t.Fatalf("libvirt's swtpm runs as %s, not tss", processUser(t, pid))
 		}
 		if e := tpms[0].Backend.Emulator; e == nil || e.Version != "2.0" || e.Encryption == nil || e.Encryption.Secret != v.SecretRef {
 			t.Fatalf("emulator backend: %+v", tpms[0].Backend)
@@ -333,6 +357,21 @@ func testLibvirt(t *testing.T, mode, secretSecurity string) {
 		}
 		if d.Backend().Running(id) == 0 {
 			t.Fatal("vtpmd's swtpm is not running")
+		}
+		// QEMU's group, and only it, may connect to vtpmd's swtpm, through
+		// a directory it cannot list.
+		qemu, err := user.LookupGroup("libvirt-qemu")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for path, want := range map[string]os.FileMode{v.Sockets.Ctrl: fs.ModeSocket | 0o660, v.Sockets.Data: fs.ModeSocket | 0o660, filepath.Dir(v.Sockets.Ctrl): fs.ModeDir | 0o710} {
+			fi, err := os.Stat(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if gid := fi.Sys().(*syscall.Stat_t).Gid; fi.Mode() != want || strconv.Itoa(int(gid)) != qemu.Gid {
+				t.Errorf("%s: mode %v group %d, want %v group %s", path, fi.Mode(), gid, want, qemu.Gid)
+			}
 		}
 	}
 
@@ -531,4 +570,24 @@ func TestLibvirtDrift(t *testing.T) {
 	if _, err := u.c.Get(ctx, id); err != nil {
 		t.Fatalf("the vTPM record is gone: %v", err)
 	}
+}
+
+// processUser names the user process pid runs as.
+func processUser(t *testing.T, pid string) string {
+	t.Helper()
+	status, err := os.ReadFile("/proc/" + strings.TrimSpace(pid) + "/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for line := range strings.Lines(string(status)) {
+		if uid, ok := strings.CutPrefix(line, "Uid:"); ok {
+			u, err := user.LookupId(strings.Fields(uid)[0])
+			if err != nil {
+				t.Fatal(err)
+			}
+			return u.Username
+		}
+	}
+	t.Fatalf("no Uid in /proc/%s/status", pid)
+	return ""
 }

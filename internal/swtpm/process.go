@@ -164,12 +164,16 @@ func launch(ctx context.Context, i Instance, log *slog.Logger) (*Process, error)
 	if err := prepareDir(i.Dir, cred); err != nil {
 		return nil, err
 	}
-	data, err := listen(i.DataSocket(), cred)
+	owner, err := socketOwnerOf(i, cred)
+	if err != nil {
+		return nil, err
+	}
+	data, err := listen(i.DataSocket(), owner)
 	if err != nil {
 		return nil, err
 	}
 	defer data.Close()
-	ctl, err := listen(i.CtrlSocket(), cred)
+	ctl, err := listen(i.CtrlSocket(), owner)
 	if err != nil {
 		os.Remove(i.DataSocket())
 		return nil, err
@@ -379,9 +383,32 @@ type listener struct {
 
 func (l listener) Close() { l.f.Close() }
 
-// listen binds a unix socket at path, mode 0600 and owned by cred's user,
-// replacing a stale socket file but never one something still listens on.
-func listen(path string, cred *syscall.Credential) (listener, error) {
+// socketOwner is who owns swtpm's sockets: swtpm's user (nil: vtpmd's),
+// and with SocketGroup that group, which may connect too.
+type socketOwner struct {
+	uid, gid int // -1: unchanged
+	mode     os.FileMode
+}
+
+func socketOwnerOf(i Instance, cred *syscall.Credential) (socketOwner, error) {
+	o := socketOwner{uid: -1, gid: -1, mode: 0o600}
+	if cred != nil {
+		o.uid, o.gid = int(cred.Uid), int(cred.Gid)
+	}
+	if i.SocketGroup != "" {
+		g, err := user.LookupGroup(i.SocketGroup)
+		if err != nil {
+			return o, fmt.Errorf("socket group: %w", err)
+		}
+		o.gid, _ = strconv.Atoi(g.Gid)
+		o.mode = 0o660
+	}
+	return o, nil
+}
+
+// listen binds a unix socket at path, with o's mode and owner, replacing a
+// stale socket file but never one something still listens on.
+func listen(path string, o socketOwner) (listener, error) {
 	if len(path) >= len(syscall.RawSockaddrUnix{}.Path) {
 		return listener{}, fmt.Errorf("socket path %s is too long for a unix socket", path)
 	}
@@ -405,11 +432,11 @@ func listen(path string, cred *syscall.Credential) (listener, error) {
 	if err := syscall.Bind(fd, &syscall.SockaddrUnix{Name: path}); err != nil {
 		return fail("binding", err)
 	}
-	if err := os.Chmod(path, 0o600); err != nil {
+	if err := os.Chmod(path, o.mode); err != nil {
 		return fail("chmod", err)
 	}
-	if cred != nil {
-		if err := os.Lchown(path, int(cred.Uid), int(cred.Gid)); err != nil {
+	if o.uid != -1 || o.gid != -1 {
+		if err := os.Lchown(path, o.uid, o.gid); err != nil {
 			return fail("chown", err)
 		}
 	}

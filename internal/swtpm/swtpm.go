@@ -61,10 +61,17 @@ import (
 
 // Instance describes one vTPM's swtpm.
 type Instance struct {
-	// Dir is the state directory, created 0700 if missing; the sockets and
-	// the pid file live in it. It must not contain a comma (swtpm's option
-	// separator).
+	// Dir is the state directory, created 0700 if missing; the pid file
+	// and, by default, the sockets live in it. It must not contain a comma
+	// (swtpm's option separator).
 	Dir string
+	// Socket is the data socket's path; "" is Dir/tpm.sock. The control
+	// socket is Socket+".ctrl". vtpmd binds both; swtpm inherits them.
+	Socket string
+	// SocketGroup may connect to the sockets (mode 0660, owned by that
+	// group), e.g. the group QEMU runs as; "" leaves them to swtpm's user
+	// (0600). The group must also be let through the sockets' directory.
+	SocketGroup string
 	// Version is spec.V20 or spec.V12.
 	Version spec.Version
 	// Secret is the state-encryption passphrase (base64 text of 384 random
@@ -92,10 +99,15 @@ func (i Instance) LogValue() slog.Value {
 		slog.String("user", i.User), slog.String("group", i.Group))
 }
 
-// DataSocket is where TPM commands go (Dir/tpm.sock).
-func (i Instance) DataSocket() string { return filepath.Join(i.Dir, "tpm.sock") }
+// DataSocket is where TPM commands go (Socket, or Dir/tpm.sock).
+func (i Instance) DataSocket() string {
+	if i.Socket != "" {
+		return i.Socket
+	}
+	return filepath.Join(i.Dir, "tpm.sock")
+}
 
-// CtrlSocket is swtpm's control channel (Dir/tpm.sock.ctrl), QEMU's chardev.
+// CtrlSocket is swtpm's control channel (DataSocket+".ctrl"), QEMU's chardev.
 func (i Instance) CtrlSocket() string { return i.DataSocket() + ".ctrl" }
 
 // PIDFile is where swtpm records its pid (Dir/swtpm.pid).

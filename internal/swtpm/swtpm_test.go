@@ -517,21 +517,31 @@ func TestQEMUStyleAttach(t *testing.T) {
 	t.Logf("stopped in %v with a guest attached", time.Since(start))
 }
 
+// TestRunAsUser runs swtpm as tss (the user swtpm-tools makes), with its
+// sockets in a directory of their own that the group nogroup may connect to.
 func TestRunAsUser(t *testing.T) {
 	if os.Getuid() != 0 {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("needs root to switch users")
+		}
 		t.Skip("needs root to switch users")
 	}
-	nobody, err := user.Lookup("nobody")
+	tss, err := user.Lookup("tss")
 	if err != nil {
-		t.Skip("no user nobody")
+		t.Fatalf("no user tss (swtpm-tools makes it; scripts/deps.sh installs it): %v", err)
+	}
+	clients, err := user.LookupGroup("nogroup")
+	if err != nil {
+		t.Fatal(err)
 	}
 	i := swtpmtest.Instance(t, spec.V20)
-	i.User = "nobody"
+	i.User = "tss"
 	// The user must reach the state dir: put it in a directory it may enter.
 	os.Chmod(filepath.Dir(i.Dir), 0o711)
 	if _, err := swtpm.Manufacture(ctx(t), i, swtpm.ManufactureOptions{}); err != nil {
 		t.Fatal(err)
 	}
+	i.Socket, i.SocketGroup = filepath.Join(t.TempDir(), "vtpm.sock"), "nogroup"
 	p := swtpmtest.Start(t, i)
 	status, err := os.ReadFile("/proc/" + strconv.Itoa(p.Pid()) + "/status")
 	if err != nil {
@@ -540,15 +550,36 @@ func TestRunAsUser(t *testing.T) {
 	for _, line := range strings.Split(string(status), "\n") {
 		f := strings.Fields(line)
 		switch {
-		case len(f) > 1 && f[0] == "Uid:" && f[1] != nobody.Uid:
-			t.Fatalf("swtpm runs as uid %s; want %s", f[1], nobody.Uid)
+		case len(f) > 1 && f[0] == "Uid:" && f[1] != tss.Uid:
+			t.Fatalf("swtpm runs as uid %s; want %s", f[1], tss.Uid)
 		case len(f) > 0 && f[0] == "Groups:" && len(f) > 1:
 			t.Fatalf("swtpm kept supplementary groups %v", f[1:])
 		}
 	}
 	info, _ := os.Stat(filepath.Join(i.Dir, "tpm2-00.permall"))
-	if st := info.Sys().(*syscall.Stat_t); strconv.Itoa(int(st.Uid)) != nobody.Uid {
+	if st := info.Sys().(*syscall.Stat_t); strconv.Itoa(int(st.Uid)) != tss.Uid {
 		t.Fatalf("state owned by uid %d", st.Uid)
+	}
+	for _, sock := range []string{i.DataSocket(), i.CtrlSocket()} {
+		info, err := os.Stat(sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		st := info.Sys().(*syscall.Stat_t)
+		if info.Mode() != fs.ModeSocket|0o660 || strconv.Itoa(int(st.Uid)) != tss.Uid || strconv.Itoa(int(st.Gid)) != clients.Gid {
+			t.Errorf("%s: %v uid %d gid %d; want a socket 0660 of tss, group nogroup", sock, info.Mode(), st.Uid, st.Gid)
+		}
+	}
+	if filepath.Dir(i.DataSocket()) == i.Dir {
+		t.Fatal("the sockets are in the state directory")
+	}
+	tpm, err := swtpm.Dial(ctx(t), i.DataSocket())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tpm.Close()
+	if _, err := (tpm2.GetRandom{BytesRequested: 8}).Execute(tpm); err != nil {
+		t.Fatalf("the TPM behind the moved socket: %v", err)
 	}
 }
 

@@ -14,7 +14,9 @@ import (
 	"io/fs"
 	"log/slog"
 	"os"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -36,6 +38,13 @@ type Certifier interface {
 type Config struct {
 	// Root holds one directory per vTPM.
 	Root string
+	// SocketDir holds the vTPMs' sockets (<id>.sock, <id>.sock.ctrl) when
+	// clients other than vtpmd's user must reach them, as QEMU must under
+	// libvirt; "" keeps each in its vTPM's directory under Root (0700).
+	SocketDir string
+	// SocketGroup may connect to the sockets (and pass through SocketDir),
+	// e.g. the group libvirt runs QEMU as; needs SocketDir.
+	SocketGroup string
 	// User and Group run swtpm; empty means vtpmd's own.
 	User, Group string
 	// Binary is the swtpm binary; default "swtpm".
@@ -60,10 +69,13 @@ type Backend struct {
 
 var _ agent.Backend = (*Backend)(nil)
 
-// New makes a backend; it creates Root (0700).
+// New makes a backend; it creates Root (0700) and SocketDir.
 func New(cfg Config) (*Backend, error) {
 	if err := os.MkdirAll(cfg.Root, 0o700); err != nil {
 		return nil, fmt.Errorf("creating vTPM root: %w", err)
+	}
+	if err := prepareSocketDir(cfg.SocketDir, cfg.SocketGroup); err != nil {
+		return nil, err
 	}
 	log := cfg.Log
 	if log == nil {
@@ -93,18 +105,56 @@ func (b *Backend) Capabilities(ctx context.Context) (spec.Capabilities, error) {
 
 // Sockets implements agent.Backend.
 func (b *Backend) Sockets(id string) api.Sockets {
-	i := swtpm.Instance{Dir: b.dir(id)}
+	i := swtpm.Instance{Dir: b.dir(id), Socket: b.socket(id)}
 	return api.Sockets{Data: i.DataSocket(), Ctrl: i.CtrlSocket()}
 }
 
 func (b *Backend) dir(id string) string { return filepath.Join(b.cfg.Root, id) }
 
+// socket is vTPM id's data socket, or "" for the default in its directory.
+func (b *Backend) socket(id string) string {
+	if b.cfg.SocketDir == "" {
+		return ""
+	}
+	return filepath.Join(b.cfg.SocketDir, id+".sock")
+}
+
+// prepareSocketDir makes dir 0700, or 0710 with group allowed through:
+// members reach the sockets they know the names of, and cannot list them.
+func prepareSocketDir(dir, group string) error {
+	if dir == "" {
+		if group != "" {
+			return errors.New("a socket group needs a socket directory: vTPM state directories are private")
+		}
+		return nil
+	}
+	mode, gid := os.FileMode(0o700), -1
+	if group != "" {
+		g, err := user.LookupGroup(group)
+		if err != nil {
+			return fmt.Errorf("socket group: %w", err)
+		}
+		gid, _ = strconv.Atoi(g.Gid)
+		mode = 0o710
+	}
+	if err := os.MkdirAll(dir, mode); err != nil {
+		return fmt.Errorf("creating the socket directory: %w", err)
+	}
+	if err := os.Chmod(dir, mode); err != nil {
+		return fmt.Errorf("socket directory: %w", err)
+	}
+	if err := os.Chown(dir, -1, gid); err != nil {
+		return fmt.Errorf("socket directory: %w", err)
+	}
+	return nil
+}
+
 // Dir is where vTPM id's state lives.
 func (b *Backend) Dir(id string) string { return b.dir(id) }
 
 func (b *Backend) instance(v *store.VTPM, secret []byte) swtpm.Instance {
-	return swtpm.Instance{Dir: b.dir(v.InstanceID), Version: v.Spec.Version, Secret: secret,
-		User: b.cfg.User, Group: b.cfg.Group, Binary: b.cfg.Binary}
+	return swtpm.Instance{Dir: b.dir(v.InstanceID), Socket: b.socket(v.InstanceID), SocketGroup: b.cfg.SocketGroup,
+		Version: v.Spec.Version, Secret: secret, User: b.cfg.User, Group: b.cfg.Group, Binary: b.cfg.Binary}
 }
 
 // IdentityFile records a manufactured vTPM's public identity next to its
@@ -230,6 +280,11 @@ func (b *Backend) Destroy(ctx context.Context, v *store.VTPM) error {
 	}
 	if err := os.RemoveAll(b.dir(v.InstanceID)); err != nil {
 		return fmt.Errorf("removing state of %s: %w", v.InstanceID, err)
+	}
+	if s := b.socket(v.InstanceID); s != "" {
+		// Left behind only by a swtpm killed with vtpmd; nothing listens.
+		os.Remove(s)
+		os.Remove(s + ".ctrl")
 	}
 	return nil
 }

@@ -35,6 +35,9 @@ import (
 	"github.com/vtpmd/vtpmd/internal/spec"
 )
 
+// DefaultSocket is libvirtd's socket.
+const DefaultSocket = "/var/run/libvirt/libvirt-sock"
+
 // Mode is how a vTPM reaches its guest.
 type Mode string
 
@@ -84,7 +87,7 @@ var _ agent.Backend = (*Backend)(nil)
 // or the swtpm user or group does not exist, saying which.
 func New(ctx context.Context, cfg Config) (*Backend, error) {
 	if cfg.Socket == "" {
-		cfg.Socket = "/var/run/libvirt/libvirt-sock"
+		cfg.Socket = DefaultSocket
 	}
 	if cfg.StateRoot == "" {
 		cfg.StateRoot = "/var/lib/libvirt/swtpm"
@@ -129,11 +132,22 @@ func (b *Backend) conn() (*golibvirt.Libvirt, error) {
 	if b.lv != nil && b.lv.IsConnected() {
 		return b.lv, nil
 	}
-	lv := golibvirt.NewWithDialer(dialers.NewLocal(dialers.WithSocket(b.cfg.Socket), dialers.WithLocalTimeout(5*time.Second)))
-	if err := lv.ConnectToURI(golibvirt.QEMUSystem); err != nil {
-		return nil, fmt.Errorf("connecting to libvirtd at %s: %w", b.cfg.Socket, err)
+	lv, err := dial(b.cfg.Socket)
+	if err != nil {
+		return nil, err
 	}
 	b.lv = lv
+	return lv, nil
+}
+
+func dial(socket string) (*golibvirt.Libvirt, error) {
+	if socket == "" {
+		socket = DefaultSocket
+	}
+	lv := golibvirt.NewWithDialer(dialers.NewLocal(dialers.WithSocket(socket), dialers.WithLocalTimeout(5*time.Second)))
+	if err := lv.ConnectToURI(golibvirt.QEMUSystem); err != nil {
+		return nil, fmt.Errorf("connecting to libvirtd at %s: %w", socket, err)
+	}
 	return lv, nil
 }
 

@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"os/exec"
+	"os/user"
 	"slices"
+	"strings"
 
 	golibvirt "github.com/digitalocean/go-libvirt"
 	"libvirt.org/go/libvirtxml"
@@ -86,4 +88,55 @@ func HostCapabilities(domCapsXML string, swtpmCaps []byte, mode Mode) (spec.Capa
 		}
 	}
 	return caps, nil
+}
+
+// QEMUGroup asks libvirtd at socket which group it runs QEMU as: the group
+// that must reach the sockets of external-mode vTPMs. "" means root (or no
+// DAC security driver), which needs nothing.
+func QEMUGroup(socket string) (string, error) {
+	lv, err := dial(socket)
+	if err != nil {
+		return "", err
+	}
+	defer lv.Disconnect()
+	xml, err := lv.ConnectGetCapabilities()
+	if err != nil {
+		return "", fmt.Errorf("reading libvirt's capabilities: %w", err)
+	}
+	return qemuGroup(xml)
+}
+
+// qemuGroup reads the group from the base labels of libvirt's DAC security
+// driver in its capabilities XML ("+uid:+gid" per domain type).
+func qemuGroup(capsXML string) (string, error) {
+	var caps libvirtxml.Caps
+	if err := caps.Unmarshal(capsXML); err != nil {
+		return "", fmt.Errorf("libvirt's capabilities: %w", err)
+	}
+	var groups []string
+	for _, m := range caps.Host.SecModel {
+		for _, l := range m.Labels {
+			if _, g, ok := strings.Cut(l.Value, ":"); ok && m.Name == "dac" && !slices.Contains(groups, g) {
+				groups = append(groups, g)
+			}
+		}
+	}
+	switch {
+	case len(groups) == 0:
+		return "", nil
+	case len(groups) > 1:
+		return "", fmt.Errorf("libvirt runs QEMU as several groups (%s): choose the socket group", strings.Join(groups, ", "))
+	}
+	g := groups[0]
+	if gid, numeric := strings.CutPrefix(g, "+"); numeric {
+		grp, err := user.LookupGroupId(gid)
+		if err != nil {
+			return "", fmt.Errorf("the group libvirt runs QEMU as: %w", err)
+		}
+		g = grp.Name
+	}
+	if g == "root" {
+		return "", nil
+	}
+	return g, nil
 }

@@ -3,6 +3,7 @@ package libvirt
 import (
 	"fmt"
 	"os"
+	"os/user"
 	"strings"
 	"testing"
 
@@ -54,5 +55,35 @@ func TestHostCapabilities(t *testing.T) {
 				t.Fatalf("traits of %+v", caps)
 			}
 		})
+	}
+}
+
+func TestQEMUGroup(t *testing.T) {
+	nogroup, err := user.LookupGroup("nogroup")
+	if err != nil {
+		t.Fatal(err)
+	}
+	caps := func(labels ...string) string {
+		x := "<capabilities><host><secmodel><model>none</model><doi>0</doi></secmodel><secmodel><model>dac</model><doi>0</doi>"
+		for i, l := range labels {
+			x += fmt.Sprintf("<baselabel type='%s'>%s</baselabel>", []string{"kvm", "qemu"}[i], l)
+		}
+		return x + "</secmodel></host></capabilities>"
+	}
+	for _, c := range []struct {
+		caps, want, err string
+	}{
+		{caps("+1:+"+nogroup.Gid, "+1:+"+nogroup.Gid), "nogroup", ""}, // as libvirt 9 writes it
+		{caps("libvirt-qemu:nogroup"), "nogroup", ""},
+		{caps("+0:+0", "+0:+0"), "", ""}, // QEMU as root: nothing to allow
+		{"<capabilities><host><secmodel><model>selinux</model><doi>0</doi><baselabel type='kvm'>system_u:system_r:svirt_t:s0</baselabel></secmodel></host></capabilities>", "", ""},
+		{caps("+1:+"+nogroup.Gid, "+1:+0"), "", "several groups"},
+		{caps("+1:+4294967"), "", "group libvirt runs QEMU as"},
+		{"<capabilities", "", "capabilities"},
+	} {
+		got, err := qemuGroup(c.caps)
+		if got != c.want || (err == nil) != (c.err == "") || err != nil && !strings.Contains(err.Error(), c.err) {
+			t.Errorf("%s: %q, %v; want %q, %q", c.caps, got, err, c.want, c.err)
+		}
 	}
 }

@@ -1,0 +1,47 @@
+package daemon
+
+import (
+	"strings"
+	"testing"
+)
+
+// TestConfigValidate: each bad setting is named, all at once; the defaults
+// are valid.
+func TestConfigValidate(t *testing.T) {
+	ok := Config{DataDir: "/var/lib/vtpmd", HostName: "h"}
+	ok.Defaults()
+	if err := ok.Validate(); err != nil {
+		t.Fatalf("defaults: %v", err)
+	}
+	external := Config{Backend: "libvirt", Libvirt: LibvirtConfig{Mode: "external"}, HostName: "h"}
+	external.Defaults()
+	if err := external.Validate(); err != nil || external.SocketDir != "/run/vtpmd" {
+		t.Fatalf("libvirt external defaults: socket dir %q, %v", external.SocketDir, err)
+	}
+	bad := ok
+	bad.DataDir, bad.Capacity, bad.PCRBanks = "relative", -1, []string{"md5"}
+	bad.SwtpmUser, bad.SocketGroup = "no-such-user-here", "no-such-group-here"
+	bad.Backend, bad.Libvirt.Mode = "hyper-v", "passthrough"
+	bad.TLSCert, bad.Store = "cert.pem", "postgres://u:secret@db/vtpmd"
+	err := bad.Validate()
+	if err == nil {
+		t.Fatal("a bad configuration was accepted")
+	}
+	for _, want := range []string{
+		`data dir "relative"`, "capacity -1", `PCR bank "md5"`, `swtpm user "no-such-user-here"`,
+		`socket group "no-such-group-here"`, "a socket group needs a socket dir", `backend "hyper-v"`,
+		`libvirt mode "passthrough"`, "TLS needs both", "carries a password",
+	} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("the error does not name %s:\n%v", want, err)
+		}
+	}
+	if strings.Contains(err.Error(), "u:secret") {
+		t.Error("the error repeats the store's password")
+	}
+	relative := ok
+	relative.SocketDir = "run/vtpmd"
+	if err := relative.Validate(); err == nil || !strings.Contains(err.Error(), "socket dir") {
+		t.Errorf("relative socket dir: %v", err)
+	}
+}
