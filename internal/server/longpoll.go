@@ -91,8 +91,8 @@ func (s *Server) getVTPM(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	defer p.stop()
+	var changed <-chan struct{}
 	for {
-		changed := s.Store.Changed()
 		v, _, err := s.lookup(r)
 		if err != nil {
 			return err
@@ -103,10 +103,18 @@ func (s *Server) getVTPM(w http.ResponseWriter, r *http.Request) error {
 			writeJSON(w, http.StatusOK, s.view(v))
 			return nil
 		}
+		if changed == nil {
+			// Listen, then read again, so that a change between the two
+			// reads is not missed. (Only for records that exist: a
+			// listener is kept until its record next changes.)
+			changed = s.Store.VTPMChanged(v.InstanceID)
+			continue
+		}
 		if !p.wait(changed, recheck) {
 			w.WriteHeader(http.StatusNotModified)
 			return nil
 		}
+		changed = nil
 	}
 }
 

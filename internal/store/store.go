@@ -29,29 +29,41 @@ type Store struct {
 	pg  bool // PostgreSQL; else SQLite
 
 	mu      sync.Mutex
-	changed chan struct{} // closed by the next commit; see Changed
+	changed map[string]chan struct{} // per instance id; see VTPMChanged
 }
 
-// Changed returns a channel that is closed when a write transaction of this
-// Store next commits, so that a reader can wait for news instead of
-// polling: take the channel, read, and wait on it if what was read is not
-// yet what is wanted. Commits by other processes sharing a PostgreSQL
-// database do not close it.
-func (s *Store) Changed() <-chan struct{} {
+// VTPMChanged returns a channel that is closed when a transaction of this
+// Store next commits a change to vTPM id's record (made, updated or
+// deleted), so that a reader can wait for news instead of polling: take
+// the channel, read, and wait on it if what was read is not yet what is
+// wanted. Commits by other processes sharing a PostgreSQL database do not
+// close it.
+func (s *Store) VTPMChanged(id string) <-chan struct{} {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.changed == nil {
-		s.changed = make(chan struct{})
+		s.changed = map[string]chan struct{}{}
 	}
-	return s.changed
+	ch := s.changed[id]
+	if ch == nil {
+		ch = make(chan struct{})
+		s.changed[id] = ch
+	}
+	return ch
 }
 
-func (s *Store) committed() {
+// committed wakes the waiters on the vTPMs a transaction changed.
+func (s *Store) committed(ids []string) {
+	if len(ids) == 0 {
+		return
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.changed != nil {
-		close(s.changed)
-		s.changed = nil
+	for _, id := range ids {
+		if ch := s.changed[id]; ch != nil {
+			close(ch)
+			delete(s.changed, id)
+		}
 	}
 }
 
@@ -147,6 +159,7 @@ func (s *Store) runOnce(ctx context.Context, readOnly bool, fn func(*Tx) error) 
 	if err != nil {
 		return fmt.Errorf("beginning transaction: %w", err)
 	}
+	tx := &Tx{ctx: ctx, tx: sqlTx, now: s.now().UTC(), pg: s.pg}
 	defer func() {
 		if p := recover(); p != nil {
 			sqlTx.Rollback()
@@ -158,19 +171,20 @@ func (s *Store) runOnce(ctx context.Context, readOnly bool, fn func(*Tx) error) 
 		}
 		if cerr := sqlTx.Commit(); cerr != nil {
 			err = fmt.Errorf("committing transaction: %w", cerr)
-		} else if !readOnly {
-			s.committed()
+		} else {
+			s.committed(tx.changed)
 		}
 	}()
-	return fn(&Tx{ctx: ctx, tx: sqlTx, now: s.now().UTC(), pg: s.pg})
+	return fn(tx)
 }
 
 // Tx is one transaction. It must not be used after its closure returns.
 type Tx struct {
-	ctx context.Context
-	tx  *sql.Tx
-	now time.Time
-	pg  bool
+	ctx     context.Context
+	tx      *sql.Tx
+	now     time.Time
+	pg      bool
+	changed []string // vTPMs written, for VTPMChanged
 }
 
 func (t *Tx) exec(query string, args ...any) (sql.Result, error) {

@@ -303,10 +303,11 @@ func TestHosts(t *testing.T) {
 	})
 }
 
-func TestChanged(t *testing.T) {
+func TestVTPMChanged(t *testing.T) {
 	onEngines(t, func(t *testing.T, open func(testing.TB) (*Store, func() (*Store, error))) {
 		ctx := context.Background()
 		s, _ := open(t)
+		putHosts(t, s, "h1")
 		closed := func(ch <-chan struct{}) bool {
 			select {
 			case <-ch:
@@ -315,20 +316,52 @@ func TestChanged(t *testing.T) {
 				return false
 			}
 		}
-		ch := s.Changed()
-		if s.Changed() != ch {
-			t.Fatal("two readers waiting for the same commit got different channels")
+		write := func(fn func(tx *Tx) error) {
+			t.Helper()
+			if err := s.Update(ctx, fn); err != nil {
+				t.Fatal(err)
+			}
 		}
-		s.View(ctx, func(tx *Tx) error { _, err := tx.ListVTPMs(Filter{}); return err })
-		s.Update(ctx, func(tx *Tx) error { return errors.New("rolled back") })
-		if closed(ch) {
-			t.Fatal("a read or a rolled-back write signalled a change")
+		ch := s.VTPMChanged("i-1")
+		if s.VTPMChanged("i-1") != ch {
+			t.Fatal("two readers waiting for the same vTPM got different channels")
 		}
-		putHosts(t, s, "h1")
+		write(func(tx *Tx) error { return tx.CreateVTPM(sample("i-1", "p", "h1")) })
 		if !closed(ch) {
-			t.Fatal("a commit did not signal a change")
+			t.Fatal("creating the vTPM did not signal")
 		}
-		if closed(s.Changed()) {
+		ch, other := s.VTPMChanged("i-1"), s.VTPMChanged("i-2")
+		s.View(ctx, func(tx *Tx) error { _, err := tx.GetVTPM("i-1"); return err })
+		s.Update(ctx, func(tx *Tx) error {
+			v, _ := tx.GetVTPM("i-1")
+			v.Phase = PhaseActive
+			tx.UpdateVTPM(v)
+			return errors.New("rolled back")
+		})
+		write(func(tx *Tx) error { return tx.CreateVTPM(sample("i-2", "p", "h1")) })
+		if closed(ch) {
+			t.Fatal("a read, a rolled-back update or another vTPM's commit signalled a change")
+		}
+		if !closed(other) {
+			t.Fatal("the other vTPM's creation did not signal its own waiters")
+		}
+		write(func(tx *Tx) error {
+			v, err := tx.GetVTPM("i-1")
+			if err != nil {
+				return err
+			}
+			v.Phase = PhaseActive
+			return tx.UpdateVTPM(v)
+		})
+		if !closed(ch) {
+			t.Fatal("an update did not signal")
+		}
+		ch = s.VTPMChanged("i-1")
+		write(func(tx *Tx) error { return tx.DeleteVTPM("i-1") })
+		if !closed(ch) {
+			t.Fatal("a delete did not signal")
+		}
+		if closed(s.VTPMChanged("i-1")) {
 			t.Fatal("the channel after a commit is already closed")
 		}
 	})

@@ -83,6 +83,9 @@ func (t *Tx) CreateVTPM(v *VTPM) error {
 	_, err = t.exec(`INSERT INTO vtpms (`+vtpmColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
 		v.InstanceID, v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, v.Host,
 		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Generation, stamp(t.now), stamp(t.now))
+	if err == nil {
+		t.changed = append(t.changed, v.InstanceID)
+	}
 	return err
 }
 
@@ -109,6 +112,7 @@ func (t *Tx) UpdateVTPM(v *VTPM) error {
 	}
 	v.Generation++
 	v.UpdatedAt = t.now
+	t.changed = append(t.changed, v.InstanceID)
 	return nil
 }
 
@@ -121,6 +125,7 @@ func (t *Tx) DeleteVTPM(instanceID string) error {
 	if n, _ := res.RowsAffected(); n == 0 {
 		return fmt.Errorf("vtpm %s: %w", instanceID, ErrNotFound)
 	}
+	t.changed = append(t.changed, instanceID)
 	return nil
 }
 
