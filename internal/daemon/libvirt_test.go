@@ -486,6 +486,53 @@ func TestLibvirtDisabled(t *testing.T) {
 	}
 }
 
+// TestLibvirtExternalRestart: a guest running in external mode loses its
+// TPM when vtpmd restarts (its swtpm dies with vtpmd and QEMU does not
+// reconnect). vtpmd must say so rather than report the vTPM active, and a
+// stop and start must give the guest its TPM back.
+func TestLibvirtExternalRestart(t *testing.T) {
+	lv := connectLibvirt(t)
+	dir := t.TempDir()
+	u := startLibvirtDaemon(t, dir, "external")
+	ctx := context.Background()
+	id := uuid.NewString()
+	dom := defineGuest(t, lv, id, dir)
+	if _, err := u.c.Create(ctx, api.CreateVTPMRequest{InstanceID: id, Project: "p",
+		ResolveRequest: api.ResolveRequest{FlavorSpecs: map[string]string{"hw:tpm_version": "2.0"}}}); err != nil {
+		t.Fatal(err)
+	}
+	u.wait(t, id, "active")
+	if _, err := u.c.Attach(ctx, id, dom.Name); err != nil {
+		t.Fatal(err)
+	}
+	v := u.wait(t, id, "active")
+	if ok, err := swtpm.Connected(v.Sockets.Ctrl); !ok || err != nil {
+		t.Fatalf("the running guest is not connected to its vTPM: %v", err)
+	}
+
+	u.stop()
+	u = startLibvirtDaemon(t, dir, "external")
+	v = u.wait(t, id, "error")
+	if guestState(t, lv, dom) != golibvirt.DomainRunning || !strings.Contains(v.Reason, "not connected to its vTPM") {
+		t.Fatalf("after vtpmd restarted under a running guest: guest %v, reason %q", guestState(t, lv, dom), v.Reason)
+	}
+	if _, err := u.c.Stop(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	wctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	if _, err := u.c.Wait(wctx, id, func(v api.VTPM) bool { return v.Phase == "stopped" }, nil); err != nil {
+		t.Fatalf("stopping the disconnected vTPM: %v", err)
+	}
+	if _, err := u.c.Start(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	v = u.wait(t, id, "active")
+	if ok, err := swtpm.Connected(v.Sockets.Ctrl); !ok || err != nil || v.Reason != "" {
+		t.Fatalf("after stop and start: connected %v (%v), reason %q", ok, err, v.Reason)
+	}
+}
+
 // TestLibvirtDrift plants what a crash or a hand on the host leaves: a
 // libvirt vTPM secret and a TPM state with no record, and a vTPM whose
 // domain was undefined behind vtpmd's back. Drift names each; repair

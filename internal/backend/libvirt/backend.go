@@ -76,8 +76,9 @@ type Backend struct {
 	cfg Config
 	log *slog.Logger
 
-	mu sync.Mutex
-	lv *golibvirt.Libvirt
+	mu      sync.Mutex
+	lv      *golibvirt.Libvirt
+	serving map[string]int // external mode: instance → pid of the swtpm seen serving its running guest
 }
 
 var _ agent.Backend = (*Backend)(nil)
@@ -101,7 +102,7 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
-	b := &Backend{cfg: cfg, log: cfg.Log}
+	b := &Backend{cfg: cfg, log: cfg.Log, serving: map[string]int{}}
 	if _, err := b.conn(); err != nil {
 		return nil, err
 	}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
+	"github.com/vtpmd/vtpmd/internal/swtpm"
 )
 
 // Ensure implements agent.Backend: the TPM is manufactured, attached to
@@ -64,10 +65,50 @@ func (b *Backend) Ensure(ctx context.Context, v *store.VTPM, secret []byte) ([]s
 	if err := b.attach(lv, dom, v); err != nil {
 		return nil, err
 	}
-	if v.Phase == store.PhaseActive {
-		return eks, nil
+	if v.Phase != store.PhaseActive {
+		if err := b.startGuest(lv, dom, v, secret); err != nil {
+			return nil, err
+		}
 	}
-	return eks, b.startGuest(lv, dom, v, secret)
+	return eks, b.checkConnected(lv, dom, v)
+}
+
+// checkConnected fails when, in external mode, the guest runs with this
+// vTPM but is not connected to vtpmd's swtpm: the swtpm it connected to at
+// its start is gone (vtpmd or swtpm restarted), and QEMU does not
+// reconnect, so the guest's TPM fails until the guest is started again.
+// A swtpm seen serving its guest once is not checked again.
+func (b *Backend) checkConnected(lv *golibvirt.Libvirt, dom golibvirt.Domain, v *store.VTPM) error {
+	if b.cfg.Mode != External {
+		return nil
+	}
+	if state, _, err := lv.DomainGetState(dom, 0); err != nil || golibvirt.DomainState(state) != golibvirt.DomainRunning {
+		return err
+	}
+	pid := b.cfg.Direct.Running(v.InstanceID)
+	b.mu.Lock()
+	seen := pid != 0 && b.serving[v.InstanceID] == pid
+	b.mu.Unlock()
+	if seen {
+		return nil
+	}
+	ok, err := swtpm.Connected(b.cfg.Direct.Sockets(v.InstanceID).Ctrl)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		// A guest that was running when the vTPM was attached gets it at
+		// its next start; until then there is nothing to connect.
+		live, err := lv.DomainGetXMLDesc(dom, 0)
+		if err != nil || !b.uses(live, v) {
+			return err
+		}
+		return fmt.Errorf("guest %s runs but is not connected to its vTPM: the swtpm it started with is gone (vtpmd or swtpm restarted) and QEMU does not reconnect; stop and start the instance to give the guest its TPM back", v.Domain)
+	}
+	b.mu.Lock()
+	b.serving[v.InstanceID] = pid
+	b.mu.Unlock()
+	return nil
 }
 
 // Stop implements agent.Backend: the guest is powered off and, in external
@@ -115,6 +156,9 @@ func (b *Backend) Destroy(ctx context.Context, v *store.VTPM) error {
 		return err
 	}
 	if b.cfg.Mode == External {
+		b.mu.Lock()
+		delete(b.serving, v.InstanceID)
+		b.mu.Unlock()
 		return b.cfg.Direct.Destroy(ctx, v)
 	}
 	if err := os.RemoveAll(b.stateDir(v.InstanceID)); err != nil {
