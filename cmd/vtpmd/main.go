@@ -78,6 +78,7 @@ func main() {
 	fs.StringVar(&cfg.Store, "store", "", "PostgreSQL connection string (postgres://user@host/db; the password in a passfile, never here); default: SQLite in the data dir")
 	fs.StringVar(&cfg.TLSCert, "tls-cert", "", "PEM certificate (chain) of the API: with --tls-key, the API speaks only HTTPS")
 	fs.StringVar(&cfg.TLSKey, "tls-key", "", "PEM private key of the API's certificate")
+	fs.StringVar(&cfg.ClientCA, "client-ca", "", "PEM CAs whose client certificates identify tenants (subject O=<project>) and the operator (O=system:operator); required of them when set (needs --tls-cert)")
 	fs.StringVar(&cfg.PublicURL, "public-url", "", "the API's URL as hosts reach it, written into Hyper-V plans (default http://<listen>)")
 	fs.StringVar(&cfg.HyperVHGS, "hyperv-hgs-url", "", "Hyper-V plans: the Host Guardian Service's URL (key protectors also name its guardian); default: local key protectors")
 	fs.StringVar(&cfg.Xen.ImageDir, "xen-image-dir", "", "xen backend: vTPM stub domains' disks (default /var/lib/xen/images/nova_vtpms)")

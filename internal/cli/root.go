@@ -65,7 +65,9 @@ type globals struct {
 	server  string
 	project string
 	caFile  string
-	tls     *tls.Config // when --ca-file is set
+	cert    string
+	key     string
+	tls     *tls.Config // when --ca-file or --cert is set
 }
 
 // format is -o, or def when the user gave none.
@@ -91,12 +93,23 @@ func NewRootCommand() *cobra.Command {
 			default:
 				return usageErrorf("unknown output format %q (want json or table)", g.output)
 			}
+			if g.caFile == "" && g.cert == "" && g.key == "" {
+				return nil
+			}
+			g.tls = &tls.Config{MinVersion: tls.VersionTLS12}
 			if g.caFile != "" {
 				pool, err := client.LoadCAs(g.caFile)
 				if err != nil {
 					return usageErrorf("--ca-file: %v", err)
 				}
-				g.tls = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+				g.tls.RootCAs = pool
+			}
+			if g.cert != "" || g.key != "" {
+				pair, err := tls.LoadX509KeyPair(g.cert, g.key)
+				if err != nil {
+					return usageErrorf("--cert and --key: %v", err)
+				}
+				g.tls.Certificates = []tls.Certificate{pair}
 			}
 			return nil
 		},
@@ -107,6 +120,8 @@ func NewRootCommand() *cobra.Command {
 	pf.StringVar(&g.server, "server", envOr(EnvServer, DefaultServer), "vtpmd API URL (env "+EnvServer+")")
 	pf.StringVar(&g.project, "project", os.Getenv(EnvProject), "act as this project (tenant) (env "+EnvProject+"); empty: operator")
 	pf.StringVar(&g.caFile, "ca-file", os.Getenv(EnvCAFile), "PEM CAs to trust for an https server (env "+EnvCAFile+"); default: the system's")
+	pf.StringVar(&g.cert, "cert", os.Getenv(EnvCert), "PEM client certificate that says who you are, for a server that asks for one (env "+EnvCert+")")
+	pf.StringVar(&g.key, "key", os.Getenv(EnvKey), "PEM private key of --cert (env "+EnvKey+")")
 	root.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error {
 		return &exitError{ExitUsage, err}
 	})

@@ -29,6 +29,8 @@ const (
 	EnvServer     = "VTPMD_SERVER"
 	EnvProject    = "VTPMD_PROJECT"
 	EnvCAFile     = "VTPMD_CA_FILE"
+	EnvCert       = "VTPMD_CERT"
+	EnvKey        = "VTPMD_KEY"
 	DefaultServer = "http://127.0.0.1:8780"
 )
 

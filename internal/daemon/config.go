@@ -92,6 +92,12 @@ type Config struct {
 	// TLSCert and TLSKey are PEM files of the API's certificate (chain)
 	// and key: with them the API speaks only HTTPS.
 	TLSCert, TLSKey string
+	// ClientCA is a PEM file of the CAs whose client certificates identify
+	// tenants (the subject's organization is the project) and the operator
+	// (organization system:operator); with it, every tenant and operator
+	// request needs one, and X-Project-ID no longer decides alone. Needs
+	// TLS. "" trusts the header, for an API on loopback.
+	ClientCA string
 	// PublicURL is the API as hosts reach it, written into Hyper-V plans;
 	// default http://<the listen address>.
 	PublicURL string
@@ -236,6 +242,9 @@ func (c *Config) Validate() error {
 	}
 	if (c.TLSCert == "") != (c.TLSKey == "") {
 		errs = append(errs, errors.New("TLS needs both a certificate and a key file"))
+	}
+	if c.ClientCA != "" && c.TLSCert == "" {
+		errs = append(errs, errors.New("client certificates (--client-ca) need TLS (--tls-cert, --tls-key)"))
 	}
 	if c.Xen.UUIDListen != "" {
 		if _, _, err := net.SplitHostPort(c.Xen.UUIDListen); err != nil {

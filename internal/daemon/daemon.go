@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/agent"
 	"github.com/vtpmd/vtpmd/internal/atomicfile"
 	"github.com/vtpmd/vtpmd/internal/attest"
@@ -91,6 +92,16 @@ func (d *AllInOne) start(ctx context.Context) error {
 		if serving, self, err = tlsConfigs(cfg.TLSCert, cfg.TLSKey); err != nil {
 			return fmt.Errorf("TLS certificate and key: %w", err)
 		}
+	}
+	if cfg.ClientCA != "" {
+		pool, err := client.LoadCAs(cfg.ClientCA)
+		if err != nil {
+			return fmt.Errorf("client CAs: %w", err)
+		}
+		// Agents have no certificates: they authenticate per request
+		// (tokens, host credentials), so a certificate is checked if given
+		// and required by the routes of tenants and the operator.
+		serving.ClientCAs, serving.ClientAuth = pool, tls.VerifyClientCertIfGiven
 	}
 	kr, err := keyring.OpenEmbedded(filepath.Join(cfg.DataDir, "keys"))
 	if err != nil {
@@ -164,11 +175,12 @@ func (d *AllInOne) start(ctx context.Context) error {
 		hook.Start(bg)
 	}
 	srv := &server.Server{
-		HostEKRoots: hostRoots,
-		Verdicts:    verdicts,
-		Webhook:     hook,
-		StaleAfter:  cfg.StaleAfter,
-		Store:       d.store, Keyring: kr, CAChainPEM: authority.ChainPEM, Options: spec.Options{DefaultTPMVersion: cfg.DefaultTPMVersion},
+		Authenticate: cfg.ClientCA != "",
+		HostEKRoots:  hostRoots,
+		Verdicts:     verdicts,
+		Webhook:      hook,
+		StaleAfter:   cfg.StaleAfter,
+		Store:        d.store, Keyring: kr, CAChainPEM: authority.ChainPEM, Options: spec.Options{DefaultTPMVersion: cfg.DefaultTPMVersion},
 		Log: d.log,
 		Sockets: func(host, id string) *api.Sockets {
 			if host != cfg.HostName {

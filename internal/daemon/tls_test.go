@@ -10,16 +10,20 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"errors"
 	"math/big"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/cli"
+	"github.com/vtpmd/vtpmd/internal/server"
 )
 
 // TestTLS serves the API over HTTPS with a certificate from a private CA:
@@ -73,29 +77,186 @@ func TestTLS(t *testing.T) {
 // 127.0.0.1, as PEM files in dir: the CA, the certificate, its key.
 func writeTestPKI(t *testing.T, dir string) (caFile, certFile, keyFile string) {
 	t.Helper()
-	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test API CA"}, IsCA: true, BasicConstraintsValid: true,
+	ca := newTestCA(t, dir)
+	certFile, keyFile = ca.issue(t, "api", pkix.Name{CommonName: "localhost"})
+	return ca.file, certFile, keyFile
+}
+
+// testCA issues certificates as PEM files in its directory.
+type testCA struct {
+	dir  string
+	file string // the CA certificate
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+}
+
+func newTestCA(t *testing.T, dir string) *testCA {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test CA"}, IsCA: true, BasicConstraintsValid: true,
 		KeyUsage: x509.KeyUsageCertSign, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, caKey.Public(), caKey)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ca, _ := x509.ParseCertificate(caDER)
+	cert, _ := x509.ParseCertificate(der)
+	ca := &testCA{dir: dir, file: filepath.Join(dir, "ca.pem"), cert: cert, key: key}
+	writePEM(t, ca.file, "CERTIFICATE", der)
+	return ca
+}
+
+// issue writes a certificate for subject, good for a server on localhost
+// and 127.0.0.1 and for a client, and its key: name.pem, name.key.
+func (ca *testCA) issue(t *testing.T, name string, subject pkix.Name) (certFile, keyFile string) {
+	t.Helper()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "localhost"}, DNSNames: []string{"localhost"},
-		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
+	tmpl := &x509.Certificate{SerialNumber: serial, Subject: subject, DNSNames: []string{"localhost"},
+		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 		KeyUsage: x509.KeyUsageDigitalSignature, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, key.Public(), caKey)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, key.Public(), ca.key)
 	if err != nil {
 		t.Fatal(err)
 	}
 	keyDER, _ := x509.MarshalPKCS8PrivateKey(key)
-	caFile, certFile, keyFile = filepath.Join(dir, "ca.pem"), filepath.Join(dir, "api.pem"), filepath.Join(dir, "api.key")
-	for path, block := range map[string]*pem.Block{caFile: {Type: "CERTIFICATE", Bytes: caDER}, certFile: {Type: "CERTIFICATE", Bytes: der},
-		keyFile: {Type: "PRIVATE KEY", Bytes: keyDER}} {
-		if err := os.WriteFile(path, pem.EncodeToMemory(block), 0o600); err != nil {
+	certFile, keyFile = filepath.Join(ca.dir, name+".pem"), filepath.Join(ca.dir, name+".key")
+	writePEM(t, certFile, "CERTIFICATE", der)
+	writePEM(t, keyFile, "PRIVATE KEY", keyDER)
+	return certFile, keyFile
+}
+
+func writePEM(t *testing.T, path, typ string, der []byte) {
+	t.Helper()
+	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestClientCertificates: with --client-ca, tenants and the operator are
+// who their client certificates say (the subject's organization is the
+// project), X-Project-ID cannot widen that, and agents, which have no
+// certificates, still attest.
+func TestClientCertificates(t *testing.T) {
+	dir := t.TempDir()
+	ca := newTestCA(t, dir)
+	certFile, keyFile := ca.issue(t, "api", pkix.Name{CommonName: "localhost"})
+	th := newTestHost(t, dir, "host kernel 6.1")
+	u := startConfigured(t, th.attests(Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "mtls-host",
+		TLSCert: certFile, TLSKey: keyFile, ClientCA: ca.file}))
+	ctx := context.Background()
+	pool, err := client.LoadCAs(ca.file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	as := func(project string, subject *pkix.Name) *client.Client {
+		cfg := &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+		if subject != nil {
+			c, k := ca.issue(t, subject.CommonName, *subject)
+			pair, err := tls.LoadX509KeyPair(c, k)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg.Certificates = []tls.Certificate{pair}
+		}
+		return client.New(u.d.URL, project).WithTLS(cfg)
+	}
+	operator := as("", &pkix.Name{CommonName: "ops", Organization: []string{server.OperatorOrganization}})
+	alice := as("", &pkix.Name{CommonName: "alice", Organization: []string{"p1"}})
+	bob := as("", &pkix.Name{CommonName: "bob", Organization: []string{"p2"}})
+	status := func(err error) int {
+		var e *client.Error
+		if errors.As(err, &e) {
+			return e.Status
+		}
+		return 0
+	}
+
+	if _, err := as("", nil).Hosts(ctx); status(err) != 401 {
+		t.Fatalf("no certificate: %v", err)
+	}
+	if _, err := as("p1", nil).List(ctx, client.ListOptions{}); status(err) != 401 {
+		t.Fatalf("no certificate, only X-Project-ID: %v", err)
+	}
+	if _, err := as("", &pkix.Name{CommonName: "nobody"}).Hosts(ctx); status(err) != 403 {
+		t.Fatalf("a certificate naming no project: %v", err)
+	}
+	other := newTestCA(t, t.TempDir())
+	c, k := other.issue(t, "mallory", pkix.Name{CommonName: "mallory", Organization: []string{server.OperatorOrganization}})
+	pair, _ := tls.LoadX509KeyPair(c, k)
+	if _, err := client.New(u.d.URL, "").WithTLS(&tls.Config{RootCAs: pool, Certificates: []tls.Certificate{pair}}).Hosts(ctx); err == nil {
+		t.Fatal("a certificate from another CA was accepted")
+	}
+
+	id := "6f1f3c52-8c8e-4b7e-9d3a-2f5e8f0c1a22"
+	if _, err := operator.Create(ctx, api.CreateVTPMRequest{InstanceID: id, Project: "p1",
+		ResolveRequest: api.ResolveRequest{FlavorSpecs: map[string]string{"hw:tpm_version": "2.0"}}}); err != nil {
+		t.Fatalf("the operator creating for p1: %v", err)
+	}
+	if v, err := alice.Get(ctx, id); err != nil || v.Project != "p1" {
+		t.Fatalf("p1 reading its own vTPM: %+v %v", v, err)
+	}
+	if _, err := bob.Get(ctx, id); status(err) != 404 {
+		t.Fatalf("p2 reading p1's vTPM: %v", err)
+	}
+	if l, err := bob.List(ctx, client.ListOptions{}); err != nil || len(l.Items) != 0 {
+		t.Fatalf("p2's list: %+v %v", l, err)
+	}
+	bobAsP1 := as("p1", &pkix.Name{CommonName: "bob", Organization: []string{"p2"}})
+	if _, err := bobAsP1.Get(ctx, id); status(err) != 403 {
+		t.Fatalf("p2's certificate with X-Project-ID p1: %v", err)
+	}
+	if _, err := bob.Create(ctx, api.CreateVTPMRequest{InstanceID: "7a2b4c6d-1e3f-4a5b-8c7d-9e0f1a2b3c4d", Project: "p1",
+		ResolveRequest: api.ResolveRequest{FlavorSpecs: map[string]string{"hw:tpm_version": "2.0"}}}); status(err) != 403 {
+		t.Fatalf("p2 creating a vTPM for p1: %v", err)
+	}
+	if _, err := alice.Hosts(ctx); err != nil {
+		t.Fatalf("p1 listing hosts: %v", err)
+	}
+
+	// Metrics are the operator's; health and the CA are anyone's.
+	get := func(c *tls.Config, path string) int {
+		resp, err := (&http.Client{Transport: &http.Transport{TLSClientConfig: c}}).Get(u.d.URL + path)
+		if err != nil {
 			t.Fatal(err)
 		}
+		resp.Body.Close()
+		return resp.StatusCode
 	}
-	return caFile, certFile, keyFile
+	trustOnly := &tls.Config{RootCAs: pool}
+	aliceCert, aliceKey := ca.issue(t, "alice2", pkix.Name{CommonName: "alice", Organization: []string{"p1"}})
+	opCert, opKey := ca.issue(t, "ops2", pkix.Name{CommonName: "ops", Organization: []string{server.OperatorOrganization}})
+	withCert := func(c, k string) *tls.Config {
+		pair, _ := tls.LoadX509KeyPair(c, k)
+		return &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{pair}}
+	}
+	for _, c := range []struct {
+		cfg  *tls.Config
+		path string
+		want int
+	}{
+		{trustOnly, "/healthz", 200}, {trustOnly, "/v1/ca", 200}, {trustOnly, "/metrics", 401},
+		{withCert(aliceCert, aliceKey), "/metrics", 403}, {withCert(opCert, opKey), "/metrics", 200},
+	} {
+		if got := get(c.cfg, c.path); got != c.want {
+			t.Errorf("GET %s: %d, want %d", c.path, got, c.want)
+		}
+	}
+
+	// The host agent in this process has no certificate: it attests with
+	// its tokens, as a guest's agent does.
+	if h, err := u.d.AttestHost(ctx); err != nil || h.State != "registered" {
+		t.Fatalf("host attestation with client certificates required: %+v %v", h, err)
+	}
+
+	var out, errOut bytes.Buffer
+	if code := cli.Main(ctx, []string{"--server", u.d.URL, "--ca-file", ca.file, "--cert", aliceCert, "--key", aliceKey, "list"}, &out, &errOut); code != 0 || !strings.Contains(out.String(), id) {
+		t.Fatalf("vtpmctl --cert: %d %q %q", code, out.String(), errOut.String())
+	}
+	if code := cli.Main(ctx, []string{"--server", u.d.URL, "--ca-file", ca.file, "--cert", aliceCert, "list"}, &out, &errOut); code != cli.ExitUsage {
+		t.Fatalf("vtpmctl --cert without --key: %d", code)
+	}
+
+	if _, err := StartAllInOne(ctx, Config{DataDir: t.TempDir(), Listen: "127.0.0.1:0", ClientCA: ca.file}, nil); err == nil || !strings.Contains(err.Error(), "need TLS") {
+		t.Fatalf("client CAs without TLS: %v", err)
+	}
 }

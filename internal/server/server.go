@@ -64,6 +64,10 @@ type Server struct {
 	Webhook *Webhook
 	// HyperV shapes Hyper-V plans.
 	HyperV HyperVOptions
+	// Authenticate makes tenants and the operator prove who they are with a
+	// client certificate the TLS server verified (see authenticate); off,
+	// the X-Project-ID header is trusted, for an API on loopback.
+	Authenticate bool
 	// StaleAfter is how long a registered instance or host may go without
 	// genuine evidence before its verdict turns stale; 0: DefaultStaleAfter.
 	StaleAfter time.Duration
@@ -92,75 +96,89 @@ func (s *Server) Handler() http.Handler {
 	m := newMetrics(s.Registry, s.Store)
 	mux := http.NewServeMux()
 	for _, r := range s.routes() {
-		mux.Handle(r.pattern, m.instrument(r.pattern, s.handle(r.h)))
+		mux.Handle(r.pattern, m.instrument(r.pattern, s.handle(r.access, r.h)))
 	}
-	mux.Handle("GET /metrics", m.handler())
+	mux.Handle("GET /metrics", s.handle(callers, func(w http.ResponseWriter, r *http.Request) error {
+		if c, ok := callerOf(r); ok && !c.operator {
+			return apiErr(http.StatusForbidden, CodeForbidden, "Metrics are for the operator.")
+		}
+		m.handler().ServeHTTP(w, r)
+		return nil
+	}))
 	return mux
 }
 
 type route struct {
 	pattern string
 	h       func(http.ResponseWriter, *http.Request) error
+	access  access
 }
 
 // routes lists every endpoint; the OpenAPI test checks the document
 // against this list.
 func (s *Server) routes() []route {
 	return []route{
-		{"GET /healthz", s.healthz},
-		{"GET /v1/openapi.json", s.openapi},
-		{"POST /v1/resolve", s.resolve},
-		{"POST /v1/vtpms", s.createVTPM},
-		{"GET /v1/vtpms", s.listVTPMs},
-		{"GET /v1/vtpms/{id}", s.getVTPM},
-		{"DELETE /v1/vtpms/{id}", s.deleteVTPM},
-		{"POST /v1/vtpms/{id}/start", s.startVTPM},
-		{"POST /v1/vtpms/{id}/stop", s.stopVTPM},
-		{"POST /v1/vtpms/{id}/attach", s.attachVTPM},
-		{"POST /v1/vtpms/{id}/detach", s.detachVTPM},
-		{"GET /v1/vtpms/{id}/identity", s.identity},
-		{"GET /v1/vtpms/{id}/attestation", s.getAttestation},
-		{"POST /v1/vtpms/{id}/attestation/register", s.register},
-		{"POST /v1/vtpms/{id}/attestation/activate", s.activate},
-		{"POST /v1/vtpms/{id}/attestation/nonce", s.nonce},
-		{"POST /v1/vtpms/{id}/attestation/evidence", s.evidence},
-		{"POST /v1/vtpms/{id}/attestation/policy", s.setPolicy},
-		{"GET /v1/vtpms/{id}/attestation/token", s.token},
-		{"GET /v1/vtpms/{id}/attestation/history", s.history},
-		{"POST /v1/vtpms/{id}/attestation/refresh", s.requestRefresh},
-		{"GET /v1/vtpms/{id}/attestation/refresh", s.awaitRefresh},
-		{"GET /.well-known/vtpmd/jwks.json", s.jwks},
-		{"GET /v1/vtpms/{id}/events", s.events},
-		{"GET /v1/vtpms/{id}/hyperv/plan", s.hypervPlan},
-		{"POST /v1/secrets", s.createSecret},
-		{"GET /v1/secrets/{id}", s.getSecret},
-		{"GET /v1/secrets/{id}/payload", s.secretPayload},
-		{"POST /v1/hosts/{name}/credentials", s.hostCredential},
-		{"POST /v1/policies", s.createPolicy},
-		{"GET /v1/policies", s.listPolicies},
-		{"GET /v1/policies/{name}", s.getPolicy},
-		{"DELETE /v1/policies/{name}", s.deletePolicy},
-		{"GET /v1/hosts", s.listHosts},
-		{"GET /v1/hosts/{name}", s.getHost},
-		{"GET /v1/hosts/{name}/drift", s.drift},
-		{"GET /v1/hosts/{name}/attestation", s.getAttestation},
-		{"DELETE /v1/hosts/{name}/attestation", s.forgetHost},
-		{"GET /v1/hosts/{name}/attestation/history", s.history},
-		{"POST /v1/hosts/{name}/attestation/refresh", s.requestRefresh},
-		{"GET /v1/hosts/{name}/attestation/refresh", s.awaitRefresh},
-		{"POST /v1/hosts/{name}/attestation/register", s.register},
-		{"POST /v1/hosts/{name}/attestation/activate", s.activate},
-		{"POST /v1/hosts/{name}/attestation/nonce", s.nonce},
-		{"POST /v1/hosts/{name}/attestation/evidence", s.evidence},
-		{"POST /v1/hosts/{name}/attestation/policy", s.setPolicy},
-		{"POST /v1/hosts/{name}/drift/repair", s.repairDrift},
-		{"GET /v1/ca", s.caChain},
+		{"GET /healthz", s.healthz, anyone},
+		{"GET /v1/openapi.json", s.openapi, anyone},
+		{"POST /v1/resolve", s.resolve, callers},
+		{"POST /v1/vtpms", s.createVTPM, callers},
+		{"GET /v1/vtpms", s.listVTPMs, callers},
+		{"GET /v1/vtpms/{id}", s.getVTPM, callers},
+		{"DELETE /v1/vtpms/{id}", s.deleteVTPM, callers},
+		{"POST /v1/vtpms/{id}/start", s.startVTPM, callers},
+		{"POST /v1/vtpms/{id}/stop", s.stopVTPM, callers},
+		{"POST /v1/vtpms/{id}/attach", s.attachVTPM, callers},
+		{"POST /v1/vtpms/{id}/detach", s.detachVTPM, callers},
+		{"GET /v1/vtpms/{id}/identity", s.identity, callers},
+		{"GET /v1/vtpms/{id}/attestation", s.getAttestation, callers},
+		{"POST /v1/vtpms/{id}/attestation/register", s.register, agents},
+		{"POST /v1/vtpms/{id}/attestation/activate", s.activate, agents},
+		{"POST /v1/vtpms/{id}/attestation/nonce", s.nonce, agents},
+		{"POST /v1/vtpms/{id}/attestation/evidence", s.evidence, agents},
+		{"POST /v1/vtpms/{id}/attestation/policy", s.setPolicy, callers},
+		{"GET /v1/vtpms/{id}/attestation/token", s.token, callers},
+		{"GET /v1/vtpms/{id}/attestation/history", s.history, callers},
+		{"POST /v1/vtpms/{id}/attestation/refresh", s.requestRefresh, callers},
+		{"GET /v1/vtpms/{id}/attestation/refresh", s.awaitRefresh, agents},
+		{"GET /.well-known/vtpmd/jwks.json", s.jwks, anyone},
+		{"GET /v1/vtpms/{id}/events", s.events, callers},
+		{"GET /v1/vtpms/{id}/hyperv/plan", s.hypervPlan, callers},
+		{"POST /v1/secrets", s.createSecret, callers},
+		{"GET /v1/secrets/{id}", s.getSecret, callers},
+		{"GET /v1/secrets/{id}/payload", s.secretPayload, agents},
+		{"POST /v1/hosts/{name}/credentials", s.hostCredential, callers},
+		{"POST /v1/policies", s.createPolicy, callers},
+		{"GET /v1/policies", s.listPolicies, callers},
+		{"GET /v1/policies/{name}", s.getPolicy, callers},
+		{"DELETE /v1/policies/{name}", s.deletePolicy, callers},
+		{"GET /v1/hosts", s.listHosts, callers},
+		{"GET /v1/hosts/{name}", s.getHost, callers},
+		{"GET /v1/hosts/{name}/drift", s.drift, callers},
+		{"GET /v1/hosts/{name}/attestation", s.getAttestation, callers},
+		{"DELETE /v1/hosts/{name}/attestation", s.forgetHost, callers},
+		{"GET /v1/hosts/{name}/attestation/history", s.history, callers},
+		{"POST /v1/hosts/{name}/attestation/refresh", s.requestRefresh, callers},
+		{"GET /v1/hosts/{name}/attestation/refresh", s.awaitRefresh, agents},
+		{"POST /v1/hosts/{name}/attestation/register", s.register, agents},
+		{"POST /v1/hosts/{name}/attestation/activate", s.activate, agents},
+		{"POST /v1/hosts/{name}/attestation/nonce", s.nonce, agents},
+		{"POST /v1/hosts/{name}/attestation/evidence", s.evidence, agents},
+		{"POST /v1/hosts/{name}/attestation/policy", s.setPolicy, callers},
+		{"POST /v1/hosts/{name}/drift/repair", s.repairDrift, callers},
+		{"GET /v1/ca", s.caChain, anyone},
 	}
 }
 
-func (s *Server) handle(h func(http.ResponseWriter, *http.Request) error) http.Handler {
+func (s *Server) handle(a access, h func(http.ResponseWriter, *http.Request) error) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if err := h(w, r); err != nil {
+		err := error(nil)
+		if s.Authenticate && a == callers {
+			r, err = s.authenticate(r)
+		}
+		if err == nil {
+			err = h(w, r)
+		}
+		if err != nil {
 			writeError(w, toAPIError(err, s.Log, r))
 		}
 	})
@@ -227,6 +245,12 @@ func project(r *http.Request) (string, error) {
 	p := r.Header.Get(ProjectHeader)
 	if p != "" && !projectRE.MatchString(p) {
 		return "", apiErr(http.StatusBadRequest, CodeInvalidProject, "The "+ProjectHeader+" header is not a valid project id.")
+	}
+	if c, ok := callerOf(r); ok && !c.operator {
+		if p != "" && p != c.project {
+			return "", apiErr(http.StatusForbidden, CodeInvalidProject, "The client certificate is for project "+c.project+", not "+p+".")
+		}
+		return c.project, nil
 	}
 	return p, nil
 }
