@@ -121,14 +121,17 @@ func (d *AllInOne) start(ctx context.Context) error {
 		Root: filepath.Join(cfg.DataDir, "vtpms"), SocketDir: cfg.SocketDir, SocketGroup: cfg.SocketGroup,
 		User: cfg.SwtpmUser, Group: cfg.SwtpmGroup,
 		Binary: cfg.SwtpmBinary, PCRBanks: cfg.PCRBanks, Certifier: certifier{authority}, Log: d.log, PoolSize: poolSize(cfg),
+		// Guests hold their vTPM's swtpm in external mode: it outlives a
+		// restart of vtpmd, which takes it back (QEMU never reconnects).
+		KeepRunning: cfg.libvirtExternal(),
 	})
 	if err != nil {
 		return err
 	}
-	if n, err := d.backend.Sweep(); err != nil {
-		return fmt.Errorf("sweeping stale swtpm processes: %w", err)
-	} else if n > 0 {
-		d.log.Warn("killed swtpm processes left by an earlier run", "count", n)
+	if !cfg.libvirtExternal() {
+		if err := d.sweep(); err != nil {
+			return err
+		}
 	}
 	if err := reclaimSecrets(ctx, d.store, d.backend, kr, d.log); err != nil {
 		return fmt.Errorf("reclaiming orphan secrets: %w", err)
@@ -157,6 +160,12 @@ func (d *AllInOne) start(ctx context.Context) error {
 	// no phase it reports is left over from before a restart.
 	if err := d.agent.Reconcile(ctx); err != nil {
 		return fmt.Errorf("restoring vTPMs: %w", err)
+	}
+	if cfg.libvirtExternal() {
+		// Kept swtpm processes were adopted by the pass; the rest go.
+		if err := d.sweep(); err != nil {
+			return err
+		}
 	}
 	d.reportDrift(ctx)
 	verdicts, err := verdictSigner(ctx, filepath.Join(cfg.DataDir, "verdict-key"), kr)
@@ -349,6 +358,18 @@ func (d *AllInOne) reportDrift(ctx context.Context) {
 		d.log.Warn("drift (vtpmctl doctor lists it; --delete-orphans removes orphans)", "kind", f.Kind, "object", f.Object,
 			"instance", f.InstanceID, "detail", f.Detail)
 	}
+}
+
+// sweep kills swtpm processes that no vTPM here runs.
+func (d *AllInOne) sweep() error {
+	n, err := d.backend.Sweep()
+	if err != nil {
+		return fmt.Errorf("sweeping stale swtpm processes: %w", err)
+	}
+	if n > 0 {
+		d.log.Warn("killed swtpm processes left by an earlier run", "count", n)
+	}
+	return nil
 }
 
 // Backend exposes the swtpm backend (tests look at its processes).

@@ -254,6 +254,18 @@ func rsaEK(t *testing.T, dir string, secret []byte) []byte {
 // mode, vTPM enabled, as host lv-host.
 func startLibvirtDaemon(t testing.TB, dir, mode string) *daemonUnderTest {
 	t.Helper()
+	if mode == "external" {
+		// Its swtpm processes outlive vtpmd by design; not the test. (This
+		// cleanup runs after the daemon's, which is registered later.)
+		t.Cleanup(func() {
+			for _, p := range swtpmtest.Processes(dir) {
+				pid, _, _ := strings.Cut(p, ":")
+				if n, err := strconv.Atoi(pid); err == nil {
+					syscall.Kill(n, syscall.SIGKILL)
+				}
+			}
+		})
+	}
 	return startConfigured(t, Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "lv-host", Backend: "libvirt",
 		Libvirt: LibvirtConfig{Mode: mode, EnableVTPM: true}})
 }
@@ -486,10 +498,11 @@ func TestLibvirtDisabled(t *testing.T) {
 	}
 }
 
-// TestLibvirtExternalRestart: a guest running in external mode loses its
-// TPM when vtpmd restarts (its swtpm dies with vtpmd and QEMU does not
-// reconnect). vtpmd must say so rather than report the vTPM active, and a
-// stop and start must give the guest its TPM back.
+// TestLibvirtExternalRestart: in external mode a running guest holds its
+// vTPM's swtpm, and QEMU never reconnects. vtpmd restarting must leave that
+// swtpm running and take it back; a swtpm that does die under the guest
+// (killed here) must show as an error rather than as active, and a stop
+// and start must give the guest its TPM back.
 func TestLibvirtExternalRestart(t *testing.T) {
 	lv := connectLibvirt(t)
 	dir := t.TempDir()
@@ -506,15 +519,32 @@ func TestLibvirtExternalRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	v := u.wait(t, id, "active")
-	if ok, err := swtpm.Connected(v.Sockets.Ctrl); !ok || err != nil {
-		t.Fatalf("the running guest is not connected to its vTPM: %v", err)
+	connected := func(when string) {
+		t.Helper()
+		if ok, err := swtpm.Connected(v.Sockets.Ctrl); !ok || err != nil {
+			t.Fatalf("%s: the running guest is not connected to its vTPM (%v)", when, err)
+		}
 	}
+	connected("after attach")
+	pid := u.d.Backend().Running(id)
 
 	u.stop()
+	if syscall.Kill(pid, 0) != nil {
+		t.Fatal("vtpmd's shutdown stopped the swtpm a running guest holds")
+	}
 	u = startLibvirtDaemon(t, dir, "external")
+	v = u.wait(t, id, "active")
+	if got := u.d.Backend().Running(id); got != pid {
+		t.Fatalf("after the restart vTPM runs swtpm %d, not the guest's %d", got, pid)
+	}
+	connected("after vtpmd restarted")
+
+	// The guest's swtpm dies; the supervisor starts another, which the
+	// guest does not know.
+	syscall.Kill(pid, syscall.SIGKILL)
 	v = u.wait(t, id, "error")
 	if guestState(t, lv, dom) != golibvirt.DomainRunning || !strings.Contains(v.Reason, "not connected to its vTPM") {
-		t.Fatalf("after vtpmd restarted under a running guest: guest %v, reason %q", guestState(t, lv, dom), v.Reason)
+		t.Fatalf("after the guest's swtpm died: guest %v, reason %q", guestState(t, lv, dom), v.Reason)
 	}
 	if _, err := u.c.Stop(ctx, id); err != nil {
 		t.Fatal(err)
@@ -527,10 +557,24 @@ func TestLibvirtExternalRestart(t *testing.T) {
 	if _, err := u.c.Start(ctx, id); err != nil {
 		t.Fatal(err)
 	}
-	v = u.wait(t, id, "active")
-	if ok, err := swtpm.Connected(v.Sockets.Ctrl); !ok || err != nil || v.Reason != "" {
-		t.Fatalf("after stop and start: connected %v (%v), reason %q", ok, err, v.Reason)
+	if v = u.wait(t, id, "active"); v.Reason != "" {
+		t.Fatalf("after stop and start: reason %q", v.Reason)
 	}
+	connected("after stop and start")
+
+	// Deleting the vTPM stops its swtpm even though it is kept across restarts.
+	pid = u.d.Backend().Running(id)
+	if _, err := u.c.Delete(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	u.waitGone(t, id)
+	for range 100 {
+		if syscall.Kill(pid, 0) != nil {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("swtpm %d outlived its deleted vTPM", pid)
 }
 
 // TestLibvirtDrift plants what a crash or a hand on the host leaves: a

@@ -195,14 +195,27 @@ func launch(ctx context.Context, i Instance, log *slog.Logger) (*Process, error)
 	cmd.ExtraFiles = []*os.File{fdSecret - 3: secret, fdData - 3: data.f, fdCtrl - 3: ctl.f}
 	out := newOutput(log.With("dir", i.Dir))
 	cmd.Stdout, cmd.Stderr = out, out // swtpm logs errors to stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{
-		Setpgid:    true,
-		Pdeathsig:  syscall.SIGKILL,
-		Credential: cred,
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Credential: cred}
+	start := startPinned
+	if i.Keep {
+		// A pipe to vtpmd would end with vtpmd, and a later write to it
+		// would kill swtpm (SIGPIPE): its output goes to a file instead.
+		f, err := os.OpenFile(i.logFile(), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("swtpm log: %w", err)
+		}
+		defer f.Close()
+		if fi, err := f.Stat(); err == nil {
+			out.from = fi.Size()
+		}
+		cmd.Stdout, cmd.Stderr = f, f
+		start = (*exec.Cmd).Start
+	} else {
+		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
 	}
 
 	p := &Process{inst: i, log: log, out: out, done: make(chan struct{})}
-	if err := startPinned(cmd); err != nil {
+	if err := start(cmd); err != nil {
 		os.Remove(i.DataSocket())
 		os.Remove(i.CtrlSocket())
 		return nil, fmt.Errorf("running %s: %w", bin, err)
@@ -345,6 +358,11 @@ func probe(ctx context.Context, i Instance) error {
 
 // startError explains a start that failed with err, from swtpm's output.
 func (p *Process) startError(err error) error {
+	if p.inst.Keep {
+		if b, rerr := os.ReadFile(p.inst.logFile()); rerr == nil && int64(len(b)) >= p.out.from {
+			p.out.Write(b[p.out.from:])
+		}
+	}
 	if known := p.out.classify(); known != nil {
 		return known
 	}
@@ -520,7 +538,8 @@ func credential(i Instance) (*syscall.Credential, error) {
 // the last few are kept to explain a failed start, and the lines that
 // classify a failure are remembered however early they came.
 type output struct {
-	log *slog.Logger
+	log  *slog.Logger
+	from int64 // with Instance.Keep: where this start's lines begin in the log file
 
 	mu         sync.Mutex
 	partial    []byte

@@ -5,11 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 )
 
 // Stale returns the pid of a swtpm that still serves i.Dir according to its
@@ -65,4 +67,36 @@ func baseName(path string) string {
 		return path[n+1:]
 	}
 	return path
+}
+
+// Adopt takes back the swtpm serving i that an earlier vtpmd started with
+// Keep, so that it is supervised and stopped like one started here; nil
+// when none runs. Its exit is awaited through a pidfd (it is not this
+// process's child), so how it ended is not known.
+func Adopt(i Instance, log *slog.Logger) (*Process, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	i, err := i.check()
+	if err != nil {
+		return nil, fmt.Errorf("adopting swtpm: %w", err)
+	}
+	pid, err := Stale(i)
+	if err != nil || pid == 0 {
+		return nil, err
+	}
+	p := &Process{inst: i, pid: pid, log: log, out: newOutput(log.With("dir", i.Dir)), done: make(chan struct{})}
+	go func() {
+		awaitExit(pid)
+		// Without pidfds awaitExit returns at once; a zombie lingers until
+		// init reaps it. Either way, poll until the pid is gone.
+		for syscall.Kill(pid, 0) == nil {
+			time.Sleep(time.Second)
+		}
+		removePIDFile(i.PIDFile(), pid)
+		p.err = fmt.Errorf("adopted swtpm %d exited", pid)
+		close(p.done)
+	}()
+	log.Info("adopted swtpm left running by an earlier vtpmd", "dir", i.Dir, "pid", pid)
+	return p, nil
 }

@@ -82,6 +82,10 @@ type Instance struct {
 	User, Group string
 	// Binary is the swtpm executable; "" is "swtpm" from PATH.
 	Binary string
+	// Keep lets swtpm outlive vtpmd: no parent-death signal, and its output
+	// goes to Dir/swtpm.log rather than to vtpmd. A guest connected to it
+	// keeps its TPM while vtpmd restarts, and Adopt takes it back.
+	Keep bool
 }
 
 // String describes i without its secret, so that printing or logging an
@@ -112,6 +116,9 @@ func (i Instance) CtrlSocket() string { return i.DataSocket() + ".ctrl" }
 
 // PIDFile is where swtpm records its pid (Dir/swtpm.pid).
 func (i Instance) PIDFile() string { return filepath.Join(i.Dir, "swtpm.pid") }
+
+// logFile is where a kept swtpm writes its output (Dir/swtpm.log).
+func (i Instance) logFile() string { return filepath.Join(i.Dir, "swtpm.log") }
 
 // State files of swtpm (swtpm's "dir" backend).
 const (

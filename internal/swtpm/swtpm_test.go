@@ -796,3 +796,49 @@ func setDataFD(t *testing.T, c *ctrl.Client) net.Conn {
 	}
 	return ours
 }
+
+// TestKeepAndAdopt: a kept swtpm writes its output to a file rather than
+// to vtpmd, a later vtpmd adopts it by its pid file and can stop it, and a
+// failed kept start is explained from that file.
+func TestKeepAndAdopt(t *testing.T) {
+	i, _ := swtpmtest.Manufactured(t, spec.V20, nil)
+	i.Keep = true
+	if p, err := swtpm.Adopt(i, nil); p != nil || err != nil {
+		t.Fatalf("adopting where none runs: %v %v", p, err)
+	}
+	wrong := i
+	wrong.Secret = swtpmtest.Secret(t)
+	if _, err := swtpm.Start(ctx(t), wrong, nil); !errors.Is(err, swtpm.ErrWrongSecret) {
+		t.Fatalf("a kept start with a wrong secret: %v; want ErrWrongSecret", err)
+	}
+	started, err := swtpm.Start(ctx(t), i, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(i.Dir, "swtpm.log")); err != nil {
+		t.Fatalf("a kept swtpm's log: %v", err)
+	}
+	adopted, err := swtpm.Adopt(i, nil)
+	if err != nil || adopted == nil || adopted.Pid() != started.Pid() {
+		t.Fatalf("adopt: %v %v (started %d)", adopted, err, started.Pid())
+	}
+	tpm, err := swtpm.Dial(ctx(t), i.DataSocket())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := (tpm2.GetRandom{BytesRequested: 8}).Execute(tpm); err != nil {
+		t.Fatalf("the adopted TPM: %v", err)
+	}
+	tpm.Close()
+	if err := adopted.Stop(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []*swtpm.Process{adopted, started} {
+		select {
+		case <-p.Done():
+		case <-time.After(10 * time.Second):
+			t.Fatalf("swtpm %d still runs after the adopted process was stopped", p.Pid())
+		}
+	}
+	swtpmtest.CheckNoProcesses(t, i.Dir)
+}

@@ -45,6 +45,10 @@ type Config struct {
 	// SocketGroup may connect to the sockets (and pass through SocketDir),
 	// e.g. the group libvirt runs QEMU as; needs SocketDir.
 	SocketGroup string
+	// KeepRunning lets swtpm processes outlive vtpmd (swtpm.Instance.Keep):
+	// a guest connected to one keeps its TPM while vtpmd restarts. Close
+	// leaves them running and the next vtpmd adopts them.
+	KeepRunning bool
 	// User and Group run swtpm; empty means vtpmd's own.
 	User, Group string
 	// Binary is the swtpm binary; default "swtpm".
@@ -154,7 +158,7 @@ func (b *Backend) Dir(id string) string { return b.dir(id) }
 
 func (b *Backend) instance(v *store.VTPM, secret []byte) swtpm.Instance {
 	return swtpm.Instance{Dir: b.dir(v.InstanceID), Socket: b.socket(v.InstanceID), SocketGroup: b.cfg.SocketGroup,
-		Version: v.Spec.Version, Secret: secret, User: b.cfg.User, Group: b.cfg.Group, Binary: b.cfg.Binary}
+		Version: v.Spec.Version, Secret: secret, User: b.cfg.User, Group: b.cfg.Group, Binary: b.cfg.Binary, Keep: b.cfg.KeepRunning}
 }
 
 // IdentityFile records a manufactured vTPM's public identity next to its
@@ -289,7 +293,8 @@ func (b *Backend) Destroy(ctx context.Context, v *store.VTPM) error {
 	return nil
 }
 
-// Close stops every vTPM (state kept) and discards the pool.
+// Close stops every vTPM (state kept), or with KeepRunning leaves them
+// running for the next vtpmd, and discards the pool.
 func (b *Backend) Close(ctx context.Context) error {
 	b.closePool(ctx)
 	b.mu.Lock()
@@ -300,7 +305,11 @@ func (b *Backend) Close(ctx context.Context) error {
 	b.mu.Unlock()
 	var errs []error
 	for _, id := range ids {
-		errs = append(errs, b.stopRun(ctx, id))
+		if b.cfg.KeepRunning {
+			b.release(id)
+		} else {
+			errs = append(errs, b.stopRun(ctx, id))
+		}
 	}
 	return errors.Join(errs...)
 }

@@ -19,13 +19,15 @@ const (
 	stopTimeout  = 5 * time.Second
 )
 
-// supervisor keeps one vTPM's swtpm running until told to stop.
+// supervisor keeps one vTPM's swtpm running until told to stop, or to
+// let go of it (release) and leave it running.
 type supervisor struct {
-	b    *Backend
-	id   string
-	inst swtpm.Instance
-	stop chan struct{}
-	done chan struct{}
+	b       *Backend
+	id      string
+	inst    swtpm.Instance
+	stop    chan struct{}
+	release chan struct{}
+	done    chan struct{}
 
 	mu      sync.Mutex
 	proc    *swtpm.Process
@@ -44,7 +46,10 @@ func (b *Backend) start(ctx context.Context, id string, inst swtpm.Instance) err
 		defer s.mu.Unlock()
 		return s.lastErr
 	}
-	p, err := swtpm.Start(ctx, inst, b.log)
+	p, err := swtpm.Adopt(inst, b.log) // one an earlier vtpmd kept running
+	if err == nil && p == nil {
+		p, err = swtpm.Start(ctx, inst, b.log)
+	}
 	if err != nil {
 		return err
 	}
@@ -55,7 +60,7 @@ func (b *Backend) start(ctx context.Context, id string, inst swtpm.Instance) err
 // supervise keeps p, id's running swtpm, under supervision. If another
 // start won a race for id, p is stopped and the winner kept.
 func (b *Backend) supervise(id string, inst swtpm.Instance, p *swtpm.Process) {
-	s := &supervisor{b: b, id: id, inst: inst, proc: p, stop: make(chan struct{}), done: make(chan struct{})}
+	s := &supervisor{b: b, id: id, inst: inst, proc: p, stop: make(chan struct{}), release: make(chan struct{}), done: make(chan struct{})}
 	b.mu.Lock()
 	if b.runs[id] != nil {
 		b.mu.Unlock()
@@ -86,6 +91,8 @@ func (s *supervisor) loop() {
 					s.b.log.Warn("stopping swtpm", "instance", s.id, "err", err)
 				}
 				return
+			case <-s.release:
+				return
 			case <-p.Done():
 				s.b.log.Warn("swtpm exited; restarting", "instance", s.id, "pid", p.Pid(), "err", p.Err())
 			}
@@ -95,6 +102,8 @@ func (s *supervisor) loop() {
 		}
 		select {
 		case <-s.stop:
+			return
+		case <-s.release:
 			return
 		case <-time.After(backoff):
 		}
@@ -138,9 +147,23 @@ func (b *Backend) stopRun(ctx context.Context, id string) error {
 	}
 }
 
-// Sweep kills swtpm processes left behind by an earlier vtpmd that died
-// without stopping them (swtpm normally dies with vtpmd through its parent
-// death signal), found through the pid file in each vTPM directory.
+// release stops supervising id's swtpm and leaves it running.
+func (b *Backend) release(id string) {
+	b.mu.Lock()
+	s := b.runs[id]
+	delete(b.runs, id)
+	b.mu.Unlock()
+	if s != nil {
+		close(s.release)
+		<-s.done
+	}
+}
+
+// Sweep kills swtpm processes that no supervisor here runs, found through
+// the pid file in each vTPM directory: left behind by an earlier vtpmd
+// that died without stopping them (swtpm normally dies with vtpmd through
+// its parent death signal), or kept running (KeepRunning) for a vTPM that
+// the first pass after a restart did not take back.
 func (b *Backend) Sweep() (killed int, err error) {
 	dirs, err := os.ReadDir(b.cfg.Root)
 	if err != nil {
@@ -148,6 +171,9 @@ func (b *Backend) Sweep() (killed int, err error) {
 	}
 	for _, d := range dirs {
 		if !d.IsDir() {
+			continue
+		}
+		if b.Running(d.Name()) != 0 {
 			continue
 		}
 		dir := filepath.Join(b.cfg.Root, d.Name())
