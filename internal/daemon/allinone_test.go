@@ -80,6 +80,16 @@ func (u *daemonUnderTest) create(t *testing.T, id, version string) api.VTPM {
 	return u.wait(t, id, "active")
 }
 
+// attach attaches vTPM id to a libvirt domain and waits until it is
+// active there (the guest started).
+func (u *daemonUnderTest) attach(t *testing.T, id, domain string) api.VTPM {
+	t.Helper()
+	if _, err := u.c.Attach(context.Background(), id, domain); err != nil {
+		t.Fatalf("attach %s to %s: %v", id, domain, err)
+	}
+	return u.wait(t, id, "active")
+}
+
 func (u *daemonUnderTest) wait(t testing.TB, id, phase string) api.VTPM {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)

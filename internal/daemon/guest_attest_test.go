@@ -103,10 +103,7 @@ func TestGuestAttestation(t *testing.T) {
 
 	t.Logf("step 1: vTPM %s made and certified; attaching it to guest %s and booting (TCG, ≈20 s)", id, dom.Name)
 	// First boot: registered, no policy yet.
-	if _, err := u.c.Attach(ctx, id, dom.Name); err != nil {
-		t.Fatal(err)
-	}
-	u.wait(t, id, "active")
+	u.attach(t, id, dom.Name)
 	boot("pending")
 	t.Log("step 2: the guest agent registered (credential activation) and attested; learning this boot as the policy")
 	if a, err := u.c.SetPolicy(ctx, client.Instance(id), api.PolicyRequest{Learn: true}); err != nil || a.Verdict != "trusted" {

@@ -510,15 +510,8 @@ func TestLibvirtExternalRestart(t *testing.T) {
 	ctx := context.Background()
 	id := uuid.NewString()
 	dom := defineGuest(t, lv, id, dir)
-	if _, err := u.c.Create(ctx, api.CreateVTPMRequest{InstanceID: id, Project: "p",
-		ResolveRequest: api.ResolveRequest{FlavorSpecs: map[string]string{"hw:tpm_version": "2.0"}}}); err != nil {
-		t.Fatal(err)
-	}
-	u.wait(t, id, "active")
-	if _, err := u.c.Attach(ctx, id, dom.Name); err != nil {
-		t.Fatal(err)
-	}
-	v := u.wait(t, id, "active")
+	u.create(t, id, "2.0")
+	v := u.attach(t, id, dom.Name)
 	connected := func(when string) {
 		t.Helper()
 		if ok, err := swtpm.Connected(v.Sockets.Ctrl); !ok || err != nil {
@@ -605,15 +598,8 @@ func TestLibvirtDrift(t *testing.T) {
 
 	id := uuid.NewString()
 	dom := defineGuest(t, lv, id, dir)
-	if _, err := u.c.Create(ctx, api.CreateVTPMRequest{InstanceID: id, Project: "p1",
-		ResolveRequest: api.ResolveRequest{FlavorSpecs: map[string]string{"hw:tpm_version": "2.0"}}}); err != nil {
-		t.Fatal(err)
-	}
-	u.wait(t, id, "active")
-	if _, err := u.c.Attach(ctx, id, dom.Name); err != nil {
-		t.Fatal(err)
-	}
-	u.wait(t, id, "active")
+	u.create(t, id, "2.0")
+	u.attach(t, id, dom.Name)
 	lv.DomainDestroy(dom)
 	if err := lv.DomainUndefineFlags(dom, golibvirt.DomainUndefineNvram|golibvirt.DomainUndefineKeepTpm); err != nil {
 		t.Fatal(err)
