@@ -11,7 +11,7 @@ import (
 )
 
 // maxWait bounds a long poll (a proxy in front of vtpmd must allow it as
-// an idle time, or clients ask for less).
+// an idle time, or clients ask for less); the error message names it.
 const maxWait = 5 * time.Minute
 
 // recheck is how often a long poll on a record reads it again even if
@@ -38,18 +38,18 @@ func (s *Server) longPoll(r *http.Request, def time.Duration) (*longPoll, error)
 			d, err = time.Duration(n)*time.Second, nil
 		}
 		if err != nil || d < 0 || d > maxWait {
-			return nil, apiErr(http.StatusBadRequest, CodeInvalidParameter, fmt.Sprintf("wait must be a duration (e.g. 60s) of at most %v.", maxWait))
+			return nil, apiErr(http.StatusBadRequest, CodeInvalidParameter, "wait must be a duration (e.g. 60s) of at most 5m.")
 		}
 	}
 	return &longPoll{r: r, timer: time.NewTimer(d), end: s.ending()}, nil
 }
 
 // wait waits for ch to close (a nil ch never does) or, with a non-zero
-// recheck, that long; false means the poll is over instead.
-func (p *longPoll) wait(ch <-chan struct{}, recheck time.Duration) bool {
+// every, that long; false means the poll is over instead.
+func (p *longPoll) wait(ch <-chan struct{}, every time.Duration) bool {
 	var tick <-chan time.Time
-	if recheck > 0 {
-		t := time.NewTimer(recheck)
+	if every > 0 {
+		t := time.NewTimer(every)
 		defer t.Stop()
 		tick = t.C
 	}
