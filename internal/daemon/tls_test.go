@@ -195,6 +195,21 @@ func TestClientCertificates(t *testing.T) {
 	if v, err := alice.Get(ctx, id); err != nil || v.Project != "p1" {
 		t.Fatalf("p1 reading its own vTPM: %+v %v", v, err)
 	}
+	if _, err := alice.Stop(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	// The event log names who did what: the certificate's holder too.
+	evs, err := alice.Events(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	actors := map[string]string{}
+	for _, e := range evs.Items {
+		actors[e.Action] = e.Actor
+	}
+	if actors["created"] != `api:operator ("ops")` || actors["stop requested"] != `api:project:p1 ("alice")` {
+		t.Fatalf("who did what: %v", actors)
+	}
 	if _, err := bob.Get(ctx, id); status(err) != 404 {
 		t.Fatalf("p2 reading p1's vTPM: %v", err)
 	}

@@ -46,6 +46,7 @@ type subject struct {
 	vtpm  *store.VTPM
 	host  string
 	scope string
+	actor string // who asks, for the event log; "" for vtpmd itself
 }
 
 func (sub subject) kind() string {
@@ -65,7 +66,7 @@ func (s *Server) subject(r *http.Request) (subject, error) {
 		if err != nil {
 			return subject{}, err
 		}
-		return subject{key: v.InstanceID, vtpm: v, scope: scope}, nil
+		return subject{key: v.InstanceID, vtpm: v, scope: scope, actor: actor(r, scope)}, nil
 	}
 	scope, err := project(r)
 	if err != nil {
@@ -78,7 +79,7 @@ func (s *Server) subject(r *http.Request) (subject, error) {
 	if errors.Is(err, store.ErrNotFound) {
 		return subject{}, apiErr(http.StatusNotFound, CodeNotFound, "No such host.")
 	}
-	return subject{key: store.HostKey(name), host: name}, err
+	return subject{key: store.HostKey(name), host: name, actor: actor(r, "")}, err
 }
 
 // register checks the AK and answers with a credential only the TPM of the
@@ -546,7 +547,11 @@ func (s *Server) updateAttestation(ctx context.Context, sub subject, action stri
 			if act == "" {
 				continue
 			}
-			if err := tx.AppendEvent(store.Event{Actor: actor(sub.scope), InstanceID: sub.key, Action: act, Detail: detail(a)}); err != nil {
+			who := sub.actor
+			if who == "" {
+				who = actor(nil, sub.scope)
+			}
+			if err := tx.AppendEvent(store.Event{Actor: who, InstanceID: sub.key, Action: act, Detail: detail(a)}); err != nil {
 				return nil, err
 			}
 		}
@@ -606,7 +611,7 @@ func (s *Server) forgetHost(w http.ResponseWriter, r *http.Request) error {
 		if err := tx.DeleteAttestation(sub.key); err != nil {
 			return nil, err
 		}
-		if err := tx.AppendEvent(store.Event{Actor: actor(""), InstanceID: sub.key, Action: "attestation forgotten", Detail: why}); err != nil {
+		if err := tx.AppendEvent(store.Event{Actor: sub.actor, InstanceID: sub.key, Action: "attestation forgotten", Detail: why}); err != nil {
 			return nil, err
 		}
 		return s.hostVerdictNotes(tx, sub.host, &store.Attestation{Verdict: "unattested", Reasons: []string{why}})
@@ -640,7 +645,7 @@ func (s *Server) hostVerdictNotes(tx *store.Tx, host string, a *store.Attestatio
 		if err != nil {
 			return nil, err
 		}
-		if err := tx.AppendEvent(store.Event{Actor: actor(""), InstanceID: v.InstanceID, Action: "host attestation " + a.Verdict, Detail: detail(a)}); err != nil {
+		if err := tx.AppendEvent(store.Event{Actor: actor(nil, ""), InstanceID: v.InstanceID, Action: "host attestation " + a.Verdict, Detail: detail(a)}); err != nil {
 			return nil, err
 		}
 		notes = append(notes, verdictClaims(v, view, now))

@@ -25,6 +25,7 @@ const OperatorOrganization = "system:operator"
 
 // caller is who an authenticated request comes from.
 type caller struct {
+	name     string // the certificate's common name, for the event log
 	project  string // the project a tenant acts in; "" for the operator
 	operator bool
 }
@@ -38,8 +39,9 @@ func (s *Server) authenticate(r *http.Request) (*http.Request, error) {
 	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 {
 		return r, apiErr(http.StatusUnauthorized, CodeUnauthenticated, "This API needs a client certificate (vtpmctl --cert and --key).")
 	}
-	var c caller
-	switch org := r.TLS.VerifiedChains[0][0].Subject.Organization; {
+	leaf := r.TLS.VerifiedChains[0][0]
+	c := caller{name: leaf.Subject.CommonName}
+	switch org := leaf.Subject.Organization; {
 	case len(org) == 1 && org[0] == OperatorOrganization:
 		c.operator = true
 	case len(org) == 1 && projectRE.MatchString(org[0]):
@@ -50,8 +52,11 @@ func (s *Server) authenticate(r *http.Request) (*http.Request, error) {
 	return r.WithContext(context.WithValue(r.Context(), callerKey{}, c)), nil
 }
 
-// callerOf is the authenticated caller of r, if any.
+// callerOf is the authenticated caller of r (may be nil), if any.
 func callerOf(r *http.Request) (caller, bool) {
+	if r == nil {
+		return caller{}, false
+	}
 	c, ok := r.Context().Value(callerKey{}).(caller)
 	return c, ok
 }

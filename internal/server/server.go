@@ -336,7 +336,7 @@ func (s *Server) createVTPM(w http.ResponseWriter, r *http.Request) error {
 		if err := tx.CreateVTPM(v); err != nil {
 			return err
 		}
-		return tx.AppendEvent(store.Event{Actor: actor(scope), InstanceID: id, Action: "created",
+		return tx.AppendEvent(store.Event{Actor: actor(r, scope), InstanceID: id, Action: "created",
 			Detail: fmt.Sprintf("TPM %s %s on host %s", sp.Version, sp.Model, host.Name)})
 	})
 	if err != nil {
@@ -462,7 +462,7 @@ func (s *Server) deleteUntouched(w http.ResponseWriter, r *http.Request, v *stor
 			return err
 		}
 		deleted = true
-		return tx.AppendEvent(store.Event{Actor: actor(scope), InstanceID: v.InstanceID, Action: "deleted", Detail: "never provisioned: nothing on the host"})
+		return tx.AppendEvent(store.Event{Actor: actor(r, scope), InstanceID: v.InstanceID, Action: "deleted", Detail: "never provisioned: nothing on the host"})
 	})
 	if err != nil || !deleted {
 		return false, err
@@ -578,7 +578,7 @@ func (s *Server) changeVTPM(w http.ResponseWriter, r *http.Request, v *store.VTP
 			if err := tx.UpdateVTPM(v); err != nil {
 				return err
 			}
-			return tx.AppendEvent(store.Event{Actor: actor(scope), InstanceID: v.InstanceID, Action: action})
+			return tx.AppendEvent(store.Event{Actor: actor(r, scope), InstanceID: v.InstanceID, Action: action})
 		})
 		if err != nil {
 			return err
@@ -735,11 +735,18 @@ func (s *Server) notify(host string) {
 	}
 }
 
-func actor(scope string) string {
-	if scope == "" {
-		return "api:operator"
+// actor names who made a change through the API, for the event log: the
+// operator or a project, and the holder of the client certificate that
+// proved it, if any.
+func actor(r *http.Request, scope string) string {
+	who := "api:operator"
+	if scope != "" {
+		who = "api:project:" + scope
 	}
-	return "api:project:" + scope
+	if c, ok := callerOf(r); ok && c.name != "" {
+		who += " (" + strconv.QuoteToGraphic(truncate(c.name)) + ")"
+	}
+	return who
 }
 
 func truncate(s string) string {
