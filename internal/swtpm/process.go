@@ -277,9 +277,9 @@ func startPinned(cmd *exec.Cmd) error {
 }
 
 // awaitExit returns once process pid (a child not yet waited for, or an
-// adopted swtpm) has exited, without holding an OS thread meanwhile: a goroutine blocked in
-// wait4 pins one thread per vTPM, while a pidfd waits in the runtime's
-// poller. If pidfds are unavailable it returns at once, and the caller's
+// adopted swtpm) has exited, without holding an OS thread meanwhile: a
+// goroutine blocked in wait4 pins one thread per vTPM, while a pidfd waits
+// in the runtime's poller. If pidfds are unavailable it returns at once, and the caller's
 // blocking Wait does the waiting.
 func awaitExit(pid int) {
 	fd, err := unix.PidfdOpen(pid, unix.PIDFD_NONBLOCK)

@@ -46,7 +46,11 @@ func (b *Backend) start(ctx context.Context, id string, inst swtpm.Instance) err
 		defer s.mu.Unlock()
 		return s.lastErr
 	}
-	p, err := swtpm.Adopt(inst, b.log) // one an earlier vtpmd kept running
+	var p *swtpm.Process
+	var err error
+	if inst.Keep {
+		p, err = swtpm.Adopt(inst, b.log) // one an earlier vtpmd kept running
+	}
 	if err == nil && p == nil {
 		p, err = swtpm.Start(ctx, inst, b.log)
 	}
