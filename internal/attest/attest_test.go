@@ -103,7 +103,9 @@ func testActivationAndQuote(t *testing.T, template tpm2.TPMTPublic) {
 		if !ch.Answer(got) {
 			t.Fatalf("%s: the TPM gave back another secret", ek.Kind)
 		}
-		if ch.Answer(append([]byte{1}, got[1:]...)) {
+		wrong := bytes.Clone(got)
+		wrong[0] ^= 1 // (setting a byte to a fixed value left it right one time in 256)
+		if ch.Answer(wrong) {
 			t.Fatal("a wrong answer was accepted")
 		}
 	}
