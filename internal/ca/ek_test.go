@@ -22,6 +22,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/vtpmd/vtpmd/internal/citest"
 )
 
 // swtpmProfile is what swtpm_setup 0.7 puts in its EK certificates.
@@ -426,10 +428,7 @@ func requireTool(t *testing.T, name string) string {
 	t.Helper()
 	path, err := exec.LookPath(name)
 	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("%s not found (install swtpm-tools and openssl): %v", name, err)
-		}
-		t.Skipf("%s not found (install swtpm-tools and openssl)", name)
+		citest.Missing(t, "%s not found (install swtpm-tools and openssl): %v", name, err)
 	}
 	return path
 }

@@ -30,6 +30,7 @@ import (
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/attest"
 	"github.com/vtpmd/vtpmd/internal/backend/libvirt"
+	"github.com/vtpmd/vtpmd/internal/citest"
 	"github.com/vtpmd/vtpmd/internal/guest"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/spec"
@@ -37,21 +38,15 @@ import (
 	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmtest"
 )
 
-const libvirtSocket = "/var/run/libvirt/libvirt-sock"
-
 // connectLibvirt connects to the system libvirtd, failing under CI=true
 // and skipping otherwise when none runs.
 func connectLibvirt(t testing.TB) *golibvirt.Libvirt {
 	t.Helper()
 	swtpmtest.Require(t)
-	if _, err := os.Stat(libvirtSocket); err != nil {
-		msg := "libvirtd is not running (scripts/libvirtd-up.sh starts it)"
-		if os.Getenv("CI") == "true" {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
+	if _, err := os.Stat(libvirt.DefaultSocket); err != nil {
+		citest.Missing(t, "libvirtd is not running (scripts/libvirtd-up.sh starts it)")
 	}
-	lv := golibvirt.NewWithDialer(dialers.NewLocal(dialers.WithSocket(libvirtSocket)))
+	lv := golibvirt.NewWithDialer(dialers.NewLocal(dialers.WithSocket(libvirt.DefaultSocket)))
 	if err := lv.ConnectToURI(golibvirt.QEMUSystem); err != nil {
 		t.Fatalf("connecting to libvirtd: %v", err)
 	}

@@ -18,6 +18,8 @@ import (
 	"testing"
 
 	_ "github.com/jackc/pgx/v5/stdlib" // the "pgx" driver
+
+	"github.com/vtpmd/vtpmd/internal/citest"
 )
 
 var (
@@ -36,10 +38,7 @@ func DSN(t testing.TB) string {
 	t.Helper()
 	once.Do(start)
 	if startErr != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("PostgreSQL: %v", startErr)
-		}
-		t.Skipf("PostgreSQL: %v", startErr)
+		citest.Missing(t, "PostgreSQL: %v", startErr)
 	}
 	name := fmt.Sprintf("test_%d_%d", os.Getpid(), next.Add(1))
 	admin, err := sql.Open("pgx", dsn("postgres"))

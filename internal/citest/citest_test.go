@@ -1,4 +1,4 @@
-package swtpmtest
+package citest
 
 import "testing"
 
@@ -12,17 +12,16 @@ func (r *recorder) Helper()               {}
 func (r *recorder) Skipf(string, ...any)  { r.skipped = true }
 func (r *recorder) Fatalf(string, ...any) { r.failed = true }
 
-func TestRequireSkipsUnlessCI(t *testing.T) {
-	t.Setenv("PATH", t.TempDir()) // no swtpm here
+func TestMissingSkipsUnlessCI(t *testing.T) {
 	t.Setenv("CI", "")
 	r := &recorder{TB: t}
-	Require(r)
+	Missing(r, "swtpm is not on PATH")
 	if !r.skipped || r.failed {
 		t.Fatalf("without CI: skipped %v, failed %v; want a skip", r.skipped, r.failed)
 	}
 	t.Setenv("CI", "true")
 	r = &recorder{TB: t}
-	Require(r)
+	Missing(r, "swtpm is not on PATH")
 	if r.skipped || !r.failed {
 		t.Fatalf("CI=true: skipped %v, failed %v; want a failure", r.skipped, r.failed)
 	}
