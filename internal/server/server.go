@@ -98,11 +98,12 @@ func (s *Server) Handler() http.Handler {
 	for _, r := range s.routes() {
 		mux.Handle(r.pattern, m.instrument(r.pattern, s.handle(r.access, r.h)))
 	}
+	scrape := m.handler()
 	mux.Handle("GET /metrics", s.handle(callers, func(w http.ResponseWriter, r *http.Request) error {
 		if c, ok := callerOf(r); ok && !c.operator {
 			return apiErr(http.StatusForbidden, CodeForbidden, "Metrics are for the operator.")
 		}
-		m.handler().ServeHTTP(w, r)
+		scrape.ServeHTTP(w, r)
 		return nil
 	}))
 	return mux
@@ -171,7 +172,7 @@ func (s *Server) routes() []route {
 
 func (s *Server) handle(a access, h func(http.ResponseWriter, *http.Request) error) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		err := error(nil)
+		var err error
 		if s.Authenticate && a == callers {
 			r, err = s.authenticate(r)
 		}

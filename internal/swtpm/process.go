@@ -414,12 +414,11 @@ func socketOwnerOf(i Instance, cred *syscall.Credential) (socketOwner, error) {
 		o.uid, o.gid = int(cred.Uid), int(cred.Gid)
 	}
 	if i.SocketGroup != "" {
-		g, err := user.LookupGroup(i.SocketGroup)
+		gid, err := GroupID(i.SocketGroup)
 		if err != nil {
 			return o, fmt.Errorf("socket group: %w", err)
 		}
-		o.gid, _ = strconv.Atoi(g.Gid)
-		o.mode = 0o660
+		o.gid, o.mode = gid, 0o660
 	}
 	return o, nil
 }
@@ -506,6 +505,15 @@ func prepareDir(dir string, cred *syscall.Credential) error {
 	})
 }
 
+// GroupID is the numeric id of the group called name.
+func GroupID(name string) (int, error) {
+	g, err := user.LookupGroup(name)
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(g.Gid)
+}
+
 // credential is the uid/gid to run swtpm as, or nil for vtpmd's own.
 func credential(i Instance) (*syscall.Credential, error) {
 	if i.User == "" && i.Group == "" {
@@ -521,11 +529,10 @@ func credential(i Instance) (*syscall.Credential, error) {
 		gid, _ = strconv.Atoi(u.Gid)
 	}
 	if i.Group != "" {
-		g, err := user.LookupGroup(i.Group)
-		if err != nil {
+		var err error
+		if gid, err = GroupID(i.Group); err != nil {
 			return nil, fmt.Errorf("swtpm group: %w", err)
 		}
-		gid, _ = strconv.Atoi(g.Gid)
 	}
 	if uid == os.Getuid() && gid == os.Getgid() {
 		return nil, nil

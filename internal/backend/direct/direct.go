@@ -14,9 +14,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"os"
-	"os/user"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -134,11 +132,10 @@ func prepareSocketDir(dir, group string) error {
 	}
 	mode, gid := os.FileMode(0o700), -1
 	if group != "" {
-		g, err := user.LookupGroup(group)
-		if err != nil {
+		var err error
+		if gid, err = swtpm.GroupID(group); err != nil {
 			return fmt.Errorf("socket group: %w", err)
 		}
-		gid, _ = strconv.Atoi(g.Gid)
 		mode = 0o710
 	}
 	if err := os.MkdirAll(dir, mode); err != nil {

@@ -87,9 +87,6 @@ var _ agent.Backend = (*Backend)(nil)
 // it refuses to start when libvirt cannot provide a vTPM in the chosen mode
 // or the swtpm user or group does not exist, saying which.
 func New(ctx context.Context, cfg Config) (*Backend, error) {
-	if cfg.Socket == "" {
-		cfg.Socket = DefaultSocket
-	}
 	if cfg.StateRoot == "" {
 		cfg.StateRoot = "/var/lib/libvirt/swtpm"
 	}
