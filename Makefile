@@ -17,7 +17,7 @@ RUN_DIR ?= $(CURDIR)/.run
 # embedded key manager, local CA, local swtpm agent) in the foreground.
 run: deps build
 	@mkdir -p $(RUN_DIR)
-	@echo "vtpmctl is at $(BIN)/vtpmctl (add $(CURDIR)/$(BIN) to PATH)"
+	@echo "vtpmctl is at $(BIN)/vtpmctl: export PATH=$(CURDIR)/$(BIN):\$$PATH VTPMD_SERVER=unix://$(RUN_DIR)/data/api.sock"
 	$(BIN)/vtpmd all-in-one --data-dir $(RUN_DIR)/data --listen 127.0.0.1:8780
 
 # Everything CI runs: system packages, formatting, vet, staticcheck, and all
@@ -63,9 +63,9 @@ bench-density: build
 # POOL=K keeps K manufactured TPMs ready (the run waits until they are).
 bench-provision: build
 	@dir=$$(mktemp -d); $(BIN)/vtpmd all-in-one --data-dir $$dir --listen 127.0.0.1:8791 --log-level error --pool-size $${POOL:-0} & pid=$$!; \
-	until $(BIN)/vtpmctl --server http://127.0.0.1:8791 hosts >/dev/null 2>&1; do sleep 0.05; done; \
+	until $(BIN)/vtpmctl --server unix://$$dir/api.sock hosts >/dev/null 2>&1; do sleep 0.05; done; \
 	until [ $$(ls $$dir/vtpms/.pool/*/identity.json 2>/dev/null | wc -l) -ge $${POOL:-0} ]; do sleep 0.1; done; \
-	$(BIN)/vtpmctl --server http://127.0.0.1:8791 bench provision -n $${N:-30}; kill $$pid; wait $$pid; rm -rf $$dir
+	$(BIN)/vtpmctl --server unix://$$dir/api.sock bench provision -n $${N:-30}; kill $$pid; wait $$pid; rm -rf $$dir
 
 clean:
 	rm -rf $(BIN)

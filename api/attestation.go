@@ -26,10 +26,15 @@ type CredentialChallenge struct {
 	EKHandle       string `json:"ek_handle,omitempty"`
 	CredentialBlob []byte `json:"credential_blob"`
 	EncryptedSeed  []byte `json:"encrypted_seed"`
+	// Ticket is what the registration vouched for, opaque to the agent:
+	// vtpmd keeps nothing until the credential comes back with it.
+	Ticket []byte `json:"ticket"`
 }
 
-// ActivateRequest answers a CredentialChallenge.
+// ActivateRequest answers a CredentialChallenge: its ticket and the secret
+// the TPM released.
 type ActivateRequest struct {
+	Ticket []byte `json:"ticket"`
 	Secret []byte `json:"secret"`
 }
 

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -28,10 +29,20 @@ type Client struct {
 	token   string // a registered attestation agent's bearer token
 }
 
-// New returns a client for the server at base (e.g. http://127.0.0.1:8780).
-// A non-empty project scopes every request to that project.
+// New returns a client for the server at base: an http or https URL
+// (http://127.0.0.1:8780), or unix:///PATH for the operator's local socket
+// (vtpmd's <data-dir>/api.sock), where whoever can connect is the
+// operator. A non-empty project scopes every request to that project.
 func New(base, project string) *Client {
-	return &Client{base: strings.TrimRight(base, "/"), http: http.DefaultClient, project: project}
+	c := &Client{base: strings.TrimRight(base, "/"), http: http.DefaultClient, project: project}
+	if path, ok := strings.CutPrefix(base, "unix://"); ok {
+		var d net.Dialer
+		c.base = "http://vtpmd"
+		c.http = &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return d.DialContext(ctx, "unix", path)
+		}}}
+	}
+	return c
 }
 
 // WithAgentToken returns a copy of c that sends token, the bearer token a
@@ -46,7 +57,13 @@ func (c *Client) WithAgentToken(token string) *Client {
 // trust a deployment's private CA (LoadCAs).
 func (c *Client) WithTLS(cfg *tls.Config) *Client {
 	cc := *c
-	cc.http = &http.Client{Transport: &http.Transport{TLSClientConfig: cfg, Proxy: http.ProxyFromEnvironment}}
+	t, ok := c.http.Transport.(*http.Transport)
+	if !ok {
+		t = http.DefaultTransport.(*http.Transport)
+	}
+	t = t.Clone()
+	t.TLSClientConfig = cfg
+	cc.http = &http.Client{Transport: t}
 	return &cc
 }
 
@@ -253,9 +270,9 @@ func (c *Client) Register(ctx context.Context, s Subject, req api.RegisterReques
 
 // Activate answers the registration's credential challenge; the answer
 // carries the agent's bearer token (see WithAgentToken).
-func (c *Client) Activate(ctx context.Context, s Subject, secret []byte) (api.Activation, error) {
+func (c *Client) Activate(ctx context.Context, s Subject, req api.ActivateRequest) (api.Activation, error) {
 	var out api.Activation
-	return out, c.do(ctx, http.MethodPost, s.op("activate"), api.ActivateRequest{Secret: secret}, &out)
+	return out, c.do(ctx, http.MethodPost, s.op("activate"), req, &out)
 }
 
 // Nonce asks for the nonce the next quote must answer.

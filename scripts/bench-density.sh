@@ -7,7 +7,7 @@ N=${N:-1000}
 PORT=${PORT:-8790}
 BIN=${BIN:-bin}
 DIR=$(mktemp -d /tmp/vtpmd-density.XXXXXX)
-export VTPMD_SERVER=http://127.0.0.1:$PORT
+export VTPMD_SERVER=unix://$DIR/api.sock
 trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$DIR"' EXIT
 
 rss_kib() { awk '/^VmRSS/ {print $2}' /proc/$1/status; }

@@ -53,7 +53,9 @@ func main() {
 	var defVersion, level, secretSecurity string
 	fs := flag.NewFlagSet("vtpmd all-in-one", flag.ExitOnError)
 	fs.StringVar(&cfg.DataDir, "data-dir", "/var/lib/vtpmd", "directory for the store, keys, CA and vTPM states")
-	fs.StringVar(&cfg.Listen, "listen", "127.0.0.1:8780", "API address (HOST:PORT)")
+	fs.StringVar(&cfg.Listen, "listen", "127.0.0.1:8780", "API address (HOST:PORT) for agents and, with --client-ca, tenants and the operator; beyond loopback it needs --tls-cert and --client-ca")
+	fs.BoolVar(&cfg.InsecureListen, "insecure-listen", false, "allow a non-loopback --listen without TLS and client certificates (agents' tokens in the clear)")
+	fs.StringVar(&cfg.APISocket, "api-socket", "", "the operator's local API: whoever can connect to this unix socket is the operator (default <data-dir>/api.sock, 0600)")
 	fs.StringVar(&cfg.HostName, "host-name", "", "this host's name (default: the OS host name)")
 	fs.IntVar(&cfg.Capacity, "capacity", 1000, "how many vTPMs this host takes")
 	fs.StringVar(&cfg.SwtpmUser, "swtpm-user", "", "run swtpm as this user (default: vtpmd's)")
@@ -69,7 +71,7 @@ func main() {
 	fs.StringVar(&cfg.HostIMALog, "host-ima-log", "", "the host's IMA measurement list to attest with (e.g. /sys/kernel/security/ima/binary_runtime_measurements)")
 	fs.DurationVar(&cfg.StaleAfter, "stale-after", 0, "time without evidence after which an attestation verdict turns stale (default 3m)")
 	fs.StringVar(&cfg.HostEKCA, "host-ek-ca", "", "PEM file of the CAs whose EK certificates hosts' TPMs may register with")
-	fs.IntVar(&cfg.PoolSize, "pool-size", 4, "manufactured TPM 2.0s kept ready for new instances (swtpm backend; 0: none)")
+	fs.IntVar(&cfg.PoolSize, "pool-size", daemon.DefaultPoolSize, "manufactured TPM 2.0s kept ready for new instances (swtpm backend; 0: none)")
 	fs.StringVar(&cfg.Backend, "backend", "swtpm", "how this host runs vTPMs: swtpm (vtpmd runs swtpm), libvirt (attached to libvirt domains) or xen (stub domains)")
 	fs.StringVar(&cfg.Libvirt.Mode, "libvirt-mode", "emulator", "libvirt backend: emulator (libvirt runs swtpm, as Nova) or external (vtpmd runs swtpm)")
 	fs.BoolVar(&cfg.Libvirt.EnableVTPM, "enable-vtpm", false, "libvirt backend: offer vTPMs on this host")
@@ -111,17 +113,17 @@ func main() {
 		fmt.Fprintf(os.Stderr, "vtpmd: %v\n", err)
 		os.Exit(1)
 	}
-	log.Info("vtpmd all-in-one listening", "url", d.URL, "data_dir", cfg.DataDir)
+	log.Info("vtpmd all-in-one listening", "url", d.URL, "operator", d.OperatorURL, "data_dir", cfg.DataDir)
 	fmt.Fprintf(os.Stderr, `
-vtpmd is running. API: %[1]s   (Ctrl-C stops it; vTPM state is kept)
-Try, in another terminal:
+vtpmd is running. Operator's API: %[1]s (this user only); agents: %[2]s
+(Ctrl-C stops it; vTPM state is kept). Try, in another terminal:
   export VTPMD_SERVER=%[1]s
   vtpmctl create --instance $(cat /proc/sys/kernel/random/uuid) --for-project demo --flavor-spec hw:tpm_version=2.0
   vtpmctl list
   vtpmctl identity <instance>
   TPM2TOOLS_TCTI=swtpm:path=<data socket from 'vtpmctl show'> tpm2_pcrread sha256:0-7
 
-`, d.URL)
+`, d.OperatorURL, d.URL)
 	runErr := d.Run(ctx)
 	sctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()

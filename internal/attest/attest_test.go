@@ -95,7 +95,7 @@ func testActivationAndQuote(t *testing.T, template tpm2.TPMTPublic) {
 	// The registrar's challenge, opened by the TPM that holds the EK, for
 	// this AK only.
 	for _, ek := range id.EKs {
-		ch, err := NewChallenge(ek.Public, ak)
+		ch, err := NewChallenge(ek.Public, ak, nil)
 		if err != nil {
 			t.Fatalf("%s: %v", ek.Kind, err)
 		}

@@ -134,8 +134,9 @@ type Challenge struct {
 }
 
 // NewChallenge makes a credential-activation challenge for ak in the TPM of
-// ek (MakeCredential, done in software).
-func NewChallenge(ek crypto.PublicKey, ak *AK) (*Challenge, error) {
+// ek (MakeCredential, done in software) that releases secret (at most 32
+// bytes; nil: a random one).
+func NewChallenge(ek crypto.PublicKey, ak *AK, secret []byte) (*Challenge, error) {
 	ekPub, err := EKPublic(ek)
 	if err != nil {
 		return nil, err
@@ -144,9 +145,11 @@ func NewChallenge(ek crypto.PublicKey, ak *AK) (*Challenge, error) {
 	if err != nil {
 		return nil, fmt.Errorf("EK: %w", err)
 	}
-	secret := make([]byte, 32)
-	if _, err := rand.Read(secret); err != nil {
-		return nil, err
+	if secret == nil {
+		secret = make([]byte, 32)
+		if _, err := rand.Read(secret); err != nil {
+			return nil, err
+		}
 	}
 	blob, seed, err := tpm2.CreateCredential(rand.Reader, kem, ak.Name, secret)
 	if err != nil {

@@ -125,7 +125,7 @@ func (a *Agent) Register(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	act, err := a.API.Activate(ctx, a.Subject, secret)
+	act, err := a.API.Activate(ctx, a.Subject, api.ActivateRequest{Ticket: ch.Ticket, Secret: secret})
 	if err != nil {
 		return fmt.Errorf("activating: %w", err)
 	}

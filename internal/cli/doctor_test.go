@@ -25,7 +25,7 @@ func TestDoctor(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d.Shutdown(context.Background())
-	base := []string{"--server", "http://" + d.Addr}
+	base := []string{"--server", d.OperatorURL}
 
 	if code, out, errOut := run(t, append(base, "doctor")...); code != ExitOK || out != "" || !strings.Contains(errOut, "no drift") {
 		t.Fatalf("doctor on a clean host: %d %q %q", code, out, errOut)
@@ -65,7 +65,7 @@ func TestAttestationCommands(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d.Shutdown(context.Background())
-	base := []string{"--server", "http://" + d.Addr}
+	base := []string{"--server", d.OperatorURL}
 	id := "5b1f8c2e-9a0d-4c3b-8e7f-1a2b3c4d5e6f"
 	if code, _, errOut := run(t, append(base, "create", "--instance", id, "--for-project", "p1", "--flavor-spec", "hw:tpm_version=2.0", "--wait=false")...); code != ExitOK {
 		t.Fatalf("create: %d %s", code, errOut)

@@ -31,7 +31,9 @@ const (
 	EnvCAFile     = "VTPMD_CA_FILE"
 	EnvCert       = "VTPMD_CERT"
 	EnvKey        = "VTPMD_KEY"
-	DefaultServer = "http://127.0.0.1:8780"
+	// DefaultServer is the operator's socket of a vtpmd on its default
+	// data dir: on the host, whoever may open it is the operator.
+	DefaultServer = "unix:///var/lib/vtpmd/api.sock"
 )
 
 func (g *globals) client() *client.Client {

@@ -3,7 +3,6 @@ package cli
 import (
 	"context"
 	"encoding/json"
-	"net/http/httptest"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -11,6 +10,7 @@ import (
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/server"
+	"github.com/vtpmd/vtpmd/internal/server/servertest"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
 )
@@ -35,9 +35,7 @@ func apiServer(t *testing.T) string {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	srv := httptest.NewServer((&server.Server{Store: st, Keyring: kr, CAChainPEM: func() []byte { return nil }}).Handler())
-	t.Cleanup(srv.Close)
-	return srv.URL
+	return servertest.Operator(t, (&server.Server{Store: st, Keyring: kr, CAChainPEM: func() []byte { return nil }}).Handler())
 }
 
 func TestVTPMCommandsExitCodes(t *testing.T) {

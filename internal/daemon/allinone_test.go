@@ -30,7 +30,8 @@ import (
 // clean shutdown.
 type daemonUnderTest struct {
 	d      *AllInOne
-	c      *client.Client
+	c      *client.Client // the operator, on its socket
+	agents *client.Client // the network API, as agents (and strangers) reach it
 	cancel context.CancelFunc
 	done   chan error
 }
@@ -50,7 +51,7 @@ func startConfigured(t testing.TB, cfg Config) *daemonUnderTest {
 		cancel()
 		t.Fatal(err)
 	}
-	u := &daemonUnderTest{d: d, c: client.New("http://"+d.Addr, ""), cancel: cancel, done: make(chan error, 1)}
+	u := &daemonUnderTest{d: d, c: client.New(d.OperatorURL, ""), agents: client.New(d.URL, ""), cancel: cancel, done: make(chan error, 1)}
 	go func() { u.done <- d.Run(ctx) }()
 	t.Cleanup(u.stop)
 	return u
@@ -346,7 +347,7 @@ func TestTenantSecretsSurviveRestart(t *testing.T) {
 	cfg := Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "h1"}
 	u := startConfigured(t, cfg)
 	ctx := context.Background()
-	s, err := client.New("http://"+u.d.Addr, "p1").CreateSecret(ctx, api.CreateSecretRequest{Payload: "owner guardian PFX, base64"})
+	s, err := client.New(u.d.OperatorURL, "p1").CreateSecret(ctx, api.CreateSecretRequest{Payload: "owner guardian PFX, base64"})
 	if err != nil {
 		t.Fatal(err)
 	}

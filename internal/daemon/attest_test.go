@@ -11,6 +11,8 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -107,7 +109,7 @@ func TestAttestation(t *testing.T) {
 
 	tpm := dialTPM(t, v.Sockets.Data)
 	boot(t, tpm, log)
-	agent := &attestor.Agent{TPM: tpm, API: u.c, Subject: client.Instance(id), EventLog: logPath}
+	agent := &attestor.Agent{TPM: tpm, API: u.agents, Subject: client.Instance(id), EventLog: logPath}
 	if err := agent.Register(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -140,7 +142,7 @@ func TestAttestation(t *testing.T) {
 	// Without the agent's token nobody gets a nonce or pushes evidence,
 	// and the agent's nonce stays unspent.
 	var e *client.Error
-	if _, err := u.c.Nonce(ctx, client.Instance(id)); !asCode(err, &e, "unauthenticated") || e.Status != 401 {
+	if _, err := u.agents.Nonce(ctx, client.Instance(id)); !asCode(err, &e, "unauthenticated") || e.Status != 401 {
 		t.Fatalf("a nonce without the agent's token: %v", err)
 	}
 	n, _ := agent.API.Nonce(ctx, client.Instance(id))
@@ -148,7 +150,7 @@ func TestAttestation(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := u.c.Evidence(ctx, client.Instance(id), ev); !asCode(err, &e, "unauthenticated") {
+	if _, err := u.agents.Evidence(ctx, client.Instance(id), ev); !asCode(err, &e, "unauthenticated") {
 		t.Fatalf("evidence without the agent's token: %v", err)
 	}
 	if _, err := agent.API.Evidence(ctx, client.Instance(id), ev); err != nil {
@@ -160,15 +162,41 @@ func TestAttestation(t *testing.T) {
 	key, _ := rsa.GenerateKey(rand.Reader, 2048)
 	identity, _ := u.c.Identity(ctx, id)
 	ekBlock, _ := pem.Decode([]byte(identity.EKs[0].PublicKeyPEM))
-	if _, err := u.c.Register(ctx, client.Instance(id), api.RegisterRequest{EKPublic: ekBlock.Bytes,
-		AKPublic: attesttest.AKPublic(attest.RSAAKTemplate, key)}); err != nil {
-		t.Fatalf("a registration anyone may start: %v", err)
+	stranger := func() api.CredentialChallenge {
+		t.Helper()
+		ch, err := u.agents.Register(ctx, client.Instance(id), api.RegisterRequest{EKPublic: ekBlock.Bytes,
+			AKPublic: attesttest.AKPublic(attest.RSAAKTemplate, key)})
+		if err != nil {
+			t.Fatalf("a registration anyone may start: %v", err)
+		}
+		return ch
 	}
-	if _, err := u.c.Activate(ctx, client.Instance(id), make([]byte, 32)); !asCode(err, &e, "activation_failed") {
+	eventsBefore, _ := u.c.Events(ctx, id)
+	for range 50 {
+		stranger()
+	}
+	ch := stranger()
+	if _, err := u.agents.Activate(ctx, client.Instance(id), api.ActivateRequest{Ticket: ch.Ticket, Secret: make([]byte, 32)}); !asCode(err, &e, "activation_failed") {
 		t.Fatalf("activating without the TPM: %v", err)
 	}
 	if a, err := agent.Attest(ctx); err != nil || a.State != "registered" || a.Verdict != "trusted" {
 		t.Fatalf("the registered agent after a stranger's registration: %+v %v", a, err)
+	}
+	// Unproven registrations write nothing: no event, no record.
+	if events, _ := u.c.Events(ctx, id); len(events.Items) != len(eventsBefore.Items) {
+		t.Fatalf("51 strangers' registrations left %d events", len(events.Items)-len(eventsBefore.Items))
+	}
+	// A stranger's registrations between the agent's registration and
+	// its activation disturb nothing: the agent registers anew through a
+	// proxy that lets a stranger register right before each activation.
+	meddler := meddle(t, u.d.Addr, func() { stranger() })
+	for i := range 3 {
+		agent.Flush()
+		again := &attestor.Agent{TPM: tpm, API: client.New("http://"+meddler, ""), Subject: client.Instance(id), EventLog: logPath}
+		if err := again.Register(ctx); err != nil {
+			t.Fatalf("registration %d with a stranger's in between: %v", i, err)
+		}
+		agent = again
 	}
 
 	// An old quote replayed: its nonce is spent.
@@ -189,7 +217,7 @@ func TestAttestation(t *testing.T) {
 	other := otherKernel(t, log)
 	os.WriteFile(logPath, other, 0o644)
 	boot(t, tpm, other)
-	agent = &attestor.Agent{TPM: tpm, API: u.c, Subject: client.Instance(id), EventLog: logPath}
+	agent = &attestor.Agent{TPM: tpm, API: u.agents, Subject: client.Instance(id), EventLog: logPath}
 	if err := agent.Register(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -206,7 +234,7 @@ func TestAttestation(t *testing.T) {
 	v2 := u.create(t, id2, "2.0")
 	tpm2nd := dialTPM(t, v2.Sockets.Data)
 	boot(t, tpm2nd, log)
-	neighbour := &attestor.Agent{TPM: tpm2nd, API: u.c, Subject: client.Instance(id2), EventLog: logPath}
+	neighbour := &attestor.Agent{TPM: tpm2nd, API: u.agents, Subject: client.Instance(id2), EventLog: logPath}
 	if err := neighbour.Register(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -223,7 +251,7 @@ func TestAttestation(t *testing.T) {
 		!strings.Contains(strings.Join(a.Reasons, " "), "not signed by the registered attestation key") {
 		t.Fatalf("another guest's quote: %+v %v", a, err)
 	}
-	impostor := &attestor.Agent{TPM: tpm2nd, API: u.c, Subject: client.Instance(id), EventLog: logPath}
+	impostor := &attestor.Agent{TPM: tpm2nd, API: u.agents, Subject: client.Instance(id), EventLog: logPath}
 	if err := impostor.Register(ctx); !asCode(err, &e, "ek_mismatch") {
 		t.Fatalf("registering with another TPM's EK: %v", err)
 	}
@@ -311,4 +339,20 @@ func (h *hookReceiver) verdicts(t *testing.T, keys []byte, n int) []string {
 		out = append(out, c.Verdict)
 	}
 	return out
+}
+
+// meddle is a proxy in front of vtpmd that calls fn before it forwards an
+// activation: a stranger acting between a registration and its activation.
+// It returns the proxy's address.
+func meddle(t *testing.T, target string, fn func()) string {
+	t.Helper()
+	proxy := httputil.NewSingleHostReverseProxy(&url.URL{Scheme: "http", Host: target})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasSuffix(r.URL.Path, "/attestation/activate") {
+			fn()
+		}
+		proxy.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	return srv.Listener.Addr().String()
 }

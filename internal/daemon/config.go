@@ -26,9 +26,19 @@ type Config struct {
 	// DataDir holds the store, the key manager, the CA and the vTPM states.
 	// Default /var/lib/vtpmd.
 	DataDir string
-	// Listen is the API address. Default 127.0.0.1:8780 (loopback: the API
-	// has no authentication yet).
+	// Listen is the API's network address. Default 127.0.0.1:8780. Callers
+	// on it are agents (tokens, TPM proofs) and, with ClientCA, tenants and
+	// the operator by certificate; never anyone unauthenticated. Any other
+	// than a loopback address needs TLS and ClientCA, or InsecureListen.
 	Listen string
+	// InsecureListen allows a non-loopback Listen without TLS and client
+	// certificates: agents' tokens then cross the network in the clear.
+	// Default off; vtpmd logs a warning when it is on.
+	InsecureListen bool
+	// APISocket is the operator's local API: whoever can connect to this
+	// unix socket is the operator (vtpmctl --server unix://PATH). Default
+	// <DataDir>/api.sock, mode 0600 in the 0700 data dir: vtpmd's user only.
+	APISocket string
 	// HostName names this host to the scheduler. Default: the OS host name.
 	HostName string
 	// Capacity is how many vTPMs this host takes. Default 1000.
@@ -74,7 +84,8 @@ type Config struct {
 	// whose EK certificates hosts' TPMs may register with; "" for none.
 	HostEKCA string
 	// PoolSize is how many manufactured TPM 2.0s the swtpm backend keeps
-	// ready for new instances. Default 0 (every TPM made on demand).
+	// ready for new instances; 0 makes every TPM on demand. vtpmd's
+	// --pool-size defaults to DefaultPoolSize.
 	PoolSize int
 
 	// Backend is how this host runs vTPMs: "swtpm" (default; vtpmd runs
@@ -94,9 +105,8 @@ type Config struct {
 	TLSCert, TLSKey string
 	// ClientCA is a PEM file of the CAs whose client certificates identify
 	// tenants (the subject's organization is the project) and the operator
-	// (organization system:operator); with it, every tenant and operator
-	// request needs one, and X-Project-ID no longer decides alone. Needs
-	// TLS. "" trusts the header, for an API on loopback.
+	// (organization system:operator) on the network address. Needs TLS.
+	// "": tenants and the operator are served on APISocket only.
 	ClientCA string
 	// PublicURL is the API as hosts reach it, written into Hyper-V plans;
 	// default http://<the listen address>.
@@ -134,6 +144,10 @@ type LibvirtConfig struct {
 	SecretSecurity []spec.SecretSecurity
 }
 
+// DefaultPoolSize is vtpmd's --pool-size: a burst of four creates costs a
+// swtpm start each, not a manufacture.
+const DefaultPoolSize = 4
+
 // Defaults fills the unset fields.
 func (c *Config) Defaults() {
 	if c.DataDir == "" {
@@ -144,6 +158,9 @@ func (c *Config) Defaults() {
 	}
 	if c.Listen == "" {
 		c.Listen = "127.0.0.1:8780"
+	}
+	if c.APISocket == "" {
+		c.APISocket = filepath.Join(c.DataDir, "api.sock")
 	}
 	if c.HostName == "" {
 		c.HostName, _ = os.Hostname()
@@ -184,8 +201,14 @@ func (c *Config) Validate() error {
 	if !filepath.IsAbs(c.DataDir) {
 		errs = append(errs, fmt.Errorf("data dir %q must be an absolute path", c.DataDir))
 	}
-	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
+	if host, _, err := net.SplitHostPort(c.Listen); err != nil {
 		errs = append(errs, fmt.Errorf("listen address %q: %w", c.Listen, err))
+	} else if !loopback(host) && (c.TLSCert == "" || c.ClientCA == "") && !c.InsecureListen {
+		errs = append(errs, fmt.Errorf("listen address %q is not loopback: serving the network needs TLS (--tls-cert, --tls-key) and client certificates (--client-ca), "+
+			"or --insecure-listen to serve it anyway with agents' tokens in the clear", c.Listen))
+	}
+	if !filepath.IsAbs(c.APISocket) {
+		errs = append(errs, fmt.Errorf("API socket %q must be an absolute path", c.APISocket))
 	}
 	if c.HostName == "" {
 		errs = append(errs, errors.New("host name is empty and the OS gave none"))
@@ -260,6 +283,16 @@ func (c *Config) Validate() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// loopback reports whether a listen host stays on this machine: localhost
+// or a loopback IP. "" and 0.0.0.0 are every interface.
+func loopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // checkStoreDSN refuses a PostgreSQL connection string that carries a

@@ -45,3 +45,36 @@ func TestConfigValidate(t *testing.T) {
 		t.Errorf("relative socket dir: %v", err)
 	}
 }
+
+// Beyond loopback the API needs TLS and client certificates, or the
+// operator's explicit --insecure-listen.
+func TestConfigListen(t *testing.T) {
+	for _, c := range []struct {
+		listen         string
+		tls, clientCA  bool
+		insecure, fine bool
+	}{
+		{"127.0.0.1:8780", false, false, false, true},
+		{"[::1]:8780", false, false, false, true},
+		{"localhost:8780", false, false, false, true},
+		{"0.0.0.0:8780", false, false, false, false},
+		{":8780", false, false, false, false},
+		{"10.0.2.15:8780", true, false, false, false},
+		{"[::]:8780", false, false, false, false},
+		{"0.0.0.0:8780", true, true, false, true},
+		{"0.0.0.0:8780", false, false, true, true},
+	} {
+		cfg := Config{DataDir: "/var/lib/vtpmd", HostName: "h", Listen: c.listen, InsecureListen: c.insecure}
+		if c.tls {
+			cfg.TLSCert, cfg.TLSKey = "api.pem", "api.key"
+		}
+		if c.clientCA {
+			cfg.ClientCA = "clients.pem"
+		}
+		cfg.Defaults()
+		err := cfg.Validate()
+		if c.fine != (err == nil) || (err != nil && !strings.Contains(err.Error(), "--insecure-listen")) {
+			t.Errorf("%s tls=%v client-ca=%v insecure=%v: %v", c.listen, c.tls, c.clientCA, c.insecure, err)
+		}
+	}
+}

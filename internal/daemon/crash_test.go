@@ -75,7 +75,7 @@ func runVtpmd(t *testing.T, bin, dir string) *vtpmdProcess {
 			t.Logf("vtpmd output:\n%s", b)
 		}
 	})
-	p := &vtpmdProcess{cmd: cmd, c: client.New("http://"+addr, "")}
+	p := &vtpmdProcess{cmd: cmd, c: client.New("unix://"+filepath.Join(dir, "api.sock"), "")}
 	t.Cleanup(func() { p.signal(syscall.SIGKILL) })
 	for deadline := time.Now().Add(time.Minute); ; time.Sleep(10 * time.Millisecond) {
 		if _, err := p.c.Hosts(context.Background()); err == nil {

@@ -38,6 +38,8 @@ import (
 type AllInOne struct {
 	Addr string // the address the API listens on
 	URL  string // the API's URL: http:// or, with TLS, https:// Addr
+	// OperatorURL is the operator's local API: unix:// and the socket's path.
+	OperatorURL string
 	// XenUUIDAddr is where the Xen UUID service listens; "" if not served.
 	XenUUIDAddr string
 	cfg         Config
@@ -47,6 +49,7 @@ type AllInOne struct {
 	agent       *agent.Agent
 	http        *http.Server
 	ln          net.Listener
+	local       *http.Server // the operator's socket
 	log         *slog.Logger
 	hostTPM     *hostAttester // nil when the host attests no TPM
 	xenUUID     *http.Server  // the Xen UUID service, when served
@@ -66,8 +69,13 @@ func StartAllInOne(ctx context.Context, cfg Config, log *slog.Logger) (*AllInOne
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	// Private even when it existed before (a mkdir -p with the default
+	// umask makes 0755): it holds the operator's socket and the keys.
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating data dir: %w", err)
+	}
+	if err := os.Chmod(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("making the data dir private: %w", err)
 	}
 	st, err := openStore(ctx, cfg)
 	if err != nil {
@@ -184,12 +192,11 @@ func (d *AllInOne) start(ctx context.Context) error {
 		hook.Start(bg)
 	}
 	srv := &server.Server{
-		Authenticate: cfg.ClientCA != "",
-		HostEKRoots:  hostRoots,
-		Verdicts:     verdicts,
-		Webhook:      hook,
-		StaleAfter:   cfg.StaleAfter,
-		Store:        d.store, Keyring: kr, CAChainPEM: authority.ChainPEM, Options: spec.Options{DefaultTPMVersion: cfg.DefaultTPMVersion},
+		HostEKRoots: hostRoots,
+		Verdicts:    verdicts,
+		Webhook:     hook,
+		StaleAfter:  cfg.StaleAfter,
+		Store:       d.store, Keyring: kr, CAChainPEM: authority.ChainPEM, Options: spec.Options{DefaultTPMVersion: cfg.DefaultTPMVersion},
 		Log: d.log,
 		Sockets: func(host, id string) *api.Sockets {
 			if host != cfg.HostName {
@@ -215,6 +222,15 @@ func (d *AllInOne) start(ctx context.Context) error {
 	if serving != nil {
 		d.URL = "https://" + d.Addr
 	}
+	if cfg.InsecureListen {
+		d.log.Warn("serving the API without TLS or client certificates beyond loopback (--insecure-listen): agents' tokens cross the network in the clear", "listen", d.Addr)
+	}
+	local, err := listenPrivate(cfg.APISocket)
+	if err != nil {
+		d.ln.Close()
+		return fmt.Errorf("the operator's socket %s: %w", cfg.APISocket, err)
+	}
+	d.OperatorURL = "unix://" + cfg.APISocket
 	srv.HyperV = server.HyperVOptions{PublicURL: cfg.PublicURL, HGS: cfg.HyperVHGS}
 	if srv.HyperV.PublicURL == "" {
 		srv.HyperV.PublicURL = d.URL
@@ -222,6 +238,13 @@ func (d *AllInOne) start(ctx context.Context) error {
 	d.http = &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, TLSConfig: serving,
 		ErrorLog: slog.NewLogLogger(d.log.Handler(), slog.LevelWarn)} // TLS handshake failures, as structured logs
 	d.http.RegisterOnShutdown(srv.EndLongPolls)
+	d.local = &http.Server{Handler: d.http.Handler, ReadHeaderTimeout: 10 * time.Second, ConnContext: server.OperatorConn}
+	d.local.RegisterOnShutdown(srv.EndLongPolls)
+	go func() {
+		if err := d.local.Serve(local); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			d.log.Error("operator socket stopped", "err", err)
+		}
+	}()
 	go srv.WatchStale(bg)
 	go func() {
 		serve := d.http.Serve
@@ -248,7 +271,10 @@ func (d *AllInOne) Shutdown(ctx context.Context) error {
 	if d.stopBackground != nil {
 		d.stopBackground()
 	}
-	errs := []error{d.http.Shutdown(ctx), d.backend.Close(ctx), d.store.Close()}
+	errs := []error{d.http.Shutdown(ctx), d.local.Shutdown(ctx), d.backend.Close(ctx), d.store.Close()}
+	if err := os.Remove(d.cfg.APISocket); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		errs = append(errs, err)
+	}
 	if d.hostTPM != nil {
 		errs = append(errs, d.hostTPM.close())
 	}
@@ -259,6 +285,32 @@ func (d *AllInOne) Shutdown(ctx context.Context) error {
 		errs = append(errs, lb.Close())
 	}
 	return errors.Join(errs...)
+}
+
+// listenPrivate listens on a unix socket at path that only this user may
+// connect to (0600), from its first moment: the socket is made in a
+// private directory beside path and renamed into place, replacing one left
+// by an earlier run.
+func listenPrivate(path string) (net.Listener, error) {
+	tmp, err := os.MkdirTemp(filepath.Dir(path), ".api-sock-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(tmp)
+	ln, err := net.Listen("unix", filepath.Join(tmp, "s"))
+	if err != nil {
+		return nil, err
+	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(false) // Shutdown removes path
+	if err := os.Chmod(filepath.Join(tmp, "s"), 0o600); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	if err := os.Rename(filepath.Join(tmp, "s"), path); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	return ln, nil
 }
 
 // openStore opens the configured PostgreSQL database, or else SQLite in

@@ -143,7 +143,7 @@ func TestHostBinding(t *testing.T) {
 		}
 	}
 	var e *client.Error
-	if _, err := client.New("http://"+u.d.Addr, "p1").Attestation(ctx, host); !asCode(err, &e, "forbidden") {
+	if _, err := client.New(u.d.OperatorURL, "p1").Attestation(ctx, host); !asCode(err, &e, "forbidden") {
 		t.Fatalf("a project reading the host's attestation: %v", err)
 	}
 
@@ -183,7 +183,7 @@ func TestHostBinding(t *testing.T) {
 			continue
 		}
 		// The operator replaced the host's TPM: forgotten, the new one registers.
-		if err := client.New("http://"+u.d.Addr, "p1").ForgetHost(ctx, "test-host"); !asCode(err, &e, "forbidden") {
+		if err := client.New(u.d.OperatorURL, "p1").ForgetHost(ctx, "test-host"); !asCode(err, &e, "forbidden") {
 			t.Fatalf("a project forgetting a host: %v", err)
 		}
 		if err := u.c.ForgetHost(ctx, "test-host"); err != nil {

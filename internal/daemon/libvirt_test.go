@@ -480,7 +480,7 @@ func TestLibvirtDisabled(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d.Shutdown(context.Background())
-	c := client.New("http://"+d.Addr, "")
+	c := client.New(d.OperatorURL, "")
 	hosts, err := c.Hosts(ctx)
 	if err != nil || len(hosts.Items) != 1 || len(hosts.Items[0].Traits) != 0 {
 		t.Fatalf("hosts: %+v %v", hosts, err)

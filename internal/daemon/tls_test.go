@@ -44,13 +44,19 @@ func TestTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	trusting := client.New(u.d.URL, "").WithTLS(&tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12})
-	if hosts, err := trusting.Hosts(ctx); err != nil || len(hosts.Items) != 1 {
-		t.Fatalf("a client trusting the CA: %v %v", hosts, err)
+	if chain, err := trusting.CA(ctx); err != nil || !bytes.Contains(chain, []byte("BEGIN CERTIFICATE")) {
+		t.Fatalf("a client trusting the CA: %q %v", chain, err)
 	}
-	if _, err := client.New(u.d.URL, "").Hosts(ctx); err == nil || !strings.Contains(err.Error(), "certificate") {
+	// Without a client certificate it is nobody: only public and agents'
+	// routes answer it.
+	var e *client.Error
+	if _, err := trusting.Hosts(ctx); !errors.As(err, &e) || e.Status != 401 {
+		t.Fatalf("a tenant's route without a client certificate: %v", err)
+	}
+	if _, err := client.New(u.d.URL, "").CA(ctx); err == nil || !strings.Contains(err.Error(), "certificate") {
 		t.Fatalf("a client not trusting the CA: %v", err)
 	}
-	if _, err := client.New("http://"+u.d.Addr, "").Hosts(ctx); err == nil {
+	if _, err := client.New("http://"+u.d.Addr, "").CA(ctx); err == nil {
 		t.Fatal("plain HTTP to the HTTPS API: no error")
 	}
 	// The host agent reaches the API over loopback HTTPS.
@@ -59,10 +65,10 @@ func TestTLS(t *testing.T) {
 	}
 
 	var out, errOut bytes.Buffer
-	if code := cli.Main(ctx, []string{"--server", u.d.URL, "--ca-file", caFile, "hosts"}, &out, &errOut); code != 0 || !strings.Contains(out.String(), "tls-host") {
+	if code := cli.Main(ctx, []string{"--server", u.d.URL, "--ca-file", caFile, "ca"}, &out, &errOut); code != 0 || !strings.Contains(out.String(), "BEGIN CERTIFICATE") {
 		t.Fatalf("vtpmctl --ca-file: %d %q %q", code, out.String(), errOut.String())
 	}
-	if code := cli.Main(ctx, []string{"--server", u.d.URL, "--ca-file", filepath.Join(dir, "nope.pem"), "hosts"}, &out, &errOut); code != cli.ExitUsage {
+	if code := cli.Main(ctx, []string{"--server", u.d.URL, "--ca-file", filepath.Join(dir, "nope.pem"), "ca"}, &out, &errOut); code != cli.ExitUsage {
 		t.Fatalf("vtpmctl with a missing CA file: %d", code)
 	}
 

@@ -83,8 +83,10 @@ func (s *Server) subject(r *http.Request) (subject, error) {
 }
 
 // register checks the AK and answers with a credential only the TPM of the
-// registered EK can open, and only for this AK. An instance's EK must be
-// the one vtpmd made for it; a host's, one its certificate vouches for.
+// registered EK can open, and only for this AK, with the ticket that says
+// what it registers (see ticket). An instance's EK must be the one vtpmd
+// made for it; a host's, one its certificate vouches for. Nothing is
+// written: the record changes only when the TPM proves the registration.
 func (s *Server) register(w http.ResponseWriter, r *http.Request) error {
 	var req api.RegisterRequest
 	if err := decode(w, r, &req); err != nil {
@@ -102,8 +104,13 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) error {
 			return err
 		}
 		ekDER, ch.EKHandle = ek.PublicDER, fmt.Sprintf("0x%08x", ek.Handle)
-	} else if ekDER, err = s.hostEK(&req); err != nil {
-		return err
+	} else {
+		if ekDER, err = s.hostEK(&req); err != nil {
+			return err
+		}
+		if err := s.sameHostTPM(r.Context(), sub, ekDER); err != nil {
+			return err
+		}
 	}
 	ak, err := attest.ParseAK(req.AKPublic)
 	if err != nil {
@@ -113,27 +120,34 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	c, err := attest.NewChallenge(ekPub, ak)
+	now := time.Now().UTC()
+	t := ticket{Subject: sub.key, IssuedAt: now, Expires: now.Add(ticketLifetime), EKKind: req.EKKind, EK: ekDER, AK: req.AKPublic}
+	raw, secret, err := t.issue(s.ticketKey)
 	if err != nil {
 		return err
 	}
-	ch.CredentialBlob, ch.EncryptedSeed = c.CredentialBlob, c.EncryptedSeed
-	hash := sha256.Sum256(c.Secret)
-	err = s.updateAttestation(r.Context(), sub, "attestation key submitted", func(a *store.Attestation) error {
-		if sub.host != "" && a.EKPublic != nil && !bytes.Equal(a.EKPublic, ekDER) {
-			return apiErr(http.StatusForbidden, CodeEKMismatch, "Host "+sub.host+" registered with another TPM; registration refused.")
-		}
-		a.ChallengeHash, a.PendingAK, a.PendingEKKind, a.PendingEK = hash[:], req.AKPublic, req.EKKind, nil
-		if sub.host != "" {
-			a.PendingEK = ekDER
-		}
-		return nil
-	}, nil)
+	c, err := attest.NewChallenge(ekPub, ak, secret)
 	if err != nil {
 		return err
 	}
+	ch.CredentialBlob, ch.EncryptedSeed, ch.Ticket = c.CredentialBlob, c.EncryptedSeed, raw
 	writeJSON(w, http.StatusOK, ch)
 	return nil
+}
+
+// sameHostTPM refuses a host's registration with another TPM than the one
+// it registered with (vtpmctl host forget first, after replacing it).
+func (s *Server) sameHostTPM(ctx context.Context, sub subject, ekDER []byte) error {
+	return s.Store.View(ctx, func(tx *store.Tx) error {
+		a, err := tx.GetAttestation(sub.key)
+		if errors.Is(err, store.ErrNotFound) {
+			return nil
+		}
+		if err == nil && a.EKPublic != nil && !bytes.Equal(a.EKPublic, ekDER) {
+			return apiErr(http.StatusForbidden, CodeEKMismatch, "Host "+sub.host+" registered with another TPM; registration refused.")
+		}
+		return err
+	})
 }
 
 // instanceEK is the EK vtpmd made for v that the registration asks for.
@@ -173,9 +187,11 @@ func (s *Server) hostEK(req *api.RegisterRequest) ([]byte, error) {
 	return der, nil
 }
 
-// activate completes registration when the TPM gave the credential back:
-// its AK becomes the registered one and its agent gets a bearer token.
-// The TPM's counters are kept, so registering again cannot hide a rollback.
+// activate completes a registration when the TPM gave the credential back:
+// the ticket's AK becomes the registered one and its agent gets a bearer
+// token. The TPM's counters are kept, so registering again cannot hide a
+// rollback. A ticket serves once: a registration newer than the ticket
+// refuses it.
 func (s *Server) activate(w http.ResponseWriter, r *http.Request) error {
 	var req api.ActivateRequest
 	if err := decode(w, r, &req); err != nil {
@@ -185,24 +201,27 @@ func (s *Server) activate(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	t, err := redeem(s.ticketKey, req.Ticket, req.Secret, sub.key, time.Now())
+	if err != nil {
+		return err
+	}
 	token, tokenHash, err := newBearer()
 	if err != nil {
 		return err
 	}
 	out := api.Activation{AgentToken: token}
 	err = s.updateAttestation(r.Context(), sub, "attestation key registered", func(a *store.Attestation) error {
-		if a.ChallengeHash == nil {
-			return apiErr(http.StatusConflict, CodeNotRegistered, "No registration is waiting for a credential; register the AK first.")
+		if !a.RegisteredAt.Before(t.IssuedAt) {
+			return apiErr(http.StatusConflict, CodeNotRegistered, "This registration was activated already, or a newer one was; register again.")
 		}
-		got := sha256.Sum256(req.Secret)
-		if subtle.ConstantTimeCompare(got[:], a.ChallengeHash) != 1 {
-			return apiErr(http.StatusForbidden, CodeActivationFailed, "The credential does not match: the AK is not in the TPM vtpmd made for this instance.")
+		if sub.host != "" && a.EKPublic != nil && !bytes.Equal(a.EKPublic, t.EK) {
+			return apiErr(http.StatusForbidden, CodeEKMismatch, "Host "+sub.host+" registered with another TPM; registration refused.")
 		}
-		a.AKPublic, a.EKKind, a.AgentTokenHash, a.RegisteredAt = a.PendingAK, a.PendingEKKind, tokenHash, time.Now().UTC()
-		if a.PendingEK != nil {
-			a.EKPublic = a.PendingEK
+		a.AKPublic, a.EKKind, a.AgentTokenHash, a.RegisteredAt = t.AK, t.EKKind, tokenHash, time.Now().UTC()
+		if sub.host != "" {
+			a.EKPublic = t.EK
 		}
-		a.ChallengeHash, a.PendingAK, a.PendingEK, a.PendingEKKind, a.Nonce = nil, nil, nil, "", nil
+		a.Nonce = nil
 		a.Verdict, a.Reasons = "pending", []string{"registered; waiting for evidence"}
 		return nil
 	}, &out.Attestation)
@@ -549,7 +568,7 @@ func (s *Server) updateAttestation(ctx context.Context, sub subject, action stri
 			}
 			who := sub.actor
 			if who == "" {
-				who = actor(nil, sub.scope)
+				who = byVTPMD
 			}
 			if err := tx.AppendEvent(store.Event{Actor: who, InstanceID: sub.key, Action: act, Detail: detail(a)}); err != nil {
 				return nil, err
@@ -645,7 +664,7 @@ func (s *Server) hostVerdictNotes(tx *store.Tx, host string, a *store.Attestatio
 		if err != nil {
 			return nil, err
 		}
-		if err := tx.AppendEvent(store.Event{Actor: actor(nil, ""), InstanceID: v.InstanceID, Action: "host attestation " + a.Verdict, Detail: detail(a)}); err != nil {
+		if err := tx.AppendEvent(store.Event{Actor: byVTPMD, InstanceID: v.InstanceID, Action: "host attestation " + a.Verdict, Detail: detail(a)}); err != nil {
 			return nil, err
 		}
 		notes = append(notes, verdictClaims(v, view, now))

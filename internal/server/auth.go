@@ -2,14 +2,21 @@ package server
 
 import (
 	"context"
+	"fmt"
+	"net"
 	"net/http"
+	"os/user"
+	"strconv"
+
+	"golang.org/x/sys/unix"
 )
 
-// access says who may call a route when callers are authenticated.
+// access says who may call a route.
 type access int
 
 const (
-	// callers are tenants and the operator, known by client certificate.
+	// callers are tenants and the operator: the operator on the local API
+	// socket (OperatorConn), or either by client certificate.
 	callers access = iota
 	// agents are guest and host agents: the handler checks their bearer
 	// token or host credential, or the route needs none (a registration
@@ -25,19 +32,56 @@ const OperatorOrganization = "system:operator"
 
 // caller is who an authenticated request comes from.
 type caller struct {
-	name     string // the certificate's common name, for the event log
+	name     string // the certificate's common name or the local user, for the event log
 	project  string // the project a tenant acts in; "" for the operator
 	operator bool
 }
 
 type callerKey struct{}
 
-// authenticate names the caller from the client certificate that the TLS
-// server verified against the deployment's client CAs: its subject's
-// organization is the tenant's project, or OperatorOrganization.
+// OperatorConn is the http.Server ConnContext of the operator's local API
+// socket: whoever can connect to that unix socket is the operator, so its
+// file permissions are the access control (as with docker.sock). The peer's
+// uid names the operator in the event log. Any other kind of connection
+// gets no identity here: TCP callers prove theirs with a certificate.
+func OperatorConn(ctx context.Context, c net.Conn) context.Context {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return ctx
+	}
+	return context.WithValue(ctx, callerKey{}, caller{operator: true, name: peerName(uc)})
+}
+
+// peerName names the local user at the other end of a unix connection.
+func peerName(c *net.UnixConn) string {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return "local socket"
+	}
+	var cred *unix.Ucred
+	raw.Control(func(fd uintptr) { cred, err = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) })
+	if err != nil || cred == nil {
+		return "local socket"
+	}
+	uid := strconv.FormatUint(uint64(cred.Uid), 10)
+	if u, err := user.LookupId(uid); err == nil {
+		return fmt.Sprintf("uid %s %s", uid, u.Username)
+	}
+	return "uid " + uid
+}
+
+// authenticate names the caller of a tenants' and operator's route: the
+// operator on the local socket, or the holder of a client certificate that
+// the TLS server verified against the deployment's client CAs, whose
+// subject's organization is the tenant's project or OperatorOrganization.
+// Nobody else is anyone: there is no unauthenticated operator or tenant.
 func (s *Server) authenticate(r *http.Request) (*http.Request, error) {
+	if _, ok := callerOf(r); ok {
+		return r, nil // the local socket
+	}
 	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 {
-		return r, apiErr(http.StatusUnauthorized, CodeUnauthenticated, "This API needs a client certificate (vtpmctl --cert and --key).")
+		return r, apiErr(http.StatusUnauthorized, CodeUnauthenticated,
+			"This API needs a client certificate (vtpmctl --cert and --key), or the operator's local socket (vtpmctl --server unix://DATA-DIR/api.sock).")
 	}
 	leaf := r.TLS.VerifiedChains[0][0]
 	c := caller{name: leaf.Subject.CommonName}
@@ -52,7 +96,7 @@ func (s *Server) authenticate(r *http.Request) (*http.Request, error) {
 	return r.WithContext(context.WithValue(r.Context(), callerKey{}, c)), nil
 }
 
-// callerOf is the authenticated caller of r (may be nil), if any.
+// callerOf is the authenticated caller of r, if any.
 func callerOf(r *http.Request) (caller, bool) {
 	if r == nil {
 		return caller{}, false

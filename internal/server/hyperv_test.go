@@ -38,9 +38,9 @@ func TestHyperV(t *testing.T) {
 		var raw []byte
 		code := f.call(t, method, path, project, body, &raw)
 		if token != "" {
-			req, _ := http.NewRequest(method, f.srv.URL+path, nil)
+			req, _ := http.NewRequest(method, f.url+path, nil)
 			req.Header.Set("Authorization", "Bearer "+token)
-			resp, err := http.DefaultClient.Do(req)
+			resp, err := f.http.Do(req)
 			if err != nil {
 				t.Fatal(err)
 			}

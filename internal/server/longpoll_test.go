@@ -29,7 +29,7 @@ func (f *fixture) watch(t *testing.T, project, tag, wait string) watched {
 	if wait != "" {
 		path += "?wait=" + wait
 	}
-	req, _ := http.NewRequest("GET", f.srv.URL+path, nil)
+	req, _ := http.NewRequest("GET", f.url+path, nil)
 	if project != "" {
 		req.Header.Set(ProjectHeader, project)
 	}
@@ -37,7 +37,7 @@ func (f *fixture) watch(t *testing.T, project, tag, wait string) watched {
 		req.Header.Set("If-None-Match", tag)
 	}
 	start := time.Now()
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := f.http.Do(req)
 	if err != nil {
 		t.Error(err)
 		return watched{}
@@ -134,7 +134,7 @@ func TestWatchVTPM(t *testing.T) {
 	}
 
 	// Long polls are counted, but not timed with the other requests.
-	resp, err := http.Get(f.srv.URL + "/metrics")
+	resp, err := f.http.Get(f.url + "/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -200,9 +200,9 @@ func TestRefresh(t *testing.T) {
 	got := make(chan api.Refresh)
 	go func() { // no t.Fatal off the test's goroutine
 		var r api.Refresh
-		req, _ := http.NewRequest("GET", f.srv.URL+base+"?wait=60", nil)
+		req, _ := http.NewRequest("GET", f.url+base+"?wait=60", nil)
 		req.Header.Set("Authorization", "Bearer agent-token")
-		if resp, err := http.DefaultClient.Do(req); err == nil {
+		if resp, err := f.http.Do(req); err == nil {
 			json.NewDecoder(resp.Body).Decode(&r)
 			resp.Body.Close()
 		}

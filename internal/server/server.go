@@ -33,8 +33,9 @@ import (
 )
 
 // ProjectHeader scopes a request to one project (tenant): such a caller sees
-// and changes only that project's vTPMs. A request without it acts as the
-// operator. Until authentication lands, the API listens on loopback only.
+// and changes only that project's vTPMs. The operator may scope itself to
+// any project with it; a tenant may only repeat its own. It names no one:
+// who the caller is comes from authenticate.
 const ProjectHeader = "X-Project-ID"
 
 // maxBody bounds request bodies; real requests are a few hundred bytes.
@@ -64,10 +65,6 @@ type Server struct {
 	Webhook *Webhook
 	// HyperV shapes Hyper-V plans.
 	HyperV HyperVOptions
-	// Authenticate makes tenants and the operator prove who they are with a
-	// client certificate the TLS server verified (see authenticate); off,
-	// the X-Project-ID header is trusted, for an API on loopback.
-	Authenticate bool
 	// StaleAfter is how long a registered instance or host may go without
 	// genuine evidence before its verdict turns stale; 0: DefaultStaleAfter.
 	StaleAfter time.Duration
@@ -79,6 +76,7 @@ type Server struct {
 	caPool    *x509.CertPool
 	ekChecks  sync.Map // [sha256.Size]byte → ekCheck; see checkEK
 	refreshes refreshes
+	ticketKey []byte        // see ticket
 	end       chan struct{} // see ending
 	endOnce   sync.Once
 	endClose  sync.Once
@@ -93,6 +91,7 @@ func (s *Server) Handler() http.Handler {
 		s.Registry = prometheus.NewRegistry()
 		s.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	}
+	s.ticketKey = newTicketKey()
 	m := newMetrics(s.Registry, s.Store)
 	mux := http.NewServeMux()
 	for _, r := range s.routes() {
@@ -100,7 +99,7 @@ func (s *Server) Handler() http.Handler {
 	}
 	scrape := m.handler()
 	mux.Handle("GET /metrics", s.handle(callers, func(w http.ResponseWriter, r *http.Request) error {
-		if c, ok := callerOf(r); ok && !c.operator {
+		if c, _ := callerOf(r); !c.operator {
 			return apiErr(http.StatusForbidden, CodeForbidden, "Metrics are for the operator.")
 		}
 		scrape.ServeHTTP(w, r)
@@ -173,7 +172,7 @@ func (s *Server) routes() []route {
 func (s *Server) handle(a access, h func(http.ResponseWriter, *http.Request) error) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		var err error
-		if s.Authenticate && a == callers {
+		if a == callers {
 			r, err = s.authenticate(r)
 		}
 		if err == nil {
@@ -241,13 +240,19 @@ func instanceID(raw string) (string, error) {
 
 var projectRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
 
-// project is the caller's scope ("" for the operator).
+// project is the caller's scope: a tenant's project, or the project the
+// operator scoped itself to ("" for the operator unscoped). Agents' and
+// public routes have no caller, so the header scopes nothing there.
 func project(r *http.Request) (string, error) {
+	c, ok := callerOf(r)
+	if !ok {
+		return "", nil
+	}
 	p := r.Header.Get(ProjectHeader)
 	if p != "" && !projectRE.MatchString(p) {
 		return "", apiErr(http.StatusBadRequest, CodeInvalidProject, "The "+ProjectHeader+" header is not a valid project id.")
 	}
-	if c, ok := callerOf(r); ok && !c.operator {
+	if !c.operator {
 		if p != "" && p != c.project {
 			return "", apiErr(http.StatusForbidden, CodeInvalidProject, "The client certificate is for project "+c.project+", not "+p+".")
 		}
@@ -737,18 +742,28 @@ func (s *Server) notify(host string) {
 }
 
 // actor names who made a change through the API, for the event log: the
-// operator or a project, and the holder of the client certificate that
-// proved it, if any.
+// operator or a project, and the holder of the client certificate or the
+// local user that proved it. A request with no authenticated caller is an
+// agent's, proven by its token or its TPM: it is named as the agent of
+// the instance or host it speaks for, never as a project or the operator.
 func actor(r *http.Request, scope string) string {
+	c, ok := callerOf(r)
+	if !ok {
+		return "attestation agent"
+	}
 	who := "api:operator"
 	if scope != "" {
 		who = "api:project:" + scope
 	}
-	if c, ok := callerOf(r); ok && c.name != "" {
+	if c.name != "" {
 		who += " (" + strconv.QuoteToGraphic(truncate(c.name)) + ")"
 	}
 	return who
 }
+
+// byVTPMD names vtpmd itself in the event log, for what it changes on its
+// own (a verdict turning stale, a host's verdict reaching its instances).
+const byVTPMD = "vtpmd"
 
 func truncate(s string) string {
 	if len(s) > 64 {

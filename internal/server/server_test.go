@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -26,7 +27,9 @@ const inst = "7d7a0c4e-8f4b-4bd2-9d6e-2b8f4f3c1a10"
 
 type fixture struct {
 	api    *Server
-	srv    *httptest.Server
+	srv    *httptest.Server // the API on the network: agents, certificates
+	url    string           // the operator's socket, as http://vtpmd over http
+	http   *http.Client     // reaches url
 	store  *store.Store
 	keys   *keyring.Embedded
 	dir    string
@@ -58,7 +61,26 @@ func newFixture(t *testing.T) *fixture {
 		Notify: func(h string) { f.kicked = append(f.kicked, h) }}
 	f.api, f.srv = s, httptest.NewServer(s.Handler())
 	t.Cleanup(f.srv.Close)
+	f.url, f.http = "http://vtpmd", operatorSocket(t, f.srv.Config.Handler)
 	return f
+}
+
+// operatorSocket serves h on a unix socket as vtpmd does for its operator
+// (OperatorConn) and returns a client that reaches it.
+func operatorSocket(t testing.TB, h http.Handler) *http.Client {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "api.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: h, ConnContext: OperatorConn, ReadHeaderTimeout: 10 * time.Second}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	var d net.Dialer
+	return &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return d.DialContext(ctx, "unix", path)
+	}}}
 }
 
 // openStore opens the store the tests run on: SQLite in dir, or with
@@ -110,14 +132,14 @@ func (f *fixture) call(t *testing.T, method, path, project string, body any, out
 		data, _ := json.Marshal(b)
 		r = bytes.NewReader(data)
 	}
-	req, _ := http.NewRequest(method, f.srv.URL+path, r)
+	req, _ := http.NewRequest(method, f.url+path, r)
 	if project != "" {
 		req.Header.Set(ProjectHeader, project)
 	}
 	if f.token != "" {
 		req.Header.Set("Authorization", "Bearer "+f.token)
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := f.http.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -408,7 +430,7 @@ func TestMetricsAndHealth(t *testing.T) {
 	if code := f.call(t, "GET", "/healthz", "", nil, nil); code != 200 {
 		t.Fatalf("healthz: %d", code)
 	}
-	resp, err := http.Get(f.srv.URL + "/metrics")
+	resp, err := f.http.Get(f.url + "/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -499,7 +521,8 @@ func TestAttestationRefusals(t *testing.T) {
 		{"GET", base, "p2", nil, 404, CodeNotFound},
 		{"POST", base + "/register", "", api.RegisterRequest{AKPublic: []byte{1, 2, 3}}, 409, CodeNotReady}, // not manufactured
 		{"POST", base + "/register", "", `{"ak_public": 5}`, 400, CodeInvalidJSON},
-		{"POST", base + "/activate", "", api.ActivateRequest{Secret: []byte("x")}, 409, CodeNotRegistered},
+		{"POST", base + "/activate", "", api.ActivateRequest{Secret: []byte("x")}, 400, CodeInvalidParameter},
+		{"POST", base + "/activate", "", api.ActivateRequest{Ticket: []byte(`{"sub":"` + inst + `"}`), Secret: []byte("x")}, 403, CodeActivationFailed},
 		{"POST", base + "/nonce", "", nil, 409, CodeNotRegistered},
 		{"POST", base + "/evidence", "", api.EvidenceRequest{Nonce: []byte("n")}, 409, CodeNotRegistered},
 		{"POST", base + "/policy", "", api.PolicyRequest{}, 400, CodeInvalidParameter},
@@ -608,5 +631,56 @@ func TestOverallAnswer(t *testing.T) {
 	}
 	if p := s.provisioning(&store.VTPM{Host: "h1"}); p.Verified {
 		t.Fatalf("provisioning without EKs: %+v", p)
+	}
+}
+
+// On the network, nobody unauthenticated is the operator or a tenant,
+// whatever X-Project-ID says: every tenants' and operator's route answers
+// 401 and changes nothing (a host credential minted this way would
+// release tenants' keys). Agents' and public routes stay open. The
+// operator's socket is the operator, named by its local user.
+func TestNetworkCallersAreNobody(t *testing.T) {
+	f := newFixture(t)
+	if code := f.call(t, "POST", "/v1/vtpms", "", create(inst, map[string]string{"hw:tpm_version": "2.0"}), nil); code != 202 {
+		t.Fatalf("create on the operator's socket: %d", code)
+	}
+	before := secretCount(t, f)
+	for _, r := range f.api.routes() {
+		method, path, _ := strings.Cut(r.pattern, " ")
+		path = strings.NewReplacer("{id}", inst, "{name}", "h1").Replace(path)
+		for _, project := range []string{"", "p1"} {
+			req, _ := http.NewRequest(method, f.srv.URL+path, strings.NewReader(`{}`))
+			if project != "" {
+				req.Header.Set(ProjectHeader, project)
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var e api.ErrorBody
+			json.NewDecoder(resp.Body).Decode(&e)
+			resp.Body.Close()
+			switch {
+			case r.access == callers && (resp.StatusCode != 401 || e.Error.Code != CodeUnauthenticated):
+				t.Errorf("%s %s as %q from the network: %d %q, want 401", method, path, project, resp.StatusCode, e.Error.Code)
+			case r.access == anyone && resp.StatusCode == 401:
+				t.Errorf("%s %s is public but answered 401", method, path)
+			}
+		}
+	}
+	if resp, err := http.Get(f.srv.URL + "/metrics"); err != nil || resp.StatusCode != 401 {
+		t.Errorf("metrics from the network: %v %v", resp, err)
+	}
+	if got := secretCount(t, f); got != before {
+		t.Errorf("secrets: %d before, %d after the network's calls", before, got)
+	}
+	var v api.VTPM
+	if code := f.call(t, "GET", "/v1/vtpms/"+inst, "", nil, &v); code != 200 || v.Desired != "running" {
+		t.Errorf("the vTPM after the network's calls: %d %+v", code, v)
+	}
+	var evs api.EventList
+	f.call(t, "GET", "/v1/vtpms/"+inst+"/events", "", nil, &evs)
+	if len(evs.Items) != 1 || !strings.HasPrefix(evs.Items[0].Actor, `api:operator ("uid `) {
+		t.Errorf("events: %+v, want only the create, by the local operator", evs.Items)
 	}
 }

@@ -11,7 +11,9 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -86,6 +88,9 @@ func Open(ctx context.Context, path string, opts Options) (*Store, error) {
 	// Writers take the lock when they begin, so two Updates never deadlock
 	// upgrading read locks.
 	q.Set("_txlock", "immediate")
+	if err := private(path); err != nil {
+		return nil, fmt.Errorf("opening store %s: %w", path, err)
+	}
 	db, err := sql.Open("sqlite", "file:"+path+"?"+q.Encode())
 	if err != nil {
 		return nil, fmt.Errorf("opening store %s: %w", path, err)
@@ -99,6 +104,24 @@ func Open(ctx context.Context, path string, opts Options) (*Store, error) {
 		return nil, fmt.Errorf("migrating store %s: %w", path, err)
 	}
 	return s, nil
+}
+
+// private makes the database file, and the journals SQLite may have left
+// beside it, readable by this user only. SQLite creates its WAL and shared
+// memory files with the database file's mode, so a private database file
+// made before SQLite opens it keeps them private too.
+func private(path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return err
+	}
+	f.Close()
+	for _, p := range []string{path, path + "-wal", path + "-shm"} {
+		if err := os.Chmod(p, 0o600); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+	}
+	return nil
 }
 
 // OpenPostgres connects to the PostgreSQL database dsn names (a URL or

@@ -1,0 +1,77 @@
+package server
+
+import (
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/json"
+	"net/http"
+	"time"
+)
+
+// A registration keeps nothing on the server until the TPM proves it. The
+// agent gets a ticket, what the registration vouched for (subject, EK, AK,
+// times), and a credential that only the EK's TPM can open for that AK. The
+// credential's secret is HMAC(ticketKey, ticket), so when the agent brings
+// ticket and secret back, the secret proves both the TPM and the ticket.
+// A stranger's registration therefore disturbs no one else's, and
+// unproven registrations write nothing (there is nothing to bound).
+//
+// The key lives in this process only: a registration in flight across a
+// restart of vtpmd fails its activation and is made again, as after any
+// lost answer.
+
+// ticketLifetime bounds how long an agent may take to activate.
+const ticketLifetime = 5 * time.Minute
+
+// ticket is what a registration vouched for.
+type ticket struct {
+	Subject  string    `json:"sub"` // the attestation record's key
+	IssuedAt time.Time `json:"iat"`
+	Expires  time.Time `json:"exp"`
+	EKKind   string    `json:"ek_kind"`
+	EK       []byte    `json:"ek"` // PKIX DER
+	AK       []byte    `json:"ak"` // TPM2B_PUBLIC
+}
+
+// newTicketKey makes the key that ties tickets to credentials.
+func newTicketKey() []byte {
+	k := make([]byte, 32)
+	if _, err := rand.Read(k); err != nil {
+		panic(err) // crypto/rand does not fail on Linux
+	}
+	return k
+}
+
+// issue encodes t and the secret its credential must carry.
+func (t ticket) issue(key []byte) (raw, secret []byte, err error) {
+	if raw, err = json.Marshal(t); err != nil {
+		return nil, nil, err
+	}
+	return raw, ticketSecret(key, raw), nil
+}
+
+func ticketSecret(key, raw []byte) []byte {
+	m := hmac.New(sha256.New, key)
+	m.Write(raw)
+	return m.Sum(nil)
+}
+
+// redeem checks that secret opens raw for subject now, and decodes it.
+func redeem(key, raw, secret []byte, subject string, now time.Time) (ticket, error) {
+	var t ticket
+	if len(raw) == 0 {
+		return t, apiErr(http.StatusBadRequest, CodeInvalidParameter, "An activation carries the ticket its registration answered with.")
+	}
+	if !hmac.Equal(secret, ticketSecret(key, raw)) {
+		return t, apiErr(http.StatusForbidden, CodeActivationFailed,
+			"The credential does not match its ticket: the AK is not in the TPM this registration named, or the ticket was altered or is from before a restart of vtpmd; register again.")
+	}
+	if err := json.Unmarshal(raw, &t); err != nil || t.Subject != subject {
+		return t, apiErr(http.StatusForbidden, CodeActivationFailed, "The ticket is for another instance or host.")
+	}
+	if !now.Before(t.Expires) {
+		return t, apiErr(http.StatusConflict, CodeNotRegistered, "The registration expired; register again.")
+	}
+	return t, nil
+}
