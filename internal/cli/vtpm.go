@@ -26,11 +26,11 @@ const (
 
 // Where vtpmctl finds the server and its project when no flag says.
 const (
-	EnvServer     = "VTPMD_SERVER"
-	EnvProject    = "VTPMD_PROJECT"
-	EnvCAFile     = "VTPMD_CA_FILE"
-	EnvCert       = "VTPMD_CERT"
-	EnvKey        = "VTPMD_KEY"
+	EnvServer  = "VTPMD_SERVER"
+	EnvProject = "VTPMD_PROJECT"
+	EnvCAFile  = "VTPMD_CA_FILE"
+	EnvCert    = "VTPMD_CERT"
+	EnvKey     = "VTPMD_KEY"
 	// DefaultServer is the operator's socket of a vtpmd on its default
 	// data dir: on the host, whoever may open it is the operator.
 	DefaultServer = "unix:///var/lib/vtpmd/api.sock"
