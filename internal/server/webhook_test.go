@@ -39,7 +39,7 @@ func TestWebhookOutbox(t *testing.T) {
 		calls++
 		var body api.VerdictToken
 		json.NewDecoder(r.Body).Decode(&body)
-		payload, err := attest.VerifyToken(body.Token, signer.JWKS())
+		payload, err := attest.VerifyToken(body.Token, attest.TokenOptions{JWKS: signer.JWKS(), Issuer: attest.TokenIssuer, AnyInstance: true, Now: time.Now()})
 		var claims struct{ Sub string }
 		if err != nil || json.Unmarshal(payload, &claims) != nil {
 			t.Errorf("webhook body: %v", err)
@@ -55,7 +55,7 @@ func TestWebhookOutbox(t *testing.T) {
 	hook := &Webhook{URL: receiver.URL, Signer: signer, Store: st, Backoff: 10 * time.Millisecond, Attempts: 3}
 	err := st.Update(ctx, func(tx *store.Tx) error {
 		for _, sub := range []string{"first", "never", "second"} {
-			if err := hook.enqueue(tx, map[string]any{"sub": sub}); err != nil {
+			if err := hook.enqueue(tx, map[string]any{"iss": attest.TokenIssuer, "sub": sub}); err != nil {
 				return err
 			}
 		}
