@@ -193,9 +193,11 @@ type EKCertificate struct {
 }
 
 // VerdictToken is an attestation verdict signed by the verifier: a JWT
-// (ES256) whose claims are iss, sub (the instance), iat, exp, project,
-// host, verdict, reasons, verified_at and policy_pcrs. The key is at
-// GET /.well-known/vtpmd/jwks.json.
+// (ES256) whose claims are iss ("vtpmd"), sub (the instance), iat, exp,
+// project, host, verdict, reasons, verified_at, policy_pcrs, overall,
+// summary, host_verdict and provisioning_verified. The key, named by the
+// header's kid, is at GET /.well-known/vtpmd/jwks.json; docs/attestation.md
+// lists what a relying party must check.
 type VerdictToken struct {
 	Token string `json:"token"`
 }

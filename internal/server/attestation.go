@@ -494,7 +494,7 @@ func (s *Server) token(w http.ResponseWriter, r *http.Request) error {
 // them: overall is the answer to rely on.
 func verdictClaims(v *store.VTPM, view api.Attestation, now time.Time) map[string]any {
 	c := map[string]any{
-		"iss": "vtpmd", "sub": v.InstanceID, "iat": now.Unix(), "exp": now.Add(tokenLifetime).Unix(),
+		"iss": attest.TokenIssuer, "sub": v.InstanceID, "iat": now.Unix(), "exp": now.Add(tokenLifetime).Unix(),
 		"project": v.Project, "host": v.Host, "verdict": view.Verdict, "reasons": view.Reasons,
 		"verified_at": view.VerifiedAt, "policy_pcrs": view.PolicyPCRs,
 		"overall": view.Overall, "summary": view.Summary,

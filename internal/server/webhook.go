@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -24,7 +25,8 @@ type Webhook struct {
 	Signer *attest.Signer
 	Store  *store.Store
 	Log    *slog.Logger
-	// Client defaults to one with a 10 s timeout.
+	// Client defaults to one with a 10 s timeout. Whichever it is, Start
+	// makes it refuse redirects (see noRedirects).
 	Client *http.Client
 	// Backoff is the first retry's delay, doubling each time; default 500 ms.
 	Backoff time.Duration
@@ -36,9 +38,12 @@ type Webhook struct {
 
 // Start delivers until ctx ends, beginning with what a previous run left.
 func (h *Webhook) Start(ctx context.Context) {
-	if h.Client == nil {
-		h.Client = &http.Client{Timeout: 10 * time.Second}
+	client := http.Client{Timeout: 10 * time.Second}
+	if h.Client != nil {
+		client = *h.Client
 	}
+	client.CheckRedirect = noRedirects
+	h.Client = &client
 	if h.Backoff == 0 {
 		h.Backoff = 500 * time.Millisecond
 	}
@@ -160,8 +165,20 @@ func (h *Webhook) deliver(ctx context.Context, payload []byte) error {
 		return err
 	}
 	resp.Body.Close()
+	if resp.StatusCode/100 == 3 {
+		return fmt.Errorf("status %d redirecting to %q: %w", resp.StatusCode, resp.Header.Get("Location"), errRedirect)
+	}
 	if resp.StatusCode/100 != 2 {
 		return fmt.Errorf("status %d", resp.StatusCode)
 	}
 	return nil
 }
+
+// errRedirect is a receiver's redirect, which a delivery never follows.
+var errRedirect = errors.New("webhook redirects are not followed: the signed verdict goes only to the configured URL")
+
+// noRedirects keeps a delivery at the configured URL. A redirect would hand
+// the signed verdict to wherever the receiver (or whoever answers in its
+// place) points; a 307 or 308 would re-post the body there. The redirect
+// comes back as the response, and a failed delivery, retried as any other.
+func noRedirects(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
