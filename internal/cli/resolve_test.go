@@ -70,6 +70,15 @@ func TestResolveRefused(t *testing.T) {
 		t.Fatalf("error = %+v; want %+v", body.Error, want)
 	}
 
+	// An empty image property is given, not unset: refused before the
+	// flavor's version is used.
+	code, out, errOut = run(t, "resolve", "--flavor-spec", "hw:tpm_version=1.2", "--image-name", "cirros", "--image-prop", "hw_tpm_version=")
+	want = api.Error{Code: "invalid_tpm_version", Message: `Image cirros has hw_tpm_version property set to "", which is not a valid TPM version (expected 1.2 or 2.0).`}
+	body = api.ErrorBody{}
+	if err := json.Unmarshal([]byte(out), &body); code != ExitFailed || err != nil || body.Error != want {
+		t.Fatalf("empty image version: exit %d, stdout %q, stderr %q; want %+v", code, out, errOut, want)
+	}
+
 	// In table mode the refusal goes to stderr, still with its code.
 	code, out, errOut = run(t, "resolve", "-o", "table", "--image-prop", "hw_tpm_version=3")
 	if code != ExitFailed || out != "" || !strings.Contains(errOut, "invalid_tpm_version: ") {

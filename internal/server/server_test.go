@@ -396,6 +396,15 @@ func TestResolveEndpoint(t *testing.T) {
 	if code != 400 || e.Error.Code != "flavor_image_conflict" || e.Error.Message != want {
 		t.Fatalf("refused resolve: %d %+v", code, e)
 	}
+
+	// An empty image property survives the JSON and is refused, as Nova
+	// refuses it while typing the image: it does not mean unset.
+	e = api.ErrorBody{}
+	code = f.call(t, "POST", "/v1/resolve", "", api.ResolveRequest{FlavorSpecs: map[string]string{"hw:tpm_version": "2.0"},
+		ImageName: "win11", ImageProps: map[string]string{"hw_tpm_model": ""}}, &e)
+	if code != 400 || e.Error.Code != "invalid_tpm_model" {
+		t.Fatalf("empty image model: %d %+v", code, e)
+	}
 }
 
 // TestOpenAPIMatchesHandlers: every route is documented with its method,

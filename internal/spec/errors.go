@@ -12,6 +12,9 @@ const (
 	CodeInvalidTPMVersion Code = "invalid_tpm_version"
 	// CodeInvalidTPMModel: a model other than tpm-tis or tpm-crb.
 	CodeInvalidTPMModel Code = "invalid_tpm_model"
+	// CodeInvalidHypervisorType: an image hypervisor_type that Nova does not
+	// know (see hypervisorTypes), the empty string included.
+	CodeInvalidHypervisorType Code = "invalid_hypervisor_type"
 	// CodeCRBRequiresTPM2: tpm-crb with a TPM 1.2.
 	CodeCRBRequiresTPM2 Code = "crb_requires_tpm2"
 	// CodeInvalidSecretSecurity: hw:tpm_secret_security other than user, host or deployment.

@@ -20,6 +20,8 @@ func FuzzResolve(f *testing.F) {
 	f.Add("hw:tpm_version=1.2", "hw_tpm_model=tpm-crb", "", "2.0")
 	f.Add("os:vtpm=required", "hypervisor_type=hyperv\nhw_machine_type=hyperv-gen2\nos_vtpm=optional\nos_vtpm_keys="+key1, "w", "")
 	f.Add("hw:tpm_secret_security=host", "", "", "1.2")
+	f.Add("hw:tpm_version=1.2", "hw_tpm_version=", "", "")
+	f.Add("hw:tpm_version=2.0", "hypervisor_type=XAPI\nhw_tpm_model=tpm-crb", "", "")
 	f.Fuzz(func(t *testing.T, flavor, image, name, def string) {
 		req := Request{FlavorName: name, FlavorSpecs: parseLines(flavor), ImageName: name, ImageProps: parseLines(image)}
 		opts := Options{DefaultTPMVersion: Version(def)}
@@ -27,6 +29,12 @@ func FuzzResolve(f *testing.F) {
 		s2, err2 := Resolve(req, opts)
 		if (err == nil) != (err2 == nil) || err != nil && err.Error() != err2.Error() || !reflect.DeepEqual(s, s2) {
 			t.Fatalf("not deterministic: %+v, %v vs %+v, %v", s, err, s2, err2)
+		}
+		if want := imageTypeCode(req.ImageProps); want != "" {
+			var e *Error
+			if !errors.As(err, &e) || e.Code != want {
+				t.Fatalf("image %q: got %+v, %v; want %s", image, s, err, want)
+			}
 		}
 		if err != nil {
 			var e *Error
@@ -48,8 +56,24 @@ func FuzzResolve(f *testing.F) {
 	})
 }
 
+// imageTypeCode is the refusal Nova's typed image metadata gives an image
+// whose hypervisor_type is absent or plainly valid: a hw_tpm_model, then a
+// hw_tpm_version, that is present but outside its set; "" when there is none.
+func imageTypeCode(props map[string]string) Code {
+	if hv, ok := props[ImageHypervisorType]; ok && hv != "qemu" && hv != HyperV {
+		return ""
+	}
+	if m, ok := props[ImageTPMModel]; ok && m != string(TIS) && m != string(CRB) {
+		return CodeInvalidTPMModel
+	}
+	if v, ok := props[ImageTPMVersion]; ok && v != string(V12) && v != string(V20) {
+		return CodeInvalidTPMVersion
+	}
+	return ""
+}
+
 var allCodes = []Code{
-	CodeFlavorImageConflict, CodeInvalidTPMVersion, CodeInvalidTPMModel, CodeCRBRequiresTPM2,
+	CodeFlavorImageConflict, CodeInvalidTPMVersion, CodeInvalidTPMModel, CodeInvalidHypervisorType, CodeCRBRequiresTPM2,
 	CodeInvalidSecretSecurity, CodePropertyNotSupported, CodeInvalidVTPMPolicy, CodeVTPMPolicyConflict,
 	CodeGen2Required, CodeTooManyVTPMKeys, CodeInvalidVTPMKey, CodeVTPMKeysWithoutVTPM,
 }

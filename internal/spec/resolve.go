@@ -2,6 +2,7 @@ package spec
 
 import (
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -10,10 +11,50 @@ import (
 // request asks for no vTPM, or an *Error carrying a stable Code. The rules
 // and their order are in the package documentation.
 func Resolve(r Request, opts Options) (*Spec, error) {
-	if r.ImageProps[ImageHypervisorType] == HyperV {
+	hv, err := r.typeImage()
+	if err != nil {
+		return nil, err
+	}
+	if hv == HyperV {
 		return resolveHyperV(r)
 	}
 	return resolveLibvirt(r, opts)
+}
+
+// typeImage refuses what Nova refuses while building its typed image
+// metadata (ImageMetaProps.from_dict), before any vTPM rule: a
+// hypervisor_type, hw_tpm_model or hw_tpm_version that is present but
+// outside its type, the empty string included, checked in Nova's order
+// (the legacy name hypervisor_type first, then the fields as declared). It
+// returns the canonical hypervisor type, "" when the image sets none.
+func (r *Request) typeImage() (string, error) {
+	hv, ok := r.ImageProps[ImageHypervisorType]
+	if ok {
+		hv = canonicalHypervisorType(hv)
+		if !slices.Contains(hypervisorTypes, hv) {
+			return "", r.invalid(CodeInvalidHypervisorType, r.image(ImageHypervisorType), "hypervisor type",
+				"one of "+strings.Join(hypervisorTypes, ", ")+", in any case, or xapi for xen")
+		}
+	}
+	if m, ok := r.ImageProps[ImageTPMModel]; ok && Model(m) != TIS && Model(m) != CRB {
+		return "", r.invalid(CodeInvalidTPMModel, r.image(ImageTPMModel), "TPM model", "tpm-tis or tpm-crb")
+	}
+	if v, ok := r.ImageProps[ImageTPMVersion]; ok && Version(v) != V12 && Version(v) != V20 {
+		return "", r.invalid(CodeInvalidTPMVersion, r.image(ImageTPMVersion), "TPM version", "1.2 or 2.0")
+	}
+	return hv, nil
+}
+
+// canonicalHypervisorType is Nova's HVType.canonicalize without the
+// validity check: Python's str.lower, then xapi read as xen. Go's ToLower
+// differs from Python's only on U+0130, which Python lowers to two runes;
+// no other rune lowers differently to an ASCII letter.
+func canonicalHypervisorType(v string) string {
+	v = strings.ToLower(strings.ReplaceAll(v, "\u0130", "i\u0307"))
+	if v == "xapi" {
+		return "xen"
+	}
+	return v
 }
 
 // origin says where a value came from, for messages that name both sides.
@@ -25,7 +66,8 @@ const (
 	fromDeployment
 )
 
-// prop is one looked-up property; an empty val means unset.
+// prop is one looked-up property; an empty val means unset (typeImage has
+// already refused an empty typed image property).
 type prop struct {
 	key, val string
 	from     origin
@@ -283,11 +325,12 @@ func firstWithPrefix(m map[string]string, prefix string) (string, bool) {
 	return best, found
 }
 
-// show renders a user-supplied value for a message: plain when it is short
-// and printable, quoted and cut otherwise, so messages stay one safe line.
+// show renders a user-supplied value for a message: plain when it is short,
+// printable and not empty, quoted and cut otherwise, so messages stay one
+// safe line.
 func show(v string) string {
 	const max = 64
-	plain := len(v) <= max
+	plain := len(v) > 0 && len(v) <= max
 	for i := 0; plain && i < len(v); i++ {
 		plain = v[i] > ' ' && v[i] < 0x7f && v[i] != '"'
 	}

@@ -45,12 +45,13 @@ func TestResolve(t *testing.T) {
 		{name: "image version", image: kv{"hw_tpm_version": "1.2"}, want: &Spec{Version: V12, Model: TIS, SecretSecurity: User}},
 		{name: "same version on both", flavor: kv{"hw:tpm_version": "2.0"}, image: kv{"hw_tpm_version": "2.0"}, want: tis20},
 		{name: "version conflict", flavor: kv{"hw:tpm_version": "1.2"}, image: kv{"hw_tpm_version": "2.0"}, code: CodeFlavorImageConflict},
-		{name: "version conflict reported before invalid version", flavor: kv{"hw:tpm_version": "3.0"}, image: kv{"hw_tpm_version": "bogus"}, code: CodeFlavorImageConflict},
+		{name: "version conflict before invalid flavor version", flavor: kv{"hw:tpm_version": "3.0"}, image: kv{"hw_tpm_version": "2.0"}, code: CodeFlavorImageConflict},
 		{name: "invalid flavor version", flavor: kv{"hw:tpm_version": "3.0"}, code: CodeInvalidTPMVersion},
 		{name: "invalid image version", image: kv{"hw_tpm_version": "2"}, code: CodeInvalidTPMVersion},
 		{name: "version is case and space sensitive", flavor: kv{"hw:tpm_version": " 2.0"}, code: CodeInvalidTPMVersion},
 		{name: "empty version is unset", flavor: kv{"hw:tpm_version": ""}, image: kv{"hw_tpm_version": "2.0"}, want: tis20},
-		{name: "empty both is no vTPM", flavor: kv{"hw:tpm_version": ""}, image: kv{"hw_tpm_version": ""}, want: nil},
+		{name: "empty flavor version alone is no vTPM", flavor: kv{"hw:tpm_version": ""}, want: nil},
+		{name: "empty flavor model is unset", flavor: kv{"hw:tpm_version": "2.0", "hw:tpm_model": ""}, want: tis20},
 		{name: "model ignored without version", flavor: kv{"hw:tpm_model": "tpm-crb"}, image: kv{"hw_tpm_model": "tpm-tis"}, want: nil},
 		{name: "invalid model ignored without version", flavor: kv{"hw:tpm_model": "nonsense"}, want: nil},
 		{name: "invalid secret security ignored without vTPM", flavor: kv{"hw:tpm_secret_security": "nonsense"}, want: nil},
@@ -58,7 +59,7 @@ func TestResolve(t *testing.T) {
 		{name: "mixed sources: flavor version, image model", flavor: kv{"hw:tpm_version": "2.0"}, image: kv{"hw_tpm_model": "tpm-crb"}, want: &Spec{Version: V20, Model: CRB, SecretSecurity: User}},
 		{name: "mixed sources: image version, flavor model", flavor: kv{"hw:tpm_model": "tpm-crb"}, image: kv{"hw_tpm_version": "2.0"}, want: &Spec{Version: V20, Model: CRB, SecretSecurity: User}},
 		{name: "model conflict", flavor: kv{"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb"}, image: kv{"hw_tpm_model": "tpm-tis"}, code: CodeFlavorImageConflict},
-		{name: "model conflict before invalid model", flavor: kv{"hw:tpm_version": "2.0", "hw:tpm_model": "x"}, image: kv{"hw_tpm_model": "y"}, code: CodeFlavorImageConflict},
+		{name: "model conflict before invalid flavor model", flavor: kv{"hw:tpm_version": "2.0", "hw:tpm_model": "x"}, image: kv{"hw_tpm_model": "tpm-tis"}, code: CodeFlavorImageConflict},
 		{name: "invalid version before model conflict", flavor: kv{"hw:tpm_version": "9", "hw:tpm_model": "tpm-crb"}, image: kv{"hw_tpm_model": "tpm-tis"}, code: CodeInvalidTPMVersion},
 		{name: "invalid model", image: kv{"hw_tpm_version": "2.0", "hw_tpm_model": "TPM-CRB"}, code: CodeInvalidTPMModel},
 		{name: "crb with 1.2", flavor: kv{"hw:tpm_version": "1.2", "hw:tpm_model": "tpm-crb"}, code: CodeCRBRequiresTPM2},
@@ -70,6 +71,33 @@ func TestResolve(t *testing.T) {
 		{name: "invalid secret security", flavor: kv{"hw:tpm_version": "2.0", "hw:tpm_secret_security": "User"}, code: CodeInvalidSecretSecurity},
 		{name: "secret security is flavor only", flavor: kv{"hw:tpm_version": "2.0"}, image: kv{"hw_tpm_secret_security": "host"}, want: tis20},
 		{name: "crb before secret security", flavor: kv{"hw:tpm_version": "1.2", "hw:tpm_model": "tpm-crb", "hw:tpm_secret_security": "x"}, code: CodeCRBRequiresTPM2},
+
+		// Image properties are typed before any rule, as Nova builds its
+		// ImageMeta object first: an image value outside its set, the empty
+		// string included, is refused; only the flavor side has "empty is unset".
+		{name: "invalid image model alone", image: kv{"hw_tpm_model": "bogus"}, code: CodeInvalidTPMModel},
+		{name: "empty image model alone", image: kv{"hw_tpm_model": ""}, code: CodeInvalidTPMModel},
+		{name: "empty image model with flavor version", flavor: kv{"hw:tpm_version": "2.0"}, image: kv{"hw_tpm_model": ""}, code: CodeInvalidTPMModel},
+		{name: "empty image version alone", image: kv{"hw_tpm_version": ""}, code: CodeInvalidTPMVersion},
+		{name: "empty image version with flavor version", flavor: kv{"hw:tpm_version": "1.2"}, image: kv{"hw_tpm_version": ""}, code: CodeInvalidTPMVersion},
+		{name: "empty image version with empty flavor version", flavor: kv{"hw:tpm_version": ""}, image: kv{"hw_tpm_version": ""}, code: CodeInvalidTPMVersion},
+		{name: "invalid image version before version conflict", flavor: kv{"hw:tpm_version": "1.2"}, image: kv{"hw_tpm_version": "2"}, code: CodeInvalidTPMVersion},
+		{name: "invalid image version before invalid flavor version", flavor: kv{"hw:tpm_version": "3.0"}, image: kv{"hw_tpm_version": "bogus"}, code: CodeInvalidTPMVersion},
+		{name: "invalid image model before model conflict", flavor: kv{"hw:tpm_version": "2.0", "hw:tpm_model": "x"}, image: kv{"hw_tpm_model": "y"}, code: CodeInvalidTPMModel},
+		{name: "invalid image model before version conflict", flavor: kv{"hw:tpm_version": "1.2"}, image: kv{"hw_tpm_version": "2.0", "hw_tpm_model": "tpm-crb "}, code: CodeInvalidTPMModel},
+		{name: "invalid image model before invalid image version", image: kv{"hw_tpm_version": "bogus", "hw_tpm_model": "bogus"}, code: CodeInvalidTPMModel},
+		{name: "invalid image version with a deployment default", image: kv{"hw_tpm_version": ""}, opts: Options{DefaultTPMVersion: V20}, code: CodeInvalidTPMVersion},
+		{name: "image typing before the surface check", image: kv{"os_vtpm": "required", "hw_tpm_version": ""}, code: CodeInvalidTPMVersion},
+
+		// hypervisor_type is typed too, as Nova's HVType: lowercased, xapi
+		// read as xen, anything else outside Nova's list refused.
+		{name: "invalid hypervisor_type", image: kv{"hypervisor_type": "bogus"}, code: CodeInvalidHypervisorType},
+		{name: "empty hypervisor_type", flavor: kv{"hw:tpm_version": "2.0"}, image: kv{"hypervisor_type": ""}, code: CodeInvalidHypervisorType},
+		{name: "hypervisor_type before the TPM properties", image: kv{"hypervisor_type": "kvm ", "hw_tpm_model": "bogus"}, code: CodeInvalidHypervisorType},
+		{name: "hypervisor_type of another hypervisor", flavor: kv{"hw:tpm_version": "2.0"}, image: kv{"hypervisor_type": "VMware"}, want: tis20},
+		{name: "hypervisor_type xapi is xen", flavor: kv{"hw:tpm_version": "2.0"}, image: kv{"hypervisor_type": "xapi"}, want: tis20},
+		{name: "hypervisor_type Kelvin sign lowers to k", flavor: kv{"hw:tpm_version": "2.0"}, image: kv{"hypervisor_type": "\u212avm"}, want: tis20},
+		{name: "hypervisor_type dotted capital I lowers to two runes", flavor: kv{"hw:tpm_version": "2.0"}, image: kv{"hypervisor_type": "\u0130ronic"}, code: CodeInvalidHypervisorType},
 
 		// The deployment default.
 		{name: "default applies", opts: Options{DefaultTPMVersion: V20}, want: tis20},
@@ -85,11 +113,15 @@ func TestResolve(t *testing.T) {
 		{name: "os:vtpm off Hyper-V", flavor: kv{"os:vtpm": "required"}, code: CodePropertyNotSupported},
 		{name: "os_vtpm_keys off Hyper-V", image: kv{"hypervisor_type": "qemu", "os_vtpm_keys": key1}, code: CodePropertyNotSupported},
 		{name: "surface check before version conflict", flavor: kv{"hw:tpm_version": "1.2", "os:vtpm": "required"}, image: kv{"hw_tpm_version": "2.0"}, code: CodePropertyNotSupported},
-		{name: "hypervisor_type is exact", flavor: kv{"hw:tpm_version": "2.0"}, image: kv{"hypervisor_type": "HyperV"}, want: tis20},
+		{name: "hypervisor_type is lowercased", flavor: kv{"hw:tpm_version": "2.0"}, image: kv{"hypervisor_type": "HyperV"}, code: CodePropertyNotSupported},
+		{name: "hypervisor_type HYPERV is Hyper-V", image: kv{"hypervisor_type": "HYPERV", "hw_machine_type": "hyperv-gen2", "os_vtpm": "required"}, want: hyperV()},
 		{name: "hw:tpm on Hyper-V", flavor: kv{"hw:tpm_version": "2.0"}, image: hv(kv{"os_vtpm": "required"}), code: CodePropertyNotSupported},
 		{name: "hw_tpm on Hyper-V", image: hv(kv{"hw_tpm_model": "tpm-crb"}), code: CodePropertyNotSupported},
 		{name: "unknown hw:tpm_ key on Hyper-V", flavor: kv{"hw:tpm_anything": "x"}, image: gen2, code: CodePropertyNotSupported},
 		{name: "empty hw:tpm on Hyper-V is unset", flavor: kv{"hw:tpm_version": ""}, image: hv(kv{"os_vtpm": "required"}), want: hyperV()},
+		{name: "empty hw_tpm on Hyper-V is invalid", image: hv(kv{"os_vtpm": "required", "hw_tpm_version": ""}), code: CodeInvalidTPMVersion},
+		{name: "invalid hw_tpm on Hyper-V before not supported", flavor: kv{"hw:tpm_model": "tpm-crb"}, image: hv(kv{"hw_tpm_model": "bogus"}), code: CodeInvalidTPMModel},
+		{name: "unknown hw_tpm_ property on Hyper-V is not typed", image: hv(kv{"hw_tpm_secret_security": ""}), want: nil},
 
 		// Hyper-V policy table: image × flavor.
 		{name: "hv unset/unset", image: gen2, want: nil},
@@ -192,6 +224,21 @@ func TestResolveMessages(t *testing.T) {
 			name: "invalid image version",
 			req:  Request{ImageName: "cirros", ImageProps: kv{"hw_tpm_version": "3.0"}},
 			want: "Image cirros has hw_tpm_version property set to 3.0, which is not a valid TPM version (expected 1.2 or 2.0).",
+		},
+		{
+			name: "empty image version is quoted",
+			req:  Request{FlavorName: "m1", FlavorSpecs: kv{"hw:tpm_version": "1.2"}, ImageName: "cirros", ImageProps: kv{"hw_tpm_version": ""}},
+			want: `Image cirros has hw_tpm_version property set to "", which is not a valid TPM version (expected 1.2 or 2.0).`,
+		},
+		{
+			name: "invalid image model",
+			req:  Request{ImageName: "cirros", ImageProps: kv{"hw_tpm_model": "bogus"}},
+			want: "Image cirros has hw_tpm_model property set to bogus, which is not a valid TPM model (expected tpm-tis or tpm-crb).",
+		},
+		{
+			name: "invalid hypervisor type",
+			req:  Request{ImageName: "cirros", ImageProps: kv{"hypervisor_type": "kvm2"}},
+			want: "Image cirros has hypervisor_type property set to kvm2, which is not a valid hypervisor type (expected one of " + strings.Join(hypervisorTypes, ", ") + ", in any case, or xapi for xen).",
 		},
 		{
 			name: "invalid default",

@@ -6,22 +6,35 @@
 // which hosts can serve it. The package does no I/O, so the REST API, the host
 // agents, the scheduler and `vtpmctl resolve` all share this one definition.
 //
-// The libvirt/QEMU surface follows Nova's semantics exactly, in this order:
+// First, on every surface, the image properties that Nova types when it
+// builds its ImageMeta object, before any vTPM rule, in Nova's order. A
+// present value outside its type is refused, the empty string included:
+//
+//  1. hypervisor_type, lowercased as Python does and xapi read as xen, not
+//     one of Nova's HVType values → invalid_hypervisor_type.
+//  2. hw_tpm_model not tpm-tis or tpm-crb → invalid_tpm_model.
+//  3. hw_tpm_version not 1.2 or 2.0 → invalid_tpm_version.
+//
+// The libvirt/QEMU surface then follows Nova's get_vtpm_constraint exactly,
+// in this order:
 //
 //  1. version = flavor hw:tpm_version, else image hw_tpm_version; both set
-//     and different → flavor_image_conflict (before any validity check).
+//     and different → flavor_image_conflict (before the flavor's value is
+//     checked).
 //  2. no version → the deployment's default_tpm_version; if that is off too,
-//     no vTPM, and the model is ignored entirely.
-//  3. version not exactly "1.2" or "2.0" → invalid_tpm_version.
+//     no vTPM, and the model (the flavor's, or a valid image one) is ignored.
+//  3. version (by now the flavor's or the default) not exactly "1.2" or
+//     "2.0" → invalid_tpm_version.
 //  4. model = flavor hw:tpm_model, else image hw_tpm_model; both set and
 //     different → flavor_image_conflict.
-//  5. model unset → tpm-tis; not tpm-tis or tpm-crb → invalid_tpm_model.
+//  5. model unset → tpm-tis; the flavor's not tpm-tis or tpm-crb →
+//     invalid_tpm_model.
 //  6. tpm-crb with version 1.2 → crb_requires_tpm2.
 //  7. flavor hw:tpm_secret_security (flavor only; unset → user) not user,
 //     host or deployment → invalid_secret_security.
 //
 // The Hyper-V surface applies when the image's hypervisor_type is "hyperv"
-// (seed 003), in this order:
+// in any case (seed 003), in this order:
 //
 //  1. any hw:tpm_* extra spec or hw_tpm_* image property → property_not_supported.
 //  2. image os_vtpm (unset → disabled), then flavor os:vtpm, not disabled,
@@ -35,8 +48,10 @@
 //  6. a vTPM without image hw_machine_type=hyperv-gen2 → gen2_required.
 //
 // On any other hypervisor type, os_vtpm, os:vtpm and os_vtpm_keys are refused
-// with property_not_supported before anything else is looked at. Everywhere,
-// an empty value counts as unset.
+// with property_not_supported before the libvirt/QEMU rules. Except for the
+// three typed image properties, an empty value counts as unset: Nova reads
+// flavor extra specs with "or", so an empty one falls through, while an
+// empty image property never becomes a typed object.
 package spec
 
 // Version is a TPM specification version.
@@ -90,6 +105,14 @@ const (
 	// DefaultTPMVersionSetting names Options.DefaultTPMVersion in messages.
 	DefaultTPMVersionSetting = "default_tpm_version"
 )
+
+// hypervisorTypes are the values of Nova's HVType (nova/objects/fields.py),
+// the type of the image property hypervisor_type.
+var hypervisorTypes = []string{
+	"baremetal", "bhyve", "docker", "fake", "hyperv", "ironic", "kqemu", "kvm", "lxc",
+	"lxd", "openvz", "parallels", "phyp", "qemu", "test", "uml", "vbox", "vz",
+	"vmware", "xen", "zvm", "prsm",
+}
 
 // HyperVGen2 is the hw_machine_type value of a Hyper-V Generation 2 image,
 // the only kind of Hyper-V VM that can have a vTPM.
