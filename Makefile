@@ -8,8 +8,10 @@ BIN         := bin
 
 all: build
 
+# vtpm-guest goes into guests' images, so it is static (no cgo, no libc).
 build:
-	$(GO) build -o $(BIN)/ ./cmd/...
+	$(GO) build -o $(BIN)/ ./cmd/vtpmd ./cmd/vtpmctl
+	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/vtpm-guest
 
 RUN_DIR ?= $(CURDIR)/.run
 
