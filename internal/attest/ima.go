@@ -87,6 +87,19 @@ func ParseIMALog(log []byte) ([]IMAEntry, error) {
 	return out, nil
 }
 
+// replayIMA is the value of PCR 10 after entries, from all zeros.
+func replayIMA(entries []IMAEntry) []byte {
+	v := make([]byte, sha256.Size)
+	h := sha256.New()
+	for _, e := range entries {
+		h.Reset()
+		h.Write(v)
+		h.Write(e.Extend)
+		v = h.Sum(v[:0])
+	}
+	return v
+}
+
 // ReplayIMA returns how many leading entries replay to quoted, the value
 // of PCR 10 a quote vouches for. The kernel may measure more between the
 // quote and the agent reading the log: those later entries are not

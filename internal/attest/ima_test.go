@@ -87,8 +87,23 @@ func TestDigestPolicy(t *testing.T) {
 	if len(m) != 1 || m[0].String() != "PCR 4: event #1 (EV_EFI_BOOT_SERVICES_APPLICATION) has a digest the policy does not allow" {
 		t.Fatalf("kernel C: %v", m)
 	}
-	if m := Evaluate(p, Boot{}); len(m) != 1 || m[0].String() != "PCR 4: nothing was measured" {
+	if m := Evaluate(p, Boot{PCRs: map[int][]byte{4: make([]byte, 32)}}); len(m) != 1 || m[0].String() != "PCR 4: nothing was measured" {
 		t.Fatalf("no events: %v", m)
+	}
+	// Only the quote vouches for events: a PCR it leaves out, or whose
+	// events do not replay to it (a log cut short), is judged on nothing.
+	notQuoted := kernel("kernel A")
+	delete(notQuoted.PCRs, 4)
+	if m := Evaluate(p, notQuoted); len(m) != 1 || m[0].Kind != NotQuoted || m[0].PCR != 4 {
+		t.Fatalf("PCR 4 not quoted: %v", m)
+	}
+	cut := kernel("kernel C")
+	cut.Events = kernel("kernel A").Events
+	if m := Evaluate(p, cut); len(m) != 1 || m[0].Kind != NotReplayed || m[0].String() != "PCR 4: the event log does not replay to the quoted value" {
+		t.Fatalf("events that do not replay: %v", m)
+	}
+	if got := LearnDigests(notQuoted, []int{4}); len(got.Digests) != 0 {
+		t.Fatalf("learned from a PCR the quote left out: %v", got.Digests)
 	}
 
 	ima := func(files ...attesttest.IMAFile) Boot {
@@ -97,7 +112,7 @@ func TestDigestPolicy(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		return Boot{IMA: entries}
+		return Boot{IMA: entries, PCRs: map[int][]byte{IMAPCR: replayIMA(entries)}}
 	}
 	good := []attesttest.IMAFile{{Path: "boot_aggregate", Content: []byte("agg")}, {Path: "/usr/bin/sshd", Content: []byte("sshd")}}
 	p = LearnDigests(ima(good...), []int{IMAPCR})
@@ -107,6 +122,11 @@ func TestDigestPolicy(t *testing.T) {
 	m = Evaluate(p, ima(append(good, attesttest.IMAFile{Path: "/tmp/x", Content: []byte("x")}, attesttest.IMAFile{Path: "/tmp/y", Content: []byte("y")})...))
 	if len(m) != 1 || !strings.HasPrefix(m[0].String(), "PCR 10: /tmp/x (sha256:") || !strings.HasSuffix(m[0].String(), "does not allow, and 1 more") {
 		t.Fatalf("unknown files: %v", m)
+	}
+	short := ima(good...)
+	short.PCRs = ima(append(good, attesttest.IMAFile{Path: "/tmp/x", Content: []byte("x")})...).PCRs
+	if m := Evaluate(p, short); len(m) != 1 || m[0].Kind != NotReplayed || m[0].String() != "PCR 10: the IMA log does not replay to the quoted value" {
+		t.Fatalf("an IMA log cut short: %v", m)
 	}
 	m = Evaluate(p, ima(good[0], attesttest.IMAFile{Path: "/usr/bin/sshd", Content: []byte("sshd"), Violation: true}))
 	if len(m) != 1 || !strings.Contains(m[0].String(), "/usr/bin/sshd") || !strings.Contains(m[0].String(), "measurement violation") {

@@ -23,7 +23,10 @@ type Verdict struct {
 	// Reasons say why not: a broken protocol step (signature, nonce,
 	// counters, log) or the policy's mismatches, each naming its PCR.
 	Reasons []string
-	Quote   *Quote // nil when the quote itself failed
+	// Mismatches are the policy's reasons, structured (Reasons has them
+	// as text, after any protocol failure).
+	Mismatches []Mismatch
+	Quote      *Quote // nil when the quote itself failed
 }
 
 // State is what the verifier keeps of an instance's last accepted
