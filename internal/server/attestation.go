@@ -37,6 +37,7 @@ const (
 	CodeStaleNonce       = "stale_nonce"
 	CodeNoEvidence       = "no_evidence"
 	CodeUnauthenticated  = "unauthenticated"
+	CodeNoEventLog       = "no_event_log"
 )
 
 // subject is what an attestation request is about: an instance's vTPM
@@ -136,17 +137,37 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-// instanceEK is the EK vtpmd made for v that the registration asks for.
+// instanceEK is the EK vtpmd made for v that the registration asks for:
+// of the kind req names, else of the kind of the EK it sends (its key
+// says which), else the RSA one. It sets req.EKKind to that kind.
 func instanceEK(v *store.VTPM, req *api.RegisterRequest) (*store.EK, error) {
+	if req.EKKind != "" && req.EKKind != attest.EKKindRSA2048 && req.EKKind != attest.EKKindECCP256 {
+		return nil, apiErr(http.StatusBadRequest, CodeInvalidParameter, "ek_kind is "+attest.EKKindRSA2048+" or "+attest.EKKindECCP256+", the EKs vtpmd makes.")
+	}
+	if req.EKPublic != nil {
+		pub, err := x509.ParsePKIXPublicKey(req.EKPublic)
+		if err != nil {
+			return nil, apiErr(http.StatusBadRequest, CodeInvalidParameter, "ek_public is not a PKIX public key: "+err.Error())
+		}
+		kind, err := attest.EKKind(pub)
+		switch {
+		case err != nil:
+			return nil, apiErr(http.StatusBadRequest, CodeInvalidParameter, "ek_public is no EK vtpmd makes: "+err.Error())
+		case req.EKKind == "":
+			req.EKKind = kind
+		case req.EKKind != kind:
+			return nil, apiErr(http.StatusBadRequest, CodeInvalidParameter, "ek_kind is "+req.EKKind+", but ek_public is an "+kind+" key.")
+		}
+	}
 	if req.EKKind == "" {
-		req.EKKind = "rsa2048"
+		req.EKKind = attest.EKKindRSA2048
 	}
 	for i := range v.EKs {
 		if v.EKs[i].Kind != req.EKKind {
 			continue
 		}
 		if req.EKPublic != nil && !bytes.Equal(req.EKPublic, v.EKs[i].PublicDER) {
-			return nil, apiErr(http.StatusForbidden, CodeEKMismatch, "This EK is not the one vtpmd made for instance "+v.InstanceID+"; registration refused.")
+			return nil, apiErr(http.StatusForbidden, CodeEKMismatch, "This "+req.EKKind+" EK is not the one vtpmd made for instance "+v.InstanceID+"; registration refused.")
 		}
 		return &v.EKs[i], nil
 	}
@@ -280,6 +301,10 @@ func (s *Server) evidence(w http.ResponseWriter, r *http.Request) error {
 		}
 		if err := fromAgent(r, a); err != nil {
 			return err // before the nonce is spent: a stranger cannot spend it
+		}
+		if len(req.EventLog) == 0 {
+			// Nothing to replay the quote against: not evidence to judge.
+			return apiErr(http.StatusBadRequest, CodeNoEventLog, "The evidence has no firmware event log (event_log); send the one the kernel exposes with the quote. The nonce is still good.")
 		}
 		fresh := a.Nonce != nil && bytes.Equal(a.Nonce, req.Nonce) && time.Now().Before(a.NonceExpires)
 		a.Nonce = nil

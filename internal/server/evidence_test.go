@@ -2,13 +2,18 @@ package server
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
+	"errors"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -266,4 +271,130 @@ func TestIMAAllowlistNeedsPCR10Quoted(t *testing.T) {
 			t.Errorf("%s: %+v %v", c.name, a, err)
 		}
 	}
+}
+
+// Evidence without a firmware event log is refused, not judged: 400
+// no_event_log, with nothing recorded and the nonce unspent, so that the
+// agent can send it again with the log.
+func TestEvidenceWithoutEventLog(t *testing.T) {
+	f := newFixture(t)
+	g := newGuest(t, f, []attesttest.Measurement{{PCR: 0, Type: 0x8, Data: []byte("firmware")}})
+	ctx := context.Background()
+	if err := g.agent.Register(ctx); err != nil {
+		t.Fatal(err)
+	}
+	status := func() (api.Attestation, []string) {
+		var a api.Attestation
+		f.call(t, "GET", "/v1/vtpms/"+inst+"/attestation", "", nil, &a)
+		var h api.EventList
+		f.call(t, "GET", "/v1/vtpms/"+inst+"/attestation/history", "", nil, &h)
+		var actions []string
+		for _, e := range h.Items {
+			actions = append(actions, e.Action)
+		}
+		return a, actions
+	}
+	before, history := status()
+	n, err := g.agent.API.Nonce(ctx, client.Instance(inst))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev, err := g.agent.Evidence(n.Nonce)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, empty := range [][]byte{nil, {}} {
+		bare := ev
+		bare.EventLog = empty
+		var e *client.Error
+		if a, err := pushAsAgent(t, g, bare); !errors.As(err, &e) || e.Status != 400 || e.Code != CodeNoEventLog {
+			t.Fatalf("evidence with event log %q: %+v %v", empty, a, err)
+		}
+	}
+	after, historyAfter := status()
+	if after.Verdict != before.Verdict || !slices.Equal(after.Reasons, before.Reasons) || !after.VerifiedAt.Equal(before.VerifiedAt) || !slices.Equal(history, historyAfter) {
+		t.Fatalf("refused evidence changed the record: %+v %v, was %+v %v", after, historyAfter, before, history)
+	}
+	if a, err := pushAsAgent(t, g, ev); err != nil || a.Verdict != "pending" || a.Reasons[0] != "no policy yet" {
+		t.Fatalf("the same evidence with its log: %+v %v", a, err)
+	}
+}
+
+// An agent that registers with its TPM's ECC EK without naming the kind
+// gets a challenge for that EK (the kind is the key's); a key that is no
+// EK vtpmd makes, or a kind the key contradicts, is a 400 that says so.
+func TestRegisterInfersTheEKKind(t *testing.T) {
+	f := newFixture(t)
+	g := newGuest(t, f, nil)
+	created, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHOwner, InPublic: tpm2.New2B(attest.RSAAKTemplate)}.Execute(g.tpm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ak := tpm2.NamedHandle{Handle: created.ObjectHandle, Name: created.Name}
+	var ecc *swtpm.EK
+	for i := range g.id.EKs {
+		if g.id.EKs[i].Kind == swtpm.ECCP256 {
+			ecc = &g.id.EKs[i]
+		}
+	}
+	eccDER, _ := x509.MarshalPKIXPublicKey(ecc.Public)
+	base := "/v1/vtpms/" + inst + "/attestation"
+	akPublic := tpm2.Marshal(created.OutPublic)
+	var ch api.CredentialChallenge
+	if code := f.call(t, "POST", base+"/register", "", api.RegisterRequest{EKPublic: eccDER, AKPublic: akPublic}, &ch); code != 200 || ch.EKHandle != "0x81010016" {
+		t.Fatalf("registering with the ECC EK: %d %+v", code, ch)
+	}
+	secret := activateWith(t, g.tpm, ak, tpm2.TPMHandle(ecc.Handle), ch)
+	var act api.Activation
+	if code := f.call(t, "POST", base+"/activate", "", api.ActivateRequest{Secret: secret}, &act); code != 200 || act.State != "registered" {
+		t.Fatalf("activating with the ECC EK: %d %+v", code, act)
+	}
+
+	p384, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	p384DER, _ := x509.MarshalPKIXPublicKey(&p384.PublicKey)
+	p256, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	p256DER, _ := x509.MarshalPKIXPublicKey(&p256.PublicKey)
+	for _, c := range []struct {
+		name   string
+		req    api.RegisterRequest
+		status int
+		code   string
+		says   string
+	}{
+		{"a P-384 key", api.RegisterRequest{EKPublic: p384DER, AKPublic: akPublic}, 400, CodeInvalidParameter, "ECC EK must be on NIST P-256"},
+		{"no key", api.RegisterRequest{EKPublic: []byte("junk"), AKPublic: akPublic}, 400, CodeInvalidParameter, "ek_public is not a PKIX public key"},
+		{"a contradicting kind", api.RegisterRequest{EKKind: "rsa2048", EKPublic: eccDER, AKPublic: akPublic}, 400, CodeInvalidParameter, "ek_kind is rsa2048, but ek_public is an ecc-nist-p256 key"},
+		{"an unknown kind", api.RegisterRequest{EKKind: "ecc-nist-p384", AKPublic: akPublic}, 400, CodeInvalidParameter, "rsa2048 or ecc-nist-p256"},
+		{"another ECC EK", api.RegisterRequest{EKPublic: p256DER, AKPublic: akPublic}, 403, CodeEKMismatch, "This ecc-nist-p256 EK is not the one"},
+	} {
+		var e api.ErrorBody
+		if code := f.call(t, "POST", base+"/register", "", c.req, &e); code != c.status || e.Error.Code != c.code || !strings.Contains(e.Error.Message, c.says) {
+			t.Errorf("%s: %d %+v", c.name, code, e)
+		}
+	}
+}
+
+// activateWith opens a credential challenge with the EK at ekHandle,
+// under the TCG EK policy, as an agent does.
+func activateWith(t *testing.T, tpm transport.TPM, ak tpm2.NamedHandle, ekHandle tpm2.TPMHandle, ch api.CredentialChallenge) []byte {
+	t.Helper()
+	rp, err := tpm2.ReadPublic{ObjectHandle: ekHandle}.Execute(tpm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	policy := tpm2.Policy(tpm2.TPMAlgSHA256, 16, func(tpm transport.TPM, handle tpm2.TPMISHPolicy, nonceTPM tpm2.TPM2BNonce) error {
+		_, err := tpm2.PolicySecret{AuthHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: tpm2.PasswordAuth(nil)},
+			PolicySession: handle, NonceTPM: nonceTPM}.Execute(tpm)
+		return err
+	})
+	rsp, err := tpm2.ActivateCredential{
+		ActivateHandle: tpm2.AuthHandle{Handle: ak.Handle, Name: ak.Name, Auth: tpm2.PasswordAuth(nil)},
+		KeyHandle:      tpm2.AuthHandle{Handle: ekHandle, Name: rp.Name, Auth: policy},
+		CredentialBlob: tpm2.TPM2BIDObject{Buffer: ch.CredentialBlob},
+		Secret:         tpm2.TPM2BEncryptedSecret{Buffer: ch.EncryptedSeed},
+	}.Execute(tpm)
+	if err != nil {
+		t.Fatalf("ActivateCredential: %v", err)
+	}
+	return rsp.CertInfo.Buffer
 }
