@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-tpm/tpm2"
 
@@ -167,5 +168,83 @@ func TestVerifyIMA(t *testing.T) {
 	ev = Evidence{Attest: attest, Signature: sig, PCRs: values, EventLog: fwLog, IMALog: imaLog}
 	if v, _ := Verify(ak, ev, nonce, State{}, nil); v.Genuine || !strings.Contains(v.Reasons[0], "without a quote of PCR 10") {
 		t.Fatalf("an IMA log without PCR 10 quoted: %+v", v)
+	}
+}
+
+// A continuation of the IMA log replays from the value the entries the
+// verifier holds replayed to, in the same boot only; the verifier judges
+// the whole log.
+func TestVerifyIMAContinuation(t *testing.T) {
+	tpm, _ := guestTPM(t)
+	akHandle, akPublic := createKey(t, tpm, RSAAKTemplate)
+	ak, err := ParseAK(akPublic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := []attesttest.IMAFile{{Path: "boot_aggregate", Content: []byte("agg")}, {Path: "/sbin/init", Content: []byte("init")},
+		{Path: "/usr/sbin/sshd", Content: []byte("sshd")}, {Path: "/tmp/x", Content: []byte("x")}}
+	whole, extends := attesttest.IMALog(files)
+	extend := func(es [][]byte) {
+		for _, e := range es {
+			if _, err := (tpm2.PCRExtend{PCRHandle: tpm2.AuthHandle{Handle: IMAPCR, Auth: tpm2.PasswordAuth(nil)},
+				Digests: tpm2.TPMLDigestValues{Digests: []tpm2.TPMTHA{{HashAlg: tpm2.TPMAlgSHA256, Digest: e}}}}).Execute(tpm); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	fwLog, _ := attesttest.EventLog(nil)
+	evidence := func(nonce []byte, ima []byte, offset int) Evidence {
+		attest, sig, values := quote(t, tpm, akHandle, nonce, []uint{0, IMAPCR})
+		return Evidence{Attest: attest, Signature: sig, PCRs: values, EventLog: fwLog, IMALog: ima, IMAOffset: offset}
+	}
+	p := Policy{Digests: map[int][][]byte{}} // the first three files
+	for _, f := range files[:3] {
+		d := sha256.Sum256(f.Content)
+		p.Digests[IMAPCR] = append(p.Digests[IMAPCR], d[:])
+	}
+
+	extend(extends[:2])
+	first, _ := attesttest.IMALog(files[:2])
+	nonce := bytes.Repeat([]byte{1}, 32)
+	v, st := Verify(ak, evidence(nonce, first, 0), nonce, State{}, &p)
+	if !v.Trusted || len(st.IMA) != 2 || !bytes.Equal(st.IMALog, first) {
+		t.Fatalf("the first two entries: %+v, %d kept", v, len(st.IMA))
+	}
+	extend(extends[2:3])
+	third, _ := attesttest.IMALog(files[2:3])
+	time.Sleep(5 * time.Millisecond) // the TPM's clock must move on
+	ev := evidence(nonce, third, 2)
+	v, next := Verify(ak, ev, nonce, st, &p)
+	if !v.Trusted || len(next.IMA) != 3 || next.IMA[2].Index != 2 || !bytes.Equal(next.IMALog, whole[:len(first)+len(third)]) {
+		t.Fatalf("the third entry as a continuation: %+v, %d kept", v, len(next.IMA))
+	}
+	for name, c := range map[string]struct {
+		prev   State
+		offset int
+		reason string
+	}{
+		"from an entry not held": {st, 1, "it continues from entry 1, the verifier holds 2 entries"},
+		"nothing held":           {State{}, 2, "it continues from entry 2, the verifier holds 0 entries"},
+		"across a reset": {State{Quote: &Quote{ResetCount: st.Quote.ResetCount - 1, PCRs: st.Quote.PCRs}, IMA: st.IMA, IMALog: st.IMALog}, 2,
+			"it continues the log of a boot before the TPM's last reset"},
+	} {
+		ev := ev
+		ev.IMAOffset = c.offset
+		if v, _ := Verify(ak, ev, nonce, c.prev, &p); v.Genuine || !strings.HasSuffix(v.Reasons[0], c.reason) {
+			t.Errorf("%s: %+v", name, v)
+		}
+	}
+	// A file the policy does not allow, then one it does: the verifier
+	// judges the whole log, so the first stays a reason.
+	extend(extends[3:])
+	rest, _ := attesttest.IMALog(files[3:])
+	time.Sleep(5 * time.Millisecond)
+	v, next = Verify(ak, evidence(nonce, rest, 3), nonce, next, &p)
+	if v.Trusted || len(v.Mismatches) != 1 || v.Mismatches[0].Kind != DigestNotAllowed || !strings.HasPrefix(v.Reasons[0], "PCR 10: /tmp/x") {
+		t.Fatalf("a disallowed file in a continuation: %+v", v)
+	}
+	time.Sleep(5 * time.Millisecond)
+	if v, _ = Verify(ak, evidence(nonce, nil, 4), nonce, next, &p); v.Trusted || !strings.HasPrefix(v.Reasons[0], "PCR 10: /tmp/x") {
+		t.Fatalf("an empty continuation after it: %+v", v)
 	}
 }

@@ -54,8 +54,10 @@ func LearnDigests(b Boot, which []int) Policy {
 			continue
 		}
 		var ds [][]byte
+		seen := map[string]bool{} // an IMA log may hold tens of thousands
 		for _, d := range digestsOf(b, i) {
-			if d != nil && !slices.ContainsFunc(ds, func(x []byte) bool { return bytes.Equal(x, d) }) {
+			if d != nil && !seen[string(d)] {
+				seen[string(d)] = true
 				ds = append(ds, bytes.Clone(d))
 			}
 		}
@@ -68,8 +70,18 @@ func LearnDigests(b Boot, which []int) Policy {
 
 // measurement is one event or IMA entry as a digest policy sees it.
 type measurement struct {
-	name   string
+	ima    *IMAEntry // or
+	event  *Event
 	digest []byte // nil for an IMA violation
+}
+
+// name describes m in a reason (made only for those: an IMA log may hold
+// tens of thousands).
+func (m measurement) name() string {
+	if m.ima != nil {
+		return m.ima.String()
+	}
+	return fmt.Sprintf("event #%d (%s)", m.event.Index, m.event.TypeName())
 }
 
 // measurementsOf lists what extended PCR i in b: its IMA entries for PCR
@@ -77,18 +89,19 @@ type measurement struct {
 func measurementsOf(b Boot, i int) []measurement {
 	var out []measurement
 	if i == IMAPCR && b.IMA != nil {
-		for _, e := range b.IMA {
-			m := measurement{name: e.String()}
-			if !e.Violation {
-				m.digest = e.FileDigest
+		out = make([]measurement, 0, len(b.IMA))
+		for n := range b.IMA {
+			m := measurement{ima: &b.IMA[n]}
+			if !b.IMA[n].Violation {
+				m.digest = b.IMA[n].FileDigest
 			}
 			out = append(out, m)
 		}
 		return out
 	}
-	for _, e := range b.Events {
+	for n, e := range b.Events {
 		if e.PCR == i && e.Type != evNoAction {
-			out = append(out, measurement{name: fmt.Sprintf("event #%d (%s)", e.Index, e.TypeName()), digest: e.Digest})
+			out = append(out, measurement{event: &b.Events[n], digest: e.Digest})
 		}
 	}
 	return out
@@ -207,9 +220,13 @@ func disallowed(allowed [][]byte, b Boot, i int) (string, bool) {
 	if len(ms) == 0 {
 		return "nothing was measured", true
 	}
+	set := make(map[string]bool, len(allowed)) // an allowlist may hold tens of thousands
+	for _, a := range allowed {
+		set[string(a)] = true
+	}
 	var bad []measurement
 	for _, m := range ms {
-		if m.digest == nil || !slices.ContainsFunc(allowed, func(a []byte) bool { return bytes.Equal(a, m.digest) }) {
+		if m.digest == nil || !set[string(m.digest)] {
 			bad = append(bad, m)
 		}
 	}
@@ -220,7 +237,7 @@ func disallowed(allowed [][]byte, b Boot, i int) (string, bool) {
 	if bad[0].digest == nil {
 		what = "is a measurement violation"
 	}
-	s := bad[0].name + " " + what
+	s := bad[0].name() + " " + what
 	if len(bad) > 1 {
 		s += fmt.Sprintf(", and %d more", len(bad)-1)
 	}

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -9,6 +10,7 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -397,4 +399,172 @@ func activateWith(t *testing.T, tpm transport.TPM, ak tpm2.NamedHandle, ekHandle
 		t.Fatalf("ActivateCredential: %v", err)
 	}
 	return rsp.CertInfo.Buffer
+}
+
+// imaFiles are n files as IMA measures them, named after prefix.
+func imaFiles(prefix string, n int) []attesttest.IMAFile {
+	var out []attesttest.IMAFile
+	for i := range n {
+		p := fmt.Sprintf("/usr/lib/x86_64-linux-gnu/%s-%04d.so.1", prefix, i)
+		out = append(out, attesttest.IMAFile{Path: p, Content: []byte(p)})
+	}
+	return out
+}
+
+// An IMA log of several hundred entries, far over what other requests may
+// carry, attests; after that the agent sends only the entries measured
+// since those the verifier holds, and the verifier judges the whole log
+// (a file it does not allow stays in it). A continuation that does not
+// replay is untrusted; one from an entry the verifier does not hold is
+// refused asking for the whole log, which then attests with the same
+// nonce; an agent facing a verifier that lost the log sends it whole.
+func TestLargeAndIncrementalIMALog(t *testing.T) {
+	f := newFixture(t)
+	g := newGuest(t, f, []attesttest.Measurement{{PCR: 0, Type: 0x8, Data: []byte("firmware")}})
+	g.agent.IMALog = g.imaLog
+	ctx := context.Background()
+	if err := g.agent.Register(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var files []attesttest.IMAFile
+	measured := 0
+	measure := func(more ...attesttest.IMAFile) {
+		files = append(files, more...)
+		log, extends := attesttest.IMALog(files)
+		for _, e := range extends[measured:] {
+			g.measure(t, attest.IMAPCR, e)
+		}
+		measured = len(files)
+		if err := os.WriteFile(g.imaLog, log, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	allowed := imaFiles("libgood", 700)
+	var digests []string
+	for _, f := range allowed {
+		digests = append(digests, digestHex(string(f.Content)))
+	}
+	applyPolicy(t, f, "files", map[int][]string{attest.IMAPCR: digests})
+	attestOK := func(what string, entries int) api.Attestation {
+		t.Helper()
+		a, err := g.agent.Attest(ctx)
+		if err != nil || a.Verdict != "trusted" || a.IMAEntries != entries {
+			t.Fatalf("%s: %+v %v", what, a, err)
+		}
+		return a
+	}
+
+	measure(allowed[:600]...)
+	if st, _ := os.Stat(g.imaLog); st.Size() <= maxBody {
+		t.Fatalf("the IMA log is %d bytes, not over the %d bytes of other requests", st.Size(), maxBody)
+	}
+	attestOK("600 entries", 600)
+
+	measure(allowed[600:620]...)
+	n, err := g.agent.API.Nonce(ctx, client.Instance(inst))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev, err := g.agent.Evidence(n.Nonce)
+	if tail, _ := attesttest.IMALog(files[600:]); err != nil || ev.IMAOffset != 600 || !bytes.Equal(ev.IMALog, tail) {
+		t.Fatalf("the agent's continuation: offset %d, %d bytes, %v", ev.IMAOffset, len(ev.IMALog), err)
+	}
+	if a, err := pushAsAgent(t, g, ev); err != nil || a.Verdict != "trusted" || a.IMAEntries != 620 {
+		t.Fatalf("a continuation of 20 entries: %+v %v", a, err)
+	}
+	var e *client.Error
+	if _, err := pushAsAgent(t, g, ev); !errors.As(err, &e) || e.Code != CodeStaleNonce {
+		t.Fatalf("the continuation replayed: %v", err)
+	}
+
+	// Continuations the verifier cannot take. (The agent still counts
+	// 600 entries held: it did not push the last evidence itself.)
+	measure(allowed[620])
+	n, _ = g.agent.API.Nonce(ctx, client.Instance(inst))
+	ev, _ = g.agent.Evidence(n.Nonce)
+	forged := ev
+	forged.IMAOffset = 620
+	forged.IMALog, _ = attesttest.IMALog(allowed[621:622])
+	if a, err := pushAsAgent(t, g, forged); err != nil || a.Verdict != "untrusted" || a.IMAEntries != 620 ||
+		a.Reasons[0] != "the IMA log (1 entries from entry 620) does not replay to the quoted PCR 10" {
+		t.Fatalf("a continuation that does not replay: %+v %v", a, err)
+	}
+	n, _ = g.agent.API.Nonce(ctx, client.Instance(inst))
+	ev, _ = g.agent.Evidence(n.Nonce)
+	for _, offset := range []int{600, 5, 700, -1} {
+		elsewhere := ev
+		elsewhere.IMAOffset = offset
+		status, code := 409, CodeFullIMALogRequired
+		if offset < 0 {
+			status, code = 400, CodeInvalidParameter
+		}
+		if a, err := pushAsAgent(t, g, elsewhere); !errors.As(err, &e) || e.Status != status || e.Code != code {
+			t.Fatalf("a continuation from entry %d: %+v %v", offset, a, err)
+		}
+	}
+	whole := ev
+	whole.IMAOffset, whole.IMALog = 0, nil
+	whole.IMALog, _ = os.ReadFile(g.imaLog)
+	if a, err := pushAsAgent(t, g, whole); err != nil || a.Verdict != "trusted" || a.IMAEntries != 621 {
+		t.Fatalf("the whole log with the same nonce: %+v %v", a, err)
+	}
+
+	// The agent, its count behind, and then facing a verifier that lost
+	// the log (say, restored from a backup), sends it whole when asked.
+	attestOK("the agent after its count fell behind", 621)
+	err = f.store.Update(ctx, func(tx *store.Tx) error {
+		a, err := tx.GetAttestation(inst)
+		if err != nil {
+			return err
+		}
+		a.IMALog, a.IMAEntries = nil, 0
+		return tx.PutAttestation(a)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	attestOK("after the verifier lost the log", 621)
+
+	// A file the policy does not allow is judged in its continuation, and
+	// stays in the log the verifier judges.
+	measure(attesttest.IMAFile{Path: "/tmp/rootkit", Content: []byte("rootkit")})
+	for _, more := range [][]attesttest.IMAFile{nil, allowed[621:630]} {
+		measure(more...)
+		a, err := g.agent.Attest(ctx)
+		if err != nil || a.Verdict != "untrusted" || a.IMAEntries != len(files) || !strings.HasPrefix(a.Reasons[0], "PCR 10: /tmp/rootkit") {
+			t.Fatalf("with a file the policy does not allow, %d entries: %+v %v", len(files), a, err)
+		}
+	}
+}
+
+// Request bodies are bounded per route: a few tens of KiB for ordinary
+// requests, MiBs for policies (allowlists) and for evidence, which only
+// the registered agent may send.
+func TestBodyLimits(t *testing.T) {
+	f := newFixture(t)
+	var e api.ErrorBody
+	big := `{"instance_id": "` + strings.Repeat("x", maxBody) + `"}`
+	if code := f.call(t, "POST", "/v1/vtpms", "", big, &e); code != 413 || e.Error.Code != CodeBodyTooLarge {
+		t.Fatalf("a large create request: %d %+v", code, e)
+	}
+	var allowlist []string // a system's files: 140 KiB
+	for i := range 2000 {
+		allowlist = append(allowlist, digestHex(strconv.Itoa(i)))
+	}
+	if code := f.call(t, "POST", "/v1/policies", "", api.CreatePolicyRequest{Name: "system", Digests: map[int][]string{10: allowlist}}, &e); code != 201 {
+		t.Fatalf("a policy of 2000 allowed digests: %d %+v", code, e)
+	}
+	g := newGuest(t, f, []attesttest.Measurement{{PCR: 0, Type: 0x8, Data: []byte("firmware")}})
+	if err := g.agent.Register(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	huge := `{"event_log": "` + strings.Repeat("A", maxEvidenceBody) + `"}`
+	if code := f.call(t, "POST", "/v1/vtpms/"+inst+"/attestation/evidence", "", huge, &e); code != 401 || e.Error.Code != CodeUnauthenticated {
+		t.Fatalf("huge evidence from a stranger: %d %+v", code, e)
+	}
+	var tooLarge *client.Error
+	a, err := pushAsAgent(t, g, api.EvidenceRequest{EventLog: make([]byte, maxEvidenceBody*3/4+1)}) // base64 makes it larger
+	if !errors.As(err, &tooLarge) || tooLarge.Status != 413 || tooLarge.Code != CodeBodyTooLarge {
+		t.Fatalf("huge evidence from the agent: %+v %v", a, err)
+	}
 }
