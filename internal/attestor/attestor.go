@@ -272,7 +272,9 @@ func (a *Agent) Wait(ctx context.Context, interval time.Duration) {
 // Evidence quotes the PCRs with nonce and gathers what goes with it: the
 // PCR values, the firmware's event log, and the IMA log (read after the
 // quote, so that it holds at least what the quote covers) from the first
-// entry vtpmd does not hold yet.
+// entry vtpmd does not hold yet. Attest keeps vtpmd's count from its
+// answer; evidence pushed otherwise leaves the count as it was (vtpmd
+// refuses a continuation from the wrong entry, and Attest recovers).
 func (a *Agent) Evidence(nonce []byte) (api.EvidenceRequest, error) {
 	pcrs := a.PCRs
 	if pcrs == nil {

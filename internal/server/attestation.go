@@ -288,7 +288,7 @@ func (s *Server) evidence(w http.ResponseWriter, r *http.Request) error {
 	}
 	err = s.Store.View(r.Context(), func(tx *store.Tx) error {
 		a, err := tx.GetAttestation(sub.key)
-		if errors.Is(err, store.ErrNotFound) {
+		if errors.Is(err, store.ErrNotFound) || err == nil && a.RegisteredAt.IsZero() {
 			return apiErr(http.StatusConflict, CodeNotRegistered, "The "+sub.kind()+" has no registered attestation key.")
 		}
 		if err != nil {
