@@ -4,8 +4,8 @@ import "time"
 
 // RegisterRequest starts registering a guest's attestation key (AK).
 type RegisterRequest struct {
-	// EKKind picks the EK the challenge is encrypted to: rsa2048
-	// (default) or ecc-nist-p256.
+	// EKKind picks the EK the challenge is encrypted to: rsa2048 or
+	// ecc-nist-p256; default: the kind of EKPublic when sent, else rsa2048.
 	EKKind string `json:"ek_kind,omitempty"`
 	// EKPublic, when given, is the EK the guest reads from its TPM (PKIX
 	// DER): it must be the one vtpmd made for the instance.
@@ -52,7 +52,16 @@ type EvidenceRequest struct {
 	PCRs      map[int][]byte `json:"pcrs"`      // SHA-256 bank
 	EventLog  []byte         `json:"event_log"`
 	IMALog    []byte         `json:"ima_log,omitempty"` // binary_runtime_measurements, when IMA runs
+	// IMAOffset: IMALog continues the verifier's copy of the log from
+	// this entry (the ima_entries of its last answer); 0: IMALog is whole.
+	IMAOffset int `json:"ima_offset,omitempty"`
 }
+
+// CodeFullIMALogRequired refuses evidence whose IMA log continues from an
+// entry the verifier does not hold (it lost its copy, or the agent's count
+// is not its own): send the whole log again, with the same quote and
+// nonce, which the refusal left good.
+const CodeFullIMALogRequired = "full_ima_log_required"
 
 // Refresh is a request for fresh evidence: the answer to asking for one
 // (POST …/attestation/refresh) and to an agent's long poll for one (GET
@@ -150,7 +159,9 @@ type Attestation struct {
 	// Policy names the policy applied, if one was ("" when learned).
 	Policy string         `json:"policy,omitempty"`
 	PCRs   map[int][]byte `json:"pcrs,omitempty"`
-	// IMAEntries is how many IMA entries the last quote vouched for.
+	// IMAEntries is how many entries of this boot's IMA log the verifier
+	// holds (the quotes vouched for them): the agent's next evidence
+	// continues the log from there (EvidenceRequest.IMAOffset).
 	IMAEntries int `json:"ima_entries,omitempty"`
 
 	// For an instance: the verdict on the host it runs on, and the record

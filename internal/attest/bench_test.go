@@ -8,6 +8,7 @@ import (
 	"crypto/rsa"
 	"crypto/sha256"
 	"encoding/binary"
+	"strconv"
 	"testing"
 
 	"github.com/vtpmd/vtpmd/internal/attest/attesttest"
@@ -162,4 +163,49 @@ func bareVerify(pub crypto.PublicKey, digest, raw []byte) bool {
 		return ecdsa.VerifyASN1(k, digest, raw)
 	}
 	return false
+}
+
+// BenchmarkVerifyIMA measures evidence with an IMA log of n entries judged
+// by an allowlist of its files: sent whole, and as a continuation of 10
+// new entries after n-10 the verifier kept (the body the agent sends is
+// then those 10 entries; the verifier still parses and judges all n).
+//
+//	go test -run '^$' -bench VerifyIMA -benchmem ./internal/attest
+func BenchmarkVerifyIMA(b *testing.B) {
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	ak := &AK{Key: key.Public()}
+	fw, _ := attesttest.EventLog(nil)
+	nonce := make([]byte, 32)
+	for _, n := range []int{1000, 20000} {
+		var files []attesttest.IMAFile
+		for i := range n {
+			p := "/usr/lib/x86_64-linux-gnu/libexample-" + strconv.Itoa(i) + ".so.1"
+			files = append(files, attesttest.IMAFile{Path: p, Content: []byte(p)})
+		}
+		whole, _ := attesttest.IMALog(files)
+		entries, err := ParseIMALog(whole)
+		if err != nil {
+			b.Fatal(err)
+		}
+		policy := LearnDigests(Boot{IMA: entries, PCRs: map[int][]byte{IMAPCR: replayIMA(entries)}}, []int{IMAPCR})
+		kept, keptLog, _ := ParseIMAPrefix(whole, n-10)
+		prevQuoted := map[int][]byte{IMAPCR: replayIMA(kept)}
+		quoted := map[int][]byte{IMAPCR: replayIMA(entries)}
+		attest, sig := softQuote(b, key, nonce, quoted)
+		prev := State{Quote: &Quote{Clock: 999, ResetCount: 1, Safe: true, PCRs: prevQuoted}, IMA: kept, IMALog: keptLog}
+		for name, ev := range map[string]Evidence{
+			"whole":        {Attest: attest, Signature: sig, PCRs: quoted, EventLog: fw, IMALog: whole},
+			"continuation": {Attest: attest, Signature: sig, PCRs: quoted, EventLog: fw, IMALog: whole[len(keptLog):], IMAOffset: n - 10},
+		} {
+			if v, _ := Verify(ak, ev, nonce, prev, &policy); !v.Trusted {
+				b.Fatalf("%s of %d: %+v", name, n, v)
+			}
+			b.Run(name+"-"+strconv.Itoa(n), func(b *testing.B) {
+				b.ReportMetric(float64(len(ev.IMALog)), "log-bytes")
+				for range b.N {
+					Verify(ak, ev, nonce, prev, &policy)
+				}
+			})
+		}
+	}
 }

@@ -26,6 +26,8 @@ type IMAEntry struct {
 	Violation bool
 	// Extend is what the entry extended into the SHA-256 bank.
 	Extend []byte
+
+	size int // bytes of the log the entry takes
 }
 
 func (e IMAEntry) String() string {
@@ -34,20 +36,53 @@ func (e IMAEntry) String() string {
 
 const maxIMAEntries = 1 << 20
 
+// MaxIMALog bounds the IMA log a verifier keeps of one boot (about 60,000
+// entries of ima-ng with SHA-256): a log that grows past it can no longer
+// be judged whole.
+const MaxIMALog = 8 << 20
+
 // ParseIMALog reads the kernel's binary IMA log
 // (/sys/kernel/security/ima/binary_runtime_measurements, little-endian):
 // per entry the PCR, the SHA-1 template digest, the template name and the
 // template data, whose fields are length-prefixed. Templates other than
 // the legacy "ima" are hashed whole into each bank, which is what lets the
 // SHA-256 bank be replayed from a log that records only SHA-1.
-func ParseIMALog(log []byte) ([]IMAEntry, error) {
+func ParseIMALog(log []byte) ([]IMAEntry, error) { return parseIMALog(log, 0, -1) }
+
+// ParseIMAPrefix parses the first n entries of log and returns them with
+// the bytes they take: what a verifier keeps of a log, or what an agent
+// skips to send the rest. An error if log holds fewer than n entries.
+func ParseIMAPrefix(log []byte, n int) ([]IMAEntry, []byte, error) {
+	entries, err := parseIMALog(log, 0, n)
+	if err != nil {
+		return nil, nil, err
+	}
+	if len(entries) < n {
+		return nil, nil, fmt.Errorf("IMA log: %d entries, not %d", len(entries), n)
+	}
+	return entries[:n], log[:sizeOf(entries[:n])], nil
+}
+
+// sizeOf is how many bytes of the log entries take.
+func sizeOf(entries []IMAEntry) int {
+	n := 0
+	for _, e := range entries {
+		n += e.size
+	}
+	return n
+}
+
+// parseIMALog parses log, whose first entry is entry first of the whole:
+// its first limit entries, or all if limit < 0.
+func parseIMALog(log []byte, first, limit int) ([]IMAEntry, error) {
 	r := reader{b: log, order: binary.LittleEndian}
 	var out []IMAEntry
-	for r.left() > 0 {
-		if len(out) >= maxIMAEntries {
+	for r.left() > 0 && len(out) != limit {
+		if first+len(out) >= maxIMAEntries {
 			return nil, fmt.Errorf("IMA log: more than %d entries", maxIMAEntries)
 		}
-		e := IMAEntry{Index: len(out)}
+		start := r.off
+		e := IMAEntry{Index: first + len(out)}
 		pcr := r.u32()
 		sha1 := r.bytes(20)
 		nameLen := r.u32()
@@ -82,9 +117,23 @@ func ParseIMALog(log []byte) ([]IMAEntry, error) {
 			sum := sha256.Sum256(data)
 			e.Extend = sum[:]
 		}
+		e.size = r.off - start
 		out = append(out, e)
 	}
 	return out, nil
+}
+
+// replayIMA is the value of PCR 10 after entries, from all zeros.
+func replayIMA(entries []IMAEntry) []byte {
+	v := make([]byte, sha256.Size)
+	h := sha256.New()
+	for _, e := range entries {
+		h.Reset()
+		h.Write(v)
+		h.Write(e.Extend)
+		v = h.Sum(v[:0])
+	}
+	return v
 }
 
 // ReplayIMA returns how many leading entries replay to quoted, the value
@@ -92,7 +141,13 @@ func ParseIMALog(log []byte) ([]IMAEntry, error) {
 // quote and the agent reading the log: those later entries are not
 // judged yet. An error if no prefix of the log gives quoted.
 func ReplayIMA(entries []IMAEntry, quoted []byte) (int, error) {
-	v := make([]byte, sha256.Size)
+	return replayIMAFrom(make([]byte, sha256.Size), 0, entries, quoted)
+}
+
+// replayIMAFrom is ReplayIMA for entries that continue, from entry first,
+// a log whose earlier entries replayed to from.
+func replayIMAFrom(from []byte, first int, entries []IMAEntry, quoted []byte) (int, error) {
+	v := bytes.Clone(from)
 	if bytes.Equal(v, quoted) {
 		return 0, nil
 	}
@@ -105,6 +160,9 @@ func ReplayIMA(entries []IMAEntry, quoted []byte) (int, error) {
 		if bytes.Equal(v, quoted) {
 			return i + 1, nil
 		}
+	}
+	if first > 0 {
+		return 0, fmt.Errorf("the IMA log (%d entries from entry %d) does not replay to the quoted PCR %d", len(entries), first, IMAPCR)
 	}
 	return 0, fmt.Errorf("the IMA log (%d entries) does not replay to the quoted PCR %d", len(entries), IMAPCR)
 }

@@ -50,6 +50,24 @@ func EKPublic(pub crypto.PublicKey) (*tpm2.TPMTPublic, error) {
 	return nil, fmt.Errorf("unsupported EK key type %T", pub)
 }
 
+// The kinds of EK vtpmd makes, as the API names them (ek_kind).
+const (
+	EKKindRSA2048 = "rsa2048"       // TCG template L-1
+	EKKindECCP256 = "ecc-nist-p256" // TCG template L-2
+)
+
+// EKKind names the kind of EK pub is: EKKindRSA2048 or EKKindECCP256. Any
+// other key is no EK of those templates: an error says why.
+func EKKind(pub crypto.PublicKey) (string, error) {
+	if _, err := EKPublic(pub); err != nil {
+		return "", err
+	}
+	if _, ok := pub.(*rsa.PublicKey); ok {
+		return EKKindRSA2048, nil
+	}
+	return EKKindECCP256, nil
+}
+
 // RSAAKTemplate is the attestation key guest agents make: a restricted
 // RSA-2048 signing key (RSASSA, SHA-256) that can sign only TPM-made
 // structures and never leaves its TPM.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"sync"
 )
 
 // Boot is what genuine evidence showed of a boot: the quoted PCR values,
@@ -42,13 +43,21 @@ func Learn(b Boot, log []byte, which []int) Policy {
 }
 
 // LearnDigests takes the digests a known-good boot's events carry in the
-// given PCRs as the allowed ones; for PCR 10, IMA's file digests.
+// given PCRs as the allowed ones; for PCR 10, IMA's file digests. It
+// learns only what the quote vouches for: PCRs it leaves out, or whose
+// events do not replay to it, are skipped.
 func LearnDigests(b Boot, which []int) Policy {
 	p := Policy{Digests: map[int][][]byte{}}
+	replayed := sync.OnceValue(func() map[int][]byte { return Replay(b.Events) })
 	for _, i := range which {
+		if unvouched(b, i, replayed) != nil {
+			continue
+		}
 		var ds [][]byte
+		seen := map[string]bool{} // an IMA log may hold tens of thousands
 		for _, d := range digestsOf(b, i) {
-			if d != nil && !slices.ContainsFunc(ds, func(x []byte) bool { return bytes.Equal(x, d) }) {
+			if d != nil && !seen[string(d)] {
+				seen[string(d)] = true
 				ds = append(ds, bytes.Clone(d))
 			}
 		}
@@ -61,8 +70,18 @@ func LearnDigests(b Boot, which []int) Policy {
 
 // measurement is one event or IMA entry as a digest policy sees it.
 type measurement struct {
-	name   string
+	ima    *IMAEntry // or
+	event  *Event
 	digest []byte // nil for an IMA violation
+}
+
+// name describes m in a reason (made only for those: an IMA log may hold
+// tens of thousands).
+func (m measurement) name() string {
+	if m.ima != nil {
+		return m.ima.String()
+	}
+	return fmt.Sprintf("event #%d (%s)", m.event.Index, m.event.TypeName())
 }
 
 // measurementsOf lists what extended PCR i in b: its IMA entries for PCR
@@ -70,18 +89,19 @@ type measurement struct {
 func measurementsOf(b Boot, i int) []measurement {
 	var out []measurement
 	if i == IMAPCR && b.IMA != nil {
-		for _, e := range b.IMA {
-			m := measurement{name: e.String()}
-			if !e.Violation {
-				m.digest = e.FileDigest
+		out = make([]measurement, 0, len(b.IMA))
+		for n := range b.IMA {
+			m := measurement{ima: &b.IMA[n]}
+			if !b.IMA[n].Violation {
+				m.digest = b.IMA[n].FileDigest
 			}
 			out = append(out, m)
 		}
 		return out
 	}
-	for _, e := range b.Events {
+	for n, e := range b.Events {
 		if e.PCR == i && e.Type != evNoAction {
-			out = append(out, measurement{name: fmt.Sprintf("event #%d (%s)", e.Index, e.TypeName()), digest: e.Digest})
+			out = append(out, measurement{event: &b.Events[n], digest: e.Digest})
 		}
 	}
 	return out
@@ -95,9 +115,28 @@ func digestsOf(b Boot, i int) [][]byte {
 	return out
 }
 
+// MismatchKind says how a boot fails a policy on one PCR.
+type MismatchKind int
+
+const (
+	// ValueDiffers: the quoted value is not the one the policy wants.
+	ValueDiffers MismatchKind = iota + 1
+	// DigestNotAllowed: a measurement carries a digest the policy does
+	// not list, is an IMA violation, or nothing was measured at all.
+	DigestNotAllowed
+	// NotQuoted: the quote leaves the PCR out, so nothing vouches for its
+	// value or its events; an event log alone is the guest's word.
+	NotQuoted
+	// NotReplayed: the PCR's measurements (its firmware events, or for
+	// PCR 10 the IMA entries) do not replay to the quoted value.
+	NotReplayed
+)
+
 // Mismatch is one reason a boot does not meet a policy.
 type Mismatch struct {
-	PCR       int
+	PCR  int
+	Kind MismatchKind
+	// Want and Got are the policy's and the quoted value (ValueDiffers).
 	Want, Got []byte
 	// Event describes the first event of this PCR that differs from the
 	// reference boot's, when both logs are known; for a digest policy, the
@@ -106,7 +145,10 @@ type Mismatch struct {
 }
 
 func (m Mismatch) String() string {
-	if m.Want == nil {
+	switch m.Kind {
+	case NotQuoted:
+		return fmt.Sprintf("PCR %d: the quote leaves it out, so nothing vouches for its events", m.PCR)
+	case NotReplayed, DigestNotAllowed:
 		return fmt.Sprintf("PCR %d: %s", m.PCR, m.Event)
 	}
 	s := fmt.Sprintf("PCR %d is %s, the policy wants %s", m.PCR, short(m.Got), short(m.Want))
@@ -123,22 +165,51 @@ func short(b []byte) string {
 	return hex.EncodeToString(b[:min(len(b), 8)]) + "…"
 }
 
-// Evaluate compares a boot with p. No mismatches means trusted.
+// Evaluate compares a boot with p. No mismatches means trusted. Every PCR
+// p names must be in the quote (b.PCRs): a PCR left out is NotQuoted,
+// whatever the event log says of it. A value is compared as quoted; the
+// measurements a digest policy judges must replay to the quoted value
+// (NotReplayed), so that a log cut short, or padded with events the TPM
+// never saw, cannot pass; then each must carry an allowed digest.
 func Evaluate(p Policy, b Boot) []Mismatch {
 	var out []Mismatch
 	for _, i := range slices.Sorted(maps.Keys(p.PCRs)) {
 		want, got := p.PCRs[i], b.PCRs[i]
-		if bytes.Equal(want, got) {
-			continue
+		switch {
+		case got == nil:
+			out = append(out, Mismatch{PCR: i, Kind: NotQuoted})
+		case !bytes.Equal(want, got):
+			out = append(out, Mismatch{PCR: i, Kind: ValueDiffers, Want: want, Got: got, Event: firstDifference(p.EventLog, b.Events, i)})
 		}
-		out = append(out, Mismatch{PCR: i, Want: want, Got: got, Event: firstDifference(p.EventLog, b.Events, i)})
 	}
+	replayed := sync.OnceValue(func() map[int][]byte { return Replay(b.Events) })
 	for _, i := range slices.Sorted(maps.Keys(p.Digests)) {
-		if m, bad := disallowed(p.Digests[i], b, i); bad {
-			out = append(out, Mismatch{PCR: i, Event: m})
+		if m := unvouched(b, i, replayed); m != nil {
+			out = append(out, *m)
+		} else if m, bad := disallowed(p.Digests[i], b, i); bad {
+			out = append(out, Mismatch{PCR: i, Kind: DigestNotAllowed, Event: m})
 		}
 	}
 	return out
+}
+
+// unvouched says why the measurements of PCR i in b are not the TPM's
+// word: the quote leaves i out, or they do not replay to its quoted
+// value; nil when they are. replayed is what b's firmware events replay
+// to. (A quoted PCR nothing extended is vouched for: nothing to judge.)
+func unvouched(b Boot, i int, replayed func() map[int][]byte) *Mismatch {
+	quoted, ok := b.PCRs[i]
+	if !ok {
+		return &Mismatch{PCR: i, Kind: NotQuoted}
+	}
+	got, what := replayed()[i], "the event log"
+	if i == IMAPCR && b.IMA != nil {
+		got, what = replayIMA(b.IMA), "the IMA log"
+	}
+	if got != nil && !bytes.Equal(got, quoted) {
+		return &Mismatch{PCR: i, Kind: NotReplayed, Event: what + " does not replay to the quoted value"}
+	}
+	return nil
 }
 
 // disallowed describes the measurements of PCR i in b that allowed does
@@ -149,9 +220,13 @@ func disallowed(allowed [][]byte, b Boot, i int) (string, bool) {
 	if len(ms) == 0 {
 		return "nothing was measured", true
 	}
+	set := make(map[string]bool, len(allowed)) // an allowlist may hold tens of thousands
+	for _, a := range allowed {
+		set[string(a)] = true
+	}
 	var bad []measurement
 	for _, m := range ms {
-		if m.digest == nil || !slices.ContainsFunc(allowed, func(a []byte) bool { return bytes.Equal(a, m.digest) }) {
+		if m.digest == nil || !set[string(m.digest)] {
 			bad = append(bad, m)
 		}
 	}
@@ -162,7 +237,7 @@ func disallowed(allowed [][]byte, b Boot, i int) (string, bool) {
 	if bad[0].digest == nil {
 		what = "is a measurement violation"
 	}
-	s := bad[0].name + " " + what
+	s := bad[0].name() + " " + what
 	if len(bad) > 1 {
 		s += fmt.Sprintf(", and %d more", len(bad)-1)
 	}
@@ -173,7 +248,7 @@ func disallowed(allowed [][]byte, b Boot, i int) (string, bool) {
 // p, else untrusted with the mismatches as reasons.
 func Judge(p Policy, b Boot) Verdict {
 	mismatches := Evaluate(p, b)
-	v := Verdict{Genuine: true, Trusted: len(mismatches) == 0}
+	v := Verdict{Genuine: true, Trusted: len(mismatches) == 0, Mismatches: mismatches}
 	for _, m := range mismatches {
 		v.Reasons = append(v.Reasons, m.String())
 	}

@@ -2,6 +2,8 @@ package attest
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"errors"
 	"fmt"
 )
 
@@ -12,6 +14,9 @@ type Evidence struct {
 	PCRs      map[int][]byte // the SHA-256 PCR values quoted
 	EventLog  []byte         // the firmware's crypto-agile event log
 	IMALog    []byte         // the kernel's binary IMA log; optional
+	// IMAOffset > 0: IMALog holds the entries from this one on, and
+	// continues the log the verifier kept (State.IMA, as many entries).
+	IMAOffset int
 }
 
 // Verdict is the verifier's judgement of one piece of evidence.
@@ -23,7 +28,10 @@ type Verdict struct {
 	// Reasons say why not: a broken protocol step (signature, nonce,
 	// counters, log) or the policy's mismatches, each naming its PCR.
 	Reasons []string
-	Quote   *Quote // nil when the quote itself failed
+	// Mismatches are the policy's reasons, structured (Reasons has them
+	// as text, after any protocol failure).
+	Mismatches []Mismatch
+	Quote      *Quote // nil when the quote itself failed
 }
 
 // State is what the verifier keeps of an instance's last accepted
@@ -38,15 +46,27 @@ type State struct {
 	EventLog []byte
 	Events   []Event
 	Replayed map[int][]byte
-	IMA      []IMAEntry // the entries the quote covers
+	// IMA are the IMA entries the quotes of this boot covered, and IMALog
+	// those entries as the kernel logged them (what a caller keeps, to
+	// take a continuation: Quote.PCRs[10] is the value they replay to).
+	IMA    []IMAEntry
+	IMALog []byte
 }
+
+// ErrIMAContinuation: evidence continues an IMA log the verifier does not
+// hold as it says; the whole log is needed.
+var ErrIMAContinuation = errors.New("the IMA log does not continue the one the verifier holds")
 
 // Verify runs every check on ev, in order, for the registered ak: the
 // quote's signature, nonce and PCR digest; the counters against the last
 // accepted quote; the event log replaying to the quoted PCRs it covers;
-// the IMA log, if any, replaying to the quoted PCR 10; then the policy (nil: no policy, nothing to judge yet). Evidence that
-// breaks the protocol stops at the first failure. It returns the verdict
-// and, when the protocol held, the state to keep for the next evidence.
+// the IMA log, if any, replaying to the quoted PCR 10 (a continuation
+// (ev.IMAOffset) only of the entries prev holds, in the same boot, from
+// the value they replayed to), and no longer than MaxIMALog; then the
+// policy (nil: no policy, nothing to judge yet), on the whole IMA log.
+// Evidence that breaks the protocol stops at the first failure. It
+// returns the verdict and, when the protocol held, the state to keep for
+// the next evidence.
 func Verify(ak *AK, ev Evidence, nonce []byte, prev State, p *Policy) (Verdict, State) {
 	q, err := VerifyQuote(ak, ev.Attest, ev.Signature, nonce, ev.PCRs)
 	if err != nil {
@@ -71,20 +91,11 @@ func Verify(ak *AK, ev Evidence, nonce []byte, prev State, p *Policy) (Verdict, 
 			return Verdict{Reasons: []string{fmt.Sprintf("the event log does not replay to the quoted PCR %d", i)}, Quote: q}, prev
 		}
 	}
-	if len(ev.IMALog) > 0 {
-		quoted, ok := q.PCRs[IMAPCR]
-		if !ok {
-			return Verdict{Reasons: []string{fmt.Sprintf("an IMA log came without a quote of PCR %d", IMAPCR)}, Quote: q}, prev
-		}
-		entries, err := ParseIMALog(ev.IMALog)
-		if err != nil {
+	if len(ev.IMALog) > 0 || ev.IMAOffset != 0 {
+		var err error
+		if next.IMA, next.IMALog, err = verifyIMA(ev, q, prev); err != nil {
 			return Verdict{Reasons: []string{err.Error()}, Quote: q}, prev
 		}
-		n, err := ReplayIMA(entries, quoted)
-		if err != nil {
-			return Verdict{Reasons: []string{err.Error()}, Quote: q}, prev
-		}
-		next.IMA = entries[:n]
 	}
 	if p == nil {
 		return Verdict{Genuine: true, Reasons: []string{"no policy yet"}, Quote: q}, next
@@ -92,4 +103,37 @@ func Verify(ak *AK, ev Evidence, nonce []byte, prev State, p *Policy) (Verdict, 
 	v := Judge(*p, Boot{PCRs: q.PCRs, Events: next.Events, IMA: next.IMA})
 	v.Quote = q
 	return v, next
+}
+
+// verifyIMA replays ev's IMA log, or its continuation of the one prev
+// holds, to the quoted PCR 10; it returns the entries of the boot's log
+// the quote covers, parsed and as logged.
+func verifyIMA(ev Evidence, q *Quote, prev State) ([]IMAEntry, []byte, error) {
+	quoted, ok := q.PCRs[IMAPCR]
+	if !ok {
+		return nil, nil, fmt.Errorf("an IMA log came without a quote of PCR %d", IMAPCR)
+	}
+	from, kept, keptLog := make([]byte, sha256.Size), []IMAEntry(nil), []byte(nil)
+	if ev.IMAOffset != 0 {
+		switch {
+		case prev.Quote == nil || ev.IMAOffset != len(prev.IMA) || prev.Quote.PCRs[IMAPCR] == nil:
+			return nil, nil, fmt.Errorf("%w: it continues from entry %d, the verifier holds %d entries", ErrIMAContinuation, ev.IMAOffset, len(prev.IMA))
+		case q.ResetCount != prev.Quote.ResetCount:
+			return nil, nil, fmt.Errorf("%w: it continues the log of a boot before the TPM's last reset", ErrIMAContinuation)
+		}
+		from, kept, keptLog = prev.Quote.PCRs[IMAPCR], prev.IMA, prev.IMALog
+	}
+	entries, err := parseIMALog(ev.IMALog, ev.IMAOffset, -1)
+	if err != nil {
+		return nil, nil, err
+	}
+	n, err := replayIMAFrom(from, ev.IMAOffset, entries, quoted)
+	if err != nil {
+		return nil, nil, err
+	}
+	size := sizeOf(entries[:n])
+	if len(keptLog)+size > MaxIMALog {
+		return nil, nil, fmt.Errorf("the IMA log has grown past %d MiB, more than the verifier keeps of a boot", MaxIMALog>>20)
+	}
+	return append(kept[:len(kept):len(kept)], entries[:n]...), append(keptLog[:len(keptLog):len(keptLog)], ev.IMALog[:size]...), nil
 }

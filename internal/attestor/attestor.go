@@ -3,7 +3,8 @@
 // host's own TPM: it makes an attestation key (AK) in the TPM, registers it
 // with vtpmd proving by credential activation that it lives in the TPM of
 // the registered EK, then quotes the PCRs against vtpmd's nonces and pushes
-// the quote with the firmware's event log.
+// the quote with the firmware's event log, and the IMA log: whole the first
+// time, then only the entries after those vtpmd holds.
 package attestor
 
 import (
@@ -77,6 +78,9 @@ type Agent struct {
 
 	ak        *tpm2.NamedHandle
 	transient []tpm2.TPMHandle // what Register loaded, for Flush
+	// imaHeld is how many IMA entries vtpmd holds of this boot's log (its
+	// last answer's ima_entries): the next evidence sends those after.
+	imaHeld int
 }
 
 // Flush unloads the keys Register loaded. A resource manager
@@ -130,6 +134,7 @@ func (a *Agent) Register(ctx context.Context) error {
 		return fmt.Errorf("activating: %w", err)
 	}
 	a.API = a.API.WithAgentToken(act.AgentToken)
+	a.imaHeld = 0
 	return nil
 }
 
@@ -215,7 +220,8 @@ func (a *Agent) activate(ek tpm2.TPMHandle, ch api.CredentialChallenge) ([]byte,
 }
 
 // Attest quotes the PCRs against a fresh nonce and pushes the evidence;
-// it returns vtpmd's verdict.
+// it returns vtpmd's verdict. When vtpmd does not hold the IMA entries the
+// evidence continues from, it sends the whole log with the same quote.
 func (a *Agent) Attest(ctx context.Context) (api.Attestation, error) {
 	if a.ak == nil {
 		return api.Attestation{}, errors.New("not registered")
@@ -228,7 +234,19 @@ func (a *Agent) Attest(ctx context.Context) (api.Attestation, error) {
 	if err != nil {
 		return api.Attestation{}, err
 	}
-	return a.API.Evidence(ctx, a.Subject, ev)
+	out, err := a.API.Evidence(ctx, a.Subject, ev)
+	var refused *client.Error
+	if errors.As(err, &refused) && refused.Code == api.CodeFullIMALogRequired && ev.IMAOffset > 0 {
+		a.imaHeld = 0
+		if ev.IMALog, ev.IMAOffset, err = a.readIMA(); err != nil {
+			return out, err
+		}
+		out, err = a.API.Evidence(ctx, a.Subject, ev)
+	}
+	if err == nil {
+		a.imaHeld = out.IMAEntries
+	}
+	return out, err
 }
 
 // Wait returns when the next attestation is due: after interval, or as
@@ -253,7 +271,10 @@ func (a *Agent) Wait(ctx context.Context, interval time.Duration) {
 
 // Evidence quotes the PCRs with nonce and gathers what goes with it: the
 // PCR values, the firmware's event log, and the IMA log (read after the
-// quote, so that it holds at least what the quote covers).
+// quote, so that it holds at least what the quote covers) from the first
+// entry vtpmd does not hold yet. Attest keeps vtpmd's count from its
+// answer; evidence pushed otherwise leaves the count as it was (vtpmd
+// refuses a continuation from the wrong entry, and Attest recovers).
 func (a *Agent) Evidence(nonce []byte) (api.EvidenceRequest, error) {
 	pcrs := a.PCRs
 	if pcrs == nil {
@@ -285,12 +306,32 @@ func (a *Agent) Evidence(nonce []byte) (api.EvidenceRequest, error) {
 	if ev.EventLog, err = os.ReadFile(path); err != nil {
 		return ev, fmt.Errorf("reading the event log: %w", err)
 	}
-	if a.IMALog != "" {
-		if ev.IMALog, err = os.ReadFile(a.IMALog); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return ev, fmt.Errorf("reading the IMA log: %w", err)
-		}
+	ev.IMALog, ev.IMAOffset, err = a.readIMA()
+	return ev, err
+}
+
+// readIMA reads the IMA log, if there is one, from the first entry vtpmd
+// does not hold (the offset); whole if the log is shorter than what vtpmd
+// holds, which then asks for it whole anyway.
+func (a *Agent) readIMA() ([]byte, int, error) {
+	if a.IMALog == "" {
+		return nil, 0, nil
 	}
-	return ev, nil
+	log, err := os.ReadFile(a.IMALog)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, 0, nil
+	}
+	if err != nil {
+		return nil, 0, fmt.Errorf("reading the IMA log: %w", err)
+	}
+	if a.imaHeld == 0 {
+		return log, 0, nil
+	}
+	_, held, err := attest.ParseIMAPrefix(log, a.imaHeld)
+	if err != nil {
+		return log, 0, nil
+	}
+	return log[len(held):], a.imaHeld, nil
 }
 
 func pcrSelection(pcrs ...uint) tpm2.TPMLPCRSelection {

@@ -39,6 +39,12 @@ const (
 	CodeUnauthenticated  = "unauthenticated"
 )
 
+// Evidence refused before it is judged (the nonce stays good).
+const (
+	CodeNoEventLog         = "no_event_log" // no firmware event log to replay the quote against
+	CodeFullIMALogRequired = api.CodeFullIMALogRequired
+)
+
 // subject is what an attestation request is about: an instance's vTPM
 // (vtpm set) or a host's own TPM (host set).
 type subject struct {
@@ -150,17 +156,37 @@ func (s *Server) sameHostTPM(ctx context.Context, sub subject, ekDER []byte) err
 	})
 }
 
-// instanceEK is the EK vtpmd made for v that the registration asks for.
+// instanceEK is the EK vtpmd made for v that the registration asks for:
+// of the kind req names, else of the kind of the EK it sends (its key
+// says which), else the RSA one. It sets req.EKKind to that kind.
 func instanceEK(v *store.VTPM, req *api.RegisterRequest) (*store.EK, error) {
+	if req.EKKind != "" && req.EKKind != attest.EKKindRSA2048 && req.EKKind != attest.EKKindECCP256 {
+		return nil, apiErr(http.StatusBadRequest, CodeInvalidParameter, "ek_kind is "+attest.EKKindRSA2048+" or "+attest.EKKindECCP256+", the EKs vtpmd makes.")
+	}
+	if req.EKPublic != nil {
+		pub, err := x509.ParsePKIXPublicKey(req.EKPublic)
+		if err != nil {
+			return nil, apiErr(http.StatusBadRequest, CodeInvalidParameter, "ek_public is not a PKIX public key: "+err.Error())
+		}
+		kind, err := attest.EKKind(pub)
+		switch {
+		case err != nil:
+			return nil, apiErr(http.StatusBadRequest, CodeInvalidParameter, "ek_public is no EK vtpmd makes: "+err.Error())
+		case req.EKKind == "":
+			req.EKKind = kind
+		case req.EKKind != kind:
+			return nil, apiErr(http.StatusBadRequest, CodeInvalidParameter, "ek_kind is "+req.EKKind+", but ek_public is an "+kind+" key.")
+		}
+	}
 	if req.EKKind == "" {
-		req.EKKind = "rsa2048"
+		req.EKKind = attest.EKKindRSA2048
 	}
 	for i := range v.EKs {
 		if v.EKs[i].Kind != req.EKKind {
 			continue
 		}
 		if req.EKPublic != nil && !bytes.Equal(req.EKPublic, v.EKs[i].PublicDER) {
-			return nil, apiErr(http.StatusForbidden, CodeEKMismatch, "This EK is not the one vtpmd made for instance "+v.InstanceID+"; registration refused.")
+			return nil, apiErr(http.StatusForbidden, CodeEKMismatch, "This "+req.EKKind+" EK is not the one vtpmd made for instance "+v.InstanceID+"; registration refused.")
 		}
 		return &v.EKs[i], nil
 	}
@@ -242,26 +268,6 @@ func fromAgent(r *http.Request, a *store.Attestation) error {
 	return nil
 }
 
-// attestationChange decodes the body into req, applies fn to the
-// instance's attestation record (see updateAttestation) and answers with
-// the resulting status.
-func (s *Server) attestationChange(w http.ResponseWriter, r *http.Request, req any, action string, fn func(*store.Attestation) error) error {
-	if err := decode(w, r, req); err != nil {
-		return err
-	}
-	sub, err := s.subject(r)
-	if err != nil {
-		return err
-	}
-	var view api.Attestation
-	err = s.updateAttestation(r.Context(), sub, action, fn, &view)
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, view)
-	return nil
-}
-
 // nonce hands out the single-use nonce the next quote must answer.
 func (s *Server) nonce(w http.ResponseWriter, r *http.Request) error {
 	sub, err := s.subject(r)
@@ -290,40 +296,92 @@ func (s *Server) nonce(w http.ResponseWriter, r *http.Request) error {
 }
 
 // evidence verifies a pushed quote and records the verdict. The nonce is
-// spent whatever the outcome.
+// spent whatever the outcome, once the evidence is judged: evidence
+// refused before (no event log, an IMA continuation the verifier cannot
+// take) leaves it good. Its body may be MiBs (an IMA log): it is read
+// only for the registered agent.
 func (s *Server) evidence(w http.ResponseWriter, r *http.Request) error {
-	var req api.EvidenceRequest
-	return s.attestationChange(w, r, &req, "", func(a *store.Attestation) error {
-		if a.RegisteredAt.IsZero() {
-			return apiErr(http.StatusConflict, CodeNotRegistered, "The instance has no registered attestation key.")
+	sub, err := s.subject(r)
+	if err != nil {
+		return err
+	}
+	err = s.Store.View(r.Context(), func(tx *store.Tx) error {
+		a, err := tx.GetAttestation(sub.key)
+		if errors.Is(err, store.ErrNotFound) || err == nil && a.RegisteredAt.IsZero() {
+			return apiErr(http.StatusConflict, CodeNotRegistered, "The "+sub.kind()+" has no registered attestation key.")
 		}
-		if err := fromAgent(r, a); err != nil {
-			return err // before the nonce is spent: a stranger cannot spend it
-		}
-		fresh := a.Nonce != nil && bytes.Equal(a.Nonce, req.Nonce) && time.Now().Before(a.NonceExpires)
-		a.Nonce = nil
-		if !fresh {
-			return apiErr(http.StatusConflict, CodeStaleNonce, "The evidence does not answer the current nonce (used, expired or never issued); ask for a new one.")
-		}
-		ak, err := attest.ParseAK(a.AKPublic)
 		if err != nil {
 			return err
 		}
-		prev := attest.State{EventLog: a.EventLog}
-		if a.PCRs != nil {
-			prev.Quote = &attest.Quote{Clock: a.Clock, ResetCount: a.ResetCount, RestartCount: a.RestartCount}
-		}
-		verdict, next := attest.Verify(ak, attest.Evidence{Attest: req.Attest, Signature: req.Signature, PCRs: req.PCRs, EventLog: req.EventLog, IMALog: req.IMALog},
-			req.Nonce, prev, storedPolicy(a))
-		record(a, verdict)
-		if verdict.Genuine {
-			a.EvidenceAt = time.Now().UTC()
-			q := next.Quote
-			a.Clock, a.ResetCount, a.RestartCount, a.PCRs, a.EventLog = q.Clock, q.ResetCount, q.RestartCount, q.PCRs, next.EventLog
-			a.IMALog, a.IMAEntries = req.IMALog, len(next.IMA)
-		}
-		return nil
+		return fromAgent(r, a)
 	})
+	if err != nil {
+		return err
+	}
+	var req api.EvidenceRequest
+	if err := decodeUpTo(w, r, &req, maxEvidenceBody); err != nil {
+		return err
+	}
+	var view api.Attestation
+	err = s.updateAttestation(r.Context(), sub, "", func(a *store.Attestation) error { return judgeEvidence(r, a, &req) }, &view)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, view)
+	return nil
+}
+
+// judgeEvidence verifies req for the subject of a and records the verdict
+// on a, with what the verifier keeps for the next evidence.
+func judgeEvidence(r *http.Request, a *store.Attestation, req *api.EvidenceRequest) error {
+	if a.RegisteredAt.IsZero() {
+		return apiErr(http.StatusConflict, CodeNotRegistered, "The instance has no registered attestation key.")
+	}
+	if err := fromAgent(r, a); err != nil {
+		return err // before the nonce is spent: a stranger cannot spend it
+	}
+	if fresh := a.Nonce != nil && bytes.Equal(a.Nonce, req.Nonce) && time.Now().Before(a.NonceExpires); !fresh {
+		a.Nonce = nil
+		return apiErr(http.StatusConflict, CodeStaleNonce, "The evidence does not answer the current nonce (used, expired or never issued); ask for a new one.")
+	}
+	// Evidence refused from here to the nonce's spending may come again
+	// with the same quote.
+	if len(req.EventLog) == 0 {
+		// Nothing to replay the quote against: not evidence to judge.
+		return apiErr(http.StatusBadRequest, CodeNoEventLog, "The evidence has no firmware event log (event_log); send the one the kernel exposes with the quote. The nonce is still good.")
+	}
+	switch {
+	case req.IMAOffset < 0:
+		return apiErr(http.StatusBadRequest, CodeInvalidParameter, "ima_offset is the number of IMA entries the log continues from, 0 or more.")
+	case req.IMAOffset > 0 && req.IMAOffset != a.IMAEntries:
+		return apiErr(http.StatusConflict, CodeFullIMALogRequired, fmt.Sprintf(
+			"The IMA log continues from entry %d, but the verifier holds %d entries of it: send the whole log (ima_offset 0), or the entries from %d on. The nonce is still good.",
+			req.IMAOffset, a.IMAEntries, a.IMAEntries))
+	}
+	a.Nonce = nil
+	ak, err := attest.ParseAK(a.AKPublic)
+	if err != nil {
+		return err
+	}
+	prev := attest.State{EventLog: a.EventLog}
+	if a.PCRs != nil {
+		prev.Quote = &attest.Quote{Clock: a.Clock, ResetCount: a.ResetCount, RestartCount: a.RestartCount, PCRs: a.PCRs}
+	}
+	if req.IMAOffset > 0 {
+		if prev.IMA, prev.IMALog, err = attest.ParseIMAPrefix(a.IMALog, a.IMAEntries); err != nil {
+			return fmt.Errorf("the IMA log kept for %s: %w", a.InstanceID, err)
+		}
+	}
+	verdict, next := attest.Verify(ak, attest.Evidence{Attest: req.Attest, Signature: req.Signature, PCRs: req.PCRs,
+		EventLog: req.EventLog, IMALog: req.IMALog, IMAOffset: req.IMAOffset}, req.Nonce, prev, storedPolicy(a))
+	record(a, verdict)
+	if verdict.Genuine {
+		a.EvidenceAt = time.Now().UTC()
+		q := next.Quote
+		a.Clock, a.ResetCount, a.RestartCount, a.PCRs, a.EventLog = q.Clock, q.ResetCount, q.RestartCount, q.PCRs, next.EventLog
+		a.IMALog, a.IMAEntries = next.IMALog, len(next.IMA)
+	}
+	return nil
 }
 
 // record puts a verdict on a.

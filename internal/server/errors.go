@@ -3,6 +3,7 @@ package server
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/http"
 
@@ -57,7 +58,7 @@ func toAPIError(err error, log *slog.Logger, r *http.Request) *APIError {
 		}
 		return apiErr(status, string(se.Code), se.Message)
 	case errors.As(err, &mbe):
-		return apiErr(http.StatusRequestEntityTooLarge, CodeBodyTooLarge, "The request body is larger than the allowed size.")
+		return apiErr(http.StatusRequestEntityTooLarge, CodeBodyTooLarge, fmt.Sprintf("The request body is larger than the %d bytes this route accepts.", mbe.Limit))
 	case errors.Is(err, store.ErrNotFound):
 		return apiErr(http.StatusNotFound, CodeNotFound, "No such vTPM.")
 	case errors.Is(err, store.ErrExists):

@@ -19,10 +19,11 @@ import (
 var policyNameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
 
 // createPolicy makes a named policy from reference values, or learns one
-// from the last accepted evidence of an instance or a host.
+// from the last accepted evidence of an instance or a host. Its body may
+// list the files of a whole system (an IMA allowlist): up to maxPolicyBody.
 func (s *Server) createPolicy(w http.ResponseWriter, r *http.Request) error {
 	var req api.CreatePolicyRequest
-	if err := decode(w, r, &req); err != nil {
+	if err := decodeUpTo(w, r, &req, maxPolicyBody); err != nil {
 		return err
 	}
 	scope, err := project(r)

@@ -38,8 +38,16 @@ import (
 // who the caller is comes from authenticate.
 const ProjectHeader = "X-Project-ID"
 
-// maxBody bounds request bodies; real requests are a few hundred bytes.
-const maxBody = 64 << 10
+// Request bodies are bounded per route: maxBody for most, whose real
+// requests are a few hundred bytes; maxPolicyBody for a named policy, room
+// for an allowlist of some 60,000 digests; maxEvidenceBody for evidence,
+// room for a whole IMA log of attest.MaxIMALog in base64 besides the
+// event log.
+const (
+	maxBody         = 64 << 10
+	maxPolicyBody   = 4 << 20
+	maxEvidenceBody = 16 << 20
+)
 
 // Server holds the API's dependencies.
 type Server struct {
@@ -192,9 +200,15 @@ func (s *Server) healthz(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-// decode reads a JSON body strictly: bounded size, no unknown fields, one value.
+// decode reads a JSON body strictly: at most maxBody bytes, no unknown
+// fields, one value.
 func decode(w http.ResponseWriter, r *http.Request, v any) error {
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
+	return decodeUpTo(w, r, v, maxBody)
+}
+
+// decodeUpTo is decode for a route whose bodies may take up to limit bytes.
+func decodeUpTo(w http.ResponseWriter, r *http.Request, v any, limit int64) error {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, limit))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
 		var mbe *http.MaxBytesError

@@ -44,8 +44,10 @@ type Attestation struct {
 	RestartCount uint32         `json:"restart_count,omitempty"`
 	PCRs         map[int][]byte `json:"pcrs,omitempty"`
 	EventLog     []byte         `json:"event_log,omitempty"`
-	// IMALog is the last IMA log; its first IMAEntries entries are what
-	// the quote vouched for.
+	// IMALog is this boot's IMA log as far as the quotes vouched for it:
+	// IMAEntries entries, which replay to PCRs[10]; an agent's next
+	// evidence may send only the entries after. (Records written before
+	// kept the whole log sent: its first IMAEntries entries count.)
 	IMALog     []byte `json:"ima_log,omitempty"`
 	IMAEntries int    `json:"ima_entries,omitempty"`
 	// Policy: reference PCR values or allowed digests per PCR, and the
