@@ -342,7 +342,7 @@ func judgeEvidence(r *http.Request, a *store.Attestation, req *api.EvidenceReque
 	}
 	if fresh := a.Nonce != nil && bytes.Equal(a.Nonce, req.Nonce) && time.Now().Before(a.NonceExpires); !fresh {
 		a.Nonce = nil
-		return apiErr(http.StatusConflict, CodeStaleNonce, "The evidence does not answer the current nonce (used, expired or never issued); ask for a new one.")
+		return keep{apiErr(http.StatusConflict, CodeStaleNonce, "The evidence does not answer the current nonce (used, expired or never issued); ask for a new one.")}
 	}
 	// Evidence refused from here to the nonce's spending may come again
 	// with the same quote.
@@ -575,11 +575,18 @@ func (s *Server) jwks(w http.ResponseWriter, r *http.Request) error {
 	return err
 }
 
+// keep is a refusal after which the attestation record is written all
+// the same, because fn changed what must last (a spent nonce).
+type keep struct{ error }
+
+func (k keep) Unwrap() error { return k.error }
+
 // updateAttestation applies fn to the subject's attestation record (a new
 // one if none) in one transaction, with an event when action is set, and
-// puts the resulting status in view (when not nil). The record is written
-// even when fn refuses, so that a spent nonce stays spent; fn's error is
-// returned after. A verdict change is an event and a webhook (queued in the
+// puts the resulting status in view (when not nil). When fn refuses, the
+// record is left as it was, unless the refusal is a keep (a spent nonce
+// stays spent); fn's error is returned after. So a refused caller, a
+// stranger without the agent's token above all, writes nothing. A verdict change is an event and a webhook (queued in the
 // outbox in the same transaction), for a host on every instance it runs.
 func (s *Server) updateAttestation(ctx context.Context, sub subject, action string, fn func(*store.Attestation) error, view *api.Attestation) error {
 	var refusal error
@@ -594,9 +601,8 @@ func (s *Server) updateAttestation(ctx context.Context, sub subject, action stri
 		}
 		before := a.Verdict
 		if refusal = fn(a); refusal != nil {
-			var ae *APIError
-			if !errors.As(refusal, &ae) || !existed {
-				return nil, nil // a fault, or nothing to keep: write nothing
+			if k := (keep{}); !errors.As(refusal, &k) || !existed {
+				return nil, nil // nothing to keep: write nothing
 			}
 		}
 		a.StaleAt = s.staleAt(a)
