@@ -29,9 +29,12 @@ type VTPM struct {
 	// Sockets are where a TPM client or QEMU attaches, once manufactured.
 	Sockets *Sockets `json:"sockets,omitempty"`
 	// Domain is the libvirt domain the vTPM is attached to, if any.
-	Domain    string    `json:"domain,omitempty"`
-	CreatedAt time.Time `json:"created_at"`
-	UpdatedAt time.Time `json:"updated_at"`
+	Domain string `json:"domain,omitempty"`
+	// Incarnation names this vTPM of the instance id: each vTPM an
+	// instance id is given has a new one, and its events carry it.
+	Incarnation string    `json:"incarnation,omitempty"`
+	CreatedAt   time.Time `json:"created_at"`
+	UpdatedAt   time.Time `json:"updated_at"`
 }
 
 // Sockets are a vTPM's unix sockets: TPM commands on Data (tpm2-tss's
@@ -86,6 +89,10 @@ type Event struct {
 	Actor  string    `json:"actor"`
 	Action string    `json:"action"`
 	Detail string    `json:"detail,omitempty"`
+	// Incarnation is the vTPM of the instance id the event belongs to (see
+	// VTPM.Incarnation); "" for a host's, and for events recorded before
+	// vtpmd kept incarnations that belong to no vTPM it still has.
+	Incarnation string `json:"incarnation,omitempty"`
 }
 
 // EventList is a vTPM's audit log, oldest first.

@@ -391,7 +391,14 @@ func (c *Client) Events(ctx context.Context, id string) (api.EventList, error) {
 	return out, c.do(ctx, http.MethodGet, "/v1/vtpms/"+url.PathEscape(id)+"/events", nil, &out)
 }
 
-// Hosts lists the hosts.
+// AllEvents reads the audit log of every vTPM the instance id has had,
+// deleted ones included (the operator's).
+func (c *Client) AllEvents(ctx context.Context, id string) (api.EventList, error) {
+	var out api.EventList
+	return out, c.do(ctx, http.MethodGet, "/v1/vtpms/"+url.PathEscape(id)+"/events?all=true", nil, &out)
+}
+
+// Hosts lists the hosts (the operator's).
 func (c *Client) Hosts(ctx context.Context) (api.HostList, error) {
 	var out api.HostList
 	return out, c.do(ctx, http.MethodGet, "/v1/hosts", nil, &out)

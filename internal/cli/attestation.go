@@ -104,7 +104,7 @@ func historyCommand(g *globals, use, short string, subject func(string) client.S
 			if err != nil {
 				return apiFailure(err)
 			}
-			return printEvents(cmd.OutOrStdout(), g.format(outputTable), evs)
+			return printEvents(cmd.OutOrStdout(), g.format(outputTable), evs, false)
 		},
 	}
 }

@@ -258,7 +258,7 @@ func newIdentityCommand(g *globals) *cobra.Command {
 func newHostsCommand(g *globals) *cobra.Command {
 	return &cobra.Command{
 		Use:   "hosts",
-		Short: "List hosts with their traits and capacity",
+		Short: "List hosts with their traits and capacity (operator)",
 		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			hs, err := g.client().Hosts(cmd.Context())
@@ -296,27 +296,47 @@ func newCACommand(g *globals) *cobra.Command {
 }
 
 func newEventsCommand(g *globals) *cobra.Command {
-	return &cobra.Command{
+	var all bool
+	cmd := &cobra.Command{
 		Use:   "events INSTANCE",
 		Short: "Show a vTPM's audit log",
-		Args:  exactlyOne,
+		Long: `events shows what happened to the instance's vTPM. An instance id that had a vTPM before
+(deleted since, maybe another project's) starts afresh: its earlier vTPMs' events are the
+operator's to read, with --all.`,
+		Args: exactlyOne,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			evs, err := g.client().Events(cmd.Context(), args[0])
+			c := g.client()
+			read := c.Events
+			if all {
+				read = c.AllEvents
+			}
+			evs, err := read(cmd.Context(), args[0])
 			if err != nil {
 				return apiFailure(err)
 			}
-			return printEvents(cmd.OutOrStdout(), g.format(outputTable), evs)
+			return printEvents(cmd.OutOrStdout(), g.format(outputTable), evs, all)
 		},
 	}
+	cmd.Flags().BoolVar(&all, "all", false, "every vTPM the instance id has had, deleted ones included, each event with its vTPM's incarnation (operator)")
+	return cmd
 }
 
-func printEvents(w io.Writer, format string, evs api.EventList) error {
+// printEvents prints events; incarnations adds the column that tells the
+// vTPMs of one instance id apart (the first 8 hex digits are enough).
+func printEvents(w io.Writer, format string, evs api.EventList, incarnations bool) error {
 	if format == outputJSON {
 		return writeJSON(w, evs.Items)
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "TIME\tACTOR\tACTION\tDETAIL")
+	head := "TIME\tACTOR\tACTION\tDETAIL"
+	if incarnations {
+		head = "INCARNATION\t" + head
+	}
+	fmt.Fprintln(tw, head)
 	for _, e := range evs.Items {
+		if incarnations {
+			fmt.Fprintf(tw, "%s\t", orDash([]string{e.Incarnation[:min(8, len(e.Incarnation))]}))
+		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", e.At.Format(time.RFC3339), e.Actor, e.Action, e.Detail)
 	}
 	return tw.Flush()

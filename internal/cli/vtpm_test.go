@@ -63,8 +63,12 @@ func TestVTPMCommandsExitCodes(t *testing.T) {
 		{[]string{"show", id}, ExitOK, "pending"},
 		{[]string{"list"}, ExitOK, id},
 		{[]string{"hosts"}, ExitOK, "COMPUTE_SECURITY_TPM_2_0"},
+		{[]string{"--project", "p1", "hosts"}, ExitFailed, "forbidden"},
+		{[]string{"--project", "p1", "create", "--instance", "11111111-2222-4333-8444-555555555555", "--flavor-spec", "hw:tpm_version=2.0", "--wait=false"}, ExitFailed, "created by the cloud"},
 		{[]string{"--project", "other", "show", id}, ExitNotFound, "not_found"},
 		{[]string{"events", id}, ExitOK, "created"},
+		{[]string{"events", "--all", id}, ExitOK, "INCARNATION"},
+		{[]string{"--project", "p1", "events", "--all", id}, ExitFailed, "forbidden"},
 	}
 	for _, c := range cases {
 		code, out, errOut := run(t, append(base, c.args...)...)

@@ -230,8 +230,13 @@ func TestClientCertificates(t *testing.T) {
 		ResolveRequest: api.ResolveRequest{FlavorSpecs: map[string]string{"hw:tpm_version": "2.0"}}}); status(err) != 403 {
 		t.Fatalf("p2 creating a vTPM for p1: %v", err)
 	}
-	if _, err := alice.Hosts(ctx); err != nil {
+	// Hosts are the operator's: a project sees its instance's host in the
+	// vTPM record only.
+	if _, err := alice.Hosts(ctx); status(err) != 403 {
 		t.Fatalf("p1 listing hosts: %v", err)
+	}
+	if _, err := operator.Hosts(ctx); err != nil {
+		t.Fatalf("the operator listing hosts: %v", err)
 	}
 
 	// Metrics are the operator's; health and the CA are anyone's.

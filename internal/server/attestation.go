@@ -484,8 +484,12 @@ func (s *Server) history(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	incarnation := "" // a host's
+	if sub.vtpm != nil {
+		incarnation = sub.vtpm.Incarnation // this vTPM's, not an earlier one's of the instance id
+	}
 	var evs []store.Event
-	if err := s.Store.View(r.Context(), func(tx *store.Tx) (err error) { evs, err = tx.ListEvents(sub.key); return err }); err != nil {
+	if err := s.Store.View(r.Context(), func(tx *store.Tx) (err error) { evs, err = tx.ListEvents(sub.key, incarnation); return err }); err != nil {
 		return err
 	}
 	out := api.EventList{Items: []api.Event{}}
@@ -591,6 +595,9 @@ func (k keep) Unwrap() error { return k.error }
 func (s *Server) updateAttestation(ctx context.Context, sub subject, action string, fn func(*store.Attestation) error, view *api.Attestation) error {
 	var refusal error
 	err := s.updateNotifying(ctx, func(tx *store.Tx) ([]map[string]any, error) {
+		if err := sameVTPM(tx, sub); err != nil {
+			return nil, err
+		}
 		a, err := tx.GetAttestation(sub.key)
 		existed := err == nil
 		if errors.Is(err, store.ErrNotFound) {
@@ -650,6 +657,20 @@ func (s *Server) updateAttestation(ctx context.Context, sub subject, action stri
 		return err
 	}
 	return refusal
+}
+
+// sameVTPM refuses a change to the attestation of a vTPM that was deleted
+// since the request read it: its instance id may have another vTPM now,
+// maybe another project's, whose attestation it is not.
+func sameVTPM(tx *store.Tx, sub subject) error {
+	if sub.vtpm == nil {
+		return nil
+	}
+	v, err := tx.GetVTPM(sub.key)
+	if err == nil && v.Incarnation != sub.vtpm.Incarnation {
+		err = fmt.Errorf("vtpm %s of incarnation %s: %w", sub.key, sub.vtpm.Incarnation, store.ErrNotFound)
+	}
+	return err
 }
 
 // updateNotifying runs fn in one transaction; the verdict changes it

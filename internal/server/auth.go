@@ -18,6 +18,9 @@ const (
 	// callers are tenants and the operator: the operator on the local API
 	// socket (OperatorConn), or either by client certificate.
 	callers access = iota
+	// operator is the operator alone: a tenant, or the operator scoped to
+	// a project with ProjectHeader, is refused.
+	operator
 	// agents are guest and host agents: the handler checks their bearer
 	// token or host credential, or the route needs none (a registration
 	// is proven by the TPM itself).

@@ -33,6 +33,7 @@ const (
 	CodeInvalidParameter  = "invalid_parameter"
 	CodeNoVTPMRequested   = "no_vtpm_requested"
 	CodeNotFound          = "not_found"
+	CodeMethodNotAllowed  = "method_not_allowed"
 	CodeAlreadyExists     = "already_exists"
 	CodeConflict          = "conflict"
 	CodeNotReady          = "not_ready"

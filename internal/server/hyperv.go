@@ -18,7 +18,6 @@ import (
 const (
 	CodeNotHyperV         = "not_hyperv"
 	CodeVTPMKeyMissing    = "vtpm_key_missing"
-	CodeVTPMKeyForbidden  = "vtpm_key_forbidden"
 	CodeTooManyHyperVKeys = "too_many_hyperv_keys"
 	CodeInvalidPayload    = "invalid_payload"
 )
@@ -36,7 +35,8 @@ type HyperVOptions struct {
 
 // checkVTPMKeys makes sure each os_vtpm_keys secret is a secret a tenant
 // stored, still in the key manager, and project's, saying which is not;
-// it never reveals a payload.
+// it never reveals a payload. Another project's secret answers as an
+// absent one does, so that the answer tells nothing of other projects.
 func (s *Server) checkVTPMKeys(ctx context.Context, project string, keys []string) error {
 	if len(keys) > maxHyperVKeys {
 		return apiErr(http.StatusConflict, CodeTooManyHyperVKeys, fmt.Sprintf(
@@ -46,12 +46,10 @@ func (s *Server) checkVTPMKeys(ctx context.Context, project string, keys []strin
 		sec, err := s.userSecret(ctx, id)
 		var ae *APIError
 		switch {
-		case errors.As(err, &ae) && ae.Status == http.StatusNotFound:
-			return apiErr(http.StatusConflict, CodeVTPMKeyMissing, "The os_vtpm_keys secret "+id+" does not exist in the key manager.")
+		case errors.As(err, &ae) && ae.Status == http.StatusNotFound, err == nil && sec.Project != project:
+			return apiErr(http.StatusConflict, CodeVTPMKeyMissing, "The os_vtpm_keys secret "+id+" is not a secret of project "+project+" in the key manager.")
 		case err != nil:
 			return err
-		case sec.Project != project:
-			return apiErr(http.StatusForbidden, CodeVTPMKeyForbidden, "The os_vtpm_keys secret "+id+" is not readable by project "+project+".")
 		}
 	}
 	return nil
@@ -198,15 +196,8 @@ func (s *Server) secretPayload(w http.ResponseWriter, r *http.Request) error {
 }
 
 // hostCredential gives a host a new key-manager credential (replacing its
-// old one); the operator installs it on the host.
+// old one); the operator, alone (see routes), installs it on the host.
 func (s *Server) hostCredential(w http.ResponseWriter, r *http.Request) error {
-	scope, err := project(r)
-	if err != nil {
-		return err
-	}
-	if scope != "" {
-		return apiErr(http.StatusForbidden, CodeForbidden, "Host credentials are the operator's.")
-	}
 	name := r.PathValue("name")
 	token, hash, err := newBearer()
 	if err != nil {

@@ -103,94 +103,185 @@ func (s *Server) Handler() http.Handler {
 	m := newMetrics(s.Registry, s.Store)
 	mux := http.NewServeMux()
 	for _, r := range s.routes() {
-		mux.Handle(r.pattern, m.instrument(r.pattern, s.handle(r.access, r.h)))
+		mux.Handle(r.pattern, m.instrument(r.pattern, s.handle(r)))
 	}
 	scrape := m.handler()
-	mux.Handle("GET /metrics", s.handle(callers, func(w http.ResponseWriter, r *http.Request) error {
-		if c, _ := callerOf(r); !c.operator {
-			return apiErr(http.StatusForbidden, CodeForbidden, "Metrics are for the operator.")
-		}
+	mux.Handle("GET /metrics", s.handle(route{"GET /metrics", func(w http.ResponseWriter, r *http.Request) error {
 		scrape.ServeHTTP(w, r)
 		return nil
-	}))
-	return mux
+	}, operator, noBody}))
+	return unrouted(mux)
 }
 
 type route struct {
 	pattern string
 	h       func(http.ResponseWriter, *http.Request) error
 	access  access
+	body    payload
 }
+
+// payload says whether a route takes a request body.
+type payload bool
+
+const (
+	noBody   payload = false // a body is refused (see admit)
+	jsonBody payload = true  // the handler decodes one
+)
 
 // routes lists every endpoint; the OpenAPI test checks the document
 // against this list.
 func (s *Server) routes() []route {
 	return []route{
-		{"GET /healthz", s.healthz, anyone},
-		{"GET /v1/openapi.json", s.openapi, anyone},
-		{"POST /v1/resolve", s.resolve, callers},
-		{"POST /v1/vtpms", s.createVTPM, callers},
-		{"GET /v1/vtpms", s.listVTPMs, callers},
-		{"GET /v1/vtpms/{id}", s.getVTPM, callers},
-		{"DELETE /v1/vtpms/{id}", s.deleteVTPM, callers},
-		{"POST /v1/vtpms/{id}/start", s.startVTPM, callers},
-		{"POST /v1/vtpms/{id}/stop", s.stopVTPM, callers},
-		{"POST /v1/vtpms/{id}/attach", s.attachVTPM, callers},
-		{"POST /v1/vtpms/{id}/detach", s.detachVTPM, callers},
-		{"GET /v1/vtpms/{id}/identity", s.identity, callers},
-		{"GET /v1/vtpms/{id}/attestation", s.getAttestation, callers},
-		{"POST /v1/vtpms/{id}/attestation/register", s.register, agents},
-		{"POST /v1/vtpms/{id}/attestation/activate", s.activate, agents},
-		{"POST /v1/vtpms/{id}/attestation/nonce", s.nonce, agents},
-		{"POST /v1/vtpms/{id}/attestation/evidence", s.evidence, agents},
-		{"POST /v1/vtpms/{id}/attestation/policy", s.setPolicy, callers},
-		{"GET /v1/vtpms/{id}/attestation/token", s.token, callers},
-		{"GET /v1/vtpms/{id}/attestation/history", s.history, callers},
-		{"POST /v1/vtpms/{id}/attestation/refresh", s.requestRefresh, callers},
-		{"GET /v1/vtpms/{id}/attestation/refresh", s.awaitRefresh, agents},
-		{"GET /.well-known/vtpmd/jwks.json", s.jwks, anyone},
-		{"GET /v1/vtpms/{id}/events", s.events, callers},
-		{"GET /v1/vtpms/{id}/hyperv/plan", s.hypervPlan, callers},
-		{"POST /v1/secrets", s.createSecret, callers},
-		{"GET /v1/secrets/{id}", s.getSecret, callers},
-		{"GET /v1/secrets/{id}/payload", s.secretPayload, agents},
-		{"POST /v1/hosts/{name}/credentials", s.hostCredential, callers},
-		{"POST /v1/policies", s.createPolicy, callers},
-		{"GET /v1/policies", s.listPolicies, callers},
-		{"GET /v1/policies/{name}", s.getPolicy, callers},
-		{"DELETE /v1/policies/{name}", s.deletePolicy, callers},
-		{"GET /v1/hosts", s.listHosts, callers},
-		{"GET /v1/hosts/{name}", s.getHost, callers},
-		{"GET /v1/hosts/{name}/drift", s.drift, callers},
-		{"GET /v1/hosts/{name}/attestation", s.getAttestation, callers},
-		{"DELETE /v1/hosts/{name}/attestation", s.forgetHost, callers},
-		{"GET /v1/hosts/{name}/attestation/history", s.history, callers},
-		{"POST /v1/hosts/{name}/attestation/refresh", s.requestRefresh, callers},
-		{"GET /v1/hosts/{name}/attestation/refresh", s.awaitRefresh, agents},
-		{"POST /v1/hosts/{name}/attestation/register", s.register, agents},
-		{"POST /v1/hosts/{name}/attestation/activate", s.activate, agents},
-		{"POST /v1/hosts/{name}/attestation/nonce", s.nonce, agents},
-		{"POST /v1/hosts/{name}/attestation/evidence", s.evidence, agents},
-		{"POST /v1/hosts/{name}/attestation/policy", s.setPolicy, callers},
-		{"POST /v1/hosts/{name}/drift/repair", s.repairDrift, callers},
-		{"GET /v1/ca", s.caChain, anyone},
+		{"GET /healthz", s.healthz, anyone, noBody},
+		{"GET /v1/openapi.json", s.openapi, anyone, noBody},
+		{"POST /v1/resolve", s.resolve, callers, jsonBody},
+		{"POST /v1/vtpms", s.createVTPM, operator, jsonBody},
+		{"GET /v1/vtpms", s.listVTPMs, callers, noBody},
+		{"GET /v1/vtpms/{id}", s.getVTPM, callers, noBody},
+		{"DELETE /v1/vtpms/{id}", s.deleteVTPM, callers, noBody},
+		{"POST /v1/vtpms/{id}/start", s.startVTPM, callers, noBody},
+		{"POST /v1/vtpms/{id}/stop", s.stopVTPM, callers, noBody},
+		{"POST /v1/vtpms/{id}/attach", s.attachVTPM, callers, jsonBody},
+		{"POST /v1/vtpms/{id}/detach", s.detachVTPM, callers, noBody},
+		{"GET /v1/vtpms/{id}/identity", s.identity, callers, noBody},
+		{"GET /v1/vtpms/{id}/attestation", s.getAttestation, callers, noBody},
+		{"POST /v1/vtpms/{id}/attestation/register", s.register, agents, jsonBody},
+		{"POST /v1/vtpms/{id}/attestation/activate", s.activate, agents, jsonBody},
+		{"POST /v1/vtpms/{id}/attestation/nonce", s.nonce, agents, noBody},
+		{"POST /v1/vtpms/{id}/attestation/evidence", s.evidence, agents, jsonBody},
+		{"POST /v1/vtpms/{id}/attestation/policy", s.setPolicy, callers, jsonBody},
+		{"GET /v1/vtpms/{id}/attestation/token", s.token, callers, noBody},
+		{"GET /v1/vtpms/{id}/attestation/history", s.history, callers, noBody},
+		{"POST /v1/vtpms/{id}/attestation/refresh", s.requestRefresh, callers, noBody},
+		{"GET /v1/vtpms/{id}/attestation/refresh", s.awaitRefresh, agents, noBody},
+		{"GET /.well-known/vtpmd/jwks.json", s.jwks, anyone, noBody},
+		{"GET /v1/vtpms/{id}/events", s.events, callers, noBody},
+		{"GET /v1/vtpms/{id}/hyperv/plan", s.hypervPlan, callers, noBody},
+		{"POST /v1/secrets", s.createSecret, callers, jsonBody},
+		{"GET /v1/secrets/{id}", s.getSecret, callers, noBody},
+		{"GET /v1/secrets/{id}/payload", s.secretPayload, agents, noBody},
+		{"POST /v1/hosts/{name}/credentials", s.hostCredential, operator, noBody},
+		{"POST /v1/policies", s.createPolicy, callers, jsonBody},
+		{"GET /v1/policies", s.listPolicies, callers, noBody},
+		{"GET /v1/policies/{name}", s.getPolicy, callers, noBody},
+		{"DELETE /v1/policies/{name}", s.deletePolicy, callers, noBody},
+		{"GET /v1/hosts", s.listHosts, operator, noBody},
+		{"GET /v1/hosts/{name}", s.getHost, operator, noBody},
+		{"GET /v1/hosts/{name}/drift", s.drift, operator, noBody},
+		{"GET /v1/hosts/{name}/attestation", s.getAttestation, operator, noBody},
+		{"DELETE /v1/hosts/{name}/attestation", s.forgetHost, operator, noBody},
+		{"GET /v1/hosts/{name}/attestation/history", s.history, operator, noBody},
+		{"POST /v1/hosts/{name}/attestation/refresh", s.requestRefresh, operator, noBody},
+		{"GET /v1/hosts/{name}/attestation/refresh", s.awaitRefresh, agents, noBody},
+		{"POST /v1/hosts/{name}/attestation/register", s.register, agents, jsonBody},
+		{"POST /v1/hosts/{name}/attestation/activate", s.activate, agents, jsonBody},
+		{"POST /v1/hosts/{name}/attestation/nonce", s.nonce, agents, noBody},
+		{"POST /v1/hosts/{name}/attestation/evidence", s.evidence, agents, jsonBody},
+		{"POST /v1/hosts/{name}/attestation/policy", s.setPolicy, operator, jsonBody},
+		{"POST /v1/hosts/{name}/drift/repair", s.repairDrift, operator, noBody},
+		{"GET /v1/ca", s.caChain, anyone, noBody},
 	}
 }
 
-func (s *Server) handle(a access, h func(http.ResponseWriter, *http.Request) error) http.Handler {
+func (s *Server) handle(rt route) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		var err error
-		if a == callers {
-			r, err = s.authenticate(r)
-		}
+		r, err := s.admit(r, rt)
 		if err == nil {
-			err = h(w, r)
+			err = rt.h(w, r)
 		}
 		if err != nil {
 			writeError(w, toAPIError(err, s.Log, r))
 		}
 	})
 }
+
+// admit checks, before a route's handler runs, what its row in routes
+// asks: an authenticated caller for callers' and the operator's routes,
+// the operator itself (not a project, nor the operator scoped to one) for
+// the operator's, and no body where the route takes none. It returns the
+// request with its caller.
+func (s *Server) admit(r *http.Request, rt route) (*http.Request, error) {
+	if rt.access == callers || rt.access == operator {
+		var err error
+		if r, err = s.authenticate(r); err != nil {
+			return r, err
+		}
+	}
+	if rt.access == operator {
+		scope, err := project(r)
+		if err != nil {
+			return r, err
+		}
+		if c, _ := callerOf(r); !c.operator || scope != "" {
+			return r, apiErr(http.StatusForbidden, CodeForbidden, rt.operatorsBecause())
+		}
+	}
+	if rt.body == noBody && hasBody(r) {
+		return r, apiErr(http.StatusBadRequest, CodeInvalidJSON, "This endpoint takes no request body.")
+	}
+	return r, nil
+}
+
+// operatorsBecause is why only the operator may call rt.
+func (rt route) operatorsBecause() string {
+	_, path, _ := strings.Cut(rt.pattern, " ")
+	switch {
+	case rt.pattern == "POST /v1/vtpms":
+		return "vTPMs are created by the cloud, which knows whose instance is whose: the operator creates one, naming its project in \"project\". A project cannot."
+	case strings.HasPrefix(path, "/v1/hosts"):
+		return "Hosts are the operator's; a project sees its instance's host in the vTPM record."
+	case path == "/metrics":
+		return "Metrics are the operator's: they count every project's vTPMs."
+	}
+	return "This is the operator's."
+}
+
+// hasBody says whether r came with a body, reading at most one byte of it.
+func hasBody(r *http.Request) bool {
+	if r.ContentLength > 0 {
+		return true
+	}
+	var b [1]byte
+	n, _ := io.ReadFull(r.Body, b[:])
+	return n > 0
+}
+
+// unrouted answers what mux cannot route with the API's JSON error, where
+// the mux itself answers in plain text: 404 for a path no route has, 405
+// with Allow for a method the path does not take.
+func unrouted(mux *http.ServeMux) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h, pattern := mux.Handler(r)
+		if pattern != "" {
+			mux.ServeHTTP(w, r)
+			return
+		}
+		// The mux's answer, kept to learn its status and Allow.
+		probe := &statusOnly{header: http.Header{}}
+		h.ServeHTTP(probe, r)
+		switch probe.status {
+		case http.StatusNotFound:
+			writeError(w, apiErr(http.StatusNotFound, CodeNotFound, "No such endpoint; GET /v1/openapi.json lists them."))
+		case http.StatusMethodNotAllowed:
+			allow := probe.header.Get("Allow")
+			w.Header().Set("Allow", allow)
+			writeError(w, apiErr(http.StatusMethodNotAllowed, CodeMethodNotAllowed, "This path takes "+allow+", not "+strconv.Quote(truncate(r.Method))+"."))
+		default: // a redirect to the canonical path
+			mux.ServeHTTP(w, r)
+		}
+	})
+}
+
+// statusOnly is a ResponseWriter that keeps the status and headers and
+// drops the body.
+type statusOnly struct {
+	header http.Header
+	status int
+}
+
+func (p *statusOnly) Header() http.Header         { return p.header }
+func (p *statusOnly) Write(b []byte) (int, error) { return len(b), nil }
+func (p *statusOnly) WriteHeader(status int)      { p.status = status }
 
 func (s *Server) healthz(w http.ResponseWriter, r *http.Request) error {
 	if err := s.Store.View(r.Context(), func(tx *store.Tx) error { _, err := tx.ListHosts(); return err }); err != nil {
@@ -292,11 +383,10 @@ func owningProject(scope, requested, what string, required bool) (string, error)
 	return requested, nil
 }
 
+// createVTPM is the operator's (see routes): the cloud creates a vTPM for
+// an instance it knows is the project's. A project that could would also
+// squat other projects' future instance ids, and learn which ids exist.
 func (s *Server) createVTPM(w http.ResponseWriter, r *http.Request) error {
-	scope, err := project(r)
-	if err != nil {
-		return err
-	}
 	var req api.CreateVTPMRequest
 	if err := decode(w, r, &req); err != nil {
 		return err
@@ -305,7 +395,7 @@ func (s *Server) createVTPM(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	if req.Project, err = owningProject(scope, req.Project, "vTPMs", true); err != nil {
+	if req.Project, err = owningProject("", req.Project, "vTPMs", true); err != nil {
 		return err
 	}
 	sp, err := spec.Resolve(specRequest(req.ResolveRequest), s.Options)
@@ -356,7 +446,7 @@ func (s *Server) createVTPM(w http.ResponseWriter, r *http.Request) error {
 		if err := tx.CreateVTPM(v); err != nil {
 			return err
 		}
-		return tx.AppendEvent(store.Event{Actor: actor(r, scope), InstanceID: id, Action: "created",
+		return tx.AppendEvent(store.Event{Actor: actor(r, ""), InstanceID: id, Action: "created",
 			Detail: fmt.Sprintf("TPM %s %s on host %s", sp.Version, sp.Model, host.Name)})
 	})
 	if err != nil {
@@ -471,7 +561,7 @@ func (s *Server) deleteUntouched(w http.ResponseWriter, r *http.Request, v *stor
 	}
 	var deleted bool
 	err := s.Store.Update(r.Context(), func(tx *store.Tx) error {
-		evs, err := tx.ListEvents(v.InstanceID)
+		evs, err := tx.ListEvents(v.InstanceID, v.Incarnation)
 		if err != nil || slices.ContainsFunc(evs, func(e store.Event) bool { return strings.HasPrefix(e.Actor, "agent:") }) {
 			return err
 		}
@@ -633,21 +723,71 @@ func (s *Server) identity(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
+// events is a vTPM's audit log. With ?all=true the operator (not scoped to
+// a project) reads every vTPM the instance id has had, deleted ones
+// included, each event naming its incarnation.
 func (s *Server) events(w http.ResponseWriter, r *http.Request) error {
-	v, _, err := s.lookup(r)
+	all, err := boolParam(r, "all")
 	if err != nil {
 		return err
 	}
 	var evs []store.Event
-	if err := s.Store.View(r.Context(), func(tx *store.Tx) (err error) { evs, err = tx.ListEvents(v.InstanceID); return err }); err != nil {
-		return err
+	if all {
+		if evs, err = s.allEvents(r); err != nil {
+			return err
+		}
+	} else {
+		v, _, err := s.lookup(r)
+		if err != nil {
+			return err
+		}
+		if err := s.Store.View(r.Context(), func(tx *store.Tx) (err error) { evs, err = tx.ListEvents(v.InstanceID, v.Incarnation); return err }); err != nil {
+			return err
+		}
 	}
 	out := api.EventList{Items: []api.Event{}}
 	for _, e := range evs {
-		out.Items = append(out.Items, api.Event{At: e.At, Actor: e.Actor, Action: e.Action, Detail: e.Detail})
+		out.Items = append(out.Items, api.Event{At: e.At, Actor: e.Actor, Action: e.Action, Detail: e.Detail, Incarnation: e.Incarnation})
 	}
 	writeJSON(w, http.StatusOK, out)
 	return nil
+}
+
+// allEvents is the operator's audit trail of an instance id: the events of
+// every vTPM it has had. A project sees only its own vTPM's.
+func (s *Server) allEvents(r *http.Request) ([]store.Event, error) {
+	scope, err := project(r)
+	if err != nil {
+		return nil, err
+	}
+	if scope != "" {
+		return nil, apiErr(http.StatusForbidden, CodeForbidden, "?all is the operator's: a project sees the events of its own vTPM only.")
+	}
+	id, err := instanceID(r.PathValue("id"))
+	if err != nil {
+		return nil, err
+	}
+	var evs []store.Event
+	if err := s.Store.View(r.Context(), func(tx *store.Tx) (err error) { evs, err = tx.ListAllEvents(id); return err }); err != nil {
+		return nil, err
+	}
+	if len(evs) == 0 {
+		return nil, store.ErrNotFound
+	}
+	return evs, nil
+}
+
+// boolParam reads an optional true/false query parameter.
+func boolParam(r *http.Request, name string) (bool, error) {
+	raw := r.URL.Query().Get(name)
+	if raw == "" {
+		return false, nil
+	}
+	b, err := strconv.ParseBool(raw)
+	if err != nil {
+		return false, apiErr(http.StatusBadRequest, CodeInvalidParameter, name+" is true or false.")
+	}
+	return b, nil
 }
 
 func (s *Server) listHosts(w http.ResponseWriter, r *http.Request) error {
@@ -701,13 +841,9 @@ func (s *Server) repairDrift(w http.ResponseWriter, r *http.Request) error {
 	return s.hostDrift(w, r, true)
 }
 
-// hostDrift is operator-only: drift names objects of every project.
+// hostDrift is the operator's (see routes): drift names objects of every
+// project.
 func (s *Server) hostDrift(w http.ResponseWriter, r *http.Request, repair bool) error {
-	if scope, err := project(r); err != nil {
-		return err
-	} else if scope != "" {
-		return apiErr(http.StatusForbidden, CodeForbidden, "Only the operator can see a host's drift.")
-	}
 	hosts, err := s.hosts(r.Context(), r.PathValue("name"))
 	if err != nil {
 		return err
@@ -742,7 +878,7 @@ func (s *Server) openapi(w http.ResponseWriter, r *http.Request) error {
 func (s *Server) view(v *store.VTPM) api.VTPM {
 	out := api.VTPM{InstanceID: v.InstanceID, Project: v.Project, Spec: *spec.Resolution(&v.Spec).VTPM,
 		Host: v.Host, Desired: string(v.Desired), Phase: string(v.Phase), Reason: v.Reason, SecretRef: v.SecretID,
-		Domain: v.Domain, CreatedAt: v.CreatedAt, UpdatedAt: v.UpdatedAt}
+		Domain: v.Domain, Incarnation: v.Incarnation, CreatedAt: v.CreatedAt, UpdatedAt: v.UpdatedAt}
 	if len(v.EKs) > 0 && s.Sockets != nil {
 		out.Sockets = s.Sockets(v.Host, v.InstanceID)
 	}

@@ -212,7 +212,7 @@ func TestCreateRefusals(t *testing.T) {
 		{"braced uuid", "", create("{"+inst+"}", v20), 400, CodeInvalidInstanceID},
 		{"no project", "", api.CreateVTPMRequest{InstanceID: "11111111-2222-4333-8444-555555555555", ResolveRequest: api.ResolveRequest{FlavorSpecs: v20}}, 400, CodeInvalidProject},
 		{"bad project", "", api.CreateVTPMRequest{InstanceID: "11111111-2222-4333-8444-555555555555", Project: "../x", ResolveRequest: api.ResolveRequest{FlavorSpecs: v20}}, 400, CodeInvalidProject},
-		{"other project", "p2", create("11111111-2222-4333-8444-555555555555", v20), 403, CodeInvalidProject},
+		{"a project", "p1", create("11111111-2222-4333-8444-555555555555", v20), 403, CodeForbidden},
 		{"duplicate", "", create(inst, v20), 409, CodeAlreadyExists},
 		{"refused request", "", create("11111111-2222-4333-8444-555555555555", map[string]string{"hw:tpm_version": "3"}), 400, string(spec.CodeInvalidTPMVersion)},
 		{"no vTPM asked", "", create("11111111-2222-4333-8444-555555555555", nil), 400, CodeNoVTPMRequested},
@@ -269,8 +269,8 @@ func TestProjectsAreIsolated(t *testing.T) {
 	f := newFixture(t)
 	mine := "22222222-0000-4000-8000-000000000001"
 	theirs := "22222222-0000-4000-8000-000000000002"
-	f.call(t, "POST", "/v1/vtpms", "alice", api.CreateVTPMRequest{InstanceID: mine, ResolveRequest: api.ResolveRequest{FlavorSpecs: map[string]string{"hw:tpm_version": "2.0"}}}, nil)
-	f.call(t, "POST", "/v1/vtpms", "bob", api.CreateVTPMRequest{InstanceID: theirs, ResolveRequest: api.ResolveRequest{FlavorSpecs: map[string]string{"hw:tpm_version": "2.0"}}}, nil)
+	f.call(t, "POST", "/v1/vtpms", "", createFor(mine, "alice"), nil)
+	f.call(t, "POST", "/v1/vtpms", "", createFor(theirs, "bob"), nil)
 
 	var list api.VTPMList
 	f.call(t, "GET", "/v1/vtpms", "alice", nil, &list)
@@ -670,7 +670,7 @@ func TestNetworkCallersAreNobody(t *testing.T) {
 			json.NewDecoder(resp.Body).Decode(&e)
 			resp.Body.Close()
 			switch {
-			case r.access == callers && (resp.StatusCode != 401 || e.Error.Code != CodeUnauthenticated):
+			case (r.access == callers || r.access == operator) && (resp.StatusCode != 401 || e.Error.Code != CodeUnauthenticated):
 				t.Errorf("%s %s as %q from the network: %d %q, want 401", method, path, project, resp.StatusCode, e.Error.Code)
 			case r.access == anyone && resp.StatusCode == 401:
 				t.Errorf("%s %s is public but answered 401", method, path)

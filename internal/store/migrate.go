@@ -99,13 +99,33 @@ CREATE TABLE secrets (
 	project     TEXT NOT NULL,
 	created_at  TEXT NOT NULL
 );`,
+	// Each vTPM an instance id is given is a new incarnation, and events
+	// belong to one: a deleted vTPM's history (maybe another project's) is
+	// not the next one's. Existing vTPMs get one, with their events from
+	// their "created" on; older events belong to none. The append-only
+	// trigger steps aside for that one update.
+	9: `
+ALTER TABLE vtpms ADD COLUMN incarnation TEXT NOT NULL DEFAULT '';
+UPDATE vtpms SET incarnation = lower(hex(randomblob(16)));
+ALTER TABLE events ADD COLUMN incarnation TEXT NOT NULL DEFAULT '';
+DROP TRIGGER events_no_update;
+UPDATE events SET incarnation = (SELECT v.incarnation FROM vtpms v WHERE v.instance_id = events.instance_id)
+	WHERE instance_id IN (SELECT instance_id FROM vtpms)
+	AND id >= (SELECT MAX(c.id) FROM events c WHERE c.instance_id = events.instance_id AND c.action = 'created');
+CREATE TRIGGER events_no_update BEFORE UPDATE ON events BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+DROP INDEX events_instance;
+CREATE INDEX events_instance ON events(instance_id, incarnation, id);`,
 }
 
-func (s *Store) migrate(ctx context.Context) error {
+func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)-1) }
+
+// migrateTo applies the migrations up to last (tests start from an older
+// schema with it).
+func (s *Store) migrateTo(ctx context.Context, last int) error {
 	if _, err := s.db.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)`); err != nil {
 		return err
 	}
-	for v := 1; v < len(migrations); v++ {
+	for v := 1; v <= last; v++ {
 		err := s.Update(ctx, func(tx *Tx) error {
 			var cur int
 			if err := tx.queryRow(`SELECT COALESCE(MAX(version), 0) FROM schema_version`).Scan(&cur); err != nil {
@@ -143,5 +163,10 @@ CREATE TRIGGER events_no_delete BEFORE DELETE ON events BEGIN SELECT RAISE(ABORT
 	$$ BEGIN RAISE EXCEPTION 'events are append-only'; END $$;
 CREATE TRIGGER events_no_update BEFORE UPDATE ON events FOR EACH ROW EXECUTE FUNCTION events_append_only();
 CREATE TRIGGER events_no_delete BEFORE DELETE ON events FOR EACH ROW EXECUTE FUNCTION events_append_only();`,
+		// Migration 9's: the trigger alone, and random hex.
+		`DROP TRIGGER events_no_update;`, `DROP TRIGGER events_no_update ON events;`,
+		`CREATE TRIGGER events_no_update BEFORE UPDATE ON events BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;`,
+		`CREATE TRIGGER events_no_update BEFORE UPDATE ON events FOR EACH ROW EXECUTE FUNCTION events_append_only();`,
+		`lower(hex(randomblob(16)))`, `md5(random()::text || clock_timestamp()::text)`,
 	).Replace(ddl)
 }

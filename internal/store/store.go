@@ -207,7 +207,8 @@ type Tx struct {
 	tx      *sql.Tx
 	now     time.Time
 	pg      bool
-	changed []string // vTPMs written, for VTPMChanged
+	changed []string          // vTPMs written, for VTPMChanged
+	deleted map[string]string // instance id → incarnation of the vTPM deleted here
 }
 
 func (t *Tx) exec(query string, args ...any) (sql.Result, error) {

@@ -263,7 +263,7 @@ func TestEventsAreAppendOnly(t *testing.T) {
 			t.Fatal(err)
 		}
 		var evs []Event
-		s.View(ctx, func(tx *Tx) (err error) { evs, err = tx.ListEvents("i-1"); return })
+		s.View(ctx, func(tx *Tx) (err error) { evs, err = tx.ListEvents("i-1", ""); return })
 		if len(evs) != 2 || evs[0].Action != "created" || evs[1].Action != "started" || evs[0].ID >= evs[1].ID || evs[0].At.IsZero() {
 			t.Fatalf("events = %+v", evs)
 		}

@@ -1,6 +1,8 @@
 package store
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -59,14 +61,19 @@ type VTPM struct {
 	Domain string
 	// Generation increases with every update; UpdateVTPM refuses a stale one.
 	Generation int64
-	CreatedAt  time.Time
-	UpdatedAt  time.Time
+	// Incarnation tells this vTPM from the earlier ones of the same
+	// instance id: CreateVTPM gives each a new one, and the events and
+	// attestation of one are never another's.
+	Incarnation string
+	CreatedAt   time.Time
+	UpdatedAt   time.Time
 }
 
 const vtpmColumns = `instance_id, project, version, model, secret_security, hypervisor, keys, host,
-	desired, phase, reason, secret_id, eks, domain, generation, created_at, updated_at`
+	desired, phase, reason, secret_id, eks, domain, generation, incarnation, created_at, updated_at`
 
-// CreateVTPM inserts v with generation 1; ErrExists if the instance has one.
+// CreateVTPM inserts v with generation 1 and a new Incarnation; ErrExists
+// if the instance has a vTPM.
 func (t *Tx) CreateVTPM(v *VTPM) error {
 	keys, eks, err := encodeLists(v)
 	if err != nil {
@@ -79,10 +86,20 @@ func (t *Tx) CreateVTPM(v *VTPM) error {
 	} else if !errors.Is(err, ErrNotFound) {
 		return err
 	}
+	// A new vTPM starts with no attestation: a record an earlier vTPM of
+	// this instance id left behind is not this one's.
+	if err := t.DeleteAttestation(v.InstanceID); err != nil {
+		return err
+	}
+	incarnation := make([]byte, 16)
+	if _, err := rand.Read(incarnation); err != nil {
+		return err
+	}
+	v.Incarnation = hex.EncodeToString(incarnation)
 	v.Generation, v.CreatedAt, v.UpdatedAt = 1, t.now, t.now
-	_, err = t.exec(`INSERT INTO vtpms (`+vtpmColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
+	_, err = t.exec(`INSERT INTO vtpms (`+vtpmColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
 		v.InstanceID, v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, v.Host,
-		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Generation, stamp(t.now), stamp(t.now))
+		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Generation, v.Incarnation, stamp(t.now), stamp(t.now))
 	if err == nil {
 		t.changed = append(t.changed, v.InstanceID)
 	}
@@ -90,7 +107,9 @@ func (t *Tx) CreateVTPM(v *VTPM) error {
 }
 
 // UpdateVTPM writes v back if nobody changed it since it was read (same
-// Generation), and bumps its Generation; ErrConflict otherwise.
+// Generation of the same Incarnation), and bumps its Generation;
+// ErrConflict otherwise, ErrNotFound if the instance has no vTPM. A read of
+// a deleted vTPM never writes over a newer one of the same instance id.
 func (t *Tx) UpdateVTPM(v *VTPM) error {
 	keys, eks, err := encodeLists(v)
 	if err != nil {
@@ -98,15 +117,19 @@ func (t *Tx) UpdateVTPM(v *VTPM) error {
 	}
 	res, err := t.exec(`UPDATE vtpms SET project=?, version=?, model=?, secret_security=?, hypervisor=?, keys=?, host=?,
 		desired=?, phase=?, reason=?, secret_id=?, eks=?, domain=?, generation=generation+1, updated_at=?
-		WHERE instance_id=? AND generation=?`,
+		WHERE instance_id=? AND generation=? AND incarnation=?`,
 		v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, v.Host,
-		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, stamp(t.now), v.InstanceID, v.Generation)
+		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, stamp(t.now), v.InstanceID, v.Generation, v.Incarnation)
 	if err != nil {
 		return err
 	}
 	if n, _ := res.RowsAffected(); n == 0 {
-		if _, gerr := t.GetVTPM(v.InstanceID); gerr != nil {
+		cur, gerr := t.GetVTPM(v.InstanceID)
+		switch {
+		case gerr != nil:
 			return gerr
+		case cur.Incarnation != v.Incarnation:
+			return fmt.Errorf("vtpm %s of incarnation %s: %w", v.InstanceID, v.Incarnation, ErrNotFound)
 		}
 		return fmt.Errorf("vtpm %s: %w", v.InstanceID, ErrConflict)
 	}
@@ -116,15 +139,22 @@ func (t *Tx) UpdateVTPM(v *VTPM) error {
 	return nil
 }
 
-// DeleteVTPM removes the record; ErrNotFound if there is none.
+// DeleteVTPM removes the record; ErrNotFound if there is none. Events
+// appended after it in the same transaction still belong to the deleted
+// vTPM (see AppendEvent).
 func (t *Tx) DeleteVTPM(instanceID string) error {
-	res, err := t.exec(`DELETE FROM vtpms WHERE instance_id=?`, instanceID)
+	var incarnation string
+	err := t.queryRow(`SELECT incarnation FROM vtpms WHERE instance_id=?`, instanceID).Scan(&incarnation)
 	if err != nil {
+		return fmt.Errorf("vtpm %s: %w", instanceID, notFound(err))
+	}
+	if _, err := t.exec(`DELETE FROM vtpms WHERE instance_id=?`, instanceID); err != nil {
 		return err
 	}
-	if n, _ := res.RowsAffected(); n == 0 {
-		return fmt.Errorf("vtpm %s: %w", instanceID, ErrNotFound)
+	if t.deleted == nil {
+		t.deleted = map[string]string{}
 	}
+	t.deleted[instanceID] = incarnation
 	t.changed = append(t.changed, instanceID)
 	return nil
 }
@@ -214,7 +244,7 @@ func scanVTPM(row interface{ Scan(...any) error }) (*VTPM, error) {
 	var v VTPM
 	var keys, eks, created, updated string
 	err := row.Scan(&v.InstanceID, &v.Project, &v.Spec.Version, &v.Spec.Model, &v.Spec.SecretSecurity, &v.Spec.Hypervisor,
-		&keys, &v.Host, &v.Desired, &v.Phase, &v.Reason, &v.SecretID, &eks, &v.Domain, &v.Generation, &created, &updated)
+		&keys, &v.Host, &v.Desired, &v.Phase, &v.Reason, &v.SecretID, &eks, &v.Domain, &v.Generation, &v.Incarnation, &created, &updated)
 	if err != nil {
 		return nil, err
 	}
