@@ -198,7 +198,19 @@ func (a *Agent) readEK(h tpm2.TPMHandle) ([]byte, error) {
 // activate opens the credential with the EK, under the TCG EK policy
 // (PolicySecret of the endorsement hierarchy).
 func (a *Agent) activate(ek tpm2.TPMHandle, ch api.CredentialChallenge) ([]byte, error) {
-	rp, err := tpm2.ReadPublic{ObjectHandle: ek}.Execute(a.TPM)
+	secret, err := ActivateCredential(a.TPM, *a.ak, ek, ch)
+	if err != nil {
+		return nil, fmt.Errorf("activating the credential: %w", err)
+	}
+	return secret, nil
+}
+
+// ActivateCredential opens a registration's credential challenge in tpm:
+// TPM2_ActivateCredential with the AK (empty password) and the EK at ek
+// under the TCG EK policy (PolicySecret of the endorsement hierarchy). It
+// returns the secret the challenge carried.
+func ActivateCredential(tpm transport.TPM, ak tpm2.NamedHandle, ek tpm2.TPMHandle, ch api.CredentialChallenge) ([]byte, error) {
+	rp, err := tpm2.ReadPublic{ObjectHandle: ek}.Execute(tpm)
 	if err != nil {
 		return nil, err
 	}
@@ -208,13 +220,13 @@ func (a *Agent) activate(ek tpm2.TPMHandle, ch api.CredentialChallenge) ([]byte,
 		return err
 	})
 	rsp, err := tpm2.ActivateCredential{
-		ActivateHandle: tpm2.AuthHandle{Handle: a.ak.Handle, Name: a.ak.Name, Auth: tpm2.PasswordAuth(nil)},
+		ActivateHandle: tpm2.AuthHandle{Handle: ak.Handle, Name: ak.Name, Auth: tpm2.PasswordAuth(nil)},
 		KeyHandle:      tpm2.AuthHandle{Handle: ek, Name: rp.Name, Auth: policy},
 		CredentialBlob: tpm2.TPM2BIDObject{Buffer: ch.CredentialBlob},
 		Secret:         tpm2.TPM2BEncryptedSecret{Buffer: ch.EncryptedSeed},
-	}.Execute(a.TPM)
+	}.Execute(tpm)
 	if err != nil {
-		return nil, fmt.Errorf("activating the credential: %w", err)
+		return nil, err
 	}
 	return rsp.CertInfo.Buffer, nil
 }

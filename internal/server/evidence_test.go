@@ -346,7 +346,10 @@ func TestRegisterInfersTheEKKind(t *testing.T) {
 	if code := f.call(t, "POST", base+"/register", "", api.RegisterRequest{EKPublic: eccDER, AKPublic: akPublic}, &ch); code != 200 || ch.EKHandle != "0x81010016" {
 		t.Fatalf("registering with the ECC EK: %d %+v", code, ch)
 	}
-	secret := activateWith(t, g.tpm, ak, tpm2.TPMHandle(ecc.Handle), ch)
+	secret, err := attestor.ActivateCredential(g.tpm, ak, tpm2.TPMHandle(ecc.Handle), ch)
+	if err != nil {
+		t.Fatal(err)
+	}
 	var act api.Activation
 	if code := f.call(t, "POST", base+"/activate", "", api.ActivateRequest{Ticket: ch.Ticket, Secret: secret}, &act); code != 200 || act.State != "registered" {
 		t.Fatalf("activating with the ECC EK: %d %+v", code, act)
@@ -376,30 +379,6 @@ func TestRegisterInfersTheEKKind(t *testing.T) {
 	}
 }
 
-// activateWith opens a credential challenge with the EK at ekHandle,
-// under the TCG EK policy, as an agent does.
-func activateWith(t *testing.T, tpm transport.TPM, ak tpm2.NamedHandle, ekHandle tpm2.TPMHandle, ch api.CredentialChallenge) []byte {
-	t.Helper()
-	rp, err := tpm2.ReadPublic{ObjectHandle: ekHandle}.Execute(tpm)
-	if err != nil {
-		t.Fatal(err)
-	}
-	policy := tpm2.Policy(tpm2.TPMAlgSHA256, 16, func(tpm transport.TPM, handle tpm2.TPMISHPolicy, nonceTPM tpm2.TPM2BNonce) error {
-		_, err := tpm2.PolicySecret{AuthHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: tpm2.PasswordAuth(nil)},
-			PolicySession: handle, NonceTPM: nonceTPM}.Execute(tpm)
-		return err
-	})
-	rsp, err := tpm2.ActivateCredential{
-		ActivateHandle: tpm2.AuthHandle{Handle: ak.Handle, Name: ak.Name, Auth: tpm2.PasswordAuth(nil)},
-		KeyHandle:      tpm2.AuthHandle{Handle: ekHandle, Name: rp.Name, Auth: policy},
-		CredentialBlob: tpm2.TPM2BIDObject{Buffer: ch.CredentialBlob},
-		Secret:         tpm2.TPM2BEncryptedSecret{Buffer: ch.EncryptedSeed},
-	}.Execute(tpm)
-	if err != nil {
-		t.Fatalf("ActivateCredential: %v", err)
-	}
-	return rsp.CertInfo.Buffer
-}
 
 // imaFiles are n files as IMA measures them, named after prefix.
 func imaFiles(prefix string, n int) []attesttest.IMAFile {

@@ -65,16 +65,7 @@ func TestWebhookOutbox(t *testing.T) {
 		t.Fatal(err)
 	}
 	hook.Start(ctx)
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		var left []store.Delivery
-		st.View(ctx, func(tx *store.Tx) (err error) { left, err = tx.Deliveries(10); return err })
-		if len(left) == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d deliveries still waiting", len(left))
-		}
-	}
+	drained(t, st)
 	mu.Lock()
 	defer mu.Unlock()
 	// first: failed, then delivered; never: 3 attempts, given up; second.
@@ -117,16 +108,7 @@ func TestWebhookRefusesRedirects(t *testing.T) {
 		t.Fatal(err)
 	}
 	hook.Start(ctx)
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		var left []store.Delivery
-		st.View(ctx, func(tx *store.Tx) (err error) { left, err = tx.Deliveries(10); return err })
-		if len(left) == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d deliveries still waiting", len(left))
-		}
-	}
+	drained(t, st)
 	mu.Lock()
 	defer mu.Unlock()
 	if elsewhere != 0 || hookCalls != 2 {
@@ -153,4 +135,20 @@ func (b *lockedBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()
+}
+
+// drained waits until st's webhook outbox is empty: every delivery made or
+// given up.
+func drained(t *testing.T, st *store.Store) {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		var left []store.Delivery
+		st.View(context.Background(), func(tx *store.Tx) (err error) { left, err = tx.Deliveries(10); return err })
+		if len(left) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d deliveries still waiting", len(left))
+		}
+	}
 }
