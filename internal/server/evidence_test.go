@@ -379,7 +379,6 @@ func TestRegisterInfersTheEKKind(t *testing.T) {
 	}
 }
 
-
 // imaFiles are n files as IMA measures them, named after prefix.
 func imaFiles(prefix string, n int) []attesttest.IMAFile {
 	var out []attesttest.IMAFile
