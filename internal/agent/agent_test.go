@@ -114,6 +114,24 @@ func send(t *testing.T, sock string, cmd []byte) uint32 {
 	return binary.BigEndian.Uint32(rsp[6:10])
 }
 
+// waitReleased waits until swtpm has closed its end of a connection a
+// client closed on sock.
+func waitReleased(t *testing.T, sock string) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		held, err := swtpm.Connected(sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !held {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("swtpm still holds a connection on %s", sock)
+		}
+	}
+}
+
 // The response codes of a TPM in failure mode.
 const (
 	rcFailure          = 0x101 // TPM_RC_FAILURE
@@ -231,6 +249,7 @@ func TestFailureModeRepaired(t *testing.T) {
 				t.Fatalf("with a guest connected: phase %s (%s); want error saying failure mode and the guest", rec.Phase, rec.Reason)
 			}
 			guest.Close()
+			waitReleased(t, h.b.Sockets(id).Ctrl)
 			rec = h.pass(t, id)
 			if rc := send(t, sock, getRandom(v)); rec.Phase != store.PhaseActive || rc != 0 {
 				t.Fatalf("after the guest let go: phase %s (%s), the TPM answers 0x%x", rec.Phase, rec.Reason, rc)

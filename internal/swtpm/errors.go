@@ -34,5 +34,5 @@ var (
 	// (TPM_FAILEDSELFTEST for 1.2) until swtpm restarts. libtpms enters it
 	// when swtpm cannot write the state (a full disk); the state on disk is
 	// the last one written whole.
-	ErrFailureMode = errors.New("the TPM is in failure mode (libtpms enters it when swtpm cannot write the state, as on a full disk)")
+	ErrFailureMode = errors.New("the TPM is in failure mode (as when swtpm cannot write its state: a full disk?)")
 )

@@ -373,12 +373,12 @@ func checkTPM(tpm transport.TPM, v spec.Version) error {
 	rc := binary.BigEndian.Uint32(rsp[6:10])
 	if v == spec.V12 {
 		if rc == rcFailedSelfTest12 {
-			return fmt.Errorf("%w (TPM_GetRandom: TPM_FAILEDSELFTEST)", ErrFailureMode)
+			return fmt.Errorf("%w: TPM_GetRandom answers TPM_FAILEDSELFTEST", ErrFailureMode)
 		}
 		return nil
 	}
 	if rc == rcFailure20 {
-		return fmt.Errorf("%w (TPM2_GetTestResult: TPM_RC_FAILURE)", ErrFailureMode)
+		return fmt.Errorf("%w: TPM2_GetTestResult answers TPM_RC_FAILURE", ErrFailureMode)
 	}
 	if rc != 0 {
 		return nil
@@ -392,7 +392,7 @@ func checkTPM(tpm transport.TPM, v spec.Version) error {
 		return errors.New("short TPM2_GetTestResult response")
 	}
 	if binary.BigEndian.Uint32(rsp[n:n+4]) == rcFailure20 {
-		return fmt.Errorf("%w (TPM2_GetTestResult: testResult TPM_RC_FAILURE)", ErrFailureMode)
+		return fmt.Errorf("%w: TPM2_GetTestResult gives testResult TPM_RC_FAILURE", ErrFailureMode)
 	}
 	return nil
 }
@@ -417,7 +417,7 @@ func (p *Process) Check(ctx context.Context, probe bool) error {
 		p.readKeptLog()
 	}
 	if p.out.failed() {
-		return fmt.Errorf("%w (swtpm reported it)", ErrFailureMode)
+		return fmt.Errorf("%w: swtpm reported it", ErrFailureMode)
 	}
 	if !probe {
 		return nil

@@ -80,7 +80,7 @@ func (b *Backend) check(ctx context.Context, s *supervisor) error {
 		return nil // exited: the supervisor restarts it
 	}
 	if guest, cerr := swtpm.Connected(s.inst.CtrlSocket()); cerr != nil || guest {
-		return errors.Join(fmt.Errorf("%w, and a guest is connected to it, so vtpmd leaves it running: stop and start the instance to restart its TPM on its saved state", err), cerr)
+		return errors.Join(fmt.Errorf("%w; a guest is connected to it, so vtpmd leaves it running: stop and start the instance to restart its TPM on its saved state", err), cerr)
 	}
 	b.log.Warn("TPM in failure mode; restarting swtpm on its saved state", "instance", s.id, "pid", p.Pid(), "err", err)
 	if err := b.stopRun(ctx, s.id); err != nil {
