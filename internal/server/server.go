@@ -457,10 +457,10 @@ func (s *Server) deleteVTPM(w http.ResponseWriter, r *http.Request) error {
 			if scope != "" && v.Project != scope {
 				return fmt.Errorf("vtpm %s: %w", id, store.ErrNotFound)
 			}
-			if gone, err = untouched(tx, v); err != nil || gone {
-				if err != nil {
-					return err
-				}
+			if gone, err = untouched(tx, v); err != nil {
+				return err
+			}
+			if gone {
 				return deleteRecord(tx, v.InstanceID, store.Event{Actor: actor(r, scope), InstanceID: id, Action: "deleted",
 					Detail: "never provisioned: nothing on the host"})
 			}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -342,13 +343,20 @@ func TestDesiredState(t *testing.T) {
 	if _, err := f.keys.Get(context.Background(), v.SecretRef); err == nil {
 		t.Fatal("the untouched vTPM's secret outlived it")
 	}
-	// Once an agent acted on it, the agent finishes the delete.
+	// Once an agent acted on it, the agent finishes the delete; the secret
+	// is shredded before the delete is answered.
 	f.call(t, "POST", "/v1/vtpms", "", create(inst, map[string]string{"hw:tpm_version": "2.0"}), nil)
 	f.store.Update(context.Background(), func(tx *store.Tx) error {
 		return tx.AppendEvent(store.Event{Actor: "agent:h1", InstanceID: inst, Action: "provisioning"})
 	})
 	if code := f.call(t, "DELETE", "/v1/vtpms/"+inst, "", nil, &v); code != 202 || v.Desired != "deleted" {
 		t.Fatalf("delete: %d %+v", code, v)
+	}
+	if _, err := f.keys.Get(context.Background(), v.SecretRef); !errors.Is(err, keyring.ErrNotFound) {
+		t.Fatalf("the secret of a vTPM being deleted is still there: %v", err)
+	}
+	if code := f.call(t, "DELETE", "/v1/vtpms/"+inst, "", nil, &v); code != 202 || v.Desired != "deleted" {
+		t.Fatalf("delete again: %d %+v", code, v)
 	}
 	if code := f.call(t, "POST", "/v1/vtpms/"+inst+"/start", "", nil, &e); code != 409 {
 		t.Fatalf("start while deleting: %d %+v", code, e)
