@@ -142,7 +142,33 @@ func (a *Agent) Reconcile(ctx context.Context) error {
 	return nil
 }
 
+// reconcile moves v one step towards its desired state. If the record
+// changed under the step (a delete while the TPM was being made, say), the
+// step's writes were refused; it then acts on the record as it is now, so
+// that a deleted vTPM's half-made state goes at once rather than a pass
+// later.
 func (a *Agent) reconcile(ctx context.Context, v *store.VTPM) error {
+	err := a.step(ctx, v)
+	if !errors.Is(err, store.ErrConflict) && !errors.Is(err, store.ErrNotFound) {
+		return err
+	}
+	var now *store.VTPM
+	gerr := a.Store.View(ctx, func(tx *store.Tx) (err error) {
+		now, err = tx.GetVTPM(v.InstanceID)
+		return err
+	})
+	switch {
+	case errors.Is(gerr, store.ErrNotFound):
+		// Deleted before any agent acted on it, which leaves nothing to
+		// remove; whatever a step made in the meantime goes.
+		return errors.Join(a.Backend.Destroy(ctx, v), keyring.Shred(ctx, a.Keyring, a.secrets(v)...))
+	case gerr != nil:
+		return errors.Join(err, gerr)
+	}
+	return a.step(ctx, now)
+}
+
+func (a *Agent) step(ctx context.Context, v *store.VTPM) error {
 	switch v.Desired {
 	case store.DesiredDeleted:
 		return a.destroy(ctx, v)
@@ -190,65 +216,92 @@ func (a *Agent) run(ctx context.Context, v *store.VTPM) error {
 
 // fromPool gives a vTPM not yet manufactured a pooled TPM: its secret is
 // stored for the vTPM's project, the TPM adopted, and the record pointed at
-// the secret. It also finishes an adoption a crash interrupted.
+// the secret. It also finishes an adoption a crash interrupted. An adoption
+// the record does not take (it changed meanwhile: deleted, say) is undone,
+// state and secret, so that nothing of it outlives the vTPM.
 func (a *Agent) fromPool(ctx context.Context, pool Pool, v *store.VTPM) error {
 	if id := pool.AdoptedSecret(v.InstanceID); id != "" {
 		if id == v.SecretID {
 			return nil
 		}
-		return a.switchSecret(ctx, v, id)
+		if err := a.switchSecret(ctx, v, id); err != nil {
+			return errors.Join(err, a.unadopt(ctx, v, id))
+		}
+		return nil
 	}
 	secret, adopt, discard, ok := pool.Claim(v.Spec.Version)
 	if !ok {
 		return nil // manufacture on demand
 	}
-	id, err := a.Keyring.Create(ctx, v.Project, secret)
-	if err != nil {
-		discard()
-		return err
-	}
-	if err := adopt(ctx, v.InstanceID, id); err != nil {
-		discard()
-		a.Keyring.Delete(context.WithoutCancel(ctx), id)
-		return err
-	}
-	return a.switchSecret(ctx, v, id)
-}
-
-// switchSecret points v at secret id and deletes the one it had, which no
-// state was ever encrypted with.
-func (a *Agent) switchSecret(ctx context.Context, v *store.VTPM, id string) error {
-	old := v.SecretID
-	v.SecretID = id
-	err := a.Store.Update(ctx, func(tx *store.Tx) error {
-		if err := tx.UpdateVTPM(v); err != nil {
+	stored := false
+	_, err := keyring.CreateRecorded(ctx, a.Keyring, v.Project, secret, func(id string) error {
+		stored = true
+		if err := adopt(ctx, v.InstanceID, id); err != nil {
+			discard()
 			return err
 		}
-		return tx.AppendEvent(store.Event{Actor: a.actor(), InstanceID: v.InstanceID, Action: "adopted a pre-manufactured TPM",
-			Detail: "its key is secret " + id})
+		if err := a.switchSecret(ctx, v, id); err != nil {
+			return errors.Join(err, a.Backend.Destroy(context.WithoutCancel(ctx), v))
+		}
+		return nil
 	})
-	if err != nil {
+	if err != nil && !stored {
+		discard()
+	}
+	return err
+}
+
+// unadopt throws away a TPM adopted for v under secret id, which v's record
+// does not name.
+func (a *Agent) unadopt(ctx context.Context, v *store.VTPM, id string) error {
+	return errors.Join(a.Backend.Destroy(context.WithoutCancel(ctx), v), keyring.Shred(ctx, a.Keyring, id))
+}
+
+// switchSecret points v at secret id and shreds the one it had, which no
+// state was ever encrypted with. It fails only if the record did not take
+// the new secret (v is then as it was); an old secret that cannot be
+// shredded now is reclaimed at the next start.
+func (a *Agent) switchSecret(ctx context.Context, v *store.VTPM, id string) error {
+	old := *v
+	v.SecretID = id
+	committed := false
+	err := keyring.ShredRecorded(ctx, a.Keyring, func() ([]string, error) {
+		err := a.Store.Update(ctx, func(tx *store.Tx) error {
+			if err := tx.UpdateVTPM(v); err != nil {
+				return err
+			}
+			return tx.AppendEvent(store.Event{Actor: a.actor(), InstanceID: v.InstanceID, Action: "adopted a pre-manufactured TPM",
+				Detail: "its key is secret " + id})
+		})
+		committed = err == nil
+		return []string{old.SecretID}, err
+	})
+	if !committed {
+		*v = old
 		return err
 	}
-	if err := a.Keyring.Delete(ctx, old); err != nil && !errors.Is(err, keyring.ErrNotFound) {
-		a.Log.Warn("deleting the unused vTPM secret", "secret", old, "err", err)
+	if err != nil {
+		a.Log.Warn("shredding the unused vTPM secret", "instance", v.InstanceID, "secret", old.SecretID, "err", err)
 	}
 	return nil
 }
 
-// destroy removes the state, then the secret, then the record, so that a
-// crash at any step leaves a record that the next pass finishes deleting.
+// destroy shreds the secrets, then removes the state, then the record, so
+// that a crash at any step leaves a record that the next pass finishes
+// deleting. The API shredded the record's secret already, when the delete
+// was asked for; this one is for a pass that finds it (or a secret an
+// adoption left) still there.
 func (a *Agent) destroy(ctx context.Context, v *store.VTPM) error {
 	if v.Phase != store.PhaseDeleting {
 		if err := a.setPhase(ctx, v, store.PhaseDeleting, "", "deleting"); err != nil {
 			return err
 		}
 	}
+	if err := keyring.Shred(ctx, a.Keyring, a.secrets(v)...); err != nil {
+		return a.fail(ctx, v, "deleting the vTPM secret", err)
+	}
 	if err := a.Backend.Destroy(ctx, v); err != nil {
 		return a.fail(ctx, v, "removing the vTPM state", err)
-	}
-	if err := a.Keyring.Delete(ctx, v.SecretID); err != nil && !errors.Is(err, keyring.ErrNotFound) {
-		return a.fail(ctx, v, "deleting the vTPM secret", err)
 	}
 	return a.Store.Update(ctx, func(tx *store.Tx) error {
 		if err := tx.DeleteVTPM(v.InstanceID); err != nil {
@@ -260,6 +313,19 @@ func (a *Agent) destroy(ctx context.Context, v *store.VTPM) error {
 		return tx.AppendEvent(store.Event{Actor: a.actor(), InstanceID: v.InstanceID, Action: "deleted",
 			Detail: "state and secret destroyed"})
 	})
+}
+
+// secrets are the key-manager secrets v's state may be encrypted with: the
+// record's, and that of a TPM adopted from the pool whose record a crash
+// kept from naming it.
+func (a *Agent) secrets(v *store.VTPM) []string {
+	ids := []string{v.SecretID}
+	if pool, ok := a.Backend.(Pool); ok {
+		if id := pool.AdoptedSecret(v.InstanceID); id != "" && id != v.SecretID {
+			ids = append(ids, id)
+		}
+	}
+	return ids
 }
 
 // fail records an error phase with a reason a person can act on.

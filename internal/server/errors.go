@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"syscall"
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/spec"
@@ -40,6 +41,7 @@ const (
 	CodeNotSupported      = "not_supported"
 	CodeForbidden         = "forbidden"
 	CodeInternal          = "internal"
+	CodeStorageFull       = "storage_full"
 )
 
 // toAPIError is the one place that maps errors to HTTP. Anything it does
@@ -66,6 +68,10 @@ func toAPIError(err error, log *slog.Logger, r *http.Request) *APIError {
 		return apiErr(http.StatusConflict, CodeAlreadyExists, "This instance already has a vTPM.")
 	case errors.Is(err, store.ErrConflict):
 		return apiErr(http.StatusConflict, CodeConflict, "The vTPM changed while the request ran; retry it.")
+	case errors.Is(err, store.ErrFull), errors.Is(err, syscall.ENOSPC):
+		// Logged: the operator must free space. Nothing was changed.
+		log.Error("request failed: disk full", "method", r.Method, "path", r.URL.Path, "err", err)
+		return apiErr(http.StatusInsufficientStorage, CodeStorageFull, "The server's disk is full; nothing was changed. Retry once the operator has freed space.")
 	}
 	log.Error("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
 	return apiErr(http.StatusInternalServerError, CodeInternal, "Internal error; the server log has the details.")

@@ -121,13 +121,11 @@ func (s *Server) createSecret(w http.ResponseWriter, r *http.Request) error {
 	if len(req.Payload) == 0 || len(req.Payload) > keyring.MaxPayloadLen {
 		return apiErr(http.StatusBadRequest, CodeInvalidPayload, fmt.Sprintf("The payload must be 1 to %d bytes; it is %d.", keyring.MaxPayloadLen, len(req.Payload)))
 	}
-	id, err := s.Keyring.Create(r.Context(), req.Project, []byte(req.Payload))
-	if err != nil {
-		return err
-	}
 	// Recorded as a tenant's, or it would be taken for an orphan vTPM secret.
-	if err := s.Store.Update(r.Context(), func(tx *store.Tx) error { return tx.AddSecret(id, req.Project) }); err != nil {
-		s.Keyring.Delete(context.WithoutCancel(r.Context()), id)
+	id, err := keyring.CreateRecorded(r.Context(), s.Keyring, req.Project, []byte(req.Payload), func(id string) error {
+		return s.Store.Update(r.Context(), func(tx *store.Tx) error { return tx.AddSecret(id, req.Project) })
+	})
+	if err != nil {
 		return err
 	}
 	sec, err := s.Keyring.Get(r.Context(), id)

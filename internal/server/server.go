@@ -436,25 +436,21 @@ func (s *Server) createVTPM(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	secretID, err := s.Keyring.Create(r.Context(), req.Project, payload)
-	if err != nil {
-		return fmt.Errorf("creating vTPM secret: %w", err)
-	}
 	v := &store.VTPM{InstanceID: id, Project: req.Project, Spec: *sp, Host: host.Name,
-		Desired: store.DesiredRunning, Phase: store.PhasePending, SecretID: secretID}
-	err = s.Store.Update(r.Context(), func(tx *store.Tx) error {
-		if err := tx.CreateVTPM(v); err != nil {
-			return err
-		}
-		return tx.AppendEvent(store.Event{Actor: actor(r, ""), InstanceID: id, Action: "created",
-			Detail: fmt.Sprintf("TPM %s %s on host %s", sp.Version, sp.Model, host.Name)})
+		Desired: store.DesiredRunning, Phase: store.PhasePending}
+	// A racing create of the same instance loses here, and its secret goes.
+	_, err = keyring.CreateRecorded(r.Context(), s.Keyring, req.Project, payload, func(secretID string) error {
+		v.SecretID = secretID
+		return s.Store.Update(r.Context(), func(tx *store.Tx) error {
+			if err := tx.CreateVTPM(v); err != nil {
+				return err
+			}
+			return tx.AppendEvent(store.Event{Actor: actor(r, ""), InstanceID: id, Action: "created",
+				Detail: fmt.Sprintf("TPM %s %s on host %s", sp.Version, sp.Model, host.Name)})
+		})
 	})
 	if err != nil {
-		// Leave no orphan secret behind (a racing create won).
-		if derr := s.Keyring.Delete(context.WithoutCancel(r.Context()), secretID); derr != nil {
-			s.Log.Warn("deleting secret of a failed create", "secret", secretID, "err", derr)
-		}
-		return err
+		return fmt.Errorf("creating vTPM %s: %w", id, err)
 	}
 	s.notify(host.Name)
 	w.Header().Set("Location", "/v1/vtpms/"+id)
@@ -540,52 +536,93 @@ func (s *Server) listVTPMs(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
+// deleteVTPM deletes a vTPM and shreds its secret before it answers,
+// whatever phase the vTPM is in: one transaction marks the record deleted
+// (from then on nothing may start it or point it at another secret) and
+// reads the secret it names, which is shredded right after the commit
+// (keyring.ShredRecorded). The host's agent then removes the state and the
+// record, and anything it was still making for the vTPM.
+//
+// A vTPM no agent has acted on has nothing on any host and goes at once,
+// record and all (200, phase deleted): a host without a vtpmd agent
+// (Hyper-V) would never finish its delete. An agent's first act is recorded
+// in the same store, so the check is part of the transaction.
 func (s *Server) deleteVTPM(w http.ResponseWriter, r *http.Request) error {
-	v, scope, err := s.lookup(r)
+	scope, err := project(r)
 	if err != nil {
 		return err
 	}
-	if done, err := s.deleteUntouched(w, r, v, scope); done || err != nil {
+	id, err := instanceID(r.PathValue("id"))
+	if err != nil {
 		return err
 	}
-	return s.changeVTPM(w, r, v, scope, "delete requested", func(v *store.VTPM) error { return desire(v, store.DesiredDeleted) })
+	var v *store.VTPM
+	var gone bool
+	err = keyring.ShredRecorded(r.Context(), s.Keyring, func() ([]string, error) {
+		err := s.Store.Update(r.Context(), func(tx *store.Tx) (err error) {
+			if v, err = tx.GetVTPM(id); err != nil {
+				return err
+			}
+			if scope != "" && v.Project != scope {
+				return fmt.Errorf("vtpm %s: %w", id, store.ErrNotFound)
+			}
+			if gone, err = untouched(tx, v); err != nil {
+				return err
+			}
+			if gone {
+				return deleteRecord(tx, v.InstanceID, store.Event{Actor: actor(r, scope), InstanceID: id, Action: "deleted",
+					Detail: "never provisioned: nothing on the host"})
+			}
+			if v.Desired == store.DesiredDeleted {
+				return nil // asked before; the secret is shredded again, harmlessly
+			}
+			v.Desired = store.DesiredDeleted
+			if err := tx.UpdateVTPM(v); err != nil {
+				return err
+			}
+			return tx.AppendEvent(store.Event{Actor: actor(r, scope), InstanceID: id, Action: "delete requested"})
+		})
+		if err != nil {
+			return nil, err
+		}
+		return []string{v.SecretID}, nil
+	})
+	if err != nil {
+		return err
+	}
+	if gone {
+		view := s.view(v)
+		view.Desired, view.Phase = string(store.DesiredDeleted), "deleted"
+		writeJSON(w, http.StatusOK, view)
+		return nil
+	}
+	s.notify(v.Host)
+	writeJSON(w, http.StatusAccepted, s.view(v))
+	return nil
 }
 
-// deleteUntouched deletes at once a vTPM no agent has acted on: nothing of
-// it exists on any host, and a host without a vtpmd agent (Hyper-V) would
-// never finish the delete. An agent's first act is recorded in the same
-// store, so the check and the delete are one transaction.
-func (s *Server) deleteUntouched(w http.ResponseWriter, r *http.Request, v *store.VTPM, scope string) (bool, error) {
+// untouched reports whether no agent has acted on v: nothing of it exists
+// on any host.
+func untouched(tx *store.Tx, v *store.VTPM) (bool, error) {
 	if v.Phase != store.PhasePending || len(v.EKs) > 0 {
 		return false, nil
 	}
-	var deleted bool
-	err := s.Store.Update(r.Context(), func(tx *store.Tx) error {
-		evs, err := tx.ListEvents(v.InstanceID, v.Incarnation)
-		if err != nil || slices.ContainsFunc(evs, func(e store.Event) bool { return strings.HasPrefix(e.Actor, "agent:") }) {
-			return err
-		}
-		if err := tx.DeleteVTPM(v.InstanceID); err != nil {
-			return err
-		}
-		if err := tx.DeleteAttestation(v.InstanceID); err != nil {
-			return err
-		}
-		deleted = true
-		return tx.AppendEvent(store.Event{Actor: actor(r, scope), InstanceID: v.InstanceID, Action: "deleted", Detail: "never provisioned: nothing on the host"})
-	})
-	if err != nil || !deleted {
+	evs, err := tx.ListEvents(v.InstanceID, v.Incarnation)
+	if err != nil {
 		return false, err
 	}
-	// After the record: a crash here leaves an orphan secret, which the next
-	// start reclaims.
-	if err := s.Keyring.Delete(context.WithoutCancel(r.Context()), v.SecretID); err != nil && !errors.Is(err, keyring.ErrNotFound) {
-		s.Log.Warn("deleting the secret of a never-provisioned vTPM", "secret", v.SecretID, "err", err)
+	return !slices.ContainsFunc(evs, func(e store.Event) bool { return strings.HasPrefix(e.Actor, "agent:") }), nil
+}
+
+// deleteRecord removes a vTPM's record and attestation state, and logs e.
+func deleteRecord(tx *store.Tx, id string, e store.Event) error {
+	if err := tx.DeleteVTPM(id); err != nil {
+		return err
 	}
-	view := s.view(v)
-	view.Desired, view.Phase = string(store.DesiredDeleted), "deleted"
-	writeJSON(w, http.StatusOK, view)
-	return true, nil
+	if err := tx.DeleteAttestation(id); err != nil {
+		return err
+	}
+	return tx.AppendEvent(e)
 }
 
 func (s *Server) startVTPM(w http.ResponseWriter, r *http.Request) error {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -44,19 +45,27 @@ func newFixture(t *testing.T) *fixture {
 	t.Helper()
 	dir := t.TempDir()
 	reopen := storeOpener(t, dir)
-	st := reopen()
 	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
 	if err != nil {
 		t.Fatal(err)
 	}
+	f := serveFixture(t, reopen(), kr, dir)
+	f.reopen = reopen
+	return f
+}
+
+// serveFixture runs the API on st and kr, with one TPM 2.0 host of
+// capacity 2 and no agent, on the network and the operator's socket.
+func serveFixture(t *testing.T, st *store.Store, kr *keyring.Embedded, dir string) *fixture {
+	t.Helper()
 	caps := spec.Capabilities{Enabled: true, Versions: []spec.Version{spec.V20}, Models: []spec.Model{spec.TIS, spec.CRB}}
-	err = st.Update(context.Background(), func(tx *store.Tx) error {
+	err := st.Update(context.Background(), func(tx *store.Tx) error {
 		return tx.PutHost(&store.Host{Name: "h1", Traits: spec.HostTraits(caps).List(), Capacity: 2, Backend: "swtpm"})
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &fixture{store: st, keys: kr, dir: dir, reopen: reopen}
+	f := &fixture{store: st, keys: kr, dir: dir}
 	s := &Server{Store: st, Keyring: kr, CAChainPEM: func() []byte { return []byte("-----BEGIN CERTIFICATE-----\n") },
 		Notify: func(h string) { f.kicked = append(f.kicked, h) }}
 	f.api, f.srv = s, httptest.NewServer(s.Handler())
@@ -364,13 +373,20 @@ func TestDesiredState(t *testing.T) {
 	if _, err := f.keys.Get(context.Background(), v.SecretRef); err == nil {
 		t.Fatal("the untouched vTPM's secret outlived it")
 	}
-	// Once an agent acted on it, the agent finishes the delete.
+	// Once an agent acted on it, the agent finishes the delete; the secret
+	// is shredded before the delete is answered.
 	f.call(t, "POST", "/v1/vtpms", "", create(inst, map[string]string{"hw:tpm_version": "2.0"}), nil)
 	f.store.Update(context.Background(), func(tx *store.Tx) error {
 		return tx.AppendEvent(store.Event{Actor: "agent:h1", InstanceID: inst, Action: "provisioning"})
 	})
 	if code := f.call(t, "DELETE", "/v1/vtpms/"+inst, "", nil, &v); code != 202 || v.Desired != "deleted" {
 		t.Fatalf("delete: %d %+v", code, v)
+	}
+	if _, err := f.keys.Get(context.Background(), v.SecretRef); !errors.Is(err, keyring.ErrNotFound) {
+		t.Fatalf("the secret of a vTPM being deleted is still there: %v", err)
+	}
+	if code := f.call(t, "DELETE", "/v1/vtpms/"+inst, "", nil, &v); code != 202 || v.Desired != "deleted" {
+		t.Fatalf("delete again: %d %+v", code, v)
 	}
 	if code := f.call(t, "POST", "/v1/vtpms/"+inst+"/start", "", nil, &e); code != 409 {
 		t.Fatalf("start while deleting: %d %+v", code, e)

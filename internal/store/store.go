@@ -17,11 +17,13 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
 	_ "github.com/jackc/pgx/v5/stdlib" // registers the "pgx" driver
-	_ "modernc.org/sqlite"             // registers the "sqlite" driver
+	"modernc.org/sqlite"               // registers the "sqlite" driver
+	sqlite3 "modernc.org/sqlite/lib"
 )
 
 // Store is an open database.
@@ -164,9 +166,28 @@ func (s *Store) run(ctx context.Context, readOnly bool, fn func(*Tx) error) erro
 		err := s.runOnce(ctx, readOnly, fn)
 		var pe *pgconn.PgError
 		if !s.pg || try == 5 || !errors.As(err, &pe) || pe.Code != "40001" && pe.Code != "40P01" {
+			if full(err) && !errors.Is(err, ErrFull) {
+				err = fmt.Errorf("%w: %w", ErrFull, err)
+			}
 			return err
 		}
 	}
+}
+
+// full reports whether err says the database's disk is full, in either
+// engine's words.
+func full(err error) bool {
+	var le *sqlite.Error
+	var pe *pgconn.PgError
+	switch {
+	case errors.Is(err, syscall.ENOSPC):
+		return true
+	case errors.As(err, &le):
+		return le.Code()&0xff == sqlite3.SQLITE_FULL // extended codes keep the primary in the low byte
+	case errors.As(err, &pe):
+		return pe.Code == "53100" // disk_full
+	}
+	return false
 }
 
 func (s *Store) runOnce(ctx context.Context, readOnly bool, fn func(*Tx) error) (err error) {

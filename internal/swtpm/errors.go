@@ -28,4 +28,11 @@ var (
 	// ErrExited: swtpm ended before it served its sockets; the wrapping
 	// error carries swtpm's last log lines.
 	ErrExited = errors.New("swtpm exited")
+
+	// ErrFailureMode: the TPM is in failure mode: it answers every command
+	// but a few (GetCapability, GetTestResult) with TPM_RC_FAILURE
+	// (TPM_FAILEDSELFTEST for 1.2) until swtpm restarts. libtpms enters it
+	// when swtpm cannot write the state (a full disk); the state on disk is
+	// the last one written whole.
+	ErrFailureMode = errors.New("the TPM is in failure mode (as when swtpm cannot write its state: a full disk?)")
 )

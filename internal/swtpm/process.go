@@ -3,6 +3,7 @@ package swtpm
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -13,12 +14,14 @@ import (
 	"os/user"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
 
+	"github.com/google/go-tpm/tpm2/transport"
 	"golang.org/x/sys/unix"
 
 	"github.com/vtpmd/vtpmd/internal/spec"
@@ -329,7 +332,8 @@ func (p *Process) waitReady(ctx context.Context) error {
 	}
 }
 
-// probe does one round trip on each channel.
+// probe does one round trip on each channel and checks that the TPM is
+// not in failure mode (ErrFailureMode).
 func probe(ctx context.Context, i Instance) error {
 	c, err := ctrl.Dial(ctx, i.CtrlSocket())
 	if err != nil {
@@ -345,15 +349,116 @@ func probe(ctx context.Context, i Instance) error {
 		return err
 	}
 	defer tpm.Close()
-	// GetCapability for the manufacturer: read-only, valid in any state.
-	// Any well-formed answer will do (the Retrying transport absorbs the
-	// TPM_RC_RETRY a fresh TPM may give).
-	cmd := []byte{0x80, 0x01, 0, 0, 0, 22, 0, 0, 0x01, 0x7a, 0, 0, 0, 6, 0, 0, 0x01, 0x05, 0, 0, 0, 1}
-	if i.Version == spec.V12 {
-		cmd = []byte{0x00, 0xc1, 0, 0, 0, 22, 0, 0, 0, 0x65, 0, 0, 0, 5, 0, 0, 0, 4, 0, 0, 0x01, 0x03}
+	return checkTPM(tpm, i.Version)
+}
+
+// checkTPM asks the TPM a question that a TPM in failure mode cannot answer
+// normally, valid in any other state and changing nothing, and returns
+// ErrFailureMode if it is in failure mode. TPM 2.0: TPM2_GetTestResult,
+// which in failure mode answers with testResult TPM_RC_FAILURE (Part 3,
+// 10.4; GetCapability is answered in failure mode, so it proves nothing).
+// TPM 1.2: TPM_GetRandom, which a failed TPM refuses with
+// TPM_FAILEDSELFTEST (Main Part 3, 4.1: only self-test and capability
+// commands are served then). Any other answer, also TPM_RC_INITIALIZE
+// before a guest's firmware sent Startup, is a TPM that works.
+func checkTPM(tpm transport.TPM, v spec.Version) error {
+	cmd := []byte{0x80, 0x01, 0, 0, 0, 10, 0, 0, 0x01, 0x7c} // TPM2_GetTestResult
+	if v == spec.V12 {
+		cmd = cmd12(ordGetRandom, []byte{0, 0, 0, 1})
 	}
-	_, err = tpm.Send(cmd)
-	return err
+	rsp, err := tpm.Send(cmd)
+	if err != nil {
+		return err
+	}
+	rc := binary.BigEndian.Uint32(rsp[6:10])
+	if v == spec.V12 {
+		if rc == rcFailedSelfTest12 {
+			return fmt.Errorf("%w: TPM_GetRandom answers TPM_FAILEDSELFTEST", ErrFailureMode)
+		}
+		return nil
+	}
+	if rc == rcFailure20 {
+		return fmt.Errorf("%w: TPM2_GetTestResult answers TPM_RC_FAILURE", ErrFailureMode)
+	}
+	if rc != 0 {
+		return nil
+	}
+	// TPM2B_MAX_BUFFER outData, then TPM_RC testResult.
+	if len(rsp) < 12 {
+		return errors.New("short TPM2_GetTestResult response")
+	}
+	n := 12 + int(binary.BigEndian.Uint16(rsp[10:12]))
+	if len(rsp) < n+4 {
+		return errors.New("short TPM2_GetTestResult response")
+	}
+	if binary.BigEndian.Uint32(rsp[n:n+4]) == rcFailure20 {
+		return fmt.Errorf("%w: TPM2_GetTestResult gives testResult TPM_RC_FAILURE", ErrFailureMode)
+	}
+	return nil
+}
+
+// Response codes of a TPM in failure mode.
+const (
+	rcFailure20        = 0x101 // TPM_RC_FAILURE
+	rcFailedSelfTest12 = 0x1c  // TPM_FAILEDSELFTEST
+)
+
+// Check reports whether p's TPM works: ErrExited once swtpm is gone;
+// ErrFailureMode when swtpm said it entered failure mode or, with probe,
+// when a round trip on the data channel finds it so. The caller probes only
+// while no client holds either channel (ConnectedSockets): swtpm serves one
+// client per channel, and a probe would wait behind a guest. A probe that
+// gets no answer in time proves nothing and is not an error here.
+func (p *Process) Check(ctx context.Context, probe bool) error {
+	if p.exited() {
+		return ErrExited
+	}
+	if p.inst.Keep {
+		p.readKeptLog()
+	}
+	if p.out.failed() {
+		return fmt.Errorf("%w: swtpm reported it", ErrFailureMode)
+	}
+	if !probe {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, checkTimeout)
+	defer cancel()
+	tpm, err := Dial(ctx, p.inst.DataSocket())
+	if err != nil {
+		return nil
+	}
+	defer tpm.Close()
+	if err := checkTPM(tpm, p.inst.Version); errors.Is(err, ErrFailureMode) {
+		return err
+	}
+	return nil
+}
+
+// checkTimeout bounds Check's probe; swtpm answers in a millisecond.
+const checkTimeout = 2 * time.Second
+
+// readKeptLog feeds what a kept swtpm wrote to its log file since the last
+// read to the output classifier.
+func (p *Process) readKeptLog() {
+	f, err := os.Open(p.inst.logFile())
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	p.out.mu.Lock()
+	from := p.out.from
+	p.out.mu.Unlock()
+	fi, err := f.Stat()
+	if err != nil || fi.Size() <= from {
+		return
+	}
+	b := make([]byte, min(fi.Size()-from, 1<<20))
+	n, _ := f.ReadAt(b, from)
+	p.out.mu.Lock()
+	p.out.from = from + int64(n)
+	p.out.mu.Unlock()
+	p.out.Write(b[:n])
 }
 
 // startError explains a start that failed with err, from swtpm's output.
@@ -553,6 +658,7 @@ type output struct {
 	lines      []string
 	wrongKey   bool
 	lockFailed bool
+	failure    bool // swtpm reported failure mode
 }
 
 const keptLines = 16
@@ -564,6 +670,11 @@ const (
 	markWrongKey   = "Verification of HMAC failed"
 	markLockFailed = "Could not lock access to lockfile"
 )
+
+// Lines by which swtpm 0.7 and libtpms 0.9 report failure mode: libtpms's
+// own for TPM 2.0, and swtpm's failed state write, after which a TPM 1.2
+// fails every command too.
+var markFailure = []string{"Entering failure mode", "SWTPM_NVRAM_StoreData: Error (fatal)"}
 
 func newOutput(log *slog.Logger) *output { return &output{log: log} }
 
@@ -584,6 +695,7 @@ func (o *output) Write(b []byte) (int, error) {
 		o.log.Debug("swtpm output", "line", line)
 		o.wrongKey = o.wrongKey || strings.Contains(line, markWrongKey)
 		o.lockFailed = o.lockFailed || strings.Contains(line, markLockFailed)
+		o.failure = o.failure || slices.ContainsFunc(markFailure, func(m string) bool { return strings.Contains(line, m) })
 		o.lines = append(o.lines, line)
 		if len(o.lines) > keptLines {
 			o.lines = o.lines[1:]
@@ -601,6 +713,12 @@ func (o *output) String() string {
 	return strings.Join(append(o.lines, string(o.partial)), "\n")
 }
 
+func (o *output) failed() bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.failure
+}
+
 func (o *output) classify() error {
 	o.mu.Lock()
 	defer o.mu.Unlock()
@@ -609,6 +727,8 @@ func (o *output) classify() error {
 		return ErrWrongSecret
 	case o.lockFailed:
 		return ErrBusy
+	case o.failure:
+		return ErrFailureMode
 	}
 	return nil
 }

@@ -86,6 +86,9 @@ func Adopt(i Instance, log *slog.Logger) (*Process, error) {
 		return nil, err
 	}
 	p := &Process{inst: i, pid: pid, log: log, out: newOutput(log.With("dir", i.Dir)), done: make(chan struct{})}
+	if fi, err := os.Stat(i.logFile()); err == nil {
+		p.out.from = fi.Size() // what earlier processes wrote is not this one's
+	}
 	go func() {
 		awaitExit(pid)
 		// Without pidfds awaitExit returns at once; a zombie lingers until

@@ -25,6 +25,7 @@ const (
 	ordNVWriteValue           = 0xcd
 	ordTSCPhysicalPresence    = 0x4000000a
 	ordSaveState              = 0x98
+	ordGetRandom              = 0x46
 	ordStartup                = 0x99
 	stClear                   = 0x0001
 	rcInvalidPostInit         = 0x26

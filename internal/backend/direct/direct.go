@@ -67,6 +67,8 @@ type Backend struct {
 	mu   sync.Mutex
 	runs map[string]*supervisor
 	pool *pool // nil without a pool
+	// clients is which sockets clients hold, read once for many checks.
+	clients clients
 }
 
 var _ agent.Backend = (*Backend)(nil)

@@ -33,9 +33,12 @@ import (
 // steps, AdoptedSecret tells the agent which secret the state needs.
 
 const (
-	poolDir        = ".pool"
-	secretIDFile   = "secret-id"
-	poolRetryPause = time.Second
+	poolDir      = ".pool"
+	secretIDFile = "secret-id"
+	// A failed refill (a full disk, say) is retried after poolRetryMin,
+	// doubling up to poolRetryMax while it keeps failing.
+	poolRetryMin = time.Second
+	poolRetryMax = time.Minute
 )
 
 type pooled struct {
@@ -75,6 +78,7 @@ func (b *Backend) startPool(size int) error {
 func (b *Backend) fillPool() {
 	p := b.pool
 	defer close(p.done)
+	pause := poolRetryMin
 	for {
 		p.mu.Lock()
 		full := len(p.entries) >= p.size
@@ -89,14 +93,16 @@ func (b *Backend) fillPool() {
 		}
 		e, err := b.manufacturePooled()
 		if err != nil {
-			b.log.Warn("filling the vTPM pool", "err", err)
+			b.log.Warn("filling the vTPM pool", "err", err, "retry_in", pause)
 			select {
 			case <-p.stop:
 				return
-			case <-time.After(poolRetryPause):
+			case <-time.After(pause):
 			}
+			pause = min(2*pause, poolRetryMax)
 			continue
 		}
+		pause = poolRetryMin
 		p.mu.Lock()
 		p.entries = append(p.entries, e)
 		if len(p.entries) == p.size {
@@ -119,6 +125,7 @@ func (b *Backend) manufacturePooled() (*pooled, error) {
 	defer cancel()
 	_, proc, err := b.make(ctx, &store.VTPM{Spec: spec.Spec{Version: spec.V20}}, inst, true)
 	if err != nil {
+		os.RemoveAll(inst.Dir) // its secret is gone with this call: nothing in it can be used
 		return nil, err
 	}
 	return &pooled{dir: inst.Dir, secret: secret, proc: proc}, nil

@@ -2,6 +2,8 @@ package direct
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sync"
@@ -42,9 +44,7 @@ func (b *Backend) start(ctx context.Context, id string, inst swtpm.Instance) err
 	s := b.runs[id]
 	b.mu.Unlock()
 	if s != nil {
-		s.mu.Lock()
-		defer s.mu.Unlock()
-		return s.lastErr
+		return b.check(ctx, s)
 	}
 	var p *swtpm.Process
 	var err error
@@ -59,6 +59,58 @@ func (b *Backend) start(ctx context.Context, id string, inst swtpm.Instance) err
 	}
 	b.supervise(id, inst, p)
 	return nil
+}
+
+// check reports whether s's swtpm works (swtpm.Process.Check, probing it
+// when no client holds it), and repairs a TPM in failure mode
+// (swtpm.ErrFailureMode) that no guest holds by restarting swtpm on its
+// saved state, the last one written whole. A guest connected to it would
+// lose its TPM (QEMU does not reconnect), so one a guest holds is left as
+// it is and reported: the guest's stop and start restarts it.
+func (b *Backend) check(ctx context.Context, s *supervisor) error {
+	s.mu.Lock()
+	p, lastErr := s.proc, s.lastErr
+	s.mu.Unlock()
+	if p == nil {
+		return lastErr
+	}
+	held, herr := b.clients.get()
+	err := p.Check(ctx, herr == nil && !held[s.inst.CtrlSocket()] && !held[s.inst.DataSocket()])
+	if !errors.Is(err, swtpm.ErrFailureMode) {
+		return nil // exited: the supervisor restarts it
+	}
+	if guest, cerr := swtpm.Connected(s.inst.CtrlSocket()); cerr != nil || guest {
+		return errors.Join(fmt.Errorf("%w; a guest is connected to it, so vtpmd leaves it running: stop and start the instance to restart its TPM on its saved state", err), cerr)
+	}
+	b.log.Warn("TPM in failure mode; restarting swtpm on its saved state", "instance", s.id, "pid", p.Pid(), "err", err)
+	if err := b.stopRun(ctx, s.id); err != nil {
+		return err
+	}
+	return b.start(ctx, s.id, s.inst)
+}
+
+// clients remembers for a moment which sockets clients hold
+// (swtpm.ConnectedSockets), so that a pass over many vTPMs reads
+// /proc/net/unix once rather than once per vTPM.
+type clients struct {
+	mu   sync.Mutex
+	at   time.Time
+	held map[string]bool
+	err  error
+}
+
+// clientsFresh is how long a reading of the held sockets is used; a
+// client that connects meanwhile only makes a probe wait and prove nothing.
+const clientsFresh = time.Second
+
+func (c *clients) get() (map[string]bool, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.at.IsZero() || time.Since(c.at) > clientsFresh {
+		c.held, c.err = swtpm.ConnectedSockets()
+		c.at = time.Now()
+	}
+	return c.held, c.err
 }
 
 // supervise keeps p, id's running swtpm, under supervision. If another

@@ -1,0 +1,259 @@
+package agent_test
+
+import (
+	"context"
+	"crypto"
+	"encoding/binary"
+	"net"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vtpmd/vtpmd/internal/agent"
+	"github.com/vtpmd/vtpmd/internal/backend/direct"
+	"github.com/vtpmd/vtpmd/internal/citest"
+	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/store"
+	"github.com/vtpmd/vtpmd/internal/swtpm"
+	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmtest"
+)
+
+// host is one agent with the swtpm backend, a SQLite store and an embedded
+// key manager, driven pass by pass.
+type host struct {
+	a  *agent.Agent
+	st *store.Store
+	b  *direct.Backend
+}
+
+type certifier struct{ ca *swtpmtest.CA }
+
+func (c certifier) CertifyEK(ctx context.Context, _ string, _ spec.Version, kind swtpm.EKKind, pub crypto.PublicKey) ([]byte, error) {
+	return c.ca.Certify(ctx, kind, pub)
+}
+
+func newHost(t *testing.T, root string) *host {
+	t.Helper()
+	swtpmtest.Require(t)
+	ctx := context.Background()
+	st, err := store.Open(ctx, filepath.Join(t.TempDir(), "vtpmd.db"), store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	kr, err := keyring.OpenEmbedded(filepath.Join(t.TempDir(), "keys"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := direct.New(direct.Config{Root: root, Certifier: certifier{swtpmtest.NewCA(t)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		b.Close(context.Background())
+		swtpmtest.CheckNoProcesses(t, root)
+	})
+	h := &host{a: &agent.Agent{Host: "h1", Capacity: 10, Store: st, Keyring: kr, Backend: b}, st: st, b: b}
+	if err := h.a.Register(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return h
+}
+
+// create records a vTPM as the API does.
+func (h *host) create(t *testing.T, id string, v spec.Version) {
+	t.Helper()
+	ctx := context.Background()
+	payload, err := keyring.NewVTPMSecret()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := &store.VTPM{InstanceID: id, Project: "p1", Spec: spec.Spec{Version: v, Model: spec.TIS}, Host: "h1",
+		Desired: store.DesiredRunning, Phase: store.PhasePending}
+	_, err = keyring.CreateRecorded(ctx, h.a.Keyring, "p1", payload, func(sid string) error {
+		rec.SecretID = sid
+		return h.st.Update(ctx, func(tx *store.Tx) error { return tx.CreateVTPM(rec) })
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// pass runs one reconciliation pass and returns the record after it.
+func (h *host) pass(t *testing.T, id string) *store.VTPM {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := h.a.Reconcile(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var v *store.VTPM
+	if err := h.st.View(ctx, func(tx *store.Tx) (err error) { v, err = tx.GetVTPM(id); return err }); err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// send sends one raw command to the TPM on sock and returns the response
+// code.
+func send(t *testing.T, sock string, cmd []byte) uint32 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	tpm, err := swtpm.Dial(ctx, sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tpm.Close()
+	rsp, err := tpm.Send(cmd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return binary.BigEndian.Uint32(rsp[6:10])
+}
+
+// waitReleased waits until swtpm has closed its end of a connection a
+// client closed on sock.
+func waitReleased(t *testing.T, sock string) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		held, err := swtpm.Connected(sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !held {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("swtpm still holds a connection on %s", sock)
+		}
+	}
+}
+
+// The response codes of a TPM in failure mode.
+const (
+	rcFailure          = 0x101 // TPM_RC_FAILURE
+	rcFailedSelfTest12 = 0x1c  // TPM_FAILEDSELFTEST
+)
+
+// getRandom is TPM2_GetRandom(8), or TPM_GetRandom(8) for TPM 1.2.
+func getRandom(v spec.Version) []byte {
+	if v == spec.V12 {
+		return []byte{0x00, 0xc1, 0, 0, 0, 14, 0, 0, 0, 0x46, 0, 0, 0, 8}
+	}
+	return []byte{0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b, 0, 8}
+}
+
+// writeState are commands the last of which makes the TPM write its
+// persistent state: TPM2_NV_DefineSpace of a small index with owner
+// authorisation (empty); for TPM 1.2, TSC_PhysicalPresence(present) and
+// TPM_PhysicalSetDeactivated(TRUE), a permanent flag.
+func writeState(v spec.Version) [][]byte {
+	be := binary.BigEndian
+	if v == spec.V12 {
+		return [][]byte{
+			{0x00, 0xc1, 0, 0, 0, 12, 0x40, 0, 0, 0x0a, 0, 0x08},
+			{0x00, 0xc1, 0, 0, 0, 11, 0, 0, 0, 0x72, 1},
+		}
+	}
+	pub := be.AppendUint32(nil, 0x01500002)        // nvIndex
+	pub = be.AppendUint16(pub, 0x000b)             // nameAlg: SHA-256
+	pub = be.AppendUint32(pub, 0x00060006)         // owner and auth read and write, ordinary
+	pub = be.AppendUint16(pub, 0)                  // authPolicy
+	pub = be.AppendUint16(pub, 8)                  // dataSize
+	body := be.AppendUint32(nil, 0x40000001)       // TPM_RH_OWNER
+	body = be.AppendUint32(body, 9)                // authorization area size
+	body = be.AppendUint32(body, 0x40000009)       // TPM_RS_PW
+	body = append(body, 0, 0, 0, 0, 0)             // nonce, attributes, hmac
+	body = be.AppendUint16(body, 0)                // auth of the index
+	body = be.AppendUint16(body, uint16(len(pub))) // TPM2B_NV_PUBLIC
+	body = append(body, pub...)
+	cmd := be.AppendUint16(nil, 0x8002)
+	cmd = be.AppendUint32(cmd, uint32(10+len(body)))
+	cmd = be.AppendUint32(cmd, 0x0000012a)
+	return [][]byte{append(cmd, body...)}
+}
+
+// breakTPM puts the vTPM serving sock into failure mode the way a full
+// disk does: its state cannot be written. It returns with the disk still
+// full; free frees it (and runs when the test ends).
+func breakTPM(t *testing.T, disk, sock string, v spec.Version) (free func()) {
+	t.Helper()
+	free = citest.Fill(t, disk)
+	var rc uint32
+	for _, cmd := range writeState(v) {
+		rc = send(t, sock, cmd)
+	}
+	if rc == 0 {
+		t.Fatalf("the TPM wrote its state on a full disk")
+	}
+	want := uint32(rcFailure)
+	if v == spec.V12 {
+		want = rcFailedSelfTest12
+	}
+	if rc := send(t, sock, getRandom(v)); rc != want {
+		t.Fatalf("after a failed state write the TPM answers 0x%x, not failure mode (0x%x)", rc, want)
+	}
+	return free
+}
+
+// TestFailureModeRepaired: a vTPM whose TPM went into failure mode (its
+// state could not be written on a full disk) does not stay `active`: with
+// no client connected the agent restarts swtpm on its saved state, and
+// once the disk is freed the TPM answers again; with a guest connected (its
+// control channel held, as QEMU holds it) the vTPM reads `error`, saying
+// why, until the guest lets go.
+func TestFailureModeRepaired(t *testing.T) {
+	for _, v := range []spec.Version{spec.V20, spec.V12} {
+		t.Run(string(v), func(t *testing.T) {
+			disk := citest.SmallDisk(t, 4<<20)
+			h := newHost(t, filepath.Join(disk, "vtpms"))
+			id := "0f0f0f0f-0000-4000-8000-000000000001"
+			h.create(t, id, v)
+			if rec := h.pass(t, id); rec.Phase != store.PhaseActive {
+				t.Fatalf("phase %s (%s)", rec.Phase, rec.Reason)
+			}
+			sock := h.b.Sockets(id).Data
+			pid := h.b.Running(id)
+
+			free := breakTPM(t, disk, sock, v)
+			// While the disk is full, a restart may fail the same way (TPM
+			// 2.0 writes its state at Startup): active only if it answers.
+			rec := h.pass(t, id)
+			if rec.Phase == store.PhaseActive {
+				if rc := send(t, sock, getRandom(v)); rc != 0 {
+					t.Fatalf("disk full: active, and the TPM answers 0x%x", rc)
+				}
+			} else if rec.Phase != store.PhaseError || !strings.Contains(rec.Reason, "failure mode") {
+				t.Fatalf("disk full: phase %s (%s); want active and answering, or error saying failure mode", rec.Phase, rec.Reason)
+			}
+			free()
+			rec = h.pass(t, id)
+			if rc := send(t, sock, getRandom(v)); rec.Phase != store.PhaseActive || rc != 0 {
+				t.Fatalf("after a pass: phase %s (%s), the TPM answers 0x%x", rec.Phase, rec.Reason, rc)
+			}
+			if h.b.Running(id) == pid {
+				t.Fatalf("swtpm %d was not restarted", pid)
+			}
+
+			guest, err := net.Dial("unix", h.b.Sockets(id).Ctrl)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer guest.Close()
+			breakTPM(t, disk, sock, v)()
+			rec = h.pass(t, id)
+			if rec.Phase != store.PhaseError || !strings.Contains(rec.Reason, "failure mode") || !strings.Contains(rec.Reason, "guest") {
+				t.Fatalf("with a guest connected: phase %s (%s); want error saying failure mode and the guest", rec.Phase, rec.Reason)
+			}
+			guest.Close()
+			waitReleased(t, h.b.Sockets(id).Ctrl)
+			rec = h.pass(t, id)
+			if rc := send(t, sock, getRandom(v)); rec.Phase != store.PhaseActive || rc != 0 {
+				t.Fatalf("after the guest let go: phase %s (%s), the TPM answers 0x%x", rec.Phase, rec.Reason, rc)
+			}
+		})
+	}
+}
