@@ -185,13 +185,7 @@ func newWorld(t *testing.T, others bool, secretID string) *world {
 	if code := f.call(t, "POST", "/v1/vtpms", "", createFor(theirs, "p2"), nil); code != 202 {
 		t.Fatalf("p2's create: %d", code)
 	}
-	now := time.Now().UTC()
-	err = f.store.Update(context.Background(), func(tx *store.Tx) error {
-		return tx.PutAttestation(&store.Attestation{InstanceID: theirs, RegisteredAt: now, EvidenceAt: now, Verdict: "trusted"})
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	f.trusted(t, theirs)
 	var sec api.Secret
 	if code := f.call(t, "POST", "/v1/secrets", "p2", api.CreateSecretRequest{Payload: "p2's key"}, &sec); code != 201 {
 		t.Fatalf("p2's secret: %d", code)

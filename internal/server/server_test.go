@@ -74,6 +74,19 @@ func serveFixture(t *testing.T, st *store.Store, kr *keyring.Embedded, dir strin
 	return f
 }
 
+// trusted records instance id as registered and trusted, with fresh
+// evidence, as if its agent had attested.
+func (f *fixture) trusted(t *testing.T, id string) {
+	t.Helper()
+	now := time.Now().UTC()
+	err := f.store.Update(context.Background(), func(tx *store.Tx) error {
+		return tx.PutAttestation(&store.Attestation{InstanceID: id, RegisteredAt: now, EvidenceAt: now, Verdict: "trusted"})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
 // operatorSocket serves h on a unix socket as vtpmd does for its operator
 // (OperatorConn) and returns a client that reaches it.
 func operatorSocket(t testing.TB, h http.Handler) *http.Client {

@@ -1,7 +1,6 @@
 package server
 
 import (
-	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -12,7 +11,6 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/attest"
-	"github.com/vtpmd/vtpmd/internal/store"
 )
 
 // The token route's verdict verifies, with the key set the JWKS route
@@ -29,13 +27,7 @@ func TestVerdictTokenRoute(t *testing.T) {
 	if code := f.call(t, "POST", "/v1/vtpms", "", create(inst, map[string]string{"hw:tpm_version": "2.0"}), nil); code != 202 {
 		t.Fatalf("create: %d", code)
 	}
-	now := time.Now().UTC()
-	err = f.store.Update(context.Background(), func(tx *store.Tx) error {
-		return tx.PutAttestation(&store.Attestation{InstanceID: inst, RegisteredAt: now, EvidenceAt: now, Verdict: "trusted"})
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	f.trusted(t, inst)
 	var tok api.VerdictToken
 	var jwks []byte
 	if code := f.call(t, "GET", "/v1/vtpms/"+inst+"/attestation/token", "", nil, &tok); code != 200 {
