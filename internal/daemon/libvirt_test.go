@@ -536,7 +536,9 @@ func TestLibvirtExternalRestart(t *testing.T) {
 	u := startLibvirtDaemon(t, dir, "external")
 	ctx := context.Background()
 	id := uuid.NewString()
-	dom := defineGuest(t, lv, id, dir)
+	// The guest's files are outside the data dir, which vtpmd makes
+	// private again when it restarts.
+	dom := defineGuest(t, lv, id, t.TempDir())
 	u.create(t, id, "2.0")
 	v := u.attach(t, id, dom.Name)
 	connected := func(when string) {
