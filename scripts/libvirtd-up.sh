@@ -6,6 +6,17 @@
 # permissions a real host has), starts the daemons, and waits until
 # libvirtd answers. Idempotent: a second run changes nothing and returns at
 # once.
+#
+# libvirt-qemu is in the group kvm, as Debian's libvirt-daemon-system makes
+# it: where /dev/kvm exists (root:kvm 0660) and QEMU's user cannot open it,
+# libvirt finds its cached QEMU capabilities stale on every call and probes
+# QEMU again (seconds per call), and the libvirt tests time out. libvirt
+# decides whether KVM is usable once per change of /dev/kvm, so a change of
+# groups needs a restart of libvirtd. The test guests run under TCG either
+# way.
+#
+# The daemons are found, and libvirtd stopped, by the pid files they write
+# as root (/run/libvirtd.pid, /run/virtlogd.pid), never by process name.
 set -euo pipefail
 [ "$(id -u)" -eq 0 ] || exec sudo "$0" "$@"
 
@@ -23,13 +34,18 @@ fi
 mkdir -p /var/log/libvirt /var/run/libvirt /var/lib/libvirt /etc/libvirt
 getent group kvm >/dev/null || { groupadd -r kvm; echo "libvirtd-up: created group kvm"; }
 getent group libvirt-qemu >/dev/null || { groupadd -r libvirt-qemu; echo "libvirtd-up: created group libvirt-qemu"; }
-id libvirt-qemu >/dev/null 2>&1 || { useradd -r -g libvirt-qemu -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu; echo "libvirtd-up: created user libvirt-qemu"; }
+id libvirt-qemu >/dev/null 2>&1 || { useradd -r -g libvirt-qemu -G kvm -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu; echo "libvirtd-up: created user libvirt-qemu"; }
+restart=
+if [[ " $(id -nG libvirt-qemu) " != *" kvm "* ]]; then
+	usermod -aG kvm libvirt-qemu
+	echo "libvirtd-up: added libvirt-qemu to the group kvm"
+	restart=yes
+fi
 
 getent passwd tss >/dev/null || { echo "libvirtd-up: no user tss (swtpm-tools makes it; run scripts/deps.sh)" >&2; exit 1; }
 
 conf=/etc/libvirt/qemu.conf
 touch "$conf"
-restart=
 for kv in 'user = "libvirt-qemu"' 'group = "libvirt-qemu"'; do
 	key=${kv%% *}
 	grep -qx "$kv" "$conf" && continue
@@ -42,13 +58,28 @@ done
 out=$(go run ./cmd/vtpmd agent configure-host --swtpm-user tss --swtpm-group tss --qemu-conf "$conf")
 echo "$out" | sed 's/^/libvirtd-up: /'
 [[ $out == *"restart libvirtd"* ]] && restart=yes
-if [ -n "$restart" ] && pgrep -x libvirtd >/dev/null; then
-	pkill -x libvirtd
-	while pgrep -x libvirtd >/dev/null; do sleep 0.1; done
+# running PIDFILE NAME: the pid in PIDFILE is a live process called NAME
+# (a pid file left by a crash may name a pid reused since).
+running() {
+	local pid
+	pid=$(cat "$1" 2>/dev/null) && [[ $pid =~ ^[0-9]+$ ]] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]
+}
+libvirtd_pid=/run/libvirtd.pid virtlogd_pid=/run/virtlogd.pid
+if [ -n "$restart" ] && running "$libvirtd_pid" libvirtd; then
+	pid=$(cat "$libvirtd_pid")
+	kill "$pid"
+	for _ in $(seq 300); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
+	if [ -d "/proc/$pid" ]; then
+		echo "libvirtd-up: libvirtd ($pid) did not stop in 30 s" >&2
+		exit 1
+	fi
+	echo "libvirtd-up: stopped libvirtd ($pid) to apply the changes"
+elif [ -n "$restart" ] && virsh -c qemu:///system version >/dev/null 2>&1; then
+	echo "libvirtd-up: a libvirtd without $libvirtd_pid runs: restart it yourself to apply the changes" >&2
 fi
 
-if ! pgrep -x virtlogd >/dev/null; then virtlogd -d; echo "libvirtd-up: started virtlogd"; fi
-if ! pgrep -x libvirtd >/dev/null; then libvirtd -d; echo "libvirtd-up: started libvirtd"; fi
+if ! running "$virtlogd_pid" virtlogd; then virtlogd -d -p "$virtlogd_pid"; echo "libvirtd-up: started virtlogd"; fi
+if ! running "$libvirtd_pid" libvirtd; then libvirtd -d -p "$libvirtd_pid"; echo "libvirtd-up: started libvirtd"; fi
 for _ in $(seq 100); do
 	virsh -c qemu:///system version >/dev/null 2>&1 && exit 0
 	sleep 0.1

@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/hex"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -120,6 +121,37 @@ type guestOptions struct {
 	network bool   // QEMU user networking (e1000): the host is 10.0.2.2
 }
 
+// guestDomainType is the libvirt domain type of the test guests: "qemu",
+// so TCG. Not KVM, even where /dev/kvm exists: a device node is not proof
+// that KVM works (where it is nested or emulated, a KVM guest may stop at
+// once with "KVM internal error … emulation failure", or hang), and TCG
+// behaves the same on every machine. guestAccelName is the accelerator
+// that means, as QEMU names it; guestAccel checks it in QEMU.
+const (
+	guestDomainType = "qemu"
+	guestAccelName  = "tcg"
+)
+
+// guestAccel asks the QEMU of the running guest dom which accelerator it
+// runs under: "kvm" or "tcg".
+func guestAccel(t testing.TB, lv *golibvirt.Libvirt, dom golibvirt.Domain) string {
+	t.Helper()
+	out, err := lv.QEMUDomainMonitorCommand(dom, `{"execute":"query-kvm"}`, 0)
+	if err != nil {
+		t.Fatalf("asking QEMU for its accelerator: %v", err)
+	}
+	var r struct {
+		Return *struct{ Enabled bool } `json:"return"`
+	}
+	if err := json.Unmarshal([]byte(out), &r); err != nil || r.Return == nil {
+		t.Fatalf("QEMU's answer to query-kvm: %s (%v)", out, err)
+	}
+	if r.Return.Enabled {
+		return "kvm"
+	}
+	return "tcg"
+}
+
 // defineGuest defines a small UEFI guest (q35, OVMF, 256 MiB, TCG, no disk)
 // whose UUID is id, booting the Debian kernel and the test init, with its
 // serial console in dir/console.log. It is undefined, with its TPM state
@@ -149,7 +181,7 @@ func defineGuestWith(t testing.TB, lv *golibvirt.Libvirt, id, dir string, o gues
 	}
 	port := uint(0)
 	d := libvirtxml.Domain{
-		Type: "qemu", Name: "vtpmd-test-" + id[:8], UUID: id,
+		Type: guestDomainType, Name: "vtpmd-test-" + id[:8], UUID: id,
 		Memory: &libvirtxml.DomainMemory{Value: 256, Unit: "MiB"},
 		VCPU:   &libvirtxml.DomainVCPU{Value: 1},
 		OS: &libvirtxml.DomainOS{
@@ -504,7 +536,9 @@ func TestLibvirtExternalRestart(t *testing.T) {
 	u := startLibvirtDaemon(t, dir, "external")
 	ctx := context.Background()
 	id := uuid.NewString()
-	dom := defineGuest(t, lv, id, dir)
+	// The guest's files are outside the data dir, which vtpmd makes
+	// private again when it restarts.
+	dom := defineGuest(t, lv, id, t.TempDir())
 	u.create(t, id, "2.0")
 	v := u.attach(t, id, dom.Name)
 	connected := func(when string) {

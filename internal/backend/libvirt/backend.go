@@ -68,7 +68,10 @@ type Config struct {
 	// Direct runs the vTPMs of external mode and manufactures those of
 	// emulator mode.
 	Direct *direct.Backend
-	Log    *slog.Logger
+	// KVMDevice is the KVM device whose access New checks; default
+	// /dev/kvm.
+	KVMDevice string
+	Log       *slog.Logger
 }
 
 // Backend attaches vTPMs to libvirt domains.
@@ -85,7 +88,8 @@ var _ agent.Backend = (*Backend)(nil)
 
 // New checks the configuration and connects to libvirtd. With vTPM enabled
 // it refuses to start when libvirt cannot provide a vTPM in the chosen mode
-// or the swtpm user or group does not exist, saying which.
+// or the swtpm user or group does not exist, saying which. It warns (and
+// starts) when libvirt's QEMU user cannot open the host's KVM device.
 func New(ctx context.Context, cfg Config) (*Backend, error) {
 	if cfg.StateRoot == "" {
 		cfg.StateRoot = "/var/lib/libvirt/swtpm"
@@ -96,13 +100,18 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 	if cfg.Direct == nil {
 		return nil, errors.New("the libvirt backend needs the swtpm backend to manufacture vTPMs")
 	}
+	if cfg.KVMDevice == "" {
+		cfg.KVMDevice = KVMDevice
+	}
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
 	b := &Backend{cfg: cfg, log: cfg.Log, serving: map[string]int{}}
-	if _, err := b.conn(); err != nil {
+	lv, err := b.conn()
+	if err != nil {
 		return nil, err
 	}
+	b.warnKVM(lv)
 	if !cfg.EnableVTPM {
 		return b, nil
 	}
@@ -120,6 +129,29 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 		return nil, err
 	}
 	return b, nil
+}
+
+// warnKVM logs a warning when the host has a KVM device that libvirt's QEMU
+// user cannot open: libvirt then probes QEMU again on every call (see
+// kvmProblem).
+func (b *Backend) warnKVM(lv *golibvirt.Libvirt) {
+	if _, err := os.Stat(b.cfg.KVMDevice); err != nil {
+		return // no KVM: nothing to check, and no call to make
+	}
+	xml, err := lv.ConnectGetCapabilities()
+	if err != nil {
+		b.log.Warn("cannot check whether QEMU may use KVM", "device", b.cfg.KVMDevice, "err", err)
+		return
+	}
+	p, err := checkKVM(xml, b.cfg.KVMDevice)
+	if err != nil {
+		b.log.Warn("cannot check whether QEMU may use KVM", "device", b.cfg.KVMDevice, "err", err)
+		return
+	}
+	if p != nil {
+		b.log.Warn("libvirt runs QEMU as a user who cannot open the KVM device: libvirt finds its cached QEMU capabilities stale and probes QEMU again on every call (seconds each), so every vTPM operation is slow",
+			"user", p.User, "device", p.Device, "device_group", p.DeviceGroup, "fix", p.Fix)
+	}
 }
 
 // conn returns the libvirtd connection, dialling again after libvirtd

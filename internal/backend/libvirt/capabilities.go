@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"os/exec"
 	"os/user"
 	"slices"
@@ -109,16 +110,14 @@ func QEMUGroup(socket string) (string, error) {
 // qemuGroup reads the group from the base labels of libvirt's DAC security
 // driver in its capabilities XML ("+uid:+gid" per domain type).
 func qemuGroup(capsXML string) (string, error) {
-	var caps libvirtxml.Caps
-	if err := caps.Unmarshal(capsXML); err != nil {
-		return "", fmt.Errorf("libvirt's capabilities: %w", err)
+	labels, err := dacLabels(capsXML)
+	if err != nil {
+		return "", err
 	}
 	var groups []string
-	for _, m := range caps.Host.SecModel {
-		for _, l := range m.Labels {
-			if _, g, ok := strings.Cut(l.Value, ":"); ok && m.Name == "dac" && !slices.Contains(groups, g) {
-				groups = append(groups, g)
-			}
+	for _, typ := range slices.Sorted(maps.Keys(labels)) {
+		if _, g, ok := strings.Cut(labels[typ], ":"); ok && !slices.Contains(groups, g) {
+			groups = append(groups, g)
 		}
 	}
 	switch {
