@@ -1,8 +1,11 @@
 // Package agent is the host agent: it registers its host with the traits its
 // backend can serve and moves every vTPM placed on the host towards its
-// desired state. Reconciliation is level-triggered and idempotent: each pass
-// reads the records and the backend afresh, so a pass interrupted by a crash
-// is finished by the next one.
+// desired state. It reaches the control plane's records only through
+// Records, and asks its Backend to act through requests (VTPM) that carry
+// what a backend needs, never the records themselves. Reconciliation is
+// level-triggered and idempotent: each pass reads the records and the
+// backend afresh, so a pass interrupted by a crash is finished by the next
+// one.
 package agent
 
 import (
@@ -13,46 +16,20 @@ import (
 	"sync"
 	"time"
 
-	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/spec"
-	"github.com/vtpmd/vtpmd/internal/store"
 )
-
-// Backend runs vTPMs on one host. Every method is idempotent.
-type Backend interface {
-	// Name says which backend this is (swtpm, libvirt, ...).
-	Name() string
-	// Capabilities are what the host can serve.
-	Capabilities(ctx context.Context) (spec.Capabilities, error)
-	// Ensure makes v's vTPM exist and run, manufacturing it on first use with
-	// secret as its state key. It returns the vTPM's endorsement keys.
-	Ensure(ctx context.Context, v *store.VTPM, secret []byte) ([]store.EK, error)
-	// Stop stops v's vTPM, keeping its state.
-	Stop(ctx context.Context, v *store.VTPM) error
-	// Destroy stops v's vTPM and removes its state.
-	Destroy(ctx context.Context, v *store.VTPM) error
-	// Sockets are where clients attach to v's vTPM.
-	Sockets(instanceID string) api.Sockets
-}
-
-// Pool is a backend that keeps manufactured TPMs ready (see
-// direct.Backend): Claim hands out one's secret, which the agent stores in
-// the key manager before adopt moves the TPM to the instance; discard
-// throws it away. AdoptedSecret names the secret an adopted TPM needs.
-type Pool interface {
-	Claim(v spec.Version) (secret []byte, adopt func(ctx context.Context, instanceID, secretID string) error, discard func(), ok bool)
-	AdoptedSecret(instanceID string) string
-}
 
 // Agent reconciles one host.
 type Agent struct {
 	Host     string
 	Capacity int
-	Store    *store.Store
-	Keyring  keyring.Keyring
-	Backend  Backend
-	Log      *slog.Logger
+	// Records are the control plane's records of the host's vTPMs.
+	Records Records
+	// Keyring holds the secrets that key the vTPMs' state.
+	Keyring keyring.Keyring
+	Backend Backend
+	Log     *slog.Logger
 	// Interval between full passes when nothing kicks the agent; default 5s.
 	Interval time.Duration
 	// Workers bounds how many vTPMs are reconciled at once; default 8.
@@ -84,8 +61,7 @@ func (a *Agent) Register(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("reading capabilities of host %s: %w", a.Host, err)
 	}
-	h := &store.Host{Name: a.Host, Traits: spec.HostTraits(caps).List(), Capacity: a.Capacity, Backend: a.Backend.Name()}
-	return a.Store.Update(ctx, func(tx *store.Tx) error { return tx.PutHost(h) })
+	return a.Records.RegisterHost(ctx, Host{Name: a.Host, Traits: spec.HostTraits(caps).List(), Capacity: a.Capacity, Backend: a.Backend.Name()})
 }
 
 // Kick asks for a reconciliation pass soon; it never blocks.
@@ -118,11 +94,7 @@ func (a *Agent) Run(ctx context.Context) error {
 // Reconcile makes one pass over the host's vTPMs.
 func (a *Agent) Reconcile(ctx context.Context) error {
 	a.init()
-	var vs []*store.VTPM
-	err := a.Store.View(ctx, func(tx *store.Tx) (err error) {
-		vs, err = tx.ListVTPMs(store.Filter{Host: a.Host})
-		return err
-	})
+	vs, err := a.Records.List(ctx, a.Host)
 	if err != nil {
 		return err
 	}
@@ -147,47 +119,43 @@ func (a *Agent) Reconcile(ctx context.Context) error {
 // step's writes were refused; it then acts on the record as it is now, so
 // that a deleted vTPM's half-made state goes at once rather than a pass
 // later.
-func (a *Agent) reconcile(ctx context.Context, v *store.VTPM) error {
+func (a *Agent) reconcile(ctx context.Context, v *Record) error {
 	err := a.step(ctx, v)
-	if !errors.Is(err, store.ErrConflict) && !errors.Is(err, store.ErrNotFound) {
+	if !errors.Is(err, ErrConflict) && !errors.Is(err, ErrNotFound) {
 		return err
 	}
-	var now *store.VTPM
-	gerr := a.Store.View(ctx, func(tx *store.Tx) (err error) {
-		now, err = tx.GetVTPM(v.InstanceID)
-		return err
-	})
+	now, gerr := a.Records.Get(ctx, v.InstanceID)
 	switch {
-	case errors.Is(gerr, store.ErrNotFound):
+	case errors.Is(gerr, ErrNotFound):
 		// Deleted before any agent acted on it, which leaves nothing to
 		// remove; whatever a step made in the meantime goes.
-		return errors.Join(a.Backend.Destroy(ctx, v), keyring.Shred(ctx, a.Keyring, a.secrets(v)...))
+		return errors.Join(a.Backend.Destroy(ctx, v.VTPM()), keyring.Shred(ctx, a.Keyring, a.secrets(v)...))
 	case gerr != nil:
 		return errors.Join(err, gerr)
 	}
 	return a.step(ctx, now)
 }
 
-func (a *Agent) step(ctx context.Context, v *store.VTPM) error {
+func (a *Agent) step(ctx context.Context, v *Record) error {
 	switch v.Desired {
-	case store.DesiredDeleted:
+	case DesiredDeleted:
 		return a.destroy(ctx, v)
-	case store.DesiredStopped:
-		if v.Phase == store.PhaseStopped {
+	case DesiredStopped:
+		if v.Phase == PhaseStopped {
 			return nil
 		}
-		if err := a.Backend.Stop(ctx, v); err != nil {
+		if err := a.Backend.Stop(ctx, v.VTPM()); err != nil {
 			return a.fail(ctx, v, "stopping", err)
 		}
-		return a.setPhase(ctx, v, store.PhaseStopped, "", "stopped")
+		return a.setPhase(ctx, v, PhaseStopped, "", "stopped")
 	default:
 		return a.run(ctx, v)
 	}
 }
 
-func (a *Agent) run(ctx context.Context, v *store.VTPM) error {
-	if v.Phase == store.PhasePending {
-		if err := a.setPhase(ctx, v, store.PhaseProvisioning, "", "provisioning"); err != nil {
+func (a *Agent) run(ctx context.Context, v *Record) error {
+	if v.Phase == PhasePending {
+		if err := a.setPhase(ctx, v, PhaseProvisioning, "", "provisioning"); err != nil {
 			return err
 		}
 	}
@@ -200,18 +168,18 @@ func (a *Agent) run(ctx context.Context, v *store.VTPM) error {
 	if err != nil {
 		return a.fail(ctx, v, "reading the vTPM secret", err)
 	}
-	eks, err := a.Backend.Ensure(ctx, v, sec.Payload)
+	eks, err := a.Backend.Ensure(ctx, v.VTPM(), sec.Payload)
 	if err != nil {
 		return a.fail(ctx, v, "running the vTPM", err)
 	}
-	if v.Phase == store.PhaseActive && (len(v.EKs) > 0 || len(eks) == 0) {
+	if v.Phase == PhaseActive && (len(v.EKs) > 0 || len(eks) == 0) {
 		return nil // as recorded (a Xen stub domain makes its EK itself: none to record)
 	}
 	action := "started"
 	if len(v.EKs) == 0 {
 		v.EKs, action = eks, "manufactured and started"
 	}
-	return a.setPhase(ctx, v, store.PhaseActive, "", action)
+	return a.setPhase(ctx, v, PhaseActive, "", action)
 }
 
 // fromPool gives a vTPM not yet manufactured a pooled TPM: its secret is
@@ -219,7 +187,7 @@ func (a *Agent) run(ctx context.Context, v *store.VTPM) error {
 // the secret. It also finishes an adoption a crash interrupted. An adoption
 // the record does not take (it changed meanwhile: deleted, say) is undone,
 // state and secret, so that nothing of it outlives the vTPM.
-func (a *Agent) fromPool(ctx context.Context, pool Pool, v *store.VTPM) error {
+func (a *Agent) fromPool(ctx context.Context, pool Pool, v *Record) error {
 	if id := pool.AdoptedSecret(v.InstanceID); id != "" {
 		if id == v.SecretID {
 			return nil
@@ -241,7 +209,7 @@ func (a *Agent) fromPool(ctx context.Context, pool Pool, v *store.VTPM) error {
 			return err
 		}
 		if err := a.switchSecret(ctx, v, id); err != nil {
-			return errors.Join(err, a.Backend.Destroy(context.WithoutCancel(ctx), v))
+			return errors.Join(err, a.Backend.Destroy(context.WithoutCancel(ctx), v.VTPM()))
 		}
 		return nil
 	})
@@ -253,26 +221,20 @@ func (a *Agent) fromPool(ctx context.Context, pool Pool, v *store.VTPM) error {
 
 // unadopt throws away a TPM adopted for v under secret id, which v's record
 // does not name.
-func (a *Agent) unadopt(ctx context.Context, v *store.VTPM, id string) error {
-	return errors.Join(a.Backend.Destroy(context.WithoutCancel(ctx), v), keyring.Shred(ctx, a.Keyring, id))
+func (a *Agent) unadopt(ctx context.Context, v *Record, id string) error {
+	return errors.Join(a.Backend.Destroy(context.WithoutCancel(ctx), v.VTPM()), keyring.Shred(ctx, a.Keyring, id))
 }
 
 // switchSecret points v at secret id and shreds the one it had, which no
 // state was ever encrypted with. It fails only if the record did not take
 // the new secret (v is then as it was); an old secret that cannot be
 // shredded now is reclaimed at the next start.
-func (a *Agent) switchSecret(ctx context.Context, v *store.VTPM, id string) error {
+func (a *Agent) switchSecret(ctx context.Context, v *Record, id string) error {
 	old := *v
 	v.SecretID = id
 	committed := false
 	err := keyring.ShredRecorded(ctx, a.Keyring, func() ([]string, error) {
-		err := a.Store.Update(ctx, func(tx *store.Tx) error {
-			if err := tx.UpdateVTPM(v); err != nil {
-				return err
-			}
-			return tx.AppendEvent(store.Event{Actor: a.actor(), InstanceID: v.InstanceID, Action: "adopted a pre-manufactured TPM",
-				Detail: "its key is secret " + id})
-		})
+		err := a.Records.Update(ctx, v, Event{Actor: a.actor(), Action: "adopted a pre-manufactured TPM", Detail: "its key is secret " + id})
 		committed = err == nil
 		return []string{old.SecretID}, err
 	})
@@ -291,34 +253,25 @@ func (a *Agent) switchSecret(ctx context.Context, v *store.VTPM, id string) erro
 // deleting. The API shredded the record's secret already, when the delete
 // was asked for; this one is for a pass that finds it (or a secret an
 // adoption left) still there.
-func (a *Agent) destroy(ctx context.Context, v *store.VTPM) error {
-	if v.Phase != store.PhaseDeleting {
-		if err := a.setPhase(ctx, v, store.PhaseDeleting, "", "deleting"); err != nil {
+func (a *Agent) destroy(ctx context.Context, v *Record) error {
+	if v.Phase != PhaseDeleting {
+		if err := a.setPhase(ctx, v, PhaseDeleting, "", "deleting"); err != nil {
 			return err
 		}
 	}
 	if err := keyring.Shred(ctx, a.Keyring, a.secrets(v)...); err != nil {
 		return a.fail(ctx, v, "deleting the vTPM secret", err)
 	}
-	if err := a.Backend.Destroy(ctx, v); err != nil {
+	if err := a.Backend.Destroy(ctx, v.VTPM()); err != nil {
 		return a.fail(ctx, v, "removing the vTPM state", err)
 	}
-	return a.Store.Update(ctx, func(tx *store.Tx) error {
-		if err := tx.DeleteVTPM(v.InstanceID); err != nil {
-			return err
-		}
-		if err := tx.DeleteAttestation(v.InstanceID); err != nil {
-			return err
-		}
-		return tx.AppendEvent(store.Event{Actor: a.actor(), InstanceID: v.InstanceID, Action: "deleted",
-			Detail: "state and secret destroyed"})
-	})
+	return a.Records.Delete(ctx, v.InstanceID, Event{Actor: a.actor(), Action: "deleted", Detail: "state and secret destroyed"})
 }
 
 // secrets are the key-manager secrets v's state may be encrypted with: the
 // record's, and that of a TPM adopted from the pool whose record a crash
 // kept from naming it.
-func (a *Agent) secrets(v *store.VTPM) []string {
+func (a *Agent) secrets(v *Record) []string {
 	ids := []string{v.SecretID}
 	if pool, ok := a.Backend.(Pool); ok {
 		if id := pool.AdoptedSecret(v.InstanceID); id != "" && id != v.SecretID {
@@ -329,14 +282,14 @@ func (a *Agent) secrets(v *store.VTPM) []string {
 }
 
 // fail records an error phase with a reason a person can act on.
-func (a *Agent) fail(ctx context.Context, v *store.VTPM, doing string, err error) error {
+func (a *Agent) fail(ctx context.Context, v *Record, doing string, err error) error {
 	reason := doing + ": " + err.Error()
-	if v.Desired == store.DesiredDeleted && v.Phase == store.PhaseDeleting || v.Phase == store.PhaseError && v.Reason == reason {
+	if v.Desired == DesiredDeleted && v.Phase == PhaseDeleting || v.Phase == PhaseError && v.Reason == reason {
 		return err // already recorded; keep retrying without flooding the log
 	}
-	phase := store.PhaseError
-	if v.Desired == store.DesiredDeleted {
-		phase = store.PhaseDeleting
+	phase := PhaseError
+	if v.Desired == DesiredDeleted {
+		phase = PhaseDeleting
 	}
 	if uerr := a.setPhase(ctx, v, phase, reason, "error"); uerr != nil {
 		return errors.Join(err, uerr)
@@ -344,18 +297,13 @@ func (a *Agent) fail(ctx context.Context, v *store.VTPM, doing string, err error
 	return err
 }
 
-func (a *Agent) setPhase(ctx context.Context, v *store.VTPM, p store.Phase, reason, action string) error {
+func (a *Agent) setPhase(ctx context.Context, v *Record, p Phase, reason, action string) error {
 	v.Phase, v.Reason = p, reason
 	detail := string(p)
 	if reason != "" {
 		detail = reason
 	}
-	return a.Store.Update(ctx, func(tx *store.Tx) error {
-		if err := tx.UpdateVTPM(v); err != nil {
-			return err
-		}
-		return tx.AppendEvent(store.Event{Actor: a.actor(), InstanceID: v.InstanceID, Action: action, Detail: detail})
-	})
+	return a.Records.Update(ctx, v, Event{Actor: a.actor(), Action: action, Detail: detail})
 }
 
 func (a *Agent) actor() string { return "agent:" + a.Host }

@@ -11,12 +11,14 @@ import (
 	"time"
 
 	"github.com/vtpmd/vtpmd/internal/agent"
+	"github.com/vtpmd/vtpmd/internal/agent/agentstore"
 	"github.com/vtpmd/vtpmd/internal/backend/direct"
 	"github.com/vtpmd/vtpmd/internal/citest"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/swtpm"
+	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmhost"
 	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmtest"
 )
 
@@ -25,7 +27,7 @@ import (
 type host struct {
 	a  *agent.Agent
 	st *store.Store
-	b  *direct.Backend
+	rt *swtpmhost.Runtime
 }
 
 type certifier struct{ ca *swtpmtest.CA }
@@ -47,15 +49,16 @@ func newHost(t *testing.T, root string) *host {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := direct.New(direct.Config{Root: root, Certifier: certifier{swtpmtest.NewCA(t)}})
+	rt, err := swtpmhost.New(swtpmhost.Config{Root: root, Certifier: certifier{swtpmtest.NewCA(t)}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		b.Close(context.Background())
+		rt.Close(context.Background())
 		swtpmtest.CheckNoProcesses(t, root)
 	})
-	h := &host{a: &agent.Agent{Host: "h1", Capacity: 10, Store: st, Keyring: kr, Backend: b}, st: st, b: b}
+	a := &agent.Agent{Host: "h1", Capacity: 10, Records: agentstore.New(st), Keyring: kr, Backend: direct.New(rt)}
+	h := &host{a: a, st: st, rt: rt}
 	if err := h.a.Register(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -215,8 +218,8 @@ func TestFailureModeRepaired(t *testing.T) {
 			if rec := h.pass(t, id); rec.Phase != store.PhaseActive {
 				t.Fatalf("phase %s (%s)", rec.Phase, rec.Reason)
 			}
-			sock := h.b.Sockets(id).Data
-			pid := h.b.Running(id)
+			sock := h.rt.Sockets(id).Data
+			pid := h.rt.Running(id)
 
 			free := breakTPM(t, disk, sock, v)
 			// While the disk is full, a restart may fail the same way (TPM
@@ -234,11 +237,11 @@ func TestFailureModeRepaired(t *testing.T) {
 			if rc := send(t, sock, getRandom(v)); rec.Phase != store.PhaseActive || rc != 0 {
 				t.Fatalf("after a pass: phase %s (%s), the TPM answers 0x%x", rec.Phase, rec.Reason, rc)
 			}
-			if h.b.Running(id) == pid {
+			if h.rt.Running(id) == pid {
 				t.Fatalf("swtpm %d was not restarted", pid)
 			}
 
-			guest, err := net.Dial("unix", h.b.Sockets(id).Ctrl)
+			guest, err := net.Dial("unix", h.rt.Sockets(id).Ctrl)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -249,7 +252,7 @@ func TestFailureModeRepaired(t *testing.T) {
 				t.Fatalf("with a guest connected: phase %s (%s); want error saying failure mode and the guest", rec.Phase, rec.Reason)
 			}
 			guest.Close()
-			waitReleased(t, h.b.Sockets(id).Ctrl)
+			waitReleased(t, h.rt.Sockets(id).Ctrl)
 			rec = h.pass(t, id)
 			if rc := send(t, sock, getRandom(v)); rec.Phase != store.PhaseActive || rc != 0 {
 				t.Fatalf("after the guest let go: phase %s (%s), the TPM answers 0x%x", rec.Phase, rec.Reason, rc)

@@ -276,7 +276,7 @@ func TestAllInOneLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	u.wait(t, id20, "stopped")
-	if pid := u.d.Backend().Running(id20); pid != 0 {
+	if pid := u.d.Swtpm().Running(id20); pid != 0 {
 		t.Fatalf("swtpm %d still running after stop", pid)
 	}
 	if _, err := u.c.Start(context.Background(), id20); err != nil {
@@ -288,10 +288,10 @@ func TestAllInOneLifecycle(t *testing.T) {
 	}
 
 	// kill -9 of swtpm: supervised back, state intact.
-	pid := u.d.Backend().Running(id20)
+	pid := u.d.Swtpm().Running(id20)
 	syscall.Kill(pid, syscall.SIGKILL)
 	deadline := time.Now().Add(10 * time.Second)
-	for u.d.Backend().Running(id20) == pid || u.d.Backend().Running(id20) == 0 {
+	for u.d.Swtpm().Running(id20) == pid || u.d.Swtpm().Running(id20) == 0 {
 		if time.Now().After(deadline) {
 			t.Fatal("swtpm did not come back after kill -9")
 		}
@@ -335,7 +335,7 @@ func TestAllInOneTPM12(t *testing.T) {
 	u := startDaemon(t, t.TempDir())
 	id12 := "0a0a0a0a-0000-4000-8000-000000000012"
 	v := u.create(t, id12, "1.2")
-	if v.Spec.Version != "1.2" || u.d.Backend().Running(id12) == 0 {
+	if v.Spec.Version != "1.2" || u.d.Swtpm().Running(id12) == 0 {
 		t.Fatalf("1.2 vTPM: %+v", v)
 	}
 }

@@ -246,7 +246,7 @@ func TestWrongSecret(t *testing.T) {
 		if !strings.Contains(v.Reason, swtpm.ErrWrongSecret.Error()) {
 			t.Fatalf("reason %q does not say the secret is wrong", v.Reason)
 		}
-		if pid := u.d.Backend().Running(id); pid != 0 {
+		if pid := u.d.Swtpm().Running(id); pid != 0 {
 			t.Fatalf("a swtpm (%d) runs on a state it cannot open", pid)
 		}
 	}

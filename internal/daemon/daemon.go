@@ -22,6 +22,7 @@ import (
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/agent"
+	"github.com/vtpmd/vtpmd/internal/agent/agentstore"
 	"github.com/vtpmd/vtpmd/internal/atomicfile"
 	"github.com/vtpmd/vtpmd/internal/attest"
 	"github.com/vtpmd/vtpmd/internal/backend/direct"
@@ -32,6 +33,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/swtpm"
+	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmhost"
 )
 
 // AllInOne is a running server plus local agent.
@@ -44,8 +46,9 @@ type AllInOne struct {
 	XenUUIDAddr string
 	cfg         Config
 	store       *store.Store
-	backend     *direct.Backend // runs swtpm; the host backend itself or under libvirt's
-	host        hostBackend     // what the agent drives
+	swtpm       *swtpmhost.Runtime // runs swtpm, for the swtpm backend or under libvirt's
+	host        hostBackend        // what the agent drives
+	records     *agentstore.Records
 	agent       *agent.Agent
 	http        *http.Server
 	ln          net.Listener
@@ -125,7 +128,7 @@ func (d *AllInOne) start(ctx context.Context) error {
 			return fmt.Errorf("libvirt backend: %w", err)
 		}
 	}
-	d.backend, err = direct.New(direct.Config{
+	d.swtpm, err = swtpmhost.New(swtpmhost.Config{
 		Root: filepath.Join(cfg.DataDir, "vtpms"), SocketDir: cfg.SocketDir, SocketGroup: cfg.SocketGroup,
 		User: cfg.SwtpmUser, Group: cfg.SwtpmGroup,
 		Binary: cfg.SwtpmBinary, PCRBanks: cfg.PCRBanks, Certifier: certifier{authority}, Log: d.log, PoolSize: poolSize(cfg),
@@ -141,15 +144,15 @@ func (d *AllInOne) start(ctx context.Context) error {
 			return err
 		}
 	}
-	if err := reclaimSecrets(ctx, d.store, d.backend, kr, d.log); err != nil {
+	if err := reclaimSecrets(ctx, d.store, d.swtpm, kr, d.log); err != nil {
 		return fmt.Errorf("reclaiming orphan secrets: %w", err)
 	}
-	d.host = d.backend
+	d.host = direct.New(d.swtpm)
 	if cfg.Backend == "libvirt" {
 		d.host, err = libvirt.New(ctx, libvirt.Config{
 			Mode: libvirt.Mode(cfg.Libvirt.Mode), EnableVTPM: cfg.Libvirt.EnableVTPM, Socket: cfg.Libvirt.Socket,
 			SwtpmUser: cfg.SwtpmUser, SwtpmGroup: cfg.SwtpmGroup, SecretSecurity: cfg.Libvirt.SecretSecurity,
-			Direct: d.backend, Log: d.log,
+			Swtpm: d.swtpm, Log: d.log,
 		})
 		if err != nil {
 			return fmt.Errorf("libvirt backend: %w", err)
@@ -160,7 +163,8 @@ func (d *AllInOne) start(ctx context.Context) error {
 			return fmt.Errorf("xen backend: %w", err)
 		}
 	}
-	d.agent = &agent.Agent{Host: cfg.HostName, Capacity: cfg.Capacity, Store: d.store, Keyring: kr, Backend: d.host, Log: d.log}
+	d.records = agentstore.New(d.store)
+	d.agent = &agent.Agent{Host: cfg.HostName, Capacity: cfg.Capacity, Records: d.records, Keyring: kr, Backend: d.host, Log: d.log}
 	if err := d.agent.Register(ctx); err != nil {
 		return err
 	}
@@ -271,7 +275,7 @@ func (d *AllInOne) Shutdown(ctx context.Context) error {
 	if d.stopBackground != nil {
 		d.stopBackground()
 	}
-	errs := []error{d.http.Shutdown(ctx), d.local.Shutdown(ctx), d.backend.Close(ctx), d.store.Close()}
+	errs := []error{d.http.Shutdown(ctx), d.local.Shutdown(ctx), d.swtpm.Close(ctx), d.store.Close()}
 	if err := os.Remove(d.cfg.APISocket); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		errs = append(errs, err)
 	}
@@ -322,8 +326,8 @@ func openStore(ctx context.Context, cfg Config) (*store.Store, error) {
 	return store.Open(ctx, filepath.Join(cfg.DataDir, "vtpmd.db"), store.Options{})
 }
 
-// poolSize is the pool the swtpm backend keeps: none when it only serves
-// the libvirt backend, whose agent does not claim from it.
+// poolSize is the pool the swtpm runtime keeps: none when it serves the
+// libvirt backend, whose agent does not claim from it.
 func poolSize(cfg Config) int {
 	if cfg.Backend != "swtpm" {
 		return 0
@@ -334,7 +338,7 @@ func poolSize(cfg Config) int {
 // hostBackend is a backend that can also report drift.
 type hostBackend interface {
 	agent.Backend
-	Drift(ctx context.Context, records func(context.Context) ([]*store.VTPM, error), repair bool) ([]api.Finding, error)
+	Drift(ctx context.Context, records func(context.Context) ([]agent.VTPM, error), repair bool) ([]api.Finding, error)
 }
 
 // drift asks this host's backend for drift against the host's records.
@@ -342,12 +346,16 @@ func (d *AllInOne) drift(ctx context.Context, host string, repair bool) (*api.Dr
 	if host != d.cfg.HostName {
 		return nil, fmt.Errorf("host %s has no agent in this process", host)
 	}
-	records := func(ctx context.Context) (vs []*store.VTPM, err error) {
-		err = d.store.View(ctx, func(tx *store.Tx) error {
-			vs, err = tx.ListVTPMs(store.Filter{Host: host})
-			return err
-		})
-		return vs, err
+	records := func(ctx context.Context) ([]agent.VTPM, error) {
+		rs, err := d.records.List(ctx, host)
+		if err != nil {
+			return nil, err
+		}
+		vs := make([]agent.VTPM, len(rs))
+		for i, r := range rs {
+			vs[i] = r.VTPM()
+		}
+		return vs, nil
 	}
 	fs, err := d.host.Drift(ctx, records, repair)
 	if err != nil {
@@ -414,7 +422,7 @@ func (d *AllInOne) reportDrift(ctx context.Context) {
 
 // sweep kills swtpm processes that no vTPM here runs.
 func (d *AllInOne) sweep() error {
-	n, err := d.backend.Sweep()
+	n, err := d.swtpm.Sweep()
 	if err != nil {
 		return fmt.Errorf("sweeping stale swtpm processes: %w", err)
 	}
@@ -424,8 +432,8 @@ func (d *AllInOne) sweep() error {
 	return nil
 }
 
-// Backend exposes the swtpm backend (tests look at its processes).
-func (d *AllInOne) Backend() *direct.Backend { return d.backend }
+// Swtpm exposes the host's swtpm runtime (tests look at its processes).
+func (d *AllInOne) Swtpm() *swtpmhost.Runtime { return d.swtpm }
 
 // certifier issues EK certificates from the deployment CA with the
 // manufacturer, model and version swtpm_setup uses, so tools that accept
@@ -440,8 +448,8 @@ func (c certifier) CertifyEK(ctx context.Context, instanceID string, v spec.Vers
 // makes the secret before it commits the record, so a crash between the two
 // leaves one behind; it runs before the API listens, so no create is in
 // flight.
-func reclaimSecrets(ctx context.Context, st *store.Store, b *direct.Backend, kr keyring.Keyring, log *slog.Logger) error {
-	used, err := b.AdoptedSecrets() // TPMs adopted from the pool, records not yet updated
+func reclaimSecrets(ctx context.Context, st *store.Store, rt *swtpmhost.Runtime, kr keyring.Keyring, log *slog.Logger) error {
+	used, err := rt.AdoptedSecrets() // TPMs adopted from the pool, records not yet updated
 	if err != nil {
 		return err
 	}

@@ -341,7 +341,7 @@ func testLibvirt(t *testing.T, mode, secretSecurity string) {
 	}
 	procs := swtpmtest.Processes("/var/lib/libvirt/swtpm/" + id)
 	if mode == "external" {
-		procs = swtpmtest.Processes(d.Backend().Dir(id))
+		procs = swtpmtest.Processes(d.Swtpm().Dir(id))
 	}
 
 	// The swtpm serving the guest encrypts its state with the vTPM secret.
@@ -390,11 +390,11 @@ func testLibvirt(t *testing.T, mode, secretSecurity string) {
 			}
 		}
 	case "external":
-		state = d.Backend().Dir(id)
+		state = d.Swtpm().Dir(id)
 		if x := tpms[0].Backend.External; x == nil || x.Source.UNIX.Path != v.Sockets.Ctrl {
 			t.Fatalf("external backend: %+v", tpms[0].Backend)
 		}
-		if d.Backend().Running(id) == 0 {
+		if d.Swtpm().Running(id) == 0 {
 			t.Fatal("vtpmd's swtpm is not running")
 		}
 		// QEMU's group, and only it, may connect to vtpmd's swtpm, through
@@ -548,7 +548,7 @@ func TestLibvirtExternalRestart(t *testing.T) {
 		}
 	}
 	connected("after attach")
-	pid := u.d.Backend().Running(id)
+	pid := u.d.Swtpm().Running(id)
 
 	u.stop()
 	if syscall.Kill(pid, 0) != nil {
@@ -556,7 +556,7 @@ func TestLibvirtExternalRestart(t *testing.T) {
 	}
 	u = startLibvirtDaemon(t, dir, "external")
 	v = u.wait(t, id, "active")
-	if got := u.d.Backend().Running(id); got != pid {
+	if got := u.d.Swtpm().Running(id); got != pid {
 		t.Fatalf("after the restart vTPM runs swtpm %d, not the guest's %d", got, pid)
 	}
 	connected("after vtpmd restarted")
@@ -585,7 +585,7 @@ func TestLibvirtExternalRestart(t *testing.T) {
 	connected("after stop and start")
 
 	// Deleting the vTPM stops its swtpm even though it is kept across restarts.
-	pid = u.d.Backend().Running(id)
+	pid = u.d.Swtpm().Running(id)
 	if _, err := u.c.Delete(ctx, id); err != nil {
 		t.Fatal(err)
 	}

@@ -74,7 +74,7 @@ func TestPoolAdoptionRecovery(t *testing.T) {
 	u := startConfigured(t, Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "test-host", PoolSize: 1})
 	waitPool(t, dir, 1)
 	id := "0a0a0a0a-0000-4000-8000-0000000000b2"
-	secret, adopt, _, ok := u.d.Backend().Claim(spec.V20)
+	secret, adopt, _, ok := u.d.Swtpm().Claim(spec.V20)
 	if !ok {
 		t.Fatal("nothing to claim")
 	}

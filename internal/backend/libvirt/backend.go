@@ -7,8 +7,9 @@
 //     swtpm reads it, so the EK certificates come from the deployment CA
 //     and libvirt never runs swtpm_setup. libvirt keeps TPM state by domain
 //     UUID, so the domain's UUID must be the instance id, as under Nova.
-//   - external: vtpmd runs and supervises swtpm (the direct backend) and the
-//     domain connects to its control socket; the vTPM outlives the guest.
+//   - external: vtpmd runs and supervises swtpm (the host's swtpm runtime,
+//     swtpmhost) and the domain connects to its control socket; the vTPM
+//     outlives the guest.
 //
 // libvirtd is reached over its unix socket with go-libvirt (no cgo); XML is
 // built and edited with libvirtxml.
@@ -31,8 +32,8 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/agent"
-	"github.com/vtpmd/vtpmd/internal/backend/direct"
 	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmhost"
 )
 
 // DefaultSocket is libvirtd's socket.
@@ -65,9 +66,9 @@ type Config struct {
 	SwtpmUser, SwtpmGroup string
 	// SecretSecurity are the modes this host offers; nil means all.
 	SecretSecurity []spec.SecretSecurity
-	// Direct runs the vTPMs of external mode and manufactures those of
-	// emulator mode.
-	Direct *direct.Backend
+	// Swtpm, the host's swtpm runtime, runs the vTPMs of external mode and
+	// manufactures those of emulator mode.
+	Swtpm *swtpmhost.Runtime
 	// KVMDevice is the KVM device whose access New checks; default
 	// /dev/kvm.
 	KVMDevice string
@@ -97,8 +98,8 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 	if cfg.Mode != Emulator && cfg.Mode != External {
 		return nil, fmt.Errorf("libvirt mode %q: want %s or %s", cfg.Mode, Emulator, External)
 	}
-	if cfg.Direct == nil {
-		return nil, errors.New("the libvirt backend needs the swtpm backend to manufacture vTPMs")
+	if cfg.Swtpm == nil {
+		return nil, errors.New("the libvirt backend needs the host's swtpm runtime to manufacture vTPMs")
 	}
 	if cfg.KVMDevice == "" {
 		cfg.KVMDevice = KVMDevice
@@ -198,7 +199,7 @@ func (b *Backend) Name() string { return "libvirt" }
 // emulator mode libvirt's swtpm is QEMU's alone, so none.
 func (b *Backend) Sockets(id string) api.Sockets {
 	if b.cfg.Mode == External {
-		return b.cfg.Direct.Sockets(id)
+		return b.cfg.Swtpm.Sockets(id)
 	}
 	return api.Sockets{}
 }

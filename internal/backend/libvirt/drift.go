@@ -10,8 +10,8 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/vtpmd/vtpmd/api"
-	"github.com/vtpmd/vtpmd/internal/backend/direct"
-	"github.com/vtpmd/vtpmd/internal/store"
+	"github.com/vtpmd/vtpmd/internal/agent"
+	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmhost"
 )
 
 // Drift compares libvirt with the records of this host's vTPMs: libvirt
@@ -20,7 +20,7 @@ import (
 // state is gone. With repair it deletes the orphans (never a state whose
 // domain is still defined); records are never touched. libvirt is read
 // before the records, as a record always exists before its libvirt objects.
-func (b *Backend) Drift(ctx context.Context, records func(context.Context) ([]*store.VTPM, error), repair bool) ([]api.Finding, error) {
+func (b *Backend) Drift(ctx context.Context, records func(context.Context) ([]agent.VTPM, error), repair bool) ([]api.Finding, error) {
 	lv, err := b.conn()
 	if err != nil {
 		return nil, err
@@ -95,14 +95,14 @@ func (b *Backend) Drift(ctx context.Context, records func(context.Context) ([]*s
 			findings = append(findings, api.Finding{Kind: "missing_domain", Object: v.Domain, InstanceID: v.InstanceID,
 				Detail: "the vTPM is attached to a domain that is not defined"})
 		}
-		if len(v.EKs) == 0 || v.Desired == store.DesiredDeleted {
+		if !v.Manufactured || v.Desired == agent.DesiredDeleted {
 			continue
 		}
 		state := filepath.Join(b.stateDir(v.InstanceID), tpmDir(v.Spec.Version))
 		if b.cfg.Mode == External {
-			state = b.cfg.Direct.Dir(v.InstanceID)
+			state = b.cfg.Swtpm.Dir(v.InstanceID)
 		}
-		if ok, err := exists(filepath.Join(state, direct.IdentityFile)); err != nil {
+		if ok, err := exists(filepath.Join(state, swtpmhost.IdentityFile)); err != nil {
 			return nil, err
 		} else if !ok {
 			findings = append(findings, api.Finding{Kind: "missing_state", Object: state, InstanceID: v.InstanceID,

@@ -17,8 +17,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/vtpmd/vtpmd/internal/backend/direct"
 	"github.com/vtpmd/vtpmd/internal/citest"
+	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmhost"
 )
 
 func TestMayReadWrite(t *testing.T) {
@@ -207,11 +207,11 @@ func TestNewWarnsKVM(t *testing.T) {
 	dev := standInDevice(t, other)
 	warnings := func() []map[string]any {
 		var buf bytes.Buffer
-		d, err := direct.New(direct.Config{Root: t.TempDir()})
+		rt, err := swtpmhost.New(swtpmhost.Config{Root: t.TempDir()})
 		if err != nil {
 			t.Fatal(err)
 		}
-		b, err := New(context.Background(), Config{Mode: Emulator, Direct: d, KVMDevice: dev,
+		b, err := New(context.Background(), Config{Mode: Emulator, Swtpm: rt, KVMDevice: dev,
 			Log: slog.New(slog.NewJSONHandler(&buf, &slog.HandlerOptions{Level: slog.LevelWarn}))})
 		if err != nil {
 			t.Fatalf("New: %v", err)

@@ -12,8 +12,8 @@ import (
 	"github.com/google/uuid"
 	"libvirt.org/go/libvirtxml"
 
+	"github.com/vtpmd/vtpmd/internal/agent"
 	"github.com/vtpmd/vtpmd/internal/spec"
-	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/swtpm"
 )
 
@@ -21,7 +21,7 @@ import (
 // v.Domain (and to no other domain), and, when the vTPM is being started
 // rather than checked again, the guest runs. A guest that shut itself down
 // is not restarted behind its owner's back.
-func (b *Backend) Ensure(ctx context.Context, v *store.VTPM, secret []byte) ([]store.EK, error) {
+func (b *Backend) Ensure(ctx context.Context, v agent.VTPM, secret []byte) ([]agent.EK, error) {
 	if !b.cfg.EnableVTPM {
 		return nil, errors.New("vTPM is disabled on this host (enable-vtpm)")
 	}
@@ -32,9 +32,9 @@ func (b *Backend) Ensure(ctx context.Context, v *store.VTPM, secret []byte) ([]s
 	if err != nil {
 		return nil, err
 	}
-	var eks []store.EK
+	var eks []agent.EK
 	if b.cfg.Mode == External {
-		eks, err = b.cfg.Direct.Ensure(ctx, v, secret)
+		eks, err = b.cfg.Swtpm.Ensure(ctx, v, secret)
 	} else {
 		// libvirt's swtpm runs as swtpm_user: the directories above its
 		// state must be traversable, as libvirt makes them (0711).
@@ -43,14 +43,14 @@ func (b *Backend) Ensure(ctx context.Context, v *store.VTPM, secret []byte) ([]s
 				return nil, fmt.Errorf("creating %s: %w", d, err)
 			}
 		}
-		eks, err = b.cfg.Direct.Manufacture(ctx, v, secret, filepath.Join(b.stateDir(v.InstanceID), tpmDir(v.Spec.Version)))
+		eks, err = b.cfg.Swtpm.Manufacture(ctx, v, secret, filepath.Join(b.stateDir(v.InstanceID), tpmDir(v.Spec.Version)))
 	}
 	if err != nil {
 		return nil, err
 	}
 	// A settled vTPM is only checked, not searched for in every domain:
 	// a pass over all domains per vTPM and pass would not scale.
-	if v.Phase != store.PhaseActive {
+	if !v.Active {
 		if err := b.detachOthers(lv, v); err != nil {
 			return nil, err
 		}
@@ -65,7 +65,7 @@ func (b *Backend) Ensure(ctx context.Context, v *store.VTPM, secret []byte) ([]s
 	if err := b.attach(lv, dom, v); err != nil {
 		return nil, err
 	}
-	if v.Phase != store.PhaseActive {
+	if !v.Active {
 		if err := b.startGuest(lv, dom, v, secret); err != nil {
 			return nil, err
 		}
@@ -78,21 +78,21 @@ func (b *Backend) Ensure(ctx context.Context, v *store.VTPM, secret []byte) ([]s
 // its start is gone (vtpmd or swtpm restarted), and QEMU does not
 // reconnect, so the guest's TPM fails until the guest is started again.
 // A swtpm seen serving its guest once is not checked again.
-func (b *Backend) checkConnected(lv *golibvirt.Libvirt, dom golibvirt.Domain, v *store.VTPM) error {
+func (b *Backend) checkConnected(lv *golibvirt.Libvirt, dom golibvirt.Domain, v agent.VTPM) error {
 	if b.cfg.Mode != External {
 		return nil
 	}
 	if state, _, err := lv.DomainGetState(dom, 0); err != nil || golibvirt.DomainState(state) != golibvirt.DomainRunning {
 		return err
 	}
-	pid := b.cfg.Direct.Running(v.InstanceID)
+	pid := b.cfg.Swtpm.Running(v.InstanceID)
 	b.mu.Lock()
 	seen := pid != 0 && b.serving[v.InstanceID] == pid
 	b.mu.Unlock()
 	if seen {
 		return nil
 	}
-	ok, err := swtpm.Connected(b.cfg.Direct.Sockets(v.InstanceID).Ctrl)
+	ok, err := swtpm.Connected(b.cfg.Swtpm.Sockets(v.InstanceID).Ctrl)
 	if err != nil {
 		return err
 	}
@@ -113,7 +113,7 @@ func (b *Backend) checkConnected(lv *golibvirt.Libvirt, dom golibvirt.Domain, v 
 
 // Stop implements agent.Backend: the guest is powered off and, in external
 // mode, vtpmd's swtpm stopped; the TPM state stays.
-func (b *Backend) Stop(ctx context.Context, v *store.VTPM) error {
+func (b *Backend) Stop(ctx context.Context, v agent.VTPM) error {
 	lv, err := b.conn()
 	if err != nil {
 		return err
@@ -134,7 +134,7 @@ func (b *Backend) Stop(ctx context.Context, v *store.VTPM) error {
 		}
 	}
 	if b.cfg.Mode == External {
-		return b.cfg.Direct.Stop(ctx, v)
+		return b.cfg.Swtpm.Stop(ctx, v.InstanceID)
 	}
 	return nil
 }
@@ -142,14 +142,14 @@ func (b *Backend) Stop(ctx context.Context, v *store.VTPM) error {
 // Destroy implements agent.Backend: the guest is stopped and loses its TPM
 // device (the rest of its definition stays), the libvirt secret is
 // undefined and the state removed.
-func (b *Backend) Destroy(ctx context.Context, v *store.VTPM) error {
+func (b *Backend) Destroy(ctx context.Context, v agent.VTPM) error {
 	lv, err := b.conn()
 	if err != nil {
 		return err
 	}
-	detached := *v
+	detached := v
 	detached.Domain = ""
-	if err := b.detachOthers(lv, &detached); err != nil {
+	if err := b.detachOthers(lv, detached); err != nil {
 		return err
 	}
 	if err := b.undefineSecret(lv, v.SecretID); err != nil {
@@ -159,7 +159,7 @@ func (b *Backend) Destroy(ctx context.Context, v *store.VTPM) error {
 		b.mu.Lock()
 		delete(b.serving, v.InstanceID)
 		b.mu.Unlock()
-		return b.cfg.Direct.Destroy(ctx, v)
+		return b.cfg.Swtpm.Remove(ctx, v.InstanceID)
 	}
 	if err := os.RemoveAll(b.stateDir(v.InstanceID)); err != nil {
 		return fmt.Errorf("removing the state of %s: %w", v.InstanceID, err)
@@ -169,7 +169,7 @@ func (b *Backend) Destroy(ctx context.Context, v *store.VTPM) error {
 
 // domain finds v's domain; in emulator mode its UUID must be the instance
 // id, since libvirt keeps the TPM state by domain UUID.
-func (b *Backend) domain(lv *golibvirt.Libvirt, v *store.VTPM) (golibvirt.Domain, error) {
+func (b *Backend) domain(lv *golibvirt.Libvirt, v agent.VTPM) (golibvirt.Domain, error) {
 	dom, err := lv.DomainLookupByName(v.Domain)
 	if golibvirt.IsNotFound(err) {
 		return dom, fmt.Errorf("no libvirt domain named %q on this host", v.Domain)
@@ -185,9 +185,9 @@ func (b *Backend) domain(lv *golibvirt.Libvirt, v *store.VTPM) (golibvirt.Domain
 }
 
 // device is the TPM device v's domain gets.
-func (b *Backend) device(v *store.VTPM) *libvirtxml.DomainTPM {
+func (b *Backend) device(v agent.VTPM) *libvirtxml.DomainTPM {
 	if b.cfg.Mode == External {
-		return TPMDevice(v.Spec, External, "", b.cfg.Direct.Sockets(v.InstanceID).Ctrl)
+		return TPMDevice(v.Spec, External, "", b.cfg.Swtpm.Sockets(v.InstanceID).Ctrl)
 	}
 	return TPMDevice(v.Spec, Emulator, v.SecretID, "")
 }
@@ -195,7 +195,7 @@ func (b *Backend) device(v *store.VTPM) *libvirtxml.DomainTPM {
 // attach puts v's TPM device into dom's persistent definition, keeping the
 // rest, unless it is there already. A running guest sees the change at its
 // next start.
-func (b *Backend) attach(lv *golibvirt.Libvirt, dom golibvirt.Domain, v *store.VTPM) error {
+func (b *Backend) attach(lv *golibvirt.Libvirt, dom golibvirt.Domain, v agent.VTPM) error {
 	xml, err := lv.DomainGetXMLDesc(dom, golibvirt.DomainXMLInactive|golibvirt.DomainXMLSecure)
 	if err != nil {
 		return err
@@ -216,7 +216,7 @@ func (b *Backend) attach(lv *golibvirt.Libvirt, dom golibvirt.Domain, v *store.V
 
 // detachOthers removes v's TPM from every domain other than v.Domain: a
 // vTPM is in at most one guest.
-func (b *Backend) detachOthers(lv *golibvirt.Libvirt, v *store.VTPM) error {
+func (b *Backend) detachOthers(lv *golibvirt.Libvirt, v agent.VTPM) error {
 	doms, _, err := lv.ConnectListAllDomains(1, 0)
 	if err != nil {
 		return err
@@ -249,7 +249,7 @@ func (b *Backend) detachOthers(lv *golibvirt.Libvirt, v *store.VTPM) error {
 
 // uses reports whether domain XML holds v's TPM: its secret (emulator) or
 // its control socket (external).
-func (b *Backend) uses(xml string, v *store.VTPM) bool {
+func (b *Backend) uses(xml string, v agent.VTPM) bool {
 	var d libvirtxml.Domain
 	if err := d.Unmarshal(xml); err != nil || d.Devices == nil {
 		return false
@@ -262,7 +262,7 @@ func (b *Backend) uses(xml string, v *store.VTPM) bool {
 				return true
 			}
 		case be.External != nil && be.External.Source != nil && be.External.Source.UNIX != nil:
-			if be.External.Source.UNIX.Path == b.cfg.Direct.Sockets(v.InstanceID).Ctrl {
+			if be.External.Source.UNIX.Path == b.cfg.Swtpm.Sockets(v.InstanceID).Ctrl {
 				return true
 			}
 		}
@@ -275,7 +275,7 @@ func (b *Backend) uses(xml string, v *store.VTPM) bool {
 // deployment it is defined ephemeral and private just for the start and
 // undefined once the guest runs (Nova does the same); for host it is
 // persistent and kept.
-func (b *Backend) startGuest(lv *golibvirt.Libvirt, dom golibvirt.Domain, v *store.VTPM, secret []byte) error {
+func (b *Backend) startGuest(lv *golibvirt.Libvirt, dom golibvirt.Domain, v agent.VTPM, secret []byte) error {
 	state, _, err := lv.DomainGetState(dom, 0)
 	if err != nil {
 		return err
@@ -320,7 +320,7 @@ func (b *Backend) stopGuest(lv *golibvirt.Libvirt, dom golibvirt.Domain) error {
 
 // defineSecret gives libvirt v's secret under the key-manager secret's UUID,
 // with usage type vtpm, as Nova does.
-func (b *Backend) defineSecret(lv *golibvirt.Libvirt, v *store.VTPM, secret []byte, ephemeral bool) error {
+func (b *Backend) defineSecret(lv *golibvirt.Libvirt, v agent.VTPM, secret []byte, ephemeral bool) error {
 	xml, err := SecretXML(v.SecretID, ephemeral, ephemeral, v.InstanceID)
 	if err != nil {
 		return err

@@ -12,9 +12,9 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/agent"
 	"github.com/vtpmd/vtpmd/internal/atomicfile"
 	"github.com/vtpmd/vtpmd/internal/spec"
-	"github.com/vtpmd/vtpmd/internal/store"
 )
 
 // Backend provisions each instance's vTPM as a Xen stub domain: a UUID
@@ -27,6 +27,8 @@ type Backend struct {
 	manager Manager
 	log     *slog.Logger
 }
+
+var _ agent.Backend = (*Backend)(nil)
 
 // New makes the backend, creating the layout's directories.
 func New(layout Layout, m Manager, log *slog.Logger) (*Backend, error) {
@@ -42,6 +44,7 @@ func New(layout Layout, m Manager, log *slog.Logger) (*Backend, error) {
 	return &Backend{layout: layout, manager: m, log: log}, nil
 }
 
+// Name implements agent.Backend.
 func (b *Backend) Name() string { return "xen" }
 
 // Capabilities: a vtpm stub domain is a TPM 1.2, seen by the guest through
@@ -58,7 +61,7 @@ func (b *Backend) Capabilities(ctx context.Context) (spec.Capabilities, error) {
 // rewritten. The secret is not used: vtpmmgr seals each vTPM's keys to the
 // physical TPM. A stub domain's EK is made inside it, so there is none to
 // report.
-func (b *Backend) Ensure(ctx context.Context, v *store.VTPM, secret []byte) ([]store.EK, error) {
+func (b *Backend) Ensure(ctx context.Context, v agent.VTPM, secret []byte) ([]agent.EK, error) {
 	if v.Spec.Version != spec.V12 {
 		return nil, fmt.Errorf("a Xen vtpm stub domain is a TPM 1.2; this vTPM asks for %s", v.Spec.Version)
 	}
@@ -150,10 +153,10 @@ func makeImage(path string) error {
 }
 
 // Stop has nothing to stop here: the stub domain is the toolstack's to run.
-func (b *Backend) Stop(ctx context.Context, v *store.VTPM) error { return nil }
+func (b *Backend) Stop(ctx context.Context, v agent.VTPM) error { return nil }
 
 // Destroy removes v's configurations and disk, then its UUID registration.
-func (b *Backend) Destroy(ctx context.Context, v *store.VTPM) error {
+func (b *Backend) Destroy(ctx context.Context, v agent.VTPM) error {
 	xlPath, xmlPath, guestXL, guestXML := b.layout.Files(v.InstanceID)
 	id, err := b.registeredUUID(xlPath)
 	if err != nil {
@@ -180,7 +183,7 @@ func (b *Backend) Sockets(string) api.Sockets { return api.Sockets{} }
 // with the records: a registered UUID no stub domain uses (a crash between
 // registering and configuring), a stub domain without a record, a record
 // without its stub domain. With repair, orphans are removed.
-func (b *Backend) Drift(ctx context.Context, records func(context.Context) ([]*store.VTPM, error), repair bool) ([]api.Finding, error) {
+func (b *Backend) Drift(ctx context.Context, records func(context.Context) ([]agent.VTPM, error), repair bool) ([]api.Finding, error) {
 	vs, err := records(ctx)
 	if err != nil {
 		return nil, err
@@ -211,7 +214,7 @@ func (b *Backend) Drift(ctx context.Context, records func(context.Context) ([]*s
 		}
 		f := api.Finding{Kind: "orphan_stub_domain", Object: path, InstanceID: instance, Detail: "vtpm stub domain (UUID " + id.String() + ") that no vTPM refers to"}
 		if repair {
-			if err := b.Destroy(ctx, &store.VTPM{InstanceID: instance}); err != nil {
+			if err := b.Destroy(ctx, agent.VTPM{InstanceID: instance}); err != nil {
 				return nil, err
 			}
 			f.Deleted = true

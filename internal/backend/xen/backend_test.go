@@ -8,8 +8,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/vtpmd/vtpmd/internal/agent"
 	"github.com/vtpmd/vtpmd/internal/spec"
-	"github.com/vtpmd/vtpmd/internal/store"
 )
 
 func newBackend(t *testing.T, capacity int) (*Backend, *Group, Layout) {
@@ -27,8 +27,8 @@ func newBackend(t *testing.T, capacity int) (*Backend, *Group, Layout) {
 	return b, g, layout
 }
 
-func vtpm(id string, v spec.Version) *store.VTPM {
-	return &store.VTPM{InstanceID: id, Spec: spec.Spec{Version: v, Model: spec.TIS}}
+func vtpm(id string, v spec.Version) agent.VTPM {
+	return agent.VTPM{InstanceID: id, Spec: spec.Spec{Version: v, Model: spec.TIS}}
 }
 
 func TestProvisionAndDelete(t *testing.T) {
@@ -117,7 +117,7 @@ func TestDrift(t *testing.T) {
 	ctx := context.Background()
 	b, g, layout := newBackend(t, 10)
 	kept, orphan := vtpm(instance, spec.V12), vtpm("0c0c0c0c-0000-4000-8000-00000000c0c0", spec.V12)
-	for _, v := range []*store.VTPM{kept, orphan} {
+	for _, v := range []agent.VTPM{kept, orphan} {
 		if _, err := b.Ensure(ctx, v, nil); err != nil {
 			t.Fatal(err)
 		}
@@ -127,7 +127,7 @@ func TestDrift(t *testing.T) {
 		t.Fatal(err)
 	}
 	gone := vtpm("0d0d0d0d-0000-4000-8000-00000000d0d0", spec.V12)
-	records := func(context.Context) ([]*store.VTPM, error) { return []*store.VTPM{kept, gone}, nil }
+	records := func(context.Context) ([]agent.VTPM, error) { return []agent.VTPM{kept, gone}, nil }
 
 	kinds := func(repair bool) map[string]string {
 		fs, err := b.Drift(ctx, records, repair)

@@ -1,4 +1,4 @@
-package direct
+package swtpmhost
 
 import (
 	"context"
@@ -24,7 +24,7 @@ const (
 // supervisor keeps one vTPM's swtpm running until told to stop, or to
 // let go of it (release) and leave it running.
 type supervisor struct {
-	b       *Backend
+	r       *Runtime
 	id      string
 	inst    swtpm.Instance
 	stop    chan struct{}
@@ -39,25 +39,25 @@ type supervisor struct {
 // start runs id's swtpm under supervision unless it already is. The first
 // start is synchronous so that its failure (a wrong secret, say) reaches the
 // caller; later failures are retried, and reported by the next start call.
-func (b *Backend) start(ctx context.Context, id string, inst swtpm.Instance) error {
-	b.mu.Lock()
-	s := b.runs[id]
-	b.mu.Unlock()
+func (r *Runtime) start(ctx context.Context, id string, inst swtpm.Instance) error {
+	r.mu.Lock()
+	s := r.runs[id]
+	r.mu.Unlock()
 	if s != nil {
-		return b.check(ctx, s)
+		return r.check(ctx, s)
 	}
 	var p *swtpm.Process
 	var err error
 	if inst.Keep {
-		p, err = swtpm.Adopt(inst, b.log) // one an earlier vtpmd kept running
+		p, err = swtpm.Adopt(inst, r.log) // one an earlier vtpmd kept running
 	}
 	if err == nil && p == nil {
-		p, err = swtpm.Start(ctx, inst, b.log)
+		p, err = swtpm.Start(ctx, inst, r.log)
 	}
 	if err != nil {
 		return err
 	}
-	b.supervise(id, inst, p)
+	r.supervise(id, inst, p)
 	return nil
 }
 
@@ -67,14 +67,14 @@ func (b *Backend) start(ctx context.Context, id string, inst swtpm.Instance) err
 // saved state, the last one written whole. A guest connected to it would
 // lose its TPM (QEMU does not reconnect), so one a guest holds is left as
 // it is and reported: the guest's stop and start restarts it.
-func (b *Backend) check(ctx context.Context, s *supervisor) error {
+func (r *Runtime) check(ctx context.Context, s *supervisor) error {
 	s.mu.Lock()
 	p, lastErr := s.proc, s.lastErr
 	s.mu.Unlock()
 	if p == nil {
 		return lastErr
 	}
-	held, herr := b.clients.get()
+	held, herr := r.clients.get()
 	err := p.Check(ctx, herr == nil && !held[s.inst.CtrlSocket()] && !held[s.inst.DataSocket()])
 	if !errors.Is(err, swtpm.ErrFailureMode) {
 		return nil // exited: the supervisor restarts it
@@ -82,11 +82,11 @@ func (b *Backend) check(ctx context.Context, s *supervisor) error {
 	if guest, cerr := swtpm.Connected(s.inst.CtrlSocket()); cerr != nil || guest {
 		return errors.Join(fmt.Errorf("%w; a guest is connected to it, so vtpmd leaves it running: stop and start the instance to restart its TPM on its saved state", err), cerr)
 	}
-	b.log.Warn("TPM in failure mode; restarting swtpm on its saved state", "instance", s.id, "pid", p.Pid(), "err", err)
-	if err := b.stopRun(ctx, s.id); err != nil {
+	r.log.Warn("TPM in failure mode; restarting swtpm on its saved state", "instance", s.id, "pid", p.Pid(), "err", err)
+	if err := r.Stop(ctx, s.id); err != nil {
 		return err
 	}
-	return b.start(ctx, s.id, s.inst)
+	return r.start(ctx, s.id, s.inst)
 }
 
 // clients remembers for a moment which sockets clients hold
@@ -115,18 +115,18 @@ func (c *clients) get() (map[string]bool, error) {
 
 // supervise keeps p, id's running swtpm, under supervision. If another
 // start won a race for id, p is stopped and the winner kept.
-func (b *Backend) supervise(id string, inst swtpm.Instance, p *swtpm.Process) {
-	s := &supervisor{b: b, id: id, inst: inst, proc: p, stop: make(chan struct{}), release: make(chan struct{}), done: make(chan struct{})}
-	b.mu.Lock()
-	if b.runs[id] != nil {
-		b.mu.Unlock()
+func (r *Runtime) supervise(id string, inst swtpm.Instance, p *swtpm.Process) {
+	s := &supervisor{r: r, id: id, inst: inst, proc: p, stop: make(chan struct{}), release: make(chan struct{}), done: make(chan struct{})}
+	r.mu.Lock()
+	if r.runs[id] != nil {
+		r.mu.Unlock()
 		sctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
 		defer cancel()
 		p.Stop(sctx)
 		return
 	}
-	b.runs[id] = s
-	b.mu.Unlock()
+	r.runs[id] = s
+	r.mu.Unlock()
 	go s.loop()
 }
 
@@ -144,13 +144,13 @@ func (s *supervisor) loop() {
 				ctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
 				defer cancel()
 				if err := p.Stop(ctx); err != nil {
-					s.b.log.Warn("stopping swtpm", "instance", s.id, "err", err)
+					s.r.log.Warn("stopping swtpm", "instance", s.id, "err", err)
 				}
 				return
 			case <-s.release:
 				return
 			case <-p.Done():
-				s.b.log.Warn("swtpm exited; restarting", "instance", s.id, "pid", p.Pid(), "err", p.Err())
+				s.r.log.Warn("swtpm exited; restarting", "instance", s.id, "pid", p.Pid(), "err", p.Err())
 			}
 			if time.Since(started) > healthyAfter {
 				backoff = backoffMin
@@ -165,13 +165,13 @@ func (s *supervisor) loop() {
 		}
 		backoff = min(backoff*2, backoffMax)
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		np, err := swtpm.Start(ctx, s.inst, s.b.log)
+		np, err := swtpm.Start(ctx, s.inst, s.r.log)
 		cancel()
 		s.mu.Lock()
 		s.proc, s.lastErr = np, err
 		s.mu.Unlock()
 		if err != nil {
-			s.b.log.Error("restarting swtpm failed", "instance", s.id, "err", err)
+			s.r.log.Error("restarting swtpm failed", "instance", s.id, "err", err)
 		}
 	}
 }
@@ -185,12 +185,13 @@ func (s *supervisor) pid() int {
 	return s.proc.Pid()
 }
 
-// stopRun stops id's supervised swtpm, if any, and waits for it to exit.
-func (b *Backend) stopRun(ctx context.Context, id string) error {
-	b.mu.Lock()
-	s := b.runs[id]
-	delete(b.runs, id)
-	b.mu.Unlock()
+// Stop stops vTPM id's swtpm, if it runs here, and waits for it to exit;
+// the state stays.
+func (r *Runtime) Stop(ctx context.Context, id string) error {
+	r.mu.Lock()
+	s := r.runs[id]
+	delete(r.runs, id)
+	r.mu.Unlock()
 	if s == nil {
 		return nil
 	}
@@ -204,11 +205,11 @@ func (b *Backend) stopRun(ctx context.Context, id string) error {
 }
 
 // release stops supervising id's swtpm and leaves it running.
-func (b *Backend) release(id string) {
-	b.mu.Lock()
-	s := b.runs[id]
-	delete(b.runs, id)
-	b.mu.Unlock()
+func (r *Runtime) release(id string) {
+	r.mu.Lock()
+	s := r.runs[id]
+	delete(r.runs, id)
+	r.mu.Unlock()
 	if s != nil {
 		close(s.release)
 		<-s.done
@@ -220,8 +221,8 @@ func (b *Backend) release(id string) {
 // that died without stopping them (swtpm normally dies with vtpmd through
 // its parent death signal), or kept running (KeepRunning) for a vTPM that
 // the first pass after a restart did not take back.
-func (b *Backend) Sweep() (killed int, err error) {
-	dirs, err := os.ReadDir(b.cfg.Root)
+func (r *Runtime) Sweep() (killed int, err error) {
+	dirs, err := os.ReadDir(r.cfg.Root)
 	if err != nil {
 		return 0, err
 	}
@@ -229,16 +230,16 @@ func (b *Backend) Sweep() (killed int, err error) {
 		if !d.IsDir() {
 			continue
 		}
-		if b.Running(d.Name()) != 0 {
+		if r.Running(d.Name()) != 0 {
 			continue
 		}
-		dir := filepath.Join(b.cfg.Root, d.Name())
+		dir := filepath.Join(r.cfg.Root, d.Name())
 		pid, err := swtpm.KillStale(swtpm.Instance{Dir: dir})
 		if err != nil {
 			return killed, err
 		}
 		if pid != 0 {
-			b.log.Warn("killed stale swtpm", "pid", pid, "dir", dir)
+			r.log.Warn("killed stale swtpm", "pid", pid, "dir", dir)
 			killed++
 		}
 	}

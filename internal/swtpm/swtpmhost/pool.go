@@ -1,4 +1,4 @@
-package direct
+package swtpmhost
 
 import (
 	"context"
@@ -13,10 +13,10 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vtpmd/vtpmd/internal/agent"
 	"github.com/vtpmd/vtpmd/internal/atomicfile"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/spec"
-	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/swtpm"
 )
 
@@ -58,8 +58,8 @@ type pool struct {
 
 // startPool wipes what an earlier process left in the pool and starts
 // filling it with size TPMs.
-func (b *Backend) startPool(size int) error {
-	dir := filepath.Join(b.cfg.Root, poolDir)
+func (r *Runtime) startPool(size int) error {
+	dir := filepath.Join(r.cfg.Root, poolDir)
 	entries, _ := os.ReadDir(dir)
 	for _, e := range entries {
 		swtpm.KillStale(swtpm.Instance{Dir: filepath.Join(dir, e.Name())})
@@ -70,13 +70,13 @@ func (b *Backend) startPool(size int) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
-	b.pool = &pool{size: size, wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
-	go b.fillPool()
+	r.pool = &pool{size: size, wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
+	go r.fillPool()
 	return nil
 }
 
-func (b *Backend) fillPool() {
-	p := b.pool
+func (r *Runtime) fillPool() {
+	p := r.pool
 	defer close(p.done)
 	pause := poolRetryMin
 	for {
@@ -91,9 +91,9 @@ func (b *Backend) fillPool() {
 			}
 			continue
 		}
-		e, err := b.manufacturePooled()
+		e, err := r.manufacturePooled()
 		if err != nil {
-			b.log.Warn("filling the vTPM pool", "err", err, "retry_in", pause)
+			r.log.Warn("filling the vTPM pool", "err", err, "retry_in", pause)
 			select {
 			case <-p.stop:
 				return
@@ -106,24 +106,24 @@ func (b *Backend) fillPool() {
 		p.mu.Lock()
 		p.entries = append(p.entries, e)
 		if len(p.entries) == p.size {
-			b.log.Info("vTPM pool full", "size", p.size)
+			r.log.Info("vTPM pool full", "size", p.size)
 		}
 		p.mu.Unlock()
 	}
 }
 
-func (b *Backend) manufacturePooled() (*pooled, error) {
+func (r *Runtime) manufacturePooled() (*pooled, error) {
 	secret, err := keyring.NewVTPMSecret()
 	if err != nil {
 		return nil, err
 	}
 	name := make([]byte, 8)
 	rand.Read(name)
-	inst := swtpm.Instance{Dir: filepath.Join(b.cfg.Root, poolDir, hex.EncodeToString(name)), Version: spec.V20, Secret: secret,
-		User: b.cfg.User, Group: b.cfg.Group, Binary: b.cfg.Binary}
+	inst := swtpm.Instance{Dir: filepath.Join(r.cfg.Root, poolDir, hex.EncodeToString(name)), Version: spec.V20, Secret: secret,
+		User: r.cfg.User, Group: r.cfg.Group, Binary: r.cfg.Binary}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	_, proc, err := b.make(ctx, &store.VTPM{Spec: spec.Spec{Version: spec.V20}}, inst, true)
+	_, proc, err := r.make(ctx, agent.VTPM{Spec: spec.Spec{Version: spec.V20}}, inst, true)
 	if err != nil {
 		os.RemoveAll(inst.Dir) // its secret is gone with this call: nothing in it can be used
 		return nil, err
@@ -132,8 +132,8 @@ func (b *Backend) manufacturePooled() (*pooled, error) {
 }
 
 // closePool stops filling and discards the pooled TPMs.
-func (b *Backend) closePool(ctx context.Context) {
-	p := b.pool
+func (r *Runtime) closePool(ctx context.Context) {
+	p := r.pool
 	if p == nil {
 		return
 	}
@@ -148,11 +148,11 @@ func (b *Backend) closePool(ctx context.Context) {
 	p.entries = nil
 }
 
-// Claim implements agent.Pool: a pooled TPM of version v, if one is ready.
-// Its secret goes to the key manager; adopt then moves the TPM to the
-// instance; discard throws it away if that cannot happen.
-func (b *Backend) Claim(v spec.Version) (secret []byte, adopt func(ctx context.Context, instanceID, secretID string) error, discard func(), ok bool) {
-	p := b.pool
+// Claim hands out a pooled TPM of version v, if one is ready (as
+// agent.Pool's Claim): its secret goes to the key manager; adopt then moves
+// the TPM to the instance; discard throws it away if that cannot happen.
+func (r *Runtime) Claim(v spec.Version) (secret []byte, adopt func(ctx context.Context, instanceID, secretID string) error, discard func(), ok bool) {
+	p := r.pool
 	if p == nil || v != spec.V20 {
 		return nil, nil, nil, false
 	}
@@ -169,7 +169,7 @@ func (b *Backend) Claim(v spec.Version) (secret []byte, adopt func(ctx context.C
 	default:
 	}
 	adopt = func(ctx context.Context, instanceID, secretID string) error {
-		return b.adopt(ctx, e, instanceID, secretID)
+		return r.adopt(ctx, e, instanceID, secretID)
 	}
 	discard = func() {
 		e.proc.Stop(context.Background())
@@ -181,23 +181,23 @@ func (b *Backend) Claim(v spec.Version) (secret []byte, adopt func(ctx context.C
 // adopt stops the pooled TPM, records which key-manager secret now holds
 // its key, and renames its directory to the instance's: from then on it is
 // the instance's TPM, started by Ensure like any other.
-func (b *Backend) adopt(ctx context.Context, e *pooled, instanceID, secretID string) error {
+func (r *Runtime) adopt(ctx context.Context, e *pooled, instanceID, secretID string) error {
 	if err := e.proc.Stop(ctx); err != nil {
 		return fmt.Errorf("stopping the pooled TPM: %w", err)
 	}
 	if err := atomicfile.Write(filepath.Join(e.dir, secretIDFile), []byte(secretID+"\n"), 0o600); err != nil {
 		return err
 	}
-	if err := os.Rename(e.dir, b.dir(instanceID)); err != nil {
+	if err := os.Rename(e.dir, r.dir(instanceID)); err != nil {
 		return fmt.Errorf("adopting the pooled TPM: %w", err)
 	}
-	return atomicfile.SyncDir(b.cfg.Root)
+	return atomicfile.SyncDir(r.cfg.Root)
 }
 
-// AdoptedSecret implements agent.Pool: the key-manager secret an adopted
-// TPM's state needs, or "" if the instance's TPM was not adopted.
-func (b *Backend) AdoptedSecret(instanceID string) string {
-	data, err := os.ReadFile(filepath.Join(b.dir(instanceID), secretIDFile))
+// AdoptedSecret is the key-manager secret an adopted TPM's state needs, or
+// "" if the instance's TPM was not adopted.
+func (r *Runtime) AdoptedSecret(instanceID string) string {
+	data, err := os.ReadFile(filepath.Join(r.dir(instanceID), secretIDFile))
 	if err != nil {
 		return ""
 	}
@@ -206,8 +206,8 @@ func (b *Backend) AdoptedSecret(instanceID string) string {
 
 // AdoptedSecrets lists the secrets adopted TPMs need, so that reclaiming
 // orphan secrets never takes one.
-func (b *Backend) AdoptedSecrets() (map[string]bool, error) {
-	files, err := filepath.Glob(filepath.Join(b.cfg.Root, "*", secretIDFile))
+func (r *Runtime) AdoptedSecrets() (map[string]bool, error) {
+	files, err := filepath.Glob(filepath.Join(r.cfg.Root, "*", secretIDFile))
 	if err != nil {
 		return nil, err
 	}

@@ -1,4 +1,4 @@
-package direct
+package swtpmhost
 
 import (
 	"context"
@@ -65,12 +65,12 @@ func TestPoolOnFullDisk(t *testing.T) {
 	root := filepath.Join(disk, "vtpms")
 	free := citest.Fill(t, disk)
 	w := &warnings{msg: "filling the vTPM pool"}
-	b, err := New(Config{Root: root, PoolSize: 1, Certifier: certifier{swtpmtest.NewCA(t)}, Log: slog.New(w)})
+	r, err := New(Config{Root: root, PoolSize: 1, Certifier: certifier{swtpmtest.NewCA(t)}, Log: slog.New(w)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		b.Close(context.Background())
+		r.Close(context.Background())
 		swtpmtest.CheckNoProcesses(t, root)
 	})
 	for deadline := time.Now().Add(time.Minute); w.count() < 2; time.Sleep(10 * time.Millisecond) {

@@ -1,0 +1,72 @@
+package agent
+
+import (
+	"context"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/spec"
+)
+
+// Backend runs vTPMs on one host. Every method is idempotent. A backend
+// knows a vTPM only through the requests (VTPM) the agent makes of it,
+// never through the control plane's records.
+type Backend interface {
+	// Name says which backend this is (swtpm, libvirt, ...).
+	Name() string
+	// Capabilities are what the host can serve.
+	Capabilities(ctx context.Context) (spec.Capabilities, error)
+	// Ensure makes v's vTPM exist and run, manufacturing it on first use
+	// with secret as its state key. It returns the vTPM's endorsement keys:
+	// none from a backend whose TPM makes its own (a Xen stub domain).
+	Ensure(ctx context.Context, v VTPM, secret []byte) ([]EK, error)
+	// Stop stops v's vTPM, keeping its state.
+	Stop(ctx context.Context, v VTPM) error
+	// Destroy stops v's vTPM and removes its state.
+	Destroy(ctx context.Context, v VTPM) error
+	// Sockets are where clients attach to instanceID's vTPM.
+	Sockets(instanceID string) api.Sockets
+}
+
+// Pool is a backend that keeps manufactured TPMs ready (the swtpm
+// backend): Claim hands out one's secret, which the agent stores in the
+// key manager before adopt moves the TPM to the instance; discard throws
+// it away. AdoptedSecret names the secret an adopted TPM needs.
+type Pool interface {
+	Claim(v spec.Version) (secret []byte, adopt func(ctx context.Context, instanceID, secretID string) error, discard func(), ok bool)
+	AdoptedSecret(instanceID string) string
+}
+
+// VTPM is what the agent asks of a backend: one instance's vTPM as it is
+// wanted, with what the backend must know of its past. The secret that
+// keys its state is not in it but passed to Ensure alone, so a VTPM may be
+// logged and kept.
+type VTPM struct {
+	InstanceID string
+	// Incarnation tells this vTPM from the earlier ones of its instance id.
+	Incarnation string
+	Spec        spec.Spec
+	// SecretID is the key-manager secret whose payload keys the state; the
+	// libvirt secret of an emulator-mode vTPM has the same UUID.
+	SecretID string
+	// Domain is the libvirt domain the vTPM is attached to; "" for none.
+	Domain string
+	// Desired is what was asked of the vTPM. Ensure, Stop and Destroy
+	// each stand for one; Drift reads it (a vTPM being deleted may have
+	// lost its state already).
+	Desired Desired
+	// Manufactured says the vTPM's endorsement keys are on record: its
+	// state must exist, and is never made again over.
+	Manufactured bool
+	// Active says the agent last found the vTPM running: Ensure checks it
+	// rather than starting it, so a guest that shut itself down stays off.
+	Active bool
+}
+
+// EK is an endorsement key of a vTPM, as its backend reports it.
+type EK struct {
+	Kind      string // swtpm.EKKind: rsa2048, ecc-nist-p256, ...
+	Handle    uint32 // persistent handle; 0 for TPM 1.2, whose EK has none
+	NVIndex   uint32 // where its certificate is in the TPM's NV; 0 if not
+	PublicDER []byte // PKIX
+	CertDER   []byte // nil when not certified
+}
