@@ -9,7 +9,6 @@
 package refusal
 
 import (
-	"fmt"
 	"strconv"
 
 	"github.com/vtpmd/vtpmd/api"
@@ -61,11 +60,6 @@ func NotFound(code api.Code, msg string) *Error { return &Error{KindNotFound, co
 
 // Conflict refuses a request the current state does not allow.
 func Conflict(code api.Code, msg string) *Error { return &Error{KindConflict, code, msg} }
-
-// Invalidf is Invalid with a formatted message.
-func Invalidf(code api.Code, format string, args ...any) *Error {
-	return Invalid(code, fmt.Sprintf(format, args...))
-}
 
 // Truncate cuts what a caller sent to at most 64 bytes, for a message or
 // the log.
