@@ -43,6 +43,8 @@ const (
 	maxEvidenceBody = 16 << 20
 )
 
+var _ verifier.VTPMs = (*vtpms.Service)(nil)
+
 // Server is the API over the domain packages.
 type Server struct {
 	VTPMs    *vtpms.Service

@@ -22,10 +22,6 @@ type Caller struct {
 	Actor string
 }
 
-// Operator is the operator acting for every project, named actor in the
-// event log.
-func Operator(actor string) Caller { return Caller{Actor: actor} }
-
 // Sees reports whether c may see what project owns. Another project's
 // objects read as absent ones do.
 func (c Caller) Sees(project string) bool { return c.Project == "" || c.Project == project }

@@ -76,7 +76,7 @@ func newFixture(t *testing.T) *fixture {
 	return &fixture{v: New(Config{Store: st, VTPMs: vs, Now: c.Now}), store: st, clock: c}
 }
 
-var operator = tenant.Operator("api:operator (test)")
+var operator = tenant.Caller{Actor: "api:operator (test)"}
 
 func (f *fixture) instance(t *testing.T) Subject {
 	t.Helper()
