@@ -24,9 +24,9 @@ import (
 	"github.com/vtpmd/vtpmd/internal/tenant"
 )
 
-// MaxHyperVKeys is how many os_vtpm_keys a Hyper-V vTPM uses: the owner
+// maxHyperVKeys is how many os_vtpm_keys a Hyper-V vTPM uses: the owner
 // guardian's signing and, optionally, encryption certificates.
-const MaxHyperVKeys = 2
+const maxHyperVKeys = 2
 
 // Service keeps tenants' secrets and hosts' credentials.
 type Service struct {
@@ -109,9 +109,9 @@ func (s *Service) tenants(ctx context.Context, id string) (keyring.Secret, error
 // answers as an absent one does, so that the answer tells nothing of
 // other projects.
 func (s *Service) CheckVTPMKeys(ctx context.Context, project string, keys []string) error {
-	if len(keys) > MaxHyperVKeys {
+	if len(keys) > maxHyperVKeys {
 		return refusal.Conflict(api.CodeTooManyHyperVKeys, fmt.Sprintf(
-			"os_vtpm_keys names %d secrets; on Hyper-V vtpmd uses at most %d: the owner guardian's signing certificate and, optionally, its encryption certificate.", len(keys), MaxHyperVKeys))
+			"os_vtpm_keys names %d secrets; on Hyper-V vtpmd uses at most %d: the owner guardian's signing certificate and, optionally, its encryption certificate.", len(keys), maxHyperVKeys))
 	}
 	for _, id := range keys {
 		sec, err := s.tenants(ctx, id)

@@ -190,7 +190,7 @@ func (h *Webhook) deliver(ctx context.Context, payload []byte) error {
 	}
 	resp.Body.Close()
 	if resp.StatusCode/100 == 3 {
-		return fmt.Errorf("status %d redirecting to %q: %w", resp.StatusCode, resp.Header.Get("Location"), ErrRedirect)
+		return fmt.Errorf("status %d redirecting to %q: %w", resp.StatusCode, resp.Header.Get("Location"), errRedirect)
 	}
 	if resp.StatusCode/100 != 2 {
 		return fmt.Errorf("status %d", resp.StatusCode)
@@ -198,8 +198,8 @@ func (h *Webhook) deliver(ctx context.Context, payload []byte) error {
 	return nil
 }
 
-// ErrRedirect is a receiver's redirect, which a delivery never follows.
-var ErrRedirect = errors.New("webhook redirects are not followed: the signed verdict goes only to the configured URL")
+// errRedirect is a receiver's redirect, which a delivery never follows.
+var errRedirect = errors.New("webhook redirects are not followed: the signed verdict goes only to the configured URL")
 
 // noRedirects keeps a delivery at the configured URL. A redirect would hand
 // the signed verdict to wherever the receiver (or whoever answers in its
