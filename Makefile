@@ -26,7 +26,7 @@ run: deps build
 # tests (the committed fuzz corpus included) under the race detector.
 test: deps lint libvirtd
 	$(GO) test -race -count=1 -timeout 30m ./...
-	VTPMD_TEST_STORE=postgres $(GO) test -race -count=1 ./internal/server
+	VTPMD_TEST_STORE=postgres $(GO) test -race -count=1 ./internal/server ./internal/verifier ./internal/webhook
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

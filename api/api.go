@@ -2,17 +2,6 @@
 // output. It has no behaviour; the server and the client share it.
 package api
 
-// ErrorBody is every error response: {"error": {"code": ..., "message": ...}}.
-type ErrorBody struct {
-	Error Error `json:"error"`
-}
-
-// Error is a refusal or failure with a stable code and a message for people.
-type Error struct {
-	Code    string `json:"code"`
-	Message string `json:"message"`
-}
-
 // ResolveRequest asks what vTPM a flavor and image give, without creating it.
 type ResolveRequest struct {
 	FlavorName  string            `json:"flavor_name,omitempty"`
@@ -41,3 +30,10 @@ type VTPMSpec struct {
 	// empty, on Hyper-V; absent otherwise).
 	Keys []string `json:"keys,omitzero"`
 }
+
+// ProjectHeader scopes a request to one project (tenant): such a caller sees
+// and changes only that project's vTPMs. The operator may scope itself to
+// any project with it; a tenant may only repeat its own. It names no one:
+// who the caller is comes from its client certificate or the operator's
+// socket.
+const ProjectHeader = "X-Project-ID"

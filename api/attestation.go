@@ -57,12 +57,6 @@ type EvidenceRequest struct {
 	IMAOffset int `json:"ima_offset,omitempty"`
 }
 
-// CodeFullIMALogRequired refuses evidence whose IMA log continues from an
-// entry the verifier does not hold (it lost its copy, or the agent's count
-// is not its own): send the whole log again, with the same quote and
-// nonce, which the refusal left good.
-const CodeFullIMALogRequired = "full_ima_log_required"
-
 // Refresh is a request for fresh evidence: the answer to asking for one
 // (POST …/attestation/refresh) and to an agent's long poll for one (GET
 // …/attestation/refresh?wait=D), where Requested says whether it was asked.

@@ -80,14 +80,25 @@ func LoadCAs(path string) (*x509.CertPool, error) {
 	return pool, nil
 }
 
-// Error is an error response of the API.
+// Error is an error response of the API: its HTTP status, and the stable
+// code (one of api's Code constants) to match on.
 type Error struct {
 	Status  int
-	Code    string
+	Code    api.Code
 	Message string
 }
 
 func (e *Error) Error() string { return fmt.Sprintf("%s: %s", e.Code, e.Message) }
+
+// ErrorCode is the API's code of err, an *Error (wrapped or not); "" when
+// err is not an error response.
+func ErrorCode(err error) api.Code {
+	var e *Error
+	if errors.As(err, &e) {
+		return e.Code
+	}
+	return ""
+}
 
 // IsNotFound reports whether err is a 404 from the API.
 func IsNotFound(err error) bool { return hasStatus(err, http.StatusNotFound) }
@@ -129,7 +140,7 @@ func (c *Client) send(ctx context.Context, method, path string, hdr http.Header,
 		req.Header.Set("Content-Type", "application/json")
 	}
 	if c.project != "" {
-		req.Header.Set("X-Project-ID", c.project)
+		req.Header.Set(api.ProjectHeader, c.project)
 	}
 	if c.token != "" {
 		req.Header.Set("Authorization", "Bearer "+c.token)
@@ -149,7 +160,7 @@ func (c *Client) send(ctx context.Context, method, path string, hdr http.Header,
 	if resp.StatusCode >= 300 {
 		var eb api.ErrorBody
 		if json.Unmarshal(data, &eb) != nil || eb.Error.Code == "" {
-			return resp, &Error{Status: resp.StatusCode, Code: fmt.Sprintf("http_%d", resp.StatusCode), Message: strings.TrimSpace(string(data))}
+			return resp, &Error{Status: resp.StatusCode, Code: api.Code(fmt.Sprintf("http_%d", resp.StatusCode)), Message: strings.TrimSpace(string(data))}
 		}
 		return resp, &Error{Status: resp.StatusCode, Code: eb.Error.Code, Message: eb.Error.Message}
 	}

@@ -20,6 +20,10 @@ import (
 // TokenIssuer is the iss claim of every verdict token vtpmd signs.
 const TokenIssuer = "vtpmd"
 
+// TokenLifetime bounds how long a relying party may rely on a verdict
+// token: its exp is this long after its iat.
+const TokenLifetime = 5 * time.Minute
+
 // TokenLeeway is the clock skew VerifyToken allows between the verifier
 // that signed a token and the relying party checking it, on exp, nbf and
 // iat: small against the tokens' five-minute lifetime.

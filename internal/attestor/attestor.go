@@ -247,8 +247,7 @@ func (a *Agent) Attest(ctx context.Context) (api.Attestation, error) {
 		return api.Attestation{}, err
 	}
 	out, err := a.API.Evidence(ctx, a.Subject, ev)
-	var refused *client.Error
-	if errors.As(err, &refused) && refused.Code == api.CodeFullIMALogRequired && ev.IMAOffset > 0 {
+	if client.ErrorCode(err) == api.CodeFullIMALogRequired && ev.IMAOffset > 0 {
 		a.imaHeld = 0
 		if ev.IMALog, ev.IMAOffset, err = a.readIMA(); err != nil {
 			return out, err

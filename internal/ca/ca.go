@@ -246,18 +246,13 @@ func create(ctx context.Context, dir string, kr keyring.Keyring, opts Options) (
 		return nil, fmt.Errorf("parsing new ca certificate: %w", err)
 	}
 
-	// Undo on failure so that what is left is "no CA", as after a crash.
-	// Cleanup must run even when ctx is what failed.
-	cleanupCtx := context.WithoutCancel(ctx)
-	var keyID string
+	// Undo on failure so that what is left is "no CA", as after a crash:
+	// the certificate here, the key by keyring.CreateRecorded, which takes
+	// it back when ca.json (the record that names it) cannot be written.
 	defer func() {
-		if err == nil {
-			return
+		if err != nil {
+			os.Remove(filepath.Join(dir, certFile))
 		}
-		if keyID != "" {
-			kr.Delete(cleanupCtx, keyID)
-		}
-		os.Remove(filepath.Join(dir, certFile))
 	}()
 
 	pemBytes := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
@@ -268,27 +263,29 @@ func create(ctx context.Context, dir string, kr keyring.Keyring, opts Options) (
 	if err != nil {
 		return nil, fmt.Errorf("encoding ca key: %w", err)
 	}
-	keyID, err = kr.Create(ctx, KeyProject, pkcs8)
+	sum := sha256.Sum256(der)
+	keyID, err := keyring.CreateRecorded(ctx, kr, KeyProject, pkcs8, func(id string) error {
+		if testHookBeforeCommit != nil {
+			if err := testHookBeforeCommit(); err != nil {
+				return err
+			}
+		}
+		refJSON, err := json.MarshalIndent(reference{
+			Version:           refVersion,
+			KeySecret:         id,
+			CertificateSHA256: hex.EncodeToString(sum[:]),
+		}, "", "  ")
+		if err != nil {
+			return fmt.Errorf("encoding %s: %w", refFile, err)
+		}
+		if err := writeFileAtomic(dir, refFile, append(refJSON, '\n'), 0o600); err != nil {
+			return fmt.Errorf("writing %s: %w", refFile, err)
+		}
+		return nil
+	})
 	clear(pkcs8)
 	if err != nil {
-		return nil, fmt.Errorf("storing ca key in keyring: %w", err)
-	}
-	if testHookBeforeCommit != nil {
-		if err := testHookBeforeCommit(); err != nil {
-			return nil, err
-		}
-	}
-	sum := sha256.Sum256(der)
-	refJSON, err := json.MarshalIndent(reference{
-		Version:           refVersion,
-		KeySecret:         keyID,
-		CertificateSHA256: hex.EncodeToString(sum[:]),
-	}, "", "  ")
-	if err != nil {
-		return nil, fmt.Errorf("encoding %s: %w", refFile, err)
-	}
-	if err := writeFileAtomic(dir, refFile, append(refJSON, '\n'), 0o600); err != nil {
-		return nil, fmt.Errorf("writing %s: %w", refFile, err)
+		return nil, fmt.Errorf("storing ca key: %w", err)
 	}
 	return newCA(cert, key, keyID, opts.Now), nil
 }

@@ -49,7 +49,7 @@ func TestDoctor(t *testing.T) {
 	if _, err := os.Stat(orphan); !os.IsNotExist(err) {
 		t.Fatal("the orphan is still there")
 	}
-	if code, _, errOut := run(t, append(base, "--project", "p1", "doctor")...); code != ExitFailed || !strings.Contains(errOut, "forbidden") {
+	if code, _, errOut := run(t, append(base, "--project", "p1", "doctor")...); code != ExitFailed || !strings.Contains(errOut, string(api.CodeForbidden)) {
 		t.Fatalf("doctor as a tenant: %d %q", code, errOut)
 	}
 }
@@ -79,13 +79,13 @@ func TestAttestationCommands(t *testing.T) {
 	if code, _, errOut := run(t, append(base, "host", "status", "h2")...); code != ExitNotFound || !strings.Contains(errOut, "No such host") {
 		t.Fatalf("status of an unknown host: %d %q", code, errOut)
 	}
-	if code, _, errOut := run(t, append(base, "--project", "p1", "host", "status", "h1")...); code == ExitOK || !strings.Contains(errOut, "forbidden") {
+	if code, _, errOut := run(t, append(base, "--project", "p1", "host", "status", "h1")...); code == ExitOK || !strings.Contains(errOut, string(api.CodeForbidden)) {
 		t.Fatalf("a project reading a host's attestation: %d %q", code, errOut)
 	}
 	if code, _, errOut := run(t, append(base, "policy", "learn", id, "--pcrs", "0,x")...); code != ExitUsage || !strings.Contains(errOut, "not a PCR number") {
 		t.Fatalf("bad --pcrs: %d %q", code, errOut)
 	}
-	if code, _, errOut := run(t, append(base, "policy", "learn", id)...); code != ExitConflict || !strings.Contains(errOut, "no_evidence") {
+	if code, _, errOut := run(t, append(base, "policy", "learn", id)...); code != ExitConflict || !strings.Contains(errOut, string(api.CodeNoEvidence)) {
 		t.Fatalf("learn without evidence: %d %q", code, errOut)
 	}
 
@@ -94,7 +94,7 @@ func TestAttestationCommands(t *testing.T) {
 	if code, out, errOut := run(t, append(base, "policy", "create", "golden", "--pcr", "0="+digest, "--pcr", "4="+digest)...); code != ExitOK || !strings.Contains(out, "PCR 4") {
 		t.Fatalf("policy create: %d %q %q", code, out, errOut)
 	}
-	if code, _, errOut := run(t, append(base, "policy", "create", "golden", "--pcr", "0="+digest)...); code != ExitConflict || !strings.Contains(errOut, "already_exists") {
+	if code, _, errOut := run(t, append(base, "policy", "create", "golden", "--pcr", "0="+digest)...); code != ExitConflict || !strings.Contains(errOut, string(api.CodeAlreadyExists)) {
 		t.Fatalf("policy create twice: %d %q", code, errOut)
 	}
 	if code, _, errOut := run(t, append(base, "policy", "create", "bad", "--pcr", "zero")...); code != ExitUsage || !strings.Contains(errOut, "N=SHA256HEX") {
@@ -115,7 +115,7 @@ func TestAttestationCommands(t *testing.T) {
 	if code, _, errOut := run(t, append(base, "policy", "apply", "golden")...); code != ExitUsage {
 		t.Fatalf("policy apply without a subject: %d %q", code, errOut)
 	}
-	if code, _, errOut := run(t, append(base, "--project", "p1", "policy", "delete", "golden")...); code == ExitOK || !strings.Contains(errOut, "forbidden") {
+	if code, _, errOut := run(t, append(base, "--project", "p1", "policy", "delete", "golden")...); code == ExitOK || !strings.Contains(errOut, string(api.CodeForbidden)) {
 		t.Fatalf("a project deleting the operator's policy: %d %q", code, errOut)
 	}
 	if code, out, _ := run(t, append(base, "policy", "delete", "golden")...); code != ExitOK || !strings.Contains(out, "deleted") {
@@ -124,7 +124,7 @@ func TestAttestationCommands(t *testing.T) {
 	if code, _, errOut := run(t, append(base, "policy", "show", "golden")...); code != ExitNotFound {
 		t.Fatalf("policy show after delete: %d %q", code, errOut)
 	}
-	if code, _, errOut := run(t, append(base, "attestation", "refresh", id)...); code != ExitConflict || !strings.Contains(errOut, "not_registered") {
+	if code, _, errOut := run(t, append(base, "attestation", "refresh", id)...); code != ExitConflict || !strings.Contains(errOut, string(api.CodeNotRegistered)) {
 		t.Fatalf("refresh before the guest registered: %d %q", code, errOut)
 	}
 	if code, out, _ := run(t, append(base, "attestation", "history", id)...); code != ExitOK || !strings.Contains(out, "policy golden applied") {
@@ -133,7 +133,7 @@ func TestAttestationCommands(t *testing.T) {
 
 	// Hyper-V and key-manager commands (no Hyper-V host here: a libvirt
 	// vTPM has no plan).
-	if code, _, errOut := run(t, append(base, "hyperv", "plan", id)...); code != ExitConflict || !strings.Contains(errOut, "not_hyperv") {
+	if code, _, errOut := run(t, append(base, "hyperv", "plan", id)...); code != ExitConflict || !strings.Contains(errOut, string(api.CodeNotHyperV)) {
 		t.Fatalf("hyperv plan of a non-Hyper-V vTPM: %d %q", code, errOut)
 	}
 	if code, _, errOut := run(t, append(base, "--project", "p1", "secret", "create")...); code != ExitUsage || !strings.Contains(errOut, "--payload-file") {

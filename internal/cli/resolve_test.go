@@ -65,7 +65,7 @@ func TestResolveRefused(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &body); err != nil {
 		t.Fatalf("stdout is not an error body: %v\n%s", err, out)
 	}
-	want := api.Error{Code: "flavor_image_conflict", Message: "Flavor m1.small has hw:tpm_version extra spec explicitly set to 1.2, conflicting with image win11 which has hw_tpm_version explicitly set to 2.0."}
+	want := api.Error{Code: api.CodeFlavorImageConflict, Message: "Flavor m1.small has hw:tpm_version extra spec explicitly set to 1.2, conflicting with image win11 which has hw_tpm_version explicitly set to 2.0."}
 	if body.Error != want {
 		t.Fatalf("error = %+v; want %+v", body.Error, want)
 	}
@@ -73,7 +73,7 @@ func TestResolveRefused(t *testing.T) {
 	// An empty image property is given, not unset: refused before the
 	// flavor's version is used.
 	code, out, errOut = run(t, "resolve", "--flavor-spec", "hw:tpm_version=1.2", "--image-name", "cirros", "--image-prop", "hw_tpm_version=")
-	want = api.Error{Code: "invalid_tpm_version", Message: `Image cirros has hw_tpm_version property set to "", which is not a valid TPM version (expected 1.2 or 2.0).`}
+	want = api.Error{Code: api.CodeInvalidTPMVersion, Message: `Image cirros has hw_tpm_version property set to "", which is not a valid TPM version (expected 1.2 or 2.0).`}
 	body = api.ErrorBody{}
 	if err := json.Unmarshal([]byte(out), &body); code != ExitFailed || err != nil || body.Error != want {
 		t.Fatalf("empty image version: exit %d, stdout %q, stderr %q; want %+v", code, out, errOut, want)

@@ -9,7 +9,6 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/keyring"
-	"github.com/vtpmd/vtpmd/internal/server"
 	"github.com/vtpmd/vtpmd/internal/server/servertest"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
@@ -35,7 +34,7 @@ func apiServer(t *testing.T) string {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	return servertest.Operator(t, (&server.Server{Store: st, Keyring: kr, CAChainPEM: func() []byte { return nil }}).Handler())
+	return servertest.Operator(t, servertest.New(st, kr).Handler())
 }
 
 func TestVTPMCommandsExitCodes(t *testing.T) {
@@ -53,22 +52,22 @@ func TestVTPMCommandsExitCodes(t *testing.T) {
 		code int
 		want string // in stdout or stderr
 	}{
-		{[]string{"create", "--instance", id, "--for-project", "p1", "--flavor-spec", "hw:tpm_version=2.0", "--wait=false"}, ExitConflict, "already_exists"},
+		{[]string{"create", "--instance", id, "--for-project", "p1", "--flavor-spec", "hw:tpm_version=2.0", "--wait=false"}, ExitConflict, string(api.CodeAlreadyExists)},
 		{[]string{"create", "--instance", "x", "--for-project", "p1", "--flavor-spec", "hw:tpm_version=2.0", "-o", "json"}, ExitFailed, `"code": "invalid_instance_id"`},
 		{[]string{"create", "--instance", "11111111-2222-4333-8444-555555555555", "--for-project", "p1", "--flavor-spec", "hw:tpm_version=3.0", "-o", "json"}, ExitFailed, `"code": "invalid_tpm_version"`},
 		{[]string{"create", "--flavor-spec", "hw:tpm_version=2.0"}, ExitUsage, "--instance is required"},
-		{[]string{"show", "11111111-2222-4333-8444-555555555555"}, ExitNotFound, "not_found"},
+		{[]string{"show", "11111111-2222-4333-8444-555555555555"}, ExitNotFound, string(api.CodeNotFound)},
 		{[]string{"show"}, ExitUsage, "exactly one argument"},
-		{[]string{"identity", id}, ExitConflict, "not_ready"},
+		{[]string{"identity", id}, ExitConflict, string(api.CodeNotReady)},
 		{[]string{"show", id}, ExitOK, "pending"},
 		{[]string{"list"}, ExitOK, id},
 		{[]string{"hosts"}, ExitOK, "COMPUTE_SECURITY_TPM_2_0"},
-		{[]string{"--project", "p1", "hosts"}, ExitFailed, "forbidden"},
+		{[]string{"--project", "p1", "hosts"}, ExitFailed, string(api.CodeForbidden)},
 		{[]string{"--project", "p1", "create", "--instance", "11111111-2222-4333-8444-555555555555", "--flavor-spec", "hw:tpm_version=2.0", "--wait=false"}, ExitFailed, "created by the cloud"},
-		{[]string{"--project", "other", "show", id}, ExitNotFound, "not_found"},
+		{[]string{"--project", "other", "show", id}, ExitNotFound, string(api.CodeNotFound)},
 		{[]string{"events", id}, ExitOK, "created"},
 		{[]string{"events", "--all", id}, ExitOK, "INCARNATION"},
-		{[]string{"--project", "p1", "events", "--all", id}, ExitFailed, "forbidden"},
+		{[]string{"--project", "p1", "events", "--all", id}, ExitFailed, string(api.CodeForbidden)},
 	}
 	for _, c := range cases {
 		code, out, errOut := run(t, append(base, c.args...)...)

@@ -142,7 +142,7 @@ func TestAttestation(t *testing.T) {
 	// Without the agent's token nobody gets a nonce or pushes evidence,
 	// and the agent's nonce stays unspent.
 	var e *client.Error
-	if _, err := u.agents.Nonce(ctx, client.Instance(id)); !asCode(err, &e, "unauthenticated") || e.Status != 401 {
+	if _, err := u.agents.Nonce(ctx, client.Instance(id)); !asCode(err, &e, api.CodeUnauthenticated) || e.Status != 401 {
 		t.Fatalf("a nonce without the agent's token: %v", err)
 	}
 	n, _ := agent.API.Nonce(ctx, client.Instance(id))
@@ -150,7 +150,7 @@ func TestAttestation(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := u.agents.Evidence(ctx, client.Instance(id), ev); !asCode(err, &e, "unauthenticated") {
+	if _, err := u.agents.Evidence(ctx, client.Instance(id), ev); !asCode(err, &e, api.CodeUnauthenticated) {
 		t.Fatalf("evidence without the agent's token: %v", err)
 	}
 	if _, err := agent.API.Evidence(ctx, client.Instance(id), ev); err != nil {
@@ -176,7 +176,7 @@ func TestAttestation(t *testing.T) {
 		stranger()
 	}
 	ch := stranger()
-	if _, err := u.agents.Activate(ctx, client.Instance(id), api.ActivateRequest{Ticket: ch.Ticket, Secret: make([]byte, 32)}); !asCode(err, &e, "activation_failed") {
+	if _, err := u.agents.Activate(ctx, client.Instance(id), api.ActivateRequest{Ticket: ch.Ticket, Secret: make([]byte, 32)}); !asCode(err, &e, api.CodeActivationFailed) {
 		t.Fatalf("activating without the TPM: %v", err)
 	}
 	if a, err := agent.Attest(ctx); err != nil || a.State != "registered" || a.Verdict != "trusted" {
@@ -200,7 +200,7 @@ func TestAttestation(t *testing.T) {
 	}
 
 	// An old quote replayed: its nonce is spent.
-	if _, err := agent.API.Evidence(ctx, client.Instance(id), ev); !asCode(err, &e, "stale_nonce") {
+	if _, err := agent.API.Evidence(ctx, client.Instance(id), ev); !asCode(err, &e, api.CodeStaleNonce) {
 		t.Fatalf("replayed evidence: %v", err)
 	}
 
@@ -242,7 +242,7 @@ func TestAttestation(t *testing.T) {
 	if ev, err = neighbour.Evidence(n.Nonce); err != nil {
 		t.Fatal(err)
 	}
-	if _, err = neighbour.API.Evidence(ctx, client.Instance(id), ev); !asCode(err, &e, "unauthenticated") {
+	if _, err = neighbour.API.Evidence(ctx, client.Instance(id), ev); !asCode(err, &e, api.CodeUnauthenticated) {
 		t.Fatalf("another guest's quote, with its own token: %v", err)
 	}
 	// Even with this instance's agent's token (stolen), the quote is not
@@ -252,7 +252,7 @@ func TestAttestation(t *testing.T) {
 		t.Fatalf("another guest's quote: %+v %v", a, err)
 	}
 	impostor := &attestor.Agent{TPM: tpm2nd, API: u.agents, Subject: client.Instance(id), EventLog: logPath}
-	if err := impostor.Register(ctx); !asCode(err, &e, "ek_mismatch") {
+	if err := impostor.Register(ctx); !asCode(err, &e, api.CodeEKMismatch) {
 		t.Fatalf("registering with another TPM's EK: %v", err)
 	}
 
@@ -275,7 +275,7 @@ func TestAttestation(t *testing.T) {
 	}
 }
 
-func asCode(err error, e **client.Error, code string) bool {
+func asCode(err error, e **client.Error, code api.Code) bool {
 	return errors.As(err, e) && (*e).Code == code
 }
 

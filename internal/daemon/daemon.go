@@ -3,11 +3,7 @@ package daemon
 import (
 	"context"
 	"crypto"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -16,24 +12,25 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/agent"
 	"github.com/vtpmd/vtpmd/internal/agent/agentstore"
-	"github.com/vtpmd/vtpmd/internal/atomicfile"
-	"github.com/vtpmd/vtpmd/internal/attest"
 	"github.com/vtpmd/vtpmd/internal/backend/direct"
 	"github.com/vtpmd/vtpmd/internal/backend/libvirt"
 	"github.com/vtpmd/vtpmd/internal/ca"
 	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/secrets"
 	"github.com/vtpmd/vtpmd/internal/server"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/swtpm"
 	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmhost"
+	"github.com/vtpmd/vtpmd/internal/verifier"
+	"github.com/vtpmd/vtpmd/internal/vtpms"
+	"github.com/vtpmd/vtpmd/internal/webhook"
 )
 
 // AllInOne is a running server plus local agent.
@@ -180,7 +177,7 @@ func (d *AllInOne) start(ctx context.Context) error {
 		}
 	}
 	d.reportDrift(ctx)
-	verdicts, err := verdictSigner(ctx, filepath.Join(cfg.DataDir, "verdict-key"), kr)
+	verdicts, err := verifier.OpenSigner(ctx, filepath.Join(cfg.DataDir, "verdict-key"), kr)
 	if err != nil {
 		return fmt.Errorf("opening the verdict signing key: %w", err)
 	}
@@ -190,33 +187,10 @@ func (d *AllInOne) start(ctx context.Context) error {
 	}
 	var bg context.Context
 	bg, d.stopBackground = context.WithCancel(context.Background())
-	var hook *server.Webhook
+	var hook *webhook.Webhook
 	if cfg.WebhookURL != "" {
-		hook = &server.Webhook{URL: cfg.WebhookURL, Signer: verdicts, Store: d.store, Log: d.log}
+		hook = webhook.New(webhook.Config{URL: cfg.WebhookURL, Signer: verdicts, Store: d.store, Log: d.log})
 		hook.Start(bg)
-	}
-	srv := &server.Server{
-		HostEKRoots: hostRoots,
-		Verdicts:    verdicts,
-		Webhook:     hook,
-		StaleAfter:  cfg.StaleAfter,
-		Store:       d.store, Keyring: kr, CAChainPEM: authority.ChainPEM, Options: spec.Options{DefaultTPMVersion: cfg.DefaultTPMVersion},
-		Log: d.log,
-		Sockets: func(host, id string) *api.Sockets {
-			if host != cfg.HostName {
-				return nil
-			}
-			if s := d.host.Sockets(id); s.Data != "" {
-				return &s
-			}
-			return nil
-		},
-		Drift: d.drift,
-		Notify: func(host string) {
-			if host == cfg.HostName {
-				d.agent.Kick()
-			}
-		},
 	}
 	d.ln, err = net.Listen("tcp", cfg.Listen)
 	if err != nil {
@@ -235,9 +209,32 @@ func (d *AllInOne) start(ctx context.Context) error {
 		return fmt.Errorf("the operator's socket %s: %w", cfg.APISocket, err)
 	}
 	d.OperatorURL = "unix://" + cfg.APISocket
-	srv.HyperV = server.HyperVOptions{PublicURL: cfg.PublicURL, HGS: cfg.HyperVHGS}
-	if srv.HyperV.PublicURL == "" {
-		srv.HyperV.PublicURL = d.URL
+	hyperV := vtpms.HyperVOptions{PublicURL: cfg.PublicURL, HGS: cfg.HyperVHGS}
+	if hyperV.PublicURL == "" {
+		hyperV.PublicURL = d.URL
+	}
+	keys := secrets.New(d.store, kr, d.log)
+	vs := vtpms.New(vtpms.Config{Store: d.store, Keyring: kr, Secrets: keys, HyperV: hyperV,
+		Options: spec.Options{DefaultTPMVersion: cfg.DefaultTPMVersion},
+		Notify: func(host string) {
+			if host == cfg.HostName {
+				d.agent.Kick()
+			}
+		},
+	})
+	ver := verifier.New(verifier.Config{Store: d.store, VTPMs: vs, CAChainPEM: authority.ChainPEM, HostEKRoots: hostRoots,
+		Signer: verdicts, Webhook: hook, StaleAfter: cfg.StaleAfter, Log: d.log})
+	srv := &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: authority.ChainPEM, Log: d.log,
+		Sockets: func(host, id string) *api.Sockets {
+			if host != cfg.HostName {
+				return nil
+			}
+			if s := d.host.Sockets(id); s.Data != "" {
+				return &s
+			}
+			return nil
+		},
+		Drift: d.drift,
 	}
 	d.http = &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, TLSConfig: serving,
 		ErrorLog: slog.NewLogLogger(d.log.Handler(), slog.LevelWarn)} // TLS handshake failures, as structured logs
@@ -249,7 +246,7 @@ func (d *AllInOne) start(ctx context.Context) error {
 			d.log.Error("operator socket stopped", "err", err)
 		}
 	}()
-	go srv.WatchStale(bg)
+	go ver.WatchStale(bg)
 	go func() {
 		serve := d.http.Serve
 		if d.http.TLSConfig != nil {
@@ -362,48 +359,6 @@ func (d *AllInOne) drift(ctx context.Context, host string, repair bool) (*api.Dr
 		return nil, err
 	}
 	return &api.Drift{Host: host, Findings: fs}, nil
-}
-
-// verdictSigner opens the key that signs attestation verdicts, making it on
-// first start: an ECDSA P-256 key sealed by the key manager, whose secret
-// id is kept in refFile. (A crash between making the secret and writing
-// refFile leaves one unused system secret.)
-func verdictSigner(ctx context.Context, refFile string, kr keyring.Keyring) (*attest.Signer, error) {
-	ref, err := os.ReadFile(refFile)
-	if errors.Is(err, fs.ErrNotExist) {
-		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			return nil, err
-		}
-		der, err := x509.MarshalPKCS8PrivateKey(key)
-		if err != nil {
-			return nil, err
-		}
-		id, err := kr.Create(ctx, ca.KeyProject, der)
-		if err != nil {
-			return nil, err
-		}
-		if err := atomicfile.Write(refFile, []byte(id), 0o600); err != nil {
-			return nil, err
-		}
-		return attest.NewSigner(key)
-	}
-	if err != nil {
-		return nil, err
-	}
-	secret, err := kr.Get(ctx, strings.TrimSpace(string(ref)))
-	if err != nil {
-		return nil, err
-	}
-	key, err := x509.ParsePKCS8PrivateKey(secret.Payload)
-	if err != nil {
-		return nil, err
-	}
-	ec, ok := key.(*ecdsa.PrivateKey)
-	if !ok {
-		return nil, fmt.Errorf("the verdict key is a %T, not ECDSA", key)
-	}
-	return attest.NewSigner(ec)
 }
 
 // reportDrift logs what differs between the host and the records; only an

@@ -159,13 +159,13 @@ func TestGuestAttestation(t *testing.T) {
 	t.Log("step 6: attacks: the guest's last evidence replayed; a quote by another key; another TPM registering")
 	var e *client.Error
 	last, token := rec.last()
-	if _, err := u.c.Evidence(ctx, client.Instance(id), last); !asCode(err, &e, "unauthenticated") {
+	if _, err := u.c.Evidence(ctx, client.Instance(id), last); !asCode(err, &e, api.CodeUnauthenticated) {
 		t.Fatalf("replayed evidence without the agent's token: %v", err)
 	}
 	t.Logf("        replayed without the agent's token: refused, %s", e.Code)
 	// An attacker on the path also took the agent's token.
 	stolen := u.c.WithAgentToken(token)
-	if _, err := stolen.Evidence(ctx, client.Instance(id), last); !asCode(err, &e, "stale_nonce") {
+	if _, err := stolen.Evidence(ctx, client.Instance(id), last); !asCode(err, &e, api.CodeStaleNonce) {
 		t.Fatalf("replayed evidence: %v", err)
 	}
 	t.Logf("        replayed with the agent's token: refused, %s", e.Code)
@@ -186,7 +186,7 @@ func TestGuestAttestation(t *testing.T) {
 	other, _ := swtpmtest.Manufactured(t, spec.V20, nil)
 	swtpmtest.Start(t, other)
 	impostor := &attestor.Agent{TPM: dialTPM(t, other.DataSocket()), API: u.c, Subject: client.Instance(id)}
-	if err := impostor.Register(ctx); !asCode(err, &e, "ek_mismatch") {
+	if err := impostor.Register(ctx); !asCode(err, &e, api.CodeEKMismatch) {
 		t.Fatalf("registering another TPM's EK: %v", err)
 	}
 	t.Logf("        another TPM: registration refused, %s", e.Code)

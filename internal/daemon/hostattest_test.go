@@ -143,7 +143,7 @@ func TestHostBinding(t *testing.T) {
 		}
 	}
 	var e *client.Error
-	if _, err := client.New(u.d.OperatorURL, "p1").Attestation(ctx, host); !asCode(err, &e, "forbidden") {
+	if _, err := client.New(u.d.OperatorURL, "p1").Attestation(ctx, host); !asCode(err, &e, api.CodeForbidden) {
 		t.Fatalf("a project reading the host's attestation: %v", err)
 	}
 
@@ -171,19 +171,19 @@ func TestHostBinding(t *testing.T) {
 	// the host's, refused.
 	for _, c := range []struct {
 		ca   *swtpmtest.CA
-		code string
-	}{{swtpmtest.NewCA(t), "ek_untrusted"}, {th.vendor, "ek_mismatch"}} {
+		code api.Code
+	}{{swtpmtest.NewCA(t), api.CodeEKUntrusted}, {th.vendor, api.CodeEKMismatch}} {
 		other, _ := swtpmtest.Manufactured(t, spec.V20, c.ca)
 		swtpmtest.Start(t, other)
 		impostor := &attestor.Agent{TPM: dialTPM(t, other.DataSocket()), API: u.c, Subject: host, EKCertificate: true}
 		if err := impostor.Register(ctx); !asCode(err, &e, c.code) {
 			t.Fatalf("registering another TPM for the host: %v, want %s", err, c.code)
 		}
-		if c.code != "ek_mismatch" {
+		if c.code != api.CodeEKMismatch {
 			continue
 		}
 		// The operator replaced the host's TPM: forgotten, the new one registers.
-		if err := client.New(u.d.OperatorURL, "p1").ForgetHost(ctx, "test-host"); !asCode(err, &e, "forbidden") {
+		if err := client.New(u.d.OperatorURL, "p1").ForgetHost(ctx, "test-host"); !asCode(err, &e, api.CodeForbidden) {
 			t.Fatalf("a project forgetting a host: %v", err)
 		}
 		if err := u.c.ForgetHost(ctx, "test-host"); err != nil {

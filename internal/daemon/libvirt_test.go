@@ -520,7 +520,7 @@ func TestLibvirtDisabled(t *testing.T) {
 	_, err = c.Create(ctx, api.CreateVTPMRequest{InstanceID: uuid.NewString(), Project: "p1",
 		ResolveRequest: api.ResolveRequest{FlavorSpecs: map[string]string{"hw:tpm_version": "2.0"}}})
 	var e *client.Error
-	if !errors.As(err, &e) || e.Status != 409 || e.Code != "no_valid_host" {
+	if !errors.As(err, &e) || e.Status != 409 || e.Code != api.CodeNoValidHost {
 		t.Fatalf("create on a host with vTPM disabled: %v", err)
 	}
 }

@@ -44,7 +44,7 @@ func TestXenHost(t *testing.T) {
 		{"hw:tpm_version": "2.0", "hw:tpm_secret_security": "host"},
 		{"hw:tpm_version": "1.2", "hw:tpm_model": "tpm-tis"}, // user secret security
 	} {
-		if err := create("0a0a0a0a-0000-4000-8000-00000000a0a0", specs); !asCode(err, &e, "no_valid_host") {
+		if err := create("0a0a0a0a-0000-4000-8000-00000000a0a0", specs); !asCode(err, &e, api.CodeNoValidHost) {
 			t.Fatalf("%v placed: %v", specs, err)
 		}
 	}

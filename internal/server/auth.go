@@ -7,8 +7,13 @@ import (
 	"net/http"
 	"os/user"
 	"strconv"
+	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/refusal"
+	"github.com/vtpmd/vtpmd/internal/tenant"
 )
 
 // access says who may call a route.
@@ -19,7 +24,7 @@ const (
 	// socket (OperatorConn), or either by client certificate.
 	callers access = iota
 	// operator is the operator alone: a tenant, or the operator scoped to
-	// a project with ProjectHeader, is refused.
+	// a project with api.ProjectHeader, is refused.
 	operator
 	// agents are guest and host agents: the handler checks their bearer
 	// token or host credential, or the route needs none (a registration
@@ -83,7 +88,7 @@ func (s *Server) authenticate(r *http.Request) (*http.Request, error) {
 		return r, nil // the local socket
 	}
 	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 {
-		return r, apiErr(http.StatusUnauthorized, CodeUnauthenticated,
+		return r, refusal.Unauthenticated(api.CodeUnauthenticated,
 			"This API needs a client certificate (vtpmctl --cert and --key), or the operator's local socket (vtpmctl --server unix://DATA-DIR/api.sock).")
 	}
 	leaf := r.TLS.VerifiedChains[0][0]
@@ -91,10 +96,10 @@ func (s *Server) authenticate(r *http.Request) (*http.Request, error) {
 	switch org := leaf.Subject.Organization; {
 	case len(org) == 1 && org[0] == OperatorOrganization:
 		c.operator = true
-	case len(org) == 1 && projectRE.MatchString(org[0]):
+	case len(org) == 1 && tenant.Valid(org[0]):
 		c.project = org[0]
 	default:
-		return r, apiErr(http.StatusForbidden, CodeForbidden, "The client certificate names no project: its subject needs one organization, the project id (or "+OperatorOrganization+").")
+		return r, refusal.Forbidden(api.CodeForbidden, "The client certificate names no project: its subject needs one organization, the project id (or "+OperatorOrganization+").")
 	}
 	return r.WithContext(context.WithValue(r.Context(), callerKey{}, c)), nil
 }
@@ -106,4 +111,65 @@ func callerOf(r *http.Request) (caller, bool) {
 	}
 	c, ok := r.Context().Value(callerKey{}).(caller)
 	return c, ok
+}
+
+// project is the caller's scope: a tenant's project, or the project the
+// operator scoped itself to ("" for the operator unscoped). Agents' and
+// public routes have no caller, so the header scopes nothing there.
+func project(r *http.Request) (string, error) {
+	c, ok := callerOf(r)
+	if !ok {
+		return "", nil
+	}
+	p := r.Header.Get(api.ProjectHeader)
+	if p != "" && !tenant.Valid(p) {
+		return "", refusal.Invalid(api.CodeInvalidProject, "The "+api.ProjectHeader+" header is not a valid project id.")
+	}
+	if !c.operator {
+		if p != "" && p != c.project {
+			return "", refusal.Forbidden(api.CodeInvalidProject, "The client certificate is for project "+c.project+", not "+p+".")
+		}
+		return c.project, nil
+	}
+	return p, nil
+}
+
+// tenantOf is the request's caller as the domain packages take it: its
+// scope (project) and its name in the event log (actor).
+func tenantOf(r *http.Request) (tenant.Caller, error) {
+	scope, err := project(r)
+	if err != nil {
+		return tenant.Caller{}, err
+	}
+	return tenant.Caller{Project: scope, Actor: actor(r, scope)}, nil
+}
+
+// actor names who made a change through the API, for the event log: the
+// operator or a project, and the holder of the client certificate or the
+// local user that proved it. A request with no authenticated caller is an
+// agent's, proven by its token or its TPM: it is named as the agent of
+// the instance or host it speaks for, never as a project or the operator.
+func actor(r *http.Request, scope string) string {
+	c, ok := callerOf(r)
+	if !ok {
+		return "attestation agent"
+	}
+	who := "api:operator"
+	if scope != "" {
+		who = "api:project:" + scope
+	}
+	if c.name != "" {
+		who += " (" + strconv.QuoteToGraphic(refusal.Truncate(c.name)) + ")"
+	}
+	return who
+}
+
+// bearerToken is the request's bearer token (Authorization: Bearer), an
+// agent's or a host's; "" when it carries none.
+func bearerToken(r *http.Request) string {
+	token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !ok {
+		return ""
+	}
+	return token
 }

@@ -9,72 +9,62 @@ import (
 	"syscall"
 
 	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/refusal"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
 )
 
-// APIError is a failure the client should see as it is: the one error type
-// handlers return for anything that is not a server fault.
+// APIError is an error response: its status, its stable code and the
+// message the client sees.
 type APIError struct {
 	Status  int
-	Code    string
+	Code    api.Code
 	Message string
 }
 
-func (e *APIError) Error() string { return e.Code + ": " + e.Message }
+func (e *APIError) Error() string { return string(e.Code) + ": " + e.Message }
 
-func apiErr(status int, code, msg string) *APIError { return &APIError{status, code, msg} }
+// statusOf is the HTTP status of each kind of refusal.
+var statusOf = map[refusal.Kind]int{
+	refusal.KindInvalid:         http.StatusBadRequest,
+	refusal.KindUnauthenticated: http.StatusUnauthorized,
+	refusal.KindForbidden:       http.StatusForbidden,
+	refusal.KindNotFound:        http.StatusNotFound,
+	refusal.KindConflict:        http.StatusConflict,
+}
 
-// Stable error codes of the API besides those of internal/spec.
-const (
-	CodeInvalidJSON       = "invalid_json"
-	CodeBodyTooLarge      = "body_too_large"
-	CodeInvalidInstanceID = "invalid_instance_id"
-	CodeInvalidProject    = "invalid_project"
-	CodeInvalidParameter  = "invalid_parameter"
-	CodeNoVTPMRequested   = "no_vtpm_requested"
-	CodeNotFound          = "not_found"
-	CodeMethodNotAllowed  = "method_not_allowed"
-	CodeAlreadyExists     = "already_exists"
-	CodeConflict          = "conflict"
-	CodeNotReady          = "not_ready"
-	CodeNotSupported      = "not_supported"
-	CodeForbidden         = "forbidden"
-	CodeInternal          = "internal"
-	CodeStorageFull       = "storage_full"
-)
-
-// toAPIError is the one place that maps errors to HTTP. Anything it does
-// not recognise is a server fault: logged in full, shown to the client only
-// as a generic message.
+// toAPIError is the one place that maps errors to HTTP: refusals by their
+// kind, request semantics' by their code, the store's by what they mean.
+// Anything it does not recognise is a server fault: logged in full, shown
+// to the client only as a generic message.
 func toAPIError(err error, log *slog.Logger, r *http.Request) *APIError {
-	var ae *APIError
+	var re *refusal.Error
 	var se *spec.Error
 	var mbe *http.MaxBytesError
 	switch {
-	case errors.As(err, &ae):
-		return ae
+	case errors.As(err, &re) && statusOf[re.Kind] != 0:
+		return &APIError{statusOf[re.Kind], re.Code, re.Message}
 	case errors.As(err, &se):
 		status := http.StatusBadRequest
-		if se.Code == spec.CodeNoValidHost {
+		if se.Code == api.CodeNoValidHost {
 			status = http.StatusConflict
 		}
-		return apiErr(status, string(se.Code), se.Message)
+		return &APIError{status, se.Code, se.Message}
 	case errors.As(err, &mbe):
-		return apiErr(http.StatusRequestEntityTooLarge, CodeBodyTooLarge, fmt.Sprintf("The request body is larger than the %d bytes this route accepts.", mbe.Limit))
+		return &APIError{http.StatusRequestEntityTooLarge, api.CodeBodyTooLarge, fmt.Sprintf("The request body is larger than the %d bytes this route accepts.", mbe.Limit)}
 	case errors.Is(err, store.ErrNotFound):
-		return apiErr(http.StatusNotFound, CodeNotFound, "No such vTPM.")
+		return &APIError{http.StatusNotFound, api.CodeNotFound, "No such vTPM."}
 	case errors.Is(err, store.ErrExists):
-		return apiErr(http.StatusConflict, CodeAlreadyExists, "This instance already has a vTPM.")
+		return &APIError{http.StatusConflict, api.CodeAlreadyExists, "This instance already has a vTPM."}
 	case errors.Is(err, store.ErrConflict):
-		return apiErr(http.StatusConflict, CodeConflict, "The vTPM changed while the request ran; retry it.")
+		return &APIError{http.StatusConflict, api.CodeConflict, "The vTPM changed while the request ran; retry it."}
 	case errors.Is(err, store.ErrFull), errors.Is(err, syscall.ENOSPC):
 		// Logged: the operator must free space. Nothing was changed.
 		log.Error("request failed: disk full", "method", r.Method, "path", r.URL.Path, "err", err)
-		return apiErr(http.StatusInsufficientStorage, CodeStorageFull, "The server's disk is full; nothing was changed. Retry once the operator has freed space.")
+		return &APIError{http.StatusInsufficientStorage, api.CodeStorageFull, "The server's disk is full; nothing was changed. Retry once the operator has freed space."}
 	}
 	log.Error("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
-	return apiErr(http.StatusInternalServerError, CodeInternal, "Internal error; the server log has the details.")
+	return &APIError{http.StatusInternalServerError, api.CodeInternal, "Internal error; the server log has the details."}
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {

@@ -309,7 +309,7 @@ func TestEvidenceWithoutEventLog(t *testing.T) {
 		bare := ev
 		bare.EventLog = empty
 		var e *client.Error
-		if a, err := pushAsAgent(t, g, bare); !errors.As(err, &e) || e.Status != 400 || e.Code != CodeNoEventLog {
+		if a, err := pushAsAgent(t, g, bare); !errors.As(err, &e) || e.Status != 400 || e.Code != api.CodeNoEventLog {
 			t.Fatalf("evidence with event log %q: %+v %v", empty, a, err)
 		}
 	}
@@ -363,14 +363,14 @@ func TestRegisterInfersTheEKKind(t *testing.T) {
 		name   string
 		req    api.RegisterRequest
 		status int
-		code   string
+		code   api.Code
 		says   string
 	}{
-		{"a P-384 key", api.RegisterRequest{EKPublic: p384DER, AKPublic: akPublic}, 400, CodeInvalidParameter, "ECC EK must be on NIST P-256"},
-		{"no key", api.RegisterRequest{EKPublic: []byte("junk"), AKPublic: akPublic}, 400, CodeInvalidParameter, "ek_public is not a PKIX public key"},
-		{"a contradicting kind", api.RegisterRequest{EKKind: "rsa2048", EKPublic: eccDER, AKPublic: akPublic}, 400, CodeInvalidParameter, "ek_kind is rsa2048, but ek_public is an ecc-nist-p256 key"},
-		{"an unknown kind", api.RegisterRequest{EKKind: "ecc-nist-p384", AKPublic: akPublic}, 400, CodeInvalidParameter, "rsa2048 or ecc-nist-p256"},
-		{"another ECC EK", api.RegisterRequest{EKPublic: p256DER, AKPublic: akPublic}, 403, CodeEKMismatch, "This ecc-nist-p256 EK is not the one"},
+		{"a P-384 key", api.RegisterRequest{EKPublic: p384DER, AKPublic: akPublic}, 400, api.CodeInvalidParameter, "ECC EK must be on NIST P-256"},
+		{"no key", api.RegisterRequest{EKPublic: []byte("junk"), AKPublic: akPublic}, 400, api.CodeInvalidParameter, "ek_public is not a PKIX public key"},
+		{"a contradicting kind", api.RegisterRequest{EKKind: "rsa2048", EKPublic: eccDER, AKPublic: akPublic}, 400, api.CodeInvalidParameter, "ek_kind is rsa2048, but ek_public is an ecc-nist-p256 key"},
+		{"an unknown kind", api.RegisterRequest{EKKind: "ecc-nist-p384", AKPublic: akPublic}, 400, api.CodeInvalidParameter, "rsa2048 or ecc-nist-p256"},
+		{"another ECC EK", api.RegisterRequest{EKPublic: p256DER, AKPublic: akPublic}, 403, api.CodeEKMismatch, "This ecc-nist-p256 EK is not the one"},
 	} {
 		var e api.ErrorBody
 		if code := f.call(t, "POST", base+"/register", "", c.req, &e); code != c.status || e.Error.Code != c.code || !strings.Contains(e.Error.Message, c.says) {
@@ -451,7 +451,7 @@ func TestLargeAndIncrementalIMALog(t *testing.T) {
 		t.Fatalf("a continuation of 20 entries: %+v %v", a, err)
 	}
 	var e *client.Error
-	if _, err := pushAsAgent(t, g, ev); !errors.As(err, &e) || e.Code != CodeStaleNonce {
+	if _, err := pushAsAgent(t, g, ev); !errors.As(err, &e) || e.Code != api.CodeStaleNonce {
 		t.Fatalf("the continuation replayed: %v", err)
 	}
 
@@ -472,9 +472,9 @@ func TestLargeAndIncrementalIMALog(t *testing.T) {
 	for _, offset := range []int{600, 5, 700, -1} {
 		elsewhere := ev
 		elsewhere.IMAOffset = offset
-		status, code := 409, CodeFullIMALogRequired
+		status, code := 409, api.CodeFullIMALogRequired
 		if offset < 0 {
-			status, code = 400, CodeInvalidParameter
+			status, code = 400, api.CodeInvalidParameter
 		}
 		if a, err := pushAsAgent(t, g, elsewhere); !errors.As(err, &e) || e.Status != status || e.Code != code {
 			t.Fatalf("a continuation from entry %d: %+v %v", offset, a, err)
@@ -522,7 +522,7 @@ func TestBodyLimits(t *testing.T) {
 	f := newFixture(t)
 	var e api.ErrorBody
 	big := `{"instance_id": "` + strings.Repeat("x", maxBody) + `"}`
-	if code := f.call(t, "POST", "/v1/vtpms", "", big, &e); code != 413 || e.Error.Code != CodeBodyTooLarge {
+	if code := f.call(t, "POST", "/v1/vtpms", "", big, &e); code != 413 || e.Error.Code != api.CodeBodyTooLarge {
 		t.Fatalf("a large create request: %d %+v", code, e)
 	}
 	var allowlist []string // a system's files: 140 KiB
@@ -537,12 +537,12 @@ func TestBodyLimits(t *testing.T) {
 		t.Fatal(err)
 	}
 	huge := `{"event_log": "` + strings.Repeat("A", maxEvidenceBody) + `"}`
-	if code := f.call(t, "POST", "/v1/vtpms/"+inst+"/attestation/evidence", "", huge, &e); code != 401 || e.Error.Code != CodeUnauthenticated {
+	if code := f.call(t, "POST", "/v1/vtpms/"+inst+"/attestation/evidence", "", huge, &e); code != 401 || e.Error.Code != api.CodeUnauthenticated {
 		t.Fatalf("huge evidence from a stranger: %d %+v", code, e)
 	}
 	var tooLarge *client.Error
 	a, err := pushAsAgent(t, g, api.EvidenceRequest{EventLog: make([]byte, maxEvidenceBody*3/4+1)}) // base64 makes it larger
-	if !errors.As(err, &tooLarge) || tooLarge.Status != 413 || tooLarge.Code != CodeBodyTooLarge {
+	if !errors.As(err, &tooLarge) || tooLarge.Status != 413 || tooLarge.Code != api.CodeBodyTooLarge {
 		t.Fatalf("huge evidence from the agent: %+v %v", a, err)
 	}
 }

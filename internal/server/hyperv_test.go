@@ -14,16 +14,16 @@ import (
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
+	"github.com/vtpmd/vtpmd/internal/vtpms"
 )
 
 // Hyper-V: keys are checked before anything is made; the plan names them
 // by reference; a host fetches them with its credential only for its own
 // instances; key material never appears in plans, errors or logs.
 func TestHyperV(t *testing.T) {
-	f := newFixture(t)
 	var logs bytes.Buffer
-	f.api.Log = slog.New(slog.NewJSONHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	f.api.HyperV = HyperVOptions{PublicURL: "https://vtpmd.example:8780"}
+	f := newFixtureWith(t, setup{log: slog.New(slog.NewJSONHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		hyperV: vtpms.HyperVOptions{PublicURL: "https://vtpmd.example:8780"}})
 	caps := spec.Capabilities{Enabled: true, Versions: []spec.Version{spec.V20}, HyperVGen2: true}
 	err := f.store.Update(context.Background(), func(tx *store.Tx) error {
 		return tx.PutHost(&store.Host{Name: "hv1", Traits: spec.HostTraits(caps).List(), Capacity: 10, Backend: "hyperv"})
@@ -64,10 +64,10 @@ func TestHyperV(t *testing.T) {
 	}
 	call("POST", "/v1/secrets", "p2", "", api.CreateSecretRequest{Payload: "KEY-MATERIAL: p2's"}, &foreign)
 	var e api.ErrorBody
-	if code := call("POST", "/v1/secrets", "", "", api.CreateSecretRequest{Payload: "KEY-MATERIAL: no project"}, &e); code != 400 || e.Error.Code != CodeInvalidProject {
+	if code := call("POST", "/v1/secrets", "", "", api.CreateSecretRequest{Payload: "KEY-MATERIAL: no project"}, &e); code != 400 || e.Error.Code != api.CodeInvalidProject {
 		t.Fatalf("secret without a project: %d %+v", code, e)
 	}
-	if code := call("POST", "/v1/secrets", "p1", "", api.CreateSecretRequest{Payload: "KEY-MATERIAL" + strings.Repeat("x", 10000)}, &e); code != 400 || e.Error.Code != CodeInvalidPayload {
+	if code := call("POST", "/v1/secrets", "p1", "", api.CreateSecretRequest{Payload: "KEY-MATERIAL" + strings.Repeat("x", 10000)}, &e); code != 400 || e.Error.Code != api.CodeInvalidPayload {
 		t.Fatalf("oversized secret: %d %+v", code, e)
 	}
 	if code := call("GET", "/v1/secrets/"+own.ID, "p2", "", nil, &e); code != 404 {
@@ -86,11 +86,11 @@ func TestHyperV(t *testing.T) {
 	for _, c := range []struct {
 		keys   []string
 		status int
-		code   string
+		code   api.Code
 	}{
-		{[]string{"6a0e5c7e-1111-4a4a-9b9b-000000000009"}, 409, CodeVTPMKeyMissing},
-		{[]string{foreign.ID}, 409, CodeVTPMKeyMissing}, // as if absent: another project's ids tell nothing
-		{[]string{own.ID, extra[0].ID, extra[1].ID}, 409, CodeTooManyHyperVKeys},
+		{[]string{"6a0e5c7e-1111-4a4a-9b9b-000000000009"}, 409, api.CodeVTPMKeyMissing},
+		{[]string{foreign.ID}, 409, api.CodeVTPMKeyMissing}, // as if absent: another project's ids tell nothing
+		{[]string{own.ID, extra[0].ID, extra[1].ID}, 409, api.CodeTooManyHyperVKeys},
 	} {
 		if code := call("POST", "/v1/vtpms", "", "", hypervVTPM(inst, c.keys...), &e); code != c.status || e.Error.Code != c.code || !strings.Contains(e.Error.Message, c.keys[0]) && len(c.keys) == 1 {
 			t.Fatalf("keys %v: %d %+v", c.keys, code, e)
@@ -120,10 +120,10 @@ func TestHyperV(t *testing.T) {
 	if code := call("GET", "/v1/secrets/"+libvirtVTPM.SecretRef, "p1", "", nil, &e); code != 404 {
 		t.Fatalf("a vTPM's own secret through the secrets API: %d", code)
 	}
-	if code := call("POST", "/v1/vtpms", "", "", hypervVTPM("0c0c0c0c-0000-4000-8000-00000000c0c0", libvirtVTPM.SecretRef), &e); code != 409 || e.Error.Code != CodeVTPMKeyMissing {
+	if code := call("POST", "/v1/vtpms", "", "", hypervVTPM("0c0c0c0c-0000-4000-8000-00000000c0c0", libvirtVTPM.SecretRef), &e); code != 409 || e.Error.Code != api.CodeVTPMKeyMissing {
 		t.Fatalf("a vTPM's own secret as os_vtpm_keys: %d %+v", code, e)
 	}
-	if code := call("GET", "/v1/vtpms/"+other+"/hyperv/plan", "p1", "", nil, &e); code != 409 || e.Error.Code != CodeNotHyperV {
+	if code := call("GET", "/v1/vtpms/"+other+"/hyperv/plan", "p1", "", nil, &e); code != 409 || e.Error.Code != api.CodeNotHyperV {
 		t.Fatalf("plan for a libvirt vTPM: %d %+v", code, e)
 	}
 
@@ -164,7 +164,7 @@ func TestHyperV(t *testing.T) {
 	if err := f.keys.Delete(context.Background(), own.ID); err != nil {
 		t.Fatal(err)
 	}
-	if code := call("GET", "/v1/vtpms/"+inst+"/hyperv/plan", "p1", "", nil, &e); code != 409 || e.Error.Code != CodeVTPMKeyMissing {
+	if code := call("GET", "/v1/vtpms/"+inst+"/hyperv/plan", "p1", "", nil, &e); code != 409 || e.Error.Code != api.CodeVTPMKeyMissing {
 		t.Fatalf("plan after its key was deleted: %d %+v", code, e)
 	}
 

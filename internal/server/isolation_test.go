@@ -18,6 +18,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/attest/attesttest"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
+	"github.com/vtpmd/vtpmd/internal/tenant"
 )
 
 // createFor is the operator creating a TPM 2.0 vTPM for project's instance id.
@@ -58,6 +59,10 @@ func TestReusedInstanceIDStartsClean(t *testing.T) {
 	if err := f.store.View(ctx, func(tx *store.Tx) (err error) { old, err = tx.GetVTPM(inst); return err }); err != nil {
 		t.Fatal(err)
 	}
+	p2Subject, err := f.api.Verifier.Instance(ctx, tenant.Caller{Project: "p2", Actor: "api:project:p2"}, inst)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if code := f.call(t, "DELETE", "/v1/vtpms/"+inst, "p2", nil, nil); code != 200 {
 		t.Fatalf("p2's delete: %d", code)
 	}
@@ -83,18 +88,13 @@ func TestReusedInstanceIDStartsClean(t *testing.T) {
 		t.Errorf("p1's attestation history: %+v, want none", hist.Items)
 	}
 	var e api.ErrorBody
-	if code := f.call(t, "GET", "/v1/vtpms/"+inst+"/attestation", "p1", nil, &e); code != 404 || e.Error.Code != CodeNotRegistered {
-		t.Errorf("p1's attestation: %d %+v, want 404 %s", code, e, CodeNotRegistered)
+	if code := f.call(t, "GET", "/v1/vtpms/"+inst+"/attestation", "p1", nil, &e); code != 404 || e.Error.Code != api.CodeNotRegistered {
+		t.Errorf("p1's attestation: %d %+v, want 404 %s", code, e, api.CodeNotRegistered)
 	}
 
-	// p2's agent, looked up before the delete, writes only after p1's
-	// create: refused, and nothing of it stays.
-	sub := subject{key: inst, vtpm: old}
-	err = f.api.updateAttestation(ctx, sub, "attestation key registered", func(a *store.Attestation) error {
-		a.AKPublic, a.RegisteredAt, a.Verdict = []byte("p2's AK"), time.Now(), "pending"
-		return nil
-	}, nil)
-	if !errors.Is(err, store.ErrNotFound) {
+	// p2's request, which read p2's vTPM before the delete, writes only
+	// after p1's create: refused, and nothing of it stays.
+	if _, err := f.api.Verifier.SetPolicy(ctx, p2Subject, api.PolicyRequest{Learn: true}); !errors.Is(err, store.ErrNotFound) {
 		t.Errorf("a write to the deleted vTPM's attestation: %v, want not found", err)
 	}
 	if code := f.call(t, "GET", "/v1/vtpms/"+inst+"/attestation", "p1", nil, &e); code != 404 {
@@ -123,10 +123,10 @@ func TestReusedInstanceIDStartsClean(t *testing.T) {
 	if f.call(t, "GET", "/v1/vtpms/"+inst, "p1", nil, &v); v.Incarnation == "" || v.Incarnation != evs.Items[0].Incarnation || v.Incarnation == old.Incarnation {
 		t.Errorf("p1's vTPM is incarnation %q, its event %q, p2's was %q", v.Incarnation, evs.Items[0].Incarnation, old.Incarnation)
 	}
-	if code := f.call(t, "GET", "/v1/vtpms/"+inst+"/events?all=true", "p1", nil, &e); code != 403 || e.Error.Code != CodeForbidden {
+	if code := f.call(t, "GET", "/v1/vtpms/"+inst+"/events?all=true", "p1", nil, &e); code != 403 || e.Error.Code != api.CodeForbidden {
 		t.Errorf("a project's ?all: %d %+v", code, e)
 	}
-	if code := f.call(t, "GET", "/v1/vtpms/"+inst+"/events?all=maybe", "", nil, &e); code != 400 || e.Error.Code != CodeInvalidParameter {
+	if code := f.call(t, "GET", "/v1/vtpms/"+inst+"/events?all=maybe", "", nil, &e); code != 400 || e.Error.Code != api.CodeInvalidParameter {
 		t.Errorf("?all=maybe: %d %+v", code, e)
 	}
 	// A deleted instance id's trail stays the operator's to read.
@@ -161,13 +161,12 @@ const (
 // the id it would have had.
 func newWorld(t *testing.T, others bool, secretID string) *world {
 	t.Helper()
-	f := newFixture(t)
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	signer, err := attest.NewSigner(key)
 	if err != nil {
 		t.Fatal(err)
 	}
-	f.api.Verdicts = signer
+	f := newFixtureWith(t, setup{signer: signer})
 	caps := spec.Capabilities{Enabled: true, Versions: []spec.Version{spec.V20}, HyperVGen2: true}
 	err = f.store.Update(context.Background(), func(tx *store.Tx) error {
 		return tx.PutHost(&store.Host{Name: "hv1", Traits: spec.HostTraits(caps).List(), Capacity: 10, Backend: "hyperv"})
@@ -275,7 +274,7 @@ func TestOperatorOnlyRoutes(t *testing.T) {
 		{"GET", "/v1/hosts/nope", nil, "vTPM record"},
 	} {
 		var e api.ErrorBody
-		if code := f.call(t, c.method, c.path, "p1", c.body, &e); code != 403 || e.Error.Code != CodeForbidden || !strings.Contains(e.Error.Message, c.says) {
+		if code := f.call(t, c.method, c.path, "p1", c.body, &e); code != 403 || e.Error.Code != api.CodeForbidden || !strings.Contains(e.Error.Message, c.says) {
 			t.Errorf("%s %s as a project: %d %+v", c.method, c.path, code, e)
 		}
 	}
@@ -321,7 +320,7 @@ func TestBodylessRoutesRefuseBodies(t *testing.T) {
 			path += "?wait=0s"
 		}
 		var e api.ErrorBody
-		if code := f.call(t, method, path, "", `{}`, &e); code != 400 || e.Error.Code != CodeInvalidJSON || e.Error.Message != "This endpoint takes no request body." {
+		if code := f.call(t, method, path, "", `{}`, &e); code != 400 || e.Error.Code != api.CodeInvalidJSON || e.Error.Message != "This endpoint takes no request body." {
 			t.Errorf("%s with a body: %d %+v", r.pattern, code, e)
 		}
 	}
@@ -346,14 +345,15 @@ func TestUnknownRoutesAnswerJSON(t *testing.T) {
 	for _, c := range []struct {
 		method, path string
 		status       int
-		code, allow  string
+		code         api.Code
+		allow        string
 	}{
-		{"GET", "/v1/nope", 404, CodeNotFound, ""},
-		{"GET", "/", 404, CodeNotFound, ""},
-		{"GET", "/v1/vtpms/" + inst + "/nope", 404, CodeNotFound, ""},
-		{"DELETE", "/v1/hosts", 405, CodeMethodNotAllowed, "GET, HEAD"},
-		{"PUT", "/v1/vtpms/" + inst, 405, CodeMethodNotAllowed, "DELETE, GET, HEAD"},
-		{"GET", "/v1/vtpms/" + inst + "/start", 405, CodeMethodNotAllowed, "POST"},
+		{"GET", "/v1/nope", 404, api.CodeNotFound, ""},
+		{"GET", "/", 404, api.CodeNotFound, ""},
+		{"GET", "/v1/vtpms/" + inst + "/nope", 404, api.CodeNotFound, ""},
+		{"DELETE", "/v1/hosts", 405, api.CodeMethodNotAllowed, "GET, HEAD"},
+		{"PUT", "/v1/vtpms/" + inst, 405, api.CodeMethodNotAllowed, "DELETE, GET, HEAD"},
+		{"GET", "/v1/vtpms/" + inst + "/start", 405, api.CodeMethodNotAllowed, "POST"},
 	} {
 		req, _ := http.NewRequest(c.method, f.url+c.path, nil)
 		resp, err := f.http.Do(req)

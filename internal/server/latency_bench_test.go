@@ -23,8 +23,12 @@ import (
 	"github.com/vtpmd/vtpmd/internal/attest"
 	"github.com/vtpmd/vtpmd/internal/attest/attesttest"
 	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/secrets"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
+	"github.com/vtpmd/vtpmd/internal/verifier"
+	"github.com/vtpmd/vtpmd/internal/vtpms"
+	"github.com/vtpmd/vtpmd/internal/webhook"
 )
 
 // BenchmarkDetectionLatency measures, with 10,000 attesting instances
@@ -90,13 +94,19 @@ func BenchmarkDetectionLatency(b *testing.B) {
 	signer, _ := attest.NewSigner(key)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	hook := &Webhook{URL: receiver.URL, Signer: signer, Store: st}
+	hook := webhook.New(webhook.Config{URL: receiver.URL, Signer: signer, Store: st})
 	hook.Start(ctx)
-	srv := httptest.NewServer((&Server{Store: st, Keyring: kr, CAChainPEM: func() []byte { return nil }, Verdicts: signer, Webhook: hook}).Handler())
+	keys := secrets.New(st, kr, nil)
+	vs := vtpms.New(vtpms.Config{Store: st, Keyring: kr, Secrets: keys})
+	ver := verifier.New(verifier.Config{Store: st, VTPMs: vs, Signer: signer, Webhook: hook})
+	srv := httptest.NewServer((&Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: func() []byte { return nil }}).Handler())
 	defer srv.Close()
 
 	post := func(path string, in, out any) {
-		body, _ := json.Marshal(in)
+		var body []byte // none for the nonce: a body-less route refuses one
+		if in != nil {
+			body, _ = json.Marshal(in)
+		}
 		req, _ := http.NewRequest("POST", srv.URL+path, bytes.NewReader(body))
 		req.Header.Set("Authorization", "Bearer agent-token")
 		resp, err := http.DefaultClient.Do(req)

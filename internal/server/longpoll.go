@@ -1,12 +1,15 @@
 package server
 
 import (
+	"context"
 	"fmt"
 	"net/http"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/refusal"
 	"github.com/vtpmd/vtpmd/internal/store"
 )
 
@@ -14,58 +17,32 @@ import (
 // an idle time, or clients ask for less); the error message names it.
 const maxWait = 5 * time.Minute
 
-// recheck is how often a long poll on a record reads it again even if
-// this process committed nothing: another server sharing a PostgreSQL
-// database may have.
-const recheck = time.Second
-
-// longPoll is one request waiting for news: until its ?wait= deadline,
-// until its client goes away, or until the server shuts down.
-type longPoll struct {
-	r     *http.Request
-	timer *time.Timer
-	end   <-chan struct{}
-}
-
 // longPoll reads the request's ?wait= (a Go duration or whole seconds, at
-// most maxWait; def when absent).
-func (s *Server) longPoll(r *http.Request, def time.Duration) (*longPoll, error) {
+// most maxWait; def when absent) and returns a channel that closes when
+// the wait is over: at its deadline, when the client goes away, or when
+// the server shuts down. end must be called when the request is done.
+func (s *Server) longPoll(r *http.Request, def time.Duration) (over <-chan struct{}, end func(), err error) {
 	d := def
 	if q := r.URL.Query().Get("wait"); q != "" {
-		var err error
 		d, err = time.ParseDuration(q)
 		if n, nerr := strconv.Atoi(q); nerr == nil {
 			d, err = time.Duration(n)*time.Second, nil
 		}
 		if err != nil || d < 0 || d > maxWait {
-			return nil, apiErr(http.StatusBadRequest, CodeInvalidParameter, "wait must be a duration (e.g. 60s) of at most 5m.")
+			return nil, nil, refusal.Invalid(api.CodeInvalidParameter, "wait must be a duration (e.g. 60s) of at most 5m.")
 		}
 	}
-	return &longPoll{r: r, timer: time.NewTimer(d), end: s.ending()}, nil
+	ctx, cancel := context.WithTimeout(r.Context(), d)
+	ending := s.ending()
+	go func() {
+		select {
+		case <-ending:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	return ctx.Done(), cancel, nil
 }
-
-// wait waits for ch to close (a nil ch never does) or, with a non-zero
-// every, that long; false means the poll is over instead.
-func (p *longPoll) wait(ch <-chan struct{}, every time.Duration) bool {
-	var tick <-chan time.Time
-	if every > 0 {
-		t := time.NewTimer(every)
-		defer t.Stop()
-		tick = t.C
-	}
-	select {
-	case <-ch:
-		return true
-	case <-tick:
-		return true
-	case <-p.timer.C:
-	case <-p.r.Context().Done():
-	case <-p.end:
-	}
-	return false
-}
-
-func (p *longPoll) stop() { p.timer.Stop() }
 
 // ending is closed by EndLongPolls.
 func (s *Server) ending() <-chan struct{} {
@@ -86,36 +63,27 @@ func (s *Server) EndLongPolls() {
 // 304 Not Modified when the wait ends first: a client waits for a phase
 // without polling.
 func (s *Server) getVTPM(w http.ResponseWriter, r *http.Request) error {
-	p, err := s.longPoll(r, 0)
+	over, end, err := s.longPoll(r, 0)
 	if err != nil {
 		return err
 	}
-	defer p.stop()
-	var changed <-chan struct{}
-	for {
-		v, _, err := s.lookup(r)
-		if err != nil {
-			return err
-		}
-		tag := etag(v)
-		w.Header().Set("ETag", tag)
-		if !matches(r.Header.Get("If-None-Match"), tag) {
-			writeJSON(w, http.StatusOK, s.view(v))
-			return nil
-		}
-		if changed == nil {
-			// Listen, then read again, so that a change between the two
-			// reads is not missed. (Only for records that exist: a
-			// listener is kept until its record next changes.)
-			changed = s.Store.VTPMChanged(v.InstanceID)
-			continue
-		}
-		if !p.wait(changed, recheck) {
-			w.WriteHeader(http.StatusNotModified)
-			return nil
-		}
-		changed = nil
+	defer end()
+	c, err := tenantOf(r)
+	if err != nil {
+		return err
 	}
+	has := r.Header.Get("If-None-Match")
+	v, changed, err := s.VTPMs.Watch(r.Context(), c, r.PathValue("id"), func(v *store.VTPM) bool { return matches(has, etag(v)) }, over)
+	if err != nil {
+		return err
+	}
+	w.Header().Set("ETag", etag(v))
+	if !changed {
+		w.WriteHeader(http.StatusNotModified)
+		return nil
+	}
+	writeJSON(w, http.StatusOK, s.view(v))
+	return nil
 }
 
 // etag names one version of a vTPM record: its generation, and its

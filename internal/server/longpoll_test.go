@@ -31,7 +31,7 @@ func (f *fixture) watch(t *testing.T, project, tag, wait string) watched {
 	}
 	req, _ := http.NewRequest("GET", f.url+path, nil)
 	if project != "" {
-		req.Header.Set(ProjectHeader, project)
+		req.Header.Set(api.ProjectHeader, project)
 	}
 	if tag != "" {
 		req.Header.Set("If-None-Match", tag)
@@ -76,7 +76,7 @@ func TestWatchVTPM(t *testing.T) {
 	}
 	for _, bad := range []string{"soon", "-1s", "6m"} {
 		var e api.ErrorBody
-		if code := f.call(t, "GET", "/v1/vtpms/"+inst+"?wait="+bad, "", nil, &e); code != 400 || e.Error.Code != CodeInvalidParameter {
+		if code := f.call(t, "GET", "/v1/vtpms/"+inst+"?wait="+bad, "", nil, &e); code != 400 || e.Error.Code != api.CodeInvalidParameter {
 			t.Errorf("wait=%s: %d %+v", bad, code, e)
 		}
 	}

@@ -18,7 +18,9 @@ type metrics struct {
 	latency  *prometheus.HistogramVec
 }
 
-func newMetrics(reg *prometheus.Registry, st *store.Store) *metrics {
+// newMetrics registers the API's metrics in reg; phases counts the vTPMs
+// in each phase at scrape time.
+func newMetrics(reg *prometheus.Registry, phases func(context.Context) (map[store.Phase]int, error)) *metrics {
 	m := &metrics{
 		reg: reg,
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -29,7 +31,7 @@ func newMetrics(reg *prometheus.Registry, st *store.Store) *metrics {
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
 		}, []string{"route"}),
 	}
-	reg.MustRegister(m.requests, m.latency, &phaseCollector{st})
+	reg.MustRegister(m.requests, m.latency, &phaseCollector{phases})
 	return m
 }
 
@@ -61,21 +63,16 @@ func (w *statusWriter) WriteHeader(code int) {
 
 // phaseCollector reports how many vTPMs are in each phase, read from the
 // store at scrape time so it is never out of step.
-type phaseCollector struct{ st *store.Store }
+type phaseCollector struct {
+	phases func(context.Context) (map[store.Phase]int, error)
+}
 
 var phaseDesc = prometheus.NewDesc("vtpmd_vtpms", "vTPMs by phase.", []string{"phase"}, nil)
 
 func (c *phaseCollector) Describe(ch chan<- *prometheus.Desc) { ch <- phaseDesc }
 
 func (c *phaseCollector) Collect(ch chan<- prometheus.Metric) {
-	counts := map[store.Phase]int{}
-	err := c.st.View(context.Background(), func(tx *store.Tx) error {
-		vs, err := tx.ListVTPMs(store.Filter{})
-		for _, v := range vs {
-			counts[v.Phase]++
-		}
-		return err
-	})
+	counts, err := c.phases(context.Background()) // a scrape has no context
 	if err != nil {
 		ch <- prometheus.NewInvalidMetric(phaseDesc, err)
 		return

@@ -59,22 +59,22 @@ func TestPolicies(t *testing.T) {
 		name, project string
 		req           any
 		status        int
-		code          string
+		code          api.Code
 	}{
-		{"duplicate", "p1", learnReq, 409, CodeAlreadyExists},
-		{"bad name", "", api.CreatePolicyRequest{Name: "Golden!", PCRs: map[int]string{0: zero}}, 400, CodeInvalidParameter},
-		{"short digest", "", api.CreatePolicyRequest{Name: "x", PCRs: map[int]string{0: "00"}}, 400, CodeInvalidParameter},
-		{"no such PCR", "", api.CreatePolicyRequest{Name: "x", PCRs: map[int]string{24: zero}}, 400, CodeInvalidParameter},
-		{"values and learning", "", api.CreatePolicyRequest{Name: "x", PCRs: map[int]string{0: zero}, LearnFrom: &api.LearnFrom{InstanceID: inst}}, 400, CodeInvalidParameter},
-		{"neither", "", api.CreatePolicyRequest{Name: "x"}, 400, CodeInvalidParameter},
-		{"another project's", "p1", api.CreatePolicyRequest{Name: "x", Project: "p2", PCRs: map[int]string{0: zero}}, 403, CodeInvalidProject},
-		{"host by a project", "p1", api.CreatePolicyRequest{Name: "x", LearnFrom: &api.LearnFrom{Host: "h1"}}, 403, CodeForbidden},
-		{"another project's instance", "p2", api.CreatePolicyRequest{Name: "x", LearnFrom: &api.LearnFrom{InstanceID: inst}}, 404, CodeNotFound},
-		{"host without attestation", "", api.CreatePolicyRequest{Name: "x", LearnFrom: &api.LearnFrom{Host: "h1"}}, 404, CodeNotFound},
-		{"bad JSON", "", `{"name": 1}`, 400, CodeInvalidJSON},
-		{"nothing to learn", "p1", api.CreatePolicyRequest{Name: "x", LearnFrom: &api.LearnFrom{InstanceID: inst, PCRs: []int{15}}}, 400, CodeInvalidParameter},
-		{"empty digest list", "", api.CreatePolicyRequest{Name: "x", Digests: map[int][]string{4: {}}}, 400, CodeInvalidParameter},
-		{"short allowed digest", "", api.CreatePolicyRequest{Name: "x", Digests: map[int][]string{4: {"ab"}}}, 400, CodeInvalidParameter},
+		{"duplicate", "p1", learnReq, 409, api.CodeAlreadyExists},
+		{"bad name", "", api.CreatePolicyRequest{Name: "Golden!", PCRs: map[int]string{0: zero}}, 400, api.CodeInvalidParameter},
+		{"short digest", "", api.CreatePolicyRequest{Name: "x", PCRs: map[int]string{0: "00"}}, 400, api.CodeInvalidParameter},
+		{"no such PCR", "", api.CreatePolicyRequest{Name: "x", PCRs: map[int]string{24: zero}}, 400, api.CodeInvalidParameter},
+		{"values and learning", "", api.CreatePolicyRequest{Name: "x", PCRs: map[int]string{0: zero}, LearnFrom: &api.LearnFrom{InstanceID: inst}}, 400, api.CodeInvalidParameter},
+		{"neither", "", api.CreatePolicyRequest{Name: "x"}, 400, api.CodeInvalidParameter},
+		{"another project's", "p1", api.CreatePolicyRequest{Name: "x", Project: "p2", PCRs: map[int]string{0: zero}}, 403, api.CodeInvalidProject},
+		{"host by a project", "p1", api.CreatePolicyRequest{Name: "x", LearnFrom: &api.LearnFrom{Host: "h1"}}, 403, api.CodeForbidden},
+		{"another project's instance", "p2", api.CreatePolicyRequest{Name: "x", LearnFrom: &api.LearnFrom{InstanceID: inst}}, 404, api.CodeNotFound},
+		{"host without attestation", "", api.CreatePolicyRequest{Name: "x", LearnFrom: &api.LearnFrom{Host: "h1"}}, 404, api.CodeNotFound},
+		{"bad JSON", "", `{"name": 1}`, 400, api.CodeInvalidJSON},
+		{"nothing to learn", "p1", api.CreatePolicyRequest{Name: "x", LearnFrom: &api.LearnFrom{InstanceID: inst, PCRs: []int{15}}}, 400, api.CodeInvalidParameter},
+		{"empty digest list", "", api.CreatePolicyRequest{Name: "x", Digests: map[int][]string{4: {}}}, 400, api.CodeInvalidParameter},
+		{"short allowed digest", "", api.CreatePolicyRequest{Name: "x", Digests: map[int][]string{4: {"ab"}}}, 400, api.CodeInvalidParameter},
 	} {
 		var e api.ErrorBody
 		if got := f.call(t, "POST", "/v1/policies", c.project, c.req, &e); got != c.status || e.Error.Code != c.code {
@@ -119,10 +119,10 @@ func TestPolicies(t *testing.T) {
 	}
 	for _, c := range []struct {
 		req  api.PolicyRequest
-		code string
+		code api.Code
 	}{
-		{api.PolicyRequest{Policy: "nope"}, CodeNotFound},
-		{api.PolicyRequest{Policy: "golden", Learn: true}, CodeInvalidParameter},
+		{api.PolicyRequest{Policy: "nope"}, api.CodeNotFound},
+		{api.PolicyRequest{Policy: "golden", Learn: true}, api.CodeInvalidParameter},
 	} {
 		var e api.ErrorBody
 		if f.call(t, "POST", base+"/policy", "p1", c.req, &e); e.Error.Code != c.code {
@@ -171,7 +171,7 @@ func TestRefresh(t *testing.T) {
 	}
 	base := "/v1/vtpms/" + inst + "/attestation/refresh"
 	var e api.ErrorBody
-	if code := f.call(t, "POST", base, "p1", nil, &e); code != 409 || e.Error.Code != CodeNotRegistered {
+	if code := f.call(t, "POST", base, "p1", nil, &e); code != 409 || e.Error.Code != api.CodeNotRegistered {
 		t.Fatalf("refresh before registration: %d %+v", code, e)
 	}
 	now := time.Now().UTC()
@@ -184,7 +184,7 @@ func TestRefresh(t *testing.T) {
 	}
 	var r api.Refresh
 	f.token = "not-the-agent"
-	if code := f.call(t, "GET", base+"?wait=50ms", "", nil, &e); code != 401 || e.Error.Code != CodeUnauthenticated {
+	if code := f.call(t, "GET", base+"?wait=50ms", "", nil, &e); code != 401 || e.Error.Code != api.CodeUnauthenticated {
 		t.Fatalf("long poll without the agent's token: %d %+v", code, e)
 	}
 	f.token = "agent-token"
@@ -192,7 +192,7 @@ func TestRefresh(t *testing.T) {
 		t.Fatalf("long poll without a request: %d %+v", code, r)
 	}
 	for _, wait := range []string{"6m", "-1s", "soon"} {
-		if code := f.call(t, "GET", base+"?wait="+wait, "", nil, &e); code != 400 || e.Error.Code != CodeInvalidParameter {
+		if code := f.call(t, "GET", base+"?wait="+wait, "", nil, &e); code != 400 || e.Error.Code != api.CodeInvalidParameter {
 			t.Errorf("wait=%s: %d %+v", wait, code, e)
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -18,10 +19,14 @@ import (
 	"time"
 
 	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/attest"
 	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/secrets"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
-	"github.com/vtpmd/vtpmd/internal/store/pgtest"
+	"github.com/vtpmd/vtpmd/internal/store/storetest"
+	"github.com/vtpmd/vtpmd/internal/verifier"
+	"github.com/vtpmd/vtpmd/internal/vtpms"
 )
 
 const inst = "7d7a0c4e-8f4b-4bd2-9d6e-2b8f4f3c1a10"
@@ -39,24 +44,35 @@ type fixture struct {
 	reopen func() *store.Store // another handle on the same database
 }
 
-// newFixture runs the API on a real store (openStore) and key manager, with one
+// setup is what a test changes in the API it runs: by default no verdict
+// signing, no Hyper-V URL, a silent log.
+type setup struct {
+	signer *attest.Signer
+	hyperV vtpms.HyperVOptions
+	log    *slog.Logger
+}
+
+// newFixture runs the API on a real store (storetest) and key manager, with one
 // TPM 2.0 host of capacity 2 and no agent: records stay pending.
-func newFixture(t *testing.T) *fixture {
+func newFixture(t *testing.T) *fixture { return newFixtureWith(t, setup{}) }
+
+// newFixtureWith is newFixture with the API set up as s says.
+func newFixtureWith(t *testing.T, s setup) *fixture {
 	t.Helper()
 	dir := t.TempDir()
-	reopen := storeOpener(t, dir)
+	reopen := storetest.Opener(t, dir, store.Options{})
 	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := serveFixture(t, reopen(), kr, dir)
+	f := serveFixture(t, reopen(), kr, dir, s)
 	f.reopen = reopen
 	return f
 }
 
 // serveFixture runs the API on st and kr, with one TPM 2.0 host of
 // capacity 2 and no agent, on the network and the operator's socket.
-func serveFixture(t *testing.T, st *store.Store, kr *keyring.Embedded, dir string) *fixture {
+func serveFixture(t *testing.T, st *store.Store, kr *keyring.Embedded, dir string, s setup) *fixture {
 	t.Helper()
 	caps := spec.Capabilities{Enabled: true, Versions: []spec.Version{spec.V20}, Models: []spec.Model{spec.TIS, spec.CRB}}
 	err := st.Update(context.Background(), func(tx *store.Tx) error {
@@ -66,9 +82,13 @@ func serveFixture(t *testing.T, st *store.Store, kr *keyring.Embedded, dir strin
 		t.Fatal(err)
 	}
 	f := &fixture{store: st, keys: kr, dir: dir}
-	s := &Server{Store: st, Keyring: kr, CAChainPEM: func() []byte { return []byte("-----BEGIN CERTIFICATE-----\n") },
-		Notify: func(h string) { f.kicked = append(f.kicked, h) }}
-	f.api, f.srv = s, httptest.NewServer(s.Handler())
+	caChain := func() []byte { return []byte("-----BEGIN CERTIFICATE-----\n") }
+	keys := secrets.New(st, kr, s.log)
+	vs := vtpms.New(vtpms.Config{Store: st, Keyring: kr, Secrets: keys, HyperV: s.hyperV,
+		Notify: func(h string) { f.kicked = append(f.kicked, h) }})
+	ver := verifier.New(verifier.Config{Store: st, VTPMs: vs, CAChainPEM: caChain, Signer: s.signer})
+	f.api = &Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: caChain, Log: s.log}
+	f.srv = httptest.NewServer(f.api.Handler())
 	t.Cleanup(f.srv.Close)
 	f.url, f.http = "http://vtpmd", operatorSocket(t, f.srv.Config.Handler)
 	return f
@@ -105,42 +125,7 @@ func operatorSocket(t testing.TB, h http.Handler) *http.Client {
 	}}}
 }
 
-// openStore opens the store the tests run on: SQLite in dir, or with
-// VTPMD_TEST_STORE=postgres (make test runs this package both ways) a
-// fresh PostgreSQL database.
-func openStore(t testing.TB, dir string) *store.Store { return storeOpener(t, dir)() }
-
-// storeOpener returns a function that opens a new handle on the test
-// database each time it is called, as a second process would.
-func storeOpener(t testing.TB, dir string) func() *store.Store {
-	t.Helper()
-	var open func() (*store.Store, error)
-	switch os.Getenv("VTPMD_TEST_STORE") {
-	case "", "sqlite":
-		open = func() (*store.Store, error) {
-			return store.Open(context.Background(), filepath.Join(dir, "db"), store.Options{})
-		}
-	case "postgres":
-		dsn := pgtest.DSN(t)
-		open = func() (*store.Store, error) { return store.OpenPostgres(context.Background(), dsn, store.Options{}) }
-	default:
-		t.Fatalf("VTPMD_TEST_STORE=%q: want sqlite or postgres", os.Getenv("VTPMD_TEST_STORE"))
-	}
-	return func() *store.Store {
-		st, err := open()
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { st.Close() })
-		return st
-	}
-}
-
-func TestMain(m *testing.M) {
-	code := m.Run()
-	pgtest.Stop()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { os.Exit(storetest.Main(m)) }
 
 // call sends a request and decodes the JSON answer into out (if non-nil).
 func (f *fixture) call(t *testing.T, method, path, project string, body any, out any) int {
@@ -156,7 +141,7 @@ func (f *fixture) call(t *testing.T, method, path, project string, body any, out
 	}
 	req, _ := http.NewRequest(method, f.url+path, r)
 	if project != "" {
-		req.Header.Set(ProjectHeader, project)
+		req.Header.Set(api.ProjectHeader, project)
 	}
 	if f.token != "" {
 		req.Header.Set("Authorization", "Bearer "+f.token)
@@ -207,7 +192,7 @@ func TestCreateAndRead(t *testing.T) {
 		t.Fatalf("events: %+v", evs)
 	}
 	var e api.ErrorBody
-	if code := f.call(t, "GET", "/v1/vtpms/"+inst+"/identity", "", nil, &e); code != 409 || e.Error.Code != CodeNotReady {
+	if code := f.call(t, "GET", "/v1/vtpms/"+inst+"/identity", "", nil, &e); code != 409 || e.Error.Code != api.CodeNotReady {
 		t.Fatalf("identity before manufacture: %d %+v", code, e)
 	}
 }
@@ -223,22 +208,22 @@ func TestCreateRefusals(t *testing.T) {
 		project string
 		body    any
 		status  int
-		code    string
+		code    api.Code
 	}{
-		{"malformed JSON", "", `{"instance_id": `, 400, CodeInvalidJSON},
-		{"unknown field", "", `{"instance_id":"` + inst + `","bogus":1}`, 400, CodeInvalidJSON},
-		{"two values", "", `{} {}`, 400, CodeInvalidJSON},
-		{"oversized body", "", `{"instance_id":"` + strings.Repeat("a", maxBody) + `"}`, 413, CodeBodyTooLarge},
-		{"not a uuid", "", create("not-a-uuid", v20), 400, CodeInvalidInstanceID},
-		{"path trick", "", create("../../etc/passwd", v20), 400, CodeInvalidInstanceID},
-		{"braced uuid", "", create("{"+inst+"}", v20), 400, CodeInvalidInstanceID},
-		{"no project", "", api.CreateVTPMRequest{InstanceID: "11111111-2222-4333-8444-555555555555", ResolveRequest: api.ResolveRequest{FlavorSpecs: v20}}, 400, CodeInvalidProject},
-		{"bad project", "", api.CreateVTPMRequest{InstanceID: "11111111-2222-4333-8444-555555555555", Project: "../x", ResolveRequest: api.ResolveRequest{FlavorSpecs: v20}}, 400, CodeInvalidProject},
-		{"a project", "p1", create("11111111-2222-4333-8444-555555555555", v20), 403, CodeForbidden},
-		{"duplicate", "", create(inst, v20), 409, CodeAlreadyExists},
-		{"refused request", "", create("11111111-2222-4333-8444-555555555555", map[string]string{"hw:tpm_version": "3"}), 400, string(spec.CodeInvalidTPMVersion)},
-		{"no vTPM asked", "", create("11111111-2222-4333-8444-555555555555", nil), 400, CodeNoVTPMRequested},
-		{"no host serves 1.2", "", create("11111111-2222-4333-8444-555555555555", map[string]string{"hw:tpm_version": "1.2"}), 409, string(spec.CodeNoValidHost)},
+		{"malformed JSON", "", `{"instance_id": `, 400, api.CodeInvalidJSON},
+		{"unknown field", "", `{"instance_id":"` + inst + `","bogus":1}`, 400, api.CodeInvalidJSON},
+		{"two values", "", `{} {}`, 400, api.CodeInvalidJSON},
+		{"oversized body", "", `{"instance_id":"` + strings.Repeat("a", maxBody) + `"}`, 413, api.CodeBodyTooLarge},
+		{"not a uuid", "", create("not-a-uuid", v20), 400, api.CodeInvalidInstanceID},
+		{"path trick", "", create("../../etc/passwd", v20), 400, api.CodeInvalidInstanceID},
+		{"braced uuid", "", create("{"+inst+"}", v20), 400, api.CodeInvalidInstanceID},
+		{"no project", "", api.CreateVTPMRequest{InstanceID: "11111111-2222-4333-8444-555555555555", ResolveRequest: api.ResolveRequest{FlavorSpecs: v20}}, 400, api.CodeInvalidProject},
+		{"bad project", "", api.CreateVTPMRequest{InstanceID: "11111111-2222-4333-8444-555555555555", Project: "../x", ResolveRequest: api.ResolveRequest{FlavorSpecs: v20}}, 400, api.CodeInvalidProject},
+		{"a project", "p1", create("11111111-2222-4333-8444-555555555555", v20), 403, api.CodeForbidden},
+		{"duplicate", "", create(inst, v20), 409, api.CodeAlreadyExists},
+		{"refused request", "", create("11111111-2222-4333-8444-555555555555", map[string]string{"hw:tpm_version": "3"}), 400, api.CodeInvalidTPMVersion},
+		{"no vTPM asked", "", create("11111111-2222-4333-8444-555555555555", nil), 400, api.CodeNoVTPMRequested},
+		{"no host serves 1.2", "", create("11111111-2222-4333-8444-555555555555", map[string]string{"hw:tpm_version": "1.2"}), 409, api.CodeNoValidHost},
 	}
 	before := secretCount(t, f)
 	for _, c := range cases {
@@ -277,7 +262,7 @@ func TestCapacityAndPlacement(t *testing.T) {
 		}
 	}
 	var e api.ErrorBody
-	if code := f.call(t, "POST", "/v1/vtpms", "", create(inst, map[string]string{"hw:tpm_version": "2.0"}), &e); code != 409 || e.Error.Code != "no_valid_host" {
+	if code := f.call(t, "POST", "/v1/vtpms", "", create(inst, map[string]string{"hw:tpm_version": "2.0"}), &e); code != 409 || e.Error.Code != api.CodeNoValidHost {
 		t.Fatalf("full host: %d %+v", code, e)
 	}
 	var hosts api.HostList
@@ -359,7 +344,7 @@ func TestListPages(t *testing.T) {
 	}
 	for _, q := range []string{"limit=0", "limit=x", "limit=1001", "phase=bogus"} {
 		var e api.ErrorBody
-		if code := f.call(t, "GET", "/v1/vtpms?"+q, "", nil, &e); code != 400 || e.Error.Code != CodeInvalidParameter {
+		if code := f.call(t, "GET", "/v1/vtpms?"+q, "", nil, &e); code != 400 || e.Error.Code != api.CodeInvalidParameter {
 			t.Errorf("%s: %d %+v", q, code, e)
 		}
 	}
@@ -404,7 +389,7 @@ func TestDesiredState(t *testing.T) {
 	if code := f.call(t, "POST", "/v1/vtpms/"+inst+"/start", "", nil, &e); code != 409 {
 		t.Fatalf("start while deleting: %d %+v", code, e)
 	}
-	if code := f.call(t, "GET", "/v1/vtpms/11111111-0000-4000-8000-00000000000f", "", nil, &e); code != 404 || e.Error.Code != CodeNotFound {
+	if code := f.call(t, "GET", "/v1/vtpms/11111111-0000-4000-8000-00000000000f", "", nil, &e); code != 404 || e.Error.Code != api.CodeNotFound {
 		t.Fatalf("unknown id: %d %+v", code, e)
 	}
 	if code := f.call(t, "GET", "/v1/vtpms/..%2f..%2fetc", "", nil, &e); code != 400 && code != 404 {
@@ -422,7 +407,7 @@ func TestResolveEndpoint(t *testing.T) {
 	code := f.call(t, "POST", "/v1/resolve", "", api.ResolveRequest{FlavorName: "m1.small", FlavorSpecs: map[string]string{"hw:tpm_version": "1.2"},
 		ImageName: "win11", ImageProps: map[string]string{"hw_tpm_version": "2.0"}}, &e)
 	want := "Flavor m1.small has hw:tpm_version extra spec explicitly set to 1.2, conflicting with image win11 which has hw_tpm_version explicitly set to 2.0."
-	if code != 400 || e.Error.Code != "flavor_image_conflict" || e.Error.Message != want {
+	if code != 400 || e.Error.Code != api.CodeFlavorImageConflict || e.Error.Message != want {
 		t.Fatalf("refused resolve: %d %+v", code, e)
 	}
 
@@ -431,7 +416,7 @@ func TestResolveEndpoint(t *testing.T) {
 	e = api.ErrorBody{}
 	code = f.call(t, "POST", "/v1/resolve", "", api.ResolveRequest{FlavorSpecs: map[string]string{"hw:tpm_version": "2.0"},
 		ImageName: "win11", ImageProps: map[string]string{"hw_tpm_model": ""}}, &e)
-	if code != 400 || e.Error.Code != "invalid_tpm_model" {
+	if code != 400 || e.Error.Code != api.CodeInvalidTPMModel {
 		t.Fatalf("empty image model: %d %+v", code, e)
 	}
 }
@@ -490,7 +475,7 @@ func TestAttachDetach(t *testing.T) {
 	path := "/v1/vtpms/" + inst
 	var e api.ErrorBody
 	// h1 runs the swtpm backend: nothing to attach to.
-	if code := f.call(t, "POST", path+"/attach", "", api.AttachRequest{Domain: "guest1"}, &e); code != 409 || e.Error.Code != CodeNotSupported {
+	if code := f.call(t, "POST", path+"/attach", "", api.AttachRequest{Domain: "guest1"}, &e); code != 409 || e.Error.Code != api.CodeNotSupported {
 		t.Fatalf("attach on a swtpm host: %d %+v", code, e)
 	}
 	err := f.store.Update(context.Background(), func(tx *store.Tx) error {
@@ -505,7 +490,7 @@ func TestAttachDetach(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, bad := range []string{"", "../etc", "a b", "<x>", strings.Repeat("d", 129)} {
-		if code := f.call(t, "POST", path+"/attach", "", api.AttachRequest{Domain: bad}, &e); code != 400 || e.Error.Code != CodeInvalidParameter {
+		if code := f.call(t, "POST", path+"/attach", "", api.AttachRequest{Domain: bad}, &e); code != 400 || e.Error.Code != api.CodeInvalidParameter {
 			t.Fatalf("attach to %q: %d %+v", bad, code, e)
 		}
 	}
@@ -515,7 +500,7 @@ func TestAttachDetach(t *testing.T) {
 			t.Fatalf("attach: %d %+v", code, v)
 		}
 	}
-	if code := f.call(t, "POST", path+"/attach", "", api.AttachRequest{Domain: "guest2"}, &e); code != 409 || e.Error.Code != CodeConflict {
+	if code := f.call(t, "POST", path+"/attach", "", api.AttachRequest{Domain: "guest2"}, &e); code != 409 || e.Error.Code != api.CodeConflict {
 		t.Fatalf("attach to a second domain: %d %+v", code, e)
 	}
 	if code := f.call(t, "POST", path+"/attach", "p2", api.AttachRequest{Domain: "guest1"}, &e); code != 404 {
@@ -538,7 +523,7 @@ func TestAttachDetach(t *testing.T) {
 	if code := f.call(t, "GET", "/v1/hosts/nope/drift", "", nil, &e); code != 404 {
 		t.Fatalf("drift of an unknown host: %d", code)
 	}
-	if code := f.call(t, "GET", "/v1/hosts/h1/drift", "", nil, &e); code != 409 || e.Error.Code != CodeNotSupported {
+	if code := f.call(t, "GET", "/v1/hosts/h1/drift", "", nil, &e); code != 409 || e.Error.Code != api.CodeNotSupported {
 		t.Fatalf("drift without an agent: %d %+v", code, e)
 	}
 }
@@ -553,122 +538,26 @@ func TestAttestationRefusals(t *testing.T) {
 		method, path, project string
 		body                  any
 		status                int
-		code                  string
+		code                  api.Code
 	}{
-		{"GET", base, "", nil, 404, CodeNotRegistered},
-		{"GET", base, "p2", nil, 404, CodeNotFound},
-		{"POST", base + "/register", "", api.RegisterRequest{AKPublic: []byte{1, 2, 3}}, 409, CodeNotReady}, // not manufactured
-		{"POST", base + "/register", "", `{"ak_public": 5}`, 400, CodeInvalidJSON},
-		{"POST", base + "/activate", "", api.ActivateRequest{Secret: []byte("x")}, 400, CodeInvalidParameter},
-		{"POST", base + "/activate", "", api.ActivateRequest{Ticket: []byte(`{"sub":"` + inst + `"}`), Secret: []byte("x")}, 403, CodeActivationFailed},
-		{"POST", base + "/nonce", "", nil, 409, CodeNotRegistered},
-		{"POST", base + "/evidence", "", api.EvidenceRequest{Nonce: []byte("n")}, 409, CodeNotRegistered},
-		{"POST", base + "/policy", "", api.PolicyRequest{}, 400, CodeInvalidParameter},
-		{"POST", base + "/policy", "", api.PolicyRequest{Learn: true, PCRs: []int{24}}, 400, CodeInvalidParameter},
-		{"POST", base + "/policy", "", api.PolicyRequest{Learn: true}, 409, CodeNoEvidence},
-		{"POST", "/v1/vtpms/not-a-uuid/attestation/nonce", "", nil, 400, CodeInvalidInstanceID},
-		{"GET", base, "", nil, 404, CodeNotRegistered}, // refusals left no record behind
+		{"GET", base, "", nil, 404, api.CodeNotRegistered},
+		{"GET", base, "p2", nil, 404, api.CodeNotFound},
+		{"POST", base + "/register", "", api.RegisterRequest{AKPublic: []byte{1, 2, 3}}, 409, api.CodeNotReady}, // not manufactured
+		{"POST", base + "/register", "", `{"ak_public": 5}`, 400, api.CodeInvalidJSON},
+		{"POST", base + "/activate", "", api.ActivateRequest{Secret: []byte("x")}, 400, api.CodeInvalidParameter},
+		{"POST", base + "/activate", "", api.ActivateRequest{Ticket: []byte(`{"sub":"` + inst + `"}`), Secret: []byte("x")}, 403, api.CodeActivationFailed},
+		{"POST", base + "/nonce", "", nil, 409, api.CodeNotRegistered},
+		{"POST", base + "/evidence", "", api.EvidenceRequest{Nonce: []byte("n")}, 409, api.CodeNotRegistered},
+		{"POST", base + "/policy", "", api.PolicyRequest{}, 400, api.CodeInvalidParameter},
+		{"POST", base + "/policy", "", api.PolicyRequest{Learn: true, PCRs: []int{24}}, 400, api.CodeInvalidParameter},
+		{"POST", base + "/policy", "", api.PolicyRequest{Learn: true}, 409, api.CodeNoEvidence},
+		{"POST", "/v1/vtpms/not-a-uuid/attestation/nonce", "", nil, 400, api.CodeInvalidInstanceID},
+		{"GET", base, "", nil, 404, api.CodeNotRegistered}, // refusals left no record behind
 	} {
 		var e api.ErrorBody
 		if got := f.call(t, c.method, c.path, c.project, c.body, &e); got != c.status || e.Error.Code != c.code {
 			t.Errorf("%s %s: %d %q, want %d %q", c.method, c.path, got, e.Error.Code, c.status, c.code)
 		}
-	}
-}
-
-// A registered instance whose evidence is overdue reads stale at once;
-// MarkStale records it, once, as an event (and a webhook); evidence
-// would make it fresh again.
-func TestAttestationStale(t *testing.T) {
-	f := newFixture(t)
-	if code := f.call(t, "POST", "/v1/vtpms", "", create(inst, map[string]string{"hw:tpm_version": "2.0"}), nil); code != 202 {
-		t.Fatalf("create: %d", code)
-	}
-	now := time.Now().UTC()
-	a := &store.Attestation{InstanceID: inst, RegisteredAt: now.Add(-time.Hour), EvidenceAt: now.Add(-4 * time.Minute), Verdict: "trusted"}
-	if a.StaleAt = f.api.staleAt(a); !a.StaleAt.Equal(a.EvidenceAt.Add(DefaultStaleAfter)) {
-		t.Fatalf("deadline %v, want %v after the last evidence", a.StaleAt, DefaultStaleAfter)
-	}
-	if v := attestationView(a, now.Add(-2*time.Minute)); v.Verdict != "trusted" || v.State != "registered" {
-		t.Fatalf("before the deadline: %+v", v)
-	}
-	ctx := context.Background()
-	if err := f.store.Update(ctx, func(tx *store.Tx) error { return tx.PutAttestation(a) }); err != nil {
-		t.Fatal(err)
-	}
-	var got api.Attestation
-	if code := f.call(t, "GET", "/v1/vtpms/"+inst+"/attestation", "", nil, &got); code != 200 || got.Verdict != "stale" || !strings.Contains(got.Reasons[0], "was trusted") {
-		t.Fatalf("overdue: %d %+v", code, got)
-	}
-	staleEvents := func() (n int) {
-		var evs api.EventList
-		f.call(t, "GET", "/v1/vtpms/"+inst+"/events", "", nil, &evs)
-		for _, e := range evs.Items {
-			if e.Action == "attestation stale" {
-				n++
-			}
-		}
-		return n
-	}
-	if n := staleEvents(); n != 0 {
-		t.Fatalf("%d stale events before MarkStale", n)
-	}
-	for range 2 {
-		if err := f.api.MarkStale(ctx); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if n := staleEvents(); n != 1 {
-		t.Fatalf("%d stale events after MarkStale twice, want 1", n)
-	}
-	f.store.View(ctx, func(tx *store.Tx) (err error) { a, err = tx.GetAttestation(inst); return err })
-	if a.Verdict != "stale" || !a.StaleAt.IsZero() {
-		t.Fatalf("recorded: %+v", a)
-	}
-
-	a.ChallengeHash = []byte{1} // registering again: no deadline
-	if at := f.api.staleAt(a); !at.IsZero() {
-		t.Fatalf("a challenged registration has deadline %v", at)
-	}
-}
-
-// The overall answer takes the VM's verdict first, then its vTPM's
-// provenance, then its host's; a vTPM whose EK certificate is not the
-// deployment CA's is never "trusted".
-func TestOverallAnswer(t *testing.T) {
-	ok := api.Provisioning{Verified: true}
-	host := func(v string, rs ...string) api.HostVerdict {
-		return api.HostVerdict{Name: "h1", Verdict: v, Reasons: rs}
-	}
-	for _, c := range []struct {
-		vm      string
-		host    api.HostVerdict
-		prov    api.Provisioning
-		want    string
-		summary string
-	}{
-		{"trusted", host("trusted"), ok, "trusted", "VM trusted on trusted host h1"},
-		{"untrusted", host("trusted"), ok, "untrusted", "the VM is untrusted: PCR 9 differs"},
-		{"pending", host("untrusted"), ok, "pending", "the VM is pending: PCR 9 differs"},
-		{"trusted", host("untrusted", "PCR 4 differs"), ok, "untrusted", "VM trusted, but host h1 is untrusted: PCR 4 differs"},
-		{"trusted", host("unattested"), ok, "untrusted", "VM trusted, but host h1 does not attest: its integrity is unknown"},
-		{"trusted", host("stale", "no evidence"), ok, "stale", "VM trusted, but host h1 is stale: no evidence"},
-		{"trusted", host("trusted"), api.Provisioning{Reason: "x509: unknown authority"}, "untrusted",
-			"VM trusted, but its vTPM is not one vtpmd provisioned: x509: unknown authority"},
-	} {
-		got, summary := overall(c.vm, []string{"PCR 9 differs"}, c.host, c.prov)
-		if got != c.want || summary != c.summary {
-			t.Errorf("overall(%s, host %s, verified %v) = %s %q, want %s %q", c.vm, c.host.Verdict, c.prov.Verified, got, summary, c.want, c.summary)
-		}
-	}
-
-	s := &Server{CAChainPEM: func() []byte { return nil }}
-	p := s.provisioning(&store.VTPM{Host: "h1", EKs: []store.EK{{Kind: "rsa2048", CertDER: []byte("junk")}}})
-	if p.Verified || p.Reason != "the rsa2048 EK has no readable certificate" || p.Host != "h1" {
-		t.Fatalf("provisioning with a junk certificate: %+v", p)
-	}
-	if p := s.provisioning(&store.VTPM{Host: "h1"}); p.Verified {
-		t.Fatalf("provisioning without EKs: %+v", p)
 	}
 }
 
@@ -689,7 +578,7 @@ func TestNetworkCallersAreNobody(t *testing.T) {
 		for _, project := range []string{"", "p1"} {
 			req, _ := http.NewRequest(method, f.srv.URL+path, strings.NewReader(`{}`))
 			if project != "" {
-				req.Header.Set(ProjectHeader, project)
+				req.Header.Set(api.ProjectHeader, project)
 			}
 			resp, err := http.DefaultClient.Do(req)
 			if err != nil {
@@ -699,7 +588,7 @@ func TestNetworkCallersAreNobody(t *testing.T) {
 			json.NewDecoder(resp.Body).Decode(&e)
 			resp.Body.Close()
 			switch {
-			case (r.access == callers || r.access == operator) && (resp.StatusCode != 401 || e.Error.Code != CodeUnauthenticated):
+			case (r.access == callers || r.access == operator) && (resp.StatusCode != 401 || e.Error.Code != api.CodeUnauthenticated):
 				t.Errorf("%s %s as %q from the network: %d %q, want 401", method, path, project, resp.StatusCode, e.Error.Code)
 			case r.access == anyone && resp.StatusCode == 401:
 				t.Errorf("%s %s is public but answered 401", method, path)

@@ -33,12 +33,12 @@ func TestFullDisk(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			f := serveFixture(t, st, kr, disk)
+			f := serveFixture(t, st, kr, disk, setup{})
 
 			free := citest.Fill(t, disk)
 			var e api.ErrorBody
-			if code := f.call(t, "POST", "/v1/vtpms", "", create(inst, map[string]string{"hw:tpm_version": "2.0"}), &e); code != 507 || e.Error.Code != CodeStorageFull {
-				t.Fatalf("create on a full disk: %d %+v; want 507 %s", code, e, CodeStorageFull)
+			if code := f.call(t, "POST", "/v1/vtpms", "", create(inst, map[string]string{"hw:tpm_version": "2.0"}), &e); code != 507 || e.Error.Code != api.CodeStorageFull {
+				t.Fatalf("create on a full disk: %d %+v; want 507 %s", code, e, api.CodeStorageFull)
 			}
 			var vs []*store.VTPM
 			if err := st.View(ctx, func(tx *store.Tx) (err error) { vs, err = tx.ListVTPMs(store.Filter{}); return err }); err != nil || len(vs) != 0 {

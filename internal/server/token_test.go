@@ -17,13 +17,12 @@ import (
 // serves, as a relying party checks it: vtpmd's issuer, this instance,
 // not expired; and it is refused for any other instance.
 func TestVerdictTokenRoute(t *testing.T) {
-	f := newFixture(t)
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	signer, err := attest.NewSigner(key)
 	if err != nil {
 		t.Fatal(err)
 	}
-	f.api.Verdicts = signer
+	f := newFixtureWith(t, setup{signer: signer})
 	if code := f.call(t, "POST", "/v1/vtpms", "", create(inst, map[string]string{"hw:tpm_version": "2.0"}), nil); code != 202 {
 		t.Fatalf("create: %d", code)
 	}
@@ -43,7 +42,7 @@ func TestVerdictTokenRoute(t *testing.T) {
 		Iat, Exp                         int64
 	}
 	if err != nil || json.Unmarshal(payload, &claims) != nil || claims.Iss != "vtpmd" || claims.Sub != inst ||
-		claims.Project != "p1" || claims.Host != "h1" || claims.Verdict != "trusted" || claims.Exp-claims.Iat != int64(tokenLifetime/time.Second) {
+		claims.Project != "p1" || claims.Host != "h1" || claims.Verdict != "trusted" || claims.Exp-claims.Iat != int64(attest.TokenLifetime/time.Second) {
 		t.Fatalf("verdict token: %s %v", payload, err)
 	}
 	opts.Instance = "00000000-0000-4000-8000-000000000000"

@@ -22,4 +22,4 @@ func Resolution(s *Spec) api.Resolution {
 }
 
 // APIError is the wire form of a refusal.
-func (e *Error) APIError() api.Error { return api.Error{Code: string(e.Code), Message: e.Message} }
+func (e *Error) APIError() api.Error { return api.Error{Code: e.Code, Message: e.Message} }

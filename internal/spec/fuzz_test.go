@@ -6,6 +6,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/vtpmd/vtpmd/api"
 )
 
 // FuzzResolve feeds arbitrary property maps to Resolve. Whatever comes in,
@@ -59,23 +61,23 @@ func FuzzResolve(f *testing.F) {
 // imageTypeCode is the refusal Nova's typed image metadata gives an image
 // whose hypervisor_type is absent or plainly valid: a hw_tpm_model, then a
 // hw_tpm_version, that is present but outside its set; "" when there is none.
-func imageTypeCode(props map[string]string) Code {
+func imageTypeCode(props map[string]string) api.Code {
 	if hv, ok := props[ImageHypervisorType]; ok && hv != "qemu" && hv != HyperV {
 		return ""
 	}
 	if m, ok := props[ImageTPMModel]; ok && m != string(TIS) && m != string(CRB) {
-		return CodeInvalidTPMModel
+		return api.CodeInvalidTPMModel
 	}
 	if v, ok := props[ImageTPMVersion]; ok && v != string(V12) && v != string(V20) {
-		return CodeInvalidTPMVersion
+		return api.CodeInvalidTPMVersion
 	}
 	return ""
 }
 
-var allCodes = []Code{
-	CodeFlavorImageConflict, CodeInvalidTPMVersion, CodeInvalidTPMModel, CodeInvalidHypervisorType, CodeCRBRequiresTPM2,
-	CodeInvalidSecretSecurity, CodePropertyNotSupported, CodeInvalidVTPMPolicy, CodeVTPMPolicyConflict,
-	CodeGen2Required, CodeTooManyVTPMKeys, CodeInvalidVTPMKey, CodeVTPMKeysWithoutVTPM,
+var allCodes = []api.Code{
+	api.CodeFlavorImageConflict, api.CodeInvalidTPMVersion, api.CodeInvalidTPMModel, api.CodeInvalidHypervisorType, api.CodeCRBRequiresTPM2,
+	api.CodeInvalidSecretSecurity, api.CodePropertyNotSupported, api.CodeInvalidVTPMPolicy, api.CodeVTPMPolicyConflict,
+	api.CodeGen2Required, api.CodeTooManyVTPMKeys, api.CodeInvalidVTPMKey, api.CodeVTPMKeysWithoutVTPM,
 }
 
 // checkSpec fails unless s is a spec a backend could build.

@@ -3,6 +3,8 @@ package spec
 import (
 	"fmt"
 	"strings"
+
+	"github.com/vtpmd/vtpmd/api"
 )
 
 // Host is a placement candidate.
@@ -17,7 +19,7 @@ type Host struct {
 // hosts with free capacity that offer every required trait, the one with the
 // most free capacity; ties go to the smallest name, then to the earlier host
 // in the list. When no host qualifies it returns an *Error with
-// CodeNoValidHost that says what is missing.
+// api.CodeNoValidHost that says what is missing.
 func Place(hosts []Host, required []string) (Host, error) {
 	best := -1
 	for i := range hosts {
@@ -39,7 +41,7 @@ func Place(hosts []Host, required []string) (Host, error) {
 // may take a second pass over the hosts.
 func noValidHost(hosts []Host, required []string) error {
 	if len(hosts) == 0 {
-		return &Error{Code: CodeNoValidHost, Message: "No valid host: no hosts are registered."}
+		return &Error{Code: api.CodeNoValidHost, Message: "No valid host: no hosts are registered."}
 	}
 	fitting := 0
 	for _, h := range hosts {
@@ -48,7 +50,7 @@ func noValidHost(hosts []Host, required []string) error {
 		}
 	}
 	if fitting > 0 {
-		return &Error{Code: CodeNoValidHost, Message: fmt.Sprintf(
+		return &Error{Code: api.CodeNoValidHost, Message: fmt.Sprintf(
 			"No valid host: all %d hosts that offer the required traits are full.", fitting)}
 	}
 
@@ -66,7 +68,7 @@ func noValidHost(hosts []Host, required []string) error {
 		}
 	}
 	if len(absent) > 0 {
-		return &Error{Code: CodeNoValidHost, Traits: absent, Message: fmt.Sprintf(
+		return &Error{Code: api.CodeNoValidHost, Traits: absent, Message: fmt.Sprintf(
 			"No valid host: no host offers %s.", strings.Join(absent, ", "))}
 	}
 
@@ -79,7 +81,7 @@ func noValidHost(hosts []Host, required []string) error {
 			closest, lacks = &hosts[i], m
 		}
 	}
-	return &Error{Code: CodeNoValidHost, Traits: lacks, Message: fmt.Sprintf(
+	return &Error{Code: api.CodeNoValidHost, Traits: lacks, Message: fmt.Sprintf(
 		"No valid host: no host offers %s together; the closest, %s, lacks %s.",
 		strings.Join(required, ", "), show(closest.Name), strings.Join(lacks, ", "))}
 }

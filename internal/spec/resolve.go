@@ -5,6 +5,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/vtpmd/vtpmd/api"
 )
 
 // Resolve turns a request into the vTPM it asks for: a Spec, nil when the
@@ -32,15 +34,15 @@ func (r *Request) typeImage() (string, error) {
 	if ok {
 		hv = canonicalHypervisorType(hv)
 		if !slices.Contains(hypervisorTypes, hv) {
-			return "", r.invalid(CodeInvalidHypervisorType, r.image(ImageHypervisorType), "hypervisor type",
+			return "", r.invalid(api.CodeInvalidHypervisorType, r.image(ImageHypervisorType), "hypervisor type",
 				"one of "+strings.Join(hypervisorTypes, ", ")+", in any case, or xapi for xen")
 		}
 	}
 	if m, ok := r.ImageProps[ImageTPMModel]; ok && Model(m) != TIS && Model(m) != CRB {
-		return "", r.invalid(CodeInvalidTPMModel, r.image(ImageTPMModel), "TPM model", "tpm-tis or tpm-crb")
+		return "", r.invalid(api.CodeInvalidTPMModel, r.image(ImageTPMModel), "TPM model", "tpm-tis or tpm-crb")
 	}
 	if v, ok := r.ImageProps[ImageTPMVersion]; ok && Version(v) != V12 && Version(v) != V20 {
-		return "", r.invalid(CodeInvalidTPMVersion, r.image(ImageTPMVersion), "TPM version", "1.2 or 2.0")
+		return "", r.invalid(api.CodeInvalidTPMVersion, r.image(ImageTPMVersion), "TPM version", "1.2 or 2.0")
 	}
 	return hv, nil
 }
@@ -79,7 +81,7 @@ func (r *Request) image(key string) prop  { return prop{key, r.ImageProps[key], 
 // either is the flavor's value if set, else the image's, or a conflict.
 func (r *Request) either(f, i prop) (prop, error) {
 	if f.val != "" && i.val != "" && f.val != i.val {
-		return prop{}, &Error{Code: CodeFlavorImageConflict, Message: fmt.Sprintf(
+		return prop{}, &Error{Code: api.CodeFlavorImageConflict, Message: fmt.Sprintf(
 			"%s explicitly set to %s, conflicting with %s which has %s explicitly set to %s.",
 			r.has(f), show(f.val), r.name(fromImage), i.key, show(i.val))}
 	}
@@ -119,7 +121,7 @@ func (r *Request) setTo(p prop) string {
 }
 
 // invalid is the refusal for a value outside its allowed set.
-func (r *Request) invalid(code Code, p prop, what, allowed string) error {
+func (r *Request) invalid(code api.Code, p prop, what, allowed string) error {
 	return &Error{Code: code, Message: fmt.Sprintf("%s, which is not a valid %s (expected %s).",
 		r.setTo(p), what, allowed)}
 }
@@ -127,7 +129,7 @@ func (r *Request) invalid(code Code, p prop, what, allowed string) error {
 func resolveLibvirt(r Request, opts Options) (*Spec, error) {
 	for _, p := range []prop{r.image(ImageVTPMPolicy), r.flavor(FlavorVTPMPolicy), r.image(ImageVTPMKeys)} {
 		if p.val != "" {
-			return nil, &Error{Code: CodePropertyNotSupported, Message: fmt.Sprintf(
+			return nil, &Error{Code: api.CodePropertyNotSupported, Message: fmt.Sprintf(
 				"%s, which applies only to Hyper-V images (%s=%s); request a vTPM with %s or %s instead.",
 				r.setTo(p), ImageHypervisorType, HyperV, FlavorTPMVersion, ImageTPMVersion)}
 		}
@@ -145,7 +147,7 @@ func resolveLibvirt(r Request, opts Options) (*Spec, error) {
 	}
 	version := Version(v.val)
 	if version != V12 && version != V20 {
-		return nil, r.invalid(CodeInvalidTPMVersion, v, "TPM version", "1.2 or 2.0")
+		return nil, r.invalid(api.CodeInvalidTPMVersion, v, "TPM version", "1.2 or 2.0")
 	}
 
 	m, err := r.either(r.flavor(FlavorTPMModel), r.image(ImageTPMModel))
@@ -156,11 +158,11 @@ func resolveLibvirt(r Request, opts Options) (*Spec, error) {
 	if m.val != "" {
 		model = Model(m.val)
 		if model != TIS && model != CRB {
-			return nil, r.invalid(CodeInvalidTPMModel, m, "TPM model", "tpm-tis or tpm-crb")
+			return nil, r.invalid(api.CodeInvalidTPMModel, m, "TPM model", "tpm-tis or tpm-crb")
 		}
 	}
 	if model == CRB && version == V12 {
-		return nil, &Error{Code: CodeCRBRequiresTPM2, Message: fmt.Sprintf(
+		return nil, &Error{Code: api.CodeCRBRequiresTPM2, Message: fmt.Sprintf(
 			"%s, which needs TPM version 2.0, but %s.", r.setTo(m), lowerFirst(r.setTo(v)))}
 	}
 
@@ -169,7 +171,7 @@ func resolveLibvirt(r Request, opts Options) (*Spec, error) {
 	if ss.val != "" {
 		mode = SecretSecurity(ss.val)
 		if mode != User && mode != HostMode && mode != Deployment {
-			return nil, r.invalid(CodeInvalidSecretSecurity, ss, "secret security mode", "user, host or deployment")
+			return nil, r.invalid(api.CodeInvalidSecretSecurity, ss, "secret security mode", "user, host or deployment")
 		}
 	}
 	return &Spec{Version: version, Model: model, SecretSecurity: mode}, nil
@@ -193,7 +195,7 @@ func resolveHyperV(r Request) (*Spec, error) {
 	img, flv := r.image(ImageVTPMPolicy), r.flavor(FlavorVTPMPolicy)
 	for _, p := range []prop{img, flv} {
 		if p.val != "" && p.val != policyDisabled && p.val != policyOptional && p.val != policyRequired {
-			return nil, r.invalid(CodeInvalidVTPMPolicy, p, "vTPM policy", "disabled, optional or required")
+			return nil, r.invalid(api.CodeInvalidVTPMPolicy, p, "vTPM policy", "disabled, optional or required")
 		}
 	}
 
@@ -218,7 +220,7 @@ func resolveHyperV(r Request) (*Spec, error) {
 	}
 	if !want {
 		if keys != nil {
-			return nil, &Error{Code: CodeVTPMKeysWithoutVTPM, Message: fmt.Sprintf(
+			return nil, &Error{Code: api.CodeVTPMKeysWithoutVTPM, Message: fmt.Sprintf(
 				"%s set, but the request gets no vTPM; set %s=required on the image, or %s=optional on the image and %s=required on the flavor.",
 				r.has(r.image(ImageVTPMKeys)), ImageVTPMPolicy, ImageVTPMPolicy, FlavorVTPMPolicy)}
 		}
@@ -229,7 +231,7 @@ func resolveHyperV(r Request) (*Spec, error) {
 		if mt.val != "" {
 			shown = "set to " + show(mt.val)
 		}
-		return nil, &Error{Code: CodeGen2Required, Message: fmt.Sprintf(
+		return nil, &Error{Code: api.CodeGen2Required, Message: fmt.Sprintf(
 			"A Hyper-V vTPM needs a Generation 2 VM, but %s has %s %s; set %s=%s.",
 			r.name(fromImage), ImageMachineType, shown, ImageMachineType, HyperVGen2)}
 	}
@@ -240,7 +242,7 @@ func resolveHyperV(r Request) (*Spec, error) {
 }
 
 func (r *Request) notOnHyperV(p prop) error {
-	return &Error{Code: CodePropertyNotSupported, Message: fmt.Sprintf(
+	return &Error{Code: api.CodePropertyNotSupported, Message: fmt.Sprintf(
 		"%s, which Hyper-V images (%s=%s) do not support; request a vTPM with %s or %s instead.",
 		r.setTo(p), ImageHypervisorType, HyperV, ImageVTPMPolicy, FlavorVTPMPolicy)}
 }
@@ -251,7 +253,7 @@ func (r *Request) policyConflict(want, other prop) error {
 	if other.val == "" {
 		state = "not set, which means disabled"
 	}
-	return &Error{Code: CodeVTPMPolicyConflict, Message: fmt.Sprintf(
+	return &Error{Code: api.CodeVTPMPolicyConflict, Message: fmt.Sprintf(
 		"%s, conflicting with %s which has %s %s.",
 		r.setTo(want), r.name(other.from), other.key, state)}
 }
@@ -264,7 +266,7 @@ func (r *Request) vtpmKeys() ([]string, error) {
 	}
 	n := strings.Count(p.val, ",") + 1
 	if n > MaxVTPMKeys {
-		return nil, &Error{Code: CodeTooManyVTPMKeys, Message: fmt.Sprintf(
+		return nil, &Error{Code: api.CodeTooManyVTPMKeys, Message: fmt.Sprintf(
 			"%s with %d entries; at most %d are allowed.", r.has(p), n, MaxVTPMKeys)}
 	}
 	keys := make([]string, 0, n)
@@ -283,7 +285,7 @@ func (r *Request) vtpmKeys() ([]string, error) {
 			}
 		}
 		if bad != "" {
-			return nil, &Error{Code: CodeInvalidVTPMKey, Message: fmt.Sprintf(
+			return nil, &Error{Code: api.CodeInvalidVTPMKey, Message: fmt.Sprintf(
 				"%s, whose entry %d %s.", r.setTo(p), i+1, bad)}
 		}
 		keys = append(keys, k)

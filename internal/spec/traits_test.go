@@ -7,6 +7,8 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/vtpmd/vtpmd/api"
 )
 
 func TestRequiredTraits(t *testing.T) {
@@ -139,7 +141,7 @@ func TestPlace(t *testing.T) {
 				return
 			}
 			var e *Error
-			if !errors.As(err, &e) || e.Code != CodeNoValidHost {
+			if !errors.As(err, &e) || e.Code != api.CodeNoValidHost {
 				t.Fatalf("Place = %q, %v; want no_valid_host", got.Name, err)
 			}
 			if !reflect.DeepEqual(e.Traits, tc.missing) {

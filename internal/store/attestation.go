@@ -12,6 +12,27 @@ import (
 // table with instances' records (keyed by instance id, a UUID).
 func HostKey(name string) string { return "host:" + name }
 
+// Verdict is the verifier's answer about an instance's or a host's
+// integrity, as its attestation record keeps it.
+type Verdict string
+
+const (
+	// VerdictPending: registered, and no evidence judged by a policy yet.
+	VerdictPending Verdict = "pending"
+	// VerdictTrusted: the last genuine evidence met the policy.
+	VerdictTrusted Verdict = "trusted"
+	// VerdictUntrusted: the last evidence was not genuine, or did not
+	// meet the policy.
+	VerdictUntrusted Verdict = "untrusted"
+	// VerdictStale: no genuine evidence for longer than the verifier
+	// allows.
+	VerdictStale Verdict = "stale"
+	// VerdictUnattested is a host's verdict as its instances read it when
+	// it has no attestation record (its TPM never registered, or was
+	// forgotten). No record holds it.
+	VerdictUnattested Verdict = "unattested"
+)
+
 // Attestation is an instance's (or a host's) attestation record: the registered AK, the
 // pending challenge or nonce, the last accepted evidence, the policy and
 // the verdict. Byte fields are TPM structures or digests; none is a secret
@@ -59,7 +80,7 @@ type Attestation struct {
 	// EvidenceAt is when the last genuine evidence arrived.
 	EvidenceAt time.Time `json:"evidence_at,omitzero"`
 	// Verdict: pending, trusted, untrusted or stale, with reasons.
-	Verdict    string    `json:"verdict"`
+	Verdict    Verdict   `json:"verdict"`
 	Reasons    []string  `json:"reasons,omitempty"`
 	VerifiedAt time.Time `json:"verified_at,omitzero"`
 	// StaleAt is when the verdict turns stale unless evidence arrives;

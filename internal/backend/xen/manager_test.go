@@ -108,12 +108,12 @@ func TestUUIDServer(t *testing.T) {
 	for _, c := range []struct {
 		method, path string
 		status       int
-		code         string
+		code         api.Code
 	}{
-		{"GET", "/", 507, "group_full"}, // the group holds 100
-		{"POST", "/", 405, "method_not_allowed"},
-		{"DELETE", "/", 405, "method_not_allowed"},
-		{"GET", "/uuid", 404, "not_found"},
+		{"GET", "/", 507, api.CodeGroupFull}, // the group holds 100
+		{"POST", "/", 405, api.CodeMethodNotAllowed},
+		{"DELETE", "/", 405, api.CodeMethodNotAllowed},
+		{"GET", "/uuid", 404, api.CodeNotFound},
 	} {
 		req, _ := http.NewRequest(c.method, srv.URL+c.path, strings.NewReader(""))
 		resp, err := http.DefaultClient.Do(req)

@@ -24,21 +24,21 @@ func UUIDServer(m Manager, log *slog.Logger) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch {
 		case r.URL.Path != "/":
-			fail(w, http.StatusNotFound, "not_found", "The UUID service serves only GET /.")
+			fail(w, http.StatusNotFound, api.CodeNotFound, "The UUID service serves only GET /.")
 			return
 		case r.Method != http.MethodGet:
 			w.Header().Set("Allow", http.MethodGet)
-			fail(w, http.StatusMethodNotAllowed, "method_not_allowed", "The UUID service serves only GET /.")
+			fail(w, http.StatusMethodNotAllowed, api.CodeMethodNotAllowed, "The UUID service serves only GET /.")
 			return
 		}
 		id, err := m.Register(r.Context(), UUIDServiceOwner)
 		switch {
 		case errors.Is(err, ErrGroupFull):
-			fail(w, http.StatusInsufficientStorage, "group_full", err.Error()+"; release vTPMs or register them to another group.")
+			fail(w, http.StatusInsufficientStorage, api.CodeGroupFull, err.Error()+"; release vTPMs or register them to another group.")
 			return
 		case err != nil:
 			log.Error("registering a vTPM UUID", "err", err)
-			fail(w, http.StatusInternalServerError, "internal", "Registering the UUID with the VTPM manager failed; the server log has the details.")
+			fail(w, http.StatusInternalServerError, api.CodeInternal, "Registering the UUID with the VTPM manager failed; the server log has the details.")
 			return
 		}
 		log.Info("vTPM UUID registered", "uuid", id)
@@ -47,7 +47,7 @@ func UUIDServer(m Manager, log *slog.Logger) http.Handler {
 	})
 }
 
-func fail(w http.ResponseWriter, status int, code, msg string) {
+func fail(w http.ResponseWriter, status int, code api.Code, msg string) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
 	json.NewEncoder(w).Encode(api.ErrorBody{Error: api.Error{Code: code, Message: msg}})

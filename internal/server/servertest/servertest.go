@@ -1,5 +1,7 @@
-// Package servertest serves vtpmd's API in tests the way vtpmd does for its
-// operator: on a unix socket where every connection is the operator's.
+// Package servertest serves vtpmd's API in tests the way vtpmd does: the
+// domain packages assembled over a store and a key manager, and the
+// operator's API on a unix socket where every connection is the
+// operator's.
 package servertest
 
 import (
@@ -10,8 +12,24 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/secrets"
 	"github.com/vtpmd/vtpmd/internal/server"
+	"github.com/vtpmd/vtpmd/internal/store"
+	"github.com/vtpmd/vtpmd/internal/verifier"
+	"github.com/vtpmd/vtpmd/internal/vtpms"
 )
+
+// New assembles the API over st and kr as vtpmd does, with no host agent
+// (records stay pending), no verdict signing and no webhook, and an empty
+// CA chain.
+func New(st *store.Store, kr keyring.Keyring) *server.Server {
+	caChain := func() []byte { return nil }
+	keys := secrets.New(st, kr, nil)
+	vs := vtpms.New(vtpms.Config{Store: st, Keyring: kr, Secrets: keys})
+	ver := verifier.New(verifier.Config{Store: st, VTPMs: vs, CAChainPEM: caChain})
+	return &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: caChain}
+}
 
 // Operator serves h on a fresh unix socket as the operator's local API and
 // returns its URL (unix://PATH, which client.New takes); the server stops

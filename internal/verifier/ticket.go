@@ -1,12 +1,14 @@
-package server
+package verifier
 
 import (
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/json"
-	"net/http"
 	"time"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/refusal"
 )
 
 // A registration keeps nothing on the server until the TPM proves it. The
@@ -61,17 +63,17 @@ func ticketSecret(key, raw []byte) []byte {
 func redeem(key, raw, secret []byte, subject string, now time.Time) (ticket, error) {
 	var t ticket
 	if len(raw) == 0 {
-		return t, apiErr(http.StatusBadRequest, CodeInvalidParameter, "An activation carries the ticket its registration answered with.")
+		return t, refusal.Invalid(api.CodeInvalidParameter, "An activation carries the ticket its registration answered with.")
 	}
 	if !hmac.Equal(secret, ticketSecret(key, raw)) {
-		return t, apiErr(http.StatusForbidden, CodeActivationFailed,
+		return t, refusal.Forbidden(api.CodeActivationFailed,
 			"The credential does not match its ticket: the AK is not in the TPM this registration named, or the ticket was altered or is from before a restart of vtpmd; register again.")
 	}
 	if err := json.Unmarshal(raw, &t); err != nil || t.Subject != subject {
-		return t, apiErr(http.StatusForbidden, CodeActivationFailed, "The ticket is for another instance or host.")
+		return t, refusal.Forbidden(api.CodeActivationFailed, "The ticket is for another instance or host.")
 	}
 	if !now.Before(t.Expires) {
-		return t, apiErr(http.StatusConflict, CodeNotRegistered, "The registration expired; register again.")
+		return t, refusal.Conflict(api.CodeNotRegistered, "The registration expired; register again.")
 	}
 	return t, nil
 }

@@ -1,4 +1,4 @@
-package server
+package webhook
 
 import (
 	"bytes"
@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -18,6 +19,7 @@ import (
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/attest"
 	"github.com/vtpmd/vtpmd/internal/store"
+	"github.com/vtpmd/vtpmd/internal/store/storetest"
 )
 
 // Deliveries queued before the webhook runs (a restart) go out, in
@@ -26,7 +28,7 @@ import (
 func TestWebhookOutbox(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	st := openStore(t, t.TempDir())
+	st := storetest.Open(t)
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	signer, _ := attest.NewSigner(key)
 
@@ -52,10 +54,10 @@ func TestWebhookOutbox(t *testing.T) {
 	}))
 	defer receiver.Close()
 
-	hook := &Webhook{URL: receiver.URL, Signer: signer, Store: st, Backoff: 10 * time.Millisecond, Attempts: 3}
+	hook := New(Config{URL: receiver.URL, Signer: signer, Store: st, Backoff: 10 * time.Millisecond, Attempts: 3})
 	err := st.Update(ctx, func(tx *store.Tx) error {
 		for _, sub := range []string{"first", "never", "second"} {
-			if err := hook.enqueue(tx, map[string]any{"iss": attest.TokenIssuer, "sub": sub}); err != nil {
+			if err := hook.Enqueue(tx, map[string]any{"iss": attest.TokenIssuer, "sub": sub}); err != nil {
 				return err
 			}
 		}
@@ -80,7 +82,7 @@ func TestWebhookOutbox(t *testing.T) {
 func TestWebhookRefusesRedirects(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	st := openStore(t, t.TempDir())
+	st := storetest.Open(t)
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	signer, _ := attest.NewSigner(key)
 
@@ -102,9 +104,9 @@ func TestWebhookRefusesRedirects(t *testing.T) {
 	defer receiver.Close()
 
 	var logs lockedBuffer
-	hook := &Webhook{URL: receiver.URL + "/hook", Signer: signer, Store: st, Backoff: 10 * time.Millisecond, Attempts: 2,
-		Log: slog.New(slog.NewTextHandler(&logs, nil))}
-	if err := st.Update(ctx, func(tx *store.Tx) error { return hook.enqueue(tx, map[string]any{"sub": "i-1"}) }); err != nil {
+	hook := New(Config{URL: receiver.URL + "/hook", Signer: signer, Store: st, Backoff: 10 * time.Millisecond, Attempts: 2,
+		Log: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err := st.Update(ctx, func(tx *store.Tx) error { return hook.Enqueue(tx, map[string]any{"sub": "i-1"}) }); err != nil {
 		t.Fatal(err)
 	}
 	hook.Start(ctx)
@@ -152,3 +154,5 @@ func drained(t *testing.T, st *store.Store) {
 		}
 	}
 }
+
+func TestMain(m *testing.M) { os.Exit(storetest.Main(m)) }

@@ -1,0 +1,169 @@
+package api
+
+// ErrorBody is every error response: {"error": {"code": ..., "message": ...}}.
+type ErrorBody struct {
+	Error Error `json:"error"`
+}
+
+// Error is a refusal or failure with a stable code and a message for people.
+type Error struct {
+	Code    Code   `json:"code"`
+	Message string `json:"message"`
+}
+
+// Code is a stable, machine-readable reason for an error response. Codes
+// appear in responses and in vtpmctl's output and never change meaning: a
+// client matches on the code, never on the message. This file lists every
+// code the API answers with, each with its HTTP status.
+type Code string
+
+// Codes of any route: the request itself, who sends it, the server.
+const (
+	// CodeInvalidJSON (400): the body is not one JSON value of the
+	// route's request type (an unknown field, a second value), or the
+	// route takes no body and one came.
+	CodeInvalidJSON Code = "invalid_json"
+	// CodeBodyTooLarge (413): the body is larger than the route takes.
+	CodeBodyTooLarge Code = "body_too_large"
+	// CodeInvalidParameter (400): a query parameter or a field breaks its
+	// rule; the message names it.
+	CodeInvalidParameter Code = "invalid_parameter"
+	// CodeInvalidInstanceID (400): an instance id that is not a canonical
+	// UUID.
+	CodeInvalidInstanceID Code = "invalid_instance_id"
+	// CodeInvalidProject (400 or 403): a project id that is malformed or
+	// missing (400), or another project than the one the caller is scoped
+	// to (403).
+	CodeInvalidProject Code = "invalid_project"
+	// CodeNotFound (404): no such route, vTPM, host, secret or policy, or
+	// one of another project's, which reads as absent.
+	CodeNotFound Code = "not_found"
+	// CodeMethodNotAllowed (405): the path does not take the method; Allow
+	// lists those it takes.
+	CodeMethodNotAllowed Code = "method_not_allowed"
+	// CodeUnauthenticated (401): the caller proved nobody: no client
+	// certificate or operator's socket on a tenant's or the operator's
+	// route, no or a wrong agent token or host credential on an agent's.
+	CodeUnauthenticated Code = "unauthenticated"
+	// CodeForbidden (403): the caller is known but may not do this: a
+	// project on an operator's route, a host asking for a key no instance
+	// on it names.
+	CodeForbidden Code = "forbidden"
+	// CodeStorageFull (507): the server's disk is full; nothing was
+	// changed.
+	CodeStorageFull Code = "storage_full"
+	// CodeInternal (500): a fault of the server, which logs it; the
+	// message says nothing more.
+	CodeInternal Code = "internal"
+)
+
+// Codes of vTPMs: creating, changing and reading them.
+const (
+	// CodeNoVTPMRequested (400): the flavor and image ask for no vTPM.
+	CodeNoVTPMRequested Code = "no_vtpm_requested"
+	// CodeAlreadyExists (409): the instance has a vTPM, or a policy of the
+	// name exists.
+	CodeAlreadyExists Code = "already_exists"
+	// CodeConflict (409): the vTPM's state does not allow the change (it
+	// is being deleted, or attached to another domain), or it changed
+	// while the request ran.
+	CodeConflict Code = "conflict"
+	// CodeNotReady (409): the vTPM has not been manufactured yet (no EK).
+	CodeNotReady Code = "not_ready"
+	// CodeNotSupported (409): this deployment or host cannot do it: no
+	// libvirt domains to attach to, no agent to check drift, no verdict
+	// signing.
+	CodeNotSupported Code = "not_supported"
+)
+
+// Codes of request semantics (internal/spec): the flavor and image's
+// refusals, the same from POST /v1/resolve, POST /v1/vtpms and vtpmctl
+// resolve. All are 400 but CodeNoValidHost, 409.
+const (
+	// CodeFlavorImageConflict: flavor and image set the same setting to different values.
+	CodeFlavorImageConflict Code = "flavor_image_conflict"
+	// CodeInvalidTPMVersion: a version other than exactly "1.2" or "2.0".
+	CodeInvalidTPMVersion Code = "invalid_tpm_version"
+	// CodeInvalidTPMModel: a model other than tpm-tis or tpm-crb.
+	CodeInvalidTPMModel Code = "invalid_tpm_model"
+	// CodeInvalidHypervisorType: an image hypervisor_type that Nova does not
+	// know, the empty string included.
+	CodeInvalidHypervisorType Code = "invalid_hypervisor_type"
+	// CodeCRBRequiresTPM2: tpm-crb with a TPM 1.2.
+	CodeCRBRequiresTPM2 Code = "crb_requires_tpm2"
+	// CodeInvalidSecretSecurity: hw:tpm_secret_security other than user, host or deployment.
+	CodeInvalidSecretSecurity Code = "invalid_secret_security"
+	// CodePropertyNotSupported: a property of the other hypervisor's surface.
+	CodePropertyNotSupported Code = "property_not_supported"
+	// CodeInvalidVTPMPolicy: os_vtpm or os:vtpm other than disabled, optional or required.
+	CodeInvalidVTPMPolicy Code = "invalid_vtpm_policy"
+	// CodeVTPMPolicyConflict: image and flavor policies that cannot both hold.
+	CodeVTPMPolicyConflict Code = "vtpm_policy_conflict"
+	// CodeGen2Required: a Hyper-V vTPM on an image that is not Generation 2.
+	CodeGen2Required Code = "gen2_required"
+	// CodeTooManyVTPMKeys: more entries in os_vtpm_keys than a request may name.
+	CodeTooManyVTPMKeys Code = "too_many_vtpm_keys"
+	// CodeInvalidVTPMKey: an os_vtpm_keys entry that is empty, repeated or not a canonical UUID.
+	CodeInvalidVTPMKey Code = "invalid_vtpm_key"
+	// CodeVTPMKeysWithoutVTPM: os_vtpm_keys on a request that gets no vTPM.
+	CodeVTPMKeysWithoutVTPM Code = "vtpm_keys_without_vtpm"
+	// CodeNoValidHost (409): no host offers every required trait with free capacity.
+	CodeNoValidHost Code = "no_valid_host"
+)
+
+// Codes of attestation: registration, evidence, policies.
+const (
+	// CodeInvalidAK (400): the attestation key is not one vtpmd takes.
+	CodeInvalidAK Code = "invalid_ak"
+	// CodeEKMismatch (403): the EK is not the one vtpmd made for the
+	// instance, or not the one its host registered with (or its
+	// certificate certifies).
+	CodeEKMismatch Code = "ek_mismatch"
+	// CodeEKUntrusted (403): a host's EK certificate does not chain to a
+	// configured host EK CA.
+	CodeEKUntrusted Code = "ek_untrusted"
+	// CodeActivationFailed (403): the credential does not match its
+	// ticket, or the ticket is another subject's.
+	CodeActivationFailed Code = "activation_failed"
+	// CodeNotRegistered (404 or 409): reading the attestation of an
+	// instance or host that never registered (404); an act that needs a
+	// registered attestation key, or an activation of a registration
+	// that expired or was overtaken (409).
+	CodeNotRegistered Code = "not_registered"
+	// CodeStaleNonce (409): evidence that does not answer the current
+	// nonce (used, expired or never issued).
+	CodeStaleNonce Code = "stale_nonce"
+	// CodeNoEvidence (409): no evidence was accepted yet to learn a
+	// policy from.
+	CodeNoEvidence Code = "no_evidence"
+	// CodeNoEventLog (400): evidence without a firmware event log to
+	// replay the quote against; the nonce is still good.
+	CodeNoEventLog Code = "no_event_log"
+	// CodeFullIMALogRequired (409) refuses evidence whose IMA log
+	// continues from an entry the verifier does not hold (it lost its
+	// copy, or the agent's count is not its own): send the whole log
+	// again, with the same quote and nonce, which the refusal left good.
+	CodeFullIMALogRequired Code = "full_ima_log_required"
+)
+
+// Codes of secrets and Hyper-V vTPMs.
+const (
+	// CodeInvalidPayload (400): a secret's payload is empty or too large.
+	CodeInvalidPayload Code = "invalid_payload"
+	// CodeVTPMKeyMissing (409): an os_vtpm_keys secret is not a secret of
+	// the instance's project in the key manager.
+	CodeVTPMKeyMissing Code = "vtpm_key_missing"
+	// CodeTooManyHyperVKeys (409): os_vtpm_keys names more secrets than a
+	// Hyper-V vTPM uses.
+	CodeTooManyHyperVKeys Code = "too_many_hyperv_keys"
+	// CodeNotHyperV (409): a Hyper-V plan for a vTPM that is not one.
+	CodeNotHyperV Code = "not_hyperv"
+)
+
+// Codes of the Xen UUID service (vtpmd xen-uuid-server, GET /), which
+// answers with the same error body; besides these it uses CodeNotFound,
+// CodeMethodNotAllowed and CodeInternal.
+const (
+	// CodeGroupFull (507): the VTPM manager's group takes no more vTPMs.
+	CodeGroupFull Code = "group_full"
+)

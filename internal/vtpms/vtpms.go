@@ -1,0 +1,511 @@
+// Package vtpms is the desired state of vTPMs: a create resolves the
+// flavor and image (internal/spec), places the vTPM on a host, makes its
+// key-manager secret and records it; start, stop, attach, detach and
+// delete change what the host's agent is to do, and the agent moves the
+// vTPM's phase towards it. Every read and change is scoped to the caller's
+// project (internal/tenant): another project's vTPM reads as absent.
+//
+// Refusals are *refusal.Error; a missing record is store.ErrNotFound.
+package vtpms
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/refusal"
+	"github.com/vtpmd/vtpmd/internal/secrets"
+	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/store"
+	"github.com/vtpmd/vtpmd/internal/tenant"
+)
+
+// Config is what a Service works with.
+type Config struct {
+	Store   *store.Store
+	Keyring keyring.Keyring
+	// Secrets checks the key material a Hyper-V vTPM names.
+	Secrets *secrets.Service
+	// Options are the deployment's request semantics.
+	Options spec.Options
+	// HyperV shapes Hyper-V plans.
+	HyperV HyperVOptions
+	// Notify tells a host's agent that its desired state changed; nil:
+	// nobody listens.
+	Notify func(host string)
+}
+
+// Service creates, changes and reads vTPMs.
+type Service struct{ cfg Config }
+
+// New returns a Service with cfg.
+func New(cfg Config) *Service { return &Service{cfg: cfg} }
+
+// ParseInstanceID validates an instance id: a canonical UUID, so it is safe
+// as a directory name and a key. Upper-case hex is accepted and lowered.
+func ParseInstanceID(raw string) (string, error) {
+	id, err := uuid.Parse(raw)
+	if err != nil || len(raw) != 36 {
+		return "", refusal.Invalid(api.CodeInvalidInstanceID,
+			fmt.Sprintf("Instance id %s is not a UUID of the form xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx.", refusal.Quote(raw)))
+	}
+	return id.String(), nil
+}
+
+// Resolve applies the deployment's request semantics to a flavor and
+// image: the vTPM they ask for (nil: none) or a *spec.Error.
+func (s *Service) Resolve(req api.ResolveRequest) (*spec.Spec, error) {
+	return spec.Resolve(specRequest(req), s.cfg.Options)
+}
+
+func specRequest(r api.ResolveRequest) spec.Request {
+	return spec.Request{FlavorName: r.FlavorName, FlavorSpecs: r.FlavorSpecs, ImageName: r.ImageName, ImageProps: r.ImageProps}
+}
+
+// Create records a vTPM for an instance of the project req names: it
+// resolves the request, checks a Hyper-V vTPM's keys, places the vTPM on
+// a host with the traits it needs and free capacity, makes its secret and
+// records it (desired running, phase pending) with its event, then wakes
+// the host's agent. Creating vTPMs is the cloud's (the operator's): it
+// knows whose instance is whose. Duplicates and full fleets are refused
+// before a secret exists; a create racing another of the same instance
+// loses at the record, and its secret goes.
+func (s *Service) Create(ctx context.Context, c tenant.Caller, req api.CreateVTPMRequest) (*store.VTPM, error) {
+	id, err := ParseInstanceID(req.InstanceID)
+	if err != nil {
+		return nil, err
+	}
+	project, err := c.Owner(req.Project, "vTPMs", true)
+	if err != nil {
+		return nil, err
+	}
+	sp, err := s.Resolve(req.ResolveRequest)
+	if err != nil {
+		return nil, err
+	}
+	if sp == nil {
+		return nil, refusal.Invalid(api.CodeNoVTPMRequested,
+			"The flavor and image ask for no vTPM; set hw:tpm_version on the flavor or hw_tpm_version on the image.")
+	}
+	if sp.Hypervisor == spec.HyperV {
+		if err := s.cfg.Secrets.CheckVTPMKeys(ctx, project, sp.Keys); err != nil {
+			return nil, err
+		}
+	}
+
+	var host spec.Host
+	err = s.cfg.Store.View(ctx, func(tx *store.Tx) error {
+		if _, err := tx.GetVTPM(id); err == nil {
+			return store.ErrExists
+		} else if !errors.Is(err, store.ErrNotFound) {
+			return err
+		}
+		hosts, err := candidates(tx)
+		if err != nil {
+			return err
+		}
+		host, err = spec.Place(hosts, sp.RequiredTraits())
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+
+	payload, err := keyring.NewVTPMSecret()
+	if err != nil {
+		return nil, err
+	}
+	v := &store.VTPM{InstanceID: id, Project: project, Spec: *sp, Host: host.Name,
+		Desired: store.DesiredRunning, Phase: store.PhasePending}
+	_, err = keyring.CreateRecorded(ctx, s.cfg.Keyring, project, payload, func(secretID string) error {
+		v.SecretID = secretID
+		return s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
+			if err := tx.CreateVTPM(v); err != nil {
+				return err
+			}
+			return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: id, Action: "created",
+				Detail: fmt.Sprintf("TPM %s %s on host %s", sp.Version, sp.Model, host.Name)})
+		})
+	})
+	if err != nil {
+		return nil, fmt.Errorf("creating vTPM %s: %w", id, err)
+	}
+	s.notify(host.Name)
+	return v, nil
+}
+
+// candidates are the registered hosts with their free capacity.
+func candidates(tx *store.Tx) ([]spec.Host, error) {
+	hosts, err := tx.ListHosts()
+	if err != nil {
+		return nil, err
+	}
+	used, err := tx.CountVTPMs()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]spec.Host, len(hosts))
+	for i, h := range hosts {
+		out[i] = spec.Host{Name: h.Name, Traits: spec.NewTraitSet(h.Traits...), Free: h.Capacity - used[h.Name]}
+	}
+	return out, nil
+}
+
+// Get reads the vTPM of instance id as the caller may see it: another
+// project's is not found.
+func (s *Service) Get(ctx context.Context, c tenant.Caller, id string) (*store.VTPM, error) {
+	id, err := ParseInstanceID(id)
+	if err != nil {
+		return nil, err
+	}
+	var v *store.VTPM
+	err = s.cfg.Store.View(ctx, func(tx *store.Tx) (err error) { v, err = tx.GetVTPM(id); return err })
+	if err == nil && !c.Sees(v.Project) {
+		err = fmt.Errorf("vtpm %s: %w", id, store.ErrNotFound)
+	}
+	return v, err
+}
+
+// recheck is how often Watch reads a record again even if this process
+// committed nothing: another server sharing a PostgreSQL database may have.
+const recheck = time.Second
+
+// Watch reads the vTPM of instance id (as Get) until seen reports false of
+// it, and returns it with changed set; when stop closes first, it returns
+// the last read with changed false. A change committed by this process
+// answers at once, one by another within recheck.
+func (s *Service) Watch(ctx context.Context, c tenant.Caller, id string, seen func(*store.VTPM) bool, stop <-chan struct{}) (v *store.VTPM, changed bool, err error) {
+	var news <-chan struct{}
+	for {
+		if v, err = s.Get(ctx, c, id); err != nil || !seen(v) {
+			return v, err == nil, err
+		}
+		if news == nil {
+			// Listen, then read again, so that a change between the two
+			// reads is not missed. (Only for records that exist: a
+			// listener is kept until its record next changes.)
+			news = s.cfg.Store.VTPMChanged(v.InstanceID)
+			continue
+		}
+		t := time.NewTimer(recheck)
+		select {
+		case <-news:
+			news = nil
+		case <-t.C:
+		case <-stop:
+			t.Stop()
+			return v, false, nil
+		}
+		t.Stop()
+	}
+}
+
+// List reads one page of the vTPMs f selects that the caller may see: a
+// caller scoped to a project lists only its own. next, when set, is the
+// instance id to continue after.
+func (s *Service) List(ctx context.Context, c tenant.Caller, f store.Filter) (page []*store.VTPM, next string, err error) {
+	if c.Project != "" {
+		if f.Project != "" && f.Project != c.Project {
+			return nil, "", refusal.Forbidden(api.CodeInvalidProject, "A caller scoped to one project cannot list another's vTPMs.")
+		}
+		f.Project = c.Project
+	}
+	// Fetch one more than the page to know whether a next page exists.
+	f.Limit++
+	err = s.cfg.Store.View(ctx, func(tx *store.Tx) (err error) { page, err = tx.ListVTPMs(f); return err })
+	if err != nil {
+		return nil, "", err
+	}
+	if len(page) == f.Limit {
+		page = page[:len(page)-1]
+		next = page[len(page)-1].InstanceID
+	}
+	return page, next, nil
+}
+
+// Delete deletes a vTPM and shreds its secret before it returns, whatever
+// phase the vTPM is in: one transaction marks the record deleted (from
+// then on nothing may start it or point it at another secret) and reads
+// the secret it names, which is shredded right after the commit
+// (keyring.ShredRecorded). The host's agent then removes the state and the
+// record, and anything it was still making for the vTPM.
+//
+// A vTPM no agent has acted on has nothing on any host and goes at once,
+// record and all (gone): a host without a vtpmd agent (Hyper-V) would
+// never finish its delete. An agent's first act is recorded in the same
+// store, so the check is part of the transaction.
+func (s *Service) Delete(ctx context.Context, c tenant.Caller, id string) (v *store.VTPM, gone bool, err error) {
+	if id, err = ParseInstanceID(id); err != nil {
+		return nil, false, err
+	}
+	err = keyring.ShredRecorded(ctx, s.cfg.Keyring, func() ([]string, error) {
+		err := s.cfg.Store.Update(ctx, func(tx *store.Tx) (err error) {
+			if v, err = tx.GetVTPM(id); err != nil {
+				return err
+			}
+			if !c.Sees(v.Project) {
+				return fmt.Errorf("vtpm %s: %w", id, store.ErrNotFound)
+			}
+			if gone, err = untouched(tx, v); err != nil {
+				return err
+			}
+			if gone {
+				return deleteRecord(tx, v.InstanceID, store.Event{Actor: c.Actor, InstanceID: id, Action: "deleted",
+					Detail: "never provisioned: nothing on the host"})
+			}
+			if v.Desired == store.DesiredDeleted {
+				return nil // asked before; the secret is shredded again, harmlessly
+			}
+			v.Desired = store.DesiredDeleted
+			if err := tx.UpdateVTPM(v); err != nil {
+				return err
+			}
+			return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: id, Action: "delete requested"})
+		})
+		if err != nil {
+			return nil, err
+		}
+		return []string{v.SecretID}, nil
+	})
+	if err != nil {
+		return nil, false, err
+	}
+	if !gone {
+		s.notify(v.Host)
+	}
+	return v, gone, nil
+}
+
+// untouched reports whether no agent has acted on v: nothing of it exists
+// on any host.
+func untouched(tx *store.Tx, v *store.VTPM) (bool, error) {
+	if v.Phase != store.PhasePending || len(v.EKs) > 0 {
+		return false, nil
+	}
+	evs, err := tx.ListEvents(v.InstanceID, v.Incarnation)
+	if err != nil {
+		return false, err
+	}
+	return !slices.ContainsFunc(evs, func(e store.Event) bool { return strings.HasPrefix(e.Actor, "agent:") }), nil
+}
+
+// deleteRecord removes a vTPM's record and attestation state, and logs e.
+func deleteRecord(tx *store.Tx, id string, e store.Event) error {
+	if err := tx.DeleteVTPM(id); err != nil {
+		return err
+	}
+	if err := tx.DeleteAttestation(id); err != nil {
+		return err
+	}
+	return tx.AppendEvent(e)
+}
+
+// Start asks for the vTPM to run (on a libvirt host: its guest too).
+func (s *Service) Start(ctx context.Context, c tenant.Caller, id string) (*store.VTPM, error) {
+	return s.change(ctx, c, id, "start requested", func(v *store.VTPM) error { return desire(v, store.DesiredRunning) })
+}
+
+// Stop asks for the vTPM to stop, its state kept.
+func (s *Service) Stop(ctx context.Context, c tenant.Caller, id string) (*store.VTPM, error) {
+	return s.change(ctx, c, id, "stop requested", func(v *store.VTPM) error { return desire(v, store.DesiredStopped) })
+}
+
+var errDeleting = refusal.Conflict(api.CodeConflict, "The vTPM is being deleted.")
+
+// desire sets what the user wants. A deleted vTPM cannot be started again.
+func desire(v *store.VTPM, d store.Desired) error {
+	if v.Desired == store.DesiredDeleted && d != store.DesiredDeleted {
+		return errDeleting
+	}
+	v.Desired = d
+	return nil
+}
+
+// domainRE bounds libvirt domain names to what is safe in paths and XML.
+var domainRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$`)
+
+// Attach asks for the vTPM to be attached to a libvirt domain on its host,
+// which must run the libvirt backend; a vTPM is attached to one domain at
+// a time.
+func (s *Service) Attach(ctx context.Context, c tenant.Caller, id, domain string) (*store.VTPM, error) {
+	if !domainRE.MatchString(domain) {
+		return nil, refusal.Invalid(api.CodeInvalidParameter, "Domain "+refusal.Quote(domain)+
+			" is not a valid libvirt domain name (letters, digits, '_', '.', '+', '-'; at most 128).")
+	}
+	return s.change(ctx, c, id, "attach to domain "+domain, func(v *store.VTPM) error {
+		if err := s.canAttach(ctx, v); err != nil {
+			return err
+		}
+		if v.Domain != "" && v.Domain != domain {
+			return refusal.Conflict(api.CodeConflict, "The vTPM is attached to domain "+v.Domain+"; detach it first.")
+		}
+		v.Domain = domain
+		return nil
+	})
+}
+
+// Detach asks for the vTPM to be detached from its libvirt domain.
+func (s *Service) Detach(ctx context.Context, c tenant.Caller, id string) (*store.VTPM, error) {
+	return s.change(ctx, c, id, "detach", func(v *store.VTPM) error {
+		v.Domain = ""
+		return nil
+	})
+}
+
+// canAttach refuses vTPMs on hosts whose backend has no guests to attach
+// to, and deleted ones.
+func (s *Service) canAttach(ctx context.Context, v *store.VTPM) error {
+	if v.Desired == store.DesiredDeleted {
+		return errDeleting
+	}
+	var h *store.Host
+	err := s.cfg.Store.View(ctx, func(tx *store.Tx) (err error) {
+		h, err = tx.GetHost(v.Host)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	if h.Backend != "libvirt" {
+		return refusal.Conflict(api.CodeNotSupported, "Host "+h.Name+" runs the "+h.Backend+
+			" backend, which has no libvirt domains to attach to.")
+	}
+	return nil
+}
+
+// change applies mutate to the vTPM, records the event when it changed
+// anything, and wakes the host's agent. Repeating a request is harmless.
+func (s *Service) change(ctx context.Context, c tenant.Caller, id, action string, mutate func(*store.VTPM) error) (*store.VTPM, error) {
+	v, err := s.Get(ctx, c, id)
+	if err != nil {
+		return nil, err
+	}
+	before := *v
+	if err := mutate(v); err != nil {
+		return nil, err
+	}
+	switch {
+	case v.Desired != store.DesiredDeleted && v.Phase == store.PhaseError:
+		v.Reason = "" // a new request retries from the error
+	case v.Desired == store.DesiredRunning && v.Phase == store.PhaseActive,
+		v.Domain != before.Domain && v.Phase == store.PhaseStopped:
+		// The agent looks again: a start starts a guest that powered
+		// itself off; an attach or detach changes its domain.
+		v.Phase = store.PhasePending
+	}
+	if v.Desired != before.Desired || v.Domain != before.Domain || v.Phase != before.Phase || v.Reason != before.Reason {
+		err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
+			if err := tx.UpdateVTPM(v); err != nil {
+				return err
+			}
+			return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: v.InstanceID, Action: action})
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
+	s.notify(v.Host)
+	return v, nil
+}
+
+// Identity reads a manufactured vTPM: one without endorsement keys yet is
+// refused as not ready.
+func (s *Service) Identity(ctx context.Context, c tenant.Caller, id string) (*store.VTPM, error) {
+	v, err := s.Get(ctx, c, id)
+	if err != nil {
+		return nil, err
+	}
+	if len(v.EKs) == 0 {
+		return nil, refusal.Conflict(api.CodeNotReady, "The vTPM has not been manufactured yet (phase "+string(v.Phase)+").")
+	}
+	return v, nil
+}
+
+// Events is the audit log of the vTPM of instance id, oldest first: its
+// own, not that of an earlier vTPM of the same instance id.
+func (s *Service) Events(ctx context.Context, c tenant.Caller, id string) ([]store.Event, error) {
+	v, err := s.Get(ctx, c, id)
+	if err != nil {
+		return nil, err
+	}
+	var evs []store.Event
+	err = s.cfg.Store.View(ctx, func(tx *store.Tx) (err error) { evs, err = tx.ListEvents(v.InstanceID, v.Incarnation); return err })
+	return evs, err
+}
+
+// AllEvents is the operator's audit trail of an instance id: the events
+// of every vTPM it has had, deleted ones included, each naming its
+// incarnation. A project sees only its own vTPM's (Events).
+func (s *Service) AllEvents(ctx context.Context, c tenant.Caller, id string) ([]store.Event, error) {
+	if c.Project != "" {
+		return nil, refusal.Forbidden(api.CodeForbidden, "?all is the operator's: a project sees the events of its own vTPM only.")
+	}
+	id, err := ParseInstanceID(id)
+	if err != nil {
+		return nil, err
+	}
+	var evs []store.Event
+	if err := s.cfg.Store.View(ctx, func(tx *store.Tx) (err error) { evs, err = tx.ListAllEvents(id); return err }); err != nil {
+		return nil, err
+	}
+	if len(evs) == 0 {
+		return nil, fmt.Errorf("events of %s: %w", id, store.ErrNotFound)
+	}
+	return evs, nil
+}
+
+// Host is a registered host and how many vTPMs it holds.
+type Host struct {
+	store.Host
+	Used int
+}
+
+// Hosts reads every host, or the one named ("" for all); a name no host
+// has reads as none.
+func (s *Service) Hosts(ctx context.Context, name string) ([]Host, error) {
+	var out []Host
+	err := s.cfg.Store.View(ctx, func(tx *store.Tx) error {
+		hosts, err := tx.ListHosts()
+		if err != nil {
+			return err
+		}
+		used, err := tx.CountVTPMs()
+		if err != nil {
+			return err
+		}
+		for _, h := range hosts {
+			if name == "" || h.Name == name {
+				out = append(out, Host{Host: *h, Used: used[h.Name]})
+			}
+		}
+		return nil
+	})
+	return out, err
+}
+
+// Phases counts the vTPMs in each phase.
+func (s *Service) Phases(ctx context.Context) (map[store.Phase]int, error) {
+	counts := map[store.Phase]int{}
+	err := s.cfg.Store.View(ctx, func(tx *store.Tx) error {
+		vs, err := tx.ListVTPMs(store.Filter{})
+		for _, v := range vs {
+			counts[v.Phase]++
+		}
+		return err
+	})
+	return counts, err
+}
+
+func (s *Service) notify(host string) {
+	if s.cfg.Notify != nil {
+		s.cfg.Notify(host)
+	}
+}
