@@ -268,23 +268,24 @@ func TestConfigureHost(t *testing.T) {
 }
 
 // vtpmd all-in-one runs on the configuration from its file and flags
-// until its context ends, then stops cleanly.
+// until its context ends, then stops cleanly. (The data dir comes by flag:
+// were the file ignored, the test would not touch /var/lib/vtpmd.)
 func TestAllInOne(t *testing.T) {
 	swtpmtest.Require(t)
 	dir := t.TempDir()
-	file := writeFile(t, "data-dir: "+dir+"\nlisten: 127.0.0.1:0\npool-size: 0\nhost-name: from-file\n")
+	file := writeFile(t, "listen: 127.0.0.1:0\npool-size: 0\ncapacity: 3\nhost-name: from-file\n")
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	var stderr bytes.Buffer
 	done := make(chan int, 1)
 	go func() {
-		done <- Main(ctx, []string{"all-in-one", "--config", file, "--host-name", "from-flag", "--log-level", "error"}, &bytes.Buffer{}, &stderr)
+		done <- Main(ctx, []string{"all-in-one", "--config", file, "--data-dir", dir, "--host-name", "from-flag", "--log-level", "error"}, &bytes.Buffer{}, &stderr)
 	}()
 	c := client.New("unix://"+filepath.Join(dir, "api.sock"), "")
 	for deadline := time.Now().Add(time.Minute); ; time.Sleep(20 * time.Millisecond) {
 		hosts, err := c.Hosts(ctx)
 		if err == nil {
-			if len(hosts.Items) != 1 || hosts.Items[0].Name != "from-flag" {
+			if len(hosts.Items) != 1 || hosts.Items[0].Name != "from-flag" || hosts.Items[0].Capacity != 3 {
 				t.Errorf("hosts: %+v", hosts)
 			}
 			break
