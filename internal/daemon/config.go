@@ -6,6 +6,7 @@ package daemon
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/url"
 	"os"
@@ -16,118 +17,142 @@ import (
 
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/vtpmd/vtpmd/internal/attestor"
+	"github.com/vtpmd/vtpmd/internal/backend/libvirt"
 	"github.com/vtpmd/vtpmd/internal/backend/xen"
+	"github.com/vtpmd/vtpmd/internal/server"
 	"github.com/vtpmd/vtpmd/internal/spec"
 )
 
 // Config is vtpmd's configuration. The zero value plus a DataDir is valid:
-// Defaults fills in everything else.
+// Defaults fills in everything else, and is the one place that states a
+// default.
+//
+// Each field is a key of the configuration file (YAML, see ParseConfig)
+// and a flag of the same name: the yaml tag names both.
 type Config struct {
 	// DataDir holds the store, the key manager, the CA and the vTPM states.
 	// Default /var/lib/vtpmd.
-	DataDir string
+	DataDir string `yaml:"data-dir"`
 	// Listen is the API's network address. Default 127.0.0.1:8780. Callers
 	// on it are agents (tokens, TPM proofs) and, with ClientCA, tenants and
 	// the operator by certificate; never anyone unauthenticated. Any other
 	// than a loopback address needs TLS and ClientCA, or InsecureListen.
-	Listen string
+	Listen string `yaml:"listen"`
 	// InsecureListen allows a non-loopback Listen without TLS and client
 	// certificates: agents' tokens then cross the network in the clear.
 	// Default off; vtpmd logs a warning when it is on.
-	InsecureListen bool
+	InsecureListen bool `yaml:"insecure-listen"`
 	// APISocket is the operator's local API: whoever can connect to this
 	// unix socket is the operator (vtpmctl --server unix://PATH). Default
 	// <DataDir>/api.sock, mode 0600 in the 0700 data dir: vtpmd's user only.
-	APISocket string
+	APISocket string `yaml:"api-socket"`
 	// HostName names this host to the scheduler. Default: the OS host name.
-	HostName string
+	HostName string `yaml:"host-name"`
 	// Capacity is how many vTPMs this host takes. Default 1000.
-	Capacity int
+	Capacity int `yaml:"capacity"`
 	// SwtpmUser and SwtpmGroup run swtpm; empty (the default) means vtpmd's
 	// own user and group.
-	SwtpmUser, SwtpmGroup string
+	SwtpmUser  string `yaml:"swtpm-user"`
+	SwtpmGroup string `yaml:"swtpm-group"`
 	// SocketDir holds vtpmd's swtpm sockets when clients other than
 	// vtpmd's user must connect: QEMU, under libvirt in external mode
 	// (default there /run/vtpmd). Default elsewhere: each vTPM's private
 	// state directory.
-	SocketDir string
+	SocketDir string `yaml:"socket-dir"`
 	// SocketGroup may connect to those sockets. Default in libvirt's
 	// external mode: the group libvirt runs QEMU as, asked of libvirtd.
-	SocketGroup string
+	SocketGroup string `yaml:"socket-group"`
 	// SwtpmBinary is the swtpm executable. Default "swtpm" from PATH.
-	SwtpmBinary string
+	SwtpmBinary string `yaml:"swtpm-binary"`
 	// PCRBanks are allocated in every new TPM 2.0. Default ["sha256"].
-	PCRBanks []string
+	PCRBanks []string `yaml:"pcr-banks"`
 	// DefaultTPMVersion gives instances whose flavor and image ask for no
 	// vTPM one of this version. Default "" (off).
-	DefaultTPMVersion spec.Version
+	DefaultTPMVersion spec.Version `yaml:"default-tpm-version"`
 	// CAOrganization appears in the deployment CA's subject. Default "vtpmd".
-	CAOrganization string
+	CAOrganization string `yaml:"ca-organization"`
+	// LogLevel is the least level logged. Default info (the zero value).
+	LogLevel slog.Level `yaml:"log-level"`
 	// WebhookURL receives every attestation verdict change, signed; "" for
-	// none.
-	WebhookURL string
+	// none. Its path and query may carry a token: Redacted hides them.
+	WebhookURL string `yaml:"webhook-url"`
 	// HostTPM is this host's own TPM, attested to the verifier so that
 	// instances' verdicts carry their host's: a device (/dev/tpmrm0) or
 	// unix:PATH (a TPM simulator's data socket); "" for none.
-	HostTPM string
-	// HostEventLog is the host firmware's event log. Default the kernel's.
-	HostEventLog string
+	HostTPM string `yaml:"host-tpm"`
+	// HostEventLog is the host firmware's event log. Default the kernel's
+	// (attestor.DefaultEventLog).
+	HostEventLog string `yaml:"host-event-log"`
 	// HostAttestInterval is the time between host attestations. Default 30s.
-	HostAttestInterval time.Duration
+	HostAttestInterval time.Duration `yaml:"host-attest-interval"`
 	// HostIMALog is the host's IMA measurement list, sent with its
 	// evidence when set (attestor.DefaultIMALog on a host running IMA).
-	HostIMALog string
+	HostIMALog string `yaml:"host-ima-log"`
 	// StaleAfter is how long an attesting instance or host may go without
-	// evidence before its verdict turns stale. Default 3m.
-	StaleAfter time.Duration
+	// evidence before its verdict turns stale. Default
+	// server.DefaultStaleAfter (3m).
+	StaleAfter time.Duration `yaml:"stale-after"`
 	// HostEKCA is a PEM file of the CAs (TPM vendors', or the operator's)
 	// whose EK certificates hosts' TPMs may register with; "" for none.
-	HostEKCA string
+	HostEKCA string `yaml:"host-ek-ca"`
 	// PoolSize is how many manufactured TPM 2.0s the swtpm backend keeps
-	// ready for new instances; 0 makes every TPM on demand. vtpmd's
-	// --pool-size defaults to DefaultPoolSize.
-	PoolSize int
+	// ready for new instances, so that a burst of creates costs a swtpm
+	// start each, not a manufacture; 0 makes every TPM on demand. Default
+	// (nil) 4.
+	PoolSize *int `yaml:"pool-size"`
 
 	// Backend is how this host runs vTPMs: "swtpm" (default; vtpmd runs
 	// swtpm, reachable over unix sockets), "libvirt" (attached to libvirt
 	// domains) or "xen" (vtpm stub domains under the VTPM manager).
-	Backend string
+	Backend string `yaml:"backend"`
 	// Libvirt configures the libvirt backend.
-	Libvirt LibvirtConfig
+	Libvirt LibvirtConfig `yaml:",inline"`
 	// Xen configures the Xen backend.
-	Xen XenConfig
+	Xen XenConfig `yaml:",inline"`
 	// Store is a PostgreSQL connection string (URL or key=value pairs);
 	// "" keeps the store in SQLite under DataDir. A password never goes in
 	// it: libpq's passfile (PGPASSFILE, ~/.pgpass) holds it.
-	Store string
+	Store string `yaml:"store"`
 	// TLSCert and TLSKey are PEM files of the API's certificate (chain)
 	// and key: with them the API speaks only HTTPS.
-	TLSCert, TLSKey string
+	TLSCert string `yaml:"tls-cert"`
+	TLSKey  string `yaml:"tls-key"`
 	// ClientCA is a PEM file of the CAs whose client certificates identify
 	// tenants (the subject's organization is the project) and the operator
 	// (organization system:operator) on the network address. Needs TLS.
 	// "": tenants and the operator are served on APISocket only.
-	ClientCA string
+	ClientCA string `yaml:"client-ca"`
 	// PublicURL is the API as hosts reach it, written into Hyper-V plans;
 	// default http://<the listen address>.
-	PublicURL string
+	PublicURL string `yaml:"public-url"`
 	// HyperVHGS is the Host Guardian Service's URL for Hyper-V key
 	// protectors; "" for local ones.
-	HyperVHGS string
+	HyperVHGS string `yaml:"hyperv-hgs-url"`
 }
 
-// XenConfig holds the Xen backend's settings; zero values take the
-// original design's (see xen.Layout).
+// XenConfig holds the Xen backend's settings.
 type XenConfig struct {
-	xen.Layout
+	// ImageDir, ConfigDir, StubdomKernel and Manager are the xen.Layout;
+	// empty ones take the original design's (see xen.Layout).
+	ImageDir      string `yaml:"xen-image-dir"`
+	ConfigDir     string `yaml:"xen-config-dir"`
+	StubdomKernel string `yaml:"xen-stubdom-kernel"`
+	Manager       string `yaml:"xen-manager"`
 	// Group is the VTPM manager group vTPMs register to; default Group1
 	// (Group0 is vtpmmgr's own).
-	Group string
-	// GroupCapacity is how many vTPMs the group takes; default 64.
-	GroupCapacity int
+	Group string `yaml:"xen-group"`
+	// GroupCapacity is how many vTPMs the group takes; default
+	// xen.DefaultCapacity (64).
+	GroupCapacity int `yaml:"xen-group-capacity"`
 	// UUIDListen, when set, serves the UUID service (GET / → a fresh
 	// registered vTPM UUID) on HOST:PORT, as the original's did on 8081.
-	UUIDListen string
+	UUIDListen string `yaml:"xen-uuid-listen"`
+}
+
+// Layout is where the Xen backend keeps stub domains' files.
+func (x XenConfig) Layout() xen.Layout {
+	return xen.Layout{ImageDir: x.ImageDir, ConfigDir: x.ConfigDir, Kernel: x.StubdomKernel, Manager: x.Manager}
 }
 
 // LibvirtConfig holds the libvirt backend's operator settings, after the
@@ -135,26 +160,31 @@ type XenConfig struct {
 type LibvirtConfig struct {
 	// Mode is "emulator" (default; libvirt runs swtpm, as under Nova) or
 	// "external" (vtpmd runs swtpm, the guest connects to it).
-	Mode string
+	Mode string `yaml:"libvirt-mode"`
 	// EnableVTPM is enable-vtpm; off (the default) the host offers no vTPM.
-	EnableVTPM bool
-	// Socket is libvirtd's; default /var/run/libvirt/libvirt-sock.
-	Socket string
-	// SecretSecurity are the modes offered; empty means all three.
-	SecretSecurity []spec.SecretSecurity
+	EnableVTPM bool `yaml:"enable-vtpm"`
+	// Socket is libvirtd's; default libvirt.DefaultSocket
+	// (/var/run/libvirt/libvirt-sock).
+	Socket string `yaml:"libvirt-socket"`
+	// SecretSecurity are the modes offered; default all three (user, host,
+	// deployment).
+	SecretSecurity []spec.SecretSecurity `yaml:"secret-security"`
 }
 
-// DefaultPoolSize is vtpmd's --pool-size: a burst of four creates costs a
-// swtpm start each, not a manufacture.
-const DefaultPoolSize = 4
-
-// Defaults fills the unset fields.
+// Defaults fills the unset fields. It is idempotent: a configuration it
+// filled keeps every value when filled again.
 func (c *Config) Defaults() {
 	if c.DataDir == "" {
 		c.DataDir = "/var/lib/vtpmd"
 	}
 	if c.HostAttestInterval == 0 {
 		c.HostAttestInterval = 30 * time.Second
+	}
+	if c.HostEventLog == "" {
+		c.HostEventLog = attestor.DefaultEventLog
+	}
+	if c.StaleAfter == 0 {
+		c.StaleAfter = server.DefaultStaleAfter
 	}
 	if c.Listen == "" {
 		c.Listen = "127.0.0.1:8780"
@@ -177,17 +207,29 @@ func (c *Config) Defaults() {
 	if c.CAOrganization == "" {
 		c.CAOrganization = "vtpmd"
 	}
+	if c.PoolSize == nil {
+		c.PoolSize = new(4)
+	}
 	if c.Backend == "" {
 		c.Backend = "swtpm"
 	}
 	if c.Libvirt.Mode == "" {
 		c.Libvirt.Mode = "emulator"
 	}
+	if c.Libvirt.Socket == "" {
+		c.Libvirt.Socket = libvirt.DefaultSocket
+	}
+	if len(c.Libvirt.SecretSecurity) == 0 {
+		c.Libvirt.SecretSecurity = []spec.SecretSecurity{spec.User, spec.HostMode, spec.Deployment}
+	}
 	if c.SocketDir == "" && c.libvirtExternal() {
 		c.SocketDir = "/run/vtpmd"
 	}
 	if c.Xen.Group == "" {
 		c.Xen.Group = "Group1"
+	}
+	if c.Xen.GroupCapacity == 0 {
+		c.Xen.GroupCapacity = xen.DefaultCapacity
 	}
 }
 
@@ -250,10 +292,21 @@ func (c *Config) Validate() error {
 	if c.WebhookURL != "" {
 		if u, err := url.Parse(c.WebhookURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 			errs = append(errs, fmt.Errorf("webhook URL %q must be an http or https URL", c.WebhookURL))
+		} else if strings.Contains(c.WebhookURL, Redacted) {
+			errs = append(errs, fmt.Errorf("webhook URL %q was redacted by vtpmd config print: give the real one", c.WebhookURL))
 		}
 	}
-	if c.PoolSize < 0 || c.PoolSize > 1000 {
-		errs = append(errs, fmt.Errorf("pool size %d must be between 0 and 1000", c.PoolSize))
+	if c.PoolSize != nil && (*c.PoolSize < 0 || *c.PoolSize > 1000) {
+		errs = append(errs, fmt.Errorf("pool size %d must be between 0 and 1000", *c.PoolSize))
+	}
+	if c.HostAttestInterval < 0 {
+		errs = append(errs, fmt.Errorf("host attest interval %s must be positive", c.HostAttestInterval))
+	}
+	if c.StaleAfter < 0 {
+		errs = append(errs, fmt.Errorf("stale-after %s must be positive", c.StaleAfter))
+	}
+	if c.Xen.GroupCapacity < 0 {
+		errs = append(errs, fmt.Errorf("xen group capacity %d must be positive", c.Xen.GroupCapacity))
 	}
 	if c.Backend != "swtpm" && c.Backend != "libvirt" && c.Backend != "xen" {
 		errs = append(errs, fmt.Errorf("backend %q must be swtpm, libvirt or xen", c.Backend))

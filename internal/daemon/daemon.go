@@ -329,7 +329,7 @@ func poolSize(cfg Config) int {
 	if cfg.Backend != "swtpm" {
 		return 0
 	}
-	return cfg.PoolSize
+	return *cfg.PoolSize
 }
 
 // hostBackend is a backend that can also report drift.

@@ -25,7 +25,7 @@ import (
 func TestCreateDeleteRace(t *testing.T) {
 	const burst = 40
 	dir := t.TempDir()
-	u := startConfigured(t, Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "test-host", PoolSize: 4})
+	u := startConfigured(t, Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "test-host", PoolSize: new(4)})
 	waitPool(t, dir, 4)
 	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys")) // only read here
 	if err != nil {

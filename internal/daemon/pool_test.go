@@ -33,7 +33,7 @@ func waitPool(t *testing.T, dir string, n int) {
 // keeps its data across a daemon restart.
 func TestPool(t *testing.T) {
 	dir := t.TempDir()
-	cfg := Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "test-host", PoolSize: 2}
+	cfg := Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "test-host", PoolSize: new(2)}
 	u := startConfigured(t, cfg)
 	waitPool(t, dir, 2)
 	id := "0a0a0a0a-0000-4000-8000-0000000000b1"
@@ -71,7 +71,7 @@ func TestPool(t *testing.T) {
 // by the agent: the record takes the adopted secret, the TPM serves.
 func TestPoolAdoptionRecovery(t *testing.T) {
 	dir := t.TempDir()
-	u := startConfigured(t, Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "test-host", PoolSize: 1})
+	u := startConfigured(t, Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "test-host", PoolSize: new(1)})
 	waitPool(t, dir, 1)
 	id := "0a0a0a0a-0000-4000-8000-0000000000b2"
 	secret, adopt, _, ok := u.d.Swtpm().Claim(spec.V20)

@@ -18,7 +18,7 @@ func (d *AllInOne) startXen() (*xen.Backend, error) {
 	if err != nil {
 		return nil, err
 	}
-	b, err := xen.New(cfg.Layout, group, d.log)
+	b, err := xen.New(cfg.Layout(), group, d.log)
 	if err != nil {
 		return nil, err
 	}

@@ -24,7 +24,7 @@ func TestXenHost(t *testing.T) {
 	dir := t.TempDir()
 	images := filepath.Join(dir, "nova_vtpms")
 	u := startConfigured(t, Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "xen-host", Backend: "xen",
-		Xen: XenConfig{Layout: xen.Layout{ImageDir: images}, GroupCapacity: 2, UUIDListen: "127.0.0.1:0"}})
+		Xen: XenConfig{ImageDir: images, GroupCapacity: 2, UUIDListen: "127.0.0.1:0"}})
 	ctx := context.Background()
 
 	hosts, err := u.c.Hosts(ctx)
