@@ -20,7 +20,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/attestor"
 	"github.com/vtpmd/vtpmd/internal/backend/libvirt"
 	"github.com/vtpmd/vtpmd/internal/backend/xen"
-	"github.com/vtpmd/vtpmd/internal/server"
+	"github.com/vtpmd/vtpmd/internal/verifier"
 	"github.com/vtpmd/vtpmd/internal/spec"
 )
 
@@ -91,7 +91,7 @@ type Config struct {
 	HostIMALog string `yaml:"host-ima-log"`
 	// StaleAfter is how long an attesting instance or host may go without
 	// evidence before its verdict turns stale. Default
-	// server.DefaultStaleAfter (3m).
+	// verifier.DefaultStaleAfter (3m).
 	StaleAfter time.Duration `yaml:"stale-after"`
 	// HostEKCA is a PEM file of the CAs (TPM vendors', or the operator's)
 	// whose EK certificates hosts' TPMs may register with; "" for none.
@@ -184,7 +184,7 @@ func (c *Config) Defaults() {
 		c.HostEventLog = attestor.DefaultEventLog
 	}
 	if c.StaleAfter == 0 {
-		c.StaleAfter = server.DefaultStaleAfter
+		c.StaleAfter = verifier.DefaultStaleAfter
 	}
 	if c.Listen == "" {
 		c.Listen = "127.0.0.1:8780"
