@@ -20,8 +20,8 @@ import (
 	"github.com/vtpmd/vtpmd/internal/attestor"
 	"github.com/vtpmd/vtpmd/internal/backend/libvirt"
 	"github.com/vtpmd/vtpmd/internal/backend/xen"
-	"github.com/vtpmd/vtpmd/internal/verifier"
 	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/verifier"
 )
 
 // Config is vtpmd's configuration. The zero value plus a DataDir is valid:
