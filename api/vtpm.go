@@ -26,7 +26,10 @@ type VTPM struct {
 	// SecretRef is the key-manager secret that encrypts the state (a
 	// reference, never the secret).
 	SecretRef string `json:"secret_ref"`
-	// Sockets are where a TPM client or QEMU attaches, once manufactured.
+	// Sockets are where a TPM client or QEMU attaches, as the host's agent
+	// last recorded them: while the vTPM is active, on a backend that
+	// serves it on sockets; absent once it is stopped, failed or being
+	// deleted.
 	Sockets *Sockets `json:"sockets,omitempty"`
 	// Domain is the libvirt domain the vTPM is attached to, if any.
 	Domain string `json:"domain,omitempty"`

@@ -16,6 +16,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/spec"
 )
@@ -172,12 +173,16 @@ func (a *Agent) run(ctx context.Context, v *Record) error {
 	if err != nil {
 		return a.fail(ctx, v, "running the vTPM", err)
 	}
-	if v.Phase == PhaseActive && (len(v.EKs) > 0 || len(eks) == 0) {
+	sockets := a.Backend.Sockets(v.InstanceID)
+	if v.Phase == PhaseActive && (len(v.EKs) > 0 || len(eks) == 0) && v.Sockets == sockets {
 		return nil // as recorded (a Xen stub domain makes its EK itself: none to record)
 	}
 	action := "started"
-	if len(v.EKs) == 0 {
+	switch {
+	case len(v.EKs) == 0:
 		v.EKs, action = eks, "manufactured and started"
+	case v.Phase == PhaseActive:
+		action = "sockets changed" // the host's --socket-dir moved, say
 	}
 	return a.setPhase(ctx, v, PhaseActive, "", action)
 }
@@ -297,8 +302,16 @@ func (a *Agent) fail(ctx context.Context, v *Record, doing string, err error) er
 	return err
 }
 
+// setPhase records v in phase p, with the sockets the vTPM is served on
+// when it is active and none when it stopped, failed or is being deleted.
 func (a *Agent) setPhase(ctx context.Context, v *Record, p Phase, reason, action string) error {
 	v.Phase, v.Reason = p, reason
+	switch p {
+	case PhaseActive:
+		v.Sockets = a.Backend.Sockets(v.InstanceID)
+	case PhaseStopped, PhaseError, PhaseDeleting:
+		v.Sockets = api.Sockets{}
+	}
 	detail := string(p)
 	if reason != "" {
 		detail = reason

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 
+	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/spec"
 )
 
@@ -19,7 +20,7 @@ type Records interface {
 	// Get reads instanceID's record; ErrNotFound if it has none.
 	Get(ctx context.Context, instanceID string) (*Record, error)
 	// Update records, with ev, what the agent changed in r (Phase,
-	// Reason, EKs, SecretID: the fields an agent changes) if no one
+	// Reason, EKs, Sockets, SecretID: the fields an agent changes) if no one
 	// changed the record since r was read, and advances r.Generation.
 	// ErrConflict if someone did; ErrNotFound if r's vTPM is gone
 	// (deleted, or replaced by a new vTPM of the instance id).
@@ -51,6 +52,10 @@ type Record struct {
 	Reason      string // why Phase is error
 	SecretID    string // key-manager secret that keys the state
 	EKs         []EK
+	// Sockets are where the agent last found the vTPM served
+	// (Backend.Sockets): recorded when it becomes active, cleared when it
+	// stops, fails or is being deleted.
+	Sockets api.Sockets
 	// Generation increases with every change; Update refuses a stale one.
 	Generation int64
 }

@@ -52,8 +52,6 @@ type Server struct {
 	Secrets  *secrets.Service
 	// CAChainPEM returns the deployment CA chain.
 	CAChainPEM func() []byte
-	// Sockets says where a vTPM on a host is reachable, or nil if unknown.
-	Sockets func(host, instanceID string) *api.Sockets
 	// Drift asks a host's agent what differs between its hypervisor and the
 	// records, deleting orphans when repair is set; nil when no agent here
 	// can tell.
@@ -321,7 +319,7 @@ func (s *Server) createVTPM(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	w.Header().Set("Location", "/v1/vtpms/"+v.InstanceID)
-	writeJSON(w, http.StatusAccepted, s.view(v))
+	writeJSON(w, http.StatusAccepted, vtpmView(v))
 	return nil
 }
 
@@ -350,7 +348,7 @@ func (s *Server) listVTPMs(w http.ResponseWriter, r *http.Request) error {
 	}
 	out := api.VTPMList{Items: []api.VTPM{}, Next: next}
 	for _, v := range page {
-		out.Items = append(out.Items, s.view(v))
+		out.Items = append(out.Items, vtpmView(v))
 	}
 	writeJSON(w, http.StatusOK, out)
 	return nil
@@ -369,12 +367,12 @@ func (s *Server) deleteVTPM(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	if gone {
-		view := s.view(v)
+		view := vtpmView(v)
 		view.Desired, view.Phase = string(store.DesiredDeleted), "deleted"
 		writeJSON(w, http.StatusOK, view)
 		return nil
 	}
-	writeJSON(w, http.StatusAccepted, s.view(v))
+	writeJSON(w, http.StatusAccepted, vtpmView(v))
 	return nil
 }
 
@@ -411,7 +409,7 @@ func (s *Server) change(w http.ResponseWriter, r *http.Request, do func(context.
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusAccepted, s.view(v))
+	writeJSON(w, http.StatusAccepted, vtpmView(v))
 	return nil
 }
 
@@ -567,13 +565,14 @@ func (s *Server) openapi(w http.ResponseWriter, r *http.Request) error {
 	return err
 }
 
-// view is a record as the API shows it.
-func (s *Server) view(v *store.VTPM) api.VTPM {
+// vtpmView is a record as the API shows it: what was asked, and what the
+// host's agent last recorded.
+func vtpmView(v *store.VTPM) api.VTPM {
 	out := api.VTPM{InstanceID: v.InstanceID, Project: v.Project, Spec: *spec.Resolution(&v.Spec).VTPM,
 		Host: v.Host, Desired: string(v.Desired), Phase: string(v.Phase), Reason: v.Reason, SecretRef: v.SecretID,
 		Domain: v.Domain, Incarnation: v.Incarnation, CreatedAt: v.CreatedAt, UpdatedAt: v.UpdatedAt}
-	if len(v.EKs) > 0 && s.Sockets != nil {
-		out.Sockets = s.Sockets(v.Host, v.InstanceID)
+	if v.Sockets.Data != "" {
+		out.Sockets = &api.Sockets{Data: v.Sockets.Data, Ctrl: v.Sockets.Ctrl}
 	}
 	return out
 }
