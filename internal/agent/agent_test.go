@@ -311,3 +311,53 @@ func TestSocketsRecorded(t *testing.T) {
 		t.Fatalf("a pass over a vTPM as recorded wrote its record (generation %d → %d)", before.Generation, again.Generation)
 	}
 }
+
+// TestRunRecordsHeartbeats: registering records the agent's version with
+// a heartbeat, and while Run runs the agent records one every
+// HeartbeatInterval, each moving the host's last heartbeat on; they stop
+// when Run returns.
+func TestRunRecordsHeartbeats(t *testing.T) {
+	h := newHost(t, t.TempDir())
+	h.a.Version, h.a.HeartbeatInterval = "v0.7.0-test", 20*time.Millisecond
+	ctx := context.Background()
+	if err := h.a.Register(ctx); err != nil {
+		t.Fatal(err)
+	}
+	get := func() *store.Host {
+		t.Helper()
+		var host *store.Host
+		if err := h.st.View(ctx, func(tx *store.Tx) (err error) { host, err = tx.GetHost("h1"); return err }); err != nil {
+			t.Fatal(err)
+		}
+		return host
+	}
+	registered := get()
+	if registered.Version != "v0.7.0-test" {
+		t.Fatalf("registered: %+v", registered)
+	}
+
+	run, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- h.a.Run(run) }()
+	last, beats := registered.HeartbeatAt, 0
+	for deadline := time.Now().Add(30 * time.Second); beats < 3; time.Sleep(5 * time.Millisecond) {
+		if now := get(); now.HeartbeatAt.After(last) {
+			if now.Version != "v0.7.0-test" {
+				t.Fatalf("a heartbeat recorded version %q", now.Version)
+			}
+			last, beats = now.HeartbeatAt, beats+1
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d heartbeats recorded in 30s at an interval of 20ms", beats)
+		}
+	}
+	stop()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	stopped := get().HeartbeatAt
+	time.Sleep(100 * time.Millisecond) // five intervals
+	if now := get().HeartbeatAt; !now.Equal(stopped) {
+		t.Fatalf("a heartbeat at %v after Run returned (last %v)", now, stopped)
+	}
+}

@@ -13,8 +13,12 @@ import (
 // plane. agentstore implements it over the store, for an agent in the
 // store's process.
 type Records interface {
-	// RegisterHost records h, with what it offers, as seen now.
+	// RegisterHost records h, with what it offers, and a heartbeat now.
 	RegisterHost(ctx context.Context, h Host) error
+	// Heartbeat records that hb's host's agent is alive now; ErrNotFound
+	// if the host was never registered. A host whose heartbeats stop
+	// reads down, and takes no new vTPMs.
+	Heartbeat(ctx context.Context, hb Heartbeat) error
 	// List returns the records of the vTPMs placed on host, by instance id.
 	List(ctx context.Context, host string) ([]*Record, error)
 	// Get reads instanceID's record; ErrNotFound if it has none.
@@ -36,6 +40,13 @@ type Host struct {
 	Traits   []string // spec.HostTraits of the backend's capabilities
 	Capacity int      // how many vTPMs it may hold
 	Backend  string   // Backend.Name
+	Version  string   // the vtpmd build the agent runs
+}
+
+// Heartbeat says that the agent of Host, running vtpmd Version, is alive.
+type Heartbeat struct {
+	Host    string
+	Version string
 }
 
 // Record is one vTPM as the control plane holds it: what was asked of it,

@@ -214,7 +214,7 @@ func (d *AllInOne) start(ctx context.Context) error {
 		hyperV.PublicURL = d.URL
 	}
 	keys := secrets.New(d.store, kr, d.log)
-	vs := vtpms.New(vtpms.Config{Store: d.store, Keyring: kr, Secrets: keys, HyperV: hyperV,
+	vs := vtpms.New(vtpms.Config{Store: d.store, Keyring: kr, Secrets: keys, HyperV: hyperV, Log: d.log,
 		Options: spec.Options{DefaultTPMVersion: cfg.DefaultTPMVersion},
 		Notify: func(host string) {
 			if host == cfg.HostName {

@@ -141,6 +141,8 @@ func (s *Server) routes() []route {
 		{"DELETE /v1/policies/{name}", s.deletePolicy, callers, noBody},
 		{"GET /v1/hosts", s.listHosts, operator, noBody},
 		{"GET /v1/hosts/{name}", s.getHost, operator, noBody},
+		{"POST /v1/hosts/{name}/drain", s.drainHost, operator, noBody},
+		{"POST /v1/hosts/{name}/undrain", s.undrainHost, operator, noBody},
 		{"GET /v1/hosts/{name}/drift", s.drift, operator, noBody},
 		{"GET /v1/hosts/{name}/attestation", s.getAttestation, operator, noBody},
 		{"DELETE /v1/hosts/{name}/attestation", s.forgetHost, operator, noBody},
@@ -523,8 +525,36 @@ func (s *Server) host(r *http.Request) (vtpms.Host, error) {
 	return hosts[0], nil
 }
 
+func (s *Server) drainHost(w http.ResponseWriter, r *http.Request) error {
+	return s.setDraining(w, r, true)
+}
+
+func (s *Server) undrainHost(w http.ResponseWriter, r *http.Request) error {
+	return s.setDraining(w, r, false)
+}
+
+// setDraining is the operator's (see routes): it drains or undrains the
+// host the path names, and answers with the host.
+func (s *Server) setDraining(w http.ResponseWriter, r *http.Request, drain bool) error {
+	c, err := tenantOf(r)
+	if err != nil {
+		return err
+	}
+	h, err := s.VTPMs.Drain(r.Context(), c, r.PathValue("name"), drain)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, hostView(h))
+	return nil
+}
+
 func hostView(h vtpms.Host) api.Host {
-	return api.Host{Name: h.Name, Backend: h.Backend, Traits: h.Traits, Capacity: h.Capacity, Used: h.Used, SeenAt: h.SeenAt}
+	traits := h.Traits
+	if traits == nil {
+		traits = []string{}
+	}
+	return api.Host{Name: h.Name, Backend: h.Backend, State: string(h.State), Draining: h.Draining, Traits: traits,
+		Capacity: h.Capacity, Used: h.Used, LastHeartbeat: h.HeartbeatAt, Version: h.Version}
 }
 
 func (s *Server) drift(w http.ResponseWriter, r *http.Request) error {

@@ -304,6 +304,65 @@ func TestHosts(t *testing.T) {
 	})
 }
 
+// TestHostHeartbeatsAndDrain: registering is a heartbeat; a heartbeat
+// moves the host's time and version and nothing else; a drain is the
+// operator's and outlives the agent registering again; a host never
+// registered has no heartbeat or drain.
+func TestHostHeartbeatsAndDrain(t *testing.T) {
+	onEngines(t, func(t *testing.T, open func(testing.TB) (*Store, func() (*Store, error))) {
+		ctx := context.Background()
+		s, _ := open(t)
+		get := func() *Host {
+			t.Helper()
+			var h *Host
+			if err := s.View(ctx, func(tx *Tx) (err error) { h, err = tx.GetHost("h1"); return err }); err != nil {
+				t.Fatal(err)
+			}
+			return h
+		}
+		reg := &Host{Name: "h1", Traits: []string{spec.TraitTPM20}, Capacity: 4, Backend: "swtpm", Version: "v1.0.0"}
+		if err := s.Update(ctx, func(tx *Tx) error { return tx.PutHost(reg) }); err != nil {
+			t.Fatal(err)
+		}
+		registered := get()
+		if registered.HeartbeatAt.IsZero() || !registered.HeartbeatAt.Equal(reg.HeartbeatAt) || registered.Version != "v1.0.0" || registered.Draining {
+			t.Fatalf("registered: %+v", registered)
+		}
+
+		if err := s.Update(ctx, func(tx *Tx) error { return tx.Heartbeat("h1", "v1.1.0") }); err != nil {
+			t.Fatal(err)
+		}
+		beat := get()
+		if !beat.HeartbeatAt.After(registered.HeartbeatAt) || beat.Version != "v1.1.0" || beat.Capacity != 4 || !reflect.DeepEqual(beat.Traits, reg.Traits) {
+			t.Fatalf("after a heartbeat: %+v (registered %+v)", beat, registered)
+		}
+
+		for i, want := range []bool{true, false} { // drained, then again: no change
+			var changed bool
+			if err := s.Update(ctx, func(tx *Tx) (err error) { changed, err = tx.SetDraining("h1", true); return err }); err != nil || changed != want {
+				t.Fatalf("drain %d: changed %v, %v; want %v", i+1, changed, err, want)
+			}
+		}
+		if err := s.Update(ctx, func(tx *Tx) error { return tx.PutHost(&Host{Name: "h1", Capacity: 5, Backend: "swtpm"}) }); err != nil {
+			t.Fatal(err)
+		}
+		if h := get(); !h.Draining || h.Capacity != 5 || !h.HeartbeatAt.After(beat.HeartbeatAt) {
+			t.Fatalf("registered again while draining: %+v", h)
+		}
+		var changed bool
+		if err := s.Update(ctx, func(tx *Tx) (err error) { changed, err = tx.SetDraining("h1", false); return err }); err != nil || !changed || get().Draining {
+			t.Fatalf("undrain: changed %v, %v, %+v", changed, err, get())
+		}
+
+		if err := s.Update(ctx, func(tx *Tx) error { return tx.Heartbeat("h2", "v1") }); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("heartbeat of an unknown host: %v, want ErrNotFound", err)
+		}
+		if err := s.Update(ctx, func(tx *Tx) error { _, err := tx.SetDraining("h2", true); return err }); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("draining an unknown host: %v, want ErrNotFound", err)
+		}
+	})
+}
+
 func TestVTPMChanged(t *testing.T) {
 	onEngines(t, func(t *testing.T, open func(testing.TB) (*Store, func() (*Store, error))) {
 		ctx := context.Background()

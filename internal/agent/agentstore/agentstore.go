@@ -24,8 +24,13 @@ func New(st *store.Store) *Records { return &Records{st: st} }
 // RegisterHost implements agent.Records.
 func (r *Records) RegisterHost(ctx context.Context, h agent.Host) error {
 	return r.st.Update(ctx, func(tx *store.Tx) error {
-		return tx.PutHost(&store.Host{Name: h.Name, Traits: h.Traits, Capacity: h.Capacity, Backend: h.Backend})
+		return tx.PutHost(&store.Host{Name: h.Name, Traits: h.Traits, Capacity: h.Capacity, Backend: h.Backend, Version: h.Version})
 	})
+}
+
+// Heartbeat implements agent.Records.
+func (r *Records) Heartbeat(ctx context.Context, hb agent.Heartbeat) error {
+	return agentError(r.st.Update(ctx, func(tx *store.Tx) error { return tx.Heartbeat(hb.Host, hb.Version) }))
 }
 
 // List implements agent.Records.

@@ -209,3 +209,43 @@ func TestRecords(t *testing.T) {
 		}
 	})
 }
+
+// TestHeartbeats: registering records a heartbeat with the agent's
+// version; each heartbeat moves the host's last heartbeat to the store's
+// now and its version, and nothing else; a host never registered has
+// none (agent.ErrNotFound).
+func TestHeartbeats(t *testing.T) {
+	onEngines(t, func(t *testing.T, st *store.Store) {
+		ctx := context.Background()
+		recs := agentstore.New(st)
+		get := func() *store.Host {
+			t.Helper()
+			var h *store.Host
+			if err := st.View(ctx, func(tx *store.Tx) (err error) { h, err = tx.GetHost("h1"); return err }); err != nil {
+				t.Fatal(err)
+			}
+			return h
+		}
+		if err := recs.RegisterHost(ctx, agent.Host{Name: "h1", Traits: []string{spec.TraitTPM20}, Capacity: 7, Backend: "swtpm", Version: "v1.0.0"}); err != nil {
+			t.Fatal(err)
+		}
+		last := get()
+		if last.Version != "v1.0.0" || last.HeartbeatAt.IsZero() {
+			t.Fatalf("registered: %+v", last)
+		}
+		for _, version := range []string{"v1.0.0", "v1.1.0"} {
+			if err := recs.Heartbeat(ctx, agent.Heartbeat{Host: "h1", Version: version}); err != nil {
+				t.Fatal(err)
+			}
+			h := get()
+			if !h.HeartbeatAt.After(last.HeartbeatAt) || h.Version != version || h.Capacity != 7 || !reflect.DeepEqual(h.Traits, last.Traits) {
+				t.Fatalf("after a heartbeat of %s: %+v (before: %+v)", version, h, last)
+			}
+			last = h
+		}
+		err := recs.Heartbeat(ctx, agent.Heartbeat{Host: "h2", Version: "v1.0.0"})
+		if !errors.Is(err, agent.ErrNotFound) || !errors.Is(err, store.ErrNotFound) {
+			t.Fatalf("a heartbeat of a host never registered: %v, want agent.ErrNotFound", err)
+		}
+	})
+}
