@@ -127,8 +127,7 @@ func (f *fixture) traits(t *testing.T) []string {
 // works again); both are idempotent, and each change, only a change, is an
 // event of the host naming the operator. A drained host whose agent goes
 // away reads down, still drained, and draining when it is back. Only the
-// operator may drain, a host
-// that exists, with no body.
+// operator may drain, a host that exists, with no body.
 func TestDrain(t *testing.T) {
 	c := &clock{now: time.Date(2026, 3, 1, 9, 0, 0, 0, time.UTC)}
 	f := newFixtureWith(t, setup{now: c.Now})

@@ -98,12 +98,12 @@ func specRequest(r api.ResolveRequest) spec.Request {
 // Create records a vTPM for an instance of the project req names: it
 // resolves the request, checks a Hyper-V vTPM's keys, places the vTPM on
 // a host that is up (neither down nor draining) with the traits it needs
-// and free capacity, makes its secret and
-// records it (desired running, phase pending) with its event, then wakes
-// the host's agent. Creating vTPMs is the cloud's (the operator's): it
-// knows whose instance is whose. Duplicates and full fleets are refused
-// before a secret exists; a create racing another of the same instance
-// loses at the record, and its secret goes.
+// and free capacity, makes its secret and records it (desired running,
+// phase pending) with its event, then wakes the host's agent. Creating
+// vTPMs is the cloud's (the operator's): it knows whose instance is whose.
+// Duplicates and full fleets are refused before a secret exists; a create
+// racing another of the same instance loses at the record, and its secret
+// goes.
 func (s *Service) Create(ctx context.Context, c tenant.Caller, req api.CreateVTPMRequest) (*store.VTPM, error) {
 	id, err := ParseInstanceID(req.InstanceID)
 	if err != nil {
