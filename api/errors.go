@@ -107,7 +107,9 @@ const (
 	CodeInvalidVTPMKey Code = "invalid_vtpm_key"
 	// CodeVTPMKeysWithoutVTPM: os_vtpm_keys on a request that gets no vTPM.
 	CodeVTPMKeysWithoutVTPM Code = "vtpm_keys_without_vtpm"
-	// CodeNoValidHost (409): no host offers every required trait with free capacity.
+	// CodeNoValidHost (409): no host that is up (neither down nor
+	// draining) offers every required trait with free capacity; the
+	// message says what stood in the way.
 	CodeNoValidHost Code = "no_valid_host"
 )
 

@@ -26,7 +26,10 @@ type VTPM struct {
 	// SecretRef is the key-manager secret that encrypts the state (a
 	// reference, never the secret).
 	SecretRef string `json:"secret_ref"`
-	// Sockets are where a TPM client or QEMU attaches, once manufactured.
+	// Sockets are where a TPM client or QEMU attaches, as the host's agent
+	// last recorded them: while the vTPM is active, on a backend that
+	// serves it on sockets; absent once it is stopped, failed or being
+	// deleted.
 	Sockets *Sockets `json:"sockets,omitempty"`
 	// Domain is the libvirt domain the vTPM is attached to, if any.
 	Domain string `json:"domain,omitempty"`
@@ -68,14 +71,26 @@ type EK struct {
 	CertificatePEM string `json:"certificate_pem,omitempty"`
 }
 
-// Host is a hypervisor host with its traits and capacity.
+// Host is a hypervisor host: its traits and capacity, and its agent's
+// heartbeats.
 type Host struct {
-	Name     string    `json:"name"`
-	Backend  string    `json:"backend"`
-	Traits   []string  `json:"traits"`
-	Capacity int       `json:"capacity"`
-	Used     int       `json:"used"`
-	SeenAt   time.Time `json:"seen_at"`
+	Name    string `json:"name"`
+	Backend string `json:"backend"`
+	// State is up, down (its agent's heartbeats stopped for longer than
+	// the server's window) or draining (the operator's: no new vTPMs).
+	// Only an up host takes new vTPMs; a down one keeps its vTPMs.
+	State string `json:"state"`
+	// Draining is set from a drain until an undrain, also while the host
+	// reads down.
+	Draining bool     `json:"draining"`
+	Traits   []string `json:"traits"`
+	Capacity int      `json:"capacity"`
+	Used     int      `json:"used"`
+	// LastHeartbeat is when the host's agent was last heard from (a
+	// heartbeat or its registration).
+	LastHeartbeat time.Time `json:"last_heartbeat"`
+	// Version is the vtpmd build the agent runs, as it last said.
+	Version string `json:"version"`
 }
 
 // HostList is every host.

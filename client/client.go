@@ -415,6 +415,19 @@ func (c *Client) Hosts(ctx context.Context) (api.HostList, error) {
 	return out, c.do(ctx, http.MethodGet, "/v1/hosts", nil, &out)
 }
 
+// DrainHost stops new vTPMs being placed on a host (operator); its vTPMs
+// stay.
+func (c *Client) DrainHost(ctx context.Context, name string) (api.Host, error) {
+	var out api.Host
+	return out, c.do(ctx, http.MethodPost, "/v1/hosts/"+url.PathEscape(name)+"/drain", nil, &out)
+}
+
+// UndrainHost lets new vTPMs be placed on a drained host again (operator).
+func (c *Client) UndrainHost(ctx context.Context, name string) (api.Host, error) {
+	var out api.Host
+	return out, c.do(ctx, http.MethodPost, "/v1/hosts/"+url.PathEscape(name)+"/undrain", nil, &out)
+}
+
 // CA returns the deployment CA chain (PEM).
 func (c *Client) CA(ctx context.Context) ([]byte, error) {
 	var out []byte

@@ -16,6 +16,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/buildinfo"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/spec"
 )
@@ -24,14 +26,21 @@ import (
 type Agent struct {
 	Host     string
 	Capacity int
-	// Records are the control plane's records of the host's vTPMs.
+	// Records are the control plane's records of the host and its vTPMs.
 	Records Records
 	// Keyring holds the secrets that key the vTPMs' state.
 	Keyring keyring.Keyring
 	Backend Backend
 	Log     *slog.Logger
+	// Version is the vtpmd build the agent says it runs; default
+	// buildinfo.Version().
+	Version string
 	// Interval between full passes when nothing kicks the agent; default 5s.
 	Interval time.Duration
+	// HeartbeatInterval is the time between heartbeats while Run runs;
+	// default 10s. The server reads the host down when they stop for
+	// longer than its window (vtpms.Config.HeartbeatWindow, 60s).
+	HeartbeatInterval time.Duration
 	// Workers bounds how many vTPMs are reconciled at once; default 8.
 	Workers int
 
@@ -45,8 +54,14 @@ func (a *Agent) init() {
 		if a.Log == nil {
 			a.Log = slog.New(slog.DiscardHandler)
 		}
+		if a.Version == "" {
+			a.Version = buildinfo.Version()
+		}
 		if a.Interval == 0 {
 			a.Interval = 5 * time.Second
+		}
+		if a.HeartbeatInterval == 0 {
+			a.HeartbeatInterval = 10 * time.Second
 		}
 		if a.Workers == 0 {
 			a.Workers = 8
@@ -54,14 +69,40 @@ func (a *Agent) init() {
 	})
 }
 
-// Register records the host with the traits its backend offers.
+// Register records the host with the traits its backend offers, its
+// capacity and the agent's version.
 func (a *Agent) Register(ctx context.Context) error {
 	a.init()
 	caps, err := a.Backend.Capabilities(ctx)
 	if err != nil {
 		return fmt.Errorf("reading capabilities of host %s: %w", a.Host, err)
 	}
-	return a.Records.RegisterHost(ctx, Host{Name: a.Host, Traits: spec.HostTraits(caps).List(), Capacity: a.Capacity, Backend: a.Backend.Name()})
+	return a.Records.RegisterHost(ctx, Host{Name: a.Host, Traits: spec.HostTraits(caps).List(), Capacity: a.Capacity,
+		Backend: a.Backend.Name(), Version: a.Version})
+}
+
+// Heartbeat records that the agent is alive.
+func (a *Agent) Heartbeat(ctx context.Context) error {
+	a.init()
+	return a.Records.Heartbeat(ctx, Heartbeat{Host: a.Host, Version: a.Version})
+}
+
+// beat records a heartbeat at once and then every HeartbeatInterval until
+// ctx ends, apart from reconciling, so that a long pass delays none. A
+// heartbeat that fails is logged; the next one tries again.
+func (a *Agent) beat(ctx context.Context) {
+	t := time.NewTicker(a.HeartbeatInterval)
+	defer t.Stop()
+	for {
+		if err := a.Heartbeat(ctx); err != nil && ctx.Err() == nil {
+			a.Log.Warn("recording a heartbeat failed", "host", a.Host, "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }
 
 // Kick asks for a reconciliation pass soon; it never blocks.
@@ -73,9 +114,13 @@ func (a *Agent) Kick() {
 	}
 }
 
-// Run reconciles until ctx ends; the host must be registered.
+// Run records heartbeats and reconciles until ctx ends; the host must be
+// registered.
 func (a *Agent) Run(ctx context.Context) error {
 	a.init()
+	var beats sync.WaitGroup
+	beats.Go(func() { a.beat(ctx) })
+	defer beats.Wait()
 	t := time.NewTicker(a.Interval)
 	defer t.Stop()
 	for {
@@ -172,12 +217,16 @@ func (a *Agent) run(ctx context.Context, v *Record) error {
 	if err != nil {
 		return a.fail(ctx, v, "running the vTPM", err)
 	}
-	if v.Phase == PhaseActive && (len(v.EKs) > 0 || len(eks) == 0) {
+	sockets := a.Backend.Sockets(v.InstanceID)
+	if v.Phase == PhaseActive && (len(v.EKs) > 0 || len(eks) == 0) && v.Sockets == sockets {
 		return nil // as recorded (a Xen stub domain makes its EK itself: none to record)
 	}
 	action := "started"
-	if len(v.EKs) == 0 {
+	switch {
+	case len(v.EKs) == 0:
 		v.EKs, action = eks, "manufactured and started"
+	case v.Phase == PhaseActive:
+		action = "sockets changed" // the host's --socket-dir moved, say
 	}
 	return a.setPhase(ctx, v, PhaseActive, "", action)
 }
@@ -297,8 +346,16 @@ func (a *Agent) fail(ctx context.Context, v *Record, doing string, err error) er
 	return err
 }
 
+// setPhase records v in phase p, with the sockets the vTPM is served on
+// when it is active and none when it stopped, failed or is being deleted.
 func (a *Agent) setPhase(ctx context.Context, v *Record, p Phase, reason, action string) error {
 	v.Phase, v.Reason = p, reason
+	switch p {
+	case PhaseActive:
+		v.Sockets = a.Backend.Sockets(v.InstanceID)
+	case PhaseStopped, PhaseError, PhaseDeleting:
+		v.Sockets = api.Sockets{}
+	}
 	detail := string(p)
 	if reason != "" {
 		detail = reason

@@ -260,3 +260,104 @@ func TestFailureModeRepaired(t *testing.T) {
 		})
 	}
 }
+
+// set changes the record of id as the API (or an older vtpmd) would.
+func (h *host) set(t *testing.T, id string, change func(*store.VTPM)) {
+	t.Helper()
+	err := h.st.Update(context.Background(), func(tx *store.Tx) error {
+		v, err := tx.GetVTPM(id)
+		if err != nil {
+			return err
+		}
+		change(v)
+		return tx.UpdateVTPM(v)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestSocketsRecorded: the agent records the sockets a vTPM is served on
+// with its phase, so that the API can answer from the record: set when it
+// becomes active, cleared when it stops, set again when it starts, and put
+// right when the record names others.
+func TestSocketsRecorded(t *testing.T) {
+	h := newHost(t, t.TempDir())
+	id := "0f0f0f0f-0000-4000-8000-000000000002"
+	h.create(t, id, spec.V20)
+	want := store.Sockets{Data: h.rt.Sockets(id).Data, Ctrl: h.rt.Sockets(id).Ctrl}
+	if want.Data == "" || want.Ctrl != want.Data+".ctrl" {
+		t.Fatalf("the runtime serves on %+v", want)
+	}
+	if rec := h.pass(t, id); rec.Phase != store.PhaseActive || rec.Sockets != want {
+		t.Fatalf("active: phase %s, sockets %+v; want %+v", rec.Phase, rec.Sockets, want)
+	}
+	h.set(t, id, func(v *store.VTPM) { v.Desired = store.DesiredStopped })
+	if rec := h.pass(t, id); rec.Phase != store.PhaseStopped || rec.Sockets != (store.Sockets{}) {
+		t.Fatalf("stopped: phase %s, sockets %+v; want none", rec.Phase, rec.Sockets)
+	}
+	h.set(t, id, func(v *store.VTPM) { v.Desired = store.DesiredRunning })
+	if rec := h.pass(t, id); rec.Phase != store.PhaseActive || rec.Sockets != want {
+		t.Fatalf("started again: phase %s, sockets %+v; want %+v", rec.Phase, rec.Sockets, want)
+	}
+	h.set(t, id, func(v *store.VTPM) {
+		v.Sockets = store.Sockets{Data: "/elsewhere/tpm.sock", Ctrl: "/elsewhere/tpm.sock.ctrl"}
+	})
+	if rec := h.pass(t, id); rec.Phase != store.PhaseActive || rec.Sockets != want {
+		t.Fatalf("after the record named other sockets: phase %s, sockets %+v; want %+v", rec.Phase, rec.Sockets, want)
+	}
+	before := h.pass(t, id)
+	if again := h.pass(t, id); again.Generation != before.Generation {
+		t.Fatalf("a pass over a vTPM as recorded wrote its record (generation %d → %d)", before.Generation, again.Generation)
+	}
+}
+
+// TestRunRecordsHeartbeats: registering records the agent's version with
+// a heartbeat, and while Run runs the agent records one every
+// HeartbeatInterval, each moving the host's last heartbeat on; they stop
+// when Run returns.
+func TestRunRecordsHeartbeats(t *testing.T) {
+	h := newHost(t, t.TempDir())
+	h.a.Version, h.a.HeartbeatInterval = "v0.7.0-test", 20*time.Millisecond
+	ctx := context.Background()
+	if err := h.a.Register(ctx); err != nil {
+		t.Fatal(err)
+	}
+	get := func() *store.Host {
+		t.Helper()
+		var host *store.Host
+		if err := h.st.View(ctx, func(tx *store.Tx) (err error) { host, err = tx.GetHost("h1"); return err }); err != nil {
+			t.Fatal(err)
+		}
+		return host
+	}
+	registered := get()
+	if registered.Version != "v0.7.0-test" {
+		t.Fatalf("registered: %+v", registered)
+	}
+
+	run, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- h.a.Run(run) }()
+	last, beats := registered.HeartbeatAt, 0
+	for deadline := time.Now().Add(30 * time.Second); beats < 3; time.Sleep(5 * time.Millisecond) {
+		if now := get(); now.HeartbeatAt.After(last) {
+			if now.Version != "v0.7.0-test" {
+				t.Fatalf("a heartbeat recorded version %q", now.Version)
+			}
+			last, beats = now.HeartbeatAt, beats+1
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d heartbeats recorded in 30s at an interval of 20ms", beats)
+		}
+	}
+	stop()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	stopped := get().HeartbeatAt
+	time.Sleep(100 * time.Millisecond) // five intervals
+	if now := get().HeartbeatAt; !now.Equal(stopped) {
+		t.Fatalf("a heartbeat at %v after Run returned (last %v)", now, stopped)
+	}
+}

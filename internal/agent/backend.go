@@ -23,7 +23,9 @@ type Backend interface {
 	Stop(ctx context.Context, v VTPM) error
 	// Destroy stops v's vTPM and removes its state.
 	Destroy(ctx context.Context, v VTPM) error
-	// Sockets are where clients attach to instanceID's vTPM.
+	// Sockets are where clients attach to instanceID's vTPM while it
+	// runs, or none where they reach it otherwise; the agent records them
+	// with the vTPM's observed state.
 	Sockets(instanceID string) api.Sockets
 }
 

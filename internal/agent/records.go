@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 
+	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/spec"
 )
 
@@ -12,14 +13,18 @@ import (
 // plane. agentstore implements it over the store, for an agent in the
 // store's process.
 type Records interface {
-	// RegisterHost records h, with what it offers, as seen now.
+	// RegisterHost records h, with what it offers, and a heartbeat now.
 	RegisterHost(ctx context.Context, h Host) error
+	// Heartbeat records that hb's host's agent is alive now; ErrNotFound
+	// if the host was never registered. A host whose heartbeats stop
+	// reads down, and takes no new vTPMs.
+	Heartbeat(ctx context.Context, hb Heartbeat) error
 	// List returns the records of the vTPMs placed on host, by instance id.
 	List(ctx context.Context, host string) ([]*Record, error)
 	// Get reads instanceID's record; ErrNotFound if it has none.
 	Get(ctx context.Context, instanceID string) (*Record, error)
 	// Update records, with ev, what the agent changed in r (Phase,
-	// Reason, EKs, SecretID: the fields an agent changes) if no one
+	// Reason, EKs, Sockets, SecretID: the fields an agent changes) if no one
 	// changed the record since r was read, and advances r.Generation.
 	// ErrConflict if someone did; ErrNotFound if r's vTPM is gone
 	// (deleted, or replaced by a new vTPM of the instance id).
@@ -35,6 +40,13 @@ type Host struct {
 	Traits   []string // spec.HostTraits of the backend's capabilities
 	Capacity int      // how many vTPMs it may hold
 	Backend  string   // Backend.Name
+	Version  string   // the vtpmd build the agent runs
+}
+
+// Heartbeat says that the agent of Host, running vtpmd Version, is alive.
+type Heartbeat struct {
+	Host    string
+	Version string
 }
 
 // Record is one vTPM as the control plane holds it: what was asked of it,
@@ -51,6 +63,10 @@ type Record struct {
 	Reason      string // why Phase is error
 	SecretID    string // key-manager secret that keys the state
 	EKs         []EK
+	// Sockets are where the agent last found the vTPM served
+	// (Backend.Sockets): recorded when it becomes active, cleared when it
+	// stops, fails or is being deleted.
+	Sockets api.Sockets
 	// Generation increases with every change; Update refuses a stale one.
 	Generation int64
 }

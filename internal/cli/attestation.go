@@ -39,7 +39,10 @@ func newAttestationCommand(g *globals) *cobra.Command {
 }
 
 func newHostCommand(g *globals) *cobra.Command {
-	cmd := &cobra.Command{Use: "host", Short: "Attestation of a host's own TPM"}
+	cmd := &cobra.Command{Use: "host", Short: "A host: drain and undrain it, attest its own TPM"}
+	cmd.AddCommand(drainCommand(g, "drain", "Place no new vTPMs on the host (before maintenance); those it holds stay and keep running",
+		(*client.Client).DrainHost))
+	cmd.AddCommand(drainCommand(g, "undrain", "Place new vTPMs on the host again", (*client.Client).UndrainHost))
 	cmd.AddCommand(statusCommand(g, "status HOST",
 		"Show whether the host's TPM registered, and the verdict on the host's last evidence", client.Host))
 	cmd.AddCommand(refreshCommand(g, "refresh HOST", "the host's agent", client.Host))

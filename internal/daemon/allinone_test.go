@@ -256,6 +256,12 @@ func TestAllInOneLifecycle(t *testing.T) {
 	if v.Sockets == nil || v.Sockets.Data != filepath.Join(dir, "vtpms", id20, "tpm.sock") || v.Sockets.Ctrl != v.Sockets.Data+".ctrl" {
 		t.Fatalf("sockets: %+v", v.Sockets)
 	}
+	// The host as its agent registered it and keeps it alive.
+	hosts, err := u.c.Hosts(context.Background())
+	if err != nil || len(hosts.Items) != 1 || hosts.Items[0].Name != "test-host" || hosts.Items[0].State != "up" ||
+		hosts.Items[0].Version == "" || time.Since(hosts.Items[0].LastHeartbeat) > time.Minute || hosts.Items[0].Used != 1 {
+		t.Fatalf("hosts: %+v, %v", hosts.Items, err)
+	}
 	checkIdentity(t, u.c, v)
 
 	// The state on disk is encrypted: the EK certificate's bytes are public,
@@ -276,11 +282,13 @@ func TestAllInOneLifecycle(t *testing.T) {
 	secret := []byte("kept-across-restarts")
 	withTPM(t, v.Sockets.Data, func(tpm transport.TPM) { nvWrite(t, tpm, secret) })
 
-	// Stop and start: same TPM, data kept.
+	// Stop and start: same TPM, data kept; no sockets while stopped.
 	if _, err := u.c.Stop(context.Background(), id20); err != nil {
 		t.Fatal(err)
 	}
-	u.wait(t, id20, "stopped")
+	if stopped := u.wait(t, id20, "stopped"); stopped.Sockets != nil {
+		t.Fatalf("a stopped vTPM shows sockets %+v", stopped.Sockets)
+	}
 	if pid := u.d.Swtpm().Running(id20); pid != 0 {
 		t.Fatalf("swtpm %d still running after stop", pid)
 	}

@@ -214,7 +214,7 @@ func (d *AllInOne) start(ctx context.Context) error {
 		hyperV.PublicURL = d.URL
 	}
 	keys := secrets.New(d.store, kr, d.log)
-	vs := vtpms.New(vtpms.Config{Store: d.store, Keyring: kr, Secrets: keys, HyperV: hyperV,
+	vs := vtpms.New(vtpms.Config{Store: d.store, Keyring: kr, Secrets: keys, HyperV: hyperV, Log: d.log,
 		Options: spec.Options{DefaultTPMVersion: cfg.DefaultTPMVersion},
 		Notify: func(host string) {
 			if host == cfg.HostName {
@@ -225,15 +225,6 @@ func (d *AllInOne) start(ctx context.Context) error {
 	ver := verifier.New(verifier.Config{Store: d.store, VTPMs: vs, CAChainPEM: authority.ChainPEM, HostEKRoots: hostRoots,
 		Signer: verdicts, Webhook: hook, StaleAfter: cfg.StaleAfter, Log: d.log})
 	srv := &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: authority.ChainPEM, Log: d.log,
-		Sockets: func(host, id string) *api.Sockets {
-			if host != cfg.HostName {
-				return nil
-			}
-			if s := d.host.Sockets(id); s.Data != "" {
-				return &s
-			}
-			return nil
-		},
 		Drift: d.drift,
 	}
 	d.http = &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, TLSConfig: serving,

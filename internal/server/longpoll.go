@@ -82,7 +82,7 @@ func (s *Server) getVTPM(w http.ResponseWriter, r *http.Request) error {
 		w.WriteHeader(http.StatusNotModified)
 		return nil
 	}
-	writeJSON(w, http.StatusOK, s.view(v))
+	writeJSON(w, http.StatusOK, vtpmView(v))
 	return nil
 }
 

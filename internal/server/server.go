@@ -52,8 +52,6 @@ type Server struct {
 	Secrets  *secrets.Service
 	// CAChainPEM returns the deployment CA chain.
 	CAChainPEM func() []byte
-	// Sockets says where a vTPM on a host is reachable, or nil if unknown.
-	Sockets func(host, instanceID string) *api.Sockets
 	// Drift asks a host's agent what differs between its hypervisor and the
 	// records, deleting orphans when repair is set; nil when no agent here
 	// can tell.
@@ -143,6 +141,8 @@ func (s *Server) routes() []route {
 		{"DELETE /v1/policies/{name}", s.deletePolicy, callers, noBody},
 		{"GET /v1/hosts", s.listHosts, operator, noBody},
 		{"GET /v1/hosts/{name}", s.getHost, operator, noBody},
+		{"POST /v1/hosts/{name}/drain", s.drainHost, operator, noBody},
+		{"POST /v1/hosts/{name}/undrain", s.undrainHost, operator, noBody},
 		{"GET /v1/hosts/{name}/drift", s.drift, operator, noBody},
 		{"GET /v1/hosts/{name}/attestation", s.getAttestation, operator, noBody},
 		{"DELETE /v1/hosts/{name}/attestation", s.forgetHost, operator, noBody},
@@ -321,7 +321,7 @@ func (s *Server) createVTPM(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	w.Header().Set("Location", "/v1/vtpms/"+v.InstanceID)
-	writeJSON(w, http.StatusAccepted, s.view(v))
+	writeJSON(w, http.StatusAccepted, vtpmView(v))
 	return nil
 }
 
@@ -350,7 +350,7 @@ func (s *Server) listVTPMs(w http.ResponseWriter, r *http.Request) error {
 	}
 	out := api.VTPMList{Items: []api.VTPM{}, Next: next}
 	for _, v := range page {
-		out.Items = append(out.Items, s.view(v))
+		out.Items = append(out.Items, vtpmView(v))
 	}
 	writeJSON(w, http.StatusOK, out)
 	return nil
@@ -369,12 +369,12 @@ func (s *Server) deleteVTPM(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	if gone {
-		view := s.view(v)
+		view := vtpmView(v)
 		view.Desired, view.Phase = string(store.DesiredDeleted), "deleted"
 		writeJSON(w, http.StatusOK, view)
 		return nil
 	}
-	writeJSON(w, http.StatusAccepted, s.view(v))
+	writeJSON(w, http.StatusAccepted, vtpmView(v))
 	return nil
 }
 
@@ -411,7 +411,7 @@ func (s *Server) change(w http.ResponseWriter, r *http.Request, do func(context.
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusAccepted, s.view(v))
+	writeJSON(w, http.StatusAccepted, vtpmView(v))
 	return nil
 }
 
@@ -525,8 +525,36 @@ func (s *Server) host(r *http.Request) (vtpms.Host, error) {
 	return hosts[0], nil
 }
 
+func (s *Server) drainHost(w http.ResponseWriter, r *http.Request) error {
+	return s.setDraining(w, r, true)
+}
+
+func (s *Server) undrainHost(w http.ResponseWriter, r *http.Request) error {
+	return s.setDraining(w, r, false)
+}
+
+// setDraining is the operator's (see routes): it drains or undrains the
+// host the path names, and answers with the host.
+func (s *Server) setDraining(w http.ResponseWriter, r *http.Request, drain bool) error {
+	c, err := tenantOf(r)
+	if err != nil {
+		return err
+	}
+	h, err := s.VTPMs.Drain(r.Context(), c, r.PathValue("name"), drain)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, hostView(h))
+	return nil
+}
+
 func hostView(h vtpms.Host) api.Host {
-	return api.Host{Name: h.Name, Backend: h.Backend, Traits: h.Traits, Capacity: h.Capacity, Used: h.Used, SeenAt: h.SeenAt}
+	traits := h.Traits
+	if traits == nil {
+		traits = []string{}
+	}
+	return api.Host{Name: h.Name, Backend: h.Backend, State: string(h.State), Draining: h.Draining, Traits: traits,
+		Capacity: h.Capacity, Used: h.Used, LastHeartbeat: h.HeartbeatAt, Version: h.Version}
 }
 
 func (s *Server) drift(w http.ResponseWriter, r *http.Request) error {
@@ -567,13 +595,14 @@ func (s *Server) openapi(w http.ResponseWriter, r *http.Request) error {
 	return err
 }
 
-// view is a record as the API shows it.
-func (s *Server) view(v *store.VTPM) api.VTPM {
+// vtpmView is a record as the API shows it: what was asked, and what the
+// host's agent last recorded.
+func vtpmView(v *store.VTPM) api.VTPM {
 	out := api.VTPM{InstanceID: v.InstanceID, Project: v.Project, Spec: *spec.Resolution(&v.Spec).VTPM,
 		Host: v.Host, Desired: string(v.Desired), Phase: string(v.Phase), Reason: v.Reason, SecretRef: v.SecretID,
 		Domain: v.Domain, Incarnation: v.Incarnation, CreatedAt: v.CreatedAt, UpdatedAt: v.UpdatedAt}
-	if len(v.EKs) > 0 && s.Sockets != nil {
-		out.Sockets = s.Sockets(v.Host, v.InstanceID)
+	if v.Sockets.Data != "" {
+		out.Sockets = &api.Sockets{Data: v.Sockets.Data, Ctrl: v.Sockets.Ctrl}
 	}
 	return out
 }

@@ -45,11 +45,12 @@ type fixture struct {
 }
 
 // setup is what a test changes in the API it runs: by default no verdict
-// signing, no Hyper-V URL, a silent log.
+// signing, no Hyper-V URL, a silent log, the real clock.
 type setup struct {
 	signer *attest.Signer
 	hyperV vtpms.HyperVOptions
 	log    *slog.Logger
+	now    func() time.Time // the store's and the domain's
 }
 
 // newFixture runs the API on a real store (storetest) and key manager, with one
@@ -60,7 +61,7 @@ func newFixture(t *testing.T) *fixture { return newFixtureWith(t, setup{}) }
 func newFixtureWith(t *testing.T, s setup) *fixture {
 	t.Helper()
 	dir := t.TempDir()
-	reopen := storetest.Opener(t, dir, store.Options{})
+	reopen := storetest.Opener(t, dir, store.Options{Now: s.now})
 	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
 	if err != nil {
 		t.Fatal(err)
@@ -84,7 +85,7 @@ func serveFixture(t *testing.T, st *store.Store, kr *keyring.Embedded, dir strin
 	f := &fixture{store: st, keys: kr, dir: dir}
 	caChain := func() []byte { return []byte("-----BEGIN CERTIFICATE-----\n") }
 	keys := secrets.New(st, kr, s.log)
-	vs := vtpms.New(vtpms.Config{Store: st, Keyring: kr, Secrets: keys, HyperV: s.hyperV,
+	vs := vtpms.New(vtpms.Config{Store: st, Keyring: kr, Secrets: keys, HyperV: s.hyperV, Now: s.now,
 		Notify: func(h string) { f.kicked = append(f.kicked, h) }})
 	ver := verifier.New(verifier.Config{Store: st, VTPMs: vs, CAChainPEM: caChain, Signer: s.signer})
 	f.api = &Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: caChain, Log: s.log}

@@ -43,7 +43,7 @@ func BenchmarkPlace(b *testing.B) {
 			traits := append(HostTraits(caps).List(),
 				"COMPUTE_NET_ATTACH_INTERFACE", "COMPUTE_VOLUME_MULTI_ATTACH", "COMPUTE_IMAGE_TYPE_QCOW2",
 				"HW_CPU_X86_AVX2", "HW_CPU_X86_AES", "COMPUTE_STATUS_DISABLED", "CUSTOM_RACK_"+fmt.Sprint(i%40))
-			hosts[i] = Host{Name: fmt.Sprintf("compute-%05d", i), Traits: NewTraitSet(traits...), Free: (i * 7919) % 64}
+			hosts[i] = Host{Name: fmt.Sprintf("compute-%05d", i), Traits: NewTraitSet(traits...), Free: (i * 7919) % 64, State: HostUp}
 		}
 		req := (&Spec{Version: V20, Model: CRB, SecretSecurity: Deployment}).RequiredTraits()
 		b.Run(fmt.Sprintf("hosts=%d", n), func(b *testing.B) {

@@ -10,8 +10,8 @@ type Error struct {
 	Code    api.Code
 	Message string
 	// Traits, for api.CodeNoValidHost, are the required traits that no
-	// host offers (or the closest host lacks); nil when capacity was the
-	// problem.
+	// host offers (or the closest host lacks); nil when capacity or the
+	// hosts' state (down, draining) was the problem.
 	Traits []string
 }
 

@@ -120,15 +120,16 @@ func TestPlace(t *testing.T) {
 		want    string
 		missing []string // for no_valid_host
 	}{
-		{"most free wins", []Host{{"a", tpm20, 1}, {"b", both, 5}, {"c", tpm20, 3}}, req, "b", nil},
-		{"tie goes to smallest name", []Host{{"c", tpm20, 5}, {"a", both, 5}, {"b", tpm20, 5}}, req, "a", nil},
-		{"full hosts skipped", []Host{{"a", both, 0}, {"b", tpm20, -1}, {"c", tpm20, 1}}, req, "c", nil},
-		{"host lacking a trait skipped", []Host{{"a", tpm20, 9}, {"b", both, 1}}, []string{TraitTPMCRB}, "b", nil},
-		{"no vTPM fits any host", []Host{{"a", TraitSet{}, 1}, {"b", tpm20, 2}}, []string{}, "b", nil},
+		{"most free wins", []Host{{"a", tpm20, 1, HostUp}, {"b", both, 5, HostUp}, {"c", tpm20, 3, HostUp}}, req, "b", nil},
+		{"tie goes to smallest name", []Host{{"c", tpm20, 5, HostUp}, {"a", both, 5, HostUp}, {"b", tpm20, 5, HostUp}}, req, "a", nil},
+		{"full hosts skipped", []Host{{"a", both, 0, HostUp}, {"b", tpm20, -1, HostUp}, {"c", tpm20, 1, HostUp}}, req, "c", nil},
+		{"host lacking a trait skipped", []Host{{"a", tpm20, 9, HostUp}, {"b", both, 1, HostUp}}, []string{TraitTPMCRB}, "b", nil},
+		{"no vTPM fits any host", []Host{{"a", TraitSet{}, 1, HostUp}, {"b", tpm20, 2, HostUp}}, []string{}, "b", nil},
 		{"no hosts", nil, req, "", nil},
-		{"all fitting hosts full", []Host{{"a", both, 0}, {"b", tpm20, 0}, {"c", TraitSet{}, 5}}, req, "", nil},
-		{"trait offered nowhere", []Host{{"a", tpm20, 1}, {"b", both, 1}}, []string{TraitTPM20, TraitHyperVGen2}, "", []string{TraitHyperVGen2}},
-		{"traits never together", []Host{{"b", NewTraitSet(TraitTPM12, TraitTPMCRB), 1}, {"a", NewTraitSet(TraitTPM20), 1}},
+		{"all fitting hosts full", []Host{{"a", both, 0, HostUp}, {"b", tpm20, 0, HostUp}, {"c", TraitSet{}, 5, HostUp}}, req, "", nil},
+		{"trait offered nowhere", []Host{{"a", tpm20, 1, HostUp}, {"b", both, 1, HostUp}}, []string{TraitTPM20, TraitHyperVGen2}, "", []string{TraitHyperVGen2}},
+		{"down and draining hosts skipped", []Host{{"a", both, 9, HostDown}, {"b", both, 9, HostDraining}, {"c", tpm20, 1, HostUp}}, req, "c", nil},
+		{"traits never together", []Host{{"b", NewTraitSet(TraitTPM12, TraitTPMCRB), 1, HostUp}, {"a", NewTraitSet(TraitTPM20), 1, HostUp}},
 			[]string{TraitTPM20, TraitTPMCRB}, "", []string{TraitTPMCRB}},
 	}
 	for _, tc := range tests {
@@ -156,6 +157,31 @@ func TestPlace(t *testing.T) {
 	}
 }
 
+// TestNoValidHostSaysWhy: when every host that offers the traits takes
+// no vTPM, the refusal says why each does not (down, draining, full), with
+// no traits missing.
+func TestNoValidHostSaysWhy(t *testing.T) {
+	tpm20 := NewTraitSet(TraitTPM20)
+	req := []string{TraitTPM20}
+	for _, tc := range []struct {
+		hosts []Host
+		want  string
+	}{
+		{[]Host{{"h1", tpm20, 5, HostDraining}}, "No valid host: the one host that offers the required traits, h1, is draining."},
+		{[]Host{{"h1", tpm20, 5, HostDown}, {"h2", TraitSet{}, 5, HostUp}}, "No valid host: the one host that offers the required traits, h1, is down."},
+		{[]Host{{"a", tpm20, 0, HostDown}, {"b", tpm20, 5, HostDown}}, "No valid host: of the 2 hosts that offer the required traits, 2 are down."},
+		{[]Host{{"a", tpm20, 5, HostDown}, {"b", tpm20, 5, HostDraining}, {"c", tpm20, 0, HostUp}},
+			"No valid host: of the 3 hosts that offer the required traits, 1 is down, 1 is draining and 1 is full."},
+		{[]Host{{"a", tpm20, 0, HostUp}, {"b", tpm20, 0, HostUp}}, "No valid host: all 2 hosts that offer the required traits are full."},
+	} {
+		_, err := Place(tc.hosts, req)
+		var e *Error
+		if !errors.As(err, &e) || e.Code != api.CodeNoValidHost || e.Message != tc.want || e.Traits != nil {
+			t.Errorf("Place(%v) = %v; want no_valid_host %q and no traits", tc.hosts, err, tc.want)
+		}
+	}
+}
+
 // TestPlaceMatchesBruteForce checks Place against a direct reading of its
 // contract on generated fleets.
 func TestPlaceMatchesBruteForce(t *testing.T) {
@@ -168,7 +194,7 @@ func TestPlaceMatchesBruteForce(t *testing.T) {
 		var want *Host
 		for i := range hosts {
 			h := &hosts[i]
-			ok := h.Free > 0
+			ok := h.Free > 0 && h.State == HostUp
 			for _, r := range req {
 				ok = ok && h.Traits.Has(r)
 			}
@@ -200,7 +226,9 @@ func fleet(seed, n int, traits []string) []Host {
 				ts = append(ts, tr)
 			}
 		}
-		hosts[i] = Host{Name: fmt.Sprintf("host-%05d", next()%100000), Traits: NewTraitSet(ts...), Free: int(next()%8) - 1}
+		states := []HostState{HostUp, HostUp, HostUp, HostDown, HostDraining}
+		hosts[i] = Host{Name: fmt.Sprintf("host-%05d", next()%100000), Traits: NewTraitSet(ts...), Free: int(next()%8) - 1,
+			State: states[next()%uint32(len(states))]}
 	}
 	return hosts
 }

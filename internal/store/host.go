@@ -12,21 +12,62 @@ type Host struct {
 	Traits   []string // sorted
 	Capacity int      // how many vTPMs it may hold
 	Backend  string   // swtpm, libvirt, xen, hyperv
-	SeenAt   time.Time
+	// Version is the vtpmd build its agent runs, as the agent last said.
+	Version string
+	// HeartbeatAt is when its agent was last heard from: its last
+	// heartbeat or registration.
+	HeartbeatAt time.Time
+	// Draining is the operator's: no new vTPMs are placed on the host.
+	Draining bool
 }
 
-// PutHost inserts or replaces a host and marks it seen now.
+// PutHost registers a host, or records again what it offers (traits,
+// capacity, backend) and runs (version), with a heartbeat now. An
+// operator's drain stays as it was.
 func (t *Tx) PutHost(h *Host) error {
 	traits, err := json.Marshal(h.Traits)
 	if err != nil {
 		return err
 	}
-	h.SeenAt = t.now
-	_, err = t.exec(`INSERT INTO hosts (name, traits, capacity, backend, seen_at) VALUES (?,?,?,?,?)
+	_, err = t.exec(`INSERT INTO hosts (name, traits, capacity, backend, version, heartbeat_at) VALUES (?,?,?,?,?,?)
 		ON CONFLICT(name) DO UPDATE SET traits=excluded.traits, capacity=excluded.capacity,
-		backend=excluded.backend, seen_at=excluded.seen_at`,
-		h.Name, string(traits), h.Capacity, h.Backend, stamp(t.now))
-	return err
+		backend=excluded.backend, version=excluded.version, heartbeat_at=excluded.heartbeat_at`,
+		h.Name, string(traits), h.Capacity, h.Backend, h.Version, stamp(t.now))
+	if err != nil {
+		return err
+	}
+	h.HeartbeatAt = t.now
+	return nil
+}
+
+// Heartbeat records that host's agent, running version, is alive now;
+// ErrNotFound if the host was never registered.
+func (t *Tx) Heartbeat(host, version string) error {
+	res, err := t.exec(`UPDATE hosts SET heartbeat_at=?, version=? WHERE name=?`, stamp(t.now), version, host)
+	if err != nil {
+		return err
+	}
+	if n, err := res.RowsAffected(); err != nil {
+		return err
+	} else if n == 0 {
+		return fmt.Errorf("host %s: %w", host, ErrNotFound)
+	}
+	return nil
+}
+
+// SetDraining sets or clears a host's drain and reports whether that
+// changed it; ErrNotFound if the host is unknown.
+func (t *Tx) SetDraining(host string, draining bool) (changed bool, err error) {
+	h, err := t.GetHost(host)
+	if err != nil || h.Draining == draining {
+		return false, err
+	}
+	flag := 0
+	if draining {
+		flag = 1
+	}
+	_, err = t.exec(`UPDATE hosts SET draining=? WHERE name=?`, flag, host)
+	return err == nil, err
 }
 
 // GetHost reads one host; ErrNotFound if unknown.
@@ -45,7 +86,7 @@ func (t *Tx) GetHost(name string) (*Host, error) {
 func (t *Tx) ListHosts() ([]*Host, error) { return t.hosts("") }
 
 func (t *Tx) hosts(where string, args ...any) ([]*Host, error) {
-	rows, err := t.query(`SELECT name, traits, capacity, backend, seen_at FROM hosts `+where+` ORDER BY name`, args...)
+	rows, err := t.query(`SELECT name, traits, capacity, backend, version, heartbeat_at, draining FROM hosts `+where+` ORDER BY name`, args...)
 	if err != nil {
 		return nil, err
 	}
@@ -53,14 +94,15 @@ func (t *Tx) hosts(where string, args ...any) ([]*Host, error) {
 	var out []*Host
 	for rows.Next() {
 		var h Host
-		var traits, seen string
-		if err := rows.Scan(&h.Name, &traits, &h.Capacity, &h.Backend, &seen); err != nil {
+		var traits, heartbeat string
+		var draining int
+		if err := rows.Scan(&h.Name, &traits, &h.Capacity, &h.Backend, &h.Version, &heartbeat, &draining); err != nil {
 			return nil, err
 		}
 		if err := json.Unmarshal([]byte(traits), &h.Traits); err != nil {
 			return nil, fmt.Errorf("decoding traits of host %s: %w", h.Name, err)
 		}
-		h.SeenAt = parseStamp(seen)
+		h.HeartbeatAt, h.Draining = parseStamp(heartbeat), draining != 0
 		out = append(out, &h)
 	}
 	return out, rows.Err()

@@ -115,6 +115,18 @@ UPDATE events SET incarnation = (SELECT v.incarnation FROM vtpms v WHERE v.insta
 CREATE TRIGGER events_no_update BEFORE UPDATE ON events BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
 DROP INDEX events_instance;
 CREATE INDEX events_instance ON events(instance_id, incarnation, id);`,
+	// Where the host's agent last found a vTPM served ('' for none): the
+	// API answers from the record, never from the host.
+	10: `
+ALTER TABLE vtpms ADD COLUMN data_socket TEXT NOT NULL DEFAULT '';
+ALTER TABLE vtpms ADD COLUMN ctrl_socket TEXT NOT NULL DEFAULT '';`,
+	// Hosts' heartbeats (when the agent was last heard from, registering
+	// included, and which vtpmd it runs) and the operator's drain (1: no
+	// new vTPMs placed there).
+	11: `
+ALTER TABLE hosts RENAME COLUMN seen_at TO heartbeat_at;
+ALTER TABLE hosts ADD COLUMN version TEXT NOT NULL DEFAULT '';
+ALTER TABLE hosts ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;`,
 }
 
 func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)-1) }

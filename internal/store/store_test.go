@@ -80,7 +80,8 @@ func sample(id, project, host string) *VTPM {
 		InstanceID: id, Project: project, Host: host,
 		Spec:    spec.Spec{Version: spec.V20, Model: spec.CRB, SecretSecurity: spec.User},
 		Desired: DesiredRunning, Phase: PhasePending, SecretID: "0f3f5e6a-6d3e-4c43-9a65-1c0b1e0a5b11",
-		EKs: []EK{{Kind: "rsa2048", Handle: 0x81010001, NVIndex: 0x01c00002, PublicDER: []byte{1, 2}, CertDER: []byte{3}}},
+		EKs:     []EK{{Kind: "rsa2048", Handle: 0x81010001, NVIndex: 0x01c00002, PublicDER: []byte{1, 2}, CertDER: []byte{3}}},
+		Sockets: Sockets{Data: "/run/vtpmd/" + id + "/tpm.sock", Ctrl: "/run/vtpmd/" + id + "/tpm.sock.ctrl"},
 	}
 }
 
@@ -122,7 +123,7 @@ func TestVTPMLifecycle(t *testing.T) {
 
 		// An update from a stale read is refused.
 		stale := *got
-		got.Phase = PhaseActive
+		got.Phase, got.Sockets = PhaseActive, Sockets{Data: "/d", Ctrl: "/d.ctrl"}
 		if err := s.Update(ctx, func(tx *Tx) error { return tx.UpdateVTPM(got) }); err != nil || got.Generation != 2 {
 			t.Fatalf("update: %v, generation %d", err, got.Generation)
 		}
@@ -138,7 +139,7 @@ func TestVTPMLifecycle(t *testing.T) {
 			t.Fatal(err)
 		}
 		s.db = s2.db // the cleanup checks and closes the reopened database
-		if err := s2.View(ctx, func(tx *Tx) (err error) { got, err = tx.GetVTPM("i-1"); return }); err != nil || got.Phase != PhaseActive {
+		if err := s2.View(ctx, func(tx *Tx) (err error) { got, err = tx.GetVTPM("i-1"); return }); err != nil || got.Phase != PhaseActive || got.Sockets.Ctrl != "/d.ctrl" {
 			t.Fatalf("after reopen: %+v, %v", got, err)
 		}
 		if err := s2.Update(ctx, func(tx *Tx) error { return tx.DeleteVTPM("i-1") }); err != nil {
@@ -299,6 +300,65 @@ func TestHosts(t *testing.T) {
 		err = s.Update(ctx, func(tx *Tx) error { return tx.CreateVTPM(sample("i-x", "p", "nohost")) })
 		if err == nil {
 			t.Fatal("vTPM on an unknown host was accepted")
+		}
+	})
+}
+
+// TestHostHeartbeatsAndDrain: registering is a heartbeat; a heartbeat
+// moves the host's time and version and nothing else; a drain is the
+// operator's and outlives the agent registering again; a host never
+// registered has no heartbeat or drain.
+func TestHostHeartbeatsAndDrain(t *testing.T) {
+	onEngines(t, func(t *testing.T, open func(testing.TB) (*Store, func() (*Store, error))) {
+		ctx := context.Background()
+		s, _ := open(t)
+		get := func() *Host {
+			t.Helper()
+			var h *Host
+			if err := s.View(ctx, func(tx *Tx) (err error) { h, err = tx.GetHost("h1"); return err }); err != nil {
+				t.Fatal(err)
+			}
+			return h
+		}
+		reg := &Host{Name: "h1", Traits: []string{spec.TraitTPM20}, Capacity: 4, Backend: "swtpm", Version: "v1.0.0"}
+		if err := s.Update(ctx, func(tx *Tx) error { return tx.PutHost(reg) }); err != nil {
+			t.Fatal(err)
+		}
+		registered := get()
+		if registered.HeartbeatAt.IsZero() || !registered.HeartbeatAt.Equal(reg.HeartbeatAt) || registered.Version != "v1.0.0" || registered.Draining {
+			t.Fatalf("registered: %+v", registered)
+		}
+
+		if err := s.Update(ctx, func(tx *Tx) error { return tx.Heartbeat("h1", "v1.1.0") }); err != nil {
+			t.Fatal(err)
+		}
+		beat := get()
+		if !beat.HeartbeatAt.After(registered.HeartbeatAt) || beat.Version != "v1.1.0" || beat.Capacity != 4 || !reflect.DeepEqual(beat.Traits, reg.Traits) {
+			t.Fatalf("after a heartbeat: %+v (registered %+v)", beat, registered)
+		}
+
+		for i, want := range []bool{true, false} { // drained, then again: no change
+			var changed bool
+			if err := s.Update(ctx, func(tx *Tx) (err error) { changed, err = tx.SetDraining("h1", true); return err }); err != nil || changed != want {
+				t.Fatalf("drain %d: changed %v, %v; want %v", i+1, changed, err, want)
+			}
+		}
+		if err := s.Update(ctx, func(tx *Tx) error { return tx.PutHost(&Host{Name: "h1", Capacity: 5, Backend: "swtpm"}) }); err != nil {
+			t.Fatal(err)
+		}
+		if h := get(); !h.Draining || h.Capacity != 5 || !h.HeartbeatAt.After(beat.HeartbeatAt) {
+			t.Fatalf("registered again while draining: %+v", h)
+		}
+		var changed bool
+		if err := s.Update(ctx, func(tx *Tx) (err error) { changed, err = tx.SetDraining("h1", false); return err }); err != nil || !changed || get().Draining {
+			t.Fatalf("undrain: changed %v, %v, %+v", changed, err, get())
+		}
+
+		if err := s.Update(ctx, func(tx *Tx) error { return tx.Heartbeat("h2", "v1") }); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("heartbeat of an unknown host: %v, want ErrNotFound", err)
+		}
+		if err := s.Update(ctx, func(tx *Tx) error { _, err := tx.SetDraining("h2", true); return err }); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("draining an unknown host: %v, want ErrNotFound", err)
 		}
 	})
 }

@@ -46,6 +46,13 @@ type EK struct {
 	CertDER   []byte `json:"cert_der,omitempty"`
 }
 
+// Sockets are a vTPM's unix sockets: TPM commands on Data, swtpm's
+// control channel on Ctrl; both "" for none.
+type Sockets struct {
+	Data string
+	Ctrl string
+}
+
 // VTPM is one instance's virtual TPM.
 type VTPM struct {
 	InstanceID string
@@ -59,6 +66,10 @@ type VTPM struct {
 	EKs        []EK
 	// Domain is the libvirt domain the vTPM is attached to; "" for none.
 	Domain string
+	// Sockets are where the host's agent last found the vTPM served; none
+	// while it does not run, and on a backend whose clients reach it
+	// otherwise (a Xen stub domain, libvirt's own swtpm).
+	Sockets Sockets
 	// Generation increases with every update; UpdateVTPM refuses a stale one.
 	Generation int64
 	// Incarnation tells this vTPM from the earlier ones of the same
@@ -70,7 +81,7 @@ type VTPM struct {
 }
 
 const vtpmColumns = `instance_id, project, version, model, secret_security, hypervisor, keys, host,
-	desired, phase, reason, secret_id, eks, domain, generation, incarnation, created_at, updated_at`
+	desired, phase, reason, secret_id, eks, domain, data_socket, ctrl_socket, generation, incarnation, created_at, updated_at`
 
 // CreateVTPM inserts v with generation 1 and a new Incarnation; ErrExists
 // if the instance has a vTPM.
@@ -97,9 +108,9 @@ func (t *Tx) CreateVTPM(v *VTPM) error {
 	}
 	v.Incarnation = hex.EncodeToString(incarnation)
 	v.Generation, v.CreatedAt, v.UpdatedAt = 1, t.now, t.now
-	_, err = t.exec(`INSERT INTO vtpms (`+vtpmColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
+	_, err = t.exec(`INSERT INTO vtpms (`+vtpmColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
 		v.InstanceID, v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, v.Host,
-		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Generation, v.Incarnation, stamp(t.now), stamp(t.now))
+		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Sockets.Data, v.Sockets.Ctrl, v.Generation, v.Incarnation, stamp(t.now), stamp(t.now))
 	if err == nil {
 		t.changed = append(t.changed, v.InstanceID)
 	}
@@ -116,10 +127,10 @@ func (t *Tx) UpdateVTPM(v *VTPM) error {
 		return err
 	}
 	res, err := t.exec(`UPDATE vtpms SET project=?, version=?, model=?, secret_security=?, hypervisor=?, keys=?, host=?,
-		desired=?, phase=?, reason=?, secret_id=?, eks=?, domain=?, generation=generation+1, updated_at=?
+		desired=?, phase=?, reason=?, secret_id=?, eks=?, domain=?, data_socket=?, ctrl_socket=?, generation=generation+1, updated_at=?
 		WHERE instance_id=? AND generation=? AND incarnation=?`,
 		v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, v.Host,
-		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, stamp(t.now), v.InstanceID, v.Generation, v.Incarnation)
+		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Sockets.Data, v.Sockets.Ctrl, stamp(t.now), v.InstanceID, v.Generation, v.Incarnation)
 	if err != nil {
 		return err
 	}
@@ -244,7 +255,7 @@ func scanVTPM(row interface{ Scan(...any) error }) (*VTPM, error) {
 	var v VTPM
 	var keys, eks, created, updated string
 	err := row.Scan(&v.InstanceID, &v.Project, &v.Spec.Version, &v.Spec.Model, &v.Spec.SecretSecurity, &v.Spec.Hypervisor,
-		&keys, &v.Host, &v.Desired, &v.Phase, &v.Reason, &v.SecretID, &eks, &v.Domain, &v.Generation, &v.Incarnation, &created, &updated)
+		&keys, &v.Host, &v.Desired, &v.Phase, &v.Reason, &v.SecretID, &eks, &v.Domain, &v.Sockets.Data, &v.Sockets.Ctrl, &v.Generation, &v.Incarnation, &created, &updated)
 	if err != nil {
 		return nil, err
 	}

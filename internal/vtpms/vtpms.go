@@ -5,6 +5,11 @@
 // vTPM's phase towards it. Every read and change is scoped to the caller's
 // project (internal/tenant): another project's vTPM reads as absent.
 //
+// Hosts are the operator's. Each reads up, down (its agent's heartbeats
+// stopped for longer than Config.HeartbeatWindow, by the injected clock)
+// or draining (the operator's Drain); only an up host takes new vTPMs, and
+// nothing is deleted or moved off a host that is down.
+//
 // Refusals are *refusal.Error; a missing record is store.ErrNotFound.
 package vtpms
 
@@ -12,6 +17,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"regexp"
 	"slices"
 	"strings"
@@ -41,13 +47,32 @@ type Config struct {
 	// Notify tells a host's agent that its desired state changed; nil:
 	// nobody listens.
 	Notify func(host string)
+	// HeartbeatWindow is how long a host's agent may go without a
+	// heartbeat before the host reads down and takes no new vTPMs;
+	// default 60s. Its vTPMs stay: down never deletes or moves one.
+	HeartbeatWindow time.Duration
+	// Now is the clock hosts' heartbeats are judged by; default time.Now.
+	Now func() time.Time
+	// Log receives the operator's changes to hosts; nil: silent.
+	Log *slog.Logger
 }
 
 // Service creates, changes and reads vTPMs.
 type Service struct{ cfg Config }
 
 // New returns a Service with cfg.
-func New(cfg Config) *Service { return &Service{cfg: cfg} }
+func New(cfg Config) *Service {
+	if cfg.HeartbeatWindow == 0 {
+		cfg.HeartbeatWindow = 60 * time.Second
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	return &Service{cfg: cfg}
+}
 
 // ParseInstanceID validates an instance id: a canonical UUID, so it is safe
 // as a directory name and a key. Upper-case hex is accepted and lowered.
@@ -72,12 +97,13 @@ func specRequest(r api.ResolveRequest) spec.Request {
 
 // Create records a vTPM for an instance of the project req names: it
 // resolves the request, checks a Hyper-V vTPM's keys, places the vTPM on
-// a host with the traits it needs and free capacity, makes its secret and
-// records it (desired running, phase pending) with its event, then wakes
-// the host's agent. Creating vTPMs is the cloud's (the operator's): it
-// knows whose instance is whose. Duplicates and full fleets are refused
-// before a secret exists; a create racing another of the same instance
-// loses at the record, and its secret goes.
+// a host that is up (neither down nor draining) with the traits it needs
+// and free capacity, makes its secret and records it (desired running,
+// phase pending) with its event, then wakes the host's agent. Creating
+// vTPMs is the cloud's (the operator's): it knows whose instance is whose.
+// Duplicates and full fleets are refused before a secret exists; a create
+// racing another of the same instance loses at the record, and its secret
+// goes.
 func (s *Service) Create(ctx context.Context, c tenant.Caller, req api.CreateVTPMRequest) (*store.VTPM, error) {
 	id, err := ParseInstanceID(req.InstanceID)
 	if err != nil {
@@ -108,7 +134,7 @@ func (s *Service) Create(ctx context.Context, c tenant.Caller, req api.CreateVTP
 		} else if !errors.Is(err, store.ErrNotFound) {
 			return err
 		}
-		hosts, err := candidates(tx)
+		hosts, err := s.candidates(tx)
 		if err != nil {
 			return err
 		}
@@ -142,19 +168,15 @@ func (s *Service) Create(ctx context.Context, c tenant.Caller, req api.CreateVTP
 	return v, nil
 }
 
-// candidates are the registered hosts with their free capacity.
-func candidates(tx *store.Tx) ([]spec.Host, error) {
-	hosts, err := tx.ListHosts()
-	if err != nil {
-		return nil, err
-	}
-	used, err := tx.CountVTPMs()
+// candidates are the registered hosts with their free capacity and state.
+func (s *Service) candidates(tx *store.Tx) ([]spec.Host, error) {
+	hosts, err := s.hosts(tx, "")
 	if err != nil {
 		return nil, err
 	}
 	out := make([]spec.Host, len(hosts))
 	for i, h := range hosts {
-		out[i] = spec.Host{Name: h.Name, Traits: spec.NewTraitSet(h.Traits...), Free: h.Capacity - used[h.Name]}
+		out[i] = spec.Host{Name: h.Name, Traits: spec.NewTraitSet(h.Traits...), Free: h.Capacity - h.Used, State: h.State}
 	}
 	return out, nil
 }
@@ -462,33 +484,103 @@ func (s *Service) AllEvents(ctx context.Context, c tenant.Caller, id string) ([]
 	return evs, nil
 }
 
-// Host is a registered host and how many vTPMs it holds.
+// Host is a registered host, how many vTPMs it holds, and whether it
+// takes new ones.
 type Host struct {
 	store.Host
-	Used int
+	Used  int
+	State spec.HostState
 }
 
 // Hosts reads every host, or the one named ("" for all); a name no host
 // has reads as none.
-func (s *Service) Hosts(ctx context.Context, name string) ([]Host, error) {
+func (s *Service) Hosts(ctx context.Context, name string) (hosts []Host, err error) {
+	err = s.cfg.Store.View(ctx, func(tx *store.Tx) error {
+		hosts, err = s.hosts(tx, name)
+		return err
+	})
+	return hosts, err
+}
+
+// hosts reads hosts in tx as Hosts does, judging heartbeats by the clock
+// now.
+func (s *Service) hosts(tx *store.Tx, name string) ([]Host, error) {
+	hosts, err := tx.ListHosts()
+	if err != nil {
+		return nil, err
+	}
+	used, err := tx.CountVTPMs()
+	if err != nil {
+		return nil, err
+	}
+	now := s.cfg.Now()
 	var out []Host
-	err := s.cfg.Store.View(ctx, func(tx *store.Tx) error {
-		hosts, err := tx.ListHosts()
+	for _, h := range hosts {
+		if name == "" || h.Name == name {
+			out = append(out, Host{Host: *h, Used: used[h.Name], State: s.state(h, now)})
+		}
+	}
+	return out, nil
+}
+
+// state is whether h takes new vTPMs at now: down once its agent's last
+// heartbeat is older than the window (whether drained or not: that it is
+// gone is the news), else draining if the operator drained it, else up.
+func (s *Service) state(h *store.Host, now time.Time) spec.HostState {
+	switch {
+	case now.Sub(h.HeartbeatAt) > s.cfg.HeartbeatWindow:
+		return spec.HostDown
+	case h.Draining:
+		return spec.HostDraining
+	}
+	return spec.HostUp
+}
+
+// Drain stops (drain) or lets again (undrain) new vTPMs be placed on a
+// host: the operator's, before maintenance. The host's vTPMs stay where
+// they are and keep running. Repeating either is harmless; a change is
+// recorded as an event of the host naming the caller, and logged.
+func (s *Service) Drain(ctx context.Context, c tenant.Caller, name string, drain bool) (Host, error) {
+	if c.Project != "" {
+		return Host{}, refusal.Forbidden(api.CodeForbidden, "Hosts are the operator's: a project cannot drain one.")
+	}
+	action := "undrained"
+	if drain {
+		action = "drained"
+	}
+	var h Host
+	var changed bool
+	err := s.cfg.Store.Update(ctx, func(tx *store.Tx) (err error) {
+		changed, err = tx.SetDraining(name, drain)
+		if errors.Is(err, store.ErrNotFound) {
+			return refusal.NotFound(api.CodeNotFound, "No such host.")
+		}
 		if err != nil {
 			return err
 		}
-		used, err := tx.CountVTPMs()
-		if err != nil {
-			return err
-		}
-		for _, h := range hosts {
-			if name == "" || h.Name == name {
-				out = append(out, Host{Host: *h, Used: used[h.Name]})
+		if changed {
+			detail := "new vTPMs are placed on it again"
+			if drain {
+				detail = "no new vTPMs are placed on it; those it holds stay"
+			}
+			if err := tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: store.HostKey(name), Action: action, Detail: detail}); err != nil {
+				return err
 			}
 		}
+		hosts, err := s.hosts(tx, name)
+		if err != nil {
+			return err
+		}
+		h = hosts[0]
 		return nil
 	})
-	return out, err
+	if err != nil {
+		return Host{}, err
+	}
+	if changed {
+		s.cfg.Log.Info("host "+action, "host", name, "by", c.Actor, "state", h.State)
+	}
+	return h, nil
 }
 
 // Phases counts the vTPMs in each phase.

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/agent"
 	"github.com/vtpmd/vtpmd/internal/store"
 )
@@ -23,8 +24,13 @@ func New(st *store.Store) *Records { return &Records{st: st} }
 // RegisterHost implements agent.Records.
 func (r *Records) RegisterHost(ctx context.Context, h agent.Host) error {
 	return r.st.Update(ctx, func(tx *store.Tx) error {
-		return tx.PutHost(&store.Host{Name: h.Name, Traits: h.Traits, Capacity: h.Capacity, Backend: h.Backend})
+		return tx.PutHost(&store.Host{Name: h.Name, Traits: h.Traits, Capacity: h.Capacity, Backend: h.Backend, Version: h.Version})
 	})
+}
+
+// Heartbeat implements agent.Records.
+func (r *Records) Heartbeat(ctx context.Context, hb agent.Heartbeat) error {
+	return agentError(r.st.Update(ctx, func(tx *store.Tx) error { return tx.Heartbeat(hb.Host, hb.Version) }))
 }
 
 // List implements agent.Records.
@@ -106,7 +112,7 @@ func agentError(err error) error {
 func record(v *store.VTPM) *agent.Record {
 	r := &agent.Record{InstanceID: v.InstanceID, Incarnation: v.Incarnation, Project: v.Project, Spec: v.Spec, Host: v.Host,
 		Domain: v.Domain, Desired: agent.Desired(v.Desired), Phase: agent.Phase(v.Phase), Reason: v.Reason, SecretID: v.SecretID,
-		Generation: v.Generation}
+		Sockets: api.Sockets{Data: v.Sockets.Data, Ctrl: v.Sockets.Ctrl}, Generation: v.Generation}
 	for _, ek := range v.EKs {
 		r.EKs = append(r.EKs, agent.EK{Kind: ek.Kind, Handle: ek.Handle, NVIndex: ek.NVIndex, PublicDER: ek.PublicDER, CertDER: ek.CertDER})
 	}
@@ -116,7 +122,7 @@ func record(v *store.VTPM) *agent.Record {
 func row(r *agent.Record) *store.VTPM {
 	v := &store.VTPM{InstanceID: r.InstanceID, Incarnation: r.Incarnation, Project: r.Project, Spec: r.Spec, Host: r.Host,
 		Domain: r.Domain, Desired: store.Desired(r.Desired), Phase: store.Phase(r.Phase), Reason: r.Reason, SecretID: r.SecretID,
-		Generation: r.Generation}
+		Sockets: store.Sockets{Data: r.Sockets.Data, Ctrl: r.Sockets.Ctrl}, Generation: r.Generation}
 	for _, ek := range r.EKs {
 		v.EKs = append(v.EKs, store.EK{Kind: ek.Kind, Handle: ek.Handle, NVIndex: ek.NVIndex, PublicDER: ek.PublicDER, CertDER: ek.CertDER})
 	}

@@ -8,6 +8,7 @@ import (
 	"reflect"
 	"testing"
 
+	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/agent"
 	"github.com/vtpmd/vtpmd/internal/agent/agentstore"
 	"github.com/vtpmd/vtpmd/internal/spec"
@@ -78,7 +79,8 @@ func read(t *testing.T, st *store.Store, id string) (*store.VTPM, []store.Event)
 }
 
 // TestRecords: the agent's records over the store say the same as the
-// store, list only the host's vTPMs, write only an unchanged record (a
+// store, list only the host's vTPMs, keep what the agent observed (phase,
+// EKs, the sockets it serves the vTPM on), write only an unchanged record (a
 // stale one is agent.ErrConflict, one of a deleted or replaced vTPM
 // agent.ErrNotFound, with the store's error kept in the chain), and
 // delete a vTPM with its attestation and a last event of its own.
@@ -121,7 +123,8 @@ func TestRecords(t *testing.T) {
 		stale := *r
 		eks := []agent.EK{{Kind: "rsa2048", Handle: 0x81010001, NVIndex: 0x01c00002, PublicDER: []byte{1, 2}, CertDER: []byte{3}},
 			{Kind: "ecc-nist-p256", Handle: 0x81010002, PublicDER: []byte{4}}}
-		r.Phase, r.EKs = agent.PhaseActive, eks
+		sockets := api.Sockets{Data: "/run/vtpmd/" + id1 + "/tpm.sock", Ctrl: "/run/vtpmd/" + id1 + "/tpm.sock.ctrl"}
+		r.Phase, r.EKs, r.Sockets = agent.PhaseActive, eks, sockets
 		if err := recs.Update(ctx, r, agent.Event{Actor: "agent:h1", Action: "manufactured and started", Detail: "active"}); err != nil {
 			t.Fatal(err)
 		}
@@ -130,7 +133,8 @@ func TestRecords(t *testing.T) {
 		}
 		now, evs := read(t, st, id1)
 		if now.Phase != store.PhaseActive || now.Generation != 2 || len(now.EKs) != 2 || now.EKs[0].Handle != 0x81010001 ||
-			string(now.EKs[1].PublicDER) != "\x04" || now.Domain != row1.Domain || now.SecretID != row1.SecretID {
+			string(now.EKs[1].PublicDER) != "\x04" || now.Domain != row1.Domain || now.SecretID != row1.SecretID ||
+			now.Sockets != (store.Sockets{Data: sockets.Data, Ctrl: sockets.Ctrl}) {
 			t.Fatalf("after the update: %+v", now)
 		}
 		if e := evs[len(evs)-1]; e.Actor != "agent:h1" || e.Action != "manufactured and started" || e.Detail != "active" {
@@ -202,6 +206,46 @@ func TestRecords(t *testing.T) {
 		}
 		if err := recs.Delete(ctx, id1, agent.Event{Actor: "agent:h1", Action: "deleted"}); !errors.Is(err, agent.ErrNotFound) {
 			t.Fatalf("deleting again: %v, want agent.ErrNotFound", err)
+		}
+	})
+}
+
+// TestHeartbeats: registering records a heartbeat with the agent's
+// version; each heartbeat moves the host's last heartbeat to the store's
+// now and its version, and nothing else; a host never registered has
+// none (agent.ErrNotFound).
+func TestHeartbeats(t *testing.T) {
+	onEngines(t, func(t *testing.T, st *store.Store) {
+		ctx := context.Background()
+		recs := agentstore.New(st)
+		get := func() *store.Host {
+			t.Helper()
+			var h *store.Host
+			if err := st.View(ctx, func(tx *store.Tx) (err error) { h, err = tx.GetHost("h1"); return err }); err != nil {
+				t.Fatal(err)
+			}
+			return h
+		}
+		if err := recs.RegisterHost(ctx, agent.Host{Name: "h1", Traits: []string{spec.TraitTPM20}, Capacity: 7, Backend: "swtpm", Version: "v1.0.0"}); err != nil {
+			t.Fatal(err)
+		}
+		last := get()
+		if last.Version != "v1.0.0" || last.HeartbeatAt.IsZero() {
+			t.Fatalf("registered: %+v", last)
+		}
+		for _, version := range []string{"v1.0.0", "v1.1.0"} {
+			if err := recs.Heartbeat(ctx, agent.Heartbeat{Host: "h1", Version: version}); err != nil {
+				t.Fatal(err)
+			}
+			h := get()
+			if !h.HeartbeatAt.After(last.HeartbeatAt) || h.Version != version || h.Capacity != 7 || !reflect.DeepEqual(h.Traits, last.Traits) {
+				t.Fatalf("after a heartbeat of %s: %+v (before: %+v)", version, h, last)
+			}
+			last = h
+		}
+		err := recs.Heartbeat(ctx, agent.Heartbeat{Host: "h2", Version: "v1.0.0"})
+		if !errors.Is(err, agent.ErrNotFound) || !errors.Is(err, store.ErrNotFound) {
+			t.Fatalf("a heartbeat of a host never registered: %v, want agent.ErrNotFound", err)
 		}
 	})
 }

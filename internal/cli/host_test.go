@@ -1,0 +1,118 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/server/servertest"
+	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/store"
+)
+
+// hostsServer runs the real API on a real store with two hosts and no
+// agent: h1, registered now by an agent v1.2.3, and h2, whose agent was
+// last heard from two minutes ago (registered through a store whose clock
+// was then).
+func hostsServer(t *testing.T) string {
+	t.Helper()
+	ctx := context.Background()
+	dir := t.TempDir()
+	traits := spec.HostTraits(spec.Capabilities{Enabled: true, Models: []spec.Model{spec.TIS}}).List()
+	register := func(opts store.Options, h *store.Host) *store.Store {
+		t.Helper()
+		st, err := store.Open(ctx, filepath.Join(dir, "db"), opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := st.Update(ctx, func(tx *store.Tx) error { return tx.PutHost(h) }); err != nil {
+			t.Fatal(err)
+		}
+		return st
+	}
+	then := func() time.Time { return time.Now().Add(-2 * time.Minute) }
+	register(store.Options{Now: then}, &store.Host{Name: "h2", Traits: traits, Capacity: 5, Backend: "swtpm", Version: "v1.1.0"}).Close()
+	st := register(store.Options{}, &store.Host{Name: "h1", Traits: traits, Capacity: 5, Backend: "libvirt", Version: "v1.2.3"})
+	t.Cleanup(func() { st.Close() })
+	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return servertest.Operator(t, servertest.New(st, kr).Handler())
+}
+
+// TestHostCommands: vtpmctl hosts shows each host's state, use, capacity,
+// last heartbeat and version; host drain and undrain change what
+// placement may use, repeat harmlessly and print the host; refusals exit
+// with their status.
+func TestHostCommands(t *testing.T) {
+	base := []string{"--server", hostsServer(t)}
+	code, out, errOut := run(t, append(base, "hosts")...)
+	if code != ExitOK {
+		t.Fatalf("hosts: %d %q", code, errOut)
+	}
+	for _, want := range []*regexp.Regexp{
+		regexp.MustCompile(`(?m)^HOST +BACKEND +STATE +USED +CAPACITY +LAST HEARTBEAT +VERSION +TRAITS$`),
+		regexp.MustCompile(`(?m)^h1 +libvirt +up +0 +5 +\d+s ago +v1\.2\.3 +COMPUTE_SECURITY_TPM`),
+		regexp.MustCompile(`(?m)^h2 +swtpm +down +0 +5 +2m\d+s ago +v1\.1\.0 +COMPUTE_SECURITY_TPM`),
+	} {
+		if !want.MatchString(out) {
+			t.Fatalf("hosts table does not match %s:\n%s", want, out)
+		}
+	}
+	var hosts []api.Host
+	if code, out, _ := run(t, append(base, "hosts", "-o", "json")...); code != ExitOK || json.Unmarshal([]byte(out), &hosts) != nil ||
+		len(hosts) != 2 || hosts[0].State != "up" || hosts[1].State != "down" || hosts[1].LastHeartbeat.After(time.Now().Add(-2*time.Minute)) {
+		t.Fatalf("hosts -o json: %d %q", code, out)
+	}
+
+	create := func(id string) (int, string) {
+		code, out, errOut := run(t, append(base, "create", "--instance", id, "--for-project", "p1", "--flavor-spec", "hw:tpm_version=2.0", "--wait=false")...)
+		return code, out + errOut
+	}
+	for range 2 {
+		if code, out, errOut := run(t, append(base, "host", "drain", "h1")...); code != ExitOK || !regexp.MustCompile(`(?m)^STATE +draining$`).MatchString(out) {
+			t.Fatalf("host drain h1: %d %q %q", code, out, errOut)
+		}
+	}
+	if code, out := create("66666666-0000-4000-8000-000000000001"); code != ExitConflict || !strings.Contains(out, string(api.CodeNoValidHost)) {
+		t.Fatalf("create with h1 draining and h2 down: %d %q", code, out)
+	}
+	var h api.Host
+	if code, out, _ := run(t, append(base, "host", "drain", "h2", "-o", "json")...); code != ExitOK || json.Unmarshal([]byte(out), &h) != nil || h.State != "down" || !h.Draining {
+		t.Fatalf("host drain h2 -o json: %d %q", code, out)
+	}
+	if code, out, _ := run(t, append(base, "hosts")...); code != ExitOK || !regexp.MustCompile(`(?m)^h2 +swtpm +down,draining `).MatchString(out) {
+		t.Fatalf("hosts with h2 down and drained: %d\n%s", code, out)
+	}
+	if code, out, errOut := run(t, append(base, "host", "undrain", "h1")...); code != ExitOK || !regexp.MustCompile(`(?m)^STATE +up$`).MatchString(out) {
+		t.Fatalf("host undrain h1: %d %q %q", code, out, errOut)
+	}
+	if code, out := create("66666666-0000-4000-8000-000000000001"); code != ExitOK {
+		t.Fatalf("create once h1 is undrained: %d %q", code, out)
+	}
+
+	for _, c := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"host", "drain", "h9"}, ExitNotFound, string(api.CodeNotFound)},
+		{[]string{"host", "undrain", "h9"}, ExitNotFound, string(api.CodeNotFound)},
+		{[]string{"--project", "p1", "host", "drain", "h1"}, ExitFailed, string(api.CodeForbidden)},
+		{[]string{"--project", "p1", "host", "undrain", "h2"}, ExitFailed, string(api.CodeForbidden)},
+		{[]string{"host", "drain"}, ExitUsage, "exactly one argument"},
+		{[]string{"host", "undrain", "h1", "h2"}, ExitUsage, "exactly one argument"},
+	} {
+		code, out, errOut := run(t, append(base, c.args...)...)
+		if code != c.code || !strings.Contains(out+errOut, c.want) {
+			t.Errorf("%v: exit %d, stdout %q, stderr %q; want exit %d and %q", c.args, code, out, errOut, c.code, c.want)
+		}
+	}
+}

@@ -1,0 +1,92 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"path/filepath"
+	"testing"
+
+	"github.com/vtpmd/vtpmd/internal/store/pgtest"
+)
+
+// unmigrated opens an empty database of each engine, with no schema, for
+// tests that start from an older one (migrateTo).
+var unmigrated = []struct {
+	name string
+	open func(t *testing.T) *Store
+}{
+	{"sqlite", func(t *testing.T) *Store {
+		db, err := sql.Open("sqlite", "file:"+filepath.Join(t.TempDir(), "vtpmd.db")+"?_pragma=foreign_keys(1)")
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := &Store{db: db, now: testClock()}
+		t.Cleanup(func() { s.Close() })
+		return s
+	}},
+	{"postgres", func(t *testing.T) *Store {
+		db, err := sql.Open("pgx", pgtest.DSN(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := &Store{db: db, now: testClock(), pg: true}
+		t.Cleanup(func() { s.Close() })
+		return s
+	}},
+}
+
+// A database from before hosts' heartbeats and vTPMs' observed sockets:
+// a host's last registration is its last heartbeat, of no known version,
+// not drained; a vTPM has no sockets until its agent records them.
+func TestMigrationKeepsHostsAndVTPMs(t *testing.T) {
+	for _, e := range unmigrated {
+		t.Run(e.name, func(t *testing.T) {
+			ctx := context.Background()
+			s := e.open(t)
+			if err := s.migrateTo(ctx, 9); err != nil {
+				t.Fatal(err)
+			}
+			var seen string
+			err := s.Update(ctx, func(tx *Tx) error {
+				seen = stamp(tx.now)
+				if _, err := tx.exec(`INSERT INTO hosts (name, traits, capacity, backend, seen_at) VALUES ('h1', '["X"]', 10, 'swtpm', ?)`, seen); err != nil {
+					return err
+				}
+				_, err := tx.exec(`INSERT INTO vtpms (instance_id, project, version, model, secret_security, hypervisor, keys, host,
+					desired, phase, reason, secret_id, eks, generation, incarnation, created_at, updated_at)
+					VALUES ('i-1', 'p1', '2.0', 'tpm-crb', 'user', '', '[]', 'h1', 'running', 'active', '', 's', '[]', 1, 'c1', ?, ?)`, seen, seen)
+				return err
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := s.migrate(ctx); err != nil {
+				t.Fatal(err)
+			}
+			var h *Host
+			var v *VTPM
+			err = s.View(ctx, func(tx *Tx) (err error) {
+				if h, err = tx.GetHost("h1"); err != nil {
+					return err
+				}
+				v, err = tx.GetVTPM("i-1")
+				return err
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if stamp(h.HeartbeatAt) != seen || h.Version != "" || h.Draining || h.Capacity != 10 || len(h.Traits) != 1 {
+				t.Fatalf("host after the migration: %+v (seen at %s)", h, seen)
+			}
+			if v.Sockets != (Sockets{}) || v.Phase != PhaseActive || v.Incarnation != "c1" {
+				t.Fatalf("vTPM after the migration: %+v", v)
+			}
+			if err := s.Update(ctx, func(tx *Tx) error { _, err := tx.SetDraining("h1", true); return err }); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.View(ctx, func(tx *Tx) (err error) { h, err = tx.GetHost("h1"); return err }); err != nil || !h.Draining {
+				t.Fatalf("draining after the migration: %+v, %v", h, err)
+			}
+		})
+	}
+}
