@@ -22,6 +22,9 @@ import (
 	"github.com/vtpmd/vtpmd/internal/spec"
 )
 
+// DefaultHeartbeatInterval is the time between an agent's heartbeats.
+const DefaultHeartbeatInterval = 10 * time.Second
+
 // Agent reconciles one host.
 type Agent struct {
 	Host     string
@@ -38,8 +41,9 @@ type Agent struct {
 	// Interval between full passes when nothing kicks the agent; default 5s.
 	Interval time.Duration
 	// HeartbeatInterval is the time between heartbeats while Run runs;
-	// default 10s. The server reads the host down when they stop for
-	// longer than its window (vtpms.Config.HeartbeatWindow, 60s).
+	// default DefaultHeartbeatInterval. The server reads the host down
+	// when they stop for longer than its window
+	// (vtpms.Config.HeartbeatWindow).
 	HeartbeatInterval time.Duration
 	// Workers bounds how many vTPMs are reconciled at once; default 8.
 	Workers int
@@ -61,7 +65,7 @@ func (a *Agent) init() {
 			a.Interval = 5 * time.Second
 		}
 		if a.HeartbeatInterval == 0 {
-			a.HeartbeatInterval = 10 * time.Second
+			a.HeartbeatInterval = DefaultHeartbeatInterval
 		}
 		if a.Workers == 0 {
 			a.Workers = 8

@@ -17,11 +17,13 @@ import (
 
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/vtpmd/vtpmd/internal/agent"
 	"github.com/vtpmd/vtpmd/internal/attestor"
 	"github.com/vtpmd/vtpmd/internal/backend/libvirt"
 	"github.com/vtpmd/vtpmd/internal/backend/xen"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/verifier"
+	"github.com/vtpmd/vtpmd/internal/vtpms"
 )
 
 // Config is vtpmd's configuration. The zero value plus a DataDir is valid:
@@ -93,6 +95,13 @@ type Config struct {
 	// evidence before its verdict turns stale. Default
 	// verifier.DefaultStaleAfter (3m).
 	StaleAfter time.Duration `yaml:"stale-after"`
+	// HeartbeatInterval is the time between this host's agent's
+	// heartbeats. Default agent.DefaultHeartbeatInterval (10s).
+	HeartbeatInterval time.Duration `yaml:"heartbeat-interval"`
+	// HeartbeatWindow is how long a host's agent may go without a
+	// heartbeat before the host reads down and takes no new vTPMs (its
+	// vTPMs stay). Default vtpms.DefaultHeartbeatWindow (60s).
+	HeartbeatWindow time.Duration `yaml:"heartbeat-window"`
 	// HostEKCA is a PEM file of the CAs (TPM vendors', or the operator's)
 	// whose EK certificates hosts' TPMs may register with; "" for none.
 	HostEKCA string `yaml:"host-ek-ca"`
@@ -182,6 +191,12 @@ func (c *Config) Defaults() {
 	}
 	if c.HostEventLog == "" {
 		c.HostEventLog = attestor.DefaultEventLog
+	}
+	if c.HeartbeatInterval == 0 {
+		c.HeartbeatInterval = agent.DefaultHeartbeatInterval
+	}
+	if c.HeartbeatWindow == 0 {
+		c.HeartbeatWindow = vtpms.DefaultHeartbeatWindow
 	}
 	if c.StaleAfter == 0 {
 		c.StaleAfter = verifier.DefaultStaleAfter
@@ -301,6 +316,9 @@ func (c *Config) Validate() error {
 	}
 	if c.HostAttestInterval < 0 {
 		errs = append(errs, fmt.Errorf("host attest interval %s must be positive", c.HostAttestInterval))
+	}
+	if c.HeartbeatInterval < 0 || c.HeartbeatWindow <= c.HeartbeatInterval {
+		errs = append(errs, fmt.Errorf("heartbeat-window %s must be longer than heartbeat-interval %s, both positive", c.HeartbeatWindow, c.HeartbeatInterval))
 	}
 	if c.StaleAfter < 0 {
 		errs = append(errs, fmt.Errorf("stale-after %s must be positive", c.StaleAfter))

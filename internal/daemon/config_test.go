@@ -3,6 +3,7 @@ package daemon
 import (
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestConfigValidate: each bad setting is named, all at once; the defaults
@@ -76,5 +77,14 @@ func TestConfigListen(t *testing.T) {
 		if c.fine != (err == nil) || (err != nil && !strings.Contains(err.Error(), "--insecure-listen")) {
 			t.Errorf("%s tls=%v client-ca=%v insecure=%v: %v", c.listen, c.tls, c.clientCA, c.insecure, err)
 		}
+	}
+}
+
+// A host must be able to miss a heartbeat before it reads down.
+func TestConfigHeartbeats(t *testing.T) {
+	c := Config{DataDir: "/var/lib/vtpmd", HostName: "h", HeartbeatInterval: 30 * time.Second, HeartbeatWindow: 20 * time.Second}
+	c.Defaults()
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "heartbeat-window 20s must be longer than heartbeat-interval 30s") {
+		t.Errorf("a window shorter than the interval: %v", err)
 	}
 }

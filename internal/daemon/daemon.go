@@ -161,7 +161,8 @@ func (d *AllInOne) start(ctx context.Context) error {
 		}
 	}
 	d.records = agentstore.New(d.store)
-	d.agent = &agent.Agent{Host: cfg.HostName, Capacity: cfg.Capacity, Records: d.records, Keyring: kr, Backend: d.host, Log: d.log}
+	d.agent = &agent.Agent{Host: cfg.HostName, Capacity: cfg.Capacity, Records: d.records, Keyring: kr, Backend: d.host, Log: d.log,
+		HeartbeatInterval: cfg.HeartbeatInterval}
 	if err := d.agent.Register(ctx); err != nil {
 		return err
 	}
@@ -214,7 +215,7 @@ func (d *AllInOne) start(ctx context.Context) error {
 		hyperV.PublicURL = d.URL
 	}
 	keys := secrets.New(d.store, kr, d.log)
-	vs := vtpms.New(vtpms.Config{Store: d.store, Keyring: kr, Secrets: keys, HyperV: hyperV, Log: d.log,
+	vs := vtpms.New(vtpms.Config{HeartbeatWindow: cfg.HeartbeatWindow, Store: d.store, Keyring: kr, Secrets: keys, HyperV: hyperV, Log: d.log,
 		Options: spec.Options{DefaultTPMVersion: cfg.DefaultTPMVersion},
 		Notify: func(host string) {
 			if host == cfg.HostName {

@@ -49,7 +49,8 @@ type Config struct {
 	Notify func(host string)
 	// HeartbeatWindow is how long a host's agent may go without a
 	// heartbeat before the host reads down and takes no new vTPMs;
-	// default 60s. Its vTPMs stay: down never deletes or moves one.
+	// default DefaultHeartbeatWindow. Its vTPMs stay: down never deletes
+	// or moves one.
 	HeartbeatWindow time.Duration
 	// Now is the clock hosts' heartbeats are judged by; default time.Now.
 	Now func() time.Time
@@ -57,13 +58,17 @@ type Config struct {
 	Log *slog.Logger
 }
 
+// DefaultHeartbeatWindow is six of the agents' default heartbeat intervals:
+// a host reads down only after several missed heartbeats.
+const DefaultHeartbeatWindow = 60 * time.Second
+
 // Service creates, changes and reads vTPMs.
 type Service struct{ cfg Config }
 
 // New returns a Service with cfg.
 func New(cfg Config) *Service {
 	if cfg.HeartbeatWindow == 0 {
-		cfg.HeartbeatWindow = 60 * time.Second
+		cfg.HeartbeatWindow = DefaultHeartbeatWindow
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now

@@ -58,7 +58,7 @@ func TestEveryFlag(t *testing.T) {
 		"--socket-dir", "/run/vt", "--socket-group", "root", "--default-tpm-version", "2.0", "--log-level", "debug",
 		"--webhook-url", "https://hooks.example", "--host-tpm", "/dev/tpmrm0", "--host-event-log", "/var/log/bios",
 		"--host-attest-interval", "45s", "--host-ima-log", "/var/log/ima", "--stale-after", "5m", "--host-ek-ca", "/etc/ek.pem",
-		"--pool-size", "0", "--backend", "xen", "--libvirt-mode", "external", "--enable-vtpm", "--libvirt-socket", "/run/lv.sock",
+		"--heartbeat-interval", "5s", "--heartbeat-window", "2m", "--pool-size", "0", "--backend", "xen", "--libvirt-mode", "external", "--enable-vtpm", "--libvirt-socket", "/run/lv.sock",
 		"--secret-security", "user, host", "--store", "postgres://vtpmd@db/vtpmd", "--tls-cert", "/etc/c.pem",
 		"--tls-key", "/etc/k.pem", "--client-ca", "/etc/ca.pem", "--public-url", "https://vtpmd.example:8780",
 		"--hyperv-hgs-url", "https://hgs.example", "--xen-image-dir", "/xi", "--xen-config-dir", "/xc",
@@ -73,7 +73,7 @@ func TestEveryFlag(t *testing.T) {
 		SocketDir: "/run/vt", SocketGroup: "root", DefaultTPMVersion: spec.V20, LogLevel: slog.LevelDebug,
 		WebhookURL: "https://hooks.example", HostTPM: "/dev/tpmrm0", HostEventLog: "/var/log/bios",
 		HostAttestInterval: 45 * time.Second, HostIMALog: "/var/log/ima", StaleAfter: 5 * time.Minute, HostEKCA: "/etc/ek.pem",
-		PoolSize: new(0), Backend: "xen",
+		HeartbeatInterval: 5 * time.Second, HeartbeatWindow: 2 * time.Minute, PoolSize: new(0), Backend: "xen",
 		Libvirt: daemon.LibvirtConfig{Mode: "external", EnableVTPM: true, Socket: "/run/lv.sock",
 			SecretSecurity: []spec.SecretSecurity{spec.User, spec.HostMode}},
 		Store: "postgres://vtpmd@db/vtpmd", TLSCert: "/etc/c.pem", TLSKey: "/etc/k.pem", ClientCA: "/etc/ca.pem",
@@ -93,7 +93,7 @@ func TestEveryFlag(t *testing.T) {
 	var defaults daemon.Config
 	defaults.Defaults()
 	flags := newAllInOneCommand().Flags()
-	for flag, def := range map[string]string{"pool-size": "4", "capacity": "1000", "stale-after": "3m0s",
+	for flag, def := range map[string]string{"pool-size": "4", "capacity": "1000", "stale-after": "3m0s", "heartbeat-window": "1m0s", "heartbeat-interval": "10s",
 		"host-attest-interval": "30s", "listen": "127.0.0.1:8780", "secret-security": "user,host,deployment",
 		"log-level": "info", "xen-group-capacity": "64"} {
 		if got := flags.Lookup(flag).DefValue; got != def {

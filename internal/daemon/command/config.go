@@ -89,6 +89,8 @@ var settingUsage = map[string]string{
 	"host-attest-interval": "time between host attestations",
 	"host-ima-log":         "the host's IMA measurement list to attest with (e.g. " + attestor.DefaultIMALog + ")",
 	"stale-after":          "time without evidence after which an attestation verdict turns stale",
+	"heartbeat-interval":   "time between this host's agent's heartbeats",
+	"heartbeat-window":     "time without a heartbeat after which a host reads down and takes no new vTPMs (its vTPMs stay)",
 	"host-ek-ca":           "PEM file of the CAs whose EK certificates hosts' TPMs may register with",
 	"pool-size":            "manufactured TPM 2.0s kept ready for new instances (swtpm backend; 0: none)",
 	"backend":              "how this host runs vTPMs: swtpm (vtpmd runs swtpm), libvirt (attached to libvirt domains) or xen (stub domains)",
