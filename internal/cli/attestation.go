@@ -12,6 +12,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/cmdline"
 )
 
 func newAttestationCommand(g *globals) *cobra.Command {
@@ -86,7 +87,7 @@ func refreshCommand(g *globals, use, agent string, subject func(string) client.S
 					return printAttestation(cmd.OutOrStdout(), g.format(outputTable), a)
 				}
 				if time.Now().After(deadline) {
-					return &exitError{ExitFailed, fmt.Errorf("no fresh evidence within %s: is %s running?", timeout, agent)}
+					return cmdline.Exit(ExitFailed, fmt.Errorf("no fresh evidence within %s: is %s running?", timeout, agent))
 				}
 			}
 		},

@@ -13,10 +13,11 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/cmdline"
 )
 
 func newBenchCommand(g *globals) *cobra.Command {
-	cmd := &cobra.Command{Use: "bench", Short: "Measure vtpmd against the incumbent tools", Args: noArgs}
+	cmd := &cobra.Command{Use: "bench", Short: "Measure vtpmd against the incumbent tools", Args: cmdline.NoArgs}
 	cmd.AddCommand(newBenchProvisionCommand(g))
 	return cmd
 }
@@ -44,10 +45,10 @@ request until the vTPM is active, then deletes them. In the same run it times
 N runs of what libvirt does on a guest's first start, swtpm_setup --tpm2
 --create-ek-cert --create-platform-cert into an empty directory, and prints
 both with the ratio.`,
-		Args: noArgs,
+		Args: cmdline.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if n < 1 {
-				return usageErrorf("-n must be at least 1")
+				return cmdline.Usagef("-n must be at least 1")
 			}
 			ctx := cmd.Context()
 			progress := cmd.ErrOrStderr()
@@ -68,7 +69,7 @@ both with the ratio.`,
 					return apiFailure(err)
 				}
 				if v.Phase == "error" {
-					return &exitError{ExitFailed, fmt.Errorf("vTPM %s failed: %s", id, v.Reason)}
+					return cmdline.Exit(ExitFailed, fmt.Errorf("vTPM %s failed: %s", id, v.Reason))
 				}
 				ours = append(ours, time.Since(t0))
 				fmt.Fprintf(progress, "vtpmd       %3d/%d  %v\n", i+1, n, ours[i].Round(time.Millisecond))
@@ -81,7 +82,7 @@ both with the ratio.`,
 					fmt.Fprintf(progress, "swtpm_setup %3d/%d  %v\n", i+1, n, d.Round(time.Millisecond))
 				})
 				if err != nil {
-					return &exitError{ExitFailed, err}
+					return cmdline.Exit(ExitFailed, err)
 				}
 				results = append(results, summarize("swtpm_setup (libvirt first start)", theirs, total))
 			}

@@ -9,6 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/cmdline"
 )
 
 func newHyperVCommand(g *globals) *cobra.Command {
@@ -56,14 +57,14 @@ func newSecretCommand(g *globals) *cobra.Command {
 	create := &cobra.Command{
 		Use:   "create --payload-file FILE",
 		Short: "Store the file's contents as a secret of the project; prints its id (the payload is never shown again)",
-		Args:  noArgs,
+		Args:  cmdline.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if file == "" {
-				return usageErrorf("--payload-file is required (the secret never goes on the command line)")
+				return cmdline.Usagef("--payload-file is required (the secret never goes on the command line)")
 			}
 			data, err := os.ReadFile(file)
 			if err != nil {
-				return &exitError{ExitUsage, err}
+				return cmdline.Exit(ExitUsage, err)
 			}
 			s, err := g.client().CreateSecret(cmd.Context(), api.CreateSecretRequest{Payload: strings.TrimRight(string(data), "\n")})
 			if err != nil {

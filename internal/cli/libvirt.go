@@ -9,6 +9,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/cmdline"
 )
 
 func newAttachCommand(g *globals) *cobra.Command {
@@ -34,7 +35,7 @@ func newDoctorCommand(g *globals) *cobra.Command {
 vtpmd's records. It changes nothing unless --delete-orphans is given, which deletes the
 libvirt secrets and TPM state directories that no vTPM record refers to. Exit status 1 when
 drift remains.`,
-		Args: noArgs,
+		Args: cmdline.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c := g.client()
 			hosts := []string{host}
@@ -62,7 +63,7 @@ drift remains.`,
 			for _, d := range drifts {
 				for _, f := range d.Findings {
 					if !f.Deleted {
-						return &exitError{code: ExitFailed}
+						return cmdline.Exit(ExitFailed, nil)
 					}
 				}
 			}

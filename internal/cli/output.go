@@ -9,6 +9,7 @@ import (
 	"text/tabwriter"
 
 	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/cmdline"
 )
 
 func writeJSON(w io.Writer, v any) error {
@@ -33,9 +34,9 @@ func refused(w io.Writer, format string, e api.Error) error {
 		if err := writeJSON(w, api.ErrorBody{Error: e}); err != nil {
 			return err
 		}
-		return &exitError{code: ExitFailed}
+		return cmdline.Exit(ExitFailed, nil)
 	}
-	return &exitError{ExitFailed, fmt.Errorf("%s: %s", e.Code, e.Message)}
+	return cmdline.Exit(ExitFailed, fmt.Errorf("%s: %s", e.Code, e.Message))
 }
 
 // orDash renders an empty list as "-".

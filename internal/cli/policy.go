@@ -14,6 +14,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/cmdline"
 )
 
 func newPolicyCommand(g *globals) *cobra.Command {
@@ -22,7 +23,7 @@ func newPolicyCommand(g *globals) *cobra.Command {
 		&cobra.Command{
 			Use:   "list",
 			Short: "List the policies: the project's own and the operator's shared ones",
-			Args:  noArgs,
+			Args:  cmdline.NoArgs,
 			RunE: func(cmd *cobra.Command, args []string) error {
 				l, err := g.client().Policies(cmd.Context())
 				if err != nil {
@@ -101,7 +102,7 @@ func policyApplyCommand(g *globals) *cobra.Command {
 		Short: "Judge an instance (or a host) by a copy of a named policy, from now on and its last evidence at once",
 		Args: func(cmd *cobra.Command, args []string) error {
 			if len(args) != 2 {
-				return usageErrorf("%s takes a policy name and an instance (or host), got %d arguments", cmd.CommandPath(), len(args))
+				return cmdline.Usagef("%s takes a policy name and an instance (or host), got %d arguments", cmd.CommandPath(), len(args))
 			}
 			return nil
 		},
@@ -177,7 +178,7 @@ func pcrDigest(flag, v string) (int, string, error) {
 	n, digest, ok := strings.Cut(v, "=")
 	i, err := strconv.Atoi(n)
 	if !ok || err != nil {
-		return 0, "", usageErrorf("%s %q: want N=SHA256HEX", flag, v)
+		return 0, "", cmdline.Usagef("%s %q: want N=SHA256HEX", flag, v)
 	}
 	return i, digest, nil
 }
@@ -188,7 +189,7 @@ func pcrList(s string) ([]int, error) {
 	for _, f := range strings.FieldsFunc(s, func(r rune) bool { return r == ',' }) {
 		i, err := strconv.Atoi(strings.TrimSpace(f))
 		if err != nil {
-			return nil, usageErrorf("--pcrs: %q is not a PCR number", f)
+			return nil, cmdline.Usagef("--pcrs: %q is not a PCR number", f)
 		}
 		out = append(out, i)
 	}

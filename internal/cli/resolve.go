@@ -7,6 +7,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/cmdline"
 	"github.com/vtpmd/vtpmd/internal/spec"
 )
 
@@ -26,7 +27,7 @@ exit status 1, the refusal's code and message.`,
 		Example: `  vtpmctl resolve --flavor-spec hw:tpm_version=2.0 --image-prop hw_tpm_model=tpm-crb
   vtpmctl resolve --image-prop hypervisor_type=hyperv --image-prop hw_machine_type=hyperv-gen2 \
       --image-prop os_vtpm=required -o table`,
-		Args: noArgs,
+		Args: cmdline.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var err error
 			if req.FlavorSpecs, err = parseProps("--flavor-spec", flavor); err != nil {
@@ -38,7 +39,7 @@ exit status 1, the refusal's code and message.`,
 			switch v := spec.Version(defaultVersion); v {
 			case "", spec.V12, spec.V20:
 			default:
-				return usageErrorf("--default-tpm-version %q: want 1.2, 2.0 or empty", defaultVersion)
+				return cmdline.Usagef("--default-tpm-version %q: want 1.2, 2.0 or empty", defaultVersion)
 			}
 
 			format := g.format(outputJSON)
@@ -73,12 +74,12 @@ func parseProps(flag string, pairs []string) (map[string]string, error) {
 		k, v, ok := strings.Cut(p, "=")
 		switch {
 		case !ok:
-			return nil, usageErrorf("%s %q: want KEY=VALUE", flag, p)
+			return nil, cmdline.Usagef("%s %q: want KEY=VALUE", flag, p)
 		case k == "":
-			return nil, usageErrorf("%s %q: empty key", flag, p)
+			return nil, cmdline.Usagef("%s %q: empty key", flag, p)
 		}
 		if _, dup := m[k]; dup {
-			return nil, usageErrorf("%s: %s given twice", flag, k)
+			return nil, cmdline.Usagef("%s: %s given twice", flag, k)
 		}
 		m[k] = v
 	}

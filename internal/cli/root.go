@@ -5,21 +5,20 @@ package cli
 import (
 	"context"
 	"crypto/tls"
-	"errors"
-	"fmt"
 	"io"
 	"os"
 
 	"github.com/spf13/cobra"
 
 	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/cmdline"
 )
 
-// Exit statuses of vtpmctl.
+// Exit statuses of vtpmctl (see cmdline).
 const (
-	ExitOK     = 0
-	ExitFailed = 1 // the request was refused or failed
-	ExitUsage  = 2 // the command line is wrong
+	ExitOK     = cmdline.ExitOK
+	ExitFailed = cmdline.ExitFailed
+	ExitUsage  = cmdline.ExitUsage
 )
 
 // Output formats of -o.
@@ -27,37 +26,6 @@ const (
 	outputJSON  = "json"
 	outputTable = "table"
 )
-
-// exitError ends vtpmctl with status code; a non-nil err is printed to
-// stderr, and for usage errors a pointer to --help follows it.
-type exitError struct {
-	code int
-	err  error
-}
-
-func (e *exitError) Error() string {
-	if e.err == nil {
-		return fmt.Sprintf("exit status %d", e.code)
-	}
-	return e.err.Error()
-}
-
-func (e *exitError) Unwrap() error { return e.err }
-
-func usageErrorf(format string, a ...any) error {
-	return &exitError{ExitUsage, fmt.Errorf(format, a...)}
-}
-
-// noArgs refuses positional arguments as a usage error.
-func noArgs(cmd *cobra.Command, args []string) error {
-	if len(args) > 0 {
-		if cmd.HasSubCommands() {
-			return usageErrorf("unknown command %q", args[0])
-		}
-		return usageErrorf("%s takes no arguments, got %q", cmd.CommandPath(), args[0])
-	}
-	return nil
-}
 
 // globals are the flags every command shares.
 type globals struct {
@@ -86,12 +54,12 @@ func NewRootCommand() *cobra.Command {
 		Short:         "Manage virtual TPMs of cloud instances",
 		SilenceErrors: true,
 		SilenceUsage:  true,
-		Args:          noArgs,
+		Args:          cmdline.NoArgs,
 		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
 			switch g.output {
 			case "", outputJSON, outputTable:
 			default:
-				return usageErrorf("unknown output format %q (want json or table)", g.output)
+				return cmdline.Usagef("unknown output format %q (want json or table)", g.output)
 			}
 			if g.caFile == "" && g.cert == "" && g.key == "" {
 				return nil
@@ -100,14 +68,14 @@ func NewRootCommand() *cobra.Command {
 			if g.caFile != "" {
 				pool, err := client.LoadCAs(g.caFile)
 				if err != nil {
-					return usageErrorf("--ca-file: %v", err)
+					return cmdline.Usagef("--ca-file: %v", err)
 				}
 				g.tls.RootCAs = pool
 			}
 			if g.cert != "" || g.key != "" {
 				pair, err := tls.LoadX509KeyPair(g.cert, g.key)
 				if err != nil {
-					return usageErrorf("--cert and --key: %v", err)
+					return cmdline.Usagef("--cert and --key: %v", err)
 				}
 				g.tls.Certificates = []tls.Certificate{pair}
 			}
@@ -123,7 +91,7 @@ func NewRootCommand() *cobra.Command {
 	pf.StringVar(&g.cert, "cert", os.Getenv(EnvCert), "PEM client certificate that says who you are, for a server that asks for one (env "+EnvCert+")")
 	pf.StringVar(&g.key, "key", os.Getenv(EnvKey), "PEM private key of --cert (env "+EnvKey+")")
 	root.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error {
-		return &exitError{ExitUsage, err}
+		return cmdline.Exit(ExitUsage, err)
 	})
 	root.AddCommand(
 		newResolveCommand(g),
@@ -152,24 +120,5 @@ func NewRootCommand() *cobra.Command {
 
 // Main runs vtpmctl with args and returns its exit status.
 func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	root := NewRootCommand()
-	root.SetArgs(args)
-	root.SetOut(stdout)
-	root.SetErr(stderr)
-	cmd, err := root.ExecuteContextC(ctx)
-	if err == nil {
-		return ExitOK
-	}
-	code := ExitFailed
-	var ee *exitError
-	if errors.As(err, &ee) {
-		code, err = ee.code, ee.err
-	}
-	if err != nil {
-		fmt.Fprintf(stderr, "vtpmctl: %v\n", err)
-	}
-	if code == ExitUsage {
-		fmt.Fprintf(stderr, "Run '%s --help' for usage.\n", cmd.CommandPath())
-	}
-	return code
+	return cmdline.Main(ctx, NewRootCommand(), "vtpmctl", args, stdout, stderr)
 }

@@ -15,6 +15,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/cmdline"
 )
 
 // More exit statuses, for commands that talk to a server.
@@ -55,12 +56,12 @@ func apiFailure(err error) error {
 		case http.StatusConflict:
 			code = ExitConflict
 		}
-		return &exitError{code, err}
+		return cmdline.Exit(code, err)
 	}
 	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
-		return &exitError{ExitFailed, err}
+		return cmdline.Exit(ExitFailed, err)
 	}
-	return &exitError{ExitUnreachable, fmt.Errorf("cannot reach vtpmd: %w", err)}
+	return cmdline.Exit(ExitUnreachable, fmt.Errorf("cannot reach vtpmd: %w", err))
 }
 
 func newCreateCommand(g *globals) *cobra.Command {
@@ -75,10 +76,10 @@ func newCreateCommand(g *globals) *cobra.Command {
 		Short: "Create a vTPM for an instance and wait until it runs",
 		Example: `  vtpmctl create --instance 7d7a0c4e-8f4b-4bd2-9d6e-2b8f4f3c1a10 --flavor-spec hw:tpm_version=2.0
   vtpmctl create --instance $(uuidgen) --flavor-spec hw:tpm_version=1.2 -o json`,
-		Args: noArgs,
+		Args: cmdline.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if req.InstanceID == "" {
-				return usageErrorf("--instance is required")
+				return cmdline.Usagef("--instance is required")
 			}
 			var err error
 			if req.FlavorSpecs, err = parseProps("--flavor-spec", flavor); err != nil {
@@ -133,7 +134,7 @@ func waitFor(ctx context.Context, c *client.Client, progress io.Writer, id strin
 	case err != nil:
 		return v, apiFailure(err)
 	case v.Phase == "error":
-		return v, &exitError{ExitFailed, fmt.Errorf("vTPM %s failed: %s", id, v.Reason)}
+		return v, cmdline.Exit(ExitFailed, fmt.Errorf("vTPM %s failed: %s", id, v.Reason))
 	}
 	return v, nil
 }
@@ -192,7 +193,7 @@ func newListCommand(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "list",
 		Short: "List vTPMs",
-		Args:  noArgs,
+		Args:  cmdline.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c := g.client()
 			var items []api.VTPM
@@ -259,7 +260,7 @@ func newHostsCommand(g *globals) *cobra.Command {
 	return &cobra.Command{
 		Use:   "hosts",
 		Short: "List hosts with their state, use, capacity, last heartbeat, version and traits (operator)",
-		Args:  noArgs,
+		Args:  cmdline.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			hs, err := g.client().Hosts(cmd.Context())
 			if err != nil {
@@ -284,7 +285,7 @@ func newCACommand(g *globals) *cobra.Command {
 	return &cobra.Command{
 		Use:   "ca",
 		Short: "Print the deployment CA chain (PEM) that issues EK certificates",
-		Args:  noArgs,
+		Args:  cmdline.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			pem, err := g.client().CA(cmd.Context())
 			if err != nil {
@@ -381,7 +382,7 @@ func tpmLabel(s api.VTPMSpec) string {
 // exactlyOne wants one positional argument.
 func exactlyOne(cmd *cobra.Command, args []string) error {
 	if len(args) != 1 {
-		return usageErrorf("%s takes exactly one argument, got %d", cmd.CommandPath(), len(args))
+		return cmdline.Usagef("%s takes exactly one argument, got %d", cmd.CommandPath(), len(args))
 	}
 	return nil
 }

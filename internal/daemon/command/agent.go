@@ -8,6 +8,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/internal/atomicfile"
 	"github.com/vtpmd/vtpmd/internal/backend/libvirt"
+	"github.com/vtpmd/vtpmd/internal/cmdline"
 )
 
 func newConfigureHostCommand() *cobra.Command {
@@ -17,10 +18,10 @@ func newConfigureHostCommand() *cobra.Command {
 		Short: "Set swtpm_user and swtpm_group in libvirt's qemu.conf",
 		Long: "Set swtpm_user and swtpm_group in libvirt's qemu.conf, keeping every other line, and say\n" +
 			"what changed. libvirtd reads it when it starts.",
-		Args: noArgs,
+		Args: cmdline.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if user == "" || group == "" {
-				return usageErrorf("--swtpm-user and --swtpm-group are required")
+				return cmdline.Usagef("--swtpm-user and --swtpm-group are required")
 			}
 			return configureHost(cmd, path, user, group)
 		},
@@ -46,7 +47,7 @@ func configureHost(cmd *cobra.Command, path, user, group string) error {
 	}
 	changed, changes, err := libvirt.ConfigureQEMUConf(conf, user, group)
 	if err != nil {
-		return usageError(err)
+		return cmdline.Usage(err)
 	}
 	if len(changes) == 0 {
 		fmt.Fprintf(out, "%s already runs swtpm as %s:%s; nothing changed\n", path, user, group)

@@ -8,6 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/vtpmd/vtpmd/internal/cmdline"
 	"github.com/vtpmd/vtpmd/internal/daemon"
 )
 
@@ -22,7 +23,7 @@ func newAllInOneCommand() *cobra.Command {
 		Long: "Run the API server and the host agent for this host, in one process. Its configuration is\n" +
 			"the defaults, then --config FILE (YAML, whose keys are the flags' names), then the flags\n" +
 			"given; 'vtpmd config print' with the same arguments shows it.",
-		Args: noArgs,
+		Args: cmdline.NoArgs,
 	}
 	f := bindConfig(cmd)
 	cmd.RunE = func(cmd *cobra.Command, args []string) error {

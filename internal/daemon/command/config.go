@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/vtpmd/vtpmd/internal/attestor"
+	"github.com/vtpmd/vtpmd/internal/cmdline"
 	"github.com/vtpmd/vtpmd/internal/daemon"
 	"github.com/vtpmd/vtpmd/internal/spec"
 )
@@ -129,10 +130,10 @@ func (f *configFlags) load() (daemon.Config, error) {
 	if f.file != "" {
 		data, err := os.ReadFile(f.file)
 		if err != nil {
-			return cfg, usageError(err)
+			return cfg, cmdline.Usage(err)
 		}
 		if cfg, err = daemon.ParseConfig(data); err != nil {
-			return cfg, usageErrorf("%s:%s", f.file, listed(err))
+			return cfg, cmdline.Usagef("%s:%s", f.file, listed(err))
 		}
 	}
 	into := cfg.Settings()
@@ -148,7 +149,7 @@ func (f *configFlags) load() (daemon.Config, error) {
 	}
 	cfg.Defaults()
 	if err := cfg.Validate(); err != nil {
-		return cfg, usageErrorf("invalid configuration:%s", listed(err))
+		return cfg, cmdline.Usagef("invalid configuration:%s", listed(err))
 	}
 	return cfg, nil
 }
@@ -210,7 +211,7 @@ func newConfigPrintCommand() *cobra.Command {
 		Long: "Print the configuration in effect (the defaults, then --config FILE, then the flags given) as a\n" +
 			"configuration file. Whatever may be a secret reads " + daemon.Redacted + ": any password, and the\n" +
 			"webhook URL's path and query.",
-		Args: noArgs,
+		Args: cmdline.NoArgs,
 	}
 	f := bindConfig(cmd)
 	cmd.RunE = func(cmd *cobra.Command, args []string) error {

@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vtpmd/vtpmd/internal/backend/xen"
+	"github.com/vtpmd/vtpmd/internal/cmdline"
 	"github.com/vtpmd/vtpmd/internal/daemon"
 )
 
@@ -26,14 +27,14 @@ func newXenUUIDServerCommand() *cobra.Command {
 		Short: "Serve the Xen design's UUID service: GET / registers a fresh vTPM UUID with the VTPM manager group",
 		Long: "Serve the Xen design's UUID service on its own: GET / registers a fresh vTPM UUID with the\n" +
 			"VTPM manager group, whose books are kept in the data dir (in-process here: no Xen).",
-		Args: noArgs,
+		Args: cmdline.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if listen == "" {
-				return usageErrorf("--listen HOST:PORT is required")
+				return cmdline.Usagef("--listen HOST:PORT is required")
 			}
 			g, err := xen.OpenGroup(dataDir, group, capacity)
 			if err != nil {
-				return usageError(err)
+				return cmdline.Usage(err)
 			}
 			return serveUUIDs(cmd.Context(), cmd, listen, g, dataDir)
 		},
