@@ -162,6 +162,23 @@ const (
 	CodeNotHyperV Code = "not_hyperv"
 )
 
+// Codes of hosts' enrolment and their agents' calls (/v1/agent/...).
+const (
+	// CodeInvalidHostName (400): a host name is not a letter or digit
+	// followed by up to 62 letters, digits, '_', '.' and '-'.
+	CodeInvalidHostName Code = "invalid_host_name"
+	// CodeInvalidJoinToken (401): the join token is unknown, already used
+	// or expired (one answer for all three).
+	CodeInvalidJoinToken Code = "invalid_join_token"
+	// CodeInvalidCSR (400): the certificate request does not parse, its
+	// signature does not verify, or its key is not ECDSA P-256/P-384 or
+	// RSA of at least 2048 bits. The join token stays usable.
+	CodeInvalidCSR Code = "invalid_csr"
+	// CodeInvalidHostCertificate (401): the host certificate, issued by
+	// the host CA, is revoked or unknown; the host must enrol again.
+	CodeInvalidHostCertificate Code = "invalid_host_certificate"
+)
+
 // Codes of the Xen UUID service (vtpmd xen-uuid-server, GET /), which
 // answers with the same error body; besides these it uses CodeNotFound,
 // CodeMethodNotAllowed and CodeInternal.

@@ -44,7 +44,7 @@ func hostsServer(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return servertest.Operator(t, servertest.New(st, kr).Handler())
+	return servertest.Operator(t, servertest.New(t, st, kr).Handler())
 }
 
 // TestHostCommands: vtpmctl hosts shows each host's state, use, capacity,
