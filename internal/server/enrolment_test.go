@@ -2,6 +2,7 @@ package server
 
 import (
 	"bytes"
+	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -23,6 +24,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/ca"
+	"github.com/vtpmd/vtpmd/internal/store"
 )
 
 // mtls is the API over HTTPS as vtpmd serves it: client certificates of
@@ -221,10 +223,12 @@ func TestEnrolThenHeartbeat(t *testing.T) {
 	if h := m.hostNamed(t, "new1"); h.Certificates != 1 {
 		t.Fatalf("a refused enrolment issued a certificate: %+v", h)
 	}
-	var evs api.EventList
-	m.call(t, "GET", "/v1/hosts/new1/attestation/history", "", nil, &evs)
+	var evs []store.Event
+	if err := m.store.View(context.Background(), func(tx *store.Tx) (err error) { evs, err = tx.ListAllEvents(store.HostKey("new1")); return err }); err != nil {
+		t.Fatal(err)
+	}
 	var actions []string
-	for _, ev := range evs.Items {
+	for _, ev := range evs {
 		actions = append(actions, ev.Action)
 	}
 	if !slices.Equal(actions, []string{"added", "join token issued", "enrolled"}) {

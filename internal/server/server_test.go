@@ -91,7 +91,13 @@ func serveFixture(t *testing.T, st *store.Store, kr *keyring.Embedded, dir strin
 	vs := vtpms.New(vtpms.Config{Store: st, Keyring: kr, Secrets: keys, HyperV: s.hyperV, Now: s.now,
 		Notify: func(h string) { f.kicked = append(f.kicked, h) }})
 	ver := verifier.New(verifier.Config{Store: st, VTPMs: vs, CAChainPEM: caChain, Signer: s.signer})
-	hostCA, err := ca.Open(context.Background(), filepath.Join(dir, "host-ca"), kr, ca.Options{CommonName: ca.HostCommonName})
+	// The host CA's key in a key manager of its own, so that kr holds
+	// only what the tests make.
+	hostKeys, err := keyring.OpenEmbedded(filepath.Join(t.TempDir(), "keys"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	hostCA, err := ca.Open(context.Background(), t.TempDir(), hostKeys, ca.Options{CommonName: ca.HostCommonName, Now: s.now})
 	if err != nil {
 		t.Fatal(err)
 	}
