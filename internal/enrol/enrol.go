@@ -132,6 +132,10 @@ func (s *Service) JoinToken(ctx context.Context, c tenant.Caller, host string, t
 				return err
 			}
 		}
+		// Expired tokens go when new ones come, so they cannot pile up.
+		if err := tx.DeleteExpiredJoinTokens(s.cfg.Now()); err != nil {
+			return err
+		}
 		if err := tx.PutJoinToken(tokenHash(token), host, expires); err != nil {
 			return err
 		}

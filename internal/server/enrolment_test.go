@@ -19,6 +19,7 @@ import (
 	"net/http/httptest"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -233,6 +234,41 @@ func TestEnrolThenHeartbeat(t *testing.T) {
 	}
 	if !slices.Equal(actions, []string{"added", "join token issued", "enrolled"}) {
 		t.Errorf("host events: %v", actions)
+	}
+}
+
+// Racing enrolments with one token: exactly one gets a certificate.
+func TestJoinTokenRace(t *testing.T) {
+	m := newMTLS(t)
+	tok := m.joinToken(t, "race", "")
+	const n = 8
+	codes := make(chan int, n)
+	var wg sync.WaitGroup
+	for range n {
+		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		csr := makeCSR(t, key, "race")
+		body, _ := json.Marshal(api.EnrollRequest{JoinToken: tok.Token, CSR: csr})
+		wg.Go(func() {
+			resp, err := m.client(nil).Post(m.srv.URL+"/v1/agent/enroll", "application/json", bytes.NewReader(body))
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			resp.Body.Close()
+			codes <- resp.StatusCode
+		})
+	}
+	wg.Wait()
+	close(codes)
+	count := map[int]int{}
+	for c := range codes {
+		count[c]++
+	}
+	if count[200] != 1 || count[401] != n-1 {
+		t.Fatalf("answers to %d racing enrolments: %v", n, count)
+	}
+	if h := m.hostNamed(t, "race"); h.Certificates != 1 {
+		t.Fatalf("certificates after the race: %+v", h)
 	}
 }
 

@@ -55,18 +55,22 @@ func (t *Tx) TakeJoinToken(sha256Hex string) (host string, expires time.Time, er
 	return host, parseStamp(exp), nil
 }
 
-// DeleteJoinTokens removes every join token of host, and those of any
-// host that expired before now; it returns how many of host's went.
+// DeleteJoinTokens removes every join token of host and returns how
+// many.
 func (t *Tx) DeleteJoinTokens(host string) (int, error) {
-	if _, err := t.exec(`DELETE FROM join_tokens WHERE expires_at < ?`, stamp(t.now)); err != nil {
-		return 0, err
-	}
 	res, err := t.exec(`DELETE FROM join_tokens WHERE host=?`, host)
 	if err != nil {
 		return 0, err
 	}
 	n, err := res.RowsAffected()
 	return int(n), err
+}
+
+// DeleteExpiredJoinTokens removes every join token that expired before
+// now, whoever's.
+func (t *Tx) DeleteExpiredJoinTokens(now time.Time) error {
+	_, err := t.exec(`DELETE FROM join_tokens WHERE expires_at < ?`, stamp(now))
+	return err
 }
 
 // PutHostCertificate records a certificate the host CA issued.

@@ -69,6 +69,21 @@ func TestJoinTokensAndHostCertificates(t *testing.T) {
 			if _, _, err := tx.TakeJoinToken("cc"); err != nil {
 				t.Fatalf("h2's token after revoking h1: %v", err)
 			}
+			if err := tx.PutJoinToken("dd", "h2", time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)); err != nil {
+				return err
+			}
+			if err := tx.PutJoinToken("ee", "h2", exp); err != nil {
+				return err
+			}
+			if err := tx.DeleteExpiredJoinTokens(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)); err != nil {
+				return err
+			}
+			if _, _, err := tx.TakeJoinToken("dd"); !errors.Is(err, ErrNotFound) {
+				t.Fatalf("an expired token after the sweep: %v", err)
+			}
+			if _, _, err := tx.TakeJoinToken("ee"); err != nil {
+				t.Fatalf("a valid token after the sweep: %v", err)
+			}
 			valid, err := tx.ValidHostCertificates(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
 			if err != nil || len(valid) != 1 || valid["h2"] != 1 {
 				t.Fatalf("valid certificates: %v %v", valid, err)
