@@ -43,11 +43,13 @@ const (
 	CodeMethodNotAllowed Code = "method_not_allowed"
 	// CodeUnauthenticated (401): the caller proved nobody: no client
 	// certificate or operator's socket on a tenant's or the operator's
-	// route, no or a wrong agent token or host credential on an agent's.
+	// route, no or a wrong agent token or host credential on an agent's,
+	// no client certificate on a host's (/v1/agent/...).
 	CodeUnauthenticated Code = "unauthenticated"
 	// CodeForbidden (403): the caller is known but may not do this: a
 	// project on an operator's route, a host asking for a key no instance
-	// on it names.
+	// on it names, a host certificate on a tenant's or the operator's
+	// route, or another certificate on a host's.
 	CodeForbidden Code = "forbidden"
 	// CodeStorageFull (507): the server's disk is full; nothing was
 	// changed.

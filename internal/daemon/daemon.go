@@ -236,8 +236,8 @@ func (d *AllInOne) start(ctx context.Context) error {
 	})
 	ver := verifier.New(verifier.Config{Store: d.store, VTPMs: vs, CAChainPEM: authority.ChainPEM, HostEKRoots: hostRoots,
 		Signer: verdicts, Webhook: hook, StaleAfter: cfg.StaleAfter, Log: d.log})
-	hostsIn := enrol.New(enrol.Config{Store: d.store, HostCA: hostCA, Log: d.log})
-	srv := &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, Enrolment: hostsIn, CAChainPEM: authority.ChainPEM, Log: d.log,
+	enrolment := enrol.New(enrol.Config{Store: d.store, HostCA: hostCA, Log: d.log})
+	srv := &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, Enrolment: enrolment, CAChainPEM: authority.ChainPEM, Log: d.log,
 		Drift: d.drift,
 	}
 	d.http = &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, TLSConfig: serving,

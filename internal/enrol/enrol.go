@@ -79,10 +79,6 @@ func New(cfg Config) *Service {
 	return &Service{cfg: cfg, roots: cfg.HostCA.Pool()}
 }
 
-// HostCA is the certificate of the CA that issues host certificates, for
-// the TLS server's client CAs.
-func (s *Service) HostCA() *x509.Certificate { return s.cfg.HostCA.Certificate() }
-
 var hostRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
 
 // ValidHost reports whether name can name a host: a letter or digit, then
