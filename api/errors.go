@@ -43,11 +43,13 @@ const (
 	CodeMethodNotAllowed Code = "method_not_allowed"
 	// CodeUnauthenticated (401): the caller proved nobody: no client
 	// certificate or operator's socket on a tenant's or the operator's
-	// route, no or a wrong agent token or host credential on an agent's.
+	// route, no or a wrong agent token or host credential on an agent's,
+	// no client certificate on a host's (/v1/agent/...).
 	CodeUnauthenticated Code = "unauthenticated"
 	// CodeForbidden (403): the caller is known but may not do this: a
 	// project on an operator's route, a host asking for a key no instance
-	// on it names.
+	// on it names, a host certificate on a tenant's or the operator's
+	// route, or another certificate on a host's.
 	CodeForbidden Code = "forbidden"
 	// CodeStorageFull (507): the server's disk is full; nothing was
 	// changed.
@@ -160,6 +162,23 @@ const (
 	CodeTooManyHyperVKeys Code = "too_many_hyperv_keys"
 	// CodeNotHyperV (409): a Hyper-V plan for a vTPM that is not one.
 	CodeNotHyperV Code = "not_hyperv"
+)
+
+// Codes of hosts' enrolment and their agents' calls (/v1/agent/...).
+const (
+	// CodeInvalidHostName (400): a host name is not a letter or digit
+	// followed by up to 62 letters, digits, '_', '.' and '-'.
+	CodeInvalidHostName Code = "invalid_host_name"
+	// CodeInvalidJoinToken (401): the join token is unknown, already used
+	// or expired (one answer for all three).
+	CodeInvalidJoinToken Code = "invalid_join_token"
+	// CodeInvalidCSR (400): the certificate request does not parse, its
+	// signature does not verify, or its key is not ECDSA P-256/P-384 or
+	// RSA of at least 2048 bits. The join token stays usable.
+	CodeInvalidCSR Code = "invalid_csr"
+	// CodeInvalidHostCertificate (401): the host certificate, issued by
+	// the host CA, is revoked or unknown; the host must enrol again.
+	CodeInvalidHostCertificate Code = "invalid_host_certificate"
 )
 
 // Codes of the Xen UUID service (vtpmd xen-uuid-server, GET /), which

@@ -87,10 +87,14 @@ type Host struct {
 	Capacity int      `json:"capacity"`
 	Used     int      `json:"used"`
 	// LastHeartbeat is when the host's agent was last heard from (a
-	// heartbeat or its registration).
+	// heartbeat or its registration); zero (0001-01-01) for a host added
+	// by the operator whose agent never spoke.
 	LastHeartbeat time.Time `json:"last_heartbeat"`
 	// Version is the vtpmd build the agent runs, as it last said.
 	Version string `json:"version"`
+	// Certificates is how many host certificates of the host are valid:
+	// neither expired nor revoked.
+	Certificates int `json:"certificates"`
 }
 
 // HostList is every host.

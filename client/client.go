@@ -428,6 +428,43 @@ func (c *Client) UndrainHost(ctx context.Context, name string) (api.Host, error)
 	return out, c.do(ctx, http.MethodPost, "/v1/hosts/"+url.PathEscape(name)+"/undrain", nil, &out)
 }
 
+// GetHost reads one host (the operator's).
+func (c *Client) GetHost(ctx context.Context, name string) (api.Host, error) {
+	var out api.Host
+	return out, c.do(ctx, http.MethodGet, "/v1/hosts/"+url.PathEscape(name), nil, &out)
+}
+
+// JoinToken makes a one-time join token for a host (operator), valid for
+// ttl (0: the server's default).
+func (c *Client) JoinToken(ctx context.Context, host string, ttl time.Duration) (api.JoinToken, error) {
+	path := "/v1/hosts/" + url.PathEscape(host) + "/join-tokens"
+	if ttl != 0 {
+		path += "?ttl=" + url.QueryEscape(ttl.String())
+	}
+	var out api.JoinToken
+	return out, c.do(ctx, http.MethodPost, path, nil, &out)
+}
+
+// RevokeHost revokes every certificate of a host and its unused join
+// tokens (operator).
+func (c *Client) RevokeHost(ctx context.Context, host string) (api.HostRevocation, error) {
+	var out api.HostRevocation
+	return out, c.do(ctx, http.MethodPost, "/v1/hosts/"+url.PathEscape(host)+"/revoke", nil, &out)
+}
+
+// Enroll exchanges a join token and a certificate request for the host's
+// client certificate (a host's agent, before it has one).
+func (c *Client) Enroll(ctx context.Context, req api.EnrollRequest) (api.Enrollment, error) {
+	var out api.Enrollment
+	return out, c.do(ctx, http.MethodPost, "/v1/agent/enroll", req, &out)
+}
+
+// Heartbeat tells the server that the host's agent is alive; the client
+// must present the host's certificate (WithTLS).
+func (c *Client) Heartbeat(ctx context.Context, req api.HeartbeatRequest) error {
+	return c.do(ctx, http.MethodPost, "/v1/agent/heartbeat", req, nil)
+}
+
 // CA returns the deployment CA chain (PEM).
 func (c *Client) CA(ctx context.Context) ([]byte, error) {
 	var out []byte

@@ -64,6 +64,9 @@ const (
 
 // Options configure Open.
 type Options struct {
+	// CommonName is the CN of the CA's subject. Used only when the CA is
+	// created. Default: "vtpmd deployment CA".
+	CommonName string
 	// Organization is the O= of the CA's subject. Used only when the CA is
 	// created; an existing CA keeps its subject. Default: none.
 	Organization string
@@ -92,8 +95,8 @@ type reference struct {
 var testHookBeforeCommit func() error
 
 // Open loads the deployment CA from dir, creating it on first start: a
-// self-signed root (ECDSA P-384, 10 years, subject CN "vtpmd deployment
-// CA" plus opts.Organization) whose private key is stored in kr under
+// self-signed root (ECDSA P-384, 10 years, subject CN opts.CommonName
+// plus opts.Organization) whose private key is stored in kr under
 // project KeyProject. Reopening yields the same CA.
 //
 // Creation is crash-safe: ca.pem is written first, then the key is stored,
@@ -114,6 +117,9 @@ func Open(ctx context.Context, dir string, kr keyring.Keyring, opts Options) (*C
 	}
 	if opts.Now == nil {
 		opts.Now = time.Now
+	}
+	if opts.CommonName == "" {
+		opts.CommonName = commonName
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("creating ca dir: %w", err)
@@ -223,7 +229,7 @@ func create(ctx context.Context, dir string, kr keyring.Keyring, opts Options) (
 		return nil, err
 	}
 	now := opts.Now()
-	subject := pkix.Name{CommonName: commonName}
+	subject := pkix.Name{CommonName: opts.CommonName}
 	if opts.Organization != "" {
 		subject.Organization = []string{opts.Organization}
 	}

@@ -25,4 +25,9 @@ var (
 	// manufacturer, model and version; for VerifyEK also the
 	// tcg-kp-EKCertificate extended key usage).
 	ErrNotEK = errors.New("not a tcg ek certificate")
+
+	// ErrInvalidCSR: IssueHost was given a certificate request that does
+	// not parse, whose signature does not verify, or whose key is not
+	// ECDSA P-256/P-384 or RSA of at least 2048 bits.
+	ErrInvalidCSR = errors.New("invalid host certificate request")
 )

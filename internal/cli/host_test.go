@@ -2,7 +2,12 @@ package cli
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
 	"encoding/json"
+	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -10,6 +15,7 @@ import (
 	"time"
 
 	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/server/servertest"
 	"github.com/vtpmd/vtpmd/internal/spec"
@@ -44,7 +50,7 @@ func hostsServer(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return servertest.Operator(t, servertest.New(st, kr).Handler())
+	return servertest.Operator(t, servertest.New(t, st, kr).Handler())
 }
 
 // TestHostCommands: vtpmctl hosts shows each host's state, use, capacity,
@@ -58,9 +64,9 @@ func TestHostCommands(t *testing.T) {
 		t.Fatalf("hosts: %d %q", code, errOut)
 	}
 	for _, want := range []*regexp.Regexp{
-		regexp.MustCompile(`(?m)^HOST +BACKEND +STATE +USED +CAPACITY +LAST HEARTBEAT +VERSION +TRAITS$`),
-		regexp.MustCompile(`(?m)^h1 +libvirt +up +0 +5 +\d+s ago +v1\.2\.3 +COMPUTE_SECURITY_TPM`),
-		regexp.MustCompile(`(?m)^h2 +swtpm +down +0 +5 +2m\d+s ago +v1\.1\.0 +COMPUTE_SECURITY_TPM`),
+		regexp.MustCompile(`(?m)^HOST +BACKEND +STATE +USED +CAPACITY +LAST HEARTBEAT +VERSION +CERTS +TRAITS$`),
+		regexp.MustCompile(`(?m)^h1 +libvirt +up +0 +5 +\d+s ago +v1\.2\.3 +0 +COMPUTE_SECURITY_TPM`),
+		regexp.MustCompile(`(?m)^h2 +swtpm +down +0 +5 +2m\d+s ago +v1\.1\.0 +0 +COMPUTE_SECURITY_TPM`),
 	} {
 		if !want.MatchString(out) {
 			t.Fatalf("hosts table does not match %s:\n%s", want, out)
@@ -113,6 +119,65 @@ func TestHostCommands(t *testing.T) {
 		code, out, errOut := run(t, append(base, c.args...)...)
 		if code != c.code || !strings.Contains(out+errOut, c.want) {
 			t.Errorf("%v: exit %d, stdout %q, stderr %q; want exit %d and %q", c.args, code, out, errOut, c.code, c.want)
+		}
+	}
+}
+
+// TestHostAddShowRevoke: host add prints a join token (or writes it to a
+// private file), the new host reads down with no certificate until its
+// agent enrols; revoke stops its certificate and its unused tokens.
+func TestHostAddShowRevoke(t *testing.T) {
+	server := hostsServer(t)
+	base := []string{"--server", server}
+	code, token, errOut := run(t, append(base, "host", "add", "new1", "--ttl", "10m")...)
+	token = strings.TrimSpace(token)
+	if code != ExitOK || len(token) != 43 || !strings.Contains(errOut, "one use") {
+		t.Fatalf("host add: %d %q %q", code, token, errOut)
+	}
+	code, out, errOut := run(t, append(base, "host", "show", "new1")...)
+	for _, want := range []string{`(?m)^STATE +down$`, `(?m)^BACKEND +-$`, `(?m)^LAST HEARTBEAT +-$`, `(?m)^CERTIFICATES +0$`} {
+		if code != ExitOK || !regexp.MustCompile(want).MatchString(out) {
+			t.Fatalf("host show of an added host does not match %s: %d %q %q", want, code, out, errOut)
+		}
+	}
+
+	file := filepath.Join(t.TempDir(), "token")
+	if code, out, errOut := run(t, append(base, "host", "add", "new1", "--token-file", file)...); code != ExitOK || strings.Contains(out, "\n\n") || !strings.Contains(out, file) {
+		t.Fatalf("host add --token-file: %d %q %q", code, out, errOut)
+	}
+	fi, err := os.Stat(file)
+	data, _ := os.ReadFile(file)
+	if err != nil || fi.Mode().Perm() != 0o600 || len(strings.TrimSpace(string(data))) != 43 || strings.Contains(out, strings.TrimSpace(string(data))) {
+		t.Fatalf("token file: %v %v %q", fi.Mode(), err, data)
+	}
+
+	// The host's agent enrols with the first token.
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	csr, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	if _, err := client.New(server, "").Enroll(context.Background(), api.EnrollRequest{JoinToken: token, CSR: csr}); err != nil {
+		t.Fatal(err)
+	}
+	if code, out, _ := run(t, append(base, "host", "show", "new1")...); code != ExitOK || !regexp.MustCompile(`(?m)^CERTIFICATES +1$`).MatchString(out) {
+		t.Fatalf("host show after enrolment: %d %q", code, out)
+	}
+	if code, out, errOut := run(t, append(base, "host", "revoke", "new1")...); code != ExitOK || !strings.Contains(out, "1 certificates revoked, 1 unused join tokens deleted") {
+		t.Fatalf("host revoke: %d %q %q", code, out, errOut)
+	}
+	if code, out, _ := run(t, append(base, "hosts")...); code != ExitOK || !regexp.MustCompile(`(?m)^new1 +- +down +0 +0 +- +- +0 +-$`).MatchString(out) {
+		t.Fatalf("hosts after revoke: %d %q", code, out)
+	}
+	for _, c := range []struct {
+		args []string
+		code int
+	}{
+		{[]string{"host", "revoke", "nope"}, ExitNotFound},
+		{[]string{"host", "show", "nope"}, ExitNotFound},
+		{[]string{"host", "add", "bad:name"}, ExitFailed},
+		{[]string{"host", "add", "h3", "--ttl", "48h"}, ExitFailed},
+		{[]string{"host", "add"}, ExitUsage},
+	} {
+		if code, out, errOut := run(t, append(base, c.args...)...); code != c.code {
+			t.Errorf("%v: %d, want %d: %q %q", c.args, code, c.code, out, errOut)
 		}
 	}
 }

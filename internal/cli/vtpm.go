@@ -259,7 +259,7 @@ func newIdentityCommand(g *globals) *cobra.Command {
 func newHostsCommand(g *globals) *cobra.Command {
 	return &cobra.Command{
 		Use:   "hosts",
-		Short: "List hosts with their state, use, capacity, last heartbeat, version and traits (operator)",
+		Short: "List hosts with their state, use, capacity, last heartbeat, version, valid host certificates and traits (operator)",
 		Args:  cmdline.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			hs, err := g.client().Hosts(cmd.Context())
@@ -271,10 +271,10 @@ func newHostsCommand(g *globals) *cobra.Command {
 				return writeJSON(w, hs.Items)
 			}
 			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "HOST\tBACKEND\tSTATE\tUSED\tCAPACITY\tLAST HEARTBEAT\tVERSION\tTRAITS")
+			fmt.Fprintln(tw, "HOST\tBACKEND\tSTATE\tUSED\tCAPACITY\tLAST HEARTBEAT\tVERSION\tCERTS\tTRAITS")
 			for _, h := range hs.Items {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\n", h.Name, h.Backend, hostState(h), h.Used, h.Capacity,
-					ago(h.LastHeartbeat), orDash([]string{h.Version}), orDash(h.Traits))
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%s\t%s\t%d\t%s\n", h.Name, orDash([]string{h.Backend}), hostState(h), h.Used, h.Capacity,
+					ago(h.LastHeartbeat), orDash([]string{h.Version}), h.Certificates, orDash(h.Traits))
 			}
 			return tw.Flush()
 		},

@@ -34,7 +34,7 @@ func apiServer(t *testing.T) string {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	return servertest.Operator(t, servertest.New(st, kr).Handler())
+	return servertest.Operator(t, servertest.New(t, st, kr).Handler())
 }
 
 func TestVTPMCommandsExitCodes(t *testing.T) {

@@ -33,7 +33,7 @@ import (
 // Each field is a key of the configuration file (YAML, see ParseConfig)
 // and a flag of the same name: the yaml tag names both.
 type Config struct {
-	// DataDir holds the store, the key manager, the CA and the vTPM states.
+	// DataDir holds the store, the key manager, the CAs and the vTPM states.
 	// Default /var/lib/vtpmd.
 	DataDir string `yaml:"data-dir"`
 	// Listen is the API's network address. Default 127.0.0.1:8780. Callers
@@ -124,7 +124,9 @@ type Config struct {
 	// it: libpq's passfile (PGPASSFILE, ~/.pgpass) holds it.
 	Store string `yaml:"store"`
 	// TLSCert and TLSKey are PEM files of the API's certificate (chain)
-	// and key: with them the API speaks only HTTPS.
+	// and key: with them the API speaks only HTTPS, and hosts' agents call
+	// it with the client certificates the host CA (DataDir/host-ca) issued
+	// them at enrolment.
 	TLSCert string `yaml:"tls-cert"`
 	TLSKey  string `yaml:"tls-key"`
 	// ClientCA is a PEM file of the CAs whose client certificates identify

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -21,6 +22,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/backend/direct"
 	"github.com/vtpmd/vtpmd/internal/backend/libvirt"
 	"github.com/vtpmd/vtpmd/internal/ca"
+	"github.com/vtpmd/vtpmd/internal/enrol"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/secrets"
 	"github.com/vtpmd/vtpmd/internal/server"
@@ -101,15 +103,12 @@ func (d *AllInOne) start(ctx context.Context) error {
 			return fmt.Errorf("TLS certificate and key: %w", err)
 		}
 	}
+	clientCAs := x509.NewCertPool()
 	if cfg.ClientCA != "" {
-		pool, err := client.LoadCAs(cfg.ClientCA)
-		if err != nil {
+		var err error
+		if clientCAs, err = client.LoadCAs(cfg.ClientCA); err != nil {
 			return fmt.Errorf("client CAs: %w", err)
 		}
-		// Agents have no certificates: they authenticate per request
-		// (tokens, host credentials), so a certificate is checked if given
-		// and required by the routes of tenants and the operator.
-		serving.ClientCAs, serving.ClientAuth = pool, tls.VerifyClientCertIfGiven
 	}
 	kr, err := keyring.OpenEmbedded(filepath.Join(cfg.DataDir, "keys"))
 	if err != nil {
@@ -118,6 +117,18 @@ func (d *AllInOne) start(ctx context.Context) error {
 	authority, err := ca.Open(ctx, filepath.Join(cfg.DataDir, "ca"), kr, ca.Options{Organization: cfg.CAOrganization})
 	if err != nil {
 		return fmt.Errorf("opening CA: %w", err)
+	}
+	hostCA, err := ca.Open(ctx, filepath.Join(cfg.DataDir, "host-ca"), kr, ca.Options{CommonName: ca.HostCommonName, Organization: cfg.CAOrganization})
+	if err != nil {
+		return fmt.Errorf("opening host CA: %w", err)
+	}
+	if serving != nil {
+		// Hosts' agents (host CA), tenants and the operator (--client-ca)
+		// may each present a certificate; it is checked if given, and the
+		// routes say whose they require (internal/server, auth.go). Guest
+		// agents have none: they prove themselves per request (tokens).
+		clientCAs.AddCert(hostCA.Certificate())
+		serving.ClientCAs, serving.ClientAuth = clientCAs, tls.VerifyClientCertIfGiven
 	}
 	if cfg.libvirtExternal() && cfg.SocketGroup == "" {
 		// QEMU connects to vtpmd's swtpm as whatever libvirt runs it as.
@@ -225,7 +236,8 @@ func (d *AllInOne) start(ctx context.Context) error {
 	})
 	ver := verifier.New(verifier.Config{Store: d.store, VTPMs: vs, CAChainPEM: authority.ChainPEM, HostEKRoots: hostRoots,
 		Signer: verdicts, Webhook: hook, StaleAfter: cfg.StaleAfter, Log: d.log})
-	srv := &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: authority.ChainPEM, Log: d.log,
+	enrolment := enrol.New(enrol.Config{Store: d.store, HostCA: hostCA, Log: d.log})
+	srv := &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, Enrolment: enrolment, CAChainPEM: authority.ChainPEM, Log: d.log,
 		Drift: d.drift,
 	}
 	d.http = &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, TLSConfig: serving,

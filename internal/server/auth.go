@@ -32,6 +32,9 @@ const (
 	agents
 	// anyone may read public documents: health, OpenAPI, CA, verdict keys.
 	anyone
+	// hosts are hosts' agents by the client certificate they got at
+	// enrolment (hostOf), checked against the store on every request.
+	hosts
 )
 
 // OperatorOrganization in a client certificate's subject makes its holder
@@ -92,6 +95,9 @@ func (s *Server) authenticate(r *http.Request) (*http.Request, error) {
 			"This API needs a client certificate (vtpmctl --cert and --key), or the operator's local socket (vtpmctl --server unix://DATA-DIR/api.sock).")
 	}
 	leaf := r.TLS.VerifiedChains[0][0]
+	if s.Enrolment.Issued(leaf) {
+		return r, refusal.Forbidden(api.CodeForbidden, "A host certificate is for its agent's routes (/v1/agent/...), not tenants' or the operator's.")
+	}
 	c := caller{name: leaf.Subject.CommonName}
 	switch org := leaf.Subject.Organization; {
 	case len(org) == 1 && org[0] == OperatorOrganization:
@@ -102,6 +108,31 @@ func (s *Server) authenticate(r *http.Request) (*http.Request, error) {
 		return r, refusal.Forbidden(api.CodeForbidden, "The client certificate names no project: its subject needs one organization, the project id (or "+OperatorOrganization+").")
 	}
 	return r.WithContext(context.WithValue(r.Context(), callerKey{}, c)), nil
+}
+
+type hostKey struct{}
+
+// hostOf authenticates the host's agent of a hosts' route by the client
+// certificate the TLS server verified: one the host CA issued, whose
+// serial the store holds unrevoked (enrol.Service.Authenticate), names the
+// host. The host comes from the certificate alone, never from the path or
+// body. It returns the request carrying the host (see hostName).
+func (s *Server) hostOf(r *http.Request) (*http.Request, error) {
+	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 {
+		return r, refusal.Unauthenticated(api.CodeUnauthenticated,
+			"This is a host's route: it needs the client certificate the host's agent got at enrolment (POST /v1/agent/enroll).")
+	}
+	host, err := s.Enrolment.Authenticate(r.Context(), r.TLS.VerifiedChains[0][0])
+	if err != nil {
+		return r, err
+	}
+	return r.WithContext(context.WithValue(r.Context(), hostKey{}, host)), nil
+}
+
+// hostName is the host hostOf authenticated for r.
+func hostName(r *http.Request) string {
+	h, _ := r.Context().Value(hostKey{}).(string)
+	return h
 }
 
 // callerOf is the authenticated caller of r, if any.

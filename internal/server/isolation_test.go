@@ -307,6 +307,7 @@ func TestBodylessRoutesRefuseBodies(t *testing.T) {
 		"POST /v1/secrets", "POST /v1/policies",
 		"POST /v1/hosts/{name}/attestation/register", "POST /v1/hosts/{name}/attestation/activate",
 		"POST /v1/hosts/{name}/attestation/evidence", "POST /v1/hosts/{name}/attestation/policy",
+		"POST /v1/agent/enroll", "POST /v1/agent/heartbeat",
 	}
 	var evsBefore api.EventList
 	f.call(t, "GET", "/v1/vtpms/"+inst+"/events", "", nil, &evsBefore)

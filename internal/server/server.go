@@ -23,6 +23,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/enrol"
 	"github.com/vtpmd/vtpmd/internal/refusal"
 	"github.com/vtpmd/vtpmd/internal/secrets"
 	"github.com/vtpmd/vtpmd/internal/spec"
@@ -50,6 +51,9 @@ type Server struct {
 	VTPMs    *vtpms.Service
 	Verifier *verifier.Verifier
 	Secrets  *secrets.Service
+	// Enrolment issues join tokens, enrols hosts and authenticates their
+	// agents' certificates.
+	Enrolment *enrol.Service
 	// CAChainPEM returns the deployment CA chain.
 	CAChainPEM func() []byte
 	// Drift asks a host's agent what differs between its hypervisor and the
@@ -155,6 +159,10 @@ func (s *Server) routes() []route {
 		{"POST /v1/hosts/{name}/attestation/evidence", s.evidence, agents, jsonBody},
 		{"POST /v1/hosts/{name}/attestation/policy", s.setPolicy, operator, jsonBody},
 		{"POST /v1/hosts/{name}/drift/repair", s.repairDrift, operator, noBody},
+		{"POST /v1/hosts/{name}/join-tokens", s.joinToken, operator, noBody},
+		{"POST /v1/hosts/{name}/revoke", s.revokeHost, operator, noBody},
+		{"POST /v1/agent/enroll", s.enroll, agents, jsonBody},
+		{"POST /v1/agent/heartbeat", s.heartbeat, hosts, jsonBody},
 		{"GET /v1/ca", s.caChain, anyone, noBody},
 	}
 }
@@ -174,9 +182,16 @@ func (s *Server) handle(rt route) http.Handler {
 // admit checks, before a route's handler runs, what its row in routes
 // asks: an authenticated caller for callers' and the operator's routes,
 // the operator itself (not a project, nor the operator scoped to one) for
-// the operator's, and no body where the route takes none. It returns the
-// request with its caller.
+// the operator's, an enrolled host's certificate for hosts', and no body
+// where the route takes none. It returns the request with its caller or
+// host.
 func (s *Server) admit(r *http.Request, rt route) (*http.Request, error) {
+	if rt.access == hosts {
+		var err error
+		if r, err = s.hostOf(r); err != nil {
+			return r, err
+		}
+	}
 	if rt.access == callers || rt.access == operator {
 		var err error
 		if r, err = s.authenticate(r); err != nil {
@@ -554,7 +569,7 @@ func hostView(h vtpms.Host) api.Host {
 		traits = []string{}
 	}
 	return api.Host{Name: h.Name, Backend: h.Backend, State: string(h.State), Draining: h.Draining, Traits: traits,
-		Capacity: h.Capacity, Used: h.Used, LastHeartbeat: h.HeartbeatAt, Version: h.Version}
+		Capacity: h.Capacity, Used: h.Used, LastHeartbeat: h.HeartbeatAt, Version: h.Version, Certificates: h.Certificates}
 }
 
 func (s *Server) drift(w http.ResponseWriter, r *http.Request) error {

@@ -20,6 +20,8 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/attest"
+	"github.com/vtpmd/vtpmd/internal/ca"
+	"github.com/vtpmd/vtpmd/internal/enrol"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/secrets"
 	"github.com/vtpmd/vtpmd/internal/spec"
@@ -42,6 +44,7 @@ type fixture struct {
 	kicked []string
 	token  string              // sent as the agent's bearer token when set
 	reopen func() *store.Store // another handle on the same database
+	hostCA *ca.CA
 }
 
 // setup is what a test changes in the API it runs: by default no verdict
@@ -88,7 +91,19 @@ func serveFixture(t *testing.T, st *store.Store, kr *keyring.Embedded, dir strin
 	vs := vtpms.New(vtpms.Config{Store: st, Keyring: kr, Secrets: keys, HyperV: s.hyperV, Now: s.now,
 		Notify: func(h string) { f.kicked = append(f.kicked, h) }})
 	ver := verifier.New(verifier.Config{Store: st, VTPMs: vs, CAChainPEM: caChain, Signer: s.signer})
-	f.api = &Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: caChain, Log: s.log}
+	// The host CA's key in a key manager of its own, so that kr holds
+	// only what the tests make.
+	hostKeys, err := keyring.OpenEmbedded(filepath.Join(t.TempDir(), "keys"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	hostCA, err := ca.Open(context.Background(), t.TempDir(), hostKeys, ca.Options{CommonName: ca.HostCommonName, Now: s.now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.hostCA = hostCA
+	f.api = &Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: caChain, Log: s.log,
+		Enrolment: enrol.New(enrol.Config{Store: st, HostCA: hostCA, Now: s.now})}
 	f.srv = httptest.NewServer(f.api.Handler())
 	t.Cleanup(f.srv.Close)
 	f.url, f.http = "http://vtpmd", operatorSocket(t, f.srv.Config.Handler)

@@ -127,6 +127,24 @@ ALTER TABLE vtpms ADD COLUMN ctrl_socket TEXT NOT NULL DEFAULT '';`,
 ALTER TABLE hosts RENAME COLUMN seen_at TO heartbeat_at;
 ALTER TABLE hosts ADD COLUMN version TEXT NOT NULL DEFAULT '';
 ALTER TABLE hosts ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;`,
+	// Enrolment: the operator's one-time join tokens, kept only as their
+	// SHA-256 (hex), and the client certificates the host CA issued, by
+	// serial (hex): a certificate is honoured only while its row is here
+	// unrevoked (revoked_at '').
+	12: `
+CREATE TABLE join_tokens (
+	token_sha256 TEXT PRIMARY KEY,
+	host         TEXT NOT NULL,
+	expires_at   TEXT NOT NULL
+);
+CREATE INDEX join_tokens_host ON join_tokens(host);
+CREATE TABLE host_certificates (
+	serial      TEXT PRIMARY KEY,
+	host        TEXT NOT NULL,
+	not_after   TEXT NOT NULL,
+	revoked_at  TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX host_certificates_host ON host_certificates(host);`,
 }
 
 func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)-1) }

@@ -495,6 +495,9 @@ type Host struct {
 	store.Host
 	Used  int
 	State spec.HostState
+	// Certificates counts the host's valid host certificates (see
+	// internal/enrol).
+	Certificates int
 }
 
 // Hosts reads every host, or the one named ("" for all); a name no host
@@ -519,10 +522,14 @@ func (s *Service) hosts(tx *store.Tx, name string) ([]Host, error) {
 		return nil, err
 	}
 	now := s.cfg.Now()
+	certs, err := tx.ValidHostCertificates(now)
+	if err != nil {
+		return nil, err
+	}
 	var out []Host
 	for _, h := range hosts {
 		if name == "" || h.Name == name {
-			out = append(out, Host{Host: *h, Used: used[h.Name], State: s.state(h, now)})
+			out = append(out, Host{Host: *h, Used: used[h.Name], State: s.state(h, now), Certificates: certs[h.Name]})
 		}
 	}
 	return out, nil
@@ -539,6 +546,17 @@ func (s *Service) state(h *store.Host, now time.Time) spec.HostState {
 		return spec.HostDraining
 	}
 	return spec.HostUp
+}
+
+// Heartbeat records that host's agent, running version, is alive now.
+// The caller has authenticated the agent as that host; an unknown host is
+// not found.
+func (s *Service) Heartbeat(ctx context.Context, host, version string) error {
+	err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error { return tx.Heartbeat(host, version) })
+	if errors.Is(err, store.ErrNotFound) {
+		return refusal.NotFound(api.CodeNotFound, "No such host.")
+	}
+	return err
 }
 
 // Drain stops (drain) or lets again (undrain) new vTPMs be placed on a

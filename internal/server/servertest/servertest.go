@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vtpmd/vtpmd/internal/ca"
+	"github.com/vtpmd/vtpmd/internal/enrol"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/secrets"
 	"github.com/vtpmd/vtpmd/internal/server"
@@ -21,14 +23,20 @@ import (
 )
 
 // New assembles the API over st and kr as vtpmd does, with no host agent
-// (records stay pending), no verdict signing and no webhook, and an empty
-// CA chain.
-func New(st *store.Store, kr keyring.Keyring) *server.Server {
+// (records stay pending), no verdict signing and no webhook, an empty CA
+// chain, and a host CA of its own in a temporary directory.
+func New(t testing.TB, st *store.Store, kr keyring.Keyring) *server.Server {
+	t.Helper()
 	caChain := func() []byte { return nil }
+	hostCA, err := ca.Open(context.Background(), t.TempDir(), kr, ca.Options{CommonName: ca.HostCommonName})
+	if err != nil {
+		t.Fatal(err)
+	}
 	keys := secrets.New(st, kr, nil)
 	vs := vtpms.New(vtpms.Config{Store: st, Keyring: kr, Secrets: keys})
 	ver := verifier.New(verifier.Config{Store: st, VTPMs: vs, CAChainPEM: caChain})
-	return &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: caChain}
+	return &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: caChain,
+		Enrolment: enrol.New(enrol.Config{Store: st, HostCA: hostCA})}
 }
 
 // Operator serves h on a fresh unix socket as the operator's local API and
