@@ -87,9 +87,9 @@ type Host struct {
 	Capacity int      `json:"capacity"`
 	Used     int      `json:"used"`
 	// LastHeartbeat is when the host's agent was last heard from (a
-	// heartbeat or its registration); zero (0001-01-01) for a host added
-	// by the operator whose agent never spoke.
-	LastHeartbeat time.Time `json:"last_heartbeat"`
+	// heartbeat or its registration); left out for a host added by the
+	// operator whose agent never spoke.
+	LastHeartbeat time.Time `json:"last_heartbeat,omitzero"`
 	// Version is the vtpmd build the agent runs, as it last said.
 	Version string `json:"version"`
 	// Certificates is how many host certificates of the host are valid:

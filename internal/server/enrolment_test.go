@@ -178,6 +178,10 @@ func TestEnrolThenHeartbeat(t *testing.T) {
 	if h := m.hostNamed(t, "new1"); h.State != "down" || !h.LastHeartbeat.IsZero() || h.Certificates != 0 || h.Capacity != 0 {
 		t.Fatalf("an added host before its agent spoke: %+v", h)
 	}
+	var raw []byte
+	if m.call(t, "GET", "/v1/hosts/new1", "", nil, &raw); bytes.Contains(raw, []byte("last_heartbeat")) {
+		t.Errorf("an added host whose agent never spoke shows a heartbeat: %s", raw)
+	}
 
 	key, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
 	var e api.Enrollment
