@@ -145,6 +145,29 @@ CREATE TABLE host_certificates (
 	revoked_at  TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX host_certificates_host ON host_certificates(host);`,
+	// Per-host watch revisions (see WatchVTPMs): each host's counter,
+	// bumped by every transaction writing its vTPMs, and its horizon, the
+	// highest revision of a tombstone pruned; every vTPM row carries the
+	// revision of its last write, and a vTPM that left a host leaves a
+	// tombstone there for a while. Existing vTPMs are revision 1.
+	13: `
+CREATE TABLE watch_revisions (
+	host        TEXT PRIMARY KEY,
+	revision    BIGINT NOT NULL,
+	horizon     BIGINT NOT NULL
+);
+ALTER TABLE vtpms ADD COLUMN revision BIGINT NOT NULL DEFAULT 0;
+INSERT INTO watch_revisions (host, revision, horizon) SELECT DISTINCT host, 1, 0 FROM vtpms;
+UPDATE vtpms SET revision = 1;
+CREATE INDEX vtpms_host_revision ON vtpms(host, revision);
+CREATE TABLE vtpm_tombstones (
+	host        TEXT NOT NULL,
+	instance_id TEXT NOT NULL,
+	incarnation TEXT NOT NULL,
+	revision    BIGINT NOT NULL,
+	deleted_at  TEXT NOT NULL           -- sortable UTC time
+);
+CREATE INDEX vtpm_tombstones_host ON vtpm_tombstones(host, revision);`,
 }
 
 func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)-1) }

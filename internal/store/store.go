@@ -33,7 +33,14 @@ type Store struct {
 	pg  bool // PostgreSQL; else SQLite
 
 	mu      sync.Mutex
-	changed map[string]chan struct{} // per instance id; see VTPMChanged
+	waiting map[topic]chan struct{} // see VTPMChanged and HostChanged
+}
+
+// topic is what a waiter waits for a commit to change: one vTPM's record,
+// or the vTPMs placed on one host.
+type topic struct {
+	host bool // name is a host's; else an instance id
+	name string
 }
 
 // VTPMChanged returns a channel that is closed when a transaction of this
@@ -42,31 +49,40 @@ type Store struct {
 // the channel, read, and wait on it if what was read is not yet what is
 // wanted. Commits by other processes sharing a PostgreSQL database do not
 // close it.
-func (s *Store) VTPMChanged(id string) <-chan struct{} {
+func (s *Store) VTPMChanged(id string) <-chan struct{} { return s.wait(topic{name: id}) }
+
+// HostChanged returns a channel that is closed when a transaction of this
+// Store next commits a change to any vTPM placed on host (created,
+// updated, deleted, or moved to or from it): take the channel, then
+// WatchVTPMs, and wait on it for the next call. As with VTPMChanged,
+// commits by other processes do not close it.
+func (s *Store) HostChanged(host string) <-chan struct{} { return s.wait(topic{host: true, name: host}) }
+
+func (s *Store) wait(k topic) <-chan struct{} {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.changed == nil {
-		s.changed = map[string]chan struct{}{}
+	if s.waiting == nil {
+		s.waiting = map[topic]chan struct{}{}
 	}
-	ch := s.changed[id]
+	ch := s.waiting[k]
 	if ch == nil {
 		ch = make(chan struct{})
-		s.changed[id] = ch
+		s.waiting[k] = ch
 	}
 	return ch
 }
 
-// committed wakes the waiters on the vTPMs a transaction changed.
-func (s *Store) committed(ids []string) {
-	if len(ids) == 0 {
+// committed wakes the waiters on what a transaction changed.
+func (s *Store) committed(changed []topic) {
+	if len(changed) == 0 {
 		return
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for _, id := range ids {
-		if ch := s.changed[id]; ch != nil {
+	for _, k := range changed {
+		if ch := s.waiting[k]; ch != nil {
 			close(ch)
-			delete(s.changed, id)
+			delete(s.waiting, k)
 		}
 	}
 }
@@ -228,8 +244,11 @@ type Tx struct {
 	tx      *sql.Tx
 	now     time.Time
 	pg      bool
-	changed []string          // vTPMs written, for VTPMChanged
+	changed []topic           // vTPMs and hosts written, for VTPMChanged and HostChanged
 	deleted map[string]string // instance id → incarnation of the vTPM deleted here
+	// revisions are the hosts whose vTPMs this transaction wrote, each
+	// with the watch revision its writes there carry.
+	revisions map[string]int64
 }
 
 func (t *Tx) exec(query string, args ...any) (sql.Result, error) {

@@ -2,6 +2,7 @@ package store
 
 import (
 	"crypto/rand"
+	"database/sql"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -76,12 +77,16 @@ type VTPM struct {
 	// instance id: CreateVTPM gives each a new one, and the events and
 	// attestation of one are never another's.
 	Incarnation string
-	CreatedAt   time.Time
-	UpdatedAt   time.Time
+	// Revision is the host's watch revision at this record's last write
+	// (see WatchVTPMs); CreateVTPM and UpdateVTPM set it, callers only
+	// read it.
+	Revision  int64
+	CreatedAt time.Time
+	UpdatedAt time.Time
 }
 
 const vtpmColumns = `instance_id, project, version, model, secret_security, hypervisor, keys, host,
-	desired, phase, reason, secret_id, eks, domain, data_socket, ctrl_socket, generation, incarnation, created_at, updated_at`
+	desired, phase, reason, secret_id, eks, domain, data_socket, ctrl_socket, generation, incarnation, revision, created_at, updated_at`
 
 // CreateVTPM inserts v with generation 1 and a new Incarnation; ErrExists
 // if the instance has a vTPM.
@@ -106,13 +111,17 @@ func (t *Tx) CreateVTPM(v *VTPM) error {
 	if _, err := rand.Read(incarnation); err != nil {
 		return err
 	}
+	revision, err := t.revision(v.Host)
+	if err != nil {
+		return err
+	}
 	v.Incarnation = hex.EncodeToString(incarnation)
-	v.Generation, v.CreatedAt, v.UpdatedAt = 1, t.now, t.now
-	_, err = t.exec(`INSERT INTO vtpms (`+vtpmColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
+	v.Generation, v.Revision, v.CreatedAt, v.UpdatedAt = 1, revision, t.now, t.now
+	_, err = t.exec(`INSERT INTO vtpms (`+vtpmColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
 		v.InstanceID, v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, v.Host,
-		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Sockets.Data, v.Sockets.Ctrl, v.Generation, v.Incarnation, stamp(t.now), stamp(t.now))
+		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Sockets.Data, v.Sockets.Ctrl, v.Generation, v.Incarnation, v.Revision, stamp(t.now), stamp(t.now))
 	if err == nil {
-		t.changed = append(t.changed, v.InstanceID)
+		t.changed = append(t.changed, topic{name: v.InstanceID})
 	}
 	return err
 }
@@ -120,21 +129,18 @@ func (t *Tx) CreateVTPM(v *VTPM) error {
 // UpdateVTPM writes v back if nobody changed it since it was read (same
 // Generation of the same Incarnation), and bumps its Generation;
 // ErrConflict otherwise, ErrNotFound if the instance has no vTPM. A read of
-// a deleted vTPM never writes over a newer one of the same instance id.
+// a deleted vTPM never writes over a newer one of the same instance id. A
+// change of Host moves the vTPM: it leaves a tombstone on the old host.
 func (t *Tx) UpdateVTPM(v *VTPM) error {
 	keys, eks, err := encodeLists(v)
 	if err != nil {
 		return err
 	}
-	res, err := t.exec(`UPDATE vtpms SET project=?, version=?, model=?, secret_security=?, hypervisor=?, keys=?, host=?,
-		desired=?, phase=?, reason=?, secret_id=?, eks=?, domain=?, data_socket=?, ctrl_socket=?, generation=generation+1, updated_at=?
-		WHERE instance_id=? AND generation=? AND incarnation=?`,
-		v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, v.Host,
-		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Sockets.Data, v.Sockets.Ctrl, stamp(t.now), v.InstanceID, v.Generation, v.Incarnation)
-	if err != nil {
-		return err
-	}
-	if n, _ := res.RowsAffected(); n == 0 {
+	// Read in this transaction, so the write below is to what was read.
+	var was string // the host it is on
+	err = t.queryRow(`SELECT host FROM vtpms WHERE instance_id=? AND generation=? AND incarnation=?`,
+		v.InstanceID, v.Generation, v.Incarnation).Scan(&was)
+	if errors.Is(err, sql.ErrNoRows) {
 		cur, gerr := t.GetVTPM(v.InstanceID)
 		switch {
 		case gerr != nil:
@@ -143,10 +149,29 @@ func (t *Tx) UpdateVTPM(v *VTPM) error {
 			return fmt.Errorf("vtpm %s of incarnation %s: %w", v.InstanceID, v.Incarnation, ErrNotFound)
 		}
 		return fmt.Errorf("vtpm %s: %w", v.InstanceID, ErrConflict)
+	} else if err != nil {
+		return err
+	}
+	revision, err := t.revision(v.Host)
+	if err != nil {
+		return err
+	}
+	_, err = t.exec(`UPDATE vtpms SET project=?, version=?, model=?, secret_security=?, hypervisor=?, keys=?, host=?,
+		desired=?, phase=?, reason=?, secret_id=?, eks=?, domain=?, data_socket=?, ctrl_socket=?, generation=generation+1, revision=?, updated_at=?
+		WHERE instance_id=?`,
+		v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, v.Host,
+		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Sockets.Data, v.Sockets.Ctrl, revision, stamp(t.now), v.InstanceID)
+	if err != nil {
+		return err
+	}
+	if was != v.Host {
+		if err := t.tombstone(was, v.InstanceID, v.Incarnation); err != nil {
+			return err
+		}
 	}
 	v.Generation++
-	v.UpdatedAt = t.now
-	t.changed = append(t.changed, v.InstanceID)
+	v.Revision, v.UpdatedAt = revision, t.now
+	t.changed = append(t.changed, topic{name: v.InstanceID})
 	return nil
 }
 
@@ -154,19 +179,22 @@ func (t *Tx) UpdateVTPM(v *VTPM) error {
 // appended after it in the same transaction still belong to the deleted
 // vTPM (see AppendEvent).
 func (t *Tx) DeleteVTPM(instanceID string) error {
-	var incarnation string
-	err := t.queryRow(`SELECT incarnation FROM vtpms WHERE instance_id=?`, instanceID).Scan(&incarnation)
+	var incarnation, host string
+	err := t.queryRow(`SELECT incarnation, host FROM vtpms WHERE instance_id=?`, instanceID).Scan(&incarnation, &host)
 	if err != nil {
 		return fmt.Errorf("vtpm %s: %w", instanceID, notFound(err))
 	}
 	if _, err := t.exec(`DELETE FROM vtpms WHERE instance_id=?`, instanceID); err != nil {
 		return err
 	}
+	if err := t.tombstone(host, instanceID, incarnation); err != nil {
+		return err
+	}
 	if t.deleted == nil {
 		t.deleted = map[string]string{}
 	}
 	t.deleted[instanceID] = incarnation
-	t.changed = append(t.changed, instanceID)
+	t.changed = append(t.changed, topic{name: instanceID})
 	return nil
 }
 
@@ -255,7 +283,7 @@ func scanVTPM(row interface{ Scan(...any) error }) (*VTPM, error) {
 	var v VTPM
 	var keys, eks, created, updated string
 	err := row.Scan(&v.InstanceID, &v.Project, &v.Spec.Version, &v.Spec.Model, &v.Spec.SecretSecurity, &v.Spec.Hypervisor,
-		&keys, &v.Host, &v.Desired, &v.Phase, &v.Reason, &v.SecretID, &eks, &v.Domain, &v.Sockets.Data, &v.Sockets.Ctrl, &v.Generation, &v.Incarnation, &created, &updated)
+		&keys, &v.Host, &v.Desired, &v.Phase, &v.Reason, &v.SecretID, &eks, &v.Domain, &v.Sockets.Data, &v.Sockets.Ctrl, &v.Generation, &v.Incarnation, &v.Revision, &created, &updated)
 	if err != nil {
 		return nil, err
 	}

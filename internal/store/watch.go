@@ -1,0 +1,136 @@
+package store
+
+import (
+	"database/sql"
+	"errors"
+	"time"
+)
+
+// Watching a host's vTPMs. Every host has a revision, a counter that each
+// transaction writing vTPM records of the host bumps once (a row it
+// updates and holds locked until it commits, so commits are in revision
+// order: a reader that saw revision N has seen every write up to N), and
+// every record carries the revision of its last write. A vTPM that leaves
+// a host (deleted, or moved away) leaves a tombstone there for
+// TombstoneWindow; pruning one raises the host's horizon, below which a
+// watcher is told to start over. A watcher of a host with N vTPMs reads
+// only what changed since it last looked, never all N.
+
+// TombstoneWindow is how long a host keeps the tombstones of vTPMs that
+// left it: a watcher that last looked longer ago than that may be told to
+// start over (Changes.Reset).
+const TombstoneWindow = 15 * time.Minute
+
+// Tombstone is a vTPM that left a host: deleted, or moved away.
+type Tombstone struct {
+	InstanceID, Incarnation string
+	Revision                int64 // the host's revision when it left
+}
+
+// Changes is what changed on one host after a revision.
+type Changes struct {
+	// Revision is the host's revision now: the next call's since.
+	Revision int64
+	// VTPMs are the host's records written after since, by revision;
+	// all of them when Reset.
+	VTPMs []*VTPM
+	// Gone are the vTPMs that left the host after since and have no
+	// record on it now (none when Reset), by revision.
+	Gone []Tombstone
+	// Reset says since was 0, older than the tombstones the host keeps,
+	// or newer than Revision (a restored database): VTPMs is the whole
+	// set, and the watcher drops whatever else it holds.
+	Reset bool
+}
+
+// WatchVTPMs returns what changed on host after revision since, read in
+// one snapshot (it works in View).
+func (t *Tx) WatchVTPMs(host string, since int64) (*Changes, error) {
+	c := &Changes{}
+	var horizon int64
+	err := t.queryRow(`SELECT revision, horizon FROM watch_revisions WHERE host=?`, host).Scan(&c.Revision, &horizon)
+	if err != nil && !errors.Is(err, sql.ErrNoRows) {
+		return nil, err
+	}
+	c.Reset = since == 0 || since < horizon || since > c.Revision
+	if c.Reset {
+		since = -1 // every record
+	}
+	rows, err := t.query(`SELECT `+vtpmColumns+` FROM vtpms WHERE host=? AND revision>? ORDER BY revision, instance_id`, host, since)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		v, err := scanVTPM(rows)
+		if err != nil {
+			return nil, err
+		}
+		c.VTPMs = append(c.VTPMs, v)
+	}
+	if err := rows.Err(); err != nil || c.Reset {
+		return c, err
+	}
+	rows, err = t.query(`SELECT instance_id, incarnation, revision FROM vtpm_tombstones g
+		WHERE host=? AND revision>? AND NOT EXISTS (SELECT 1 FROM vtpms v WHERE v.instance_id=g.instance_id AND v.host=g.host)
+		ORDER BY revision, instance_id`, host, since)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var g Tombstone
+		if err := rows.Scan(&g.InstanceID, &g.Incarnation, &g.Revision); err != nil {
+			return nil, err
+		}
+		c.Gone = append(c.Gone, g)
+	}
+	return c, rows.Err()
+}
+
+// revision returns the revision this transaction's writes of host's vTPMs
+// carry: the host's next, taken (and its counter row locked) at the first.
+func (t *Tx) revision(host string) (int64, error) {
+	if rev, ok := t.revisions[host]; ok {
+		return rev, nil
+	}
+	var rev int64
+	err := t.queryRow(`INSERT INTO watch_revisions (host, revision, horizon) VALUES (?, 1, 0)
+		ON CONFLICT (host) DO UPDATE SET revision = watch_revisions.revision + 1 RETURNING revision`, host).Scan(&rev)
+	if err != nil {
+		return 0, err
+	}
+	if t.revisions == nil {
+		t.revisions = map[string]int64{}
+	}
+	t.revisions[host] = rev
+	t.changed = append(t.changed, topic{host: true, name: host})
+	return rev, nil
+}
+
+// tombstone records that a vTPM left host, and prunes the host's
+// tombstones older than TombstoneWindow, raising its horizon.
+func (t *Tx) tombstone(host, instanceID, incarnation string) error {
+	rev, err := t.revision(host)
+	if err != nil {
+		return err
+	}
+	_, err = t.exec(`INSERT INTO vtpm_tombstones (host, instance_id, incarnation, revision, deleted_at) VALUES (?,?,?,?,?)`,
+		host, instanceID, incarnation, rev, sortable(t.now))
+	if err != nil {
+		return err
+	}
+	var horizon sql.NullInt64
+	err = t.queryRow(`SELECT MAX(revision) FROM vtpm_tombstones WHERE host=? AND deleted_at<?`,
+		host, sortable(t.now.Add(-TombstoneWindow))).Scan(&horizon)
+	if err != nil || !horizon.Valid {
+		return err
+	}
+	// Every tombstone up to the horizon goes, so that those kept are
+	// exactly the ones above it.
+	if _, err := t.exec(`DELETE FROM vtpm_tombstones WHERE host=? AND revision<=?`, host, horizon.Int64); err != nil {
+		return err
+	}
+	_, err = t.exec(`UPDATE watch_revisions SET horizon=? WHERE host=?`, horizon.Int64, host)
+	return err
+}
