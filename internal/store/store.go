@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math/rand/v2"
 	"net/url"
 	"os"
 	"strconv"
@@ -56,7 +57,9 @@ func (s *Store) VTPMChanged(id string) <-chan struct{} { return s.wait(topic{nam
 // updated, deleted, or moved to or from it): take the channel, then
 // WatchVTPMs, and wait on it for the next call. As with VTPMChanged,
 // commits by other processes do not close it.
-func (s *Store) HostChanged(host string) <-chan struct{} { return s.wait(topic{host: true, name: host}) }
+func (s *Store) HostChanged(host string) <-chan struct{} {
+	return s.wait(topic{host: true, name: host})
+}
 
 func (s *Store) wait(k topic) <-chan struct{} {
 	s.mu.Lock()
@@ -175,17 +178,29 @@ func (s *Store) View(ctx context.Context, fn func(*Tx) error) error {
 	return s.run(ctx, true, fn)
 }
 
-// run runs fn in a transaction; on PostgreSQL a serialization failure
-// (another server's transaction won) runs it again, a few times.
+// run runs fn in a transaction. On PostgreSQL a serialization failure
+// (another transaction won: another server's, or another writer of the
+// same host's vTPMs, as they all bump its watch revision) runs it again,
+// up to retries times, after a random pause that grows with each try (up
+// to maxPause) so that the losers do not collide again: a host's writers
+// take turns.
 func (s *Store) run(ctx context.Context, readOnly bool, fn func(*Tx) error) error {
+	const retries, maxPause = 20, 100 * time.Millisecond
 	for try := 1; ; try++ {
 		err := s.runOnce(ctx, readOnly, fn)
 		var pe *pgconn.PgError
-		if !s.pg || try == 5 || !errors.As(err, &pe) || pe.Code != "40001" && pe.Code != "40P01" {
+		if !s.pg || try > retries || !errors.As(err, &pe) || pe.Code != "40001" && pe.Code != "40P01" {
 			if full(err) && !errors.Is(err, ErrFull) {
 				err = fmt.Errorf("%w: %w", ErrFull, err)
 			}
 			return err
+		}
+		pause := time.NewTimer(rand.N(min(time.Millisecond<<try, maxPause)))
+		select {
+		case <-ctx.Done():
+			pause.Stop()
+			return err
+		case <-pause.C:
 		}
 	}
 }
