@@ -50,3 +50,42 @@ func BenchmarkUpdateVTPM(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkWatch is an agent's watch of a host of 10 or 1000 vTPMs: one
+// vTPM updated, then what changed since the previous revision read; its
+// cost should not grow with the host's vTPMs.
+func BenchmarkWatch(b *testing.B) {
+	for _, e := range engines {
+		for _, n := range []int{10, 1000} {
+			b.Run(fmt.Sprintf("%s/vtpms=%d", e.name, n), func(b *testing.B) {
+				ctx := context.Background()
+				s, _ := e.open(b)
+				putHosts(b, s, "h1")
+				ids := make([]string, n)
+				err := s.Update(ctx, func(tx *Tx) error {
+					for i := range ids {
+						ids[i] = fmt.Sprintf("i-%d", i)
+						if err := tx.CreateVTPM(sample(ids[i], "p", "h1")); err != nil {
+							return err
+						}
+					}
+					return nil
+				})
+				if err != nil {
+					b.Fatal(err)
+				}
+				w := watcher{b, s}
+				since := w.watch("h1", 0).Revision
+				b.ResetTimer()
+				for i := range b.N {
+					w.update(ids[i%n], PhaseActive)
+					c := w.watch("h1", since)
+					if c.Reset || len(c.VTPMs) != 1 {
+						b.Fatalf("watch from %d: reset %v, %d records", since, c.Reset, len(c.VTPMs))
+					}
+					since = c.Revision
+				}
+			})
+		}
+	}
+}

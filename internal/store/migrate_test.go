@@ -90,3 +90,51 @@ func TestMigrationKeepsHostsAndVTPMs(t *testing.T) {
 		})
 	}
 }
+
+// A database from before watch revisions: its vTPMs are each host's
+// revision 1, which a watcher starting over is given, and the next write
+// there is revision 2.
+func TestMigrationGivesWatchRevisions(t *testing.T) {
+	for _, e := range unmigrated {
+		t.Run(e.name, func(t *testing.T) {
+			ctx := context.Background()
+			s := e.open(t)
+			if err := s.migrateTo(ctx, 12); err != nil {
+				t.Fatal(err)
+			}
+			err := s.Update(ctx, func(tx *Tx) error {
+				now := stamp(tx.now)
+				if _, err := tx.exec(`INSERT INTO hosts (name, traits, capacity, backend, heartbeat_at) VALUES ('h1', '[]', 10, 'swtpm', ?), ('h2', '[]', 10, 'swtpm', ?)`, now, now); err != nil {
+					return err
+				}
+				for _, id := range []string{"i-1", "i-2"} {
+					_, err := tx.exec(`INSERT INTO vtpms (instance_id, project, version, model, secret_security, hypervisor, keys, host,
+						desired, phase, reason, secret_id, eks, generation, incarnation, created_at, updated_at)
+						VALUES (?, 'p1', '2.0', 'tpm-crb', 'user', '', '[]', 'h1', 'running', 'active', '', 's', '[]', 1, 'c1', ?, ?)`, id, now, now)
+					if err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := s.migrate(ctx); err != nil {
+				t.Fatal(err)
+			}
+			w := watcher{t, s}
+			c := w.watch("h1", 0)
+			if c.Revision != 1 || !c.Reset || len(c.VTPMs) != 2 || c.VTPMs[0].Revision != 1 {
+				t.Fatalf("h1 after the migration: %+v", c)
+			}
+			if c := w.watch("h2", 0); c.Revision != 0 || len(c.VTPMs) != 0 {
+				t.Fatalf("h2, with no vTPM, after the migration: %+v", c)
+			}
+			w.update("i-2", PhaseStopped)
+			if c := w.watch("h1", 1); c.Reset || c.Revision != 2 || len(c.VTPMs) != 1 || c.VTPMs[0].InstanceID != "i-2" {
+				t.Fatalf("a write after the migration: %+v", c)
+			}
+		})
+	}
+}
