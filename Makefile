@@ -4,7 +4,7 @@ GO          ?= go
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 BIN         := bin
 
-.PHONY: all build run test lint deps libvirtd demo fuzz bench bench-density bench-provision clean
+.PHONY: all build run test lint deps libvirtd demo demo-cluster fuzz bench bench-density bench-provision clean
 
 all: build
 
@@ -49,6 +49,13 @@ libvirtd:
 # evidence replayed, a quote by another key, another TPM registering).
 demo: libvirtd
 	CI=true $(GO) test -count=1 -run 'TestGuestAttestation$$' -v ./internal/daemon
+
+# A throwaway cluster on this machine, narrated: PostgreSQL, vtpmd server
+# and two vtpmd agents enrolled by join tokens; where vTPMs land, a host
+# going down with its vTPMs still running, and coming back. It cleans up
+# after itself (KEEP=1 keeps its files and logs).
+demo-cluster: deps build
+	BIN=$(BIN) scripts/demo-cluster.sh
 
 # Grow the fuzz corpus; copy new entries into testdata/fuzz to keep them.
 fuzz:
