@@ -47,3 +47,129 @@ type HostRevocation struct {
 	// JoinTokens is how many of its unused join tokens were deleted.
 	JoinTokens int `json:"join_tokens"`
 }
+
+// AgentHost is what a host's agent registers (PUT /v1/agent/host): what
+// its backend offers. The host is the one its client certificate names.
+type AgentHost struct {
+	Traits   []string `json:"traits"`
+	Capacity int      `json:"capacity"`
+	Backend  string   `json:"backend"`
+	Version  string   `json:"version"`
+}
+
+// AgentVTPM is a vTPM as its host's agent sees it: what was asked of it
+// and what the agent last recorded.
+type AgentVTPM struct {
+	InstanceID  string    `json:"instance_id"`
+	Incarnation string    `json:"incarnation"`
+	Project     string    `json:"project"`
+	Spec        VTPMSpec  `json:"spec"`
+	Host        string    `json:"host"`
+	Domain      string    `json:"domain,omitempty"`
+	Desired     string    `json:"desired"`
+	Phase       string    `json:"phase"`
+	Reason      string    `json:"reason,omitempty"`
+	SecretRef   string    `json:"secret_ref"`
+	EKs         []AgentEK `json:"eks"`
+	Sockets     *Sockets  `json:"sockets,omitempty"`
+	// Generation increases with every change; a report on an older one is
+	// refused (409).
+	Generation int64 `json:"generation"`
+}
+
+// AgentEK is an endorsement key as an agent reports it.
+type AgentEK struct {
+	Kind    string `json:"kind"`
+	Handle  uint32 `json:"handle"`
+	NVIndex uint32 `json:"nv_index,omitempty"`
+	// Public is the PKIX public key, DER (base64 in JSON).
+	Public []byte `json:"public"`
+	// Certificate is its EK certificate, DER; absent when not certified.
+	Certificate []byte `json:"certificate,omitempty"`
+}
+
+// AgentChanges answers an agent's watch (GET /v1/agent/vtpms?since=N):
+// what changed among its host's vTPMs after revision N.
+type AgentChanges struct {
+	// Revision is the host's revision now: the next watch's since.
+	Revision int64       `json:"revision"`
+	VTPMs    []AgentVTPM `json:"vtpms"`
+	// Gone are the vTPMs that left the host since; none when Reset.
+	Gone []AgentGone `json:"gone"`
+	// Reset says VTPMs is the whole set (since was 0, or too old): the
+	// agent drops whatever else it holds.
+	Reset bool `json:"reset"`
+}
+
+// AgentGone is a vTPM that left a host.
+type AgentGone struct {
+	InstanceID  string `json:"instance_id"`
+	Incarnation string `json:"incarnation"`
+}
+
+// AgentEvent is what an agent says it did to a vTPM, for its event log.
+type AgentEvent struct {
+	Action string `json:"action"`
+	Detail string `json:"detail,omitempty"`
+}
+
+// AgentReport is an agent's observed state of a vTPM (PUT
+// /v1/agent/vtpms/{id}): taken only if the record is still at Generation
+// of Incarnation.
+type AgentReport struct {
+	Incarnation string     `json:"incarnation"`
+	Generation  int64      `json:"generation"`
+	Phase       string     `json:"phase"`
+	Reason      string     `json:"reason,omitempty"`
+	EKs         []AgentEK  `json:"eks"`
+	Sockets     *Sockets   `json:"sockets,omitempty"`
+	Event       AgentEvent `json:"event"`
+}
+
+// AgentDeletion is an agent's word that a vTPM's state is gone (POST
+// /v1/agent/vtpms/{id}/deleted): its record, attestation and secret go.
+type AgentDeletion struct {
+	Incarnation string     `json:"incarnation"`
+	Generation  int64      `json:"generation"`
+	Event       AgentEvent `json:"event"`
+}
+
+// AgentRekey gives a vTPM not yet manufactured a new secret (POST
+// /v1/agent/vtpms/{id}/rekey): a TPM from the agent's pool, made with it.
+type AgentRekey struct {
+	Incarnation string `json:"incarnation"`
+	Generation  int64  `json:"generation"`
+	// Payload is the secret, base64 in JSON.
+	Payload []byte     `json:"payload"`
+	Event   AgentEvent `json:"event"`
+}
+
+// AgentSecret is the secret that keys a vTPM's state (GET
+// /v1/agent/vtpms/{id}/secret), released to the agent of the host it is
+// placed on while it is to run.
+type AgentSecret struct {
+	SecretRef string `json:"secret_ref"`
+	// Payload is the secret, base64 in JSON.
+	Payload []byte `json:"payload"`
+}
+
+// AgentWritten is the record's new generation after an agent's write.
+type AgentWritten struct {
+	Generation int64  `json:"generation"`
+	SecretRef  string `json:"secret_ref"`
+}
+
+// EKCertificateRequest asks the deployment CA to certify the EK of a vTPM
+// the agent is manufacturing (POST /v1/agent/ek-certificates): one placed
+// on its host (InstanceID), or one for its pool ("").
+type EKCertificateRequest struct {
+	InstanceID string `json:"instance_id,omitempty"`
+	TPMVersion string `json:"tpm_version"`
+	// Public is the EK's PKIX public key, DER (base64 in JSON).
+	Public []byte `json:"public"`
+}
+
+// IssuedEKCertificate is the certificate, DER (base64 in JSON).
+type IssuedEKCertificate struct {
+	Certificate []byte `json:"certificate"`
+}

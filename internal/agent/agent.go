@@ -1,11 +1,15 @@
 // Package agent is the host agent: it registers its host with the traits its
 // backend can serve and moves every vTPM placed on the host towards its
-// desired state. It reaches the control plane's records only through
-// Records, and asks its Backend to act through requests (VTPM) that carry
-// what a backend needs, never the records themselves. Reconciliation is
-// level-triggered and idempotent: each pass reads the records and the
-// backend afresh, so a pass interrupted by a crash is finished by the next
-// one.
+// desired state. It reaches the control plane only through Records, and
+// asks its Backend to act through requests (VTPM) that carry what a
+// backend needs, never the records themselves.
+//
+// The agent watches its host's records from a revision, so a change to one
+// vTPM costs it one record read and one reconciliation however many vTPMs
+// the host has; it keeps the records it was told in memory. Reconciliation
+// is level-triggered and idempotent: a periodic pass reconciles every
+// vTPM it holds against the backend again, and a pass interrupted by a
+// crash is finished by the next one.
 package agent
 
 import (
@@ -18,7 +22,6 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/buildinfo"
-	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/spec"
 )
 
@@ -29,17 +32,19 @@ const DefaultHeartbeatInterval = 10 * time.Second
 type Agent struct {
 	Host     string
 	Capacity int
-	// Records are the control plane's records of the host and its vTPMs.
+	// Records are the control plane's records of the host and its vTPMs,
+	// and the secrets that key their state.
 	Records Records
-	// Keyring holds the secrets that key the vTPMs' state.
-	Keyring keyring.Keyring
 	Backend Backend
 	Log     *slog.Logger
 	// Version is the vtpmd build the agent says it runs; default
 	// buildinfo.Version().
 	Version string
-	// Interval between full passes when nothing kicks the agent; default 5s.
+	// Interval between passes over every vTPM the agent holds; default
+	// 5s. Changes are acted on as they are watched, not at passes.
 	Interval time.Duration
+	// WatchWait is how long one watch waits for a change; default 30s.
+	WatchWait time.Duration
 	// HeartbeatInterval is the time between heartbeats while Run runs;
 	// default DefaultHeartbeatInterval. The server reads the host down
 	// when they stop for longer than its window
@@ -48,13 +53,20 @@ type Agent struct {
 	// Workers bounds how many vTPMs are reconciled at once; default 8.
 	Workers int
 
-	kick chan struct{}
 	once sync.Once
+	mu   sync.Mutex
+	// held are the host's records as last watched or written, by
+	// instance id; gone the ones that left the host and whose state is
+	// still to be removed.
+	held     map[string]*Record
+	gone     map[string]*Record
+	revision int64 // of held, as the control plane counts
+	locks    keyedMutex
+	queue    queue
 }
 
 func (a *Agent) init() {
 	a.once.Do(func() {
-		a.kick = make(chan struct{}, 1)
 		if a.Log == nil {
 			a.Log = slog.New(slog.DiscardHandler)
 		}
@@ -64,12 +76,17 @@ func (a *Agent) init() {
 		if a.Interval == 0 {
 			a.Interval = 5 * time.Second
 		}
+		if a.WatchWait == 0 {
+			a.WatchWait = 30 * time.Second
+		}
 		if a.HeartbeatInterval == 0 {
 			a.HeartbeatInterval = DefaultHeartbeatInterval
 		}
 		if a.Workers == 0 {
 			a.Workers = 8
 		}
+		a.held, a.gone = map[string]*Record{}, map[string]*Record{}
+		a.queue.init()
 	})
 }
 
@@ -109,58 +126,197 @@ func (a *Agent) beat(ctx context.Context) {
 	}
 }
 
-// Kick asks for a reconciliation pass soon; it never blocks.
-func (a *Agent) Kick() {
-	a.init()
-	select {
-	case a.kick <- struct{}{}:
-	default:
-	}
-}
-
-// Run records heartbeats and reconciles until ctx ends; the host must be
-// registered.
+// Run records heartbeats, watches the host's records and reconciles what
+// changes, and every Interval all it holds, until ctx ends; the host must
+// be registered. While the control plane cannot be reached, every vTPM
+// keeps running as it is; the watch retries with backoff and catches up
+// from its revision when it answers again.
 func (a *Agent) Run(ctx context.Context) error {
 	a.init()
-	var beats sync.WaitGroup
-	beats.Go(func() { a.beat(ctx) })
-	defer beats.Wait()
-	t := time.NewTicker(a.Interval)
-	defer t.Stop()
-	for {
-		if err := a.Reconcile(ctx); err != nil && ctx.Err() == nil {
-			a.Log.Error("reconcile pass failed", "host", a.Host, "err", err)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() { a.beat(ctx) })
+	for range a.Workers {
+		wg.Go(func() { a.work(ctx) })
+	}
+	wg.Go(func() {
+		t := time.NewTicker(a.Interval)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				a.queue.add(a.ids()...)
+			}
+		}
+	})
+	backoff := time.Duration(0)
+	for ctx.Err() == nil {
+		err := a.watch(ctx, a.WatchWait)
+		switch {
+		case err == nil:
+			backoff = 0
+			continue
+		case ctx.Err() != nil:
+		case backoff == 0:
+			backoff = 100 * time.Millisecond
+		default:
+			backoff = min(2*backoff, 30*time.Second)
+		}
+		if ctx.Err() == nil {
+			a.Log.Warn("watching the host's vTPMs failed; retrying", "host", a.Host, "in", backoff, "err", err)
 		}
 		select {
 		case <-ctx.Done():
-			return nil
-		case <-a.kick:
-		case <-t.C:
+		case <-time.After(backoff):
 		}
 	}
+	return nil
 }
 
-// Reconcile makes one pass over the host's vTPMs.
+// Reconcile reads what changed on the host and reconciles every vTPM it
+// holds, once, returning when all are done.
 func (a *Agent) Reconcile(ctx context.Context) error {
 	a.init()
-	vs, err := a.Records.List(ctx, a.Host)
-	if err != nil {
+	if err := a.watch(ctx, 0); err != nil {
 		return err
 	}
 	sem := make(chan struct{}, a.Workers)
 	var wg sync.WaitGroup
-	for _, v := range vs {
+	for _, id := range a.ids() {
 		sem <- struct{}{}
-		wg.Add(1)
-		go func() {
-			defer func() { <-sem; wg.Done() }()
-			if err := a.reconcile(ctx, v); err != nil && ctx.Err() == nil {
-				a.Log.Warn("reconcile", "instance", v.InstanceID, "err", err)
-			}
-		}()
+		wg.Go(func() {
+			defer func() { <-sem }()
+			a.reconcileID(ctx, id)
+		})
 	}
 	wg.Wait()
 	return nil
+}
+
+// watch reads what changed on the host since the agent's revision,
+// waiting up to wait, and queues each vTPM that changed or left.
+func (a *Agent) watch(ctx context.Context, wait time.Duration) error {
+	a.mu.Lock()
+	since := a.revision
+	a.mu.Unlock()
+	ch, err := a.Records.Watch(ctx, a.Host, since, wait)
+	if err != nil {
+		return err
+	}
+	a.queue.add(a.apply(ch)...)
+	return nil
+}
+
+// apply takes in ch and returns the ids to reconcile: the records that
+// are new or newer than the ones held, and those gone.
+func (a *Agent) apply(ch *Changes) []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var ids []string
+	leave := func(id string) {
+		if r := a.held[id]; r != nil {
+			delete(a.held, id)
+			a.gone[id] = r
+			ids = append(ids, id)
+		}
+	}
+	if ch.Reset {
+		now := make(map[string]bool, len(ch.Records))
+		for _, r := range ch.Records {
+			now[r.InstanceID] = true
+		}
+		for id := range a.held {
+			if !now[id] {
+				leave(id)
+			}
+		}
+	}
+	for _, g := range ch.Gone {
+		if r := a.held[g.InstanceID]; r != nil && r.Incarnation == g.Incarnation {
+			leave(g.InstanceID)
+		}
+	}
+	for _, r := range ch.Records {
+		if cur := a.held[r.InstanceID]; cur == nil || cur.Incarnation != r.Incarnation || r.Generation > cur.Generation {
+			a.held[r.InstanceID] = r
+			ids = append(ids, r.InstanceID)
+		}
+	}
+	a.revision = ch.Revision
+	return ids
+}
+
+// ids are the instance ids of the records held.
+func (a *Agent) ids() []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	ids := make([]string, 0, len(a.held))
+	for id := range a.held {
+		ids = append(ids, id)
+	}
+	return ids
+}
+
+// Held returns the vTPMs whose records the agent holds, as its backend
+// sees them: what a backend's Drift compares the host with.
+func (a *Agent) Held(context.Context) ([]VTPM, error) {
+	a.init()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	vs := make([]VTPM, 0, len(a.held))
+	for _, r := range a.held {
+		vs = append(vs, r.VTPM())
+	}
+	return vs, nil
+}
+
+// work reconciles queued vTPMs until ctx ends.
+func (a *Agent) work(ctx context.Context) {
+	for {
+		id, ok := a.queue.take(ctx)
+		if !ok {
+			return
+		}
+		a.reconcileID(ctx, id)
+	}
+}
+
+// reconcileID reconciles the vTPM held for id, or removes the state of
+// one that left the host, one at a time per id.
+func (a *Agent) reconcileID(ctx context.Context, id string) {
+	unlock := a.locks.lock(id)
+	defer unlock()
+	a.mu.Lock()
+	v, gone := a.held[id], a.gone[id]
+	delete(a.gone, id)
+	a.mu.Unlock()
+	if gone != nil {
+		// Deleted (by this agent, or by the API before any agent acted
+		// on it): whatever of it is here goes.
+		if err := a.Backend.Destroy(ctx, gone.VTPM()); err != nil && ctx.Err() == nil {
+			a.Log.Warn("removing the state of a vTPM that left the host", "instance", id, "err", err)
+		}
+	}
+	if v == nil {
+		return
+	}
+	r := *v // the step writes to its own copy
+	if err := a.reconcile(ctx, &r); err != nil && ctx.Err() == nil {
+		a.Log.Warn("reconcile", "instance", id, "err", err)
+	}
+	a.hold(&r)
+}
+
+// hold keeps r, as the agent last wrote or read it, unless what is held is
+// newer or another vTPM.
+func (a *Agent) hold(r *Record) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if cur := a.held[r.InstanceID]; cur != nil && cur.Incarnation == r.Incarnation && r.Generation > cur.Generation {
+		a.held[r.InstanceID] = r
+	}
 }
 
 // reconcile moves v one step towards its desired state. If the record
@@ -175,14 +331,15 @@ func (a *Agent) reconcile(ctx context.Context, v *Record) error {
 	}
 	now, gerr := a.Records.Get(ctx, v.InstanceID)
 	switch {
-	case errors.Is(gerr, ErrNotFound):
+	case errors.Is(gerr, ErrNotFound) || gerr == nil && now.Incarnation != v.Incarnation:
 		// Deleted before any agent acted on it, which leaves nothing to
 		// remove; whatever a step made in the meantime goes.
-		return errors.Join(a.Backend.Destroy(ctx, v.VTPM()), keyring.Shred(ctx, a.Keyring, a.secrets(v)...))
+		return a.Backend.Destroy(ctx, v.VTPM())
 	case gerr != nil:
 		return errors.Join(err, gerr)
 	}
-	return a.step(ctx, now)
+	*v = *now
+	return a.step(ctx, v)
 }
 
 func (a *Agent) step(ctx context.Context, v *Record) error {
@@ -213,11 +370,11 @@ func (a *Agent) run(ctx context.Context, v *Record) error {
 			return a.fail(ctx, v, "taking a pre-manufactured TPM", err)
 		}
 	}
-	sec, err := a.Keyring.Get(ctx, v.SecretID)
+	secret, err := a.Records.Secret(ctx, v)
 	if err != nil {
 		return a.fail(ctx, v, "reading the vTPM secret", err)
 	}
-	eks, err := a.Backend.Ensure(ctx, v.VTPM(), sec.Payload)
+	eks, err := a.Backend.Ensure(ctx, v.VTPM(), secret)
 	if err != nil {
 		return a.fail(ctx, v, "running the vTPM", err)
 	}
@@ -235,103 +392,44 @@ func (a *Agent) run(ctx context.Context, v *Record) error {
 	return a.setPhase(ctx, v, PhaseActive, "", action)
 }
 
-// fromPool gives a vTPM not yet manufactured a pooled TPM: its secret is
-// stored for the vTPM's project, the TPM adopted, and the record pointed at
-// the secret. It also finishes an adoption a crash interrupted. An adoption
-// the record does not take (it changed meanwhile: deleted, say) is undone,
-// state and secret, so that nothing of it outlives the vTPM.
+// fromPool gives a vTPM not yet manufactured a pooled TPM: the record is
+// rekeyed with the pooled TPM's secret first, then the TPM is adopted, so
+// that the record always names the secret of the state it has. A crash
+// between the two leaves a record keyed with a secret and no state: the
+// next pass takes another pooled TPM (shredding that secret) or
+// manufactures one with it.
 func (a *Agent) fromPool(ctx context.Context, pool Pool, v *Record) error {
-	if id := pool.AdoptedSecret(v.InstanceID); id != "" {
-		if id == v.SecretID {
-			return nil
-		}
-		if err := a.switchSecret(ctx, v, id); err != nil {
-			return errors.Join(err, a.unadopt(ctx, v, id))
-		}
+	if pool.Adopted(v.InstanceID) {
 		return nil
 	}
 	secret, adopt, discard, ok := pool.Claim(v.Spec.Version)
 	if !ok {
 		return nil // manufacture on demand
 	}
-	stored := false
-	_, err := keyring.CreateRecorded(ctx, a.Keyring, v.Project, secret, func(id string) error {
-		stored = true
-		if err := adopt(ctx, v.InstanceID, id); err != nil {
-			discard()
-			return err
-		}
-		if err := a.switchSecret(ctx, v, id); err != nil {
-			return errors.Join(err, a.Backend.Destroy(context.WithoutCancel(ctx), v.VTPM()))
-		}
-		return nil
-	})
-	if err != nil && !stored {
+	if err := a.Records.Rekey(ctx, v, secret, Event{Actor: a.actor(), Action: "adopted a pre-manufactured TPM"}); err != nil {
 		discard()
-	}
-	return err
-}
-
-// unadopt throws away a TPM adopted for v under secret id, which v's record
-// does not name.
-func (a *Agent) unadopt(ctx context.Context, v *Record, id string) error {
-	return errors.Join(a.Backend.Destroy(context.WithoutCancel(ctx), v.VTPM()), keyring.Shred(ctx, a.Keyring, id))
-}
-
-// switchSecret points v at secret id and shreds the one it had, which no
-// state was ever encrypted with. It fails only if the record did not take
-// the new secret (v is then as it was); an old secret that cannot be
-// shredded now is reclaimed at the next start.
-func (a *Agent) switchSecret(ctx context.Context, v *Record, id string) error {
-	old := *v
-	v.SecretID = id
-	committed := false
-	err := keyring.ShredRecorded(ctx, a.Keyring, func() ([]string, error) {
-		err := a.Records.Update(ctx, v, Event{Actor: a.actor(), Action: "adopted a pre-manufactured TPM", Detail: "its key is secret " + id})
-		committed = err == nil
-		return []string{old.SecretID}, err
-	})
-	if !committed {
-		*v = old
 		return err
 	}
-	if err != nil {
-		a.Log.Warn("shredding the unused vTPM secret", "instance", v.InstanceID, "secret", old.SecretID, "err", err)
+	if err := adopt(ctx, v.InstanceID); err != nil {
+		discard()
+		return err
 	}
 	return nil
 }
 
-// destroy shreds the secrets, then removes the state, then the record, so
-// that a crash at any step leaves a record that the next pass finishes
-// deleting. The API shredded the record's secret already, when the delete
-// was asked for; this one is for a pass that finds it (or a secret an
-// adoption left) still there.
+// destroy removes the state, then the record (with the secret, which the
+// API shredded already when the delete was asked for), so that a crash at
+// any step leaves a record that the next pass finishes deleting.
 func (a *Agent) destroy(ctx context.Context, v *Record) error {
 	if v.Phase != PhaseDeleting {
 		if err := a.setPhase(ctx, v, PhaseDeleting, "", "deleting"); err != nil {
 			return err
 		}
 	}
-	if err := keyring.Shred(ctx, a.Keyring, a.secrets(v)...); err != nil {
-		return a.fail(ctx, v, "deleting the vTPM secret", err)
-	}
 	if err := a.Backend.Destroy(ctx, v.VTPM()); err != nil {
 		return a.fail(ctx, v, "removing the vTPM state", err)
 	}
-	return a.Records.Delete(ctx, v.InstanceID, Event{Actor: a.actor(), Action: "deleted", Detail: "state and secret destroyed"})
-}
-
-// secrets are the key-manager secrets v's state may be encrypted with: the
-// record's, and that of a TPM adopted from the pool whose record a crash
-// kept from naming it.
-func (a *Agent) secrets(v *Record) []string {
-	ids := []string{v.SecretID}
-	if pool, ok := a.Backend.(Pool); ok {
-		if id := pool.AdoptedSecret(v.InstanceID); id != "" && id != v.SecretID {
-			ids = append(ids, id)
-		}
-	}
-	return ids
+	return a.Records.Delete(ctx, v, Event{Actor: a.actor(), Action: "deleted", Detail: "state and secret destroyed"})
 }
 
 // fail records an error phase with a reason a person can act on.

@@ -28,6 +28,7 @@ type host struct {
 	a  *agent.Agent
 	st *store.Store
 	rt *swtpmhost.Runtime
+	kr keyring.Keyring
 }
 
 type certifier struct{ ca *swtpmtest.CA }
@@ -36,7 +37,11 @@ func (c certifier) CertifyEK(ctx context.Context, _ string, _ spec.Version, kind
 	return c.ca.Certify(ctx, kind, pub)
 }
 
-func newHost(t *testing.T, root string) *host {
+func newHost(t *testing.T, root string) *host { return newPooledHost(t, root, 0) }
+
+// newPooledHost is newHost whose runtime keeps pool manufactured TPMs
+// ready.
+func newPooledHost(t *testing.T, root string, pool int) *host {
 	t.Helper()
 	swtpmtest.Require(t)
 	ctx := context.Background()
@@ -49,7 +54,7 @@ func newHost(t *testing.T, root string) *host {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rt, err := swtpmhost.New(swtpmhost.Config{Root: root, Certifier: certifier{swtpmtest.NewCA(t)}})
+	rt, err := swtpmhost.New(swtpmhost.Config{Root: root, Certifier: certifier{swtpmtest.NewCA(t)}, PoolSize: pool})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -57,8 +62,8 @@ func newHost(t *testing.T, root string) *host {
 		rt.Close(context.Background())
 		swtpmtest.CheckNoProcesses(t, root)
 	})
-	a := &agent.Agent{Host: "h1", Capacity: 10, Records: agentstore.New(st), Keyring: kr, Backend: direct.New(rt)}
-	h := &host{a: a, st: st, rt: rt}
+	a := &agent.Agent{Host: "h1", Capacity: 10, Records: agentstore.New(st, kr, nil), Backend: direct.New(rt)}
+	h := &host{a: a, st: st, rt: rt, kr: kr}
 	if err := h.a.Register(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -75,7 +80,7 @@ func (h *host) create(t *testing.T, id string, v spec.Version) {
 	}
 	rec := &store.VTPM{InstanceID: id, Project: "p1", Spec: spec.Spec{Version: v, Model: spec.TIS}, Host: "h1",
 		Desired: store.DesiredRunning, Phase: store.PhasePending}
-	_, err = keyring.CreateRecorded(ctx, h.a.Keyring, "p1", payload, func(sid string) error {
+	_, err = keyring.CreateRecorded(ctx, h.kr, "p1", payload, func(sid string) error {
 		rec.SecretID = sid
 		return h.st.Update(ctx, func(tx *store.Tx) error { return tx.CreateVTPM(rec) })
 	})
@@ -359,5 +364,50 @@ func TestRunRecordsHeartbeats(t *testing.T) {
 	time.Sleep(100 * time.Millisecond) // five intervals
 	if now := get().HeartbeatAt; !now.Equal(stopped) {
 		t.Fatalf("a heartbeat at %v after Run returned (last %v)", now, stopped)
+	}
+}
+
+// TestPoolRekeyRecovery: a vTPM rekeyed with a pooled TPM's secret whose
+// TPM was never adopted (a crash between the two steps) still comes up,
+// keyed by the secret its record names: nothing is lost but the pooled
+// TPM.
+func TestPoolRekeyRecovery(t *testing.T) {
+	h := newPooledHost(t, t.TempDir(), 1)
+	ctx := context.Background()
+	id := "0f0f0f0f-0000-4000-8000-0000000000a1"
+	var secret []byte
+	var discard func()
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(20 * time.Millisecond) {
+		var ok bool
+		if secret, _, discard, ok = h.rt.Claim(spec.V20); ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no pooled TPM after a minute")
+		}
+	}
+	h.create(t, id, spec.V20)
+	r, err := h.a.Records.Get(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.a.Records.Rekey(ctx, r, secret, agent.Event{Actor: "agent:h1", Action: "adopted a pre-manufactured TPM"}); err != nil {
+		t.Fatal(err)
+	}
+	discard() // the crash: the pooled TPM is gone, its secret recorded
+	v := h.pass(t, id)
+	if v.Phase != store.PhaseActive || len(v.EKs) == 0 {
+		t.Fatalf("after the pass: %+v", v)
+	}
+	if h.rt.Adopted(id) {
+		// Another pooled TPM: its own secret replaced the recorded one.
+		if v.SecretID == r.SecretID {
+			t.Fatalf("an adopted TPM under the secret of the lost one")
+		}
+	} else if v.SecretID != r.SecretID {
+		t.Fatalf("manufactured on demand, but the record moved from secret %s to %s", r.SecretID, v.SecretID)
+	}
+	if rc := send(t, h.rt.Sockets(id).Data, getRandom(spec.V20)); rc != 0 {
+		t.Fatalf("the TPM answers 0x%x", rc)
 	}
 }

@@ -30,12 +30,13 @@ type Backend interface {
 }
 
 // Pool is a backend that keeps manufactured TPMs ready (the swtpm
-// backend): Claim hands out one's secret, which the agent stores in the
-// key manager before adopt moves the TPM to the instance; discard throws
-// it away. AdoptedSecret names the secret an adopted TPM needs.
+// backend): Claim hands out one's secret, which the agent makes the
+// record's (Records.Rekey) before adopt moves the TPM to the instance;
+// discard throws it away. Adopted says the instance's TPM came from the
+// pool.
 type Pool interface {
-	Claim(v spec.Version) (secret []byte, adopt func(ctx context.Context, instanceID, secretID string) error, discard func(), ok bool)
-	AdoptedSecret(instanceID string) string
+	Claim(v spec.Version) (secret []byte, adopt func(ctx context.Context, instanceID string) error, discard func(), ok bool)
+	Adopted(instanceID string) bool
 }
 
 // VTPM is what the agent asks of a backend: one instance's vTPM as it is

@@ -2,16 +2,18 @@ package agent
 
 import (
 	"context"
+	"time"
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/spec"
 )
 
 // Records is the control plane as the agent sees it: where it registers
-// its host, reads the vTPMs placed on it and records what it did to them.
-// Apart from the key manager, it is all the agent knows of the control
-// plane. agentstore implements it over the store, for an agent in the
-// store's process.
+// its host, watches the vTPMs placed on it, records what it did to them and
+// reads the secrets that key their state. It is all the agent knows of the
+// control plane: agentstore implements it over the store and key manager,
+// in their process (vtpmd all-in-one, and the server's side of the agent
+// protocol); agentclient implements it over that protocol (vtpmd agent).
 type Records interface {
 	// RegisterHost records h, with what it offers, and a heartbeat now.
 	RegisterHost(ctx context.Context, h Host) error
@@ -19,19 +21,50 @@ type Records interface {
 	// if the host was never registered. A host whose heartbeats stop
 	// reads down, and takes no new vTPMs.
 	Heartbeat(ctx context.Context, hb Heartbeat) error
-	// List returns the records of the vTPMs placed on host, by instance id.
-	List(ctx context.Context, host string) ([]*Record, error)
+	// Watch returns what changed among the vTPMs placed on host after
+	// revision since (everything, as a Reset, for since 0), waiting up to
+	// wait for a change when there is none yet.
+	Watch(ctx context.Context, host string, since int64, wait time.Duration) (*Changes, error)
 	// Get reads instanceID's record; ErrNotFound if it has none.
 	Get(ctx context.Context, instanceID string) (*Record, error)
-	// Update records, with ev, what the agent changed in r (Phase,
-	// Reason, EKs, Sockets, SecretID: the fields an agent changes) if no one
-	// changed the record since r was read, and advances r.Generation.
-	// ErrConflict if someone did; ErrNotFound if r's vTPM is gone
-	// (deleted, or replaced by a new vTPM of the instance id).
+	// Update records, with ev, what the agent observed of r (Phase,
+	// Reason, EKs, Sockets: nothing else of r is taken) if no one changed
+	// the record since r was read, and advances r.Generation. ErrConflict
+	// if someone did; ErrNotFound if r's vTPM is gone (deleted, or
+	// replaced by a new vTPM of the instance id).
 	Update(ctx context.Context, r *Record, ev Event) error
-	// Delete removes instanceID's record and its attestation, with ev as
-	// the vTPM's last event; ErrNotFound if it has no record.
-	Delete(ctx context.Context, instanceID string, ev Event) error
+	// Delete removes r's record (which must be desired deleted) with its
+	// attestation and secret, with ev as the vTPM's last event;
+	// ErrNotFound if it has no record.
+	Delete(ctx context.Context, r *Record, ev Event) error
+	// Secret reads the payload of the key-manager secret that keys r's
+	// state.
+	Secret(ctx context.Context, r *Record) ([]byte, error)
+	// Rekey makes secret the key of r's state, which must not be
+	// manufactured yet: it is stored for r's project, r points at it
+	// (r.SecretID and r.Generation advance) and the secret r had is
+	// shredded. The agent rekeys a vTPM that takes a TPM from its pool.
+	Rekey(ctx context.Context, r *Record, secret []byte, ev Event) error
+}
+
+// Changes is what changed on a host after a revision (Records.Watch).
+type Changes struct {
+	// Revision is the host's revision now: the next watch's since.
+	Revision int64
+	// Records are the host's records written since, or all of them when
+	// Reset.
+	Records []*Record
+	// Gone are the vTPMs that left the host since; none when Reset.
+	Gone []Gone
+	// Reset says Records is the whole set: whatever else the watcher
+	// holds is gone.
+	Reset bool
+}
+
+// Gone is a vTPM that left a host.
+type Gone struct {
+	InstanceID  string
+	Incarnation string
 }
 
 // Host is what the agent registers of its host.

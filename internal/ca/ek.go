@@ -415,3 +415,10 @@ func VerifyEK(der []byte, opts VerifyOptions) (*x509.Certificate, EKProfile, err
 	}
 	return cert, p, nil
 }
+
+// IssueVTPMEK certifies the EK of a vTPM of TPM version tpmVersion (TPM20
+// or TPM12) with the manufacturer, model and version swtpm_setup uses, so
+// tools that accept swtpm's own certificates accept these.
+func (c *CA) IssueVTPMEK(pub crypto.PublicKey, tpmVersion string) ([]byte, error) {
+	return c.IssueEK(pub, EKProfile{Manufacturer: "id:00001014", Model: "swtpm", Version: "id:20191023", TPMVersion: tpmVersion})
+}

@@ -123,6 +123,16 @@ type Config struct {
 	// "" keeps the store in SQLite under DataDir. A password never goes in
 	// it: libpq's passfile (PGPASSFILE, ~/.pgpass) holds it.
 	Store string `yaml:"store"`
+	// Server is the control plane a host's agent (vtpmd agent) reports
+	// to: its API's https:// URL.
+	Server string `yaml:"server"`
+	// ServerCA is a PEM file of the CAs the server's TLS certificate
+	// chains to, for vtpmd agent; "" trusts the system's.
+	ServerCA string `yaml:"server-ca"`
+	// JoinTokenFile holds the one-time join token (vtpmctl host add) that
+	// vtpmd agent exchanges at its first start for the host's certificate,
+	// kept in <DataDir>/host-cert from then on; the file may then go.
+	JoinTokenFile string `yaml:"join-token-file"`
 	// TLSCert and TLSKey are PEM files of the API's certificate (chain)
 	// and key: with them the API speaks only HTTPS, and hosts' agents call
 	// it with the client certificates the host CA (DataDir/host-ca) issued
@@ -345,6 +355,11 @@ func (c *Config) Validate() error {
 	if c.Xen.UUIDListen != "" {
 		if _, _, err := net.SplitHostPort(c.Xen.UUIDListen); err != nil {
 			errs = append(errs, fmt.Errorf("xen UUID service address %q: %w", c.Xen.UUIDListen, err))
+		}
+	}
+	if c.Server != "" {
+		if u, err := url.Parse(c.Server); err != nil || u.Scheme != "https" || u.Host == "" || u.User != nil {
+			errs = append(errs, fmt.Errorf("server %q must be the control plane's https:// URL", c.Server))
 		}
 	}
 	if c.Libvirt.Mode != "emulator" && c.Libvirt.Mode != "external" {

@@ -106,11 +106,11 @@ func (h *hostAttester) run(ctx context.Context) {
 
 // AttestHost makes the host attest now and returns its verdict; an error
 // if this host has no TPM configured (HostTPM).
-func (d *AllInOne) AttestHost(ctx context.Context) (api.Attestation, error) {
-	if d.hostTPM == nil {
-		return api.Attestation{}, fmt.Errorf("host %s attests no TPM (no host TPM configured)", d.cfg.HostName)
+func (h *HostAgent) AttestHost(ctx context.Context) (api.Attestation, error) {
+	if h.hostTPM == nil {
+		return api.Attestation{}, fmt.Errorf("host %s attests no TPM (no host TPM configured)", h.cfg.HostName)
 	}
-	return d.hostTPM.attest(ctx)
+	return h.hostTPM.attest(ctx)
 }
 
 // hostEKRoots reads the PEM file of CAs that hosts' EK certificates may

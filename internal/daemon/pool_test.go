@@ -11,7 +11,6 @@ import (
 	"github.com/google/go-tpm/tpm2/transport"
 
 	"github.com/vtpmd/vtpmd/internal/keyring"
-	"github.com/vtpmd/vtpmd/internal/spec"
 )
 
 // waitPool waits until n pooled TPMs are manufactured.
@@ -64,34 +63,4 @@ func TestPool(t *testing.T) {
 	if got := readUserNV(t, v); !bytes.Equal(got, []byte("pooled")) {
 		t.Fatalf("NV after restart = %q", got)
 	}
-}
-
-// TestPoolAdoptionRecovery: a TPM adopted for an instance whose record
-// still names another secret (a crash between the two steps) is finished
-// by the agent: the record takes the adopted secret, the TPM serves.
-func TestPoolAdoptionRecovery(t *testing.T) {
-	dir := t.TempDir()
-	u := startConfigured(t, Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "test-host", PoolSize: new(1)})
-	waitPool(t, dir, 1)
-	id := "0a0a0a0a-0000-4000-8000-0000000000b2"
-	secret, adopt, _, ok := u.d.Swtpm().Claim(spec.V20)
-	if !ok {
-		t.Fatal("nothing to claim")
-	}
-	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	adopted, err := kr.Create(context.Background(), "p1", secret)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := adopt(context.Background(), id, adopted); err != nil {
-		t.Fatal(err)
-	}
-	v := u.create(t, id, "2.0") // the API made a secret of its own
-	if v.SecretRef != adopted {
-		t.Fatalf("record names secret %s, the state needs %s", v.SecretRef, adopted)
-	}
-	checkIdentity(t, u.c, v)
 }

@@ -12,13 +12,13 @@ import (
 
 // startXen opens the VTPM manager group's books under the data dir and
 // makes the Xen backend; with UUIDListen it also serves the UUID service.
-func (d *AllInOne) startXen() (*xen.Backend, error) {
-	cfg := d.cfg.Xen
-	group, err := xen.OpenGroup(filepath.Join(d.cfg.DataDir, "xen"), cfg.Group, cfg.GroupCapacity)
+func (h *HostAgent) startXen() (*xen.Backend, error) {
+	cfg := h.cfg.Xen
+	group, err := xen.OpenGroup(filepath.Join(h.cfg.DataDir, "xen"), cfg.Group, cfg.GroupCapacity)
 	if err != nil {
 		return nil, err
 	}
-	b, err := xen.New(cfg.Layout(), group, d.log)
+	b, err := xen.New(cfg.Layout(), group, h.log)
 	if err != nil {
 		return nil, err
 	}
@@ -29,13 +29,13 @@ func (d *AllInOne) startXen() (*xen.Backend, error) {
 	if err != nil {
 		return nil, err
 	}
-	d.xenUUID = &http.Server{Handler: xen.UUIDServer(group, d.log), ReadHeaderTimeout: 10 * time.Second}
+	h.xenUUID = &http.Server{Handler: xen.UUIDServer(group, h.log), ReadHeaderTimeout: 10 * time.Second}
 	go func() {
-		if err := d.xenUUID.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			d.log.Error("Xen UUID service stopped", "err", err)
+		if err := h.xenUUID.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			h.log.Error("Xen UUID service stopped", "err", err)
 		}
 	}()
-	d.XenUUIDAddr = ln.Addr().String()
-	d.log.Info("Xen UUID service listening", "addr", d.XenUUIDAddr, "group", cfg.Group)
+	h.XenUUIDAddr = ln.Addr().String()
+	h.log.Info("Xen UUID service listening", "addr", h.XenUUIDAddr, "group", cfg.Group)
 	return b, nil
 }

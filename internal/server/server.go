@@ -23,6 +23,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/agent/agentstore"
+	"github.com/vtpmd/vtpmd/internal/ca"
 	"github.com/vtpmd/vtpmd/internal/enrol"
 	"github.com/vtpmd/vtpmd/internal/refusal"
 	"github.com/vtpmd/vtpmd/internal/secrets"
@@ -54,6 +56,11 @@ type Server struct {
 	// Enrolment issues join tokens, enrols hosts and authenticates their
 	// agents' certificates.
 	Enrolment *enrol.Service
+	// Agents are the control plane as hosts' agents see it: the agent
+	// protocol's routes answer from it.
+	Agents *agentstore.Records
+	// EKCA is the deployment CA, which certifies vTPMs' EKs.
+	EKCA *ca.CA
 	// CAChainPEM returns the deployment CA chain.
 	CAChainPEM func() []byte
 	// Drift asks a host's agent what differs between its hypervisor and the
@@ -163,6 +170,14 @@ func (s *Server) routes() []route {
 		{"POST /v1/hosts/{name}/revoke", s.revokeHost, operator, noBody},
 		{"POST /v1/agent/enroll", s.enroll, agents, jsonBody},
 		{"POST /v1/agent/heartbeat", s.heartbeat, hosts, jsonBody},
+		{"PUT /v1/agent/host", s.registerHost, hosts, jsonBody},
+		{"GET /v1/agent/vtpms", s.watchVTPMs, hosts, noBody},
+		{"GET /v1/agent/vtpms/{id}", s.agentGetVTPM, hosts, noBody},
+		{"PUT /v1/agent/vtpms/{id}", s.reportVTPM, hosts, jsonBody},
+		{"POST /v1/agent/vtpms/{id}/deleted", s.vtpmDeleted, hosts, jsonBody},
+		{"GET /v1/agent/vtpms/{id}/secret", s.vtpmSecret, hosts, noBody},
+		{"POST /v1/agent/vtpms/{id}/rekey", s.rekeyVTPM, hosts, jsonBody},
+		{"POST /v1/agent/ek-certificates", s.certifyEK, hosts, jsonBody},
 		{"GET /v1/ca", s.caChain, anyone, noBody},
 	}
 }

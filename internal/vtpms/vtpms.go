@@ -44,9 +44,6 @@ type Config struct {
 	Options spec.Options
 	// HyperV shapes Hyper-V plans.
 	HyperV HyperVOptions
-	// Notify tells a host's agent that its desired state changed; nil:
-	// nobody listens.
-	Notify func(host string)
 	// HeartbeatWindow is how long a host's agent may go without a
 	// heartbeat before the host reads down and takes no new vTPMs;
 	// default DefaultHeartbeatWindow. Its vTPMs stay: down never deletes
@@ -169,7 +166,6 @@ func (s *Service) Create(ctx context.Context, c tenant.Caller, req api.CreateVTP
 	if err != nil {
 		return nil, fmt.Errorf("creating vTPM %s: %w", id, err)
 	}
-	s.notify(host.Name)
 	return v, nil
 }
 
@@ -305,9 +301,6 @@ func (s *Service) Delete(ctx context.Context, c tenant.Caller, id string) (v *st
 	if err != nil {
 		return nil, false, err
 	}
-	if !gone {
-		s.notify(v.Host)
-	}
 	return v, gone, nil
 }
 
@@ -439,7 +432,6 @@ func (s *Service) change(ctx context.Context, c tenant.Caller, id, action string
 			return nil, err
 		}
 	}
-	s.notify(v.Host)
 	return v, nil
 }
 
@@ -619,8 +611,3 @@ func (s *Service) Phases(ctx context.Context) (map[store.Phase]int, error) {
 	return counts, err
 }
 
-func (s *Service) notify(host string) {
-	if s.cfg.Notify != nil {
-		s.cfg.Notify(host)
-	}
-}

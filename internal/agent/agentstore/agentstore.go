@@ -1,25 +1,41 @@
-// Package agentstore gives an agent the control plane's records
-// (agent.Records) straight from the store, for an agent that runs in the
-// store's process (vtpmd all-in-one).
+// Package agentstore gives agents the control plane's records
+// (agent.Records) straight from the store and the key manager: the agent of
+// vtpmd all-in-one uses it in-process, and the server answers the agent
+// protocol with it, for the host a client certificate names.
 package agentstore
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
+	"slices"
+	"time"
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/agent"
+	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/refusal"
 	"github.com/vtpmd/vtpmd/internal/store"
 )
 
-// Records reads and writes vTPM and host records in a store.
-type Records struct{ st *store.Store }
+// Records reads and writes vTPM and host records in a store, and the
+// secrets that key the vTPMs' state in a key manager.
+type Records struct {
+	st  *store.Store
+	kr  keyring.Keyring
+	log *slog.Logger
+}
 
 var _ agent.Records = (*Records)(nil)
 
-// New gives agents st's records.
-func New(st *store.Store) *Records { return &Records{st: st} }
+// New gives agents st's records and kr's secrets.
+func New(st *store.Store, kr keyring.Keyring, log *slog.Logger) *Records {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Records{st: st, kr: kr, log: log}
+}
 
 // RegisterHost implements agent.Records.
 func (r *Records) RegisterHost(ctx context.Context, h agent.Host) error {
@@ -33,21 +49,45 @@ func (r *Records) Heartbeat(ctx context.Context, hb agent.Heartbeat) error {
 	return agentError(r.st.Update(ctx, func(tx *store.Tx) error { return tx.Heartbeat(hb.Host, hb.Version) }))
 }
 
-// List implements agent.Records.
-func (r *Records) List(ctx context.Context, host string) ([]*agent.Record, error) {
-	var vs []*store.VTPM
-	err := r.st.View(ctx, func(tx *store.Tx) (err error) {
-		vs, err = tx.ListVTPMs(store.Filter{Host: host})
-		return err
-	})
-	if err != nil {
-		return nil, err
+// rereadEvery bounds how long a watch misses a commit made by another
+// process sharing a PostgreSQL database, whose commits do not wake it.
+const rereadEvery = time.Second
+
+// Watch implements agent.Records.
+func (r *Records) Watch(ctx context.Context, host string, since int64, wait time.Duration) (*agent.Changes, error) {
+	waiting, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	return r.WatchUntil(ctx, host, since, waiting.Done())
+}
+
+// WatchUntil reads the changes on host after since and, while there are
+// none, waits for this process's next commit on host (rereading every
+// second, for other processes' commits) until over.
+func (r *Records) WatchUntil(ctx context.Context, host string, since int64, over <-chan struct{}) (*agent.Changes, error) {
+	reread := time.NewTicker(rereadEvery)
+	defer reread.Stop()
+	for {
+		changed := r.st.HostChanged(host)
+		var ch *store.Changes
+		err := r.st.View(ctx, func(tx *store.Tx) (err error) {
+			ch, err = tx.WatchVTPMs(host, since)
+			return err
+		})
+		if err != nil {
+			return nil, err
+		}
+		if ch.Reset || len(ch.VTPMs) > 0 || len(ch.Gone) > 0 {
+			return changes(ch), nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-over:
+			return changes(ch), nil
+		case <-changed:
+		case <-reread.C:
+		}
 	}
-	out := make([]*agent.Record, len(vs))
-	for i, v := range vs {
-		out[i] = record(v)
-	}
-	return out, nil
 }
 
 // Get implements agent.Records.
@@ -63,13 +103,42 @@ func (r *Records) Get(ctx context.Context, instanceID string) (*agent.Record, er
 	return record(v), nil
 }
 
-// Update implements agent.Records. It writes the whole row back, which
-// changes only what the agent changed: the generation check refuses a row
-// anyone else changed since it was read.
+// Placed reads instanceID's record for host's agent: refused (and the
+// attempt logged as the vTPM's event) if the vTPM is placed on another
+// host, so that no host reads another's desired state or secrets.
+func (r *Records) Placed(ctx context.Context, host, instanceID string) (*agent.Record, error) {
+	rec, err := r.Get(ctx, instanceID)
+	if err != nil || rec.Host == host {
+		return rec, err
+	}
+	r.log.Warn("a host asked for a vTPM placed on another host", "host", host, "instance", instanceID, "placed_on", rec.Host)
+	err = r.st.Update(ctx, func(tx *store.Tx) error {
+		return tx.AppendEvent(store.Event{Actor: "host:" + host, InstanceID: instanceID, Action: "refused",
+			Detail: fmt.Sprintf("host %s asked for this vTPM, which is placed on %s", host, rec.Host)})
+	})
+	return nil, errors.Join(errOtherHost, err)
+}
+
+var errOtherHost = refusal.Forbidden(api.CodeForbidden, "The vTPM is placed on another host.")
+
+// Update implements agent.Records. Only what an agent observes is taken
+// from rec; endorsement keys, once recorded, never change.
 func (r *Records) Update(ctx context.Context, rec *agent.Record, ev agent.Event) error {
+	if err := validObserved(rec); err != nil {
+		return err
+	}
 	var generation int64
 	err := r.st.Update(ctx, func(tx *store.Tx) error {
-		v := row(rec) // afresh on each attempt: one rolled back may have bumped its generation
+		v, err := current(tx, rec)
+		if err != nil {
+			return err
+		}
+		eks := eksRow(rec.EKs)
+		if len(v.EKs) > 0 && !slices.EqualFunc(v.EKs, eks, sameEK) {
+			return refusal.Invalid(api.CodeInvalidParameter, "A vTPM's endorsement keys never change once recorded.")
+		}
+		v.Phase, v.Reason, v.EKs = store.Phase(rec.Phase), rec.Reason, eks
+		v.Sockets = store.Sockets{Data: rec.Sockets.Data, Ctrl: rec.Sockets.Ctrl}
 		if err := tx.UpdateVTPM(v); err != nil {
 			return err
 		}
@@ -83,18 +152,135 @@ func (r *Records) Update(ctx context.Context, rec *agent.Record, ev agent.Event)
 	return nil
 }
 
-// Delete implements agent.Records.
-func (r *Records) Delete(ctx context.Context, instanceID string, ev agent.Event) error {
-	err := r.st.Update(ctx, func(tx *store.Tx) error {
-		if err := tx.DeleteVTPM(instanceID); err != nil {
-			return err
-		}
-		if err := tx.DeleteAttestation(instanceID); err != nil {
-			return err
-		}
-		return tx.AppendEvent(store.Event{Actor: ev.Actor, InstanceID: instanceID, Action: ev.Action, Detail: ev.Detail})
+// Delete implements agent.Records: the record goes, then its secret (the
+// API shredded it when the delete was asked for; this is in case).
+func (r *Records) Delete(ctx context.Context, rec *agent.Record, ev agent.Event) error {
+	err := keyring.ShredRecorded(ctx, r.kr, func() ([]string, error) {
+		var secret string
+		err := r.st.Update(ctx, func(tx *store.Tx) error {
+			v, err := current(tx, rec)
+			if err != nil {
+				return err
+			}
+			if v.Desired != store.DesiredDeleted {
+				return refusal.Conflict(api.CodeConflict, "Only a vTPM asked to be deleted can be.")
+			}
+			secret = v.SecretID
+			if err := tx.DeleteVTPM(v.InstanceID); err != nil {
+				return err
+			}
+			if err := tx.DeleteAttestation(v.InstanceID); err != nil {
+				return err
+			}
+			return tx.AppendEvent(store.Event{Actor: ev.Actor, InstanceID: v.InstanceID, Action: ev.Action, Detail: ev.Detail})
+		})
+		return []string{secret}, err
 	})
 	return agentError(err)
+}
+
+// Secret implements agent.Records: the secret of a vTPM that is to run.
+func (r *Records) Secret(ctx context.Context, rec *agent.Record) ([]byte, error) {
+	var secretID string
+	err := r.st.View(ctx, func(tx *store.Tx) error {
+		v, err := tx.GetVTPM(rec.InstanceID)
+		switch {
+		case err != nil:
+			return err
+		case v.Incarnation != rec.Incarnation:
+			return fmt.Errorf("vtpm %s of incarnation %s: %w", rec.InstanceID, rec.Incarnation, store.ErrNotFound)
+		case v.Desired != store.DesiredRunning:
+			return refusal.Conflict(api.CodeConflict, "A vTPM's secret is released only while it is to run.")
+		}
+		secretID = v.SecretID
+		return nil
+	})
+	if err != nil {
+		return nil, agentError(err)
+	}
+	s, err := r.kr.Get(ctx, secretID)
+	if err != nil {
+		return nil, err
+	}
+	return s.Payload, nil
+}
+
+// Rekey implements agent.Records: the new secret is stored first, then the
+// record points at it, then the old one is shredded (no state was ever
+// encrypted with it; one that cannot be shredded now is reclaimed when the
+// server starts).
+func (r *Records) Rekey(ctx context.Context, rec *agent.Record, secret []byte, ev agent.Event) error {
+	if len(secret) == 0 {
+		return refusal.Invalid(api.CodeInvalidParameter, "The new secret is empty.")
+	}
+	var old string
+	var generation int64
+	id, err := keyring.CreateRecorded(ctx, r.kr, rec.Project, secret, func(id string) error {
+		return r.st.Update(ctx, func(tx *store.Tx) error {
+			v, err := current(tx, rec)
+			if err != nil {
+				return err
+			}
+			if len(v.EKs) > 0 || v.Desired != store.DesiredRunning {
+				return refusal.Conflict(api.CodeConflict, "Only a vTPM not yet manufactured, and to run, can be given a new key.")
+			}
+			old, v.SecretID = v.SecretID, id
+			if err := tx.UpdateVTPM(v); err != nil {
+				return err
+			}
+			generation = v.Generation
+			detail := "its key is secret " + id
+			if ev.Detail != "" {
+				detail = ev.Detail + "; " + detail
+			}
+			return tx.AppendEvent(store.Event{Actor: ev.Actor, InstanceID: v.InstanceID, Action: ev.Action, Detail: detail})
+		})
+	})
+	if err != nil {
+		return agentError(err)
+	}
+	rec.SecretID, rec.Generation = id, generation
+	if err := keyring.Shred(ctx, r.kr, old); err != nil {
+		r.log.Warn("shredding the unused vTPM secret", "instance", rec.InstanceID, "secret", old, "err", err)
+	}
+	return nil
+}
+
+// current reads rec's vTPM as it is now: ErrNotFound if it is gone or
+// another incarnation, ErrConflict if it changed since rec was read.
+func current(tx *store.Tx, rec *agent.Record) (*store.VTPM, error) {
+	v, err := tx.GetVTPM(rec.InstanceID)
+	switch {
+	case err != nil:
+		return nil, err
+	case v.Incarnation != rec.Incarnation:
+		return nil, fmt.Errorf("vtpm %s of incarnation %s: %w", rec.InstanceID, rec.Incarnation, store.ErrNotFound)
+	case v.Generation != rec.Generation:
+		return nil, fmt.Errorf("vtpm %s: %w", rec.InstanceID, store.ErrConflict)
+	}
+	return v, nil
+}
+
+// validObserved refuses an observed state no agent reports.
+func validObserved(rec *agent.Record) error {
+	switch rec.Phase {
+	case agent.PhasePending, agent.PhaseProvisioning, agent.PhaseActive, agent.PhaseStopped, agent.PhaseDeleting, agent.PhaseError:
+	default:
+		return refusal.Invalid(api.CodeInvalidParameter, fmt.Sprintf("Phase %s is none of pending, provisioning, active, stopped, deleting, error.", refusal.Quote(string(rec.Phase))))
+	}
+	if len(rec.Reason) > 4096 {
+		return refusal.Invalid(api.CodeInvalidParameter, "The reason is longer than 4096 bytes.")
+	}
+	for _, ek := range rec.EKs {
+		if ek.Kind == "" || len(ek.PublicDER) == 0 {
+			return refusal.Invalid(api.CodeInvalidParameter, "An endorsement key needs a kind and a public key.")
+		}
+	}
+	return nil
+}
+
+func sameEK(a, b store.EK) bool {
+	return a.Kind == b.Kind && a.Handle == b.Handle && a.NVIndex == b.NVIndex && slices.Equal(a.PublicDER, b.PublicDER) && slices.Equal(a.CertDER, b.CertDER)
 }
 
 // agentError says the store's not-found and conflict in the agent's words,
@@ -109,6 +295,17 @@ func agentError(err error) error {
 	return err
 }
 
+func changes(ch *store.Changes) *agent.Changes {
+	out := &agent.Changes{Revision: ch.Revision, Reset: ch.Reset, Records: make([]*agent.Record, len(ch.VTPMs))}
+	for i, v := range ch.VTPMs {
+		out.Records[i] = record(v)
+	}
+	for _, g := range ch.Gone {
+		out.Gone = append(out.Gone, agent.Gone{InstanceID: g.InstanceID, Incarnation: g.Incarnation})
+	}
+	return out
+}
+
 func record(v *store.VTPM) *agent.Record {
 	r := &agent.Record{InstanceID: v.InstanceID, Incarnation: v.Incarnation, Project: v.Project, Spec: v.Spec, Host: v.Host,
 		Domain: v.Domain, Desired: agent.Desired(v.Desired), Phase: agent.Phase(v.Phase), Reason: v.Reason, SecretID: v.SecretID,
@@ -119,12 +316,10 @@ func record(v *store.VTPM) *agent.Record {
 	return r
 }
 
-func row(r *agent.Record) *store.VTPM {
-	v := &store.VTPM{InstanceID: r.InstanceID, Incarnation: r.Incarnation, Project: r.Project, Spec: r.Spec, Host: r.Host,
-		Domain: r.Domain, Desired: store.Desired(r.Desired), Phase: store.Phase(r.Phase), Reason: r.Reason, SecretID: r.SecretID,
-		Sockets: store.Sockets{Data: r.Sockets.Data, Ctrl: r.Sockets.Ctrl}, Generation: r.Generation}
-	for _, ek := range r.EKs {
-		v.EKs = append(v.EKs, store.EK{Kind: ek.Kind, Handle: ek.Handle, NVIndex: ek.NVIndex, PublicDER: ek.PublicDER, CertDER: ek.CertDER})
+func eksRow(eks []agent.EK) []store.EK {
+	var out []store.EK
+	for _, ek := range eks {
+		out = append(out, store.EK{Kind: ek.Kind, Handle: ek.Handle, NVIndex: ek.NVIndex, PublicDER: ek.PublicDER, CertDER: ek.CertDER})
 	}
-	return v
+	return out
 }

@@ -6,11 +6,16 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/agent"
 	"github.com/vtpmd/vtpmd/internal/agent/agentstore"
+	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/refusal"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/store/pgtest"
@@ -49,16 +54,63 @@ const (
 	id3 = "0c0c0c0c-0000-4000-8000-000000000003"
 )
 
-// create records a vTPM as the API does.
-func create(t *testing.T, st *store.Store, id, host string) *store.VTPM {
+// fixture is a store's and a key manager's records for agents.
+type fixture struct {
+	st   *store.Store
+	kr   keyring.Keyring
+	recs *agentstore.Records
+}
+
+func newFixture(t *testing.T, st *store.Store) *fixture {
 	t.Helper()
+	kr, err := keyring.OpenEmbedded(filepath.Join(t.TempDir(), "keys"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &fixture{st: st, kr: kr, recs: agentstore.New(st, kr, nil)}
+}
+
+// create records a vTPM with a secret as the API does.
+func (f *fixture) create(t *testing.T, id, host string) *store.VTPM {
+	t.Helper()
+	ctx := context.Background()
+	sid, err := f.kr.Create(ctx, "p1", []byte("secret of "+id))
+	if err != nil {
+		t.Fatal(err)
+	}
 	v := &store.VTPM{InstanceID: id, Project: "p1", Host: host, Domain: "guest-" + id[len(id)-1:],
 		Spec:    spec.Spec{Version: spec.V20, Model: spec.CRB, SecretSecurity: spec.User},
-		Desired: store.DesiredRunning, Phase: store.PhasePending, SecretID: "5e5e5e5e-0000-4000-8000-0000000000" + id[len(id)-2:]}
-	if err := st.Update(context.Background(), func(tx *store.Tx) error { return tx.CreateVTPM(v) }); err != nil {
+		Desired: store.DesiredRunning, Phase: store.PhasePending, SecretID: sid}
+	if err := f.st.Update(ctx, func(tx *store.Tx) error { return tx.CreateVTPM(v) }); err != nil {
 		t.Fatal(err)
 	}
 	return v
+}
+
+// desire sets what is asked of id, as the API does.
+func (f *fixture) desire(t *testing.T, id string, d store.Desired) {
+	t.Helper()
+	err := f.st.Update(context.Background(), func(tx *store.Tx) error {
+		v, err := tx.GetVTPM(id)
+		if err != nil {
+			return err
+		}
+		v.Desired = d
+		return tx.UpdateVTPM(v)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// get reads id's record as an agent does.
+func (f *fixture) get(t *testing.T, id string) *agent.Record {
+	t.Helper()
+	r, err := f.recs.Get(context.Background(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
 }
 
 func read(t *testing.T, st *store.Store, id string) (*store.VTPM, []store.Event) {
@@ -79,15 +131,17 @@ func read(t *testing.T, st *store.Store, id string) (*store.VTPM, []store.Event)
 }
 
 // TestRecords: the agent's records over the store say the same as the
-// store, list only the host's vTPMs, keep what the agent observed (phase,
+// store, watch only the host's vTPMs, keep what the agent observed (phase,
 // EKs, the sockets it serves the vTPM on), write only an unchanged record (a
 // stale one is agent.ErrConflict, one of a deleted or replaced vTPM
 // agent.ErrNotFound, with the store's error kept in the chain), and
-// delete a vTPM with its attestation and a last event of its own.
+// delete a vTPM asked to be deleted with its attestation, its secret and a
+// last event of its own.
 func TestRecords(t *testing.T) {
 	onEngines(t, func(t *testing.T, st *store.Store) {
 		ctx := context.Background()
-		recs := agentstore.New(st)
+		f := newFixture(t, st)
+		recs := f.recs
 		h := agent.Host{Name: "h1", Traits: []string{spec.TraitTPM20}, Capacity: 7, Backend: "swtpm"}
 		if err := recs.RegisterHost(ctx, h); err != nil {
 			t.Fatal(err)
@@ -103,15 +157,17 @@ func TestRecords(t *testing.T) {
 		if err := recs.RegisterHost(ctx, agent.Host{Name: "h2", Capacity: 1, Backend: "swtpm"}); err != nil {
 			t.Fatal(err)
 		}
-		row2 := create(t, st, id2, "h1")
-		row1 := create(t, st, id1, "h1")
-		create(t, st, id3, "h2")
-		list, err := recs.List(ctx, "h1")
+		row2 := f.create(t, id2, "h1")
+		row1 := f.create(t, id1, "h1")
+		f.create(t, id3, "h2")
+		ch, err := recs.Watch(ctx, "h1", 0, 0)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if len(list) != 2 || list[0].InstanceID != id1 || list[1].InstanceID != id2 {
-			t.Fatalf("h1's records: %+v", list)
+		list := ch.Records
+		slices.SortFunc(list, func(a, b *agent.Record) int { return strings.Compare(a.InstanceID, b.InstanceID) })
+		if !ch.Reset || len(list) != 2 || list[0].InstanceID != id1 || list[1].InstanceID != id2 {
+			t.Fatalf("h1's records: %+v", ch)
 		}
 		want := agent.Record{InstanceID: id1, Incarnation: row1.Incarnation, Project: "p1", Spec: row1.Spec, Host: "h1",
 			Domain: row1.Domain, Desired: agent.DesiredRunning, Phase: agent.PhasePending, SecretID: row1.SecretID, Generation: 1}
@@ -158,10 +214,7 @@ func TestRecords(t *testing.T) {
 
 		// A vTPM deleted and made again under the same instance id is
 		// another vTPM: the old one's record is gone.
-		old, err := recs.Get(ctx, id2)
-		if err != nil {
-			t.Fatal(err)
-		}
+		old := f.get(t, id2)
 		err = st.Update(ctx, func(tx *store.Tx) error { return tx.DeleteVTPM(id2) })
 		if err != nil {
 			t.Fatal(err)
@@ -169,7 +222,7 @@ func TestRecords(t *testing.T) {
 		if _, err := recs.Get(ctx, id2); !errors.Is(err, agent.ErrNotFound) || !errors.Is(err, store.ErrNotFound) {
 			t.Fatalf("reading a deleted vTPM: %v, want agent.ErrNotFound", err)
 		}
-		create(t, st, id2, "h1")
+		f.create(t, id2, "h1")
 		old.Phase = agent.PhaseProvisioning
 		if err := recs.Update(ctx, old, agent.Event{Actor: "agent:h1", Action: "provisioning"}); !errors.Is(err, agent.ErrNotFound) {
 			t.Fatalf("updating a replaced vTPM: %v, want agent.ErrNotFound", err)
@@ -178,13 +231,20 @@ func TestRecords(t *testing.T) {
 			t.Fatalf("the new vTPM after the old one's update: %+v", now)
 		}
 
+		// Only a vTPM asked to be deleted can be.
+		var re *refusal.Error
+		if err := recs.Delete(ctx, f.get(t, id1), agent.Event{Actor: "agent:h1", Action: "deleted"}); !errors.As(err, &re) || re.Kind != refusal.KindConflict {
+			t.Fatalf("deleting a vTPM still wanted: %v", err)
+		}
 		err = st.Update(ctx, func(tx *store.Tx) error {
 			return tx.PutAttestation(&store.Attestation{InstanceID: id1, Verdict: "trusted"})
 		})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := recs.Delete(ctx, id1, agent.Event{Actor: "agent:h1", Action: "deleted", Detail: "state and secret destroyed"}); err != nil {
+		f.desire(t, id1, store.DesiredDeleted)
+		doomed := f.get(t, id1)
+		if err := recs.Delete(ctx, doomed, agent.Event{Actor: "agent:h1", Action: "deleted", Detail: "state and secret destroyed"}); err != nil {
 			t.Fatal(err)
 		}
 		var evs1 []store.Event
@@ -204,8 +264,154 @@ func TestRecords(t *testing.T) {
 		if e := evs1[len(evs1)-1]; e.Action != "deleted" || e.Actor != "agent:h1" || e.Incarnation != row1.Incarnation {
 			t.Fatalf("the deleted vTPM's last event: %+v", e)
 		}
-		if err := recs.Delete(ctx, id1, agent.Event{Actor: "agent:h1", Action: "deleted"}); !errors.Is(err, agent.ErrNotFound) {
+		if _, err := f.kr.Get(ctx, row1.SecretID); !errors.Is(err, keyring.ErrNotFound) {
+			t.Fatalf("the deleted vTPM's secret: %v, want shredded", err)
+		}
+		if err := recs.Delete(ctx, doomed, agent.Event{Actor: "agent:h1", Action: "deleted"}); !errors.Is(err, agent.ErrNotFound) {
 			t.Fatalf("deleting again: %v, want agent.ErrNotFound", err)
+		}
+	})
+}
+
+// TestUpdateTakesOnlyObserved: an agent's update writes only what an agent
+// observes; what was asked (desired state, project, host, spec, secret)
+// stays the API's whatever the agent sends, recorded EKs never change,
+// and a phase no agent reports is refused.
+func TestUpdateTakesOnlyObserved(t *testing.T) {
+	onEngines(t, func(t *testing.T, st *store.Store) {
+		ctx := context.Background()
+		f := newFixture(t, st)
+		if err := f.recs.RegisterHost(ctx, agent.Host{Name: "h1", Capacity: 7, Backend: "swtpm"}); err != nil {
+			t.Fatal(err)
+		}
+		row := f.create(t, id1, "h1")
+		r := f.get(t, id1)
+		r.Desired, r.Project, r.Host, r.SecretID, r.Spec.Version, r.Domain = agent.DesiredDeleted, "p2", "h9", "other", spec.V12, "evil"
+		r.Phase, r.EKs = agent.PhaseActive, []agent.EK{{Kind: "rsa2048", Handle: 0x81010001, PublicDER: []byte{1}}}
+		if err := f.recs.Update(ctx, r, agent.Event{Actor: "agent:h1", Action: "started"}); err != nil {
+			t.Fatal(err)
+		}
+		now, _ := read(t, st, id1)
+		if now.Desired != store.DesiredRunning || now.Project != "p1" || now.Host != "h1" || now.SecretID != row.SecretID ||
+			now.Spec.Version != spec.V20 || now.Domain != row.Domain || now.Phase != store.PhaseActive || len(now.EKs) != 1 {
+			t.Fatalf("after an update that tried to change what was asked: %+v", now)
+		}
+		var re *refusal.Error
+		r = f.get(t, id1)
+		r.EKs[0].PublicDER = []byte{2}
+		if err := f.recs.Update(ctx, r, agent.Event{Actor: "agent:h1", Action: "started"}); !errors.As(err, &re) || re.Kind != refusal.KindInvalid {
+			t.Fatalf("changing a recorded EK: %v, want refused", err)
+		}
+		r = f.get(t, id1)
+		r.Phase = "dancing"
+		if err := f.recs.Update(ctx, r, agent.Event{Actor: "agent:h1", Action: "started"}); !errors.As(err, &re) || re.Code != api.CodeInvalidParameter {
+			t.Fatalf("an unknown phase: %v, want refused", err)
+		}
+		if after, _ := read(t, st, id1); after.Generation != now.Generation {
+			t.Fatalf("a refused update wrote: generation %d → %d", now.Generation, after.Generation)
+		}
+	})
+}
+
+// TestSecretAndRekey: a vTPM's secret is released while it is to run;
+// rekeying a vTPM not yet manufactured stores the new secret for its
+// project, points the record at it and shreds the old one; once its EKs
+// are recorded it is refused, and no secret of the refusal is left.
+func TestSecretAndRekey(t *testing.T) {
+	onEngines(t, func(t *testing.T, st *store.Store) {
+		ctx := context.Background()
+		f := newFixture(t, st)
+		if err := f.recs.RegisterHost(ctx, agent.Host{Name: "h1", Capacity: 7, Backend: "swtpm"}); err != nil {
+			t.Fatal(err)
+		}
+		row := f.create(t, id1, "h1")
+		r := f.get(t, id1)
+		if got, err := f.recs.Secret(ctx, r); err != nil || string(got) != "secret of "+id1 {
+			t.Fatalf("secret: %q %v", got, err)
+		}
+		if err := f.recs.Rekey(ctx, r, []byte("pooled"), agent.Event{Actor: "agent:h1", Action: "adopted a pre-manufactured TPM"}); err != nil {
+			t.Fatal(err)
+		}
+		if r.SecretID == row.SecretID || r.Generation != 2 {
+			t.Fatalf("after a rekey: %+v", r)
+		}
+		if s, err := f.kr.Get(ctx, r.SecretID); err != nil || string(s.Payload) != "pooled" || s.Project != "p1" {
+			t.Fatalf("the new secret: %+v %v", s, err)
+		}
+		if _, err := f.kr.Get(ctx, row.SecretID); !errors.Is(err, keyring.ErrNotFound) {
+			t.Fatalf("the old secret after a rekey: %v, want shredded", err)
+		}
+		if got, err := f.recs.Secret(ctx, r); err != nil || string(got) != "pooled" {
+			t.Fatalf("secret after rekey: %q %v", got, err)
+		}
+		r.Phase, r.EKs = agent.PhaseActive, []agent.EK{{Kind: "rsa2048", Handle: 0x81010001, PublicDER: []byte{1}}}
+		if err := f.recs.Update(ctx, r, agent.Event{Actor: "agent:h1", Action: "started"}); err != nil {
+			t.Fatal(err)
+		}
+		before, err := f.kr.List(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var re *refusal.Error
+		if err := f.recs.Rekey(ctx, r, []byte("again"), agent.Event{Actor: "agent:h1"}); !errors.As(err, &re) || re.Kind != refusal.KindConflict {
+			t.Fatalf("rekeying a manufactured vTPM: %v, want refused", err)
+		}
+		if after, _ := f.kr.List(ctx); len(after) != len(before) {
+			t.Fatalf("a refused rekey left secrets: %d before, %d after", len(before), len(after))
+		}
+		f.desire(t, id1, store.DesiredStopped)
+		if _, err := f.recs.Secret(ctx, f.get(t, id1)); !errors.As(err, &re) || re.Kind != refusal.KindConflict {
+			t.Fatalf("the secret of a stopped vTPM: %v, want refused", err)
+		}
+	})
+}
+
+// TestWatch: a watch from a revision returns only what changed since, and
+// waits for the next commit on its host when nothing has; Placed refuses a
+// host another host's vTPM, and logs it as the vTPM's event.
+func TestWatch(t *testing.T) {
+	onEngines(t, func(t *testing.T, st *store.Store) {
+		ctx := context.Background()
+		f := newFixture(t, st)
+		for _, h := range []string{"h1", "h2"} {
+			if err := f.recs.RegisterHost(ctx, agent.Host{Name: h, Capacity: 7, Backend: "swtpm"}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		f.create(t, id1, "h1")
+		f.create(t, id2, "h1")
+		ch, err := f.recs.Watch(ctx, "h1", 0, 0)
+		if err != nil || len(ch.Records) != 2 {
+			t.Fatalf("first watch: %+v %v", ch, err)
+		}
+		done := make(chan *agent.Changes)
+		go func() {
+			next, err := f.recs.Watch(ctx, "h1", ch.Revision, time.Minute)
+			if err != nil {
+				t.Error(err)
+			}
+			done <- next
+		}()
+		f.create(t, id3, "h2") // another host's: does not answer the watch
+		f.desire(t, id2, store.DesiredStopped)
+		next := <-done
+		if next.Reset || len(next.Records) != 1 || next.Records[0].InstanceID != id2 || next.Records[0].Desired != agent.DesiredStopped {
+			t.Fatalf("the watch after one change: %+v", next)
+		}
+		if empty, err := f.recs.Watch(ctx, "h1", next.Revision, 0); err != nil || len(empty.Records)+len(empty.Gone) != 0 || empty.Revision != next.Revision {
+			t.Fatalf("a watch with nothing new: %+v %v", empty, err)
+		}
+
+		var re *refusal.Error
+		if _, err := f.recs.Placed(ctx, "h2", id1); !errors.As(err, &re) || re.Kind != refusal.KindForbidden {
+			t.Fatalf("h2 asking for h1's vTPM: %v, want forbidden", err)
+		}
+		_, evs := read(t, st, id1)
+		if e := evs[len(evs)-1]; e.Actor != "host:h2" || e.Action != "refused" || !strings.Contains(e.Detail, "h1") {
+			t.Fatalf("the refusal's event: %+v", e)
+		}
+		if r, err := f.recs.Placed(ctx, "h1", id1); err != nil || r.InstanceID != id1 {
+			t.Fatalf("h1 asking for its own vTPM: %+v %v", r, err)
 		}
 	})
 }
@@ -217,7 +423,7 @@ func TestRecords(t *testing.T) {
 func TestHeartbeats(t *testing.T) {
 	onEngines(t, func(t *testing.T, st *store.Store) {
 		ctx := context.Background()
-		recs := agentstore.New(st)
+		recs := newFixture(t, st).recs
 		get := func() *store.Host {
 			t.Helper()
 			var h *store.Host

@@ -55,12 +55,12 @@ func (b *Backend) Destroy(ctx context.Context, v agent.VTPM) error {
 }
 
 // Claim implements agent.Pool from the runtime's pool.
-func (b *Backend) Claim(v spec.Version) (secret []byte, adopt func(ctx context.Context, instanceID, secretID string) error, discard func(), ok bool) {
+func (b *Backend) Claim(v spec.Version) (secret []byte, adopt func(ctx context.Context, instanceID string) error, discard func(), ok bool) {
 	return b.rt.Claim(v)
 }
 
-// AdoptedSecret implements agent.Pool.
-func (b *Backend) AdoptedSecret(instanceID string) string { return b.rt.AdoptedSecret(instanceID) }
+// Adopted implements agent.Pool.
+func (b *Backend) Adopted(instanceID string) bool { return b.rt.Adopted(instanceID) }
 
 // Drift compares the runtime's state directories with the host's vTPMs
 // (swtpmhost.Runtime.Drift).

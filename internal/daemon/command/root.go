@@ -1,6 +1,6 @@
 // Package command is vtpmd's command tree: the roles the daemon runs
-// (all-in-one) and the tools beside them (agent configure-host,
-// xen-uuid-server, config print). Commands write only to the command's
+// (server, agent, all-in-one) and the tools beside them (agent
+// configure-host, xen-uuid-server, config print). Commands write only to the command's
 // own output streams, so tests drive them with SetArgs, SetOut and SetErr.
 package command
 
@@ -32,13 +32,6 @@ func NewRootCommand() *cobra.Command {
 	}
 	root.CompletionOptions.DisableDefaultCmd = true
 	root.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error { return cmdline.Usage(err) })
-	agent := &cobra.Command{
-		Use:   "agent",
-		Short: "Prepare this hypervisor host",
-		Args:  cmdline.NoArgs,
-		RunE:  cmdline.NeedSubcommand,
-	}
-	agent.AddCommand(newConfigureHostCommand())
 	config := &cobra.Command{
 		Use:   "config",
 		Short: "Show vtpmd's configuration",
@@ -46,7 +39,7 @@ func NewRootCommand() *cobra.Command {
 		RunE:  cmdline.NeedSubcommand,
 	}
 	config.AddCommand(newConfigPrintCommand())
-	root.AddCommand(newAllInOneCommand(), agent, newXenUUIDServerCommand(), config)
+	root.AddCommand(newServerCommand(), newAgentCommand(), newAllInOneCommand(), newXenUUIDServerCommand(), config)
 	return root
 }
 

@@ -4,12 +4,9 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"time"
 
@@ -26,15 +23,16 @@ import (
 // exists only in this process until a claim stores it in the key manager:
 // pooled state whose secret died with a crash is wiped at start.
 //
-// A claim is crash-safe in this order: the agent stores the secret under
-// the tenant's project; Adopt writes the new secret's id into the pooled
-// directory and renames it to the instance's (the commit point); the agent
-// then points the record at the secret. After a crash between the last two
-// steps, AdoptedSecret tells the agent which secret the state needs.
+// A claim is crash-safe in this order: the agent has the secret stored
+// under the tenant's project and the record pointed at it; adopt marks the
+// pooled directory adopted and renames it to the instance's. A crash
+// before the rename leaves a record keyed with a secret and no state,
+// which the agent gives another TPM; after it, Adopted tells the agent the
+// instance has its TPM.
 
 const (
 	poolDir      = ".pool"
-	secretIDFile = "secret-id"
+	adoptedFile  = "adopted"
 	// A failed refill (a full disk, say) is retried after poolRetryMin,
 	// doubling up to poolRetryMax while it keeps failing.
 	poolRetryMin = time.Second
@@ -151,7 +149,7 @@ func (r *Runtime) closePool(ctx context.Context) {
 // Claim hands out a pooled TPM of version v, if one is ready (as
 // agent.Pool's Claim): its secret goes to the key manager; adopt then moves
 // the TPM to the instance; discard throws it away if that cannot happen.
-func (r *Runtime) Claim(v spec.Version) (secret []byte, adopt func(ctx context.Context, instanceID, secretID string) error, discard func(), ok bool) {
+func (r *Runtime) Claim(v spec.Version) (secret []byte, adopt func(ctx context.Context, instanceID string) error, discard func(), ok bool) {
 	p := r.pool
 	if p == nil || v != spec.V20 {
 		return nil, nil, nil, false
@@ -168,8 +166,8 @@ func (r *Runtime) Claim(v spec.Version) (secret []byte, adopt func(ctx context.C
 	case p.wake <- struct{}{}:
 	default:
 	}
-	adopt = func(ctx context.Context, instanceID, secretID string) error {
-		return r.adopt(ctx, e, instanceID, secretID)
+	adopt = func(ctx context.Context, instanceID string) error {
+		return r.adopt(ctx, e, instanceID)
 	}
 	discard = func() {
 		e.proc.Stop(context.Background())
@@ -178,14 +176,14 @@ func (r *Runtime) Claim(v spec.Version) (secret []byte, adopt func(ctx context.C
 	return e.secret, adopt, discard, true
 }
 
-// adopt stops the pooled TPM, records which key-manager secret now holds
-// its key, and renames its directory to the instance's: from then on it is
-// the instance's TPM, started by Ensure like any other.
-func (r *Runtime) adopt(ctx context.Context, e *pooled, instanceID, secretID string) error {
+// adopt stops the pooled TPM, marks it adopted and renames its directory
+// to the instance's: from then on it is the instance's TPM, started by
+// Ensure like any other.
+func (r *Runtime) adopt(ctx context.Context, e *pooled, instanceID string) error {
 	if err := e.proc.Stop(ctx); err != nil {
 		return fmt.Errorf("stopping the pooled TPM: %w", err)
 	}
-	if err := atomicfile.Write(filepath.Join(e.dir, secretIDFile), []byte(secretID+"\n"), 0o600); err != nil {
+	if err := atomicfile.Write(filepath.Join(e.dir, adoptedFile), nil, 0o600); err != nil {
 		return err
 	}
 	if err := os.Rename(e.dir, r.dir(instanceID)); err != nil {
@@ -194,30 +192,8 @@ func (r *Runtime) adopt(ctx context.Context, e *pooled, instanceID, secretID str
 	return atomicfile.SyncDir(r.cfg.Root)
 }
 
-// AdoptedSecret is the key-manager secret an adopted TPM's state needs, or
-// "" if the instance's TPM was not adopted.
-func (r *Runtime) AdoptedSecret(instanceID string) string {
-	data, err := os.ReadFile(filepath.Join(r.dir(instanceID), secretIDFile))
-	if err != nil {
-		return ""
-	}
-	return strings.TrimSpace(string(data))
-}
-
-// AdoptedSecrets lists the secrets adopted TPMs need, so that reclaiming
-// orphan secrets never takes one.
-func (r *Runtime) AdoptedSecrets() (map[string]bool, error) {
-	files, err := filepath.Glob(filepath.Join(r.cfg.Root, "*", secretIDFile))
-	if err != nil {
-		return nil, err
-	}
-	out := map[string]bool{}
-	for _, f := range files {
-		if data, err := os.ReadFile(f); err == nil {
-			out[strings.TrimSpace(string(data))] = true
-		} else if !errors.Is(err, fs.ErrNotExist) {
-			return nil, err
-		}
-	}
-	return out, nil
+// Adopted reports whether the instance's TPM was adopted from the pool.
+func (r *Runtime) Adopted(instanceID string) bool {
+	_, err := os.Stat(filepath.Join(r.dir(instanceID), adoptedFile))
+	return err == nil
 }

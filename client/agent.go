@@ -1,0 +1,67 @@
+package client
+
+import (
+	"context"
+	"net/http"
+	"net/url"
+	"strconv"
+	"time"
+
+	"github.com/vtpmd/vtpmd/api"
+)
+
+// The agent protocol: a host's agent calls these with the host
+// certificate it got at enrolment (WithTLS); the host is the one the
+// certificate names.
+
+// RegisterHost records what the host's backend offers.
+func (c *Client) RegisterHost(ctx context.Context, h api.AgentHost) error {
+	return c.do(ctx, http.MethodPut, "/v1/agent/host", h, nil)
+}
+
+// WatchVTPMs returns what changed among the host's vTPMs after revision
+// since (0: everything), waiting up to wait for a change.
+func (c *Client) WatchVTPMs(ctx context.Context, since int64, wait time.Duration) (api.AgentChanges, error) {
+	var out api.AgentChanges
+	q := url.Values{"since": {strconv.FormatInt(since, 10)}, "wait": {wait.String()}}
+	return out, c.do(ctx, http.MethodGet, "/v1/agent/vtpms?"+q.Encode(), nil, &out)
+}
+
+// AgentVTPM reads one of the host's vTPMs.
+func (c *Client) AgentVTPM(ctx context.Context, id string) (api.AgentVTPM, error) {
+	var out api.AgentVTPM
+	return out, c.do(ctx, http.MethodGet, agentVTPMPath(id, ""), nil, &out)
+}
+
+// ReportVTPM records the agent's observed state of a vTPM.
+func (c *Client) ReportVTPM(ctx context.Context, id string, r api.AgentReport) (api.AgentWritten, error) {
+	var out api.AgentWritten
+	return out, c.do(ctx, http.MethodPut, agentVTPMPath(id, ""), r, &out)
+}
+
+// VTPMDeleted says the vTPM's state is gone: its record goes.
+func (c *Client) VTPMDeleted(ctx context.Context, id string, d api.AgentDeletion) error {
+	return c.do(ctx, http.MethodPost, agentVTPMPath(id, "/deleted"), d, nil)
+}
+
+// VTPMSecret reads the secret that keys the state of the vTPM of
+// incarnation.
+func (c *Client) VTPMSecret(ctx context.Context, id, incarnation string) (api.AgentSecret, error) {
+	var out api.AgentSecret
+	return out, c.do(ctx, http.MethodGet, agentVTPMPath(id, "/secret")+"?incarnation="+url.QueryEscape(incarnation), nil, &out)
+}
+
+// RekeyVTPM gives a vTPM not yet manufactured a new secret.
+func (c *Client) RekeyVTPM(ctx context.Context, id string, r api.AgentRekey) (api.AgentWritten, error) {
+	var out api.AgentWritten
+	return out, c.do(ctx, http.MethodPost, agentVTPMPath(id, "/rekey"), r, &out)
+}
+
+func agentVTPMPath(id, op string) string { return "/v1/agent/vtpms/" + url.PathEscape(id) + op }
+
+// CertifyEK has the deployment CA certify the EK of a vTPM the host is
+// manufacturing.
+func (c *Client) CertifyEK(ctx context.Context, req api.EKCertificateRequest) ([]byte, error) {
+	var out api.IssuedEKCertificate
+	return out.Certificate, c.do(ctx, http.MethodPost, "/v1/agent/ek-certificates", req, &out)
+}

@@ -1,0 +1,140 @@
+// Package agentclient gives an agent the control plane's records
+// (agent.Records) over the agent protocol, as vtpmd agent on a hypervisor
+// host reaches its server: every call is one HTTPS request with the host's
+// certificate, so the host is the one it names.
+package agentclient
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"time"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/agent"
+	"github.com/vtpmd/vtpmd/internal/spec"
+)
+
+// Records calls the server for the agent.
+type Records struct{ c *client.Client }
+
+var _ agent.Records = (*Records)(nil)
+
+// New gives an agent the records of the server c calls, with the host's
+// certificate.
+func New(c *client.Client) *Records { return &Records{c: c} }
+
+// RegisterHost implements agent.Records.
+func (r *Records) RegisterHost(ctx context.Context, h agent.Host) error {
+	return agentError(r.c.RegisterHost(ctx, api.AgentHost{Traits: h.Traits, Capacity: h.Capacity, Backend: h.Backend, Version: h.Version}))
+}
+
+// Heartbeat implements agent.Records.
+func (r *Records) Heartbeat(ctx context.Context, hb agent.Heartbeat) error {
+	return agentError(r.c.Heartbeat(ctx, api.HeartbeatRequest{Version: hb.Version}))
+}
+
+// Watch implements agent.Records; host is the certificate's.
+func (r *Records) Watch(ctx context.Context, host string, since int64, wait time.Duration) (*agent.Changes, error) {
+	ch, err := r.c.WatchVTPMs(ctx, since, wait)
+	if err != nil {
+		return nil, agentError(err)
+	}
+	out := &agent.Changes{Revision: ch.Revision, Reset: ch.Reset, Records: make([]*agent.Record, len(ch.VTPMs))}
+	for i, v := range ch.VTPMs {
+		out.Records[i] = record(v)
+	}
+	for _, g := range ch.Gone {
+		out.Gone = append(out.Gone, agent.Gone{InstanceID: g.InstanceID, Incarnation: g.Incarnation})
+	}
+	return out, nil
+}
+
+// Get implements agent.Records.
+func (r *Records) Get(ctx context.Context, instanceID string) (*agent.Record, error) {
+	v, err := r.c.AgentVTPM(ctx, instanceID)
+	if err != nil {
+		return nil, agentError(err)
+	}
+	return record(v), nil
+}
+
+// Update implements agent.Records.
+func (r *Records) Update(ctx context.Context, rec *agent.Record, ev agent.Event) error {
+	rep := api.AgentReport{Incarnation: rec.Incarnation, Generation: rec.Generation, Phase: string(rec.Phase), Reason: rec.Reason,
+		EKs: apiEKs(rec.EKs), Event: api.AgentEvent{Action: ev.Action, Detail: ev.Detail}}
+	if rec.Sockets != (api.Sockets{}) {
+		rep.Sockets = &rec.Sockets
+	}
+	w, err := r.c.ReportVTPM(ctx, rec.InstanceID, rep)
+	if err != nil {
+		return agentError(err)
+	}
+	rec.Generation = w.Generation
+	return nil
+}
+
+// Delete implements agent.Records.
+func (r *Records) Delete(ctx context.Context, rec *agent.Record, ev agent.Event) error {
+	return agentError(r.c.VTPMDeleted(ctx, rec.InstanceID, api.AgentDeletion{Incarnation: rec.Incarnation, Generation: rec.Generation,
+		Event: api.AgentEvent{Action: ev.Action, Detail: ev.Detail}}))
+}
+
+// Secret implements agent.Records.
+func (r *Records) Secret(ctx context.Context, rec *agent.Record) ([]byte, error) {
+	s, err := r.c.VTPMSecret(ctx, rec.InstanceID, rec.Incarnation)
+	if err != nil {
+		return nil, agentError(err)
+	}
+	return s.Payload, nil
+}
+
+// Rekey implements agent.Records.
+func (r *Records) Rekey(ctx context.Context, rec *agent.Record, secret []byte, ev agent.Event) error {
+	w, err := r.c.RekeyVTPM(ctx, rec.InstanceID, api.AgentRekey{Incarnation: rec.Incarnation, Generation: rec.Generation, Payload: secret,
+		Event: api.AgentEvent{Action: ev.Action, Detail: ev.Detail}})
+	if err != nil {
+		return agentError(err)
+	}
+	rec.SecretID, rec.Generation = w.SecretRef, w.Generation
+	return nil
+}
+
+// agentError says the API's 404 and 409 in the agent's words.
+func agentError(err error) error {
+	var e *client.Error
+	switch {
+	case err == nil:
+		return nil
+	case client.IsNotFound(err):
+		return fmt.Errorf("%w: %w", agent.ErrNotFound, err)
+	case client.IsConflict(err) && client.ErrorCode(err) == api.CodeConflict:
+		return fmt.Errorf("%w: %w", agent.ErrConflict, err)
+	case errors.As(err, &e) && e.Status == http.StatusUnauthorized:
+		return fmt.Errorf("the server refused this host's certificate (revoked, or not enrolled): %w", err)
+	}
+	return err
+}
+
+func record(v api.AgentVTPM) *agent.Record {
+	r := &agent.Record{InstanceID: v.InstanceID, Incarnation: v.Incarnation, Project: v.Project, Spec: spec.FromAPI(v.Spec), Host: v.Host,
+		Domain: v.Domain, Desired: agent.Desired(v.Desired), Phase: agent.Phase(v.Phase), Reason: v.Reason, SecretID: v.SecretRef,
+		Generation: v.Generation}
+	if v.Sockets != nil {
+		r.Sockets = *v.Sockets
+	}
+	for _, ek := range v.EKs {
+		r.EKs = append(r.EKs, agent.EK{Kind: ek.Kind, Handle: ek.Handle, NVIndex: ek.NVIndex, PublicDER: ek.Public, CertDER: ek.Certificate})
+	}
+	return r
+}
+
+func apiEKs(eks []agent.EK) []api.AgentEK {
+	out := []api.AgentEK{}
+	for _, ek := range eks {
+		out = append(out, api.AgentEK{Kind: ek.Kind, Handle: ek.Handle, NVIndex: ek.NVIndex, Public: ek.PublicDER, Certificate: ek.CertDER})
+	}
+	return out
+}

@@ -1,0 +1,330 @@
+package daemon
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/agent/agentstore"
+	"github.com/vtpmd/vtpmd/internal/ca"
+	"github.com/vtpmd/vtpmd/internal/enrol"
+	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/secrets"
+	"github.com/vtpmd/vtpmd/internal/server"
+	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/store"
+	"github.com/vtpmd/vtpmd/internal/verifier"
+	"github.com/vtpmd/vtpmd/internal/vtpms"
+	"github.com/vtpmd/vtpmd/internal/webhook"
+)
+
+// Server is a running control plane (vtpmd server): the API, the store,
+// the key manager and the CAs. Hosts' agents reach it over the agent
+// protocol; all-in-one's agent through the same records, in-process.
+type Server struct {
+	Addr string // the address the API listens on
+	URL  string // the API's URL: http:// or, with TLS, https:// Addr
+	// OperatorURL is the operator's local API: unix:// and the socket's path.
+	OperatorURL string
+	cfg         Config
+	log         *slog.Logger
+	store       *store.Store
+	keyring     keyring.Keyring
+	authority   *ca.CA             // the deployment CA: vTPMs' EK certificates
+	agents      *agentstore.Records // what agents read and write
+	api         *server.Server
+	// self is how this process's own clients trust the API (TLS); nil
+	// without TLS.
+	self  *tls.Config
+	http    *http.Server
+	ln      net.Listener
+	local   *http.Server // the operator's socket
+	localLn net.Listener
+	// stopBackground ends work that outlives requests (webhook deliveries,
+	// the stale sweeper).
+	stopBackground context.CancelFunc
+}
+
+// StartServer opens (creating on first start) everything under
+// cfg.DataDir and the store, and serves the API. Stop it with Shutdown.
+func StartServer(ctx context.Context, cfg Config, log *slog.Logger) (*Server, error) {
+	s, err := openServer(ctx, cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	s.serve()
+	return s, nil
+}
+
+// openServer opens the server's parts and binds its addresses, without
+// serving the API yet: callers wait in the listen backlog.
+func openServer(ctx context.Context, cfg Config, log *slog.Logger) (*Server, error) {
+	cfg.Defaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("invalid configuration: %w", err)
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if err := privateDir(cfg.DataDir); err != nil {
+		return nil, err
+	}
+	st, err := openStore(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{cfg: cfg, log: log, store: st}
+	if err := s.open(ctx); err != nil {
+		s.close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// privateDir makes dir, private even when it existed before (a mkdir -p
+// with the default umask makes 0755): it holds the operator's socket and
+// the keys.
+func privateDir(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("creating data dir: %w", err)
+	}
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return fmt.Errorf("making the data dir private: %w", err)
+	}
+	return nil
+}
+
+func (s *Server) open(ctx context.Context) error {
+	cfg := s.cfg
+	// TLS first: a bad certificate must stop the start before anything
+	// runs.
+	var serving *tls.Config
+	if cfg.TLSCert != "" {
+		var err error
+		if serving, s.self, err = tlsConfigs(cfg.TLSCert, cfg.TLSKey); err != nil {
+			return fmt.Errorf("TLS certificate and key: %w", err)
+		}
+	}
+	clientCAs := x509.NewCertPool()
+	if cfg.ClientCA != "" {
+		var err error
+		if clientCAs, err = client.LoadCAs(cfg.ClientCA); err != nil {
+			return fmt.Errorf("client CAs: %w", err)
+		}
+	}
+	kr, err := keyring.OpenEmbedded(filepath.Join(cfg.DataDir, "keys"))
+	if err != nil {
+		return fmt.Errorf("opening key manager: %w", err)
+	}
+	s.keyring = kr
+	if s.authority, err = ca.Open(ctx, filepath.Join(cfg.DataDir, "ca"), kr, ca.Options{Organization: cfg.CAOrganization}); err != nil {
+		return fmt.Errorf("opening CA: %w", err)
+	}
+	hostCA, err := ca.Open(ctx, filepath.Join(cfg.DataDir, "host-ca"), kr, ca.Options{CommonName: ca.HostCommonName, Organization: cfg.CAOrganization})
+	if err != nil {
+		return fmt.Errorf("opening host CA: %w", err)
+	}
+	if serving != nil {
+		// Hosts' agents (host CA), tenants and the operator (--client-ca)
+		// may each present a certificate; it is checked if given, and the
+		// routes say whose they require (internal/server, auth.go). Guest
+		// agents have none: they prove themselves per request (tokens).
+		clientCAs.AddCert(hostCA.Certificate())
+		serving.ClientCAs, serving.ClientAuth = clientCAs, tls.VerifyClientCertIfGiven
+	}
+	if err := s.bind(); err != nil {
+		return err
+	}
+	if err := reclaimSecrets(ctx, s.store, kr, s.log); err != nil {
+		return fmt.Errorf("reclaiming orphan secrets: %w", err)
+	}
+	verdicts, err := verifier.OpenSigner(ctx, filepath.Join(cfg.DataDir, "verdict-key"), kr)
+	if err != nil {
+		return fmt.Errorf("opening the verdict signing key: %w", err)
+	}
+	hostRoots, err := hostEKRoots(cfg.HostEKCA)
+	if err != nil {
+		return err
+	}
+	var bg context.Context
+	bg, s.stopBackground = context.WithCancel(context.Background())
+	var hook *webhook.Webhook
+	if cfg.WebhookURL != "" {
+		hook = webhook.New(webhook.Config{URL: cfg.WebhookURL, Signer: verdicts, Store: s.store, Log: s.log})
+		hook.Start(bg)
+	}
+	hyperV := vtpms.HyperVOptions{PublicURL: cfg.PublicURL, HGS: cfg.HyperVHGS}
+	if hyperV.PublicURL == "" {
+		hyperV.PublicURL = s.URL
+	}
+	keys := secrets.New(s.store, kr, s.log)
+	vs := vtpms.New(vtpms.Config{HeartbeatWindow: cfg.HeartbeatWindow, Store: s.store, Keyring: kr, Secrets: keys, HyperV: hyperV, Log: s.log,
+		Options: spec.Options{DefaultTPMVersion: cfg.DefaultTPMVersion}})
+	ver := verifier.New(verifier.Config{Store: s.store, VTPMs: vs, CAChainPEM: s.authority.ChainPEM, HostEKRoots: hostRoots,
+		Signer: verdicts, Webhook: hook, StaleAfter: cfg.StaleAfter, Log: s.log})
+	s.agents = agentstore.New(s.store, kr, s.log)
+	s.api = &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, Enrolment: enrol.New(enrol.Config{Store: s.store, HostCA: hostCA, Log: s.log}),
+		Agents: s.agents, EKCA: s.authority, CAChainPEM: s.authority.ChainPEM, Log: s.log}
+	s.http = &http.Server{Handler: s.api.Handler(), ReadHeaderTimeout: 10 * time.Second, TLSConfig: serving,
+		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)} // TLS handshake failures, as structured logs
+	s.http.RegisterOnShutdown(s.api.EndLongPolls)
+	s.local = &http.Server{Handler: s.http.Handler, ReadHeaderTimeout: 10 * time.Second, ConnContext: server.OperatorConn}
+	s.local.RegisterOnShutdown(s.api.EndLongPolls)
+	go ver.WatchStale(bg)
+	return nil
+}
+
+// bind listens on the network address and the operator's socket.
+func (s *Server) bind() error {
+	cfg := s.cfg
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listening on %s: %w", cfg.Listen, err)
+	}
+	local, err := listenPrivate(cfg.APISocket)
+	if err != nil {
+		ln.Close()
+		return fmt.Errorf("the operator's socket %s: %w", cfg.APISocket, err)
+	}
+	s.ln, s.localLn = ln, local
+	s.Addr, s.URL = ln.Addr().String(), "http://"+ln.Addr().String()
+	if s.self != nil {
+		s.URL = "https://" + s.Addr
+	}
+	s.OperatorURL = "unix://" + cfg.APISocket
+	return nil
+}
+
+// serve answers the API on the addresses bound.
+func (s *Server) serve() {
+	if s.cfg.InsecureListen {
+		s.log.Warn("serving the API without TLS or client certificates beyond loopback (--insecure-listen): agents' tokens cross the network in the clear", "listen", s.Addr)
+	}
+	go func() {
+		if err := s.local.Serve(s.localLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			s.log.Error("operator socket stopped", "err", err)
+		}
+	}()
+	go func() {
+		serve := s.http.Serve
+		if s.http.TLSConfig != nil {
+			serve = func(ln net.Listener) error { return s.http.ServeTLS(ln, "", "") }
+		}
+		if err := serve(s.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			s.log.Error("API server stopped", "err", err)
+		}
+	}()
+}
+
+// Shutdown stops the API, then background work, then the store.
+func (s *Server) Shutdown(ctx context.Context) error {
+	errs := []error{s.http.Shutdown(ctx), s.local.Shutdown(ctx)}
+	if err := os.Remove(s.cfg.APISocket); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	return errors.Join(append(errs, s.close())...)
+}
+
+// close stops background work, the listeners (if not served yet) and the
+// store.
+func (s *Server) close() error {
+	if s.stopBackground != nil {
+		s.stopBackground()
+	}
+	if s.ln != nil {
+		s.ln.Close()
+		s.localLn.Close()
+	}
+	return s.store.Close()
+}
+
+// listenPrivate listens on a unix socket at path that only this user may
+// connect to (0600), from its first moment: the socket is made in a
+// private directory beside path and renamed into place, replacing one left
+// by an earlier run.
+func listenPrivate(path string) (net.Listener, error) {
+	tmp, err := os.MkdirTemp(filepath.Dir(path), ".api-sock-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(tmp)
+	ln, err := net.Listen("unix", filepath.Join(tmp, "s"))
+	if err != nil {
+		return nil, err
+	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(false) // Shutdown removes path
+	if err := os.Chmod(filepath.Join(tmp, "s"), 0o600); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	if err := os.Rename(filepath.Join(tmp, "s"), path); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	return ln, nil
+}
+
+// openStore opens the configured PostgreSQL database, or else SQLite in
+// the data dir.
+func openStore(ctx context.Context, cfg Config) (*store.Store, error) {
+	if cfg.Store != "" {
+		return store.OpenPostgres(ctx, cfg.Store, store.Options{})
+	}
+	return store.Open(ctx, filepath.Join(cfg.DataDir, "vtpmd.db"), store.Options{})
+}
+
+// reclaimSecrets deletes vTPM secrets that no record refers to. A create
+// (or an agent's rekey) makes the secret before it commits the record, so
+// a crash between the two leaves one behind; it runs before the API
+// listens, so none is in flight.
+func reclaimSecrets(ctx context.Context, st *store.Store, kr keyring.Keyring, log *slog.Logger) error {
+	used := map[string]bool{}
+	err := st.View(ctx, func(tx *store.Tx) error {
+		vs, err := tx.ListVTPMs(store.Filter{})
+		if err != nil {
+			return err
+		}
+		for _, v := range vs {
+			used[v.SecretID] = true
+		}
+		tenants, err := tx.Secrets() // stored through the API: not vTPMs'
+		for _, id := range tenants {
+			used[id] = true
+		}
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	ids, err := kr.List(ctx)
+	if err != nil {
+		return err
+	}
+	for _, id := range ids {
+		if used[id] {
+			continue
+		}
+		s, err := kr.Get(ctx, id)
+		if err != nil {
+			return err
+		}
+		if s.Project == ca.KeyProject {
+			continue
+		}
+		if err := kr.Delete(ctx, id); err != nil && !errors.Is(err, keyring.ErrNotFound) {
+			return err
+		}
+		log.Warn("deleted a vTPM secret no record refers to (left by an interrupted create)", "secret", id, "project", s.Project)
+	}
+	return nil
+}

@@ -1,0 +1,246 @@
+package server
+
+import (
+	"crypto/x509"
+	"errors"
+	"net/http"
+	"regexp"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/agent"
+	"github.com/vtpmd/vtpmd/internal/ca"
+	"github.com/vtpmd/vtpmd/internal/refusal"
+	"github.com/vtpmd/vtpmd/internal/spec"
+)
+
+// The agent protocol's vTPM routes. The host is always the one the
+// client certificate names (hostOf); a host reads and writes only the
+// vTPMs placed on it (agentstore.Records.Placed).
+
+// traitRE and maxTraits bound the traits a host registers: placement
+// traits as os-traits names them.
+var traitRE = regexp.MustCompile(`^(COMPUTE|CUSTOM)_[A-Z0-9_]{1,250}$`)
+
+const maxTraits = 64
+
+// defaultWatchWait is how long a watch without ?wait= waits for a change.
+const defaultWatchWait = 30 * time.Second
+
+// registerHost records what the calling host's agent offers.
+func (s *Server) registerHost(w http.ResponseWriter, r *http.Request) error {
+	var req api.AgentHost
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	switch {
+	case len(req.Version) > maxVersion:
+		return refusal.Invalid(api.CodeInvalidParameter, "version is at most 128 bytes.")
+	case req.Capacity < 0:
+		return refusal.Invalid(api.CodeInvalidParameter, "capacity must not be negative.")
+	case req.Backend == "" || len(req.Backend) > 32:
+		return refusal.Invalid(api.CodeInvalidParameter, "backend names the host's backend (swtpm, libvirt, xen, ...).")
+	}
+	if len(req.Traits) > maxTraits || slices.ContainsFunc(req.Traits, func(t string) bool { return !traitRE.MatchString(t) }) {
+		return refusal.Invalid(api.CodeInvalidParameter, "traits are at most 64 placement traits (COMPUTE_... or CUSTOM_..., upper case).")
+	}
+	h := agent.Host{Name: hostName(r), Traits: spec.NewTraitSet(req.Traits...).List(), Capacity: req.Capacity, Backend: req.Backend, Version: req.Version}
+	if err := s.Agents.RegisterHost(r.Context(), h); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+// watchVTPMs answers what changed among the calling host's vTPMs after
+// ?since= (0 or absent: everything), waiting up to ?wait= for a change.
+func (s *Server) watchVTPMs(w http.ResponseWriter, r *http.Request) error {
+	var since int64
+	if q := r.URL.Query().Get("since"); q != "" {
+		var err error
+		if since, err = strconv.ParseInt(q, 10, 64); err != nil || since < 0 {
+			return refusal.Invalid(api.CodeInvalidParameter, "since is a revision: a whole number, 0 or more.")
+		}
+	}
+	over, end, err := s.longPoll(r, defaultWatchWait)
+	if err != nil {
+		return err
+	}
+	defer end()
+	ch, err := s.Agents.WatchUntil(r.Context(), hostName(r), since, over)
+	if err != nil {
+		return err
+	}
+	out := api.AgentChanges{Revision: ch.Revision, Reset: ch.Reset, VTPMs: make([]api.AgentVTPM, len(ch.Records)), Gone: []api.AgentGone{}}
+	for i, rec := range ch.Records {
+		out.VTPMs[i] = agentVTPM(rec)
+	}
+	for _, g := range ch.Gone {
+		out.Gone = append(out.Gone, api.AgentGone{InstanceID: g.InstanceID, Incarnation: g.Incarnation})
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+// placed reads the vTPM the path names, if it is the calling host's.
+func (s *Server) placed(r *http.Request) (*agent.Record, error) {
+	return s.Agents.Placed(r.Context(), hostName(r), r.PathValue("id"))
+}
+
+func (s *Server) agentGetVTPM(w http.ResponseWriter, r *http.Request) error {
+	rec, err := s.placed(r)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, agentVTPM(rec))
+	return nil
+}
+
+// reportVTPM records what the agent observed of a vTPM.
+func (s *Server) reportVTPM(w http.ResponseWriter, r *http.Request) error {
+	var req api.AgentReport
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	rec, err := s.placed(r)
+	if err != nil {
+		return err
+	}
+	rec.Incarnation, rec.Generation = req.Incarnation, req.Generation
+	rec.Phase, rec.Reason, rec.EKs = agent.Phase(req.Phase), req.Reason, agentEKs(req.EKs)
+	rec.Sockets = api.Sockets{}
+	if req.Sockets != nil {
+		rec.Sockets = *req.Sockets
+	}
+	if err := s.Agents.Update(r.Context(), rec, s.agentEvent(r, req.Event)); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.AgentWritten{Generation: rec.Generation, SecretRef: rec.SecretID})
+	return nil
+}
+
+// vtpmDeleted removes the record of a vTPM whose state the agent removed.
+func (s *Server) vtpmDeleted(w http.ResponseWriter, r *http.Request) error {
+	var req api.AgentDeletion
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	rec, err := s.placed(r)
+	if err != nil {
+		return err
+	}
+	rec.Incarnation, rec.Generation = req.Incarnation, req.Generation
+	if err := s.Agents.Delete(r.Context(), rec, s.agentEvent(r, req.Event)); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+// vtpmSecret releases the secret that keys a vTPM's state to its host's
+// agent.
+func (s *Server) vtpmSecret(w http.ResponseWriter, r *http.Request) error {
+	rec, err := s.placed(r)
+	if err != nil {
+		return err
+	}
+	if q := r.URL.Query(); q.Has("incarnation") {
+		rec.Incarnation = q.Get("incarnation")
+	}
+	payload, err := s.Agents.Secret(r.Context(), rec)
+	if err != nil {
+		return err
+	}
+	w.Header().Set("Cache-Control", "no-store")
+	writeJSON(w, http.StatusOK, api.AgentSecret{SecretRef: rec.SecretID, Payload: payload})
+	return nil
+}
+
+// rekeyVTPM gives a vTPM not yet manufactured the secret of a TPM from
+// the agent's pool.
+func (s *Server) rekeyVTPM(w http.ResponseWriter, r *http.Request) error {
+	var req api.AgentRekey
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	rec, err := s.placed(r)
+	if err != nil {
+		return err
+	}
+	rec.Incarnation, rec.Generation = req.Incarnation, req.Generation
+	if err := s.Agents.Rekey(r.Context(), rec, req.Payload, s.agentEvent(r, req.Event)); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.AgentWritten{Generation: rec.Generation, SecretRef: rec.SecretID})
+	return nil
+}
+
+// agentEvent is the event an agent asked to log, in its host's name.
+func (s *Server) agentEvent(r *http.Request, e api.AgentEvent) agent.Event {
+	return agent.Event{Actor: "agent:" + hostName(r), Action: refusal.Truncate(e.Action), Detail: truncateDetail(e.Detail)}
+}
+
+// truncateDetail bounds an event's detail an agent sends.
+func truncateDetail(s string) string {
+	if len(s) > 1024 {
+		return s[:1024] + "..."
+	}
+	return s
+}
+
+// agentVTPM is rec on the wire.
+func agentVTPM(rec *agent.Record) api.AgentVTPM {
+	out := api.AgentVTPM{InstanceID: rec.InstanceID, Incarnation: rec.Incarnation, Project: rec.Project, Spec: spec.APISpec(rec.Spec),
+		Host: rec.Host, Domain: rec.Domain, Desired: string(rec.Desired), Phase: string(rec.Phase), Reason: rec.Reason,
+		SecretRef: rec.SecretID, EKs: []api.AgentEK{}, Generation: rec.Generation}
+	for _, ek := range rec.EKs {
+		out.EKs = append(out.EKs, api.AgentEK{Kind: ek.Kind, Handle: ek.Handle, NVIndex: ek.NVIndex, Public: ek.PublicDER, Certificate: ek.CertDER})
+	}
+	if rec.Sockets != (api.Sockets{}) {
+		out.Sockets = &rec.Sockets
+	}
+	return out
+}
+
+func agentEKs(eks []api.AgentEK) []agent.EK {
+	var out []agent.EK
+	for _, ek := range eks {
+		out = append(out, agent.EK{Kind: ek.Kind, Handle: ek.Handle, NVIndex: ek.NVIndex, PublicDER: ek.Public, CertDER: ek.Certificate})
+	}
+	return out
+}
+
+// certifyEK has the deployment CA certify the EK of a vTPM the calling
+// host is manufacturing: placed on it, or for its pool. A host runs its
+// vTPMs' TPMs, so it is trusted with their identities; each certificate is
+// logged with the host that asked.
+func (s *Server) certifyEK(w http.ResponseWriter, r *http.Request) error {
+	var req api.EKCertificateRequest
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	if req.InstanceID != "" {
+		if _, err := s.Agents.Placed(r.Context(), hostName(r), req.InstanceID); err != nil {
+			return err
+		}
+	}
+	if req.TPMVersion != string(spec.V20) && req.TPMVersion != string(spec.V12) {
+		return refusal.Invalid(api.CodeInvalidTPMVersion, "tpm_version is 1.2 or 2.0.")
+	}
+	pub, err := x509.ParsePKIXPublicKey(req.Public)
+	if err != nil {
+		return refusal.Invalid(api.CodeInvalidParameter, "public is not a PKIX public key (DER).")
+	}
+	cert, err := s.EKCA.IssueVTPMEK(pub, req.TPMVersion)
+	if errors.Is(err, ca.ErrUnsupportedKey) || errors.Is(err, ca.ErrInvalidProfile) {
+		return refusal.Invalid(api.CodeInvalidParameter, "The key is not one a TPM's EK template makes: "+err.Error())
+	}
+	if err != nil {
+		return err
+	}
+	s.Log.Info("certified a vTPM's EK", "host", hostName(r), "instance", req.InstanceID, "tpm_version", req.TPMVersion)
+	writeJSON(w, http.StatusOK, api.IssuedEKCertificate{Certificate: cert})
+	return nil
+}
