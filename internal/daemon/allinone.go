@@ -64,4 +64,6 @@ func (d *AllInOne) Shutdown(ctx context.Context) error {
 func (d *AllInOne) Swtpm() *swtpmhost.Runtime { return d.agent.swtpm }
 
 // AttestHost makes the host attest now and returns its verdict.
-func (d *AllInOne) AttestHost(ctx context.Context) (api.Attestation, error) { return d.agent.AttestHost(ctx) }
+func (d *AllInOne) AttestHost(ctx context.Context) (api.Attestation, error) {
+	return d.agent.AttestHost(ctx)
+}

@@ -28,7 +28,7 @@ type HostAgent struct {
 	cfg         Config
 	log         *slog.Logger
 	records     agent.Records
-	keepRunning bool // vTPMs outlive the agent
+	keepRunning bool               // vTPMs outlive the agent
 	swtpm       *swtpmhost.Runtime // runs swtpm, for the swtpm backend or under libvirt's
 	host        hostBackend        // what the agent drives
 	agent       *agent.Agent

@@ -40,12 +40,12 @@ type Server struct {
 	log         *slog.Logger
 	store       *store.Store
 	keyring     keyring.Keyring
-	authority   *ca.CA             // the deployment CA: vTPMs' EK certificates
+	authority   *ca.CA              // the deployment CA: vTPMs' EK certificates
 	agents      *agentstore.Records // what agents read and write
 	api         *server.Server
 	// self is how this process's own clients trust the API (TLS); nil
 	// without TLS.
-	self  *tls.Config
+	self    *tls.Config
 	http    *http.Server
 	ln      net.Listener
 	local   *http.Server // the operator's socket

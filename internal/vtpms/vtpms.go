@@ -610,4 +610,3 @@ func (s *Service) Phases(ctx context.Context) (map[store.Phase]int, error) {
 	})
 	return counts, err
 }
-

@@ -31,8 +31,8 @@ import (
 // instance has its TPM.
 
 const (
-	poolDir      = ".pool"
-	adoptedFile  = "adopted"
+	poolDir     = ".pool"
+	adoptedFile = "adopted"
 	// A failed refill (a full disk, say) is retried after poolRetryMin,
 	// doubling up to poolRetryMax while it keeps failing.
 	poolRetryMin = time.Second
