@@ -95,6 +95,9 @@ func newAgentCommand() *cobra.Command {
 		if err != nil {
 			return err
 		}
+		if cfg.Server == "" {
+			return cmdline.Usagef("vtpmd agent needs the server's URL: --server https://HOST:PORT (and, at its first start, --join-token-file)")
+		}
 		return runRole(cmd, cfg, func(ctx context.Context, log *slog.Logger) (role, error) {
 			h, err := daemon.StartAgent(ctx, cfg, log)
 			if err != nil {

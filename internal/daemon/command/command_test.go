@@ -66,6 +66,8 @@ func TestEveryFlag(t *testing.T) {
 		"--xen-group-capacity", "8", "--xen-uuid-listen", "127.0.0.1:8081",
 		// settings that were Config's only, flags now too
 		"--swtpm-binary", "/usr/bin/swtpm", "--pcr-banks", "sha256,sha384", "--ca-organization", "Example",
+		// vtpmd agent's
+		"--server", "https://control.example:8780", "--server-ca", "/etc/vtpmd/server-ca.pem", "--join-token-file", "/etc/vtpmd/join-token",
 	}
 	want := daemon.Config{
 		DataDir: "/srv/vtpmd", Listen: "0.0.0.0:9000", InsecureListen: true, APISocket: "/run/vtpmd-api.sock",
@@ -81,6 +83,7 @@ func TestEveryFlag(t *testing.T) {
 		Xen: daemon.XenConfig{ImageDir: "/xi", ConfigDir: "/xc", StubdomKernel: "/boot/vtpm.gz", Manager: "mgr",
 			Group: "Group2", GroupCapacity: 8, UUIDListen: "127.0.0.1:8081"},
 		SwtpmBinary: "/usr/bin/swtpm", PCRBanks: []string{"sha256", "sha384"}, CAOrganization: "Example",
+		Server: "https://control.example:8780", ServerCA: "/etc/vtpmd/server-ca.pem", JoinTokenFile: "/etc/vtpmd/join-token",
 	}
 	got, out := printed(t, args...)
 	if !reflect.DeepEqual(got, want) {
@@ -235,8 +238,9 @@ func TestBadInput(t *testing.T) {
 		{[]string{"xen-uuid-server"}, []string{"--listen HOST:PORT is required"}},
 		{[]string{"xen-uuid-server", "--listen", "127.0.0.1:0", "--data-dir", t.TempDir(), "--group", "Group0"}, []string{"Group0 is special"}},
 		{[]string{"agent", "configure-host", "--swtpm-user", "root"}, []string{"--swtpm-group are required"}},
-		{[]string{"agent"}, []string{"configure-host"}},
-		{[]string{}, []string{"all-in-one", "config"}},
+		{[]string{"agent"}, []string{"--server https://"}},
+		{[]string{"agent", "--server", "http://control:8780"}, []string{`server "http://control:8780" must be the control plane's https:// URL`}},
+		{[]string{}, []string{"server", "agent", "all-in-one", "config"}},
 	} {
 		code, out, errOut := run(t, c.args...)
 		if code != ExitUsage || out != "" {
