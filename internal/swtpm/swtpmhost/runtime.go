@@ -214,6 +214,11 @@ func (r *Runtime) Manufacture(ctx context.Context, v agent.VTPM, secret []byte, 
 // next to the state, last, so that the identity file means "finished".
 // With serve, the manufacturing swtpm is left running and returned.
 func (r *Runtime) make(ctx context.Context, v agent.VTPM, inst swtpm.Instance, serve bool) (_ []agent.EK, proc *swtpm.Process, err error) {
+	// A half-made TPM may still run, kept by an agent that died making it
+	// (KeepRunning): it goes with its state, which holds its pid file.
+	if _, err := swtpm.KillStale(inst); err != nil {
+		return nil, nil, fmt.Errorf("stopping a half-made TPM: %w", err)
+	}
 	if err := os.RemoveAll(inst.Dir); err != nil {
 		return nil, nil, fmt.Errorf("clearing half-made state: %w", err)
 	}
