@@ -294,12 +294,16 @@ func TestOperatorOnlyRoutes(t *testing.T) {
 	}
 }
 
-// Routes that take no body refuse one, before they change anything.
+// Routes that take no body refuse one, before they change anything: the
+// operator's and tenants' on the operator's socket, hosts' with the
+// certificate of the host the vTPM is placed on (without one they answer
+// 401 first).
 func TestBodylessRoutesRefuseBodies(t *testing.T) {
-	f := newFixture(t)
-	if code := f.call(t, "POST", "/v1/vtpms", "", create(inst, map[string]string{"hw:tpm_version": "2.0"}), nil); code != 202 {
+	m := newMTLS(t)
+	if code := m.call(t, "POST", "/v1/vtpms", "", create(inst, map[string]string{"hw:tpm_version": "2.0"}), nil); code != 202 {
 		t.Fatalf("create: %d", code)
 	}
+	host := m.client(m.enrol(t, "h1"))
 	takeBodies := []string{
 		"POST /v1/resolve", "POST /v1/vtpms", "POST /v1/vtpms/{id}/attach",
 		"POST /v1/vtpms/{id}/attestation/register", "POST /v1/vtpms/{id}/attestation/activate",
@@ -308,34 +312,45 @@ func TestBodylessRoutesRefuseBodies(t *testing.T) {
 		"POST /v1/hosts/{name}/attestation/register", "POST /v1/hosts/{name}/attestation/activate",
 		"POST /v1/hosts/{name}/attestation/evidence", "POST /v1/hosts/{name}/attestation/policy",
 		"POST /v1/agent/enroll", "POST /v1/agent/heartbeat",
+		"PUT /v1/agent/host", "PUT /v1/agent/vtpms/{id}", "POST /v1/agent/vtpms/{id}/deleted",
+		"POST /v1/agent/vtpms/{id}/rekey", "POST /v1/agent/ek-certificates",
 	}
 	var evsBefore api.EventList
-	f.call(t, "GET", "/v1/vtpms/"+inst+"/events", "", nil, &evsBefore)
-	for _, r := range f.api.routes() {
+	m.call(t, "GET", "/v1/vtpms/"+inst+"/events", "", nil, &evsBefore)
+	for _, r := range m.api.routes() {
 		if slices.Contains(takeBodies, r.pattern) {
 			continue
 		}
 		method, path, _ := strings.Cut(r.pattern, " ")
 		path = strings.NewReplacer("{id}", inst, "{name}", "h1").Replace(path)
-		if strings.HasSuffix(path, "/refresh") && method == "GET" {
+		if (strings.HasSuffix(path, "/refresh") || path == "/v1/agent/vtpms") && method == "GET" {
 			path += "?wait=0s"
 		}
 		var e api.ErrorBody
-		if code := f.call(t, method, path, "", `{}`, &e); code != 400 || e.Error.Code != api.CodeInvalidJSON || e.Error.Message != "This endpoint takes no request body." {
+		var code int
+		if r.access == hosts {
+			code = m.do(t, host, method, path, `{}`, &e)
+		} else {
+			code = m.call(t, method, path, "", `{}`, &e)
+		}
+		if code != 400 || e.Error.Code != api.CodeInvalidJSON || e.Error.Message != "This endpoint takes no request body." {
 			t.Errorf("%s with a body: %d %+v", r.pattern, code, e)
 		}
 	}
 	// Nothing changed: the vTPM is still there, running, with its one event.
 	var v api.VTPM
-	if code := f.call(t, "GET", "/v1/vtpms/"+inst, "", nil, &v); code != 200 || v.Desired != "running" {
+	if code := m.call(t, "GET", "/v1/vtpms/"+inst, "", nil, &v); code != 200 || v.Desired != "running" {
 		t.Errorf("the vTPM after bodies: %d %+v", code, v)
 	}
 	var evs api.EventList
-	if f.call(t, "GET", "/v1/vtpms/"+inst+"/events", "", nil, &evs); len(evs.Items) != len(evsBefore.Items) {
+	if m.call(t, "GET", "/v1/vtpms/"+inst+"/events", "", nil, &evs); len(evs.Items) != len(evsBefore.Items) {
 		t.Errorf("events after bodies: %+v", evs.Items)
 	}
 	// Without a body, they answer as before.
-	if code := f.call(t, "POST", "/v1/vtpms/"+inst+"/stop", "", nil, &v); code != 202 || v.Desired != "stopped" {
+	if code := m.do(t, host, "GET", "/v1/agent/vtpms/"+inst, nil, nil); code != 200 {
+		t.Errorf("a host's read without a body: %d", code)
+	}
+	if code := m.call(t, "POST", "/v1/vtpms/"+inst+"/stop", "", nil, &v); code != 202 || v.Desired != "stopped" {
 		t.Errorf("stop without a body: %d %+v", code, v)
 	}
 }

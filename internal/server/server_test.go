@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/agent/agentstore"
 	"github.com/vtpmd/vtpmd/internal/attest"
 	"github.com/vtpmd/vtpmd/internal/ca"
 	"github.com/vtpmd/vtpmd/internal/enrol"
@@ -43,7 +44,9 @@ type fixture struct {
 	dir    string
 	token  string              // sent as the agent's bearer token when set
 	reopen func() *store.Store // another handle on the same database
-	hostCA *ca.CA
+	// deploymentCA certifies vTPMs' EKs (GET /v1/ca); hostCA issues
+	// hosts' certificates at enrolment.
+	deploymentCA, hostCA *ca.CA
 }
 
 // setup is what a test changes in the API it runs: by default no verdict
@@ -74,7 +77,8 @@ func newFixtureWith(t *testing.T, s setup) *fixture {
 }
 
 // serveFixture runs the API on st and kr, with one TPM 2.0 host of
-// capacity 2 and no agent, on the network and the operator's socket.
+// capacity 2 and no agent, on the network and the operator's socket; a
+// deployment CA certifies EKs and a host CA enrols hosts.
 func serveFixture(t *testing.T, st *store.Store, kr *keyring.Embedded, dir string, s setup) *fixture {
 	t.Helper()
 	caps := spec.Capabilities{Enabled: true, Versions: []spec.Version{spec.V20}, Models: []spec.Model{spec.TIS, spec.CRB}}
@@ -85,23 +89,27 @@ func serveFixture(t *testing.T, st *store.Store, kr *keyring.Embedded, dir strin
 		t.Fatal(err)
 	}
 	f := &fixture{store: st, keys: kr, dir: dir}
-	caChain := func() []byte { return []byte("-----BEGIN CERTIFICATE-----\n") }
+	// The CAs' keys in a key manager of their own, so that kr holds only
+	// what the tests make.
+	caKeys, err := keyring.OpenEmbedded(filepath.Join(t.TempDir(), "keys"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	deployment, err := ca.Open(context.Background(), t.TempDir(), caKeys, ca.Options{Now: s.now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hostCA, err := ca.Open(context.Background(), t.TempDir(), caKeys, ca.Options{CommonName: ca.HostCommonName, Now: s.now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.deploymentCA, f.hostCA = deployment, hostCA
 	keys := secrets.New(st, kr, s.log)
 	vs := vtpms.New(vtpms.Config{Store: st, Keyring: kr, Secrets: keys, HyperV: s.hyperV, Now: s.now})
-	ver := verifier.New(verifier.Config{Store: st, VTPMs: vs, CAChainPEM: caChain, Signer: s.signer})
-	// The host CA's key in a key manager of its own, so that kr holds
-	// only what the tests make.
-	hostKeys, err := keyring.OpenEmbedded(filepath.Join(t.TempDir(), "keys"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	hostCA, err := ca.Open(context.Background(), t.TempDir(), hostKeys, ca.Options{CommonName: ca.HostCommonName, Now: s.now})
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.hostCA = hostCA
-	f.api = &Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: caChain, Log: s.log,
-		Enrolment: enrol.New(enrol.Config{Store: st, HostCA: hostCA, Now: s.now})}
+	ver := verifier.New(verifier.Config{Store: st, VTPMs: vs, CAChainPEM: deployment.ChainPEM, Signer: s.signer})
+	f.api = &Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: deployment.ChainPEM, Log: s.log,
+		Enrolment: enrol.New(enrol.Config{Store: st, HostCA: hostCA, Now: s.now}),
+		Agents:    agentstore.New(st, kr, s.log), EKCA: deployment}
 	f.srv = httptest.NewServer(f.api.Handler())
 	t.Cleanup(f.srv.Close)
 	f.url, f.http = "http://vtpmd", operatorSocket(t, f.srv.Config.Handler)
