@@ -99,6 +99,23 @@ type AgentChanges struct {
 	// Reset says VTPMs is the whole set (since was 0, or too old): the
 	// agent drops whatever else it holds.
 	Reset bool `json:"reset"`
+	// Drift is the operator's drift request the agent is to answer (PUT
+	// /v1/agent/drift); absent when none waits.
+	Drift *AgentDriftAsk `json:"drift,omitempty"`
+}
+
+// AgentDriftAsk is an operator's request for what differs between a host
+// and its records.
+type AgentDriftAsk struct {
+	ID int64 `json:"id"`
+	// Repair asks for orphans to be deleted.
+	Repair bool `json:"repair"`
+}
+
+// AgentDriftReport answers drift request Asked (PUT /v1/agent/drift).
+type AgentDriftReport struct {
+	Asked    int64     `json:"asked"`
+	Findings []Finding `json:"findings"`
 }
 
 // AgentGone is a vTPM that left a host.

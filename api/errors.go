@@ -73,9 +73,11 @@ const (
 	// CodeNotReady (409): the vTPM has not been manufactured yet (no EK).
 	CodeNotReady Code = "not_ready"
 	// CodeNotSupported (409): this deployment or host cannot do it: no
-	// libvirt domains to attach to, no agent to check drift, no verdict
-	// signing.
+	// libvirt domains to attach to, no verdict signing.
 	CodeNotSupported Code = "not_supported"
+	// CodeHostUnavailable (503): the host's agent did not answer in time
+	// (a drift check); retry once it is up.
+	CodeHostUnavailable Code = "host_unavailable"
 )
 
 // Codes of request semantics (internal/spec): the flavor and image's

@@ -65,3 +65,8 @@ func (c *Client) CertifyEK(ctx context.Context, req api.EKCertificateRequest) ([
 	var out api.IssuedEKCertificate
 	return out.Certificate, c.do(ctx, http.MethodPost, "/v1/agent/ek-certificates", req, &out)
 }
+
+// ReportDrift answers the operator's drift request.
+func (c *Client) ReportDrift(ctx context.Context, r api.AgentDriftReport) error {
+	return c.do(ctx, http.MethodPut, "/v1/agent/drift", r, nil)
+}

@@ -206,7 +206,27 @@ func (a *Agent) watch(ctx context.Context, wait time.Duration) error {
 		return err
 	}
 	a.queue.add(a.apply(ch)...)
+	if ch.Drift.ID != 0 {
+		return a.answerDrift(ctx, ch.Drift)
+	}
 	return nil
+}
+
+// answerDrift answers the operator's drift request with what the backend
+// finds against the records held.
+func (a *Agent) answerDrift(ctx context.Context, ask DriftAsk) error {
+	d, ok := a.Backend.(Drifter)
+	if !ok {
+		return a.Records.ReportDrift(ctx, a.Host, ask.ID, []api.Finding{})
+	}
+	findings, err := d.Drift(ctx, a.Held, ask.Repair)
+	if err != nil {
+		return fmt.Errorf("checking drift: %w", err)
+	}
+	if findings == nil {
+		findings = []api.Finding{}
+	}
+	return a.Records.ReportDrift(ctx, a.Host, ask.ID, findings)
 }
 
 // apply takes in ch and returns the ids to reconcile: the records that

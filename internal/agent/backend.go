@@ -29,6 +29,13 @@ type Backend interface {
 	Sockets(instanceID string) api.Sockets
 }
 
+// Drifter is a backend that can tell what on its host differs from the
+// records it is given (orphan state or secrets, vTPMs whose guest is
+// gone), deleting the orphans when repair is set.
+type Drifter interface {
+	Drift(ctx context.Context, records func(context.Context) ([]VTPM, error), repair bool) ([]api.Finding, error)
+}
+
 // Pool is a backend that keeps manufactured TPMs ready (the swtpm
 // backend): Claim hands out one's secret, which the agent makes the
 // record's (Records.Rekey) before adopt moves the TPM to the instance;

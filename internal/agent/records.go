@@ -45,6 +45,9 @@ type Records interface {
 	// (r.SecretID and r.Generation advance) and the secret r had is
 	// shredded. The agent rekeys a vTPM that takes a TPM from its pool.
 	Rekey(ctx context.Context, r *Record, secret []byte, ev Event) error
+	// ReportDrift answers the operator's drift request asked (Changes.Drift)
+	// with what differs between host and its records.
+	ReportDrift(ctx context.Context, host string, asked int64, findings []api.Finding) error
 }
 
 // Changes is what changed on a host after a revision (Records.Watch).
@@ -59,6 +62,16 @@ type Changes struct {
 	// Reset says Records is the whole set: whatever else the watcher
 	// holds is gone.
 	Reset bool
+	// Drift is the operator's request for the host's drift not yet
+	// answered; zero for none.
+	Drift DriftAsk
+}
+
+// DriftAsk is an operator's request for what differs between a host and
+// its records: the ID to answer, and whether to delete orphans.
+type DriftAsk struct {
+	ID     int64
+	Repair bool
 }
 
 // Gone is a vTPM that left a host.

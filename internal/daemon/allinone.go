@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto"
 	"errors"
-	"fmt"
 	"log/slog"
 
 	"github.com/vtpmd/vtpmd/api"
@@ -40,12 +39,6 @@ func StartAllInOne(ctx context.Context, cfg Config, log *slog.Logger) (*AllInOne
 	h, err := startHostAgent(ctx, s.cfg, s.agents, issue, false, s.log)
 	if err != nil {
 		return nil, errors.Join(err, s.close())
-	}
-	s.api.Drift = func(ctx context.Context, host string, repair bool) (*api.Drift, error) {
-		if host != s.cfg.HostName {
-			return nil, fmt.Errorf("host %s has no agent in this process", host)
-		}
-		return h.drift(ctx, repair)
 	}
 	s.serve()
 	h.attestHost(s.URL, s.self)

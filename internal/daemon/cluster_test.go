@@ -325,6 +325,21 @@ func TestCluster(t *testing.T) {
 		t.Fatalf("hv-b's vTPM's events name no refusal of hv-a: %+v %v", evs, err)
 	}
 
+	// Drift: the operator asks, hv-b's agent answers through its watch.
+	orphan := filepath.Join(b.dir, "vtpms", "c1c1c1c1-0000-4000-8000-0000000000ee")
+	if err := os.MkdirAll(orphan, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if d, err := c.op.Drift(ctx, b.name, false); err != nil || len(d.Findings) != 1 || d.Findings[0].Object != orphan || d.Findings[0].Deleted {
+		t.Fatalf("hv-b's drift: %+v %v", d, err)
+	}
+	if d, err := c.op.Drift(ctx, b.name, true); err != nil || len(d.Findings) != 1 || !d.Findings[0].Deleted {
+		t.Fatalf("hv-b's repair: %+v %v", d, err)
+	}
+	if _, err := os.Stat(orphan); !os.IsNotExist(err) {
+		t.Fatalf("the orphan after the repair: %v", err)
+	}
+
 	// A join token works once.
 	token, err := os.ReadFile(filepath.Join(filepath.Dir(c.dir), a.name+".token"))
 	if err != nil {

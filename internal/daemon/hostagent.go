@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"path/filepath"
 
-	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/agent"
 	"github.com/vtpmd/vtpmd/internal/backend/direct"
 	"github.com/vtpmd/vtpmd/internal/backend/libvirt"
@@ -159,30 +158,21 @@ func poolSize(cfg Config) int {
 	return *cfg.PoolSize
 }
 
-// hostBackend is a backend that can also report drift.
+// hostBackend is every backend a host runs: each can report drift.
 type hostBackend interface {
 	agent.Backend
-	Drift(ctx context.Context, records func(context.Context) ([]agent.VTPM, error), repair bool) ([]api.Finding, error)
-}
-
-// drift asks this host's backend for drift against the host's records.
-func (h *HostAgent) drift(ctx context.Context, repair bool) (*api.Drift, error) {
-	fs, err := h.host.Drift(ctx, h.agent.Held, repair)
-	if err != nil {
-		return nil, err
-	}
-	return &api.Drift{Host: h.cfg.HostName, Findings: fs}, nil
+	agent.Drifter
 }
 
 // reportDrift logs what differs between the host and the records; only an
 // operator's explicit repair deletes anything.
 func (h *HostAgent) reportDrift(ctx context.Context) {
-	dr, err := h.drift(ctx, false)
+	findings, err := h.host.Drift(ctx, h.agent.Held, false)
 	if err != nil {
 		h.log.Warn("checking drift", "err", err)
 		return
 	}
-	for _, f := range dr.Findings {
+	for _, f := range findings {
 		h.log.Warn("drift (vtpmctl doctor lists it; --delete-orphans removes orphans)", "kind", f.Kind, "object", f.Object,
 			"instance", f.InstanceID, "detail", f.Detail)
 	}

@@ -33,6 +33,9 @@ const (
 	// KindConflict: the state of what the request names does not allow it
 	// now; it may succeed later or after another request.
 	KindConflict
+	// KindUnavailable: something the request needs (a host's agent) did
+	// not answer; the same request may succeed later.
+	KindUnavailable
 )
 
 // Error is a refusal. Match it with errors.As and compare Code.
@@ -60,6 +63,10 @@ func NotFound(code api.Code, msg string) *Error { return &Error{KindNotFound, co
 
 // Conflict refuses a request the current state does not allow.
 func Conflict(code api.Code, msg string) *Error { return &Error{KindConflict, code, msg} }
+
+// Unavailable refuses a request whose answer depends on something that did
+// not answer.
+func Unavailable(code api.Code, msg string) *Error { return &Error{KindUnavailable, code, msg} }
 
 // Truncate cuts what a caller sent to at most 64 bytes, for a message or
 // the log.

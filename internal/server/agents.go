@@ -80,6 +80,9 @@ func (s *Server) watchVTPMs(w http.ResponseWriter, r *http.Request) error {
 	for _, g := range ch.Gone {
 		out.Gone = append(out.Gone, api.AgentGone{InstanceID: g.InstanceID, Incarnation: g.Incarnation})
 	}
+	if ch.Drift.ID != 0 {
+		out.Drift = &api.AgentDriftAsk{ID: ch.Drift.ID, Repair: ch.Drift.Repair}
+	}
 	writeJSON(w, http.StatusOK, out)
 	return nil
 }
@@ -242,5 +245,21 @@ func (s *Server) certifyEK(w http.ResponseWriter, r *http.Request) error {
 	}
 	s.Log.Info("certified a vTPM's EK", "host", hostName(r), "instance", req.InstanceID, "tpm_version", req.TPMVersion)
 	writeJSON(w, http.StatusOK, api.IssuedEKCertificate{Certificate: cert})
+	return nil
+}
+
+// reportDrift records the calling host's answer to a drift request.
+func (s *Server) reportDrift(w http.ResponseWriter, r *http.Request) error {
+	var req api.AgentDriftReport
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	if req.Findings == nil {
+		req.Findings = []api.Finding{}
+	}
+	if err := s.Agents.ReportDrift(r.Context(), hostName(r), req.Asked, req.Findings); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
 	return nil
 }

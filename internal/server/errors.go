@@ -31,6 +31,7 @@ var statusOf = map[refusal.Kind]int{
 	refusal.KindForbidden:       http.StatusForbidden,
 	refusal.KindNotFound:        http.StatusNotFound,
 	refusal.KindConflict:        http.StatusConflict,
+	refusal.KindUnavailable:     http.StatusServiceUnavailable,
 }
 
 // toAPIError is the one place that maps errors to HTTP: refusals by their

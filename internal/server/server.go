@@ -63,10 +63,6 @@ type Server struct {
 	EKCA *ca.CA
 	// CAChainPEM returns the deployment CA chain.
 	CAChainPEM func() []byte
-	// Drift asks a host's agent what differs between its hypervisor and the
-	// records, deleting orphans when repair is set; nil when no agent here
-	// can tell.
-	Drift func(ctx context.Context, host string, repair bool) (*api.Drift, error)
 	Log   *slog.Logger
 	// Registry receives the API's metrics; nil: a private one.
 	Registry *prometheus.Registry
@@ -178,6 +174,7 @@ func (s *Server) routes() []route {
 		{"GET /v1/agent/vtpms/{id}/secret", s.vtpmSecret, hosts, noBody},
 		{"POST /v1/agent/vtpms/{id}/rekey", s.rekeyVTPM, hosts, jsonBody},
 		{"POST /v1/agent/ek-certificates", s.certifyEK, hosts, jsonBody},
+		{"PUT /v1/agent/drift", s.reportDrift, hosts, jsonBody},
 		{"GET /v1/ca", s.caChain, anyone, noBody},
 	}
 }
@@ -598,14 +595,11 @@ func (s *Server) repairDrift(w http.ResponseWriter, r *http.Request) error {
 // hostDrift is the operator's (see routes): drift names objects of every
 // project.
 func (s *Server) hostDrift(w http.ResponseWriter, r *http.Request, repair bool) error {
-	h, err := s.host(r)
+	c, err := tenantOf(r)
 	if err != nil {
 		return err
 	}
-	if s.Drift == nil {
-		return refusal.Conflict(api.CodeNotSupported, "No agent here can check this host's drift.")
-	}
-	d, err := s.Drift(r.Context(), h.Name, repair)
+	d, err := s.VTPMs.Drift(r.Context(), c, r.PathValue("name"), repair)
 	if err != nil {
 		return err
 	}

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/agent"
 	"github.com/vtpmd/vtpmd/internal/agent/agentstore"
 	"github.com/vtpmd/vtpmd/internal/attest"
 	"github.com/vtpmd/vtpmd/internal/ca"
@@ -105,7 +106,7 @@ func serveFixture(t *testing.T, st *store.Store, kr *keyring.Embedded, dir strin
 	}
 	f.deploymentCA, f.hostCA = deployment, hostCA
 	keys := secrets.New(st, kr, s.log)
-	vs := vtpms.New(vtpms.Config{Store: st, Keyring: kr, Secrets: keys, HyperV: s.hyperV, Now: s.now})
+	vs := vtpms.New(vtpms.Config{Store: st, Keyring: kr, Secrets: keys, HyperV: s.hyperV, Now: s.now, DriftTimeout: time.Second})
 	ver := verifier.New(verifier.Config{Store: st, VTPMs: vs, CAChainPEM: deployment.ChainPEM, Signer: s.signer})
 	f.api = &Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: deployment.ChainPEM, Log: s.log,
 		Enrolment: enrol.New(enrol.Config{Store: st, HostCA: hostCA, Now: s.now}),
@@ -541,15 +542,46 @@ func TestAttachDetach(t *testing.T) {
 		t.Fatalf("events: %+v", events.Items)
 	}
 
-	// Drift is the operator's, and needs an agent that can tell.
+	// Drift is the operator's, and the host's agent answers it through its
+	// watch; without an agent answering, the host is unavailable.
 	if code := f.call(t, "GET", "/v1/hosts/h1/drift", "p1", nil, &e); code != 403 {
 		t.Fatalf("drift as a tenant: %d", code)
 	}
 	if code := f.call(t, "GET", "/v1/hosts/nope/drift", "", nil, &e); code != 404 {
 		t.Fatalf("drift of an unknown host: %d", code)
 	}
-	if code := f.call(t, "GET", "/v1/hosts/h1/drift", "", nil, &e); code != 409 || e.Error.Code != api.CodeNotSupported {
-		t.Fatalf("drift without an agent: %d %+v", code, e)
+	if code := f.call(t, "GET", "/v1/hosts/h1/drift", "", nil, &e); code != 503 || e.Error.Code != api.CodeHostUnavailable {
+		t.Fatalf("drift with no agent answering: %d %+v", code, e)
+	}
+	ctx := context.Background()
+	answered := make(chan agent.DriftAsk, 1)
+	go func() { // h1's agent
+		var since int64
+		for {
+			ch, err := f.api.Agents.Watch(ctx, "h1", since, time.Minute)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			since = ch.Revision
+			if ch.Drift.ID != 0 {
+				finding := api.Finding{Kind: "orphan_state", Object: "/var/lib/vtpmd/vtpms/x", Detail: "no record", Deleted: ch.Drift.Repair}
+				if err := f.api.Agents.ReportDrift(ctx, "h1", ch.Drift.ID, []api.Finding{finding}); err != nil {
+					t.Error(err)
+				}
+				if ch.Drift.Repair {
+					answered <- ch.Drift
+					return
+				}
+			}
+		}
+	}()
+	var d api.Drift
+	if code := f.call(t, "POST", "/v1/hosts/h1/drift/repair", "", nil, &d); code != 200 || len(d.Findings) != 1 || !d.Findings[0].Deleted || d.Host != "h1" {
+		t.Fatalf("a repair the agent answered: %d %+v", code, d)
+	}
+	if ask := <-answered; !ask.Repair {
+		t.Fatalf("the agent was asked %+v, not to repair", ask)
 	}
 }
 

@@ -168,6 +168,15 @@ CREATE TABLE vtpm_tombstones (
 	deleted_at  TEXT NOT NULL           -- sortable UTC time
 );
 CREATE INDEX vtpm_tombstones_host ON vtpm_tombstones(host, revision);`,
+	// Drift checks (see AskDrift): the operator's requests to a host's
+	// agent, counted, whether the last asks for repair, and the agent's
+	// last answer (which request, its findings as JSON, when).
+	14: `
+ALTER TABLE hosts ADD COLUMN drift_asked BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE hosts ADD COLUMN drift_repair INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE hosts ADD COLUMN drift_answered BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE hosts ADD COLUMN drift_findings TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE hosts ADD COLUMN drift_at TEXT NOT NULL DEFAULT '';`,
 }
 
 func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)-1) }

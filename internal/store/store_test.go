@@ -426,3 +426,59 @@ func TestVTPMChanged(t *testing.T) {
 		}
 	})
 }
+
+// TestDrift: a drift request wakes the host's watchers and shows in its
+// watch until answered; a repair asked stays asked through a later plain
+// request until an answer covers it; answers wake waiters too.
+func TestDrift(t *testing.T) {
+	onEngines(t, func(t *testing.T, open func(testing.TB) (*Store, func() (*Store, error))) {
+		ctx := context.Background()
+		s, _ := open(t)
+		putHosts(t, s, "h1")
+		watch := func() *Changes {
+			t.Helper()
+			var c *Changes
+			if err := s.View(ctx, func(tx *Tx) (err error) { c, err = tx.WatchVTPMs("h1", 0); return err }); err != nil {
+				t.Fatal(err)
+			}
+			return c
+		}
+		if c := watch(); c.DriftAsked != 0 {
+			t.Fatalf("a drift request before any: %+v", c)
+		}
+		woken := s.HostChanged("h1")
+		var asked int64
+		if err := s.Update(ctx, func(tx *Tx) (err error) { asked, err = tx.AskDrift("h1", true); return err }); err != nil || asked != 1 {
+			t.Fatalf("ask: %d %v", asked, err)
+		}
+		if err := s.Update(ctx, func(tx *Tx) (err error) { asked, err = tx.AskDrift("h1", false); return err }); err != nil || asked != 2 {
+			t.Fatalf("ask again: %d %v", asked, err)
+		}
+		select {
+		case <-woken:
+		default:
+			t.Fatal("a drift request did not wake the host's watchers")
+		}
+		if c := watch(); c.DriftAsked != 2 || !c.DriftRepair {
+			t.Fatalf("the watch after a repair then a check: %+v", c)
+		}
+		woken = s.HostChanged("h1")
+		if err := s.Update(ctx, func(tx *Tx) error { return tx.AnswerDrift("h1", 2, []byte(`[{"kind":"orphan"}]`)) }); err != nil {
+			t.Fatal(err)
+		}
+		<-woken
+		if c := watch(); c.DriftAsked != 0 || c.DriftRepair {
+			t.Fatalf("the watch after the answer: %+v", c)
+		}
+		var d *Drift
+		if err := s.View(ctx, func(tx *Tx) (err error) { d, err = tx.GetDrift("h1"); return err }); err != nil {
+			t.Fatal(err)
+		}
+		if d.Asked != 2 || d.Answered != 2 || d.Repair || string(d.Findings) != `[{"kind":"orphan"}]` || d.At.IsZero() {
+			t.Fatalf("drift: %+v", d)
+		}
+		if err := s.Update(ctx, func(tx *Tx) error { _, err := tx.AskDrift("h9", false); return err }); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("asking an unknown host: %v", err)
+		}
+	})
+}

@@ -41,6 +41,10 @@ type Changes struct {
 	// or newer than Revision (a restored database): VTPMs is the whole
 	// set, and the watcher drops whatever else it holds.
 	Reset bool
+	// DriftAsked is the operator's last request for the host's drift
+	// (AskDrift), to be answered with repair when DriftRepair; 0 for none.
+	DriftAsked  int64
+	DriftRepair bool
 }
 
 // WatchVTPMs returns what changed on host after revision since, read in
@@ -52,6 +56,12 @@ func (t *Tx) WatchVTPMs(host string, since int64) (*Changes, error) {
 	if err != nil && !errors.Is(err, sql.ErrNoRows) {
 		return nil, err
 	}
+	var repair int
+	err = t.queryRow(`SELECT drift_asked, drift_repair FROM hosts WHERE name=? AND drift_answered < drift_asked`, host).Scan(&c.DriftAsked, &repair)
+	if err != nil && !errors.Is(err, sql.ErrNoRows) {
+		return nil, err
+	}
+	c.DriftRepair = repair != 0
 	c.Reset = since == 0 || since < horizon || since > c.Revision
 	if c.Reset {
 		since = -1 // every record

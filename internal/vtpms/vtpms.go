@@ -49,6 +49,9 @@ type Config struct {
 	// default DefaultHeartbeatWindow. Its vTPMs stay: down never deletes
 	// or moves one.
 	HeartbeatWindow time.Duration
+	// DriftTimeout is how long a drift check waits for the host's agent;
+	// default DefaultDriftTimeout.
+	DriftTimeout time.Duration
 	// Now is the clock hosts' heartbeats are judged by; default time.Now.
 	Now func() time.Time
 	// Log receives the operator's changes to hosts; nil: silent.
@@ -66,6 +69,9 @@ type Service struct{ cfg Config }
 func New(cfg Config) *Service {
 	if cfg.HeartbeatWindow == 0 {
 		cfg.HeartbeatWindow = DefaultHeartbeatWindow
+	}
+	if cfg.DriftTimeout == 0 {
+		cfg.DriftTimeout = DefaultDriftTimeout
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now

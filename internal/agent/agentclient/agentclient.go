@@ -49,7 +49,15 @@ func (r *Records) Watch(ctx context.Context, host string, since int64, wait time
 	for _, g := range ch.Gone {
 		out.Gone = append(out.Gone, agent.Gone{InstanceID: g.InstanceID, Incarnation: g.Incarnation})
 	}
+	if ch.Drift != nil {
+		out.Drift = agent.DriftAsk{ID: ch.Drift.ID, Repair: ch.Drift.Repair}
+	}
 	return out, nil
+}
+
+// ReportDrift implements agent.Records; host is the certificate's.
+func (r *Records) ReportDrift(ctx context.Context, host string, asked int64, findings []api.Finding) error {
+	return agentError(r.c.ReportDrift(ctx, api.AgentDriftReport{Asked: asked, Findings: findings}))
 }
 
 // Get implements agent.Records.

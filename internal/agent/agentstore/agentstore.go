@@ -6,6 +6,7 @@ package agentstore
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -76,7 +77,7 @@ func (r *Records) WatchUntil(ctx context.Context, host string, since int64, over
 		if err != nil {
 			return nil, err
 		}
-		if ch.Reset || len(ch.VTPMs) > 0 || len(ch.Gone) > 0 {
+		if ch.Reset || len(ch.VTPMs) > 0 || len(ch.Gone) > 0 || ch.DriftAsked != 0 {
 			return changes(ch), nil
 		}
 		select {
@@ -246,6 +247,21 @@ func (r *Records) Rekey(ctx context.Context, rec *agent.Record, secret []byte, e
 	return nil
 }
 
+// maxFindings bounds a drift report.
+const maxFindings = 10000
+
+// ReportDrift implements agent.Records.
+func (r *Records) ReportDrift(ctx context.Context, host string, asked int64, findings []api.Finding) error {
+	if asked < 1 || len(findings) > maxFindings {
+		return refusal.Invalid(api.CodeInvalidParameter, "A drift report answers a request (asked ≥ 1) with at most 10000 findings.")
+	}
+	data, err := json.Marshal(findings)
+	if err != nil {
+		return err
+	}
+	return agentError(r.st.Update(ctx, func(tx *store.Tx) error { return tx.AnswerDrift(host, asked, data) }))
+}
+
 // current reads rec's vTPM as it is now: ErrNotFound if it is gone or
 // another incarnation, ErrConflict if it changed since rec was read.
 func current(tx *store.Tx, rec *agent.Record) (*store.VTPM, error) {
@@ -296,7 +312,8 @@ func agentError(err error) error {
 }
 
 func changes(ch *store.Changes) *agent.Changes {
-	out := &agent.Changes{Revision: ch.Revision, Reset: ch.Reset, Records: make([]*agent.Record, len(ch.VTPMs))}
+	out := &agent.Changes{Revision: ch.Revision, Reset: ch.Reset, Records: make([]*agent.Record, len(ch.VTPMs)),
+		Drift: agent.DriftAsk{ID: ch.DriftAsked, Repair: ch.DriftRepair}}
 	for i, v := range ch.VTPMs {
 		out.Records[i] = record(v)
 	}
