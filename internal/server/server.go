@@ -63,7 +63,7 @@ type Server struct {
 	EKCA *ca.CA
 	// CAChainPEM returns the deployment CA chain.
 	CAChainPEM func() []byte
-	Log   *slog.Logger
+	Log        *slog.Logger
 	// Registry receives the API's metrics; nil: a private one.
 	Registry *prometheus.Registry
 
