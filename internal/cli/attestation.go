@@ -40,8 +40,10 @@ func newAttestationCommand(g *globals) *cobra.Command {
 }
 
 func newHostCommand(g *globals) *cobra.Command {
-	cmd := &cobra.Command{Use: "host", Short: "A host: add (join token), show and revoke it, drain and undrain it, attest its own TPM"}
-	cmd.AddCommand(hostAddCommand(g), hostShowCommand(g), hostRevokeCommand(g))
+	cmd := &cobra.Command{Use: "host", Short: "A host: add (join token), list, show and revoke it, drain and undrain it, attest its own TPM"}
+	list := newHostsCommand(g)
+	list.Use = "list" // the same as vtpmctl hosts
+	cmd.AddCommand(hostAddCommand(g), list, hostShowCommand(g), hostRevokeCommand(g))
 	cmd.AddCommand(drainCommand(g, "drain", "Place no new vTPMs on the host (before maintenance); those it holds stay and keep running",
 		(*client.Client).DrainHost))
 	cmd.AddCommand(drainCommand(g, "undrain", "Place new vTPMs on the host again", (*client.Client).UndrainHost))

@@ -25,6 +25,7 @@ func TestDoctor(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d.Shutdown(context.Background())
+	go d.Run(ctx) // its agent answers drift checks
 	base := []string{"--server", d.OperatorURL}
 
 	if code, out, errOut := run(t, append(base, "doctor")...); code != ExitOK || out != "" || !strings.Contains(errOut, "no drift") {

@@ -62,6 +62,7 @@ func TestVTPMCommandsExitCodes(t *testing.T) {
 		{[]string{"show", id}, ExitOK, "pending"},
 		{[]string{"list"}, ExitOK, id},
 		{[]string{"hosts"}, ExitOK, "COMPUTE_SECURITY_TPM_2_0"},
+		{[]string{"host", "list"}, ExitOK, "COMPUTE_SECURITY_TPM_2_0"},
 		{[]string{"--project", "p1", "hosts"}, ExitFailed, string(api.CodeForbidden)},
 		{[]string{"--project", "p1", "create", "--instance", "11111111-2222-4333-8444-555555555555", "--flavor-spec", "hw:tpm_version=2.0", "--wait=false"}, ExitFailed, "created by the cloud"},
 		{[]string{"--project", "other", "show", id}, ExitNotFound, string(api.CodeNotFound)},

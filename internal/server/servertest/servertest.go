@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vtpmd/vtpmd/internal/agent/agentstore"
 	"github.com/vtpmd/vtpmd/internal/ca"
 	"github.com/vtpmd/vtpmd/internal/enrol"
 	"github.com/vtpmd/vtpmd/internal/keyring"
@@ -23,7 +24,7 @@ import (
 )
 
 // New assembles the API over st and kr as vtpmd does, with no host agent
-// (records stay pending), no verdict signing and no webhook, an empty CA
+// running (records stay pending, drift checks go unanswered), no verdict signing and no webhook, an empty CA
 // chain, and a host CA of its own in a temporary directory.
 func New(t testing.TB, st *store.Store, kr keyring.Keyring) *server.Server {
 	t.Helper()
@@ -36,7 +37,7 @@ func New(t testing.TB, st *store.Store, kr keyring.Keyring) *server.Server {
 	vs := vtpms.New(vtpms.Config{Store: st, Keyring: kr, Secrets: keys})
 	ver := verifier.New(verifier.Config{Store: st, VTPMs: vs, CAChainPEM: caChain})
 	return &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: caChain,
-		Enrolment: enrol.New(enrol.Config{Store: st, HostCA: hostCA})}
+		Enrolment: enrol.New(enrol.Config{Store: st, HostCA: hostCA}), Agents: agentstore.New(st, kr, nil)}
 }
 
 // Operator serves h on a fresh unix socket as the operator's local API and
