@@ -20,6 +20,13 @@ type EnrollRequest struct {
 	CSR       []byte `json:"csr"`
 }
 
+// RenewRequest asks for the calling host's next client certificate (POST
+// /v1/agent/renew, with its current one): a PKCS#10 request (DER; base64
+// in JSON) for a new key the agent made and keeps.
+type RenewRequest struct {
+	CSR []byte `json:"csr"`
+}
+
 // Enrollment is the host's client certificate, for every later call of
 // its agent (mTLS).
 type Enrollment struct {

@@ -70,3 +70,10 @@ func (c *Client) CertifyEK(ctx context.Context, req api.EKCertificateRequest) ([
 func (c *Client) ReportDrift(ctx context.Context, r api.AgentDriftReport) error {
 	return c.do(ctx, http.MethodPut, "/v1/agent/drift", r, nil)
 }
+
+// Renew exchanges a certificate request for the host's next client
+// certificate; the client must present the current one.
+func (c *Client) Renew(ctx context.Context, req api.RenewRequest) (api.Enrollment, error) {
+	var out api.Enrollment
+	return out, c.do(ctx, http.MethodPost, "/v1/agent/renew", req, &out)
+}

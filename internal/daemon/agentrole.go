@@ -16,6 +16,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
+	"time"
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
@@ -50,12 +52,12 @@ func StartAgent(ctx context.Context, cfg Config, log *slog.Logger) (*HostAgent, 
 			return nil, fmt.Errorf("server CA: %w", err)
 		}
 	}
-	cert, err := hostCertificate(ctx, cfg, trust, log)
+	creds, err := loadHostCredentials(ctx, cfg, trust, log)
 	if err != nil {
 		return nil, err
 	}
 	mtls := trust.Clone()
-	mtls.Certificates = []tls.Certificate{cert}
+	mtls.GetClientCertificate = creds.get
 	c := client.New(cfg.Server, "").WithTLS(mtls)
 	issue := certifier(func(ctx context.Context, instanceID string, v spec.Version, pub crypto.PublicKey) ([]byte, error) {
 		der, err := x509.MarshalPKIXPublicKey(pub)
@@ -71,47 +73,53 @@ func StartAgent(ctx context.Context, cfg Config, log *slog.Logger) (*HostAgent, 
 		return nil, err
 	}
 	h.attestHost(cfg.Server, trust)
+	h.tasks = append(h.tasks, func(ctx context.Context) { creds.renewWhenDue(ctx, c, log) })
 	return h, nil
 }
 
-// The host's credentials in <DataDir>/host-cert.
+// The host's credentials: <DataDir>/host-cert/host.pem holds its
+// certificate and key together, so that a renewal replaces both in one
+// rename; ca.pem is the host CA's chain, for the operator's eyes.
 const (
-	hostCertDir  = "host-cert"
-	hostCertFile = "cert.pem"
-	hostKeyFile  = "key.pem"
-	hostCAFile   = "ca.pem" // the host CA's chain, for the operator's eyes
+	hostCertDir   = "host-cert"
+	hostCredsFile = "host.pem"
+	hostCAFile    = "ca.pem"
 )
 
-// hostCertificate loads the host's certificate and key, enrolling first
-// if the host has none. The certificate must name cfg.HostName.
-func hostCertificate(ctx context.Context, cfg Config, trust *tls.Config, log *slog.Logger) (tls.Certificate, error) {
-	dir := filepath.Join(cfg.DataDir, hostCertDir)
-	certPath, keyPath := filepath.Join(dir, hostCertFile), filepath.Join(dir, hostKeyFile)
-	if _, err := os.Stat(certPath); errors.Is(err, fs.ErrNotExist) {
-		if err := enrolHost(ctx, cfg, trust, dir); err != nil {
-			return tls.Certificate{}, err
-		}
-		log.Info("enrolled: this host's certificate is in the data dir", "host", cfg.HostName, "dir", dir)
-	}
-	cert, err := tls.LoadX509KeyPair(certPath, keyPath)
-	if err != nil {
-		return tls.Certificate{}, fmt.Errorf("the host's certificate: %w", err)
-	}
-	leaf, err := x509.ParseCertificate(cert.Certificate[0])
-	if err != nil {
-		return tls.Certificate{}, err
-	}
-	if leaf.Subject.CommonName != cfg.HostName {
-		return tls.Certificate{}, fmt.Errorf("this host enrolled as %q but is configured as %q: set --host-name %s, or enrol again (remove %s)",
-			leaf.Subject.CommonName, cfg.HostName, leaf.Subject.CommonName, dir)
-	}
-	return cert, nil
+// hostCredentials are the host's certificate and key, renewed in place:
+// the agent's TLS client asks for the current one at each handshake.
+type hostCredentials struct {
+	dir  string
+	cert atomic.Pointer[tls.Certificate]
 }
 
-// enrolHost exchanges the join token for a certificate of a key made
-// here, and keeps both in dir: the key first, so that a certificate on
-// disk always has its key.
-func enrolHost(ctx context.Context, cfg Config, trust *tls.Config, dir string) error {
+// loadHostCredentials loads the host's certificate and key, enrolling
+// first if the host has none. The certificate must name cfg.HostName.
+func loadHostCredentials(ctx context.Context, cfg Config, trust *tls.Config, log *slog.Logger) (*hostCredentials, error) {
+	h := &hostCredentials{dir: filepath.Join(cfg.DataDir, hostCertDir)}
+	path := filepath.Join(h.dir, hostCredsFile)
+	if _, err := os.Stat(path); errors.Is(err, fs.ErrNotExist) {
+		if err := h.enrol(ctx, cfg, trust); err != nil {
+			return nil, err
+		}
+		log.Info("enrolled: this host's certificate is in the data dir", "host", cfg.HostName, "dir", h.dir)
+	}
+	cert, err := tls.LoadX509KeyPair(path, path)
+	if err != nil {
+		return nil, fmt.Errorf("the host's certificate: %w", err)
+	}
+	if cn := cert.Leaf.Subject.CommonName; cn != cfg.HostName {
+		return nil, fmt.Errorf("this host enrolled as %q but is configured as %q: set --host-name %s, or enrol again (remove %s)",
+			cn, cfg.HostName, cn, h.dir)
+	}
+	h.cert.Store(&cert)
+	return h, nil
+}
+
+func (h *hostCredentials) get(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return h.cert.Load(), nil }
+
+// enrol exchanges the join token for a certificate of a key made here.
+func (h *hostCredentials) enrol(ctx context.Context, cfg Config, trust *tls.Config) error {
 	if cfg.JoinTokenFile == "" {
 		return fmt.Errorf("host %s has no certificate yet: start it once with --join-token-file (the operator runs 'vtpmctl host add %s')", cfg.HostName, cfg.HostName)
 	}
@@ -119,6 +127,47 @@ func enrolHost(ctx context.Context, cfg Config, trust *tls.Config, dir string) e
 	if err != nil {
 		return fmt.Errorf("reading the join token: %w", err)
 	}
+	return h.issue(func(csr []byte) (api.Enrollment, error) {
+		e, err := client.New(cfg.Server, "").WithTLS(trust).Enroll(ctx, api.EnrollRequest{JoinToken: strings.TrimSpace(string(raw)), CSR: csr})
+		if err != nil {
+			return e, fmt.Errorf("enrolling host %s with its join token: %w", cfg.HostName, err)
+		}
+		return e, nil
+	})
+}
+
+// renewWhenDue renews the certificate once less than a third of its life
+// is left, checking hourly until ctx ends; a failed renewal is retried at
+// the next check.
+func (h *hostCredentials) renewWhenDue(ctx context.Context, c *client.Client, log *slog.Logger) {
+	t := time.NewTicker(time.Hour)
+	defer t.Stop()
+	for {
+		leaf := h.cert.Load().Leaf
+		if time.Until(leaf.NotAfter) < leaf.NotAfter.Sub(leaf.NotBefore)/3 {
+			if err := h.renew(ctx, c); err != nil {
+				log.Warn("renewing the host's certificate failed; retrying in an hour", "not_after", leaf.NotAfter, "err", err)
+			} else {
+				log.Info("renewed the host's certificate", "not_after", h.cert.Load().Leaf.NotAfter)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// renew replaces the certificate with one of a new key, asked for with the
+// current one.
+func (h *hostCredentials) renew(ctx context.Context, c *client.Client) error {
+	return h.issue(func(csr []byte) (api.Enrollment, error) { return c.Renew(ctx, api.RenewRequest{CSR: csr}) })
+}
+
+// issue makes a key, has request certify it, and keeps both in one file
+// (replaced whole), then uses them.
+func (h *hostCredentials) issue(request func(csr []byte) (api.Enrollment, error)) error {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return err
@@ -127,22 +176,29 @@ func enrolHost(ctx context.Context, cfg Config, trust *tls.Config, dir string) e
 	if err != nil {
 		return err
 	}
-	e, err := client.New(cfg.Server, "").WithTLS(trust).Enroll(ctx, api.EnrollRequest{JoinToken: strings.TrimSpace(string(raw)), CSR: csr})
+	e, err := request(csr)
 	if err != nil {
-		return fmt.Errorf("enrolling host %s with its join token: %w", cfg.HostName, err)
+		return err
 	}
 	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	creds := append(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: e.Certificate}),
+		pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})...)
+	if err := os.MkdirAll(h.dir, 0o700); err != nil {
 		return err
 	}
-	if err := atomicfile.Write(filepath.Join(dir, hostKeyFile), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
+	if err := atomicfile.Write(filepath.Join(h.dir, hostCAFile), []byte(e.CAChain), 0o644); err != nil {
 		return err
 	}
-	if err := atomicfile.Write(filepath.Join(dir, hostCAFile), []byte(e.CAChain), 0o644); err != nil {
+	if err := atomicfile.Write(filepath.Join(h.dir, hostCredsFile), creds, 0o600); err != nil {
 		return err
 	}
-	return atomicfile.Write(filepath.Join(dir, hostCertFile), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: e.Certificate}), 0o644)
+	cert, err := tls.X509KeyPair(creds, creds)
+	if err != nil {
+		return err
+	}
+	h.cert.Store(&cert)
+	return nil
 }

@@ -187,7 +187,8 @@ func (c *cluster) wait(id, phase string) api.VTPM {
 // hostClient calls the server with a's host certificate, as its agent.
 func (c *cluster) hostClient(a *clusterAgent) *client.Client {
 	c.t.Helper()
-	cert, err := tls.LoadX509KeyPair(filepath.Join(a.dir, hostCertDir, hostCertFile), filepath.Join(a.dir, hostCertDir, hostKeyFile))
+	creds := filepath.Join(a.dir, hostCertDir, hostCredsFile)
+	cert, err := tls.LoadX509KeyPair(creds, creds)
 	if err != nil {
 		c.t.Fatal(err)
 	}

@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -94,5 +95,80 @@ func TestHostEnrolment(t *testing.T) {
 	}
 	if err := host.Heartbeat(ctx, api.HeartbeatRequest{Version: "v3"}); !errors.As(err, &ce) || ce.Status != 401 || ce.Code != api.CodeInvalidHostCertificate {
 		t.Fatalf("heartbeat after revoke: %v", err)
+	}
+}
+
+// TestHostCertificateRenewal: vtpmd agent's credentials enrol once with
+// the join token, kept in the data dir; a renewal, asked for with the
+// current certificate, replaces key and certificate on disk and in use
+// (the next handshake presents the new one); both stay valid until the
+// host is revoked.
+func TestHostCertificateRenewal(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	caFile, certFile, keyFile := writeTestPKI(t, dir)
+	s, err := StartServer(ctx, Config{DataDir: filepath.Join(dir, "server"), Listen: "127.0.0.1:0", HostName: "control",
+		TLSCert: certFile, TLSKey: keyFile}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Shutdown(ctx)
+	op := client.New(s.OperatorURL, "")
+	tok, err := op.JoinToken(ctx, "hv1", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tokenFile := filepath.Join(dir, "token")
+	if err := os.WriteFile(tokenFile, []byte(tok.Token), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := Config{DataDir: filepath.Join(dir, "hv1"), HostName: "hv1", Server: s.URL, JoinTokenFile: tokenFile}
+	roots, err := client.LoadCAs(caFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	trust := &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}
+	log := slog.New(slog.DiscardHandler)
+	creds, err := loadHostCredentials(ctx, cfg, trust, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	agentClient := func() *client.Client { // a new connection: a new handshake
+		mtls := trust.Clone()
+		mtls.GetClientCertificate = creds.get
+		return client.New(s.URL, "").WithTLS(mtls)
+	}
+	if err := agentClient().Heartbeat(ctx, api.HeartbeatRequest{Version: "v1"}); err != nil {
+		t.Fatal(err)
+	}
+	old := creds.cert.Load()
+	if err := creds.renew(ctx, agentClient()); err != nil {
+		t.Fatal(err)
+	}
+	renewed := creds.cert.Load()
+	if renewed.Leaf.SerialNumber.Cmp(old.Leaf.SerialNumber) == 0 || renewed.Leaf.Subject.CommonName != "hv1" || renewed.Leaf.NotAfter.Before(old.Leaf.NotAfter) {
+		t.Fatalf("renewed %v until %v, was %v until %v", renewed.Leaf.SerialNumber, renewed.Leaf.NotAfter, old.Leaf.SerialNumber, old.Leaf.NotAfter)
+	}
+	if err := agentClient().Heartbeat(ctx, api.HeartbeatRequest{Version: "v1"}); err != nil {
+		t.Fatalf("a heartbeat with the renewed certificate: %v", err)
+	}
+	cfg.JoinTokenFile = "" // spent: the next start reads the renewed one
+	again, err := loadHostCredentials(ctx, cfg, trust, log)
+	if err != nil || again.cert.Load().Leaf.SerialNumber.Cmp(renewed.Leaf.SerialNumber) != 0 {
+		t.Fatalf("credentials read back: %v", err)
+	}
+	if h, err := op.GetHost(ctx, "hv1"); err != nil || h.Certificates != 2 {
+		t.Fatalf("hv1 after a renewal: %+v %v", h, err)
+	}
+	if _, err := op.RevokeHost(ctx, "hv1"); err != nil {
+		t.Fatal(err)
+	}
+	for _, cert := range []*tls.Certificate{old, renewed} {
+		mtls := trust.Clone()
+		mtls.Certificates = []tls.Certificate{*cert}
+		var ce *client.Error
+		if err := client.New(s.URL, "").WithTLS(mtls).Heartbeat(ctx, api.HeartbeatRequest{}); !errors.As(err, &ce) || ce.Status != 401 {
+			t.Fatalf("certificate %v after the host's revocation: %v", cert.Leaf.SerialNumber, err)
+		}
 	}
 }

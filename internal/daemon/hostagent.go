@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/http"
 	"path/filepath"
+	"sync"
 
 	"github.com/vtpmd/vtpmd/internal/agent"
 	"github.com/vtpmd/vtpmd/internal/backend/direct"
@@ -35,6 +36,9 @@ type HostAgent struct {
 	xenUUID     *http.Server  // the Xen UUID service, when served
 	// stopBackground ends host attestation.
 	stopBackground context.CancelFunc
+	// tasks run beside the agent while Run runs (renewing the host's
+	// certificate).
+	tasks []func(context.Context)
 }
 
 // startHostAgent starts the host's backend and its agent on records, with
@@ -122,8 +126,15 @@ func (h *HostAgent) attestHost(url string, tlsConfig *tls.Config) {
 	go h.hostTPM.run(bg)
 }
 
-// Run reconciles until ctx ends.
-func (h *HostAgent) Run(ctx context.Context) error { return h.agent.Run(ctx) }
+// Run reconciles, and runs the agent's tasks, until ctx ends.
+func (h *HostAgent) Run(ctx context.Context) error {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for _, task := range h.tasks {
+		wg.Go(func() { task(ctx) })
+	}
+	return h.agent.Run(ctx)
+}
 
 // Shutdown stops every vTPM (state kept; in libvirt's external mode the
 // guests' swtpm keep running) and the backend.

@@ -195,6 +195,37 @@ func (s *Service) Enroll(ctx context.Context, token string, csrDER []byte) (Enro
 	return e, nil
 }
 
+// Renew certifies the key of csrDER as host's next client certificate:
+// the host's agent calls it, with its current certificate (authenticated
+// by the caller), before that one expires. The old one stays valid until
+// it expires or the host is revoked.
+func (s *Service) Renew(ctx context.Context, host string, csrDER []byte) (Enrollment, error) {
+	var e Enrollment
+	err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
+		cert, err := s.cfg.HostCA.IssueHost(csrDER, host)
+		if errors.Is(err, ca.ErrInvalidCSR) {
+			return refusal.Invalid(api.CodeInvalidCSR, "The certificate request is refused: "+refusal.Truncate(err.Error())+".")
+		}
+		if err != nil {
+			return err
+		}
+		if err := tx.PutHostCertificate(store.HostCertificate{Serial: serialHex(cert), Host: host, NotAfter: cert.NotAfter}); err != nil {
+			return err
+		}
+		if err := tx.AppendEvent(store.Event{Actor: "agent:" + host, InstanceID: store.HostKey(host), Action: "renewed",
+			Detail: "host certificate " + serialHex(cert) + " until " + cert.NotAfter.UTC().Format(time.RFC3339)}); err != nil {
+			return err
+		}
+		e = Enrollment{Host: host, Certificate: cert, ChainPEM: s.cfg.HostCA.ChainPEM()}
+		return nil
+	})
+	if err != nil {
+		return Enrollment{}, err
+	}
+	s.cfg.Log.Info("host certificate renewed", "host", host, "serial", serialHex(e.Certificate), "not_after", e.Certificate.NotAfter)
+	return e, nil
+}
+
 // Issued reports whether leaf is signed by the host CA, valid now and for
 // client authentication: a host's certificate, honoured or not. The TLS
 // server trusts tenants' CAs too; this tells the two apart.

@@ -680,8 +680,8 @@ func TestAgentRoutesRefuseBadJSON(t *testing.T) {
 			refused(t, r.pattern+" with "+body, code, e, 400, api.CodeInvalidJSON)
 		}
 	}
-	if checked != 7 { // heartbeat, host, report, deleted, rekey, EK certificates, drift
-		t.Errorf("%d hosts' routes take bodies, want 7", checked)
+	if checked != 8 { // heartbeat, renew, host, report, deleted, rekey, EK certificates, drift
+		t.Errorf("%d hosts' routes take bodies, want 8", checked)
 	}
 	if after := w.read(t, w.a, onA); !reflect.DeepEqual(after, before) {
 		t.Errorf("the record after bad bodies: %+v\nwas %+v", after, before)

@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/enrol"
 	"github.com/vtpmd/vtpmd/internal/refusal"
 )
 
@@ -65,9 +66,27 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	writeEnrollment(w, e)
+	return nil
+}
+
+// renew is a hosts' route: the calling host's next certificate.
+func (s *Server) renew(w http.ResponseWriter, r *http.Request) error {
+	var req api.RenewRequest
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	e, err := s.Enrolment.Renew(r.Context(), hostName(r), req.CSR)
+	if err != nil {
+		return err
+	}
+	writeEnrollment(w, e)
+	return nil
+}
+
+func writeEnrollment(w http.ResponseWriter, e enrol.Enrollment) {
 	writeJSON(w, http.StatusOK, api.Enrollment{Host: e.Host, Certificate: e.Certificate.Raw,
 		NotAfter: e.Certificate.NotAfter, CAChain: string(e.ChainPEM)})
-	return nil
 }
 
 // heartbeat is a hosts' route: the heartbeat is the certificate's host's.

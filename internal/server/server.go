@@ -166,6 +166,7 @@ func (s *Server) routes() []route {
 		{"POST /v1/hosts/{name}/revoke", s.revokeHost, operator, noBody},
 		{"POST /v1/agent/enroll", s.enroll, agents, jsonBody},
 		{"POST /v1/agent/heartbeat", s.heartbeat, hosts, jsonBody},
+		{"POST /v1/agent/renew", s.renew, hosts, jsonBody},
 		{"PUT /v1/agent/host", s.registerHost, hosts, jsonBody},
 		{"GET /v1/agent/vtpms", s.watchVTPMs, hosts, noBody},
 		{"GET /v1/agent/vtpms/{id}", s.agentGetVTPM, hosts, noBody},
