@@ -116,7 +116,9 @@ func loadHostCredentials(ctx context.Context, cfg Config, trust *tls.Config, log
 	return h, nil
 }
 
-func (h *hostCredentials) get(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return h.cert.Load(), nil }
+func (h *hostCredentials) get(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+	return h.cert.Load(), nil
+}
 
 // enrol exchanges the join token for a certificate of a key made here.
 func (h *hostCredentials) enrol(ctx context.Context, cfg Config, trust *tls.Config) error {
