@@ -126,13 +126,14 @@ func (a *Agent) beat(ctx context.Context) {
 	}
 }
 
-// Run records heartbeats, watches the host's records and reconciles what
-// changes, and every Interval all it holds, until ctx ends; the host must
-// be registered. While the control plane cannot be reached, every vTPM
-// keeps running as it is; the watch retries with backoff and catches up
-// from its revision when it answers again.
+// Run registers the host, then records heartbeats, watches the host's
+// records and reconciles what changes, and every Interval all it holds,
+// until ctx ends. While the control plane cannot be reached, every vTPM
+// keeps running as it is; registering and the watch retry with backoff,
+// and the watch catches up from its revision when it answers again.
 func (a *Agent) Run(ctx context.Context) error {
 	a.init()
+	a.retry(ctx, "registering the host", func() error { return a.Register(ctx) })
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	wg.Go(func() { a.beat(ctx) })
@@ -151,28 +152,27 @@ func (a *Agent) Run(ctx context.Context) error {
 			}
 		}
 	})
-	backoff := time.Duration(0)
 	for ctx.Err() == nil {
-		err := a.watch(ctx, a.WatchWait)
-		switch {
-		case err == nil:
-			backoff = 0
-			continue
-		case ctx.Err() != nil:
-		case backoff == 0:
-			backoff = 100 * time.Millisecond
-		default:
-			backoff = min(2*backoff, 30*time.Second)
-		}
-		if ctx.Err() == nil {
-			a.Log.Warn("watching the host's vTPMs failed; retrying", "host", a.Host, "in", backoff, "err", err)
-		}
-		select {
-		case <-ctx.Done():
-		case <-time.After(backoff):
-		}
+		a.retry(ctx, "watching the host's vTPMs", func() error { return a.watch(ctx, a.WatchWait) })
 	}
 	return nil
+}
+
+// retry calls fn until it succeeds or ctx ends, waiting 100 ms after the
+// first failure, doubling up to 30 s, and logging each.
+func (a *Agent) retry(ctx context.Context, doing string, fn func() error) {
+	for wait := 100 * time.Millisecond; ; wait = min(2*wait, 30*time.Second) {
+		err := fn()
+		if err == nil || ctx.Err() != nil {
+			return
+		}
+		a.Log.Warn(doing+" failed; retrying", "host", a.Host, "in", wait, "err", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+	}
 }
 
 // Reconcile reads what changed on the host and reconciles every vTPM it
