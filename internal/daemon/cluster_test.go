@@ -447,4 +447,22 @@ func TestClusterFailures(t *testing.T) {
 	if n := len(swtpmPIDs(a)); n != len(ids) {
 		t.Fatalf("after one delete and one create: %d swtpm, want %d", n, len(ids))
 	}
+
+	// An agent that starts while the server is away registers, and takes
+	// its vTPMs back, once the server is there.
+	pids = swtpmPIDs(a)
+	stop(c.server, syscall.SIGTERM)
+	stop(a.cmd, syscall.SIGTERM)
+	a.cmd = c.start(a.dir+".log", a.args...)
+	time.Sleep(time.Second) // it starts, and fails to reach the server
+	c.startServer()
+	c.waitHost(a.name, "up")
+	v, err = c.create(clusterID(12))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.wait(v.InstanceID, "active")
+	if got := swtpmPIDs(a); len(got) != len(pids)+1 || !slices.Equal(slices.DeleteFunc(got, func(p string) bool { return !slices.Contains(pids, p) }), pids) {
+		t.Fatalf("after the agent started without its server: swtpm %v, were %v and one new", swtpmPIDs(a), pids)
+	}
 }
