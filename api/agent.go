@@ -36,6 +36,9 @@ type Enrollment struct {
 	NotAfter    time.Time `json:"not_after"`
 	// CAChain is the host CA's chain, PEM.
 	CAChain string `json:"ca_chain"`
+	// TPMBound says the host's registered TPM vouched for the enrolment
+	// (its agent token came with the request).
+	TPMBound bool `json:"tpm_bound,omitempty"`
 }
 
 // HeartbeatRequest is a host agent's heartbeat; the host is the one its

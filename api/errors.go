@@ -75,6 +75,9 @@ const (
 	// CodeNotSupported (409): this deployment or host cannot do it: no
 	// libvirt domains to attach to, no verdict signing.
 	CodeNotSupported Code = "not_supported"
+	// CodeHostTPMRequired (403): the host's own TPM is registered, so its
+	// agent enrols only with the agent token that TPM earned.
+	CodeHostTPMRequired Code = "host_tpm_required"
 	// CodeHostUnavailable (503): the host's agent did not answer in time
 	// (a drift check); retry once it is up.
 	CodeHostUnavailable Code = "host_unavailable"

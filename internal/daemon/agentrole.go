@@ -11,7 +11,6 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -52,7 +51,18 @@ func StartAgent(ctx context.Context, cfg Config, log *slog.Logger) (*HostAgent, 
 			return nil, fmt.Errorf("server CA: %w", err)
 		}
 	}
-	creds, err := loadHostCredentials(ctx, cfg, trust, log)
+	// The host's own TPM, if it has one, registers first: its agent token
+	// binds the enrolment to it.
+	var att *hostAttester
+	enrolWith := client.New(cfg.Server, "").WithTLS(trust)
+	if cfg.HostTPM != "" {
+		att = newHostAttester(cfg, cfg.Server, trust, log)
+		if _, err := att.attest(ctx); err != nil && !hasHostCredentials(cfg) {
+			return nil, fmt.Errorf("the host's TPM must register before the host enrols: %w", err)
+		}
+		enrolWith = att.api()
+	}
+	creds, err := loadHostCredentials(ctx, cfg, enrolWith, log)
 	if err != nil {
 		return nil, err
 	}
@@ -72,7 +82,7 @@ func StartAgent(ctx context.Context, cfg Config, log *slog.Logger) (*HostAgent, 
 	if err != nil {
 		return nil, err
 	}
-	h.attestHost(cfg.Server, trust)
+	h.attestHost(att)
 	h.tasks = append(h.tasks, func(ctx context.Context) { creds.renewWhenDue(ctx, c, log) })
 	return h, nil
 }
@@ -93,13 +103,20 @@ type hostCredentials struct {
 	cert atomic.Pointer[tls.Certificate]
 }
 
+// hasHostCredentials reports whether the host enrolled already.
+func hasHostCredentials(cfg Config) bool {
+	_, err := os.Stat(filepath.Join(cfg.DataDir, hostCertDir, hostCredsFile))
+	return err == nil
+}
+
 // loadHostCredentials loads the host's certificate and key, enrolling
-// first if the host has none. The certificate must name cfg.HostName.
-func loadHostCredentials(ctx context.Context, cfg Config, trust *tls.Config, log *slog.Logger) (*hostCredentials, error) {
+// first, through api, if the host has none. The certificate must name
+// cfg.HostName.
+func loadHostCredentials(ctx context.Context, cfg Config, api *client.Client, log *slog.Logger) (*hostCredentials, error) {
 	h := &hostCredentials{dir: filepath.Join(cfg.DataDir, hostCertDir)}
 	path := filepath.Join(h.dir, hostCredsFile)
-	if _, err := os.Stat(path); errors.Is(err, fs.ErrNotExist) {
-		if err := h.enrol(ctx, cfg, trust); err != nil {
+	if !hasHostCredentials(cfg) {
+		if err := h.enrol(ctx, cfg, api); err != nil {
 			return nil, err
 		}
 		log.Info("enrolled: this host's certificate is in the data dir", "host", cfg.HostName, "dir", h.dir)
@@ -121,7 +138,7 @@ func (h *hostCredentials) get(*tls.CertificateRequestInfo) (*tls.Certificate, er
 }
 
 // enrol exchanges the join token for a certificate of a key made here.
-func (h *hostCredentials) enrol(ctx context.Context, cfg Config, trust *tls.Config) error {
+func (h *hostCredentials) enrol(ctx context.Context, cfg Config, c *client.Client) error {
 	if cfg.JoinTokenFile == "" {
 		return fmt.Errorf("host %s has no certificate yet: start it once with --join-token-file (the operator runs 'vtpmctl host add %s')", cfg.HostName, cfg.HostName)
 	}
@@ -130,7 +147,7 @@ func (h *hostCredentials) enrol(ctx context.Context, cfg Config, trust *tls.Conf
 		return fmt.Errorf("reading the join token: %w", err)
 	}
 	return h.issue(func(csr []byte) (api.Enrollment, error) {
-		e, err := client.New(cfg.Server, "").WithTLS(trust).Enroll(ctx, api.EnrollRequest{JoinToken: strings.TrimSpace(string(raw)), CSR: csr})
+		e, err := c.Enroll(ctx, api.EnrollRequest{JoinToken: strings.TrimSpace(string(raw)), CSR: csr})
 		if err != nil {
 			return e, fmt.Errorf("enrolling host %s with its join token: %w", cfg.HostName, err)
 		}

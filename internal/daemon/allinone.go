@@ -41,7 +41,9 @@ func StartAllInOne(ctx context.Context, cfg Config, log *slog.Logger) (*AllInOne
 		return nil, errors.Join(err, s.close())
 	}
 	s.serve()
-	h.attestHost(s.URL, s.self)
+	if cfg.HostTPM != "" {
+		h.attestHost(newHostAttester(s.cfg, s.URL, s.self, s.log))
+	}
 	return &AllInOne{Server: s, agent: h, XenUUIDAddr: h.XenUUIDAddr}, nil
 }
 

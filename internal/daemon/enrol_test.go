@@ -129,7 +129,7 @@ func TestHostCertificateRenewal(t *testing.T) {
 	}
 	trust := &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}
 	log := slog.New(slog.DiscardHandler)
-	creds, err := loadHostCredentials(ctx, cfg, trust, log)
+	creds, err := loadHostCredentials(ctx, cfg, client.New(s.URL, "").WithTLS(trust), log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -153,7 +153,7 @@ func TestHostCertificateRenewal(t *testing.T) {
 		t.Fatalf("a heartbeat with the renewed certificate: %v", err)
 	}
 	cfg.JoinTokenFile = "" // spent: the next start reads the renewed one
-	again, err := loadHostCredentials(ctx, cfg, trust, log)
+	again, err := loadHostCredentials(ctx, cfg, nil, log)
 	if err != nil || again.cert.Load().Leaf.SerialNumber.Cmp(renewed.Leaf.SerialNumber) != 0 {
 		t.Fatalf("credentials read back: %v", err)
 	}

@@ -3,7 +3,6 @@ package daemon
 import (
 	"context"
 	"crypto"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -114,16 +113,16 @@ func (h *HostAgent) start(ctx context.Context, certifier swtpmhost.Certifier) er
 	return nil
 }
 
-// attestHost attests the host's own TPM, when it has one, to the API at
-// url (trusted with tlsConfig) until Shutdown.
-func (h *HostAgent) attestHost(url string, tlsConfig *tls.Config) {
-	if h.cfg.HostTPM == "" {
+// attestHost attests the host's own TPM with att, nil for a host that
+// attests none, until Shutdown.
+func (h *HostAgent) attestHost(att *hostAttester) {
+	if att == nil {
 		return
 	}
 	var bg context.Context
 	bg, h.stopBackground = context.WithCancel(context.Background())
-	h.hostTPM = newHostAttester(h.cfg, url, tlsConfig, h.log)
-	go h.hostTPM.run(bg)
+	h.hostTPM = att
+	go att.run(bg)
 }
 
 // Run reconciles, and runs the agent's tasks, until ctx ends.

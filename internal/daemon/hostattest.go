@@ -66,6 +66,14 @@ func (h *hostAttester) attest(ctx context.Context) (api.Attestation, error) {
 	return a, nil
 }
 
+// api is the API client of the host's registered agent: it carries the
+// agent token the host's TPM earned.
+func (h *hostAttester) api() *client.Client {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.agent.API
+}
+
 func (h *hostAttester) closeTPM() error {
 	if h.tpm == nil {
 		return nil

@@ -2,7 +2,9 @@ package daemon
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/pem"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -18,6 +20,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/attest/attesttest"
 	"github.com/vtpmd/vtpmd/internal/attestor"
 	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/swtpm"
 	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmtest"
 )
@@ -195,5 +198,92 @@ func TestHostBinding(t *testing.T) {
 		if err := impostor.Register(ctx); err != nil {
 			t.Fatalf("the replacement TPM registering: %v", err)
 		}
+	}
+}
+
+// TestEnrolmentBoundToHostTPM: vtpmd agent on a host with a TPM registers
+// the TPM first and enrols with the agent token it earned, so the
+// enrolment is bound to it; once the host's TPM is registered, a join
+// token used on a machine without that TPM enrols nothing (and stays
+// usable), while the host itself enrols with it.
+func TestEnrolmentBoundToHostTPM(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	host := newTestHost(t, dir, "host-kernel-1")
+	caFile, certFile, keyFile := writeTestPKI(t, dir)
+	s, err := StartServer(ctx, Config{DataDir: filepath.Join(dir, "server"), Listen: "127.0.0.1:0", HostName: "control",
+		TLSCert: certFile, TLSKey: keyFile, HostEKCA: host.caFile}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Shutdown(ctx)
+	op := client.New(s.OperatorURL, "")
+	joinToken := func() string {
+		t.Helper()
+		tok, err := op.JoinToken(ctx, "hv1", 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := filepath.Join(t.TempDir(), "token")
+		if err := os.WriteFile(f, []byte(tok.Token), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	agentCfg := func(name, token string) Config {
+		return host.attests(Config{DataDir: filepath.Join(dir, name), HostName: "hv1", Server: s.URL, ServerCA: caFile,
+			JoinTokenFile: token, PoolSize: new(0)})
+	}
+	enrolled := func() []string {
+		t.Helper()
+		var details []string
+		err := s.store.View(ctx, func(tx *store.Tx) error {
+			evs, err := tx.ListEvents(store.HostKey("hv1"), "")
+			for _, e := range evs {
+				if e.Action == "enrolled" {
+					details = append(details, e.Detail)
+				}
+			}
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return details
+	}
+
+	a, err := StartAgent(ctx, agentCfg("hv1", joinToken()), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := enrolled(); len(d) != 1 || !strings.Contains(d[0], "registered TPM") {
+		t.Fatalf("the first enrolment: %q, want one bound to the host's TPM", d)
+	}
+	if err := a.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := op.RevokeHost(ctx, "hv1"); err != nil {
+		t.Fatal(err)
+	}
+
+	// The next token, carried to a machine without the host's TPM.
+	token := joinToken()
+	thief := Config{DataDir: filepath.Join(dir, "thief"), HostName: "hv1", Server: s.URL, JoinTokenFile: token}
+	thief.Defaults()
+	roots, err := client.LoadCAs(caFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	anon := client.New(s.URL, "").WithTLS(&tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12})
+	if _, err := loadHostCredentials(ctx, thief, anon, slog.New(slog.DiscardHandler)); client.ErrorCode(err) != api.CodeHostTPMRequired {
+		t.Fatalf("enrolling without the host's TPM: %v, want %s", err, api.CodeHostTPMRequired)
+	}
+	a, err = StartAgent(ctx, agentCfg("hv1-again", token), nil)
+	if err != nil {
+		t.Fatalf("the host, with its TPM, enrolling with the token refused elsewhere: %v", err)
+	}
+	defer a.Shutdown(ctx)
+	if d := enrolled(); len(d) != 2 || !strings.Contains(d[1], "registered TPM") {
+		t.Fatalf("enrolments: %q", d)
 	}
 }

@@ -60,6 +60,11 @@ type Config struct {
 	Now func() time.Time
 	// Log receives enrolments and revocations; nil: silent.
 	Log *slog.Logger
+	// BoundEnrolment decides whether host's agent, which sent agentToken
+	// (its own TPM's attestation token, "" for none), may enrol, and
+	// whether the enrolment is bound to that TPM (verifier.BoundEnrolment);
+	// nil: every enrolment is unbound.
+	BoundEnrolment func(ctx context.Context, host, agentToken string) (bound bool, err error)
 }
 
 // Service issues join tokens, enrols hosts and authenticates them.
@@ -151,18 +156,36 @@ type Enrollment struct {
 	Certificate *x509.Certificate
 	// ChainPEM is the host CA's chain, up to its root.
 	ChainPEM []byte
+	// TPMBound says the host's registered TPM vouched for the enrolment.
+	TPMBound bool
 }
 
 // Enroll takes a join token and certifies the key of csrDER (see
-// ca.IssueHost) as the client certificate of the token's host. A refused
-// request (a bad token: ErrInvalidJoinToken; a bad CSR: invalid_csr)
-// changes nothing: a token sent with a bad CSR stays usable until it
-// expires.
-func (s *Service) Enroll(ctx context.Context, token string, csrDER []byte) (Enrollment, error) {
+// ca.IssueHost) as the client certificate of the token's host; agentToken
+// is the token the host's own TPM earned, "" for none (see
+// Config.BoundEnrolment). A refused request (a bad token:
+// ErrInvalidJoinToken; a bad CSR: invalid_csr; a host whose registered TPM
+// did not vouch for it) changes nothing: the join token stays usable until
+// it expires.
+func (s *Service) Enroll(ctx context.Context, token string, csrDER []byte, agentToken string) (Enrollment, error) {
+	var host string
+	err := s.cfg.Store.View(ctx, func(tx *store.Tx) (err error) { host, err = tx.JoinTokenHost(tokenHash(token)); return err })
+	if errors.Is(err, store.ErrNotFound) {
+		return Enrollment{}, ErrInvalidJoinToken
+	}
+	if err != nil {
+		return Enrollment{}, err
+	}
+	bound := false
+	if s.cfg.BoundEnrolment != nil {
+		if bound, err = s.cfg.BoundEnrolment(ctx, host, agentToken); err != nil {
+			return Enrollment{}, err
+		}
+	}
 	var e Enrollment
-	err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
-		host, expires, err := tx.TakeJoinToken(tokenHash(token))
-		if errors.Is(err, store.ErrNotFound) {
+	err = s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
+		taken, expires, err := tx.TakeJoinToken(tokenHash(token))
+		if errors.Is(err, store.ErrNotFound) || err == nil && taken != host {
 			return ErrInvalidJoinToken
 		}
 		if err != nil {
@@ -181,17 +204,20 @@ func (s *Service) Enroll(ctx context.Context, token string, csrDER []byte) (Enro
 		if err := tx.PutHostCertificate(store.HostCertificate{Serial: serialHex(cert), Host: host, NotAfter: cert.NotAfter}); err != nil {
 			return err
 		}
-		if err := tx.AppendEvent(store.Event{Actor: "agent:" + host, InstanceID: store.HostKey(host), Action: "enrolled",
-			Detail: "host certificate " + serialHex(cert) + " until " + cert.NotAfter.UTC().Format(time.RFC3339)}); err != nil {
+		detail := "host certificate " + serialHex(cert) + " until " + cert.NotAfter.UTC().Format(time.RFC3339)
+		if bound {
+			detail += ", enrolled with the agent token of the host's registered TPM"
+		}
+		if err := tx.AppendEvent(store.Event{Actor: "agent:" + host, InstanceID: store.HostKey(host), Action: "enrolled", Detail: detail}); err != nil {
 			return err
 		}
-		e = Enrollment{Host: host, Certificate: cert, ChainPEM: s.cfg.HostCA.ChainPEM()}
+		e = Enrollment{Host: host, Certificate: cert, ChainPEM: s.cfg.HostCA.ChainPEM(), TPMBound: bound}
 		return nil
 	})
 	if err != nil {
 		return Enrollment{}, err
 	}
-	s.cfg.Log.Info("host enrolled", "host", e.Host, "serial", serialHex(e.Certificate), "not_after", e.Certificate.NotAfter)
+	s.cfg.Log.Info("host enrolled", "host", e.Host, "serial", serialHex(e.Certificate), "not_after", e.Certificate.NotAfter, "tpm_bound", bound)
 	return e, nil
 }
 

@@ -62,7 +62,7 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) error {
 	if req.JoinToken == "" {
 		return refusal.Invalid(api.CodeInvalidParameter, "join_token is required: the operator's token from vtpmctl host add.")
 	}
-	e, err := s.Enrolment.Enroll(r.Context(), req.JoinToken, req.CSR)
+	e, err := s.Enrolment.Enroll(r.Context(), req.JoinToken, req.CSR, bearerToken(r))
 	if err != nil {
 		return err
 	}
@@ -86,7 +86,7 @@ func (s *Server) renew(w http.ResponseWriter, r *http.Request) error {
 
 func writeEnrollment(w http.ResponseWriter, e enrol.Enrollment) {
 	writeJSON(w, http.StatusOK, api.Enrollment{Host: e.Host, Certificate: e.Certificate.Raw,
-		NotAfter: e.Certificate.NotAfter, CAChain: string(e.ChainPEM)})
+		NotAfter: e.Certificate.NotAfter, CAChain: string(e.ChainPEM), TPMBound: e.TPMBound})
 }
 
 // heartbeat is a hosts' route: the heartbeat is the certificate's host's.

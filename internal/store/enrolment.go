@@ -35,6 +35,14 @@ func (t *Tx) PutJoinToken(sha256Hex, host string, expires time.Time) error {
 
 // TakeJoinToken removes the join token whose SHA-256 (hex) is given and
 // returns its host and expiry, so a token is used at most once, expired or
+// JoinTokenHost names the host of an unused join token, without taking it;
+// ErrNotFound if there is none (expired ones included).
+func (t *Tx) JoinTokenHost(sha256Hex string) (string, error) {
+	var host string
+	err := t.queryRow(`SELECT host FROM join_tokens WHERE token_sha256=?`, sha256Hex).Scan(&host)
+	return host, notFound(err)
+}
+
 // not; ErrNotFound if there is none.
 func (t *Tx) TakeJoinToken(sha256Hex string) (host string, expires time.Time, err error) {
 	var exp string

@@ -177,3 +177,25 @@ func storedPolicy(a *store.Attestation) *attest.Policy {
 	}
 	return &attest.Policy{PCRs: a.PolicyPCRs, Digests: a.PolicyDigests, EventLog: a.PolicyEventLog}
 }
+
+// BoundEnrolment decides whether host's agent may enrol with agentToken
+// (the bearer token it sent, "" for none): a host whose own TPM is
+// registered enrols only with the token that TPM earned at activation, so
+// a join token carried to another machine enrols nothing; a host with no
+// registered TPM enrols unbound. It reports whether the enrolment is bound.
+func (v *Verifier) BoundEnrolment(ctx context.Context, host, agentToken string) (bound bool, err error) {
+	sub := Subject{key: store.HostKey(host), host: host}
+	a, err := v.registered(ctx, sub)
+	var re *refusal.Error
+	switch {
+	case errors.As(err, &re) && re.Code == api.CodeNotRegistered && agentToken == "":
+		return false, nil
+	case errors.As(err, &re) && re.Code == api.CodeNotRegistered:
+		return false, refusal.Unauthenticated(api.CodeUnauthenticated, "The host has no registered TPM for this agent token to belong to.")
+	case err != nil:
+		return false, err
+	case agentToken == "":
+		return false, refusal.Forbidden(api.CodeHostTPMRequired, "Host "+host+"'s TPM is registered: its agent enrols with the token that TPM earned (vtpmd agent --host-tpm), from that host.")
+	}
+	return true, fromAgent(agentToken, a)
+}
