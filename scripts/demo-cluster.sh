@@ -59,7 +59,7 @@ host_is() { [ "$(host_state "$1")" = "$2" ]; }
 swtpms() {
 	local p
 	for p in $(pgrep -x swtpm || true); do
-		grep -qF -- "$1/" "/proc/$p/cmdline" 2>/dev/null && echo "$p"
+		if grep -qF -- "$1/" "/proc/$p/cmdline" 2>/dev/null; then echo "$p"; fi
 	done | sort -n | paste -sd ' '
 }
 
