@@ -87,11 +87,12 @@ const (
 func hostCertificate(ctx context.Context, cfg Config, trust *tls.Config, log *slog.Logger) (tls.Certificate, error) {
 	dir := filepath.Join(cfg.DataDir, hostCertDir)
 	certPath, keyPath := filepath.Join(dir, hostCertFile), filepath.Join(dir, hostKeyFile)
-	if _, err := os.Stat(certPath); errors.Is(err, fs.ErrNotExist) {
+	_, err := os.Stat(certPath)
+	enrolledNow := errors.Is(err, fs.ErrNotExist)
+	if enrolledNow {
 		if err := enrolHost(ctx, cfg, trust, dir); err != nil {
 			return tls.Certificate{}, err
 		}
-		log.Info("enrolled: this host's certificate is in the data dir", "host", cfg.HostName, "dir", dir)
 	}
 	cert, err := tls.LoadX509KeyPair(certPath, keyPath)
 	if err != nil {
@@ -104,6 +105,9 @@ func hostCertificate(ctx context.Context, cfg Config, trust *tls.Config, log *sl
 	if leaf.Subject.CommonName != cfg.HostName {
 		return tls.Certificate{}, fmt.Errorf("this host enrolled as %q but is configured as %q: set --host-name %s, or enrol again (remove %s)",
 			leaf.Subject.CommonName, cfg.HostName, leaf.Subject.CommonName, dir)
+	}
+	if enrolledNow {
+		log.Info("enrolled: this host's certificate is in the data dir", "host", cfg.HostName, "dir", dir)
 	}
 	return cert, nil
 }
