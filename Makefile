@@ -51,9 +51,12 @@ demo: libvirtd
 	CI=true $(GO) test -count=1 -run 'TestGuestAttestation$$' -v ./internal/daemon
 
 # A throwaway cluster on this machine, narrated: PostgreSQL, vtpmd server
-# and two vtpmd agents enrolled by join tokens; where vTPMs land, a host
-# going down with its vTPMs still running, and coming back. It cleans up
-# after itself (KEEP=1 keeps its files and logs).
+# and two vtpmd agents enrolled by join tokens; where vTPMs land, an agent
+# stopped and its host reading down while its vTPMs keep running (the same
+# swtpm processes, PCRs intact), and the agent back, adopting them. About
+# 15 seconds; it cleans up after itself, on Ctrl-C too (KEEP=1 keeps its
+# files and logs; DEMO_PORT picks the server's port, else the first free
+# one from 8788).
 demo-cluster: deps build
 	BIN=$(BIN) scripts/demo-cluster.sh
 

@@ -3,19 +3,31 @@
 # `vtpmd server` (HTTPS on 127.0.0.1 with a self-signed certificate) and two
 # `vtpmd agent`s (swtpm backend, hosts demo-a and demo-b), each enrolled with
 # a one-time join token. It shows where vTPMs land, a host going down with
-# its vTPMs still running, and the host coming back. Everything it starts
-# and writes goes when it exits (KEEP=1 keeps the files, to read the logs).
+# its vTPMs still running (the same swtpm processes, their PCRs intact),
+# and the host coming back. Everything it starts and writes goes when it
+# exits, Ctrl-C included (KEEP=1 keeps the files, to read the logs). It
+# takes about 15 seconds.
 #
 #   make demo-cluster          (builds bin/ first)
 #   BIN=bin DEMO_PORT=8788 scripts/demo-cluster.sh
 set -euo pipefail
 
 BIN=$(cd "${BIN:-bin}" && pwd)
-PORT=${DEMO_PORT:-8788}
 for b in vtpmd vtpmctl; do
 	[ -x "$BIN/$b" ] || { echo "demo-cluster: $BIN/$b is missing: run make build" >&2; exit 1; }
 done
-command -v openssl >/dev/null || { echo "demo-cluster: openssl is missing: run make deps" >&2; exit 1; }
+for c in openssl swtpm tpm2_pcrextend; do
+	command -v "$c" >/dev/null || { echo "demo-cluster: $c is missing: run make deps" >&2; exit 1; }
+done
+# listening PORT: whether something on this machine listens on 127.0.0.1:PORT.
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+PORT=${DEMO_PORT:-8788}
+if [ -z "${DEMO_PORT:-}" ]; then
+	while listening "$PORT"; do PORT=$((PORT + 1)); done
+elif listening "$PORT"; then
+	echo "demo-cluster: 127.0.0.1:$PORT is taken: choose another DEMO_PORT" >&2
+	exit 1
+fi
 PGBIN=$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
 [ -x "$PGBIN/initdb" ] || { echo "demo-cluster: PostgreSQL is missing (Debian package postgresql): run make deps" >&2; exit 1; }
 
@@ -39,27 +51,48 @@ die() {
 
 vtpmctl() { "$BIN/vtpmctl" --server "unix://$WORK/server/api.sock" "$@"; }
 
-# until_true SECONDS WHAT CMD...: run CMD every half second until it succeeds.
+# until_true SECONDS WHAT CMD...: run CMD every fifth of a second until it
+# succeeds; gives up after SECONDS, or at once if a process of the demo's
+# has exited.
 until_true() {
-	local limit=$(($1 * 2)) what=$2
+	local limit=$(($1 * 5)) what=$2 name
 	shift 2
 	for ((i = 0; i < limit; i++)); do
 		"$@" >/dev/null 2>&1 && return 0
-		sleep 0.5
+		for name in "${!PID[@]}"; do
+			kill -0 "${PID[$name]}" 2>/dev/null || die "vtpmd $name exited while waiting for $what"
+		done
+		sleep 0.2
 	done
-	die "gave up waiting for $what"
+	die "gave up after $1s waiting for $what"
 }
 
 # host_state NAME: the host's STATE column in vtpmctl hosts.
 host_state() { vtpmctl hosts | awk -v h="$1" '$1 == h { print $3 }'; }
 host_is() { [ "$(host_state "$1")" = "$2" ]; }
 
+# show_hosts: vtpmctl hosts without its last column, TRAITS (long, and the
+# same on every host here).
+show_hosts() {
+	printf '\033[2m$ vtpmctl hosts\033[0m   (TRAITS left out)\n'
+	vtpmctl hosts | sed 's/ *[^ ]*$//'
+}
+
+# active_on HOST: how many of HOST's vTPMs are active.
+active_on() { vtpmctl list --host "$1" --phase active | tail -n +2 | wc -l; }
+
+# data_socket ID: where the vTPM of instance ID serves its TPM.
+data_socket() { vtpmctl show "$1" | awk '$1 == "DATA" { print $3 }'; }
+
+# pcr16: PCR 16 (SHA-256) of the TPM at TPM2TOOLS_TCTI.
+pcr16() { tpm2_pcrread sha256:16 | awk '$1 == "16:" { print $2 }'; }
+
 # swtpms DIR: pids of the swtpm processes serving state under DIR, on one
 # line.
 swtpms() {
 	local p
 	for p in $(pgrep -x swtpm || true); do
-		grep -qF -- "$1/" "/proc/$p/cmdline" 2>/dev/null && echo "$p"
+		if grep -qF -- "$1/" "/proc/$p/cmdline" 2>/dev/null; then echo "$p"; fi
 	done | sort -n | paste -sd ' '
 }
 
@@ -105,6 +138,9 @@ cleanup() {
 			[ -f "$log" ] && { echo "--- last lines of $(basename "$log")"; tail -n 15 "$log"; }
 		done
 	fi
+	local stray
+	stray=$(pgrep -f -- "$WORK" || true)
+	[ -n "$stray" ] && echo "demo-cluster: still running after cleanup: $(paste -sd ' ' <<<"$stray")" >&2
 	if [ -n "${KEEP:-}" ]; then
 		echo "demo-cluster: files kept in $WORK"
 	else
@@ -191,7 +227,7 @@ agent_config demo-b 4
 for h in demo-a demo-b; do
 	show vtpmctl host add "$h" --token-file "$WORK/$h/join-token" --ttl 10m
 done
-show vtpmctl hosts
+show_hosts
 say "both down: no agent has spoken yet"
 show cat "$WORK/demo-b/agent.yaml"
 for h in demo-a demo-b; do
@@ -201,7 +237,7 @@ until_true 30 "demo-a up" host_is demo-a up
 until_true 30 "demo-b up" host_is demo-b up
 say "each agent made a key, sent a CSR with its token, and keeps its host certificate:"
 show ls "$WORK/demo-b/data/host-cert"
-show vtpmctl hosts
+show_hosts
 
 # --- placement ------------------------------------------------------------------
 
@@ -210,31 +246,48 @@ create
 create
 create
 show vtpmctl list
-[ "$(vtpmctl list --host demo-b | tail -n +2 | wc -l)" -eq 2 ] || die "demo-b should hold two vTPMs"
+[ "$(active_on demo-b)" -eq 2 ] && [ "$(active_on demo-a)" -eq 1 ] || die "want two active vTPMs on demo-b and one on demo-a"
 before=$(swtpms "$WORK/demo-b")
 say "swtpm processes serving demo-b's vTPMs: $before"
+guest=$(vtpmctl list --host demo-b | awk 'NR == 2 { print $1 }')
+say "a guest on demo-b uses its TPM, $guest: it extends PCR 16"
+export TPM2TOOLS_TCTI="swtpm:path=$(data_socket "$guest")"
+show tpm2_pcrextend "16:sha256=$(printf 'demo' | sha256sum | cut -d' ' -f1)"
+extended=$(pcr16)
+say "PCR 16 = $extended; a restarted swtpm would read zeros"
 
 # --- a host goes away ---------------------------------------------------------------
 
+# same_swtpms WHEN: dies unless demo-b's swtpm processes are the ones from
+# before.
+same_swtpms() {
+	local now
+	now=$(swtpms "$WORK/demo-b")
+	[ "$now" = "$before" ] || die "demo-b's swtpm processes changed $1 (before: $before; now: ${now:-none})"
+	[ "$(pcr16)" = "$extended" ] || die "$guest's PCR 16 changed $1"
+}
+
 step "Stop demo-b's agent (SIGTERM), as for an upgrade; its vTPMs must keep running"
-kill -TERM "${PID[agent-b]}"
+show kill -TERM "${PID[agent-b]}"
 wait "${PID[agent-b]}" || true
 unset 'PID[agent-b]'
-after=$(swtpms "$WORK/demo-b")
 printf '\033[2m$ pgrep -a swtpm | grep demo-b/\033[0m\n'
-pgrep -a -x swtpm | grep -F "$WORK/demo-b/" | cut -c1-150 || true
-if [ -z "$after" ] || [ "$after" != "$before" ]; then
-	die "demo-b's swtpm processes did not outlive its agent (before: $before; after: ${after:-none})"
-fi
-say "the same $(wc -w <<<"$after") swtpm processes run: guests keep their TPMs"
-say "waiting past the server's 6s heartbeat window..."
+pgrep -a -x swtpm | grep -F "$WORK/demo-b/" | cut -c1-120 || true
+same_swtpms "when its agent stopped"
+say "the agent is gone; the same $(wc -w <<<"$before") swtpm processes run ($before)"
+say "waiting for the server's 6s heartbeat window to pass..."
+start=$SECONDS
 until_true 30 "demo-b down" host_is demo-b down
-show vtpmctl hosts
-say "demo-b reads down: it takes no new vTPMs, and nothing is moved or deleted"
+say "demo-b reads down after $((SECONDS - start))s:"
+show_hosts
+same_swtpms "while its host was down"
+say "still the same swtpm processes; $guest's TPM answers, PCR 16 intact:"
+show tpm2_pcrread sha256:16
+say "demo-b takes no new vTPMs; its own stay recorded there, nothing is moved or deleted:"
+show vtpmctl list --host demo-b
 
 step "A create now lands on demo-a, the only host up"
 create
-show vtpmctl list --host demo-a
 say "demo-a is now full (capacity 2), so the next create is refused, saying why:"
 held=$(new_instance)
 if show vtpmctl create --for-project demo --instance "$held" --flavor-spec hw:tpm_version=2.0; then
@@ -244,16 +297,18 @@ fi
 # --- the host comes back --------------------------------------------------------------
 
 step "Start demo-b's agent again; its join token is spent, so delete it: the host certificate is enough"
-rm "$WORK/demo-b/join-token"
+show rm "$WORK/demo-b/join-token"
 start_agent demo-b
 until_true 30 "demo-b up" host_is demo-b up
-show vtpmctl hosts
+show_hosts
 show vtpmctl list --host demo-b
-[ "$(swtpms "$WORK/demo-b")" = "$before" ] || die "demo-b's swtpm processes changed across the agent's restart"
-say "its vTPMs are active on the same swtpm processes ($before): not restarted"
+[ "$(active_on demo-b)" -eq 2 ] || die "demo-b's vTPMs are not all active after its agent's return"
+same_swtpms "across its agent's restart"
+say "the new agent adopted them: the same swtpm processes ($before), PCR 16 intact, not restarted"
 
 step "The create refused a moment ago now lands on demo-b"
 create "$held"
 show vtpmctl list
+[ "$(active_on demo-b)" -eq 3 ] && [ "$(active_on demo-a)" -eq 2 ] || die "want three active vTPMs on demo-b and two on demo-a"
 
-step "Done; stopping everything and removing $WORK"
+step "Done in $SECONDS s; stopping everything and removing $WORK"

@@ -115,11 +115,11 @@ func hasHostCredentials(cfg Config) bool {
 func loadHostCredentials(ctx context.Context, cfg Config, api *client.Client, log *slog.Logger) (*hostCredentials, error) {
 	h := &hostCredentials{dir: filepath.Join(cfg.DataDir, hostCertDir)}
 	path := filepath.Join(h.dir, hostCredsFile)
-	if !hasHostCredentials(cfg) {
+	enrolledNow := !hasHostCredentials(cfg)
+	if enrolledNow {
 		if err := h.enrol(ctx, cfg, api); err != nil {
 			return nil, err
 		}
-		log.Info("enrolled: this host's certificate is in the data dir", "host", cfg.HostName, "dir", h.dir)
 	}
 	cert, err := tls.LoadX509KeyPair(path, path)
 	if err != nil {
@@ -128,6 +128,9 @@ func loadHostCredentials(ctx context.Context, cfg Config, api *client.Client, lo
 	if cn := cert.Leaf.Subject.CommonName; cn != cfg.HostName {
 		return nil, fmt.Errorf("this host enrolled as %q but is configured as %q: set --host-name %s, or enrol again (remove %s)",
 			cn, cfg.HostName, cn, h.dir)
+	}
+	if enrolledNow {
+		log.Info("enrolled: this host's certificate is in the data dir", "host", cfg.HostName, "dir", h.dir)
 	}
 	h.cert.Store(&cert)
 	return h, nil
