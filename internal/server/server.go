@@ -186,6 +186,9 @@ func (s *Server) handle(rt route) http.Handler {
 		if err == nil {
 			err = rt.h(w, r)
 		}
+		if err != nil && r.Context().Err() != nil && errors.Is(err, context.Canceled) {
+			return // the client went away (an agent's watch as it stops): nothing to answer, nothing wrong
+		}
 		if err != nil {
 			writeError(w, toAPIError(err, s.Log, r))
 		}
