@@ -186,8 +186,11 @@ func (s *Server) handle(rt route) http.Handler {
 		if err == nil {
 			err = rt.h(w, r)
 		}
-		if err != nil && r.Context().Err() != nil && errors.Is(err, context.Canceled) {
-			return // the client went away (an agent's watch as it stops): nothing to answer, nothing wrong
+		if err != nil && r.Context().Err() != nil {
+			// The client went away (an agent's watch as the agent stops):
+			// there is no one to answer, and nothing went wrong here.
+			s.Log.Debug("request ended by its client", "method", r.Method, "path", r.URL.Path, "err", err)
+			return
 		}
 		if err != nil {
 			writeError(w, toAPIError(err, s.Log, r))
