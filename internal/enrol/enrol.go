@@ -194,21 +194,12 @@ func (s *Service) Enroll(ctx context.Context, token string, csrDER []byte, agent
 		if !s.cfg.Now().Before(expires) {
 			return ErrInvalidJoinToken
 		}
-		cert, err := s.cfg.HostCA.IssueHost(csrDER, host)
-		if errors.Is(err, ca.ErrInvalidCSR) {
-			return refusal.Invalid(api.CodeInvalidCSR, "The certificate request is refused: "+refusal.Truncate(err.Error())+".")
-		}
-		if err != nil {
-			return err
-		}
-		if err := tx.PutHostCertificate(store.HostCertificate{Serial: serialHex(cert), Host: host, NotAfter: cert.NotAfter}); err != nil {
-			return err
-		}
-		detail := "host certificate " + serialHex(cert) + " until " + cert.NotAfter.UTC().Format(time.RFC3339)
+		note := ""
 		if bound {
-			detail += ", enrolled with the agent token of the host's registered TPM"
+			note = ", enrolled with the agent token of the host's registered TPM"
 		}
-		if err := tx.AppendEvent(store.Event{Actor: "agent:" + host, InstanceID: store.HostKey(host), Action: "enrolled", Detail: detail}); err != nil {
+		cert, err := s.issue(tx, host, csrDER, "enrolled", note)
+		if err != nil {
 			return err
 		}
 		e = Enrollment{Host: host, Certificate: cert, ChainPEM: s.cfg.HostCA.ChainPEM(), TPMBound: bound}
@@ -228,18 +219,8 @@ func (s *Service) Enroll(ctx context.Context, token string, csrDER []byte, agent
 func (s *Service) Renew(ctx context.Context, host string, csrDER []byte) (Enrollment, error) {
 	var e Enrollment
 	err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
-		cert, err := s.cfg.HostCA.IssueHost(csrDER, host)
-		if errors.Is(err, ca.ErrInvalidCSR) {
-			return refusal.Invalid(api.CodeInvalidCSR, "The certificate request is refused: "+refusal.Truncate(err.Error())+".")
-		}
+		cert, err := s.issue(tx, host, csrDER, "renewed", "")
 		if err != nil {
-			return err
-		}
-		if err := tx.PutHostCertificate(store.HostCertificate{Serial: serialHex(cert), Host: host, NotAfter: cert.NotAfter}); err != nil {
-			return err
-		}
-		if err := tx.AppendEvent(store.Event{Actor: "agent:" + host, InstanceID: store.HostKey(host), Action: "renewed",
-			Detail: "host certificate " + serialHex(cert) + " until " + cert.NotAfter.UTC().Format(time.RFC3339)}); err != nil {
 			return err
 		}
 		e = Enrollment{Host: host, Certificate: cert, ChainPEM: s.cfg.HostCA.ChainPEM()}
@@ -250,6 +231,24 @@ func (s *Service) Renew(ctx context.Context, host string, csrDER []byte) (Enroll
 	}
 	s.cfg.Log.Info("host certificate renewed", "host", host, "serial", serialHex(e.Certificate), "not_after", e.Certificate.NotAfter)
 	return e, nil
+}
+
+// issue certifies the key of csrDER as host's client certificate in tx,
+// records its serial and logs action (with note) as the host's event.
+func (s *Service) issue(tx *store.Tx, host string, csrDER []byte, action, note string) (*x509.Certificate, error) {
+	cert, err := s.cfg.HostCA.IssueHost(csrDER, host)
+	if errors.Is(err, ca.ErrInvalidCSR) {
+		return nil, refusal.Invalid(api.CodeInvalidCSR, "The certificate request is refused: "+refusal.Truncate(err.Error())+".")
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := tx.PutHostCertificate(store.HostCertificate{Serial: serialHex(cert), Host: host, NotAfter: cert.NotAfter}); err != nil {
+		return nil, err
+	}
+	err = tx.AppendEvent(store.Event{Actor: "agent:" + host, InstanceID: store.HostKey(host), Action: action,
+		Detail: "host certificate " + serialHex(cert) + " until " + cert.NotAfter.UTC().Format(time.RFC3339) + note})
+	return cert, err
 }
 
 // Issued reports whether leaf is signed by the host CA, valid now and for

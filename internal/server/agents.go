@@ -92,6 +92,17 @@ func (s *Server) placed(r *http.Request) (*agent.Record, error) {
 	return s.Agents.Placed(r.Context(), hostName(r), r.PathValue("id"))
 }
 
+// placedAt is placed, as the agent read it (incarnation and generation),
+// for a write that must find it unchanged.
+func (s *Server) placedAt(r *http.Request, incarnation string, generation int64) (*agent.Record, error) {
+	rec, err := s.placed(r)
+	if err != nil {
+		return nil, err
+	}
+	rec.Incarnation, rec.Generation = incarnation, generation
+	return rec, nil
+}
+
 func (s *Server) agentGetVTPM(w http.ResponseWriter, r *http.Request) error {
 	rec, err := s.placed(r)
 	if err != nil {
@@ -107,11 +118,10 @@ func (s *Server) reportVTPM(w http.ResponseWriter, r *http.Request) error {
 	if err := decode(w, r, &req); err != nil {
 		return err
 	}
-	rec, err := s.placed(r)
+	rec, err := s.placedAt(r, req.Incarnation, req.Generation)
 	if err != nil {
 		return err
 	}
-	rec.Incarnation, rec.Generation = req.Incarnation, req.Generation
 	rec.Phase, rec.Reason, rec.EKs = agent.Phase(req.Phase), req.Reason, agentEKs(req.EKs)
 	rec.Sockets = api.Sockets{}
 	if req.Sockets != nil {
@@ -130,11 +140,10 @@ func (s *Server) vtpmDeleted(w http.ResponseWriter, r *http.Request) error {
 	if err := decode(w, r, &req); err != nil {
 		return err
 	}
-	rec, err := s.placed(r)
+	rec, err := s.placedAt(r, req.Incarnation, req.Generation)
 	if err != nil {
 		return err
 	}
-	rec.Incarnation, rec.Generation = req.Incarnation, req.Generation
 	if err := s.Agents.Delete(r.Context(), rec, s.agentEvent(r, req.Event)); err != nil {
 		return err
 	}
@@ -168,11 +177,10 @@ func (s *Server) rekeyVTPM(w http.ResponseWriter, r *http.Request) error {
 	if err := decode(w, r, &req); err != nil {
 		return err
 	}
-	rec, err := s.placed(r)
+	rec, err := s.placedAt(r, req.Incarnation, req.Generation)
 	if err != nil {
 		return err
 	}
-	rec.Incarnation, rec.Generation = req.Incarnation, req.Generation
 	if err := s.Agents.Rekey(r.Context(), rec, req.Payload, s.agentEvent(r, req.Event)); err != nil {
 		return err
 	}

@@ -24,21 +24,14 @@ func newAllInOneCommand() *cobra.Command {
 		Use:   "all-in-one [--config FILE] [flags]",
 		Short: "Run the API server and the host agent for this host, in one process",
 		Long:  "Run the API server and the host agent for this host, in one process. " + configHelp,
-		Args:  cmdline.NoArgs,
 	}
-	f := bindConfig(cmd)
-	cmd.RunE = func(cmd *cobra.Command, args []string) error {
-		cfg, err := f.load()
+	return roleCommand(cmd, func(ctx context.Context, cfg daemon.Config, log *slog.Logger) (role, error) {
+		d, err := daemon.StartAllInOne(ctx, cfg, log)
 		if err != nil {
-			return err
+			return nil, err
 		}
-		return runRole(cmd, cfg, func(ctx context.Context, log *slog.Logger) (role, error) {
-			d, err := daemon.StartAllInOne(ctx, cfg, log)
-			if err != nil {
-				return nil, err
-			}
-			log.Info("vtpmd all-in-one listening", "url", d.URL, "operator", d.OperatorURL, "data_dir", cfg.DataDir)
-			fmt.Fprintf(cmd.ErrOrStderr(), `
+		log.Info("vtpmd all-in-one listening", "url", d.URL, "operator", d.OperatorURL, "data_dir", cfg.DataDir)
+		fmt.Fprintf(cmd.ErrOrStderr(), `
 vtpmd is running. Operator's API: %[1]s (this user only); agents: %[2]s
 (Ctrl-C stops it; vTPM state is kept). Try, in another terminal:
   export VTPMD_SERVER=%[1]s
@@ -48,10 +41,8 @@ vtpmd is running. Operator's API: %[1]s (this user only); agents: %[2]s
   TPM2TOOLS_TCTI=swtpm:path=<data socket from 'vtpmctl show'> tpm2_pcrread sha256:0-7
 
 `, d.OperatorURL, d.URL)
-			return d, nil
-		})
-	}
-	return cmd
+		return d, nil
+	})
 }
 
 func newServerCommand() *cobra.Command {
@@ -60,24 +51,15 @@ func newServerCommand() *cobra.Command {
 		Short: "Run the control plane: the API, the store, the key manager and the CAs",
 		Long: "Run the control plane: the API, the store, the key manager and the CAs. Hosts' agents\n" +
 			"(vtpmd agent) report to it over HTTPS with the certificates it issues them. " + configHelp,
-		Args: cmdline.NoArgs,
 	}
-	f := bindConfig(cmd)
-	cmd.RunE = func(cmd *cobra.Command, args []string) error {
-		cfg, err := f.load()
+	return roleCommand(cmd, func(ctx context.Context, cfg daemon.Config, log *slog.Logger) (role, error) {
+		s, err := daemon.StartServer(ctx, cfg, log)
 		if err != nil {
-			return err
+			return nil, err
 		}
-		return runRole(cmd, cfg, func(ctx context.Context, log *slog.Logger) (role, error) {
-			s, err := daemon.StartServer(ctx, cfg, log)
-			if err != nil {
-				return nil, err
-			}
-			log.Info("vtpmd server listening", "url", s.URL, "operator", s.OperatorURL, "data_dir", cfg.DataDir)
-			return serverRole{s}, nil
-		})
-	}
-	return cmd
+		log.Info("vtpmd server listening", "url", s.URL, "operator", s.OperatorURL, "data_dir", cfg.DataDir)
+		return serverRole{s}, nil
+	})
 }
 
 func newAgentCommand() *cobra.Command {
@@ -87,27 +69,35 @@ func newAgentCommand() *cobra.Command {
 		Long: "Run this hypervisor host's agent, reporting to the vtpmd server at --server. At its first start\n" +
 			"it enrols with the join token in --join-token-file ('vtpmctl host add NAME' makes one) and keeps\n" +
 			"the host's certificate in the data dir. " + configHelp,
-		Args: cmdline.NoArgs,
 	}
+	roleCommand(cmd, func(ctx context.Context, cfg daemon.Config, log *slog.Logger) (role, error) {
+		if cfg.Server == "" {
+			return nil, cmdline.Usagef("vtpmd agent needs the server's URL: --server https://HOST:PORT (and, at its first start, --join-token-file)")
+		}
+		h, err := daemon.StartAgent(ctx, cfg, log)
+		if err != nil {
+			return nil, err
+		}
+		log.Info("vtpmd agent running", "host", cfg.HostName, "server", cfg.Server, "backend", cfg.Backend)
+		return h, nil
+	})
+	cmd.AddCommand(newConfigureHostCommand())
+	return cmd
+}
+
+// roleCommand makes cmd run a role: its configuration's flags, and a RunE
+// that loads the configuration and runs what start starts until the
+// command's context ends.
+func roleCommand(cmd *cobra.Command, start func(context.Context, daemon.Config, *slog.Logger) (role, error)) *cobra.Command {
+	cmd.Args = cmdline.NoArgs
 	f := bindConfig(cmd)
 	cmd.RunE = func(cmd *cobra.Command, args []string) error {
 		cfg, err := f.load()
 		if err != nil {
 			return err
 		}
-		if cfg.Server == "" {
-			return cmdline.Usagef("vtpmd agent needs the server's URL: --server https://HOST:PORT (and, at its first start, --join-token-file)")
-		}
-		return runRole(cmd, cfg, func(ctx context.Context, log *slog.Logger) (role, error) {
-			h, err := daemon.StartAgent(ctx, cfg, log)
-			if err != nil {
-				return nil, err
-			}
-			log.Info("vtpmd agent running", "host", cfg.HostName, "server", cfg.Server, "backend", cfg.Backend)
-			return h, nil
-		})
+		return runRole(cmd, cfg, func(ctx context.Context, log *slog.Logger) (role, error) { return start(ctx, cfg, log) })
 	}
-	cmd.AddCommand(newConfigureHostCommand())
 	return cmd
 }
 
