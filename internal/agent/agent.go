@@ -56,10 +56,8 @@ type Agent struct {
 	once sync.Once
 	mu   sync.Mutex
 	// held are the host's records as last watched or written, by
-	// instance id; gone the ones that left the host and whose state is
-	// still to be removed.
+	// instance id.
 	held     map[string]*Record
-	gone     map[string]*Record
 	revision int64 // of held, as the control plane counts
 	locks    keyedMutex
 	queue    queue
@@ -85,7 +83,7 @@ func (a *Agent) init() {
 		if a.Workers == 0 {
 			a.Workers = 8
 		}
-		a.held, a.gone = map[string]*Record{}, map[string]*Record{}
+		a.held = map[string]*Record{}
 		a.queue.init()
 	})
 }
@@ -230,18 +228,14 @@ func (a *Agent) answerDrift(ctx context.Context, ask DriftAsk) error {
 }
 
 // apply takes in ch and returns the ids to reconcile: the records that
-// are new or newer than the ones held, and those gone.
+// are new or newer than the ones held. A record that left the host is
+// dropped, nothing more: a vTPM's state goes only when its record asks
+// (desired deleted), and what a record never asked to remove (after a
+// restored database, say) is drift, for the operator to repair.
 func (a *Agent) apply(ch *Changes) []string {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	var ids []string
-	leave := func(id string) {
-		if r := a.held[id]; r != nil {
-			delete(a.held, id)
-			a.gone[id] = r
-			ids = append(ids, id)
-		}
-	}
 	if ch.Reset {
 		now := make(map[string]bool, len(ch.Records))
 		for _, r := range ch.Records {
@@ -249,13 +243,13 @@ func (a *Agent) apply(ch *Changes) []string {
 		}
 		for id := range a.held {
 			if !now[id] {
-				leave(id)
+				delete(a.held, id)
 			}
 		}
 	}
 	for _, g := range ch.Gone {
 		if r := a.held[g.InstanceID]; r != nil && r.Incarnation == g.Incarnation {
-			leave(g.InstanceID)
+			delete(a.held, g.InstanceID)
 		}
 	}
 	for _, r := range ch.Records {
@@ -303,22 +297,13 @@ func (a *Agent) work(ctx context.Context) {
 	}
 }
 
-// reconcileID reconciles the vTPM held for id, or removes the state of
-// one that left the host, one at a time per id.
+// reconcileID reconciles the vTPM held for id, one at a time per id.
 func (a *Agent) reconcileID(ctx context.Context, id string) {
 	unlock := a.locks.lock(id)
 	defer unlock()
 	a.mu.Lock()
-	v, gone := a.held[id], a.gone[id]
-	delete(a.gone, id)
+	v := a.held[id]
 	a.mu.Unlock()
-	if gone != nil {
-		// Deleted (by this agent, or by the API before any agent acted
-		// on it): whatever of it is here goes.
-		if err := a.Backend.Destroy(ctx, gone.VTPM()); err != nil && ctx.Err() == nil {
-			a.Log.Warn("removing the state of a vTPM that left the host", "instance", id, "err", err)
-		}
-	}
 	if v == nil {
 		return
 	}

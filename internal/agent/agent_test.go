@@ -5,6 +5,7 @@ import (
 	"crypto"
 	"encoding/binary"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -409,5 +410,31 @@ func TestPoolRekeyRecovery(t *testing.T) {
 	}
 	if rc := send(t, h.rt.Sockets(id).Data, getRandom(spec.V20)); rc != 0 {
 		t.Fatalf("the TPM answers 0x%x", rc)
+	}
+}
+
+// TestRecordGoneKeepsState: a record that leaves the host without asking
+// for its deletion (a restored database that never had it) is dropped by
+// the agent, never destroyed: its state stays, for the operator's drift
+// repair to judge.
+func TestRecordGoneKeepsState(t *testing.T) {
+	h := newHost(t, t.TempDir())
+	id := "0f0f0f0f-0000-4000-8000-0000000000c1"
+	h.create(t, id, spec.V20)
+	if v := h.pass(t, id); v.Phase != store.PhaseActive {
+		t.Fatalf("phase %s", v.Phase)
+	}
+	ctx := context.Background()
+	if err := h.st.Update(ctx, func(tx *store.Tx) error { return tx.DeleteVTPM(id) }); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.a.Reconcile(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if held, _ := h.a.Held(ctx); len(held) != 0 {
+		t.Fatalf("the agent still holds %+v", held)
+	}
+	if _, err := os.Stat(filepath.Join(h.rt.Dir(id), swtpmhost.IdentityFile)); err != nil {
+		t.Fatalf("the state of a record that merely left: %v", err)
 	}
 }
