@@ -82,6 +82,9 @@ type AgentVTPM struct {
 	SecretRef   string    `json:"secret_ref"`
 	EKs         []AgentEK `json:"eks"`
 	Sockets     *Sockets  `json:"sockets,omitempty"`
+	// SwtpmPID is the swtpm process serving it, as the agent last
+	// reported; absent when none runs or vtpmd does not run it.
+	SwtpmPID int `json:"swtpm_pid,omitempty"`
 	// Generation increases with every change; a report on an older one is
 	// refused (409).
 	Generation int64 `json:"generation"`
@@ -150,6 +153,7 @@ type AgentReport struct {
 	Reason      string     `json:"reason,omitempty"`
 	EKs         []AgentEK  `json:"eks"`
 	Sockets     *Sockets   `json:"sockets,omitempty"`
+	SwtpmPID    int        `json:"swtpm_pid,omitempty"`
 	Event       AgentEvent `json:"event"`
 }
 

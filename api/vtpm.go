@@ -31,6 +31,10 @@ type VTPM struct {
 	// serves it on sockets; absent once it is stopped, failed or being
 	// deleted.
 	Sockets *Sockets `json:"sockets,omitempty"`
+	// SwtpmPID is the swtpm process serving the vTPM on its host, as the
+	// host's agent last recorded it; absent while none runs, and where
+	// vtpmd does not run it (libvirt's emulator mode, Xen, Hyper-V).
+	SwtpmPID int `json:"swtpm_pid,omitempty"`
 	// Domain is the libvirt domain the vTPM is attached to, if any.
 	Domain string `json:"domain,omitempty"`
 	// Incarnation names this vTPM of the instance id: each vTPM an

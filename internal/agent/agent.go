@@ -383,16 +383,18 @@ func (a *Agent) run(ctx context.Context, v *Record) error {
 	if err != nil {
 		return a.fail(ctx, v, "running the vTPM", err)
 	}
-	sockets := a.Backend.Sockets(v.InstanceID)
-	if v.Phase == PhaseActive && (len(v.EKs) > 0 || len(eks) == 0) && v.Sockets == sockets {
+	sockets, pid := a.Backend.Sockets(v.InstanceID), a.pid(v.InstanceID)
+	if v.Phase == PhaseActive && (len(v.EKs) > 0 || len(eks) == 0) && v.Sockets == sockets && v.PID == pid {
 		return nil // as recorded (a Xen stub domain makes its EK itself: none to record)
 	}
 	action := "started"
 	switch {
 	case len(v.EKs) == 0:
 		v.EKs, action = eks, "manufactured and started"
-	case v.Phase == PhaseActive:
+	case v.Phase == PhaseActive && v.Sockets != sockets:
 		action = "sockets changed" // the host's --socket-dir moved, say
+	case v.Phase == PhaseActive:
+		action = fmt.Sprintf("swtpm restarted (pid %d, was %d)", pid, v.PID)
 	}
 	return a.setPhase(ctx, v, PhaseActive, "", action)
 }
@@ -459,9 +461,9 @@ func (a *Agent) setPhase(ctx context.Context, v *Record, p Phase, reason, action
 	v.Phase, v.Reason = p, reason
 	switch p {
 	case PhaseActive:
-		v.Sockets = a.Backend.Sockets(v.InstanceID)
+		v.Sockets, v.PID = a.Backend.Sockets(v.InstanceID), a.pid(v.InstanceID)
 	case PhaseStopped, PhaseError, PhaseDeleting:
-		v.Sockets = api.Sockets{}
+		v.Sockets, v.PID = api.Sockets{}, 0
 	}
 	detail := string(p)
 	if reason != "" {
@@ -471,3 +473,11 @@ func (a *Agent) setPhase(ctx context.Context, v *Record, p Phase, reason, action
 }
 
 func (a *Agent) actor() string { return "agent:" + a.Host }
+
+// pid is the swtpm serving instanceID's vTPM, if the backend runs one.
+func (a *Agent) pid(instanceID string) int {
+	if s, ok := a.Backend.(Server); ok {
+		return s.PID(instanceID)
+	}
+	return 0
+}

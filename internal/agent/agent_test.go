@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -295,12 +296,32 @@ func TestSocketsRecorded(t *testing.T) {
 	if want.Data == "" || want.Ctrl != want.Data+".ctrl" {
 		t.Fatalf("the runtime serves on %+v", want)
 	}
-	if rec := h.pass(t, id); rec.Phase != store.PhaseActive || rec.Sockets != want {
-		t.Fatalf("active: phase %s, sockets %+v; want %+v", rec.Phase, rec.Sockets, want)
+	if rec := h.pass(t, id); rec.Phase != store.PhaseActive || rec.Sockets != want || rec.PID == 0 || rec.PID != h.rt.Running(id) {
+		t.Fatalf("active: phase %s, sockets %+v, swtpm %d; want %+v, %d", rec.Phase, rec.Sockets, rec.PID, want, h.rt.Running(id))
+	}
+	// swtpm dies; its supervisor starts another, which the next pass
+	// records, saying so.
+	first := h.rt.Running(id)
+	syscall.Kill(first, syscall.SIGKILL)
+	for deadline := time.Now().Add(10 * time.Second); h.rt.Running(id) == first || h.rt.Running(id) == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the supervisor did not restart swtpm")
+		}
+	}
+	rec := h.pass(t, id)
+	if rec.PID != h.rt.Running(id) || rec.Phase != store.PhaseActive {
+		t.Fatalf("after swtpm's restart: %+v, running %d", rec, h.rt.Running(id))
+	}
+	var evs []store.Event
+	if err := h.st.View(context.Background(), func(tx *store.Tx) (err error) { evs, err = tx.ListEvents(id, rec.Incarnation); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if e := evs[len(evs)-1]; !strings.HasPrefix(e.Action, "swtpm restarted") {
+		t.Fatalf("the last event after swtpm's restart: %+v", e)
 	}
 	h.set(t, id, func(v *store.VTPM) { v.Desired = store.DesiredStopped })
-	if rec := h.pass(t, id); rec.Phase != store.PhaseStopped || rec.Sockets != (store.Sockets{}) {
-		t.Fatalf("stopped: phase %s, sockets %+v; want none", rec.Phase, rec.Sockets)
+	if rec := h.pass(t, id); rec.Phase != store.PhaseStopped || rec.Sockets != (store.Sockets{}) || rec.PID != 0 {
+		t.Fatalf("stopped: phase %s, sockets %+v, swtpm %d; want none", rec.Phase, rec.Sockets, rec.PID)
 	}
 	h.set(t, id, func(v *store.VTPM) { v.Desired = store.DesiredRunning })
 	if rec := h.pass(t, id); rec.Phase != store.PhaseActive || rec.Sockets != want {

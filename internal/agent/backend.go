@@ -29,6 +29,14 @@ type Backend interface {
 	Sockets(instanceID string) api.Sockets
 }
 
+// Server is a backend whose vTPMs are swtpm processes vtpmd runs: PID
+// names the one serving instanceID's vTPM, 0 for none. The agent records
+// it with the vTPM's observed state, and a change (swtpm restarted) as an
+// event.
+type Server interface {
+	PID(instanceID string) int
+}
+
 // Drifter is a backend that can tell what on its host differs from the
 // records it is given (orphan state or secrets, vTPMs whose guest is
 // gone), deleting the orphans when repair is set.

@@ -28,7 +28,7 @@ type Records interface {
 	// Get reads instanceID's record; ErrNotFound if it has none.
 	Get(ctx context.Context, instanceID string) (*Record, error)
 	// Update records, with ev, what the agent observed of r (Phase,
-	// Reason, EKs, Sockets: nothing else of r is taken) if no one changed
+	// Reason, EKs, Sockets, PID: nothing else of r is taken) if no one changed
 	// the record since r was read, and advances r.Generation. ErrConflict
 	// if someone did; ErrNotFound if r's vTPM is gone (deleted, or
 	// replaced by a new vTPM of the instance id).
@@ -113,6 +113,10 @@ type Record struct {
 	// (Backend.Sockets): recorded when it becomes active, cleared when it
 	// stops, fails or is being deleted.
 	Sockets api.Sockets
+	// PID is the swtpm process serving the vTPM, as the agent last found
+	// it (Server.PID); 0 while it does not run or where vtpmd does not run
+	// it.
+	PID int
 	// Generation increases with every change; Update refuses a stale one.
 	Generation int64
 }

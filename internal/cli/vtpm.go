@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -348,9 +349,12 @@ func printVTPM(w io.Writer, format string, v api.VTPM) error {
 	if format == outputJSON {
 		return writeJSON(w, v)
 	}
-	data, ctrl := "-", "-"
+	data, ctrl, pid := "-", "-", "-"
 	if v.Sockets != nil {
 		data, ctrl = v.Sockets.Data, v.Sockets.Ctrl
+	}
+	if v.SwtpmPID != 0 {
+		pid = strconv.Itoa(v.SwtpmPID)
 	}
 	return writeFields(w, [][2]string{
 		{"INSTANCE", v.InstanceID},
@@ -363,6 +367,7 @@ func printVTPM(w io.Writer, format string, v api.VTPM) error {
 		{"REASON", orDash([]string{v.Reason})},
 		{"DATA SOCKET", data},
 		{"CTRL SOCKET", ctrl},
+		{"SWTPM PID", pid},
 		{"SECRET REF", v.SecretRef},
 		{"CREATED", v.CreatedAt.Format(time.RFC3339)},
 	})

@@ -266,6 +266,9 @@ func TestCluster(t *testing.T) {
 				t.Errorf("%s on %s is served on %s, outside its host's data dir", id, host, v.Sockets.Data)
 			}
 			checkIdentity(t, c.op, v) // its EK certificates chain to the server's CA
+			if !slices.Contains(swtpmPIDs(agent), strconv.Itoa(v.SwtpmPID)) {
+				t.Errorf("%s reads swtpm %d, not one of %s's %v", id, v.SwtpmPID, host, swtpmPIDs(agent))
+			}
 		}
 		if n := len(swtpmPIDs(agent)); n != len(ids) {
 			t.Errorf("%s runs %d swtpm for %d vTPMs", host, n, len(ids))

@@ -177,6 +177,9 @@ ALTER TABLE hosts ADD COLUMN drift_repair INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE hosts ADD COLUMN drift_answered BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE hosts ADD COLUMN drift_findings TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE hosts ADD COLUMN drift_at TEXT NOT NULL DEFAULT '';`,
+	// The swtpm process serving a vTPM, as its agent last found it (0:
+	// none, or one vtpmd does not run).
+	15: `ALTER TABLE vtpms ADD COLUMN swtpm_pid INTEGER NOT NULL DEFAULT 0;`,
 }
 
 func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)-1) }

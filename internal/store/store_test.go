@@ -81,7 +81,7 @@ func sample(id, project, host string) *VTPM {
 		Spec:    spec.Spec{Version: spec.V20, Model: spec.CRB, SecretSecurity: spec.User},
 		Desired: DesiredRunning, Phase: PhasePending, SecretID: "0f3f5e6a-6d3e-4c43-9a65-1c0b1e0a5b11",
 		EKs:     []EK{{Kind: "rsa2048", Handle: 0x81010001, NVIndex: 0x01c00002, PublicDER: []byte{1, 2}, CertDER: []byte{3}}},
-		Sockets: Sockets{Data: "/run/vtpmd/" + id + "/tpm.sock", Ctrl: "/run/vtpmd/" + id + "/tpm.sock.ctrl"},
+		Sockets: Sockets{Data: "/run/vtpmd/" + id + "/tpm.sock", Ctrl: "/run/vtpmd/" + id + "/tpm.sock.ctrl"}, PID: 4242,
 	}
 }
 
@@ -123,7 +123,7 @@ func TestVTPMLifecycle(t *testing.T) {
 
 		// An update from a stale read is refused.
 		stale := *got
-		got.Phase, got.Sockets = PhaseActive, Sockets{Data: "/d", Ctrl: "/d.ctrl"}
+		got.Phase, got.Sockets, got.PID = PhaseActive, Sockets{Data: "/d", Ctrl: "/d.ctrl"}, 4343
 		if err := s.Update(ctx, func(tx *Tx) error { return tx.UpdateVTPM(got) }); err != nil || got.Generation != 2 {
 			t.Fatalf("update: %v, generation %d", err, got.Generation)
 		}
@@ -139,7 +139,7 @@ func TestVTPMLifecycle(t *testing.T) {
 			t.Fatal(err)
 		}
 		s.db = s2.db // the cleanup checks and closes the reopened database
-		if err := s2.View(ctx, func(tx *Tx) (err error) { got, err = tx.GetVTPM("i-1"); return }); err != nil || got.Phase != PhaseActive || got.Sockets.Ctrl != "/d.ctrl" {
+		if err := s2.View(ctx, func(tx *Tx) (err error) { got, err = tx.GetVTPM("i-1"); return }); err != nil || got.Phase != PhaseActive || got.Sockets.Ctrl != "/d.ctrl" || got.PID != 4343 {
 			t.Fatalf("after reopen: %+v, %v", got, err)
 		}
 		if err := s2.Update(ctx, func(tx *Tx) error { return tx.DeleteVTPM("i-1") }); err != nil {

@@ -71,6 +71,10 @@ type VTPM struct {
 	// while it does not run, and on a backend whose clients reach it
 	// otherwise (a Xen stub domain, libvirt's own swtpm).
 	Sockets Sockets
+	// PID is the swtpm process the host's agent last found serving the
+	// vTPM on its host; 0 while it does not run, and where vtpmd does not
+	// run it (libvirt's own swtpm, a Xen stub domain).
+	PID int
 	// Generation increases with every update; UpdateVTPM refuses a stale one.
 	Generation int64
 	// Incarnation tells this vTPM from the earlier ones of the same
@@ -86,7 +90,7 @@ type VTPM struct {
 }
 
 const vtpmColumns = `instance_id, project, version, model, secret_security, hypervisor, keys, host,
-	desired, phase, reason, secret_id, eks, domain, data_socket, ctrl_socket, generation, incarnation, revision, created_at, updated_at`
+	desired, phase, reason, secret_id, eks, domain, data_socket, ctrl_socket, swtpm_pid, generation, incarnation, revision, created_at, updated_at`
 
 // CreateVTPM inserts v with generation 1 and a new Incarnation; ErrExists
 // if the instance has a vTPM.
@@ -117,9 +121,9 @@ func (t *Tx) CreateVTPM(v *VTPM) error {
 	}
 	v.Incarnation = hex.EncodeToString(incarnation)
 	v.Generation, v.Revision, v.CreatedAt, v.UpdatedAt = 1, revision, t.now, t.now
-	_, err = t.exec(`INSERT INTO vtpms (`+vtpmColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
+	_, err = t.exec(`INSERT INTO vtpms (`+vtpmColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
 		v.InstanceID, v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, v.Host,
-		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Sockets.Data, v.Sockets.Ctrl, v.Generation, v.Incarnation, v.Revision, stamp(t.now), stamp(t.now))
+		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Sockets.Data, v.Sockets.Ctrl, v.PID, v.Generation, v.Incarnation, v.Revision, stamp(t.now), stamp(t.now))
 	if err == nil {
 		t.changed = append(t.changed, topic{name: v.InstanceID})
 	}
@@ -157,10 +161,10 @@ func (t *Tx) UpdateVTPM(v *VTPM) error {
 		return err
 	}
 	_, err = t.exec(`UPDATE vtpms SET project=?, version=?, model=?, secret_security=?, hypervisor=?, keys=?, host=?,
-		desired=?, phase=?, reason=?, secret_id=?, eks=?, domain=?, data_socket=?, ctrl_socket=?, generation=generation+1, revision=?, updated_at=?
+		desired=?, phase=?, reason=?, secret_id=?, eks=?, domain=?, data_socket=?, ctrl_socket=?, swtpm_pid=?, generation=generation+1, revision=?, updated_at=?
 		WHERE instance_id=?`,
 		v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, v.Host,
-		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Sockets.Data, v.Sockets.Ctrl, revision, stamp(t.now), v.InstanceID)
+		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Sockets.Data, v.Sockets.Ctrl, v.PID, revision, stamp(t.now), v.InstanceID)
 	if err != nil {
 		return err
 	}
@@ -283,7 +287,7 @@ func scanVTPM(row interface{ Scan(...any) error }) (*VTPM, error) {
 	var v VTPM
 	var keys, eks, created, updated string
 	err := row.Scan(&v.InstanceID, &v.Project, &v.Spec.Version, &v.Spec.Model, &v.Spec.SecretSecurity, &v.Spec.Hypervisor,
-		&keys, &v.Host, &v.Desired, &v.Phase, &v.Reason, &v.SecretID, &eks, &v.Domain, &v.Sockets.Data, &v.Sockets.Ctrl, &v.Generation, &v.Incarnation, &v.Revision, &created, &updated)
+		&keys, &v.Host, &v.Desired, &v.Phase, &v.Reason, &v.SecretID, &eks, &v.Domain, &v.Sockets.Data, &v.Sockets.Ctrl, &v.PID, &v.Generation, &v.Incarnation, &v.Revision, &created, &updated)
 	if err != nil {
 		return nil, err
 	}

@@ -139,7 +139,7 @@ func (r *Records) Update(ctx context.Context, rec *agent.Record, ev agent.Event)
 			return refusal.Invalid(api.CodeInvalidParameter, "A vTPM's endorsement keys never change once recorded.")
 		}
 		v.Phase, v.Reason, v.EKs = store.Phase(rec.Phase), rec.Reason, eks
-		v.Sockets = store.Sockets{Data: rec.Sockets.Data, Ctrl: rec.Sockets.Ctrl}
+		v.Sockets, v.PID = store.Sockets{Data: rec.Sockets.Data, Ctrl: rec.Sockets.Ctrl}, rec.PID
 		if err := tx.UpdateVTPM(v); err != nil {
 			return err
 		}
@@ -284,6 +284,9 @@ func validObserved(rec *agent.Record) error {
 	default:
 		return refusal.Invalid(api.CodeInvalidParameter, fmt.Sprintf("Phase %s is none of pending, provisioning, active, stopped, deleting, error.", refusal.Quote(string(rec.Phase))))
 	}
+	if rec.PID < 0 {
+		return refusal.Invalid(api.CodeInvalidParameter, "A process id is 0 (none) or more.")
+	}
 	if len(rec.Reason) > 4096 {
 		return refusal.Invalid(api.CodeInvalidParameter, "The reason is longer than 4096 bytes.")
 	}
@@ -326,7 +329,7 @@ func changes(ch *store.Changes) *agent.Changes {
 func record(v *store.VTPM) *agent.Record {
 	r := &agent.Record{InstanceID: v.InstanceID, Incarnation: v.Incarnation, Project: v.Project, Spec: v.Spec, Host: v.Host,
 		Domain: v.Domain, Desired: agent.Desired(v.Desired), Phase: agent.Phase(v.Phase), Reason: v.Reason, SecretID: v.SecretID,
-		Sockets: api.Sockets{Data: v.Sockets.Data, Ctrl: v.Sockets.Ctrl}, Generation: v.Generation}
+		Sockets: api.Sockets{Data: v.Sockets.Data, Ctrl: v.Sockets.Ctrl}, PID: v.PID, Generation: v.Generation}
 	for _, ek := range v.EKs {
 		r.EKs = append(r.EKs, agent.EK{Kind: ek.Kind, Handle: ek.Handle, NVIndex: ek.NVIndex, PublicDER: ek.PublicDER, CertDER: ek.CertDER})
 	}

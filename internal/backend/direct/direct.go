@@ -41,6 +41,9 @@ func (b *Backend) Capabilities(ctx context.Context) (spec.Capabilities, error) {
 // Sockets implements agent.Backend.
 func (b *Backend) Sockets(id string) api.Sockets { return b.rt.Sockets(id) }
 
+// PID implements agent.Server.
+func (b *Backend) PID(id string) int { return b.rt.Running(id) }
+
 // Ensure implements agent.Backend.
 func (b *Backend) Ensure(ctx context.Context, v agent.VTPM, secret []byte) ([]agent.EK, error) {
 	return b.rt.Ensure(ctx, v, secret)

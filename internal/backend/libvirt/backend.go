@@ -204,6 +204,15 @@ func (b *Backend) Sockets(id string) api.Sockets {
 	return api.Sockets{}
 }
 
+// PID implements agent.Server: vtpmd's swtpm in external mode; in
+// emulator mode libvirt runs swtpm, and it is not vtpmd's to report.
+func (b *Backend) PID(id string) int {
+	if b.cfg.Mode == External {
+		return b.cfg.Swtpm.Running(id)
+	}
+	return 0
+}
+
 // stateDir is where libvirt keeps the swtpm state of domain uuid.
 func (b *Backend) stateDir(uuid string) string { return filepath.Join(b.cfg.StateRoot, uuid) }
 
