@@ -12,8 +12,10 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -100,7 +102,7 @@ func serveFixture(t *testing.T, st *store.Store, kr *keyring.Embedded, dir strin
 		t.Fatal(err)
 	}
 	f.hostCA = hostCA
-	f.api = &Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: caChain, Log: s.log,
+	f.api = &Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: caChain, Statements: st.Statements, Log: s.log,
 		Enrolment: enrol.New(enrol.Config{Store: st, HostCA: hostCA, Now: s.now})}
 	f.srv = httptest.NewServer(f.api.Handler())
 	t.Cleanup(f.srv.Close)
@@ -470,6 +472,7 @@ func TestMetricsAndHealth(t *testing.T) {
 	if code := f.call(t, "GET", "/healthz", "", nil, nil); code != 200 {
 		t.Fatalf("healthz: %d", code)
 	}
+	before := f.store.Statements()
 	resp, err := f.http.Get(f.url + "/metrics")
 	if err != nil {
 		t.Fatal(err)
@@ -480,6 +483,15 @@ func TestMetricsAndHealth(t *testing.T) {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %s", want)
 		}
+	}
+	// The store's statements so far: the create's, and maybe the
+	// scrape's own read of the phases.
+	m := regexp.MustCompile(`(?m)^vtpmd_store_statements_total (\d+)$`).FindStringSubmatch(string(body))
+	if m == nil {
+		t.Fatal("metrics lack vtpmd_store_statements_total")
+	}
+	if n, _ := strconv.ParseInt(m[1], 10, 64); n < before || n > f.store.Statements() {
+		t.Errorf("vtpmd_store_statements_total %d: the store had run %d statements before the scrape, %d after", n, before, f.store.Statements())
 	}
 }
 
