@@ -69,7 +69,9 @@ func (b *RecordingBackend) Sockets(instanceID string) api.Sockets {
 }
 
 // Calls is how many times Ensure, Stop and Destroy were called, together.
-func (b *RecordingBackend) Calls() int64 { return b.ensures.Load() + b.stops.Load() + b.destroys.Load() }
+func (b *RecordingBackend) Calls() int64 {
+	return b.ensures.Load() + b.stops.Load() + b.destroys.Load()
+}
 
 // eks is the EK pair every vTPM of a RecordingBackend has, made once.
 var eks = sync.OnceValue(func() []agent.EK {
