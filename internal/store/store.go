@@ -148,6 +148,10 @@ func private(path string) error {
 	return nil
 }
 
+// postgresConns is how many connections to PostgreSQL a Store keeps at
+// most.
+const postgresConns = 20
+
 // OpenPostgres connects to the PostgreSQL database dsn names (a URL or
 // key=value pairs, as libpq takes them) and brings its schema up to date.
 // Several servers may share it: every Update is serializable, retried when
@@ -157,6 +161,11 @@ func OpenPostgres(ctx context.Context, dsn string, opts Options) (*Store, error)
 	if err != nil {
 		return nil, fmt.Errorf("opening store: %w", err)
 	}
+	// Hundreds of agents' watches and requests share a bounded, kept pool:
+	// unbounded, a burst opened more connections than PostgreSQL allows
+	// (100 by default, for every server sharing it) and closed them again.
+	db.SetMaxOpenConns(postgresConns)
+	db.SetMaxIdleConns(postgresConns)
 	s := &Store{db: db, now: opts.Now, pg: true}
 	if s.now == nil {
 		s.now = time.Now
