@@ -4,7 +4,7 @@ GO          ?= go
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 BIN         := bin
 
-.PHONY: all build run test lint deps libvirtd demo demo-cluster fuzz bench bench-density bench-provision clean
+.PHONY: all build run test lint deps libvirtd demo demo-cluster fuzz bench bench-density bench-fanin bench-provision clean
 
 all: build
 
@@ -78,6 +78,14 @@ bench-provision: build
 	until $(BIN)/vtpmctl --server unix://$$dir/api.sock hosts >/dev/null 2>&1; do sleep 0.05; done; \
 	until [ $$(ls $$dir/vtpms/.pool/*/identity.json 2>/dev/null | wc -l) -ge $${POOL:-0} ]; do sleep 0.1; done; \
 	$(BIN)/vtpmctl --server unix://$$dir/api.sock bench provision -n $${N:-30}; kill $$pid; wait $$pid; rm -rf $$dir
+
+# 500 simulated hosts' agents over HTTPS/mTLS against vtpmd server on
+# PostgreSQL, against all-in-one; then the agent's cost of one change at 10
+# and 1,000 vTPMs. AGENTS, CREATES and CONCURRENCY tune the first.
+bench-fanin:
+	VTPMD_FANIN_AGENTS=$${AGENTS:-500} VTPMD_FANIN_CONCURRENCY=$${CONCURRENCY:-4} \
+		$(GO) test -run '^$$' -bench FanIn -benchtime $${CREATES:-500}x -timeout 30m ./internal/daemon
+	$(GO) test -run '^$$' -bench AgentWatch -benchtime 2000x ./internal/agent
 
 clean:
 	rm -rf $(BIN)

@@ -34,7 +34,7 @@ type vtpmdProcess struct {
 	c   *client.Client
 }
 
-func buildVtpmd(t *testing.T) string {
+func buildVtpmd(t testing.TB) string {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "vtpmd")
 	out, err := exec.Command("go", "build", "-o", bin, "github.com/vtpmd/vtpmd/cmd/vtpmd").CombinedOutput()
@@ -44,7 +44,7 @@ func buildVtpmd(t *testing.T) string {
 	return bin
 }
 
-func freeAddr(t *testing.T) string {
+func freeAddr(t testing.TB) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

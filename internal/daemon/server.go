@@ -174,7 +174,7 @@ func (s *Server) open(ctx context.Context) error {
 		Signer: verdicts, Webhook: hook, StaleAfter: cfg.StaleAfter, Log: s.log})
 	s.agents = agentstore.New(s.store, kr, s.log)
 	s.api = &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, Enrolment: enrol.New(enrol.Config{Store: s.store, HostCA: hostCA, Log: s.log, BoundEnrolment: ver.BoundEnrolment}),
-		Agents: s.agents, EKCA: s.authority, CAChainPEM: s.authority.ChainPEM, Log: s.log}
+		Agents: s.agents, EKCA: s.authority, CAChainPEM: s.authority.ChainPEM, Statements: s.store.Statements, Log: s.log}
 	s.http = &http.Server{Handler: s.api.Handler(), ReadHeaderTimeout: 10 * time.Second, TLSConfig: serving,
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)} // TLS handshake failures, as structured logs
 	s.http.RegisterOnShutdown(s.api.EndLongPolls)

@@ -81,7 +81,7 @@ func TestTLS(t *testing.T) {
 
 // writeTestPKI makes a CA and a server certificate for localhost and
 // 127.0.0.1, as PEM files in dir: the CA, the certificate, its key.
-func writeTestPKI(t *testing.T, dir string) (caFile, certFile, keyFile string) {
+func writeTestPKI(t testing.TB, dir string) (caFile, certFile, keyFile string) {
 	t.Helper()
 	ca := newTestCA(t, dir)
 	certFile, keyFile = ca.issue(t, "api", pkix.Name{CommonName: "localhost"})
@@ -96,7 +96,7 @@ type testCA struct {
 	key  *ecdsa.PrivateKey
 }
 
-func newTestCA(t *testing.T, dir string) *testCA {
+func newTestCA(t testing.TB, dir string) *testCA {
 	t.Helper()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test CA"}, IsCA: true, BasicConstraintsValid: true,
@@ -113,7 +113,7 @@ func newTestCA(t *testing.T, dir string) *testCA {
 
 // issue writes a certificate for subject, good for a server on localhost
 // and 127.0.0.1 and for a client, and its key: name.pem, name.key.
-func (ca *testCA) issue(t *testing.T, name string, subject pkix.Name) (certFile, keyFile string) {
+func (ca *testCA) issue(t testing.TB, name string, subject pkix.Name) (certFile, keyFile string) {
 	t.Helper()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
@@ -131,7 +131,7 @@ func (ca *testCA) issue(t *testing.T, name string, subject pkix.Name) (certFile,
 	return certFile, keyFile
 }
 
-func writePEM(t *testing.T, path, typ string, der []byte) {
+func writePEM(t testing.TB, path, typ string, der []byte) {
 	t.Helper()
 	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
 		t.Fatal(err)

@@ -19,8 +19,9 @@ type metrics struct {
 }
 
 // newMetrics registers the API's metrics in reg; phases counts the vTPMs
-// in each phase at scrape time.
-func newMetrics(reg *prometheus.Registry, phases func(context.Context) (map[store.Phase]int, error)) *metrics {
+// in each phase at scrape time, statements (if not nil) the store's SQL
+// statements so far.
+func newMetrics(reg *prometheus.Registry, phases func(context.Context) (map[store.Phase]int, error), statements func() int64) *metrics {
 	m := &metrics{
 		reg: reg,
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -32,6 +33,11 @@ func newMetrics(reg *prometheus.Registry, phases func(context.Context) (map[stor
 		}, []string{"route"}),
 	}
 	reg.MustRegister(m.requests, m.latency, &phaseCollector{phases})
+	if statements != nil {
+		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "vtpmd_store_statements_total", Help: "SQL statements run by the store's transactions (BEGIN and COMMIT not counted).",
+		}, func() float64 { return float64(statements()) }))
+	}
 	return m
 }
 

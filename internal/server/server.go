@@ -64,6 +64,9 @@ type Server struct {
 	// CAChainPEM returns the deployment CA chain.
 	CAChainPEM func() []byte
 	Log        *slog.Logger
+	// Statements counts the SQL statements the store has run, for the
+	// metric vtpmd_store_statements_total; nil leaves it out.
+	Statements func() int64
 	// Registry receives the API's metrics; nil: a private one.
 	Registry *prometheus.Registry
 
@@ -81,7 +84,7 @@ func (s *Server) Handler() http.Handler {
 		s.Registry = prometheus.NewRegistry()
 		s.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	}
-	m := newMetrics(s.Registry, s.VTPMs.Phases)
+	m := newMetrics(s.Registry, s.VTPMs.Phases, s.Statements)
 	mux := http.NewServeMux()
 	for _, r := range s.routes() {
 		mux.Handle(r.pattern, m.instrument(r.pattern, s.handle(r)))

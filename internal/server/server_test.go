@@ -12,8 +12,10 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -108,7 +110,7 @@ func serveFixture(t *testing.T, st *store.Store, kr *keyring.Embedded, dir strin
 	keys := secrets.New(st, kr, s.log)
 	vs := vtpms.New(vtpms.Config{Store: st, Keyring: kr, Secrets: keys, HyperV: s.hyperV, Now: s.now, DriftTimeout: time.Second})
 	ver := verifier.New(verifier.Config{Store: st, VTPMs: vs, CAChainPEM: deployment.ChainPEM, Signer: s.signer})
-	f.api = &Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: deployment.ChainPEM, Log: s.log,
+	f.api = &Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: deployment.ChainPEM, Statements: st.Statements, Log: s.log,
 		Enrolment: enrol.New(enrol.Config{Store: st, HostCA: hostCA, Now: s.now}),
 		Agents:    agentstore.New(st, kr, s.log), EKCA: deployment}
 	f.srv = httptest.NewServer(f.api.Handler())
@@ -479,6 +481,7 @@ func TestMetricsAndHealth(t *testing.T) {
 	if code := f.call(t, "GET", "/healthz", "", nil, nil); code != 200 {
 		t.Fatalf("healthz: %d", code)
 	}
+	before := f.store.Statements()
 	resp, err := f.http.Get(f.url + "/metrics")
 	if err != nil {
 		t.Fatal(err)
@@ -489,6 +492,15 @@ func TestMetricsAndHealth(t *testing.T) {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %s", want)
 		}
+	}
+	// The store's statements so far: the create's, and maybe the
+	// scrape's own read of the phases.
+	m := regexp.MustCompile(`(?m)^vtpmd_store_statements_total (\d+)$`).FindStringSubmatch(string(body))
+	if m == nil {
+		t.Fatal("metrics lack vtpmd_store_statements_total")
+	}
+	if n, _ := strconv.ParseInt(m[1], 10, 64); n < before || n > f.store.Statements() {
+		t.Errorf("vtpmd_store_statements_total %d: the store had run %d statements before the scrape, %d after", n, before, f.store.Statements())
 	}
 }
 

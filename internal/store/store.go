@@ -18,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -32,6 +33,8 @@ type Store struct {
 	db  *sql.DB
 	now func() time.Time
 	pg  bool // PostgreSQL; else SQLite
+	// statements counts the SQL statements transactions ran (Statements).
+	statements atomic.Int64
 
 	mu      sync.Mutex
 	waiting map[topic]chan struct{} // see VTPMChanged and HostChanged
@@ -145,6 +148,10 @@ func private(path string) error {
 	return nil
 }
 
+// postgresConns is how many connections to PostgreSQL a Store keeps at
+// most.
+const postgresConns = 20
+
 // OpenPostgres connects to the PostgreSQL database dsn names (a URL or
 // key=value pairs, as libpq takes them) and brings its schema up to date.
 // Several servers may share it: every Update is serializable, retried when
@@ -154,6 +161,11 @@ func OpenPostgres(ctx context.Context, dsn string, opts Options) (*Store, error)
 	if err != nil {
 		return nil, fmt.Errorf("opening store: %w", err)
 	}
+	// Hundreds of agents' watches and requests share a bounded, kept pool:
+	// unbounded, a burst opened more connections than PostgreSQL allows
+	// (100 by default, for every server sharing it) and closed them again.
+	db.SetMaxOpenConns(postgresConns)
+	db.SetMaxIdleConns(postgresConns)
 	s := &Store{db: db, now: opts.Now, pg: true}
 	if s.now == nil {
 		s.now = time.Now
@@ -164,6 +176,11 @@ func OpenPostgres(ctx context.Context, dsn string, opts Options) (*Store, error)
 	}
 	return s, nil
 }
+
+// Statements is how many SQL statements this Store's transactions have
+// run, counting neither BEGIN nor COMMIT: the server's metrics show it, and
+// the benchmarks divide it by the work done.
+func (s *Store) Statements() int64 { return s.statements.Load() }
 
 // Close closes the database.
 func (s *Store) Close() error { return s.db.Close() }
@@ -234,7 +251,7 @@ func (s *Store) runOnce(ctx context.Context, readOnly bool, fn func(*Tx) error) 
 	if err != nil {
 		return fmt.Errorf("beginning transaction: %w", err)
 	}
-	tx := &Tx{ctx: ctx, tx: sqlTx, now: s.now().UTC(), pg: s.pg}
+	tx := &Tx{ctx: ctx, tx: sqlTx, now: s.now().UTC(), pg: s.pg, statements: &s.statements}
 	defer func() {
 		if p := recover(); p != nil {
 			sqlTx.Rollback()
@@ -255,26 +272,31 @@ func (s *Store) runOnce(ctx context.Context, readOnly bool, fn func(*Tx) error) 
 
 // Tx is one transaction. It must not be used after its closure returns.
 type Tx struct {
-	ctx     context.Context
-	tx      *sql.Tx
-	now     time.Time
-	pg      bool
-	changed []topic           // vTPMs and hosts written, for VTPMChanged and HostChanged
-	deleted map[string]string // instance id → incarnation of the vTPM deleted here
+	ctx context.Context
+	tx  *sql.Tx
+	now time.Time
+	pg  bool
+	// statements is the Store's count, which every statement advances.
+	statements *atomic.Int64
+	changed    []topic           // vTPMs and hosts written, for VTPMChanged and HostChanged
+	deleted    map[string]string // instance id → incarnation of the vTPM deleted here
 	// revisions are the hosts whose vTPMs this transaction wrote, each
 	// with the watch revision its writes there carry.
 	revisions map[string]int64
 }
 
 func (t *Tx) exec(query string, args ...any) (sql.Result, error) {
+	t.statements.Add(1)
 	return t.tx.ExecContext(t.ctx, t.rebind(query), args...)
 }
 
 func (t *Tx) query(query string, args ...any) (*sql.Rows, error) {
+	t.statements.Add(1)
 	return t.tx.QueryContext(t.ctx, t.rebind(query), args...)
 }
 
 func (t *Tx) queryRow(query string, args ...any) *sql.Row {
+	t.statements.Add(1)
 	return t.tx.QueryRowContext(t.ctx, t.rebind(query), args...)
 }
 

@@ -193,6 +193,29 @@ func TestUpdateRollsBack(t *testing.T) {
 	})
 }
 
+// TestStatements: the count advances by one for each statement a
+// transaction runs, committed or not, and by nothing else.
+func TestStatements(t *testing.T) {
+	onEngines(t, func(t *testing.T, open func(testing.TB) (*Store, func() (*Store, error))) {
+		ctx := context.Background()
+		s, _ := open(t)
+		putHosts(t, s, "h1")
+		before := s.Statements()
+		s.View(ctx, func(tx *Tx) error {
+			tx.GetVTPM("i-1")
+			tx.GetVTPM("i-2")
+			return nil
+		})
+		s.Update(ctx, func(tx *Tx) error {
+			tx.GetVTPM("i-3")
+			return errors.New("rolled back")
+		})
+		if n := s.Statements() - before; n != 3 {
+			t.Fatalf("three reads counted as %d statements", n)
+		}
+	})
+}
+
 func TestListFiltersAndPages(t *testing.T) {
 	onEngines(t, func(t *testing.T, open func(testing.TB) (*Store, func() (*Store, error))) {
 		ctx := context.Background()

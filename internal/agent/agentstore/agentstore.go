@@ -63,7 +63,10 @@ func (r *Records) Watch(ctx context.Context, host string, since int64, wait time
 
 // WatchUntil reads the changes on host after since and, while there are
 // none, waits for this process's next commit on host (rereading every
-// second, for other processes' commits) until over.
+// second, for other processes' commits) until over. A host that never had
+// a vTPM is at revision 0, so its watcher asks from 0 again and again: the
+// empty start-over it would be told is no news to one that saw nothing,
+// and it waits too.
 func (r *Records) WatchUntil(ctx context.Context, host string, since int64, over <-chan struct{}) (*agent.Changes, error) {
 	reread := time.NewTicker(rereadEvery)
 	defer reread.Stop()
@@ -77,7 +80,7 @@ func (r *Records) WatchUntil(ctx context.Context, host string, since int64, over
 		if err != nil {
 			return nil, err
 		}
-		if ch.Reset || len(ch.VTPMs) > 0 || len(ch.Gone) > 0 || ch.DriftAsked != 0 {
+		if ch.Reset && (since != 0 || ch.Revision != 0) || len(ch.VTPMs) > 0 || len(ch.Gone) > 0 || ch.DriftAsked != 0 {
 			return changes(ch), nil
 		}
 		select {

@@ -416,6 +416,36 @@ func TestWatch(t *testing.T) {
 	})
 }
 
+// TestWatchEmptyHost: a host that never had a vTPM is at revision 0, and
+// its watcher asks from 0 every time; the watch waits for the host's first
+// vTPM rather than answering at once with nothing (which had the agent of
+// a new host read the store in a loop).
+func TestWatchEmptyHost(t *testing.T) {
+	onEngines(t, func(t *testing.T, st *store.Store) {
+		ctx := context.Background()
+		f := newFixture(t, st)
+		if err := f.recs.RegisterHost(ctx, agent.Host{Name: "h1", Capacity: 7, Backend: "swtpm"}); err != nil {
+			t.Fatal(err)
+		}
+		if ch, err := f.recs.Watch(ctx, "h1", 0, 0); err != nil || !ch.Reset || len(ch.Records) != 0 || ch.Revision != 0 {
+			t.Fatalf("the first look at an empty host: %+v %v", ch, err)
+		}
+		done := make(chan *agent.Changes)
+		go func() {
+			ch, err := f.recs.Watch(ctx, "h1", 0, time.Minute)
+			if err != nil {
+				t.Error(err)
+			}
+			done <- ch
+		}()
+		time.Sleep(100 * time.Millisecond) // the watch is waiting, or (wrongly) answered
+		f.create(t, id1, "h1")
+		if ch := <-done; len(ch.Records) != 1 || ch.Records[0].InstanceID != id1 || ch.Revision == 0 {
+			t.Fatalf("the watch of an empty host, answered: %+v", ch)
+		}
+	})
+}
+
 // TestHeartbeats: registering records a heartbeat with the agent's
 // version; each heartbeat moves the host's last heartbeat to the store's
 // now and its version, and nothing else; a host never registered has
