@@ -33,20 +33,15 @@ func (s *Server) longPoll(r *http.Request, def time.Duration) (over <-chan struc
 		}
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), d)
-	ending := s.ending()
-	go func() {
-		select {
-		case <-ending:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
-	return ctx.Done(), cancel, nil
+	// No goroutine per waiting request: hundreds of agents' watches wait
+	// at once.
+	stop := context.AfterFunc(s.ending(), cancel)
+	return ctx.Done(), func() { stop(); cancel() }, nil
 }
 
-// ending is closed by EndLongPolls.
-func (s *Server) ending() <-chan struct{} {
-	s.endOnce.Do(func() { s.end = make(chan struct{}) })
+// ending is done once EndLongPolls is called.
+func (s *Server) ending() context.Context {
+	s.endOnce.Do(func() { s.end, s.endAll = context.WithCancel(context.Background()) })
 	return s.end
 }
 
@@ -55,7 +50,7 @@ func (s *Server) ending() <-chan struct{} {
 // (http.Server.RegisterOnShutdown).
 func (s *Server) EndLongPolls() {
 	s.ending()
-	s.endClose.Do(func() { close(s.end) })
+	s.endAll()
 }
 
 // getVTPM reads a vTPM. With If-None-Match naming the version the client

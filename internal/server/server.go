@@ -70,9 +70,9 @@ type Server struct {
 	// Registry receives the API's metrics; nil: a private one.
 	Registry *prometheus.Registry
 
-	end      chan struct{} // see ending
-	endOnce  sync.Once
-	endClose sync.Once
+	end     context.Context // see ending
+	endAll  context.CancelFunc
+	endOnce sync.Once
 }
 
 // Handler returns the API's HTTP handler.

@@ -206,7 +206,12 @@ func (s *Store) run(ctx context.Context, readOnly bool, fn func(*Tx) error) erro
 	for try := 1; ; try++ {
 		err := s.runOnce(ctx, readOnly, fn)
 		var pe *pgconn.PgError
-		if !s.pg || try > retries || !errors.As(err, &pe) || pe.Code != "40001" && pe.Code != "40P01" {
+		lost := s.pg && errors.As(err, &pe) && (pe.Code == "40001" || pe.Code == "40P01")
+		if lost && try > retries {
+			// Other transactions kept winning: the caller may retry later.
+			return fmt.Errorf("%w: %w", ErrConflict, err)
+		}
+		if !lost {
 			if full(err) && !errors.Is(err, ErrFull) {
 				err = fmt.Errorf("%w: %w", ErrFull, err)
 			}

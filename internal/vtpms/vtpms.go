@@ -21,6 +21,7 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/google/uuid"
@@ -63,7 +64,10 @@ type Config struct {
 const DefaultHeartbeatWindow = 60 * time.Second
 
 // Service creates, changes and reads vTPMs.
-type Service struct{ cfg Config }
+type Service struct {
+	cfg      Config
+	creating sync.Mutex // see Create
+}
 
 // New returns a Service with cfg.
 func New(cfg Config) *Service {
@@ -161,6 +165,11 @@ func (s *Service) Create(ctx context.Context, c tenant.Caller, req api.CreateVTP
 		Desired: store.DesiredRunning, Phase: store.PhasePending}
 	_, err = keyring.CreateRecorded(ctx, s.cfg.Keyring, project, payload, func(secretID string) error {
 		v.SecretID = secretID
+		// One create at a time in this process: on PostgreSQL concurrent
+		// creates abort each other's serializable transactions (their
+		// predicate locks share index pages) until they give up.
+		s.creating.Lock()
+		defer s.creating.Unlock()
 		return s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
 			if err := tx.CreateVTPM(v); err != nil {
 				return err

@@ -52,7 +52,10 @@ func (r *Records) Heartbeat(ctx context.Context, hb agent.Heartbeat) error {
 
 // rereadEvery bounds how long a watch misses a commit made by another
 // process sharing a PostgreSQL database, whose commits do not wake it.
-const rereadEvery = time.Second
+// Every connected agent's watch rereads this often (three or four
+// statements), so with hundreds of hosts it is most of an idle server's
+// load: 10 s, until replicas wake each other (issue 14).
+const rereadEvery = 10 * time.Second
 
 // Watch implements agent.Records.
 func (r *Records) Watch(ctx context.Context, host string, since int64, wait time.Duration) (*agent.Changes, error) {
