@@ -151,7 +151,11 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 	})
 	for ctx.Err() == nil {
-		a.retry(ctx, "watching the host's vTPMs", func() error { return a.watch(ctx, a.WatchWait) })
+		a.retry(ctx, "watching the host's vTPMs", func() error {
+			changed, err := a.watch(ctx, a.WatchWait)
+			a.queue.add(changed...)
+			return err
+		})
 	}
 	return nil
 }
@@ -177,7 +181,7 @@ func (a *Agent) retry(ctx context.Context, doing string, fn func() error) {
 // holds, once, returning when all are done.
 func (a *Agent) Reconcile(ctx context.Context) error {
 	a.init()
-	if err := a.watch(ctx, 0); err != nil {
+	if _, err := a.watch(ctx, 0); err != nil {
 		return err
 	}
 	sem := make(chan struct{}, a.Workers)
@@ -194,20 +198,21 @@ func (a *Agent) Reconcile(ctx context.Context) error {
 }
 
 // watch reads what changed on the host since the agent's revision,
-// waiting up to wait, and queues each vTPM that changed or left.
-func (a *Agent) watch(ctx context.Context, wait time.Duration) error {
+// waiting up to wait, takes it in and returns the ids of the vTPMs to
+// reconcile; it answers a drift request the watch carries.
+func (a *Agent) watch(ctx context.Context, wait time.Duration) ([]string, error) {
 	a.mu.Lock()
 	since := a.revision
 	a.mu.Unlock()
 	ch, err := a.Records.Watch(ctx, a.Host, since, wait)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	a.queue.add(a.apply(ch)...)
+	changed := a.apply(ch)
 	if ch.Drift.ID != 0 {
-		return a.answerDrift(ctx, ch.Drift)
+		return changed, a.answerDrift(ctx, ch.Drift)
 	}
-	return nil
+	return changed, nil
 }
 
 // answerDrift answers the operator's drift request with what the backend

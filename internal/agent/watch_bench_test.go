@@ -80,7 +80,7 @@ func BenchmarkAgentWatch(b *testing.B) {
 }
 
 // createVTPM records a running TPM 2.0 vTPM on h1 as the API does.
-func createVTPM(b *testing.B, st *store.Store, kr keyring.Keyring, id string) {
+func createVTPM(b testing.TB, st *store.Store, kr keyring.Keyring, id string) {
 	b.Helper()
 	ctx := context.Background()
 	payload, err := keyring.NewVTPMSecret()
@@ -99,7 +99,7 @@ func createVTPM(b *testing.B, st *store.Store, kr keyring.Keyring, id string) {
 }
 
 // setDesired asks for id to run (phase active) or stop, as the API does.
-func setDesired(b *testing.B, st *store.Store, id string, phase store.Phase) {
+func setDesired(b testing.TB, st *store.Store, id string, phase store.Phase) {
 	b.Helper()
 	err := st.Update(context.Background(), func(tx *store.Tx) error {
 		v, err := tx.GetVTPM(id)
@@ -118,7 +118,7 @@ func setDesired(b *testing.B, st *store.Store, id string, phase store.Phase) {
 }
 
 // waitPhase waits until the agent has recorded id in phase.
-func waitPhase(b *testing.B, st *store.Store, id string, phase store.Phase) {
+func waitPhase(b testing.TB, st *store.Store, id string, phase store.Phase) {
 	b.Helper()
 	timeout := time.After(time.Minute)
 	for {
@@ -173,4 +173,38 @@ func (r *countingRecords) Secret(ctx context.Context, rec *agent.Record) ([]byte
 func (r *countingRecords) Rekey(ctx context.Context, rec *agent.Record, secret []byte, ev agent.Event) error {
 	r.calls.Add(1)
 	return r.Records.Rekey(ctx, rec, secret, ev)
+}
+
+// TestRunAfterReconcile: the start-up pass leaves nothing queued, so Run,
+// started after it, does not reconcile every vTPM again: a change to one
+// vTPM then costs exactly one backend call.
+func TestRunAfterReconcile(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	st := storetest.Open(t)
+	kr, err := keyring.OpenEmbedded(filepath.Join(t.TempDir(), "keys"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	backend := &agenttest.RecordingBackend{}
+	a := &agent.Agent{Host: "h1", Capacity: 10, Records: agentstore.New(st, kr, nil), Backend: backend, Interval: time.Hour}
+	if err := a.Register(ctx); err != nil {
+		t.Fatal(err)
+	}
+	ids := make([]string, 5)
+	for i := range ids {
+		ids[i] = fmt.Sprintf("00000000-0000-4000-8000-%012d", i)
+		createVTPM(t, st, kr, ids[i])
+	}
+	if err := a.Reconcile(ctx); err != nil {
+		t.Fatal(err)
+	}
+	before := backend.Calls()
+	var wg sync.WaitGroup
+	wg.Go(func() { a.Run(ctx) })
+	defer func() { cancel(); wg.Wait() }()
+	setDesired(t, st, ids[0], store.PhaseStopped)
+	waitPhase(t, st, ids[0], store.PhaseStopped)
+	if calls := backend.Calls() - before; calls != 1 {
+		t.Fatalf("Run after the start-up pass made %d backend calls for one change, want 1", calls)
+	}
 }
