@@ -1,6 +1,9 @@
-// Package daemon assembles vtpmd's roles from their parts. The all-in-one
-// role runs the API server and one host agent in a process, wired through
-// the same interfaces a split deployment uses.
+// Package daemon assembles vtpmd's roles from their parts: the server
+// (StartServer: API, store, key manager, CAs), a host's agent (StartAgent:
+// enrolment, the agent protocol over mTLS, the host's backend), and
+// all-in-one (StartAllInOne: a server and one agent in a process, the
+// agent on the server's records in-process through the same agent.Records
+// contract a remote agent uses over HTTPS).
 package daemon
 
 import (
