@@ -233,8 +233,12 @@ func (s *Server) certifyEK(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	if req.InstanceID != "" {
-		if _, err := s.Agents.Placed(r.Context(), hostName(r), req.InstanceID); err != nil {
+		rec, err := s.Agents.Placed(r.Context(), hostName(r), req.InstanceID)
+		if err != nil {
 			return err
+		}
+		if len(rec.EKs) > 0 {
+			return refusal.Conflict(api.CodeConflict, "The vTPM's endorsement keys are recorded: it is manufactured, and its EKs are certified already.")
 		}
 	}
 	if req.TPMVersion != string(spec.V20) && req.TPMVersion != string(spec.V12) {

@@ -598,6 +598,18 @@ func TestAgentEKCertificates(t *testing.T) {
 		code := w.do(t, w.a, "POST", "/v1/agent/ek-certificates", c.req, &e)
 		refused(t, c.name, code, e, c.status, c.code)
 	}
+
+	// Once a vTPM's EKs are recorded, its host gets no more certificates
+	// for it.
+	v := w.read(t, w.a, onA)
+	report := api.AgentReport{Incarnation: v.Incarnation, Generation: v.Generation, Phase: "active",
+		EKs: []api.AgentEK{{Kind: "rsa2048", Handle: 0x81010001, Public: publicDER(t, rsaKey)}}}
+	if code := w.do(t, w.a, "PUT", "/v1/agent/vtpms/"+onA, report, nil); code != 200 {
+		t.Fatalf("report: %d", code)
+	}
+	var e api.ErrorBody
+	code := w.do(t, w.a, "POST", "/v1/agent/ek-certificates", api.EKCertificateRequest{InstanceID: onA, TPMVersion: "2.0", Public: publicDER(t, ecKey)}, &e)
+	refused(t, "a certificate for a manufactured vTPM", code, e, 409, api.CodeConflict)
 }
 
 // hostRequest is a request on route r of the agent protocol, on vTPM id,
