@@ -26,6 +26,11 @@ var traitRE = regexp.MustCompile(`^(COMPUTE|CUSTOM)_[A-Z0-9_]{1,250}$`)
 
 const maxTraits = 64
 
+// maxCapacity bounds what a host may say it takes: placement prefers the
+// host with the most room, so a host claiming millions would draw every
+// new vTPM.
+const maxCapacity = 100000
+
 // defaultWatchWait is how long a watch without ?wait= waits for a change.
 const defaultWatchWait = 30 * time.Second
 
@@ -38,8 +43,8 @@ func (s *Server) registerHost(w http.ResponseWriter, r *http.Request) error {
 	switch {
 	case len(req.Version) > maxVersion:
 		return refusal.Invalid(api.CodeInvalidParameter, "version is at most 128 bytes.")
-	case req.Capacity < 0:
-		return refusal.Invalid(api.CodeInvalidParameter, "capacity must not be negative.")
+	case req.Capacity < 0 || req.Capacity > maxCapacity:
+		return refusal.Invalid(api.CodeInvalidParameter, "capacity is 0 to 100000 vTPMs.")
 	case req.Backend == "" || len(req.Backend) > 32:
 		return refusal.Invalid(api.CodeInvalidParameter, "backend names the host's backend (swtpm, libvirt, xen, ...).")
 	}

@@ -142,15 +142,16 @@ func TestAgentRegistersHost(t *testing.T) {
 		many[i] = fmt.Sprintf("CUSTOM_T%d", i)
 	}
 	for name, bad := range map[string]api.AgentHost{
-		"negative capacity": {Capacity: -1, Backend: "swtpm"},
-		"no backend":        {Capacity: 1},
-		"long backend":      {Capacity: 1, Backend: strings.Repeat("b", 33)},
-		"long version":      {Capacity: 1, Backend: "swtpm", Version: strings.Repeat("v", 129)},
-		"too many traits":   {Capacity: 1, Backend: "swtpm", Traits: many},
-		"lower case trait":  {Capacity: 1, Backend: "swtpm", Traits: []string{"compute_security_tpm_2_0"}},
-		"foreign namespace": {Capacity: 1, Backend: "swtpm", Traits: []string{"HW_CPU_X86_AVX2"}},
-		"empty custom":      {Capacity: 1, Backend: "swtpm", Traits: []string{"CUSTOM_"}},
-		"dash in trait":     {Capacity: 1, Backend: "swtpm", Traits: []string{"CUSTOM_A-B"}},
+		"negative capacity":      {Capacity: -1, Backend: "swtpm"},
+		"capacity beyond 100000": {Capacity: 100001, Backend: "swtpm"},
+		"no backend":             {Capacity: 1},
+		"long backend":           {Capacity: 1, Backend: strings.Repeat("b", 33)},
+		"long version":           {Capacity: 1, Backend: "swtpm", Version: strings.Repeat("v", 129)},
+		"too many traits":        {Capacity: 1, Backend: "swtpm", Traits: many},
+		"lower case trait":       {Capacity: 1, Backend: "swtpm", Traits: []string{"compute_security_tpm_2_0"}},
+		"foreign namespace":      {Capacity: 1, Backend: "swtpm", Traits: []string{"HW_CPU_X86_AVX2"}},
+		"empty custom":           {Capacity: 1, Backend: "swtpm", Traits: []string{"CUSTOM_"}},
+		"dash in trait":          {Capacity: 1, Backend: "swtpm", Traits: []string{"CUSTOM_A-B"}},
 	} {
 		var e api.ErrorBody
 		code := m.do(t, c, "PUT", "/v1/agent/host", bad, &e)
