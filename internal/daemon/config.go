@@ -285,8 +285,8 @@ func (c *Config) Validate() error {
 	if c.HostName == "" {
 		errs = append(errs, errors.New("host name is empty and the OS gave none"))
 	}
-	if c.Capacity < 1 {
-		errs = append(errs, fmt.Errorf("capacity %d must be at least 1", c.Capacity))
+	if c.Capacity < 1 || c.Capacity > 100000 {
+		errs = append(errs, fmt.Errorf("capacity %d must be between 1 and 100000", c.Capacity))
 	}
 	switch c.DefaultTPMVersion {
 	case "", spec.V12, spec.V20:
