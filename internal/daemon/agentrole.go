@@ -58,13 +58,13 @@ func StartAgent(ctx context.Context, cfg Config, log *slog.Logger) (*HostAgent, 
 	if cfg.HostTPM != "" {
 		att = newHostAttester(cfg, cfg.Server, trust, log)
 		if _, err := att.attest(ctx); err != nil && !hasHostCredentials(cfg) {
-			return nil, fmt.Errorf("the host's TPM must register before the host enrols: %w", err)
+			return nil, errors.Join(fmt.Errorf("the host's TPM must register before the host enrols: %w", err), att.close())
 		}
 		enrolWith = att.api()
 	}
 	creds, err := loadHostCredentials(ctx, cfg, enrolWith, log)
 	if err != nil {
-		return nil, err
+		return nil, errors.Join(err, att.close())
 	}
 	mtls := trust.Clone()
 	mtls.GetClientCertificate = creds.get
@@ -80,7 +80,7 @@ func StartAgent(ctx context.Context, cfg Config, log *slog.Logger) (*HostAgent, 
 	// losing the server, never stops a guest's TPM.
 	h, err := startHostAgent(ctx, cfg, agentclient.New(c), issue, true, log)
 	if err != nil {
-		return nil, err
+		return nil, errors.Join(err, att.close())
 	}
 	h.attestHost(att)
 	h.tasks = append(h.tasks, func(ctx context.Context) { creds.renewWhenDue(ctx, c, log) })

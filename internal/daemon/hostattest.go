@@ -84,7 +84,11 @@ func (h *hostAttester) closeTPM() error {
 	return err
 }
 
+// close closes the host's TPM; a nil attester (no host TPM) has none.
 func (h *hostAttester) close() error {
+	if h == nil {
+		return nil
+	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	return h.closeTPM()
