@@ -38,6 +38,14 @@ type Store struct {
 
 	mu      sync.Mutex
 	waiting map[topic]chan struct{} // see VTPMChanged and HostChanged
+
+	// On PostgreSQL: id names this Store in its notifications (notify.go),
+	// listened is closed once its listener first listens, and
+	// stopListening ends it.
+	id            string
+	listened      chan struct{}
+	stopListening context.CancelFunc
+	listening     sync.WaitGroup
 }
 
 // topic is what a waiter waits for a commit to change: one vTPM's record,
@@ -47,19 +55,20 @@ type topic struct {
 	name string
 }
 
-// VTPMChanged returns a channel that is closed when a transaction of this
-// Store next commits a change to vTPM id's record (made, updated or
-// deleted), so that a reader can wait for news instead of polling: take
-// the channel, read, and wait on it if what was read is not yet what is
-// wanted. Commits by other processes sharing a PostgreSQL database do not
-// close it.
+// VTPMChanged returns a channel that is closed when a transaction next
+// commits a change to vTPM id's record (made, updated or deleted), so that
+// a reader can wait for news instead of polling: take the channel, read,
+// and wait on it if what was read is not yet what is wanted. On
+// PostgreSQL, commits by other processes sharing the database close it
+// too, moments later (notify.go); one may be missed while the store's
+// listener reconnects, so a waiter still reads again now and then.
 func (s *Store) VTPMChanged(id string) <-chan struct{} { return s.wait(topic{name: id}) }
 
 // HostChanged returns a channel that is closed when a transaction of this
 // Store next commits a change to any vTPM placed on host (created,
 // updated, deleted, or moved to or from it): take the channel, then
-// WatchVTPMs, and wait on it for the next call. As with VTPMChanged,
-// commits by other processes do not close it.
+// WatchVTPMs, and wait on it for the next call. Other processes' commits
+// close it as they do VTPMChanged's.
 func (s *Store) HostChanged(host string) <-chan struct{} {
 	return s.wait(topic{host: true, name: host})
 }
@@ -166,7 +175,7 @@ func OpenPostgres(ctx context.Context, dsn string, opts Options) (*Store, error)
 	// (100 by default, for every server sharing it) and closed them again.
 	db.SetMaxOpenConns(postgresConns)
 	db.SetMaxIdleConns(postgresConns)
-	s := &Store{db: db, now: opts.Now, pg: true}
+	s := &Store{db: db, now: opts.Now, pg: true, id: newID(), listened: make(chan struct{})}
 	if s.now == nil {
 		s.now = time.Now
 	}
@@ -174,6 +183,9 @@ func OpenPostgres(ctx context.Context, dsn string, opts Options) (*Store, error)
 		db.Close()
 		return nil, fmt.Errorf("migrating store: %w", err)
 	}
+	var listenCtx context.Context
+	listenCtx, s.stopListening = context.WithCancel(context.Background())
+	s.listening.Go(func() { s.listen(listenCtx, dsn) })
 	return s, nil
 }
 
@@ -183,7 +195,13 @@ func OpenPostgres(ctx context.Context, dsn string, opts Options) (*Store, error)
 func (s *Store) Statements() int64 { return s.statements.Load() }
 
 // Close closes the database.
-func (s *Store) Close() error { return s.db.Close() }
+func (s *Store) Close() error {
+	if s.stopListening != nil {
+		s.stopListening()
+		s.listening.Wait()
+	}
+	return s.db.Close()
+}
 
 // Update runs fn in a read-write transaction.
 func (s *Store) Update(ctx context.Context, fn func(*Tx) error) error {
@@ -261,6 +279,9 @@ func (s *Store) runOnce(ctx context.Context, readOnly bool, fn func(*Tx) error) 
 		if p := recover(); p != nil {
 			sqlTx.Rollback()
 			panic(p)
+		}
+		if err == nil {
+			err = tx.notifyOthers(s.id)
 		}
 		if err != nil {
 			sqlTx.Rollback()

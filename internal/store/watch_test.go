@@ -385,3 +385,44 @@ func TestWatchConcurrentWriters(t *testing.T) {
 		}
 	})
 }
+
+// TestCommitsWakeOtherStores: on PostgreSQL a commit by one Store (one
+// server process) wakes the waiters of another on the same database at
+// once, through LISTEN/NOTIFY, for what it changed only; a transaction
+// that rolls back wakes no one.
+func TestCommitsWakeOtherStores(t *testing.T) {
+	a, reopen := engines[1].open(t) // PostgreSQL
+	b, err := reopen()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	<-b.listened
+	ctx := context.Background()
+	putHosts(t, a, "h1", "h2")
+	host, other, vtpm := b.HostChanged("h1"), b.HostChanged("h2"), b.VTPMChanged("i-1")
+	boom := errors.New("boom")
+	if err := a.Update(ctx, func(tx *Tx) error {
+		if err := tx.CreateVTPM(sample("i-9", "p1", "h2")); err != nil {
+			return err
+		}
+		return boom
+	}); !errors.Is(err, boom) {
+		t.Fatal(err)
+	}
+	if err := a.Update(ctx, func(tx *Tx) error { return tx.CreateVTPM(sample("i-1", "p1", "h1")) }); err != nil {
+		t.Fatal(err)
+	}
+	for name, ch := range map[string]<-chan struct{}{"h1's watchers": host, "i-1's": vtpm} {
+		select {
+		case <-ch:
+		case <-time.After(30 * time.Second):
+			t.Fatalf("another store's commit did not wake %s", name)
+		}
+	}
+	select {
+	case <-other:
+		t.Fatal("h2's watchers woke for a rolled-back create and another host's")
+	default:
+	}
+}

@@ -212,9 +212,11 @@ func (s *Service) Get(ctx context.Context, c tenant.Caller, id string) (*store.V
 	return v, err
 }
 
-// recheck is how often Watch reads a record again even if this process
-// committed nothing: another server sharing a PostgreSQL database may have.
-const recheck = time.Second
+// recheck is how often Watch reads a record again though nothing woke it:
+// another server's commits on a shared PostgreSQL database wake it through
+// the store's notifications, so this is only the net for one lost while
+// the store's listener reconnected.
+const recheck = 10 * time.Second
 
 // Watch reads the vTPM of instance id (as Get) until seen reports false of
 // it, and returns it with changed set; when stop closes first, it returns

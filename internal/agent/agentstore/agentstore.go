@@ -50,12 +50,13 @@ func (r *Records) Heartbeat(ctx context.Context, hb agent.Heartbeat) error {
 	return agentError(r.st.Update(ctx, func(tx *store.Tx) error { return tx.Heartbeat(hb.Host, hb.Version) }))
 }
 
-// rereadEvery bounds how long a watch misses a commit made by another
-// process sharing a PostgreSQL database, whose commits do not wake it.
-// Every connected agent's watch rereads this often (three or four
-// statements), so with hundreds of hosts it is most of an idle server's
-// load: 10 s, until replicas wake each other (issue 14).
-const rereadEvery = 10 * time.Second
+// rereadEvery is how often a waiting watch reads again though nothing woke
+// it: commits of other processes sharing a PostgreSQL database wake it
+// through the store's notifications, so this is only the net for one
+// lost while the store's listener reconnected. Every connected agent's
+// watch rereads this often (three or four statements): with hundreds of
+// hosts it would otherwise be most of an idle server's load.
+const rereadEvery = 30 * time.Second
 
 // Watch implements agent.Records.
 func (r *Records) Watch(ctx context.Context, host string, since int64, wait time.Duration) (*agent.Changes, error) {
