@@ -87,7 +87,7 @@ func BenchmarkFanInAllInOne(b *testing.B) {
 			l.probe(b, probeHosts(b, func(name string) *agent.Agent {
 				return &agent.Agent{Host: name, Records: s.agents, Backend: &agenttest.RecordingBackend{}}
 			}))
-			a := &agent.Agent{Host: s.cfg.HostName, Capacity: 1 << 20, Records: s.agents, Backend: &agenttest.RecordingBackend{},
+			a := &agent.Agent{Host: s.cfg.HostName, Capacity: 100000, Records: s.agents, Backend: &agenttest.RecordingBackend{},
 				HeartbeatInterval: s.cfg.HeartbeatInterval}
 			if err := a.Register(ctx); err != nil {
 				b.Fatal(err)
@@ -291,7 +291,7 @@ func newFanIn(b *testing.B, agents int) *load {
 
 	newAgent := func(name string, inWatch *atomic.Int64) *agent.Agent {
 		c := client.New("https://"+addr, "").WithTLS(&tls.Config{RootCAs: roots, Certificates: []tls.Certificate{certs[name]}, MinVersion: tls.VersionTLS12})
-		return &agent.Agent{Host: name, Capacity: 1 << 20, Records: &watchCounter{Records: agentclient.New(c), inWatch: inWatch},
+		return &agent.Agent{Host: name, Capacity: 100000, Records: &watchCounter{Records: agentclient.New(c), inWatch: inWatch},
 			Backend: &agenttest.RecordingBackend{}}
 	}
 	// The probe's hosts are the only ones up: the others have not reported
