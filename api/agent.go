@@ -85,6 +85,8 @@ type AgentVTPM struct {
 	// SwtpmPID is the swtpm process serving it, as the agent last
 	// reported; absent when none runs or vtpmd does not run it.
 	SwtpmPID int `json:"swtpm_pid,omitempty"`
+	// GuestConnected says a client held its control channel.
+	GuestConnected bool `json:"guest_connected,omitempty"`
 	// Generation increases with every change; a report on an older one is
 	// refused (409).
 	Generation int64 `json:"generation"`
@@ -147,14 +149,17 @@ type AgentEvent struct {
 // /v1/agent/vtpms/{id}): taken only if the record is still at Generation
 // of Incarnation.
 type AgentReport struct {
-	Incarnation string     `json:"incarnation"`
-	Generation  int64      `json:"generation"`
-	Phase       string     `json:"phase"`
-	Reason      string     `json:"reason,omitempty"`
-	EKs         []AgentEK  `json:"eks"`
-	Sockets     *Sockets   `json:"sockets,omitempty"`
-	SwtpmPID    int        `json:"swtpm_pid,omitempty"`
-	Event       AgentEvent `json:"event"`
+	Incarnation string    `json:"incarnation"`
+	Generation  int64     `json:"generation"`
+	Phase       string    `json:"phase"`
+	Reason      string    `json:"reason,omitempty"`
+	EKs         []AgentEK `json:"eks"`
+	Sockets     *Sockets  `json:"sockets,omitempty"`
+	SwtpmPID    int       `json:"swtpm_pid,omitempty"`
+	// GuestConnected says a client (a guest's QEMU) holds its control
+	// channel.
+	GuestConnected bool       `json:"guest_connected,omitempty"`
+	Event          AgentEvent `json:"event"`
 }
 
 // AgentDeletion is an agent's word that a vTPM's state is gone (POST

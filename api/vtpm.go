@@ -35,6 +35,10 @@ type VTPM struct {
 	// host's agent last recorded it; absent while none runs, and where
 	// vtpmd does not run it (libvirt's emulator mode, Xen, Hyper-V).
 	SwtpmPID int `json:"swtpm_pid,omitempty"`
+	// GuestConnected says a client (a guest's QEMU) held the vTPM's
+	// control channel when the host's agent last looked (every few
+	// seconds); always false where vtpmd does not run the swtpm.
+	GuestConnected bool `json:"guest_connected,omitempty"`
 	// Domain is the libvirt domain the vTPM is attached to, if any.
 	Domain string `json:"domain,omitempty"`
 	// Incarnation names this vTPM of the instance id: each vTPM an

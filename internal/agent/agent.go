@@ -388,8 +388,8 @@ func (a *Agent) run(ctx context.Context, v *Record) error {
 	if err != nil {
 		return a.fail(ctx, v, "running the vTPM", err)
 	}
-	sockets, pid := a.Backend.Sockets(v.InstanceID), a.pid(v.InstanceID)
-	if v.Phase == PhaseActive && (len(v.EKs) > 0 || len(eks) == 0) && v.Sockets == sockets && v.PID == pid {
+	sockets, pid, connected := a.Backend.Sockets(v.InstanceID), a.pid(v.InstanceID), a.connected(v.InstanceID)
+	if v.Phase == PhaseActive && (len(v.EKs) > 0 || len(eks) == 0) && v.Sockets == sockets && v.PID == pid && v.Connected == connected {
 		return nil // as recorded (a Xen stub domain makes its EK itself: none to record)
 	}
 	action := "started"
@@ -398,8 +398,12 @@ func (a *Agent) run(ctx context.Context, v *Record) error {
 		v.EKs, action = eks, "manufactured and started"
 	case v.Phase == PhaseActive && v.Sockets != sockets:
 		action = "sockets changed" // the host's --socket-dir moved, say
-	case v.Phase == PhaseActive:
+	case v.Phase == PhaseActive && v.PID != pid:
 		action = fmt.Sprintf("swtpm restarted (pid %d, was %d)", pid, v.PID)
+	case v.Phase == PhaseActive && connected:
+		action = "guest connected"
+	case v.Phase == PhaseActive:
+		action = "guest disconnected"
 	}
 	return a.setPhase(ctx, v, PhaseActive, "", action)
 }
@@ -466,9 +470,9 @@ func (a *Agent) setPhase(ctx context.Context, v *Record, p Phase, reason, action
 	v.Phase, v.Reason = p, reason
 	switch p {
 	case PhaseActive:
-		v.Sockets, v.PID = a.Backend.Sockets(v.InstanceID), a.pid(v.InstanceID)
+		v.Sockets, v.PID, v.Connected = a.Backend.Sockets(v.InstanceID), a.pid(v.InstanceID), a.connected(v.InstanceID)
 	case PhaseStopped, PhaseError, PhaseDeleting:
-		v.Sockets, v.PID = api.Sockets{}, 0
+		v.Sockets, v.PID, v.Connected = api.Sockets{}, 0, false
 	}
 	detail := string(p)
 	if reason != "" {
@@ -485,4 +489,11 @@ func (a *Agent) pid(instanceID string) int {
 		return s.PID(instanceID)
 	}
 	return 0
+}
+
+// connected says a client holds instanceID's vTPM's control channel, if
+// the backend can tell.
+func (a *Agent) connected(instanceID string) bool {
+	s, ok := a.Backend.(Server)
+	return ok && s.Connected(instanceID)
 }

@@ -30,11 +30,12 @@ type Backend interface {
 }
 
 // Server is a backend whose vTPMs are swtpm processes vtpmd runs: PID
-// names the one serving instanceID's vTPM, 0 for none. The agent records
-// it with the vTPM's observed state, and a change (swtpm restarted) as an
-// event.
+// names the one serving instanceID's vTPM, 0 for none; Connected says a
+// client (a guest's QEMU) holds its control channel. The agent records
+// both with the vTPM's observed state, and a change as an event.
 type Server interface {
 	PID(instanceID string) int
+	Connected(instanceID string) bool
 }
 
 // Drifter is a backend that can tell what on its host differs from the

@@ -28,7 +28,7 @@ type Records interface {
 	// Get reads instanceID's record; ErrNotFound if it has none.
 	Get(ctx context.Context, instanceID string) (*Record, error)
 	// Update records, with ev, what the agent observed of r (Phase,
-	// Reason, EKs, Sockets, PID: nothing else of r is taken) if no one changed
+	// Reason, EKs, Sockets, PID, Connected: nothing else of r is taken) if no one changed
 	// the record since r was read, and advances r.Generation. ErrConflict
 	// if someone did; ErrNotFound if r's vTPM is gone (deleted, or
 	// replaced by a new vTPM of the instance id).
@@ -117,6 +117,9 @@ type Record struct {
 	// it (Server.PID); 0 while it does not run or where vtpmd does not run
 	// it.
 	PID int
+	// Connected says a client (a guest's QEMU) held the vTPM's control
+	// channel when the agent last looked (Server.Connected).
+	Connected bool
 	// Generation increases with every change; Update refuses a stale one.
 	Generation int64
 }

@@ -368,6 +368,7 @@ func printVTPM(w io.Writer, format string, v api.VTPM) error {
 		{"DATA SOCKET", data},
 		{"CTRL SOCKET", ctrl},
 		{"SWTPM PID", pid},
+		{"GUEST CONNECTED", yesNo(v.GuestConnected)},
 		{"SECRET REF", v.SecretRef},
 		{"CREATED", v.CreatedAt.Format(time.RFC3339)},
 	})
@@ -397,4 +398,11 @@ func envOr(key, def string) string {
 		return v
 	}
 	return def
+}
+
+func yesNo(b bool) string {
+	if b {
+		return "yes"
+	}
+	return "no"
 }

@@ -301,6 +301,16 @@ func TestCluster(t *testing.T) {
 	if pcr0 := bootPCRs(t, filepath.Join(gdir, "console.log"))["sha256:0"]; len(pcr0) != 64 || strings.Trim(pcr0, "0") == "" {
 		t.Fatalf("the guest's PCR 0 = %q: the firmware measured nothing into its vTPM", pcr0)
 	}
+	c.eventually("the server reads the guest connected to its vTPM", func() error {
+		v, err := c.op.Get(ctx, gid)
+		if err == nil && !v.GuestConnected {
+			err = errors.New("not connected")
+		}
+		return err
+	})
+	if evs, err := c.op.Events(ctx, gid); err != nil || !slices.ContainsFunc(evs.Items, func(e api.Event) bool { return e.Action == "guest connected" }) {
+		t.Fatalf("the guest's vTPM's events: %+v %v", evs, err)
+	}
 	if tpms := guestTPM(t, lvc, dom); len(tpms) != 1 || tpms[0].Backend.External == nil {
 		t.Fatalf("the guest's TPM: %+v", tpms)
 	}

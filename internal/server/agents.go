@@ -128,7 +128,7 @@ func (s *Server) reportVTPM(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	rec.Phase, rec.Reason, rec.EKs = agent.Phase(req.Phase), req.Reason, agentEKs(req.EKs)
-	rec.Sockets, rec.PID = api.Sockets{}, req.SwtpmPID
+	rec.Sockets, rec.PID, rec.Connected = api.Sockets{}, req.SwtpmPID, req.GuestConnected
 	if req.Sockets != nil {
 		rec.Sockets = *req.Sockets
 	}
@@ -210,7 +210,7 @@ func truncateDetail(s string) string {
 func agentVTPM(rec *agent.Record) api.AgentVTPM {
 	out := api.AgentVTPM{InstanceID: rec.InstanceID, Incarnation: rec.Incarnation, Project: rec.Project, Spec: spec.APISpec(rec.Spec),
 		Host: rec.Host, Domain: rec.Domain, Desired: string(rec.Desired), Phase: string(rec.Phase), Reason: rec.Reason,
-		SecretRef: rec.SecretID, EKs: []api.AgentEK{}, SwtpmPID: rec.PID, Generation: rec.Generation}
+		SecretRef: rec.SecretID, EKs: []api.AgentEK{}, SwtpmPID: rec.PID, GuestConnected: rec.Connected, Generation: rec.Generation}
 	for _, ek := range rec.EKs {
 		out.EKs = append(out.EKs, api.AgentEK{Kind: ek.Kind, Handle: ek.Handle, NVIndex: ek.NVIndex, Public: ek.PublicDER, Certificate: ek.CertDER})
 	}

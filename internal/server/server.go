@@ -634,7 +634,7 @@ func (s *Server) openapi(w http.ResponseWriter, r *http.Request) error {
 func vtpmView(v *store.VTPM) api.VTPM {
 	out := api.VTPM{InstanceID: v.InstanceID, Project: v.Project, Spec: *spec.Resolution(&v.Spec).VTPM,
 		Host: v.Host, Desired: string(v.Desired), Phase: string(v.Phase), Reason: v.Reason, SecretRef: v.SecretID,
-		Domain: v.Domain, SwtpmPID: v.PID, Incarnation: v.Incarnation, CreatedAt: v.CreatedAt, UpdatedAt: v.UpdatedAt}
+		Domain: v.Domain, SwtpmPID: v.PID, GuestConnected: v.Connected, Incarnation: v.Incarnation, CreatedAt: v.CreatedAt, UpdatedAt: v.UpdatedAt}
 	if v.Sockets.Data != "" {
 		out.Sockets = &api.Sockets{Data: v.Sockets.Data, Ctrl: v.Sockets.Ctrl}
 	}

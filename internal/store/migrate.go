@@ -180,6 +180,9 @@ ALTER TABLE hosts ADD COLUMN drift_at TEXT NOT NULL DEFAULT '';`,
 	// The swtpm process serving a vTPM, as its agent last found it (0:
 	// none, or one vtpmd does not run).
 	15: `ALTER TABLE vtpms ADD COLUMN swtpm_pid INTEGER NOT NULL DEFAULT 0;`,
+	// Whether a client (a guest's QEMU) held the vTPM's control channel
+	// when its agent last looked (1) or not (0).
+	16: `ALTER TABLE vtpms ADD COLUMN guest_connected INTEGER NOT NULL DEFAULT 0;`,
 }
 
 func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)-1) }

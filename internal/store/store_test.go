@@ -123,7 +123,7 @@ func TestVTPMLifecycle(t *testing.T) {
 
 		// An update from a stale read is refused.
 		stale := *got
-		got.Phase, got.Sockets, got.PID = PhaseActive, Sockets{Data: "/d", Ctrl: "/d.ctrl"}, 4343
+		got.Phase, got.Sockets, got.PID, got.Connected = PhaseActive, Sockets{Data: "/d", Ctrl: "/d.ctrl"}, 4343, true
 		if err := s.Update(ctx, func(tx *Tx) error { return tx.UpdateVTPM(got) }); err != nil || got.Generation != 2 {
 			t.Fatalf("update: %v, generation %d", err, got.Generation)
 		}
@@ -139,7 +139,7 @@ func TestVTPMLifecycle(t *testing.T) {
 			t.Fatal(err)
 		}
 		s.db = s2.db // the cleanup checks and closes the reopened database
-		if err := s2.View(ctx, func(tx *Tx) (err error) { got, err = tx.GetVTPM("i-1"); return }); err != nil || got.Phase != PhaseActive || got.Sockets.Ctrl != "/d.ctrl" || got.PID != 4343 {
+		if err := s2.View(ctx, func(tx *Tx) (err error) { got, err = tx.GetVTPM("i-1"); return }); err != nil || got.Phase != PhaseActive || got.Sockets.Ctrl != "/d.ctrl" || got.PID != 4343 || !got.Connected {
 			t.Fatalf("after reopen: %+v, %v", got, err)
 		}
 		if err := s2.Update(ctx, func(tx *Tx) error { return tx.DeleteVTPM("i-1") }); err != nil {

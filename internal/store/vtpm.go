@@ -75,6 +75,9 @@ type VTPM struct {
 	// vTPM on its host; 0 while it does not run, and where vtpmd does not
 	// run it (libvirt's own swtpm, a Xen stub domain).
 	PID int
+	// Connected says a client (a guest's QEMU) held the vTPM's control
+	// channel when its agent last looked.
+	Connected bool
 	// Generation increases with every update; UpdateVTPM refuses a stale one.
 	Generation int64
 	// Incarnation tells this vTPM from the earlier ones of the same
@@ -90,7 +93,7 @@ type VTPM struct {
 }
 
 const vtpmColumns = `instance_id, project, version, model, secret_security, hypervisor, keys, host,
-	desired, phase, reason, secret_id, eks, domain, data_socket, ctrl_socket, swtpm_pid, generation, incarnation, revision, created_at, updated_at`
+	desired, phase, reason, secret_id, eks, domain, data_socket, ctrl_socket, swtpm_pid, guest_connected, generation, incarnation, revision, created_at, updated_at`
 
 // CreateVTPM inserts v with generation 1 and a new Incarnation; ErrExists
 // if the instance has a vTPM.
@@ -121,9 +124,9 @@ func (t *Tx) CreateVTPM(v *VTPM) error {
 	}
 	v.Incarnation = hex.EncodeToString(incarnation)
 	v.Generation, v.Revision, v.CreatedAt, v.UpdatedAt = 1, revision, t.now, t.now
-	_, err = t.exec(`INSERT INTO vtpms (`+vtpmColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
+	_, err = t.exec(`INSERT INTO vtpms (`+vtpmColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
 		v.InstanceID, v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, v.Host,
-		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Sockets.Data, v.Sockets.Ctrl, v.PID, v.Generation, v.Incarnation, v.Revision, stamp(t.now), stamp(t.now))
+		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Sockets.Data, v.Sockets.Ctrl, v.PID, boolInt(v.Connected), v.Generation, v.Incarnation, v.Revision, stamp(t.now), stamp(t.now))
 	if err == nil {
 		t.changed = append(t.changed, topic{name: v.InstanceID})
 	}
@@ -161,10 +164,10 @@ func (t *Tx) UpdateVTPM(v *VTPM) error {
 		return err
 	}
 	_, err = t.exec(`UPDATE vtpms SET project=?, version=?, model=?, secret_security=?, hypervisor=?, keys=?, host=?,
-		desired=?, phase=?, reason=?, secret_id=?, eks=?, domain=?, data_socket=?, ctrl_socket=?, swtpm_pid=?, generation=generation+1, revision=?, updated_at=?
+		desired=?, phase=?, reason=?, secret_id=?, eks=?, domain=?, data_socket=?, ctrl_socket=?, swtpm_pid=?, guest_connected=?, generation=generation+1, revision=?, updated_at=?
 		WHERE instance_id=?`,
 		v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, v.Host,
-		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Sockets.Data, v.Sockets.Ctrl, v.PID, revision, stamp(t.now), v.InstanceID)
+		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Sockets.Data, v.Sockets.Ctrl, v.PID, boolInt(v.Connected), revision, stamp(t.now), v.InstanceID)
 	if err != nil {
 		return err
 	}
@@ -286,11 +289,13 @@ func (t *Tx) CountVTPMs() (map[string]int, error) {
 func scanVTPM(row interface{ Scan(...any) error }) (*VTPM, error) {
 	var v VTPM
 	var keys, eks, created, updated string
+	var connected int
 	err := row.Scan(&v.InstanceID, &v.Project, &v.Spec.Version, &v.Spec.Model, &v.Spec.SecretSecurity, &v.Spec.Hypervisor,
-		&keys, &v.Host, &v.Desired, &v.Phase, &v.Reason, &v.SecretID, &eks, &v.Domain, &v.Sockets.Data, &v.Sockets.Ctrl, &v.PID, &v.Generation, &v.Incarnation, &v.Revision, &created, &updated)
+		&keys, &v.Host, &v.Desired, &v.Phase, &v.Reason, &v.SecretID, &eks, &v.Domain, &v.Sockets.Data, &v.Sockets.Ctrl, &v.PID, &connected, &v.Generation, &v.Incarnation, &v.Revision, &created, &updated)
 	if err != nil {
 		return nil, err
 	}
+	v.Connected = connected != 0
 	if err := json.Unmarshal([]byte(keys), &v.Spec.Keys); err != nil {
 		return nil, fmt.Errorf("decoding keys of %s: %w", v.InstanceID, err)
 	}

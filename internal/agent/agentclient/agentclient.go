@@ -72,7 +72,7 @@ func (r *Records) Get(ctx context.Context, instanceID string) (*agent.Record, er
 // Update implements agent.Records.
 func (r *Records) Update(ctx context.Context, rec *agent.Record, ev agent.Event) error {
 	rep := api.AgentReport{Incarnation: rec.Incarnation, Generation: rec.Generation, Phase: string(rec.Phase), Reason: rec.Reason,
-		EKs: apiEKs(rec.EKs), SwtpmPID: rec.PID, Event: api.AgentEvent{Action: ev.Action, Detail: ev.Detail}}
+		EKs: apiEKs(rec.EKs), SwtpmPID: rec.PID, GuestConnected: rec.Connected, Event: api.AgentEvent{Action: ev.Action, Detail: ev.Detail}}
 	if rec.Sockets != (api.Sockets{}) {
 		rep.Sockets = &rec.Sockets
 	}
@@ -129,7 +129,7 @@ func agentError(err error) error {
 func record(v api.AgentVTPM) *agent.Record {
 	r := &agent.Record{InstanceID: v.InstanceID, Incarnation: v.Incarnation, Project: v.Project, Spec: spec.FromAPI(v.Spec), Host: v.Host,
 		Domain: v.Domain, Desired: agent.Desired(v.Desired), Phase: agent.Phase(v.Phase), Reason: v.Reason, SecretID: v.SecretRef,
-		PID: v.SwtpmPID, Generation: v.Generation}
+		PID: v.SwtpmPID, Connected: v.GuestConnected, Generation: v.Generation}
 	if v.Sockets != nil {
 		r.Sockets = *v.Sockets
 	}

@@ -146,7 +146,7 @@ func (r *Records) Update(ctx context.Context, rec *agent.Record, ev agent.Event)
 			return refusal.Invalid(api.CodeInvalidParameter, "A vTPM's endorsement keys never change once recorded.")
 		}
 		v.Phase, v.Reason, v.EKs = store.Phase(rec.Phase), rec.Reason, eks
-		v.Sockets, v.PID = store.Sockets{Data: rec.Sockets.Data, Ctrl: rec.Sockets.Ctrl}, rec.PID
+		v.Sockets, v.PID, v.Connected = store.Sockets{Data: rec.Sockets.Data, Ctrl: rec.Sockets.Ctrl}, rec.PID, rec.Connected
 		if err := tx.UpdateVTPM(v); err != nil {
 			return err
 		}
@@ -336,7 +336,7 @@ func changes(ch *store.Changes) *agent.Changes {
 func record(v *store.VTPM) *agent.Record {
 	r := &agent.Record{InstanceID: v.InstanceID, Incarnation: v.Incarnation, Project: v.Project, Spec: v.Spec, Host: v.Host,
 		Domain: v.Domain, Desired: agent.Desired(v.Desired), Phase: agent.Phase(v.Phase), Reason: v.Reason, SecretID: v.SecretID,
-		Sockets: api.Sockets{Data: v.Sockets.Data, Ctrl: v.Sockets.Ctrl}, PID: v.PID, Generation: v.Generation}
+		Sockets: api.Sockets{Data: v.Sockets.Data, Ctrl: v.Sockets.Ctrl}, PID: v.PID, Connected: v.Connected, Generation: v.Generation}
 	for _, ek := range v.EKs {
 		r.EKs = append(r.EKs, agent.EK{Kind: ek.Kind, Handle: ek.Handle, NVIndex: ek.NVIndex, PublicDER: ek.PublicDER, CertDER: ek.CertDER})
 	}

@@ -44,6 +44,9 @@ func (b *Backend) Sockets(id string) api.Sockets { return b.rt.Sockets(id) }
 // PID implements agent.Server.
 func (b *Backend) PID(id string) int { return b.rt.Running(id) }
 
+// Connected implements agent.Server.
+func (b *Backend) Connected(id string) bool { return b.rt.Connected(id) }
+
 // Ensure implements agent.Backend.
 func (b *Backend) Ensure(ctx context.Context, v agent.VTPM, secret []byte) ([]agent.EK, error) {
 	return b.rt.Ensure(ctx, v, secret)

@@ -213,6 +213,12 @@ func (b *Backend) PID(id string) int {
 	return 0
 }
 
+// Connected implements agent.Server: whether the guest's QEMU holds
+// vtpmd's swtpm in external mode; in emulator mode, not vtpmd's to tell.
+func (b *Backend) Connected(id string) bool {
+	return b.cfg.Mode == External && b.cfg.Swtpm.Connected(id)
+}
+
 // stateDir is where libvirt keeps the swtpm state of domain uuid.
 func (b *Backend) stateDir(uuid string) string { return filepath.Join(b.cfg.StateRoot, uuid) }
 

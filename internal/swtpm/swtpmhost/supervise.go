@@ -103,6 +103,13 @@ type clients struct {
 // client that connects meanwhile only makes a probe wait and prove nothing.
 const clientsFresh = time.Second
 
+// Connected says a client (a guest's QEMU) holds the control channel of
+// id's vTPM, as read at most a second ago.
+func (r *Runtime) Connected(id string) bool {
+	held, err := r.clients.get()
+	return err == nil && held[r.Sockets(id).Ctrl]
+}
+
 func (c *clients) get() (map[string]bool, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
