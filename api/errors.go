@@ -54,6 +54,11 @@ const (
 	// CodeStorageFull (507): the server's disk is full; nothing was
 	// changed.
 	CodeStorageFull Code = "storage_full"
+	// CodeStoreUnavailable (503, with Retry-After): the server cannot
+	// reach its database (PostgreSQL down, failing over, or out of
+	// connections); the request was not carried out, and may be repeated
+	// as it is. Any route that reads or writes the store answers so.
+	CodeStoreUnavailable Code = "store_unavailable"
 	// CodeInternal (500): a fault of the server, which logs it; the
 	// message says nothing more.
 	CodeInternal Code = "internal"

@@ -15,7 +15,9 @@ import (
 //   - Making: the secret first, then the record. A record never names a
 //     secret that does not exist. If the record cannot be committed the
 //     secret is deleted again; a crash in between leaves an orphan secret,
-//     which vtpmd reclaims when it starts.
+//     which vtpmd reclaims when it starts, and so does a commit whose
+//     outcome is unknown (the database went away while committing): the
+//     secret is kept, since the record may name it.
 //   - Destroying: first commit the change after which no record can use
 //     the secret any more (a vTPM marked deleted: no one may point it at
 //     another secret or start it), then shred the secret at once, in the
@@ -26,19 +28,31 @@ import (
 
 // CreateRecorded stores payload as a new secret of project, then calls
 // record with its id, which must commit whatever names the secret. If
-// record fails the secret is deleted again and record's error returned.
+// record fails the secret is deleted again and record's error returned,
+// unless the error says the commit may have happened (MaybeCommitted).
 func CreateRecorded(ctx context.Context, kr Keyring, project string, payload []byte, record func(id string) error) (string, error) {
 	id, err := kr.Create(ctx, project, payload)
 	if err != nil {
 		return "", fmt.Errorf("creating secret: %w", err)
 	}
 	if err := record(id); err != nil {
+		var mc maybeCommitted
+		if errors.As(err, &mc) && mc.MaybeCommitted() {
+			return "", err
+		}
 		if derr := Shred(ctx, kr, id); derr != nil {
 			return "", errors.Join(err, derr)
 		}
 		return "", err
 	}
 	return id, nil
+}
+
+// maybeCommitted is an error of a commit whose outcome is unknown
+// (*store.UnavailableError).
+type maybeCommitted interface {
+	error
+	MaybeCommitted() bool
 }
 
 // ShredRecorded calls commit, which must commit a change after which no

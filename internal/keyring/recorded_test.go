@@ -5,9 +5,12 @@ import (
 	"errors"
 	"path/filepath"
 	"testing"
+
+	"github.com/vtpmd/vtpmd/internal/store"
 )
 
-// TestRecorded: a secret whose record fails is deleted again; a secret is
+// TestRecorded: a secret whose record fails is deleted again, unless the
+// record's commit may have happened after all; a secret is
 // shredded only after its commit succeeded, also when the caller's context
 // is already cancelled; shredding what is gone is no error.
 func TestRecorded(t *testing.T) {
@@ -24,6 +27,15 @@ func TestRecorded(t *testing.T) {
 	}
 	if _, err := kr.Get(ctx, made); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("the secret of a failed record is still there: %v", err)
+	}
+
+	unknown := &store.UnavailableError{Err: errors.New("connection reset"), Committing: true}
+	_, err = CreateRecorded(ctx, kr, "p1", []byte("k"), func(id string) error { made = id; return unknown })
+	if !errors.Is(err, store.ErrUnavailable) {
+		t.Fatalf("CreateRecorded with a commit of unknown outcome: %v", err)
+	}
+	if _, err := kr.Get(ctx, made); err != nil {
+		t.Fatalf("the secret of a record that may have committed was deleted: %v", err)
 	}
 
 	id, err := CreateRecorded(ctx, kr, "p1", []byte("k"), func(string) error { return nil })

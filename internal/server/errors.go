@@ -59,6 +59,10 @@ func toAPIError(err error, log *slog.Logger, r *http.Request) *APIError {
 		return &APIError{http.StatusConflict, api.CodeAlreadyExists, "This instance already has a vTPM."}
 	case errors.Is(err, store.ErrConflict):
 		return &APIError{http.StatusConflict, api.CodeConflict, "The vTPM changed while the request ran; retry it."}
+	case errors.Is(err, store.ErrUnavailable):
+		// Logged once per request: the operator sees the outage.
+		log.Warn("request failed: store unavailable", "method", r.Method, "path", r.URL.Path, "err", err)
+		return &APIError{http.StatusServiceUnavailable, api.CodeStoreUnavailable, "The server cannot reach its database; the request was not carried out. Retry it shortly."}
 	case errors.Is(err, store.ErrFull), errors.Is(err, syscall.ENOSPC):
 		// Logged: the operator must free space. Nothing was changed.
 		log.Error("request failed: disk full", "method", r.Method, "path", r.URL.Path, "err", err)
@@ -79,6 +83,9 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 func writeError(w http.ResponseWriter, e *APIError) {
 	if e.Status == http.StatusUnauthorized {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="vtpmd attestation agent"`)
+	}
+	if e.Code == api.CodeStoreUnavailable {
+		w.Header().Set("Retry-After", "1")
 	}
 	writeJSON(w, e.Status, api.ErrorBody{Error: api.Error{Code: e.Code, Message: e.Message}})
 }

@@ -13,4 +13,36 @@ var (
 	// PostgreSQL's 53100 disk_full, or ENOSPC); nothing was written. Every
 	// error of Update and View that says so wraps it.
 	ErrFull = errors.New("the store's disk is full")
+	// ErrUnavailable: the database could not be reached, or not in time:
+	// PostgreSQL refused or dropped the connection, is shutting down or
+	// starting, has no connection slot left, or no connection came free
+	// within connWait; SQLite stayed locked past its busy timeout. The
+	// same call may succeed once the database is back. Every error of
+	// Update and View that says so is an *UnavailableError.
+	ErrUnavailable = errors.New("the store's database is unavailable")
 )
+
+// UnavailableError is an ErrUnavailable. A transaction it ends did not
+// commit, unless the connection was lost while committing: then
+// MaybeCommitted says that it may have.
+type UnavailableError struct {
+	Err        error
+	Committing bool // the connection was lost during COMMIT
+}
+
+func (e *UnavailableError) Error() string {
+	if e.Committing {
+		return "the store's database became unavailable while committing (the transaction may have committed): " + e.Err.Error()
+	}
+	return "the store's database is unavailable: " + e.Err.Error()
+}
+
+func (e *UnavailableError) Unwrap() error { return e.Err }
+
+// Is makes errors.Is(err, ErrUnavailable) hold.
+func (e *UnavailableError) Is(target error) bool { return target == ErrUnavailable }
+
+// MaybeCommitted reports whether the transaction may have committed all
+// the same: what it wrote must not be undone elsewhere (a secret its
+// record names shredded), though it may not be there either.
+func (e *UnavailableError) MaybeCommitted() bool { return e.Committing }

@@ -9,10 +9,13 @@ package store
 import (
 	"context"
 	"database/sql"
+	"database/sql/driver"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"math/rand/v2"
+	"net"
 	"net/url"
 	"os"
 	"strconv"
@@ -230,8 +233,12 @@ func (s *Store) run(ctx context.Context, readOnly bool, fn func(*Tx) error) erro
 			return fmt.Errorf("%w: %w", ErrConflict, err)
 		}
 		if !lost {
-			if full(err) && !errors.Is(err, ErrFull) {
+			var ue *UnavailableError
+			switch {
+			case full(err) && !errors.Is(err, ErrFull):
 				err = fmt.Errorf("%w: %w", ErrFull, err)
+			case unreachable(err) && !errors.As(err, &ue) && ctx.Err() == nil:
+				err = &UnavailableError{Err: err}
 			}
 			return err
 		}
@@ -261,6 +268,69 @@ func full(err error) bool {
 	return false
 }
 
+// unreachable reports whether err says the database could not be
+// reached: a connection refused, reset or lost, PostgreSQL shutting down,
+// starting or out of connection slots (SQLSTATE class 08, 57P01–57P03,
+// 53300), no connection in time (connWait), or SQLite locked past its
+// busy timeout.
+func unreachable(err error) bool {
+	var ce *pgconn.ConnectError
+	var pe *pgconn.PgError
+	var ne net.Error
+	var le *sqlite.Error
+	switch {
+	case errors.As(err, &pe):
+		return strings.HasPrefix(pe.Code, "08") || pe.Code == "57P01" || pe.Code == "57P02" || pe.Code == "57P03" || pe.Code == "53300"
+	case errors.As(err, &le):
+		return le.Code()&0xff == sqlite3.SQLITE_BUSY
+	}
+	return errors.As(err, &ce) || errors.As(err, &ne) || errors.Is(err, errNoConn) ||
+		errors.Is(err, driver.ErrBadConn) || errors.Is(err, sql.ErrConnDone) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+}
+
+// connWait bounds how long a transaction waits for its connection: for
+// PostgreSQL to accept a new one, or for one of the pool's to come free.
+// Past it the store is unavailable (ErrUnavailable), as when down.
+const connWait = 10 * time.Second
+
+// errNoConn is a wait for a connection that outlasted connWait.
+var errNoConn = fmt.Errorf("no database connection within %v", connWait)
+
+// conn takes a connection for one transaction, waiting at most connWait.
+func (s *Store) conn(ctx context.Context) (*sql.Conn, error) {
+	wait, cancel := context.WithTimeout(ctx, connWait)
+	defer cancel()
+	c, err := s.db.Conn(wait)
+	if err != nil && ctx.Err() == nil && wait.Err() != nil {
+		err = fmt.Errorf("%w: %w", errNoConn, err)
+	}
+	return c, err
+}
+
+// begin begins a transaction on a connection of its own. A pooled
+// connection found dead before anything was sent (PostgreSQL restarted
+// since it was last used) is dropped and another taken, as database/sql
+// does for its own calls, so that the first transactions after an outage
+// do not fail for the connections it left behind.
+func (s *Store) begin(ctx context.Context, opts *sql.TxOptions) (*sql.Tx, *sql.Conn, error) {
+	const tries = 3
+	for try := 1; ; try++ {
+		conn, err := s.conn(ctx)
+		if err != nil {
+			return nil, nil, fmt.Errorf("connecting: %w", err)
+		}
+		tx, err := conn.BeginTx(ctx, opts)
+		if err == nil {
+			return tx, conn, nil
+		}
+		conn.Close() // a connection that failed is not used again
+		if try == tries || !errors.Is(err, driver.ErrBadConn) && !pgconn.SafeToRetry(err) {
+			return nil, nil, fmt.Errorf("beginning transaction: %w", err)
+		}
+	}
+}
+
 func (s *Store) runOnce(ctx context.Context, readOnly bool, fn func(*Tx) error) (err error) {
 	opts := &sql.TxOptions{ReadOnly: readOnly}
 	if s.pg {
@@ -270,10 +340,11 @@ func (s *Store) runOnce(ctx context.Context, readOnly bool, fn func(*Tx) error) 
 			opts.Isolation = sql.LevelSerializable
 		}
 	}
-	sqlTx, err := s.db.BeginTx(ctx, opts)
+	sqlTx, conn, err := s.begin(ctx, opts)
 	if err != nil {
-		return fmt.Errorf("beginning transaction: %w", err)
+		return err
 	}
+	defer conn.Close() // back to the pool
 	tx := &Tx{ctx: ctx, tx: sqlTx, now: s.now().UTC(), pg: s.pg, statements: &s.statements}
 	defer func() {
 		if p := recover(); p != nil {
@@ -287,10 +358,16 @@ func (s *Store) runOnce(ctx context.Context, readOnly bool, fn func(*Tx) error) 
 			sqlTx.Rollback()
 			return
 		}
-		if cerr := sqlTx.Commit(); cerr != nil {
-			err = fmt.Errorf("committing transaction: %w", cerr)
-		} else {
+		cerr := sqlTx.Commit()
+		switch {
+		case cerr == nil:
 			s.committed(tx.changed)
+		case unreachable(cerr) && ctx.Err() == nil:
+			// Whether PostgreSQL committed before the connection went
+			// is unknown.
+			err = &UnavailableError{Err: fmt.Errorf("committing transaction: %w", cerr), Committing: true}
+		default:
+			err = fmt.Errorf("committing transaction: %w", cerr)
 		}
 	}()
 	return fn(tx)

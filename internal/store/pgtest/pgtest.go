@@ -1,7 +1,8 @@
 // Package pgtest runs a throwaway PostgreSQL server for tests, from
 // Debian's packages: one per test process, reached over a unix socket
 // only, with a fresh database per test. As root it runs the server as the
-// postgres user (initdb refuses root).
+// postgres user (initdb refuses root). Halt and Resume stop and start it
+// again, its databases kept, for tests of an outage.
 package pgtest
 
 import (
@@ -29,6 +30,9 @@ var (
 	startErr error
 	stop     func()
 	next     atomic.Int64
+	// pgCtl runs pg_ctl with args, as the server's user.
+	pgCtl func(args ...string) error
+	halted bool // by Halt, until Resume
 )
 
 // DSN returns the connection string of a fresh, empty database, dropped
@@ -107,12 +111,51 @@ func start() {
 	if startErr = run("initdb", "-D", data, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"); startErr != nil {
 		return
 	}
-	opts := fmt.Sprintf("-c listen_addresses='' -k %s -p %d -c fsync=off -c max_connections=200", dir, port)
-	if startErr = run("pg_ctl", "-D", data, "-o", opts, "-l", filepath.Join(dir, "log"), "-w", "start"); startErr != nil {
+	pgCtl = func(args ...string) error { return run("pg_ctl", append([]string{"-D", data}, args...)...) }
+	if startErr = up(); startErr != nil {
 		return
 	}
 	stop = func() {
-		run("pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
+		pgCtl("-m", "immediate", "-w", "stop")
 		os.RemoveAll(dir)
 	}
+}
+
+// up starts the server on its data directory and waits until it takes
+// connections.
+func up() error {
+	opts := fmt.Sprintf("-c listen_addresses='' -k %s -p %d -c fsync=off -c max_connections=200", dir, port)
+	return pgCtl("-o", opts, "-l", filepath.Join(dir, "log"), "-w", "start")
+}
+
+// Halt stops the server as an outage would: a fast shutdown, which ends
+// every connection (clients read "terminating connection due to
+// administrator command") and refuses new ones, the databases kept,
+// until Resume (or the test's end). No other test of its process may use
+// PostgreSQL meanwhile: none runs in parallel with it.
+func Halt(t testing.TB) {
+	t.Helper()
+	once.Do(start)
+	if startErr != nil {
+		citest.Missing(t, "PostgreSQL: %v", startErr)
+	}
+	if err := pgCtl("-m", "fast", "-w", "stop"); err != nil {
+		t.Fatal(err)
+	}
+	halted = true
+	t.Cleanup(func() {
+		if halted {
+			Resume(t)
+		}
+	})
+}
+
+// Resume starts the server Halt stopped and waits until it takes
+// connections.
+func Resume(t testing.TB) {
+	t.Helper()
+	if err := up(); err != nil {
+		t.Fatal(err)
+	}
+	halted = false
 }

@@ -1,0 +1,69 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/vtpmd/vtpmd/internal/store/pgtest"
+)
+
+// TestPostgresOutage stops PostgreSQL under two stores: every transaction
+// fails with ErrUnavailable and writes nothing; once it is back, the next
+// ones succeed, and each store's listener is back too: it wakes every
+// waiter once (notifications were missed), and other stores' commits wake
+// them again.
+func TestPostgresOutage(t *testing.T) {
+	a, reopen := engines[1].open(t) // PostgreSQL
+	b, err := reopen()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	<-b.listened
+	ctx := context.Background()
+	putHosts(t, a, "h1")
+	if err := a.Update(ctx, func(tx *Tx) error { return tx.CreateVTPM(sample("i-1", "p1", "h1")) }); err != nil {
+		t.Fatal(err)
+	}
+	missed := b.VTPMChanged("i-7") // no commit changes i-7: only the reconnect wakes it
+
+	pgtest.Halt(t)
+	create := func(tx *Tx) error { return tx.CreateVTPM(sample("i-2", "p1", "h1")) }
+	for name, err := range map[string]error{
+		"Update": a.Update(ctx, create),
+		"View":   b.View(ctx, func(tx *Tx) error { _, err := tx.GetVTPM("i-1"); return err }),
+	} {
+		var ue *UnavailableError
+		if !errors.Is(err, ErrUnavailable) || !errors.As(err, &ue) || ue.MaybeCommitted() {
+			t.Fatalf("%s while PostgreSQL is down: %v, want ErrUnavailable, not committing", name, err)
+		}
+	}
+	pgtest.Resume(t)
+
+	if err := a.Update(ctx, create); err != nil {
+		t.Fatalf("the first transaction after PostgreSQL came back: %v", err)
+	}
+	select {
+	case <-missed:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the listener did not come back, or woke no one when it did")
+	}
+	woken := b.VTPMChanged("i-3")
+	if err := a.Update(ctx, func(tx *Tx) error { return tx.CreateVTPM(sample("i-3", "p1", "h1")) }); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-woken:
+	case <-time.After(30 * time.Second):
+		t.Fatal("after the outage, another store's commit did not wake a waiter")
+	}
+	var vs []*VTPM
+	if err := b.View(ctx, func(tx *Tx) (err error) { vs, err = tx.ListVTPMs(Filter{}); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if len(vs) != 3 || vs[0].InstanceID != "i-1" || vs[1].InstanceID != "i-2" || vs[2].InstanceID != "i-3" {
+		t.Fatalf("after the outage the store holds %d vTPMs, want i-1, i-2 and i-3 once each", len(vs))
+	}
+}
