@@ -505,3 +505,47 @@ func TestDrift(t *testing.T) {
 		}
 	})
 }
+
+// TestRoom: a host's room is its capacity less the vTPMs placed on it,
+// whichever way they came or left; an unknown host is not found.
+func TestRoom(t *testing.T) {
+	onEngines(t, func(t *testing.T, open func(testing.TB) (*Store, func() (*Store, error))) {
+		ctx := context.Background()
+		s, _ := open(t)
+		putHosts(t, s, "h1", "h2") // capacity 10 each
+		room := func(host string) int {
+			t.Helper()
+			var n int
+			if err := s.View(ctx, func(tx *Tx) (err error) { n, err = tx.Room(host); return err }); err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+		err := s.Update(ctx, func(tx *Tx) error {
+			for _, id := range []string{"i-1", "i-2", "i-3"} {
+				if err := tx.CreateVTPM(sample(id, "p1", "h1")); err != nil {
+					return err
+				}
+			}
+			v, err := tx.GetVTPM("i-3")
+			if err != nil {
+				return err
+			}
+			v.Host = "h2"
+			if err := tx.UpdateVTPM(v); err != nil {
+				return err
+			}
+			return tx.DeleteVTPM("i-2")
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r1, r2 := room("h1"), room("h2"); r1 != 9 || r2 != 9 {
+			t.Fatalf("room: h1 %d, h2 %d; want 9 and 9", r1, r2)
+		}
+		err = s.View(ctx, func(tx *Tx) error { _, err := tx.Room("h9"); return err })
+		if !errors.Is(err, ErrNotFound) {
+			t.Fatalf("room of an unknown host: %v", err)
+		}
+	})
+}

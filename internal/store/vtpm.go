@@ -267,6 +267,22 @@ func (t *Tx) ListVTPMs(f Filter) ([]*VTPM, error) {
 	return out, rows.Err()
 }
 
+// Room is how many more vTPMs host may take: its capacity less the vTPMs
+// placed on it (0 or less when full); ErrNotFound if the host is unknown.
+// Read in the transaction that places one there, it keeps the host within
+// its capacity whatever runs at the same time: on PostgreSQL writes are
+// serializable, so of two transactions that each saw the last room and
+// placed a vTPM, one is aborted and runs again; SQLite runs one writer at
+// a time.
+func (t *Tx) Room(host string) (int, error) {
+	var room int
+	err := t.queryRow(`SELECT capacity - (SELECT COUNT(*) FROM vtpms WHERE host=?) FROM hosts WHERE name=?`, host, host).Scan(&room)
+	if err != nil {
+		return 0, fmt.Errorf("host %s: %w", host, notFound(err))
+	}
+	return room, nil
+}
+
 // CountVTPMs counts the vTPMs placed on each host.
 func (t *Tx) CountVTPMs() (map[string]int, error) {
 	rows, err := t.query(`SELECT host, COUNT(*) FROM vtpms GROUP BY host`)

@@ -14,6 +14,7 @@
 package vtpms
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -116,6 +117,12 @@ func specRequest(r api.ResolveRequest) spec.Request {
 // Duplicates and full fleets are refused before a secret exists; a create
 // racing another of the same instance loses at the record, and its secret
 // goes.
+//
+// Placement holds across servers sharing the store: the transaction that
+// records the vTPM checks that its host still has room (store.Tx.Room),
+// and when creates elsewhere took it since it was chosen, the vTPM is
+// placed again; when no host has room left, the create is refused with
+// no_valid_host.
 func (s *Service) Create(ctx context.Context, c tenant.Caller, req api.CreateVTPMRequest) (*store.VTPM, error) {
 	id, err := ParseInstanceID(req.InstanceID)
 	if err != nil {
@@ -138,8 +145,58 @@ func (s *Service) Create(ctx context.Context, c tenant.Caller, req api.CreateVTP
 			return nil, err
 		}
 	}
+	host, err := s.place(ctx, id, sp)
+	if err != nil {
+		return nil, err
+	}
 
-	var host spec.Host
+	payload, err := keyring.NewVTPMSecret()
+	if err != nil {
+		return nil, err
+	}
+	v := &store.VTPM{InstanceID: id, Project: project, Spec: *sp, Host: host,
+		Desired: store.DesiredRunning, Phase: store.PhasePending}
+	_, err = keyring.CreateRecorded(ctx, s.cfg.Keyring, project, payload, func(secretID string) error {
+		v.SecretID = secretID
+		// One create at a time in this process, which only spares them
+		// retries: on PostgreSQL concurrent creates abort each other's
+		// serializable transactions (their predicate locks share index
+		// pages), and each runs again. Across servers they do; Room keeps
+		// capacities all the same.
+		s.creating.Lock()
+		defer s.creating.Unlock()
+		for {
+			err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
+				if room, err := tx.Room(v.Host); err != nil || room <= 0 {
+					return cmp.Or(err, errTaken)
+				}
+				if err := tx.CreateVTPM(v); err != nil {
+					return err
+				}
+				return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: id, Action: "created",
+					Detail: fmt.Sprintf("TPM %s %s on host %s", sp.Version, sp.Model, v.Host)})
+			})
+			if !errors.Is(err, errTaken) {
+				return err
+			}
+			if v.Host, err = s.place(ctx, id, sp); err != nil {
+				return err
+			}
+		}
+	})
+	if err != nil {
+		return nil, fmt.Errorf("creating vTPM %s: %w", id, err)
+	}
+	return v, nil
+}
+
+// errTaken: the host chosen for a vTPM has no room left, taken by another
+// create since (Create places the vTPM again).
+var errTaken = errors.New("the host's last room was taken")
+
+// place chooses the host for a new vTPM of instance id with sp; the
+// instance must have none.
+func (s *Service) place(ctx context.Context, id string, sp *spec.Spec) (host string, err error) {
 	err = s.cfg.Store.View(ctx, func(tx *store.Tx) error {
 		if _, err := tx.GetVTPM(id); err == nil {
 			return store.ErrExists
@@ -150,38 +207,11 @@ func (s *Service) Create(ctx context.Context, c tenant.Caller, req api.CreateVTP
 		if err != nil {
 			return err
 		}
-		host, err = spec.Place(hosts, sp.RequiredTraits())
+		h, err := spec.Place(hosts, sp.RequiredTraits())
+		host = h.Name
 		return err
 	})
-	if err != nil {
-		return nil, err
-	}
-
-	payload, err := keyring.NewVTPMSecret()
-	if err != nil {
-		return nil, err
-	}
-	v := &store.VTPM{InstanceID: id, Project: project, Spec: *sp, Host: host.Name,
-		Desired: store.DesiredRunning, Phase: store.PhasePending}
-	_, err = keyring.CreateRecorded(ctx, s.cfg.Keyring, project, payload, func(secretID string) error {
-		v.SecretID = secretID
-		// One create at a time in this process: on PostgreSQL concurrent
-		// creates abort each other's serializable transactions (their
-		// predicate locks share index pages) until they give up.
-		s.creating.Lock()
-		defer s.creating.Unlock()
-		return s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
-			if err := tx.CreateVTPM(v); err != nil {
-				return err
-			}
-			return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: id, Action: "created",
-				Detail: fmt.Sprintf("TPM %s %s on host %s", sp.Version, sp.Model, host.Name)})
-		})
-	})
-	if err != nil {
-		return nil, fmt.Errorf("creating vTPM %s: %w", id, err)
-	}
-	return v, nil
+	return host, err
 }
 
 // candidates are the registered hosts with their free capacity and state.

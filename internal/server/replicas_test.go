@@ -1,0 +1,187 @@
+package server
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/agent/agentstore"
+	"github.com/vtpmd/vtpmd/internal/ca"
+	"github.com/vtpmd/vtpmd/internal/enrol"
+	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/secrets"
+	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/store"
+	"github.com/vtpmd/vtpmd/internal/store/pgtest"
+	"github.com/vtpmd/vtpmd/internal/verifier"
+	"github.com/vtpmd/vtpmd/internal/vtpms"
+)
+
+// replicas runs n API servers, each on a store of its own on one fresh
+// PostgreSQL database, as n vtpmd server processes would, with one key
+// manager between them; it returns the store of the first and a client of
+// each server's operator socket. Hosts are judged up for an hour after
+// their last heartbeat, so that none goes down while a test runs.
+func replicas(t *testing.T, n int) (*store.Store, *keyring.Embedded, []*http.Client) {
+	t.Helper()
+	dsn := pgtest.DSN(t)
+	kr, err := keyring.OpenEmbedded(filepath.Join(t.TempDir(), "keys"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	caKeys, err := keyring.OpenEmbedded(filepath.Join(t.TempDir(), "keys")) // so that kr holds only vTPMs' secrets
+	if err != nil {
+		t.Fatal(err)
+	}
+	hostCA, err := ca.Open(context.Background(), t.TempDir(), caKeys, ca.Options{CommonName: ca.HostCommonName})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var first *store.Store
+	var clients []*http.Client
+	for range n {
+		st, err := store.OpenPostgres(context.Background(), dsn, store.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { st.Close() })
+		if first == nil {
+			first = st
+		}
+		keys := secrets.New(st, kr, nil)
+		vs := vtpms.New(vtpms.Config{Store: st, Keyring: kr, Secrets: keys, HeartbeatWindow: time.Hour})
+		api := &Server{VTPMs: vs, Verifier: verifier.New(verifier.Config{Store: st, VTPMs: vs}), Secrets: keys,
+			CAChainPEM: func() []byte { return nil }, Enrolment: enrol.New(enrol.Config{Store: st, HostCA: hostCA}),
+			Agents: agentstore.New(st, kr, nil)}
+		clients = append(clients, operatorSocket(t, api.Handler()))
+	}
+	return first, kr, clients
+}
+
+// send sends one JSON request to a replica's operator socket and returns
+// its status and error code ("" for none).
+func send(t *testing.T, c *http.Client, method, path string, body any) (int, api.Code) {
+	t.Helper()
+	var b bytes.Buffer
+	if body != nil {
+		json.NewEncoder(&b).Encode(body)
+	}
+	req, _ := http.NewRequest(method, "http://vtpmd"+path, &b)
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Error(err)
+		return 0, ""
+	}
+	defer resp.Body.Close()
+	var e api.ErrorBody
+	if resp.StatusCode >= 400 {
+		json.NewDecoder(resp.Body).Decode(&e)
+	}
+	return resp.StatusCode, e.Error.Code
+}
+
+// TestPlacementAcrossReplicas sends 300 creates at once over three servers
+// on one PostgreSQL database, round robin, to hosts with room for 200:
+// 250 instances, 50 of them asked for twice, on two servers. Every create is
+// done (202) or refused with 409 no_valid_host, or already_exists for
+// one of a pair; no host holds more than its capacity, no instance has
+// two vTPMs, and exactly the created vTPMs have a secret and one
+// "created" event.
+func TestPlacementAcrossReplicas(t *testing.T) {
+	st, kr, clients := replicas(t, 3)
+	ctx := context.Background()
+	caps := spec.Capabilities{Enabled: true, Versions: []spec.Version{spec.V20}, Models: []spec.Model{spec.TIS, spec.CRB}}
+	capacity := map[string]int{"h1": 10, "h2": 20, "h3": 30, "h4": 60, "h5": 80}
+	err := st.Update(ctx, func(tx *store.Tx) error {
+		for name, n := range capacity {
+			if err := tx.PutHost(&store.Host{Name: name, Traits: spec.HostTraits(caps).List(), Capacity: n, Backend: "swtpm"}); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for range 250 {
+		ids = append(ids, uuid.NewString())
+	}
+	asks := append(append([]string{}, ids...), ids[:50]...)
+
+	type answer struct {
+		status int
+		code   api.Code
+	}
+	answers := make([]answer, len(asks))
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for i, id := range asks {
+		wg.Go(func() {
+			<-start
+			answers[i].status, answers[i].code = send(t, clients[i%len(clients)], "POST", "/v1/vtpms",
+				create(id, map[string]string{"hw:tpm_version": "2.0"}))
+		})
+	}
+	close(start)
+	wg.Wait()
+
+	created := map[string]int{}
+	counts := map[string]int{}
+	for i, a := range answers {
+		counts[fmt.Sprintf("%d %s", a.status, a.code)]++
+		switch {
+		case a.status == http.StatusAccepted:
+			created[asks[i]]++
+		case a.status == http.StatusConflict && a.code == api.CodeNoValidHost:
+		case a.status == http.StatusConflict && a.code == api.CodeAlreadyExists && (i < 50 || i >= len(ids)):
+		default:
+			t.Errorf("create %d of %s: %d %s", i, asks[i], a.status, a.code)
+		}
+	}
+	t.Logf("answers: %v", counts)
+	var vs []*store.VTPM
+	if err := st.View(ctx, func(tx *store.Tx) (err error) { vs, err = tx.ListVTPMs(store.Filter{}); return err }); err != nil {
+		t.Fatal(err)
+	}
+	onHost := map[string]int{}
+	secretIDs := map[string]bool{}
+	for _, v := range vs {
+		onHost[v.Host]++
+		secretIDs[v.SecretID] = true
+		if created[v.InstanceID] != 1 {
+			t.Errorf("instance %s has a vTPM, and %d creates of it were answered 202", v.InstanceID, created[v.InstanceID])
+		}
+		var evs []store.Event
+		if err := st.View(ctx, func(tx *store.Tx) (err error) { evs, err = tx.ListEvents(v.InstanceID, v.Incarnation); return err }); err != nil {
+			t.Fatal(err)
+		}
+		if len(evs) != 1 || evs[0].Action != "created" {
+			t.Errorf("instance %s's events: %+v, want one created", v.InstanceID, evs)
+		}
+	}
+	if len(vs) != 200 || len(created) != 200 {
+		t.Errorf("%d vTPMs recorded, %d instances answered 202; want 200 of each (the hosts' room, fewer than asked for)", len(vs), len(created))
+	}
+	for name, n := range capacity {
+		if onHost[name] != n {
+			t.Errorf("host %s holds %d vTPMs, capacity %d", name, onHost[name], n)
+		}
+	}
+	held, err := kr.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(held) != len(secretIDs) || len(secretIDs) != len(vs) {
+		t.Errorf("the key manager holds %d secrets, the vTPMs name %d distinct ones of %d: refused creates left theirs", len(held), len(secretIDs), len(vs))
+	}
+}
