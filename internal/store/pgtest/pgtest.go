@@ -31,7 +31,7 @@ var (
 	stop     func()
 	next     atomic.Int64
 	// pgCtl runs pg_ctl with args, as the server's user.
-	pgCtl func(args ...string) error
+	pgCtl  func(args ...string) error
 	halted bool // by Halt, until Resume
 )
 
