@@ -3,6 +3,7 @@ package server
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -183,5 +184,80 @@ func TestPlacementAcrossReplicas(t *testing.T) {
 	}
 	if len(held) != len(secretIDs) || len(secretIDs) != len(vs) {
 		t.Errorf("the key manager holds %d secrets, the vTPMs name %d distinct ones of %d: refused creates left theirs", len(held), len(secretIDs), len(vs))
+	}
+}
+
+// TestRefreshAcrossReplicas: an agent's long poll held on one server is
+// answered by a request for fresh evidence made through another, and a
+// request made while no agent waits is collected, once, from any server.
+func TestRefreshAcrossReplicas(t *testing.T) {
+	st, _, clients := replicas(t, 2)
+	ctx := context.Background()
+	caps := spec.Capabilities{Enabled: true, Versions: []spec.Version{spec.V20}, Models: []spec.Model{spec.TIS, spec.CRB}}
+	err := st.Update(ctx, func(tx *store.Tx) error {
+		return tx.PutHost(&store.Host{Name: "h1", Traits: spec.HostTraits(caps).List(), Capacity: 2, Backend: "swtpm"})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code, e := send(t, clients[0], "POST", "/v1/vtpms", create(inst, map[string]string{"hw:tpm_version": "2.0"})); code != 202 {
+		t.Fatalf("create: %d %s", code, e)
+	}
+	tokenHash := sha256.Sum256([]byte("agent-token"))
+	err = st.Update(ctx, func(tx *store.Tx) error {
+		return tx.PutAttestation(&store.Attestation{InstanceID: inst, RegisteredAt: time.Now().UTC(), Verdict: "pending", AgentTokenHash: tokenHash[:]})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := "http://vtpmd/v1/vtpms/" + inst + "/attestation/refresh"
+	poll := func(c *http.Client, wait string) (api.Refresh, error) {
+		var r api.Refresh
+		req, _ := http.NewRequest("GET", base+"?wait="+wait, nil)
+		req.Header.Set("Authorization", "Bearer agent-token")
+		resp, err := c.Do(req)
+		if err != nil {
+			return r, err
+		}
+		defer resp.Body.Close()
+		if resp.StatusCode != 200 {
+			return r, fmt.Errorf("long poll: %s", resp.Status)
+		}
+		return r, json.NewDecoder(resp.Body).Decode(&r)
+	}
+	ask := func(c *http.Client) api.Refresh {
+		t.Helper()
+		var r api.Refresh
+		resp, err := c.Post(base, "", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		if err := json.NewDecoder(resp.Body).Decode(&r); err != nil || resp.StatusCode != 202 {
+			t.Fatalf("refresh: %s %v", resp.Status, err)
+		}
+		return r
+	}
+
+	type polled struct {
+		r   api.Refresh
+		err error
+	}
+	got := make(chan polled)
+	go func() {
+		r, err := poll(clients[1], "60s")
+		got <- polled{r, err}
+	}()
+	time.Sleep(100 * time.Millisecond) // let the poll start waiting; it works either way
+	asked := ask(clients[0])
+	if p := <-got; p.err != nil || !p.r.Requested || !p.r.RequestedAt.Equal(asked.RequestedAt) {
+		t.Fatalf("the agent waiting on the other server got %+v, %v; want the request of %s", p.r, p.err, asked.RequestedAt)
+	}
+	asked = ask(clients[1])
+	for i, want := range []bool{true, false} {
+		r, err := poll(clients[0], "10ms")
+		if err != nil || r.Requested != want || want && !r.RequestedAt.Equal(asked.RequestedAt) {
+			t.Fatalf("poll %d after a request made through the other server: %+v, %v", i, r, err)
+		}
 	}
 }

@@ -148,8 +148,12 @@ func sortable(t time.Time) string { return t.UTC().Format(sortableLayout) }
 
 const sortableLayout = "2006-01-02T15:04:05.000000000Z"
 
-// DeleteAttestation removes an instance's attestation, if any.
+// DeleteAttestation removes an instance's attestation, if any, and a
+// request for fresh evidence waiting for its agent.
 func (t *Tx) DeleteAttestation(instanceID string) error {
-	_, err := t.exec(`DELETE FROM attestations WHERE instance_id=?`, instanceID)
+	if _, err := t.exec(`DELETE FROM attestations WHERE instance_id=?`, instanceID); err != nil {
+		return err
+	}
+	_, err := t.exec(`DELETE FROM refresh_requests WHERE subject=?`, instanceID)
 	return err
 }

@@ -183,6 +183,14 @@ ALTER TABLE hosts ADD COLUMN drift_at TEXT NOT NULL DEFAULT '';`,
 	// Whether a client (a guest's QEMU) held the vTPM's control channel
 	// when its agent last looked (1) or not (0).
 	16: `ALTER TABLE vtpms ADD COLUMN guest_connected INTEGER NOT NULL DEFAULT 0;`,
+	// Requests for fresh evidence (see AskRefresh), by attestation
+	// subject, until its agent collects them: any server may take the
+	// request, and any the agent's long poll.
+	19: `
+CREATE TABLE refresh_requests (
+	subject      TEXT PRIMARY KEY,
+	requested_at TEXT NOT NULL
+);`,
 }
 
 func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)-1) }

@@ -52,11 +52,19 @@ type Store struct {
 }
 
 // topic is what a waiter waits for a commit to change: one vTPM's record,
-// or the vTPMs placed on one host.
+// the vTPMs placed on one host, or the refresh requests of one
+// attestation subject.
 type topic struct {
-	host bool // name is a host's; else an instance id
+	kind byte // vtpmTopic, hostTopic or refreshTopic
 	name string
 }
+
+// The kinds of topic, each the letter notify.go sends it with.
+const (
+	vtpmTopic    = 'v' // name is an instance id
+	hostTopic    = 'h' // name is a host's
+	refreshTopic = 'r' // name is an attestation record's key
+)
 
 // VTPMChanged returns a channel that is closed when a transaction next
 // commits a change to vTPM id's record (made, updated or deleted), so that
@@ -65,7 +73,9 @@ type topic struct {
 // PostgreSQL, commits by other processes sharing the database close it
 // too, moments later (notify.go); one may be missed while the store's
 // listener reconnects, so a waiter still reads again now and then.
-func (s *Store) VTPMChanged(id string) <-chan struct{} { return s.wait(topic{name: id}) }
+func (s *Store) VTPMChanged(id string) <-chan struct{} {
+	return s.wait(topic{kind: vtpmTopic, name: id})
+}
 
 // HostChanged returns a channel that is closed when a transaction of this
 // Store next commits a change to any vTPM placed on host (created,
@@ -73,7 +83,7 @@ func (s *Store) VTPMChanged(id string) <-chan struct{} { return s.wait(topic{nam
 // WatchVTPMs, and wait on it for the next call. Other processes' commits
 // close it as they do VTPMChanged's.
 func (s *Store) HostChanged(host string) <-chan struct{} {
-	return s.wait(topic{host: true, name: host})
+	return s.wait(topic{kind: hostTopic, name: host})
 }
 
 func (s *Store) wait(k topic) <-chan struct{} {

@@ -128,7 +128,7 @@ func (t *Tx) CreateVTPM(v *VTPM) error {
 		v.InstanceID, v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, v.Host,
 		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Sockets.Data, v.Sockets.Ctrl, v.PID, boolInt(v.Connected), v.Generation, v.Incarnation, v.Revision, stamp(t.now), stamp(t.now))
 	if err == nil {
-		t.changed = append(t.changed, topic{name: v.InstanceID})
+		t.changed = append(t.changed, topic{kind: vtpmTopic, name: v.InstanceID})
 	}
 	return err
 }
@@ -178,7 +178,7 @@ func (t *Tx) UpdateVTPM(v *VTPM) error {
 	}
 	v.Generation++
 	v.Revision, v.UpdatedAt = revision, t.now
-	t.changed = append(t.changed, topic{name: v.InstanceID})
+	t.changed = append(t.changed, topic{kind: vtpmTopic, name: v.InstanceID})
 	return nil
 }
 
@@ -201,7 +201,7 @@ func (t *Tx) DeleteVTPM(instanceID string) error {
 		t.deleted = map[string]string{}
 	}
 	t.deleted[instanceID] = incarnation
-	t.changed = append(t.changed, topic{name: instanceID})
+	t.changed = append(t.changed, topic{kind: vtpmTopic, name: instanceID})
 	return nil
 }
 

@@ -114,7 +114,7 @@ func (t *Tx) revision(host string) (int64, error) {
 		t.revisions = map[string]int64{}
 	}
 	t.revisions[host] = rev
-	t.changed = append(t.changed, topic{host: true, name: host})
+	t.changed = append(t.changed, topic{kind: hostTopic, name: host})
 	return rev, nil
 }
 

@@ -34,13 +34,16 @@ func fromAgent(token string, a *store.Attestation) error {
 // registered reads the subject's attestation record, which must have a
 // registered AK.
 func (v *Verifier) registered(ctx context.Context, sub Subject) (a *store.Attestation, err error) {
-	err = v.cfg.Store.View(ctx, func(tx *store.Tx) (err error) {
-		a, err = tx.GetAttestation(sub.key)
-		if errors.Is(err, store.ErrNotFound) || err == nil && a.RegisteredAt.IsZero() {
-			return notRegistered(sub)
-		}
-		return err
-	})
+	err = v.cfg.Store.View(ctx, func(tx *store.Tx) (err error) { a, err = registeredIn(tx, sub); return err })
+	return a, err
+}
+
+// registeredIn is registered, read in tx.
+func registeredIn(tx *store.Tx, sub Subject) (*store.Attestation, error) {
+	a, err := tx.GetAttestation(sub.key)
+	if errors.Is(err, store.ErrNotFound) || err == nil && a.RegisteredAt.IsZero() {
+		return nil, notRegistered(sub)
+	}
 	return a, err
 }
 

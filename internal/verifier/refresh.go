@@ -2,60 +2,33 @@ package verifier
 
 import (
 	"context"
-	"sync"
 	"time"
+
+	"github.com/vtpmd/vtpmd/internal/store"
 )
 
-// refreshes are the requests for fresh evidence, per subject: one stays
-// pending until the subject's agent collects it. They live in this
-// process: an agent polls the server it attests to.
-type refreshes struct {
-	mu      sync.Mutex
-	pending map[string]time.Time
-	wake    map[string]chan struct{} // closed when a request comes
-}
+// Requests for fresh evidence live in the store (store.Tx.AskRefresh), so
+// that an agent's long poll on any server sharing it collects a request
+// any server took: a commit wakes the polls of every server sharing the
+// database at once (store.RefreshAsked).
 
-func (r *refreshes) ask(key string, at time.Time) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.pending == nil {
-		r.pending = map[string]time.Time{}
-	}
-	r.pending[key] = at
-	if ch := r.wake[key]; ch != nil {
-		close(ch)
-		delete(r.wake, key)
-	}
-}
-
-// take collects key's pending request, or returns the channel that is
-// closed when one comes.
-func (r *refreshes) take(key string) (time.Time, bool, <-chan struct{}) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if at, ok := r.pending[key]; ok {
-		delete(r.pending, key)
-		return at, true, nil
-	}
-	if r.wake == nil {
-		r.wake = map[string]chan struct{}{}
-	}
-	if r.wake[key] == nil {
-		r.wake[key] = make(chan struct{})
-	}
-	return time.Time{}, false, r.wake[key]
-}
+// recheckRefresh is how often a long poll looks for a request though
+// nothing woke it: the net for a wake-up lost while the store's listener
+// reconnected.
+const recheckRefresh = 10 * time.Second
 
 // RequestRefresh asks the subject's agent, which must have registered, for
 // fresh evidence now instead of at its next interval; it returns when it
 // was asked.
 func (v *Verifier) RequestRefresh(ctx context.Context, sub Subject) (time.Time, error) {
-	if _, err := v.registered(ctx, sub); err != nil {
-		return time.Time{}, err
-	}
 	at := v.now()
-	v.refreshes.ask(sub.key, at)
-	return at, nil
+	err := v.cfg.Store.Update(ctx, func(tx *store.Tx) error {
+		if _, err := registeredIn(tx, sub); err != nil {
+			return err
+		}
+		return tx.AskRefresh(sub.key, at)
+	})
+	return at, err
 }
 
 // AwaitRefresh is the subject's registered agent's wait for a request for
@@ -65,15 +38,25 @@ func (v *Verifier) AwaitRefresh(ctx context.Context, sub Subject, agentToken str
 	if err := v.Authorize(ctx, sub, agentToken); err != nil {
 		return time.Time{}, false, err
 	}
-	at, ok, ch := v.refreshes.take(sub.key)
-	if ok {
-		return at, true, nil
+	for {
+		// Listen, then look, so that a request between the two is not
+		// missed.
+		asked := v.cfg.Store.RefreshAsked(sub.key)
+		err := v.cfg.Store.Update(ctx, func(tx *store.Tx) (err error) {
+			at, requested, err = tx.TakeRefresh(sub.key)
+			return err
+		})
+		if err != nil || requested {
+			return at, requested, err
+		}
+		t := time.NewTimer(recheckRefresh)
+		select {
+		case <-asked:
+		case <-t.C:
+		case <-stop:
+			t.Stop()
+			return time.Time{}, false, nil
+		}
+		t.Stop()
 	}
-	select {
-	case <-ch:
-	case <-stop:
-		return time.Time{}, false, nil
-	}
-	at, ok, _ = v.refreshes.take(sub.key)
-	return at, ok, nil
 }

@@ -71,7 +71,6 @@ type Config struct {
 type Verifier struct {
 	cfg       Config
 	ticketKey []byte // see ticket
-	refreshes refreshes
 
 	caOnce   sync.Once
 	caPool   *x509.CertPool
