@@ -261,3 +261,170 @@ func TestRefreshAcrossReplicas(t *testing.T) {
 		}
 	}
 }
+
+// TestPostgresOutage stops PostgreSQL for a few seconds under a small load
+// of creates and reads spread over two servers: while it is down every
+// request answers 503 store_unavailable (with Retry-After), none anything
+// else; once it is back both serve again at once, by themselves. Nothing
+// is lost or made twice: every create answered 202 has its vTPM, one
+// "created" event and its secret, and a create answered 503, sent again,
+// is made then (or found made, had its commit gone through as the
+// connection went).
+func TestPostgresOutage(t *testing.T) {
+	st, kr, clients := replicas(t, 2)
+	ctx := context.Background()
+	caps := spec.Capabilities{Enabled: true, Versions: []spec.Version{spec.V20}, Models: []spec.Model{spec.TIS, spec.CRB}}
+	err := st.Update(ctx, func(tx *store.Tx) error {
+		return tx.PutHost(&store.Host{Name: "h1", Traits: spec.HostTraits(caps).List(), Capacity: 100000, Backend: "swtpm"})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v20 := map[string]string{"hw:tpm_version": "2.0"}
+
+	var mu sync.Mutex
+	made := map[string]bool{} // created: answered 202
+	var retry []string        // answered 503
+	unavailable := 0
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Go(func() {
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				id := uuid.NewString()
+				c := clients[(w+i)%len(clients)]
+				code, e := send(t, c, "POST", "/v1/vtpms", create(id, v20))
+				getCode, getErr := send(t, clients[(w+i+1)%len(clients)], "GET", "/v1/vtpms?limit=5", nil)
+				mu.Lock()
+				switch {
+				case code == http.StatusAccepted:
+					made[id] = true
+				case code == http.StatusServiceUnavailable && e == api.CodeStoreUnavailable:
+					retry = append(retry, id)
+					unavailable++
+				default:
+					t.Errorf("create during the outage test: %d %s", code, e)
+				}
+				switch {
+				case getCode == http.StatusOK:
+				case getCode == http.StatusServiceUnavailable && getErr == api.CodeStoreUnavailable:
+					unavailable++
+				default:
+					t.Errorf("list during the outage test: %d %s", getCode, getErr)
+				}
+				wait := code == http.StatusServiceUnavailable
+				mu.Unlock()
+				if wait { // as a client told to retry would, if not for a second
+					time.Sleep(200 * time.Millisecond)
+				}
+			}
+		})
+	}
+	// created waits until n more creates were answered 202.
+	created := func(n int) {
+		t.Helper()
+		mu.Lock()
+		want := len(made) + n
+		mu.Unlock()
+		for deadline := time.Now().Add(time.Minute); ; time.Sleep(10 * time.Millisecond) {
+			mu.Lock()
+			got := len(made)
+			mu.Unlock()
+			if got >= want {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%d creates answered 202 in a minute, want %d", got-want+n, n)
+			}
+		}
+	}
+	created(20)
+
+	pgtest.Halt(t)
+	for i, c := range clients {
+		for _, r := range []struct {
+			method, path string
+			body         any
+		}{
+			{"POST", "/v1/vtpms", create(uuid.NewString(), v20)},
+			{"GET", "/v1/vtpms/" + inst, nil},
+			{"GET", "/v1/hosts", nil},
+			{"GET", "/healthz", nil},
+		} {
+			req, _ := http.NewRequest(r.method, "http://vtpmd"+r.path, nil)
+			if r.body != nil {
+				b, _ := json.Marshal(r.body)
+				req, _ = http.NewRequest(r.method, "http://vtpmd"+r.path, bytes.NewReader(b))
+			}
+			resp, err := c.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var e api.ErrorBody
+			json.NewDecoder(resp.Body).Decode(&e)
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusServiceUnavailable || e.Error.Code != api.CodeStoreUnavailable || resp.Header.Get("Retry-After") == "" {
+				t.Errorf("server %d, %s %s while PostgreSQL is down: %d %+v (Retry-After %q)", i, r.method, r.path, resp.StatusCode, e, resp.Header.Get("Retry-After"))
+			}
+		}
+	}
+	time.Sleep(3 * time.Second) // under load
+	pgtest.Resume(t)
+
+	for i, c := range clients {
+		if code, e := send(t, c, "POST", "/v1/vtpms", create(uuid.NewString(), v20)); code != http.StatusAccepted {
+			t.Errorf("server %d's first create after PostgreSQL came back: %d %s", i, code, e)
+		}
+	}
+	created(20)
+	close(stop)
+	wg.Wait()
+	if unavailable == 0 {
+		t.Error("no request of the load met the outage")
+	}
+	for _, id := range retry {
+		switch code, e := send(t, clients[0], "POST", "/v1/vtpms", create(id, v20)); {
+		case code == http.StatusAccepted:
+		case code == http.StatusConflict && e == api.CodeAlreadyExists:
+			t.Logf("create of %s committed as its connection went (answered 503)", id)
+		default:
+			t.Errorf("create of %s again after the outage: %d %s", id, code, e)
+		}
+		made[id] = true
+	}
+
+	var vs []*store.VTPM
+	if err := st.View(ctx, func(tx *store.Tx) (err error) { vs, err = tx.ListVTPMs(store.Filter{}); return err }); err != nil {
+		t.Fatal(err)
+	}
+	held, err := kr.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	secrets := map[string]bool{}
+	for _, id := range held {
+		secrets[id] = true
+	}
+	recorded := map[string]bool{}
+	for _, v := range vs {
+		recorded[v.InstanceID] = true
+		var evs []store.Event
+		if err := st.View(ctx, func(tx *store.Tx) (err error) { evs, err = tx.ListEvents(v.InstanceID, v.Incarnation); return err }); err != nil {
+			t.Fatal(err)
+		}
+		if len(evs) != 1 || evs[0].Action != "created" || !secrets[v.SecretID] {
+			t.Errorf("vTPM %s: events %+v, secret kept %v; want one created, and its secret", v.InstanceID, evs, secrets[v.SecretID])
+		}
+	}
+	for id := range made {
+		if !recorded[id] {
+			t.Errorf("create of %s was answered 202, and it has no vTPM", id)
+		}
+	}
+	t.Logf("%d vTPMs made, %d answers 503 store_unavailable, %d creates sent again; %d secrets held", len(vs), unavailable, len(retry), len(held))
+}
