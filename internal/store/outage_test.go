@@ -67,3 +67,31 @@ func TestPostgresOutage(t *testing.T) {
 		t.Fatalf("after the outage the store holds %d vTPMs, want i-1, i-2 and i-3 once each", len(vs))
 	}
 }
+
+// TestPoolExhausted: a transaction that finds no connection free in time
+// fails with ErrUnavailable, and the next one, with connections free
+// again, succeeds.
+func TestPoolExhausted(t *testing.T) {
+	s, _ := engines[1].open(t) // PostgreSQL
+	ctx := context.Background()
+	putHosts(t, s, "h1")
+	s.connWait = 50 * time.Millisecond
+	var held []interface{ Close() error }
+	for range postgresConns {
+		c, err := s.db.Conn(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, c)
+	}
+	err := s.View(ctx, func(tx *Tx) error { _, err := tx.GetHost("h1"); return err })
+	if !errors.Is(err, ErrUnavailable) || !errors.Is(err, errNoConn) {
+		t.Fatalf("a transaction with every connection busy: %v, want ErrUnavailable", err)
+	}
+	for _, c := range held {
+		c.Close()
+	}
+	if err := s.View(ctx, func(tx *Tx) error { _, err := tx.GetHost("h1"); return err }); err != nil {
+		t.Fatalf("with connections free again: %v", err)
+	}
+}

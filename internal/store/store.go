@@ -36,6 +36,9 @@ type Store struct {
 	db  *sql.DB
 	now func() time.Time
 	pg  bool // PostgreSQL; else SQLite
+	// connWait is how long a transaction waits for a connection
+	// (connWait; tests shorten it).
+	connWait time.Duration
 	// statements counts the SQL statements transactions ran (Statements).
 	statements atomic.Int64
 
@@ -141,7 +144,7 @@ func Open(ctx context.Context, path string, opts Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("opening store %s: %w", path, err)
 	}
-	s := &Store{db: db, now: opts.Now}
+	s := &Store{db: db, now: opts.Now, connWait: connWait}
 	if s.now == nil {
 		s.now = time.Now
 	}
@@ -188,7 +191,7 @@ func OpenPostgres(ctx context.Context, dsn string, opts Options) (*Store, error)
 	// (100 by default, for every server sharing it) and closed them again.
 	db.SetMaxOpenConns(postgresConns)
 	db.SetMaxIdleConns(postgresConns)
-	s := &Store{db: db, now: opts.Now, pg: true, id: newID(), listened: make(chan struct{})}
+	s := &Store{db: db, now: opts.Now, pg: true, connWait: connWait, id: newID(), listened: make(chan struct{})}
 	if s.now == nil {
 		s.now = time.Now
 	}
@@ -304,16 +307,17 @@ func unreachable(err error) bool {
 // Past it the store is unavailable (ErrUnavailable), as when down.
 const connWait = 10 * time.Second
 
-// errNoConn is a wait for a connection that outlasted connWait.
-var errNoConn = fmt.Errorf("no database connection within %v", connWait)
+// errNoConn is a wait for a connection that outlasted Store.connWait.
+var errNoConn = errors.New("no database connection came free in time")
 
-// conn takes a connection for one transaction, waiting at most connWait.
+// conn takes a connection for one transaction, waiting at most
+// s.connWait.
 func (s *Store) conn(ctx context.Context) (*sql.Conn, error) {
-	wait, cancel := context.WithTimeout(ctx, connWait)
+	wait, cancel := context.WithTimeout(ctx, s.connWait)
 	defer cancel()
 	c, err := s.db.Conn(wait)
 	if err != nil && ctx.Err() == nil && wait.Err() != nil {
-		err = fmt.Errorf("%w: %w", errNoConn, err)
+		err = fmt.Errorf("%w (%v): %w", errNoConn, s.connWait, err)
 	}
 	return c, err
 }
