@@ -20,7 +20,7 @@ var unmigrated = []struct {
 		if err != nil {
 			t.Fatal(err)
 		}
-		s := &Store{db: db, now: testClock()}
+		s := &Store{db: db, now: testClock(), connWait: connWait}
 		t.Cleanup(func() { s.Close() })
 		return s
 	}},
@@ -29,7 +29,7 @@ var unmigrated = []struct {
 		if err != nil {
 			t.Fatal(err)
 		}
-		s := &Store{db: db, now: testClock(), pg: true}
+		s := &Store{db: db, now: testClock(), pg: true, connWait: connWait}
 		t.Cleanup(func() { s.Close() })
 		return s
 	}},
