@@ -111,23 +111,3 @@ func (t *Tx) RevokeHostCertificates(host string) (int, error) {
 	n, err := res.RowsAffected()
 	return int(n), err
 }
-
-// ValidHostCertificates counts, per host, the certificates that are
-// neither revoked nor expired at now.
-func (t *Tx) ValidHostCertificates(now time.Time) (map[string]int, error) {
-	rows, err := t.query(`SELECT host, COUNT(*) FROM host_certificates WHERE revoked_at='' AND not_after > ? GROUP BY host`, stamp(now))
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	out := map[string]int{}
-	for rows.Next() {
-		var host string
-		var n int
-		if err := rows.Scan(&host, &n); err != nil {
-			return nil, err
-		}
-		out[host] = n
-	}
-	return out, rows.Err()
-}

@@ -304,8 +304,10 @@ type Tx struct {
 	pg  bool
 	// statements is the Store's count, which every statement advances.
 	statements *atomic.Int64
-	changed    []topic           // vTPMs and hosts written, for VTPMChanged and HostChanged
-	deleted    map[string]string // instance id → incarnation of the vTPM deleted here
+	changed    []topic // vTPMs and hosts written, for VTPMChanged and HostChanged
+	// incarnations are the vTPMs this transaction wrote, by instance id:
+	// the incarnation it last made, updated or deleted (see wrote).
+	incarnations map[string]string
 	// revisions are the hosts whose vTPMs this transaction wrote, each
 	// with the watch revision its writes there carry.
 	revisions map[string]int64

@@ -96,22 +96,12 @@ const vtpmColumns = `instance_id, project, version, model, secret_security, hype
 	desired, phase, reason, secret_id, eks, domain, data_socket, ctrl_socket, swtpm_pid, guest_connected, generation, incarnation, revision, created_at, updated_at`
 
 // CreateVTPM inserts v with generation 1 and a new Incarnation; ErrExists
-// if the instance has a vTPM.
+// if the instance has a vTPM. A new vTPM starts with no attestation, as
+// DeleteVTPM took the last one's (and migration 17 those that earlier
+// versions left behind).
 func (t *Tx) CreateVTPM(v *VTPM) error {
 	keys, eks, err := encodeLists(v)
 	if err != nil {
-		return err
-	}
-	// Checked in the transaction rather than read from a driver error, so it
-	// means the same on every engine.
-	if _, err := t.GetVTPM(v.InstanceID); err == nil {
-		return fmt.Errorf("vtpm %s: %w", v.InstanceID, ErrExists)
-	} else if !errors.Is(err, ErrNotFound) {
-		return err
-	}
-	// A new vTPM starts with no attestation: a record an earlier vTPM of
-	// this instance id left behind is not this one's.
-	if err := t.DeleteAttestation(v.InstanceID); err != nil {
 		return err
 	}
 	incarnation := make([]byte, 16)
@@ -124,13 +114,23 @@ func (t *Tx) CreateVTPM(v *VTPM) error {
 	}
 	v.Incarnation = hex.EncodeToString(incarnation)
 	v.Generation, v.Revision, v.CreatedAt, v.UpdatedAt = 1, revision, t.now, t.now
-	_, err = t.exec(`INSERT INTO vtpms (`+vtpmColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
+	// An existing record is found by the insert itself, so it means the
+	// same on every engine (on PostgreSQL, one another transaction
+	// committed after this one began aborts it, and run retries).
+	res, err := t.exec(`INSERT INTO vtpms (`+vtpmColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+		ON CONFLICT (instance_id) DO NOTHING`,
 		v.InstanceID, v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, v.Host,
 		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Sockets.Data, v.Sockets.Ctrl, v.PID, boolInt(v.Connected), v.Generation, v.Incarnation, v.Revision, stamp(t.now), stamp(t.now))
-	if err == nil {
-		t.changed = append(t.changed, topic{name: v.InstanceID})
+	if err != nil {
+		return err
 	}
-	return err
+	if n, err := res.RowsAffected(); err != nil {
+		return err
+	} else if n == 0 {
+		return fmt.Errorf("vtpm %s: %w", v.InstanceID, ErrExists)
+	}
+	t.wrote(v.InstanceID, v.Incarnation)
+	return nil
 }
 
 // UpdateVTPM writes v back if nobody changed it since it was read (same
@@ -178,13 +178,13 @@ func (t *Tx) UpdateVTPM(v *VTPM) error {
 	}
 	v.Generation++
 	v.Revision, v.UpdatedAt = revision, t.now
-	t.changed = append(t.changed, topic{name: v.InstanceID})
+	t.wrote(v.InstanceID, v.Incarnation)
 	return nil
 }
 
-// DeleteVTPM removes the record; ErrNotFound if there is none. Events
-// appended after it in the same transaction still belong to the deleted
-// vTPM (see AppendEvent).
+// DeleteVTPM removes the record, and the vTPM's attestation record with
+// it; ErrNotFound if there is none. Events appended after it in the same
+// transaction still belong to the deleted vTPM (see AppendEvent).
 func (t *Tx) DeleteVTPM(instanceID string) error {
 	var incarnation, host string
 	err := t.queryRow(`SELECT incarnation, host FROM vtpms WHERE instance_id=?`, instanceID).Scan(&incarnation, &host)
@@ -194,15 +194,25 @@ func (t *Tx) DeleteVTPM(instanceID string) error {
 	if _, err := t.exec(`DELETE FROM vtpms WHERE instance_id=?`, instanceID); err != nil {
 		return err
 	}
+	if err := t.DeleteAttestation(instanceID); err != nil {
+		return err
+	}
 	if err := t.tombstone(host, instanceID, incarnation); err != nil {
 		return err
 	}
-	if t.deleted == nil {
-		t.deleted = map[string]string{}
-	}
-	t.deleted[instanceID] = incarnation
-	t.changed = append(t.changed, topic{name: instanceID})
+	t.wrote(instanceID, incarnation)
 	return nil
+}
+
+// wrote notes that this transaction wrote (made, updated or deleted) the
+// vTPM of instanceID of incarnation: its waiters wake at the commit, and
+// the events appended after it are that vTPM's (AppendEvent).
+func (t *Tx) wrote(instanceID, incarnation string) {
+	if t.incarnations == nil {
+		t.incarnations = map[string]string{}
+	}
+	t.incarnations[instanceID] = incarnation
+	t.changed = append(t.changed, topic{name: instanceID})
 }
 
 // GetVTPM reads one vTPM; ErrNotFound if there is none.
@@ -265,25 +275,6 @@ func (t *Tx) ListVTPMs(f Filter) ([]*VTPM, error) {
 		out = append(out, v)
 	}
 	return out, rows.Err()
-}
-
-// CountVTPMs counts the vTPMs placed on each host.
-func (t *Tx) CountVTPMs() (map[string]int, error) {
-	rows, err := t.query(`SELECT host, COUNT(*) FROM vtpms GROUP BY host`)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	counts := map[string]int{}
-	for rows.Next() {
-		var h string
-		var n int
-		if err := rows.Scan(&h, &n); err != nil {
-			return nil, err
-		}
-		counts[h] = n
-	}
-	return counts, rows.Err()
 }
 
 func scanVTPM(row interface{ Scan(...any) error }) (*VTPM, error) {

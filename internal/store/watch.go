@@ -2,7 +2,6 @@ package store
 
 import (
 	"database/sql"
-	"errors"
 	"time"
 )
 
@@ -52,13 +51,14 @@ type Changes struct {
 func (t *Tx) WatchVTPMs(host string, since int64) (*Changes, error) {
 	c := &Changes{}
 	var horizon int64
-	err := t.queryRow(`SELECT revision, horizon FROM watch_revisions WHERE host=?`, host).Scan(&c.Revision, &horizon)
-	if err != nil && !errors.Is(err, sql.ErrNoRows) {
-		return nil, err
-	}
 	var repair int
-	err = t.queryRow(`SELECT drift_asked, drift_repair FROM hosts WHERE name=? AND drift_answered < drift_asked`, host).Scan(&c.DriftAsked, &repair)
-	if err != nil && !errors.Is(err, sql.ErrNoRows) {
+	// The host's revision and horizon (none before its first vTPM) and
+	// its drift request not yet answered, if any, in one read.
+	err := t.queryRow(`SELECT COALESCE(w.revision, 0), COALESCE(w.horizon, 0), COALESCE(h.drift_asked, 0), COALESCE(h.drift_repair, 0)
+		FROM (SELECT CAST(? AS TEXT) AS name) q
+		LEFT JOIN watch_revisions w ON w.host = q.name
+		LEFT JOIN hosts h ON h.name = q.name AND h.drift_answered < h.drift_asked`, host).Scan(&c.Revision, &horizon, &c.DriftAsked, &repair)
+	if err != nil {
 		return nil, err
 	}
 	c.DriftRepair = repair != 0

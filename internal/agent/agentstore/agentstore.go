@@ -177,9 +177,6 @@ func (r *Records) Delete(ctx context.Context, rec *agent.Record, ev agent.Event)
 			if err := tx.DeleteVTPM(v.InstanceID); err != nil {
 				return err
 			}
-			if err := tx.DeleteAttestation(v.InstanceID); err != nil {
-				return err
-			}
 			return tx.AppendEvent(store.Event{Actor: ev.Actor, InstanceID: v.InstanceID, Action: ev.Action, Detail: ev.Detail})
 		})
 		return []string{secret}, err
