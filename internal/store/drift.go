@@ -31,7 +31,7 @@ func (t *Tx) AskDrift(host string, repair bool) (int64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("host %s: %w", host, notFound(err))
 	}
-	t.changed = append(t.changed, topic{host: true, name: host})
+	t.changed = append(t.changed, topic{kind: hostTopic, name: host})
 	return asked, nil
 }
 
@@ -49,7 +49,7 @@ func (t *Tx) AnswerDrift(host string, answered int64, findings []byte) error {
 	} else if n == 0 {
 		return fmt.Errorf("host %s: %w", host, ErrNotFound)
 	}
-	t.changed = append(t.changed, topic{host: true, name: host})
+	t.changed = append(t.changed, topic{kind: hostTopic, name: host})
 	return nil
 }
 

@@ -102,12 +102,19 @@ func (t *Tx) GetHostCertificate(serial string) (*HostCertificate, error) {
 }
 
 // RevokeHostCertificates revokes, as of now, every certificate of host
-// not revoked before, and returns how many.
+// not revoked before, and returns how many. The waiters on the host's
+// certificates wake at the commit (HostCertificatesChanged).
 func (t *Tx) RevokeHostCertificates(host string) (int, error) {
 	res, err := t.exec(`UPDATE host_certificates SET revoked_at=? WHERE host=? AND revoked_at=''`, stamp(t.now), host)
 	if err != nil {
 		return 0, err
 	}
 	n, err := res.RowsAffected()
-	return int(n), err
+	if err != nil {
+		return 0, err
+	}
+	if n > 0 {
+		t.changed = append(t.changed, topic{kind: certificatesTopic, name: host})
+	}
+	return int(n), nil
 }

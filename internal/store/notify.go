@@ -31,16 +31,13 @@ const maxNotify = 7000
 const wakeAllTopics = "*"
 
 // encodeTopics is the payload for changed, sent by the Store named from:
-// "from\nh:HOST\nv:ID…", or from and wakeAllTopics when too long.
+// "from\nh:HOST\nv:ID\nc:HOST…" (each topic's kind, a colon, its name), or
+// from and wakeAllTopics when too long.
 func encodeTopics(from string, changed []topic) string {
 	var b strings.Builder
 	b.WriteString(from)
 	for _, t := range changed {
-		kind := "v:"
-		if t.host {
-			kind = "h:"
-		}
-		b.WriteString("\n" + kind + t.name)
+		b.WriteString("\n" + string(rune(t.kind)) + ":" + t.name)
 	}
 	if b.Len() > maxNotify {
 		return from + "\n" + wakeAllTopics
@@ -56,10 +53,11 @@ func decodeTopics(payload string) (from string, changed []topic, all bool) {
 		switch {
 		case l == wakeAllTopics:
 			all = true
-		case strings.HasPrefix(l, "h:"):
-			changed = append(changed, topic{host: true, name: l[2:]})
-		case strings.HasPrefix(l, "v:"):
-			changed = append(changed, topic{name: l[2:]})
+		case len(l) >= 2 && l[1] == ':':
+			switch k := topicKind(l[0]); k {
+			case vtpmTopic, hostTopic, certificatesTopic:
+				changed = append(changed, topic{kind: k, name: l[2:]})
+			}
 		}
 	}
 	return lines[0], changed, all

@@ -49,11 +49,20 @@ type Store struct {
 }
 
 // topic is what a waiter waits for a commit to change: one vTPM's record,
-// or the vTPMs placed on one host.
+// the vTPMs placed on one host, or one host's certificates.
 type topic struct {
-	host bool // name is a host's; else an instance id
-	name string
+	kind topicKind
+	name string // an instance id (vtpmTopic) or a host's name
 }
+
+type topicKind byte
+
+// The kinds of topic, by their letter in notifications (notify.go).
+const (
+	vtpmTopic         topicKind = 'v'
+	hostTopic         topicKind = 'h'
+	certificatesTopic topicKind = 'c'
+)
 
 // VTPMChanged returns a channel that is closed when a transaction next
 // commits a change to vTPM id's record (made, updated or deleted), so that
@@ -62,7 +71,7 @@ type topic struct {
 // PostgreSQL, commits by other processes sharing the database close it
 // too, moments later (notify.go); one may be missed while the store's
 // listener reconnects, so a waiter still reads again now and then.
-func (s *Store) VTPMChanged(id string) <-chan struct{} { return s.wait(topic{name: id}) }
+func (s *Store) VTPMChanged(id string) <-chan struct{} { return s.wait(topic{kind: vtpmTopic, name: id}) }
 
 // HostChanged returns a channel that is closed when a transaction of this
 // Store next commits a change to any vTPM placed on host (created,
@@ -70,7 +79,15 @@ func (s *Store) VTPMChanged(id string) <-chan struct{} { return s.wait(topic{nam
 // WatchVTPMs, and wait on it for the next call. Other processes' commits
 // close it as they do VTPMChanged's.
 func (s *Store) HostChanged(host string) <-chan struct{} {
-	return s.wait(topic{host: true, name: host})
+	return s.wait(topic{kind: hostTopic, name: host})
+}
+
+// HostCertificatesChanged returns a channel that is closed when a
+// transaction next commits a revocation of host's certificates, in this
+// process or (moments later, as VTPMChanged) another on the database:
+// what a cache of honoured certificates waits on.
+func (s *Store) HostCertificatesChanged(host string) <-chan struct{} {
+	return s.wait(topic{kind: certificatesTopic, name: host})
 }
 
 func (s *Store) wait(k topic) <-chan struct{} {

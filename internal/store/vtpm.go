@@ -182,6 +182,55 @@ func (t *Tx) UpdateVTPM(v *VTPM) error {
 	return nil
 }
 
+// Observation is what a host's agent observed of a vTPM it holds as of
+// Generation of Incarnation: all of a record an agent writes.
+type Observation struct {
+	InstanceID  string
+	Incarnation string
+	Generation  int64
+	// Host is the agent's: the vTPM must be placed there.
+	Host      string
+	Phase     Phase
+	Reason    string
+	EKs       []EK
+	Sockets   Sockets
+	PID       int
+	Connected bool
+}
+
+// ObserveVTPM records o in one write, checked by the write itself: the
+// vTPM is o's incarnation, unchanged since o's generation, placed on
+// o.Host, and its endorsement keys are none yet or o's (once recorded
+// they never change). It returns the vTPM's new generation and the secret
+// it names; ok false, with nothing of the vTPM written, when one of those
+// does not hold, for the caller to read which and roll back. The host's
+// watchers are not woken for it: its agent knows what it observed, and
+// they read the write at their next wake (see quietRevision).
+func (t *Tx) ObserveVTPM(o Observation) (generation int64, secretID string, ok bool, err error) {
+	e, err := json.Marshal(o.EKs)
+	if err != nil {
+		return 0, "", false, err
+	}
+	revision, err := t.quietRevision(o.Host)
+	if err != nil {
+		return 0, "", false, err
+	}
+	err = t.queryRow(`UPDATE vtpms SET phase=?, reason=?, eks=?, data_socket=?, ctrl_socket=?, swtpm_pid=?, guest_connected=?,
+		generation=generation+1, revision=?, updated_at=?
+		WHERE instance_id=? AND incarnation=? AND generation=? AND host=? AND (eks=? OR eks IN ('null', '[]'))
+		RETURNING generation, secret_id`,
+		o.Phase, o.Reason, string(e), o.Sockets.Data, o.Sockets.Ctrl, o.PID, boolInt(o.Connected), revision, stamp(t.now),
+		o.InstanceID, o.Incarnation, o.Generation, o.Host, string(e)).Scan(&generation, &secretID)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, "", false, nil
+	}
+	if err != nil {
+		return 0, "", false, err
+	}
+	t.wrote(o.InstanceID, o.Incarnation)
+	return generation, secretID, true, nil
+}
+
 // DeleteVTPM removes the record, and the vTPM's attestation record with
 // it; ErrNotFound if there is none. Events appended after it in the same
 // transaction still belong to the deleted vTPM (see AppendEvent).
@@ -212,7 +261,7 @@ func (t *Tx) wrote(instanceID, incarnation string) {
 		t.incarnations = map[string]string{}
 	}
 	t.incarnations[instanceID] = incarnation
-	t.changed = append(t.changed, topic{name: instanceID})
+	t.changed = append(t.changed, topic{kind: vtpmTopic, name: instanceID})
 }
 
 // GetVTPM reads one vTPM; ErrNotFound if there is none.

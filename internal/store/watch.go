@@ -2,6 +2,7 @@ package store
 
 import (
 	"database/sql"
+	"slices"
 	"time"
 )
 
@@ -100,7 +101,20 @@ func (t *Tx) WatchVTPMs(host string, since int64) (*Changes, error) {
 
 // revision returns the revision this transaction's writes of host's vTPMs
 // carry: the host's next, taken (and its counter row locked) at the first.
+// Its watchers wake at the commit.
 func (t *Tx) revision(host string) (int64, error) {
+	rev, err := t.quietRevision(host)
+	if err == nil && !slices.Contains(t.changed, topic{kind: hostTopic, name: host}) {
+		t.changed = append(t.changed, topic{kind: hostTopic, name: host})
+	}
+	return rev, err
+}
+
+// quietRevision is revision for a write the host's watchers need not wake
+// for: one its own agent made of what it observed (ObserveVTPM), which
+// that agent knows already. They read it at their next wake, with what
+// else changed.
+func (t *Tx) quietRevision(host string) (int64, error) {
 	if rev, ok := t.revisions[host]; ok {
 		return rev, nil
 	}
@@ -114,7 +128,6 @@ func (t *Tx) revision(host string) (int64, error) {
 		t.revisions = map[string]int64{}
 	}
 	t.revisions[host] = rev
-	t.changed = append(t.changed, topic{host: true, name: host})
 	return rev, nil
 }
 

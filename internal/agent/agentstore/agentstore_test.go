@@ -274,9 +274,10 @@ func TestRecords(t *testing.T) {
 }
 
 // TestUpdateTakesOnlyObserved: an agent's update writes only what an agent
-// observes; what was asked (desired state, project, host, spec, secret)
-// stays the API's whatever the agent sends, recorded EKs never change,
-// and a phase no agent reports is refused.
+// observes; what was asked (desired state, project, spec, secret) stays
+// the API's whatever the agent sends, recorded EKs never change, a phase
+// no agent reports is refused, and so is another host's agent (with an
+// event naming it).
 func TestUpdateTakesOnlyObserved(t *testing.T) {
 	onEngines(t, func(t *testing.T, st *store.Store) {
 		ctx := context.Background()
@@ -286,7 +287,7 @@ func TestUpdateTakesOnlyObserved(t *testing.T) {
 		}
 		row := f.create(t, id1, "h1")
 		r := f.get(t, id1)
-		r.Desired, r.Project, r.Host, r.SecretID, r.Spec.Version, r.Domain = agent.DesiredDeleted, "p2", "h9", "other", spec.V12, "evil"
+		r.Desired, r.Project, r.SecretID, r.Spec.Version, r.Domain = agent.DesiredDeleted, "p2", "other", spec.V12, "evil"
 		r.Phase, r.EKs = agent.PhaseActive, []agent.EK{{Kind: "rsa2048", Handle: 0x81010001, PublicDER: []byte{1}}}
 		if err := f.recs.Update(ctx, r, agent.Event{Actor: "agent:h1", Action: "started"}); err != nil {
 			t.Fatal(err)
@@ -307,8 +308,17 @@ func TestUpdateTakesOnlyObserved(t *testing.T) {
 		if err := f.recs.Update(ctx, r, agent.Event{Actor: "agent:h1", Action: "started"}); !errors.As(err, &re) || re.Code != api.CodeInvalidParameter {
 			t.Fatalf("an unknown phase: %v, want refused", err)
 		}
-		if after, _ := read(t, st, id1); after.Generation != now.Generation {
+		r = f.get(t, id1)
+		r.Host = "h9"
+		if err := f.recs.Update(ctx, r, agent.Event{Actor: "agent:h9", Action: "started"}); !errors.As(err, &re) || re.Kind != refusal.KindForbidden {
+			t.Fatalf("another host's update: %v, want refused", err)
+		}
+		after, evs := read(t, st, id1)
+		if after.Generation != now.Generation {
 			t.Fatalf("a refused update wrote: generation %d → %d", now.Generation, after.Generation)
+		}
+		if e := evs[len(evs)-1]; e.Actor != "host:h9" || e.Action != "refused" {
+			t.Fatalf("the last event after another host's update: %+v", e)
 		}
 	})
 }
