@@ -71,7 +71,9 @@ const (
 // PostgreSQL, commits by other processes sharing the database close it
 // too, moments later (notify.go); one may be missed while the store's
 // listener reconnects, so a waiter still reads again now and then.
-func (s *Store) VTPMChanged(id string) <-chan struct{} { return s.wait(topic{kind: vtpmTopic, name: id}) }
+func (s *Store) VTPMChanged(id string) <-chan struct{} {
+	return s.wait(topic{kind: vtpmTopic, name: id})
+}
 
 // HostChanged returns a channel that is closed when a transaction of this
 // Store next commits a change to any vTPM placed on host (created,
