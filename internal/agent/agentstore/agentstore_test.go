@@ -495,3 +495,46 @@ func TestHeartbeats(t *testing.T) {
 		}
 	})
 }
+
+// TestAgentStatements: what acting on a new vTPM costs the store, counted
+// (not timed), so that a change that reads again what it wrote shows: a
+// watch from nothing is two statements (the host's revision and drift
+// request, then its records), a report one checked write with its
+// revision, event and (PostgreSQL) notification, a secret one read.
+func TestAgentStatements(t *testing.T) {
+	onEngines(t, func(t *testing.T, st *store.Store) {
+		ctx := context.Background()
+		f := newFixture(t, st)
+		if err := f.recs.RegisterHost(ctx, agent.Host{Name: "h1", Capacity: 7, Backend: "swtpm"}); err != nil {
+			t.Fatal(err)
+		}
+		f.create(t, id1, "h1")
+		report := 4 // revision, write, event, notification
+		if t.Name() == "TestAgentStatements/sqlite" {
+			report = 3
+		}
+		count := func(what string, want int, do func() error) {
+			t.Helper()
+			before := st.Statements()
+			if err := do(); err != nil {
+				t.Fatalf("%s: %v", what, err)
+			}
+			if n := st.Statements() - before; n != int64(want) {
+				t.Errorf("%s: %d statements, want %d", what, n, want)
+			}
+		}
+		var r *agent.Record
+		count("a watch from nothing", 2, func() error {
+			ch, err := f.recs.Watch(ctx, "h1", 0, 0)
+			if err == nil {
+				r = ch.Records[0]
+			}
+			return err
+		})
+		r.Phase = agent.PhaseProvisioning
+		count("a report", report, func() error { return f.recs.Update(ctx, r, agent.Event{Actor: "agent:h1", Action: "provisioning"}) })
+		count("a secret", 1, func() error { _, err := f.recs.Secret(ctx, r); return err })
+		r.Phase = agent.PhaseActive
+		count("a report", report, func() error { return f.recs.Update(ctx, r, agent.Event{Actor: "agent:h1", Action: "started"}) })
+	})
+}
