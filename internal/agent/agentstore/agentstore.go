@@ -54,7 +54,7 @@ func (r *Records) Heartbeat(ctx context.Context, hb agent.Heartbeat) error {
 // it: commits of other processes sharing a PostgreSQL database wake it
 // through the store's notifications, so this is only the net for one
 // lost while the store's listener reconnected. Every connected agent's
-// watch rereads this often (three or four statements): with hundreds of
+// watch rereads this often (two or three statements): with hundreds of
 // hosts it would otherwise be most of an idle server's load.
 const rereadEvery = 30 * time.Second
 
