@@ -27,18 +27,19 @@ type Records interface {
 	Watch(ctx context.Context, host string, since int64, wait time.Duration) (*Changes, error)
 	// Get reads instanceID's record; ErrNotFound if it has none.
 	Get(ctx context.Context, instanceID string) (*Record, error)
-	// Update records, with ev, what the agent observed of r (Phase,
-	// Reason, EKs, Sockets, PID, Connected: nothing else of r is taken) if no one changed
-	// the record since r was read, and advances r.Generation. ErrConflict
-	// if someone did; ErrNotFound if r's vTPM is gone (deleted, or
-	// replaced by a new vTPM of the instance id).
+	// Update records, with ev, what the agent of r.Host observed of r
+	// (Phase, Reason, EKs, Sockets, PID, Connected: nothing else of r is
+	// taken) if no one changed the record since r was read, and advances
+	// r.Generation (and sets r.SecretID). ErrConflict if someone did;
+	// ErrNotFound if r's vTPM is gone (deleted, or replaced by a new vTPM
+	// of the instance id); refused if it is placed on another host.
 	Update(ctx context.Context, r *Record, ev Event) error
 	// Delete removes r's record (which must be desired deleted) with its
 	// attestation and secret, with ev as the vTPM's last event;
 	// ErrNotFound if it has no record.
 	Delete(ctx context.Context, r *Record, ev Event) error
 	// Secret reads the payload of the key-manager secret that keys r's
-	// state.
+	// state, for r.Host's agent, and sets r.SecretID.
 	Secret(ctx context.Context, r *Record) ([]byte, error)
 	// Rekey makes secret the key of r's state, which must not be
 	// manufactured yet: it is stored for r's project, r points at it

@@ -14,9 +14,10 @@
 //     gets one answer (ErrInvalidJoinToken's), so it tells nothing.
 //  3. From then on the agent calls over mTLS with that certificate, and
 //     every request is checked again (Authenticate): issued by the host
-//     CA, valid now, and its serial recorded and not revoked. So Revoke
-//     stops a host's certificates at once, and its unused tokens with
-//     them.
+//     CA, valid now, and its serial recorded and not revoked (read from
+//     the store at most every HonourFor, and again as soon as the host's
+//     certificates are revoked). So Revoke stops a host's certificates at
+//     once, and its unused tokens with them.
 //
 // Refusals are *refusal.Error.
 package enrol
@@ -32,6 +33,7 @@ import (
 	"fmt"
 	"log/slog"
 	"regexp"
+	"sync"
 	"time"
 
 	"github.com/vtpmd/vtpmd/api"
@@ -71,6 +73,26 @@ type Config struct {
 type Service struct {
 	cfg   Config
 	roots *x509.CertPool
+
+	mu       sync.Mutex
+	honoured map[string]honoured // by serial (hex); see Authenticate
+	sweepAt  int                 // prune honoured when it grows to this
+}
+
+// HonourFor bounds how long Authenticate honours a certificate it found
+// honoured in the store without reading it again. A revocation ends it at
+// once on the server that revoked and, on PostgreSQL, moments later on
+// every other server sharing the database (the store's notifications);
+// the bound is for a notification lost while a server's listener
+// reconnects.
+const HonourFor = 10 * time.Second
+
+// honoured is a certificate found honoured: its host, and until when,
+// unless changed (the host's certificates) closes first.
+type honoured struct {
+	host    string
+	changed <-chan struct{}
+	until   time.Time
 }
 
 // New returns a Service with cfg.
@@ -265,7 +287,10 @@ func (s *Service) Issued(leaf *x509.Certificate) bool {
 //
 //  1. the host CA issued it, it is valid now and for client
 //     authentication (Issued), and its subject is O=ca.HostOrganization;
-//  2. its serial is recorded, for the host its CN names, and not revoked.
+//  2. its serial is recorded, for the host its CN names, and not revoked:
+//     read from the store, or found so less than HonourFor ago with no
+//     revocation of the host's certificates committed since (in this
+//     process, or notified by another on the same PostgreSQL database).
 //
 // A certificate of another CA is refused as forbidden (its holder is
 // someone, but no host); a host certificate that fails 2 as
@@ -274,9 +299,16 @@ func (s *Service) Authenticate(ctx context.Context, leaf *x509.Certificate) (hos
 	if !s.Issued(leaf) || len(leaf.Subject.Organization) != 1 || leaf.Subject.Organization[0] != ca.HostOrganization {
 		return "", refusal.Forbidden(api.CodeForbidden, "This is a host's route: it takes the client certificate the host's agent got at enrolment, not this one.")
 	}
+	serial, now := serialHex(leaf), s.cfg.Now()
+	if host, ok := s.known(serial, now); ok {
+		return host, nil
+	}
+	// Listen before reading, so that a revocation between the two is not
+	// missed.
+	changed := s.cfg.Store.HostCertificatesChanged(leaf.Subject.CommonName)
 	var rec *store.HostCertificate
 	err = s.cfg.Store.View(ctx, func(tx *store.Tx) (err error) {
-		rec, err = tx.GetHostCertificate(serialHex(leaf))
+		rec, err = tx.GetHostCertificate(serial)
 		return err
 	})
 	if errors.Is(err, store.ErrNotFound) {
@@ -288,7 +320,49 @@ func (s *Service) Authenticate(ctx context.Context, leaf *x509.Certificate) (hos
 	if !rec.RevokedAt.IsZero() || rec.Host != leaf.Subject.CommonName {
 		return "", errInvalidHostCertificate
 	}
+	s.honour(serial, honoured{host: rec.Host, changed: changed, until: now.Add(HonourFor)})
 	return rec.Host, nil
+}
+
+// known names the host of serial if Authenticate found it honoured less
+// than HonourFor before now and its host's certificates have not changed
+// since.
+func (s *Service) known(serial string, now time.Time) (string, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	h, ok := s.honoured[serial]
+	if !ok || !h.fresh(now) {
+		return "", false
+	}
+	return h.host, true
+}
+
+func (h honoured) fresh(now time.Time) bool {
+	select {
+	case <-h.changed:
+		return false
+	default:
+		return now.Before(h.until)
+	}
+}
+
+// honour remembers h for serial, dropping what is no longer fresh when
+// there is much of it.
+func (s *Service) honour(serial string, h honoured) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.honoured == nil {
+		s.honoured = map[string]honoured{}
+	}
+	if len(s.honoured) >= s.sweepAt {
+		for k, v := range s.honoured {
+			if !v.fresh(h.until.Add(-HonourFor)) {
+				delete(s.honoured, k)
+			}
+		}
+		s.sweepAt = 2*len(s.honoured) + 64
+	}
+	s.honoured[serial] = h
 }
 
 // Revocation is what Revoke stopped.

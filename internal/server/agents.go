@@ -117,18 +117,15 @@ func (s *Server) agentGetVTPM(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-// reportVTPM records what the agent observed of a vTPM.
+// reportVTPM records what the agent observed of a vTPM placed on its
+// host (which the write checks: agentstore.Records.Update).
 func (s *Server) reportVTPM(w http.ResponseWriter, r *http.Request) error {
 	var req api.AgentReport
 	if err := decode(w, r, &req); err != nil {
 		return err
 	}
-	rec, err := s.placedAt(r, req.Incarnation, req.Generation)
-	if err != nil {
-		return err
-	}
-	rec.Phase, rec.Reason, rec.EKs = agent.Phase(req.Phase), req.Reason, agentEKs(req.EKs)
-	rec.Sockets, rec.PID, rec.Connected = api.Sockets{}, req.SwtpmPID, req.GuestConnected
+	rec := &agent.Record{InstanceID: r.PathValue("id"), Host: hostName(r), Incarnation: req.Incarnation, Generation: req.Generation,
+		Phase: agent.Phase(req.Phase), Reason: req.Reason, EKs: agentEKs(req.EKs), PID: req.SwtpmPID, Connected: req.GuestConnected}
 	if req.Sockets != nil {
 		rec.Sockets = *req.Sockets
 	}
@@ -157,15 +154,9 @@ func (s *Server) vtpmDeleted(w http.ResponseWriter, r *http.Request) error {
 }
 
 // vtpmSecret releases the secret that keys a vTPM's state to its host's
-// agent.
+// agent (the read checks the host: agentstore.Records.Secret).
 func (s *Server) vtpmSecret(w http.ResponseWriter, r *http.Request) error {
-	rec, err := s.placed(r)
-	if err != nil {
-		return err
-	}
-	if q := r.URL.Query(); q.Has("incarnation") {
-		rec.Incarnation = q.Get("incarnation")
-	}
+	rec := &agent.Record{InstanceID: r.PathValue("id"), Host: hostName(r), Incarnation: r.URL.Query().Get("incarnation")}
 	payload, err := s.Agents.Secret(r.Context(), rec)
 	if err != nil {
 		return err

@@ -363,12 +363,20 @@ func TestEnrolRefusesBadCSRs(t *testing.T) {
 }
 
 // Revoking a host stops its certificate at the next request and deletes
-// its unused join tokens.
+// its unused join tokens, though the server, having found the certificate
+// honoured, does not read it again for the next requests (enrol.HonourFor).
 func TestRevokeHost(t *testing.T) {
 	m := newMTLS(t)
 	host := m.client(m.enrol(t, "h5"))
 	if code := m.do(t, host, "POST", "/v1/agent/heartbeat", api.HeartbeatRequest{Version: "1"}, nil); code != 204 {
 		t.Fatalf("heartbeat: %d", code)
+	}
+	before := m.store.Statements()
+	if code := m.do(t, host, "POST", "/v1/agent/heartbeat", api.HeartbeatRequest{Version: "1"}, nil); code != 204 {
+		t.Fatalf("heartbeat: %d", code)
+	}
+	if n := m.store.Statements() - before; n != 1 {
+		t.Fatalf("a heartbeat with a certificate found honoured ran %d statements, want 1 (the heartbeat's)", n)
 	}
 	unused := m.joinToken(t, "h5", "")
 	var e api.ErrorBody

@@ -680,3 +680,19 @@ func TestNetworkCallersAreNobody(t *testing.T) {
 		t.Errorf("events: %+v, want only the create, by the local operator", evs.Items)
 	}
 }
+
+// TestCreateStatements: a create costs the store at most six statements
+// (PostgreSQL; five on SQLite): whether the instance has a vTPM and the
+// hosts with their loads, read before its secret is made; then the host's
+// watch revision, the record, its event and the notification. Counted,
+// not timed, so that a read of what was just written shows.
+func TestCreateStatements(t *testing.T) {
+	f := newFixture(t)
+	before := f.store.Statements()
+	if code := f.call(t, "POST", "/v1/vtpms", "", createFor(inst, "p1"), nil); code != 202 {
+		t.Fatalf("create: %d", code)
+	}
+	if n := f.store.Statements() - before; n > 6 {
+		t.Errorf("a create ran %d statements, want at most 6", n)
+	}
+}

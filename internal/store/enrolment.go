@@ -102,32 +102,19 @@ func (t *Tx) GetHostCertificate(serial string) (*HostCertificate, error) {
 }
 
 // RevokeHostCertificates revokes, as of now, every certificate of host
-// not revoked before, and returns how many.
+// not revoked before, and returns how many. The waiters on the host's
+// certificates wake at the commit (HostCertificatesChanged).
 func (t *Tx) RevokeHostCertificates(host string) (int, error) {
 	res, err := t.exec(`UPDATE host_certificates SET revoked_at=? WHERE host=? AND revoked_at=''`, stamp(t.now), host)
 	if err != nil {
 		return 0, err
 	}
 	n, err := res.RowsAffected()
-	return int(n), err
-}
-
-// ValidHostCertificates counts, per host, the certificates that are
-// neither revoked nor expired at now.
-func (t *Tx) ValidHostCertificates(now time.Time) (map[string]int, error) {
-	rows, err := t.query(`SELECT host, COUNT(*) FROM host_certificates WHERE revoked_at='' AND not_after > ? GROUP BY host`, stamp(now))
 	if err != nil {
-		return nil, err
+		return 0, err
 	}
-	defer rows.Close()
-	out := map[string]int{}
-	for rows.Next() {
-		var host string
-		var n int
-		if err := rows.Scan(&host, &n); err != nil {
-			return nil, err
-		}
-		out[host] = n
+	if n > 0 {
+		t.changed = append(t.changed, topic{kind: certificatesTopic, name: host})
 	}
-	return out, rows.Err()
+	return int(n), nil
 }

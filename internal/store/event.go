@@ -23,17 +23,17 @@ type Event struct {
 // AppendEvent records e at the transaction's time, for the vTPM of
 // e.InstanceID that the transaction sees: the one it has, or the one this
 // transaction deleted. So an instance id's events stay with the vTPM they
-// happened to, and a later vTPM of the same id starts with none.
+// happened to, and a later vTPM of the same id starts with none. A vTPM
+// this transaction wrote is known without reading it again.
 func (t *Tx) AppendEvent(e Event) error {
-	var incarnation string
-	err := t.queryRow(`SELECT incarnation FROM vtpms WHERE instance_id=?`, e.InstanceID).Scan(&incarnation)
-	if err = notFound(err); errors.Is(err, ErrNotFound) {
-		incarnation, err = t.deleted[e.InstanceID], nil
+	incarnation, ok := t.incarnations[e.InstanceID]
+	if !ok {
+		err := t.queryRow(`SELECT incarnation FROM vtpms WHERE instance_id=?`, e.InstanceID).Scan(&incarnation)
+		if err = notFound(err); err != nil && !errors.Is(err, ErrNotFound) {
+			return err
+		}
 	}
-	if err != nil {
-		return err
-	}
-	_, err = t.exec(`INSERT INTO events (at, actor, instance_id, action, detail, incarnation) VALUES (?,?,?,?,?,?)`,
+	_, err := t.exec(`INSERT INTO events (at, actor, instance_id, action, detail, incarnation) VALUES (?,?,?,?,?,?)`,
 		stamp(t.now), e.Actor, e.InstanceID, e.Action, e.Detail, incarnation)
 	return err
 }

@@ -85,8 +85,10 @@ func (t *Tx) GetHost(name string) (*Host, error) {
 // ListHosts returns every host, by name.
 func (t *Tx) ListHosts() ([]*Host, error) { return t.hosts("") }
 
+const hostColumns = `name, traits, capacity, backend, version, heartbeat_at, draining`
+
 func (t *Tx) hosts(where string, args ...any) ([]*Host, error) {
-	rows, err := t.query(`SELECT name, traits, capacity, backend, version, heartbeat_at, draining FROM hosts `+where+` ORDER BY name`, args...)
+	rows, err := t.query(`SELECT `+hostColumns+` FROM hosts `+where+` ORDER BY name`, args...)
 	if err != nil {
 		return nil, err
 	}
@@ -94,15 +96,54 @@ func (t *Tx) hosts(where string, args ...any) ([]*Host, error) {
 	var out []*Host
 	for rows.Next() {
 		var h Host
-		var traits, heartbeat string
-		var draining int
-		if err := rows.Scan(&h.Name, &traits, &h.Capacity, &h.Backend, &h.Version, &heartbeat, &draining); err != nil {
+		if err := scanHost(rows, &h); err != nil {
 			return nil, err
 		}
-		if err := json.Unmarshal([]byte(traits), &h.Traits); err != nil {
-			return nil, fmt.Errorf("decoding traits of host %s: %w", h.Name, err)
+		out = append(out, &h)
+	}
+	return out, rows.Err()
+}
+
+// scanHost reads hostColumns into h, and whatever columns follow into
+// more.
+func scanHost(row interface{ Scan(...any) error }, h *Host, more ...any) error {
+	var traits, heartbeat string
+	var draining int
+	if err := row.Scan(append([]any{&h.Name, &traits, &h.Capacity, &h.Backend, &h.Version, &heartbeat, &draining}, more...)...); err != nil {
+		return err
+	}
+	if err := json.Unmarshal([]byte(traits), &h.Traits); err != nil {
+		return fmt.Errorf("decoding traits of host %s: %w", h.Name, err)
+	}
+	h.HeartbeatAt, h.Draining = parseStamp(heartbeat), draining != 0
+	return nil
+}
+
+// HostLoad is a host with what it holds: its vTPMs, and its host
+// certificates neither revoked nor expired.
+type HostLoad struct {
+	Host
+	VTPMs        int
+	Certificates int
+}
+
+// ListHostLoads returns every host with its load at now (certificates
+// expire), by name, in one read: what placement weighs.
+func (t *Tx) ListHostLoads(now time.Time) ([]*HostLoad, error) {
+	rows, err := t.query(`SELECT `+hostColumns+`,
+		(SELECT COUNT(*) FROM vtpms v WHERE v.host = hosts.name),
+		(SELECT COUNT(*) FROM host_certificates c WHERE c.host = hosts.name AND c.revoked_at = '' AND c.not_after > ?)
+		FROM hosts ORDER BY name`, stamp(now))
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []*HostLoad
+	for rows.Next() {
+		var h HostLoad
+		if err := scanHost(rows, &h.Host, &h.VTPMs, &h.Certificates); err != nil {
+			return nil, err
 		}
-		h.HeartbeatAt, h.Draining = parseStamp(heartbeat), draining != 0
 		out = append(out, &h)
 	}
 	return out, rows.Err()

@@ -38,8 +38,8 @@ func TestIncarnations(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		// The attestation outlived the record (as a delete that forgot it
-		// would leave it): the next vTPM does not inherit it.
+		// The delete took the attestation with the record: the next vTPM
+		// does not inherit it.
 		v := sample("i-1", "p1", "h1")
 		err = s.Update(ctx, func(tx *Tx) error {
 			if err := tx.CreateVTPM(v); err != nil {

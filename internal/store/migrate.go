@@ -183,6 +183,10 @@ ALTER TABLE hosts ADD COLUMN drift_at TEXT NOT NULL DEFAULT '';`,
 	// Whether a client (a guest's QEMU) held the vTPM's control channel
 	// when its agent last looked (1) or not (0).
 	16: `ALTER TABLE vtpms ADD COLUMN guest_connected INTEGER NOT NULL DEFAULT 0;`,
+	// Attestation records of instances that have no vTPM, which earlier
+	// versions could leave behind: every delete of a vTPM removes its
+	// record now, so a create no longer needs to.
+	17: `DELETE FROM attestations WHERE instance_id NOT LIKE 'host:%' AND instance_id NOT IN (SELECT instance_id FROM vtpms);`,
 	// Requests for fresh evidence (see AskRefresh), by attestation
 	// subject, until its agent collects them: any server may take the
 	// request, and any the agent's long poll.

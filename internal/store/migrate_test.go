@@ -138,3 +138,49 @@ func TestMigrationGivesWatchRevisions(t *testing.T) {
 		})
 	}
 }
+
+// A database from before every delete removed the vTPM's attestation: the
+// records of instances with no vTPM go, so that no later vTPM of the id
+// finds one; a vTPM's own and hosts' stay.
+func TestMigrationDropsOrphanAttestations(t *testing.T) {
+	for _, e := range unmigrated {
+		t.Run(e.name, func(t *testing.T) {
+			ctx := context.Background()
+			s := e.open(t)
+			if err := s.migrateTo(ctx, 16); err != nil {
+				t.Fatal(err)
+			}
+			err := s.Update(ctx, func(tx *Tx) error {
+				if err := tx.PutHost(&Host{Name: "h1", Capacity: 10, Backend: "swtpm"}); err != nil {
+					return err
+				}
+				if err := tx.CreateVTPM(&VTPM{InstanceID: "i-1", Project: "p1", Host: "h1", Desired: DesiredRunning, Phase: PhaseActive}); err != nil {
+					return err
+				}
+				for _, key := range []string{"i-1", "i-gone", HostKey("h1")} {
+					if err := tx.PutAttestation(&Attestation{InstanceID: key, Verdict: VerdictTrusted}); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := s.migrate(ctx); err != nil {
+				t.Fatal(err)
+			}
+			err = s.View(ctx, func(tx *Tx) error {
+				for key, want := range map[string]bool{"i-1": true, "i-gone": false, HostKey("h1"): true} {
+					if _, err := tx.GetAttestation(key); (err == nil) != want {
+						t.Errorf("attestation of %s after the migration: %v, want kept %v", key, err, want)
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}

@@ -31,13 +31,13 @@ const maxNotify = 7000
 const wakeAllTopics = "*"
 
 // encodeTopics is the payload for changed, sent by the Store named from:
-// "from\nh:HOST\nv:ID\nr:KEY…", each topic's kind and name, or from and
-// wakeAllTopics when too long.
+// "from\nh:HOST\nv:ID\nc:HOST…" (each topic's kind, a colon, its name), or
+// from and wakeAllTopics when too long.
 func encodeTopics(from string, changed []topic) string {
 	var b strings.Builder
 	b.WriteString(from)
 	for _, t := range changed {
-		b.WriteString("\n" + string(t.kind) + ":" + t.name)
+		b.WriteString("\n" + string(rune(t.kind)) + ":" + t.name)
 	}
 	if b.Len() > maxNotify {
 		return from + "\n" + wakeAllTopics
@@ -54,9 +54,9 @@ func decodeTopics(payload string) (from string, changed []topic, all bool) {
 		case l == wakeAllTopics:
 			all = true
 		case len(l) >= 2 && l[1] == ':':
-			switch l[0] {
-			case vtpmTopic, hostTopic, refreshTopic:
-				changed = append(changed, topic{kind: l[0], name: l[2:]})
+			switch k := topicKind(l[0]); k {
+			case vtpmTopic, hostTopic, certificatesTopic, refreshTopic:
+				changed = append(changed, topic{kind: k, name: l[2:]})
 			}
 		}
 	}

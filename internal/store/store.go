@@ -55,18 +55,21 @@ type Store struct {
 }
 
 // topic is what a waiter waits for a commit to change: one vTPM's record,
-// the vTPMs placed on one host, or the refresh requests of one
-// attestation subject.
+// the vTPMs placed on one host, one host's certificates, or the refresh
+// requests of one attestation subject.
 type topic struct {
-	kind byte // vtpmTopic, hostTopic or refreshTopic
-	name string
+	kind topicKind
+	name string // an instance id (vtpmTopic), a host's name, or an attestation record's key (refreshTopic)
 }
 
-// The kinds of topic, each the letter notify.go sends it with.
+type topicKind byte
+
+// The kinds of topic, by their letter in notifications (notify.go).
 const (
-	vtpmTopic    = 'v' // name is an instance id
-	hostTopic    = 'h' // name is a host's
-	refreshTopic = 'r' // name is an attestation record's key
+	vtpmTopic         topicKind = 'v'
+	hostTopic         topicKind = 'h'
+	certificatesTopic topicKind = 'c'
+	refreshTopic      topicKind = 'r'
 )
 
 // VTPMChanged returns a channel that is closed when a transaction next
@@ -87,6 +90,14 @@ func (s *Store) VTPMChanged(id string) <-chan struct{} {
 // close it as they do VTPMChanged's.
 func (s *Store) HostChanged(host string) <-chan struct{} {
 	return s.wait(topic{kind: hostTopic, name: host})
+}
+
+// HostCertificatesChanged returns a channel that is closed when a
+// transaction next commits a revocation of host's certificates, in this
+// process or (moments later, as VTPMChanged) another on the database:
+// what a cache of honoured certificates waits on.
+func (s *Store) HostCertificatesChanged(host string) <-chan struct{} {
+	return s.wait(topic{kind: certificatesTopic, name: host})
 }
 
 func (s *Store) wait(k topic) <-chan struct{} {
@@ -395,8 +406,10 @@ type Tx struct {
 	pg  bool
 	// statements is the Store's count, which every statement advances.
 	statements *atomic.Int64
-	changed    []topic           // vTPMs and hosts written, for VTPMChanged and HostChanged
-	deleted    map[string]string // instance id → incarnation of the vTPM deleted here
+	changed    []topic // vTPMs and hosts written, for VTPMChanged and HostChanged
+	// incarnations are the vTPMs this transaction wrote, by instance id:
+	// the incarnation it last made, updated or deleted (see wrote).
+	incarnations map[string]string
 	// revisions are the hosts whose vTPMs this transaction wrote, each
 	// with the watch revision its writes there carry.
 	revisions map[string]int64

@@ -96,22 +96,12 @@ const vtpmColumns = `instance_id, project, version, model, secret_security, hype
 	desired, phase, reason, secret_id, eks, domain, data_socket, ctrl_socket, swtpm_pid, guest_connected, generation, incarnation, revision, created_at, updated_at`
 
 // CreateVTPM inserts v with generation 1 and a new Incarnation; ErrExists
-// if the instance has a vTPM.
+// if the instance has a vTPM. A new vTPM starts with no attestation, as
+// DeleteVTPM took the last one's (and migration 17 those that earlier
+// versions left behind).
 func (t *Tx) CreateVTPM(v *VTPM) error {
 	keys, eks, err := encodeLists(v)
 	if err != nil {
-		return err
-	}
-	// Checked in the transaction rather than read from a driver error, so it
-	// means the same on every engine.
-	if _, err := t.GetVTPM(v.InstanceID); err == nil {
-		return fmt.Errorf("vtpm %s: %w", v.InstanceID, ErrExists)
-	} else if !errors.Is(err, ErrNotFound) {
-		return err
-	}
-	// A new vTPM starts with no attestation: a record an earlier vTPM of
-	// this instance id left behind is not this one's.
-	if err := t.DeleteAttestation(v.InstanceID); err != nil {
 		return err
 	}
 	incarnation := make([]byte, 16)
@@ -124,13 +114,23 @@ func (t *Tx) CreateVTPM(v *VTPM) error {
 	}
 	v.Incarnation = hex.EncodeToString(incarnation)
 	v.Generation, v.Revision, v.CreatedAt, v.UpdatedAt = 1, revision, t.now, t.now
-	_, err = t.exec(`INSERT INTO vtpms (`+vtpmColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
+	// An existing record is found by the insert itself, so it means the
+	// same on every engine (on PostgreSQL, one another transaction
+	// committed after this one began aborts it, and run retries).
+	res, err := t.exec(`INSERT INTO vtpms (`+vtpmColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+		ON CONFLICT (instance_id) DO NOTHING`,
 		v.InstanceID, v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, v.Host,
 		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Sockets.Data, v.Sockets.Ctrl, v.PID, boolInt(v.Connected), v.Generation, v.Incarnation, v.Revision, stamp(t.now), stamp(t.now))
-	if err == nil {
-		t.changed = append(t.changed, topic{kind: vtpmTopic, name: v.InstanceID})
+	if err != nil {
+		return err
 	}
-	return err
+	if n, err := res.RowsAffected(); err != nil {
+		return err
+	} else if n == 0 {
+		return fmt.Errorf("vtpm %s: %w", v.InstanceID, ErrExists)
+	}
+	t.wrote(v.InstanceID, v.Incarnation)
+	return nil
 }
 
 // UpdateVTPM writes v back if nobody changed it since it was read (same
@@ -178,13 +178,62 @@ func (t *Tx) UpdateVTPM(v *VTPM) error {
 	}
 	v.Generation++
 	v.Revision, v.UpdatedAt = revision, t.now
-	t.changed = append(t.changed, topic{kind: vtpmTopic, name: v.InstanceID})
+	t.wrote(v.InstanceID, v.Incarnation)
 	return nil
 }
 
-// DeleteVTPM removes the record; ErrNotFound if there is none. Events
-// appended after it in the same transaction still belong to the deleted
-// vTPM (see AppendEvent).
+// Observation is what a host's agent observed of a vTPM it holds as of
+// Generation of Incarnation: all of a record an agent writes.
+type Observation struct {
+	InstanceID  string
+	Incarnation string
+	Generation  int64
+	// Host is the agent's: the vTPM must be placed there.
+	Host      string
+	Phase     Phase
+	Reason    string
+	EKs       []EK
+	Sockets   Sockets
+	PID       int
+	Connected bool
+}
+
+// ObserveVTPM records o in one write, checked by the write itself: the
+// vTPM is o's incarnation, unchanged since o's generation, placed on
+// o.Host, and its endorsement keys are none yet or o's (once recorded
+// they never change). It returns the vTPM's new generation and the secret
+// it names; ok false, with nothing of the vTPM written, when one of those
+// does not hold, for the caller to read which and roll back. The host's
+// watchers are not woken for it: its agent knows what it observed, and
+// they read the write at their next wake (see quietRevision).
+func (t *Tx) ObserveVTPM(o Observation) (generation int64, secretID string, ok bool, err error) {
+	e, err := json.Marshal(o.EKs)
+	if err != nil {
+		return 0, "", false, err
+	}
+	revision, err := t.quietRevision(o.Host)
+	if err != nil {
+		return 0, "", false, err
+	}
+	err = t.queryRow(`UPDATE vtpms SET phase=?, reason=?, eks=?, data_socket=?, ctrl_socket=?, swtpm_pid=?, guest_connected=?,
+		generation=generation+1, revision=?, updated_at=?
+		WHERE instance_id=? AND incarnation=? AND generation=? AND host=? AND (eks=? OR eks IN ('null', '[]'))
+		RETURNING generation, secret_id`,
+		o.Phase, o.Reason, string(e), o.Sockets.Data, o.Sockets.Ctrl, o.PID, boolInt(o.Connected), revision, stamp(t.now),
+		o.InstanceID, o.Incarnation, o.Generation, o.Host, string(e)).Scan(&generation, &secretID)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, "", false, nil
+	}
+	if err != nil {
+		return 0, "", false, err
+	}
+	t.wrote(o.InstanceID, o.Incarnation)
+	return generation, secretID, true, nil
+}
+
+// DeleteVTPM removes the record, and the vTPM's attestation record with
+// it; ErrNotFound if there is none. Events appended after it in the same
+// transaction still belong to the deleted vTPM (see AppendEvent).
 func (t *Tx) DeleteVTPM(instanceID string) error {
 	var incarnation, host string
 	err := t.queryRow(`SELECT incarnation, host FROM vtpms WHERE instance_id=?`, instanceID).Scan(&incarnation, &host)
@@ -194,15 +243,25 @@ func (t *Tx) DeleteVTPM(instanceID string) error {
 	if _, err := t.exec(`DELETE FROM vtpms WHERE instance_id=?`, instanceID); err != nil {
 		return err
 	}
+	if err := t.DeleteAttestation(instanceID); err != nil {
+		return err
+	}
 	if err := t.tombstone(host, instanceID, incarnation); err != nil {
 		return err
 	}
-	if t.deleted == nil {
-		t.deleted = map[string]string{}
-	}
-	t.deleted[instanceID] = incarnation
-	t.changed = append(t.changed, topic{kind: vtpmTopic, name: instanceID})
+	t.wrote(instanceID, incarnation)
 	return nil
+}
+
+// wrote notes that this transaction wrote (made, updated or deleted) the
+// vTPM of instanceID of incarnation: its waiters wake at the commit, and
+// the events appended after it are that vTPM's (AppendEvent).
+func (t *Tx) wrote(instanceID, incarnation string) {
+	if t.incarnations == nil {
+		t.incarnations = map[string]string{}
+	}
+	t.incarnations[instanceID] = incarnation
+	t.changed = append(t.changed, topic{kind: vtpmTopic, name: instanceID})
 }
 
 // GetVTPM reads one vTPM; ErrNotFound if there is none.
@@ -281,25 +340,6 @@ func (t *Tx) Room(host string) (int, error) {
 		return 0, fmt.Errorf("host %s: %w", host, notFound(err))
 	}
 	return room, nil
-}
-
-// CountVTPMs counts the vTPMs placed on each host.
-func (t *Tx) CountVTPMs() (map[string]int, error) {
-	rows, err := t.query(`SELECT host, COUNT(*) FROM vtpms GROUP BY host`)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	counts := map[string]int{}
-	for rows.Next() {
-		var h string
-		var n int
-		if err := rows.Scan(&h, &n); err != nil {
-			return nil, err
-		}
-		counts[h] = n
-	}
-	return counts, rows.Err()
 }
 
 func scanVTPM(row interface{ Scan(...any) error }) (*VTPM, error) {

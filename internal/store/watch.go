@@ -2,7 +2,7 @@ package store
 
 import (
 	"database/sql"
-	"errors"
+	"slices"
 	"time"
 )
 
@@ -52,13 +52,14 @@ type Changes struct {
 func (t *Tx) WatchVTPMs(host string, since int64) (*Changes, error) {
 	c := &Changes{}
 	var horizon int64
-	err := t.queryRow(`SELECT revision, horizon FROM watch_revisions WHERE host=?`, host).Scan(&c.Revision, &horizon)
-	if err != nil && !errors.Is(err, sql.ErrNoRows) {
-		return nil, err
-	}
 	var repair int
-	err = t.queryRow(`SELECT drift_asked, drift_repair FROM hosts WHERE name=? AND drift_answered < drift_asked`, host).Scan(&c.DriftAsked, &repair)
-	if err != nil && !errors.Is(err, sql.ErrNoRows) {
+	// The host's revision and horizon (none before its first vTPM) and
+	// its drift request not yet answered, if any, in one read.
+	err := t.queryRow(`SELECT COALESCE(w.revision, 0), COALESCE(w.horizon, 0), COALESCE(h.drift_asked, 0), COALESCE(h.drift_repair, 0)
+		FROM (SELECT CAST(? AS TEXT) AS name) q
+		LEFT JOIN watch_revisions w ON w.host = q.name
+		LEFT JOIN hosts h ON h.name = q.name AND h.drift_answered < h.drift_asked`, host).Scan(&c.Revision, &horizon, &c.DriftAsked, &repair)
+	if err != nil {
 		return nil, err
 	}
 	c.DriftRepair = repair != 0
@@ -100,7 +101,20 @@ func (t *Tx) WatchVTPMs(host string, since int64) (*Changes, error) {
 
 // revision returns the revision this transaction's writes of host's vTPMs
 // carry: the host's next, taken (and its counter row locked) at the first.
+// Its watchers wake at the commit.
 func (t *Tx) revision(host string) (int64, error) {
+	rev, err := t.quietRevision(host)
+	if err == nil && !slices.Contains(t.changed, topic{kind: hostTopic, name: host}) {
+		t.changed = append(t.changed, topic{kind: hostTopic, name: host})
+	}
+	return rev, err
+}
+
+// quietRevision is revision for a write the host's watchers need not wake
+// for: one its own agent made of what it observed (ObserveVTPM), which
+// that agent knows already. They read it at their next wake, with what
+// else changed.
+func (t *Tx) quietRevision(host string) (int64, error) {
 	if rev, ok := t.revisions[host]; ok {
 		return rev, nil
 	}
@@ -114,7 +128,6 @@ func (t *Tx) revision(host string) (int64, error) {
 		t.revisions = map[string]int64{}
 	}
 	t.revisions[host] = rev
-	t.changed = append(t.changed, topic{kind: hostTopic, name: host})
 	return rev, nil
 }
 

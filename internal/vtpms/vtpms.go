@@ -369,9 +369,6 @@ func deleteRecord(tx *store.Tx, id string, e store.Event) error {
 	if err := tx.DeleteVTPM(id); err != nil {
 		return err
 	}
-	if err := tx.DeleteAttestation(id); err != nil {
-		return err
-	}
 	return tx.AppendEvent(e)
 }
 
@@ -552,23 +549,15 @@ func (s *Service) Hosts(ctx context.Context, name string) (hosts []Host, err err
 // hosts reads hosts in tx as Hosts does, judging heartbeats by the clock
 // now.
 func (s *Service) hosts(tx *store.Tx, name string) ([]Host, error) {
-	hosts, err := tx.ListHosts()
-	if err != nil {
-		return nil, err
-	}
-	used, err := tx.CountVTPMs()
-	if err != nil {
-		return nil, err
-	}
 	now := s.cfg.Now()
-	certs, err := tx.ValidHostCertificates(now)
+	loads, err := tx.ListHostLoads(now)
 	if err != nil {
 		return nil, err
 	}
 	var out []Host
-	for _, h := range hosts {
+	for _, h := range loads {
 		if name == "" || h.Name == name {
-			out = append(out, Host{Host: *h, Used: used[h.Name], State: s.state(h, now), Certificates: certs[h.Name]})
+			out = append(out, Host{Host: h.Host, Used: h.VTPMs, State: s.state(&h.Host, now), Certificates: h.Certificates})
 		}
 	}
 	return out, nil

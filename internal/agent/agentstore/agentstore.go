@@ -54,7 +54,7 @@ func (r *Records) Heartbeat(ctx context.Context, hb agent.Heartbeat) error {
 // it: commits of other processes sharing a PostgreSQL database wake it
 // through the store's notifications, so this is only the net for one
 // lost while the store's listener reconnected. Every connected agent's
-// watch rereads this often (three or four statements): with hundreds of
+// watch rereads this often (two or three statements): with hundreds of
 // hosts it would otherwise be most of an idle server's load.
 const rereadEvery = 30 * time.Second
 
@@ -119,45 +119,89 @@ func (r *Records) Placed(ctx context.Context, host, instanceID string) (*agent.R
 	if err != nil || rec.Host == host {
 		return rec, err
 	}
-	r.log.Warn("a host asked for a vTPM placed on another host", "host", host, "instance", instanceID, "placed_on", rec.Host)
-	err = r.st.Update(ctx, func(tx *store.Tx) error {
+	return nil, r.refuse(ctx, host, instanceID, rec.Host)
+}
+
+// refuse logs, and records as the vTPM's event, that host asked for a
+// vTPM placed on another, and returns the refusal.
+func (r *Records) refuse(ctx context.Context, host, instanceID, placedOn string) error {
+	r.log.Warn("a host asked for a vTPM placed on another host", "host", host, "instance", instanceID, "placed_on", placedOn)
+	err := r.st.Update(ctx, func(tx *store.Tx) error {
 		return tx.AppendEvent(store.Event{Actor: "host:" + host, InstanceID: instanceID, Action: "refused",
-			Detail: fmt.Sprintf("host %s asked for this vTPM, which is placed on %s", host, rec.Host)})
+			Detail: fmt.Sprintf("host %s asked for this vTPM, which is placed on %s", host, placedOn)})
 	})
-	return nil, errors.Join(errOtherHost, err)
+	return errors.Join(errOtherHost, err)
 }
 
 var errOtherHost = refusal.Forbidden(api.CodeForbidden, "The vTPM is placed on another host.")
 
-// Update implements agent.Records. Only what an agent observes is taken
-// from rec; endorsement keys, once recorded, never change.
+// placedElsewhere is a refusal found inside a transaction, to be recorded
+// (refuse) after it rolled back.
+type placedElsewhere struct{ host string }
+
+func (e *placedElsewhere) Error() string { return "the vTPM is placed on host " + e.host }
+
+// Update implements agent.Records: rec.Host is the host reporting, which
+// must be the vTPM's. Only what an agent observes is taken from rec;
+// endorsement keys, once recorded, never change. The write checks all
+// that itself (store.Tx.ObserveVTPM); only when it writes nothing is the
+// record read, to tell why.
 func (r *Records) Update(ctx context.Context, rec *agent.Record, ev agent.Event) error {
 	if err := validObserved(rec); err != nil {
 		return err
 	}
+	o := store.Observation{InstanceID: rec.InstanceID, Incarnation: rec.Incarnation, Generation: rec.Generation, Host: rec.Host,
+		Phase: store.Phase(rec.Phase), Reason: rec.Reason, EKs: eksRow(rec.EKs),
+		Sockets: store.Sockets{Data: rec.Sockets.Data, Ctrl: rec.Sockets.Ctrl}, PID: rec.PID, Connected: rec.Connected}
 	var generation int64
+	var secretID string
 	err := r.st.Update(ctx, func(tx *store.Tx) error {
-		v, err := current(tx, rec)
+		var ok bool
+		var err error
+		generation, secretID, ok, err = tx.ObserveVTPM(o)
+		if err == nil && !ok {
+			generation, secretID, err = observeRead(tx, rec, o)
+		}
 		if err != nil {
 			return err
 		}
-		eks := eksRow(rec.EKs)
-		if len(v.EKs) > 0 && !slices.EqualFunc(v.EKs, eks, sameEK) {
-			return refusal.Invalid(api.CodeInvalidParameter, "A vTPM's endorsement keys never change once recorded.")
-		}
-		v.Phase, v.Reason, v.EKs = store.Phase(rec.Phase), rec.Reason, eks
-		v.Sockets, v.PID, v.Connected = store.Sockets{Data: rec.Sockets.Data, Ctrl: rec.Sockets.Ctrl}, rec.PID, rec.Connected
-		if err := tx.UpdateVTPM(v); err != nil {
-			return err
-		}
-		generation = v.Generation
 		return tx.AppendEvent(store.Event{Actor: ev.Actor, InstanceID: rec.InstanceID, Action: ev.Action, Detail: ev.Detail})
 	})
+	var elsewhere *placedElsewhere
+	if errors.As(err, &elsewhere) {
+		return r.refuse(ctx, rec.Host, rec.InstanceID, elsewhere.host)
+	}
 	if err != nil {
 		return agentError(err)
 	}
-	rec.Generation = generation
+	rec.Generation, rec.SecretID = generation, secretID
 	return nil
+}
+
+// observeRead reads the vTPM o was not written to, to tell why: not found,
+// placed on another host, another incarnation or changed since, or
+// endorsement keys other than those recorded. If none of those holds
+// (keys recorded in an older encoding, equal but not the same text), it
+// writes o over the record read.
+func observeRead(tx *store.Tx, rec *agent.Record, o store.Observation) (generation int64, secretID string, err error) {
+	v, err := tx.GetVTPM(o.InstanceID)
+	if err != nil {
+		return 0, "", err
+	}
+	if v.Host != o.Host {
+		return 0, "", &placedElsewhere{host: v.Host}
+	}
+	if err := unchanged(v, rec); err != nil {
+		return 0, "", err
+	}
+	if len(v.EKs) > 0 && !slices.EqualFunc(v.EKs, o.EKs, sameEK) {
+		return 0, "", refusal.Invalid(api.CodeInvalidParameter, "A vTPM's endorsement keys never change once recorded.")
+	}
+	v.Phase, v.Reason, v.EKs, v.Sockets, v.PID, v.Connected = o.Phase, o.Reason, o.EKs, o.Sockets, o.PID, o.Connected
+	if err := tx.UpdateVTPM(v); err != nil {
+		return 0, "", err
+	}
+	return v.Generation, v.SecretID, nil
 }
 
 // Delete implements agent.Records: the record goes, then its secret (the
@@ -177,9 +221,6 @@ func (r *Records) Delete(ctx context.Context, rec *agent.Record, ev agent.Event)
 			if err := tx.DeleteVTPM(v.InstanceID); err != nil {
 				return err
 			}
-			if err := tx.DeleteAttestation(v.InstanceID); err != nil {
-				return err
-			}
 			return tx.AppendEvent(store.Event{Actor: ev.Actor, InstanceID: v.InstanceID, Action: ev.Action, Detail: ev.Detail})
 		})
 		return []string{secret}, err
@@ -187,29 +228,31 @@ func (r *Records) Delete(ctx context.Context, rec *agent.Record, ev agent.Event)
 	return agentError(err)
 }
 
-// Secret implements agent.Records: the secret of a vTPM that is to run.
+// Secret implements agent.Records: the secret of a vTPM that is to run,
+// for the host rec names, which must be the vTPM's (refused otherwise, as
+// Placed refuses); rec.SecretID is set to the secret's id. An empty
+// rec.Incarnation asks for the vTPM's current one.
 func (r *Records) Secret(ctx context.Context, rec *agent.Record) ([]byte, error) {
-	var secretID string
-	err := r.st.View(ctx, func(tx *store.Tx) error {
-		v, err := tx.GetVTPM(rec.InstanceID)
-		switch {
-		case err != nil:
-			return err
-		case v.Incarnation != rec.Incarnation:
-			return fmt.Errorf("vtpm %s of incarnation %s: %w", rec.InstanceID, rec.Incarnation, store.ErrNotFound)
-		case v.Desired != store.DesiredRunning:
-			return refusal.Conflict(api.CodeConflict, "A vTPM's secret is released only while it is to run.")
-		}
-		secretID = v.SecretID
-		return nil
+	var v *store.VTPM
+	err := r.st.View(ctx, func(tx *store.Tx) (err error) {
+		v, err = tx.GetVTPM(rec.InstanceID)
+		return err
 	})
-	if err != nil {
+	switch {
+	case err != nil:
 		return nil, agentError(err)
+	case v.Host != rec.Host:
+		return nil, r.refuse(ctx, rec.Host, rec.InstanceID, v.Host)
+	case rec.Incarnation != "" && v.Incarnation != rec.Incarnation:
+		return nil, agentError(fmt.Errorf("vtpm %s of incarnation %s: %w", rec.InstanceID, rec.Incarnation, store.ErrNotFound))
+	case v.Desired != store.DesiredRunning:
+		return nil, refusal.Conflict(api.CodeConflict, "A vTPM's secret is released only while it is to run.")
 	}
-	s, err := r.kr.Get(ctx, secretID)
+	s, err := r.kr.Get(ctx, v.SecretID)
 	if err != nil {
 		return nil, err
 	}
+	rec.SecretID = v.SecretID
 	return s.Payload, nil
 }
 
@@ -273,15 +316,22 @@ func (r *Records) ReportDrift(ctx context.Context, host string, asked int64, fin
 // another incarnation, ErrConflict if it changed since rec was read.
 func current(tx *store.Tx, rec *agent.Record) (*store.VTPM, error) {
 	v, err := tx.GetVTPM(rec.InstanceID)
-	switch {
-	case err != nil:
+	if err != nil {
 		return nil, err
-	case v.Incarnation != rec.Incarnation:
-		return nil, fmt.Errorf("vtpm %s of incarnation %s: %w", rec.InstanceID, rec.Incarnation, store.ErrNotFound)
-	case v.Generation != rec.Generation:
-		return nil, fmt.Errorf("vtpm %s: %w", rec.InstanceID, store.ErrConflict)
 	}
-	return v, nil
+	return v, unchanged(v, rec)
+}
+
+// unchanged says whether v is rec's vTPM as rec read it: ErrNotFound if
+// it is another incarnation, ErrConflict if it changed since.
+func unchanged(v *store.VTPM, rec *agent.Record) error {
+	switch {
+	case v.Incarnation != rec.Incarnation:
+		return fmt.Errorf("vtpm %s of incarnation %s: %w", rec.InstanceID, rec.Incarnation, store.ErrNotFound)
+	case v.Generation != rec.Generation:
+		return fmt.Errorf("vtpm %s: %w", rec.InstanceID, store.ErrConflict)
+	}
+	return nil
 }
 
 // validObserved refuses an observed state no agent reports.

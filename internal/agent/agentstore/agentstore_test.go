@@ -274,9 +274,10 @@ func TestRecords(t *testing.T) {
 }
 
 // TestUpdateTakesOnlyObserved: an agent's update writes only what an agent
-// observes; what was asked (desired state, project, host, spec, secret)
-// stays the API's whatever the agent sends, recorded EKs never change,
-// and a phase no agent reports is refused.
+// observes; what was asked (desired state, project, spec, secret) stays
+// the API's whatever the agent sends, recorded EKs never change, a phase
+// no agent reports is refused, and so is another host's agent (with an
+// event naming it).
 func TestUpdateTakesOnlyObserved(t *testing.T) {
 	onEngines(t, func(t *testing.T, st *store.Store) {
 		ctx := context.Background()
@@ -286,7 +287,7 @@ func TestUpdateTakesOnlyObserved(t *testing.T) {
 		}
 		row := f.create(t, id1, "h1")
 		r := f.get(t, id1)
-		r.Desired, r.Project, r.Host, r.SecretID, r.Spec.Version, r.Domain = agent.DesiredDeleted, "p2", "h9", "other", spec.V12, "evil"
+		r.Desired, r.Project, r.SecretID, r.Spec.Version, r.Domain = agent.DesiredDeleted, "p2", "other", spec.V12, "evil"
 		r.Phase, r.EKs = agent.PhaseActive, []agent.EK{{Kind: "rsa2048", Handle: 0x81010001, PublicDER: []byte{1}}}
 		if err := f.recs.Update(ctx, r, agent.Event{Actor: "agent:h1", Action: "started"}); err != nil {
 			t.Fatal(err)
@@ -307,8 +308,17 @@ func TestUpdateTakesOnlyObserved(t *testing.T) {
 		if err := f.recs.Update(ctx, r, agent.Event{Actor: "agent:h1", Action: "started"}); !errors.As(err, &re) || re.Code != api.CodeInvalidParameter {
 			t.Fatalf("an unknown phase: %v, want refused", err)
 		}
-		if after, _ := read(t, st, id1); after.Generation != now.Generation {
+		r = f.get(t, id1)
+		r.Host = "h9"
+		if err := f.recs.Update(ctx, r, agent.Event{Actor: "agent:h9", Action: "started"}); !errors.As(err, &re) || re.Kind != refusal.KindForbidden {
+			t.Fatalf("another host's update: %v, want refused", err)
+		}
+		after, evs := read(t, st, id1)
+		if after.Generation != now.Generation {
 			t.Fatalf("a refused update wrote: generation %d → %d", now.Generation, after.Generation)
+		}
+		if e := evs[len(evs)-1]; e.Actor != "host:h9" || e.Action != "refused" {
+			t.Fatalf("the last event after another host's update: %+v", e)
 		}
 	})
 }
@@ -483,5 +493,48 @@ func TestHeartbeats(t *testing.T) {
 		if !errors.Is(err, agent.ErrNotFound) || !errors.Is(err, store.ErrNotFound) {
 			t.Fatalf("a heartbeat of a host never registered: %v, want agent.ErrNotFound", err)
 		}
+	})
+}
+
+// TestAgentStatements: what acting on a new vTPM costs the store, counted
+// (not timed), so that a change that reads again what it wrote shows: a
+// watch from nothing is two statements (the host's revision and drift
+// request, then its records), a report one checked write with its
+// revision, event and (PostgreSQL) notification, a secret one read.
+func TestAgentStatements(t *testing.T) {
+	onEngines(t, func(t *testing.T, st *store.Store) {
+		ctx := context.Background()
+		f := newFixture(t, st)
+		if err := f.recs.RegisterHost(ctx, agent.Host{Name: "h1", Capacity: 7, Backend: "swtpm"}); err != nil {
+			t.Fatal(err)
+		}
+		f.create(t, id1, "h1")
+		report := 4 // revision, write, event, notification
+		if t.Name() == "TestAgentStatements/sqlite" {
+			report = 3
+		}
+		count := func(what string, want int, do func() error) {
+			t.Helper()
+			before := st.Statements()
+			if err := do(); err != nil {
+				t.Fatalf("%s: %v", what, err)
+			}
+			if n := st.Statements() - before; n != int64(want) {
+				t.Errorf("%s: %d statements, want %d", what, n, want)
+			}
+		}
+		var r *agent.Record
+		count("a watch from nothing", 2, func() error {
+			ch, err := f.recs.Watch(ctx, "h1", 0, 0)
+			if err == nil {
+				r = ch.Records[0]
+			}
+			return err
+		})
+		r.Phase = agent.PhaseProvisioning
+		count("a report", report, func() error { return f.recs.Update(ctx, r, agent.Event{Actor: "agent:h1", Action: "provisioning"}) })
+		count("a secret", 1, func() error { _, err := f.recs.Secret(ctx, r); return err })
+		r.Phase = agent.PhaseActive
+		count("a report", report, func() error { return f.recs.Update(ctx, r, agent.Event{Actor: "agent:h1", Action: "started"}) })
 	})
 }
