@@ -52,7 +52,7 @@ func newPooledHost(t *testing.T, root string, pool int) *host {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	kr, err := keyring.OpenEmbedded(filepath.Join(t.TempDir(), "keys"))
+	kr, err := keyring.OpenEmbedded(ctx, st, filepath.Join(t.TempDir(), "master.key"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -33,7 +33,7 @@ func BenchmarkAgentWatch(b *testing.B) {
 		b.Run(fmt.Sprintf("vtpms=%d", n), func(b *testing.B) {
 			ctx, cancel := context.WithCancel(context.Background())
 			st := storetest.Open(b)
-			kr, err := keyring.OpenEmbedded(filepath.Join(b.TempDir(), "keys"))
+			kr, err := keyring.OpenEmbedded(context.Background(), st, filepath.Join(b.TempDir(), "master.key"))
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -181,7 +181,7 @@ func (r *countingRecords) Rekey(ctx context.Context, rec *agent.Record, secret [
 func TestRunAfterReconcile(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	st := storetest.Open(t)
-	kr, err := keyring.OpenEmbedded(filepath.Join(t.TempDir(), "keys"))
+	kr, err := keyring.OpenEmbedded(context.Background(), st, filepath.Join(t.TempDir(), "master.key"))
 	if err != nil {
 		t.Fatal(err)
 	}

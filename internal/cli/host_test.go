@@ -46,7 +46,7 @@ func hostsServer(t *testing.T) string {
 	register(store.Options{Now: then}, &store.Host{Name: "h2", Traits: traits, Capacity: 5, Backend: "swtpm", Version: "v1.1.0"}).Close()
 	st := register(store.Options{}, &store.Host{Name: "h1", Traits: traits, Capacity: 5, Backend: "libvirt", Version: "v1.2.3"})
 	t.Cleanup(func() { st.Close() })
-	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
+	kr, err := keyring.OpenEmbedded(context.Background(), st, filepath.Join(dir, "master.key"))
 	if err != nil {
 		t.Fatal(err)
 	}

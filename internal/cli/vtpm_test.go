@@ -24,7 +24,7 @@ func apiServer(t *testing.T) string {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
+	kr, err := keyring.OpenEmbedded(context.Background(), st, filepath.Join(dir, "master.key"))
 	if err != nil {
 		t.Fatal(err)
 	}

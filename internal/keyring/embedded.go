@@ -2,157 +2,178 @@ package keyring
 
 import (
 	"context"
-	"crypto/rand"
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
-	"path/filepath"
 	"slices"
-	"strings"
+	"sync"
 	"time"
 
-	"github.com/vtpmd/vtpmd/internal/atomicfile"
+	"github.com/vtpmd/vtpmd/internal/store"
 )
 
-// Embedded is a key manager that needs only a local directory: the
-// default of `vtpmd all-in-one` and of single-host deployments.
+// Embedded is a key manager that needs nothing but vtpmd's own store and a
+// master key file: the default of every deployment. Each secret is sealed
+// (seal.go) under the deployment's master key and kept in the store's
+// sealed_keys table, so every server replica sharing a PostgreSQL database
+// reads the same secrets; the store never sees one in the clear. The same
+// master key seals the deployment's own keys (SealKey, OpenKey).
 //
-// Directory layout (the directory itself is mode 0700):
+// The store names the master key every blob is sealed under (its ID, never
+// the key). An Embedded that meets one it does not hold reads its master
+// key file again: after a rotation (Rotate) every replica picks up the new
+// key as soon as the operator has installed the new file, without a
+// restart; until then its requests fail with ErrMasterKeyMismatch. Nothing
+// is ever sealed under a key the store no longer names.
 //
-//	master.key       32 random bytes, mode 0600: the AES-256-GCM key
-//	<uuid>.sealed    one per secret, mode 0600: see the format in seal.go
-//	.tmp-*, .del-*   transient; left only by a crash, removed on open
-//
-// Losing master.key loses every secret; backing it up next to the
-// directory defeats the encryption. Secrets are immutable once created, so
-// each file is written exactly once. Embedded is safe for concurrent use by
-// many goroutines; it holds no lock because every change is a single
-// atomic link or rename in the directory.
+// Losing the master key loses every secret; keep it apart from database
+// backups, or the encryption protects nothing. Deleting a secret deletes
+// its row (PostgreSQL may keep the dead row until it is vacuumed; it is
+// sealed). Embedded is safe for concurrent use.
 type Embedded struct {
-	dir string
-	key []byte // read-only after OpenEmbedded
+	st   *store.Store
+	path string // the master key file, read again when the store names another key
+
+	mu   sync.Mutex
+	keys []MasterKey // keys[0] seals; every one opens
 }
 
 var _ Keyring = (*Embedded)(nil)
 
-const (
-	masterKeyName = "master.key"
-	sealedSuffix  = ".sealed"
-	// staleTemp is how old a .tmp- file must be before OpenEmbedded takes
-	// it for a crash's leftover rather than another process's write.
-	staleTemp = time.Minute
-)
-
-// OpenEmbedded opens the embedded key manager under dir, creating dir (mode
-// 0700) and the master key (32 random bytes, mode 0600, created
-// atomically) on first use. It refuses, with ErrInsecureMode, a directory
-// or master key that group or others can access, and, with
-// ErrBadMasterKey, a master key of the wrong size.
-func OpenEmbedded(dir string) (*Embedded, error) {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("creating keyring dir: %w", err)
+// OpenEmbedded opens the embedded key manager on st with the master key in
+// the file at masterKeyFile. On a store that holds no sealed key yet, a
+// missing file is created with a fresh key (mode 0600); on one that does,
+// a missing file or another key than the store's is refused with
+// ErrBadMasterKey or ErrMasterKeyMismatch, never replaced: a fresh key
+// would make every secret unreadable.
+func OpenEmbedded(ctx context.Context, st *store.Store, masterKeyFile string) (*Embedded, error) {
+	var current string
+	if err := st.View(ctx, func(tx *store.Tx) (err error) {
+		current, err = tx.MasterKeyID()
+		return err
+	}); err != nil {
+		return nil, fmt.Errorf("reading the store's master key id: %w", err)
 	}
-	fi, err := os.Stat(dir)
-	if err != nil {
-		return nil, fmt.Errorf("checking keyring dir: %w", err)
-	}
-	if !fi.IsDir() {
-		return nil, fmt.Errorf("%w: %s is not a directory", ErrInsecureMode, dir)
-	}
-	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
-		return nil, fmt.Errorf("%w: keyring dir %s has mode %#o, want 0700", ErrInsecureMode, dir, perm)
-	}
-	key, err := loadMasterKey(dir)
-	if err != nil {
-		return nil, err
-	}
-	removeLeftovers(dir)
-	return &Embedded{dir: dir, key: key}, nil
-}
-
-// loadMasterKey reads dir/master.key, creating it if absent. Two processes
-// racing on first use both end up with the one key that was linked first.
-func loadMasterKey(dir string) ([]byte, error) {
-	path := filepath.Join(dir, masterKeyName)
-	key, err := readMasterKey(path)
-	if !errors.Is(err, fs.ErrNotExist) {
-		return key, err
-	}
-	// Without its key a directory of sealed secrets is still someone's
-	// data; a fresh key would quietly make all of it unreadable.
-	if n := countSealed(dir); n > 0 {
-		return nil, fmt.Errorf("%w: %s is missing but %d sealed secrets exist", ErrBadMasterKey, path, n)
-	}
-	fresh := make([]byte, masterKeySize)
-	defer clear(fresh)
-	if _, err := rand.Read(fresh); err != nil {
-		return nil, fmt.Errorf("generating master key: %w", err)
-	}
-	if err := createFile(dir, masterKeyName, fresh); err != nil && !errors.Is(err, fs.ErrExist) {
-		return nil, fmt.Errorf("creating master key: %w", err)
-	}
-	return readMasterKey(path)
-}
-
-func readMasterKey(path string) ([]byte, error) {
-	key, mode, err := readSmallFile(path, masterKeySize)
+	mk, err := ReadMasterKey(masterKeyFile)
 	if errors.Is(err, fs.ErrNotExist) {
+		if current != "" {
+			return nil, fmt.Errorf("%w: %s is missing, and the store's keys are sealed under master key %s: install the deployment's master key file there",
+				ErrBadMasterKey, masterKeyFile, current)
+		}
+		mk, err = NewMasterKeyFile(masterKeyFile)
+		if errors.Is(err, fs.ErrExist) { // another process made it first
+			mk, err = ReadMasterKey(masterKeyFile)
+		}
+	}
+	if err != nil {
 		return nil, err
 	}
-	if mode.Perm()&0o077 != 0 {
-		clear(key)
-		return nil, fmt.Errorf("%w: master key %s has mode %#o, want 0600", ErrInsecureMode, path, mode.Perm())
+	if current != "" && current != mk.ID() {
+		return nil, mismatch(current, mk, masterKeyFile)
 	}
-	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrBadMasterKey, err)
-	}
-	if len(key) != masterKeySize {
-		clear(key)
-		return nil, fmt.Errorf("%w: %s is %d bytes, want %d", ErrBadMasterKey, path, len(key), masterKeySize)
-	}
-	return key, nil
+	return &Embedded{st: st, path: masterKeyFile, keys: []MasterKey{mk}}, nil
 }
 
-func countSealed(dir string) int {
-	entries, _ := os.ReadDir(dir)
-	n := 0
-	for _, e := range entries {
-		if strings.HasSuffix(e.Name(), sealedSuffix) {
-			n++
-		}
-	}
-	return n
+func mismatch(want string, have MasterKey, path string) error {
+	return fmt.Errorf("%w: the store's keys are sealed under master key %s, the file %s holds %s: install the deployment's current master key there (see docs/deployment.md, rotating the master key)",
+		ErrMasterKeyMismatch, want, path, have.ID())
 }
 
-// removeLeftovers deletes what a crash can leave behind: half-deleted
-// secrets (shredded first) and temp files old enough not to be another
-// process's write in progress. Failures only leave sealed, unlisted files.
-func removeLeftovers(dir string) {
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		return
+// MasterKeyID is the ID of the master key this Embedded seals with.
+func (e *Embedded) MasterKeyID() string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.keys[0].ID()
+}
+
+// Check reports whether this Embedded can open the store's keys: it holds
+// the master key the store names, or its master key file now does.
+func (e *Embedded) Check(ctx context.Context) error {
+	var id string
+	if err := e.st.View(ctx, func(tx *store.Tx) (err error) {
+		id, err = tx.MasterKeyID()
+		return err
+	}); err != nil {
+		return err
 	}
-	for _, e := range entries {
-		path := filepath.Join(dir, e.Name())
-		switch {
-		case strings.HasPrefix(e.Name(), delPrefix):
-			shred(path)
-			os.Remove(path)
-		case strings.HasPrefix(e.Name(), tmpPrefix):
-			if fi, err := e.Info(); err == nil && time.Since(fi.ModTime()) > staleTemp {
-				os.Remove(path)
-			}
+	if id == "" {
+		return nil
+	}
+	_, err := e.key(id)
+	return err
+}
+
+// key returns the held master key named id, reading the master key file
+// again if none is: after a rotation, the new file makes it the key that
+// seals. ErrMasterKeyMismatch if the file does not hold it either.
+func (e *Embedded) key(id string) (MasterKey, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, k := range e.keys {
+		if k.ID() == id {
+			return k, nil
 		}
 	}
+	mk, err := ReadMasterKey(e.path)
+	if err != nil {
+		return MasterKey{}, err
+	}
+	if mk.ID() != id {
+		return MasterKey{}, mismatch(id, mk, e.path)
+	}
+	e.keys = slices.Insert(e.keys, 0, mk)
+	return mk, nil
+}
+
+// sealingKey is the key to seal with in tx: the one the store names, which
+// it starts naming with the first key sealed.
+func (e *Embedded) sealingKey(tx *store.Tx) (MasterKey, error) {
+	id, err := tx.MasterKeyID()
+	if err != nil {
+		return MasterKey{}, err
+	}
+	if id == "" {
+		e.mu.Lock()
+		mk := e.keys[0]
+		e.mu.Unlock()
+		return mk, tx.SetMasterKeyID(mk.ID())
+	}
+	return e.key(id)
+}
+
+// put seals s as the sealed key (kind, s.ID) in tx.
+func (e *Embedded) put(tx *store.Tx, kind string, s Secret) error {
+	mk, err := e.sealingKey(tx)
+	if err != nil {
+		return err
+	}
+	blob, err := seal(mk.key, s)
+	if err != nil {
+		return fmt.Errorf("sealing %s: %w", s.ID, err)
+	}
+	return tx.PutSealedKey(store.SealedKey{Kind: kind, Name: s.ID, MasterKey: mk.ID(), Blob: blob})
+}
+
+// open reads and opens the sealed key (kind, name) in tx; ErrNotFound if
+// there is none.
+func (e *Embedded) open(tx *store.Tx, kind, name string) (Secret, error) {
+	k, err := tx.SealedKey(kind, name)
+	if errors.Is(err, store.ErrNotFound) {
+		return Secret{}, ErrNotFound
+	}
+	if err != nil {
+		return Secret{}, err
+	}
+	mk, err := e.key(k.MasterKey)
+	if err != nil {
+		return Secret{}, err
+	}
+	return unseal(mk.key, name, k.Blob)
 }
 
 // Create seals payload under a fresh random UUID owned by project and
 // returns the UUID.
 func (e *Embedded) Create(ctx context.Context, project string, payload []byte) (string, error) {
-	if err := ctx.Err(); err != nil {
-		return "", err
-	}
 	if err := checkProject(project); err != nil {
 		return "", err
 	}
@@ -160,19 +181,17 @@ func (e *Embedded) Create(ctx context.Context, project string, payload []byte) (
 		return "", err
 	}
 	created := time.Now().UTC().Round(0)
-	// A UUID collision is astronomically unlikely, but createFile refuses
-	// to overwrite, so one costs a retry rather than a lost secret.
+	// A UUID collision is astronomically unlikely, but PutSealedKey
+	// refuses to overwrite, so one costs a retry rather than a lost secret.
 	for range 3 {
 		id, err := newID()
 		if err != nil {
 			return "", err
 		}
-		blob, err := seal(e.key, Secret{ID: id, Project: project, Payload: payload, Created: created})
-		if err != nil {
-			return "", fmt.Errorf("sealing secret: %w", err)
-		}
-		err = createFile(e.dir, id+sealedSuffix, blob)
-		if errors.Is(err, fs.ErrExist) {
+		err = e.st.Update(ctx, func(tx *store.Tx) error {
+			return e.put(tx, store.SealedSecret, Secret{ID: id, Project: project, Payload: payload, Created: created})
+		})
+		if errors.Is(err, store.ErrExists) {
 			continue
 		}
 		if err != nil {
@@ -186,53 +205,30 @@ func (e *Embedded) Create(ctx context.Context, project string, payload []byte) (
 // Get opens the secret id. A blob that does not authenticate gives
 // ErrCorrupt, never a partial or garbled payload.
 func (e *Embedded) Get(ctx context.Context, id string) (Secret, error) {
-	if err := ctx.Err(); err != nil {
-		return Secret{}, err
-	}
 	if !ValidID(id) {
 		return Secret{}, fmt.Errorf("getting secret %q: %w", id, ErrInvalidID)
 	}
-	blob, _, err := readSmallFile(e.path(id), maxSealedLen)
-	if errors.Is(err, fs.ErrNotExist) {
-		return Secret{}, fmt.Errorf("getting secret %s: %w", id, ErrNotFound)
-	}
-	if errors.Is(err, errTooLarge) {
-		return Secret{}, fmt.Errorf("getting secret %s: %w: %w", id, ErrCorrupt, err)
-	}
+	var s Secret
+	err := e.st.View(ctx, func(tx *store.Tx) (err error) {
+		s, err = e.open(tx, store.SealedSecret, id)
+		return err
+	})
 	if err != nil {
 		return Secret{}, fmt.Errorf("getting secret %s: %w", id, err)
-	}
-	s, err := unseal(e.key, id, blob)
-	if err != nil {
-		return Secret{}, fmt.Errorf("opening secret %s: %w", id, err)
 	}
 	return s, nil
 }
 
-// Delete destroys the secret id. It first renames the file away, so from
-// that instant Get reports ErrNotFound, then overwrites (best effort, see
-// shred) and unlinks it.
+// Delete destroys the secret id.
 func (e *Embedded) Delete(ctx context.Context, id string) error {
-	if err := ctx.Err(); err != nil {
-		return err
-	}
 	if !ValidID(id) {
 		return fmt.Errorf("deleting secret %q: %w", id, ErrInvalidID)
 	}
-	var suffix [8]byte
-	rand.Read(suffix[:])
-	doomed := filepath.Join(e.dir, fmt.Sprintf("%s%s-%x", delPrefix, id, suffix))
-	if err := os.Rename(e.path(id), doomed); err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("deleting secret %s: %w", id, ErrNotFound)
-		}
-		return fmt.Errorf("deleting secret %s: %w", id, err)
+	err := e.st.Update(ctx, func(tx *store.Tx) error { return tx.DeleteSealedKey(store.SealedSecret, id) })
+	if errors.Is(err, store.ErrNotFound) {
+		err = ErrNotFound
 	}
-	shred(doomed)
-	if err := os.Remove(doomed); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("deleting secret %s: %w", id, err)
-	}
-	if err := atomicfile.SyncDir(e.dir); err != nil {
+	if err != nil {
 		return fmt.Errorf("deleting secret %s: %w", id, err)
 	}
 	return nil
@@ -240,24 +236,80 @@ func (e *Embedded) Delete(ctx context.Context, id string) error {
 
 // List returns the IDs of all secrets, sorted.
 func (e *Embedded) List(ctx context.Context) ([]string, error) {
-	if err := ctx.Err(); err != nil {
-		return nil, err
-	}
-	entries, err := os.ReadDir(e.dir)
+	var ids []string
+	err := e.st.View(ctx, func(tx *store.Tx) (err error) {
+		ids, err = tx.SealedKeyNames(store.SealedSecret)
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("listing secrets: %w", err)
 	}
-	ids := []string{}
-	for _, ent := range entries {
-		id, ok := strings.CutSuffix(ent.Name(), sealedSuffix)
-		if ok && ValidID(id) && ent.Type().IsRegular() {
-			ids = append(ids, id)
-		}
-	}
-	slices.Sort(ids)
 	return ids, nil
 }
 
-func (e *Embedded) path(id string) string {
-	return filepath.Join(e.dir, id+sealedSuffix)
+// SystemProject is the project of the deployment's own keys (SealKey).
+const SystemProject = "vtpmd-system"
+
+// SealKey seals payload, one of the deployment's own keys, under the
+// master key as the key named name, in tx: so several keys are made in one
+// transaction. ErrExists (the store's) if name is taken.
+func (e *Embedded) SealKey(tx *store.Tx, name string, payload []byte) error {
+	return e.put(tx, store.SealedDeployment, Secret{ID: name, Project: SystemProject, Payload: payload, Created: time.Now().UTC().Round(0)})
+}
+
+// OpenKey opens the deployment's key named name in tx; ErrNotFound if
+// there is none.
+func (e *Embedded) OpenKey(tx *store.Tx, name string) ([]byte, error) {
+	s, err := e.open(tx, store.SealedDeployment, name)
+	if err != nil {
+		return nil, fmt.Errorf("opening the deployment key %s: %w", name, err)
+	}
+	return s.Payload, nil
+}
+
+// Rotate re-seals every key in the store (the embedded key manager's
+// secrets and the deployment's own keys) under next, in one transaction,
+// and makes next the key this Embedded seals with. Blobs already under
+// next are left as they are, so a Rotate interrupted by a failure can be
+// run again. It returns how many blobs it re-sealed. Other replicas keep
+// their old key until their master key file holds next (see Embedded).
+func (e *Embedded) Rotate(ctx context.Context, next MasterKey) (int, error) {
+	n := 0
+	err := e.st.Update(ctx, func(tx *store.Tx) error {
+		n = 0
+		keys, err := tx.SealedKeys()
+		if err != nil {
+			return err
+		}
+		for _, k := range keys {
+			if k.MasterKey == next.ID() {
+				continue
+			}
+			mk, err := e.key(k.MasterKey)
+			if err != nil {
+				return err
+			}
+			s, err := unseal(mk.key, k.Name, k.Blob)
+			if err != nil {
+				return fmt.Errorf("opening %s %s: %w", k.Kind, k.Name, err)
+			}
+			blob, err := seal(next.key, s)
+			clear(s.Payload)
+			if err != nil {
+				return err
+			}
+			if err := tx.ResealKey(store.SealedKey{Kind: k.Kind, Name: k.Name, MasterKey: next.ID(), Blob: blob}); err != nil {
+				return err
+			}
+			n++
+		}
+		return tx.SetMasterKeyID(next.ID())
+	})
+	if err != nil {
+		return 0, fmt.Errorf("rotating the master key: %w", err)
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.keys = slices.Insert(e.keys, 0, next)
+	return n, nil
 }

@@ -3,11 +3,11 @@ package keyring
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
@@ -15,53 +15,69 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/vtpmd/vtpmd/internal/store"
+	"github.com/vtpmd/vtpmd/internal/store/storetest"
 )
 
-// newTestKeyring opens an Embedded keyring in a fresh directory and, on
-// cleanup, checks the invariants every test must leave intact: no
-// transient files, 0700 directory, 0600 files, and every sealed secret
-// still opens.
-func newTestKeyring(t testing.TB) (*Embedded, string) {
+func TestMain(m *testing.M) { os.Exit(storetest.Main(m)) }
+
+// testKeyring is an Embedded keyring on a fresh store, and where its
+// master key file is.
+type testKeyring struct {
+	*Embedded
+	st  *store.Store
+	key string
+}
+
+// newTestKeyring opens an Embedded keyring on a fresh store and, on
+// cleanup, checks that every sealed secret still opens.
+func newTestKeyring(t testing.TB) *testKeyring {
 	t.Helper()
-	dir := filepath.Join(t.TempDir(), "keyring")
-	kr, err := OpenEmbedded(dir)
+	st := storetest.Open(t)
+	key := filepath.Join(t.TempDir(), "master.key")
+	kr, err := OpenEmbedded(context.Background(), st, key)
 	if err != nil {
 		t.Fatalf("OpenEmbedded: %v", err)
 	}
-	t.Cleanup(func() { checkKeyringDir(t, kr, dir) })
-	return kr, dir
-}
-
-func checkKeyringDir(t testing.TB, kr *Embedded, dir string) {
-	t.Helper()
-	fi, err := os.Stat(dir)
-	if err != nil {
-		t.Fatalf("stat keyring dir: %v", err)
-	}
-	if perm := fi.Mode().Perm(); perm != 0o700 {
-		t.Errorf("keyring dir mode %#o, want 0700", perm)
-	}
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatalf("reading keyring dir: %v", err)
-	}
-	for _, e := range entries {
-		name := e.Name()
-		if strings.HasPrefix(name, tmpPrefix) || strings.HasPrefix(name, delPrefix) {
-			t.Errorf("transient file %s left behind", name)
-		}
-		info, err := e.Info()
+	t.Cleanup(func() {
+		ids, err := kr.List(context.Background())
 		if err != nil {
 			t.Fatal(err)
 		}
-		if perm := info.Mode().Perm(); perm != 0o600 {
-			t.Errorf("%s has mode %#o, want 0600", name, perm)
-		}
-		if id, ok := strings.CutSuffix(name, sealedSuffix); ok {
+		for _, id := range ids {
 			if _, err := kr.Get(context.Background(), id); err != nil {
 				t.Errorf("sealed secret %s does not open: %v", id, err)
 			}
 		}
+	})
+	return &testKeyring{Embedded: kr, st: st, key: key}
+}
+
+// blob and setBlob read and replace secret id's sealed blob in the store.
+func (kr *testKeyring) blob(t testing.TB, id string) []byte {
+	t.Helper()
+	var k store.SealedKey
+	if err := kr.st.View(context.Background(), func(tx *store.Tx) (err error) {
+		k, err = tx.SealedKey(store.SealedSecret, id)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return k.Blob
+}
+
+func (kr *testKeyring) setBlob(t testing.TB, id string, blob []byte) {
+	t.Helper()
+	err := kr.st.Update(context.Background(), func(tx *store.Tx) error {
+		err := tx.ResealKey(store.SealedKey{Kind: store.SealedSecret, Name: id, MasterKey: kr.MasterKeyID(), Blob: blob})
+		if errors.Is(err, store.ErrNotFound) {
+			err = tx.PutSealedKey(store.SealedKey{Kind: store.SealedSecret, Name: id, MasterKey: kr.MasterKeyID(), Blob: blob})
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -76,7 +92,7 @@ func mustCreate(t testing.TB, kr Keyring, project string, payload []byte) string
 
 func TestRoundTrip(t *testing.T) {
 	ctx := context.Background()
-	kr, _ := newTestKeyring(t)
+	kr := newTestKeyring(t)
 	payload, err := NewVTPMSecret()
 	if err != nil {
 		t.Fatal(err)
@@ -101,8 +117,9 @@ func TestRoundTrip(t *testing.T) {
 		t.Errorf("List = %v, %v; want [%s]", ids, err, id)
 	}
 
-	// A second handle on the same directory sees the same secret.
-	kr2, err := OpenEmbedded(kr.dir)
+	// A second handle on the same store and key file (another replica)
+	// sees the same secret.
+	kr2, err := OpenEmbedded(ctx, kr.st, kr.key)
 	if err != nil {
 		t.Fatalf("reopening: %v", err)
 	}
@@ -114,22 +131,15 @@ func TestRoundTrip(t *testing.T) {
 
 func TestBlobIsBoundToID(t *testing.T) {
 	ctx := context.Background()
-	kr, _ := newTestKeyring(t)
+	kr := newTestKeyring(t)
 	a := mustCreate(t, kr, "p", []byte("secret of a"))
 	b := mustCreate(t, kr, "p", []byte("secret of b"))
 
-	blobA, err := os.ReadFile(kr.path(a))
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Over another secret's file, and as a brand-new id.
-	if err := os.WriteFile(kr.path(b), blobA, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	blobA := kr.blob(t, a)
+	// Over another secret's blob, and as a brand-new id.
+	kr.setBlob(t, b, blobA)
 	fresh, _ := newID()
-	if err := os.WriteFile(kr.path(fresh), blobA, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	kr.setBlob(t, fresh, blobA)
 	for _, id := range []string{b, fresh} {
 		s, err := kr.Get(ctx, id)
 		if !errors.Is(err, ErrCorrupt) {
@@ -139,113 +149,108 @@ func TestBlobIsBoundToID(t *testing.T) {
 	if _, err := kr.Get(ctx, a); err != nil {
 		t.Errorf("original still opens: %v", err)
 	}
-	os.Remove(kr.path(b))
-	os.Remove(kr.path(fresh))
+	kr.Delete(ctx, b)
+	kr.Delete(ctx, fresh)
 }
 
 func TestBlobIsBoundToProject(t *testing.T) {
-	kr, _ := newTestKeyring(t)
+	kr := newTestKeyring(t)
 	id := mustCreate(t, kr, "alpha", []byte("payload"))
-	blob, err := os.ReadFile(kr.path(id))
-	if err != nil {
-		t.Fatal(err)
-	}
+	blob := kr.blob(t, id)
 	i := bytes.Index(blob, []byte("alpha"))
 	if i < 0 {
 		t.Fatal("project not found in header")
 	}
 	copy(blob[i:], "omega") // same length: only authentication can catch it
-	if err := os.WriteFile(kr.path(id), blob, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	kr.setBlob(t, id, blob)
 	if _, err := kr.Get(context.Background(), id); !errors.Is(err, ErrCorrupt) {
 		t.Errorf("Get after swapping project = %v, want ErrCorrupt", err)
 	}
-	os.Remove(kr.path(id))
+	kr.Delete(context.Background(), id)
 }
 
 // Every single-byte change and every truncation must be refused cleanly:
 // no panic, no payload.
 func TestTamperedBlob(t *testing.T) {
 	ctx := context.Background()
-	kr, _ := newTestKeyring(t)
+	kr := newTestKeyring(t)
 	payload := []byte("tamper-evident payload")
 	id := mustCreate(t, kr, "p", payload)
-	orig, err := os.ReadFile(kr.path(id))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.WriteFile(kr.path(id), orig, 0o600)
+	orig := kr.blob(t, id)
+	defer kr.setBlob(t, id, orig)
 
 	for i := range orig {
 		blob := bytes.Clone(orig)
 		blob[i] ^= 0x01
-		if err := os.WriteFile(kr.path(id), blob, 0o600); err != nil {
-			t.Fatal(err)
-		}
+		kr.setBlob(t, id, blob)
 		s, err := kr.Get(ctx, id)
 		if !errors.Is(err, ErrCorrupt) || s.Payload != nil {
 			t.Fatalf("byte %d flipped: Get = %v, %v; want ErrCorrupt", i, s, err)
 		}
 	}
 	for n := range len(orig) {
-		if err := os.WriteFile(kr.path(id), orig[:n], 0o600); err != nil {
-			t.Fatal(err)
-		}
+		kr.setBlob(t, id, orig[:n])
 		if _, err := kr.Get(ctx, id); !errors.Is(err, ErrCorrupt) {
 			t.Fatalf("truncated to %d bytes: Get = %v, want ErrCorrupt", n, err)
 		}
 	}
-	for _, extra := range []int{1, maxSealedLen} {
-		if err := os.WriteFile(kr.path(id), append(bytes.Clone(orig), make([]byte, extra)...), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := kr.Get(ctx, id); !errors.Is(err, ErrCorrupt) {
-			t.Fatalf("%d bytes appended: Get = %v, want ErrCorrupt", extra, err)
-		}
+	kr.setBlob(t, id, append(bytes.Clone(orig), 0))
+	if _, err := kr.Get(ctx, id); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("a byte appended: Get = %v, want ErrCorrupt", err)
 	}
 }
 
+// Another store's (another deployment's) master key file is refused, and
+// so is a missing one once the store holds keys; a blob whose master key
+// id was forged fails to open.
 func TestWrongMasterKey(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "kr")
-	kr, err := OpenEmbedded(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ctx := context.Background()
+	kr := newTestKeyring(t)
 	id := mustCreate(t, kr, "p", []byte("payload"))
-	other := make([]byte, masterKeySize)
-	rand.Read(other)
-	if err := os.WriteFile(filepath.Join(dir, masterKeyName), other, 0o600); err != nil {
+	other := filepath.Join(t.TempDir(), "other.key")
+	if _, err := NewMasterKeyFile(other); err != nil {
 		t.Fatal(err)
 	}
-	kr2, err := OpenEmbedded(dir)
-	if err != nil {
-		t.Fatalf("OpenEmbedded with another valid key: %v", err)
+	if _, err := OpenEmbedded(ctx, kr.st, other); !errors.Is(err, ErrMasterKeyMismatch) {
+		t.Fatalf("OpenEmbedded with another key = %v, want ErrMasterKeyMismatch", err)
+	} else if !strings.Contains(err.Error(), kr.MasterKeyID()) {
+		t.Errorf("the error does not name the store's master key %s: %v", kr.MasterKeyID(), err)
 	}
-	if _, err := kr2.Get(context.Background(), id); !errors.Is(err, ErrCorrupt) {
+	if _, err := OpenEmbedded(ctx, kr.st, filepath.Join(t.TempDir(), "missing.key")); !errors.Is(err, ErrBadMasterKey) {
+		t.Fatalf("OpenEmbedded without the key file = %v, want ErrBadMasterKey", err)
+	}
+	// A blob sealed under other but labelled with the store's key.
+	mk, _ := ReadMasterKey(other)
+	blob, _ := seal(mk.key, Secret{ID: id, Project: "p", Payload: []byte("payload"), Created: time.Now()})
+	good := kr.blob(t, id)
+	kr.setBlob(t, id, blob)
+	if _, err := kr.Get(ctx, id); !errors.Is(err, ErrCorrupt) {
 		t.Errorf("Get under another master key = %v, want ErrCorrupt", err)
 	}
+	kr.setBlob(t, id, good)
 }
 
 func TestMasterKeyFile(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "kr")
-	if _, err := OpenEmbedded(dir); err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(dir, masterKeyName)
-	fi, err := os.Stat(path)
+	kr := newTestKeyring(t)
+	fi, err := os.Stat(kr.key)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if fi.Size() != masterKeySize || fi.Mode().Perm() != 0o600 {
 		t.Errorf("master key: %d bytes, mode %#o; want 32 bytes, 0600", fi.Size(), fi.Mode().Perm())
 	}
-	key, _ := os.ReadFile(path)
-	if _, err := OpenEmbedded(dir); err != nil {
+	key, _ := os.ReadFile(kr.key)
+	if _, err := OpenEmbedded(context.Background(), kr.st, kr.key); err != nil {
 		t.Fatalf("reopening: %v", err)
 	}
-	if again, _ := os.ReadFile(path); !bytes.Equal(key, again) {
+	if again, _ := os.ReadFile(kr.key); !bytes.Equal(key, again) {
 		t.Error("reopening replaced the master key")
+	}
+	if _, err := NewMasterKeyFile(kr.key); !errors.Is(err, fs.ErrExist) {
+		t.Errorf("NewMasterKeyFile over an existing one = %v, want fs.ErrExist", err)
+	}
+	if strings.Contains(fmt.Sprintf("%v %+v %s", kr.keys[0], kr.keys[0], kr.keys[0]), string(key)) {
+		t.Error("a MasterKey prints its key")
 	}
 }
 
@@ -253,37 +258,29 @@ func TestMasterKeyRefused(t *testing.T) {
 	key := make([]byte, masterKeySize)
 	tests := []struct {
 		name  string
-		setup func(t *testing.T, dir string)
+		setup func(t *testing.T, path string)
 		want  error
 	}{
-		{"mode 0644", func(t *testing.T, dir string) { writeKey(t, dir, key, 0o644) }, ErrInsecureMode},
-		{"mode 0640", func(t *testing.T, dir string) { writeKey(t, dir, key, 0o640) }, ErrInsecureMode},
-		{"mode 0604", func(t *testing.T, dir string) { writeKey(t, dir, key, 0o604) }, ErrInsecureMode},
-		{"31 bytes", func(t *testing.T, dir string) { writeKey(t, dir, key[:31], 0o600) }, ErrBadMasterKey},
-		{"33 bytes", func(t *testing.T, dir string) { writeKey(t, dir, append(key, 0), 0o600) }, ErrBadMasterKey},
-		{"empty", func(t *testing.T, dir string) { writeKey(t, dir, nil, 0o600) }, ErrBadMasterKey},
-		{"symlink", func(t *testing.T, dir string) {
+		{"mode 0644", func(t *testing.T, path string) { writeKey(t, path, key, 0o644) }, ErrInsecureMode},
+		{"mode 0640", func(t *testing.T, path string) { writeKey(t, path, key, 0o640) }, ErrInsecureMode},
+		{"mode 0604", func(t *testing.T, path string) { writeKey(t, path, key, 0o604) }, ErrInsecureMode},
+		{"31 bytes", func(t *testing.T, path string) { writeKey(t, path, key[:31], 0o600) }, ErrBadMasterKey},
+		{"33 bytes", func(t *testing.T, path string) { writeKey(t, path, append(key, 0), 0o600) }, ErrBadMasterKey},
+		{"empty", func(t *testing.T, path string) { writeKey(t, path, nil, 0o600) }, ErrBadMasterKey},
+		{"symlink", func(t *testing.T, path string) {
 			target := filepath.Join(t.TempDir(), "key")
 			os.WriteFile(target, key, 0o600)
-			if err := os.Symlink(target, filepath.Join(dir, masterKeyName)); err != nil {
+			if err := os.Symlink(target, path); err != nil {
 				t.Fatal(err)
 			}
 		}, ErrInsecureMode},
-		{"directory", func(t *testing.T, dir string) { os.Mkdir(filepath.Join(dir, masterKeyName), 0o700) }, ErrInsecureMode},
-		{"dir mode 0755", func(t *testing.T, dir string) { os.Chmod(dir, 0o755) }, ErrInsecureMode},
-		{"missing with secrets", func(t *testing.T, dir string) {
-			id, _ := newID()
-			os.WriteFile(filepath.Join(dir, id+sealedSuffix), []byte("x"), 0o600)
-		}, ErrBadMasterKey},
+		{"directory", func(t *testing.T, path string) { os.Mkdir(path, 0o700) }, ErrInsecureMode},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			dir := filepath.Join(t.TempDir(), "kr")
-			if err := os.Mkdir(dir, 0o700); err != nil {
-				t.Fatal(err)
-			}
-			tt.setup(t, dir)
-			kr, err := OpenEmbedded(dir)
+			path := filepath.Join(t.TempDir(), "master.key")
+			tt.setup(t, path)
+			kr, err := OpenEmbedded(context.Background(), storetest.Open(t), path)
 			if !errors.Is(err, tt.want) {
 				t.Fatalf("OpenEmbedded = %v, %v; want %v", kr, err, tt.want)
 			}
@@ -292,9 +289,8 @@ func TestMasterKeyRefused(t *testing.T) {
 	}
 }
 
-func writeKey(t *testing.T, dir string, key []byte, mode os.FileMode) {
+func writeKey(t *testing.T, path string, key []byte, mode os.FileMode) {
 	t.Helper()
-	path := filepath.Join(dir, masterKeyName)
 	if err := os.WriteFile(path, key, mode); err != nil {
 		t.Fatal(err)
 	}
@@ -303,8 +299,10 @@ func writeKey(t *testing.T, dir string, key []byte, mode os.FileMode) {
 	}
 }
 
-func TestNoPlaintextOnDisk(t *testing.T) {
-	kr, dir := newTestKeyring(t)
+// Nothing of a payload reaches the store: not the SQLite files, not what
+// a query of the table returns (PostgreSQL).
+func TestNoPlaintextInStore(t *testing.T) {
+	kr := newTestKeyring(t)
 	var forbidden [][]byte
 	for range 5 {
 		p, err := NewVTPMSecret()
@@ -318,7 +316,35 @@ func TestNoPlaintextOnDisk(t *testing.T) {
 		forbidden = append(forbidden, p, p[100:132], raw[:32], raw[200:232],
 			[]byte(hex.EncodeToString(raw[:32])))
 	}
-	assertNoneInDir(t, dir, forbidden)
+	var all []byte
+	kr.st.View(context.Background(), func(tx *store.Tx) error {
+		keys, err := tx.SealedKeys()
+		for _, k := range keys {
+			all = append(all, k.Blob...)
+		}
+		return err
+	})
+	if len(all) == 0 {
+		t.Fatal("no sealed blobs to check")
+	}
+	for _, n := range forbidden {
+		if bytes.Contains(all, n) {
+			t.Error("a sealed blob contains plaintext secret material")
+		}
+	}
+	if dir := storeDir(t); dir != "" {
+		assertNoneInDir(t, dir, forbidden)
+	}
+}
+
+// storeDir is a directory holding the SQLite files storetest made for
+// this test (the parent of all its temporary directories), "" on
+// PostgreSQL.
+func storeDir(t *testing.T) string {
+	if os.Getenv("VTPMD_TEST_STORE") == "postgres" {
+		return ""
+	}
+	return filepath.Dir(t.TempDir())
 }
 
 // assertNoneInDir fails if any file under dir contains any needle.
@@ -351,7 +377,7 @@ func assertNoneInDir(t testing.TB, dir string, needles [][]byte) {
 
 func TestDelete(t *testing.T) {
 	ctx := context.Background()
-	kr, dir := newTestKeyring(t)
+	kr := newTestKeyring(t)
 	keep := mustCreate(t, kr, "p", []byte("keep"))
 	gone := mustCreate(t, kr, "p", []byte("gone"))
 	if err := kr.Delete(ctx, gone); err != nil {
@@ -370,20 +396,20 @@ func TestDelete(t *testing.T) {
 	if ids, _ := kr.List(ctx); !slices.Equal(ids, []string{keep}) {
 		t.Errorf("List = %v, want [%s]", ids, keep)
 	}
-	entries, _ := os.ReadDir(dir)
-	for _, e := range entries {
-		if strings.Contains(e.Name(), gone) {
-			t.Errorf("%s left in the directory after Delete", e.Name())
+	kr.st.View(ctx, func(tx *store.Tx) error {
+		if _, err := tx.SealedKey(store.SealedSecret, gone); !errors.Is(err, store.ErrNotFound) {
+			t.Errorf("the deleted secret's row: %v", err)
 		}
-	}
+		return nil
+	})
 }
 
 func TestInvalidIDs(t *testing.T) {
 	ctx := context.Background()
-	kr, dir := newTestKeyring(t)
+	kr := newTestKeyring(t)
 	mustCreate(t, kr, "p", []byte("x"))
 	valid, _ := newID()
-	before := snapshotDir(t, filepath.Dir(dir))
+	before := kr.snapshot(t)
 	for _, id := range []string{
 		"",
 		"../x",
@@ -407,33 +433,29 @@ func TestInvalidIDs(t *testing.T) {
 			t.Errorf("Delete(%q) = %v, want ErrInvalidID", id, err)
 		}
 	}
-	if after := snapshotDir(t, filepath.Dir(dir)); !slices.Equal(before, after) {
-		t.Errorf("invalid ids changed the filesystem:\nbefore %v\nafter  %v", before, after)
+	if after := kr.snapshot(t); !slices.Equal(before, after) {
+		t.Errorf("invalid ids changed the store:\nbefore %v\nafter  %v", before, after)
 	}
 }
 
-// snapshotDir lists every path under root with its size and mtime.
-func snapshotDir(t testing.TB, root string) []string {
+// snapshot lists every sealed key in the store.
+func (kr *testKeyring) snapshot(t testing.TB) []string {
 	t.Helper()
 	var out []string
-	filepath.WalkDir(root, func(path string, d os.DirEntry, err error) error {
-		if err != nil {
-			return err
+	kr.st.View(context.Background(), func(tx *store.Tx) error {
+		keys, err := tx.SealedKeys()
+		for _, k := range keys {
+			out = append(out, fmt.Sprintf("%s %s %s %x", k.Kind, k.Name, k.MasterKey, k.Blob))
 		}
-		info, err := d.Info()
-		if err != nil {
-			return err
-		}
-		out = append(out, fmt.Sprintf("%s %d %d", path, info.Size(), info.ModTime().UnixNano()))
-		return nil
+		return err
 	})
 	return out
 }
 
 func TestCreateValidation(t *testing.T) {
 	ctx := context.Background()
-	kr, dir := newTestKeyring(t)
-	before := snapshotDir(t, dir)
+	kr := newTestKeyring(t)
+	before := kr.snapshot(t)
 	for _, tt := range []struct {
 		project string
 		payload []byte
@@ -450,8 +472,8 @@ func TestCreateValidation(t *testing.T) {
 			t.Errorf("Create(%q, %d bytes) = %q, %v; want %v", tt.project, len(tt.payload), id, err, tt.want)
 		}
 	}
-	if after := snapshotDir(t, dir); !slices.Equal(before, after) {
-		t.Errorf("refused Creates changed the directory:\nbefore %v\nafter  %v", before, after)
+	if after := kr.snapshot(t); !slices.Equal(before, after) {
+		t.Errorf("refused Creates changed the store:\nbefore %v\nafter  %v", before, after)
 	}
 	// The limits themselves are accepted.
 	id := mustCreate(t, kr, strings.Repeat("é", MaxProjectLen/2), make([]byte, MaxPayloadLen))
@@ -460,71 +482,17 @@ func TestCreateValidation(t *testing.T) {
 	}
 }
 
-func TestListIgnoresOtherFiles(t *testing.T) {
-	ctx := context.Background()
-	kr, dir := newTestKeyring(t)
-	var want []string
-	for range 10 {
-		want = append(want, mustCreate(t, kr, "p", []byte("x")))
-	}
-	slices.Sort(want)
-	junk := []string{"README", strings.ToUpper(want[0]) + sealedSuffix, "not-a-uuid" + sealedSuffix, want[0]}
-	for _, name := range junk {
-		os.WriteFile(filepath.Join(dir, name), []byte("junk"), 0o600)
-	}
-	got, err := kr.List(ctx)
-	if err != nil || !slices.Equal(got, want) {
-		t.Errorf("List = %v, %v; want %v", got, err, want)
-	}
-	for _, name := range junk {
-		os.Remove(filepath.Join(dir, name))
-	}
-}
-
 func TestEmptyListIsNotNil(t *testing.T) {
-	kr, _ := newTestKeyring(t)
+	kr := newTestKeyring(t)
 	ids, err := kr.List(context.Background())
 	if err != nil || ids == nil || len(ids) != 0 {
 		t.Errorf("List of an empty keyring = %#v, %v; want an empty slice", ids, err)
 	}
 }
 
-func TestCrashLeftoversRemovedOnOpen(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "kr")
-	kr, err := OpenEmbedded(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := mustCreate(t, kr, "p", []byte("half-deleted"))
-	// A crash inside Delete after the rename, and inside Create before the
-	// link; plus a temp file another process is writing right now.
-	halfDeleted := filepath.Join(dir, delPrefix+id+"-0011223344556677")
-	if err := os.Rename(kr.path(id), halfDeleted); err != nil {
-		t.Fatal(err)
-	}
-	staleTmp := filepath.Join(dir, tmpPrefix+"123")
-	freshTmp := filepath.Join(dir, tmpPrefix+"456")
-	os.WriteFile(staleTmp, []byte("sealed"), 0o600)
-	os.WriteFile(freshTmp, []byte("sealed"), 0o600)
-	old := time.Now().Add(-time.Hour)
-	os.Chtimes(staleTmp, old, old)
-
-	if ids, _ := kr.List(context.Background()); len(ids) != 0 {
-		t.Errorf("List shows transient files: %v", ids)
-	}
-	if _, err := OpenEmbedded(dir); err != nil {
-		t.Fatal(err)
-	}
-	for path, want := range map[string]bool{halfDeleted: false, staleTmp: false, freshTmp: true} {
-		if _, err := os.Stat(path); (err == nil) != want {
-			t.Errorf("%s exists = %v after reopen, want %v", filepath.Base(path), err == nil, want)
-		}
-	}
-}
-
 func TestConcurrentUse(t *testing.T) {
 	ctx := context.Background()
-	kr, _ := newTestKeyring(t)
+	kr := newTestKeyring(t)
 	const workers, each = 32, 8
 	var (
 		mu   sync.Mutex
@@ -582,7 +550,7 @@ func TestConcurrentUse(t *testing.T) {
 }
 
 func TestCanceledContext(t *testing.T) {
-	kr, dir := newTestKeyring(t)
+	kr := newTestKeyring(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	id, _ := newID()
@@ -598,7 +566,7 @@ func TestCanceledContext(t *testing.T) {
 	if _, err := kr.List(ctx); !errors.Is(err, context.Canceled) {
 		t.Errorf("List = %v, want context.Canceled", err)
 	}
-	if entries, _ := os.ReadDir(dir); len(entries) != 1 {
-		t.Errorf("directory has %d entries, want only the master key", len(entries))
+	if got := kr.snapshot(t); len(got) != 0 {
+		t.Errorf("the store holds %v", got)
 	}
 }

@@ -2,9 +2,11 @@
 // per-vTPM secrets that encrypt swtpm state live, as Nova keeps them in
 // Barbican.
 //
-// Keyring is the small interface the daemon and the CA consume; Embedded is
-// the provider that needs nothing but a directory (Barbican and Vault
-// providers come later). A secret is addressed by a random UUID that
+// Keyring is the small interface the daemon consumes; Embedded is the
+// provider that needs nothing but vtpmd's store and a master key file
+// (Barbican and Vault providers come later). The master key also seals the
+// deployment's own keys (its CAs, the verdict signing key), so that every
+// server replica on one database shares them. A secret is addressed by a random UUID that
 // doubles as the libvirt secret UUID, belongs to one project, and is never
 // written to disk, logs or error messages in plaintext. Deleting a secret is
 // crypto-shredding: whatever it encrypted becomes unreadable.

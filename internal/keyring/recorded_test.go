@@ -3,7 +3,6 @@ package keyring
 import (
 	"context"
 	"errors"
-	"path/filepath"
 	"testing"
 )
 
@@ -11,14 +10,11 @@ import (
 // shredded only after its commit succeeded, also when the caller's context
 // is already cancelled; shredding what is gone is no error.
 func TestRecorded(t *testing.T) {
-	kr, err := OpenEmbedded(filepath.Join(t.TempDir(), "keys"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	kr := newTestKeyring(t)
 	ctx := context.Background()
 	refused := errors.New("record refused")
 	var made string
-	_, err = CreateRecorded(ctx, kr, "p1", []byte("k"), func(id string) error { made = id; return refused })
+	_, err := CreateRecorded(ctx, kr, "p1", []byte("k"), func(id string) error { made = id; return refused })
 	if !errors.Is(err, refused) {
 		t.Fatalf("CreateRecorded with a failing record: %v", err)
 	}

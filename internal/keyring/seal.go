@@ -21,10 +21,12 @@ import (
 //	26+n    …     AES-256-GCM ciphertext of the payload, then the 16-byte tag
 //
 // The associated data is the secret's ID followed by every header byte
-// before the nonce. So the ID (which is only the file name, not in the
-// file) and the project and creation time (which are in clear so that a
-// future List-by-project needs no key) are all authenticated: a blob copied
-// to another ID's name, or with its project edited, does not open.
+// before the nonce. So the ID (which is only the blob's name in the store,
+// not in the blob) and the project and creation time (which are in clear
+// so that a future List-by-project needs no key) are all authenticated: a
+// blob copied to another ID's name, or with its project edited, does not
+// open. The deployment's own keys are sealed the same way, their role
+// (e.g. "ca") in place of the ID.
 const (
 	sealMagic     = "VTKR"
 	sealVersion   = 1
@@ -32,8 +34,8 @@ const (
 	nonceSize     = 12 // GCM standard nonce; random nonces are safe far beyond any count of secrets here
 	tagSize       = 16
 	headerFixed   = 4 + 1 + 8 + 1
-	// maxSealedLen bounds what Get reads, so a planted huge file cannot
-	// exhaust memory.
+	// maxSealedLen bounds what an import reads, so a planted huge file
+	// cannot exhaust memory.
 	maxSealedLen = headerFixed + MaxProjectLen + nonceSize + MaxPayloadLen + tagSize
 )
 

@@ -46,7 +46,7 @@ func BenchmarkDetectionLatency(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer st.Close()
-	kr, _ := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
+	kr, _ := keyring.OpenEmbedded(context.Background(), st, filepath.Join(dir, "master.key"))
 	log, err := os.ReadFile("../attest/testdata/ovmf-q35-eventlog.bin")
 	if err != nil {
 		b.Fatal(err)

@@ -70,11 +70,12 @@ func newFixtureWith(t *testing.T, s setup) *fixture {
 	t.Helper()
 	dir := t.TempDir()
 	reopen := storetest.Opener(t, dir, store.Options{Now: s.now})
-	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
+	st := reopen()
+	kr, err := keyring.OpenEmbedded(context.Background(), st, filepath.Join(dir, "master.key"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := serveFixture(t, reopen(), kr, dir, s)
+	f := serveFixture(t, st, kr, dir, s)
 	f.reopen = reopen
 	return f
 }
@@ -92,17 +93,11 @@ func serveFixture(t *testing.T, st *store.Store, kr *keyring.Embedded, dir strin
 		t.Fatal(err)
 	}
 	f := &fixture{store: st, keys: kr, dir: dir}
-	// The CAs' keys in a key manager of their own, so that kr holds only
-	// what the tests make.
-	caKeys, err := keyring.OpenEmbedded(filepath.Join(t.TempDir(), "keys"))
+	deployment, err := ca.New(ca.Options{Now: s.now})
 	if err != nil {
 		t.Fatal(err)
 	}
-	deployment, err := ca.Open(context.Background(), t.TempDir(), caKeys, ca.Options{Now: s.now})
-	if err != nil {
-		t.Fatal(err)
-	}
-	hostCA, err := ca.Open(context.Background(), t.TempDir(), caKeys, ca.Options{CommonName: ca.HostCommonName, Now: s.now})
+	hostCA, err := ca.New(ca.Options{CommonName: ca.HostCommonName, Now: s.now})
 	if err != nil {
 		t.Fatal(err)
 	}

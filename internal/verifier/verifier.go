@@ -63,6 +63,10 @@ type Config struct {
 	StaleAfter time.Duration
 	// Now is the clock; default time.Now.
 	Now func() time.Time
+	// TicketKey ties registrations' tickets to their credentials (see
+	// ticket.go): every server replica of a deployment needs the same.
+	// Default: a fresh key (NewTicketKey), this Verifier's alone.
+	TicketKey []byte
 	// Log (nil: silent) records failures of the stale sweep.
 	Log *slog.Logger
 }
@@ -70,7 +74,6 @@ type Config struct {
 // Verifier registers subjects and judges their evidence.
 type Verifier struct {
 	cfg       Config
-	ticketKey []byte // see ticket
 	refreshes refreshes
 
 	caOnce   sync.Once
@@ -89,7 +92,10 @@ func New(cfg Config) *Verifier {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
-	return &Verifier{cfg: cfg, ticketKey: newTicketKey()}
+	if cfg.TicketKey == nil {
+		cfg.TicketKey = NewTicketKey()
+	}
+	return &Verifier{cfg: cfg}
 }
 
 func (v *Verifier) now() time.Time { return v.cfg.Now().UTC() }

@@ -57,7 +57,7 @@ type fixture struct {
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
 	st := storetest.Open(t)
-	kr, err := keyring.OpenEmbedded(filepath.Join(t.TempDir(), "keys"))
+	kr, err := keyring.OpenEmbedded(context.Background(), st, filepath.Join(t.TempDir(), "master.key"))
 	if err != nil {
 		t.Fatal(err)
 	}
