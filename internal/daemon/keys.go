@@ -241,3 +241,46 @@ func (l *legacyKeys) remove() error {
 	}
 	return errors.Join(errs...)
 }
+
+// Rotation is what RotateMasterKey did.
+type Rotation struct {
+	From, To string // the master keys' IDs
+	Resealed int    // blobs re-sealed under To
+}
+
+// RotateMasterKey re-seals every key in cfg's store, sealed under the
+// master key in cfg.MasterKeyFile, under the one in newKeyFile (made with
+// a fresh key if it does not exist), in one transaction. Run again after a
+// failure, or once the store is under the new key, it finishes or does
+// nothing. The caller then installs newKeyFile as every replica's
+// MasterKeyFile: until then they fail with keyring.ErrMasterKeyMismatch
+// (and read not ready), after it they carry on, no restart needed.
+func RotateMasterKey(ctx context.Context, cfg Config, newKeyFile string) (Rotation, error) {
+	cfg.Defaults()
+	if err := cfg.Validate(); err != nil {
+		return Rotation{}, fmt.Errorf("invalid configuration: %w", err)
+	}
+	next, err := keyring.ReadMasterKey(newKeyFile)
+	if errors.Is(err, os.ErrNotExist) {
+		next, err = keyring.NewMasterKeyFile(newKeyFile)
+	}
+	if err != nil {
+		return Rotation{}, err
+	}
+	st, err := openStore(ctx, cfg)
+	if err != nil {
+		return Rotation{}, err
+	}
+	defer st.Close()
+	kr, err := keyring.OpenEmbedded(ctx, st, cfg.MasterKeyFile)
+	if errors.Is(err, keyring.ErrMasterKeyMismatch) {
+		// Rotated already: the new key may finish what is left.
+		kr, err = keyring.OpenEmbedded(ctx, st, newKeyFile)
+	}
+	if err != nil {
+		return Rotation{}, err
+	}
+	r := Rotation{From: kr.MasterKeyID(), To: next.ID()}
+	r.Resealed, err = kr.Rotate(ctx, next)
+	return r, err
+}
