@@ -27,7 +27,6 @@ import (
 	"fmt"
 	"math/big"
 	"time"
-
 )
 
 const (

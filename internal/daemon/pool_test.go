@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/google/go-tpm/tpm2/transport"
-
 )
 
 // waitPool waits until n pooled TPMs are manufactured.

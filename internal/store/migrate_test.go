@@ -192,7 +192,9 @@ func TestConcurrentMigrations(t *testing.T) {
 				if err := s.SchemaCurrent(context.Background()); err != nil {
 					t.Errorf("replica %d: %v", i, err)
 				}
-				if err := s.Update(context.Background(), func(tx *Tx) error { return tx.PutHost(&Host{Name: fmt.Sprint("h", i), Traits: []string{}, Capacity: 1, Backend: "swtpm"}) }); err != nil {
+				if err := s.Update(context.Background(), func(tx *Tx) error {
+					return tx.PutHost(&Host{Name: fmt.Sprint("h", i), Traits: []string{}, Capacity: 1, Backend: "swtpm"})
+				}); err != nil {
 					t.Errorf("replica %d writes: %v", i, err)
 				}
 			}
