@@ -15,7 +15,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
-	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/keyring/embedded"
 	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/store/pgtest"
 )
@@ -31,7 +31,7 @@ func TestReplicasShareKeys(t *testing.T) {
 	dsn := pgtest.DSN(t)
 	caFile, certFile, keyFile := writeTestPKI(t, dir)
 	master := filepath.Join(dir, "master.key")
-	if _, err := keyring.NewMasterKeyFile(master); err != nil {
+	if _, err := embedded.NewMasterKeyFile(master); err != nil {
 		t.Fatal(err)
 	}
 	key, _ := os.ReadFile(master)
@@ -121,7 +121,7 @@ func TestSharedKeysMadeOnce(t *testing.T) {
 	ctx := context.Background()
 	dsn := pgtest.DSN(t)
 	master := filepath.Join(t.TempDir(), "master.key")
-	if _, err := keyring.NewMasterKeyFile(master); err != nil {
+	if _, err := embedded.NewMasterKeyFile(master); err != nil {
 		t.Fatal(err)
 	}
 	const replicas = 4

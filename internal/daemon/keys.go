@@ -14,6 +14,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/attest"
 	"github.com/vtpmd/vtpmd/internal/ca"
 	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/keyring/embedded"
 	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/verifier"
 )
@@ -40,12 +41,12 @@ const (
 // openKeys opens the embedded key manager and the deployment's keys,
 // making those the store lacks. A data dir from before the keys moved
 // into the store is imported into it first (importLegacyKeys).
-func openKeys(ctx context.Context, cfg Config, st *store.Store, log *slog.Logger) (*keyring.Embedded, sharedKeys, error) {
+func openKeys(ctx context.Context, cfg Config, st *store.Store, log *slog.Logger) (*embedded.Keyring, sharedKeys, error) {
 	legacy, err := findLegacyKeys(cfg)
 	if err != nil {
 		return nil, sharedKeys{}, err
 	}
-	kr, err := keyring.OpenEmbedded(ctx, st, cfg.MasterKeyFile)
+	kr, err := embedded.Open(ctx, st, cfg.MasterKeyFile)
 	if err != nil {
 		return nil, sharedKeys{}, fmt.Errorf("opening the key manager: %w", err)
 	}
@@ -89,7 +90,7 @@ func openKeys(ctx context.Context, cfg Config, st *store.Store, log *slog.Logger
 }
 
 // fill parses the keys in raw, making and sealing in tx those missing.
-func (k *sharedKeys) fill(tx *store.Tx, kr *keyring.Embedded, raw map[string][]byte, cfg Config) error {
+func (k *sharedKeys) fill(tx *store.Tx, kr *embedded.Keyring, raw map[string][]byte, cfg Config) error {
 	ensure := func(name string, fn func() ([]byte, error)) error {
 		if raw[name] != nil {
 			return nil
@@ -166,7 +167,7 @@ func findLegacyKeys(cfg Config) (*legacyKeys, error) {
 // replica's, or this data dir's from an import interrupted before remove)
 // must hold the same deployment CA; the key manager's secrets are then
 // imported all the same, skipping those present.
-func (l *legacyKeys) importInto(tx *store.Tx, kr *keyring.Embedded, raw map[string][]byte) (int, error) {
+func (l *legacyKeys) importInto(tx *store.Tx, kr *embedded.Keyring, raw map[string][]byte) (int, error) {
 	keysDir := filepath.Join(l.dataDir, "keys")
 	skip := map[string]bool{}
 	for name, dir := range map[string]string{keyEKCA: "ca", keyHostCA: "host-ca"} {
@@ -260,9 +261,9 @@ func RotateMasterKey(ctx context.Context, cfg Config, newKeyFile string) (Rotati
 	if err := cfg.Validate(); err != nil {
 		return Rotation{}, fmt.Errorf("invalid configuration: %w", err)
 	}
-	next, err := keyring.ReadMasterKey(newKeyFile)
+	next, err := embedded.ReadMasterKey(newKeyFile)
 	if errors.Is(err, os.ErrNotExist) {
-		next, err = keyring.NewMasterKeyFile(newKeyFile)
+		next, err = embedded.NewMasterKeyFile(newKeyFile)
 	}
 	if err != nil {
 		return Rotation{}, err
@@ -272,10 +273,10 @@ func RotateMasterKey(ctx context.Context, cfg Config, newKeyFile string) (Rotati
 		return Rotation{}, err
 	}
 	defer st.Close()
-	kr, err := keyring.OpenEmbedded(ctx, st, cfg.MasterKeyFile)
+	kr, err := embedded.Open(ctx, st, cfg.MasterKeyFile)
 	if errors.Is(err, keyring.ErrMasterKeyMismatch) {
 		// Rotated already: the new key may finish what is left.
-		kr, err = keyring.OpenEmbedded(ctx, st, newKeyFile)
+		kr, err = embedded.Open(ctx, st, newKeyFile)
 	}
 	if err != nil {
 		return Rotation{}, err

@@ -12,7 +12,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/ca"
-	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/keyring/embedded"
 	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/verifier"
 )
@@ -84,7 +84,7 @@ func writeLegacyDataDir(t *testing.T, dir string) legacyDir {
 		t.Fatal(err)
 	}
 	defer scratch.Close()
-	kr, err := keyring.OpenEmbedded(ctx, scratch, filepath.Join(keysDir, "master.key"))
+	kr, err := embedded.Open(ctx, scratch, filepath.Join(keysDir, "master.key"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -95,7 +95,7 @@ func writeLegacyDataDir(t *testing.T, dir string) legacyDir {
 		}
 		var k store.SealedKey
 		scratch.View(ctx, func(tx *store.Tx) (err error) { k, err = tx.SealedKey(store.SealedSecret, id); return err })
-		if err := os.WriteFile(filepath.Join(keysDir, id+keyring.LegacySealedSuffix), k.Blob, 0o600); err != nil {
+		if err := os.WriteFile(filepath.Join(keysDir, id+embedded.LegacySealedSuffix), k.Blob, 0o600); err != nil {
 			t.Fatal(err)
 		}
 		return id
@@ -109,7 +109,7 @@ func writeLegacyDataDir(t *testing.T, dir string) legacyDir {
 		both, _ := c.MarshalPEM()
 		certBlock, rest := pem.Decode(both)
 		keyBlock, _ := pem.Decode(rest)
-		id := sealed(keyring.SystemProject, keyBlock.Bytes)
+		id := sealed(embedded.SystemProject, keyBlock.Bytes)
 		sum := sha256.Sum256(certBlock.Bytes)
 		ref, _ := json.Marshal(map[string]any{"version": 1, "key_secret": id, "certificate_sha256": hex.EncodeToString(sum[:])})
 		os.MkdirAll(filepath.Join(dir, name), 0o755)
@@ -124,7 +124,7 @@ func writeLegacyDataDir(t *testing.T, dir string) legacyDir {
 	der, _ := verifier.NewVerdictKey()
 	signer, _ := verifier.ParseVerdictKey(der)
 	out.jwks = signer.JWKS()
-	os.WriteFile(filepath.Join(dir, "verdict-key"), []byte(sealed(keyring.SystemProject, der)), 0o600)
+	os.WriteFile(filepath.Join(dir, "verdict-key"), []byte(sealed(embedded.SystemProject, der)), 0o600)
 	out.secret = sealed("p1", []byte("a tenant's secret"))
 	// The store's record of it (a tenant's), so the server keeps it.
 	st, err := store.Open(ctx, filepath.Join(dir, "vtpmd.db"), store.Options{})

@@ -19,6 +19,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/ca"
 	"github.com/vtpmd/vtpmd/internal/enrol"
 	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/keyring/embedded"
 	"github.com/vtpmd/vtpmd/internal/secrets"
 	"github.com/vtpmd/vtpmd/internal/server"
 	"github.com/vtpmd/vtpmd/internal/spec"
@@ -39,7 +40,7 @@ type Server struct {
 	cfg         Config
 	log         *slog.Logger
 	store       *store.Store
-	keyring     *keyring.Embedded
+	keyring     *embedded.Keyring
 	authority   *ca.CA              // the deployment CA: vTPMs' EK certificates
 	agents      *agentstore.Records // what agents read and write
 	api         *server.Server
@@ -278,7 +279,7 @@ func openStore(ctx context.Context, cfg Config) (*store.Store, error) {
 // readiness are the checks of GET /readyz: the database answers, its
 // schema is current, the store's keys are sealed under the master key kr
 // holds (or its file now holds, after a rotation).
-func (s *Server) readiness(kr *keyring.Embedded) []server.ReadinessCheck {
+func (s *Server) readiness(kr *embedded.Keyring) []server.ReadinessCheck {
 	unreachable := func(what string, err error) error {
 		s.log.Warn("not ready: "+what, "err", err)
 		return errors.New("the database does not answer")

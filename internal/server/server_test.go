@@ -27,6 +27,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/ca"
 	"github.com/vtpmd/vtpmd/internal/enrol"
 	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/keyring/embedded"
 	"github.com/vtpmd/vtpmd/internal/secrets"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
@@ -43,7 +44,7 @@ type fixture struct {
 	url    string           // the operator's socket, as http://vtpmd over http
 	http   *http.Client     // reaches url
 	store  *store.Store
-	keys   *keyring.Embedded
+	keys   *embedded.Keyring
 	dir    string
 	token  string              // sent as the agent's bearer token when set
 	reopen func() *store.Store // another handle on the same database
@@ -71,7 +72,7 @@ func newFixtureWith(t *testing.T, s setup) *fixture {
 	dir := t.TempDir()
 	reopen := storetest.Opener(t, dir, store.Options{Now: s.now})
 	st := reopen()
-	kr, err := keyring.OpenEmbedded(context.Background(), st, filepath.Join(dir, "master.key"))
+	kr, err := embedded.Open(context.Background(), st, filepath.Join(dir, "master.key"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -83,7 +84,7 @@ func newFixtureWith(t *testing.T, s setup) *fixture {
 // serveFixture runs the API on st and kr, with one TPM 2.0 host of
 // capacity 2 and no agent, on the network and the operator's socket; a
 // deployment CA certifies EKs and a host CA enrols hosts.
-func serveFixture(t *testing.T, st *store.Store, kr *keyring.Embedded, dir string, s setup) *fixture {
+func serveFixture(t *testing.T, st *store.Store, kr *embedded.Keyring, dir string, s setup) *fixture {
 	t.Helper()
 	caps := spec.Capabilities{Enabled: true, Versions: []spec.Version{spec.V20}, Models: []spec.Model{spec.TIS, spec.CRB}}
 	err := st.Update(context.Background(), func(tx *store.Tx) error {

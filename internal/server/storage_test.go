@@ -7,7 +7,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/citest"
-	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/keyring/embedded"
 	"github.com/vtpmd/vtpmd/internal/store"
 )
 
@@ -25,7 +25,7 @@ func TestFullDisk(t *testing.T) {
 				t.Fatal(err)
 			}
 			t.Cleanup(func() { st.Close() })
-			kr, err := keyring.OpenEmbedded(ctx, st, filepath.Join(t.TempDir(), "master.key"))
+			kr, err := embedded.Open(ctx, st, filepath.Join(t.TempDir(), "master.key"))
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -15,6 +15,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/agent"
 	"github.com/vtpmd/vtpmd/internal/agent/agentstore"
 	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/keyring/embedded"
 	"github.com/vtpmd/vtpmd/internal/refusal"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
@@ -63,7 +64,7 @@ type fixture struct {
 
 func newFixture(t *testing.T, st *store.Store) *fixture {
 	t.Helper()
-	kr, err := keyring.OpenEmbedded(t.Context(), st, filepath.Join(t.TempDir(), "master.key"))
+	kr, err := embedded.Open(t.Context(), st, filepath.Join(t.TempDir(), "master.key"))
 	if err != nil {
 		t.Fatal(err)
 	}

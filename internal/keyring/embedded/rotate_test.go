@@ -1,4 +1,4 @@
-package keyring
+package embedded
 
 import (
 	"bytes"
@@ -9,6 +9,7 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/store"
 )
 
@@ -26,7 +27,7 @@ func TestRotate(t *testing.T) {
 	if err := os.WriteFile(bKey, data, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	b, err := OpenEmbedded(ctx, a.st, bKey)
+	b, err := Open(ctx, a.st, bKey)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -53,7 +54,7 @@ func TestRotate(t *testing.T) {
 			t.Errorf("%s %s still sealed under %s", k.Kind, k.Name, k.MasterKey)
 		}
 	}
-	checkOpens(t, a.Embedded, payloads)
+	checkOpens(t, a.Keyring, payloads)
 	if again, err := a.Rotate(ctx, next); err != nil || again != 0 {
 		t.Errorf("Rotate again to the same key = %d, %v; want nothing to do", again, err)
 	}
@@ -63,13 +64,13 @@ func TestRotate(t *testing.T) {
 	for id = range payloads {
 		break
 	}
-	if _, err := b.Get(ctx, id); !errors.Is(err, ErrMasterKeyMismatch) {
-		t.Fatalf("Get on a replica with the old key = %v, want ErrMasterKeyMismatch", err)
+	if _, err := b.Get(ctx, id); !errors.Is(err, keyring.ErrMasterKeyMismatch) {
+		t.Fatalf("Get on a replica with the old key = %v, want keyring.ErrMasterKeyMismatch", err)
 	}
-	if _, err := b.Create(ctx, "p", []byte("x")); !errors.Is(err, ErrMasterKeyMismatch) {
-		t.Fatalf("Create on a replica with the old key = %v, want ErrMasterKeyMismatch", err)
+	if _, err := b.Create(ctx, "p", []byte("x")); !errors.Is(err, keyring.ErrMasterKeyMismatch) {
+		t.Fatalf("Create on a replica with the old key = %v, want keyring.ErrMasterKeyMismatch", err)
 	}
-	if err := b.Check(ctx); !errors.Is(err, ErrMasterKeyMismatch) {
+	if err := b.Check(ctx); !errors.Is(err, keyring.ErrMasterKeyMismatch) {
 		t.Fatalf("Check on a replica with the old key = %v", err)
 	}
 	t.Logf("a replica with the old key: %v", b.Check(ctx))
@@ -90,8 +91,8 @@ func TestRotate(t *testing.T) {
 		t.Fatalf("A opens what B made after the rotation: %v", err)
 	}
 	// A new replica with the old key file is refused at start.
-	if _, err := OpenEmbedded(ctx, a.st, filepath.Join(filepath.Dir(a.key), "master.key")); !errors.Is(err, ErrMasterKeyMismatch) {
-		t.Fatalf("OpenEmbedded with the retired key = %v, want ErrMasterKeyMismatch", err)
+	if _, err := Open(ctx, a.st, filepath.Join(filepath.Dir(a.key), "master.key")); !errors.Is(err, keyring.ErrMasterKeyMismatch) {
+		t.Fatalf("OpenEmbedded with the retired key = %v, want keyring.ErrMasterKeyMismatch", err)
 	}
 }
 
@@ -111,14 +112,14 @@ func TestRotateIsAtomic(t *testing.T) {
 	kr.setBlob(t, bad, broken)
 	before := kr.snapshot(t)
 	next, _ := NewMasterKeyFile(filepath.Join(t.TempDir(), "next.key"))
-	if _, err := kr.Rotate(ctx, next); !errors.Is(err, ErrCorrupt) {
-		t.Fatalf("Rotate over a corrupt blob = %v, want ErrCorrupt", err)
+	if _, err := kr.Rotate(ctx, next); !errors.Is(err, keyring.ErrCorrupt) {
+		t.Fatalf("Rotate over a corrupt blob = %v, want keyring.ErrCorrupt", err)
 	}
 	if after := kr.snapshot(t); !slices.Equal(before, after) {
 		t.Fatal("a failed rotation changed the store")
 	}
 	kr.setBlob(t, bad, good)
-	checkOpens(t, kr.Embedded, payloads)
+	checkOpens(t, kr.Keyring, payloads)
 }
 
 func sealedKeys(t *testing.T, st *store.Store) []store.SealedKey {
@@ -133,7 +134,7 @@ func sealedKeys(t *testing.T, st *store.Store) []store.SealedKey {
 	return keys
 }
 
-func checkOpens(t *testing.T, kr *Embedded, payloads map[string][]byte) {
+func checkOpens(t *testing.T, kr *Keyring, payloads map[string][]byte) {
 	t.Helper()
 	for id, want := range payloads {
 		if s, err := kr.Get(context.Background(), id); err != nil || !bytes.Equal(s.Payload, want) {
@@ -145,7 +146,7 @@ func checkOpens(t *testing.T, kr *Embedded, payloads map[string][]byte) {
 		got, err = kr.OpenKey(tx, "ca")
 		return err
 	})
-	if err != nil && !errors.Is(err, ErrNotFound) || err == nil && string(got) != "deployment key" {
+	if err != nil && !errors.Is(err, keyring.ErrNotFound) || err == nil && string(got) != "deployment key" {
 		t.Errorf("OpenKey(ca) = %q, %v", got, err)
 	}
 }

@@ -1,4 +1,4 @@
-package keyring
+package embedded
 
 import (
 	"bytes"
@@ -16,27 +16,28 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/store/storetest"
 )
 
 func TestMain(m *testing.M) { os.Exit(storetest.Main(m)) }
 
-// testKeyring is an Embedded keyring on a fresh store, and where its
+// testKeyring is an Keyring keyring on a fresh store, and where its
 // master key file is.
 type testKeyring struct {
-	*Embedded
+	*Keyring
 	st  *store.Store
 	key string
 }
 
-// newTestKeyring opens an Embedded keyring on a fresh store and, on
+// newTestKeyring opens an Keyring keyring on a fresh store and, on
 // cleanup, checks that every sealed secret still opens.
 func newTestKeyring(t testing.TB) *testKeyring {
 	t.Helper()
 	st := storetest.Open(t)
 	key := filepath.Join(t.TempDir(), "master.key")
-	kr, err := OpenEmbedded(context.Background(), st, key)
+	kr, err := Open(context.Background(), st, key)
 	if err != nil {
 		t.Fatalf("OpenEmbedded: %v", err)
 	}
@@ -51,7 +52,7 @@ func newTestKeyring(t testing.TB) *testKeyring {
 			}
 		}
 	})
-	return &testKeyring{Embedded: kr, st: st, key: key}
+	return &testKeyring{Keyring: kr, st: st, key: key}
 }
 
 // blob and setBlob read and replace secret id's sealed blob in the store.
@@ -81,7 +82,7 @@ func (kr *testKeyring) setBlob(t testing.TB, id string, blob []byte) {
 	}
 }
 
-func mustCreate(t testing.TB, kr Keyring, project string, payload []byte) string {
+func mustCreate(t testing.TB, kr keyring.Keyring, project string, payload []byte) string {
 	t.Helper()
 	id, err := kr.Create(context.Background(), project, payload)
 	if err != nil {
@@ -93,13 +94,13 @@ func mustCreate(t testing.TB, kr Keyring, project string, payload []byte) string
 func TestRoundTrip(t *testing.T) {
 	ctx := context.Background()
 	kr := newTestKeyring(t)
-	payload, err := NewVTPMSecret()
+	payload, err := keyring.NewVTPMSecret()
 	if err != nil {
 		t.Fatal(err)
 	}
 	before := time.Now()
 	id := mustCreate(t, kr, "tenant-a", payload)
-	if !ValidID(id) {
+	if !keyring.ValidID(id) {
 		t.Fatalf("Create returned %q, not a canonical uuid", id)
 	}
 	got, err := kr.Get(ctx, id)
@@ -119,7 +120,7 @@ func TestRoundTrip(t *testing.T) {
 
 	// A second handle on the same store and key file (another replica)
 	// sees the same secret.
-	kr2, err := OpenEmbedded(ctx, kr.st, kr.key)
+	kr2, err := Open(ctx, kr.st, kr.key)
 	if err != nil {
 		t.Fatalf("reopening: %v", err)
 	}
@@ -138,12 +139,12 @@ func TestBlobIsBoundToID(t *testing.T) {
 	blobA := kr.blob(t, a)
 	// Over another secret's blob, and as a brand-new id.
 	kr.setBlob(t, b, blobA)
-	fresh, _ := newID()
+	fresh, _ := keyring.NewID()
 	kr.setBlob(t, fresh, blobA)
 	for _, id := range []string{b, fresh} {
 		s, err := kr.Get(ctx, id)
-		if !errors.Is(err, ErrCorrupt) {
-			t.Errorf("Get(%s) with %s's blob = %v, %v; want ErrCorrupt", id, a, s, err)
+		if !errors.Is(err, keyring.ErrCorrupt) {
+			t.Errorf("Get(%s) with %s's blob = %v, %v; want keyring.ErrCorrupt", id, a, s, err)
 		}
 	}
 	if _, err := kr.Get(ctx, a); err != nil {
@@ -163,8 +164,8 @@ func TestBlobIsBoundToProject(t *testing.T) {
 	}
 	copy(blob[i:], "omega") // same length: only authentication can catch it
 	kr.setBlob(t, id, blob)
-	if _, err := kr.Get(context.Background(), id); !errors.Is(err, ErrCorrupt) {
-		t.Errorf("Get after swapping project = %v, want ErrCorrupt", err)
+	if _, err := kr.Get(context.Background(), id); !errors.Is(err, keyring.ErrCorrupt) {
+		t.Errorf("Get after swapping project = %v, want keyring.ErrCorrupt", err)
 	}
 	kr.Delete(context.Background(), id)
 }
@@ -184,19 +185,19 @@ func TestTamperedBlob(t *testing.T) {
 		blob[i] ^= 0x01
 		kr.setBlob(t, id, blob)
 		s, err := kr.Get(ctx, id)
-		if !errors.Is(err, ErrCorrupt) || s.Payload != nil {
-			t.Fatalf("byte %d flipped: Get = %v, %v; want ErrCorrupt", i, s, err)
+		if !errors.Is(err, keyring.ErrCorrupt) || s.Payload != nil {
+			t.Fatalf("byte %d flipped: Get = %v, %v; want keyring.ErrCorrupt", i, s, err)
 		}
 	}
 	for n := range len(orig) {
 		kr.setBlob(t, id, orig[:n])
-		if _, err := kr.Get(ctx, id); !errors.Is(err, ErrCorrupt) {
-			t.Fatalf("truncated to %d bytes: Get = %v, want ErrCorrupt", n, err)
+		if _, err := kr.Get(ctx, id); !errors.Is(err, keyring.ErrCorrupt) {
+			t.Fatalf("truncated to %d bytes: Get = %v, want keyring.ErrCorrupt", n, err)
 		}
 	}
 	kr.setBlob(t, id, append(bytes.Clone(orig), 0))
-	if _, err := kr.Get(ctx, id); !errors.Is(err, ErrCorrupt) {
-		t.Fatalf("a byte appended: Get = %v, want ErrCorrupt", err)
+	if _, err := kr.Get(ctx, id); !errors.Is(err, keyring.ErrCorrupt) {
+		t.Fatalf("a byte appended: Get = %v, want keyring.ErrCorrupt", err)
 	}
 }
 
@@ -211,21 +212,21 @@ func TestWrongMasterKey(t *testing.T) {
 	if _, err := NewMasterKeyFile(other); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := OpenEmbedded(ctx, kr.st, other); !errors.Is(err, ErrMasterKeyMismatch) {
-		t.Fatalf("OpenEmbedded with another key = %v, want ErrMasterKeyMismatch", err)
+	if _, err := Open(ctx, kr.st, other); !errors.Is(err, keyring.ErrMasterKeyMismatch) {
+		t.Fatalf("OpenEmbedded with another key = %v, want keyring.ErrMasterKeyMismatch", err)
 	} else if !strings.Contains(err.Error(), kr.MasterKeyID()) {
 		t.Errorf("the error does not name the store's master key %s: %v", kr.MasterKeyID(), err)
 	}
-	if _, err := OpenEmbedded(ctx, kr.st, filepath.Join(t.TempDir(), "missing.key")); !errors.Is(err, ErrBadMasterKey) {
-		t.Fatalf("OpenEmbedded without the key file = %v, want ErrBadMasterKey", err)
+	if _, err := Open(ctx, kr.st, filepath.Join(t.TempDir(), "missing.key")); !errors.Is(err, keyring.ErrBadMasterKey) {
+		t.Fatalf("OpenEmbedded without the key file = %v, want keyring.ErrBadMasterKey", err)
 	}
 	// A blob sealed under other but labelled with the store's key.
 	mk, _ := ReadMasterKey(other)
-	blob, _ := seal(mk.key, Secret{ID: id, Project: "p", Payload: []byte("payload"), Created: time.Now()})
+	blob, _ := seal(mk.key, keyring.Secret{ID: id, Project: "p", Payload: []byte("payload"), Created: time.Now()})
 	good := kr.blob(t, id)
 	kr.setBlob(t, id, blob)
-	if _, err := kr.Get(ctx, id); !errors.Is(err, ErrCorrupt) {
-		t.Errorf("Get under another master key = %v, want ErrCorrupt", err)
+	if _, err := kr.Get(ctx, id); !errors.Is(err, keyring.ErrCorrupt) {
+		t.Errorf("Get under another master key = %v, want keyring.ErrCorrupt", err)
 	}
 	kr.setBlob(t, id, good)
 }
@@ -240,7 +241,7 @@ func TestMasterKeyFile(t *testing.T) {
 		t.Errorf("master key: %d bytes, mode %#o; want 32 bytes, 0600", fi.Size(), fi.Mode().Perm())
 	}
 	key, _ := os.ReadFile(kr.key)
-	if _, err := OpenEmbedded(context.Background(), kr.st, kr.key); err != nil {
+	if _, err := Open(context.Background(), kr.st, kr.key); err != nil {
 		t.Fatalf("reopening: %v", err)
 	}
 	if again, _ := os.ReadFile(kr.key); !bytes.Equal(key, again) {
@@ -261,26 +262,26 @@ func TestMasterKeyRefused(t *testing.T) {
 		setup func(t *testing.T, path string)
 		want  error
 	}{
-		{"mode 0644", func(t *testing.T, path string) { writeKey(t, path, key, 0o644) }, ErrInsecureMode},
-		{"mode 0640", func(t *testing.T, path string) { writeKey(t, path, key, 0o640) }, ErrInsecureMode},
-		{"mode 0604", func(t *testing.T, path string) { writeKey(t, path, key, 0o604) }, ErrInsecureMode},
-		{"31 bytes", func(t *testing.T, path string) { writeKey(t, path, key[:31], 0o600) }, ErrBadMasterKey},
-		{"33 bytes", func(t *testing.T, path string) { writeKey(t, path, append(key, 0), 0o600) }, ErrBadMasterKey},
-		{"empty", func(t *testing.T, path string) { writeKey(t, path, nil, 0o600) }, ErrBadMasterKey},
+		{"mode 0644", func(t *testing.T, path string) { writeKey(t, path, key, 0o644) }, keyring.ErrInsecureMode},
+		{"mode 0640", func(t *testing.T, path string) { writeKey(t, path, key, 0o640) }, keyring.ErrInsecureMode},
+		{"mode 0604", func(t *testing.T, path string) { writeKey(t, path, key, 0o604) }, keyring.ErrInsecureMode},
+		{"31 bytes", func(t *testing.T, path string) { writeKey(t, path, key[:31], 0o600) }, keyring.ErrBadMasterKey},
+		{"33 bytes", func(t *testing.T, path string) { writeKey(t, path, append(key, 0), 0o600) }, keyring.ErrBadMasterKey},
+		{"empty", func(t *testing.T, path string) { writeKey(t, path, nil, 0o600) }, keyring.ErrBadMasterKey},
 		{"symlink", func(t *testing.T, path string) {
 			target := filepath.Join(t.TempDir(), "key")
 			os.WriteFile(target, key, 0o600)
 			if err := os.Symlink(target, path); err != nil {
 				t.Fatal(err)
 			}
-		}, ErrInsecureMode},
-		{"directory", func(t *testing.T, path string) { os.Mkdir(path, 0o700) }, ErrInsecureMode},
+		}, keyring.ErrInsecureMode},
+		{"directory", func(t *testing.T, path string) { os.Mkdir(path, 0o700) }, keyring.ErrInsecureMode},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "master.key")
 			tt.setup(t, path)
-			kr, err := OpenEmbedded(context.Background(), storetest.Open(t), path)
+			kr, err := Open(context.Background(), storetest.Open(t), path)
 			if !errors.Is(err, tt.want) {
 				t.Fatalf("OpenEmbedded = %v, %v; want %v", kr, err, tt.want)
 			}
@@ -305,7 +306,7 @@ func TestNoPlaintextInStore(t *testing.T) {
 	kr := newTestKeyring(t)
 	var forbidden [][]byte
 	for range 5 {
-		p, err := NewVTPMSecret()
+		p, err := keyring.NewVTPMSecret()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -383,15 +384,15 @@ func TestDelete(t *testing.T) {
 	if err := kr.Delete(ctx, gone); err != nil {
 		t.Fatalf("Delete: %v", err)
 	}
-	if _, err := kr.Get(ctx, gone); !errors.Is(err, ErrNotFound) {
-		t.Errorf("Get after Delete = %v, want ErrNotFound", err)
+	if _, err := kr.Get(ctx, gone); !errors.Is(err, keyring.ErrNotFound) {
+		t.Errorf("Get after Delete = %v, want keyring.ErrNotFound", err)
 	}
-	if err := kr.Delete(ctx, gone); !errors.Is(err, ErrNotFound) {
-		t.Errorf("second Delete = %v, want ErrNotFound", err)
+	if err := kr.Delete(ctx, gone); !errors.Is(err, keyring.ErrNotFound) {
+		t.Errorf("second Delete = %v, want keyring.ErrNotFound", err)
 	}
-	never, _ := newID()
-	if _, err := kr.Get(ctx, never); !errors.Is(err, ErrNotFound) {
-		t.Errorf("Get of unknown id = %v, want ErrNotFound", err)
+	never, _ := keyring.NewID()
+	if _, err := kr.Get(ctx, never); !errors.Is(err, keyring.ErrNotFound) {
+		t.Errorf("Get of unknown id = %v, want keyring.ErrNotFound", err)
 	}
 	if ids, _ := kr.List(ctx); !slices.Equal(ids, []string{keep}) {
 		t.Errorf("List = %v, want [%s]", ids, keep)
@@ -408,7 +409,7 @@ func TestInvalidIDs(t *testing.T) {
 	ctx := context.Background()
 	kr := newTestKeyring(t)
 	mustCreate(t, kr, "p", []byte("x"))
-	valid, _ := newID()
+	valid, _ := keyring.NewID()
 	before := kr.snapshot(t)
 	for _, id := range []string{
 		"",
@@ -426,11 +427,11 @@ func TestInvalidIDs(t *testing.T) {
 		valid[:35] + "g",
 		"00000000-0000-0000-0000-00000000000\x00",
 	} {
-		if _, err := kr.Get(ctx, id); !errors.Is(err, ErrInvalidID) {
-			t.Errorf("Get(%q) = %v, want ErrInvalidID", id, err)
+		if _, err := kr.Get(ctx, id); !errors.Is(err, keyring.ErrInvalidID) {
+			t.Errorf("Get(%q) = %v, want keyring.ErrInvalidID", id, err)
 		}
-		if err := kr.Delete(ctx, id); !errors.Is(err, ErrInvalidID) {
-			t.Errorf("Delete(%q) = %v, want ErrInvalidID", id, err)
+		if err := kr.Delete(ctx, id); !errors.Is(err, keyring.ErrInvalidID) {
+			t.Errorf("Delete(%q) = %v, want keyring.ErrInvalidID", id, err)
 		}
 	}
 	if after := kr.snapshot(t); !slices.Equal(before, after) {
@@ -461,12 +462,12 @@ func TestCreateValidation(t *testing.T) {
 		payload []byte
 		want    error
 	}{
-		{"", []byte("x"), ErrInvalidProject},
-		{strings.Repeat("p", MaxProjectLen+1), []byte("x"), ErrInvalidProject},
-		{"bad\xffutf8", []byte("x"), ErrInvalidProject},
-		{"p", nil, ErrInvalidPayload},
-		{"p", []byte{}, ErrInvalidPayload},
-		{"p", make([]byte, MaxPayloadLen+1), ErrInvalidPayload},
+		{"", []byte("x"), keyring.ErrInvalidProject},
+		{strings.Repeat("p", keyring.MaxProjectLen+1), []byte("x"), keyring.ErrInvalidProject},
+		{"bad\xffutf8", []byte("x"), keyring.ErrInvalidProject},
+		{"p", nil, keyring.ErrInvalidPayload},
+		{"p", []byte{}, keyring.ErrInvalidPayload},
+		{"p", make([]byte, keyring.MaxPayloadLen+1), keyring.ErrInvalidPayload},
 	} {
 		if id, err := kr.Create(ctx, tt.project, tt.payload); !errors.Is(err, tt.want) {
 			t.Errorf("Create(%q, %d bytes) = %q, %v; want %v", tt.project, len(tt.payload), id, err, tt.want)
@@ -476,8 +477,8 @@ func TestCreateValidation(t *testing.T) {
 		t.Errorf("refused Creates changed the store:\nbefore %v\nafter  %v", before, after)
 	}
 	// The limits themselves are accepted.
-	id := mustCreate(t, kr, strings.Repeat("é", MaxProjectLen/2), make([]byte, MaxPayloadLen))
-	if s, err := kr.Get(ctx, id); err != nil || len(s.Payload) != MaxPayloadLen {
+	id := mustCreate(t, kr, strings.Repeat("é", keyring.MaxProjectLen/2), make([]byte, keyring.MaxPayloadLen))
+	if s, err := kr.Get(ctx, id); err != nil || len(s.Payload) != keyring.MaxPayloadLen {
 		t.Errorf("Get of a maximal secret = %v, %v", s, err)
 	}
 }
@@ -553,7 +554,7 @@ func TestCanceledContext(t *testing.T) {
 	kr := newTestKeyring(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	id, _ := newID()
+	id, _ := keyring.NewID()
 	if _, err := kr.Create(ctx, "p", []byte("x")); !errors.Is(err, context.Canceled) {
 		t.Errorf("Create = %v, want context.Canceled", err)
 	}

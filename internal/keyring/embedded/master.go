@@ -1,4 +1,4 @@
-package keyring
+package embedded
 
 import (
 	"crypto/rand"
@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"io/fs"
 	"path/filepath"
+
+	"github.com/vtpmd/vtpmd/internal/keyring"
 )
 
 // MasterKey is the deployment's master key: 32 random bytes (AES-256)
@@ -25,7 +27,7 @@ type MasterKey struct {
 func (m MasterKey) ID() string { return m.id }
 
 // String shows only the ID, so a MasterKey cannot be printed by mistake.
-func (m MasterKey) String() string { return "keyring.MasterKey{" + m.id + "}" }
+func (m MasterKey) String() string { return "embedded.MasterKey{" + m.id + "}" }
 
 func newMasterKey(key []byte) MasterKey {
 	sum := sha256.Sum256(append([]byte("vtpmd master key id\x00"), key...))
@@ -33,8 +35,8 @@ func newMasterKey(key []byte) MasterKey {
 }
 
 // ReadMasterKey reads the master key file at path. It refuses, with
-// ErrInsecureMode, a file that group or others can access, a symlink or
-// not a regular file, and, with ErrBadMasterKey, one that is not exactly
+// keyring.ErrInsecureMode, a file that group or others can access, a symlink or
+// not a regular file, and, with keyring.ErrBadMasterKey, one that is not exactly
 // 32 bytes. A missing file's error wraps fs.ErrNotExist.
 func ReadMasterKey(path string) (MasterKey, error) {
 	key, mode, err := readSmallFile(path, masterKeySize)
@@ -43,14 +45,14 @@ func ReadMasterKey(path string) (MasterKey, error) {
 	}
 	if mode.Perm()&0o077 != 0 {
 		clear(key)
-		return MasterKey{}, fmt.Errorf("%w: master key %s has mode %#o, want 0600", ErrInsecureMode, path, mode.Perm())
+		return MasterKey{}, fmt.Errorf("%w: master key %s has mode %#o, want 0600", keyring.ErrInsecureMode, path, mode.Perm())
 	}
 	if err != nil {
-		return MasterKey{}, fmt.Errorf("%w: %w", ErrBadMasterKey, err)
+		return MasterKey{}, fmt.Errorf("%w: %w", keyring.ErrBadMasterKey, err)
 	}
 	if len(key) != masterKeySize {
 		clear(key)
-		return MasterKey{}, fmt.Errorf("%w: %s is %d bytes, want %d", ErrBadMasterKey, path, len(key), masterKeySize)
+		return MasterKey{}, fmt.Errorf("%w: %s is %d bytes, want %d", keyring.ErrBadMasterKey, path, len(key), masterKeySize)
 	}
 	return newMasterKey(key), nil
 }

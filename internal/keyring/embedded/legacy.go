@@ -1,4 +1,4 @@
-package keyring
+package embedded
 
 import (
 	"errors"
@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/store"
 )
 
@@ -17,11 +18,11 @@ const LegacySealedSuffix = ".sealed"
 
 // ImportDir copies the secrets sealed in the files of such a directory
 // into the store, in tx, as they are: the blob format did not change, and
-// they must be sealed under this Embedded's master key (the directory's
+// they must be sealed under this Keyring's master key (the directory's
 // master.key), which each is checked to open with. A secret already in the
 // store is skipped. skip names secrets not to import (the CA keys, which
 // become deployment keys). It returns how many it imported.
-func (e *Embedded) ImportDir(tx *store.Tx, dir string, skip map[string]bool) (int, error) {
+func (e *Keyring) ImportDir(tx *store.Tx, dir string, skip map[string]bool) (int, error) {
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return 0, err
@@ -33,7 +34,7 @@ func (e *Embedded) ImportDir(tx *store.Tx, dir string, skip map[string]bool) (in
 	n := 0
 	for _, ent := range entries {
 		id, ok := strings.CutSuffix(ent.Name(), LegacySealedSuffix)
-		if !ok || !ValidID(id) || skip[id] {
+		if !ok || !keyring.ValidID(id) || skip[id] {
 			continue
 		}
 		blob, _, err := readSmallFile(filepath.Join(dir, ent.Name()), maxSealedLen)
@@ -58,21 +59,21 @@ func (e *Embedded) ImportDir(tx *store.Tx, dir string, skip map[string]bool) (in
 }
 
 // OpenLegacy opens the secret id sealed in such a directory under this
-// Embedded's master key.
-func (e *Embedded) OpenLegacy(dir, id string) (Secret, error) {
-	if !ValidID(id) {
-		return Secret{}, fmt.Errorf("opening secret %q: %w", id, ErrInvalidID)
+// Keyring's master key.
+func (e *Keyring) OpenLegacy(dir, id string) (keyring.Secret, error) {
+	if !keyring.ValidID(id) {
+		return keyring.Secret{}, fmt.Errorf("opening secret %q: %w", id, keyring.ErrInvalidID)
 	}
 	blob, _, err := readSmallFile(filepath.Join(dir, id+LegacySealedSuffix), maxSealedLen)
 	if err != nil {
-		return Secret{}, fmt.Errorf("opening secret %s: %w", id, err)
+		return keyring.Secret{}, fmt.Errorf("opening secret %s: %w", id, err)
 	}
 	e.mu.Lock()
 	mk := e.keys[0]
 	e.mu.Unlock()
 	s, err := unseal(mk.key, id, blob)
 	if err != nil {
-		return Secret{}, fmt.Errorf("opening secret %s: %w", id, err)
+		return keyring.Secret{}, fmt.Errorf("opening secret %s: %w", id, err)
 	}
 	return s, nil
 }

@@ -1,4 +1,4 @@
-package keyring
+package embedded
 
 import (
 	"errors"
@@ -9,6 +9,7 @@ import (
 	"syscall"
 
 	"github.com/vtpmd/vtpmd/internal/atomicfile"
+	"github.com/vtpmd/vtpmd/internal/keyring"
 )
 
 // tmpPrefix starts the name of a file being written, not yet linked into
@@ -63,7 +64,7 @@ func readSmallFile(path string, limit int64) (data []byte, mode fs.FileMode, err
 	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
 	if err != nil {
 		if errors.Is(err, syscall.ELOOP) {
-			return nil, 0, fmt.Errorf("%w: %s is a symlink", ErrInsecureMode, path)
+			return nil, 0, fmt.Errorf("%w: %s is a symlink", keyring.ErrInsecureMode, path)
 		}
 		return nil, 0, err
 	}
@@ -73,7 +74,7 @@ func readSmallFile(path string, limit int64) (data []byte, mode fs.FileMode, err
 		return nil, 0, err
 	}
 	if !fi.Mode().IsRegular() {
-		return nil, 0, fmt.Errorf("%w: %s is not a regular file", ErrInsecureMode, path)
+		return nil, 0, fmt.Errorf("%w: %s is not a regular file", keyring.ErrInsecureMode, path)
 	}
 	if fi.Size() > limit {
 		return nil, fi.Mode(), fmt.Errorf("%w: %s is %d bytes, more than %d", errTooLarge, path, fi.Size(), limit)

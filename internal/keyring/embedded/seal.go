@@ -1,4 +1,4 @@
-package keyring
+package embedded
 
 import (
 	"crypto/aes"
@@ -7,6 +7,8 @@ import (
 	"encoding/binary"
 	"fmt"
 	"time"
+
+	"github.com/vtpmd/vtpmd/internal/keyring"
 )
 
 // The sealed-secret format, version 1 (all integers big-endian):
@@ -36,11 +38,11 @@ const (
 	headerFixed   = 4 + 1 + 8 + 1
 	// maxSealedLen bounds what an import reads, so a planted huge file
 	// cannot exhaust memory.
-	maxSealedLen = headerFixed + MaxProjectLen + nonceSize + MaxPayloadLen + tagSize
+	maxSealedLen = headerFixed + keyring.MaxProjectLen + nonceSize + keyring.MaxPayloadLen + tagSize
 )
 
 // seal encrypts s.Payload under key, bound to s.ID, s.Project and s.Created.
-func seal(key []byte, s Secret) ([]byte, error) {
+func seal(key []byte, s keyring.Secret) ([]byte, error) {
 	aead, err := newAEAD(key)
 	if err != nil {
 		return nil, err
@@ -61,18 +63,18 @@ func seal(key []byte, s Secret) ([]byte, error) {
 }
 
 // unseal parses and decrypts blob stored under id. Every failure wraps
-// ErrCorrupt; none reveals which byte was wrong or any plaintext.
-func unseal(key []byte, id string, blob []byte) (Secret, error) {
+// keyring.ErrCorrupt; none reveals which byte was wrong or any plaintext.
+func unseal(key []byte, id string, blob []byte) (keyring.Secret, error) {
 	if len(blob) < headerFixed || string(blob[:4]) != sealMagic {
-		return Secret{}, fmt.Errorf("%w: not a sealed secret (bad magic or truncated)", ErrCorrupt)
+		return keyring.Secret{}, fmt.Errorf("%w: not a sealed secret (bad magic or truncated)", keyring.ErrCorrupt)
 	}
 	if blob[4] != sealVersion {
-		return Secret{}, fmt.Errorf("%w: unknown format version %d", ErrCorrupt, blob[4])
+		return keyring.Secret{}, fmt.Errorf("%w: unknown format version %d", keyring.ErrCorrupt, blob[4])
 	}
 	created := int64(binary.BigEndian.Uint64(blob[5:13]))
 	n := int(blob[13])
 	if n == 0 || len(blob) < headerFixed+n+nonceSize+tagSize {
-		return Secret{}, fmt.Errorf("%w: truncated", ErrCorrupt)
+		return keyring.Secret{}, fmt.Errorf("%w: truncated", keyring.ErrCorrupt)
 	}
 	header := blob[:headerFixed+n]
 	project := string(blob[headerFixed : headerFixed+n])
@@ -81,14 +83,14 @@ func unseal(key []byte, id string, blob []byte) (Secret, error) {
 
 	aead, err := newAEAD(key)
 	if err != nil {
-		return Secret{}, err
+		return keyring.Secret{}, err
 	}
 	payload, err := aead.Open(nil, nonce, ciphertext, associatedData(id, header))
 	if err != nil {
 		// GCM cannot tell these apart, so the message names them all.
-		return Secret{}, fmt.Errorf("%w: authentication failed (altered, moved from another id, or sealed under another master key)", ErrCorrupt)
+		return keyring.Secret{}, fmt.Errorf("%w: authentication failed (altered, moved from another id, or sealed under another master key)", keyring.ErrCorrupt)
 	}
-	return Secret{
+	return keyring.Secret{
 		ID:      id,
 		Project: project,
 		Payload: payload,
@@ -103,7 +105,7 @@ func associatedData(id string, header []byte) []byte {
 }
 
 // newAEAD builds the cipher per call: it is cheap next to the file I/O
-// around it and keeps Embedded free of shared mutable crypto state.
+// around it and keeps Keyring free of shared mutable crypto state.
 func newAEAD(key []byte) (cipher.AEAD, error) {
 	if len(key) != masterKeySize {
 		return nil, fmt.Errorf("master key is %d bytes, want %d", len(key), masterKeySize)

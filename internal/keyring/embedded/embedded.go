@@ -1,4 +1,8 @@
-package keyring
+// Package embedded is vtpmd's own key manager: secrets sealed under the
+// deployment's master key (a file on each server replica) and kept in
+// vtpmd's store, beside the deployment's own keys sealed the same way.
+// Server side only: hosts' agents never hold the master key.
+package embedded
 
 import (
 	"context"
@@ -9,10 +13,11 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/store"
 )
 
-// Embedded is a key manager that needs nothing but vtpmd's own store and a
+// Keyring is a key manager that needs nothing but vtpmd's own store and a
 // master key file: the default of every deployment. Each secret is sealed
 // (seal.go) under the deployment's master key and kept in the store's
 // sealed_keys table, so every server replica sharing a PostgreSQL database
@@ -20,17 +25,17 @@ import (
 // master key seals the deployment's own keys (SealKey, OpenKey).
 //
 // The store names the master key every blob is sealed under (its ID, never
-// the key). An Embedded that meets one it does not hold reads its master
+// the key). An Keyring that meets one it does not hold reads its master
 // key file again: after a rotation (Rotate) every replica picks up the new
 // key as soon as the operator has installed the new file, without a
-// restart; until then its requests fail with ErrMasterKeyMismatch. Nothing
+// restart; until then its requests fail with keyring.ErrMasterKeyMismatch. Nothing
 // is ever sealed under a key the store no longer names.
 //
 // Losing the master key loses every secret; keep it apart from database
 // backups, or the encryption protects nothing. Deleting a secret deletes
 // its row (PostgreSQL may keep the dead row until it is vacuumed; it is
-// sealed). Embedded is safe for concurrent use.
-type Embedded struct {
+// sealed). Keyring is safe for concurrent use.
+type Keyring struct {
 	st   *store.Store
 	path string // the master key file, read again when the store names another key
 
@@ -38,15 +43,15 @@ type Embedded struct {
 	keys []MasterKey // keys[0] seals; every one opens
 }
 
-var _ Keyring = (*Embedded)(nil)
+var _ keyring.Keyring = (*Keyring)(nil)
 
 // OpenEmbedded opens the embedded key manager on st with the master key in
 // the file at masterKeyFile. On a store that holds no sealed key yet, a
 // missing file is created with a fresh key (mode 0600); on one that does,
 // a missing file or another key than the store's is refused with
-// ErrBadMasterKey or ErrMasterKeyMismatch, never replaced: a fresh key
+// keyring.ErrBadMasterKey or keyring.ErrMasterKeyMismatch, never replaced: a fresh key
 // would make every secret unreadable.
-func OpenEmbedded(ctx context.Context, st *store.Store, masterKeyFile string) (*Embedded, error) {
+func Open(ctx context.Context, st *store.Store, masterKeyFile string) (*Keyring, error) {
 	var current string
 	if err := st.View(ctx, func(tx *store.Tx) (err error) {
 		current, err = tx.MasterKeyID()
@@ -58,7 +63,7 @@ func OpenEmbedded(ctx context.Context, st *store.Store, masterKeyFile string) (*
 	if errors.Is(err, fs.ErrNotExist) {
 		if current != "" {
 			return nil, fmt.Errorf("%w: %s is missing, and the store's keys are sealed under master key %s: install the deployment's master key file there",
-				ErrBadMasterKey, masterKeyFile, current)
+				keyring.ErrBadMasterKey, masterKeyFile, current)
 		}
 		mk, err = NewMasterKeyFile(masterKeyFile)
 		if errors.Is(err, fs.ErrExist) { // another process made it first
@@ -71,24 +76,24 @@ func OpenEmbedded(ctx context.Context, st *store.Store, masterKeyFile string) (*
 	if current != "" && current != mk.ID() {
 		return nil, mismatch(current, mk, masterKeyFile)
 	}
-	return &Embedded{st: st, path: masterKeyFile, keys: []MasterKey{mk}}, nil
+	return &Keyring{st: st, path: masterKeyFile, keys: []MasterKey{mk}}, nil
 }
 
 func mismatch(want string, have MasterKey, path string) error {
 	return fmt.Errorf("%w: the store's keys are sealed under master key %s, the file %s holds %s: install the deployment's current master key there (see docs/deployment.md, rotating the master key)",
-		ErrMasterKeyMismatch, want, path, have.ID())
+		keyring.ErrMasterKeyMismatch, want, path, have.ID())
 }
 
-// MasterKeyID is the ID of the master key this Embedded seals with.
-func (e *Embedded) MasterKeyID() string {
+// MasterKeyID is the ID of the master key this Keyring seals with.
+func (e *Keyring) MasterKeyID() string {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return e.keys[0].ID()
 }
 
-// Check reports whether this Embedded can open the store's keys: it holds
+// Check reports whether this Keyring can open the store's keys: it holds
 // the master key the store names, or its master key file now does.
-func (e *Embedded) Check(ctx context.Context) error {
+func (e *Keyring) Check(ctx context.Context) error {
 	var id string
 	if err := e.st.View(ctx, func(tx *store.Tx) (err error) {
 		id, err = tx.MasterKeyID()
@@ -105,8 +110,8 @@ func (e *Embedded) Check(ctx context.Context) error {
 
 // key returns the held master key named id, reading the master key file
 // again if none is: after a rotation, the new file makes it the key that
-// seals. ErrMasterKeyMismatch if the file does not hold it either.
-func (e *Embedded) key(id string) (MasterKey, error) {
+// seals. keyring.ErrMasterKeyMismatch if the file does not hold it either.
+func (e *Keyring) key(id string) (MasterKey, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	for _, k := range e.keys {
@@ -127,7 +132,7 @@ func (e *Embedded) key(id string) (MasterKey, error) {
 
 // sealingKey is the key to seal with in tx: the one the store names, which
 // it starts naming with the first key sealed.
-func (e *Embedded) sealingKey(tx *store.Tx) (MasterKey, error) {
+func (e *Keyring) sealingKey(tx *store.Tx) (MasterKey, error) {
 	id, err := tx.MasterKeyID()
 	if err != nil {
 		return MasterKey{}, err
@@ -142,7 +147,7 @@ func (e *Embedded) sealingKey(tx *store.Tx) (MasterKey, error) {
 }
 
 // put seals s as the sealed key (kind, s.ID) in tx.
-func (e *Embedded) put(tx *store.Tx, kind string, s Secret) error {
+func (e *Keyring) put(tx *store.Tx, kind string, s keyring.Secret) error {
 	mk, err := e.sealingKey(tx)
 	if err != nil {
 		return err
@@ -154,42 +159,42 @@ func (e *Embedded) put(tx *store.Tx, kind string, s Secret) error {
 	return tx.PutSealedKey(store.SealedKey{Kind: kind, Name: s.ID, MasterKey: mk.ID(), Blob: blob})
 }
 
-// open reads and opens the sealed key (kind, name) in tx; ErrNotFound if
+// open reads and opens the sealed key (kind, name) in tx; keyring.ErrNotFound if
 // there is none.
-func (e *Embedded) open(tx *store.Tx, kind, name string) (Secret, error) {
+func (e *Keyring) open(tx *store.Tx, kind, name string) (keyring.Secret, error) {
 	k, err := tx.SealedKey(kind, name)
 	if errors.Is(err, store.ErrNotFound) {
-		return Secret{}, ErrNotFound
+		return keyring.Secret{}, keyring.ErrNotFound
 	}
 	if err != nil {
-		return Secret{}, err
+		return keyring.Secret{}, err
 	}
 	mk, err := e.key(k.MasterKey)
 	if err != nil {
-		return Secret{}, err
+		return keyring.Secret{}, err
 	}
 	return unseal(mk.key, name, k.Blob)
 }
 
 // Create seals payload under a fresh random UUID owned by project and
 // returns the UUID.
-func (e *Embedded) Create(ctx context.Context, project string, payload []byte) (string, error) {
-	if err := checkProject(project); err != nil {
+func (e *Keyring) Create(ctx context.Context, project string, payload []byte) (string, error) {
+	if err := keyring.CheckProject(project); err != nil {
 		return "", err
 	}
-	if err := checkPayload(payload); err != nil {
+	if err := keyring.CheckPayload(payload); err != nil {
 		return "", err
 	}
 	created := time.Now().UTC().Round(0)
 	// A UUID collision is astronomically unlikely, but PutSealedKey
 	// refuses to overwrite, so one costs a retry rather than a lost secret.
 	for range 3 {
-		id, err := newID()
+		id, err := keyring.NewID()
 		if err != nil {
 			return "", err
 		}
 		err = e.st.Update(ctx, func(tx *store.Tx) error {
-			return e.put(tx, store.SealedSecret, Secret{ID: id, Project: project, Payload: payload, Created: created})
+			return e.put(tx, store.SealedSecret, keyring.Secret{ID: id, Project: project, Payload: payload, Created: created})
 		})
 		if errors.Is(err, store.ErrExists) {
 			continue
@@ -203,30 +208,30 @@ func (e *Embedded) Create(ctx context.Context, project string, payload []byte) (
 }
 
 // Get opens the secret id. A blob that does not authenticate gives
-// ErrCorrupt, never a partial or garbled payload.
-func (e *Embedded) Get(ctx context.Context, id string) (Secret, error) {
-	if !ValidID(id) {
-		return Secret{}, fmt.Errorf("getting secret %q: %w", id, ErrInvalidID)
+// keyring.ErrCorrupt, never a partial or garbled payload.
+func (e *Keyring) Get(ctx context.Context, id string) (keyring.Secret, error) {
+	if !keyring.ValidID(id) {
+		return keyring.Secret{}, fmt.Errorf("getting secret %q: %w", id, keyring.ErrInvalidID)
 	}
-	var s Secret
+	var s keyring.Secret
 	err := e.st.View(ctx, func(tx *store.Tx) (err error) {
 		s, err = e.open(tx, store.SealedSecret, id)
 		return err
 	})
 	if err != nil {
-		return Secret{}, fmt.Errorf("getting secret %s: %w", id, err)
+		return keyring.Secret{}, fmt.Errorf("getting secret %s: %w", id, err)
 	}
 	return s, nil
 }
 
 // Delete destroys the secret id.
-func (e *Embedded) Delete(ctx context.Context, id string) error {
-	if !ValidID(id) {
-		return fmt.Errorf("deleting secret %q: %w", id, ErrInvalidID)
+func (e *Keyring) Delete(ctx context.Context, id string) error {
+	if !keyring.ValidID(id) {
+		return fmt.Errorf("deleting secret %q: %w", id, keyring.ErrInvalidID)
 	}
 	err := e.st.Update(ctx, func(tx *store.Tx) error { return tx.DeleteSealedKey(store.SealedSecret, id) })
 	if errors.Is(err, store.ErrNotFound) {
-		err = ErrNotFound
+		err = keyring.ErrNotFound
 	}
 	if err != nil {
 		return fmt.Errorf("deleting secret %s: %w", id, err)
@@ -235,7 +240,7 @@ func (e *Embedded) Delete(ctx context.Context, id string) error {
 }
 
 // List returns the IDs of all secrets, sorted.
-func (e *Embedded) List(ctx context.Context) ([]string, error) {
+func (e *Keyring) List(ctx context.Context) ([]string, error) {
 	var ids []string
 	err := e.st.View(ctx, func(tx *store.Tx) (err error) {
 		ids, err = tx.SealedKeyNames(store.SealedSecret)
@@ -253,13 +258,13 @@ const SystemProject = "vtpmd-system"
 // SealKey seals payload, one of the deployment's own keys, under the
 // master key as the key named name, in tx: so several keys are made in one
 // transaction. ErrExists (the store's) if name is taken.
-func (e *Embedded) SealKey(tx *store.Tx, name string, payload []byte) error {
-	return e.put(tx, store.SealedDeployment, Secret{ID: name, Project: SystemProject, Payload: payload, Created: time.Now().UTC().Round(0)})
+func (e *Keyring) SealKey(tx *store.Tx, name string, payload []byte) error {
+	return e.put(tx, store.SealedDeployment, keyring.Secret{ID: name, Project: SystemProject, Payload: payload, Created: time.Now().UTC().Round(0)})
 }
 
-// OpenKey opens the deployment's key named name in tx; ErrNotFound if
+// OpenKey opens the deployment's key named name in tx; keyring.ErrNotFound if
 // there is none.
-func (e *Embedded) OpenKey(tx *store.Tx, name string) ([]byte, error) {
+func (e *Keyring) OpenKey(tx *store.Tx, name string) ([]byte, error) {
 	s, err := e.open(tx, store.SealedDeployment, name)
 	if err != nil {
 		return nil, fmt.Errorf("opening the deployment key %s: %w", name, err)
@@ -269,11 +274,11 @@ func (e *Embedded) OpenKey(tx *store.Tx, name string) ([]byte, error) {
 
 // Rotate re-seals every key in the store (the embedded key manager's
 // secrets and the deployment's own keys) under next, in one transaction,
-// and makes next the key this Embedded seals with. Blobs already under
+// and makes next the key this Keyring seals with. Blobs already under
 // next are left as they are, so a Rotate interrupted by a failure can be
 // run again. It returns how many blobs it re-sealed. Other replicas keep
-// their old key until their master key file holds next (see Embedded).
-func (e *Embedded) Rotate(ctx context.Context, next MasterKey) (int, error) {
+// their old key until their master key file holds next (see Keyring).
+func (e *Keyring) Rotate(ctx context.Context, next MasterKey) (int, error) {
 	n := 0
 	err := e.st.Update(ctx, func(tx *store.Tx) error {
 		n = 0
