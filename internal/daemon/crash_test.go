@@ -288,7 +288,7 @@ func swapSecrets(t *testing.T, dir, a, b string) {
 
 // TestReclaimOrphanSecret plants what a create killed between making its
 // secret and committing its record leaves behind: the restarted daemon
-// deletes it, and keeps the secrets in use and the CA's key.
+// deletes it, and keeps the secrets in use.
 func TestReclaimOrphanSecret(t *testing.T) {
 	dir := t.TempDir()
 	u := startDaemon(t, dir)
