@@ -21,7 +21,7 @@ import (
 
 // sharedKeys are the deployment's own keys. Every server replica on one
 // store holds the same: they are sealed in the store under the master key
-// (keyring.Embedded.SealKey), made by the first replica to start on an
+// (embedded.Keyring.SealKey), made by the first replica to start on an
 // empty store, in one transaction.
 type sharedKeys struct {
 	ekCA      *ca.CA         // certifies vTPMs' EKs
