@@ -17,6 +17,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/backend/direct"
 	"github.com/vtpmd/vtpmd/internal/citest"
 	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/keyring/embedded"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/swtpm"
@@ -52,7 +53,7 @@ func newPooledHost(t *testing.T, root string, pool int) *host {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	kr, err := keyring.OpenEmbedded(filepath.Join(t.TempDir(), "keys"))
+	kr, err := embedded.Open(ctx, st, filepath.Join(t.TempDir(), "master.key"))
 	if err != nil {
 		t.Fatal(err)
 	}

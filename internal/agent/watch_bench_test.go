@@ -13,6 +13,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/agent/agentstore"
 	"github.com/vtpmd/vtpmd/internal/agent/agenttest"
 	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/keyring/embedded"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/store/storetest"
@@ -33,7 +34,7 @@ func BenchmarkAgentWatch(b *testing.B) {
 		b.Run(fmt.Sprintf("vtpms=%d", n), func(b *testing.B) {
 			ctx, cancel := context.WithCancel(context.Background())
 			st := storetest.Open(b)
-			kr, err := keyring.OpenEmbedded(filepath.Join(b.TempDir(), "keys"))
+			kr, err := embedded.Open(context.Background(), st, filepath.Join(b.TempDir(), "master.key"))
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -181,7 +182,7 @@ func (r *countingRecords) Rekey(ctx context.Context, rec *agent.Record, secret [
 func TestRunAfterReconcile(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	st := storetest.Open(t)
-	kr, err := keyring.OpenEmbedded(filepath.Join(t.TempDir(), "keys"))
+	kr, err := embedded.Open(context.Background(), st, filepath.Join(t.TempDir(), "master.key"))
 	if err != nil {
 		t.Fatal(err)
 	}

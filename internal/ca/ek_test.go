@@ -337,10 +337,7 @@ func TestEKValidity(t *testing.T) {
 	}
 
 	// Nine years on, the default ten years is cut to the CA's expiry.
-	later, err := Open(t.Context(), env.caDir, env.kr, Options{Now: fixedClock(t0.AddDate(9, 0, 0))})
-	if err != nil {
-		t.Fatal(err)
-	}
+	later := env.open(t, Options{Now: fixedClock(t0.AddDate(9, 0, 0))})
 	der, err = later.IssueEK(pub, swtpmProfile)
 	if err != nil {
 		t.Fatal(err)

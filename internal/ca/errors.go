@@ -3,11 +3,10 @@ package ca
 import "errors"
 
 var (
-	// ErrDamaged: the CA directory holds a committed CA (ca.json) that
-	// cannot be loaded: ca.pem is missing or does not match, or the key is
-	// missing from the keyring, belongs to another project, or does not
-	// match the certificate. Open reports this rather than creating a new
-	// CA, because every EK certificate already issued chains to the old one.
+	// ErrDamaged: a stored CA cannot be loaded: it is not a CA
+	// certificate and its PKCS#8 key, PEM, or the key is not the
+	// certificate's. The caller reports this rather than making a new CA,
+	// because every certificate already issued chains to the old one.
 	ErrDamaged = errors.New("deployment ca is damaged")
 
 	// ErrUnsupportedKey: IssueEK was given a public key that is not an EK

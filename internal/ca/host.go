@@ -11,9 +11,9 @@ import (
 	"time"
 )
 
-// HostCommonName is the CN of the deployment's host CA, the second CA Open
-// makes (in its own directory): it issues the client certificates of
-// hosts' agents (IssueHost), and nothing else.
+// HostCommonName is the CN of the deployment's host CA, the second CA of a
+// deployment: it issues the client certificates of hosts' agents
+// (IssueHost), and nothing else.
 const HostCommonName = "vtpmd host CA"
 
 // HostOrganization is the O= of every host certificate. It cannot be a

@@ -16,7 +16,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
-	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/keyring/embedded"
 	"github.com/vtpmd/vtpmd/internal/server/servertest"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
@@ -46,7 +46,7 @@ func hostsServer(t *testing.T) string {
 	register(store.Options{Now: then}, &store.Host{Name: "h2", Traits: traits, Capacity: 5, Backend: "swtpm", Version: "v1.1.0"}).Close()
 	st := register(store.Options{}, &store.Host{Name: "h1", Traits: traits, Capacity: 5, Backend: "libvirt", Version: "v1.2.3"})
 	t.Cleanup(func() { st.Close() })
-	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
+	kr, err := embedded.Open(context.Background(), st, filepath.Join(dir, "master.key"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -8,7 +8,7 @@ import (
 	"testing"
 
 	"github.com/vtpmd/vtpmd/api"
-	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/keyring/embedded"
 	"github.com/vtpmd/vtpmd/internal/server/servertest"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
@@ -24,7 +24,7 @@ func apiServer(t *testing.T) string {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
+	kr, err := embedded.Open(context.Background(), st, filepath.Join(dir, "master.key"))
 	if err != nil {
 		t.Fatal(err)
 	}

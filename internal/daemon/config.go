@@ -36,9 +36,15 @@ import (
 // Each field is a key of the configuration file (YAML, see ParseConfig)
 // and a flag of the same name: the yaml tag names both.
 type Config struct {
-	// DataDir holds the store, the key manager, the CAs and the vTPM states.
-	// Default /var/lib/vtpmd.
+	// DataDir holds the SQLite store, the operator's socket, the master key
+	// file and the vTPM states. Default /var/lib/vtpmd.
 	DataDir string `yaml:"data-dir"`
+	// MasterKeyFile holds the deployment's master key (32 bytes, mode
+	// 0600), which seals every key in the store: the key manager's
+	// secrets, the CAs', the verdict signing key. Every server replica of
+	// a deployment needs the same one (docs/deployment.md). Default
+	// <DataDir>/master.key, made at the first start on an empty store.
+	MasterKeyFile string `yaml:"master-key-file"`
 	// Listen is the API's network address. Default 127.0.0.1:8780. Callers
 	// on it are agents (tokens, TPM proofs) and, with ClientCA, tenants and
 	// the operator by certificate; never anyone unauthenticated. Any other
@@ -138,8 +144,8 @@ type Config struct {
 	JoinTokenFile string `yaml:"join-token-file"`
 	// TLSCert and TLSKey are PEM files of the API's certificate (chain)
 	// and key: with them the API speaks only HTTPS, and hosts' agents call
-	// it with the client certificates the host CA (DataDir/host-ca) issued
-	// them at enrolment.
+	// it with the client certificates the host CA issued them at
+	// enrolment.
 	TLSCert string `yaml:"tls-cert"`
 	TLSKey  string `yaml:"tls-key"`
 	// ClientCA is a PEM file of the CAs whose client certificates identify
@@ -222,6 +228,9 @@ func (c *Config) Defaults() {
 	if c.APISocket == "" {
 		c.APISocket = filepath.Join(c.DataDir, "api.sock")
 	}
+	if c.MasterKeyFile == "" {
+		c.MasterKeyFile = filepath.Join(c.DataDir, "master.key")
+	}
 	if c.HostName == "" {
 		c.HostName, _ = os.Hostname()
 	}
@@ -281,6 +290,9 @@ func (c *Config) Validate() error {
 	}
 	if !filepath.IsAbs(c.APISocket) {
 		errs = append(errs, fmt.Errorf("API socket %q must be an absolute path", c.APISocket))
+	}
+	if !filepath.IsAbs(c.MasterKeyFile) {
+		errs = append(errs, fmt.Errorf("master key file %q must be an absolute path", c.MasterKeyFile))
 	}
 	if c.HostName == "" {
 		errs = append(errs, errors.New("host name is empty and the OS gave none"))

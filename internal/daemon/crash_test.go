@@ -20,7 +20,6 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
-	"github.com/vtpmd/vtpmd/internal/ca"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/swtpm"
@@ -191,26 +190,17 @@ func TestCrashMidCreate(t *testing.T) {
 		t.Fatalf("%d swtpm processes for %d vTPMs: %v", len(procs), len(ids), procs)
 	}
 
-	// One secret per vTPM (besides vtpmd's own keys): none left by a
-	// create that died between making its secret and committing its record.
+	// One secret per vTPM: none left by a create that died between making
+	// its secret and committing its record.
 	p.signal(syscall.SIGTERM)
 	swtpmtest.CheckNoProcesses(t, dir)
-	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	kr := openKeyring(t, dir)
 	secrets, err := kr.List(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
-	vtpmSecrets := 0
-	for _, id := range secrets {
-		if s, err := kr.Get(context.Background(), id); err == nil && s.Project != ca.KeyProject {
-			vtpmSecrets++
-		}
-	}
-	if vtpmSecrets != len(ids) {
-		t.Fatalf("%d vTPM secrets for %d vTPMs", vtpmSecrets, len(ids))
+	if len(secrets) != len(ids) {
+		t.Fatalf("%d vTPM secrets for %d vTPMs", len(secrets), len(ids))
 	}
 }
 
@@ -298,17 +288,14 @@ func swapSecrets(t *testing.T, dir, a, b string) {
 
 // TestReclaimOrphanSecret plants what a create killed between making its
 // secret and committing its record leaves behind: the restarted daemon
-// deletes it, and keeps the secrets in use and the CA's key.
+// deletes it, and keeps the secrets in use.
 func TestReclaimOrphanSecret(t *testing.T) {
 	dir := t.TempDir()
 	u := startDaemon(t, dir)
 	id := "0a0a0a0a-0000-4000-8000-0000000000a1"
 	v := u.create(t, id, "2.0")
 	u.stop()
-	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	kr := openKeyring(t, dir)
 	ctx := context.Background()
 	payload, _ := keyring.NewVTPMSecret()
 	orphan, err := kr.Create(ctx, "p1", payload)

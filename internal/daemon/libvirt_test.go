@@ -33,7 +33,6 @@ import (
 	"github.com/vtpmd/vtpmd/internal/backend/libvirt"
 	"github.com/vtpmd/vtpmd/internal/citest"
 	"github.com/vtpmd/vtpmd/internal/guest"
-	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/swtpm"
 	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmtest"
@@ -345,10 +344,7 @@ func testLibvirt(t *testing.T, mode, secretSecurity string) {
 	}
 
 	// The swtpm serving the guest encrypts its state with the vTPM secret.
-	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	kr := openKeyring(t, dir)
 	secret, err := kr.Get(ctx, v.SecretRef)
 	if err != nil {
 		t.Fatal(err)

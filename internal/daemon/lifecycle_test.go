@@ -27,10 +27,7 @@ func TestCreateDeleteRace(t *testing.T) {
 	dir := t.TempDir()
 	u := startConfigured(t, Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "test-host", PoolSize: new(4)})
 	waitPool(t, dir, 4)
-	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys")) // only read here
-	if err != nil {
-		t.Fatal(err)
-	}
+	kr := openKeyring(t, dir)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 

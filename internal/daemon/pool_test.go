@@ -9,8 +9,6 @@ import (
 	"time"
 
 	"github.com/google/go-tpm/tpm2/transport"
-
-	"github.com/vtpmd/vtpmd/internal/keyring"
 )
 
 // waitPool waits until n pooled TPMs are manufactured.
@@ -50,10 +48,7 @@ func TestPool(t *testing.T) {
 	waitPool(t, dir, 2) // topped up again
 
 	u.stop()
-	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	kr := openKeyring(t, dir)
 	s, err := kr.Get(context.Background(), v.SecretRef)
 	if err != nil || s.Project != "p1" {
 		t.Fatalf("the adopted secret %s: project %q, %v", v.SecretRef, s.Project, err)

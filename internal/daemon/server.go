@@ -19,6 +19,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/ca"
 	"github.com/vtpmd/vtpmd/internal/enrol"
 	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/keyring/embedded"
 	"github.com/vtpmd/vtpmd/internal/secrets"
 	"github.com/vtpmd/vtpmd/internal/server"
 	"github.com/vtpmd/vtpmd/internal/spec"
@@ -39,7 +40,7 @@ type Server struct {
 	cfg         Config
 	log         *slog.Logger
 	store       *store.Store
-	keyring     keyring.Keyring
+	keyring     *embedded.Keyring
 	authority   *ca.CA              // the deployment CA: vTPMs' EK certificates
 	agents      *agentstore.Records // what agents read and write
 	api         *server.Server
@@ -122,18 +123,12 @@ func (s *Server) open(ctx context.Context) error {
 			return fmt.Errorf("client CAs: %w", err)
 		}
 	}
-	kr, err := keyring.OpenEmbedded(filepath.Join(cfg.DataDir, "keys"))
+	kr, shared, err := openKeys(ctx, cfg, s.store, s.log)
 	if err != nil {
-		return fmt.Errorf("opening key manager: %w", err)
+		return err
 	}
-	s.keyring = kr
-	if s.authority, err = ca.Open(ctx, filepath.Join(cfg.DataDir, "ca"), kr, ca.Options{Organization: cfg.CAOrganization}); err != nil {
-		return fmt.Errorf("opening CA: %w", err)
-	}
-	hostCA, err := ca.Open(ctx, filepath.Join(cfg.DataDir, "host-ca"), kr, ca.Options{CommonName: ca.HostCommonName, Organization: cfg.CAOrganization})
-	if err != nil {
-		return fmt.Errorf("opening host CA: %w", err)
-	}
+	s.keyring, s.authority = kr, shared.ekCA
+	hostCA := shared.hostCA
 	if serving != nil {
 		// Hosts' agents (host CA), tenants and the operator (--client-ca)
 		// may each present a certificate; it is checked if given, and the
@@ -148,10 +143,7 @@ func (s *Server) open(ctx context.Context) error {
 	if err := reclaimSecrets(ctx, s.store, kr, s.log); err != nil {
 		return fmt.Errorf("reclaiming orphan secrets: %w", err)
 	}
-	verdicts, err := verifier.OpenSigner(ctx, filepath.Join(cfg.DataDir, "verdict-key"), kr)
-	if err != nil {
-		return fmt.Errorf("opening the verdict signing key: %w", err)
-	}
+	verdicts := shared.verdicts
 	hostRoots, err := hostEKRoots(cfg.HostEKCA)
 	if err != nil {
 		return err
@@ -171,10 +163,11 @@ func (s *Server) open(ctx context.Context) error {
 	vs := vtpms.New(vtpms.Config{HeartbeatWindow: cfg.HeartbeatWindow, Store: s.store, Keyring: kr, Secrets: keys, HyperV: hyperV, Log: s.log,
 		Options: spec.Options{DefaultTPMVersion: cfg.DefaultTPMVersion}})
 	ver := verifier.New(verifier.Config{Store: s.store, VTPMs: vs, CAChainPEM: s.authority.ChainPEM, HostEKRoots: hostRoots,
-		Signer: verdicts, Webhook: hook, StaleAfter: cfg.StaleAfter, Log: s.log})
+		Signer: verdicts, TicketKey: shared.ticketKey, Webhook: hook, StaleAfter: cfg.StaleAfter, Log: s.log})
 	s.agents = agentstore.New(s.store, kr, s.log)
 	s.api = &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, Enrolment: enrol.New(enrol.Config{Store: s.store, HostCA: hostCA, Log: s.log, BoundEnrolment: ver.BoundEnrolment}),
-		Agents: s.agents, EKCA: s.authority, CAChainPEM: s.authority.ChainPEM, Statements: s.store.Statements, Log: s.log}
+		Agents: s.agents, EKCA: s.authority, CAChainPEM: s.authority.ChainPEM, Statements: s.store.Statements, Log: s.log,
+		Readiness: s.readiness(kr)}
 	s.http = &http.Server{Handler: s.api.Handler(), ReadHeaderTimeout: 10 * time.Second, TLSConfig: serving,
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)} // TLS handshake failures, as structured logs
 	s.http.RegisterOnShutdown(s.api.EndLongPolls)
@@ -283,6 +276,38 @@ func openStore(ctx context.Context, cfg Config) (*store.Store, error) {
 	return store.Open(ctx, filepath.Join(cfg.DataDir, "vtpmd.db"), store.Options{})
 }
 
+// readiness are the checks of GET /readyz: the database answers, its
+// schema is current, the store's keys are sealed under the master key kr
+// holds (or its file now holds, after a rotation).
+func (s *Server) readiness(kr *embedded.Keyring) []server.ReadinessCheck {
+	unreachable := func(what string, err error) error {
+		s.log.Warn("not ready: "+what, "err", err)
+		return errors.New("the database does not answer")
+	}
+	return []server.ReadinessCheck{
+		{Name: "database", Check: func(ctx context.Context) error {
+			if err := s.store.Ping(ctx); err != nil {
+				return unreachable("database", err)
+			}
+			return nil
+		}},
+		{Name: "schema", Check: func(ctx context.Context) error {
+			err := s.store.SchemaCurrent(ctx)
+			if err != nil && !errors.Is(err, store.ErrSchemaNewer) && !errors.Is(err, store.ErrSchemaOlder) {
+				return unreachable("schema", err)
+			}
+			return err
+		}},
+		{Name: "keys", Check: func(ctx context.Context) error {
+			err := kr.Check(ctx)
+			if err != nil && !errors.Is(err, keyring.ErrMasterKeyMismatch) && !errors.Is(err, keyring.ErrBadMasterKey) && !errors.Is(err, keyring.ErrInsecureMode) {
+				return unreachable("keys", err)
+			}
+			return err
+		}},
+	}
+}
+
 // reclaimSecrets deletes vTPM secrets that no record refers to. A create
 // (or an agent's rekey) makes the secret before it commits the record, so
 // a crash between the two leaves one behind; it runs before the API
@@ -317,9 +342,6 @@ func reclaimSecrets(ctx context.Context, st *store.Store, kr keyring.Keyring, lo
 		s, err := kr.Get(ctx, id)
 		if err != nil {
 			return err
-		}
-		if s.Project == ca.KeyProject {
-			continue
 		}
 		if err := kr.Delete(ctx, id); err != nil && !errors.Is(err, keyring.ErrNotFound) {
 			return err

@@ -19,15 +19,21 @@ var (
 	// bytes.
 	ErrInvalidPayload = errors.New("invalid payload")
 
-	// ErrInsecureMode: the keyring directory or master key file can be
-	// reached by group or others (or is not a plain directory or file), so
-	// the embedded keyring refuses to use it rather than fix it silently.
+	// ErrInsecureMode: the master key file can be reached by group or
+	// others (or is a symlink, or not a plain file), so the embedded
+	// keyring refuses to use it rather than fix it silently.
 	ErrInsecureMode = errors.New("insecure keyring file mode")
 
 	// ErrBadMasterKey: the master key file is not exactly 32 bytes, or is
-	// missing while sealed secrets exist. It is never replaced
-	// automatically: that would shred every secret sealed under it.
+	// missing while the store holds keys sealed under it. It is never
+	// replaced automatically: that would shred every secret sealed under it.
 	ErrBadMasterKey = errors.New("unusable master key")
+
+	// ErrMasterKeyMismatch: the store's keys are sealed under another
+	// master key than the master key file holds: the file is another
+	// deployment's, or the master key was rotated and this replica's file
+	// not yet replaced. The message names both keys' IDs.
+	ErrMasterKeyMismatch = errors.New("master key does not match the store's")
 
 	// ErrCorrupt: a stored secret cannot be opened. Its blob was truncated or
 	// altered, copied or renamed from another secret, or sealed under a

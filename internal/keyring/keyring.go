@@ -2,9 +2,12 @@
 // per-vTPM secrets that encrypt swtpm state live, as Nova keeps them in
 // Barbican.
 //
-// Keyring is the small interface the daemon and the CA consume; Embedded is
-// the provider that needs nothing but a directory (Barbican and Vault
-// providers come later). A secret is addressed by a random UUID that
+// Keyring is the small interface the daemon consumes; the embedded
+// package's is the provider that needs nothing but vtpmd's store and a
+// master key file
+// (Barbican and Vault providers come later). The master key also seals the
+// deployment's own keys (its CAs, the verdict signing key), so that every
+// server replica on one database shares them. A secret is addressed by a random UUID that
 // doubles as the libvirt secret UUID, belongs to one project, and is never
 // written to disk, logs or error messages in plaintext. Deleting a secret is
 // crypto-shredding: whatever it encrypted becomes unreadable.
@@ -126,8 +129,8 @@ func ValidID(id string) bool {
 	return true
 }
 
-// newID returns a random (version 4, RFC 9562) UUID in canonical form.
-func newID() (string, error) {
+// NewID returns a random (version 4, RFC 9562) UUID in canonical form.
+func NewID() (string, error) {
 	var b [16]byte
 	if _, err := rand.Read(b[:]); err != nil {
 		return "", fmt.Errorf("reading random bytes: %w", err)
@@ -147,15 +150,16 @@ func newID() (string, error) {
 	return string(s[:]), nil
 }
 
-// checkProject and checkPayload hold every provider to the same limits.
-func checkProject(project string) error {
+// CheckProject and CheckPayload hold every provider to the same limits:
+// ErrInvalidProject, ErrInvalidPayload.
+func CheckProject(project string) error {
 	if project == "" || len(project) > MaxProjectLen || !utf8.ValidString(project) {
 		return fmt.Errorf("%w: want 1 to %d bytes of UTF-8", ErrInvalidProject, MaxProjectLen)
 	}
 	return nil
 }
 
-func checkPayload(payload []byte) error {
+func CheckPayload(payload []byte) error {
 	if len(payload) == 0 || len(payload) > MaxPayloadLen {
 		return fmt.Errorf("%w: %d bytes, want 1 to %d", ErrInvalidPayload, len(payload), MaxPayloadLen)
 	}

@@ -37,15 +37,15 @@ func TestNewVTPMSecret(t *testing.T) {
 
 func TestValidID(t *testing.T) {
 	for range 100 {
-		id, err := newID()
+		id, err := NewID()
 		if err != nil {
 			t.Fatal(err)
 		}
 		if !ValidID(id) {
-			t.Fatalf("newID() = %q, not valid", id)
+			t.Fatalf("NewID() = %q, not valid", id)
 		}
 		if id[14] != '4' || !strings.ContainsRune("89ab", rune(id[19])) {
-			t.Fatalf("newID() = %q, not a version 4 RFC 9562 uuid", id)
+			t.Fatalf("NewID() = %q, not a version 4 RFC 9562 uuid", id)
 		}
 	}
 	for id, want := range map[string]bool{

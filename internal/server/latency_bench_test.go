@@ -22,7 +22,7 @@ import (
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/attest"
 	"github.com/vtpmd/vtpmd/internal/attest/attesttest"
-	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/keyring/embedded"
 	"github.com/vtpmd/vtpmd/internal/secrets"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
@@ -46,7 +46,7 @@ func BenchmarkDetectionLatency(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer st.Close()
-	kr, _ := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
+	kr, _ := embedded.Open(context.Background(), st, filepath.Join(dir, "master.key"))
 	log, err := os.ReadFile("../attest/testdata/ovmf-q35-eventlog.bin")
 	if err != nil {
 		b.Fatal(err)

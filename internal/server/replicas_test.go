@@ -18,7 +18,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/agent/agentstore"
 	"github.com/vtpmd/vtpmd/internal/ca"
 	"github.com/vtpmd/vtpmd/internal/enrol"
-	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/keyring/embedded"
 	"github.com/vtpmd/vtpmd/internal/secrets"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
@@ -32,22 +32,16 @@ import (
 // manager between them; it returns the store of the first and a client of
 // each server's operator socket. Hosts are judged up for an hour after
 // their last heartbeat, so that none goes down while a test runs.
-func replicas(t *testing.T, n int) (*store.Store, *keyring.Embedded, []*http.Client) {
+func replicas(t *testing.T, n int) (*store.Store, *embedded.Keyring, []*http.Client) {
 	t.Helper()
 	dsn := pgtest.DSN(t)
-	kr, err := keyring.OpenEmbedded(filepath.Join(t.TempDir(), "keys"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	caKeys, err := keyring.OpenEmbedded(filepath.Join(t.TempDir(), "keys")) // so that kr holds only vTPMs' secrets
-	if err != nil {
-		t.Fatal(err)
-	}
-	hostCA, err := ca.Open(context.Background(), t.TempDir(), caKeys, ca.Options{CommonName: ca.HostCommonName})
+	masterKey := filepath.Join(t.TempDir(), "master.key")
+	hostCA, err := ca.New(ca.Options{CommonName: ca.HostCommonName})
 	if err != nil {
 		t.Fatal(err)
 	}
 	var first *store.Store
+	var firstKR *embedded.Keyring
 	var clients []*http.Client
 	for range n {
 		st, err := store.OpenPostgres(context.Background(), dsn, store.Options{})
@@ -55,17 +49,22 @@ func replicas(t *testing.T, n int) (*store.Store, *keyring.Embedded, []*http.Cli
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { st.Close() })
+		kr, err := embedded.Open(context.Background(), st, masterKey)
+		if err != nil {
+			t.Fatal(err)
+		}
 		if first == nil {
-			first = st
+			first, firstKR = st, kr
 		}
 		keys := secrets.New(st, kr, nil)
 		vs := vtpms.New(vtpms.Config{Store: st, Keyring: kr, Secrets: keys, HeartbeatWindow: time.Hour})
 		api := &Server{VTPMs: vs, Verifier: verifier.New(verifier.Config{Store: st, VTPMs: vs}), Secrets: keys,
 			CAChainPEM: func() []byte { return nil }, Enrolment: enrol.New(enrol.Config{Store: st, HostCA: hostCA}),
-			Agents: agentstore.New(st, kr, nil)}
+			Agents:    agentstore.New(st, kr, nil),
+			Readiness: []ReadinessCheck{{Name: "database", Check: st.Ping}}}
 		clients = append(clients, operatorSocket(t, api.Handler()))
 	}
-	return first, kr, clients
+	return first, firstKR, clients
 }
 
 // send sends one JSON request to a replica's operator socket and returns
@@ -354,7 +353,6 @@ func TestPostgresOutage(t *testing.T) {
 			{"POST", "/v1/vtpms", create(uuid.NewString(), v20)},
 			{"GET", "/v1/vtpms/" + inst, nil},
 			{"GET", "/v1/hosts", nil},
-			{"GET", "/healthz", nil},
 		} {
 			req, _ := http.NewRequest(r.method, "http://vtpmd"+r.path, nil)
 			if r.body != nil {
@@ -371,6 +369,13 @@ func TestPostgresOutage(t *testing.T) {
 			if resp.StatusCode != http.StatusServiceUnavailable || e.Error.Code != api.CodeStoreUnavailable || resp.Header.Get("Retry-After") == "" {
 				t.Errorf("server %d, %s %s while PostgreSQL is down: %d %+v (Retry-After %q)", i, r.method, r.path, resp.StatusCode, e, resp.Header.Get("Retry-After"))
 			}
+		}
+		// Alive, but not ready: a load balancer takes it out.
+		if code, _ := send(t, c, "GET", "/healthz", nil); code != http.StatusOK {
+			t.Errorf("server %d's /healthz while PostgreSQL is down: %d, want 200", i, code)
+		}
+		if code, _ := send(t, c, "GET", "/readyz", nil); code != http.StatusServiceUnavailable {
+			t.Errorf("server %d's /readyz while PostgreSQL is down: %d, want 503", i, code)
 		}
 	}
 	time.Sleep(3 * time.Second) // under load

@@ -69,6 +69,8 @@ type Server struct {
 	Statements func() int64
 	// Registry receives the API's metrics; nil: a private one.
 	Registry *prometheus.Registry
+	// Readiness are what GET /readyz checks, in order; none: always ready.
+	Readiness []ReadinessCheck
 
 	end     context.Context // see ending
 	endAll  context.CancelFunc
@@ -117,6 +119,7 @@ const (
 func (s *Server) routes() []route {
 	return []route{
 		{"GET /healthz", s.healthz, anyone, noBody},
+		{"GET /readyz", s.readyz, anyone, noBody},
 		{"GET /v1/openapi.json", s.openapi, anyone, noBody},
 		{"POST /v1/resolve", s.resolve, callers, jsonBody},
 		{"POST /v1/vtpms", s.createVTPM, operator, jsonBody},
@@ -296,12 +299,38 @@ func (p *statusOnly) Header() http.Header         { return p.header }
 func (p *statusOnly) Write(b []byte) (int, error) { return len(b), nil }
 func (p *statusOnly) WriteHeader(status int)      { p.status = status }
 
-// healthz answers ok when the store answers.
+// healthz answers ok while the process serves HTTP: a liveness check,
+// which touches nothing else (a replica whose database is gone is alive,
+// only not ready).
 func (s *Server) healthz(w http.ResponseWriter, r *http.Request) error {
-	if _, err := s.VTPMs.Hosts(r.Context(), ""); err != nil {
-		return err
-	}
 	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	return nil
+}
+
+// ReadinessCheck is one of Server.Readiness: it returns nil when what it
+// checks is ready, else an error whose message a caller may read (it must
+// reveal no secret or address; the check logs details itself).
+type ReadinessCheck struct {
+	Name  string
+	Check func(context.Context) error
+}
+
+// readyz runs every readiness check: 200 when all pass, else 503; the body
+// names each check and why it failed.
+func (s *Server) readyz(w http.ResponseWriter, r *http.Request) error {
+	out := api.Readiness{Ready: true, Checks: []api.ReadinessCheck{}}
+	for _, c := range s.Readiness {
+		res := api.ReadinessCheck{Name: c.Name, Ready: true}
+		if err := c.Check(r.Context()); err != nil {
+			res.Ready, res.Message, out.Ready = false, err.Error(), false
+		}
+		out.Checks = append(out.Checks, res)
+	}
+	status := http.StatusOK
+	if !out.Ready {
+		status = http.StatusServiceUnavailable
+	}
+	writeJSON(w, status, out)
 	return nil
 }
 

@@ -7,29 +7,25 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/citest"
-	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/keyring/embedded"
 	"github.com/vtpmd/vtpmd/internal/store"
 )
 
-// TestFullDisk: with the key manager's disk or SQLite's full (a real
-// tmpfs, filled), a create answers 507 storage_full, not 500, and leaves
-// neither a record nor a secret; once the disk is freed the same create
-// succeeds.
+// TestFullDisk: with SQLite's disk full (a real tmpfs, filled), where the
+// key manager keeps its secrets too, a create answers 507 storage_full,
+// not 500, and leaves neither a record nor a secret; once the disk is
+// freed the same create succeeds.
 func TestFullDisk(t *testing.T) {
-	for _, full := range []string{"keys", "store"} {
+	for _, full := range []string{"store"} {
 		t.Run(full, func(t *testing.T) {
 			disk := citest.SmallDisk(t, 1<<20)
-			keysDir, dbDir := disk, t.TempDir()
-			if full == "store" {
-				keysDir, dbDir = dbDir, disk
-			}
 			ctx := context.Background()
-			st, err := store.Open(ctx, filepath.Join(dbDir, "db"), store.Options{})
+			st, err := store.Open(ctx, filepath.Join(disk, "db"), store.Options{})
 			if err != nil {
 				t.Fatal(err)
 			}
 			t.Cleanup(func() { st.Close() })
-			kr, err := keyring.OpenEmbedded(filepath.Join(keysDir, "keys"))
+			kr, err := embedded.Open(ctx, st, filepath.Join(t.TempDir(), "master.key"))
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -20,6 +20,12 @@ var (
 	// same call may succeed once the database is back. Every error of
 	// Update and View that says so is an *UnavailableError.
 	ErrUnavailable = errors.New("the store's database is unavailable")
+	// ErrSchemaNewer: the database's schema is newer than this build of
+	// vtpmd knows (a newer vtpmd migrated it); the store refuses to open.
+	ErrSchemaNewer = errors.New("the database schema is newer than this vtpmd")
+	// ErrSchemaOlder: the database's schema lacks migrations this build
+	// applies when it opens a store (SchemaCurrent).
+	ErrSchemaOlder = errors.New("the database schema is older than this vtpmd")
 )
 
 // UnavailableError is an ErrUnavailable. A transaction it ends did not

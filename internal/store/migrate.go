@@ -195,20 +195,61 @@ CREATE TABLE refresh_requests (
 	subject      TEXT PRIMARY KEY,
 	requested_at TEXT NOT NULL
 );`,
+	// Keys every server replica shares, each sealed under the deployment's
+	// master key (internal/keyring): the embedded key manager's secrets
+	// (kind 'secret', named by their UUID) and the deployment's own keys
+	// (kind 'deployment': the CAs, the verdict signing key, the
+	// registration ticket key). master_key holds the one row naming the
+	// master key every blob is sealed under.
+	20: `
+CREATE TABLE sealed_keys (
+	kind        TEXT NOT NULL,
+	name        TEXT NOT NULL,
+	master_key  TEXT NOT NULL,
+	blob        BLOB NOT NULL,
+	PRIMARY KEY (kind, name)
+);
+CREATE TABLE master_key (
+	id          TEXT NOT NULL
+);`,
 }
 
 func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)-1) }
 
+// migrationLock is the PostgreSQL advisory lock key that serialises the
+// migrations of every server sharing a database ("vtpmd" in ASCII).
+const migrationLock = 0x767470_6d64
+
 // migrateTo applies the migrations up to last (tests start from an older
-// schema with it).
+// schema with it). On PostgreSQL it holds an advisory lock meanwhile, so
+// that replicas starting together apply each migration once, the others
+// waiting and then finding the schema current. A database whose schema is
+// newer than this build's migrations is refused with ErrSchemaNewer: a
+// newer vtpmd migrated it, and this one would misread its rows.
 func (s *Store) migrateTo(ctx context.Context, last int) error {
+	if s.pg {
+		conn, err := s.db.Conn(ctx)
+		if err != nil {
+			return err
+		}
+		defer conn.Close()
+		if _, err := conn.ExecContext(ctx, `SELECT pg_advisory_lock($1)`, migrationLock); err != nil {
+			return fmt.Errorf("taking the migration lock: %w", err)
+		}
+		// Unlocked before the connection goes back to the pool (a closed
+		// session would drop it too).
+		defer conn.ExecContext(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, migrationLock)
+	}
 	if _, err := s.db.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)`); err != nil {
+		return err
+	}
+	if err := s.checkSchema(ctx, len(migrations)-1, false); err != nil {
 		return err
 	}
 	for v := 1; v <= last; v++ {
 		err := s.Update(ctx, func(tx *Tx) error {
-			var cur int
-			if err := tx.queryRow(`SELECT COALESCE(MAX(version), 0) FROM schema_version`).Scan(&cur); err != nil {
+			cur, err := tx.schemaVersion()
+			if err != nil {
 				return err
 			}
 			if cur >= v {
@@ -221,7 +262,7 @@ func (s *Store) migrateTo(ctx context.Context, last int) error {
 			if _, err := tx.exec(ddl); err != nil {
 				return fmt.Errorf("migration %d: %w", v, err)
 			}
-			_, err := tx.exec(`INSERT INTO schema_version (version) VALUES (?)`, v)
+			_, err = tx.exec(`INSERT INTO schema_version (version) VALUES (?)`, v)
 			return err
 		})
 		if err != nil {
@@ -229,6 +270,37 @@ func (s *Store) migrateTo(ctx context.Context, last int) error {
 		}
 	}
 	return nil
+}
+
+// SchemaCurrent reports whether the database's schema is the one this
+// build migrates to: ErrSchemaNewer if a newer vtpmd migrated it since,
+// ErrSchemaOlder if it lacks migrations (another build's, or an
+// interrupted start). Readiness checks call it.
+func (s *Store) SchemaCurrent(ctx context.Context) error {
+	return s.checkSchema(ctx, len(migrations)-1, true)
+}
+
+// checkSchema compares the database's schema version with want: newer is
+// always an error, older only if exact.
+func (s *Store) checkSchema(ctx context.Context, want int, exact bool) error {
+	return s.View(ctx, func(tx *Tx) error {
+		cur, err := tx.schemaVersion()
+		switch {
+		case err != nil:
+			return err
+		case cur > want:
+			return fmt.Errorf("%w: the database is at schema version %d, this vtpmd knows versions up to %d; run the vtpmd that migrated it, or a newer one", ErrSchemaNewer, cur, want)
+		case exact && cur < want:
+			return fmt.Errorf("%w: the database is at schema version %d, this vtpmd needs %d", ErrSchemaOlder, cur, want)
+		}
+		return nil
+	})
+}
+
+func (t *Tx) schemaVersion() (int, error) {
+	var cur int
+	err := t.queryRow(`SELECT COALESCE(MAX(version), 0) FROM schema_version`).Scan(&cur)
+	return cur, err
 }
 
 // postgresDDL is a migration in PostgreSQL's words: the same tables, with

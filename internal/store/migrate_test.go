@@ -3,7 +3,11 @@ package store
 import (
 	"context"
 	"database/sql"
+	"errors"
+	"fmt"
 	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
 
 	"github.com/vtpmd/vtpmd/internal/store/pgtest"
@@ -180,6 +184,100 @@ func TestMigrationDropsOrphanAttestations(t *testing.T) {
 			})
 			if err != nil {
 				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// Replicas starting together on an empty database: each migration is
+// applied once (the advisory lock on PostgreSQL, SQLite's write lock), and
+// every store opens and works.
+func TestConcurrentMigrations(t *testing.T) {
+	for _, e := range []struct {
+		name string
+		open func(t *testing.T) func() (*Store, error)
+	}{
+		{"sqlite", func(t *testing.T) func() (*Store, error) {
+			path := filepath.Join(t.TempDir(), "vtpmd.db")
+			return func() (*Store, error) { return Open(context.Background(), path, Options{}) }
+		}},
+		{"postgres", func(t *testing.T) func() (*Store, error) {
+			dsn := pgtest.DSN(t)
+			return func() (*Store, error) { return OpenPostgres(context.Background(), dsn, Options{}) }
+		}},
+	} {
+		t.Run(e.name, func(t *testing.T) {
+			open := e.open(t)
+			const replicas = 4
+			stores := make([]*Store, replicas)
+			errs := make([]error, replicas)
+			start := make(chan struct{})
+			var wg sync.WaitGroup
+			for i := range stores {
+				wg.Go(func() {
+					<-start
+					stores[i], errs[i] = open()
+				})
+			}
+			close(start)
+			wg.Wait()
+			for i, err := range errs {
+				if err != nil {
+					t.Fatalf("replica %d: %v", i, err)
+				}
+				t.Cleanup(func() { stores[i].Close() })
+			}
+			var rows, distinct, top int
+			if err := stores[0].db.QueryRow(`SELECT COUNT(*), COUNT(DISTINCT version), MAX(version) FROM schema_version`).Scan(&rows, &distinct, &top); err != nil {
+				t.Fatal(err)
+			}
+			if rows != distinct || top != len(migrations)-1 {
+				t.Fatalf("schema_version: %d rows, %d versions, up to %d; want each of 1..%d once", rows, distinct, top, len(migrations)-1)
+			}
+			for i, s := range stores {
+				if err := s.SchemaCurrent(context.Background()); err != nil {
+					t.Errorf("replica %d: %v", i, err)
+				}
+				if err := s.Update(context.Background(), func(tx *Tx) error {
+					return tx.PutHost(&Host{Name: fmt.Sprint("h", i), Traits: []string{}, Capacity: 1, Backend: "swtpm"})
+				}); err != nil {
+					t.Errorf("replica %d writes: %v", i, err)
+				}
+			}
+		})
+	}
+}
+
+// A database a newer vtpmd migrated is refused at open, with an error that
+// says so; one that lacks migrations reads not current.
+func TestSchemaVersionChecks(t *testing.T) {
+	onEngines(t, func(t *testing.T, open func(testing.TB) (*Store, func() (*Store, error))) {
+		ctx := context.Background()
+		s, reopen := open(t)
+		newer := len(migrations) + 2
+		if _, err := s.db.ExecContext(ctx, fmt.Sprintf(`INSERT INTO schema_version (version) VALUES (%d)`, newer)); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.SchemaCurrent(ctx); !errors.Is(err, ErrSchemaNewer) {
+			t.Fatalf("SchemaCurrent = %v, want ErrSchemaNewer", err)
+		}
+		again, err := reopen()
+		if err == nil {
+			again.Close()
+		}
+		if !errors.Is(err, ErrSchemaNewer) || !strings.Contains(err.Error(), fmt.Sprint("schema version ", newer)) {
+			t.Fatalf("opening a newer schema = %v, want ErrSchemaNewer naming version %d", err, newer)
+		}
+		t.Logf("error: %v", err)
+	})
+	for _, e := range unmigrated {
+		t.Run("older/"+e.name, func(t *testing.T) {
+			s := e.open(t)
+			if err := s.migrateTo(context.Background(), 9); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.SchemaCurrent(context.Background()); !errors.Is(err, ErrSchemaOlder) {
+				t.Fatalf("SchemaCurrent of a schema at 9 = %v, want ErrSchemaOlder", err)
 			}
 		})
 	}

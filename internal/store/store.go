@@ -221,6 +221,9 @@ func OpenPostgres(ctx context.Context, dsn string, opts Options) (*Store, error)
 // the benchmarks divide it by the work done.
 func (s *Store) Statements() int64 { return s.statements.Load() }
 
+// Ping reports whether the database answers.
+func (s *Store) Ping(ctx context.Context) error { return s.db.PingContext(ctx) }
+
 // Close closes the database.
 func (s *Store) Close() error {
 	if s.stopListening != nil {

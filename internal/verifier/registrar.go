@@ -48,7 +48,7 @@ func (v *Verifier) Register(ctx context.Context, sub Subject, req api.RegisterRe
 	}
 	now := v.now()
 	t := ticket{Subject: sub.key, IssuedAt: now, Expires: now.Add(ticketLifetime), EKKind: req.EKKind, EK: ekDER, AK: req.AKPublic}
-	raw, secret, err := t.issue(v.ticketKey)
+	raw, secret, err := t.issue(v.cfg.TicketKey)
 	if err != nil {
 		return ch, err
 	}
@@ -142,7 +142,7 @@ func (v *Verifier) hostEK(req *api.RegisterRequest) ([]byte, error) {
 // kept, so registering again cannot hide a rollback. A ticket serves once:
 // a registration newer than the ticket refuses it.
 func (v *Verifier) Activate(ctx context.Context, sub Subject, req api.ActivateRequest) (st Status, agentToken string, err error) {
-	t, err := redeem(v.ticketKey, req.Ticket, req.Secret, sub.key, v.now())
+	t, err := redeem(v.cfg.TicketKey, req.Ticket, req.Secret, sub.key, v.now())
 	if err != nil {
 		return st, "", err
 	}

@@ -1,61 +1,33 @@
 package verifier
 
 import (
-	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"io/fs"
-	"os"
-	"strings"
 
-	"github.com/vtpmd/vtpmd/internal/atomicfile"
 	"github.com/vtpmd/vtpmd/internal/attest"
-	"github.com/vtpmd/vtpmd/internal/ca"
-	"github.com/vtpmd/vtpmd/internal/keyring"
 )
 
-// OpenSigner opens the key that signs verdicts, making it on first start:
-// an ECDSA P-256 key sealed by the key manager (a system secret, as the
-// CA's key), whose secret id is kept in refFile. The secret and the file
-// are made by keyring.CreateRecorded: if the file cannot be written the
-// secret goes again; a crash between the two leaves one unused system
-// secret.
-func OpenSigner(ctx context.Context, refFile string, kr keyring.Keyring) (*attest.Signer, error) {
-	ref, err := os.ReadFile(refFile)
-	if errors.Is(err, fs.ErrNotExist) {
-		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			return nil, err
-		}
-		der, err := x509.MarshalPKCS8PrivateKey(key)
-		if err != nil {
-			return nil, err
-		}
-		_, err = keyring.CreateRecorded(ctx, kr, ca.KeyProject, der, func(id string) error {
-			return atomicfile.Write(refFile, []byte(id), 0o600)
-		})
-		clear(der)
-		if err != nil {
-			return nil, err
-		}
-		return attest.NewSigner(key)
-	}
+// NewVerdictKey makes a key to sign verdicts with: ECDSA P-256, PKCS#8
+// DER. The caller keeps it sealed (every server replica signs with the
+// same one) and clears it after use.
+func NewVerdictKey() ([]byte, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, err
 	}
-	secret, err := kr.Get(ctx, strings.TrimSpace(string(ref)))
-	if err != nil {
-		return nil, err
-	}
-	defer clear(secret.Payload)
-	key, err := x509.ParsePKCS8PrivateKey(secret.Payload)
+	return x509.MarshalPKCS8PrivateKey(key)
+}
+
+// ParseVerdictKey returns the signer of a key NewVerdictKey made.
+func ParseVerdictKey(pkcs8 []byte) (*attest.Signer, error) {
+	key, err := x509.ParsePKCS8PrivateKey(pkcs8)
 	if err != nil {
 		// The parse error could quote key bytes; keep it out of the message.
-		return nil, fmt.Errorf("the verdict key's secret %s is not a PKCS#8 private key", strings.TrimSpace(string(ref)))
+		return nil, errors.New("the verdict key is not a PKCS#8 private key")
 	}
 	ec, ok := key.(*ecdsa.PrivateKey)
 	if !ok {

@@ -2,38 +2,29 @@ package verifier
 
 import (
 	"bytes"
-	"context"
-	"path/filepath"
 	"testing"
-
-	"github.com/vtpmd/vtpmd/internal/keyring"
 )
 
-// The verdict key is made once and found again; when its reference file
-// cannot be written, the key's secret does not stay behind.
-func TestOpenSigner(t *testing.T) {
-	ctx := context.Background()
-	dir := t.TempDir()
-	kr, err := keyring.OpenEmbedded(filepath.Join(dir, "keys"))
+// A verdict key signs the same after a round trip through its encoding,
+// and each new one is another key.
+func TestVerdictKey(t *testing.T) {
+	der, err := NewVerdictKey()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := OpenSigner(ctx, filepath.Join(dir, "missing", "verdict-key"), kr); err == nil {
-		t.Fatal("a reference file that cannot be written made a signer")
-	}
-	if ids, err := kr.List(ctx); err != nil || len(ids) != 0 {
-		t.Fatalf("secrets after the failed first open: %v %v", ids, err)
-	}
-	ref := filepath.Join(dir, "verdict-key")
-	first, err := OpenSigner(ctx, ref, kr)
+	first, err := ParseVerdictKey(der)
 	if err != nil {
 		t.Fatal(err)
 	}
-	again, err := OpenSigner(ctx, ref, kr)
+	again, err := ParseVerdictKey(bytes.Clone(der))
 	if err != nil || !bytes.Equal(first.JWKS(), again.JWKS()) {
-		t.Fatalf("reopened: %v, keys %s and %s", err, first.JWKS(), again.JWKS())
+		t.Fatalf("parsed again: %v, keys %s and %s", err, first.JWKS(), again.JWKS())
 	}
-	if ids, _ := kr.List(ctx); len(ids) != 1 {
-		t.Fatalf("secrets: %v, want the one key", ids)
+	other, _ := NewVerdictKey()
+	if s, _ := ParseVerdictKey(other); bytes.Equal(s.JWKS(), first.JWKS()) {
+		t.Fatal("two new verdict keys are one")
+	}
+	if _, err := ParseVerdictKey([]byte("not a key")); err == nil {
+		t.Fatal("garbage parsed as a verdict key")
 	}
 }

@@ -19,9 +19,9 @@ import (
 // A stranger's registration therefore disturbs no one else's, and
 // unproven registrations write nothing (there is nothing to bound).
 //
-// The key lives in this process only: a registration in flight across a
-// restart of vtpmd fails its activation and is made again, as after any
-// lost answer.
+// The key (Config.TicketKey) is the deployment's, sealed in the store like
+// its CAs, so that an agent may register with one server replica and
+// activate with another, also across restarts.
 
 // ticketLifetime bounds how long an agent may take to activate.
 const ticketLifetime = 5 * time.Minute
@@ -36,8 +36,9 @@ type ticket struct {
 	AK       []byte    `json:"ak"` // TPM2B_PUBLIC
 }
 
-// newTicketKey makes the key that ties tickets to credentials.
-func newTicketKey() []byte {
+// NewTicketKey makes a key that ties tickets to credentials: 32 random
+// bytes.
+func NewTicketKey() []byte {
 	k := make([]byte, 32)
 	if _, err := rand.Read(k); err != nil {
 		panic(err) // crypto/rand does not fail on Linux
@@ -67,7 +68,7 @@ func redeem(key, raw, secret []byte, subject string, now time.Time) (ticket, err
 	}
 	if !hmac.Equal(secret, ticketSecret(key, raw)) {
 		return t, refusal.Forbidden(api.CodeActivationFailed,
-			"The credential does not match its ticket: the AK is not in the TPM this registration named, or the ticket was altered or is from before a restart of vtpmd; register again.")
+			"The credential does not match its ticket: the AK is not in the TPM this registration named, or the ticket was altered; register again.")
 	}
 	if err := json.Unmarshal(raw, &t); err != nil || t.Subject != subject {
 		return t, refusal.Forbidden(api.CodeActivationFailed, "The ticket is for another instance or host.")

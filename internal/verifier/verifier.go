@@ -63,14 +63,17 @@ type Config struct {
 	StaleAfter time.Duration
 	// Now is the clock; default time.Now.
 	Now func() time.Time
+	// TicketKey ties registrations' tickets to their credentials (see
+	// ticket.go): every server replica of a deployment needs the same.
+	// Default: a fresh key (NewTicketKey), this Verifier's alone.
+	TicketKey []byte
 	// Log (nil: silent) records failures of the stale sweep.
 	Log *slog.Logger
 }
 
 // Verifier registers subjects and judges their evidence.
 type Verifier struct {
-	cfg       Config
-	ticketKey []byte // see ticket
+	cfg Config
 
 	caOnce   sync.Once
 	caPool   *x509.CertPool
@@ -88,7 +91,10 @@ func New(cfg Config) *Verifier {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
-	return &Verifier{cfg: cfg, ticketKey: newTicketKey()}
+	if cfg.TicketKey == nil {
+		cfg.TicketKey = NewTicketKey()
+	}
+	return &Verifier{cfg: cfg}
 }
 
 func (v *Verifier) now() time.Time { return v.cfg.Now().UTC() }

@@ -14,7 +14,7 @@ import (
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/attest"
 	"github.com/vtpmd/vtpmd/internal/attest/attesttest"
-	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/keyring/embedded"
 	"github.com/vtpmd/vtpmd/internal/refusal"
 	"github.com/vtpmd/vtpmd/internal/secrets"
 	"github.com/vtpmd/vtpmd/internal/spec"
@@ -57,7 +57,7 @@ type fixture struct {
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
 	st := storetest.Open(t)
-	kr, err := keyring.OpenEmbedded(filepath.Join(t.TempDir(), "keys"))
+	kr, err := embedded.Open(context.Background(), st, filepath.Join(t.TempDir(), "master.key"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -53,7 +53,7 @@ func writeFile(t *testing.T, content string) string {
 // sets its field, and --help shows daemon.Config's defaults.
 func TestEveryFlag(t *testing.T) {
 	args := []string{
-		"--data-dir", "/srv/vtpmd", "--listen", "0.0.0.0:9000", "--insecure-listen", "--api-socket", "/run/vtpmd-api.sock",
+		"--data-dir", "/srv/vtpmd", "--master-key-file", "/etc/vtpmd/master.key", "--listen", "0.0.0.0:9000", "--insecure-listen", "--api-socket", "/run/vtpmd-api.sock",
 		"--host-name", "hv1", "--capacity", "12", "--swtpm-user", "root", "--swtpm-group", "root",
 		"--socket-dir", "/run/vt", "--socket-group", "root", "--default-tpm-version", "2.0", "--log-level", "debug",
 		"--webhook-url", "https://hooks.example", "--host-tpm", "/dev/tpmrm0", "--host-event-log", "/var/log/bios",
@@ -70,7 +70,7 @@ func TestEveryFlag(t *testing.T) {
 		"--server", "https://control.example:8780", "--server-ca", "/etc/vtpmd/server-ca.pem", "--join-token-file", "/etc/vtpmd/join-token",
 	}
 	want := daemon.Config{
-		DataDir: "/srv/vtpmd", Listen: "0.0.0.0:9000", InsecureListen: true, APISocket: "/run/vtpmd-api.sock",
+		DataDir: "/srv/vtpmd", MasterKeyFile: "/etc/vtpmd/master.key", Listen: "0.0.0.0:9000", InsecureListen: true, APISocket: "/run/vtpmd-api.sock",
 		HostName: "hv1", Capacity: 12, SwtpmUser: "root", SwtpmGroup: "root",
 		SocketDir: "/run/vt", SocketGroup: "root", DefaultTPMVersion: spec.V20, LogLevel: slog.LevelDebug,
 		WebhookURL: "https://hooks.example", HostTPM: "/dev/tpmrm0", HostEventLog: "/var/log/bios",

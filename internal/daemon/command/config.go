@@ -68,7 +68,8 @@ func bindConfig(cmd *cobra.Command) *configFlags {
 // settingUsage is each setting's --help text. Defaults are not repeated
 // here: --help shows daemon.Config's.
 var settingUsage = map[string]string{
-	"data-dir":        "directory for the store, keys, CA and vTPM states",
+	"data-dir":        "directory for the SQLite store, the operator's socket and vTPM states",
+	"master-key-file": "file (mode 0600) of the deployment's master key, which seals every key in the store; the same on every server replica (unless set, master.key in the data dir)",
 	"listen":          "API address (HOST:PORT) for agents and, with --client-ca, tenants and the operator; beyond loopback it needs --tls-cert and --client-ca",
 	"insecure-listen": "allow a non-loopback --listen without TLS and client certificates (agents' tokens in the clear)",
 	"api-socket":      "the operator's local API: whoever can connect to this unix socket (0600) is the operator; unless set, api.sock in the data dir",

@@ -1,6 +1,6 @@
 // Package command is vtpmd's command tree: the roles the daemon runs
 // (server, agent, all-in-one) and the tools beside them (agent
-// configure-host, xen-uuid-server, config print). Commands write only to the command's
+// configure-host, xen-uuid-server, keys rotate-master, config print). Commands write only to the command's
 // own output streams, so tests drive them with SetArgs, SetOut and SetErr.
 package command
 
@@ -39,7 +39,7 @@ func NewRootCommand() *cobra.Command {
 		RunE:  cmdline.NeedSubcommand,
 	}
 	config.AddCommand(newConfigPrintCommand())
-	root.AddCommand(newServerCommand(), newAgentCommand(), newAllInOneCommand(), newXenUUIDServerCommand(), config)
+	root.AddCommand(newServerCommand(), newAgentCommand(), newAllInOneCommand(), newXenUUIDServerCommand(), newKeysCommand(), config)
 	return root
 }
 

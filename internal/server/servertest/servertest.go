@@ -25,11 +25,11 @@ import (
 
 // New assembles the API over st and kr as vtpmd does, with no host agent
 // running (records stay pending, drift checks go unanswered), no verdict signing and no webhook, an empty CA
-// chain, and a host CA of its own in a temporary directory.
+// chain, and a host CA of its own.
 func New(t testing.TB, st *store.Store, kr keyring.Keyring) *server.Server {
 	t.Helper()
 	caChain := func() []byte { return nil }
-	hostCA, err := ca.Open(context.Background(), t.TempDir(), kr, ca.Options{CommonName: ca.HostCommonName})
+	hostCA, err := ca.New(ca.Options{CommonName: ca.HostCommonName})
 	if err != nil {
 		t.Fatal(err)
 	}

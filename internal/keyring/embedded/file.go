@@ -1,4 +1,4 @@
-package keyring
+package embedded
 
 import (
 	"errors"
@@ -9,14 +9,12 @@ import (
 	"syscall"
 
 	"github.com/vtpmd/vtpmd/internal/atomicfile"
+	"github.com/vtpmd/vtpmd/internal/keyring"
 )
 
-// Prefixes of the transient files the embedded keyring makes in its
-// directory. List ignores them; OpenEmbedded removes those a crash left.
-const (
-	tmpPrefix = ".tmp-" // a file being written, not yet linked into place
-	delPrefix = ".del-" // a secret unlinked from its name, being shredded
-)
+// tmpPrefix starts the name of a file being written, not yet linked into
+// place.
+const tmpPrefix = ".tmp-"
 
 // createFile writes data to dir/name crash-safely and never replaces an
 // existing file: temp file (mode 0600), fsync, hard link to the final name
@@ -66,7 +64,7 @@ func readSmallFile(path string, limit int64) (data []byte, mode fs.FileMode, err
 	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
 	if err != nil {
 		if errors.Is(err, syscall.ELOOP) {
-			return nil, 0, fmt.Errorf("%w: %s is a symlink", ErrInsecureMode, path)
+			return nil, 0, fmt.Errorf("%w: %s is a symlink", keyring.ErrInsecureMode, path)
 		}
 		return nil, 0, err
 	}
@@ -76,7 +74,7 @@ func readSmallFile(path string, limit int64) (data []byte, mode fs.FileMode, err
 		return nil, 0, err
 	}
 	if !fi.Mode().IsRegular() {
-		return nil, 0, fmt.Errorf("%w: %s is not a regular file", ErrInsecureMode, path)
+		return nil, 0, fmt.Errorf("%w: %s is not a regular file", keyring.ErrInsecureMode, path)
 	}
 	if fi.Size() > limit {
 		return nil, fi.Mode(), fmt.Errorf("%w: %s is %d bytes, more than %d", errTooLarge, path, fi.Size(), limit)
@@ -87,24 +85,4 @@ func readSmallFile(path string, limit int64) (data []byte, mode fs.FileMode, err
 		return nil, fi.Mode(), fmt.Errorf("reading %s: %w", path, err)
 	}
 	return data, fi.Mode(), nil
-}
-
-// shred overwrites a file with zeros and syncs it before it is unlinked, so
-// the sealed blob does not linger in the file's blocks. It is best effort:
-// journaling, copy-on-write file systems and SSD wear levelling can keep
-// old blocks, which is why the blob was sealed in the first place.
-func shred(path string) {
-	f, err := os.OpenFile(path, os.O_WRONLY|syscall.O_NOFOLLOW, 0)
-	if err != nil {
-		return
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil || !fi.Mode().IsRegular() {
-		return
-	}
-	if _, err := f.WriteAt(make([]byte, fi.Size()), 0); err != nil {
-		return
-	}
-	f.Sync()
 }

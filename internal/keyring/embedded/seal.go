@@ -1,4 +1,4 @@
-package keyring
+package embedded
 
 import (
 	"crypto/aes"
@@ -7,6 +7,8 @@ import (
 	"encoding/binary"
 	"fmt"
 	"time"
+
+	"github.com/vtpmd/vtpmd/internal/keyring"
 )
 
 // The sealed-secret format, version 1 (all integers big-endian):
@@ -21,10 +23,12 @@ import (
 //	26+n    …     AES-256-GCM ciphertext of the payload, then the 16-byte tag
 //
 // The associated data is the secret's ID followed by every header byte
-// before the nonce. So the ID (which is only the file name, not in the
-// file) and the project and creation time (which are in clear so that a
-// future List-by-project needs no key) are all authenticated: a blob copied
-// to another ID's name, or with its project edited, does not open.
+// before the nonce. So the ID (which is only the blob's name in the store,
+// not in the blob) and the project and creation time (which are in clear
+// so that a future List-by-project needs no key) are all authenticated: a
+// blob copied to another ID's name, or with its project edited, does not
+// open. The deployment's own keys are sealed the same way, their role
+// (e.g. "ca") in place of the ID.
 const (
 	sealMagic     = "VTKR"
 	sealVersion   = 1
@@ -32,13 +36,13 @@ const (
 	nonceSize     = 12 // GCM standard nonce; random nonces are safe far beyond any count of secrets here
 	tagSize       = 16
 	headerFixed   = 4 + 1 + 8 + 1
-	// maxSealedLen bounds what Get reads, so a planted huge file cannot
-	// exhaust memory.
-	maxSealedLen = headerFixed + MaxProjectLen + nonceSize + MaxPayloadLen + tagSize
+	// maxSealedLen bounds what an import reads, so a planted huge file
+	// cannot exhaust memory.
+	maxSealedLen = headerFixed + keyring.MaxProjectLen + nonceSize + keyring.MaxPayloadLen + tagSize
 )
 
 // seal encrypts s.Payload under key, bound to s.ID, s.Project and s.Created.
-func seal(key []byte, s Secret) ([]byte, error) {
+func seal(key []byte, s keyring.Secret) ([]byte, error) {
 	aead, err := newAEAD(key)
 	if err != nil {
 		return nil, err
@@ -59,18 +63,18 @@ func seal(key []byte, s Secret) ([]byte, error) {
 }
 
 // unseal parses and decrypts blob stored under id. Every failure wraps
-// ErrCorrupt; none reveals which byte was wrong or any plaintext.
-func unseal(key []byte, id string, blob []byte) (Secret, error) {
+// keyring.ErrCorrupt; none reveals which byte was wrong or any plaintext.
+func unseal(key []byte, id string, blob []byte) (keyring.Secret, error) {
 	if len(blob) < headerFixed || string(blob[:4]) != sealMagic {
-		return Secret{}, fmt.Errorf("%w: not a sealed secret (bad magic or truncated)", ErrCorrupt)
+		return keyring.Secret{}, fmt.Errorf("%w: not a sealed secret (bad magic or truncated)", keyring.ErrCorrupt)
 	}
 	if blob[4] != sealVersion {
-		return Secret{}, fmt.Errorf("%w: unknown format version %d", ErrCorrupt, blob[4])
+		return keyring.Secret{}, fmt.Errorf("%w: unknown format version %d", keyring.ErrCorrupt, blob[4])
 	}
 	created := int64(binary.BigEndian.Uint64(blob[5:13]))
 	n := int(blob[13])
 	if n == 0 || len(blob) < headerFixed+n+nonceSize+tagSize {
-		return Secret{}, fmt.Errorf("%w: truncated", ErrCorrupt)
+		return keyring.Secret{}, fmt.Errorf("%w: truncated", keyring.ErrCorrupt)
 	}
 	header := blob[:headerFixed+n]
 	project := string(blob[headerFixed : headerFixed+n])
@@ -79,14 +83,14 @@ func unseal(key []byte, id string, blob []byte) (Secret, error) {
 
 	aead, err := newAEAD(key)
 	if err != nil {
-		return Secret{}, err
+		return keyring.Secret{}, err
 	}
 	payload, err := aead.Open(nil, nonce, ciphertext, associatedData(id, header))
 	if err != nil {
 		// GCM cannot tell these apart, so the message names them all.
-		return Secret{}, fmt.Errorf("%w: authentication failed (altered, moved from another id, or sealed under another master key)", ErrCorrupt)
+		return keyring.Secret{}, fmt.Errorf("%w: authentication failed (altered, moved from another id, or sealed under another master key)", keyring.ErrCorrupt)
 	}
-	return Secret{
+	return keyring.Secret{
 		ID:      id,
 		Project: project,
 		Payload: payload,
@@ -101,7 +105,7 @@ func associatedData(id string, header []byte) []byte {
 }
 
 // newAEAD builds the cipher per call: it is cheap next to the file I/O
-// around it and keeps Embedded free of shared mutable crypto state.
+// around it and keeps Keyring free of shared mutable crypto state.
 func newAEAD(key []byte) (cipher.AEAD, error) {
 	if len(key) != masterKeySize {
 		return nil, fmt.Errorf("master key is %d bytes, want %d", len(key), masterKeySize)
