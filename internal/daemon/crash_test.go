@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
@@ -288,7 +289,8 @@ func swapSecrets(t *testing.T, dir, a, b string) {
 
 // TestReclaimOrphanSecret plants what a create killed between making its
 // secret and committing its record leaves behind: the restarted daemon
-// deletes it, and keeps the secrets in use.
+// deletes it once it is older than orphanAge, and keeps the secrets in
+// use; a younger one may be another server's create in flight, and stays.
 func TestReclaimOrphanSecret(t *testing.T) {
 	dir := t.TempDir()
 	u := startDaemon(t, dir)
@@ -303,7 +305,20 @@ func TestReclaimOrphanSecret(t *testing.T) {
 		t.Fatal(err)
 	}
 	kept, _ := kr.List(ctx)
+	st, err := store.Open(ctx, filepath.Join(dir, "vtpmd.db"), store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	if err := reclaimSecrets(ctx, st, kr, slog.New(slog.DiscardHandler)); err != nil {
+		t.Fatal(err)
+	}
+	if left, _ := kr.List(ctx); !slices.Equal(left, kept) {
+		t.Fatalf("a fresh orphan was reclaimed: %v, want %v", left, kept)
+	}
 
+	defer func(age time.Duration) { orphanAge = age }(orphanAge)
+	orphanAge = 0
 	u = startDaemon(t, dir)
 	u.wait(t, id, "active")
 	left, err := kr.List(ctx)

@@ -308,10 +308,16 @@ func (s *Server) readiness(kr *embedded.Keyring) []server.ReadinessCheck {
 	}
 }
 
-// reclaimSecrets deletes vTPM secrets that no record refers to. A create
-// (or an agent's rekey) makes the secret before it commits the record, so
-// a crash between the two leaves one behind; it runs before the API
-// listens, so none is in flight.
+// orphanAge is how old a secret no record refers to must be before
+// reclaimSecrets deletes it: a create (or an agent's rekey) makes its secret
+// moments before it commits the record naming it, possibly on another
+// server sharing the store, so a younger one may be in flight. A variable
+// so that tests can age their orphans.
+var orphanAge = 10 * time.Minute
+
+// reclaimSecrets deletes vTPM secrets that no record refers to, older than
+// orphanAge. A create makes the secret before it commits the record, so a
+// crash between the two leaves one behind.
 func reclaimSecrets(ctx context.Context, st *store.Store, kr keyring.Keyring, log *slog.Logger) error {
 	used := map[string]bool{}
 	err := st.View(ctx, func(tx *store.Tx) error {
@@ -340,8 +346,14 @@ func reclaimSecrets(ctx context.Context, st *store.Store, kr keyring.Keyring, lo
 			continue
 		}
 		s, err := kr.Get(ctx, id)
+		if errors.Is(err, keyring.ErrNotFound) {
+			continue // shredded meanwhile
+		}
 		if err != nil {
 			return err
+		}
+		if time.Since(s.Created) < orphanAge {
+			continue
 		}
 		if err := kr.Delete(ctx, id); err != nil && !errors.Is(err, keyring.ErrNotFound) {
 			return err
