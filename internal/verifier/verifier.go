@@ -72,6 +72,7 @@ type Verifier struct {
 	cfg       Config
 	ticketKey []byte // see ticket
 	refreshes refreshes
+	aks       akCache
 
 	caOnce   sync.Once
 	caPool   *x509.CertPool
@@ -89,7 +90,7 @@ func New(cfg Config) *Verifier {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
-	return &Verifier{cfg: cfg, ticketKey: newTicketKey()}
+	return &Verifier{cfg: cfg, ticketKey: newTicketKey(), aks: akCache{size: akCacheSize}}
 }
 
 func (v *Verifier) now() time.Time { return v.cfg.Now().UTC() }
