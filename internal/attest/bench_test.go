@@ -11,8 +11,6 @@ import (
 	"strconv"
 	"testing"
 
-	"github.com/google/go-tpm/tpm2"
-
 	"github.com/vtpmd/vtpmd/internal/attest/attesttest"
 )
 
@@ -53,11 +51,7 @@ func benchAK(tb testing.TB, key crypto.Signer) *AK {
 	case *rsa.PrivateKey:
 		public = attesttest.AKPublic(RSAAKTemplate, k)
 	case *ecdsa.PrivateKey:
-		t := akTemplates["ecc"]
-		point, _ := k.PublicKey.Bytes() // 0x04 || X || Y
-		t.Unique = tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{
-			X: tpm2.TPM2BECCParameter{Buffer: point[1:33]}, Y: tpm2.TPM2BECCParameter{Buffer: point[33:]}})
-		public = tpm2.Marshal(tpm2.New2B(t))
+		public = attesttest.ECCAKPublic(&k.PublicKey)
 	}
 	ak, err := ParseAK(public)
 	if err != nil {
