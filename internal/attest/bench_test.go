@@ -228,3 +228,25 @@ func BenchmarkVerifyIMA(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkParseAK is what a verifier saves per evidence by keeping each
+// registration's parsed AK: reading the TPM2B_PUBLIC, checking it, and
+// preparing its key.
+//
+//	go test -run '^$' -bench ParseAK ./internal/attest
+func BenchmarkParseAK(b *testing.B) {
+	rsaKey, _ := rsa.GenerateKey(rand.Reader, 2048)
+	ecKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	for name, public := range map[string][]byte{
+		"rsa2048": attesttest.AKPublic(RSAAKTemplate, rsaKey),
+		"p256":    attesttest.ECCAKPublic(&ecKey.PublicKey),
+	} {
+		b.Run(name, func(b *testing.B) {
+			for range b.N {
+				if _, err := ParseAK(public); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
