@@ -422,6 +422,9 @@ func attestLoad(b *testing.B, n int) (*haCluster, func(*testing.B)) {
 
 	untrusted := map[string]bool{} // the prober's instances, as it left them
 	return h, func(b *testing.B) {
+		r0, p0, l0 := h.cpu()
+		s0 := h.statements()
+		d0 := deliveries.Load()
 		// The prober: one verdict change at a time, until the load is done.
 		var latencies []time.Duration
 		var proberErr error
@@ -464,9 +467,6 @@ func attestLoad(b *testing.B, n int) (*haCluster, func(*testing.B)) {
 
 		var next atomic.Int64
 		var failed atomic.Pointer[error]
-		r0, p0, l0 := h.cpu()
-		s0 := h.statements()
-		d0 := deliveries.Load()
 		b.ResetTimer()
 		start := time.Now()
 		var wg sync.WaitGroup
