@@ -61,7 +61,9 @@ import (
 // change: detect-p50/p99-ms, from pushing the evidence. evidence/s counts
 // both. Reported too, per push: the CPU the replicas, PostgreSQL and the
 // load generator spent (from /proc) and the SQL statements the replicas
-// ran (their /metrics); and webhook deliveries received more than once.
+// ran (their /metrics), and alone, on the idle cluster before the load
+// (the difference: transactions PostgreSQL aborted as serialization
+// failures, run again); and webhook deliveries received more than once.
 // The host of the instances has no agent; the replicas run with
 // --heartbeat-window 1h so that it does not read down meanwhile.
 //
@@ -420,6 +422,15 @@ func attestLoad(b *testing.B, n int) (*haCluster, func(*testing.B)) {
 		return a, err
 	}
 
+	// What a push costs alone, on an idle cluster: its statements, with
+	// no transaction lost to a concurrent one and run again.
+	s0 := h.statements()
+	for i := range 10 {
+		if _, err := push(ids[i], good); err != nil {
+			b.Fatal(err)
+		}
+	}
+	alone := (h.statements() - s0) / 10
 	untrusted := map[string]bool{} // the prober's instances, as it left them
 	return h, func(b *testing.B) {
 		r0, p0, l0 := h.cpu()
@@ -515,6 +526,7 @@ func attestLoad(b *testing.B, n int) (*haCluster, func(*testing.B)) {
 		b.ReportMetric(per(l1-l0), "loadgen-cpu-ms/push")
 		b.ReportMetric(float64(duplicates.Load()), "webhook-duplicates")
 		b.ReportMetric((s1-s0)/pushes, "statements/push")
+		b.ReportMetric(alone, "statements/push-alone")
 		b.Logf("%d replicas: %d pushes and %d verdict changes probed in %v, %d webhook deliveries (%d more than once)",
 			n, b.N, len(latencies), elapsed.Round(time.Millisecond), deliveries.Load()-d0, duplicates.Load())
 	}
