@@ -83,7 +83,7 @@ import (
 type haCluster struct {
 	b        *testing.B
 	dsn      string
-	roots    *tlsRoots
+	serverCA string // trusts the replicas' TLS certificate
 	replicas []*replica
 	closers  []func() // more to stop with the replicas
 }
@@ -99,8 +99,6 @@ func (h *haCluster) stop() {
 	}
 }
 
-type tlsRoots struct{ caFile, cert, key string }
-
 // replica is one vtpmd server process.
 type replica struct {
 	addr   string // HTTPS
@@ -112,13 +110,13 @@ type replica struct {
 }
 
 // statements is the SQL statements the replicas have run so far.
-func (h *haCluster) statements() float64 {
-	h.b.Helper()
+func (h *haCluster) statements(b *testing.B) float64 {
+	b.Helper()
 	var n float64
 	for _, r := range h.replicas {
 		m, err := scrapeMetrics(r.scrape)
 		if err != nil {
-			h.b.Fatal(err)
+			b.Fatal(err)
 		}
 		n += m["vtpmd_store_statements_total"]
 	}
@@ -130,7 +128,7 @@ func newHACluster(b *testing.B, n int, flags ...string) *haCluster {
 	b.Helper()
 	dir := b.TempDir()
 	caFile, cert, key := writeTestPKI(b, dir)
-	h := &haCluster{b: b, dsn: pgtest.DSN(b), roots: &tlsRoots{caFile, cert, key}}
+	h := &haCluster{b: b, dsn: pgtest.DSN(b), serverCA: caFile}
 	bin := buildVtpmd(b)
 	data := filepath.Join(dir, "data")
 	pool, err := client.LoadCAs(caFile)
@@ -202,8 +200,8 @@ func (h *haCluster) store() *store.Store {
 // cpu is the CPU time (user and system) spent so far by the replicas, by
 // PostgreSQL (its postmaster and backends, all databases: only this
 // benchmark's is busy) and by this process (the load generator).
-func (h *haCluster) cpu() (replicas, postgres, load time.Duration) {
-	h.b.Helper()
+func (h *haCluster) cpu(b *testing.B) (replicas, postgres, load time.Duration) {
+	b.Helper()
 	// pgtest's server: its socket directory is the DSN's host, its data
 	// directory within, whose postmaster.pid names it.
 	var postmaster int
@@ -211,7 +209,7 @@ func (h *haCluster) cpu() (replicas, postgres, load time.Duration) {
 		if dir, ok := strings.CutPrefix(f, "host="); ok {
 			pid, err := os.ReadFile(filepath.Join(dir, "data", "postmaster.pid"))
 			if err != nil {
-				h.b.Fatal(err)
+				b.Fatal(err)
 			}
 			postmaster, _ = strconv.Atoi(strings.SplitN(string(pid), "\n", 2)[0])
 		}
@@ -373,7 +371,7 @@ func attestLoad(b *testing.B, n int) (*haCluster, func(*testing.B)) {
 	// The agents' requests, as a load balancer in front of the replicas
 	// makes them: kept-alive HTTPS connections (HTTP/1.1), enough for
 	// every request in flight.
-	pool, err := client.LoadCAs(h.roots.caFile)
+	pool, err := client.LoadCAs(h.serverCA)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -443,17 +441,17 @@ func attestLoad(b *testing.B, n int) (*haCluster, func(*testing.B)) {
 
 	// What a push costs alone, on an idle cluster: its statements, with
 	// no transaction lost to a concurrent one and run again.
-	s0 := h.statements()
+	s0 := h.statements(b)
 	for i := range 10 {
 		if _, err := push(ids[i], good); err != nil {
 			b.Fatal(err)
 		}
 	}
-	alone := (h.statements() - s0) / 10
+	alone := (h.statements(b) - s0) / 10
 	untrusted := map[string]bool{} // the prober's instances, as it left them
 	return h, func(b *testing.B) {
-		r0, p0, l0 := h.cpu()
-		s0 := h.statements()
+		r0, p0, l0 := h.cpu(b)
+		s0 := h.statements(b)
 		d0, c0 := deliveries.Load(), conflicts.Load()
 		// The prober: one verdict change at a time, until the load is done.
 		var latencies []time.Duration
@@ -522,8 +520,8 @@ func attestLoad(b *testing.B, n int) (*haCluster, func(*testing.B)) {
 		b.StopTimer()
 		close(done)
 		probing.Wait()
-		r1, p1, l1 := h.cpu()
-		s1 := h.statements()
+		r1, p1, l1 := h.cpu(b)
+		s1 := h.statements(b)
 		if err := failed.Load(); err != nil {
 			b.Fatal(*err)
 		}
@@ -579,7 +577,7 @@ func createLoad(b *testing.B, n int) (*haCluster, func(*testing.B)) {
 	ctx, cancel := context.WithCancel(context.Background())
 	concurrency := envInt(b, "VTPMD_HA_CONCURRENCY", 16)
 	h := newHACluster(b, n)
-	pool, err := client.LoadCAs(h.roots.caFile)
+	pool, err := client.LoadCAs(h.serverCA)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -623,8 +621,8 @@ func createLoad(b *testing.B, n int) (*haCluster, func(*testing.B)) {
 		latencies := make([]time.Duration, b.N)
 		var next, refused, errs atomic.Int64
 		var firstErr atomic.Pointer[error]
-		r0, p0, l0 := h.cpu()
-		s0 := h.statements()
+		r0, p0, l0 := h.cpu(b)
+		s0 := h.statements(b)
 		b.ResetTimer()
 		start := time.Now()
 		var wg sync.WaitGroup
@@ -656,8 +654,8 @@ func createLoad(b *testing.B, n int) (*haCluster, func(*testing.B)) {
 		wg.Wait()
 		elapsed := time.Since(start)
 		b.StopTimer()
-		r1, p1, l1 := h.cpu()
-		s1 := h.statements()
+		r1, p1, l1 := h.cpu(b)
+		s1 := h.statements(b)
 		if err := firstErr.Load(); err != nil {
 			b.Logf("%d creates failed (not 409); the first: %v", errs.Load(), *err)
 		}
