@@ -3,6 +3,7 @@ module github.com/vtpmd/vtpmd
 go 1.26.0
 
 require (
+	filippo.io/bigmod v0.1.0
 	github.com/digitalocean/go-libvirt v0.0.0-20261013170128-efbbdf578ac8
 	github.com/go-jose/go-jose/v4 v4.1.9
 	github.com/google/go-tpm v0.9.8

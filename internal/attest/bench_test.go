@@ -42,10 +42,30 @@ func longLog(tb testing.TB) []byte {
 	return log
 }
 
+// benchAK is key's public part as an AK a TPM would give (ParseAK of its
+// TPM2B_PUBLIC), parsed as a verifier keeps it per registration.
+func benchAK(tb testing.TB, key crypto.Signer) *AK {
+	tb.Helper()
+	var public []byte
+	switch k := key.(type) {
+	case *rsa.PrivateKey:
+		public = attesttest.AKPublic(RSAAKTemplate, k)
+	case *ecdsa.PrivateKey:
+		public = attesttest.ECCAKPublic(&k.PublicKey)
+	}
+	ak, err := ParseAK(public)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return ak
+}
+
 // BenchmarkVerify measures whole evidence bundles (quote, counters, a
-// ≈100-event log, policy) against the bare signature check of the same
-// key, the floor: of-floor = floor ns / bundle ns. "first" parses and
-// replays the log; "steady" is an agent's next push with the same log.
+// ≈100-event log, policy) against the floor: the bare signature check of
+// the same bytes with the AK's key parsed (as a verifier keeps it per
+// registration), nothing else. of-floor = floor ns / bundle ns, the
+// floor being its fastest run so far. "first" parses and replays the log;
+// "steady" is an agent's next push with the same log.
 //
 //	go test -run '^$' -bench Verify -benchmem ./internal/attest
 func BenchmarkVerify(b *testing.B) {
@@ -65,7 +85,7 @@ func BenchmarkVerify(b *testing.B) {
 	nonce := make([]byte, 32)
 	for name, key := range map[string]crypto.Signer{"rsa2048": rsaKey, "p256": ecKey} {
 		attest, sig := softQuote(b, key, nonce, quoted)
-		ak := &AK{Key: key.Public()}
+		ak := benchAK(b, key)
 		ev := Evidence{Attest: attest, Signature: sig, PCRs: quoted, EventLog: log}
 		v, steady := Verify(ak, ev, nonce, State{}, &policy)
 		if !v.Trusted {
@@ -77,11 +97,16 @@ func BenchmarkVerify(b *testing.B) {
 		b.Run(name+"/signature-only", func(b *testing.B) {
 			for range b.N {
 				digest := sha256.Sum256(attest)
-				if !bareVerify(key.Public(), digest[:], raw) {
+				if !bareVerify(ak, &digest, raw) {
 					b.Fatal("bare verification failed")
 				}
 			}
-			floor = float64(b.Elapsed().Nanoseconds()) / float64(b.N)
+			// With -count, each sub-benchmark runs its count times
+			// before the next: the bundles are held to the fastest
+			// floor seen (noise only slows a run down).
+			if ns := float64(b.Elapsed().Nanoseconds()) / float64(b.N); floor == 0 || ns < floor {
+				floor = ns
+			}
 		})
 		for _, c := range []struct {
 			name string
@@ -121,7 +146,7 @@ func TestVerifyBundle(t *testing.T) {
 	}
 	nonce := []byte("0123456789abcdef0123456789abcdef")
 	attest, sig := softQuote(t, key, nonce, pcrs)
-	ak := &AK{Key: key.Public()}
+	ak := benchAK(t, key)
 	ev := Evidence{Attest: attest, Signature: sig, PCRs: pcrs, EventLog: log}
 	if v, _ := Verify(ak, ev, nonce, State{}, nil); v.Trusted || v.Quote == nil || v.Reasons[0] != "no policy yet" {
 		t.Fatalf("without a policy: %+v", v)
@@ -144,8 +169,10 @@ func TestVerifyBundle(t *testing.T) {
 	}
 }
 
-// rawSignature and bareVerify are the crypto floor: the library's own
-// verification of a signature over the same bytes, nothing else.
+// rawSignature and bareVerify are the crypto floor: a signature over the
+// same bytes checked with the parsed key, nothing else (RSA: the modular
+// exponentiation and the comparison of the encoded message; ECDSA: the
+// library's check).
 func rawSignature(tb testing.TB, key crypto.Signer, msg []byte) []byte {
 	digest := sha256.Sum256(msg)
 	raw, err := key.Sign(rand.Reader, digest[:], crypto.SHA256)
@@ -155,14 +182,11 @@ func rawSignature(tb testing.TB, key crypto.Signer, msg []byte) []byte {
 	return raw
 }
 
-func bareVerify(pub crypto.PublicKey, digest, raw []byte) bool {
-	switch k := pub.(type) {
-	case *rsa.PublicKey:
-		return rsa.VerifyPKCS1v15(k, crypto.SHA256, digest, raw) == nil
-	case *ecdsa.PublicKey:
-		return ecdsa.VerifyASN1(k, digest, raw)
+func bareVerify(ak *AK, digest *[sha256.Size]byte, raw []byte) bool {
+	if k, ok := ak.Key.(*ecdsa.PublicKey); ok {
+		return ecdsa.VerifyASN1(k, digest[:], raw)
 	}
-	return false
+	return ak.rsa.verify(digest, raw)
 }
 
 // BenchmarkVerifyIMA measures evidence with an IMA log of n entries judged
@@ -173,7 +197,7 @@ func bareVerify(pub crypto.PublicKey, digest, raw []byte) bool {
 //	go test -run '^$' -bench VerifyIMA -benchmem ./internal/attest
 func BenchmarkVerifyIMA(b *testing.B) {
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	ak := &AK{Key: key.Public()}
+	ak := benchAK(b, key)
 	fw, _ := attesttest.EventLog(nil)
 	nonce := make([]byte, 32)
 	for _, n := range []int{1000, 20000} {
@@ -207,5 +231,27 @@ func BenchmarkVerifyIMA(b *testing.B) {
 				}
 			})
 		}
+	}
+}
+
+// BenchmarkParseAK is what a verifier saves per evidence by keeping each
+// registration's parsed AK: reading the TPM2B_PUBLIC, checking it, and
+// preparing its key.
+//
+//	go test -run '^$' -bench ParseAK ./internal/attest
+func BenchmarkParseAK(b *testing.B) {
+	rsaKey, _ := rsa.GenerateKey(rand.Reader, 2048)
+	ecKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	for name, public := range map[string][]byte{
+		"rsa2048": attesttest.AKPublic(RSAAKTemplate, rsaKey),
+		"p256":    attesttest.ECCAKPublic(&ecKey.PublicKey),
+	} {
+		b.Run(name, func(b *testing.B) {
+			for range b.N {
+				if _, err := ParseAK(public); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }

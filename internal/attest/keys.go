@@ -82,11 +82,13 @@ var RSAAKTemplate = tpm2.TPMTPublic{
 	}),
 }
 
-// AK is a checked attestation key.
+// AK is a checked attestation key, parsed once (ParseAK) for every quote
+// it signs: a verifier keeps it for as long as the registration lasts.
 type AK struct {
 	Public tpm2.TPMTPublic
 	Key    crypto.PublicKey // *rsa.PublicKey or *ecdsa.PublicKey
 	Name   []byte           // the TPM name: nameAlg || H(public area)
+	rsa    *rsaKey          // an RSA Key, ready for checks
 }
 
 // ParseAK reads a TPM2B_PUBLIC (as TPM2_Create or ReadPublic return it) and
@@ -124,10 +126,14 @@ func ParseAK(tpm2bPublic []byte) (*AK, error) {
 	if err != nil {
 		return nil, fmt.Errorf("AK public key: %w", err)
 	}
+	ak := &AK{Public: *pub, Key: key}
 	switch k := key.(type) {
 	case *rsa.PublicKey:
 		if k.N.BitLen() != 2048 {
 			return nil, fmt.Errorf("an RSA AK must be 2048 bits, not %d", k.N.BitLen())
+		}
+		if ak.rsa, err = newRSAKey(k); err != nil {
+			return nil, fmt.Errorf("AK public key: %w", err)
 		}
 	case *ecdsa.PublicKey:
 		if k.Curve != elliptic.P256() {
@@ -140,7 +146,8 @@ func ParseAK(tpm2bPublic []byte) (*AK, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &AK{Public: *pub, Key: key, Name: name.Buffer}, nil
+	ak.Name = name.Buffer
+	return ak, nil
 }
 
 // Challenge is a credential that only the TPM holding the EK can open, and

@@ -2,7 +2,6 @@ package attest
 
 import (
 	"bytes"
-	"crypto"
 	"crypto/ecdsa"
 	"crypto/rsa"
 	"crypto/sha256"
@@ -37,7 +36,7 @@ var (
 // and quotes exactly the SHA-256 PCR values pcrs; it returns what the quote
 // vouches for.
 func VerifyQuote(ak *AK, attest, sig, nonce []byte, pcrs map[int][]byte) (*Quote, error) {
-	if err := verifySignature(ak.Key, attest, sig); err != nil {
+	if err := verifySignature(ak, attest, sig); err != nil {
 		return nil, err
 	}
 	a, err := parseQuote(attest)
@@ -116,20 +115,22 @@ func parseQuote(b []byte) (*quoteFields, error) {
 	return f, nil
 }
 
-func verifySignature(key crypto.PublicKey, msg, sig []byte) error {
+func verifySignature(ak *AK, msg, sig []byte) error {
 	r := reader{b: sig, order: binary.BigEndian}
 	alg, hash := r.u16(), r.u16()
 	if r.err != nil || hash != uint16(tpm2.TPMAlgSHA256) {
 		return fmt.Errorf("%w: want a SHA-256 signature", ErrSignature)
 	}
 	digest := sha256.Sum256(msg)
-	switch k := key.(type) {
+	switch k := ak.Key.(type) {
 	case *rsa.PublicKey:
 		s := r.tpm2b()
-		if alg != uint16(tpm2.TPMAlgRSASSA) || r.err != nil || r.off != len(sig) {
+		switch {
+		case alg != uint16(tpm2.TPMAlgRSASSA) || r.err != nil || r.off != len(sig):
 			return fmt.Errorf("%w: want an RSASSA signature", ErrSignature)
-		}
-		if rsa.VerifyPKCS1v15(k, crypto.SHA256, digest[:], s) != nil {
+		case ak.rsa == nil:
+			return fmt.Errorf("%w: the AK was not made by ParseAK", ErrSignature)
+		case !ak.rsa.verify(&digest, s):
 			return ErrSignature
 		}
 	case *ecdsa.PublicKey:
@@ -141,7 +142,7 @@ func verifySignature(key crypto.PublicKey, msg, sig []byte) error {
 			return ErrSignature
 		}
 	default:
-		return fmt.Errorf("%w: unsupported key %T", ErrSignature, key)
+		return fmt.Errorf("%w: unsupported key %T", ErrSignature, ak.Key)
 	}
 	return nil
 }

@@ -396,8 +396,12 @@ func (f *fanIn) restart() {
 }
 
 // get reads the server's metrics.
-func (f *fanIn) get() (map[string]float64, error) {
-	resp, err := f.scrape.Get("http://vtpmd/metrics")
+func (f *fanIn) get() (map[string]float64, error) { return scrapeMetrics(f.scrape) }
+
+// scrapeMetrics reads the unlabelled metrics of the server c reaches on
+// its operator's socket.
+func scrapeMetrics(c *http.Client) (map[string]float64, error) {
+	resp, err := c.Get("http://vtpmd/metrics")
 	if err != nil {
 		return nil, err
 	}

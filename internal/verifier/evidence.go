@@ -134,7 +134,7 @@ func (v *Verifier) judge(sub Subject, a *store.Attestation, agentToken string, r
 			req.IMAOffset, a.IMAEntries, a.IMAEntries))
 	}
 	a.Nonce = nil
-	ak, err := attest.ParseAK(a.AKPublic)
+	ak, err := v.aks.parse(sub.key, a.AKPublic)
 	if err != nil {
 		return attest.Verdict{}, err
 	}

@@ -74,6 +74,7 @@ type Config struct {
 // Verifier registers subjects and judges their evidence.
 type Verifier struct {
 	cfg Config
+	aks akCache
 
 	caOnce   sync.Once
 	caPool   *x509.CertPool
@@ -94,7 +95,7 @@ func New(cfg Config) *Verifier {
 	if cfg.TicketKey == nil {
 		cfg.TicketKey = NewTicketKey()
 	}
-	return &Verifier{cfg: cfg}
+	return &Verifier{cfg: cfg, aks: akCache{size: akCacheSize}}
 }
 
 func (v *Verifier) now() time.Time { return v.cfg.Now().UTC() }

@@ -25,6 +25,28 @@ func AKPublic(template tpm2.TPMTPublic, key *rsa.PrivateKey) []byte {
 	return tpm2.Marshal(tpm2.New2B(pub))
 }
 
+// ECCAKPublic is the TPM2B_PUBLIC a TPM would give for a restricted
+// ECDSA (SHA-256) signing key on NIST P-256, as guest agents may make
+// their AK, whose public part is key's.
+func ECCAKPublic(key *ecdsa.PublicKey) []byte {
+	point, err := key.Bytes() // 0x04 || X || Y
+	if err != nil || len(point) != 65 {
+		panic("attesttest: not a P-256 key")
+	}
+	pub := tpm2.TPMTPublic{
+		Type: tpm2.TPMAlgECC, NameAlg: tpm2.TPMAlgSHA256,
+		ObjectAttributes: tpm2.TPMAObject{FixedTPM: true, FixedParent: true, SensitiveDataOrigin: true, UserWithAuth: true,
+			Restricted: true, SignEncrypt: true},
+		Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
+			Scheme:  tpm2.TPMTECCScheme{Scheme: tpm2.TPMAlgECDSA, Details: tpm2.NewTPMUAsymScheme(tpm2.TPMAlgECDSA, &tpm2.TPMSSigSchemeECDSA{HashAlg: tpm2.TPMAlgSHA256})},
+			CurveID: tpm2.TPMECCNistP256,
+		}),
+		Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{
+			X: tpm2.TPM2BECCParameter{Buffer: point[1:33]}, Y: tpm2.TPM2BECCParameter{Buffer: point[33:]}}),
+	}
+	return tpm2.Marshal(tpm2.New2B(pub))
+}
+
 // Quote is a TPM2_Quote of the SHA-256 PCRs pcrs with nonce, at clock,
 // signed by key (RSA: RSASSA; ECDSA): the TPMS_ATTEST and TPMT_SIGNATURE.
 func Quote(key crypto.Signer, nonce []byte, pcrs map[int][]byte, clock uint64) (attest, sig []byte, err error) {
