@@ -57,6 +57,8 @@ func toAPIError(err error, log *slog.Logger, r *http.Request) *APIError {
 		return &APIError{http.StatusNotFound, api.CodeNotFound, "No such vTPM."}
 	case errors.Is(err, store.ErrExists):
 		return &APIError{http.StatusConflict, api.CodeAlreadyExists, "This instance already has a vTPM."}
+	case errors.Is(err, store.ErrContended):
+		return &APIError{http.StatusConflict, api.CodeConflict, "Other requests were changing the same records at the same moment; nothing was changed. Retry it."}
 	case errors.Is(err, store.ErrConflict):
 		return &APIError{http.StatusConflict, api.CodeConflict, "The vTPM changed while the request ran; retry it."}
 	case errors.Is(err, store.ErrUnavailable):

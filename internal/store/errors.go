@@ -1,6 +1,9 @@
 package store
 
-import "errors"
+import (
+	"errors"
+	"fmt"
+)
 
 var (
 	// ErrNotFound: no record with that key.
@@ -9,6 +12,10 @@ var (
 	ErrExists = errors.New("already exists")
 	// ErrConflict: the record changed since it was read (generation mismatch).
 	ErrConflict = errors.New("changed concurrently")
+	// ErrContended: on PostgreSQL, other transactions touching the same
+	// rows kept winning until the retries ran out; nothing was written. It
+	// is an ErrConflict too: the same call may succeed when retried.
+	ErrContended = fmt.Errorf("%w: other writers kept winning", ErrConflict)
 	// ErrFull: the database's disk is full (SQLite's SQLITE_FULL,
 	// PostgreSQL's 53100 disk_full, or ENOSPC); nothing was written. Every
 	// error of Update and View that says so wraps it.

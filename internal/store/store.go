@@ -257,7 +257,7 @@ func (s *Store) run(ctx context.Context, readOnly bool, fn func(*Tx) error) erro
 		lost := s.pg && errors.As(err, &pe) && (pe.Code == "40001" || pe.Code == "40P01")
 		if lost && try > retries {
 			// Other transactions kept winning: the caller may retry later.
-			return fmt.Errorf("%w: %w", ErrConflict, err)
+			return fmt.Errorf("%w: %w", ErrContended, err)
 		}
 		if !lost {
 			var ue *UnavailableError
