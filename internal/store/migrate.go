@@ -183,6 +183,25 @@ ALTER TABLE hosts ADD COLUMN drift_at TEXT NOT NULL DEFAULT '';`,
 	// Whether a client (a guest's QEMU) held the vTPM's control channel
 	// when its agent last looked (1) or not (0).
 	16: `ALTER TABLE vtpms ADD COLUMN guest_connected INTEGER NOT NULL DEFAULT 0;`,
+	// Background work done once by servers sharing the database (see
+	// outbox.go and lease.go). Each webhook delivery names its instance
+	// (deliveries of one go out in order; those queued before have none,
+	// and keep the order they were queued in), carries an id that stays
+	// the same on every attempt, and is claimed by one server at a time
+	// until claimed_until (sortable UTC time; '' unclaimed). A lease
+	// names the server doing a periodic job until expires_at.
+	18: `
+ALTER TABLE outbox ADD COLUMN instance_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE outbox ADD COLUMN delivery_id TEXT NOT NULL DEFAULT '';
+UPDATE outbox SET delivery_id = lower(hex(randomblob(16)));
+ALTER TABLE outbox ADD COLUMN claimed_by TEXT NOT NULL DEFAULT '';
+ALTER TABLE outbox ADD COLUMN claimed_until TEXT NOT NULL DEFAULT '';
+CREATE INDEX outbox_instance ON outbox(instance_id, id);
+CREATE TABLE leases (
+	name        TEXT PRIMARY KEY,
+	holder      TEXT NOT NULL,
+	expires_at  TEXT NOT NULL           -- sortable UTC time
+);`,
 }
 
 func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)-1) }
