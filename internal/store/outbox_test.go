@@ -143,7 +143,7 @@ func TestOutboxClaimedByManyServers(t *testing.T) {
 		enqueue(t, first, pairs...)
 
 		var mu sync.Mutex
-		claims := map[int64]int{}    // delivery → times claimed
+		claims := map[int64]int{}   // delivery → times claimed
 		settled := map[string]int{} // instance → deliveries settled
 		var wg sync.WaitGroup
 		for server := range 2 {
