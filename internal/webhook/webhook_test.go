@@ -13,7 +13,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -22,7 +21,6 @@ import (
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/attest"
 	"github.com/vtpmd/vtpmd/internal/store"
-	"github.com/vtpmd/vtpmd/internal/store/pgtest"
 	"github.com/vtpmd/vtpmd/internal/store/storetest"
 )
 
@@ -137,36 +135,6 @@ func TestWebhookRefusesRedirects(t *testing.T) {
 	}
 }
 
-// onEngines runs test on SQLite and on PostgreSQL, whatever
-// VTPMD_TEST_STORE says (several servers on one database is what
-// PostgreSQL is for), with a function that opens another handle on one
-// fresh database each time it is called, as another server would.
-func onEngines(t *testing.T, test func(t *testing.T, open func() *store.Store)) {
-	for _, engine := range []string{"sqlite", "postgres"} {
-		t.Run(engine, func(t *testing.T) {
-			dir, dsn := t.TempDir(), ""
-			if engine == "postgres" {
-				dsn = pgtest.DSN(t)
-			}
-			test(t, func() *store.Store {
-				t.Helper()
-				var st *store.Store
-				var err error
-				if dsn != "" {
-					st, err = store.OpenPostgres(context.Background(), dsn, store.Options{})
-				} else {
-					st, err = store.Open(context.Background(), filepath.Join(dir, "db"), store.Options{})
-				}
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(func() { st.Close() })
-				return st
-			})
-		})
-	}
-}
-
 // counter is a webhook receiver that counts what it got: each delivery
 // id, and each instance's deliveries in the order they arrived. It
 // answers 503 to every failEvery'th call (0: none), which is then no
@@ -217,7 +185,7 @@ func (c *counter) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // each instance's in the order queued, though the receiver fails some
 // calls (retried).
 func TestWebhookReplicas(t *testing.T) {
-	onEngines(t, func(t *testing.T, open func() *store.Store) {
+	storetest.OnEngines(t, func(t *testing.T, open func() *store.Store) {
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
 		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -278,7 +246,7 @@ func TestWebhookReplicas(t *testing.T) {
 // server makes it again, with the same delivery id, and the later ones
 // after it.
 func TestWebhookTakeover(t *testing.T) {
-	onEngines(t, func(t *testing.T, open func() *store.Store) {
+	storetest.OnEngines(t, func(t *testing.T, open func() *store.Store) {
 		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 		signer, _ := attest.NewSigner(key)
 		recv := newCounter(t, signer, 0)
