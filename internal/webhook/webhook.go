@@ -35,10 +35,6 @@ import (
 	"github.com/vtpmd/vtpmd/internal/store"
 )
 
-// DeliveryHeader names the delivery a POST attempts; it is the same on
-// every attempt, and the token's jti.
-const DeliveryHeader = "X-Vtpmd-Delivery"
-
 // Config is where and how a Webhook delivers.
 type Config struct {
 	// URL receives every verdict change.
@@ -258,7 +254,7 @@ func (h *Webhook) deliver(ctx context.Context, d store.Delivery) error {
 		return err
 	}
 	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set(DeliveryHeader, d.DeliveryID)
+	req.Header.Set(api.WebhookDeliveryHeader, d.DeliveryID)
 	resp, err := h.client.Do(req)
 	if err != nil {
 		return err

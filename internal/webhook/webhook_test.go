@@ -51,7 +51,7 @@ func TestWebhookOutbox(t *testing.T) {
 		if err != nil || json.Unmarshal(payload, &claims) != nil {
 			t.Errorf("webhook body: %v", err)
 		}
-		if id := r.Header.Get(DeliveryHeader); id == "" || id != claims.JTI {
+		if id := r.Header.Get(api.WebhookDeliveryHeader); id == "" || id != claims.JTI {
 			t.Errorf("delivery header %q, jti %q; want the same id", id, claims.JTI)
 		}
 		ids[claims.N] = append(ids[claims.N], claims.JTI)
@@ -170,7 +170,7 @@ func (c *counter) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if err != nil || json.Unmarshal(payload, &claims) != nil {
 		c.t.Errorf("webhook body: %v", err)
 	}
-	id := r.Header.Get(DeliveryHeader)
+	id := r.Header.Get(api.WebhookDeliveryHeader)
 	if id != claims.JTI {
 		c.t.Errorf("delivery header %q, jti %q", id, claims.JTI)
 	}
@@ -257,7 +257,7 @@ func TestWebhookTakeover(t *testing.T) {
 			once.Do(func() { hung = true })
 			if hung { // the dying server's: the receiver got it, no answer reached the server
 				io.Copy(io.Discard, r.Body) // then the server notices the client going away
-				posted <- r.Header.Get(DeliveryHeader)
+				posted <- r.Header.Get(api.WebhookDeliveryHeader)
 				<-r.Context().Done()
 				return
 			}
