@@ -202,7 +202,13 @@ type EKCertificate struct {
 // project, host, verdict, reasons, verified_at, policy_pcrs, overall,
 // summary, host_verdict and provisioning_verified. The key, named by the
 // header's kid, is at GET /.well-known/vtpmd/jwks.json; docs/attestation.md
-// lists what a relying party must check.
+// lists what a relying party must check. POSTed to the webhook, the token
+// also carries jti: the delivery's id, the same on every attempt, also in
+// the X-Vtpmd-Delivery header, so that a receiver drops a repeat.
 type VerdictToken struct {
 	Token string `json:"token"`
 }
+
+// WebhookDeliveryHeader names the delivery a webhook POST attempts: the
+// same id on every attempt at it, and the token's jti.
+const WebhookDeliveryHeader = "X-Vtpmd-Delivery"

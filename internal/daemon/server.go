@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -150,9 +151,13 @@ func (s *Server) open(ctx context.Context) error {
 	}
 	var bg context.Context
 	bg, s.stopBackground = context.WithCancel(context.Background())
+	// Background work is done once by the servers sharing the store: each
+	// delivery and the stale sweep by whichever holds its claim or lease,
+	// which name this process.
+	replica := replicaName()
 	var hook *webhook.Webhook
 	if cfg.WebhookURL != "" {
-		hook = webhook.New(webhook.Config{URL: cfg.WebhookURL, Signer: verdicts, Store: s.store, Log: s.log})
+		hook = webhook.New(webhook.Config{URL: cfg.WebhookURL, Signer: verdicts, Store: s.store, Replica: replica, Log: s.log})
 		hook.Start(bg)
 	}
 	hyperV := vtpms.HyperVOptions{PublicURL: cfg.PublicURL, HGS: cfg.HyperVHGS}
@@ -163,7 +168,7 @@ func (s *Server) open(ctx context.Context) error {
 	vs := vtpms.New(vtpms.Config{HeartbeatWindow: cfg.HeartbeatWindow, Store: s.store, Keyring: kr, Secrets: keys, HyperV: hyperV, Log: s.log,
 		Options: spec.Options{DefaultTPMVersion: cfg.DefaultTPMVersion}})
 	ver := verifier.New(verifier.Config{Store: s.store, VTPMs: vs, CAChainPEM: s.authority.ChainPEM, HostEKRoots: hostRoots,
-		Signer: verdicts, TicketKey: shared.ticketKey, Webhook: hook, StaleAfter: cfg.StaleAfter, Log: s.log})
+		Signer: verdicts, TicketKey: shared.ticketKey, Webhook: hook, StaleAfter: cfg.StaleAfter, Replica: replica, Log: s.log})
 	s.agents = agentstore.New(s.store, kr, s.log)
 	s.api = &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, Enrolment: enrol.New(enrol.Config{Store: s.store, HostCA: hostCA, Log: s.log, BoundEnrolment: ver.BoundEnrolment}),
 		Agents: s.agents, EKCA: s.authority, CAChainPEM: s.authority.ChainPEM, Statements: s.store.Statements, Log: s.log,
@@ -175,6 +180,16 @@ func (s *Server) open(ctx context.Context) error {
 	s.local.RegisterOnShutdown(s.api.EndLongPolls)
 	go ver.WatchStale(bg)
 	return nil
+}
+
+// replicaName names this server process in the claims and leases it holds
+// in the store, for an operator reading them: its host's name, its pid,
+// and random hex that a later process with the same pid does not repeat.
+func replicaName() string {
+	host, _ := os.Hostname()
+	b := make([]byte, 4)
+	rand.Read(b)
+	return fmt.Sprintf("%s/%d/%x", host, os.Getpid(), b)
 }
 
 // bind listens on the network address and the operator's socket.

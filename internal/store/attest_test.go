@@ -71,7 +71,7 @@ func TestAttestationTables(t *testing.T) {
 		// The outbox: in order, retries later, delivered goes.
 		err = s.Update(ctx, func(tx *Tx) error {
 			for _, p := range []string{`{"n":1}`, `{"n":2}`} {
-				if err := tx.Enqueue([]byte(p)); err != nil {
+				if err := tx.Enqueue("i-"+p[5:6], []byte(p)); err != nil {
 					return err
 				}
 			}
@@ -82,15 +82,17 @@ func TestAttestationTables(t *testing.T) {
 		}
 		var ds []Delivery
 		s.View(ctx, func(tx *Tx) (err error) { ds, err = tx.Deliveries(10); return err })
-		if len(ds) != 2 || string(ds[0].Payload) != `{"n":1}` || ds[0].ID >= ds[1].ID {
+		if len(ds) != 2 || string(ds[0].Payload) != `{"n":1}` || ds[0].InstanceID != "i-1" || ds[0].ID >= ds[1].ID || ds[0].DeliveryID == "" || ds[0].DeliveryID == ds[1].DeliveryID {
 			t.Fatalf("deliveries %+v", ds)
 		}
-		later := time.Now().Add(time.Hour).UTC().Truncate(time.Microsecond)
-		s.Update(ctx, func(tx *Tx) error { return tx.Retry(ds[0].ID, later) })
-		s.Update(ctx, func(tx *Tx) error { return tx.Delivered(ds[1].ID) })
+		s.Update(ctx, func(tx *Tx) (err error) { ds, err = tx.ClaimDeliveries("me", time.Hour, 10); return err })
+		var held [2]bool
+		s.Update(ctx, func(tx *Tx) (err error) { held[0], err = tx.Retry(ds[0].ID, "me", time.Hour); return err })
+		s.Update(ctx, func(tx *Tx) (err error) { held[1], err = tx.Delivered(ds[1].ID, "me"); return err })
+		id := ds[0].DeliveryID
 		s.View(ctx, func(tx *Tx) (err error) { ds, err = tx.Deliveries(10); return err })
-		if len(ds) != 1 || ds[0].Attempts != 1 || !ds[0].NextAt.Equal(later) {
-			t.Fatalf("after a retry and a delivery: %+v", ds)
+		if !held[0] || !held[1] || len(ds) != 1 || ds[0].Attempts != 1 || ds[0].DeliveryID != id || ds[0].ClaimedBy != "" || !ds[0].NextAt.After(time.Date(2026, 11, 22, 12, 59, 0, 0, time.UTC)) {
+			t.Fatalf("after a retry and a delivery: %+v, held %v", ds, held)
 		}
 
 		// Tenants' secrets and host credentials.

@@ -187,6 +187,25 @@ ALTER TABLE hosts ADD COLUMN drift_at TEXT NOT NULL DEFAULT '';`,
 	// versions could leave behind: every delete of a vTPM removes its
 	// record now, so a create no longer needs to.
 	17: `DELETE FROM attestations WHERE instance_id NOT LIKE 'host:%' AND instance_id NOT IN (SELECT instance_id FROM vtpms);`,
+	// Background work done once by servers sharing the database (see
+	// outbox.go and lease.go). Each webhook delivery names its instance
+	// (deliveries of one go out in order; those queued before have none,
+	// and keep the order they were queued in), carries an id that stays
+	// the same on every attempt, and is claimed by one server at a time
+	// until claimed_until (sortable UTC time; '' unclaimed). A lease
+	// names the server doing a periodic job until expires_at.
+	18: `
+ALTER TABLE outbox ADD COLUMN instance_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE outbox ADD COLUMN delivery_id TEXT NOT NULL DEFAULT '';
+UPDATE outbox SET delivery_id = lower(hex(randomblob(16)));
+ALTER TABLE outbox ADD COLUMN claimed_by TEXT NOT NULL DEFAULT '';
+ALTER TABLE outbox ADD COLUMN claimed_until TEXT NOT NULL DEFAULT '';
+CREATE INDEX outbox_instance ON outbox(instance_id, id);
+CREATE TABLE leases (
+	name        TEXT PRIMARY KEY,
+	holder      TEXT NOT NULL,
+	expires_at  TEXT NOT NULL           -- sortable UTC time
+);`,
 	// Requests for fresh evidence (see AskRefresh), by attestation
 	// subject, until its agent collects them: any server may take the
 	// request, and any the agent's long poll.

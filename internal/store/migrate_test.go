@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/vtpmd/vtpmd/internal/store/pgtest"
 )
@@ -278,6 +279,40 @@ func TestSchemaVersionChecks(t *testing.T) {
 			}
 			if err := s.SchemaCurrent(context.Background()); !errors.Is(err, ErrSchemaOlder) {
 				t.Fatalf("SchemaCurrent of a schema at 9 = %v, want ErrSchemaOlder", err)
+			}
+		})
+	}
+}
+
+// Webhook deliveries queued before per-instance order and claims: each
+// gets its own delivery id, belongs to no instance (so they keep the order
+// they were queued in, among themselves), and can be claimed.
+func TestMigrationGivesDeliveriesIDs(t *testing.T) {
+	for _, e := range unmigrated {
+		t.Run(e.name, func(t *testing.T) {
+			ctx := context.Background()
+			s := e.open(t)
+			if err := s.migrateTo(ctx, 16); err != nil {
+				t.Fatal(err)
+			}
+			err := s.Update(ctx, func(tx *Tx) error {
+				_, err := tx.exec(`INSERT INTO outbox (payload, next_at, created_at) VALUES ('1', ?, ?), ('2', ?, ?)`,
+					sortable(tx.now), stamp(tx.now), sortable(tx.now), stamp(tx.now))
+				return err
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := s.migrate(ctx); err != nil {
+				t.Fatal(err)
+			}
+			var ds []Delivery
+			s.View(ctx, func(tx *Tx) (err error) { ds, err = tx.Deliveries(10); return err })
+			if len(ds) != 2 || ds[0].DeliveryID == "" || ds[0].DeliveryID == ds[1].DeliveryID || ds[0].InstanceID != "" {
+				t.Fatalf("deliveries after the migration: %+v", ds)
+			}
+			if _, got := claim(t, s, "A", time.Hour, 10); fmt.Sprint(got) != "[1]" {
+				t.Fatalf("claimed %v; want the first queued alone", got)
 			}
 		})
 	}

@@ -63,19 +63,44 @@ func (v *Verifier) MarkStale(ctx context.Context) error {
 	return nil
 }
 
-// WatchStale runs MarkStale until ctx ends, often enough that a verdict
-// turns stale within a tenth of StaleAfter of its deadline.
+// staleSweep names the stale sweep's lease (store.Tx.TakeLease): of the
+// servers sharing a store, the one holding it sweeps.
+const staleSweep = "stale-sweep"
+
+// WatchStale sweeps until ctx ends, often enough that a verdict turns
+// stale within a tenth of StaleAfter of its deadline: every round takes or
+// renews the sweep's lease for three rounds, and sweeps (MarkStale) if it
+// holds it. So of several servers sharing the store one sweeps, and when
+// it stops another takes over within four rounds.
 func (v *Verifier) WatchStale(ctx context.Context) {
-	t := time.NewTicker(v.cfg.StaleAfter / 10)
+	every := v.cfg.StaleAfter / 10
+	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			if err := v.MarkStale(ctx); err != nil && ctx.Err() == nil {
+			if _, err := v.sweepStale(ctx, 3*every); err != nil && ctx.Err() == nil {
 				v.cfg.Log.Error("marking overdue attestations stale", "err", err)
 			}
 		}
 	}
+}
+
+// sweepStale takes or renews the stale sweep's lease for ttl and, if it
+// holds it, runs MarkStale; it reports whether it did. A sweep that
+// outlasts its lease may meet another server's: the verdicts stay right
+// (each is turned stale in a transaction that reads it first), only the
+// work is done twice.
+func (v *Verifier) sweepStale(ctx context.Context, ttl time.Duration) (swept bool, err error) {
+	var held bool
+	err = v.cfg.Store.Update(ctx, func(tx *store.Tx) (err error) {
+		held, err = tx.TakeLease(staleSweep, v.cfg.Replica, ttl)
+		return err
+	})
+	if err != nil || !held {
+		return false, err
+	}
+	return true, v.MarkStale(ctx)
 }

@@ -6,7 +6,8 @@
 // the verdict recorded. A verdict change is an event and a webhook
 // (internal/webhook, queued in the same transaction); a host's change is
 // one for each instance on it, whose overall answer includes its host's.
-// A subject that stops sending evidence turns stale (MarkStale).
+// A subject that stops sending evidence turns stale (MarkStale), found by
+// a sweep that one of the servers sharing the store runs (WatchStale).
 //
 // The verdict vocabulary is store.Verdict; a subject's status as of a
 // moment is a Status. Refusals are *refusal.Error; time comes from
@@ -24,6 +25,8 @@ import (
 	"slices"
 	"sync"
 	"time"
+
+	"github.com/google/uuid"
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/attest"
@@ -61,6 +64,9 @@ type Config struct {
 	// StaleAfter is how long a registered subject may go without genuine
 	// evidence before its verdict turns stale; 0: DefaultStaleAfter.
 	StaleAfter time.Duration
+	// Replica names this server in the leases it holds (WatchStale);
+	// default a random id.
+	Replica string
 	// Now is the clock; default time.Now.
 	Now func() time.Time
 	// TicketKey ties registrations' tickets to their credentials (see
@@ -88,6 +94,9 @@ func New(cfg Config) *Verifier {
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
+	}
+	if cfg.Replica == "" {
+		cfg.Replica = uuid.NewString()
 	}
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)

@@ -3,6 +3,7 @@ package verifier
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -22,6 +23,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/store/storetest"
 	"github.com/vtpmd/vtpmd/internal/tenant"
 	"github.com/vtpmd/vtpmd/internal/vtpms"
+	"github.com/vtpmd/vtpmd/internal/webhook"
 )
 
 func TestMain(m *testing.M) { os.Exit(storetest.Main(m)) }
@@ -56,7 +58,12 @@ type fixture struct {
 
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
-	st := storetest.Open(t)
+	return fixtureOn(t, storetest.Open(t))
+}
+
+// fixtureOn is newFixture on st.
+func fixtureOn(t *testing.T, st *store.Store) *fixture {
+	t.Helper()
 	kr, err := embedded.Open(context.Background(), st, filepath.Join(t.TempDir(), "master.key"))
 	if err != nil {
 		t.Fatal(err)
@@ -150,6 +157,76 @@ func TestStale(t *testing.T) {
 	if at := f.v.staleAt(a); !at.IsZero() {
 		t.Fatalf("a challenged registration has deadline %v", at)
 	}
+}
+
+// Two servers on one database, sweeping at once: one sweeps (it holds
+// the sweep's lease, round after round), the other does not, and the
+// overdue verdict turns stale once, one event and one webhook. When the
+// sweeping one stops renewing, the other takes over once the lease runs
+// out.
+func TestStaleSweptOnce(t *testing.T) {
+	storetest.OnEngines(t, func(t *testing.T, open func() *store.Store) {
+		ctx := context.Background()
+		f := fixtureOn(t, open())
+		now := f.clock.Now()
+		f.put(t, &store.Attestation{RegisteredAt: now.Add(-time.Hour), EvidenceAt: now, Verdict: store.VerdictTrusted})
+		f.clock.advance(DefaultStaleAfter)
+
+		var replicas []*Verifier
+		for i, st := range []*store.Store{f.store, open()} {
+			hook := webhook.New(webhook.Config{URL: "http://127.0.0.1:9/", Store: st}) // not started: the outbox keeps what it is told
+			replicas = append(replicas, New(Config{Store: st, VTPMs: f.v.cfg.VTPMs, Now: f.clock.Now, Webhook: hook, Replica: fmt.Sprintf("replica-%d", i)}))
+		}
+		const rounds = 10
+		swept := make([]int, len(replicas))
+		var wg sync.WaitGroup
+		for i, v := range replicas {
+			wg.Go(func() {
+				for range rounds {
+					ok, err := v.sweepStale(ctx, time.Hour)
+					if err != nil {
+						t.Error(err)
+					}
+					if ok {
+						swept[i]++
+					}
+				}
+			})
+		}
+		wg.Wait()
+		holder, other := replicas[0], replicas[1]
+		if swept[1] > 0 {
+			holder, other = other, holder
+		}
+		if swept[0]+swept[1] != rounds || swept[0]*swept[1] != 0 {
+			t.Fatalf("the replicas swept %v times in %d rounds each; want one of them every round, the other never", swept, rounds)
+		}
+		var outbox []store.Delivery
+		f.store.View(ctx, func(tx *store.Tx) (err error) { outbox, err = tx.Deliveries(10); return err })
+		if n := f.events(t, "attestation stale"); n != 1 || len(outbox) != 1 {
+			t.Fatalf("%d stale events, %d webhooks; want one each", n, len(outbox))
+		}
+
+		// The holder renews for a moment, then stops: the other takes over.
+		if ok, err := holder.sweepStale(ctx, 100*time.Millisecond); !ok || err != nil {
+			t.Fatalf("the holder's last round: %v %v", ok, err)
+		}
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			ok, err := other.sweepStale(ctx, time.Hour)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ok {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("the other replica never took the sweep over")
+			}
+		}
+		if ok, err := holder.sweepStale(ctx, time.Hour); ok || err != nil {
+			t.Fatalf("the old holder swept again after the other took over: %v %v", ok, err)
+		}
+	})
 }
 
 // The overall answer takes the VM's verdict first, then its vTPM's

@@ -1,11 +1,20 @@
 // Package webhook delivers attestation verdict changes to the operator's
 // receiver. A change is queued in the store's outbox in the transaction
 // that makes it (Enqueue), so a crash or restart loses none; the deliverer
-// (Start) posts them in order, each as {"token": <signed verdict>}: the
-// same ES256 JWT as GET …/attestation/token, so a receiver authenticates
-// it with the verifier's JWKS. A failed delivery is retried with backoff,
-// and holds back those queued after it: a receiver acts on the latest
-// verdict.
+// (Start) posts each as {"token": <signed verdict>}: the same ES256 JWT as
+// GET …/attestation/token, so a receiver authenticates it with the
+// verifier's JWKS. A failed delivery is retried with backoff, and holds
+// back the instance's later ones: a receiver acts on the latest verdict.
+//
+// Several servers may share one outbox (one PostgreSQL): each deliverer
+// claims a few deliveries at a time, for a lease, and only the first
+// waiting one of each instance, so every delivery is made by one server
+// and an instance's in the order they were queued. A server that dies
+// with claims leaves them to the others when the lease runs out. The
+// receiver may then get a delivery it already had (the server died after
+// posting it, before recording it): every attempt at a delivery carries
+// the same id, in the X-Vtpmd-Delivery header and the token's jti, for
+// the receiver to drop the repeat.
 package webhook
 
 import (
@@ -16,7 +25,10 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"sync"
 	"time"
+
+	"github.com/google/uuid"
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/attest"
@@ -30,6 +42,14 @@ type Config struct {
 	// Signer signs the claims of each delivery as it is made.
 	Signer *attest.Signer
 	Store  *store.Store
+	// Replica names this server in the claims it holds; default a random
+	// id.
+	Replica string
+	// Lease is how long a claim lasts: a server that dies mid-delivery
+	// holds its deliveries up that long; default 30 s. Each attempt is cut
+	// off after half of it, so that it is over before another server may
+	// take the delivery over.
+	Lease time.Duration
 	// Log (nil: silent) records failed and abandoned deliveries.
 	Log *slog.Logger
 	// Client defaults to one with a 10 s timeout. Whichever it is, it is
@@ -39,7 +59,8 @@ type Config struct {
 	Backoff time.Duration
 	// Attempts bounds the tries per notification; default 10 (≈ 4 min).
 	Attempts int
-	// Now is the clock; default time.Now.
+	// Now is the clock that dates the tokens; default time.Now. (The
+	// outbox's times are the store's.)
 	Now func() time.Time
 }
 
@@ -51,6 +72,19 @@ type Webhook struct {
 	kick   chan struct{}
 }
 
+// claimBatch is how many deliveries (of as many instances) a deliverer
+// claims, and makes at once.
+const claimBatch = 16
+
+// idle is how long a deliverer with nothing to claim waits at most: what
+// another server queues wakes only that server's deliverer, so this one
+// looks again now and then, in case that server died before delivering.
+const idle = time.Minute
+
+// busy is how long a deliverer waits when a delivery due now could not be
+// claimed: another server is claiming it at this moment.
+const busy = 50 * time.Millisecond
+
 // New returns a Webhook for cfg; nothing is delivered until Start.
 func New(cfg Config) *Webhook {
 	h := &Webhook{cfg: cfg, client: http.Client{Timeout: 10 * time.Second}, kick: make(chan struct{}, 1)}
@@ -58,6 +92,12 @@ func New(cfg Config) *Webhook {
 		h.client = *cfg.Client
 	}
 	h.client.CheckRedirect = noRedirects
+	if h.cfg.Replica == "" {
+		h.cfg.Replica = uuid.NewString()
+	}
+	if h.cfg.Lease == 0 {
+		h.cfg.Lease = 30 * time.Second
+	}
 	if h.cfg.Backoff == 0 {
 		h.cfg.Backoff = 500 * time.Millisecond
 	}
@@ -73,7 +113,8 @@ func New(cfg Config) *Webhook {
 	return h
 }
 
-// Start delivers until ctx ends, beginning with what a previous run left.
+// Start delivers until ctx ends, beginning with what a previous run (or
+// another server) left.
 func (h *Webhook) Start(ctx context.Context) {
 	go func() {
 		for {
@@ -88,17 +129,22 @@ func (h *Webhook) Start(ctx context.Context) {
 	}()
 }
 
-// Enqueue adds a verdict change (the claims its token will carry) to the
-// outbox within tx: it is delivered if and only if tx commits.
+// Enqueue adds a verdict change (the claims its token will carry, sub
+// naming the instance) to the outbox within tx: it is delivered if and
+// only if tx commits, after the instance's earlier ones.
 func (h *Webhook) Enqueue(tx *store.Tx, claims map[string]any) error {
 	if h == nil {
 		return nil
+	}
+	sub, _ := claims["sub"].(string)
+	if sub == "" {
+		return fmt.Errorf("queueing a webhook: the claims name no instance (sub): %v", claims)
 	}
 	payload, err := json.Marshal(claims)
 	if err != nil {
 		return err
 	}
-	return tx.Enqueue(payload)
+	return tx.Enqueue(sub, payload)
 }
 
 // Wake tells the deliverer that the outbox has news, once the transaction
@@ -113,67 +159,91 @@ func (h *Webhook) Wake() {
 	}
 }
 
-// deliverDue sends the waiting deliveries in order, and returns how long
-// until it should try again. Order matters to a receiver that acts on the
-// latest verdict, so a failing delivery holds back those queued after it.
+// deliverDue claims and makes the deliveries that are due, a batch at a
+// time (each of another instance, made at once), until none is left to
+// claim, and returns how long until it should look again.
 func (h *Webhook) deliverDue(ctx context.Context) time.Duration {
 	for ctx.Err() == nil {
-		var waiting []store.Delivery
-		if err := h.cfg.Store.View(ctx, func(tx *store.Tx) (err error) { waiting, err = tx.Deliveries(64); return err }); err != nil {
-			h.cfg.Log.Error("reading the webhook outbox", "err", err)
+		var claimed []store.Delivery
+		var next time.Time
+		var waiting bool
+		err := h.cfg.Store.Update(ctx, func(tx *store.Tx) (err error) {
+			if claimed, err = tx.ClaimDeliveries(h.cfg.Replica, h.cfg.Lease, claimBatch); err != nil || len(claimed) > 0 {
+				return err
+			}
+			next, waiting, err = tx.NextClaim()
+			return err
+		})
+		switch {
+		case err != nil:
+			if ctx.Err() == nil {
+				h.cfg.Log.Error("claiming webhook deliveries", "err", err)
+			}
 			return time.Second
+		case len(claimed) == 0 && !waiting:
+			return idle
+		case len(claimed) == 0:
+			return min(max(time.Until(next), busy), idle)
 		}
-		if len(waiting) == 0 {
-			return time.Minute
+		var wg sync.WaitGroup
+		for _, d := range claimed {
+			wg.Go(func() { h.attempt(ctx, d) })
 		}
-		for _, d := range waiting {
-			if wait := d.NextAt.Sub(h.cfg.Now()); wait > 0 {
-				return wait
-			}
-			err := h.deliver(ctx, d.Payload)
-			if err != nil && ctx.Err() != nil {
-				return 0 // shutting down: not an attempt
-			}
-			attempts := d.Attempts + 1
-			switch {
-			case err == nil:
-			case attempts >= h.cfg.Attempts:
-				h.cfg.Log.Error("webhook delivery given up", "url", h.cfg.URL, "attempts", attempts, "err", err)
-			default:
-				h.cfg.Log.Warn("webhook delivery failed", "url", h.cfg.URL, "attempt", attempts, "err", err)
-			}
-			retry := err != nil && attempts < h.cfg.Attempts
-			backoff := h.cfg.Backoff << (attempts - 1)
-			uerr := h.cfg.Store.Update(ctx, func(tx *store.Tx) error {
-				if retry {
-					return tx.Retry(d.ID, h.cfg.Now().Add(backoff))
-				}
-				return tx.Delivered(d.ID)
-			})
-			if uerr != nil {
-				h.cfg.Log.Error("updating the webhook outbox", "err", uerr)
-				return time.Second
-			}
-			if retry {
-				return backoff
-			}
-		}
+		wg.Wait()
 	}
 	return 0
 }
 
+// attempt makes one attempt at a claimed delivery and records how it went:
+// delivered, given up, or to retry after a backoff. When ctx ends first it
+// records nothing (it was no attempt): the claim runs out, and the
+// delivery is made again, by whichever server claims it next.
+func (h *Webhook) attempt(ctx context.Context, d store.Delivery) {
+	post, cancel := context.WithTimeout(ctx, h.cfg.Lease/2)
+	err := h.deliver(post, d)
+	cancel()
+	if err != nil && ctx.Err() != nil {
+		return
+	}
+	attempts := d.Attempts + 1
+	switch {
+	case err == nil:
+	case attempts >= h.cfg.Attempts:
+		h.cfg.Log.Error("webhook delivery given up", "url", h.cfg.URL, "delivery", d.DeliveryID, "instance", d.InstanceID, "attempts", attempts, "err", err)
+	default:
+		h.cfg.Log.Warn("webhook delivery failed", "url", h.cfg.URL, "delivery", d.DeliveryID, "instance", d.InstanceID, "attempt", attempts, "err", err)
+	}
+	retry := err != nil && attempts < h.cfg.Attempts
+	var held bool
+	uerr := h.cfg.Store.Update(ctx, func(tx *store.Tx) (err error) {
+		if retry {
+			held, err = tx.Retry(d.ID, h.cfg.Replica, h.cfg.Backoff<<(attempts-1))
+		} else {
+			held, err = tx.Delivered(d.ID, h.cfg.Replica)
+		}
+		return err
+	})
+	switch {
+	case uerr != nil:
+		h.cfg.Log.Error("recording a webhook delivery; it is made again once its claim runs out", "delivery", d.DeliveryID, "err", uerr)
+	case !held:
+		h.cfg.Log.Warn("a webhook delivery's claim ran out before it was recorded; another server took it over", "delivery", d.DeliveryID, "instance", d.InstanceID)
+	}
+}
+
 // deliver signs the claims as of now (a delivery late after retries still
-// carries a valid token; verified_at says when the verdict was reached)
-// and posts them.
-func (h *Webhook) deliver(ctx context.Context, payload []byte) error {
+// carries a valid token; verified_at says when the verdict was reached),
+// with the delivery's id as jti, and posts them.
+func (h *Webhook) deliver(ctx context.Context, d store.Delivery) error {
 	var claims map[string]any
-	dec := json.NewDecoder(bytes.NewReader(payload))
+	dec := json.NewDecoder(bytes.NewReader(d.Payload))
 	dec.UseNumber()
 	if err := dec.Decode(&claims); err != nil {
 		return fmt.Errorf("decoding an outbox payload: %w", err)
 	}
 	now := h.cfg.Now()
 	claims["iat"], claims["exp"] = now.Unix(), now.Add(attest.TokenLifetime).Unix()
+	claims["jti"] = d.DeliveryID
 	tok, err := h.cfg.Signer.Sign(claims)
 	if err != nil {
 		return err
@@ -184,6 +254,7 @@ func (h *Webhook) deliver(ctx context.Context, payload []byte) error {
 		return err
 	}
 	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set(api.WebhookDeliveryHeader, d.DeliveryID)
 	resp, err := h.client.Do(req)
 	if err != nil {
 		return err

@@ -7,6 +7,8 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"encoding/json"
+	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
@@ -22,9 +24,11 @@ import (
 	"github.com/vtpmd/vtpmd/internal/store/storetest"
 )
 
-// Deliveries queued before the webhook runs (a restart) go out, in
-// order, a failed one holding back those after it; one that keeps failing
-// is given up after Attempts.
+// Deliveries queued before the webhook runs (a restart) go out, each
+// instance's in order, a failed one holding back the instance's later
+// ones (not another instance's); one that keeps failing is given up after
+// Attempts. Every attempt at a delivery carries its id, in the header and
+// the token's jti.
 func TestWebhookOutbox(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -34,7 +38,8 @@ func TestWebhookOutbox(t *testing.T) {
 
 	var mu sync.Mutex
 	var got []string
-	calls, failFor := 0, map[int]bool{1: true} // the first call fails
+	calls, ids := 0, map[string][]string{} // payload → the delivery ids of its attempts
+	failures := map[string]int{"first": 1, "never": 99}
 	receiver := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		mu.Lock()
 		defer mu.Unlock()
@@ -42,22 +47,27 @@ func TestWebhookOutbox(t *testing.T) {
 		var body api.VerdictToken
 		json.NewDecoder(r.Body).Decode(&body)
 		payload, err := attest.VerifyToken(body.Token, attest.TokenOptions{JWKS: signer.JWKS(), Issuer: attest.TokenIssuer, AnyInstance: true, Now: time.Now()})
-		var claims struct{ Sub string }
+		var claims struct{ Sub, N, JTI string }
 		if err != nil || json.Unmarshal(payload, &claims) != nil {
 			t.Errorf("webhook body: %v", err)
 		}
-		if failFor[calls] || claims.Sub == "never" {
+		if id := r.Header.Get(api.WebhookDeliveryHeader); id == "" || id != claims.JTI {
+			t.Errorf("delivery header %q, jti %q; want the same id", id, claims.JTI)
+		}
+		ids[claims.N] = append(ids[claims.N], claims.JTI)
+		if failures[claims.N] > 0 {
+			failures[claims.N]--
 			w.WriteHeader(http.StatusServiceUnavailable)
 			return
 		}
-		got = append(got, claims.Sub)
+		got = append(got, claims.Sub+":"+claims.N)
 	}))
 	defer receiver.Close()
 
 	hook := New(Config{URL: receiver.URL, Signer: signer, Store: st, Backoff: 10 * time.Millisecond, Attempts: 3})
 	err := st.Update(ctx, func(tx *store.Tx) error {
-		for _, sub := range []string{"first", "never", "second"} {
-			if err := hook.Enqueue(tx, map[string]any{"iss": attest.TokenIssuer, "sub": sub}); err != nil {
+		for _, c := range []struct{ sub, n string }{{"i-1", "first"}, {"i-1", "never"}, {"i-1", "second"}, {"i-2", "other"}} {
+			if err := hook.Enqueue(tx, map[string]any{"iss": attest.TokenIssuer, "sub": c.sub, "n": c.n}); err != nil {
 				return err
 			}
 		}
@@ -70,9 +80,13 @@ func TestWebhookOutbox(t *testing.T) {
 	drained(t, st)
 	mu.Lock()
 	defer mu.Unlock()
-	// first: failed, then delivered; never: 3 attempts, given up; second.
-	if len(got) != 2 || got[0] != "first" || got[1] != "second" || calls != 6 {
-		t.Fatalf("delivered %v in %d calls; want [first second] in 6", got, calls)
+	// first: failed, then delivered; never: 3 attempts, given up; second;
+	// other, of another instance, not held back by never.
+	if want := "[i-2:other i-1:first i-1:second]"; fmt.Sprint(got) != want || calls != 7 {
+		t.Fatalf("delivered %v in %d calls; want %s in 7", got, calls, want)
+	}
+	if f := ids["first"]; len(f) != 2 || f[0] != f[1] || f[0] == ids["second"][0] {
+		t.Fatalf("delivery ids of first's attempts %v, second's %v: want one id, first's own", f, ids["second"])
 	}
 }
 
@@ -119,6 +133,174 @@ func TestWebhookRefusesRedirects(t *testing.T) {
 	if log := logs.String(); !strings.Contains(log, "webhook delivery given up") || !strings.Contains(log, "redirect") {
 		t.Fatalf("the log does not say the delivery failed on a redirect:\n%s", log)
 	}
+}
+
+// counter is a webhook receiver that counts what it got: each delivery
+// id, and each instance's deliveries in the order they arrived. It
+// answers 503 to every failEvery'th call (0: none), which is then no
+// delivery.
+type counter struct {
+	t         *testing.T
+	signer    *attest.Signer
+	failEvery int
+
+	mu        sync.Mutex
+	calls     int
+	delivered map[string]int      // delivery id → times received
+	order     map[string][]string // instance → what its deliveries said, as received
+	firstOf   map[string]string   // what a delivery said → its delivery id
+}
+
+func newCounter(t *testing.T, signer *attest.Signer, failEvery int) *counter {
+	return &counter{t: t, signer: signer, failEvery: failEvery, delivered: map[string]int{}, order: map[string][]string{}, firstOf: map[string]string{}}
+}
+
+func (c *counter) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.calls++
+	if c.failEvery > 0 && c.calls%c.failEvery == 0 {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		return
+	}
+	var body api.VerdictToken
+	json.NewDecoder(r.Body).Decode(&body)
+	payload, err := attest.VerifyToken(body.Token, attest.TokenOptions{JWKS: c.signer.JWKS(), Issuer: attest.TokenIssuer, AnyInstance: true, Now: time.Now()})
+	var claims struct{ Sub, N, JTI string }
+	if err != nil || json.Unmarshal(payload, &claims) != nil {
+		c.t.Errorf("webhook body: %v", err)
+	}
+	id := r.Header.Get(api.WebhookDeliveryHeader)
+	if id != claims.JTI {
+		c.t.Errorf("delivery header %q, jti %q", id, claims.JTI)
+	}
+	if c.delivered[id]++; c.delivered[id] == 1 {
+		c.order[claims.Sub] = append(c.order[claims.Sub], claims.N)
+		c.firstOf[claims.N] = id
+	}
+}
+
+// Two servers on one database, each with its deliverer, each queueing
+// some of the verdict changes: every delivery reaches the receiver once,
+// each instance's in the order queued, though the receiver fails some
+// calls (retried).
+func TestWebhookReplicas(t *testing.T) {
+	storetest.OnEngines(t, func(t *testing.T, open func() *store.Store) {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		signer, _ := attest.NewSigner(key)
+		recv := newCounter(t, signer, 7)
+		receiver := httptest.NewServer(recv)
+		defer receiver.Close()
+
+		const instances, each = 6, 15
+		var hooks []*Webhook
+		var stores []*store.Store
+		for _, name := range []string{"replica-a", "replica-b"} {
+			st := open()
+			hook := New(Config{URL: receiver.URL, Signer: signer, Store: st, Replica: name, Backoff: 5 * time.Millisecond, Attempts: 1000})
+			hook.Start(ctx)
+			hooks, stores = append(hooks, hook), append(stores, st)
+		}
+		// Changes queued through both, while both deliver.
+		for n := range each {
+			for i := range instances {
+				r := (n + i) % 2
+				err := stores[r].Update(ctx, func(tx *store.Tx) error {
+					return hooks[r].Enqueue(tx, map[string]any{"iss": attest.TokenIssuer, "sub": fmt.Sprintf("i-%d", i), "n": fmt.Sprint(n)})
+				})
+				if err != nil {
+					t.Fatal(err)
+				}
+				hooks[r].Wake()
+			}
+		}
+		drained(t, stores[0])
+
+		recv.mu.Lock()
+		defer recv.mu.Unlock()
+		if len(recv.delivered) != instances*each {
+			t.Fatalf("%d deliveries received; want %d", len(recv.delivered), instances*each)
+		}
+		for id, n := range recv.delivered {
+			if n != 1 {
+				t.Errorf("delivery %s received %d times", id, n)
+			}
+		}
+		var want []string
+		for n := range each {
+			want = append(want, fmt.Sprint(n))
+		}
+		for i := range instances {
+			if got := recv.order[fmt.Sprintf("i-%d", i)]; fmt.Sprint(got) != fmt.Sprint(want) {
+				t.Errorf("i-%d's deliveries arrived as %v; want %v", i, got, want)
+			}
+		}
+	})
+}
+
+// A server that dies while posting a delivery (its context ends before it
+// records it) leaves it claimed: no other server makes it, nor the
+// instance's later ones, until the claim's lease runs out; then another
+// server makes it again, with the same delivery id, and the later ones
+// after it.
+func TestWebhookTakeover(t *testing.T) {
+	storetest.OnEngines(t, func(t *testing.T, open func() *store.Store) {
+		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		signer, _ := attest.NewSigner(key)
+		recv := newCounter(t, signer, 0)
+		posted := make(chan string, 1)
+		var once sync.Once
+		receiver := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			hung := false
+			once.Do(func() { hung = true })
+			if hung { // the dying server's: the receiver got it, no answer reached the server
+				io.Copy(io.Discard, r.Body) // then the server notices the client going away
+				posted <- r.Header.Get(api.WebhookDeliveryHeader)
+				<-r.Context().Done()
+				return
+			}
+			recv.ServeHTTP(w, r)
+		}))
+		defer receiver.Close()
+
+		a, b := open(), open()
+		dying, die := context.WithCancel(context.Background())
+		defer die()
+		hookA := New(Config{URL: receiver.URL, Signer: signer, Store: a, Replica: "replica-a", Lease: 2 * time.Second})
+		err := a.Update(dying, func(tx *store.Tx) error {
+			for _, n := range []string{"0", "1"} {
+				if err := hookA.Enqueue(tx, map[string]any{"iss": attest.TokenIssuer, "sub": "i-1", "n": n}); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		hookA.Start(dying)
+		first := <-posted
+		die()
+
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		var left []store.Delivery
+		b.View(ctx, func(tx *store.Tx) (err error) { left, err = tx.Deliveries(10); return err })
+		if len(left) != 2 || left[0].ClaimedBy != "replica-a" || left[0].DeliveryID != first {
+			t.Fatalf("the outbox as replica-a died: %+v; want its claim on %s, and the next waiting", left, first)
+		}
+		hookB := New(Config{URL: receiver.URL, Signer: signer, Store: b, Replica: "replica-b"})
+		hookB.Start(ctx)
+		drained(t, b)
+
+		recv.mu.Lock()
+		defer recv.mu.Unlock()
+		if got := recv.order["i-1"]; fmt.Sprint(got) != "[0 1]" || recv.firstOf["0"] != first || recv.calls != 2 {
+			t.Fatalf("replica-b delivered %v in %d calls, the first as %s; want [0 1] in 2, the first again as %s", got, recv.calls, recv.firstOf["0"], first)
+		}
+	})
 }
 
 // lockedBuffer is a log sink the deliverer's goroutine and the test share.

@@ -1,8 +1,10 @@
 // Package storetest opens the store the tests of packages above the store
 // run on: SQLite in a temporary directory, or with VTPMD_TEST_STORE=postgres
 // (make test runs the store's users both ways) a fresh database on a
-// throwaway PostgreSQL (internal/store/pgtest). A package that uses it
-// calls Main from its TestMain, which stops that PostgreSQL.
+// throwaway PostgreSQL (internal/store/pgtest). Tests of several servers
+// sharing one database run on both, whatever it says (OnEngines). A
+// package that uses it calls Main from its TestMain, which stops that
+// PostgreSQL.
 package storetest
 
 import (
@@ -23,17 +25,35 @@ func Open(t testing.TB) *store.Store { return Opener(t, t.TempDir(), store.Optio
 // process would; each is closed when the test ends.
 func Opener(t testing.TB, dir string, opts store.Options) func() *store.Store {
 	t.Helper()
-	var open func() (*store.Store, error)
-	switch os.Getenv("VTPMD_TEST_STORE") {
-	case "", "sqlite":
-		open = func() (*store.Store, error) {
-			return store.Open(context.Background(), filepath.Join(dir, "db"), opts)
-		}
-	case "postgres":
+	engine := os.Getenv("VTPMD_TEST_STORE")
+	switch engine {
+	case "":
+		engine = "sqlite"
+	case "sqlite", "postgres":
+	default:
+		t.Fatalf("VTPMD_TEST_STORE=%q: want sqlite or postgres", engine)
+	}
+	return opener(t, engine, dir, opts)
+}
+
+// OnEngines runs test once on SQLite and once on PostgreSQL, as subtests,
+// with a function that opens a new handle on one fresh database each time
+// it is called, as another server would: several servers sharing one
+// database is what PostgreSQL is for, and SQLite must stay right too.
+func OnEngines(t *testing.T, test func(t *testing.T, open func() *store.Store)) {
+	for _, engine := range []string{"sqlite", "postgres"} {
+		t.Run(engine, func(t *testing.T) { test(t, opener(t, engine, t.TempDir(), store.Options{})) })
+	}
+}
+
+func opener(t testing.TB, engine, dir string, opts store.Options) func() *store.Store {
+	t.Helper()
+	open := func() (*store.Store, error) {
+		return store.Open(context.Background(), filepath.Join(dir, "db"), opts)
+	}
+	if engine == "postgres" {
 		dsn := pgtest.DSN(t)
 		open = func() (*store.Store, error) { return store.OpenPostgres(context.Background(), dsn, opts) }
-	default:
-		t.Fatalf("VTPMD_TEST_STORE=%q: want sqlite or postgres", os.Getenv("VTPMD_TEST_STORE"))
 	}
 	return func() *store.Store {
 		t.Helper()
