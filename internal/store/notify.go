@@ -55,7 +55,7 @@ func decodeTopics(payload string) (from string, changed []topic, all bool) {
 			all = true
 		case len(l) >= 2 && l[1] == ':':
 			switch k := topicKind(l[0]); k {
-			case vtpmTopic, hostTopic, certificatesTopic, refreshTopic:
+			case vtpmTopic, hostTopic, certificatesTopic, refreshTopic, outboxTopic:
 				changed = append(changed, topic{kind: k, name: l[2:]})
 			}
 		}

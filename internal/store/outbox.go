@@ -2,6 +2,7 @@ package store
 
 import (
 	"database/sql"
+	"slices"
 	"strings"
 	"time"
 
@@ -42,7 +43,16 @@ type Delivery struct {
 func (t *Tx) Enqueue(instanceID string, payload []byte) error {
 	_, err := t.exec(`INSERT INTO outbox (instance_id, delivery_id, payload, next_at, created_at) VALUES (?,?,?,?,?)`,
 		instanceID, uuid.NewString(), string(payload), sortable(t.now), stamp(t.now))
+	t.outboxChanged()
 	return err
+}
+
+// outboxChanged has this transaction's commit wake every server's
+// deliverer (OutboxChanged).
+func (t *Tx) outboxChanged() {
+	if k := (topic{kind: outboxTopic}); !slices.Contains(t.changed, k) {
+		t.changed = append(t.changed, k)
+	}
 }
 
 const deliveryColumns = `id, instance_id, delivery_id, payload, attempts, next_at, claimed_by, claimed_until`
@@ -107,12 +117,14 @@ func (t *Tx) NextClaim() (at time.Time, ok bool, err error) {
 // longer holder's: its lease ran out and another server took the delivery
 // over (or made it already).
 func (t *Tx) Delivered(id int64, holder string) (held bool, err error) {
+	t.outboxChanged() // the instance's next may be claimed now
 	return changedRow(t.exec(`DELETE FROM outbox WHERE id=? AND claimed_by=?`, id, holder))
 }
 
 // Retry records a failed attempt at a delivery holder claimed, and
 // releases it, due again after wait. held is as for Delivered.
 func (t *Tx) Retry(id int64, holder string, wait time.Duration) (held bool, err error) {
+	t.outboxChanged()
 	return changedRow(t.exec(`UPDATE outbox SET attempts=attempts+1, next_at=?, claimed_by='', claimed_until='' WHERE id=? AND claimed_by=?`,
 		sortable(t.now.Add(wait)), id, holder))
 }

@@ -55,8 +55,8 @@ type Store struct {
 }
 
 // topic is what a waiter waits for a commit to change: one vTPM's record,
-// the vTPMs placed on one host, one host's certificates, or the refresh
-// requests of one attestation subject.
+// the vTPMs placed on one host, one host's certificates, the refresh
+// requests of one attestation subject, or the webhook outbox.
 type topic struct {
 	kind topicKind
 	name string // an instance id (vtpmTopic), a host's name, or an attestation record's key (refreshTopic)
@@ -70,6 +70,7 @@ const (
 	hostTopic         topicKind = 'h'
 	certificatesTopic topicKind = 'c'
 	refreshTopic      topicKind = 'r'
+	outboxTopic       topicKind = 'o' // no name: the one outbox
 )
 
 // VTPMChanged returns a channel that is closed when a transaction next
@@ -98,6 +99,15 @@ func (s *Store) HostChanged(host string) <-chan struct{} {
 // what a cache of honoured certificates waits on.
 func (s *Store) HostCertificatesChanged(host string) <-chan struct{} {
 	return s.wait(topic{kind: certificatesTopic, name: host})
+}
+
+// OutboxChanged returns a channel that is closed when a transaction next
+// commits a change to the webhook outbox (a delivery queued, made, or
+// released to be retried), in this process or (moments later, as
+// VTPMChanged) another on the database: what every server's deliverer
+// waits on.
+func (s *Store) OutboxChanged() <-chan struct{} {
+	return s.wait(topic{kind: outboxTopic})
 }
 
 func (s *Store) wait(k topic) <-chan struct{} {

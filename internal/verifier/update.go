@@ -122,11 +122,10 @@ func sameVTPM(tx *store.Tx, sub Subject) error {
 }
 
 // notifying runs fn in one transaction; the verdict changes it returns
-// are queued for the webhook in that same transaction, and the deliverer
-// woken once it commits.
+// are queued for the webhook in that same transaction, whose commit wakes
+// the deliverers (store.OutboxChanged).
 func (v *Verifier) notifying(ctx context.Context, fn func(tx *store.Tx) ([]map[string]any, error)) error {
-	var notified bool
-	err := v.cfg.Store.Update(ctx, func(tx *store.Tx) error {
+	return v.cfg.Store.Update(ctx, func(tx *store.Tx) error {
 		notes, err := fn(tx)
 		if err != nil {
 			return err
@@ -136,13 +135,8 @@ func (v *Verifier) notifying(ctx context.Context, fn func(tx *store.Tx) ([]map[s
 				return err
 			}
 		}
-		notified = len(notes) > 0
 		return nil
 	})
-	if err == nil && notified {
-		v.cfg.Webhook.Wake()
-	}
-	return err
 }
 
 // Forget drops a host's attestation record (the TPM it is pinned to, its

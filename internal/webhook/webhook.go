@@ -65,20 +65,20 @@ type Config struct {
 }
 
 // Webhook is an outbox and its deliverer. A nil *Webhook is no webhook:
-// Enqueue and Wake do nothing.
+// Enqueue does nothing.
 type Webhook struct {
 	cfg    Config
 	client http.Client
-	kick   chan struct{}
 }
 
 // claimBatch is how many deliveries (of as many instances) a deliverer
 // claims, and makes at once.
 const claimBatch = 16
 
-// idle is how long a deliverer with nothing to claim waits at most: what
-// another server queues wakes only that server's deliverer, so this one
-// looks again now and then, in case that server died before delivering.
+// idle is how long a deliverer with nothing to claim waits at most. A
+// commit that changes the outbox, on any server, wakes it
+// (store.OutboxChanged); a notification lost while the store's listener
+// reconnects is found by looking again now and then.
 const idle = time.Minute
 
 // busy is how long a deliverer waits when a delivery due now could not be
@@ -87,7 +87,7 @@ const busy = 50 * time.Millisecond
 
 // New returns a Webhook for cfg; nothing is delivered until Start.
 func New(cfg Config) *Webhook {
-	h := &Webhook{cfg: cfg, client: http.Client{Timeout: 10 * time.Second}, kick: make(chan struct{}, 1)}
+	h := &Webhook{cfg: cfg, client: http.Client{Timeout: 10 * time.Second}}
 	if cfg.Client != nil {
 		h.client = *cfg.Client
 	}
@@ -118,11 +118,12 @@ func New(cfg Config) *Webhook {
 func (h *Webhook) Start(ctx context.Context) {
 	go func() {
 		for {
+			changed := h.cfg.Store.OutboxChanged() // before looking, so that no commit is missed
 			wait := h.deliverDue(ctx)
 			select {
 			case <-ctx.Done():
 				return
-			case <-h.kick:
+			case <-changed:
 			case <-time.After(wait):
 			}
 		}
@@ -145,18 +146,6 @@ func (h *Webhook) Enqueue(tx *store.Tx, claims map[string]any) error {
 		return err
 	}
 	return tx.Enqueue(sub, payload)
-}
-
-// Wake tells the deliverer that the outbox has news, once the transaction
-// that queued it committed.
-func (h *Webhook) Wake() {
-	if h == nil {
-		return
-	}
-	select {
-	case h.kick <- struct{}{}:
-	default:
-	}
 }
 
 // deliverDue claims and makes the deliveries that are due, a batch at a

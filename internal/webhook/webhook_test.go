@@ -21,6 +21,7 @@ import (
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/attest"
 	"github.com/vtpmd/vtpmd/internal/store"
+	"github.com/vtpmd/vtpmd/internal/store/pgtest"
 	"github.com/vtpmd/vtpmd/internal/store/storetest"
 )
 
@@ -213,7 +214,6 @@ func TestWebhookReplicas(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				hooks[r].Wake()
 			}
 		}
 		drained(t, stores[0])
@@ -338,3 +338,46 @@ func drained(t *testing.T, st *store.Store) {
 }
 
 func TestMain(m *testing.M) { os.Exit(storetest.Main(m)) }
+
+// A delivery queued through one server is made by another's deliverer at
+// once: the commit wakes it through PostgreSQL's notifications
+// (store.OutboxChanged), long before it would look again by itself.
+func TestWebhookWokenAcrossServers(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	dsn := pgtest.DSN(t)
+	open := func() *store.Store {
+		st, err := store.OpenPostgres(ctx, dsn, store.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { st.Close() })
+		return st
+	}
+	queuer, deliverer := open(), open()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	signer, _ := attest.NewSigner(key)
+	recv := newCounter(t, signer, 0)
+	receiver := httptest.NewServer(recv)
+	defer receiver.Close()
+	New(Config{URL: receiver.URL, Signer: signer, Store: deliverer, Replica: "b"}).Start(ctx)
+	time.Sleep(100 * time.Millisecond)                                                   // its first look found nothing: it waits
+	quiet := New(Config{URL: receiver.URL, Signer: signer, Store: queuer, Replica: "a"}) // queues, never started
+	if err := queuer.Update(ctx, func(tx *store.Tx) error {
+		return quiet.Enqueue(tx, map[string]any{"iss": attest.TokenIssuer, "sub": "i-1", "n": "1"})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	// Well within idle (a minute), after which it would have looked anyway.
+	for deadline := time.Now().Add(idle / 3); ; time.Sleep(10 * time.Millisecond) {
+		recv.mu.Lock()
+		n := len(recv.delivered)
+		recv.mu.Unlock()
+		if n == 1 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the other server's deliverer did not wake for a delivery queued through this one")
+		}
+	}
+}
