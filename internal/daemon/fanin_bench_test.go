@@ -10,6 +10,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -60,7 +61,10 @@ import (
 // the server's memory per connected agent: what its RSS (and Go heap and
 // stacks) grow by, averaged over ten seconds, as the second half of the
 // agents connect to a freshly restarted server and sit in their watches,
-// divided by those agents.
+// divided by those agents; and what its heap and stacks grow by as
+// measured right after a collection (heap-gc, stack-gc): what those
+// agents hold, less the garbage a collection would free and the stacks
+// it would shrink.
 func BenchmarkFanIn(b *testing.B) {
 	n := envInt(b, "VTPMD_FANIN_AGENTS", 500)
 	l := newFanIn(b, n)
@@ -324,13 +328,17 @@ func newFanIn(b *testing.B, agents int) *load {
 			}
 		}
 		time.Sleep(5 * time.Second) // a heartbeat and a periodic pass each
-		return f.memoryOver(10 * time.Second)
+		m := f.memoryOver(10 * time.Second)
+		f.collect()
+		collected := f.memory()
+		m["heap-gc"], m["stack-gc"] = collected["heap"], collected["stack"]
+		return m
 	}
 	half := connect(0, agents/2)
 	all := connect(agents/2, agents)
 	l.metrics = map[string]float64{}
 	for name, unit := range map[string]string{"rss": "server-rss-KiB/agent", "heap": "server-heap-KiB/agent", "stack": "server-stack-KiB/agent",
-		"goroutines": "server-goroutines/agent"} {
+		"heap-gc": "server-heap-gc-KiB/agent", "stack-gc": "server-stack-gc-KiB/agent", "goroutines": "server-goroutines/agent"} {
 		per := (all[name] - half[name]) / float64(agents-agents/2)
 		if name != "goroutines" {
 			per /= 1024
@@ -434,6 +442,24 @@ func (f *fanIn) metrics() map[string]float64 {
 		f.b.Fatal("the server's metrics lack vtpmd_store_statements_total")
 	}
 	return m
+}
+
+// collect has the server collect its garbage: twice, for a collection
+// halves a parked goroutine's stack at most once (each time a heap
+// profile taken after a collection, from the operator's socket).
+func (f *fanIn) collect() {
+	f.b.Helper()
+	for range 2 {
+		resp, err := f.scrape.Get("http://vtpmd/debug/pprof/heap?gc=1")
+		if err != nil {
+			f.b.Fatal(err)
+		}
+		_, err = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if err != nil || resp.StatusCode != http.StatusOK {
+			f.b.Fatalf("a heap profile: %s %v", resp.Status, err)
+		}
+	}
 }
 
 // memoryOver is the server's memory (see memory) sampled every second

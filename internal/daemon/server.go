@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"path/filepath"
 	"time"
@@ -187,7 +188,14 @@ func (s *Server) open(ctx context.Context) error {
 	s.http = &http.Server{Handler: s.api.Handler(), ReadHeaderTimeout: 10 * time.Second, TLSConfig: serving, HTTP2: h2,
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)} // as structured logs
 	s.http.RegisterOnShutdown(s.api.EndLongPolls)
-	s.local = &http.Server{Handler: s.http.Handler, ReadHeaderTimeout: 10 * time.Second, ConnContext: server.OperatorConn}
+	// The operator's socket serves Go's profiles too (net/http/pprof):
+	// where a server's memory and time go, for its operator alone.
+	local := http.NewServeMux()
+	local.HandleFunc("/debug/pprof/", pprof.Index)
+	local.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	local.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	local.Handle("/", s.http.Handler)
+	s.local = &http.Server{Handler: local, ReadHeaderTimeout: 10 * time.Second, ConnContext: server.OperatorConn}
 	s.local.RegisterOnShutdown(s.api.EndLongPolls)
 	go ver.WatchStale(bg)
 	return nil

@@ -338,3 +338,32 @@ func TestAPIHTTP2Settings(t *testing.T) {
 		t.Fatalf("SETTINGS %v: want HEADER_TABLE_SIZE 512, MAX_FRAME_SIZE 16384", settings)
 	}
 }
+
+// TestOperatorProfiles: the operator's socket serves Go's profiles; the
+// network address does not.
+func TestOperatorProfiles(t *testing.T) {
+	dir := t.TempDir()
+	s, err := openServer(context.Background(), Config{DataDir: filepath.Join(dir, "data"), Listen: "127.0.0.1:0"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.serve()
+	t.Cleanup(func() { s.Shutdown(context.Background()) })
+	local := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", s.cfg.APISocket)
+	}}}
+	for u, want := range map[string]int{"http://vtpmd/debug/pprof/heap?gc=1": http.StatusOK, s.URL + "/debug/pprof/heap": http.StatusNotFound} {
+		c := local
+		if strings.HasPrefix(u, s.URL) {
+			c = http.DefaultClient
+		}
+		resp, err := c.Get(u)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Errorf("GET %s: %s, want %d", u, resp.Status, want)
+		}
+	}
+}
