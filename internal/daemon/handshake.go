@@ -32,10 +32,10 @@ type handshakes struct {
 	config *tls.Config
 	log    *slog.Logger
 
-	ready  chan net.Conn // handshaken connections
-	failed chan error    // the inner listener's errors
-	closed chan struct{}
-	close  sync.Once
+	ready   chan net.Conn // handshaken connections
+	failed  chan error    // the inner listener's errors
+	closed  chan struct{}
+	closing sync.Once
 }
 
 var _ net.Listener = (*handshakes)(nil)
@@ -117,7 +117,7 @@ func (l *handshakes) Accept() (net.Conn, error) {
 // Close stops accepting; handshakes under way close their connections.
 func (l *handshakes) Close() error {
 	err := net.ErrClosed
-	l.close.Do(func() {
+	l.closing.Do(func() {
 		close(l.closed)
 		err = l.inner.Close()
 	})
