@@ -10,6 +10,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -57,9 +58,13 @@ import (
 // before and after the creates), and its parts measured alone on a quiet
 // server: create-stmts (the API's create) and agent-stmts (the agent's
 // watch read, reports and secret read for it). BenchmarkFanIn also reports
-// the server's memory per connected agent: RSS (and Go heap and stacks)
-// of a freshly restarted server before and after the agents connect and
-// sit in their watches, divided by the agents.
+// the server's memory per connected agent: what its RSS (and Go heap and
+// stacks) grow by, averaged over ten seconds, as the second half of the
+// agents connect to a freshly restarted server and sit in their watches,
+// divided by those agents; and what its heap and stacks grow by as
+// measured right after a collection (heap-gc, stack-gc): what those
+// agents hold, less the garbage a collection would free and the stacks
+// it would shrink.
 func BenchmarkFanIn(b *testing.B) {
 	n := envInt(b, "VTPMD_FANIN_AGENTS", 500)
 	l := newFanIn(b, n)
@@ -298,42 +303,51 @@ func newFanIn(b *testing.B, agents int) *load {
 	// yet.
 	l.probe(b, probeHosts(b, func(name string) *agent.Agent { return newAgent(name, new(atomic.Int64)) }))
 
-	// The agents connect, register and sit in their watches.
-	time.Sleep(2 * time.Second)
-	before := f.memory()
+	// The agents connect, register and sit in their watches: half of
+	// them, then the rest. What a connected agent costs the server is
+	// what the second half adds, for the first opens what a server keeps
+	// however many connect (its store connections, its buffer pools).
 	var inWatch atomic.Int64
 	var wg sync.WaitGroup
 	b.Cleanup(func() {
 		cancel()
 		wg.Wait()
 	})
-	running := make([]*agent.Agent, agents)
-	parallel(b, agents, 8, func(i int) error {
-		running[i] = newAgent(names[i], &inWatch)
-		return running[i].Register(ctx)
-	})
-	for _, a := range running {
-		wg.Go(func() { a.Run(ctx) })
-	}
-	for deadline := time.Now().Add(2 * time.Minute); inWatch.Load() < int64(agents); time.Sleep(100 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			b.Fatalf("%d of %d agents in their watch after two minutes", inWatch.Load(), agents)
+	connect := func(from, to int) map[string]float64 {
+		running := make([]*agent.Agent, to-from)
+		parallel(b, len(running), 8, func(i int) error {
+			running[i] = newAgent(names[from+i], &inWatch)
+			return running[i].Register(ctx)
+		})
+		for _, a := range running {
+			wg.Go(func() { a.Run(ctx) })
 		}
+		for deadline := time.Now().Add(2 * time.Minute); inWatch.Load() < int64(to); time.Sleep(100 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				b.Fatalf("%d of %d agents in their watch after two minutes", inWatch.Load(), to)
+			}
+		}
+		time.Sleep(5 * time.Second) // a heartbeat and a periodic pass each
+		m := f.memoryOver(10 * time.Second)
+		f.collect()
+		collected := f.memory()
+		m["heap-gc"], m["stack-gc"] = collected["heap"], collected["stack"]
+		return m
 	}
-	time.Sleep(5 * time.Second) // a heartbeat and a periodic pass each
-	after := f.memory()
+	half := connect(0, agents/2)
+	all := connect(agents/2, agents)
 	l.metrics = map[string]float64{}
 	for name, unit := range map[string]string{"rss": "server-rss-KiB/agent", "heap": "server-heap-KiB/agent", "stack": "server-stack-KiB/agent",
-		"goroutines": "server-goroutines/agent"} {
-		per := (after[name] - before[name]) / float64(agents)
+		"heap-gc": "server-heap-gc-KiB/agent", "stack-gc": "server-stack-gc-KiB/agent", "goroutines": "server-goroutines/agent"} {
+		per := (all[name] - half[name]) / float64(agents-agents/2)
 		if name != "goroutines" {
 			per /= 1024
 		}
 		l.metrics[unit] = per
 	}
-	b.Logf("server before the agents connect: RSS %.1f MiB, heap %.1f MiB, stacks %.1f MiB, %0.f goroutines; after: %.1f, %.1f, %.1f MiB, %.0f",
-		before["rss"]/(1<<20), before["heap"]/(1<<20), before["stack"]/(1<<20), before["goroutines"],
-		after["rss"]/(1<<20), after["heap"]/(1<<20), after["stack"]/(1<<20), after["goroutines"])
+	b.Logf("server with %d agents connected: RSS %.1f MiB, heap %.1f MiB, stacks %.1f MiB, %0.f goroutines; with %d: %.1f, %.1f, %.1f MiB, %.0f",
+		agents/2, half["rss"]/(1<<20), half["heap"]/(1<<20), half["stack"]/(1<<20), half["goroutines"],
+		agents, all["rss"]/(1<<20), all["heap"]/(1<<20), all["stack"]/(1<<20), all["goroutines"])
 	return l
 }
 
@@ -432,6 +446,40 @@ func (f *fanIn) metrics() map[string]float64 {
 		f.b.Fatal("the server's metrics lack vtpmd_store_statements_total")
 	}
 	return m
+}
+
+// collect has the server collect its garbage: twice, for a collection
+// halves a parked goroutine's stack at most once (each time a heap
+// profile taken after a collection, from the operator's socket).
+func (f *fanIn) collect() {
+	f.b.Helper()
+	for range 2 {
+		resp, err := f.scrape.Get("http://vtpmd/debug/pprof/heap?gc=1")
+		if err != nil {
+			f.b.Fatal(err)
+		}
+		_, err = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if err != nil || resp.StatusCode != http.StatusOK {
+			f.b.Fatalf("a heap profile: %s %v", resp.Status, err)
+		}
+	}
+}
+
+// memoryOver is the server's memory (see memory) sampled every second
+// over d, averaged: a sample alone falls anywhere between two garbage
+// collections.
+func (f *fanIn) memoryOver(d time.Duration) map[string]float64 {
+	f.b.Helper()
+	avg := map[string]float64{}
+	n := int(d / time.Second)
+	for range n {
+		for k, v := range f.memory() {
+			avg[k] += v / float64(n)
+		}
+		time.Sleep(time.Second)
+	}
+	return avg
 }
 
 // memory is the server's resident set (from /proc), Go heap in use,

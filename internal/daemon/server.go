@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"path/filepath"
 	"time"
@@ -173,10 +174,26 @@ func (s *Server) open(ctx context.Context) error {
 	s.api = &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, Enrolment: enrol.New(enrol.Config{Store: s.store, HostCA: hostCA, Log: s.log, BoundEnrolment: ver.BoundEnrolment}),
 		Agents: s.agents, EKCA: s.authority, CAChainPEM: s.authority.ChainPEM, Statements: s.store.Statements, Log: s.log,
 		Readiness: s.readiness(kr)}
-	s.http = &http.Server{Handler: s.api.Handler(), ReadHeaderTimeout: 10 * time.Second, TLSConfig: serving,
-		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)} // TLS handshake failures, as structured logs
+	// HTTP/2 for many long-lived connections that each carry a request
+	// every few seconds (hosts' agents: a watch always waiting, a
+	// heartbeat every 10 s). Each keeps, while it is open, a header
+	// compression table each way, which fills with its requests' paths
+	// and its responses' dates: 512 bytes here, where HTTP/2's default is
+	// 4 KiB; and a buffer the size of the largest frame it has read:
+	// frames are read of at most 16 KiB (HTTP/2's default; Go's server
+	// takes 1 MiB).
+	h2 := &http.HTTP2Config{MaxDecoderHeaderTableSize: 512, MaxEncoderHeaderTableSize: 512, MaxReadFrameSize: 16 << 10}
+	s.http = &http.Server{Handler: s.api.Handler(), ReadHeaderTimeout: 10 * time.Second, TLSConfig: serving, HTTP2: h2,
+		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)} // as structured logs
 	s.http.RegisterOnShutdown(s.api.EndLongPolls)
-	s.local = &http.Server{Handler: s.http.Handler, ReadHeaderTimeout: 10 * time.Second, ConnContext: server.OperatorConn}
+	// The operator's socket serves Go's profiles too (net/http/pprof):
+	// where a server's memory and time go, for its operator alone.
+	local := http.NewServeMux()
+	local.HandleFunc("/debug/pprof/", pprof.Index)
+	local.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	local.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	local.Handle("/", s.http.Handler)
+	s.local = &http.Server{Handler: local, ReadHeaderTimeout: 10 * time.Second, ConnContext: server.OperatorConn}
 	s.local.RegisterOnShutdown(s.api.EndLongPolls)
 	go ver.WatchStale(bg)
 	return nil
@@ -224,11 +241,11 @@ func (s *Server) serve() {
 		}
 	}()
 	go func() {
-		serve := s.http.Serve
+		ln := s.ln
 		if s.http.TLSConfig != nil {
-			serve = func(ln net.Listener) error { return s.http.ServeTLS(ln, "", "") }
+			ln = listenTLS(ln, s.http.TLSConfig, s.log)
 		}
-		if err := serve(s.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := s.http.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			s.log.Error("API server stopped", "err", err)
 		}
 	}()

@@ -7,7 +7,7 @@ import (
 )
 
 // tlsConfigs are the API's HTTPS configuration from the certificate and key
-// files, and how this process's own clients trust it: the certificate
+// files (offering HTTP/2 and HTTP/1.1), and how this process's own clients trust it: the certificate
 // itself, under its first name (they connect over loopback).
 func tlsConfigs(certFile, keyFile string) (serving, self *tls.Config, err error) {
 	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
@@ -28,5 +28,5 @@ func tlsConfigs(certFile, keyFile string) (serving, self *tls.Config, err error)
 	default:
 		return nil, nil, errors.New("the TLS certificate names no host (no DNS or IP subject alternative name)")
 	}
-	return &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}, self, nil
+	return &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12, NextProtos: []string{"h2", "http/1.1"}}, self, nil
 }

@@ -9,8 +9,10 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/binary"
 	"encoding/pem"
 	"errors"
+	"io"
 	"math/big"
 	"net"
 	"net/http"
@@ -284,5 +286,84 @@ func TestClientCertificates(t *testing.T) {
 
 	if _, err := StartAllInOne(ctx, Config{DataDir: t.TempDir(), Listen: "127.0.0.1:0", ClientCA: ca.file}, nil); err == nil || !strings.Contains(err.Error(), "need TLS") {
 		t.Fatalf("client CAs without TLS: %v", err)
+	}
+}
+
+// TestAPIHTTP2Settings: the API's HTTP/2 settings bound what each of many
+// long-lived connections keeps: header compression tables of 512 bytes,
+// frames of at most 16 KiB.
+func TestAPIHTTP2Settings(t *testing.T) {
+	dir := t.TempDir()
+	_, certFile, keyFile := writeTestPKI(t, dir)
+	s, err := openServer(context.Background(), Config{DataDir: filepath.Join(dir, "data"), Listen: "127.0.0.1:0", TLSCert: certFile, TLSKey: keyFile}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.serve()
+	t.Cleanup(func() { s.Shutdown(context.Background()) })
+
+	cfg := s.self.Clone()
+	cfg.NextProtos = []string{"h2"}
+	conn, err := tls.Dial("tcp", s.Addr, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if p := conn.ConnectionState().NegotiatedProtocol; p != "h2" {
+		t.Fatalf("negotiated %q", p)
+	}
+	// The client's preface and an empty SETTINGS frame; the server's
+	// first frame is its SETTINGS (RFC 9113 section 3.4).
+	if _, err := io.WriteString(conn, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00"); err != nil {
+		t.Fatal(err)
+	}
+	conn.SetReadDeadline(time.Now().Add(time.Minute))
+	var hdr [9]byte
+	if _, err := io.ReadFull(conn, hdr[:]); err != nil {
+		t.Fatal(err)
+	}
+	if hdr[3] != 0x4 || hdr[4] != 0 {
+		t.Fatalf("first frame: type %d flags %d, want SETTINGS", hdr[3], hdr[4])
+	}
+	payload := make([]byte, int(hdr[0])<<16|int(hdr[1])<<8|int(hdr[2]))
+	if _, err := io.ReadFull(conn, payload); err != nil {
+		t.Fatal(err)
+	}
+	settings := map[uint16]uint32{}
+	for p := payload; len(p) >= 6; p = p[6:] {
+		settings[binary.BigEndian.Uint16(p)] = binary.BigEndian.Uint32(p[2:])
+	}
+	const headerTableSize, maxFrameSize = 0x1, 0x5 // RFC 9113 section 6.5.2
+	if settings[headerTableSize] != 512 || settings[maxFrameSize] != 16<<10 {
+		t.Fatalf("SETTINGS %v: want HEADER_TABLE_SIZE 512, MAX_FRAME_SIZE 16384", settings)
+	}
+}
+
+// TestOperatorProfiles: the operator's socket serves Go's profiles; the
+// network address does not.
+func TestOperatorProfiles(t *testing.T) {
+	dir := t.TempDir()
+	s, err := openServer(context.Background(), Config{DataDir: filepath.Join(dir, "data"), Listen: "127.0.0.1:0"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.serve()
+	t.Cleanup(func() { s.Shutdown(context.Background()) })
+	local := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", s.cfg.APISocket)
+	}}}
+	for u, want := range map[string]int{"http://vtpmd/debug/pprof/heap?gc=1": http.StatusOK, s.URL + "/debug/pprof/heap": http.StatusNotFound} {
+		c := local
+		if strings.HasPrefix(u, s.URL) {
+			c = http.DefaultClient
+		}
+		resp, err := c.Get(u)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Errorf("GET %s: %s, want %d", u, resp.Status, want)
+		}
 	}
 }
