@@ -405,6 +405,13 @@ func (a *Agent) run(ctx context.Context, v *Record) error {
 	case v.Phase == PhaseActive:
 		action = "guest disconnected"
 	}
+	if action != "guest connected" && action != "guest disconnected" {
+		// A guest's connection is an event of its own: recorded along
+		// with another change it would go unseen in the vTPM's history.
+		// The next pass, a second later, records it.
+		connected = v.Phase == PhaseActive && v.Connected
+	}
+	v.Sockets, v.PID, v.Connected = sockets, pid, connected
 	return a.setPhase(ctx, v, PhaseActive, "", action)
 }
 
@@ -464,13 +471,12 @@ func (a *Agent) fail(ctx context.Context, v *Record, doing string, err error) er
 	return err
 }
 
-// setPhase records v in phase p, with the sockets the vTPM is served on
-// when it is active and none when it stopped, failed or is being deleted.
+// setPhase records v in phase p; a vTPM that stopped, failed or is being
+// deleted is served on no sockets, by no process, to no guest (an active
+// one's, run sets).
 func (a *Agent) setPhase(ctx context.Context, v *Record, p Phase, reason, action string) error {
 	v.Phase, v.Reason = p, reason
 	switch p {
-	case PhaseActive:
-		v.Sockets, v.PID, v.Connected = a.Backend.Sockets(v.InstanceID), a.pid(v.InstanceID), a.connected(v.InstanceID)
 	case PhaseStopped, PhaseError, PhaseDeleting:
 		v.Sockets, v.PID, v.Connected = api.Sockets{}, 0, false
 	}

@@ -340,6 +340,70 @@ func TestSocketsRecorded(t *testing.T) {
 	}
 }
 
+// TestGuestConnectionIsItsOwnEvent: a guest that connects while something
+// else changes (here swtpm restarted, and a client connected at once) is
+// recorded by the next pass as an event of its own, not hidden in the
+// other change's; and disconnecting is one too.
+func TestGuestConnectionIsItsOwnEvent(t *testing.T) {
+	h := newHost(t, t.TempDir())
+	id := "0f0f0f0f-0000-4000-8000-000000000007"
+	h.create(t, id, spec.V20)
+	active := h.pass(t, id)
+	if active.Phase != store.PhaseActive || active.Connected {
+		t.Fatalf("active: %+v", active)
+	}
+	first := h.rt.Running(id)
+	syscall.Kill(first, syscall.SIGKILL)
+	for deadline := time.Now().Add(10 * time.Second); h.rt.Running(id) == first || h.rt.Running(id) == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the supervisor did not restart swtpm")
+		}
+	}
+	ctrl := h.rt.Sockets(id).Ctrl
+	var guest net.Conn
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		c, err := net.Dial("unix", ctrl)
+		if err == nil {
+			guest = c
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("connecting to the restarted swtpm: %v", err)
+		}
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if h.rt.Connected(id) { // what the agent asks, looked at once a second
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the runtime does not see the connection")
+		}
+	}
+	last := func() store.Event {
+		t.Helper()
+		var evs []store.Event
+		if err := h.st.View(context.Background(), func(tx *store.Tx) (err error) { evs, err = tx.ListEvents(id, active.Incarnation); return err }); err != nil {
+			t.Fatal(err)
+		}
+		return evs[len(evs)-1]
+	}
+	if rec := h.pass(t, id); rec.Connected || !strings.HasPrefix(last().Action, "swtpm restarted") {
+		t.Fatalf("after the restart: connected %v, last event %+v", rec.Connected, last())
+	}
+	if rec := h.pass(t, id); !rec.Connected || last().Action != "guest connected" {
+		t.Fatalf("the next pass: connected %v, last event %+v", rec.Connected, last())
+	}
+	guest.Close()
+	for deadline := time.Now().Add(10 * time.Second); h.rt.Connected(id); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the runtime still sees the guest")
+		}
+	}
+	if rec := h.pass(t, id); rec.Connected || last().Action != "guest disconnected" {
+		t.Fatalf("after the guest left: connected %v, last event %+v", rec.Connected, last())
+	}
+}
+
 // TestRunRecordsHeartbeats: registering records the agent's version with
 // a heartbeat, and while Run runs the agent records one every
 // HeartbeatInterval, each moving the host's last heartbeat on; they stop
