@@ -62,6 +62,15 @@ func (t *Tx) PutSealedKey(k SealedKey) error {
 	return nil
 }
 
+// PutSealedKeyIfCurrent stores k if the store names k.MasterKey as the
+// master key (and holds no key of its kind and name): stored says whether
+// it did; if not, PutSealedKey tells why.
+func (t *Tx) PutSealedKeyIfCurrent(k SealedKey) (stored bool, err error) {
+	return changedRow(t.exec(`INSERT INTO sealed_keys (kind, name, master_key, blob)
+		SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM master_key WHERE id=?) ON CONFLICT DO NOTHING`,
+		k.Kind, k.Name, k.MasterKey, k.Blob, k.MasterKey))
+}
+
 // ResealKey replaces the blob of an existing sealed key (a master key
 // rotation); ErrNotFound if there is none.
 func (t *Tx) ResealKey(k SealedKey) error {

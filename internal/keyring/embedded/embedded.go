@@ -146,17 +146,32 @@ func (e *Keyring) sealingKey(tx *store.Tx) (MasterKey, error) {
 	return e.key(id)
 }
 
-// put seals s as the sealed key (kind, s.ID) in tx.
+// put seals s as the sealed key (kind, s.ID) in tx: under the master key
+// this Keyring took last, in one statement that stores it only if the
+// store names that key (nearly always); else under the one the store names
+// (the first key sealed, or a rotation since).
 func (e *Keyring) put(tx *store.Tx, kind string, s keyring.Secret) error {
-	mk, err := e.sealingKey(tx)
-	if err != nil {
-		return err
-	}
+	e.mu.Lock()
+	mk := e.keys[0]
+	e.mu.Unlock()
 	blob, err := seal(mk.key, s)
 	if err != nil {
 		return fmt.Errorf("sealing %s: %w", s.ID, err)
 	}
-	return tx.PutSealedKey(store.SealedKey{Kind: kind, Name: s.ID, MasterKey: mk.ID(), Blob: blob})
+	k := store.SealedKey{Kind: kind, Name: s.ID, MasterKey: mk.ID(), Blob: blob}
+	if stored, err := tx.PutSealedKeyIfCurrent(k); stored || err != nil {
+		return err
+	}
+	if mk, err = e.sealingKey(tx); err != nil {
+		return err
+	}
+	if k.MasterKey != mk.ID() {
+		if k.Blob, err = seal(mk.key, s); err != nil {
+			return fmt.Errorf("sealing %s: %w", s.ID, err)
+		}
+		k.MasterKey = mk.ID()
+	}
+	return tx.PutSealedKey(k)
 }
 
 // open reads and opens the sealed key (kind, name) in tx; keyring.ErrNotFound if
