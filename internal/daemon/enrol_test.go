@@ -19,13 +19,14 @@ import (
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/ca"
 	"github.com/vtpmd/vtpmd/internal/cli"
+	"github.com/vtpmd/vtpmd/internal/store"
 )
 
 // TestHostEnrolment: with TLS (and no --client-ca), a host added with
 // vtpmctl host add enrols over HTTPS with a CSR made here, heartbeats with
 // its host certificate and reads up with its version; after vtpmctl host
-// revoke its next heartbeat is refused. The host CA lives in the data dir
-// with its key in the key manager, and survives a restart.
+// revoke its next heartbeat is refused. The host CA is one of the
+// deployment's keys sealed in the store, and survives a restart.
 func TestHostEnrolment(t *testing.T) {
 	dir := t.TempDir()
 	caFile, certFile, keyFile := writeTestPKI(t, dir)
@@ -57,9 +58,18 @@ func TestHostEnrolment(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	hostCAPEM, err := os.ReadFile(filepath.Join(dir, "host-ca", "ca.pem"))
-	if err != nil || e.CAChain != string(hostCAPEM) {
-		t.Fatalf("the chain is not <data-dir>/host-ca/ca.pem: %v", err)
+	st, err := store.Open(ctx, filepath.Join(dir, "vtpmd.db"), store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	_, keys, err := openKeys(ctx, Config{DataDir: dir, MasterKeyFile: filepath.Join(dir, "master.key")}, st, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	hostCAPEM := keys.hostCA.ChainPEM()
+	if e.CAChain != string(hostCAPEM) {
+		t.Fatalf("the chain is not the store's host CA:\n%s", e.CAChain)
 	}
 	block, _ := pem.Decode(hostCAPEM)
 	hostCA, _ := x509.ParseCertificate(block.Bytes)

@@ -85,10 +85,12 @@ func TestServersDeliverWebhooksOnce(t *testing.T) {
 	}))
 	defer receiver.Close()
 
+	// The first server makes the master key; both read it, as replicas do.
+	masterKey := filepath.Join(t.TempDir(), "master.key")
 	servers := map[int]*os.Process{}
 	for _, name := range []string{"server-a", "server-b"} {
 		dir := filepath.Join(t.TempDir(), name)
-		cmd := c.start(dir+".log", "server", "--data-dir", dir, "--listen", "127.0.0.1:0", "--store", c.dsn, "--webhook-url", receiver.URL)
+		cmd := c.start(dir+".log", "server", "--data-dir", dir, "--master-key-file", masterKey, "--listen", "127.0.0.1:0", "--store", c.dsn, "--webhook-url", receiver.URL)
 		servers[cmd.Process.Pid] = cmd.Process
 		op := client.New("unix://"+filepath.Join(dir, "api.sock"), "")
 		c.eventually(name+" answers", func() error { _, err := op.Hosts(ctx); return err })
