@@ -56,7 +56,7 @@ func TestPostgresFailover(t *testing.T) {
 	}
 	pg.CatchUp(t)
 
-	pg.Crash(t)
+	pg.Primary.Stop(t)
 	for i, c := range clients {
 		storeUnavailable(t, i, c, "with the primary down and the standby not promoted")
 	}
@@ -124,5 +124,54 @@ func TestPostgresFailover(t *testing.T) {
 	}
 	if err := <-got; err != nil {
 		t.Errorf("the agent's long poll after the failover: %v", err)
+	}
+}
+
+// TestPostgresFailoverLosesUnreplicated shows what asynchronous
+// replication loses in a failover: a create answered 202 while the
+// standby received nothing (it was down) is gone once the standby is
+// promoted, and its secret with it (the key manager keeps its secrets in
+// the same database); what the standby had replayed is there, and the
+// instance can be created again.
+func TestPostgresFailoverLosesUnreplicated(t *testing.T) {
+	pg := pgtest.NewReplicated(t)
+	st, kr, clients := replicasOn(t, pg.DSN(pg.Primary, pg.Standby), 1)
+	ctx := context.Background()
+	caps := spec.Capabilities{Enabled: true, Versions: []spec.Version{spec.V20}, Models: []spec.Model{spec.TIS, spec.CRB}}
+	err := st.Update(ctx, func(tx *store.Tx) error {
+		return tx.PutHost(&store.Host{Name: "h1", Traits: spec.HostTraits(caps).List(), Capacity: 100, Backend: "swtpm"})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v20 := map[string]string{"hw:tpm_version": "2.0"}
+	kept, lost := uuid.NewString(), uuid.NewString()
+	if code, e := send(t, clients[0], "POST", "/v1/vtpms", create(kept, v20)); code != http.StatusAccepted {
+		t.Fatalf("create before the standby stopped: %d %s", code, e)
+	}
+	pg.CatchUp(t)
+	pg.Standby.Stop(t)
+	if code, e := send(t, clients[0], "POST", "/v1/vtpms", create(lost, v20)); code != http.StatusAccepted {
+		t.Fatalf("create on the primary alone: %d %s", code, e)
+	}
+	pg.Primary.Stop(t)
+	pg.Standby.Start(t)
+	pg.Promote(t)
+
+	if code, e := send(t, clients[0], "GET", "/v1/vtpms/"+kept, nil); code != http.StatusOK {
+		t.Errorf("the vTPM the standby had replayed: %d %s", code, e)
+	}
+	if code, e := send(t, clients[0], "GET", "/v1/vtpms/"+lost, nil); code != http.StatusNotFound {
+		t.Errorf("the vTPM committed on the old primary alone: %d %s, want it lost (404)", code, e)
+	}
+	held, err := kr.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(held) != 1 {
+		t.Errorf("the key manager holds %d secrets after the failover, want the replayed vTPM's alone", len(held))
+	}
+	if code, e := send(t, clients[0], "POST", "/v1/vtpms", create(lost, v20)); code != http.StatusAccepted {
+		t.Errorf("the lost vTPM created again: %d %s", code, e)
 	}
 }

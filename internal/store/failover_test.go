@@ -39,7 +39,7 @@ func TestPostgresFailover(t *testing.T) {
 	pg.CatchUp(t)
 	missed := b.VTPMChanged("i-7") // no commit changes i-7: only the reconnect wakes it
 
-	pg.Crash(t)
+	pg.Primary.Stop(t)
 	create := func(tx *Tx) error { return tx.CreateVTPM(sample("i-2", "p1", "h1")) }
 	for name, err := range map[string]error{
 		"Update": a.Update(ctx, create),

@@ -14,8 +14,8 @@ import (
 
 // Replicated is a PostgreSQL primary and its hot standby, streaming
 // replication between them (asynchronous), made for one test and apart
-// from the server DSN's: a test may crash the primary and promote the
-// standby, as a failover does. Both serve one database, "vtpmd", over
+// from the server DSN's: a test may crash the primary (Stop) and promote
+// the standby, as a failover does. Both serve one database, "vtpmd", over
 // unix sockets in one directory, each on a port of its own.
 type Replicated struct {
 	Primary, Standby *Node
@@ -146,11 +146,20 @@ func (r *Replicated) CatchUp(t testing.TB) {
 	}
 }
 
-// Crash stops the primary at once, as a crash would: every connection
-// is cut, nothing is flushed or sent to the standby any more.
-func (r *Replicated) Crash(t testing.TB) {
+// Stop stops n at once, as a crash would: every connection is cut, and a
+// primary sends its standby nothing more.
+func (n *Node) Stop(t testing.TB) {
 	t.Helper()
-	if err := r.Primary.pgCtl("-m", "immediate", "-w", "stop"); err != nil {
+	if err := n.pgCtl("-m", "immediate", "-w", "stop"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Start starts n again after Stop: a standby resumes replaying what it
+// received, and asks its primary for more.
+func (n *Node) Start(t testing.TB) {
+	t.Helper()
+	if err := n.start(); err != nil {
 		t.Fatal(err)
 	}
 }
