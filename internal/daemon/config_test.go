@@ -52,8 +52,8 @@ func TestConfigValidate(t *testing.T) {
 // accepted in both forms; a password is refused in them as in any.
 func TestStoreDSNMultiHost(t *testing.T) {
 	for _, dsn := range []string{
-		"host=db1.example,db2.example port=5432,5432 user=vtpmd dbname=vtpmd sslmode=verify-full target_session_attrs=read-write",
-		"postgres://vtpmd@db1.example:5432,db2.example:5432/vtpmd?sslmode=verify-full&target_session_attrs=read-write",
+		"host=db1.example.net,db2.example.net port=5432,5432 user=vtpmd dbname=vtpmd sslmode=verify-full target_session_attrs=read-write connect_timeout=3",
+		"postgres://vtpmd@db1.example.net:5432,db2.example.net:5432/vtpmd?sslmode=verify-full&target_session_attrs=read-write&connect_timeout=3",
 	} {
 		if err := checkStoreDSN(dsn); err != nil {
 			t.Errorf("%s: %v", dsn, err)
