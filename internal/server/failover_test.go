@@ -109,9 +109,10 @@ func TestPostgresFailover(t *testing.T) {
 		defer resp.Body.Close()
 		var r api.Refresh
 		if err := json.NewDecoder(resp.Body).Decode(&r); err != nil || resp.StatusCode != http.StatusOK || !r.Requested {
-			err = fmt.Errorf("%s %+v, %v; want the request", resp.Status, r, err)
+			got <- fmt.Errorf("%s %+v, %v; want the request", resp.Status, r, err)
+			return
 		}
-		got <- err
+		got <- nil
 	}()
 	time.Sleep(100 * time.Millisecond) // let the poll start waiting; it works either way
 	resp, err := clients[0].Post(base, "", nil)
