@@ -47,6 +47,31 @@ func TestConfigValidate(t *testing.T) {
 	}
 }
 
+// TestStoreDSNMultiHost: the deployment guide's connection strings for a
+// primary with a standby (every server named, target_session_attrs) are
+// accepted in both forms; a password is refused in them as in any.
+func TestStoreDSNMultiHost(t *testing.T) {
+	for _, dsn := range []string{
+		"host=db1.example.net,db2.example.net port=5432,5432 user=vtpmd dbname=vtpmd sslmode=verify-full target_session_attrs=read-write connect_timeout=3",
+		"postgres://vtpmd@db1.example.net:5432,db2.example.net:5432/vtpmd?sslmode=verify-full&target_session_attrs=read-write&connect_timeout=3",
+	} {
+		if err := checkStoreDSN(dsn); err != nil {
+			t.Errorf("%s: %v", dsn, err)
+		}
+	}
+	for _, dsn := range []string{
+		"host=db1.example,db2.example user=vtpmd password=s3cret dbname=vtpmd target_session_attrs=read-write",
+		"postgres://vtpmd:s3cret@db1.example:5432,db2.example:5432/vtpmd?target_session_attrs=read-write",
+	} {
+		if err := checkStoreDSN(dsn); err == nil || !strings.Contains(err.Error(), "carries a password") {
+			t.Errorf("%s: %v, want the password refused", dsn, err)
+		}
+	}
+	if err := checkStoreDSN("host=db1.example,db2.example target_session_attrs=read-mostly"); err == nil {
+		t.Error("an unknown target_session_attrs was accepted")
+	}
+}
+
 // Beyond loopback the API needs TLS and client certificates, or the
 // operator's explicit --insecure-listen.
 func TestConfigListen(t *testing.T) {

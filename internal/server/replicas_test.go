@@ -34,7 +34,12 @@ import (
 // their last heartbeat, so that none goes down while a test runs.
 func replicas(t *testing.T, n int) (*store.Store, *embedded.Keyring, []*http.Client) {
 	t.Helper()
-	dsn := pgtest.DSN(t)
+	return replicasOn(t, pgtest.DSN(t), n)
+}
+
+// replicasOn is replicas on the PostgreSQL database dsn names.
+func replicasOn(t *testing.T, dsn string, n int) (*store.Store, *embedded.Keyring, []*http.Client) {
+	t.Helper()
 	masterKey := filepath.Join(t.TempDir(), "master.key")
 	hostCA, err := ca.New(ca.Options{CommonName: ca.HostCommonName})
 	if err != nil {
@@ -346,37 +351,7 @@ func TestPostgresOutage(t *testing.T) {
 
 	pgtest.Halt(t)
 	for i, c := range clients {
-		for _, r := range []struct {
-			method, path string
-			body         any
-		}{
-			{"POST", "/v1/vtpms", create(uuid.NewString(), v20)},
-			{"GET", "/v1/vtpms/" + inst, nil},
-			{"GET", "/v1/hosts", nil},
-		} {
-			req, _ := http.NewRequest(r.method, "http://vtpmd"+r.path, nil)
-			if r.body != nil {
-				b, _ := json.Marshal(r.body)
-				req, _ = http.NewRequest(r.method, "http://vtpmd"+r.path, bytes.NewReader(b))
-			}
-			resp, err := c.Do(req)
-			if err != nil {
-				t.Fatal(err)
-			}
-			var e api.ErrorBody
-			json.NewDecoder(resp.Body).Decode(&e)
-			resp.Body.Close()
-			if resp.StatusCode != http.StatusServiceUnavailable || e.Error.Code != api.CodeStoreUnavailable || resp.Header.Get("Retry-After") == "" {
-				t.Errorf("server %d, %s %s while PostgreSQL is down: %d %+v (Retry-After %q)", i, r.method, r.path, resp.StatusCode, e, resp.Header.Get("Retry-After"))
-			}
-		}
-		// Alive, but not ready: a load balancer takes it out.
-		if code, _ := send(t, c, "GET", "/healthz", nil); code != http.StatusOK {
-			t.Errorf("server %d's /healthz while PostgreSQL is down: %d, want 200", i, code)
-		}
-		if code, _ := send(t, c, "GET", "/readyz", nil); code != http.StatusServiceUnavailable {
-			t.Errorf("server %d's /readyz while PostgreSQL is down: %d, want 503", i, code)
-		}
+		storeUnavailable(t, i, c, "while PostgreSQL is down")
 	}
 	time.Sleep(3 * time.Second) // under load
 	pgtest.Resume(t)
@@ -432,4 +407,42 @@ func TestPostgresOutage(t *testing.T) {
 		}
 	}
 	t.Logf("%d vTPMs made, %d answers 503 store_unavailable, %d creates sent again; %d secrets held", len(vs), unavailable, len(retry), len(held))
+}
+
+// storeUnavailable checks that server i, reached by c, answers a create
+// and two reads 503 store_unavailable with Retry-After, and is alive but
+// not ready, as it should when its database is unreachable.
+func storeUnavailable(t *testing.T, i int, c *http.Client, when string) {
+	t.Helper()
+	for _, r := range []struct {
+		method, path string
+		body         any
+	}{
+		{"POST", "/v1/vtpms", create(uuid.NewString(), map[string]string{"hw:tpm_version": "2.0"})},
+		{"GET", "/v1/vtpms/" + inst, nil},
+		{"GET", "/v1/hosts", nil},
+	} {
+		req, _ := http.NewRequest(r.method, "http://vtpmd"+r.path, nil)
+		if r.body != nil {
+			b, _ := json.Marshal(r.body)
+			req, _ = http.NewRequest(r.method, "http://vtpmd"+r.path, bytes.NewReader(b))
+		}
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var e api.ErrorBody
+		json.NewDecoder(resp.Body).Decode(&e)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusServiceUnavailable || e.Error.Code != api.CodeStoreUnavailable || resp.Header.Get("Retry-After") == "" {
+			t.Errorf("server %d, %s %s %s: %d %+v (Retry-After %q)", i, r.method, r.path, when, resp.StatusCode, e, resp.Header.Get("Retry-After"))
+		}
+	}
+	// Alive, but not ready: a load balancer takes it out.
+	if code, _ := send(t, c, "GET", "/healthz", nil); code != http.StatusOK {
+		t.Errorf("server %d's /healthz %s: %d, want 200", i, when, code)
+	}
+	if code, _ := send(t, c, "GET", "/readyz", nil); code != http.StatusServiceUnavailable {
+		t.Errorf("server %d's /readyz %s: %d, want 503", i, when, code)
+	}
 }

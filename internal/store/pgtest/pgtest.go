@@ -2,7 +2,8 @@
 // Debian's packages: one per test process, reached over a unix socket
 // only, with a fresh database per test. As root it runs the server as the
 // postgres user (initdb refuses root). Halt and Resume stop and start it
-// again, its databases kept, for tests of an outage.
+// again, its databases kept, for tests of an outage. NewReplicated makes a
+// primary and its standby apart from it, for one test of a failover.
 package pgtest
 
 import (
@@ -74,44 +75,19 @@ func Stop() {
 }
 
 func start() {
-	bins, _ := filepath.Glob("/usr/lib/postgresql/*/bin/pg_ctl")
-	if len(bins) == 0 {
-		startErr = fmt.Errorf("not installed (Debian package postgresql)")
+	var bin string
+	if bin, startErr = binaries(); startErr != nil {
 		return
 	}
-	slices.Sort(bins)
-	bin := filepath.Dir(bins[len(bins)-1])
-	if dir, startErr = os.MkdirTemp("", "vtpmd-pg-"); startErr != nil {
+	if dir, startErr = tempDir(); startErr != nil {
 		return
 	}
 	port = 20000 + os.Getpid()%10000 // names the socket file only: no TCP
-	run := func(name string, args ...string) error {
-		cmd := exec.Command(filepath.Join(bin, name), args...)
-		if os.Geteuid() == 0 {
-			cmd = exec.Command("runuser", append([]string{"-u", "postgres", "--", filepath.Join(bin, name)}, args...)...)
-		}
-		if out, err := cmd.CombinedOutput(); err != nil {
-			return fmt.Errorf("%s: %v\n%s", name, err, out)
-		}
-		return nil
-	}
-	if os.Geteuid() == 0 {
-		u, err := user.Lookup("postgres")
-		if err != nil {
-			startErr = err
-			return
-		}
-		uid, _ := strconv.Atoi(u.Uid)
-		gid, _ := strconv.Atoi(u.Gid)
-		if startErr = os.Chown(dir, uid, gid); startErr != nil {
-			return
-		}
-	}
 	data := filepath.Join(dir, "data")
-	if startErr = run("initdb", "-D", data, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"); startErr != nil {
+	if startErr = run(bin, "initdb", "-D", data, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"); startErr != nil {
 		return
 	}
-	pgCtl = func(args ...string) error { return run("pg_ctl", append([]string{"-D", data}, args...)...) }
+	pgCtl = func(args ...string) error { return run(bin, "pg_ctl", append([]string{"-D", data}, args...)...) }
 	if startErr = up(); startErr != nil {
 		return
 	}
@@ -119,6 +95,45 @@ func start() {
 		pgCtl("-m", "immediate", "-w", "stop")
 		os.RemoveAll(dir)
 	}
+}
+
+// binaries finds the directory of the newest PostgreSQL installed.
+func binaries() (string, error) {
+	bins, _ := filepath.Glob("/usr/lib/postgresql/*/bin/pg_ctl")
+	if len(bins) == 0 {
+		return "", fmt.Errorf("not installed (Debian package postgresql)")
+	}
+	slices.Sort(bins)
+	return filepath.Dir(bins[len(bins)-1]), nil
+}
+
+// tempDir makes a directory for data and sockets, the postgres user's
+// when run as root.
+func tempDir() (string, error) {
+	d, err := os.MkdirTemp("", "vtpmd-pg-")
+	if err != nil || os.Geteuid() != 0 {
+		return d, err
+	}
+	u, err := user.Lookup("postgres")
+	if err != nil {
+		return d, err
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	return d, os.Chown(d, uid, gid)
+}
+
+// run runs PostgreSQL's program name from bin, as the postgres user when
+// run as root (initdb refuses root).
+func run(bin, name string, args ...string) error {
+	cmd := exec.Command(filepath.Join(bin, name), args...)
+	if os.Geteuid() == 0 {
+		cmd = exec.Command("runuser", append([]string{"-u", "postgres", "--", filepath.Join(bin, name)}, args...)...)
+	}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("%s: %v\n%s", name, err, out)
+	}
+	return nil
 }
 
 // up starts the server on its data directory and waits until it takes
