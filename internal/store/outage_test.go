@@ -3,10 +3,13 @@ package store
 import (
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
 	"github.com/vtpmd/vtpmd/internal/store/pgtest"
+
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // TestPostgresOutage stops PostgreSQL under two stores: every transaction
@@ -93,5 +96,23 @@ func TestPoolExhausted(t *testing.T) {
 	}
 	if err := s.View(ctx, func(tx *Tx) error { _, err := tx.GetHost("h1"); return err }); err != nil {
 		t.Fatalf("with connections free again: %v", err)
+	}
+}
+
+// What PostgreSQL answers when it cannot serve: each is unreachable (the
+// API's 503 store_unavailable), and a refused statement is not.
+func TestUnreachableCodes(t *testing.T) {
+	for code, want := range map[string]bool{
+		"08006": true,  // connection failure
+		"57P01": true,  // admin shutdown
+		"57P03": true,  // cannot connect now (starting)
+		"53300": true,  // too many connections
+		"25006": true,  // read-only transaction: a standby, reached without target_session_attrs
+		"23505": false, // unique violation
+		"42P01": false, // undefined table
+	} {
+		if got := unreachable(fmt.Errorf("wrapped: %w", &pgconn.PgError{Code: code})); got != want {
+			t.Errorf("SQLSTATE %s unreachable = %v, want %v", code, got, want)
+		}
 	}
 }

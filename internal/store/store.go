@@ -308,7 +308,8 @@ func full(err error) bool {
 // unreachable reports whether err says the database could not be
 // reached: a connection refused, reset or lost, PostgreSQL shutting down,
 // starting or out of connection slots (SQLSTATE class 08, 57P01–57P03,
-// 53300), no connection in time (connWait), or SQLite locked past its
+// 53300), a standby refusing a write (25006: the connection string reached
+// no primary), no connection in time (connWait), or SQLite locked past its
 // busy timeout.
 func unreachable(err error) bool {
 	var ce *pgconn.ConnectError
@@ -317,7 +318,7 @@ func unreachable(err error) bool {
 	var le *sqlite.Error
 	switch {
 	case errors.As(err, &pe):
-		return strings.HasPrefix(pe.Code, "08") || pe.Code == "57P01" || pe.Code == "57P02" || pe.Code == "57P03" || pe.Code == "53300"
+		return strings.HasPrefix(pe.Code, "08") || pe.Code == "57P01" || pe.Code == "57P02" || pe.Code == "57P03" || pe.Code == "53300" || pe.Code == "25006"
 	case errors.As(err, &le):
 		return le.Code()&0xff == sqlite3.SQLITE_BUSY
 	}
