@@ -7,9 +7,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vtpmd/vtpmd/internal/store/pgtest"
-
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/vtpmd/vtpmd/internal/store/pgtest"
 )
 
 // TestPostgresOutage stops PostgreSQL under two stores: every transaction
