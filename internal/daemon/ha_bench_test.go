@@ -624,7 +624,7 @@ func createLoad(b *testing.B, n int) (*haCluster, func(*testing.B)) {
 	}
 
 	return h, func(b *testing.B) {
-			latencies := make([]time.Duration, b.N)
+		latencies := make([]time.Duration, b.N)
 		var next, refused, errs atomic.Int64
 		var firstErr atomic.Pointer[error]
 		r0, p0, l0 := h.cpu(b)
