@@ -153,7 +153,7 @@ func TestHACluster(t *testing.T) {
 			burst = append(burst, &request{id: id, delete: true})
 		}
 	}
-	for range 8 {
+	for range 16 {
 		burst = append(burst, &request{id: uuid.NewString()})
 	}
 	var answered atomic.Int64
@@ -177,8 +177,8 @@ func TestHACluster(t *testing.T) {
 			}
 		})
 	}
-	h.eventually("half the burst answered, deliveries under way", func() error {
-		if n := answered.Load(); n < int64(len(burst)/2) || hooks.count() == 0 {
+	h.eventually("a third of the burst answered, deliveries under way", func() error {
+		if n := answered.Load(); n < int64(len(burst)/3) || hooks.count() == 0 {
 			return fmt.Errorf("%d requests answered, %d deliveries received", n, hooks.count())
 		}
 		return nil
@@ -261,7 +261,7 @@ func TestHACluster(t *testing.T) {
 	if err := inOrder(got); err != nil {
 		t.Error(err)
 	}
-	t.Logf("killed replica (pid %d) in a burst of 8 deletes and 8 creates (answers %v): %d sent again to another replica, %d secrets left by a request it cut; "+
+	t.Logf("killed replica (pid %d) in a burst of 8 deletes and 16 creates (answers %v): %d sent again to another replica, %d secrets left by a request it cut; "+
 		"%d deliveries, %d receipts: %d delivered again after the lease, of the %d it had claimed and not recorded made (posted, or being posted, as it died)",
 		victim.cmd.Process.Pid, answers, failedOver, len(orphans), len(times), len(got), repeats, len(unrecorded))
 

@@ -19,6 +19,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/keyring/embedded"
 	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/store/pgtest"
 )
@@ -63,10 +64,15 @@ func TestServersDeliverWebhooksOnce(t *testing.T) {
 	}))
 	defer receiver.Close()
 
+	masterKey := filepath.Join(t.TempDir(), "master.key") // the deployment's, every replica's
+	if _, err := embedded.NewMasterKeyFile(masterKey); err != nil {
+		t.Fatal(err)
+	}
 	servers := map[int]*os.Process{}
 	for _, name := range []string{"server-a", "server-b"} {
 		dir := filepath.Join(t.TempDir(), name)
-		cmd := c.start(dir+".log", "server", "--data-dir", dir, "--listen", "127.0.0.1:0", "--store", c.dsn, "--webhook-url", receiver.URL)
+		cmd := c.start(dir+".log", "server", "--data-dir", dir, "--master-key-file", masterKey, "--listen", "127.0.0.1:0", "--store", c.dsn,
+			"--webhook-url", receiver.URL)
 		servers[cmd.Process.Pid] = cmd.Process
 		op := client.New("unix://"+filepath.Join(dir, "api.sock"), "")
 		c.eventually(name+" answers", func() error { _, err := op.Hosts(ctx); return err })
