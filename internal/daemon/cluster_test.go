@@ -26,7 +26,7 @@ import (
 // agents with their own data dirs and host names, enrolled with join
 // tokens as an operator enrols them.
 type cluster struct {
-	t        *testing.T
+	t        testing.TB
 	bin      string
 	dsn      string
 	addr     string // the server's, fixed across its restarts
@@ -151,11 +151,11 @@ func (c *cluster) waitHost(name, state string) {
 	})
 }
 
-// eventually retries check for a minute.
+// eventually retries check for two minutes.
 func (c *cluster) eventually(what string, check func() error) {
 	c.t.Helper()
 	var err error
-	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+	for deadline := time.Now().Add(2 * time.Minute); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
 		if err = check(); err == nil {
 			return
 		}

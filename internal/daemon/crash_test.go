@@ -310,7 +310,7 @@ func TestReclaimOrphanSecret(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer st.Close()
-	if err := reclaimSecrets(ctx, st, kr, slog.New(slog.DiscardHandler)); err != nil {
+	if err := reclaimSecrets(ctx, st, kr, orphanAge, slog.New(slog.DiscardHandler)); err != nil {
 		t.Fatal(err)
 	}
 	if left, _ := kr.List(ctx); !slices.Equal(left, kept) {
@@ -327,5 +327,41 @@ func TestReclaimOrphanSecret(t *testing.T) {
 	}
 	if len(left) != len(kept)-1 || slices.Contains(left, orphan) || !slices.Contains(left, v.SecretRef) {
 		t.Fatalf("secrets after restart %v; orphan %s, in use %s", left, orphan, v.SecretRef)
+	}
+}
+
+// A running server reclaims orphan secrets, not only one starting: of
+// replicas sharing a store, one killed mid-create is restarted before its
+// orphan is old enough, and the others may run on for months. The server
+// holding the reclaim's lease does it.
+func TestReclaimOrphansWhileRunning(t *testing.T) {
+	defer func(age, every time.Duration) { orphanAge, reclaimInterval = age, every }(orphanAge, reclaimInterval)
+	orphanAge, reclaimInterval = 0, 20*time.Millisecond
+	ctx := context.Background()
+	s, err := StartServer(ctx, Config{DataDir: t.TempDir(), Listen: "127.0.0.1:0", HostName: "control"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Shutdown(ctx)
+	payload, _ := keyring.NewVTPMSecret()
+	orphan, err := s.keyring.Create(ctx, "p1", payload) // as a create killed before its commit leaves it
+	if err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(10 * time.Millisecond) {
+		held, err := s.keyring.List(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Contains(held, orphan) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the orphan secret is still there after a minute")
+		}
+	}
+	var holder string
+	if err := s.store.View(ctx, func(tx *store.Tx) (err error) { holder, _, err = tx.LeaseHolder(orphanSweep); return err }); err != nil || holder == "" {
+		t.Fatalf("the reclaim's lease: %q %v", holder, err)
 	}
 }

@@ -38,6 +38,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/agent/agenttest"
 	"github.com/vtpmd/vtpmd/internal/attest"
 	"github.com/vtpmd/vtpmd/internal/attest/attesttest"
+	"github.com/vtpmd/vtpmd/internal/keyring/embedded"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/store/pgtest"
@@ -80,13 +81,15 @@ import (
 // its ETag) held on replica A, the vTPM stopped or started through replica
 // B: b.N times, the delay from sending the change to B until A answers.
 
-// haCluster is N vtpmd server replicas on one PostgreSQL database.
+// haCluster is N vtpmd server replicas on one PostgreSQL database, and
+// what else a cluster has: agents added with addAgent reach the server at
+// addr, which a test sets to a load balancer's in front of the replicas.
 type haCluster struct {
-	b        *testing.B
-	dsn      string
-	serverCA string // trusts the replicas' TLS certificate
-	replicas []*replica
-	closers  []func() // more to stop with the replicas
+	*cluster
+	masterKey string // every replica's
+	replicas  []*replica
+	spread    rr
+	closers   []func() // more to stop with the replicas
 }
 
 // stop kills the replicas (and what else closers hold), before the
@@ -107,7 +110,19 @@ type replica struct {
 	cmd    *exec.Cmd
 	op     *client.Client
 	https  *client.Client // anonymous, over HTTPS
+	probe  *http.Client   // HTTPS, for the health checks
 	scrape *http.Client   // the operator's socket, for /metrics
+}
+
+// health is the status GET path (/healthz, /readyz) answers over HTTPS,
+// as a load balancer's health check reads it.
+func (r *replica) health(path string) (int, error) {
+	resp, err := r.probe.Get("https://" + r.addr + path)
+	if err != nil {
+		return 0, err
+	}
+	resp.Body.Close()
+	return resp.StatusCode, nil
 }
 
 // statements is the SQL statements the replicas have run so far.
@@ -124,58 +139,49 @@ func (h *haCluster) statements(b *testing.B) float64 {
 	return n
 }
 
-// newHACluster starts n replicas, each with the extra flags.
-func newHACluster(b *testing.B, n int, flags ...string) *haCluster {
-	b.Helper()
-	dir := b.TempDir()
-	caFile, cert, key := writeTestPKI(b, dir)
-	h := &haCluster{b: b, dsn: pgtest.DSN(b), serverCA: caFile}
-	bin := buildVtpmd(b)
-	masterKey := filepath.Join(dir, "master.key") // the first replica makes it; all read it
-	pool, err := client.LoadCAs(caFile)
-	if err != nil {
-		b.Fatal(err)
+// newHACluster starts n replicas, each with the extra flags, and returns
+// once every one reads ready.
+func newHACluster(t testing.TB, n int, flags ...string) *haCluster {
+	t.Helper()
+	dir := t.TempDir()
+	c := &cluster{t: t, bin: buildVtpmd(t), dsn: pgtest.DSN(t), dir: filepath.Join(dir, "data-0"), agents: map[string]*clusterAgent{}}
+	c.serverCA, c.cert, c.key = writeTestPKI(t, dir)
+	h := &haCluster{cluster: c, masterKey: filepath.Join(dir, "master.key"), spread: rr{n: n}}
+	// The master key is made once, before the first start, and every
+	// replica reads it, as docs/deployment.md tells operators.
+	if _, err := embedded.NewMasterKeyFile(h.masterKey); err != nil {
+		t.Fatal(err)
 	}
-	// One after the other: the first makes the schema, the master key and
-	// the deployment's keys, which the others open. Each has a data dir of
-	// its own, as replicas on their own machines do.
+	pool, err := client.LoadCAs(c.serverCA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	trust := &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	// All at once, on the empty database: one of them makes the schema
+	// and the deployment's keys, the others wait and open them. Each has
+	// a data dir of its own, as replicas on their own machines do.
 	for i := range n {
-		r := &replica{addr: freeAddr(b), socket: filepath.Join(dir, fmt.Sprintf("api-%d.sock", i))}
-		args := []string{"server", "--data-dir", filepath.Join(dir, fmt.Sprintf("data-%d", i)), "--master-key-file", masterKey, "--api-socket", r.socket, "--listen", r.addr, "--tls-cert", cert, "--tls-key", key,
-			"--store", h.dsn, "--log-level", "warn"}
-		args = append(args, flags...)
-		log := filepath.Join(dir, fmt.Sprintf("replica-%d.log", i))
-		out, err := os.OpenFile(log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-		if err != nil {
-			b.Fatal(err)
-		}
-		r.cmd = exec.Command(bin, args...)
-		r.cmd.Stdout, r.cmd.Stderr = out, out
-		if err := r.cmd.Start(); err != nil {
-			b.Fatal(err)
-		}
-		out.Close()
-		b.Cleanup(func() {
-			stop(r.cmd, syscall.SIGKILL)
-			if b.Failed() {
-				l, _ := os.ReadFile(log)
-				b.Logf("replica %d:\n%s", i, tail(l, 30))
-			}
-		})
+		r := &replica{addr: freeAddr(t), socket: filepath.Join(dir, fmt.Sprintf("api-%d.sock", i))}
+		args := []string{"server", "--data-dir", filepath.Join(dir, fmt.Sprintf("data-%d", i)), "--master-key-file", h.masterKey, "--api-socket", r.socket,
+			"--listen", r.addr, "--tls-cert", c.cert, "--tls-key", c.key, "--store", c.dsn, "--log-level", "warn"}
+		r.cmd = c.start(filepath.Join(dir, fmt.Sprintf("replica-%d.log", i)), append(args, flags...)...)
 		r.op = client.New("unix://"+r.socket, "")
 		r.scrape = &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			return (&net.Dialer{}).DialContext(ctx, "unix", r.socket)
 		}}}
-		r.https = client.New("https://"+r.addr, "").WithTLS(&tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12})
-		for deadline := time.Now().Add(time.Minute); ; time.Sleep(50 * time.Millisecond) {
-			if _, err := r.op.Hosts(context.Background()); err == nil {
-				break
-			} else if time.Now().After(deadline) {
-				b.Fatalf("replica %d does not answer: %v", i, err)
-			}
-		}
+		r.https = client.New("https://"+r.addr, "").WithTLS(trust)
+		r.probe = &http.Client{Transport: &http.Transport{TLSClientConfig: trust}, Timeout: 10 * time.Second}
 		h.replicas = append(h.replicas, r)
 	}
+	for i, r := range h.replicas {
+		c.eventually(fmt.Sprintf("replica %d reads ready", i), func() error {
+			if status, err := r.health("/readyz"); err != nil || status != http.StatusOK {
+				return fmt.Errorf("/readyz: %d %v", status, err)
+			}
+			return nil
+		})
+	}
+	c.op = h.replicas[0].op
 	return h
 }
 
@@ -190,10 +196,10 @@ func (r *rr) pick() int { return int((r.next.Add(1) - 1) % int64(r.n)) }
 // store opens the cluster's database from this process, to set up what
 // a benchmark needs faster than through the API.
 func (h *haCluster) store() *store.Store {
-	h.b.Helper()
+	h.t.Helper()
 	st, err := store.OpenPostgres(context.Background(), h.dsn, store.Options{})
 	if err != nil {
-		h.b.Fatal(err)
+		h.t.Fatal(err)
 	}
 	h.closers = append(h.closers, func() { st.Close() })
 	return st
@@ -379,13 +385,12 @@ func attestLoad(b *testing.B, n int) (*haCluster, func(*testing.B)) {
 	}
 	web := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12},
 		MaxIdleConnsPerHost: 2 * concurrency}}
-	spread := &rr{n: n}
 	post := func(id, op string, in, out any) error {
 		var body []byte // none for the nonce: a body-less route refuses one
 		if in != nil {
 			body, _ = json.Marshal(in)
 		}
-		url := "https://" + h.replicas[spread.pick()].addr + "/v1/vtpms/" + id + "/attestation/" + op
+		url := "https://" + h.replicas[h.spread.pick()].addr + "/v1/vtpms/" + id + "/attestation/" + op
 		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
 		req.Header.Set("Authorization", "Bearer "+token)
 		resp, err := web.Do(req)
@@ -619,7 +624,6 @@ func createLoad(b *testing.B, n int) (*haCluster, func(*testing.B)) {
 	}
 
 	return h, func(b *testing.B) {
-		spread := &rr{n: n}
 		latencies := make([]time.Duration, b.N)
 		var next, refused, errs atomic.Int64
 		var firstErr atomic.Pointer[error]
@@ -632,11 +636,11 @@ func createLoad(b *testing.B, n int) (*haCluster, func(*testing.B)) {
 			wg.Go(func() {
 				for i := next.Add(1) - 1; i < int64(b.N); i = next.Add(1) - 1 {
 					t0 := time.Now()
-					op := h.replicas[spread.pick()].op
+					op := h.replicas[h.spread.pick()].op
 					v, err := op.Create(ctx, createRequest(uuid.NewString()))
 					if err == nil {
 						// Waited for through the next replica.
-						v, err = h.replicas[spread.pick()].op.Wait(ctx, v.InstanceID, func(v api.VTPM) bool { return v.Phase == "active" || v.Phase == "error" }, nil)
+						v, err = h.replicas[h.spread.pick()].op.Wait(ctx, v.InstanceID, func(v api.VTPM) bool { return v.Phase == "active" || v.Phase == "error" }, nil)
 					}
 					if err == nil && v.Phase != "active" {
 						err = fmt.Errorf("%s: %s (%s)", v.InstanceID, v.Phase, v.Reason)

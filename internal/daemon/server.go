@@ -142,7 +142,7 @@ func (s *Server) open(ctx context.Context) error {
 	if err := s.bind(); err != nil {
 		return err
 	}
-	if err := reclaimSecrets(ctx, s.store, kr, s.log); err != nil {
+	if err := reclaimSecrets(ctx, s.store, kr, orphanAge, s.log); err != nil {
 		return fmt.Errorf("reclaiming orphan secrets: %w", err)
 	}
 	verdicts := shared.verdicts
@@ -196,6 +196,7 @@ func (s *Server) open(ctx context.Context) error {
 	s.local = &http.Server{Handler: local, ReadHeaderTimeout: 10 * time.Second, ConnContext: server.OperatorConn}
 	s.local.RegisterOnShutdown(s.api.EndLongPolls)
 	go ver.WatchStale(bg)
+	go reclaimOrphans(bg, s.store, kr, replica, reclaimInterval, orphanAge, s.log)
 	return nil
 }
 
@@ -347,10 +348,49 @@ func (s *Server) readiness(kr *embedded.Keyring) []server.ReadinessCheck {
 // so that tests can age their orphans.
 var orphanAge = 10 * time.Minute
 
+// reclaimInterval is how often the servers sharing a store look for orphan
+// secrets while they run (reclaimOrphans): an orphan is gone within
+// orphanAge and reclaimInterval of its making. A variable so that tests
+// need not wait.
+var reclaimInterval = 10 * time.Minute
+
+// orphanSweep names the lease (store.Tx.TakeLease) of the periodic reclaim
+// of orphan secrets: of the servers sharing a store, the one holding it
+// reclaims.
+const orphanSweep = "orphan-secrets"
+
+// reclaimOrphans runs reclaimSecrets (orphans older than age) every
+// interval until ctx ends, on whichever server sharing the store holds its
+// lease (each round takes or renews it for three rounds). Reclaiming at start alone is not enough
+// with several replicas: one killed mid-create is restarted at once,
+// before its orphan is old enough, and the others may run for months.
+func reclaimOrphans(ctx context.Context, st *store.Store, kr keyring.Keyring, replica string, every, age time.Duration, log *slog.Logger) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		var held bool
+		err := st.Update(ctx, func(tx *store.Tx) (err error) {
+			held, err = tx.TakeLease(orphanSweep, replica, 3*every)
+			return err
+		})
+		if err == nil && held {
+			err = reclaimSecrets(ctx, st, kr, age, log)
+		}
+		if err != nil && ctx.Err() == nil {
+			log.Error("reclaiming orphan secrets", "err", err)
+		}
+	}
+}
+
 // reclaimSecrets deletes vTPM secrets that no record refers to, older than
-// orphanAge. A create makes the secret before it commits the record, so a
-// crash between the two leaves one behind.
-func reclaimSecrets(ctx context.Context, st *store.Store, kr keyring.Keyring, log *slog.Logger) error {
+// age (orphanAge, but in tests). A create makes the secret before it
+// commits the record, so a crash between the two leaves one behind.
+func reclaimSecrets(ctx context.Context, st *store.Store, kr keyring.Keyring, age time.Duration, log *slog.Logger) error {
 	used := map[string]bool{}
 	err := st.View(ctx, func(tx *store.Tx) error {
 		vs, err := tx.ListVTPMs(store.Filter{})
@@ -384,7 +424,7 @@ func reclaimSecrets(ctx context.Context, st *store.Store, kr keyring.Keyring, lo
 		if err != nil {
 			return err
 		}
-		if time.Since(s.Created) < orphanAge {
+		if time.Since(s.Created) < age {
 			continue
 		}
 		if err := kr.Delete(ctx, id); err != nil && !errors.Is(err, keyring.ErrNotFound) {

@@ -15,9 +15,9 @@ import (
 //   - Making: the secret first, then the record. A record never names a
 //     secret that does not exist. If the record cannot be committed the
 //     secret is deleted again; a crash in between leaves an orphan secret,
-//     which vtpmd reclaims when it starts, and so does a commit whose
-//     outcome is unknown (the database went away while committing): the
-//     secret is kept, since the record may name it.
+//     which vtpmd reclaims (at start, and now and then while it runs), and
+//     so does a commit whose outcome is unknown (the database went away
+//     while committing): the secret is kept, since the record may name it.
 //   - Destroying: first commit the change after which no record can use
 //     the secret any more (a vTPM marked deleted: no one may point it at
 //     another secret or start it), then shred the secret at once, in the
