@@ -30,9 +30,22 @@ func TestPostgresOutage(t *testing.T) {
 	if err := a.Update(ctx, func(tx *Tx) error { return tx.CreateVTPM(sample("i-1", "p1", "h1")) }); err != nil {
 		t.Fatal(err)
 	}
+	survivesOutage(t, a, b, "PostgreSQL is down", func() {}, pgtest.Halt, pgtest.Resume)
+}
+
+// survivesOutage runs a and b, two stores on one database holding vTPM
+// i-1, through an outage (down, then up, after ready): meanwhile every
+// transaction fails with ErrUnavailable, not committing; after it the
+// next ones succeed, each listener is back and wakes every waiter once
+// (notifications were missed), and one store's commits wake the other's
+// waiters; i-1 and what was made after are there, once each.
+func survivesOutage(t *testing.T, a, b *Store, during string, ready func(), down, up func(testing.TB)) {
+	t.Helper()
+	ctx := context.Background()
+	ready()
 	missed := b.VTPMChanged("i-7") // no commit changes i-7: only the reconnect wakes it
 
-	pgtest.Halt(t)
+	down(t)
 	create := func(tx *Tx) error { return tx.CreateVTPM(sample("i-2", "p1", "h1")) }
 	for name, err := range map[string]error{
 		"Update": a.Update(ctx, create),
@@ -40,13 +53,13 @@ func TestPostgresOutage(t *testing.T) {
 	} {
 		var ue *UnavailableError
 		if !errors.Is(err, ErrUnavailable) || !errors.As(err, &ue) || ue.MaybeCommitted() {
-			t.Fatalf("%s while PostgreSQL is down: %v, want ErrUnavailable, not committing", name, err)
+			t.Fatalf("%s while %s: %v, want ErrUnavailable, not committing", name, during, err)
 		}
 	}
-	pgtest.Resume(t)
+	up(t)
 
 	if err := a.Update(ctx, create); err != nil {
-		t.Fatalf("the first transaction after PostgreSQL came back: %v", err)
+		t.Fatalf("the first transaction after the outage: %v", err)
 	}
 	select {
 	case <-missed:
@@ -67,7 +80,7 @@ func TestPostgresOutage(t *testing.T) {
 		t.Fatal(err)
 	}
 	if len(vs) != 3 || vs[0].InstanceID != "i-1" || vs[1].InstanceID != "i-2" || vs[2].InstanceID != "i-3" {
-		t.Fatalf("after the outage the store holds %d vTPMs, want i-1, i-2 and i-3 once each", len(vs))
+		t.Fatalf("after the outage the store holds %d vTPMs, want i-1 (from before it), i-2 and i-3 once each", len(vs))
 	}
 }
 
