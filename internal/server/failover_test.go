@@ -12,7 +12,6 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/vtpmd/vtpmd/api"
-	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/store/pgtest"
 )
@@ -30,13 +29,7 @@ func TestPostgresFailover(t *testing.T) {
 	pg := pgtest.NewReplicated(t)
 	st, kr, clients := replicasOn(t, pg.DSN(pg.Primary, pg.Standby), 2)
 	ctx := context.Background()
-	caps := spec.Capabilities{Enabled: true, Versions: []spec.Version{spec.V20}, Models: []spec.Model{spec.TIS, spec.CRB}}
-	err := st.Update(ctx, func(tx *store.Tx) error {
-		return tx.PutHost(&store.Host{Name: "h1", Traits: spec.HostTraits(caps).List(), Capacity: 100, Backend: "swtpm"})
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	putHosts(t, st, map[string]int{"h1": 100})
 	v20 := map[string]string{"hw:tpm_version": "2.0"}
 	made := []string{inst} // the created vTPMs
 	for len(made) < 10 {
@@ -48,7 +41,7 @@ func TestPostgresFailover(t *testing.T) {
 		}
 	}
 	tokenHash := sha256.Sum256([]byte("agent-token"))
-	err = st.Update(ctx, func(tx *store.Tx) error {
+	err := st.Update(ctx, func(tx *store.Tx) error {
 		return tx.PutAttestation(&store.Attestation{InstanceID: inst, RegisteredAt: time.Now().UTC(), Verdict: "pending", AgentTokenHash: tokenHash[:]})
 	})
 	if err != nil {
@@ -79,21 +72,14 @@ func TestPostgresFailover(t *testing.T) {
 	if err := st.View(ctx, func(tx *store.Tx) (err error) { vs, err = tx.ListVTPMs(store.Filter{}); return err }); err != nil {
 		t.Fatal(err)
 	}
-	held, err := kr.List(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	secrets := map[string]bool{}
-	for _, id := range held {
-		secrets[id] = true
-	}
+	secrets := heldSecrets(t, kr)
 	for _, v := range vs {
 		if !secrets[v.SecretID] {
 			t.Errorf("vTPM %s's secret is not in the key manager after the failover", v.InstanceID)
 		}
 	}
-	if len(vs) != len(made)+len(clients) || len(held) != len(vs) {
-		t.Errorf("after the failover: %d vTPMs and %d secrets, want %d of each", len(vs), len(held), len(made)+len(clients))
+	if len(vs) != len(made)+len(clients) || len(secrets) != len(vs) {
+		t.Errorf("after the failover: %d vTPMs and %d secrets, want %d of each", len(vs), len(secrets), len(made)+len(clients))
 	}
 
 	base := "http://vtpmd/v1/vtpms/" + inst + "/attestation/refresh"
@@ -137,14 +123,7 @@ func TestPostgresFailover(t *testing.T) {
 func TestPostgresFailoverLosesUnreplicated(t *testing.T) {
 	pg := pgtest.NewReplicated(t)
 	st, kr, clients := replicasOn(t, pg.DSN(pg.Primary, pg.Standby), 1)
-	ctx := context.Background()
-	caps := spec.Capabilities{Enabled: true, Versions: []spec.Version{spec.V20}, Models: []spec.Model{spec.TIS, spec.CRB}}
-	err := st.Update(ctx, func(tx *store.Tx) error {
-		return tx.PutHost(&store.Host{Name: "h1", Traits: spec.HostTraits(caps).List(), Capacity: 100, Backend: "swtpm"})
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	putHosts(t, st, map[string]int{"h1": 100})
 	v20 := map[string]string{"hw:tpm_version": "2.0"}
 	kept, lost := uuid.NewString(), uuid.NewString()
 	if code, e := send(t, clients[0], "POST", "/v1/vtpms", create(kept, v20)); code != http.StatusAccepted {
@@ -165,11 +144,7 @@ func TestPostgresFailoverLosesUnreplicated(t *testing.T) {
 	if code, e := send(t, clients[0], "GET", "/v1/vtpms/"+lost, nil); code != http.StatusNotFound {
 		t.Errorf("the vTPM committed on the old primary alone: %d %s, want it lost (404)", code, e)
 	}
-	held, err := kr.List(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(held) != 1 {
+	if held := heldSecrets(t, kr); len(held) != 1 {
 		t.Errorf("the key manager holds %d secrets after the failover, want the replayed vTPM's alone", len(held))
 	}
 	if code, e := send(t, clients[0], "POST", "/v1/vtpms", create(lost, v20)); code != http.StatusAccepted {

@@ -100,13 +100,13 @@ func send(t *testing.T, c *http.Client, method, path string, body any) (int, api
 // done (202) or refused with 409 no_valid_host, or already_exists for
 // one of a pair; no host holds more than its capacity, no instance has
 // two vTPMs, and exactly the created vTPMs have a secret and one
-// "created" event.
-func TestPlacementAcrossReplicas(t *testing.T) {
-	st, kr, clients := replicas(t, 3)
-	ctx := context.Background()
+
+// putHosts registers hosts (name → capacity) that take TPM 2.0 vTPMs, as
+// their agents would.
+func putHosts(t *testing.T, st *store.Store, capacity map[string]int) {
+	t.Helper()
 	caps := spec.Capabilities{Enabled: true, Versions: []spec.Version{spec.V20}, Models: []spec.Model{spec.TIS, spec.CRB}}
-	capacity := map[string]int{"h1": 10, "h2": 20, "h3": 30, "h4": 60, "h5": 80}
-	err := st.Update(ctx, func(tx *store.Tx) error {
+	err := st.Update(context.Background(), func(tx *store.Tx) error {
 		for name, n := range capacity {
 			if err := tx.PutHost(&store.Host{Name: name, Traits: spec.HostTraits(caps).List(), Capacity: n, Backend: "swtpm"}); err != nil {
 				return err
@@ -117,6 +117,28 @@ func TestPlacementAcrossReplicas(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+}
+
+// heldSecrets are the ids of the secrets kr holds.
+func heldSecrets(t *testing.T, kr *embedded.Keyring) map[string]bool {
+	t.Helper()
+	ids, err := kr.List(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	held := map[string]bool{}
+	for _, id := range ids {
+		held[id] = true
+	}
+	return held
+}
+
+// "created" event.
+func TestPlacementAcrossReplicas(t *testing.T) {
+	st, kr, clients := replicas(t, 3)
+	ctx := context.Background()
+	capacity := map[string]int{"h1": 10, "h2": 20, "h3": 30, "h4": 60, "h5": 80}
+	putHosts(t, st, capacity)
 	var ids []string
 	for range 250 {
 		ids = append(ids, uuid.NewString())
@@ -182,11 +204,7 @@ func TestPlacementAcrossReplicas(t *testing.T) {
 			t.Errorf("host %s holds %d vTPMs, capacity %d", name, onHost[name], n)
 		}
 	}
-	held, err := kr.List(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(held) != len(secretIDs) || len(secretIDs) != len(vs) {
+	if held := heldSecrets(t, kr); len(held) != len(secretIDs) || len(secretIDs) != len(vs) {
 		t.Errorf("the key manager holds %d secrets, the vTPMs name %d distinct ones of %d: refused creates left theirs", len(held), len(secretIDs), len(vs))
 	}
 }
@@ -197,18 +215,12 @@ func TestPlacementAcrossReplicas(t *testing.T) {
 func TestRefreshAcrossReplicas(t *testing.T) {
 	st, _, clients := replicas(t, 2)
 	ctx := context.Background()
-	caps := spec.Capabilities{Enabled: true, Versions: []spec.Version{spec.V20}, Models: []spec.Model{spec.TIS, spec.CRB}}
-	err := st.Update(ctx, func(tx *store.Tx) error {
-		return tx.PutHost(&store.Host{Name: "h1", Traits: spec.HostTraits(caps).List(), Capacity: 2, Backend: "swtpm"})
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	putHosts(t, st, map[string]int{"h1": 2})
 	if code, e := send(t, clients[0], "POST", "/v1/vtpms", create(inst, map[string]string{"hw:tpm_version": "2.0"})); code != 202 {
 		t.Fatalf("create: %d %s", code, e)
 	}
 	tokenHash := sha256.Sum256([]byte("agent-token"))
-	err = st.Update(ctx, func(tx *store.Tx) error {
+	err := st.Update(ctx, func(tx *store.Tx) error {
 		return tx.PutAttestation(&store.Attestation{InstanceID: inst, RegisteredAt: time.Now().UTC(), Verdict: "pending", AgentTokenHash: tokenHash[:]})
 	})
 	if err != nil {
@@ -277,13 +289,7 @@ func TestRefreshAcrossReplicas(t *testing.T) {
 func TestPostgresOutage(t *testing.T) {
 	st, kr, clients := replicas(t, 2)
 	ctx := context.Background()
-	caps := spec.Capabilities{Enabled: true, Versions: []spec.Version{spec.V20}, Models: []spec.Model{spec.TIS, spec.CRB}}
-	err := st.Update(ctx, func(tx *store.Tx) error {
-		return tx.PutHost(&store.Host{Name: "h1", Traits: spec.HostTraits(caps).List(), Capacity: 100000, Backend: "swtpm"})
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	putHosts(t, st, map[string]int{"h1": 100000})
 	v20 := map[string]string{"hw:tpm_version": "2.0"}
 
 	var mu sync.Mutex
@@ -382,14 +388,7 @@ func TestPostgresOutage(t *testing.T) {
 	if err := st.View(ctx, func(tx *store.Tx) (err error) { vs, err = tx.ListVTPMs(store.Filter{}); return err }); err != nil {
 		t.Fatal(err)
 	}
-	held, err := kr.List(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	secrets := map[string]bool{}
-	for _, id := range held {
-		secrets[id] = true
-	}
+	secrets := heldSecrets(t, kr)
 	recorded := map[string]bool{}
 	for _, v := range vs {
 		recorded[v.InstanceID] = true
@@ -406,7 +405,7 @@ func TestPostgresOutage(t *testing.T) {
 			t.Errorf("create of %s was answered 202, and it has no vTPM", id)
 		}
 	}
-	t.Logf("%d vTPMs made, %d answers 503 store_unavailable, %d creates sent again; %d secrets held", len(vs), unavailable, len(retry), len(held))
+	t.Logf("%d vTPMs made, %d answers 503 store_unavailable, %d creates sent again; %d secrets held", len(vs), unavailable, len(retry), len(secrets))
 }
 
 // storeUnavailable checks that server i, reached by c, answers a create
