@@ -6,6 +6,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math/bits"
+	"slices"
 )
 
 // Event is one measurement of a TCG crypto-agile event log (TCG PC Client
@@ -69,11 +71,11 @@ func ParseEventLog(log []byte) ([]Event, error) {
 	if err != nil {
 		return nil, err
 	}
-	if _, ok := sizes[algSHA256]; !ok {
+	if _, ok := sizes.size(algSHA256); !ok {
 		return nil, errors.New("event log: no SHA-256 digests")
 	}
-	// A firmware event is rarely under 64 bytes: room for all, one allocation.
-	events := make([]Event, 1, min(r.left()/64+1, maxEvents+1))
+	// One allocation, of the events there are (up to the bound).
+	events := make([]Event, 1, countEvents(r, &sizes)+1)
 	events[0] = Event{Index: 0, PCR: 0, Type: evNoAction, Data: spec}
 	for r.left() > 0 {
 		if len(events) > maxEvents {
@@ -81,12 +83,12 @@ func ParseEventLog(log []byte) ([]Event, error) {
 		}
 		e := Event{Index: len(events), PCR: int(r.u32()), Type: r.u32()}
 		n := r.u32()
-		if n > uint32(len(sizes)) {
+		if n > uint32(sizes.n) {
 			return nil, fmt.Errorf("event log: event %d has %d digests", e.Index, n)
 		}
 		for range n {
 			alg := r.u16()
-			size, ok := sizes[alg]
+			size, ok := sizes.size(alg)
 			if !ok {
 				return nil, fmt.Errorf("event log: event %d uses algorithm 0x%x the header does not list", e.Index, alg)
 			}
@@ -114,60 +116,121 @@ func ParseEventLog(log []byte) ([]Event, error) {
 	return events, nil
 }
 
-// digestSizes reads the algorithm table of a TCG_EfiSpecIDEvent.
-func digestSizes(spec []byte) (map[uint16]int, error) {
+// countEvents counts the TCG_PCR_EVENT2 records from r on, up to
+// maxEvents+1, as far as they are whole: what ParseEventLog allocates for
+// (it checks them as it reads).
+func countEvents(r reader, sizes *digestTable) int {
+	n := 0
+	for r.left() > 0 && r.err == nil && n <= maxEvents {
+		r.bytes(4 + 4)
+		for range min(r.u32(), uint32(sizes.n)) {
+			size, _ := sizes.size(r.u16())
+			r.bytes(size)
+		}
+		r.bytes(int(min(r.u32(), maxEventLen+1)))
+		n++
+	}
+	return n
+}
+
+// digestTable is the algorithm table of a TCG_EfiSpecIDEvent: each
+// algorithm once, with its digest size (a log lists one to four).
+type digestTable struct {
+	n     int
+	algs  [maxAlgs]uint16
+	sizes [maxAlgs]int
+}
+
+const maxAlgs = 16
+
+func (t *digestTable) size(alg uint16) (int, bool) {
+	for i, a := range t.algs[:t.n] {
+		if a == alg {
+			return t.sizes[i], true
+		}
+	}
+	return 0, false
+}
+
+// digestSizes reads the algorithm table of a TCG_EfiSpecIDEvent; an
+// algorithm listed twice has the last size given.
+func digestSizes(spec []byte) (digestTable, error) {
+	var t digestTable
 	r := reader{b: spec, order: binary.LittleEndian}
 	if sig := r.bytes(16); !bytes.Equal(sig, []byte("Spec ID Event03\x00")) {
-		return nil, errors.New("event log: the header is not a Spec ID Event03")
+		return t, errors.New("event log: the header is not a Spec ID Event03")
 	}
 	r.bytes(4 + 4) // platformClass, versions, errata, uintnSize
 	n := r.u32()
-	if n > 16 {
-		return nil, fmt.Errorf("event log: %d digest algorithms", n)
+	if n > maxAlgs {
+		return t, fmt.Errorf("event log: %d digest algorithms", n)
 	}
-	sizes := map[uint16]int{}
 	for range n {
 		alg, size := r.u16(), int(r.u16())
-		sizes[alg] = size
+		i := slices.Index(t.algs[:t.n], alg)
+		if i < 0 {
+			i = t.n
+			t.n++
+		}
+		t.algs[i], t.sizes[i] = alg, size
 	}
 	if r.err != nil || n == 0 {
-		return nil, errors.New("event log: malformed Spec ID event")
+		return t, errors.New("event log: malformed Spec ID event")
 	}
-	return sizes, nil
+	return t, nil
 }
 
 // Replay computes the SHA-256 PCR values the events extend. The locality
 // of the startup, when the log records one (EV_NO_ACTION "StartupLocality"
 // in PCR 0), is PCR 0's starting value, as the TPM sets it.
 func Replay(events []Event) map[int][]byte {
-	var banks [24]*[sha256.Size]byte // ParseEventLog bounds PCR to 0–23
-	var buf [2 * sha256.Size]byte    // PCR || digest: one Sum256 per extend, no allocation
+	return replay(events).values()
+}
+
+// pcrBank is what a log replays to: PCR i is v[i] if bit i of set is on
+// (the log extends it, or sets its locality), else the log leaves it alone.
+type pcrBank struct {
+	set uint32
+	v   [24][sha256.Size]byte
+}
+
+func (b *pcrBank) value(i int) ([]byte, bool) {
+	if i < 0 || i >= len(b.v) || b.set&(1<<i) == 0 {
+		return nil, false
+	}
+	return b.v[i][:], true
+}
+
+func (b *pcrBank) values() map[int][]byte {
+	pcrs := make(map[int][]byte, bits.OnesCount32(b.set))
+	for i := range b.v {
+		if v, ok := b.value(i); ok {
+			pcrs[i] = v
+		}
+	}
+	return pcrs
+}
+
+func replay(events []Event) *pcrBank {
+	b := new(pcrBank)
+	var buf [2 * sha256.Size]byte // PCR || digest: one Sum256 per extend, no allocation
 	for _, e := range events {
-		if e.PCR < 0 || e.PCR >= len(banks) {
+		if e.PCR < 0 || e.PCR >= len(b.v) { // ParseEventLog bounds PCR to 0–23
 			continue
 		}
 		if e.Type == evNoAction {
 			if e.PCR == 0 && bytes.HasPrefix(e.Data, []byte("StartupLocality\x00")) && len(e.Data) == 17 {
-				banks[0] = &[sha256.Size]byte{sha256.Size - 1: e.Data[16]}
+				b.v[0] = [sha256.Size]byte{sha256.Size - 1: e.Data[16]}
+				b.set |= 1
 			}
 			continue
 		}
-		v := banks[e.PCR]
-		if v == nil {
-			v = new([sha256.Size]byte)
-			banks[e.PCR] = v
-		}
-		copy(buf[:sha256.Size], v[:])
+		copy(buf[:sha256.Size], b.v[e.PCR][:])
 		copy(buf[sha256.Size:], e.Digest)
-		*v = sha256.Sum256(buf[:])
+		b.v[e.PCR] = sha256.Sum256(buf[:])
+		b.set |= 1 << e.PCR
 	}
-	pcrs := make(map[int][]byte, len(banks))
-	for i, v := range banks {
-		if v != nil {
-			pcrs[i] = v[:]
-		}
-	}
-	return pcrs
+	return b
 }
 
 // reader reads fixed-size fields in one byte order (event logs are
