@@ -5,7 +5,6 @@ import (
 	"crypto/ecdsa"
 	"crypto/rsa"
 	"crypto/sha256"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/big"
@@ -89,7 +88,7 @@ const maxSelect = 255
 // hand: it is on the verifier's hot path, where reflection costs as much as
 // the signature check.
 func (f *quoteFields) parse(b []byte) error {
-	r := reader{b: b, order: binary.BigEndian}
+	r := reader{b: b, bigEndian: true}
 	magic, typ := r.u32(), r.u16()
 	r.tpm2b() // qualifiedSigner
 	f.extraData = r.tpm2b()
@@ -120,7 +119,7 @@ func (f *quoteFields) parse(b []byte) error {
 }
 
 func verifySignature(ak *AK, msg, sig []byte) error {
-	r := reader{b: sig, order: binary.BigEndian}
+	r := reader{b: sig, bigEndian: true}
 	alg, hash := r.u16(), r.u16()
 	if r.err != nil || hash != uint16(tpm2.TPMAlgSHA256) {
 		return fmt.Errorf("%w: want a SHA-256 signature", ErrSignature)
