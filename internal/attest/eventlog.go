@@ -241,7 +241,8 @@ func (b *pcrBank) values() map[int][]byte {
 
 func replay(events []Event) *pcrBank {
 	b := new(pcrBank)
-	var buf [2 * sha256.Size]byte // PCR || digest: one Sum256 per extend, no allocation
+	var buf [2 * sha256.Size]byte // PCR || digest
+	h := sha256.New()             // one hash reset per extend costs less than a Sum256
 	for _, e := range events {
 		if e.PCR < 0 || e.PCR >= len(b.v) { // ParseEventLog bounds PCR to 0–23
 			continue
@@ -255,7 +256,9 @@ func replay(events []Event) *pcrBank {
 		}
 		copy(buf[:sha256.Size], b.v[e.PCR][:])
 		copy(buf[sha256.Size:], e.Digest)
-		b.v[e.PCR] = sha256.Sum256(buf[:])
+		h.Reset()
+		h.Write(buf[:])
+		h.Sum(b.v[e.PCR][:0])
 		b.set |= 1 << e.PCR
 	}
 	return b
