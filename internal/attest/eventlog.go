@@ -76,8 +76,9 @@ func ParseEventLog(log []byte) ([]Event, error) {
 	if _, ok := sizes.size(algSHA256); !ok {
 		return nil, errors.New("event log: no SHA-256 digests")
 	}
-	// A firmware event is rarely under 64 bytes: room for all, one allocation
-	// (counting them first costs more than the room saves).
+	// Firmware events average more than 64 bytes (OVMF's: 80): room for
+	// all, one allocation (counting them first costs more than the room
+	// saves).
 	events := make([]Event, 1, min(r.left()/64+1, maxEvents+1))
 	events[0] = Event{Index: 0, PCR: 0, Type: evNoAction, Data: spec}
 	for r.left() > 0 {
