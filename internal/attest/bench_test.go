@@ -255,3 +255,25 @@ func BenchmarkParseAK(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkEventLog is the event log's part of a first bundle: the ≈100-
+// event log parsed, and replayed (every extend two SHA-256 blocks).
+//
+//	go test -run '^$' -bench EventLog -benchmem ./internal/attest
+func BenchmarkEventLog(b *testing.B) {
+	log := longLog(b)
+	events, err := ParseEventLog(log)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Run("parse", func(b *testing.B) {
+		for range b.N {
+			ParseEventLog(log)
+		}
+	})
+	b.Run("replay", func(b *testing.B) {
+		for range b.N {
+			Replay(events)
+		}
+	})
+}

@@ -6,6 +6,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math/bits"
+	"slices"
 )
 
 // Event is one measurement of a TCG crypto-agile event log (TCG PC Client
@@ -42,6 +44,8 @@ func (e Event) TypeName() string {
 	return fmt.Sprintf("event type 0x%x", e.Type)
 }
 
+var le = binary.LittleEndian
+
 const (
 	evNoAction  = 0x00000003
 	algSHA256   = 0x000b
@@ -54,7 +58,7 @@ const (
 // header carrying the "Spec ID Event03" structure with the digest sizes,
 // then TCG_PCR_EVENT2 records. It keeps each event's SHA-256 digest.
 func ParseEventLog(log []byte) ([]Event, error) {
-	r := reader{b: log, order: binary.LittleEndian}
+	r := reader{b: log}
 	// The header: pcrIndex, eventType, a SHA-1-sized digest, the Spec ID.
 	r.u32()
 	if t := r.u32(); t != evNoAction {
@@ -69,24 +73,36 @@ func ParseEventLog(log []byte) ([]Event, error) {
 	if err != nil {
 		return nil, err
 	}
-	if _, ok := sizes[algSHA256]; !ok {
+	if _, ok := sizes.size(algSHA256); !ok {
 		return nil, errors.New("event log: no SHA-256 digests")
 	}
-	// A firmware event is rarely under 64 bytes: room for all, one allocation.
+	// Firmware events average more than 64 bytes (OVMF's: 80): room for
+	// all, one allocation (counting them first costs more than the room
+	// saves).
 	events := make([]Event, 1, min(r.left()/64+1, maxEvents+1))
 	events[0] = Event{Index: 0, PCR: 0, Type: evNoAction, Data: spec}
 	for r.left() > 0 {
 		if len(events) > maxEvents {
 			return nil, fmt.Errorf("event log: more than %d events", maxEvents)
 		}
-		e := Event{Index: len(events), PCR: int(r.u32()), Type: r.u32()}
-		n := r.u32()
-		if n > uint32(len(sizes)) {
+		// The fixed fields read straight from the bytes, one bounds check
+		// for the three; what is not there reads as 0, as the reader's.
+		var pcr, typ, n uint32
+		if h := r.bytes(12); h != nil {
+			pcr, typ, n = le.Uint32(h), le.Uint32(h[4:]), le.Uint32(h[8:])
+		}
+		// Filled in place: no copy of the event, with its pointers, after.
+		events = append(events, Event{Index: len(events), PCR: int(pcr), Type: typ})
+		e := &events[len(events)-1]
+		if n > uint32(sizes.n) {
 			return nil, fmt.Errorf("event log: event %d has %d digests", e.Index, n)
 		}
 		for range n {
-			alg := r.u16()
-			size, ok := sizes[alg]
+			var alg uint16
+			if a := r.bytes(2); a != nil {
+				alg = le.Uint16(a)
+			}
+			size, ok := sizes.size(alg)
 			if !ok {
 				return nil, fmt.Errorf("event log: event %d uses algorithm 0x%x the header does not list", e.Index, alg)
 			}
@@ -95,7 +111,10 @@ func ParseEventLog(log []byte) ([]Event, error) {
 				e.Digest = d
 			}
 		}
-		size := r.u32()
+		var size uint32
+		if s := r.bytes(4); s != nil {
+			size = le.Uint32(s)
+		}
 		if size > maxEventLen {
 			return nil, fmt.Errorf("event log: event %d claims %d bytes", e.Index, size)
 		}
@@ -109,74 +128,121 @@ func ParseEventLog(log []byte) ([]Event, error) {
 		if e.PCR < 0 || e.PCR > 23 {
 			return nil, fmt.Errorf("event log: event %d extends PCR %d", e.Index, e.PCR)
 		}
-		events = append(events, e)
 	}
 	return events, nil
 }
 
-// digestSizes reads the algorithm table of a TCG_EfiSpecIDEvent.
-func digestSizes(spec []byte) (map[uint16]int, error) {
-	r := reader{b: spec, order: binary.LittleEndian}
+// digestTable is the algorithm table of a TCG_EfiSpecIDEvent: each
+// algorithm once, with its digest size (a log lists one to four).
+type digestTable struct {
+	n     int
+	algs  [maxAlgs]uint16
+	sizes [maxAlgs]int
+}
+
+const maxAlgs = 16
+
+func (t *digestTable) size(alg uint16) (int, bool) {
+	for i, a := range t.algs[:t.n] {
+		if a == alg {
+			return t.sizes[i], true
+		}
+	}
+	return 0, false
+}
+
+// digestSizes reads the algorithm table of a TCG_EfiSpecIDEvent; an
+// algorithm listed twice has the last size given.
+func digestSizes(spec []byte) (digestTable, error) {
+	var t digestTable
+	r := reader{b: spec}
 	if sig := r.bytes(16); !bytes.Equal(sig, []byte("Spec ID Event03\x00")) {
-		return nil, errors.New("event log: the header is not a Spec ID Event03")
+		return t, errors.New("event log: the header is not a Spec ID Event03")
 	}
 	r.bytes(4 + 4) // platformClass, versions, errata, uintnSize
 	n := r.u32()
-	if n > 16 {
-		return nil, fmt.Errorf("event log: %d digest algorithms", n)
+	if n > maxAlgs {
+		return t, fmt.Errorf("event log: %d digest algorithms", n)
 	}
-	sizes := map[uint16]int{}
 	for range n {
 		alg, size := r.u16(), int(r.u16())
-		sizes[alg] = size
+		i := slices.Index(t.algs[:t.n], alg)
+		if i < 0 {
+			i = t.n
+			t.n++
+		}
+		t.algs[i], t.sizes[i] = alg, size
 	}
 	if r.err != nil || n == 0 {
-		return nil, errors.New("event log: malformed Spec ID event")
+		return t, errors.New("event log: malformed Spec ID event")
 	}
-	return sizes, nil
+	return t, nil
 }
 
 // Replay computes the SHA-256 PCR values the events extend. The locality
 // of the startup, when the log records one (EV_NO_ACTION "StartupLocality"
 // in PCR 0), is PCR 0's starting value, as the TPM sets it.
 func Replay(events []Event) map[int][]byte {
-	var banks [24]*[sha256.Size]byte // ParseEventLog bounds PCR to 0–23
-	var buf [2 * sha256.Size]byte    // PCR || digest: one Sum256 per extend, no allocation
-	for _, e := range events {
-		if e.PCR < 0 || e.PCR >= len(banks) {
-			continue
-		}
-		if e.Type == evNoAction {
-			if e.PCR == 0 && bytes.HasPrefix(e.Data, []byte("StartupLocality\x00")) && len(e.Data) == 17 {
-				banks[0] = &[sha256.Size]byte{sha256.Size - 1: e.Data[16]}
-			}
-			continue
-		}
-		v := banks[e.PCR]
-		if v == nil {
-			v = new([sha256.Size]byte)
-			banks[e.PCR] = v
-		}
-		copy(buf[:sha256.Size], v[:])
-		copy(buf[sha256.Size:], e.Digest)
-		*v = sha256.Sum256(buf[:])
+	return replay(events).values()
+}
+
+// pcrBank is what a log replays to: PCR i is v[i] if bit i of set is on
+// (the log extends it, or sets its locality), else the log leaves it alone.
+type pcrBank struct {
+	set uint32
+	v   [24][sha256.Size]byte
+}
+
+func (b *pcrBank) value(i int) ([]byte, bool) {
+	if i < 0 || i >= len(b.v) || b.set&(1<<i) == 0 {
+		return nil, false
 	}
-	pcrs := make(map[int][]byte, len(banks))
-	for i, v := range banks {
-		if v != nil {
-			pcrs[i] = v[:]
+	return b.v[i][:], true
+}
+
+func (b *pcrBank) values() map[int][]byte {
+	pcrs := make(map[int][]byte, bits.OnesCount32(b.set))
+	for i := range b.v {
+		if v, ok := b.value(i); ok {
+			pcrs[i] = v
 		}
 	}
 	return pcrs
 }
 
+func replay(events []Event) *pcrBank {
+	b := new(pcrBank)
+	var buf [2 * sha256.Size]byte // PCR || digest
+	h := sha256.New()             // one hash reset per extend costs less than a Sum256
+	for _, e := range events {
+		if e.PCR < 0 || e.PCR >= len(b.v) { // ParseEventLog bounds PCR to 0–23
+			continue
+		}
+		if e.Type == evNoAction {
+			if e.PCR == 0 && bytes.HasPrefix(e.Data, []byte("StartupLocality\x00")) && len(e.Data) == 17 {
+				b.v[0] = [sha256.Size]byte{sha256.Size - 1: e.Data[16]}
+				b.set |= 1
+			}
+			continue
+		}
+		copy(buf[:sha256.Size], b.v[e.PCR][:])
+		copy(buf[sha256.Size:], e.Digest)
+		h.Reset()
+		h.Write(buf[:])
+		h.Sum(b.v[e.PCR][:0])
+		b.set |= 1 << e.PCR
+	}
+	return b
+}
+
 // reader reads fixed-size fields in one byte order (event logs are
 // little-endian, TPM structures big-endian), remembering the first overrun.
+// The order is a flag, not a binary.ByteOrder: no interface call per field.
 type reader struct {
-	b     []byte
-	off   int
-	order binary.ByteOrder
-	err   error
+	b         []byte
+	off       int
+	bigEndian bool
+	err       error
 }
 
 func (r *reader) left() int { return len(r.b) - r.off }
@@ -201,22 +267,34 @@ func (r *reader) u8() uint8 {
 }
 
 func (r *reader) u16() uint16 {
-	if b := r.bytes(2); b != nil {
-		return r.order.Uint16(b)
+	b := r.bytes(2)
+	switch {
+	case b == nil:
+		return 0
+	case r.bigEndian:
+		return binary.BigEndian.Uint16(b)
 	}
-	return 0
+	return binary.LittleEndian.Uint16(b)
 }
 
 func (r *reader) u32() uint32 {
-	if b := r.bytes(4); b != nil {
-		return r.order.Uint32(b)
+	b := r.bytes(4)
+	switch {
+	case b == nil:
+		return 0
+	case r.bigEndian:
+		return binary.BigEndian.Uint32(b)
 	}
-	return 0
+	return binary.LittleEndian.Uint32(b)
 }
 
 func (r *reader) u64() uint64 {
-	if b := r.bytes(8); b != nil {
-		return r.order.Uint64(b)
+	b := r.bytes(8)
+	switch {
+	case b == nil:
+		return 0
+	case r.bigEndian:
+		return binary.BigEndian.Uint64(b)
 	}
-	return 0
+	return binary.LittleEndian.Uint64(b)
 }

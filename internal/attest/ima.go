@@ -3,7 +3,6 @@ package attest
 import (
 	"bytes"
 	"crypto/sha256"
-	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -75,7 +74,7 @@ func sizeOf(entries []IMAEntry) int {
 // parseIMALog parses log, whose first entry is entry first of the whole:
 // its first limit entries, or all if limit < 0.
 func parseIMALog(log []byte, first, limit int) ([]IMAEntry, error) {
-	r := reader{b: log, order: binary.LittleEndian}
+	r := reader{b: log}
 	var out []IMAEntry
 	for r.left() > 0 && len(out) != limit {
 		if first+len(out) >= maxIMAEntries {
@@ -104,7 +103,7 @@ func parseIMALog(log []byte, first, limit int) ([]IMAEntry, error) {
 		if e.Template == "ima" {
 			return nil, errors.New("IMA log: the legacy \"ima\" template is not supported; use ima-ng or ima-sig")
 		}
-		fields := reader{b: data, order: binary.LittleEndian}
+		fields := reader{b: data}
 		dng, nng := fields.bytes(int(fields.u32())), fields.bytes(int(fields.u32()))
 		algo, digest, ok := bytes.Cut(dng, []byte(":\x00"))
 		if fields.err != nil || !ok {

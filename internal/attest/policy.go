@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/hex"
 	"fmt"
-	"maps"
 	"slices"
 	"sync"
 )
@@ -48,7 +47,7 @@ func Learn(b Boot, log []byte, which []int) Policy {
 // events do not replay to it, are skipped.
 func LearnDigests(b Boot, which []int) Policy {
 	p := Policy{Digests: map[int][][]byte{}}
-	replayed := sync.OnceValue(func() map[int][]byte { return Replay(b.Events) })
+	replayed := sync.OnceValue(func() *pcrBank { return replay(b.Events) })
 	for _, i := range which {
 		if unvouched(b, i, replayed) != nil {
 			continue
@@ -172,8 +171,15 @@ func short(b []byte) string {
 // (NotReplayed), so that a log cut short, or padded with events the TPM
 // never saw, cannot pass; then each must carry an allowed digest.
 func Evaluate(p Policy, b Boot) []Mismatch {
+	return evaluate(p, b, nil)
+}
+
+// evaluate is Evaluate with what b's firmware events replay to, when the
+// caller has it (nil: replayed here if a digest policy needs it).
+func evaluate(p Policy, b Boot, bank *pcrBank) []Mismatch {
 	var out []Mismatch
-	for _, i := range slices.Sorted(maps.Keys(p.PCRs)) {
+	var buf [24]int // the PCRs a policy names: sorted without allocating
+	for _, i := range sortedKeys(p.PCRs, buf[:0]) {
 		want, got := p.PCRs[i], b.PCRs[i]
 		switch {
 		case got == nil:
@@ -182,8 +188,14 @@ func Evaluate(p Policy, b Boot) []Mismatch {
 			out = append(out, Mismatch{PCR: i, Kind: ValueDiffers, Want: want, Got: got, Event: firstDifference(p.EventLog, b.Events, i)})
 		}
 	}
-	replayed := sync.OnceValue(func() map[int][]byte { return Replay(b.Events) })
-	for _, i := range slices.Sorted(maps.Keys(p.Digests)) {
+	if len(p.Digests) == 0 {
+		return out
+	}
+	replayed := func() *pcrBank { return bank }
+	if bank == nil {
+		replayed = sync.OnceValue(func() *pcrBank { return replay(b.Events) })
+	}
+	for _, i := range sortedKeys(p.Digests, buf[:0]) {
 		if m := unvouched(b, i, replayed); m != nil {
 			out = append(out, *m)
 		} else if m, bad := disallowed(p.Digests[i], b, i); bad {
@@ -197,12 +209,13 @@ func Evaluate(p Policy, b Boot) []Mismatch {
 // word: the quote leaves i out, or they do not replay to its quoted
 // value; nil when they are. replayed is what b's firmware events replay
 // to. (A quoted PCR nothing extended is vouched for: nothing to judge.)
-func unvouched(b Boot, i int, replayed func() map[int][]byte) *Mismatch {
+func unvouched(b Boot, i int, replayed func() *pcrBank) *Mismatch {
 	quoted, ok := b.PCRs[i]
 	if !ok {
 		return &Mismatch{PCR: i, Kind: NotQuoted}
 	}
-	got, what := replayed()[i], "the event log"
+	got, _ := replayed().value(i)
+	what := "the event log"
 	if i == IMAPCR && b.IMA != nil {
 		got, what = replayIMA(b.IMA), "the IMA log"
 	}
@@ -244,10 +257,24 @@ func disallowed(allowed [][]byte, b Boot, i int) (string, bool) {
 	return s, true
 }
 
+// sortedKeys appends m's keys to buf, sorted.
+func sortedKeys[V any](m map[int]V, buf []int) []int {
+	for i := range m {
+		buf = append(buf, i)
+	}
+	slices.Sort(buf)
+	return buf
+}
+
 // Judge is the verdict on genuine evidence: trusted when the boot meets
 // p, else untrusted with the mismatches as reasons.
 func Judge(p Policy, b Boot) Verdict {
-	mismatches := Evaluate(p, b)
+	return judge(p, b, nil)
+}
+
+// judge is Judge with what b's firmware events replay to, if known.
+func judge(p Policy, b Boot, bank *pcrBank) Verdict {
+	mismatches := evaluate(p, b, bank)
 	v := Verdict{Genuine: true, Trusted: len(mismatches) == 0, Mismatches: mismatches}
 	for _, m := range mismatches {
 		v.Reasons = append(v.Reasons, m.String())

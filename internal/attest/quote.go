@@ -5,11 +5,10 @@ import (
 	"crypto/ecdsa"
 	"crypto/rsa"
 	"crypto/sha256"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/big"
-	"slices"
+	"math/bits"
 
 	"github.com/google/go-tpm/tpm2"
 )
@@ -34,36 +33,41 @@ var (
 // VerifyQuote checks that attest (a TPMS_ATTEST as TPM2_Quote returns it)
 // carries signature sig (a marshalled TPMT_SIGNATURE) by ak, answers nonce,
 // and quotes exactly the SHA-256 PCR values pcrs; it returns what the quote
-// vouches for.
+// vouches for (its PCRs are pcrs, shared: not to be changed after).
 func VerifyQuote(ak *AK, attest, sig, nonce []byte, pcrs map[int][]byte) (*Quote, error) {
 	if err := verifySignature(ak, attest, sig); err != nil {
 		return nil, err
 	}
-	a, err := parseQuote(attest)
-	if err != nil {
+	var a quoteFields
+	if err := a.parse(attest); err != nil {
 		return nil, err
 	}
 	if !bytes.Equal(a.extraData, nonce) {
 		return nil, ErrNonce
 	}
-	h := sha256.New()
-	quoted := make(map[int][]byte, len(a.selected))
-	for _, i := range a.selected {
-		v, ok := pcrs[i]
-		if !ok || len(v) != sha256.Size {
-			return nil, fmt.Errorf("%w: PCR %d is quoted but not reported", ErrPCRDigest, i)
+	// The values in PCR order, hashed at once: room on the stack for all 24.
+	values := make([]byte, 0, 24*sha256.Size)
+	n := 0
+	for byteIdx, v := range a.selected {
+		for ; v != 0; v &= v - 1 {
+			i := byteIdx*8 + bits.TrailingZeros8(v)
+			pv, ok := pcrs[i]
+			if !ok || len(pv) != sha256.Size {
+				return nil, fmt.Errorf("%w: PCR %d is quoted but not reported", ErrPCRDigest, i)
+			}
+			values = append(values, pv...)
+			n++
 		}
-		h.Write(v)
-		quoted[i] = v
 	}
-	if len(pcrs) != len(a.selected) {
-		return nil, fmt.Errorf("%w: %d PCRs reported, %d quoted", ErrPCRDigest, len(pcrs), len(a.selected))
+	if len(pcrs) != n {
+		return nil, fmt.Errorf("%w: %d PCRs reported, %d quoted", ErrPCRDigest, len(pcrs), n)
 	}
-	if !bytes.Equal(h.Sum(nil), a.pcrDigest) {
+	if d := sha256.Sum256(values); !bytes.Equal(d[:], a.pcrDigest) {
 		return nil, ErrPCRDigest
 	}
-	a.q.PCRs = quoted
-	return &a.q, nil
+	q := a.q
+	q.PCRs = pcrs
+	return &q, nil
 }
 
 // quoteFields are the parts of a TPMS_ATTEST of type quote the verifier
@@ -71,52 +75,51 @@ func VerifyQuote(ak *AK, attest, sig, nonce []byte, pcrs map[int][]byte) (*Quote
 type quoteFields struct {
 	q         Quote
 	extraData []byte
-	selected  []int // SHA-256 PCRs, ascending
+	// selected has bit i%8 of byte i/8 on when SHA-256 PCR i is quoted
+	// (the selections ORed: a PCR selected twice is quoted once).
+	selected  [maxSelect]byte
 	pcrDigest []byte
 }
 
-// parseQuote reads a TPMS_ATTEST (TPM 2.0 Part 2, 10.12.12; big-endian) by
+// maxSelect bounds a TPMS_PCR_SELECTION's sizeofSelect (a UINT8).
+const maxSelect = 255
+
+// parse reads a TPMS_ATTEST (TPM 2.0 Part 2, 10.12.12; big-endian) by
 // hand: it is on the verifier's hot path, where reflection costs as much as
 // the signature check.
-func parseQuote(b []byte) (*quoteFields, error) {
-	r := reader{b: b, order: binary.BigEndian}
+func (f *quoteFields) parse(b []byte) error {
+	r := reader{b: b, bigEndian: true}
 	magic, typ := r.u32(), r.u16()
 	r.tpm2b() // qualifiedSigner
-	f := &quoteFields{extraData: r.tpm2b()}
+	f.extraData = r.tpm2b()
 	f.q.Clock, f.q.ResetCount, f.q.RestartCount, f.q.Safe = r.u64(), r.u32(), r.u32(), r.u8() == 1
 	r.u64() // firmwareVersion
 	if r.err == nil && (magic != uint32(tpm2.TPMGeneratedValue) || typ != uint16(tpm2.TPMSTAttestQuote)) {
-		return nil, errors.New("the signed structure is not a TPM-generated quote")
+		return errors.New("the signed structure is not a TPM-generated quote")
 	}
 	n := r.u32()
 	if n > 8 {
-		return nil, fmt.Errorf("parsing the quote: %d PCR selections", n)
+		return fmt.Errorf("parsing the quote: %d PCR selections", n)
 	}
 	for range n {
 		hash, size := r.u16(), int(r.u8())
 		sel := r.bytes(size)
 		if r.err == nil && hash != uint16(tpm2.TPMAlgSHA256) {
-			return nil, fmt.Errorf("the quote covers the bank 0x%x; only SHA-256 is accepted", hash)
+			return fmt.Errorf("the quote covers the bank 0x%x; only SHA-256 is accepted", hash)
 		}
-		for byteIdx, v := range sel {
-			for bit := range 8 {
-				if v&(1<<bit) != 0 {
-					f.selected = append(f.selected, byteIdx*8+bit)
-				}
-			}
+		for i, v := range sel {
+			f.selected[i] |= v
 		}
 	}
 	f.pcrDigest = r.tpm2b()
 	if r.err != nil || r.off != len(b) {
-		return nil, errors.New("parsing the quote: malformed TPMS_ATTEST")
+		return errors.New("parsing the quote: malformed TPMS_ATTEST")
 	}
-	slices.Sort(f.selected)
-	f.selected = slices.Compact(f.selected)
-	return f, nil
+	return nil
 }
 
 func verifySignature(ak *AK, msg, sig []byte) error {
-	r := reader{b: sig, order: binary.BigEndian}
+	r := reader{b: sig, bigEndian: true}
 	alg, hash := r.u16(), r.u16()
 	if r.err != nil || hash != uint16(tpm2.TPMAlgSHA256) {
 		return fmt.Errorf("%w: want a SHA-256 signature", ErrSignature)

@@ -36,8 +36,8 @@ type Verdict struct {
 
 // State is what the verifier keeps of an instance's last accepted
 // evidence. Agents push the same firmware log every time, so a caller that
-// keeps Events and Replayed has a log equal to the last one neither parsed
-// nor replayed again (the API server keeps only the log: parsed logs of
+// keeps the State Verify returns (Events, and what they replay to) has a
+// log equal to the last one neither parsed nor replayed again (the API server keeps only the log: parsed logs of
 // every instance would not fit its memory). It shares the
 // evidence's log (no copy: a verifier's hot path), which must not be
 // changed after.
@@ -45,7 +45,7 @@ type State struct {
 	Quote    *Quote
 	EventLog []byte
 	Events   []Event
-	Replayed map[int][]byte
+	replayed *pcrBank // what Events replay to
 	// IMA are the IMA entries the quotes of this boot covered, and IMALog
 	// those entries as the kernel logged them (what a caller keeps, to
 	// take a continuation: Quote.PCRs[10] is the value they replay to).
@@ -75,19 +75,22 @@ func Verify(ak *AK, ev Evidence, nonce []byte, prev State, p *Policy) (Verdict, 
 	if err := CheckProgress(prev.Quote, q); err != nil {
 		return Verdict{Reasons: []string{err.Error()}, Quote: q}, prev
 	}
-	next := State{Quote: q, EventLog: prev.EventLog, Events: prev.Events, Replayed: prev.Replayed}
-	if next.Events == nil || !bytes.Equal(ev.EventLog, prev.EventLog) {
+	next := State{Quote: q, EventLog: prev.EventLog, Events: prev.Events, replayed: prev.replayed}
+	if next.replayed == nil || !bytes.Equal(ev.EventLog, prev.EventLog) {
 		events, err := ParseEventLog(ev.EventLog)
 		if err != nil {
 			return Verdict{Reasons: []string{err.Error()}, Quote: q}, prev
 		}
-		next.EventLog, next.Events, next.Replayed = ev.EventLog, events, Replay(events)
+		next.EventLog, next.Events, next.replayed = ev.EventLog, events, replay(events)
 	}
-	for i := range 24 {
+	for i := range next.replayed.v {
 		// Quoted PCRs the log extends must match it exactly; others (IMA,
 		// later stages with logs of their own) are judged by the policy.
-		v, quoted := q.PCRs[i]
-		if r, ok := next.Replayed[i]; ok && quoted && !bytes.Equal(r, v) {
+		r, ok := next.replayed.value(i)
+		if !ok {
+			continue
+		}
+		if v, quoted := q.PCRs[i]; quoted && !bytes.Equal(r, v) {
 			return Verdict{Reasons: []string{fmt.Sprintf("the event log does not replay to the quoted PCR %d", i)}, Quote: q}, prev
 		}
 	}
@@ -100,7 +103,7 @@ func Verify(ak *AK, ev Evidence, nonce []byte, prev State, p *Policy) (Verdict, 
 	if p == nil {
 		return Verdict{Genuine: true, Reasons: []string{"no policy yet"}, Quote: q}, next
 	}
-	v := Judge(*p, Boot{PCRs: q.PCRs, Events: next.Events, IMA: next.IMA})
+	v := judge(*p, Boot{PCRs: q.PCRs, Events: next.Events, IMA: next.IMA}, next.replayed)
 	v.Quote = q
 	return v, next
 }
