@@ -40,3 +40,13 @@ var (
 	// different master key. The payload is never returned in that case.
 	ErrCorrupt = errors.New("sealed secret is corrupt or was tampered with")
 )
+
+// ErrUnavailable: the key manager did not answer, or answered that it
+// cannot serve now (a 5xx, a timeout) after the provider's retries. The API
+// answers 503 key_manager_unavailable; nothing was changed.
+var ErrUnavailable = errors.New("key manager unavailable")
+
+// ErrForbidden: the key manager refused the identity the request ran as
+// (another project's secret, or a "user" secret asked for without its
+// owner's token).
+var ErrForbidden = errors.New("key manager refused access")
