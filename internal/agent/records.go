@@ -53,7 +53,8 @@ type Records interface {
 
 // Changes is what changed on a host after a revision (Records.Watch).
 type Changes struct {
-	// Revision is the host's revision now: the next watch's since.
+	// Revision is the watch token now (the host's revision, and on
+	// PostgreSQL the database's timeline): the next watch's since.
 	Revision int64
 	// Records are the host's records written since, or all of them when
 	// Reset.

@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"database/sql"
+	"slices"
 	"testing"
 	"time"
 
@@ -85,5 +86,61 @@ func listening(t *testing.T, s *Store) {
 	case <-s.listened:
 	case <-time.After(30 * time.Second):
 		t.Fatal("the store's listener did not listen in 30s")
+	}
+}
+
+// TestWatchAfterLossyFailover: a watcher that read a host's changes on
+// the old primary, including writes the standby never received, is told
+// to start over by the promoted standby, even once the host's revision
+// there has climbed past the one it holds with other writes. Without the
+// timeline in its token it would skip those writes as already seen.
+func TestWatchAfterLossyFailover(t *testing.T) {
+	pg := pgtest.NewReplicated(t)
+	ctx := context.Background()
+	s, err := OpenPostgres(ctx, pg.DSN(pg.Primary, pg.Standby), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	putHosts(t, s, "h1")
+	create := func(id string) {
+		t.Helper()
+		if err := s.Update(ctx, func(tx *Tx) error { return tx.CreateVTPM(sample(id, "p1", "h1")) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	watch := func(since int64) *Changes {
+		t.Helper()
+		var c *Changes
+		if err := s.View(ctx, func(tx *Tx) error { c, err = tx.WatchVTPMs("h1", since); return err }); err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	create("i-kept")
+	pg.CatchUp(t)
+	pg.Standby.Stop(t)
+	create("i-lost-1")
+	create("i-lost-2")
+	held := watch(0).Token // the old primary's: the lost writes seen
+	pg.Primary.Stop(t)
+	pg.Standby.Start(t)
+	pg.Promote(t)
+	for _, id := range []string{"i-new-1", "i-new-2", "i-new-3"} {
+		create(id) // the host's revision passes the held one's
+	}
+	c := watch(held)
+	if !c.Reset {
+		t.Fatalf("a token of the old timeline was answered with %d changes, not told to start over", len(c.VTPMs))
+	}
+	var ids []string
+	for _, v := range c.VTPMs {
+		ids = append(ids, v.InstanceID)
+	}
+	if want := []string{"i-kept", "i-new-1", "i-new-2", "i-new-3"}; !slices.Equal(ids, want) {
+		t.Fatalf("after the failover the watcher reads %v, want %v", ids, want)
+	}
+	if next := watch(c.Token); next.Reset || len(next.VTPMs) != 0 {
+		t.Fatalf("the new timeline's token: reset %v, %d changes; want none", next.Reset, len(next.VTPMs))
 	}
 }

@@ -2,7 +2,9 @@ package store
 
 import (
 	"database/sql"
+	"fmt"
 	"slices"
+	"strconv"
 	"time"
 )
 
@@ -27,10 +29,27 @@ type Tombstone struct {
 	Revision                int64 // the host's revision when it left
 }
 
-// Changes is what changed on one host after a revision.
+// timelineShift places the timeline in a watch token, above a revision of
+// at most 2^40 (a host writing a thousand times a second for 34 years).
+const timelineShift = 40
+
+// watchToken is the token of revision rev on timeline; 0 while the host
+// has no revision, as a watcher's first since is.
+func watchToken(timeline, rev int64) int64 {
+	if rev == 0 {
+		return 0
+	}
+	return timeline<<timelineShift | rev
+}
+
+// Changes is what changed on one host after a watch token.
 type Changes struct {
-	// Revision is the host's revision now: the next call's since.
+	// Revision is the host's revision now, which the newest of VTPMs
+	// carries.
 	Revision int64
+	// Token is what the watcher holds: the next call's since (Revision,
+	// and the database's timeline on PostgreSQL).
+	Token int64
 	// VTPMs are the host's records written after since, by revision;
 	// all of them when Reset.
 	VTPMs []*VTPM
@@ -38,8 +57,9 @@ type Changes struct {
 	// record on it now (none when Reset), by revision.
 	Gone []Tombstone
 	// Reset says since was 0, older than the tombstones the host keeps,
-	// or newer than Revision (a restored database): VTPMs is the whole
-	// set, and the watcher drops whatever else it holds.
+	// newer than Revision (a restored database), or of another timeline
+	// (a failover): VTPMs is the whole set, and the watcher drops
+	// whatever else it holds.
 	Reset bool
 	// DriftAsked is the operator's last request for the host's drift
 	// (AskDrift), to be answered with repair when DriftRepair; 0 for none.
@@ -47,23 +67,38 @@ type Changes struct {
 	DriftRepair bool
 }
 
-// WatchVTPMs returns what changed on host after revision since, read in
-// one snapshot (it works in View).
+// WatchVTPMs returns what changed on host after watch token since, read
+// in one snapshot (it works in View).
 func (t *Tx) WatchVTPMs(host string, since int64) (*Changes, error) {
 	c := &Changes{}
 	var horizon int64
 	var repair int
-	// The host's revision and horizon (none before its first vTPM) and
-	// its drift request not yet answered, if any, in one read.
-	err := t.queryRow(`SELECT COALESCE(w.revision, 0), COALESCE(w.horizon, 0), COALESCE(h.drift_asked, 0), COALESCE(h.drift_repair, 0)
+	var walFile string
+	// The host's revision and horizon (none before its first vTPM), its
+	// drift request not yet answered, if any, and the timeline (the
+	// first 8 hex digits of the WAL file's name), in one read.
+	timeline := `''`
+	if t.pg {
+		timeline = `pg_walfile_name(pg_current_wal_lsn())`
+	}
+	err := t.queryRow(`SELECT COALESCE(w.revision, 0), COALESCE(w.horizon, 0), COALESCE(h.drift_asked, 0), COALESCE(h.drift_repair, 0), `+timeline+`
 		FROM (SELECT CAST(? AS TEXT) AS name) q
 		LEFT JOIN watch_revisions w ON w.host = q.name
-		LEFT JOIN hosts h ON h.name = q.name AND h.drift_answered < h.drift_asked`, host).Scan(&c.Revision, &horizon, &c.DriftAsked, &repair)
+		LEFT JOIN hosts h ON h.name = q.name AND h.drift_answered < h.drift_asked`, host).Scan(&c.Revision, &horizon, &c.DriftAsked, &repair, &walFile)
 	if err != nil {
 		return nil, err
 	}
+	var tl int64
+	if walFile != "" {
+		if tl, err = strconv.ParseInt(walFile[:min(8, len(walFile))], 16, 64); err != nil {
+			return nil, fmt.Errorf("reading the timeline from WAL file name %q: %w", walFile, err)
+		}
+	}
+	c.Token = watchToken(tl, c.Revision)
 	c.DriftRepair = repair != 0
-	c.Reset = since == 0 || since < horizon || since > c.Revision
+	sinceRev := since & (1<<timelineShift - 1)
+	c.Reset = since == 0 || since>>timelineShift != tl || sinceRev < horizon || sinceRev > c.Revision
+	since = sinceRev
 	if c.Reset {
 		since = -1 // every record
 	}

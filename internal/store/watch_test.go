@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -18,10 +19,26 @@ type watcher struct {
 	s *Store
 }
 
+// watch reads host's changes after revision since (of the database's
+// current timeline: these tests are about revisions, not failovers).
 func (w watcher) watch(host string, since int64) *Changes {
 	w.t.Helper()
 	var c *Changes
-	if err := w.s.View(context.Background(), func(tx *Tx) (err error) { c, err = tx.WatchVTPMs(host, since); return }); err != nil {
+	err := w.s.View(context.Background(), func(tx *Tx) (err error) {
+		var tl int64
+		if tx.pg {
+			var wal string
+			if err := tx.queryRow(`SELECT pg_walfile_name(pg_current_wal_lsn())`).Scan(&wal); err != nil {
+				return err
+			}
+			if tl, err = strconv.ParseInt(wal[:8], 16, 64); err != nil {
+				return err
+			}
+		}
+		c, err = tx.WatchVTPMs(host, watchToken(tl, since))
+		return err
+	})
+	if err != nil {
 		w.t.Fatal(err)
 	}
 	return c

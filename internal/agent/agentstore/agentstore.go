@@ -84,7 +84,7 @@ func (r *Records) WatchUntil(ctx context.Context, host string, since int64, over
 		if err != nil {
 			return nil, err
 		}
-		if ch.Reset && (since != 0 || ch.Revision != 0) || len(ch.VTPMs) > 0 || len(ch.Gone) > 0 || ch.DriftAsked != 0 {
+		if ch.Reset && (since != 0 || ch.Token != 0) || len(ch.VTPMs) > 0 || len(ch.Gone) > 0 || ch.DriftAsked != 0 {
 			return changes(ch), nil
 		}
 		select {
@@ -372,7 +372,7 @@ func agentError(err error) error {
 }
 
 func changes(ch *store.Changes) *agent.Changes {
-	out := &agent.Changes{Revision: ch.Revision, Reset: ch.Reset, Records: make([]*agent.Record, len(ch.VTPMs)),
+	out := &agent.Changes{Revision: ch.Token, Reset: ch.Reset, Records: make([]*agent.Record, len(ch.VTPMs)),
 		Drift: agent.DriftAsk{ID: ch.DriftAsked, Repair: ch.DriftRepair}}
 	for i, v := range ch.VTPMs {
 		out.Records[i] = record(v)
