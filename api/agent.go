@@ -106,7 +106,8 @@ type AgentEK struct {
 // AgentChanges answers an agent's watch (GET /v1/agent/vtpms?since=N):
 // what changed among its host's vTPMs after revision N.
 type AgentChanges struct {
-	// Revision is the host's revision now: the next watch's since.
+	// Revision is the watch token now (opaque: the host's revision and the
+	// database's timeline): the next watch's since.
 	Revision int64       `json:"revision"`
 	VTPMs    []AgentVTPM `json:"vtpms"`
 	// Gone are the vTPMs that left the host since; none when Reset.
