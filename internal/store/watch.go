@@ -45,6 +45,9 @@ type Changes struct {
 	// (AskDrift), to be answered with repair when DriftRepair; 0 for none.
 	DriftAsked  int64
 	DriftRepair bool
+	// Adoptions are the operator's requests its agent has not answered
+	// (AskAdoption).
+	Adoptions []Adoption
 }
 
 // WatchVTPMs returns what changed on host after revision since, read in
@@ -63,6 +66,9 @@ func (t *Tx) WatchVTPMs(host string, since int64) (*Changes, error) {
 		return nil, err
 	}
 	c.DriftRepair = repair != 0
+	if c.Adoptions, err = t.pendingAdoptions(host); err != nil {
+		return nil, err
+	}
 	c.Reset = since == 0 || since < horizon || since > c.Revision
 	if c.Reset {
 		since = -1 // every record
