@@ -55,19 +55,23 @@ type Changes struct {
 func (t *Tx) WatchVTPMs(host string, since int64) (*Changes, error) {
 	c := &Changes{}
 	var horizon int64
-	var repair int
-	// The host's revision and horizon (none before its first vTPM) and
-	// its drift request not yet answered, if any, in one read.
-	err := t.queryRow(`SELECT COALESCE(w.revision, 0), COALESCE(w.horizon, 0), COALESCE(h.drift_asked, 0), COALESCE(h.drift_repair, 0)
+	var repair, adoptions int
+	// The host's revision and horizon (none before its first vTPM), its
+	// drift request not yet answered, if any, and whether adoption
+	// requests wait, in one read.
+	err := t.queryRow(`SELECT COALESCE(w.revision, 0), COALESCE(w.horizon, 0), COALESCE(h.drift_asked, 0), COALESCE(h.drift_repair, 0),
+		(SELECT COUNT(*) FROM adoptions a WHERE a.host = q.name AND a.answer = '')
 		FROM (SELECT CAST(? AS TEXT) AS name) q
 		LEFT JOIN watch_revisions w ON w.host = q.name
-		LEFT JOIN hosts h ON h.name = q.name AND h.drift_answered < h.drift_asked`, host).Scan(&c.Revision, &horizon, &c.DriftAsked, &repair)
+		LEFT JOIN hosts h ON h.name = q.name AND h.drift_answered < h.drift_asked`, host).Scan(&c.Revision, &horizon, &c.DriftAsked, &repair, &adoptions)
 	if err != nil {
 		return nil, err
 	}
 	c.DriftRepair = repair != 0
-	if c.Adoptions, err = t.pendingAdoptions(host); err != nil {
-		return nil, err
+	if adoptions > 0 {
+		if c.Adoptions, err = t.pendingAdoptions(host); err != nil {
+			return nil, err
+		}
 	}
 	c.Reset = since == 0 || since < horizon || since > c.Revision
 	if c.Reset {
