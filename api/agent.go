@@ -118,6 +118,33 @@ type AgentChanges struct {
 	// Drift is the operator's drift request the agent is to answer (PUT
 	// /v1/agent/drift); absent when none waits.
 	Drift *AgentDriftAsk `json:"drift,omitempty"`
+	// Adoptions are the operator's requests to look at a libvirt domain
+	// whose vTPM vtpmd is to take over, each to be answered (PUT
+	// /v1/agent/adoptions/{id}); absent when none waits.
+	Adoptions []AgentAdoptionAsk `json:"adoptions,omitempty"`
+}
+
+// AgentAdoptionAsk asks a host's agent to find domain's vTPM, open its
+// state with its secret (GET /v1/agent/adoptions/{id}/secret) and read its
+// endorsement keys, for the vTPM of InstanceID.
+type AgentAdoptionAsk struct {
+	ID         string `json:"id"`
+	InstanceID string `json:"instance_id"`
+	Domain     string `json:"domain"`
+	// SecretRef is the secret the operator named; "" for the domain's own.
+	SecretRef string `json:"secret_ref,omitempty"`
+}
+
+// AgentAdoption is an agent's answer to an adoption request: what it found
+// (Spec, SecretRef, Running, EKs), or why it cannot (Code, Message).
+type AgentAdoption struct {
+	Code    Code   `json:"code,omitempty"`
+	Message string `json:"message,omitempty"`
+	// Spec is the vTPM as the domain's TPM device describes it.
+	Spec      VTPMSpec  `json:"spec"`
+	SecretRef string    `json:"secret_ref,omitempty"`
+	Running   bool      `json:"running"`
+	EKs       []AgentEK `json:"eks"`
 }
 
 // AgentDriftAsk is an operator's request for what differs between a host

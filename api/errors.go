@@ -174,6 +174,33 @@ const (
 	CodeNotHyperV Code = "not_hyperv"
 )
 
+// Codes of adopting a vTPM that Nova made (POST /v1/vtpms/{id}/adopt).
+// Each refusal leaves no record behind.
+const (
+	// CodeDomainNotFound (404): no host asked (the one named, or every
+	// libvirt host that is up) has a libvirt domain of that name.
+	CodeDomainNotFound Code = "domain_not_found"
+	// CodeNoVTPM (409): the domain has no vTPM vtpmd can take over: no
+	// TPM device, or one that is not libvirt's encrypted emulator (what
+	// Nova makes), or its UUID is not the instance id.
+	CodeNoVTPM Code = "no_vtpm"
+	// CodeVTPMStateNotFound (409): the domain's vTPM has no state on its
+	// host yet (libvirt makes it at the guest's first start).
+	CodeVTPMStateNotFound Code = "vtpm_state_not_found"
+	// CodeAlreadyManaged (409): vtpmd manages a vTPM of that instance, or
+	// one keyed by that secret, already.
+	CodeAlreadyManaged Code = "already_managed"
+	// CodeSecretNotFound (404): the key manager has no secret of that
+	// UUID.
+	CodeSecretNotFound Code = "secret_not_found"
+	// CodeWrongSecret (409): the vTPM's state does not open with the
+	// secret's passphrase.
+	CodeWrongSecret Code = "wrong_secret"
+	// CodeAdoptionFailed (503): the host's agent could not look at the
+	// domain or its state; the message says why.
+	CodeAdoptionFailed Code = "adoption_failed"
+)
+
 // Codes of hosts' enrolment and their agents' calls (/v1/agent/...).
 const (
 	// CodeInvalidHostName (400): a host name is not a letter or digit

@@ -132,6 +132,25 @@ type AttachRequest struct {
 	Domain string `json:"domain"`
 }
 
+// AdoptRequest asks vtpmd to take over the vTPM Nova made for an
+// instance (POST /v1/vtpms/{id}/adopt): libvirt's emulator TPM of a domain,
+// its state where libvirt keeps it, its key in the key manager. Nothing of
+// it is rewritten.
+type AdoptRequest struct {
+	// Domain is the libvirt domain's name (Nova's instance-XXXXXXXX).
+	Domain string `json:"domain"`
+	// Host is the host whose agent has the domain; "" asks every libvirt
+	// host that is up.
+	Host string `json:"host,omitempty"`
+	// SecretRef is the key-manager secret whose passphrase keys the state
+	// (Nova's vtpm_secret_uuid); "" takes the domain's <encryption
+	// secret=…>, which must then agree.
+	SecretRef string `json:"secret_ref,omitempty"`
+	// Project owns the instance; "" takes the secret's project (Nova keeps
+	// a user-mode secret in the instance's project).
+	Project string `json:"project,omitempty"`
+}
+
 // Finding is a piece of drift between a host's hypervisor and vtpmd's
 // records: an object with no vTPM record, or a record whose objects are gone.
 type Finding struct {

@@ -66,6 +66,18 @@ func (c *Client) CertifyEK(ctx context.Context, req api.EKCertificateRequest) ([
 	return out.Certificate, c.do(ctx, http.MethodPost, "/v1/agent/ek-certificates", req, &out)
 }
 
+// AdoptionSecret reads, for the host's answer to adoption request id, the
+// secret secretID that keys the state of the vTPM it is to take over.
+func (c *Client) AdoptionSecret(ctx context.Context, id, secretID string) (api.AgentSecret, error) {
+	var out api.AgentSecret
+	return out, c.do(ctx, http.MethodGet, "/v1/agent/adoptions/"+url.PathEscape(id)+"/secret?secret_ref="+url.QueryEscape(secretID), nil, &out)
+}
+
+// AnswerAdoption answers adoption request id.
+func (c *Client) AnswerAdoption(ctx context.Context, id string, a api.AgentAdoption) error {
+	return c.do(ctx, http.MethodPut, "/v1/agent/adoptions/"+url.PathEscape(id), a, nil)
+}
+
 // ReportDrift answers the operator's drift request.
 func (c *Client) ReportDrift(ctx context.Context, r api.AgentDriftReport) error {
 	return c.do(ctx, http.MethodPut, "/v1/agent/drift", r, nil)

@@ -246,6 +246,13 @@ func (c *Client) Detach(ctx context.Context, id string) (api.VTPM, error) {
 	return out, c.do(ctx, http.MethodPost, "/v1/vtpms/"+url.PathEscape(id)+"/detach", nil, &out)
 }
 
+// Adopt has vtpmd take over the vTPM Nova made for instance id (the
+// operator's): it returns once the vTPM is recorded, with its EKs.
+func (c *Client) Adopt(ctx context.Context, id string, r api.AdoptRequest) (api.VTPM, error) {
+	var out api.VTPM
+	return out, c.do(ctx, http.MethodPost, "/v1/vtpms/"+url.PathEscape(id)+"/adopt", r, &out)
+}
+
 // Drift asks a host's agent what differs between its hypervisor and the
 // records; repair deletes the orphans it finds.
 func (c *Client) Drift(ctx context.Context, host string, repair bool) (api.Drift, error) {

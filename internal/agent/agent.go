@@ -22,6 +22,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/buildinfo"
+	"github.com/vtpmd/vtpmd/internal/refusal"
 	"github.com/vtpmd/vtpmd/internal/spec"
 )
 
@@ -209,10 +210,43 @@ func (a *Agent) watch(ctx context.Context, wait time.Duration) ([]string, error)
 		return nil, err
 	}
 	changed := a.apply(ch)
-	if ch.Drift.ID != 0 {
-		return changed, a.answerDrift(ctx, ch.Drift)
+	var errs []error
+	for _, ask := range ch.Adoptions {
+		errs = append(errs, a.answerAdoption(ctx, ask))
 	}
-	return changed, nil
+	if ch.Drift.ID != 0 {
+		errs = append(errs, a.answerDrift(ctx, ch.Drift))
+	}
+	return changed, errors.Join(errs...)
+}
+
+// answerAdoption answers the operator's request to take over the vTPM of
+// a domain with what the backend finds: a refusal, when the backend cannot
+// adopt, or the domain or its vTPM is not to be taken, or the backend
+// fails (its reason in the message).
+func (a *Agent) answerAdoption(ctx context.Context, ask AdoptionAsk) error {
+	var ans Adoption
+	ad, ok := a.Backend.(Adopter)
+	if !ok {
+		ans.Refusal = refusal.Conflict(api.CodeNotSupported, "Host "+a.Host+" runs the "+a.Backend.Name()+
+			" backend, which takes over no vTPMs; only libvirt's (emulator mode) does.")
+	} else {
+		var err error
+		ans, err = ad.Adopt(ctx, ask, func(id string) ([]byte, error) { return a.Records.AdoptionSecret(ctx, a.Host, ask, id) })
+		var r *refusal.Error
+		switch {
+		case errors.As(err, &r):
+			ans = Adoption{Refusal: r} // the key manager's, through AdoptionSecret
+		case err != nil:
+			a.Log.Warn("looking at a vTPM to adopt", "host", a.Host, "instance", ask.InstanceID, "domain", ask.Domain, "err", err)
+			ans = Adoption{Refusal: &refusal.Error{Kind: refusal.KindUnavailable, Code: api.CodeAdoptionFailed,
+				Message: "Host " + a.Host + " could not look at domain " + ask.Domain + ": " + refusal.Truncate(err.Error())}}
+		}
+	}
+	if err := a.Records.AnswerAdoption(ctx, a.Host, ask, ans); err != nil && !errors.Is(err, ErrNotFound) {
+		return fmt.Errorf("answering the adoption of %s: %w", ask.InstanceID, err)
+	}
+	return nil
 }
 
 // answerDrift answers the operator's drift request with what the backend

@@ -45,6 +45,19 @@ type Drifter interface {
 	Drift(ctx context.Context, records func(context.Context) ([]VTPM, error), repair bool) ([]api.Finding, error)
 }
 
+// Adopter is a backend that can take over a vTPM another program made
+// (Nova, through libvirt) without rewriting it. Adopt finds the vTPM of
+// ask.Domain, reads its key with secret (the payload of the key-manager
+// secret of that id: ask.SecretID, or the one the domain names), opens its
+// state with it, reads its endorsement keys and records them beside the
+// state as if it had made the TPM, so that Ensure, Stop and Destroy treat
+// it as one of its own from then on. It answers a vTPM that cannot be
+// taken with a refusal in the answer, and errors only for faults.
+// Idempotent: asked again, it opens the state again.
+type Adopter interface {
+	Adopt(ctx context.Context, ask AdoptionAsk, secret func(id string) ([]byte, error)) (Adoption, error)
+}
+
 // Pool is a backend that keeps manufactured TPMs ready (the swtpm
 // backend): Claim hands out one's secret, which the agent makes the
 // record's (Records.Rekey) before adopt moves the TPM to the instance;

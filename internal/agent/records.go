@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/refusal"
 	"github.com/vtpmd/vtpmd/internal/spec"
 )
 
@@ -49,6 +50,14 @@ type Records interface {
 	// ReportDrift answers the operator's drift request asked (Changes.Drift)
 	// with what differs between host and its records.
 	ReportDrift(ctx context.Context, host string, asked int64, findings []api.Finding) error
+	// AdoptionSecret reads, for host's agent answering adoption request
+	// ask, the payload of key-manager secret secretID: the one the
+	// request names, or (when it names none) the one the domain names.
+	// A refusal with api.CodeSecretNotFound if the key manager has no such
+	// secret, api.CodeAlreadyManaged if it keys a vTPM vtpmd manages.
+	AdoptionSecret(ctx context.Context, host string, ask AdoptionAsk, secretID string) ([]byte, error)
+	// AnswerAdoption answers host's adoption request ask.
+	AnswerAdoption(ctx context.Context, host string, ask AdoptionAsk, answer Adoption) error
 }
 
 // Changes is what changed on a host after a revision (Records.Watch).
@@ -67,6 +76,73 @@ type Changes struct {
 	// Drift is the operator's request for the host's drift not yet
 	// answered; zero for none.
 	Drift DriftAsk
+	// Adoptions are the operator's requests to take over a vTPM vtpmd
+	// did not make, not yet answered.
+	Adoptions []AdoptionAsk
+}
+
+// AdoptionAsk asks a host's agent to find the vTPM of libvirt domain
+// Domain and identify it as InstanceID's (Adopter), keyed by SecretID, or
+// by the secret the domain names when SecretID is "".
+type AdoptionAsk struct {
+	ID         string
+	InstanceID string
+	Domain     string
+	SecretID   string
+}
+
+// Adoption is the agent's answer to an AdoptionAsk: the vTPM it found, or
+// Refusal, why it cannot be taken over.
+type Adoption struct {
+	Spec     spec.Spec
+	SecretID string
+	// Running says the guest runs.
+	Running bool
+	EKs     []EK
+	// Refusal, when set, is why not: the vTPM found is not to be taken.
+	Refusal *refusal.Error
+}
+
+// AdoptionFromAPI is an answer in the agent protocol's words as the agent
+// gave it.
+func AdoptionFromAPI(a api.AgentAdoption) Adoption {
+	if a.Code != "" {
+		return Adoption{Refusal: &refusal.Error{Kind: adoptionRefusals[a.Code], Code: a.Code, Message: a.Message}}
+	}
+	out := Adoption{Spec: spec.FromAPI(a.Spec), SecretID: a.SecretRef, Running: a.Running}
+	for _, ek := range a.EKs {
+		out.EKs = append(out.EKs, EK{Kind: ek.Kind, Handle: ek.Handle, NVIndex: ek.NVIndex, PublicDER: ek.Public, CertDER: ek.Certificate})
+	}
+	return out
+}
+
+// adoptionRefusals are the refusals an agent answers an adoption with, and
+// what kind each is.
+var adoptionRefusals = map[api.Code]refusal.Kind{
+	api.CodeDomainNotFound:    refusal.KindNotFound,
+	api.CodeNoVTPM:            refusal.KindConflict,
+	api.CodeVTPMStateNotFound: refusal.KindConflict,
+	api.CodeAlreadyManaged:    refusal.KindConflict,
+	api.CodeSecretNotFound:    refusal.KindNotFound,
+	api.CodeWrongSecret:       refusal.KindConflict,
+	api.CodeNotSupported:      refusal.KindConflict,
+	api.CodeAdoptionFailed:    refusal.KindUnavailable,
+}
+
+// ValidAdoptionRefusal says whether code is one an agent answers an
+// adoption with.
+func ValidAdoptionRefusal(code api.Code) bool { _, ok := adoptionRefusals[code]; return ok }
+
+// API is a in the agent protocol's words.
+func (a Adoption) API() api.AgentAdoption {
+	if a.Refusal != nil {
+		return api.AgentAdoption{Code: a.Refusal.Code, Message: a.Refusal.Message}
+	}
+	out := api.AgentAdoption{Spec: spec.APISpec(a.Spec), SecretRef: a.SecretID, Running: a.Running}
+	for _, ek := range a.EKs {
+		out.EKs = append(out.EKs, api.AgentEK{Kind: ek.Kind, Handle: ek.Handle, NVIndex: ek.NVIndex, Public: ek.PublicDER, Certificate: ek.CertDER})
+	}
+	return out
 }
 
 // DriftAsk is an operator's request for what differs between a host and

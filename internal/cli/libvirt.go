@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"text/tabwriter"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -19,6 +20,55 @@ func newAttachCommand(g *globals) *cobra.Command {
 			return c.Attach(ctx, id, domain)
 		})
 	cmd.Flags().StringVar(&domain, "domain", "", "libvirt domain name (required)")
+	cmd.MarkFlagRequired("domain")
+	return cmd
+}
+
+func newAdoptCommand(g *globals) *cobra.Command {
+	var (
+		id      string
+		req     api.AdoptRequest
+		wait    bool
+		timeout time.Duration
+	)
+	cmd := &cobra.Command{
+		Use:   "adopt --instance UUID --domain NAME",
+		Short: "Take over the vTPM Nova made for an instance (the operator's): libvirt's emulator TPM of a domain, state and secret kept",
+		Long: `adopt has vtpmd manage the vTPM that Nova made for a libvirt guest: the host's agent
+(--host, or the libvirt host that has the domain) reads the vTPM from the domain, opens a copy
+of its state (in libvirt's /var/lib/libvirt/swtpm/INSTANCE/) with the key-manager secret the
+domain names (or --secret, Nova's vtpm_secret_uuid) and reads its endorsement keys. The state
+and the secret stay where they are; nothing is rewritten and no secret is made. From then on
+vtpmd starts, stops, deletes and attests the vTPM like one of its own. Running it again after
+an interruption is safe.`,
+		Args: cmdline.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c := g.client()
+			v, err := c.Adopt(cmd.Context(), id, req)
+			if err != nil {
+				return apiFailure(err)
+			}
+			if wait {
+				phase := "active"
+				if v.Desired == "stopped" {
+					phase = "stopped"
+				}
+				if v, err = waitFor(cmd.Context(), c, cmd.ErrOrStderr(), v.InstanceID, timeout, phase); err != nil {
+					return err
+				}
+			}
+			return printVTPM(cmd.OutOrStdout(), g.format(outputTable), v)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&id, "instance", "", "the instance's UUID, which is its libvirt domain's (required)")
+	f.StringVar(&req.Domain, "domain", "", "the libvirt domain's name, e.g. instance-0000002a (required)")
+	f.StringVar(&req.Host, "host", "", "the host whose agent has the domain (default: every libvirt host that is up)")
+	f.StringVar(&req.SecretRef, "secret", "", "the key-manager secret of the vTPM, Nova's vtpm_secret_uuid (default: the one the domain names)")
+	f.StringVar(&req.Project, "project", "", "the project that owns the instance (default: the secret's)")
+	f.BoolVar(&wait, "wait", true, "wait until the host's agent has taken the vTPM in hand (active, or stopped if the guest is off)")
+	f.DurationVar(&timeout, "timeout", time.Minute, "how long to wait")
+	cmd.MarkFlagRequired("instance")
 	cmd.MarkFlagRequired("domain")
 	return cmd
 }

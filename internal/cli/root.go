@@ -104,6 +104,7 @@ func NewRootCommand() *cobra.Command {
 		newActionCommand(g, "delete", "Delete a vTPM, destroying its state and secret", "deleted", (*client.Client).Delete),
 		newAttachCommand(g),
 		newActionCommand(g, "detach", "Detach a vTPM from its libvirt domain (state kept)", "active", (*client.Client).Detach),
+		newAdoptCommand(g),
 		newDoctorCommand(g),
 		newAttestationCommand(g),
 		newPolicyCommand(g),

@@ -12,6 +12,7 @@ import (
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/agent"
 	"github.com/vtpmd/vtpmd/internal/ca"
+	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/refusal"
 	"github.com/vtpmd/vtpmd/internal/spec"
 )
@@ -87,6 +88,9 @@ func (s *Server) watchVTPMs(w http.ResponseWriter, r *http.Request) error {
 	}
 	if ch.Drift.ID != 0 {
 		out.Drift = &api.AgentDriftAsk{ID: ch.Drift.ID, Repair: ch.Drift.Repair}
+	}
+	for _, a := range ch.Adoptions {
+		out.Adoptions = append(out.Adoptions, api.AgentAdoptionAsk{ID: a.ID, InstanceID: a.InstanceID, Domain: a.Domain, SecretRef: a.SecretID})
 	}
 	writeJSON(w, http.StatusOK, out)
 	return nil
@@ -269,5 +273,60 @@ func (s *Server) reportDrift(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+// adoptionSecret releases to the calling host, answering its adoption
+// request, the secret that keys the vTPM it is to take over.
+func (s *Server) adoptionSecret(w http.ResponseWriter, r *http.Request) error {
+	id := r.URL.Query().Get("secret_ref")
+	payload, err := s.Agents.AdoptionSecret(r.Context(), hostName(r), agent.AdoptionAsk{ID: r.PathValue("id")}, id)
+	if err != nil {
+		return err
+	}
+	w.Header().Set("Cache-Control", "no-store")
+	writeJSON(w, http.StatusOK, api.AgentSecret{SecretRef: id, Payload: payload})
+	return nil
+}
+
+// answerAdoption records the calling host's answer to its adoption
+// request.
+func (s *Server) answerAdoption(w http.ResponseWriter, r *http.Request) error {
+	var req api.AgentAdoption
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	if err := validAdoption(req); err != nil {
+		return err
+	}
+	if err := s.Agents.AnswerAdoption(r.Context(), hostName(r), agent.AdoptionAsk{ID: r.PathValue("id")}, agent.AdoptionFromAPI(req)); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+// validAdoption refuses an answer no agent gives: a refusal with a code
+// adoptions do not have, or a vTPM without its secret, version or keys.
+func validAdoption(a api.AgentAdoption) error {
+	switch {
+	case len(a.Message) > 4096:
+		return refusal.Invalid(api.CodeInvalidParameter, "The message is longer than 4096 bytes.")
+	case a.Code != "" && !agent.ValidAdoptionRefusal(a.Code):
+		return refusal.Invalid(api.CodeInvalidParameter, "code "+refusal.Quote(string(a.Code))+" is not one an adoption is refused with.")
+	case a.Code != "":
+		return nil
+	case !keyring.ValidID(a.SecretRef):
+		return refusal.Invalid(api.CodeInvalidParameter, "secret_ref is a lowercase UUID.")
+	case a.Spec.Version != string(spec.V20) && a.Spec.Version != string(spec.V12):
+		return refusal.Invalid(api.CodeInvalidTPMVersion, "spec.version is 1.2 or 2.0.")
+	case len(a.EKs) == 0 || len(a.EKs) > 8:
+		return refusal.Invalid(api.CodeInvalidParameter, "An adopted vTPM has one to eight endorsement keys.")
+	}
+	for _, ek := range a.EKs {
+		if ek.Kind == "" || len(ek.Public) == 0 {
+			return refusal.Invalid(api.CodeInvalidParameter, "An endorsement key needs a kind and a public key.")
+		}
+	}
 	return nil
 }

@@ -130,6 +130,7 @@ func (s *Server) routes() []route {
 		{"POST /v1/vtpms/{id}/stop", s.stopVTPM, callers, noBody},
 		{"POST /v1/vtpms/{id}/attach", s.attachVTPM, callers, jsonBody},
 		{"POST /v1/vtpms/{id}/detach", s.detachVTPM, callers, noBody},
+		{"POST /v1/vtpms/{id}/adopt", s.adoptVTPM, operator, jsonBody},
 		{"GET /v1/vtpms/{id}/identity", s.identity, callers, noBody},
 		{"GET /v1/vtpms/{id}/attestation", s.getAttestation, callers, noBody},
 		{"POST /v1/vtpms/{id}/attestation/register", s.register, agents, jsonBody},
@@ -182,6 +183,8 @@ func (s *Server) routes() []route {
 		{"POST /v1/agent/vtpms/{id}/rekey", s.rekeyVTPM, hosts, jsonBody},
 		{"POST /v1/agent/ek-certificates", s.certifyEK, hosts, jsonBody},
 		{"PUT /v1/agent/drift", s.reportDrift, hosts, jsonBody},
+		{"GET /v1/agent/adoptions/{id}/secret", s.adoptionSecret, hosts, noBody},
+		{"PUT /v1/agent/adoptions/{id}", s.answerAdoption, hosts, jsonBody},
 		{"GET /v1/ca", s.caChain, anyone, noBody},
 	}
 }
@@ -388,6 +391,31 @@ func (s *Server) createVTPM(w http.ResponseWriter, r *http.Request) error {
 	}
 	w.Header().Set("Location", "/v1/vtpms/"+v.InstanceID)
 	writeJSON(w, http.StatusAccepted, vtpmView(v))
+	return nil
+}
+
+// adoptVTPM takes over the vTPM Nova made for an instance (the
+// operator's): 201 with the new record, 200 with the record an earlier
+// adoption of the same domain made.
+func (s *Server) adoptVTPM(w http.ResponseWriter, r *http.Request) error {
+	var req api.AdoptRequest
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	c, err := tenantOf(r)
+	if err != nil {
+		return err
+	}
+	v, made, err := s.VTPMs.Adopt(r.Context(), c, r.PathValue("id"), req)
+	if err != nil {
+		return err
+	}
+	status := http.StatusOK
+	if made {
+		status = http.StatusCreated
+		w.Header().Set("Location", "/v1/vtpms/"+v.InstanceID)
+	}
+	writeJSON(w, status, vtpmView(v))
 	return nil
 }
 

@@ -231,6 +231,20 @@ CREATE TABLE sealed_keys (
 CREATE TABLE master_key (
 	id          TEXT NOT NULL
 );`,
+	// The operator's requests that a host's agent look at a libvirt domain
+	// whose vTPM (Nova's) vtpmd is to take over (see AskAdoption), one per
+	// instance and host, until the server that asked has the answers.
+	22: `
+CREATE TABLE adoptions (
+	host         TEXT NOT NULL,
+	instance_id  TEXT NOT NULL,
+	id           TEXT NOT NULL,
+	domain       TEXT NOT NULL,
+	secret_id    TEXT NOT NULL,
+	answer       TEXT NOT NULL,      -- JSON, the agent's; '' until it answers
+	asked_at     TEXT NOT NULL,
+	PRIMARY KEY (host, instance_id)
+);`,
 }
 
 func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)-1) }

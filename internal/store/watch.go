@@ -65,6 +65,9 @@ type Changes struct {
 	// (AskDrift), to be answered with repair when DriftRepair; 0 for none.
 	DriftAsked  int64
 	DriftRepair bool
+	// Adoptions are the operator's requests its agent has not answered
+	// (AskAdoption).
+	Adoptions []Adoption
 }
 
 // WatchVTPMs returns what changed on host after watch token since, read
@@ -72,19 +75,21 @@ type Changes struct {
 func (t *Tx) WatchVTPMs(host string, since int64) (*Changes, error) {
 	c := &Changes{}
 	var horizon int64
-	var repair int
+	var repair, adoptions int
 	var walFile string
 	// The host's revision and horizon (none before its first vTPM), its
-	// drift request not yet answered, if any, and the timeline (the
-	// first 8 hex digits of the WAL file's name), in one read.
+	// drift request not yet answered, if any, whether adoption requests
+	// wait, and the timeline (the first 8 hex digits of the WAL file's
+	// name), in one read.
 	timeline := `''`
 	if t.pg {
 		timeline = `pg_walfile_name(pg_current_wal_lsn())`
 	}
-	err := t.queryRow(`SELECT COALESCE(w.revision, 0), COALESCE(w.horizon, 0), COALESCE(h.drift_asked, 0), COALESCE(h.drift_repair, 0), `+timeline+`
+	err := t.queryRow(`SELECT COALESCE(w.revision, 0), COALESCE(w.horizon, 0), COALESCE(h.drift_asked, 0), COALESCE(h.drift_repair, 0),
+		(SELECT COUNT(*) FROM adoptions a WHERE a.host = q.name AND a.answer = ''), `+timeline+`
 		FROM (SELECT CAST(? AS TEXT) AS name) q
 		LEFT JOIN watch_revisions w ON w.host = q.name
-		LEFT JOIN hosts h ON h.name = q.name AND h.drift_answered < h.drift_asked`, host).Scan(&c.Revision, &horizon, &c.DriftAsked, &repair, &walFile)
+		LEFT JOIN hosts h ON h.name = q.name AND h.drift_answered < h.drift_asked`, host).Scan(&c.Revision, &horizon, &c.DriftAsked, &repair, &adoptions, &walFile)
 	if err != nil {
 		return nil, err
 	}
@@ -96,6 +101,11 @@ func (t *Tx) WatchVTPMs(host string, since int64) (*Changes, error) {
 	}
 	c.Token = watchToken(tl, c.Revision)
 	c.DriftRepair = repair != 0
+	if adoptions > 0 {
+		if c.Adoptions, err = t.pendingAdoptions(host); err != nil {
+			return nil, err
+		}
+	}
 	sinceRev := since & (1<<timelineShift - 1)
 	c.Reset = since == 0 || since>>timelineShift != tl || sinceRev < horizon || sinceRev > c.Revision
 	since = sinceRev

@@ -51,8 +51,8 @@ type Config struct {
 	// default DefaultHeartbeatWindow. Its vTPMs stay: down never deletes
 	// or moves one.
 	HeartbeatWindow time.Duration
-	// DriftTimeout is how long a drift check waits for the host's agent;
-	// default DefaultDriftTimeout.
+	// DriftTimeout is how long a drift check or an adoption waits for the
+	// host's agent; default DefaultDriftTimeout.
 	DriftTimeout time.Duration
 	// Now is the clock hosts' heartbeats are judged by; default time.Now.
 	Now func() time.Time

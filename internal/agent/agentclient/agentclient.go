@@ -14,6 +14,7 @@ import (
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/agent"
+	"github.com/vtpmd/vtpmd/internal/refusal"
 	"github.com/vtpmd/vtpmd/internal/spec"
 )
 
@@ -51,6 +52,9 @@ func (r *Records) Watch(ctx context.Context, host string, since int64, wait time
 	}
 	if ch.Drift != nil {
 		out.Drift = agent.DriftAsk{ID: ch.Drift.ID, Repair: ch.Drift.Repair}
+	}
+	for _, a := range ch.Adoptions {
+		out.Adoptions = append(out.Adoptions, agent.AdoptionAsk{ID: a.ID, InstanceID: a.InstanceID, Domain: a.Domain, SecretID: a.SecretRef})
 	}
 	return out, nil
 }
@@ -108,6 +112,31 @@ func (r *Records) Rekey(ctx context.Context, rec *agent.Record, secret []byte, e
 	}
 	rec.SecretID, rec.Generation = w.SecretRef, w.Generation
 	return nil
+}
+
+// AdoptionSecret implements agent.Records; host is the certificate's. The
+// server's refusals (secret_not_found, already_managed) come back as
+// refusals, for the agent's answer.
+func (r *Records) AdoptionSecret(ctx context.Context, host string, ask agent.AdoptionAsk, secretID string) ([]byte, error) {
+	s, err := r.c.AdoptionSecret(ctx, ask.ID, secretID)
+	var e *client.Error
+	if errors.As(err, &e) {
+		switch e.Code {
+		case api.CodeSecretNotFound:
+			return nil, refusal.NotFound(e.Code, e.Message)
+		case api.CodeAlreadyManaged:
+			return nil, refusal.Conflict(e.Code, e.Message)
+		}
+	}
+	if err != nil {
+		return nil, agentError(err)
+	}
+	return s.Payload, nil
+}
+
+// AnswerAdoption implements agent.Records; host is the certificate's.
+func (r *Records) AnswerAdoption(ctx context.Context, host string, ask agent.AdoptionAsk, answer agent.Adoption) error {
+	return agentError(r.c.AnswerAdoption(ctx, ask.ID, answer.API()))
 }
 
 // agentError says the API's 404 and 409 in the agent's words.

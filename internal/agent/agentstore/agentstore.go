@@ -18,6 +18,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/refusal"
 	"github.com/vtpmd/vtpmd/internal/store"
+	"github.com/vtpmd/vtpmd/internal/vtpms"
 )
 
 // Records reads and writes vTPM and host records in a store, and the
@@ -84,7 +85,7 @@ func (r *Records) WatchUntil(ctx context.Context, host string, since int64, over
 		if err != nil {
 			return nil, err
 		}
-		if ch.Reset && (since != 0 || ch.Token != 0) || len(ch.VTPMs) > 0 || len(ch.Gone) > 0 || ch.DriftAsked != 0 {
+		if ch.Reset && (since != 0 || ch.Token != 0) || len(ch.VTPMs) > 0 || len(ch.Gone) > 0 || ch.DriftAsked != 0 || len(ch.Adoptions) > 0 {
 			return changes(ch), nil
 		}
 		select {
@@ -312,6 +313,48 @@ func (r *Records) ReportDrift(ctx context.Context, host string, asked int64, fin
 	return agentError(r.st.Update(ctx, func(tx *store.Tx) error { return tx.AnswerDrift(host, asked, data) }))
 }
 
+// AdoptionSecret implements agent.Records: the secret is released only to
+// the host asked, while its request waits, and only the secret it names
+// (or, when it names none, whichever the host's domain names, which must
+// key no vTPM vtpmd manages).
+func (r *Records) AdoptionSecret(ctx context.Context, host string, ask agent.AdoptionAsk, secretID string) ([]byte, error) {
+	if !keyring.ValidID(secretID) {
+		return nil, refusal.Invalid(api.CodeInvalidParameter, "A secret reference is a lowercase UUID.")
+	}
+	err := r.st.View(ctx, func(tx *store.Tx) error {
+		a, err := tx.GetAdoption(host, ask.ID)
+		switch {
+		case err != nil:
+			return err
+		case a.Answer != nil:
+			return refusal.Conflict(api.CodeConflict, "The adoption request is answered already.")
+		case a.SecretID != "" && a.SecretID != secretID:
+			return refusal.Forbidden(api.CodeForbidden, "The adoption request names another secret.")
+		}
+		return vtpms.NotManaged(tx, a.InstanceID, secretID)
+	})
+	if err != nil {
+		return nil, agentError(err)
+	}
+	s, err := r.kr.Get(ctx, secretID)
+	if errors.Is(err, keyring.ErrNotFound) {
+		return nil, refusal.NotFound(api.CodeSecretNotFound, "The key manager has no secret "+secretID+".")
+	}
+	if err != nil {
+		return nil, err
+	}
+	return s.Payload, nil
+}
+
+// AnswerAdoption implements agent.Records.
+func (r *Records) AnswerAdoption(ctx context.Context, host string, ask agent.AdoptionAsk, answer agent.Adoption) error {
+	data, err := json.Marshal(answer.API())
+	if err != nil {
+		return err
+	}
+	return agentError(r.st.Update(ctx, func(tx *store.Tx) error { return tx.AnswerAdoption(host, ask.ID, data) }))
+}
+
 // current reads rec's vTPM as it is now: ErrNotFound if it is gone or
 // another incarnation, ErrConflict if it changed since rec was read.
 func current(tx *store.Tx, rec *agent.Record) (*store.VTPM, error) {
@@ -379,6 +422,9 @@ func changes(ch *store.Changes) *agent.Changes {
 	}
 	for _, g := range ch.Gone {
 		out.Gone = append(out.Gone, agent.Gone{InstanceID: g.InstanceID, Incarnation: g.Incarnation})
+	}
+	for _, a := range ch.Adoptions {
+		out.Adoptions = append(out.Adoptions, agent.AdoptionAsk{ID: a.ID, InstanceID: a.InstanceID, Domain: a.Domain, SecretID: a.SecretID})
 	}
 	return out
 }

@@ -244,23 +244,55 @@ func (r *Runtime) make(ctx context.Context, v agent.VTPM, inst swtpm.Instance, s
 			proc.Stop(ctx)
 		}
 	}()
+	eks, err := recordIdentity(inst.Dir, id)
+	if err != nil {
+		return nil, nil, err
+	}
+	r.log.Info("manufactured vTPM", "instance", v.InstanceID, "incarnation", v.Incarnation, "version", v.Spec.Version, "took", time.Since(start))
+	return eks, proc, nil
+}
+
+// Identify takes over a TPM another program manufactured in dir (Nova's,
+// through libvirt's swtpm_setup), keyed by secret: it reads the TPM's
+// identity from a private copy of its state (swtpm.Identify; the state is
+// not touched) and records it beside the state, as Manufacture does for
+// the TPMs it makes, so that from then on the TPM counts as manufactured
+// and Manufacture returns its EKs. TPM 2.0 only. Doing it again reads the
+// state again: the secret is checked every time.
+func (r *Runtime) Identify(ctx context.Context, v agent.VTPM, secret []byte, dir string) ([]agent.EK, error) {
+	if v.Spec.Version != spec.V20 {
+		return nil, fmt.Errorf("only a TPM 2.0 can be taken over, not %s", v.Spec.Version)
+	}
+	id, err := swtpm.Identify(ctx, dir, r.cfg.Root, secret, r.cfg.Binary, r.log)
+	if err != nil {
+		return nil, err
+	}
+	eks, err := recordIdentity(dir, id)
+	if err != nil {
+		return nil, err
+	}
+	r.log.Info("took over vTPM", "instance", v.InstanceID, "incarnation", v.Incarnation, "eks", len(eks))
+	return eks, nil
+}
+
+// recordIdentity writes id beside the state in dir (IdentityFile), last.
+func recordIdentity(dir string, id *swtpm.Identity) ([]agent.EK, error) {
 	var eks []identityEK
 	for _, ek := range id.EKs {
 		der, err := x509.MarshalPKIXPublicKey(ek.Public)
 		if err != nil {
-			return nil, nil, fmt.Errorf("encoding EK: %w", err)
+			return nil, fmt.Errorf("encoding EK: %w", err)
 		}
 		eks = append(eks, identityEK{Kind: string(ek.Kind), Handle: ek.Handle, NVIndex: ek.NVIndex, PublicDER: der, CertDER: ek.CertDER})
 	}
 	data, err := json.Marshal(eks)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	if err := atomicfile.Write(filepath.Join(inst.Dir, IdentityFile), data, 0o600); err != nil {
-		return nil, nil, fmt.Errorf("recording identity: %w", err)
+	if err := atomicfile.Write(filepath.Join(dir, IdentityFile), data, 0o600); err != nil {
+		return nil, fmt.Errorf("recording identity: %w", err)
 	}
-	r.log.Info("manufactured vTPM", "instance", v.InstanceID, "incarnation", v.Incarnation, "version", v.Spec.Version, "took", time.Since(start))
-	return agentEKs(eks), proc, nil
+	return agentEKs(eks), nil
 }
 
 // identityEK is one EK as IdentityFile records it.
