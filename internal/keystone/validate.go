@@ -3,6 +3,7 @@ package keystone
 import (
 	"context"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"net/http"
 	"sync"
@@ -10,17 +11,20 @@ import (
 )
 
 // Validate asks Keystone about another caller's token (GET
-// /v3/auth/tokens, the token in X-Subject-Token, the session's own in
-// X-Auth-Token). A token Keystone does not accept (malformed, expired,
-// revoked) wraps ErrInvalidToken; Keystone unreachable or failing, or
-// refusing the session's own credentials, wraps ErrUnavailable.
+// /v3/auth/tokens?nocatalog, the token in X-Subject-Token, the session's
+// own in X-Auth-Token); the Token it returns has no catalog. A token
+// Keystone does not accept (malformed, expired, revoked) wraps
+// ErrInvalidToken; Keystone unreachable or failing, or refusing the
+// session's own credentials, wraps ErrUnavailable.
 func (s *Session) Validate(ctx context.Context, subject string) (*Token, error) {
 	for attempt := 0; ; attempt++ {
 		own, err := s.Token(ctx)
 		if err != nil {
 			return nil, fmt.Errorf("%w: the service's own token: %w", ErrUnavailable, err)
 		}
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, s.base+"/auth/tokens", nil)
+		// nocatalog: the caller's catalog is not needed, and is most of
+		// the answer.
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, s.base+"/auth/tokens?nocatalog", nil)
 		if err != nil {
 			return nil, err
 		}
@@ -162,7 +166,7 @@ func (v *Validator) run(ctx context.Context, key [32]byte, subject string, c *ch
 		if c.tok.ExpiresAt.Before(e.until) {
 			e.until = c.tok.ExpiresAt
 		}
-	case c.err == ErrInvalidToken:
+	case errors.Is(c.err, ErrInvalidToken):
 		e = entry{until: now.Add(v.opts.NegativeTTL)}
 	default:
 		return // Keystone unavailable: ask again next time

@@ -2,29 +2,15 @@ package keystone
 
 import (
 	"context"
-	"os"
 	"testing"
 	"time"
 )
-
-// TEMPORARY until the shared test package lands.
-func benchCloud(b *testing.B, name string) Credentials {
-	const f = "/var/lib/vtpmd-openstack/keystone/clouds.yaml"
-	if _, err := os.Stat(f); err != nil {
-		b.Skip("no keystone")
-	}
-	c, err := LoadCloud(f, name)
-	if err != nil {
-		b.Fatal(err)
-	}
-	return c
-}
 
 // BenchmarkValidate is the cost of checking one caller's token: cached (a
 // request after the first within the cache bound) and uncached (every
 // request asks Keystone, GET /v3/auth/tokens), against the real Keystone.
 func BenchmarkValidate(b *testing.B) {
-	svc, user := benchCloud(b, "vtpmd"), benchCloud(b, "vtpmd-a")
+	svc, user := keystoneCloud(b, "vtpmd"), keystoneCloud(b, "vtpmd-a")
 	ctx := context.Background()
 	tok, err := NewSession(user, nil).Token(ctx)
 	if err != nil {

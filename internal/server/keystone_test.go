@@ -29,7 +29,7 @@ type ksClock struct {
 	now time.Time
 }
 
-func (c *ksClock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
+func (c *ksClock) Now() time.Time  { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
 func (c *ksClock) Set(t time.Time) { c.mu.Lock(); defer c.mu.Unlock(); c.now = t }
 
 func newKeystoneFixture(t *testing.T, opts keystone.ValidatorOptions) *ksFixture {
