@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"github.com/vtpmd/vtpmd/internal/citest"
 	"os"
 	"sync"
 	"testing"
@@ -15,7 +16,7 @@ const cloudsFile = "/var/lib/vtpmd-openstack/keystone/clouds.yaml"
 func keystoneCloud(t *testing.T, name string) keystone.Credentials {
 	t.Helper()
 	if _, err := os.Stat(cloudsFile); err != nil {
-		t.Skip("no keystone")
+		citest.Missing(t, "no Keystone: scripts/openstack-up.sh brings one up")
 	}
 	c, err := keystone.LoadCloud(cloudsFile, name)
 	if err != nil {
