@@ -1,9 +1,10 @@
 package cli
 
 import (
-	"github.com/vtpmd/vtpmd/internal/citest"
 	"os"
 	"testing"
+
+	"github.com/vtpmd/vtpmd/internal/citest"
 )
 
 // TEMPORARY until the shared test package lands.

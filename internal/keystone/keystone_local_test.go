@@ -1,9 +1,10 @@
 package keystone
 
 import (
-	"github.com/vtpmd/vtpmd/internal/citest"
 	"os"
 	"testing"
+
+	"github.com/vtpmd/vtpmd/internal/citest"
 )
 
 // TEMPORARY until the shared test package lands.

@@ -2,12 +2,13 @@ package server
 
 import (
 	"context"
-	"github.com/vtpmd/vtpmd/internal/citest"
 	"os"
 	"sync"
 	"testing"
 
 	"github.com/vtpmd/vtpmd/internal/keystone"
+
+	"github.com/vtpmd/vtpmd/internal/citest"
 )
 
 // TEMPORARY until ostest lands.
