@@ -6,9 +6,8 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/vtpmd/vtpmd/internal/keystone"
-
 	"github.com/vtpmd/vtpmd/internal/citest"
+	"github.com/vtpmd/vtpmd/internal/keystone"
 )
 
 // TEMPORARY until ostest lands.
