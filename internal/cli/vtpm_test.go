@@ -9,6 +9,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/keyring/embedded"
+	"github.com/vtpmd/vtpmd/internal/server"
 	"github.com/vtpmd/vtpmd/internal/server/servertest"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
@@ -17,6 +18,13 @@ import (
 // apiServer runs the real API on a real store and key manager, with one
 // host and no agent (vTPMs stay pending), and returns its URL.
 func apiServer(t *testing.T) string {
+	t.Helper()
+	return servertest.Operator(t, newAPI(t).Handler())
+}
+
+// newAPI is the real API on a real store and key manager, with one host
+// and no agent.
+func newAPI(t *testing.T) *server.Server {
 	t.Helper()
 	dir := t.TempDir()
 	st, err := store.Open(context.Background(), filepath.Join(dir, "db"), store.Options{})
@@ -34,7 +42,7 @@ func apiServer(t *testing.T) string {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	return servertest.Operator(t, servertest.New(t, st, kr).Handler())
+	return servertest.New(t, st, kr)
 }
 
 func TestVTPMCommandsExitCodes(t *testing.T) {
