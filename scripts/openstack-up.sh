@@ -35,7 +35,8 @@
 # OPENSTACK_STATE (default /var/lib/vtpmd-openstack) holds everything, the
 # databases and Barbican's master key included: `stop` then `rm -rf` of it is
 # the reset. OPENSTACK_TOKEN_EXPIRATION (seconds, default 3600) is Keystone's
-# token lifetime; a change restarts Keystone.
+# token lifetime; a change restarts Keystone. OPENSTACK_KEYSTONE_PORT and
+# OPENSTACK_BARBICAN_PORT move them (a second pair, with its own state).
 #
 # Idempotent, and safe to run several at once (a lock in the state): a run
 # while both are healthy changes nothing and returns in about half a second,
@@ -44,13 +45,14 @@
 # stopped, by the pid files uWSGI writes, never by name. Passwords never go
 # on a command line.
 set -euo pipefail
-[ "$(id -u)" -eq 0 ] || exec sudo --preserve-env=OPENSTACK_STATE,OPENSTACK_TOKEN_EXPIRATION "$0" "$@"
+[ "$(id -u)" -eq 0 ] || exec sudo --preserve-env=OPENSTACK_STATE,OPENSTACK_TOKEN_EXPIRATION,OPENSTACK_KEYSTONE_PORT,OPENSTACK_BARBICAN_PORT "$0" "$@"
 
 state=${OPENSTACK_STATE:-/var/lib/vtpmd-openstack}
 expiration=${OPENSTACK_TOKEN_EXPIRATION:-3600}
 [[ $expiration =~ ^[1-9][0-9]*$ ]] || { echo "openstack-up: OPENSTACK_TOKEN_EXPIRATION=$expiration is not a number of seconds" >&2; exit 2; }
 ks=$state/keystone bb=$state/barbican
-ks_url=http://127.0.0.1:5000 bb_url=http://127.0.0.1:9311
+ks_port=${OPENSTACK_KEYSTONE_PORT:-5000} bb_port=${OPENSTACK_BARBICAN_PORT:-9311}
+ks_url=http://127.0.0.1:$ks_port bb_url=http://127.0.0.1:$bb_port
 ks_pid=$ks/uwsgi.pid bb_pid=$bb/uwsgi.pid
 
 log() { echo "openstack-up: $*" >&2; }
@@ -172,6 +174,12 @@ log_file = $ks/keystone.log
 [database]
 connection = sqlite:///$ks/keystone.sqlite
 
+# bcrypt's fewest rounds: every token issue checks a password, one at a
+# time in the single worker, and the default (12) takes about 0.3 s each.
+# A throwaway deployment on the loopback needs no slow hashes.
+[identity]
+password_hash_rounds = 4
+
 [token]
 provider = fernet
 expiration = $expiration
@@ -207,7 +215,7 @@ EOF
 	fi
 	if [ -n "$changed" ]; then halt Keystone "$ks_pid"; fi
 	if ! running "$ks_pid"; then
-		uwsgi_start Keystone "$ks" --http-socket 127.0.0.1:5000 \
+		uwsgi_start Keystone "$ks" --http-socket "127.0.0.1:$ks_port" \
 			--wsgi-file /usr/bin/keystone-wsgi-public --env "OS_KEYSTONE_CONFIG_FILES=$ks/keystone.conf"
 	fi
 	wait_http Keystone "$ks_pid" "$ks_url/v3"
@@ -259,11 +267,27 @@ def project(name):
     return call("POST", "/projects", {"project": {"name": name, "domain_id": "default"}}, token)[1]["project"]["id"]
 
 
+def authenticates(name):
+    req = urllib.request.Request(auth_url + "/auth/tokens", method="POST", data=json.dumps({"auth": {"identity": {
+        "methods": ["password"], "password": {"user": {"name": name, "domain": {"id": "default"},
+                                                       "password": password(name)}}}}}).encode())
+    req.add_header("Content-Type", "application/json")
+    try:
+        urllib.request.urlopen(req, timeout=60).close()
+        return True
+    except urllib.error.HTTPError as e:
+        if e.code == 401:
+            return False
+        raise
+
+
 def user(name, project_id):
     found = find("users", name=name, domain_id="default")
     if found:
         uid = found[0]["id"]
-        call("PATCH", "/users/" + uid, {"user": {"password": password(name)}}, token)
+        # A new password revokes the user's tokens: only when it differs.
+        if not authenticates(name):
+            call("PATCH", "/users/" + uid, {"user": {"password": password(name)}}, token)
         return uid
     return call("POST", "/users", {"user": {"name": name, "domain_id": "default", "default_project_id": project_id,
                                             "password": password(name)}}, token)[1]["user"]["id"]
@@ -423,7 +447,7 @@ EOF
 	fi
 	if [ -n "$changed" ]; then halt Barbican "$bb_pid"; fi
 	if ! running "$bb_pid"; then
-		HOME=$bb uwsgi_start Barbican "$bb" --http-socket 127.0.0.1:9311 --paste "config:$bb/barbican-api-paste.ini"
+		HOME=$bb uwsgi_start Barbican "$bb" --http-socket "127.0.0.1:$bb_port" --paste "config:$bb/barbican-api-paste.ini"
 	fi
 	wait_http Barbican "$bb_pid" "$bb_url/healthcheck"
 }
@@ -437,11 +461,16 @@ lock() {
 
 case ${1:-up} in
 up | start-barbican)
-	lock
-	if grep -qx "expiration = $expiration" "$ks/keystone.conf" 2>/dev/null && healthy; then
-		summary
-		exit 0
-	fi
+	# Healthy and as configured: nothing to do, and no need to wait for
+	# the lock (the checks change nothing). Else again under the lock,
+	# where another run may just have brought them up.
+	for locked in no yes; do
+		if grep -qx "expiration = $expiration" "$ks/keystone.conf" 2>/dev/null && healthy; then
+			summary
+			exit 0
+		fi
+		[ $locked = yes ] || lock
+	done
 	install_packages
 	keystone_up
 	barbican_up
