@@ -39,11 +39,11 @@
 # OPENSTACK_BARBICAN_PORT move them (a second pair, with its own state).
 #
 # Idempotent, and safe to run several at once (a lock in the state): a run
-# while both are healthy changes nothing and returns in about half a second,
-# the time Keystone takes to issue the token of the health check. Progress
-# goes to stderr, the one-line summary to stdout. Processes are found, and
-# stopped, by the pid files uWSGI writes, never by name. Passwords never go
-# on a command line.
+# while both are healthy changes nothing, takes no lock, and returns in well
+# under a second (Keystone issues the health check's token, Barbican has it
+# validated). Progress goes to stderr, the one-line summary to stdout.
+# Processes are found, and stopped, by the pid files uWSGI writes, never by
+# name. Passwords never go on a command line.
 set -euo pipefail
 [ "$(id -u)" -eq 0 ] || exec sudo --preserve-env=OPENSTACK_STATE,OPENSTACK_TOKEN_EXPIRATION,OPENSTACK_KEYSTONE_PORT,OPENSTACK_BARBICAN_PORT "$0" "$@"
 
@@ -154,11 +154,18 @@ install_packages() {
 	log "installing ${missing[*]}"
 	apt-get -o DPkg::Lock::Timeout=900 update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-	# On a host that runs systemd the packaged services start, on every
-	# address; these tests run their own.
-	if [ -d /run/systemd/system ]; then
-		systemctl disable --now barbican-api keystone >/dev/null 2>&1 || true
-	fi
+}
+
+# On a host that runs systemd the packaged services start, on every address
+# and on these ports; this script runs its own.
+packaged_services_off() {
+	[ -d /run/systemd/system ] || return 0
+	local s
+	for s in keystone barbican-api; do
+		systemctl is-enabled --quiet "$s" 2>/dev/null || systemctl is-active --quiet "$s" 2>/dev/null || continue
+		systemctl disable --now "$s" >/dev/null 2>&1
+		log "disabled the packaged $s service"
+	done
 }
 
 keystone_up() {
@@ -472,6 +479,7 @@ up | start-barbican)
 		[ $locked = yes ] || lock
 	done
 	install_packages
+	packaged_services_off
 	keystone_up
 	barbican_up
 	if ! healthy; then
