@@ -8,6 +8,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/keystone"
+	"github.com/vtpmd/vtpmd/internal/ostest"
 	"github.com/vtpmd/vtpmd/internal/server"
 )
 
@@ -15,7 +16,7 @@ import (
 // the OS_* variables, as the openstack CLI does, and the API takes the
 // project and role from it; no token or password ever shows.
 func TestKeystoneCommands(t *testing.T) {
-	clouds := keystoneClouds(t)
+	clouds := ostest.Up(t).CloudsFile
 	t.Setenv("OS_CLIENT_CONFIG_FILE", clouds)
 	for _, v := range []string{"OS_CLOUD", "OS_AUTH_URL", "OS_USERNAME", "OS_PASSWORD", "OS_PROJECT_NAME", "OS_TOKEN", "VTPMD_CERT"} {
 		t.Setenv(v, "")

@@ -11,13 +11,14 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/keystone"
+	"github.com/vtpmd/vtpmd/internal/ostest"
 )
 
 // vtpmd server --auth keystone reads its service user's file (0600 only)
 // and takes Keystone tokens on the network address.
 func TestServerKeystoneAuth(t *testing.T) {
 	ctx := context.Background()
-	svc, err := keystone.LoadCloud(keystoneClouds(t), "vtpmd")
+	svc, err := keystone.LoadCloud(ostest.Up(t).CloudsFile, "vtpmd")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -42,7 +43,7 @@ func TestServerKeystoneAuth(t *testing.T) {
 	}
 	defer s.Shutdown(ctx)
 
-	user, err := keystone.LoadCloud(keystoneClouds(t), "vtpmd-a")
+	user, err := keystone.LoadCloud(ostest.Up(t).CloudsFile, "vtpmd-a")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,23 +2,18 @@ package server
 
 import (
 	"context"
-	"os"
 	"sync"
 	"testing"
 
-	"github.com/vtpmd/vtpmd/internal/citest"
 	"github.com/vtpmd/vtpmd/internal/keystone"
+	"github.com/vtpmd/vtpmd/internal/ostest"
 )
 
-// TEMPORARY until ostest lands.
-const cloudsFile = "/var/lib/vtpmd-openstack/keystone/clouds.yaml"
-
+// keystoneCloud is a cloud of the real Keystone scripts/openstack-up.sh
+// brings up, read as vtpmd reads clouds.yaml.
 func keystoneCloud(t *testing.T, name string) keystone.Credentials {
 	t.Helper()
-	if _, err := os.Stat(cloudsFile); err != nil {
-		citest.Missing(t, "no Keystone: scripts/openstack-up.sh brings one up")
-	}
-	c, err := keystone.LoadCloud(cloudsFile, name)
+	c, err := keystone.LoadCloud(ostest.Up(t).CloudsFile, name)
 	if err != nil {
 		t.Fatal(err)
 	}
