@@ -90,7 +90,7 @@ func createVTPM(b testing.TB, st *store.Store, kr keyring.Keyring, id string) {
 	}
 	v := &store.VTPM{InstanceID: id, Project: "p1", Spec: spec.Spec{Version: spec.V20, Model: spec.TIS}, Host: "h1",
 		Desired: store.DesiredRunning, Phase: store.PhasePending}
-	_, err = keyring.CreateRecorded(ctx, kr, "p1", payload, func(sid string) error {
+	_, err = keyring.CreateRecorded(ctx, kr, "p1", keyring.VTPMSecretName(id), payload, func(sid string) error {
 		v.SecretID = sid
 		return st.Update(ctx, func(tx *store.Tx) error { return tx.CreateVTPM(v) })
 	})

@@ -56,7 +56,7 @@ func (s *Service) Create(ctx context.Context, c tenant.Caller, project string, p
 		return keyring.Secret{}, refusal.Invalid(api.CodeInvalidPayload,
 			fmt.Sprintf("The payload must be 1 to %d bytes; it is %d.", keyring.MaxPayloadLen, len(payload)))
 	}
-	id, err := keyring.CreateRecorded(ctx, s.keyring, project, payload, func(id string) error {
+	id, err := keyring.CreateRecorded(ctx, s.keyring, project, "", payload, func(id string) error {
 		return s.store.Update(ctx, func(tx *store.Tx) error { return tx.AddSecret(id, project) })
 	})
 	if err != nil {

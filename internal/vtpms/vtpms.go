@@ -156,7 +156,7 @@ func (s *Service) Create(ctx context.Context, c tenant.Caller, req api.CreateVTP
 	}
 	v := &store.VTPM{InstanceID: id, Project: project, Spec: *sp, Host: host,
 		Desired: store.DesiredRunning, Phase: store.PhasePending}
-	_, err = keyring.CreateRecorded(ctx, s.cfg.Keyring, project, payload, func(secretID string) error {
+	_, err = keyring.CreateRecorded(ctx, s.cfg.Keyring, project, keyring.VTPMSecretName(id), payload, func(secretID string) error {
 		v.SecretID = secretID
 		// One create at a time in this process, which only spares them
 		// retries: on PostgreSQL concurrent creates abort each other's

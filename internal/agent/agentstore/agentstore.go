@@ -266,7 +266,7 @@ func (r *Records) Rekey(ctx context.Context, rec *agent.Record, secret []byte, e
 	}
 	var old string
 	var generation int64
-	id, err := keyring.CreateRecorded(ctx, r.kr, rec.Project, secret, func(id string) error {
+	id, err := keyring.CreateRecorded(ctx, r.kr, rec.Project, keyring.VTPMSecretName(rec.InstanceID), secret, func(id string) error {
 		return r.st.Update(ctx, func(tx *store.Tx) error {
 			v, err := current(tx, rec)
 			if err != nil {

@@ -75,7 +75,7 @@ func newFixture(t *testing.T, st *store.Store) *fixture {
 func (f *fixture) create(t *testing.T, id, host string) *store.VTPM {
 	t.Helper()
 	ctx := context.Background()
-	sid, err := f.kr.Create(ctx, "p1", []byte("secret of "+id))
+	sid, err := f.kr.Create(ctx, "p1", "", []byte("secret of "+id))
 	if err != nil {
 		t.Fatal(err)
 	}

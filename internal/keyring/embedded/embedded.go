@@ -192,8 +192,9 @@ func (e *Keyring) open(tx *store.Tx, kind, name string) (keyring.Secret, error) 
 }
 
 // Create seals payload under a fresh random UUID owned by project and
-// returns the UUID.
-func (e *Keyring) Create(ctx context.Context, project string, payload []byte) (string, error) {
+// returns the UUID. The name is not kept: the store's records say what
+// each secret is for.
+func (e *Keyring) Create(ctx context.Context, project, _ string, payload []byte) (string, error) {
 	if err := keyring.CheckProject(project); err != nil {
 		return "", err
 	}

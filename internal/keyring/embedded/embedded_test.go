@@ -84,7 +84,7 @@ func (kr *testKeyring) setBlob(t testing.TB, id string, blob []byte) {
 
 func mustCreate(t testing.TB, kr keyring.Keyring, project string, payload []byte) string {
 	t.Helper()
-	id, err := kr.Create(context.Background(), project, payload)
+	id, err := kr.Create(context.Background(), project, "", payload)
 	if err != nil {
 		t.Fatalf("Create: %v", err)
 	}
@@ -469,7 +469,7 @@ func TestCreateValidation(t *testing.T) {
 		{"p", []byte{}, keyring.ErrInvalidPayload},
 		{"p", make([]byte, keyring.MaxPayloadLen+1), keyring.ErrInvalidPayload},
 	} {
-		if id, err := kr.Create(ctx, tt.project, tt.payload); !errors.Is(err, tt.want) {
+		if id, err := kr.Create(ctx, tt.project, "", tt.payload); !errors.Is(err, tt.want) {
 			t.Errorf("Create(%q, %d bytes) = %q, %v; want %v", tt.project, len(tt.payload), id, err, tt.want)
 		}
 	}
@@ -505,7 +505,7 @@ func TestConcurrentUse(t *testing.T) {
 		wg.Go(func() {
 			for i := range each {
 				payload := fmt.Appendf(nil, "payload %d/%d", w, i)
-				id, err := kr.Create(ctx, fmt.Sprintf("project-%d", w), payload)
+				id, err := kr.Create(ctx, fmt.Sprintf("project-%d", w), "", payload)
 				if err != nil {
 					errs <- err
 					continue
@@ -555,7 +555,7 @@ func TestCanceledContext(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	id, _ := keyring.NewID()
-	if _, err := kr.Create(ctx, "p", []byte("x")); !errors.Is(err, context.Canceled) {
+	if _, err := kr.Create(ctx, "p", "", []byte("x")); !errors.Is(err, context.Canceled) {
 		t.Errorf("Create = %v, want context.Canceled", err)
 	}
 	if _, err := kr.Get(ctx, id); !errors.Is(err, context.Canceled) {
