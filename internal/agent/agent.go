@@ -59,6 +59,12 @@ type Agent struct {
 	// instance id.
 	held     map[string]*Record
 	revision int64 // of held, as the control plane counts
+	// owned are the secrets of vTPMs with secret security user or host
+	// that the agent read, by instance id: when their owners hold them
+	// (Barbican) the agent gets each once, at its owner's request, so it
+	// keeps it while the vTPM runs (user) or while the vTPM is on the
+	// host (host), as swtpm keeps it in memory.
+	owned map[string]heldSecret
 	locks    keyedMutex
 	queue    queue
 }
@@ -257,6 +263,11 @@ func (a *Agent) apply(ch *Changes) []string {
 			delete(a.held, g.InstanceID)
 		}
 	}
+	for id := range a.owned {
+		if a.held[id] == nil {
+			a.forget(id)
+		}
+	}
 	for _, r := range ch.Records {
 		if cur := a.held[r.InstanceID]; cur == nil || cur.Incarnation != r.Incarnation || r.Generation > cur.Generation {
 			a.held[r.InstanceID] = r
@@ -357,6 +368,11 @@ func (a *Agent) step(ctx context.Context, v *Record) error {
 	case DesiredDeleted:
 		return a.destroy(ctx, v)
 	case DesiredStopped:
+		if v.Spec.SecretSecurity == spec.User {
+			a.mu.Lock()
+			a.forget(v.InstanceID) // its owner starts it again
+			a.mu.Unlock()
+		}
 		if v.Phase == PhaseStopped {
 			return nil
 		}
@@ -380,7 +396,10 @@ func (a *Agent) run(ctx context.Context, v *Record) error {
 			return a.fail(ctx, v, "taking a pre-manufactured TPM", err)
 		}
 	}
-	secret, err := a.Records.Secret(ctx, v)
+	secret, err := a.secret(ctx, v)
+	if errors.Is(err, ErrNeedsOwner) && v.Phase == PhaseActive && a.pid(v.InstanceID) != 0 {
+		return nil // it runs (its swtpm outlived an agent restart); only its owner can start it again
+	}
 	if err != nil {
 		return a.fail(ctx, v, "reading the vTPM secret", err)
 	}
@@ -415,6 +434,44 @@ func (a *Agent) run(ctx context.Context, v *Record) error {
 	return a.setPhase(ctx, v, PhaseActive, "", action)
 }
 
+// heldSecret is a secret the agent keeps (Agent.owned).
+type heldSecret struct {
+	incarnation, id string
+	payload         []byte
+}
+
+// secret is the payload that keys v's state: the one the agent keeps for
+// a vTPM with secret security user or host, else read from Records (and
+// kept for those modes).
+func (a *Agent) secret(ctx context.Context, v *Record) ([]byte, error) {
+	owned := v.Spec.SecretSecurity == spec.User || v.Spec.SecretSecurity == spec.HostMode
+	if owned {
+		a.mu.Lock()
+		h, ok := a.owned[v.InstanceID]
+		a.mu.Unlock()
+		if ok && h.incarnation == v.Incarnation && h.id == v.SecretID {
+			return h.payload, nil
+		}
+	}
+	secret, err := a.Records.Secret(ctx, v)
+	if err != nil || !owned {
+		return secret, err
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.forget(v.InstanceID)
+	if a.owned == nil {
+		a.owned = map[string]heldSecret{}
+	}
+	a.owned[v.InstanceID] = heldSecret{incarnation: v.Incarnation, id: v.SecretID, payload: secret}
+	return secret, nil
+}
+
+// forget drops the secret kept for id; a.mu held.
+func (a *Agent) forget(id string) {
+	delete(a.owned, id) // not cleared: a step may be using it
+}
+
 // fromPool gives a vTPM not yet manufactured a pooled TPM: the record is
 // rekeyed with the pooled TPM's secret first, then the TPM is adopted, so
 // that the record always names the secret of the state it has. A crash
@@ -431,6 +488,9 @@ func (a *Agent) fromPool(ctx context.Context, pool Pool, v *Record) error {
 	}
 	if err := a.Records.Rekey(ctx, v, secret, Event{Actor: a.actor(), Action: "adopted a pre-manufactured TPM"}); err != nil {
 		discard()
+		if errors.Is(err, ErrNeedsOwner) {
+			return nil // its owner holds its secret: manufactured with that one
+		}
 		return err
 	}
 	if err := adopt(ctx, v.InstanceID); err != nil {
@@ -449,6 +509,9 @@ func (a *Agent) destroy(ctx context.Context, v *Record) error {
 			return err
 		}
 	}
+	a.mu.Lock()
+	a.forget(v.InstanceID)
+	a.mu.Unlock()
 	if err := a.Backend.Destroy(ctx, v.VTPM()); err != nil {
 		return a.fail(ctx, v, "removing the vTPM state", err)
 	}

@@ -65,7 +65,7 @@ func newPooledHost(t *testing.T, root string, pool int) *host {
 		rt.Close(context.Background())
 		swtpmtest.CheckNoProcesses(t, root)
 	})
-	a := &agent.Agent{Host: "h1", Capacity: 10, Records: agentstore.New(st, kr, nil), Backend: direct.New(rt)}
+	a := &agent.Agent{Host: "h1", Capacity: 10, Records: agentstore.New(st, kr, nil, nil), Backend: direct.New(rt)}
 	h := &host{a: a, st: st, rt: rt, kr: kr}
 	if err := h.a.Register(ctx); err != nil {
 		t.Fatal(err)

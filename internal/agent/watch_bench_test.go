@@ -39,7 +39,7 @@ func BenchmarkAgentWatch(b *testing.B) {
 				b.Fatal(err)
 			}
 			backend := &agenttest.RecordingBackend{}
-			records := &countingRecords{Records: agentstore.New(st, kr, nil)}
+			records := &countingRecords{Records: agentstore.New(st, kr, nil, nil)}
 			a := &agent.Agent{Host: "h1", Capacity: n, Records: records, Backend: backend, Interval: time.Hour}
 			if err := a.Register(ctx); err != nil {
 				b.Fatal(err)
@@ -187,7 +187,7 @@ func TestRunAfterReconcile(t *testing.T) {
 		t.Fatal(err)
 	}
 	backend := &agenttest.RecordingBackend{}
-	a := &agent.Agent{Host: "h1", Capacity: 10, Records: agentstore.New(st, kr, nil), Backend: backend, Interval: time.Hour}
+	a := &agent.Agent{Host: "h1", Capacity: 10, Records: agentstore.New(st, kr, nil, nil), Backend: backend, Interval: time.Hour}
 	if err := a.Register(ctx); err != nil {
 		t.Fatal(err)
 	}

@@ -68,7 +68,7 @@ func newFixture(t *testing.T, st *store.Store) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &fixture{st: st, kr: kr, recs: agentstore.New(st, kr, nil)}
+	return &fixture{st: st, kr: kr, recs: agentstore.New(st, kr, nil, nil)}
 }
 
 // create records a vTPM with a secret as the API does.
