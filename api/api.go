@@ -34,6 +34,11 @@ type VTPMSpec struct {
 // ProjectHeader scopes a request to one project (tenant): such a caller sees
 // and changes only that project's vTPMs. The operator may scope itself to
 // any project with it; a tenant may only repeat its own. It names no one:
-// who the caller is comes from its client certificate or the operator's
-// socket.
+// who the caller is comes from its client certificate, its Keystone token
+// or the operator's socket.
 const ProjectHeader = "X-Project-ID"
+
+// TokenHeader carries a Keystone token, as every OpenStack API takes it,
+// to a vtpmd that runs with Keystone authentication: the token's project
+// and roles say who the caller is and what it may do.
+const TokenHeader = "X-Auth-Token"

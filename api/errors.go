@@ -42,15 +42,23 @@ const (
 	// lists those it takes.
 	CodeMethodNotAllowed Code = "method_not_allowed"
 	// CodeUnauthenticated (401): the caller proved nobody: no client
-	// certificate or operator's socket on a tenant's or the operator's
-	// route, no or a wrong agent token or host credential on an agent's,
-	// no client certificate on a host's (/v1/agent/...).
+	// certificate, Keystone token or operator's socket on a tenant's or
+	// the operator's route, a Keystone token that is malformed, expired
+	// or revoked, no or a wrong agent token or host credential on an
+	// agent's, no client certificate on a host's (/v1/agent/...).
 	CodeUnauthenticated Code = "unauthenticated"
 	// CodeForbidden (403): the caller is known but may not do this: a
-	// project on an operator's route, a host asking for a key no instance
-	// on it names, a host certificate on a tenant's or the operator's
-	// route, or another certificate on a host's.
+	// project on an operator's route, a Keystone role that does not allow
+	// it (a reader changing anything), a host asking for a key no
+	// instance on it names, a host certificate on a tenant's or the
+	// operator's route, or another certificate on a host's.
 	CodeForbidden Code = "forbidden"
+	// CodeIdentityUnavailable (503, with Retry-After): with Keystone
+	// authentication, Keystone could not validate the caller's token
+	// (unreachable, failing, or refusing vtpmd's own service
+	// credentials); the request was not carried out, and may be repeated
+	// as it is.
+	CodeIdentityUnavailable Code = "identity_unavailable"
 	// CodeStorageFull (507): the server's disk is full; nothing was
 	// changed.
 	CodeStorageFull Code = "storage_full"

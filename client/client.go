@@ -27,7 +27,12 @@ type Client struct {
 	http    *http.Client
 	project string
 	token   string // a registered attestation agent's bearer token
+	// identity gives the Keystone token each request carries; nil: none.
+	identity TokenSource
 }
+
+// TokenSource gives a valid Keystone token, renewing it when it must.
+type TokenSource func(ctx context.Context) (string, error)
 
 // New returns a client for the server at base: an http or https URL
 // (http://127.0.0.1:8780), or unix:///PATH for the operator's local socket
@@ -50,6 +55,15 @@ func New(base, project string) *Client {
 func (c *Client) WithAgentToken(token string) *Client {
 	cc := *c
 	cc.token = token
+	return &cc
+}
+
+// WithIdentity returns a copy of c whose requests carry a Keystone token
+// from src (in api.TokenHeader), for a vtpmd with Keystone
+// authentication.
+func (c *Client) WithIdentity(src TokenSource) *Client {
+	cc := *c
+	cc.identity = src
 	return &cc
 }
 
@@ -89,6 +103,14 @@ type Error struct {
 }
 
 func (e *Error) Error() string { return fmt.Sprintf("%s: %s", e.Code, e.Message) }
+
+// IdentityError is a request that was not sent because its Keystone
+// token could not be had (WithIdentity): Keystone refused the
+// credentials, or could not be reached.
+type IdentityError struct{ Err error }
+
+func (e *IdentityError) Error() string { return "getting a keystone token: " + e.Err.Error() }
+func (e *IdentityError) Unwrap() error { return e.Err }
 
 // ErrorCode is the API's code of err, an *Error (wrapped or not); "" when
 // err is not an error response.
@@ -144,6 +166,13 @@ func (c *Client) send(ctx context.Context, method, path string, hdr http.Header,
 	}
 	if c.token != "" {
 		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	if c.identity != nil {
+		tok, err := c.identity(ctx)
+		if err != nil {
+			return nil, &IdentityError{Err: err}
+		}
+		req.Header.Set(api.TokenHeader, tok)
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {

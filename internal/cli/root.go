@@ -7,11 +7,13 @@ import (
 	"crypto/tls"
 	"io"
 	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
 
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/cmdline"
+	"github.com/vtpmd/vtpmd/internal/keystone"
 )
 
 // Exit statuses of vtpmctl (see cmdline).
@@ -36,6 +38,10 @@ type globals struct {
 	cert    string
 	key     string
 	tls     *tls.Config // when --ca-file or --cert is set
+	osCloud string
+	// identity is the user's Keystone session (--os-cloud, OS_* variables)
+	// when vtpmctl authenticates with a token; nil otherwise.
+	identity *keystone.Session
 }
 
 // format is -o, or def when the user gave none.
@@ -60,6 +66,9 @@ func NewRootCommand() *cobra.Command {
 			case "", outputJSON, outputTable:
 			default:
 				return cmdline.Usagef("unknown output format %q (want json or table)", g.output)
+			}
+			if err := g.openIdentity(); err != nil {
+				return err
 			}
 			if g.caFile == "" && g.cert == "" && g.key == "" {
 				return nil
@@ -90,6 +99,7 @@ func NewRootCommand() *cobra.Command {
 	pf.StringVar(&g.caFile, "ca-file", os.Getenv(EnvCAFile), "PEM CAs to trust for an https server (env "+EnvCAFile+"); default: the system's")
 	pf.StringVar(&g.cert, "cert", os.Getenv(EnvCert), "PEM client certificate that says who you are, for a server that asks for one (env "+EnvCert+")")
 	pf.StringVar(&g.key, "key", os.Getenv(EnvKey), "PEM private key of --cert (env "+EnvKey+")")
+	pf.StringVar(&g.osCloud, "os-cloud", os.Getenv("OS_CLOUD"), "authenticate with a Keystone token of this clouds.yaml cloud, as the openstack CLI does (env OS_CLOUD; OS_* variables override its values); chosen over --cert")
 	root.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error {
 		return cmdline.Exit(ExitUsage, err)
 	})
@@ -121,4 +131,34 @@ func NewRootCommand() *cobra.Command {
 // Main runs vtpmctl with args and returns its exit status.
 func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	return cmdline.Main(ctx, NewRootCommand(), "vtpmctl", args, stdout, stderr)
+}
+
+// openIdentity makes the user's Keystone session, without reaching
+// Keystone yet: from the --os-cloud (or OS_CLOUD) cloud, or from the OS_*
+// variables (OS_AUTH_URL) when no client certificate is given. The
+// operator's socket takes no token.
+func (g *globals) openIdentity() error {
+	if strings.HasPrefix(g.server, "unix://") {
+		return nil
+	}
+	var (
+		creds keystone.Credentials
+		err   error
+	)
+	switch {
+	case g.osCloud != "":
+		creds, _, err = keystone.FromCloudEnv(g.osCloud)
+	case g.cert == "" && os.Getenv("OS_AUTH_URL") != "":
+		creds, _, err = keystone.FromEnv()
+	default:
+		return nil
+	}
+	if err == nil {
+		err = creds.Check()
+	}
+	if err != nil {
+		return cmdline.Usagef("keystone credentials: %v", err)
+	}
+	g.identity = keystone.NewSession(creds, nil)
+	return nil
 }

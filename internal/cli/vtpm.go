@@ -17,6 +17,7 @@ import (
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/cmdline"
+	"github.com/vtpmd/vtpmd/internal/keystone"
 )
 
 // More exit statuses, for commands that talk to a server.
@@ -43,12 +44,22 @@ func (g *globals) client() *client.Client {
 	if g.tls != nil {
 		c = c.WithTLS(g.tls)
 	}
+	if g.identity != nil {
+		c = c.WithIdentity(g.identity.Token)
+	}
 	return c
 }
 
 // apiFailure turns a client error into vtpmctl's exit status and message.
 func apiFailure(err error) error {
 	var ce *client.Error
+	var ie *client.IdentityError
+	if errors.As(err, &ie) {
+		if errors.Is(err, keystone.ErrUnavailable) {
+			return cmdline.Exit(ExitUnreachable, err)
+		}
+		return cmdline.Exit(ExitFailed, err)
+	}
 	if errors.As(err, &ce) {
 		code := ExitFailed
 		switch ce.Status {

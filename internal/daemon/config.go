@@ -153,6 +153,28 @@ type Config struct {
 	// (organization system:operator) on the network address. Needs TLS.
 	// "": tenants and the operator are served on APISocket only.
 	ClientCA string `yaml:"client-ca"`
+	// Auth is how tenants and the operator prove themselves on the network
+	// address: "certificates" (default: client certificates, see
+	// ClientCA) or "keystone" (Keystone tokens in X-Auth-Token, and
+	// client certificates too when ClientCA is set). Hosts' agents keep
+	// their certificates and the operator's socket stays the operator's
+	// either way.
+	Auth string `yaml:"auth"`
+	// KeystoneURL is Keystone's identity endpoint
+	// (http://keystone:5000/v3), where vtpmd validates tokens; with Auth
+	// keystone. It replaces the credentials file's auth_url.
+	KeystoneURL string `yaml:"keystone-url"`
+	// KeystoneCredentialsFile holds vtpmd's own Keystone service user (a
+	// clouds.yaml cloud entry: auth:, region_name; mode 0600), whose
+	// token validates callers' tokens; with Auth keystone.
+	KeystoneCredentialsFile string `yaml:"keystone-credentials-file"`
+	// KeystoneAdminProject is the project whose admins are the operator,
+	// by ID or by name in the Default domain. Default "admin".
+	KeystoneAdminProject string `yaml:"keystone-admin-project"`
+	// KeystoneCacheTTL is how long a token's validation is reused: a
+	// token revoked in Keystone is refused at most this long after.
+	// Never past the token's expiry. Default 60s.
+	KeystoneCacheTTL time.Duration `yaml:"keystone-cache-ttl"`
 	// PublicURL is the API as hosts reach it, written into Hyper-V plans;
 	// default http://<the listen address>.
 	PublicURL string `yaml:"public-url"`
@@ -246,6 +268,15 @@ func (c *Config) Defaults() {
 	if c.CAOrganization == "" {
 		c.CAOrganization = "vtpmd"
 	}
+	if c.Auth == "" {
+		c.Auth = "certificates"
+	}
+	if c.KeystoneAdminProject == "" {
+		c.KeystoneAdminProject = "admin"
+	}
+	if c.KeystoneCacheTTL == 0 {
+		c.KeystoneCacheTTL = time.Minute
+	}
 	if c.PoolSize == nil {
 		c.PoolSize = new(4)
 	}
@@ -284,9 +315,24 @@ func (c *Config) Validate() error {
 	}
 	if host, _, err := net.SplitHostPort(c.Listen); err != nil {
 		errs = append(errs, fmt.Errorf("listen address %q: %w", c.Listen, err))
-	} else if !loopback(host) && (c.TLSCert == "" || c.ClientCA == "") && !c.InsecureListen {
-		errs = append(errs, fmt.Errorf("listen address %q is not loopback: serving the network needs TLS (--tls-cert, --tls-key) and client certificates (--client-ca), "+
-			"or --insecure-listen to serve it anyway with agents' tokens in the clear", c.Listen))
+	} else if !loopback(host) && (c.TLSCert == "" || (c.ClientCA == "" && c.Auth != "keystone")) && !c.InsecureListen {
+		errs = append(errs, fmt.Errorf("listen address %q is not loopback: serving the network needs TLS (--tls-cert, --tls-key) and client certificates (--client-ca) or --auth keystone, "+
+			"or --insecure-listen to serve it anyway with agents' and callers' tokens in the clear", c.Listen))
+	}
+	switch c.Auth {
+	case "certificates":
+	case "keystone":
+		if u, err := url.Parse(c.KeystoneURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			errs = append(errs, fmt.Errorf("--auth keystone needs --keystone-url, Keystone's http(s):// identity URL (got %q)", c.KeystoneURL))
+		}
+		if c.KeystoneCredentialsFile == "" {
+			errs = append(errs, errors.New("--auth keystone needs --keystone-credentials-file, vtpmd's own service user"))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("auth %q must be certificates or keystone", c.Auth))
+	}
+	if c.KeystoneCacheTTL < 0 || c.KeystoneCacheTTL > time.Hour {
+		errs = append(errs, fmt.Errorf("keystone-cache-ttl %s must be between 0 and 1h", c.KeystoneCacheTTL))
 	}
 	if !filepath.IsAbs(c.APISocket) {
 		errs = append(errs, fmt.Errorf("API socket %q must be an absolute path", c.APISocket))

@@ -105,6 +105,34 @@ func TestConfigListen(t *testing.T) {
 	}
 }
 
+// Keystone authentication needs Keystone's URL and the service user's
+// file, and serves the network with TLS in place of client certificates.
+func TestConfigKeystone(t *testing.T) {
+	c := Config{DataDir: "/var/lib/vtpmd", HostName: "h", Auth: "keystone"}
+	c.Defaults()
+	err := c.Validate()
+	if err == nil || !strings.Contains(err.Error(), "--keystone-url") || !strings.Contains(err.Error(), "--keystone-credentials-file") {
+		t.Errorf("keystone without URL and file: %v", err)
+	}
+	c.KeystoneURL, c.KeystoneCredentialsFile = "http://127.0.0.1:5000/v3", "/etc/vtpmd/keystone.yaml"
+	c.Listen, c.TLSCert, c.TLSKey = "0.0.0.0:8780", "api.pem", "api.key"
+	if err := c.Validate(); err != nil {
+		t.Errorf("keystone with TLS beyond loopback: %v", err)
+	}
+	if c.KeystoneAdminProject != "admin" || c.KeystoneCacheTTL != time.Minute {
+		t.Errorf("defaults: admin project %q, cache TTL %s", c.KeystoneAdminProject, c.KeystoneCacheTTL)
+	}
+	c.TLSCert, c.TLSKey = "", ""
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "not loopback") {
+		t.Errorf("keystone beyond loopback without TLS: %v", err)
+	}
+	bad := Config{DataDir: "/var/lib/vtpmd", HostName: "h", Auth: "ldap", KeystoneCacheTTL: 2 * time.Hour}
+	bad.Defaults()
+	if err := bad.Validate(); err == nil || !strings.Contains(err.Error(), `auth "ldap"`) || !strings.Contains(err.Error(), "keystone-cache-ttl") {
+		t.Errorf("bad auth and TTL: %v", err)
+	}
+}
+
 // A host must be able to miss a heartbeat before it reads down.
 func TestConfigHeartbeats(t *testing.T) {
 	c := Config{DataDir: "/var/lib/vtpmd", HostName: "h", HeartbeatInterval: 30 * time.Second, HeartbeatWindow: 20 * time.Second}

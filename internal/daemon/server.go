@@ -22,6 +22,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/enrol"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/keyring/embedded"
+	"github.com/vtpmd/vtpmd/internal/keystone"
 	"github.com/vtpmd/vtpmd/internal/secrets"
 	"github.com/vtpmd/vtpmd/internal/server"
 	"github.com/vtpmd/vtpmd/internal/spec"
@@ -125,6 +126,10 @@ func (s *Server) open(ctx context.Context) error {
 			return fmt.Errorf("client CAs: %w", err)
 		}
 	}
+	identity, err := keystoneIdentity(cfg, s.log)
+	if err != nil {
+		return err
+	}
 	kr, shared, err := openKeys(ctx, cfg, s.store, s.log)
 	if err != nil {
 		return err
@@ -173,7 +178,7 @@ func (s *Server) open(ctx context.Context) error {
 	s.agents = agentstore.New(s.store, kr, s.keyring, s.log)
 	s.api = &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, Enrolment: enrol.New(enrol.Config{Store: s.store, HostCA: hostCA, Log: s.log, BoundEnrolment: ver.BoundEnrolment}),
 		Agents: s.agents, EKCA: s.authority, CAChainPEM: s.authority.ChainPEM, Statements: s.store.Statements, Log: s.log,
-		Readiness: s.readiness(kr)}
+		Readiness: s.readiness(kr), Identity: identity}
 	// HTTP/2 for many long-lived connections that each carry a request
 	// every few seconds (hosts' agents: a watch always waiting, a
 	// heartbeat every 10 s). Each keeps, while it is open, a header
@@ -433,4 +438,28 @@ func reclaimSecrets(ctx context.Context, st *store.Store, kr keyring.Keyring, ag
 		log.Warn("deleted a vTPM secret no record refers to (left by an interrupted create)", "secret", id, "project", s.Project)
 	}
 	return nil
+}
+
+// keystoneIdentity is Keystone authentication as cfg asks for it: nil
+// unless Auth is keystone. It reads the service user's credentials file
+// but does not reach Keystone: a Keystone down at start is a 503 per
+// request, as one going down later is.
+func keystoneIdentity(cfg Config, log *slog.Logger) (*server.Identity, error) {
+	if cfg.Auth != "keystone" {
+		return nil, nil
+	}
+	creds, err := keystone.ReadCredentialsFile(cfg.KeystoneCredentialsFile)
+	if err != nil {
+		return nil, fmt.Errorf("keystone service credentials: %w", err)
+	}
+	creds.AuthURL = cfg.KeystoneURL
+	if err := creds.Check(); err != nil {
+		return nil, fmt.Errorf("keystone service credentials %s: %w", cfg.KeystoneCredentialsFile, err)
+	}
+	session := keystone.NewSession(creds, &http.Client{Timeout: 10 * time.Second})
+	log.Info("keystone authentication", "keystone", cfg.KeystoneURL, "service_user", creds.String(), "cache_ttl", cfg.KeystoneCacheTTL)
+	return &server.Identity{
+		Tokens:       keystone.NewValidator(session, keystone.ValidatorOptions{TTL: cfg.KeystoneCacheTTL}),
+		AdminProject: cfg.KeystoneAdminProject,
+	}, nil
 }

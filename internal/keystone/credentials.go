@@ -152,7 +152,13 @@ func LoadCloud(path, name string) (Credentials, error) {
 // OS_REGION_NAME, OS_INTERFACE). ok is false when neither OS_CLOUD nor
 // OS_AUTH_URL is set.
 func FromEnv() (c Credentials, ok bool, err error) {
-	if name := os.Getenv("OS_CLOUD"); name != "" {
+	return FromCloudEnv(os.Getenv("OS_CLOUD"))
+}
+
+// FromCloudEnv is FromEnv with cloud (a command's --os-cloud) in place of
+// OS_CLOUD.
+func FromCloudEnv(cloud string) (c Credentials, ok bool, err error) {
+	if name := cloud; name != "" {
 		if c, err = LoadCloud("", name); err != nil {
 			return Credentials{}, true, err
 		}
@@ -204,7 +210,9 @@ const maxCredentialsFile = 64 << 10
 //	region_name: RegionOne
 //
 // Like the master key, it refuses with ErrInsecureFile a file that group
-// or others can access, a symlink, or not a regular file.
+// or others can access, a symlink, or not a regular file. The caller may
+// set the auth URL (a service's own flag) and checks the result with
+// Credentials.Check.
 func ReadCredentialsFile(path string) (Credentials, error) {
 	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
 	if errors.Is(err, syscall.ELOOP) {
@@ -237,9 +245,5 @@ func ReadCredentialsFile(path string) (Credentials, error) {
 	if err := dec.Decode(&c); err != nil {
 		return Credentials{}, fmt.Errorf("reading %s: %w", path, err)
 	}
-	cr := c.credentials()
-	if err := cr.Check(); err != nil {
-		return Credentials{}, fmt.Errorf("%s: %w", path, err)
-	}
-	return cr, nil
+	return c.credentials(), nil
 }

@@ -154,7 +154,11 @@ func TestReadCredentialsFile(t *testing.T) {
 	if _, err := ReadCredentialsFile(link); !errors.Is(err, ErrInsecureFile) {
 		t.Errorf("symlink: %v, want ErrInsecureFile", err)
 	}
-	if _, err := ReadCredentialsFile(writeFile(t, "svc.yaml", strings.ReplaceAll(serviceFile, "  password: pw\n", ""), 0o600)); !errors.Is(err, ErrIncomplete) {
+	c, err = ReadCredentialsFile(writeFile(t, "svc.yaml", strings.ReplaceAll(serviceFile, "  password: pw\n", ""), 0o600))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Check(); !errors.Is(err, ErrIncomplete) {
 		t.Errorf("no password: %v, want ErrIncomplete", err)
 	}
 	if _, err := ReadCredentialsFile(writeFile(t, "svc.yaml", serviceFile+"regoin: x\n", 0o600)); err == nil {

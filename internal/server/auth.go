@@ -44,8 +44,41 @@ const OperatorOrganization = "system:operator"
 // caller is who an authenticated request comes from.
 type caller struct {
 	name     string // the certificate's common name or the local user, for the event log
+	user     string // the Keystone user's name, for the event log
 	project  string // the project a tenant acts in; "" for the operator
 	operator bool
+	rights   rights // what the caller may do in its scope
+}
+
+// rights are what a caller may do in its scope (its project, or every
+// project for the operator). The operator and a Keystone admin have all;
+// a tenant's client certificate reads and changes its project's
+// resources but does not create vTPMs (the cloud, as the operator, does);
+// a Keystone member does that too, as Nova does with the user's token; a
+// Keystone reader reads.
+type rights uint8
+
+const (
+	// reads is every GET, and POST /v1/resolve.
+	reads rights = 1 << iota
+	// changes is every other route but POST /v1/vtpms: delete, start,
+	// stop, attach, policies, secrets, refreshes.
+	changes
+	// createsVTPMs is POST /v1/vtpms.
+	createsVTPMs
+
+	allRights = reads | changes | createsVTPMs
+)
+
+// needs is the right rt asks of its caller.
+func (rt route) needs() rights {
+	switch {
+	case rt.pattern == "POST /v1/vtpms":
+		return createsVTPMs
+	case strings.HasPrefix(rt.pattern, "GET "), rt.pattern == "POST /v1/resolve":
+		return reads
+	}
+	return changes
 }
 
 type callerKey struct{}
@@ -60,7 +93,7 @@ func OperatorConn(ctx context.Context, c net.Conn) context.Context {
 	if !ok {
 		return ctx
 	}
-	return context.WithValue(ctx, callerKey{}, caller{operator: true, name: peerName(uc)})
+	return context.WithValue(ctx, callerKey{}, caller{operator: true, name: peerName(uc), rights: allRights})
 }
 
 // peerName names the local user at the other end of a unix connection.
@@ -82,15 +115,24 @@ func peerName(c *net.UnixConn) string {
 }
 
 // authenticate names the caller of a tenants' and operator's route: the
-// operator on the local socket, or the holder of a client certificate that
-// the TLS server verified against the deployment's client CAs, whose
+// operator on the local socket; with Keystone authentication, the holder
+// of a valid token in api.TokenHeader (fromToken), which then decides even if
+// a certificate came too; or the holder of a client certificate that the
+// TLS server verified against the deployment's client CAs, whose
 // subject's organization is the tenant's project or OperatorOrganization.
 // Nobody else is anyone: there is no unauthenticated operator or tenant.
 func (s *Server) authenticate(r *http.Request) (*http.Request, error) {
 	if _, ok := callerOf(r); ok {
 		return r, nil // the local socket
 	}
+	if token := r.Header.Get(api.TokenHeader); token != "" && s.Identity != nil {
+		return s.fromToken(r, token)
+	}
 	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 {
+		if s.Identity != nil {
+			return r, refusal.Unauthenticated(api.CodeUnauthenticated,
+				"This API needs a Keystone token ("+api.TokenHeader+"; vtpmctl --os-cloud or OS_* variables), a client certificate (vtpmctl --cert and --key), or the operator's local socket.")
+		}
 		return r, refusal.Unauthenticated(api.CodeUnauthenticated,
 			"This API needs a client certificate (vtpmctl --cert and --key), or the operator's local socket (vtpmctl --server unix://DATA-DIR/api.sock).")
 	}
@@ -98,10 +140,10 @@ func (s *Server) authenticate(r *http.Request) (*http.Request, error) {
 	if s.Enrolment.Issued(leaf) {
 		return r, refusal.Forbidden(api.CodeForbidden, "A host certificate is for its agent's routes (/v1/agent/...), not tenants' or the operator's.")
 	}
-	c := caller{name: leaf.Subject.CommonName}
+	c := caller{name: leaf.Subject.CommonName, rights: reads | changes}
 	switch org := leaf.Subject.Organization; {
 	case len(org) == 1 && org[0] == OperatorOrganization:
-		c.operator = true
+		c.operator, c.rights = true, allRights
 	case len(org) == 1 && tenant.Valid(org[0]):
 		c.project = org[0]
 	default:
@@ -144,6 +186,17 @@ func callerOf(r *http.Request) (caller, bool) {
 	return c, ok
 }
 
+// scopedCaller is r's caller with the rights it has in the scope r asks
+// for: the operator scoped to a project (api.ProjectHeader) acts as that
+// project's client certificate would, and does not create vTPMs.
+func scopedCaller(r *http.Request) caller {
+	c, _ := callerOf(r)
+	if c.operator && r.Header.Get(api.ProjectHeader) != "" {
+		c.rights &^= createsVTPMs
+	}
+	return c
+}
+
 // project is the caller's scope: a tenant's project, or the project the
 // operator scoped itself to ("" for the operator unscoped). Agents' and
 // public routes have no caller, so the header scopes nothing there.
@@ -158,7 +211,7 @@ func project(r *http.Request) (string, error) {
 	}
 	if !c.operator {
 		if p != "" && p != c.project {
-			return "", refusal.Forbidden(api.CodeInvalidProject, "The client certificate is for project "+c.project+", not "+p+".")
+			return "", refusal.Forbidden(api.CodeInvalidProject, "The caller is scoped to project "+c.project+", not "+p+".")
 		}
 		return c.project, nil
 	}
@@ -176,8 +229,8 @@ func tenantOf(r *http.Request) (tenant.Caller, error) {
 }
 
 // actor names who made a change through the API, for the event log: the
-// operator or a project, and the holder of the client certificate or the
-// local user that proved it. A request with no authenticated caller is an
+// operator or a project, and the holder of the client certificate, the
+// Keystone user or the local user that proved it. A request with no authenticated caller is an
 // agent's, proven by its token or its TPM: it is named as the agent of
 // the instance or host it speaks for, never as a project or the operator.
 func actor(r *http.Request, scope string) string {
@@ -189,7 +242,10 @@ func actor(r *http.Request, scope string) string {
 	if scope != "" {
 		who = "api:project:" + scope
 	}
-	if c.name != "" {
+	switch {
+	case c.user != "":
+		who += " (user " + strconv.QuoteToGraphic(refusal.Truncate(c.user)) + ")"
+	case c.name != "":
 		who += " (" + strconv.QuoteToGraphic(refusal.Truncate(c.name)) + ")"
 	}
 	return who

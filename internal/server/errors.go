@@ -92,7 +92,7 @@ func writeError(w http.ResponseWriter, e *APIError) {
 	if e.Status == http.StatusUnauthorized {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="vtpmd attestation agent"`)
 	}
-	if e.Code == api.CodeStoreUnavailable || e.Code == api.CodeKeyManagerUnavailable {
+	if e.Code == api.CodeStoreUnavailable || e.Code == api.CodeKeyManagerUnavailable || e.Code == api.CodeIdentityUnavailable {
 		w.Header().Set("Retry-After", "1")
 	}
 	writeJSON(w, e.Status, api.ErrorBody{Error: api.Error{Code: e.Code, Message: e.Message}})

@@ -71,6 +71,10 @@ type Server struct {
 	Registry *prometheus.Registry
 	// Readiness are what GET /readyz checks, in order; none: always ready.
 	Readiness []ReadinessCheck
+	// Identity authenticates tenants and the operator by Keystone token
+	// (X-Auth-Token) besides client certificates; nil: certificates and
+	// the local socket only.
+	Identity *Identity
 
 	end     context.Context // see ending
 	endAll  context.CancelFunc
@@ -122,7 +126,7 @@ func (s *Server) routes() []route {
 		{"GET /readyz", s.readyz, anyone, noBody},
 		{"GET /v1/openapi.json", s.openapi, anyone, noBody},
 		{"POST /v1/resolve", s.resolve, callers, jsonBody},
-		{"POST /v1/vtpms", s.createVTPM, operator, jsonBody},
+		{"POST /v1/vtpms", s.createVTPM, callers, jsonBody},
 		{"GET /v1/vtpms", s.listVTPMs, callers, noBody},
 		{"GET /v1/vtpms/{id}", s.getVTPM, callers, noBody},
 		{"DELETE /v1/vtpms/{id}", s.deleteVTPM, callers, noBody},
@@ -232,18 +236,32 @@ func (s *Server) admit(r *http.Request, rt route) (*http.Request, error) {
 			return r, refusal.Forbidden(api.CodeForbidden, rt.operatorsBecause())
 		}
 	}
+	if rt.access == callers || rt.access == operator {
+		if c := scopedCaller(r); c.rights&rt.needs() == 0 {
+			return r, refusal.Forbidden(api.CodeForbidden, rt.deniedBecause(c))
+		}
+	}
 	if rt.body == noBody && hasBody(r) {
 		return r, refusal.Invalid(api.CodeInvalidJSON, "This endpoint takes no request body.")
 	}
 	return r, nil
 }
 
+// deniedBecause is why caller c, known, may not call rt.
+func (rt route) deniedBecause(c caller) string {
+	switch {
+	case rt.needs() == createsVTPMs && c.rights&changes != 0:
+		return "vTPMs are created by the cloud, which knows whose instance is whose: the operator creates one, naming its project in \"project\", or, with Keystone authentication, a member of the project. A project's client certificate cannot."
+	case c.rights == 0:
+		return "The Keystone token carries no role vtpmd knows: reader reads a project's vTPMs, member also creates and changes them, admin (system scope or the admin project) is the operator."
+	}
+	return "The Keystone role reader only reads; this needs member (or admin)."
+}
+
 // operatorsBecause is why only the operator may call rt.
 func (rt route) operatorsBecause() string {
 	_, path, _ := strings.Cut(rt.pattern, " ")
 	switch {
-	case rt.pattern == "POST /v1/vtpms":
-		return "vTPMs are created by the cloud, which knows whose instance is whose: the operator creates one, naming its project in \"project\". A project cannot."
 	case strings.HasPrefix(path, "/v1/hosts"):
 		return "Hosts are the operator's; a project sees its instance's host in the vTPM record."
 	case path == "/metrics":

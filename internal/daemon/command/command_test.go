@@ -68,6 +68,9 @@ func TestEveryFlag(t *testing.T) {
 		"--swtpm-binary", "/usr/bin/swtpm", "--pcr-banks", "sha256,sha384", "--ca-organization", "Example",
 		// vtpmd agent's
 		"--server", "https://control.example:8780", "--server-ca", "/etc/vtpmd/server-ca.pem", "--join-token-file", "/etc/vtpmd/join-token",
+		// Keystone authentication
+		"--auth", "keystone", "--keystone-url", "http://keystone:5000/v3", "--keystone-credentials-file", "/etc/vtpmd/keystone.yaml",
+		"--keystone-admin-project", "cloud-admin", "--keystone-cache-ttl", "20s",
 	}
 	want := daemon.Config{
 		DataDir: "/srv/vtpmd", MasterKeyFile: "/etc/vtpmd/master.key", Listen: "0.0.0.0:9000", InsecureListen: true, APISocket: "/run/vtpmd-api.sock",
@@ -84,6 +87,8 @@ func TestEveryFlag(t *testing.T) {
 			Group: "Group2", GroupCapacity: 8, UUIDListen: "127.0.0.1:8081"},
 		SwtpmBinary: "/usr/bin/swtpm", PCRBanks: []string{"sha256", "sha384"}, CAOrganization: "Example",
 		Server: "https://control.example:8780", ServerCA: "/etc/vtpmd/server-ca.pem", JoinTokenFile: "/etc/vtpmd/join-token",
+		Auth: "keystone", KeystoneURL: "http://keystone:5000/v3", KeystoneCredentialsFile: "/etc/vtpmd/keystone.yaml",
+		KeystoneAdminProject: "cloud-admin", KeystoneCacheTTL: 20 * time.Second,
 	}
 	got, out := printed(t, args...)
 	if !reflect.DeepEqual(got, want) {

@@ -1,0 +1,87 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"net/http"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/keystone"
+	"github.com/vtpmd/vtpmd/internal/refusal"
+	"github.com/vtpmd/vtpmd/internal/tenant"
+)
+
+// Tokens validates Keystone tokens: *keystone.Validator, which caches
+// Keystone's answers for a bounded time.
+type Tokens interface {
+	Validate(ctx context.Context, token string) (*keystone.Token, error)
+}
+
+var _ Tokens = (*keystone.Validator)(nil)
+
+// Identity is Keystone authentication of tenants and the operator.
+type Identity struct {
+	Tokens Tokens
+	// AdminProject is the project whose admins are the operator, by ID or
+	// by name in the Default domain (Keystone's bootstrap "admin").
+	AdminProject string
+}
+
+// fromToken authenticates r by its Keystone token and maps the token's
+// scope and roles to a caller, as OpenStack's default policies do:
+//
+//   - admin scoped to the system, or to the admin project: the operator;
+//   - reader (or member) scoped to the system: the operator, reading only;
+//   - member scoped to a project: reads, changes and creates vTPMs there
+//     (an admin of any other project is a member of it, no more);
+//   - reader scoped to a project: reads there;
+//   - any other role, or a domain-scoped or unscoped token: 403.
+//
+// A token Keystone does not accept is 401; Keystone unable to answer is
+// 503 identity_unavailable. The token travels on in r's context
+// (keyring.WithToken) for key managers that act as the caller.
+func (s *Server) fromToken(r *http.Request, token string) (*http.Request, error) {
+	t, err := s.Identity.Tokens.Validate(r.Context(), token)
+	switch {
+	case errors.Is(err, keystone.ErrInvalidToken):
+		return r, refusal.Unauthenticated(api.CodeUnauthenticated, "The "+api.TokenHeader+" token is not valid: Keystone does not know it, or it expired or was revoked. Get a new one.")
+	case errors.Is(err, keystone.ErrUnavailable):
+		s.Log.Warn("keystone cannot validate a token", "method", r.Method, "path", r.URL.Path, "err", err)
+		return r, refusal.Unavailable(api.CodeIdentityUnavailable, "Keystone cannot validate the token now; the request was not carried out. Retry it shortly.")
+	case err != nil:
+		return r, err
+	}
+	c := caller{user: t.User.Name}
+	if c.user == "" {
+		c.user = t.User.ID
+	}
+	switch {
+	case t.System && t.HasRole("admin"):
+		c.operator, c.rights = true, allRights
+	case t.System && (t.HasRole("reader") || t.HasRole("member")):
+		c.operator, c.rights = true, reads
+	case t.System:
+		// no role vtpmd knows: c.rights stays 0, every route 403
+		c.operator = true
+	case t.Project.ID == "":
+		return r, refusal.Forbidden(api.CodeForbidden, "The Keystone token is not scoped to a project or the system: get one with a project (OS_PROJECT_NAME) or system scope (OS_SYSTEM_SCOPE=all).")
+	case t.HasRole("admin") && s.Identity.isAdminProject(t.Project):
+		c.operator, c.rights = true, allRights
+	case !tenant.Valid(t.Project.ID):
+		return r, refusal.Forbidden(api.CodeInvalidProject, "The Keystone token's project id "+refusal.Quote(t.Project.ID)+" is not one vtpmd takes.")
+	case t.HasRole("member") || t.HasRole("admin"):
+		c.project, c.rights = t.Project.ID, allRights
+	case t.HasRole("reader"):
+		c.project, c.rights = t.Project.ID, reads
+	default:
+		c.project = t.Project.ID
+	}
+	ctx := keyring.WithToken(context.WithValue(r.Context(), callerKey{}, c), token)
+	return r.WithContext(ctx), nil
+}
+
+// isAdminProject reports whether p is the operator's project.
+func (id *Identity) isAdminProject(p keystone.Named) bool {
+	return p.ID == id.AdminProject || (p.Name == id.AdminProject && p.DomainID == "default")
+}
