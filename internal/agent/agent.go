@@ -59,12 +59,13 @@ type Agent struct {
 	// instance id.
 	held     map[string]*Record
 	revision int64 // of held, as the control plane counts
-	// owned are the secrets of vTPMs with secret security user or host
-	// that the agent read, by instance id: when their owners hold them
-	// (Barbican) the agent gets each once, at its owner's request, so it
-	// keeps it while the vTPM runs (user) or while the vTPM is on the
-	// host (host), as swtpm keeps it in memory.
-	owned map[string]heldSecret
+	// secrets are the secrets the agent read, by instance id, kept while
+	// the vTPM runs (secret security host: while it is on the host), as
+	// swtpm keeps them in memory: a pass over a running vTPM does not
+	// read the key manager again (Barbican may be far, or down), and the
+	// secret of a vTPM whose owner holds it is given to the host once, at
+	// its owner's request.
+	secrets map[string]heldSecret
 	locks    keyedMutex
 	queue    queue
 }
@@ -263,7 +264,7 @@ func (a *Agent) apply(ch *Changes) []string {
 			delete(a.held, g.InstanceID)
 		}
 	}
-	for id := range a.owned {
+	for id := range a.secrets {
 		if a.held[id] == nil {
 			a.forget(id)
 		}
@@ -368,9 +369,9 @@ func (a *Agent) step(ctx context.Context, v *Record) error {
 	case DesiredDeleted:
 		return a.destroy(ctx, v)
 	case DesiredStopped:
-		if v.Spec.SecretSecurity == spec.User {
+		if v.Spec.SecretSecurity != spec.HostMode {
 			a.mu.Lock()
-			a.forget(v.InstanceID) // its owner starts it again
+			a.forget(v.InstanceID) // read again at the next start (a user vTPM's: at its owner's)
 			a.mu.Unlock()
 		}
 		if v.Phase == PhaseStopped {
@@ -397,8 +398,11 @@ func (a *Agent) run(ctx context.Context, v *Record) error {
 		}
 	}
 	secret, err := a.secret(ctx, v)
-	if errors.Is(err, ErrNeedsOwner) && v.Phase == PhaseActive && a.pid(v.InstanceID) != 0 {
-		return nil // it runs (its swtpm outlived an agent restart); only its owner can start it again
+	if err != nil && v.Phase == PhaseActive && a.pid(v.InstanceID) != 0 {
+		// It runs (its swtpm outlived an agent restart): left running,
+		// though the secret to start it again cannot be had now (the key
+		// manager is down; only its owner can give it).
+		return fmt.Errorf("reading the secret of running vTPM %s: %w", v.InstanceID, err)
 	}
 	if err != nil {
 		return a.fail(ctx, v, "reading the vTPM secret", err)
@@ -440,36 +444,31 @@ type heldSecret struct {
 	payload         []byte
 }
 
-// secret is the payload that keys v's state: the one the agent keeps for
-// a vTPM with secret security user or host, else read from Records (and
-// kept for those modes).
+// secret is the payload that keys v's state: the one the agent keeps,
+// else read from Records and kept.
 func (a *Agent) secret(ctx context.Context, v *Record) ([]byte, error) {
-	owned := v.Spec.SecretSecurity == spec.User || v.Spec.SecretSecurity == spec.HostMode
-	if owned {
-		a.mu.Lock()
-		h, ok := a.owned[v.InstanceID]
-		a.mu.Unlock()
-		if ok && h.incarnation == v.Incarnation && h.id == v.SecretID {
-			return h.payload, nil
-		}
+	a.mu.Lock()
+	h, ok := a.secrets[v.InstanceID]
+	a.mu.Unlock()
+	if ok && h.incarnation == v.Incarnation && h.id == v.SecretID {
+		return h.payload, nil
 	}
 	secret, err := a.Records.Secret(ctx, v)
-	if err != nil || !owned {
-		return secret, err
+	if err != nil {
+		return nil, err
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.forget(v.InstanceID)
-	if a.owned == nil {
-		a.owned = map[string]heldSecret{}
+	if a.secrets == nil {
+		a.secrets = map[string]heldSecret{}
 	}
-	a.owned[v.InstanceID] = heldSecret{incarnation: v.Incarnation, id: v.SecretID, payload: secret}
+	a.secrets[v.InstanceID] = heldSecret{incarnation: v.Incarnation, id: v.SecretID, payload: secret}
 	return secret, nil
 }
 
 // forget drops the secret kept for id; a.mu held.
 func (a *Agent) forget(id string) {
-	delete(a.owned, id) // not cleared: a step may be using it
+	delete(a.secrets, id) // not cleared: a step may be using it
 }
 
 // fromPool gives a vTPM not yet manufactured a pooled TPM: the record is

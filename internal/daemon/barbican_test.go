@@ -1,0 +1,224 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/google/uuid"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/store"
+)
+
+// barbicanDaemon is an all-in-one daemon with Keystone authentication and
+// Barbican as its key manager (or the embedded one, for comparison).
+type barbicanDaemon struct {
+	*daemonUnderTest
+	cloud *osCloud
+}
+
+func startBarbicanDaemon(t testing.TB, keyManager string) *barbicanDaemon {
+	t.Helper()
+	cloud := osUp(t)
+	cfg := Config{DataDir: t.TempDir(), Listen: "127.0.0.1:0", HostName: "test-host", KeyManager: keyManager,
+		BarbicanURL: cloud.Barbican, Auth: "keystone", KeystoneURL: cloud.Keystone, KeystoneCredentialsFile: serviceCredentials(t, cloud)}
+	return &barbicanDaemon{daemonUnderTest: startConfigured(t, cfg), cloud: cloud}
+}
+
+// as is a client of the network API that authenticates with cloud's token.
+func (d *barbicanDaemon) as(t testing.TB, cloud string) *client.Client {
+	tok := osToken(t, cloud)
+	return client.New(d.d.URL, "").WithIdentity(func(context.Context) (string, error) { return tok, nil })
+}
+
+// record is a vTPM's record.
+func (d *barbicanDaemon) record(t testing.TB, id string) *store.VTPM {
+	t.Helper()
+	var v *store.VTPM
+	if err := d.d.store.View(context.Background(), func(tx *store.Tx) (err error) { v, err = tx.GetVTPM(id); return err }); err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// secretOf is the key-manager secret a vTPM's record names.
+func (d *barbicanDaemon) secretOf(t testing.TB, id string) string { return d.record(t, id).SecretID }
+
+// castellanGet is Nova's read of a vTPM secret (castellan's two GETs): the
+// status of the payload's read (or of the metadata's, if that fails) and
+// the payload.
+func castellanGet(t testing.TB, barbicanURL, token, id string) (int, []byte) {
+	t.Helper()
+	get := func(u, accept string) (int, []byte) {
+		req, _ := http.NewRequest(http.MethodGet, u, nil)
+		req.Header.Set("X-Auth-Token", token)
+		req.Header.Set("Accept", accept)
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer res.Body.Close()
+		b, _ := io.ReadAll(res.Body)
+		return res.StatusCode, b
+	}
+	status, body := get(barbicanURL+"/v1/secrets/"+id, "application/json")
+	if status != http.StatusOK {
+		return status, nil
+	}
+	var m struct {
+		Name         string            `json:"name"`
+		SecretType   string            `json:"secret_type"`
+		ContentTypes map[string]string `json:"content_types"`
+	}
+	if err := json.Unmarshal(body, &m); err != nil {
+		t.Fatal(err)
+	}
+	if m.SecretType != "passphrase" || !strings.HasPrefix(m.Name, "vTPM secret for instance ") {
+		t.Errorf("secret %s: %s, want Nova's passphrase named for its instance", id, body)
+	}
+	return get(barbicanURL+"/v1/secrets/"+id+"/payload", m.ContentTypes["default"])
+}
+
+func createAs(ctx context.Context, c *client.Client, id, mode string) (api.VTPM, error) {
+	return c.Create(ctx, api.CreateVTPMRequest{InstanceID: id,
+		ResolveRequest: api.ResolveRequest{FlavorSpecs: map[string]string{"hw:tpm_version": "2.0", "hw:tpm_secret_security": mode}}})
+}
+
+// TestBarbicanSecrets: vTPM secrets are in Barbican, stored as Nova stores
+// them: made by the create, read when the vTPM starts, shredded by the
+// delete, owned as the mode says (deployment: vtpmd's service user;
+// user: the creating project, read by no one else, vtpmd included). A user
+// vTPM starts only at its owner's request: the operator's is refused with
+// secret_needs_owner.
+func TestBarbicanSecrets(t *testing.T) {
+	ctx := context.Background()
+	d := startBarbicanDaemon(t, "barbican")
+	member := d.as(t, "vtpmd-a")
+	memberTok, otherTok, serviceTok := osToken(t, "vtpmd-a"), osToken(t, "vtpmd-b"), osToken(t, "vtpmd")
+
+	for _, tc := range []struct {
+		mode, owner, stranger string
+	}{
+		{"deployment", serviceTok, memberTok},
+		{"user", memberTok, serviceTok},
+		{"host", memberTok, otherTok},
+	} {
+		t.Run(tc.mode, func(t *testing.T) {
+			id := uuid.NewString()
+			if _, err := createAs(ctx, member, id, tc.mode); err != nil {
+				t.Fatal(err)
+			}
+			d.wait(t, id, "active")
+			secret := d.secretOf(t, id)
+			status, payload := castellanGet(t, d.cloud.Barbican, tc.owner, secret)
+			if status != http.StatusOK || len(payload) != 512 {
+				t.Fatalf("castellan's read as the owner: %d, %d bytes; want 200, 512", status, len(payload))
+			}
+			if status, _ := castellanGet(t, d.cloud.Barbican, tc.stranger, secret); status != http.StatusForbidden {
+				t.Fatalf("castellan's read as another project: %d, want 403", status)
+			}
+
+			if _, err := member.Stop(ctx, id); err != nil {
+				t.Fatal(err)
+			}
+			d.wait(t, id, "stopped")
+			_, err := d.c.Start(ctx, id) // the operator, with no token
+			if tc.mode == "deployment" {
+				if err != nil {
+					t.Fatalf("the operator's start of a deployment vTPM: %v", err)
+				}
+			} else {
+				if client.ErrorCode(err) != api.CodeSecretNeedsOwner {
+					t.Fatalf("the operator's start of a %s vTPM: %v, want %s", tc.mode, err, api.CodeSecretNeedsOwner)
+				}
+				if _, err := member.Start(ctx, id); err != nil {
+					t.Fatal(err)
+				}
+			}
+			d.wait(t, id, "active")
+
+			if _, err := member.Delete(ctx, id); err != nil {
+				t.Fatal(err)
+			}
+			d.waitGone(t, id)
+			if status, _ := castellanGet(t, d.cloud.Barbican, tc.owner, secret); status != http.StatusNotFound {
+				t.Fatalf("the secret after the delete: %d, want 404", status)
+			}
+		})
+	}
+}
+
+// TestBarbicanOutage: with Barbican stopped, creates fail with 503
+// key_manager_unavailable and leave no record, running vTPMs keep running;
+// once it is back, creates work again and the failed creates left no
+// secret in Barbican, in the service's project or the owner's.
+func TestBarbicanOutage(t *testing.T) {
+	ctx := context.Background()
+	d := startBarbicanDaemon(t, "barbican")
+	member := d.as(t, "vtpmd-a")
+	running := uuid.NewString()
+	if _, err := createAs(ctx, member, running, "deployment"); err != nil {
+		t.Fatal(err)
+	}
+	d.wait(t, running, "active")
+	pid := d.record(t, running).PID
+
+	d.cloud.stopBarbican(t)
+	failed := map[string]string{}
+	for _, mode := range []string{"deployment", "user"} {
+		id := uuid.NewString()
+		failed[mode] = id
+		_, err := createAs(ctx, member, id, mode)
+		var e *client.Error
+		if !errors.As(err, &e) || e.Status != http.StatusServiceUnavailable || e.Code != api.CodeKeyManagerUnavailable {
+			t.Fatalf("create (%s) with Barbican down: %v, want 503 %s", mode, err, api.CodeKeyManagerUnavailable)
+		}
+		if _, err := d.c.Get(ctx, id); !client.IsNotFound(err) {
+			t.Fatalf("the failed create left a record: %v", err)
+		}
+	}
+	if v := d.record(t, running); v.Phase != store.PhaseActive || v.PID != pid || pid == 0 || syscall.Kill(pid, 0) != nil {
+		t.Fatalf("the running vTPM with Barbican down: phase %s, swtpm pid %d (was %d)", v.Phase, v.PID, pid)
+	}
+	d.cloud.startBarbican(t)
+
+	after := uuid.NewString()
+	if _, err := createAs(ctx, member, after, "deployment"); err != nil {
+		t.Fatal(err)
+	}
+	d.wait(t, after, "active")
+	for _, probe := range []struct{ cloud, mode string }{{"vtpmd", "deployment"}, {"vtpmd-a", "user"}} {
+		if n := secretsNamed(t, d.cloud.Barbican, osToken(t, probe.cloud), failed[probe.mode]); n != 0 {
+			t.Errorf("%d secrets of the failed %s create are in Barbican", n, probe.mode)
+		}
+	}
+}
+
+// secretsNamed counts the secrets of the token's project in Barbican named
+// for instance id.
+func secretsNamed(t testing.TB, barbicanURL, token, id string) int {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodGet, barbicanURL+"/v1/secrets?"+url.Values{"name": {keyring.VTPMSecretName(id)}}.Encode(), nil)
+	req.Header.Set("X-Auth-Token", token)
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	var page struct {
+		Total int `json:"total"`
+	}
+	if err := json.NewDecoder(res.Body).Decode(&page); err != nil || res.StatusCode != http.StatusOK {
+		t.Fatalf("listing secrets by name: %d %v", res.StatusCode, err)
+	}
+	return page.Total
+}
