@@ -66,8 +66,8 @@ type Agent struct {
 	// secret of a vTPM whose owner holds it is given to the host once, at
 	// its owner's request.
 	secrets map[string]heldSecret
-	locks    keyedMutex
-	queue    queue
+	locks   keyedMutex
+	queue   queue
 }
 
 func (a *Agent) init() {

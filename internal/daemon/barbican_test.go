@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"os"
 	"strings"
 	"syscall"
 	"testing"
@@ -29,7 +30,14 @@ type barbicanDaemon struct {
 func startBarbicanDaemon(t testing.TB, keyManager string) *barbicanDaemon {
 	t.Helper()
 	cloud := osUp(t)
-	cfg := Config{DataDir: t.TempDir(), Listen: "127.0.0.1:0", HostName: "test-host", KeyManager: keyManager,
+	// A short data dir: swtpm's unix sockets live in it, and a benchmark's
+	// t.TempDir() is too long for their paths.
+	dir, err := os.MkdirTemp("", "vb-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	cfg := Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "test-host", KeyManager: keyManager,
 		BarbicanURL: cloud.Barbican, Auth: "keystone", KeystoneURL: cloud.Keystone, KeystoneCredentialsFile: serviceCredentials(t, cloud)}
 	return &barbicanDaemon{daemonUnderTest: startConfigured(t, cfg), cloud: cloud}
 }
@@ -221,4 +229,38 @@ func secretsNamed(t testing.TB, barbicanURL, token, id string) int {
 		t.Fatalf("listing secrets by name: %d %v", res.StatusCode, err)
 	}
 	return page.Total
+}
+
+// BenchmarkCreateActive: a tenant's create until the vTPM is active (its
+// TPM manufactured on demand, no pool), with Barbican and with the
+// embedded key manager, both behind Keystone authentication; for the
+// Barbican deployment and user modes (user: the secret staged for the
+// agent too).
+func BenchmarkCreateActive(b *testing.B) {
+	for _, km := range []struct{ name, keyManager, mode string }{
+		{"embedded", "embedded", "deployment"},
+		{"barbican-deployment", "barbican", "deployment"},
+		{"barbican-user", "barbican", "user"},
+	} {
+		b.Run(km.name, func(b *testing.B) {
+			ctx := context.Background()
+			d := startBarbicanDaemon(b, km.keyManager)
+			member := d.as(b, "vtpmd-a")
+			var ids []string
+			for b.Loop() {
+				id := uuid.NewString()
+				ids = append(ids, id)
+				if _, err := createAs(ctx, member, id, km.mode); err != nil {
+					b.Fatal(err)
+				}
+				d.wait(b, id, "active")
+			}
+			b.StopTimer()
+			for _, id := range ids {
+				if _, err := member.Delete(ctx, id); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
 }

@@ -86,7 +86,7 @@ type Keyring struct {
 	cfg  Config
 	base string // URL + "/v1/secrets"
 
-	mu   sync.Mutex
+	mu     sync.Mutex
 	userID string // the service user's ID, once known
 }
 
