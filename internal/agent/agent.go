@@ -66,6 +66,11 @@ type Agent struct {
 	// secret of a vTPM whose owner holds it is given to the host once, at
 	// its owner's request.
 	secrets map[string]heldSecret
+	// ownerHeld are the secret security modes whose secrets the control
+	// plane keeps under their owners (Barbican: user, host), learnt from
+	// a refused rekey: vTPMs of those modes take no pooled TPM, whose
+	// secret only the owner could store.
+	ownerHeld map[spec.SecretSecurity]bool
 	locks   keyedMutex
 	queue   queue
 }
@@ -478,7 +483,10 @@ func (a *Agent) forget(id string) {
 // next pass takes another pooled TPM (shredding that secret) or
 // manufactures one with it.
 func (a *Agent) fromPool(ctx context.Context, pool Pool, v *Record) error {
-	if pool.Adopted(v.InstanceID) {
+	a.mu.Lock()
+	skip := a.ownerHeld[v.Spec.SecretSecurity]
+	a.mu.Unlock()
+	if skip || pool.Adopted(v.InstanceID) {
 		return nil
 	}
 	secret, adopt, discard, ok := pool.Claim(v.Spec.Version)
@@ -488,7 +496,15 @@ func (a *Agent) fromPool(ctx context.Context, pool Pool, v *Record) error {
 	if err := a.Records.Rekey(ctx, v, secret, Event{Actor: a.actor(), Action: "adopted a pre-manufactured TPM"}); err != nil {
 		discard()
 		if errors.Is(err, ErrNeedsOwner) {
-			return nil // its owner holds its secret: manufactured with that one
+			// Its owner holds its secret: manufactured with that one, as
+			// are the next vTPMs of its mode.
+			a.mu.Lock()
+			if a.ownerHeld == nil {
+				a.ownerHeld = map[spec.SecretSecurity]bool{}
+			}
+			a.ownerHeld[v.Spec.SecretSecurity] = true
+			a.mu.Unlock()
+			return nil
 		}
 		return err
 	}

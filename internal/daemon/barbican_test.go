@@ -25,9 +25,11 @@ import (
 type barbicanDaemon struct {
 	*daemonUnderTest
 	cloud *osCloud
+	dir   string
 }
 
-func startBarbicanDaemon(t testing.TB, keyManager string) *barbicanDaemon {
+// startBarbicanDaemon starts one with a pool of pool TPMs.
+func startBarbicanDaemon(t testing.TB, keyManager string, pool int) *barbicanDaemon {
 	t.Helper()
 	cloud := osUp(t)
 	// A short data dir: swtpm's unix sockets live in it, and a benchmark's
@@ -38,8 +40,8 @@ func startBarbicanDaemon(t testing.TB, keyManager string) *barbicanDaemon {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	cfg := Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "test-host", KeyManager: keyManager,
-		BarbicanURL: cloud.Barbican, Auth: "keystone", KeystoneURL: cloud.Keystone, KeystoneCredentialsFile: serviceCredentials(t, cloud)}
-	return &barbicanDaemon{daemonUnderTest: startConfigured(t, cfg), cloud: cloud}
+		PoolSize: &pool, BarbicanURL: cloud.Barbican, Auth: "keystone", KeystoneURL: cloud.Keystone, KeystoneCredentialsFile: serviceCredentials(t, cloud)}
+	return &barbicanDaemon{daemonUnderTest: startConfigured(t, cfg), cloud: cloud, dir: dir}
 }
 
 // as is a client of the network API that authenticates with cloud's token.
@@ -56,6 +58,22 @@ func (d *barbicanDaemon) record(t testing.TB, id string) *store.VTPM {
 		t.Fatal(err)
 	}
 	return v
+}
+
+// adoptedFromPool says a vTPM's events record a pooled TPM.
+func (d *barbicanDaemon) adoptedFromPool(t testing.TB, id string) bool {
+	t.Helper()
+	v := d.record(t, id)
+	var evs []store.Event
+	if err := d.d.store.View(context.Background(), func(tx *store.Tx) (err error) { evs, err = tx.ListEvents(id, v.Incarnation); return err }); err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range evs {
+		if e.Action == "adopted a pre-manufactured TPM" {
+			return true
+		}
+	}
+	return false
 }
 
 // secretOf is the key-manager secret a vTPM's record names.
@@ -106,10 +124,12 @@ func createAs(ctx context.Context, c *client.Client, id, mode string) (api.VTPM,
 // delete, owned as the mode says (deployment: vtpmd's service user;
 // user: the creating project, read by no one else, vtpmd included). A user
 // vTPM starts only at its owner's request: the operator's is refused with
-// secret_needs_owner.
+// secret_needs_owner. With a pool, a deployment vTPM takes a pooled TPM
+// (its secret stored in Barbican as the service); a user or host vTPM is
+// manufactured with the secret its owner's create staged.
 func TestBarbicanSecrets(t *testing.T) {
 	ctx := context.Background()
-	d := startBarbicanDaemon(t, "barbican")
+	d := startBarbicanDaemon(t, "barbican", 2)
 	member := d.as(t, "vtpmd-a")
 	memberTok, otherTok, serviceTok := osToken(t, "vtpmd-a"), osToken(t, "vtpmd-b"), osToken(t, "vtpmd")
 
@@ -121,11 +141,15 @@ func TestBarbicanSecrets(t *testing.T) {
 		{"host", memberTok, otherTok},
 	} {
 		t.Run(tc.mode, func(t *testing.T) {
+			waitPool(t, d.dir, 1)
 			id := uuid.NewString()
 			if _, err := createAs(ctx, member, id, tc.mode); err != nil {
 				t.Fatal(err)
 			}
 			d.wait(t, id, "active")
+			if pooled := d.adoptedFromPool(t, id); pooled != (tc.mode == "deployment") {
+				t.Errorf("a %s vTPM took a pooled TPM: %v", tc.mode, pooled)
+			}
 			secret := d.secretOf(t, id)
 			status, payload := castellanGet(t, d.cloud.Barbican, tc.owner, secret)
 			if status != http.StatusOK || len(payload) != 512 {
@@ -171,7 +195,7 @@ func TestBarbicanSecrets(t *testing.T) {
 // secret in Barbican, in the service's project or the owner's.
 func TestBarbicanOutage(t *testing.T) {
 	ctx := context.Background()
-	d := startBarbicanDaemon(t, "barbican")
+	d := startBarbicanDaemon(t, "barbican", 0)
 	member := d.as(t, "vtpmd-a")
 	running := uuid.NewString()
 	if _, err := createAs(ctx, member, running, "deployment"); err != nil {
@@ -244,7 +268,7 @@ func BenchmarkCreateActive(b *testing.B) {
 	} {
 		b.Run(km.name, func(b *testing.B) {
 			ctx := context.Background()
-			d := startBarbicanDaemon(b, km.keyManager)
+			d := startBarbicanDaemon(b, km.keyManager, 0)
 			member := d.as(b, "vtpmd-a")
 			var ids []string
 			for b.Loop() {
