@@ -71,8 +71,8 @@ type Agent struct {
 	// a refused rekey: vTPMs of those modes take no pooled TPM, whose
 	// secret only the owner could store.
 	ownerHeld map[spec.SecretSecurity]bool
-	locks   keyedMutex
-	queue   queue
+	locks     keyedMutex
+	queue     queue
 }
 
 func (a *Agent) init() {

@@ -5,12 +5,14 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/url"
 	"os"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/google/uuid"
 
@@ -58,6 +60,16 @@ func (d *barbicanDaemon) record(t testing.TB, id string) *store.VTPM {
 		t.Fatal(err)
 	}
 	return v
+}
+
+// keyManager is the daemon's Barbican key manager.
+func (d *barbicanDaemon) keyManager(t testing.TB) keyring.Keyring {
+	t.Helper()
+	km, err := keyManager(context.Background(), d.d.cfg, nil, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return km
 }
 
 // adoptedFromPool says a vTPM's events record a pooled TPM.
@@ -286,5 +298,66 @@ func BenchmarkCreateActive(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// TestBarbicanOrphans: a create that loses its instance to another leaves
+// no secret in Barbican (its own is deleted again, as the service's or the
+// owner's); a deployment secret no record names (a create killed between
+// Barbican and the store) is reclaimed by name and owner.
+func TestBarbicanOrphans(t *testing.T) {
+	ctx := context.Background()
+	d := startBarbicanDaemon(t, "barbican", 0)
+	member := d.as(t, "vtpmd-a")
+	for _, tc := range []struct{ mode, cloud string }{{"deployment", "vtpmd"}, {"user", "vtpmd-a"}} {
+		id := uuid.NewString()
+		errs := make(chan error, 2)
+		for range 2 {
+			go func() { _, err := createAs(ctx, member, id, tc.mode); errs <- err }()
+		}
+		var made int
+		for range 2 {
+			err := <-errs
+			switch {
+			case err == nil:
+				made++
+			case client.ErrorCode(err) != api.CodeAlreadyExists:
+				t.Fatalf("a racing create (%s): %v", tc.mode, err)
+			}
+		}
+		if made != 1 {
+			t.Fatalf("%d of two racing creates (%s) succeeded", made, tc.mode)
+		}
+		d.wait(t, id, "active")
+		if n := secretsNamed(t, d.cloud.Barbican, osToken(t, tc.cloud), id); n != 1 {
+			t.Errorf("%d secrets of the %s vTPM in Barbican, want 1", n, tc.mode)
+		}
+		if _, err := member.Delete(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+		d.waitGone(t, id)
+	}
+
+	km := d.keyManager(t)
+	orphanOf := uuid.NewString()
+	orphan, err := km.Create(ctx, "p1", keyring.VTPMSecretName(orphanOf), []byte("left by a crash"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept := uuid.NewString()
+	if _, err := createAs(ctx, member, kept, "deployment"); err != nil {
+		t.Fatal(err)
+	}
+	d.wait(t, kept, "active")
+	// Older than a few seconds: no other test's secret in flight is.
+	time.Sleep(3 * time.Second)
+	if err := reclaimSecrets(ctx, d.d.store, km, 2*time.Second, slog.New(slog.DiscardHandler)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := km.Get(ctx, orphan); !errors.Is(err, keyring.ErrNotFound) {
+		t.Fatalf("the orphan after the reclaim: %v", err)
+	}
+	if _, err := km.Get(ctx, d.secretOf(t, kept)); err != nil {
+		t.Fatalf("a vTPM's secret after the reclaim: %v", err)
 	}
 }
