@@ -201,6 +201,44 @@ func TestBarbicanSecrets(t *testing.T) {
 	}
 }
 
+// TestBarbicanOperatorDelete: the operator deletes a user vTPM, which
+// goes; its secret stays in the owner's project (vtpmd cannot shred it),
+// and the vTPM's last event says so.
+func TestBarbicanOperatorDelete(t *testing.T) {
+	ctx := context.Background()
+	d := startBarbicanDaemon(t, "barbican", 0)
+	member := d.as(t, "vtpmd-a")
+	id := uuid.NewString()
+	if _, err := createAs(ctx, member, id, "user"); err != nil {
+		t.Fatal(err)
+	}
+	d.wait(t, id, "active")
+	secret := d.secretOf(t, id)
+	if _, err := d.c.Delete(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	d.waitGone(t, id)
+	memberTok := osToken(t, "vtpmd-a")
+	if status, _ := castellanGet(t, d.cloud.Barbican, memberTok, secret); status != http.StatusOK {
+		t.Fatalf("the owner's secret after the operator's delete: %d, want 200 (kept)", status)
+	}
+	var evs []store.Event
+	if err := d.d.store.View(ctx, func(tx *store.Tx) (err error) { evs, err = tx.ListAllEvents(id); return err }); err != nil {
+		t.Fatal(err)
+	}
+	said := false
+	for _, e := range evs {
+		said = said || strings.Contains(e.Detail, "stays in project")
+	}
+	if !said {
+		t.Errorf("no event says the secret stayed: %+v", evs)
+	}
+	km := d.keyManager(t)
+	if err := km.Delete(keyring.WithToken(ctx, memberTok), secret); err != nil {
+		t.Fatalf("the owner's delete of its secret: %v", err)
+	}
+}
+
 // TestBarbicanOutage: with Barbican stopped, creates fail with 503
 // key_manager_unavailable and leave no record, running vTPMs keep running;
 // once it is back, creates work again and the failed creates left no
