@@ -9,16 +9,19 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/google/uuid"
+	"go.yaml.in/yaml/v3"
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/ostest"
 	"github.com/vtpmd/vtpmd/internal/store"
 )
 
@@ -26,14 +29,20 @@ import (
 // Barbican as its key manager (or the embedded one, for comparison).
 type barbicanDaemon struct {
 	*daemonUnderTest
-	cloud *osCloud
-	dir   string
+	os  ostest.Env
+	dir string
 }
 
-// startBarbicanDaemon starts one with a pool of pool TPMs.
+// startBarbicanDaemon starts one with a pool of pool TPMs, its service
+// user the vtpmd cloud's.
 func startBarbicanDaemon(t testing.TB, keyManager string, pool int) *barbicanDaemon {
+	return startBarbicanDaemonAs(t, keyManager, pool, "vtpmd")
+}
+
+// startBarbicanDaemonAs starts one whose service user is service's.
+func startBarbicanDaemonAs(t testing.TB, keyManager string, pool int, service string) *barbicanDaemon {
 	t.Helper()
-	cloud := osUp(t)
+	env := ostest.Up(t)
 	// A short data dir: swtpm's unix sockets live in it, and a benchmark's
 	// t.TempDir() is too long for their paths.
 	dir, err := os.MkdirTemp("", "vb-")
@@ -42,13 +51,32 @@ func startBarbicanDaemon(t testing.TB, keyManager string, pool int) *barbicanDae
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	cfg := Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "test-host", KeyManager: keyManager,
-		PoolSize: &pool, BarbicanURL: cloud.Barbican, Auth: "keystone", KeystoneURL: cloud.Keystone, KeystoneCredentialsFile: serviceCredentials(t, cloud)}
-	return &barbicanDaemon{daemonUnderTest: startConfigured(t, cfg), cloud: cloud, dir: dir}
+		PoolSize: &pool, Auth: "keystone", KeystoneURL: env.KeystoneURL, KeystoneCredentialsFile: serviceCredentials(t, env.Cloud(service))}
+	return &barbicanDaemon{daemonUnderTest: startConfigured(t, cfg), os: env, dir: dir}
+}
+
+// token is a new token of cloud's user.
+func (d *barbicanDaemon) token(t testing.TB, cloud string) string {
+	return ostest.Token(t, d.os.Cloud(cloud))
+}
+
+// serviceCredentials writes c as vtpmd's service credentials file.
+func serviceCredentials(t testing.TB, c ostest.Cloud) string {
+	t.Helper()
+	out, err := yaml.Marshal(map[string]any{"auth": c, "region_name": "RegionOne"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "keystone.yaml")
+	if err := os.WriteFile(path, out, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
 }
 
 // as is a client of the network API that authenticates with cloud's token.
 func (d *barbicanDaemon) as(t testing.TB, cloud string) *client.Client {
-	tok := osToken(t, cloud)
+	tok := d.token(t, cloud)
 	return client.New(d.d.URL, "").WithIdentity(func(context.Context) (string, error) { return tok, nil })
 }
 
@@ -143,7 +171,7 @@ func TestBarbicanSecrets(t *testing.T) {
 	ctx := context.Background()
 	d := startBarbicanDaemon(t, "barbican", 2)
 	member := d.as(t, "vtpmd-a")
-	memberTok, otherTok, serviceTok := osToken(t, "vtpmd-a"), osToken(t, "vtpmd-b"), osToken(t, "vtpmd")
+	memberTok, otherTok, serviceTok := d.token(t, "vtpmd-a"), d.token(t, "vtpmd-b"), d.token(t, "vtpmd")
 
 	for _, tc := range []struct {
 		mode, owner, stranger string
@@ -163,11 +191,11 @@ func TestBarbicanSecrets(t *testing.T) {
 				t.Errorf("a %s vTPM took a pooled TPM: %v", tc.mode, pooled)
 			}
 			secret := d.secretOf(t, id)
-			status, payload := castellanGet(t, d.cloud.Barbican, tc.owner, secret)
+			status, payload := castellanGet(t, d.os.BarbicanURL, tc.owner, secret)
 			if status != http.StatusOK || len(payload) != 512 {
 				t.Fatalf("castellan's read as the owner: %d, %d bytes; want 200, 512", status, len(payload))
 			}
-			if status, _ := castellanGet(t, d.cloud.Barbican, tc.stranger, secret); status != http.StatusForbidden {
+			if status, _ := castellanGet(t, d.os.BarbicanURL, tc.stranger, secret); status != http.StatusForbidden {
 				t.Fatalf("castellan's read as another project: %d, want 403", status)
 			}
 
@@ -194,7 +222,7 @@ func TestBarbicanSecrets(t *testing.T) {
 				t.Fatal(err)
 			}
 			d.waitGone(t, id)
-			if status, _ := castellanGet(t, d.cloud.Barbican, tc.owner, secret); status != http.StatusNotFound {
+			if status, _ := castellanGet(t, d.os.BarbicanURL, tc.owner, secret); status != http.StatusNotFound {
 				t.Fatalf("the secret after the delete: %d, want 404", status)
 			}
 		})
@@ -218,8 +246,8 @@ func TestBarbicanOperatorDelete(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.waitGone(t, id)
-	memberTok := osToken(t, "vtpmd-a")
-	if status, _ := castellanGet(t, d.cloud.Barbican, memberTok, secret); status != http.StatusOK {
+	memberTok := d.token(t, "vtpmd-a")
+	if status, _ := castellanGet(t, d.os.BarbicanURL, memberTok, secret); status != http.StatusOK {
 		t.Fatalf("the owner's secret after the operator's delete: %d, want 200 (kept)", status)
 	}
 	var evs []store.Event
@@ -254,7 +282,7 @@ func TestBarbicanOutage(t *testing.T) {
 	d.wait(t, running, "active")
 	pid := d.record(t, running).PID
 
-	d.cloud.stopBarbican(t)
+	ostest.StopBarbican(t)
 	failed := map[string]string{}
 	for _, mode := range []string{"deployment", "user"} {
 		id := uuid.NewString()
@@ -271,7 +299,7 @@ func TestBarbicanOutage(t *testing.T) {
 	if v := d.record(t, running); v.Phase != store.PhaseActive || v.PID != pid || pid == 0 || syscall.Kill(pid, 0) != nil {
 		t.Fatalf("the running vTPM with Barbican down: phase %s, swtpm pid %d (was %d)", v.Phase, v.PID, pid)
 	}
-	d.cloud.startBarbican(t)
+	ostest.StartBarbican(t)
 
 	after := uuid.NewString()
 	if _, err := createAs(ctx, member, after, "deployment"); err != nil {
@@ -279,7 +307,7 @@ func TestBarbicanOutage(t *testing.T) {
 	}
 	d.wait(t, after, "active")
 	for _, probe := range []struct{ cloud, mode string }{{"vtpmd", "deployment"}, {"vtpmd-a", "user"}} {
-		if n := secretsNamed(t, d.cloud.Barbican, osToken(t, probe.cloud), failed[probe.mode]); n != 0 {
+		if n := secretsNamed(t, d.os.BarbicanURL, d.token(t, probe.cloud), failed[probe.mode]); n != 0 {
 			t.Errorf("%d secrets of the failed %s create are in Barbican", n, probe.mode)
 		}
 	}
@@ -343,11 +371,15 @@ func BenchmarkCreateActive(b *testing.B) {
 // no secret in Barbican (its own is deleted again, as the service's or the
 // owner's); a deployment secret no record names (a create killed between
 // Barbican and the store) is reclaimed by name and owner.
+//
+// Its daemon's service user is the admin cloud's, not vtpmd's: the reclaim
+// deletes every secret its service user made that its store does not
+// name, and other test binaries keep theirs as vtpmd meanwhile.
 func TestBarbicanOrphans(t *testing.T) {
 	ctx := context.Background()
-	d := startBarbicanDaemon(t, "barbican", 0)
+	d := startBarbicanDaemonAs(t, "barbican", 0, "admin")
 	member := d.as(t, "vtpmd-a")
-	for _, tc := range []struct{ mode, cloud string }{{"deployment", "vtpmd"}, {"user", "vtpmd-a"}} {
+	for _, tc := range []struct{ mode, cloud string }{{"deployment", "admin"}, {"user", "vtpmd-a"}} {
 		id := uuid.NewString()
 		errs := make(chan error, 2)
 		for range 2 {
@@ -367,7 +399,7 @@ func TestBarbicanOrphans(t *testing.T) {
 			t.Fatalf("%d of two racing creates (%s) succeeded", made, tc.mode)
 		}
 		d.wait(t, id, "active")
-		if n := secretsNamed(t, d.cloud.Barbican, osToken(t, tc.cloud), id); n != 1 {
+		if n := secretsNamed(t, d.os.BarbicanURL, d.token(t, tc.cloud), id); n != 1 {
 			t.Errorf("%d secrets of the %s vTPM in Barbican, want 1", n, tc.mode)
 		}
 		if _, err := member.Delete(ctx, id); err != nil {

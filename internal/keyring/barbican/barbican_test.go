@@ -7,8 +7,11 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"net"
 	"net/http"
+	"net/url"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -17,21 +20,28 @@ import (
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/keyring/barbican"
 	"github.com/vtpmd/vtpmd/internal/keystone"
+	"github.com/vtpmd/vtpmd/internal/ostest"
 )
 
 // open returns a Keyring on the real Barbican, as vtpmd's service user.
-func open(t testing.TB) (*barbican.Keyring, *cloud) {
+func open(t testing.TB) (*barbican.Keyring, ostest.Env) {
 	t.Helper()
-	os := up(t)
-	creds, err := keystone.LoadCloud(os.Clouds, "vtpmd")
+	env := ostest.Up(t)
+	kr, err := barbican.New(barbican.Config{URL: env.BarbicanURL, Service: service(t, env)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	kr, err := barbican.New(barbican.Config{URL: os.Barbican, Service: keystone.NewSession(creds, nil)})
+	return kr, env
+}
+
+// service is vtpmd's service user's Keystone session.
+func service(t testing.TB, env ostest.Env) *keystone.Session {
+	t.Helper()
+	creds, err := keystone.LoadCloud(env.CloudsFile, "vtpmd")
 	if err != nil {
 		t.Fatal(err)
 	}
-	return kr, os
+	return keystone.NewSession(creds, nil)
 }
 
 // castellanGet reads a secret exactly as castellan's BarbicanKeyManager
@@ -99,10 +109,10 @@ func novaStore(t *testing.T, base, token, instance string, passphrase []byte) st
 // Nova's call stores; delete shreds it.
 func TestNovaShape(t *testing.T) {
 	ctx := context.Background()
-	kr, cloud := open(t)
-	member := token(t, "vtpmd-a")
-	other := token(t, "vtpmd-b")
-	service := token(t, "vtpmd")
+	kr, env := open(t)
+	member := ostest.Token(t, env.Cloud("vtpmd-a"))
+	other := ostest.Token(t, env.Cloud("vtpmd-b"))
+	service := ostest.Token(t, env.Cloud("vtpmd"))
 
 	for _, tc := range []struct {
 		name, token, stranger string
@@ -121,10 +131,10 @@ func TestNovaShape(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if status, got := castellanGet(t, cloud.Barbican, tc.token, id); status != http.StatusOK || !bytes.Equal(got, passphrase) {
+			if status, got := castellanGet(t, env.BarbicanURL, tc.token, id); status != http.StatusOK || !bytes.Equal(got, passphrase) {
 				t.Fatalf("castellan's read of vtpmd's secret: %d, equal %v", status, bytes.Equal(got, passphrase))
 			}
-			if status, _ := castellanGet(t, cloud.Barbican, tc.stranger, id); status != http.StatusForbidden {
+			if status, _ := castellanGet(t, env.BarbicanURL, tc.stranger, id); status != http.StatusForbidden {
 				t.Fatalf("another project's read: %d, want 403", status)
 			}
 			if _, err := kr.Get(keyring.WithToken(ctx, tc.stranger), id); !errors.Is(err, keyring.ErrForbidden) {
@@ -135,7 +145,7 @@ func TestNovaShape(t *testing.T) {
 				t.Fatalf("Get = %v, %v", s, err)
 			}
 
-			novas := novaStore(t, cloud.Barbican, tc.token, instance, passphrase)
+			novas := novaStore(t, env.BarbicanURL, tc.token, instance, passphrase)
 			if s, err := kr.Get(tc.ctx, novas); err != nil || !bytes.Equal(s.Payload, passphrase) {
 				t.Fatalf("vtpmd's read of Nova's secret: %v, %v", s, err)
 			}
@@ -158,13 +168,13 @@ func TestNovaShape(t *testing.T) {
 // its project, and nothing a member stored in theirs.
 func TestList(t *testing.T) {
 	ctx := context.Background()
-	kr, _ := open(t)
+	kr, env := open(t)
 	mine, err := kr.Create(ctx, "p", keyring.VTPMSecretName(uuid.NewString()), []byte("x"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer kr.Delete(ctx, mine)
-	asMember := keyring.WithToken(ctx, token(t, "vtpmd-a"))
+	asMember := keyring.WithToken(ctx, ostest.Token(t, env.Cloud("vtpmd-a")))
 	theirs, err := kr.Create(asMember, "p", keyring.VTPMSecretName(uuid.NewString()), []byte("y"))
 	if err != nil {
 		t.Fatal(err)
@@ -187,12 +197,8 @@ func TestList(t *testing.T) {
 // with ErrUnavailable within the budget, after retries.
 func TestUnavailable(t *testing.T) {
 	ctx := context.Background()
-	_, cloud := open(t)
-	creds, err := keystone.LoadCloud(cloud.Clouds, "vtpmd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	kr, err := barbican.New(barbican.Config{URL: "http://127.0.0.1:1", Service: keystone.NewSession(creds, nil), Budget: time.Second})
+	env := ostest.Up(t)
+	kr, err := barbican.New(barbican.Config{URL: "http://127.0.0.1:1", Service: service(t, env), Budget: time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -204,21 +210,71 @@ func TestUnavailable(t *testing.T) {
 	}
 }
 
-// TEMPORARY until internal/ostest lands: the script's state.
-type cloud struct{ Clouds, Barbican string }
-
-func up(t testing.TB) *cloud {
-	return &cloud{Clouds: "/var/lib/vtpmd-openstack/keystone/clouds.yaml", Barbican: "http://127.0.0.1:9311"}
-}
-
-func token(t testing.TB, name string) string {
-	c, err := keystone.LoadCloud("/var/lib/vtpmd-openstack/keystone/clouds.yaml", name)
+// TestLostAnswer: a store whose answer is lost (Barbican made the secret,
+// the connection broke before its 201 came back) is retried, and the
+// secret the first attempt made is found by name and deleted: one secret
+// is left.
+func TestLostAnswer(t *testing.T) {
+	ctx := context.Background()
+	env := ostest.Up(t)
+	target := strings.TrimPrefix(env.BarbicanURL, "http://")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	tok, err := keystone.NewSession(c, nil).Token(context.Background())
+	defer ln.Close()
+	var conns atomic.Int32
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				u, err := net.Dial("tcp", target)
+				if err != nil {
+					return
+				}
+				defer u.Close()
+				go io.Copy(u, c)
+				if conns.Add(1) == 1 {
+					io.Copy(io.Discard, u) // Barbican answers; the answer is lost
+					return
+				}
+				io.Copy(c, u)
+			}()
+		}
+	}()
+	kr, err := barbican.New(barbican.Config{URL: "http://" + ln.Addr().String(), Service: service(t, env)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return tok
+	name := keyring.VTPMSecretName(uuid.NewString())
+	id, err := kr.Create(ctx, "p", name, []byte("made twice"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer kr.Delete(ctx, id)
+	if conns.Load() < 2 {
+		t.Fatalf("the store was not retried (%d connections)", conns.Load())
+	}
+	req, _ := http.NewRequest(http.MethodGet, env.BarbicanURL+"/v1/secrets?"+url.Values{"name": {name}}.Encode(), nil)
+	req.Header.Set("X-Auth-Token", ostest.Token(t, env.Cloud("vtpmd")))
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	var page struct {
+		Secrets []struct {
+			Ref string `json:"secret_ref"`
+		} `json:"secrets"`
+	}
+	if err := json.NewDecoder(res.Body).Decode(&page); err != nil {
+		t.Fatal(err)
+	}
+	if len(page.Secrets) != 1 || !strings.HasSuffix(page.Secrets[0].Ref, "/"+id) {
+		t.Fatalf("secrets named %q: %+v, want only %s", name, page.Secrets, id)
+	}
 }
