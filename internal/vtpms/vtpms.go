@@ -245,9 +245,13 @@ func (s *Service) Create(ctx context.Context, c tenant.Caller, req api.CreateVTP
 	return v, nil
 }
 
-// stage keeps v's secret payload for its host's agent (OwnerHeld).
+// stage keeps v's secret payload for its host's agent (OwnerHeld), and
+// deletes staged secrets that expired.
 func (s *Service) stage(tx *store.Tx, v *store.VTPM, payload []byte) error {
 	now := s.cfg.Now()
+	if _, err := tx.DropExpiredStaged(now); err != nil {
+		return err
+	}
 	return s.cfg.Staging.Stage(tx, keyring.Secret{ID: v.SecretID, Project: v.Project, Payload: payload, Created: now}, now.Add(s.cfg.StageFor))
 }
 
@@ -400,6 +404,9 @@ func (s *Service) Delete(ctx context.Context, c tenant.Caller, id string) (v *st
 			detail := ""
 			if left != "" {
 				detail = "its secret " + left + " stays in project " + v.Project + "'s key manager: only that project can delete it"
+			}
+			if err := tx.DropStaged(v.SecretID); err != nil {
+				return err
 			}
 			if gone {
 				return deleteRecord(tx, v.InstanceID, store.Event{Actor: c.Actor, InstanceID: id, Action: "deleted",
