@@ -67,6 +67,17 @@ const (
 	// connections); the request was not carried out, and may be repeated
 	// as it is. Any route that reads or writes the store answers so.
 	CodeStoreUnavailable Code = "store_unavailable"
+	// CodeKeyManagerUnavailable (503, with Retry-After): the key manager
+	// (Barbican) did not answer, or answered that it cannot serve now,
+	// after the server's retries; nothing was carried out (no vTPM was
+	// recorded without its secret), and the request may be repeated.
+	CodeKeyManagerUnavailable Code = "key_manager_unavailable"
+	// CodeSecretNeedsOwner (403): the vTPM's secret security is user or
+	// host and its secret is kept in its owner's project in the key
+	// manager (Barbican): only a request with a token of that project can
+	// create, start or delete-and-shred it, as with Nova. In a vTPM's
+	// reason: its host cannot start it until its owner starts it.
+	CodeSecretNeedsOwner Code = "secret_needs_owner"
 	// CodeInternal (500): a fault of the server, which logs it; the
 	// message says nothing more.
 	CodeInternal Code = "internal"

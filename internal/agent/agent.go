@@ -60,8 +60,20 @@ type Agent struct {
 	// instance id.
 	held     map[string]*Record
 	revision int64 // of held, as the control plane counts
-	locks    keyedMutex
-	queue    queue
+	// secrets are the secrets the agent read, by instance id, kept while
+	// the vTPM runs (secret security host: while it is on the host), as
+	// swtpm keeps them in memory: a pass over a running vTPM does not
+	// read the key manager again (Barbican may be far, or down), and the
+	// secret of a vTPM whose owner holds it is given to the host once, at
+	// its owner's request.
+	secrets map[string]heldSecret
+	// ownerHeld are the secret security modes whose secrets the control
+	// plane keeps under their owners (Barbican: user, host), learnt from
+	// a refused rekey: vTPMs of those modes take no pooled TPM, whose
+	// secret only the owner could store.
+	ownerHeld map[spec.SecretSecurity]bool
+	locks     keyedMutex
+	queue     queue
 }
 
 func (a *Agent) init() {
@@ -291,6 +303,11 @@ func (a *Agent) apply(ch *Changes) []string {
 			delete(a.held, g.InstanceID)
 		}
 	}
+	for id := range a.secrets {
+		if a.held[id] == nil {
+			a.forget(id)
+		}
+	}
 	for _, r := range ch.Records {
 		if cur := a.held[r.InstanceID]; cur == nil || cur.Incarnation != r.Incarnation || r.Generation > cur.Generation {
 			a.held[r.InstanceID] = r
@@ -391,6 +408,11 @@ func (a *Agent) step(ctx context.Context, v *Record) error {
 	case DesiredDeleted:
 		return a.destroy(ctx, v)
 	case DesiredStopped:
+		if v.Spec.SecretSecurity != spec.HostMode {
+			a.mu.Lock()
+			a.forget(v.InstanceID) // read again at the next start (a user vTPM's: at its owner's)
+			a.mu.Unlock()
+		}
 		if v.Phase == PhaseStopped {
 			return nil
 		}
@@ -414,7 +436,13 @@ func (a *Agent) run(ctx context.Context, v *Record) error {
 			return a.fail(ctx, v, "taking a pre-manufactured TPM", err)
 		}
 	}
-	secret, err := a.Records.Secret(ctx, v)
+	secret, err := a.secret(ctx, v)
+	if err != nil && v.Phase == PhaseActive && a.pid(v.InstanceID) != 0 {
+		// It runs (its swtpm outlived an agent restart): left running,
+		// though the secret to start it again cannot be had now (the key
+		// manager is down; only its owner can give it).
+		return fmt.Errorf("reading the secret of running vTPM %s: %w", v.InstanceID, err)
+	}
 	if err != nil {
 		return a.fail(ctx, v, "reading the vTPM secret", err)
 	}
@@ -449,6 +477,39 @@ func (a *Agent) run(ctx context.Context, v *Record) error {
 	return a.setPhase(ctx, v, PhaseActive, "", action)
 }
 
+// heldSecret is a secret the agent keeps (Agent.owned).
+type heldSecret struct {
+	incarnation, id string
+	payload         []byte
+}
+
+// secret is the payload that keys v's state: the one the agent keeps,
+// else read from Records and kept.
+func (a *Agent) secret(ctx context.Context, v *Record) ([]byte, error) {
+	a.mu.Lock()
+	h, ok := a.secrets[v.InstanceID]
+	a.mu.Unlock()
+	if ok && h.incarnation == v.Incarnation && h.id == v.SecretID {
+		return h.payload, nil
+	}
+	secret, err := a.Records.Secret(ctx, v)
+	if err != nil {
+		return nil, err
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.secrets == nil {
+		a.secrets = map[string]heldSecret{}
+	}
+	a.secrets[v.InstanceID] = heldSecret{incarnation: v.Incarnation, id: v.SecretID, payload: secret}
+	return secret, nil
+}
+
+// forget drops the secret kept for id; a.mu held.
+func (a *Agent) forget(id string) {
+	delete(a.secrets, id) // not cleared: a step may be using it
+}
+
 // fromPool gives a vTPM not yet manufactured a pooled TPM: the record is
 // rekeyed with the pooled TPM's secret first, then the TPM is adopted, so
 // that the record always names the secret of the state it has. A crash
@@ -456,7 +517,10 @@ func (a *Agent) run(ctx context.Context, v *Record) error {
 // next pass takes another pooled TPM (shredding that secret) or
 // manufactures one with it.
 func (a *Agent) fromPool(ctx context.Context, pool Pool, v *Record) error {
-	if pool.Adopted(v.InstanceID) {
+	a.mu.Lock()
+	skip := a.ownerHeld[v.Spec.SecretSecurity]
+	a.mu.Unlock()
+	if skip || pool.Adopted(v.InstanceID) {
 		return nil
 	}
 	secret, adopt, discard, ok := pool.Claim(v.Spec.Version)
@@ -465,6 +529,17 @@ func (a *Agent) fromPool(ctx context.Context, pool Pool, v *Record) error {
 	}
 	if err := a.Records.Rekey(ctx, v, secret, Event{Actor: a.actor(), Action: "adopted a pre-manufactured TPM"}); err != nil {
 		discard()
+		if errors.Is(err, ErrNeedsOwner) {
+			// Its owner holds its secret: manufactured with that one, as
+			// are the next vTPMs of its mode.
+			a.mu.Lock()
+			if a.ownerHeld == nil {
+				a.ownerHeld = map[spec.SecretSecurity]bool{}
+			}
+			a.ownerHeld[v.Spec.SecretSecurity] = true
+			a.mu.Unlock()
+			return nil
+		}
 		return err
 	}
 	if err := adopt(ctx, v.InstanceID); err != nil {
@@ -483,6 +558,9 @@ func (a *Agent) destroy(ctx context.Context, v *Record) error {
 			return err
 		}
 	}
+	a.mu.Lock()
+	a.forget(v.InstanceID)
+	a.mu.Unlock()
 	if err := a.Backend.Destroy(ctx, v.VTPM()); err != nil {
 		return a.fail(ctx, v, "removing the vTPM state", err)
 	}

@@ -65,7 +65,7 @@ func newPooledHost(t *testing.T, root string, pool int) *host {
 		rt.Close(context.Background())
 		swtpmtest.CheckNoProcesses(t, root)
 	})
-	a := &agent.Agent{Host: "h1", Capacity: 10, Records: agentstore.New(st, kr, nil), Backend: direct.New(rt)}
+	a := &agent.Agent{Host: "h1", Capacity: 10, Records: agentstore.New(st, kr, nil, nil), Backend: direct.New(rt)}
 	h := &host{a: a, st: st, rt: rt, kr: kr}
 	if err := h.a.Register(ctx); err != nil {
 		t.Fatal(err)
@@ -83,7 +83,7 @@ func (h *host) create(t *testing.T, id string, v spec.Version) {
 	}
 	rec := &store.VTPM{InstanceID: id, Project: "p1", Spec: spec.Spec{Version: v, Model: spec.TIS}, Host: "h1",
 		Desired: store.DesiredRunning, Phase: store.PhasePending}
-	_, err = keyring.CreateRecorded(ctx, h.kr, "p1", payload, func(sid string) error {
+	_, err = keyring.CreateRecorded(ctx, h.kr, "p1", keyring.VTPMSecretName(id), payload, func(sid string) error {
 		rec.SecretID = sid
 		return h.st.Update(ctx, func(tx *store.Tx) error { return tx.CreateVTPM(rec) })
 	})

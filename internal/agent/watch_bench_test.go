@@ -39,7 +39,7 @@ func BenchmarkAgentWatch(b *testing.B) {
 				b.Fatal(err)
 			}
 			backend := &agenttest.RecordingBackend{}
-			records := &countingRecords{Records: agentstore.New(st, kr, nil)}
+			records := &countingRecords{Records: agentstore.New(st, kr, nil, nil)}
 			a := &agent.Agent{Host: "h1", Capacity: n, Records: records, Backend: backend, Interval: time.Hour}
 			if err := a.Register(ctx); err != nil {
 				b.Fatal(err)
@@ -90,7 +90,7 @@ func createVTPM(b testing.TB, st *store.Store, kr keyring.Keyring, id string) {
 	}
 	v := &store.VTPM{InstanceID: id, Project: "p1", Spec: spec.Spec{Version: spec.V20, Model: spec.TIS}, Host: "h1",
 		Desired: store.DesiredRunning, Phase: store.PhasePending}
-	_, err = keyring.CreateRecorded(ctx, kr, "p1", payload, func(sid string) error {
+	_, err = keyring.CreateRecorded(ctx, kr, "p1", keyring.VTPMSecretName(id), payload, func(sid string) error {
 		v.SecretID = sid
 		return st.Update(ctx, func(tx *store.Tx) error { return tx.CreateVTPM(v) })
 	})
@@ -187,7 +187,7 @@ func TestRunAfterReconcile(t *testing.T) {
 		t.Fatal(err)
 	}
 	backend := &agenttest.RecordingBackend{}
-	a := &agent.Agent{Host: "h1", Capacity: 10, Records: agentstore.New(st, kr, nil), Backend: backend, Interval: time.Hour}
+	a := &agent.Agent{Host: "h1", Capacity: 10, Records: agentstore.New(st, kr, nil, nil), Backend: backend, Interval: time.Hour}
 	if err := a.Register(ctx); err != nil {
 		t.Fatal(err)
 	}

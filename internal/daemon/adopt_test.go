@@ -126,20 +126,20 @@ func TestLibvirtAdopt(t *testing.T) {
 	kr := openKeyring(t, dir)
 
 	// Nova's vTPM: its secret in the key manager, its guest started once.
-	novaSecret := func(project string) (string, []byte) {
+	novaSecret := func(project, instance string) (string, []byte) {
 		t.Helper()
 		payload, err := keyring.NewVTPMSecret()
 		if err != nil {
 			t.Fatal(err)
 		}
-		id, err := kr.Create(ctx, project, payload)
+		id, err := kr.Create(ctx, project, keyring.VTPMSecretName(instance), payload)
 		if err != nil {
 			t.Fatal(err)
 		}
 		return id, payload
 	}
 	id := uuid.NewString()
-	sid, passphrase := novaSecret("nova-project")
+	sid, passphrase := novaSecret("nova-project", id)
 	dom := defineBareGuest(t, lv, id, "instance-"+id[:8], sid)
 	novaStart(t, lv, dom, id, sid, passphrase)
 	state := filepath.Join("/var/lib/libvirt/swtpm", id, "tpm2")
@@ -171,7 +171,7 @@ func TestLibvirtAdopt(t *testing.T) {
 	// A guest Nova defined but never started has no state yet; once its
 	// secret is gone from the key manager, that is what is refused.
 	unstarted := uuid.NewString()
-	usid, _ := novaSecret("nova-project")
+	usid, _ := novaSecret("nova-project", unstarted)
 	defineBareGuest(t, lv, unstarted, "instance-"+unstarted[:8], usid)
 	refused(unstarted, api.AdoptRequest{Domain: "instance-" + unstarted[:8]}, 409, api.CodeVTPMStateNotFound)
 	if err := kr.Delete(ctx, usid); err != nil {
@@ -181,7 +181,7 @@ func TestLibvirtAdopt(t *testing.T) {
 
 	// A state keyed with another passphrase than the key manager's.
 	wrong := uuid.NewString()
-	wsid, _ := novaSecret("nova-project")
+	wsid, _ := novaSecret("nova-project", wrong)
 	other, _ := keyring.NewVTPMSecret()
 	wdom := defineBareGuest(t, lv, wrong, "instance-"+wrong[:8], wsid)
 	novaStart(t, lv, wdom, wrong, wsid, other)

@@ -45,6 +45,15 @@ type Config struct {
 	// a deployment needs the same one (docs/deployment.md). Default
 	// <DataDir>/master.key, made at the first start on an empty store.
 	MasterKeyFile string `yaml:"master-key-file"`
+	// KeyManager keeps the vTPMs' and tenants' secrets: "embedded"
+	// (default: sealed under the master key in the store) or "barbican"
+	// (OpenStack's key manager, as Nova keeps them; needs
+	// KeystoneURL and KeystoneCredentialsFile). The deployment's own keys
+	// stay sealed under the master key either way.
+	KeyManager string `yaml:"key-manager"`
+	// BarbicanURL is Barbican's endpoint; "" takes the key-manager
+	// endpoint of the Keystone catalog, as the service user sees it.
+	BarbicanURL string `yaml:"barbican-url"`
 	// Listen is the API's network address. Default 127.0.0.1:8780. Callers
 	// on it are agents (tokens, TPM proofs) and, with ClientCA, tenants and
 	// the operator by certificate; never anyone unauthenticated. Any other
@@ -250,6 +259,9 @@ func (c *Config) Defaults() {
 	if c.APISocket == "" {
 		c.APISocket = filepath.Join(c.DataDir, "api.sock")
 	}
+	if c.KeyManager == "" {
+		c.KeyManager = "embedded"
+	}
 	if c.MasterKeyFile == "" {
 		c.MasterKeyFile = filepath.Join(c.DataDir, "master.key")
 	}
@@ -336,6 +348,21 @@ func (c *Config) Validate() error {
 	}
 	if !filepath.IsAbs(c.APISocket) {
 		errs = append(errs, fmt.Errorf("API socket %q must be an absolute path", c.APISocket))
+	}
+	switch c.KeyManager {
+	case "embedded":
+	case "barbican":
+		if u, err := url.Parse(c.KeystoneURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			errs = append(errs, fmt.Errorf("--key-manager barbican needs --keystone-url, Keystone's http(s):// identity URL (got %q)", c.KeystoneURL))
+		}
+		if c.KeystoneCredentialsFile == "" {
+			errs = append(errs, errors.New("--key-manager barbican needs --keystone-credentials-file, vtpmd's own service user"))
+		}
+		if u, err := url.Parse(c.BarbicanURL); c.BarbicanURL != "" && (err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "") {
+			errs = append(errs, fmt.Errorf("barbican url %q: want http(s)://host[:port]", c.BarbicanURL))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("key manager %q must be embedded or barbican", c.KeyManager))
 	}
 	if !filepath.IsAbs(c.MasterKeyFile) {
 		errs = append(errs, fmt.Errorf("master key file %q must be an absolute path", c.MasterKeyFile))

@@ -141,3 +141,29 @@ func TestConfigHeartbeats(t *testing.T) {
 		t.Errorf("a window shorter than the interval: %v", err)
 	}
 }
+
+// The key manager is embedded by default; Barbican needs Keystone's URL
+// and the service user's file (its token reaches Barbican), and a
+// Barbican URL, if given, must be one.
+func TestConfigKeyManager(t *testing.T) {
+	c := Config{DataDir: "/var/lib/vtpmd", HostName: "h"}
+	c.Defaults()
+	if err := c.Validate(); err != nil || c.KeyManager != "embedded" {
+		t.Fatalf("default key manager %q: %v", c.KeyManager, err)
+	}
+	c.KeyManager, c.BarbicanURL = "barbican", "barbican:9311"
+	err := c.Validate()
+	for _, want := range []string{"--keystone-url", "--keystone-credentials-file", `barbican url "barbican:9311"`} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("barbican without Keystone, with a bad URL: %v, want it to name %s", err, want)
+		}
+	}
+	c.KeystoneURL, c.KeystoneCredentialsFile, c.BarbicanURL = "http://127.0.0.1:5000/v3", "/etc/vtpmd/keystone.yaml", ""
+	if err := c.Validate(); err != nil {
+		t.Errorf("barbican from the catalog: %v", err)
+	}
+	c.KeyManager = "vault"
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), `key manager "vault"`) {
+		t.Errorf("key manager vault: %v", err)
+	}
+}

@@ -320,7 +320,7 @@ func TestReclaimOrphanSecret(t *testing.T) {
 	kr := openKeyring(t, dir)
 	ctx := context.Background()
 	payload, _ := keyring.NewVTPMSecret()
-	orphan, err := kr.Create(ctx, "p1", payload)
+	orphan, err := kr.Create(ctx, "p1", "", payload)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -364,7 +364,7 @@ func TestReclaimOrphansWhileRunning(t *testing.T) {
 	}
 	defer s.Shutdown(ctx)
 	payload, _ := keyring.NewVTPMSecret()
-	orphan, err := s.keyring.Create(ctx, "p1", payload) // as a create killed before its commit leaves it
+	orphan, err := s.keyring.Create(ctx, "p1", "", payload) // as a create killed before its commit leaves it
 	if err != nil {
 		t.Fatal(err)
 	}

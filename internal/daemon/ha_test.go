@@ -91,7 +91,7 @@ func TestReplicasShareKeys(t *testing.T) {
 	}
 
 	// The key manager's secrets open at both.
-	id, err := a.keyring.Create(ctx, "p1", []byte("shared secret"))
+	id, err := a.keyring.Create(ctx, "p1", "", []byte("shared secret"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -89,7 +89,7 @@ func writeLegacyDataDir(t *testing.T, dir string) legacyDir {
 		t.Fatal(err)
 	}
 	sealed := func(project string, payload []byte) string {
-		id, err := kr.Create(ctx, project, payload)
+		id, err := kr.Create(ctx, project, "", payload)
 		if err != nil {
 			t.Fatal(err)
 		}

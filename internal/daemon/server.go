@@ -21,6 +21,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/ca"
 	"github.com/vtpmd/vtpmd/internal/enrol"
 	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/keyring/barbican"
 	"github.com/vtpmd/vtpmd/internal/keyring/embedded"
 	"github.com/vtpmd/vtpmd/internal/keystone"
 	"github.com/vtpmd/vtpmd/internal/secrets"
@@ -135,6 +136,10 @@ func (s *Server) open(ctx context.Context) error {
 		return err
 	}
 	s.keyring, s.authority = kr, shared.ekCA
+	km, err := keyManager(ctx, cfg, kr, s.log)
+	if err != nil {
+		return err
+	}
 	hostCA := shared.hostCA
 	if serving != nil {
 		// Hosts' agents (host CA), tenants and the operator (--client-ca)
@@ -147,7 +152,7 @@ func (s *Server) open(ctx context.Context) error {
 	if err := s.bind(); err != nil {
 		return err
 	}
-	if err := reclaimSecrets(ctx, s.store, kr, orphanAge, s.log); err != nil {
+	if err := reclaimSecrets(ctx, s.store, km, orphanAge, s.log); err != nil {
 		return fmt.Errorf("reclaiming orphan secrets: %w", err)
 	}
 	verdicts := shared.verdicts
@@ -170,12 +175,12 @@ func (s *Server) open(ctx context.Context) error {
 	if hyperV.PublicURL == "" {
 		hyperV.PublicURL = s.URL
 	}
-	keys := secrets.New(s.store, kr, s.log)
-	vs := vtpms.New(vtpms.Config{HeartbeatWindow: cfg.HeartbeatWindow, Store: s.store, Keyring: kr, Secrets: keys, HyperV: hyperV, Log: s.log,
+	keys := secrets.New(s.store, km, s.log)
+	vs := vtpms.New(vtpms.Config{HeartbeatWindow: cfg.HeartbeatWindow, Store: s.store, Keyring: km, Staging: kr, Secrets: keys, HyperV: hyperV, Log: s.log,
 		Options: spec.Options{DefaultTPMVersion: cfg.DefaultTPMVersion}})
 	ver := verifier.New(verifier.Config{Store: s.store, VTPMs: vs, CAChainPEM: s.authority.ChainPEM, HostEKRoots: hostRoots,
 		Signer: verdicts, TicketKey: shared.ticketKey, Webhook: hook, StaleAfter: cfg.StaleAfter, Replica: replica, Log: s.log})
-	s.agents = agentstore.New(s.store, kr, s.log)
+	s.agents = agentstore.New(s.store, km, kr, s.log)
 	s.api = &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, Enrolment: enrol.New(enrol.Config{Store: s.store, HostCA: hostCA, Log: s.log, BoundEnrolment: ver.BoundEnrolment}),
 		Agents: s.agents, EKCA: s.authority, CAChainPEM: s.authority.ChainPEM, Statements: s.store.Statements, Log: s.log,
 		Readiness: s.readiness(kr), Identity: identity}
@@ -201,7 +206,7 @@ func (s *Server) open(ctx context.Context) error {
 	s.local = &http.Server{Handler: local, ReadHeaderTimeout: 10 * time.Second, ConnContext: server.OperatorConn}
 	s.local.RegisterOnShutdown(s.api.EndLongPolls)
 	go ver.WatchStale(bg)
-	go reclaimOrphans(bg, s.store, kr, replica, reclaimInterval, orphanAge, s.log)
+	go reclaimOrphans(bg, s.store, km, replica, reclaimInterval, orphanAge, s.log)
 	return nil
 }
 
@@ -393,11 +398,21 @@ func reclaimOrphans(ctx context.Context, st *store.Store, kr keyring.Keyring, re
 }
 
 // reclaimSecrets deletes vTPM secrets that no record refers to, older than
-// age (orphanAge, but in tests). A create makes the secret before it
-// commits the record, so a crash between the two leaves one behind.
+// age (orphanAge, but in tests), and staged secrets that expired. A create
+// makes the secret before it commits the record, so a crash between the
+// two leaves one behind. With Barbican these are the secrets vtpmd's
+// service user made in its project (deployment vTPMs', tenants'); a
+// secret of a user or host vTPM is in its owner's project, which vtpmd
+// cannot list: the create that made it deletes it again when its record
+// fails (and its retries' duplicates), but one left by a crash stays there
+// for its owner to delete.
 func reclaimSecrets(ctx context.Context, st *store.Store, kr keyring.Keyring, age time.Duration, log *slog.Logger) error {
+	ctx = keyring.AsService(ctx)
 	used := map[string]bool{}
-	err := st.View(ctx, func(tx *store.Tx) error {
+	err := st.Update(ctx, func(tx *store.Tx) error {
+		if _, err := tx.DropExpiredStaged(time.Now()); err != nil {
+			return err
+		}
 		vs, err := tx.ListVTPMs(store.Filter{})
 		if err != nil {
 			return err
@@ -462,4 +477,31 @@ func keystoneIdentity(cfg Config, log *slog.Logger) (*server.Identity, error) {
 		Tokens:       keystone.NewValidator(session, keystone.ValidatorOptions{TTL: cfg.KeystoneCacheTTL}),
 		AdminProject: cfg.KeystoneAdminProject,
 	}, nil
+}
+
+// keyManager is the key manager of vTPMs' and tenants' secrets cfg names:
+// the embedded one, kr, or Barbican as vtpmd's service user (whose
+// credentials file it reads; with no --barbican-url it asks Keystone's
+// catalog for the key-manager endpoint, so Keystone must answer at start).
+func keyManager(ctx context.Context, cfg Config, kr *embedded.Keyring, log *slog.Logger) (keyring.Keyring, error) {
+	if cfg.KeyManager != "barbican" {
+		return kr, nil
+	}
+	creds, err := keystone.ReadCredentialsFile(cfg.KeystoneCredentialsFile)
+	if err != nil {
+		return nil, fmt.Errorf("keystone service credentials: %w", err)
+	}
+	creds.AuthURL = cfg.KeystoneURL
+	if err := creds.Check(); err != nil {
+		return nil, fmt.Errorf("keystone service credentials %s: %w", cfg.KeystoneCredentialsFile, err)
+	}
+	session := keystone.NewSession(creds, &http.Client{Timeout: 10 * time.Second})
+	url := cfg.BarbicanURL
+	if url == "" {
+		if url, err = session.Endpoint(ctx, "key-manager"); err != nil {
+			return nil, fmt.Errorf("finding barbican in the keystone catalog: %w", err)
+		}
+	}
+	log.Info("key manager: barbican", "barbican", url, "service_user", creds.String())
+	return barbican.New(barbican.Config{URL: url, Service: session, Log: log})
 }

@@ -21,3 +21,24 @@ func Token(ctx context.Context) (string, bool) {
 	t, ok := ctx.Value(tokenKey{}).(string)
 	return t, ok && t != ""
 }
+
+// AsService returns ctx without the caller's token: a key manager that
+// acts as the caller acts as vtpmd's own service identity instead, for a
+// secret the deployment holds (secret security "deployment", tenants'
+// secrets stored through vtpmd).
+func AsService(ctx context.Context) context.Context {
+	return context.WithValue(ctx, tokenKey{}, "")
+}
+
+// CallerScoped is a key manager that keeps a secret under the identity
+// that stored it (Barbican, which scopes every secret to the storing
+// token's project): a secret stored with a caller's token can be read
+// again only with a token of that project, never with vtpmd's own. A vTPM
+// whose secret security is "user" or "host" cannot then be started by
+// vtpmd alone; its owner's requests stage the secret for the host.
+type CallerScoped interface {
+	Keyring
+	// ScopedToCaller reports that secrets stored with a caller's token
+	// are that caller's project's.
+	ScopedToCaller() bool
+}

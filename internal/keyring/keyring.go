@@ -2,10 +2,10 @@
 // per-vTPM secrets that encrypt swtpm state live, as Nova keeps them in
 // Barbican.
 //
-// Keyring is the small interface the daemon consumes; the embedded
+// Keyring is the small interface the daemon consumes. The embedded
 // package's is the provider that needs nothing but vtpmd's store and a
-// master key file
-// (Barbican and Vault providers come later). The master key also seals the
+// master key file; the barbican package's keeps secrets in OpenStack's key
+// manager, as Nova does (a Vault provider comes later). The master key also seals the
 // deployment's own keys (its CAs, the verdict signing key), so that every
 // server replica on one database shares them. A secret is addressed by a random UUID that
 // doubles as the libvirt secret UUID, belongs to one project, and is never
@@ -43,8 +43,11 @@ const (
 // struct fields, and encoding/json marshals Payload as usual: do not put a
 // Secret in either.
 type Secret struct {
-	ID      string // canonical lowercase UUID; doubles as the libvirt secret UUID
-	Project string // owning project (tenant); never empty
+	ID string // canonical lowercase UUID; doubles as the libvirt secret UUID
+	// Project is the owning project (tenant); "" from a key manager that
+	// does not say (Barbican: the identity that reads a secret is in its
+	// project).
+	Project string
 	Payload []byte
 	Created time.Time
 }
@@ -72,13 +75,15 @@ func (s Secret) LogValue() slog.Value {
 	)
 }
 
-// Keyring is a key manager. Implementations: Embedded now; Barbican and
+// Keyring is a key manager. Implementations: embedded and barbican;
 // Vault later, so it stays small. Implementations are safe for concurrent
 // use.
 type Keyring interface {
-	// Create stores payload under a fresh random UUID owned by project and
-	// returns the UUID.
-	Create(ctx context.Context, project string, payload []byte) (string, error)
+	// Create stores payload as a new secret owned by project, named name
+	// ("" for none; a vTPM's is VTPMSecretName), under a fresh random
+	// UUID, which it returns. A key manager may choose the UUID itself
+	// (Barbican does).
+	Create(ctx context.Context, project, name string, payload []byte) (string, error)
 	// Get returns the secret; ErrNotFound if it does not exist (or was
 	// deleted).
 	Get(ctx context.Context, id string) (Secret, error)
@@ -87,6 +92,13 @@ type Keyring interface {
 	Delete(ctx context.Context, id string) error
 	// List returns the IDs of all secrets, sorted (for drift detection).
 	List(ctx context.Context) ([]string, error)
+}
+
+// VTPMSecretName is the name of the secret of instanceID's vTPM, as Nova
+// names it: a key manager that keeps names (Barbican) shows it, and finds
+// a vTPM's secret by it.
+func VTPMSecretName(instanceID string) string {
+	return "vTPM secret for instance " + instanceID
 }
 
 // vtpmSecretLen is the number of random bytes in a vTPM secret; Nova uses

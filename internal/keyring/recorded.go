@@ -26,12 +26,12 @@ import (
 //     answered, whatever else (a host agent still manufacturing) is in
 //     flight. The record itself may go later.
 
-// CreateRecorded stores payload as a new secret of project, then calls
+// CreateRecorded stores payload as a new secret of project named name, then calls
 // record with its id, which must commit whatever names the secret. If
 // record fails the secret is deleted again and record's error returned,
 // unless the error says the commit may have happened (MaybeCommitted).
-func CreateRecorded(ctx context.Context, kr Keyring, project string, payload []byte, record func(id string) error) (string, error) {
-	id, err := kr.Create(ctx, project, payload)
+func CreateRecorded(ctx context.Context, kr Keyring, project, name string, payload []byte, record func(id string) error) (string, error) {
+	id, err := kr.Create(ctx, project, name, payload)
 	if err != nil {
 		return "", fmt.Errorf("creating secret: %w", err)
 	}

@@ -27,7 +27,7 @@ func TestRecorded(t *testing.T) {
 	}
 	refused := errors.New("record refused")
 	var made string
-	_, err = keyring.CreateRecorded(ctx, kr, "p1", []byte("k"), func(id string) error { made = id; return refused })
+	_, err = keyring.CreateRecorded(ctx, kr, "p1", "", []byte("k"), func(id string) error { made = id; return refused })
 	if !errors.Is(err, refused) {
 		t.Fatalf("keyring.CreateRecorded with a failing record: %v", err)
 	}
@@ -36,7 +36,7 @@ func TestRecorded(t *testing.T) {
 	}
 
 	unknown := &store.UnavailableError{Err: errors.New("connection reset"), Committing: true}
-	_, err = keyring.CreateRecorded(ctx, kr, "p1", []byte("k"), func(id string) error { made = id; return unknown })
+	_, err = keyring.CreateRecorded(ctx, kr, "p1", "", []byte("k"), func(id string) error { made = id; return unknown })
 	if !errors.Is(err, store.ErrUnavailable) {
 		t.Fatalf("CreateRecorded with a commit of unknown outcome: %v", err)
 	}
@@ -44,7 +44,7 @@ func TestRecorded(t *testing.T) {
 		t.Fatalf("the secret of a record that may have committed was deleted: %v", err)
 	}
 
-	id, err := keyring.CreateRecorded(ctx, kr, "p1", []byte("k"), func(string) error { return nil })
+	id, err := keyring.CreateRecorded(ctx, kr, "p1", "", []byte("k"), func(string) error { return nil })
 	if err != nil {
 		t.Fatal(err)
 	}

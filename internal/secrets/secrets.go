@@ -6,7 +6,10 @@
 // A tenant's secret lives in the key manager and its record (whose it is)
 // in the store; keyring.CreateRecorded makes the two in the order that
 // keeps them consistent. A vTPM's own secret is not a tenant's: it reads
-// as absent here.
+// as absent here. Tenants' secrets are the deployment's in the key manager
+// (with Barbican: in vtpmd's service project, named by the UUID Barbican
+// gave them), so that vtpmd can release one to a host with no tenant's
+// token at hand; the store records whose each is.
 package secrets
 
 import (
@@ -56,13 +59,15 @@ func (s *Service) Create(ctx context.Context, c tenant.Caller, project string, p
 		return keyring.Secret{}, refusal.Invalid(api.CodeInvalidPayload,
 			fmt.Sprintf("The payload must be 1 to %d bytes; it is %d.", keyring.MaxPayloadLen, len(payload)))
 	}
-	id, err := keyring.CreateRecorded(ctx, s.keyring, project, payload, func(id string) error {
+	ctx = keyring.AsService(ctx)
+	id, err := keyring.CreateRecorded(ctx, s.keyring, project, "", payload, func(id string) error {
 		return s.store.Update(ctx, func(tx *store.Tx) error { return tx.AddSecret(id, project) })
 	})
 	if err != nil {
 		return keyring.Secret{}, err
 	}
 	sec, err := s.keyring.Get(ctx, id)
+	sec.Project = project
 	return metadata(sec), err
 }
 
@@ -89,17 +94,19 @@ func (s *Service) tenants(ctx context.Context, id string) (keyring.Secret, error
 	if !keyring.ValidID(id) {
 		return keyring.Secret{}, refusal.Invalid(api.CodeInvalidParameter, "A secret id is a UUID.")
 	}
-	err := s.store.View(ctx, func(tx *store.Tx) error { _, err := tx.SecretProject(id); return err })
+	var project string
+	err := s.store.View(ctx, func(tx *store.Tx) (err error) { project, err = tx.SecretProject(id); return err })
 	if errors.Is(err, store.ErrNotFound) {
 		return keyring.Secret{}, errNoSuchSecret
 	}
 	if err != nil {
 		return keyring.Secret{}, err
 	}
-	sec, err := s.keyring.Get(ctx, id)
+	sec, err := s.keyring.Get(keyring.AsService(ctx), id)
 	if errors.Is(err, keyring.ErrNotFound) {
 		return sec, errNoSuchSecret
 	}
+	sec.Project = project
 	return sec, err
 }
 

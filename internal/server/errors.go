@@ -9,6 +9,7 @@ import (
 	"syscall"
 
 	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/refusal"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
@@ -65,6 +66,11 @@ func toAPIError(err error, log *slog.Logger, r *http.Request) *APIError {
 		// Logged once per request: the operator sees the outage.
 		log.Warn("request failed: store unavailable", "method", r.Method, "path", r.URL.Path, "err", err)
 		return &APIError{http.StatusServiceUnavailable, api.CodeStoreUnavailable, "The server cannot reach its database; the request was not carried out. Retry it shortly."}
+	case errors.Is(err, keyring.ErrUnavailable):
+		log.Warn("request failed: key manager unavailable", "method", r.Method, "path", r.URL.Path, "err", err)
+		return &APIError{http.StatusServiceUnavailable, api.CodeKeyManagerUnavailable, "The server cannot reach the key manager; the request was not carried out. Retry it shortly."}
+	case errors.Is(err, keyring.ErrForbidden):
+		return &APIError{http.StatusForbidden, api.CodeSecretNeedsOwner, "The key manager refused this caller the vTPM's secret: it is kept in its owner's project, and only a token of that project can use it."}
 	case errors.Is(err, store.ErrFull), errors.Is(err, syscall.ENOSPC):
 		// Logged: the operator must free space. Nothing was changed.
 		log.Error("request failed: disk full", "method", r.Method, "path", r.URL.Path, "err", err)
@@ -86,7 +92,7 @@ func writeError(w http.ResponseWriter, e *APIError) {
 	if e.Status == http.StatusUnauthorized {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="vtpmd attestation agent"`)
 	}
-	if e.Code == api.CodeStoreUnavailable || e.Code == api.CodeIdentityUnavailable {
+	if e.Code == api.CodeStoreUnavailable || e.Code == api.CodeKeyManagerUnavailable || e.Code == api.CodeIdentityUnavailable {
 		w.Header().Set("Retry-After", "1")
 	}
 	writeJSON(w, e.Status, api.ErrorBody{Error: api.Error{Code: e.Code, Message: e.Message}})

@@ -63,7 +63,7 @@ func (f *fixture) place(t *testing.T, id string) (int, api.Error) {
 func TestHostHeartbeatsAndState(t *testing.T) {
 	c := &clock{now: time.Date(2026, 3, 1, 9, 0, 0, 0, time.UTC)}
 	f := newFixtureWith(t, setup{now: c.Now})
-	recs := agentstore.New(f.store, f.keys, nil)
+	recs := agentstore.New(f.store, f.keys, nil, nil)
 	ctx := context.Background()
 	if err := recs.RegisterHost(ctx, agent.Host{Name: "h1", Traits: f.traits(t), Capacity: 2, Backend: "swtpm", Version: "v1.4.0"}); err != nil {
 		t.Fatal(err)
@@ -156,7 +156,7 @@ func TestDrain(t *testing.T) {
 	if h := f.host(t); h.State != "down" || !h.Draining {
 		t.Fatalf("drained, its agent gone: %+v", h)
 	}
-	if err := agentstore.New(f.store, f.keys, nil).Heartbeat(context.Background(), agent.Heartbeat{Host: "h1", Version: "v1"}); err != nil {
+	if err := agentstore.New(f.store, f.keys, nil, nil).Heartbeat(context.Background(), agent.Heartbeat{Host: "h1", Version: "v1"}); err != nil {
 		t.Fatal(err)
 	}
 	if h := f.host(t); h.State != "draining" || !h.Draining {

@@ -22,7 +22,7 @@ func TestVTPMViewIsTheRecord(t *testing.T) {
 		t.Fatalf("create: %d, sockets %+v", code, v.Sockets)
 	}
 
-	recs := agentstore.New(f.store, f.keys, nil)
+	recs := agentstore.New(f.store, f.keys, nil, nil)
 	observe := func(phase agent.Phase, sockets api.Sockets, action string) {
 		t.Helper()
 		r, err := recs.Get(ctx, inst)

@@ -65,7 +65,7 @@ func replicasOn(t *testing.T, dsn string, n int) (*store.Store, *embedded.Keyrin
 		vs := vtpms.New(vtpms.Config{Store: st, Keyring: kr, Secrets: keys, HeartbeatWindow: time.Hour})
 		api := &Server{VTPMs: vs, Verifier: verifier.New(verifier.Config{Store: st, VTPMs: vs}), Secrets: keys,
 			CAChainPEM: func() []byte { return nil }, Enrolment: enrol.New(enrol.Config{Store: st, HostCA: hostCA}),
-			Agents:    agentstore.New(st, kr, nil),
+			Agents:    agentstore.New(st, kr, nil, nil),
 			Readiness: []ReadinessCheck{{Name: "database", Check: st.Ping}}}
 		clients = append(clients, operatorSocket(t, api.Handler()))
 	}

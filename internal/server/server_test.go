@@ -108,7 +108,7 @@ func serveFixture(t *testing.T, st *store.Store, kr *embedded.Keyring, dir strin
 	ver := verifier.New(verifier.Config{Store: st, VTPMs: vs, CAChainPEM: deployment.ChainPEM, Signer: s.signer})
 	f.api = &Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: deployment.ChainPEM, Statements: st.Statements, Log: s.log,
 		Enrolment: enrol.New(enrol.Config{Store: st, HostCA: hostCA, Now: s.now}),
-		Agents:    agentstore.New(st, kr, s.log), EKCA: deployment}
+		Agents:    agentstore.New(st, kr, nil, s.log), EKCA: deployment}
 	f.srv = httptest.NewServer(f.api.Handler())
 	t.Cleanup(f.srv.Close)
 	f.url, f.http = "http://vtpmd", operatorSocket(t, f.srv.Config.Handler)

@@ -231,6 +231,15 @@ CREATE TABLE sealed_keys (
 CREATE TABLE master_key (
 	id          TEXT NOT NULL
 );`,
+	// When each staged secret (sealed key of kind 'staged': a vTPM secret
+	// its owner's request read from a key manager that scopes secrets to
+	// their owner, kept for the host's agent) stops being given out
+	// (sortable UTC time).
+	21: `
+CREATE TABLE staged_secrets (
+	name        TEXT PRIMARY KEY,
+	expires_at  TEXT NOT NULL
+);`,
 	// The operator's requests that a host's agent look at a libvirt domain
 	// whose vTPM (Nova's) vtpmd is to take over (see AskAdoption), one per
 	// instance and host, until the server that asked has the answers.

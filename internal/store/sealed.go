@@ -4,6 +4,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"time"
 )
 
 // Kinds of sealed keys.
@@ -14,12 +15,15 @@ const (
 	// SealedDeployment is one of the deployment's own keys (a CA's, the
 	// verdict signing key, …), named by its role.
 	SealedDeployment = "deployment"
+	// SealedStaged is a vTPM secret staged for its host's agent, named by
+	// its UUID, until its expiry (StageExpiry).
+	SealedStaged = "staged"
 )
 
 // SealedKey is a key sealed under the deployment's master key. The store
 // never sees it in the clear; internal/keyring seals and opens it.
 type SealedKey struct {
-	Kind      string // SealedSecret or SealedDeployment
+	Kind      string // SealedSecret, SealedDeployment or SealedStaged
 	Name      string
 	MasterKey string // the id of the master key that sealed Blob
 	Blob      []byte
@@ -141,4 +145,59 @@ func (t *Tx) SealedKeys() ([]SealedKey, error) {
 		keys = append(keys, k)
 	}
 	return keys, rows.Err()
+}
+
+// SetStagedExpiry records when the staged secret name (a sealed key of
+// kind SealedStaged) stops being given out.
+func (t *Tx) SetStagedExpiry(name string, until time.Time) error {
+	_, err := t.exec(`INSERT INTO staged_secrets (name, expires_at) VALUES (?,?)
+		ON CONFLICT (name) DO UPDATE SET expires_at=excluded.expires_at`, name, sortable(until))
+	return err
+}
+
+// StagedExpiry is when the staged secret name stops being given out;
+// ErrNotFound if none is staged.
+func (t *Tx) StagedExpiry(name string) (time.Time, error) {
+	var s string
+	if err := t.queryRow(`SELECT expires_at FROM staged_secrets WHERE name=?`, name).Scan(&s); err != nil {
+		return time.Time{}, fmt.Errorf("staged secret %s: %w", name, notFound(err))
+	}
+	return time.Parse(sortableLayout, s)
+}
+
+// DropStaged deletes the staged secret name, if there is one.
+func (t *Tx) DropStaged(name string) error {
+	if _, err := t.exec(`DELETE FROM staged_secrets WHERE name=?`, name); err != nil {
+		return err
+	}
+	_, err := t.exec(`DELETE FROM sealed_keys WHERE kind=? AND name=?`, SealedStaged, name)
+	return err
+}
+
+// DropExpiredStaged deletes the staged secrets expired at now, and
+// returns how many.
+func (t *Tx) DropExpiredStaged(now time.Time) (int, error) {
+	rows, err := t.query(`SELECT name FROM staged_secrets WHERE expires_at<=?`, sortable(now))
+	if err != nil {
+		return 0, err
+	}
+	var names []string
+	for rows.Next() {
+		var n string
+		if err := rows.Scan(&n); err != nil {
+			rows.Close()
+			return 0, err
+		}
+		names = append(names, n)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return 0, err
+	}
+	for _, n := range names {
+		if err := t.DropStaged(n); err != nil {
+			return 0, err
+		}
+	}
+	return len(names), nil
 }

@@ -89,7 +89,11 @@ func (s *Service) Adopt(ctx context.Context, c tenant.Caller, rawID string, req 
 		return nil, false, err
 	}
 	if project == "" {
-		sec, err := s.cfg.Keyring.Get(ctx, found.SecretRef)
+		// Read as vtpmd's service identity, as the host's agent did: Nova's
+		// secret is its service project's (deployment) or readable by
+		// vtpmd's service user through the secret's ACL, never the
+		// operator's own token's.
+		sec, err := s.cfg.Keyring.Get(keyring.AsService(ctx), found.SecretRef)
 		if errors.Is(err, keyring.ErrNotFound) {
 			return nil, false, refusal.NotFound(api.CodeSecretNotFound, "The key manager has no secret "+found.SecretRef+".")
 		}

@@ -40,6 +40,13 @@ import (
 type Config struct {
 	Store   *store.Store
 	Keyring keyring.Keyring
+	// Staging keeps the secret of a vTPM whose owner holds it
+	// (OwnerHeld) for the host's agent, sealed in the store, after the
+	// owner's create or start read it; needed with such a key manager.
+	Staging Stager
+	// StageFor is how long a staged secret waits for the host's agent.
+	// Default DefaultStageFor.
+	StageFor time.Duration
 	// Secrets checks the key material a Hyper-V vTPM names.
 	Secrets *secrets.Service
 	// Options are the deployment's request semantics.
@@ -60,6 +67,42 @@ type Config struct {
 	Log *slog.Logger
 }
 
+// Stager seals a vTPM secret for its host's agent in a transaction, until
+// a time (the embedded keyring: internal/keyring/embedded).
+type Stager interface {
+	Stage(tx *store.Tx, s keyring.Secret, until time.Time) error
+}
+
+// DefaultStageFor is how long a staged secret waits for the host's agent,
+// which takes it within a second or two of the commit that staged it.
+const DefaultStageFor = 2 * time.Minute
+
+// OwnerHeld reports whether a vTPM of sp keeps its secret under its
+// owner's identity in kr: secret security user or host, with a key manager
+// that scopes secrets to the caller that stored them (Barbican). vtpmd
+// alone then cannot read it: the owner's create and start stage it for the
+// host's agent. With the embedded key manager every secret is vtpmd's.
+func OwnerHeld(kr keyring.Keyring, sp spec.Spec) bool {
+	cs, ok := kr.(keyring.CallerScoped)
+	return ok && cs.ScopedToCaller() && (sp.SecretSecurity == spec.User || sp.SecretSecurity == spec.HostMode)
+}
+
+// asOwner is ctx for the key manager when the vTPM of sp in project is
+// its owner's (OwnerHeld): the caller must have a token of that project,
+// or it is refused with secret_needs_owner. Otherwise it is ctx as vtpmd's
+// own service identity.
+func (s *Service) asOwner(ctx context.Context, c tenant.Caller, project string, sp spec.Spec) (context.Context, error) {
+	if !OwnerHeld(s.cfg.Keyring, sp) {
+		return keyring.AsService(ctx), nil
+	}
+	if _, ok := keyring.Token(ctx); !ok || c.Project != project {
+		return nil, refusal.Forbidden(api.CodeSecretNeedsOwner, fmt.Sprintf(
+			"The vTPM's secret security is %s: its secret is kept in project %s's key manager and only a token of project %s can use it; an operator or another project cannot.",
+			sp.SecretSecurity, project, project))
+	}
+	return ctx, nil
+}
+
 // DefaultHeartbeatWindow is six of the agents' default heartbeat intervals:
 // a host reads down only after several missed heartbeats.
 const DefaultHeartbeatWindow = 60 * time.Second
@@ -74,6 +117,9 @@ type Service struct {
 func New(cfg Config) *Service {
 	if cfg.HeartbeatWindow == 0 {
 		cfg.HeartbeatWindow = DefaultHeartbeatWindow
+	}
+	if cfg.StageFor == 0 {
+		cfg.StageFor = DefaultStageFor
 	}
 	if cfg.DriftTimeout == 0 {
 		cfg.DriftTimeout = DefaultDriftTimeout
@@ -145,6 +191,10 @@ func (s *Service) Create(ctx context.Context, c tenant.Caller, req api.CreateVTP
 			return nil, err
 		}
 	}
+	kctx, err := s.asOwner(ctx, c, project, *sp)
+	if err != nil {
+		return nil, err
+	}
 	host, err := s.place(ctx, id, sp)
 	if err != nil {
 		return nil, err
@@ -156,7 +206,7 @@ func (s *Service) Create(ctx context.Context, c tenant.Caller, req api.CreateVTP
 	}
 	v := &store.VTPM{InstanceID: id, Project: project, Spec: *sp, Host: host,
 		Desired: store.DesiredRunning, Phase: store.PhasePending}
-	_, err = keyring.CreateRecorded(ctx, s.cfg.Keyring, project, payload, func(secretID string) error {
+	_, err = keyring.CreateRecorded(kctx, s.cfg.Keyring, project, keyring.VTPMSecretName(id), payload, func(secretID string) error {
 		v.SecretID = secretID
 		// One create at a time in this process, which only spares them
 		// retries: on PostgreSQL concurrent creates abort each other's
@@ -173,6 +223,11 @@ func (s *Service) Create(ctx context.Context, c tenant.Caller, req api.CreateVTP
 				if err := tx.CreateVTPM(v); err != nil {
 					return err
 				}
+				if OwnerHeld(s.cfg.Keyring, *sp) {
+					if err := s.stage(tx, v, payload); err != nil {
+						return err
+					}
+				}
 				return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: id, Action: "created",
 					Detail: fmt.Sprintf("TPM %s %s on host %s", sp.Version, sp.Model, v.Host)})
 			})
@@ -188,6 +243,16 @@ func (s *Service) Create(ctx context.Context, c tenant.Caller, req api.CreateVTP
 		return nil, fmt.Errorf("creating vTPM %s: %w", id, err)
 	}
 	return v, nil
+}
+
+// stage keeps v's secret payload for its host's agent (OwnerHeld), and
+// deletes staged secrets that expired.
+func (s *Service) stage(tx *store.Tx, v *store.VTPM, payload []byte) error {
+	now := s.cfg.Now()
+	if _, err := tx.DropExpiredStaged(now); err != nil {
+		return err
+	}
+	return s.cfg.Staging.Stage(tx, keyring.Secret{ID: v.SecretID, Project: v.Project, Payload: payload, Created: now}, now.Add(s.cfg.StageFor))
 }
 
 // errTaken: the host chosen for a vTPM has no room left, taken by another
@@ -313,10 +378,19 @@ func (s *Service) List(ctx context.Context, c tenant.Caller, f store.Filter) (pa
 // never finish its delete. An agent's first act is recorded in the same
 // store, so the check is part of the transaction.
 func (s *Service) Delete(ctx context.Context, c tenant.Caller, id string) (v *store.VTPM, gone bool, err error) {
-	if id, err = ParseInstanceID(id); err != nil {
+	if v, err = s.Get(ctx, c, id); err != nil {
 		return nil, false, err
 	}
-	err = keyring.ShredRecorded(ctx, s.cfg.Keyring, func() ([]string, error) {
+	// A secret its owner holds is shredded with the owner's token; without
+	// one (the operator, an admin) the vTPM goes and its secret stays in
+	// the owner's project, which alone can delete it (as with Nova).
+	kctx, err := s.asOwner(ctx, c, v.Project, v.Spec)
+	left := ""
+	if err != nil {
+		kctx, left = ctx, v.SecretID
+	}
+	id = v.InstanceID
+	err = keyring.ShredRecorded(kctx, s.cfg.Keyring, func() ([]string, error) {
 		err := s.cfg.Store.Update(ctx, func(tx *store.Tx) (err error) {
 			if v, err = tx.GetVTPM(id); err != nil {
 				return err
@@ -327,9 +401,16 @@ func (s *Service) Delete(ctx context.Context, c tenant.Caller, id string) (v *st
 			if gone, err = untouched(tx, v); err != nil {
 				return err
 			}
+			detail := ""
+			if left != "" {
+				detail = "its secret " + left + " stays in project " + v.Project + "'s key manager: only that project can delete it"
+			}
+			if err := tx.DropStaged(v.SecretID); err != nil {
+				return err
+			}
 			if gone {
 				return deleteRecord(tx, v.InstanceID, store.Event{Actor: c.Actor, InstanceID: id, Action: "deleted",
-					Detail: "never provisioned: nothing on the host"})
+					Detail: strings.TrimSuffix("never provisioned: nothing on the host; "+detail, "; ")})
 			}
 			if v.Desired == store.DesiredDeleted {
 				return nil // asked before; the secret is shredded again, harmlessly
@@ -338,9 +419,9 @@ func (s *Service) Delete(ctx context.Context, c tenant.Caller, id string) (v *st
 			if err := tx.UpdateVTPM(v); err != nil {
 				return err
 			}
-			return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: id, Action: "delete requested"})
+			return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: id, Action: "delete requested", Detail: detail})
 		})
-		if err != nil {
+		if err != nil || left != "" {
 			return nil, err
 		}
 		return []string{v.SecretID}, nil
@@ -373,13 +454,37 @@ func deleteRecord(tx *store.Tx, id string, e store.Event) error {
 }
 
 // Start asks for the vTPM to run (on a libvirt host: its guest too).
+//
+// A vTPM whose owner holds its secret (OwnerHeld) starts only at its
+// owner's request: the secret is read with the caller's token and staged
+// for the host's agent, which cannot read it otherwise.
 func (s *Service) Start(ctx context.Context, c tenant.Caller, id string) (*store.VTPM, error) {
-	return s.change(ctx, c, id, "start requested", func(v *store.VTPM) error { return desire(v, store.DesiredRunning) })
+	start := func(v *store.VTPM) error { return desire(v, store.DesiredRunning) }
+	if v, err := s.Get(ctx, c, id); err != nil || !OwnerHeld(s.cfg.Keyring, v.Spec) {
+		return s.change(ctx, c, id, "start requested", start, nil)
+	}
+	var payload []byte
+	defer func() { clear(payload) }()
+	return s.change(ctx, c, id, "start requested", func(v *store.VTPM) error {
+		if err := start(v); err != nil {
+			return err
+		}
+		kctx, err := s.asOwner(ctx, c, v.Project, v.Spec)
+		if err != nil {
+			return err
+		}
+		sec, err := s.cfg.Keyring.Get(kctx, v.SecretID)
+		if err != nil {
+			return fmt.Errorf("reading the secret of vTPM %s: %w", v.InstanceID, err)
+		}
+		payload = sec.Payload
+		return nil
+	}, func(tx *store.Tx, v *store.VTPM) error { return s.stage(tx, v, payload) })
 }
 
 // Stop asks for the vTPM to stop, its state kept.
 func (s *Service) Stop(ctx context.Context, c tenant.Caller, id string) (*store.VTPM, error) {
-	return s.change(ctx, c, id, "stop requested", func(v *store.VTPM) error { return desire(v, store.DesiredStopped) })
+	return s.change(ctx, c, id, "stop requested", func(v *store.VTPM) error { return desire(v, store.DesiredStopped) }, nil)
 }
 
 var errDeleting = refusal.Conflict(api.CodeConflict, "The vTPM is being deleted.")
@@ -413,7 +518,7 @@ func (s *Service) Attach(ctx context.Context, c tenant.Caller, id, domain string
 		}
 		v.Domain = domain
 		return nil
-	})
+	}, nil)
 }
 
 // Detach asks for the vTPM to be detached from its libvirt domain.
@@ -421,7 +526,7 @@ func (s *Service) Detach(ctx context.Context, c tenant.Caller, id string) (*stor
 	return s.change(ctx, c, id, "detach", func(v *store.VTPM) error {
 		v.Domain = ""
 		return nil
-	})
+	}, nil)
 }
 
 // canAttach refuses vTPMs on hosts whose backend has no guests to attach
@@ -447,7 +552,7 @@ func (s *Service) canAttach(ctx context.Context, v *store.VTPM) error {
 
 // change applies mutate to the vTPM, records the event when it changed
 // anything, and wakes the host's agent. Repeating a request is harmless.
-func (s *Service) change(ctx context.Context, c tenant.Caller, id, action string, mutate func(*store.VTPM) error) (*store.VTPM, error) {
+func (s *Service) change(ctx context.Context, c tenant.Caller, id, action string, mutate func(*store.VTPM) error, also func(*store.Tx, *store.VTPM) error) (*store.VTPM, error) {
 	v, err := s.Get(ctx, c, id)
 	if err != nil {
 		return nil, err
@@ -465,10 +570,15 @@ func (s *Service) change(ctx context.Context, c tenant.Caller, id, action string
 		// itself off; an attach or detach changes its domain.
 		v.Phase = store.PhasePending
 	}
-	if v.Desired != before.Desired || v.Domain != before.Domain || v.Phase != before.Phase || v.Reason != before.Reason {
+	if v.Desired != before.Desired || v.Domain != before.Domain || v.Phase != before.Phase || v.Reason != before.Reason || also != nil {
 		err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
 			if err := tx.UpdateVTPM(v); err != nil {
 				return err
+			}
+			if also != nil {
+				if err := also(tx, v); err != nil {
+					return err
+				}
 			}
 			return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: v.InstanceID, Action: action})
 		})

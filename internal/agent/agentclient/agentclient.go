@@ -147,6 +147,8 @@ func agentError(err error) error {
 		return nil
 	case client.IsNotFound(err):
 		return fmt.Errorf("%w: %w", agent.ErrNotFound, err)
+	case client.ErrorCode(err) == api.CodeSecretNeedsOwner:
+		return fmt.Errorf("%w: %w", agent.ErrNeedsOwner, err)
 	case client.IsConflict(err) && client.ErrorCode(err) == api.CodeConflict:
 		return fmt.Errorf("%w: %w", agent.ErrConflict, err)
 	case errors.As(err, &e) && e.Status == http.StatusUnauthorized:

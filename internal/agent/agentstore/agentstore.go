@@ -24,19 +24,35 @@ import (
 // Records reads and writes vTPM and host records in a store, and the
 // secrets that key the vTPMs' state in a key manager.
 type Records struct {
-	st  *store.Store
-	kr  keyring.Keyring
-	log *slog.Logger
+	st     *store.Store
+	kr     keyring.Keyring
+	staged Unstager
+	log    *slog.Logger
+}
+
+// Unstager gives out, once, a vTPM secret its owner's request staged for
+// the host's agent (vtpms.OwnerHeld): the embedded keyring.
+type Unstager interface {
+	TakeStaged(tx *store.Tx, id string, now time.Time) (keyring.Secret, error)
 }
 
 var _ agent.Records = (*Records)(nil)
 
-// New gives agents st's records and kr's secrets.
-func New(st *store.Store, kr keyring.Keyring, log *slog.Logger) *Records {
+// New gives agents st's records and kr's secrets; the secrets of vTPMs
+// whose owners hold them come from staged, once each.
+func New(st *store.Store, kr keyring.Keyring, staged Unstager, log *slog.Logger) *Records {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Records{st: st, kr: kr, log: log}
+	return &Records{st: st, kr: kr, staged: staged, log: log}
+}
+
+// errNeedsOwner refuses a host the secret of a vTPM whose owner holds it,
+// when none is staged.
+func errNeedsOwner(v *store.VTPM) error {
+	return refusal.Forbidden(api.CodeSecretNeedsOwner, fmt.Sprintf(
+		"The vTPM's secret security is %s and its secret is kept in project %s's key manager: the host can start the vTPM only after a request of that project (create, start) with its token.",
+		v.Spec.SecretSecurity, v.Project))
 }
 
 // RegisterHost implements agent.Records.
@@ -206,7 +222,9 @@ func observeRead(tx *store.Tx, rec *agent.Record, o store.Observation) (generati
 }
 
 // Delete implements agent.Records: the record goes, then its secret (the
-// API shredded it when the delete was asked for; this is in case).
+// API shredded it when the delete was asked for; this is in case). A
+// secret the vTPM's owner holds is shredded with the owner's token by the
+// API alone: vtpmd cannot.
 func (r *Records) Delete(ctx context.Context, rec *agent.Record, ev agent.Event) error {
 	err := keyring.ShredRecorded(ctx, r.kr, func() ([]string, error) {
 		var secret string
@@ -218,7 +236,12 @@ func (r *Records) Delete(ctx context.Context, rec *agent.Record, ev agent.Event)
 			if v.Desired != store.DesiredDeleted {
 				return refusal.Conflict(api.CodeConflict, "Only a vTPM asked to be deleted can be.")
 			}
-			secret = v.SecretID
+			if !vtpms.OwnerHeld(r.kr, v.Spec) {
+				secret = v.SecretID
+			}
+			if err := tx.DropStaged(v.SecretID); err != nil {
+				return err
+			}
 			if err := tx.DeleteVTPM(v.InstanceID); err != nil {
 				return err
 			}
@@ -232,7 +255,9 @@ func (r *Records) Delete(ctx context.Context, rec *agent.Record, ev agent.Event)
 // Secret implements agent.Records: the secret of a vTPM that is to run,
 // for the host rec names, which must be the vTPM's (refused otherwise, as
 // Placed refuses); rec.SecretID is set to the secret's id. An empty
-// rec.Incarnation asks for the vTPM's current one.
+// rec.Incarnation asks for the vTPM's current one. The secret of a vTPM
+// whose owner holds it (vtpms.OwnerHeld) is the one its owner's request
+// staged, given out once; without it, agent.ErrNeedsOwner.
 func (r *Records) Secret(ctx context.Context, rec *agent.Record) ([]byte, error) {
 	var v *store.VTPM
 	err := r.st.View(ctx, func(tx *store.Tx) (err error) {
@@ -249,7 +274,22 @@ func (r *Records) Secret(ctx context.Context, rec *agent.Record) ([]byte, error)
 	case v.Desired != store.DesiredRunning:
 		return nil, refusal.Conflict(api.CodeConflict, "A vTPM's secret is released only while it is to run.")
 	}
-	s, err := r.kr.Get(ctx, v.SecretID)
+	if vtpms.OwnerHeld(r.kr, v.Spec) {
+		var s keyring.Secret
+		err := r.st.Update(ctx, func(tx *store.Tx) (err error) {
+			s, err = r.staged.TakeStaged(tx, v.SecretID, time.Now())
+			return err
+		})
+		if errors.Is(err, keyring.ErrNotFound) {
+			return nil, fmt.Errorf("%w: %w", agent.ErrNeedsOwner, errNeedsOwner(v))
+		}
+		if err != nil {
+			return nil, err
+		}
+		rec.SecretID = v.SecretID
+		return s.Payload, nil
+	}
+	s, err := r.kr.Get(keyring.AsService(ctx), v.SecretID)
 	if err != nil {
 		return nil, err
 	}
@@ -265,9 +305,18 @@ func (r *Records) Rekey(ctx context.Context, rec *agent.Record, secret []byte, e
 	if len(secret) == 0 {
 		return refusal.Invalid(api.CodeInvalidParameter, "The new secret is empty.")
 	}
+	var v *store.VTPM
+	if err := r.st.View(ctx, func(tx *store.Tx) (err error) { v, err = current(tx, rec); return err }); err != nil {
+		return agentError(err)
+	}
+	if vtpms.OwnerHeld(r.kr, v.Spec) {
+		// Stored as vtpmd, the new secret would not be the owner's.
+		return fmt.Errorf("%w: %w", agent.ErrNeedsOwner, errNeedsOwner(v))
+	}
+	ctx = keyring.AsService(ctx)
 	var old string
 	var generation int64
-	id, err := keyring.CreateRecorded(ctx, r.kr, rec.Project, secret, func(id string) error {
+	id, err := keyring.CreateRecorded(ctx, r.kr, rec.Project, keyring.VTPMSecretName(rec.InstanceID), secret, func(id string) error {
 		return r.st.Update(ctx, func(tx *store.Tx) error {
 			v, err := current(tx, rec)
 			if err != nil {

@@ -68,14 +68,14 @@ func newFixture(t *testing.T, st *store.Store) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &fixture{st: st, kr: kr, recs: agentstore.New(st, kr, nil)}
+	return &fixture{st: st, kr: kr, recs: agentstore.New(st, kr, nil, nil)}
 }
 
 // create records a vTPM with a secret as the API does.
 func (f *fixture) create(t *testing.T, id, host string) *store.VTPM {
 	t.Helper()
 	ctx := context.Background()
-	sid, err := f.kr.Create(ctx, "p1", []byte("secret of "+id))
+	sid, err := f.kr.Create(ctx, "p1", "", []byte("secret of "+id))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -114,6 +114,8 @@ var settingUsage = map[string]string{
 	"tls-cert":                  "PEM certificate (chain) of the API: with --tls-key, the API speaks only HTTPS",
 	"tls-key":                   "PEM private key of the API's certificate",
 	"client-ca":                 "PEM CAs whose client certificates identify tenants (subject O=<project>) and the operator (O=system:operator); required of them when set (needs --tls-cert)",
+	"key-manager":               "where vTPMs' and tenants' secrets are kept: embedded (sealed under the master key in the store) or barbican (OpenStack's key manager, as Nova keeps them)",
+	"barbican-url":              "--key-manager barbican: Barbican's URL (empty: the Keystone catalog's key-manager endpoint)",
 	"auth":                      "how tenants and the operator prove themselves on --listen: certificates (--client-ca) or keystone (X-Auth-Token; certificates too with --client-ca)",
 	"keystone-url":              "--auth keystone: Keystone's identity URL (http://keystone:5000/v3), where tokens are validated",
 	"keystone-credentials-file": "--auth keystone: vtpmd's service user, a clouds.yaml cloud entry (auth:, region_name) in a file of mode 0600",

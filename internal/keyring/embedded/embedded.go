@@ -192,8 +192,9 @@ func (e *Keyring) open(tx *store.Tx, kind, name string) (keyring.Secret, error) 
 }
 
 // Create seals payload under a fresh random UUID owned by project and
-// returns the UUID.
-func (e *Keyring) Create(ctx context.Context, project string, payload []byte) (string, error) {
+// returns the UUID. The name is not kept: the store's records say what
+// each secret is for.
+func (e *Keyring) Create(ctx context.Context, project, _ string, payload []byte) (string, error) {
 	if err := keyring.CheckProject(project); err != nil {
 		return "", err
 	}
@@ -285,6 +286,43 @@ func (e *Keyring) OpenKey(tx *store.Tx, name string) ([]byte, error) {
 		return nil, fmt.Errorf("opening the deployment key %s: %w", name, err)
 	}
 	return s.Payload, nil
+}
+
+// Stage seals s, a vTPM secret its owner's request read from a key manager
+// vtpmd cannot read alone (keyring.CallerScoped), for the vTPM's host's
+// agent, in tx: TakeStaged gives it out once, until until. A secret staged
+// before under s.ID is replaced.
+func (e *Keyring) Stage(tx *store.Tx, s keyring.Secret, until time.Time) error {
+	if err := tx.DropStaged(s.ID); err != nil {
+		return err
+	}
+	if err := e.put(tx, store.SealedStaged, s); err != nil {
+		return err
+	}
+	return tx.SetStagedExpiry(s.ID, until)
+}
+
+// TakeStaged opens and deletes the secret staged as id in tx;
+// keyring.ErrNotFound if none is, or it expired by now.
+func (e *Keyring) TakeStaged(tx *store.Tx, id string, now time.Time) (keyring.Secret, error) {
+	until, err := tx.StagedExpiry(id)
+	if errors.Is(err, store.ErrNotFound) {
+		return keyring.Secret{}, keyring.ErrNotFound
+	}
+	if err != nil {
+		return keyring.Secret{}, err
+	}
+	s, err := e.open(tx, store.SealedStaged, id)
+	if err != nil {
+		return keyring.Secret{}, err
+	}
+	if err := tx.DropStaged(id); err != nil {
+		return keyring.Secret{}, err
+	}
+	if !now.Before(until) {
+		return keyring.Secret{}, keyring.ErrNotFound
+	}
+	return s, nil
 }
 
 // Rotate re-seals every key in the store (the embedded key manager's

@@ -84,7 +84,7 @@ func (kr *testKeyring) setBlob(t testing.TB, id string, blob []byte) {
 
 func mustCreate(t testing.TB, kr keyring.Keyring, project string, payload []byte) string {
 	t.Helper()
-	id, err := kr.Create(context.Background(), project, payload)
+	id, err := kr.Create(context.Background(), project, "", payload)
 	if err != nil {
 		t.Fatalf("Create: %v", err)
 	}
@@ -469,7 +469,7 @@ func TestCreateValidation(t *testing.T) {
 		{"p", []byte{}, keyring.ErrInvalidPayload},
 		{"p", make([]byte, keyring.MaxPayloadLen+1), keyring.ErrInvalidPayload},
 	} {
-		if id, err := kr.Create(ctx, tt.project, tt.payload); !errors.Is(err, tt.want) {
+		if id, err := kr.Create(ctx, tt.project, "", tt.payload); !errors.Is(err, tt.want) {
 			t.Errorf("Create(%q, %d bytes) = %q, %v; want %v", tt.project, len(tt.payload), id, err, tt.want)
 		}
 	}
@@ -505,7 +505,7 @@ func TestConcurrentUse(t *testing.T) {
 		wg.Go(func() {
 			for i := range each {
 				payload := fmt.Appendf(nil, "payload %d/%d", w, i)
-				id, err := kr.Create(ctx, fmt.Sprintf("project-%d", w), payload)
+				id, err := kr.Create(ctx, fmt.Sprintf("project-%d", w), "", payload)
 				if err != nil {
 					errs <- err
 					continue
@@ -555,7 +555,7 @@ func TestCanceledContext(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	id, _ := keyring.NewID()
-	if _, err := kr.Create(ctx, "p", []byte("x")); !errors.Is(err, context.Canceled) {
+	if _, err := kr.Create(ctx, "p", "", []byte("x")); !errors.Is(err, context.Canceled) {
 		t.Errorf("Create = %v, want context.Canceled", err)
 	}
 	if _, err := kr.Get(ctx, id); !errors.Is(err, context.Canceled) {
@@ -569,5 +569,64 @@ func TestCanceledContext(t *testing.T) {
 	}
 	if got := kr.snapshot(t); len(got) != 0 {
 		t.Errorf("the store holds %v", got)
+	}
+}
+
+// TestStaged: a staged secret is given out once, never after it expires,
+// goes with the expired ones, survives a master key rotation, and is no
+// secret of the key manager's own.
+func TestStaged(t *testing.T) {
+	ctx := context.Background()
+	kr := newTestKeyring(t)
+	now := time.Now()
+	stage := func(id string, until time.Time) {
+		t.Helper()
+		err := kr.st.Update(ctx, func(tx *store.Tx) error {
+			return kr.Stage(tx, keyring.Secret{ID: id, Project: "p1", Payload: []byte("payload of " + id), Created: now}, until)
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	take := func(id string, at time.Time) (keyring.Secret, error) {
+		var s keyring.Secret
+		err := kr.st.Update(ctx, func(tx *store.Tx) (err error) { s, err = kr.TakeStaged(tx, id, at); return err })
+		return s, err
+	}
+	a, b, c := "0f8fad5b-d9cb-469f-a165-70867728950e", "1f8fad5b-d9cb-469f-a165-70867728950e", "2f8fad5b-d9cb-469f-a165-70867728950e"
+	stage(a, now.Add(time.Minute))
+	stage(b, now.Add(time.Minute))
+	stage(c, now.Add(time.Second))
+	if ids, err := kr.List(ctx); err != nil || len(ids) != 0 {
+		t.Fatalf("List = %v, %v: staged secrets are not the key manager's", ids, err)
+	}
+	next, err := NewMasterKeyFile(filepath.Join(t.TempDir(), "next.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kr.Rotate(ctx, next); err != nil {
+		t.Fatal(err)
+	}
+	if s, err := take(a, now); err != nil || string(s.Payload) != "payload of "+a {
+		t.Fatalf("TakeStaged = %v, %v", s, err)
+	}
+	if _, err := take(a, now); !errors.Is(err, keyring.ErrNotFound) {
+		t.Fatalf("a second TakeStaged: %v, want ErrNotFound", err)
+	}
+	if _, err := take(b, now.Add(2*time.Minute)); !errors.Is(err, keyring.ErrNotFound) {
+		t.Fatalf("TakeStaged after the expiry: %v, want ErrNotFound", err)
+	}
+	var dropped int
+	if err := kr.st.Update(ctx, func(tx *store.Tx) (err error) {
+		dropped, err = tx.DropExpiredStaged(now.Add(30 * time.Second))
+		return err
+	}); err != nil || dropped != 1 {
+		t.Fatalf("DropExpiredStaged = %d, %v; want c alone", dropped, err)
+	}
+	if _, err := take(c, now); !errors.Is(err, keyring.ErrNotFound) {
+		t.Fatalf("an expired and dropped secret: %v", err)
+	}
+	if _, err := take(b, now); err != nil {
+		t.Fatalf("b before its expiry: %v", err)
 	}
 }

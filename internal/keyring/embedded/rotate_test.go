@@ -67,7 +67,7 @@ func TestRotate(t *testing.T) {
 	if _, err := b.Get(ctx, id); !errors.Is(err, keyring.ErrMasterKeyMismatch) {
 		t.Fatalf("Get on a replica with the old key = %v, want keyring.ErrMasterKeyMismatch", err)
 	}
-	if _, err := b.Create(ctx, "p", []byte("x")); !errors.Is(err, keyring.ErrMasterKeyMismatch) {
+	if _, err := b.Create(ctx, "p", "", []byte("x")); !errors.Is(err, keyring.ErrMasterKeyMismatch) {
 		t.Fatalf("Create on a replica with the old key = %v, want keyring.ErrMasterKeyMismatch", err)
 	}
 	if err := b.Check(ctx); !errors.Is(err, keyring.ErrMasterKeyMismatch) {

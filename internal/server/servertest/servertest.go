@@ -37,7 +37,7 @@ func New(t testing.TB, st *store.Store, kr keyring.Keyring) *server.Server {
 	vs := vtpms.New(vtpms.Config{Store: st, Keyring: kr, Secrets: keys})
 	ver := verifier.New(verifier.Config{Store: st, VTPMs: vs, CAChainPEM: caChain})
 	return &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: caChain,
-		Enrolment: enrol.New(enrol.Config{Store: st, HostCA: hostCA}), Agents: agentstore.New(st, kr, nil)}
+		Enrolment: enrol.New(enrol.Config{Store: st, HostCA: hostCA}), Agents: agentstore.New(st, kr, nil, nil)}
 }
 
 // Operator serves h on a fresh unix socket as the operator's local API and
