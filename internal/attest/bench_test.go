@@ -321,3 +321,44 @@ func BenchmarkEventLog(b *testing.B) {
 		}
 	})
 }
+
+// BenchmarkLogCache is what the parsed-log cache adds to a bundle: a
+// lookup that finds the ≈100-event log (hash, byte-for-byte comparison),
+// one that does not (hash), and keeping a log (hash, eviction of another).
+//
+//	go test -run '^$' -bench LogCache -benchmem ./internal/attest
+func BenchmarkLogCache(b *testing.B) {
+	log := longLog(b)
+	other := slices.Clone(log)
+	other[len(other)-1] ^= 1
+	var logs []*Log
+	for _, raw := range [][]byte{log, other} {
+		l, err := ParseLog(raw)
+		if err != nil {
+			b.Fatal(err)
+		}
+		logs = append(logs, l)
+	}
+	c := NewLogCache(logSize(logs[0])) // room for one
+	c.Add(logs[0])
+	seen := slices.Clone(log)
+	b.Run("lookup-hit", func(b *testing.B) {
+		for range b.N {
+			if c.Lookup(seen) == nil {
+				b.Fatal("not found")
+			}
+		}
+	})
+	b.Run("lookup-miss", func(b *testing.B) {
+		for range b.N {
+			if c.Lookup(other) != nil {
+				b.Fatal("found")
+			}
+		}
+	})
+	b.Run("add-evicting", func(b *testing.B) {
+		for n := range b.N {
+			c.Add(logs[(n+1)%2])
+		}
+	})
+}
