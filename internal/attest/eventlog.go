@@ -179,6 +179,32 @@ func digestSizes(spec []byte) (digestTable, error) {
 	return t, nil
 }
 
+// Log is a firmware event log parsed and replayed, a pure function of its
+// bytes: nothing in it depends on the evidence that carried it, so one
+// Log serves every quote whose log has the same bytes. It is never
+// changed after ParseLog, and shares the bytes (no copy: a verifier's hot
+// path), which must not be changed either.
+type Log struct {
+	raw      []byte
+	events   []Event
+	replayed pcrBank // what events replay to
+}
+
+// ParseLog parses the crypto-agile event log b (ParseEventLog) and
+// replays it.
+func ParseLog(b []byte) (*Log, error) {
+	events, err := ParseEventLog(b)
+	if err != nil {
+		return nil, err
+	}
+	l := &Log{raw: b, events: events}
+	l.replayed.replay(events)
+	return l, nil
+}
+
+// Bytes is the log as it was sent.
+func (l *Log) Bytes() []byte { return l.raw }
+
 // Replay computes the SHA-256 PCR values the events extend. The locality
 // of the startup, when the log records one (EV_NO_ACTION "StartupLocality"
 // in PCR 0), is PCR 0's starting value, as the TPM sets it.
@@ -212,6 +238,12 @@ func (b *pcrBank) values() map[int][]byte {
 
 func replay(events []Event) *pcrBank {
 	b := new(pcrBank)
+	b.replay(events)
+	return b
+}
+
+// replay extends b, all zeros, with events.
+func (b *pcrBank) replay(events []Event) {
 	var buf [2 * sha256.Size]byte // PCR || digest
 	h := sha256.New()             // one hash reset per extend costs less than a Sum256
 	for _, e := range events {
@@ -232,7 +264,6 @@ func replay(events []Event) *pcrBank {
 		h.Sum(b.v[e.PCR][:0])
 		b.set |= 1 << e.PCR
 	}
-	return b
 }
 
 // reader reads fixed-size fields in one byte order (event logs are

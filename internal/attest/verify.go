@@ -35,17 +35,14 @@ type Verdict struct {
 }
 
 // State is what the verifier keeps of an instance's last accepted
-// evidence. Agents push the same firmware log every time, so a caller that
-// keeps the State Verify returns (Events, and what they replay to) has a
-// log equal to the last one neither parsed nor replayed again (the API server keeps only the log: parsed logs of
-// every instance would not fit its memory). It shares the
-// evidence's log (no copy: a verifier's hot path), which must not be
-// changed after.
+// evidence.
 type State struct {
-	Quote    *Quote
-	EventLog []byte
-	Events   []Event
-	replayed *pcrBank // what Events replay to
+	Quote *Quote
+	// Log is a parsed and replayed event log: evidence whose log has the
+	// same bytes is neither parsed nor replayed again. Verify returns the
+	// last accepted evidence's (agents push the same log every time); a
+	// caller may also hand it one a LogCache kept from other evidence.
+	Log *Log
 	// IMA are the IMA entries the quotes of this boot covered, and IMALog
 	// those entries as the kernel logged them (what a caller keeps, to
 	// take a continuation: Quote.PCRs[10] is the value they replay to).
@@ -59,7 +56,8 @@ var ErrIMAContinuation = errors.New("the IMA log does not continue the one the v
 
 // Verify runs every check on ev, in order, for the registered ak: the
 // quote's signature, nonce and PCR digest; the counters against the last
-// accepted quote; the event log replaying to the quoted PCRs it covers;
+// accepted quote; the event log (parsed and replayed here, unless
+// prev.Log has its very bytes) replaying to the quoted PCRs it covers;
 // the IMA log, if any, replaying to the quoted PCR 10 (a continuation
 // (ev.IMAOffset) only of the entries prev holds, in the same boot, from
 // the value they replayed to), and no longer than MaxIMALog; then the
@@ -75,18 +73,18 @@ func Verify(ak *AK, ev Evidence, nonce []byte, prev State, p *Policy) (Verdict, 
 	if err := CheckProgress(prev.Quote, q); err != nil {
 		return Verdict{Reasons: []string{err.Error()}, Quote: q}, prev
 	}
-	next := State{Quote: q, EventLog: prev.EventLog, Events: prev.Events, replayed: prev.replayed}
-	if next.replayed == nil || !bytes.Equal(ev.EventLog, prev.EventLog) {
-		events, err := ParseEventLog(ev.EventLog)
-		if err != nil {
+	log := prev.Log
+	if log == nil || !bytes.Equal(ev.EventLog, log.raw) {
+		var err error
+		if log, err = ParseLog(ev.EventLog); err != nil {
 			return Verdict{Reasons: []string{err.Error()}, Quote: q}, prev
 		}
-		next.EventLog, next.Events, next.replayed = ev.EventLog, events, replay(events)
 	}
-	for i := range next.replayed.v {
+	next := State{Quote: q, Log: log}
+	for i := range log.replayed.v {
 		// Quoted PCRs the log extends must match it exactly; others (IMA,
 		// later stages with logs of their own) are judged by the policy.
-		r, ok := next.replayed.value(i)
+		r, ok := log.replayed.value(i)
 		if !ok {
 			continue
 		}
@@ -103,7 +101,7 @@ func Verify(ak *AK, ev Evidence, nonce []byte, prev State, p *Policy) (Verdict, 
 	if p == nil {
 		return Verdict{Genuine: true, Reasons: []string{"no policy yet"}, Quote: q}, next
 	}
-	v := judge(*p, Boot{PCRs: q.PCRs, Events: next.Events, IMA: next.IMA}, next.replayed)
+	v := judge(*p, Boot{PCRs: q.PCRs, Events: log.events, IMA: next.IMA}, &log.replayed)
 	v.Quote = q
 	return v, next
 }

@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/vtpmd/vtpmd/internal/attest"
 	"github.com/vtpmd/vtpmd/internal/store"
 )
 
@@ -20,8 +21,9 @@ type metrics struct {
 
 // newMetrics registers the API's metrics in reg; phases counts the vTPMs
 // in each phase at scrape time, statements (if not nil) the store's SQL
-// statements so far.
-func newMetrics(reg *prometheus.Registry, phases func(context.Context) (map[store.Phase]int, error), statements func() int64) *metrics {
+// statements so far, logs (if not nil) the verifier's cache of parsed
+// event logs.
+func newMetrics(reg *prometheus.Registry, phases func(context.Context) (map[store.Phase]int, error), statements func() int64, logs func() attest.LogCacheStats) *metrics {
 	m := &metrics{
 		reg: reg,
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -37,6 +39,15 @@ func newMetrics(reg *prometheus.Registry, phases func(context.Context) (map[stor
 		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name: "vtpmd_store_statements_total", Help: "SQL statements run by the store's transactions (BEGIN and COMMIT not counted).",
 		}, func() float64 { return float64(statements()) }))
+	}
+	if logs != nil {
+		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "vtpmd_event_log_cache_hits_total", Help: "Evidence whose firmware event log the verifier had parsed and replayed before (for any instance).",
+		}, func() float64 { return float64(logs().Hits) }), prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "vtpmd_event_log_cache_misses_total", Help: "Evidence whose firmware event log the verifier parsed and replayed anew.",
+		}, func() float64 { return float64(logs().Misses) }), prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "vtpmd_event_log_cache_bytes", Help: "Memory the verifier's parsed event logs take (bounded).",
+		}, func() float64 { return float64(logs().Bytes) }))
 	}
 	return m
 }

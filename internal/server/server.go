@@ -24,6 +24,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/agent/agentstore"
+	"github.com/vtpmd/vtpmd/internal/attest"
 	"github.com/vtpmd/vtpmd/internal/ca"
 	"github.com/vtpmd/vtpmd/internal/enrol"
 	"github.com/vtpmd/vtpmd/internal/refusal"
@@ -90,7 +91,11 @@ func (s *Server) Handler() http.Handler {
 		s.Registry = prometheus.NewRegistry()
 		s.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	}
-	m := newMetrics(s.Registry, s.VTPMs.Phases, s.Statements)
+	var logs func() attest.LogCacheStats
+	if s.Verifier != nil {
+		logs = s.Verifier.LogCacheStats
+	}
+	m := newMetrics(s.Registry, s.VTPMs.Phases, s.Statements, logs)
 	mux := http.NewServeMux()
 	for _, r := range s.routes() {
 		mux.Handle(r.pattern, m.instrument(r.pattern, s.handle(r)))

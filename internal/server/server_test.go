@@ -484,7 +484,8 @@ func TestMetricsAndHealth(t *testing.T) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	for _, want := range []string{`vtpmd_vtpms{phase="pending"} 1`, `vtpmd_http_requests_total{code="202",route="POST /v1/vtpms"} 1`} {
+	for _, want := range []string{`vtpmd_vtpms{phase="pending"} 1`, `vtpmd_http_requests_total{code="202",route="POST /v1/vtpms"} 1`,
+		"\nvtpmd_event_log_cache_hits_total 0\n", "\nvtpmd_event_log_cache_misses_total 0\n", "\nvtpmd_event_log_cache_bytes 0\n"} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %s", want)
 		}

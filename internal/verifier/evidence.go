@@ -138,7 +138,9 @@ func (v *Verifier) judge(sub Subject, a *store.Attestation, agentToken string, r
 	if err != nil {
 		return attest.Verdict{}, err
 	}
-	prev := attest.State{EventLog: a.EventLog}
+	// The subject's log parsed before, for it or for another instance of
+	// its image: a pure function of the bytes, confirmed byte for byte.
+	prev := attest.State{Log: v.logs.Lookup(req.EventLog)}
 	if a.PCRs != nil {
 		prev.Quote = &attest.Quote{Clock: a.Clock, ResetCount: a.ResetCount, RestartCount: a.RestartCount, PCRs: a.PCRs}
 	}
@@ -150,10 +152,15 @@ func (v *Verifier) judge(sub Subject, a *store.Attestation, agentToken string, r
 	verdict, next := attest.Verify(ak, attest.Evidence{Attest: req.Attest, Signature: req.Signature, PCRs: req.PCRs,
 		EventLog: req.EventLog, IMALog: req.IMALog, IMAOffset: req.IMAOffset}, req.Nonce, prev, storedPolicy(a))
 	v.record(a, verdict)
+	if verdict.Genuine && next.Log != prev.Log {
+		// Kept only once a quote vouched for it (signed, fresh, replayed
+		// to): a stranger's garbage never takes another log's room.
+		v.logs.Add(next.Log)
+	}
 	if verdict.Genuine {
 		a.EvidenceAt = v.now()
 		q := next.Quote
-		a.Clock, a.ResetCount, a.RestartCount, a.PCRs, a.EventLog = q.Clock, q.ResetCount, q.RestartCount, q.PCRs, next.EventLog
+		a.Clock, a.ResetCount, a.RestartCount, a.PCRs, a.EventLog = q.Clock, q.ResetCount, q.RestartCount, q.PCRs, next.Log.Bytes()
 		a.IMALog, a.IMAEntries = next.IMALog, len(next.IMA)
 	}
 	return verdict, nil
