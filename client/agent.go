@@ -89,3 +89,15 @@ func (c *Client) Renew(ctx context.Context, req api.RenewRequest) (api.Enrollmen
 	var out api.Enrollment
 	return out, c.do(ctx, http.MethodPost, "/v1/agent/renew", req, &out)
 }
+
+// TransferBundle reads the state bundle transfer request id asks the host
+// to import.
+func (c *Client) TransferBundle(ctx context.Context, id string) (api.AgentTransfer, error) {
+	var out api.AgentTransfer
+	return out, c.do(ctx, http.MethodGet, "/v1/agent/transfers/"+url.PathEscape(id)+"/bundle", nil, &out)
+}
+
+// AnswerTransfer answers transfer request id.
+func (c *Client) AnswerTransfer(ctx context.Context, id string, a api.AgentTransfer) error {
+	return c.do(ctx, http.MethodPut, "/v1/agent/transfers/"+url.PathEscape(id), a, nil)
+}

@@ -62,8 +62,8 @@ const (
 	MaxHeader = 4 << 10  // the header's JSON
 	MaxMeta   = 64 << 10 // the meta's JSON (EK certificates are ~1 KiB each)
 	MaxFiles  = 16
-	MaxFile   = 8 << 20  // one state file (a TPM 2.0's permall is ~10 KiB)
-	MaxSize   = 17 << 20 // a whole bundle
+	MaxFile   = 1 << 20 // one state file (a TPM 2.0's permall is ~10 KiB)
+	MaxSize   = 3 << 20 // a whole bundle
 )
 
 const (

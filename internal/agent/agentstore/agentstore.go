@@ -85,7 +85,7 @@ func (r *Records) WatchUntil(ctx context.Context, host string, since int64, over
 		if err != nil {
 			return nil, err
 		}
-		if ch.Reset && (since != 0 || ch.Token != 0) || len(ch.VTPMs) > 0 || len(ch.Gone) > 0 || ch.DriftAsked != 0 || len(ch.Adoptions) > 0 {
+		if ch.Reset && (since != 0 || ch.Token != 0) || len(ch.VTPMs) > 0 || len(ch.Gone) > 0 || ch.DriftAsked != 0 || len(ch.Adoptions) > 0 || len(ch.Transfers) > 0 {
 			return changes(ch), nil
 		}
 		select {
@@ -355,6 +355,34 @@ func (r *Records) AnswerAdoption(ctx context.Context, host string, ask agent.Ado
 	return agentError(r.st.Update(ctx, func(tx *store.Tx) error { return tx.AnswerAdoption(host, ask.ID, data) }))
 }
 
+// TransferBundle implements agent.Records: the bundle of host's import
+// request ask, while it waits.
+func (r *Records) TransferBundle(ctx context.Context, host string, ask agent.TransferAsk) ([]byte, error) {
+	var data []byte
+	err := r.st.View(ctx, func(tx *store.Tx) error {
+		x, err := tx.GetTransfer(host, ask.ID)
+		switch {
+		case err != nil:
+			return err
+		case x.Answered:
+			return refusal.Conflict(api.CodeConflict, "The transfer request is answered already.")
+		case x.Kind != store.TransferImport:
+			return refusal.Conflict(api.CodeConflict, "The transfer request asks for an export; it has no bundle to import.")
+		}
+		data = x.Bundle
+		return nil
+	})
+	return data, agentError(err)
+}
+
+// AnswerTransfer implements agent.Records.
+func (r *Records) AnswerTransfer(ctx context.Context, host string, ask agent.TransferAsk, answer agent.Transfer) error {
+	a := answer.API()
+	return agentError(r.st.Update(ctx, func(tx *store.Tx) error {
+		return tx.AnswerTransfer(host, ask.ID, a.Bundle, string(a.Code), a.Message)
+	}))
+}
+
 // current reads rec's vTPM as it is now: ErrNotFound if it is gone or
 // another incarnation, ErrConflict if it changed since rec was read.
 func current(tx *store.Tx, rec *agent.Record) (*store.VTPM, error) {
@@ -425,6 +453,10 @@ func changes(ch *store.Changes) *agent.Changes {
 	}
 	for _, a := range ch.Adoptions {
 		out.Adoptions = append(out.Adoptions, agent.AdoptionAsk{ID: a.ID, InstanceID: a.InstanceID, Domain: a.Domain, SecretID: a.SecretID})
+	}
+	for _, x := range ch.Transfers {
+		out.Transfers = append(out.Transfers, agent.TransferAsk{ID: x.ID, InstanceID: x.InstanceID, Incarnation: x.Incarnation,
+			Kind: agent.TransferKind(x.Kind), Generation: x.Generation})
 	}
 	return out
 }
