@@ -123,7 +123,7 @@ type AgentChanges struct {
 	// /v1/agent/adoptions/{id}); absent when none waits.
 	Adoptions []AgentAdoptionAsk `json:"adoptions,omitempty"`
 	// Transfers are the server's requests to export a vTPM's state bundle
-	// or import one (GET /v1/agent/transfers/{id}/bundle), each to be
+	// or import one (GET /v1/agent/transfers/{id} for the secret and bundle), each to be
 	// answered (PUT /v1/agent/transfers/{id}); absent when none waits.
 	Transfers []AgentTransferAsk `json:"transfers,omitempty"`
 }
@@ -139,10 +139,17 @@ type AgentTransferAsk struct {
 	Generation  int64  `json:"generation"`
 }
 
-// AgentTransfer is a state bundle on the agent protocol: the one to
-// import (GET /v1/agent/transfers/{id}/bundle), or an agent's answer to a
-// transfer request: the bundle exported, nothing for an import done, or
-// why not (Code, Message).
+// AgentTransferInput is what a host's agent needs to answer a transfer
+// request (GET /v1/agent/transfers/{id}): the payload of the secret that
+// keys the vTPM's state, and for an import the bundle.
+type AgentTransferInput struct {
+	Payload []byte `json:"payload"`
+	Bundle  []byte `json:"bundle,omitempty"`
+}
+
+// AgentTransfer is an agent's answer to a transfer request (PUT
+// /v1/agent/transfers/{id}): the bundle exported, nothing for an import
+// done, or why not (Code, Message).
 type AgentTransfer struct {
 	Bundle  []byte `json:"bundle,omitempty"`
 	Code    Code   `json:"code,omitempty"`

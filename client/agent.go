@@ -90,11 +90,11 @@ func (c *Client) Renew(ctx context.Context, req api.RenewRequest) (api.Enrollmen
 	return out, c.do(ctx, http.MethodPost, "/v1/agent/renew", req, &out)
 }
 
-// TransferBundle reads the state bundle transfer request id asks the host
-// to import.
-func (c *Client) TransferBundle(ctx context.Context, id string) (api.AgentTransfer, error) {
-	var out api.AgentTransfer
-	return out, c.do(ctx, http.MethodGet, "/v1/agent/transfers/"+url.PathEscape(id)+"/bundle", nil, &out)
+// TransferInput reads what the host needs to answer transfer request id:
+// the vTPM's secret and, for an import, the bundle.
+func (c *Client) TransferInput(ctx context.Context, id string) (api.AgentTransferInput, error) {
+	var out api.AgentTransferInput
+	return out, c.do(ctx, http.MethodGet, "/v1/agent/transfers/"+url.PathEscape(id), nil, &out)
 }
 
 // AnswerTransfer answers transfer request id.

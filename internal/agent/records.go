@@ -58,9 +58,11 @@ type Records interface {
 	AdoptionSecret(ctx context.Context, host string, ask AdoptionAsk, secretID string) ([]byte, error)
 	// AnswerAdoption answers host's adoption request ask.
 	AnswerAdoption(ctx context.Context, host string, ask AdoptionAsk, answer Adoption) error
-	// TransferBundle reads the state bundle host's agent is asked to
-	// import (ask); ErrNotFound if the request is withdrawn.
-	TransferBundle(ctx context.Context, host string, ask TransferAsk) ([]byte, error)
+	// TransferInput reads what host's agent needs to answer transfer
+	// request ask while it waits: the payload of the secret that keys the
+	// vTPM's state (released for the transfer, the vTPM running or not)
+	// and, for an import, the bundle; ErrNotFound if it is withdrawn.
+	TransferInput(ctx context.Context, host string, ask TransferAsk) (*TransferInput, error)
 	// AnswerTransfer answers host's transfer request ask; ErrNotFound if
 	// it is withdrawn (its server gave up).
 	AnswerTransfer(ctx context.Context, host string, ask TransferAsk, answer Transfer) error
@@ -109,6 +111,13 @@ const (
 	TransferExport TransferKind = "export"
 	TransferImport TransferKind = "import"
 )
+
+// TransferInput is what an agent answers a TransferAsk with.
+type TransferInput struct {
+	Secret []byte
+	// Bundle is the bundle to import; nil for an export.
+	Bundle []byte
+}
 
 // Transfer is the agent's answer to a TransferAsk: the bundle exported
 // (nil for an import done), or Refusal, why not.

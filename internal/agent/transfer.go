@@ -50,15 +50,19 @@ func (a *Agent) transfer(ctx context.Context, ask TransferAsk) (Transfer, error)
 		return Transfer{}, refusal.Conflict(api.CodeNotSupported, "Host "+a.Host+" runs the "+a.Backend.Name()+
 			" backend, which moves no vTPM state.")
 	}
-	secret, err := a.Records.Secret(ctx, &v)
+	if ask.Kind == TransferImport && (v.Desired != DesiredStopped || v.Phase != PhaseStopped) {
+		return Transfer{}, refusal.Conflict(api.CodeVTPMNotStopped, "The vTPM of "+v.InstanceID+" is "+string(v.Phase)+
+			" on host "+a.Host+"; its state is replaced only while it is stopped.")
+	}
+	in, err := a.Records.TransferInput(ctx, a.Host, ask)
 	if err != nil {
 		return Transfer{}, fmt.Errorf("reading the vTPM secret: %w", err)
 	}
 	switch ask.Kind {
 	case TransferExport:
-		return a.export(ctx, ex, &v, ask.Generation, secret)
+		return a.export(ctx, ex, &v, ask.Generation, in.Secret)
 	case TransferImport:
-		return Transfer{}, a.importBundle(ctx, ex, &v, ask, secret)
+		return Transfer{}, a.importBundle(ctx, ex, &v, ask, in)
 	}
 	return Transfer{}, refusal.Invalid(api.CodeInvalidParameter, "A transfer exports or imports, not "+refusal.Quote(string(ask.Kind))+".")
 }
@@ -82,20 +86,12 @@ func (a *Agent) export(ctx context.Context, ex Exporter, v *Record, gen int64, s
 	return Transfer{Bundle: data}, nil
 }
 
-// importBundle opens the bundle ask names as v's and has the backend
-// replace v's state with it, while v is stopped; the backend proves the
+// importBundle opens the bundle of in as v's and has the backend
+// replace v's state with it; the backend proves the
 // state is v's TPM (its record's endorsement keys) before it takes its
 // place.
-func (a *Agent) importBundle(ctx context.Context, ex Exporter, v *Record, ask TransferAsk, secret []byte) error {
-	if v.Desired != DesiredStopped || v.Phase != PhaseStopped {
-		return refusal.Conflict(api.CodeVTPMNotStopped, "The vTPM of "+v.InstanceID+" is "+string(v.Phase)+
-			" on host "+a.Host+"; its state is replaced only while it is stopped.")
-	}
-	data, err := a.Records.TransferBundle(ctx, a.Host, ask)
-	if err != nil {
-		return err
-	}
-	b, err := bundle.Open(data, secret, v.InstanceID, v.Incarnation)
+func (a *Agent) importBundle(ctx context.Context, ex Exporter, v *Record, ask TransferAsk, in *TransferInput) error {
+	b, err := bundle.Open(in.Bundle, in.Secret, v.InstanceID, v.Incarnation)
 	switch {
 	case errors.Is(err, bundle.ErrMismatch):
 		return refusal.Conflict(api.CodeBundleMismatch, err.Error())
@@ -107,7 +103,7 @@ func (a *Agent) importBundle(ctx context.Context, ex Exporter, v *Record, ask Tr
 	if b.Generation != ask.Generation {
 		return refusal.Conflict(api.CodeBundleMismatch, fmt.Sprintf("The bundle is generation %d, not the %d asked for.", b.Generation, ask.Generation))
 	}
-	return ex.Import(ctx, v.VTPM(), secret, b.Files, v.EKs)
+	return ex.Import(ctx, v.VTPM(), in.Secret, b.Files, v.EKs)
 }
 
 func bundleEKs(eks []EK) []bundle.EK {

@@ -340,15 +340,15 @@ func validAdoption(a api.AgentAdoption) error {
 // (bundle.MaxSize) in base64.
 const maxTransferBody = (bundle.MaxSize/3 + 1) * 4 + 4096
 
-// transferBundle gives the calling host the state bundle its transfer
-// request asks it to import.
-func (s *Server) transferBundle(w http.ResponseWriter, r *http.Request) error {
-	data, err := s.Agents.TransferBundle(r.Context(), hostName(r), agent.TransferAsk{ID: r.PathValue("id")})
+// transferInput releases to the calling host, answering its transfer
+// request, the secret of the vTPM and the bundle to import, if any.
+func (s *Server) transferInput(w http.ResponseWriter, r *http.Request) error {
+	in, err := s.Agents.TransferInput(r.Context(), hostName(r), agent.TransferAsk{ID: r.PathValue("id")})
 	if err != nil {
 		return err
 	}
 	w.Header().Set("Cache-Control", "no-store")
-	writeJSON(w, http.StatusOK, api.AgentTransfer{Bundle: data})
+	writeJSON(w, http.StatusOK, api.AgentTransferInput{Payload: in.Secret, Bundle: in.Bundle})
 	return nil
 }
 

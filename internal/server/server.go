@@ -192,7 +192,7 @@ func (s *Server) routes() []route {
 		{"PUT /v1/agent/drift", s.reportDrift, hosts, jsonBody},
 		{"GET /v1/agent/adoptions/{id}/secret", s.adoptionSecret, hosts, noBody},
 		{"PUT /v1/agent/adoptions/{id}", s.answerAdoption, hosts, jsonBody},
-		{"GET /v1/agent/transfers/{id}/bundle", s.transferBundle, hosts, noBody},
+		{"GET /v1/agent/transfers/{id}", s.transferInput, hosts, noBody},
 		{"PUT /v1/agent/transfers/{id}", s.answerTransfer, hosts, jsonBody},
 		{"GET /v1/ca", s.caChain, anyone, noBody},
 	}

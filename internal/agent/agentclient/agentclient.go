@@ -143,13 +143,13 @@ func (r *Records) AnswerAdoption(ctx context.Context, host string, ask agent.Ado
 	return agentError(r.c.AnswerAdoption(ctx, ask.ID, answer.API()))
 }
 
-// TransferBundle implements agent.Records; host is the certificate's.
-func (r *Records) TransferBundle(ctx context.Context, host string, ask agent.TransferAsk) ([]byte, error) {
-	b, err := r.c.TransferBundle(ctx, ask.ID)
+// TransferInput implements agent.Records; host is the certificate's.
+func (r *Records) TransferInput(ctx context.Context, host string, ask agent.TransferAsk) (*agent.TransferInput, error) {
+	in, err := r.c.TransferInput(ctx, ask.ID)
 	if err != nil {
 		return nil, agentError(err)
 	}
-	return b.Bundle, nil
+	return &agent.TransferInput{Secret: in.Payload, Bundle: in.Bundle}, nil
 }
 
 // AnswerTransfer implements agent.Records; host is the certificate's.

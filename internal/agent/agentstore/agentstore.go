@@ -355,10 +355,12 @@ func (r *Records) AnswerAdoption(ctx context.Context, host string, ask agent.Ado
 	return agentError(r.st.Update(ctx, func(tx *store.Tx) error { return tx.AnswerAdoption(host, ask.ID, data) }))
 }
 
-// TransferBundle implements agent.Records: the bundle of host's import
-// request ask, while it waits.
-func (r *Records) TransferBundle(ctx context.Context, host string, ask agent.TransferAsk) ([]byte, error) {
-	var data []byte
+// TransferInput implements agent.Records: released only to the host
+// asked, while its request waits and the vTPM it names (that incarnation)
+// is placed on that host.
+func (r *Records) TransferInput(ctx context.Context, host string, ask agent.TransferAsk) (*agent.TransferInput, error) {
+	in := &agent.TransferInput{}
+	var secretID string
 	err := r.st.View(ctx, func(tx *store.Tx) error {
 		x, err := tx.GetTransfer(host, ask.ID)
 		switch {
@@ -366,13 +368,31 @@ func (r *Records) TransferBundle(ctx context.Context, host string, ask agent.Tra
 			return err
 		case x.Answered:
 			return refusal.Conflict(api.CodeConflict, "The transfer request is answered already.")
-		case x.Kind != store.TransferImport:
-			return refusal.Conflict(api.CodeConflict, "The transfer request asks for an export; it has no bundle to import.")
 		}
-		data = x.Bundle
+		v, err := tx.GetVTPM(x.InstanceID)
+		switch {
+		case err != nil:
+			return err
+		case v.Incarnation != x.Incarnation:
+			return fmt.Errorf("vtpm %s of incarnation %s: %w", x.InstanceID, x.Incarnation, store.ErrNotFound)
+		case v.Host != host:
+			return refusal.Forbidden(api.CodeForbidden, "The vTPM of "+x.InstanceID+" is placed on another host.")
+		}
+		if x.Kind == store.TransferImport {
+			in.Bundle = x.Bundle
+		}
+		secretID = v.SecretID
 		return nil
 	})
-	return data, agentError(err)
+	if err != nil {
+		return nil, agentError(err)
+	}
+	s, err := r.kr.Get(ctx, secretID)
+	if err != nil {
+		return nil, err
+	}
+	in.Secret = s.Payload
+	return in, nil
 }
 
 // AnswerTransfer implements agent.Records.
