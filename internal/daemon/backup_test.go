@@ -63,7 +63,10 @@ func readNVData(t *testing.T, sock string) []byte {
 	return data
 }
 
-func increment(t *testing.T, sock string) { t.Helper(); tools(t, sock, "tpm2_nvincrement", backupCounterIndex, "-C", "o") }
+func increment(t *testing.T, sock string) {
+	t.Helper()
+	tools(t, sock, "tpm2_nvincrement", backupCounterIndex, "-C", "o")
+}
 
 func readCounter(t *testing.T, sock string) []byte {
 	t.Helper()
@@ -288,7 +291,6 @@ func TestBackupRestore(t *testing.T) {
 	}
 }
 
-
 func (u *daemonUnderTest) vtpmRecord(t *testing.T, id string) *store.VTPM {
 	t.Helper()
 	var v *store.VTPM
@@ -325,4 +327,40 @@ func (u *daemonUnderTest) askImport(t *testing.T, v *store.VTPM, data []byte, ge
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
+}
+
+// TestPeriodicBackups runs the servers' backups every second: a running
+// vTPM is backed up periodically, and a stopped one once more when it
+// stops, keeping the newest backup-keep.
+func TestPeriodicBackups(t *testing.T) {
+	u := startConfigured(t, Config{DataDir: t.TempDir(), Listen: "127.0.0.1:0", HostName: "test-host", BackupInterval: time.Second, BackupKeep: 2})
+	const id = "5b0f6a52-1c1e-4d57-9a42-0d1b5c7e2a03"
+	u.create(t, id, "2.0")
+	u.wait(t, id, "active")
+	backups := func(want func([]api.Backup) bool) []api.Backup {
+		t.Helper()
+		deadline := time.Now().Add(time.Minute)
+		for {
+			l, err := u.c.Backups(context.Background(), id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if want(l.Items) {
+				return l.Items
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("backups: %+v", l.Items)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	got := backups(func(bs []api.Backup) bool { return len(bs) == 2 && bs[0].Reason == "periodic" && bs[0].Generation >= 2 })
+	if got[0].Generation <= got[1].Generation {
+		t.Fatalf("backups not newest first: %+v", got)
+	}
+	if _, err := u.c.Stop(context.Background(), id); err != nil {
+		t.Fatal(err)
+	}
+	u.wait(t, id, "stopped")
+	backups(func(bs []api.Backup) bool { return len(bs) == 2 && bs[0].Reason == "stop" })
 }

@@ -171,7 +171,7 @@ func (s *Server) open(ctx context.Context) error {
 		hyperV.PublicURL = s.URL
 	}
 	keys := secrets.New(s.store, kr, s.log)
-	vs := vtpms.New(vtpms.Config{HeartbeatWindow: cfg.HeartbeatWindow, Store: s.store, Keyring: kr, Secrets: keys, HyperV: hyperV, Log: s.log,
+	vs := vtpms.New(vtpms.Config{HeartbeatWindow: cfg.HeartbeatWindow, BackupKeep: cfg.BackupKeep, Store: s.store, Keyring: kr, Secrets: keys, HyperV: hyperV, Log: s.log,
 		Options: spec.Options{DefaultTPMVersion: cfg.DefaultTPMVersion}})
 	ver := verifier.New(verifier.Config{Store: s.store, VTPMs: vs, CAChainPEM: s.authority.ChainPEM, HostEKRoots: hostRoots,
 		Signer: verdicts, TicketKey: shared.ticketKey, Webhook: hook, StaleAfter: cfg.StaleAfter, Replica: replica, Log: s.log})
@@ -202,6 +202,9 @@ func (s *Server) open(ctx context.Context) error {
 	s.local.RegisterOnShutdown(s.api.EndLongPolls)
 	go ver.WatchStale(bg)
 	go reclaimOrphans(bg, s.store, kr, replica, reclaimInterval, orphanAge, s.log)
+	if cfg.BackupInterval > 0 {
+		go vs.RunBackups(bg, replica, cfg.BackupInterval)
+	}
 	return nil
 }
 

@@ -338,7 +338,7 @@ func validAdoption(a api.AgentAdoption) error {
 
 // maxTransferBody bounds an agent's answer to a transfer: a state bundle
 // (bundle.MaxSize) in base64.
-const maxTransferBody = (bundle.MaxSize/3 + 1) * 4 + 4096
+const maxTransferBody = (bundle.MaxSize/3+1)*4 + 4096
 
 // transferInput releases to the calling host, answering its transfer
 // request, the secret of the vTPM and the bundle to import, if any.

@@ -60,9 +60,11 @@ func (s *Service) Backup(ctx context.Context, c tenant.Caller, id, reason string
 		s.event(ctx, c, v, "backup failed", fmt.Sprintf("generation %d (%s): %s", ask.Generation, reason, refusal.Truncate(err.Error())))
 		return nil, err
 	}
+	// Kept as taken when the server received it, by the server's clock,
+	// which tells whether a stopped vTPM was backed up since it stopped.
 	h, _ := bundle.ReadHeader(got.Bundle)
 	b := &store.Backup{InstanceID: v.InstanceID, Incarnation: v.Incarnation, Generation: ask.Generation, Reason: reason,
-		SourceHost: h.SourceHost, CreatedAt: h.Created, Size: len(got.Bundle), Bundle: got.Bundle}
+		SourceHost: h.SourceHost, CreatedAt: s.cfg.Now(), Size: len(got.Bundle), Bundle: got.Bundle}
 	err = s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
 		if err := tx.RecordGeneration(v.InstanceID, v.Incarnation, b.Generation); err != nil {
 			return err
@@ -264,4 +266,92 @@ func (s *Service) event(ctx context.Context, c tenant.Caller, v *store.VTPM, act
 	if err != nil {
 		s.cfg.Log.Warn("recording an event", "instance", v.InstanceID, "action", action, "err", err)
 	}
+}
+
+// backupLease names the lease (store.Tx.TakeLease) of the periodic
+// backups: of the servers sharing a store, the one holding it backs up.
+const backupLease = "state-backups"
+
+// backupActor is who the periodic backups' events name.
+const backupActor = "server:backups"
+
+// RunBackups backs up, until ctx ends, every vTPM whose newest backup is
+// older than interval, and every stopped vTPM not backed up since it
+// stopped (BackupDue), on whichever server sharing the store holds the
+// backups' lease: each round (a tenth of interval, at most a minute)
+// takes or renews it for three rounds.
+func (s *Service) RunBackups(ctx context.Context, replica string, interval time.Duration) {
+	every := min(interval/10, time.Minute)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		var held bool
+		err := s.cfg.Store.Update(ctx, func(tx *store.Tx) (err error) {
+			held, err = tx.TakeLease(backupLease, replica, 3*every)
+			return err
+		})
+		if err == nil && held {
+			err = s.BackupDue(ctx, interval)
+		}
+		if err != nil && ctx.Err() == nil {
+			s.cfg.Log.Error("backing up vTPMs", "err", err)
+		}
+	}
+}
+
+// BackupDue backs up, one after another, each manufactured vTPM on a host
+// that is up: reason "stop" for one stopped (desired and observed) with no
+// backup since its record last changed, "periodic" for one whose newest
+// backup is older than interval. A vTPM that cannot be backed up is
+// logged and left for the next round (its event says why); the others go
+// on.
+func (s *Service) BackupDue(ctx context.Context, interval time.Duration) error {
+	var vs []*store.VTPM
+	var last map[string]time.Time
+	err := s.cfg.Store.View(ctx, func(tx *store.Tx) (err error) {
+		if vs, err = tx.ListVTPMs(store.Filter{}); err != nil {
+			return err
+		}
+		last, err = tx.LastBackups()
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	down := map[string]bool{}
+	hosts, err := s.Hosts(ctx, "")
+	if err != nil {
+		return err
+	}
+	for _, h := range hosts {
+		down[h.Name] = h.State == spec.HostDown
+	}
+	c := tenant.Caller{Actor: backupActor}
+	for _, v := range vs {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if len(v.EKs) == 0 || down[v.Host] || v.Phase != store.PhaseActive && v.Phase != store.PhaseStopped {
+			continue
+		}
+		at, has := last[v.InstanceID]
+		reason := ""
+		switch {
+		case v.Phase == store.PhaseStopped && v.Desired == store.DesiredStopped && (!has || at.Before(v.UpdatedAt)):
+			reason = store.BackupStop
+		case !has || s.cfg.Now().Sub(at) >= interval:
+			reason = store.BackupPeriodic
+		default:
+			continue
+		}
+		if _, err := s.Backup(ctx, c, v.InstanceID, reason); err != nil {
+			s.cfg.Log.Warn("backing up a vTPM", "instance", v.InstanceID, "host", v.Host, "reason", reason, "err", err)
+		}
+	}
+	return nil
 }

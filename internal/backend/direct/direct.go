@@ -19,7 +19,7 @@ import (
 type Backend struct{ rt *swtpmhost.Runtime }
 
 var (
-	_ agent.Backend = (*Backend)(nil)
+	_ agent.Backend  = (*Backend)(nil)
 	_ agent.Pool     = (*Backend)(nil)
 	_ agent.Exporter = (*Backend)(nil)
 )

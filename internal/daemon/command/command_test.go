@@ -71,6 +71,8 @@ func TestEveryFlag(t *testing.T) {
 		// Keystone authentication
 		"--auth", "keystone", "--keystone-url", "http://keystone:5000/v3", "--keystone-credentials-file", "/etc/vtpmd/keystone.yaml",
 		"--keystone-admin-project", "cloud-admin", "--keystone-cache-ttl", "20s",
+		// state backups
+		"--backup-interval", "1h", "--backup-keep", "5",
 	}
 	want := daemon.Config{
 		DataDir: "/srv/vtpmd", MasterKeyFile: "/etc/vtpmd/master.key", Listen: "0.0.0.0:9000", InsecureListen: true, APISocket: "/run/vtpmd-api.sock",
@@ -89,6 +91,7 @@ func TestEveryFlag(t *testing.T) {
 		Server: "https://control.example:8780", ServerCA: "/etc/vtpmd/server-ca.pem", JoinTokenFile: "/etc/vtpmd/join-token",
 		Auth: "keystone", KeystoneURL: "http://keystone:5000/v3", KeystoneCredentialsFile: "/etc/vtpmd/keystone.yaml",
 		KeystoneAdminProject: "cloud-admin", KeystoneCacheTTL: 20 * time.Second,
+		BackupInterval: time.Hour, BackupKeep: 5,
 	}
 	got, out := printed(t, args...)
 	if !reflect.DeepEqual(got, want) {
