@@ -364,3 +364,40 @@ func TestPeriodicBackups(t *testing.T) {
 	u.wait(t, id, "stopped")
 	backups(func(bs []api.Backup) bool { return len(bs) == 2 && bs[0].Reason == "stop" })
 }
+
+// TestClusterBackup backs up and restores a vTPM on a host whose agent
+// is its own vtpmd process, reached over the agent protocol (mTLS) by a
+// server on PostgreSQL: the agent reads the secret and the bundle for the
+// transfer and answers over HTTPS.
+func TestClusterBackup(t *testing.T) {
+	swtpmtest.Require(t, "tpm2_nvdefine")
+	c := newCluster(t)
+	ctx := context.Background()
+	c.addAgent("hv-a", 2)
+	id := clusterID(40)
+	if _, err := c.create(id); err != nil {
+		t.Fatal(err)
+	}
+	v := c.wait(id, "active")
+	before := bytes.Repeat([]byte("C"), 32)
+	writeNV(t, v.Sockets.Data, before, true)
+	b, err := c.op.CreateBackup(ctx, id)
+	if err != nil || b.Generation != 1 || b.SourceHost != "hv-a" {
+		t.Fatalf("backup = %+v, %v", b, err)
+	}
+	writeNV(t, v.Sockets.Data, bytes.Repeat([]byte("D"), 32), false)
+	if _, err := c.op.Stop(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	c.wait(id, "stopped")
+	if _, err := c.op.RestoreBackup(ctx, id, api.RestoreRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.op.Start(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	v = c.wait(id, "active")
+	if got := readNVData(t, v.Sockets.Data); !bytes.Equal(got, before) {
+		t.Fatalf("NV after restore = %q, want %q", got, before)
+	}
+}
