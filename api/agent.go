@@ -122,6 +122,38 @@ type AgentChanges struct {
 	// whose vTPM vtpmd is to take over, each to be answered (PUT
 	// /v1/agent/adoptions/{id}); absent when none waits.
 	Adoptions []AgentAdoptionAsk `json:"adoptions,omitempty"`
+	// Transfers are the server's requests to export a vTPM's state bundle
+	// or import one (GET /v1/agent/transfers/{id} for the secret and bundle), each to be
+	// answered (PUT /v1/agent/transfers/{id}); absent when none waits.
+	Transfers []AgentTransferAsk `json:"transfers,omitempty"`
+}
+
+// AgentTransferAsk asks a host's agent to export the state of a vTPM
+// placed on it as a sealed state bundle of Generation (Kind "export"), or
+// to import one (Kind "import").
+type AgentTransferAsk struct {
+	ID          string `json:"id"`
+	InstanceID  string `json:"instance_id"`
+	Incarnation string `json:"incarnation"`
+	Kind        string `json:"kind"`
+	Generation  int64  `json:"generation"`
+}
+
+// AgentTransferInput is what a host's agent needs to answer a transfer
+// request (GET /v1/agent/transfers/{id}): the payload of the secret that
+// keys the vTPM's state, and for an import the bundle.
+type AgentTransferInput struct {
+	Payload []byte `json:"payload"`
+	Bundle  []byte `json:"bundle,omitempty"`
+}
+
+// AgentTransfer is an agent's answer to a transfer request (PUT
+// /v1/agent/transfers/{id}): the bundle exported, nothing for an import
+// done, or why not (Code, Message).
+type AgentTransfer struct {
+	Bundle  []byte `json:"bundle,omitempty"`
+	Code    Code   `json:"code,omitempty"`
+	Message string `json:"message,omitempty"`
 }
 
 // AgentAdoptionAsk asks a host's agent to find domain's vTPM, open its

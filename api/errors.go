@@ -220,6 +220,33 @@ const (
 	CodeAdoptionFailed Code = "adoption_failed"
 )
 
+// Codes of state bundles and backups (/v1/vtpms/{id}/backups, and the
+// agents' transfers). A refused import leaves the host's state as it was.
+const (
+	// CodeBundleCorrupt (409): the state bundle does not parse, is
+	// truncated, or fails its seal (a byte changed, or not sealed with the
+	// vTPM's secret).
+	CodeBundleCorrupt Code = "bundle_corrupt"
+	// CodeBundleMismatch (409): the state bundle is another vTPM's.
+	CodeBundleMismatch Code = "bundle_mismatch"
+	// CodeStaleBundle (409): the bundle's generation is older than the
+	// newest the server recorded of the vTPM; the operator may restore it
+	// with allow_rollback.
+	CodeStaleBundle Code = "stale_bundle"
+	// CodeVTPMNotStopped (409): the vTPM must be stopped (desired and
+	// observed) for its state to be replaced.
+	CodeVTPMNotStopped Code = "vtpm_not_stopped"
+	// CodeNotManufactured (409): the vTPM has no TPM yet, so no state to
+	// back up.
+	CodeNotManufactured Code = "not_manufactured"
+	// CodeBackupNotFound (404): the vTPM has no backup (of that
+	// generation).
+	CodeBackupNotFound Code = "backup_not_found"
+	// CodeTransferFailed (503): the host's agent could not export or
+	// import the state; the message says why.
+	CodeTransferFailed Code = "transfer_failed"
+)
+
 // Codes of hosts' enrolment and their agents' calls (/v1/agent/...).
 const (
 	// CodeInvalidHostName (400): a host name is not a letter or digit

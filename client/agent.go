@@ -89,3 +89,15 @@ func (c *Client) Renew(ctx context.Context, req api.RenewRequest) (api.Enrollmen
 	var out api.Enrollment
 	return out, c.do(ctx, http.MethodPost, "/v1/agent/renew", req, &out)
 }
+
+// TransferInput reads what the host needs to answer transfer request id:
+// the vTPM's secret and, for an import, the bundle.
+func (c *Client) TransferInput(ctx context.Context, id string) (api.AgentTransferInput, error) {
+	var out api.AgentTransferInput
+	return out, c.do(ctx, http.MethodGet, "/v1/agent/transfers/"+url.PathEscape(id), nil, &out)
+}
+
+// AnswerTransfer answers transfer request id.
+func (c *Client) AnswerTransfer(ctx context.Context, id string, a api.AgentTransfer) error {
+	return c.do(ctx, http.MethodPut, "/v1/agent/transfers/"+url.PathEscape(id), a, nil)
+}

@@ -519,3 +519,22 @@ func (c *Client) VerdictKeys(ctx context.Context) ([]byte, error) {
 	var out []byte
 	return out, c.do(ctx, http.MethodGet, "/.well-known/vtpmd/jwks.json", nil, &out)
 }
+
+// CreateBackup has the vTPM of instance id backed up now.
+func (c *Client) CreateBackup(ctx context.Context, id string) (api.Backup, error) {
+	var out api.Backup
+	return out, c.do(ctx, http.MethodPost, "/v1/vtpms/"+url.PathEscape(id)+"/backups", nil, &out)
+}
+
+// Backups lists the backups of the vTPM of instance id, newest first.
+func (c *Client) Backups(ctx context.Context, id string) (api.BackupList, error) {
+	var out api.BackupList
+	return out, c.do(ctx, http.MethodGet, "/v1/vtpms/"+url.PathEscape(id)+"/backups", nil, &out)
+}
+
+// RestoreBackup replaces the state of the (stopped) vTPM of instance id
+// with a backup.
+func (c *Client) RestoreBackup(ctx context.Context, id string, r api.RestoreRequest) (api.Backup, error) {
+	var out api.Backup
+	return out, c.do(ctx, http.MethodPost, "/v1/vtpms/"+url.PathEscape(id)+"/backups/restore", r, &out)
+}

@@ -226,6 +226,9 @@ func (a *Agent) watch(ctx context.Context, wait time.Duration) ([]string, error)
 	for _, ask := range ch.Adoptions {
 		errs = append(errs, a.answerAdoption(ctx, ask))
 	}
+	for _, ask := range ch.Transfers {
+		errs = append(errs, a.answerTransfer(ctx, ask))
+	}
 	if ch.Drift.ID != 0 {
 		errs = append(errs, a.answerDrift(ctx, ch.Drift))
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 
 	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/bundle"
 	"github.com/vtpmd/vtpmd/internal/spec"
 )
 
@@ -101,4 +102,18 @@ type EK struct {
 	NVIndex   uint32 // where its certificate is in the TPM's NV; 0 if not
 	PublicDER []byte // PKIX
 	CertDER   []byte // nil when not certified
+}
+
+// Exporter is a backend whose vTPM state can leave its host and come
+// back: the files of a state bundle (package bundle), as they are at rest,
+// still encrypted with the vTPM's secret.
+type Exporter interface {
+	// Export returns v's state files: a consistent copy of the state as
+	// last written, the vTPM running or not.
+	Export(ctx context.Context, v VTPM) ([]bundle.File, error)
+	// Import replaces v's state, which must not be running, with files,
+	// once they prove to open with secret as the TPM whose endorsement
+	// keys are eks (the record's); any failure leaves the state as it
+	// was.
+	Import(ctx context.Context, v VTPM, secret []byte, files []bundle.File, eks []EK) error
 }

@@ -58,6 +58,14 @@ type Records interface {
 	AdoptionSecret(ctx context.Context, host string, ask AdoptionAsk, secretID string) ([]byte, error)
 	// AnswerAdoption answers host's adoption request ask.
 	AnswerAdoption(ctx context.Context, host string, ask AdoptionAsk, answer Adoption) error
+	// TransferInput reads what host's agent needs to answer transfer
+	// request ask while it waits: the payload of the secret that keys the
+	// vTPM's state (released for the transfer, the vTPM running or not)
+	// and, for an import, the bundle; ErrNotFound if it is withdrawn.
+	TransferInput(ctx context.Context, host string, ask TransferAsk) (*TransferInput, error)
+	// AnswerTransfer answers host's transfer request ask; ErrNotFound if
+	// it is withdrawn (its server gave up).
+	AnswerTransfer(ctx context.Context, host string, ask TransferAsk, answer Transfer) error
 }
 
 // Changes is what changed on a host after a revision (Records.Watch).
@@ -79,6 +87,75 @@ type Changes struct {
 	// Adoptions are the operator's requests to take over a vTPM vtpmd
 	// did not make, not yet answered.
 	Adoptions []AdoptionAsk
+	// Transfers are the control plane's requests to export or import a
+	// vTPM's state bundle, not yet answered.
+	Transfers []TransferAsk
+}
+
+// TransferAsk asks a host's agent to export the state of the vTPM
+// InstanceID, Incarnation as a sealed bundle (package bundle) of
+// Generation, or to import the bundle Records.TransferBundle reads.
+type TransferAsk struct {
+	ID          string
+	InstanceID  string
+	Incarnation string
+	Kind        TransferKind
+	Generation  int64
+}
+
+// TransferKind is what a TransferAsk asks.
+type TransferKind string
+
+// The kinds of transfer.
+const (
+	TransferExport TransferKind = "export"
+	TransferImport TransferKind = "import"
+)
+
+// TransferInput is what an agent answers a TransferAsk with.
+type TransferInput struct {
+	Secret []byte
+	// Bundle is the bundle to import; nil for an export.
+	Bundle []byte
+}
+
+// Transfer is the agent's answer to a TransferAsk: the bundle exported
+// (nil for an import done), or Refusal, why not.
+type Transfer struct {
+	Bundle  []byte
+	Refusal *refusal.Error
+}
+
+// transferRefusals are the refusals an agent answers a transfer with, and
+// what kind each is.
+var transferRefusals = map[api.Code]refusal.Kind{
+	api.CodeNotFound:       refusal.KindNotFound,
+	api.CodeNotSupported:   refusal.KindConflict,
+	api.CodeBundleCorrupt:  refusal.KindConflict,
+	api.CodeBundleMismatch: refusal.KindConflict,
+	api.CodeVTPMNotStopped: refusal.KindConflict,
+	api.CodeTransferFailed: refusal.KindUnavailable,
+}
+
+// ValidTransferRefusal says whether code is one an agent answers a
+// transfer with.
+func ValidTransferRefusal(code api.Code) bool { _, ok := transferRefusals[code]; return ok }
+
+// TransferFromAPI is an answer in the agent protocol's words as the agent
+// gave it.
+func TransferFromAPI(a api.AgentTransfer) Transfer {
+	if a.Code != "" {
+		return Transfer{Refusal: &refusal.Error{Kind: transferRefusals[a.Code], Code: a.Code, Message: a.Message}}
+	}
+	return Transfer{Bundle: a.Bundle}
+}
+
+// API is t in the agent protocol's words.
+func (t Transfer) API() api.AgentTransfer {
+	if t.Refusal != nil {
+		return api.AgentTransfer{Code: t.Refusal.Code, Message: t.Refusal.Message}
+	}
+	return api.AgentTransfer{Bundle: t.Bundle}
 }
 
 // AdoptionAsk asks a host's agent to find the vTPM of libvirt domain

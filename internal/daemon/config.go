@@ -120,6 +120,14 @@ type Config struct {
 	// heartbeat before the host reads down and takes no new vTPMs (its
 	// vTPMs stay). Default vtpms.DefaultHeartbeatWindow (60s).
 	HeartbeatWindow time.Duration `yaml:"heartbeat-window"`
+	// BackupInterval is how often the servers back up every vTPM (a state
+	// bundle the store keeps), and, while it is on, each vTPM is backed up
+	// also when it stops; 0 (the default) is off: backups only when asked
+	// (vtpmctl backup create).
+	BackupInterval time.Duration `yaml:"backup-interval"`
+	// BackupKeep is how many backups of each vTPM are kept, the newest.
+	// Default vtpms.DefaultBackupKeep (3).
+	BackupKeep int `yaml:"backup-keep"`
 	// HostEKCA is a PEM file of the CAs (TPM vendors', or the operator's)
 	// whose EK certificates hosts' TPMs may register with; "" for none.
 	HostEKCA string `yaml:"host-ek-ca"`
@@ -246,6 +254,9 @@ func (c *Config) Defaults() {
 	}
 	if c.HeartbeatInterval == 0 {
 		c.HeartbeatInterval = agent.DefaultHeartbeatInterval
+	}
+	if c.BackupKeep == 0 {
+		c.BackupKeep = vtpms.DefaultBackupKeep
 	}
 	if c.HeartbeatWindow == 0 {
 		c.HeartbeatWindow = vtpms.DefaultHeartbeatWindow
@@ -416,6 +427,9 @@ func (c *Config) Validate() error {
 	}
 	if c.HostAttestInterval < 0 {
 		errs = append(errs, fmt.Errorf("host attest interval %s must be positive", c.HostAttestInterval))
+	}
+	if c.BackupInterval < 0 || c.BackupKeep < 0 {
+		errs = append(errs, fmt.Errorf("backup-interval %s and backup-keep %d must not be negative", c.BackupInterval, c.BackupKeep))
 	}
 	if c.HeartbeatInterval < 0 || c.HeartbeatWindow <= c.HeartbeatInterval {
 		errs = append(errs, fmt.Errorf("heartbeat-window %s must be longer than heartbeat-interval %s, both positive", c.HeartbeatWindow, c.HeartbeatInterval))

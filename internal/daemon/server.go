@@ -176,7 +176,7 @@ func (s *Server) open(ctx context.Context) error {
 		hyperV.PublicURL = s.URL
 	}
 	keys := secrets.New(s.store, km, s.log)
-	vs := vtpms.New(vtpms.Config{HeartbeatWindow: cfg.HeartbeatWindow, Store: s.store, Keyring: km, Staging: kr, Secrets: keys, HyperV: hyperV, Log: s.log,
+	vs := vtpms.New(vtpms.Config{HeartbeatWindow: cfg.HeartbeatWindow, BackupKeep: cfg.BackupKeep, Store: s.store, Keyring: km, Staging: kr, Secrets: keys, HyperV: hyperV, Log: s.log,
 		Options: spec.Options{DefaultTPMVersion: cfg.DefaultTPMVersion}})
 	ver := verifier.New(verifier.Config{Store: s.store, VTPMs: vs, CAChainPEM: s.authority.ChainPEM, HostEKRoots: hostRoots,
 		Signer: verdicts, TicketKey: shared.ticketKey, Webhook: hook, StaleAfter: cfg.StaleAfter, Replica: replica, Log: s.log})
@@ -207,6 +207,9 @@ func (s *Server) open(ctx context.Context) error {
 	s.local.RegisterOnShutdown(s.api.EndLongPolls)
 	go ver.WatchStale(bg)
 	go reclaimOrphans(bg, s.store, km, replica, reclaimInterval, orphanAge, s.log)
+	if cfg.BackupInterval > 0 {
+		go vs.RunBackups(bg, replica, cfg.BackupInterval)
+	}
 	return nil
 }
 

@@ -11,6 +11,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/agent"
+	"github.com/vtpmd/vtpmd/internal/bundle"
 	"github.com/vtpmd/vtpmd/internal/ca"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/refusal"
@@ -91,6 +92,10 @@ func (s *Server) watchVTPMs(w http.ResponseWriter, r *http.Request) error {
 	}
 	for _, a := range ch.Adoptions {
 		out.Adoptions = append(out.Adoptions, api.AgentAdoptionAsk{ID: a.ID, InstanceID: a.InstanceID, Domain: a.Domain, SecretRef: a.SecretID})
+	}
+	for _, x := range ch.Transfers {
+		out.Transfers = append(out.Transfers, api.AgentTransferAsk{ID: x.ID, InstanceID: x.InstanceID, Incarnation: x.Incarnation,
+			Kind: string(x.Kind), Generation: x.Generation})
 	}
 	writeJSON(w, http.StatusOK, out)
 	return nil
@@ -328,5 +333,43 @@ func validAdoption(a api.AgentAdoption) error {
 			return refusal.Invalid(api.CodeInvalidParameter, "An endorsement key needs a kind and a public key.")
 		}
 	}
+	return nil
+}
+
+// maxTransferBody bounds an agent's answer to a transfer: a state bundle
+// (bundle.MaxSize) in base64.
+const maxTransferBody = (bundle.MaxSize/3+1)*4 + 4096
+
+// transferInput releases to the calling host, answering its transfer
+// request, the secret of the vTPM and the bundle to import, if any.
+func (s *Server) transferInput(w http.ResponseWriter, r *http.Request) error {
+	in, err := s.Agents.TransferInput(r.Context(), hostName(r), agent.TransferAsk{ID: r.PathValue("id")})
+	if err != nil {
+		return err
+	}
+	w.Header().Set("Cache-Control", "no-store")
+	writeJSON(w, http.StatusOK, api.AgentTransferInput{Payload: in.Secret, Bundle: in.Bundle})
+	return nil
+}
+
+// answerTransfer records the calling host's answer to its transfer
+// request.
+func (s *Server) answerTransfer(w http.ResponseWriter, r *http.Request) error {
+	var req api.AgentTransfer
+	if err := decodeUpTo(w, r, &req, maxTransferBody); err != nil {
+		return err
+	}
+	switch {
+	case len(req.Message) > 4096:
+		return refusal.Invalid(api.CodeInvalidParameter, "The message is longer than 4096 bytes.")
+	case req.Code != "" && !agent.ValidTransferRefusal(req.Code):
+		return refusal.Invalid(api.CodeInvalidParameter, "code "+refusal.Quote(string(req.Code))+" is not one a transfer is refused with.")
+	case req.Code != "" && len(req.Bundle) > 0:
+		return refusal.Invalid(api.CodeInvalidParameter, "A refusal carries no bundle.")
+	}
+	if err := s.Agents.AnswerTransfer(r.Context(), hostName(r), agent.TransferAsk{ID: r.PathValue("id")}, agent.TransferFromAPI(req)); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
 	return nil
 }

@@ -140,6 +140,9 @@ func (s *Server) routes() []route {
 		{"POST /v1/vtpms/{id}/attach", s.attachVTPM, callers, jsonBody},
 		{"POST /v1/vtpms/{id}/detach", s.detachVTPM, callers, noBody},
 		{"POST /v1/vtpms/{id}/adopt", s.adoptVTPM, operator, jsonBody},
+		{"POST /v1/vtpms/{id}/backups", s.createBackup, operator, noBody},
+		{"GET /v1/vtpms/{id}/backups", s.listBackups, operator, noBody},
+		{"POST /v1/vtpms/{id}/backups/restore", s.restoreBackup, operator, jsonBody},
 		{"GET /v1/vtpms/{id}/identity", s.identity, callers, noBody},
 		{"GET /v1/vtpms/{id}/attestation", s.getAttestation, callers, noBody},
 		{"POST /v1/vtpms/{id}/attestation/register", s.register, agents, jsonBody},
@@ -194,6 +197,8 @@ func (s *Server) routes() []route {
 		{"PUT /v1/agent/drift", s.reportDrift, hosts, jsonBody},
 		{"GET /v1/agent/adoptions/{id}/secret", s.adoptionSecret, hosts, noBody},
 		{"PUT /v1/agent/adoptions/{id}", s.answerAdoption, hosts, jsonBody},
+		{"GET /v1/agent/transfers/{id}", s.transferInput, hosts, noBody},
+		{"PUT /v1/agent/transfers/{id}", s.answerTransfer, hosts, jsonBody},
 		{"GET /v1/ca", s.caChain, anyone, noBody},
 	}
 }

@@ -254,6 +254,43 @@ CREATE TABLE adoptions (
 	asked_at     TEXT NOT NULL,
 	PRIMARY KEY (host, instance_id)
 );`,
+	// State bundles (see transfer.go and backup.go): the servers' requests
+	// that a host's agent export a vTPM's state as a bundle or import one,
+	// until the server that asked has the answer; the bundles the servers
+	// hold (backups), a few generations per vTPM; and each vTPM's bundle
+	// generations: the last handed out, and the newest a server received
+	// (older ones are stale).
+	23: `
+CREATE TABLE state_transfers (
+	id           TEXT PRIMARY KEY,
+	host         TEXT NOT NULL,
+	instance_id  TEXT NOT NULL,
+	incarnation  TEXT NOT NULL,
+	kind         TEXT NOT NULL,      -- export | import
+	generation   INTEGER NOT NULL,
+	bundle       BLOB NOT NULL,      -- import: the bundle; export: the answer's
+	answered     INTEGER NOT NULL,   -- 1 once the agent answered
+	code         TEXT NOT NULL,      -- the agent's refusal; '' for none
+	message      TEXT NOT NULL,
+	asked_at     TEXT NOT NULL
+);
+CREATE INDEX state_transfers_host ON state_transfers (host, answered);
+CREATE TABLE state_backups (
+	instance_id  TEXT NOT NULL,
+	incarnation  TEXT NOT NULL,
+	generation   INTEGER NOT NULL,
+	reason       TEXT NOT NULL,      -- manual | periodic | stop
+	source_host  TEXT NOT NULL,
+	created_at   TEXT NOT NULL,
+	bundle       BLOB NOT NULL,
+	PRIMARY KEY (instance_id, generation)
+);
+CREATE TABLE bundle_generations (
+	instance_id  TEXT PRIMARY KEY,
+	incarnation  TEXT NOT NULL,
+	handed_out   INTEGER NOT NULL,
+	newest       INTEGER NOT NULL
+);`,
 }
 
 func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)-1) }

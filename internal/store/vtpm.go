@@ -231,8 +231,9 @@ func (t *Tx) ObserveVTPM(o Observation) (generation int64, secretID string, ok b
 	return generation, secretID, true, nil
 }
 
-// DeleteVTPM removes the record, and the vTPM's attestation record with
-// it; ErrNotFound if there is none. Events appended after it in the same
+// DeleteVTPM removes the record, and the vTPM's attestation record and
+// state bundles (its backups: they open only with its secret, which goes
+// with it) with it; ErrNotFound if there is none. Events appended after it in the same
 // transaction still belong to the deleted vTPM (see AppendEvent).
 func (t *Tx) DeleteVTPM(instanceID string) error {
 	var incarnation, host string
@@ -244,6 +245,9 @@ func (t *Tx) DeleteVTPM(instanceID string) error {
 		return err
 	}
 	if err := t.DeleteAttestation(instanceID); err != nil {
+		return err
+	}
+	if err := t.deleteBundles(instanceID); err != nil {
 		return err
 	}
 	if err := t.tombstone(host, instanceID, incarnation); err != nil {

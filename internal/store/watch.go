@@ -68,6 +68,9 @@ type Changes struct {
 	// Adoptions are the operator's requests its agent has not answered
 	// (AskAdoption).
 	Adoptions []Adoption
+	// Transfers are the servers' requests to export or import state
+	// bundles its agent has not answered (AskTransfer), without bundles.
+	Transfers []Transfer
 }
 
 // WatchVTPMs returns what changed on host after watch token since, read
@@ -75,21 +78,22 @@ type Changes struct {
 func (t *Tx) WatchVTPMs(host string, since int64) (*Changes, error) {
 	c := &Changes{}
 	var horizon int64
-	var repair, adoptions int
+	var repair, adoptions, transfers int
 	var walFile string
 	// The host's revision and horizon (none before its first vTPM), its
-	// drift request not yet answered, if any, whether adoption requests
-	// wait, and the timeline (the first 8 hex digits of the WAL file's
-	// name), in one read.
+	// drift request not yet answered, if any, whether adoption and
+	// transfer requests wait, and the timeline (the first 8 hex digits
+	// of the WAL file's name), in one read.
 	timeline := `''`
 	if t.pg {
 		timeline = `pg_walfile_name(pg_current_wal_lsn())`
 	}
 	err := t.queryRow(`SELECT COALESCE(w.revision, 0), COALESCE(w.horizon, 0), COALESCE(h.drift_asked, 0), COALESCE(h.drift_repair, 0),
-		(SELECT COUNT(*) FROM adoptions a WHERE a.host = q.name AND a.answer = ''), `+timeline+`
+		(SELECT COUNT(*) FROM adoptions a WHERE a.host = q.name AND a.answer = ''),
+		(SELECT COUNT(*) FROM state_transfers x WHERE x.host = q.name AND x.answered = 0), `+timeline+`
 		FROM (SELECT CAST(? AS TEXT) AS name) q
 		LEFT JOIN watch_revisions w ON w.host = q.name
-		LEFT JOIN hosts h ON h.name = q.name AND h.drift_answered < h.drift_asked`, host).Scan(&c.Revision, &horizon, &c.DriftAsked, &repair, &adoptions, &walFile)
+		LEFT JOIN hosts h ON h.name = q.name AND h.drift_answered < h.drift_asked`, host).Scan(&c.Revision, &horizon, &c.DriftAsked, &repair, &adoptions, &transfers, &walFile)
 	if err != nil {
 		return nil, err
 	}
@@ -103,6 +107,11 @@ func (t *Tx) WatchVTPMs(host string, since int64) (*Changes, error) {
 	c.DriftRepair = repair != 0
 	if adoptions > 0 {
 		if c.Adoptions, err = t.pendingAdoptions(host); err != nil {
+			return nil, err
+		}
+	}
+	if transfers > 0 {
+		if c.Transfers, err = t.pendingTransfers(host); err != nil {
 			return nil, err
 		}
 	}

@@ -61,6 +61,9 @@ type Config struct {
 	// DriftTimeout is how long a drift check or an adoption waits for the
 	// host's agent; default DefaultDriftTimeout.
 	DriftTimeout time.Duration
+	// BackupKeep is how many backups of each vTPM are kept (the newest);
+	// default DefaultBackupKeep.
+	BackupKeep int
 	// Now is the clock hosts' heartbeats are judged by; default time.Now.
 	Now func() time.Time
 	// Log receives the operator's changes to hosts; nil: silent.
@@ -123,6 +126,9 @@ func New(cfg Config) *Service {
 	}
 	if cfg.DriftTimeout == 0 {
 		cfg.DriftTimeout = DefaultDriftTimeout
+	}
+	if cfg.BackupKeep == 0 {
+		cfg.BackupKeep = DefaultBackupKeep
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now

@@ -56,6 +56,10 @@ func (r *Records) Watch(ctx context.Context, host string, since int64, wait time
 	for _, a := range ch.Adoptions {
 		out.Adoptions = append(out.Adoptions, agent.AdoptionAsk{ID: a.ID, InstanceID: a.InstanceID, Domain: a.Domain, SecretID: a.SecretRef})
 	}
+	for _, x := range ch.Transfers {
+		out.Transfers = append(out.Transfers, agent.TransferAsk{ID: x.ID, InstanceID: x.InstanceID, Incarnation: x.Incarnation,
+			Kind: agent.TransferKind(x.Kind), Generation: x.Generation})
+	}
 	return out, nil
 }
 
@@ -137,6 +141,20 @@ func (r *Records) AdoptionSecret(ctx context.Context, host string, ask agent.Ado
 // AnswerAdoption implements agent.Records; host is the certificate's.
 func (r *Records) AnswerAdoption(ctx context.Context, host string, ask agent.AdoptionAsk, answer agent.Adoption) error {
 	return agentError(r.c.AnswerAdoption(ctx, ask.ID, answer.API()))
+}
+
+// TransferInput implements agent.Records; host is the certificate's.
+func (r *Records) TransferInput(ctx context.Context, host string, ask agent.TransferAsk) (*agent.TransferInput, error) {
+	in, err := r.c.TransferInput(ctx, ask.ID)
+	if err != nil {
+		return nil, agentError(err)
+	}
+	return &agent.TransferInput{Secret: in.Payload, Bundle: in.Bundle}, nil
+}
+
+// AnswerTransfer implements agent.Records; host is the certificate's.
+func (r *Records) AnswerTransfer(ctx context.Context, host string, ask agent.TransferAsk, answer agent.Transfer) error {
+	return agentError(r.c.AnswerTransfer(ctx, ask.ID, answer.API()))
 }
 
 // agentError says the API's 404 and 409 in the agent's words.

@@ -101,7 +101,7 @@ func (r *Records) WatchUntil(ctx context.Context, host string, since int64, over
 		if err != nil {
 			return nil, err
 		}
-		if ch.Reset && (since != 0 || ch.Token != 0) || len(ch.VTPMs) > 0 || len(ch.Gone) > 0 || ch.DriftAsked != 0 || len(ch.Adoptions) > 0 {
+		if ch.Reset && (since != 0 || ch.Token != 0) || len(ch.VTPMs) > 0 || len(ch.Gone) > 0 || ch.DriftAsked != 0 || len(ch.Adoptions) > 0 || len(ch.Transfers) > 0 {
 			return changes(ch), nil
 		}
 		select {
@@ -404,6 +404,54 @@ func (r *Records) AnswerAdoption(ctx context.Context, host string, ask agent.Ado
 	return agentError(r.st.Update(ctx, func(tx *store.Tx) error { return tx.AnswerAdoption(host, ask.ID, data) }))
 }
 
+// TransferInput implements agent.Records: released only to the host
+// asked, while its request waits and the vTPM it names (that incarnation)
+// is placed on that host.
+func (r *Records) TransferInput(ctx context.Context, host string, ask agent.TransferAsk) (*agent.TransferInput, error) {
+	in := &agent.TransferInput{}
+	var secretID string
+	err := r.st.View(ctx, func(tx *store.Tx) error {
+		x, err := tx.GetTransfer(host, ask.ID)
+		switch {
+		case err != nil:
+			return err
+		case x.Answered:
+			return refusal.Conflict(api.CodeConflict, "The transfer request is answered already.")
+		}
+		v, err := tx.GetVTPM(x.InstanceID)
+		switch {
+		case err != nil:
+			return err
+		case v.Incarnation != x.Incarnation:
+			return fmt.Errorf("vtpm %s of incarnation %s: %w", x.InstanceID, x.Incarnation, store.ErrNotFound)
+		case v.Host != host:
+			return refusal.Forbidden(api.CodeForbidden, "The vTPM of "+x.InstanceID+" is placed on another host.")
+		}
+		if x.Kind == store.TransferImport {
+			in.Bundle = x.Bundle
+		}
+		secretID = v.SecretID
+		return nil
+	})
+	if err != nil {
+		return nil, agentError(err)
+	}
+	s, err := r.kr.Get(ctx, secretID)
+	if err != nil {
+		return nil, err
+	}
+	in.Secret = s.Payload
+	return in, nil
+}
+
+// AnswerTransfer implements agent.Records.
+func (r *Records) AnswerTransfer(ctx context.Context, host string, ask agent.TransferAsk, answer agent.Transfer) error {
+	a := answer.API()
+	return agentError(r.st.Update(ctx, func(tx *store.Tx) error {
+		return tx.AnswerTransfer(host, ask.ID, a.Bundle, string(a.Code), a.Message)
+	}))
+}
+
 // current reads rec's vTPM as it is now: ErrNotFound if it is gone or
 // another incarnation, ErrConflict if it changed since rec was read.
 func current(tx *store.Tx, rec *agent.Record) (*store.VTPM, error) {
@@ -474,6 +522,10 @@ func changes(ch *store.Changes) *agent.Changes {
 	}
 	for _, a := range ch.Adoptions {
 		out.Adoptions = append(out.Adoptions, agent.AdoptionAsk{ID: a.ID, InstanceID: a.InstanceID, Domain: a.Domain, SecretID: a.SecretID})
+	}
+	for _, x := range ch.Transfers {
+		out.Transfers = append(out.Transfers, agent.TransferAsk{ID: x.ID, InstanceID: x.InstanceID, Incarnation: x.Incarnation,
+			Kind: agent.TransferKind(x.Kind), Generation: x.Generation})
 	}
 	return out
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/agent"
+	"github.com/vtpmd/vtpmd/internal/bundle"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmhost"
 )
@@ -18,8 +19,9 @@ import (
 type Backend struct{ rt *swtpmhost.Runtime }
 
 var (
-	_ agent.Backend = (*Backend)(nil)
-	_ agent.Pool    = (*Backend)(nil)
+	_ agent.Backend  = (*Backend)(nil)
+	_ agent.Pool     = (*Backend)(nil)
+	_ agent.Exporter = (*Backend)(nil)
 )
 
 // New makes the backend on rt.
@@ -72,4 +74,14 @@ func (b *Backend) Adopted(instanceID string) bool { return b.rt.Adopted(instance
 // (swtpmhost.Runtime.Drift).
 func (b *Backend) Drift(ctx context.Context, records func(context.Context) ([]agent.VTPM, error), repair bool) ([]api.Finding, error) {
 	return b.rt.Drift(ctx, records, repair)
+}
+
+// Export implements agent.Exporter (swtpmhost.Runtime.Export).
+func (b *Backend) Export(ctx context.Context, v agent.VTPM) ([]bundle.File, error) {
+	return b.rt.Export(ctx, v.InstanceID)
+}
+
+// Import implements agent.Exporter (swtpmhost.Runtime.Import).
+func (b *Backend) Import(ctx context.Context, v agent.VTPM, secret []byte, files []bundle.File, eks []agent.EK) error {
+	return b.rt.Import(ctx, v, secret, files, eks)
 }

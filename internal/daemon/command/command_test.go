@@ -73,6 +73,8 @@ func TestEveryFlag(t *testing.T) {
 		"--keystone-admin-project", "cloud-admin", "--keystone-cache-ttl", "20s",
 		// Barbican
 		"--key-manager", "barbican", "--barbican-url", "https://barbican:9311",
+		// state backups
+		"--backup-interval", "1h", "--backup-keep", "5",
 	}
 	want := daemon.Config{
 		DataDir: "/srv/vtpmd", MasterKeyFile: "/etc/vtpmd/master.key", Listen: "0.0.0.0:9000", InsecureListen: true, APISocket: "/run/vtpmd-api.sock",
@@ -92,6 +94,7 @@ func TestEveryFlag(t *testing.T) {
 		Auth: "keystone", KeystoneURL: "http://keystone:5000/v3", KeystoneCredentialsFile: "/etc/vtpmd/keystone.yaml",
 		KeystoneAdminProject: "cloud-admin", KeystoneCacheTTL: 20 * time.Second,
 		KeyManager: "barbican", BarbicanURL: "https://barbican:9311",
+		BackupInterval: time.Hour, BackupKeep: 5,
 	}
 	got, out := printed(t, args...)
 	if !reflect.DeepEqual(got, want) {

@@ -93,6 +93,8 @@ var settingUsage = map[string]string{
 	"stale-after":               "time without evidence after which an attestation verdict turns stale",
 	"heartbeat-interval":        "time between this host's agent's heartbeats",
 	"heartbeat-window":          "time without a heartbeat after which a host reads down and takes no new vTPMs (its vTPMs stay)",
+	"backup-interval":           "how often every vTPM is backed up (a sealed state bundle in the store), and at every stop; 0: only when asked",
+	"backup-keep":               "backups kept of each vTPM (the newest)",
 	"host-ek-ca":                "PEM file of the CAs whose EK certificates hosts' TPMs may register with",
 	"pool-size":                 "manufactured TPM 2.0s kept ready for new instances (swtpm backend; 0: none)",
 	"backend":                   "how this host runs vTPMs: swtpm (vtpmd runs swtpm), libvirt (attached to libvirt domains) or xen (stub domains)",

@@ -163,8 +163,12 @@ const IdentityFile = "identity.json"
 // Ensure makes v's TPM run under supervision, manufacturing it first with
 // secret as its state key if its directory holds no finished TPM (wiping
 // what an interrupted attempt left), and returns its EKs. It refuses to
-// manufacture a TPM v says was made already.
+// manufacture a TPM v says was made already. An import of v's state that
+// a crash interrupted is settled first (settleImport).
 func (r *Runtime) Ensure(ctx context.Context, v agent.VTPM, secret []byte) ([]agent.EK, error) {
+	if err := r.settleImport(v.InstanceID); err != nil {
+		return nil, err
+	}
 	inst := r.instance(v, secret)
 	eks, err := readIdentity(inst.Dir)
 	switch {

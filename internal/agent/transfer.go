@@ -1,0 +1,115 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/bundle"
+	"github.com/vtpmd/vtpmd/internal/refusal"
+)
+
+// answerTransfer answers the control plane's request to export a vTPM's
+// state as a sealed bundle, or to import one, with what the backend did,
+// or a refusal: the vTPM is not held here (not_found), the backend moves
+// no state (not_supported), a bundle to import is not the vTPM's
+// (bundle_corrupt, bundle_mismatch), the vTPM is not stopped for an import
+// (vtpm_not_stopped), or the backend failed (transfer_failed, its reason
+// in the message). The vTPM is not reconciled meanwhile.
+func (a *Agent) answerTransfer(ctx context.Context, ask TransferAsk) error {
+	unlock := a.locks.lock(ask.InstanceID)
+	defer unlock()
+	ans, err := a.transfer(ctx, ask)
+	var r *refusal.Error
+	switch {
+	case errors.As(err, &r):
+		ans = Transfer{Refusal: r}
+	case err != nil:
+		a.Log.Warn("transferring a vTPM's state", "host", a.Host, "instance", ask.InstanceID, "kind", ask.Kind, "err", err)
+		ans = Transfer{Refusal: &refusal.Error{Kind: refusal.KindUnavailable, Code: api.CodeTransferFailed,
+			Message: fmt.Sprintf("Host %s could not %s the state of %s: %s", a.Host, ask.Kind, ask.InstanceID, refusal.Truncate(err.Error()))}}
+	}
+	if err := a.Records.AnswerTransfer(ctx, a.Host, ask, ans); err != nil && !errors.Is(err, ErrNotFound) {
+		return fmt.Errorf("answering the %s of %s: %w", ask.Kind, ask.InstanceID, err)
+	}
+	return nil
+}
+
+func (a *Agent) transfer(ctx context.Context, ask TransferAsk) (Transfer, error) {
+	a.mu.Lock()
+	held := a.held[ask.InstanceID]
+	a.mu.Unlock()
+	if held == nil || held.Incarnation != ask.Incarnation {
+		return Transfer{}, refusal.NotFound(api.CodeNotFound, "Host "+a.Host+" holds no such vTPM.")
+	}
+	v := *held
+	ex, ok := a.Backend.(Exporter)
+	if !ok {
+		return Transfer{}, refusal.Conflict(api.CodeNotSupported, "Host "+a.Host+" runs the "+a.Backend.Name()+
+			" backend, which moves no vTPM state.")
+	}
+	if ask.Kind == TransferImport && (v.Desired != DesiredStopped || v.Phase != PhaseStopped) {
+		return Transfer{}, refusal.Conflict(api.CodeVTPMNotStopped, "The vTPM of "+v.InstanceID+" is "+string(v.Phase)+
+			" on host "+a.Host+"; its state is replaced only while it is stopped.")
+	}
+	in, err := a.Records.TransferInput(ctx, a.Host, ask)
+	if err != nil {
+		return Transfer{}, fmt.Errorf("reading the vTPM secret: %w", err)
+	}
+	switch ask.Kind {
+	case TransferExport:
+		return a.export(ctx, ex, &v, ask.Generation, in.Secret)
+	case TransferImport:
+		return Transfer{}, a.importBundle(ctx, ex, &v, ask, in)
+	}
+	return Transfer{}, refusal.Invalid(api.CodeInvalidParameter, "A transfer exports or imports, not "+refusal.Quote(string(ask.Kind))+".")
+}
+
+// export seals v's state, as the backend copies it, into a bundle of
+// generation gen.
+func (a *Agent) export(ctx context.Context, ex Exporter, v *Record, gen int64, secret []byte) (Transfer, error) {
+	files, err := ex.Export(ctx, v.VTPM())
+	if err != nil {
+		return Transfer{}, err
+	}
+	b := &bundle.Bundle{
+		Header: bundle.Header{InstanceID: v.InstanceID, Incarnation: v.Incarnation, SecretRef: v.SecretID, Generation: gen,
+			Created: time.Now().UTC(), SourceHost: a.Host, Backend: a.Backend.Name()},
+		Project: v.Project, Spec: v.Spec, EKs: bundleEKs(v.EKs), Files: files,
+	}
+	data, err := bundle.Seal(b, secret)
+	if err != nil {
+		return Transfer{}, err
+	}
+	return Transfer{Bundle: data}, nil
+}
+
+// importBundle opens the bundle of in as v's and has the backend
+// replace v's state with it; the backend proves the
+// state is v's TPM (its record's endorsement keys) before it takes its
+// place.
+func (a *Agent) importBundle(ctx context.Context, ex Exporter, v *Record, ask TransferAsk, in *TransferInput) error {
+	b, err := bundle.Open(in.Bundle, in.Secret, v.InstanceID, v.Incarnation)
+	switch {
+	case errors.Is(err, bundle.ErrMismatch):
+		return refusal.Conflict(api.CodeBundleMismatch, err.Error())
+	case errors.Is(err, bundle.ErrCorrupt):
+		return refusal.Conflict(api.CodeBundleCorrupt, err.Error())
+	case err != nil:
+		return err
+	}
+	if b.Generation != ask.Generation {
+		return refusal.Conflict(api.CodeBundleMismatch, fmt.Sprintf("The bundle is generation %d, not the %d asked for.", b.Generation, ask.Generation))
+	}
+	return ex.Import(ctx, v.VTPM(), in.Secret, b.Files, v.EKs)
+}
+
+func bundleEKs(eks []EK) []bundle.EK {
+	out := make([]bundle.EK, len(eks))
+	for i, ek := range eks {
+		out[i] = bundle.EK{Kind: ek.Kind, Handle: ek.Handle, NVIndex: ek.NVIndex, PublicDER: ek.PublicDER, CertDER: ek.CertDER}
+	}
+	return out
+}

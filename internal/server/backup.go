@@ -1,0 +1,67 @@
+package server
+
+import (
+	"net/http"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/refusal"
+	"github.com/vtpmd/vtpmd/internal/store"
+)
+
+// createBackup backs a vTPM up now (vtpms.Service.Backup): 201 with the
+// backup.
+func (s *Server) createBackup(w http.ResponseWriter, r *http.Request) error {
+	c, err := tenantOf(r)
+	if err != nil {
+		return err
+	}
+	b, err := s.VTPMs.Backup(r.Context(), c, r.PathValue("id"), store.BackupManual)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusCreated, backupView(*b))
+	return nil
+}
+
+func (s *Server) listBackups(w http.ResponseWriter, r *http.Request) error {
+	c, err := tenantOf(r)
+	if err != nil {
+		return err
+	}
+	bs, err := s.VTPMs.Backups(r.Context(), c, r.PathValue("id"))
+	if err != nil {
+		return err
+	}
+	out := api.BackupList{Items: make([]api.Backup, len(bs))}
+	for i, b := range bs {
+		out.Items[i] = backupView(b)
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+// restoreBackup replaces a stopped vTPM's state with a backup
+// (vtpms.Service.Restore): 200 with the backup restored.
+func (s *Server) restoreBackup(w http.ResponseWriter, r *http.Request) error {
+	var req api.RestoreRequest
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	if req.Generation < 0 {
+		return refusal.Invalid(api.CodeInvalidParameter, "generation is a backup's (1 or more), or 0 for the newest.")
+	}
+	c, err := tenantOf(r)
+	if err != nil {
+		return err
+	}
+	b, err := s.VTPMs.Restore(r.Context(), c, r.PathValue("id"), req.Generation, req.AllowRollback)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, backupView(*b))
+	return nil
+}
+
+func backupView(b store.Backup) api.Backup {
+	return api.Backup{Generation: b.Generation, Reason: b.Reason, SourceHost: b.SourceHost, CreatedAt: b.CreatedAt, Size: b.Size}
+}

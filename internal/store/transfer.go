@@ -1,0 +1,124 @@
+package store
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"time"
+)
+
+// Transfer is a server's request that a host's agent export the state of
+// a vTPM as a bundle of Generation (Kind "export"), or import Bundle
+// (Kind "import"): the host's watch carries it (Changes.Transfers) until
+// the agent answers, and the server that asked withdraws it once it has
+// the answer or gives up.
+type Transfer struct {
+	ID          string // random; names this request
+	Host        string
+	InstanceID  string
+	Incarnation string
+	Kind        string
+	Generation  int64
+	// Bundle is the bundle to import, or the one exported once answered.
+	Bundle []byte
+	// Answered says the agent answered: with Bundle (an export), with
+	// nothing (an import done), or with a refusal (Code and Message).
+	Answered bool
+	Code     string
+	Message  string
+	AskedAt  time.Time
+}
+
+// The kinds of transfer.
+const (
+	TransferExport = "export"
+	TransferImport = "import"
+)
+
+// AskTransfer records x, with a new ID; the host's watchers wake to it.
+func (t *Tx) AskTransfer(x *Transfer) error {
+	id := make([]byte, 16)
+	if _, err := rand.Read(id); err != nil {
+		return err
+	}
+	x.ID, x.Answered, x.Code, x.Message, x.AskedAt = hex.EncodeToString(id), false, "", "", t.now
+	if x.Bundle == nil {
+		x.Bundle = []byte{}
+	}
+	_, err := t.exec(`INSERT INTO state_transfers (id, host, instance_id, incarnation, kind, generation, bundle, answered, code, message, asked_at)
+		VALUES (?,?,?,?,?,?,?,0,'','',?)`, x.ID, x.Host, x.InstanceID, x.Incarnation, x.Kind, x.Generation, x.Bundle, stamp(t.now))
+	if err != nil {
+		return err
+	}
+	t.changed = append(t.changed, topic{kind: hostTopic, name: x.Host})
+	return nil
+}
+
+// GetTransfer reads host's request id, with its bundle; ErrNotFound if
+// host has none of that id (never asked, or withdrawn).
+func (t *Tx) GetTransfer(host, id string) (*Transfer, error) {
+	x := &Transfer{}
+	var answered int
+	var at string
+	err := t.queryRow(`SELECT id, host, instance_id, incarnation, kind, generation, bundle, answered, code, message, asked_at
+		FROM state_transfers WHERE host=? AND id=?`, host, id).
+		Scan(&x.ID, &x.Host, &x.InstanceID, &x.Incarnation, &x.Kind, &x.Generation, &x.Bundle, &answered, &x.Code, &x.Message, &at)
+	if err != nil {
+		return nil, fmt.Errorf("transfer %s on host %s: %w", id, host, notFound(err))
+	}
+	x.Answered, x.AskedAt = answered != 0, parseStamp(at)
+	return x, nil
+}
+
+// AnswerTransfer records host's answer to its request id, once: the
+// bundle exported (nil for an import), or a refusal's code and message.
+// ErrNotFound if the host has no such request waiting. Its waiters wake.
+func (t *Tx) AnswerTransfer(host, id string, bundle []byte, code, message string) error {
+	if bundle == nil {
+		bundle = []byte{}
+	}
+	set := `answered=1, code=?, message=?`
+	args := []any{code, message}
+	if len(bundle) > 0 {
+		set += `, bundle=?`
+		args = append(args, bundle)
+	}
+	ok, err := changedRow(t.exec(`UPDATE state_transfers SET `+set+` WHERE host=? AND id=? AND answered=0`, append(args, host, id)...))
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return fmt.Errorf("transfer %s on host %s: %w", id, host, ErrNotFound)
+	}
+	t.changed = append(t.changed, topic{kind: hostTopic, name: host})
+	return nil
+}
+
+// WithdrawTransfer removes request id: its server has the answer, or
+// gave up.
+func (t *Tx) WithdrawTransfer(id string) error {
+	_, err := t.exec(`DELETE FROM state_transfers WHERE id=?`, id)
+	return err
+}
+
+// pendingTransfers are host's requests its agent has not answered,
+// without their bundles.
+func (t *Tx) pendingTransfers(host string) ([]Transfer, error) {
+	rows, err := t.query(`SELECT id, instance_id, incarnation, kind, generation, asked_at FROM state_transfers
+		WHERE host=? AND answered=0 ORDER BY asked_at, id`, host)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []Transfer
+	for rows.Next() {
+		x := Transfer{Host: host}
+		var at string
+		if err := rows.Scan(&x.ID, &x.InstanceID, &x.Incarnation, &x.Kind, &x.Generation, &at); err != nil {
+			return nil, err
+		}
+		x.AskedAt = parseStamp(at)
+		out = append(out, x)
+	}
+	return out, rows.Err()
+}

@@ -1,0 +1,357 @@
+package vtpms
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/bundle"
+	"github.com/vtpmd/vtpmd/internal/keyring"
+	"github.com/vtpmd/vtpmd/internal/refusal"
+	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/store"
+	"github.com/vtpmd/vtpmd/internal/tenant"
+)
+
+// DefaultBackupKeep is how many backups of each vTPM are kept by default.
+const DefaultBackupKeep = 3
+
+// Backup has the agent of vTPM id's host export its state as a sealed
+// bundle (package bundle) of a new generation and keeps it as a backup,
+// with the newest Config.BackupKeep: the vTPM must be manufactured and
+// active or stopped, on a host that is up. The server opens the bundle
+// with the vTPM's secret before it keeps it: a bundle that is not the
+// vTPM's, of the generation asked, is refused. Events: "backed up", or
+// "backup failed" with the reason.
+func (s *Service) Backup(ctx context.Context, c tenant.Caller, id, reason string) (*store.Backup, error) {
+	v, err := s.Get(ctx, c, id)
+	if err != nil {
+		return nil, err
+	}
+	if len(v.EKs) == 0 {
+		return nil, refusal.Conflict(api.CodeNotManufactured, "The vTPM of "+v.InstanceID+" has no TPM yet: nothing to back up.")
+	}
+	if v.Phase != store.PhaseActive && v.Phase != store.PhaseStopped {
+		return nil, refusal.Conflict(api.CodeConflict, "The vTPM of "+v.InstanceID+" is "+string(v.Phase)+"; it is backed up while active or stopped.")
+	}
+	if err := s.hostUp(ctx, v.Host); err != nil {
+		return nil, err
+	}
+	var ask *store.Transfer
+	err = s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
+		gen, err := tx.HandOutGeneration(v.InstanceID, v.Incarnation)
+		if err != nil {
+			return err
+		}
+		ask = &store.Transfer{Host: v.Host, InstanceID: v.InstanceID, Incarnation: v.Incarnation, Kind: store.TransferExport, Generation: gen}
+		return tx.AskTransfer(ask)
+	})
+	if err != nil {
+		return nil, err
+	}
+	defer s.withdraw(ctx, ask)
+	got, err := s.awaitTransfer(ctx, ask)
+	if err == nil {
+		err = s.openAs(ctx, v, got.Bundle, ask.Generation)
+	}
+	if err != nil {
+		s.event(ctx, c, v, "backup failed", fmt.Sprintf("generation %d (%s): %s", ask.Generation, reason, refusal.Truncate(err.Error())))
+		return nil, err
+	}
+	// Kept as taken when the server received it, by the server's clock,
+	// which tells whether a stopped vTPM was backed up since it stopped.
+	h, _ := bundle.ReadHeader(got.Bundle)
+	b := &store.Backup{InstanceID: v.InstanceID, Incarnation: v.Incarnation, Generation: ask.Generation, Reason: reason,
+		SourceHost: h.SourceHost, CreatedAt: s.cfg.Now(), Size: len(got.Bundle), Bundle: got.Bundle}
+	err = s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
+		if err := tx.RecordGeneration(v.InstanceID, v.Incarnation, b.Generation); err != nil {
+			return err
+		}
+		if err := tx.PutBackup(b, s.cfg.BackupKeep); err != nil {
+			return err
+		}
+		return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: v.InstanceID, Action: "backed up",
+			Detail: fmt.Sprintf("generation %d (%s), %d bytes, from host %s", b.Generation, reason, b.Size, b.SourceHost)})
+	})
+	if err != nil {
+		return nil, err
+	}
+	b.Bundle = nil
+	return b, nil
+}
+
+// Backups lists vTPM id's backups, newest first.
+func (s *Service) Backups(ctx context.Context, c tenant.Caller, id string) ([]store.Backup, error) {
+	v, err := s.Get(ctx, c, id)
+	if err != nil {
+		return nil, err
+	}
+	var out []store.Backup
+	err = s.cfg.Store.View(ctx, func(tx *store.Tx) (err error) { out, err = tx.ListBackups(v.InstanceID, v.Incarnation); return err })
+	return out, err
+}
+
+// Restore replaces the state of vTPM id, which must be stopped (desired
+// and observed), with its backup of generation gen (0: the newest), on
+// its host: the server opens the bundle with the vTPM's secret first
+// (bundle_corrupt, bundle_mismatch), refuses a generation older than the
+// newest it recorded (stale_bundle) unless allowRollback, which is
+// recorded as an event naming the caller; then the host's agent opens it
+// again, proves that the state is the vTPM's TPM (its endorsement keys
+// are the record's) and only then puts it in place. The vTPM keeps its
+// identity: the same TPM, at the backup's time. Events: "restoring",
+// "restored", or "restore failed" with the reason.
+func (s *Service) Restore(ctx context.Context, c tenant.Caller, id string, gen int64, allowRollback bool) (*store.Backup, error) {
+	v, err := s.Get(ctx, c, id)
+	if err != nil {
+		return nil, err
+	}
+	if v.Desired != store.DesiredStopped || v.Phase != store.PhaseStopped {
+		return nil, refusal.Conflict(api.CodeVTPMNotStopped, "The vTPM of "+v.InstanceID+" is "+string(v.Phase)+
+			" (desired "+string(v.Desired)+"); stop it (vtpmctl stop) before restoring its state.")
+	}
+	if err := s.hostUp(ctx, v.Host); err != nil {
+		return nil, err
+	}
+	var b *store.Backup
+	var newest int64
+	err = s.cfg.Store.View(ctx, func(tx *store.Tx) (err error) {
+		if b, err = tx.GetBackup(v.InstanceID, v.Incarnation, gen); errors.Is(err, store.ErrNotFound) {
+			msg := "The vTPM of " + v.InstanceID + " has no backup."
+			if gen != 0 {
+				msg = fmt.Sprintf("The vTPM of %s has no backup of generation %d.", v.InstanceID, gen)
+			}
+			return refusal.NotFound(api.CodeBackupNotFound, msg)
+		} else if err != nil {
+			return err
+		}
+		newest, err = tx.NewestGeneration(v.InstanceID, v.Incarnation)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	if err := s.openAs(ctx, v, b.Bundle, b.Generation); err != nil {
+		s.event(ctx, c, v, "restore failed", fmt.Sprintf("generation %d: %s", b.Generation, refusal.Truncate(err.Error())))
+		return nil, err
+	}
+	rollback := b.Generation < newest
+	if rollback && !allowRollback {
+		return nil, refusal.Conflict(api.CodeStaleBundle, fmt.Sprintf("Generation %d is older than generation %d, the newest recorded of the vTPM of %s: "+
+			"restoring it rolls the TPM back (its NV counters too). Allow it explicitly (--allow-rollback) if that is what you want.",
+			b.Generation, newest, v.InstanceID))
+	}
+	ask := &store.Transfer{Host: v.Host, InstanceID: v.InstanceID, Incarnation: v.Incarnation, Kind: store.TransferImport,
+		Generation: b.Generation, Bundle: b.Bundle}
+	err = s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
+		if rollback {
+			err := tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: v.InstanceID, Action: "rollback allowed",
+				Detail: fmt.Sprintf("by %s: generation %d, older than the newest recorded, %d", c.Actor, b.Generation, newest)})
+			if err != nil {
+				return err
+			}
+		}
+		if err := tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: v.InstanceID, Action: "restoring",
+			Detail: fmt.Sprintf("generation %d (%s, taken %s on host %s) on host %s", b.Generation, b.Reason, b.CreatedAt.Format(time.RFC3339), b.SourceHost, v.Host)}); err != nil {
+			return err
+		}
+		return tx.AskTransfer(ask)
+	})
+	if err != nil {
+		return nil, err
+	}
+	defer s.withdraw(ctx, ask)
+	if _, err := s.awaitTransfer(ctx, ask); err != nil {
+		s.event(ctx, c, v, "restore failed", fmt.Sprintf("generation %d: %s", b.Generation, refusal.Truncate(err.Error())))
+		return nil, err
+	}
+	s.event(ctx, c, v, "restored", fmt.Sprintf("generation %d; what changed in the TPM after %s is gone", b.Generation, b.CreatedAt.Format(time.RFC3339)))
+	s.cfg.Log.Info("restored vTPM state", "instance", v.InstanceID, "generation", b.Generation, "rollback", rollback, "by", c.Actor)
+	b.Bundle = nil
+	return b, nil
+}
+
+// openAs opens data with v's secret as v's bundle of generation gen:
+// bundle_corrupt or bundle_mismatch if it is not.
+func (s *Service) openAs(ctx context.Context, v *store.VTPM, data []byte, gen int64) error {
+	sec, err := s.cfg.Keyring.Get(ctx, v.SecretID)
+	if errors.Is(err, keyring.ErrNotFound) {
+		return refusal.Conflict(api.CodeSecretNotFound, "The key manager has no secret "+v.SecretID+" for the vTPM of "+v.InstanceID+".")
+	}
+	if err != nil {
+		return err
+	}
+	b, err := bundle.Open(data, sec.Payload, v.InstanceID, v.Incarnation)
+	switch {
+	case errors.Is(err, bundle.ErrMismatch):
+		return refusal.Conflict(api.CodeBundleMismatch, err.Error())
+	case errors.Is(err, bundle.ErrCorrupt):
+		return refusal.Conflict(api.CodeBundleCorrupt, err.Error())
+	case err != nil:
+		return err
+	case b.Generation != gen:
+		return refusal.Conflict(api.CodeBundleMismatch, fmt.Sprintf("The bundle is generation %d, not %d.", b.Generation, gen))
+	}
+	return nil
+}
+
+// hostUp refuses, with host_unavailable, a transfer on a host that is not
+// up: its agent would not answer.
+func (s *Service) hostUp(ctx context.Context, name string) error {
+	hosts, err := s.Hosts(ctx, name)
+	if err != nil {
+		return err
+	}
+	if len(hosts) == 0 || hosts[0].State == spec.HostDown {
+		return refusal.Unavailable(api.CodeHostUnavailable, "Host "+name+" is down: its agent cannot move the vTPM's state.")
+	}
+	return nil
+}
+
+// awaitTransfer waits for the answer to ask, up to Config.DriftTimeout:
+// the agent's refusal, or the answer.
+func (s *Service) awaitTransfer(ctx context.Context, ask *store.Transfer) (*store.Transfer, error) {
+	timeout := time.NewTimer(s.cfg.DriftTimeout)
+	defer timeout.Stop()
+	reread := time.NewTicker(driftReread)
+	defer reread.Stop()
+	for {
+		answered := s.cfg.Store.HostChanged(ask.Host)
+		var got *store.Transfer
+		if err := s.cfg.Store.View(ctx, func(tx *store.Tx) (err error) { got, err = tx.GetTransfer(ask.Host, ask.ID); return err }); err != nil {
+			return nil, err
+		}
+		if got.Answered && got.Code != "" {
+			return nil, agentTransferRefusal(got)
+		}
+		if got.Answered {
+			return got, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-timeout.C:
+			return nil, refusal.Unavailable(api.CodeHostUnavailable, fmt.Sprintf(
+				"The agent of host %s did not answer within %s: is it running (vtpmctl hosts)?", ask.Host, s.cfg.DriftTimeout))
+		case <-answered:
+		case <-reread.C:
+		}
+	}
+}
+
+// agentTransferRefusal is the refusal an agent answered x with.
+func agentTransferRefusal(x *store.Transfer) error {
+	kind := refusal.KindConflict
+	switch api.Code(x.Code) {
+	case api.CodeNotFound:
+		kind = refusal.KindNotFound
+	case api.CodeTransferFailed:
+		kind = refusal.KindUnavailable
+	}
+	return &refusal.Error{Kind: kind, Code: api.Code(x.Code), Message: x.Message}
+}
+
+// withdraw removes ask, answered or not: this server is done with it.
+func (s *Service) withdraw(ctx context.Context, ask *store.Transfer) {
+	s.cfg.Store.Update(context.WithoutCancel(ctx), func(tx *store.Tx) error { return tx.WithdrawTransfer(ask.ID) })
+}
+
+// event appends an event of v, logging a failure to.
+func (s *Service) event(ctx context.Context, c tenant.Caller, v *store.VTPM, action, detail string) {
+	err := s.cfg.Store.Update(context.WithoutCancel(ctx), func(tx *store.Tx) error {
+		return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: v.InstanceID, Action: action, Detail: detail})
+	})
+	if err != nil {
+		s.cfg.Log.Warn("recording an event", "instance", v.InstanceID, "action", action, "err", err)
+	}
+}
+
+// backupLease names the lease (store.Tx.TakeLease) of the periodic
+// backups: of the servers sharing a store, the one holding it backs up.
+const backupLease = "state-backups"
+
+// backupActor is who the periodic backups' events name.
+const backupActor = "server:backups"
+
+// RunBackups backs up, until ctx ends, every vTPM whose newest backup is
+// older than interval, and every stopped vTPM not backed up since it
+// stopped (BackupDue), on whichever server sharing the store holds the
+// backups' lease: each round (a tenth of interval, at most a minute)
+// takes or renews it for three rounds.
+func (s *Service) RunBackups(ctx context.Context, replica string, interval time.Duration) {
+	every := min(interval/10, time.Minute)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		var held bool
+		err := s.cfg.Store.Update(ctx, func(tx *store.Tx) (err error) {
+			held, err = tx.TakeLease(backupLease, replica, 3*every)
+			return err
+		})
+		if err == nil && held {
+			err = s.BackupDue(ctx, interval)
+		}
+		if err != nil && ctx.Err() == nil {
+			s.cfg.Log.Error("backing up vTPMs", "err", err)
+		}
+	}
+}
+
+// BackupDue backs up, one after another, each manufactured vTPM on a host
+// that is up: reason "stop" for one stopped (desired and observed) with no
+// backup since its record last changed, "periodic" for one whose newest
+// backup is older than interval. A vTPM that cannot be backed up is
+// logged and left for the next round (its event says why); the others go
+// on.
+func (s *Service) BackupDue(ctx context.Context, interval time.Duration) error {
+	var vs []*store.VTPM
+	var last map[string]time.Time
+	err := s.cfg.Store.View(ctx, func(tx *store.Tx) (err error) {
+		if vs, err = tx.ListVTPMs(store.Filter{}); err != nil {
+			return err
+		}
+		last, err = tx.LastBackups()
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	down := map[string]bool{}
+	hosts, err := s.Hosts(ctx, "")
+	if err != nil {
+		return err
+	}
+	for _, h := range hosts {
+		down[h.Name] = h.State == spec.HostDown
+	}
+	c := tenant.Caller{Actor: backupActor}
+	for _, v := range vs {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if len(v.EKs) == 0 || down[v.Host] || v.Phase != store.PhaseActive && v.Phase != store.PhaseStopped {
+			continue
+		}
+		at, has := last[v.InstanceID]
+		reason := ""
+		switch {
+		case v.Phase == store.PhaseStopped && v.Desired == store.DesiredStopped && (!has || at.Before(v.UpdatedAt)):
+			reason = store.BackupStop
+		case !has || s.cfg.Now().Sub(at) >= interval:
+			reason = store.BackupPeriodic
+		default:
+			continue
+		}
+		if _, err := s.Backup(ctx, c, v.InstanceID, reason); err != nil {
+			s.cfg.Log.Warn("backing up a vTPM", "instance", v.InstanceID, "host", v.Host, "reason", reason, "err", err)
+		}
+	}
+	return nil
+}
