@@ -143,12 +143,83 @@ func (t *Tx) LastBackups() (map[string]time.Time, error) {
 }
 
 // deleteBundles removes what the store holds of instanceID's state
-// bundles: its backups, generations and transfers.
+// bundles: its backups, shelved bundle, generations and transfers.
 func (t *Tx) deleteBundles(instanceID string) error {
-	for _, table := range []string{"state_backups", "bundle_generations", "state_transfers"} {
+	for _, table := range []string{"state_backups", "shelved_bundles", "bundle_generations", "state_transfers"} {
 		if _, err := t.exec(`DELETE FROM `+table+` WHERE instance_id=?`, instanceID); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// Shelved is the state bundle a server holds for a vTPM that has no host
+// (shelved, or evacuated from a host that is gone) until it is unshelved.
+// Unlike backups, it is never rotated away.
+type Shelved struct {
+	InstanceID  string
+	Incarnation string
+	Generation  int64
+	// Reason is how it left its host: shelve or evacuate.
+	Reason    string
+	FromHost  string
+	CreatedAt time.Time
+	Bundle    []byte
+}
+
+// The reasons for a shelved bundle.
+const (
+	ShelvedShelve   = "shelve"
+	ShelvedEvacuate = "evacuate"
+)
+
+// PutShelved keeps s as its vTPM's shelved bundle, in place of any
+// earlier one.
+func (t *Tx) PutShelved(s *Shelved) error {
+	_, err := t.exec(`INSERT INTO shelved_bundles (instance_id, incarnation, generation, reason, from_host, created_at, bundle) VALUES (?,?,?,?,?,?,?)
+		ON CONFLICT (instance_id) DO UPDATE SET incarnation=excluded.incarnation, generation=excluded.generation, reason=excluded.reason,
+		from_host=excluded.from_host, created_at=excluded.created_at, bundle=excluded.bundle`,
+		s.InstanceID, s.Incarnation, s.Generation, s.Reason, s.FromHost, stamp(s.CreatedAt), s.Bundle)
+	return err
+}
+
+// GetShelved reads the shelved bundle of the vTPM; ErrNotFound if it has
+// none.
+func (t *Tx) GetShelved(instanceID, incarnation string) (*Shelved, error) {
+	s := &Shelved{InstanceID: instanceID, Incarnation: incarnation}
+	var at string
+	err := t.queryRow(`SELECT generation, reason, from_host, created_at, bundle FROM shelved_bundles WHERE instance_id=? AND incarnation=?`,
+		instanceID, incarnation).Scan(&s.Generation, &s.Reason, &s.FromHost, &at, &s.Bundle)
+	if err != nil {
+		return nil, fmt.Errorf("shelved bundle of vtpm %s: %w", instanceID, notFound(err))
+	}
+	s.CreatedAt = parseStamp(at)
+	return s, nil
+}
+
+// DeleteShelved removes the vTPM's shelved bundle: its import proved it
+// opens on its new host.
+func (t *Tx) DeleteShelved(instanceID, incarnation string) error {
+	_, err := t.exec(`DELETE FROM shelved_bundles WHERE instance_id=? AND incarnation=?`, instanceID, incarnation)
+	return err
+}
+
+// EvacuatedFrom lists the instance ids of the vTPMs evacuated from host
+// whose bundles the servers still hold: those not yet unshelved
+// elsewhere.
+func (t *Tx) EvacuatedFrom(host string) ([]string, error) {
+	rows, err := t.query(`SELECT instance_id FROM shelved_bundles WHERE from_host=? AND reason=? ORDER BY instance_id`, host, ShelvedEvacuate)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			return nil, err
+		}
+		out = append(out, id)
+	}
+	return out, rows.Err()
 }

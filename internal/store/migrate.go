@@ -291,6 +291,56 @@ CREATE TABLE bundle_generations (
 	handed_out   INTEGER NOT NULL,
 	newest       INTEGER NOT NULL
 );`,
+	// Shelved vTPMs: a vTPM shelved, or evacuated from a host that is
+	// gone, has no host (vtpms.host NULL; rebuilt, as SQLite alters no
+	// constraint) until it is unshelved; the server keeps its bundle
+	// meanwhile (shelved_bundles), until the import on its new host
+	// proved it opens. from_host is the host it left; reason says how
+	// (shelve | evacuate).
+	26: `
+CREATE TABLE vtpms_next (
+	instance_id     TEXT PRIMARY KEY,
+	project         TEXT NOT NULL,
+	version         TEXT NOT NULL,
+	model           TEXT NOT NULL,
+	secret_security TEXT NOT NULL,
+	hypervisor      TEXT NOT NULL,
+	keys            TEXT NOT NULL,
+	host            TEXT REFERENCES hosts(name),
+	desired         TEXT NOT NULL,
+	phase           TEXT NOT NULL,
+	reason          TEXT NOT NULL,
+	secret_id       TEXT NOT NULL,
+	eks             TEXT NOT NULL,
+	generation      INTEGER NOT NULL,
+	created_at      TEXT NOT NULL,
+	updated_at      TEXT NOT NULL,
+	domain          TEXT NOT NULL DEFAULT '',
+	incarnation     TEXT NOT NULL DEFAULT '',
+	data_socket     TEXT NOT NULL DEFAULT '',
+	ctrl_socket     TEXT NOT NULL DEFAULT '',
+	revision        BIGINT NOT NULL DEFAULT 0,
+	swtpm_pid       INTEGER NOT NULL DEFAULT 0,
+	guest_connected INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO vtpms_next (instance_id, project, version, model, secret_security, hypervisor, keys, host, desired, phase, reason,
+	secret_id, eks, generation, created_at, updated_at, domain, incarnation, data_socket, ctrl_socket, revision, swtpm_pid, guest_connected)
+	SELECT instance_id, project, version, model, secret_security, hypervisor, keys, host, desired, phase, reason,
+	secret_id, eks, generation, created_at, updated_at, domain, incarnation, data_socket, ctrl_socket, revision, swtpm_pid, guest_connected FROM vtpms;
+DROP TABLE vtpms;
+ALTER TABLE vtpms_next RENAME TO vtpms;
+CREATE INDEX vtpms_project ON vtpms(project, instance_id);
+CREATE INDEX vtpms_host ON vtpms(host, instance_id);
+CREATE INDEX vtpms_host_revision ON vtpms(host, revision);
+CREATE TABLE shelved_bundles (
+	instance_id  TEXT PRIMARY KEY,
+	incarnation  TEXT NOT NULL,
+	generation   INTEGER NOT NULL,
+	reason       TEXT NOT NULL,      -- shelve | evacuate
+	from_host    TEXT NOT NULL,
+	created_at   TEXT NOT NULL,
+	bundle       BLOB NOT NULL
+);`,
 }
 
 func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)-1) }

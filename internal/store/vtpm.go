@@ -15,7 +15,9 @@ import (
 
 // Phase is where a vTPM is in its life, as the host agent observes it:
 // pending → provisioning → active ⇄ stopped → deleting → (record removed);
-// error, with a reason, from any of them.
+// error, with a reason, from any of them. The control plane sets the
+// phases of a move, which agents leave alone: stopped → shelving → shelved
+// (no host) → unshelving → stopped.
 type Phase string
 
 // The phases.
@@ -26,6 +28,14 @@ const (
 	PhaseStopped      Phase = "stopped"
 	PhaseDeleting     Phase = "deleting"
 	PhaseError        Phase = "error"
+	// PhaseShelving: its state is being put on the shelf (exported, then
+	// removed from its host); the server finishes it.
+	PhaseShelving Phase = "shelving"
+	// PhaseShelved: on no host; the server holds its state bundle.
+	PhaseShelved Phase = "shelved"
+	// PhaseUnshelving: placed on a host again, whose agent is importing
+	// the shelved bundle; the server finishes it.
+	PhaseUnshelving Phase = "unshelving"
 )
 
 // Desired is what the user asked for; agents move Phase towards it.
@@ -119,7 +129,7 @@ func (t *Tx) CreateVTPM(v *VTPM) error {
 	// committed after this one began aborts it, and run retries).
 	res, err := t.exec(`INSERT INTO vtpms (`+vtpmColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
 		ON CONFLICT (instance_id) DO NOTHING`,
-		v.InstanceID, v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, v.Host,
+		v.InstanceID, v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, hostColumn(v.Host),
 		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Sockets.Data, v.Sockets.Ctrl, v.PID, boolInt(v.Connected), v.Generation, v.Incarnation, v.Revision, stamp(t.now), stamp(t.now))
 	if err != nil {
 		return err
@@ -144,7 +154,7 @@ func (t *Tx) UpdateVTPM(v *VTPM) error {
 		return err
 	}
 	// Read in this transaction, so the write below is to what was read.
-	var was string // the host it is on
+	var was sql.NullString // the host it is on; none while shelved
 	err = t.queryRow(`SELECT host FROM vtpms WHERE instance_id=? AND generation=? AND incarnation=?`,
 		v.InstanceID, v.Generation, v.Incarnation).Scan(&was)
 	if errors.Is(err, sql.ErrNoRows) {
@@ -159,20 +169,22 @@ func (t *Tx) UpdateVTPM(v *VTPM) error {
 	} else if err != nil {
 		return err
 	}
-	revision, err := t.revision(v.Host)
-	if err != nil {
-		return err
+	var revision int64 // a shelved vTPM's: no host watches it
+	if v.Host != "" {
+		if revision, err = t.revision(v.Host); err != nil {
+			return err
+		}
 	}
 	_, err = t.exec(`UPDATE vtpms SET project=?, version=?, model=?, secret_security=?, hypervisor=?, keys=?, host=?,
 		desired=?, phase=?, reason=?, secret_id=?, eks=?, domain=?, data_socket=?, ctrl_socket=?, swtpm_pid=?, guest_connected=?, generation=generation+1, revision=?, updated_at=?
 		WHERE instance_id=?`,
-		v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, v.Host,
+		v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, hostColumn(v.Host),
 		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Sockets.Data, v.Sockets.Ctrl, v.PID, boolInt(v.Connected), revision, stamp(t.now), v.InstanceID)
 	if err != nil {
 		return err
 	}
-	if was != v.Host {
-		if err := t.tombstone(was, v.InstanceID, v.Incarnation); err != nil {
+	if was.Valid && was.String != v.Host {
+		if err := t.tombstone(was.String, v.InstanceID, v.Incarnation); err != nil {
 			return err
 		}
 	}
@@ -236,7 +248,8 @@ func (t *Tx) ObserveVTPM(o Observation) (generation int64, secretID string, ok b
 // with it) with it; ErrNotFound if there is none. Events appended after it in the same
 // transaction still belong to the deleted vTPM (see AppendEvent).
 func (t *Tx) DeleteVTPM(instanceID string) error {
-	var incarnation, host string
+	var incarnation string
+	var host sql.NullString
 	err := t.queryRow(`SELECT incarnation, host FROM vtpms WHERE instance_id=?`, instanceID).Scan(&incarnation, &host)
 	if err != nil {
 		return fmt.Errorf("vtpm %s: %w", instanceID, notFound(err))
@@ -250,8 +263,10 @@ func (t *Tx) DeleteVTPM(instanceID string) error {
 	if err := t.deleteBundles(instanceID); err != nil {
 		return err
 	}
-	if err := t.tombstone(host, instanceID, incarnation); err != nil {
-		return err
+	if host.Valid {
+		if err := t.tombstone(host.String, instanceID, incarnation); err != nil {
+			return err
+		}
 	}
 	t.wrote(instanceID, incarnation)
 	return nil
@@ -349,13 +364,14 @@ func (t *Tx) Room(host string) (int, error) {
 func scanVTPM(row interface{ Scan(...any) error }) (*VTPM, error) {
 	var v VTPM
 	var keys, eks, created, updated string
+	var host sql.NullString
 	var connected int
 	err := row.Scan(&v.InstanceID, &v.Project, &v.Spec.Version, &v.Spec.Model, &v.Spec.SecretSecurity, &v.Spec.Hypervisor,
-		&keys, &v.Host, &v.Desired, &v.Phase, &v.Reason, &v.SecretID, &eks, &v.Domain, &v.Sockets.Data, &v.Sockets.Ctrl, &v.PID, &connected, &v.Generation, &v.Incarnation, &v.Revision, &created, &updated)
+		&keys, &host, &v.Desired, &v.Phase, &v.Reason, &v.SecretID, &eks, &v.Domain, &v.Sockets.Data, &v.Sockets.Ctrl, &v.PID, &connected, &v.Generation, &v.Incarnation, &v.Revision, &created, &updated)
 	if err != nil {
 		return nil, err
 	}
-	v.Connected = connected != 0
+	v.Host, v.Connected = host.String, connected != 0
 	if err := json.Unmarshal([]byte(keys), &v.Spec.Keys); err != nil {
 		return nil, fmt.Errorf("decoding keys of %s: %w", v.InstanceID, err)
 	}
@@ -364,6 +380,15 @@ func scanVTPM(row interface{ Scan(...any) error }) (*VTPM, error) {
 	}
 	v.CreatedAt, v.UpdatedAt = parseStamp(created), parseStamp(updated)
 	return &v, nil
+}
+
+// hostColumn is host as the vtpms table holds it: NULL for none (a
+// shelved vTPM's).
+func hostColumn(host string) any {
+	if host == "" {
+		return nil
+	}
+	return host
 }
 
 func encodeLists(v *VTPM) (keys, eks string, err error) {
