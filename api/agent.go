@@ -129,8 +129,9 @@ type AgentChanges struct {
 }
 
 // AgentTransferAsk asks a host's agent to export the state of a vTPM
-// placed on it as a sealed state bundle of Generation (Kind "export"), or
-// to import one (Kind "import").
+// placed on it as a sealed state bundle of Generation (Kind "export"), to
+// import one (Kind "import"), or to remove its state, the server holding
+// its bundle (Kind "remove", a shelve).
 type AgentTransferAsk struct {
 	ID          string `json:"id"`
 	InstanceID  string `json:"instance_id"`

@@ -31,3 +31,55 @@ type RestoreRequest struct {
 	// an event naming the caller.
 	AllowRollback bool `json:"allow_rollback,omitempty"`
 }
+
+// UnshelveRequest is the body of POST /v1/vtpms/{id}/unshelve.
+type UnshelveRequest struct {
+	// Host is where to place the vTPM; absent: the placement rules choose.
+	Host string `json:"host,omitempty"`
+}
+
+// EvacuateRequest is the body of POST /v1/hosts/{name}/evacuate.
+type EvacuateRequest struct {
+	// Force evacuates a host whose agent still sends heartbeats: the
+	// operator says it is gone (refused with host_not_down otherwise).
+	Force bool `json:"force,omitempty"`
+	// NewTPM gives a vTPM that has no backup a new TPM (a new EK; its
+	// sealed data is lost) instead of refusing it.
+	NewTPM bool `json:"new_tpm,omitempty"`
+}
+
+// Evacuation answers POST /v1/hosts/{name}/evacuate: what became of each
+// vTPM of the host, in the order they finished, and the counts.
+type Evacuation struct {
+	Host  string          `json:"host"`
+	Items []EvacuatedVTPM `json:"items"`
+	Count map[string]int  `json:"count"` // by outcome
+}
+
+// EvacuatedVTPM is what became of one vTPM of an evacuated host.
+type EvacuatedVTPM struct {
+	InstanceID string `json:"instance_id"`
+	// Outcome is restored (from its newest backup, its EK kept), new_tpm
+	// (no backup: a new TPM), placed (never manufactured: placed again),
+	// deleted (it was being deleted), shelved (it was being shelved: its
+	// bundle was kept already), or refused (Code and Message say
+	// why; nothing of it changed).
+	Outcome string `json:"outcome"`
+	Host    string `json:"host,omitempty"` // where it is now
+	// Generation and BackupAt are the backup's restored: what changed in
+	// the TPM after BackupAt is lost.
+	Generation int64      `json:"generation,omitempty"`
+	BackupAt   *time.Time `json:"backup_at,omitempty"`
+	Code       Code       `json:"code,omitempty"`
+	Message    string     `json:"message,omitempty"`
+}
+
+// The outcomes of an evacuated vTPM.
+const (
+	EvacuatedRestored = "restored"
+	EvacuatedNewTPM   = "new_tpm"
+	EvacuatedPlaced   = "placed"
+	EvacuatedDeleted  = "deleted"
+	EvacuatedShelved  = "shelved"
+	EvacuatedRefused  = "refused"
+)

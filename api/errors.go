@@ -245,6 +245,15 @@ const (
 	// CodeTransferFailed (503): the host's agent could not export or
 	// import the state; the message says why.
 	CodeTransferFailed Code = "transfer_failed"
+	// CodeVTPMShelved (409): the vTPM is shelved, or being shelved or
+	// unshelved: shelve it again, or start it, only once it is unshelved.
+	CodeVTPMShelved Code = "vtpm_shelved"
+	// CodeVTPMNotShelved (409): unshelve asked of a vTPM that is not
+	// shelved.
+	CodeVTPMNotShelved Code = "vtpm_not_shelved"
+	// CodeHostNotDown (409): evacuate asked of a host whose agent still
+	// sends heartbeats; the operator may say it is gone with force.
+	CodeHostNotDown Code = "host_not_down"
 )
 
 // Codes of hosts' enrolment and their agents' calls (/v1/agent/...).

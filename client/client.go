@@ -538,3 +538,24 @@ func (c *Client) RestoreBackup(ctx context.Context, id string, r api.RestoreRequ
 	var out api.Backup
 	return out, c.do(ctx, http.MethodPost, "/v1/vtpms/"+url.PathEscape(id)+"/backups/restore", r, &out)
 }
+
+// Shelve puts the (stopped) vTPM of instance id on the shelf: its state
+// kept by the server, removed from its host.
+func (c *Client) Shelve(ctx context.Context, id string) (api.VTPM, error) {
+	var out api.VTPM
+	return out, c.do(ctx, http.MethodPost, "/v1/vtpms/"+url.PathEscape(id)+"/shelve", nil, &out)
+}
+
+// Unshelve places the shelved vTPM of instance id on host ("": the
+// placement rules choose) and imports its state there.
+func (c *Client) Unshelve(ctx context.Context, id, host string) (api.VTPM, error) {
+	var out api.VTPM
+	return out, c.do(ctx, http.MethodPost, "/v1/vtpms/"+url.PathEscape(id)+"/unshelve", api.UnshelveRequest{Host: host}, &out)
+}
+
+// Evacuate moves the vTPMs of host, which is gone, to other hosts
+// (operator).
+func (c *Client) Evacuate(ctx context.Context, host string, r api.EvacuateRequest) (api.Evacuation, error) {
+	var out api.Evacuation
+	return out, c.do(ctx, http.MethodPost, "/v1/hosts/"+url.PathEscape(host)+"/evacuate", r, &out)
+}

@@ -407,6 +407,9 @@ func (a *Agent) reconcile(ctx context.Context, v *Record) error {
 }
 
 func (a *Agent) step(ctx context.Context, v *Record) error {
+	if (v.Phase == PhaseShelving || v.Phase == PhaseUnshelving) && v.Desired != DesiredDeleted {
+		return nil // the control plane moves its state; it sets the phase after
+	}
 	switch v.Desired {
 	case DesiredDeleted:
 		return a.destroy(ctx, v)

@@ -94,7 +94,8 @@ type Changes struct {
 
 // TransferAsk asks a host's agent to export the state of the vTPM
 // InstanceID, Incarnation as a sealed bundle (package bundle) of
-// Generation, or to import the bundle Records.TransferBundle reads.
+// Generation, to import the bundle Records.TransferInput reads, or to
+// remove the state of a vTPM being shelved (the server holds its bundle).
 type TransferAsk struct {
 	ID          string
 	InstanceID  string
@@ -110,6 +111,7 @@ type TransferKind string
 const (
 	TransferExport TransferKind = "export"
 	TransferImport TransferKind = "import"
+	TransferRemove TransferKind = "remove"
 )
 
 // TransferInput is what an agent answers a TransferAsk with.
@@ -306,7 +308,9 @@ const (
 type Phase string
 
 // The phases: pending → provisioning → active ⇄ stopped → deleting, or
-// error with a reason.
+// error with a reason. The control plane sets those of a move, shelving
+// and unshelving, and the agent leaves such a vTPM alone but for a delete
+// and the transfers asked of it.
 const (
 	PhasePending      Phase = "pending"
 	PhaseProvisioning Phase = "provisioning"
@@ -314,4 +318,6 @@ const (
 	PhaseStopped      Phase = "stopped"
 	PhaseDeleting     Phase = "deleting"
 	PhaseError        Phase = "error"
+	PhaseShelving     Phase = "shelving"
+	PhaseUnshelving   Phase = "unshelving"
 )

@@ -12,12 +12,14 @@ import (
 )
 
 // answerTransfer answers the control plane's request to export a vTPM's
-// state as a sealed bundle, or to import one, with what the backend did,
-// or a refusal: the vTPM is not held here (not_found), the backend moves
-// no state (not_supported), a bundle to import is not the vTPM's
-// (bundle_corrupt, bundle_mismatch), the vTPM is not stopped for an import
-// (vtpm_not_stopped), or the backend failed (transfer_failed, its reason
-// in the message). The vTPM is not reconciled meanwhile.
+// state as a sealed bundle, to import one, or to remove the state of a
+// vTPM being shelved, with what the backend did, or a refusal: the vTPM is
+// not held here (not_found), the backend moves no state (not_supported), a
+// bundle to import is not the vTPM's (bundle_corrupt, bundle_mismatch),
+// the vTPM is not stopped (or unshelving) for an import, or not shelving
+// for a removal (vtpm_not_stopped), or the backend failed
+// (transfer_failed, its reason in the message). The vTPM is not
+// reconciled meanwhile.
 func (a *Agent) answerTransfer(ctx context.Context, ask TransferAsk) error {
 	unlock := a.locks.lock(ask.InstanceID)
 	defer unlock()
@@ -50,9 +52,19 @@ func (a *Agent) transfer(ctx context.Context, ask TransferAsk) (Transfer, error)
 		return Transfer{}, refusal.Conflict(api.CodeNotSupported, "Host "+a.Host+" runs the "+a.Backend.Name()+
 			" backend, which moves no vTPM state.")
 	}
-	if ask.Kind == TransferImport && (v.Desired != DesiredStopped || v.Phase != PhaseStopped) {
+	if ask.Kind == TransferImport && v.Phase != PhaseUnshelving && (v.Desired != DesiredStopped || v.Phase != PhaseStopped) {
 		return Transfer{}, refusal.Conflict(api.CodeVTPMNotStopped, "The vTPM of "+v.InstanceID+" is "+string(v.Phase)+
 			" on host "+a.Host+"; its state is replaced only while it is stopped.")
+	}
+	if ask.Kind == TransferRemove {
+		if v.Phase != PhaseShelving {
+			return Transfer{}, refusal.Conflict(api.CodeVTPMNotStopped, "The vTPM of "+v.InstanceID+" is "+string(v.Phase)+
+				" on host "+a.Host+", not shelving: its state stays.")
+		}
+		a.mu.Lock()
+		a.forget(v.InstanceID)
+		a.mu.Unlock()
+		return Transfer{}, a.Backend.Destroy(ctx, v.VTPM())
 	}
 	in, err := a.Records.TransferInput(ctx, a.Host, ask)
 	if err != nil {

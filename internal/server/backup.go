@@ -1,11 +1,13 @@
 package server
 
 import (
+	"context"
 	"net/http"
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/refusal"
 	"github.com/vtpmd/vtpmd/internal/store"
+	"github.com/vtpmd/vtpmd/internal/tenant"
 )
 
 // createBackup backs a vTPM up now (vtpms.Service.Backup): 201 with the
@@ -64,4 +66,55 @@ func (s *Server) restoreBackup(w http.ResponseWriter, r *http.Request) error {
 
 func backupView(b store.Backup) api.Backup {
 	return api.Backup{Generation: b.Generation, Reason: b.Reason, SourceHost: b.SourceHost, CreatedAt: b.CreatedAt, Size: b.Size}
+}
+
+// shelveVTPM shelves a stopped vTPM (vtpms.Service.Shelve): 200 with the
+// vTPM, shelved.
+func (s *Server) shelveVTPM(w http.ResponseWriter, r *http.Request) error {
+	return s.moved(w, r, s.VTPMs.Shelve)
+}
+
+// unshelveVTPM places a shelved vTPM on a host again and imports its
+// state (vtpms.Service.Unshelve): 200 with the vTPM, stopped there.
+func (s *Server) unshelveVTPM(w http.ResponseWriter, r *http.Request) error {
+	var req api.UnshelveRequest
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	return s.moved(w, r, func(ctx context.Context, c tenant.Caller, id string) (*store.VTPM, error) {
+		return s.VTPMs.Unshelve(ctx, c, id, req.Host)
+	})
+}
+
+// moved answers a move the server finished (do): 200 with the vTPM.
+func (s *Server) moved(w http.ResponseWriter, r *http.Request, do func(context.Context, tenant.Caller, string) (*store.VTPM, error)) error {
+	c, err := tenantOf(r)
+	if err != nil {
+		return err
+	}
+	v, err := do(r.Context(), c, r.PathValue("id"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, vtpmView(v))
+	return nil
+}
+
+// evacuateHost moves the vTPMs of a host that is gone to other hosts
+// (vtpms.Service.Evacuate): 200 with what became of each.
+func (s *Server) evacuateHost(w http.ResponseWriter, r *http.Request) error {
+	var req api.EvacuateRequest
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	c, err := tenantOf(r)
+	if err != nil {
+		return err
+	}
+	out, err := s.VTPMs.Evacuate(r.Context(), c, r.PathValue("name"), req.Force, req.NewTPM, nil)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
 }

@@ -8,8 +8,8 @@ import (
 )
 
 // Transfer is a server's request that a host's agent export the state of
-// a vTPM as a bundle of Generation (Kind "export"), or import Bundle
-// (Kind "import"): the host's watch carries it (Changes.Transfers) until
+// a vTPM as a bundle of Generation (Kind "export"), import Bundle (Kind
+// "import"), or remove the state (Kind "remove"): the host's watch carries it (Changes.Transfers) until
 // the agent answers, and the server that asked withdraws it once it has
 // the answer or gives up.
 type Transfer struct {
@@ -33,6 +33,9 @@ type Transfer struct {
 const (
 	TransferExport = "export"
 	TransferImport = "import"
+	// TransferRemove asks the agent to remove the state of a vTPM being
+	// shelved, whose bundle the server holds.
+	TransferRemove = "remove"
 )
 
 // AskTransfer records x, with a new ID; the host's watchers wake to it.

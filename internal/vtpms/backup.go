@@ -39,32 +39,16 @@ func (s *Service) Backup(ctx context.Context, c tenant.Caller, id, reason string
 	if err := s.hostUp(ctx, v.Host); err != nil {
 		return nil, err
 	}
-	var ask *store.Transfer
-	err = s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
-		gen, err := tx.HandOutGeneration(v.InstanceID, v.Incarnation)
-		if err != nil {
-			return err
-		}
-		ask = &store.Transfer{Host: v.Host, InstanceID: v.InstanceID, Incarnation: v.Incarnation, Kind: store.TransferExport, Generation: gen}
-		return tx.AskTransfer(ask)
-	})
+	gen, data, err := s.export(ctx, v)
 	if err != nil {
-		return nil, err
-	}
-	defer s.withdraw(ctx, ask)
-	got, err := s.awaitTransfer(ctx, ask)
-	if err == nil {
-		err = s.openAs(ctx, v, got.Bundle, ask.Generation)
-	}
-	if err != nil {
-		s.event(ctx, c, v, "backup failed", fmt.Sprintf("generation %d (%s): %s", ask.Generation, reason, refusal.Truncate(err.Error())))
+		s.event(ctx, c, v, "backup failed", fmt.Sprintf("generation %d (%s): %s", gen, reason, refusal.Truncate(err.Error())))
 		return nil, err
 	}
 	// Kept as taken when the server received it, by the server's clock,
 	// which tells whether a stopped vTPM was backed up since it stopped.
-	h, _ := bundle.ReadHeader(got.Bundle)
-	b := &store.Backup{InstanceID: v.InstanceID, Incarnation: v.Incarnation, Generation: ask.Generation, Reason: reason,
-		SourceHost: h.SourceHost, CreatedAt: s.cfg.Now(), Size: len(got.Bundle), Bundle: got.Bundle}
+	h, _ := bundle.ReadHeader(data)
+	b := &store.Backup{InstanceID: v.InstanceID, Incarnation: v.Incarnation, Generation: gen, Reason: reason,
+		SourceHost: h.SourceHost, CreatedAt: s.cfg.Now(), Size: len(data), Bundle: data}
 	err = s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
 		if err := tx.RecordGeneration(v.InstanceID, v.Incarnation, b.Generation); err != nil {
 			return err
@@ -171,6 +155,44 @@ func (s *Service) Restore(ctx context.Context, c tenant.Caller, id string, gen i
 	s.cfg.Log.Info("restored vTPM state", "instance", v.InstanceID, "generation", b.Generation, "rollback", rollback, "by", c.Actor)
 	b.Bundle = nil
 	return b, nil
+}
+
+// export has the agent of v's host export v's state as a bundle of a new
+// generation, and opens it with v's secret as v's bundle of that
+// generation: the generation, and the bundle, or why not.
+func (s *Service) export(ctx context.Context, v *store.VTPM) (int64, []byte, error) {
+	var ask *store.Transfer
+	err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
+		gen, err := tx.HandOutGeneration(v.InstanceID, v.Incarnation)
+		if err != nil {
+			return err
+		}
+		ask = &store.Transfer{Host: v.Host, InstanceID: v.InstanceID, Incarnation: v.Incarnation, Kind: store.TransferExport, Generation: gen}
+		return tx.AskTransfer(ask)
+	})
+	if err != nil {
+		return 0, nil, err
+	}
+	defer s.withdraw(ctx, ask)
+	got, err := s.awaitTransfer(ctx, ask)
+	if err == nil {
+		err = s.openAs(ctx, v, got.Bundle, ask.Generation)
+	}
+	if err != nil {
+		return ask.Generation, nil, err
+	}
+	return ask.Generation, got.Bundle, nil
+}
+
+// ask has the agent of x.Host do x (an import or a removal) and waits for
+// its answer.
+func (s *Service) ask(ctx context.Context, x *store.Transfer) error {
+	if err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error { return tx.AskTransfer(x) }); err != nil {
+		return err
+	}
+	defer s.withdraw(ctx, x)
+	_, err := s.awaitTransfer(ctx, x)
+	return err
 }
 
 // openAs opens data with v's secret as v's bundle of generation gen:

@@ -382,7 +382,8 @@ func (s *Service) List(ctx context.Context, c tenant.Caller, f store.Filter) (pa
 // A vTPM no agent has acted on has nothing on any host and goes at once,
 // record and all (gone): a host without a vtpmd agent (Hyper-V) would
 // never finish its delete. An agent's first act is recorded in the same
-// store, so the check is part of the transaction.
+// store, so the check is part of the transaction. A shelved vTPM is on no
+// host either: it goes at once, with its shelved bundle.
 func (s *Service) Delete(ctx context.Context, c tenant.Caller, id string) (v *store.VTPM, gone bool, err error) {
 	if v, err = s.Get(ctx, c, id); err != nil {
 		return nil, false, err
@@ -404,8 +405,13 @@ func (s *Service) Delete(ctx context.Context, c tenant.Caller, id string) (v *st
 			if !c.Sees(v.Project) {
 				return fmt.Errorf("vtpm %s: %w", id, store.ErrNotFound)
 			}
+			detail0 := "never provisioned: nothing on the host"
 			if gone, err = untouched(tx, v); err != nil {
 				return err
+			}
+			if v.Phase == store.PhaseShelved {
+				// On no host: the record and its shelved bundle go now.
+				gone, detail0 = true, "shelved: nothing on any host"
 			}
 			detail := ""
 			if left != "" {
@@ -416,7 +422,7 @@ func (s *Service) Delete(ctx context.Context, c tenant.Caller, id string) (v *st
 			}
 			if gone {
 				return deleteRecord(tx, v.InstanceID, store.Event{Actor: c.Actor, InstanceID: id, Action: "deleted",
-					Detail: strings.TrimSuffix("never provisioned: nothing on the host; "+detail, "; ")})
+					Detail: strings.TrimSuffix(detail0+"; "+detail, "; ")})
 			}
 			if v.Desired == store.DesiredDeleted {
 				return nil // asked before; the secret is shredded again, harmlessly
@@ -495,10 +501,15 @@ func (s *Service) Stop(ctx context.Context, c tenant.Caller, id string) (*store.
 
 var errDeleting = refusal.Conflict(api.CodeConflict, "The vTPM is being deleted.")
 
-// desire sets what the user wants. A deleted vTPM cannot be started again.
+// desire sets what the user wants. A deleted vTPM cannot be started again,
+// nor a shelved one until it is unshelved.
 func desire(v *store.VTPM, d store.Desired) error {
 	if v.Desired == store.DesiredDeleted && d != store.DesiredDeleted {
 		return errDeleting
+	}
+	if d == store.DesiredRunning && (v.Phase == store.PhaseShelving || v.Phase == store.PhaseShelved || v.Phase == store.PhaseUnshelving) {
+		return refusal.Conflict(api.CodeVTPMShelved, "The vTPM of "+v.InstanceID+" is "+string(v.Phase)+
+			": it has no host to run on until it is unshelved (vtpmctl unshelve).")
 	}
 	v.Desired = d
 	return nil
