@@ -20,7 +20,8 @@ type VTPM struct {
 	// Desired is what was asked: running, stopped or deleted.
 	Desired string `json:"desired"`
 	// Phase is what the host agent observed: pending, provisioning,
-	// active, stopped, deleting or error.
+	// active, stopped, deleting or error; or where a move the server makes
+	// is: shelving, shelved (on no host: Host is ""), unshelving.
 	Phase  string `json:"phase"`
 	Reason string `json:"reason,omitempty"`
 	// SecretRef is the key-manager secret that encrypts the state (a

@@ -465,9 +465,10 @@ func (s *Server) listVTPMs(w http.ResponseWriter, r *http.Request) error {
 		f.Limit = n
 	}
 	switch f.Phase {
-	case "", store.PhasePending, store.PhaseProvisioning, store.PhaseActive, store.PhaseStopped, store.PhaseDeleting, store.PhaseError:
+	case "", store.PhasePending, store.PhaseProvisioning, store.PhaseActive, store.PhaseStopped, store.PhaseDeleting, store.PhaseError,
+		store.PhaseShelving, store.PhaseShelved, store.PhaseUnshelving:
 	default:
-		return refusal.Invalid(api.CodeInvalidParameter, "phase must be one of pending, provisioning, active, stopped, deleting, error.")
+		return refusal.Invalid(api.CodeInvalidParameter, "phase must be one of pending, provisioning, active, stopped, shelving, shelved, unshelving, deleting, error.")
 	}
 	page, next, err := s.VTPMs.List(r.Context(), c, f)
 	if err != nil {
