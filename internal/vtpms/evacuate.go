@@ -168,13 +168,13 @@ func (s *Service) evacuate(ctx context.Context, c tenant.Caller, host string, v 
 	}
 	sh := &store.Shelved{InstanceID: v.InstanceID, Incarnation: v.Incarnation, Generation: b.Generation, Reason: store.ShelvedEvacuate,
 		FromHost: host, CreatedAt: b.CreatedAt, Bundle: b.Bundle}
-	next := *v
-	next.Host, next.Phase, next.Reason = "", store.PhaseShelved, ""
-	next.Sockets, next.PID, next.Connected = store.Sockets{}, 0, false
+	var next store.VTPM
 	err = s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
 		if err := tx.PutShelved(sh); err != nil {
 			return err
 		}
+		next = *v // afresh at every attempt: UpdateVTPM bumps its generation
+		offHost(&next)
 		if err := tx.UpdateVTPM(&next); err != nil {
 			return err
 		}

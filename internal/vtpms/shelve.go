@@ -158,6 +158,7 @@ func (s *Service) unshelve(ctx context.Context, c tenant.Caller, v *store.VTPM, 
 		detail = fmt.Sprintf("evacuated from host %s to host %s from its backup of generation %d: what changed in the TPM after %s is lost",
 			sh.FromHost, v.Host, sh.Generation, sh.CreatedAt.Format(time.RFC3339))
 	}
+	var done *store.VTPM
 	err = s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
 		cur, err := tx.GetVTPM(v.InstanceID)
 		if err != nil {
@@ -166,11 +167,11 @@ func (s *Service) unshelve(ctx context.Context, c tenant.Caller, v *store.VTPM, 
 		if cur.Incarnation != v.Incarnation || cur.Phase != store.PhaseUnshelving || cur.Host != v.Host {
 			return refusal.Conflict(api.CodeConflict, "The vTPM of "+v.InstanceID+" changed while it was being unshelved.")
 		}
-		v = cur
-		v.Phase = store.PhaseStopped
-		if err := tx.UpdateVTPM(v); err != nil {
+		cur.Phase = store.PhaseStopped
+		if err := tx.UpdateVTPM(cur); err != nil {
 			return err
 		}
+		done = cur
 		if err := tx.DeleteShelved(v.InstanceID, v.Incarnation); err != nil {
 			return err
 		}
@@ -179,6 +180,7 @@ func (s *Service) unshelve(ctx context.Context, c tenant.Caller, v *store.VTPM, 
 	if err != nil {
 		return nil, err
 	}
+	v = done
 	s.cfg.Log.Info("unshelved vTPM", "instance", v.InstanceID, "host", v.Host, "generation", sh.Generation, "by", c.Actor)
 	return v, nil
 }
@@ -187,6 +189,7 @@ func (s *Service) unshelve(ctx context.Context, c tenant.Caller, v *store.VTPM, 
 // placement rules choose (phase unshelving), where there is room; never
 // back on the host it was evacuated from.
 func (s *Service) placeShelved(ctx context.Context, c tenant.Caller, v *store.VTPM, to string, sh *store.Shelved) (*store.VTPM, error) {
+	var placed *store.VTPM
 	err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
 		cur, err := tx.GetVTPM(v.InstanceID)
 		if err != nil {
@@ -213,15 +216,15 @@ func (s *Service) placeShelved(ctx context.Context, c tenant.Caller, v *store.VT
 		if err != nil {
 			return err
 		}
-		v = cur
-		v.Host, v.Phase = h.Name, store.PhaseUnshelving
-		if err := tx.UpdateVTPM(v); err != nil {
+		cur.Host, cur.Phase = h.Name, store.PhaseUnshelving
+		if err := tx.UpdateVTPM(cur); err != nil {
 			return err
 		}
+		placed = cur
 		return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: v.InstanceID, Action: "unshelving",
-			Detail: fmt.Sprintf("generation %d onto host %s", sh.Generation, v.Host)})
+			Detail: fmt.Sprintf("generation %d onto host %s", sh.Generation, cur.Host)})
 	})
-	return v, err
+	return placed, err
 }
 
 // shelved reads v's shelved bundle; store.ErrNotFound if it has none.
@@ -236,9 +239,16 @@ func (s *Service) shelved(ctx context.Context, v *store.VTPM) (sh *store.Shelved
 // setPhase records v in phase p if nobody changed it since it was read,
 // with an event.
 func (s *Service) setPhase(ctx context.Context, c tenant.Caller, v *store.VTPM, p store.Phase, action, detail string) (*store.VTPM, error) {
-	next := *v
-	next.Phase = p
+	return s.write(ctx, c, v, func(next *store.VTPM) { next.Phase = p }, action, detail)
+}
+
+// write records v changed by mutate if nobody changed it since it was
+// read, with an event, and returns it as written.
+func (s *Service) write(ctx context.Context, c tenant.Caller, v *store.VTPM, mutate func(*store.VTPM), action, detail string) (*store.VTPM, error) {
+	var next store.VTPM
 	err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
+		next = *v // afresh at every attempt: UpdateVTPM bumps its generation
+		mutate(&next)
 		if err := tx.UpdateVTPM(&next); err != nil {
 			return err
 		}
@@ -247,23 +257,20 @@ func (s *Service) setPhase(ctx context.Context, c tenant.Caller, v *store.VTPM, 
 	if errors.Is(err, store.ErrConflict) {
 		return nil, refusal.Conflict(api.CodeConflict, "The vTPM of "+v.InstanceID+" changed meanwhile; try again.")
 	}
-	return &next, err
+	if err != nil {
+		return nil, err
+	}
+	return &next, nil
 }
 
 // leaveHost takes v off its host: phase shelved, no host, served
 // nowhere, with an event.
 func (s *Service) leaveHost(ctx context.Context, c tenant.Caller, v *store.VTPM, action, detail string) (*store.VTPM, error) {
-	next := *v
-	next.Host, next.Phase, next.Reason = "", store.PhaseShelved, ""
-	next.Sockets, next.PID, next.Connected = store.Sockets{}, 0, false
-	err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
-		if err := tx.UpdateVTPM(&next); err != nil {
-			return err
-		}
-		return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: v.InstanceID, Action: action, Detail: detail})
-	})
-	if errors.Is(err, store.ErrConflict) {
-		return nil, refusal.Conflict(api.CodeConflict, "The vTPM of "+v.InstanceID+" changed meanwhile; try again.")
-	}
-	return &next, err
+	return s.write(ctx, c, v, offHost, action, detail)
+}
+
+// offHost makes v shelved: on no host, served nowhere.
+func offHost(v *store.VTPM) {
+	v.Host, v.Phase, v.Reason = "", store.PhaseShelved, ""
+	v.Sockets, v.PID, v.Connected = store.Sockets{}, 0, false
 }
