@@ -9,6 +9,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
@@ -274,5 +275,69 @@ func TestClusterEvacuate(t *testing.T) {
 	// Nothing is left to do.
 	if e, err := c.op.Evacuate(ctx, "hv-a", api.EvacuateRequest{}); err != nil || len(e.Items) != 0 {
 		t.Fatalf("third evacuation: %+v, %v", e, err)
+	}
+}
+
+// TestClusterShelveContinues interrupts a shelve and an unshelve (their
+// requests given up while the host's agent is stopped) and runs them
+// again: each continues from the step it reached, and the vTPM's NV data
+// is intact at the end, on the host it was unshelved to.
+func TestClusterShelveContinues(t *testing.T) {
+	swtpmtest.Require(t, "tpm2_nvdefine")
+	c := newCluster(t)
+	ctx := context.Background()
+	a := c.addAgent("hv-a", 2)
+	b := c.addAgent("hv-b", 2)
+	id := clusterID(80)
+	if _, err := c.create(id); err != nil {
+		t.Fatal(err)
+	}
+	v := c.wait(id, "active")
+	data := bytes.Repeat([]byte("R"), 32)
+	writeNV(t, v.Sockets.Data, data, true)
+	if _, err := c.op.Stop(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	c.wait(id, "stopped")
+
+	// The agent is gone before the host reads down: the shelve starts,
+	// and is given up waiting for the export.
+	stop(a.cmd, syscall.SIGKILL)
+	short, cancel := context.WithTimeout(ctx, 2*time.Second)
+	_, err := c.op.Shelve(short, id)
+	cancel()
+	if err == nil {
+		t.Fatal("a shelve finished without its host's agent")
+	}
+	if got, _ := c.op.Get(ctx, id); got.Phase != "shelving" || got.Host != "hv-a" {
+		t.Fatalf("after the interrupted shelve: %s on %q", got.Phase, got.Host)
+	}
+	_, err = c.op.Start(ctx, id)
+	wantCode(t, err, api.CodeVTPMShelved)
+	c.startAgent(a) // it leaves the shelving vTPM alone
+	if s, err := c.op.Shelve(ctx, id); err != nil || s.Phase != "shelved" {
+		t.Fatalf("shelve again: %+v, %v", s, err)
+	}
+
+	stop(b.cmd, syscall.SIGKILL)
+	short, cancel = context.WithTimeout(ctx, 2*time.Second)
+	_, err = c.op.Unshelve(short, id, "hv-b")
+	cancel()
+	if err == nil {
+		t.Fatal("an unshelve finished without its host's agent")
+	}
+	if got, _ := c.op.Get(ctx, id); got.Phase != "unshelving" || got.Host != "hv-b" {
+		t.Fatalf("after the interrupted unshelve: %s on %q", got.Phase, got.Host)
+	}
+	c.startAgent(b)
+	if u, err := c.op.Unshelve(ctx, id, ""); err != nil || u.Phase != "stopped" || u.Host != "hv-b" {
+		t.Fatalf("unshelve again: %+v, %v", u, err)
+	}
+	if _, err := c.op.Start(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	v = c.wait(id, "active")
+	if got := readNVData(t, v.Sockets.Data); !bytes.Equal(got, data) {
+		t.Fatalf("NV after the continued moves = %q, want %q", got, data)
 	}
 }
