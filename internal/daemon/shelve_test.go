@@ -218,7 +218,7 @@ func TestClusterEvacuate(t *testing.T) {
 	c.waitHost("hv-a", "down")
 
 	var out, errOut bytes.Buffer
-	if code := cli.Main(ctx, []string{"--server", "unix://"+filepath.Join(c.dir, "api.sock"), "host", "evacuate", "hv-a"}, &out, &errOut); code != 0 {
+	if code := cli.Main(ctx, []string{"--server", "unix://" + filepath.Join(c.dir, "api.sock"), "host", "evacuate", "hv-a"}, &out, &errOut); code != 0 {
 		t.Fatalf("vtpmctl host evacuate: %d\n%s%s", code, out.String(), errOut.String())
 	}
 	t.Logf("vtpmctl host evacuate hv-a:\n%s", out.String())
