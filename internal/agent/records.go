@@ -202,6 +202,7 @@ var adoptionRefusals = map[api.Code]refusal.Kind{
 	api.CodeAlreadyManaged:    refusal.KindConflict,
 	api.CodeSecretNotFound:    refusal.KindNotFound,
 	api.CodeWrongSecret:       refusal.KindConflict,
+	api.CodeSecretNeedsOwner:  refusal.KindForbidden,
 	api.CodeNotSupported:      refusal.KindConflict,
 	api.CodeAdoptionFailed:    refusal.KindUnavailable,
 }

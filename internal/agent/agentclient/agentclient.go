@@ -119,8 +119,8 @@ func (r *Records) Rekey(ctx context.Context, rec *agent.Record, secret []byte, e
 }
 
 // AdoptionSecret implements agent.Records; host is the certificate's. The
-// server's refusals (secret_not_found, already_managed) come back as
-// refusals, for the agent's answer.
+// server's refusals (secret_not_found, already_managed,
+// secret_needs_owner) come back as refusals, for the agent's answer.
 func (r *Records) AdoptionSecret(ctx context.Context, host string, ask agent.AdoptionAsk, secretID string) ([]byte, error) {
 	s, err := r.c.AdoptionSecret(ctx, ask.ID, secretID)
 	var e *client.Error
@@ -130,6 +130,8 @@ func (r *Records) AdoptionSecret(ctx context.Context, host string, ask agent.Ado
 			return nil, refusal.NotFound(e.Code, e.Message)
 		case api.CodeAlreadyManaged:
 			return nil, refusal.Conflict(e.Code, e.Message)
+		case api.CodeSecretNeedsOwner:
+			return nil, refusal.Forbidden(e.Code, e.Message)
 		}
 	}
 	if err != nil {

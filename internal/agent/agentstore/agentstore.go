@@ -385,11 +385,15 @@ func (r *Records) AdoptionSecret(ctx context.Context, host string, ask agent.Ado
 	if err != nil {
 		return nil, agentError(err)
 	}
-	s, err := r.kr.Get(ctx, secretID)
-	if errors.Is(err, keyring.ErrNotFound) {
+	s, err := r.kr.Get(keyring.AsService(ctx), secretID)
+	switch {
+	case errors.Is(err, keyring.ErrNotFound):
 		return nil, refusal.NotFound(api.CodeSecretNotFound, "The key manager has no secret "+secretID+".")
-	}
-	if err != nil {
+	case errors.Is(err, keyring.ErrForbidden):
+		return nil, refusal.Forbidden(api.CodeSecretNeedsOwner, "The key manager refused vtpmd's service user secret "+secretID+
+			": it is another project's (Nova's user or host secret security keeps it in the instance's project). "+
+			"Grant vtpmd's service user read on it with a Barbican ACL (read.users), or, for Nova's deployment mode, have Nova and vtpmd share the service project; then adopt again.")
+	case err != nil:
 		return nil, err
 	}
 	return s.Payload, nil

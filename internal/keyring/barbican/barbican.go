@@ -91,8 +91,9 @@ type Keyring struct {
 }
 
 var (
-	_ keyring.Keyring      = (*Keyring)(nil)
-	_ keyring.CallerScoped = (*Keyring)(nil)
+	_ keyring.Keyring       = (*Keyring)(nil)
+	_ keyring.CallerScoped  = (*Keyring)(nil)
+	_ keyring.ServiceHolder = (*Keyring)(nil)
 )
 
 // New returns a Keyring on the Barbican at cfg.URL.
@@ -239,6 +240,41 @@ func (k *Keyring) Delete(ctx context.Context, id string) error {
 		return fmt.Errorf("deleting secret %s: %w", id, err)
 	}
 	return nil
+}
+
+// ServiceHolds implements keyring.ServiceHolder: as the service, it reads
+// the secret's name and lists the service project's secrets of that name
+// (no project lists another's), which include id only if the secret is
+// the service project's and not read through an ACL.
+func (k *Keyring) ServiceHolds(ctx context.Context, id string) (bool, error) {
+	if !keyring.ValidID(id) {
+		return false, fmt.Errorf("looking up secret %q: %w", id, keyring.ErrInvalidID)
+	}
+	ctx = keyring.AsService(ctx)
+	res, err := k.do(ctx, request{method: http.MethodGet, url: k.base + "/" + id, accept: "application/json"})
+	if err != nil {
+		return false, fmt.Errorf("looking up secret %s: %w", id, err)
+	}
+	var m meta
+	if err := json.Unmarshal(res.body, &m); err != nil {
+		return false, fmt.Errorf("looking up secret %s: %w: the metadata does not parse", id, keyring.ErrUnavailable)
+	}
+	q := url.Values{"name": {m.Name}, "limit": {"100"}}
+	if res, err = k.do(ctx, request{method: http.MethodGet, url: k.base + "?" + q.Encode(), accept: "application/json"}); err != nil {
+		return false, fmt.Errorf("looking up secret %s: %w", id, err)
+	}
+	var page struct {
+		Secrets []meta `json:"secrets"`
+	}
+	if err := json.Unmarshal(res.body, &page); err != nil {
+		return false, fmt.Errorf("looking up secret %s: %w: the answer does not parse", id, keyring.ErrUnavailable)
+	}
+	for _, s := range page.Secrets {
+		if got, err := refID(s.Ref); err == nil && got == id {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 // List returns the IDs of the secrets vtpmd's service user made in its
