@@ -245,6 +245,9 @@ CREATE TABLE adoptions (
 	asked_at     TEXT NOT NULL,
 	PRIMARY KEY (host, instance_id)
 );`,
+	// A vTPM's resize awaiting confirm or revert: JSON (see Resize), ''
+	// for none.
+	24: `ALTER TABLE vtpms ADD COLUMN resize TEXT NOT NULL DEFAULT '';`,
 }
 
 func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)-1) }
