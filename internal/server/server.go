@@ -188,6 +188,7 @@ func (s *Server) routes() []route {
 		{"POST /v1/agent/vtpms/{id}/deleted", s.vtpmDeleted, hosts, jsonBody},
 		{"GET /v1/agent/vtpms/{id}/secret", s.vtpmSecret, hosts, noBody},
 		{"POST /v1/agent/vtpms/{id}/rekey", s.rekeyVTPM, hosts, jsonBody},
+		{"POST /v1/agent/vtpms/{id}/resized", s.vtpmResized, hosts, jsonBody},
 		{"POST /v1/agent/ek-certificates", s.certifyEK, hosts, jsonBody},
 		{"PUT /v1/agent/drift", s.reportDrift, hosts, jsonBody},
 		{"GET /v1/agent/adoptions/{id}/secret", s.adoptionSecret, hosts, noBody},
