@@ -115,6 +115,7 @@ func NewRootCommand() *cobra.Command {
 		newAttachCommand(g),
 		newActionCommand(g, "detach", "Detach a vTPM from its libvirt domain (state kept)", "active", (*client.Client).Detach),
 		newAdoptCommand(g),
+		newResizeCommand(g),
 		newDoctorCommand(g),
 		newAttestationCommand(g),
 		newPolicyCommand(g),

@@ -249,10 +249,10 @@ func (s *Service) RevertResize(ctx context.Context, c tenant.Caller, id string) 
 				if gone, err = untouched(tx, v); err != nil {
 					return err
 				}
+				v.Desired, v.Resize = store.DesiredDeleted, nil
 				if gone {
 					return deleteRecord(tx, v.InstanceID, ev)
 				}
-				v.Desired, v.Resize = store.DesiredDeleted, nil
 				if err := tx.UpdateVTPM(v); err != nil {
 					return err
 				}
