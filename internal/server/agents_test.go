@@ -693,8 +693,8 @@ func TestAgentRoutesRefuseBadJSON(t *testing.T) {
 			refused(t, r.pattern+" with "+body, code, e, 400, api.CodeInvalidJSON)
 		}
 	}
-	if checked != 9 { // heartbeat, renew, host, report, deleted, rekey, EK certificates, drift, adoption
-		t.Errorf("%d hosts' routes take bodies, want 9", checked)
+	if checked != 10 { // heartbeat, renew, host, report, deleted, rekey, resized, EK certificates, drift, adoption
+		t.Errorf("%d hosts' routes take bodies, want 10", checked)
 	}
 	if after := w.read(t, w.a, onA); !reflect.DeepEqual(after, before) {
 		t.Errorf("the record after bad bodies: %+v\nwas %+v", after, before)

@@ -1,8 +1,10 @@
 package server
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"net/http"
 	"testing"
 
 	"github.com/vtpmd/vtpmd/api"
@@ -155,5 +157,61 @@ func TestResizeToNewTPMNeedsSwtpm(t *testing.T) {
 	var reverted api.VTPM
 	if code := f.call(t, "POST", "/v1/vtpms/"+inst+"/resize/revert", "", nil, &reverted); code != 202 || reverted.Resize != nil || reverted.Spec.SecretSecurity != "user" {
 		t.Fatalf("revert of keep: %d %+v", code, reverted)
+	}
+}
+
+// TestAgentResized: over the agent protocol, a resize to a new TPM asks
+// the vTPM's agent to set the old TPM aside (no EKs, a new secret), a
+// revert to restore it (the old EKs and secret back), and only the agent
+// of the vTPM's host, at the generation it read, ends the resize.
+func TestAgentResized(t *testing.T) {
+	w := newAgentHosts(t)
+	v0 := w.create(t, onA, crb, "ha")
+	cur := w.read(t, w.a, onA)
+	ek := api.AgentEK{Kind: "ecc", Handle: 0x81010002, Public: publicDER(t, p256(t))}
+	if code := w.do(t, w.a, "PUT", "/v1/agent/vtpms/"+onA, api.AgentReport{Incarnation: cur.Incarnation, Generation: cur.Generation,
+		Phase: "active", EKs: []api.AgentEK{ek}, Event: api.AgentEvent{Action: "started"}}, nil); code != 200 {
+		t.Fatalf("report: %d", code)
+	}
+	// ha serves TIS too from now on, so a resize to it stays there.
+	caps := spec.Capabilities{Enabled: true, Versions: []spec.Version{spec.V20}, Models: []spec.Model{spec.CRB, spec.TIS}}
+	if code := w.do(t, w.a, "PUT", "/v1/agent/host", api.AgentHost{Traits: spec.HostTraits(caps).List(), Capacity: 4, Backend: "swtpm", Version: "test"}, nil); code != 204 {
+		t.Fatalf("re-registering ha: %d", code)
+	}
+	var v api.VTPM
+	if code := w.call(t, "POST", "/v1/vtpms/"+onA+"/resize", "", resize(map[string]string{"hw:tpm_version": "2.0", "hw:tpm_model": tis}), &v); code != 202 || v.Resize == nil || v.Resize.Kind != "new_tpm" {
+		t.Fatalf("resize: %d %+v", code, v)
+	}
+	got := w.read(t, w.a, onA)
+	if got.Resize != "set_aside" || len(got.EKs) != 0 || got.SecretRef == v0.SecretRef || got.Phase != "pending" {
+		t.Fatalf("the agent's record of a resize to a new TPM: %+v", got)
+	}
+	var e api.ErrorBody
+	resized := func(host *http.Client, generation int64) int {
+		e = api.ErrorBody{}
+		return w.do(t, host, "POST", "/v1/agent/vtpms/"+onA+"/resized", api.AgentResized{Incarnation: got.Incarnation, Generation: generation,
+			Event: api.AgentEvent{Action: "old TPM restored"}}, &e)
+	}
+	refused(t, "resized while the resize is pending", resized(w.a, got.Generation), e, 409, api.CodeConflict)
+
+	if code := w.call(t, "POST", "/v1/vtpms/"+onA+"/resize/revert", "", nil, nil); code != 202 {
+		t.Fatalf("revert: %d", code)
+	}
+	got = w.read(t, w.a, onA)
+	if got.Resize != "restore" || got.SecretRef != v0.SecretRef || len(got.EKs) != 1 || !bytes.Equal(got.EKs[0].Public, ek.Public) || *got.Spec.Model != crb {
+		t.Fatalf("the agent's record of a reverted resize: %+v", got)
+	}
+	refused(t, "resized by another host's agent", resized(w.b, got.Generation), e, 403, api.CodeForbidden)
+	refused(t, "resized at a stale generation", resized(w.a, got.Generation-1), e, 409, api.CodeConflict)
+	var wr api.AgentWritten
+	if code := w.do(t, w.a, "POST", "/v1/agent/vtpms/"+onA+"/resized", api.AgentResized{Incarnation: got.Incarnation, Generation: got.Generation,
+		Event: api.AgentEvent{Action: "old TPM restored"}}, &wr); code != 200 || wr.Generation <= got.Generation {
+		t.Fatalf("resized: %d %+v", code, wr)
+	}
+	if got = w.read(t, w.a, onA); got.Resize != "" {
+		t.Fatalf("the agent's record after the resize ended: %+v", got)
+	}
+	if _, op := w.operatorView(t, onA); op.Resize != nil || op.SecretRef != v0.SecretRef {
+		t.Fatalf("the operator's view after the resize ended: %+v", op)
 	}
 }
