@@ -87,6 +87,12 @@ type AgentVTPM struct {
 	SwtpmPID int `json:"swtpm_pid,omitempty"`
 	// GuestConnected says a client held its control channel.
 	GuestConnected bool `json:"guest_connected,omitempty"`
+	// Resize is what a resize to a new TPM asks of the agent: set_aside
+	// (keep the old TPM's state aside and make a new TPM), discard
+	// (confirmed: remove the old state, then POST .../resized) or restore
+	// (reverted: put the old state back in place of the new, then POST
+	// .../resized); absent for nothing.
+	Resize string `json:"resize,omitempty"`
 	// Generation increases with every change; a report on an older one is
 	// refused (409).
 	Generation int64 `json:"generation"`
@@ -225,6 +231,14 @@ type AgentReport struct {
 // AgentDeletion is an agent's word that a vTPM's state is gone (POST
 // /v1/agent/vtpms/{id}/deleted): its record, attestation and secret go.
 type AgentDeletion struct {
+	Incarnation string     `json:"incarnation"`
+	Generation  int64      `json:"generation"`
+	Event       AgentEvent `json:"event"`
+}
+
+// AgentResized is an agent's word that it finished a confirmed or reverted
+// resize's step (POST /v1/agent/vtpms/{id}/resized): the resize ends.
+type AgentResized struct {
 	Incarnation string     `json:"incarnation"`
 	Generation  int64      `json:"generation"`
 	Event       AgentEvent `json:"event"`

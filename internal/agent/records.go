@@ -66,6 +66,12 @@ type Records interface {
 	// AnswerTransfer answers host's transfer request ask; ErrNotFound if
 	// it is withdrawn (its server gave up).
 	AnswerTransfer(ctx context.Context, host string, ask TransferAsk, answer Transfer) error
+	// Resized records, with ev, that r's agent finished the step of a
+	// confirmed or reverted resize (r.Resize ResizeDiscard or
+	// ResizeRestore): the resize ends, r.Resize is cleared and
+	// r.Generation advances. ErrConflict if the record changed since r was
+	// read; ErrNotFound if r's vTPM is gone.
+	Resized(ctx context.Context, r *Record, ev Event) error
 }
 
 // Changes is what changed on a host after a revision (Records.Watch).
@@ -276,9 +282,30 @@ type Record struct {
 	// Connected says a client (a guest's QEMU) held the vTPM's control
 	// channel when the agent last looked (Server.Connected).
 	Connected bool
+	// Resize is what a pending resize asks of the host; "" for nothing.
+	Resize ResizeStep
 	// Generation increases with every change; Update refuses a stale one.
 	Generation int64
 }
+
+// ResizeStep is what a resize that gives a vTPM a new TPM (another version
+// or model) asks of its host's agent; the other resizes ask nothing of it.
+type ResizeStep string
+
+// The resize steps, each done through the backend's Resizer.
+const (
+	// ResizeSetAside: the resize is pending. The old TPM's state is kept
+	// aside, served by nothing, and a new TPM is made (Ensure) with the
+	// record's new secret.
+	ResizeSetAside ResizeStep = "set_aside"
+	// ResizeDiscard: the resize is confirmed. The old TPM's state goes;
+	// then the agent says so (Records.Resized).
+	ResizeDiscard ResizeStep = "discard"
+	// ResizeRestore: the resize is reverted. The new TPM's state goes and
+	// the old one's is put back; then the agent says so
+	// (Records.Resized), and runs the old TPM as before.
+	ResizeRestore ResizeStep = "restore"
+)
 
 // VTPM is what a backend is asked to act on for r.
 func (r *Record) VTPM() VTPM {

@@ -291,6 +291,9 @@ CREATE TABLE bundle_generations (
 	handed_out   INTEGER NOT NULL,
 	newest       INTEGER NOT NULL
 );`,
+	// A vTPM's resize awaiting confirm or revert: JSON (see Resize), ''
+	// for none.
+	24: `ALTER TABLE vtpms ADD COLUMN resize TEXT NOT NULL DEFAULT '';`,
 }
 
 func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)-1) }

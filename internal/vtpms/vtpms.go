@@ -201,18 +201,34 @@ func (s *Service) Create(ctx context.Context, c tenant.Caller, req api.CreateVTP
 	if err != nil {
 		return nil, err
 	}
-	host, err := s.place(ctx, id, sp)
-	if err != nil {
-		return nil, err
-	}
-
-	payload, err := keyring.NewVTPMSecret()
+	host, err := s.place(ctx, id, sp, "")
 	if err != nil {
 		return nil, err
 	}
 	v := &store.VTPM{InstanceID: id, Project: project, Spec: *sp, Host: host,
 		Desired: store.DesiredRunning, Phase: store.PhasePending}
-	_, err = keyring.CreateRecorded(kctx, s.cfg.Keyring, project, keyring.VTPMSecretName(id), payload, func(secretID string) error {
+	err = s.record(kctx, v, "", store.Event{Actor: c.Actor, InstanceID: id, Action: "created",
+		Detail: fmt.Sprintf("TPM %s %s on host %s", sp.Version, sp.Model, host)})
+	if err != nil {
+		return nil, fmt.Errorf("creating vTPM %s: %w", id, err)
+	}
+	return v, nil
+}
+
+// record makes a secret for the new vTPM v, placed on v.Host already, as
+// the identity ctx carries (asOwner), and records both with ev (whose
+// detail names the host: it is rewritten if v is placed again); an
+// owner-held secret is staged for the host's agent in the same
+// transaction. The transaction that records v checks that its host still
+// has room (store.Tx.Room); when creates elsewhere took it since it was
+// chosen, v is placed again, on pinned only when pinned is set.
+func (s *Service) record(ctx context.Context, v *store.VTPM, pinned string, ev store.Event) error {
+	payload, err := keyring.NewVTPMSecret()
+	if err != nil {
+		return err
+	}
+	chosen := v.Host
+	_, err = keyring.CreateRecorded(ctx, s.cfg.Keyring, v.Project, keyring.VTPMSecretName(v.InstanceID), payload, func(secretID string) error {
 		v.SecretID = secretID
 		// One create at a time in this process, which only spares them
 		// retries: on PostgreSQL concurrent creates abort each other's
@@ -229,26 +245,24 @@ func (s *Service) Create(ctx context.Context, c tenant.Caller, req api.CreateVTP
 				if err := tx.CreateVTPM(v); err != nil {
 					return err
 				}
-				if OwnerHeld(s.cfg.Keyring, *sp) {
+				if OwnerHeld(s.cfg.Keyring, v.Spec) {
 					if err := s.stage(tx, v, payload); err != nil {
 						return err
 					}
 				}
-				return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: id, Action: "created",
-					Detail: fmt.Sprintf("TPM %s %s on host %s", sp.Version, sp.Model, v.Host)})
+				e := ev
+				e.Detail = strings.Replace(e.Detail, "host "+chosen, "host "+v.Host, 1)
+				return tx.AppendEvent(e)
 			})
 			if !errors.Is(err, errTaken) {
 				return err
 			}
-			if v.Host, err = s.place(ctx, id, sp); err != nil {
+			if v.Host, err = s.place(ctx, v.InstanceID, &v.Spec, pinned); err != nil {
 				return err
 			}
 		}
 	})
-	if err != nil {
-		return nil, fmt.Errorf("creating vTPM %s: %w", id, err)
-	}
-	return v, nil
+	return err
 }
 
 // stage keeps v's secret payload for its host's agent (OwnerHeld), and
@@ -265,9 +279,9 @@ func (s *Service) stage(tx *store.Tx, v *store.VTPM, payload []byte) error {
 // create since (Create places the vTPM again).
 var errTaken = errors.New("the host's last room was taken")
 
-// place chooses the host for a new vTPM of instance id with sp; the
-// instance must have none.
-func (s *Service) place(ctx context.Context, id string, sp *spec.Spec) (host string, err error) {
+// place chooses the host for a new vTPM of instance id with sp, which
+// must be pinned when that is set; the instance must have none.
+func (s *Service) place(ctx context.Context, id string, sp *spec.Spec, pinned string) (host string, err error) {
 	err = s.cfg.Store.View(ctx, func(tx *store.Tx) error {
 		if _, err := tx.GetVTPM(id); err == nil {
 			return store.ErrExists
@@ -277,6 +291,13 @@ func (s *Service) place(ctx context.Context, id string, sp *spec.Spec) (host str
 		hosts, err := s.candidates(tx)
 		if err != nil {
 			return err
+		}
+		if pinned != "" {
+			i := slices.IndexFunc(hosts, func(h spec.Host) bool { return h.Name == pinned })
+			if i < 0 {
+				return refusal.NotFound(api.CodeNotFound, "No such host: "+refusal.Quote(pinned)+".")
+			}
+			hosts = hosts[i : i+1]
 		}
 		h, err := spec.Place(hosts, sp.RequiredTraits())
 		host = h.Name
@@ -429,6 +450,10 @@ func (s *Service) Delete(ctx context.Context, c tenant.Caller, id string) (v *st
 		})
 		if err != nil || left != "" {
 			return nil, err
+		}
+		if v.Resize != nil {
+			// The old TPM a resize keeps goes with the vTPM.
+			return []string{v.SecretID, v.Resize.OldSecretID}, nil
 		}
 		return []string{v.SecretID}, nil
 	})

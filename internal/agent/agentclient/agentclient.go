@@ -118,6 +118,17 @@ func (r *Records) Rekey(ctx context.Context, rec *agent.Record, secret []byte, e
 	return nil
 }
 
+// Resized implements agent.Records.
+func (r *Records) Resized(ctx context.Context, rec *agent.Record, ev agent.Event) error {
+	w, err := r.c.ResizedVTPM(ctx, rec.InstanceID, api.AgentResized{Incarnation: rec.Incarnation, Generation: rec.Generation,
+		Event: api.AgentEvent{Action: ev.Action, Detail: ev.Detail}})
+	if err != nil {
+		return agentError(err)
+	}
+	rec.Generation, rec.Resize = w.Generation, ""
+	return nil
+}
+
 // AdoptionSecret implements agent.Records; host is the certificate's. The
 // server's refusals (secret_not_found, already_managed,
 // secret_needs_owner) come back as refusals, for the agent's answer.
@@ -180,7 +191,7 @@ func agentError(err error) error {
 func record(v api.AgentVTPM) *agent.Record {
 	r := &agent.Record{InstanceID: v.InstanceID, Incarnation: v.Incarnation, Project: v.Project, Spec: spec.FromAPI(v.Spec), Host: v.Host,
 		Domain: v.Domain, Desired: agent.Desired(v.Desired), Phase: agent.Phase(v.Phase), Reason: v.Reason, SecretID: v.SecretRef,
-		PID: v.SwtpmPID, Connected: v.GuestConnected, Generation: v.Generation}
+		PID: v.SwtpmPID, Connected: v.GuestConnected, Resize: agent.ResizeStep(v.Resize), Generation: v.Generation}
 	if v.Sockets != nil {
 		r.Sockets = *v.Sockets
 	}

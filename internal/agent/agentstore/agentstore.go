@@ -17,6 +17,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/agent"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/refusal"
+	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/vtpms"
 )
@@ -347,6 +348,32 @@ func (r *Records) Rekey(ctx context.Context, rec *agent.Record, secret []byte, e
 	return nil
 }
 
+// Resized implements agent.Records: the resize ends only if it is
+// confirmed or reverted (a resize still pending is the user's to end).
+func (r *Records) Resized(ctx context.Context, rec *agent.Record, ev agent.Event) error {
+	var generation int64
+	err := r.st.Update(ctx, func(tx *store.Tx) error {
+		v, err := current(tx, rec)
+		if err != nil {
+			return err
+		}
+		if v.Resize == nil || v.Resize.Status != store.ResizeConfirming && v.Resize.Status != store.ResizeReverting {
+			return refusal.Conflict(api.CodeConflict, "The vTPM has no confirmed or reverted resize to finish.")
+		}
+		v.Resize = nil
+		if err := tx.UpdateVTPM(v); err != nil {
+			return err
+		}
+		generation = v.Generation
+		return tx.AppendEvent(store.Event{Actor: ev.Actor, InstanceID: v.InstanceID, Action: ev.Action, Detail: ev.Detail})
+	})
+	if err != nil {
+		return agentError(err)
+	}
+	rec.Generation, rec.Resize = generation, ""
+	return nil
+}
+
 // maxFindings bounds a drift report.
 const maxFindings = 10000
 
@@ -537,11 +564,27 @@ func changes(ch *store.Changes) *agent.Changes {
 func record(v *store.VTPM) *agent.Record {
 	r := &agent.Record{InstanceID: v.InstanceID, Incarnation: v.Incarnation, Project: v.Project, Spec: v.Spec, Host: v.Host,
 		Domain: v.Domain, Desired: agent.Desired(v.Desired), Phase: agent.Phase(v.Phase), Reason: v.Reason, SecretID: v.SecretID,
-		Sockets: api.Sockets{Data: v.Sockets.Data, Ctrl: v.Sockets.Ctrl}, PID: v.PID, Connected: v.Connected, Generation: v.Generation}
+		Sockets: api.Sockets{Data: v.Sockets.Data, Ctrl: v.Sockets.Ctrl}, PID: v.PID, Connected: v.Connected, Resize: resizeStep(v.Resize),
+		Generation: v.Generation}
 	for _, ek := range v.EKs {
 		r.EKs = append(r.EKs, agent.EK{Kind: ek.Kind, Handle: ek.Handle, NVIndex: ek.NVIndex, PublicDER: ek.PublicDER, CertDER: ek.CertDER})
 	}
 	return r
+}
+
+// resizeStep is what rz asks of the vTPM's host: something only of a
+// resize to a new TPM.
+func resizeStep(rz *store.Resize) agent.ResizeStep {
+	if rz == nil || rz.Kind != spec.ResizeNewTPM {
+		return ""
+	}
+	switch rz.Status {
+	case store.ResizeConfirming:
+		return agent.ResizeDiscard
+	case store.ResizeReverting:
+		return agent.ResizeRestore
+	}
+	return agent.ResizeSetAside
 }
 
 func eksRow(eks []agent.EK) []store.EK {
