@@ -116,6 +116,7 @@ func NewRootCommand() *cobra.Command {
 		newActionCommand(g, "detach", "Detach a vTPM from its libvirt domain (state kept)", "active", (*client.Client).Detach),
 		newAdoptCommand(g),
 		newBackupCommand(g),
+		newMigrateCommand(g),
 		newDoctorCommand(g),
 		newAttestationCommand(g),
 		newPolicyCommand(g),

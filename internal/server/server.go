@@ -143,6 +143,7 @@ func (s *Server) routes() []route {
 		{"POST /v1/vtpms/{id}/backups", s.createBackup, operator, noBody},
 		{"GET /v1/vtpms/{id}/backups", s.listBackups, operator, noBody},
 		{"POST /v1/vtpms/{id}/backups/restore", s.restoreBackup, operator, jsonBody},
+		{"POST /v1/vtpms/{id}/migrate", s.migrateVTPM, operator, jsonBody},
 		{"GET /v1/vtpms/{id}/identity", s.identity, callers, noBody},
 		{"GET /v1/vtpms/{id}/attestation", s.getAttestation, callers, noBody},
 		{"POST /v1/vtpms/{id}/attestation/register", s.register, agents, jsonBody},
