@@ -177,7 +177,7 @@ func TestCrashMidMigrate(t *testing.T) {
 	c := newCluster(t)
 	c.addAgent("hv-a", 2)
 	c.addAgent("hv-b", 2)
-	st, err := store.Open(context.Background(), c.dsn, store.Options{})
+	st, err := store.OpenPostgres(context.Background(), c.dsn, store.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
