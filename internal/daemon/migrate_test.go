@@ -20,7 +20,7 @@ import (
 
 // hasState says whether the host whose agent's data dir is dir holds
 // state of the vTPM id: a directory of that name with its swtpm state.
-func hasState(t *testing.T, dir, id string) bool {
+func hasState(t testing.TB, dir, id string) bool {
 	t.Helper()
 	found := false
 	filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
@@ -39,7 +39,7 @@ func hasState(t *testing.T, dir, id string) bool {
 func (c *cluster) onlyOn(id, host string) {
 	c.t.Helper()
 	for name, a := range c.agents {
-		if got := hasState(c.t.(*testing.T), a.dir, id); got != (name == host) {
+		if got := hasState(c.t, a.dir, id); got != (name == host) {
 			c.t.Fatalf("host %s holds state of %s: %v; want it on %s alone", name, id, got, host)
 		}
 	}
