@@ -135,8 +135,10 @@ type AgentChanges struct {
 }
 
 // AgentTransferAsk asks a host's agent to export the state of a vTPM
-// placed on it as a sealed state bundle of Generation (Kind "export"), or
-// to import one (Kind "import").
+// placed on it as a sealed state bundle of Generation (Kind "export"), to
+// import one (Kind "import"), to take in the bundle of a vTPM migrating to
+// it (Kind "receive"), or to remove the state of a vTPM that migrated away
+// from it (Kind "discard").
 type AgentTransferAsk struct {
 	ID          string `json:"id"`
 	InstanceID  string `json:"instance_id"`
@@ -147,10 +149,13 @@ type AgentTransferAsk struct {
 
 // AgentTransferInput is what a host's agent needs to answer a transfer
 // request (GET /v1/agent/transfers/{id}): the payload of the secret that
-// keys the vTPM's state, and for an import the bundle.
+// keys the vTPM's state (none for a discard), for an import or a receive
+// the bundle, and for a receive or a discard the vTPM's record, which the
+// host does not hold.
 type AgentTransferInput struct {
-	Payload []byte `json:"payload"`
-	Bundle  []byte `json:"bundle,omitempty"`
+	Payload []byte     `json:"payload,omitempty"`
+	Bundle  []byte     `json:"bundle,omitempty"`
+	VTPM    *AgentVTPM `json:"vtpm,omitempty"`
 }
 
 // AgentTransfer is an agent's answer to a transfer request (PUT

@@ -31,3 +31,11 @@ type RestoreRequest struct {
 	// an event naming the caller.
 	AllowRollback bool `json:"allow_rollback,omitempty"`
 }
+
+// MigrateRequest asks for a vTPM to move, cold, to another host (POST
+// /v1/vtpms/{id}/migrate); the answer is the vTPM, on its new host.
+type MigrateRequest struct {
+	// Host is the host to move it to; absent for the one placement
+	// chooses among the others.
+	Host string `json:"host,omitempty"`
+}

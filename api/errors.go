@@ -273,6 +273,14 @@ const (
 	// CodeTransferFailed (503): the host's agent could not export or
 	// import the state; the message says why.
 	CodeTransferFailed Code = "transfer_failed"
+	// CodeMigrationInProgress (409): the vTPM is being migrated (to
+	// another host than the one asked, for a migrate; at all, for a
+	// start, delete or restore); running the same migrate again finishes
+	// the move.
+	CodeMigrationInProgress Code = "migration_in_progress"
+	// CodeTargetIsSource (400): the host a migration names is the one the
+	// vTPM is on.
+	CodeTargetIsSource Code = "target_is_source"
 )
 
 // Codes of hosts' enrolment and their agents' calls (/v1/agent/...).

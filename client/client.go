@@ -556,3 +556,11 @@ func (c *Client) RestoreBackup(ctx context.Context, id string, r api.RestoreRequ
 	var out api.Backup
 	return out, c.do(ctx, http.MethodPost, "/v1/vtpms/"+url.PathEscape(id)+"/backups/restore", r, &out)
 }
+
+// Migrate moves the vTPM of instance id, cold, to another host (the
+// operator's): r.Host, or the one placement chooses. It returns once the
+// move is done; the same call again continues one that was cut short.
+func (c *Client) Migrate(ctx context.Context, id string, r api.MigrateRequest) (api.VTPM, error) {
+	var out api.VTPM
+	return out, c.do(ctx, http.MethodPost, "/v1/vtpms/"+url.PathEscape(id)+"/migrate", r, &out)
+}

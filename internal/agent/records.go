@@ -116,13 +116,23 @@ type TransferKind string
 const (
 	TransferExport TransferKind = "export"
 	TransferImport TransferKind = "import"
+	// TransferReceive imports the bundle of a vTPM migrating to the host:
+	// one it does not hold yet.
+	TransferReceive TransferKind = "receive"
+	// TransferDiscard removes the state of a vTPM that migrated away from
+	// the host.
+	TransferDiscard TransferKind = "discard"
 )
 
 // TransferInput is what an agent answers a TransferAsk with.
 type TransferInput struct {
+	// Secret keys the vTPM's state; nil for a discard.
 	Secret []byte
-	// Bundle is the bundle to import; nil for an export.
+	// Bundle is the bundle to import or receive; nil otherwise.
 	Bundle []byte
+	// Record is the vTPM's record, for a receive or a discard: a vTPM the
+	// host does not hold (it is placed on another host).
+	Record *Record
 }
 
 // Transfer is the agent's answer to a TransferAsk: the bundle exported

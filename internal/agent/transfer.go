@@ -12,12 +12,13 @@ import (
 )
 
 // answerTransfer answers the control plane's request to export a vTPM's
-// state as a sealed bundle, or to import one, with what the backend did,
-// or a refusal: the vTPM is not held here (not_found), the backend moves
-// no state (not_supported), a bundle to import is not the vTPM's
-// (bundle_corrupt, bundle_mismatch), the vTPM is not stopped for an import
-// (vtpm_not_stopped), or the backend failed (transfer_failed, its reason
-// in the message). The vTPM is not reconciled meanwhile.
+// state as a sealed bundle, to import one, to receive a migrating vTPM's
+// or to discard the state of one that migrated away, with what the
+// backend did, or a refusal: the vTPM is not held here (not_found), the
+// backend moves no state (not_supported), a bundle to import is not the
+// vTPM's (bundle_corrupt, bundle_mismatch), the vTPM is not stopped for an
+// import (vtpm_not_stopped), or the backend failed (transfer_failed, its
+// reason in the message). The vTPM is not reconciled meanwhile.
 func (a *Agent) answerTransfer(ctx context.Context, ask TransferAsk) error {
 	unlock := a.locks.lock(ask.InstanceID)
 	defer unlock()
@@ -38,6 +39,9 @@ func (a *Agent) answerTransfer(ctx context.Context, ask TransferAsk) error {
 }
 
 func (a *Agent) transfer(ctx context.Context, ask TransferAsk) (Transfer, error) {
+	if ask.Kind == TransferReceive || ask.Kind == TransferDiscard {
+		return Transfer{}, a.migrate(ctx, ask)
+	}
 	a.mu.Lock()
 	held := a.held[ask.InstanceID]
 	a.mu.Unlock()
@@ -65,6 +69,38 @@ func (a *Agent) transfer(ctx context.Context, ask TransferAsk) (Transfer, error)
 		return Transfer{}, a.importBundle(ctx, ex, &v, ask, in)
 	}
 	return Transfer{}, refusal.Invalid(api.CodeInvalidParameter, "A transfer exports or imports, not "+refusal.Quote(string(ask.Kind))+".")
+}
+
+// migrate takes in the state of a vTPM migrating to this host (a receive:
+// imported and proven as for TransferImport, the vTPM's record coming with
+// the request, since it is still placed on its source), or removes the
+// state of one that migrated away (a discard). The server released the
+// request's input only because the vTPM is at that step of its migration,
+// placed elsewhere: it is no longer held here.
+func (a *Agent) migrate(ctx context.Context, ask TransferAsk) error {
+	in, err := a.Records.TransferInput(ctx, a.Host, ask)
+	if err != nil {
+		return fmt.Errorf("reading the migrating vTPM's record: %w", err)
+	}
+	v := in.Record
+	if v == nil || v.Incarnation != ask.Incarnation {
+		return refusal.NotFound(api.CodeNotFound, "No such vTPM is migrating to or from host "+a.Host+".")
+	}
+	a.mu.Lock()
+	if held := a.held[v.InstanceID]; held != nil && held.Incarnation == v.Incarnation {
+		delete(a.held, v.InstanceID)
+	}
+	a.forget(v.InstanceID)
+	a.mu.Unlock()
+	if ask.Kind == TransferDiscard {
+		return a.Backend.Destroy(ctx, v.VTPM())
+	}
+	ex, ok := a.Backend.(Exporter)
+	if !ok {
+		return refusal.Conflict(api.CodeNotSupported, "Host "+a.Host+" runs the "+a.Backend.Name()+
+			" backend, which moves no vTPM state.")
+	}
+	return a.importBundle(ctx, ex, v, ask, in)
 }
 
 // export seals v's state, as the backend copies it, into a bundle of

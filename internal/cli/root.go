@@ -117,6 +117,7 @@ func NewRootCommand() *cobra.Command {
 		newAdoptCommand(g),
 		newBackupCommand(g),
 		newResizeCommand(g),
+		newMigrateCommand(g),
 		newDoctorCommand(g),
 		newAttestationCommand(g),
 		newPolicyCommand(g),

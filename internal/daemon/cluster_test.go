@@ -47,7 +47,7 @@ type clusterAgent struct {
 	cmd  *exec.Cmd
 }
 
-func newCluster(t *testing.T) *cluster {
+func newCluster(t testing.TB) *cluster {
 	t.Helper()
 	swtpmtest.Require(t)
 	dir := t.TempDir()

@@ -367,7 +367,12 @@ func (s *Server) transferInput(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	w.Header().Set("Cache-Control", "no-store")
-	writeJSON(w, http.StatusOK, api.AgentTransferInput{Payload: in.Secret, Bundle: in.Bundle})
+	out := api.AgentTransferInput{Payload: in.Secret, Bundle: in.Bundle}
+	if in.Record != nil {
+		rec := agentVTPM(in.Record)
+		out.VTPM = &rec
+	}
+	writeJSON(w, http.StatusOK, out)
 	return nil
 }
 

@@ -65,3 +65,23 @@ func (s *Server) restoreBackup(w http.ResponseWriter, r *http.Request) error {
 func backupView(b store.Backup) api.Backup {
 	return api.Backup{Generation: b.Generation, Reason: b.Reason, SourceHost: b.SourceHost, CreatedAt: b.CreatedAt, Size: b.Size}
 }
+
+// migrateVTPM moves a vTPM, cold, to another host (vtpms.Service.Migrate):
+// 200 with the vTPM on its new host once the move is done; the same
+// request again continues a move that was cut short.
+func (s *Server) migrateVTPM(w http.ResponseWriter, r *http.Request) error {
+	var req api.MigrateRequest
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	c, err := tenantOf(r)
+	if err != nil {
+		return err
+	}
+	v, err := s.VTPMs.Migrate(r.Context(), c, r.PathValue("id"), req.Host)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, vtpmView(v))
+	return nil
+}

@@ -316,7 +316,7 @@ func TestBodylessRoutesRefuseBodies(t *testing.T) {
 		"POST /v1/agent/vtpms/{id}/rekey", "POST /v1/agent/ek-certificates", "POST /v1/agent/vtpms/{id}/resized",
 		"POST /v1/vtpms/{id}/resize",
 		"POST /v1/vtpms/{id}/adopt", "PUT /v1/agent/adoptions/{id}",
-		"POST /v1/vtpms/{id}/backups/restore", "PUT /v1/agent/transfers/{id}",
+		"POST /v1/vtpms/{id}/backups/restore", "POST /v1/vtpms/{id}/migrate", "PUT /v1/agent/transfers/{id}",
 	}
 	var evsBefore api.EventList
 	m.call(t, "GET", "/v1/vtpms/"+inst+"/events", "", nil, &evsBefore)

@@ -146,6 +146,7 @@ func (s *Server) routes() []route {
 		{"POST /v1/vtpms/{id}/resize", s.resizeVTPM, callers, jsonBody},
 		{"POST /v1/vtpms/{id}/resize/confirm", s.confirmResize, callers, noBody},
 		{"POST /v1/vtpms/{id}/resize/revert", s.revertResize, callers, noBody},
+		{"POST /v1/vtpms/{id}/migrate", s.migrateVTPM, operator, jsonBody},
 		{"GET /v1/vtpms/{id}/identity", s.identity, callers, noBody},
 		{"GET /v1/vtpms/{id}/attestation", s.getAttestation, callers, noBody},
 		{"POST /v1/vtpms/{id}/attestation/register", s.register, agents, jsonBody},

@@ -294,6 +294,23 @@ CREATE TABLE bundle_generations (
 	// A vTPM's resize awaiting confirm or revert: JSON (see Resize), ''
 	// for none.
 	24: `ALTER TABLE vtpms ADD COLUMN resize TEXT NOT NULL DEFAULT '';`,
+	// Cold migrations (see migration.go): one row per vTPM being moved,
+	// with the step it reached, so that a server that died mid-move (or
+	// another one) continues from there; the bundle once exported.
+	25: `
+CREATE TABLE vtpm_migrations (
+	instance_id  TEXT PRIMARY KEY,
+	incarnation  TEXT NOT NULL,
+	source       TEXT NOT NULL,
+	target       TEXT NOT NULL,
+	step         TEXT NOT NULL,      -- stopping | exporting | importing | cleaning
+	was_running  INTEGER NOT NULL,   -- 1: started again on the target once moved
+	generation   INTEGER NOT NULL,   -- the bundle's, once exported; 0 before
+	bundle       BLOB NOT NULL,      -- the bundle exported; empty before
+	actor        TEXT NOT NULL,
+	started_at   TEXT NOT NULL,
+	updated_at   TEXT NOT NULL
+);`,
 }
 
 func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)-1) }

@@ -8,10 +8,12 @@ import (
 )
 
 // Transfer is a server's request that a host's agent export the state of
-// a vTPM as a bundle of Generation (Kind "export"), or import Bundle
-// (Kind "import"): the host's watch carries it (Changes.Transfers) until
-// the agent answers, and the server that asked withdraws it once it has
-// the answer or gives up.
+// a vTPM as a bundle of Generation (Kind "export"), import Bundle (Kind
+// "import"), take in Bundle for a vTPM migrating to the host (Kind
+// "receive"), or remove the copy of a vTPM that migrated away (Kind
+// "discard"): the host's watch carries it (Changes.Transfers) until the
+// agent answers, and the server that asked withdraws it once it has the
+// answer or gives up.
 type Transfer struct {
 	ID          string // random; names this request
 	Host        string
@@ -31,8 +33,10 @@ type Transfer struct {
 
 // The kinds of transfer.
 const (
-	TransferExport = "export"
-	TransferImport = "import"
+	TransferExport  = "export"
+	TransferImport  = "import"
+	TransferReceive = "receive"
+	TransferDiscard = "discard"
 )
 
 // AskTransfer records x, with a new ID; the host's watchers wake to it.

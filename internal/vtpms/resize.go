@@ -56,6 +56,9 @@ func (s *Service) Resize(ctx context.Context, c tenant.Caller, id string, req ap
 	if err := resizable(v); err != nil {
 		return nil, err
 	}
+	if err := s.cfg.Store.View(ctx, func(tx *store.Tx) error { return notMigrating(tx, id) }); err != nil {
+		return nil, err
+	}
 	from := v.Spec
 	kind, err := spec.Resize(&from, to)
 	if err != nil {

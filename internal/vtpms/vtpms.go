@@ -425,6 +425,9 @@ func (s *Service) Delete(ctx context.Context, c tenant.Caller, id string) (v *st
 			if !c.Sees(v.Project) {
 				return fmt.Errorf("vtpm %s: %w", id, store.ErrNotFound)
 			}
+			if err := notMigrating(tx, id); err != nil {
+				return err
+			}
 			if gone, err = untouched(tx, v); err != nil {
 				return err
 			}
@@ -484,13 +487,21 @@ func deleteRecord(tx *store.Tx, id string, e store.Event) error {
 	return tx.AppendEvent(e)
 }
 
-// Start asks for the vTPM to run (on a libvirt host: its guest too).
+// Start asks for the vTPM to run (on a libvirt host: its guest too); not
+// while it migrates (migration_in_progress).
 //
 // A vTPM whose owner holds its secret (OwnerHeld) starts only at its
 // owner's request: the secret is read with the caller's token and staged
 // for the host's agent, which cannot read it otherwise.
 func (s *Service) Start(ctx context.Context, c tenant.Caller, id string) (*store.VTPM, error) {
-	start := func(v *store.VTPM) error { return desire(v, store.DesiredRunning) }
+	start := func(v *store.VTPM) error {
+		// A migration that begins after this read changes the record,
+		// and the start's write conflicts.
+		if err := s.cfg.Store.View(ctx, func(tx *store.Tx) error { return notMigrating(tx, v.InstanceID) }); err != nil {
+			return err
+		}
+		return desire(v, store.DesiredRunning)
+	}
 	if v, err := s.Get(ctx, c, id); err != nil || !OwnerHeld(s.cfg.Keyring, v.Spec) {
 		return s.change(ctx, c, id, "start requested", start, nil)
 	}

@@ -162,7 +162,11 @@ func (r *Records) TransferInput(ctx context.Context, host string, ask agent.Tran
 	if err != nil {
 		return nil, agentError(err)
 	}
-	return &agent.TransferInput{Secret: in.Payload, Bundle: in.Bundle}, nil
+	out := &agent.TransferInput{Secret: in.Payload, Bundle: in.Bundle}
+	if in.VTPM != nil {
+		out.Record = record(*in.VTPM)
+	}
+	return out, nil
 }
 
 // AnswerTransfer implements agent.Records; host is the certificate's.

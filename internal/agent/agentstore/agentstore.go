@@ -436,8 +436,10 @@ func (r *Records) AnswerAdoption(ctx context.Context, host string, ask agent.Ado
 }
 
 // TransferInput implements agent.Records: released only to the host
-// asked, while its request waits and the vTPM it names (that incarnation)
-// is placed on that host.
+// asked, while its request waits, for the vTPM it names (that
+// incarnation): placed on that host for an export or import; migrating to
+// it (and still placed on its source) for a receive, with the record;
+// migrated away from it for a discard, with the record and no secret.
 func (r *Records) TransferInput(ctx context.Context, host string, ask agent.TransferAsk) (*agent.TransferInput, error) {
 	in := &agent.TransferInput{}
 	var secretID string
@@ -455,17 +457,28 @@ func (r *Records) TransferInput(ctx context.Context, host string, ask agent.Tran
 			return err
 		case v.Incarnation != x.Incarnation:
 			return fmt.Errorf("vtpm %s of incarnation %s: %w", x.InstanceID, x.Incarnation, store.ErrNotFound)
-		case v.Host != host:
-			return refusal.Forbidden(api.CodeForbidden, "The vTPM of "+x.InstanceID+" is placed on another host.")
 		}
-		if x.Kind == store.TransferImport {
+		switch x.Kind {
+		case store.TransferReceive, store.TransferDiscard:
+			if err := migrating(tx, v, host, x.Kind); err != nil {
+				return err
+			}
+			in.Record = record(v)
+		default:
+			if v.Host != host {
+				return refusal.Forbidden(api.CodeForbidden, "The vTPM of "+x.InstanceID+" is placed on another host.")
+			}
+		}
+		if x.Kind == store.TransferImport || x.Kind == store.TransferReceive {
 			in.Bundle = x.Bundle
 		}
-		secretID = v.SecretID
+		if x.Kind != store.TransferDiscard {
+			secretID = v.SecretID
+		}
 		return nil
 	})
-	if err != nil {
-		return nil, agentError(err)
+	if err != nil || secretID == "" {
+		return in, agentError(err)
 	}
 	s, err := r.kr.Get(ctx, secretID)
 	if err != nil {
@@ -473,6 +486,24 @@ func (r *Records) TransferInput(ctx context.Context, host string, ask agent.Tran
 	}
 	in.Secret = s.Payload
 	return in, nil
+}
+
+// migrating refuses a receive of v by host unless v is migrating to host
+// and still placed on its source, and a discard unless v migrated from
+// host and is placed on its target.
+func migrating(tx *store.Tx, v *store.VTPM, host, kind string) error {
+	m, err := tx.GetMigration(v.InstanceID)
+	if err != nil && !errors.Is(err, store.ErrNotFound) {
+		return err
+	}
+	ours := m != nil && m.Incarnation == v.Incarnation
+	switch {
+	case kind == store.TransferReceive && !(ours && m.Target == host && v.Host == m.Source && m.Step == store.MigrationImporting):
+		return refusal.Forbidden(api.CodeForbidden, "The vTPM of "+v.InstanceID+" is not migrating to host "+host+".")
+	case kind == store.TransferDiscard && !(ours && m.Source == host && v.Host == m.Target && m.Step == store.MigrationCleaning):
+		return refusal.Forbidden(api.CodeForbidden, "The vTPM of "+v.InstanceID+" did not migrate away from host "+host+".")
+	}
+	return nil
 }
 
 // AnswerTransfer implements agent.Records.

@@ -65,7 +65,8 @@ func (r *Runtime) Export(ctx context.Context, id string) ([]bundle.File, error) 
 // secret, and each endorsement key it holds at the TCG handles must be the
 // one of eks with the same handle (the vTPM's record), as must the
 // identity recorded among them. Only then does the staging directory take
-// the state's place (a rename; the old state is removed after). Any
+// the state's place (a rename; the old state, if v has any here, is
+// removed after). Any
 // refusal leaves the state as it was. TPM 2.0 only: a TPM 1.2's EK is not
 // read back.
 //
@@ -98,6 +99,16 @@ func (r *Runtime) Import(ctx context.Context, v agent.VTPM, secret []byte, files
 	if _, err := swtpm.KillStale(swtpm.Instance{Dir: r.dir(id)}); err != nil {
 		os.RemoveAll(staging)
 		return fmt.Errorf("importing %s: stopping a swtpm left on the old state: %w", id, err)
+	}
+	if _, err := os.Stat(r.dir(id)); errors.Is(err, fs.ErrNotExist) {
+		// No state to replace (a vTPM migrating to this host): the proven
+		// state takes its place. A crash before the rename leaves staged
+		// state alone, which settleImport drops: the import is asked again.
+		if err := os.Rename(staging, r.dir(id)); err != nil {
+			os.RemoveAll(staging)
+			return fmt.Errorf("importing %s: %w", id, err)
+		}
+		return syncDir(r.cfg.Root)
 	}
 	// From here the import is proven: a crash is finished by settleImport.
 	if err := os.Rename(r.dir(id), old); err != nil && !errors.Is(err, fs.ErrNotExist) {
