@@ -593,8 +593,25 @@ func (s *Service) canAttach(ctx context.Context, v *store.VTPM) error {
 }
 
 // change applies mutate to the vTPM, records the event when it changed
-// anything, and wakes the host's agent. Repeating a request is harmless.
+// anything, and wakes the host's agent. Repeating a request is harmless,
+// so a write that lost to another (the host's agent reporting what it
+// observed, mostly) is applied again to the record as it is now, a few
+// times before the conflict reaches the caller.
 func (s *Service) change(ctx context.Context, c tenant.Caller, id, action string, mutate func(*store.VTPM) error, also func(*store.Tx, *store.VTPM) error) (*store.VTPM, error) {
+	for attempt := 1; ; attempt++ {
+		v, err := s.changeOnce(ctx, c, id, action, mutate, also)
+		// ErrContended retried already, at the store.
+		if !errors.Is(err, store.ErrConflict) || errors.Is(err, store.ErrContended) || attempt == changeAttempts {
+			return v, err
+		}
+	}
+}
+
+// changeAttempts bounds change's attempts: an agent reports a vTPM a few
+// times while it starts or stops, never continuously.
+const changeAttempts = 5
+
+func (s *Service) changeOnce(ctx context.Context, c tenant.Caller, id, action string, mutate func(*store.VTPM) error, also func(*store.Tx, *store.VTPM) error) (*store.VTPM, error) {
 	v, err := s.Get(ctx, c, id)
 	if err != nil {
 		return nil, err

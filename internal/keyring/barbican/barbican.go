@@ -337,8 +337,10 @@ func (k *Keyring) serviceUser(ctx context.Context) (string, error) {
 }
 
 // unavailable wraps a Keystone failure: vtpmd cannot act as itself now.
+// Keystone down, or too slow for the operation's budget, is the key
+// manager unavailable; bad service credentials are not.
 func unavailable(err error) error {
-	if errors.Is(err, keystone.ErrUnavailable) {
+	if errors.Is(err, keystone.ErrUnavailable) || errors.Is(err, context.DeadlineExceeded) {
 		return fmt.Errorf("%w: keystone: %w", keyring.ErrUnavailable, err)
 	}
 	return fmt.Errorf("vtpmd's service credentials: %w", err)
