@@ -87,6 +87,12 @@ type AgentVTPM struct {
 	SwtpmPID int `json:"swtpm_pid,omitempty"`
 	// GuestConnected says a client held its control channel.
 	GuestConnected bool `json:"guest_connected,omitempty"`
+	// Resize is what a resize to a new TPM asks of the agent: set_aside
+	// (keep the old TPM's state aside and make a new TPM), discard
+	// (confirmed: remove the old state, then POST .../resized) or restore
+	// (reverted: put the old state back in place of the new, then POST
+	// .../resized); absent for nothing.
+	Resize string `json:"resize,omitempty"`
 	// Generation increases with every change; a report on an older one is
 	// refused (409).
 	Generation int64 `json:"generation"`
@@ -130,8 +136,10 @@ type AgentChanges struct {
 
 // AgentTransferAsk asks a host's agent to export the state of a vTPM
 // placed on it as a sealed state bundle of Generation (Kind "export"), to
-// import one (Kind "import"), or to remove its state, the server holding
-// its bundle (Kind "remove", a shelve).
+// import one over its state (Kind "import"), to take in the bundle of a
+// vTPM arriving on it, migrating or unshelved (Kind "receive"), or to
+// remove the state of a vTPM leaving it, migrated away or shelved (Kind
+// "discard").
 type AgentTransferAsk struct {
 	ID          string `json:"id"`
 	InstanceID  string `json:"instance_id"`
@@ -142,10 +150,13 @@ type AgentTransferAsk struct {
 
 // AgentTransferInput is what a host's agent needs to answer a transfer
 // request (GET /v1/agent/transfers/{id}): the payload of the secret that
-// keys the vTPM's state, and for an import the bundle.
+// keys the vTPM's state (none for a discard), for an import or a receive
+// the bundle, and for a receive or a discard the vTPM's record, which the
+// host does not hold.
 type AgentTransferInput struct {
-	Payload []byte `json:"payload"`
-	Bundle  []byte `json:"bundle,omitempty"`
+	Payload []byte     `json:"payload,omitempty"`
+	Bundle  []byte     `json:"bundle,omitempty"`
+	VTPM    *AgentVTPM `json:"vtpm,omitempty"`
 }
 
 // AgentTransfer is an agent's answer to a transfer request (PUT
@@ -226,6 +237,14 @@ type AgentReport struct {
 // AgentDeletion is an agent's word that a vTPM's state is gone (POST
 // /v1/agent/vtpms/{id}/deleted): its record, attestation and secret go.
 type AgentDeletion struct {
+	Incarnation string     `json:"incarnation"`
+	Generation  int64      `json:"generation"`
+	Event       AgentEvent `json:"event"`
+}
+
+// AgentResized is an agent's word that it finished a confirmed or reverted
+// resize's step (POST /v1/agent/vtpms/{id}/resized): the resize ends.
+type AgentResized struct {
 	Incarnation string     `json:"incarnation"`
 	Generation  int64      `json:"generation"`
 	Event       AgentEvent `json:"event"`

@@ -32,6 +32,14 @@ type RestoreRequest struct {
 	AllowRollback bool `json:"allow_rollback,omitempty"`
 }
 
+// MigrateRequest asks for a vTPM to move, cold, to another host (POST
+// /v1/vtpms/{id}/migrate); the answer is the vTPM, on its new host.
+type MigrateRequest struct {
+	// Host is the host to move it to; absent for the one placement
+	// chooses among the others.
+	Host string `json:"host,omitempty"`
+}
+
 // UnshelveRequest is the body of POST /v1/vtpms/{id}/unshelve.
 type UnshelveRequest struct {
 	// Host is where to place the vTPM; absent: the placement rules choose.

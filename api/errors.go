@@ -107,6 +107,34 @@ const (
 	CodeHostUnavailable Code = "host_unavailable"
 )
 
+// Codes of resizing a vTPM (POST /v1/vtpms/{id}/resize, .../confirm,
+// .../revert).
+const (
+	// CodeSecretSecurityChangeNotSupported (400): the resize changes the
+	// secret security to or from deployment (Nova's refusal).
+	CodeSecretSecurityChangeNotSupported Code = "secret_security_change_not_supported"
+	// CodeResizeNotSupported (400): the vTPM or the new flavor is
+	// Hyper-V's, which vtpmd does not resize.
+	CodeResizeNotSupported Code = "resize_not_supported"
+	// CodeResizePending (409): a resize of the vTPM awaits confirm or
+	// revert; a second one waits for that.
+	CodeResizePending Code = "resize_pending"
+	// CodeNoResizePending (409): confirm or revert of a vTPM with no
+	// resize pending.
+	CodeNoResizePending Code = "no_resize_pending"
+	// CodeResizeInProgress (409): the host's agent has not finished the
+	// resize's last step (setting the old TPM aside, or a confirm or
+	// revert); retry once it has.
+	CodeResizeInProgress Code = "resize_in_progress"
+	// CodeInvalidPhase (409): the vTPM's phase does not allow the request:
+	// a resize needs it active or stopped.
+	CodeInvalidPhase Code = "invalid_phase"
+	// CodeResizeNeedsMigration (409): the vTPM's host lacks a trait the
+	// resized vTPM needs, so the resize would have to move the instance:
+	// cold migration's work, not built yet.
+	CodeResizeNeedsMigration Code = "resize_needs_migration"
+)
+
 // Codes of request semantics (internal/spec): the flavor and image's
 // refusals, the same from POST /v1/resolve, POST /v1/vtpms and vtpmctl
 // resolve. All are 400 but CodeNoValidHost, 409.
@@ -245,6 +273,14 @@ const (
 	// CodeTransferFailed (503): the host's agent could not export or
 	// import the state; the message says why.
 	CodeTransferFailed Code = "transfer_failed"
+	// CodeMigrationInProgress (409): the vTPM is being migrated (to
+	// another host than the one asked, for a migrate; at all, for a
+	// start, delete or restore); running the same migrate again finishes
+	// the move.
+	CodeMigrationInProgress Code = "migration_in_progress"
+	// CodeTargetIsSource (400): the host a migration names is the one the
+	// vTPM is on.
+	CodeTargetIsSource Code = "target_is_source"
 	// CodeVTPMShelved (409): the vTPM is shelved, or being shelved or
 	// unshelved: shelve it again, or start it, only once it is unshelved.
 	CodeVTPMShelved Code = "vtpm_shelved"

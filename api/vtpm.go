@@ -42,6 +42,8 @@ type VTPM struct {
 	GuestConnected bool `json:"guest_connected,omitempty"`
 	// Domain is the libvirt domain the vTPM is attached to, if any.
 	Domain string `json:"domain,omitempty"`
+	// Resize is the vTPM's resize awaiting confirm or revert, if any.
+	Resize *Resize `json:"resize,omitempty"`
 	// Incarnation names this vTPM of the instance id: each vTPM an
 	// instance id is given has a new one, and its events carry it.
 	Incarnation string    `json:"incarnation,omitempty"`
@@ -174,4 +176,37 @@ type Finding struct {
 type Drift struct {
 	Host     string    `json:"host"`
 	Findings []Finding `json:"findings"`
+}
+
+// ResizeRequest resizes an instance's vTPM to a new flavor and image (POST
+// /v1/vtpms/{id}/resize), resolved with the same rules as POST
+// /v1/resolve. The vTPM stays on its host.
+type ResizeRequest struct {
+	// Project owns the instance: only for an instance without a vTPM yet,
+	// and a caller scoped to a project may omit it.
+	Project string `json:"project,omitempty"`
+	// Host is the host the instance runs on, for an instance without a
+	// vTPM yet, which gets its first one there; "" places it as a create
+	// does.
+	Host string `json:"host,omitempty"`
+	ResolveRequest
+}
+
+// Resize is a vTPM's resize awaiting confirm or revert.
+type Resize struct {
+	// Status is resized (awaiting confirm or revert), confirming or
+	// reverting (the host's agent is removing the old TPM, or the new).
+	Status string `json:"status"`
+	// Kind is what the resize does: keep (the state is kept), new_tpm (a
+	// new TPM; the old one is kept until confirm), add (no vTPM before;
+	// revert deletes it), remove (none after; confirm deletes it).
+	Kind string `json:"kind"`
+	// From is the vTPM before the resize; absent when there was none.
+	From *VTPMSpec `json:"from,omitempty"`
+	// To is the vTPM after it; absent when the new flavor asks for none.
+	To *VTPMSpec `json:"to,omitempty"`
+	// OldSecretRef is the key-manager secret of the old TPM (kind
+	// new_tpm), kept until confirm.
+	OldSecretRef string    `json:"old_secret_ref,omitempty"`
+	RequestedAt  time.Time `json:"requested_at"`
 }

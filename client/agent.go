@@ -57,6 +57,13 @@ func (c *Client) RekeyVTPM(ctx context.Context, id string, r api.AgentRekey) (ap
 	return out, c.do(ctx, http.MethodPost, agentVTPMPath(id, "/rekey"), r, &out)
 }
 
+// ResizedVTPM says the agent finished a confirmed or reverted resize's
+// step: the resize ends.
+func (c *Client) ResizedVTPM(ctx context.Context, id string, r api.AgentResized) (api.AgentWritten, error) {
+	var out api.AgentWritten
+	return out, c.do(ctx, http.MethodPost, agentVTPMPath(id, "/resized"), r, &out)
+}
+
 func agentVTPMPath(id, op string) string { return "/v1/agent/vtpms/" + url.PathEscape(id) + op }
 
 // CertifyEK has the deployment CA certify the EK of a vTPM the host is

@@ -275,6 +275,24 @@ func (c *Client) Detach(ctx context.Context, id string) (api.VTPM, error) {
 	return out, c.do(ctx, http.MethodPost, "/v1/vtpms/"+url.PathEscape(id)+"/detach", nil, &out)
 }
 
+// Resize resizes instance id's vTPM to a new flavor and image on its host.
+func (c *Client) Resize(ctx context.Context, id string, r api.ResizeRequest) (api.VTPM, error) {
+	var out api.VTPM
+	return out, c.do(ctx, http.MethodPost, "/v1/vtpms/"+url.PathEscape(id)+"/resize", r, &out)
+}
+
+// ConfirmResize makes the vTPM's pending resize final.
+func (c *Client) ConfirmResize(ctx context.Context, id string) (api.VTPM, error) {
+	var out api.VTPM
+	return out, c.do(ctx, http.MethodPost, "/v1/vtpms/"+url.PathEscape(id)+"/resize/confirm", nil, &out)
+}
+
+// RevertResize undoes the vTPM's pending resize.
+func (c *Client) RevertResize(ctx context.Context, id string) (api.VTPM, error) {
+	var out api.VTPM
+	return out, c.do(ctx, http.MethodPost, "/v1/vtpms/"+url.PathEscape(id)+"/resize/revert", nil, &out)
+}
+
 // Adopt has vtpmd take over the vTPM Nova made for instance id (the
 // operator's): it returns once the vTPM is recorded, with its EKs.
 func (c *Client) Adopt(ctx context.Context, id string, r api.AdoptRequest) (api.VTPM, error) {
@@ -537,6 +555,14 @@ func (c *Client) Backups(ctx context.Context, id string) (api.BackupList, error)
 func (c *Client) RestoreBackup(ctx context.Context, id string, r api.RestoreRequest) (api.Backup, error) {
 	var out api.Backup
 	return out, c.do(ctx, http.MethodPost, "/v1/vtpms/"+url.PathEscape(id)+"/backups/restore", r, &out)
+}
+
+// Migrate moves the vTPM of instance id, cold, to another host (the
+// operator's): r.Host, or the one placement chooses. It returns once the
+// move is done; the same call again continues one that was cut short.
+func (c *Client) Migrate(ctx context.Context, id string, r api.MigrateRequest) (api.VTPM, error) {
+	var out api.VTPM
+	return out, c.do(ctx, http.MethodPost, "/v1/vtpms/"+url.PathEscape(id)+"/migrate", r, &out)
 }
 
 // Shelve puts the (stopped) vTPM of instance id on the shelf: its state

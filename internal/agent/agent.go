@@ -410,6 +410,11 @@ func (a *Agent) step(ctx context.Context, v *Record) error {
 	if (v.Phase == PhaseShelving || v.Phase == PhaseUnshelving) && v.Desired != DesiredDeleted {
 		return nil // the control plane moves its state; it sets the phase after
 	}
+	if v.Resize != "" && v.Desired != DesiredDeleted {
+		if err := a.resize(ctx, v); err != nil {
+			return err
+		}
+	}
 	switch v.Desired {
 	case DesiredDeleted:
 		return a.destroy(ctx, v)
@@ -514,6 +519,37 @@ func (a *Agent) secret(ctx context.Context, v *Record) ([]byte, error) {
 // forget drops the secret kept for id; a.mu held.
 func (a *Agent) forget(id string) {
 	delete(a.secrets, id) // not cleared: a step may be using it
+}
+
+// resize carries out the step a resize to a new TPM asks of the host
+// (ResizeStep) before the vTPM is run or stopped as asked: the old TPM is
+// set aside first, so that the step after it makes the new one; confirm
+// and revert end with Records.Resized once the state is as they want it.
+func (a *Agent) resize(ctx context.Context, v *Record) error {
+	rz, ok := a.Backend.(Resizer)
+	if !ok {
+		return a.fail(ctx, v, "resizing", fmt.Errorf("the %s backend cannot keep a vTPM's old TPM beside a new one", a.Backend.Name()))
+	}
+	switch v.Resize {
+	case ResizeSetAside:
+		if err := rz.SetAside(ctx, v.VTPM()); err != nil {
+			return a.fail(ctx, v, "setting the old TPM aside", err)
+		}
+		if v.Phase == PhasePending {
+			return a.setPhase(ctx, v, PhaseProvisioning, "", "old TPM set aside")
+		}
+	case ResizeDiscard:
+		if err := rz.Discard(ctx, v.VTPM()); err != nil {
+			return a.fail(ctx, v, "removing the old TPM", err)
+		}
+		return a.Records.Resized(ctx, v, Event{Actor: a.actor(), Action: "old TPM removed", Detail: "resize confirmed"})
+	case ResizeRestore:
+		if err := rz.Restore(ctx, v.VTPM()); err != nil {
+			return a.fail(ctx, v, "putting the old TPM back", err)
+		}
+		return a.Records.Resized(ctx, v, Event{Actor: a.actor(), Action: "old TPM restored", Detail: "resize reverted"})
+	}
+	return nil
 }
 
 // fromPool gives a vTPM not yet manufactured a pooled TPM: the record is

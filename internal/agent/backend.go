@@ -59,6 +59,21 @@ type Adopter interface {
 	Adopt(ctx context.Context, ask AdoptionAsk, secret func(id string) ([]byte, error)) (Adoption, error)
 }
 
+// Resizer is a backend that can give a vTPM a new TPM while keeping its
+// old one, for a resize to another TPM version or model: SetAside stops
+// the vTPM and moves its state aside, kept and served by nothing, so that
+// the next Ensure makes a new TPM; Restore stops the vTPM, removes the new
+// TPM's state and puts the old back; Discard removes the state set aside.
+// Each is idempotent and safe to re-run after a crash at any point: a
+// state set aside is never set aside again over the new TPM (SetAside does
+// nothing once one is aside), and Restore does nothing when none is. Destroy
+// removes a state set aside with the rest.
+type Resizer interface {
+	SetAside(ctx context.Context, v VTPM) error
+	Restore(ctx context.Context, v VTPM) error
+	Discard(ctx context.Context, v VTPM) error
+}
+
 // Pool is a backend that keeps manufactured TPMs ready (the swtpm
 // backend): Claim hands out one's secret, which the agent makes the
 // record's (Records.Rekey) before adopt moves the TPM to the instance;

@@ -66,6 +66,12 @@ type Records interface {
 	// AnswerTransfer answers host's transfer request ask; ErrNotFound if
 	// it is withdrawn (its server gave up).
 	AnswerTransfer(ctx context.Context, host string, ask TransferAsk, answer Transfer) error
+	// Resized records, with ev, that r's agent finished the step of a
+	// confirmed or reverted resize (r.Resize ResizeDiscard or
+	// ResizeRestore): the resize ends, r.Resize is cleared and
+	// r.Generation advances. ErrConflict if the record changed since r was
+	// read; ErrNotFound if r's vTPM is gone.
+	Resized(ctx context.Context, r *Record, ev Event) error
 }
 
 // Changes is what changed on a host after a revision (Records.Watch).
@@ -94,8 +100,9 @@ type Changes struct {
 
 // TransferAsk asks a host's agent to export the state of the vTPM
 // InstanceID, Incarnation as a sealed bundle (package bundle) of
-// Generation, to import the bundle Records.TransferInput reads, or to
-// remove the state of a vTPM being shelved (the server holds its bundle).
+// Generation, to import the bundle Records.TransferInput reads (over the
+// state it holds, or as a vTPM arriving), or to discard the state of a
+// vTPM leaving the host.
 type TransferAsk struct {
 	ID          string
 	InstanceID  string
@@ -111,14 +118,26 @@ type TransferKind string
 const (
 	TransferExport TransferKind = "export"
 	TransferImport TransferKind = "import"
-	TransferRemove TransferKind = "remove"
+	// TransferReceive imports the bundle of a vTPM arriving on the host
+	// (migrating to it, or being unshelved onto it): one whose state it
+	// does not hold yet.
+	TransferReceive TransferKind = "receive"
+	// TransferDiscard removes the host's state of a vTPM leaving it (one
+	// that migrated away, or one being shelved, whose bundle the server
+	// keeps).
+	TransferDiscard TransferKind = "discard"
 )
 
 // TransferInput is what an agent answers a TransferAsk with.
 type TransferInput struct {
+	// Secret keys the vTPM's state; nil for a discard.
 	Secret []byte
-	// Bundle is the bundle to import; nil for an export.
+	// Bundle is the bundle to import or receive; nil otherwise.
 	Bundle []byte
+	// Record is the vTPM's record, for a receive or a discard: a vTPM
+	// arriving on the host or leaving it, which its agent does not
+	// reconcile.
+	Record *Record
 }
 
 // Transfer is the agent's answer to a TransferAsk: the bundle exported
@@ -204,6 +223,7 @@ var adoptionRefusals = map[api.Code]refusal.Kind{
 	api.CodeAlreadyManaged:    refusal.KindConflict,
 	api.CodeSecretNotFound:    refusal.KindNotFound,
 	api.CodeWrongSecret:       refusal.KindConflict,
+	api.CodeSecretNeedsOwner:  refusal.KindForbidden,
 	api.CodeNotSupported:      refusal.KindConflict,
 	api.CodeAdoptionFailed:    refusal.KindUnavailable,
 }
@@ -277,9 +297,30 @@ type Record struct {
 	// Connected says a client (a guest's QEMU) held the vTPM's control
 	// channel when the agent last looked (Server.Connected).
 	Connected bool
+	// Resize is what a pending resize asks of the host; "" for nothing.
+	Resize ResizeStep
 	// Generation increases with every change; Update refuses a stale one.
 	Generation int64
 }
+
+// ResizeStep is what a resize that gives a vTPM a new TPM (another version
+// or model) asks of its host's agent; the other resizes ask nothing of it.
+type ResizeStep string
+
+// The resize steps, each done through the backend's Resizer.
+const (
+	// ResizeSetAside: the resize is pending. The old TPM's state is kept
+	// aside, served by nothing, and a new TPM is made (Ensure) with the
+	// record's new secret.
+	ResizeSetAside ResizeStep = "set_aside"
+	// ResizeDiscard: the resize is confirmed. The old TPM's state goes;
+	// then the agent says so (Records.Resized).
+	ResizeDiscard ResizeStep = "discard"
+	// ResizeRestore: the resize is reverted. The new TPM's state goes and
+	// the old one's is put back; then the agent says so
+	// (Records.Resized), and runs the old TPM as before.
+	ResizeRestore ResizeStep = "restore"
+)
 
 // VTPM is what a backend is asked to act on for r.
 func (r *Record) VTPM() VTPM {

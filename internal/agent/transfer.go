@@ -12,12 +12,13 @@ import (
 )
 
 // answerTransfer answers the control plane's request to export a vTPM's
-// state as a sealed bundle, to import one, or to remove the state of a
-// vTPM being shelved, with what the backend did, or a refusal: the vTPM is
-// not held here (not_found), the backend moves no state (not_supported), a
-// bundle to import is not the vTPM's (bundle_corrupt, bundle_mismatch),
-// the vTPM is not stopped (or unshelving) for an import, or not shelving
-// for a removal (vtpm_not_stopped), or the backend failed
+// state as a sealed bundle, to import one over the state it holds, to
+// receive the bundle of a vTPM arriving (migrating here, or unshelved
+// here) or to discard the state of one leaving (migrated away, or being
+// shelved), with what the backend did, or a refusal: the vTPM is not held
+// here (not_found), the backend moves no state (not_supported), a bundle
+// to import is not the vTPM's (bundle_corrupt, bundle_mismatch), the vTPM
+// is not stopped for an import (vtpm_not_stopped), or the backend failed
 // (transfer_failed, its reason in the message). The vTPM is not
 // reconciled meanwhile.
 func (a *Agent) answerTransfer(ctx context.Context, ask TransferAsk) error {
@@ -40,6 +41,9 @@ func (a *Agent) answerTransfer(ctx context.Context, ask TransferAsk) error {
 }
 
 func (a *Agent) transfer(ctx context.Context, ask TransferAsk) (Transfer, error) {
+	if ask.Kind == TransferReceive || ask.Kind == TransferDiscard {
+		return Transfer{}, a.move(ctx, ask)
+	}
 	a.mu.Lock()
 	held := a.held[ask.InstanceID]
 	a.mu.Unlock()
@@ -52,19 +56,9 @@ func (a *Agent) transfer(ctx context.Context, ask TransferAsk) (Transfer, error)
 		return Transfer{}, refusal.Conflict(api.CodeNotSupported, "Host "+a.Host+" runs the "+a.Backend.Name()+
 			" backend, which moves no vTPM state.")
 	}
-	if ask.Kind == TransferImport && v.Phase != PhaseUnshelving && (v.Desired != DesiredStopped || v.Phase != PhaseStopped) {
+	if ask.Kind == TransferImport && (v.Desired != DesiredStopped || v.Phase != PhaseStopped) {
 		return Transfer{}, refusal.Conflict(api.CodeVTPMNotStopped, "The vTPM of "+v.InstanceID+" is "+string(v.Phase)+
 			" on host "+a.Host+"; its state is replaced only while it is stopped.")
-	}
-	if ask.Kind == TransferRemove {
-		if v.Phase != PhaseShelving {
-			return Transfer{}, refusal.Conflict(api.CodeVTPMNotStopped, "The vTPM of "+v.InstanceID+" is "+string(v.Phase)+
-				" on host "+a.Host+", not shelving: its state stays.")
-		}
-		a.mu.Lock()
-		a.forget(v.InstanceID)
-		a.mu.Unlock()
-		return Transfer{}, a.Backend.Destroy(ctx, v.VTPM())
 	}
 	in, err := a.Records.TransferInput(ctx, a.Host, ask)
 	if err != nil {
@@ -77,6 +71,40 @@ func (a *Agent) transfer(ctx context.Context, ask TransferAsk) (Transfer, error)
 		return Transfer{}, a.importBundle(ctx, ex, &v, ask, in)
 	}
 	return Transfer{}, refusal.Invalid(api.CodeInvalidParameter, "A transfer exports or imports, not "+refusal.Quote(string(ask.Kind))+".")
+}
+
+// move takes in the state of a vTPM arriving on this host (a receive:
+// imported and proven as for TransferImport, the vTPM's record coming with
+// the request: a migrating one is still placed on its source, an
+// unshelved one has no state here yet), or removes the state of one
+// leaving it (a discard: migrated away, or being shelved with its bundle
+// kept by the server). The server released the request's input only
+// because the vTPM is at that step of its move: it is not reconciled here
+// meanwhile.
+func (a *Agent) move(ctx context.Context, ask TransferAsk) error {
+	in, err := a.Records.TransferInput(ctx, a.Host, ask)
+	if err != nil {
+		return fmt.Errorf("reading the moving vTPM's record: %w", err)
+	}
+	v := in.Record
+	if v == nil || v.Incarnation != ask.Incarnation {
+		return refusal.NotFound(api.CodeNotFound, "No such vTPM is moving to or from host "+a.Host+".")
+	}
+	a.mu.Lock()
+	if held := a.held[v.InstanceID]; held != nil && held.Incarnation == v.Incarnation {
+		delete(a.held, v.InstanceID)
+	}
+	a.forget(v.InstanceID)
+	a.mu.Unlock()
+	if ask.Kind == TransferDiscard {
+		return a.Backend.Destroy(ctx, v.VTPM())
+	}
+	ex, ok := a.Backend.(Exporter)
+	if !ok {
+		return refusal.Conflict(api.CodeNotSupported, "Host "+a.Host+" runs the "+a.Backend.Name()+
+			" backend, which moves no vTPM state.")
+	}
+	return a.importBundle(ctx, ex, v, ask, in)
 }
 
 // export seals v's state, as the backend copies it, into a bundle of

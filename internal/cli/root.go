@@ -116,6 +116,8 @@ func NewRootCommand() *cobra.Command {
 		newActionCommand(g, "detach", "Detach a vTPM from its libvirt domain (state kept)", "active", (*client.Client).Detach),
 		newAdoptCommand(g),
 		newBackupCommand(g),
+		newResizeCommand(g),
+		newMigrateCommand(g),
 		newShelveCommand(g),
 		newUnshelveCommand(g),
 		newDoctorCommand(g),

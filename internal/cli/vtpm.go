@@ -376,6 +376,7 @@ func printVTPM(w io.Writer, format string, v api.VTPM) error {
 		{"DESIRED", v.Desired},
 		{"PHASE", v.Phase},
 		{"REASON", orDash([]string{v.Reason})},
+		{"RESIZE", resizeLabel(v.Resize)},
 		{"DATA SOCKET", data},
 		{"CTRL SOCKET", ctrl},
 		{"SWTPM PID", pid},

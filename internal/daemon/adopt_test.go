@@ -4,10 +4,14 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/base64"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	golibvirt "github.com/digitalocean/go-libvirt"
@@ -265,4 +269,220 @@ func TestLibvirtAdopt(t *testing.T) {
 	if scratch, _ := filepath.Glob(filepath.Join(dir, "*", ".identify-*")); len(scratch) > 0 {
 		t.Fatalf("copies of adopted state remain: %v", scratch)
 	}
+}
+
+// novaStore stores a new vTPM passphrase for instance in Barbican as Nova
+// does through castellan (its POST, with token: a user's in user mode,
+// Nova's service user's in deployment mode), and returns the secret's
+// UUID (Nova's vtpm_secret_uuid) and the passphrase.
+func novaStore(t *testing.T, barbicanURL, token, instance string) (string, []byte) {
+	t.Helper()
+	passphrase, err := keyring.NewVTPMSecret()
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := json.Marshal(map[string]string{"name": keyring.VTPMSecretName(instance), "secret_type": "passphrase",
+		"payload": base64.StdEncoding.EncodeToString(passphrase), "payload_content_type": "application/octet-stream",
+		"payload_content_encoding": "base64"})
+	var created struct {
+		Ref string `json:"secret_ref"`
+	}
+	if status := barbicanCall(t, http.MethodPost, barbicanURL+"/v1/secrets/", token, body, &created); status != http.StatusCreated {
+		t.Fatalf("Nova's store of a vTPM secret: %d", status)
+	}
+	return created.Ref[strings.LastIndex(created.Ref, "/")+1:], passphrase
+}
+
+// barbicanCall sends a JSON request with token, decoding the answer into
+// out if it is not nil; it returns the status.
+func barbicanCall(t *testing.T, method, url, token string, body []byte, out any) int {
+	t.Helper()
+	req, _ := http.NewRequest(method, url, bytes.NewReader(body))
+	req.Header.Set("X-Auth-Token", token)
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Accept", "application/json")
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	if out != nil {
+		if err := json.NewDecoder(res.Body).Decode(out); err != nil {
+			t.Fatalf("%s %s: %d, %v", method, url, res.StatusCode, err)
+		}
+	}
+	return res.StatusCode
+}
+
+// whoAmI is the user and project of token, as Keystone validates it.
+func whoAmI(t *testing.T, keystoneURL, token string) (user, project string) {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodGet, strings.TrimSuffix(keystoneURL, "/")+"/auth/tokens", nil)
+	req.Header.Set("X-Auth-Token", token)
+	req.Header.Set("X-Subject-Token", token)
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	var v struct {
+		Token struct {
+			User    struct{ ID string } `json:"user"`
+			Project struct{ ID string } `json:"project"`
+		} `json:"token"`
+	}
+	if err := json.NewDecoder(res.Body).Decode(&v); err != nil || v.Token.User.ID == "" {
+		t.Fatalf("validating a token: %d, %v", res.StatusCode, err)
+	}
+	return v.Token.User.ID, v.Token.Project.ID
+}
+
+// novaGuest makes the vTPM Nova makes for a new instance with its secret
+// in Barbican (stored with token): the libvirt guest keyed by it, started
+// once (libvirt's swtpm_setup), with NV data written into its TPM. It
+// returns the instance, its domain, the secret's UUID, the passphrase,
+// the NV data and the TPM's RSA EK.
+func novaGuest(t *testing.T, lv *golibvirt.Libvirt, barbicanURL, token string) (id string, dom golibvirt.Domain, sid string, passphrase, data, ekDER []byte) {
+	t.Helper()
+	id = uuid.NewString()
+	sid, passphrase = novaStore(t, barbicanURL, token, id)
+	dom = defineBareGuest(t, lv, id, "instance-"+id[:8], sid)
+	novaStart(t, lv, dom, id, sid, passphrase)
+	state := filepath.Join("/var/lib/libvirt/swtpm", id, "tpm2")
+	data = []byte("NV data of instance " + id)
+	onState(t, state, passphrase, func(tpm transport.TPM) { nvWrite(t, tpm, data) })
+	return id, dom, sid, passphrase, data, rsaEK(t, state, passphrase)
+}
+
+// TestBarbicanAdopt takes over vTPMs Nova made with its secrets in the
+// real Barbican, with vtpmd's key manager that Barbican:
+//
+//   - deployment: Nova's service user (vtpmd's here) stored the secret in
+//     the service project. The adoption reads it, records the vTPM as the
+//     deployment's (the operator starts and stops it alone), NV data and
+//     EK survive vtpmd's start and stop, and the delete shreds the secret.
+//   - user: the secret is in the instance owner's project. Without a
+//     project the adoption is refused (Barbican does not tell it); with
+//     no ACL for vtpmd's service user, secret_needs_owner; with one
+//     (read.users), the vTPM is adopted as the owner's: the operator's
+//     start is refused with secret_needs_owner, the owner's runs it.
+//
+// Each refusal leaves no record.
+func TestBarbicanAdopt(t *testing.T) {
+	lv := connectLibvirt(t)
+	ctx := context.Background()
+	d := startBarbicanDaemonAs(t, "barbican", 0, "vtpmd", func(c *Config) {
+		c.HostName, c.Backend, c.Libvirt = "lv-host", "libvirt", LibvirtConfig{Mode: "emulator", EnableVTPM: true}
+	})
+	serviceTok, memberTok := d.token(t, "vtpmd"), d.token(t, "vtpmd-a")
+	serviceUser, _ := whoAmI(t, d.os.KeystoneURL, serviceTok)
+	_, projectA := whoAmI(t, d.os.KeystoneURL, memberTok)
+	refused := func(id string, req api.AdoptRequest, status int, code api.Code) {
+		t.Helper()
+		_, err := d.c.Adopt(ctx, id, req)
+		var e *client.Error
+		if !errors.As(err, &e) || e.Status != status || e.Code != code {
+			t.Fatalf("adopting %s %+v: %v, want %d %s", id, req, err, status, code)
+		}
+		if _, err := d.c.Get(ctx, id); !client.IsNotFound(err) {
+			t.Fatalf("a refused adoption left a record of %s: %v", id, err)
+		}
+	}
+
+	t.Run("deployment", func(t *testing.T) {
+		id, dom, sid, passphrase, data, ekDER := novaGuest(t, lv, d.os.BarbicanURL, serviceTok)
+		state := filepath.Join("/var/lib/libvirt/swtpm", id, "tpm2")
+		refused(id, api.AdoptRequest{Domain: dom.Name}, 400, api.CodeInvalidParameter)
+		v, err := d.c.Adopt(ctx, id, api.AdoptRequest{Domain: dom.Name, Project: projectA})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if v.Project != projectA || v.SecretRef != sid || v.Spec.SecretSecurity != "deployment" || v.Desired != "stopped" {
+			t.Fatalf("adopted: %+v", v)
+		}
+		d.wait(t, id, "stopped")
+		identity, err := d.c.Identity(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if b, _ := pem.Decode([]byte(identity.EKs[0].PublicKeyPEM)); b == nil || !bytes.Equal(b.Bytes, ekDER) {
+			t.Fatal("vtpmd recorded another EK than the one the TPM holds")
+		}
+
+		// The operator alone starts and stops it: vtpmd reads the secret.
+		if _, err := d.c.Start(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+		d.wait(t, id, "active")
+		if guestState(t, lv, dom) != golibvirt.DomainRunning {
+			t.Fatal("the adopted guest does not run after start")
+		}
+		if _, err := d.c.Stop(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+		d.wait(t, id, "stopped")
+		waitNoProcesses(t, filepath.Dir(state))
+		onState(t, state, passphrase, func(tpm transport.TPM) {
+			if got := nvRead(t, tpm, userIndex); !bytes.Equal(got, data) {
+				t.Fatalf("NV data after vtpmd ran the guest: %q", got)
+			}
+		})
+		if !bytes.Equal(rsaEK(t, state, passphrase), ekDER) {
+			t.Fatal("the EK changed")
+		}
+
+		if _, err := d.c.Delete(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+		d.waitGone(t, id)
+		if status, _ := castellanGet(t, d.os.BarbicanURL, serviceTok, sid); status != http.StatusNotFound {
+			t.Fatalf("Nova's read of the secret after the delete: %d, want 404", status)
+		}
+	})
+
+	t.Run("user", func(t *testing.T) {
+		id, dom, sid, passphrase, data, _ := novaGuest(t, lv, d.os.BarbicanURL, memberTok)
+		state := filepath.Join("/var/lib/libvirt/swtpm", id, "tpm2")
+		refused(id, api.AdoptRequest{Domain: dom.Name}, 400, api.CodeInvalidParameter)
+		refused(id, api.AdoptRequest{Domain: dom.Name, Project: projectA}, 403, api.CodeSecretNeedsOwner)
+
+		// The owner grants vtpmd's service user read, as Barbican's ACLs do.
+		acl, _ := json.Marshal(map[string]any{"read": map[string]any{"users": []string{serviceUser}, "project-access": true}})
+		if status := barbicanCall(t, http.MethodPut, d.os.BarbicanURL+"/v1/secrets/"+sid+"/acl", memberTok, acl, nil); status != http.StatusOK {
+			t.Fatalf("the owner's ACL for vtpmd's service user: %d", status)
+		}
+		v, err := d.c.Adopt(ctx, id, api.AdoptRequest{Domain: dom.Name, Project: projectA})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if v.Project != projectA || v.SecretRef != sid || v.Spec.SecretSecurity != "user" {
+			t.Fatalf("adopted: %+v", v)
+		}
+		d.wait(t, id, "stopped")
+		if _, err := d.c.Start(ctx, id); client.ErrorCode(err) != api.CodeSecretNeedsOwner {
+			t.Fatalf("the operator's start of the owner's vTPM: %v, want %s", err, api.CodeSecretNeedsOwner)
+		}
+		member := d.as(t, "vtpmd-a")
+		if _, err := member.Start(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+		d.wait(t, id, "active")
+		if _, err := member.Stop(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+		d.wait(t, id, "stopped")
+		waitNoProcesses(t, filepath.Dir(state))
+		onState(t, state, passphrase, func(tpm transport.TPM) {
+			if got := nvRead(t, tpm, userIndex); !bytes.Equal(got, data) {
+				t.Fatalf("NV data after vtpmd ran the guest: %q", got)
+			}
+		})
+		if _, err := member.Delete(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+		d.waitGone(t, id)
+		if status, _ := castellanGet(t, d.os.BarbicanURL, memberTok, sid); status != http.StatusNotFound {
+			t.Fatalf("the owner's read of the secret after its delete: %d, want 404", status)
+		}
+	})
 }

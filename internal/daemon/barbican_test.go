@@ -39,8 +39,9 @@ func startBarbicanDaemon(t testing.TB, keyManager string, pool int) *barbicanDae
 	return startBarbicanDaemonAs(t, keyManager, pool, "vtpmd")
 }
 
-// startBarbicanDaemonAs starts one whose service user is service's.
-func startBarbicanDaemonAs(t testing.TB, keyManager string, pool int, service string) *barbicanDaemon {
+// startBarbicanDaemonAs starts one whose service user is service's, its
+// configuration changed by each of configure.
+func startBarbicanDaemonAs(t testing.TB, keyManager string, pool int, service string, configure ...func(*Config)) *barbicanDaemon {
 	t.Helper()
 	env := ostest.Up(t)
 	// A short data dir: swtpm's unix sockets live in it, and a benchmark's
@@ -52,6 +53,9 @@ func startBarbicanDaemonAs(t testing.TB, keyManager string, pool int, service st
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	cfg := Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "test-host", KeyManager: keyManager,
 		PoolSize: &pool, Auth: "keystone", KeystoneURL: env.KeystoneURL, KeystoneCredentialsFile: serviceCredentials(t, env.Cloud(service))}
+	for _, f := range configure {
+		f(&cfg)
+	}
 	return &barbicanDaemon{daemonUnderTest: startConfigured(t, cfg), os: env, dir: dir}
 }
 

@@ -422,6 +422,9 @@ func reclaimSecrets(ctx context.Context, st *store.Store, kr keyring.Keyring, ag
 		}
 		for _, v := range vs {
 			used[v.SecretID] = true
+			if v.Resize != nil {
+				used[v.Resize.OldSecretID] = true // the old TPM a resize keeps
+			}
 		}
 		tenants, err := tx.Secrets() // stored through the API: not vTPMs'
 		for _, id := range tenants {

@@ -3,7 +3,6 @@ package daemon
 import (
 	"bytes"
 	"context"
-	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -29,16 +28,6 @@ func sameEKs(t *testing.T, before, after api.Identity) {
 			t.Fatalf("EK %d changed", i)
 		}
 	}
-}
-
-// hasState says whether a's data dir holds a state directory of id.
-func hasState(a *clusterAgent, id string) bool {
-	found := false
-	filepath.WalkDir(a.dir, func(p string, d os.DirEntry, err error) error {
-		found = found || err == nil && d.IsDir() && d.Name() == id
-		return nil
-	})
-	return found
 }
 
 // eventWith says whether id's events hold one of action whose detail
@@ -108,12 +97,16 @@ func TestClusterShelve(t *testing.T) {
 	if s.Phase != "shelved" || s.Host != "" {
 		t.Fatalf("shelved: phase %s on host %q", s.Phase, s.Host)
 	}
-	if hasState(a, id) {
+	if hasState(t, a.dir, id) {
 		t.Fatal("the state stayed on the host it was shelved from")
 	}
 	_, err = c.op.Shelve(ctx, id)
 	wantCode(t, err, api.CodeVTPMShelved)
 	_, err = c.op.Start(ctx, id)
+	wantCode(t, err, api.CodeVTPMShelved)
+	_, err = c.op.Migrate(ctx, id, api.MigrateRequest{Host: "hv-b"})
+	wantCode(t, err, api.CodeVTPMShelved)
+	_, err = c.op.Resize(ctx, id, api.ResizeRequest{ResolveRequest: api.ResolveRequest{FlavorSpecs: map[string]string{"hw:tpm_version": "2.0"}}})
 	wantCode(t, err, api.CodeVTPMShelved)
 	if !eventWith(t, c, id, "shelved", "secret is kept") {
 		t.Fatal("no shelved event")

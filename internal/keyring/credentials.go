@@ -42,3 +42,13 @@ type CallerScoped interface {
 	// are that caller's project's.
 	ScopedToCaller() bool
 }
+
+// ServiceHolder is a caller-scoped key manager that tells a secret vtpmd's
+// own service identity holds (in the service's project, where Nova's
+// deployment mode keeps vTPM secrets) from one it can merely read (another
+// project's, through a grant such as a Barbican ACL).
+type ServiceHolder interface {
+	CallerScoped
+	// ServiceHolds reports whether secret id is in the service's project.
+	ServiceHolds(ctx context.Context, id string) (bool, error)
+}

@@ -193,6 +193,24 @@ func (s *Server) rekeyVTPM(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
+// vtpmResized ends a confirmed or reverted resize whose step the agent
+// finished.
+func (s *Server) vtpmResized(w http.ResponseWriter, r *http.Request) error {
+	var req api.AgentResized
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	rec, err := s.placedAt(r, req.Incarnation, req.Generation)
+	if err != nil {
+		return err
+	}
+	if err := s.Agents.Resized(r.Context(), rec, s.agentEvent(r, req.Event)); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.AgentWritten{Generation: rec.Generation, SecretRef: rec.SecretID})
+	return nil
+}
+
 // agentEvent is the event an agent asked to log, in its host's name.
 func (s *Server) agentEvent(r *http.Request, e api.AgentEvent) agent.Event {
 	return agent.Event{Actor: "agent:" + hostName(r), Action: refusal.Truncate(e.Action), Detail: truncateDetail(e.Detail)}
@@ -210,7 +228,8 @@ func truncateDetail(s string) string {
 func agentVTPM(rec *agent.Record) api.AgentVTPM {
 	out := api.AgentVTPM{InstanceID: rec.InstanceID, Incarnation: rec.Incarnation, Project: rec.Project, Spec: spec.APISpec(rec.Spec),
 		Host: rec.Host, Domain: rec.Domain, Desired: string(rec.Desired), Phase: string(rec.Phase), Reason: rec.Reason,
-		SecretRef: rec.SecretID, EKs: []api.AgentEK{}, SwtpmPID: rec.PID, GuestConnected: rec.Connected, Generation: rec.Generation}
+		SecretRef: rec.SecretID, EKs: []api.AgentEK{}, SwtpmPID: rec.PID, GuestConnected: rec.Connected, Resize: string(rec.Resize),
+		Generation: rec.Generation}
 	for _, ek := range rec.EKs {
 		out.EKs = append(out.EKs, api.AgentEK{Kind: ek.Kind, Handle: ek.Handle, NVIndex: ek.NVIndex, Public: ek.PublicDER, Certificate: ek.CertDER})
 	}
@@ -348,7 +367,12 @@ func (s *Server) transferInput(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	w.Header().Set("Cache-Control", "no-store")
-	writeJSON(w, http.StatusOK, api.AgentTransferInput{Payload: in.Secret, Bundle: in.Bundle})
+	out := api.AgentTransferInput{Payload: in.Secret, Bundle: in.Bundle}
+	if in.Record != nil {
+		rec := agentVTPM(in.Record)
+		out.VTPM = &rec
+	}
+	writeJSON(w, http.StatusOK, out)
 	return nil
 }
 

@@ -693,7 +693,7 @@ func TestAgentRoutesRefuseBadJSON(t *testing.T) {
 			refused(t, r.pattern+" with "+body, code, e, 400, api.CodeInvalidJSON)
 		}
 	}
-	if checked != 10 { // heartbeat, renew, host, report, deleted, rekey, EK certificates, drift, adoption, transfer
+	if checked != 11 { // heartbeat, renew, host, report, deleted, rekey, resized, EK certificates, drift, adoption, transfer
 		t.Errorf("%d hosts' routes take bodies, want 10", checked)
 	}
 	if after := w.read(t, w.a, onA); !reflect.DeepEqual(after, before) {

@@ -68,6 +68,19 @@ func backupView(b store.Backup) api.Backup {
 	return api.Backup{Generation: b.Generation, Reason: b.Reason, SourceHost: b.SourceHost, CreatedAt: b.CreatedAt, Size: b.Size}
 }
 
+// migrateVTPM moves a vTPM, cold, to another host (vtpms.Service.Migrate):
+// 200 with the vTPM on its new host once the move is done; the same
+// request again continues a move that was cut short.
+func (s *Server) migrateVTPM(w http.ResponseWriter, r *http.Request) error {
+	var req api.MigrateRequest
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	return s.moved(w, r, func(ctx context.Context, c tenant.Caller, id string) (*store.VTPM, error) {
+		return s.VTPMs.Migrate(ctx, c, id, req.Host)
+	})
+}
+
 // shelveVTPM shelves a stopped vTPM (vtpms.Service.Shelve): 200 with the
 // vTPM, shelved.
 func (s *Server) shelveVTPM(w http.ResponseWriter, r *http.Request) error {

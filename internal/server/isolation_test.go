@@ -313,9 +313,10 @@ func TestBodylessRoutesRefuseBodies(t *testing.T) {
 		"POST /v1/hosts/{name}/attestation/evidence", "POST /v1/hosts/{name}/attestation/policy",
 		"POST /v1/agent/enroll", "POST /v1/agent/heartbeat",
 		"PUT /v1/agent/host", "PUT /v1/agent/vtpms/{id}", "POST /v1/agent/vtpms/{id}/deleted", "PUT /v1/agent/drift", "POST /v1/agent/renew",
-		"POST /v1/agent/vtpms/{id}/rekey", "POST /v1/agent/ek-certificates",
+		"POST /v1/agent/vtpms/{id}/rekey", "POST /v1/agent/ek-certificates", "POST /v1/agent/vtpms/{id}/resized",
+		"POST /v1/vtpms/{id}/resize",
 		"POST /v1/vtpms/{id}/adopt", "PUT /v1/agent/adoptions/{id}",
-		"POST /v1/vtpms/{id}/backups/restore", "PUT /v1/agent/transfers/{id}",
+		"POST /v1/vtpms/{id}/backups/restore", "POST /v1/vtpms/{id}/migrate", "PUT /v1/agent/transfers/{id}",
 		"POST /v1/vtpms/{id}/unshelve", "POST /v1/hosts/{name}/evacuate",
 	}
 	var evsBefore api.EventList

@@ -143,6 +143,10 @@ func (s *Server) routes() []route {
 		{"POST /v1/vtpms/{id}/backups", s.createBackup, operator, noBody},
 		{"GET /v1/vtpms/{id}/backups", s.listBackups, operator, noBody},
 		{"POST /v1/vtpms/{id}/backups/restore", s.restoreBackup, operator, jsonBody},
+		{"POST /v1/vtpms/{id}/resize", s.resizeVTPM, callers, jsonBody},
+		{"POST /v1/vtpms/{id}/resize/confirm", s.confirmResize, callers, noBody},
+		{"POST /v1/vtpms/{id}/resize/revert", s.revertResize, callers, noBody},
+		{"POST /v1/vtpms/{id}/migrate", s.migrateVTPM, operator, jsonBody},
 		{"POST /v1/vtpms/{id}/shelve", s.shelveVTPM, callers, noBody},
 		{"POST /v1/vtpms/{id}/unshelve", s.unshelveVTPM, callers, jsonBody},
 		{"GET /v1/vtpms/{id}/identity", s.identity, callers, noBody},
@@ -196,6 +200,7 @@ func (s *Server) routes() []route {
 		{"POST /v1/agent/vtpms/{id}/deleted", s.vtpmDeleted, hosts, jsonBody},
 		{"GET /v1/agent/vtpms/{id}/secret", s.vtpmSecret, hosts, noBody},
 		{"POST /v1/agent/vtpms/{id}/rekey", s.rekeyVTPM, hosts, jsonBody},
+		{"POST /v1/agent/vtpms/{id}/resized", s.vtpmResized, hosts, jsonBody},
 		{"POST /v1/agent/ek-certificates", s.certifyEK, hosts, jsonBody},
 		{"PUT /v1/agent/drift", s.reportDrift, hosts, jsonBody},
 		{"GET /v1/agent/adoptions/{id}/secret", s.adoptionSecret, hosts, noBody},
@@ -526,6 +531,43 @@ func (s *Server) attachVTPM(w http.ResponseWriter, r *http.Request) error {
 	})
 }
 
+// resizeVTPM resizes the vTPM the path names to a new flavor and image:
+// 202 with the record, which the host's agent carries on from.
+func (s *Server) resizeVTPM(w http.ResponseWriter, r *http.Request) error {
+	var req api.ResizeRequest
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	return s.change(w, r, func(ctx context.Context, c tenant.Caller, id string) (*store.VTPM, error) {
+		return s.VTPMs.Resize(ctx, c, id, req)
+	})
+}
+
+func (s *Server) confirmResize(w http.ResponseWriter, r *http.Request) error {
+	return s.change(w, r, s.VTPMs.ConfirmResize)
+}
+
+// revertResize answers as a delete does when the revert removed the vTPM
+// a resize made at once: 200 with phase deleted.
+func (s *Server) revertResize(w http.ResponseWriter, r *http.Request) error {
+	c, err := tenantOf(r)
+	if err != nil {
+		return err
+	}
+	v, gone, err := s.VTPMs.RevertResize(r.Context(), c, r.PathValue("id"))
+	if err != nil {
+		return err
+	}
+	view := vtpmView(v)
+	if gone {
+		view.Phase = "deleted"
+		writeJSON(w, http.StatusOK, view)
+		return nil
+	}
+	writeJSON(w, http.StatusAccepted, view)
+	return nil
+}
+
 // change asks for a change of the vTPM the path names and answers 202
 // with the record: the host's agent carries it out.
 func (s *Server) change(w http.ResponseWriter, r *http.Request, do func(context.Context, tenant.Caller, string) (*store.VTPM, error)) error {
@@ -726,6 +768,15 @@ func vtpmView(v *store.VTPM) api.VTPM {
 		Domain: v.Domain, SwtpmPID: v.PID, GuestConnected: v.Connected, Incarnation: v.Incarnation, CreatedAt: v.CreatedAt, UpdatedAt: v.UpdatedAt}
 	if v.Sockets.Data != "" {
 		out.Sockets = &api.Sockets{Data: v.Sockets.Data, Ctrl: v.Sockets.Ctrl}
+	}
+	if rz := v.Resize; rz != nil {
+		out.Resize = &api.Resize{Status: string(rz.Status), Kind: string(rz.Kind), OldSecretRef: rz.OldSecretID, RequestedAt: rz.RequestedAt}
+		if rz.From != nil {
+			out.Resize.From = spec.Resolution(rz.From).VTPM
+		}
+		if rz.To != nil {
+			out.Resize.To = spec.Resolution(rz.To).VTPM
+		}
 	}
 	return out
 }

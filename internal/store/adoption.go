@@ -104,10 +104,12 @@ func (t *Tx) pendingAdoptions(host string) ([]Adoption, error) {
 }
 
 // SecretKeys returns the instance id of the vTPM whose state secretID
-// keys; ErrNotFound if none does.
+// keys, or whose old TPM's a pending resize keeps; ErrNotFound if none
+// does.
 func (t *Tx) SecretKeys(secretID string) (string, error) {
 	var id string
-	err := t.queryRow(`SELECT instance_id FROM vtpms WHERE secret_id=?`, secretID).Scan(&id)
+	err := t.queryRow(`SELECT instance_id FROM vtpms WHERE secret_id=? OR resize LIKE ?`,
+		secretID, `%"old_secret_id":"`+secretID+`"%`).Scan(&id)
 	if err != nil {
 		return "", fmt.Errorf("vtpm keyed by secret %s: %w", secretID, notFound(err))
 	}

@@ -143,9 +143,10 @@ func (t *Tx) LastBackups() (map[string]time.Time, error) {
 }
 
 // deleteBundles removes what the store holds of instanceID's state
-// bundles: its backups, shelved bundle, generations and transfers.
+// bundles: its backups, shelved bundle, generations, transfers and
+// migration.
 func (t *Tx) deleteBundles(instanceID string) error {
-	for _, table := range []string{"state_backups", "shelved_bundles", "bundle_generations", "state_transfers"} {
+	for _, table := range []string{"state_backups", "shelved_bundles", "bundle_generations", "state_transfers", "vtpm_migrations"} {
 		if _, err := t.exec(`DELETE FROM `+table+` WHERE instance_id=?`, instanceID); err != nil {
 			return err
 		}

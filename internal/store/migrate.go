@@ -291,6 +291,26 @@ CREATE TABLE bundle_generations (
 	handed_out   INTEGER NOT NULL,
 	newest       INTEGER NOT NULL
 );`,
+	// A vTPM's resize awaiting confirm or revert: JSON (see Resize), ''
+	// for none.
+	24: `ALTER TABLE vtpms ADD COLUMN resize TEXT NOT NULL DEFAULT '';`,
+	// Cold migrations (see migration.go): one row per vTPM being moved,
+	// with the step it reached, so that a server that died mid-move (or
+	// another one) continues from there; the bundle once exported.
+	25: `
+CREATE TABLE vtpm_migrations (
+	instance_id  TEXT PRIMARY KEY,
+	incarnation  TEXT NOT NULL,
+	source       TEXT NOT NULL,
+	target       TEXT NOT NULL,
+	step         TEXT NOT NULL,      -- stopping | exporting | importing | cleaning
+	was_running  INTEGER NOT NULL,   -- 1: started again on the target once moved
+	generation   INTEGER NOT NULL,   -- the bundle's, once exported; 0 before
+	bundle       BLOB NOT NULL,      -- the bundle exported; empty before
+	actor        TEXT NOT NULL,
+	started_at   TEXT NOT NULL,
+	updated_at   TEXT NOT NULL
+);`,
 	// Shelved vTPMs: a vTPM shelved, or evacuated from a host that is
 	// gone, has no host (vtpms.host NULL; rebuilt, as SQLite alters no
 	// constraint) until it is unshelved; the server keeps its bundle
@@ -321,12 +341,13 @@ CREATE TABLE vtpms_next (
 	ctrl_socket     TEXT NOT NULL DEFAULT '',
 	revision        BIGINT NOT NULL DEFAULT 0,
 	swtpm_pid       INTEGER NOT NULL DEFAULT 0,
-	guest_connected INTEGER NOT NULL DEFAULT 0
+	guest_connected INTEGER NOT NULL DEFAULT 0,
+	resize          TEXT NOT NULL DEFAULT ''
 );
 INSERT INTO vtpms_next (instance_id, project, version, model, secret_security, hypervisor, keys, host, desired, phase, reason,
-	secret_id, eks, generation, created_at, updated_at, domain, incarnation, data_socket, ctrl_socket, revision, swtpm_pid, guest_connected)
+	secret_id, eks, generation, created_at, updated_at, domain, incarnation, data_socket, ctrl_socket, revision, swtpm_pid, guest_connected, resize)
 	SELECT instance_id, project, version, model, secret_security, hypervisor, keys, host, desired, phase, reason,
-	secret_id, eks, generation, created_at, updated_at, domain, incarnation, data_socket, ctrl_socket, revision, swtpm_pid, guest_connected FROM vtpms;
+	secret_id, eks, generation, created_at, updated_at, domain, incarnation, data_socket, ctrl_socket, revision, swtpm_pid, guest_connected, resize FROM vtpms;
 DROP TABLE vtpms;
 ALTER TABLE vtpms_next RENAME TO vtpms;
 CREATE INDEX vtpms_project ON vtpms(project, instance_id);

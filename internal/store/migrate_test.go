@@ -159,7 +159,10 @@ func TestMigrationDropsOrphanAttestations(t *testing.T) {
 				if err := tx.PutHost(&Host{Name: "h1", Capacity: 10, Backend: "swtpm"}); err != nil {
 					return err
 				}
-				if err := tx.CreateVTPM(&VTPM{InstanceID: "i-1", Project: "p1", Host: "h1", Desired: DesiredRunning, Phase: PhaseActive}); err != nil {
+				// The row as schema 16 has it (CreateVTPM writes today's).
+				if _, err := tx.exec(`INSERT INTO vtpms (instance_id, project, version, model, secret_security, hypervisor, keys, host,
+					desired, phase, reason, secret_id, eks, generation, created_at, updated_at)
+					VALUES ('i-1', 'p1', '2.0', 'tpm-crb', 'user', '', '[]', 'h1', 'running', 'active', '', '', '[]', 1, '', '')`); err != nil {
 					return err
 				}
 				for _, key := range []string{"i-1", "i-gone", HostKey("h1")} {

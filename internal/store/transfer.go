@@ -9,9 +9,11 @@ import (
 
 // Transfer is a server's request that a host's agent export the state of
 // a vTPM as a bundle of Generation (Kind "export"), import Bundle (Kind
-// "import"), or remove the state (Kind "remove"): the host's watch carries it (Changes.Transfers) until
-// the agent answers, and the server that asked withdraws it once it has
-// the answer or gives up.
+// "import"), take in Bundle for a vTPM arriving on the host (Kind
+// "receive": migrating to it, or unshelved onto it), or remove the copy of
+// a vTPM leaving it (Kind "discard": migrated away, or shelved): the
+// host's watch carries it (Changes.Transfers) until the agent answers, and
+// the server that asked withdraws it once it has the answer or gives up.
 type Transfer struct {
 	ID          string // random; names this request
 	Host        string
@@ -31,11 +33,10 @@ type Transfer struct {
 
 // The kinds of transfer.
 const (
-	TransferExport = "export"
-	TransferImport = "import"
-	// TransferRemove asks the agent to remove the state of a vTPM being
-	// shelved, whose bundle the server holds.
-	TransferRemove = "remove"
+	TransferExport  = "export"
+	TransferImport  = "import"
+	TransferReceive = "receive"
+	TransferDiscard = "discard"
 )
 
 // AskTransfer records x, with a new ID; the host's watchers wake to it.

@@ -88,6 +88,8 @@ type VTPM struct {
 	// Connected says a client (a guest's QEMU) held the vTPM's control
 	// channel when its agent last looked.
 	Connected bool
+	// Resize is the vTPM's resize awaiting confirm or revert; nil for none.
+	Resize *Resize
 	// Generation increases with every update; UpdateVTPM refuses a stale one.
 	Generation int64
 	// Incarnation tells this vTPM from the earlier ones of the same
@@ -102,15 +104,51 @@ type VTPM struct {
 	UpdatedAt time.Time
 }
 
+// ResizeStatus is where a resize is.
+type ResizeStatus string
+
+// The statuses of a resize.
+const (
+	// ResizeResized: done as far as the control plane goes; it awaits
+	// confirm or revert.
+	ResizeResized ResizeStatus = "resized"
+	// ResizeConfirming: confirmed; the host's agent is removing the old
+	// TPM (kind new_tpm only: the others end at once).
+	ResizeConfirming ResizeStatus = "confirming"
+	// ResizeReverting: reverted; the host's agent is putting the old TPM
+	// back in place of the new one (kind new_tpm only).
+	ResizeReverting ResizeStatus = "reverting"
+)
+
+// Resize is a vTPM's pending resize: what it was before, so that a revert
+// can restore exactly that.
+type Resize struct {
+	Status ResizeStatus    `json:"status"`
+	Kind   spec.ResizeKind `json:"kind"`
+	// From is the spec before; nil when the instance had no vTPM.
+	From *spec.Spec `json:"from,omitempty"`
+	// To is the spec after; nil when the new flavor asks for none.
+	To *spec.Spec `json:"to,omitempty"`
+	// OldSecretID keys the old TPM's state, set aside until confirm (kind
+	// new_tpm): no record other than this names it meanwhile.
+	OldSecretID string `json:"old_secret_id,omitempty"`
+	// OldEKs are the old TPM's endorsement keys, restored by a revert.
+	OldEKs []EK `json:"old_eks,omitempty"`
+	// OldDesired is what was asked of the vTPM before a resize that
+	// stopped it (kind remove), restored by a revert.
+	OldDesired  Desired   `json:"old_desired,omitempty"`
+	RequestedAt time.Time `json:"requested_at"`
+}
+
 const vtpmColumns = `instance_id, project, version, model, secret_security, hypervisor, keys, host,
-	desired, phase, reason, secret_id, eks, domain, data_socket, ctrl_socket, swtpm_pid, guest_connected, generation, incarnation, revision, created_at, updated_at`
+	desired, phase, reason, secret_id, eks, domain, data_socket, ctrl_socket, swtpm_pid, guest_connected, resize, generation, incarnation, revision, created_at, updated_at`
 
 // CreateVTPM inserts v with generation 1 and a new Incarnation; ErrExists
 // if the instance has a vTPM. A new vTPM starts with no attestation, as
 // DeleteVTPM took the last one's (and migration 17 those that earlier
 // versions left behind).
 func (t *Tx) CreateVTPM(v *VTPM) error {
-	keys, eks, err := encodeLists(v)
+	keys, eks, resize, err := encodeLists(v)
 	if err != nil {
 		return err
 	}
@@ -127,10 +165,10 @@ func (t *Tx) CreateVTPM(v *VTPM) error {
 	// An existing record is found by the insert itself, so it means the
 	// same on every engine (on PostgreSQL, one another transaction
 	// committed after this one began aborts it, and run retries).
-	res, err := t.exec(`INSERT INTO vtpms (`+vtpmColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+	res, err := t.exec(`INSERT INTO vtpms (`+vtpmColumns+`) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
 		ON CONFLICT (instance_id) DO NOTHING`,
 		v.InstanceID, v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, hostColumn(v.Host),
-		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Sockets.Data, v.Sockets.Ctrl, v.PID, boolInt(v.Connected), v.Generation, v.Incarnation, v.Revision, stamp(t.now), stamp(t.now))
+		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Sockets.Data, v.Sockets.Ctrl, v.PID, boolInt(v.Connected), resize, v.Generation, v.Incarnation, v.Revision, stamp(t.now), stamp(t.now))
 	if err != nil {
 		return err
 	}
@@ -149,7 +187,7 @@ func (t *Tx) CreateVTPM(v *VTPM) error {
 // a deleted vTPM never writes over a newer one of the same instance id. A
 // change of Host moves the vTPM: it leaves a tombstone on the old host.
 func (t *Tx) UpdateVTPM(v *VTPM) error {
-	keys, eks, err := encodeLists(v)
+	keys, eks, resize, err := encodeLists(v)
 	if err != nil {
 		return err
 	}
@@ -176,10 +214,10 @@ func (t *Tx) UpdateVTPM(v *VTPM) error {
 		}
 	}
 	_, err = t.exec(`UPDATE vtpms SET project=?, version=?, model=?, secret_security=?, hypervisor=?, keys=?, host=?,
-		desired=?, phase=?, reason=?, secret_id=?, eks=?, domain=?, data_socket=?, ctrl_socket=?, swtpm_pid=?, guest_connected=?, generation=generation+1, revision=?, updated_at=?
+		desired=?, phase=?, reason=?, secret_id=?, eks=?, domain=?, data_socket=?, ctrl_socket=?, swtpm_pid=?, guest_connected=?, resize=?, generation=generation+1, revision=?, updated_at=?
 		WHERE instance_id=?`,
 		v.Project, v.Spec.Version, v.Spec.Model, v.Spec.SecretSecurity, v.Spec.Hypervisor, keys, hostColumn(v.Host),
-		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Sockets.Data, v.Sockets.Ctrl, v.PID, boolInt(v.Connected), revision, stamp(t.now), v.InstanceID)
+		v.Desired, v.Phase, v.Reason, v.SecretID, eks, v.Domain, v.Sockets.Data, v.Sockets.Ctrl, v.PID, boolInt(v.Connected), resize, revision, stamp(t.now), v.InstanceID)
 	if err != nil {
 		return err
 	}
@@ -363,11 +401,11 @@ func (t *Tx) Room(host string) (int, error) {
 
 func scanVTPM(row interface{ Scan(...any) error }) (*VTPM, error) {
 	var v VTPM
-	var keys, eks, created, updated string
+	var keys, eks, resize, created, updated string
 	var host sql.NullString
 	var connected int
 	err := row.Scan(&v.InstanceID, &v.Project, &v.Spec.Version, &v.Spec.Model, &v.Spec.SecretSecurity, &v.Spec.Hypervisor,
-		&keys, &host, &v.Desired, &v.Phase, &v.Reason, &v.SecretID, &eks, &v.Domain, &v.Sockets.Data, &v.Sockets.Ctrl, &v.PID, &connected, &v.Generation, &v.Incarnation, &v.Revision, &created, &updated)
+		&keys, &host, &v.Desired, &v.Phase, &v.Reason, &v.SecretID, &eks, &v.Domain, &v.Sockets.Data, &v.Sockets.Ctrl, &v.PID, &connected, &resize, &v.Generation, &v.Incarnation, &v.Revision, &created, &updated)
 	if err != nil {
 		return nil, err
 	}
@@ -377,6 +415,11 @@ func scanVTPM(row interface{ Scan(...any) error }) (*VTPM, error) {
 	}
 	if err := json.Unmarshal([]byte(eks), &v.EKs); err != nil {
 		return nil, fmt.Errorf("decoding EKs of %s: %w", v.InstanceID, err)
+	}
+	if resize != "" {
+		if err := json.Unmarshal([]byte(resize), &v.Resize); err != nil {
+			return nil, fmt.Errorf("decoding the resize of %s: %w", v.InstanceID, err)
+		}
 	}
 	v.CreatedAt, v.UpdatedAt = parseStamp(created), parseStamp(updated)
 	return &v, nil
@@ -391,13 +434,18 @@ func hostColumn(host string) any {
 	return host
 }
 
-func encodeLists(v *VTPM) (keys, eks string, err error) {
+// encodeLists encodes v's columns that hold JSON; resize is "" for none.
+func encodeLists(v *VTPM) (keys, eks, resize string, err error) {
 	k, err := json.Marshal(v.Spec.Keys)
 	if err != nil {
-		return "", "", err
+		return "", "", "", err
 	}
 	e, err := json.Marshal(v.EKs)
-	return string(k), string(e), err
+	if err != nil || v.Resize == nil {
+		return string(k), string(e), "", err
+	}
+	r, err := json.Marshal(v.Resize)
+	return string(k), string(e), string(r), err
 }
 
 // Timestamps are stored as RFC 3339 text with nanoseconds, in UTC, so they

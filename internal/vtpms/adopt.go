@@ -39,8 +39,10 @@ const adoptedAction = "adopted"
 //
 // Every refusal leaves no record: domain_not_found, no_vtpm,
 // vtpm_state_not_found, already_managed, secret_not_found, wrong_secret,
-// adoption_failed (the agent's fault), host_unavailable (no answer within
-// Config.DriftTimeout). Asking again is safe: a vTPM this adoption
+// secret_needs_owner (the key manager refused vtpmd's service identity the
+// secret: another project's, with no ACL for it), adoption_failed (the
+// agent's fault), host_unavailable (no answer within Config.DriftTimeout);
+// with a caller-scoped key manager, invalid_parameter without a project. Asking again is safe: a vTPM this adoption
 // recorded already is returned as it is (made false).
 func (s *Service) Adopt(ctx context.Context, c tenant.Caller, rawID string, req api.AdoptRequest) (v *store.VTPM, made bool, err error) {
 	id, err := ParseInstanceID(rawID)
@@ -57,6 +59,10 @@ func (s *Service) Adopt(ctx context.Context, c tenant.Caller, rawID string, req 
 	project, err := c.Owner(req.Project, "vTPMs", false)
 	if err != nil {
 		return nil, false, err
+	}
+	if cs, ok := s.cfg.Keyring.(keyring.CallerScoped); ok && cs.ScopedToCaller() && project == "" {
+		return nil, false, refusal.Invalid(api.CodeInvalidParameter, "Name the instance's project (project, vtpmctl adopt --project): "+
+			"the key manager does not tell a reader which project a secret is in, and Nova's deployment mode keeps it in Nova's own.")
 	}
 	if v, err := s.adopted(ctx, id, req); v != nil || err != nil {
 		return v, false, err
@@ -89,10 +95,8 @@ func (s *Service) Adopt(ctx context.Context, c tenant.Caller, rawID string, req 
 		return nil, false, err
 	}
 	if project == "" {
-		// Read as vtpmd's service identity, as the host's agent did: Nova's
-		// secret is its service project's (deployment) or readable by
-		// vtpmd's service user through the secret's ACL, never the
-		// operator's own token's.
+		// The secret's project, which a key manager that is not
+		// caller-scoped records (a caller-scoped one was refused above).
 		sec, err := s.cfg.Keyring.Get(keyring.AsService(ctx), found.SecretRef)
 		if errors.Is(err, keyring.ErrNotFound) {
 			return nil, false, refusal.NotFound(api.CodeSecretNotFound, "The key manager has no secret "+found.SecretRef+".")
@@ -102,7 +106,11 @@ func (s *Service) Adopt(ctx context.Context, c tenant.Caller, rawID string, req 
 		}
 		project = sec.Project
 	}
-	v = &store.VTPM{InstanceID: id, Project: project, Spec: spec.FromAPI(found.Spec), Host: host, Domain: req.Domain,
+	sp, err := s.adoptedSecurity(ctx, spec.FromAPI(found.Spec), found.SecretRef)
+	if err != nil {
+		return nil, false, err
+	}
+	v = &store.VTPM{InstanceID: id, Project: project, Spec: sp, Host: host, Domain: req.Domain,
 		SecretID: found.SecretRef, Desired: store.DesiredStopped, Phase: store.PhasePending}
 	if found.Running {
 		v.Desired = store.DesiredRunning
@@ -128,6 +136,28 @@ func (s *Service) Adopt(ctx context.Context, c tenant.Caller, rawID string, req 
 	}
 	s.cfg.Log.Info("adopted vTPM", "instance", id, "domain", req.Domain, "host", host, "by", c.Actor)
 	return v, true, nil
+}
+
+// adoptedSecurity is the secret security of an adopted vTPM of sp keyed
+// by secretID. The host tells host (libvirt keeps the secret) from the
+// others (an ephemeral libvirt secret, defined for each start), which
+// Nova's user and deployment modes share; a key manager that keeps secrets
+// under their owners' identities tells them apart: a secret in vtpmd's
+// service project (Nova's, in deployment mode, when they share it) is the
+// deployment's, one the service reads through an ACL stays its owner's.
+func (s *Service) adoptedSecurity(ctx context.Context, sp spec.Spec, secretID string) (spec.Spec, error) {
+	h, ok := s.cfg.Keyring.(keyring.ServiceHolder)
+	if !ok || sp.SecretSecurity != spec.User || !OwnerHeld(s.cfg.Keyring, sp) {
+		return sp, nil
+	}
+	held, err := h.ServiceHolds(keyring.AsService(ctx), secretID)
+	if err != nil {
+		return spec.Spec{}, err
+	}
+	if held {
+		sp.SecretSecurity = spec.Deployment
+	}
+	return sp, nil
 }
 
 // adopted returns the vTPM of instance id if an adoption of req's domain

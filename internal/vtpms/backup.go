@@ -130,6 +130,9 @@ func (s *Service) Restore(ctx context.Context, c tenant.Caller, id string, gen i
 	ask := &store.Transfer{Host: v.Host, InstanceID: v.InstanceID, Incarnation: v.Incarnation, Kind: store.TransferImport,
 		Generation: b.Generation, Bundle: b.Bundle}
 	err = s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
+		if err := notMigrating(tx, v.InstanceID); err != nil {
+			return err
+		}
 		if rollback {
 			err := tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: v.InstanceID, Action: "rollback allowed",
 				Detail: fmt.Sprintf("by %s: generation %d, older than the newest recorded, %d", c.Actor, b.Generation, newest)})

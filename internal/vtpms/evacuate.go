@@ -34,6 +34,8 @@ const evacuateWorkers = 8
 //   - being deleted: its record goes (its secret was shredded already).
 //   - being shelved: its shelved bundle kept already, it is shelved.
 //   - being unshelved there: it is unshelved elsewhere.
+//   - migrating, or a resize of it awaiting confirm or revert: refused
+//     (migration_in_progress, resize_pending), nothing of it changed.
 //
 // Doing it again continues: the vTPMs still on host, and those taken off
 // it whose unshelve did not finish. progress, if not nil, is called with
@@ -134,6 +136,9 @@ func (s *Service) evacuate(ctx context.Context, c tenant.Caller, host string, v 
 		}
 		item.Outcome = api.EvacuatedDeleted
 		return item
+	}
+	if err := s.settled(ctx, v); err != nil {
+		return s.refused(item, err)
 	}
 	if v.Phase == store.PhaseShelving {
 		if _, err := s.shelved(ctx, v); err == nil {

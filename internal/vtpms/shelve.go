@@ -33,7 +33,8 @@ import (
 //  4. the record leaves the host: phase shelved.
 //
 // Refused: already shelved (vtpm_shelved), being unshelved (vtpm_shelved),
-// never manufactured (not_manufactured), its host down (host_unavailable),
+// a resize awaiting confirm or revert (resize_pending), migrating
+// (migration_in_progress), never manufactured (not_manufactured), its host down (host_unavailable),
 // a backend that moves no state (not_supported). Events: "shelving",
 // "shelve bundle kept", "shelved", or "shelve failed" with the reason.
 func (s *Service) Shelve(ctx context.Context, c tenant.Caller, id string) (*store.VTPM, error) {
@@ -53,6 +54,9 @@ func (s *Service) Shelve(ctx context.Context, c tenant.Caller, id string) (*stor
 	case v.Desired != store.DesiredStopped || v.Phase != store.PhaseStopped:
 		return nil, refusal.Conflict(api.CodeVTPMNotStopped, "The vTPM of "+v.InstanceID+" is "+string(v.Phase)+
 			" (desired "+string(v.Desired)+"); stop it (vtpmctl stop) before shelving it.")
+	}
+	if err := s.settled(ctx, v); err != nil {
+		return nil, err
 	}
 	if err := s.hostUp(ctx, v.Host); err != nil {
 		return nil, err
@@ -90,7 +94,7 @@ func (s *Service) Shelve(ctx context.Context, c tenant.Caller, id string) (*stor
 	} else if err != nil {
 		return nil, err
 	}
-	rm := &store.Transfer{Host: from, InstanceID: v.InstanceID, Incarnation: v.Incarnation, Kind: store.TransferRemove}
+	rm := &store.Transfer{Host: from, InstanceID: v.InstanceID, Incarnation: v.Incarnation, Kind: store.TransferDiscard}
 	if err := s.ask(ctx, rm); err != nil {
 		return failed(err)
 	}
@@ -111,7 +115,9 @@ func (s *Service) Shelve(ctx context.Context, c tenant.Caller, id string) (*stor
 // moment the bundle is the usable copy, and a crash at any step leaves
 // it; a new Unshelve continues (onto the same host, or to one named).
 //
-// Refused: not shelved (vtpm_not_shelved), no host fits or has room
+// Refused: not shelved (vtpm_not_shelved), a resize pending or a
+// migration under way (resize_pending, migration_in_progress; neither
+// begins on a shelved vTPM), no host fits or has room
 // (no_valid_host), the bundle not the vTPM's (bundle_corrupt,
 // bundle_mismatch), the host's agent cannot import it (not_supported,
 // transfer_failed). Events: "unshelving", "unshelved" (for an evacuated
@@ -131,6 +137,9 @@ func (s *Service) unshelve(ctx context.Context, c tenant.Caller, v *store.VTPM, 
 	if v.Phase != store.PhaseShelved && v.Phase != store.PhaseUnshelving {
 		return nil, refusal.Conflict(api.CodeVTPMNotShelved, "The vTPM of "+v.InstanceID+" is "+string(v.Phase)+", not shelved.")
 	}
+	if err := s.settled(ctx, v); err != nil {
+		return nil, err
+	}
 	sh, err := s.shelved(ctx, v)
 	if err != nil {
 		return nil, err
@@ -147,7 +156,7 @@ func (s *Service) unshelve(ctx context.Context, c tenant.Caller, v *store.VTPM, 
 	if err := s.hostUp(ctx, v.Host); err != nil {
 		return nil, err
 	}
-	in := &store.Transfer{Host: v.Host, InstanceID: v.InstanceID, Incarnation: v.Incarnation, Kind: store.TransferImport,
+	in := &store.Transfer{Host: v.Host, InstanceID: v.InstanceID, Incarnation: v.Incarnation, Kind: store.TransferReceive,
 		Generation: sh.Generation, Bundle: sh.Bundle}
 	if err := s.ask(ctx, in); err != nil {
 		s.event(ctx, c, v, "unshelve failed", fmt.Sprintf("on host %s: %s; vtpmctl unshelve again continues (--to another host)", v.Host, refusal.Truncate(err.Error())))
@@ -239,12 +248,12 @@ func (s *Service) shelved(ctx context.Context, v *store.VTPM) (sh *store.Shelved
 // setPhase records v in phase p if nobody changed it since it was read,
 // with an event.
 func (s *Service) setPhase(ctx context.Context, c tenant.Caller, v *store.VTPM, p store.Phase, action, detail string) (*store.VTPM, error) {
-	return s.write(ctx, c, v, func(next *store.VTPM) { next.Phase = p }, action, detail)
+	return s.rewrite(ctx, c, v, func(next *store.VTPM) { next.Phase = p }, action, detail)
 }
 
-// write records v changed by mutate if nobody changed it since it was
+// rewrite records v changed by mutate if nobody changed it since it was
 // read, with an event, and returns it as written.
-func (s *Service) write(ctx context.Context, c tenant.Caller, v *store.VTPM, mutate func(*store.VTPM), action, detail string) (*store.VTPM, error) {
+func (s *Service) rewrite(ctx context.Context, c tenant.Caller, v *store.VTPM, mutate func(*store.VTPM), action, detail string) (*store.VTPM, error) {
 	var next store.VTPM
 	err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
 		next = *v // afresh at every attempt: UpdateVTPM bumps its generation
@@ -266,11 +275,34 @@ func (s *Service) write(ctx context.Context, c tenant.Caller, v *store.VTPM, mut
 // leaveHost takes v off its host: phase shelved, no host, served
 // nowhere, with an event.
 func (s *Service) leaveHost(ctx context.Context, c tenant.Caller, v *store.VTPM, action, detail string) (*store.VTPM, error) {
-	return s.write(ctx, c, v, offHost, action, detail)
+	return s.rewrite(ctx, c, v, offHost, action, detail)
 }
 
 // offHost makes v shelved: on no host, served nowhere.
 func offHost(v *store.VTPM) {
 	v.Host, v.Phase, v.Reason = "", store.PhaseShelved, ""
 	v.Sockets, v.PID, v.Connected = store.Sockets{}, 0, false
+}
+
+// settled refuses to shelve, unshelve or evacuate v while a resize of it
+// awaits confirm or revert (resize_pending) or it migrates
+// (migration_in_progress). Either beginning after this read changes the
+// record, and the move's own write conflicts.
+func (s *Service) settled(ctx context.Context, v *store.VTPM) error {
+	if v.Resize != nil {
+		return refusal.Conflict(api.CodeResizePending, fmt.Sprintf(
+			"A resize of the vTPM of %s (%s) awaits confirm or revert; confirm or revert it first.", v.InstanceID, v.Resize.Kind))
+	}
+	return s.cfg.Store.View(ctx, func(tx *store.Tx) error { return notMigrating(tx, v.InstanceID) })
+}
+
+// onShelf refuses, with vtpm_shelved, to migrate or resize v while it is
+// shelved, or being shelved or unshelved.
+func onShelf(v *store.VTPM) error {
+	switch v.Phase {
+	case store.PhaseShelving, store.PhaseShelved, store.PhaseUnshelving:
+		return refusal.Conflict(api.CodeVTPMShelved, fmt.Sprintf("The vTPM of %s is %s: it moves or changes only once unshelved "+
+			"(vtpmctl unshelve; a shelve cut short: vtpmctl shelve again first).", v.InstanceID, v.Phase))
+	}
+	return nil
 }

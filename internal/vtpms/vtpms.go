@@ -201,18 +201,34 @@ func (s *Service) Create(ctx context.Context, c tenant.Caller, req api.CreateVTP
 	if err != nil {
 		return nil, err
 	}
-	host, err := s.place(ctx, id, sp)
-	if err != nil {
-		return nil, err
-	}
-
-	payload, err := keyring.NewVTPMSecret()
+	host, err := s.place(ctx, id, sp, "")
 	if err != nil {
 		return nil, err
 	}
 	v := &store.VTPM{InstanceID: id, Project: project, Spec: *sp, Host: host,
 		Desired: store.DesiredRunning, Phase: store.PhasePending}
-	_, err = keyring.CreateRecorded(kctx, s.cfg.Keyring, project, keyring.VTPMSecretName(id), payload, func(secretID string) error {
+	err = s.record(kctx, v, "", store.Event{Actor: c.Actor, InstanceID: id, Action: "created",
+		Detail: fmt.Sprintf("TPM %s %s on host %s", sp.Version, sp.Model, host)})
+	if err != nil {
+		return nil, fmt.Errorf("creating vTPM %s: %w", id, err)
+	}
+	return v, nil
+}
+
+// record makes a secret for the new vTPM v, placed on v.Host already, as
+// the identity ctx carries (asOwner), and records both with ev (whose
+// detail names the host: it is rewritten if v is placed again); an
+// owner-held secret is staged for the host's agent in the same
+// transaction. The transaction that records v checks that its host still
+// has room (store.Tx.Room); when creates elsewhere took it since it was
+// chosen, v is placed again, on pinned only when pinned is set.
+func (s *Service) record(ctx context.Context, v *store.VTPM, pinned string, ev store.Event) error {
+	payload, err := keyring.NewVTPMSecret()
+	if err != nil {
+		return err
+	}
+	chosen := v.Host
+	_, err = keyring.CreateRecorded(ctx, s.cfg.Keyring, v.Project, keyring.VTPMSecretName(v.InstanceID), payload, func(secretID string) error {
 		v.SecretID = secretID
 		// One create at a time in this process, which only spares them
 		// retries: on PostgreSQL concurrent creates abort each other's
@@ -229,26 +245,24 @@ func (s *Service) Create(ctx context.Context, c tenant.Caller, req api.CreateVTP
 				if err := tx.CreateVTPM(v); err != nil {
 					return err
 				}
-				if OwnerHeld(s.cfg.Keyring, *sp) {
+				if OwnerHeld(s.cfg.Keyring, v.Spec) {
 					if err := s.stage(tx, v, payload); err != nil {
 						return err
 					}
 				}
-				return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: id, Action: "created",
-					Detail: fmt.Sprintf("TPM %s %s on host %s", sp.Version, sp.Model, v.Host)})
+				e := ev
+				e.Detail = strings.Replace(e.Detail, "host "+chosen, "host "+v.Host, 1)
+				return tx.AppendEvent(e)
 			})
 			if !errors.Is(err, errTaken) {
 				return err
 			}
-			if v.Host, err = s.place(ctx, id, sp); err != nil {
+			if v.Host, err = s.place(ctx, v.InstanceID, &v.Spec, pinned); err != nil {
 				return err
 			}
 		}
 	})
-	if err != nil {
-		return nil, fmt.Errorf("creating vTPM %s: %w", id, err)
-	}
-	return v, nil
+	return err
 }
 
 // stage keeps v's secret payload for its host's agent (OwnerHeld), and
@@ -265,9 +279,9 @@ func (s *Service) stage(tx *store.Tx, v *store.VTPM, payload []byte) error {
 // create since (Create places the vTPM again).
 var errTaken = errors.New("the host's last room was taken")
 
-// place chooses the host for a new vTPM of instance id with sp; the
-// instance must have none.
-func (s *Service) place(ctx context.Context, id string, sp *spec.Spec) (host string, err error) {
+// place chooses the host for a new vTPM of instance id with sp, which
+// must be pinned when that is set; the instance must have none.
+func (s *Service) place(ctx context.Context, id string, sp *spec.Spec, pinned string) (host string, err error) {
 	err = s.cfg.Store.View(ctx, func(tx *store.Tx) error {
 		if _, err := tx.GetVTPM(id); err == nil {
 			return store.ErrExists
@@ -277,6 +291,13 @@ func (s *Service) place(ctx context.Context, id string, sp *spec.Spec) (host str
 		hosts, err := s.candidates(tx)
 		if err != nil {
 			return err
+		}
+		if pinned != "" {
+			i := slices.IndexFunc(hosts, func(h spec.Host) bool { return h.Name == pinned })
+			if i < 0 {
+				return refusal.NotFound(api.CodeNotFound, "No such host: "+refusal.Quote(pinned)+".")
+			}
+			hosts = hosts[i : i+1]
 		}
 		h, err := spec.Place(hosts, sp.RequiredTraits())
 		host = h.Name
@@ -405,6 +426,9 @@ func (s *Service) Delete(ctx context.Context, c tenant.Caller, id string) (v *st
 			if !c.Sees(v.Project) {
 				return fmt.Errorf("vtpm %s: %w", id, store.ErrNotFound)
 			}
+			if err := notMigrating(tx, id); err != nil {
+				return err
+			}
 			detail0 := "never provisioned: nothing on the host"
 			if gone, err = untouched(tx, v); err != nil {
 				return err
@@ -436,6 +460,10 @@ func (s *Service) Delete(ctx context.Context, c tenant.Caller, id string) (v *st
 		if err != nil || left != "" {
 			return nil, err
 		}
+		if v.Resize != nil {
+			// The old TPM a resize keeps goes with the vTPM.
+			return []string{v.SecretID, v.Resize.OldSecretID}, nil
+		}
 		return []string{v.SecretID}, nil
 	})
 	if err != nil {
@@ -465,13 +493,21 @@ func deleteRecord(tx *store.Tx, id string, e store.Event) error {
 	return tx.AppendEvent(e)
 }
 
-// Start asks for the vTPM to run (on a libvirt host: its guest too).
+// Start asks for the vTPM to run (on a libvirt host: its guest too); not
+// while it migrates (migration_in_progress).
 //
 // A vTPM whose owner holds its secret (OwnerHeld) starts only at its
 // owner's request: the secret is read with the caller's token and staged
 // for the host's agent, which cannot read it otherwise.
 func (s *Service) Start(ctx context.Context, c tenant.Caller, id string) (*store.VTPM, error) {
-	start := func(v *store.VTPM) error { return desire(v, store.DesiredRunning) }
+	start := func(v *store.VTPM) error {
+		// A migration that begins after this read changes the record,
+		// and the start's write conflicts.
+		if err := s.cfg.Store.View(ctx, func(tx *store.Tx) error { return notMigrating(tx, v.InstanceID) }); err != nil {
+			return err
+		}
+		return desire(v, store.DesiredRunning)
+	}
 	if v, err := s.Get(ctx, c, id); err != nil || !OwnerHeld(s.cfg.Keyring, v.Spec) {
 		return s.change(ctx, c, id, "start requested", start, nil)
 	}
@@ -568,8 +604,25 @@ func (s *Service) canAttach(ctx context.Context, v *store.VTPM) error {
 }
 
 // change applies mutate to the vTPM, records the event when it changed
-// anything, and wakes the host's agent. Repeating a request is harmless.
+// anything, and wakes the host's agent. Repeating a request is harmless,
+// so a write that lost to another (the host's agent reporting what it
+// observed, mostly) is applied again to the record as it is now, a few
+// times before the conflict reaches the caller.
 func (s *Service) change(ctx context.Context, c tenant.Caller, id, action string, mutate func(*store.VTPM) error, also func(*store.Tx, *store.VTPM) error) (*store.VTPM, error) {
+	for attempt := 1; ; attempt++ {
+		v, err := s.changeOnce(ctx, c, id, action, mutate, also)
+		// ErrContended retried already, at the store.
+		if !errors.Is(err, store.ErrConflict) || errors.Is(err, store.ErrContended) || attempt == changeAttempts {
+			return v, err
+		}
+	}
+}
+
+// changeAttempts bounds change's attempts: an agent reports a vTPM a few
+// times while it starts or stops, never continuously.
+const changeAttempts = 5
+
+func (s *Service) changeOnce(ctx context.Context, c tenant.Caller, id, action string, mutate func(*store.VTPM) error, also func(*store.Tx, *store.VTPM) error) (*store.VTPM, error) {
 	v, err := s.Get(ctx, c, id)
 	if err != nil {
 		return nil, err

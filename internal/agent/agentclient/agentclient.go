@@ -118,9 +118,20 @@ func (r *Records) Rekey(ctx context.Context, rec *agent.Record, secret []byte, e
 	return nil
 }
 
+// Resized implements agent.Records.
+func (r *Records) Resized(ctx context.Context, rec *agent.Record, ev agent.Event) error {
+	w, err := r.c.ResizedVTPM(ctx, rec.InstanceID, api.AgentResized{Incarnation: rec.Incarnation, Generation: rec.Generation,
+		Event: api.AgentEvent{Action: ev.Action, Detail: ev.Detail}})
+	if err != nil {
+		return agentError(err)
+	}
+	rec.Generation, rec.Resize = w.Generation, ""
+	return nil
+}
+
 // AdoptionSecret implements agent.Records; host is the certificate's. The
-// server's refusals (secret_not_found, already_managed) come back as
-// refusals, for the agent's answer.
+// server's refusals (secret_not_found, already_managed,
+// secret_needs_owner) come back as refusals, for the agent's answer.
 func (r *Records) AdoptionSecret(ctx context.Context, host string, ask agent.AdoptionAsk, secretID string) ([]byte, error) {
 	s, err := r.c.AdoptionSecret(ctx, ask.ID, secretID)
 	var e *client.Error
@@ -130,6 +141,8 @@ func (r *Records) AdoptionSecret(ctx context.Context, host string, ask agent.Ado
 			return nil, refusal.NotFound(e.Code, e.Message)
 		case api.CodeAlreadyManaged:
 			return nil, refusal.Conflict(e.Code, e.Message)
+		case api.CodeSecretNeedsOwner:
+			return nil, refusal.Forbidden(e.Code, e.Message)
 		}
 	}
 	if err != nil {
@@ -149,7 +162,11 @@ func (r *Records) TransferInput(ctx context.Context, host string, ask agent.Tran
 	if err != nil {
 		return nil, agentError(err)
 	}
-	return &agent.TransferInput{Secret: in.Payload, Bundle: in.Bundle}, nil
+	out := &agent.TransferInput{Secret: in.Payload, Bundle: in.Bundle}
+	if in.VTPM != nil {
+		out.Record = record(*in.VTPM)
+	}
+	return out, nil
 }
 
 // AnswerTransfer implements agent.Records; host is the certificate's.
@@ -178,7 +195,7 @@ func agentError(err error) error {
 func record(v api.AgentVTPM) *agent.Record {
 	r := &agent.Record{InstanceID: v.InstanceID, Incarnation: v.Incarnation, Project: v.Project, Spec: spec.FromAPI(v.Spec), Host: v.Host,
 		Domain: v.Domain, Desired: agent.Desired(v.Desired), Phase: agent.Phase(v.Phase), Reason: v.Reason, SecretID: v.SecretRef,
-		PID: v.SwtpmPID, Connected: v.GuestConnected, Generation: v.Generation}
+		PID: v.SwtpmPID, Connected: v.GuestConnected, Resize: agent.ResizeStep(v.Resize), Generation: v.Generation}
 	if v.Sockets != nil {
 		r.Sockets = *v.Sockets
 	}

@@ -17,6 +17,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/agent"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/refusal"
+	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/vtpms"
 )
@@ -347,6 +348,32 @@ func (r *Records) Rekey(ctx context.Context, rec *agent.Record, secret []byte, e
 	return nil
 }
 
+// Resized implements agent.Records: the resize ends only if it is
+// confirmed or reverted (a resize still pending is the user's to end).
+func (r *Records) Resized(ctx context.Context, rec *agent.Record, ev agent.Event) error {
+	var generation int64
+	err := r.st.Update(ctx, func(tx *store.Tx) error {
+		v, err := current(tx, rec)
+		if err != nil {
+			return err
+		}
+		if v.Resize == nil || v.Resize.Status != store.ResizeConfirming && v.Resize.Status != store.ResizeReverting {
+			return refusal.Conflict(api.CodeConflict, "The vTPM has no confirmed or reverted resize to finish.")
+		}
+		v.Resize = nil
+		if err := tx.UpdateVTPM(v); err != nil {
+			return err
+		}
+		generation = v.Generation
+		return tx.AppendEvent(store.Event{Actor: ev.Actor, InstanceID: v.InstanceID, Action: ev.Action, Detail: ev.Detail})
+	})
+	if err != nil {
+		return agentError(err)
+	}
+	rec.Generation, rec.Resize = generation, ""
+	return nil
+}
+
 // maxFindings bounds a drift report.
 const maxFindings = 10000
 
@@ -385,11 +412,15 @@ func (r *Records) AdoptionSecret(ctx context.Context, host string, ask agent.Ado
 	if err != nil {
 		return nil, agentError(err)
 	}
-	s, err := r.kr.Get(ctx, secretID)
-	if errors.Is(err, keyring.ErrNotFound) {
+	s, err := r.kr.Get(keyring.AsService(ctx), secretID)
+	switch {
+	case errors.Is(err, keyring.ErrNotFound):
 		return nil, refusal.NotFound(api.CodeSecretNotFound, "The key manager has no secret "+secretID+".")
-	}
-	if err != nil {
+	case errors.Is(err, keyring.ErrForbidden):
+		return nil, refusal.Forbidden(api.CodeSecretNeedsOwner, "The key manager refused vtpmd's service user secret "+secretID+
+			": it is another project's (Nova's user or host secret security keeps it in the instance's project). "+
+			"Grant vtpmd's service user read on it with a Barbican ACL (read.users), or, for Nova's deployment mode, have Nova and vtpmd share the service project; then adopt again.")
+	case err != nil:
 		return nil, err
 	}
 	return s.Payload, nil
@@ -405,8 +436,12 @@ func (r *Records) AnswerAdoption(ctx context.Context, host string, ask agent.Ado
 }
 
 // TransferInput implements agent.Records: released only to the host
-// asked, while its request waits and the vTPM it names (that incarnation)
-// is placed on that host.
+// asked, while its request waits, for the vTPM it names (that
+// incarnation): placed on that host for an export or import; arriving on
+// it for a receive (migrating to it, still placed on its source, or being
+// unshelved onto it), with the record; leaving it for a discard (migrated
+// away from it, or being shelved from it with its bundle kept), with the
+// record and no secret.
 func (r *Records) TransferInput(ctx context.Context, host string, ask agent.TransferAsk) (*agent.TransferInput, error) {
 	in := &agent.TransferInput{}
 	var secretID string
@@ -424,17 +459,28 @@ func (r *Records) TransferInput(ctx context.Context, host string, ask agent.Tran
 			return err
 		case v.Incarnation != x.Incarnation:
 			return fmt.Errorf("vtpm %s of incarnation %s: %w", x.InstanceID, x.Incarnation, store.ErrNotFound)
-		case v.Host != host:
-			return refusal.Forbidden(api.CodeForbidden, "The vTPM of "+x.InstanceID+" is placed on another host.")
 		}
-		if x.Kind == store.TransferImport {
+		switch x.Kind {
+		case store.TransferReceive, store.TransferDiscard:
+			if err := moving(tx, v, host, x.Kind); err != nil {
+				return err
+			}
+			in.Record = record(v)
+		default:
+			if v.Host != host {
+				return refusal.Forbidden(api.CodeForbidden, "The vTPM of "+x.InstanceID+" is placed on another host.")
+			}
+		}
+		if x.Kind == store.TransferImport || x.Kind == store.TransferReceive {
 			in.Bundle = x.Bundle
 		}
-		secretID = v.SecretID
+		if x.Kind != store.TransferDiscard {
+			secretID = v.SecretID
+		}
 		return nil
 	})
-	if err != nil {
-		return nil, agentError(err)
+	if err != nil || secretID == "" {
+		return in, agentError(err)
 	}
 	s, err := r.kr.Get(ctx, secretID)
 	if err != nil {
@@ -442,6 +488,38 @@ func (r *Records) TransferInput(ctx context.Context, host string, ask agent.Tran
 	}
 	in.Secret = s.Payload
 	return in, nil
+}
+
+// moving refuses a receive of v by host unless v is migrating to host
+// and still placed on its source, or being unshelved onto host; and a
+// discard unless v migrated from host and is placed on its target, or is
+// being shelved from host with its bundle kept.
+func moving(tx *store.Tx, v *store.VTPM, host, kind string) error {
+	m, err := tx.GetMigration(v.InstanceID)
+	if err != nil && !errors.Is(err, store.ErrNotFound) {
+		return err
+	}
+	ours := m != nil && m.Incarnation == v.Incarnation
+	switch {
+	case kind == store.TransferReceive:
+		if ours && m.Target == host && v.Host == m.Source && m.Step == store.MigrationImporting ||
+			v.Phase == store.PhaseUnshelving && v.Host == host {
+			return nil
+		}
+		return refusal.Forbidden(api.CodeForbidden, "The vTPM of "+v.InstanceID+" is not arriving on host "+host+".")
+	case kind == store.TransferDiscard:
+		if ours && m.Source == host && v.Host == m.Target && m.Step == store.MigrationCleaning {
+			return nil
+		}
+		if v.Phase == store.PhaseShelving && v.Host == host {
+			_, err := tx.GetShelved(v.InstanceID, v.Incarnation)
+			if err == nil || !errors.Is(err, store.ErrNotFound) {
+				return err
+			}
+		}
+		return refusal.Forbidden(api.CodeForbidden, "The vTPM of "+v.InstanceID+" is not leaving host "+host+".")
+	}
+	return nil
 }
 
 // AnswerTransfer implements agent.Records.
@@ -533,11 +611,27 @@ func changes(ch *store.Changes) *agent.Changes {
 func record(v *store.VTPM) *agent.Record {
 	r := &agent.Record{InstanceID: v.InstanceID, Incarnation: v.Incarnation, Project: v.Project, Spec: v.Spec, Host: v.Host,
 		Domain: v.Domain, Desired: agent.Desired(v.Desired), Phase: agent.Phase(v.Phase), Reason: v.Reason, SecretID: v.SecretID,
-		Sockets: api.Sockets{Data: v.Sockets.Data, Ctrl: v.Sockets.Ctrl}, PID: v.PID, Connected: v.Connected, Generation: v.Generation}
+		Sockets: api.Sockets{Data: v.Sockets.Data, Ctrl: v.Sockets.Ctrl}, PID: v.PID, Connected: v.Connected, Resize: resizeStep(v.Resize),
+		Generation: v.Generation}
 	for _, ek := range v.EKs {
 		r.EKs = append(r.EKs, agent.EK{Kind: ek.Kind, Handle: ek.Handle, NVIndex: ek.NVIndex, PublicDER: ek.PublicDER, CertDER: ek.CertDER})
 	}
 	return r
+}
+
+// resizeStep is what rz asks of the vTPM's host: something only of a
+// resize to a new TPM.
+func resizeStep(rz *store.Resize) agent.ResizeStep {
+	if rz == nil || rz.Kind != spec.ResizeNewTPM {
+		return ""
+	}
+	switch rz.Status {
+	case store.ResizeConfirming:
+		return agent.ResizeDiscard
+	case store.ResizeReverting:
+		return agent.ResizeRestore
+	}
+	return agent.ResizeSetAside
 }
 
 func eksRow(eks []agent.EK) []store.EK {

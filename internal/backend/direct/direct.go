@@ -22,6 +22,7 @@ var (
 	_ agent.Backend  = (*Backend)(nil)
 	_ agent.Pool     = (*Backend)(nil)
 	_ agent.Exporter = (*Backend)(nil)
+	_ agent.Resizer  = (*Backend)(nil)
 )
 
 // New makes the backend on rt.
@@ -60,6 +61,21 @@ func (b *Backend) Stop(ctx context.Context, v agent.VTPM) error { return b.rt.St
 // Destroy implements agent.Backend.
 func (b *Backend) Destroy(ctx context.Context, v agent.VTPM) error {
 	return b.rt.Remove(ctx, v.InstanceID)
+}
+
+// SetAside implements agent.Resizer.
+func (b *Backend) SetAside(ctx context.Context, v agent.VTPM) error {
+	return b.rt.SetAside(ctx, v.InstanceID)
+}
+
+// Restore implements agent.Resizer.
+func (b *Backend) Restore(ctx context.Context, v agent.VTPM) error {
+	return b.rt.Restore(ctx, v.InstanceID)
+}
+
+// Discard implements agent.Resizer.
+func (b *Backend) Discard(ctx context.Context, v agent.VTPM) error {
+	return b.rt.Discard(ctx, v.InstanceID)
 }
 
 // Claim implements agent.Pool from the runtime's pool.

@@ -91,8 +91,9 @@ type Keyring struct {
 }
 
 var (
-	_ keyring.Keyring      = (*Keyring)(nil)
-	_ keyring.CallerScoped = (*Keyring)(nil)
+	_ keyring.Keyring       = (*Keyring)(nil)
+	_ keyring.CallerScoped  = (*Keyring)(nil)
+	_ keyring.ServiceHolder = (*Keyring)(nil)
 )
 
 // New returns a Keyring on the Barbican at cfg.URL.
@@ -241,6 +242,41 @@ func (k *Keyring) Delete(ctx context.Context, id string) error {
 	return nil
 }
 
+// ServiceHolds implements keyring.ServiceHolder: as the service, it reads
+// the secret's name and lists the service project's secrets of that name
+// (no project lists another's), which include id only if the secret is
+// the service project's and not read through an ACL.
+func (k *Keyring) ServiceHolds(ctx context.Context, id string) (bool, error) {
+	if !keyring.ValidID(id) {
+		return false, fmt.Errorf("looking up secret %q: %w", id, keyring.ErrInvalidID)
+	}
+	ctx = keyring.AsService(ctx)
+	res, err := k.do(ctx, request{method: http.MethodGet, url: k.base + "/" + id, accept: "application/json"})
+	if err != nil {
+		return false, fmt.Errorf("looking up secret %s: %w", id, err)
+	}
+	var m meta
+	if err := json.Unmarshal(res.body, &m); err != nil {
+		return false, fmt.Errorf("looking up secret %s: %w: the metadata does not parse", id, keyring.ErrUnavailable)
+	}
+	q := url.Values{"name": {m.Name}, "limit": {"100"}}
+	if res, err = k.do(ctx, request{method: http.MethodGet, url: k.base + "?" + q.Encode(), accept: "application/json"}); err != nil {
+		return false, fmt.Errorf("looking up secret %s: %w", id, err)
+	}
+	var page struct {
+		Secrets []meta `json:"secrets"`
+	}
+	if err := json.Unmarshal(res.body, &page); err != nil {
+		return false, fmt.Errorf("looking up secret %s: %w: the answer does not parse", id, keyring.ErrUnavailable)
+	}
+	for _, s := range page.Secrets {
+		if got, err := refID(s.Ref); err == nil && got == id {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
 // List returns the IDs of the secrets vtpmd's service user made in its
 // project, sorted by Barbican (creation). Secrets other users made there
 // (Nova's deployment secrets, when it shares the service project) are not
@@ -301,8 +337,10 @@ func (k *Keyring) serviceUser(ctx context.Context) (string, error) {
 }
 
 // unavailable wraps a Keystone failure: vtpmd cannot act as itself now.
+// Keystone down, or too slow for the operation's budget, is the key
+// manager unavailable; bad service credentials are not.
 func unavailable(err error) error {
-	if errors.Is(err, keystone.ErrUnavailable) {
+	if errors.Is(err, keystone.ErrUnavailable) || errors.Is(err, context.DeadlineExceeded) {
 		return fmt.Errorf("%w: keystone: %w", keyring.ErrUnavailable, err)
 	}
 	return fmt.Errorf("vtpmd's service credentials: %w", err)

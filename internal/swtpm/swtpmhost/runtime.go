@@ -328,13 +328,17 @@ func readIdentity(dir string) ([]agent.EK, error) {
 	return agentEKs(eks), nil
 }
 
-// Remove stops vTPM id's swtpm and removes its state.
+// Remove stops vTPM id's swtpm and removes its state, with any state a
+// resize set aside.
 func (r *Runtime) Remove(ctx context.Context, id string) error {
 	if err := r.Stop(ctx, id); err != nil {
 		return err
 	}
 	if err := os.RemoveAll(r.dir(id)); err != nil {
 		return fmt.Errorf("removing state of %s: %w", id, err)
+	}
+	if err := r.Discard(ctx, id); err != nil {
+		return err
 	}
 	if s := r.socket(id); s != "" {
 		// Left behind only by a swtpm killed with vtpmd; nothing listens.

@@ -65,10 +65,9 @@ func (r *Runtime) Export(ctx context.Context, id string) ([]bundle.File, error) 
 // secret, and each endorsement key it holds at the TCG handles must be the
 // one of eks with the same handle (the vTPM's record), as must the
 // identity recorded among them. Only then does the staging directory take
-// the state's place (a rename; the old state is removed after), or
-// becomes it where v has none here yet (an unshelve). Any refusal leaves
-// the state as it was. TPM 2.0 only: a TPM 1.2's EK is not
-// read back.
+// the state's place (a rename; the old state, if v has any here, is
+// removed after). Any refusal leaves the state as it was. TPM 2.0 only: a
+// TPM 1.2's EK is not read back.
 //
 // A crash mid-swap is settled by the next Import, Export or Ensure of the
 // vTPM (settleImport): a verified import is finished, an unverified one
@@ -100,16 +99,19 @@ func (r *Runtime) Import(ctx context.Context, v agent.VTPM, secret []byte, files
 		os.RemoveAll(staging)
 		return fmt.Errorf("importing %s: stopping a swtpm left on the old state: %w", id, err)
 	}
-	// From here the import is proven: a crash is finished by settleImport.
-	// A host with no state of v yet (an unshelve) marks it with an empty
-	// old state.
-	err := os.Rename(r.dir(id), old)
-	if errors.Is(err, fs.ErrNotExist) {
-		if err = os.Mkdir(old, 0o700); err == nil {
-			err = syncDir(r.cfg.Root)
+	if _, err := os.Stat(r.dir(id)); errors.Is(err, fs.ErrNotExist) {
+		// No state to replace (a vTPM arriving: migrating to this host, or
+		// unshelved onto it): the proven state takes its place. A crash
+		// before the rename leaves staged state alone, which settleImport
+		// drops: the import is asked again.
+		if err := os.Rename(staging, r.dir(id)); err != nil {
+			os.RemoveAll(staging)
+			return fmt.Errorf("importing %s: %w", id, err)
 		}
+		return syncDir(r.cfg.Root)
 	}
-	if err != nil {
+	// From here the import is proven: a crash is finished by settleImport.
+	if err := os.Rename(r.dir(id), old); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		os.RemoveAll(staging)
 		return fmt.Errorf("importing %s: %w", id, err)
 	}
