@@ -320,3 +320,53 @@ func TestMigrationGivesDeliveriesIDs(t *testing.T) {
 		})
 	}
 }
+
+// Migration 26 rebuilds the vtpms table (a vTPM may have no host once
+// shelved): every column a vTPM had before comes through, a pending
+// resize's included.
+func TestMigrationRebuildKeepsVTPMs(t *testing.T) {
+	for _, e := range unmigrated {
+		t.Run(e.name, func(t *testing.T) {
+			ctx := context.Background()
+			s := e.open(t)
+			if err := s.migrateTo(ctx, 25); err != nil {
+				t.Fatal(err)
+			}
+			const resize = `{"status":"resized","kind":"keep"}`
+			err := s.Update(ctx, func(tx *Tx) error {
+				now := stamp(tx.now)
+				if _, err := tx.exec(`INSERT INTO hosts (name, traits, capacity, backend, heartbeat_at) VALUES ('h1', '[]', 10, 'swtpm', ?)`, now); err != nil {
+					return err
+				}
+				_, err := tx.exec(`INSERT INTO vtpms (instance_id, project, version, model, secret_security, hypervisor, keys, host,
+					desired, phase, reason, secret_id, eks, generation, incarnation, created_at, updated_at,
+					domain, data_socket, ctrl_socket, revision, swtpm_pid, guest_connected, resize)
+					VALUES ('i-1', 'p1', '2.0', 'tpm-crb', 'host', '', '[]', 'h1', 'running', 'active', 'r', 's-1', '[]', 7, 'c1', ?, ?,
+					'dom-1', '/run/d.sock', '/run/c.sock', 3, 4242, 1, ?)`, now, now, resize)
+				return err
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := s.migrate(ctx); err != nil {
+				t.Fatal(err)
+			}
+			var v *VTPM
+			var raw string
+			err = s.View(ctx, func(tx *Tx) (err error) {
+				if v, err = tx.GetVTPM("i-1"); err != nil {
+					return err
+				}
+				return tx.queryRow(`SELECT resize FROM vtpms WHERE instance_id = 'i-1'`).Scan(&raw)
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if v.Host != "h1" || v.Project != "p1" || v.Spec.SecretSecurity != "host" || v.SecretID != "s-1" || v.Generation != 7 ||
+				v.Incarnation != "c1" || v.Domain != "dom-1" || v.Sockets.Data != "/run/d.sock" || v.Sockets.Ctrl != "/run/c.sock" ||
+				v.Revision != 3 || v.PID != 4242 || !v.Connected || v.Reason != "r" || v.Resize == nil || raw != resize {
+				t.Fatalf("after the rebuild: %+v (resize %q)", v, raw)
+			}
+		})
+	}
+}
