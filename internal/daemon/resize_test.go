@@ -86,6 +86,12 @@ func TestResizeSwtpm(t *testing.T) {
 	}
 	u = startDaemon(t, dir)
 	u.wait(t, id, "active")
+	// A vTPM with a resize pending does not move: the old TPM stays here
+	// until confirm or revert.
+	var ce *client.Error
+	if _, err := u.c.Migrate(ctx, id, api.MigrateRequest{}); !errors.As(err, &ce) || ce.Code != api.CodeResizePending {
+		t.Fatalf("migrating a vTPM with a resize pending: %v, want %s", err, api.CodeResizePending)
+	}
 
 	// Revert: exactly the old TPM.
 	if _, err := u.c.RevertResize(ctx, id); err != nil {
