@@ -6,8 +6,10 @@ import (
 	"context"
 	"crypto/tls"
 	"io"
+	"net/http"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -162,9 +164,13 @@ func (g *globals) openIdentity() error {
 	if err == nil {
 		err = creds.Check()
 	}
+	var client *http.Client
+	if err == nil {
+		client, err = creds.HTTPClient(30 * time.Second)
+	}
 	if err != nil {
 		return cmdline.Usagef("keystone credentials: %v", err)
 	}
-	g.identity = keystone.NewSession(creds, nil)
+	g.identity = keystone.NewSession(creds, client)
 	return nil
 }

@@ -469,16 +469,11 @@ func keystoneIdentity(cfg Config, log *slog.Logger) (*server.Identity, error) {
 	if cfg.Auth != "keystone" {
 		return nil, nil
 	}
-	creds, err := keystone.ReadCredentialsFile(cfg.KeystoneCredentialsFile)
+	session, _, err := serviceSession(cfg)
 	if err != nil {
-		return nil, fmt.Errorf("keystone service credentials: %w", err)
+		return nil, err
 	}
-	creds.AuthURL = cfg.KeystoneURL
-	if err := creds.Check(); err != nil {
-		return nil, fmt.Errorf("keystone service credentials %s: %w", cfg.KeystoneCredentialsFile, err)
-	}
-	session := keystone.NewSession(creds, &http.Client{Timeout: 10 * time.Second})
-	log.Info("keystone authentication", "keystone", cfg.KeystoneURL, "service_user", creds.String(), "cache_ttl", cfg.KeystoneCacheTTL)
+	log.Info("keystone authentication", "keystone", cfg.KeystoneURL, "service_user", session.Credentials().String(), "cache_ttl", cfg.KeystoneCacheTTL)
 	return &server.Identity{
 		Tokens:       keystone.NewValidator(session, keystone.ValidatorOptions{TTL: cfg.KeystoneCacheTTL}),
 		AdminProject: cfg.KeystoneAdminProject,
@@ -493,21 +488,35 @@ func keyManager(ctx context.Context, cfg Config, kr *embedded.Keyring, log *slog
 	if cfg.KeyManager != "barbican" {
 		return kr, nil
 	}
-	creds, err := keystone.ReadCredentialsFile(cfg.KeystoneCredentialsFile)
+	session, client, err := serviceSession(cfg)
 	if err != nil {
-		return nil, fmt.Errorf("keystone service credentials: %w", err)
+		return nil, err
 	}
-	creds.AuthURL = cfg.KeystoneURL
-	if err := creds.Check(); err != nil {
-		return nil, fmt.Errorf("keystone service credentials %s: %w", cfg.KeystoneCredentialsFile, err)
-	}
-	session := keystone.NewSession(creds, &http.Client{Timeout: 10 * time.Second})
 	url := cfg.BarbicanURL
 	if url == "" {
 		if url, err = session.Endpoint(ctx, "key-manager"); err != nil {
 			return nil, fmt.Errorf("finding barbican in the keystone catalog: %w", err)
 		}
 	}
-	log.Info("key manager: barbican", "barbican", url, "service_user", creds.String())
-	return barbican.New(barbican.Config{URL: url, Service: session, Log: log})
+	log.Info("key manager: barbican", "barbican", url, "service_user", session.Credentials().String())
+	return barbican.New(barbican.Config{URL: url, Service: session, Client: client, Log: log})
+}
+
+// serviceSession is vtpmd's own Keystone session, from the service user's
+// credentials file cfg names, and the HTTP client for Keystone and the
+// services of its catalog (trusting the file's cacert, if any).
+func serviceSession(cfg Config) (*keystone.Session, *http.Client, error) {
+	creds, err := keystone.ReadCredentialsFile(cfg.KeystoneCredentialsFile)
+	if err != nil {
+		return nil, nil, fmt.Errorf("keystone service credentials: %w", err)
+	}
+	creds.AuthURL = cfg.KeystoneURL
+	if err := creds.Check(); err != nil {
+		return nil, nil, fmt.Errorf("keystone service credentials %s: %w", cfg.KeystoneCredentialsFile, err)
+	}
+	client, err := creds.HTTPClient(10 * time.Second)
+	if err != nil {
+		return nil, nil, fmt.Errorf("keystone service credentials %s: %w", cfg.KeystoneCredentialsFile, err)
+	}
+	return keystone.NewSession(creds, client), client, nil
 }

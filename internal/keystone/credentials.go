@@ -1,14 +1,18 @@
 package keystone
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"go.yaml.in/yaml/v3"
 )
@@ -35,6 +39,9 @@ type Credentials struct {
 	// Interface picks catalog endpoints: "public" (when ""), "internal" or
 	// "admin".
 	Interface string `yaml:"-"`
+	// CACert is a PEM file of the CAs that sign Keystone's and the other
+	// services' TLS certificates; "" trusts the system's.
+	CACert string `yaml:"-"`
 }
 
 // String names the identity without its secrets.
@@ -71,6 +78,28 @@ func (c Credentials) Check() error {
 	return nil
 }
 
+// HTTPClient returns a client for Keystone and the services of its catalog
+// that trusts c.CACert's CAs (the system's when unset) and gives up on a
+// request after timeout.
+func (c Credentials) HTTPClient(timeout time.Duration) (*http.Client, error) {
+	client := &http.Client{Timeout: timeout}
+	if c.CACert == "" {
+		return client, nil
+	}
+	pem, err := os.ReadFile(c.CACert)
+	if err != nil {
+		return nil, fmt.Errorf("reading the CA file: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("CA file %s holds no PEM certificate", c.CACert)
+	}
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	client.Transport = t
+	return client, nil
+}
+
 func (c Credentials) user() string {
 	if c.Username != "" {
 		return "user " + c.Username
@@ -84,12 +113,14 @@ type cloud struct {
 	Auth       Credentials `yaml:"auth"`
 	RegionName string      `yaml:"region_name"`
 	Interface  string      `yaml:"interface"`
+	CACert     string      `yaml:"cacert"`
 }
 
 func (c cloud) credentials() Credentials {
 	cr := c.Auth
 	cr.RegionName = c.RegionName
 	cr.Interface = strings.TrimSuffix(c.Interface, "URL") // "publicURL" is the old spelling
+	cr.CACert = c.CACert
 	return cr
 }
 
@@ -149,7 +180,7 @@ func LoadCloud(path, name string) (Credentials, error) {
 // (OS_AUTH_URL, OS_USERNAME, OS_USER_ID, OS_PASSWORD, OS_PROJECT_NAME,
 // OS_PROJECT_ID, OS_USER_DOMAIN_NAME, OS_USER_DOMAIN_ID,
 // OS_PROJECT_DOMAIN_NAME, OS_PROJECT_DOMAIN_ID, OS_SYSTEM_SCOPE, OS_TOKEN,
-// OS_REGION_NAME, OS_INTERFACE). ok is false when neither OS_CLOUD nor
+// OS_REGION_NAME, OS_INTERFACE, OS_CACERT). ok is false when neither OS_CLOUD nor
 // OS_AUTH_URL is set.
 func FromEnv() (c Credentials, ok bool, err error) {
 	return FromCloudEnv(os.Getenv("OS_CLOUD"))
@@ -180,6 +211,7 @@ func FromCloudEnv(cloud string) (c Credentials, ok bool, err error) {
 		"OS_TOKEN":               &c.Token,
 		"OS_REGION_NAME":         &c.RegionName,
 		"OS_INTERFACE":           &c.Interface,
+		"OS_CACERT":              &c.CACert,
 	} {
 		if s := os.Getenv(v); s != "" {
 			*f = s
@@ -208,6 +240,7 @@ const maxCredentialsFile = 64 << 10
 //	  user_domain_name: Default
 //	  project_domain_name: Default
 //	region_name: RegionOne
+//	cacert: /etc/ssl/certs/cloud-ca.pem   # optional
 //
 // Like the master key, it refuses with ErrInsecureFile a file that group
 // or others can access, a symlink, or not a regular file. The caller may

@@ -21,6 +21,7 @@ const cloudsYAML = `clouds:
     region_name: RegionOne
     interface: internal
     identity_api_version: 3
+    cacert: /etc/ssl/cloud-ca.pem
   sys:
     auth:
       auth_url: http://127.0.0.1:5000
@@ -46,7 +47,7 @@ func TestLoadCloud(t *testing.T) {
 	}
 	want := Credentials{AuthURL: "http://127.0.0.1:5000/v3", Username: "admin", Password: "s3cret",
 		ProjectName: "admin", UserDomainName: "Default", ProjectDomainName: "Default",
-		RegionName: "RegionOne", Interface: "internal"}
+		RegionName: "RegionOne", Interface: "internal", CACert: "/etc/ssl/cloud-ca.pem"}
 	if c != want {
 		t.Errorf("LoadCloud = %+v, want %+v", c, want)
 	}
@@ -105,8 +106,9 @@ func TestFromEnv(t *testing.T) {
 	t.Setenv("OS_PASSWORD", "pw")
 	t.Setenv("OS_PROJECT_ID", "abc")
 	t.Setenv("OS_INTERFACE", "publicURL")
+	t.Setenv("OS_CACERT", "/etc/ssl/ks-ca.pem")
 	c, ok, err := FromEnv()
-	want := Credentials{AuthURL: "http://ks:5000/v3", Username: "alice", Password: "pw", ProjectID: "abc", Interface: "public"}
+	want := Credentials{AuthURL: "http://ks:5000/v3", Username: "alice", Password: "pw", ProjectID: "abc", Interface: "public", CACert: "/etc/ssl/ks-ca.pem"}
 	if !ok || err != nil || c != want {
 		t.Errorf("FromEnv = %+v, %v, %v; want %+v", c, ok, err, want)
 	}

@@ -2,8 +2,15 @@ package keystone
 
 import (
 	"context"
+	"crypto/tls"
+	"encoding/pem"
 	"errors"
 	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -174,5 +181,49 @@ func TestValidatorCache(t *testing.T) {
 	v.mu.Unlock()
 	if n > 2 {
 		t.Errorf("the cache holds %d entries, more than MaxEntries 2", n)
+	}
+}
+
+// A Keystone behind TLS with a private CA is reached when the credentials
+// name the CA (clouds.yaml's cacert, OS_CACERT), and refused, saying why,
+// when they do not.
+func TestSessionPrivateCA(t *testing.T) {
+	ctx := context.Background()
+	a := keystoneCloud(t, "vtpmd-a")
+	target, err := url.Parse(a.AuthURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	target.Path = ""
+	tlsKeystone := httptest.NewTLSServer(httputil.NewSingleHostReverseProxy(target))
+	t.Cleanup(tlsKeystone.Close)
+	a.AuthURL = tlsKeystone.URL + "/v3"
+
+	client, err := a.HTTPClient(10 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var unknown *tls.CertificateVerificationError
+	if _, err := NewSession(a, client).Token(ctx); !errors.As(err, &unknown) {
+		t.Fatalf("no CA named: %v, want a certificate verification error", err)
+	}
+
+	a.CACert = filepath.Join(t.TempDir(), "ca.pem")
+	ca := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: tlsKeystone.Certificate().Raw})
+	if err := os.WriteFile(a.CACert, ca, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if client, err = a.HTTPClient(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if pid, err := NewSession(a, client).ProjectID(ctx); err != nil || pid == "" {
+		t.Fatalf("with the CA: project %q, %v", pid, err)
+	}
+
+	if err := os.WriteFile(a.CACert, []byte("not a certificate"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.HTTPClient(time.Second); err == nil || !strings.Contains(err.Error(), "no PEM certificate") {
+		t.Errorf("a CA file without certificates: %v", err)
 	}
 }
