@@ -23,7 +23,9 @@ func serveHandshakes(t *testing.T, state func(net.Conn, http.ConnState)) (addr s
 	t.Helper()
 	dir := t.TempDir()
 	_, certFile, keyFile := writeTestPKI(t, dir)
-	serving, self, err := tlsConfigs(certFile, keyFile)
+	log = &syncBuffer{}
+	logger := slog.New(slog.NewTextHandler(log, nil))
+	serving, self, err := tlsConfigs(certFile, keyFile, logger)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -31,11 +33,10 @@ func serveHandshakes(t *testing.T, state func(net.Conn, http.ConnState)) (addr s
 	if err != nil {
 		t.Fatal(err)
 	}
-	log = &syncBuffer{}
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") }),
 		TLSConfig: serving, ConnState: state, ReadHeaderTimeout: 10 * time.Second}
 	served := make(chan error, 1)
-	go func() { served <- srv.Serve(listenTLS(inner, serving, slog.New(slog.NewTextHandler(log, nil)))) }()
+	go func() { served <- srv.Serve(listenTLS(inner, serving, logger)) }()
 	t.Cleanup(func() {
 		if err := srv.Shutdown(context.Background()); err != nil {
 			t.Error(err)

@@ -116,7 +116,7 @@ func (s *Server) open(ctx context.Context) error {
 	var serving *tls.Config
 	if cfg.TLSCert != "" {
 		var err error
-		if serving, s.self, err = tlsConfigs(cfg.TLSCert, cfg.TLSKey); err != nil {
+		if serving, s.self, err = tlsConfigs(cfg.TLSCert, cfg.TLSKey, s.log); err != nil {
 			return fmt.Errorf("TLS certificate and key: %w", err)
 		}
 	}

@@ -81,6 +81,65 @@ func TestTLS(t *testing.T) {
 	}
 }
 
+// A renewed certificate is served without a restart, to outside clients
+// and to this process's own; a renewal that does not load keeps the last
+// good one.
+func TestTLSRenewal(t *testing.T) {
+	dir := t.TempDir()
+	ca := newTestCA(t, dir)
+	certFile, keyFile := ca.issue(t, "api", pkix.Name{CommonName: "localhost"})
+	th := newTestHost(t, dir, "host kernel 6.1")
+	u := startConfigured(t, th.attests(Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "tls-host", TLSCert: certFile, TLSKey: keyFile}))
+	ctx := context.Background()
+	pool, err := client.LoadCAs(ca.file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := func() *x509.Certificate {
+		t.Helper()
+		conn, err := tls.Dial("tcp", u.d.Addr, &tls.Config{RootCAs: pool, ServerName: "localhost", MinVersion: tls.VersionTLS12})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		return conn.ConnectionState().PeerCertificates[0]
+	}
+	first := served()
+
+	// Renew: a new key and certificate over the old files.
+	renewed, renewedKey := ca.issue(t, "renewed", pkix.Name{CommonName: "localhost"})
+	for _, f := range [][2]string{{renewed, certFile}, {renewedKey, keyFile}} {
+		if err := os.Rename(f[0], f[1]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for served().SerialNumber.Cmp(first.SerialNumber) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the renewed certificate is not served")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	second := served()
+	if h, err := u.d.AttestHost(ctx); err != nil || h.State != "registered" {
+		t.Fatalf("this process's own client after the renewal: %+v %v", h, err)
+	}
+
+	// A certificate whose key is not yet written does not load: the
+	// renewed one stays.
+	third, _ := ca.issue(t, "third", pkix.Name{CommonName: "localhost"})
+	if err := os.Rename(third, certFile); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(1500 * time.Millisecond)
+	if got := served(); got.SerialNumber.Cmp(second.SerialNumber) != 0 {
+		t.Fatalf("a pair that does not load replaced the served certificate: serial %v", got.SerialNumber)
+	}
+	if h, err := u.d.AttestHost(ctx); err != nil || h.State != "registered" {
+		t.Fatalf("this process's own client with a bad renewal on disk: %+v %v", h, err)
+	}
+}
+
 // writeTestPKI makes a CA and a server certificate for localhost and
 // 127.0.0.1, as PEM files in dir: the CA, the certificate, its key.
 func writeTestPKI(t testing.TB, dir string) (caFile, certFile, keyFile string) {
