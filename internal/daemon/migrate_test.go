@@ -139,7 +139,8 @@ func TestClusterMigrate(t *testing.T) {
 		}
 	}
 
-	// Back, named, while stopped: it stays stopped.
+	// Back, named, while stopped: it stays stopped, and the move begins
+	// with the export (no stop to await).
 	if _, err := c.op.Stop(ctx, id); err != nil {
 		t.Fatal(err)
 	}
@@ -149,6 +150,18 @@ func TestClusterMigrate(t *testing.T) {
 		t.Fatalf("back: %+v, %v", back, err)
 	}
 	c.onlyOn(id, "hv-a")
+	if evs, err = c.op.Events(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	var started []string
+	for _, e := range evs.Items {
+		if e.Action == "migration started" {
+			started = append(started, e.Detail)
+		}
+	}
+	if want := []string{"from host hv-a to host hv-b; stopped for the move", "from host hv-b to host hv-a; stopped already"}; !slices.Equal(started, want) {
+		t.Errorf("migration started events %q, want %q", started, want)
+	}
 }
 
 // migrationStep reads the step of the vTPM id's migration from st: ""
@@ -198,10 +211,19 @@ func TestCrashMidMigrate(t *testing.T) {
 	steps := []store.MigrationStep{store.MigrationStopping, store.MigrationExporting, store.MigrationImporting, store.MigrationCleaning}
 	for _, victim := range []string{"server", "source", "target"} {
 		for _, step := range steps {
-			cur, err := c.op.Get(context.Background(), id)
+			// A running vTPM's move begins at stopping, a stopped one's
+			// at exporting.
+			phase, err := "stopped", error(nil)
+			if step == store.MigrationStopping {
+				phase = "active"
+				_, err = c.op.Start(context.Background(), id)
+			} else {
+				_, err = c.op.Stop(context.Background(), id)
+			}
 			if err != nil {
 				t.Fatal(err)
 			}
+			cur := c.wait(id, phase)
 			source, target := cur.Host, map[string]string{"hv-a": "hv-b", "hv-b": "hv-a"}[cur.Host]
 			var proc **exec.Cmd
 			switch victim {

@@ -23,6 +23,7 @@
 package enrol
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -87,9 +88,11 @@ type Service struct {
 // reconnects.
 const HonourFor = 10 * time.Second
 
-// honoured is a certificate found honoured: its host, and until when,
-// unless changed (the host's certificates) closes first.
+// honoured is a certificate found honoured: the certificate (DER), its
+// host, and until when, unless changed (the host's certificates) closes
+// first.
 type honoured struct {
+	raw     []byte
 	host    string
 	changed <-chan struct{}
 	until   time.Time
@@ -292,16 +295,20 @@ func (s *Service) Issued(leaf *x509.Certificate) bool {
 //     revocation of the host's certificates committed since (in this
 //     process, or notified by another on the same PostgreSQL database).
 //
+// The same certificate (byte for byte) found honoured less than HonourFor
+// ago, and not expired since, passes 1 as it did then: its signature is
+// not verified again on each of its host's requests.
+//
 // A certificate of another CA is refused as forbidden (its holder is
 // someone, but no host); a host certificate that fails 2 as
 // unauthenticated.
 func (s *Service) Authenticate(ctx context.Context, leaf *x509.Certificate) (host string, err error) {
+	serial, now := serialHex(leaf), s.cfg.Now()
+	if host, ok := s.known(leaf, serial, now); ok {
+		return host, nil
+	}
 	if !s.Issued(leaf) || len(leaf.Subject.Organization) != 1 || leaf.Subject.Organization[0] != ca.HostOrganization {
 		return "", refusal.Forbidden(api.CodeForbidden, "This is a host's route: it takes the client certificate the host's agent got at enrolment, not this one.")
-	}
-	serial, now := serialHex(leaf), s.cfg.Now()
-	if host, ok := s.known(serial, now); ok {
-		return host, nil
 	}
 	// Listen before reading, so that a revocation between the two is not
 	// missed.
@@ -320,18 +327,18 @@ func (s *Service) Authenticate(ctx context.Context, leaf *x509.Certificate) (hos
 	if !rec.RevokedAt.IsZero() || rec.Host != leaf.Subject.CommonName {
 		return "", errInvalidHostCertificate
 	}
-	s.honour(serial, honoured{host: rec.Host, changed: changed, until: now.Add(HonourFor)})
+	s.honour(serial, honoured{raw: leaf.Raw, host: rec.Host, changed: changed, until: now.Add(HonourFor)})
 	return rec.Host, nil
 }
 
-// known names the host of serial if Authenticate found it honoured less
-// than HonourFor before now and its host's certificates have not changed
-// since.
-func (s *Service) known(serial string, now time.Time) (string, bool) {
+// known names the host of leaf, of serial, if Authenticate found that
+// very certificate honoured less than HonourFor before now, it has not
+// expired since, and its host's certificates have not changed since.
+func (s *Service) known(leaf *x509.Certificate, serial string, now time.Time) (string, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	h, ok := s.honoured[serial]
-	if !ok || !h.fresh(now) {
+	if !ok || !bytes.Equal(h.raw, leaf.Raw) || now.After(leaf.NotAfter) || !h.fresh(now) {
 		return "", false
 	}
 	return h.host, true

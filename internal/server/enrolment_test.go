@@ -407,6 +407,47 @@ func TestRevokeHost(t *testing.T) {
 	}
 }
 
+// A host certificate found honoured is not verified again on each request
+// (enrol.HonourFor), but that holds for that very certificate only, and
+// not past its expiry: a certificate of the tenants' CA with its serial
+// and subject is refused, and so is the host certificate a second after
+// it expired, though honoured a second before.
+func TestHonouredCertificateIsThatOne(t *testing.T) {
+	m := newMTLS(t)
+	cert := m.enrol(t, "h8")
+	leaf, err := x509.ParseCertificate(cert.Certificate[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	host := m.client(cert)
+	if code := m.do(t, host, "POST", "/v1/agent/heartbeat", api.HeartbeatRequest{Version: "1"}, nil); code != 204 {
+		t.Fatalf("heartbeat: %d", code)
+	}
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: leaf.SerialNumber, Subject: leaf.Subject, NotBefore: time.Now().Add(-time.Hour),
+		NotAfter: time.Now().Add(time.Hour), ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, m.tenant.cert, key.Public(), m.tenant.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	twin := m.client(&tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key})
+	var e api.ErrorBody
+	if code := m.do(t, twin, "POST", "/v1/agent/heartbeat", api.HeartbeatRequest{Version: "2"}, &e); code != 403 {
+		t.Fatalf("the tenants' CA's certificate with the host certificate's serial and subject: %d %+v", code, e)
+	}
+	m.clock.advance(leaf.NotAfter.Sub(m.clock.Now()) - time.Second)
+	if code := m.do(t, host, "POST", "/v1/agent/heartbeat", api.HeartbeatRequest{Version: "3"}, nil); code != 204 {
+		t.Fatalf("heartbeat a second before the certificate expires: %d", code)
+	}
+	m.clock.advance(2 * time.Second)
+	if code := m.do(t, host, "POST", "/v1/agent/heartbeat", api.HeartbeatRequest{Version: "4"}, &e); code != 403 {
+		t.Fatalf("heartbeat a second after the certificate expired: %d %+v", code, e)
+	}
+	if h := m.hostNamed(t, "h8"); h.Version != "3" {
+		t.Fatalf("host after the refused heartbeats: %+v", h)
+	}
+}
+
 // Host certificates open hosts' routes alone, and tenants' and the
 // operator's certificates never open hosts' routes, even one the tenants'
 // CA made to look like a host's.

@@ -30,7 +30,8 @@ const maxEKCertLen = 4096
 // (which must be private to vtpmd), runs swtpm there with the secret on a
 // pipe (never argv, environment or a file), reads each EK at RSAEKHandle
 // and ECCEKHandle with the certificate at RSAEKCertNV and ECCEKCertNV, if
-// any, and shreds the copy. The guest may run on the original meanwhile:
+// any, then kills that swtpm (the copy has nothing to keep) and shreds the
+// copy. The guest may run on the original meanwhile:
 // swtpm writes its state whole (a new file renamed over the old).
 //
 // It fails with ErrNotManufactured when dir holds no TPM 2.0 state,
@@ -56,7 +57,7 @@ func Identify(ctx context.Context, dir, scratch string, secret []byte, binary st
 	if err != nil {
 		return nil, err
 	}
-	defer p.Stop(context.WithoutCancel(ctx))
+	defer p.discard()
 	tpm, err := Dial(ctx, i.DataSocket())
 	if err != nil {
 		return nil, err
@@ -131,7 +132,8 @@ func readNV(tpm transport.TPM, index uint32) ([]byte, error) {
 	return out, nil
 }
 
-// copyFile copies src to dst (0600), synced.
+// copyFile copies src to dst (0600), for a scratch copy: not synced, as it
+// is never used again after a crash.
 func copyFile(src, dst string) error {
 	in, err := os.Open(src)
 	if err != nil {
@@ -143,10 +145,6 @@ func copyFile(src, dst string) error {
 		return err
 	}
 	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	if err := out.Sync(); err != nil {
 		out.Close()
 		return err
 	}

@@ -122,6 +122,14 @@ func (p *Process) Stop(ctx context.Context) error {
 	}
 }
 
+// discard ends swtpm at once (SIGKILL) and waits for it to exit: for one
+// serving a scratch copy of a state, which is thrown away, so it has
+// nothing to save.
+func (p *Process) discard() {
+	p.kill(syscall.SIGKILL)
+	<-p.done
+}
+
 // shutdown sends CMD_SHUTDOWN, which makes swtpm exit.
 func shutdown(ctx context.Context, i Instance) error {
 	c, err := ctrl.Dial(ctx, i.CtrlSocket())

@@ -161,8 +161,9 @@ func (s *Service) Restore(ctx context.Context, c tenant.Caller, id string, gen i
 }
 
 // export has the agent of v's host export v's state as a bundle of a new
-// generation, and opens it with v's secret as v's bundle of that
-// generation: the generation, and the bundle, or why not.
+// generation, and opens it with v's secret (read from the key manager
+// while the agent exports) as v's bundle of that generation: the
+// generation, and the bundle, or why not.
 func (s *Service) export(ctx context.Context, v *store.VTPM) (int64, []byte, error) {
 	var ask *store.Transfer
 	err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
@@ -177,9 +178,14 @@ func (s *Service) export(ctx context.Context, v *store.VTPM) (int64, []byte, err
 		return 0, nil, err
 	}
 	defer s.withdraw(ctx, ask)
+	secret := meanwhile(func() ([]byte, error) { return s.secret(ctx, v) })
 	got, err := s.awaitTransfer(ctx, ask)
+	if err != nil {
+		return ask.Generation, nil, err
+	}
+	sec, err := secret()
 	if err == nil {
-		err = s.openAs(ctx, v, got.Bundle, ask.Generation)
+		err = openWith(v, sec, got.Bundle, ask.Generation)
 	}
 	if err != nil {
 		return ask.Generation, nil, err
@@ -201,14 +207,30 @@ func (s *Service) ask(ctx context.Context, x *store.Transfer) error {
 // openAs opens data with v's secret as v's bundle of generation gen:
 // bundle_corrupt or bundle_mismatch if it is not.
 func (s *Service) openAs(ctx context.Context, v *store.VTPM, data []byte, gen int64) error {
-	sec, err := s.cfg.Keyring.Get(ctx, v.SecretID)
-	if errors.Is(err, keyring.ErrNotFound) {
-		return refusal.Conflict(api.CodeSecretNotFound, "The key manager has no secret "+v.SecretID+" for the vTPM of "+v.InstanceID+".")
-	}
+	sec, err := s.secret(ctx, v)
 	if err != nil {
 		return err
 	}
-	b, err := bundle.Open(data, sec.Payload, v.InstanceID, v.Incarnation)
+	return openWith(v, sec, data, gen)
+}
+
+// secret reads the key-manager secret that keys v's state (and seals its
+// bundles): secret_not_found if the key manager has none.
+func (s *Service) secret(ctx context.Context, v *store.VTPM) ([]byte, error) {
+	sec, err := s.cfg.Keyring.Get(ctx, v.SecretID)
+	if errors.Is(err, keyring.ErrNotFound) {
+		return nil, refusal.Conflict(api.CodeSecretNotFound, "The key manager has no secret "+v.SecretID+" for the vTPM of "+v.InstanceID+".")
+	}
+	if err != nil {
+		return nil, err
+	}
+	return sec.Payload, nil
+}
+
+// openWith opens data with secret as v's bundle of generation gen:
+// bundle_corrupt or bundle_mismatch if it is not.
+func openWith(v *store.VTPM, secret, data []byte, gen int64) error {
+	b, err := bundle.Open(data, secret, v.InstanceID, v.Incarnation)
 	switch {
 	case errors.Is(err, bundle.ErrMismatch):
 		return refusal.Conflict(api.CodeBundleMismatch, err.Error())
@@ -222,17 +244,66 @@ func (s *Service) openAs(ctx context.Context, v *store.VTPM, data []byte, gen in
 	return nil
 }
 
+// meanwhile runs fn in a goroutine of its own and returns a function that
+// waits for its result: for a key-manager read that need not wait for an
+// agent's answer.
+func meanwhile[T any](fn func() (T, error)) func() (T, error) {
+	type result struct {
+		v   T
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		v, err := fn()
+		done <- result{v, err}
+	}()
+	return func() (T, error) {
+		r := <-done
+		return r.v, r.err
+	}
+}
+
 // hostUp refuses, with host_unavailable, a transfer on a host that is not
 // up: its agent would not answer.
 func (s *Service) hostUp(ctx context.Context, name string) error {
-	hosts, err := s.Hosts(ctx, name)
+	return s.cfg.Store.View(ctx, func(tx *store.Tx) error { return s.hostUpIn(tx, name) })
+}
+
+// hostUpIn is hostUp in tx.
+func (s *Service) hostUpIn(tx *store.Tx, name string) error {
+	up, err := s.isUp(tx, name)
+	if err == nil && !up {
+		err = hostDown(name)
+	}
+	return err
+}
+
+// isUp says whether host name is registered and not down (draining or
+// not), read in tx.
+func (s *Service) isUp(tx *store.Tx, name string) (bool, error) {
+	h, err := tx.GetHost(name)
+	if errors.Is(err, store.ErrNotFound) {
+		return false, nil
+	}
 	if err != nil {
-		return err
+		return false, err
 	}
-	if len(hosts) == 0 || hosts[0].State == spec.HostDown {
-		return refusal.Unavailable(api.CodeHostUnavailable, "Host "+name+" is down: its agent cannot move the vTPM's state.")
+	return s.state(h, s.cfg.Now()) != spec.HostDown, nil
+}
+
+// hostDown is the refusal of a transfer on host name, down.
+func hostDown(name string) error {
+	return refusal.Unavailable(api.CodeHostUnavailable, "Host "+name+" is down: its agent cannot move the vTPM's state.")
+}
+
+// askIfUp asks x of its host in tx if the host is up, and returns it; nil
+// if the host is down (whoever awaits x asks it later, and is refused
+// while the host stays down).
+func (s *Service) askIfUp(tx *store.Tx, x *store.Transfer) (*store.Transfer, error) {
+	if up, err := s.isUp(tx, x.Host); err != nil || !up {
+		return nil, err
 	}
-	return nil
+	return x, tx.AskTransfer(x)
 }
 
 // awaitTransfer waits for the answer to ask, up to Config.DriftTimeout:
@@ -276,6 +347,15 @@ func agentTransferRefusal(x *store.Transfer) error {
 		kind = refusal.KindUnavailable
 	}
 	return &refusal.Error{Kind: kind, Code: api.Code(x.Code), Message: x.Message}
+}
+
+// withdrawUnless withdraws ask (as withdraw) if *err is set: a step that
+// succeeds withdraws its request in the transaction that records the step
+// after.
+func (s *Service) withdrawUnless(ctx context.Context, ask *store.Transfer, err *error) {
+	if *err != nil {
+		s.withdraw(ctx, ask)
+	}
 }
 
 // withdraw removes ask, answered or not: this server is done with it.

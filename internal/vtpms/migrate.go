@@ -21,7 +21,8 @@ import (
 // host's agent) continues from the step recorded:
 //
 //  1. stopping: the vTPM is asked to stop (as Nova powers the guest off)
-//     and awaited stopped on its host, the source;
+//     and awaited stopped on its host, the source; a vTPM stopped already
+//     begins at the next step;
 //  2. exporting: the source's agent exports the state as a bundle of a
 //     new generation, which the server opens with the vTPM's secret and
 //     keeps in the migration's row;
@@ -32,6 +33,13 @@ import (
 //     running again there if it was before;
 //  4. cleaning: the source's agent removes its copy, and the migration's
 //     row goes.
+//
+// A step's request to an agent (store.Transfer) is asked in the
+// transaction that records the step, and the answered request of the step
+// before is withdrawn there too: an agent is woken as soon as its step is
+// recorded, and a step costs one round trip to one agent and one
+// transaction. A step entered without its request (the same Migrate run
+// again, or the step's host down when it was recorded) asks it first.
 //
 // Until the record switches, the source's copy is the vTPM (and a copy the
 // target took in is not used); from then on, the target's. Events:
@@ -47,10 +55,11 @@ func (s *Service) Migrate(ctx context.Context, c tenant.Caller, id, target strin
 		return nil, err
 	}
 	var m *store.Migration
+	var ask *store.Transfer // the request of m's step, asked as the step was recorded
 	err = s.cfg.Store.View(ctx, func(tx *store.Tx) (err error) { m, err = tx.GetMigration(v.InstanceID); return err })
 	switch {
 	case errors.Is(err, store.ErrNotFound):
-		if m, err = s.beginMigration(ctx, c, v, target); err != nil {
+		if m, ask, err = s.beginMigration(ctx, c, v, target); err != nil {
 			return nil, err
 		}
 	case err != nil:
@@ -63,14 +72,15 @@ func (s *Service) Migrate(ctx context.Context, c tenant.Caller, id, target strin
 		step := m.Step
 		switch step {
 		case store.MigrationStopping:
-			err = s.migrationStop(ctx, c, m)
+			ask, err = s.migrationStop(ctx, c, m)
 		case store.MigrationExporting:
-			err = s.migrationExport(ctx, c, m)
+			ask, err = s.migrationExport(ctx, c, v, m, ask)
 		case store.MigrationImporting:
-			err = s.migrationImport(ctx, c, m)
+			ask, err = s.migrationImport(ctx, c, m, ask)
 		case store.MigrationCleaning:
-			if err = s.migrationClean(ctx, c, m); err == nil {
-				return s.Get(ctx, c, v.InstanceID)
+			var moved *store.VTPM
+			if moved, err = s.migrationClean(ctx, c, m, ask); err == nil {
+				return moved, nil
 			}
 		default:
 			err = fmt.Errorf("migration of %s at an unknown step %q", v.InstanceID, step)
@@ -87,32 +97,43 @@ func (s *Service) Migrate(ctx context.Context, c tenant.Caller, id, target strin
 }
 
 // beginMigration chooses the target of a migration of v (target, or one
-// placement chooses) and records the migration at its first step, with v
-// asked to stop, in one transaction: a start asked meanwhile conflicts.
-func (s *Service) beginMigration(ctx context.Context, c tenant.Caller, v *store.VTPM, target string) (*store.Migration, error) {
+// placement chooses) and records the migration in one transaction: at its
+// first step, with v asked to stop (a start asked meanwhile conflicts); or,
+// when v is stopped already (desired and observed), at exporting, with the
+// source's export asked. It returns the migration and the request asked,
+// if any.
+func (s *Service) beginMigration(ctx context.Context, c tenant.Caller, v *store.VTPM, target string) (*store.Migration, *store.Transfer, error) {
 	if err := onShelf(v); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	switch {
 	case v.Desired == store.DesiredDeleted:
-		return nil, errDeleting
+		return nil, nil, errDeleting
 	case v.Resize != nil:
-		return nil, refusal.Conflict(api.CodeResizePending, fmt.Sprintf(
+		return nil, nil, refusal.Conflict(api.CodeResizePending, fmt.Sprintf(
 			"A resize of the vTPM (%s) awaits confirm or revert; confirm or revert it before migrating.", v.Resize.Kind))
 	case len(v.EKs) == 0:
-		return nil, refusal.Conflict(api.CodeNotManufactured, "The vTPM of "+v.InstanceID+" has no TPM yet: nothing to migrate; delete it and create it where it is wanted.")
+		return nil, nil, refusal.Conflict(api.CodeNotManufactured, "The vTPM of "+v.InstanceID+" has no TPM yet: nothing to migrate; delete it and create it where it is wanted.")
 	case target == v.Host:
-		return nil, refusal.Invalid(api.CodeTargetIsSource, "The vTPM of "+v.InstanceID+" is on host "+target+" already.")
+		return nil, nil, refusal.Invalid(api.CodeTargetIsSource, "The vTPM of "+v.InstanceID+" is on host "+target+" already.")
 	}
-	if err := s.hostUp(ctx, v.Host); err != nil {
-		return nil, err
-	}
+	stopped := v.Desired == store.DesiredStopped && v.Phase == store.PhaseStopped
 	m := &store.Migration{InstanceID: v.InstanceID, Incarnation: v.Incarnation, Source: v.Host, Step: store.MigrationStopping,
 		WasRunning: v.Desired == store.DesiredRunning, Actor: c.Actor}
-	err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
+	detail := "stopped for the move"
+	if stopped {
+		m.Step, detail = store.MigrationExporting, "stopped already"
+	}
+	var ask *store.Transfer
+	var moving store.VTPM
+	err := s.cfg.Store.Update(ctx, func(tx *store.Tx) (err error) {
+		ask, moving = nil, *v
 		all, err := s.hosts(tx, "")
 		if err != nil {
 			return err
+		}
+		if !slices.ContainsFunc(all, func(h Host) bool { return h.Name == v.Host && h.State != spec.HostDown }) {
+			return hostDown(v.Host)
 		}
 		if m.Target, err = migrationTarget(all, v, target); err != nil {
 			return err
@@ -120,22 +141,46 @@ func (s *Service) beginMigration(ctx context.Context, c tenant.Caller, v *store.
 		if err := tx.StartMigration(m); err != nil {
 			return err
 		}
-		v.Desired = store.DesiredStopped
-		if err := tx.UpdateVTPM(v); err != nil {
-			return err
+		if stopped {
+			// Nothing of the record changes: it must be as read.
+			if err := unchanged(tx, v); err != nil {
+				return err
+			}
+			if ask, err = askExport(tx, m); err != nil {
+				return err
+			}
+		} else {
+			moving.Desired = store.DesiredStopped
+			if err := tx.UpdateVTPM(&moving); err != nil {
+				return err
+			}
 		}
 		return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: v.InstanceID, Action: "migration started",
-			Detail: fmt.Sprintf("from host %s to host %s; stopped for the move", m.Source, m.Target)})
+			Detail: fmt.Sprintf("from host %s to host %s; %s", m.Source, m.Target, detail)})
 	})
 	if errors.Is(err, store.ErrExists) || errors.Is(err, store.ErrConflict) {
-		return nil, refusal.Conflict(api.CodeMigrationInProgress, "The vTPM of "+v.InstanceID+
+		return nil, nil, refusal.Conflict(api.CodeMigrationInProgress, "The vTPM of "+v.InstanceID+
 			" changed while its migration began (another one began, say); migrate it again.")
 	}
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
+	*v = moving
 	s.cfg.Log.Info("migrating a vTPM", "instance", v.InstanceID, "from", m.Source, "to", m.Target, "by", c.Actor)
-	return m, nil
+	return m, ask, nil
+}
+
+// unchanged refuses, with store.ErrConflict, to go on with v if its record
+// changed since v was read.
+func unchanged(tx *store.Tx, v *store.VTPM) error {
+	cur, err := tx.GetVTPM(v.InstanceID)
+	if err != nil {
+		return err
+	}
+	if cur.Incarnation != v.Incarnation || cur.Generation != v.Generation {
+		return fmt.Errorf("vtpm %s changed since it was read: %w", v.InstanceID, store.ErrConflict)
+	}
+	return nil
 }
 
 // migrationTarget is the host v migrates to: target, which must be
@@ -174,8 +219,9 @@ func migrationTarget(all []Host, v *store.VTPM, target string) (string, error) {
 }
 
 // migrationStop awaits m's vTPM stopped on its source (asked when m
-// began), up to Config.DriftTimeout, then moves m on to exporting.
-func (s *Service) migrationStop(ctx context.Context, c tenant.Caller, m *store.Migration) error {
+// began), up to Config.DriftTimeout, then moves m on to exporting, with
+// the export asked if the source is up.
+func (s *Service) migrationStop(ctx context.Context, c tenant.Caller, m *store.Migration) (*store.Transfer, error) {
 	wait, cancel := context.WithTimeout(ctx, s.cfg.DriftTimeout)
 	defer cancel()
 	v, _, err := s.Watch(ctx, c, m.InstanceID, func(v *store.VTPM) bool {
@@ -183,71 +229,109 @@ func (s *Service) migrationStop(ctx context.Context, c tenant.Caller, m *store.M
 	}, wait.Done())
 	switch {
 	case err != nil:
-		return err
+		return nil, err
 	case v.Phase == store.PhaseError:
-		return refusal.Conflict(api.CodeConflict, "The vTPM of "+m.InstanceID+" failed to stop on host "+m.Source+": "+v.Reason)
+		return nil, refusal.Conflict(api.CodeConflict, "The vTPM of "+m.InstanceID+" failed to stop on host "+m.Source+": "+v.Reason)
 	case v.Phase != store.PhaseStopped && ctx.Err() != nil:
-		return ctx.Err()
+		return nil, ctx.Err()
 	case v.Phase != store.PhaseStopped:
-		return refusal.Unavailable(api.CodeHostUnavailable, fmt.Sprintf("The vTPM of %s did not stop on host %s within %s: is its agent running (vtpmctl hosts)?",
+		return nil, refusal.Unavailable(api.CodeHostUnavailable, fmt.Sprintf("The vTPM of %s did not stop on host %s within %s: is its agent running (vtpmctl hosts)?",
 			m.InstanceID, m.Source, s.cfg.DriftTimeout))
 	}
-	return s.advance(ctx, c, m, store.MigrationExporting, "", "")
+	return s.advance(ctx, c, m, store.MigrationExporting, nil, "", "", func(tx *store.Tx) (*store.Transfer, error) {
+		if up, err := s.isUp(tx, m.Source); err != nil || !up {
+			return nil, err
+		}
+		return askExport(tx, m)
+	})
 }
 
-// migrationExport has the source's agent export m's vTPM as a bundle of a
-// new generation, opens it as the vTPM's, and keeps it in m, moved on to
-// importing.
-func (s *Service) migrationExport(ctx context.Context, c tenant.Caller, m *store.Migration) error {
-	v, err := s.Get(ctx, c, m.InstanceID)
+// askExport asks the source's agent of m to export the vTPM as a bundle
+// of a new generation.
+func askExport(tx *store.Tx, m *store.Migration) (*store.Transfer, error) {
+	gen, err := tx.HandOutGeneration(m.InstanceID, m.Incarnation)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	if err := s.hostUp(ctx, m.Source); err != nil {
-		return err
-	}
-	var ask *store.Transfer
-	err = s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
-		gen, err := tx.HandOutGeneration(v.InstanceID, v.Incarnation)
-		if err != nil {
+	ask := &store.Transfer{Host: m.Source, InstanceID: m.InstanceID, Incarnation: m.Incarnation, Kind: store.TransferExport, Generation: gen}
+	return ask, tx.AskTransfer(ask)
+}
+
+// migrationExport awaits the source's export of m's vTPM v (asking it
+// first when ask is nil), opens the bundle as v's, with v's secret read
+// from the key manager meanwhile, and keeps it in m, moved on to
+// importing, with the target's receive asked if the target is up.
+func (s *Service) migrationExport(ctx context.Context, c tenant.Caller, v *store.VTPM, m *store.Migration, ask *store.Transfer) (_ *store.Transfer, err error) {
+	if ask == nil {
+		err := s.cfg.Store.Update(ctx, func(tx *store.Tx) (err error) {
+			if err := s.hostUpIn(tx, m.Source); err != nil {
+				return err
+			}
+			ask, err = askExport(tx, m)
 			return err
+		})
+		if err != nil {
+			return nil, err
 		}
-		ask = &store.Transfer{Host: m.Source, InstanceID: v.InstanceID, Incarnation: v.Incarnation, Kind: store.TransferExport, Generation: gen}
-		return tx.AskTransfer(ask)
-	})
-	if err != nil {
-		return err
 	}
-	defer s.withdraw(ctx, ask)
+	defer s.withdrawUnless(ctx, ask, &err)
+	secret := meanwhile(func() ([]byte, error) { return s.secret(ctx, v) })
 	got, err := s.awaitTransfer(ctx, ask)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	if err := s.openAs(ctx, v, got.Bundle, ask.Generation); err != nil {
-		return err
+	sec, err := secret()
+	if err != nil {
+		return nil, err
+	}
+	if err := openWith(v, sec, got.Bundle, ask.Generation); err != nil {
+		return nil, err
 	}
 	m.Generation, m.Bundle = ask.Generation, got.Bundle
-	return s.advance(ctx, c, m, store.MigrationImporting, "migration exported", fmt.Sprintf("generation %d, %d bytes, from host %s", m.Generation, len(m.Bundle), m.Source))
+	return s.advance(ctx, c, m, store.MigrationImporting, ask, "migration exported",
+		fmt.Sprintf("generation %d, %d bytes, from host %s", m.Generation, len(m.Bundle), m.Source), func(tx *store.Tx) (*store.Transfer, error) {
+			return s.askIfUp(tx, receiveOf(m))
+		})
 }
 
-// migrationImport has the target's agent take in m's bundle, proven to be
-// the vTPM's TPM, then switches the record to the target, wanted running
-// there if it was before the move, and moves m on to cleaning, in one
-// transaction.
-func (s *Service) migrationImport(ctx context.Context, c tenant.Caller, m *store.Migration) error {
-	if err := s.hostUp(ctx, m.Target); err != nil {
-		return err
-	}
-	ask := &store.Transfer{Host: m.Target, InstanceID: m.InstanceID, Incarnation: m.Incarnation, Kind: store.TransferReceive,
+// receiveOf is the request that the target of m take in m's bundle.
+func receiveOf(m *store.Migration) *store.Transfer {
+	return &store.Transfer{Host: m.Target, InstanceID: m.InstanceID, Incarnation: m.Incarnation, Kind: store.TransferReceive,
 		Generation: m.Generation, Bundle: m.Bundle}
-	if err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error { return tx.AskTransfer(ask) }); err != nil {
-		return err
+}
+
+// discardOf is the request that the source of m remove its copy.
+func discardOf(m *store.Migration) *store.Transfer {
+	return &store.Transfer{Host: m.Source, InstanceID: m.InstanceID, Incarnation: m.Incarnation, Kind: store.TransferDiscard, Generation: m.Generation}
+}
+
+// migrationImport awaits the target's receive of m's bundle, proven to be
+// the vTPM's TPM (asking it first when ask is nil), then, in one
+// transaction, switches the record to the target, wanted running there if
+// it was before the move, moves m on to cleaning, and asks the source's
+// agent to discard its copy if the source is up.
+func (s *Service) migrationImport(ctx context.Context, c tenant.Caller, m *store.Migration, ask *store.Transfer) (_ *store.Transfer, err error) {
+	if ask == nil {
+		ask = receiveOf(m)
+		err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
+			if err := s.hostUpIn(tx, m.Target); err != nil {
+				return err
+			}
+			return tx.AskTransfer(ask)
+		})
+		if err != nil {
+			return nil, err
+		}
 	}
-	defer s.withdraw(ctx, ask)
+	defer s.withdrawUnless(ctx, ask, &err)
 	if _, err := s.awaitTransfer(ctx, ask); err != nil {
-		return err
+		return nil, err
 	}
-	return s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
+	next, from := (*store.Transfer)(nil), m.Step
+	err = s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
+		if err := tx.WithdrawTransfer(ask.ID); err != nil {
+			return err
+		}
 		v, err := tx.GetVTPM(m.InstanceID)
 		if err != nil {
 			return err
@@ -262,59 +346,103 @@ func (s *Service) migrationImport(ctx context.Context, c tenant.Caller, m *store
 		if err := tx.UpdateVTPM(v); err != nil {
 			return err
 		}
-		m.Bundle = nil // the target's copy is the vTPM now
-		from := m.Step
-		m.Step = store.MigrationCleaning
-		if err := tx.AdvanceMigration(m, from); err != nil {
+		// The target's copy is the vTPM now.
+		cleaning := *m
+		cleaning.Step, cleaning.Bundle = store.MigrationCleaning, nil
+		if err := tx.AdvanceMigration(&cleaning, from); err != nil {
 			return err
 		}
-		return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: m.InstanceID, Action: "migration imported",
+		err = tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: m.InstanceID, Action: "migration imported",
 			Detail: fmt.Sprintf("generation %d on host %s, its endorsement keys the record's; the vTPM is on host %s now", m.Generation, m.Target, m.Target)})
+		if err != nil {
+			return err
+		}
+		next, err = s.askIfUp(tx, discardOf(m))
+		return err
 	})
+	if err != nil {
+		return nil, err
+	}
+	m.Step, m.Bundle = store.MigrationCleaning, nil
+	return next, nil
 }
 
-// migrationClean has the source's agent remove its copy of m's vTPM, and
-// ends m.
-func (s *Service) migrationClean(ctx context.Context, c tenant.Caller, m *store.Migration) error {
-	if err := s.hostUp(ctx, m.Source); err != nil {
-		return fmt.Errorf("the vTPM of %s is on host %s; its old copy on host %s stays until migrate runs again with %s up: %w",
-			m.InstanceID, m.Target, m.Source, m.Source, err)
+// migrationClean awaits the source's removal of its copy of m's vTPM
+// (asking it first when ask is nil), ends m, and returns the vTPM as it
+// is now, on the target.
+func (s *Service) migrationClean(ctx context.Context, c tenant.Caller, m *store.Migration, ask *store.Transfer) (_ *store.VTPM, err error) {
+	if ask == nil {
+		ask = discardOf(m)
+		err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
+			if err := s.hostUpIn(tx, m.Source); err != nil {
+				return fmt.Errorf("the vTPM of %s is on host %s; its old copy on host %s stays until migrate runs again with %s up: %w",
+					m.InstanceID, m.Target, m.Source, m.Source, err)
+			}
+			return tx.AskTransfer(ask)
+		})
+		if err != nil {
+			return nil, err
+		}
 	}
-	ask := &store.Transfer{Host: m.Source, InstanceID: m.InstanceID, Incarnation: m.Incarnation, Kind: store.TransferDiscard, Generation: m.Generation}
-	if err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error { return tx.AskTransfer(ask) }); err != nil {
-		return err
-	}
-	defer s.withdraw(ctx, ask)
+	defer s.withdrawUnless(ctx, ask, &err)
 	if _, err := s.awaitTransfer(ctx, ask); err != nil {
-		return err
+		return nil, err
 	}
-	err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
+	var v *store.VTPM
+	err = s.cfg.Store.Update(ctx, func(tx *store.Tx) (err error) {
+		if err := tx.WithdrawTransfer(ask.ID); err != nil {
+			return err
+		}
 		if err := tx.FinishMigration(m.InstanceID); err != nil {
 			return err
 		}
-		return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: m.InstanceID, Action: "migrated",
+		err = tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: m.InstanceID, Action: "migrated",
 			Detail: fmt.Sprintf("from host %s to host %s; the copy on host %s is removed", m.Source, m.Target, m.Source)})
+		if err != nil {
+			return err
+		}
+		v, err = tx.GetVTPM(m.InstanceID)
+		return err
 	})
-	if err == nil {
-		s.cfg.Log.Info("migrated a vTPM", "instance", m.InstanceID, "from", m.Source, "to", m.Target)
+	if err != nil {
+		return nil, err
 	}
-	return err
+	s.cfg.Log.Info("migrated a vTPM", "instance", m.InstanceID, "from", m.Source, "to", m.Target)
+	return v, nil
 }
 
-// advance moves m on to step, with an event (action, detail) saying what
-// the step it leaves did, if any.
-func (s *Service) advance(ctx context.Context, c tenant.Caller, m *store.Migration, step store.MigrationStep, action, detail string) error {
+// advance moves m on to step in one transaction with: the withdrawal of
+// done, the answered request of the step m leaves, if any; an event
+// (action, detail) saying what that step did, if any; and next, which asks
+// the next step's request of its host when it is up. It returns the
+// request next asked, or nil.
+func (s *Service) advance(ctx context.Context, c tenant.Caller, m *store.Migration, step store.MigrationStep, done *store.Transfer,
+	action, detail string, next func(*store.Tx) (*store.Transfer, error)) (*store.Transfer, error) {
 	from := m.Step
 	m.Step = step
-	return s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
+	var asked *store.Transfer
+	err := s.cfg.Store.Update(ctx, func(tx *store.Tx) (err error) {
+		if done != nil {
+			if err := tx.WithdrawTransfer(done.ID); err != nil {
+				return err
+			}
+		}
 		if err := tx.AdvanceMigration(m, from); err != nil {
 			return err
 		}
-		if action == "" {
-			return nil
+		if action != "" {
+			if err := tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: m.InstanceID, Action: action, Detail: detail}); err != nil {
+				return err
+			}
 		}
-		return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: m.InstanceID, Action: action, Detail: detail})
+		asked, err = next(tx)
+		return err
 	})
+	if err != nil {
+		m.Step = from
+		return nil, err
+	}
+	return asked, nil
 }
 
 // abandonMigration ends m, which a host's backend cannot carry out (it

@@ -64,10 +64,10 @@ func (r *Runtime) Export(ctx context.Context, id string) ([]bundle.File, error) 
 // staging directory beside the state, swtpm opens a copy of them with the
 // secret, and each endorsement key it holds at the TCG handles must be the
 // one of eks with the same handle (the vTPM's record), as must the
-// identity recorded among them. Only then does the staging directory take
-// the state's place (a rename; the old state, if v has any here, is
-// removed after). Any refusal leaves the state as it was. TPM 2.0 only: a
-// TPM 1.2's EK is not read back.
+// identity recorded among them; the staged files are synced meanwhile.
+// Only then does the staging directory take the state's place (a rename;
+// the old state, if v has any here, is removed after). Any refusal leaves
+// the state as it was. TPM 2.0 only: a TPM 1.2's EK is not read back.
 //
 // A crash mid-swap is settled by the next Import, Export or Ensure of the
 // vTPM (settleImport): a verified import is finished, an unverified one
@@ -87,11 +87,15 @@ func (r *Runtime) Import(ctx context.Context, v agent.VTPM, secret []byte, files
 	if err := os.RemoveAll(staging); err != nil {
 		return err
 	}
-	if err := r.stage(staging, files); err != nil {
+	if err := stage(staging, files); err != nil {
 		os.RemoveAll(staging)
 		return fmt.Errorf("importing %s: %w", id, err)
 	}
-	if err := r.prove(ctx, staging, secret, eks); err != nil {
+	// The proof waits on swtpm, the sync on the disk: they run together.
+	synced := make(chan error, 1)
+	go func() { synced <- r.syncStaged(staging, files) }()
+	err := r.prove(ctx, staging, secret, eks)
+	if err = errors.Join(err, <-synced); err != nil {
 		os.RemoveAll(staging)
 		return fmt.Errorf("importing %s: %w", id, err)
 	}
@@ -151,8 +155,9 @@ func (r *Runtime) settleImport(id string) error {
 	return os.RemoveAll(staging)
 }
 
-// stage writes files to a new directory staging, synced.
-func (r *Runtime) stage(staging string, files []bundle.File) error {
+// stage writes files to a new directory staging, not yet synced
+// (syncStaged).
+func stage(staging string, files []bundle.File) error {
 	if err := os.Mkdir(staging, 0o700); err != nil {
 		return err
 	}
@@ -160,7 +165,17 @@ func (r *Runtime) stage(staging string, files []bundle.File) error {
 		if !stateFileRE.MatchString(f.Name) {
 			return fmt.Errorf("%q is not a swtpm state file", f.Name)
 		}
-		if err := writeSynced(filepath.Join(staging, f.Name), f.Data); err != nil {
+		if err := writeNew(filepath.Join(staging, f.Name), f.Data); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// syncStaged syncs what stage wrote: each file, staging and the root.
+func (r *Runtime) syncStaged(staging string, files []bundle.File) error {
+	for _, f := range files {
+		if err := syncFile(filepath.Join(staging, f.Name)); err != nil {
 			return err
 		}
 	}
@@ -222,13 +237,22 @@ func sameEKs(got, want []agent.EK) bool {
 	return true
 }
 
-func writeSynced(path string, data []byte) error {
+// writeNew writes data to a new file path (0600).
+func writeNew(path string, data []byte) error {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return err
 	}
 	if _, err := f.Write(data); err != nil {
 		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+func syncFile(path string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
 		return err
 	}
 	if err := f.Sync(); err != nil {
