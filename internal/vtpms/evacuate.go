@@ -263,6 +263,10 @@ func (s *Service) abandonOnto(ctx context.Context, c tenant.Caller, m store.Migr
 		}
 		if at != m.Source {
 			v.Host, v.Phase, v.Reason, v.Sockets, v.PID, v.Connected = m.Source, store.PhaseStopped, "", store.Sockets{}, 0, false
+			how := fmt.Sprintf("put back to the copy on host %s, of generation %d, its host %s gone", m.Source, m.Generation, at)
+			if err := rebaseAttestation(tx, c.Actor, m.InstanceID, how); err != nil {
+				return err
+			}
 		}
 		if m.WasRunning {
 			v.Desired = store.DesiredRunning
