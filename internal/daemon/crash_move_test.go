@@ -55,7 +55,8 @@ func TestCrashMidRestore(t *testing.T) {
 	}
 
 	hit := map[string]bool{}
-	delays := []time.Duration{0, 10, 30, 60, 100, 150, -1} // after "restoring"; -1: once "restored"
+	ms := time.Millisecond
+	delays := []time.Duration{0, 10 * ms, 30 * ms, 60 * ms, 100 * ms, 150 * ms, -1} // after "restoring"; -1: once "restored"
 	n := 0
 	for _, victim := range []string{"server", "agent"} {
 		for _, delay := range delays {
@@ -93,7 +94,7 @@ func TestCrashMidRestore(t *testing.T) {
 					return nil
 				})
 			} else {
-				time.Sleep(delay * time.Millisecond)
+				time.Sleep(delay)
 			}
 			stop(*proc, syscall.SIGKILL)
 			cancel()

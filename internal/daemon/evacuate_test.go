@@ -3,6 +3,7 @@ package daemon
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -342,7 +343,17 @@ func TestEvacuateMigrating(t *testing.T) {
 		!eventWith(t, c, arriving, "migration undone", "stays on host hv-c") || !eventWith(t, c, switched, "migration undone", "is lost") {
 		t.Fatal("an event is missing")
 	}
-	if e, err := c.op.Evacuate(ctx, "hv-a", api.EvacuateRequest{Force: true}, nil); err != nil || len(e.Items) != 0 {
-		t.Fatalf("evacuating again: %+v, %v", e, err)
+	// Again, as JSON: nothing left to do; the progress on stderr.
+	out.Reset()
+	errOut.Reset()
+	if code := cli.Main(ctx, []string{"--server", "unix://" + filepath.Join(c.dir, "api.sock"), "-o", "json", "host", "evacuate", "hv-a", "--force"}, &out, &errOut); code != 0 {
+		t.Fatalf("vtpmctl -o json host evacuate: %d\n%s%s", code, out.String(), errOut.String())
+	}
+	var again api.Evacuation
+	if err := json.Unmarshal(out.Bytes(), &again); err != nil || again.Host != "hv-a" || len(again.Items) != 0 {
+		t.Fatalf("evacuating again, as JSON: %+v, %v\n%s", again, err, out.String())
+	}
+	if !strings.Contains(errOut.String(), "evacuating host hv-a: 0 vTPMs") {
+		t.Fatalf("progress on stderr: %q", errOut.String())
 	}
 }
