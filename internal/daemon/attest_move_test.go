@@ -3,17 +3,44 @@ package daemon
 import (
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/attestor"
 	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmtest"
 )
+
+// ranAnHour sets the TPM's clock an hour ahead (TPM2_ClockSet, TCG TPM 2.0
+// Library Part 3 §29.2, which go-tpm does not wrap), as if the guest had
+// run that long: the verifier's floor of the clock then lies well above
+// what a state put back to an earlier one shows in its next quote.
+func ranAnHour(t *testing.T, tpm transport.TPM) {
+	t.Helper()
+	now, err := tpm2.ReadClock{}.Execute(tpm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := binary.BigEndian.AppendUint16(nil, uint16(tpm2.TPMSTSessions))
+	cmd = binary.BigEndian.AppendUint32(cmd, 35)
+	cmd = binary.BigEndian.AppendUint32(cmd, uint32(tpm2.TPMCCClockSet))
+	cmd = binary.BigEndian.AppendUint32(cmd, uint32(tpm2.TPMRHOwner))
+	cmd = binary.BigEndian.AppendUint32(cmd, 9) // the password session: empty owner auth
+	cmd = binary.BigEndian.AppendUint32(cmd, uint32(tpm2.TPMRSPW))
+	cmd = append(cmd, 0, 0, 0, 0, 0)
+	cmd = binary.BigEndian.AppendUint64(cmd, now.CurrentTime.ClockInfo.Clock+3_600_000)
+	rsp, err := tpm.Send(cmd)
+	if err != nil || len(rsp) < 10 || binary.BigEndian.Uint32(rsp[6:10]) != 0 {
+		t.Fatalf("TPM2_ClockSet: %x %v", rsp, err)
+	}
+}
 
 // TestMovedAttestation registers a guest's attestation (the guest agent's
 // code on the vTPM's socket, booted with a real firmware event log) and
@@ -125,6 +152,10 @@ func TestMovedAttestation(t *testing.T) {
 		t.Fatal(err)
 	}
 	attested("a backup")
+	ranAnHour(t, guest.TPM)
+	if got, err := guest.Attest(ctx); err != nil || got.Verdict != "trusted" {
+		t.Fatalf("an hour on: %+v %v", got, err)
+	}
 	stopped()
 	if _, err := c.op.RestoreBackup(ctx, id, api.RestoreRequest{}); err != nil {
 		t.Fatal(err)
@@ -156,6 +187,10 @@ func TestMovedAttestation(t *testing.T) {
 		t.Fatal(err)
 	}
 	attested("another boot")
+	ranAnHour(t, guest.TPM)
+	if got, err := guest.Attest(ctx); err != nil || got.Verdict != "trusted" {
+		t.Fatalf("an hour on: %+v %v", got, err)
+	}
 	stopped()
 	earlier()
 	if _, err := c.op.Start(ctx, id); err != nil {
@@ -165,7 +200,7 @@ func TestMovedAttestation(t *testing.T) {
 	tpm = dialTPM(t, v.Sockets.Data)
 	boot(t, tpm, log)
 	guest.TPM = tpm
-	if got, err := guest.Attest(ctx); err != nil || got.Verdict != "untrusted" {
+	if got, err := guest.Attest(ctx); err != nil || got.Verdict != "untrusted" || !strings.Contains(strings.Join(got.Reasons, " "), "back") {
 		t.Fatalf("a TPM state rolled back behind vtpmd's back: %+v %v", got, err)
 	}
 }
