@@ -30,7 +30,9 @@ func killHost(a *clusterAgent) {
 }
 
 // plantMigration records m in st as a cold migration records it when it
-// reaches m.Step (Service.Migrate), the vTPM asked to stop.
+// reaches m.Step (Service.Migrate): the vTPM asked to stop, and from the
+// step cleaning on (its record switched to the target) wanted running
+// again if it was.
 func plantMigration(t *testing.T, st *store.Store, m store.Migration) {
 	t.Helper()
 	err := st.Update(context.Background(), func(tx *store.Tx) error {
@@ -43,6 +45,9 @@ func plantMigration(t *testing.T, st *store.Store, m store.Migration) {
 			return err
 		}
 		v.Desired = store.DesiredStopped
+		if m.Step == store.MigrationCleaning && m.WasRunning {
+			v.Desired = store.DesiredRunning
+		}
 		return tx.UpdateVTPM(v)
 	})
 	if err != nil {
@@ -208,7 +213,9 @@ func TestMovesRefused(t *testing.T) {
 //     target takes it in, with the NV data written after the backup;
 //   - to it, importing: it stays on its source, running again there;
 //   - to it, switched to it already (its source's copy not yet removed)
-//     and no backup since: back on its source with that copy.
+//     and no backup since: back on its source with that copy;
+//   - the same with a backup taken on it since: the source's copy goes,
+//     and it is restored from that backup elsewhere.
 //
 // Each has the EKs it had, and evacuating again has nothing left to do.
 // vtpmctl prints each outcome as it is known, n of N.
@@ -232,16 +239,16 @@ func TestEvacuateMigrating(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	cHost := c.addAgent("hv-c", 4)
-	arriving, switched := clusterID(102), clusterID(103)
-	for _, id := range []string{arriving, switched} {
+	cHost := c.addAgent("hv-c", 6)
+	arriving, switched, backedUp := clusterID(102), clusterID(103), clusterID(104)
+	for _, id := range []string{arriving, switched, backedUp} {
 		if _, err := c.create(id); err != nil {
 			t.Fatal(err)
 		}
 	}
 	old, fresh := bytes.Repeat([]byte("O"), 32), bytes.Repeat([]byte("N"), 32)
 	idents := map[string]api.Identity{}
-	for _, id := range []string{stopping, exported, arriving, switched} {
+	for _, id := range []string{stopping, exported, arriving, switched, backedUp} {
 		v := c.wait(id, "active")
 		writeNV(t, v.Sockets.Data, old, true)
 		if id == stopping || id == exported {
@@ -279,20 +286,39 @@ func TestEvacuateMigrating(t *testing.T) {
 	<-done
 	c.startAgent(b)
 
-	// switched: moved from hv-c to hv-a, its record switched, hv-c's copy
-	// still there (as the step cleaning records it): the copy hv-c's agent
-	// removed once the move finished is put back.
-	if _, err := c.op.Stop(ctx, switched); err != nil {
-		t.Fatal(err)
+	// switched, backedUp: moved from hv-c to hv-a, their records
+	// switched, hv-c's copies still there (as the step cleaning records
+	// it): the copies hv-c's agent removed once the moves finished are put
+	// back. backedUp ran on hv-a, and was backed up there.
+	for _, id := range []string{switched, backedUp} {
+		if _, err := c.op.Stop(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+		c.wait(id, "stopped")
+		kept := saveState(t, cHost.dir, id)
+		if _, err := c.op.Migrate(ctx, id, api.MigrateRequest{Host: "hv-a"}); err != nil {
+			t.Fatal(err)
+		}
+		c.wait(id, "stopped")
+		kept()
+		gen := int64(1)
+		if id == backedUp {
+			if _, err := c.op.Start(ctx, id); err != nil {
+				t.Fatal(err)
+			}
+			writeNV(t, c.wait(id, "active").Sockets.Data, fresh, false)
+			b, err := c.op.CreateBackup(ctx, id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			gen = b.Generation - 1 // the migration's export came before
+			if _, err := c.op.Stop(ctx, id); err != nil {
+				t.Fatal(err)
+			}
+			c.wait(id, "stopped")
+		}
+		plantMigration(t, st, store.Migration{InstanceID: id, Source: "hv-c", Target: "hv-a", Step: store.MigrationCleaning, WasRunning: true, Generation: gen})
 	}
-	c.wait(switched, "stopped")
-	kept := saveState(t, cHost.dir, switched)
-	if _, err := c.op.Migrate(ctx, switched, api.MigrateRequest{Host: "hv-a"}); err != nil {
-		t.Fatal(err)
-	}
-	c.wait(switched, "stopped")
-	kept()
-	plantMigration(t, st, store.Migration{InstanceID: switched, Source: "hv-c", Target: "hv-a", Step: store.MigrationCleaning, WasRunning: true})
 
 	// stopping, arriving: recorded at their first steps.
 	c.wait(stopping, "active")
@@ -310,14 +336,14 @@ func TestEvacuateMigrating(t *testing.T) {
 		t.Fatalf("vtpmctl host evacuate: %d\n%s%s", code, out.String(), errOut.String())
 	}
 	t.Logf("vtpmctl host evacuate hv-a --force:\n%s", out.String())
-	for _, want := range []string{"evacuating host hv-a: 4 vTPMs", "[4/4] ", stopping + ": restored on hv-", exported + ": its migration finished; on hv-b",
-		arriving + ": its migration to this host undone; on hv-c", switched + ": its migration to this host undone; on hv-c",
-		"host hv-a: 1 restored, 0 new TPM, 0 placed, 0 deleted, 0 shelved, 1 migrated, 2 returned, 0 refused"} {
+	for _, want := range []string{"evacuating host hv-a: 5 vTPMs", "[5/5] ", stopping + ": restored on hv-", exported + ": its migration finished; on hv-b",
+		arriving + ": its migration to this host undone; on hv-c", switched + ": its migration to this host undone; on hv-c", backedUp + ": restored on hv-",
+		"host hv-a: 2 restored, 0 new TPM, 0 placed, 0 deleted, 0 shelved, 1 migrated, 2 returned, 0 refused"} {
 		if !strings.Contains(out.String(), want) {
 			t.Fatalf("no %q in the output", want)
 		}
 	}
-	for id, want := range map[string][]byte{stopping: old, exported: fresh, arriving: old, switched: old} {
+	for id, want := range map[string][]byte{stopping: old, exported: fresh, arriving: old, switched: old, backedUp: fresh} {
 		v := c.wait(id, "active")
 		if got := readNVData(t, v.Sockets.Data); !bytes.Equal(got, want) {
 			t.Fatalf("%s on %s: NV %q, want %q", id, v.Host, got, want)
@@ -340,7 +366,8 @@ func TestEvacuateMigrating(t *testing.T) {
 		}
 	}
 	if !eventWith(t, c, stopping, "migration abandoned", "hv-a is gone") || !eventWith(t, c, exported, "migrated", "gone with that host") ||
-		!eventWith(t, c, arriving, "migration undone", "stays on host hv-c") || !eventWith(t, c, switched, "migration undone", "is lost") {
+		!eventWith(t, c, arriving, "migration undone", "stays on host hv-c") || !eventWith(t, c, switched, "migration undone", "is lost") ||
+		!eventWith(t, c, backedUp, "migrated", "the copy on host hv-c is removed") {
 		t.Fatal("an event is missing")
 	}
 	// Again, as JSON: nothing left to do; the progress on stderr.
