@@ -70,12 +70,16 @@ type EvacuatedVTPM struct {
 	// Outcome is restored (from its newest backup, its EK kept), new_tpm
 	// (no backup: a new TPM), placed (never manufactured: placed again),
 	// deleted (it was being deleted), shelved (it was being shelved: its
-	// bundle was kept already), or refused (Code and Message say
-	// why; nothing of it changed).
+	// bundle was kept already), migrated (it was migrating away from the
+	// host and its state had left it: the move is finished, nothing
+	// lost), returned (it was migrating to the host: it is on the source
+	// host again, with the state it had there), or refused (Code and
+	// Message say why; nothing of it changed).
 	Outcome string `json:"outcome"`
 	Host    string `json:"host,omitempty"` // where it is now
 	// Generation and BackupAt are the backup's restored: what changed in
-	// the TPM after BackupAt is lost.
+	// the TPM after BackupAt is lost. For migrated and returned,
+	// Generation is the migration's bundle's, and BackupAt absent.
 	Generation int64      `json:"generation,omitempty"`
 	BackupAt   *time.Time `json:"backup_at,omitempty"`
 	Code       Code       `json:"code,omitempty"`
@@ -89,5 +93,22 @@ const (
 	EvacuatedPlaced   = "placed"
 	EvacuatedDeleted  = "deleted"
 	EvacuatedShelved  = "shelved"
+	EvacuatedMigrated = "migrated"
+	EvacuatedReturned = "returned"
 	EvacuatedRefused  = "refused"
 )
+
+// EvacuationProgress is one line of the answer to POST
+// /v1/hosts/{name}/evacuate asked with Accept: application/x-ndjson: a
+// first line with the Total of vTPMs to evacuate, then one per vTPM as
+// its outcome is known (Item, the Done-th of Total), then a last line
+// with the Result, or the Error that cut the evacuation short.
+type EvacuationProgress struct {
+	Done   int            `json:"done"`
+	Total  int            `json:"total"`
+	Item   *EvacuatedVTPM `json:"item,omitempty"`
+	Result *Evacuation    `json:"result,omitempty"`
+	Error  *Error         `json:"error,omitempty"`
+	// Status is the HTTP status Error would have answered with.
+	Status int `json:"status,omitempty"`
+}

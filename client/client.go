@@ -143,6 +143,36 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 // decodes the response into out. A 304 Not Modified is not an error: out is
 // left as it was.
 func (c *Client) send(ctx context.Context, method, path string, hdr http.Header, in, out any) (*http.Response, error) {
+	resp, err := c.open(ctx, method, path, hdr, in)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if err != nil {
+		return resp, fmt.Errorf("reading response: %w", err)
+	}
+	if resp.StatusCode == http.StatusNotModified {
+		return resp, nil
+	}
+	if resp.StatusCode >= 300 {
+		return resp, responseError(resp.StatusCode, data)
+	}
+	switch out := out.(type) {
+	case nil:
+	case *[]byte:
+		*out = data
+	default:
+		if err := json.Unmarshal(data, out); err != nil {
+			return resp, fmt.Errorf("decoding response of %s %s: %w", method, path, err)
+		}
+	}
+	return resp, nil
+}
+
+// open makes one request with the extra headers hdr (may be nil) and
+// the JSON body in (nil: none), and returns the response unread.
+func (c *Client) open(ctx context.Context, method, path string, hdr http.Header, in any) (*http.Response, error) {
 	var body io.Reader
 	if in != nil {
 		b, err := json.Marshal(in)
@@ -174,35 +204,17 @@ func (c *Client) send(ctx context.Context, method, path string, hdr http.Header,
 		}
 		req.Header.Set(api.TokenHeader, tok)
 	}
-	resp, err := c.http.Do(req)
-	if err != nil {
-		return nil, err
+	return c.http.Do(req)
+}
+
+// responseError is the *Error of an error response of status with body
+// data.
+func responseError(status int, data []byte) error {
+	var eb api.ErrorBody
+	if json.Unmarshal(data, &eb) != nil || eb.Error.Code == "" {
+		return &Error{Status: status, Code: api.Code(fmt.Sprintf("http_%d", status)), Message: strings.TrimSpace(string(data))}
 	}
-	defer resp.Body.Close()
-	data, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
-	if err != nil {
-		return resp, fmt.Errorf("reading response: %w", err)
-	}
-	if resp.StatusCode == http.StatusNotModified {
-		return resp, nil
-	}
-	if resp.StatusCode >= 300 {
-		var eb api.ErrorBody
-		if json.Unmarshal(data, &eb) != nil || eb.Error.Code == "" {
-			return resp, &Error{Status: resp.StatusCode, Code: api.Code(fmt.Sprintf("http_%d", resp.StatusCode)), Message: strings.TrimSpace(string(data))}
-		}
-		return resp, &Error{Status: resp.StatusCode, Code: eb.Error.Code, Message: eb.Error.Message}
-	}
-	switch out := out.(type) {
-	case nil:
-	case *[]byte:
-		*out = data
-	default:
-		if err := json.Unmarshal(data, out); err != nil {
-			return resp, fmt.Errorf("decoding response of %s %s: %w", method, path, err)
-		}
-	}
-	return resp, nil
+	return &Error{Status: status, Code: eb.Error.Code, Message: eb.Error.Message}
 }
 
 // Resolve resolves a request without creating anything.
@@ -580,8 +592,32 @@ func (c *Client) Unshelve(ctx context.Context, id, host string) (api.VTPM, error
 }
 
 // Evacuate moves the vTPMs of host, which is gone, to other hosts
-// (operator).
-func (c *Client) Evacuate(ctx context.Context, host string, r api.EvacuateRequest) (api.Evacuation, error) {
-	var out api.Evacuation
-	return out, c.do(ctx, http.MethodPost, "/v1/hosts/"+url.PathEscape(host)+"/evacuate", r, &out)
+// (operator). The server streams its progress: progress, if not nil, is
+// called with each line before the last (the count, then each vTPM's
+// outcome). An evacuation cut short once it began is an *Error too.
+func (c *Client) Evacuate(ctx context.Context, host string, r api.EvacuateRequest, progress func(api.EvacuationProgress)) (api.Evacuation, error) {
+	resp, err := c.open(ctx, http.MethodPost, "/v1/hosts/"+url.PathEscape(host)+"/evacuate", http.Header{"Accept": {"application/x-ndjson"}}, r)
+	if err != nil {
+		return api.Evacuation{}, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode >= 300 {
+		data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		return api.Evacuation{}, responseError(resp.StatusCode, data)
+	}
+	dec := json.NewDecoder(resp.Body)
+	for {
+		var p api.EvacuationProgress
+		if err := dec.Decode(&p); err != nil {
+			return api.Evacuation{}, fmt.Errorf("reading the evacuation's progress: %w", err)
+		}
+		switch {
+		case p.Error != nil:
+			return api.Evacuation{}, &Error{Status: p.Status, Code: p.Error.Code, Message: p.Error.Message}
+		case p.Result != nil:
+			return *p.Result, nil
+		case progress != nil:
+			progress(p)
+		}
+	}
 }

@@ -299,10 +299,20 @@ func (a *Agent) Evidence(nonce []byte) (api.EvidenceRequest, error) {
 		if err != nil {
 			return ev, err
 		}
-		q, err := tpm2.Quote{SignHandle: *a.ak, QualifyingData: tpm2.TPM2BData{Buffer: nonce},
-			InScheme: tpm2.TPMTSigScheme{Scheme: tpm2.TPMAlgNull}, PCRSelect: pcrSelection(pcrs...)}.Execute(a.TPM)
+		quote := tpm2.Quote{SignHandle: *a.ak, QualifyingData: tpm2.TPM2BData{Buffer: nonce},
+			InScheme: tpm2.TPMTSigScheme{Scheme: tpm2.TPMAlgNull}, PCRSelect: pcrSelection(pcrs...)}
+		q, err := quote.Execute(a.TPM)
 		if err != nil {
-			return ev, fmt.Errorf("quoting: %w", err)
+			// The TPM restarted under the agent (its state moved with its
+			// vTPM, say): the AK is made again, and is the one registered
+			// as long as the TPM is the same.
+			if rerr := a.remakeAK(); rerr != nil {
+				return ev, fmt.Errorf("quoting: %w; %w", err, rerr)
+			}
+			quote.SignHandle = *a.ak
+			if q, err = quote.Execute(a.TPM); err != nil {
+				return ev, fmt.Errorf("quoting: %w", err)
+			}
 		}
 		if quotes(q.Quoted, pcrs, values) || try == 2 {
 			ev.Attest, ev.Signature, ev.PCRs = q.Quoted.Bytes(), tpm2.Marshal(q.Signature), values
@@ -319,6 +329,27 @@ func (a *Agent) Evidence(nonce []byte) (api.EvidenceRequest, error) {
 	}
 	ev.IMALog, ev.IMAOffset, err = a.readIMA()
 	return ev, err
+}
+
+// remakeAK makes the AK again from its template, after the TPM lost it
+// (a TPM restarted keeps its owner hierarchy's seed, so the key is the
+// same): an error if it is not the key registered, the TPM being another.
+func (a *Agent) remakeAK() error {
+	created, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHOwner, InPublic: tpm2.New2B(attest.RSAAKTemplate)}.Execute(a.TPM)
+	if err != nil {
+		return fmt.Errorf("making the attestation key again: %w", err)
+	}
+	if !bytes.Equal(created.Name.Buffer, a.ak.Name.Buffer) {
+		tpm2.FlushContext{FlushHandle: created.ObjectHandle}.Execute(a.TPM)
+		return errors.New("the TPM makes another attestation key than the one registered: it is another TPM; register again")
+	}
+	if created.ObjectHandle != a.ak.Handle {
+		tpm2.FlushContext{FlushHandle: a.ak.Handle}.Execute(a.TPM) // if the TPM still holds it
+	}
+	a.transient = slices.DeleteFunc(a.transient, func(h tpm2.TPMHandle) bool { return h == a.ak.Handle })
+	a.ak = &tpm2.NamedHandle{Handle: created.ObjectHandle, Name: created.Name}
+	a.transient = append(a.transient, created.ObjectHandle)
+	return nil
 }
 
 // readIMA reads the IMA log, if there is one, from the first entry vtpmd

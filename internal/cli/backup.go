@@ -19,7 +19,8 @@ func newBackupCommand(g *globals) *cobra.Command {
 is at rest (still encrypted with the vTPM's secret) in a bundle sealed with a key derived from
 that secret, so it opens only for that vTPM and any changed byte is refused. Each backup has
 a generation that grows with every export; the server keeps the newest few (vtpmd server
---backup-keep) and takes them itself every --backup-interval and at every stop.`,
+--backup-keep) and takes them itself every --backup-interval (hourly unless set; 0: never) and at
+every stop.`,
 	}
 	cmd.AddCommand(
 		&cobra.Command{

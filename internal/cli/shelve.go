@@ -60,18 +60,33 @@ func hostEvacuateCommand(g *globals) *cobra.Command {
 		Long: `evacuate moves every vTPM of a host that is gone (down: no heartbeat within the window; or
 --force, the operator says so) to other hosts: each is restored from its newest backup, with
 its EK, and loses what changed after that backup (its events say since when). A vTPM without a
-backup is refused unless --new-tpm, which gives it a new TPM (a new EK, no sealed data). Running
-it again continues what an interrupted run left.`,
+backup is refused unless --new-tpm, which gives it a new TPM (a new EK, no sealed data). A vTPM
+migrating from the host whose state had left it is moved on to its target; one migrating to the
+host stays on (or goes back to) its source. Each vTPM's outcome is printed as it is known (n of
+N); with -o json the progress goes to stderr and the result, as JSON, to stdout. Running it again
+continues what an interrupted run left.`,
 		Args: exactlyOne,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			out, err := g.client().Evacuate(cmd.Context(), args[0], req)
+			asJSON := g.format(outputTable) == outputJSON
+			w := cmd.OutOrStdout()
+			if asJSON {
+				w = cmd.ErrOrStderr()
+			}
+			out, err := g.client().Evacuate(cmd.Context(), args[0], req, func(p api.EvacuationProgress) {
+				if p.Item == nil {
+					fmt.Fprintf(w, "evacuating host %s: %d vTPMs\n", args[0], p.Total)
+					return
+				}
+				fmt.Fprintf(w, "[%d/%d] ", p.Done, p.Total)
+				printEvacuated(w, *p.Item)
+			})
 			if err != nil {
 				return apiFailure(err)
 			}
-			if g.format(outputTable) == outputJSON {
+			if asJSON {
 				return writeJSON(cmd.OutOrStdout(), out)
 			}
-			return printEvacuation(cmd.OutOrStdout(), out)
+			return printEvacuationCounts(cmd.OutOrStdout(), out)
 		},
 	}
 	cmd.Flags().BoolVar(&req.Force, "force", false, "evacuate though the host's agent still sends heartbeats (it is gone: you say so)")
@@ -79,25 +94,33 @@ it again continues what an interrupted run left.`,
 	return cmd
 }
 
-// printEvacuation writes one line per vTPM, then the counts.
-func printEvacuation(w io.Writer, e api.Evacuation) error {
-	for _, it := range e.Items {
-		switch it.Outcome {
-		case api.EvacuatedRestored:
-			fmt.Fprintf(w, "%s: restored on %s from generation %d; changes after %s are lost\n",
-				it.InstanceID, it.Host, it.Generation, it.BackupAt.Format(time.RFC3339))
-		case api.EvacuatedNewTPM:
-			fmt.Fprintf(w, "%s: no backup; a new TPM on %s (new EK, sealed data lost)\n", it.InstanceID, it.Host)
-		case api.EvacuatedPlaced:
-			fmt.Fprintf(w, "%s: never manufactured; placed on %s\n", it.InstanceID, it.Host)
-		case api.EvacuatedRefused:
-			fmt.Fprintf(w, "%s: refused (%s): %s\n", it.InstanceID, it.Code, it.Message)
-		default:
-			fmt.Fprintf(w, "%s: %s\n", it.InstanceID, it.Outcome)
-		}
+// printEvacuated writes what became of one vTPM of an evacuated host, a
+// line.
+func printEvacuated(w io.Writer, it api.EvacuatedVTPM) {
+	switch it.Outcome {
+	case api.EvacuatedRestored:
+		fmt.Fprintf(w, "%s: restored on %s from generation %d; changes after %s are lost\n",
+			it.InstanceID, it.Host, it.Generation, it.BackupAt.Format(time.RFC3339))
+	case api.EvacuatedNewTPM:
+		fmt.Fprintf(w, "%s: no backup; a new TPM on %s (new EK, sealed data lost)\n", it.InstanceID, it.Host)
+	case api.EvacuatedPlaced:
+		fmt.Fprintf(w, "%s: never manufactured; placed on %s\n", it.InstanceID, it.Host)
+	case api.EvacuatedMigrated:
+		fmt.Fprintf(w, "%s: its migration finished; on %s with the state it left with (generation %d)\n", it.InstanceID, it.Host, it.Generation)
+	case api.EvacuatedReturned:
+		fmt.Fprintf(w, "%s: its migration to this host undone; on %s with the state it had there\n", it.InstanceID, it.Host)
+	case api.EvacuatedRefused:
+		fmt.Fprintf(w, "%s: refused (%s): %s\n", it.InstanceID, it.Code, it.Message)
+	default:
+		fmt.Fprintf(w, "%s: %s\n", it.InstanceID, it.Outcome)
 	}
-	_, err := fmt.Fprintf(w, "host %s: %d restored, %d new TPM, %d placed, %d deleted, %d shelved, %d refused\n", e.Host,
+}
+
+// printEvacuationCounts writes the counts of an evacuation by outcome.
+func printEvacuationCounts(w io.Writer, e api.Evacuation) error {
+	_, err := fmt.Fprintf(w, "host %s: %d restored, %d new TPM, %d placed, %d deleted, %d shelved, %d migrated, %d returned, %d refused\n", e.Host,
 		e.Count[api.EvacuatedRestored], e.Count[api.EvacuatedNewTPM], e.Count[api.EvacuatedPlaced],
-		e.Count[api.EvacuatedDeleted], e.Count[api.EvacuatedShelved], e.Count[api.EvacuatedRefused])
+		e.Count[api.EvacuatedDeleted], e.Count[api.EvacuatedShelved], e.Count[api.EvacuatedMigrated],
+		e.Count[api.EvacuatedReturned], e.Count[api.EvacuatedRefused])
 	return err
 }

@@ -43,12 +43,15 @@ func startDaemon(t *testing.T, dir string) *daemonUnderTest {
 
 // startConfigured runs an all-in-one daemon with cfg until the test ends.
 // Unless cfg asks for a pool, it keeps none: a test's TPMs are made on
-// demand.
+// demand; unless cfg asks for periodic backups, none are taken.
 func startConfigured(t testing.TB, cfg Config) *daemonUnderTest {
 	t.Helper()
 	swtpmtest.Require(t)
 	if cfg.PoolSize == nil {
 		cfg.PoolSize = new(0)
+	}
+	if cfg.BackupInterval == nil { // a test takes the backups it needs
+		cfg.BackupInterval = new(time.Duration(0))
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	d, err := StartAllInOne(ctx, cfg, nil)

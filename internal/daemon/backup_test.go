@@ -333,7 +333,7 @@ func (u *daemonUnderTest) askImport(t *testing.T, v *store.VTPM, data []byte, ge
 // vTPM is backed up periodically, and a stopped one once more when it
 // stops, keeping the newest backup-keep.
 func TestPeriodicBackups(t *testing.T) {
-	u := startConfigured(t, Config{DataDir: t.TempDir(), Listen: "127.0.0.1:0", HostName: "test-host", BackupInterval: time.Second, BackupKeep: 2})
+	u := startConfigured(t, Config{DataDir: t.TempDir(), Listen: "127.0.0.1:0", HostName: "test-host", BackupInterval: new(time.Second), BackupKeep: 2})
 	const id = "5b0f6a52-1c1e-4d57-9a42-0d1b5c7e2a03"
 	u.create(t, id, "2.0")
 	u.wait(t, id, "active")

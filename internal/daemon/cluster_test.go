@@ -34,9 +34,11 @@ type cluster struct {
 	cert     string
 	key      string
 	dir      string // the server's data dir
-	server   *exec.Cmd
-	op       *client.Client // the operator, on the server's socket
-	agents   map[string]*clusterAgent
+	// serverFlags are added to the server's at its next start.
+	serverFlags []string
+	server      *exec.Cmd
+	op          *client.Client // the operator, on the server's socket
+	agents      map[string]*clusterAgent
 }
 
 // clusterAgent is one host's vtpmd agent.
@@ -100,8 +102,9 @@ func stop(cmd *exec.Cmd, sig syscall.Signal) {
 
 func (c *cluster) startServer() {
 	c.t.Helper()
-	c.server = c.start(filepath.Join(filepath.Dir(c.dir), "server.log"), "server", "--data-dir", c.dir, "--listen", c.addr,
-		"--tls-cert", c.cert, "--tls-key", c.key, "--store", c.dsn, "--heartbeat-interval", "1s", "--heartbeat-window", "4s")
+	args := append([]string{"server", "--data-dir", c.dir, "--listen", c.addr, "--tls-cert", c.cert, "--tls-key", c.key,
+		"--store", c.dsn, "--heartbeat-interval", "1s", "--heartbeat-window", "4s", "--backup-interval", "0"}, c.serverFlags...)
+	c.server = c.start(filepath.Join(filepath.Dir(c.dir), "server.log"), args...)
 	c.eventually("the server answers", func() error { _, err := c.op.Hosts(context.Background()); return err })
 }
 

@@ -121,10 +121,11 @@ type Config struct {
 	// vTPMs stay). Default vtpms.DefaultHeartbeatWindow (60s).
 	HeartbeatWindow time.Duration `yaml:"heartbeat-window"`
 	// BackupInterval is how often the servers back up every vTPM (a state
-	// bundle the store keeps), and, while it is on, each vTPM is backed up
-	// also when it stops; 0 (the default) is off: backups only when asked
-	// (vtpmctl backup create).
-	BackupInterval time.Duration `yaml:"backup-interval"`
+	// bundle the store keeps); while it is on, each vTPM is backed up also
+	// when it stops. Default (nil) DefaultBackupInterval (1h); 0 is off:
+	// backups only when asked (vtpmctl backup create), and an evacuation
+	// finds none.
+	BackupInterval *time.Duration `yaml:"backup-interval"`
 	// BackupKeep is how many backups of each vTPM are kept, the newest.
 	// Default vtpms.DefaultBackupKeep (3).
 	BackupKeep int `yaml:"backup-keep"`
@@ -240,6 +241,13 @@ type LibvirtConfig struct {
 	SecretSecurity []spec.SecretSecurity `yaml:"secret-security"`
 }
 
+// DefaultBackupInterval is how often every vTPM is backed up unless the
+// configuration says otherwise: a lost host costs at most this much of
+// its vTPMs' changes (a stopped vTPM's: none). At about 5 ms of CPU and
+// 10 KB per backup, 1,000 vTPMs cost well under 1 % of a core
+// (docs/benchmarks.md).
+const DefaultBackupInterval = time.Hour
+
 // Defaults fills the unset fields. It is idempotent: a configuration it
 // filled keeps every value when filled again.
 func (c *Config) Defaults() {
@@ -254,6 +262,9 @@ func (c *Config) Defaults() {
 	}
 	if c.HeartbeatInterval == 0 {
 		c.HeartbeatInterval = agent.DefaultHeartbeatInterval
+	}
+	if c.BackupInterval == nil {
+		c.BackupInterval = new(DefaultBackupInterval)
 	}
 	if c.BackupKeep == 0 {
 		c.BackupKeep = vtpms.DefaultBackupKeep
@@ -428,8 +439,11 @@ func (c *Config) Validate() error {
 	if c.HostAttestInterval < 0 {
 		errs = append(errs, fmt.Errorf("host attest interval %s must be positive", c.HostAttestInterval))
 	}
-	if c.BackupInterval < 0 || c.BackupKeep < 0 {
-		errs = append(errs, fmt.Errorf("backup-interval %s and backup-keep %d must not be negative", c.BackupInterval, c.BackupKeep))
+	if c.BackupInterval != nil && *c.BackupInterval < 0 {
+		errs = append(errs, fmt.Errorf("backup-interval %s must not be negative", *c.BackupInterval))
+	}
+	if c.BackupKeep < 0 {
+		errs = append(errs, fmt.Errorf("backup-keep %d must not be negative", c.BackupKeep))
 	}
 	if c.HeartbeatInterval < 0 || c.HeartbeatWindow <= c.HeartbeatInterval {
 		errs = append(errs, fmt.Errorf("heartbeat-window %s must be longer than heartbeat-interval %s, both positive", c.HeartbeatWindow, c.HeartbeatInterval))

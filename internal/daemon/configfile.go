@@ -22,7 +22,7 @@ type Setting struct {
 	// Key is the setting's name, in the file and as a flag.
 	Key string
 	// Field points at the setting's field in the Config it was listed
-	// from: *string, *bool, *int, **int, *time.Duration, *[]string,
+	// from: *string, *bool, *int, **int, *time.Duration, **time.Duration, *[]string,
 	// *spec.Version, *[]spec.SecretSecurity or *slog.Level.
 	Field any
 }
@@ -104,7 +104,7 @@ func wants(field any, v *yaml.Node) string {
 		what = "a whole number"
 	case *bool:
 		what = "true or false"
-	case *time.Duration:
+	case *time.Duration, **time.Duration:
 		what = `a duration such as "30s"`
 	case *[]string, *[]spec.SecretSecurity:
 		what = "a list"

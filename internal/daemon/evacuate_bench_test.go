@@ -56,7 +56,7 @@ func BenchmarkEvacuate(b *testing.B) {
 
 		b.StartTimer()
 		start := time.Now()
-		e, err := c.op.Evacuate(ctx, "hv-a", api.EvacuateRequest{})
+		e, err := c.op.Evacuate(ctx, "hv-a", api.EvacuateRequest{}, nil)
 		if err != nil || e.Count[api.EvacuatedRestored] != n {
 			b.Fatalf("evacuation: %v %+v %+v", err, e.Count, e.Items)
 		}

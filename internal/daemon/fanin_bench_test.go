@@ -253,7 +253,7 @@ func newFanIn(b *testing.B, agents int) *load {
 	data := filepath.Join(dir, "server")
 	socket := filepath.Join(data, "api.sock")
 	f := &fanIn{b: b, bin: buildVtpmd(b), log: filepath.Join(dir, "server.log"),
-		args: []string{"server", "--data-dir", data, "--listen", addr, "--tls-cert", cert, "--tls-key", key, "--store", pgtest.DSN(b), "--log-level", "warn"},
+		args: []string{"server", "--data-dir", data, "--listen", addr, "--tls-cert", cert, "--tls-key", key, "--store", pgtest.DSN(b), "--log-level", "warn", "--backup-interval", "0"},
 		scrape: &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			return (&net.Dialer{}).DialContext(ctx, "unix", socket)
 		}}}}

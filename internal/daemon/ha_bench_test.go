@@ -163,7 +163,7 @@ func newHACluster(t testing.TB, n int, flags ...string) *haCluster {
 	for i := range n {
 		r := &replica{addr: freeAddr(t), socket: filepath.Join(dir, fmt.Sprintf("api-%d.sock", i))}
 		args := []string{"server", "--data-dir", filepath.Join(dir, fmt.Sprintf("data-%d", i)), "--master-key-file", h.masterKey, "--api-socket", r.socket,
-			"--listen", r.addr, "--tls-cert", c.cert, "--tls-key", c.key, "--store", c.dsn, "--log-level", "warn"}
+			"--listen", r.addr, "--tls-cert", c.cert, "--tls-key", c.key, "--store", c.dsn, "--log-level", "warn", "--backup-interval", "0"}
 		r.cmd = c.start(filepath.Join(dir, fmt.Sprintf("replica-%d.log", i)), append(args, flags...)...)
 		r.op = client.New("unix://"+r.socket, "")
 		r.scrape = &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {

@@ -207,8 +207,8 @@ func (s *Server) open(ctx context.Context) error {
 	s.local.RegisterOnShutdown(s.api.EndLongPolls)
 	go ver.WatchStale(bg)
 	go reclaimOrphans(bg, s.store, km, replica, reclaimInterval, orphanAge, s.log)
-	if cfg.BackupInterval > 0 {
-		go vs.RunBackups(bg, replica, cfg.BackupInterval)
+	if *cfg.BackupInterval > 0 {
+		go vs.RunBackups(bg, replica, *cfg.BackupInterval)
 	}
 	return nil
 }

@@ -198,7 +198,7 @@ func TestClusterEvacuate(t *testing.T) {
 	}
 	b := c.addAgent("hv-b", 4)
 
-	_, err := c.op.Evacuate(ctx, "hv-a", api.EvacuateRequest{})
+	_, err := c.op.Evacuate(ctx, "hv-a", api.EvacuateRequest{}, nil)
 	wantCode(t, err, api.CodeHostNotDown)
 
 	// hv-a is gone for good: its agent and its swtpm processes.
@@ -244,7 +244,7 @@ func TestClusterEvacuate(t *testing.T) {
 	}
 
 	// Again, with --new-tpm: the one left gets a new TPM on hv-b.
-	e, err := c.op.Evacuate(ctx, "hv-a", api.EvacuateRequest{NewTPM: true})
+	e, err := c.op.Evacuate(ctx, "hv-a", api.EvacuateRequest{NewTPM: true}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -266,7 +266,7 @@ func TestClusterEvacuate(t *testing.T) {
 		t.Fatal("no event saying the TPM is new")
 	}
 	// Nothing is left to do.
-	if e, err := c.op.Evacuate(ctx, "hv-a", api.EvacuateRequest{}); err != nil || len(e.Items) != 0 {
+	if e, err := c.op.Evacuate(ctx, "hv-a", api.EvacuateRequest{}, nil); err != nil || len(e.Items) != 0 {
 		t.Fatalf("third evacuation: %+v, %v", e, err)
 	}
 }

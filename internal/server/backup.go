@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"encoding/json"
 	"net/http"
 
 	"github.com/vtpmd/vtpmd/api"
@@ -114,7 +115,11 @@ func (s *Server) moved(w http.ResponseWriter, r *http.Request, do func(context.C
 }
 
 // evacuateHost moves the vTPMs of a host that is gone to other hosts
-// (vtpms.Service.Evacuate): 200 with what became of each.
+// (vtpms.Service.Evacuate): 200 with what became of each. Asked with
+// Accept: application/x-ndjson, the answer is streamed as
+// api.EvacuationProgress lines: the count first, each vTPM as its outcome
+// is known, then the result (or, once streaming began, the error that cut
+// the evacuation short).
 func (s *Server) evacuateHost(w http.ResponseWriter, r *http.Request) error {
 	var req api.EvacuateRequest
 	if err := decode(w, r, &req); err != nil {
@@ -124,10 +129,38 @@ func (s *Server) evacuateHost(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	out, err := s.VTPMs.Evacuate(r.Context(), c, r.PathValue("name"), req.Force, req.NewTPM, nil)
-	if err != nil {
-		return err
+	if r.Header.Get("Accept") != ndjson {
+		out, err := s.VTPMs.Evacuate(r.Context(), c, r.PathValue("name"), req.Force, req.NewTPM, nil)
+		if err != nil {
+			return err
+		}
+		writeJSON(w, http.StatusOK, out)
+		return nil
 	}
-	writeJSON(w, http.StatusOK, out)
+	rc := http.NewResponseController(w)
+	enc := json.NewEncoder(w)
+	streaming := false
+	line := func(p api.EvacuationProgress) {
+		if !streaming {
+			w.Header().Set("Content-Type", ndjson)
+			w.WriteHeader(http.StatusOK)
+			streaming = true
+		}
+		enc.Encode(p)
+		rc.Flush()
+	}
+	out, err := s.VTPMs.Evacuate(r.Context(), c, r.PathValue("name"), req.Force, req.NewTPM, line)
+	switch {
+	case err != nil && !streaming:
+		return err
+	case err != nil:
+		e := toAPIError(err, s.Log, r)
+		line(api.EvacuationProgress{Error: &api.Error{Code: e.Code, Message: e.Message}, Status: e.Status})
+	default:
+		line(api.EvacuationProgress{Done: len(out.Items), Total: len(out.Items), Result: out})
+	}
 	return nil
 }
+
+// ndjson is the media type of a streamed answer: one JSON value a line.
+const ndjson = "application/x-ndjson"

@@ -100,3 +100,26 @@ func (t *Tx) FinishMigration(instanceID string) error {
 	_, err := t.exec(`DELETE FROM vtpm_migrations WHERE instance_id=?`, instanceID)
 	return err
 }
+
+// ListMigrations lists the migrations from or to host, without their
+// bundles (GetMigration reads one whole), oldest first.
+func (t *Tx) ListMigrations(host string) ([]Migration, error) {
+	rows, err := t.query(`SELECT instance_id, incarnation, source, target, step, was_running, generation, actor, started_at, updated_at
+		FROM vtpm_migrations WHERE source=? OR target=? ORDER BY started_at, instance_id`, host, host)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []Migration
+	for rows.Next() {
+		var m Migration
+		var running int
+		var started, updated string
+		if err := rows.Scan(&m.InstanceID, &m.Incarnation, &m.Source, &m.Target, &m.Step, &running, &m.Generation, &m.Actor, &started, &updated); err != nil {
+			return nil, err
+		}
+		m.WasRunning, m.StartedAt, m.UpdatedAt = running != 0, parseStamp(started), parseStamp(updated)
+		out = append(out, m)
+	}
+	return out, rows.Err()
+}

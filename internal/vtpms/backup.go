@@ -154,10 +154,45 @@ func (s *Service) Restore(ctx context.Context, c tenant.Caller, id string, gen i
 		s.event(ctx, c, v, "restore failed", fmt.Sprintf("generation %d: %s", b.Generation, refusal.Truncate(err.Error())))
 		return nil, err
 	}
-	s.event(ctx, c, v, "restored", fmt.Sprintf("generation %d; what changed in the TPM after %s is gone", b.Generation, b.CreatedAt.Format(time.RFC3339)))
+	err = s.cfg.Store.Update(context.WithoutCancel(ctx), func(tx *store.Tx) error {
+		if err := rebaseAttestation(tx, c.Actor, v.InstanceID, fmt.Sprintf("restored from its backup of generation %d", b.Generation)); err != nil {
+			return err
+		}
+		return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: v.InstanceID, Action: "restored",
+			Detail: fmt.Sprintf("generation %d; what changed in the TPM after %s is gone", b.Generation, b.CreatedAt.Format(time.RFC3339))})
+	})
+	if err != nil {
+		return nil, err
+	}
 	s.cfg.Log.Info("restored vTPM state", "instance", v.InstanceID, "generation", b.Generation, "rollback", rollback, "by", c.Actor)
 	b.Bundle = nil
 	return b, nil
+}
+
+// rebaseAttestation lifts the floor the verifier keeps of the instance's
+// TPM counters (its last accepted quote's reset count, restart count and
+// clock, which a later quote must not go below: attest.Verify's rollback
+// check), in tx, with an event: vtpmd itself put the vTPM's state back to
+// an earlier one (how), on the operator's word, so its counters went back
+// with it, and its next quote sets the floor again. A rollback vtpmd did
+// not make is still caught. The registration (AK, agent token) and the
+// policy stay. Nothing if the instance never registered.
+func rebaseAttestation(tx *store.Tx, actor, instanceID, how string) error {
+	a, err := tx.GetAttestation(instanceID)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	a.Clock, a.ResetCount, a.RestartCount, a.PCRs, a.EventLog = 0, 0, 0, nil, nil
+	a.IMALog, a.IMAEntries = nil, 0
+	if err := tx.PutAttestation(a); err != nil {
+		return err
+	}
+	return tx.AppendEvent(store.Event{Actor: actor, InstanceID: instanceID, Action: "attestation counters rebased",
+		Detail: "the vTPM's state was " + how + ": its TPM counters went back with it; its next quote's counters are the floor " +
+			"(its registration and policy stay)"})
 }
 
 // export has the agent of v's host export v's state as a bundle of a new

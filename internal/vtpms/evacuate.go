@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
@@ -34,14 +35,36 @@ const evacuateWorkers = 8
 //   - being deleted: its record goes (its secret was shredded already).
 //   - being shelved: its shelved bundle kept already, it is shelved.
 //   - being unshelved there: it is unshelved elsewhere.
-//   - migrating, or a resize of it awaiting confirm or revert: refused
-//     (migration_in_progress, resize_pending), nothing of it changed.
+//   - a resize of it awaiting confirm or revert: refused
+//     (resize_pending), nothing of it changed.
 //
-// Doing it again continues: the vTPMs still on host, and those taken off
-// it whose unshelve did not finish. progress, if not nil, is called with
-// each vTPM's outcome as it is known, one call at a time. The operator's:
-// a project cannot.
-func (s *Service) Evacuate(ctx context.Context, c tenant.Caller, host string, force, newTPM bool, progress func(api.EvacuatedVTPM)) (*api.Evacuation, error) {
+// A vTPM migrating from or to host (Migrate) is evacuated from the step
+// its migration recorded, so that the newest copy of its state the
+// control plane can reach is the one kept:
+//
+//   - from host, stopping or exporting: its state never left host; the
+//     migration is abandoned (the vTPM wanted running again if it was)
+//     and the vTPM is evacuated as above, from its newest backup.
+//   - from host, importing: its bundle, exported when it stopped, is in
+//     the migration; the target takes it in (migrated; nothing lost).
+//   - from host, cleaning: it is on the target already; the migration
+//     ends, the old copy gone with host (migrated).
+//   - to host, before the record switched (stopping, exporting,
+//     importing): its source still holds it; the migration is undone,
+//     the vTPM wanted running there again if it was (returned).
+//   - to host, cleaning (the record names host, the source has not
+//     removed its copy yet): with a backup newer than the migration's
+//     bundle, the source's copy goes and the vTPM is restored from that
+//     backup as above; otherwise it goes back to its source, with the
+//     state it had there when it left (returned; what changed on host
+//     after the move is lost, and its events say so).
+//
+// Doing it again continues: the vTPMs still on host, those taken off it
+// whose unshelve did not finish, and the migrations from or to it.
+// progress, if not nil, is called first with the number of vTPMs to
+// evacuate, then with each vTPM's outcome as it is known, one call at a
+// time. The operator's: a project cannot.
+func (s *Service) Evacuate(ctx context.Context, c tenant.Caller, host string, force, newTPM bool, progress func(api.EvacuationProgress)) (*api.Evacuation, error) {
 	if c.Project != "" {
 		return nil, refusal.Forbidden(api.CodeForbidden, "Hosts are the operator's: a project cannot evacuate one.")
 	}
@@ -59,6 +82,7 @@ func (s *Service) Evacuate(ctx context.Context, c tenant.Caller, host string, fo
 	}
 	var vs []*store.VTPM
 	var left []string
+	var moving []store.Migration
 	err = s.cfg.Store.Update(ctx, func(tx *store.Tx) (err error) {
 		if vs, err = tx.ListVTPMs(store.Filter{Host: host}); err != nil {
 			return err
@@ -66,7 +90,10 @@ func (s *Service) Evacuate(ctx context.Context, c tenant.Caller, host string, fo
 		if left, err = tx.EvacuatedFrom(host); err != nil {
 			return err
 		}
-		detail := fmt.Sprintf("%d vTPMs on it, %d taken off it earlier", len(vs), len(left))
+		if moving, err = tx.ListMigrations(host); err != nil {
+			return err
+		}
+		detail := fmt.Sprintf("%d vTPMs on it, %d taken off it earlier, %d migrating from or to it", len(vs), len(left), len(moving))
 		if force {
 			detail += "; forced by the operator"
 		}
@@ -75,9 +102,18 @@ func (s *Service) Evacuate(ctx context.Context, c tenant.Caller, host string, fo
 	if err != nil {
 		return nil, err
 	}
-	s.cfg.Log.Info("evacuating host", "host", host, "vtpms", len(vs), "left", len(left), "force", force, "by", c.Actor)
+	migrating := map[string]bool{}
+	for _, m := range moving {
+		migrating[m.InstanceID] = true
+	}
+	vs = slices.DeleteFunc(vs, func(v *store.VTPM) bool { return migrating[v.InstanceID] })
+	total := len(vs) + len(left) + len(moving)
+	s.cfg.Log.Info("evacuating host", "host", host, "vtpms", len(vs), "left", len(left), "migrating", len(moving), "force", force, "by", c.Actor)
 
 	out := &api.Evacuation{Host: host, Items: []api.EvacuatedVTPM{}, Count: map[string]int{}}
+	if progress != nil {
+		progress(api.EvacuationProgress{Total: total})
+	}
 	var mu sync.Mutex
 	done := func(item api.EvacuatedVTPM) {
 		mu.Lock()
@@ -85,7 +121,7 @@ func (s *Service) Evacuate(ctx context.Context, c tenant.Caller, host string, fo
 		out.Items = append(out.Items, item)
 		out.Count[item.Outcome]++
 		if progress != nil {
-			progress(item)
+			progress(api.EvacuationProgress{Done: len(out.Items), Total: total, Item: &item})
 		}
 	}
 	work := make(chan func() api.EvacuatedVTPM)
@@ -98,6 +134,9 @@ func (s *Service) Evacuate(ctx context.Context, c tenant.Caller, host string, fo
 				done(w())
 			}
 		}()
+	}
+	for _, m := range moving {
+		work <- func() api.EvacuatedVTPM { return s.evacuateMigration(ctx, c, host, m, newTPM) }
 	}
 	for _, v := range vs {
 		work <- func() api.EvacuatedVTPM { return s.evacuate(ctx, c, host, v, newTPM) }
@@ -116,11 +155,155 @@ func (s *Service) Evacuate(ctx context.Context, c tenant.Caller, host string, fo
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	detail := fmt.Sprintf("%d restored, %d with a new TPM, %d placed, %d deleted, %d shelved, %d refused", out.Count[api.EvacuatedRestored],
-		out.Count[api.EvacuatedNewTPM], out.Count[api.EvacuatedPlaced], out.Count[api.EvacuatedDeleted], out.Count[api.EvacuatedShelved], out.Count[api.EvacuatedRefused])
+	detail := fmt.Sprintf("%d restored, %d with a new TPM, %d placed, %d deleted, %d shelved, %d migrated, %d returned, %d refused",
+		out.Count[api.EvacuatedRestored], out.Count[api.EvacuatedNewTPM], out.Count[api.EvacuatedPlaced], out.Count[api.EvacuatedDeleted],
+		out.Count[api.EvacuatedShelved], out.Count[api.EvacuatedMigrated], out.Count[api.EvacuatedReturned], out.Count[api.EvacuatedRefused])
 	s.event(ctx, c, &store.VTPM{InstanceID: store.HostKey(host)}, "evacuated", detail)
 	s.cfg.Log.Info("evacuated host", "host", host, "outcome", detail, "by", c.Actor)
 	return out, nil
+}
+
+// evacuateMigration takes the vTPM migrating as m from or to host, which
+// is gone, from the step m recorded, as Evacuate says.
+func (s *Service) evacuateMigration(ctx context.Context, c tenant.Caller, host string, m store.Migration, newTPM bool) api.EvacuatedVTPM {
+	item := api.EvacuatedVTPM{InstanceID: m.InstanceID, Generation: m.Generation}
+	switch {
+	case m.Source == host && m.Step == store.MigrationImporting:
+		full, err := s.migration(ctx, m.InstanceID)
+		if err != nil {
+			return s.refused(item, err)
+		}
+		next, err := s.migrationImport(ctx, c, full, nil)
+		if next != nil {
+			s.withdraw(ctx, next) // the discard of the gone source's copy
+		}
+		if err != nil {
+			s.event(ctx, c, &store.VTPM{InstanceID: m.InstanceID}, "migration failed", fmt.Sprintf(
+				"step %s, from host %s (gone) to host %s: %s; evacuate host %s again to continue", m.Step, m.Source, m.Target, refusal.Truncate(err.Error()), host))
+			return s.refused(item, err)
+		}
+		fallthrough
+	case m.Source == host && m.Step == store.MigrationCleaning:
+		err := s.endMigration(ctx, c, m, nil, "migrated", fmt.Sprintf("from host %s to host %s; its copy on host %s is gone with that host", m.Source, m.Target, m.Source))
+		if err != nil {
+			return s.refused(item, err)
+		}
+		item.Outcome, item.Host = api.EvacuatedMigrated, m.Target
+		return item
+	case m.Source == host:
+		v, err := s.abandonOnto(ctx, c, m, m.Source, "migration abandoned", fmt.Sprintf(
+			"its source host %s is gone before its state left it (step %s); the vTPM is evacuated from its newest backup", host, m.Step))
+		if err != nil {
+			return s.refused(item, err)
+		}
+		return s.evacuate(ctx, c, host, v, newTPM)
+	case m.Step != store.MigrationCleaning:
+		_, err := s.abandonOnto(ctx, c, m, m.Source, "migration undone", fmt.Sprintf(
+			"its target host %s is gone (step %s); the vTPM stays on host %s, with its state there", host, m.Step, m.Source))
+		if err != nil {
+			return s.refused(item, err)
+		}
+		item.Outcome, item.Host = api.EvacuatedReturned, m.Source
+		return item
+	}
+	// To host, switched to it already: the source's copy is the state as
+	// it left, at m.Generation; a backup taken on host since is newer.
+	var newest int64
+	err := s.cfg.Store.View(ctx, func(tx *store.Tx) error {
+		b, err := tx.GetBackup(m.InstanceID, m.Incarnation, 0)
+		if err == nil {
+			newest = b.Generation
+		} else if !errors.Is(err, store.ErrNotFound) {
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		return s.refused(item, err)
+	}
+	if newest > m.Generation {
+		full, err := s.migration(ctx, m.InstanceID)
+		if err == nil {
+			_, err = s.migrationClean(ctx, c, full, nil)
+		}
+		if err != nil {
+			return s.refused(item, err)
+		}
+		v, err := s.Get(ctx, c, m.InstanceID)
+		if err != nil {
+			return s.refused(item, err)
+		}
+		return s.evacuate(ctx, c, host, v, newTPM)
+	}
+	_, err = s.abandonOnto(ctx, c, m, m.Target, "migration undone", fmt.Sprintf(
+		"its target host %s is gone; the vTPM is back on host %s with the state it exported there (generation %d); what changed in the TPM on host %s after %s is lost",
+		host, m.Source, m.Generation, host, m.UpdatedAt.Format(time.RFC3339)))
+	if err != nil {
+		return s.refused(item, err)
+	}
+	item.Outcome, item.Host = api.EvacuatedReturned, m.Source
+	return item
+}
+
+// migration reads the migration of the vTPM id, with its bundle.
+func (s *Service) migration(ctx context.Context, id string) (m *store.Migration, err error) {
+	err = s.cfg.Store.View(ctx, func(tx *store.Tx) error { m, err = tx.GetMigration(id); return err })
+	return m, err
+}
+
+// abandonOnto ends m, whose vTPM's record names host at (its source, or
+// its target for one switched already), and leaves the vTPM on m's source,
+// stopped there and wanted running again if it was before the move, with
+// an event (action, detail): the vTPM as written.
+func (s *Service) abandonOnto(ctx context.Context, c tenant.Caller, m store.Migration, at, action, detail string) (*store.VTPM, error) {
+	var out *store.VTPM
+	err := s.endMigration(ctx, c, m, func(tx *store.Tx) error {
+		v, err := tx.GetVTPM(m.InstanceID)
+		if err != nil {
+			return err
+		}
+		if v.Incarnation != m.Incarnation || v.Host != at {
+			return refusal.Conflict(api.CodeConflict, "The vTPM of "+m.InstanceID+" changed under its migration; evacuate again.")
+		}
+		if at != m.Source {
+			v.Host, v.Phase, v.Reason, v.Sockets, v.PID, v.Connected = m.Source, store.PhaseStopped, "", store.Sockets{}, 0, false
+			how := fmt.Sprintf("put back to the copy on host %s, of generation %d, its host %s gone", m.Source, m.Generation, at)
+			if err := rebaseAttestation(tx, c.Actor, m.InstanceID, how); err != nil {
+				return err
+			}
+		}
+		if m.WasRunning {
+			v.Desired = store.DesiredRunning
+		}
+		out = v
+		return tx.UpdateVTPM(v)
+	}, action, detail)
+	return out, err
+}
+
+// endMigration ends m (still at its step), with change (may be nil) and
+// an event (action, detail) in the same transaction.
+func (s *Service) endMigration(ctx context.Context, c tenant.Caller, m store.Migration, change func(*store.Tx) error, action, detail string) error {
+	return s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
+		cur, err := tx.GetMigration(m.InstanceID)
+		switch {
+		case errors.Is(err, store.ErrNotFound):
+			return refusal.Conflict(api.CodeConflict, "The migration of "+m.InstanceID+" ended meanwhile.")
+		case err != nil:
+			return err
+		case cur.Step != m.Step && !(m.Step == store.MigrationImporting && cur.Step == store.MigrationCleaning):
+			return refusal.Conflict(api.CodeConflict, "The migration of "+m.InstanceID+" moved on meanwhile; evacuate again.")
+		}
+		if change != nil {
+			if err := change(tx); err != nil {
+				return err
+			}
+		}
+		if err := tx.FinishMigration(m.InstanceID); err != nil {
+			return err
+		}
+		return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: m.InstanceID, Action: action, Detail: detail})
+	})
 }
 
 // evacuate takes v off host, which is gone, as Evacuate says.

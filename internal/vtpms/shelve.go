@@ -184,6 +184,12 @@ func (s *Service) unshelve(ctx context.Context, c tenant.Caller, v *store.VTPM, 
 		if err := tx.DeleteShelved(v.InstanceID, v.Incarnation); err != nil {
 			return err
 		}
+		if sh.Reason == store.ShelvedEvacuate {
+			how := fmt.Sprintf("restored from its backup of generation %d, its host %s gone", sh.Generation, sh.FromHost)
+			if err := rebaseAttestation(tx, c.Actor, v.InstanceID, how); err != nil {
+				return err
+			}
+		}
 		return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: v.InstanceID, Action: "unshelved", Detail: detail})
 	})
 	if err != nil {

@@ -94,7 +94,7 @@ func TestEveryFlag(t *testing.T) {
 		Auth: "keystone", KeystoneURL: "http://keystone:5000/v3", KeystoneCredentialsFile: "/etc/vtpmd/keystone.yaml",
 		KeystoneAdminProject: "cloud-admin", KeystoneCacheTTL: 20 * time.Second,
 		KeyManager: "barbican", BarbicanURL: "https://barbican:9311",
-		BackupInterval: time.Hour, BackupKeep: 5,
+		BackupInterval: new(time.Hour), BackupKeep: 5,
 	}
 	got, out := printed(t, args...)
 	if !reflect.DeepEqual(got, want) {

@@ -52,6 +52,8 @@ func bindConfig(cmd *cobra.Command) *configFlags {
 			f.flags.IntVar(*p, s.Key, **p, usage)
 		case *time.Duration:
 			f.flags.DurationVar(p, s.Key, *p, usage)
+		case **time.Duration:
+			f.flags.DurationVar(*p, s.Key, **p, usage)
 		case *slog.Level:
 			f.flags.Var(levelValue{p}, s.Key, usage)
 		case *[]string:
@@ -93,7 +95,7 @@ var settingUsage = map[string]string{
 	"stale-after":               "time without evidence after which an attestation verdict turns stale",
 	"heartbeat-interval":        "time between this host's agent's heartbeats",
 	"heartbeat-window":          "time without a heartbeat after which a host reads down and takes no new vTPMs (its vTPMs stay)",
-	"backup-interval":           "how often every vTPM is backed up (a sealed state bundle in the store), and at every stop; 0: only when asked",
+	"backup-interval":           "how often every vTPM is backed up (a sealed state bundle in the store), and at every stop; 0: only when asked (off)",
 	"backup-keep":               "backups kept of each vTPM (the newest)",
 	"host-ek-ca":                "PEM file of the CAs whose EK certificates hosts' TPMs may register with",
 	"pool-size":                 "manufactured TPM 2.0s kept ready for new instances (swtpm backend; 0: none)",
