@@ -20,7 +20,7 @@ var _ agent.Exporter = (*Backend)(nil)
 // the host's swtpm runtime (swtpmhost.Runtime.Export) from where the
 // mode keeps them: libvirt's state directory in emulator mode, vtpmd's in
 // external mode. Either way they are swtpm's files, encrypted with the
-// vTPM's secret as at rest, so a bundle of one mode imports in the other.
+// vTPM's secret as at rest.
 func (b *Backend) Export(ctx context.Context, v agent.VTPM) ([]bundle.File, error) {
 	return b.cfg.Swtpm.Export(ctx, b.tpmState(v))
 }
