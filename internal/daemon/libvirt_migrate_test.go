@@ -159,8 +159,9 @@ func TestClusterLibvirtMigrate(t *testing.T) {
 // deployment it is not (vtpmd defines it for each start); on lv-a, the
 // state and the libvirt secret are gone. The guest of user's boots on
 // lv-b; the others' TPMs are read through swtpm. Then host's vTPM is
-// backed up, changed, restored, shelved and unshelved onto lv-a: its NV
-// data comes back each time, and its libvirt secret goes with its state.
+// backed up, changed, restored, shelved and unshelved onto lv-a, backed up
+// again, and evacuated from lv-a, lost, onto lv-b: its NV data comes back
+// each time, and its libvirt secret goes with its state.
 func testLibvirtMigrateEmulator(t *testing.T) {
 	swtpmtest.Require(t, "tpm2_nvdefine")
 	lv := connectLibvirt(t)
@@ -177,7 +178,7 @@ func testLibvirtMigrateEmulator(t *testing.T) {
 		t.Fatal(err)
 	}
 	flags := []string{"--config", conf, "--backend", "libvirt", "--libvirt-mode", "emulator", "--enable-vtpm"}
-	c.addAgent("lv-a", 4, flags...)
+	a := c.addAgent("lv-a", 4, flags...)
 	c.addWrappedAgent(other.nsenter(), "lv-b", 4, append(flags, "--libvirt-socket", other.socket)...)
 	kr := clusterKeyring(t, c)
 	stateOn := map[string]func(id string) string{
@@ -337,6 +338,27 @@ func testLibvirtMigrateEmulator(t *testing.T) {
 	}
 	after, err := c.op.Identity(ctx, m.id)
 	if err != nil {
+		t.Fatal(err)
+	}
+	sameEKs(t, m.before, after)
+
+	// lv-a is lost after a backup: its vTPM is restored on lv-b from it.
+	if _, err := c.op.CreateBackup(ctx, m.id); err != nil {
+		t.Fatal(err)
+	}
+	stop(a.cmd, syscall.SIGKILL)
+	c.waitHost("lv-a", "down")
+	ev, err := c.op.Evacuate(ctx, "lv-a", api.EvacuateRequest{})
+	if err != nil || len(ev.Items) != 1 || ev.Items[0].Outcome != "restored" || ev.Items[0].Host != "lv-b" {
+		t.Fatalf("evacuating lv-a: %+v %v", ev, err)
+	}
+	if got := readData("lv-b"); !bytes.Equal(got, m.data) {
+		t.Fatalf("NV index after the evacuation = %q, want %q", got, m.data)
+	}
+	if value, hidden, ok := libvirtSecret(t, lv2, rec.SecretRef); !ok || hidden || !bytes.Equal(value, m.secret) {
+		t.Fatalf("lv-b's libvirt secret after the evacuation: defined %v, ephemeral or private %v", ok, hidden)
+	}
+	if after, err = c.op.Identity(ctx, m.id); err != nil {
 		t.Fatal(err)
 	}
 	sameEKs(t, m.before, after)
