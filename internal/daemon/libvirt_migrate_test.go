@@ -13,6 +13,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	golibvirt "github.com/digitalocean/go-libvirt"
 	"github.com/digitalocean/go-libvirt/socket/dialers"
@@ -123,9 +124,11 @@ func bootOnTarget(t *testing.T, c *cluster, id, console string, before api.Ident
 
 // migrateTo migrates the vTPM id to host, again while the server answers
 // that the vTPM changed as the migration began (its agent reporting, say).
+// It logs how long the migration that went through took.
 func migrateTo(t *testing.T, c *cluster, id, host string) api.VTPM {
 	t.Helper()
 	for {
+		start := time.Now()
 		v, err := c.op.Migrate(context.Background(), id, api.MigrateRequest{Host: host})
 		if client.ErrorCode(err) == api.CodeMigrationInProgress && strings.Contains(err.Error(), "changed while its migration began") {
 			continue
@@ -133,6 +136,7 @@ func migrateTo(t *testing.T, c *cluster, id, host string) api.VTPM {
 		if err != nil {
 			t.Fatal(err)
 		}
+		t.Logf("migrated %s to %s in %s", id, host, time.Since(start).Round(time.Millisecond))
 		return v
 	}
 }
