@@ -24,7 +24,6 @@ import (
 	"github.com/vtpmd/vtpmd/internal/backend/libvirt"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/spec"
-	"github.com/vtpmd/vtpmd/internal/swtpm"
 )
 
 // defineBareGuest defines a guest that boots nothing (q35, SeaBIOS, no
@@ -96,13 +95,7 @@ func novaStart(t *testing.T, lv *golibvirt.Libvirt, dom golibvirt.Domain, id, se
 // the test's own that gets passphrase on a pipe, as libvirt's does.
 func onState(t *testing.T, dir string, passphrase []byte, fn func(transport.TPM)) {
 	t.Helper()
-	i := swtpm.Instance{Dir: dir, Version: spec.V20, Secret: passphrase}
-	p, err := swtpm.Start(context.Background(), i, nil)
-	if err != nil {
-		t.Fatalf("opening the state in %s: %v", dir, err)
-	}
-	defer p.Stop(context.Background())
-	withTPM(t, i.DataSocket(), fn)
+	onStateSocket(t, dir, passphrase, func(sock string) { withTPM(t, sock, fn) })
 }
 
 func fileSum(t *testing.T, path string) [32]byte {

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"syscall"
 	"testing"
 	"time"
@@ -24,11 +25,20 @@ import (
 	"github.com/vtpmd/vtpmd/internal/store"
 )
 
-// emptyLibvirtd runs a second libvirtd, with no domains, in a mount
-// namespace of its own: its state, configuration and runtime directories
-// are empty tmpfs there, and its sockets are in a directory of the test's.
-// It returns the path of its socket; it is stopped when the test ends.
-func emptyLibvirtd(t *testing.T) string {
+// otherLibvirtd is a second libvirtd on this machine, standing for another
+// host's: it runs in a mount namespace of its own, where its state,
+// configuration and runtime directories (libvirt's swtpm state directory
+// among them) are empty tmpfs, so it starts with no domains, secrets or
+// vTPM state, and what it and the agent running beside it keep there is
+// theirs alone. Its sockets are in a directory of the test's. It logs the
+// guests' output itself rather than through virtlogd (whose socket is in
+// the runtime directory). It is stopped when the test ends.
+type otherLibvirtd struct {
+	socket string
+	pid    int // libvirtd's, in its namespace
+}
+
+func startOtherLibvirtd(t *testing.T) *otherLibvirtd {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "lv2-") // short: a unix socket's path is bounded
 	if err != nil {
@@ -39,11 +49,19 @@ func emptyLibvirtd(t *testing.T) string {
 	if err := os.WriteFile(conf, []byte("unix_sock_dir = \""+dir+"\"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	qemuConf, err := os.ReadFile("/etc/libvirt/qemu.conf")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "qemu.conf"), append(qemuConf, "\nstdio_handler = \"file\"\n"...), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	script := `for p in /run/libvirt /var/lib/libvirt/qemu /etc/libvirt/qemu /var/cache/libvirt /var/lib/libvirt/swtpm; do
 	if [ -d "$p" ]; then mount -t tmpfs tmpfs "$p" || exit 1; fi
 done
+mount --bind "$3" /etc/libvirt/qemu.conf || exit 1
 exec libvirtd -f "$1" -p "$2"`
-	cmd := exec.Command("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", conf, filepath.Join(dir, "libvirtd.pid"))
+	cmd := exec.Command("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", conf, filepath.Join(dir, "libvirtd.pid"), filepath.Join(dir, "qemu.conf"))
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
@@ -56,12 +74,25 @@ exec libvirtd -f "$1" -p "$2"`
 		err := lv.ConnectToURI(golibvirt.QEMUSystem)
 		if err == nil {
 			lv.Disconnect()
-			return socket
+			// unshare and sh exec: the process is libvirtd.
+			return &otherLibvirtd{socket: socket, pid: cmd.Process.Pid}
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("the second libvirtd does not answer: %v\n%s", err, out.String())
 		}
 	}
+}
+
+// path is where path in the second libvirtd's namespace is seen from
+// this one.
+func (l *otherLibvirtd) path(path string) string {
+	return filepath.Join("/proc", strconv.Itoa(l.pid), "root", path)
+}
+
+// nsenter is the command prefix that runs a program in the second
+// libvirtd's mount namespace, as a program beside it on its host.
+func (l *otherLibvirtd) nsenter() []string {
+	return []string{"nsenter", "--target", strconv.Itoa(l.pid), "--mount", "--"}
 }
 
 // clusterKeyring opens the key manager of c's server, as a second process
@@ -96,7 +127,7 @@ func TestClusterAdopt(t *testing.T) {
 	c := newCluster(t)
 	ctx := context.Background()
 	nova := c.addAgent("hv-nova", 2, "--backend", "libvirt", "--libvirt-mode", "emulator", "--enable-vtpm")
-	empty := c.addAgent("hv-empty", 2, "--backend", "libvirt", "--libvirt-mode", "emulator", "--enable-vtpm", "--libvirt-socket", emptyLibvirtd(t))
+	empty := c.addAgent("hv-empty", 2, "--backend", "libvirt", "--libvirt-mode", "emulator", "--enable-vtpm", "--libvirt-socket", startOtherLibvirtd(t).socket)
 	kr := clusterKeyring(t, c)
 
 	id := uuid.NewString()

@@ -46,6 +46,7 @@ type clusterAgent struct {
 	name string
 	dir  string
 	args []string
+	wrap []string // a command that runs vtpmd (nsenter, say); none for vtpmd itself
 	cmd  *exec.Cmd
 }
 
@@ -65,7 +66,15 @@ func newCluster(t testing.TB) *cluster {
 // test fails; it is killed when the test ends.
 func (c *cluster) start(log string, args ...string) *exec.Cmd {
 	c.t.Helper()
-	cmd := exec.Command(c.bin, args...)
+	return c.startWrapped(log, nil, args...)
+}
+
+// startWrapped is start with vtpmd run by the command wrap, which must
+// exec it (so that killing the process kills vtpmd).
+func (c *cluster) startWrapped(log string, wrap []string, args ...string) *exec.Cmd {
+	c.t.Helper()
+	argv := append(append(slices.Clone(wrap), c.bin), args...)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	f, err := os.OpenFile(log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		c.t.Fatal(err)
@@ -112,11 +121,18 @@ func (c *cluster) startServer() {
 // capacity and the extra flags; it returns once the host reads up.
 func (c *cluster) addAgent(name string, capacity int, flags ...string) *clusterAgent {
 	c.t.Helper()
+	return c.addWrappedAgent(nil, name, capacity, flags...)
+}
+
+// addWrappedAgent is addAgent with the agent run by the command wrap
+// (startWrapped).
+func (c *cluster) addWrappedAgent(wrap []string, name string, capacity int, flags ...string) *clusterAgent {
+	c.t.Helper()
 	tok, err := c.op.JoinToken(context.Background(), name, 0)
 	if err != nil {
 		c.t.Fatal(err)
 	}
-	a := &clusterAgent{name: name, dir: filepath.Join(filepath.Dir(c.dir), name)}
+	a := &clusterAgent{name: name, dir: filepath.Join(filepath.Dir(c.dir), name), wrap: wrap}
 	tokenFile := filepath.Join(filepath.Dir(c.dir), name+".token")
 	if err := os.WriteFile(tokenFile, []byte(tok.Token+"\n"), 0o600); err != nil {
 		c.t.Fatal(err)
@@ -138,7 +154,7 @@ func (c *cluster) addAgent(name string, capacity int, flags ...string) *clusterA
 
 func (c *cluster) startAgent(a *clusterAgent) {
 	c.t.Helper()
-	a.cmd = c.start(a.dir+".log", a.args...)
+	a.cmd = c.startWrapped(a.dir+".log", a.wrap, a.args...)
 	c.waitHost(a.name, "up")
 }
 

@@ -97,12 +97,17 @@ func waitConsole(t testing.TB, console, marker string) string {
 }
 
 // bootPCRs waits for the test init's report on the guest's console and
-// returns the PCR values (and the event log, as "eventlog") it printed.
+// returns the PCR values (and the event log, as "eventlog") it printed,
+// and its TPM lines (its printTPM) by what precedes their "=": "TPM EK
+// sha256", "TPM NV 0x1500016", ...
 func bootPCRs(t *testing.T, console string) map[string]string {
 	t.Helper()
 	pcrs := map[string]string{}
 	for _, line := range strings.Split(waitConsole(t, console, "VTPM-TESTINIT DONE"), "\n") {
 		line = strings.TrimSpace(line)
+		if k, v, ok := strings.Cut(line, "="); ok && strings.HasPrefix(line, "TPM ") {
+			pcrs[k] = v
+		}
 		if k, v, ok := strings.Cut(strings.TrimPrefix(line, "PCR "), "="); ok && strings.HasPrefix(line, "PCR ") {
 			pcrs[k] = v
 		}

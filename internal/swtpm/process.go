@@ -595,6 +595,17 @@ func removePIDFile(path string, pid int) {
 	}
 }
 
+// Own makes i's state directory what a start of swtpm makes it: 0700,
+// owned with all it holds by the user swtpm runs as (i.User and i.Group),
+// for a state written by vtpmd rather than by swtpm (an imported one).
+func Own(i Instance) error {
+	cred, err := credential(i)
+	if err != nil {
+		return err
+	}
+	return prepareDir(i.Dir, cred)
+}
+
 // prepareDir makes dir 0700, owned by cred's user (with its contents) when
 // swtpm runs as another user.
 func prepareDir(dir string, cred *syscall.Credential) error {

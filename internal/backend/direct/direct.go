@@ -94,10 +94,10 @@ func (b *Backend) Drift(ctx context.Context, records func(context.Context) ([]ag
 
 // Export implements agent.Exporter (swtpmhost.Runtime.Export).
 func (b *Backend) Export(ctx context.Context, v agent.VTPM) ([]bundle.File, error) {
-	return b.rt.Export(ctx, v.InstanceID)
+	return b.rt.Export(ctx, b.rt.Dir(v.InstanceID))
 }
 
 // Import implements agent.Exporter (swtpmhost.Runtime.Import).
 func (b *Backend) Import(ctx context.Context, v agent.VTPM, secret []byte, files []bundle.File, eks []agent.EK) error {
-	return b.rt.Import(ctx, v, secret, files, eks)
+	return b.rt.Import(ctx, v, secret, files, eks, b.rt.Dir(v.InstanceID))
 }

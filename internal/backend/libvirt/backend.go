@@ -11,6 +11,11 @@
 //     swtpmhost) and the domain connects to its control socket; the vTPM
 //     outlives the guest.
 //
+// In either mode a vTPM's state leaves its host and comes back (cold
+// migration, shelve, backups) as the swtpm backend's does, through the
+// swtpm runtime, with what the mode needs around it made on arrival
+// (transfer.go).
+//
 // libvirtd is reached over its unix socket with go-libvirt (no cgo); XML is
 // built and edited with libvirtxml.
 package libvirt

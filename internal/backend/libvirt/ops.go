@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"slices"
 
 	golibvirt "github.com/digitalocean/go-libvirt"
@@ -36,14 +35,10 @@ func (b *Backend) Ensure(ctx context.Context, v agent.VTPM, secret []byte) ([]ag
 	if b.cfg.Mode == External {
 		eks, err = b.cfg.Swtpm.Ensure(ctx, v, secret)
 	} else {
-		// libvirt's swtpm runs as swtpm_user: the directories above its
-		// state must be traversable, as libvirt makes them (0711).
-		for _, d := range []string{b.cfg.StateRoot, b.stateDir(v.InstanceID)} {
-			if err := os.Mkdir(d, 0o711); err != nil && !os.IsExist(err) {
-				return nil, fmt.Errorf("creating %s: %w", d, err)
-			}
+		if err := b.makeStateDir(v); err != nil {
+			return nil, err
 		}
-		eks, err = b.cfg.Swtpm.Manufacture(ctx, v, secret, filepath.Join(b.stateDir(v.InstanceID), tpmDir(v.Spec.Version)))
+		eks, err = b.cfg.Swtpm.Manufacture(ctx, v, secret, b.tpmState(v))
 	}
 	if err != nil {
 		return nil, err

@@ -1,7 +1,8 @@
 // Command testinit is the /init of the test guests' initramfs: it mounts
 // the kernel's file systems, prints the TPM's PCRs 0–7 (SHA-256 bank) to the
 // console as "PCR sha256:N=<hex>", the firmware's event log as
-// "EVENTLOG <base64>", then "VTPM-TESTINIT DONE", and powers the guest off.
+// "EVENTLOG <base64>", the TPM's identity and test NV indices as "TPM ..."
+// lines (printTPM), then "VTPM-TESTINIT DONE", and powers the guest off.
 // Built static (CGO_ENABLED=0).
 package main
 
@@ -52,6 +53,7 @@ func main() {
 	} else {
 		fmt.Printf("EVENTLOG error %v\n", err)
 	}
+	printTPM()
 	fmt.Println("VTPM-TESTINIT DONE")
 	syscall.Sync()
 	syscall.Reboot(syscall.LINUX_REBOOT_CMD_POWER_OFF)

@@ -166,7 +166,7 @@ const IdentityFile = "identity.json"
 // manufacture a TPM v says was made already. An import of v's state that
 // a crash interrupted is settled first (settleImport).
 func (r *Runtime) Ensure(ctx context.Context, v agent.VTPM, secret []byte) ([]agent.EK, error) {
-	if err := r.settleImport(v.InstanceID); err != nil {
+	if err := r.settleImport(r.dir(v.InstanceID)); err != nil {
 		return nil, err
 	}
 	inst := r.instance(v, secret)
@@ -201,7 +201,11 @@ func (r *Runtime) manufacture(ctx context.Context, v agent.VTPM, inst swtpm.Inst
 // Manufacture makes v's TPM in dir and stops it, for a TPM that another
 // program runs (libvirt's swtpm). A dir that already holds a manufactured
 // TPM is kept and its EKs returned; a half-made one is wiped and made again.
+// An import into dir that a crash interrupted is settled first.
 func (r *Runtime) Manufacture(ctx context.Context, v agent.VTPM, secret []byte, dir string) ([]agent.EK, error) {
+	if err := r.settleImport(dir); err != nil {
+		return nil, err
+	}
 	if eks, err := readIdentity(dir); err == nil || !errors.Is(err, fs.ErrNotExist) {
 		return eks, err
 	}

@@ -24,19 +24,20 @@ import (
 // file being written.
 var stateFileRE = regexp.MustCompile(`^(tpm2?-00\.(permall|volatilestate|savestate)|` + regexp.QuoteMeta(IdentityFile) + `)$`)
 
-// Export copies vTPM id's state files as they are at rest, for a bundle.
-// swtpm writes each state file whole (a new file renamed over the old), so
-// the copy of a running vTPM is its permanent state as last written: what a
-// restart of swtpm would find. The TPM's volatile state (sessions, loaded
-// objects) is not in it, as it is lost at any restart. A vTPM whose state
-// is being replaced (Import) is settled first.
-func (r *Runtime) Export(ctx context.Context, id string) ([]bundle.File, error) {
-	if err := r.settleImport(id); err != nil {
+// Export copies the state files of the vTPM in dir (Dir for the vTPMs
+// this runtime runs; libvirt's state directory for those libvirt's swtpm
+// runs) as they are at rest, for a bundle. swtpm writes each state file
+// whole (a new file renamed over the old), so the copy of a running vTPM
+// is its permanent state as last written: what a restart of swtpm would
+// find. The TPM's volatile state (sessions, loaded objects) is not in it,
+// as it is lost at any restart. A state being replaced (Import) is settled
+// first.
+func (r *Runtime) Export(ctx context.Context, dir string) ([]bundle.File, error) {
+	if err := r.settleImport(dir); err != nil {
 		return nil, err
 	}
-	dir := r.dir(id)
 	if _, err := os.Stat(filepath.Join(dir, IdentityFile)); err != nil {
-		return nil, fmt.Errorf("exporting %s: no manufactured TPM on this host: %w", id, err)
+		return nil, fmt.Errorf("exporting %s: no manufactured TPM on this host: %w", dir, err)
 	}
 	entries, err := os.ReadDir(dir)
 	if err != nil {
@@ -52,27 +53,28 @@ func (r *Runtime) Export(ctx context.Context, id string) ([]bundle.File, error) 
 			continue // a volatile state swtpm consumed meanwhile
 		}
 		if err != nil {
-			return nil, fmt.Errorf("exporting %s: %w", id, err)
+			return nil, fmt.Errorf("exporting %s: %w", dir, err)
 		}
 		files = append(files, bundle.File{Name: e.Name(), Data: data})
 	}
 	return files, nil
 }
 
-// Import replaces the state of v (which must not run) with files, keyed
-// by secret, once they prove to be v's TPM: files are written to a
-// staging directory beside the state, swtpm opens a copy of them with the
-// secret, and each endorsement key it holds at the TCG handles must be the
-// one of eks with the same handle (the vTPM's record), as must the
-// identity recorded among them; the staged files are synced meanwhile.
-// Only then does the staging directory take the state's place (a rename;
-// the old state, if v has any here, is removed after). Any refusal leaves
-// the state as it was. TPM 2.0 only: a TPM 1.2's EK is not read back.
+// Import replaces the state of v in dir (see Export), which no swtpm may
+// serve, with files, keyed by secret, once they prove to be v's TPM: files
+// are written to a staging directory beside dir, swtpm opens a copy of
+// them with the secret, and each endorsement key it holds at the TCG
+// handles must be the one of eks with the same handle (the vTPM's record),
+// as must the identity recorded among them; the staged files are synced
+// meanwhile. The staging directory is then given to the user swtpm runs
+// as, as a manufactured state is, and takes dir's place (a rename; the old
+// state, if v has any here, is removed after). Any refusal leaves the
+// state as it was. TPM 2.0 only: a TPM 1.2's EK is not read back.
 //
-// A crash mid-swap is settled by the next Import, Export or Ensure of the
-// vTPM (settleImport): a verified import is finished, an unverified one
-// dropped.
-func (r *Runtime) Import(ctx context.Context, v agent.VTPM, secret []byte, files []bundle.File, eks []agent.EK) error {
+// A crash mid-swap is settled by the next Import, Export, Ensure or
+// Manufacture of the state (settleImport): a verified import is finished,
+// an unverified one dropped.
+func (r *Runtime) Import(ctx context.Context, v agent.VTPM, secret []byte, files []bundle.File, eks []agent.EK, dir string) error {
 	id := v.InstanceID
 	if v.Spec.Version != spec.V20 {
 		return fmt.Errorf("importing %s: only TPM 2.0 state is imported, not %s", id, v.Spec.Version)
@@ -80,73 +82,78 @@ func (r *Runtime) Import(ctx context.Context, v agent.VTPM, secret []byte, files
 	if pid := r.Running(id); pid != 0 {
 		return fmt.Errorf("importing %s: %w (swtpm pid %d)", id, ErrRunning, pid)
 	}
-	if err := r.settleImport(id); err != nil {
+	if err := r.settleImport(dir); err != nil {
 		return err
 	}
-	staging, old := r.staging(id)
+	staging, old := stagingDirs(dir)
 	if err := os.RemoveAll(staging); err != nil {
 		return err
 	}
-	if err := stage(staging, files); err != nil {
+	fail := func(err error) error {
 		os.RemoveAll(staging)
 		return fmt.Errorf("importing %s: %w", id, err)
+	}
+	if err := stage(staging, files); err != nil {
+		return fail(err)
 	}
 	// The proof waits on swtpm, the sync on the disk: they run together.
 	synced := make(chan error, 1)
 	go func() { synced <- r.syncStaged(staging, files) }()
 	err := r.prove(ctx, staging, secret, eks)
 	if err = errors.Join(err, <-synced); err != nil {
-		os.RemoveAll(staging)
-		return fmt.Errorf("importing %s: %w", id, err)
+		return fail(err)
 	}
-	if _, err := swtpm.KillStale(swtpm.Instance{Dir: r.dir(id)}); err != nil {
-		os.RemoveAll(staging)
-		return fmt.Errorf("importing %s: stopping a swtpm left on the old state: %w", id, err)
+	inst := r.instance(v, secret)
+	inst.Dir = staging
+	if err := swtpm.Own(inst); err != nil {
+		return fail(err)
 	}
-	if _, err := os.Stat(r.dir(id)); errors.Is(err, fs.ErrNotExist) {
+	if _, err := swtpm.KillStale(swtpm.Instance{Dir: dir}); err != nil {
+		return fail(fmt.Errorf("stopping a swtpm left on the old state: %w", err))
+	}
+	if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
 		// No state to replace (a vTPM arriving: migrating to this host, or
 		// unshelved onto it): the proven state takes its place. A crash
 		// before the rename leaves staged state alone, which settleImport
 		// drops: the import is asked again.
-		if err := os.Rename(staging, r.dir(id)); err != nil {
-			os.RemoveAll(staging)
-			return fmt.Errorf("importing %s: %w", id, err)
+		if err := os.Rename(staging, dir); err != nil {
+			return fail(err)
 		}
-		return syncDir(r.cfg.Root)
+		return syncDir(filepath.Dir(dir))
 	}
 	// From here the import is proven: a crash is finished by settleImport.
-	if err := os.Rename(r.dir(id), old); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		os.RemoveAll(staging)
-		return fmt.Errorf("importing %s: %w", id, err)
+	if err := os.Rename(dir, old); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fail(err)
 	}
-	return r.settleImport(id)
+	return r.settleImport(dir)
 }
 
 // ErrRunning: the vTPM's swtpm runs; its state cannot be replaced under
 // it.
 var ErrRunning = errors.New("the vTPM is running")
 
-// staging are the directories an import of id writes to and moves the old
-// state to; dot-named, so Drift leaves them alone.
-func (r *Runtime) staging(id string) (staging, old string) {
-	return filepath.Join(r.cfg.Root, ".import-"+id), filepath.Join(r.cfg.Root, ".replaced-"+id)
+// stagingDirs are the directories an import into dir writes to and
+// moves the old state to, beside it; dot-named, so Drift leaves them
+// alone.
+func stagingDirs(dir string) (staging, old string) {
+	parent, name := filepath.Split(dir)
+	return filepath.Join(parent, ".import-"+name), filepath.Join(parent, ".replaced-"+name)
 }
 
-// settleImport finishes or drops what an interrupted Import of id left.
-// The old state is moved aside only after the staged one was proven, so
-// the old state aside means the staged state is good: it takes the
-// state's place if nothing has yet, and the old goes. Staged state with
-// the old still in place was never proven, and goes.
-func (r *Runtime) settleImport(id string) error {
-	staging, old := r.staging(id)
-	dir := r.dir(id)
+// settleImport finishes or drops what an interrupted Import into dir
+// left. The old state is moved aside only after the staged one was
+// proven, so the old state aside means the staged state is good: it takes
+// the state's place if nothing has yet, and the old goes. Staged state
+// with the old still in place was never proven, and goes.
+func (r *Runtime) settleImport(dir string) error {
+	staging, old := stagingDirs(dir)
 	_, oerr := os.Stat(old)
 	if oerr == nil {
 		if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
 			if err := os.Rename(staging, dir); err != nil {
-				return fmt.Errorf("finishing the import of %s: %w", id, err)
+				return fmt.Errorf("finishing the import into %s: %w", dir, err)
 			}
-			if err := syncDir(r.cfg.Root); err != nil {
+			if err := syncDir(filepath.Dir(dir)); err != nil {
 				return err
 			}
 		}
@@ -182,7 +189,7 @@ func (r *Runtime) syncStaged(staging string, files []bundle.File) error {
 	if err := syncDir(staging); err != nil {
 		return err
 	}
-	return syncDir(r.cfg.Root)
+	return syncDir(filepath.Dir(staging))
 }
 
 // prove opens a copy of the TPM state in dir with secret (swtpm.Identify)
