@@ -43,6 +43,7 @@ type cluster struct {
 type clusterAgent struct {
 	name string
 	dir  string
+	in   []string // runs vtpmd inside the host's namespaces (nsenter ...); nil: this machine's
 	args []string
 	cmd  *exec.Cmd
 }
@@ -63,7 +64,13 @@ func newCluster(t testing.TB) *cluster {
 // test fails; it is killed when the test ends.
 func (c *cluster) start(log string, args ...string) *exec.Cmd {
 	c.t.Helper()
-	cmd := exec.Command(c.bin, args...)
+	return c.startArgv(log, append([]string{c.bin}, args...))
+}
+
+// startArgv runs argv as start runs vtpmd.
+func (c *cluster) startArgv(log string, argv []string) *exec.Cmd {
+	c.t.Helper()
+	cmd := exec.Command(argv[0], argv[1:]...)
 	f, err := os.OpenFile(log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		c.t.Fatal(err)
@@ -109,11 +116,18 @@ func (c *cluster) startServer() {
 // capacity and the extra flags; it returns once the host reads up.
 func (c *cluster) addAgent(name string, capacity int, flags ...string) *clusterAgent {
 	c.t.Helper()
+	return c.addAgentIn(nil, name, capacity, flags...)
+}
+
+// addAgentIn is addAgent of an agent that runs inside a host's namespaces,
+// vtpmd's command line prefixed with in.
+func (c *cluster) addAgentIn(in []string, name string, capacity int, flags ...string) *clusterAgent {
+	c.t.Helper()
 	tok, err := c.op.JoinToken(context.Background(), name, 0)
 	if err != nil {
 		c.t.Fatal(err)
 	}
-	a := &clusterAgent{name: name, dir: filepath.Join(filepath.Dir(c.dir), name)}
+	a := &clusterAgent{name: name, dir: filepath.Join(filepath.Dir(c.dir), name), in: in}
 	tokenFile := filepath.Join(filepath.Dir(c.dir), name+".token")
 	if err := os.WriteFile(tokenFile, []byte(tok.Token+"\n"), 0o600); err != nil {
 		c.t.Fatal(err)
@@ -135,7 +149,7 @@ func (c *cluster) addAgent(name string, capacity int, flags ...string) *clusterA
 
 func (c *cluster) startAgent(a *clusterAgent) {
 	c.t.Helper()
-	a.cmd = c.start(a.dir+".log", a.args...)
+	a.cmd = c.startArgv(a.dir+".log", append(append(slices.Clone(a.in), c.bin), a.args...))
 	c.waitHost(a.name, "up")
 }
 

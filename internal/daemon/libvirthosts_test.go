@@ -23,6 +23,7 @@ import (
 // libvirtHost is one of the two libvirt hosts scripts/libvirt-hosts.sh
 // runs on this machine, each in its own namespaces.
 type libvirtHost struct {
+	root string // where scripts/libvirt-hosts.sh keeps the hosts
 	name string // its hostname
 	dir  string // its directories: run/ is its /run/libvirt, lib/ its /var/lib/libvirt
 	uri  string // how the other host reaches it (peer-to-peer migration)
@@ -32,6 +33,13 @@ type libvirtHost struct {
 // socket is the host's libvirtd socket, as seen from outside its
 // namespaces.
 func (h libvirtHost) socket() string { return filepath.Join(h.dir, "run", "libvirt-sock") }
+
+// enter is the command line prefix that runs a program on the host: in its
+// mount and UTS namespaces (its /var/lib/libvirt, its libvirtd's socket at
+// the default place, its hostname), in this machine's network namespace.
+func (h libvirtHost) enter() []string {
+	return []string{"nsenter", "--mount=" + filepath.Join(h.root, h.name+".mnt"), "--uts=" + filepath.Join(h.root, h.name+".uts"), "--"}
+}
 
 // twoLibvirtHosts connects to the two libvirt hosts, failing under CI=true
 // and skipping otherwise when they are not up.
@@ -43,8 +51,8 @@ func twoLibvirtHosts(t testing.TB) [2]libvirtHost {
 		root = "/run/vtpmd-hosts"
 	}
 	hosts := [2]libvirtHost{
-		{name: "vtpm-h1", dir: filepath.Join(root, "vtpm-h1"), uri: "qemu+tcp://10.231.0.1/system"},
-		{name: "vtpm-h2", dir: filepath.Join(root, "vtpm-h2"), uri: "qemu+tcp://10.231.0.2/system"},
+		{root: root, name: "vtpm-h1", dir: filepath.Join(root, "vtpm-h1"), uri: "qemu+tcp://10.231.0.1/system"},
+		{root: root, name: "vtpm-h2", dir: filepath.Join(root, "vtpm-h2"), uri: "qemu+tcp://10.231.0.2/system"},
 	}
 	for i, h := range hosts {
 		if _, err := os.Stat(h.socket()); err != nil {
@@ -64,7 +72,8 @@ func twoLibvirtHosts(t testing.TB) [2]libvirtHost {
 // migrateinit, which keeps running and reports its TPM every second on its
 // serial console, dir/console.log (appended to, so the sources' and
 // destinations' QEMU write one log). tpm is its TPM device, or nil. It is
-// destroyed and undefined on both hosts when the test ends.
+// destroyed and undefined on both hosts, its TPM state removed, when the
+// test ends.
 func migrationGuest(t *testing.T, hosts [2]libvirtHost, id, dir string, tpm *libvirtxml.DomainTPM) libvirtxml.Domain {
 	t.Helper()
 	kernel, initrd := guestImage(t, migrateInit)
@@ -113,6 +122,7 @@ func migrationGuest(t *testing.T, hosts [2]libvirtHost, id, dir string, tpm *lib
 				h.lv.DomainDestroy(dom)
 				h.lv.DomainUndefineFlags(dom, golibvirt.DomainUndefineKeepNvram)
 			}
+			os.RemoveAll(filepath.Join(h.dir, "lib", "swtpm", id))
 		}
 	})
 	return d
