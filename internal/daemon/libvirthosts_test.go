@@ -3,8 +3,11 @@ package daemon
 import (
 	"bufio"
 	"crypto/rand"
+	"io"
+	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -13,6 +16,7 @@ import (
 	golibvirt "github.com/digitalocean/go-libvirt"
 	"github.com/digitalocean/go-libvirt/socket/dialers"
 	"github.com/google/uuid"
+	"golang.org/x/sys/unix"
 	"libvirt.org/go/libvirtxml"
 
 	"github.com/vtpmd/vtpmd/internal/backend/libvirt"
@@ -35,10 +39,74 @@ type libvirtHost struct {
 func (h libvirtHost) socket() string { return filepath.Join(h.dir, "run", "libvirt-sock") }
 
 // enter is the command line prefix that runs a program on the host: in its
-// mount and UTS namespaces (its /var/lib/libvirt, its libvirtd's socket at
-// the default place, its hostname), in this machine's network namespace.
+// mount, UTS and network namespaces (its /var/lib/libvirt, its libvirtd's
+// socket at the default place, its hostname, its network, where its
+// guests' QEMU runs: the kernel tells a unix socket's connections apart by
+// the client's network namespace).
 func (h libvirtHost) enter() []string {
-	return []string{"nsenter", "--mount=" + filepath.Join(h.root, h.name+".mnt"), "--uts=" + filepath.Join(h.root, h.name+".uts"), "--"}
+	return []string{"nsenter", "--mount=" + filepath.Join(h.root, h.name+".mnt"), "--uts=" + filepath.Join(h.root, h.name+".uts"),
+		"--net=" + h.netns(), "--"}
+}
+
+func (h libvirtHost) netns() string { return "/run/netns/" + h.name }
+
+// forward makes the TCP address addr of this machine's network namespace
+// (a loopback one) reachable at the same address inside the host's, as a
+// management network would: a listener in the host's namespace whose
+// connections are relayed here. It stops when the test ends.
+func (h libvirtHost) forward(t testing.TB, addr string) {
+	t.Helper()
+	l, err := listenIn(h.netns(), addr)
+	if err != nil {
+		t.Fatalf("listening on %s in %s: %v", addr, h.name, err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			in, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer in.Close()
+				out, err := net.Dial("tcp", addr)
+				if err != nil {
+					return
+				}
+				defer out.Close()
+				go func() { io.Copy(out, in); out.(*net.TCPConn).CloseWrite() }()
+				io.Copy(in, out)
+			}()
+		}
+	}()
+}
+
+// listenIn listens on addr in the network namespace at path, from a
+// thread that enters it and then exits (a goroutine that ends locked to
+// its thread takes the thread with it): no other goroutine runs there.
+func listenIn(path, addr string) (net.Listener, error) {
+	type listened struct {
+		l   net.Listener
+		err error
+	}
+	done := make(chan listened, 1)
+	go func() {
+		runtime.LockOSThread()
+		ns, err := os.Open(path)
+		if err != nil {
+			done <- listened{err: err}
+			return
+		}
+		defer ns.Close()
+		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
+			done <- listened{err: err}
+			return
+		}
+		l, err := net.Listen("tcp", addr)
+		done <- listened{l, err}
+	}()
+	r := <-done
+	return r.l, r.err
 }
 
 // twoLibvirtHosts connects to the two libvirt hosts, failing under CI=true
@@ -74,7 +142,7 @@ func twoLibvirtHosts(t testing.TB) [2]libvirtHost {
 // destinations' QEMU write one log). tpm is its TPM device, or nil. It is
 // destroyed and undefined on both hosts, its TPM state removed, when the
 // test ends.
-func migrationGuest(t *testing.T, hosts [2]libvirtHost, id, dir string, tpm *libvirtxml.DomainTPM) libvirtxml.Domain {
+func migrationGuest(t testing.TB, hosts [2]libvirtHost, id, dir string, tpm *libvirtxml.DomainTPM) libvirtxml.Domain {
 	t.Helper()
 	kernel, initrd := guestImage(t, migrateInit)
 	for _, d := range []string{filepath.Dir(dir), dir} {
@@ -143,7 +211,7 @@ type tick struct {
 	pcrs, nv string
 }
 
-func readConsole(t *testing.T, console string) consoleReport {
+func readConsole(t testing.TB, console string) consoleReport {
 	t.Helper()
 	f, err := os.Open(console)
 	if err != nil {
@@ -172,7 +240,7 @@ func readConsole(t *testing.T, console string) consoleReport {
 
 // lastTick waits until the guest has reported a tick after tick n and
 // returns its report.
-func waitTick(t *testing.T, console string, after int) consoleReport {
+func waitTick(t testing.TB, console string, after int) consoleReport {
 	t.Helper()
 	deadline := time.Now().Add(4 * time.Minute)
 	for {
@@ -190,7 +258,7 @@ func waitTick(t *testing.T, console string, after int) consoleReport {
 
 // migrateLive live-migrates the running domain name from one host to the
 // other, peer-to-peer, its definition with it, as Nova does.
-func migrateLive(t *testing.T, from, to libvirtHost, name string) {
+func migrateLive(t testing.TB, from, to libvirtHost, name string) {
 	t.Helper()
 	dom, err := from.lv.DomainLookupByName(name)
 	if err != nil {
@@ -204,7 +272,7 @@ func migrateLive(t *testing.T, from, to libvirtHost, name string) {
 
 // checkRunsOn fails unless domain name runs on host h and is not defined
 // on the other host.
-func checkRunsOn(t *testing.T, h, other libvirtHost, name string) {
+func checkRunsOn(t testing.TB, h, other libvirtHost, name string) {
 	t.Helper()
 	dom, err := h.lv.DomainLookupByName(name)
 	if err != nil {

@@ -219,14 +219,23 @@ func (s *Service) liveClean(ctx context.Context, c tenant.Caller, m *store.Migra
 
 // abortLive ends m, which failed with why before the guest ran on the
 // target: the guest runs on the source, and the target's agent removes
-// what it prepared (asked even when it may be down: it answers when back).
+// what it prepared. A request its agent does not answer (it is down, or
+// was killed) stays asked: the agent carries it out when it is back.
 func (s *Service) abortLive(ctx context.Context, c tenant.Caller, m *store.Migration, why error) error {
 	ctx = context.WithoutCancel(ctx)
 	detail := fmt.Sprintf("step %s, from host %s to host %s: %s; the guest runs on host %s", m.Step, m.Source, m.Target,
 		refusal.Truncate(why.Error()), m.Source)
-	_, err := s.transferStep(ctx, &store.Transfer{Host: m.Target, InstanceID: m.InstanceID, Incarnation: m.Incarnation, Kind: store.TransferAbort},
-		s.cfg.DriftTimeout)
-	if err != nil {
+	ask := &store.Transfer{Host: m.Target, InstanceID: m.InstanceID, Incarnation: m.Incarnation, Kind: store.TransferAbort}
+	err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error { return tx.AskTransfer(ask) })
+	if err == nil {
+		if _, err = s.awaitTransferWithin(ctx, ask, s.cfg.DriftTimeout); !unanswered(err) {
+			s.withdraw(ctx, ask)
+		}
+	}
+	switch {
+	case unanswered(err):
+		detail += fmt.Sprintf("; host %s removes what it prepared when its agent is back", m.Target)
+	case err != nil:
 		detail += fmt.Sprintf("; host %s did not remove what it prepared: %s", m.Target, refusal.Truncate(err.Error()))
 	}
 	ferr := s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
@@ -236,6 +245,13 @@ func (s *Service) abortLive(ctx context.Context, c tenant.Caller, m *store.Migra
 		return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: m.InstanceID, Action: "live migration failed", Detail: detail})
 	})
 	return errors.Join(why, ferr)
+}
+
+// unanswered says whether err is awaitTransferWithin's: the agent did not
+// answer in time.
+func unanswered(err error) bool {
+	var r *refusal.Error
+	return errors.As(err, &r) && r.Code == api.CodeHostUnavailable
 }
 
 // transferStep asks ask of its host's agent and waits up to timeout for

@@ -533,8 +533,7 @@ func moving(tx *store.Tx, v *store.VTPM, host, kind string) error {
 // is live-migrating at that step with host in that part: a prepare by the
 // target while the record names the source (step preparing), a send by
 // the source (step sending), a settle by the target once the record names
-// it (step cleaning), an abort by the target while the record names the
-// source.
+// it (step cleaning), an abort by any host the record does not name.
 func migratingLive(tx *store.Tx, v *store.VTPM, host, kind string) error {
 	m, err := tx.GetMigration(v.InstanceID)
 	if err != nil && !errors.Is(err, store.ErrNotFound) {
@@ -554,11 +553,13 @@ func migratingLive(tx *store.Tx, v *store.VTPM, host, kind string) error {
 			if m.Target == host && v.Host == host && m.Step == store.MigrationCleaning {
 				return nil
 			}
-		case store.TransferAbort:
-			if m.Target == host && v.Host == m.Source {
-				return nil
-			}
 		}
+	}
+	// An abort may be carried out after the migration ended (its target's
+	// agent was down): it releases no secret, and removes only what the
+	// host prepared for a vTPM placed elsewhere.
+	if kind == store.TransferAbort && v.Host != host {
+		return nil
 	}
 	return refusal.Forbidden(api.CodeForbidden, "The vTPM of "+v.InstanceID+" is not live-migrating through host "+host+" at that step.")
 }

@@ -33,16 +33,17 @@ func RecordIdentity(dir string, eks []agent.EK) error {
 	return nil
 }
 
-// Receive makes ready vTPM v arriving by live migration: an empty state
-// directory with v's identity (eks) and a swtpm serving it, keyed by
-// secret, for the incoming guest's QEMU to connect to and hand the state
-// it brings. A swtpm that serves v already (a Receive run again) is kept.
-// Remove undoes it.
+// Receive makes ready vTPM v arriving by live migration: a state
+// directory with v's identity (eks) and a swtpm serving it (a blank TPM,
+// swtpm.Instance.Incoming), keyed by secret, for the incoming guest's QEMU
+// to connect to and hand the state it brings. A swtpm that serves v
+// already (a Receive run again) is kept. Remove undoes it.
 func (r *Runtime) Receive(ctx context.Context, v agent.VTPM, secret []byte, eks []agent.EK) error {
 	if r.Running(v.InstanceID) != 0 {
 		return nil
 	}
 	inst := r.instance(v, secret)
+	inst.Incoming = true
 	if err := os.RemoveAll(inst.Dir); err != nil {
 		return fmt.Errorf("clearing what an earlier attempt left: %w", err)
 	}
