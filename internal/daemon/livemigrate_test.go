@@ -70,17 +70,7 @@ func startLiveGuest(t testing.TB, c *cluster, hosts [2]libvirtHost, security str
 	g.name = d.Name
 	// The vTPM goes before its guest: its agent detaches it, removes its
 	// state and secret.
-	t.Cleanup(func() {
-		if _, err := c.op.Delete(ctx, id); err == nil {
-			c.eventually("the vTPM is deleted", func() error {
-				_, err := c.op.Get(ctx, id)
-				if client.ErrorCode(err) == api.CodeNotFound {
-					return nil
-				}
-				return fmt.Errorf("it is still there (%v)", err)
-			})
-		}
-	})
+	t.Cleanup(func() { deleteVTPM(c, id) })
 	xml, err := d.Marshal()
 	if err != nil {
 		t.Fatal(err)
@@ -101,6 +91,22 @@ func startLiveGuest(t testing.TB, c *cluster, hosts [2]libvirtHost, security str
 		t.Fatalf("the guest's TPM before migrating: wrote NV %q, tick %+v", r.nv, g.first)
 	}
 	return g
+}
+
+// deleteVTPM deletes the vTPM id, if it is there, and waits until its
+// host's agent has removed it.
+func deleteVTPM(c *cluster, id string) {
+	ctx := context.Background()
+	if _, err := c.op.Delete(ctx, id); err != nil {
+		return
+	}
+	c.eventually("the vTPM is deleted", func() error {
+		_, err := c.op.Get(ctx, id)
+		if client.ErrorCode(err) == api.CodeNotFound {
+			return nil
+		}
+		return fmt.Errorf("it is still there (%v)", err)
+	})
 }
 
 // checkSame fails unless the guest runs on h, booted once, and reports,
@@ -276,4 +282,7 @@ func TestClusterLiveMigrateTargetKilled(t *testing.T) {
 		t.Fatal(err)
 	}
 	g.checkSame(t, g.other, g.on, last)
+	// Now, while the restarted agent runs: test cleanups run last first,
+	// and its own stops it.
+	deleteVTPM(c, g.id)
 }
