@@ -4,7 +4,7 @@ GO          ?= go
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 BIN         := bin
 
-.PHONY: all build run test lint deps libvirtd openstack demo demo-cluster fuzz bench bench-density bench-fanin bench-provision clean
+.PHONY: all build run test lint deps libvirtd libvirt-hosts libvirt-hosts-down openstack demo demo-cluster fuzz bench bench-density bench-fanin bench-provision clean
 
 all: build
 
@@ -24,7 +24,7 @@ run: deps build
 
 # Everything CI runs: system packages, formatting, vet, staticcheck, and all
 # tests (the committed fuzz corpus included) under the race detector.
-test: deps lint libvirtd openstack
+test: deps lint libvirtd libvirt-hosts openstack
 	$(GO) test -race -count=1 -timeout 30m ./...
 	VTPMD_TEST_STORE=postgres $(GO) test -race -count=1 ./internal/server ./internal/verifier ./internal/webhook
 
@@ -40,6 +40,14 @@ deps:
 # libvirtd and virtlogd for the libvirt backend's tests (root; no systemd).
 libvirtd:
 	@scripts/libvirtd-up.sh
+
+# Two libvirt hosts on this machine, each in its own namespaces, joined by a
+# veth pair, for the live migration tests (root; no systemd).
+libvirt-hosts: libvirtd
+	@scripts/libvirt-hosts.sh up
+
+libvirt-hosts-down:
+	@scripts/libvirt-hosts.sh down
 
 # Keystone and Barbican for the OpenStack tests (root; no systemd).
 openstack:

@@ -40,6 +40,15 @@ type MigrateRequest struct {
 	Host string `json:"host,omitempty"`
 }
 
+// LiveMigrateRequest asks for a vTPM to move with its running guest to
+// another host (POST /v1/vtpms/{id}/live-migrate); the answer is the
+// vTPM, on its new host, its guest running there.
+type LiveMigrateRequest struct {
+	// Host is the host to move it to; absent for the one placement
+	// chooses among the others.
+	Host string `json:"host,omitempty"`
+}
+
 // UnshelveRequest is the body of POST /v1/vtpms/{id}/unshelve.
 type UnshelveRequest struct {
 	// Host is where to place the vTPM; absent: the placement rules choose.

@@ -274,10 +274,13 @@ const (
 	// import the state; the message says why.
 	CodeTransferFailed Code = "transfer_failed"
 	// CodeMigrationInProgress (409): the vTPM is being migrated (to
-	// another host than the one asked, for a migrate; at all, for a
-	// start, delete or restore); running the same migrate again finishes
-	// the move.
+	// another host than the one asked, for a migrate; at all, for a live
+	// migration, a start, delete or restore); running the same migrate
+	// again finishes a cold move.
 	CodeMigrationInProgress Code = "migration_in_progress"
+	// CodeGuestNotRunning (409): a live migration asked of a vTPM whose
+	// guest is not running (or that has no guest): migrate it cold.
+	CodeGuestNotRunning Code = "guest_not_running"
 	// CodeTargetIsSource (400): the host a migration names is the one the
 	// vTPM is on.
 	CodeTargetIsSource Code = "target_is_source"

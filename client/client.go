@@ -577,6 +577,14 @@ func (c *Client) Migrate(ctx context.Context, id string, r api.MigrateRequest) (
 	return out, c.do(ctx, http.MethodPost, "/v1/vtpms/"+url.PathEscape(id)+"/migrate", r, &out)
 }
 
+// LiveMigrate moves the vTPM of instance id with its running guest to
+// another host (the operator's): r.Host, or the one placement chooses. It
+// returns once the guest runs there and the old host is cleaned.
+func (c *Client) LiveMigrate(ctx context.Context, id string, r api.LiveMigrateRequest) (api.VTPM, error) {
+	var out api.VTPM
+	return out, c.do(ctx, http.MethodPost, "/v1/vtpms/"+url.PathEscape(id)+"/live-migrate", r, &out)
+}
+
 // Shelve puts the (stopped) vTPM of instance id on the shelf: its state
 // kept by the server, removed from its host.
 func (c *Client) Shelve(ctx context.Context, id string) (api.VTPM, error) {

@@ -74,6 +74,33 @@ type Resizer interface {
 	Discard(ctx context.Context, v VTPM) error
 }
 
+// LiveMigrator is a backend that can move a running guest with its vTPM
+// to another host of its kind, the TPM state carried in the hypervisor's
+// migration stream. On the destination, PrepareIncoming makes ready to
+// receive v, whose endorsement keys are eks (with secret as its state key,
+// held only as long as v's secret-security mode allows), and says how the
+// source reaches it;
+// SettleIncoming, once the guest runs there, drops what only the move
+// needed; AbortIncoming, after a failed move, removes what was prepared.
+// On the source, MigrateLive migrates v's running guest to to and returns
+// once it runs there, or fails with the guest still running here. Each is
+// idempotent.
+type LiveMigrator interface {
+	PrepareIncoming(ctx context.Context, v VTPM, secret []byte, eks []EK) (Incoming, error)
+	MigrateLive(ctx context.Context, v VTPM, to Incoming) error
+	SettleIncoming(ctx context.Context, v VTPM) error
+	AbortIncoming(ctx context.Context, v VTPM) error
+}
+
+// Incoming is how the source of a live migration reaches its destination:
+// the destination hypervisor's URI for peer-to-peer migration, and, where
+// the guest's TPM is vtpmd's own swtpm, the control socket the guest
+// connects to there.
+type Incoming struct {
+	URI     string `json:"uri"`
+	TPMCtrl string `json:"tpm_ctrl,omitempty"`
+}
+
 // Pool is a backend that keeps manufactured TPMs ready (the swtpm
 // backend): Claim hands out one's secret, which the agent makes the
 // record's (Records.Rekey) before adopt moves the TPM to the instance;

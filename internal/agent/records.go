@@ -126,17 +126,25 @@ const (
 	// that migrated away, or one being shelved, whose bundle the server
 	// keeps).
 	TransferDiscard TransferKind = "discard"
+	// The steps of a live migration (LiveMigrator): on the target, prepare
+	// (answered with the Incoming, as JSON in Transfer.Bundle), settle and
+	// abort; on the source, send (the Incoming in TransferInput.Bundle).
+	TransferPrepare TransferKind = "prepare"
+	TransferSend    TransferKind = "send"
+	TransferSettle  TransferKind = "settle"
+	TransferAbort   TransferKind = "abort"
 )
 
 // TransferInput is what an agent answers a TransferAsk with.
 type TransferInput struct {
 	// Secret keys the vTPM's state; nil for a discard.
 	Secret []byte
-	// Bundle is the bundle to import or receive; nil otherwise.
+	// Bundle is the bundle to import or receive, or the Incoming (JSON)
+	// to send to; nil otherwise.
 	Bundle []byte
-	// Record is the vTPM's record, for a receive or a discard: a vTPM
-	// arriving on the host or leaving it, which its agent does not
-	// reconcile.
+	// Record is the vTPM's record, for a receive, a discard or a step of a
+	// live migration: a vTPM arriving on the host or leaving it, which its
+	// agent does not reconcile meanwhile.
 	Record *Record
 }
 

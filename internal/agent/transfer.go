@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"time"
@@ -14,8 +15,9 @@ import (
 // answerTransfer answers the control plane's request to export a vTPM's
 // state as a sealed bundle, to import one over the state it holds, to
 // receive the bundle of a vTPM arriving (migrating here, or unshelved
-// here) or to discard the state of one leaving (migrated away, or being
-// shelved), with what the backend did, or a refusal: the vTPM is not held
+// here), to discard the state of one leaving (migrated away, or being
+// shelved) or to carry out a step of a live migration, with what the
+// backend did, or a refusal: the vTPM is not held
 // here (not_found), the backend moves no state (not_supported), a bundle
 // to import is not the vTPM's (bundle_corrupt, bundle_mismatch), the vTPM
 // is not stopped for an import (vtpm_not_stopped), or the backend failed
@@ -41,8 +43,11 @@ func (a *Agent) answerTransfer(ctx context.Context, ask TransferAsk) error {
 }
 
 func (a *Agent) transfer(ctx context.Context, ask TransferAsk) (Transfer, error) {
-	if ask.Kind == TransferReceive || ask.Kind == TransferDiscard {
+	switch ask.Kind {
+	case TransferReceive, TransferDiscard:
 		return Transfer{}, a.move(ctx, ask)
+	case TransferPrepare, TransferSend, TransferSettle, TransferAbort:
+		return a.live(ctx, ask)
 	}
 	a.mu.Lock()
 	held := a.held[ask.InstanceID]
@@ -105,6 +110,53 @@ func (a *Agent) move(ctx context.Context, ask TransferAsk) error {
 			" backend, which moves no vTPM state.")
 	}
 	return a.importBundle(ctx, ex, v, ask, in)
+}
+
+// live carries out this host's part of a live migration (LiveMigrator):
+// prepare, settle or abort on the target, send on the source. The server
+// released the request's input only because the vTPM is at that step of
+// its move. A source that sent the guest away stops reconciling its vTPM.
+func (a *Agent) live(ctx context.Context, ask TransferAsk) (Transfer, error) {
+	lm, ok := a.Backend.(LiveMigrator)
+	if !ok {
+		return Transfer{}, refusal.Conflict(api.CodeNotSupported, "Host "+a.Host+" runs the "+a.Backend.Name()+
+			" backend, which cannot migrate a running guest.")
+	}
+	in, err := a.Records.TransferInput(ctx, a.Host, ask)
+	if err != nil {
+		return Transfer{}, fmt.Errorf("reading the migrating vTPM's record: %w", err)
+	}
+	v := in.Record
+	if v == nil || v.Incarnation != ask.Incarnation {
+		return Transfer{}, refusal.NotFound(api.CodeNotFound, "No such vTPM is live-migrating through host "+a.Host+".")
+	}
+	switch ask.Kind {
+	case TransferPrepare:
+		inc, err := lm.PrepareIncoming(ctx, v.VTPM(), in.Secret, v.EKs)
+		if err != nil {
+			return Transfer{}, err
+		}
+		data, err := json.Marshal(inc)
+		return Transfer{Bundle: data}, err
+	case TransferSend:
+		var to Incoming
+		if err := json.Unmarshal(in.Bundle, &to); err != nil || to.URI == "" {
+			return Transfer{}, refusal.Invalid(api.CodeInvalidParameter, "The live migration's destination is not described.")
+		}
+		if err := lm.MigrateLive(ctx, v.VTPM(), to); err != nil {
+			return Transfer{}, err
+		}
+		a.mu.Lock()
+		if held := a.held[v.InstanceID]; held != nil && held.Incarnation == v.Incarnation {
+			delete(a.held, v.InstanceID)
+		}
+		a.forget(v.InstanceID)
+		a.mu.Unlock()
+		return Transfer{}, nil
+	case TransferSettle:
+		return Transfer{}, lm.SettleIncoming(ctx, v.VTPM())
+	}
+	return Transfer{}, lm.AbortIncoming(ctx, v.VTPM())
 }
 
 // export seals v's state, as the backend copies it, into a bundle of

@@ -120,6 +120,7 @@ func NewRootCommand() *cobra.Command {
 		newBackupCommand(g),
 		newResizeCommand(g),
 		newMigrateCommand(g),
+		newLiveMigrateCommand(g),
 		newShelveCommand(g),
 		newUnshelveCommand(g),
 		newDoctorCommand(g),

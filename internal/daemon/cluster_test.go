@@ -33,12 +33,11 @@ type cluster struct {
 	serverCA string // trusts the server's TLS certificate
 	cert     string
 	key      string
-	dir      string // the server's data dir
-	// serverFlags are added to the server's at its next start.
-	serverFlags []string
-	server      *exec.Cmd
-	op          *client.Client // the operator, on the server's socket
-	agents      map[string]*clusterAgent
+	dir      string        // the server's data dir
+	window   time.Duration // the server's heartbeat window
+	server   *exec.Cmd
+	op       *client.Client // the operator, on the server's socket
+	agents   map[string]*clusterAgent
 }
 
 // clusterAgent is one host's vtpmd agent.
@@ -52,10 +51,17 @@ type clusterAgent struct {
 
 func newCluster(t testing.TB) *cluster {
 	t.Helper()
+	return newClusterWindow(t, 4*time.Second)
+}
+
+// newClusterWindow is newCluster whose server reads a host down after
+// window without a heartbeat.
+func newClusterWindow(t testing.TB, window time.Duration) *cluster {
+	t.Helper()
 	swtpmtest.Require(t)
 	dir := t.TempDir()
 	c := &cluster{t: t, bin: buildVtpmd(t), dsn: pgtest.DSN(t), addr: freeAddr(t), dir: filepath.Join(dir, "server"),
-		agents: map[string]*clusterAgent{}}
+		window: window, agents: map[string]*clusterAgent{}}
 	c.serverCA, c.cert, c.key = writeTestPKI(t, dir)
 	c.op = client.New("unix://"+filepath.Join(c.dir, "api.sock"), "")
 	c.startServer()
@@ -111,9 +117,8 @@ func stop(cmd *exec.Cmd, sig syscall.Signal) {
 
 func (c *cluster) startServer() {
 	c.t.Helper()
-	args := append([]string{"server", "--data-dir", c.dir, "--listen", c.addr, "--tls-cert", c.cert, "--tls-key", c.key,
-		"--store", c.dsn, "--heartbeat-interval", "1s", "--heartbeat-window", "4s", "--backup-interval", "0"}, c.serverFlags...)
-	c.server = c.start(filepath.Join(filepath.Dir(c.dir), "server.log"), args...)
+	c.server = c.start(filepath.Join(filepath.Dir(c.dir), "server.log"), "server", "--data-dir", c.dir, "--listen", c.addr,
+		"--tls-cert", c.cert, "--tls-key", c.key, "--store", c.dsn, "--heartbeat-interval", "1s", "--heartbeat-window", c.window.String(), "--backup-interval", "0")
 	c.eventually("the server answers", func() error { _, err := c.op.Hosts(context.Background()); return err })
 }
 

@@ -236,6 +236,10 @@ type LibvirtConfig struct {
 	// Socket is libvirtd's; default libvirt.DefaultSocket
 	// (/var/run/libvirt/libvirt-sock).
 	Socket string `yaml:"libvirt-socket"`
+	// MigrationURI is how the other hosts' libvirtd reach this host's to
+	// live-migrate guests here (qemu+tcp://HOST/system, say); empty: the
+	// host takes no live migrations.
+	MigrationURI string `yaml:"libvirt-migration-uri"`
 	// SecretSecurity are the modes offered; default all three (user, host,
 	// deployment).
 	SecretSecurity []spec.SecretSecurity `yaml:"secret-security"`

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/cli"
@@ -221,12 +222,9 @@ func TestMovesRefused(t *testing.T) {
 // vtpmctl prints each outcome as it is known, n of N.
 func TestEvacuateMigrating(t *testing.T) {
 	swtpmtest.Require(t, "tpm2_nvdefine")
-	c := newCluster(t)
-	ctx := context.Background()
 	// hv-b's agent is killed below and must read up meanwhile.
-	stop(c.server, syscall.SIGTERM)
-	c.serverFlags = []string{"--heartbeat-window", "2m"}
-	c.startServer()
+	c := newClusterWindow(t, 2*time.Minute)
+	ctx := context.Background()
 	st, err := store.OpenPostgres(ctx, c.dsn, store.Options{})
 	if err != nil {
 		t.Fatal(err)

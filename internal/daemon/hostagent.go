@@ -81,7 +81,8 @@ func (h *HostAgent) start(ctx context.Context, certifier swtpmhost.Certifier) er
 	case "libvirt":
 		h.host, err = libvirt.New(ctx, libvirt.Config{
 			Mode: libvirt.Mode(cfg.Libvirt.Mode), EnableVTPM: cfg.Libvirt.EnableVTPM, Socket: cfg.Libvirt.Socket,
-			SwtpmUser: cfg.SwtpmUser, SwtpmGroup: cfg.SwtpmGroup, SecretSecurity: cfg.Libvirt.SecretSecurity,
+			MigrationURI: cfg.Libvirt.MigrationURI,
+			SwtpmUser:    cfg.SwtpmUser, SwtpmGroup: cfg.SwtpmGroup, SecretSecurity: cfg.Libvirt.SecretSecurity,
 			Swtpm: h.swtpm, Log: h.log,
 		})
 		if err != nil {

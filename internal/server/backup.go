@@ -82,6 +82,18 @@ func (s *Server) migrateVTPM(w http.ResponseWriter, r *http.Request) error {
 	})
 }
 
+// liveMigrateVTPM moves a vTPM with its running guest to another host
+// (vtpms.Service.LiveMigrate): 200 with the vTPM, on its new host.
+func (s *Server) liveMigrateVTPM(w http.ResponseWriter, r *http.Request) error {
+	var req api.LiveMigrateRequest
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	return s.moved(w, r, func(ctx context.Context, c tenant.Caller, id string) (*store.VTPM, error) {
+		return s.VTPMs.LiveMigrate(ctx, c, id, req.Host)
+	})
+}
+
 // shelveVTPM shelves a stopped vTPM (vtpms.Service.Shelve): 200 with the
 // vTPM, shelved.
 func (s *Server) shelveVTPM(w http.ResponseWriter, r *http.Request) error {

@@ -316,7 +316,7 @@ func TestBodylessRoutesRefuseBodies(t *testing.T) {
 		"POST /v1/agent/vtpms/{id}/rekey", "POST /v1/agent/ek-certificates", "POST /v1/agent/vtpms/{id}/resized",
 		"POST /v1/vtpms/{id}/resize",
 		"POST /v1/vtpms/{id}/adopt", "PUT /v1/agent/adoptions/{id}",
-		"POST /v1/vtpms/{id}/backups/restore", "POST /v1/vtpms/{id}/migrate", "PUT /v1/agent/transfers/{id}",
+		"POST /v1/vtpms/{id}/backups/restore", "POST /v1/vtpms/{id}/migrate", "POST /v1/vtpms/{id}/live-migrate", "PUT /v1/agent/transfers/{id}",
 		"POST /v1/vtpms/{id}/unshelve", "POST /v1/hosts/{name}/evacuate",
 	}
 	var evsBefore api.EventList

@@ -147,6 +147,7 @@ func (s *Server) routes() []route {
 		{"POST /v1/vtpms/{id}/resize/confirm", s.confirmResize, callers, noBody},
 		{"POST /v1/vtpms/{id}/resize/revert", s.revertResize, callers, noBody},
 		{"POST /v1/vtpms/{id}/migrate", s.migrateVTPM, operator, jsonBody},
+		{"POST /v1/vtpms/{id}/live-migrate", s.liveMigrateVTPM, operator, jsonBody},
 		{"POST /v1/vtpms/{id}/shelve", s.shelveVTPM, callers, noBody},
 		{"POST /v1/vtpms/{id}/unshelve", s.unshelveVTPM, callers, jsonBody},
 		{"GET /v1/vtpms/{id}/identity", s.identity, callers, noBody},

@@ -362,6 +362,10 @@ CREATE TABLE shelved_bundles (
 	created_at   TEXT NOT NULL,
 	bundle       BLOB NOT NULL
 );`,
+	// Live migrations share vtpm_migrations with cold ones: live says
+	// which; its steps are preparing | sending | cleaning, and bundle
+	// holds the destination's description (Incoming) once prepared.
+	27: `ALTER TABLE vtpm_migrations ADD COLUMN live INTEGER NOT NULL DEFAULT 0;`,
 }
 
 func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)-1) }

@@ -5,20 +5,23 @@ import (
 	"time"
 )
 
-// Migration is a cold migration of a vTPM from host Source to Target, at
-// Step: each step is recorded before the next begins, so that whoever runs
-// the move again (after any crash) continues from it.
+// Migration is a migration of a vTPM from host Source to Target, cold or
+// (Live) with its guest running, at Step: each step is recorded before the
+// next begins, so that whoever runs the move again (after any crash)
+// continues from it.
 type Migration struct {
 	InstanceID  string
 	Incarnation string
 	Source      string
 	Target      string
+	Live        bool
 	Step        MigrationStep
 	// WasRunning says the vTPM was wanted running when the move began: it
 	// is wanted running again on Target once moved.
 	WasRunning bool
 	// Generation and Bundle are the bundle exported (step importing and
-	// on); 0 and empty before.
+	// on); 0 and empty before. Of a live migration, Bundle is what
+	// Target's agent prepared (step sending and on).
 	Generation int64
 	Bundle     []byte
 	Actor      string
@@ -26,7 +29,7 @@ type Migration struct {
 	UpdatedAt  time.Time
 }
 
-// MigrationStep is where a cold migration is.
+// MigrationStep is where a migration is.
 type MigrationStep string
 
 // The steps of a cold migration, in order. The record names Source until
@@ -40,8 +43,20 @@ const (
 	// the vTPM's TPM; the record then switches to Target.
 	MigrationImporting MigrationStep = "importing"
 	// MigrationCleaning: the record names Target; Source's agent removes
-	// its copy.
+	// its copy (and, of a live migration, Target's agent drops what only
+	// the move needed).
 	MigrationCleaning MigrationStep = "cleaning"
+)
+
+// The steps of a live migration, in order, then MigrationCleaning. The
+// record names Source until the guest runs on Target.
+const (
+	// MigrationPreparing: Target's agent makes ready to receive the
+	// guest (the libvirt secret, or vtpmd's swtpm waiting for the state).
+	MigrationPreparing MigrationStep = "preparing"
+	// MigrationSending: Source's agent has libvirt migrate the running
+	// guest, its TPM state in the migration stream, to Target.
+	MigrationSending MigrationStep = "sending"
 )
 
 // StartMigration records m, at its step; ErrExists if the vTPM has a
@@ -54,8 +69,8 @@ func (t *Tx) StartMigration(m *Migration) error {
 	if m.Bundle == nil {
 		m.Bundle = []byte{}
 	}
-	_, err := t.exec(`INSERT INTO vtpm_migrations (instance_id, incarnation, source, target, step, was_running, generation, bundle, actor, started_at, updated_at)
-		VALUES (?,?,?,?,?,?,?,?,?,?,?)`, m.InstanceID, m.Incarnation, m.Source, m.Target, m.Step, boolInt(m.WasRunning), m.Generation, m.Bundle,
+	_, err := t.exec(`INSERT INTO vtpm_migrations (instance_id, incarnation, source, target, live, step, was_running, generation, bundle, actor, started_at, updated_at)
+		VALUES (?,?,?,?,?,?,?,?,?,?,?,?)`, m.InstanceID, m.Incarnation, m.Source, m.Target, boolInt(m.Live), m.Step, boolInt(m.WasRunning), m.Generation, m.Bundle,
 		m.Actor, stamp(t.now), stamp(t.now))
 	return err
 }
@@ -64,15 +79,15 @@ func (t *Tx) StartMigration(m *Migration) error {
 // if it is not being moved.
 func (t *Tx) GetMigration(instanceID string) (*Migration, error) {
 	m := &Migration{}
-	var running int
+	var live, running int
 	var started, updated string
-	err := t.queryRow(`SELECT instance_id, incarnation, source, target, step, was_running, generation, bundle, actor, started_at, updated_at
+	err := t.queryRow(`SELECT instance_id, incarnation, source, target, live, step, was_running, generation, bundle, actor, started_at, updated_at
 		FROM vtpm_migrations WHERE instance_id=?`, instanceID).
-		Scan(&m.InstanceID, &m.Incarnation, &m.Source, &m.Target, &m.Step, &running, &m.Generation, &m.Bundle, &m.Actor, &started, &updated)
+		Scan(&m.InstanceID, &m.Incarnation, &m.Source, &m.Target, &live, &m.Step, &running, &m.Generation, &m.Bundle, &m.Actor, &started, &updated)
 	if err != nil {
 		return nil, fmt.Errorf("migration of %s: %w", instanceID, notFound(err))
 	}
-	m.WasRunning, m.StartedAt, m.UpdatedAt = running != 0, parseStamp(started), parseStamp(updated)
+	m.Live, m.WasRunning, m.StartedAt, m.UpdatedAt = live != 0, running != 0, parseStamp(started), parseStamp(updated)
 	return m, nil
 }
 

@@ -11,7 +11,8 @@ import (
 // a vTPM as a bundle of Generation (Kind "export"), import Bundle (Kind
 // "import"), take in Bundle for a vTPM arriving on the host (Kind
 // "receive": migrating to it, or unshelved onto it), or remove the copy of
-// a vTPM leaving it (Kind "discard": migrated away, or shelved): the
+// a vTPM leaving it (Kind "discard": migrated away, or shelved); or a step
+// of a live migration (Kinds "prepare", "send", "settle", "abort"): the
 // host's watch carries it (Changes.Transfers) until the agent answers, and
 // the server that asked withdraws it once it has the answer or gives up.
 type Transfer struct {
@@ -37,6 +38,18 @@ const (
 	TransferImport  = "import"
 	TransferReceive = "receive"
 	TransferDiscard = "discard"
+	// TransferPrepare: the target of a live migration makes ready to
+	// receive the guest; its answer's Bundle describes how to reach it.
+	TransferPrepare = "prepare"
+	// TransferSend: the source of a live migration migrates the guest to
+	// the target Bundle describes; answered once it runs there.
+	TransferSend = "send"
+	// TransferSettle: the target, the guest running there, drops what only
+	// the move needed (a libvirt secret its mode does not keep).
+	TransferSettle = "settle"
+	// TransferAbort: the target of a live migration that failed removes
+	// what it prepared; the guest runs on the source.
+	TransferAbort = "abort"
 )
 
 // AskTransfer records x, with a new ID; the host's watchers wake to it.

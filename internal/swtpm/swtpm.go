@@ -86,6 +86,11 @@ type Instance struct {
 	// goes to Dir/swtpm.log rather than to vtpmd. A guest connected to it
 	// keeps its TPM while vtpmd restarts, and Adopt takes it back.
 	Keep bool
+	// Incoming says the state arrives by live migration: Start runs swtpm
+	// on a directory with no state yet, where it makes a blank TPM that
+	// the guest's incoming QEMU replaces with the state it brings (QEMU
+	// stops the TPM and sets its state blobs) before the guest runs.
+	Incoming bool
 }
 
 // String describes i without its secret, so that printing or logging an
@@ -203,14 +208,15 @@ func hasState(dir string) (bool, error) {
 // sockets answer: the control channel to CMD_GET_CAPABILITY and the data
 // socket to a TPM GetCapability command. It fails with ErrWrongSecret when
 // the secret does not decrypt the state (which is then left untouched), with
-// ErrNotManufactured when there is no state, and with ErrBusy when another
+// ErrNotManufactured when there is no state (unless i.Incoming), and with
+// ErrBusy when another
 // swtpm serves the directory. ctx bounds the start only, not the process.
 func Start(ctx context.Context, i Instance, log *slog.Logger) (*Process, error) {
 	i, err := i.check()
 	if err != nil {
 		return nil, fmt.Errorf("starting swtpm: %w", err)
 	}
-	if _, err := os.Stat(i.permall()); err != nil {
+	if _, err := os.Stat(i.permall()); err != nil && !i.Incoming {
 		if errors.Is(err, os.ErrNotExist) {
 			return nil, fmt.Errorf("starting swtpm in %s: %w", i.Dir, ErrNotManufactured)
 		}

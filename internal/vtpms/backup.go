@@ -344,7 +344,12 @@ func (s *Service) askIfUp(tx *store.Tx, x *store.Transfer) (*store.Transfer, err
 // awaitTransfer waits for the answer to ask, up to Config.DriftTimeout:
 // the agent's refusal, or the answer.
 func (s *Service) awaitTransfer(ctx context.Context, ask *store.Transfer) (*store.Transfer, error) {
-	timeout := time.NewTimer(s.cfg.DriftTimeout)
+	return s.awaitTransferWithin(ctx, ask, s.cfg.DriftTimeout)
+}
+
+// awaitTransferWithin waits for the answer to ask, up to within.
+func (s *Service) awaitTransferWithin(ctx context.Context, ask *store.Transfer, within time.Duration) (*store.Transfer, error) {
+	timeout := time.NewTimer(within)
 	defer timeout.Stop()
 	reread := time.NewTicker(driftReread)
 	defer reread.Stop()
@@ -365,7 +370,7 @@ func (s *Service) awaitTransfer(ctx context.Context, ask *store.Transfer) (*stor
 			return nil, ctx.Err()
 		case <-timeout.C:
 			return nil, refusal.Unavailable(api.CodeHostUnavailable, fmt.Sprintf(
-				"The agent of host %s did not answer within %s: is it running (vtpmctl hosts)?", ask.Host, s.cfg.DriftTimeout))
+				"The agent of host %s did not answer within %s: is it running (vtpmctl hosts)?", ask.Host, within))
 		case <-answered:
 		case <-reread.C:
 		}

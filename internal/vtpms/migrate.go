@@ -64,6 +64,8 @@ func (s *Service) Migrate(ctx context.Context, c tenant.Caller, id, target strin
 		}
 	case err != nil:
 		return nil, err
+	case m.Live:
+		return nil, refusal.Conflict(api.CodeMigrationInProgress, migratingMessage(m))
 	case target != "" && target != m.Target:
 		return nil, refusal.Conflict(api.CodeMigrationInProgress, fmt.Sprintf("The vTPM of %s is migrating to host %s (step %s); "+
 			"migrate it again without naming a host, or naming %s, to finish that move first.", v.InstanceID, m.Target, m.Step, m.Target))
@@ -445,6 +447,9 @@ func (s *Service) advance(ctx context.Context, c tenant.Caller, m *store.Migrati
 	return asked, nil
 }
 
+// noAsk is advance's next for a step that asks nothing in its transaction.
+func noAsk(*store.Tx) (*store.Transfer, error) { return nil, nil }
+
 // abandonMigration ends m, which a host's backend cannot carry out (it
 // moves no state): the vTPM stays on its source, wanted running again if
 // it was.
@@ -470,9 +475,9 @@ func (s *Service) abandonMigration(ctx context.Context, c tenant.Caller, m *stor
 }
 
 // notMigrating refuses, with migration_in_progress, to change the vTPM
-// instanceID while it migrates, until its record names the target: a
-// start would run it on a host it is leaving, a delete or a restore would
-// leave its other copy behind.
+// instanceID while it migrates, cold or live, until its record names the
+// target: a start or stop would act on a host it is leaving, a delete or a
+// restore would leave its other copy behind.
 func notMigrating(tx *store.Tx, instanceID string) error {
 	m, err := tx.GetMigration(instanceID)
 	if errors.Is(err, store.ErrNotFound) {
@@ -481,9 +486,9 @@ func notMigrating(tx *store.Tx, instanceID string) error {
 	if err != nil {
 		return err
 	}
-	if slices.Contains([]store.MigrationStep{store.MigrationStopping, store.MigrationExporting, store.MigrationImporting}, m.Step) {
-		return refusal.Conflict(api.CodeMigrationInProgress, fmt.Sprintf("The vTPM of %s is migrating from host %s to host %s (step %s); "+
-			"migrate it again (vtpmctl migrate) to finish the move first.", instanceID, m.Source, m.Target, m.Step))
+	if slices.Contains([]store.MigrationStep{store.MigrationStopping, store.MigrationExporting, store.MigrationImporting,
+		store.MigrationPreparing, store.MigrationSending}, m.Step) {
+		return refusal.Conflict(api.CodeMigrationInProgress, migratingMessage(m))
 	}
 	return nil
 }

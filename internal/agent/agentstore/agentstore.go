@@ -466,15 +466,22 @@ func (r *Records) TransferInput(ctx context.Context, host string, ask agent.Tran
 				return err
 			}
 			in.Record = record(v)
+		case store.TransferPrepare, store.TransferSend, store.TransferSettle, store.TransferAbort:
+			if err := migratingLive(tx, v, host, x.Kind); err != nil {
+				return err
+			}
+			in.Record = record(v)
 		default:
 			if v.Host != host {
 				return refusal.Forbidden(api.CodeForbidden, "The vTPM of "+x.InstanceID+" is placed on another host.")
 			}
 		}
-		if x.Kind == store.TransferImport || x.Kind == store.TransferReceive {
+		if x.Kind == store.TransferImport || x.Kind == store.TransferReceive || x.Kind == store.TransferSend {
 			in.Bundle = x.Bundle
 		}
-		if x.Kind != store.TransferDiscard {
+		// A live migration's source and a settling or aborting target
+		// need no secret: only the target preparing to receive it does.
+		if x.Kind == store.TransferExport || x.Kind == store.TransferImport || x.Kind == store.TransferReceive || x.Kind == store.TransferPrepare {
 			secretID = v.SecretID
 		}
 		return nil
@@ -520,6 +527,41 @@ func moving(tx *store.Tx, v *store.VTPM, host, kind string) error {
 		return refusal.Forbidden(api.CodeForbidden, "The vTPM of "+v.InstanceID+" is not leaving host "+host+".")
 	}
 	return nil
+}
+
+// migratingLive refuses a step of a live migration of v by host unless v
+// is live-migrating at that step with host in that part: a prepare by the
+// target while the record names the source (step preparing), a send by
+// the source (step sending), a settle by the target once the record names
+// it (step cleaning), an abort by any host the record does not name.
+func migratingLive(tx *store.Tx, v *store.VTPM, host, kind string) error {
+	m, err := tx.GetMigration(v.InstanceID)
+	if err != nil && !errors.Is(err, store.ErrNotFound) {
+		return err
+	}
+	if m != nil && m.Live && m.Incarnation == v.Incarnation {
+		switch kind {
+		case store.TransferPrepare:
+			if m.Target == host && v.Host == m.Source && m.Step == store.MigrationPreparing {
+				return nil
+			}
+		case store.TransferSend:
+			if m.Source == host && v.Host == host && m.Step == store.MigrationSending {
+				return nil
+			}
+		case store.TransferSettle:
+			if m.Target == host && v.Host == host && m.Step == store.MigrationCleaning {
+				return nil
+			}
+		}
+	}
+	// An abort may be carried out after the migration ended (its target's
+	// agent was down): it releases no secret, and removes only what the
+	// host prepared for a vTPM placed elsewhere.
+	if kind == store.TransferAbort && v.Host != host {
+		return nil
+	}
+	return refusal.Forbidden(api.CodeForbidden, "The vTPM of "+v.InstanceID+" is not live-migrating through host "+host+" at that step.")
 }
 
 // AnswerTransfer implements agent.Records.

@@ -541,3 +541,85 @@ func TestAgentStatements(t *testing.T) {
 		count("a report", report, func() error { return f.recs.Update(ctx, r, agent.Event{Actor: "agent:h1", Action: "started"}) })
 	})
 }
+
+// TestLiveMigrationInputs: the steps of a live migration release the
+// vTPM's secret to its target alone, while preparing, and its record to
+// the host of each step only at that step: a prepare by the source, a
+// send by the target or before sending, a settle before the record names
+// the target, an abort by the host the record names are refused; the
+// Incoming the target answered reaches the source with the send.
+func TestLiveMigrationInputs(t *testing.T) {
+	onEngines(t, func(t *testing.T, st *store.Store) {
+		ctx := context.Background()
+		f := newFixture(t, st)
+		for _, h := range []string{"h1", "h2"} {
+			if err := f.recs.RegisterHost(ctx, agent.Host{Name: h, Capacity: 7, Backend: "libvirt"}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		v := f.create(t, id1, "h1")
+		m := &store.Migration{InstanceID: id1, Incarnation: v.Incarnation, Source: "h1", Target: "h2", Live: true, Step: store.MigrationPreparing, WasRunning: true}
+		if err := st.Update(ctx, func(tx *store.Tx) error { return tx.StartMigration(m) }); err != nil {
+			t.Fatal(err)
+		}
+		ask := func(host, kind string, bundle []byte) (*agent.TransferInput, error) {
+			x := &store.Transfer{Host: host, InstanceID: id1, Incarnation: v.Incarnation, Kind: kind, Bundle: bundle}
+			if err := st.Update(ctx, func(tx *store.Tx) error { return tx.AskTransfer(x) }); err != nil {
+				t.Fatal(err)
+			}
+			return f.recs.TransferInput(ctx, host, agent.TransferAsk{ID: x.ID})
+		}
+		advance := func(step store.MigrationStep, host string) {
+			err := st.Update(ctx, func(tx *store.Tx) error {
+				from := m.Step
+				m.Step = step
+				if err := tx.AdvanceMigration(m, from); err != nil {
+					return err
+				}
+				r, err := tx.GetVTPM(id1)
+				if err != nil {
+					return err
+				}
+				r.Host = host
+				return tx.UpdateVTPM(r)
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		refused := func(host, kind string) {
+			t.Helper()
+			var re *refusal.Error
+			if in, err := ask(host, kind, nil); !errors.As(err, &re) || re.Code != api.CodeForbidden {
+				t.Fatalf("%s by %s at step %s: %+v %v, want forbidden", kind, host, m.Step, in, err)
+			}
+		}
+
+		in, err := ask("h2", store.TransferPrepare, nil)
+		if err != nil || string(in.Secret) != "secret of "+id1 || in.Record == nil || in.Record.Domain != v.Domain {
+			t.Fatalf("prepare by the target: %+v %v", in, err)
+		}
+		refused("h1", store.TransferPrepare)
+		refused("h1", store.TransferSend)
+		refused("h2", store.TransferSettle)
+
+		advance(store.MigrationSending, "h1")
+		in, err = ask("h1", store.TransferSend, []byte(`{"uri":"qemu+tcp://h2/system"}`))
+		if err != nil || in.Secret != nil || string(in.Bundle) != `{"uri":"qemu+tcp://h2/system"}` || in.Record == nil {
+			t.Fatalf("send by the source: %+v %v", in, err)
+		}
+		refused("h2", store.TransferSend)
+		refused("h2", store.TransferPrepare)
+		if in, err := ask("h2", store.TransferAbort, nil); err != nil || in.Secret != nil || in.Record == nil {
+			t.Fatalf("abort by the target: %+v %v", in, err)
+		}
+		refused("h1", store.TransferAbort)
+
+		advance(store.MigrationCleaning, "h2")
+		if in, err := ask("h2", store.TransferSettle, nil); err != nil || in.Secret != nil || in.Record == nil {
+			t.Fatalf("settle by the target: %+v %v", in, err)
+		}
+		refused("h1", store.TransferSettle)
+		refused("h2", store.TransferAbort)
+	})
+}

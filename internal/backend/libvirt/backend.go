@@ -63,6 +63,10 @@ type Config struct {
 	EnableVTPM bool
 	// Socket is libvirtd's socket; default /var/run/libvirt/libvirt-sock.
 	Socket string
+	// MigrationURI is how the other hosts' libvirtd reach this host's, to
+	// live-migrate guests here peer-to-peer (qemu+tcp://HOST/system, say);
+	// "" for a host that takes no live migrations.
+	MigrationURI string
 	// StateRoot is where libvirt keeps swtpm state, one directory per domain
 	// UUID; default /var/lib/libvirt/swtpm.
 	StateRoot string

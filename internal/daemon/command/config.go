@@ -103,6 +103,7 @@ var settingUsage = map[string]string{
 	"libvirt-mode":              "libvirt backend: emulator (libvirt runs swtpm, as Nova) or external (vtpmd runs swtpm)",
 	"enable-vtpm":               "libvirt backend: offer vTPMs on this host",
 	"libvirt-socket":            "libvirt backend: libvirtd's socket",
+	"libvirt-migration-uri":     "libvirt backend: how the other hosts' libvirtd reach this host's to live-migrate guests here (qemu+tcp://HOST/system); empty: none",
 	"secret-security":           "libvirt backend: secret-security modes offered (comma-separated)",
 	"xen-image-dir":             "xen backend: vTPM stub domains' disks (empty: the Xen design's place)",
 	"xen-config-dir":            "xen backend: their xl and libvirt configurations (empty: the image dir)",

@@ -1,0 +1,199 @@
+package libvirt
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+
+	golibvirt "github.com/digitalocean/go-libvirt"
+	"libvirt.org/go/libvirtxml"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/agent"
+	"github.com/vtpmd/vtpmd/internal/refusal"
+	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmhost"
+)
+
+var _ agent.LiveMigrator = (*Backend)(nil)
+
+// liveFlags are how a guest is live-migrated, as Nova does it:
+// peer-to-peer (the source libvirtd drives the migration to the
+// destination's), its persistent definition moving with it.
+const liveFlags = golibvirt.MigrateLive | golibvirt.MigratePeer2peer | golibvirt.MigratePersistDest | golibvirt.MigrateUndefineSource
+
+// PrepareIncoming implements agent.LiveMigrator: this host makes ready to
+// receive v's guest. In emulator mode libvirt starts the destination's
+// swtpm itself, keyed by the libvirt secret, and QEMU hands it the state:
+// the secret is defined here (kept, for secret security host, as Nova
+// does; ephemeral and private, for user and deployment, until
+// SettleIncoming or AbortIncoming), and v's identity recorded in the state
+// directory libvirt will fill. In external mode vtpmd's swtpm is started
+// on an empty state with v's identity, before QEMU connects to it.
+func (b *Backend) PrepareIncoming(ctx context.Context, v agent.VTPM, secret []byte, eks []agent.EK) (agent.Incoming, error) {
+	if b.cfg.MigrationURI == "" {
+		return agent.Incoming{}, refusal.Conflict(api.CodeNotSupported, "This host takes no live migrations: its agent has no --libvirt-migration-uri.")
+	}
+	if !b.cfg.EnableVTPM {
+		return agent.Incoming{}, errors.New("vTPM is disabled on this host (enable-vtpm)")
+	}
+	if v.Spec.SecretSecurity != "" && b.cfg.SecretSecurity != nil && !slices.Contains(b.cfg.SecretSecurity, v.Spec.SecretSecurity) {
+		return agent.Incoming{}, fmt.Errorf("secret security %q is not offered on this host", v.Spec.SecretSecurity)
+	}
+	lv, err := b.conn()
+	if err != nil {
+		return agent.Incoming{}, err
+	}
+	if running, err := b.runsHere(lv, v); err != nil || running {
+		if err == nil {
+			err = fmt.Errorf("guest %s runs on this host already", v.Domain)
+		}
+		return agent.Incoming{}, err
+	}
+	in := agent.Incoming{URI: b.cfg.MigrationURI}
+	if b.cfg.Mode == External {
+		if err := b.cfg.Swtpm.Receive(ctx, v, secret, eks); err != nil {
+			return agent.Incoming{}, err
+		}
+		in.TPMCtrl = b.cfg.Swtpm.Sockets(v.InstanceID).Ctrl
+		return in, nil
+	}
+	for _, d := range []string{b.cfg.StateRoot, b.stateDir(v.InstanceID)} {
+		if err := os.Mkdir(d, 0o711); err != nil && !os.IsExist(err) {
+			return agent.Incoming{}, fmt.Errorf("creating %s: %w", d, err)
+		}
+	}
+	if err := swtpmhost.RecordIdentity(filepath.Join(b.stateDir(v.InstanceID), tpmDir(v.Spec.Version)), eks); err != nil {
+		return agent.Incoming{}, err
+	}
+	if err := b.defineSecret(lv, v, secret, v.Spec.SecretSecurity != spec.HostMode); err != nil {
+		return agent.Incoming{}, err
+	}
+	return in, nil
+}
+
+// MigrateLive implements agent.LiveMigrator: libvirt migrates v's running
+// guest to the host to describes, peer-to-peer, the TPM state in the
+// migration stream (in external mode the guest connects there to the
+// swtpm at to.TPMCtrl). It returns once the guest runs there; when it
+// fails, libvirt resumes the guest here, with its TPM.
+func (b *Backend) MigrateLive(ctx context.Context, v agent.VTPM, to agent.Incoming) error {
+	lv, err := b.conn()
+	if err != nil {
+		return err
+	}
+	dom, err := b.domain(lv, v)
+	if err != nil {
+		return err
+	}
+	if state, _, err := lv.DomainGetState(dom, 0); err != nil || golibvirt.DomainState(state) != golibvirt.DomainRunning {
+		if err == nil {
+			err = fmt.Errorf("guest %s is not running: a live migration moves a running guest", v.Domain)
+		}
+		return err
+	}
+	var params []golibvirt.TypedParam
+	if b.cfg.Mode == External {
+		// The guest's TPM there is the destination's swtpm, at its path.
+		live, err := lv.DomainGetXMLDesc(dom, golibvirt.DomainXMLMigratable|golibvirt.DomainXMLSecure)
+		if err != nil {
+			return err
+		}
+		persistent, err := lv.DomainGetXMLDesc(dom, golibvirt.DomainXMLInactive|golibvirt.DomainXMLMigratable|golibvirt.DomainXMLSecure)
+		if err != nil {
+			return err
+		}
+		if live, err = retargetTPM(live, to.TPMCtrl); err != nil {
+			return err
+		}
+		if persistent, err = retargetTPM(persistent, to.TPMCtrl); err != nil {
+			return err
+		}
+		params = []golibvirt.TypedParam{
+			{Field: golibvirt.MigrateParamDestXML, Value: *golibvirt.NewTypedParamValueString(live)},
+			{Field: golibvirt.MigrateParamPersistXML, Value: *golibvirt.NewTypedParamValueString(persistent)},
+		}
+	}
+	b.log.Info("live-migrating guest", "instance", v.InstanceID, "domain", v.Domain, "to", to.URI)
+	if _, err := lv.DomainMigratePerform3Params(dom, golibvirt.OptString{to.URI}, params, nil, liveFlags); err != nil {
+		return fmt.Errorf("live-migrating guest %s to %s: %w", v.Domain, to.URI, err)
+	}
+	b.mu.Lock()
+	delete(b.serving, v.InstanceID)
+	b.mu.Unlock()
+	return nil
+}
+
+// SettleIncoming implements agent.LiveMigrator: once the guest runs here,
+// the libvirt secret of a vTPM whose secret security is user or
+// deployment is undefined again (libvirt's swtpm holds the key it was
+// started with); host mode keeps it, as Nova does.
+func (b *Backend) SettleIncoming(ctx context.Context, v agent.VTPM) error {
+	if b.cfg.Mode == External || v.Spec.SecretSecurity == spec.HostMode {
+		return nil
+	}
+	lv, err := b.conn()
+	if err != nil {
+		return err
+	}
+	return b.undefineSecret(lv, v.SecretID)
+}
+
+// AbortIncoming implements agent.LiveMigrator: after a live migration to
+// this host failed, what PrepareIncoming made goes (the libvirt secret,
+// the state directory, vtpmd's swtpm). A guest that runs here is not
+// touched: it is no failed migration's.
+func (b *Backend) AbortIncoming(ctx context.Context, v agent.VTPM) error {
+	lv, err := b.conn()
+	if err != nil {
+		return err
+	}
+	running, err := b.runsHere(lv, v)
+	if err != nil {
+		return err
+	}
+	if running {
+		return fmt.Errorf("guest %s runs on this host: not removing its vTPM", v.Domain)
+	}
+	if b.cfg.Mode == External {
+		return b.cfg.Swtpm.Remove(ctx, v.InstanceID)
+	}
+	if err := b.undefineSecret(lv, v.SecretID); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(b.stateDir(v.InstanceID)); err != nil {
+		return fmt.Errorf("removing the state of %s: %w", v.InstanceID, err)
+	}
+	return nil
+}
+
+// runsHere reports whether v's guest runs on this host.
+func (b *Backend) runsHere(lv *golibvirt.Libvirt, v agent.VTPM) (bool, error) {
+	dom, err := lv.DomainLookupByName(v.Domain)
+	if golibvirt.IsNotFound(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	state, _, err := lv.DomainGetState(dom, 0)
+	return err == nil && golibvirt.DomainState(state) == golibvirt.DomainRunning, err
+}
+
+// retargetTPM returns domainXML with its external TPM's socket at ctrl,
+// the rest (its alias, its address) as it was.
+func retargetTPM(domainXML, ctrl string) (string, error) {
+	var d libvirtxml.Domain
+	if err := d.Unmarshal(domainXML); err != nil {
+		return "", fmt.Errorf("parsing domain XML: %w", err)
+	}
+	if d.Devices == nil || len(d.Devices.TPMs) != 1 || d.Devices.TPMs[0].Backend == nil || d.Devices.TPMs[0].Backend.External == nil ||
+		d.Devices.TPMs[0].Backend.External.Source == nil || d.Devices.TPMs[0].Backend.External.Source.UNIX == nil {
+		return "", errors.New("the guest has no external TPM to move")
+	}
+	d.Devices.TPMs[0].Backend.External.Source.UNIX.Path = ctrl
+	return d.Marshal()
+}

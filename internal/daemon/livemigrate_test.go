@@ -1,0 +1,288 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	golibvirt "github.com/digitalocean/go-libvirt"
+	"github.com/google/uuid"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmhost"
+)
+
+// liveCluster is a vtpmd server and one libvirt agent on each of the two
+// libvirt hosts, named as the hosts are, in libvirt mode mode: each agent
+// runs on its host (in its namespaces), as it would on a machine of its
+// own.
+func liveCluster(t testing.TB, hosts [2]libvirtHost, mode string) (*cluster, map[string]*clusterAgent) {
+	t.Helper()
+	// A host busy migrating a TCG guest on a shared machine may miss a
+	// heartbeat or two: not the test.
+	c := newClusterWindow(t, 30*time.Second)
+	agents := map[string]*clusterAgent{}
+	for _, h := range hosts {
+		h.forward(t, c.addr)
+		flags := []string{"--backend", "libvirt", "--libvirt-mode", mode, "--enable-vtpm", "--libvirt-migration-uri", h.uri}
+		if mode == "external" {
+			// Both agents are on this machine: their swtpm sockets apart.
+			sockets, err := os.MkdirTemp("/run", "vtpmd-"+h.name+"-")
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { os.RemoveAll(sockets) })
+			flags = append(flags, "--socket-dir", sockets)
+		}
+		agents[h.name] = c.addWrappedAgent(h.enter(), h.name, 8, flags...)
+	}
+	return c, agents
+}
+
+// liveGuest is a running guest with a vTPM of secret security security,
+// made through vtpmd: the vTPM placed, the guest defined on its host and
+// attached, its first report read from its console.
+type liveGuest struct {
+	id, name, console string
+	on, other         libvirtHost // the host it runs on, the other
+	first             tick        // its first report
+}
+
+func startLiveGuest(t testing.TB, c *cluster, hosts [2]libvirtHost, security string) *liveGuest {
+	t.Helper()
+	ctx := context.Background()
+	id, dir := uuid.NewString(), t.TempDir()
+	if _, err := c.create(id, "hw:tpm_model", "tpm-crb", "hw:tpm_secret_security", security); err != nil {
+		t.Fatal(err)
+	}
+	v := c.wait(id, "active")
+	g := &liveGuest{id: id, console: filepath.Join(dir, "console.log"), on: hosts[0], other: hosts[1]}
+	if v.Host == hosts[1].name {
+		g.on, g.other = hosts[1], hosts[0]
+	}
+	d := migrationGuest(t, hosts, id, dir, nil)
+	g.name = d.Name
+	// The vTPM goes before its guest: its agent detaches it, removes its
+	// state and secret.
+	t.Cleanup(func() { deleteVTPM(c, id) })
+	xml, err := d.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := g.on.lv.DomainDefineXML(xml); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.op.LiveMigrate(ctx, id, api.LiveMigrateRequest{}); client.ErrorCode(err) != api.CodeGuestNotRunning {
+		t.Fatalf("live-migrating a vTPM attached to no guest: %v; want %s", err, api.CodeGuestNotRunning)
+	}
+	if _, err := c.op.Attach(ctx, id, d.Name); err != nil {
+		t.Fatal(err)
+	}
+	c.wait(id, "active")
+	r := waitTick(t, g.console, 0)
+	g.first = r.ticks[len(r.ticks)-1]
+	if r.nv == "" || g.first.nv != r.nv || g.first.pcrs == "none" || strings.HasPrefix(g.first.pcrs, "error") {
+		t.Fatalf("the guest's TPM before migrating: wrote NV %q, tick %+v", r.nv, g.first)
+	}
+	return g
+}
+
+// deleteVTPM deletes the vTPM id, if it is there, and waits until its
+// host's agent has removed it.
+func deleteVTPM(c *cluster, id string) {
+	ctx := context.Background()
+	if _, err := c.op.Delete(ctx, id); err != nil {
+		return
+	}
+	c.eventually("the vTPM is deleted", func() error {
+		_, err := c.op.Get(ctx, id)
+		if client.ErrorCode(err) == api.CodeNotFound {
+			return nil
+		}
+		return fmt.Errorf("it is still there (%v)", err)
+	})
+}
+
+// checkSame fails unless the guest runs on h, booted once, and reports,
+// after tick after, the PCRs and NV value it reported first, read from
+// its TPM there.
+func (g *liveGuest) checkSame(t testing.TB, h, other libvirtHost, after int) {
+	t.Helper()
+	checkRunsOn(t, h, other, g.name)
+	r := waitTick(t, g.console, after)
+	if len(r.boots) != 1 {
+		t.Fatalf("the guest booted %d times; want once: it must keep running", len(r.boots))
+	}
+	if tk := r.ticks[len(r.ticks)-1]; tk.pcrs != g.first.pcrs || tk.nv != g.first.nv {
+		t.Fatalf("on %s the guest reports PCRs %s, NV %s; before, %s and %s", h.name, tk.pcrs, tk.nv, g.first.pcrs, g.first.nv)
+	}
+}
+
+// lastTick is the number of the guest's last report.
+func (g *liveGuest) lastTick(t testing.TB) int {
+	r := readConsole(t, g.console)
+	return r.ticks[len(r.ticks)-1].n
+}
+
+// hasLibvirtSecret says whether h's libvirtd has the secret the guest's
+// TPM is keyed by (emulator mode).
+func hasLibvirtSecret(t *testing.T, h libvirtHost, secret string) bool {
+	t.Helper()
+	_, err := h.lv.SecretLookupByUUID(golibvirt.UUID(uuid.MustParse(secret)))
+	return err == nil
+}
+
+// tpmSecret is the libvirt secret of the guest's emulator TPM on h.
+func (g *liveGuest) tpmSecret(t *testing.T, h libvirtHost) string {
+	t.Helper()
+	dom, err := h.lv.DomainLookupByName(g.name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tpms := definition(t, h.lv, dom).Devices.TPMs
+	if len(tpms) != 1 || tpms[0].Backend.Emulator == nil || tpms[0].Backend.Emulator.Encryption == nil {
+		t.Fatalf("the guest's TPM on %s: %+v", h.name, tpms)
+	}
+	return tpms[0].Backend.Emulator.Encryption.Secret
+}
+
+// hasTPMState says whether h holds state of the vTPM id: libvirt's
+// (emulator mode) or vtpmd's (external mode, in the agent's data dir).
+func hasTPMState(t *testing.T, h libvirtHost, a *clusterAgent, id string) bool {
+	t.Helper()
+	if _, err := os.Stat(filepath.Join(h.dir, "lib", "swtpm", id)); err == nil {
+		return true
+	}
+	_, err := os.Stat(filepath.Join(a.dir, "vtpms", id))
+	return err == nil
+}
+
+// TestClusterLiveMigrate live-migrates running guests with their vTPMs
+// between the two libvirt hosts and back through vtpmd (a server, an
+// agent on each host): in emulator mode with each secret-security mode,
+// and in external mode. Each guest keeps running (one boot, its reports go
+// on) and reads the same PCRs and the NV value it wrote before from its
+// TPM on the other host; the record names the host the guest runs on; the
+// old host keeps no state; the libvirt secret is on the guest's host
+// alone for host mode, and on no host once the guest runs for user and
+// deployment. The refusals have their codes.
+func TestClusterLiveMigrate(t *testing.T) {
+	hosts := twoLibvirtHosts(t)
+	t.Run("emulator", func(t *testing.T) {
+		c, agents := liveCluster(t, hosts, "emulator")
+		for i, security := range []string{"user", "host", "deployment"} {
+			t.Run(security, func(t *testing.T) { testLiveMigrate(t, c, agents, hosts, "emulator", security, i == 0) })
+		}
+	})
+	t.Run("external", func(t *testing.T) {
+		c, agents := liveCluster(t, hosts, "external")
+		testLiveMigrate(t, c, agents, hosts, "external", "user", false)
+	})
+}
+
+func testLiveMigrate(t *testing.T, c *cluster, agents map[string]*clusterAgent, hosts [2]libvirtHost, mode, security string, refusals bool) {
+	ctx := context.Background()
+	g := startLiveGuest(t, c, hosts, security)
+	if refusals {
+		_, err := c.op.LiveMigrate(ctx, g.id, api.LiveMigrateRequest{Host: g.on.name})
+		wantCode(t, err, api.CodeTargetIsSource)
+		_, err = c.op.LiveMigrate(ctx, g.id, api.LiveMigrateRequest{Host: "nowhere"})
+		wantCode(t, err, api.CodeNotFound)
+		_, err = client.New("unix://"+filepath.Join(c.dir, "api.sock"), "p1").LiveMigrate(ctx, g.id, api.LiveMigrateRequest{})
+		wantCode(t, err, api.CodeForbidden)
+	}
+	for i, leg := range [][2]libvirtHost{{g.on, g.other}, {g.other, g.on}} {
+		from, to := leg[0], leg[1]
+		last := g.lastTick(t)
+		req := api.LiveMigrateRequest{}
+		if i == 1 {
+			req.Host = to.name // and placement's choice the first time
+		}
+		got, err := c.op.LiveMigrate(ctx, g.id, req)
+		if err != nil {
+			t.Fatalf("live-migrating from %s to %s: %v", from.name, to.name, err)
+		}
+		if got.Host != to.name {
+			t.Fatalf("the vTPM is on %s after live-migrating to %s", got.Host, to.name)
+		}
+		g.checkSame(t, to, from, last)
+		c.wait(g.id, "active")
+		if hasTPMState(t, from, agents[from.name], g.id) || !hasTPMState(t, to, agents[to.name], g.id) {
+			t.Fatalf("TPM state after migrating from %s to %s: on %s %v, on %s %v", from.name, to.name,
+				from.name, hasTPMState(t, from, agents[from.name], g.id), to.name, hasTPMState(t, to, agents[to.name], g.id))
+		}
+		if mode == "emulator" {
+			if _, err := os.Stat(filepath.Join(to.dir, "lib", "swtpm", g.id, "tpm2", swtpmhost.IdentityFile)); err != nil {
+				t.Fatalf("%s does not know the vTPM as one vtpmd made: %v", to.name, err)
+			}
+			secret := g.tpmSecret(t, to)
+			if on, off := hasLibvirtSecret(t, to, secret), hasLibvirtSecret(t, from, secret); off || on != (security == "host") {
+				t.Fatalf("secret security %s, the guest on %s: the libvirt secret is defined there: %v, on %s: %v", security, to.name, on, from.name, off)
+			}
+		}
+	}
+	evs, err := c.op.Events(ctx, g.id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var actions []string
+	for _, e := range evs.Items {
+		actions = append(actions, e.Action)
+	}
+	if n := strings.Count(strings.Join(actions, ","), "live-migrated"); n != 2 {
+		t.Fatalf("events: %v; want two live-migrated", actions)
+	}
+}
+
+// TestClusterLiveMigrateTargetKilled kills the target's agent as a live
+// migration begins: the migration fails, the guest keeps running on its
+// host with its TPM (same PCRs and NV value, one boot), the record stays
+// there; once the target's agent is back, nothing of the vTPM is left on
+// the target (no state, no libvirt secret, no guest).
+func TestClusterLiveMigrateTargetKilled(t *testing.T) {
+	hosts := twoLibvirtHosts(t)
+	c, agents := liveCluster(t, hosts, "emulator")
+	ctx := context.Background()
+	g := startLiveGuest(t, c, hosts, "user")
+	secret := g.tpmSecret(t, g.on)
+	target := agents[g.other.name]
+	stop(target.cmd, syscall.SIGKILL)
+	last := g.lastTick(t)
+	_, err := c.op.LiveMigrate(ctx, g.id, api.LiveMigrateRequest{Host: g.other.name})
+	if err == nil {
+		t.Fatal("a live migration to a host whose agent is killed succeeded")
+	}
+	v, err := c.op.Get(ctx, g.id)
+	if err != nil || v.Host != g.on.name {
+		t.Fatalf("after the failed live migration the vTPM is on %q (%v); want %s", v.Host, err, g.on.name)
+	}
+	g.checkSame(t, g.on, g.other, last)
+	c.startAgent(target)
+	c.eventually("the target holds nothing of the vTPM", func() error {
+		switch {
+		case hasTPMState(t, g.other, target, g.id):
+			return fmt.Errorf("TPM state of %s on %s", g.id, g.other.name)
+		case hasLibvirtSecret(t, g.other, secret):
+			return fmt.Errorf("the libvirt secret of %s on %s", g.id, g.other.name)
+		}
+		return nil
+	})
+	if _, err := g.other.lv.DomainLookupByName(g.name); !golibvirt.IsNotFound(err) {
+		t.Fatalf("guest %s on %s after the failed migration (%v)", g.name, g.other.name, err)
+	}
+	// And the vTPM still migrates.
+	last = g.lastTick(t)
+	if _, err := c.op.LiveMigrate(ctx, g.id, api.LiveMigrateRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	g.checkSame(t, g.other, g.on, last)
+	// Now, while the restarted agent runs: test cleanups run last first,
+	// and its own stops it.
+	deleteVTPM(c, g.id)
+}
