@@ -343,7 +343,7 @@ func TestRegisterInfersTheEKKind(t *testing.T) {
 	base := "/v1/vtpms/" + inst + "/attestation"
 	akPublic := tpm2.Marshal(created.OutPublic)
 	var ch api.CredentialChallenge
-	if code := f.call(t, "POST", base+"/register", "", api.RegisterRequest{EKPublic: eccDER, AKPublic: akPublic}, &ch); code != 200 || ch.EKHandle != "0x81010016" {
+	if code := f.call(t, "POST", base+"/register", "", api.RegisterRequest{EKPublic: eccDER, AKPublic: akPublic}, &ch); code != 200 || ch.EKHandle != "0x81010002" {
 		t.Fatalf("registering with the ECC EK: %d %+v", code, ch)
 	}
 	secret, err := attestor.ActivateCredential(g.tpm, ak, tpm2.TPMHandle(ecc.Handle), ch)
