@@ -156,4 +156,3 @@ func moveECCEK(t *testing.T, tpm transport.TPM, cert []byte) {
 		t.Fatal(err)
 	}
 }
-
