@@ -54,6 +54,13 @@ func newGuest(t *testing.T, f *fixture, fw []attesttest.Measurement) *guest {
 	t.Helper()
 	swtpmtest.Require(t)
 	i, id := swtpmtest.Manufactured(t, spec.V20, nil)
+	return newGuestOf(t, f, inst, "p1", i, id, fw)
+}
+
+// newGuestOf is newGuest for instance instanceID of project, on the
+// manufactured vTPM i of identity id.
+func newGuestOf(t *testing.T, f *fixture, instanceID, project string, i swtpm.Instance, id *swtpm.Identity, fw []attesttest.Measurement) *guest {
+	t.Helper()
 	swtpmtest.Start(t, i)
 	var eks []store.EK
 	for _, ek := range id.EKs {
@@ -64,8 +71,8 @@ func newGuest(t *testing.T, f *fixture, fw []attesttest.Measurement) *guest {
 		eks = append(eks, store.EK{Kind: string(ek.Kind), Handle: ek.Handle, NVIndex: ek.NVIndex, PublicDER: der, CertDER: ek.CertDER})
 	}
 	err := f.store.Update(context.Background(), func(tx *store.Tx) error {
-		return tx.CreateVTPM(&store.VTPM{InstanceID: inst, Project: "p1", Spec: spec.Spec{Version: spec.V20, Model: spec.TIS},
-			Host: "h1", Desired: store.DesiredRunning, Phase: store.PhaseActive, SecretID: inst, EKs: eks})
+		return tx.CreateVTPM(&store.VTPM{InstanceID: instanceID, Project: project, Spec: spec.Spec{Version: spec.V20, Model: spec.TIS},
+			Host: "h1", Desired: store.DesiredRunning, Phase: store.PhaseActive, SecretID: instanceID, EKs: eks})
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -81,7 +88,7 @@ func newGuest(t *testing.T, f *fixture, fw []attesttest.Measurement) *guest {
 		d := sha256.Sum256(m.Data)
 		g.measure(t, m.PCR, d[:])
 	}
-	g.agent = &attestor.Agent{TPM: g.tpm, API: client.New(f.srv.URL, ""), Subject: client.Instance(inst), EventLog: g.fwLog}
+	g.agent = &attestor.Agent{TPM: g.tpm, API: client.New(f.srv.URL, ""), Subject: client.Instance(instanceID), EventLog: g.fwLog}
 	return g
 }
 

@@ -24,6 +24,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/agent"
 	"github.com/vtpmd/vtpmd/internal/agent/agentstore"
 	"github.com/vtpmd/vtpmd/internal/attest"
+	"github.com/vtpmd/vtpmd/internal/broker"
 	"github.com/vtpmd/vtpmd/internal/ca"
 	"github.com/vtpmd/vtpmd/internal/enrol"
 	"github.com/vtpmd/vtpmd/internal/keyring"
@@ -107,6 +108,7 @@ func serveFixture(t *testing.T, st *store.Store, kr *embedded.Keyring, dir strin
 	vs := vtpms.New(vtpms.Config{Store: st, Keyring: kr, Secrets: keys, HyperV: s.hyperV, Now: s.now, DriftTimeout: time.Second})
 	ver := verifier.New(verifier.Config{Store: st, VTPMs: vs, CAChainPEM: deployment.ChainPEM, Signer: s.signer})
 	f.api = &Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: deployment.ChainPEM, Statements: st.Statements, Log: s.log,
+		Broker:    broker.New(broker.Config{Store: st, Keyring: kr, Verifier: ver, Now: s.now}),
 		Enrolment: enrol.New(enrol.Config{Store: st, HostCA: hostCA, Now: s.now}),
 		Agents:    agentstore.New(st, kr, nil, s.log), EKCA: deployment}
 	f.srv = httptest.NewServer(f.api.Handler())
