@@ -30,7 +30,7 @@ var bootFirmware = []attesttest.Measurement{{PCR: 0, Type: 0x8, Data: []byte("fi
 // trustedGuest is a guest of project whose vTPM vtpmd provisioned (its EKs
 // certified by the deployment CA), registered, attested and judged
 // trusted by a policy learned from its boot.
-func trustedGuest(t *testing.T, f *fixture, id, project string) *guest {
+func trustedGuest(t testing.TB, f *fixture, id, project string) *guest {
 	t.Helper()
 	swtpmtest.Require(t)
 	i := swtpmtest.Instance(t, spec.V20)
@@ -58,7 +58,7 @@ func trustedGuest(t *testing.T, f *fixture, id, project string) *guest {
 
 // hostVerdict records host h1's own attestation with verdict and fresh
 // evidence, through the verifier (so that a change reaches its instances).
-func hostVerdict(t *testing.T, f *fixture, verdict store.Verdict, evidenceAt time.Time) {
+func hostVerdict(t testing.TB, f *fixture, verdict store.Verdict, evidenceAt time.Time) {
 	t.Helper()
 	now := time.Now().UTC()
 	err := f.store.Update(context.Background(), func(tx *store.Tx) error {

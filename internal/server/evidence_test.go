@@ -59,7 +59,7 @@ func newGuest(t *testing.T, f *fixture, fw []attesttest.Measurement) *guest {
 
 // newGuestOf is newGuest for instance instanceID of project, on the
 // manufactured vTPM i of identity id.
-func newGuestOf(t *testing.T, f *fixture, instanceID, project string, i swtpm.Instance, id *swtpm.Identity, fw []attesttest.Measurement) *guest {
+func newGuestOf(t testing.TB, f *fixture, instanceID, project string, i swtpm.Instance, id *swtpm.Identity, fw []attesttest.Measurement) *guest {
 	t.Helper()
 	swtpmtest.Start(t, i)
 	var eks []store.EK
@@ -93,7 +93,7 @@ func newGuestOf(t *testing.T, f *fixture, instanceID, project string, i swtpm.In
 }
 
 // dial connects the guest's TPM client (swtpm serves one at a time).
-func (g *guest) dial(t *testing.T) {
+func (g *guest) dial(t testing.TB) {
 	t.Helper()
 	conn, err := net.Dial("unix", g.inst.DataSocket())
 	if err != nil {
@@ -108,7 +108,7 @@ func (g *guest) dial(t *testing.T) {
 }
 
 // measure extends digest into pcr, as firmware or the kernel does.
-func (g *guest) measure(t *testing.T, pcr int, digest []byte) {
+func (g *guest) measure(t testing.TB, pcr int, digest []byte) {
 	t.Helper()
 	_, err := tpm2.PCRExtend{PCRHandle: tpm2.AuthHandle{Handle: tpm2.TPMHandle(pcr), Auth: tpm2.PasswordAuth(nil)},
 		Digests: tpm2.TPMLDigestValues{Digests: []tpm2.TPMTHA{{HashAlg: tpm2.TPMAlgSHA256, Digest: digest}}}}.Execute(g.tpm)

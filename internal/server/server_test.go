@@ -65,10 +65,10 @@ type setup struct {
 
 // newFixture runs the API on a real store (storetest) and key manager, with one
 // TPM 2.0 host of capacity 2 and no agent: records stay pending.
-func newFixture(t *testing.T) *fixture { return newFixtureWith(t, setup{}) }
+func newFixture(t testing.TB) *fixture { return newFixtureWith(t, setup{}) }
 
 // newFixtureWith is newFixture with the API set up as s says.
-func newFixtureWith(t *testing.T, s setup) *fixture {
+func newFixtureWith(t testing.TB, s setup) *fixture {
 	t.Helper()
 	dir := t.TempDir()
 	reopen := storetest.Opener(t, dir, store.Options{Now: s.now})
@@ -85,7 +85,7 @@ func newFixtureWith(t *testing.T, s setup) *fixture {
 // serveFixture runs the API on st and kr, with one TPM 2.0 host of
 // capacity 2 and no agent, on the network and the operator's socket; a
 // deployment CA certifies EKs and a host CA enrols hosts.
-func serveFixture(t *testing.T, st *store.Store, kr *embedded.Keyring, dir string, s setup) *fixture {
+func serveFixture(t testing.TB, st *store.Store, kr *embedded.Keyring, dir string, s setup) *fixture {
 	t.Helper()
 	caps := spec.Capabilities{Enabled: true, Versions: []spec.Version{spec.V20}, Models: []spec.Model{spec.TIS, spec.CRB}}
 	err := st.Update(context.Background(), func(tx *store.Tx) error {
@@ -151,7 +151,7 @@ func operatorSocket(t testing.TB, h http.Handler) *http.Client {
 func TestMain(m *testing.M) { os.Exit(storetest.Main(m)) }
 
 // call sends a request and decodes the JSON answer into out (if non-nil).
-func (f *fixture) call(t *testing.T, method, path, project string, body any, out any) int {
+func (f *fixture) call(t testing.TB, method, path, project string, body any, out any) int {
 	t.Helper()
 	var r io.Reader
 	switch b := body.(type) {
