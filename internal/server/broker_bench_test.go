@@ -61,12 +61,14 @@ func quantile(ds []time.Duration, q float64) time.Duration {
 //   - server: the server's cost of one release (Broker.Release: the checks
 //     and the record in one transaction, the payload from the key manager,
 //     MakeCredential to the EK and the AES-GCM seal), one after another;
+//
 //   - paced: releases arriving at 1,000/s (open loop, 8 workers) for b.N
 //     releases; it reports the server-side p50/p99 and the rate reached;
+//
 //   - guest: a guest agent's whole request over HTTP to the secret opened
 //     in its vTPM (ActivateCredential in swtpm).
 //
-//	go test -run '^$' -bench Release -benchtime 5000x ./internal/server
+//     go test -run '^$' -bench Release -benchtime 5000x ./internal/server
 func BenchmarkRelease(b *testing.B) {
 	rb := newReleaseBench(b)
 	ctx := context.Background()
