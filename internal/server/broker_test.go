@@ -184,6 +184,26 @@ func TestBrokerReleaseAndRefusals(t *testing.T) {
 	if evs := secretEvents(t, f, instB); !slices.ContainsFunc(evs, func(e string) bool { return strings.HasPrefix(e, "secret refused: disk: release_not_allowed") }) {
 		t.Errorf("instance B's events %q lack the refusal", evs)
 	}
+	// By policy: any instance of the project judged by the named policy.
+	if code := f.call(t, "POST", "/v1/policies", "p1", api.CreatePolicyRequest{Name: "web", LearnFrom: &api.LearnFrom{InstanceID: inst}}, nil); code != 201 {
+		t.Fatalf("creating policy web: %d", code)
+	}
+	if code := f.call(t, "POST", "/v1/broker/secrets", "p1", api.CreateBrokerSecretRequest{Name: "web-key", Payload: payload, Policy: "nope"}, nil); code != 404 {
+		t.Fatalf("a secret for a policy that does not exist: %d", code)
+	}
+	if code := f.call(t, "POST", "/v1/broker/secrets", "p1", api.CreateBrokerSecretRequest{Name: "web-key", Payload: payload, Policy: "web"}, nil); code != 201 {
+		t.Fatalf("create web-key: %d", code)
+	}
+	_, _, err = release(a, inst, "web-key")
+	wantCode(t, "an instance not judged by the policy", err, 403, api.CodeReleaseNotAllowed)
+	var applied api.Attestation
+	if code := f.call(t, "POST", "/v1/vtpms/"+inst+"/attestation/policy", "", api.PolicyRequest{Policy: "web"}, &applied); code != 200 || applied.Overall != "trusted" {
+		t.Fatalf("applying web: %d %+v", code, applied)
+	}
+	if got, _, err := release(a, inst, "web-key"); err != nil || !bytes.Equal(got, payload) {
+		t.Fatalf("release by policy: %q %v", got, err)
+	}
+
 	var l api.BrokerSecret
 	f.call(t, "GET", "/v1/broker/secrets/disk", "p1", nil, &l)
 	if len(l.Releases) != 1 || l.Releases[0].InstanceID != inst || !l.Releases[0].RevokedAt.IsZero() || l.Releases[0].Releases != 1 {
