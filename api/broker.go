@@ -64,6 +64,6 @@ type WrappedSecret struct {
 	// EKHandle is the persistent handle of the EK the credential is for.
 	EKHandle string `json:"ek_handle"`
 	// Wrapped is the credential and the sealed payload, in the wire form
-	// internal/broker's Parse reads.
+	// internal/keyrelease's Parse reads.
 	Wrapped []byte `json:"wrapped"`
 }

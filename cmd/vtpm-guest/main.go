@@ -30,7 +30,7 @@ import (
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/atomicfile"
 	"github.com/vtpmd/vtpmd/internal/attestor"
-	"github.com/vtpmd/vtpmd/internal/broker"
+	"github.com/vtpmd/vtpmd/internal/keyrelease"
 )
 
 // common are the flags of every mode.
@@ -43,7 +43,7 @@ func (c *common) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.instance, "instance", "", "instance id (default: the SMBIOS UUID, /sys/class/dmi/id/product_uuid)")
 	fs.StringVar(&c.tpmPath, "tpm", "/dev/tpmrm0", "TPM device, or unix:PATH for a swtpm data socket")
 	fs.StringVar(&c.caFile, "ca-file", "", "PEM CAs to trust when the server is https (default: the system's)")
-	fs.StringVar(&c.stateDir, "state-dir", broker.DefaultHolderDir, "the agent's private directory on a memory file system: its token, where secrets were written")
+	fs.StringVar(&c.stateDir, "state-dir", keyrelease.DefaultHolderDir, "the agent's private directory on a memory file system: its token, where secrets were written")
 }
 
 func main() {
@@ -131,7 +131,7 @@ func agent(args []string, watch bool) error {
 	if err := a.Register(ctx); err != nil {
 		return err
 	}
-	holder := broker.Holder{Dir: c.stateDir}
+	holder := keyrelease.Holder{Dir: c.stateDir}
 	if err := holder.SaveToken(a.Token()); err != nil {
 		fmt.Fprintln(os.Stderr, "vtpm-guest: keeping the agent token (secret get will not work):", err)
 	}
@@ -177,7 +177,7 @@ func secretGet(args []string) error {
 	if err != nil {
 		return err
 	}
-	holder := broker.Holder{Dir: c.stateDir}
+	holder := keyrelease.Holder{Dir: c.stateDir}
 	token, err := holder.Token()
 	if err != nil {
 		return err
@@ -194,7 +194,7 @@ func secretGet(args []string) error {
 		return err
 	}
 	defer a.Flush()
-	payload, _, err := broker.Fetch(ctx, a, c.instance, name)
+	payload, _, err := keyrelease.Fetch(ctx, a, c.instance, name)
 	if err != nil {
 		return fmt.Errorf("secret %s: %w", name, err)
 	}

@@ -1,3 +1,9 @@
+// Package broker is vtpmd's attestation-gated key broker: a tenant's
+// secret reaches an instance only while the instance and its host are
+// trusted, only inside that instance's vTPM (wrapped by
+// internal/keyrelease), and the instance learns at once when it must let
+// it go (revocation, in internal/verifier where verdicts change). See
+// docs/key-broker.md.
 package broker
 
 import (
@@ -14,6 +20,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/keyrelease"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/refusal"
 	"github.com/vtpmd/vtpmd/internal/store"
@@ -83,8 +90,8 @@ func (s *Service) Create(ctx context.Context, c tenant.Caller, req api.CreateBro
 	if err := checkName(req.Name); err != nil {
 		return nil, err
 	}
-	if len(req.Payload) == 0 || len(req.Payload) > MaxPayload {
-		return nil, refusal.Invalid(api.CodeInvalidPayload, fmt.Sprintf("The payload must be 1 to %d bytes; it is %d.", MaxPayload, len(req.Payload)))
+	if len(req.Payload) == 0 || len(req.Payload) > keyrelease.MaxPayload {
+		return nil, refusal.Invalid(api.CodeInvalidPayload, fmt.Sprintf("The payload must be 1 to %d bytes; it is %d.", keyrelease.MaxPayload, len(req.Payload)))
 	}
 	if len(req.ReleaseTo) == 0 && req.Policy == "" {
 		return nil, refusal.Invalid(api.CodeInvalidParameter, "Say whom the secret is for: release_to (instances), policy (instances judged by it), or both.")
@@ -259,7 +266,7 @@ func (s *Service) Release(ctx context.Context, sub verifier.Subject, agentToken,
 	if err != nil {
 		return api.WrappedSecret{}, fmt.Errorf("the AK of instance %s: %w", vt.InstanceID, err)
 	}
-	w, err := Wrap(ek, akName, Binding(vt.InstanceID, vt.Incarnation, name, out.ReleaseID), sk.Payload)
+	w, err := keyrelease.Wrap(ek, akName, keyrelease.Binding(vt.InstanceID, vt.Incarnation, name, out.ReleaseID), sk.Payload)
 	if err != nil {
 		return api.WrappedSecret{}, err
 	}

@@ -18,7 +18,7 @@ import (
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/attest"
-	"github.com/vtpmd/vtpmd/internal/broker"
+	"github.com/vtpmd/vtpmd/internal/keyrelease"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/swtpm"
 	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmtest"
@@ -141,11 +141,11 @@ func TestGuestSecretRelease(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	w, err := broker.Parse(ws.Wrapped)
+	w, err := keyrelease.Parse(ws.Wrapped)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, err := broker.Unwrap(tpm, tpm2.NamedHandle{Handle: ak.ObjectHandle, Name: ak.Name}, tpm2.TPMHandle(swtpm.RSAEKHandle), w); err == nil || got != nil {
+	if got, err := keyrelease.Unwrap(tpm, tpm2.NamedHandle{Handle: ak.ObjectHandle, Name: ak.Name}, tpm2.TPMHandle(swtpm.RSAEKHandle), w); err == nil || got != nil {
 		t.Fatalf("another vTPM opened the guest's release: %q", got)
 	} else {
 		t.Logf("        another vTPM (EK %x…): %v", ident.EKs[0].CertDER[:4], err)

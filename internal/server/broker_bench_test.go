@@ -8,7 +8,7 @@ import (
 	"time"
 
 	"github.com/vtpmd/vtpmd/api"
-	"github.com/vtpmd/vtpmd/internal/broker"
+	"github.com/vtpmd/vtpmd/internal/keyrelease"
 	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/tenant"
 	"github.com/vtpmd/vtpmd/internal/verifier"
@@ -134,7 +134,7 @@ func BenchmarkRelease(b *testing.B) {
 		ds := make([]time.Duration, 0, b.N)
 		for b.Loop() {
 			t0 := time.Now()
-			if _, _, err := broker.Fetch(ctx, g.agent, benchInstances[0], "disk"); err != nil {
+			if _, _, err := keyrelease.Fetch(ctx, g.agent, benchInstances[0], "disk"); err != nil {
 				b.Fatal(err)
 			}
 			ds = append(ds, time.Since(t0))

@@ -13,7 +13,7 @@ import (
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/attest/attesttest"
-	"github.com/vtpmd/vtpmd/internal/broker"
+	"github.com/vtpmd/vtpmd/internal/keyrelease"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/swtpm"
@@ -70,7 +70,7 @@ func hostVerdict(t testing.TB, f *fixture, verdict store.Verdict, evidenceAt tim
 }
 
 func release(g *guest, id, name string) ([]byte, api.WrappedSecret, error) {
-	return broker.Fetch(context.Background(), g.agent, id, name)
+	return keyrelease.Fetch(context.Background(), g.agent, id, name)
 }
 
 func wantCode(t *testing.T, what string, err error, status int, code api.Code) {
@@ -128,7 +128,7 @@ func TestBrokerReleaseAndRefusals(t *testing.T) {
 	}
 	// The answer opens in no other vTPM.
 	if ak, _ := b.agent.AK(); true {
-		if got, err := broker.Open(b.agent, ak, ws); err == nil || got != nil {
+		if got, err := keyrelease.Open(b.agent, ak, ws); err == nil || got != nil {
 			t.Fatalf("instance B's vTPM opened A's release: %q", got)
 		}
 	}
@@ -142,7 +142,7 @@ func TestBrokerReleaseAndRefusals(t *testing.T) {
 	wantCode(t, "no such secret", err, 404, api.CodeNotFound)
 	stranger := *a.agent
 	stranger.API = client.New(f.srv.URL, "").WithAgentToken("not-the-token")
-	_, _, err = broker.Fetch(context.Background(), &stranger, inst, "disk")
+	_, _, err = keyrelease.Fetch(context.Background(), &stranger, inst, "disk")
 	wantCode(t, "a stranger's token", err, 401, api.CodeUnauthenticated)
 
 	// Stale evidence: the host's last evidence is older than the bound

@@ -31,7 +31,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/attestor"
-	"github.com/vtpmd/vtpmd/internal/broker"
+	"github.com/vtpmd/vtpmd/internal/keyrelease"
 )
 
 func main() {
@@ -117,10 +117,10 @@ func run() error {
 // forgets the secret, asks for it again and prints the refusal. A refusal
 // at the first fetch is printed ("VTPM-GUEST REFUSED <code>: <message>").
 func brokerGuest(ctx context.Context, agent *attestor.Agent, id, secret, sealed, verdict string) error {
-	holder := broker.Holder{Dir: "/run/vtpm-guest"}
+	holder := keyrelease.Holder{Dir: "/run/vtpm-guest"}
 	var key []byte
 	for {
-		k, ws, err := broker.Fetch(ctx, agent, id, secret)
+		k, ws, err := keyrelease.Fetch(ctx, agent, id, secret)
 		if err == nil {
 			key = k
 			raw, _ := json.Marshal(ws)
@@ -163,7 +163,7 @@ func brokerGuest(ctx context.Context, agent *attestor.Agent, id, secret, sealed,
 			return err
 		}
 		clear(key)
-		_, _, err := broker.Fetch(ctx, agent, id, secret)
+		_, _, err := keyrelease.Fetch(ctx, agent, id, secret)
 		fmt.Printf("VTPM-GUEST REFUSED %v\n", err)
 		return nil
 	}

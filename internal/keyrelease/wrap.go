@@ -1,17 +1,17 @@
-// Package broker is vtpmd's attestation-gated key broker: a tenant's
-// secret reaches an instance only while the instance and its host are
-// trusted, only inside that instance's vTPM, and the instance learns at
-// once when it must let it go (docs/key-broker.md).
+// Package keyrelease is a key-broker release (internal/broker) on the
+// wire and in the guest: wrapping a secret for one vTPM, opening it there,
+// and what the guest keeps of it until it is revoked. It imports nothing
+// of the server, so the guest agent stays small.
 //
-// This file is the wrapping, on both sides. The server wraps a release
-// (Wrap) with a fresh AES-256 key that it protects with TPM2_MakeCredential
-// (done in software) to the instance's registered EK and AK name, and
-// seals the payload under that key with AES-256-GCM; the guest recovers the
-// key with TPM2_ActivateCredential in its vTPM (Unwrap), which the TPM
-// performs only if it holds both the EK's private key and a loaded object
-// of that name (TPM 2.0 Part 1, 24 "Credential Protection"). A copy of the
-// answer on another machine, or a stolen agent token, opens nothing.
-package broker
+// The server wraps a release (Wrap) with a fresh AES-256 key that it
+// protects with TPM2_MakeCredential (done in software) to the instance's
+// registered EK and AK name, and seals the payload under that key with
+// AES-256-GCM; the guest recovers the key with TPM2_ActivateCredential in
+// its vTPM (Unwrap), which the TPM performs only if it holds both the EK's
+// private key and a loaded object of that name (TPM 2.0 Part 1, 24
+// "Credential Protection"). A copy of the answer on another machine, or a
+// stolen agent token, opens nothing (docs/key-broker.md).
+package keyrelease
 
 import (
 	"bytes"

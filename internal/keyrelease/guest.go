@@ -1,4 +1,4 @@
-package broker
+package keyrelease
 
 import (
 	"bytes"
@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 
 	"github.com/google/go-tpm/tpm2"
@@ -60,6 +61,9 @@ func Open(a *attestor.Agent, ak tpm2.NamedHandle, ws api.WrappedSecret) ([]byte,
 // agent's registration, and where each secret was written, for the agent
 // to forget it when it is revoked. It never holds a secret itself.
 type Holder struct{ Dir string }
+
+// nameRE is the form of a secret's name (the server's rule).
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
 
 // DefaultHolderDir is the guest agent's directory (tmpfs on systemd
 // guests).

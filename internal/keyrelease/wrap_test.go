@@ -1,4 +1,4 @@
-package broker_test
+package keyrelease_test
 
 import (
 	"bytes"
@@ -11,7 +11,7 @@ import (
 	"github.com/google/go-tpm/tpm2/transport"
 
 	"github.com/vtpmd/vtpmd/internal/attest"
-	"github.com/vtpmd/vtpmd/internal/broker"
+	"github.com/vtpmd/vtpmd/internal/keyrelease"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/swtpm"
 	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmtest"
@@ -44,9 +44,9 @@ func newVTPM(t *testing.T) *vtpm {
 	return &vtpm{tpm: tpm, ek: id.EKs[0], ecc: id.EKs[1], ak: tpm2.NamedHandle{Handle: ak.ObjectHandle, Name: ak.Name}}
 }
 
-func (v *vtpm) wrap(t *testing.T, binding, payload []byte) *broker.Wrapped {
+func (v *vtpm) wrap(t *testing.T, binding, payload []byte) *keyrelease.Wrapped {
 	t.Helper()
-	w, err := broker.Wrap(v.ek.Public, v.ak.Name.Buffer, binding, payload)
+	w, err := keyrelease.Wrap(v.ek.Public, v.ak.Name.Buffer, binding, payload)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,14 +60,14 @@ func (v *vtpm) wrap(t *testing.T, binding, payload []byte) *broker.Wrapped {
 func TestWrapOpensOnlyInItsVTPM(t *testing.T) {
 	a, b := newVTPM(t), newVTPM(t)
 	payload := []byte("disk key: correct horse battery staple")
-	binding := broker.Binding("inst-a", "inc-1", "disk", "rel-1")
+	binding := keyrelease.Binding("inst-a", "inc-1", "disk", "rel-1")
 	wire := a.wrap(t, binding, payload).Marshal()
 
-	w, err := broker.Parse(wire)
+	w, err := keyrelease.Parse(wire)
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, err := broker.Unwrap(a.tpm, a.ak, tpm2.TPMHandle(a.ek.Handle), w)
+	got, err := keyrelease.Unwrap(a.tpm, a.ak, tpm2.TPMHandle(a.ek.Handle), w)
 	if err != nil || !bytes.Equal(got, payload) {
 		t.Fatalf("unwrapping in its own vTPM: %q, %v", got, err)
 	}
@@ -77,12 +77,12 @@ func TestWrapOpensOnlyInItsVTPM(t *testing.T) {
 
 	// Another vTPM: its own EK and AK. The credential is for a's EK, so
 	// b's TPM cannot decrypt its seed.
-	if got, err := broker.Unwrap(b.tpm, b.ak, tpm2.TPMHandle(b.ek.Handle), w); err == nil || got != nil {
+	if got, err := keyrelease.Unwrap(b.tpm, b.ak, tpm2.TPMHandle(b.ek.Handle), w); err == nil || got != nil {
 		t.Fatalf("another vTPM opened the release: %q", got)
 	}
 	// Another vTPM, claiming a's AK name for its own AK: the TPM checks
 	// the name of the object it holds.
-	if got, err := broker.Unwrap(b.tpm, tpm2.NamedHandle{Handle: b.ak.Handle, Name: a.ak.Name}, tpm2.TPMHandle(b.ek.Handle), w); err == nil || got != nil {
+	if got, err := keyrelease.Unwrap(b.tpm, tpm2.NamedHandle{Handle: b.ak.Handle, Name: a.ak.Name}, tpm2.TPMHandle(b.ek.Handle), w); err == nil || got != nil {
 		t.Fatalf("another vTPM opened the release with a's AK name: %q", got)
 	}
 	// The same vTPM with another key than the registered AK.
@@ -90,15 +90,15 @@ func TestWrapOpensOnlyInItsVTPM(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := broker.Unwrap(a.tpm, tpm2.NamedHandle{Handle: other.ObjectHandle, Name: other.Name}, tpm2.TPMHandle(a.ek.Handle), w); err == nil {
+	if _, err := keyrelease.Unwrap(a.tpm, tpm2.NamedHandle{Handle: other.ObjectHandle, Name: other.Name}, tpm2.TPMHandle(a.ek.Handle), w); err == nil {
 		t.Fatal("the release opened with another AK than the one it is bound to")
 	}
 	tpm2.FlushContext{FlushHandle: other.ObjectHandle}.Execute(a.tpm)
 
 	// The binding is sealed with the payload.
-	w2, _ := broker.Parse(wire)
-	w2.Binding = broker.Binding("inst-b", "inc-1", "disk", "rel-1")
-	if _, err := broker.Unwrap(a.tpm, a.ak, tpm2.TPMHandle(a.ek.Handle), w2); !errors.Is(err, broker.ErrNotOpened) {
+	w2, _ := keyrelease.Parse(wire)
+	w2.Binding = keyrelease.Binding("inst-b", "inc-1", "disk", "rel-1")
+	if _, err := keyrelease.Unwrap(a.tpm, a.ak, tpm2.TPMHandle(a.ek.Handle), w2); !errors.Is(err, keyrelease.ErrNotOpened) {
 		t.Fatalf("a changed binding: %v; want ErrNotOpened", err)
 	}
 }
@@ -107,18 +107,18 @@ func TestWrapOpensOnlyInItsVTPM(t *testing.T) {
 // RSA EK does.
 func TestWrapToECCEK(t *testing.T) {
 	a := newVTPM(t)
-	w, err := broker.Wrap(a.ecc.Public, a.ak.Name.Buffer, nil, []byte("x"))
+	w, err := keyrelease.Wrap(a.ecc.Public, a.ak.Name.Buffer, nil, []byte("x"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, err := broker.Unwrap(a.tpm, a.ak, tpm2.TPMHandle(a.ecc.Handle), w); err != nil || string(got) != "x" {
+	if got, err := keyrelease.Unwrap(a.tpm, a.ak, tpm2.TPMHandle(a.ecc.Handle), w); err != nil || string(got) != "x" {
 		t.Fatalf("unwrapping with the P-256 EK: %q, %v", got, err)
 	}
 }
 
 func TestParseRefusesMalformed(t *testing.T) {
-	good := (&broker.Wrapped{CredentialBlob: []byte{1}, EncryptedSeed: []byte{2}, Nonce: make([]byte, 12), Ciphertext: make([]byte, 17)}).Marshal()
-	if _, err := broker.Parse(good); err != nil {
+	good := (&keyrelease.Wrapped{CredentialBlob: []byte{1}, EncryptedSeed: []byte{2}, Nonce: make([]byte, 12), Ciphertext: make([]byte, 17)}).Marshal()
+	if _, err := keyrelease.Parse(good); err != nil {
 		t.Fatal(err)
 	}
 	for name, b := range map[string][]byte{
@@ -126,11 +126,11 @@ func TestParseRefusesMalformed(t *testing.T) {
 		"truncated":   good[:len(good)-1],
 		"trailing":    append(bytes.Clone(good), 0),
 		"other magic": append([]byte("x"), good[1:]...),
-		"short nonce": (&broker.Wrapped{CredentialBlob: []byte{1}, EncryptedSeed: []byte{2}, Nonce: make([]byte, 8), Ciphertext: make([]byte, 17)}).Marshal(),
-		"no tag":      (&broker.Wrapped{CredentialBlob: []byte{1}, EncryptedSeed: []byte{2}, Nonce: make([]byte, 12), Ciphertext: make([]byte, 15)}).Marshal(),
-		"no seed":     (&broker.Wrapped{CredentialBlob: []byte{1}, Nonce: make([]byte, 12), Ciphertext: make([]byte, 17)}).Marshal(),
+		"short nonce": (&keyrelease.Wrapped{CredentialBlob: []byte{1}, EncryptedSeed: []byte{2}, Nonce: make([]byte, 8), Ciphertext: make([]byte, 17)}).Marshal(),
+		"no tag":      (&keyrelease.Wrapped{CredentialBlob: []byte{1}, EncryptedSeed: []byte{2}, Nonce: make([]byte, 12), Ciphertext: make([]byte, 15)}).Marshal(),
+		"no seed":     (&keyrelease.Wrapped{CredentialBlob: []byte{1}, Nonce: make([]byte, 12), Ciphertext: make([]byte, 17)}).Marshal(),
 	} {
-		if _, err := broker.Parse(b); !errors.Is(err, broker.ErrMalformed) {
+		if _, err := keyrelease.Parse(b); !errors.Is(err, keyrelease.ErrMalformed) {
 			t.Errorf("%s: %v; want ErrMalformed", name, err)
 		}
 	}
@@ -139,12 +139,12 @@ func TestParseRefusesMalformed(t *testing.T) {
 // FuzzParse: Parse never panics, and what it accepts is exactly what
 // Marshal writes back.
 func FuzzParse(f *testing.F) {
-	f.Add((&broker.Wrapped{CredentialBlob: []byte{1, 2}, EncryptedSeed: []byte{3}, Binding: []byte("b"), Nonce: make([]byte, 12), Ciphertext: make([]byte, 20)}).Marshal())
+	f.Add((&keyrelease.Wrapped{CredentialBlob: []byte{1, 2}, EncryptedSeed: []byte{3}, Binding: []byte("b"), Nonce: make([]byte, 12), Ciphertext: make([]byte, 20)}).Marshal())
 	f.Add([]byte("vtpmd-wrapped-secret/1\x00"))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		w, err := broker.Parse(b)
+		w, err := keyrelease.Parse(b)
 		if err != nil {
-			if !errors.Is(err, broker.ErrMalformed) {
+			if !errors.Is(err, keyrelease.ErrMalformed) {
 				t.Fatalf("error %v is not ErrMalformed", err)
 			}
 			return
@@ -152,7 +152,7 @@ func FuzzParse(f *testing.F) {
 		if !bytes.Equal(w.Marshal(), b) {
 			t.Fatalf("Parse accepted bytes Marshal does not write back")
 		}
-		if _, err := w.Open(make([]byte, 32)); !errors.Is(err, broker.ErrNotOpened) && err != nil {
+		if _, err := w.Open(make([]byte, 32)); !errors.Is(err, keyrelease.ErrNotOpened) && err != nil {
 			t.Fatalf("Open: %v", err)
 		}
 	})

@@ -1,4 +1,4 @@
-package broker_test
+package keyrelease_test
 
 import (
 	"bytes"
@@ -7,13 +7,13 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/vtpmd/vtpmd/internal/broker"
+	"github.com/vtpmd/vtpmd/internal/keyrelease"
 )
 
 // TestHolderRevoke: a revoked secret's action runs with its name, and the
 // file it was written to is gone, as is the record of it.
 func TestHolderRevoke(t *testing.T) {
-	h := broker.Holder{Dir: filepath.Join(t.TempDir(), "state")}
+	h := keyrelease.Holder{Dir: filepath.Join(t.TempDir(), "state")}
 	if err := h.SaveToken("tok"); err != nil {
 		t.Fatal(err)
 	}
