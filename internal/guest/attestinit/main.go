@@ -90,7 +90,7 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	id := strings.ToLower(strings.TrimSpace(string(uuid)))
 	agent := &attestor.Agent{TPM: t, API: client.New(server, ""), Subject: client.Instance(id),
