@@ -155,7 +155,15 @@ func TestGuestSecretRelease(t *testing.T) {
 	if got, err := keyrelease.Unwrap(tpm, tpm2.NamedHandle{Handle: ak.ObjectHandle, Name: ak.Name}, tpm2.TPMHandle(swtpm.RSAEKHandle), w); err == nil || got != nil {
 		t.Fatalf("another vTPM opened the guest's release: %q", got)
 	} else {
-		t.Logf("        another vTPM (EK %x…): %v", ident.EKs[0].CertDER[:4], err)
+		t.Logf("        another vTPM: %v", err)
+	}
+	// That vTPM works: a release wrapped for it opens there.
+	own, err := keyrelease.Wrap(ident.EKs[0].Public, ak.Name.Buffer, nil, []byte("its own"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := keyrelease.Unwrap(tpm, tpm2.NamedHandle{Handle: ak.ObjectHandle, Name: ak.Name}, tpm2.TPMHandle(swtpm.RSAEKHandle), own); err != nil || string(got) != "its own" {
+		t.Fatalf("the other vTPM opening a release wrapped for it: %q %v", got, err)
 	}
 
 	t.Log("step 5: the host back on its kernel; the guest booted with another kernel command line")
