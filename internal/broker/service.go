@@ -8,7 +8,9 @@ package broker
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/x509"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -317,19 +319,18 @@ func (s *Service) refusal(tx *store.Tx, vt *store.VTPM, name string, why error) 
 		Detail: refusal.Truncate(name) + ": " + why.Error()})
 }
 
-// objectName is the TPM name of a TPM2B_PUBLIC.
+// objectName is the TPM name of a registered AK's TPM2B_PUBLIC (which
+// registration checked: a SHA-256-named public area): nameAlg followed by
+// SHA-256 of the public area as marshalled (TPM 2.0 Part 1, 16 "Names").
+// The area's bytes are hashed as they are, without parsing them again.
 func objectName(tpm2bPublic []byte) ([]byte, error) {
-	b, err := tpm2.Unmarshal[tpm2.TPM2BPublic](tpm2bPublic)
-	if err != nil {
-		return nil, err
+	if len(tpm2bPublic) < 6 || int(binary.BigEndian.Uint16(tpm2bPublic)) != len(tpm2bPublic)-2 {
+		return nil, errors.New("not a TPM2B_PUBLIC")
 	}
-	pub, err := b.Contents()
-	if err != nil {
-		return nil, err
+	area := tpm2bPublic[2:]
+	if alg := binary.BigEndian.Uint16(area[2:]); alg != uint16(tpm2.TPMAlgSHA256) {
+		return nil, fmt.Errorf("the AK is named with algorithm %#x, not SHA-256", alg)
 	}
-	name, err := tpm2.ObjectName(pub)
-	if err != nil {
-		return nil, err
-	}
-	return name.Buffer, nil
+	sum := sha256.Sum256(area)
+	return append(binary.BigEndian.AppendUint16(nil, uint16(tpm2.TPMAlgSHA256)), sum[:]...), nil
 }

@@ -51,10 +51,7 @@ func (v *Verifier) Gate(tx *store.Tx, sub Subject, agentToken string) (*Gate, er
 	if err != nil {
 		return nil, err
 	}
-	g := &Gate{VTPM: sub.vtpm, Status: st, EvidenceAt: a.EvidenceAt, AKPublic: a.AKPublic}
-	if ha, err := tx.GetAttestation(store.HostKey(sub.vtpm.Host)); err == nil {
-		g.HostEvidenceAt = ha.EvidenceAt
-	}
+	g := &Gate{VTPM: sub.vtpm, Status: st, EvidenceAt: a.EvidenceAt, HostEvidenceAt: st.Host.EvidenceAt, AKPublic: a.AKPublic}
 	kind := a.EKKind
 	if kind == "" {
 		kind = "rsa2048"
