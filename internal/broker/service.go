@@ -200,9 +200,9 @@ func (s *Service) Delete(ctx context.Context, c tenant.Caller, asked, name strin
 // its bearer token) with secret name of the instance's project, wrapped
 // for the instance's vTPM (Wrap), if at this moment:
 //
-//  1. the instance's vTPM is not being deleted (instance_deleted);
-//  2. it is registered and the token is its agent's (not_registered,
-//     unauthenticated: verifier.Gate);
+//  1. the instance is registered and the token is its agent's
+//     (not_registered, unauthenticated: verifier.Gate);
+//  2. its vTPM is not being deleted (instance_deleted);
 //  3. its project has a secret of that name (not_found: another project's
 //     reads as absent);
 //  4. the secret is for it: among release_to when that is set, and judged
@@ -215,8 +215,8 @@ func (s *Service) Delete(ctx context.Context, c tenant.Caller, asked, name strin
 // The checks and the record of the outcome are one transaction, so a
 // verdict change cannot slip between them: a release is recorded (and
 // revoked by the next change that leaves the instance untrusted), a
-// refusal too; each is an event of the instance. A caller that is not
-// the agent writes nothing.
+// refusal from 2 on too; each is an event of the instance. A caller that
+// is not the agent (1) writes nothing.
 func (s *Service) Release(ctx context.Context, sub verifier.Subject, agentToken, name string) (api.WrappedSecret, error) {
 	vt := sub.VTPM()
 	if vt == nil {
@@ -227,18 +227,12 @@ func (s *Service) Release(ctx context.Context, sub verifier.Subject, agentToken,
 	var sec *store.BrokerSecret
 	var g *verifier.Gate
 	err := s.cfg.Store.Update(ctx, func(tx *store.Tx) (err error) {
+		if g, err = s.cfg.Verifier.Gate(tx, sub, agentToken); err != nil {
+			return err // nobody proved to be the agent: nothing is recorded
+		}
 		if vt.Desired == store.DesiredDeleted || vt.Phase == store.PhaseDeleting {
 			refused = refusal.Conflict(api.CodeInstanceDeleted, "Instance "+vt.InstanceID+" is being deleted.")
 			return s.refusal(tx, vt, name, refused)
-		}
-		g, err = s.cfg.Verifier.Gate(tx, sub, agentToken)
-		var r *refusal.Error
-		switch {
-		case errors.As(err, &r) && r.Code == api.CodeNotRegistered:
-			refused = err
-			return s.refusal(tx, vt, name, refused)
-		case err != nil:
-			return err
 		}
 		if refused = s.check(tx, g, name, &sec); refused != nil {
 			return s.refusal(tx, vt, name, refused)

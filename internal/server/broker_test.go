@@ -159,6 +159,9 @@ func TestBrokerReleaseAndRefusals(t *testing.T) {
 	d.agent.API = d.agent.API.WithAgentToken("x")
 	_, err = d.agent.API.ReleaseSecret(context.Background(), instD, "disk")
 	wantCode(t, "an instance never registered", err, 409, api.CodeNotRegistered)
+	if evs := secretEvents(t, f, instD); len(evs) != 0 {
+		t.Errorf("a request nobody proved to be the agent's was recorded: %q", evs)
+	}
 
 	// A deleted instance: B's vTPM is being deleted.
 	var psec api.BrokerSecret
