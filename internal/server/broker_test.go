@@ -13,6 +13,7 @@ import (
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/attest/attesttest"
+	"github.com/vtpmd/vtpmd/internal/attestor"
 	"github.com/vtpmd/vtpmd/internal/keyrelease"
 	"github.com/vtpmd/vtpmd/internal/spec"
 	"github.com/vtpmd/vtpmd/internal/store"
@@ -133,6 +134,17 @@ func TestBrokerReleaseAndRefusals(t *testing.T) {
 		}
 	}
 
+	// Another process of the guest (vtpm-guest secret get) uses the
+	// running agent's registration: its token, and the same AK made again.
+	getter := &attestor.Agent{TPM: a.tpm, API: client.New(f.srv.URL, ""), Subject: client.Instance(inst)}
+	if err := getter.Resume(a.agent.Token()); err != nil {
+		t.Fatal(err)
+	}
+	if got, _, err := keyrelease.Fetch(context.Background(), getter, inst, "disk"); err != nil || !bytes.Equal(got, payload) {
+		t.Fatalf("a second process with the agent's registration: %q %v", got, err)
+	}
+	getter.Flush()
+
 	// Refusals, each with its code.
 	_, _, err = release(b, instB, "disk")
 	wantCode(t, "another instance", err, 403, api.CodeReleaseNotAllowed)
@@ -209,7 +221,7 @@ func TestBrokerReleaseAndRefusals(t *testing.T) {
 
 	var l api.BrokerSecret
 	f.call(t, "GET", "/v1/broker/secrets/disk", "p1", nil, &l)
-	if len(l.Releases) != 1 || l.Releases[0].InstanceID != inst || !l.Releases[0].RevokedAt.IsZero() || l.Releases[0].Releases != 1 {
+	if len(l.Releases) != 1 || l.Releases[0].InstanceID != inst || !l.Releases[0].RevokedAt.IsZero() || l.Releases[0].Releases != 2 {
 		t.Fatalf("releases of disk: %+v", l.Releases)
 	}
 }
