@@ -63,6 +63,10 @@ type EvidenceRequest struct {
 type Refresh struct {
 	Requested   bool      `json:"requested"`
 	RequestedAt time.Time `json:"requested_at,omitzero"`
+	// Revoked names, in an agent's long poll, the secrets revoked from
+	// its instance since it was last told (the key broker): the agent
+	// runs its revocation action and forgets them.
+	Revoked []string `json:"revoked,omitempty"`
 }
 
 // PolicyRequest sets an instance's (or a host's) measured-boot policy:

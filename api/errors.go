@@ -295,6 +295,26 @@ const (
 	CodeHostNotDown Code = "host_not_down"
 )
 
+// Codes of the key broker (/v1/broker/secrets, and an agent's release
+// POST /v1/vtpms/{id}/secrets/{secret}/release). A secret of another
+// project reads as absent (not_found); an instance that never registered
+// is not_registered (409).
+const (
+	// CodeReleaseNotAllowed (403): the secret is not for this instance:
+	// it is not among those it is released to, or the instance is not
+	// judged by the policy the secret names.
+	CodeReleaseNotAllowed Code = "release_not_allowed"
+	// CodeNotTrusted (403): the instance's overall verdict (its own, its
+	// vTPM's provenance, its host's) is not trusted; the message says why.
+	CodeNotTrusted Code = "not_trusted"
+	// CodeEvidenceTooOld (409): the instance's or its host's last genuine
+	// evidence is older than the secret allows; the agent attests again
+	// and retries.
+	CodeEvidenceTooOld Code = "evidence_too_old"
+	// CodeInstanceDeleted (409): the instance's vTPM is being deleted.
+	CodeInstanceDeleted Code = "instance_deleted"
+)
+
 // Codes of hosts' enrolment and their agents' calls (/v1/agent/...).
 const (
 	// CodeInvalidHostName (400): a host name is not a letter or digit

@@ -376,14 +376,47 @@ func (c *Client) RequestRefresh(ctx context.Context, s Subject) (api.Refresh, er
 	return out, c.do(ctx, http.MethodPost, s.op("refresh"), nil, &out)
 }
 
-// AwaitRefresh is an agent's long poll: it returns true as soon as fresh
-// evidence is asked for, false after wait (capped at the server's 5m)
-// without a request.
-func (c *Client) AwaitRefresh(ctx context.Context, s Subject, wait time.Duration) (bool, error) {
+// AwaitRefresh is an agent's long poll: it returns as soon as fresh
+// evidence is asked for (Requested, with the secrets revoked from the
+// instance since), or after wait (capped at the server's 5m) without a
+// request.
+func (c *Client) AwaitRefresh(ctx context.Context, s Subject, wait time.Duration) (api.Refresh, error) {
 	wait = min(wait, 5*time.Minute)
 	var out api.Refresh
 	err := c.do(ctx, http.MethodGet, s.op("refresh")+"?wait="+url.QueryEscape(wait.Round(time.Millisecond).String()), nil, &out)
-	return out.Requested, err
+	return out, err
+}
+
+// CreateBrokerSecret stores a secret the key broker releases to attested
+// instances.
+func (c *Client) CreateBrokerSecret(ctx context.Context, req api.CreateBrokerSecretRequest) (api.BrokerSecret, error) {
+	var out api.BrokerSecret
+	return out, c.do(ctx, http.MethodPost, "/v1/broker/secrets", req, &out)
+}
+
+// BrokerSecret reads a secret's record and its releases (never its
+// payload).
+func (c *Client) BrokerSecret(ctx context.Context, name string) (api.BrokerSecret, error) {
+	var out api.BrokerSecret
+	return out, c.do(ctx, http.MethodGet, "/v1/broker/secrets/"+url.PathEscape(name), nil, &out)
+}
+
+// BrokerSecrets lists the project's secrets.
+func (c *Client) BrokerSecrets(ctx context.Context) (api.BrokerSecretList, error) {
+	var out api.BrokerSecretList
+	return out, c.do(ctx, http.MethodGet, "/v1/broker/secrets", nil, &out)
+}
+
+// DeleteBrokerSecret deletes a secret (its payload is shredded).
+func (c *Client) DeleteBrokerSecret(ctx context.Context, name string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/broker/secrets/"+url.PathEscape(name), nil, nil)
+}
+
+// ReleaseSecret is a registered agent's request for a secret: the answer
+// opens only in its instance's vTPM.
+func (c *Client) ReleaseSecret(ctx context.Context, id, name string) (api.WrappedSecret, error) {
+	var out api.WrappedSecret
+	return out, c.do(ctx, http.MethodPost, "/v1/vtpms/"+url.PathEscape(id)+"/secrets/"+url.PathEscape(name)+"/release", nil, &out)
 }
 
 // HyperVPlan is the PowerShell plan for a Hyper-V vTPM; vmName "" means

@@ -77,6 +77,7 @@ type Agent struct {
 	EKCertificate bool
 
 	ak        *tpm2.NamedHandle
+	token     string           // the registered agent's bearer token
 	transient []tpm2.TPMHandle // what Register loaded, for Flush
 	// imaHeld is how many IMA entries vtpmd holds of this boot's log (its
 	// last answer's ima_entries): the next evidence sends those after.
@@ -133,9 +134,37 @@ func (a *Agent) Register(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("activating: %w", err)
 	}
-	a.API = a.API.WithAgentToken(act.AgentToken)
+	a.API, a.token = a.API.WithAgentToken(act.AgentToken), act.AgentToken
 	a.imaHeld = 0
 	return nil
+}
+
+// Token is the bearer token Register got, which another process of the
+// same guest hands to Resume; "" before.
+func (a *Agent) Token() string { return a.token }
+
+// Resume takes over the registration of another agent of this TPM (the
+// guest agent's, whose token it got) without registering again: the AK is
+// made from the same template in the same hierarchy, so it is the same
+// key, and the token is the registered agent's.
+func (a *Agent) Resume(token string) error {
+	created, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHOwner, InPublic: tpm2.New2B(attest.RSAAKTemplate)}.Execute(a.TPM)
+	if err != nil {
+		return fmt.Errorf("loading the attestation key: %w", err)
+	}
+	a.ak = &tpm2.NamedHandle{Handle: created.ObjectHandle, Name: created.Name}
+	a.transient = append(a.transient, created.ObjectHandle)
+	a.API, a.token = a.API.WithAgentToken(token), token
+	return nil
+}
+
+// AK is the registered attestation key, loaded in the TPM (Register or
+// Resume); false before.
+func (a *Agent) AK() (tpm2.NamedHandle, bool) {
+	if a.ak == nil {
+		return tpm2.NamedHandle{}, false
+	}
+	return *a.ak, true
 }
 
 // endorsementKey is the RSA EK: persistent at the TCG handle, as vtpmd
@@ -261,23 +290,25 @@ func (a *Agent) Attest(ctx context.Context) (api.Attestation, error) {
 }
 
 // Wait returns when the next attestation is due: after interval, or as
-// soon as vtpmd asks for fresh evidence (a long poll). When vtpmd cannot
-// be asked it just sleeps.
-func (a *Agent) Wait(ctx context.Context, interval time.Duration) {
+// soon as vtpmd asks for fresh evidence (a long poll), with the names of
+// the secrets it revoked from the instance meanwhile (the key broker).
+// When vtpmd cannot be asked it just sleeps.
+func (a *Agent) Wait(ctx context.Context, interval time.Duration) (revoked []string) {
 	deadline := time.Now().Add(interval)
 	for left := interval; left > 0; left = time.Until(deadline) {
-		asked, err := a.API.AwaitRefresh(ctx, a.Subject, left)
-		if asked {
-			return
+		r, err := a.API.AwaitRefresh(ctx, a.Subject, left)
+		if r.Requested {
+			return r.Revoked
 		}
 		if err != nil {
 			select {
 			case <-ctx.Done():
 			case <-time.After(time.Until(deadline)):
 			}
-			return
+			return nil
 		}
 	}
+	return nil
 }
 
 // Evidence quotes the PCRs with nonce and gathers what goes with it: the

@@ -145,6 +145,35 @@ func TestAttestationCommands(t *testing.T) {
 	if code, out, errOut := run(t, append(base, "--project", "p1", "secret", "create", "--payload-file", keyFile)...); code != ExitOK || len(strings.TrimSpace(out)) != 36 || strings.Contains(out, "S0VZ") {
 		t.Fatalf("secret create: %d %q %q", code, out, errOut)
 	}
+	// Named secrets, released only to attested instances.
+	if code, _, errOut := run(t, append(base, "--project", "p1", "secret", "create", "disk", "--payload-file", keyFile)...); code != ExitUsage || !strings.Contains(errOut, "--release-to") {
+		t.Fatalf("secret create NAME without whom it is for: %d %q", code, errOut)
+	}
+	if code, out, errOut := run(t, append(base, "--project", "p1", "secret", "create", "disk", "--payload-file", keyFile, "--release-to", id, "--max-evidence-age", "90s")...); code != ExitOK ||
+		!strings.Contains(out, id) || !strings.Contains(out, "1m30s") || strings.Contains(out, "S0VZ") {
+		t.Fatalf("secret create disk: %d %q %q", code, out, errOut)
+	}
+	if code, _, errOut := run(t, append(base, "--project", "p1", "secret", "create", "disk", "--payload-file", keyFile, "--release-to", id)...); code != ExitConflict || !strings.Contains(errOut, string(api.CodeAlreadyExists)) {
+		t.Fatalf("secret create disk again: %d %q", code, errOut)
+	}
+	if code, out, _ := run(t, append(base, "--project", "p1", "secret", "list")...); code != ExitOK || !strings.Contains(out, "disk") {
+		t.Fatalf("secret list: %d %q", code, out)
+	}
+	if code, out, _ := run(t, append(base, "--project", "p2", "secret", "list")...); code != ExitOK || strings.Contains(out, "disk") {
+		t.Fatalf("another project's secret list: %d %q", code, out)
+	}
+	if code, _, errOut := run(t, append(base, "--project", "p2", "secret", "show", "disk")...); code != ExitNotFound {
+		t.Fatalf("another project's secret show: %d %q", code, errOut)
+	}
+	if code, out, _ := run(t, append(base, "--project", "p1", "-o", "json", "secret", "show", "disk")...); code != ExitOK || !strings.Contains(out, `"max_evidence_age": "1m30s"`) || strings.Contains(out, "S0VZ") {
+		t.Fatalf("secret show: %d %q", code, out)
+	}
+	if code, out, _ := run(t, append(base, "--project", "p1", "secret", "delete", "disk")...); code != ExitOK || !strings.Contains(out, "deleted") {
+		t.Fatalf("secret delete: %d %q", code, out)
+	}
+	if code, _, _ := run(t, append(base, "--project", "p1", "secret", "show", "disk")...); code != ExitNotFound {
+		t.Fatalf("secret show after delete: %d", code)
+	}
 	if code, out, errOut := run(t, append(base, "hyperv", "host-token", "h1")...); code != ExitOK || len(strings.TrimSpace(out)) < 40 {
 		t.Fatalf("hyperv host-token: %d %q %q", code, out, errOut)
 	}

@@ -3,13 +3,8 @@ package cli
 import (
 	"fmt"
 	"io"
-	"os"
-	"strings"
 
 	"github.com/spf13/cobra"
-
-	"github.com/vtpmd/vtpmd/api"
-	"github.com/vtpmd/vtpmd/internal/cmdline"
 )
 
 func newHyperVCommand(g *globals) *cobra.Command {
@@ -48,36 +43,5 @@ func newHyperVCommand(g *globals) *cobra.Command {
 			return err
 		},
 	})
-	return cmd
-}
-
-func newSecretCommand(g *globals) *cobra.Command {
-	cmd := &cobra.Command{Use: "secret", Short: "Key material in vtpmd's key manager (e.g. what os_vtpm_keys names)"}
-	var file string
-	create := &cobra.Command{
-		Use:   "create --payload-file FILE",
-		Short: "Store the file's contents as a secret of the project; prints its id (the payload is never shown again)",
-		Args:  cmdline.NoArgs,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if file == "" {
-				return cmdline.Usagef("--payload-file is required (the secret never goes on the command line)")
-			}
-			data, err := os.ReadFile(file)
-			if err != nil {
-				return cmdline.Exit(ExitUsage, err)
-			}
-			s, err := g.client().CreateSecret(cmd.Context(), api.CreateSecretRequest{Payload: strings.TrimRight(string(data), "\n")})
-			if err != nil {
-				return apiFailure(err)
-			}
-			if g.format(outputTable) == outputJSON {
-				return writeJSON(cmd.OutOrStdout(), s)
-			}
-			_, err = fmt.Fprintln(cmd.OutOrStdout(), s.ID)
-			return err
-		},
-	}
-	create.Flags().StringVar(&file, "payload-file", "", "file holding the secret (text, e.g. a base64 PFX)")
-	cmd.AddCommand(create)
 	return cmd
 }

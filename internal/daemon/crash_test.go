@@ -316,6 +316,11 @@ func TestReclaimOrphanSecret(t *testing.T) {
 	u := startDaemon(t, dir)
 	id := "0a0a0a0a-0000-4000-8000-0000000000a1"
 	v := u.create(t, id, "2.0")
+	// A key broker secret's payload is in use too.
+	brokered, err := u.c.CreateBrokerSecret(context.Background(), api.CreateBrokerSecretRequest{Name: "disk", Project: "p1", Payload: []byte("k"), ReleaseTo: []string{id}})
+	if err != nil {
+		t.Fatal(err)
+	}
 	u.stop()
 	kr := openKeyring(t, dir)
 	ctx := context.Background()
@@ -347,6 +352,9 @@ func TestReclaimOrphanSecret(t *testing.T) {
 	}
 	if len(left) != len(kept)-1 || slices.Contains(left, orphan) || !slices.Contains(left, v.SecretRef) {
 		t.Fatalf("secrets after restart %v; orphan %s, in use %s", left, orphan, v.SecretRef)
+	}
+	if len(left) != 2 {
+		t.Fatalf("%d secrets left, want the vTPM's and broker secret %s's payload", len(left), brokered.Name)
 	}
 }
 

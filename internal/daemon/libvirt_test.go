@@ -67,7 +67,13 @@ func guestImage(t testing.TB, init string) (kernel, initrd string) {
 	if err != nil {
 		t.Fatalf("getting the guest kernel: %v", err)
 	}
-	initrd, err = guest.Initramfs(ctx, cache, init, map[string]string{"lib/modules/e1000.ko": k.E1000})
+	// The attestation guest's /init is also its /bin/sh (the key broker's
+	// revocation action: see attestinit).
+	var initAlso []string
+	if init == attestInit {
+		initAlso = []string{"bin/sh"}
+	}
+	initrd, err = guest.Initramfs(ctx, cache, init, map[string]string{"lib/modules/e1000.ko": k.E1000}, initAlso...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,6 +18,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/agent/agentstore"
+	"github.com/vtpmd/vtpmd/internal/broker"
 	"github.com/vtpmd/vtpmd/internal/ca"
 	"github.com/vtpmd/vtpmd/internal/enrol"
 	"github.com/vtpmd/vtpmd/internal/keyring"
@@ -181,8 +182,9 @@ func (s *Server) open(ctx context.Context) error {
 	ver := verifier.New(verifier.Config{Store: s.store, VTPMs: vs, CAChainPEM: s.authority.ChainPEM, HostEKRoots: hostRoots,
 		Signer: verdicts, TicketKey: shared.ticketKey, Webhook: hook, StaleAfter: cfg.StaleAfter, Replica: replica, Log: s.log})
 	s.agents = agentstore.New(s.store, km, kr, s.log)
-	s.api = &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, Enrolment: enrol.New(enrol.Config{Store: s.store, HostCA: hostCA, Log: s.log, BoundEnrolment: ver.BoundEnrolment}),
-		Agents: s.agents, EKCA: s.authority, CAChainPEM: s.authority.ChainPEM, Statements: s.store.Statements, Log: s.log,
+	s.api = &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, Broker: broker.New(broker.Config{Store: s.store, Keyring: km, Verifier: ver, Log: s.log}),
+		Enrolment: enrol.New(enrol.Config{Store: s.store, HostCA: hostCA, Log: s.log, BoundEnrolment: ver.BoundEnrolment}),
+		Agents:    s.agents, EKCA: s.authority, CAChainPEM: s.authority.ChainPEM, Statements: s.store.Statements, Log: s.log,
 		Readiness: s.readiness(kr), Identity: identity}
 	// HTTP/2 for many long-lived connections that each carry a request
 	// every few seconds (hosts' agents: a watch always waiting, a
@@ -427,7 +429,11 @@ func reclaimSecrets(ctx context.Context, st *store.Store, kr keyring.Keyring, ag
 			}
 		}
 		tenants, err := tx.Secrets() // stored through the API: not vTPMs'
-		for _, id := range tenants {
+		if err != nil {
+			return err
+		}
+		brokered, err := tx.BrokerSecretKeys() // the key broker's payloads
+		for _, id := range append(tenants, brokered...) {
 			used[id] = true
 		}
 		return err

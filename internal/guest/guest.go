@@ -160,9 +160,10 @@ func extractDeb(ctx context.Context, deb string, files map[string]string) error 
 }
 
 // Initramfs returns a gzipped newc initramfs whose /init is the static
-// build of the Go main package mainPkg, with extra files (path in the
-// image → file on the host), cached by the hash of its contents.
-func Initramfs(ctx context.Context, cache, mainPkg string, extra map[string]string) (string, error) {
+// build of the Go main package mainPkg, also at each path of initAlso (a
+// program that acts by the name it is run as), with extra files (path in
+// the image → file on the host), cached by the hash of its contents.
+func Initramfs(ctx context.Context, cache, mainPkg string, extra map[string]string, initAlso ...string) (string, error) {
 	if err := os.MkdirAll(cache, 0o755); err != nil {
 		return "", err
 	}
@@ -178,6 +179,9 @@ func Initramfs(ctx context.Context, cache, mainPkg string, extra map[string]stri
 		return "", err
 	}
 	files["init"] = init
+	for _, p := range initAlso {
+		files[strings.TrimPrefix(p, "/")] = init
+	}
 	for name, src := range extra {
 		b, err := os.ReadFile(src)
 		if err != nil {

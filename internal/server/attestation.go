@@ -180,7 +180,8 @@ func (s *Server) requestRefresh(w http.ResponseWriter, r *http.Request) error {
 }
 
 // awaitRefresh is an agent's long poll: it answers when fresh evidence is
-// asked for, or after ?wait= (default 60s) with requested false.
+// asked for (with the secrets revoked from the instance since it last
+// asked), or after ?wait= (default 60s) with requested false.
 func (s *Server) awaitRefresh(w http.ResponseWriter, r *http.Request) error {
 	over, end, err := s.longPoll(r, time.Minute)
 	if err != nil {
@@ -191,11 +192,11 @@ func (s *Server) awaitRefresh(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	at, requested, err := s.Verifier.AwaitRefresh(r.Context(), sub, bearerToken(r), over)
+	out, err := s.Verifier.AwaitRefresh(r.Context(), sub, bearerToken(r), over)
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, api.Refresh{Requested: requested, RequestedAt: at})
+	writeJSON(w, http.StatusOK, out)
 	return nil
 }
 

@@ -54,6 +54,13 @@ func newGuest(t *testing.T, f *fixture, fw []attesttest.Measurement) *guest {
 	t.Helper()
 	swtpmtest.Require(t)
 	i, id := swtpmtest.Manufactured(t, spec.V20, nil)
+	return newGuestOf(t, f, inst, "p1", i, id, fw)
+}
+
+// newGuestOf is newGuest for instance instanceID of project, on the
+// manufactured vTPM i of identity id.
+func newGuestOf(t testing.TB, f *fixture, instanceID, project string, i swtpm.Instance, id *swtpm.Identity, fw []attesttest.Measurement) *guest {
+	t.Helper()
 	swtpmtest.Start(t, i)
 	var eks []store.EK
 	for _, ek := range id.EKs {
@@ -64,8 +71,8 @@ func newGuest(t *testing.T, f *fixture, fw []attesttest.Measurement) *guest {
 		eks = append(eks, store.EK{Kind: string(ek.Kind), Handle: ek.Handle, NVIndex: ek.NVIndex, PublicDER: der, CertDER: ek.CertDER})
 	}
 	err := f.store.Update(context.Background(), func(tx *store.Tx) error {
-		return tx.CreateVTPM(&store.VTPM{InstanceID: inst, Project: "p1", Spec: spec.Spec{Version: spec.V20, Model: spec.TIS},
-			Host: "h1", Desired: store.DesiredRunning, Phase: store.PhaseActive, SecretID: inst, EKs: eks})
+		return tx.CreateVTPM(&store.VTPM{InstanceID: instanceID, Project: project, Spec: spec.Spec{Version: spec.V20, Model: spec.TIS},
+			Host: "h1", Desired: store.DesiredRunning, Phase: store.PhaseActive, SecretID: instanceID, EKs: eks})
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -81,12 +88,12 @@ func newGuest(t *testing.T, f *fixture, fw []attesttest.Measurement) *guest {
 		d := sha256.Sum256(m.Data)
 		g.measure(t, m.PCR, d[:])
 	}
-	g.agent = &attestor.Agent{TPM: g.tpm, API: client.New(f.srv.URL, ""), Subject: client.Instance(inst), EventLog: g.fwLog}
+	g.agent = &attestor.Agent{TPM: g.tpm, API: client.New(f.srv.URL, ""), Subject: client.Instance(instanceID), EventLog: g.fwLog}
 	return g
 }
 
 // dial connects the guest's TPM client (swtpm serves one at a time).
-func (g *guest) dial(t *testing.T) {
+func (g *guest) dial(t testing.TB) {
 	t.Helper()
 	conn, err := net.Dial("unix", g.inst.DataSocket())
 	if err != nil {
@@ -101,7 +108,7 @@ func (g *guest) dial(t *testing.T) {
 }
 
 // measure extends digest into pcr, as firmware or the kernel does.
-func (g *guest) measure(t *testing.T, pcr int, digest []byte) {
+func (g *guest) measure(t testing.TB, pcr int, digest []byte) {
 	t.Helper()
 	_, err := tpm2.PCRExtend{PCRHandle: tpm2.AuthHandle{Handle: tpm2.TPMHandle(pcr), Auth: tpm2.PasswordAuth(nil)},
 		Digests: tpm2.TPMLDigestValues{Digests: []tpm2.TPMTHA{{HashAlg: tpm2.TPMAlgSHA256, Digest: digest}}}}.Execute(g.tpm)
@@ -343,7 +350,7 @@ func TestRegisterInfersTheEKKind(t *testing.T) {
 	base := "/v1/vtpms/" + inst + "/attestation"
 	akPublic := tpm2.Marshal(created.OutPublic)
 	var ch api.CredentialChallenge
-	if code := f.call(t, "POST", base+"/register", "", api.RegisterRequest{EKPublic: eccDER, AKPublic: akPublic}, &ch); code != 200 || ch.EKHandle != "0x81010016" {
+	if code := f.call(t, "POST", base+"/register", "", api.RegisterRequest{EKPublic: eccDER, AKPublic: akPublic}, &ch); code != 200 || ch.EKHandle != "0x81010002" {
 		t.Fatalf("registering with the ECC EK: %d %+v", code, ch)
 	}
 	secret, err := attestor.ActivateCredential(g.tpm, ak, tpm2.TPMHandle(ecc.Handle), ch)

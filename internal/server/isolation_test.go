@@ -308,7 +308,7 @@ func TestBodylessRoutesRefuseBodies(t *testing.T) {
 		"POST /v1/resolve", "POST /v1/vtpms", "POST /v1/vtpms/{id}/attach",
 		"POST /v1/vtpms/{id}/attestation/register", "POST /v1/vtpms/{id}/attestation/activate",
 		"POST /v1/vtpms/{id}/attestation/evidence", "POST /v1/vtpms/{id}/attestation/policy",
-		"POST /v1/secrets", "POST /v1/policies",
+		"POST /v1/secrets", "POST /v1/policies", "POST /v1/broker/secrets",
 		"POST /v1/hosts/{name}/attestation/register", "POST /v1/hosts/{name}/attestation/activate",
 		"POST /v1/hosts/{name}/attestation/evidence", "POST /v1/hosts/{name}/attestation/policy",
 		"POST /v1/agent/enroll", "POST /v1/agent/heartbeat",

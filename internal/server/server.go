@@ -25,6 +25,7 @@ import (
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/agent/agentstore"
 	"github.com/vtpmd/vtpmd/internal/attest"
+	"github.com/vtpmd/vtpmd/internal/broker"
 	"github.com/vtpmd/vtpmd/internal/ca"
 	"github.com/vtpmd/vtpmd/internal/enrol"
 	"github.com/vtpmd/vtpmd/internal/refusal"
@@ -54,6 +55,8 @@ type Server struct {
 	VTPMs    *vtpms.Service
 	Verifier *verifier.Verifier
 	Secrets  *secrets.Service
+	// Broker keeps the secrets released to attested instances.
+	Broker *broker.Service
 	// Enrolment issues join tokens, enrols hosts and authenticates their
 	// agents' certificates.
 	Enrolment *enrol.Service
@@ -164,6 +167,11 @@ func (s *Server) routes() []route {
 		{"GET /.well-known/vtpmd/jwks.json", s.jwks, anyone, noBody},
 		{"GET /v1/vtpms/{id}/events", s.events, callers, noBody},
 		{"GET /v1/vtpms/{id}/hyperv/plan", s.hypervPlan, callers, noBody},
+		{"POST /v1/vtpms/{id}/secrets/{secret}/release", s.releaseSecret, agents, noBody},
+		{"POST /v1/broker/secrets", s.createBrokerSecret, callers, jsonBody},
+		{"GET /v1/broker/secrets", s.listBrokerSecrets, callers, noBody},
+		{"GET /v1/broker/secrets/{name}", s.getBrokerSecret, callers, noBody},
+		{"DELETE /v1/broker/secrets/{name}", s.deleteBrokerSecret, callers, noBody},
 		{"POST /v1/secrets", s.createSecret, callers, jsonBody},
 		{"GET /v1/secrets/{id}", s.getSecret, callers, noBody},
 		{"GET /v1/secrets/{id}/payload", s.secretPayload, agents, noBody},

@@ -24,6 +24,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/agent"
 	"github.com/vtpmd/vtpmd/internal/agent/agentstore"
 	"github.com/vtpmd/vtpmd/internal/attest"
+	"github.com/vtpmd/vtpmd/internal/broker"
 	"github.com/vtpmd/vtpmd/internal/ca"
 	"github.com/vtpmd/vtpmd/internal/enrol"
 	"github.com/vtpmd/vtpmd/internal/keyring"
@@ -64,10 +65,10 @@ type setup struct {
 
 // newFixture runs the API on a real store (storetest) and key manager, with one
 // TPM 2.0 host of capacity 2 and no agent: records stay pending.
-func newFixture(t *testing.T) *fixture { return newFixtureWith(t, setup{}) }
+func newFixture(t testing.TB) *fixture { return newFixtureWith(t, setup{}) }
 
 // newFixtureWith is newFixture with the API set up as s says.
-func newFixtureWith(t *testing.T, s setup) *fixture {
+func newFixtureWith(t testing.TB, s setup) *fixture {
 	t.Helper()
 	dir := t.TempDir()
 	reopen := storetest.Opener(t, dir, store.Options{Now: s.now})
@@ -84,7 +85,7 @@ func newFixtureWith(t *testing.T, s setup) *fixture {
 // serveFixture runs the API on st and kr, with one TPM 2.0 host of
 // capacity 2 and no agent, on the network and the operator's socket; a
 // deployment CA certifies EKs and a host CA enrols hosts.
-func serveFixture(t *testing.T, st *store.Store, kr *embedded.Keyring, dir string, s setup) *fixture {
+func serveFixture(t testing.TB, st *store.Store, kr *embedded.Keyring, dir string, s setup) *fixture {
 	t.Helper()
 	caps := spec.Capabilities{Enabled: true, Versions: []spec.Version{spec.V20}, Models: []spec.Model{spec.TIS, spec.CRB}}
 	err := st.Update(context.Background(), func(tx *store.Tx) error {
@@ -107,6 +108,7 @@ func serveFixture(t *testing.T, st *store.Store, kr *embedded.Keyring, dir strin
 	vs := vtpms.New(vtpms.Config{Store: st, Keyring: kr, Secrets: keys, HyperV: s.hyperV, Now: s.now, DriftTimeout: time.Second})
 	ver := verifier.New(verifier.Config{Store: st, VTPMs: vs, CAChainPEM: deployment.ChainPEM, Signer: s.signer})
 	f.api = &Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: deployment.ChainPEM, Statements: st.Statements, Log: s.log,
+		Broker:    broker.New(broker.Config{Store: st, Keyring: kr, Verifier: ver, Now: s.now}),
 		Enrolment: enrol.New(enrol.Config{Store: st, HostCA: hostCA, Now: s.now}),
 		Agents:    agentstore.New(st, kr, nil, s.log), EKCA: deployment}
 	f.srv = httptest.NewServer(f.api.Handler())
@@ -149,7 +151,7 @@ func operatorSocket(t testing.TB, h http.Handler) *http.Client {
 func TestMain(m *testing.M) { os.Exit(storetest.Main(m)) }
 
 // call sends a request and decodes the JSON answer into out (if non-nil).
-func (f *fixture) call(t *testing.T, method, path, project string, body any, out any) int {
+func (f *fixture) call(t testing.TB, method, path, project string, body any, out any) int {
 	t.Helper()
 	var r io.Reader
 	switch b := body.(type) {

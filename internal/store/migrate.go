@@ -366,6 +366,35 @@ CREATE TABLE shelved_bundles (
 	// which; its steps are preparing | sending | cleaning, and bundle
 	// holds the destination's description (Incoming) once prepared.
 	27: `ALTER TABLE vtpm_migrations ADD COLUMN live INTEGER NOT NULL DEFAULT 0;`,
+	// The key broker (see broker.go): tenants' secrets that vtpmd releases
+	// to attested instances, their payload in the key manager (key_id);
+	// and each release to an instance's vTPM, until revoked (revoked_at
+	// set, with the reason), and whether the instance's agent was told of
+	// the revocation (its long poll takes it).
+	28: `
+CREATE TABLE broker_secrets (
+	project          TEXT NOT NULL,
+	name             TEXT NOT NULL,
+	key_id           TEXT NOT NULL,
+	release_to       TEXT NOT NULL,      -- JSON array of instance ids
+	policy           TEXT NOT NULL,      -- a named policy the instance must be judged by; '' for none
+	max_evidence_age BIGINT NOT NULL,    -- milliseconds
+	created_at       TEXT NOT NULL,
+	PRIMARY KEY (project, name)
+);
+CREATE TABLE secret_releases (
+	project      TEXT NOT NULL,
+	name         TEXT NOT NULL,
+	instance_id  TEXT NOT NULL,
+	incarnation  TEXT NOT NULL,
+	released_at  TEXT NOT NULL,
+	releases     BIGINT NOT NULL,
+	revoked_at   TEXT NOT NULL DEFAULT '',
+	reason       TEXT NOT NULL DEFAULT '',
+	told         INTEGER NOT NULL DEFAULT 0,
+	PRIMARY KEY (project, name, instance_id)
+);
+CREATE INDEX secret_releases_instance ON secret_releases(instance_id, revoked_at);`,
 }
 
 func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)-1) }

@@ -17,7 +17,8 @@ import (
 )
 
 // ErrNoEK: the TPM holds no endorsement key at the TCG handles
-// (RSAEKHandle, ECCEKHandle), so it has no identity to take.
+// (RSAEKHandle, ECCEKHandle, SwtpmSetupECCEKHandle), so it has no
+// identity to take.
 var ErrNoEK = errors.New("the TPM holds no endorsement key at the TCG handles")
 
 // maxEKCertLen bounds an EK certificate read from NV.
@@ -28,10 +29,11 @@ const maxEKCertLen = 4096
 // start) from its state in dir, keyed by secret, without touching that
 // state: it copies the permanent state into a new directory under scratch
 // (which must be private to vtpmd), runs swtpm there with the secret on a
-// pipe (never argv, environment or a file), reads each EK at RSAEKHandle
-// and ECCEKHandle with the certificate at RSAEKCertNV and ECCEKCertNV, if
-// any, then kills that swtpm (the copy has nothing to keep) and shreds the
-// copy. The guest may run on the original meanwhile:
+// pipe (never argv, environment or a file), reads each EK at RSAEKHandle,
+// ECCEKHandle and SwtpmSetupECCEKHandle with the certificate at
+// RSAEKCertNV, ECCEKCertNV and SwtpmSetupECCEKCertNV, if any, then kills
+// that swtpm (the copy has nothing to keep) and shreds the copy. The guest
+// may run on the original meanwhile:
 // swtpm writes its state whole (a new file renamed over the old).
 //
 // It fails with ErrNotManufactured when dir holds no TPM 2.0 state,
@@ -67,7 +69,11 @@ func Identify(ctx context.Context, dir, scratch string, secret []byte, binary st
 	for _, k := range []struct {
 		kind           EKKind
 		handle, certNV uint32
-	}{{RSA2048, RSAEKHandle, RSAEKCertNV}, {ECCP256, ECCEKHandle, ECCEKCertNV}} {
+	}{
+		{RSA2048, RSAEKHandle, RSAEKCertNV},
+		{ECCP256, ECCEKHandle, ECCEKCertNV},
+		{ECCP256, SwtpmSetupECCEKHandle, SwtpmSetupECCEKCertNV},
+	} {
 		rp, err := tpm2.ReadPublic{ObjectHandle: tpm2.TPMHandle(k.handle)}.Execute(tpm)
 		if err != nil {
 			continue // no EK of this kind

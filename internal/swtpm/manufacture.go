@@ -28,17 +28,26 @@ const (
 	ECCP256 EKKind = "ecc-nist-p256"
 )
 
-// TPM 2.0 EK handles and certificate NV indices, as vtpmd's design fixes
-// them. RSA: TCG EK Credential Profile 2.0 (2.2.1.4, template L-1). ECC:
-// where swtpm_setup puts its ECC EK. Note that the TCG registry assigns
-// 0x01c00016 to the NIST P-384 EK certificate (template H-3) and 0x01c0000a
-// to the P-256 one (L-2), so tools that look for a P-256 EK certificate at
-// 0x01c0000a (tpm2_getekcertificate, go-attestation) do not find this one.
+// TPM 2.0 EK handles and certificate NV indices, where the TCG puts them
+// and where other TPM software (tpm2_getekcertificate, go-attestation)
+// looks: RSA-2048 EK (EK Credential Profile 2.0, template L-1) at
+// 0x81010001 with its certificate at 0x01c00002; ECC NIST P-256 EK
+// (template L-2) at 0x81010002 with its certificate at 0x01c0000a.
 const (
 	RSAEKHandle = 0x81010001
-	ECCEKHandle = 0x81010016
+	ECCEKHandle = 0x81010002
 	RSAEKCertNV = 0x01c00002
-	ECCEKCertNV = 0x01c00016
+	ECCEKCertNV = 0x01c0000a
+)
+
+// Where swtpm_setup, and vtpmd before it followed the TCG registry, put
+// the ECC P-256 EK and its certificate: 0x01c00016 is the registry's index
+// of the P-384 EK certificate (template H-3), so other tools do not find a
+// P-256 certificate there. Identify still reads these, for vTPMs made that
+// way (Nova's, older vtpmd's, and state bundles exported from them).
+const (
+	SwtpmSetupECCEKHandle = 0x81010016
+	SwtpmSetupECCEKCertNV = 0x01c00016
 )
 
 // EKCertNV12 is the TPM 1.2 EK certificate's NV index (TPM_NV_INDEX_EKCert

@@ -118,7 +118,7 @@ func TestManufactureTPM20(t *testing.T) {
 		kind   swtpm.EKKind
 		handle uint32
 		nv     uint32
-	}{{swtpm.RSA2048, 0x81010001, 0x01c00002}, {swtpm.ECCP256, 0x81010016, 0x01c00016}}
+	}{{swtpm.RSA2048, 0x81010001, 0x01c00002}, {swtpm.ECCP256, 0x81010002, 0x01c0000a}}
 	for n, w := range want {
 		ek := id.EKs[n]
 		if ek.Kind != w.kind || ek.Handle != w.handle || ek.NVIndex != w.nv {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"time"
 
+	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/store"
 )
 
@@ -33,21 +34,27 @@ func (v *Verifier) RequestRefresh(ctx context.Context, sub Subject) (time.Time, 
 
 // AwaitRefresh is the subject's registered agent's wait for a request for
 // fresh evidence: it returns one asked before at once, else waits for one
-// until stop closes (requested false).
-func (v *Verifier) AwaitRefresh(ctx context.Context, sub Subject, agentToken string, stop <-chan struct{}) (at time.Time, requested bool, err error) {
+// until stop closes (Requested false). With a request it takes the names
+// of the secrets revoked from the instance that its agent was not told of
+// yet (a revocation asks for fresh evidence too: revokeReleases).
+func (v *Verifier) AwaitRefresh(ctx context.Context, sub Subject, agentToken string, stop <-chan struct{}) (api.Refresh, error) {
 	if err := v.Authorize(ctx, sub, agentToken); err != nil {
-		return time.Time{}, false, err
+		return api.Refresh{}, err
 	}
 	for {
 		// Listen, then look, so that a request between the two is not
 		// missed.
 		asked := v.cfg.Store.RefreshAsked(sub.key)
+		var out api.Refresh
 		err := v.cfg.Store.Update(ctx, func(tx *store.Tx) (err error) {
-			at, requested, err = tx.TakeRefresh(sub.key)
+			if out.RequestedAt, out.Requested, err = tx.TakeRefresh(sub.key); err != nil || !out.Requested || sub.vtpm == nil {
+				return err
+			}
+			out.Revoked, err = tx.TakeRevocations(sub.key)
 			return err
 		})
-		if err != nil || requested {
-			return at, requested, err
+		if err != nil || out.Requested {
+			return out, err
 		}
 		t := time.NewTimer(recheckRefresh)
 		select {
@@ -55,7 +62,7 @@ func (v *Verifier) AwaitRefresh(ctx context.Context, sub Subject, agentToken str
 		case <-t.C:
 		case <-stop:
 			t.Stop()
-			return time.Time{}, false, nil
+			return api.Refresh{}, nil
 		}
 		t.Stop()
 	}

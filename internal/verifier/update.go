@@ -32,7 +32,9 @@ func (k keep) Unwrap() error { return k.error }
 // spent); fn's error is returned after. So a refused caller, a stranger
 // without the agent's token above all, writes nothing. A verdict change
 // is an event and a webhook (queued in the outbox in the same
-// transaction), for a host on every instance it runs.
+// transaction), for a host on every instance it runs; a change that leaves
+// an instance's overall answer untrusted revokes the secrets released to
+// it (revokeReleases).
 func (v *Verifier) update(ctx context.Context, sub Subject, action string, fn func(*store.Attestation) error, st *Status) error {
 	var refused error
 	err := v.notifying(ctx, func(tx *store.Tx) ([]map[string]any, error) {
@@ -91,7 +93,8 @@ func (v *Verifier) update(ctx context.Context, sub Subject, action string, fn fu
 		case !changed:
 			return nil, nil
 		case sub.vtpm != nil:
-			return []map[string]any{claims(sub.vtpm, status, now)}, nil
+			note := claims(sub.vtpm, status, now)
+			return []map[string]any{note}, v.revokeReleases(tx, sub.vtpm, status, note)
 		}
 		return v.hostVerdictNotes(tx, sub.host, a.Verdict, a.Reasons)
 	})
@@ -188,7 +191,11 @@ func (v *Verifier) hostVerdictNotes(tx *store.Tx, host string, verdict store.Ver
 		if err := tx.AppendEvent(store.Event{Actor: byVTPMD, InstanceID: vt.InstanceID, Action: "host attestation " + string(verdict), Detail: detail(verdict, reasons)}); err != nil {
 			return nil, err
 		}
-		notes = append(notes, claims(vt, st, now))
+		note := claims(vt, st, now)
+		if err := v.revokeReleases(tx, vt, st, note); err != nil {
+			return nil, err
+		}
+		notes = append(notes, note)
 	}
 	return notes, nil
 }

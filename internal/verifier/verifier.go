@@ -215,6 +215,8 @@ type HostVerdict struct {
 	Verdict    store.Verdict
 	Reasons    []string
 	VerifiedAt time.Time
+	// EvidenceAt is when the host's last genuine evidence arrived.
+	EvidenceAt time.Time
 }
 
 // Status reads the subject's attestation status; a subject that never
@@ -276,7 +278,7 @@ func (v *Verifier) status(tx *store.Tx, sub Subject, a *store.Attestation, now t
 	switch {
 	case err == nil:
 		if hs := recordStatus(ha, now); hs.State == Registered {
-			host.Verdict, host.Reasons, host.VerifiedAt = hs.Verdict, hs.Reasons, hs.VerifiedAt
+			host.Verdict, host.Reasons, host.VerifiedAt, host.EvidenceAt = hs.Verdict, hs.Reasons, hs.VerifiedAt, ha.EvidenceAt
 		}
 	case !errors.Is(err, store.ErrNotFound):
 		return out, err

@@ -2,6 +2,7 @@ package verifier
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -15,6 +16,7 @@ import (
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/attest"
 	"github.com/vtpmd/vtpmd/internal/attest/attesttest"
+	"github.com/vtpmd/vtpmd/internal/bearer"
 	"github.com/vtpmd/vtpmd/internal/keyring/embedded"
 	"github.com/vtpmd/vtpmd/internal/refusal"
 	"github.com/vtpmd/vtpmd/internal/secrets"
@@ -328,5 +330,54 @@ func TestJudgementKeepsMismatches(t *testing.T) {
 	}
 	if st, err = f.v.Status(ctx, f.instance(t)); err != nil || st.Mismatches != nil || st.Verdict != store.VerdictTrusted {
 		t.Fatalf("a read: %+v %v", st, err)
+	}
+}
+
+// A verdict change that leaves an instance untrusted revokes the secrets
+// released to it, in the change's transaction: the release is marked, an
+// event says why, the webhook's claims name the secret, and the agent's
+// long poll is woken with it, told once.
+func TestVerdictChangeRevokesReleases(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	hook := webhook.New(webhook.Config{URL: "http://127.0.0.1:9/", Store: f.store}) // not started: the outbox keeps it
+	f.v = New(Config{Store: f.store, VTPMs: f.v.cfg.VTPMs, Now: f.clock.Now, Webhook: hook})
+	now := f.clock.Now()
+	f.put(t, &store.Attestation{RegisteredAt: now.Add(-time.Hour), EvidenceAt: now, Verdict: store.VerdictTrusted, AgentTokenHash: bearer.Hash("tok")})
+	err := f.store.Update(ctx, func(tx *store.Tx) error { return tx.RecordRelease("p1", "disk", inst, "") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.clock.advance(DefaultStaleAfter)
+	if err := f.v.MarkStale(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var rs []store.Release
+	var outbox []store.Delivery
+	f.store.View(ctx, func(tx *store.Tx) (err error) {
+		if rs, err = tx.ListReleases("p1", "disk"); err != nil {
+			return err
+		}
+		outbox, err = tx.Deliveries(10)
+		return err
+	})
+	if len(rs) != 1 || rs[0].RevokedAt.IsZero() || !strings.HasPrefix(rs[0].Reason, "the VM is stale") {
+		t.Fatalf("the release after the VM turned stale: %+v", rs)
+	}
+	if f.events(t, "secret revoked") != 1 {
+		t.Fatal("no event of the revocation")
+	}
+	var claims map[string]any
+	if len(outbox) != 1 || json.Unmarshal(outbox[0].Payload, &claims) != nil || fmt.Sprint(claims["secrets_revoked"]) != "[disk]" {
+		t.Fatalf("the webhook of the change: %d deliveries, claims %v", len(outbox), claims)
+	}
+	r, err := f.v.AwaitRefresh(ctx, f.instance(t), "tok", nil)
+	if err != nil || !r.Requested || len(r.Revoked) != 1 || r.Revoked[0] != "disk" {
+		t.Fatalf("the agent's long poll: %+v %v", r, err)
+	}
+	stop := make(chan struct{})
+	close(stop)
+	if r, err := f.v.AwaitRefresh(ctx, f.instance(t), "tok", stop); err != nil || r.Requested || len(r.Revoked) != 0 {
+		t.Fatalf("told again: %+v %v", r, err)
 	}
 }

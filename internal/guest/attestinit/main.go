@@ -4,12 +4,24 @@
 // guest agent once (register, attest) against the server named by
 // vtpmd.server= on the kernel command line, prints "VTPM-GUEST VERDICT
 // <verdict> <reasons>" and powers off. Built static (CGO_ENABLED=0).
+//
+// With vtpmd.secret=NAME it is also the key broker's guest (see broker):
+// it fetches the secret, opens vtpmd.sealed= (base64 AES-256-GCM, nonce
+// first) with it, and waits for its revocation, running the action. The
+// image has no shell: its /bin/sh is this program, which as sh prints
+// "VTPM-GUEST ACTION <arguments> VTPM_SECRET=<name>".
 package main
 
 import (
 	"context"
+	"crypto/aes"
+	"crypto/cipher"
+	"encoding/base64"
+	"encoding/json"
 	"fmt"
 	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -19,9 +31,14 @@ import (
 
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/attestor"
+	"github.com/vtpmd/vtpmd/internal/keyrelease"
 )
 
 func main() {
+	if filepath.Base(os.Args[0]) == "sh" {
+		fmt.Printf("VTPM-GUEST ACTION %s VTPM_SECRET=%s\n", strings.Join(os.Args[1:], " "), os.Getenv("VTPM_SECRET"))
+		return
+	}
 	if err := run(); err != nil {
 		fmt.Println("VTPM-GUEST ERROR", err)
 	}
@@ -41,10 +58,16 @@ func run() error {
 	// only emergencies from here on (klogctl SYSLOG_ACTION_CONSOLE_LEVEL).
 	unix.Syscall(unix.SYS_SYSLOG, 8, 0, 1)
 	cmdline, _ := os.ReadFile("/proc/cmdline")
-	var server string
+	var server, secret, sealed string
 	for _, f := range strings.Fields(string(cmdline)) {
 		if v, ok := strings.CutPrefix(f, "vtpmd.server="); ok {
 			server = v
+		}
+		if v, ok := strings.CutPrefix(f, "vtpmd.secret="); ok {
+			secret = v
+		}
+		if v, ok := strings.CutPrefix(f, "vtpmd.sealed="); ok {
+			sealed = v
 		}
 	}
 	if server == "" {
@@ -67,9 +90,10 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	agent := &attestor.Agent{TPM: t, API: client.New(server, ""), Subject: client.Instance(strings.ToLower(strings.TrimSpace(string(uuid)))),
+	id := strings.ToLower(strings.TrimSpace(string(uuid)))
+	agent := &attestor.Agent{TPM: t, API: client.New(server, ""), Subject: client.Instance(id),
 		IMALog: attestor.DefaultIMALog}
 	if err := agent.Register(ctx); err != nil {
 		return err
@@ -79,7 +103,71 @@ func run() error {
 		return err
 	}
 	fmt.Printf("VTPM-GUEST VERDICT %s %s\n", a.Verdict, strings.Join(a.Reasons, "; "))
-	return nil
+	if secret == "" {
+		return nil
+	}
+	return brokerGuest(ctx, agent, id, secret, sealed, a.Verdict)
+}
+
+// brokerGuest fetches secret (retrying while the first verdict is pending,
+// for the test to judge this boot), opens sealed with it, prints the
+// plaintext and the wrapped answer ("VTPM-GUEST DECRYPTED <text>",
+// "VTPM-GUEST WRAPPED <base64 JSON>"), then waits on the agent's long poll
+// for the secret's revocation: it runs the action (/bin/sh, see above),
+// forgets the secret, asks for it again and prints the refusal. A refusal
+// at the first fetch is printed ("VTPM-GUEST REFUSED <code>: <message>").
+func brokerGuest(ctx context.Context, agent *attestor.Agent, id, secret, sealed, verdict string) error {
+	holder := keyrelease.Holder{Dir: "/run/vtpm-guest"}
+	var key []byte
+	for {
+		k, ws, err := keyrelease.Fetch(ctx, agent, id, secret)
+		if err == nil {
+			key = k
+			raw, _ := json.Marshal(ws)
+			fmt.Printf("VTPM-GUEST WRAPPED %s\n", base64.StdEncoding.EncodeToString(raw))
+			break
+		}
+		if verdict != "pending" || ctx.Err() != nil {
+			fmt.Printf("VTPM-GUEST REFUSED %v\n", err)
+			return nil
+		}
+		agent.Wait(ctx, 2*time.Second)
+		if _, err := agent.Attest(ctx); err != nil {
+			return err
+		}
+	}
+	ct, err := base64.StdEncoding.DecodeString(sealed)
+	if err != nil || len(ct) < 12 {
+		return fmt.Errorf("vtpmd.sealed: %v", err)
+	}
+	block, err := aes.NewCipher(key)
+	if err != nil {
+		return err
+	}
+	gcm, _ := cipher.NewGCM(block)
+	plain, err := gcm.Open(nil, ct[:12], ct[12:], nil)
+	if err != nil {
+		return fmt.Errorf("opening the sealed file: %w", err)
+	}
+	fmt.Printf("VTPM-GUEST DECRYPTED %s\n", plain)
+	for ctx.Err() == nil {
+		revoked := agent.Wait(ctx, 30*time.Second)
+		if !slices.Contains(revoked, secret) {
+			if _, err := agent.Attest(ctx); err != nil {
+				return err
+			}
+			continue
+		}
+		fmt.Printf("VTPM-GUEST REVOKED %s\n", secret)
+		if err := holder.Revoke(ctx, secret, "close-disk", os.Stdout); err != nil {
+			return err
+		}
+		clear(key)
+		_, _, err := keyrelease.Fetch(ctx, agent, id, secret)
+		fmt.Printf("VTPM-GUEST REFUSED %v\n", err)
+		return nil
+	}
+	return ctx.Err()
 }
 
 // network loads e1000 and gives eth0 10.0.2.15/24, QEMU user networking's

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/vtpmd/vtpmd/internal/agent/agentstore"
+	"github.com/vtpmd/vtpmd/internal/broker"
 	"github.com/vtpmd/vtpmd/internal/ca"
 	"github.com/vtpmd/vtpmd/internal/enrol"
 	"github.com/vtpmd/vtpmd/internal/keyring"
@@ -37,6 +38,7 @@ func New(t testing.TB, st *store.Store, kr keyring.Keyring) *server.Server {
 	vs := vtpms.New(vtpms.Config{Store: st, Keyring: kr, Secrets: keys})
 	ver := verifier.New(verifier.Config{Store: st, VTPMs: vs, CAChainPEM: caChain})
 	return &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: caChain,
+		Broker:    broker.New(broker.Config{Store: st, Keyring: kr, Verifier: ver}),
 		Enrolment: enrol.New(enrol.Config{Store: st, HostCA: hostCA}), Agents: agentstore.New(st, kr, nil, nil)}
 }
 

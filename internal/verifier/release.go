@@ -1,0 +1,95 @@
+package verifier
+
+import (
+	"time"
+
+	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/refusal"
+	"github.com/vtpmd/vtpmd/internal/store"
+)
+
+// The key broker (internal/broker) releases a secret to an instance by
+// the instance's attestation as of the release (Gate), and the verifier,
+// where verdicts change, revokes the releases when the instance's overall
+// answer stops being trusted (revokeReleases).
+
+// Gate is an instance's attestation as the key broker judges a release:
+// its vTPM, its status now, how fresh its and its host's evidence is, and
+// the EK and AK its registered agent proved.
+type Gate struct {
+	VTPM   *store.VTPM
+	Status Status
+	// EvidenceAt and HostEvidenceAt are when the instance's and its host's
+	// last genuine evidence arrived (zero for a host that never attested).
+	EvidenceAt, HostEvidenceAt time.Time
+	// EK is the registered EK (of the kind the agent registered with);
+	// AKPublic the registered AK (TPM2B_PUBLIC).
+	EK       store.EK
+	AKPublic []byte
+}
+
+// Gate reads, in tx, the attestation of the instance sub as a release
+// needs it, for the agent that sent agentToken: it refuses an instance
+// whose vTPM was deleted since sub was read, one never registered
+// (not_registered), and a caller without the registered agent's token.
+func (v *Verifier) Gate(tx *store.Tx, sub Subject, agentToken string) (*Gate, error) {
+	if sub.vtpm == nil {
+		return nil, refusal.Invalid(api.CodeInvalidParameter, "Secrets are released to instances.")
+	}
+	if err := sameVTPM(tx, sub); err != nil {
+		return nil, err
+	}
+	a, err := registeredIn(tx, sub)
+	if err != nil {
+		return nil, err
+	}
+	if err := fromAgent(agentToken, a); err != nil {
+		return nil, err
+	}
+	now := v.now()
+	st, err := v.status(tx, sub, a, now)
+	if err != nil {
+		return nil, err
+	}
+	g := &Gate{VTPM: sub.vtpm, Status: st, EvidenceAt: a.EvidenceAt, HostEvidenceAt: st.Host.EvidenceAt, AKPublic: a.AKPublic}
+	kind := a.EKKind
+	if kind == "" {
+		kind = "rsa2048"
+	}
+	for _, ek := range sub.vtpm.EKs {
+		if ek.Kind == kind {
+			g.EK = ek
+		}
+	}
+	if g.EK.PublicDER == nil {
+		return nil, notRegistered(sub)
+	}
+	return g, nil
+}
+
+// revokeReleases revokes the secrets released to vt's instance when its
+// overall answer st is not trusted: each revocation is an event, the
+// agent's long poll is woken (a request for fresh evidence; the poll's
+// answer names the secrets), and note, the webhook of the change, names
+// them (secrets_revoked).
+func (v *Verifier) revokeReleases(tx *store.Tx, vt *store.VTPM, st Status, note map[string]any) error {
+	if st.Overall == store.VerdictTrusted {
+		return nil
+	}
+	revoked, err := tx.RevokeReleases(vt.InstanceID, st.Summary)
+	if err != nil || len(revoked) == 0 {
+		return err
+	}
+	var names []string
+	for _, r := range revoked {
+		names = append(names, r.Name)
+		if err := tx.AppendEvent(store.Event{Actor: byVTPMD, InstanceID: vt.InstanceID, Action: "secret revoked", Detail: r.Name + ": " + st.Summary}); err != nil {
+			return err
+		}
+	}
+	note["secrets_revoked"] = names
+	return tx.AskRefresh(vt.InstanceID, v.now())
+}
+
+// VTPM is the instance's vTPM the subject was read with; nil for a host.
+func (sub Subject) VTPM() *store.VTPM { return sub.vtpm }
