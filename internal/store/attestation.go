@@ -106,7 +106,8 @@ func (t *Tx) GetAttestation(instanceID string) (*Attestation, error) {
 	return a, nil
 }
 
-// PutAttestation writes a (insert or replace).
+// PutAttestation writes a (insert or replace), with the verdict, policy
+// name and evidence time the console sorts and filters by beside it.
 func (t *Tx) PutAttestation(a *Attestation) error {
 	doc, err := json.Marshal(a)
 	if err != nil {
@@ -116,9 +117,14 @@ func (t *Tx) PutAttestation(a *Attestation) error {
 	if !a.StaleAt.IsZero() {
 		staleAt = sortable(a.StaleAt)
 	}
-	_, err = t.exec(`INSERT INTO attestations (instance_id, doc, updated_at, stale_at) VALUES (?,?,?,?)
-		ON CONFLICT(instance_id) DO UPDATE SET doc=excluded.doc, updated_at=excluded.updated_at, stale_at=excluded.stale_at`,
-		a.InstanceID, string(doc), stamp(t.now), staleAt)
+	evidenceAt := ""
+	if !a.EvidenceAt.IsZero() {
+		evidenceAt = sortable(a.EvidenceAt)
+	}
+	_, err = t.exec(`INSERT INTO attestations (instance_id, doc, updated_at, stale_at, verdict, policy_name, evidence_at) VALUES (?,?,?,?,?,?,?)
+		ON CONFLICT(instance_id) DO UPDATE SET doc=excluded.doc, updated_at=excluded.updated_at, stale_at=excluded.stale_at,
+		verdict=excluded.verdict, policy_name=excluded.policy_name, evidence_at=excluded.evidence_at`,
+		a.InstanceID, string(doc), stamp(t.now), staleAt, string(a.Verdict), a.PolicyName, evidenceAt)
 	return err
 }
 

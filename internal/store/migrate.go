@@ -362,6 +362,19 @@ CREATE TABLE shelved_bundles (
 	created_at   TEXT NOT NULL,
 	bundle       BLOB NOT NULL
 );`,
+	// What the console sorts and filters instances by, kept beside each
+	// attestation record's document (see PutAttestation): its verdict,
+	// the named policy it copied, when its last genuine evidence came;
+	// and the verdict changes by time, for the fleet's chart.
+	31: `
+ALTER TABLE attestations ADD COLUMN verdict TEXT NOT NULL DEFAULT '';
+ALTER TABLE attestations ADD COLUMN policy_name TEXT NOT NULL DEFAULT '';
+ALTER TABLE attestations ADD COLUMN evidence_at TEXT NOT NULL DEFAULT '';
+UPDATE attestations SET verdict = COALESCE(json_extract(doc, '$.verdict'), ''),
+	policy_name = COALESCE(json_extract(doc, '$.policy_name'), ''),
+	evidence_at = COALESCE(json_extract(doc, '$.evidence_at'), '');
+CREATE INDEX attestations_verdict ON attestations(verdict);
+CREATE INDEX events_action_at ON events(action, at);`,
 }
 
 func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)-1) }
@@ -470,5 +483,9 @@ CREATE TRIGGER events_no_delete BEFORE DELETE ON events FOR EACH ROW EXECUTE FUN
 		`CREATE TRIGGER events_no_update BEFORE UPDATE ON events BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;`,
 		`CREATE TRIGGER events_no_update BEFORE UPDATE ON events FOR EACH ROW EXECUTE FUNCTION events_append_only();`,
 		`lower(hex(randomblob(16)))`, `md5(random()::text || clock_timestamp()::text)`,
+		// Migration 31's: a JSON document's field.
+		`json_extract(doc, '$.verdict')`, `(doc::jsonb->>'verdict')`,
+		`json_extract(doc, '$.policy_name')`, `(doc::jsonb->>'policy_name')`,
+		`json_extract(doc, '$.evidence_at')`, `(doc::jsonb->>'evidence_at')`,
 	).Replace(ddl)
 }
