@@ -130,6 +130,7 @@ func NewRootCommand() *cobra.Command {
 		newHostsCommand(g),
 		newCACommand(g),
 		newBenchCommand(g),
+		newConsoleCommand(g),
 	)
 	return root
 }

@@ -271,26 +271,20 @@ func (v *Verifier) status(tx *store.Tx, sub Subject, a *store.Attestation, now t
 		out.InstanceID, out.HostName = "", sub.host
 		return out, nil
 	}
-	host := HostVerdict{Name: vt.Host, Verdict: store.VerdictUnattested}
-	ha, err := tx.GetAttestation(store.HostKey(vt.Host))
-	switch {
-	case err == nil:
-		if hs := recordStatus(ha, now); hs.State == Registered {
-			host.Verdict, host.Reasons, host.VerifiedAt = hs.Verdict, hs.Reasons, hs.VerifiedAt
-		}
-	case !errors.Is(err, store.ErrNotFound):
+	host, err := hostVerdict(tx, vt.Host, now)
+	if err != nil {
 		return out, err
 	}
-	p := v.provisioning(vt)
+	p := v.Provisioning(vt)
 	out.Host, out.Provisioning = &host, &p
 	out.Overall, out.Summary = overall(out.Verdict, out.Reasons, host, p)
 	return out, nil
 }
 
-// provisioning is vt's provisioning record: the host vtpmd placed it on
+// Provisioning is vt's provisioning record: the host vtpmd placed it on
 // and its EK certificates, checked against the deployment CA and against
 // the EKs recorded when vtpmd made the TPM.
-func (v *Verifier) provisioning(vt *store.VTPM) api.Provisioning {
+func (v *Verifier) Provisioning(vt *store.VTPM) api.Provisioning {
 	p := api.Provisioning{Host: vt.Host, Verified: len(vt.EKs) > 0}
 	if len(vt.EKs) == 0 {
 		p.Reason = "the vTPM has no endorsement key yet"
@@ -348,6 +342,40 @@ func (v *Verifier) deploymentCA() *x509.CertPool {
 		v.caPool.AppendCertsFromPEM(v.cfg.CAChainPEM())
 	})
 	return v.caPool
+}
+
+// HostVerdicts are the named hosts' own verdicts as their instances read
+// them (store.VerdictUnattested for a host whose TPM never registered),
+// by name, in one read.
+func (v *Verifier) HostVerdicts(ctx context.Context, names []string) (map[string]HostVerdict, error) {
+	out := make(map[string]HostVerdict, len(names))
+	now := v.now()
+	err := v.cfg.Store.View(ctx, func(tx *store.Tx) error {
+		for _, n := range names {
+			h, err := hostVerdict(tx, n, now)
+			if err != nil {
+				return err
+			}
+			out[n] = h
+		}
+		return nil
+	})
+	return out, err
+}
+
+// hostVerdict is host's own verdict as of now, as its instances read it.
+func hostVerdict(tx *store.Tx, host string, now time.Time) (HostVerdict, error) {
+	h := HostVerdict{Name: host, Verdict: store.VerdictUnattested}
+	a, err := tx.GetAttestation(store.HostKey(host))
+	switch {
+	case err == nil:
+		if hs := recordStatus(a, now); hs.State == Registered {
+			h.Verdict, h.Reasons, h.VerifiedAt = hs.Verdict, hs.Reasons, hs.VerifiedAt
+		}
+	case !errors.Is(err, store.ErrNotFound):
+		return h, err
+	}
+	return h, nil
 }
 
 // overall is the tenant's one answer about an instance: its own verdict
