@@ -241,7 +241,7 @@ func (c *Console) instances(q *request) error {
 		ShowProject, Page bool
 	}{base: base{Title: "Instances", Section: "instances", Viewer: q.viewer, SignedIn: true, Live: true},
 		F: f, Total: total, ShowProject: q.viewer.Operator(),
-		Phases: []string{"pending", "provisioning", "active", "stopped", "shelving", "shelved", "unshelving", "deleting", "error"},
+		Phases:   []string{"pending", "provisioning", "active", "stopped", "shelving", "shelved", "unshelving", "deleting", "error"},
 		Verdicts: []string{"trusted", "untrusted", "stale", "pending", "none"}}
 	for _, r := range rows {
 		data.Rows = append(data.Rows, instanceRow{Instance: r, Evidence: ago(now, r.EvidenceAt)})
