@@ -20,6 +20,7 @@ RUN_DIR ?= $(CURDIR)/.run
 run: deps build
 	@mkdir -p $(RUN_DIR)
 	@echo "vtpmctl is at $(BIN)/vtpmctl: export PATH=$(CURDIR)/$(BIN):\$$PATH VTPMD_SERVER=unix://$(RUN_DIR)/data/api.sock"
+	@echo "web console: http://127.0.0.1:8780/ui/ (sign in with the link $(BIN)/vtpmctl --server unix://$(RUN_DIR)/data/api.sock console prints)"
 	$(BIN)/vtpmd all-in-one --data-dir $(RUN_DIR)/data --listen 127.0.0.1:8780
 
 # Everything CI runs: system packages, formatting, vet, staticcheck, and all
