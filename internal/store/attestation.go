@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 )
 
@@ -106,8 +107,9 @@ func (t *Tx) GetAttestation(instanceID string) (*Attestation, error) {
 	return a, nil
 }
 
-// PutAttestation writes a (insert or replace), with the verdict, policy
-// name and evidence time the console sorts and filters by beside it.
+// PutAttestation writes a (insert or replace); for an instance's, its
+// vTPM's row takes the verdict, policy name and evidence time the console
+// sorts and filters by (see ListInstances).
 func (t *Tx) PutAttestation(a *Attestation) error {
 	doc, err := json.Marshal(a)
 	if err != nil {
@@ -117,14 +119,21 @@ func (t *Tx) PutAttestation(a *Attestation) error {
 	if !a.StaleAt.IsZero() {
 		staleAt = sortable(a.StaleAt)
 	}
+	_, err = t.exec(`INSERT INTO attestations (instance_id, doc, updated_at, stale_at) VALUES (?,?,?,?)
+		ON CONFLICT(instance_id) DO UPDATE SET doc=excluded.doc, updated_at=excluded.updated_at, stale_at=excluded.stale_at`,
+		a.InstanceID, string(doc), stamp(t.now), staleAt)
+	if err != nil || strings.HasPrefix(a.InstanceID, HostKey("")) {
+		return err
+	}
+	// The instance's row keeps what the console sorts by; evidence to the
+	// minute, so that the row is written about once a minute at most.
 	evidenceAt := ""
 	if !a.EvidenceAt.IsZero() {
-		evidenceAt = sortable(a.EvidenceAt)
+		evidenceAt = sortable(a.EvidenceAt.Truncate(time.Minute))
 	}
-	_, err = t.exec(`INSERT INTO attestations (instance_id, doc, updated_at, stale_at, verdict, policy_name, evidence_at) VALUES (?,?,?,?,?,?,?)
-		ON CONFLICT(instance_id) DO UPDATE SET doc=excluded.doc, updated_at=excluded.updated_at, stale_at=excluded.stale_at,
-		verdict=excluded.verdict, policy_name=excluded.policy_name, evidence_at=excluded.evidence_at`,
-		a.InstanceID, string(doc), stamp(t.now), staleAt, string(a.Verdict), a.PolicyName, evidenceAt)
+	_, err = t.exec(`UPDATE vtpms SET verdict=?, policy_name=?, evidence_at=?
+		WHERE instance_id=? AND (verdict<>? OR policy_name<>? OR evidence_at<>?)`,
+		string(a.Verdict), a.PolicyName, evidenceAt, a.InstanceID, string(a.Verdict), a.PolicyName, evidenceAt)
 	return err
 }
 

@@ -24,15 +24,17 @@ const (
 	SortEvidence InstanceSort = "evidence"
 )
 
+// sortColumns are the vtpms columns of the sorts, each indexed with the
+// instance id (migrations 1, 31).
 var sortColumns = map[InstanceSort]string{
-	SortInstance: "v.instance_id",
-	SortProject:  "v.project",
-	SortPhase:    "v.phase",
-	SortVersion:  "v.version",
-	SortHost:     "COALESCE(v.host, '')",
-	SortVerdict:  "COALESCE(a.verdict, '')",
-	SortPolicy:   "COALESCE(a.policy_name, '')",
-	SortEvidence: "COALESCE(a.evidence_at, '')",
+	SortInstance: "instance_id",
+	SortProject:  "project",
+	SortPhase:    "phase",
+	SortVersion:  "version",
+	SortHost:     "host",
+	SortVerdict:  "verdict",
+	SortPolicy:   "policy_name",
+	SortEvidence: "evidence_at",
 }
 
 // ValidSort reports whether s is one of the sorts.
@@ -70,38 +72,40 @@ type Instance struct {
 }
 
 // ListInstances returns the page of instances q selects and how many
-// match in all.
+// match in all. Everything it filters and sorts by is a column of the
+// vTPM's row with an index: a page costs about its own rows, however
+// many match.
 func (t *Tx) ListInstances(q InstanceQuery) ([]Instance, int, error) {
 	var where []string
 	var args []any
-	for _, c := range []struct{ col, val string }{
-		{"v.project", q.Project}, {"v.host", q.Host}, {"v.phase", string(q.Phase)}, {"a.policy_name", q.Policy},
+	verdict := string(q.Verdict)
+	if q.Verdict == VerdictNone {
+		verdict = ""
+	}
+	for _, c := range []struct {
+		col, val string
+		set      bool
+	}{
+		{"project", q.Project, q.Project != ""}, {"host", q.Host, q.Host != ""}, {"phase", string(q.Phase), q.Phase != ""},
+		{"verdict", verdict, q.Verdict != ""}, {"policy_name", q.Policy, q.Policy != ""},
 	} {
-		if c.val != "" {
+		if c.set {
 			where = append(where, c.col+"=?")
 			args = append(args, c.val)
 		}
 	}
-	switch q.Verdict {
-	case "":
-	case VerdictNone:
-		where = append(where, "a.instance_id IS NULL")
-	default:
-		where = append(where, "a.verdict=?")
-		args = append(args, string(q.Verdict))
-	}
 	if q.Search != "" {
 		// A range, not LIKE: no wildcard in the search to escape, and it
 		// uses the primary key.
-		where = append(where, "v.instance_id>=? AND v.instance_id<?")
+		where = append(where, "instance_id>=? AND instance_id<?")
 		args = append(args, q.Search, q.Search+"\U0010FFFF")
 	}
-	from := ` FROM vtpms v LEFT JOIN attestations a ON a.instance_id = v.instance_id`
+	filter := ""
 	if len(where) > 0 {
-		from += " WHERE " + strings.Join(where, " AND ")
+		filter = " WHERE " + strings.Join(where, " AND ")
 	}
 	var total int
-	if err := t.queryRow(`SELECT COUNT(*)`+from, args...).Scan(&total); err != nil {
+	if err := t.queryRow(`SELECT COUNT(*) FROM vtpms`+filter, args...).Scan(&total); err != nil {
 		return nil, 0, err
 	}
 	col := sortColumns[q.Sort]
@@ -112,15 +116,18 @@ func (t *Tx) ListInstances(q InstanceQuery) ([]Instance, int, error) {
 	if q.Desc {
 		dir = " DESC"
 	}
-	order := " ORDER BY " + col + dir
+	order := " ORDER BY v." + col + dir
 	if col != sortColumns[SortInstance] {
 		order += ", v.instance_id" + dir
 	}
-	query := `SELECT ` + qualified("v", vtpmColumns) + `, COALESCE(a.verdict, ''), a.instance_id IS NOT NULL, COALESCE(a.policy_name, ''), COALESCE(a.evidence_at, '')` + from + order
+	// The page's ids first, from the index alone; then their records.
+	ids := `SELECT v.instance_id FROM vtpms v` + filter + order
 	if q.Limit > 0 {
-		query += " LIMIT ? OFFSET ?"
+		ids += " LIMIT ? OFFSET ?"
 		args = append(args, q.Limit, q.Offset)
 	}
+	query := `SELECT ` + qualified("v", vtpmColumns) + `, v.verdict, v.policy_name, v.evidence_at
+		FROM (` + ids + `) page JOIN vtpms v ON v.instance_id = page.instance_id` + order
 	rows, err := t.query(query, args...)
 	if err != nil {
 		return nil, 0, err
@@ -130,13 +137,12 @@ func (t *Tx) ListInstances(q InstanceQuery) ([]Instance, int, error) {
 	for rows.Next() {
 		var in Instance
 		var verdict, evidence string
-		var registered bool
-		in.VTPM, err = scanVTPM(rows, &verdict, &registered, &in.Policy, &evidence)
+		in.VTPM, err = scanVTPM(rows, &verdict, &in.Policy, &evidence)
 		if err != nil {
 			return nil, 0, err
 		}
 		in.Verdict = Verdict(verdict)
-		if !registered {
+		if verdict == "" {
 			in.Verdict = VerdictNone
 		}
 		if evidence != "" {
@@ -163,23 +169,27 @@ func (t *Tx) CountPhases(project string) ([]Count, error) {
 }
 
 // CountVerdicts counts the vTPMs of project ("" for all) by their
-// attestation verdict, VerdictNone for those never registered.
+// attestation verdict, VerdictNone (last) for those never registered.
 func (t *Tx) CountVerdicts(project string) ([]Count, error) {
-	q, args := `SELECT COALESCE(a.verdict, 'none'), COUNT(*) FROM vtpms v LEFT JOIN attestations a ON a.instance_id = v.instance_id`, []any{}
+	q, args := `SELECT verdict, COUNT(*) FROM vtpms`, []any{}
 	if project != "" {
-		q, args = q+` WHERE v.project=?`, append(args, project)
+		q, args = q+` WHERE project=?`, append(args, project)
 	}
-	return t.counts(q+` GROUP BY COALESCE(a.verdict, 'none') ORDER BY 1`, args...)
+	cs, err := t.counts(q+` GROUP BY verdict ORDER BY 1`, args...)
+	if len(cs) > 0 && cs[0].Value == "" {
+		cs = append(cs[1:], Count{string(VerdictNone), cs[0].N})
+	}
+	return cs, err
 }
 
 // CountPolicyUsers counts, per named policy, the instances of project (""
 // for all) whose attestation copied it.
 func (t *Tx) CountPolicyUsers(project string) ([]Count, error) {
-	q, args := `SELECT a.policy_name, COUNT(*) FROM attestations a JOIN vtpms v ON v.instance_id = a.instance_id WHERE a.policy_name != ''`, []any{}
+	q, args := `SELECT policy_name, COUNT(*) FROM vtpms WHERE policy_name != ''`, []any{}
 	if project != "" {
-		q, args = q+` AND v.project=?`, append(args, project)
+		q, args = q+` AND project=?`, append(args, project)
 	}
-	return t.counts(q+` GROUP BY a.policy_name ORDER BY 1`, args...)
+	return t.counts(q+` GROUP BY policy_name ORDER BY 1`, args...)
 }
 
 func (t *Tx) counts(q string, args ...any) ([]Count, error) {
@@ -237,11 +247,11 @@ func (t *Tx) VerdictChanges(since time.Time) (map[time.Time]map[Verdict]int, err
 // ListPolicyUsers lists the instance ids of project ("" for all) whose
 // attestation copied the named policy, by id, at most limit.
 func (t *Tx) ListPolicyUsers(project, name string, limit int) ([]string, error) {
-	q, args := `SELECT v.instance_id FROM attestations a JOIN vtpms v ON v.instance_id = a.instance_id WHERE a.policy_name=?`, []any{name}
+	q, args := `SELECT instance_id FROM vtpms WHERE policy_name=?`, []any{name}
 	if project != "" {
-		q, args = q+` AND v.project=?`, append(args, project)
+		q, args = q+` AND project=?`, append(args, project)
 	}
-	rows, err := t.query(q+` ORDER BY v.instance_id LIMIT ?`, append(args, limit)...)
+	rows, err := t.query(q+` ORDER BY instance_id LIMIT ?`, append(args, limit)...)
 	if err != nil {
 		return nil, err
 	}

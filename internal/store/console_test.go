@@ -100,7 +100,7 @@ func TestConsoleReads(t *testing.T) {
 			t.Fatal(err)
 		}
 		if !slices.Equal(phases, []Count{{"pending", 6}}) ||
-			!slices.Equal(byVerdict, []Count{{"none", 3}, {"pending", 3}, {"trusted", 3}, {"untrusted", 3}}) ||
+			!slices.Equal(byVerdict, []Count{{"pending", 3}, {"trusted", 3}, {"untrusted", 3}, {"none", 3}}) ||
 			!slices.Equal(users, []Count{{"gold", 2}}) || !slices.Equal(gold, []string{"i-00", "i-03"}) {
 			t.Fatalf("phases %v, verdicts %v, policy users %v %v", phases, byVerdict, users, gold)
 		}
