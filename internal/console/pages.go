@@ -465,17 +465,27 @@ func (c *Console) policies(q *request) error {
 const maxPolicyUsers = 100
 
 // policy is one policy: its reference, and the viewer's instances that
-// use it. ?project= names an operator's view of a project's policy.
+// use it. ?project= names the project whose policy it is (a tenant's own
+// by default); a name the project has no policy of is the shared one's.
 func (c *Console) policy(q *request) error {
 	name := q.r.PathValue("name")
 	project := q.r.URL.Query().Get("project")
-	if !q.viewer.Operator() && project != "" && project != q.viewer.Project {
+	if project == "" {
+		project = q.viewer.Project
+	}
+	if !q.viewer.Operator() && project != q.viewer.Project {
 		return errNoPage
 	}
 	var p *store.Policy
 	var users []string
 	err := c.cfg.Store.View(q.ctx(), func(tx *store.Tx) (err error) {
-		if p, err = tx.GetPolicy(project, name); err != nil {
+		// The project's own policy of that name, else the shared one, as
+		// applying a policy by name finds it.
+		p, err = tx.GetPolicy(project, name)
+		if errors.Is(err, store.ErrNotFound) && project != "" {
+			p, err = tx.GetPolicy("", name)
+		}
+		if err != nil {
 			return err
 		}
 		users, err = tx.ListPolicyUsers(q.viewer.Project, name, maxPolicyUsers)

@@ -62,6 +62,23 @@ func value[T any](t *testing.T, ctx context.Context, what string, a chromedp.Act
 	return v
 }
 
+// until waits for the page's JavaScript expression to be true, across
+// navigations (which end a poll inside the page).
+func until(t *testing.T, ctx context.Context, what, expr string) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		ok, err := chromedp.Run(ctx, chromedp.Evaluate[bool](expr))
+		if err == nil && ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: %s is not true after 30s (%v)", what, expr, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 // screenshot takes the page as a PNG, kept in -screenshots when given.
 func screenshot(t *testing.T, ctx context.Context, name string) {
 	t.Helper()
@@ -79,8 +96,8 @@ func screenshot(t *testing.T, ctx context.Context, name string) {
 // signIn opens a sign-in link and presses its button.
 func signIn(t *testing.T, ctx context.Context, link api.ConsoleLink) {
 	t.Helper()
-	step(t, ctx, "signing in", chromedp.Navigate(link.URL), chromedp.Click(chromedp.CSS("form.signin button")),
-		chromedp.WaitVisible(chromedp.CSS("header nav")))
+	step(t, ctx, "signing in", chromedp.Navigate(link.URL), chromedp.Click(chromedp.CSS("form.signin button")))
+	until(t, ctx, "signed in", `location.pathname !== "/ui/login" && document.querySelector("header nav") !== null`)
 }
 
 // bootLog is a boot's event log as firmware and GRUB write it: the
@@ -163,14 +180,12 @@ func TestConsoleInBrowser(t *testing.T) {
 	}
 	screenshot(t, ctx, "instances.png")
 	step(t, ctx, "the policies page", chromedp.Navigate(u.d.URL+"/ui/policies"), chromedp.WaitVisible(chromedp.CSS("main table")))
-	if ps := value(t, ctx, "policies", chromedp.Text(chromedp.CSS("main tbody"))); !strings.Contains(ps, "web-boot") || !strings.Contains(ps, "1 instances") {
+	if ps := value(t, ctx, "policies", chromedp.Text(chromedp.CSS("main tbody"))); !strings.Contains(ps, "web-boot") || !strings.Contains(ps, "1 instance") {
 		t.Fatalf("the policies:\n%s", ps)
 	}
 	screenshot(t, ctx, "policies.png")
-	step(t, ctx, "signing out", chromedp.Click(chromedp.CSS(".who button")), chromedp.WaitVisible(chromedp.CSS("main h1")))
-	if loc := value(t, ctx, "location", chromedp.Location()); !strings.HasSuffix(loc, "/ui/login") {
-		t.Fatalf("signed out to %s", loc)
-	}
+	step(t, ctx, "signing out", chromedp.Click(chromedp.CSS(".who button")))
+	until(t, ctx, "signed out to the sign-in page", `location.pathname === "/ui/login" && document.querySelector("header nav") === null`)
 
 	// Tenant p1: its instances alone; p2's instance is not found.
 	link, err = u.c.ConsoleLink(bg, "p1")
@@ -189,7 +204,7 @@ func TestConsoleInBrowser(t *testing.T) {
 
 	// p1's instance page, open; a mark that a reload would wipe.
 	step(t, ctx, "p1's instance page", chromedp.Navigate(u.d.URL+"/ui/instances/"+id), chromedp.WaitVisible(chromedp.CSS("#pcrs")))
-	value(t, ctx, "waiting for the live stream", chromedp.Poll[bool](`document.getElementById("live-status").textContent === "Live"`, chromedp.WithPollingTimeout(30*time.Second)))
+	until(t, ctx, "the live stream open", `document.getElementById("live-status").textContent === "Live"`)
 	value(t, ctx, "marking the page", chromedp.Evaluate[bool](`window.notReloaded = true`))
 	if summary := value(t, ctx, "summary", chromedp.Text(chromedp.CSS("#overall-summary"))); strings.HasPrefix(summary, "the VM is untrusted") {
 		t.Fatalf("untrusted before the other boot: %s", summary)
@@ -215,8 +230,7 @@ func TestConsoleInBrowser(t *testing.T) {
 	if a, err := agent.Attest(bg); err != nil || a.Verdict != "untrusted" {
 		t.Fatalf("the other boot: %+v %v", a, err)
 	}
-	value(t, ctx, "the page turning untrusted", chromedp.Poll[bool](`document.getElementById("overall-summary").textContent.startsWith("the VM is untrusted")`,
-		chromedp.WithPollingTimeout(30*time.Second)))
+	until(t, ctx, "the open page turning untrusted", `document.getElementById("overall-summary").textContent.startsWith("the VM is untrusted")`)
 	if !value(t, ctx, "the mark", chromedp.Evaluate[bool](`window.notReloaded === true`)) {
 		t.Fatal("the page was reloaded")
 	}
@@ -235,4 +249,11 @@ func TestConsoleInBrowser(t *testing.T) {
 		t.Fatal("the event log's <script> ran, or is an element")
 	}
 	screenshot(t, ctx, "instance.png")
+
+	// The policy's page, from the instance's: the instances that use it.
+	step(t, ctx, "the policy's page", chromedp.Click(chromedp.CSS(`a[href^="/ui/policies/web-boot"]`)))
+	until(t, ctx, "the policy's page", `location.pathname === "/ui/policies/web-boot" && document.querySelector("ul.users") !== null`)
+	if users := value(t, ctx, "the policy's users", chromedp.Text(chromedp.CSS("ul.users"))); !strings.Contains(users, id) {
+		t.Fatalf("web-boot's instances: %s", users)
+	}
 }
