@@ -40,6 +40,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/refusal"
 	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/verifier"
@@ -79,6 +80,11 @@ type Config struct {
 	// a browser (a client certificate): ok false when the request proves
 	// nobody that way, an error when what it carries is refused.
 	Authenticate func(*http.Request) (v Viewer, ok bool, err error)
+	// SignIn exchanges a user's password for a Keystone token (for a
+	// project by name, or the system when project is ""): the password
+	// sign-in form; nil for none. The token is kept in a cookie and
+	// authenticates each page through Authenticate, as an API call's.
+	SignIn func(ctx context.Context, user, password, project, domain string) (token string, err error)
 	// Key signs sign-in links and session cookies: 32 bytes, the same on
 	// every server replica of a deployment.
 	Key []byte
@@ -210,14 +216,25 @@ func (c *Console) page(h func(*request) error, needsViewer bool) http.Handler {
 	})
 }
 
-// viewer names the request's viewer: its session, else its client
-// certificate.
+// viewer names the request's viewer: its session, else its Keystone
+// token's cookie, else its client certificate. A token Keystone no longer
+// accepts is nobody: the browser is sent to sign in again.
 func (c *Console) viewer(r *http.Request) (Viewer, bool, error) {
 	if v, ok := c.session(r); ok {
 		return v, true, nil
 	}
 	if c.cfg.Authenticate == nil {
 		return Viewer{}, false, nil
+	}
+	if ck, err := r.Cookie(tokenCookie); err == nil && c.cfg.SignIn != nil {
+		r = r.Clone(r.Context())
+		r.Header.Set(api.TokenHeader, ck.Value)
+		v, ok, err := c.cfg.Authenticate(r)
+		var re *refusal.Error
+		if errors.As(err, &re) && re.Kind == refusal.KindUnauthenticated {
+			return Viewer{}, false, nil
+		}
+		return v, ok, err
 	}
 	return c.cfg.Authenticate(r)
 }

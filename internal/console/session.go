@@ -5,10 +5,13 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"net/url"
 	"strings"
 	"time"
+
+	"github.com/vtpmd/vtpmd/internal/refusal"
 )
 
 // Sign-in links and sessions are signed claims, not rows: any server
@@ -21,8 +24,12 @@ import (
 // LinkTTL is how long a sign-in link may be used.
 const LinkTTL = 15 * time.Minute
 
-// cookieName is the session cookie's.
-const cookieName = "vtpmd_console"
+// cookieName is the session cookie's; tokenCookie keeps a Keystone
+// token got by the password form (Config.SignIn).
+const (
+	cookieName  = "vtpmd_console"
+	tokenCookie = "vtpmd_console_token"
+)
 
 // claims are what a link or a session says.
 type claims struct {
@@ -80,29 +87,46 @@ func (c *Console) session(r *http.Request) (Viewer, bool) {
 	return c.verify(ck.Value, "session")
 }
 
-// setSession gives the browser a session for v; v == nil ends it.
+// setSession gives the browser a session for v; v == nil ends it, and
+// a Keystone token's cookie with it.
 func (c *Console) setSession(q *request, v *Viewer) {
-	ck := &http.Cookie{Name: cookieName, Path: "/ui/", HttpOnly: true, Secure: q.r.TLS != nil, SameSite: http.SameSiteStrictMode}
+	ck := c.cookie(q, cookieName)
 	if v == nil {
 		ck.MaxAge = -1
+		http.SetCookie(q.w, c.cookie(q, tokenCookie))
 	} else {
 		exp := c.cfg.Now().Add(c.cfg.SessionTTL)
 		ck.Value = c.sign(claims{Kind: "session", Name: v.Name, Project: v.Project, Expires: exp.Unix()})
-		ck.Expires = exp
+		ck.Expires, ck.MaxAge = exp, int(c.cfg.SessionTTL/time.Second)
 	}
 	http.SetCookie(q.w, ck)
+}
+
+// cookie is a console cookie named name, as every one is set: for /ui/
+// alone, out of scripts' reach, never sent from another site, over TLS
+// only when the console is served over TLS. As it is, it ends one.
+func (c *Console) cookie(q *request, name string) *http.Cookie {
+	return &http.Cookie{Name: name, Path: "/ui/", HttpOnly: true, Secure: q.r.TLS != nil, SameSite: http.SameSiteStrictMode, MaxAge: -1}
+}
+
+// loginData is what the sign-in page shows.
+type loginData struct {
+	base
+	Code     string // a link's code, to sign in with
+	As       string // whom it signs in as
+	Bad      bool   // the link is not valid
+	Password bool   // the Keystone password form is offered
+	Failed   string // why the password sign-in failed
+	User     string
+	Project  string
+	Domain   string
 }
 
 // loginPage shows how to sign in; with a link's code, a button that
 // signs in with it (a POST: following a link alone changes nothing).
 func (c *Console) loginPage(q *request) error {
 	code := q.r.URL.Query().Get("code")
-	data := &struct {
-		base
-		Code string
-		As   string
-		Bad  bool
-	}{base: base{Title: "Sign in"}, Code: code}
+	data := &loginData{base: base{Title: "Sign in"}, Code: code, Password: c.cfg.SignIn != nil, Domain: "Default"}
 	if code != "" {
 		v, ok := c.verify(code, "link")
 		data.Bad, data.As = !ok, v.Label()
@@ -111,19 +135,45 @@ func (c *Console) loginPage(q *request) error {
 	return nil
 }
 
-// signIn exchanges a link's code for a session.
+// signIn exchanges a link's code for a session, or a user's password for
+// a Keystone token kept in a cookie.
 func (c *Console) signIn(q *request) error {
 	q.r.Body = http.MaxBytesReader(q.w, q.r.Body, 16<<10)
+	if q.r.PostFormValue("password") != "" && c.cfg.SignIn != nil {
+		return c.passwordSignIn(q)
+	}
 	v, ok := c.verify(q.r.PostFormValue("code"), "link")
 	if !ok {
-		c.render(q, http.StatusUnauthorized, "login.html", &struct {
-			base
-			Code, As string
-			Bad      bool
-		}{base: base{Title: "Sign in"}, Bad: true})
+		c.render(q, http.StatusUnauthorized, "login.html", &loginData{base: base{Title: "Sign in"}, Bad: true, Password: c.cfg.SignIn != nil, Domain: "Default"})
 		return nil
 	}
 	c.setSession(q, &v)
+	http.Redirect(q.w, q.r, "/ui/", http.StatusSeeOther)
+	return nil
+}
+
+// passwordSignIn asks Keystone for a token for the form's user, password
+// and project, and keeps the token (never the password) in a cookie.
+func (c *Console) passwordSignIn(q *request) error {
+	f := q.r.PostForm
+	data := &loginData{base: base{Title: "Sign in"}, Password: true, User: f.Get("user"), Project: f.Get("project"), Domain: f.Get("domain")}
+	token, err := c.cfg.SignIn(q.ctx(), data.User, f.Get("password"), data.Project, data.Domain)
+	var re *refusal.Error
+	if errors.As(err, &re) {
+		data.Failed = re.Message
+		status := http.StatusUnauthorized
+		if re.Kind == refusal.KindUnavailable {
+			status = http.StatusServiceUnavailable
+		}
+		c.render(q, status, "login.html", data)
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	ck := c.cookie(q, tokenCookie)
+	ck.Value, ck.MaxAge = token, int(c.cfg.SessionTTL/time.Second)
+	http.SetCookie(q.w, ck)
 	http.Redirect(q.w, q.r, "/ui/", http.StatusSeeOther)
 	return nil
 }

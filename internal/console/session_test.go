@@ -43,7 +43,7 @@ func TestSessions(t *testing.T) {
 	r.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 	c.Handler().ServeHTTP(w, r)
 	cookies := w.Result().Cookies()
-	if w.Code != http.StatusSeeOther || len(cookies) != 1 {
+	if w.Code != http.StatusSeeOther || len(cookies) != 1 || cookies[0].MaxAge <= 0 || !cookies[0].HttpOnly {
 		t.Fatalf("signing in: %d %v", w.Code, cookies)
 	}
 	r = httptest.NewRequest("GET", "/ui/", nil)

@@ -196,8 +196,12 @@ func (s *Server) open(ctx context.Context) error {
 	// frames are read of at most 16 KiB (HTTP/2's default; Go's server
 	// takes 1 MiB).
 	h2 := &http.HTTP2Config{MaxDecoderHeaderTableSize: 512, MaxEncoderHeaderTableSize: 512, MaxReadFrameSize: 16 << 10}
-	con := console.New(console.Config{Store: s.store, VTPMs: vs, Verifier: ver, Authenticate: s.api.BrowserViewer,
-		Key: consoleKey(shared.ticketKey), PublicURL: hyperV.PublicURL, Log: s.log})
+	conf := console.Config{Store: s.store, VTPMs: vs, Verifier: ver, Authenticate: s.api.BrowserViewer,
+		Key: consoleKey(shared.ticketKey), PublicURL: hyperV.PublicURL, Log: s.log}
+	if identity != nil {
+		conf.SignIn = s.api.KeystoneSignIn
+	}
+	con := console.New(conf)
 	s.api.Console = con
 	s.http = &http.Server{Handler: s.api.Handler(), ReadHeaderTimeout: 10 * time.Second, TLSConfig: serving, HTTP2: h2,
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)} // as structured logs
@@ -500,6 +504,7 @@ func keystoneIdentity(cfg Config, log *slog.Logger) (*server.Identity, error) {
 	return &server.Identity{
 		Tokens:       keystone.NewValidator(session, keystone.ValidatorOptions{TTL: cfg.KeystoneCacheTTL}),
 		AdminProject: cfg.KeystoneAdminProject,
+		URL:          cfg.KeystoneURL,
 	}, nil
 }
 
