@@ -332,18 +332,8 @@ func (c *Console) instance(q *request) error {
 	if err != nil {
 		return err
 	}
-	var a *store.Attestation
 	var events []store.Event
-	err = c.cfg.Store.View(ctx, func(tx *store.Tx) (err error) {
-		if a, err = tx.GetAttestation(vt.InstanceID); errors.Is(err, store.ErrNotFound) {
-			a, err = nil, nil
-		}
-		if err != nil {
-			return err
-		}
-		events, err = tx.ListEvents(vt.InstanceID, vt.Incarnation)
-		return err
-	})
+	err = c.cfg.Store.View(ctx, func(tx *store.Tx) (err error) { events, err = tx.ListEvents(vt.InstanceID, vt.Incarnation); return err })
 	if err != nil {
 		return err
 	}
@@ -359,17 +349,20 @@ func (c *Console) instance(q *request) error {
 		Now          time.Time
 	}{base: base{Title: "Instance " + vt.InstanceID, Section: "instances", Viewer: q.viewer, SignedIn: true, Live: true},
 		V: vt, Provisioning: c.cfg.Verifier.Provisioning(vt), Events: events, Now: c.cfg.Now()}
-	if a != nil {
-		sub, err := c.cfg.Verifier.Instance(ctx, q.viewer.caller(), vt.InstanceID)
-		if err != nil {
-			return err
-		}
-		st, err := c.cfg.Verifier.Status(ctx, sub)
-		if err != nil {
-			return err
-		}
-		data.Status = &st
-		data.PCRs = pcrRows(a, st.Reasons)
+	sub, err := c.cfg.Verifier.Instance(ctx, q.viewer.caller(), vt.InstanceID)
+	if err != nil {
+		return err
+	}
+	// The record and its verdict in one read: the PCRs shown are the
+	// ones the verdict judged.
+	a, st, err := c.cfg.Verifier.Record(ctx, sub)
+	var re *refusal.Error
+	switch {
+	case err == nil:
+		data.Status, data.PCRs = &st, pcrRows(a, st.Reasons)
+	case errors.As(err, &re) && re.Code == api.CodeNotRegistered:
+	default:
+		return err
 	}
 	c.render(q, http.StatusOK, "instance.html", data)
 	return nil

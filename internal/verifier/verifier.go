@@ -235,6 +235,26 @@ func (v *Verifier) Status(ctx context.Context, sub Subject) (Status, error) {
 	return st, err
 }
 
+// Record reads the subject's attestation record and its status in one
+// transaction, so that the two agree (a page showing the verdict beside
+// the PCRs it judged); a subject that never registered is not found.
+func (v *Verifier) Record(ctx context.Context, sub Subject) (*store.Attestation, Status, error) {
+	var a *store.Attestation
+	var st Status
+	err := v.cfg.Store.View(ctx, func(tx *store.Tx) (err error) {
+		a, err = tx.GetAttestation(sub.key)
+		if errors.Is(err, store.ErrNotFound) {
+			return refusal.NotFound(api.CodeNotRegistered, "The "+sub.kind()+" has never registered an attestation key.")
+		}
+		if err != nil {
+			return err
+		}
+		st, err = v.status(tx, sub, a, v.now())
+		return err
+	})
+	return a, st, err
+}
+
 // recordStatus is the status a's record says as of now: a verdict whose
 // evidence is overdue reads stale even before MarkStale records it.
 func recordStatus(a *store.Attestation, now time.Time) Status {
