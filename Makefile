@@ -4,7 +4,7 @@ GO          ?= go
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 BIN         := bin
 
-.PHONY: all build run test lint deps libvirtd libvirt-hosts libvirt-hosts-down openstack demo demo-cluster fuzz bench bench-density bench-fanin bench-provision clean
+.PHONY: all build run test lint deps libvirtd libvirt-hosts libvirt-hosts-down openstack demo demo-cluster fuzz bench bench-density bench-fanin bench-provision bench-console screenshots clean
 
 all: build
 
@@ -20,6 +20,7 @@ RUN_DIR ?= $(CURDIR)/.run
 run: deps build
 	@mkdir -p $(RUN_DIR)
 	@echo "vtpmctl is at $(BIN)/vtpmctl: export PATH=$(CURDIR)/$(BIN):\$$PATH VTPMD_SERVER=unix://$(RUN_DIR)/data/api.sock"
+	@echo "web console: http://127.0.0.1:8780/ui/ (sign in with the link $(BIN)/vtpmctl --server unix://$(RUN_DIR)/data/api.sock console prints)"
 	$(BIN)/vtpmd all-in-one --data-dir $(RUN_DIR)/data --listen 127.0.0.1:8780
 
 # Everything CI runs: system packages, formatting, vet, staticcheck, and all
@@ -98,6 +99,16 @@ bench-fanin:
 	VTPMD_FANIN_AGENTS=$${AGENTS:-500} VTPMD_FANIN_CONCURRENCY=$${CONCURRENCY:-4} \
 		$(GO) test -run '^$$' -bench FanIn -benchtime $${CREATES:-500}x -timeout 30m ./internal/daemon
 	$(GO) test -run '^$$' -bench AgentWatch -benchtime 2000x ./internal/agent
+
+# The web console's Instances page over 10,000 instances: server time per
+# page (p50, p99) and the first page's size (docs/benchmarks.md).
+bench-console:
+	$(GO) test -run '^$$' -bench InstancesPage -benchtime 200x ./internal/console
+
+# The web console's screenshots in docs/console (README), taken by its
+# end-to-end test in headless Chromium.
+screenshots: deps
+	$(GO) test -count=1 -run 'TestConsoleInBrowser$$' ./internal/daemon -screenshots $(CURDIR)/docs/console
 
 clean:
 	rm -rf $(BIN)

@@ -544,6 +544,17 @@ func (c *Client) JoinToken(ctx context.Context, host string, ttl time.Duration) 
 	return out, c.do(ctx, http.MethodPost, path, nil, &out)
 }
 
+// ConsoleLink makes a sign-in link to the web console (operator): for
+// the operator's view, or project's alone when project is set.
+func (c *Client) ConsoleLink(ctx context.Context, project string) (api.ConsoleLink, error) {
+	path := "/v1/console/links"
+	if project != "" {
+		path += "?project=" + url.QueryEscape(project)
+	}
+	var out api.ConsoleLink
+	return out, c.do(ctx, http.MethodPost, path, nil, &out)
+}
+
 // RevokeHost revokes every certificate of a host and its unused join
 // tokens (operator).
 func (c *Client) RevokeHost(ctx context.Context, host string) (api.HostRevocation, error) {

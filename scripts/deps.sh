@@ -2,7 +2,7 @@
 # Installs the Debian packages vtpmd and its tests use, when missing.
 set -euo pipefail
 
-packages=(ca-certificates git openssl postgresql swtpm swtpm-tools tpm2-tools)
+packages=(ca-certificates chromium fonts-dejavu-core git openssl postgresql swtpm swtpm-tools tpm2-tools)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -282,14 +282,29 @@ func judge(p Policy, b Boot, bank *pcrBank) Verdict {
 	return v
 }
 
-// firstDifference names the first event extending pcr that differs
-// between the reference log and the current events, or "" if either is
-// unknown.
-func firstDifference(refLog []byte, cur []Event, pcr int) string {
-	ref, err := ParseEventLog(refLog)
-	if err != nil || cur == nil {
-		return ""
+// Difference is the first event extending a PCR that differs between a
+// reference boot's log and another boot's: Ref is the reference's (nil
+// when the other boot has an event more), Got the other's (nil when it
+// lacks one the reference has).
+type Difference struct {
+	PCR      int
+	Ref, Got *Event
+}
+
+func (d Difference) String() string {
+	switch {
+	case d.Got == nil:
+		return fmt.Sprintf("the reference boot's event #%d (%s) is missing", d.Ref.Index, d.Ref.TypeName())
+	case d.Ref == nil:
+		return fmt.Sprintf("event #%d (%s) is not in the reference boot", d.Got.Index, d.Got.TypeName())
 	}
+	return fmt.Sprintf("event #%d (%s) differs from the reference boot's", d.Got.Index, d.Got.TypeName())
+}
+
+// FirstDifference finds the first event extending pcr that differs (in
+// type or digest) between the reference events ref and the events cur;
+// false when they agree.
+func FirstDifference(ref, cur []Event, pcr int) (Difference, bool) {
 	of := func(events []Event) []Event {
 		var out []Event
 		for _, e := range events {
@@ -301,14 +316,30 @@ func firstDifference(refLog []byte, cur []Event, pcr int) string {
 	}
 	r, c := of(ref), of(cur)
 	for n := range max(len(r), len(c)) {
-		switch {
-		case n >= len(c):
-			return fmt.Sprintf("the reference boot's event #%d (%s) is missing", r[n].Index, r[n].TypeName())
-		case n >= len(r):
-			return fmt.Sprintf("event #%d (%s) is not in the reference boot", c[n].Index, c[n].TypeName())
-		case r[n].Type != c[n].Type || !bytes.Equal(r[n].Digest, c[n].Digest):
-			return fmt.Sprintf("event #%d (%s) differs from the reference boot's", c[n].Index, c[n].TypeName())
+		d := Difference{PCR: pcr}
+		if n < len(r) {
+			d.Ref = &r[n]
 		}
+		if n < len(c) {
+			d.Got = &c[n]
+		}
+		if d.Ref == nil || d.Got == nil || d.Ref.Type != d.Got.Type || !bytes.Equal(d.Ref.Digest, d.Got.Digest) {
+			return d, true
+		}
+	}
+	return Difference{}, false
+}
+
+// firstDifference names the first event extending pcr that differs
+// between the reference log and the current events, or "" if either is
+// unknown.
+func firstDifference(refLog []byte, cur []Event, pcr int) string {
+	ref, err := ParseEventLog(refLog)
+	if err != nil || cur == nil {
+		return ""
+	}
+	if d, ok := FirstDifference(ref, cur, pcr); ok {
+		return d.String()
 	}
 	return ""
 }

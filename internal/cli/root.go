@@ -133,6 +133,7 @@ func NewRootCommand() *cobra.Command {
 		newHostsCommand(g),
 		newCACommand(g),
 		newBenchCommand(g),
+		newConsoleCommand(g),
 	)
 	return root
 }

@@ -2,7 +2,9 @@ package daemon
 
 import (
 	"context"
+	"crypto/hmac"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -20,6 +22,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/agent/agentstore"
 	"github.com/vtpmd/vtpmd/internal/broker"
 	"github.com/vtpmd/vtpmd/internal/ca"
+	"github.com/vtpmd/vtpmd/internal/console"
 	"github.com/vtpmd/vtpmd/internal/enrol"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/keyring/barbican"
@@ -195,6 +198,13 @@ func (s *Server) open(ctx context.Context) error {
 	// frames are read of at most 16 KiB (HTTP/2's default; Go's server
 	// takes 1 MiB).
 	h2 := &http.HTTP2Config{MaxDecoderHeaderTableSize: 512, MaxEncoderHeaderTableSize: 512, MaxReadFrameSize: 16 << 10}
+	conf := console.Config{Store: s.store, VTPMs: vs, Verifier: ver, Authenticate: s.api.BrowserViewer,
+		Key: consoleKey(shared.ticketKey), PublicURL: hyperV.PublicURL, Log: s.log}
+	if identity != nil {
+		conf.SignIn = s.api.KeystoneSignIn
+	}
+	con := console.New(conf)
+	s.api.Console = con
 	s.http = &http.Server{Handler: s.api.Handler(), ReadHeaderTimeout: 10 * time.Second, TLSConfig: serving, HTTP2: h2,
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)} // as structured logs
 	s.http.RegisterOnShutdown(s.api.EndLongPolls)
@@ -207,12 +217,23 @@ func (s *Server) open(ctx context.Context) error {
 	local.Handle("/", s.http.Handler)
 	s.local = &http.Server{Handler: local, ReadHeaderTimeout: 10 * time.Second, ConnContext: server.OperatorConn}
 	s.local.RegisterOnShutdown(s.api.EndLongPolls)
+	s.http.RegisterOnShutdown(con.Close)
+	s.local.RegisterOnShutdown(con.Close)
 	go ver.WatchStale(bg)
 	go reclaimOrphans(bg, s.store, km, replica, reclaimInterval, orphanAge, s.log)
 	if *cfg.BackupInterval > 0 {
 		go vs.RunBackups(bg, replica, *cfg.BackupInterval)
 	}
 	return nil
+}
+
+// consoleKey is the web console's signing key (sign-in links, sessions),
+// derived from the ticket key, which every server replica shares; the
+// label keeps one key's uses apart from the other's.
+func consoleKey(ticketKey []byte) []byte {
+	mac := hmac.New(sha256.New, ticketKey)
+	mac.Write([]byte("vtpmd web console sessions v1"))
+	return mac.Sum(nil)
 }
 
 // replicaName names this server process in the claims and leases it holds
@@ -248,6 +269,7 @@ func (s *Server) bind() error {
 
 // serve answers the API on the addresses bound.
 func (s *Server) serve() {
+	s.log.Info("web console", "url", s.URL+"/ui/", "sign-in", "vtpmctl --server "+s.OperatorURL+" console")
 	if s.cfg.InsecureListen {
 		s.log.Warn("serving the API without TLS or client certificates beyond loopback (--insecure-listen): agents' tokens cross the network in the clear", "listen", s.Addr)
 	}
@@ -483,6 +505,7 @@ func keystoneIdentity(cfg Config, log *slog.Logger) (*server.Identity, error) {
 	return &server.Identity{
 		Tokens:       keystone.NewValidator(session, keystone.ValidatorOptions{TTL: cfg.KeystoneCacheTTL}),
 		AdminProject: cfg.KeystoneAdminProject,
+		URL:          cfg.KeystoneURL,
 	}, nil
 }
 

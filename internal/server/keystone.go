@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"time"
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/keyring"
@@ -26,6 +27,40 @@ type Identity struct {
 	// AdminProject is the project whose admins are the operator, by ID or
 	// by name in the Default domain (Keystone's bootstrap "admin").
 	AdminProject string
+	// URL is Keystone's identity API, where the web console's password
+	// sign-in asks for tokens (KeystoneSignIn).
+	URL string
+}
+
+// KeystoneSignIn gets a Keystone token for a user's password, scoped to
+// project (by name, in domain) or, with no project, to the system: the
+// web console's password sign-in, whose token then authenticates the
+// browser's pages as it would an API call. The password goes to Keystone
+// and nowhere else.
+func (s *Server) KeystoneSignIn(ctx context.Context, user, password, project, domain string) (string, error) {
+	if s.Identity == nil || s.Identity.URL == "" {
+		return "", refusal.NotFound(api.CodeNotFound, "This server does not authenticate with Keystone.")
+	}
+	if user == "" || password == "" {
+		return "", refusal.Invalid(api.CodeInvalidParameter, "A user name and a password are needed.")
+	}
+	if domain == "" {
+		domain = "Default"
+	}
+	creds := keystone.Credentials{AuthURL: s.Identity.URL, Username: user, Password: password, UserDomainName: domain,
+		ProjectName: project, ProjectDomainName: domain}
+	if project == "" {
+		creds.SystemScope = "all"
+	}
+	token, err := keystone.NewSession(creds, &http.Client{Timeout: 10 * time.Second}).Token(ctx)
+	switch {
+	case errors.Is(err, keystone.ErrBadCredentials):
+		return "", refusal.Unauthenticated(api.CodeUnauthenticated, "Keystone did not accept that user, password and project.")
+	case errors.Is(err, keystone.ErrUnavailable):
+		s.Log.Warn("keystone cannot sign a console user in", "err", err)
+		return "", refusal.Unavailable(api.CodeIdentityUnavailable, "Keystone cannot be reached now; try again shortly.")
+	}
+	return token, err
 }
 
 // fromToken authenticates r by its Keystone token and maps the token's

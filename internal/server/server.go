@@ -27,6 +27,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/attest"
 	"github.com/vtpmd/vtpmd/internal/broker"
 	"github.com/vtpmd/vtpmd/internal/ca"
+	"github.com/vtpmd/vtpmd/internal/console"
 	"github.com/vtpmd/vtpmd/internal/enrol"
 	"github.com/vtpmd/vtpmd/internal/refusal"
 	"github.com/vtpmd/vtpmd/internal/secrets"
@@ -79,6 +80,8 @@ type Server struct {
 	// (X-Auth-Token) besides client certificates; nil: certificates and
 	// the local socket only.
 	Identity *Identity
+	// Console is the web console, served at /ui/; nil for none.
+	Console *console.Console
 
 	end     context.Context // see ending
 	endAll  context.CancelFunc
@@ -102,6 +105,9 @@ func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
 	for _, r := range s.routes() {
 		mux.Handle(r.pattern, m.instrument(r.pattern, s.handle(r)))
+	}
+	if s.Console != nil {
+		mux.Handle("/ui/", s.Console.Handler())
 	}
 	scrape := m.handler()
 	mux.Handle("GET /metrics", s.handle(route{"GET /metrics", func(w http.ResponseWriter, r *http.Request) error {
@@ -217,6 +223,7 @@ func (s *Server) routes() []route {
 		{"GET /v1/agent/transfers/{id}", s.transferInput, hosts, noBody},
 		{"PUT /v1/agent/transfers/{id}", s.answerTransfer, hosts, jsonBody},
 		{"GET /v1/ca", s.caChain, anyone, noBody},
+		{"POST /v1/console/links", s.consoleLink, operator, noBody},
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 )
 
@@ -106,7 +107,9 @@ func (t *Tx) GetAttestation(instanceID string) (*Attestation, error) {
 	return a, nil
 }
 
-// PutAttestation writes a (insert or replace).
+// PutAttestation writes a (insert or replace); for an instance's, its
+// vTPM's row takes the verdict, policy name and evidence time the console
+// sorts and filters by (see ListInstances).
 func (t *Tx) PutAttestation(a *Attestation) error {
 	doc, err := json.Marshal(a)
 	if err != nil {
@@ -119,6 +122,18 @@ func (t *Tx) PutAttestation(a *Attestation) error {
 	_, err = t.exec(`INSERT INTO attestations (instance_id, doc, updated_at, stale_at) VALUES (?,?,?,?)
 		ON CONFLICT(instance_id) DO UPDATE SET doc=excluded.doc, updated_at=excluded.updated_at, stale_at=excluded.stale_at`,
 		a.InstanceID, string(doc), stamp(t.now), staleAt)
+	if err != nil || strings.HasPrefix(a.InstanceID, HostKey("")) {
+		return err
+	}
+	// The instance's row keeps what the console sorts by; evidence to the
+	// minute, so that the row is written about once a minute at most.
+	evidenceAt := ""
+	if !a.EvidenceAt.IsZero() {
+		evidenceAt = sortable(a.EvidenceAt.Truncate(time.Minute))
+	}
+	_, err = t.exec(`UPDATE vtpms SET verdict=?, policy_name=?, evidence_at=?
+		WHERE instance_id=? AND (verdict<>? OR policy_name<>? OR evidence_at<>?)`,
+		string(a.Verdict), a.PolicyName, evidenceAt, a.InstanceID, string(a.Verdict), a.PolicyName, evidenceAt)
 	return err
 }
 

@@ -35,7 +35,11 @@ func (t *Tx) AppendEvent(e Event) error {
 	}
 	_, err := t.exec(`INSERT INTO events (at, actor, instance_id, action, detail, incarnation) VALUES (?,?,?,?,?,?)`,
 		stamp(t.now), e.Actor, e.InstanceID, e.Action, e.Detail, incarnation)
-	return err
+	if err != nil {
+		return err
+	}
+	t.fleetChanged()
+	return nil
 }
 
 // ListEvents returns the events of one vTPM of an instance id (its

@@ -395,6 +395,27 @@ CREATE TABLE secret_releases (
 	PRIMARY KEY (project, name, instance_id)
 );
 CREATE INDEX secret_releases_instance ON secret_releases(instance_id, revoked_at);`,
+	// What the console sorts and filters instances by, on the vTPM's row
+	// so that a page of 10,000 is an index walk with no join: its
+	// attestation's verdict ('' for none), the named policy it copied, and
+	// its last genuine evidence to the minute (PutAttestation keeps them);
+	// indexes for the other columns it sorts by; and the verdict changes
+	// by time, for the fleet's chart.
+	29: `
+ALTER TABLE vtpms ADD COLUMN verdict TEXT NOT NULL DEFAULT '';
+ALTER TABLE vtpms ADD COLUMN policy_name TEXT NOT NULL DEFAULT '';
+ALTER TABLE vtpms ADD COLUMN evidence_at TEXT NOT NULL DEFAULT '';
+UPDATE vtpms SET
+	verdict = COALESCE((SELECT json_extract(a.doc, '$.verdict') FROM attestations a WHERE a.instance_id = vtpms.instance_id), ''),
+	policy_name = COALESCE((SELECT json_extract(a.doc, '$.policy_name') FROM attestations a WHERE a.instance_id = vtpms.instance_id), ''),
+	evidence_at = COALESCE((SELECT substr(json_extract(a.doc, '$.evidence_at'), 1, 16) || ':00.000000000Z' FROM attestations a WHERE a.instance_id = vtpms.instance_id), '');
+CREATE INDEX vtpms_verdict ON vtpms(verdict, instance_id);
+CREATE INDEX vtpms_verdict_evidence ON vtpms(verdict, evidence_at, instance_id);
+CREATE INDEX vtpms_policy ON vtpms(policy_name, instance_id);
+CREATE INDEX vtpms_evidence ON vtpms(evidence_at, instance_id);
+CREATE INDEX vtpms_phase ON vtpms(phase, instance_id);
+CREATE INDEX vtpms_version ON vtpms(version, instance_id);
+CREATE INDEX events_action_at ON events(action, at);`,
 }
 
 func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)-1) }
@@ -503,5 +524,9 @@ CREATE TRIGGER events_no_delete BEFORE DELETE ON events FOR EACH ROW EXECUTE FUN
 		`CREATE TRIGGER events_no_update BEFORE UPDATE ON events BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;`,
 		`CREATE TRIGGER events_no_update BEFORE UPDATE ON events FOR EACH ROW EXECUTE FUNCTION events_append_only();`,
 		`lower(hex(randomblob(16)))`, `md5(random()::text || clock_timestamp()::text)`,
+		// Migration 29's: a JSON document's field.
+		`json_extract(a.doc, '$.verdict')`, `(a.doc::jsonb->>'verdict')`,
+		`json_extract(a.doc, '$.policy_name')`, `(a.doc::jsonb->>'policy_name')`,
+		`json_extract(a.doc, '$.evidence_at')`, `(a.doc::jsonb->>'evidence_at')`,
 	).Replace(ddl)
 }

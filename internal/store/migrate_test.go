@@ -165,8 +165,11 @@ func TestMigrationDropsOrphanAttestations(t *testing.T) {
 					VALUES ('i-1', 'p1', '2.0', 'tpm-crb', 'user', '', '[]', 'h1', 'running', 'active', '', '', '[]', 1, '', '')`); err != nil {
 					return err
 				}
+				// The rows as schema 16 has them (PutAttestation writes
+				// today's).
 				for _, key := range []string{"i-1", "i-gone", HostKey("h1")} {
-					if err := tx.PutAttestation(&Attestation{InstanceID: key, Verdict: VerdictTrusted}); err != nil {
+					if _, err := tx.exec(`INSERT INTO attestations (instance_id, doc, updated_at) VALUES (?, ?, '')`,
+						key, `{"verdict":"trusted","policy_name":"gold"}`); err != nil {
 						return err
 					}
 				}
@@ -183,6 +186,12 @@ func TestMigrationDropsOrphanAttestations(t *testing.T) {
 					if _, err := tx.GetAttestation(key); (err == nil) != want {
 						t.Errorf("attestation of %s after the migration: %v, want kept %v", key, err, want)
 					}
+				}
+				// Migration 31 copied the verdict and policy out of the
+				// document.
+				page, _, err := tx.ListInstances(InstanceQuery{Verdict: VerdictTrusted, Policy: "gold"})
+				if err != nil || len(page) != 1 || page[0].InstanceID != "i-1" {
+					t.Errorf("i-1 by its verdict and policy after the migrations: %v %v", page, err)
 				}
 				return nil
 			})

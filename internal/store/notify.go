@@ -11,7 +11,7 @@ import (
 )
 
 // Wake-ups across processes sharing a PostgreSQL database. A transaction
-// that changed what waiters wait for (VTPMChanged, HostChanged) sends its
+// that changed what waiters wait for (VTPMChanged, HostChanged, FleetChanged) sends its
 // topics with pg_notify before it commits, so PostgreSQL delivers them
 // only if it commits, and in commit order; every Store on the database
 // listens on a connection of its own and wakes its own waiters, so a
@@ -55,7 +55,7 @@ func decodeTopics(payload string) (from string, changed []topic, all bool) {
 			all = true
 		case len(l) >= 2 && l[1] == ':':
 			switch k := topicKind(l[0]); k {
-			case vtpmTopic, hostTopic, certificatesTopic, refreshTopic, outboxTopic:
+			case vtpmTopic, hostTopic, certificatesTopic, refreshTopic, outboxTopic, fleetTopic:
 				changed = append(changed, topic{kind: k, name: l[2:]})
 			}
 		}

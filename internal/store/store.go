@@ -71,6 +71,7 @@ const (
 	certificatesTopic topicKind = 'c'
 	refreshTopic      topicKind = 'r'
 	outboxTopic       topicKind = 'o' // no name: the one outbox
+	fleetTopic        topicKind = 'f' // no name: any vTPM record or event
 )
 
 // VTPMChanged returns a channel that is closed when a transaction next
@@ -108,6 +109,14 @@ func (s *Store) HostCertificatesChanged(host string) <-chan struct{} {
 // waits on.
 func (s *Store) OutboxChanged() <-chan struct{} {
 	return s.wait(topic{kind: outboxTopic})
+}
+
+// FleetChanged returns a channel that is closed when a transaction next
+// commits a change to any vTPM record or appends any event (a verdict
+// change is one), in this process or (moments later, as VTPMChanged)
+// another on the database: what the console's live pages wait on.
+func (s *Store) FleetChanged() <-chan struct{} {
+	return s.wait(topic{kind: fleetTopic})
 }
 
 func (s *Store) wait(k topic) <-chan struct{} {

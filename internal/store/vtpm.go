@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -319,6 +320,15 @@ func (t *Tx) wrote(instanceID, incarnation string) {
 	}
 	t.incarnations[instanceID] = incarnation
 	t.changed = append(t.changed, topic{kind: vtpmTopic, name: instanceID})
+	t.fleetChanged()
+}
+
+// fleetChanged notes that this transaction changed what FleetChanged's
+// waiters watch; once is enough.
+func (t *Tx) fleetChanged() {
+	if !slices.Contains(t.changed, topic{kind: fleetTopic}) {
+		t.changed = append(t.changed, topic{kind: fleetTopic})
+	}
 }
 
 // GetVTPM reads one vTPM; ErrNotFound if there is none.
@@ -399,13 +409,15 @@ func (t *Tx) Room(host string) (int, error) {
 	return room, nil
 }
 
-func scanVTPM(row interface{ Scan(...any) error }) (*VTPM, error) {
+// scanVTPM reads a row of vtpmColumns, and after them more columns into
+// more.
+func scanVTPM(row interface{ Scan(...any) error }, more ...any) (*VTPM, error) {
 	var v VTPM
 	var keys, eks, resize, created, updated string
 	var host sql.NullString
 	var connected int
-	err := row.Scan(&v.InstanceID, &v.Project, &v.Spec.Version, &v.Spec.Model, &v.Spec.SecretSecurity, &v.Spec.Hypervisor,
-		&keys, &host, &v.Desired, &v.Phase, &v.Reason, &v.SecretID, &eks, &v.Domain, &v.Sockets.Data, &v.Sockets.Ctrl, &v.PID, &connected, &resize, &v.Generation, &v.Incarnation, &v.Revision, &created, &updated)
+	err := row.Scan(append([]any{&v.InstanceID, &v.Project, &v.Spec.Version, &v.Spec.Model, &v.Spec.SecretSecurity, &v.Spec.Hypervisor,
+		&keys, &host, &v.Desired, &v.Phase, &v.Reason, &v.SecretID, &eks, &v.Domain, &v.Sockets.Data, &v.Sockets.Ctrl, &v.PID, &connected, &resize, &v.Generation, &v.Incarnation, &v.Revision, &created, &updated}, more...)...)
 	if err != nil {
 		return nil, err
 	}

@@ -237,6 +237,26 @@ func (v *Verifier) Status(ctx context.Context, sub Subject) (Status, error) {
 	return st, err
 }
 
+// Record reads the subject's attestation record and its status in one
+// transaction, so that the two agree (a page showing the verdict beside
+// the PCRs it judged); a subject that never registered is not found.
+func (v *Verifier) Record(ctx context.Context, sub Subject) (*store.Attestation, Status, error) {
+	var a *store.Attestation
+	var st Status
+	err := v.cfg.Store.View(ctx, func(tx *store.Tx) (err error) {
+		a, err = tx.GetAttestation(sub.key)
+		if errors.Is(err, store.ErrNotFound) {
+			return refusal.NotFound(api.CodeNotRegistered, "The "+sub.kind()+" has never registered an attestation key.")
+		}
+		if err != nil {
+			return err
+		}
+		st, err = v.status(tx, sub, a, v.now())
+		return err
+	})
+	return a, st, err
+}
+
 // recordStatus is the status a's record says as of now: a verdict whose
 // evidence is overdue reads stale even before MarkStale records it.
 func recordStatus(a *store.Attestation, now time.Time) Status {
@@ -273,26 +293,20 @@ func (v *Verifier) status(tx *store.Tx, sub Subject, a *store.Attestation, now t
 		out.InstanceID, out.HostName = "", sub.host
 		return out, nil
 	}
-	host := HostVerdict{Name: vt.Host, Verdict: store.VerdictUnattested}
-	ha, err := tx.GetAttestation(store.HostKey(vt.Host))
-	switch {
-	case err == nil:
-		if hs := recordStatus(ha, now); hs.State == Registered {
-			host.Verdict, host.Reasons, host.VerifiedAt, host.EvidenceAt = hs.Verdict, hs.Reasons, hs.VerifiedAt, ha.EvidenceAt
-		}
-	case !errors.Is(err, store.ErrNotFound):
+	host, err := hostVerdict(tx, vt.Host, now)
+	if err != nil {
 		return out, err
 	}
-	p := v.provisioning(vt)
+	p := v.Provisioning(vt)
 	out.Host, out.Provisioning = &host, &p
 	out.Overall, out.Summary = overall(out.Verdict, out.Reasons, host, p)
 	return out, nil
 }
 
-// provisioning is vt's provisioning record: the host vtpmd placed it on
+// Provisioning is vt's provisioning record: the host vtpmd placed it on
 // and its EK certificates, checked against the deployment CA and against
 // the EKs recorded when vtpmd made the TPM.
-func (v *Verifier) provisioning(vt *store.VTPM) api.Provisioning {
+func (v *Verifier) Provisioning(vt *store.VTPM) api.Provisioning {
 	p := api.Provisioning{Host: vt.Host, Verified: len(vt.EKs) > 0}
 	if len(vt.EKs) == 0 {
 		p.Reason = "the vTPM has no endorsement key yet"
@@ -350,6 +364,40 @@ func (v *Verifier) deploymentCA() *x509.CertPool {
 		v.caPool.AppendCertsFromPEM(v.cfg.CAChainPEM())
 	})
 	return v.caPool
+}
+
+// HostVerdicts are the named hosts' own verdicts as their instances read
+// them (store.VerdictUnattested for a host whose TPM never registered),
+// by name, in one read.
+func (v *Verifier) HostVerdicts(ctx context.Context, names []string) (map[string]HostVerdict, error) {
+	out := make(map[string]HostVerdict, len(names))
+	now := v.now()
+	err := v.cfg.Store.View(ctx, func(tx *store.Tx) error {
+		for _, n := range names {
+			h, err := hostVerdict(tx, n, now)
+			if err != nil {
+				return err
+			}
+			out[n] = h
+		}
+		return nil
+	})
+	return out, err
+}
+
+// hostVerdict is host's own verdict as of now, as its instances read it.
+func hostVerdict(tx *store.Tx, host string, now time.Time) (HostVerdict, error) {
+	h := HostVerdict{Name: host, Verdict: store.VerdictUnattested}
+	a, err := tx.GetAttestation(store.HostKey(host))
+	switch {
+	case err == nil:
+		if hs := recordStatus(a, now); hs.State == Registered {
+			h.Verdict, h.Reasons, h.VerifiedAt, h.EvidenceAt = hs.Verdict, hs.Reasons, hs.VerifiedAt, a.EvidenceAt
+		}
+	case !errors.Is(err, store.ErrNotFound):
+		return h, err
+	}
+	return h, nil
 }
 
 // overall is the tenant's one answer about an instance: its own verdict

@@ -262,11 +262,11 @@ func TestOverallAnswer(t *testing.T) {
 	}
 
 	v := New(Config{CAChainPEM: func() []byte { return nil }})
-	p := v.provisioning(&store.VTPM{Host: "h1", EKs: []store.EK{{Kind: "rsa2048", CertDER: []byte("junk")}}})
+	p := v.Provisioning(&store.VTPM{Host: "h1", EKs: []store.EK{{Kind: "rsa2048", CertDER: []byte("junk")}}})
 	if p.Verified || p.Reason != "the rsa2048 EK has no readable certificate" || p.Host != "h1" {
 		t.Fatalf("provisioning with a junk certificate: %+v", p)
 	}
-	if p := v.provisioning(&store.VTPM{Host: "h1"}); p.Verified {
+	if p := v.Provisioning(&store.VTPM{Host: "h1"}); p.Verified {
 		t.Fatalf("provisioning without EKs: %+v", p)
 	}
 }

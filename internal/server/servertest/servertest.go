@@ -5,6 +5,7 @@
 package servertest
 
 import (
+	"bytes"
 	"context"
 	"net"
 	"net/http"
@@ -15,6 +16,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/agent/agentstore"
 	"github.com/vtpmd/vtpmd/internal/broker"
 	"github.com/vtpmd/vtpmd/internal/ca"
+	"github.com/vtpmd/vtpmd/internal/console"
 	"github.com/vtpmd/vtpmd/internal/enrol"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/secrets"
@@ -26,7 +28,7 @@ import (
 
 // New assembles the API over st and kr as vtpmd does, with no host agent
 // running (records stay pending, drift checks go unanswered), no verdict signing and no webhook, an empty CA
-// chain, and a host CA of its own.
+// chain, a host CA of its own, and the web console with a fixed key.
 func New(t testing.TB, st *store.Store, kr keyring.Keyring) *server.Server {
 	t.Helper()
 	caChain := func() []byte { return nil }
@@ -37,9 +39,11 @@ func New(t testing.TB, st *store.Store, kr keyring.Keyring) *server.Server {
 	keys := secrets.New(st, kr, nil)
 	vs := vtpms.New(vtpms.Config{Store: st, Keyring: kr, Secrets: keys})
 	ver := verifier.New(verifier.Config{Store: st, VTPMs: vs, CAChainPEM: caChain})
-	return &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: caChain,
+	api := &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: caChain,
 		Broker:    broker.New(broker.Config{Store: st, Keyring: kr, Verifier: ver}),
 		Enrolment: enrol.New(enrol.Config{Store: st, HostCA: hostCA}), Agents: agentstore.New(st, kr, nil, nil)}
+	api.Console = console.New(console.Config{Store: st, VTPMs: vs, Verifier: ver, Authenticate: api.BrowserViewer, Key: bytes.Repeat([]byte{7}, 32)})
+	return api
 }
 
 // Operator serves h on a fresh unix socket as the operator's local API and

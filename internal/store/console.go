@@ -1,0 +1,277 @@
+package store
+
+import (
+	"strings"
+	"time"
+)
+
+// The console's reads: pages of instances with their verdicts, sorted and
+// filtered in SQL so that a page of 10,000 costs one page's rows; counts
+// for the fleet; verdict changes by hour.
+
+// InstanceSort is a column the console sorts instances by.
+type InstanceSort string
+
+// The sorts, each ending on the instance id so that pages are stable.
+const (
+	SortInstance InstanceSort = "instance"
+	SortProject  InstanceSort = "project"
+	SortPhase    InstanceSort = "phase"
+	SortVersion  InstanceSort = "version"
+	SortHost     InstanceSort = "host"
+	SortVerdict  InstanceSort = "verdict"
+	SortPolicy   InstanceSort = "policy"
+	SortEvidence InstanceSort = "evidence"
+)
+
+// sortColumns are the vtpms columns of the sorts, each indexed with the
+// instance id (migrations 1, 29).
+var sortColumns = map[InstanceSort]string{
+	SortInstance: "instance_id",
+	SortProject:  "project",
+	SortPhase:    "phase",
+	SortVersion:  "version",
+	SortHost:     "host",
+	SortVerdict:  "verdict",
+	SortPolicy:   "policy_name",
+	SortEvidence: "evidence_at",
+}
+
+// ValidSort reports whether s is one of the sorts.
+func ValidSort(s InstanceSort) bool { _, ok := sortColumns[s]; return ok }
+
+// InstanceQuery selects a page of instances; empty fields match
+// everything.
+type InstanceQuery struct {
+	Project string
+	Host    string
+	Phase   Phase
+	// Verdict "none" selects instances that never registered.
+	Verdict Verdict
+	Policy  string
+	// Search matches instance ids starting with it.
+	Search string
+	Sort   InstanceSort // "" sorts by instance id
+	Desc   bool
+	Offset int
+	Limit  int // 0: no limit
+}
+
+// VerdictNone is InstanceQuery's Verdict for instances with no
+// attestation record.
+const VerdictNone Verdict = "none"
+
+// Instance is a vTPM with what its attestation record says of it: its
+// verdict (VerdictNone if it never registered), the named policy it
+// copied, and when its last genuine evidence came.
+type Instance struct {
+	*VTPM
+	Verdict    Verdict
+	Policy     string
+	EvidenceAt time.Time
+}
+
+// ListInstances returns the page of instances q selects and how many
+// match in all. Everything it filters and sorts by is a column of the
+// vTPM's row with an index: a page costs about its own rows, however
+// many match.
+func (t *Tx) ListInstances(q InstanceQuery) ([]Instance, int, error) {
+	var where []string
+	var args []any
+	verdict := string(q.Verdict)
+	if q.Verdict == VerdictNone {
+		verdict = ""
+	}
+	for _, c := range []struct {
+		col, val string
+		set      bool
+	}{
+		{"project", q.Project, q.Project != ""}, {"host", q.Host, q.Host != ""}, {"phase", string(q.Phase), q.Phase != ""},
+		{"verdict", verdict, q.Verdict != ""}, {"policy_name", q.Policy, q.Policy != ""},
+	} {
+		if c.set {
+			where = append(where, c.col+"=?")
+			args = append(args, c.val)
+		}
+	}
+	if q.Search != "" {
+		// A range, not LIKE: no wildcard in the search to escape, and it
+		// uses the primary key.
+		where = append(where, "instance_id>=? AND instance_id<?")
+		args = append(args, q.Search, q.Search+"\U0010FFFF")
+	}
+	filter := ""
+	if len(where) > 0 {
+		filter = " WHERE " + strings.Join(where, " AND ")
+	}
+	var total int
+	if err := t.queryRow(`SELECT COUNT(*) FROM vtpms`+filter, args...).Scan(&total); err != nil {
+		return nil, 0, err
+	}
+	col := sortColumns[q.Sort]
+	if col == "" {
+		col = sortColumns[SortInstance]
+	}
+	dir := " ASC"
+	if q.Desc {
+		dir = " DESC"
+	}
+	order := " ORDER BY v." + col + dir
+	if col != sortColumns[SortInstance] {
+		order += ", v.instance_id" + dir
+	}
+	// The page's ids first, from the index alone; then their records.
+	ids := `SELECT v.instance_id FROM vtpms v` + filter + order
+	if q.Limit > 0 {
+		ids += " LIMIT ? OFFSET ?"
+		args = append(args, q.Limit, q.Offset)
+	}
+	query := `SELECT ` + qualified("v", vtpmColumns) + `, v.verdict, v.policy_name, v.evidence_at
+		FROM (` + ids + `) page JOIN vtpms v ON v.instance_id = page.instance_id` + order
+	rows, err := t.query(query, args...)
+	if err != nil {
+		return nil, 0, err
+	}
+	defer rows.Close()
+	var out []Instance
+	for rows.Next() {
+		var in Instance
+		var verdict, evidence string
+		in.VTPM, err = scanVTPM(rows, &verdict, &in.Policy, &evidence)
+		if err != nil {
+			return nil, 0, err
+		}
+		in.Verdict = Verdict(verdict)
+		if verdict == "" {
+			in.Verdict = VerdictNone
+		}
+		if evidence != "" {
+			in.EvidenceAt, _ = time.Parse(time.RFC3339Nano, evidence)
+		}
+		out = append(out, in)
+	}
+	return out, total, rows.Err()
+}
+
+// Count is a value and how many have it.
+type Count struct {
+	Value string
+	N     int
+}
+
+// CountPhases counts the vTPMs of project ("" for all) by phase.
+func (t *Tx) CountPhases(project string) ([]Count, error) {
+	q, args := `SELECT phase, COUNT(*) FROM vtpms`, []any{}
+	if project != "" {
+		q, args = q+` WHERE project=?`, append(args, project)
+	}
+	return t.counts(q+` GROUP BY phase ORDER BY phase`, args...)
+}
+
+// CountVerdicts counts the vTPMs of project ("" for all) by their
+// attestation verdict, VerdictNone (last) for those never registered.
+func (t *Tx) CountVerdicts(project string) ([]Count, error) {
+	q, args := `SELECT verdict, COUNT(*) FROM vtpms`, []any{}
+	if project != "" {
+		q, args = q+` WHERE project=?`, append(args, project)
+	}
+	cs, err := t.counts(q+` GROUP BY verdict ORDER BY 1`, args...)
+	if len(cs) > 0 && cs[0].Value == "" {
+		cs = append(cs[1:], Count{string(VerdictNone), cs[0].N})
+	}
+	return cs, err
+}
+
+// CountPolicyUsers counts, per named policy, the instances of project (""
+// for all) whose attestation copied it.
+func (t *Tx) CountPolicyUsers(project string) ([]Count, error) {
+	q, args := `SELECT policy_name, COUNT(*) FROM vtpms WHERE policy_name != ''`, []any{}
+	if project != "" {
+		q, args = q+` AND project=?`, append(args, project)
+	}
+	return t.counts(q+` GROUP BY policy_name ORDER BY 1`, args...)
+}
+
+func (t *Tx) counts(q string, args ...any) ([]Count, error) {
+	rows, err := t.query(q, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []Count
+	for rows.Next() {
+		var c Count
+		if err := rows.Scan(&c.Value, &c.N); err != nil {
+			return nil, err
+		}
+		out = append(out, c)
+	}
+	return out, rows.Err()
+}
+
+// VerdictChanges counts the instances' and hosts' verdict changes since
+// since, by hour (the hour's start, UTC) and by the verdict changed to.
+func (t *Tx) VerdictChanges(since time.Time) (map[time.Time]map[Verdict]int, error) {
+	var actions []string
+	var args []any
+	for _, v := range []Verdict{VerdictPending, VerdictTrusted, VerdictUntrusted, VerdictStale} {
+		actions = append(actions, "?")
+		args = append(args, "attestation "+string(v))
+	}
+	args = append(args, stamp(since.Truncate(time.Hour)))
+	rows, err := t.query(`SELECT substr(at, 1, 13), action, COUNT(*) FROM events
+		WHERE action IN (`+strings.Join(actions, ",")+`) AND at >= ? GROUP BY substr(at, 1, 13), action`, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := map[time.Time]map[Verdict]int{}
+	for rows.Next() {
+		var hour, action string
+		var n int
+		if err := rows.Scan(&hour, &action, &n); err != nil {
+			return nil, err
+		}
+		h, err := time.Parse("2006-01-02T15", hour)
+		if err != nil {
+			continue
+		}
+		if out[h] == nil {
+			out[h] = map[Verdict]int{}
+		}
+		out[h][Verdict(strings.TrimPrefix(action, "attestation "))] += n
+	}
+	return out, rows.Err()
+}
+
+// ListPolicyUsers lists the instance ids of project ("" for all) whose
+// attestation copied the named policy, by id, at most limit.
+func (t *Tx) ListPolicyUsers(project, name string, limit int) ([]string, error) {
+	q, args := `SELECT instance_id FROM vtpms WHERE policy_name=?`, []any{name}
+	if project != "" {
+		q, args = q+` AND project=?`, append(args, project)
+	}
+	rows, err := t.query(q+` ORDER BY instance_id LIMIT ?`, append(args, limit)...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			return nil, err
+		}
+		out = append(out, id)
+	}
+	return out, rows.Err()
+}
+
+// qualified is the column list cols with each column prefixed "table.".
+func qualified(table, cols string) string {
+	fields := strings.Split(cols, ",")
+	for i, f := range fields {
+		fields[i] = table + "." + strings.TrimSpace(f)
+	}
+	return strings.Join(fields, ", ")
+}
