@@ -26,7 +26,7 @@ run: deps build
 # Everything CI runs: system packages, formatting, vet, staticcheck, and all
 # tests (the committed fuzz corpus included) under the race detector.
 test: deps lint libvirtd libvirt-hosts openstack
-	$(GO) test -race -count=1 -timeout 30m ./...
+	$(GO) test -race -count=1 -timeout 50m ./...
 	VTPMD_TEST_STORE=postgres $(GO) test -race -count=1 ./internal/server ./internal/verifier ./internal/webhook
 
 lint:
