@@ -114,16 +114,7 @@ func (s *Server) unshelveVTPM(w http.ResponseWriter, r *http.Request) error {
 
 // moved answers a move the server finished (do): 200 with the vTPM.
 func (s *Server) moved(w http.ResponseWriter, r *http.Request, do func(context.Context, tenant.Caller, string) (*store.VTPM, error)) error {
-	c, err := tenantOf(r)
-	if err != nil {
-		return err
-	}
-	v, err := do(r.Context(), c, r.PathValue("id"))
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, vtpmView(v))
-	return nil
+	return s.answerVTPM(w, r, http.StatusOK, do)
 }
 
 // evacuateHost moves the vTPMs of a host that is gone to other hosts

@@ -587,6 +587,12 @@ func (s *Server) revertResize(w http.ResponseWriter, r *http.Request) error {
 // change asks for a change of the vTPM the path names and answers 202
 // with the record: the host's agent carries it out.
 func (s *Server) change(w http.ResponseWriter, r *http.Request, do func(context.Context, tenant.Caller, string) (*store.VTPM, error)) error {
+	return s.answerVTPM(w, r, http.StatusAccepted, do)
+}
+
+// answerVTPM does do to the vTPM the path names, as the caller, and
+// answers status with the record.
+func (s *Server) answerVTPM(w http.ResponseWriter, r *http.Request, status int, do func(context.Context, tenant.Caller, string) (*store.VTPM, error)) error {
 	c, err := tenantOf(r)
 	if err != nil {
 		return err
@@ -595,7 +601,7 @@ func (s *Server) change(w http.ResponseWriter, r *http.Request, do func(context.
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusAccepted, vtpmView(v))
+	writeJSON(w, status, vtpmView(v))
 	return nil
 }
 
