@@ -173,6 +173,33 @@ func defineGuest(t testing.TB, lv *golibvirt.Libvirt, id, dir string) golibvirt.
 
 func defineGuestWith(t testing.TB, lv *golibvirt.Libvirt, id, dir string, o guestOptions) golibvirt.Domain {
 	t.Helper()
+	d := guestDomain(t, id, dir, o)
+	if o.network {
+		d.Devices.Interfaces = []libvirtxml.DomainInterface{{
+			Source: &libvirtxml.DomainInterfaceSource{User: &libvirtxml.DomainInterfaceSourceUser{}},
+			Model:  &libvirtxml.DomainInterfaceModel{Type: "e1000"},
+		}}
+	}
+	xml, err := d.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dom, err := lv.DomainDefineXML(xml)
+	if err != nil {
+		t.Fatalf("defining the guest: %v", err)
+	}
+	t.Cleanup(func() {
+		lv.DomainDestroy(dom)
+		lv.DomainUndefineFlags(dom, golibvirt.DomainUndefineNvram)
+	})
+	return dom
+}
+
+// guestDomain is the test guest id as a libvirt domain, not yet defined:
+// q35, OVMF (its variables in dir), the test kernel with o's /init, its
+// serial console in dir/console.log.
+func guestDomain(t testing.TB, id, dir string, o guestOptions) libvirtxml.Domain {
+	t.Helper()
 	kernel, initrd := guestImage(t, o.init)
 	// QEMU may run as another user (libvirt-qemu): it must reach the
 	// guest's files, as it would under /var/lib/libvirt.
@@ -190,7 +217,7 @@ func defineGuestWith(t testing.TB, lv *golibvirt.Libvirt, id, dir string, o gues
 		t.Fatal(err)
 	}
 	port := uint(0)
-	d := libvirtxml.Domain{
+	return libvirtxml.Domain{
 		Type: guestDomainType, Name: "vtpmd-test-" + id[:8], UUID: id,
 		Memory: &libvirtxml.DomainMemory{Value: 256, Unit: "MiB"},
 		VCPU:   &libvirtxml.DomainVCPU{Value: 1},
@@ -212,25 +239,6 @@ func defineGuestWith(t testing.TB, lv *golibvirt.Libvirt, id, dir string, o gues
 			}},
 		},
 	}
-	if o.network {
-		d.Devices.Interfaces = []libvirtxml.DomainInterface{{
-			Source: &libvirtxml.DomainInterfaceSource{User: &libvirtxml.DomainInterfaceSourceUser{}},
-			Model:  &libvirtxml.DomainInterfaceModel{Type: "e1000"},
-		}}
-	}
-	xml, err := d.Marshal()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dom, err := lv.DomainDefineXML(xml)
-	if err != nil {
-		t.Fatalf("defining the guest: %v", err)
-	}
-	t.Cleanup(func() {
-		lv.DomainDestroy(dom)
-		lv.DomainUndefineFlags(dom, golibvirt.DomainUndefineNvram)
-	})
-	return dom
 }
 
 func guestState(t *testing.T, lv *golibvirt.Libvirt, dom golibvirt.Domain) golibvirt.DomainState {

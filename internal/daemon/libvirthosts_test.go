@@ -144,43 +144,8 @@ func twoLibvirtHosts(t testing.TB) [2]libvirtHost {
 // test ends.
 func migrationGuest(t testing.TB, hosts [2]libvirtHost, id, dir string, tpm *libvirtxml.DomainTPM) libvirtxml.Domain {
 	t.Helper()
-	kernel, initrd := guestImage(t, migrateInit)
-	for _, d := range []string{filepath.Dir(dir), dir} {
-		if err := os.Chmod(d, 0o711); err != nil {
-			t.Fatal(err)
-		}
-	}
-	nvram := filepath.Join(dir, "OVMF_VARS.fd")
-	vars, err := os.ReadFile("/usr/share/OVMF/OVMF_VARS_4M.fd")
-	if err != nil {
-		t.Fatalf("OVMF is not installed: %v", err)
-	}
-	if err := os.WriteFile(nvram, vars, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	port := uint(0)
-	d := libvirtxml.Domain{
-		Type: guestDomainType, Name: "vtpmd-test-" + id[:8], UUID: id,
-		Memory: &libvirtxml.DomainMemory{Value: 256, Unit: "MiB"},
-		VCPU:   &libvirtxml.DomainVCPU{Value: 1},
-		OS: &libvirtxml.DomainOS{
-			Type:    &libvirtxml.DomainOSType{Arch: "x86_64", Machine: "q35", Type: "hvm"},
-			Loader:  &libvirtxml.DomainLoader{Path: "/usr/share/OVMF/OVMF_CODE_4M.fd", Readonly: "yes", Type: "pflash"},
-			NVRam:   &libvirtxml.DomainNVRam{NVRam: nvram},
-			Kernel:  kernel,
-			Initrd:  initrd,
-			Cmdline: "console=ttyS0 panic=-1",
-		},
-		Features:   &libvirtxml.DomainFeatureList{ACPI: &libvirtxml.DomainFeature{}},
-		OnPoweroff: "destroy", OnReboot: "destroy", OnCrash: "destroy",
-		Devices: &libvirtxml.DomainDeviceList{
-			Emulator: "/usr/bin/qemu-system-x86_64",
-			Serials: []libvirtxml.DomainSerial{{
-				Source: &libvirtxml.DomainChardevSource{File: &libvirtxml.DomainChardevSourceFile{Path: filepath.Join(dir, "console.log"), Append: "on"}},
-				Target: &libvirtxml.DomainSerialTarget{Port: &port},
-			}},
-		},
-	}
+	d := guestDomain(t, id, dir, guestOptions{init: migrateInit})
+	d.Devices.Serials[0].Source.File.Append = "on"
 	if tpm != nil {
 		d.Devices.TPMs = []libvirtxml.DomainTPM{*tpm}
 	}
