@@ -122,7 +122,7 @@ func (s *Service) canServe(ctx context.Context, host string, sp *spec.Spec, kind
 	}
 	if lacks := spec.NewTraitSet(h.Traits...).Missing(sp.RequiredTraits()); len(lacks) > 0 {
 		return refusal.Conflict(api.CodeResizeNeedsMigration, fmt.Sprintf(
-			"Host %s lacks %s, which the resized vTPM needs; a resize that also moves the instance to another host is cold migration's, which vtpmd does not do yet.",
+			"Host %s lacks %s, which the resized vTPM needs: migrate the vTPM to a host that has it first (vtpmctl migrate INSTANCE --to HOST), then resize it there.",
 			host, strings.Join(lacks, ", ")))
 	}
 	if kind == spec.ResizeNewTPM && h.Backend != "swtpm" {
