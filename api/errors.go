@@ -281,6 +281,14 @@ const (
 	// CodeGuestNotRunning (409): a live migration asked of a vTPM whose
 	// guest is not running (or that has no guest): migrate it cold.
 	CodeGuestNotRunning Code = "guest_not_running"
+	// CodeGuestRunsHere (409; agent protocol): a live migration's target
+	// was asked to undo what it prepared, but the guest runs there: the
+	// migration landed.
+	CodeGuestRunsHere Code = "guest_runs_here"
+	// CodeGuestArriving (409; agent protocol): a live migration's target
+	// was asked to undo what it prepared while the guest is still
+	// arriving: ask again once libvirt has finished or failed.
+	CodeGuestArriving Code = "guest_arriving"
 	// CodeTargetIsSource (400): the host a migration names is the one the
 	// vTPM is on.
 	CodeTargetIsSource Code = "target_is_source"

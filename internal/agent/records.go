@@ -164,6 +164,8 @@ var transferRefusals = map[api.Code]refusal.Kind{
 	api.CodeBundleMismatch: refusal.KindConflict,
 	api.CodeVTPMNotStopped: refusal.KindConflict,
 	api.CodeTransferFailed: refusal.KindUnavailable,
+	api.CodeGuestRunsHere:  refusal.KindConflict,
+	api.CodeGuestArriving:  refusal.KindConflict,
 }
 
 // ValidTransferRefusal says whether code is one an agent answers a

@@ -20,7 +20,8 @@ import (
 // backend did, or a refusal: the vTPM is not held
 // here (not_found), the backend moves no state (not_supported), a bundle
 // to import is not the vTPM's (bundle_corrupt, bundle_mismatch), the vTPM
-// is not stopped for an import (vtpm_not_stopped), or the backend failed
+// is not stopped for an import (vtpm_not_stopped), a live migration's
+// target cannot undo it (guest_runs_here, guest_arriving), or the backend failed
 // (transfer_failed, its reason in the message). The vTPM is not
 // reconciled meanwhile.
 func (a *Agent) answerTransfer(ctx context.Context, ask TransferAsk) error {

@@ -286,3 +286,60 @@ func TestClusterLiveMigrateTargetKilled(t *testing.T) {
 	// and its own stops it.
 	deleteVTPM(c, g.id)
 }
+
+// TestClusterLiveMigrateServerKilled kills the server as soon as the
+// target is prepared, so that it stops before it knows where the guest
+// runs (the source may be sending it, or about to). Another request within
+// the live migration's lease is refused (migration_in_progress); after it,
+// the same request resumes the move: the target's agent says where the
+// guest runs, and the move ends with the guest and the record on the
+// target, the guest running throughout with its TPM, and nothing left on
+// the source.
+func TestClusterLiveMigrateServerKilled(t *testing.T) {
+	hosts := twoLibvirtHosts(t)
+	c, agents := liveCluster(t, hosts, "emulator")
+	ctx := context.Background()
+	g := startLiveGuest(t, c, hosts, "user")
+	last := g.lastTick(t)
+	go c.op.LiveMigrate(ctx, g.id, api.LiveMigrateRequest{Host: g.other.name}) // cut short below
+	c.eventually("the target is prepared", func() error {
+		evs, err := c.op.Events(ctx, g.id)
+		if err != nil {
+			return err
+		}
+		for _, e := range evs.Items {
+			if e.Action == "live migration prepared" {
+				return nil
+			}
+		}
+		return fmt.Errorf("no %q event yet", "live migration prepared")
+	})
+	stop(c.server, syscall.SIGKILL)
+	c.startServer()
+	if _, err := c.op.LiveMigrate(ctx, g.id, api.LiveMigrateRequest{Host: g.other.name}); client.ErrorCode(err) != api.CodeMigrationInProgress {
+		t.Fatalf("a live migration within its lease, asked again: %v; want %s", err, api.CodeMigrationInProgress)
+	}
+	var got api.VTPM
+	c.eventually("the live migration resumes once its lease is over", func() (err error) {
+		got, err = c.op.LiveMigrate(ctx, g.id, api.LiveMigrateRequest{Host: g.other.name})
+		return err
+	})
+	if got.Host != g.other.name {
+		t.Fatalf("the vTPM is on %s after the resumed live migration to %s", got.Host, g.other.name)
+	}
+	g.checkSame(t, g.other, g.on, last)
+	c.wait(g.id, "active")
+	if hasTPMState(t, g.on, agents[g.on.name], g.id) || !hasTPMState(t, g.other, agents[g.other.name], g.id) {
+		t.Fatalf("TPM state after the resumed live migration: on %s %v, on %s %v", g.on.name, hasTPMState(t, g.on, agents[g.on.name], g.id),
+			g.other.name, hasTPMState(t, g.other, agents[g.other.name], g.id))
+	}
+	evs, err := c.op.Events(ctx, g.id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range evs.Items {
+		if strings.HasPrefix(e.Action, "live") {
+			t.Logf("%s: %s", e.Action, e.Detail)
+		}
+	}
+}

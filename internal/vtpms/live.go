@@ -17,6 +17,12 @@ import (
 // libvirt drives, takes as long as its memory and its writes to it need.
 const liveSendTimeout = 30 * time.Minute
 
+// liveLease is how long a live migration's record, which the server
+// driving it touches while it waits on an agent, keeps another request
+// from taking it over: a record left untouched longer was cut short (its
+// server stopped), and the same request again resumes it.
+const liveLease = 15 * time.Second
+
 // LiveMigrate moves the vTPM of instance id with its running guest to host
 // target, or when target is "" to the host placement chooses among the
 // others (the operator's, as for Migrate), the guest running throughout:
@@ -56,8 +62,14 @@ func (s *Service) LiveMigrate(ctx context.Context, c tenant.Caller, id, target s
 		}
 	case err != nil:
 		return nil, err
-	case !m.Live || m.Step != store.MigrationCleaning || target != "" && target != m.Target:
+	case !m.Live || target != "" && target != m.Target:
 		return nil, refusal.Conflict(api.CodeMigrationInProgress, migratingMessage(m))
+	case m.Step != store.MigrationCleaning && time.Since(m.UpdatedAt) < liveLease:
+		return nil, refusal.Conflict(api.CodeMigrationInProgress, migratingMessage(m))
+	case m.Step != store.MigrationCleaning:
+		if m, err = s.resumeLive(ctx, c, v, m); err != nil {
+			return nil, err
+		}
 	}
 	for {
 		step := m.Step
@@ -77,16 +89,42 @@ func (s *Service) LiveMigrate(ctx context.Context, c tenant.Caller, id, target s
 			err = fmt.Errorf("live migration of %s at an unknown step %q", v.InstanceID, step)
 		}
 		if err != nil {
-			return nil, s.abortLive(ctx, c, m, err)
+			if landed, err := s.abortLive(ctx, c, m, err); !landed {
+				return nil, err
+			}
 		}
 	}
+}
+
+// resumeLive settles m, a live migration that a server left before it
+// knew the guest ran on the target (it stopped while preparing or
+// sending): the target's agent, asked to undo what it prepared, says
+// where the guest is. On the target: the record switches to it and m goes
+// on to cleaning. Not there: m ends, the guest running on the source with
+// its TPM, and a new live migration to the same target begins. A target
+// whose agent does not answer decides nothing: m stays, to be resumed
+// again.
+func (s *Service) resumeLive(ctx context.Context, c tenant.Caller, v *store.VTPM, m *store.Migration) (*store.Migration, error) {
+	landed, err := s.undoTarget(ctx, m)
+	switch {
+	case err != nil:
+		return nil, err
+	case landed:
+		return m, s.landLive(ctx, c, m, fmt.Sprintf("the guest runs on host %s (found when the live migration cut short at step %s was resumed)", m.Target, m.Step))
+	}
+	detail := fmt.Sprintf("step %s, from host %s to host %s: cut short (its server stopped); the guest runs on host %s, and the live migration begins again",
+		m.Step, m.Source, m.Target, m.Source)
+	if err := s.endLive(ctx, c, m, detail); err != nil {
+		return nil, err
+	}
+	return s.beginLive(ctx, c, v, m.Target)
 }
 
 // migratingMessage says that m is under way, and how it is finished.
 func migratingMessage(m *store.Migration) string {
 	if m.Live {
 		return fmt.Sprintf("The vTPM of %s is live-migrating from host %s to host %s (step %s); wait for it to finish "+
-			"(one cut short while cleaning: vtpmctl live-migrate again).", m.InstanceID, m.Source, m.Target, m.Step)
+			"(one cut short: vtpmctl live-migrate again, %s after it stopped).", m.InstanceID, m.Source, m.Target, m.Step, liveLease)
 	}
 	return fmt.Sprintf("The vTPM of %s is migrating, cold, from host %s to host %s (step %s); migrate it again (vtpmctl migrate) "+
 		"to finish that move first.", m.InstanceID, m.Source, m.Target, m.Step)
@@ -146,8 +184,10 @@ func (s *Service) livePrepare(ctx context.Context, c tenant.Caller, m *store.Mig
 	if err := s.hostUp(ctx, m.Target); err != nil {
 		return err
 	}
+	release := s.holdLive(ctx, m)
 	got, err := s.transferStep(ctx, &store.Transfer{Host: m.Target, InstanceID: m.InstanceID, Incarnation: m.Incarnation, Kind: store.TransferPrepare},
 		s.cfg.DriftTimeout)
+	release()
 	if err != nil {
 		return err
 	}
@@ -164,11 +204,44 @@ func (s *Service) liveSend(ctx context.Context, c tenant.Caller, m *store.Migrat
 		return err
 	}
 	start := time.Now()
+	release := s.holdLive(ctx, m)
 	_, err := s.transferStep(ctx, &store.Transfer{Host: m.Source, InstanceID: m.InstanceID, Incarnation: m.Incarnation, Kind: store.TransferSend,
 		Bundle: m.Bundle}, liveSendTimeout)
+	release()
 	if err != nil {
 		return err
 	}
+	return s.landLive(ctx, c, m, fmt.Sprintf("the guest runs on host %s (migrated in %s)", m.Target, time.Since(start).Round(time.Millisecond)))
+}
+
+// holdLive touches m's record every third of liveLease, so that no
+// other request takes it over, until the returned func is called.
+func (s *Service) holdLive(ctx context.Context, m *store.Migration) (release func()) {
+	touched, step := *m, m.Step
+	done := make(chan struct{})
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		tick := time.NewTicker(liveLease / 3)
+		defer tick.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-tick.C:
+				err := s.cfg.Store.Update(context.WithoutCancel(ctx), func(tx *store.Tx) error { return tx.AdvanceMigration(&touched, step) })
+				if err != nil {
+					s.cfg.Log.Warn("keeping a live migration's record", "instance", m.InstanceID, "err", err)
+				}
+			}
+		}
+	}()
+	return func() { close(done); <-stopped }
+}
+
+// landLive switches the record of m's vTPM to the target, where its guest
+// runs (detail says so), moving m on to cleaning, in one transaction.
+func (s *Service) landLive(ctx context.Context, c tenant.Caller, m *store.Migration, detail string) error {
 	return s.cfg.Store.Update(context.WithoutCancel(ctx), func(tx *store.Tx) error {
 		v, err := tx.GetVTPM(m.InstanceID)
 		if err != nil {
@@ -189,7 +262,7 @@ func (s *Service) liveSend(ctx context.Context, c tenant.Caller, m *store.Migrat
 			return err
 		}
 		return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: m.InstanceID, Action: "live migration sent",
-			Detail: fmt.Sprintf("the guest runs on host %s (migrated in %s); the vTPM is on host %s now", m.Target, time.Since(start).Round(time.Millisecond), m.Target)})
+			Detail: detail + "; the vTPM is on host " + m.Target + " now"})
 	})
 }
 
@@ -218,34 +291,70 @@ func (s *Service) liveClean(ctx context.Context, c tenant.Caller, m *store.Migra
 	return err
 }
 
-// abortLive ends m, which failed with why before the guest ran on the
-// target: the guest runs on the source, and the target's agent removes
-// what it prepared. A request its agent does not answer (it is down, or
-// was killed) stays asked: the agent carries it out when it is back.
-func (s *Service) abortLive(ctx context.Context, c tenant.Caller, m *store.Migration, why error) error {
+// abortLive ends m, which failed with why before the guest was known to
+// run on the target: the target's agent removes what it prepared, and the
+// guest runs on the source. Unless the target says the guest runs there
+// after all (the source's agent failed after libvirt moved it): then the
+// record switches to the target and m goes on to cleaning (landed). A
+// request the target's agent does not answer (it is down, or was killed)
+// stays asked: the agent carries it out when it is back.
+func (s *Service) abortLive(ctx context.Context, c tenant.Caller, m *store.Migration, why error) (landed bool, err error) {
 	ctx = context.WithoutCancel(ctx)
+	landed, err = s.undoTarget(ctx, m)
+	if landed {
+		return true, s.landLive(ctx, c, m, fmt.Sprintf("the guest runs on host %s (though step %s answered: %s)", m.Target, m.Step, refusal.Truncate(why.Error())))
+	}
 	detail := fmt.Sprintf("step %s, from host %s to host %s: %s; the guest runs on host %s", m.Step, m.Source, m.Target,
 		refusal.Truncate(why.Error()), m.Source)
-	ask := &store.Transfer{Host: m.Target, InstanceID: m.InstanceID, Incarnation: m.Incarnation, Kind: store.TransferAbort}
-	err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error { return tx.AskTransfer(ask) })
-	if err == nil {
-		if _, err = s.awaitTransferWithin(ctx, ask, s.cfg.DriftTimeout); !unanswered(err) {
-			s.withdraw(ctx, ask)
-		}
-	}
 	switch {
 	case unanswered(err):
 		detail += fmt.Sprintf("; host %s removes what it prepared when its agent is back", m.Target)
 	case err != nil:
 		detail += fmt.Sprintf("; host %s did not remove what it prepared: %s", m.Target, refusal.Truncate(err.Error()))
 	}
-	ferr := s.cfg.Store.Update(ctx, func(tx *store.Tx) error {
+	return false, errors.Join(why, s.endLive(ctx, c, m, detail))
+}
+
+// undoTarget asks the target of m to remove what it prepared, and says
+// whether it answered that the guest runs there instead. While the guest
+// is still arriving it asks again, for as long as a send may take. A
+// request its agent does not answer in time stays asked (unanswered).
+func (s *Service) undoTarget(ctx context.Context, m *store.Migration) (landed bool, err error) {
+	deadline := time.Now().Add(liveSendTimeout)
+	for {
+		ask := &store.Transfer{Host: m.Target, InstanceID: m.InstanceID, Incarnation: m.Incarnation, Kind: store.TransferAbort}
+		if err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error { return tx.AskTransfer(ask) }); err != nil {
+			return false, err
+		}
+		_, err = s.awaitTransferWithin(ctx, ask, s.cfg.DriftTimeout)
+		if unanswered(err) {
+			return false, err
+		}
+		s.withdraw(ctx, ask)
+		var r *refusal.Error
+		switch {
+		case errors.As(err, &r) && r.Code == api.CodeGuestRunsHere:
+			return true, nil
+		case err == nil || !errors.As(err, &r) || r.Code != api.CodeGuestArriving || time.Now().After(deadline):
+			return false, err
+		}
+		select {
+		case <-ctx.Done():
+			return false, ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// endLive ends m, the guest running on the source, with a "live migration
+// failed" event saying detail.
+func (s *Service) endLive(ctx context.Context, c tenant.Caller, m *store.Migration, detail string) error {
+	return s.cfg.Store.Update(context.WithoutCancel(ctx), func(tx *store.Tx) error {
 		if err := tx.FinishMigration(m.InstanceID); err != nil {
 			return err
 		}
 		return tx.AppendEvent(store.Event{Actor: c.Actor, InstanceID: m.InstanceID, Action: "live migration failed", Detail: detail})
 	})
-	return errors.Join(why, ferr)
 }
 
 // unanswered says whether err is awaitTransferWithin's: the agent did not

@@ -47,7 +47,7 @@ func (b *Backend) PrepareIncoming(ctx context.Context, v agent.VTPM, secret []by
 	if err != nil {
 		return agent.Incoming{}, err
 	}
-	if running, err := b.runsHere(lv, v); err != nil || running {
+	if state, err := b.guestState(lv, v); err != nil || state == golibvirt.DomainRunning {
 		if err == nil {
 			err = fmt.Errorf("guest %s runs on this host already", v.Domain)
 		}
@@ -145,18 +145,20 @@ func (b *Backend) SettleIncoming(ctx context.Context, v agent.VTPM) error {
 // AbortIncoming implements agent.LiveMigrator: after a live migration to
 // this host failed, what PrepareIncoming made goes (the libvirt secret,
 // the state directory, vtpmd's swtpm). A guest that runs here is not
-// touched: it is no failed migration's.
+// touched: the migration landed (guest_runs_here). Nor is one still
+// arriving (guest_arriving): libvirt is moving it, and finishes or fails.
 func (b *Backend) AbortIncoming(ctx context.Context, v agent.VTPM) error {
 	lv, err := b.conn()
 	if err != nil {
 		return err
 	}
-	running, err := b.runsHere(lv, v)
-	if err != nil {
+	switch state, err := b.guestState(lv, v); {
+	case err != nil:
 		return err
-	}
-	if running {
-		return fmt.Errorf("guest %s runs on this host: not removing its vTPM", v.Domain)
+	case state == golibvirt.DomainRunning:
+		return refusal.Conflict(api.CodeGuestRunsHere, fmt.Sprintf("Guest %s runs on this host: its live migration landed.", v.Domain))
+	case state != golibvirt.DomainNostate && state != golibvirt.DomainShutoff:
+		return refusal.Conflict(api.CodeGuestArriving, fmt.Sprintf("Guest %s is arriving on this host (libvirt state %d).", v.Domain, state))
 	}
 	if b.cfg.Mode == External {
 		return b.cfg.Swtpm.Remove(ctx, v.InstanceID)
@@ -170,17 +172,18 @@ func (b *Backend) AbortIncoming(ctx context.Context, v agent.VTPM) error {
 	return nil
 }
 
-// runsHere reports whether v's guest runs on this host.
-func (b *Backend) runsHere(lv *golibvirt.Libvirt, v agent.VTPM) (bool, error) {
+// guestState is the state of v's guest on this host; DomainNostate
+// when it has none here.
+func (b *Backend) guestState(lv *golibvirt.Libvirt, v agent.VTPM) (golibvirt.DomainState, error) {
 	dom, err := lv.DomainLookupByName(v.Domain)
 	if golibvirt.IsNotFound(err) {
-		return false, nil
+		return golibvirt.DomainNostate, nil
 	}
 	if err != nil {
-		return false, err
+		return 0, err
 	}
 	state, _, err := lv.DomainGetState(dom, 0)
-	return err == nil && golibvirt.DomainState(state) == golibvirt.DomainRunning, err
+	return golibvirt.DomainState(state), err
 }
 
 // retargetTPM returns domainXML with its external TPM's socket at ctrl,
