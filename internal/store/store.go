@@ -27,7 +27,8 @@ import (
 
 	"github.com/jackc/pgx/v5/pgconn"
 	_ "github.com/jackc/pgx/v5/stdlib" // registers the "pgx" driver
-	"modernc.org/sqlite"               // registers the "sqlite" driver
+	"golang.org/x/sys/unix"
+	"modernc.org/sqlite" // registers the "sqlite" driver
 	sqlite3 "modernc.org/sqlite/lib"
 )
 
@@ -167,8 +168,19 @@ func Open(ctx context.Context, path string, opts Options) (*Store, error) {
 	// Writers take the lock when they begin, so two Updates never deadlock
 	// upgrading read locks.
 	q.Set("_txlock", "immediate")
-	if err := private(path); err != nil {
+	f, err := private(path)
+	if err != nil {
 		return nil, fmt.Errorf("opening store %s: %w", path, err)
+	}
+	defer f.Close()
+	// Replicas opening one new database together would otherwise race to
+	// turn on WAL and create the first tables, and SQLite answers such
+	// lock upgrades with SQLITE_BUSY at once (its deadlock avoidance),
+	// not after the busy timeout. An flock, which on Linux is independent
+	// of SQLite's own POSIX locks, serialises the migrations as
+	// PostgreSQL's advisory lock does.
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
+		return nil, fmt.Errorf("locking store %s: %w", path, err)
 	}
 	db, err := sql.Open("sqlite", "file:"+path+"?"+q.Encode())
 	if err != nil {
@@ -185,22 +197,22 @@ func Open(ctx context.Context, path string, opts Options) (*Store, error) {
 	return s, nil
 }
 
-// private makes the database file, and the journals SQLite may have left
-// beside it, readable by this user only. SQLite creates its WAL and shared
-// memory files with the database file's mode, so a private database file
-// made before SQLite opens it keeps them private too.
-func private(path string) error {
+// private opens the database file, making it and the journals SQLite may
+// have left beside it readable by this user only. SQLite creates its WAL
+// and shared memory files with the database file's mode, so a private
+// database file made before SQLite opens it keeps them private too.
+func private(path string) (*os.File, error) {
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	f.Close()
 	for _, p := range []string{path, path + "-wal", path + "-shm"} {
 		if err := os.Chmod(p, 0o600); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return err
+			f.Close()
+			return nil, err
 		}
 	}
-	return nil
+	return f, nil
 }
 
 // postgresConns is how many connections to PostgreSQL a Store keeps at
