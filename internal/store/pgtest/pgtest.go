@@ -15,8 +15,10 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 
 	_ "github.com/jackc/pgx/v5/stdlib" // the "pgx" driver
@@ -108,9 +110,12 @@ func binaries() (string, error) {
 }
 
 // tempDir makes a directory for data and sockets, the postgres user's
-// when run as root.
+// when run as root. Its name carries this process's pid, so that a later
+// test process reaps the servers of one that died without stopping them
+// (a test binary killed at its timeout).
 func tempDir() (string, error) {
-	d, err := os.MkdirTemp("", "vtpmd-pg-")
+	reapOrphans()
+	d, err := os.MkdirTemp("", fmt.Sprintf("vtpmd-pg-%d-", os.Getpid()))
 	if err != nil || os.Geteuid() != 0 {
 		return d, err
 	}
@@ -173,4 +178,27 @@ func Resume(t testing.TB) {
 		t.Fatal(err)
 	}
 	halted = false
+}
+
+// reapOrphans stops the servers of test processes that are gone, by the
+// pid files in their data directories, and removes their directories. A
+// server's immediate shutdown (SIGQUIT) is all a throwaway one needs.
+func reapOrphans() {
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), "vtpmd-pg-*-*"))
+	for _, d := range dirs {
+		owner, _, _ := strings.Cut(strings.TrimPrefix(filepath.Base(d), "vtpmd-pg-"), "-")
+		pid, err := strconv.Atoi(owner)
+		if err != nil || pid <= 0 || syscall.Kill(pid, 0) != syscall.ESRCH {
+			continue // not ours, or its process lives
+		}
+		pidFiles, _ := filepath.Glob(filepath.Join(d, "*", "postmaster.pid"))
+		for _, f := range pidFiles {
+			b, _ := os.ReadFile(f)
+			first, _, _ := strings.Cut(string(b), "\n")
+			if server, err := strconv.Atoi(strings.TrimSpace(first)); err == nil && server > 0 {
+				syscall.Kill(server, syscall.SIGQUIT)
+			}
+		}
+		os.RemoveAll(d)
+	}
 }
