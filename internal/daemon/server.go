@@ -6,7 +6,6 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -18,7 +17,6 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/agent/agentstore"
 	"github.com/vtpmd/vtpmd/internal/broker"
 	"github.com/vtpmd/vtpmd/internal/ca"
@@ -116,19 +114,13 @@ func privateDir(dir string) error {
 func (s *Server) open(ctx context.Context) error {
 	cfg := s.cfg
 	// TLS first: a bad certificate must stop the start before anything
-	// runs.
+	// runs. The client CAs need the hosts' CA, from the keys, and are
+	// checked once that is open, before anything serves.
 	var serving *tls.Config
 	if cfg.TLSCert != "" {
 		var err error
 		if serving, s.self, err = tlsConfigs(cfg.TLSCert, cfg.TLSKey, s.log); err != nil {
 			return fmt.Errorf("TLS certificate and key: %w", err)
-		}
-	}
-	clientCAs := x509.NewCertPool()
-	if cfg.ClientCA != "" {
-		var err error
-		if clientCAs, err = client.LoadCAs(cfg.ClientCA); err != nil {
-			return fmt.Errorf("client CAs: %w", err)
 		}
 	}
 	identity, err := keystoneIdentity(cfg, s.log)
@@ -150,8 +142,9 @@ func (s *Server) open(ctx context.Context) error {
 		// may each present a certificate; it is checked if given, and the
 		// routes say whose they require (internal/server, auth.go). Guest
 		// agents have none: they prove themselves per request (tokens).
-		clientCAs.AddCert(hostCA.Certificate())
-		serving.ClientCAs, serving.ClientAuth = clientCAs, tls.VerifyClientCertIfGiven
+		if err := verifyClients(serving, cfg.ClientCA, hostCA.Certificate(), s.log); err != nil {
+			return err
+		}
 	}
 	if err := s.bind(); err != nil {
 		return err

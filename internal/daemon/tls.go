@@ -8,23 +8,29 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"sync"
 	"time"
+
+	"github.com/vtpmd/vtpmd/client"
 )
 
-// servingCert is the API's certificate, read again from its files when
-// they change, so a renewed certificate (cert-manager, certbot, a rotation
-// script) is served without a restart. A renewal that does not load (the
-// key not yet written, a mismatched pair) keeps the last good certificate
-// and is logged; the next handshake tries again.
-type servingCert struct {
-	certFile, keyFile string
-	log               *slog.Logger
+// reloading is a value read from files (the API's certificate and key,
+// the client CAs) and read again when they change, so a renewed
+// certificate or a rotated CA (cert-manager, certbot, a rotation script)
+// takes effect without a restart. Files that do not load (a key not yet
+// written, a mismatched pair, a CA bundle half written) keep the last
+// good value and are logged; the next handshake tries again.
+type reloading[T any] struct {
+	what  string // for the log: "TLS certificate", "client CAs"
+	files []string
+	load  func() (T, error)
+	log   *slog.Logger
 
 	mu      sync.Mutex
 	checked time.Time // when the files were last looked at
-	stamp   [2]fileStamp
-	cert    *tls.Certificate // with Leaf set
+	stamps  []fileStamp
+	value   T
 }
 
 // fileStamp tells a file's versions apart without reading it.
@@ -36,53 +42,52 @@ type fileStamp struct {
 // recheck bounds how often a handshake looks at the files.
 const recheck = time.Second
 
-// loadServingCert loads the pair once, failing if it does not load.
-func loadServingCert(certFile, keyFile string, log *slog.Logger) (*servingCert, error) {
-	c := &servingCert{certFile: certFile, keyFile: keyFile, log: log}
-	stamp, err := c.stamps()
+// newReloading loads the value once, failing if it does not load.
+func newReloading[T any](what string, files []string, load func() (T, error), log *slog.Logger) (*reloading[T], error) {
+	r := &reloading[T]{what: what, files: files, load: load, log: log}
+	stamps, err := r.stat()
 	if err != nil {
 		return nil, err
 	}
-	if c.cert, err = loadPair(certFile, keyFile); err != nil {
+	if r.value, err = load(); err != nil {
 		return nil, err
 	}
-	c.stamp, c.checked = stamp, time.Now()
-	return c, nil
+	r.stamps, r.checked = stamps, time.Now()
+	return r, nil
 }
 
-func (c *servingCert) stamps() ([2]fileStamp, error) {
-	var s [2]fileStamp
-	for i, f := range []string{c.certFile, c.keyFile} {
+func (r *reloading[T]) stat() ([]fileStamp, error) {
+	s := make([]fileStamp, len(r.files))
+	for i, f := range r.files {
 		fi, err := os.Stat(f)
 		if err != nil {
-			return s, err
+			return nil, err
 		}
 		s[i] = fileStamp{fi.ModTime(), fi.Size()}
 	}
 	return s, nil
 }
 
-// current returns the certificate to serve, reloading it if its files
-// changed.
-func (c *servingCert) current() *tls.Certificate {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if time.Since(c.checked) < recheck {
-		return c.cert
+// current returns the value, loading it again if its files changed.
+func (r *reloading[T]) current() T {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if time.Since(r.checked) < recheck {
+		return r.value
 	}
-	c.checked = time.Now()
-	stamp, err := c.stamps()
-	if err != nil || stamp == c.stamp {
-		return c.cert
+	r.checked = time.Now()
+	stamps, err := r.stat()
+	if err != nil || slices.Equal(stamps, r.stamps) {
+		return r.value
 	}
-	cert, err := loadPair(c.certFile, c.keyFile)
+	v, err := r.load()
 	if err != nil {
-		c.log.Error("the renewed TLS certificate does not load; serving the previous one", "cert", c.certFile, "err", err)
-		return c.cert
+		r.log.Error("the changed "+r.what+" do not load; keeping the previous", "files", r.files, "err", err)
+		return r.value
 	}
-	c.cert, c.stamp = cert, stamp
-	c.log.Info("serving a renewed TLS certificate", "cert", c.certFile, "not_after", cert.Leaf.NotAfter)
-	return c.cert
+	r.value, r.stamps = v, stamps
+	r.log.Info("loaded the changed "+r.what, "files", r.files)
+	return r.value
 }
 
 func loadPair(certFile, keyFile string) (*tls.Certificate, error) {
@@ -107,23 +112,24 @@ func loadPair(certFile, keyFile string) (*tls.Certificate, error) {
 // certificate being served, under its first name (they connect over
 // loopback, so the certificate need not come from a CA they know).
 func tlsConfigs(certFile, keyFile string, log *slog.Logger) (serving, self *tls.Config, err error) {
-	c, err := loadServingCert(certFile, keyFile, log)
+	cert, err := newReloading("TLS certificate and key", []string{certFile, keyFile},
+		func() (*tls.Certificate, error) { return loadPair(certFile, keyFile) }, log)
 	if err != nil {
 		return nil, nil, err
 	}
 	serving = &tls.Config{
-		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return c.current(), nil },
+		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return cert.current(), nil },
 		MinVersion:     tls.VersionTLS12,
 		NextProtos:     []string{"h2", "http/1.1"},
 	}
-	leaf := c.cert.Leaf
+	leaf := cert.value.Leaf
 	self = &tls.Config{
 		MinVersion: tls.VersionTLS12,
 		// The usual chain check cannot follow a renewal; pinning the
 		// served certificate itself is stricter than it.
 		InsecureSkipVerify: true,
 		VerifyConnection: func(cs tls.ConnectionState) error {
-			if len(cs.PeerCertificates) == 0 || !bytes.Equal(cs.PeerCertificates[0].Raw, c.current().Leaf.Raw) {
+			if len(cs.PeerCertificates) == 0 || !bytes.Equal(cs.PeerCertificates[0].Raw, cert.current().Leaf.Raw) {
 				return fmt.Errorf("the API at %s did not present this process's own certificate", cs.ServerName)
 			}
 			return nil
@@ -136,4 +142,34 @@ func tlsConfigs(certFile, keyFile string, log *slog.Logger) (serving, self *tls.
 		self.ServerName = leaf.IPAddresses[0].String()
 	}
 	return serving, self, nil
+}
+
+// verifyClients makes serving check the client certificates it is given
+// against the hosts' CA and the CAs of the clientCA file, if named, which
+// is read again when it changes: a rotated CA bundle takes effect without
+// a restart.
+func verifyClients(serving *tls.Config, clientCA string, hostCA *x509.Certificate, log *slog.Logger) error {
+	serving.ClientAuth = tls.VerifyClientCertIfGiven
+	if clientCA == "" {
+		serving.ClientCAs = x509.NewCertPool()
+		serving.ClientCAs.AddCert(hostCA)
+		return nil
+	}
+	cas, err := newReloading("client CAs", []string{clientCA}, func() (*x509.CertPool, error) {
+		pool, err := client.LoadCAs(clientCA)
+		if err != nil {
+			return nil, err
+		}
+		pool.AddCert(hostCA)
+		return pool, nil
+	}, log)
+	if err != nil {
+		return fmt.Errorf("client CAs: %w", err)
+	}
+	serving.GetConfigForClient = func(*tls.ClientHelloInfo) (*tls.Config, error) {
+		c := serving.Clone()
+		c.GetConfigForClient, c.ClientCAs = nil, cas.current()
+		return c, nil
+	}
+	return nil
 }

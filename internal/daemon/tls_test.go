@@ -140,6 +140,82 @@ func TestTLSRenewal(t *testing.T) {
 	}
 }
 
+// A rotated --client-ca bundle takes effect without a restart: a CA
+// added is trusted, a CA removed is not, and a bundle that does not load
+// keeps the last good one.
+func TestClientCARotation(t *testing.T) {
+	dir := t.TempDir()
+	ca := newTestCA(t, dir)
+	certFile, keyFile := ca.issue(t, "api", pkix.Name{CommonName: "localhost"})
+	th := newTestHost(t, dir, "host kernel 6.1")
+	u := startConfigured(t, th.attests(Config{DataDir: dir, Listen: "127.0.0.1:0", HostName: "rotation-host",
+		TLSCert: certFile, TLSKey: keyFile, ClientCA: ca.file}))
+	ctx := context.Background()
+	pool, err := client.LoadCAs(ca.file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	operator := func(ca *testCA, name string) func() error {
+		c, k := ca.issue(t, name, pkix.Name{CommonName: name, Organization: []string{server.OperatorOrganization}})
+		pair, err := tls.LoadX509KeyPair(c, k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return func() error { // a fresh connection each time
+			_, err := client.New(u.d.URL, "").WithTLS(&tls.Config{RootCAs: pool, Certificates: []tls.Certificate{pair}}).Hosts(ctx)
+			return err
+		}
+	}
+	next := newTestCA(t, t.TempDir())
+	old, rotated := operator(ca, "ops-old"), operator(next, "ops-new")
+	if err := old(); err != nil {
+		t.Fatalf("the first CA's operator: %v", err)
+	}
+	if rotated() == nil {
+		t.Fatal("a CA not in the bundle yet was trusted")
+	}
+	oldPEM, _ := os.ReadFile(ca.file)
+	nextPEM, _ := os.ReadFile(next.file)
+	replace := func(content []byte) {
+		t.Helper()
+		tmp := ca.file + ".new"
+		if err := os.WriteFile(tmp, content, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, ca.file); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually := func(what string, ok func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); !ok(); time.Sleep(200 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatal(what)
+			}
+		}
+	}
+
+	replace(append(oldPEM, nextPEM...))
+	eventually("the added CA is not trusted", func() bool { return rotated() == nil })
+	if err := old(); err != nil {
+		t.Fatalf("the first CA's operator with both CAs: %v", err)
+	}
+	replace([]byte("half a bundle\n-----BEGIN CERT"))
+	time.Sleep(1500 * time.Millisecond)
+	if err, err2 := old(), rotated(); err != nil || err2 != nil {
+		t.Fatalf("a bundle that does not load replaced the CAs: %v, %v", err, err2)
+	}
+	replace(nextPEM)
+	eventually("the removed CA is still trusted", func() bool { return old() != nil })
+	if err := rotated(); err != nil {
+		t.Fatalf("the remaining CA's operator: %v", err)
+	}
+	// The host agent's certificate-free attestation is not affected.
+	if h, err := u.d.AttestHost(ctx); err != nil || h.State != "registered" {
+		t.Fatalf("host attestation after the rotation: %+v %v", h, err)
+	}
+}
+
 // writeTestPKI makes a CA and a server certificate for localhost and
 // 127.0.0.1, as PEM files in dir: the CA, the certificate, its key.
 func writeTestPKI(t testing.TB, dir string) (caFile, certFile, keyFile string) {
