@@ -136,7 +136,7 @@ func (b *Backend) Stop(ctx context.Context, v agent.VTPM) error {
 
 // Destroy implements agent.Backend: the guest is stopped and loses its TPM
 // device (the rest of its definition stays), the libvirt secret is
-// undefined and the state removed.
+// undefined and the state removed, with any old TPM a resize set aside.
 func (b *Backend) Destroy(ctx context.Context, v agent.VTPM) error {
 	lv, err := b.conn()
 	if err != nil {
@@ -156,8 +156,10 @@ func (b *Backend) Destroy(ctx context.Context, v agent.VTPM) error {
 		b.mu.Unlock()
 		return b.cfg.Swtpm.Remove(ctx, v.InstanceID)
 	}
-	if err := os.RemoveAll(b.stateDir(v.InstanceID)); err != nil {
-		return fmt.Errorf("removing the state of %s: %w", v.InstanceID, err)
+	for _, dir := range []string{b.stateDir(v.InstanceID), b.asideDir(v.InstanceID)} {
+		if err := os.RemoveAll(dir); err != nil {
+			return fmt.Errorf("removing the state of %s: %w", v.InstanceID, err)
+		}
 	}
 	return nil
 }
