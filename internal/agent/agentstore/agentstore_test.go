@@ -324,7 +324,8 @@ func TestUpdateTakesOnlyObserved(t *testing.T) {
 	})
 }
 
-// TestSecretAndRekey: a vTPM's secret is released while it is to run;
+// TestSecretAndRekey: a vTPM's secret is released while it is to run (or,
+// with secret security host, while a resize of it is being reverted);
 // rekeying a vTPM not yet manufactured stores the new secret for its
 // project, points the record at it and shreds the old one; once its EKs
 // are recorded it is refused, and no secret of the refusal is left.
