@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/google/uuid"
@@ -62,6 +63,7 @@ func testLibvirtResize(t *testing.T, mode string) {
 	t.Cleanup(func() { // if the test fails with the vTPM on the machine's libvirt
 		os.RemoveAll(filepath.Join("/var/lib/libvirt/swtpm", id))
 		os.RemoveAll(aside)
+		os.Remove("/var/lib/libvirt/swtpm/.resize") // if empty: the machine's libvirt is shared
 	})
 	identified := func(dir string) bool {
 		_, err := os.Stat(filepath.Join(dir, swtpmhost.IdentityFile))
@@ -114,6 +116,17 @@ func testLibvirtResize(t *testing.T, mode string) {
 	}
 	if _, _, ok := libvirtSecret(t, lv, v0.SecretRef); ok {
 		t.Fatal("the old TPM's libvirt secret is still defined while the new TPM has the instance")
+	}
+	// The old TPM aside is no drift (the host's libvirt is shared with
+	// other tests, so only this vTPM's objects count).
+	drift, err := u.c.Drift(ctx, "lv-host", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range drift.Findings {
+		if f.InstanceID == id || strings.Contains(f.Object, id) || strings.Contains(f.Object, ".resize") {
+			t.Fatalf("drift while the old TPM is aside: %+v", f)
+		}
 	}
 	if _, err := u.c.Start(ctx, id); err != nil {
 		t.Fatal(err)
