@@ -16,10 +16,11 @@ import (
 
 // TestSweepAbandonedTransfers: a running server removes the requests to
 // hosts' agents that no server awaits any more (asked longer ago than
-// vtpms.Service.TransferAbandonedAfter: here, one a move cut short left
-// two hours ago, answered by its agent and never collected, and one whose
-// host never came back), with a "transfer swept" event of the vTPM and the
-// metric vtpmd_state_transfers_swept_total; a request asked now stays.
+// twice the longest a server waits for one, an hour by default: here, two
+// a move cut short left two hours ago, one answered by its agent and never
+// collected, one whose host never came back), with a "transfer swept"
+// event of the vTPM each and the metric vtpmd_state_transfers_swept_total;
+// a request asked now stays.
 func TestSweepAbandonedTransfers(t *testing.T) {
 	defer func(every time.Duration) { reclaimInterval = every }(reclaimInterval)
 	reclaimInterval = 20 * time.Millisecond

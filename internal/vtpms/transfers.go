@@ -11,16 +11,16 @@ import (
 // sweepActor is who the events of swept transfers name.
 const sweepActor = "server:housekeeping"
 
-// TransferAbandonedAfter is how long after it was asked a request to a
+// abandonedAfter is how long after it was asked a request to a
 // host's agent (store.Transfer) is abandoned: twice the longest a server
 // waits for one (a live migration's send, liveSendTimeout, or
 // Config.DriftTimeout, whichever is longer).
-func (s *Service) TransferAbandonedAfter() time.Duration {
+func (s *Service) abandonedAfter() time.Duration {
 	return 2 * max(liveSendTimeout, s.cfg.DriftTimeout)
 }
 
 // SweepTransfers removes the requests to hosts' agents asked longer ago
-// than TransferAbandonedAfter, answered or not, and returns how many. A
+// than abandonedAfter, answered or not, and returns how many. A
 // request is awaited only by the server request that asked it, for a
 // bounded time, and a move run again asks its step anew; so one that old
 // is abandoned (its server gave up, or died before withdrawing it: a move
@@ -33,7 +33,7 @@ func (s *Service) TransferAbandonedAfter() time.Duration {
 func (s *Service) SweepTransfers(ctx context.Context) (int, error) {
 	var swept []store.Transfer
 	err := s.cfg.Store.Update(ctx, func(tx *store.Tx) (err error) {
-		if swept, err = tx.SweepTransfers(s.cfg.Now().Add(-s.TransferAbandonedAfter())); err != nil {
+		if swept, err = tx.SweepTransfers(s.cfg.Now().Add(-s.abandonedAfter())); err != nil {
 			return err
 		}
 		for _, x := range swept {
