@@ -156,6 +156,11 @@ func TestCrashMidLibvirtMoves(t *testing.T) {
 		t.Fatal(err)
 	}
 	v := c.wait(id, "active")
+	t.Cleanup(func() { // if the test fails with the secret defined on lv-a
+		if s, err := h.lv["lv-a"].SecretLookupByUUID(golibvirt.UUID(uuid.MustParse(v.SecretRef))); err == nil {
+			h.lv["lv-a"].SecretUndefine(s)
+		}
+	})
 	if _, err := c.op.Stop(ctx, id); err != nil {
 		t.Fatal(err)
 	}
