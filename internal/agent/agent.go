@@ -544,7 +544,7 @@ func (a *Agent) resize(ctx context.Context, v *Record) error {
 		}
 		return a.Records.Resized(ctx, v, Event{Actor: a.actor(), Action: "old TPM removed", Detail: "resize confirmed"})
 	case ResizeRestore:
-		if err := rz.Restore(ctx, v.VTPM()); err != nil {
+		if err := rz.Restore(ctx, v.VTPM(), func() ([]byte, error) { return a.secret(ctx, v) }); err != nil {
 			return a.fail(ctx, v, "putting the old TPM back", err)
 		}
 		return a.Records.Resized(ctx, v, Event{Actor: a.actor(), Action: "old TPM restored", Detail: "resize reverted"})

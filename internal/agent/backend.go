@@ -63,14 +63,16 @@ type Adopter interface {
 // old one, for a resize to another TPM version or model: SetAside stops
 // the vTPM and moves its state aside, kept and served by nothing, so that
 // the next Ensure makes a new TPM; Restore stops the vTPM, removes the new
-// TPM's state and puts the old back; Discard removes the state set aside.
-// Each is idempotent and safe to re-run after a crash at any point: a
-// state set aside is never set aside again over the new TPM (SetAside does
-// nothing once one is aside), and Restore does nothing when none is. Destroy
+// TPM's state and puts the old back (v is the old TPM's record again;
+// secret reads the payload of its secret, for a backend that must hand it
+// to the hypervisor again); Discard removes the state set aside. Each is
+// idempotent and safe to re-run after a crash at any point: a state set
+// aside is never set aside again over the new TPM (SetAside moves nothing
+// once one is aside), and Restore moves nothing when none is. Destroy
 // removes a state set aside with the rest.
 type Resizer interface {
 	SetAside(ctx context.Context, v VTPM) error
-	Restore(ctx context.Context, v VTPM) error
+	Restore(ctx context.Context, v VTPM, secret func() ([]byte, error)) error
 	Discard(ctx context.Context, v VTPM) error
 }
 

@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/pem"
+	"fmt"
 	"os"
 	"os/user"
 	"path/filepath"
@@ -23,6 +24,7 @@ import (
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/swtpm"
 	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmtest"
 )
@@ -440,5 +442,99 @@ func testLibvirtMigrateExternal(t *testing.T) {
 	if tpms := guestTPM(t, lv, dom); len(tpms) != 1 || tpms[0].Backend.External == nil ||
 		!strings.HasPrefix(tpms[0].Backend.External.Source.UNIX.Path, bSockets+"/") {
 		t.Fatalf("the guest's TPM on lv-b: %+v", tpms[0].Backend.External)
+	}
+}
+
+// TestLibvirtExternalSharedDiscard: two external-mode hosts sharing one
+// libvirtd, as testLibvirtMigrateExternal runs them. A running vTPM's cold
+// migration switches the record to the target, which starts the guest
+// with its own swtpm, while the source removes its copy; the source may
+// have read the guest's definition just before the target changed it.
+// That moment is set up here: the guest runs on lv-b with lv-b's swtpm,
+// its definition (as the source read it) still names lv-a's socket, and
+// the migration is at its cleaning step. The source's discard leaves the
+// guest running (it runs with lv-b's TPM, as its live definition says);
+// the definition loses the stale device, and lv-b's agent puts its own
+// back. (Were the guest powered off, lv-b's agent, finding its vTPM
+// active, would leave it off: a guest that stopped is not restarted
+// behind its owner's back.)
+func TestLibvirtExternalSharedDiscard(t *testing.T) {
+	lv := connectLibvirt(t)
+	c := newCluster(t)
+	ctx := context.Background()
+	st, err := store.OpenPostgres(ctx, c.dsn, store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	flags := []string{"--backend", "libvirt", "--libvirt-mode", "external", "--enable-vtpm"}
+	sockets := func() string {
+		dir, err := os.MkdirTemp("", "vs-") // short: a unix socket's path is bounded
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(dir) })
+		return dir
+	}
+	c.addAgent("lv-a", 2, append(flags, "--socket-dir", sockets())...)
+	c.addAgent("lv-b", 2, append(flags, "--socket-dir", sockets())...)
+	if _, err := c.op.DrainHost(ctx, "lv-b"); err != nil {
+		t.Fatal(err)
+	}
+	id := uuid.NewString()
+	if _, err := c.create(id, "hw:tpm_model", "tpm-crb"); err != nil {
+		t.Fatal(err)
+	}
+	onA := c.wait(id, "active").Sockets.Ctrl
+	if _, err := c.op.Stop(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	c.wait(id, "stopped")
+	dom := defineGuest(t, lv, id, t.TempDir())
+	if _, err := c.op.Attach(ctx, id, dom.Name); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.op.UndrainHost(ctx, "lv-b"); err != nil {
+		t.Fatal(err)
+	}
+	migrateTo(t, c, id, "lv-b")
+	if _, err := c.op.Start(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	onB := c.wait(id, "active").Sockets.Ctrl
+	if guestState(t, lv, dom) != golibvirt.DomainRunning || onB == onA {
+		t.Fatalf("the guest on lv-b: %v, socket %s (lv-a's %s)", guestState(t, lv, dom), onB, onA)
+	}
+
+	// The definition as the source read it, and the migration at cleaning;
+	// lv-b's agent, which would put its device back at once, is away
+	// meanwhile (its swtpm and the guest run on).
+	stop(c.agents["lv-b"].cmd, syscall.SIGKILL)
+	d := definition(t, lv, dom)
+	d.Devices.TPMs[0].Backend.External.Source.UNIX.Path = onA
+	xml, err := d.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := lv.DomainDefineXML(xml); err != nil {
+		t.Fatal(err)
+	}
+	plantMigration(t, st, store.Migration{InstanceID: id, Source: "lv-a", Target: "lv-b", Step: store.MigrationCleaning, WasRunning: true})
+	if v := migrateTo(t, c, id, "lv-b"); v.Host != "lv-b" {
+		t.Fatalf("after the cleaning: on %s", v.Host)
+	}
+	if guestState(t, lv, dom) != golibvirt.DomainRunning {
+		t.Fatal("the source's discard stopped the guest running on the target with the target's TPM")
+	}
+	c.startAgent(c.agents["lv-b"])
+	c.eventually("lv-b's agent gives the definition its TPM back", func() error {
+		tpms := guestTPM(t, lv, dom)
+		if len(tpms) != 1 || tpms[0].Backend.External == nil || tpms[0].Backend.External.Source.UNIX.Path != onB {
+			return fmt.Errorf("the guest's TPM devices: %+v", tpms)
+		}
+		return nil
+	})
+	if v := c.wait(id, "active"); v.Host != "lv-b" || guestState(t, lv, dom) != golibvirt.DomainRunning {
+		t.Fatalf("at the end: on %s, guest %v", v.Host, guestState(t, lv, dom))
 	}
 }

@@ -213,7 +213,7 @@ func (s *Server) open(ctx context.Context) error {
 	s.http.RegisterOnShutdown(con.Close)
 	s.local.RegisterOnShutdown(con.Close)
 	go ver.WatchStale(bg)
-	go reclaimOrphans(bg, s.store, km, replica, reclaimInterval, orphanAge, s.log)
+	go reclaimOrphans(bg, s.store, km, vs, replica, reclaimInterval, orphanAge, s.log)
 	if *cfg.BackupInterval > 0 {
 		go vs.RunBackups(bg, replica, *cfg.BackupInterval)
 	}
@@ -379,22 +379,23 @@ func (s *Server) readiness(kr *embedded.Keyring) []server.ReadinessCheck {
 var orphanAge = 10 * time.Minute
 
 // reclaimInterval is how often the servers sharing a store look for orphan
-// secrets while they run (reclaimOrphans): an orphan is gone within
-// orphanAge and reclaimInterval of its making. A variable so that tests
-// need not wait.
+// secrets and abandoned transfers while they run (reclaimOrphans): an
+// orphan secret is gone within orphanAge and reclaimInterval of its
+// making. A variable so that tests need not wait.
 var reclaimInterval = 10 * time.Minute
 
 // orphanSweep names the lease (store.Tx.TakeLease) of the periodic reclaim
-// of orphan secrets: of the servers sharing a store, the one holding it
-// reclaims.
-const orphanSweep = "orphan-secrets"
+// of orphans: of the servers sharing a store, the one holding it reclaims.
+const orphanSweep = "orphans"
 
-// reclaimOrphans runs reclaimSecrets (orphans older than age) every
-// interval until ctx ends, on whichever server sharing the store holds its
-// lease (each round takes or renews it for three rounds). Reclaiming at start alone is not enough
-// with several replicas: one killed mid-create is restarted at once,
-// before its orphan is old enough, and the others may run for months.
-func reclaimOrphans(ctx context.Context, st *store.Store, kr keyring.Keyring, replica string, every, age time.Duration, log *slog.Logger) {
+// reclaimOrphans runs reclaimSecrets (orphans older than age) and removes
+// the abandoned requests to hosts' agents (vtpms.Service.SweepTransfers)
+// every interval until ctx ends, on whichever server sharing the store
+// holds its lease (each round takes or renews it for three rounds).
+// Reclaiming at start alone is not enough with several replicas: one
+// killed mid-create is restarted at once, before its orphan is old
+// enough, and the others may run for months.
+func reclaimOrphans(ctx context.Context, st *store.Store, kr keyring.Keyring, vs *vtpms.Service, replica string, every, age time.Duration, log *slog.Logger) {
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
@@ -408,11 +409,17 @@ func reclaimOrphans(ctx context.Context, st *store.Store, kr keyring.Keyring, re
 			held, err = tx.TakeLease(orphanSweep, replica, 3*every)
 			return err
 		})
-		if err == nil && held {
-			err = reclaimSecrets(ctx, st, kr, age, log)
+		if err != nil || !held {
+			if err != nil && ctx.Err() == nil {
+				log.Error("taking the orphans' lease", "err", err)
+			}
+			continue
 		}
-		if err != nil && ctx.Err() == nil {
+		if err := reclaimSecrets(ctx, st, kr, age, log); err != nil && ctx.Err() == nil {
 			log.Error("reclaiming orphan secrets", "err", err)
+		}
+		if _, err := vs.SweepTransfers(ctx); err != nil && ctx.Err() == nil {
+			log.Error("sweeping abandoned transfers", "err", err)
 		}
 	}
 }

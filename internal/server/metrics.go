@@ -20,10 +20,10 @@ type metrics struct {
 }
 
 // newMetrics registers the API's metrics in reg; phases counts the vTPMs
-// in each phase at scrape time, statements (if not nil) the store's SQL
-// statements so far, logs (if not nil) the verifier's cache of parsed
-// event logs.
-func newMetrics(reg *prometheus.Registry, phases func(context.Context) (map[store.Phase]int, error), statements func() int64, logs func() attest.LogCacheStats) *metrics {
+// in each phase at scrape time, swept the abandoned transfers this process
+// removed, statements (if not nil) the store's SQL statements so far, logs
+// (if not nil) the verifier's cache of parsed event logs.
+func newMetrics(reg *prometheus.Registry, phases func(context.Context) (map[store.Phase]int, error), swept, statements func() int64, logs func() attest.LogCacheStats) *metrics {
 	m := &metrics{
 		reg: reg,
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -34,7 +34,9 @@ func newMetrics(reg *prometheus.Registry, phases func(context.Context) (map[stor
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
 		}, []string{"route"}),
 	}
-	reg.MustRegister(m.requests, m.latency, &phaseCollector{phases})
+	reg.MustRegister(m.requests, m.latency, &phaseCollector{phases}, prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Name: "vtpmd_state_transfers_swept_total", Help: "Requests to hosts' agents (exports, imports, moves' steps) that this server removed as abandoned: asked long ago, awaited by no server.",
+	}, func() float64 { return float64(swept()) }))
 	if statements != nil {
 		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name: "vtpmd_store_statements_total", Help: "SQL statements run by the store's transactions (BEGIN and COMMIT not counted).",

@@ -129,34 +129,49 @@ func TestResizeRefusals(t *testing.T) {
 	}
 }
 
-// TestResizeToNewTPMNeedsSwtpm: a host whose backend cannot keep an old
-// TPM beside a new one refuses a resize to another model, and keeps the
-// state for one that changes neither version nor model.
-func TestResizeToNewTPMNeedsSwtpm(t *testing.T) {
+// TestResizeToNewTPMNeedsResizer: a host whose backend cannot keep an old
+// TPM beside a new one (Xen's) refuses a resize to another model, and
+// keeps the state for one that changes neither version nor model; a
+// libvirt host takes a resize to another model.
+func TestResizeToNewTPMNeedsResizer(t *testing.T) {
 	f := newFixture(t)
+	const other = "7d7a0c4e-8f4b-4bd2-9d6e-2b8f4f3c1a11"
 	caps := spec.Capabilities{Enabled: true, Versions: []spec.Version{spec.V20}, Models: []spec.Model{spec.TIS, spec.CRB}}
 	err := f.store.Update(context.Background(), func(tx *store.Tx) error {
+		if err := tx.PutHost(&store.Host{Name: "xen", Traits: spec.HostTraits(caps).List(), Capacity: 2, Backend: "xen"}); err != nil {
+			return err
+		}
 		if err := tx.PutHost(&store.Host{Name: "lv", Traits: spec.HostTraits(caps).List(), Capacity: 2, Backend: "libvirt"}); err != nil {
 			return err
 		}
-		return tx.CreateVTPM(&store.VTPM{InstanceID: inst, Project: "p1", Host: "lv", Spec: spec.Spec{Version: spec.V20, Model: spec.TIS, SecretSecurity: spec.User},
-			Desired: store.DesiredRunning, Phase: store.PhaseActive, EKs: []store.EK{{Kind: "rsa2048", PublicDER: []byte{1}}}})
+		for id, host := range map[string]string{inst: "xen", other: "lv"} {
+			err := tx.CreateVTPM(&store.VTPM{InstanceID: id, Project: "p1", Host: host, Spec: spec.Spec{Version: spec.V20, Model: spec.TIS, SecretSecurity: spec.User},
+				Desired: store.DesiredRunning, Phase: store.PhaseActive, EKs: []store.EK{{Kind: "rsa2048", PublicDER: []byte{1}}}})
+			if err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	var e api.ErrorBody
 	if code := f.call(t, "POST", "/v1/vtpms/"+inst+"/resize", "", resize(map[string]string{"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb"}), &e); code != 409 || e.Error.Code != api.CodeNotSupported {
-		t.Fatalf("new TPM on libvirt: %d %+v", code, e)
+		t.Fatalf("new TPM on Xen: %d %+v", code, e)
 	}
 	var v api.VTPM
 	if code := f.call(t, "POST", "/v1/vtpms/"+inst+"/resize", "", resize(map[string]string{"hw:tpm_version": "2.0", "hw:tpm_secret_security": "host"}), &v); code != 202 ||
 		v.Resize == nil || v.Resize.Kind != "keep" || v.Spec.SecretSecurity != "host" || v.Phase != "active" {
-		t.Fatalf("keep on libvirt: %d %+v", code, v)
+		t.Fatalf("keep on Xen: %d %+v", code, v)
 	}
 	var reverted api.VTPM
 	if code := f.call(t, "POST", "/v1/vtpms/"+inst+"/resize/revert", "", nil, &reverted); code != 202 || reverted.Resize != nil || reverted.Spec.SecretSecurity != "user" {
 		t.Fatalf("revert of keep: %d %+v", code, reverted)
+	}
+	if code := f.call(t, "POST", "/v1/vtpms/"+other+"/resize", "", resize(map[string]string{"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb"}), &v); code != 202 ||
+		v.Resize == nil || v.Resize.Kind != "new_tpm" || v.Phase != "pending" {
+		t.Fatalf("new TPM on libvirt: %d %+v", code, v)
 	}
 }
 

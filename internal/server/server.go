@@ -101,7 +101,7 @@ func (s *Server) Handler() http.Handler {
 	if s.Verifier != nil {
 		logs = s.Verifier.LogCacheStats
 	}
-	m := newMetrics(s.Registry, s.VTPMs.Phases, s.Statements, logs)
+	m := newMetrics(s.Registry, s.VTPMs.Phases, s.VTPMs.TransfersSwept, s.Statements, logs)
 	mux := http.NewServeMux()
 	for _, r := range s.routes() {
 		mux.Handle(r.pattern, m.instrument(r.pattern, s.handle(r)))

@@ -139,3 +139,31 @@ func (t *Tx) pendingTransfers(host string) ([]Transfer, error) {
 	}
 	return out, rows.Err()
 }
+
+// SweepTransfers removes the requests asked before cutoff, answered or
+// not, and returns them without their bundles. A request is awaited only
+// by the server request that asked it, which knows it by its ID and waits
+// a bounded time; a re-run of a move asks its step anew. So a request older
+// than every such wait is abandoned: its server gave up, or died before it
+// withdrew it. Each removed request is returned to the one transaction
+// that removed it: servers sweeping at once never both report one.
+func (t *Tx) SweepTransfers(cutoff time.Time) ([]Transfer, error) {
+	rows, err := t.query(`DELETE FROM state_transfers WHERE asked_at < ?
+		RETURNING id, host, instance_id, incarnation, kind, generation, answered, code, asked_at`, stamp(cutoff))
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []Transfer
+	for rows.Next() {
+		var x Transfer
+		var answered int
+		var at string
+		if err := rows.Scan(&x.ID, &x.Host, &x.InstanceID, &x.Incarnation, &x.Kind, &x.Generation, &answered, &x.Code, &at); err != nil {
+			return nil, err
+		}
+		x.Answered, x.AskedAt = answered != 0, parseStamp(at)
+		out = append(out, x)
+	}
+	return out, rows.Err()
+}

@@ -125,9 +125,9 @@ func (s *Service) canServe(ctx context.Context, host string, sp *spec.Spec, kind
 			"Host %s lacks %s, which the resized vTPM needs: migrate the vTPM to a host that has it first (vtpmctl migrate INSTANCE --to HOST), then resize it there.",
 			host, strings.Join(lacks, ", ")))
 	}
-	if kind == spec.ResizeNewTPM && h.Backend != "swtpm" {
+	if kind == spec.ResizeNewTPM && h.Backend != "swtpm" && h.Backend != "libvirt" {
 		return refusal.Conflict(api.CodeNotSupported, "Host "+host+" runs the "+h.Backend+
-			" backend, which cannot keep a vTPM's old TPM beside a new one; only the swtpm backend resizes to another TPM version or model yet.")
+			" backend, which cannot keep a vTPM's old TPM beside a new one; only the swtpm and libvirt backends resize to another TPM version or model.")
 	}
 	return nil
 }

@@ -23,6 +23,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -113,7 +114,8 @@ const DefaultHeartbeatWindow = 60 * time.Second
 // Service creates, changes and reads vTPMs.
 type Service struct {
 	cfg      Config
-	creating sync.Mutex // see Create
+	creating sync.Mutex   // see Create
+	swept    atomic.Int64 // transfers SweepTransfers removed
 }
 
 // New returns a Service with cfg.

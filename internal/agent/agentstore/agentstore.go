@@ -253,8 +253,10 @@ func (r *Records) Delete(ctx context.Context, rec *agent.Record, ev agent.Event)
 	return agentError(err)
 }
 
-// Secret implements agent.Records: the secret of a vTPM that is to run,
-// for the host rec names, which must be the vTPM's (refused otherwise, as
+// Secret implements agent.Records: the secret of a vTPM that is to run
+// (or, with secret security host, whose resize is being reverted: the
+// host's hypervisor held the old TPM's secret before the resize, and gets
+// it back with the old TPM, agent.Resizer), for the host rec names, which must be the vTPM's (refused otherwise, as
 // Placed refuses); rec.SecretID is set to the secret's id. An empty
 // rec.Incarnation asks for the vTPM's current one. The secret of a vTPM
 // whose owner holds it (vtpms.OwnerHeld) is the one its owner's request
@@ -272,7 +274,7 @@ func (r *Records) Secret(ctx context.Context, rec *agent.Record) ([]byte, error)
 		return nil, r.refuse(ctx, rec.Host, rec.InstanceID, v.Host)
 	case rec.Incarnation != "" && v.Incarnation != rec.Incarnation:
 		return nil, agentError(fmt.Errorf("vtpm %s of incarnation %s: %w", rec.InstanceID, rec.Incarnation, store.ErrNotFound))
-	case v.Desired != store.DesiredRunning:
+	case v.Desired != store.DesiredRunning && !revertingHostSecret(v):
 		return nil, refusal.Conflict(api.CodeConflict, "A vTPM's secret is released only while it is to run.")
 	}
 	if vtpms.OwnerHeld(r.kr, v.Spec) {
@@ -682,4 +684,10 @@ func eksRow(eks []agent.EK) []store.EK {
 		out = append(out, store.EK{Kind: ek.Kind, Handle: ek.Handle, NVIndex: ek.NVIndex, PublicDER: ek.PublicDER, CertDER: ek.CertDER})
 	}
 	return out
+}
+
+// revertingHostSecret says v's reverted resize asks its host to put back
+// an old TPM whose secret the host keeps (secret security host).
+func revertingHostSecret(v *store.VTPM) bool {
+	return v.Resize != nil && v.Resize.Status == store.ResizeReverting && v.Spec.SecretSecurity == spec.HostMode
 }

@@ -324,7 +324,8 @@ func TestUpdateTakesOnlyObserved(t *testing.T) {
 	})
 }
 
-// TestSecretAndRekey: a vTPM's secret is released while it is to run;
+// TestSecretAndRekey: a vTPM's secret is released while it is to run (or,
+// with secret security host, while a resize of it is being reverted);
 // rekeying a vTPM not yet manufactured stores the new secret for its
 // project, points the record at it and shreds the old one; once its EKs
 // are recorded it is refused, and no secret of the refusal is left.
@@ -373,6 +374,29 @@ func TestSecretAndRekey(t *testing.T) {
 		f.desire(t, id1, store.DesiredStopped)
 		if _, err := f.recs.Secret(ctx, f.get(t, id1)); !errors.As(err, &re) || re.Kind != refusal.KindConflict {
 			t.Fatalf("the secret of a stopped vTPM: %v, want refused", err)
+		}
+		// A stopped vTPM's resize being reverted: the old TPM's secret goes
+		// back to its host's hypervisor with secret security host alone.
+		for _, ss := range []spec.SecretSecurity{spec.User, spec.HostMode} {
+			err := st.Update(ctx, func(tx *store.Tx) error {
+				v, err := tx.GetVTPM(id1)
+				if err != nil {
+					return err
+				}
+				v.Spec.SecretSecurity = ss
+				v.Resize = &store.Resize{Status: store.ResizeReverting, Kind: spec.ResizeNewTPM, From: &v.Spec, To: &v.Spec}
+				return tx.UpdateVTPM(v)
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := f.recs.Secret(ctx, f.get(t, id1))
+			switch {
+			case ss == spec.HostMode && (err != nil || string(got) != "pooled"):
+				t.Fatalf("the secret of a stopped host vTPM whose resize is reverted: %q %v", got, err)
+			case ss != spec.HostMode && !errors.As(err, &re):
+				t.Fatalf("the secret of a stopped %s vTPM whose resize is reverted: %v, want refused", ss, err)
+			}
 		}
 	})
 }

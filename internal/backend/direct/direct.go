@@ -68,8 +68,9 @@ func (b *Backend) SetAside(ctx context.Context, v agent.VTPM) error {
 	return b.rt.SetAside(ctx, v.InstanceID)
 }
 
-// Restore implements agent.Resizer.
-func (b *Backend) Restore(ctx context.Context, v agent.VTPM) error {
+// Restore implements agent.Resizer; swtpm needs no secret to put a state
+// back.
+func (b *Backend) Restore(ctx context.Context, v agent.VTPM, _ func() ([]byte, error)) error {
 	return b.rt.Restore(ctx, v.InstanceID)
 }
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	golibvirt "github.com/digitalocean/go-libvirt"
 	"github.com/google/uuid"
@@ -70,7 +71,7 @@ func (b *Backend) Drift(ctx context.Context, records func(context.Context) ([]ag
 		defined[uuid.UUID(d.UUID).String()] = d.Name
 	}
 	for _, e := range entries {
-		if !e.IsDir() || ids[e.Name()] {
+		if !e.IsDir() || ids[e.Name()] || strings.HasPrefix(e.Name(), ".") { // .resize: the old TPMs of pending resizes
 			continue
 		}
 		path := filepath.Join(b.cfg.StateRoot, e.Name())

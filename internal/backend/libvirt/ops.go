@@ -136,7 +136,7 @@ func (b *Backend) Stop(ctx context.Context, v agent.VTPM) error {
 
 // Destroy implements agent.Backend: the guest is stopped and loses its TPM
 // device (the rest of its definition stays), the libvirt secret is
-// undefined and the state removed.
+// undefined and the state removed, with any old TPM a resize set aside.
 func (b *Backend) Destroy(ctx context.Context, v agent.VTPM) error {
 	lv, err := b.conn()
 	if err != nil {
@@ -156,8 +156,10 @@ func (b *Backend) Destroy(ctx context.Context, v agent.VTPM) error {
 		b.mu.Unlock()
 		return b.cfg.Swtpm.Remove(ctx, v.InstanceID)
 	}
-	if err := os.RemoveAll(b.stateDir(v.InstanceID)); err != nil {
-		return fmt.Errorf("removing the state of %s: %w", v.InstanceID, err)
+	for _, dir := range []string{b.stateDir(v.InstanceID), b.asideDir(v.InstanceID)} {
+		if err := os.RemoveAll(dir); err != nil {
+			return fmt.Errorf("removing the state of %s: %w", v.InstanceID, err)
+		}
 	}
 	return nil
 }
@@ -210,7 +212,13 @@ func (b *Backend) attach(lv *golibvirt.Libvirt, dom golibvirt.Domain, v agent.VT
 }
 
 // detachOthers removes v's TPM from every domain other than v.Domain: a
-// vTPM is in at most one guest.
+// vTPM is in at most one guest. A guest is powered off only if it runs
+// with v's TPM; the definition is read again just before it is changed.
+// Both matter where two hosts' agents share one libvirtd (as the tests run
+// two external-mode hosts): a cold migration's source, removing its copy,
+// may read the definition just before the target gives the guest its own
+// swtpm and starts it, and must neither stop that guest (it runs with the
+// target's TPM, as its live definition says) nor put back what it read.
 func (b *Backend) detachOthers(lv *golibvirt.Libvirt, v agent.VTPM) error {
 	doms, _, err := lv.ConnectListAllDomains(1, 0)
 	if err != nil {
@@ -227,8 +235,14 @@ func (b *Backend) detachOthers(lv *golibvirt.Libvirt, v agent.VTPM) error {
 		if !b.uses(xml, v) {
 			continue
 		}
-		if err := b.stopGuest(lv, dom); err != nil {
+		if err := b.stopIfRunningWith(lv, dom, v); err != nil {
 			return err
+		}
+		if xml, err = lv.DomainGetXMLDesc(dom, golibvirt.DomainXMLInactive|golibvirt.DomainXMLSecure); err != nil {
+			return err
+		}
+		if !b.uses(xml, v) {
+			continue
 		}
 		updated, _, err := DetachTPM(xml)
 		if err != nil {
@@ -292,6 +306,21 @@ func (b *Backend) startGuest(lv *golibvirt.Libvirt, dom golibvirt.Domain, v agen
 	}
 	b.log.Info("started guest", "instance", v.InstanceID, "domain", dom.Name)
 	return nil
+}
+
+// stopIfRunningWith powers dom off if it runs with v's TPM (its live
+// definition holds it); a guest running with another TPM, or with v's
+// attached only to its definition since it started, keeps running.
+func (b *Backend) stopIfRunningWith(lv *golibvirt.Libvirt, dom golibvirt.Domain, v agent.VTPM) error {
+	state, _, err := lv.DomainGetState(dom, 0)
+	if err != nil || golibvirt.DomainState(state) == golibvirt.DomainShutoff {
+		return err
+	}
+	live, err := lv.DomainGetXMLDesc(dom, golibvirt.DomainXMLSecure)
+	if err != nil || !b.uses(live, v) {
+		return err
+	}
+	return b.stopGuest(lv, dom)
 }
 
 // stopGuest powers dom off if it runs. The TPM state is swtpm's and stays.

@@ -18,14 +18,15 @@ import (
 // directory whose name starts with a dot.
 const asideRoot = ".resize"
 
-func (r *Runtime) asideDir(id string) string { return filepath.Join(r.cfg.Root, asideRoot, id) }
+// AsideDir is where SetAside keeps vTPM id's old TPM.
+func (r *Runtime) AsideDir(id string) string { return filepath.Join(r.cfg.Root, asideRoot, id) }
 
 // SetAside stops vTPM id's swtpm and moves its state aside (one rename), so
 // that the next Ensure makes a new TPM in its place. Once a state is aside
 // it does nothing: what is in place by then is the new TPM, never to be set
 // aside over the old.
 func (r *Runtime) SetAside(ctx context.Context, id string) error {
-	aside := r.asideDir(id)
+	aside := r.AsideDir(id)
 	if _, err := os.Stat(aside); err == nil || !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}
@@ -52,7 +53,7 @@ func (r *Runtime) SetAside(ctx context.Context, id string) error {
 // state set aside back in its place. With no state aside it does nothing:
 // the old state is in place already (restored before, or never set aside).
 func (r *Runtime) Restore(ctx context.Context, id string) error {
-	aside := r.asideDir(id)
+	aside := r.AsideDir(id)
 	if _, err := os.Stat(aside); errors.Is(err, fs.ErrNotExist) {
 		return nil
 	} else if err != nil {
@@ -76,7 +77,7 @@ func (r *Runtime) Restore(ctx context.Context, id string) error {
 
 // Discard removes the state of vTPM id set aside, if any.
 func (r *Runtime) Discard(ctx context.Context, id string) error {
-	if err := os.RemoveAll(r.asideDir(id)); err != nil {
+	if err := os.RemoveAll(r.AsideDir(id)); err != nil {
 		return fmt.Errorf("removing the old state of %s: %w", id, err)
 	}
 	return nil
