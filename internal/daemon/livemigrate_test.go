@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -47,14 +48,24 @@ func liveCluster(t testing.TB, hosts [2]libvirtHost, mode string) (*cluster, map
 
 // liveGuest is a running guest with a vTPM of secret security security,
 // made through vtpmd: the vTPM placed, the guest defined on its host and
-// attached, its first report read from its console.
+// attached, its first report read from its console. A guest that attests
+// runs the guest agent against the server, registered once and trusted.
 type liveGuest struct {
 	id, name, console string
 	on, other         libvirtHost // the host it runs on, the other
 	first             tick        // its first report
+	c                 *cluster
+	attests           bool
+	registered        time.Time // when its guest agent registered
 }
 
-func startLiveGuest(t testing.TB, c *cluster, hosts [2]libvirtHost, security string) *liveGuest {
+// startLiveGuest starts the guest; with attest, its guest agent registers
+// and attests every second, reaching the server at 10.0.2.2 (QEMU user
+// networking's host) on the server's port, as a guest reaches vtpmd
+// through its host's network: liveCluster relays that port from each
+// host's network namespace to the server. The guest's first boot is
+// learned as its policy, and it is trusted.
+func startLiveGuest(t testing.TB, c *cluster, hosts [2]libvirtHost, security string, attest bool) *liveGuest {
 	t.Helper()
 	ctx := context.Background()
 	id, dir := uuid.NewString(), t.TempDir()
@@ -62,11 +73,16 @@ func startLiveGuest(t testing.TB, c *cluster, hosts [2]libvirtHost, security str
 		t.Fatal(err)
 	}
 	v := c.wait(id, "active")
-	g := &liveGuest{id: id, console: filepath.Join(dir, "console.log"), on: hosts[0], other: hosts[1]}
+	g := &liveGuest{id: id, console: filepath.Join(dir, "console.log"), on: hosts[0], other: hosts[1], c: c, attests: attest}
 	if v.Host == hosts[1].name {
 		g.on, g.other = hosts[1], hosts[0]
 	}
-	d := migrationGuest(t, hosts, id, dir, nil)
+	var o guestOptions
+	if attest {
+		_, port, _ := strings.Cut(c.addr, ":")
+		o = guestOptions{network: true, cmdline: "vtpmd.server=https://10.0.2.2:" + port, files: map[string]string{"etc/vtpmd/ca.pem": c.serverCA}}
+	}
+	d := migrationGuest(t, hosts, id, dir, o, nil)
 	g.name = d.Name
 	// The vTPM goes before its guest: its agent detaches it, removes its
 	// state and secret.
@@ -89,6 +105,17 @@ func startLiveGuest(t testing.TB, c *cluster, hosts [2]libvirtHost, security str
 	g.first = r.ticks[len(r.ticks)-1]
 	if r.nv == "" || g.first.nv != r.nv || g.first.pcrs == "none" || strings.HasPrefix(g.first.pcrs, "error") {
 		t.Fatalf("the guest's TPM before migrating: wrote NV %q, tick %+v", r.nv, g.first)
+	}
+	if attest {
+		waitReport(t, g.console, "pending verdict (registered, no policy yet)", func(r consoleReport) bool {
+			return slices.ContainsFunc(r.verdicts, func(v verdict) bool { return v.verdict == "pending" })
+		})
+		a, err := c.op.SetPolicy(ctx, client.Instance(id), api.PolicyRequest{Learn: true})
+		if err != nil || a.Verdict != "trusted" {
+			t.Fatalf("learning the guest's boot as its policy: %+v %v", a, err)
+		}
+		g.registered = a.RegisteredAt
+		g.checkTrusted(t, g.lastTick(t))
 	}
 	return g
 }
@@ -115,6 +142,7 @@ func deleteVTPM(c *cluster, id string) {
 func (g *liveGuest) checkSame(t testing.TB, h, other libvirtHost, after int) {
 	t.Helper()
 	checkRunsOn(t, h, other, g.name)
+	now := g.lastTick(t)
 	r := waitTick(t, g.console, after)
 	if len(r.boots) != 1 {
 		t.Fatalf("the guest booted %d times; want once: it must keep running", len(r.boots))
@@ -122,6 +150,40 @@ func (g *liveGuest) checkSame(t testing.TB, h, other libvirtHost, after int) {
 	if tk := r.ticks[len(r.ticks)-1]; tk.pcrs != g.first.pcrs || tk.nv != g.first.nv {
 		t.Fatalf("on %s the guest reports PCRs %s, NV %s; before, %s and %s", h.name, tk.pcrs, tk.nv, g.first.pcrs, g.first.nv)
 	}
+	if g.attests {
+		g.checkTrusted(t, now)
+	}
+}
+
+// checkTrusted fails unless the guest agent's first verdict on a quote
+// made after tick after is trusted, as the server says too, under the
+// guest's one registration: it never registered again. A quote whose
+// request failed (a connection the migration cut) is not a verdict: the
+// next is.
+func (g *liveGuest) checkTrusted(t testing.TB, after int) {
+	t.Helper()
+	var got verdict
+	r := waitReport(t, g.console, fmt.Sprintf("verdict after tick %d", after), func(r consoleReport) bool {
+		for _, got = range r.verdicts {
+			if got.n > after && got.verdict != "error" {
+				return true
+			}
+		}
+		return false
+	})
+	for _, v := range r.verdicts {
+		if v.n > after && v.verdict == "error" {
+			t.Logf("the guest agent's attestation after tick %d failed: %s", v.n, v.reason)
+		}
+	}
+	if got.verdict != "trusted" || r.registered != 1 {
+		t.Fatalf("the guest agent, registered %d times, says %s (%s) after tick %d; want trusted, registered once", r.registered, got.verdict, got.reason, after)
+	}
+	a, err := g.c.op.Attestation(context.Background(), client.Instance(g.id))
+	if err != nil || a.State != "registered" || a.Verdict != "trusted" || !a.RegisteredAt.Equal(g.registered) {
+		t.Fatalf("attestation of %s: %+v %v; want trusted, registered at %s", g.id, a, err, g.registered)
+	}
+	t.Logf("the guest agent's quote after tick %d (tick %d): trusted, under the registration of %s", after, got.n, g.registered.Format(time.RFC3339Nano))
 }
 
 // lastTick is the number of the guest's last report.
@@ -188,7 +250,7 @@ func TestClusterLiveMigrate(t *testing.T) {
 
 func testLiveMigrate(t *testing.T, c *cluster, agents map[string]*clusterAgent, hosts [2]libvirtHost, mode, security string, refusals bool) {
 	ctx := context.Background()
-	g := startLiveGuest(t, c, hosts, security)
+	g := startLiveGuest(t, c, hosts, security, true)
 	if refusals {
 		_, err := c.op.LiveMigrate(ctx, g.id, api.LiveMigrateRequest{Host: g.on.name})
 		wantCode(t, err, api.CodeTargetIsSource)
@@ -249,7 +311,7 @@ func TestClusterLiveMigrateTargetKilled(t *testing.T) {
 	hosts := twoLibvirtHosts(t)
 	c, agents := liveCluster(t, hosts, "emulator")
 	ctx := context.Background()
-	g := startLiveGuest(t, c, hosts, "user")
+	g := startLiveGuest(t, c, hosts, "user", true)
 	secret := g.tpmSecret(t, g.on)
 	target := agents[g.other.name]
 	stop(target.cmd, syscall.SIGKILL)
@@ -299,7 +361,7 @@ func TestClusterLiveMigrateServerKilled(t *testing.T) {
 	hosts := twoLibvirtHosts(t)
 	c, agents := liveCluster(t, hosts, "emulator")
 	ctx := context.Background()
-	g := startLiveGuest(t, c, hosts, "user")
+	g := startLiveGuest(t, c, hosts, "user", true)
 	last := g.lastTick(t)
 	go c.op.LiveMigrate(ctx, g.id, api.LiveMigrateRequest{Host: g.other.name}) // cut short below
 	c.eventually("the target is prepared", func() error {
@@ -333,7 +395,13 @@ func TestClusterLiveMigrateServerKilled(t *testing.T) {
 		t.Fatalf("TPM state after the resumed live migration: on %s %v, on %s %v", g.on.name, hasTPMState(t, g.on, agents[g.on.name], g.id),
 			g.other.name, hasTPMState(t, g.other, agents[g.other.name], g.id))
 	}
-	evs, err := c.op.Events(ctx, g.id)
+	logLiveEvents(t, c, g.id)
+}
+
+// logLiveEvents logs the live migration events of id.
+func logLiveEvents(t *testing.T, c *cluster, id string) {
+	t.Helper()
+	evs, err := c.op.Events(context.Background(), id)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -342,4 +410,72 @@ func TestClusterLiveMigrateServerKilled(t *testing.T) {
 			t.Logf("%s: %s", e.Action, e.Detail)
 		}
 	}
+}
+
+// TestClusterLiveMigrateSourceKilled kills the source's agent while
+// libvirt migrates the guest (its migration slowed to a few MiB/s, so that
+// the kill lands in it). The request ends once the server reads the
+// source down: where the guest runs decides (the target's agent says),
+// and the record names that host, the guest running there with its TPM
+// (one boot, same PCRs and NV value, trusted under its one registration)
+// and defined on no other. Once the source's agent is back, the same
+// request finishes the move: the guest and the record on the target, no
+// state and no libvirt secret left on the source.
+func TestClusterLiveMigrateSourceKilled(t *testing.T) {
+	hosts := twoLibvirtHosts(t)
+	c, agents := liveCluster(t, hosts, "emulator")
+	ctx := context.Background()
+	g := startLiveGuest(t, c, hosts, "user", true)
+	source, target := g.on, g.other
+	secret := g.tpmSecret(t, source)
+	dom, err := source.lv.DomainLookupByName(g.name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := source.lv.DomainMigrateSetMaxSpeed(dom, 4, 0); err != nil { // MiB/s
+		t.Fatal(err)
+	}
+	last := g.lastTick(t)
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.op.LiveMigrate(ctx, g.id, api.LiveMigrateRequest{Host: target.name})
+		done <- err
+	}()
+	c.eventually("libvirt migrates the guest", func() error {
+		if typ, _, _, _, _, _, _, _, _, _, _, _, err := source.lv.DomainGetJobInfo(dom); err != nil || typ == 0 {
+			return fmt.Errorf("no job on %s (%v)", g.name, err)
+		}
+		return nil
+	})
+	stop(agents[source.name].cmd, syscall.SIGKILL)
+	t.Logf("killed the agent of %s while libvirt migrates the guest", source.name)
+	err = <-done
+	t.Logf("the live migration, its source's agent killed: %v", err)
+	v, gerr := c.op.Get(ctx, g.id)
+	if gerr != nil {
+		t.Fatal(gerr)
+	}
+	on, other := source, target
+	if v.Host == target.name {
+		on, other = target, source
+	}
+	g.checkSame(t, on, other, last)
+	if on == source && (hasTPMState(t, target, agents[target.name], g.id) || hasLibvirtSecret(t, target, secret)) {
+		t.Fatalf("the guest stayed on %s, but %s holds state or the secret of %s", source.name, target.name, g.id)
+	}
+	logLiveEvents(t, c, g.id)
+
+	c.startAgent(agents[source.name])
+	last = g.lastTick(t)
+	got, err := c.op.LiveMigrate(ctx, g.id, api.LiveMigrateRequest{Host: target.name})
+	if err != nil || got.Host != target.name {
+		t.Fatalf("live-migrating again once the source's agent is back: on %q, %v; want %s", got.Host, err, target.name)
+	}
+	g.checkSame(t, target, source, last)
+	c.wait(g.id, "active")
+	if hasTPMState(t, source, agents[source.name], g.id) || hasLibvirtSecret(t, source, secret) {
+		t.Fatalf("%s holds state or the secret of %s after the move", source.name, g.id)
+	}
+	// Now, while the restarted agent runs (see TargetKilled).
+	deleteVTPM(c, g.id)
 }
