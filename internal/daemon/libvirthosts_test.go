@@ -281,15 +281,21 @@ func migrateLive(t testing.TB, from, to libvirtHost, name string) {
 // on the other host.
 func checkRunsOn(t testing.TB, h, other libvirtHost, name string) {
 	t.Helper()
+	checkRunning(t, h, name)
+	if _, err := other.lv.DomainLookupByName(name); !golibvirt.IsNotFound(err) {
+		t.Fatalf("%s is still on %s after migrating away (%v)", name, other.name, err)
+	}
+}
+
+// checkRunning fails unless domain name runs on host h.
+func checkRunning(t testing.TB, h libvirtHost, name string) {
+	t.Helper()
 	dom, err := h.lv.DomainLookupByName(name)
 	if err != nil {
 		t.Fatalf("%s on %s: %v", name, h.name, err)
 	}
 	if st, _, err := h.lv.DomainGetState(dom, 0); err != nil || golibvirt.DomainState(st) != golibvirt.DomainRunning {
 		t.Fatalf("%s on %s: state %d, %v; want running", name, h.name, st, err)
-	}
-	if _, err := other.lv.DomainLookupByName(name); !golibvirt.IsNotFound(err) {
-		t.Fatalf("%s is still on %s after migrating away (%v)", name, other.name, err)
 	}
 }
 
