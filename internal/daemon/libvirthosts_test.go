@@ -229,22 +229,6 @@ func waitTick(t testing.TB, console string, after int) consoleReport {
 	})
 }
 
-// waitVerdict waits until the guest agent has reported its verdict on a
-// quote it made after tick n, and returns the first such.
-func waitVerdict(t testing.TB, console string, after int) (verdict, consoleReport) {
-	t.Helper()
-	var v verdict
-	r := waitReport(t, console, fmt.Sprintf("a verdict after tick %d", after), func(r consoleReport) bool {
-		for _, v = range r.verdicts {
-			if v.n > after {
-				return true
-			}
-		}
-		return false
-	})
-	return v, r
-}
-
 // waitReport waits until the guest's console report is what ok wants
 // (what describes it) and returns it.
 func waitReport(t testing.TB, console, what string, ok func(consoleReport) bool) consoleReport {

@@ -235,10 +235,12 @@ func hasTPMState(t *testing.T, h libvirtHost, a *clusterAgent, id string) bool {
 
 // TestClusterLiveMigrate live-migrates running guests with their vTPMs
 // between the two libvirt hosts and back through vtpmd (a server, an
-// agent on each host): in emulator mode with each secret-security mode,
-// and in external mode. Each guest keeps running (one boot, its reports go
+// agent on each host): in emulator and external mode, each with each
+// secret-security mode. Each guest keeps running (one boot, its reports go
 // on) and reads the same PCRs and the NV value it wrote before from its
-// TPM on the other host; the record names the host the guest runs on; the
+// TPM on the other host; its guest agent's quotes after each move are
+// trusted under the registration it made at boot, which it never makes
+// again; the record names the host the guest runs on; the
 // old host keeps no state; the libvirt secret is on the guest's host
 // alone for host mode, and on no host once the guest runs for user and
 // deployment. The refusals have their codes.

@@ -39,9 +39,11 @@ const liveLease = 15 * time.Second
 //     now, in external mode), and the target's drops the libvirt secret
 //     its mode does not keep.
 //
-// When preparing or sending fails the guest runs on the source with its
-// TPM: the target's agent removes what it prepared and the migration ends
-// ("live migration failed"). A live migration cut short while cleaning
+// When preparing or sending fails (a source whose agent stops mid-send
+// fails once it reads down) the guest runs on the source with its TPM:
+// the target's agent removes what it prepared and the migration ends
+// ("live migration failed"); unless the target answers that the guest
+// runs there after all, which then goes on to cleaning. A live migration cut short while cleaning
 // (a crash, a host down) is finished by the same call again. Events:
 // "live migration started", "live migration prepared", "live migration
 // sent", "live-migrated", "live migration failed".
