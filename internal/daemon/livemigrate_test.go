@@ -491,9 +491,11 @@ func TestClusterLiveMigrateSourceKilled(t *testing.T) {
 	// move's cleaning: only running is checked here.
 	checkRunning(t, on, g.name)
 	if d, err := other.lv.DomainLookupByName(g.name); err == nil {
-		if st, _, err := other.lv.DomainGetState(d, 0); err != nil || golibvirt.DomainState(st) == golibvirt.DomainRunning {
+		st, reason, err := other.lv.DomainGetState(d, 0)
+		if err != nil || golibvirt.DomainState(st) == golibvirt.DomainRunning {
 			t.Fatalf("%s runs on %s too (%v)", g.name, other.name, err)
 		}
+		t.Logf("%s keeps the guest's definition, state %d (reason %d), until the move's cleaning", other.name, st, reason)
 	}
 	g.checkReports(t, on, last)
 	if on == source {
