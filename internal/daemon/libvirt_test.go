@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"os"
 	"os/user"
 	"path/filepath"
@@ -55,8 +56,9 @@ func connectLibvirt(t testing.TB) *golibvirt.Libvirt {
 }
 
 // guestImage is the Debian kernel and an initramfs whose /init is the Go
-// main package init (with the e1000 driver at /lib/modules/e1000.ko), cached.
-func guestImage(t testing.TB, init string) (kernel, initrd string) {
+// main package o.init (with the e1000 driver at /lib/modules/e1000.ko, and
+// o.files), cached.
+func guestImage(t testing.TB, o guestOptions) (kernel, initrd string) {
 	t.Helper()
 	cache, err := guest.CacheDir()
 	if err != nil {
@@ -70,10 +72,12 @@ func guestImage(t testing.TB, init string) (kernel, initrd string) {
 	// The attestation guest's /init is also its /bin/sh (the key broker's
 	// revocation action: see attestinit).
 	var initAlso []string
-	if init == attestInit {
+	if o.init == attestInit {
 		initAlso = []string{"bin/sh"}
 	}
-	initrd, err = guest.Initramfs(ctx, cache, init, map[string]string{"lib/modules/e1000.ko": k.E1000}, initAlso...)
+	files := map[string]string{"lib/modules/e1000.ko": k.E1000}
+	maps.Copy(files, o.files)
+	initrd, err = guest.Initramfs(ctx, cache, o.init, files, initAlso...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -129,6 +133,8 @@ type guestOptions struct {
 	init    string // Go main package for /init
 	cmdline string // appended to the kernel command line
 	network bool   // QEMU user networking (e1000): the host is 10.0.2.2
+	// files are put in the initramfs: its path → a file on this machine.
+	files map[string]string
 }
 
 // guestDomainType is the libvirt domain type of the test guests: "qemu",
@@ -174,12 +180,6 @@ func defineGuest(t testing.TB, lv *golibvirt.Libvirt, id, dir string) golibvirt.
 func defineGuestWith(t testing.TB, lv *golibvirt.Libvirt, id, dir string, o guestOptions) golibvirt.Domain {
 	t.Helper()
 	d := guestDomain(t, id, dir, o)
-	if o.network {
-		d.Devices.Interfaces = []libvirtxml.DomainInterface{{
-			Source: &libvirtxml.DomainInterfaceSource{User: &libvirtxml.DomainInterfaceSourceUser{}},
-			Model:  &libvirtxml.DomainInterfaceModel{Type: "e1000"},
-		}}
-	}
 	xml, err := d.Marshal()
 	if err != nil {
 		t.Fatal(err)
@@ -200,7 +200,7 @@ func defineGuestWith(t testing.TB, lv *golibvirt.Libvirt, id, dir string, o gues
 // serial console in dir/console.log.
 func guestDomain(t testing.TB, id, dir string, o guestOptions) libvirtxml.Domain {
 	t.Helper()
-	kernel, initrd := guestImage(t, o.init)
+	kernel, initrd := guestImage(t, o)
 	// QEMU may run as another user (libvirt-qemu): it must reach the
 	// guest's files, as it would under /var/lib/libvirt.
 	for _, d := range []string{filepath.Dir(dir), dir} {
@@ -217,7 +217,7 @@ func guestDomain(t testing.TB, id, dir string, o guestOptions) libvirtxml.Domain
 		t.Fatal(err)
 	}
 	port := uint(0)
-	return libvirtxml.Domain{
+	d := libvirtxml.Domain{
 		Type: guestDomainType, Name: "vtpmd-test-" + id[:8], UUID: id,
 		Memory: &libvirtxml.DomainMemory{Value: 256, Unit: "MiB"},
 		VCPU:   &libvirtxml.DomainVCPU{Value: 1},
@@ -239,6 +239,13 @@ func guestDomain(t testing.TB, id, dir string, o guestOptions) libvirtxml.Domain
 			}},
 		},
 	}
+	if o.network {
+		d.Devices.Interfaces = []libvirtxml.DomainInterface{{
+			Source: &libvirtxml.DomainInterfaceSource{User: &libvirtxml.DomainInterfaceSourceUser{}},
+			Model:  &libvirtxml.DomainInterfaceModel{Type: "e1000"},
+		}}
+	}
+	return d
 }
 
 func guestState(t *testing.T, lv *golibvirt.Libvirt, dom golibvirt.Domain) golibvirt.DomainState {

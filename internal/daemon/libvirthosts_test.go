@@ -3,6 +3,7 @@ package daemon
 import (
 	"bufio"
 	"crypto/rand"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -139,12 +140,13 @@ func twoLibvirtHosts(t testing.TB) [2]libvirtHost {
 // migrationGuest is the test guest (q35, OVMF, TCG, no disk) booting
 // migrateinit, which keeps running and reports its TPM every second on its
 // serial console, dir/console.log (appended to, so the sources' and
-// destinations' QEMU write one log). tpm is its TPM device, or nil. It is
-// destroyed and undefined on both hosts, its TPM state removed, when the
-// test ends.
-func migrationGuest(t testing.TB, hosts [2]libvirtHost, id, dir string, tpm *libvirtxml.DomainTPM) libvirtxml.Domain {
+// destinations' QEMU write one log); o adds to it (o.init is
+// migrateinit). tpm is its TPM device, or nil. It is destroyed and
+// undefined on both hosts, its TPM state removed, when the test ends.
+func migrationGuest(t testing.TB, hosts [2]libvirtHost, id, dir string, o guestOptions, tpm *libvirtxml.DomainTPM) libvirtxml.Domain {
 	t.Helper()
-	d := guestDomain(t, id, dir, guestOptions{init: migrateInit})
+	o.init = migrateInit
+	d := guestDomain(t, id, dir, o)
 	d.Devices.Serials[0].Source.File.Append = "on"
 	if tpm != nil {
 		d.Devices.TPMs = []libvirtxml.DomainTPM{*tpm}
@@ -166,14 +168,22 @@ const migrateInit = "github.com/vtpmd/vtpmd/internal/guest/migrateinit"
 
 // consoleReport is what migrateinit printed on a guest's console.
 type consoleReport struct {
-	boots []string // the nonce of each boot
-	nv    string   // what it wrote to its NV index at its last boot
-	ticks []tick
+	boots      []string // the nonce of each boot
+	nv         string   // what it wrote to its NV index at its last boot
+	ticks      []tick
+	registered int // how many times its guest agent registered
+	verdicts   []verdict
 }
 
 type tick struct {
 	n        int
 	pcrs, nv string
+}
+
+// verdict is the guest agent's verdict on the quote it made after tick n.
+type verdict struct {
+	n               int
+	verdict, reason string
 }
 
 func readConsole(t testing.TB, console string) consoleReport {
@@ -198,24 +208,40 @@ func readConsole(t testing.TB, console string) consoleReport {
 			if err == nil {
 				r.ticks = append(r.ticks, tick{n: n, pcrs: f[4], nv: f[6]})
 			}
+		case line == "MIGRATEINIT REGISTERED":
+			r.registered++
+		case len(f) >= 4 && f[0] == "MIGRATEINIT" && f[1] == "VERDICT":
+			n, err := strconv.Atoi(f[2])
+			if err == nil {
+				r.verdicts = append(r.verdicts, verdict{n: n, verdict: f[3], reason: strings.Join(f[4:], " ")})
+			}
 		}
 	}
 	return r
 }
 
-// lastTick waits until the guest has reported a tick after tick n and
+// waitTick waits until the guest has reported a tick after tick n and
 // returns its report.
 func waitTick(t testing.TB, console string, after int) consoleReport {
+	t.Helper()
+	return waitReport(t, console, fmt.Sprintf("a tick after %d", after), func(r consoleReport) bool {
+		return len(r.ticks) > 0 && r.ticks[len(r.ticks)-1].n > after
+	})
+}
+
+// waitReport waits until the guest's console report is what ok wants
+// (what describes it) and returns it.
+func waitReport(t testing.TB, console, what string, ok func(consoleReport) bool) consoleReport {
 	t.Helper()
 	deadline := time.Now().Add(4 * time.Minute)
 	for {
 		r := readConsole(t, console)
-		if len(r.ticks) > 0 && r.ticks[len(r.ticks)-1].n > after {
+		if ok(r) {
 			return r
 		}
 		if time.Now().After(deadline) {
 			b, _ := os.ReadFile(console)
-			t.Fatalf("the guest reported no tick after %d; console:\n%s", after, b)
+			t.Fatalf("the guest reported no %s; console:\n%s", what, b)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
@@ -239,15 +265,21 @@ func migrateLive(t testing.TB, from, to libvirtHost, name string) {
 // on the other host.
 func checkRunsOn(t testing.TB, h, other libvirtHost, name string) {
 	t.Helper()
+	checkRunning(t, h, name)
+	if _, err := other.lv.DomainLookupByName(name); !golibvirt.IsNotFound(err) {
+		t.Fatalf("%s is still on %s after migrating away (%v)", name, other.name, err)
+	}
+}
+
+// checkRunning fails unless domain name runs on host h.
+func checkRunning(t testing.TB, h libvirtHost, name string) {
+	t.Helper()
 	dom, err := h.lv.DomainLookupByName(name)
 	if err != nil {
 		t.Fatalf("%s on %s: %v", name, h.name, err)
 	}
 	if st, _, err := h.lv.DomainGetState(dom, 0); err != nil || golibvirt.DomainState(st) != golibvirt.DomainRunning {
 		t.Fatalf("%s on %s: state %d, %v; want running", name, h.name, st, err)
-	}
-	if _, err := other.lv.DomainLookupByName(name); !golibvirt.IsNotFound(err) {
-		t.Fatalf("%s is still on %s after migrating away (%v)", name, other.name, err)
 	}
 }
 
@@ -287,7 +319,7 @@ func testHostsLiveMigration(t *testing.T, hosts [2]libvirtHost, withTPM bool) {
 		tpm = &libvirtxml.DomainTPM{Model: "tpm-crb", Backend: &libvirtxml.DomainTPMBackend{Emulator: &libvirtxml.DomainTPMBackendEmulator{
 			Version: "2.0", Encryption: &libvirtxml.DomainTPMBackendEncryption{Secret: secretID}}}}
 	}
-	d := migrationGuest(t, hosts, id, dir, tpm)
+	d := migrationGuest(t, hosts, id, dir, guestOptions{}, tpm)
 	xml, err := d.Marshal()
 	if err != nil {
 		t.Fatal(err)

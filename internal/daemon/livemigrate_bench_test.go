@@ -26,10 +26,10 @@ func BenchmarkLiveMigration(b *testing.B) {
 	hosts := twoLibvirtHosts(b)
 	c, _ := liveCluster(b, hosts, "emulator")
 	ctx := context.Background()
-	g := startLiveGuest(b, c, hosts, "user")
+	g := startLiveGuest(b, c, hosts, "user", false)
 
 	id, dir := uuid.NewString(), b.TempDir()
-	d := migrationGuest(b, hosts, id, dir, nil)
+	d := migrationGuest(b, hosts, id, dir, guestOptions{}, nil)
 	xml, err := d.Marshal()
 	if err != nil {
 		b.Fatal(err)

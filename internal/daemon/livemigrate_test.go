@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -47,14 +48,24 @@ func liveCluster(t testing.TB, hosts [2]libvirtHost, mode string) (*cluster, map
 
 // liveGuest is a running guest with a vTPM of secret security security,
 // made through vtpmd: the vTPM placed, the guest defined on its host and
-// attached, its first report read from its console.
+// attached, its first report read from its console. A guest that attests
+// runs the guest agent against the server, registered once and trusted.
 type liveGuest struct {
 	id, name, console string
 	on, other         libvirtHost // the host it runs on, the other
 	first             tick        // its first report
+	c                 *cluster
+	attests           bool
+	registered        time.Time // when its guest agent registered
 }
 
-func startLiveGuest(t testing.TB, c *cluster, hosts [2]libvirtHost, security string) *liveGuest {
+// startLiveGuest starts the guest; with attest, its guest agent registers
+// and attests every second, reaching the server at 10.0.2.2 (QEMU user
+// networking's host) on the server's port, as a guest reaches vtpmd
+// through its host's network: liveCluster relays that port from each
+// host's network namespace to the server. The guest's first boot is
+// learned as its policy, and it is trusted.
+func startLiveGuest(t testing.TB, c *cluster, hosts [2]libvirtHost, security string, attest bool) *liveGuest {
 	t.Helper()
 	ctx := context.Background()
 	id, dir := uuid.NewString(), t.TempDir()
@@ -62,11 +73,16 @@ func startLiveGuest(t testing.TB, c *cluster, hosts [2]libvirtHost, security str
 		t.Fatal(err)
 	}
 	v := c.wait(id, "active")
-	g := &liveGuest{id: id, console: filepath.Join(dir, "console.log"), on: hosts[0], other: hosts[1]}
+	g := &liveGuest{id: id, console: filepath.Join(dir, "console.log"), on: hosts[0], other: hosts[1], c: c, attests: attest}
 	if v.Host == hosts[1].name {
 		g.on, g.other = hosts[1], hosts[0]
 	}
-	d := migrationGuest(t, hosts, id, dir, nil)
+	var o guestOptions
+	if attest {
+		_, port, _ := strings.Cut(c.addr, ":")
+		o = guestOptions{network: true, cmdline: "vtpmd.server=https://10.0.2.2:" + port, files: map[string]string{"etc/vtpmd/ca.pem": c.serverCA}}
+	}
+	d := migrationGuest(t, hosts, id, dir, o, nil)
 	g.name = d.Name
 	// The vTPM goes before its guest: its agent detaches it, removes its
 	// state and secret.
@@ -89,6 +105,17 @@ func startLiveGuest(t testing.TB, c *cluster, hosts [2]libvirtHost, security str
 	g.first = r.ticks[len(r.ticks)-1]
 	if r.nv == "" || g.first.nv != r.nv || g.first.pcrs == "none" || strings.HasPrefix(g.first.pcrs, "error") {
 		t.Fatalf("the guest's TPM before migrating: wrote NV %q, tick %+v", r.nv, g.first)
+	}
+	if attest {
+		waitReport(t, g.console, "pending verdict (registered, no policy yet)", func(r consoleReport) bool {
+			return slices.ContainsFunc(r.verdicts, func(v verdict) bool { return v.verdict == "pending" })
+		})
+		a, err := c.op.SetPolicy(ctx, client.Instance(id), api.PolicyRequest{Learn: true})
+		if err != nil || a.Verdict != "trusted" {
+			t.Fatalf("learning the guest's boot as its policy: %+v %v", a, err)
+		}
+		g.registered = a.RegisteredAt
+		g.checkTrusted(t, g.lastTick(t))
 	}
 	return g
 }
@@ -115,6 +142,15 @@ func deleteVTPM(c *cluster, id string) {
 func (g *liveGuest) checkSame(t testing.TB, h, other libvirtHost, after int) {
 	t.Helper()
 	checkRunsOn(t, h, other, g.name)
+	g.checkReports(t, h, after)
+}
+
+// checkReports fails unless the guest, which runs on h, booted once and
+// reports, after tick after, the PCRs and NV value it reported first (and,
+// if it attests, is trusted under its one registration).
+func (g *liveGuest) checkReports(t testing.TB, h libvirtHost, after int) {
+	t.Helper()
+	now := g.lastTick(t)
 	r := waitTick(t, g.console, after)
 	if len(r.boots) != 1 {
 		t.Fatalf("the guest booted %d times; want once: it must keep running", len(r.boots))
@@ -122,6 +158,40 @@ func (g *liveGuest) checkSame(t testing.TB, h, other libvirtHost, after int) {
 	if tk := r.ticks[len(r.ticks)-1]; tk.pcrs != g.first.pcrs || tk.nv != g.first.nv {
 		t.Fatalf("on %s the guest reports PCRs %s, NV %s; before, %s and %s", h.name, tk.pcrs, tk.nv, g.first.pcrs, g.first.nv)
 	}
+	if g.attests {
+		g.checkTrusted(t, now)
+	}
+}
+
+// checkTrusted fails unless the guest agent's first verdict on a quote
+// made after tick after is trusted, as the server says too, under the
+// guest's one registration: it never registered again. A quote whose
+// request failed (a connection the migration cut) is not a verdict: the
+// next is.
+func (g *liveGuest) checkTrusted(t testing.TB, after int) {
+	t.Helper()
+	var got verdict
+	r := waitReport(t, g.console, fmt.Sprintf("verdict after tick %d", after), func(r consoleReport) bool {
+		for _, got = range r.verdicts {
+			if got.n > after && got.verdict != "error" {
+				return true
+			}
+		}
+		return false
+	})
+	for _, v := range r.verdicts {
+		if v.n > after && v.verdict == "error" {
+			t.Logf("the guest agent's attestation after tick %d failed: %s", v.n, v.reason)
+		}
+	}
+	if got.verdict != "trusted" || r.registered != 1 {
+		t.Fatalf("the guest agent, registered %d times, says %s (%s) after tick %d; want trusted, registered once", r.registered, got.verdict, got.reason, after)
+	}
+	a, err := g.c.op.Attestation(context.Background(), client.Instance(g.id))
+	if err != nil || a.State != "registered" || a.Verdict != "trusted" || !a.RegisteredAt.Equal(g.registered) {
+		t.Fatalf("attestation of %s: %+v %v; want trusted, registered at %s", g.id, a, err, g.registered)
+	}
+	t.Logf("the guest agent's quote after tick %d (tick %d): trusted, under the registration of %s", after, got.n, g.registered.Format(time.RFC3339Nano))
 }
 
 // lastTick is the number of the guest's last report.
@@ -165,10 +235,12 @@ func hasTPMState(t *testing.T, h libvirtHost, a *clusterAgent, id string) bool {
 
 // TestClusterLiveMigrate live-migrates running guests with their vTPMs
 // between the two libvirt hosts and back through vtpmd (a server, an
-// agent on each host): in emulator mode with each secret-security mode,
-// and in external mode. Each guest keeps running (one boot, its reports go
+// agent on each host): in emulator and external mode, each with each
+// secret-security mode. Each guest keeps running (one boot, its reports go
 // on) and reads the same PCRs and the NV value it wrote before from its
-// TPM on the other host; the record names the host the guest runs on; the
+// TPM on the other host; its guest agent's quotes after each move are
+// trusted under the registration it made at boot, which it never makes
+// again; the record names the host the guest runs on; the
 // old host keeps no state; the libvirt secret is on the guest's host
 // alone for host mode, and on no host once the guest runs for user and
 // deployment. The refusals have their codes.
@@ -182,13 +254,15 @@ func TestClusterLiveMigrate(t *testing.T) {
 	})
 	t.Run("external", func(t *testing.T) {
 		c, agents := liveCluster(t, hosts, "external")
-		testLiveMigrate(t, c, agents, hosts, "external", "user", false)
+		for _, security := range []string{"user", "host", "deployment"} {
+			t.Run(security, func(t *testing.T) { testLiveMigrate(t, c, agents, hosts, "external", security, false) })
+		}
 	})
 }
 
 func testLiveMigrate(t *testing.T, c *cluster, agents map[string]*clusterAgent, hosts [2]libvirtHost, mode, security string, refusals bool) {
 	ctx := context.Background()
-	g := startLiveGuest(t, c, hosts, security)
+	g := startLiveGuest(t, c, hosts, security, true)
 	if refusals {
 		_, err := c.op.LiveMigrate(ctx, g.id, api.LiveMigrateRequest{Host: g.on.name})
 		wantCode(t, err, api.CodeTargetIsSource)
@@ -249,7 +323,7 @@ func TestClusterLiveMigrateTargetKilled(t *testing.T) {
 	hosts := twoLibvirtHosts(t)
 	c, agents := liveCluster(t, hosts, "emulator")
 	ctx := context.Background()
-	g := startLiveGuest(t, c, hosts, "user")
+	g := startLiveGuest(t, c, hosts, "user", true)
 	secret := g.tpmSecret(t, g.on)
 	target := agents[g.other.name]
 	stop(target.cmd, syscall.SIGKILL)
@@ -299,7 +373,7 @@ func TestClusterLiveMigrateServerKilled(t *testing.T) {
 	hosts := twoLibvirtHosts(t)
 	c, agents := liveCluster(t, hosts, "emulator")
 	ctx := context.Background()
-	g := startLiveGuest(t, c, hosts, "user")
+	g := startLiveGuest(t, c, hosts, "user", true)
 	last := g.lastTick(t)
 	go c.op.LiveMigrate(ctx, g.id, api.LiveMigrateRequest{Host: g.other.name}) // cut short below
 	c.eventually("the target is prepared", func() error {
@@ -333,7 +407,13 @@ func TestClusterLiveMigrateServerKilled(t *testing.T) {
 		t.Fatalf("TPM state after the resumed live migration: on %s %v, on %s %v", g.on.name, hasTPMState(t, g.on, agents[g.on.name], g.id),
 			g.other.name, hasTPMState(t, g.other, agents[g.other.name], g.id))
 	}
-	evs, err := c.op.Events(ctx, g.id)
+	logLiveEvents(t, c, g.id)
+}
+
+// logLiveEvents logs the live migration events of id.
+func logLiveEvents(t *testing.T, c *cluster, id string) {
+	t.Helper()
+	evs, err := c.op.Events(context.Background(), id)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -342,4 +422,104 @@ func TestClusterLiveMigrateServerKilled(t *testing.T) {
 			t.Logf("%s: %s", e.Action, e.Detail)
 		}
 	}
+}
+
+// TestClusterLiveMigrateSourceKilled kills the source's agent as soon as
+// libvirt migrates the guest. The request ends once the server reads the
+// source down: where the guest runs decides (the target's agent says),
+// and the record names that host, the guest running there with its TPM
+// (one boot, same PCRs and NV value, trusted under its one registration)
+// and on no other; a guest that stayed on the source left nothing on the
+// target. Once the source's agent is back, the same request finishes the
+// move: the guest and the record on the target, and nothing of the vTPM
+// or the guest left on the source.
+func TestClusterLiveMigrateSourceKilled(t *testing.T) {
+	hosts := twoLibvirtHosts(t)
+	c, agents := liveCluster(t, hosts, "emulator")
+	ctx := context.Background()
+	g := startLiveGuest(t, c, hosts, "user", true)
+	source, target := g.on, g.other
+	secret := g.tpmSecret(t, source)
+	dom, err := source.lv.DomainLookupByName(g.name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	migrating := func() bool {
+		typ, _, _, _, _, _, _, _, _, _, _, _, err := source.lv.DomainGetJobInfo(dom)
+		return err == nil && typ != 0 // VIR_DOMAIN_JOB_NONE
+	}
+	last := g.lastTick(t)
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.op.LiveMigrate(ctx, g.id, api.LiveMigrateRequest{Host: target.name})
+		done <- err
+	}()
+	// A machine too loaded to see the job between two looks sees the
+	// request end: the kill then comes after, and the outcome must be the
+	// same; as when libvirt finishes in the moment the kill takes.
+	ended := false
+	c.eventually("libvirt migrates the guest", func() error {
+		select {
+		case err = <-done:
+			ended = true
+			return nil
+		default:
+		}
+		if !migrating() {
+			return fmt.Errorf("no job on %s", g.name)
+		}
+		return nil
+	})
+	stop(agents[source.name].cmd, syscall.SIGKILL)
+	t.Logf("killed the agent of %s; libvirt still migrating the guest: %v; the request over: %v", source.name, migrating(), ended)
+	if !ended {
+		err = <-done
+	}
+	t.Logf("the live migration, its source's agent killed: %v", err)
+	finished := ended && err == nil // before the kill
+	logLiveEvents(t, c, g.id)
+	v, err := c.op.Get(ctx, g.id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	on, other := source, target
+	if v.Host == target.name {
+		on, other = target, source
+	}
+	// A source whose libvirt client went away before the end of its
+	// migration may keep the guest's definition, shut off, until the
+	// move's cleaning: only running is checked here.
+	checkRunning(t, on, g.name)
+	if d, err := other.lv.DomainLookupByName(g.name); err == nil {
+		st, reason, err := other.lv.DomainGetState(d, 0)
+		if err != nil || golibvirt.DomainState(st) == golibvirt.DomainRunning {
+			t.Fatalf("%s runs on %s too (%v)", g.name, other.name, err)
+		}
+		t.Logf("%s keeps the guest's definition, state %d (reason %d), until the move's cleaning", other.name, st, reason)
+	}
+	g.checkReports(t, on, last)
+	if on == source {
+		if hasTPMState(t, target, agents[target.name], g.id) || hasLibvirtSecret(t, target, secret) {
+			t.Fatalf("the guest stayed on %s, but %s holds state or the secret of %s", source.name, target.name, g.id)
+		}
+		if _, err := target.lv.DomainLookupByName(g.name); !golibvirt.IsNotFound(err) {
+			t.Fatalf("the guest stayed on %s, but %s has it defined (%v)", source.name, target.name, err)
+		}
+	}
+
+	c.startAgent(agents[source.name])
+	last = g.lastTick(t)
+	if !finished {
+		got, err := c.op.LiveMigrate(ctx, g.id, api.LiveMigrateRequest{Host: target.name})
+		if err != nil || got.Host != target.name {
+			t.Fatalf("live-migrating again once the source's agent is back: on %q, %v; want %s", got.Host, err, target.name)
+		}
+	}
+	g.checkSame(t, target, source, last)
+	c.wait(g.id, "active")
+	if hasTPMState(t, source, agents[source.name], g.id) || hasLibvirtSecret(t, source, secret) {
+		t.Fatalf("%s holds state or the secret of %s after the move", source.name, g.id)
+	}
+	// Now, while the restarted agent runs (see TargetKilled).
+	deleteVTPM(c, g.id)
 }

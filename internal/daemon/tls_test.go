@@ -248,14 +248,16 @@ func newTestCA(t testing.TB, dir string) *testCA {
 	return ca
 }
 
-// issue writes a certificate for subject, good for a server on localhost
-// and 127.0.0.1 and for a client, and its key: name.pem, name.key.
+// issue writes a certificate for subject, good for a server on localhost,
+// 127.0.0.1 and 10.0.2.2 (the host as QEMU user networking shows it to a
+// test guest, which reaches the server there) and for a client, and its
+// key: name.pem, name.key.
 func (ca *testCA) issue(t testing.TB, name string, subject pkix.Name) (certFile, keyFile string) {
 	t.Helper()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
 	tmpl := &x509.Certificate{SerialNumber: serial, Subject: subject, DNSNames: []string{"localhost"},
-		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1), net.IPv4(10, 0, 2, 2)}, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 		KeyUsage: x509.KeyUsageDigitalSignature, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, key.Public(), ca.key)
 	if err != nil {

@@ -39,9 +39,11 @@ const liveLease = 15 * time.Second
 //     now, in external mode), and the target's drops the libvirt secret
 //     its mode does not keep.
 //
-// When preparing or sending fails the guest runs on the source with its
-// TPM: the target's agent removes what it prepared and the migration ends
-// ("live migration failed"). A live migration cut short while cleaning
+// When preparing or sending fails (a source whose agent stops mid-send
+// fails once it reads down) the guest runs on the source with its TPM:
+// the target's agent removes what it prepared and the migration ends
+// ("live migration failed"); unless the target answers that the guest
+// runs there after all, which then goes on to cleaning. A live migration cut short while cleaning
 // (a crash, a host down) is finished by the same call again. Events:
 // "live migration started", "live migration prepared", "live migration
 // sent", "live-migrated", "live migration failed".
@@ -205,13 +207,35 @@ func (s *Service) liveSend(ctx context.Context, c tenant.Caller, m *store.Migrat
 	}
 	start := time.Now()
 	release := s.holdLive(ctx, m)
-	_, err := s.transferStep(ctx, &store.Transfer{Host: m.Source, InstanceID: m.InstanceID, Incarnation: m.Incarnation, Kind: store.TransferSend,
-		Bundle: m.Bundle}, liveSendTimeout)
+	err := s.awaitSend(ctx, &store.Transfer{Host: m.Source, InstanceID: m.InstanceID, Incarnation: m.Incarnation, Kind: store.TransferSend,
+		Bundle: m.Bundle})
 	release()
 	if err != nil {
 		return err
 	}
 	return s.landLive(ctx, c, m, fmt.Sprintf("the guest runs on host %s (migrated in %s)", m.Target, time.Since(start).Round(time.Millisecond)))
+}
+
+// awaitSend asks ask, a send, of the source's agent and waits for the
+// answer for as long as a send may take (liveSendTimeout), withdrawing
+// the request after; but only while the source is up: an agent that stops
+// (killed while libvirt migrates, say) will not answer, and where the
+// guest is is then the target's to say (abortLive), not the source's.
+func (s *Service) awaitSend(ctx context.Context, ask *store.Transfer) error {
+	if err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error { return tx.AskTransfer(ask) }); err != nil {
+		return err
+	}
+	defer s.withdraw(ctx, ask)
+	deadline := time.Now().Add(liveSendTimeout)
+	for {
+		_, err := s.awaitTransferWithin(ctx, ask, min(s.cfg.DriftTimeout, time.Until(deadline)))
+		if !unanswered(err) || time.Now().After(deadline) {
+			return err
+		}
+		if err := s.hostUp(ctx, ask.Host); err != nil {
+			return err
+		}
+	}
 }
 
 // holdLive touches m's record every third of liveLease, so that no

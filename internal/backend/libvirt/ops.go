@@ -235,6 +235,19 @@ func (b *Backend) detachOthers(lv *golibvirt.Libvirt, v agent.VTPM) error {
 		if !b.uses(xml, v) {
 			continue
 		}
+		if state, reason, err := lv.DomainGetState(dom, 0); err == nil && golibvirt.DomainState(state) == golibvirt.DomainShutoff &&
+			golibvirt.DomainShutoffReason(reason) == golibvirt.DomainShutoffMigrated {
+			// The copy a live migration left behind, the guest running on
+			// another host: libvirt undefines it at the migration's end
+			// (VIR_MIGRATE_UNDEFINE_SOURCE, as the agent asks), unless its
+			// caller went away before then. Its NVRAM may be the guest's
+			// on shared storage: kept.
+			if err := lv.DomainUndefineFlags(dom, golibvirt.DomainUndefineKeepNvram); err != nil {
+				return fmt.Errorf("undefining %s, left behind by its live migration: %w", dom.Name, err)
+			}
+			b.log.Info("undefined the copy of a guest that live-migrated away", "instance", v.InstanceID, "domain", dom.Name)
+			continue
+		}
 		if err := b.stopIfRunningWith(lv, dom, v); err != nil {
 			return err
 		}

@@ -31,6 +31,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/attestor"
+	"github.com/vtpmd/vtpmd/internal/guest/usernet"
 	"github.com/vtpmd/vtpmd/internal/keyrelease"
 )
 
@@ -73,7 +74,7 @@ func run() error {
 	if server == "" {
 		return fmt.Errorf("no vtpmd.server= on the kernel command line")
 	}
-	if err := network(); err != nil {
+	if err := usernet.Up(); err != nil {
 		return err
 	}
 	// The TPM driver may probe after init starts.
@@ -168,49 +169,4 @@ func brokerGuest(ctx context.Context, agent *attestor.Agent, id, secret, sealed,
 		return nil
 	}
 	return ctx.Err()
-}
-
-// network loads e1000 and gives eth0 10.0.2.15/24, QEMU user networking's
-// guest address; the host (10.0.2.2) is then on the link.
-func network() error {
-	f, err := os.Open("/lib/modules/e1000.ko")
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	if err := unix.FinitModule(int(f.Fd()), "", 0); err != nil && err != unix.EEXIST {
-		return fmt.Errorf("loading e1000: %w", err)
-	}
-	s, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM, 0)
-	if err != nil {
-		return err
-	}
-	defer unix.Close(s)
-	var ifr *unix.Ifreq
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		if ifr, err = unix.NewIfreq("eth0"); err == nil {
-			if err = unix.IoctlIfreq(s, unix.SIOCGIFFLAGS, ifr); err == nil {
-				break
-			}
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("no eth0: %w", err)
-		}
-	}
-	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP | unix.IFF_RUNNING)
-	if err := unix.IoctlIfreq(s, unix.SIOCSIFFLAGS, ifr); err != nil {
-		return fmt.Errorf("bringing eth0 up: %w", err)
-	}
-	for _, set := range []struct {
-		req  uint
-		addr [4]byte
-	}{{unix.SIOCSIFADDR, [4]byte{10, 0, 2, 15}}, {unix.SIOCSIFNETMASK, [4]byte{255, 255, 255, 0}}} {
-		if err := ifr.SetInet4Addr(set.addr[:]); err != nil {
-			return err
-		}
-		if err := unix.IoctlIfreq(s, set.req, ifr); err != nil {
-			return fmt.Errorf("configuring eth0: %w", err)
-		}
-	}
-	return nil
 }
