@@ -255,8 +255,8 @@ func TestConsoleInBrowser(t *testing.T) {
 	screenshot(t, ctx, "instance.png")
 
 	// The policy's page, from the instance's: the instances that use it.
-	step(t, ctx, "the policy's page", chromedp.Click(chromedp.CSS(`a[href^="/ui/policies/web-boot"]`)))
-	until(t, ctx, "the policy's page", `location.pathname === "/ui/policies/web-boot" && document.querySelector("ul.users") !== null`)
+	step(t, ctx, "the policy's page", chromedp.Click(chromedp.CSS(`#live a[href^="/ui/policies/"]`)))
+	until(t, ctx, "the policy's page", `document.querySelector("main h1").textContent === "Policy web-boot" && document.querySelector("ul.users") !== null`)
 	if users := value(t, ctx, "the policy's users", chromedp.Text(chromedp.CSS("ul.users"))); !strings.Contains(users, id) {
 		t.Fatalf("web-boot's instances: %s", users)
 	}
