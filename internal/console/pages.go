@@ -335,7 +335,7 @@ func (c *Console) instances(q *request) error {
 	}
 	for _, r := range rows {
 		data.Rows = append(data.Rows, instanceRow{ID: r.InstanceID, Project: r.Project, Phase: string(r.Phase),
-			TPM: string(r.Spec.Version) + " " + string(r.Spec.Model), Host: r.Host, Verdict: string(r.Verdict), Policy: r.Policy, Evidence: ago(now, r.EvidenceAt)})
+			TPM: string(r.Version) + " " + string(r.Model), Host: r.Host, Verdict: string(r.Verdict), Policy: r.Policy, Evidence: ago(now, r.EvidenceAt)})
 	}
 	if len(rows) > 0 {
 		data.From, data.To = from, from+len(rows)-1

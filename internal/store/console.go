@@ -4,6 +4,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/vtpmd/vtpmd/internal/spec"
 )
 
 // The console's reads: pages of instances with their verdicts, sorted and
@@ -80,14 +82,20 @@ type InstanceKey struct {
 // attestation record.
 const VerdictNone Verdict = "none"
 
-// Instance is a vTPM with what its attestation record says of it: its
-// verdict (VerdictNone if it never registered), the named policy it
-// copied, and when its last genuine evidence came.
+// Instance is a row of the console's table: what a vTPM's record and its
+// attestation record say of it, the vTPM's own columns alone (no key,
+// EK or resize document is read or decoded for a page).
 type Instance struct {
-	*VTPM
-	Verdict    Verdict
-	Policy     string
-	PolicyID   string
+	InstanceID, Project string
+	Phase               Phase
+	Version             spec.Version
+	Model               spec.Model
+	Host                string // "" while shelved
+	// Verdict is VerdictNone if it never registered.
+	Verdict Verdict
+	// Policy and PolicyID name the named policy its attestation copied.
+	Policy, PolicyID string
+	// EvidenceAt is when its last genuine evidence came, to the minute.
 	EvidenceAt time.Time
 	// Key is its place in the list it came in (InstanceQuery.After,
 	// Before).
@@ -183,14 +191,12 @@ func (t *Tx) ListInstances(q InstanceQuery) ([]Instance, error) {
 	if col != sortColumns[SortInstance] {
 		order += ", v.instance_id" + dir
 	}
-	// The page's ids first, from the index alone; then their records.
-	ids := `SELECT v.instance_id FROM vtpms v` + filter + order
+	query := `SELECT v.instance_id, v.project, v.phase, v.version, v.model, COALESCE(v.host, ''), v.verdict, v.policy_name, v.policy_id, v.evidence_at, ` +
+		col + ` FROM vtpms v` + filter + order
 	if q.Limit > 0 {
-		ids += " LIMIT ?"
+		query += " LIMIT ?"
 		args = append(args, q.Limit)
 	}
-	query := `SELECT ` + qualified("v", vtpmColumns) + `, v.verdict, v.policy_name, v.policy_id, v.evidence_at, ` + col + `
-		FROM (` + ids + `) page JOIN vtpms v ON v.instance_id = page.instance_id` + order
 	rows, err := t.query(query, args...)
 	if err != nil {
 		return nil, err
@@ -200,7 +206,7 @@ func (t *Tx) ListInstances(q InstanceQuery) ([]Instance, error) {
 	for rows.Next() {
 		var in Instance
 		var verdict, evidence string
-		in.VTPM, err = scanVTPM(rows, &verdict, &in.Policy, &in.PolicyID, &evidence, &in.Key.Value)
+		err := rows.Scan(&in.InstanceID, &in.Project, &in.Phase, &in.Version, &in.Model, &in.Host, &verdict, &in.Policy, &in.PolicyID, &evidence, &in.Key.Value)
 		if err != nil {
 			return nil, err
 		}
@@ -333,13 +339,4 @@ func (t *Tx) ListPolicyUsers(project, policyID string, limit int) ([]string, err
 		out = append(out, id)
 	}
 	return out, rows.Err()
-}
-
-// qualified is the column list cols with each column prefixed "table.".
-func qualified(table, cols string) string {
-	fields := strings.Split(cols, ",")
-	for i, f := range fields {
-		fields[i] = table + "." + strings.TrimSpace(f)
-	}
-	return strings.Join(fields, ", ")
 }
