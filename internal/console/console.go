@@ -223,7 +223,7 @@ func (c *Console) viewer(r *http.Request) (Viewer, bool, error) {
 	switch {
 	case err != nil:
 		return Viewer{}, false, err
-	case ok && s.Kind == store.SessionKeystone && c.cfg.Authenticate != nil:
+	case ok && s.Kind == store.SessionKeystone:
 		v, err := c.keystoneViewer(r, token)
 		var re *refusal.Error
 		if errors.As(err, &re) && re.Kind == refusal.KindUnauthenticated {

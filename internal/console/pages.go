@@ -283,9 +283,10 @@ func (c *Console) instances(q *request) error {
 		if rows, err = tx.ListInstances(f); err != nil {
 			return err
 		}
-		if f.Before != nil && len(rows) <= PageSize {
-			// Nothing before these but themselves: the first page.
-			f.Before, at = nil, nil
+		if f.Before != nil && len(rows) <= PageSize || f.After != nil && len(rows) == 0 {
+			// Nothing before these but themselves, or nothing left after
+			// the place (its rows went meanwhile): the first page.
+			f.After, f.Before, at = nil, nil, nil
 			if rows, err = tx.ListInstances(f); err != nil {
 				return err
 			}

@@ -95,6 +95,11 @@ func TestInstancesPages(t *testing.T) {
 			t.Fatalf("%s, the first page from the last: %+v", start, first)
 		}
 	}
+	// A place past every row (they went meanwhile): the first page.
+	past := place{Sort: store.SortInstance, Value: "z", ID: "z", N: n}
+	if p := readPage(t, c, "/ui/instances?after="+past.String(), session); p.from != 1 || len(p.ids) != PageSize || p.prev != "" {
+		t.Fatalf("after every row: %+v", p)
+	}
 	// A place is the order's it was made in.
 	p := readPage(t, c, "/ui/instances", session)
 	for _, bad := range []string{"/ui/instances?after=garbage", strings.Replace(p.next, "/ui/instances?", "/ui/instances?sort=host&", 1)} {

@@ -197,6 +197,9 @@ func (c *Console) passwordSignIn(q *request) error {
 // keystoneViewer names the viewer of a Keystone token as the API would
 // (Config.Authenticate, the token in api.TokenHeader).
 func (c *Console) keystoneViewer(r *http.Request, token string) (Viewer, error) {
+	if c.cfg.Authenticate == nil {
+		return Viewer{}, refusal.Unauthenticated(api.CodeUnauthenticated, "This console authenticates no Keystone token.")
+	}
 	r = r.Clone(r.Context())
 	r.Header.Set(api.TokenHeader, token)
 	v, ok, err := c.cfg.Authenticate(r)
