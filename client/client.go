@@ -555,6 +555,17 @@ func (c *Client) ConsoleLink(ctx context.Context, project string) (api.ConsoleLi
 	return out, c.do(ctx, http.MethodPost, path, nil, &out)
 }
 
+// EndConsoleSessions ends the web console's sessions and unused sign-in
+// links (operator): every one, or with project that project's.
+func (c *Client) EndConsoleSessions(ctx context.Context, project string) (api.ConsoleSessionsEnded, error) {
+	path := "/v1/console/sessions"
+	if project != "" {
+		path += "?project=" + url.QueryEscape(project)
+	}
+	var out api.ConsoleSessionsEnded
+	return out, c.do(ctx, http.MethodDelete, path, nil, &out)
+}
+
 // RevokeHost revokes every certificate of a host and its unused join
 // tokens (operator).
 func (c *Client) RevokeHost(ctx context.Context, host string) (api.HostRevocation, error) {

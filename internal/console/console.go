@@ -13,8 +13,10 @@
 //   - a session cookie (HttpOnly, SameSite=Strict, Secure over TLS) got by
 //     a sign-in link the operator makes on its local socket
 //     (`vtpmctl console`; Console.Link), for itself or scoped to one
-//     project. Links and sessions are signed (HMAC-SHA256, Config.Key)
-//     and expire; the store keeps no session.
+//     project, or by a Keystone password (Config.SignIn). Links and
+//     sessions are rows of the store, found by their secret's hash, so
+//     that signing out ends a session on every replica, and the operator
+//     can end them all (Console.EndSessions; session.go).
 //
 // Safety: a Content-Security-Policy with no 'unsafe-inline' (no inline
 // script, style or handler anywhere; the one script and stylesheet are
@@ -40,7 +42,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/internal/refusal"
 	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/verifier"
@@ -85,9 +86,6 @@ type Config struct {
 	// sign-in form; nil for none. The token is kept in a cookie and
 	// authenticates each page through Authenticate, as an API call's.
 	SignIn func(ctx context.Context, user, password, project, domain string) (token string, err error)
-	// Key signs sign-in links and session cookies: 32 bytes, the same on
-	// every server replica of a deployment.
-	Key []byte
 	// PublicURL is the API's URL as browsers reach it (sign-in links are
 	// made absolute with it); "" leaves them relative.
 	PublicURL string
@@ -158,7 +156,7 @@ func (c *Console) Handler() http.Handler {
 	mux.Handle("GET /ui/instances", c.page(c.instances, true))
 	mux.Handle("GET /ui/instances/{id}", c.page(c.instance, true))
 	mux.Handle("GET /ui/policies", c.page(c.policies, true))
-	mux.Handle("GET /ui/policies/{name}", c.page(c.policy, true))
+	mux.Handle("GET /ui/policies/{id}", c.page(c.policy, true))
 	mux.Handle("GET /ui/live", c.page(c.live, true))
 	mux.Handle("/ui/", c.page(func(*request) error { return errNoPage }, false))
 	protect := http.NewCrossOriginProtection()
@@ -216,25 +214,26 @@ func (c *Console) page(h func(*request) error, needsViewer bool) http.Handler {
 	})
 }
 
-// viewer names the request's viewer: its session, else its Keystone
-// token's cookie, else its client certificate. A token Keystone no longer
-// accepts is nobody: the browser is sent to sign in again.
+// viewer names the request's viewer: its session (a Keystone session's
+// token authenticated as an API call's), else its client certificate. A
+// token Keystone no longer accepts is nobody: the browser is sent to sign
+// in again.
 func (c *Console) viewer(r *http.Request) (Viewer, bool, error) {
-	if v, ok := c.session(r); ok {
-		return v, true, nil
-	}
-	if c.cfg.Authenticate == nil {
-		return Viewer{}, false, nil
-	}
-	if ck, err := r.Cookie(tokenCookie); err == nil && c.cfg.SignIn != nil {
-		r = r.Clone(r.Context())
-		r.Header.Set(api.TokenHeader, ck.Value)
-		v, ok, err := c.cfg.Authenticate(r)
+	s, token, ok, err := c.session(r)
+	switch {
+	case err != nil:
+		return Viewer{}, false, err
+	case ok && s.Kind == store.SessionKeystone:
+		v, err := c.keystoneViewer(r, token)
 		var re *refusal.Error
 		if errors.As(err, &re) && re.Kind == refusal.KindUnauthenticated {
 			return Viewer{}, false, nil
 		}
-		return v, ok, err
+		return v, err == nil, err
+	case ok && s.Kind == store.SessionSigned:
+		return Viewer{Name: s.Name, Project: s.Project}, true, nil
+	case c.cfg.Authenticate == nil:
+		return Viewer{}, false, nil
 	}
 	return c.cfg.Authenticate(r)
 }

@@ -22,13 +22,17 @@ const settle = 150 * time.Millisecond
 // "changed" event, for what no commit announces (heartbeats ageing).
 const keepAlive = 30 * time.Second
 
-// live streams "changed" events until the page goes away or the server
-// shuts down.
+// live streams "changed" events until the page goes away, the server
+// shuts down, or the viewer is nobody any more (signed out, the session
+// ended or expired): each event first checks who views.
 func (c *Console) live(q *request) error {
 	flusher, ok := q.w.(http.Flusher)
 	if !ok {
 		return errNoPage
 	}
+	// Taken before the page is told the stream is open: no commit from
+	// then on goes unannounced.
+	changed := c.cfg.Store.FleetChanged()
 	h := q.w.Header()
 	h.Set("Content-Type", "text/event-stream")
 	h.Set("Cache-Control", "no-store")
@@ -40,7 +44,6 @@ func (c *Console) live(q *request) error {
 	flusher.Flush()
 	tick := time.NewTicker(keepAlive)
 	defer tick.Stop()
-	changed := c.cfg.Store.FleetChanged()
 	for {
 		select {
 		case <-q.ctx().Done():
@@ -58,6 +61,9 @@ func (c *Console) live(q *request) error {
 		// Taken before the page is told: what commits from here on is
 		// the next event's.
 		changed = c.cfg.Store.FleetChanged()
+		if _, ok, err := c.viewer(q.r); err != nil || !ok {
+			return nil
+		}
 		if _, err := q.w.Write([]byte("event: changed\ndata: {}\n\n")); err != nil {
 			return nil
 		}

@@ -1,7 +1,9 @@
 package console
 
 import (
+	"encoding/base64"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"html/template"
@@ -201,67 +203,166 @@ type column struct {
 	Order string
 }
 
-// instanceRow is an instance as the table shows it.
+// instanceRow is an instance as the table shows it: plain strings, so
+// that the template walks no embedded struct to find a field (it is most
+// of a page's time when it does).
 type instanceRow struct {
-	store.Instance
-	Evidence string
+	ID, Project, Phase, TPM, Host, Verdict, Policy, Evidence string
+}
+
+// place is where a page of the Instances table starts or ends, as its
+// links carry it (?after=, ?before=): the key of the row it follows or
+// precedes in the order, and that row's position in the list, to number
+// the rows (a number only: rows that come or go meanwhile shift it).
+// Opaque to the browser: base64url of JSON.
+type place struct {
+	Sort  store.InstanceSort `json:"s"`
+	Desc  bool               `json:"d,omitempty"`
+	Value string             `json:"v"`
+	ID    string             `json:"i"`
+	N     int                `json:"n"`
+}
+
+func (p place) String() string {
+	b, _ := json.Marshal(p)
+	return base64.RawURLEncoding.EncodeToString(b)
+}
+
+// parsePlace reads a link's place for the table sorted by f; a place of
+// another sort, or none at all, is refused.
+func parsePlace(s string, f store.InstanceQuery) (*place, error) {
+	var p place
+	b, err := base64.RawURLEncoding.DecodeString(s)
+	if err == nil {
+		err = json.Unmarshal(b, &p)
+	}
+	if err != nil || p.Sort != f.Sort || p.Desc != f.Desc || p.N < 1 {
+		return nil, refusal.Invalid(api.CodeInvalidParameter, "This page's link is damaged, or is another order's: start again from the first page.")
+	}
+	return &p, nil
 }
 
 // instances is the table of the viewer's instances: filtered, sorted and
-// paged in the store.
+// paged in the store, a page starting after (or ending before) the row
+// its link names, never at an offset.
 func (c *Console) instances(q *request) error {
 	v := q.r.URL.Query()
 	f := store.InstanceQuery{Project: q.viewer.Project, Host: v.Get("host"), Phase: store.Phase(v.Get("phase")),
-		Verdict: store.Verdict(v.Get("verdict")), Policy: v.Get("policy"), Search: strings.TrimSpace(v.Get("q")),
-		Sort: store.InstanceSort(v.Get("sort")), Desc: v.Get("dir") == "desc", Limit: PageSize}
+		Verdict: store.Verdict(v.Get("verdict")), Policy: v.Get("policy"), PolicyID: v.Get("policy_id"), Search: strings.TrimSpace(v.Get("q")),
+		Sort: store.InstanceSort(v.Get("sort")), Desc: v.Get("dir") == "desc", Limit: PageSize + 1}
 	if q.viewer.Operator() {
 		f.Project = v.Get("project")
 	}
 	if !store.ValidSort(f.Sort) {
 		f.Sort = store.SortInstance
 	}
-	page, _ := strconv.Atoi(v.Get("page"))
-	page = max(page, 1)
-	f.Offset = (page - 1) * PageSize
-	var rows []store.Instance
-	var total int
-	err := c.cfg.Store.View(q.ctx(), func(tx *store.Tx) (err error) { rows, total, err = tx.ListInstances(f); return err })
+	var at *place
+	var err error
+	switch {
+	case v.Get("after") != "":
+		at, err = parsePlace(v.Get("after"), f)
+		if at != nil {
+			f.After = &store.InstanceKey{Value: at.Value, InstanceID: at.ID}
+		}
+	case v.Get("before") != "":
+		at, err = parsePlace(v.Get("before"), f)
+		if at != nil {
+			f.Before = &store.InstanceKey{Value: at.Value, InstanceID: at.ID}
+		}
+	}
 	if err != nil {
 		return err
 	}
+	var rows []store.Instance
+	var total int
+	var policy *store.Policy
+	err = c.cfg.Store.View(q.ctx(), func(tx *store.Tx) (err error) {
+		if total, err = tx.CountInstances(f); err != nil {
+			return err
+		}
+		if rows, err = tx.ListInstances(f); err != nil {
+			return err
+		}
+		if f.Before != nil && len(rows) <= PageSize || f.After != nil && len(rows) == 0 {
+			// Nothing before these but themselves, or nothing left after
+			// the place (its rows went meanwhile): the first page.
+			f.After, f.Before, at = nil, nil, nil
+			if rows, err = tx.ListInstances(f); err != nil {
+				return err
+			}
+		}
+		if f.PolicyID != "" {
+			if policy, err = tx.GetPolicyByID(f.PolicyID); errors.Is(err, store.ErrNotFound) {
+				policy, err = nil, nil
+			}
+		}
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	// A page asks for one row more than it shows, to know whether there
+	// is another page that way.
+	more := len(rows) > PageSize
+	from, hasPrev, hasNext := 1, false, more
+	switch {
+	case f.After != nil:
+		from, hasPrev = at.N+1, true
+	case f.Before != nil:
+		from, hasPrev, hasNext = max(at.N-PageSize, 1), true, true
+		rows = rows[1:]
+	}
+	rows = rows[:min(len(rows), PageSize)]
 	now := c.cfg.Now()
 	data := &struct {
 		base
 		F                 store.InstanceQuery
+		PolicyName        string // of F.PolicyID
 		Columns           []column
 		Rows              []instanceRow
 		Total, From, To   int
-		Prev, Next        string
+		First, Prev, Next string
 		Phases, Verdicts  []string
-		ShowProject, Page bool
+		ShowProject       bool
 	}{base: base{Title: "Instances", Section: "instances", Viewer: q.viewer, SignedIn: true, Live: true},
 		F: f, Total: total, ShowProject: q.viewer.Operator(),
 		Phases:   []string{"pending", "provisioning", "active", "stopped", "shelving", "shelved", "unshelving", "deleting", "error"},
 		Verdicts: []string{"trusted", "untrusted", "stale", "pending", "none"}}
+	if policy != nil {
+		data.PolicyName = policy.Name
+		if policy.Project != "" {
+			data.PolicyName += " (project " + policy.Project + ")"
+		}
+	}
 	for _, r := range rows {
-		data.Rows = append(data.Rows, instanceRow{Instance: r, Evidence: ago(now, r.EvidenceAt)})
+		data.Rows = append(data.Rows, instanceRow{ID: r.InstanceID, Project: r.Project, Phase: string(r.Phase),
+			TPM: string(r.Version) + " " + string(r.Model), Host: r.Host, Verdict: string(r.Verdict), Policy: r.Policy, Evidence: ago(now, r.EvidenceAt)})
 	}
 	if len(rows) > 0 {
-		data.From, data.To = f.Offset+1, f.Offset+len(rows)
+		data.From, data.To = from, from+len(rows)-1
 	}
 	link := func(change func(url.Values)) string {
 		u := url.Values{}
 		for k, vs := range v {
 			u[k] = slices.Clone(vs)
 		}
+		u.Del("after")
+		u.Del("before")
 		change(u)
 		return "/ui/instances?" + u.Encode()
 	}
-	if page > 1 {
-		data.Prev = link(func(u url.Values) { u.Set("page", strconv.Itoa(page-1)) })
+	if hasPrev {
+		data.First = link(func(url.Values) {})
+		first := rows[0]
+		data.Prev = link(func(u url.Values) {
+			u.Set("before", place{Sort: f.Sort, Desc: f.Desc, Value: first.Key.Value, ID: first.InstanceID, N: from}.String())
+		})
 	}
-	if f.Offset+len(rows) < total {
-		data.Next = link(func(u url.Values) { u.Set("page", strconv.Itoa(page+1)) })
+	if hasNext && len(rows) > 0 {
+		last := rows[len(rows)-1]
+		data.Next = link(func(u url.Values) {
+			u.Set("after", place{Sort: f.Sort, Desc: f.Desc, Value: last.Key.Value, ID: last.InstanceID, N: data.To}.String())
+		})
 	}
 	cols := []column{{"Instance", store.SortInstance, "", ""}}
 	if data.ShowProject {
@@ -280,7 +381,6 @@ func (c *Console) instances(q *request) error {
 		}
 		cols[i].URL = link(func(u url.Values) {
 			u.Set("sort", string(col.Sort))
-			u.Del("page")
 			if desc {
 				u.Set("dir", "desc")
 			} else {
@@ -344,9 +444,12 @@ func (c *Console) instance(q *request) error {
 		V            *store.VTPM
 		Provisioning api.Provisioning
 		Status       *verifier.Status
-		PCRs         []pcrRow
-		Events       []store.Event
-		Now          time.Time
+		// Policy is the named policy the record copied, if it still is
+		// (not deleted, nor made again under its name since).
+		Policy *store.Policy
+		PCRs   []pcrRow
+		Events []store.Event
+		Now    time.Time
 	}{base: base{Title: "Instance " + vt.InstanceID, Section: "instances", Viewer: q.viewer, SignedIn: true, Live: true},
 		V: vt, Provisioning: c.cfg.Verifier.Provisioning(vt), Events: events, Now: c.cfg.Now()}
 	sub, err := c.cfg.Verifier.Instance(ctx, q.viewer.caller(), vt.InstanceID)
@@ -360,6 +463,12 @@ func (c *Console) instance(q *request) error {
 	switch {
 	case err == nil:
 		data.Status, data.PCRs = &st, pcrRows(a, st.Reasons)
+		if a.PolicyID != "" {
+			err = c.cfg.Store.View(ctx, func(tx *store.Tx) (err error) { data.Policy, err = tx.GetPolicyByID(a.PolicyID); return err })
+			if err != nil && !errors.Is(err, store.ErrNotFound) {
+				return err
+			}
+		}
 	case errors.As(err, &re) && re.Code == api.CodeNotRegistered:
 	default:
 		return err
@@ -420,7 +529,8 @@ type policyRow struct {
 
 // policies lists the policies the viewer may apply: its project's and the
 // operator's shared ones (every project's, for the operator), with how
-// many of the viewer's instances use each.
+// many of the viewer's instances copied each (by the policy's identity:
+// one deleted and made again under its name is another).
 func (c *Console) policies(q *request) error {
 	var ps []*store.Policy
 	var users []store.Count
@@ -448,7 +558,7 @@ func (c *Console) policies(q *request) error {
 		Policies []policyRow
 	}{base: base{Title: "Policies", Section: "policies", Viewer: q.viewer, SignedIn: true, Live: true}}
 	for _, p := range ps {
-		data.Policies = append(data.Policies, policyRow{Policy: p, Shared: p.Project == "", Users: n[p.Name]})
+		data.Policies = append(data.Policies, policyRow{Policy: p, Shared: p.Project == "", Users: n[p.ID]})
 	}
 	c.render(q, http.StatusOK, "policies.html", data)
 	return nil
@@ -457,31 +567,20 @@ func (c *Console) policies(q *request) error {
 // maxPolicyUsers bounds the instances a policy's page lists.
 const maxPolicyUsers = 100
 
-// policy is one policy: its reference, and the viewer's instances that
-// use it. ?project= names the project whose policy it is (a tenant's own
-// by default); a name the project has no policy of is the shared one's.
+// policy is one policy, by its identity: its reference, and the viewer's
+// instances that copied it. A tenant sees its project's and the shared
+// ones.
 func (c *Console) policy(q *request) error {
-	name := q.r.PathValue("name")
-	project := q.r.URL.Query().Get("project")
-	if project == "" {
-		project = q.viewer.Project
-	}
-	if !q.viewer.Operator() && project != q.viewer.Project {
-		return errNoPage
-	}
 	var p *store.Policy
 	var users []string
 	err := c.cfg.Store.View(q.ctx(), func(tx *store.Tx) (err error) {
-		// The project's own policy of that name, else the shared one, as
-		// applying a policy by name finds it.
-		p, err = tx.GetPolicy(project, name)
-		if errors.Is(err, store.ErrNotFound) && project != "" {
-			p, err = tx.GetPolicy("", name)
-		}
-		if err != nil {
+		if p, err = tx.GetPolicyByID(q.r.PathValue("id")); err != nil {
 			return err
 		}
-		users, err = tx.ListPolicyUsers(q.viewer.Project, name, maxPolicyUsers)
+		if !q.viewer.Operator() && p.Project != "" && p.Project != q.viewer.Project {
+			return errNoPage
+		}
+		users, err = tx.ListPolicyUsers(q.viewer.Project, p.ID, maxPolicyUsers)
 		return err
 	})
 	if err != nil {
@@ -497,13 +596,12 @@ func (c *Console) policy(q *request) error {
 	slices.Sort(pcrs)
 	data := &struct {
 		base
-		P       *store.Policy
-		PCRs    []int
-		Users   []string
-		More    bool
-		Project string
-	}{base: base{Title: "Policy " + name, Section: "policies", Viewer: q.viewer, SignedIn: true, Live: true},
-		P: p, PCRs: slices.Compact(pcrs), Users: users, More: len(users) == maxPolicyUsers, Project: project}
+		P     *store.Policy
+		PCRs  []int
+		Users []string
+		More  bool
+	}{base: base{Title: "Policy " + p.Name, Section: "policies", Viewer: q.viewer, SignedIn: true, Live: true},
+		P: p, PCRs: slices.Compact(pcrs), Users: users, More: len(users) == maxPolicyUsers}
 	c.render(q, http.StatusOK, "policy.html", data)
 	return nil
 }

@@ -63,17 +63,25 @@ func value[T any](t *testing.T, ctx context.Context, what string, a chromedp.Act
 }
 
 // until waits for the page's JavaScript expression to be true, across
-// navigations (which end a poll inside the page).
+// navigations (which end a poll inside the page). Each poll has its own
+// deadline: an evaluation sent to a document that a navigation is
+// replacing (a sign-in's redirects, a click's form post) may never be
+// answered, and a poll without one waited for it for good.
 func until(t *testing.T, ctx context.Context, what, expr string) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		ok, err := chromedp.Run(ctx, chromedp.Evaluate[bool](expr))
+		poll, cancel := context.WithTimeout(ctx, 2*time.Second)
+		ok, err := chromedp.Run(poll, chromedp.Evaluate[bool](expr))
+		cancel()
 		if err == nil && ok {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s: %s is not true after 30s (%v)", what, expr, err)
+			poll, cancel := context.WithTimeout(ctx, 2*time.Second)
+			where, _ := chromedp.Run(poll, chromedp.Evaluate[string](`location.href + " " + document.title`))
+			cancel()
+			t.Fatalf("%s: %s is not true after 30s (%v), at %s", what, expr, err, where)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -255,8 +263,8 @@ func TestConsoleInBrowser(t *testing.T) {
 	screenshot(t, ctx, "instance.png")
 
 	// The policy's page, from the instance's: the instances that use it.
-	step(t, ctx, "the policy's page", chromedp.Click(chromedp.CSS(`a[href^="/ui/policies/web-boot"]`)))
-	until(t, ctx, "the policy's page", `location.pathname === "/ui/policies/web-boot" && document.querySelector("ul.users") !== null`)
+	step(t, ctx, "the policy's page", chromedp.Click(chromedp.CSS(`#live a[href^="/ui/policies/"]`)))
+	until(t, ctx, "the policy's page", `document.querySelector("main h1").textContent === "Policy web-boot" && document.querySelector("ul.users") !== null`)
 	if users := value(t, ctx, "the policy's users", chromedp.Text(chromedp.CSS("ul.users"))); !strings.Contains(users, id) {
 		t.Fatalf("web-boot's instances: %s", users)
 	}

@@ -2,9 +2,7 @@ package daemon
 
 import (
 	"context"
-	"crypto/hmac"
 	"crypto/rand"
-	"crypto/sha256"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -191,8 +189,7 @@ func (s *Server) open(ctx context.Context) error {
 	// frames are read of at most 16 KiB (HTTP/2's default; Go's server
 	// takes 1 MiB).
 	h2 := &http.HTTP2Config{MaxDecoderHeaderTableSize: 512, MaxEncoderHeaderTableSize: 512, MaxReadFrameSize: 16 << 10}
-	conf := console.Config{Store: s.store, VTPMs: vs, Verifier: ver, Authenticate: s.api.BrowserViewer,
-		Key: consoleKey(shared.ticketKey), PublicURL: hyperV.PublicURL, Log: s.log}
+	conf := console.Config{Store: s.store, VTPMs: vs, Verifier: ver, Authenticate: s.api.BrowserViewer, PublicURL: hyperV.PublicURL, Log: s.log}
 	if identity != nil {
 		conf.SignIn = s.api.KeystoneSignIn
 	}
@@ -218,15 +215,6 @@ func (s *Server) open(ctx context.Context) error {
 		go vs.RunBackups(bg, replica, *cfg.BackupInterval)
 	}
 	return nil
-}
-
-// consoleKey is the web console's signing key (sign-in links, sessions),
-// derived from the ticket key, which every server replica shares; the
-// label keeps one key's uses apart from the other's.
-func consoleKey(ticketKey []byte) []byte {
-	mac := hmac.New(sha256.New, ticketKey)
-	mac.Write([]byte("vtpmd web console sessions v1"))
-	return mac.Sum(nil)
 }
 
 // replicaName names this server process in the claims and leases it holds

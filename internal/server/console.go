@@ -43,7 +43,32 @@ func (s *Server) consoleLink(w http.ResponseWriter, r *http.Request) error {
 		return refusal.Invalid(api.CodeInvalidProject, "Project "+refusal.Quote(project)+" is not a valid project id.")
 	}
 	c, _ := callerOf(r)
-	url, exp := s.Console.Link(console.Viewer{Name: c.name, Project: project})
+	url, exp, err := s.Console.Link(r.Context(), console.Viewer{Name: c.name, Project: project})
+	if err != nil {
+		return err
+	}
 	writeJSON(w, http.StatusCreated, api.ConsoleLink{URL: url, Project: project, ExpiresAt: exp})
+	return nil
+}
+
+// endConsoleSessions ends the web console's sessions and unused sign-in
+// links (the operator's): every one, or with ?project= that project's.
+func (s *Server) endConsoleSessions(w http.ResponseWriter, r *http.Request) error {
+	if s.Console == nil {
+		return refusal.NotFound(api.CodeNotFound, "This server serves no web console.")
+	}
+	project := r.URL.Query().Get("project")
+	var projects []string
+	if project != "" {
+		if !tenant.Valid(project) {
+			return refusal.Invalid(api.CodeInvalidProject, "Project "+refusal.Quote(project)+" is not a valid project id.")
+		}
+		projects = append(projects, project)
+	}
+	n, err := s.Console.EndSessions(r.Context(), projects...)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, api.ConsoleSessionsEnded{Project: project, Ended: n})
 	return nil
 }

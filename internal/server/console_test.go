@@ -20,7 +20,8 @@ import (
 // instance page is not found, the fleet forbidden); a browser that proves
 // nobody is sent to sign in. A sign-in link the operator makes on its
 // socket gives a session cookie (HttpOnly, SameSite=Strict) scoped as the
-// link says, through a form that a cross-site request cannot post. Every
+// link says, through a form that a cross-site request cannot post; the
+// link works once; the operator ends a project's sessions. Every
 // page has a Content-Security-Policy without 'unsafe-inline', and a
 // hostile event-log string is shown escaped.
 func TestConsoleAccess(t *testing.T) {
@@ -132,6 +133,27 @@ func TestConsoleAccess(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != 200 || !strings.Contains(string(body), other) || strings.Contains(string(body), inst) {
 		t.Fatalf("p2's session sees: %d\n%s", resp.StatusCode, body)
+	}
+	if resp := signIn(code, "same-origin"); resp.StatusCode != http.StatusUnauthorized {
+		t.Fatalf("a link used twice: %d", resp.StatusCode)
+	}
+
+	// The operator ends p2's sessions (a tenant cannot): the cookie is
+	// refused from then on.
+	if code := m.do(t, p1, "DELETE", "/v1/console/sessions", nil, nil); code != 403 {
+		t.Fatalf("a tenant ending sessions: %d", code)
+	}
+	var ended api.ConsoleSessionsEnded
+	if code := m.call(t, "DELETE", "/v1/console/sessions?project=p2", "", nil, &ended); code != 200 || ended.Ended != 1 || ended.Project != "p2" {
+		t.Fatalf("ending p2's sessions: %d %+v", code, ended)
+	}
+	resp, err = noCert.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusSeeOther || resp.Header.Get("Location") != "/ui/login" {
+		t.Fatalf("p2's ended session: %d", resp.StatusCode)
 	}
 
 	// Assets: by content hash, kept for good.

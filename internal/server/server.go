@@ -224,6 +224,7 @@ func (s *Server) routes() []route {
 		{"PUT /v1/agent/transfers/{id}", s.answerTransfer, hosts, jsonBody},
 		{"GET /v1/ca", s.caChain, anyone, noBody},
 		{"POST /v1/console/links", s.consoleLink, operator, noBody},
+		{"DELETE /v1/console/sessions", s.endConsoleSessions, operator, noBody},
 	}
 }
 

@@ -112,8 +112,7 @@ func serveFixture(t testing.TB, st *store.Store, kr *embedded.Keyring, dir strin
 		Broker:    broker.New(broker.Config{Store: st, Keyring: kr, Verifier: ver, Now: s.now}),
 		Enrolment: enrol.New(enrol.Config{Store: st, HostCA: hostCA, Now: s.now}),
 		Agents:    agentstore.New(st, kr, nil, s.log), EKCA: deployment}
-	f.api.Console = console.New(console.Config{Store: st, VTPMs: vs, Verifier: ver, Authenticate: f.api.BrowserViewer,
-		Key: bytes.Repeat([]byte{7}, 32), Now: s.now})
+	f.api.Console = console.New(console.Config{Store: st, VTPMs: vs, Verifier: ver, Authenticate: f.api.BrowserViewer, Now: s.now})
 	f.srv = httptest.NewServer(f.api.Handler())
 	t.Cleanup(f.srv.Close)
 	f.url, f.http = "http://vtpmd", operatorSocket(t, f.srv.Config.Handler)

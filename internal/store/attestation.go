@@ -77,7 +77,12 @@ type Attestation struct {
 	PolicyPCRs     map[int][]byte   `json:"policy_pcrs,omitempty"`
 	PolicyDigests  map[int][][]byte `json:"policy_digests,omitempty"`
 	PolicyEventLog []byte           `json:"policy_event_log,omitempty"`
-	PolicyName     string           `json:"policy_name,omitempty"` // the named policy copied, if any
+	// PolicyName and PolicyID name the policy copied, if any (learned
+	// ones are no named policy's): its name then, and its identity
+	// (Policy.ID), which a policy deleted and made again under the name
+	// does not share.
+	PolicyName string `json:"policy_name,omitempty"`
+	PolicyID   string `json:"policy_id,omitempty"`
 	// EvidenceAt is when the last genuine evidence arrived.
 	EvidenceAt time.Time `json:"evidence_at,omitzero"`
 	// Verdict: pending, trusted, untrusted or stale, with reasons.
@@ -108,8 +113,8 @@ func (t *Tx) GetAttestation(instanceID string) (*Attestation, error) {
 }
 
 // PutAttestation writes a (insert or replace); for an instance's, its
-// vTPM's row takes the verdict, policy name and evidence time the console
-// sorts and filters by (see ListInstances).
+// vTPM's row takes the verdict, policy (name and identity) and evidence
+// time the console sorts and filters by (see ListInstances).
 func (t *Tx) PutAttestation(a *Attestation) error {
 	doc, err := json.Marshal(a)
 	if err != nil {
@@ -131,9 +136,9 @@ func (t *Tx) PutAttestation(a *Attestation) error {
 	if !a.EvidenceAt.IsZero() {
 		evidenceAt = sortable(a.EvidenceAt.Truncate(time.Minute))
 	}
-	_, err = t.exec(`UPDATE vtpms SET verdict=?, policy_name=?, evidence_at=?
-		WHERE instance_id=? AND (verdict<>? OR policy_name<>? OR evidence_at<>?)`,
-		string(a.Verdict), a.PolicyName, evidenceAt, a.InstanceID, string(a.Verdict), a.PolicyName, evidenceAt)
+	_, err = t.exec(`UPDATE vtpms SET verdict=?, policy_name=?, policy_id=?, evidence_at=?
+		WHERE instance_id=? AND (verdict<>? OR policy_name<>? OR policy_id<>? OR evidence_at<>?)`,
+		string(a.Verdict), a.PolicyName, a.PolicyID, evidenceAt, a.InstanceID, string(a.Verdict), a.PolicyName, a.PolicyID, evidenceAt)
 	return err
 }
 

@@ -1,8 +1,11 @@
 package store
 
 import (
+	"slices"
 	"strings"
 	"time"
+
+	"github.com/vtpmd/vtpmd/internal/spec"
 )
 
 // The console's reads: pages of instances with their verdicts, sorted and
@@ -24,18 +27,22 @@ const (
 	SortEvidence InstanceSort = "evidence"
 )
 
-// sortColumns are the vtpms columns of the sorts, each indexed with the
-// instance id (migrations 1, 29).
+// sortColumns are the sorts' columns of the vtpms row v, each indexed
+// with the instance id (migrations 1, 29, 31). A shelved vTPM has no host
+// (NULL), which sorts as "" so that it has a place in the order on
+// either engine (an index on the expression).
 var sortColumns = map[InstanceSort]string{
-	SortInstance: "instance_id",
-	SortProject:  "project",
-	SortPhase:    "phase",
-	SortVersion:  "version",
-	SortHost:     "host",
-	SortVerdict:  "verdict",
-	SortPolicy:   "policy_name",
-	SortEvidence: "evidence_at",
+	SortInstance: "v.instance_id",
+	SortProject:  "v.project",
+	SortPhase:    "v.phase",
+	SortVersion:  "v.version",
+	SortHost:     hostSort,
+	SortVerdict:  "v.verdict",
+	SortPolicy:   "v.policy_name",
+	SortEvidence: "v.evidence_at",
 }
+
+const hostSort = "COALESCE(v.host, '')"
 
 // ValidSort reports whether s is one of the sorts.
 func ValidSort(s InstanceSort) bool { _, ok := sortColumns[s]; return ok }
@@ -48,34 +55,55 @@ type InstanceQuery struct {
 	Phase   Phase
 	// Verdict "none" selects instances that never registered.
 	Verdict Verdict
-	Policy  string
+	// Policy selects the instances whose policy was copied from a named
+	// policy of that name; PolicyID, from that very policy (Policy.ID).
+	Policy   string
+	PolicyID string
 	// Search matches instance ids starting with it.
 	Search string
 	Sort   InstanceSort // "" sorts by instance id
 	Desc   bool
-	Offset int
-	Limit  int // 0: no limit
+	// After selects the instances after this place in the order (the
+	// next page); Before, the last Limit before it (the previous page),
+	// still listed in the order. A place is an Instance's Key in a list
+	// of the same Sort.
+	After, Before *InstanceKey
+	Limit         int // 0: no limit
+}
+
+// InstanceKey is an instance's place in a sorted list: its value of the
+// sort's column, and its id, which breaks ties.
+type InstanceKey struct {
+	Value      string
+	InstanceID string
 }
 
 // VerdictNone is InstanceQuery's Verdict for instances with no
 // attestation record.
 const VerdictNone Verdict = "none"
 
-// Instance is a vTPM with what its attestation record says of it: its
-// verdict (VerdictNone if it never registered), the named policy it
-// copied, and when its last genuine evidence came.
+// Instance is a row of the console's table: what a vTPM's record and its
+// attestation record say of it, the vTPM's own columns alone (no key,
+// EK or resize document is read or decoded for a page).
 type Instance struct {
-	*VTPM
-	Verdict    Verdict
-	Policy     string
+	InstanceID, Project string
+	Phase               Phase
+	Version             spec.Version
+	Model               spec.Model
+	Host                string // "" while shelved
+	// Verdict is VerdictNone if it never registered.
+	Verdict Verdict
+	// Policy and PolicyID name the named policy its attestation copied.
+	Policy, PolicyID string
+	// EvidenceAt is when its last genuine evidence came, to the minute.
 	EvidenceAt time.Time
+	// Key is its place in the list it came in (InstanceQuery.After,
+	// Before).
+	Key InstanceKey
 }
 
-// ListInstances returns the page of instances q selects and how many
-// match in all. Everything it filters and sorts by is a column of the
-// vTPM's row with an index: a page costs about its own rows, however
-// many match.
-func (t *Tx) ListInstances(q InstanceQuery) ([]Instance, int, error) {
+// where is q's filter: a WHERE clause ("" for none) and its arguments.
+func (q InstanceQuery) where() (string, []any) {
 	var where []string
 	var args []any
 	verdict := string(q.Verdict)
@@ -87,60 +115,102 @@ func (t *Tx) ListInstances(q InstanceQuery) ([]Instance, int, error) {
 		set      bool
 	}{
 		{"project", q.Project, q.Project != ""}, {"host", q.Host, q.Host != ""}, {"phase", string(q.Phase), q.Phase != ""},
-		{"verdict", verdict, q.Verdict != ""}, {"policy_name", q.Policy, q.Policy != ""},
+		{"verdict", verdict, q.Verdict != ""}, {"policy_name", q.Policy, q.Policy != ""}, {"policy_id", q.PolicyID, q.PolicyID != ""},
 	} {
 		if c.set {
-			where = append(where, c.col+"=?")
+			where = append(where, "v."+c.col+"=?")
 			args = append(args, c.val)
 		}
 	}
 	if q.Search != "" {
 		// A range, not LIKE: no wildcard in the search to escape, and it
 		// uses the primary key.
-		where = append(where, "instance_id>=? AND instance_id<?")
+		where = append(where, "v.instance_id>=? AND v.instance_id<?")
 		args = append(args, q.Search, q.Search+"\U0010FFFF")
 	}
-	filter := ""
-	if len(where) > 0 {
-		filter = " WHERE " + strings.Join(where, " AND ")
+	if len(where) == 0 {
+		return "", nil
 	}
-	var total int
-	if err := t.queryRow(`SELECT COUNT(*) FROM vtpms`+filter, args...).Scan(&total); err != nil {
-		return nil, 0, err
-	}
+	return " WHERE " + strings.Join(where, " AND "), args
+}
+
+// CountInstances counts the instances q's filter selects (its sort and
+// place aside): an index-only count of the matches.
+func (t *Tx) CountInstances(q InstanceQuery) (int, error) {
+	filter, args := q.where()
+	var n int
+	err := t.queryRow(`SELECT COUNT(*) FROM vtpms v`+filter, args...).Scan(&n)
+	return n, err
+}
+
+// ListInstances returns the page of instances q selects. Everything it
+// filters and sorts by is a column of the vTPM's row, indexed with the
+// instance id, and a page starts at a place in that order (keyset
+// paging, never an offset): a page costs about its own rows, however
+// deep in however many matches.
+func (t *Tx) ListInstances(q InstanceQuery) ([]Instance, error) {
+	filter, args := q.where()
 	col := sortColumns[q.Sort]
 	if col == "" {
 		col = sortColumns[SortInstance]
 	}
+	// Before walks the order backwards from its place, and the page is
+	// turned round after.
+	desc, place, from := q.Desc, q.After, ">"
+	if q.Before != nil {
+		desc, place = !desc, q.Before
+	}
+	if desc {
+		from = "<"
+	}
+	if place != nil {
+		// Row values seek the index to the place itself. SQLite seeks
+		// none on an expression's index, so the host's sort seeks to the
+		// place's host and steps over that host's instances before it.
+		cond := "(" + col + ", v.instance_id) " + from + " (?, ?)"
+		placeArgs := []any{place.Value, place.InstanceID}
+		switch col {
+		case sortColumns[SortInstance]:
+			cond, placeArgs = "v.instance_id "+from+" ?", []any{place.InstanceID}
+		case hostSort:
+			cond = col + " " + from + "= ? AND (" + col + " " + from + " ? OR v.instance_id " + from + " ?)"
+			placeArgs = []any{place.Value, place.Value, place.InstanceID}
+		}
+		if filter == "" {
+			filter = " WHERE " + cond
+		} else {
+			filter += " AND " + cond
+		}
+		args = append(args, placeArgs...)
+	}
 	dir := " ASC"
-	if q.Desc {
+	if desc {
 		dir = " DESC"
 	}
-	order := " ORDER BY v." + col + dir
+	order := " ORDER BY " + col + dir
 	if col != sortColumns[SortInstance] {
 		order += ", v.instance_id" + dir
 	}
-	// The page's ids first, from the index alone; then their records.
-	ids := `SELECT v.instance_id FROM vtpms v` + filter + order
+	query := `SELECT v.instance_id, v.project, v.phase, v.version, v.model, COALESCE(v.host, ''), v.verdict, v.policy_name, v.policy_id, v.evidence_at, ` +
+		col + ` FROM vtpms v` + filter + order
 	if q.Limit > 0 {
-		ids += " LIMIT ? OFFSET ?"
-		args = append(args, q.Limit, q.Offset)
+		query += " LIMIT ?"
+		args = append(args, q.Limit)
 	}
-	query := `SELECT ` + qualified("v", vtpmColumns) + `, v.verdict, v.policy_name, v.evidence_at
-		FROM (` + ids + `) page JOIN vtpms v ON v.instance_id = page.instance_id` + order
 	rows, err := t.query(query, args...)
 	if err != nil {
-		return nil, 0, err
+		return nil, err
 	}
 	defer rows.Close()
 	var out []Instance
 	for rows.Next() {
 		var in Instance
 		var verdict, evidence string
-		in.VTPM, err = scanVTPM(rows, &verdict, &in.Policy, &evidence)
+		err := rows.Scan(&in.InstanceID, &in.Project, &in.Phase, &in.Version, &in.Model, &in.Host, &verdict, &in.Policy, &in.PolicyID, &evidence, &in.Key.Value)
 		if err != nil {
-			return nil, 0, err
+			return nil, err
 		}
+		in.Key.InstanceID = in.InstanceID
 		in.Verdict = Verdict(verdict)
 		if verdict == "" {
 			in.Verdict = VerdictNone
@@ -150,7 +220,10 @@ func (t *Tx) ListInstances(q InstanceQuery) ([]Instance, int, error) {
 		}
 		out = append(out, in)
 	}
-	return out, total, rows.Err()
+	if q.Before != nil {
+		slices.Reverse(out)
+	}
+	return out, rows.Err()
 }
 
 // Count is a value and how many have it.
@@ -182,14 +255,14 @@ func (t *Tx) CountVerdicts(project string) ([]Count, error) {
 	return cs, err
 }
 
-// CountPolicyUsers counts, per named policy, the instances of project (""
-// for all) whose attestation copied it.
+// CountPolicyUsers counts, per named policy (by its ID), the instances
+// of project ("" for all) whose attestation copied it.
 func (t *Tx) CountPolicyUsers(project string) ([]Count, error) {
-	q, args := `SELECT policy_name, COUNT(*) FROM vtpms WHERE policy_name != ''`, []any{}
+	q, args := `SELECT policy_id, COUNT(*) FROM vtpms WHERE policy_id != ''`, []any{}
 	if project != "" {
 		q, args = q+` AND project=?`, append(args, project)
 	}
-	return t.counts(q+` GROUP BY policy_name ORDER BY 1`, args...)
+	return t.counts(q+` GROUP BY policy_id ORDER BY 1`, args...)
 }
 
 func (t *Tx) counts(q string, args ...any) ([]Count, error) {
@@ -245,9 +318,10 @@ func (t *Tx) VerdictChanges(since time.Time) (map[time.Time]map[Verdict]int, err
 }
 
 // ListPolicyUsers lists the instance ids of project ("" for all) whose
-// attestation copied the named policy, by id, at most limit.
-func (t *Tx) ListPolicyUsers(project, name string, limit int) ([]string, error) {
-	q, args := `SELECT instance_id FROM vtpms WHERE policy_name=?`, []any{name}
+// attestation copied the policy whose ID is policyID, by id, at most
+// limit.
+func (t *Tx) ListPolicyUsers(project, policyID string, limit int) ([]string, error) {
+	q, args := `SELECT instance_id FROM vtpms WHERE policy_id=?`, []any{policyID}
 	if project != "" {
 		q, args = q+` AND project=?`, append(args, project)
 	}
@@ -265,13 +339,4 @@ func (t *Tx) ListPolicyUsers(project, name string, limit int) ([]string, error) 
 		out = append(out, id)
 	}
 	return out, rows.Err()
-}
-
-// qualified is the column list cols with each column prefixed "table.".
-func qualified(table, cols string) string {
-	fields := strings.Split(cols, ",")
-	for i, f := range fields {
-		fields[i] = table + "." + strings.TrimSpace(f)
-	}
-	return strings.Join(fields, ", ")
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 )
@@ -17,7 +18,15 @@ func TestConsoleReads(t *testing.T) {
 		s, _ := open(t)
 		putHosts(t, s, "h1", "h2")
 		verdicts := []Verdict{VerdictTrusted, VerdictUntrusted, VerdictPending}
+		// Two policies named gold: the shared one, and p1's own.
+		shared, own := &Policy{Name: "gold", PCRs: map[int][]byte{0: {1}}}, &Policy{Project: "p1", Name: "gold", PCRs: map[int][]byte{0: {2}}}
 		err := s.Update(ctx, func(tx *Tx) error {
+			if err := tx.CreatePolicy(shared); err != nil {
+				return err
+			}
+			if err := tx.CreatePolicy(own); err != nil {
+				return err
+			}
 			for i := range 12 {
 				id := fmt.Sprintf("i-%02d", i)
 				project, host := "p1", "h1"
@@ -31,8 +40,11 @@ func TestConsoleReads(t *testing.T) {
 					continue
 				}
 				a := &Attestation{InstanceID: id, Verdict: verdicts[i%3], EvidenceAt: time.Date(2026, 12, 1, 0, i, 0, 0, time.UTC)}
-				if i%3 == 0 {
-					a.PolicyName = "gold"
+				if i%3 == 0 { // i-00 and i-03 copied the shared gold, i-06 p1's
+					a.PolicyName, a.PolicyID = "gold", shared.ID
+					if i == 6 {
+						a.PolicyID = own.ID
+					}
 				}
 				if err := tx.PutAttestation(a); err != nil {
 					return err
@@ -41,7 +53,8 @@ func TestConsoleReads(t *testing.T) {
 					return err
 				}
 			}
-			return nil
+			// i-12 is shelved: on no host.
+			return tx.CreateVTPM(sample("i-12", "p1", ""))
 		})
 		if err != nil {
 			t.Fatal(err)
@@ -50,7 +63,14 @@ func TestConsoleReads(t *testing.T) {
 			t.Helper()
 			var page []Instance
 			var total int
-			if err := s.View(ctx, func(tx *Tx) (err error) { page, total, err = tx.ListInstances(q); return err }); err != nil {
+			err := s.View(ctx, func(tx *Tx) (err error) {
+				if total, err = tx.CountInstances(q); err != nil {
+					return err
+				}
+				page, err = tx.ListInstances(q)
+				return err
+			})
+			if err != nil {
 				t.Fatal(err)
 			}
 			var ids []string
@@ -62,22 +82,70 @@ func TestConsoleReads(t *testing.T) {
 		if ids, total := list(InstanceQuery{Project: "p1", Verdict: VerdictUntrusted}); total != 1 || !slices.Equal(ids, []string{"i-04:untrusted"}) {
 			t.Fatalf("p1's untrusted: %v of %d", ids, total)
 		}
-		if ids, total := list(InstanceQuery{Verdict: VerdictNone}); total != 3 || !slices.Equal(ids, []string{"i-09:none", "i-10:none", "i-11:none"}) {
+		if ids, total := list(InstanceQuery{Verdict: VerdictNone}); total != 4 || !slices.Equal(ids, []string{"i-09:none", "i-10:none", "i-11:none", "i-12:none"}) {
 			t.Fatalf("never registered: %v of %d", ids, total)
-		}
-		// Sorted by verdict, descending (ties by id, descending too); paged.
-		ids, total := list(InstanceQuery{Sort: SortVerdict, Desc: true, Offset: 2, Limit: 4})
-		if total != 12 || !slices.Equal(ids, []string{"i-01:untrusted", "i-06:trusted", "i-03:trusted", "i-00:trusted"}) {
-			t.Fatalf("by verdict, descending, 3rd to 6th: %v of %d", ids, total)
 		}
 		if ids, _ := list(InstanceQuery{Sort: SortEvidence, Limit: 2, Policy: "gold"}); !slices.Equal(ids, []string{"i-00:trusted", "i-03:trusted"}) {
 			t.Fatalf("gold's by evidence: %v", ids)
 		}
-		if ids, total := list(InstanceQuery{Search: "i-1"}); total != 2 || !slices.Equal(ids, []string{"i-10:none", "i-11:none"}) {
+		if ids, total := list(InstanceQuery{Search: "i-1"}); total != 3 || !slices.Equal(ids, []string{"i-10:none", "i-11:none", "i-12:none"}) {
 			t.Fatalf("ids starting i-1: %v of %d", ids, total)
 		}
 
-		var phases, byVerdict, users []Count
+		// Pages by place, every sort both ways: walking forward (After the
+		// last row) and back (Before the first) meets every instance once,
+		// in the order of one list of them all, the shelved one (no host)
+		// included.
+		for sort := range sortColumns {
+			for _, desc := range []bool{false, true} {
+				q := InstanceQuery{Sort: sort, Desc: desc}
+				all, total := list(q)
+				if len(all) != 13 || total != 13 {
+					t.Fatalf("by %s: %v of %d", sort, all, total)
+				}
+				var pages [][]Instance
+				q.Limit = 4
+				for {
+					var page []Instance
+					if err := s.View(ctx, func(tx *Tx) (err error) { page, err = tx.ListInstances(q); return err }); err != nil {
+						t.Fatal(err)
+					}
+					if len(page) == 0 {
+						break
+					}
+					pages = append(pages, page)
+					q.After = &page[len(page)-1].Key
+				}
+				var forward []string
+				for _, p := range pages {
+					for _, in := range p {
+						forward = append(forward, in.InstanceID+":"+string(in.Verdict))
+					}
+				}
+				if !slices.Equal(forward, all) {
+					t.Fatalf("by %s (desc %v), page by page: %v, want %v", sort, desc, forward, all)
+				}
+				// Back from the last page: each page before is the one
+				// walked forward.
+				q.After = nil
+				for i := len(pages) - 1; i > 0; i-- {
+					q.Before = &pages[i][0].Key
+					var page []Instance
+					if err := s.View(ctx, func(tx *Tx) (err error) { page, err = tx.ListInstances(q); return err }); err != nil {
+						t.Fatal(err)
+					}
+					if len(page) != len(pages[i-1]) || page[0].InstanceID != pages[i-1][0].InstanceID || page[len(page)-1].InstanceID != pages[i-1][len(page)-1].InstanceID {
+						t.Fatalf("by %s (desc %v), the page before page %d: %v", sort, desc, i+1, page)
+					}
+				}
+			}
+		}
+		// Sorted by verdict, descending, ties by id descending too.
+		if ids, _ := list(InstanceQuery{Sort: SortVerdict, Desc: true, Limit: 6}); !slices.Equal(ids, []string{"i-07:untrusted", "i-04:untrusted", "i-01:untrusted", "i-06:trusted", "i-03:trusted", "i-00:trusted"}) {
+			t.Fatalf("by verdict, descending: %v", ids)
+		}
+
+		var phases, byVerdict, users, p1Users []Count
 		var changes map[time.Time]map[Verdict]int
 		var gold []string
 		err = s.View(ctx, func(tx *Tx) (err error) {
@@ -87,10 +155,13 @@ func TestConsoleReads(t *testing.T) {
 			if byVerdict, err = tx.CountVerdicts(""); err != nil {
 				return err
 			}
-			if users, err = tx.CountPolicyUsers("p1"); err != nil {
+			if users, err = tx.CountPolicyUsers(""); err != nil {
 				return err
 			}
-			if gold, err = tx.ListPolicyUsers("", "gold", 2); err != nil {
+			if p1Users, err = tx.CountPolicyUsers("p1"); err != nil {
+				return err
+			}
+			if gold, err = tx.ListPolicyUsers("", shared.ID, 5); err != nil {
 				return err
 			}
 			changes, err = tx.VerdictChanges(time.Date(2026, 11, 22, 0, 0, 0, 0, time.UTC))
@@ -99,10 +170,34 @@ func TestConsoleReads(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		byID := func(cs ...Count) []Count {
+			slices.SortFunc(cs, func(a, b Count) int { return strings.Compare(a.Value, b.Value) })
+			return cs
+		}
 		if !slices.Equal(phases, []Count{{"pending", 6}}) ||
-			!slices.Equal(byVerdict, []Count{{"pending", 3}, {"trusted", 3}, {"untrusted", 3}, {"none", 3}}) ||
-			!slices.Equal(users, []Count{{"gold", 2}}) || !slices.Equal(gold, []string{"i-00", "i-03"}) {
-			t.Fatalf("phases %v, verdicts %v, policy users %v %v", phases, byVerdict, users, gold)
+			!slices.Equal(byVerdict, []Count{{"pending", 3}, {"trusted", 3}, {"untrusted", 3}, {"none", 4}}) ||
+			!slices.Equal(users, byID(Count{shared.ID, 2}, Count{own.ID, 1})) || !slices.Equal(p1Users, byID(Count{shared.ID, 1}, Count{own.ID, 1})) ||
+			!slices.Equal(gold, []string{"i-00", "i-03"}) {
+			t.Fatalf("phases %v, verdicts %v, policy users %v, p1's %v, the shared gold's %v", phases, byVerdict, users, p1Users, gold)
+		}
+		if ids, total := list(InstanceQuery{PolicyID: own.ID}); total != 1 || !slices.Equal(ids, []string{"i-06:trusted"}) {
+			t.Fatalf("p1's gold's: %v of %d", ids, total)
+		}
+		// The shared gold deleted and made again: another policy, which no
+		// instance copied.
+		again := &Policy{Name: "gold", PCRs: map[int][]byte{0: {1}}}
+		err = s.Update(ctx, func(tx *Tx) error {
+			if err := tx.DeletePolicy("", "gold"); err != nil {
+				return err
+			}
+			if err := tx.CreatePolicy(again); err != nil {
+				return err
+			}
+			users, err = tx.CountPolicyUsers("")
+			return err
+		})
+		if err != nil || again.ID == shared.ID || !slices.Equal(users, byID(Count{shared.ID, 2}, Count{own.ID, 1})) {
+			t.Fatalf("after gold was made again (%s, was %s): %v %v", again.ID, shared.ID, users, err)
 		}
 		var counted int
 		for _, by := range changes {

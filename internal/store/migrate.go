@@ -416,6 +416,48 @@ CREATE INDEX vtpms_evidence ON vtpms(evidence_at, instance_id);
 CREATE INDEX vtpms_phase ON vtpms(phase, instance_id);
 CREATE INDEX vtpms_version ON vtpms(version, instance_id);
 CREATE INDEX events_action_at ON events(action, at);`,
+	// A policy's identity: a name can be deleted and made again, with
+	// other values, and a project's policy can share its name with a
+	// shared one; a copy (the attestation's policy_id, and the vTPM's row
+	// for the console) names the policy it was made from. Existing copies
+	// are matched to the policy their name finds (the project's own, else
+	// the shared one) only if its values are still the copy's; a copy of a
+	// policy since replaced names none. The console sorts a shelved vTPM
+	// (no host) as host ''. And the web console's sessions,
+	// which any replica checks and ending one ends it everywhere: a
+	// sign-in link (kind 'link') or a signed-in browser ('session', or
+	// 'keystone' when its cookie is a Keystone token), by the SHA-256 of
+	// its secret, with whom it signs in.
+	31: `
+ALTER TABLE policies ADD COLUMN id TEXT NOT NULL DEFAULT '';
+UPDATE policies SET id = lower(hex(randomblob(16)));
+CREATE UNIQUE INDEX policies_id ON policies(id);
+CREATE TABLE policy_copies AS SELECT a.instance_id, (SELECT p.id FROM policies p
+	WHERE p.name = json_extract(a.doc, '$.policy_name')
+	AND p.project IN ('', COALESCE((SELECT v.project FROM vtpms v WHERE v.instance_id = a.instance_id), ''))
+	AND json_extract(p.doc, '$.pcrs') IS json_extract(a.doc, '$.policy_pcrs')
+	AND json_extract(p.doc, '$.digests') IS json_extract(a.doc, '$.policy_digests')
+	AND json_extract(p.doc, '$.event_log') IS json_extract(a.doc, '$.policy_event_log')
+	ORDER BY p.project DESC LIMIT 1) AS policy_id
+	FROM attestations a WHERE json_extract(a.doc, '$.policy_name') IS NOT NULL;
+DELETE FROM policy_copies WHERE policy_id IS NULL;
+UPDATE attestations SET doc = json_set(doc, '$.policy_id', (SELECT c.policy_id FROM policy_copies c WHERE c.instance_id = attestations.instance_id))
+	WHERE instance_id IN (SELECT instance_id FROM policy_copies);
+ALTER TABLE vtpms ADD COLUMN policy_id TEXT NOT NULL DEFAULT '';
+UPDATE vtpms SET policy_id = (SELECT c.policy_id FROM policy_copies c WHERE c.instance_id = vtpms.instance_id)
+	WHERE instance_id IN (SELECT instance_id FROM policy_copies);
+DROP TABLE policy_copies;
+CREATE INDEX vtpms_policy_id ON vtpms(policy_id, instance_id);
+CREATE INDEX vtpms_host_sort ON vtpms((COALESCE(host, '')), instance_id);
+CREATE TABLE console_sessions (
+	token_hash  TEXT PRIMARY KEY,       -- SHA-256 of the link's code or the cookie, hex
+	kind        TEXT NOT NULL,          -- link | session | keystone
+	name        TEXT NOT NULL,          -- who signs in (a certificate's or Keystone's user name)
+	project     TEXT NOT NULL,          -- the one project seen; '' for the operator
+	expires_at  TEXT NOT NULL,          -- sortable UTC time
+	created_at  TEXT NOT NULL
+);
+CREATE INDEX console_sessions_expires ON console_sessions(expires_at);`,
 }
 
 func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)-1) }
@@ -528,5 +570,11 @@ CREATE TRIGGER events_no_delete BEFORE DELETE ON events FOR EACH ROW EXECUTE FUN
 		`json_extract(a.doc, '$.verdict')`, `(a.doc::jsonb->>'verdict')`,
 		`json_extract(a.doc, '$.policy_name')`, `(a.doc::jsonb->>'policy_name')`,
 		`json_extract(a.doc, '$.evidence_at')`, `(a.doc::jsonb->>'evidence_at')`,
+		// Migration 31's: JSON values compared, and a field set.
+		`json_extract(p.doc, '$.pcrs') IS json_extract(a.doc, '$.policy_pcrs')`, `(p.doc::jsonb->'pcrs') IS NOT DISTINCT FROM (a.doc::jsonb->'policy_pcrs')`,
+		`json_extract(p.doc, '$.digests') IS json_extract(a.doc, '$.policy_digests')`, `(p.doc::jsonb->'digests') IS NOT DISTINCT FROM (a.doc::jsonb->'policy_digests')`,
+		`json_extract(p.doc, '$.event_log') IS json_extract(a.doc, '$.policy_event_log')`, `(p.doc::jsonb->'event_log') IS NOT DISTINCT FROM (a.doc::jsonb->'policy_event_log')`,
+		`json_set(doc, '$.policy_id', (SELECT c.policy_id FROM policy_copies c WHERE c.instance_id = attestations.instance_id))`,
+		`jsonb_set(doc::jsonb, '{policy_id}', to_jsonb((SELECT c.policy_id FROM policy_copies c WHERE c.instance_id = attestations.instance_id)))::text`,
 	).Replace(ddl)
 }

@@ -3,9 +3,11 @@ package store
 import (
 	"context"
 	"database/sql"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -187,11 +189,114 @@ func TestMigrationDropsOrphanAttestations(t *testing.T) {
 						t.Errorf("attestation of %s after the migration: %v, want kept %v", key, err, want)
 					}
 				}
-				// Migration 31 copied the verdict and policy out of the
+				// Migration 29 copied the verdict and policy out of the
 				// document.
-				page, _, err := tx.ListInstances(InstanceQuery{Verdict: VerdictTrusted, Policy: "gold"})
+				page, err := tx.ListInstances(InstanceQuery{Verdict: VerdictTrusted, Policy: "gold"})
 				if err != nil || len(page) != 1 || page[0].InstanceID != "i-1" {
 					t.Errorf("i-1 by its verdict and policy after the migrations: %v %v", page, err)
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// A database from before policies had an identity: each copy is matched
+// to the policy its name finds from its project (its own, else the
+// shared one) whose values are still the copy's, in the attestation
+// record and on the vTPM's row; a copy of a policy since replaced names
+// none.
+func TestMigrationPolicyIdentity(t *testing.T) {
+	for _, e := range unmigrated {
+		t.Run(e.name, func(t *testing.T) {
+			ctx := context.Background()
+			s := e.open(t)
+			if err := s.migrateTo(ctx, 29); err != nil {
+				t.Fatal(err)
+			}
+			pcr0 := func(b byte) map[int][]byte { return map[int][]byte{0: {b}} }
+			err := s.Update(ctx, func(tx *Tx) error {
+				if err := tx.PutHost(&Host{Name: "h1", Capacity: 10, Backend: "swtpm"}); err != nil {
+					return err
+				}
+				// The rows as schema 29 has them.
+				for _, p := range []*Policy{{Name: "gold", PCRs: pcr0(1)}, {Project: "p1", Name: "gold", PCRs: pcr0(2)}, {Name: "silver", PCRs: pcr0(3)}} {
+					doc, _ := json.Marshal(p)
+					if _, err := tx.exec(`INSERT INTO policies (project, name, doc, created_at) VALUES (?, ?, ?, '')`, p.Project, p.Name, string(doc)); err != nil {
+						return err
+					}
+				}
+				for _, v := range []struct{ id, project string }{{"i-1", "p1"}, {"i-2", "p1"}, {"i-3", "p2"}, {"i-4", "p1"}} {
+					if _, err := tx.exec(`INSERT INTO vtpms (instance_id, project, version, model, secret_security, hypervisor, keys, host,
+						desired, phase, reason, secret_id, eks, generation, created_at, updated_at)
+						VALUES (?, ?, '2.0', 'tpm-crb', 'user', '', '[]', 'h1', 'running', 'active', '', '', '[]', 1, '', '')`, v.id, v.project); err != nil {
+						return err
+					}
+				}
+				for key, a := range map[string]*Attestation{
+					"i-1":         {PolicyName: "gold", PolicyPCRs: pcr0(2)},   // p1's own
+					"i-2":         {PolicyName: "gold", PolicyPCRs: pcr0(1)},   // the shared one, before p1 made its own
+					"i-3":         {PolicyName: "gold", PolicyPCRs: pcr0(1)},   // the shared one
+					"i-4":         {PolicyName: "silver", PolicyPCRs: pcr0(4)}, // a silver since replaced
+					HostKey("h1"): {PolicyName: "gold", PolicyPCRs: pcr0(1)},
+				} {
+					a.Verdict = VerdictTrusted
+					doc, _ := json.Marshal(a)
+					if _, err := tx.exec(`INSERT INTO attestations (instance_id, doc, updated_at) VALUES (?, ?, '')`, key, string(doc)); err != nil {
+						return err
+					}
+					if _, err := tx.exec(`UPDATE vtpms SET verdict='trusted', policy_name=? WHERE instance_id=?`, a.PolicyName, key); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := s.migrate(ctx); err != nil {
+				t.Fatal(err)
+			}
+			err = s.View(ctx, func(tx *Tx) error {
+				shared, err := tx.GetPolicy("", "gold")
+				if err != nil {
+					return err
+				}
+				own, err := tx.GetPolicy("p1", "gold")
+				if err != nil {
+					return err
+				}
+				silver, err := tx.GetPolicy("", "silver")
+				if err != nil {
+					return err
+				}
+				if len(shared.ID) != 32 || len(own.ID) != 32 || own.ID == shared.ID || silver.ID == shared.ID || silver.ID == own.ID {
+					t.Errorf("policy ids: %q %q %q", shared.ID, own.ID, silver.ID)
+				}
+				for key, want := range map[string]string{"i-1": own.ID, "i-2": shared.ID, "i-3": shared.ID, "i-4": "", HostKey("h1"): shared.ID} {
+					a, err := tx.GetAttestation(key)
+					if err != nil {
+						return err
+					}
+					if a.PolicyID != want || a.PolicyName == "" || a.Verdict != VerdictTrusted || string(a.PolicyPCRs[0]) == "" {
+						t.Errorf("%s's record after the migration: policy %q (%s), want %q; %+v", key, a.PolicyID, a.PolicyName, want, a)
+					}
+				}
+				for id, want := range map[string][]string{shared.ID: {"i-2", "i-3"}, own.ID: {"i-1"}, silver.ID: nil} {
+					page, err := tx.ListInstances(InstanceQuery{PolicyID: id})
+					if err != nil {
+						return err
+					}
+					var got []string
+					for _, in := range page {
+						got = append(got, in.InstanceID)
+					}
+					if !slices.Equal(got, want) {
+						t.Errorf("instances of policy %s after the migration: %v, want %v", id, got, want)
+					}
 				}
 				return nil
 			})

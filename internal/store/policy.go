@@ -1,7 +1,9 @@
 package store
 
 import (
+	"crypto/rand"
 	"database/sql"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,6 +15,9 @@ import (
 // instances or hosts, which take a copy. Project "" is the operator's,
 // usable by every project.
 type Policy struct {
+	// ID is the policy's identity, which copies keep (an attestation's
+	// PolicyID): a name deleted and made again is another policy.
+	ID      string           `json:"-"`
 	Project string           `json:"-"`
 	Name    string           `json:"-"`
 	PCRs    map[int][]byte   `json:"pcrs,omitempty"`
@@ -25,31 +30,46 @@ type Policy struct {
 	CreatedAt   time.Time `json:"-"`
 }
 
-// CreatePolicy stores p; ErrExists if its project has one of that name.
+// CreatePolicy stores p with a new ID; ErrExists if its project has one
+// of that name.
 func (t *Tx) CreatePolicy(p *Policy) error {
 	doc, err := json.Marshal(p)
 	if err != nil {
 		return err
 	}
-	res, err := t.exec(`INSERT INTO policies (project, name, doc, created_at) VALUES (?,?,?,?) ON CONFLICT DO NOTHING`,
-		p.Project, p.Name, string(doc), stamp(t.now))
+	id := make([]byte, 16)
+	if _, err := rand.Read(id); err != nil {
+		return err
+	}
+	res, err := t.exec(`INSERT INTO policies (id, project, name, doc, created_at) VALUES (?,?,?,?,?) ON CONFLICT DO NOTHING`,
+		hex.EncodeToString(id), p.Project, p.Name, string(doc), stamp(t.now))
 	if err != nil {
 		return err
 	}
 	if n, _ := res.RowsAffected(); n == 0 {
 		return fmt.Errorf("policy %s: %w", p.Name, ErrExists)
 	}
-	p.CreatedAt = t.now
+	p.ID, p.CreatedAt = hex.EncodeToString(id), t.now
 	return nil
 }
 
 // GetPolicy reads a project's policy; ErrNotFound if there is none.
 func (t *Tx) GetPolicy(project, name string) (*Policy, error) {
-	p := &Policy{Project: project, Name: name}
+	return t.getPolicy(`project=? AND name=?`, project, name)
+}
+
+// GetPolicyByID reads the policy whose ID is id; ErrNotFound if there is
+// none (it was deleted, maybe made again under the same name).
+func (t *Tx) GetPolicyByID(id string) (*Policy, error) {
+	return t.getPolicy(`id=?`, id)
+}
+
+func (t *Tx) getPolicy(where string, args ...any) (*Policy, error) {
+	p := &Policy{}
 	var doc, at string
-	err := t.queryRow(`SELECT doc, created_at FROM policies WHERE project=? AND name=?`, project, name).Scan(&doc, &at)
+	err := t.queryRow(`SELECT id, project, name, doc, created_at FROM policies WHERE `+where, args...).Scan(&p.ID, &p.Project, &p.Name, &doc, &at)
 	if errors.Is(err, sql.ErrNoRows) {
-		return nil, fmt.Errorf("policy %s: %w", name, ErrNotFound)
+		return nil, fmt.Errorf("policy %v: %w", args[len(args)-1], ErrNotFound)
 	}
 	if err != nil {
 		return nil, err
@@ -61,7 +81,7 @@ func (t *Tx) GetPolicy(project, name string) (*Policy, error) {
 // ListPolicies lists the policies of the given projects (all when none
 // is given), by project and name.
 func (t *Tx) ListPolicies(projects ...string) ([]*Policy, error) {
-	q, args := `SELECT project, name, doc, created_at FROM policies`, []any{}
+	q, args := `SELECT id, project, name, doc, created_at FROM policies`, []any{}
 	if len(projects) > 0 {
 		q += ` WHERE project IN (?` + strings.Repeat(",?", len(projects)-1) + `)`
 		for _, p := range projects {
@@ -77,7 +97,7 @@ func (t *Tx) ListPolicies(projects ...string) ([]*Policy, error) {
 	for rows.Next() {
 		p := &Policy{}
 		var doc, at string
-		if err := rows.Scan(&p.Project, &p.Name, &doc, &at); err != nil {
+		if err := rows.Scan(&p.ID, &p.Project, &p.Name, &doc, &at); err != nil {
 			return nil, err
 		}
 		if err := json.Unmarshal([]byte(doc), p); err != nil {

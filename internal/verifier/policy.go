@@ -47,13 +47,13 @@ func (v *Verifier) SetPolicy(ctx context.Context, sub Subject, req api.PolicyReq
 	err := v.update(ctx, sub, action, func(a *store.Attestation) error {
 		var p attest.Policy
 		if named != nil {
-			p, a.PolicyName = attest.Policy{PCRs: named.PCRs, Digests: named.Digests, EventLog: named.EventLog}, named.Name
+			p, a.PolicyName, a.PolicyID = attest.Policy{PCRs: named.PCRs, Digests: named.Digests, EventLog: named.EventLog}, named.Name, named.ID
 		} else {
 			learned, err := learn(a, req.PCRs, req.Digests)
 			if err != nil {
 				return err
 			}
-			p, a.PolicyName = learned, ""
+			p, a.PolicyName, a.PolicyID = learned, "", ""
 		}
 		a.PolicyPCRs, a.PolicyDigests, a.PolicyEventLog = p.PCRs, p.Digests, p.EventLog
 		if a.PCRs == nil {

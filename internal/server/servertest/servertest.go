@@ -5,7 +5,6 @@
 package servertest
 
 import (
-	"bytes"
 	"context"
 	"net"
 	"net/http"
@@ -42,7 +41,7 @@ func New(t testing.TB, st *store.Store, kr keyring.Keyring) *server.Server {
 	api := &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: caChain,
 		Broker:    broker.New(broker.Config{Store: st, Keyring: kr, Verifier: ver}),
 		Enrolment: enrol.New(enrol.Config{Store: st, HostCA: hostCA}), Agents: agentstore.New(st, kr, nil, nil)}
-	api.Console = console.New(console.Config{Store: st, VTPMs: vs, Verifier: ver, Authenticate: api.BrowserViewer, Key: bytes.Repeat([]byte{7}, 32)})
+	api.Console = console.New(console.Config{Store: st, VTPMs: vs, Verifier: ver, Authenticate: api.BrowserViewer})
 	return api
 }
 

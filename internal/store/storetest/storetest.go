@@ -46,6 +46,13 @@ func OnEngines(t *testing.T, test func(t *testing.T, open func() *store.Store)) 
 	}
 }
 
+// OpenEngine opens a fresh, empty store on engine ("sqlite" or
+// "postgres"), whatever VTPMD_TEST_STORE says: for benchmarks that
+// compare the two in one run.
+func OpenEngine(t testing.TB, engine string) *store.Store {
+	return opener(t, engine, t.TempDir(), store.Options{})()
+}
+
 func opener(t testing.TB, engine, dir string, opts store.Options) func() *store.Store {
 	t.Helper()
 	open := func() (*store.Store, error) {
