@@ -45,7 +45,8 @@ func ranAnHour(t *testing.T, tpm transport.TPM) {
 // TestMovedAttestation registers a guest's attestation (the guest agent's
 // code on the vTPM's socket, booted with a real firmware event log) and
 // learns its policy, then moves the vTPM: a cold migration, a shelve and
-// an unshelve on the other host, a restore of its backup, and an
+// an unshelve on the other host, a resize that keeps the TPM (reverted,
+// then confirmed), a restore of its backup, and an
 // evacuation of its host from that backup. After each move the guest
 // boots again on the vTPM where it is now, and the same agent, with the
 // token of its one registration, quotes with the AK the moved TPM makes
@@ -139,6 +140,27 @@ func TestMovedAttestation(t *testing.T) {
 		t.Fatal(err)
 	}
 	attested("a shelve and an unshelve")
+
+	// Resized with its TPM kept (secret security user to host): reverted,
+	// then resized again and confirmed.
+	toHost := api.ResizeRequest{ResolveRequest: api.ResolveRequest{
+		FlavorSpecs: map[string]string{"hw:tpm_version": "2.0", "hw:tpm_secret_security": "host"}}}
+	for _, end := range []struct {
+		name string
+		do   func(context.Context, string) (api.VTPM, error)
+	}{{"a resize reverted", c.op.RevertResize}, {"a resize confirmed", c.op.ConfirmResize}} {
+		stopped()
+		if _, err := c.op.Resize(ctx, id, toHost); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := end.do(ctx, id); err != nil {
+			t.Fatalf("%s: %v", end.name, err)
+		}
+		if _, err := c.op.Start(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+		attested(end.name)
+	}
 
 	// Backed up while stopped, and booted again after: the restore takes
 	// the TPM, its counters too, back to before that boot, which the
