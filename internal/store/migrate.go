@@ -463,7 +463,7 @@ func (s *Store) migrateTo(ctx context.Context, last int) error {
 			if s.pg {
 				ddl = postgresDDL(ddl)
 			}
-			if _, err := tx.exec(ddl); err != nil {
+			if err := tx.script(ddl); err != nil {
 				return fmt.Errorf("migration %d: %w", v, err)
 			}
 			_, err = tx.exec(`INSERT INTO schema_version (version) VALUES (?)`, v)

@@ -25,7 +25,7 @@ var unmigrated = []struct {
 		if err != nil {
 			t.Fatal(err)
 		}
-		s := &Store{db: db, now: testClock(), connWait: connWait}
+		s := newStore(db, false, testClock())
 		t.Cleanup(func() { s.Close() })
 		return s
 	}},
@@ -34,7 +34,7 @@ var unmigrated = []struct {
 		if err != nil {
 			t.Fatal(err)
 		}
-		s := &Store{db: db, now: testClock(), pg: true, connWait: connWait}
+		s := newStore(db, true, testClock())
 		t.Cleanup(func() { s.Close() })
 		return s
 	}},
