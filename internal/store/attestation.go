@@ -65,18 +65,18 @@ type Attestation struct {
 	ResetCount   uint32         `json:"reset_count,omitempty"`
 	RestartCount uint32         `json:"restart_count,omitempty"`
 	PCRs         map[int][]byte `json:"pcrs,omitempty"`
-	EventLog     []byte         `json:"event_log,omitempty"`
+	EventLog     []byte         `json:"-"` // in the logs, see attestationLogs
 	// IMALog is this boot's IMA log as far as the quotes vouched for it:
 	// IMAEntries entries, which replay to PCRs[10]; an agent's next
 	// evidence may send only the entries after. (Records written before
 	// kept the whole log sent: its first IMAEntries entries count.)
-	IMALog     []byte `json:"ima_log,omitempty"`
+	IMALog     []byte `json:"-"`
 	IMAEntries int    `json:"ima_entries,omitempty"`
 	// Policy: reference PCR values or allowed digests per PCR, and the
 	// log they were learned from.
 	PolicyPCRs     map[int][]byte   `json:"policy_pcrs,omitempty"`
 	PolicyDigests  map[int][][]byte `json:"policy_digests,omitempty"`
-	PolicyEventLog []byte           `json:"policy_event_log,omitempty"`
+	PolicyEventLog []byte           `json:"-"`
 	PolicyName     string           `json:"policy_name,omitempty"` // the named policy copied, if any
 	// EvidenceAt is when the last genuine evidence arrived.
 	EvidenceAt time.Time `json:"evidence_at,omitzero"`
@@ -87,31 +87,81 @@ type Attestation struct {
 	// StaleAt is when the verdict turns stale unless evidence arrives;
 	// zero when it cannot (unregistered, or stale already).
 	StaleAt time.Time `json:"stale_at,omitzero"`
+
+	// withoutLogs marks a record read by GetAttestationWithoutLogs,
+	// which PutAttestation refuses.
+	withoutLogs bool
+}
+
+// attestationLogs are the logs of an attestation record, kept apart from
+// the rest of it (the attestations table's logs column; the rest is its
+// doc): an event log is tens of KiB and an IMA log may be MiBs, and only
+// judging evidence reads them, never a status, a token check or a key
+// release.
+type attestationLogs struct {
+	EventLog       []byte `json:"event_log,omitempty"`
+	IMALog         []byte `json:"ima_log,omitempty"`
+	PolicyEventLog []byte `json:"policy_event_log,omitempty"`
 }
 
 // GetAttestation reads an instance's attestation; ErrNotFound if it never
 // registered.
 func (t *Tx) GetAttestation(instanceID string) (*Attestation, error) {
-	var doc string
-	err := t.queryRow(`SELECT doc FROM attestations WHERE instance_id=?`, instanceID).Scan(&doc)
-	if errors.Is(err, sql.ErrNoRows) {
-		return nil, fmt.Errorf("attestation of %s: %w", instanceID, ErrNotFound)
-	}
+	var doc, logs string
+	err := t.queryRow(`SELECT doc, logs FROM attestations WHERE instance_id=?`, instanceID).Scan(&doc, &logs)
 	if err != nil {
-		return nil, err
+		return nil, attestationNotFound(instanceID, err)
 	}
 	a := &Attestation{InstanceID: instanceID}
+	var l attestationLogs
+	if err := json.Unmarshal([]byte(doc), a); err != nil {
+		return nil, fmt.Errorf("decoding attestation of %s: %w", instanceID, err)
+	}
+	if err := json.Unmarshal([]byte(logs), &l); err != nil {
+		return nil, fmt.Errorf("decoding the logs of the attestation of %s: %w", instanceID, err)
+	}
+	a.EventLog, a.IMALog, a.PolicyEventLog = l.EventLog, l.IMALog, l.PolicyEventLog
+	return a, nil
+}
+
+// GetAttestationWithoutLogs reads an instance's attestation as
+// GetAttestation does, but not its logs (EventLog, IMALog and
+// PolicyEventLog are nil): what a status, a token check or a key release
+// reads, at a cost that does not grow with the logs. PutAttestation
+// refuses the record it returns.
+func (t *Tx) GetAttestationWithoutLogs(instanceID string) (*Attestation, error) {
+	var doc string
+	err := t.queryRow(`SELECT doc FROM attestations WHERE instance_id=?`, instanceID).Scan(&doc)
+	if err != nil {
+		return nil, attestationNotFound(instanceID, err)
+	}
+	a := &Attestation{InstanceID: instanceID, withoutLogs: true}
 	if err := json.Unmarshal([]byte(doc), a); err != nil {
 		return nil, fmt.Errorf("decoding attestation of %s: %w", instanceID, err)
 	}
 	return a, nil
 }
 
+func attestationNotFound(instanceID string, err error) error {
+	if errors.Is(err, sql.ErrNoRows) {
+		return fmt.Errorf("attestation of %s: %w", instanceID, ErrNotFound)
+	}
+	return err
+}
+
 // PutAttestation writes a (insert or replace); for an instance's, its
 // vTPM's row takes the verdict, policy name and evidence time the console
-// sorts and filters by (see ListInstances).
+// sorts and filters by (see ListInstances). A record read without its
+// logs cannot be written: that would drop them.
 func (t *Tx) PutAttestation(a *Attestation) error {
+	if a.withoutLogs {
+		return fmt.Errorf("the attestation of %s was read without its logs: writing it would drop them", a.InstanceID)
+	}
 	doc, err := json.Marshal(a)
+	if err != nil {
+		return err
+	}
+	logs, err := json.Marshal(attestationLogs{EventLog: a.EventLog, IMALog: a.IMALog, PolicyEventLog: a.PolicyEventLog})
 	if err != nil {
 		return err
 	}
@@ -119,9 +169,9 @@ func (t *Tx) PutAttestation(a *Attestation) error {
 	if !a.StaleAt.IsZero() {
 		staleAt = sortable(a.StaleAt)
 	}
-	_, err = t.exec(`INSERT INTO attestations (instance_id, doc, updated_at, stale_at) VALUES (?,?,?,?)
-		ON CONFLICT(instance_id) DO UPDATE SET doc=excluded.doc, updated_at=excluded.updated_at, stale_at=excluded.stale_at`,
-		a.InstanceID, string(doc), stamp(t.now), staleAt)
+	_, err = t.exec(`INSERT INTO attestations (instance_id, doc, logs, updated_at, stale_at) VALUES (?,?,?,?,?)
+		ON CONFLICT(instance_id) DO UPDATE SET doc=excluded.doc, logs=excluded.logs, updated_at=excluded.updated_at, stale_at=excluded.stale_at`,
+		a.InstanceID, string(doc), string(logs), stamp(t.now), staleAt)
 	if err != nil || strings.HasPrefix(a.InstanceID, HostKey("")) {
 		return err
 	}

@@ -416,6 +416,16 @@ CREATE INDEX vtpms_evidence ON vtpms(evidence_at, instance_id);
 CREATE INDEX vtpms_phase ON vtpms(phase, instance_id);
 CREATE INDEX vtpms_version ON vtpms(version, instance_id);
 CREATE INDEX events_action_at ON events(action, at);`,
+	// An attestation record's logs (event log, IMA log, the policy's event
+	// log) apart from the rest of it, so that reading a verdict, a token
+	// or a release's conditions does not decode them (see
+	// attestationLogs).
+	30: `
+ALTER TABLE attestations ADD COLUMN logs TEXT NOT NULL DEFAULT '{}';
+UPDATE attestations SET
+	logs = json_object('event_log', json_extract(doc, '$.event_log'), 'ima_log', json_extract(doc, '$.ima_log'),
+		'policy_event_log', json_extract(doc, '$.policy_event_log')),
+	doc = json_remove(doc, '$.event_log', '$.ima_log', '$.policy_event_log');`,
 }
 
 func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)-1) }
@@ -528,5 +538,12 @@ CREATE TRIGGER events_no_delete BEFORE DELETE ON events FOR EACH ROW EXECUTE FUN
 		`json_extract(a.doc, '$.verdict')`, `(a.doc::jsonb->>'verdict')`,
 		`json_extract(a.doc, '$.policy_name')`, `(a.doc::jsonb->>'policy_name')`,
 		`json_extract(a.doc, '$.evidence_at')`, `(a.doc::jsonb->>'evidence_at')`,
+		// Migration 30's: a document's logs moved to another.
+		`json_object('event_log', json_extract(doc, '$.event_log'), 'ima_log', json_extract(doc, '$.ima_log'),
+		'policy_event_log', json_extract(doc, '$.policy_event_log'))`,
+		`jsonb_build_object('event_log', doc::jsonb->'event_log', 'ima_log', doc::jsonb->'ima_log',
+		'policy_event_log', doc::jsonb->'policy_event_log')::text`,
+		`json_remove(doc, '$.event_log', '$.ima_log', '$.policy_event_log')`,
+		`(doc::jsonb - 'event_log' - 'ima_log' - 'policy_event_log')::text`,
 	).Replace(ddl)
 }

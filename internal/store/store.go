@@ -503,8 +503,9 @@ type Tx struct {
 	statements *atomic.Int64
 	store      *Store
 	changed    []topic // vTPMs and hosts written, for VTPMChanged and HostChanged
-	// incarnations are the vTPMs this transaction wrote, by instance id:
-	// the incarnation it last made, updated or deleted (see wrote).
+	// incarnations are the vTPMs this transaction read or wrote, by
+	// instance id: the incarnation it last read, made, updated or deleted
+	// (see saw).
 	incarnations map[string]string
 	// revisions are the hosts whose vTPMs this transaction wrote, each
 	// with the watch revision its writes there carry.

@@ -224,7 +224,7 @@ type HostVerdict struct {
 func (v *Verifier) Status(ctx context.Context, sub Subject) (Status, error) {
 	var st Status
 	err := v.cfg.Store.View(ctx, func(tx *store.Tx) error {
-		a, err := tx.GetAttestation(sub.key)
+		a, err := tx.GetAttestationWithoutLogs(sub.key)
 		if errors.Is(err, store.ErrNotFound) {
 			return refusal.NotFound(api.CodeNotRegistered, "The "+sub.kind()+" has never registered an attestation key.")
 		}
@@ -388,7 +388,7 @@ func (v *Verifier) HostVerdicts(ctx context.Context, names []string) (map[string
 // hostVerdict is host's own verdict as of now, as its instances read it.
 func hostVerdict(tx *store.Tx, host string, now time.Time) (HostVerdict, error) {
 	h := HostVerdict{Name: host, Verdict: store.VerdictUnattested}
-	a, err := tx.GetAttestation(store.HostKey(host))
+	a, err := tx.GetAttestationWithoutLogs(store.HostKey(host))
 	switch {
 	case err == nil:
 		if hs := recordStatus(a, now); hs.State == Registered {
