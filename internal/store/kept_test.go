@@ -2,8 +2,10 @@ package store
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -164,5 +166,47 @@ func TestKeptStatements(t *testing.T) {
 	// A statement with an error reports it, kept or not.
 	if err := s.View(ctx, func(tx *Tx) error { return tx.queryRow(`SELECT nothing FROM nowhere`).Scan(&n) }); err == nil {
 		t.Fatal("a statement on a missing table ran")
+	}
+}
+
+// TestCheckpointer: on SQLite no commit copies the WAL into the database
+// (SQLite's automatic checkpoint is off); the store's checkpointer does,
+// once enough transactions wrote.
+func TestCheckpointer(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "vtpmd.db")
+	s, err := Open(context.Background(), path, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	var auto int
+	if err := s.db.QueryRowContext(ctx, `PRAGMA wal_autocheckpoint`).Scan(&auto); err != nil || auto != 0 {
+		t.Fatalf("wal_autocheckpoint = %d, %v; want 0", auto, err)
+	}
+	// What the database file holds, without the WAL.
+	file, err := sql.Open("sqlite", "file:"+path+"?immutable=1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer file.Close()
+	file.SetMaxIdleConns(0) // immutable: a connection would keep the pages it read
+	inFile := func() (n int) {
+		// An error: not even the tables are there yet.
+		file.QueryRowContext(ctx, `SELECT COUNT(*) FROM hosts`).Scan(&n)
+		return n
+	}
+	for i := range checkpointWrites {
+		if err := s.Update(ctx, func(tx *Tx) error {
+			return tx.PutHost(&Host{Name: fmt.Sprintf("h%d", i), Traits: []string{}, Capacity: 1, Backend: "swtpm"})
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for deadline := time.Now().Add(time.Minute); inFile() != checkpointWrites; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the database file holds %d hosts of %d written a minute ago: no checkpoint", inFile(), checkpointWrites)
+		}
 	}
 }

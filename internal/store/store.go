@@ -43,23 +43,28 @@ type Store struct {
 	// statements counts the SQL statements transactions ran (Statements).
 	statements atomic.Int64
 
-	// On SQLite: writing is the one writer's slot (see takeWriting), and
-	// kept the statements prepared once and kept on every connection
-	// that ran them (see keep).
+	// On SQLite: writing is the one writer's slot (see takeWriting), kept
+	// the statements prepared once and kept on every connection that ran
+	// them (see keep), and wrote nudges the checkpointer (see
+	// checkpointer).
 	writing chan struct{}
 	keptMu  sync.Mutex
 	kept    map[string]*sql.Stmt
+	writes  atomic.Int64
+	wrote   chan struct{}
 
 	mu      sync.Mutex
 	waiting map[topic]chan struct{} // see VTPMChanged and HostChanged
 
 	// On PostgreSQL: id names this Store in its notifications (notify.go),
-	// listened is closed once its listener first listens, and
-	// stopListening ends it.
-	id            string
-	listened      chan struct{}
-	stopListening context.CancelFunc
-	listening     sync.WaitGroup
+	// and listened is closed once its listener first listens.
+	id       string
+	listened chan struct{}
+
+	// stop ends the store's own goroutine (PostgreSQL's listener, SQLite's
+	// checkpointer), which background counts.
+	stop       context.CancelFunc
+	background sync.WaitGroup
 }
 
 // topic is what a waiter waits for a commit to change: one vTPM's record,
@@ -166,12 +171,14 @@ type Options struct {
 // schema up to date.
 func Open(ctx context.Context, path string, opts Options) (*Store, error) {
 	q := url.Values{}
-	for _, p := range []string{"busy_timeout(10000)", "journal_mode(WAL)", "foreign_keys(1)", "synchronous(NORMAL)"} {
+	for _, p := range []string{"busy_timeout(10000)", "journal_mode(WAL)", "foreign_keys(1)", "synchronous(NORMAL)", "wal_autocheckpoint(0)"} {
 		q.Add("_pragma", p)
 	}
 	// WAL with synchronous=NORMAL survives any crash of vtpmd; only a power
 	// loss can lose the last commits (a request acknowledged just before it
-	// may need repeating). It saves an fsync per transaction.
+	// may need repeating). It saves an fsync per transaction. The WAL is
+	// copied back into the database by the store's checkpointer, not by
+	// whichever commit finds it long (see checkpointer).
 	// Writers take the lock when they begin, so two Updates never deadlock
 	// upgrading read locks.
 	q.Set("_txlock", "immediate")
@@ -201,7 +208,49 @@ func Open(ctx context.Context, path string, opts Options) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("migrating store %s: %w", path, err)
 	}
+	var bg context.Context
+	bg, s.stop = context.WithCancel(context.Background())
+	s.background.Go(func() { s.checkpointer(bg) })
 	return s, nil
+}
+
+// Checkpoints: SQLite's own (wal_autocheckpoint) runs in the commit that
+// finds the WAL past 1,000 pages, which then copies them into the
+// database and syncs it, tens of milliseconds on a busy disk, holding the
+// write slot meanwhile: every few hundred key releases one waited for it,
+// and the writers queued behind it. The checkpointer does it instead,
+// beside the transactions (a passive checkpoint waits for no reader or
+// writer, and none waits for it).
+const (
+	// checkpointWrites is how many written transactions nudge the
+	// checkpointer: a few pages each, so about SQLite's 1,000 pages.
+	checkpointWrites = 250
+	// checkpointEvery is how often it looks for the writes of fewer.
+	checkpointEvery = 5 * time.Second
+)
+
+// checkpointer copies the WAL back into the SQLite database when
+// checkpointWrites transactions wrote, or checkpointEvery after any did,
+// until ctx ends.
+func (s *Store) checkpointer(ctx context.Context) {
+	tick := time.NewTicker(checkpointEvery)
+	defer tick.Stop()
+	var done int64
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.wrote:
+		case <-tick.C:
+		}
+		if n := s.writes.Load(); n != done {
+			// A checkpoint that fails (the disk full, say) leaves the WAL
+			// to the next one; the commits in it are safe meanwhile.
+			if _, err := s.db.ExecContext(ctx, `PRAGMA wal_checkpoint(PASSIVE)`); err == nil {
+				done = n
+			}
+		}
+	}
 }
 
 // newStore is a Store on db, of PostgreSQL if pg, else of SQLite, with
@@ -212,7 +261,7 @@ func newStore(db *sql.DB, pg bool, now func() time.Time) *Store {
 	}
 	s := &Store{db: db, now: now, pg: pg, connWait: connWait}
 	if !pg {
-		s.writing, s.kept = make(chan struct{}, 1), map[string]*sql.Stmt{}
+		s.writing, s.kept, s.wrote = make(chan struct{}, 1), map[string]*sql.Stmt{}, make(chan struct{}, 1)
 	}
 	return s
 }
@@ -265,8 +314,8 @@ func OpenPostgres(ctx context.Context, dsn string, opts Options) (*Store, error)
 		return nil, fmt.Errorf("migrating store: %w", err)
 	}
 	var listenCtx context.Context
-	listenCtx, s.stopListening = context.WithCancel(context.Background())
-	s.listening.Go(func() { s.listen(listenCtx, dsn) })
+	listenCtx, s.stop = context.WithCancel(context.Background())
+	s.background.Go(func() { s.listen(listenCtx, dsn) })
 	return s, nil
 }
 
@@ -280,9 +329,9 @@ func (s *Store) Ping(ctx context.Context) error { return s.db.PingContext(ctx) }
 
 // Close closes the database.
 func (s *Store) Close() error {
-	if s.stopListening != nil {
-		s.stopListening()
-		s.listening.Wait()
+	if s.stop != nil {
+		s.stop()
+		s.background.Wait()
 	}
 	s.keptMu.Lock()
 	for _, st := range s.kept {
@@ -482,6 +531,12 @@ func (s *Store) runOnce(ctx context.Context, readOnly bool, fn func(*Tx) error) 
 		switch {
 		case cerr == nil:
 			s.committed(tx.changed)
+			if !s.pg && !readOnly && s.writes.Add(1)%checkpointWrites == 0 {
+				select {
+				case s.wrote <- struct{}{}:
+				default: // the checkpointer has one waiting already
+				}
+			}
 		case unreachable(cerr) && ctx.Err() == nil:
 			// Whether PostgreSQL committed before the connection went
 			// is unknown.
