@@ -149,7 +149,7 @@ func quantile(ds []time.Duration, q float64) time.Duration {
 //     has arrived (the API's handler: routing, the release, the JSON
 //     answer), one after another;
 //
-//   - paced-500/s, paced-1000/s: requests arriving at that rate (open
+//   - paced-500/s, paced-1000/s, paced-2000/s: requests arriving at that rate (open
 //     loop, 8 workers) to the handler, for b.N requests; each reports the
 //     server-side p50/p99 and the rate reached;
 //
@@ -186,7 +186,7 @@ func BenchmarkRelease(b *testing.B) {
 		b.ReportMetric(float64(quantile(ds, 0.99).Microseconds()), "p99-µs")
 	})
 
-	for _, rate := range []int{500, 1000} {
+	for _, rate := range []int{500, 1000, 2000} {
 		b.Run(fmt.Sprintf("paced-%d/s", rate), func(b *testing.B) {
 			const workers = 8
 			n := b.N
