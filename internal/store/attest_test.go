@@ -174,5 +174,22 @@ func TestAttestationLogsApart(t *testing.T) {
 		}); !errors.Is(err, ErrNotFound) {
 			t.Fatalf("an absent record: %v", err)
 		}
+
+		// Several in one read: those there are, without their logs.
+		host := &Attestation{InstanceID: HostKey("h1"), Verdict: VerdictUntrusted, Reasons: []string{"r"}, EventLog: []byte("host's log")}
+		if err := s.Update(ctx, func(tx *Tx) error { return tx.PutAttestation(host) }); err != nil {
+			t.Fatal(err)
+		}
+		var some map[string]*Attestation
+		if err := s.View(ctx, func(tx *Tx) (err error) {
+			some, err = tx.GetAttestationsWithoutLogs("i-1", "i-2", HostKey("h1"))
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if len(some) != 2 || some["i-1"] == nil || some["i-1"].EventLog != nil || !some["i-1"].withoutLogs || some["i-1"].PolicyName != "gold" ||
+			some[HostKey("h1")] == nil || some[HostKey("h1")].Verdict != VerdictUntrusted || some[HostKey("h1")].EventLog != nil {
+			t.Fatalf("read together: %+v", some)
+		}
 	})
 }

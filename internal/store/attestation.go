@@ -135,9 +135,43 @@ func (t *Tx) GetAttestationWithoutLogs(instanceID string) (*Attestation, error) 
 	if err != nil {
 		return nil, attestationNotFound(instanceID, err)
 	}
-	a := &Attestation{InstanceID: instanceID, withoutLogs: true}
+	return withoutLogs(instanceID, doc)
+}
+
+// GetAttestationsWithoutLogs reads the records of keys as
+// GetAttestationWithoutLogs does, in one statement (an instance's and its
+// host's, say), by key; a key with no record is not in the map.
+func (t *Tx) GetAttestationsWithoutLogs(keys ...string) (map[string]*Attestation, error) {
+	out := make(map[string]*Attestation, len(keys))
+	if len(keys) == 0 {
+		return out, nil
+	}
+	args := make([]any, len(keys))
+	for i, k := range keys {
+		args[i] = k
+	}
+	rows, err := t.query(`SELECT instance_id, doc FROM attestations WHERE instance_id IN (?`+strings.Repeat(",?", len(keys)-1)+`)`, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var key, doc string
+		if err := rows.Scan(&key, &doc); err != nil {
+			return nil, err
+		}
+		if out[key], err = withoutLogs(key, doc); err != nil {
+			return nil, err
+		}
+	}
+	return out, rows.Err()
+}
+
+// withoutLogs decodes the document of key's record, read without its logs.
+func withoutLogs(key, doc string) (*Attestation, error) {
+	a := &Attestation{InstanceID: key, withoutLogs: true}
 	if err := json.Unmarshal([]byte(doc), a); err != nil {
-		return nil, fmt.Errorf("decoding attestation of %s: %w", instanceID, err)
+		return nil, fmt.Errorf("decoding attestation of %s: %w", key, err)
 	}
 	return a, nil
 }

@@ -44,18 +44,20 @@ func (v *Verifier) Gate(tx *store.Tx, c tenant.Caller, id, agentToken string) (*
 		return nil, err
 	}
 	sub := Subject{key: vt.InstanceID, vtpm: vt, actor: c.Actor}
-	a, err := registeredIn(tx, sub)
+	hostKey := store.HostKey(vt.Host)
+	records, err := tx.GetAttestationsWithoutLogs(vt.InstanceID, hostKey) // one round trip for both
 	if err != nil {
 		return nil, err
+	}
+	a := records[vt.InstanceID]
+	if a == nil || a.RegisteredAt.IsZero() {
+		return nil, notRegistered(sub)
 	}
 	if err := fromAgent(agentToken, a); err != nil {
 		return nil, err
 	}
 	now := v.now()
-	st, err := v.status(tx, sub, a, now)
-	if err != nil {
-		return nil, err
-	}
+	st := v.statusWith(sub, a, hostVerdictOf(vt.Host, records[hostKey], now), now)
 	g := &Gate{VTPM: vt, Status: st, EvidenceAt: a.EvidenceAt, HostEvidenceAt: st.Host.EvidenceAt, AKPublic: a.AKPublic}
 	kind := a.EKKind
 	if kind == "" {
