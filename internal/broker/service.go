@@ -196,12 +196,14 @@ func (s *Service) Delete(ctx context.Context, c tenant.Caller, asked, name strin
 	})
 }
 
-// Release answers the registered agent of instance sub (agentToken is
-// its bearer token) with secret name of the instance's project, wrapped
-// for the instance's vTPM (Wrap), if at this moment:
+// Release answers the registered agent of instance id (agentToken is
+// its bearer token; c the request's caller, an agent's seeing every
+// project) with secret name of the instance's project, wrapped for the
+// instance's vTPM (Wrap), if at this moment:
 //
-//  1. the instance is registered and the token is its agent's
-//     (not_registered, unauthenticated: verifier.Gate);
+//  1. the instance has a vTPM c sees (not_found), it is registered, and
+//     the token is its agent's (not_registered, unauthenticated:
+//     verifier.Gate);
 //  2. its vTPM is not being deleted (instance_deleted);
 //  3. its project has a secret of that name (not_found: another project's
 //     reads as absent);
@@ -212,24 +214,31 @@ func (s *Service) Delete(ctx context.Context, c tenant.Caller, asked, name strin
 //  6. its and its host's last genuine evidence are no older than the
 //     secret's max_evidence_age (evidence_too_old).
 //
-// The checks and the record of the outcome are one transaction, so a
-// verdict change cannot slip between them: a release is recorded (and
-// revoked by the next change that leaves the instance untrusted), a
-// refusal from 2 on too; each is an event of the instance. A caller that
-// is not the agent (1) writes nothing.
-func (s *Service) Release(ctx context.Context, sub verifier.Subject, agentToken, name string) (api.WrappedSecret, error) {
-	vt := sub.VTPM()
-	if vt == nil {
-		return api.WrappedSecret{}, refusal.Invalid(api.CodeInvalidParameter, "Secrets are released to instances.")
+// The checks and the record of the outcome are one transaction, which
+// reads the vTPM, the attestation records (without their logs) and the
+// secret once each, so a verdict change or a delete cannot slip between
+// them: a release is recorded (and revoked by the next change that leaves
+// the instance untrusted), a refusal from 2 on too; each is an event of
+// the instance. A caller that is not the agent (1) writes nothing. A key
+// manager that keeps its secrets in the store (the embedded one) gives the
+// payload in that transaction too; another after it commits.
+func (s *Service) Release(ctx context.Context, c tenant.Caller, id, agentToken, name string) (api.WrappedSecret, error) {
+	id, err := vtpms.ParseInstanceID(id)
+	if err != nil {
+		return api.WrappedSecret{}, err
 	}
-	out := api.WrappedSecret{Name: name, InstanceID: vt.InstanceID, ReleaseID: uuid.NewString()}
+	out := api.WrappedSecret{Name: name, InstanceID: id, ReleaseID: uuid.NewString()}
 	var refused error
 	var sec *store.BrokerSecret
 	var g *verifier.Gate
-	err := s.cfg.Store.Update(ctx, func(tx *store.Tx) (err error) {
-		if g, err = s.cfg.Verifier.Gate(tx, sub, agentToken); err != nil {
+	var sk keyring.Secret
+	inStore, payloadInStore := s.cfg.Keyring.(storeKeyring)
+	err = s.cfg.Store.Update(ctx, func(tx *store.Tx) (err error) {
+		clear(sk.Payload) // of a try PostgreSQL made run again
+		if g, err = s.cfg.Verifier.Gate(tx, c, id, agentToken); err != nil {
 			return err // nobody proved to be the agent: nothing is recorded
 		}
+		vt := g.VTPM
 		if vt.Desired == store.DesiredDeleted || vt.Phase == store.PhaseDeleting {
 			refused = refusal.Conflict(api.CodeInstanceDeleted, "Instance "+vt.InstanceID+" is being deleted.")
 			return s.refusal(tx, vt, name, refused)
@@ -237,23 +246,30 @@ func (s *Service) Release(ctx context.Context, sub verifier.Subject, agentToken,
 		if refused = s.check(tx, g, name, &sec); refused != nil {
 			return s.refusal(tx, vt, name, refused)
 		}
+		if payloadInStore {
+			if sk, err = inStore.GetIn(tx, sec.KeyID); err != nil {
+				return fmt.Errorf("reading secret %s of project %s: %w", name, vt.Project, err)
+			}
+		}
 		if err := tx.RecordRelease(vt.Project, name, vt.InstanceID, vt.Incarnation); err != nil {
 			return err
 		}
 		return tx.AppendEvent(store.Event{Actor: "attestation agent", InstanceID: vt.InstanceID, Action: "secret released",
 			Detail: name + " (release " + out.ReleaseID + ")"})
 	})
+	defer func() { clear(sk.Payload) }()
 	if err == nil {
 		err = refused
 	}
 	if err != nil {
 		return api.WrappedSecret{}, err
 	}
-	sk, err := s.cfg.Keyring.Get(keyring.AsService(ctx), sec.KeyID)
-	if err != nil {
-		return api.WrappedSecret{}, fmt.Errorf("reading secret %s of project %s: %w", name, vt.Project, err)
+	vt := g.VTPM
+	if !payloadInStore {
+		if sk, err = s.cfg.Keyring.Get(keyring.AsService(ctx), sec.KeyID); err != nil {
+			return api.WrappedSecret{}, fmt.Errorf("reading secret %s of project %s: %w", name, vt.Project, err)
+		}
 	}
-	defer clear(sk.Payload)
 	ek, err := x509.ParsePKIXPublicKey(g.EK.PublicDER)
 	if err != nil {
 		return api.WrappedSecret{}, fmt.Errorf("the EK of instance %s: %w", vt.InstanceID, err)
@@ -269,6 +285,13 @@ func (s *Service) Release(ctx context.Context, sub verifier.Subject, agentToken,
 	out.EKHandle, out.Wrapped = fmt.Sprintf("0x%08x", g.EK.Handle), w.Marshal()
 	s.cfg.Log.Info("secret released", "instance", vt.InstanceID, "project", vt.Project, "secret", name, "release", out.ReleaseID)
 	return out, nil
+}
+
+// storeKeyring is a key manager that keeps its secrets in vtpmd's store
+// (internal/keyring/embedded): GetIn opens one in a transaction of the
+// store, keyring.ErrNotFound if it has none.
+type storeKeyring interface {
+	GetIn(tx *store.Tx, id string) (keyring.Secret, error)
 }
 
 // check applies the release conditions 3 to 6 (see Release) to g, reading

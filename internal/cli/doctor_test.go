@@ -137,15 +137,23 @@ func TestAttestationCommands(t *testing.T) {
 	if code, _, errOut := run(t, append(base, "hyperv", "plan", id)...); code != ExitConflict || !strings.Contains(errOut, string(api.CodeNotHyperV)) {
 		t.Fatalf("hyperv plan of a non-Hyper-V vTPM: %d %q", code, errOut)
 	}
-	if code, _, errOut := run(t, append(base, "--project", "p1", "secret", "create")...); code != ExitUsage || !strings.Contains(errOut, "--payload-file") {
-		t.Fatalf("secret create without a file: %d %q", code, errOut)
+	if code, _, errOut := run(t, append(base, "--project", "p1", "hyperv", "key", "create")...); code != ExitUsage || !strings.Contains(errOut, "--payload-file") {
+		t.Fatalf("hyperv key create without a file: %d %q", code, errOut)
 	}
 	keyFile := filepath.Join(t.TempDir(), "owner.pfx.b64")
 	os.WriteFile(keyFile, []byte("S0VZLU1BVEVSSUFM\n"), 0o600)
-	if code, out, errOut := run(t, append(base, "--project", "p1", "secret", "create", "--payload-file", keyFile)...); code != ExitOK || len(strings.TrimSpace(out)) != 36 || strings.Contains(out, "S0VZ") {
-		t.Fatalf("secret create: %d %q %q", code, out, errOut)
+	if code, out, errOut := run(t, append(base, "--project", "p1", "hyperv", "key", "create", "--payload-file", keyFile)...); code != ExitOK || len(strings.TrimSpace(out)) != 36 || strings.Contains(out, "S0VZ") {
+		t.Fatalf("hyperv key create: %d %q %q", code, out, errOut)
 	}
-	// Named secrets, released only to attested instances.
+	// Secrets, released only to attested instances: by name, which the
+	// guest asks for.
+	if code, out, errOut := run(t, append(base, "--project", "p1", "secret", "create", "--payload-file", keyFile, "--release-to", id)...); code != ExitUsage ||
+		!strings.Contains(errOut, "NAME") || !strings.Contains(errOut, "hyperv key create") || out != "" {
+		t.Fatalf("secret create without a NAME: %d %q %q", code, out, errOut)
+	}
+	if code, _, errOut := run(t, append(base, "--project", "p1", "secret", "create", "disk")...); code != ExitUsage || !strings.Contains(errOut, "--payload-file") {
+		t.Fatalf("secret create without a file: %d %q", code, errOut)
+	}
 	if code, _, errOut := run(t, append(base, "--project", "p1", "secret", "create", "disk", "--payload-file", keyFile)...); code != ExitUsage || !strings.Contains(errOut, "--release-to") {
 		t.Fatalf("secret create NAME without whom it is for: %d %q", code, errOut)
 	}

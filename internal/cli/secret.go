@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -15,57 +14,52 @@ import (
 )
 
 func newSecretCommand(g *globals) *cobra.Command {
-	cmd := &cobra.Command{Use: "secret", Short: "Secrets: released by name only to attested instances (the key broker), or key material for os_vtpm_keys"}
+	cmd := &cobra.Command{Use: "secret", Short: "Named secrets, released only to attested instances (the key broker)"}
 	var file, policy, maxAge string
 	var releaseTo []string
 	create := &cobra.Command{
-		Use: "create [NAME --release-to INSTANCE... | --policy POLICY] --payload-file FILE",
-		Short: "Store the file's contents as a secret of the project. With NAME: released only to the named instances " +
+		Use: "create NAME (--release-to INSTANCE... | --policy POLICY) --payload-file FILE",
+		Short: "Store the file's contents as the project's secret NAME, released only to the named instances " +
 			"(or those judged by the policy) while they and their hosts are trusted, inside their vTPM (vtpm-guest secret get NAME). " +
-			"Without: key material for os_vtpm_keys, whose id it prints. The payload is never shown again.",
-		Args: cobra.MaximumNArgs(1),
+			"The payload is never shown again.",
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) == 0 {
+				// The names the secret is asked for by (vtpm-guest secret
+				// get), shown, listed and deleted by; a Hyper-V vTPM's key
+				// material has a command of its own.
+				return cmdline.Usagef("secret create needs the secret's NAME, which instances ask for it by " +
+					"(key material for a Hyper-V vTPM's os_vtpm_keys: vtpmctl hyperv key create)")
+			}
+			return exactlyOne(cmd, args)
+		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if file == "" {
 				return cmdline.Usagef("--payload-file is required (the secret never goes on the command line)")
 			}
-			if len(args) == 0 && (len(releaseTo) > 0 || policy != "" || maxAge != "") {
-				return cmdline.Usagef("--release-to, --policy and --max-evidence-age are for a named secret (secret create NAME)")
-			}
-			if len(args) == 1 && len(releaseTo) == 0 && policy == "" {
+			if len(releaseTo) == 0 && policy == "" {
 				return cmdline.Usagef("say whom the secret is for: --release-to INSTANCE (repeatable) or --policy POLICY")
 			}
 			data, err := os.ReadFile(file)
 			if err != nil {
 				return cmdline.Exit(ExitUsage, err)
 			}
-			if len(args) == 1 {
-				s, err := g.client().CreateBrokerSecret(cmd.Context(), api.CreateBrokerSecretRequest{Name: args[0], Payload: data,
-					ReleaseTo: releaseTo, Policy: policy, MaxEvidenceAge: maxAge})
-				clear(data)
-				if err != nil {
-					return apiFailure(err)
-				}
-				return printBrokerSecret(cmd.OutOrStdout(), g.format(outputTable), s)
-			}
-			s, err := g.client().CreateSecret(cmd.Context(), api.CreateSecretRequest{Payload: strings.TrimRight(string(data), "\n")})
+			s, err := g.client().CreateBrokerSecret(cmd.Context(), api.CreateBrokerSecretRequest{Name: args[0], Payload: data,
+				ReleaseTo: releaseTo, Policy: policy, MaxEvidenceAge: maxAge})
+			clear(data)
 			if err != nil {
 				return apiFailure(err)
 			}
-			if g.format(outputTable) == outputJSON {
-				return writeJSON(cmd.OutOrStdout(), s)
-			}
-			_, err = fmt.Fprintln(cmd.OutOrStdout(), s.ID)
-			return err
+			return printBrokerSecret(cmd.OutOrStdout(), g.format(outputTable), s)
 		},
 	}
 	create.Flags().StringVar(&file, "payload-file", "", "file holding the secret")
-	create.Flags().StringSliceVar(&releaseTo, "release-to", nil, "an instance the named secret is released to (repeatable)")
-	create.Flags().StringVar(&policy, "policy", "", "release the named secret to instances judged by this policy")
+	create.Flags().StringSliceVar(&releaseTo, "release-to", nil, "an instance the secret is released to (repeatable)")
+	create.Flags().StringVar(&policy, "policy", "", "release the secret to instances judged by this policy")
 	create.Flags().StringVar(&maxAge, "max-evidence-age", "", "how old an instance's and its host's last evidence may be at a release (default 2m)")
 	cmd.AddCommand(create,
 		&cobra.Command{
 			Use:   "show NAME",
-			Short: "Show a named secret's release conditions and releases (never its payload)",
+			Short: "Show a secret's release conditions and releases (never its payload)",
 			Args:  exactlyOne,
 			RunE: func(cmd *cobra.Command, args []string) error {
 				s, err := g.client().BrokerSecret(cmd.Context(), args[0])
@@ -77,7 +71,7 @@ func newSecretCommand(g *globals) *cobra.Command {
 		},
 		&cobra.Command{
 			Use:   "list",
-			Short: "List the project's named secrets",
+			Short: "List the project's secrets",
 			Args:  cmdline.NoArgs,
 			RunE: func(cmd *cobra.Command, args []string) error {
 				l, err := g.client().BrokerSecrets(cmd.Context())
@@ -97,7 +91,7 @@ func newSecretCommand(g *globals) *cobra.Command {
 		},
 		&cobra.Command{
 			Use:   "delete NAME",
-			Short: "Delete a named secret and shred its payload; no instance gets it any more",
+			Short: "Delete a secret and shred its payload; no instance gets it any more",
 			Args:  exactlyOne,
 			RunE: func(cmd *cobra.Command, args []string) error {
 				if err := g.client().DeleteBrokerSecret(cmd.Context(), args[0]); err != nil {

@@ -74,11 +74,11 @@ func (s *Server) deleteBrokerSecret(w http.ResponseWriter, r *http.Request) erro
 // releaseSecret answers an instance's registered agent (its bearer token)
 // with a secret wrapped for the instance's vTPM.
 func (s *Server) releaseSecret(w http.ResponseWriter, r *http.Request) error {
-	sub, err := s.subject(r)
+	c, err := tenantOf(r)
 	if err != nil {
 		return err
 	}
-	out, err := s.Broker.Release(r.Context(), sub, bearerToken(r), r.PathValue("secret"))
+	out, err := s.Broker.Release(r.Context(), c, r.PathValue("id"), bearerToken(r), r.PathValue("secret"))
 	if err != nil {
 		return err
 	}

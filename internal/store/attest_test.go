@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"errors"
+	"reflect"
 	"slices"
 	"testing"
 	"time"
@@ -123,6 +124,72 @@ func TestAttestationTables(t *testing.T) {
 		err = s.View(ctx, func(tx *Tx) error { _, err := tx.HostByCredential([]byte("old")); return err })
 		if !errors.Is(err, ErrNotFound) {
 			t.Fatalf("a replaced credential: %v", err)
+		}
+	})
+}
+
+// An attestation record's logs are kept apart from the rest of it: read
+// back whole, left out by GetAttestationWithoutLogs (everything else
+// read), and a record read without them is never written back.
+func TestAttestationLogsApart(t *testing.T) {
+	onEngines(t, func(t *testing.T, open func(testing.TB) (*Store, func() (*Store, error))) {
+		ctx := context.Background()
+		s, _ := open(t)
+		at := time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)
+		in := &Attestation{InstanceID: "i-1", AKPublic: []byte{1, 2}, AgentTokenHash: []byte{3}, RegisteredAt: at, EvidenceAt: at,
+			Verdict: VerdictTrusted, Reasons: []string{"r"}, PCRs: map[int][]byte{0: {9}}, PolicyName: "gold",
+			EventLog: []byte("event log"), IMALog: []byte("ima log"), IMAEntries: 2, PolicyEventLog: []byte("policy's log")}
+		if err := s.Update(ctx, func(tx *Tx) error { return tx.PutAttestation(in) }); err != nil {
+			t.Fatal(err)
+		}
+		var whole, part *Attestation
+		err := s.View(ctx, func(tx *Tx) (err error) {
+			if whole, err = tx.GetAttestation("i-1"); err != nil {
+				return err
+			}
+			part, err = tx.GetAttestationWithoutLogs("i-1")
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !reflect.DeepEqual(whole, in) {
+			t.Fatalf("read back %+v, want %+v", whole, in)
+		}
+		if part.EventLog != nil || part.IMALog != nil || part.PolicyEventLog != nil {
+			t.Fatalf("read without logs: %q %q %q", part.EventLog, part.IMALog, part.PolicyEventLog)
+		}
+		lean := *in
+		lean.EventLog, lean.IMALog, lean.PolicyEventLog = nil, nil, nil
+		if part.withoutLogs = false; !reflect.DeepEqual(part, &lean) {
+			t.Fatalf("read without logs %+v, want %+v", part, &lean)
+		}
+		part.withoutLogs = true
+		if err := s.Update(ctx, func(tx *Tx) error { return tx.PutAttestation(part) }); err == nil {
+			t.Fatal("a record read without its logs was written back")
+		}
+		if err := s.View(ctx, func(tx *Tx) error {
+			_, err := tx.GetAttestationWithoutLogs("i-2")
+			return err
+		}); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("an absent record: %v", err)
+		}
+
+		// Several in one read: those there are, without their logs.
+		host := &Attestation{InstanceID: HostKey("h1"), Verdict: VerdictUntrusted, Reasons: []string{"r"}, EventLog: []byte("host's log")}
+		if err := s.Update(ctx, func(tx *Tx) error { return tx.PutAttestation(host) }); err != nil {
+			t.Fatal(err)
+		}
+		var some map[string]*Attestation
+		if err := s.View(ctx, func(tx *Tx) (err error) {
+			some, err = tx.GetAttestationsWithoutLogs("i-1", "i-2", HostKey("h1"))
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if len(some) != 2 || some["i-1"] == nil || some["i-1"].EventLog != nil || !some["i-1"].withoutLogs || some["i-1"].PolicyName != "gold" ||
+			some[HostKey("h1")] == nil || some[HostKey("h1")].Verdict != VerdictUntrusted || some[HostKey("h1")].EventLog != nil {
+			t.Fatalf("read together: %+v", some)
 		}
 	})
 }

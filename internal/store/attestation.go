@@ -65,18 +65,18 @@ type Attestation struct {
 	ResetCount   uint32         `json:"reset_count,omitempty"`
 	RestartCount uint32         `json:"restart_count,omitempty"`
 	PCRs         map[int][]byte `json:"pcrs,omitempty"`
-	EventLog     []byte         `json:"event_log,omitempty"`
+	EventLog     []byte         `json:"-"` // in the logs, see attestationLogs
 	// IMALog is this boot's IMA log as far as the quotes vouched for it:
 	// IMAEntries entries, which replay to PCRs[10]; an agent's next
 	// evidence may send only the entries after. (Records written before
 	// kept the whole log sent: its first IMAEntries entries count.)
-	IMALog     []byte `json:"ima_log,omitempty"`
+	IMALog     []byte `json:"-"`
 	IMAEntries int    `json:"ima_entries,omitempty"`
 	// Policy: reference PCR values or allowed digests per PCR, and the
 	// log they were learned from.
 	PolicyPCRs     map[int][]byte   `json:"policy_pcrs,omitempty"`
 	PolicyDigests  map[int][][]byte `json:"policy_digests,omitempty"`
-	PolicyEventLog []byte           `json:"policy_event_log,omitempty"`
+	PolicyEventLog []byte           `json:"-"`
 	// PolicyName and PolicyID name the policy copied, if any (learned
 	// ones are no named policy's): its name then, and its identity
 	// (Policy.ID), which a policy deleted and made again under the name
@@ -92,31 +92,115 @@ type Attestation struct {
 	// StaleAt is when the verdict turns stale unless evidence arrives;
 	// zero when it cannot (unregistered, or stale already).
 	StaleAt time.Time `json:"stale_at,omitzero"`
+
+	// withoutLogs marks a record read by GetAttestationWithoutLogs,
+	// which PutAttestation refuses.
+	withoutLogs bool
+}
+
+// attestationLogs are the logs of an attestation record, kept apart from
+// the rest of it (the attestations table's logs column; the rest is its
+// doc): an event log is tens of KiB and an IMA log may be MiBs, and only
+// judging evidence reads them, never a status, a token check or a key
+// release.
+type attestationLogs struct {
+	EventLog       []byte `json:"event_log,omitempty"`
+	IMALog         []byte `json:"ima_log,omitempty"`
+	PolicyEventLog []byte `json:"policy_event_log,omitempty"`
 }
 
 // GetAttestation reads an instance's attestation; ErrNotFound if it never
 // registered.
 func (t *Tx) GetAttestation(instanceID string) (*Attestation, error) {
+	var doc, logs string
+	err := t.queryRow(`SELECT doc, logs FROM attestations WHERE instance_id=?`, instanceID).Scan(&doc, &logs)
+	if err != nil {
+		return nil, attestationNotFound(instanceID, err)
+	}
+	a := &Attestation{InstanceID: instanceID}
+	var l attestationLogs
+	if err := json.Unmarshal([]byte(doc), a); err != nil {
+		return nil, fmt.Errorf("decoding attestation of %s: %w", instanceID, err)
+	}
+	if err := json.Unmarshal([]byte(logs), &l); err != nil {
+		return nil, fmt.Errorf("decoding the logs of the attestation of %s: %w", instanceID, err)
+	}
+	a.EventLog, a.IMALog, a.PolicyEventLog = l.EventLog, l.IMALog, l.PolicyEventLog
+	return a, nil
+}
+
+// GetAttestationWithoutLogs reads an instance's attestation as
+// GetAttestation does, but not its logs (EventLog, IMALog and
+// PolicyEventLog are nil): what a status, a token check or a key release
+// reads, at a cost that does not grow with the logs. PutAttestation
+// refuses the record it returns.
+func (t *Tx) GetAttestationWithoutLogs(instanceID string) (*Attestation, error) {
 	var doc string
 	err := t.queryRow(`SELECT doc FROM attestations WHERE instance_id=?`, instanceID).Scan(&doc)
-	if errors.Is(err, sql.ErrNoRows) {
-		return nil, fmt.Errorf("attestation of %s: %w", instanceID, ErrNotFound)
+	if err != nil {
+		return nil, attestationNotFound(instanceID, err)
 	}
+	return withoutLogs(instanceID, doc)
+}
+
+// GetAttestationsWithoutLogs reads the records of keys as
+// GetAttestationWithoutLogs does, in one statement (an instance's and its
+// host's, say), by key; a key with no record is not in the map.
+func (t *Tx) GetAttestationsWithoutLogs(keys ...string) (map[string]*Attestation, error) {
+	out := make(map[string]*Attestation, len(keys))
+	if len(keys) == 0 {
+		return out, nil
+	}
+	args := make([]any, len(keys))
+	for i, k := range keys {
+		args[i] = k
+	}
+	rows, err := t.query(`SELECT instance_id, doc FROM attestations WHERE instance_id IN (?`+strings.Repeat(",?", len(keys)-1)+`)`, args...)
 	if err != nil {
 		return nil, err
 	}
-	a := &Attestation{InstanceID: instanceID}
+	defer rows.Close()
+	for rows.Next() {
+		var key, doc string
+		if err := rows.Scan(&key, &doc); err != nil {
+			return nil, err
+		}
+		if out[key], err = withoutLogs(key, doc); err != nil {
+			return nil, err
+		}
+	}
+	return out, rows.Err()
+}
+
+// withoutLogs decodes the document of key's record, read without its logs.
+func withoutLogs(key, doc string) (*Attestation, error) {
+	a := &Attestation{InstanceID: key, withoutLogs: true}
 	if err := json.Unmarshal([]byte(doc), a); err != nil {
-		return nil, fmt.Errorf("decoding attestation of %s: %w", instanceID, err)
+		return nil, fmt.Errorf("decoding attestation of %s: %w", key, err)
 	}
 	return a, nil
 }
 
+func attestationNotFound(instanceID string, err error) error {
+	if errors.Is(err, sql.ErrNoRows) {
+		return fmt.Errorf("attestation of %s: %w", instanceID, ErrNotFound)
+	}
+	return err
+}
+
 // PutAttestation writes a (insert or replace); for an instance's, its
 // vTPM's row takes the verdict, policy (name and identity) and evidence
-// time the console sorts and filters by (see ListInstances).
+// time the console sorts and filters by (see ListInstances). A record
+// read without its logs cannot be written: that would drop them.
 func (t *Tx) PutAttestation(a *Attestation) error {
+	if a.withoutLogs {
+		return fmt.Errorf("the attestation of %s was read without its logs: writing it would drop them", a.InstanceID)
+	}
 	doc, err := json.Marshal(a)
+	if err != nil {
+		return err
+	}
+	logs, err := json.Marshal(attestationLogs{EventLog: a.EventLog, IMALog: a.IMALog, PolicyEventLog: a.PolicyEventLog})
 	if err != nil {
 		return err
 	}
@@ -124,9 +208,9 @@ func (t *Tx) PutAttestation(a *Attestation) error {
 	if !a.StaleAt.IsZero() {
 		staleAt = sortable(a.StaleAt)
 	}
-	_, err = t.exec(`INSERT INTO attestations (instance_id, doc, updated_at, stale_at) VALUES (?,?,?,?)
-		ON CONFLICT(instance_id) DO UPDATE SET doc=excluded.doc, updated_at=excluded.updated_at, stale_at=excluded.stale_at`,
-		a.InstanceID, string(doc), stamp(t.now), staleAt)
+	_, err = t.exec(`INSERT INTO attestations (instance_id, doc, logs, updated_at, stale_at) VALUES (?,?,?,?,?)
+		ON CONFLICT(instance_id) DO UPDATE SET doc=excluded.doc, logs=excluded.logs, updated_at=excluded.updated_at, stale_at=excluded.stale_at`,
+		a.InstanceID, string(doc), string(logs), stamp(t.now), staleAt)
 	if err != nil || strings.HasPrefix(a.InstanceID, HostKey("")) {
 		return err
 	}

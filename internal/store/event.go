@@ -24,7 +24,7 @@ type Event struct {
 // e.InstanceID that the transaction sees: the one it has, or the one this
 // transaction deleted. So an instance id's events stay with the vTPM they
 // happened to, and a later vTPM of the same id starts with none. A vTPM
-// this transaction wrote is known without reading it again.
+// this transaction read or wrote is known without reading it again.
 func (t *Tx) AppendEvent(e Event) error {
 	incarnation, ok := t.incarnations[e.InstanceID]
 	if !ok {

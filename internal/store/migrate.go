@@ -416,13 +416,24 @@ CREATE INDEX vtpms_evidence ON vtpms(evidence_at, instance_id);
 CREATE INDEX vtpms_phase ON vtpms(phase, instance_id);
 CREATE INDEX vtpms_version ON vtpms(version, instance_id);
 CREATE INDEX events_action_at ON events(action, at);`,
+	// An attestation record's logs (event log, IMA log, the policy's event
+	// log) apart from the rest of it, so that reading a verdict, a token
+	// or a release's conditions does not decode them (see
+	// attestationLogs).
+	30: `
+ALTER TABLE attestations ADD COLUMN logs TEXT NOT NULL DEFAULT '{}';
+UPDATE attestations SET
+	logs = json_object('event_log', json_extract(doc, '$.event_log'), 'ima_log', json_extract(doc, '$.ima_log'),
+		'policy_event_log', json_extract(doc, '$.policy_event_log')),
+	doc = json_remove(doc, '$.event_log', '$.ima_log', '$.policy_event_log');`,
 	// A policy's identity: a name can be deleted and made again, with
 	// other values, and a project's policy can share its name with a
 	// shared one; a copy (the attestation's policy_id, and the vTPM's row
 	// for the console) names the policy it was made from. Existing copies
 	// are matched to the policy their name finds (the project's own, else
 	// the shared one) only if its values are still the copy's; a copy of a
-	// policy since replaced names none. The console sorts a shelved vTPM
+	// policy since replaced names none (its event log compared in the
+	// attestation's logs, apart since migration 30). The console sorts a shelved vTPM
 	// (no host) as host ''. And the web console's sessions,
 	// which any replica checks and ending one ends it everywhere: a
 	// sign-in link (kind 'link') or a signed-in browser ('session', or
@@ -437,7 +448,7 @@ CREATE TABLE policy_copies AS SELECT a.instance_id, (SELECT p.id FROM policies p
 	AND p.project IN ('', COALESCE((SELECT v.project FROM vtpms v WHERE v.instance_id = a.instance_id), ''))
 	AND json_extract(p.doc, '$.pcrs') IS json_extract(a.doc, '$.policy_pcrs')
 	AND json_extract(p.doc, '$.digests') IS json_extract(a.doc, '$.policy_digests')
-	AND json_extract(p.doc, '$.event_log') IS json_extract(a.doc, '$.policy_event_log')
+	AND json_extract(p.doc, '$.event_log') IS json_extract(a.logs, '$.policy_event_log')
 	ORDER BY p.project DESC LIMIT 1) AS policy_id
 	FROM attestations a WHERE json_extract(a.doc, '$.policy_name') IS NOT NULL;
 DELETE FROM policy_copies WHERE policy_id IS NULL;
@@ -505,7 +516,7 @@ func (s *Store) migrateTo(ctx context.Context, last int) error {
 			if s.pg {
 				ddl = postgresDDL(ddl)
 			}
-			if _, err := tx.exec(ddl); err != nil {
+			if err := tx.script(ddl); err != nil {
 				return fmt.Errorf("migration %d: %w", v, err)
 			}
 			_, err = tx.exec(`INSERT INTO schema_version (version) VALUES (?)`, v)
@@ -570,10 +581,17 @@ CREATE TRIGGER events_no_delete BEFORE DELETE ON events FOR EACH ROW EXECUTE FUN
 		`json_extract(a.doc, '$.verdict')`, `(a.doc::jsonb->>'verdict')`,
 		`json_extract(a.doc, '$.policy_name')`, `(a.doc::jsonb->>'policy_name')`,
 		`json_extract(a.doc, '$.evidence_at')`, `(a.doc::jsonb->>'evidence_at')`,
+		// Migration 30's: a document's logs moved to another.
+		`json_object('event_log', json_extract(doc, '$.event_log'), 'ima_log', json_extract(doc, '$.ima_log'),
+		'policy_event_log', json_extract(doc, '$.policy_event_log'))`,
+		`jsonb_build_object('event_log', doc::jsonb->'event_log', 'ima_log', doc::jsonb->'ima_log',
+		'policy_event_log', doc::jsonb->'policy_event_log')::text`,
+		`json_remove(doc, '$.event_log', '$.ima_log', '$.policy_event_log')`,
+		`(doc::jsonb - 'event_log' - 'ima_log' - 'policy_event_log')::text`,
 		// Migration 31's: JSON values compared, and a field set.
 		`json_extract(p.doc, '$.pcrs') IS json_extract(a.doc, '$.policy_pcrs')`, `(p.doc::jsonb->'pcrs') IS NOT DISTINCT FROM (a.doc::jsonb->'policy_pcrs')`,
 		`json_extract(p.doc, '$.digests') IS json_extract(a.doc, '$.policy_digests')`, `(p.doc::jsonb->'digests') IS NOT DISTINCT FROM (a.doc::jsonb->'policy_digests')`,
-		`json_extract(p.doc, '$.event_log') IS json_extract(a.doc, '$.policy_event_log')`, `(p.doc::jsonb->'event_log') IS NOT DISTINCT FROM (a.doc::jsonb->'policy_event_log')`,
+		`json_extract(p.doc, '$.event_log') IS json_extract(a.logs, '$.policy_event_log')`, `(p.doc::jsonb->>'event_log') IS NOT DISTINCT FROM (a.logs::jsonb->>'policy_event_log')`,
 		`json_set(doc, '$.policy_id', (SELECT c.policy_id FROM policy_copies c WHERE c.instance_id = attestations.instance_id))`,
 		`jsonb_set(doc::jsonb, '{policy_id}', to_jsonb((SELECT c.policy_id FROM policy_copies c WHERE c.instance_id = attestations.instance_id)))::text`,
 	).Replace(ddl)

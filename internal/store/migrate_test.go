@@ -27,7 +27,7 @@ var unmigrated = []struct {
 		if err != nil {
 			t.Fatal(err)
 		}
-		s := &Store{db: db, now: testClock(), connWait: connWait}
+		s := newStore(db, false, testClock())
 		t.Cleanup(func() { s.Close() })
 		return s
 	}},
@@ -36,7 +36,7 @@ var unmigrated = []struct {
 		if err != nil {
 			t.Fatal(err)
 		}
-		s := &Store{db: db, now: testClock(), pg: true, connWait: connWait}
+		s := newStore(db, true, testClock())
 		t.Cleanup(func() { s.Close() })
 		return s
 	}},
@@ -480,6 +480,64 @@ func TestMigrationRebuildKeepsVTPMs(t *testing.T) {
 				v.Incarnation != "c1" || v.Domain != "dom-1" || v.Sockets.Data != "/run/d.sock" || v.Sockets.Ctrl != "/run/c.sock" ||
 				v.Revision != 3 || v.PID != 4242 || !v.Connected || v.Reason != "r" || v.Resize == nil || raw != resize {
 				t.Fatalf("after the rebuild: %+v (resize %q)", v, raw)
+			}
+		})
+	}
+}
+
+// A database from before an attestation record's logs were kept apart:
+// migration 30 moves them out of the document, so that both reads find
+// what the record held.
+func TestMigrationMovesAttestationLogs(t *testing.T) {
+	for _, e := range unmigrated {
+		t.Run(e.name, func(t *testing.T) {
+			ctx := context.Background()
+			s := e.open(t)
+			if err := s.migrateTo(ctx, 29); err != nil {
+				t.Fatal(err)
+			}
+			// The rows as schema 29 has them: the logs in the document
+			// (base64, as encoding/json writes bytes), or none.
+			err := s.Update(ctx, func(tx *Tx) error {
+				for key, doc := range map[string]string{
+					HostKey("h1"): `{"verdict":"trusted","pcrs":{"0":"CQ=="},"event_log":"ZXZlbnQgbG9n","ima_log":"aW1hIGxvZw==","ima_entries":2,"policy_event_log":"cG9saWN5","policy_name":"gold"}`,
+					HostKey("h2"): `{"verdict":"pending"}`,
+				} {
+					if _, err := tx.exec(`INSERT INTO attestations (instance_id, doc, updated_at) VALUES (?, ?, '')`, key, doc); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := s.migrate(ctx); err != nil {
+				t.Fatal(err)
+			}
+			err = s.View(ctx, func(tx *Tx) error {
+				a, err := tx.GetAttestation(HostKey("h1"))
+				if err != nil {
+					return err
+				}
+				if string(a.EventLog) != "event log" || string(a.IMALog) != "ima log" || string(a.PolicyEventLog) != "policy" ||
+					a.Verdict != VerdictTrusted || a.IMAEntries != 2 || a.PolicyName != "gold" || string(a.PCRs[0]) != "\x09" {
+					t.Errorf("h1 after the migration: %+v", a)
+				}
+				var doc string
+				if err := tx.queryRow(`SELECT doc FROM attestations WHERE instance_id=?`, HostKey("h1")).Scan(&doc); err != nil {
+					return err
+				}
+				if strings.Contains(doc, "log") {
+					t.Errorf("h1's document still holds a log: %s", doc)
+				}
+				if a, err = tx.GetAttestation(HostKey("h2")); err != nil || a.EventLog != nil || a.Verdict != VerdictPending {
+					t.Errorf("h2 after the migration: %+v, %v", a, err)
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
 			}
 		})
 	}

@@ -43,16 +43,28 @@ type Store struct {
 	// statements counts the SQL statements transactions ran (Statements).
 	statements atomic.Int64
 
+	// On SQLite: writing is the one writer's slot (see takeWriting), kept
+	// the statements prepared once and kept on every connection that ran
+	// them (see keep), and wrote nudges the checkpointer (see
+	// checkpointer).
+	writing chan struct{}
+	keptMu  sync.Mutex
+	kept    map[string]*sql.Stmt
+	writes  atomic.Int64
+	wrote   chan struct{}
+
 	mu      sync.Mutex
 	waiting map[topic]chan struct{} // see VTPMChanged and HostChanged
 
 	// On PostgreSQL: id names this Store in its notifications (notify.go),
-	// listened is closed once its listener first listens, and
-	// stopListening ends it.
-	id            string
-	listened      chan struct{}
-	stopListening context.CancelFunc
-	listening     sync.WaitGroup
+	// and listened is closed once its listener first listens.
+	id       string
+	listened chan struct{}
+
+	// stop ends the store's own goroutine (PostgreSQL's listener, SQLite's
+	// checkpointer), which background counts.
+	stop       context.CancelFunc
+	background sync.WaitGroup
 }
 
 // topic is what a waiter waits for a commit to change: one vTPM's record,
@@ -159,12 +171,14 @@ type Options struct {
 // schema up to date.
 func Open(ctx context.Context, path string, opts Options) (*Store, error) {
 	q := url.Values{}
-	for _, p := range []string{"busy_timeout(10000)", "journal_mode(WAL)", "foreign_keys(1)", "synchronous(NORMAL)"} {
+	for _, p := range []string{"busy_timeout(10000)", "journal_mode(WAL)", "foreign_keys(1)", "synchronous(NORMAL)", "wal_autocheckpoint(0)"} {
 		q.Add("_pragma", p)
 	}
 	// WAL with synchronous=NORMAL survives any crash of vtpmd; only a power
 	// loss can lose the last commits (a request acknowledged just before it
-	// may need repeating). It saves an fsync per transaction.
+	// may need repeating). It saves an fsync per transaction. The WAL is
+	// copied back into the database by the store's checkpointer, not by
+	// whichever commit finds it long (see checkpointer).
 	// Writers take the lock when they begin, so two Updates never deadlock
 	// upgrading read locks.
 	q.Set("_txlock", "immediate")
@@ -186,15 +200,70 @@ func Open(ctx context.Context, path string, opts Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("opening store %s: %w", path, err)
 	}
-	s := &Store{db: db, now: opts.Now, connWait: connWait}
-	if s.now == nil {
-		s.now = time.Now
-	}
+	// Connections are kept, with their prepared statements, rather than
+	// closed whenever more than database/sql's default two were busy.
+	db.SetMaxIdleConns(sqliteIdleConns)
+	s := newStore(db, false, opts.Now)
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("migrating store %s: %w", path, err)
 	}
+	var bg context.Context
+	bg, s.stop = context.WithCancel(context.Background())
+	s.background.Go(func() { s.checkpointer(bg) })
 	return s, nil
+}
+
+// Checkpoints: SQLite's own (wal_autocheckpoint) runs in the commit that
+// finds the WAL past 1,000 pages, which then copies them into the
+// database and syncs it, tens of milliseconds on a busy disk, holding the
+// write slot meanwhile: every few hundred key releases one waited for it,
+// and the writers queued behind it. The checkpointer does it instead,
+// beside the transactions (a passive checkpoint waits for no reader or
+// writer, and none waits for it).
+const (
+	// checkpointWrites is how many written transactions nudge the
+	// checkpointer: a few pages each, so about SQLite's 1,000 pages.
+	checkpointWrites = 250
+	// checkpointEvery is how often it looks for the writes of fewer.
+	checkpointEvery = 5 * time.Second
+)
+
+// checkpointer copies the WAL back into the SQLite database when
+// checkpointWrites transactions wrote, or checkpointEvery after any did,
+// until ctx ends.
+func (s *Store) checkpointer(ctx context.Context) {
+	tick := time.NewTicker(checkpointEvery)
+	defer tick.Stop()
+	var done int64
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.wrote:
+		case <-tick.C:
+		}
+		if n := s.writes.Load(); n != done {
+			// A checkpoint that fails (the disk full, say) leaves the WAL
+			// to the next one; the commits in it are safe meanwhile.
+			if _, err := s.db.ExecContext(ctx, `PRAGMA wal_checkpoint(PASSIVE)`); err == nil {
+				done = n
+			}
+		}
+	}
+}
+
+// newStore is a Store on db, of PostgreSQL if pg, else of SQLite, with
+// the clock now (nil: time.Now).
+func newStore(db *sql.DB, pg bool, now func() time.Time) *Store {
+	if now == nil {
+		now = time.Now
+	}
+	s := &Store{db: db, now: now, pg: pg, connWait: connWait}
+	if !pg {
+		s.writing, s.kept, s.wrote = make(chan struct{}, 1), map[string]*sql.Stmt{}, make(chan struct{}, 1)
+	}
+	return s
 }
 
 // private opens the database file, making it and the journals SQLite may
@@ -219,6 +288,11 @@ func private(path string) (*os.File, error) {
 // most.
 const postgresConns = 20
 
+// sqliteIdleConns is how many idle connections to SQLite a Store keeps
+// (each with its page cache and prepared statements); more open while
+// busy.
+const sqliteIdleConns = 8
+
 // OpenPostgres connects to the PostgreSQL database dsn names (a URL or
 // key=value pairs, as libpq takes them) and brings its schema up to date.
 // Several servers may share it: every Update is serializable, retried when
@@ -233,17 +307,15 @@ func OpenPostgres(ctx context.Context, dsn string, opts Options) (*Store, error)
 	// (100 by default, for every server sharing it) and closed them again.
 	db.SetMaxOpenConns(postgresConns)
 	db.SetMaxIdleConns(postgresConns)
-	s := &Store{db: db, now: opts.Now, pg: true, connWait: connWait, id: newID(), listened: make(chan struct{})}
-	if s.now == nil {
-		s.now = time.Now
-	}
+	s := newStore(db, true, opts.Now)
+	s.id, s.listened = newID(), make(chan struct{})
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("migrating store: %w", err)
 	}
 	var listenCtx context.Context
-	listenCtx, s.stopListening = context.WithCancel(context.Background())
-	s.listening.Go(func() { s.listen(listenCtx, dsn) })
+	listenCtx, s.stop = context.WithCancel(context.Background())
+	s.background.Go(func() { s.listen(listenCtx, dsn) })
 	return s, nil
 }
 
@@ -257,10 +329,16 @@ func (s *Store) Ping(ctx context.Context) error { return s.db.PingContext(ctx) }
 
 // Close closes the database.
 func (s *Store) Close() error {
-	if s.stopListening != nil {
-		s.stopListening()
-		s.listening.Wait()
+	if s.stop != nil {
+		s.stop()
+		s.background.Wait()
 	}
+	s.keptMu.Lock()
+	for _, st := range s.kept {
+		st.Close()
+	}
+	s.kept = nil
+	s.keptMu.Unlock()
 	return s.db.Close()
 }
 
@@ -368,6 +446,31 @@ func (s *Store) conn(ctx context.Context) (*sql.Conn, error) {
 	return c, err
 }
 
+// takeWriting waits, at most s.connWait, for the SQLite writer's slot,
+// which a writing transaction holds until it commits or rolls back.
+// SQLite lets one writer in at a time and makes the others poll its lock
+// with sleeps (its busy handler sleeps 1, 2, 5 … 100 ms between tries);
+// queued here instead, this process's writers go in turn as soon as the
+// one before is done. Other processes on the same file still meet
+// SQLite's lock (busy_timeout).
+func (s *Store) takeWriting(ctx context.Context) error {
+	select {
+	case s.writing <- struct{}{}:
+		return nil
+	default:
+	}
+	wait := time.NewTimer(s.connWait)
+	defer wait.Stop()
+	select {
+	case s.writing <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-wait.C:
+		return fmt.Errorf("%w (%v): another transaction of this process kept writing", errNoConn, s.connWait)
+	}
+}
+
 // begin begins a transaction on a connection of its own. A pooled
 // connection found dead before anything was sent (PostgreSQL restarted
 // since it was last used) is dropped and another taken, as database/sql
@@ -400,12 +503,18 @@ func (s *Store) runOnce(ctx context.Context, readOnly bool, fn func(*Tx) error) 
 			opts.Isolation = sql.LevelSerializable
 		}
 	}
+	if !s.pg && !readOnly {
+		if err := s.takeWriting(ctx); err != nil {
+			return err
+		}
+		defer func() { <-s.writing }()
+	}
 	sqlTx, conn, err := s.begin(ctx, opts)
 	if err != nil {
 		return err
 	}
 	defer conn.Close() // back to the pool
-	tx := &Tx{ctx: ctx, tx: sqlTx, now: s.now().UTC(), pg: s.pg, statements: &s.statements}
+	tx := &Tx{ctx: ctx, tx: sqlTx, now: s.now().UTC(), pg: s.pg, statements: &s.statements, store: s}
 	defer func() {
 		if p := recover(); p != nil {
 			sqlTx.Rollback()
@@ -422,6 +531,12 @@ func (s *Store) runOnce(ctx context.Context, readOnly bool, fn func(*Tx) error) 
 		switch {
 		case cerr == nil:
 			s.committed(tx.changed)
+			if !s.pg && !readOnly && s.writes.Add(1)%checkpointWrites == 0 {
+				select {
+				case s.wrote <- struct{}{}:
+				default: // the checkpointer has one waiting already
+				}
+			}
 		case unreachable(cerr) && ctx.Err() == nil:
 			// Whether PostgreSQL committed before the connection went
 			// is unknown.
@@ -441,28 +556,94 @@ type Tx struct {
 	pg  bool
 	// statements is the Store's count, which every statement advances.
 	statements *atomic.Int64
+	store      *Store
 	changed    []topic // vTPMs and hosts written, for VTPMChanged and HostChanged
-	// incarnations are the vTPMs this transaction wrote, by instance id:
-	// the incarnation it last made, updated or deleted (see wrote).
+	// incarnations are the vTPMs this transaction read or wrote, by
+	// instance id: the incarnation it last read, made, updated or deleted
+	// (see saw).
 	incarnations map[string]string
 	// revisions are the hosts whose vTPMs this transaction wrote, each
 	// with the watch revision its writes there carry.
 	revisions map[string]int64
 }
 
+// exec, query and queryRow run one SQL statement (with ? placeholders).
+// On SQLite they run it as a statement prepared once and kept (keep); on
+// PostgreSQL pgx keeps each connection's prepared statements itself.
 func (t *Tx) exec(query string, args ...any) (sql.Result, error) {
 	t.statements.Add(1)
+	if st := t.keep(query); st != nil {
+		return st.ExecContext(t.ctx, args...)
+	}
 	return t.tx.ExecContext(t.ctx, t.rebind(query), args...)
 }
 
 func (t *Tx) query(query string, args ...any) (*sql.Rows, error) {
 	t.statements.Add(1)
+	if st := t.keep(query); st != nil {
+		return st.QueryContext(t.ctx, args...)
+	}
 	return t.tx.QueryContext(t.ctx, t.rebind(query), args...)
 }
 
 func (t *Tx) queryRow(query string, args ...any) *sql.Row {
 	t.statements.Add(1)
+	if st := t.keep(query); st != nil {
+		return st.QueryRowContext(t.ctx, args...)
+	}
 	return t.tx.QueryRowContext(t.ctx, t.rebind(query), args...)
+}
+
+// script runs SQL of several statements (a migration), which is not
+// kept.
+func (t *Tx) script(ddl string) error {
+	t.statements.Add(1)
+	_, err := t.tx.ExecContext(t.ctx, ddl)
+	return err
+}
+
+// maxKept bounds how many distinct statements a SQLite Store keeps
+// prepared (as pgx's statement cache does on PostgreSQL); past it, a new
+// one runs as before, prepared for the one run. The store's statements
+// are its own constant text, save a few with a list of placeholders or
+// the filters a caller picked, so the bound is seldom reached.
+const maxKept = 512
+
+// keep returns query as a statement of this transaction, prepared once
+// per SQLite connection and kept there: SQLite parses and plans a
+// statement as it prepares it, which cost more than running the store's
+// small statements (a fifth of a key release's CPU), and database/sql
+// with modernc's driver prepares again on every call otherwise. It
+// returns nil on PostgreSQL, or when the store keeps maxKept already.
+func (t *Tx) keep(query string) *sql.Stmt {
+	s := t.store
+	if s.pg {
+		return nil
+	}
+	s.keptMu.Lock()
+	st, full := s.kept[query], s.kept == nil || len(s.kept) >= maxKept
+	s.keptMu.Unlock()
+	if st == nil && !full {
+		// Prepared on another of the pool's connections (SQLite's pool
+		// opens one as needed); database/sql prepares it again on this
+		// transaction's connection below, and keeps both.
+		prepared, err := s.db.PrepareContext(t.ctx, query)
+		if err != nil {
+			return nil // the statement's own run reports the error
+		}
+		s.keptMu.Lock()
+		if st = s.kept[query]; st == nil && s.kept != nil {
+			st, s.kept[query] = prepared, prepared
+		}
+		s.keptMu.Unlock()
+		if st != prepared {
+			prepared.Close() // another transaction kept it first, or the store closed
+		}
+	}
+	if st == nil {
+		return nil
+	}
+	return t.tx.StmtContext(t.ctx, st)
 }
 
 // rebind turns the ? placeholders (SQLite's) into PostgreSQL's $1, $2, …;

@@ -315,12 +315,19 @@ func (t *Tx) DeleteVTPM(instanceID string) error {
 // vTPM of instanceID of incarnation: its waiters wake at the commit, and
 // the events appended after it are that vTPM's (AppendEvent).
 func (t *Tx) wrote(instanceID, incarnation string) {
+	t.saw(instanceID, incarnation)
+	t.changed = append(t.changed, topic{kind: vtpmTopic, name: instanceID})
+	t.fleetChanged()
+}
+
+// saw notes that instanceID's vTPM is of incarnation as of this
+// transaction (it read or wrote it), so that AppendEvent need not read it
+// again.
+func (t *Tx) saw(instanceID, incarnation string) {
 	if t.incarnations == nil {
 		t.incarnations = map[string]string{}
 	}
 	t.incarnations[instanceID] = incarnation
-	t.changed = append(t.changed, topic{kind: vtpmTopic, name: instanceID})
-	t.fleetChanged()
 }
 
 // fleetChanged notes that this transaction changed what FleetChanged's
@@ -338,6 +345,7 @@ func (t *Tx) GetVTPM(instanceID string) (*VTPM, error) {
 	if err != nil {
 		return nil, fmt.Errorf("vtpm %s: %w", instanceID, notFound(err))
 	}
+	t.saw(v.InstanceID, v.Incarnation)
 	return v, nil
 }
 

@@ -40,7 +40,7 @@ func (v *Verifier) registered(ctx context.Context, sub Subject) (a *store.Attest
 
 // registeredIn is registered, read in tx.
 func registeredIn(tx *store.Tx, sub Subject) (*store.Attestation, error) {
-	a, err := tx.GetAttestation(sub.key)
+	a, err := tx.GetAttestationWithoutLogs(sub.key)
 	if errors.Is(err, store.ErrNotFound) || err == nil && a.RegisteredAt.IsZero() {
 		return nil, notRegistered(sub)
 	}

@@ -64,7 +64,7 @@ func (v *Verifier) Register(ctx context.Context, sub Subject, req api.RegisterRe
 // it registered with (vtpmctl host forget first, after replacing it).
 func (v *Verifier) sameHostTPM(ctx context.Context, sub Subject, ekDER []byte) error {
 	return v.cfg.Store.View(ctx, func(tx *store.Tx) error {
-		a, err := tx.GetAttestation(sub.key)
+		a, err := tx.GetAttestationWithoutLogs(sub.key)
 		if errors.Is(err, store.ErrNotFound) {
 			return nil
 		}

@@ -1,11 +1,11 @@
 package verifier
 
 import (
+	"fmt"
 	"time"
 
-	"github.com/vtpmd/vtpmd/api"
-	"github.com/vtpmd/vtpmd/internal/refusal"
 	"github.com/vtpmd/vtpmd/internal/store"
+	"github.com/vtpmd/vtpmd/internal/tenant"
 )
 
 // The key broker (internal/broker) releases a secret to an instance by
@@ -17,6 +17,7 @@ import (
 // its vTPM, its status now, how fresh its and its host's evidence is, and
 // the EK and AK its registered agent proved.
 type Gate struct {
+	// VTPM is the instance's vTPM as of the release's transaction.
 	VTPM   *store.VTPM
 	Status Status
 	// EvidenceAt and HostEvidenceAt are when the instance's and its host's
@@ -28,35 +29,41 @@ type Gate struct {
 	AKPublic []byte
 }
 
-// Gate reads, in tx, the attestation of the instance sub as a release
-// needs it, for the agent that sent agentToken: it refuses an instance
-// whose vTPM was deleted since sub was read, one never registered
-// (not_registered), and a caller without the registered agent's token.
-func (v *Verifier) Gate(tx *store.Tx, sub Subject, agentToken string) (*Gate, error) {
-	if sub.vtpm == nil {
-		return nil, refusal.Invalid(api.CodeInvalidParameter, "Secrets are released to instances.")
+// Gate reads, in tx, the attestation of instance id (canonical) as a
+// release needs it, for the agent that sent agentToken, as of tx: the
+// instance's vTPM (not found if it has none, or one of a project c does
+// not see), its registration (not_registered), the agent's token
+// (unauthenticated), its status, and its and its host's evidence times.
+// It reads no event log.
+func (v *Verifier) Gate(tx *store.Tx, c tenant.Caller, id, agentToken string) (*Gate, error) {
+	vt, err := tx.GetVTPM(id)
+	if err == nil && !c.Sees(vt.Project) {
+		err = fmt.Errorf("vtpm %s: %w", id, store.ErrNotFound)
 	}
-	if err := sameVTPM(tx, sub); err != nil {
-		return nil, err
-	}
-	a, err := registeredIn(tx, sub)
 	if err != nil {
 		return nil, err
+	}
+	sub := Subject{key: vt.InstanceID, vtpm: vt, actor: c.Actor}
+	hostKey := store.HostKey(vt.Host)
+	records, err := tx.GetAttestationsWithoutLogs(vt.InstanceID, hostKey) // one round trip for both
+	if err != nil {
+		return nil, err
+	}
+	a := records[vt.InstanceID]
+	if a == nil || a.RegisteredAt.IsZero() {
+		return nil, notRegistered(sub)
 	}
 	if err := fromAgent(agentToken, a); err != nil {
 		return nil, err
 	}
 	now := v.now()
-	st, err := v.status(tx, sub, a, now)
-	if err != nil {
-		return nil, err
-	}
-	g := &Gate{VTPM: sub.vtpm, Status: st, EvidenceAt: a.EvidenceAt, HostEvidenceAt: st.Host.EvidenceAt, AKPublic: a.AKPublic}
+	st := v.statusWith(sub, a, hostVerdictOf(vt.Host, records[hostKey], now), now)
+	g := &Gate{VTPM: vt, Status: st, EvidenceAt: a.EvidenceAt, HostEvidenceAt: st.Host.EvidenceAt, AKPublic: a.AKPublic}
 	kind := a.EKKind
 	if kind == "" {
 		kind = "rsa2048"
 	}
-	for _, ek := range sub.vtpm.EKs {
+	for _, ek := range vt.EKs {
 		if ek.Kind == kind {
 			g.EK = ek
 		}
@@ -90,6 +97,3 @@ func (v *Verifier) revokeReleases(tx *store.Tx, vt *store.VTPM, st Status, note 
 	note["secrets_revoked"] = names
 	return tx.AskRefresh(vt.InstanceID, v.now())
 }
-
-// VTPM is the instance's vTPM the subject was read with; nil for a host.
-func (sub Subject) VTPM() *store.VTPM { return sub.vtpm }

@@ -151,7 +151,7 @@ func (v *Verifier) Forget(ctx context.Context, sub Subject) error {
 	}
 	const why = "the host's TPM registration was removed"
 	return v.notifying(ctx, func(tx *store.Tx) ([]map[string]any, error) {
-		if _, err := tx.GetAttestation(sub.key); errors.Is(err, store.ErrNotFound) {
+		if _, err := tx.GetAttestationWithoutLogs(sub.key); errors.Is(err, store.ErrNotFound) {
 			return nil, refusal.NotFound(api.CodeNotRegistered, "The host has never registered an attestation key.")
 		} else if err != nil {
 			return nil, err
@@ -177,7 +177,7 @@ func (v *Verifier) hostVerdictNotes(tx *store.Tx, host string, verdict store.Ver
 	}
 	var notes []map[string]any
 	for _, vt := range vs {
-		va, err := tx.GetAttestation(vt.InstanceID)
+		va, err := tx.GetAttestationWithoutLogs(vt.InstanceID)
 		if errors.Is(err, store.ErrNotFound) {
 			continue
 		}

@@ -224,7 +224,7 @@ type HostVerdict struct {
 func (v *Verifier) Status(ctx context.Context, sub Subject) (Status, error) {
 	var st Status
 	err := v.cfg.Store.View(ctx, func(tx *store.Tx) error {
-		a, err := tx.GetAttestation(sub.key)
+		a, err := tx.GetAttestationWithoutLogs(sub.key)
 		if errors.Is(err, store.ErrNotFound) {
 			return refusal.NotFound(api.CodeNotRegistered, "The "+sub.kind()+" has never registered an attestation key.")
 		}
@@ -287,20 +287,29 @@ func recordStatus(a *store.Attestation, now time.Time) Status {
 // status is sub's attestation status as of now. An instance's carries its
 // host's verdict, its provisioning record and the overall answer.
 func (v *Verifier) status(tx *store.Tx, sub Subject, a *store.Attestation, now time.Time) (Status, error) {
+	var host HostVerdict
+	if sub.vtpm != nil {
+		var err error
+		if host, err = hostVerdict(tx, sub.vtpm.Host, now); err != nil {
+			return Status{}, err
+		}
+	}
+	return v.statusWith(sub, a, host, now), nil
+}
+
+// statusWith is status, given an instance's host's verdict (unused for a
+// host).
+func (v *Verifier) statusWith(sub Subject, a *store.Attestation, host HostVerdict, now time.Time) Status {
 	out := recordStatus(a, now)
 	vt := sub.vtpm
 	if vt == nil {
 		out.InstanceID, out.HostName = "", sub.host
-		return out, nil
-	}
-	host, err := hostVerdict(tx, vt.Host, now)
-	if err != nil {
-		return out, err
+		return out
 	}
 	p := v.Provisioning(vt)
 	out.Host, out.Provisioning = &host, &p
 	out.Overall, out.Summary = overall(out.Verdict, out.Reasons, host, p)
-	return out, nil
+	return out
 }
 
 // Provisioning is vt's provisioning record: the host vtpmd placed it on
@@ -387,17 +396,26 @@ func (v *Verifier) HostVerdicts(ctx context.Context, names []string) (map[string
 
 // hostVerdict is host's own verdict as of now, as its instances read it.
 func hostVerdict(tx *store.Tx, host string, now time.Time) (HostVerdict, error) {
-	h := HostVerdict{Name: host, Verdict: store.VerdictUnattested}
-	a, err := tx.GetAttestation(store.HostKey(host))
-	switch {
-	case err == nil:
-		if hs := recordStatus(a, now); hs.State == Registered {
-			h.Verdict, h.Reasons, h.VerifiedAt, h.EvidenceAt = hs.Verdict, hs.Reasons, hs.VerifiedAt, a.EvidenceAt
-		}
-	case !errors.Is(err, store.ErrNotFound):
-		return h, err
+	a, err := tx.GetAttestationWithoutLogs(store.HostKey(host))
+	if errors.Is(err, store.ErrNotFound) {
+		a, err = nil, nil
 	}
-	return h, nil
+	if err != nil {
+		return HostVerdict{}, err
+	}
+	return hostVerdictOf(host, a, now), nil
+}
+
+// hostVerdictOf is hostVerdict by the host's record a (nil: it has none).
+func hostVerdictOf(host string, a *store.Attestation, now time.Time) HostVerdict {
+	h := HostVerdict{Name: host, Verdict: store.VerdictUnattested}
+	if a == nil {
+		return h
+	}
+	if hs := recordStatus(a, now); hs.State == Registered {
+		h.Verdict, h.Reasons, h.VerifiedAt, h.EvidenceAt = hs.Verdict, hs.Reasons, hs.VerifiedAt, a.EvidenceAt
+	}
+	return h
 }
 
 // overall is the tenant's one answer about an instance: its own verdict

@@ -240,6 +240,21 @@ func (e *Keyring) Get(ctx context.Context, id string) (keyring.Secret, error) {
 	return s, nil
 }
 
+// GetIn opens the secret id in tx, as Get does in a transaction of its
+// own: for a caller that decides in tx whether to give it out (the key
+// broker), so that a delete cannot come between the decision and the
+// read.
+func (e *Keyring) GetIn(tx *store.Tx, id string) (keyring.Secret, error) {
+	if !keyring.ValidID(id) {
+		return keyring.Secret{}, fmt.Errorf("getting secret %q: %w", id, keyring.ErrInvalidID)
+	}
+	s, err := e.open(tx, store.SealedSecret, id)
+	if err != nil {
+		return keyring.Secret{}, fmt.Errorf("getting secret %s: %w", id, err)
+	}
+	return s, nil
+}
+
 // Delete destroys the secret id.
 func (e *Keyring) Delete(ctx context.Context, id string) error {
 	if !keyring.ValidID(id) {
