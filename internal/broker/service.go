@@ -116,9 +116,11 @@ func (s *Service) Create(ctx context.Context, c tenant.Caller, req api.CreateBro
 		sec.MaxEvidenceAge = d
 	}
 	if req.Policy != "" {
-		if _, err := s.cfg.Verifier.Policy(ctx, tenant.Caller{Project: project}, project, req.Policy); err != nil {
+		p, err := s.cfg.Verifier.Policy(ctx, tenant.Caller{Project: project}, project, req.Policy)
+		if err != nil {
 			return nil, err
 		}
+		sec.PolicyID = p.ID
 	}
 	ctx = keyring.AsService(ctx)
 	_, err = keyring.CreateRecorded(ctx, s.cfg.Keyring, project, "", req.Payload, func(id string) error {
@@ -309,7 +311,14 @@ func (s *Service) check(tx *store.Tx, g *verifier.Gate, name string, sec **store
 	if len(got.ReleaseTo) > 0 && !slices.Contains(got.ReleaseTo, vt.InstanceID) {
 		return refusal.Forbidden(api.CodeReleaseNotAllowed, "Secret "+refusal.Quote(name)+" is not released to instance "+vt.InstanceID+".")
 	}
-	if got.Policy != "" && st.Policy != got.Policy {
+	switch {
+	case got.Policy == "" || g.PolicyID == got.PolicyID:
+	case st.Policy == got.Policy:
+		// The name is the same, the policy is not: the project's own and
+		// the shared one, or one made again since the secret was.
+		return refusal.Forbidden(api.CodeReleaseNotAllowed, "Secret "+refusal.Quote(name)+" is released to instances judged by the policy "+
+			refusal.Quote(got.Policy)+" it was made with; instance "+vt.InstanceID+" is judged by another policy of that name (the shared one, or one made again since). Make the secret again to release it under that policy.")
+	default:
 		return refusal.Forbidden(api.CodeReleaseNotAllowed, "Secret "+refusal.Quote(name)+" is released to instances judged by policy "+
 			refusal.Quote(got.Policy)+"; instance "+vt.InstanceID+" is not.")
 	}

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/x509"
+	"encoding/hex"
 	"errors"
 	"os"
 	"path/filepath"
@@ -394,6 +395,55 @@ func TestReleaseRefusals(t *testing.T) {
 	}
 	if r := f.releases(t, "disk"); len(r) != 1 || r[inst].Releases != 1 {
 		t.Fatalf("releases after the refusals: %+v, want the one", r)
+	}
+}
+
+// A secret made for a named policy goes to instances judged by that
+// policy, by identity: once the policy is deleted and made again under its
+// name (the same values even), instances judged by the new one are refused
+// until the secret is made again.
+func TestReleaseByPolicyIdentity(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	p1 := tenant.Caller{Project: "p1"}
+	_, pcrs := attesttest.EventLog(good)
+	gold := api.CreatePolicyRequest{Name: "gold", PCRs: map[int]string{0: hex.EncodeToString(pcrs[0]), 4: hex.EncodeToString(pcrs[4])}}
+	judged := func() {
+		t.Helper()
+		sub, err := f.v.Instance(ctx, p1, inst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.v.SetPolicy(ctx, sub, api.PolicyRequest{Policy: "gold"}); err != nil {
+			t.Fatal(err)
+		}
+		if st := f.attest(t, inst, good); st.Overall != store.VerdictTrusted || st.Policy != "gold" {
+			t.Fatalf("judged by gold: %s (%s), policy %q", st.Overall, st.Summary, st.Policy)
+		}
+	}
+	if _, err := f.v.CreatePolicy(ctx, p1, gold); err != nil {
+		t.Fatal(err)
+	}
+	judged()
+	f.create(t, "p1", api.CreateBrokerSecretRequest{Name: "gold-disk", Payload: payload, Policy: "gold"})
+	if _, err := f.release(inst, token(inst), "gold-disk"); err != nil {
+		t.Fatalf("an instance judged by the secret's policy: %v", err)
+	}
+
+	if err := f.v.DeletePolicy(ctx, p1, "p1", "gold"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.v.CreatePolicy(ctx, p1, gold); err != nil {
+		t.Fatal(err)
+	}
+	judged()
+	_, err := f.release(inst, token(inst), "gold-disk")
+	if code(err) != api.CodeReleaseNotAllowed || !strings.Contains(err.Error(), "made again") {
+		t.Fatalf("an instance judged by a policy made again under the name: %v", err)
+	}
+	f.create(t, "p1", api.CreateBrokerSecretRequest{Name: "gold-disk-2", Payload: payload, Policy: "gold"})
+	if _, err := f.release(inst, token(inst), "gold-disk-2"); err != nil {
+		t.Fatalf("a secret made again for the new policy: %v", err)
 	}
 }
 

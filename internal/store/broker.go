@@ -21,7 +21,9 @@ type BrokerSecret struct {
 	// the project judged by Policy.
 	ReleaseTo []string
 	// Policy names the policy an instance must be judged by; "" for any.
-	Policy string
+	// PolicyID is its identity (Policy.ID) when the secret was made: a
+	// policy made again under the name is another.
+	Policy, PolicyID string
 	// MaxEvidenceAge bounds how old the instance's (and its host's) last
 	// genuine evidence may be at a release.
 	MaxEvidenceAge time.Duration
@@ -47,9 +49,9 @@ func (t *Tx) CreateBrokerSecret(s *BrokerSecret) error {
 	if err != nil {
 		return err
 	}
-	res, err := t.exec(`INSERT INTO broker_secrets (project, name, key_id, release_to, policy, max_evidence_age, created_at)
-		VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING`,
-		s.Project, s.Name, s.KeyID, string(to), s.Policy, s.MaxEvidenceAge.Milliseconds(), stamp(t.now))
+	res, err := t.exec(`INSERT INTO broker_secrets (project, name, key_id, release_to, policy, policy_id, max_evidence_age, created_at)
+		VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING`,
+		s.Project, s.Name, s.KeyID, string(to), s.Policy, s.PolicyID, s.MaxEvidenceAge.Milliseconds(), stamp(t.now))
 	if err != nil {
 		return err
 	}
@@ -60,13 +62,13 @@ func (t *Tx) CreateBrokerSecret(s *BrokerSecret) error {
 	return nil
 }
 
-const brokerSecretColumns = `project, name, key_id, release_to, policy, max_evidence_age, created_at`
+const brokerSecretColumns = `project, name, key_id, release_to, policy, policy_id, max_evidence_age, created_at`
 
 func scanBrokerSecret(row interface{ Scan(...any) error }) (*BrokerSecret, error) {
 	var s BrokerSecret
 	var to, at string
 	var age int64
-	if err := row.Scan(&s.Project, &s.Name, &s.KeyID, &to, &s.Policy, &age, &at); err != nil {
+	if err := row.Scan(&s.Project, &s.Name, &s.KeyID, &to, &s.Policy, &s.PolicyID, &age, &at); err != nil {
 		return nil, err
 	}
 	s.MaxEvidenceAge, s.CreatedAt = time.Duration(age)*time.Millisecond, parseStamp(at)

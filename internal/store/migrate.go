@@ -469,6 +469,15 @@ CREATE TABLE console_sessions (
 	created_at  TEXT NOT NULL
 );
 CREATE INDEX console_sessions_expires ON console_sessions(expires_at);`,
+	// A broker secret's policy by identity as well as name: the policy the
+	// name found when the secret was made (the project's own, else the
+	// shared one), which a policy made again under that name is not.
+	32: `
+ALTER TABLE broker_secrets ADD COLUMN policy_id TEXT NOT NULL DEFAULT '';
+UPDATE broker_secrets SET policy_id = COALESCE((SELECT p.id FROM policies p
+	WHERE p.name = broker_secrets.policy AND p.project IN ('', broker_secrets.project)
+	ORDER BY p.project DESC LIMIT 1), '')
+	WHERE policy <> '';`,
 }
 
 func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)-1) }

@@ -542,3 +542,60 @@ func TestMigrationMovesAttestationLogs(t *testing.T) {
 		})
 	}
 }
+
+// Migration 32: a broker secret made for a named policy names the policy
+// its name found (the project's own, else the shared one).
+func TestMigrationBrokerSecretPolicyIdentity(t *testing.T) {
+	for _, e := range unmigrated {
+		t.Run(e.name, func(t *testing.T) {
+			ctx := context.Background()
+			s := e.open(t)
+			if err := s.migrateTo(ctx, 31); err != nil {
+				t.Fatal(err)
+			}
+			err := s.Update(ctx, func(tx *Tx) error {
+				for _, p := range []*Policy{{Name: "gold"}, {Project: "p1", Name: "gold"}} {
+					if err := tx.CreatePolicy(p); err != nil {
+						return err
+					}
+				}
+				for _, sec := range []struct{ project, name, policy string }{{"p1", "a", "gold"}, {"p2", "b", "gold"}, {"p1", "c", ""}, {"p1", "d", "gone"}} {
+					if _, err := tx.exec(`INSERT INTO broker_secrets (project, name, key_id, release_to, policy, max_evidence_age, created_at)
+						VALUES (?, ?, 'k', '[]', ?, 1000, '')`, sec.project, sec.name, sec.policy); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := s.migrate(ctx); err != nil {
+				t.Fatal(err)
+			}
+			err = s.View(ctx, func(tx *Tx) error {
+				shared, err := tx.GetPolicy("", "gold")
+				if err != nil {
+					return err
+				}
+				own, err := tx.GetPolicy("p1", "gold")
+				if err != nil {
+					return err
+				}
+				for _, c := range []struct{ project, name, want string }{{"p1", "a", own.ID}, {"p2", "b", shared.ID}, {"p1", "c", ""}, {"p1", "d", ""}} {
+					sec, err := tx.GetBrokerSecret(c.project, c.name)
+					if err != nil {
+						return err
+					}
+					if sec.PolicyID != c.want {
+						t.Errorf("secret %s/%s: policy id %q, want %q", c.project, c.name, sec.PolicyID, c.want)
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}

@@ -27,6 +27,9 @@ type Gate struct {
 	// AKPublic the registered AK (TPM2B_PUBLIC).
 	EK       store.EK
 	AKPublic []byte
+	// PolicyID is the identity of the named policy the instance is judged
+	// by ("" for a learned one or none).
+	PolicyID string
 }
 
 // Gate reads, in tx, the attestation of instance id (canonical) as a
@@ -58,7 +61,7 @@ func (v *Verifier) Gate(tx *store.Tx, c tenant.Caller, id, agentToken string) (*
 	}
 	now := v.now()
 	st := v.statusWith(sub, a, hostVerdictOf(vt.Host, records[hostKey], now), now)
-	g := &Gate{VTPM: vt, Status: st, EvidenceAt: a.EvidenceAt, HostEvidenceAt: st.Host.EvidenceAt, AKPublic: a.AKPublic}
+	g := &Gate{VTPM: vt, Status: st, EvidenceAt: a.EvidenceAt, HostEvidenceAt: st.Host.EvidenceAt, AKPublic: a.AKPublic, PolicyID: a.PolicyID}
 	kind := a.EKKind
 	if kind == "" {
 		kind = "rsa2048"
