@@ -86,6 +86,9 @@ type Config struct {
 	// sign-in form; nil for none. The token is kept in a cookie and
 	// authenticates each page through Authenticate, as an API call's.
 	SignIn func(ctx context.Context, user, password, project, domain string) (token string, err error)
+	// SignOut revokes the Keystone token of a session SignIn started,
+	// when it ends by signing out.
+	SignOut func(ctx context.Context, token string) error
 	// PublicURL is the API's URL as browsers reach it (sign-in links are
 	// made absolute with it); "" leaves them relative.
 	PublicURL string

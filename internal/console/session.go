@@ -209,13 +209,27 @@ func (c *Console) keystoneViewer(r *http.Request, token string) (Viewer, error) 
 	return v, err
 }
 
-// signOut ends the request's session on every replica, and drops its
-// cookie.
+// signOut ends the request's session on every replica, revokes its
+// Keystone token if it has one, and drops its cookie.
 func (c *Console) signOut(q *request) error {
 	if ck, err := q.r.Cookie(cookieName); err == nil {
-		err := c.cfg.Store.Update(q.ctx(), func(tx *store.Tx) error { return tx.EndConsoleSession(secretHash(ck.Value)) })
+		var ended *store.ConsoleSession
+		err := c.cfg.Store.Update(q.ctx(), func(tx *store.Tx) (err error) {
+			ended, err = tx.GetConsoleSession(secretHash(ck.Value)) // nil if expired
+			if err != nil && !errors.Is(err, store.ErrNotFound) {
+				return err
+			}
+			return tx.EndConsoleSession(secretHash(ck.Value))
+		})
 		if err != nil && !errors.Is(err, store.ErrNotFound) {
 			return err
+		}
+		// A password sign-in's token (the cookie) is revoked in Keystone
+		// too; the session is over here whatever Keystone answers.
+		if ended != nil && ended.Kind == store.SessionKeystone && c.cfg.SignOut != nil {
+			if err := c.cfg.SignOut(q.ctx(), ck.Value); err != nil {
+				c.cfg.Log.Warn("signed out of the console; Keystone did not revoke the session's token", "err", err)
+			}
 		}
 	}
 	http.SetCookie(q.w, c.cookie(q))

@@ -191,7 +191,7 @@ func (s *Server) open(ctx context.Context) error {
 	h2 := &http.HTTP2Config{MaxDecoderHeaderTableSize: 512, MaxEncoderHeaderTableSize: 512, MaxReadFrameSize: 16 << 10}
 	conf := console.Config{Store: s.store, VTPMs: vs, Verifier: ver, Authenticate: s.api.BrowserViewer, PublicURL: hyperV.PublicURL, Log: s.log}
 	if identity != nil {
-		conf.SignIn = s.api.KeystoneSignIn
+		conf.SignIn, conf.SignOut = s.api.KeystoneSignIn, s.api.KeystoneSignOut
 	}
 	con := console.New(conf)
 	s.api.Console = con

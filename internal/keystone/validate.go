@@ -191,3 +191,27 @@ func (v *Validator) evict(now time.Time) {
 		delete(v.entries, k)
 	}
 }
+
+// Revoke revokes token in Keystone at authURL (DELETE /v3/auth/tokens,
+// the token in X-Auth-Token and X-Subject-Token both): a user ending their
+// own token needs no one else's rights. A token Keystone no longer accepts
+// (revoked, expired) is ended already. Keystone unreachable or failing
+// wraps ErrUnavailable.
+func Revoke(ctx context.Context, client *http.Client, authURL, token string) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodDelete, v3URL(authURL)+"/auth/tokens", nil)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("X-Auth-Token", token)
+	req.Header.Set("X-Subject-Token", token)
+	resp, err := client.Do(req)
+	if err != nil {
+		return fmt.Errorf("%w: %s: %w", ErrUnavailable, v3URL(authURL), unwrapURL(err))
+	}
+	defer resp.Body.Close()
+	switch resp.StatusCode {
+	case http.StatusNoContent, http.StatusOK, http.StatusNotFound, http.StatusUnauthorized:
+		return nil
+	}
+	return fmt.Errorf("%w: revoking a token: %s answered %s: %s", ErrUnavailable, v3URL(authURL), resp.Status, keystoneMessage(resp.Body))
+}

@@ -17,13 +17,13 @@ import (
 // SameSite=Strict cookie (never the password), and the pages then show
 // that project's instances alone; a wrong password is refused with
 // Keystone's answer in words; signing out ends the session: the cookie,
-// sent again, is refused though Keystone still honours its token.
+// sent again, is refused, and Keystone no longer honours its token.
 func TestConsoleKeystoneSignIn(t *testing.T) {
 	f := newKeystoneFixture(t, keystone.ValidatorOptions{})
 	a := keystoneCloud(t, "vtpmd-a")
 	f.api.Identity.URL = a.AuthURL
 	f.api.Console = console.New(console.Config{Store: f.store, VTPMs: f.api.VTPMs, Verifier: f.api.Verifier,
-		Authenticate: f.api.BrowserViewer, SignIn: f.api.KeystoneSignIn})
+		Authenticate: f.api.BrowserViewer, SignIn: f.api.KeystoneSignIn, SignOut: f.api.KeystoneSignOut})
 	srv := httptest.NewServer(f.api.Console.Handler())
 	t.Cleanup(srv.Close)
 	const instA, instB = "a0a0a0a0-0000-4000-8000-0000000000c1", "b0b0b0b0-0000-4000-8000-0000000000c2"
@@ -78,12 +78,30 @@ func TestConsoleKeystoneSignIn(t *testing.T) {
 	if got, body := instances(); got.StatusCode != 200 || !strings.Contains(body, instA) || strings.Contains(body, instB) || !strings.Contains(body, a.Username) {
 		t.Fatalf("a's instances: %d\n%s", got.StatusCode, body)
 	}
+	// Keystone's answer about the token, asked with the token itself.
+	keystoneKnows := func() int {
+		t.Helper()
+		req, _ := http.NewRequest("GET", strings.TrimSuffix(strings.TrimRight(a.AuthURL, "/"), "/v3")+"/v3/auth/tokens?nocatalog", nil)
+		req.Header.Set("X-Auth-Token", cookies[0].Value)
+		req.Header.Set("X-Subject-Token", cookies[0].Value)
+		got, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got.Body.Close()
+		return got.StatusCode
+	}
+	if code := keystoneKnows(); code != http.StatusOK {
+		t.Fatalf("Keystone on the signed-in token: %d", code)
+	}
 	resp, _ = post("/ui/logout", nil, cookies[0])
 	if out := resp.Cookies(); resp.StatusCode != http.StatusSeeOther || len(out) != 1 || out[0].MaxAge >= 0 {
 		t.Fatalf("signing out: %d %+v", resp.StatusCode, out)
 	}
-	// The token is still Keystone's, but the console's session is over.
 	if got, _ := instances(); got.StatusCode != http.StatusSeeOther || got.Header.Get("Location") != "/ui/login" {
 		t.Fatalf("the signed-out cookie: %d", got.StatusCode)
+	}
+	if code := keystoneKnows(); code != http.StatusNotFound && code != http.StatusUnauthorized {
+		t.Fatalf("Keystone on the signed-out token: %d, want it revoked", code)
 	}
 }

@@ -63,6 +63,16 @@ func (s *Server) KeystoneSignIn(ctx context.Context, user, password, project, do
 	return token, err
 }
 
+// KeystoneSignOut revokes the token of a console session signed in with
+// a password, as the user signing out: the token the browser held is then
+// good for nothing anywhere, as "openstack token revoke" would leave it.
+func (s *Server) KeystoneSignOut(ctx context.Context, token string) error {
+	if s.Identity == nil || s.Identity.URL == "" {
+		return nil
+	}
+	return keystone.Revoke(ctx, &http.Client{Timeout: 10 * time.Second}, s.Identity.URL, token)
+}
+
 // fromToken authenticates r by its Keystone token and maps the token's
 // scope and roles to a caller, as OpenStack's default policies do:
 //
