@@ -485,7 +485,7 @@ func keystoneIdentity(cfg Config, log *slog.Logger) (*server.Identity, error) {
 	if cfg.Auth != "keystone" {
 		return nil, nil
 	}
-	session, _, err := serviceSession(cfg)
+	session, client, err := serviceSession(cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -494,6 +494,7 @@ func keystoneIdentity(cfg Config, log *slog.Logger) (*server.Identity, error) {
 		Tokens:       keystone.NewValidator(session, keystone.ValidatorOptions{TTL: cfg.KeystoneCacheTTL}),
 		AdminProject: cfg.KeystoneAdminProject,
 		URL:          cfg.KeystoneURL,
+		Client:       client,
 	}, nil
 }
 

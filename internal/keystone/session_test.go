@@ -219,6 +219,24 @@ func TestSessionPrivateCA(t *testing.T) {
 	if pid, err := NewSession(a, client).ProjectID(ctx); err != nil || pid == "" {
 		t.Fatalf("with the CA: project %q, %v", pid, err)
 	}
+	// A token revoked through the same client (the console's sign-out):
+	// Keystone no longer accepts it.
+	tok, err := NewSession(a, client).Token(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Revoke(ctx, &http.Client{Timeout: 10 * time.Second}, a.AuthURL, tok); !errors.As(err, &unknown) {
+		t.Fatalf("revoking without the CA: %v, want a certificate verification error", err)
+	}
+	if err := Revoke(ctx, client, a.AuthURL, tok); err != nil {
+		t.Fatalf("revoking with the CA: %v", err)
+	}
+	if _, err := NewSession(a, client).Validate(ctx, tok); !errors.Is(err, ErrInvalidToken) {
+		t.Fatalf("the revoked token: %v, want ErrInvalidToken", err)
+	}
+	if err := Revoke(ctx, client, a.AuthURL, tok); err != nil {
+		t.Fatalf("revoking a revoked token again: %v", err)
+	}
 
 	if err := os.WriteFile(a.CACert, []byte("not a certificate"), 0o644); err != nil {
 		t.Fatal(err)

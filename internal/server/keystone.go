@@ -30,6 +30,17 @@ type Identity struct {
 	// URL is Keystone's identity API, where the web console's password
 	// sign-in asks for tokens (KeystoneSignIn).
 	URL string
+	// Client reaches Keystone for the console's sign-in and sign-out,
+	// trusting the CA the service credentials name; nil: a plain client.
+	Client *http.Client
+}
+
+// client is how the console's sign-in and sign-out reach Keystone.
+func (id *Identity) client() *http.Client {
+	if id.Client != nil {
+		return id.Client
+	}
+	return &http.Client{Timeout: 10 * time.Second}
 }
 
 // KeystoneSignIn gets a Keystone token for a user's password, scoped to
@@ -52,7 +63,7 @@ func (s *Server) KeystoneSignIn(ctx context.Context, user, password, project, do
 	if project == "" {
 		creds.SystemScope = "all"
 	}
-	token, err := keystone.NewSession(creds, &http.Client{Timeout: 10 * time.Second}).Token(ctx)
+	token, err := keystone.NewSession(creds, s.Identity.client()).Token(ctx)
 	switch {
 	case errors.Is(err, keystone.ErrBadCredentials):
 		return "", refusal.Unauthenticated(api.CodeUnauthenticated, "Keystone did not accept that user, password and project.")
@@ -70,7 +81,7 @@ func (s *Server) KeystoneSignOut(ctx context.Context, token string) error {
 	if s.Identity == nil || s.Identity.URL == "" {
 		return nil
 	}
-	return keystone.Revoke(ctx, &http.Client{Timeout: 10 * time.Second}, s.Identity.URL, token)
+	return keystone.Revoke(ctx, s.Identity.client(), s.Identity.URL, token)
 }
 
 // fromToken authenticates r by its Keystone token and maps the token's
