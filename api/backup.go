@@ -65,8 +65,19 @@ type EvacuateRequest struct {
 	NewTPM bool `json:"new_tpm,omitempty"`
 }
 
-// Evacuation answers POST /v1/hosts/{name}/evacuate: what became of each
-// vTPM of the host, in the order they finished, and the counts.
+// EvacuateLiveRequest is the body of POST /v1/hosts/{name}/evacuate-live.
+type EvacuateLiveRequest struct {
+	// Target is the host to move the vTPMs to; absent: placement chooses,
+	// for each, among the other hosts.
+	Target string `json:"target,omitempty"`
+	// MaxConcurrent is how many vTPMs move at a time, 1 to 8; absent: 1,
+	// as Nova's max_concurrent_live_migrations.
+	MaxConcurrent int `json:"max_concurrent,omitempty"`
+}
+
+// Evacuation answers POST /v1/hosts/{name}/evacuate and
+// /v1/hosts/{name}/evacuate-live: what became of each vTPM of the host,
+// in the order they finished, and the counts.
 type Evacuation struct {
 	Host  string          `json:"host"`
 	Items []EvacuatedVTPM `json:"items"`
@@ -83,7 +94,11 @@ type EvacuatedVTPM struct {
 	// host and its state had left it: the move is finished, nothing
 	// lost), returned (it was migrating to the host: it is on the source
 	// host again, with the state it had there), or refused (Code and
-	// Message say why; nothing of it changed).
+	// Message say why; nothing of it changed). Evacuating live (its
+	// state kept, nothing lost): live_migrated (its guest running
+	// throughout), cold_migrated (moved stopped), or refused (Code and
+	// Message say why; it is still on the host, or its move, cut short,
+	// goes on when asked again).
 	Outcome string `json:"outcome"`
 	Host    string `json:"host,omitempty"` // where it is now
 	// Generation and BackupAt are the backup's restored: what changed in
@@ -105,13 +120,17 @@ const (
 	EvacuatedMigrated = "migrated"
 	EvacuatedReturned = "returned"
 	EvacuatedRefused  = "refused"
+	// Evacuating live.
+	EvacuatedLiveMigrated = "live_migrated"
+	EvacuatedColdMigrated = "cold_migrated"
 )
 
 // EvacuationProgress is one line of the answer to POST
-// /v1/hosts/{name}/evacuate asked with Accept: application/x-ndjson: a
-// first line with the Total of vTPMs to evacuate, then one per vTPM as
-// its outcome is known (Item, the Done-th of Total), then a last line
-// with the Result, or the Error that cut the evacuation short.
+// /v1/hosts/{name}/evacuate or /v1/hosts/{name}/evacuate-live asked with
+// Accept: application/x-ndjson: a first line with the Total of vTPMs to
+// evacuate, then one per vTPM as its outcome is known (Item, the Done-th
+// of Total), then a last line with the Result, or the Error that cut the
+// evacuation short.
 type EvacuationProgress struct {
 	Done   int            `json:"done"`
 	Total  int            `json:"total"`

@@ -659,7 +659,20 @@ func (c *Client) Unshelve(ctx context.Context, id, host string) (api.VTPM, error
 // called with each line before the last (the count, then each vTPM's
 // outcome). An evacuation cut short once it began is an *Error too.
 func (c *Client) Evacuate(ctx context.Context, host string, r api.EvacuateRequest, progress func(api.EvacuationProgress)) (api.Evacuation, error) {
-	resp, err := c.open(ctx, http.MethodPost, "/v1/hosts/"+url.PathEscape(host)+"/evacuate", http.Header{"Accept": {"application/x-ndjson"}}, r)
+	return c.evacuation(ctx, "/v1/hosts/"+url.PathEscape(host)+"/evacuate", r, progress)
+}
+
+// EvacuateLive drains host and moves its vTPMs, with their state, to
+// other hosts: those wanted running by live migration, the others cold
+// (operator). Its progress is streamed as for Evacuate.
+func (c *Client) EvacuateLive(ctx context.Context, host string, r api.EvacuateLiveRequest, progress func(api.EvacuationProgress)) (api.Evacuation, error) {
+	return c.evacuation(ctx, "/v1/hosts/"+url.PathEscape(host)+"/evacuate-live", r, progress)
+}
+
+// evacuation asks for the evacuation at path, with body in, and reads its
+// streamed progress, as Evacuate says.
+func (c *Client) evacuation(ctx context.Context, path string, in any, progress func(api.EvacuationProgress)) (api.Evacuation, error) {
+	resp, err := c.open(ctx, http.MethodPost, path, http.Header{"Accept": {"application/x-ndjson"}}, in)
 	if err != nil {
 		return api.Evacuation{}, err
 	}

@@ -40,14 +40,14 @@ func newAttestationCommand(g *globals) *cobra.Command {
 }
 
 func newHostCommand(g *globals) *cobra.Command {
-	cmd := &cobra.Command{Use: "host", Short: "A host: add (join token), list, show and revoke it, drain, undrain and evacuate it, attest its own TPM"}
+	cmd := &cobra.Command{Use: "host", Short: "A host: add (join token), list, show and revoke it, drain, undrain, evacuate and evacuate-live it, attest its own TPM"}
 	list := newHostsCommand(g)
 	list.Use = "list" // the same as vtpmctl hosts
 	cmd.AddCommand(hostAddCommand(g), list, hostShowCommand(g), hostRevokeCommand(g))
 	cmd.AddCommand(drainCommand(g, "drain", "Place no new vTPMs on the host (before maintenance); those it holds stay and keep running",
 		(*client.Client).DrainHost))
 	cmd.AddCommand(drainCommand(g, "undrain", "Place new vTPMs on the host again", (*client.Client).UndrainHost))
-	cmd.AddCommand(hostEvacuateCommand(g))
+	cmd.AddCommand(hostEvacuateCommand(g), hostEvacuateLiveCommand(g))
 	cmd.AddCommand(statusCommand(g, "status HOST",
 		"Show whether the host's TPM registered, and the verdict on the host's last evidence", client.Host))
 	cmd.AddCommand(refreshCommand(g, "refresh HOST", "the host's agent", client.Host))

@@ -67,31 +67,70 @@ N); with -o json the progress goes to stderr and the result, as JSON, to stdout.
 continues what an interrupted run left.`,
 		Args: exactlyOne,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			asJSON := g.format(outputTable) == outputJSON
-			w := cmd.OutOrStdout()
-			if asJSON {
-				w = cmd.ErrOrStderr()
-			}
-			out, err := g.client().Evacuate(cmd.Context(), args[0], req, func(p api.EvacuationProgress) {
-				if p.Item == nil {
-					fmt.Fprintf(w, "evacuating host %s: %d vTPMs\n", args[0], p.Total)
-					return
-				}
-				fmt.Fprintf(w, "[%d/%d] ", p.Done, p.Total)
-				printEvacuated(w, *p.Item)
-			})
-			if err != nil {
-				return apiFailure(err)
-			}
-			if asJSON {
-				return writeJSON(cmd.OutOrStdout(), out)
-			}
-			return printEvacuationCounts(cmd.OutOrStdout(), out)
+			return runEvacuation(cmd, g, "evacuating host "+args[0], func(progress func(api.EvacuationProgress)) (api.Evacuation, error) {
+				return g.client().Evacuate(cmd.Context(), args[0], req, progress)
+			}, printEvacuationCounts)
 		},
 	}
 	cmd.Flags().BoolVar(&req.Force, "force", false, "evacuate though the host's agent still sends heartbeats (it is gone: you say so)")
 	cmd.Flags().BoolVar(&req.NewTPM, "new-tpm", false, "give a vTPM without a backup a new TPM (new EK; its sealed data is lost)")
 	return cmd
+}
+
+func hostEvacuateLiveCommand(g *globals) *cobra.Command {
+	var req api.EvacuateLiveRequest
+	cmd := &cobra.Command{
+		Use:   "evacuate-live HOST",
+		Short: "Drain a host and move its vTPMs to other hosts, running guests by live migration",
+		Long: `evacuate-live empties a host before maintenance, as Nova's host-evacuate-live does: it drains
+the host (no new vTPMs are placed there), then moves each of its vTPMs with its state to --to
+HOST, or to the host placement chooses: a vTPM wanted running by live migration (live-migrate:
+its guest runs throughout), a stopped one cold (migrate). One vTPM moves at a time, as Nova's
+max_concurrent_live_migrations defaults to; --max-concurrent N moves up to 8. A vTPM that cannot
+move is refused with its code (not_supported: a running vTPM on a backend that cannot migrate a
+running guest, such as swtpm; no_valid_host, migration_in_progress, resize_pending, ...) and the
+others go on. Each vTPM's outcome is printed as it is known (n of N); with -o json the progress
+goes to stderr and the result, as JSON, to stdout. Running it again continues: the vTPMs moved
+are no longer on the host, and a move cut short is resumed. The host stays drained (vtpmctl host
+undrain after the maintenance).`,
+		Args: exactlyOne,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return runEvacuation(cmd, g, "evacuating host "+args[0]+" live", func(progress func(api.EvacuationProgress)) (api.Evacuation, error) {
+				return g.client().EvacuateLive(cmd.Context(), args[0], req, progress)
+			}, printLiveEvacuationCounts)
+		},
+	}
+	cmd.Flags().StringVar(&req.Target, "to", "", "the host to move them to (default: the one placement chooses for each)")
+	cmd.Flags().IntVar(&req.MaxConcurrent, "max-concurrent", 1, "how many vTPMs move at a time (1 to 8)")
+	return cmd
+}
+
+// runEvacuation runs evacuate, printing what it says: heading and the
+// number of vTPMs first, each vTPM's outcome as it is known (n of N), then
+// the counts; with -o json the progress goes to stderr and the result, as
+// JSON, to stdout.
+func runEvacuation(cmd *cobra.Command, g *globals, heading string, evacuate func(func(api.EvacuationProgress)) (api.Evacuation, error),
+	counts func(io.Writer, api.Evacuation) error) error {
+	asJSON := g.format(outputTable) == outputJSON
+	w := cmd.OutOrStdout()
+	if asJSON {
+		w = cmd.ErrOrStderr()
+	}
+	out, err := evacuate(func(p api.EvacuationProgress) {
+		if p.Item == nil {
+			fmt.Fprintf(w, "%s: %d vTPMs\n", heading, p.Total)
+			return
+		}
+		fmt.Fprintf(w, "[%d/%d] ", p.Done, p.Total)
+		printEvacuated(w, *p.Item)
+	})
+	if err != nil {
+		return apiFailure(err)
+	}
+	if asJSON {
+		return writeJSON(cmd.OutOrStdout(), out)
+	}
+	return counts(cmd.OutOrStdout(), out)
 }
 
 // printEvacuated writes what became of one vTPM of an evacuated host, a
@@ -109,6 +148,10 @@ func printEvacuated(w io.Writer, it api.EvacuatedVTPM) {
 		fmt.Fprintf(w, "%s: its migration finished; on %s with the state it left with (generation %d)\n", it.InstanceID, it.Host, it.Generation)
 	case api.EvacuatedReturned:
 		fmt.Fprintf(w, "%s: its migration to this host undone; on %s with the state it had there\n", it.InstanceID, it.Host)
+	case api.EvacuatedLiveMigrated:
+		fmt.Fprintf(w, "%s: live-migrated to %s, its guest running throughout\n", it.InstanceID, it.Host)
+	case api.EvacuatedColdMigrated:
+		fmt.Fprintf(w, "%s: migrated cold to %s, with its state\n", it.InstanceID, it.Host)
 	case api.EvacuatedRefused:
 		fmt.Fprintf(w, "%s: refused (%s): %s\n", it.InstanceID, it.Code, it.Message)
 	default:
@@ -122,5 +165,13 @@ func printEvacuationCounts(w io.Writer, e api.Evacuation) error {
 		e.Count[api.EvacuatedRestored], e.Count[api.EvacuatedNewTPM], e.Count[api.EvacuatedPlaced],
 		e.Count[api.EvacuatedDeleted], e.Count[api.EvacuatedShelved], e.Count[api.EvacuatedMigrated],
 		e.Count[api.EvacuatedReturned], e.Count[api.EvacuatedRefused])
+	return err
+}
+
+// printLiveEvacuationCounts writes the counts of a live evacuation by
+// outcome.
+func printLiveEvacuationCounts(w io.Writer, e api.Evacuation) error {
+	_, err := fmt.Fprintf(w, "host %s: %d live-migrated, %d cold-migrated, %d refused\n", e.Host,
+		e.Count[api.EvacuatedLiveMigrated], e.Count[api.EvacuatedColdMigrated], e.Count[api.EvacuatedRefused])
 	return err
 }

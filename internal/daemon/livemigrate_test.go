@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/cli"
 	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmhost"
 )
 
@@ -243,7 +245,9 @@ func hasTPMState(t *testing.T, h libvirtHost, a *clusterAgent, id string) bool {
 // again; the record names the host the guest runs on; the
 // old host keeps no state; the libvirt secret is on the guest's host
 // alone for host mode, and on no host once the guest runs for user and
-// deployment. The refusals have their codes.
+// deployment. The refusals have their codes. The first guest's host is then
+// emptied with vtpmctl host evacuate-live, which live-migrates the guest
+// to the other host, where it runs on with its TPM.
 func TestClusterLiveMigrate(t *testing.T) {
 	hosts := twoLibvirtHosts(t)
 	t.Run("emulator", func(t *testing.T) {
@@ -260,10 +264,10 @@ func TestClusterLiveMigrate(t *testing.T) {
 	})
 }
 
-func testLiveMigrate(t *testing.T, c *cluster, agents map[string]*clusterAgent, hosts [2]libvirtHost, mode, security string, refusals bool) {
+func testLiveMigrate(t *testing.T, c *cluster, agents map[string]*clusterAgent, hosts [2]libvirtHost, mode, security string, first bool) {
 	ctx := context.Background()
 	g := startLiveGuest(t, c, hosts, security, true)
-	if refusals {
+	if first {
 		_, err := c.op.LiveMigrate(ctx, g.id, api.LiveMigrateRequest{Host: g.on.name})
 		wantCode(t, err, api.CodeTargetIsSource)
 		_, err = c.op.LiveMigrate(ctx, g.id, api.LiveMigrateRequest{Host: "nowhere"})
@@ -311,6 +315,47 @@ func testLiveMigrate(t *testing.T, c *cluster, agents map[string]*clusterAgent, 
 	}
 	if n := strings.Count(strings.Join(actions, ","), "live-migrated"); n != 2 {
 		t.Fatalf("events: %v; want two live-migrated", actions)
+	}
+	if first {
+		g.evacuateLive(t, agents)
+	}
+}
+
+// evacuateLive empties the host the guest runs on, its only vTPM, with
+// vtpmctl host evacuate-live, as an operator before maintenance: the
+// host is drained, and the guest is live-migrated to the other host, where
+// it runs on (booted once, the same PCRs and NV value, still trusted) with
+// its TPM state there alone. The host is undrained after.
+func (g *liveGuest) evacuateLive(t *testing.T, agents map[string]*clusterAgent) {
+	ctx := context.Background()
+	from, to := g.on, g.other
+	if v, err := g.c.op.Get(ctx, g.id); err != nil || v.Host != from.name {
+		t.Fatalf("before evacuating %s: %+v, %v", from.name, v, err)
+	}
+	t.Cleanup(func() { g.c.op.UndrainHost(ctx, from.name) })
+	last := g.lastTick(t)
+	var out, errOut bytes.Buffer
+	if code := cli.Main(ctx, []string{"--server", "unix://" + filepath.Join(g.c.dir, "api.sock"), "host", "evacuate-live", from.name}, &out, &errOut); code != 0 {
+		t.Fatalf("vtpmctl host evacuate-live %s: %d\n%s%s", from.name, code, out.String(), errOut.String())
+	}
+	t.Logf("vtpmctl host evacuate-live %s:\n%s", from.name, out.String())
+	for _, want := range []string{"evacuating host " + from.name + " live: 1 vTPMs", "[1/1] " + g.id + ": live-migrated to " + to.name,
+		"host " + from.name + ": 1 live-migrated, 0 cold-migrated, 0 refused"} {
+		if !strings.Contains(out.String(), want) {
+			t.Fatalf("no %q in the output", want)
+		}
+	}
+	if h, err := g.c.op.GetHost(ctx, from.name); err != nil || !h.Draining {
+		t.Fatalf("%s after the evacuation: %+v, %v; want it draining", from.name, h, err)
+	}
+	if v, err := g.c.op.Get(ctx, g.id); err != nil || v.Host != to.name {
+		t.Fatalf("after evacuating %s: %+v, %v; want the vTPM on %s", from.name, v, err, to.name)
+	}
+	g.checkSame(t, to, from, last)
+	g.c.wait(g.id, "active")
+	if hasTPMState(t, from, agents[from.name], g.id) || !hasTPMState(t, to, agents[to.name], g.id) {
+		t.Fatalf("TPM state after evacuating %s: there %v, on %s %v", from.name, hasTPMState(t, from, agents[from.name], g.id),
+			to.name, hasTPMState(t, to, agents[to.name], g.id))
 	}
 }
 

@@ -118,22 +118,43 @@ func (s *Server) moved(w http.ResponseWriter, r *http.Request, do func(context.C
 }
 
 // evacuateHost moves the vTPMs of a host that is gone to other hosts
-// (vtpms.Service.Evacuate): 200 with what became of each. Asked with
-// Accept: application/x-ndjson, the answer is streamed as
-// api.EvacuationProgress lines: the count first, each vTPM as its outcome
-// is known, then the result (or, once streaming began, the error that cut
-// the evacuation short).
+// (vtpms.Service.Evacuate): 200 with what became of each, streamed as
+// evacuation says.
 func (s *Server) evacuateHost(w http.ResponseWriter, r *http.Request) error {
 	var req api.EvacuateRequest
 	if err := decode(w, r, &req); err != nil {
 		return err
 	}
+	return s.evacuation(w, r, func(c tenant.Caller, progress func(api.EvacuationProgress)) (*api.Evacuation, error) {
+		return s.VTPMs.Evacuate(r.Context(), c, r.PathValue("name"), req.Force, req.NewTPM, progress)
+	})
+}
+
+// evacuateHostLive drains a host and moves its vTPMs, with their state,
+// to other hosts (vtpms.Service.EvacuateLive): 200 with what became of
+// each, streamed as evacuation says.
+func (s *Server) evacuateHostLive(w http.ResponseWriter, r *http.Request) error {
+	var req api.EvacuateLiveRequest
+	if err := decode(w, r, &req); err != nil {
+		return err
+	}
+	return s.evacuation(w, r, func(c tenant.Caller, progress func(api.EvacuationProgress)) (*api.Evacuation, error) {
+		return s.VTPMs.EvacuateLive(r.Context(), c, r.PathValue("name"), req.Target, req.MaxConcurrent, progress)
+	})
+}
+
+// evacuation answers an evacuation that run makes for the caller: 200
+// with what became of each vTPM. Asked with Accept: application/x-ndjson,
+// the answer is streamed as api.EvacuationProgress lines: the count
+// first, each vTPM as its outcome is known, then the result (or, once
+// streaming began, the error that cut the evacuation short).
+func (s *Server) evacuation(w http.ResponseWriter, r *http.Request, run func(tenant.Caller, func(api.EvacuationProgress)) (*api.Evacuation, error)) error {
 	c, err := tenantOf(r)
 	if err != nil {
 		return err
 	}
 	if r.Header.Get("Accept") != ndjson {
-		out, err := s.VTPMs.Evacuate(r.Context(), c, r.PathValue("name"), req.Force, req.NewTPM, nil)
+		out, err := run(c, nil)
 		if err != nil {
 			return err
 		}
@@ -152,7 +173,7 @@ func (s *Server) evacuateHost(w http.ResponseWriter, r *http.Request) error {
 		enc.Encode(p)
 		rc.Flush()
 	}
-	out, err := s.VTPMs.Evacuate(r.Context(), c, r.PathValue("name"), req.Force, req.NewTPM, line)
+	out, err := run(c, line)
 	switch {
 	case err != nil && !streaming:
 		return err

@@ -317,7 +317,7 @@ func TestBodylessRoutesRefuseBodies(t *testing.T) {
 		"POST /v1/vtpms/{id}/resize",
 		"POST /v1/vtpms/{id}/adopt", "PUT /v1/agent/adoptions/{id}",
 		"POST /v1/vtpms/{id}/backups/restore", "POST /v1/vtpms/{id}/migrate", "POST /v1/vtpms/{id}/live-migrate", "PUT /v1/agent/transfers/{id}",
-		"POST /v1/vtpms/{id}/unshelve", "POST /v1/hosts/{name}/evacuate",
+		"POST /v1/vtpms/{id}/unshelve", "POST /v1/hosts/{name}/evacuate", "POST /v1/hosts/{name}/evacuate-live",
 	}
 	var evsBefore api.EventList
 	m.call(t, "GET", "/v1/vtpms/"+inst+"/events", "", nil, &evsBefore)

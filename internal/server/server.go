@@ -191,6 +191,7 @@ func (s *Server) routes() []route {
 		{"POST /v1/hosts/{name}/drain", s.drainHost, operator, noBody},
 		{"POST /v1/hosts/{name}/undrain", s.undrainHost, operator, noBody},
 		{"POST /v1/hosts/{name}/evacuate", s.evacuateHost, operator, jsonBody},
+		{"POST /v1/hosts/{name}/evacuate-live", s.evacuateHostLive, operator, jsonBody},
 		{"GET /v1/hosts/{name}/drift", s.drift, operator, noBody},
 		{"GET /v1/hosts/{name}/attestation", s.getAttestation, operator, noBody},
 		{"DELETE /v1/hosts/{name}/attestation", s.forgetHost, operator, noBody},

@@ -107,10 +107,44 @@ func (s *Service) Evacuate(ctx context.Context, c tenant.Caller, host string, fo
 		migrating[m.InstanceID] = true
 	}
 	vs = slices.DeleteFunc(vs, func(v *store.VTPM) bool { return migrating[v.InstanceID] })
-	total := len(vs) + len(left) + len(moving)
 	s.cfg.Log.Info("evacuating host", "host", host, "vtpms", len(vs), "left", len(left), "migrating", len(moving), "force", force, "by", c.Actor)
 
+	moves := make([]func() api.EvacuatedVTPM, 0, len(moving)+len(vs)+len(left))
+	for _, m := range moving {
+		moves = append(moves, func() api.EvacuatedVTPM { return s.evacuateMigration(ctx, c, host, m, newTPM) })
+	}
+	for _, v := range vs {
+		moves = append(moves, func() api.EvacuatedVTPM { return s.evacuate(ctx, c, host, v, newTPM) })
+	}
+	for _, id := range left {
+		moves = append(moves, func() api.EvacuatedVTPM {
+			v, err := s.Get(ctx, c, id)
+			if err != nil {
+				return s.refused(api.EvacuatedVTPM{InstanceID: id}, err)
+			}
+			return s.restore(ctx, c, v)
+		})
+	}
+	out, err := evacuation(ctx, host, evacuateWorkers, moves, progress)
+	if err != nil {
+		return nil, err
+	}
+	detail := fmt.Sprintf("%d restored, %d with a new TPM, %d placed, %d deleted, %d shelved, %d migrated, %d returned, %d refused",
+		out.Count[api.EvacuatedRestored], out.Count[api.EvacuatedNewTPM], out.Count[api.EvacuatedPlaced], out.Count[api.EvacuatedDeleted],
+		out.Count[api.EvacuatedShelved], out.Count[api.EvacuatedMigrated], out.Count[api.EvacuatedReturned], out.Count[api.EvacuatedRefused])
+	s.event(ctx, c, &store.VTPM{InstanceID: store.HostKey(host)}, "evacuated", detail)
+	s.cfg.Log.Info("evacuated host", "host", host, "outcome", detail, "by", c.Actor)
+	return out, nil
+}
+
+// evacuation makes moves, workers at a time, each taking one vTPM off
+// host and saying what became of it, and answers with their outcomes in
+// the order they finished. progress, if not nil, is called first with the
+// number of moves, then with each outcome as it is known, one call at a
+// time.
+func evacuation(ctx context.Context, host string, workers int, moves []func() api.EvacuatedVTPM, progress func(api.EvacuationProgress)) (*api.Evacuation, error) {
 	out := &api.Evacuation{Host: host, Items: []api.EvacuatedVTPM{}, Count: map[string]int{}}
+	total := len(moves)
 	if progress != nil {
 		progress(api.EvacuationProgress{Total: total})
 	}
@@ -126,7 +160,7 @@ func (s *Service) Evacuate(ctx context.Context, c tenant.Caller, host string, fo
 	}
 	work := make(chan func() api.EvacuatedVTPM)
 	var wg sync.WaitGroup
-	for range evacuateWorkers {
+	for range workers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -135,31 +169,14 @@ func (s *Service) Evacuate(ctx context.Context, c tenant.Caller, host string, fo
 			}
 		}()
 	}
-	for _, m := range moving {
-		work <- func() api.EvacuatedVTPM { return s.evacuateMigration(ctx, c, host, m, newTPM) }
-	}
-	for _, v := range vs {
-		work <- func() api.EvacuatedVTPM { return s.evacuate(ctx, c, host, v, newTPM) }
-	}
-	for _, id := range left {
-		work <- func() api.EvacuatedVTPM {
-			v, err := s.Get(ctx, c, id)
-			if err != nil {
-				return s.refused(api.EvacuatedVTPM{InstanceID: id}, err)
-			}
-			return s.restore(ctx, c, v)
-		}
+	for _, m := range moves {
+		work <- m
 	}
 	close(work)
 	wg.Wait()
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	detail := fmt.Sprintf("%d restored, %d with a new TPM, %d placed, %d deleted, %d shelved, %d migrated, %d returned, %d refused",
-		out.Count[api.EvacuatedRestored], out.Count[api.EvacuatedNewTPM], out.Count[api.EvacuatedPlaced], out.Count[api.EvacuatedDeleted],
-		out.Count[api.EvacuatedShelved], out.Count[api.EvacuatedMigrated], out.Count[api.EvacuatedReturned], out.Count[api.EvacuatedRefused])
-	s.event(ctx, c, &store.VTPM{InstanceID: store.HostKey(host)}, "evacuated", detail)
-	s.cfg.Log.Info("evacuated host", "host", host, "outcome", detail, "by", c.Actor)
 	return out, nil
 }
 

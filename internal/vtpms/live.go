@@ -145,6 +145,11 @@ func (s *Service) beginLive(ctx context.Context, c tenant.Caller, v *store.VTPM,
 	case v.Resize != nil:
 		return nil, refusal.Conflict(api.CodeResizePending, fmt.Sprintf(
 			"A resize of the vTPM (%s) awaits confirm or revert; confirm or revert it before migrating.", v.Resize.Kind))
+	}
+	if err := s.livesOn(ctx, v.Host); err != nil {
+		return nil, err
+	}
+	switch {
 	case v.Desired != store.DesiredRunning || v.Phase != store.PhaseActive || v.Domain == "":
 		return nil, refusal.Conflict(api.CodeGuestNotRunning, fmt.Sprintf("The vTPM of %s is %s, wanted %s, in guest %s: a live migration "+
 			"moves a running guest with its vTPM; migrate a stopped one cold (vtpmctl migrate).", v.InstanceID, v.Phase, v.Desired, refusal.Quote(v.Domain)))
@@ -178,6 +183,27 @@ func (s *Service) beginLive(ctx context.Context, c tenant.Caller, v *store.VTPM,
 	}
 	s.cfg.Log.Info("live-migrating a vTPM", "instance", v.InstanceID, "from", m.Source, "to", m.Target, "by", c.Actor)
 	return m, nil
+}
+
+// liveBackend is the backend whose agents migrate a running guest
+// (agent.LiveMigrator).
+const liveBackend = "libvirt"
+
+// livesOn refuses, with not_supported, to live-migrate from host when its
+// backend cannot migrate a running guest.
+func (s *Service) livesOn(ctx context.Context, host string) error {
+	var h *store.Host
+	err := s.cfg.Store.View(ctx, func(tx *store.Tx) (err error) { h, err = tx.GetHost(host); return err })
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		return hostDown(host)
+	case err != nil:
+		return err
+	case h.Backend != liveBackend:
+		return refusal.Conflict(api.CodeNotSupported, "Host "+host+" runs the "+h.Backend+" backend, which cannot migrate a running guest: "+
+			"only the "+liveBackend+" backend's can. Migrate the vTPM cold (vtpmctl migrate), which stops it for the move.")
+	}
+	return nil
 }
 
 // livePrepare has the target's agent make ready to receive m's guest and
