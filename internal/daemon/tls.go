@@ -166,9 +166,12 @@ func verifyClients(serving *tls.Config, clientCA string, hostCA *x509.Certificat
 	if err != nil {
 		return fmt.Errorf("client CAs: %w", err)
 	}
+	// Each handshake gets a copy of serving as it is now, with the current
+	// CAs: a copy, as net/http goes on writing serving when it serves.
+	base := serving.Clone()
 	serving.GetConfigForClient = func(*tls.ClientHelloInfo) (*tls.Config, error) {
-		c := serving.Clone()
-		c.GetConfigForClient, c.ClientCAs = nil, cas.current()
+		c := base.Clone()
+		c.ClientCAs = cas.current()
 		return c, nil
 	}
 	return nil
