@@ -85,6 +85,10 @@ func newReleaseBench(b *testing.B) *releaseBench {
 		if err := tx.PutHost(&store.Host{Name: "h2", Traits: []string{}, Capacity: releaseInstances, Backend: "swtpm"}); err != nil {
 			return err
 		}
+		fleet, err := tx.GetPolicy("p1", "fleet")
+		if err != nil {
+			return err
+		}
 		if err := tx.PutAttestation(&store.Attestation{InstanceID: store.HostKey("h2"), RegisteredAt: time.Now(), EvidenceAt: evidence,
 			Verdict: store.VerdictTrusted}); err != nil {
 			return err
@@ -98,7 +102,7 @@ func newReleaseBench(b *testing.B) *releaseBench {
 				return err
 			}
 			if err := tx.PutAttestation(&store.Attestation{InstanceID: id, EKKind: "rsa2048", AKPublic: akPublic, AgentTokenHash: bearer.Hash(benchToken(id)),
-				RegisteredAt: time.Now(), EvidenceAt: evidence, Verdict: store.VerdictTrusted, PolicyName: "fleet",
+				RegisteredAt: time.Now(), EvidenceAt: evidence, Verdict: store.VerdictTrusted, PolicyName: "fleet", PolicyID: fleet.ID,
 				PCRs: map[int][]byte{0: make([]byte, 32)}, PolicyPCRs: map[int][]byte{0: make([]byte, 32)}}); err != nil {
 				return err
 			}
