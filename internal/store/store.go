@@ -42,6 +42,9 @@ type Store struct {
 	connWait time.Duration
 	// statements counts the SQL statements transactions ran (Statements).
 	statements atomic.Int64
+	// retries counts transactions run again after losing a serialization
+	// conflict on PostgreSQL (Retries).
+	retries atomic.Int64
 
 	// On SQLite: writing is the one writer's slot (see takeWriting), kept
 	// the statements prepared once and kept on every connection that ran
@@ -324,6 +327,11 @@ func OpenPostgres(ctx context.Context, dsn string, opts Options) (*Store, error)
 // the benchmarks divide it by the work done.
 func (s *Store) Statements() int64 { return s.statements.Load() }
 
+// Retries is how many of this Store's transactions ran again because
+// another transaction won a serialization conflict (PostgreSQL): a high
+// rate says its writers contend for the same rows.
+func (s *Store) Retries() int64 { return s.retries.Load() }
+
 // Ping reports whether the database answers.
 func (s *Store) Ping(ctx context.Context) error { return s.db.PingContext(ctx) }
 
@@ -378,6 +386,7 @@ func (s *Store) run(ctx context.Context, readOnly bool, fn func(*Tx) error) erro
 			}
 			return err
 		}
+		s.retries.Add(1)
 		pause := time.NewTimer(rand.N(min(time.Millisecond<<try, maxPause)))
 		select {
 		case <-ctx.Done():

@@ -342,7 +342,11 @@ type ekCheck struct {
 // Neither changes, so the outcome is kept: a status read, or evidence on
 // the verifier's path, costs no signature check.
 func (v *Verifier) checkEK(ek store.EK) ekCheck {
-	key := sha256.Sum256(append(bytes.Clone(ek.CertDER), ek.PublicDER...))
+	h := sha256.New()
+	h.Write(ek.CertDER)
+	h.Write(ek.PublicDER)
+	var key [sha256.Size]byte
+	h.Sum(key[:0])
 	if c, ok := v.ekChecks.Load(key); ok {
 		return c.(ekCheck)
 	}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/internal/cmdline"
 	"github.com/vtpmd/vtpmd/internal/daemon"
+	"github.com/vtpmd/vtpmd/internal/server"
 )
 
 // shutdownGrace is how long a stopping role waits for requests in flight
@@ -119,6 +120,7 @@ func (serverRole) Run(ctx context.Context) error {
 // command's context ends.
 func runRole(cmd *cobra.Command, cfg daemon.Config, start func(context.Context, *slog.Logger) (role, error)) error {
 	ctx := cmd.Context()
+	server.TuneGC()
 	log := slog.New(slog.NewJSONHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: cfg.LogLevel}))
 	r, err := start(ctx, log)
 	if err != nil {
