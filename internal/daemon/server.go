@@ -178,7 +178,7 @@ func (s *Server) open(ctx context.Context) error {
 	s.agents = agentstore.New(s.store, km, kr, s.log)
 	s.api = &server.Server{VTPMs: vs, Verifier: ver, Secrets: keys, Broker: broker.New(broker.Config{Store: s.store, Keyring: km, Verifier: ver, Log: s.log}),
 		Enrolment: enrol.New(enrol.Config{Store: s.store, HostCA: hostCA, Log: s.log, BoundEnrolment: ver.BoundEnrolment}),
-		Agents:    s.agents, EKCA: s.authority, CAChainPEM: s.authority.ChainPEM, Statements: s.store.Statements, Log: s.log,
+		Agents:    s.agents, EKCA: s.authority, CAChainPEM: s.authority.ChainPEM, StoreStats: s.store, Log: s.log,
 		Readiness: s.readiness(kr), Identity: identity}
 	// HTTP/2 for many long-lived connections that each carry a request
 	// every few seconds (hosts' agents: a watch always waiting, a

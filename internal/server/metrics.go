@@ -23,7 +23,7 @@ type metrics struct {
 // in each phase at scrape time, swept the abandoned transfers this process
 // removed, statements (if not nil) the store's SQL statements so far, logs
 // (if not nil) the verifier's cache of parsed event logs.
-func newMetrics(reg *prometheus.Registry, phases func(context.Context) (map[store.Phase]int, error), swept, statements func() int64, logs func() attest.LogCacheStats) *metrics {
+func newMetrics(reg *prometheus.Registry, phases func(context.Context) (map[store.Phase]int, error), swept func() int64, st StoreStats, logs func() attest.LogCacheStats) *metrics {
 	m := &metrics{
 		reg: reg,
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -37,10 +37,12 @@ func newMetrics(reg *prometheus.Registry, phases func(context.Context) (map[stor
 	reg.MustRegister(m.requests, m.latency, &phaseCollector{phases}, prometheus.NewCounterFunc(prometheus.CounterOpts{
 		Name: "vtpmd_state_transfers_swept_total", Help: "Requests to hosts' agents (exports, imports, moves' steps) that this server removed as abandoned: asked long ago, awaited by no server.",
 	}, func() float64 { return float64(swept()) }))
-	if statements != nil {
+	if st != nil {
 		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name: "vtpmd_store_statements_total", Help: "SQL statements run by the store's transactions (BEGIN and COMMIT not counted).",
-		}, func() float64 { return float64(statements()) }))
+		}, func() float64 { return float64(st.Statements()) }), prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "vtpmd_store_retries_total", Help: "Transactions run again because another won a serialization conflict (PostgreSQL).",
+		}, func() float64 { return float64(st.Retries()) }))
 	}
 	if logs != nil {
 		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
@@ -52,6 +54,12 @@ func newMetrics(reg *prometheus.Registry, phases func(context.Context) (map[stor
 		}, func() float64 { return float64(logs().Bytes) }))
 	}
 	return m
+}
+
+// StoreStats are the store's counters (*store.Store).
+type StoreStats interface {
+	Statements() int64
+	Retries() int64
 }
 
 func (m *metrics) handler() http.Handler { return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}) }

@@ -69,9 +69,10 @@ type Server struct {
 	// CAChainPEM returns the deployment CA chain.
 	CAChainPEM func() []byte
 	Log        *slog.Logger
-	// Statements counts the SQL statements the store has run, for the
-	// metric vtpmd_store_statements_total; nil leaves it out.
-	Statements func() int64
+	// StoreStats counts what the store has done, for the metrics
+	// vtpmd_store_statements_total and vtpmd_store_retries_total; nil
+	// leaves them out.
+	StoreStats StoreStats
 	// Registry receives the API's metrics; nil: a private one.
 	Registry *prometheus.Registry
 	// Readiness are what GET /readyz checks, in order; none: always ready.
@@ -101,7 +102,7 @@ func (s *Server) Handler() http.Handler {
 	if s.Verifier != nil {
 		logs = s.Verifier.LogCacheStats
 	}
-	m := newMetrics(s.Registry, s.VTPMs.Phases, s.VTPMs.TransfersSwept, s.Statements, logs)
+	m := newMetrics(s.Registry, s.VTPMs.Phases, s.VTPMs.TransfersSwept, s.StoreStats, logs)
 	mux := http.NewServeMux()
 	for _, r := range s.routes() {
 		mux.Handle(r.pattern, m.instrument(r.pattern, s.handle(r)))

@@ -108,7 +108,7 @@ func serveFixture(t testing.TB, st *store.Store, kr *embedded.Keyring, dir strin
 	keys := secrets.New(st, kr, s.log)
 	vs := vtpms.New(vtpms.Config{Store: st, Keyring: kr, Secrets: keys, HyperV: s.hyperV, Now: s.now, DriftTimeout: time.Second})
 	ver := verifier.New(verifier.Config{Store: st, VTPMs: vs, CAChainPEM: deployment.ChainPEM, Signer: s.signer})
-	f.api = &Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: deployment.ChainPEM, Statements: st.Statements, Log: s.log,
+	f.api = &Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: deployment.ChainPEM, StoreStats: st, Log: s.log,
 		Broker:    broker.New(broker.Config{Store: st, Keyring: kr, Verifier: ver, Now: s.now}),
 		Enrolment: enrol.New(enrol.Config{Store: st, HostCA: hostCA, Now: s.now}),
 		Agents:    agentstore.New(st, kr, nil, s.log), EKCA: deployment}
@@ -489,7 +489,7 @@ func TestMetricsAndHealth(t *testing.T) {
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	for _, want := range []string{`vtpmd_vtpms{phase="pending"} 1`, `vtpmd_http_requests_total{code="202",route="POST /v1/vtpms"} 1`,
-		"\nvtpmd_event_log_cache_hits_total 0\n", "\nvtpmd_event_log_cache_misses_total 0\n", "\nvtpmd_event_log_cache_bytes 0\n"} {
+		"\nvtpmd_event_log_cache_hits_total 0\n", "\nvtpmd_event_log_cache_misses_total 0\n", "\nvtpmd_event_log_cache_bytes 0\n", "\nvtpmd_store_retries_total 0\n"} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %s", want)
 		}

@@ -216,6 +216,57 @@ func TestStatements(t *testing.T) {
 	})
 }
 
+// TestRetries: on PostgreSQL a transaction that loses a serialization
+// conflict runs again, and the store counts it.
+func TestRetries(t *testing.T) {
+	ctx := context.Background()
+	s, _ := engines[1].open(t)
+	putHosts(t, s, "h1")
+	before := s.Retries()
+	read, written := make(chan struct{}), make(chan struct{})
+	tries := 0
+	done := make(chan error)
+	go func() {
+		done <- s.Update(ctx, func(tx *Tx) error {
+			tries++
+			h, err := tx.GetHost("h1")
+			if err != nil {
+				return err
+			}
+			if tries == 1 {
+				close(read) // the other writes h1 now, and commits first
+				<-written
+			}
+			h.Capacity++
+			return tx.PutHost(h)
+		})
+	}()
+	<-read
+	err := s.Update(ctx, func(tx *Tx) error {
+		h, err := tx.GetHost("h1")
+		if err != nil {
+			return err
+		}
+		h.Capacity++
+		return tx.PutHost(h)
+	})
+	close(written)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if n := s.Retries() - before; tries != 2 || n != 1 {
+		t.Fatalf("the loser ran %d times, %d retries counted; want 2 and 1", tries, n)
+	}
+	var h *Host
+	s.View(ctx, func(tx *Tx) (err error) { h, err = tx.GetHost("h1"); return err })
+	if h.Capacity != 12 {
+		t.Fatalf("capacity %d after two increments of 10", h.Capacity)
+	}
+}
+
 func TestListFiltersAndPages(t *testing.T) {
 	onEngines(t, func(t *testing.T, open func(testing.TB) (*Store, func() (*Store, error))) {
 		ctx := context.Background()
