@@ -175,21 +175,40 @@ func TestAttestationLogsApart(t *testing.T) {
 			t.Fatalf("an absent record: %v", err)
 		}
 
-		// Several in one read: those there are, without their logs.
+		// A vTPM with its record and its host's in one read, without
+		// their logs; one with no record of its own reads nil for it.
+		putHosts(t, s, "h1")
 		host := &Attestation{InstanceID: HostKey("h1"), Verdict: VerdictUntrusted, Reasons: []string{"r"}, EventLog: []byte("host's log")}
-		if err := s.Update(ctx, func(tx *Tx) error { return tx.PutAttestation(host) }); err != nil {
-			t.Fatal(err)
-		}
-		var some map[string]*Attestation
-		if err := s.View(ctx, func(tx *Tx) (err error) {
-			some, err = tx.GetAttestationsWithoutLogs("i-1", "i-2", HostKey("h1"))
-			return err
+		if err := s.Update(ctx, func(tx *Tx) error {
+			for _, id := range []string{"i-1", "i-3"} {
+				if err := tx.CreateVTPM(sample(id, "p1", "h1")); err != nil {
+					return err
+				}
+			}
+			if err := tx.PutAttestation(in); err != nil {
+				return err
+			}
+			return tx.PutAttestation(host)
 		}); err != nil {
 			t.Fatal(err)
 		}
-		if len(some) != 2 || some["i-1"] == nil || some["i-1"].EventLog != nil || !some["i-1"].withoutLogs || some["i-1"].PolicyName != "gold" ||
-			some[HostKey("h1")] == nil || some[HostKey("h1")].Verdict != VerdictUntrusted || some[HostKey("h1")].EventLog != nil {
-			t.Fatalf("read together: %+v", some)
+		var v *VTPM
+		var own, hosts *Attestation
+		if err := s.View(ctx, func(tx *Tx) (err error) { v, own, hosts, err = tx.GetVTPMAttested("i-1"); return err }); err != nil {
+			t.Fatal(err)
+		}
+		if v.InstanceID != "i-1" || v.Host != "h1" || own == nil || own.EventLog != nil || !own.withoutLogs || own.PolicyName != "gold" ||
+			hosts == nil || hosts.InstanceID != HostKey("h1") || hosts.Verdict != VerdictUntrusted || hosts.EventLog != nil || !hosts.withoutLogs {
+			t.Fatalf("read together: %+v, %+v, %+v", v, own, hosts)
+		}
+		if err := s.View(ctx, func(tx *Tx) (err error) { v, own, hosts, err = tx.GetVTPMAttested("i-3"); return err }); err != nil {
+			t.Fatal(err)
+		}
+		if v.InstanceID != "i-3" || own != nil || hosts == nil {
+			t.Fatalf("a vTPM with no record of its own: %+v, %+v, %+v", v, own, hosts)
+		}
+		if err := s.View(ctx, func(tx *Tx) error { _, _, _, err := tx.GetVTPMAttested("i-2"); return err }); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("no vTPM: %v", err)
 		}
 	})
 }

@@ -39,7 +39,7 @@ type Gate struct {
 // (unauthenticated), its status, and its and its host's evidence times.
 // It reads no event log.
 func (v *Verifier) Gate(tx *store.Tx, c tenant.Caller, id, agentToken string) (*Gate, error) {
-	vt, err := tx.GetVTPM(id)
+	vt, a, host, err := tx.GetVTPMAttested(id)
 	if err == nil && !c.Sees(vt.Project) {
 		err = fmt.Errorf("vtpm %s: %w", id, store.ErrNotFound)
 	}
@@ -47,12 +47,6 @@ func (v *Verifier) Gate(tx *store.Tx, c tenant.Caller, id, agentToken string) (*
 		return nil, err
 	}
 	sub := Subject{key: vt.InstanceID, vtpm: vt, actor: c.Actor}
-	hostKey := store.HostKey(vt.Host)
-	records, err := tx.GetAttestationsWithoutLogs(vt.InstanceID, hostKey) // one round trip for both
-	if err != nil {
-		return nil, err
-	}
-	a := records[vt.InstanceID]
 	if a == nil || a.RegisteredAt.IsZero() {
 		return nil, notRegistered(sub)
 	}
@@ -60,7 +54,7 @@ func (v *Verifier) Gate(tx *store.Tx, c tenant.Caller, id, agentToken string) (*
 		return nil, err
 	}
 	now := v.now()
-	st := v.statusWith(sub, a, hostVerdictOf(vt.Host, records[hostKey], now), now)
+	st := v.statusWith(sub, a, hostVerdictOf(vt.Host, host, now), now)
 	g := &Gate{VTPM: vt, Status: st, EvidenceAt: a.EvidenceAt, HostEvidenceAt: st.Host.EvidenceAt, AKPublic: a.AKPublic, PolicyID: a.PolicyID}
 	kind := a.EKKind
 	if kind == "" {
