@@ -4,7 +4,13 @@ import (
 	"bytes"
 	"context"
 	"crypto"
+	"encoding/base64"
+	"encoding/hex"
 	"errors"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -102,7 +108,8 @@ func secretEvents(t *testing.T, f *fixture, id string) []string {
 // request is refused with its code, and each release and refusal is an
 // event of the instance.
 func TestBrokerReleaseAndRefusals(t *testing.T) {
-	f := newFixture(t)
+	var logs bytes.Buffer
+	f := newFixtureWith(t, setup{log: slog.New(slog.NewJSONHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
 	hostVerdict(t, f, store.VerdictTrusted, time.Now())
 	a := trustedGuest(t, f, inst, "p1")
 	b := trustedGuest(t, f, instB, "p1")
@@ -223,6 +230,38 @@ func TestBrokerReleaseAndRefusals(t *testing.T) {
 	f.call(t, "GET", "/v1/broker/secrets/disk", "p1", nil, &l)
 	if len(l.Releases) != 1 || l.Releases[0].InstanceID != inst || !l.Releases[0].RevokedAt.IsZero() || l.Releases[0].Releases != 2 {
 		t.Fatalf("releases of disk: %+v", l.Releases)
+	}
+
+	// The payload is nowhere but in the answers' wrapping: not in the
+	// logs (at debug), not in any event, not in the store's files.
+	if !strings.Contains(logs.String(), "secret released") {
+		t.Fatalf("the broker logged no release: the check below would see nothing\n%s", logs.String())
+	}
+	var all []string
+	for _, id := range []string{inst, instB, instC, instD} {
+		var l api.EventList
+		f.call(t, "GET", "/v1/vtpms/"+id+"/events", "", nil, &l)
+		for _, e := range l.Items {
+			all = append(all, e.Action+": "+e.Detail)
+		}
+	}
+	files := map[string][]byte{}
+	filepath.WalkDir(f.dir, func(path string, d fs.DirEntry, err error) error {
+		if err == nil && d.Type().IsRegular() {
+			files[path], _ = os.ReadFile(path)
+		}
+		return nil
+	})
+	if os.Getenv("VTPMD_TEST_STORE") != "postgres" && len(files) == 0 {
+		t.Fatal("no store files to look in")
+	}
+	files["logs"], files["events"] = logs.Bytes(), []byte(strings.Join(all, "\n"))
+	for where, b := range files {
+		for _, form := range [][]byte{payload, []byte(base64.RawStdEncoding.EncodeToString(payload)), []byte(hex.EncodeToString(payload))} {
+			if bytes.Contains(b, form) {
+				t.Errorf("the payload (%.12s…) is in %s", form, where)
+			}
+		}
 	}
 }
 

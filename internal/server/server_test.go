@@ -106,10 +106,10 @@ func serveFixture(t testing.TB, st *store.Store, kr *embedded.Keyring, dir strin
 	}
 	f.deploymentCA, f.hostCA = deployment, hostCA
 	keys := secrets.New(st, kr, s.log)
-	vs := vtpms.New(vtpms.Config{Store: st, Keyring: kr, Secrets: keys, HyperV: s.hyperV, Now: s.now, DriftTimeout: time.Second})
-	ver := verifier.New(verifier.Config{Store: st, VTPMs: vs, CAChainPEM: deployment.ChainPEM, Signer: s.signer})
+	vs := vtpms.New(vtpms.Config{Store: st, Keyring: kr, Secrets: keys, HyperV: s.hyperV, Now: s.now, DriftTimeout: time.Second, Log: s.log})
+	ver := verifier.New(verifier.Config{Store: st, VTPMs: vs, CAChainPEM: deployment.ChainPEM, Signer: s.signer, Log: s.log})
 	f.api = &Server{VTPMs: vs, Verifier: ver, Secrets: keys, CAChainPEM: deployment.ChainPEM, StoreStats: st, Log: s.log,
-		Broker:    broker.New(broker.Config{Store: st, Keyring: kr, Verifier: ver, Now: s.now}),
+		Broker:    broker.New(broker.Config{Store: st, Keyring: kr, Verifier: ver, Now: s.now, Log: s.log}),
 		Enrolment: enrol.New(enrol.Config{Store: st, HostCA: hostCA, Now: s.now}),
 		Agents:    agentstore.New(st, kr, nil, s.log), EKCA: deployment}
 	f.api.Console = console.New(console.Config{Store: st, VTPMs: vs, Verifier: ver, Authenticate: f.api.BrowserViewer, Now: s.now})
