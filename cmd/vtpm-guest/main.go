@@ -131,6 +131,7 @@ func agent(args []string, watch bool) error {
 	if err := a.Register(ctx); err != nil {
 		return err
 	}
+	defer a.Flush() // a TPM without a resource manager (unix:, /dev/tpm0) keeps them
 	holder := keyrelease.Holder{Dir: c.stateDir}
 	if err := holder.SaveToken(a.Token()); err != nil {
 		fmt.Fprintln(os.Stderr, "vtpm-guest: keeping the agent token (secret get will not work):", err)
