@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -119,6 +120,23 @@ watch:
 		<-done
 	}
 	return killedAt
+}
+
+// killedMidway fails t when every kill of one victim (hits' keys are
+// "VICTIM at STEP") landed once the operation had finished ("done"): the
+// crash test would then have shown nothing of a crash mid-operation.
+func killedMidway(t *testing.T, hits map[string]int) {
+	t.Helper()
+	midway := map[string]bool{}
+	for k := range hits {
+		victim, at, _ := strings.Cut(k, " at ")
+		midway[victim] = midway[victim] || at != "done"
+	}
+	for victim, ok := range midway {
+		if !ok {
+			t.Errorf("every kill of the %s landed after the operation had finished: %v", victim, hits)
+		}
+	}
 }
 
 // restart starts the killed process again: the server, or a host's agent.
@@ -315,6 +333,7 @@ func TestCrashMidLibvirtMoves(t *testing.T) {
 		}
 	})
 	t.Logf("kills: %v", hits)
+	killedMidway(t, hits)
 
 	rec := vtpmRecordIn(t, h.st, id)
 	onStateSocket(t, filepath.Join(h.dir[rec.Host](id), "tpm2"), secret.Payload, func(sock string) {

@@ -5,6 +5,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"slices"
 	"syscall"
 	"testing"
@@ -32,8 +34,9 @@ func nvAfter(t *testing.T, c *cluster, id string) []byte {
 }
 
 // TestCrashMidRestore kills, with SIGKILL, the server or the host's agent
-// at moments spread over a restore of a backup (as it is asked, while the
-// agent stages and proves the state, around the swap, once it is done).
+// at moments spread over a restore of a backup (as it is asked, at delays
+// after, the agent's once it has staged the backup to prove it, once the
+// restore is done).
 // After each kill the vTPM is usable, whole, as it was before or as the
 // backup (never a mix of the two, never neither), and once the killed
 // process is back the same restore finishes: the vTPM holds the backup's
@@ -54,12 +57,20 @@ func TestCrashMidRestore(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	hit := map[string]bool{}
+	kept := map[string]int{} // what the vTPM held after a kill
+	stagedSeen := 0
 	ms := time.Millisecond
-	delays := []time.Duration{0, 10 * ms, 30 * ms, 60 * ms, 100 * ms, 150 * ms, -1} // after "restoring"; -1: once "restored"
+	// Kill points: delays after "restoring"; the agent's staging directory
+	// beside the state's there (swtpmhost.Import: staged, being proven),
+	// three times, as it may come and go between two looks; "restored".
+	const staged, restored = -1, -2
+	delays := []time.Duration{0, 10 * ms, 30 * ms, 60 * ms, 100 * ms, 150 * ms, staged, staged, staged, restored}
 	n := 0
 	for _, victim := range []string{"server", "agent"} {
 		for _, delay := range delays {
+			if delay == staged && victim == "server" {
+				continue // the server stages nothing
+			}
 			n++
 			v := c.wait(id, "active")
 			later := bytes.Repeat([]byte{byte('a' + n)}, 32)
@@ -80,26 +91,49 @@ func TestCrashMidRestore(t *testing.T) {
 				evs, err := c.op.Events(ctx, id)
 				return err == nil && slices.ContainsFunc(evs.Items[len(before.Items):], func(e api.Event) bool { return e.Action == action })
 			}
+			if delay == staged {
+				// Watched from the request on: the import is quicker than
+				// a look at the events.
+				stagedAt := filepath.Join(a.dir, "vtpms", ".import-"+id)
+			watch:
+				for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); {
+					if _, err := os.Stat(stagedAt); err == nil {
+						stagedSeen++
+						break
+					}
+					select {
+					case err := <-done:
+						done <- err
+						break watch
+					default:
+					}
+				}
+			}
 			c.eventually("the restore is asked", func() error {
 				if !fresh("restoring") {
 					return errors.New("no restoring event")
 				}
 				return nil
 			})
-			if delay < 0 {
+			switch delay {
+			case restored:
 				c.eventually("the restore is done", func() error {
 					if !fresh("restored") {
 						return errors.New("no restored event")
 					}
 					return nil
 				})
-			} else {
+			case staged:
+			default:
 				time.Sleep(delay)
 			}
 			stop(*proc, syscall.SIGKILL)
 			cancel()
 			<-done
-			hit[fmt.Sprintf("%s+%v", victim, delay)] = true
+			when := map[time.Duration]string{staged: "with the import staged", restored: "once the restore was done"}[delay]
+			if when == "" {
+				when = fmt.Sprint(delay, " after the restore was asked")
+			}
 			if victim == "server" {
 				c.startServer()
 			} else {
@@ -109,15 +143,19 @@ func TestCrashMidRestore(t *testing.T) {
 			// One usable copy, whole: the one before, or the backup.
 			got := nvAfter(t, c, id)
 			if !bytes.Equal(got, later) && !bytes.Equal(got, backedUp) {
-				t.Fatalf("%s killed %v after the restore was asked: NV %q, neither the state's %q nor the backup's %q", victim, delay, got, later, backedUp)
+				t.Fatalf("%s killed %s: NV %q, neither the state's %q nor the backup's %q", victim, when, got, later, backedUp)
 			}
-			t.Logf("%s killed %v after the restore was asked: the vTPM holds the %s", victim, delay,
-				map[bool]string{true: "backup", false: "state before"}[bytes.Equal(got, backedUp)])
+			held := map[bool]string{true: "backup", false: "state before"}[bytes.Equal(got, backedUp)]
+			if delay == restored && held != "backup" {
+				t.Fatalf("%s killed once the restore was done: the vTPM holds the state before it", victim)
+			}
+			kept[victim+": "+held]++
+			t.Logf("%s killed %s: the vTPM holds the %s", victim, when, held)
 			if _, err := c.op.RestoreBackup(ctx, id, api.RestoreRequest{}); err != nil {
-				t.Fatalf("%s killed %v after the restore was asked: restoring again: %v", victim, delay, err)
+				t.Fatalf("%s killed %s: restoring again: %v", victim, when, err)
 			}
 			if got := nvAfter(t, c, id); !bytes.Equal(got, backedUp) {
-				t.Fatalf("%s killed %v after the restore was asked: NV after restoring again %q, want %q", victim, delay, got, backedUp)
+				t.Fatalf("%s killed %s: NV after restoring again %q, want %q", victim, when, got, backedUp)
 			}
 			if _, err := c.op.Start(ctx, id); err != nil {
 				t.Fatal(err)
@@ -125,7 +163,10 @@ func TestCrashMidRestore(t *testing.T) {
 		}
 	}
 	checkIdentity(t, c.op, c.wait(id, "active"))
-	t.Logf("%d kills", len(hit))
+	if stagedSeen == 0 {
+		t.Errorf("the agent's staging directory was never seen: no kill landed mid-import (%v)", kept)
+	}
+	t.Logf("kills: %v; %d of the agent's while its import was staged", kept, stagedSeen)
 }
 
 // TestCrashMidEvacuate kills, with SIGKILL, the server or the destination
@@ -173,7 +214,7 @@ func TestCrashMidEvacuate(t *testing.T) {
 		{"taking it in", 40 * time.Millisecond, func(v *store.VTPM, _, dest string) bool { return v.Phase == store.PhaseUnshelving && v.Host == dest }},
 		{"there", 0, func(v *store.VTPM, _, dest string) bool { return v.Host == dest && v.Phase != store.PhaseUnshelving }},
 	}
-	round := 0
+	round, hits := 0, map[string]int{}
 	for _, victim := range []string{"server", "destination"} {
 		for _, s := range steps {
 			round++
@@ -221,6 +262,7 @@ func TestCrashMidEvacuate(t *testing.T) {
 			stop(*proc, syscall.SIGKILL)
 			cancel()
 			<-done
+			hits[victim+" at "+killedAt]++
 
 			// One usable copy.
 			rec := vtpmRecordIn(t, st, id)
@@ -268,5 +310,6 @@ func TestCrashMidEvacuate(t *testing.T) {
 			c.startAgent(gone) // back, with a stale copy
 		}
 	}
+	killedMidway(t, hits)
 	checkIdentity(t, c.op, c.wait(id, "active"))
 }

@@ -294,6 +294,7 @@ func TestCrashMidMigrate(t *testing.T) {
 		}
 	}
 	t.Logf("kills: %v", hit)
+	killedMidway(t, hit)
 
 	if _, err := c.op.Start(context.Background(), id); err != nil {
 		t.Fatal(err)
