@@ -5,12 +5,14 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"os"
 	"regexp"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/vtpmd/vtpmd/api"
+	"github.com/vtpmd/vtpmd/internal/attest"
 	"github.com/vtpmd/vtpmd/internal/attest/attesttest"
 	"github.com/vtpmd/vtpmd/internal/store"
 )
@@ -163,4 +165,64 @@ func TestConsoleAccess(t *testing.T) {
 		t.Fatalf("the stylesheet %q: %v %v", css, resp, err)
 	}
 	resp.Body.Close()
+}
+
+// consolePage fetches the console's page at path as the operator (its
+// socket), failing unless it answers 200.
+func consolePage(t *testing.T, f *fixture, path string) string {
+	t.Helper()
+	resp, err := f.http.Get(f.url + path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 {
+		t.Fatalf("GET %s: %d\n%s", path, resp.StatusCode, body)
+	}
+	return string(body)
+}
+
+// An instance untrusted by its policy of allowed file digests on PCR 10
+// (a real IMA log, quoted by its vTPM): the Instance page shows, beside
+// PCR 10, the first IMA entry the policy does not allow (its index, its
+// path, its digest, how many more) and what the policy allows instead;
+// the path holds markup, shown as text.
+func TestConsoleIMAEntry(t *testing.T) {
+	f := newFixture(t)
+	g := newGuest(t, f, []attesttest.Measurement{{PCR: 0, Type: 0x8, Data: []byte("firmware")}})
+	files := []attesttest.IMAFile{{Path: "boot_aggregate", Content: []byte("agg")}, {Path: "/usr/sbin/sshd", Content: []byte("sshd")},
+		{Path: "/tmp/<script>alert(1)</script>", Content: []byte("rootkit")}, {Path: "/usr/bin/nc", Content: []byte("nc")}}
+	imaLog, extends := attesttest.IMALog(files)
+	for _, e := range extends {
+		g.measure(t, attest.IMAPCR, e)
+	}
+	if err := os.WriteFile(g.imaLog, imaLog, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	g.agent.IMALog = g.imaLog
+	ctx := context.Background()
+	if err := g.agent.Register(ctx); err != nil {
+		t.Fatal(err)
+	}
+	applyPolicy(t, f, "files", map[int][]string{attest.IMAPCR: {digestHex("agg"), digestHex("sshd")}})
+	if a, err := g.agent.Attest(ctx); err != nil || a.Verdict != "untrusted" {
+		t.Fatalf("the agent's evidence: %+v %v", a, err)
+	}
+	page := consolePage(t, f, "/ui/instances/"+inst)
+	row := regexp.MustCompile(`(?s)<tr class="diff ima" id="pcr-10-ima">.*?</tr>`).FindString(page)
+	for _, want := range []string{
+		"first IMA entry the policy does not allow (and 1 more)",
+		"<strong>not in the policy</strong>", "it allows 2 file digests, not this one:",
+		`<code class="digest">` + digestHex("agg") + "</code>", `<code class="digest">` + digestHex("sshd") + "</code>",
+		"<strong>#2 ima-ng</strong>", `<span class="desc">/tmp/&lt;script&gt;alert(1)&lt;/script&gt;</span>`,
+		`<code class="digest">sha256:` + digestHex("rootkit") + "</code>",
+	} {
+		if !strings.Contains(row, want) {
+			t.Errorf("PCR 10's IMA entry lacks %q", want)
+		}
+	}
+	if t.Failed() || strings.Contains(page, "<script>alert") || !strings.Contains(page, `<tr class="bad" id="pcr-10">`) {
+		t.Fatalf("the PCR view of an IMA mismatch:\n%s", page)
+	}
 }
