@@ -233,6 +233,26 @@ func TestConsoleIMAEntry(t *testing.T) {
 	if t.Failed() || strings.Contains(page, "<script>alert") || !strings.Contains(page, `<tr class="bad" id="pcr-10">`) {
 		t.Fatalf("the PCR view of an IMA mismatch:\n%s", page)
 	}
+
+	// A policy that learned PCR 10's value, and a file measured since:
+	// the value differs, and the page says that no file can be named.
+	if code := f.call(t, "POST", "/v1/vtpms/"+inst+"/attestation/policy", "", api.PolicyRequest{Learn: true, PCRs: []int{attest.IMAPCR}}, nil); code != 200 {
+		t.Fatalf("learning PCR 10's value: %d", code)
+	}
+	files = append(files, attesttest.IMAFile{Path: "/usr/bin/curl", Content: []byte("curl")})
+	imaLog, extends = attesttest.IMALog(files)
+	g.measure(t, attest.IMAPCR, extends[len(extends)-1])
+	if err := os.WriteFile(g.imaLog, imaLog, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if a, err := g.agent.Attest(ctx); err != nil || a.Verdict != "untrusted" || !strings.HasPrefix(a.Reasons[0], "PCR 10 is ") {
+		t.Fatalf("the evidence after another file: %+v %v", a, err)
+	}
+	page = consolePage(t, f, "/ui/instances/"+inst)
+	if !strings.Contains(page, "The policy holds PCR 10's value, not the files IMA measured, so the file that changed cannot be named") ||
+		strings.Contains(page, "pcr-10-ima") {
+		t.Fatalf("the PCR view of PCR 10's value:\n%s", page)
+	}
 }
 
 var (
