@@ -124,6 +124,9 @@ func TestDigestPolicy(t *testing.T) {
 	if len(m) != 1 || !strings.HasPrefix(m[0].String(), "PCR 10: /tmp/x (sha256:") || !strings.HasSuffix(m[0].String(), "does not allow, and 1 more") {
 		t.Fatalf("unknown files: %v", m)
 	}
+	if e := m[0].IMA; e == nil || e.Index != 2 || e.Path != "/tmp/x" || m[0].Disallowed != 2 {
+		t.Fatalf("unknown files: the first one not allowed is %+v, of %d", e, m[0].Disallowed)
+	}
 	short := ima(good...)
 	short.PCRs = ima(append(good, attesttest.IMAFile{Path: "/tmp/x", Content: []byte("x")})...).PCRs
 	if m := Evaluate(p, short); len(m) != 1 || m[0].Kind != NotReplayed || m[0].String() != "PCR 10: the IMA log does not replay to the quoted value" {
@@ -132,6 +135,9 @@ func TestDigestPolicy(t *testing.T) {
 	m = Evaluate(p, ima(good[0], attesttest.IMAFile{Path: "/usr/bin/sshd", Content: []byte("sshd"), Violation: true}))
 	if len(m) != 1 || !strings.Contains(m[0].String(), "/usr/bin/sshd") || !strings.Contains(m[0].String(), "measurement violation") {
 		t.Fatalf("violation: %v", m)
+	}
+	if e := m[0].IMA; e == nil || !e.Violation || e.Path != "/usr/bin/sshd" || m[0].Disallowed != 1 {
+		t.Fatalf("violation: the entry not allowed is %+v", e)
 	}
 }
 

@@ -141,6 +141,12 @@ type Mismatch struct {
 	// reference boot's, when both logs are known; for a digest policy, the
 	// measurement it does not allow.
 	Event string
+	// IMA is, for DigestNotAllowed on PCR 10 judged by its IMA log, the
+	// first entry the policy does not allow: a file whose digest it does
+	// not list, or a violation. Disallowed counts the measurements it
+	// does not allow (DigestNotAllowed, any PCR).
+	IMA        *IMAEntry
+	Disallowed int
 }
 
 func (m Mismatch) String() string {
@@ -199,7 +205,7 @@ func evaluate(p Policy, b Boot, bank *pcrBank) []Mismatch {
 		if m := unvouched(b, i, replayed); m != nil {
 			out = append(out, *m)
 		} else if m, bad := disallowed(p.Digests[i], b, i); bad {
-			out = append(out, Mismatch{PCR: i, Kind: DigestNotAllowed, Event: m})
+			out = append(out, m)
 		}
 	}
 	return out
@@ -225,36 +231,41 @@ func unvouched(b Boot, i int, replayed func() *pcrBank) *Mismatch {
 	return nil
 }
 
-// disallowed describes the measurements of PCR i in b that allowed does
-// not list; a PCR with no measurements at all is disallowed too (a boot
-// that skipped measuring would otherwise pass).
-func disallowed(allowed [][]byte, b Boot, i int) (string, bool) {
+// disallowed is the mismatch of the measurements of PCR i in b that
+// allowed does not list; a PCR with no measurements at all is disallowed
+// too (a boot that skipped measuring would otherwise pass).
+func disallowed(allowed [][]byte, b Boot, i int) (Mismatch, bool) {
+	out := Mismatch{PCR: i, Kind: DigestNotAllowed}
 	ms := measurementsOf(b, i)
 	if len(ms) == 0 {
-		return "nothing was measured", true
+		out.Event = "nothing was measured"
+		return out, true
 	}
 	set := make(map[string]bool, len(allowed)) // an allowlist may hold tens of thousands
 	for _, a := range allowed {
 		set[string(a)] = true
 	}
-	var bad []measurement
-	for _, m := range ms {
+	var first *measurement
+	for n, m := range ms {
 		if m.digest == nil || !set[string(m.digest)] {
-			bad = append(bad, m)
+			if first == nil {
+				first = &ms[n]
+			}
+			out.Disallowed++
 		}
 	}
-	if len(bad) == 0 {
-		return "", false
+	if first == nil {
+		return Mismatch{}, false
 	}
 	what := "has a digest the policy does not allow"
-	if bad[0].digest == nil {
+	if first.digest == nil {
 		what = "is a measurement violation"
 	}
-	s := bad[0].name() + " " + what
-	if len(bad) > 1 {
-		s += fmt.Sprintf(", and %d more", len(bad)-1)
+	out.IMA, out.Event = first.ima, first.name()+" "+what
+	if out.Disallowed > 1 {
+		out.Event += fmt.Sprintf(", and %d more", out.Disallowed-1)
 	}
-	return s, true
+	return out, true
 }
 
 // sortedKeys appends m's keys to buf, sorted.

@@ -402,7 +402,32 @@ type pcrRow struct {
 	Status  string // matches, differs, not quoted, judged by digests
 	Reason  string // the verdict's reason naming this PCR, if any
 	Diff    *eventDiff
+	// IMA is, for PCR 10 judged by a digest policy, the first IMA entry
+	// the policy does not allow; IMAValue marks PCR 10 judged by its
+	// value, which names no file.
+	IMA      *imaView
+	IMAValue bool
 }
+
+// imaView is an IMA entry a digest policy does not allow, and what the
+// policy allows instead.
+type imaView struct {
+	Index     int
+	Template  string
+	Path      string
+	Digest    string // algorithm:hex
+	Violation bool
+	// More counts the other entries the policy does not allow.
+	More int
+	// Allowed is how many file digests the policy allows on PCR 10, and
+	// AllowedDigests lists them when they are few enough to read.
+	Allowed        int
+	AllowedDigests []string
+}
+
+// maxAllowedShown bounds the allowed digests an IMA mismatch lists (an
+// allowlist may hold tens of thousands).
+const maxAllowedShown = 4
 
 // eventDiff is the first differing event of a PCR: the reference boot's
 // and this boot's.
@@ -515,9 +540,44 @@ func pcrRows(a *store.Attestation, reasons []string) []pcrRow {
 		case row.Reason != "":
 			row.Status = "differs"
 		}
+		if i == attest.IMAPCR && row.Status == "differs" {
+			row.IMAValue = row.Want != nil && row.Diff == nil
+			if row.Digests > 0 {
+				row.IMA = firstDisallowedIMA(a)
+			}
+		}
 		out = append(out, row)
 	}
 	return out
+}
+
+// firstDisallowedIMA judges a's last evidence again for the IMA entry of
+// PCR 10 its digest policy does not allow (the record keeps the reason
+// in words only); nil when there is none, or a's IMA log does not parse
+// (it did when it was accepted).
+func firstDisallowedIMA(a *store.Attestation) *imaView {
+	if a.IMAEntries == 0 {
+		return nil
+	}
+	ms, err := verifier.Mismatches(a)
+	if err != nil {
+		return nil
+	}
+	for _, m := range ms {
+		if m.PCR != attest.IMAPCR || m.IMA == nil {
+			continue
+		}
+		e := m.IMA
+		v := &imaView{Index: e.Index, Template: e.Template, Path: e.Path, Digest: e.Algorithm + ":" + hex.EncodeToString(e.FileDigest),
+			Violation: e.Violation, More: m.Disallowed - 1, Allowed: len(a.PolicyDigests[attest.IMAPCR])}
+		if v.Allowed <= maxAllowedShown {
+			for _, d := range a.PolicyDigests[attest.IMAPCR] {
+				v.AllowedDigests = append(v.AllowedDigests, hex.EncodeToString(d))
+			}
+		}
+		return v
+	}
+	return nil
 }
 
 // policyRow is a policy as the list shows it.

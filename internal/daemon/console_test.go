@@ -2,15 +2,20 @@ package daemon
 
 import (
 	"context"
+	"encoding/json"
 	"flag"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/chromedp/cdproto/accessibility"
 	"github.com/chromedp/chromedp"
+	"github.com/chromedp/chromedp/kb"
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
@@ -108,6 +113,60 @@ func signIn(t *testing.T, ctx context.Context, link api.ConsoleLink) {
 	until(t, ctx, "signed in", `location.pathname !== "/ui/login" && document.querySelector("header nav") !== null`)
 }
 
+// formControls are the accessibility roles of form controls.
+var formControls = map[string]bool{"textbox": true, "searchbox": true, "combobox": true, "listbox": true, "button": true,
+	"checkbox": true, "radio": true, "spinbutton": true, "slider": true, "switch": true}
+
+// labelled checks that every form control of the open page has an
+// accessible name, as Chromium's accessibility tree computes it (from its
+// label, aria-label or aria-labelledby, a button's text), and that the
+// tree has as many controls as the page's DOM.
+func labelled(t *testing.T, ctx context.Context, page string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	tree, err := chromedp.Call(ctx, accessibility.GetFullAXTree, accessibility.GetFullAXTreeParams{})
+	if err != nil {
+		t.Fatalf("%s: the accessibility tree: %v", page, err)
+	}
+	controls := 0
+	for _, n := range tree.Nodes {
+		var role, name string
+		if n.Ignored || n.Role == nil || json.Unmarshal(n.Role.Value, &role) != nil || !formControls[role] {
+			continue
+		}
+		controls++
+		if n.Name != nil {
+			json.Unmarshal(n.Name.Value, &name)
+		}
+		if strings.TrimSpace(name) == "" {
+			t.Errorf("%s: a %s without an accessible name (DOM node %d)", page, role, n.BackendDOMNodeID)
+		}
+	}
+	inDOM := value(t, ctx, page+": its controls", chromedp.Evaluate[int](`document.querySelectorAll("input:not([type=hidden]), select, textarea, button").length`))
+	if controls != inDOM || controls == 0 {
+		t.Fatalf("%s: %d form controls in the accessibility tree, %d in the page", page, controls, inDOM)
+	}
+}
+
+// tabStops presses Tab n times from the top of the freshly loaded page
+// and says where each press put the focus: "skip" (the skip link),
+// "nav:Fleet" (a section's link), "sort:Host" (a column's sort link),
+// else the element's tag and text or name.
+func tabStops(t *testing.T, ctx context.Context, n int) []string {
+	t.Helper()
+	var out []string
+	for range n {
+		step(t, ctx, "pressing Tab", chromedp.KeyEvent(kb.Tab))
+		out = append(out, value(t, ctx, "the focused element", chromedp.Evaluate[string](`(e =>
+			e.matches("a.skip") ? "skip" :
+			e.closest("header nav") ? "nav:" + e.textContent :
+			e.closest("thead") ? "sort:" + e.textContent.replace(/ [▲▼]$/, "") :
+			e.tagName.toLowerCase() + ":" + (e.name || e.textContent.trim()))(document.activeElement)`)))
+	}
+	return out
+}
+
 // bootLog is a boot's event log as firmware and GRUB write it: the
 // kernel's command line goes into PCR 8.
 func bootLog(cmdline string) []byte {
@@ -182,16 +241,57 @@ func TestConsoleInBrowser(t *testing.T) {
 		t.Fatalf("the fleet's hosts:\n%s", hosts)
 	}
 	screenshot(t, ctx, "fleet.png")
+	labelled(t, ctx, "the fleet page")
 	step(t, ctx, "the instances page", chromedp.Navigate(u.d.URL+"/ui/instances"), chromedp.WaitVisible(chromedp.CSS("table.instances")))
 	if rows := value(t, ctx, "instances", chromedp.Text(chromedp.CSS("table.instances tbody"))); !strings.Contains(rows, theirs) || !strings.Contains(rows, id) {
 		t.Fatalf("the operator's instances:\n%s", rows)
 	}
 	screenshot(t, ctx, "instances.png")
+
+	// The keyboard: from the top of the page, Tab reaches the skip link
+	// first, then the sections, then (past the filter form) every sort
+	// link; the skip link takes the focus to the content; a live update
+	// keeps the focus where it was. Every form control has a name.
+	labelled(t, ctx, "the instances page")
+	stops := tabStops(t, ctx, 24)
+	if !slices.Equal(stops[:4], []string{"skip", "nav:Fleet", "nav:Instances", "nav:Policies"}) {
+		t.Fatalf("the first Tab stops: %q", stops)
+	}
+	var sorts []string
+	for _, s := range stops {
+		if label, ok := strings.CutPrefix(s, "sort:"); ok {
+			sorts = append(sorts, label)
+		}
+	}
+	if want := []string{"Instance", "Project", "Phase", "TPM", "Host", "Verdict", "Policy", "Last evidence"}; !slices.Equal(sorts, want) {
+		t.Fatalf("Tab reaches the sort links %q, not %q: %q", sorts, want, stops)
+	}
+	step(t, ctx, "the instances page again", chromedp.Reload(), chromedp.WaitVisible(chromedp.CSS("table.instances")))
+	tabStops(t, ctx, 1)
+	step(t, ctx, "following the skip link", chromedp.KeyEvent(kb.Enter))
+	until(t, ctx, "the focus on the content", `document.activeElement === document.getElementById("main")`)
+	for range 16 {
+		step(t, ctx, "pressing Tab", chromedp.KeyEvent(kb.Tab))
+		if value(t, ctx, "the focused element", chromedp.Evaluate[bool](`document.activeElement.closest("thead") !== null`)) {
+			break
+		}
+	}
+	focused := value(t, ctx, "the focused sort link", chromedp.Evaluate[string](`document.activeElement.closest("thead") ? document.activeElement.textContent : ""`))
+	refreshed := value(t, ctx, "the last refresh", chromedp.Evaluate[string](`document.body.dataset.refreshed || ""`))
+	if _, err := u.c.Create(bg, api.CreateVTPMRequest{InstanceID: "0b0b0b0b-0000-4000-8000-00000000c055", Project: "p2",
+		ResolveRequest: api.ResolveRequest{FlavorSpecs: map[string]string{"hw:tpm_version": "2.0"}}}); err != nil {
+		t.Fatal(err)
+	}
+	until(t, ctx, "a live update", `(document.body.dataset.refreshed || "") !== `+strconv.Quote(refreshed)+` && document.body.textContent.includes("00000000c055")`)
+	if after := value(t, ctx, "the focus after the update", chromedp.Evaluate[string](`document.activeElement.closest("#live thead") ? document.activeElement.textContent : document.activeElement.tagName`)); focused == "" || after != focused {
+		t.Fatalf("the focus on the sort link %q is on %q after a live update", focused, after)
+	}
 	step(t, ctx, "the policies page", chromedp.Navigate(u.d.URL+"/ui/policies"), chromedp.WaitVisible(chromedp.CSS("main table")))
 	if ps := value(t, ctx, "policies", chromedp.Text(chromedp.CSS("main tbody"))); !strings.Contains(ps, "web-boot") || !strings.Contains(ps, "1 instance") {
 		t.Fatalf("the policies:\n%s", ps)
 	}
 	screenshot(t, ctx, "policies.png")
+	labelled(t, ctx, "the policies page")
 	step(t, ctx, "signing out", chromedp.Click(chromedp.CSS(".who button")))
 	until(t, ctx, "signed out to the sign-in page", `location.pathname === "/ui/login" && document.querySelector("header nav") === null`)
 
@@ -200,6 +300,8 @@ func TestConsoleInBrowser(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	step(t, ctx, "the sign-in page", chromedp.Navigate(link.URL), chromedp.WaitVisible(chromedp.CSS("form.signin button")))
+	labelled(t, ctx, "the sign-in page")
 	signIn(t, ctx, link)
 	rows := value(t, ctx, "p1's instances", chromedp.Text(chromedp.CSS("table.instances tbody")))
 	if !strings.Contains(rows, id) || strings.Contains(rows, theirs) {
@@ -261,6 +363,7 @@ func TestConsoleInBrowser(t *testing.T) {
 		t.Fatal("the event log's <script> ran, or is an element")
 	}
 	screenshot(t, ctx, "instance.png")
+	labelled(t, ctx, "the instance page")
 
 	// The policy's page, from the instance's: the instances that use it.
 	step(t, ctx, "the policy's page", chromedp.Click(chromedp.CSS(`#live a[href^="/ui/policies/"]`)))

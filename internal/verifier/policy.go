@@ -87,6 +87,23 @@ func lastBoot(a *store.Attestation) (attest.Boot, error) {
 	return b, nil
 }
 
+// Mismatches judges a's last accepted evidence again by the policy a
+// holds, for a page that explains the verdict: the mismatches with their
+// structure (the record keeps only their words, Reasons), such as the
+// IMA entry a digest policy does not allow. None when a has no evidence
+// or no policy. It parses a's whole IMA log: not for every read.
+func Mismatches(a *store.Attestation) ([]attest.Mismatch, error) {
+	p := storedPolicy(a)
+	if a.PCRs == nil || p == nil {
+		return nil, nil
+	}
+	b, err := lastBoot(a)
+	if err != nil {
+		return nil, err
+	}
+	return attest.Evaluate(*p, b), nil
+}
+
 // learn takes a's last accepted evidence as the reference boot for the
 // given PCRs: their values (default: every PCR quoted but IMA's, which
 // changes as the system runs), or the digests of what extended them
