@@ -378,7 +378,8 @@ func testLibvirtMigrateEmulator(t *testing.T) {
 // each with its own host name and data dir (so their sockets and state
 // differ). The vTPM, running on lv-a, gets its NV index and counter
 // through its socket; stopped, it is attached to the guest and moved to
-// lv-b, where the guest boots connected to lv-b's swtpm.
+// lv-b, where the guest boots connected to lv-b's swtpm. vTPMs of the two
+// other secret securities move too, and are read through lv-b's swtpm.
 func testLibvirtMigrateExternal(t *testing.T) {
 	swtpmtest.Require(t, "tpm2_nvdefine")
 	lv := connectLibvirt(t)
@@ -395,30 +396,48 @@ func testLibvirtMigrateExternal(t *testing.T) {
 		t.Cleanup(func() { os.RemoveAll(dir) })
 		return dir
 	}
-	c.addAgent("lv-a", 2, append(flags, "--socket-dir", sockets())...)
+	c.addAgent("lv-a", 4, append(flags, "--socket-dir", sockets())...)
 	bSockets := sockets()
-	c.addAgent("lv-b", 2, append(flags, "--socket-dir", bSockets)...)
+	c.addAgent("lv-b", 4, append(flags, "--socket-dir", bSockets)...)
 	if _, err := c.op.DrainHost(ctx, "lv-b"); err != nil {
 		t.Fatal(err)
 	}
-	id := uuid.NewString()
-	if _, err := c.create(id, "hw:tpm_model", "tpm-crb"); err != nil {
-		t.Fatal(err)
+	type vtpm struct {
+		id            string
+		before        api.Identity
+		data, counter []byte
 	}
-	v := c.wait(id, "active")
-	if v.Host != "lv-a" {
-		t.Fatalf("placed on %s", v.Host)
+	// Made on lv-a (lv-b drained), written to through the running vTPM's
+	// socket, stopped.
+	onA := func(specs ...string) vtpm {
+		m := vtpm{id: uuid.NewString()}
+		if _, err := c.create(m.id, append([]string{"hw:tpm_model", "tpm-crb"}, specs...)...); err != nil {
+			t.Fatal(err)
+		}
+		v := c.wait(m.id, "active")
+		if v.Host != "lv-a" {
+			t.Fatalf("placed on %s", v.Host)
+		}
+		m.data = bytes.Repeat([]byte(v.Spec.SecretSecurity[:1]), 32)
+		m.counter = writeNVCounted(t, v.Sockets.Data, m.data)
+		var err error
+		if m.before, err = c.op.Identity(ctx, m.id); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.op.Stop(ctx, m.id); err != nil {
+			t.Fatal(err)
+		}
+		c.wait(m.id, "stopped")
+		return m
 	}
-	data := bytes.Repeat([]byte("E"), 32)
-	counter := writeNVCounted(t, v.Sockets.Data, data)
-	before, err := c.op.Identity(ctx, id)
-	if err != nil {
-		t.Fatal(err)
+	booted := onA() // the default secret security
+	var others []vtpm
+	for _, ss := range []string{"user", "host", "deployment"} {
+		if v, _ := c.op.Get(ctx, booted.id); v.Spec.SecretSecurity != ss {
+			others = append(others, onA("hw:tpm_secret_security", ss))
+		}
 	}
-	if _, err := c.op.Stop(ctx, id); err != nil {
-		t.Fatal(err)
-	}
-	c.wait(id, "stopped")
+	id, before, data, counter := booted.id, booted.before, booted.data, booted.counter
 	gdir := t.TempDir()
 	dom := defineGuest(t, lv, id, gdir)
 	if _, err := c.op.Attach(ctx, id, dom.Name); err != nil {
@@ -442,6 +461,32 @@ func testLibvirtMigrateExternal(t *testing.T) {
 	if tpms := guestTPM(t, lv, dom); len(tpms) != 1 || tpms[0].Backend.External == nil ||
 		!strings.HasPrefix(tpms[0].Backend.External.Source.UNIX.Path, bSockets+"/") {
 		t.Fatalf("the guest's TPM on lv-b: %+v", tpms[0].Backend.External)
+	}
+
+	for _, m := range others {
+		if got := migrateTo(t, c, m.id, "lv-b"); got.Host != "lv-b" {
+			t.Fatalf("%s after the migration: on %s", got.Spec.SecretSecurity, got.Host)
+		}
+		c.onlyOn(m.id, "lv-b")
+		if _, err := c.op.Start(ctx, m.id); err != nil {
+			t.Fatal(err)
+		}
+		v := c.wait(m.id, "active")
+		if !strings.HasPrefix(v.Sockets.Data, bSockets+"/") {
+			t.Fatalf("%s: running on lv-b with the socket %s", v.Spec.SecretSecurity, v.Sockets.Data)
+		}
+		if got := readNVData(t, v.Sockets.Data); !bytes.Equal(got, m.data) {
+			t.Fatalf("%s: NV index on lv-b = %q, want %q", v.Spec.SecretSecurity, got, m.data)
+		}
+		if got := readCounter(t, v.Sockets.Data); !bytes.Equal(got, m.counter) {
+			t.Fatalf("%s: NV counter on lv-b = %x, want %x", v.Spec.SecretSecurity, got, m.counter)
+		}
+		after, err := c.op.Identity(ctx, m.id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sameEKs(t, m.before, after)
+		t.Logf("secret security %s: moved to lv-b, its NV index and counter read there through its swtpm", v.Spec.SecretSecurity)
 	}
 }
 
