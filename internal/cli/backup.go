@@ -32,7 +32,10 @@ every stop.`,
 				if err != nil {
 					return apiFailure(err)
 				}
-				return printBackups(cmd.OutOrStdout(), g.format(outputTable), []api.Backup{b})
+				if g.format(outputTable) == outputJSON {
+					return writeJSON(cmd.OutOrStdout(), b) // the backup made, as the API's answer
+				}
+				return printBackups(cmd.OutOrStdout(), outputTable, []api.Backup{b})
 			},
 		},
 		&cobra.Command{

@@ -3,15 +3,18 @@ package daemon
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/cli"
 	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmtest"
 )
@@ -381,17 +384,31 @@ func TestClusterBackup(t *testing.T) {
 	v := c.wait(id, "active")
 	before := bytes.Repeat([]byte("C"), 32)
 	writeNV(t, v.Sockets.Data, before, true)
-	b, err := c.op.CreateBackup(ctx, id)
-	if err != nil || b.Generation != 1 || b.SourceHost != "hv-a" {
-		t.Fatalf("backup = %+v, %v", b, err)
+	// Through vtpmctl, as an operator runs them.
+	var b api.Backup
+	if code, out, errOut := c.vtpmctl("-o", "json", "backup", "create", id); code != cli.ExitOK || json.Unmarshal([]byte(out), &b) != nil ||
+		b.Generation != 1 || b.SourceHost != "hv-a" || b.Size == 0 {
+		t.Fatalf("vtpmctl backup create: exit %d\n%s%s", code, out, errOut)
 	}
 	writeNV(t, v.Sockets.Data, bytes.Repeat([]byte("D"), 32), false)
+	if code, out, errOut := c.vtpmctl("backup", "restore", id); code != cli.ExitConflict || !strings.Contains(errOut, string(api.CodeVTPMNotStopped)) {
+		t.Fatalf("vtpmctl backup restore of a running vTPM: exit %d\n%s%s", code, out, errOut)
+	}
 	if _, err := c.op.Stop(ctx, id); err != nil {
 		t.Fatal(err)
 	}
 	c.wait(id, "stopped")
-	if _, err := c.op.RestoreBackup(ctx, id, api.RestoreRequest{}); err != nil {
-		t.Fatal(err)
+	if code, out, errOut := c.vtpmctl("backup", "create", id); code != cli.ExitOK || !strings.Contains(out, "\n2 ") {
+		t.Fatalf("vtpmctl backup create, stopped: exit %d\n%s%s", code, out, errOut)
+	}
+	if code, out, errOut := c.vtpmctl("backup", "list", id); code != cli.ExitOK || !regexp.MustCompile(`^GENERATION.*\n2 .*manual.*hv-a.*\n1 .*manual.*hv-a.*\n$`).MatchString(out) {
+		t.Fatalf("vtpmctl backup list, newest first: exit %d\n%s%s", code, out, errOut)
+	}
+	if code, out, errOut := c.vtpmctl("backup", "restore", id, "--generation", "1"); code != cli.ExitConflict || !strings.Contains(errOut, string(api.CodeStaleBundle)) {
+		t.Fatalf("vtpmctl backup restore of an old generation: exit %d\n%s%s", code, out, errOut)
+	}
+	if code, out, errOut := c.vtpmctl("backup", "restore", id, "--generation", "1", "--allow-rollback"); code != cli.ExitOK || !strings.HasPrefix(out, "restored generation 1 (taken ") {
+		t.Fatalf("vtpmctl backup restore --allow-rollback: exit %d\n%s%s", code, out, errOut)
 	}
 	if _, err := c.op.Start(ctx, id); err != nil {
 		t.Fatal(err)

@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/cli"
 	"github.com/vtpmd/vtpmd/internal/store/pgtest"
 	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmtest"
 )
@@ -194,6 +196,14 @@ func (c *cluster) create(id string, specs ...string) (api.VTPM, error) {
 		fs[specs[i]] = specs[i+1]
 	}
 	return c.op.Create(context.Background(), api.CreateVTPMRequest{InstanceID: id, Project: "p1", ResolveRequest: api.ResolveRequest{FlavorSpecs: fs}})
+}
+
+// vtpmctl runs vtpmctl as the operator, on the server's socket.
+func (c *cluster) vtpmctl(args ...string) (code int, stdout, stderr string) {
+	c.t.Helper()
+	var out, errOut bytes.Buffer
+	code = cli.Main(context.Background(), append([]string{"--server", "unix://" + filepath.Join(c.dir, "api.sock")}, args...), &out, &errOut)
+	return code, out.String(), errOut.String()
 }
 
 // wait waits until id's vTPM is in phase, read from the server alone.

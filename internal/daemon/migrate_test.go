@@ -8,12 +8,14 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/cli"
 	"github.com/vtpmd/vtpmd/internal/store"
 	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmtest"
 )
@@ -75,8 +77,9 @@ func TestClusterMigrate(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	_, err = c.op.Migrate(ctx, id, api.MigrateRequest{Host: "hv-a"})
-	wantCode(t, err, api.CodeTargetIsSource)
+	if code, out, errOut := c.vtpmctl("migrate", id, "--to", "hv-a"); code != cli.ExitFailed || !strings.Contains(errOut, string(api.CodeTargetIsSource)) {
+		t.Fatalf("vtpmctl migrate --to its own host: exit %d\n%s%s", code, out, errOut)
+	}
 	_, err = c.op.Migrate(ctx, id, api.MigrateRequest{Host: "hv-z"})
 	wantCode(t, err, api.CodeNotFound)
 	_, err = c.op.Migrate(ctx, clusterID(61), api.MigrateRequest{})
@@ -95,7 +98,32 @@ func TestClusterMigrate(t *testing.T) {
 		t.Fatalf("a refused migration moved the vTPM to %s", got.Host)
 	}
 
-	moved, err := c.op.Migrate(ctx, id, api.MigrateRequest{})
+	code, out, errOut := c.vtpmctl("live-migrate", id, "--to", "hv-b")
+	if code != cli.ExitConflict || !strings.Contains(errOut, string(api.CodeNotSupported)) || !strings.Contains(errOut, "vtpmctl migrate") {
+		t.Fatalf("vtpmctl live-migrate on swtpm hosts: exit %d\n%s%s", code, out, errOut)
+	}
+
+	// Through vtpmctl: its progress, each step's event as it comes, then
+	// where the vTPM is.
+	code, out, errOut = c.vtpmctl("migrate", id)
+	if code != cli.ExitOK {
+		t.Fatalf("vtpmctl migrate: exit %d\n%s%s", code, out, errOut)
+	}
+	t.Logf("vtpmctl migrate %s:\n%s", id, out)
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	var steps []string
+	for _, l := range lines[:len(lines)-1] {
+		if f := strings.Fields(l); len(f) > 2 && strings.HasPrefix(f[1], "migrat") {
+			steps = append(steps, f[1]+" "+f[2])
+		}
+	}
+	if want := []string{"migration started", "migration exported", "migration imported", "migrated from"}; !slices.Equal(steps, want) {
+		t.Errorf("vtpmctl migrate's progress: steps %q, want %q\n%s", steps, want, out)
+	}
+	if last := lines[len(lines)-1]; !strings.HasPrefix(last, "migrated: the vTPM of "+id+" is on host hv-b (") {
+		t.Errorf("vtpmctl migrate's last line: %q", last)
+	}
+	moved, err := c.op.Get(ctx, id)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -3,6 +3,7 @@ package daemon
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -90,9 +91,9 @@ func TestClusterShelve(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.wait(id, "stopped")
-	s, err := c.op.Shelve(ctx, id)
-	if err != nil {
-		t.Fatal(err)
+	var s api.VTPM // through vtpmctl, as an operator shelves
+	if code, out, errOut := c.vtpmctl("-o", "json", "shelve", id); code != cli.ExitOK || json.Unmarshal([]byte(out), &s) != nil {
+		t.Fatalf("vtpmctl shelve: exit %d\n%s%s", code, out, errOut)
 	}
 	if s.Phase != "shelved" || s.Host != "" {
 		t.Fatalf("shelved: phase %s on host %q", s.Phase, s.Host)
@@ -112,9 +113,12 @@ func TestClusterShelve(t *testing.T) {
 		t.Fatal("no shelved event")
 	}
 
-	u, err := c.op.Unshelve(ctx, id, "hv-b")
-	if err != nil {
-		t.Fatal(err)
+	if code, out, errOut := c.vtpmctl("unshelve", id, "--to", "hv-z"); code != cli.ExitNotFound || !strings.Contains(errOut, string(api.CodeNotFound)) {
+		t.Fatalf("vtpmctl unshelve --to a host that does not exist: exit %d\n%s%s", code, out, errOut)
+	}
+	var u api.VTPM
+	if code, out, errOut := c.vtpmctl("-o", "json", "unshelve", id, "--to", "hv-b"); code != cli.ExitOK || json.Unmarshal([]byte(out), &u) != nil {
+		t.Fatalf("vtpmctl unshelve --to hv-b: exit %d\n%s%s", code, out, errOut)
 	}
 	if u.Phase != "stopped" || u.Host != "hv-b" {
 		t.Fatalf("unshelved: phase %s on host %q", u.Phase, u.Host)
