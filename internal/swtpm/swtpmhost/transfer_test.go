@@ -11,9 +11,12 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/google/go-tpm/tpm2"
+
 	"github.com/vtpmd/vtpmd/internal/agent"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/swtpm"
 	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmtest"
 )
 
@@ -117,4 +120,85 @@ func atoi(t *testing.T, s string) int {
 		t.Fatal(err)
 	}
 	return n
+}
+
+// TestExportWhileWritten exports a running TPM's state again and again
+// while its guest keeps writing NV (each write makes swtpm write its
+// permanent state again), as a periodic backup of a running vTPM does:
+// every copy imports, swtpm opening it and proving it the same TPM
+// (swtpm writes each state file whole, then renames it, so a copy is
+// never a torn file, which its integrity check would refuse).
+func TestExportWhileWritten(t *testing.T) {
+	swtpmtest.Require(t)
+	ctx := context.Background()
+	r, err := New(Config{Root: t.TempDir(), Certifier: certifier{swtpmtest.NewCA(t)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close(ctx)
+	secret, err := keyring.NewVTPMSecret()
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := agent.VTPM{InstanceID: instance, Spec: spec.Spec{Version: spec.V20}}
+	src := filepath.Join(t.TempDir(), "tpm2")
+	eks, err := r.Manufacture(ctx, v, secret, src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	swtpmtest.Start(t, swtpm.Instance{Dir: src, Version: spec.V20, Secret: secret})
+	tpm, err := swtpm.Dial(ctx, filepath.Join(src, "tpm.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tpm.Close()
+	const counter = tpm2.TPMHandle(0x01500020)
+	pub := tpm2.New2B(tpm2.TPMSNVPublic{NVIndex: counter, NameAlg: tpm2.TPMAlgSHA256,
+		Attributes: tpm2.TPMANV{OwnerWrite: true, OwnerRead: true, NT: tpm2.TPMNTCounter, NoDA: true}, DataSize: 8})
+	if _, err := (tpm2.NVDefineSpace{AuthHandle: tpm2.TPMRHOwner, PublicInfo: pub}).Execute(tpm); err != nil {
+		t.Fatal(err)
+	}
+	nvPub, _ := pub.Contents()
+	nvName, err := tpm2.NVName(nvPub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	index := tpm2.NamedHandle{Handle: counter, Name: *nvName}
+
+	stop, written := make(chan struct{}), make(chan int, 1)
+	go func() {
+		n := 0
+		defer func() { written <- n }()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, err := (tpm2.NVIncrement{AuthHandle: tpm2.TPMRHOwner, NVIndex: index}).Execute(tpm); err != nil {
+				t.Errorf("incrementing the counter: %v", err)
+				return
+			}
+			n++
+		}
+	}()
+	const exports = 20
+	for i := range exports {
+		files, err := r.Export(ctx, src)
+		if err != nil {
+			close(stop)
+			t.Fatalf("export %d: %v", i, err)
+		}
+		v.Manufactured = true
+		if err := r.Import(ctx, v, secret, files, eks, filepath.Join(t.TempDir(), "tpm2")); err != nil {
+			close(stop)
+			t.Fatalf("export %d, taken while the counter was being written, does not import: %v", i, err)
+		}
+	}
+	close(stop)
+	if n := <-written; n < exports {
+		t.Fatalf("the counter was incremented %d times over %d exports: the exports did not overlap the writes", n, exports)
+	} else {
+		t.Logf("%d exports, each imported and proven, while the guest incremented its counter %d times", exports, n)
+	}
 }
