@@ -187,8 +187,6 @@ tls-cert: $WORK/tls/api.pem
 tls-key: $WORK/tls/api.key
 store: host=$WORK/pg port=$pgport user=vtpmd dbname=vtpmd sslmode=disable
 heartbeat-window: 6s
-# Checked against the window; the server itself sends no heartbeats.
-heartbeat-interval: 2s
 log-level: warn
 EOF
 show cat "$WORK/server.yaml"

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"html/template"
+	"maps"
 	"net/http"
 	"net/url"
 	"slices"
@@ -242,9 +243,23 @@ func parsePlace(s string, f store.InstanceQuery) (*place, error) {
 	return &p, nil
 }
 
+// parsePageNumber reads ?page=: a page number, from 1; "" is none (0).
+func parsePageNumber(s string) (int, error) {
+	if s == "" {
+		return 0, nil
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 1 {
+		return 0, refusal.Invalid(api.CodeInvalidParameter, fmt.Sprintf("%q is not a page number: pages are numbered from 1.", s))
+	}
+	return n, nil
+}
+
 // instances is the table of the viewer's instances: filtered, sorted and
 // paged in the store, a page starting after (or ending before) the row
-// its link names, never at an offset.
+// its link names. ?page=N (a number typed, or a link to page N) finds
+// the row page N starts after by an offset into the same order, once,
+// and goes on from there by place; a page past the last is the last.
 func (c *Console) instances(q *request) error {
 	v := q.r.URL.Query()
 	f := store.InstanceQuery{Project: q.viewer.Project, Host: v.Get("host"), Phase: store.Phase(v.Get("phase")),
@@ -257,8 +272,10 @@ func (c *Console) instances(q *request) error {
 		f.Sort = store.SortInstance
 	}
 	var at *place
-	var err error
+	pageNo, err := parsePageNumber(v.Get("page"))
 	switch {
+	case err != nil:
+	case pageNo > 0: // ?page= wins over a place
 	case v.Get("after") != "":
 		at, err = parsePlace(v.Get("after"), f)
 		if at != nil {
@@ -279,6 +296,17 @@ func (c *Console) instances(q *request) error {
 	err = c.cfg.Store.View(q.ctx(), func(tx *store.Tx) (err error) {
 		if total, err = tx.CountInstances(f); err != nil {
 			return err
+		}
+		// Page N starts after row (N-1)·PageSize; past the last page,
+		// the last.
+		if n := min(pageNo, (total+PageSize-1)/PageSize); n > 1 {
+			k, err := tx.InstanceKeyAt(f, (n-1)*PageSize-1)
+			if err != nil && !errors.Is(err, store.ErrNotFound) {
+				return err
+			}
+			if err == nil {
+				f.After, at = &k, &place{N: (n - 1) * PageSize}
+			}
 		}
 		if rows, err = tx.ListInstances(f); err != nil {
 			return err
@@ -322,8 +350,12 @@ func (c *Console) instances(q *request) error {
 		Rows              []instanceRow
 		Total, From, To   int
 		First, Prev, Next string
-		Phases, Verdicts  []string
-		ShowProject       bool
+		// Page of Pages is the page shown, counted from its first row;
+		// Keep is the query the go-to-page form carries along.
+		Page, Pages      int
+		Keep             []keptParam
+		Phases, Verdicts []string
+		ShowProject      bool
 	}{base: base{Title: "Instances", Section: "instances", Viewer: q.viewer, SignedIn: true, Live: true},
 		F: f, Total: total, ShowProject: q.viewer.Operator(),
 		Phases:   []string{"pending", "provisioning", "active", "stopped", "shelving", "shelved", "unshelving", "deleting", "error"},
@@ -340,6 +372,7 @@ func (c *Console) instances(q *request) error {
 	}
 	if len(rows) > 0 {
 		data.From, data.To = from, from+len(rows)-1
+		data.Page, data.Pages = (from-1)/PageSize+1, max((total+PageSize-1)/PageSize, (from-1)/PageSize+1)
 	}
 	link := func(change func(url.Values)) string {
 		u := url.Values{}
@@ -348,8 +381,16 @@ func (c *Console) instances(q *request) error {
 		}
 		u.Del("after")
 		u.Del("before")
+		u.Del("page")
 		change(u)
 		return "/ui/instances?" + u.Encode()
+	}
+	for _, k := range slices.Sorted(maps.Keys(v)) {
+		if k != "after" && k != "before" && k != "page" {
+			for _, val := range v[k] {
+				data.Keep = append(data.Keep, keptParam{k, val})
+			}
+		}
 	}
 	if hasPrev {
 		data.First = link(func(url.Values) {})
@@ -392,6 +433,9 @@ func (c *Console) instances(q *request) error {
 	c.render(q, http.StatusOK, "instances.html", data)
 	return nil
 }
+
+// keptParam is a query parameter a form carries along, hidden.
+type keptParam struct{ Name, Value string }
 
 // pcrRow is one PCR the policy judges, side by side with the boot.
 type pcrRow struct {

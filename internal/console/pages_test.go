@@ -109,6 +109,66 @@ func TestInstancesPages(t *testing.T) {
 	}
 }
 
+// ?page=N shows page N of the order and filter the other parameters say,
+// the same rows and numbering as N-1 Nexts from the first page, its links
+// going on from there; a page past the last is the last; a page that is
+// not a number from 1 is refused with a message saying so.
+func TestInstancesPageNumber(t *testing.T) {
+	c, st, _ := testConsole(t)
+	const n = 2*PageSize + 7
+	fill(t, st, n)
+	session := signIn(t, c, Viewer{Name: "ops"})
+	for _, start := range []string{"/ui/instances?", "/ui/instances?sort=verdict&dir=desc&", "/ui/instances?sort=host&", "/ui/instances?verdict=trusted&sort=evidence&"} {
+		var pages []page
+		for path := start; path != ""; {
+			p := readPage(t, c, path, session)
+			pages = append(pages, p)
+			path = p.next
+		}
+		for i, want := range pages {
+			got := readPage(t, c, fmt.Sprintf("%spage=%d", start, i+1), session)
+			if !slices.Equal(got.ids, want.ids) || got.from != want.from || got.total != want.total || (got.prev != "") != (i > 0) || (got.next != "") != (i < len(pages)-1) {
+				t.Fatalf("%spage=%d: %+v, want %+v", start, i+1, got, want)
+			}
+			if i > 0 {
+				if back := readPage(t, c, got.prev, session); !slices.Equal(back.ids, pages[i-1].ids) || strings.Contains(got.prev, "page=") {
+					t.Fatalf("%spage=%d, Previous (%s): %+v", start, i+1, got.prev, back)
+				}
+			}
+			if i < len(pages)-1 {
+				if next := readPage(t, c, got.next, session); !slices.Equal(next.ids, pages[i+1].ids) {
+					t.Fatalf("%spage=%d, Next: %+v", start, i+1, next)
+				}
+			}
+		}
+		last := pages[len(pages)-1]
+		if past := readPage(t, c, start+"page=9999", session); !slices.Equal(past.ids, last.ids) || past.from != last.from || past.next != "" {
+			t.Fatalf("%spage=9999: %+v, want the last page %+v", start, past, last)
+		}
+	}
+	// The page wins over a place given with it; the form to go to a page
+	// says where the table is and carries the filter along.
+	p := readPage(t, c, "/ui/instances", session)
+	if got := readPage(t, c, p.next+"&page=3", session); got.from != 2*PageSize+1 {
+		t.Fatalf("page=3 with a place: %+v", got)
+	}
+	body := get(c, "/ui/instances?verdict=trusted&page=2", session).Body.String()
+	for _, want := range []string{`name="page" type="number" min="1" max="2" value="2"`, `<input type="hidden" name="verdict" value="trusted">`} {
+		if !strings.Contains(body, want) {
+			t.Fatalf("page 2 of the trusted has no %s:\n%s", want, body)
+		}
+	}
+	if strings.Contains(get(c, "/ui/instances?q=00000000-0000-4000-8000-00000000001", session).Body.String(), `name="page"`) {
+		t.Fatal("a table of one page offers to go to a page")
+	}
+	for _, bad := range []string{"0", "-1", "seven", "1.5", "99999999999999999999"} {
+		w := get(c, "/ui/instances?page="+bad, session)
+		if w.Code != http.StatusBadRequest || !strings.Contains(html.UnescapeString(w.Body.String()), fmt.Sprintf("%q is not a page number: pages are numbered from 1.", bad)) {
+			t.Fatalf("page=%s: %d\n%s", bad, w.Code, w.Body)
+		}
+	}
+}
+
 // The Policies pages count and list an instance under the very policy
 // it copied: a project's policy and a shared one of the same name are
 // two, and a policy deleted and made again under its name is a new one

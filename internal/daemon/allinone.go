@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto"
 	"errors"
+	"fmt"
 	"log/slog"
 
 	"github.com/vtpmd/vtpmd/api"
@@ -25,6 +26,10 @@ type AllInOne struct {
 // cfg.DataDir, starts the agent (every vTPM that should run is running
 // when it returns) and serves the API. Stop it with Shutdown.
 func StartAllInOne(ctx context.Context, cfg Config, log *slog.Logger) (*AllInOne, error) {
+	cfg.Defaults()
+	if err := cfg.checkHeartbeats(); err != nil {
+		return nil, fmt.Errorf("invalid configuration: %w", err)
+	}
 	s, err := openServer(ctx, cfg, log)
 	if err != nil {
 		return nil, err

@@ -120,7 +120,7 @@ func stop(cmd *exec.Cmd, sig syscall.Signal) {
 func (c *cluster) startServer() {
 	c.t.Helper()
 	c.server = c.start(filepath.Join(filepath.Dir(c.dir), "server.log"), "server", "--data-dir", c.dir, "--listen", c.addr,
-		"--tls-cert", c.cert, "--tls-key", c.key, "--store", c.dsn, "--heartbeat-interval", "1s", "--heartbeat-window", c.window.String(), "--backup-interval", "0")
+		"--tls-cert", c.cert, "--tls-key", c.key, "--store", c.dsn, "--heartbeat-window", c.window.String(), "--backup-interval", "0")
 	c.eventually("the server answers", func() error { _, err := c.op.Hosts(context.Background()); return err })
 }
 

@@ -34,114 +34,116 @@ import (
 // default.
 //
 // Each field is a key of the configuration file (YAML, see ParseConfig)
-// and a flag of the same name: the yaml tag names both.
+// and a flag of the same name: the yaml tag names both. Its roles tag
+// names the roles (server, agent, all-in-one) that use it: only those
+// take it, as a flag or as a key of their file.
 type Config struct {
 	// DataDir holds the SQLite store, the operator's socket, the master key
 	// file and the vTPM states. Default /var/lib/vtpmd.
-	DataDir string `yaml:"data-dir"`
+	DataDir string `yaml:"data-dir" roles:"server,agent,all-in-one"`
 	// MasterKeyFile holds the deployment's master key (32 bytes, mode
 	// 0600), which seals every key in the store: the key manager's
 	// secrets, the CAs', the verdict signing key. Every server replica of
 	// a deployment needs the same one (docs/deployment.md). Default
 	// <DataDir>/master.key, made at the first start on an empty store.
-	MasterKeyFile string `yaml:"master-key-file"`
+	MasterKeyFile string `yaml:"master-key-file" roles:"server,all-in-one"`
 	// KeyManager keeps the vTPMs' and tenants' secrets: "embedded"
 	// (default: sealed under the master key in the store) or "barbican"
 	// (OpenStack's key manager, as Nova keeps them; needs
 	// KeystoneURL and KeystoneCredentialsFile). The deployment's own keys
 	// stay sealed under the master key either way.
-	KeyManager string `yaml:"key-manager"`
+	KeyManager string `yaml:"key-manager" roles:"server,all-in-one"`
 	// BarbicanURL is Barbican's endpoint; "" takes the key-manager
 	// endpoint of the Keystone catalog, as the service user sees it.
-	BarbicanURL string `yaml:"barbican-url"`
+	BarbicanURL string `yaml:"barbican-url" roles:"server,all-in-one"`
 	// Listen is the API's network address. Default 127.0.0.1:8780. Callers
 	// on it are agents (tokens, TPM proofs) and, with ClientCA, tenants and
 	// the operator by certificate; never anyone unauthenticated. Any other
 	// than a loopback address needs TLS and ClientCA, or InsecureListen.
-	Listen string `yaml:"listen"`
+	Listen string `yaml:"listen" roles:"server,all-in-one"`
 	// InsecureListen allows a non-loopback Listen without TLS and client
 	// certificates: agents' tokens then cross the network in the clear.
 	// Default off; vtpmd logs a warning when it is on.
-	InsecureListen bool `yaml:"insecure-listen"`
+	InsecureListen bool `yaml:"insecure-listen" roles:"server,all-in-one"`
 	// APISocket is the operator's local API: whoever can connect to this
 	// unix socket is the operator (vtpmctl --server unix://PATH). Default
 	// <DataDir>/api.sock, mode 0600 in the 0700 data dir: vtpmd's user only.
-	APISocket string `yaml:"api-socket"`
+	APISocket string `yaml:"api-socket" roles:"server,all-in-one"`
 	// HostName names this host to the scheduler. Default: the OS host name.
-	HostName string `yaml:"host-name"`
+	HostName string `yaml:"host-name" roles:"agent,all-in-one"`
 	// Capacity is how many vTPMs this host takes. Default 1000.
-	Capacity int `yaml:"capacity"`
+	Capacity int `yaml:"capacity" roles:"agent,all-in-one"`
 	// SwtpmUser and SwtpmGroup run swtpm; empty (the default) means vtpmd's
 	// own user and group.
-	SwtpmUser  string `yaml:"swtpm-user"`
-	SwtpmGroup string `yaml:"swtpm-group"`
+	SwtpmUser  string `yaml:"swtpm-user" roles:"agent,all-in-one"`
+	SwtpmGroup string `yaml:"swtpm-group" roles:"agent,all-in-one"`
 	// SocketDir holds vtpmd's swtpm sockets when clients other than
 	// vtpmd's user must connect: QEMU, under libvirt in external mode
 	// (default there /run/vtpmd). Default elsewhere: each vTPM's private
 	// state directory.
-	SocketDir string `yaml:"socket-dir"`
+	SocketDir string `yaml:"socket-dir" roles:"agent,all-in-one"`
 	// SocketGroup may connect to those sockets. Default in libvirt's
 	// external mode: the group libvirt runs QEMU as, asked of libvirtd.
-	SocketGroup string `yaml:"socket-group"`
+	SocketGroup string `yaml:"socket-group" roles:"agent,all-in-one"`
 	// SwtpmBinary is the swtpm executable. Default "swtpm" from PATH.
-	SwtpmBinary string `yaml:"swtpm-binary"`
+	SwtpmBinary string `yaml:"swtpm-binary" roles:"agent,all-in-one"`
 	// PCRBanks are allocated in every new TPM 2.0. Default ["sha256"].
-	PCRBanks []string `yaml:"pcr-banks"`
+	PCRBanks []string `yaml:"pcr-banks" roles:"agent,all-in-one"`
 	// DefaultTPMVersion gives instances whose flavor and image ask for no
 	// vTPM one of this version. Default "" (off).
-	DefaultTPMVersion spec.Version `yaml:"default-tpm-version"`
+	DefaultTPMVersion spec.Version `yaml:"default-tpm-version" roles:"server,all-in-one"`
 	// CAOrganization appears in the deployment CA's subject. Default "vtpmd".
-	CAOrganization string `yaml:"ca-organization"`
+	CAOrganization string `yaml:"ca-organization" roles:"server,all-in-one"`
 	// LogLevel is the least level logged. Default info (the zero value).
-	LogLevel slog.Level `yaml:"log-level"`
+	LogLevel slog.Level `yaml:"log-level" roles:"server,agent,all-in-one"`
 	// WebhookURL receives every attestation verdict change, signed; "" for
 	// none. Its path and query may carry a token: Redacted hides them.
-	WebhookURL string `yaml:"webhook-url"`
+	WebhookURL string `yaml:"webhook-url" roles:"server,all-in-one"`
 	// HostTPM is this host's own TPM, attested to the verifier so that
 	// instances' verdicts carry their host's: a device (/dev/tpmrm0) or
 	// unix:PATH (a TPM simulator's data socket); "" for none.
-	HostTPM string `yaml:"host-tpm"`
+	HostTPM string `yaml:"host-tpm" roles:"agent,all-in-one"`
 	// HostEventLog is the host firmware's event log. Default the kernel's
 	// (attestor.DefaultEventLog).
-	HostEventLog string `yaml:"host-event-log"`
+	HostEventLog string `yaml:"host-event-log" roles:"agent,all-in-one"`
 	// HostAttestInterval is the time between host attestations. Default 30s.
-	HostAttestInterval time.Duration `yaml:"host-attest-interval"`
+	HostAttestInterval time.Duration `yaml:"host-attest-interval" roles:"agent,all-in-one"`
 	// HostIMALog is the host's IMA measurement list, sent with its
 	// evidence when set (attestor.DefaultIMALog on a host running IMA).
-	HostIMALog string `yaml:"host-ima-log"`
+	HostIMALog string `yaml:"host-ima-log" roles:"agent,all-in-one"`
 	// StaleAfter is how long an attesting instance or host may go without
 	// evidence before its verdict turns stale. Default
 	// verifier.DefaultStaleAfter (3m).
-	StaleAfter time.Duration `yaml:"stale-after"`
+	StaleAfter time.Duration `yaml:"stale-after" roles:"server,all-in-one"`
 	// HeartbeatInterval is the time between this host's agent's
 	// heartbeats. Default agent.DefaultHeartbeatInterval (10s).
-	HeartbeatInterval time.Duration `yaml:"heartbeat-interval"`
+	HeartbeatInterval time.Duration `yaml:"heartbeat-interval" roles:"agent,all-in-one"`
 	// HeartbeatWindow is how long a host's agent may go without a
 	// heartbeat before the host reads down and takes no new vTPMs (its
 	// vTPMs stay). Default vtpms.DefaultHeartbeatWindow (60s).
-	HeartbeatWindow time.Duration `yaml:"heartbeat-window"`
+	HeartbeatWindow time.Duration `yaml:"heartbeat-window" roles:"server,all-in-one"`
 	// BackupInterval is how often the servers back up every vTPM (a state
 	// bundle the store keeps); while it is on, each vTPM is backed up also
 	// when it stops. Default (nil) DefaultBackupInterval (1h); 0 is off:
 	// backups only when asked (vtpmctl backup create), and an evacuation
 	// finds none.
-	BackupInterval *time.Duration `yaml:"backup-interval"`
+	BackupInterval *time.Duration `yaml:"backup-interval" roles:"server,all-in-one"`
 	// BackupKeep is how many backups of each vTPM are kept, the newest.
 	// Default vtpms.DefaultBackupKeep (3).
-	BackupKeep int `yaml:"backup-keep"`
+	BackupKeep int `yaml:"backup-keep" roles:"server,all-in-one"`
 	// HostEKCA is a PEM file of the CAs (TPM vendors', or the operator's)
 	// whose EK certificates hosts' TPMs may register with; "" for none.
-	HostEKCA string `yaml:"host-ek-ca"`
+	HostEKCA string `yaml:"host-ek-ca" roles:"server,all-in-one"`
 	// PoolSize is how many manufactured TPM 2.0s the swtpm backend keeps
 	// ready for new instances, so that a burst of creates costs a swtpm
 	// start each, not a manufacture; 0 makes every TPM on demand. Default
 	// (nil) 4.
-	PoolSize *int `yaml:"pool-size"`
+	PoolSize *int `yaml:"pool-size" roles:"agent,all-in-one"`
 
 	// Backend is how this host runs vTPMs: "swtpm" (default; vtpmd runs
 	// swtpm, reachable over unix sockets), "libvirt" (attached to libvirt
 	// domains) or "xen" (vtpm stub domains under the VTPM manager).
-	Backend string `yaml:"backend"`
+	Backend string `yaml:"backend" roles:"agent,all-in-one"`
 	// Libvirt configures the libvirt backend.
 	Libvirt LibvirtConfig `yaml:",inline"`
 	// Xen configures the Xen backend.
@@ -149,75 +151,75 @@ type Config struct {
 	// Store is a PostgreSQL connection string (URL or key=value pairs);
 	// "" keeps the store in SQLite under DataDir. A password never goes in
 	// it: libpq's passfile (PGPASSFILE, ~/.pgpass) holds it.
-	Store string `yaml:"store"`
+	Store string `yaml:"store" roles:"server,all-in-one"`
 	// Server is the control plane a host's agent (vtpmd agent) reports
 	// to: its API's https:// URL.
-	Server string `yaml:"server"`
+	Server string `yaml:"server" roles:"agent"`
 	// ServerCA is a PEM file of the CAs the server's TLS certificate
 	// chains to, for vtpmd agent; "" trusts the system's.
-	ServerCA string `yaml:"server-ca"`
+	ServerCA string `yaml:"server-ca" roles:"agent"`
 	// JoinTokenFile holds the one-time join token (vtpmctl host add) that
 	// vtpmd agent exchanges at its first start for the host's certificate,
 	// kept in <DataDir>/host-cert from then on; the file may then go.
-	JoinTokenFile string `yaml:"join-token-file"`
+	JoinTokenFile string `yaml:"join-token-file" roles:"agent"`
 	// TLSCert and TLSKey are PEM files of the API's certificate (chain)
 	// and key: with them the API speaks only HTTPS, and hosts' agents call
 	// it with the client certificates the host CA issued them at
 	// enrolment.
-	TLSCert string `yaml:"tls-cert"`
-	TLSKey  string `yaml:"tls-key"`
+	TLSCert string `yaml:"tls-cert" roles:"server,all-in-one"`
+	TLSKey  string `yaml:"tls-key" roles:"server,all-in-one"`
 	// ClientCA is a PEM file of the CAs whose client certificates identify
 	// tenants (the subject's organization is the project) and the operator
 	// (organization system:operator) on the network address. Needs TLS.
 	// "": tenants and the operator are served on APISocket only.
-	ClientCA string `yaml:"client-ca"`
+	ClientCA string `yaml:"client-ca" roles:"server,all-in-one"`
 	// Auth is how tenants and the operator prove themselves on the network
 	// address: "certificates" (default: client certificates, see
 	// ClientCA) or "keystone" (Keystone tokens in X-Auth-Token, and
 	// client certificates too when ClientCA is set). Hosts' agents keep
 	// their certificates and the operator's socket stays the operator's
 	// either way.
-	Auth string `yaml:"auth"`
+	Auth string `yaml:"auth" roles:"server,all-in-one"`
 	// KeystoneURL is Keystone's identity endpoint
 	// (http://keystone:5000/v3), where vtpmd validates tokens; with Auth
 	// keystone. It replaces the credentials file's auth_url.
-	KeystoneURL string `yaml:"keystone-url"`
+	KeystoneURL string `yaml:"keystone-url" roles:"server,all-in-one"`
 	// KeystoneCredentialsFile holds vtpmd's own Keystone service user (a
 	// clouds.yaml cloud entry: auth:, region_name; mode 0600), whose
 	// token validates callers' tokens; with Auth keystone.
-	KeystoneCredentialsFile string `yaml:"keystone-credentials-file"`
+	KeystoneCredentialsFile string `yaml:"keystone-credentials-file" roles:"server,all-in-one"`
 	// KeystoneAdminProject is the project whose admins are the operator,
 	// by ID or by name in the Default domain. Default "admin".
-	KeystoneAdminProject string `yaml:"keystone-admin-project"`
+	KeystoneAdminProject string `yaml:"keystone-admin-project" roles:"server,all-in-one"`
 	// KeystoneCacheTTL is how long a token's validation is reused: a
 	// token revoked in Keystone is refused at most this long after.
 	// Never past the token's expiry. Default 60s.
-	KeystoneCacheTTL time.Duration `yaml:"keystone-cache-ttl"`
+	KeystoneCacheTTL time.Duration `yaml:"keystone-cache-ttl" roles:"server,all-in-one"`
 	// PublicURL is the API as hosts reach it, written into Hyper-V plans;
 	// default http://<the listen address>.
-	PublicURL string `yaml:"public-url"`
+	PublicURL string `yaml:"public-url" roles:"server,all-in-one"`
 	// HyperVHGS is the Host Guardian Service's URL for Hyper-V key
 	// protectors; "" for local ones.
-	HyperVHGS string `yaml:"hyperv-hgs-url"`
+	HyperVHGS string `yaml:"hyperv-hgs-url" roles:"server,all-in-one"`
 }
 
 // XenConfig holds the Xen backend's settings.
 type XenConfig struct {
 	// ImageDir, ConfigDir, StubdomKernel and Manager are the xen.Layout;
 	// empty ones take the original design's (see xen.Layout).
-	ImageDir      string `yaml:"xen-image-dir"`
-	ConfigDir     string `yaml:"xen-config-dir"`
-	StubdomKernel string `yaml:"xen-stubdom-kernel"`
-	Manager       string `yaml:"xen-manager"`
+	ImageDir      string `yaml:"xen-image-dir" roles:"agent,all-in-one"`
+	ConfigDir     string `yaml:"xen-config-dir" roles:"agent,all-in-one"`
+	StubdomKernel string `yaml:"xen-stubdom-kernel" roles:"agent,all-in-one"`
+	Manager       string `yaml:"xen-manager" roles:"agent,all-in-one"`
 	// Group is the VTPM manager group vTPMs register to; default Group1
 	// (Group0 is vtpmmgr's own).
-	Group string `yaml:"xen-group"`
+	Group string `yaml:"xen-group" roles:"agent,all-in-one"`
 	// GroupCapacity is how many vTPMs the group takes; default
 	// xen.DefaultCapacity (64).
-	GroupCapacity int `yaml:"xen-group-capacity"`
+	GroupCapacity int `yaml:"xen-group-capacity" roles:"agent,all-in-one"`
 	// UUIDListen, when set, serves the UUID service (GET / → a fresh
 	// registered vTPM UUID) on HOST:PORT, as the original's did on 8081.
-	UUIDListen string `yaml:"xen-uuid-listen"`
+	UUIDListen string `yaml:"xen-uuid-listen" roles:"agent,all-in-one"`
 }
 
 // Layout is where the Xen backend keeps stub domains' files.
@@ -230,19 +232,19 @@ func (x XenConfig) Layout() xen.Layout {
 type LibvirtConfig struct {
 	// Mode is "emulator" (default; libvirt runs swtpm, as under Nova) or
 	// "external" (vtpmd runs swtpm, the guest connects to it).
-	Mode string `yaml:"libvirt-mode"`
+	Mode string `yaml:"libvirt-mode" roles:"agent,all-in-one"`
 	// EnableVTPM is enable-vtpm; off (the default) the host offers no vTPM.
-	EnableVTPM bool `yaml:"enable-vtpm"`
+	EnableVTPM bool `yaml:"enable-vtpm" roles:"agent,all-in-one"`
 	// Socket is libvirtd's; default libvirt.DefaultSocket
 	// (/var/run/libvirt/libvirt-sock).
-	Socket string `yaml:"libvirt-socket"`
+	Socket string `yaml:"libvirt-socket" roles:"agent,all-in-one"`
 	// MigrationURI is how the other hosts' libvirtd reach this host's to
 	// live-migrate guests here (qemu+tcp://HOST/system, say); empty: the
 	// host takes no live migrations.
-	MigrationURI string `yaml:"libvirt-migration-uri"`
+	MigrationURI string `yaml:"libvirt-migration-uri" roles:"agent,all-in-one"`
 	// SecretSecurity are the modes offered; default all three (user, host,
 	// deployment).
-	SecretSecurity []spec.SecretSecurity `yaml:"secret-security"`
+	SecretSecurity []spec.SecretSecurity `yaml:"secret-security" roles:"agent,all-in-one"`
 }
 
 // DefaultBackupInterval is how often every vTPM is backed up unless the
@@ -449,8 +451,11 @@ func (c *Config) Validate() error {
 	if c.BackupKeep < 0 {
 		errs = append(errs, fmt.Errorf("backup-keep %d must not be negative", c.BackupKeep))
 	}
-	if c.HeartbeatInterval < 0 || c.HeartbeatWindow <= c.HeartbeatInterval {
-		errs = append(errs, fmt.Errorf("heartbeat-window %s must be longer than heartbeat-interval %s, both positive", c.HeartbeatWindow, c.HeartbeatInterval))
+	if c.HeartbeatInterval <= 0 {
+		errs = append(errs, fmt.Errorf("heartbeat-interval %s must be positive", c.HeartbeatInterval))
+	}
+	if c.HeartbeatWindow <= 0 {
+		errs = append(errs, fmt.Errorf("heartbeat-window %s must be positive", c.HeartbeatWindow))
 	}
 	if c.StaleAfter < 0 {
 		errs = append(errs, fmt.Errorf("stale-after %s must be positive", c.StaleAfter))
@@ -491,6 +496,28 @@ func (c *Config) Validate() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// ValidateRole is Validate and the checks across settings that only role
+// r has both of: all-in-one's heartbeat-window must be longer than its
+// agent's heartbeat-interval. (A server's window is checked against its
+// agents' intervals by nobody: docs/deployment.md says to keep it several
+// times theirs.)
+func (c *Config) ValidateRole(r Role) error {
+	err := c.Validate()
+	if r == RoleAllInOne {
+		err = errors.Join(err, c.checkHeartbeats())
+	}
+	return err
+}
+
+// checkHeartbeats refuses a heartbeat window no longer than the interval:
+// the host would read down between two heartbeats.
+func (c *Config) checkHeartbeats() error {
+	if c.HeartbeatWindow <= c.HeartbeatInterval {
+		return fmt.Errorf("heartbeat-window %s must be longer than heartbeat-interval %s", c.HeartbeatWindow, c.HeartbeatInterval)
+	}
+	return nil
 }
 
 // loopback reports whether a listen host stays on this machine: localhost

@@ -133,12 +133,26 @@ func TestConfigKeystone(t *testing.T) {
 	}
 }
 
-// A host must be able to miss a heartbeat before it reads down.
+// A host must be able to miss a heartbeat before it reads down: all-in-one,
+// which has both settings, refuses a window no longer than its interval; a
+// server's window and an agent's interval are each its own role's.
 func TestConfigHeartbeats(t *testing.T) {
 	c := Config{DataDir: "/var/lib/vtpmd", HostName: "h", HeartbeatInterval: 30 * time.Second, HeartbeatWindow: 20 * time.Second}
 	c.Defaults()
-	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "heartbeat-window 20s must be longer than heartbeat-interval 30s") {
+	if err := c.ValidateRole(RoleAllInOne); err == nil || !strings.Contains(err.Error(), "heartbeat-window 20s must be longer than heartbeat-interval 30s") {
 		t.Errorf("a window shorter than the interval: %v", err)
+	}
+	if _, err := StartAllInOne(t.Context(), c, nil); err == nil || !strings.Contains(err.Error(), "heartbeat-window 20s") {
+		t.Errorf("StartAllInOne with a window shorter than the interval: %v", err)
+	}
+	for _, r := range []Role{RoleServer, RoleAgent} {
+		if err := c.ValidateRole(r); err != nil {
+			t.Errorf("%s: %v", r, err)
+		}
+	}
+	c.HeartbeatInterval = -time.Second
+	if err := c.ValidateRole(RoleAgent); err == nil || !strings.Contains(err.Error(), "heartbeat-interval -1s must be positive") {
+		t.Errorf("a negative interval: %v", err)
 	}
 }
 

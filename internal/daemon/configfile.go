@@ -25,6 +25,8 @@ type Setting struct {
 	// from: *string, *bool, *int, **int, *time.Duration, **time.Duration, *[]string,
 	// *spec.Version, *[]spec.SecretSecurity or *slog.Level.
 	Field any
+	// Roles are the roles that take the setting (the field's roles tag).
+	Roles []Role
 }
 
 // Settings lists c's settings in the order of Config's fields, each
@@ -34,12 +36,13 @@ func (c *Config) Settings() []Setting {
 	var walk func(v reflect.Value)
 	walk = func(v reflect.Value) {
 		for i := range v.NumField() {
-			key, opts, _ := strings.Cut(v.Type().Field(i).Tag.Get("yaml"), ",")
+			f := v.Type().Field(i)
+			key, opts, _ := strings.Cut(f.Tag.Get("yaml"), ",")
 			if opts == "inline" {
 				walk(v.Field(i))
 				continue
 			}
-			out = append(out, Setting{Key: key, Field: v.Field(i).Addr().Interface()})
+			out = append(out, Setting{Key: key, Field: v.Field(i).Addr().Interface(), Roles: parseRoles(f.Name, f.Tag.Get("roles"))})
 		}
 	}
 	walk(reflect.ValueOf(c).Elem())
@@ -55,11 +58,12 @@ type KeyError struct {
 
 func (e *KeyError) Error() string { return fmt.Sprintf("line %d: %s: %s", e.Line, e.Key, e.Problem) }
 
-// ParseConfig reads a configuration file: a YAML mapping whose keys are
-// the settings' (vtpmd's flag names, see Settings), durations written as
-// "30s". Keys left out stay unset, for Defaults. Every unknown, repeated
-// or ill-typed key is reported, as a *KeyError, at once.
-func ParseConfig(data []byte) (Config, error) {
+// ParseConfig reads role r's configuration file: a YAML mapping whose
+// keys are the role's settings' (its flag names, see Settings), durations
+// written as "30s". Keys left out stay unset, for Defaults. Every unknown,
+// repeated or ill-typed key, and every key of another role's, is
+// reported, as a *KeyError, at once.
+func ParseConfig(data []byte, r Role) (Config, error) {
 	var c Config
 	var doc yaml.Node
 	if err := yaml.Unmarshal(data, &doc); err != nil {
@@ -72,18 +76,21 @@ func ParseConfig(data []byte) (Config, error) {
 	if root.Kind != yaml.MappingNode {
 		return c, fmt.Errorf("line %d: want key: value lines, as vtpmd config print writes", root.Line)
 	}
-	fields := map[string]any{}
+	settings := map[string]Setting{}
 	for _, s := range c.Settings() {
-		fields[s.Key] = s.Field
+		settings[s.Key] = s
 	}
 	seen := map[string]int{}
 	var errs []error
 	for i := 0; i+1 < len(root.Content); i += 2 {
 		k, v := root.Content[i], root.Content[i+1]
-		field, ok := fields[k.Value]
+		s, ok := settings[k.Value]
+		field := s.Field
 		switch {
 		case !ok:
-			errs = append(errs, &KeyError{k.Line, k.Value, "unknown key (the keys are vtpmd all-in-one's flag names)"})
+			errs = append(errs, &KeyError{k.Line, k.Value, fmt.Sprintf("unknown key (the keys are vtpmd %s's flag names)", r)})
+		case !s.In(r):
+			errs = append(errs, &KeyError{k.Line, k.Value, NotInRole(s.Roles, r)})
 		case seen[k.Value] != 0:
 			errs = append(errs, &KeyError{k.Line, k.Value, fmt.Sprintf("given again (first on line %d)", seen[k.Value])})
 		default:
@@ -119,14 +126,25 @@ func wants(field any, v *yaml.Node) string {
 	return "want " + what
 }
 
-// FormatConfig writes c as a configuration file that ParseConfig reads
-// back to c.
-func FormatConfig(c Config) []byte {
+// FormatConfig writes role r's settings of c as a configuration file
+// that ParseConfig reads back, for r, to c's values of them.
+func FormatConfig(c Config, r Role) []byte {
+	doc := &yaml.Node{Kind: yaml.MappingNode}
+	for _, s := range c.Settings() {
+		if !s.In(r) {
+			continue
+		}
+		var v yaml.Node
+		if err := v.Encode(reflect.ValueOf(s.Field).Elem().Interface()); err != nil {
+			panic(fmt.Sprintf("encoding setting %s: %v", s.Key, err)) // every field's type encodes
+		}
+		doc.Content = append(doc.Content, &yaml.Node{Kind: yaml.ScalarNode, Value: s.Key}, &v)
+	}
 	var b bytes.Buffer
 	enc := yaml.NewEncoder(&b)
 	enc.SetIndent(2)
-	if err := enc.Encode(c); err != nil {
-		panic(fmt.Sprintf("encoding a Config: %v", err)) // every field's type encodes
+	if err := enc.Encode(doc); err != nil {
+		panic(fmt.Sprintf("encoding a Config: %v", err))
 	}
 	enc.Close()
 	return b.Bytes()

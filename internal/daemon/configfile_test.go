@@ -39,6 +39,52 @@ func TestSettings(t *testing.T) {
 	if c.Xen.GroupCapacity != 9 {
 		t.Error("a setting's field does not point into its Config")
 	}
+	for _, s := range settings {
+		if len(s.Roles) == 0 {
+			t.Errorf("setting %s belongs to no role", s.Key)
+		}
+		if !s.In(RoleAllInOne) && !(s.In(RoleAgent) && len(s.Roles) == 1) {
+			t.Errorf("setting %s (%v) is not all-in-one's: only the agent's way to its server may be missing there", s.Key, s.Roles)
+		}
+	}
+	for key, want := range map[string][]Role{"heartbeat-interval": {RoleAgent, RoleAllInOne}, "heartbeat-window": {RoleServer, RoleAllInOne},
+		"server": {RoleAgent}, "data-dir": Roles, "listen": {RoleServer, RoleAllInOne}, "capacity": {RoleAgent, RoleAllInOne}} {
+		if got := RolesOf(key); !reflect.DeepEqual(got, want) {
+			t.Errorf("%s belongs to %v, want %v", key, got, want)
+		}
+	}
+}
+
+// A role's file refuses another role's keys, saying whose they are, and
+// FormatConfig writes a role's keys only.
+func TestConfigRoles(t *testing.T) {
+	_, err := ParseConfig([]byte("listen: 127.0.0.1:1\nheartbeat-interval: 1s\nserver: https://control\n"), RoleServer)
+	for _, want := range []string{"line 2: heartbeat-interval: a setting of vtpmd agent and vtpmd all-in-one, not of vtpmd server",
+		"line 3: server: a setting of vtpmd agent, not of vtpmd server"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("a server's file with agents' keys: %v, want %q", err, want)
+		}
+	}
+	var ke *KeyError
+	if !errors.As(err, &ke) || ke.Key != "heartbeat-interval" {
+		t.Errorf("%v: not a KeyError for heartbeat-interval", err)
+	}
+	if _, err := ParseConfig([]byte("listen: 127.0.0.1:1\n"), RoleAgent); err == nil || !strings.Contains(err.Error(), "not of vtpmd agent") {
+		t.Errorf("an agent's file with the API's address: %v", err)
+	}
+	var c Config
+	c.Defaults()
+	for _, r := range Roles {
+		out := string(FormatConfig(c, r))
+		for _, s := range c.Settings() {
+			if has := strings.Contains(out, "\n"+s.Key+":") || strings.HasPrefix(out, s.Key+":"); has != s.In(r) {
+				t.Errorf("%s's configuration has %s: %v, want %v\n%s", r, s.Key, has, s.In(r), out)
+			}
+		}
+		if _, err := ParseConfig([]byte(out), r); err != nil {
+			t.Errorf("%s's configuration does not read back: %v", r, err)
+		}
+	}
 }
 
 // A configuration file sets what it names and leaves the rest to
@@ -55,7 +101,7 @@ backend: libvirt
 libvirt-mode: external
 secret-security: [user, deployment]
 xen-stubdom-kernel: /boot/vtpm.gz
-`))
+`), RoleAllInOne)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -70,11 +116,11 @@ xen-stubdom-kernel: /boot/vtpm.gz
 	if *c.PoolSize != 0 || c.APISocket != "/srv/vtpmd/api.sock" || c.SocketDir != "/run/vtpmd" {
 		t.Errorf("an explicit pool size of 0, or a derived default, was lost: pool %d, socket %s, socket dir %s", *c.PoolSize, c.APISocket, c.SocketDir)
 	}
-	if c, err := ParseConfig([]byte("# nothing set\n")); err != nil || !reflect.DeepEqual(c, Config{}) {
+	if c, err := ParseConfig([]byte("# nothing set\n"), RoleAllInOne); err != nil || !reflect.DeepEqual(c, Config{}) {
 		t.Errorf("a file of comments: %+v, %v", c, err)
 	}
 
-	_, err = ParseConfig([]byte("capacity: 5\ncapacty: 7\nstale-after: 30\ncapacity: 6\npcr-banks: sha256\n"))
+	_, err = ParseConfig([]byte("capacity: 5\ncapacty: 7\nstale-after: 30\ncapacity: 6\npcr-banks: sha256\n"), RoleAllInOne)
 	var problems []string
 	for _, e := range err.(interface{ Unwrap() []error }).Unwrap() {
 		var ke *KeyError
@@ -90,7 +136,7 @@ xen-stubdom-kernel: /boot/vtpm.gz
 		t.Errorf("the messages do not say what is wrong: %v", err)
 	}
 	for _, bad := range []string{"- data-dir\n", "data-dir: [\n"} {
-		if _, err := ParseConfig([]byte(bad)); err == nil {
+		if _, err := ParseConfig([]byte(bad), RoleAllInOne); err == nil {
 			t.Errorf("%q was accepted", bad)
 		}
 	}
@@ -102,15 +148,15 @@ func TestFormatConfigRoundTrip(t *testing.T) {
 		StaleAfter: 90 * time.Second, InsecureListen: true, PCRBanks: []string{"sha256", "sha384"},
 		Libvirt: LibvirtConfig{EnableVTPM: true}, Xen: XenConfig{ImageDir: "/x", GroupCapacity: 3}}
 	c.Defaults()
-	back, err := ParseConfig(FormatConfig(c))
+	back, err := ParseConfig(FormatConfig(c, RoleAllInOne), RoleAllInOne)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !reflect.DeepEqual(back, c) {
-		t.Errorf("read back %+v\nwrote     %+v\n%s", back, c, FormatConfig(c))
+		t.Errorf("read back %+v\nwrote     %+v\n%s", back, c, FormatConfig(c, RoleAllInOne))
 	}
-	if !strings.Contains(string(FormatConfig(c)), "stale-after: 1m30s\n") {
-		t.Errorf("durations are not written as such:\n%s", FormatConfig(c))
+	if !strings.Contains(string(FormatConfig(c, RoleAllInOne)), "stale-after: 1m30s\n") {
+		t.Errorf("durations are not written as such:\n%s", FormatConfig(c, RoleAllInOne))
 	}
 }
 

@@ -75,7 +75,8 @@ import (
 // the replicas round robin, VTPMD_HA_CONCURRENCY at a time, on 10
 // simulated hosts (agent.Agent on agentclient, agenttest.RecordingBackend)
 // connected to the replicas in turn; creates refused with 409 and other
-// failures are counted, not fatal. CPU and statements per create as above.
+// failures are counted, not fatal, unless no create went through at all.
+// CPU and statements per create as above.
 //
 // BenchmarkHAWake: a long poll on a vTPM (GET /v1/vtpms/{id}?wait= with
 // its ETag) held on replica A, the vTPM stopped or started through replica
@@ -664,6 +665,9 @@ func createLoad(b *testing.B, n int) (*haCluster, func(*testing.B)) {
 		s1 := h.statements(b)
 		if err := firstErr.Load(); err != nil {
 			b.Logf("%d creates failed (not 409); the first: %v", errs.Load(), *err)
+		}
+		if refused.Load()+errs.Load() == int64(b.N) { // else it timed refusals alone
+			b.Fatalf("not one of %d creates went through: %d refused with 409, %d failed", b.N, refused.Load(), errs.Load())
 		}
 		slices.Sort(latencies)
 		ms := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }

@@ -57,7 +57,7 @@ func TestHACluster(t *testing.T) {
 	hooks := &countingReceiver{t: t, delay: 100 * time.Millisecond}
 	receiver := httptest.NewServer(hooks)
 	defer receiver.Close()
-	h := newHACluster(t, 3, "--webhook-url", receiver.URL, "--heartbeat-interval", "1s", "--heartbeat-window", "30s")
+	h := newHACluster(t, 3, "--webhook-url", receiver.URL, "--heartbeat-window", "30s")
 	st := h.store()
 	kr, err := embedded.Open(ctx, st, h.masterKey)
 	if err != nil {

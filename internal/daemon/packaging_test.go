@@ -3,12 +3,14 @@ package daemon
 import (
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
 // The example configurations shipped in packaging/config are files vtpmd
-// reads: every key is a setting, given once, with a value of its type, and
-// the configuration they make is valid.
+// reads as the role each is named after: every key is a setting of that
+// role, given once, with a value of its type, and the configuration they
+// make is valid.
 func TestPackagedConfigs(t *testing.T) {
 	files, err := filepath.Glob("../../packaging/config/*.yaml")
 	if err != nil || len(files) == 0 {
@@ -20,14 +22,18 @@ func TestPackagedConfigs(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			c, err := ParseConfig(data)
+			role := Role(strings.TrimSuffix(filepath.Base(file), ".yaml")) // server.yaml is vtpmd server's
+			if _, err := ParseRole(string(role)); err != nil {
+				t.Fatalf("%s: name the file after its role: %v", file, err)
+			}
+			c, err := ParseConfig(data, role)
 			if err != nil {
 				t.Fatalf("%s: %v", file, err)
 			}
 			// The accounts named are the target host's, not this one's.
 			c.SwtpmUser, c.SwtpmGroup, c.SocketGroup = "", "", ""
 			c.Defaults()
-			if err := c.Validate(); err != nil {
+			if err := c.ValidateRole(role); err != nil {
 				t.Errorf("%s: %v", file, err)
 			}
 		})

@@ -130,9 +130,9 @@ func BenchmarkDetectionLatency(b *testing.B) {
 		var nonce api.Nonce
 		post("/v1/vtpms/"+id+"/attestation/nonce", nil, &nonce)
 		// Each push flips the instance's verdict (all start trusted).
-		pcrs := bad
+		pcrs, want := bad, "untrusted"
 		if flipped[id] {
-			pcrs = good
+			pcrs, want = good, "trusted"
 		}
 		flipped[id] = !flipped[id]
 		clocks[id] += 1000
@@ -147,6 +147,9 @@ func BenchmarkDetectionLatency(b *testing.B) {
 		latencies = append(latencies, time.Since(start))
 		if !strings.Contains(tok, ".") {
 			b.Fatal("no token")
+		}
+		if out.Verdict != want { // else the latency is not a verdict change's
+			b.Fatalf("%s: verdict %s %v, want %s", id, out.Verdict, out.Reasons, want)
 		}
 	}
 	b.StopTimer()

@@ -1,6 +1,9 @@
 package store
 
 import (
+	"database/sql"
+	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"time"
@@ -150,10 +153,7 @@ func (t *Tx) CountInstances(q InstanceQuery) (int, error) {
 // deep in however many matches.
 func (t *Tx) ListInstances(q InstanceQuery) ([]Instance, error) {
 	filter, args := q.where()
-	col := sortColumns[q.Sort]
-	if col == "" {
-		col = sortColumns[SortInstance]
-	}
+	col := q.sortColumn()
 	// Before walks the order backwards from its place, and the page is
 	// turned round after.
 	desc, place, from := q.Desc, q.After, ">"
@@ -183,16 +183,8 @@ func (t *Tx) ListInstances(q InstanceQuery) ([]Instance, error) {
 		}
 		args = append(args, placeArgs...)
 	}
-	dir := " ASC"
-	if desc {
-		dir = " DESC"
-	}
-	order := " ORDER BY " + col + dir
-	if col != sortColumns[SortInstance] {
-		order += ", v.instance_id" + dir
-	}
 	query := `SELECT v.instance_id, v.project, v.phase, v.version, v.model, COALESCE(v.host, ''), v.verdict, v.policy_name, v.policy_id, v.evidence_at, ` +
-		col + ` FROM vtpms v` + filter + order
+		col + ` FROM vtpms v` + filter + orderBy(col, desc)
 	if q.Limit > 0 {
 		query += " LIMIT ?"
 		args = append(args, q.Limit)
@@ -224,6 +216,50 @@ func (t *Tx) ListInstances(q InstanceQuery) ([]Instance, error) {
 		slices.Reverse(out)
 	}
 	return out, rows.Err()
+}
+
+// sortColumn is the column q sorts by.
+func (q InstanceQuery) sortColumn() string {
+	if col := sortColumns[q.Sort]; col != "" {
+		return col
+	}
+	return sortColumns[SortInstance]
+}
+
+// orderBy is the ORDER BY clause of a list sorted by col, ties broken by
+// the instance id the same way.
+func orderBy(col string, desc bool) string {
+	dir := " ASC"
+	if desc {
+		dir = " DESC"
+	}
+	order := " ORDER BY " + col + dir
+	if col != sortColumns[SortInstance] {
+		order += ", v.instance_id" + dir
+	}
+	return order
+}
+
+// InstanceKeyAt returns the key of the instance at offset (0 for the
+// first) in the list q's filter and sort select (its place and limit
+// aside), for a page that starts after it (InstanceQuery.After): how the
+// console turns to page N without walking the N-1 before. It is an
+// OFFSET scan of the same ordered, filtered query, reading only the sort
+// column and the id from the index: its cost grows with offset, unlike a
+// page's. Past the last instance it returns ErrNotFound.
+func (t *Tx) InstanceKeyAt(q InstanceQuery, offset int) (InstanceKey, error) {
+	var k InstanceKey
+	if offset < 0 {
+		return k, fmt.Errorf("instance offset %d is negative", offset)
+	}
+	filter, args := q.where()
+	col := q.sortColumn()
+	err := t.queryRow(`SELECT `+col+`, v.instance_id FROM vtpms v`+filter+orderBy(col, q.Desc)+` LIMIT 1 OFFSET ?`,
+		append(args, offset)...).Scan(&k.Value, &k.InstanceID)
+	if errors.Is(err, sql.ErrNoRows) {
+		return k, ErrNotFound
+	}
+	return k, err
 }
 
 // Count is a value and how many have it.

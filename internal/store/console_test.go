@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -88,6 +89,17 @@ func TestConsoleReads(t *testing.T) {
 		if ids, _ := list(InstanceQuery{Sort: SortEvidence, Limit: 2, Policy: "gold"}); !slices.Equal(ids, []string{"i-00:trusted", "i-03:trusted"}) {
 			t.Fatalf("gold's by evidence: %v", ids)
 		}
+		// The key at an offset is the filter's: p2's second by id is i-03.
+		err = s.View(ctx, func(tx *Tx) error {
+			k, err := tx.InstanceKeyAt(InstanceQuery{Project: "p2", Limit: 1, After: &InstanceKey{InstanceID: "i-09"}}, 1)
+			if err == nil && k.InstanceID != "i-03" {
+				err = fmt.Errorf("p2's second: %v", k)
+			}
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
 		if ids, total := list(InstanceQuery{Search: "i-1"}); total != 3 || !slices.Equal(ids, []string{"i-10:none", "i-11:none", "i-12:none"}) {
 			t.Fatalf("ids starting i-1: %v of %d", ids, total)
 		}
@@ -102,6 +114,35 @@ func TestConsoleReads(t *testing.T) {
 				all, total := list(q)
 				if len(all) != 13 || total != 13 {
 					t.Fatalf("by %s: %v of %d", sort, all, total)
+				}
+				// The key at each offset is that row's, and the page after
+				// it starts at the next row: page N without the pages
+				// before. Past the end, none.
+				for offset := range 14 {
+					var k InstanceKey
+					var page []Instance
+					err := s.View(ctx, func(tx *Tx) (err error) {
+						if k, err = tx.InstanceKeyAt(q, offset); err != nil {
+							return err
+						}
+						page, err = tx.ListInstances(InstanceQuery{Sort: sort, Desc: desc, After: &k, Limit: 2})
+						return err
+					})
+					if offset == 13 {
+						if !errors.Is(err, ErrNotFound) {
+							t.Fatalf("by %s (desc %v), the key past the end: %v %v", sort, desc, k, err)
+						}
+						continue
+					}
+					if err != nil {
+						t.Fatal(err)
+					}
+					if !strings.HasPrefix(all[offset], k.InstanceID+":") {
+						t.Fatalf("by %s (desc %v), the key at %d: %v, want %s's", sort, desc, offset, k, all[offset])
+					}
+					if want := all[offset+1 : min(offset+3, 13)]; len(page) != len(want) || (len(page) > 0 && !strings.HasPrefix(want[0], page[0].InstanceID+":")) {
+						t.Fatalf("by %s (desc %v), the page after offset %d: %v, want %v", sort, desc, offset, page, want)
+					}
 				}
 				var pages [][]Instance
 				q.Limit = 4

@@ -18,7 +18,8 @@ import (
 const shutdownGrace = 15 * time.Second
 
 const configHelp = "Its configuration is the defaults, then --config FILE (YAML, whose keys are the flags' names),\n" +
-	"then the flags given; 'vtpmd config print' with the same arguments shows it."
+	"then the flags given; 'vtpmd config print --role ROLE' with the same arguments shows it. A setting\n" +
+	"of another role's is refused, as a flag and as a key of the file."
 
 func newAllInOneCommand() *cobra.Command {
 	cmd := &cobra.Command{
@@ -26,7 +27,7 @@ func newAllInOneCommand() *cobra.Command {
 		Short: "Run the API server and the host agent for this host, in one process",
 		Long:  "Run the API server and the host agent for this host, in one process. " + configHelp,
 	}
-	return roleCommand(cmd, func(ctx context.Context, cfg daemon.Config, log *slog.Logger) (role, error) {
+	return roleCommand(cmd, daemon.RoleAllInOne, func(ctx context.Context, cfg daemon.Config, log *slog.Logger) (role, error) {
 		d, err := daemon.StartAllInOne(ctx, cfg, log)
 		if err != nil {
 			return nil, err
@@ -53,7 +54,7 @@ func newServerCommand() *cobra.Command {
 		Long: "Run the control plane: the API, the store, the key manager and the CAs. Hosts' agents\n" +
 			"(vtpmd agent) report to it over HTTPS with the certificates it issues them. " + configHelp,
 	}
-	return roleCommand(cmd, func(ctx context.Context, cfg daemon.Config, log *slog.Logger) (role, error) {
+	return roleCommand(cmd, daemon.RoleServer, func(ctx context.Context, cfg daemon.Config, log *slog.Logger) (role, error) {
 		s, err := daemon.StartServer(ctx, cfg, log)
 		if err != nil {
 			return nil, err
@@ -71,7 +72,7 @@ func newAgentCommand() *cobra.Command {
 			"it enrols with the join token in --join-token-file ('vtpmctl host add NAME' makes one) and keeps\n" +
 			"the host's certificate in the data dir. " + configHelp,
 	}
-	roleCommand(cmd, func(ctx context.Context, cfg daemon.Config, log *slog.Logger) (role, error) {
+	roleCommand(cmd, daemon.RoleAgent, func(ctx context.Context, cfg daemon.Config, log *slog.Logger) (role, error) {
 		if cfg.Server == "" {
 			return nil, cmdline.Usagef("vtpmd agent needs the server's URL: --server https://HOST:PORT (and, at its first start, --join-token-file)")
 		}
@@ -89,9 +90,9 @@ func newAgentCommand() *cobra.Command {
 // roleCommand makes cmd run a role: its configuration's flags, and a RunE
 // that loads the configuration and runs what start starts until the
 // command's context ends.
-func roleCommand(cmd *cobra.Command, start func(context.Context, daemon.Config, *slog.Logger) (role, error)) *cobra.Command {
+func roleCommand(cmd *cobra.Command, r daemon.Role, start func(context.Context, daemon.Config, *slog.Logger) (role, error)) *cobra.Command {
 	cmd.Args = cmdline.NoArgs
-	f := bindConfig(cmd)
+	f := bindConfig(cmd, r)
 	cmd.RunE = func(cmd *cobra.Command, args []string) error {
 		cfg, err := f.load()
 		if err != nil {

@@ -8,9 +8,13 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/vtpmd/vtpmd/client"
 	"github.com/vtpmd/vtpmd/internal/daemon"
@@ -26,14 +30,19 @@ func run(t *testing.T, args ...string) (int, string, string) {
 	return code, stdout.String(), stderr.String()
 }
 
-// printed runs vtpmd config print with args and reads its output back.
+// printed runs vtpmd config print with args and reads its output back,
+// as the configuration of the role args name (--role; all-in-one unless).
 func printed(t *testing.T, args ...string) (daemon.Config, string) {
 	t.Helper()
 	code, out, errOut := run(t, append([]string{"config", "print"}, args...)...)
 	if code != ExitOK {
 		t.Fatalf("config print %v: exit %d\n%s", args, code, errOut)
 	}
-	c, err := daemon.ParseConfig([]byte(out))
+	role := daemon.RoleAllInOne
+	if i := slices.Index(args, "--role"); i >= 0 {
+		role = daemon.Role(args[i+1])
+	}
+	c, err := daemon.ParseConfig([]byte(out), role)
 	if err != nil {
 		t.Fatalf("config print's output does not read back: %v\n%s", err, out)
 	}
@@ -66,8 +75,6 @@ func TestEveryFlag(t *testing.T) {
 		"--xen-group-capacity", "8", "--xen-uuid-listen", "127.0.0.1:8081",
 		// settings that were Config's only, flags now too
 		"--swtpm-binary", "/usr/bin/swtpm", "--pcr-banks", "sha256,sha384", "--ca-organization", "Example",
-		// vtpmd agent's
-		"--server", "https://control.example:8780", "--server-ca", "/etc/vtpmd/server-ca.pem", "--join-token-file", "/etc/vtpmd/join-token",
 		// Keystone authentication
 		"--auth", "keystone", "--keystone-url", "http://keystone:5000/v3", "--keystone-credentials-file", "/etc/vtpmd/keystone.yaml",
 		"--keystone-admin-project", "cloud-admin", "--keystone-cache-ttl", "20s",
@@ -90,7 +97,6 @@ func TestEveryFlag(t *testing.T) {
 		Xen: daemon.XenConfig{ImageDir: "/xi", ConfigDir: "/xc", StubdomKernel: "/boot/vtpm.gz", Manager: "mgr",
 			Group: "Group2", GroupCapacity: 8, UUIDListen: "127.0.0.1:8081"},
 		SwtpmBinary: "/usr/bin/swtpm", PCRBanks: []string{"sha256", "sha384"}, CAOrganization: "Example",
-		Server: "https://control.example:8780", ServerCA: "/etc/vtpmd/server-ca.pem", JoinTokenFile: "/etc/vtpmd/join-token",
 		Auth: "keystone", KeystoneURL: "http://keystone:5000/v3", KeystoneCredentialsFile: "/etc/vtpmd/keystone.yaml",
 		KeystoneAdminProject: "cloud-admin", KeystoneCacheTTL: 20 * time.Second,
 		KeyManager: "barbican", BarbicanURL: "https://barbican:9311",
@@ -98,10 +104,15 @@ func TestEveryFlag(t *testing.T) {
 	}
 	got, out := printed(t, args...)
 	if !reflect.DeepEqual(got, want) {
-		t.Errorf("flags gave\n%s\nwant\n%s", out, daemon.FormatConfig(want))
+		t.Errorf("flags gave\n%s\nwant\n%s", out, daemon.FormatConfig(want, daemon.RoleAllInOne))
 	}
-	if len(args)/2 < len(want.Settings())-2 { // two boolean flags take no value
-		t.Errorf("the test gives %d flags for %d settings", len(args)/2, len(want.Settings()))
+	// vtpmd agent's way to its server, which all-in-one has not.
+	agentArgs := []string{"--role", "agent", "--server", "https://control.example:8780", "--server-ca", "/etc/vtpmd/server-ca.pem", "--join-token-file", "/etc/vtpmd/join-token"}
+	if got, _ := printed(t, agentArgs...); got.Server != "https://control.example:8780" || got.ServerCA != "/etc/vtpmd/server-ca.pem" || got.JoinTokenFile != "/etc/vtpmd/join-token" {
+		t.Errorf("vtpmd agent's flags gave %+v", got)
+	}
+	if n := len(args)/2 + len(agentArgs)/2 - 1; n < len(want.Settings())-2 { // two boolean flags take no value
+		t.Errorf("the test gives %d flags for %d settings", n, len(want.Settings()))
 	}
 
 	var defaults daemon.Config
@@ -116,8 +127,84 @@ func TestEveryFlag(t *testing.T) {
 	}
 }
 
-// Every flag the README's Configuration table names is one vtpmd
-// all-in-one has.
+// Each role's command has a flag for each of its settings and none for
+// another role's, which it refuses, saying whose it is (exit 2).
+func TestRoleFlags(t *testing.T) {
+	var c daemon.Config
+	for _, role := range daemon.Roles {
+		flags := roleFlags(role)
+		for _, s := range c.Settings() {
+			if has := flags.Lookup(s.Key) != nil; has != s.In(role) {
+				t.Errorf("vtpmd %s has --%s: %v, want %v", role, s.Key, has, s.In(role))
+			}
+		}
+	}
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"server", "--listen", "127.0.0.1:0", "--heartbeat-interval", "1s"},
+			"unknown flag: --heartbeat-interval: --heartbeat-interval is a setting of vtpmd agent and vtpmd all-in-one, not of vtpmd server"},
+		{[]string{"server", "--capacity=5"}, "--capacity is a setting of vtpmd agent and vtpmd all-in-one, not of vtpmd server"},
+		{[]string{"agent", "--server", "https://control:8780", "--heartbeat-window", "1m"},
+			"--heartbeat-window is a setting of vtpmd server and vtpmd all-in-one, not of vtpmd agent"},
+		{[]string{"agent", "--store", "postgres://db/vtpmd"}, "--store is a setting of vtpmd server and vtpmd all-in-one, not of vtpmd agent"},
+		{[]string{"all-in-one", "--join-token-file", "t"}, "--join-token-file is a setting of vtpmd agent, not of vtpmd all-in-one"},
+		{[]string{"keys", "rotate-master", "--new-key-file", "k", "--pool-size", "0"}, "--pool-size is a setting of vtpmd agent and vtpmd all-in-one, not of vtpmd server"},
+		{[]string{"server", "--bogus"}, "unknown flag: --bogus\n"},
+	} {
+		code, out, errOut := run(t, c.args...)
+		if code != ExitUsage || out != "" || !strings.Contains(errOut, c.want) {
+			t.Errorf("%v: exit %d, stdout %q, stderr\n%s\nwant %q", c.args, code, out, errOut, c.want)
+		}
+	}
+}
+
+// config print --role prints that role's settings only, refuses another
+// role's as a flag or a key of the file, and reads back as the role's file.
+func TestConfigPrintRoles(t *testing.T) {
+	server, out := printed(t, "--role", "server", "--listen", "127.0.0.1:9000", "--heartbeat-window", "5s")
+	if server.Listen != "127.0.0.1:9000" || server.HeartbeatWindow != 5*time.Second || !strings.HasPrefix(out, "# vtpmd server's configuration") {
+		t.Errorf("vtpmd server's configuration:\n%s", out)
+	}
+	for _, key := range []string{"\nheartbeat-interval:", "\ncapacity:", "\nbackend:", "\nserver:", "\nhost-name:"} {
+		if strings.Contains(out, key) {
+			t.Errorf("vtpmd server's configuration has %s:\n%s", key[1:], out)
+		}
+	}
+	agent, out := printed(t, "--role", "agent", "--server", "https://control:8780", "--heartbeat-interval", "2s")
+	if agent.Server != "https://control:8780" || agent.HeartbeatInterval != 2*time.Second {
+		t.Errorf("vtpmd agent's configuration:\n%s", out)
+	}
+	for _, key := range []string{"\nheartbeat-window:", "\nlisten:", "\nstore:", "\nwebhook-url:"} {
+		if strings.Contains(out, key) {
+			t.Errorf("vtpmd agent's configuration has %s:\n%s", key[1:], out)
+		}
+	}
+	if code, _, errOut := run(t, "server", "--config", writeFile(t, out)); code != ExitUsage ||
+		!strings.Contains(errOut, "server: a setting of vtpmd agent, not of vtpmd server") ||
+		!strings.Contains(errOut, "heartbeat-interval: a setting of vtpmd agent and vtpmd all-in-one, not of vtpmd server") {
+		t.Errorf("vtpmd server given an agent's file: exit %d\n%s", code, errOut)
+	}
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--role", "server", "--capacity", "5", "--backend", "xen"},
+			"--capacity is a setting of vtpmd agent and vtpmd all-in-one, not of vtpmd server; --backend is"},
+		{[]string{"--role", "agent", "--config", writeFile(t, "capacity: 5\nlisten: 127.0.0.1:1\n")},
+			"line 2: listen: a setting of vtpmd server and vtpmd all-in-one, not of vtpmd agent"},
+		{[]string{"--role", "hypervisor"}, `role "hypervisor" must be server, agent or all-in-one`},
+	} {
+		code, out, errOut := run(t, append([]string{"config", "print"}, c.args...)...)
+		if code != ExitUsage || out != "" || !strings.Contains(errOut, c.want) {
+			t.Errorf("config print %v: exit %d, stdout %q, stderr\n%s\nwant %q", c.args, code, out, errOut, c.want)
+		}
+	}
+}
+
+// Every flag the README's Configuration table names is one of a role's,
+// and the table's roles column says whose.
 func TestREADMEFlags(t *testing.T) {
 	readme, err := os.ReadFile("../../../README.md")
 	if err != nil {
@@ -125,23 +212,42 @@ func TestREADMEFlags(t *testing.T) {
 	}
 	_, section, _ := strings.Cut(string(readme), "\n## Configuration\n")
 	section, _, _ = strings.Cut(section, "\n## ")
-	flags := newAllInOneCommand().Flags()
 	n := 0
 	for _, line := range strings.Split(section, "\n") {
 		if !strings.HasPrefix(line, "| `--") {
 			continue
 		}
-		cell, _, _ := strings.Cut(line[1:], "|")
-		for _, m := range regexp.MustCompile("`--([a-z0-9-]+)").FindAllStringSubmatch(cell, -1) {
+		cells := strings.Split(line, " | ")
+		if len(cells) < 3 {
+			t.Errorf("the README's row %q has no roles column", line)
+			continue
+		}
+		want := strings.Split(cells[1], ", ")
+		if cells[1] == "all" {
+			want = []string{"server", "agent", "all-in-one"}
+		}
+		for _, m := range regexp.MustCompile("`--([a-z0-9-]+)").FindAllStringSubmatch(cells[0], -1) {
 			n++
-			if flags.Lookup(m[1]) == nil {
-				t.Errorf("the README names --%s, which vtpmd all-in-one does not have", m[1])
+			var has []string
+			for _, r := range daemon.Roles {
+				if roleFlags(r).Lookup(m[1]) != nil {
+					has = append(has, string(r))
+				}
+			}
+			if !slices.Equal(has, want) {
+				t.Errorf("the README gives --%s the roles %v; they are %v", m[1], want, has)
 			}
 		}
 	}
 	if n < 38 {
 		t.Errorf("found only %d flags in the README's Configuration table", n)
 	}
+}
+
+// roleFlags are role r's command's flags.
+func roleFlags(r daemon.Role) *pflag.FlagSet {
+	return map[daemon.Role]func() *cobra.Command{daemon.RoleServer: newServerCommand, daemon.RoleAgent: newAgentCommand,
+		daemon.RoleAllInOne: newAllInOneCommand}[r]().Flags()
 }
 
 // The README's example configuration file is one vtpmd reads.

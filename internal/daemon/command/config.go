@@ -1,6 +1,7 @@
 package command
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -18,23 +19,48 @@ import (
 	"github.com/vtpmd/vtpmd/internal/spec"
 )
 
-// configFlags are the flags of a command that runs on vtpmd's
-// configuration: --config FILE, and one flag per setting, named as its key.
-// The configuration in effect is daemon.Config's defaults, then the file,
-// then the flags given.
+// configFlags are the flags of a command that runs on a role's
+// configuration: --config FILE, and one flag per setting of the role,
+// named as its key. The configuration in effect is daemon.Config's
+// defaults, then the file, then the flags given.
 type configFlags struct {
+	role  daemon.Role
 	file  string
 	given daemon.Config // the defaults, with the flags given written over them
 	flags *pflag.FlagSet
 }
 
-// bindConfig adds the configuration's flags to cmd. Their defaults, as
-// --help shows them, are daemon.Config's.
-func bindConfig(cmd *cobra.Command) *configFlags {
-	f := &configFlags{flags: cmd.Flags()}
+// bindConfig adds role's configuration flags to cmd, and only those: the
+// flag parser refuses another role's setting, saying whose it is. Their
+// defaults, as --help shows them, are daemon.Config's.
+func bindConfig(cmd *cobra.Command, role daemon.Role) *configFlags {
+	f := &configFlags{role: role, flags: cmd.Flags()}
+	f.bind(func(s daemon.Setting) bool { return s.In(role) })
+	cmd.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error { return cmdline.Usage(otherRoles(err, role)) })
+	return f
+}
+
+// otherRoles adds to an unknown flag's error whose setting it is, when it
+// is another role's.
+func otherRoles(err error, role daemon.Role) error {
+	var unknown *pflag.NotExistError
+	if !errors.As(err, &unknown) {
+		return err
+	}
+	if roles := daemon.RolesOf(unknown.GetSpecifiedName()); roles != nil {
+		return fmt.Errorf("%w: --%s is %s", err, unknown.GetSpecifiedName(), daemon.NotInRole(roles, role))
+	}
+	return err
+}
+
+// bind adds --config and a flag for each setting that take accepts.
+func (f *configFlags) bind(take func(daemon.Setting) bool) {
 	f.given.Defaults()
 	f.flags.StringVar(&f.file, "config", "", "read the configuration from this YAML file, whose keys are these flags' names; flags given override it")
 	for _, s := range f.given.Settings() {
+		if !take(s) {
+			continue
+		}
 		usage := settingUsage[s.Key]
 		if usage == "" {
 			panic("vtpmd: setting " + s.Key + " has no usage text")
@@ -64,7 +90,6 @@ func bindConfig(cmd *cobra.Command) *configFlags {
 			panic(fmt.Sprintf("vtpmd: setting %s: no flag for a %T", s.Key, p))
 		}
 	}
-	return f
 }
 
 // settingUsage is each setting's --help text. Defaults are not repeated
@@ -148,7 +173,7 @@ func (f *configFlags) load() (daemon.Config, error) {
 		if err != nil {
 			return cfg, cmdline.Usage(err)
 		}
-		if cfg, err = daemon.ParseConfig(data); err != nil {
+		if cfg, err = daemon.ParseConfig(data, f.role); err != nil {
 			return cfg, cmdline.Usagef("%s:%s", f.file, listed(err))
 		}
 	}
@@ -164,7 +189,7 @@ func (f *configFlags) load() (daemon.Config, error) {
 		}
 	}
 	cfg.Defaults()
-	if err := cfg.Validate(); err != nil {
+	if err := cfg.ValidateRole(f.role); err != nil {
 		return cfg, cmdline.Usagef("invalid configuration:%s", listed(err))
 	}
 	return cfg, nil
@@ -221,23 +246,43 @@ func (v levelValue) String() string     { return strings.ToLower(v.p.String()) }
 func (v levelValue) Type() string       { return "level" }
 
 func newConfigPrintCommand() *cobra.Command {
+	var role string
 	cmd := &cobra.Command{
-		Use:   "print [--config FILE] [flags]",
-		Short: "Print the configuration vtpmd all-in-one would run with, secrets redacted",
-		Long: "Print the configuration in effect (the defaults, then --config FILE, then the flags given) as a\n" +
-			"configuration file. Whatever may be a secret reads " + daemon.Redacted + ": any password, and the\n" +
-			"webhook URL's path and query.",
+		Use:   "print [--role server|agent|all-in-one] [--config FILE] [flags]",
+		Short: "Print the configuration a vtpmd role would run with, secrets redacted",
+		Long: "Print the configuration that vtpmd ROLE (--role, default all-in-one) would run with (the defaults,\n" +
+			"then --config FILE, then the flags given) as a configuration file: the role's settings only. A flag\n" +
+			"or key of another role's is refused, as the role refuses it. Whatever may be a secret reads\n" +
+			daemon.Redacted + ": any password, and the webhook URL's path and query.",
 		Args: cmdline.NoArgs,
 	}
-	f := bindConfig(cmd)
+	// Every role's flags are here; those of a role other than --role are
+	// refused once --role is known.
+	f := &configFlags{flags: cmd.Flags()}
+	f.bind(func(daemon.Setting) bool { return true })
+	cmd.Flags().StringVar(&role, "role", string(daemon.RoleAllInOne), "the role whose configuration to print: server, agent or all-in-one")
 	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		r, err := daemon.ParseRole(role)
+		if err != nil {
+			return cmdline.Usage(err)
+		}
+		f.role = r
+		var others []string
+		for _, s := range f.given.Settings() {
+			if f.flags.Changed(s.Key) && !s.In(r) {
+				others = append(others, fmt.Sprintf("--%s is %s", s.Key, daemon.NotInRole(s.Roles, r)))
+			}
+		}
+		if len(others) > 0 {
+			return cmdline.Usagef("%s", strings.Join(others, "; "))
+		}
 		cfg, err := f.load()
 		if err != nil {
 			return err
 		}
 		out := cmd.OutOrStdout()
-		fmt.Fprintf(out, "# vtpmd's configuration in effect; secrets read %s.\n", daemon.Redacted)
-		_, err = out.Write(daemon.FormatConfig(cfg.Redacted()))
+		fmt.Fprintf(out, "# vtpmd %s's configuration in effect; secrets read %s.\n", r, daemon.Redacted)
+		_, err = out.Write(daemon.FormatConfig(cfg.Redacted(), r))
 		return err
 	}
 	return cmd

@@ -32,7 +32,7 @@ func newRotateMasterCommand() *cobra.Command {
 			"carries on without a restart. Run it on a server host with that host's configuration. " + configHelp,
 		Args: cmdline.NoArgs,
 	}
-	f := bindConfig(cmd)
+	f := bindConfig(cmd, daemon.RoleServer)
 	cmd.Flags().StringVar(&newKeyFile, "new-key-file", "", "file (mode 0600) of the new master key; made if missing")
 	cmd.RunE = func(cmd *cobra.Command, args []string) error {
 		if newKeyFile == "" {
