@@ -152,11 +152,13 @@ type AgentTransferAsk struct {
 // request (GET /v1/agent/transfers/{id}): the payload of the secret that
 // keys the vTPM's state (none for a discard), for an import or a receive
 // the bundle, and for a receive or a discard the vTPM's record, which the
-// host does not hold.
+// host does not hold. For a live migration's send, Cancel says the server
+// asks the source to stop it (its target went down).
 type AgentTransferInput struct {
 	Payload []byte     `json:"payload,omitempty"`
 	Bundle  []byte     `json:"bundle,omitempty"`
 	VTPM    *AgentVTPM `json:"vtpm,omitempty"`
+	Cancel  bool       `json:"cancel,omitempty"`
 }
 
 // AgentTransfer is an agent's answer to a transfer request (PUT

@@ -85,8 +85,9 @@ type Resizer interface {
 // SettleIncoming, once the guest runs there, drops what only the move
 // needed; AbortIncoming, after a failed move, removes what was prepared.
 // On the source, MigrateLive migrates v's running guest to to and returns
-// once it runs there, or fails with the guest still running here. Each is
-// idempotent.
+// once it runs there, or fails with the guest still running here; when
+// ctx ends first, it stops the migration (the guest runs on here, unless
+// it landed meanwhile: then it returns nil). Each is idempotent.
 type LiveMigrator interface {
 	PrepareIncoming(ctx context.Context, v VTPM, secret []byte, eks []EK) (Incoming, error)
 	MigrateLive(ctx context.Context, v VTPM, to Incoming) error

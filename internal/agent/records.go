@@ -128,11 +128,14 @@ const (
 	TransferDiscard TransferKind = "discard"
 	// The steps of a live migration (LiveMigrator): on the target, prepare
 	// (answered with the Incoming, as JSON in Transfer.Bundle), settle and
-	// abort; on the source, send (the Incoming in TransferInput.Bundle).
+	// abort; on the source, send (the Incoming in TransferInput.Bundle),
+	// and cancel, which the send reads (TransferInput.Cancel) and which is
+	// itself answered with nothing.
 	TransferPrepare TransferKind = "prepare"
 	TransferSend    TransferKind = "send"
 	TransferSettle  TransferKind = "settle"
 	TransferAbort   TransferKind = "abort"
+	TransferCancel  TransferKind = "cancel"
 )
 
 // TransferInput is what an agent answers a TransferAsk with.
@@ -146,6 +149,10 @@ type TransferInput struct {
 	// live migration: a vTPM arriving on the host or leaving it, which its
 	// agent does not reconcile meanwhile.
 	Record *Record
+	// Cancel says, for a send, that the server asks the source to stop
+	// it (the target went down): libvirt's migration is aborted, and the
+	// guest runs on here unless it had landed.
+	Cancel bool
 }
 
 // Transfer is the agent's answer to a TransferAsk: the bundle exported

@@ -49,6 +49,10 @@ func (a *Agent) transfer(ctx context.Context, ask TransferAsk) (Transfer, error)
 		return Transfer{}, a.move(ctx, ask)
 	case TransferPrepare, TransferSend, TransferSettle, TransferAbort:
 		return a.live(ctx, ask)
+	case TransferCancel:
+		// Read by the send it cancels (sendLive); answered once that
+		// send is over, with nothing left to do.
+		return Transfer{}, nil
 	}
 	a.mu.Lock()
 	held := a.held[ask.InstanceID]
@@ -144,7 +148,7 @@ func (a *Agent) live(ctx context.Context, ask TransferAsk) (Transfer, error) {
 		if err := json.Unmarshal(in.Bundle, &to); err != nil || to.URI == "" {
 			return Transfer{}, refusal.Invalid(api.CodeInvalidParameter, "The live migration's destination is not described.")
 		}
-		if err := lm.MigrateLive(ctx, v.VTPM(), to); err != nil {
+		if err := a.sendLive(ctx, lm, v, to, ask); err != nil {
 			return Transfer{}, err
 		}
 		a.mu.Lock()
@@ -158,6 +162,41 @@ func (a *Agent) live(ctx context.Context, ask TransferAsk) (Transfer, error) {
 		return Transfer{}, lm.SettleIncoming(ctx, v.VTPM())
 	}
 	return Transfer{}, lm.AbortIncoming(ctx, v.VTPM())
+}
+
+// cancelPoll is how often a source's agent, while libvirt migrates a
+// guest, reads whether the server cancelled the send.
+const cancelPoll = time.Second
+
+// sendLive has lm migrate v's guest to to, answering send request ask; if
+// the server cancels the send meanwhile (TransferInput.Cancel: the target
+// went down), the context MigrateLive runs under ends, and libvirt's
+// migration is aborted: the guest runs on here, unless it landed first
+// (then MigrateLive succeeds all the same). A read that fails (the server
+// restarting, say) cancels nothing; nor does the agent stopping: libvirt
+// drives the migration, and where the guest ends is the target's to say.
+func (a *Agent) sendLive(ctx context.Context, lm LiveMigrator, v *Record, to Incoming, ask TransferAsk) error {
+	sendCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancel()
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		tick := time.NewTicker(cancelPoll)
+		defer tick.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-tick.C:
+			}
+			if in, err := a.Records.TransferInput(ctx, a.Host, ask); err == nil && in.Cancel {
+				a.Log.Warn("live migration cancelled by the server: aborting libvirt's migration", "host", a.Host, "instance", v.InstanceID)
+				cancel()
+				return
+			}
+		}
+	}()
+	return lm.MigrateLive(sendCtx, v.VTPM(), to)
 }
 
 // export seals v's state, as the backend copies it, into a bundle of

@@ -367,7 +367,7 @@ func (s *Server) transferInput(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	w.Header().Set("Cache-Control", "no-store")
-	out := api.AgentTransferInput{Payload: in.Secret, Bundle: in.Bundle}
+	out := api.AgentTransferInput{Payload: in.Secret, Bundle: in.Bundle, Cancel: in.Cancel}
 	if in.Record != nil {
 		rec := agentVTPM(in.Record)
 		out.VTPM = &rec

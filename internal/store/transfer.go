@@ -12,7 +12,8 @@ import (
 // "import"), take in Bundle for a vTPM arriving on the host (Kind
 // "receive": migrating to it, or unshelved onto it), or remove the copy of
 // a vTPM leaving it (Kind "discard": migrated away, or shelved); or a step
-// of a live migration (Kinds "prepare", "send", "settle", "abort"): the
+// of a live migration (Kinds "prepare", "send", "settle", "abort",
+// "cancel"): the
 // host's watch carries it (Changes.Transfers) until the agent answers, and
 // the server that asked withdraws it once it has the answer or gives up.
 type Transfer struct {
@@ -50,6 +51,12 @@ const (
 	// TransferAbort: the target of a live migration that failed removes
 	// what it prepared; the guest runs on the source.
 	TransferAbort = "abort"
+	// TransferCancel: the source of a live migration stops sending (its
+	// target went down): its agent, reading its send's input while libvirt
+	// migrates, finds the cancel asked and has libvirt abort the
+	// migration; the send's answer says how it ended. Nothing is done for
+	// the cancel itself.
+	TransferCancel = "cancel"
 )
 
 // AskTransfer records x, with a new ID; the host's watchers wake to it.
@@ -109,6 +116,15 @@ func (t *Tx) AnswerTransfer(host, id string, bundle []byte, code, message string
 	}
 	t.changed = append(t.changed, topic{kind: hostTopic, name: host})
 	return nil
+}
+
+// TransferAsked says whether host has an unanswered request of kind for
+// instanceID's vTPM.
+func (t *Tx) TransferAsked(host, instanceID, kind string) (bool, error) {
+	var n int
+	err := t.queryRow(`SELECT COUNT(*) FROM state_transfers WHERE host=? AND instance_id=? AND kind=? AND answered=0`,
+		host, instanceID, kind).Scan(&n)
+	return n > 0, err
 }
 
 // WithdrawTransfer removes request id: its server has the answer, or

@@ -40,7 +40,8 @@ const liveLease = 15 * time.Second
 //     its mode does not keep.
 //
 // When preparing or sending fails (a source whose agent stops mid-send
-// fails once it reads down) the guest runs on the source with its TPM:
+// fails once it reads down; a target that reads down mid-send has the
+// source cancel libvirt's migration) the guest runs on the source with its TPM:
 // the target's agent removes what it prepared and the migration ends
 // ("live migration failed"); unless the target answers that the guest
 // runs there after all, which then goes on to cleaning. A live migration cut short while cleaning
@@ -233,7 +234,7 @@ func (s *Service) liveSend(ctx context.Context, c tenant.Caller, m *store.Migrat
 	}
 	start := time.Now()
 	release := s.holdLive(ctx, m)
-	err := s.awaitSend(ctx, &store.Transfer{Host: m.Source, InstanceID: m.InstanceID, Incarnation: m.Incarnation, Kind: store.TransferSend,
+	err := s.awaitSend(ctx, m, &store.Transfer{Host: m.Source, InstanceID: m.InstanceID, Incarnation: m.Incarnation, Kind: store.TransferSend,
 		Bundle: m.Bundle})
 	release()
 	if err != nil {
@@ -242,24 +243,55 @@ func (s *Service) liveSend(ctx context.Context, c tenant.Caller, m *store.Migrat
 	return s.landLive(ctx, c, m, fmt.Sprintf("the guest runs on host %s (migrated in %s)", m.Target, time.Since(start).Round(time.Millisecond)))
 }
 
-// awaitSend asks ask, a send, of the source's agent and waits for the
+// liveCheck is how often the server waiting for a send reads whether
+// the source and the target are up.
+const liveCheck = 2 * time.Second
+
+// awaitSend asks ask, a send of m, of the source's agent and waits for the
 // answer for as long as a send may take (liveSendTimeout), withdrawing
 // the request after; but only while the source is up: an agent that stops
 // (killed while libvirt migrates, say) will not answer, and where the
 // guest is is then the target's to say (abortLive), not the source's.
-func (s *Service) awaitSend(ctx context.Context, ask *store.Transfer) error {
+// Once the target reads down (its agent stopped: nothing would settle the
+// vTPM there, or answer for it), the send is cancelled: the source's
+// agent, asked to cancel, has libvirt abort the migration and answers how
+// it ended, the guest on the source (host_unavailable, naming the target)
+// or, if it landed first, on the target.
+func (s *Service) awaitSend(ctx context.Context, m *store.Migration, ask *store.Transfer) error {
 	if err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error { return tx.AskTransfer(ask) }); err != nil {
 		return err
 	}
 	defer s.withdraw(ctx, ask)
+	var cancel *store.Transfer
+	defer func() {
+		if cancel != nil {
+			s.withdraw(ctx, cancel)
+		}
+	}()
 	deadline := time.Now().Add(liveSendTimeout)
 	for {
-		_, err := s.awaitTransferWithin(ctx, ask, min(s.cfg.DriftTimeout, time.Until(deadline)))
+		_, err := s.awaitTransferWithin(ctx, ask, min(liveCheck, s.cfg.DriftTimeout, time.Until(deadline)))
 		if !unanswered(err) || time.Now().After(deadline) {
+			var r *refusal.Error
+			if cancel != nil && errors.As(err, &r) && !unanswered(err) { // the source answered: not sent
+				return refusal.Unavailable(api.CodeHostUnavailable, fmt.Sprintf("Host %s went down: the live migration to it was cancelled, "+
+					"and the guest runs on host %s (%s).", m.Target, m.Source, refusal.Truncate(err.Error())))
+			}
 			return err
 		}
 		if err := s.hostUp(ctx, ask.Host); err != nil {
 			return err
+		}
+		if cancel != nil {
+			continue
+		}
+		if down := s.hostUp(ctx, m.Target); unanswered(down) {
+			cancel = &store.Transfer{Host: m.Source, InstanceID: m.InstanceID, Incarnation: m.Incarnation, Kind: store.TransferCancel}
+			if err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error { return tx.AskTransfer(cancel) }); err != nil {
+				cancel = nil
+				return err
+			}
+			s.cfg.Log.Warn("cancelling a live migration: its target is down", "instance", m.InstanceID, "from", m.Source, "to", m.Target)
 		}
 	}
 }
@@ -374,6 +406,10 @@ func (s *Service) undoTarget(ctx context.Context, m *store.Migration) (landed bo
 	for {
 		ask := &store.Transfer{Host: m.Target, InstanceID: m.InstanceID, Incarnation: m.Incarnation, Kind: store.TransferAbort}
 		if err := s.cfg.Store.Update(ctx, func(tx *store.Tx) error { return tx.AskTransfer(ask) }); err != nil {
+			return false, err
+		}
+		// A target down answers nothing: the request waits for its agent.
+		if err := s.hostUp(ctx, m.Target); err != nil {
 			return false, err
 		}
 		_, err = s.awaitTransferWithin(ctx, ask, s.cfg.DriftTimeout)

@@ -162,7 +162,7 @@ func (r *Records) TransferInput(ctx context.Context, host string, ask agent.Tran
 	if err != nil {
 		return nil, agentError(err)
 	}
-	out := &agent.TransferInput{Secret: in.Payload, Bundle: in.Bundle}
+	out := &agent.TransferInput{Secret: in.Payload, Bundle: in.Bundle, Cancel: in.Cancel}
 	if in.VTPM != nil {
 		out.Record = record(*in.VTPM)
 	}

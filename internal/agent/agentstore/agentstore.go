@@ -443,7 +443,8 @@ func (r *Records) AnswerAdoption(ctx context.Context, host string, ask agent.Ado
 // it for a receive (migrating to it, still placed on its source, or being
 // unshelved onto it), with the record; leaving it for a discard (migrated
 // away from it, or being shelved from it with its bundle kept), with the
-// record and no secret.
+// record and no secret; a step of a live migration, with the record (and
+// for a send, whether the server cancelled it).
 func (r *Records) TransferInput(ctx context.Context, host string, ask agent.TransferAsk) (*agent.TransferInput, error) {
 	in := &agent.TransferInput{}
 	var secretID string
@@ -473,6 +474,11 @@ func (r *Records) TransferInput(ctx context.Context, host string, ask agent.Tran
 				return err
 			}
 			in.Record = record(v)
+			if x.Kind == store.TransferSend {
+				if in.Cancel, err = tx.TransferAsked(host, v.InstanceID, store.TransferCancel); err != nil {
+					return err
+				}
+			}
 		default:
 			if v.Host != host {
 				return refusal.Forbidden(api.CodeForbidden, "The vTPM of "+x.InstanceID+" is placed on another host.")

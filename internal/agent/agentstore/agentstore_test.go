@@ -571,7 +571,8 @@ func TestAgentStatements(t *testing.T) {
 // the host of each step only at that step: a prepare by the source, a
 // send by the target or before sending, a settle before the record names
 // the target, an abort by the host the record names are refused; the
-// Incoming the target answered reaches the source with the send.
+// Incoming the target answered reaches the source with the send, which
+// reads cancelled while a cancel is asked of the source.
 func TestLiveMigrationInputs(t *testing.T) {
 	onEngines(t, func(t *testing.T, st *store.Store) {
 		ctx := context.Background()
@@ -629,8 +630,43 @@ func TestLiveMigrationInputs(t *testing.T) {
 
 		advance(store.MigrationSending, "h1")
 		in, err = ask("h1", store.TransferSend, []byte(`{"uri":"qemu+tcp://h2/system"}`))
-		if err != nil || in.Secret != nil || string(in.Bundle) != `{"uri":"qemu+tcp://h2/system"}` || in.Record == nil {
+		if err != nil || in.Secret != nil || string(in.Bundle) != `{"uri":"qemu+tcp://h2/system"}` || in.Record == nil || in.Cancel {
 			t.Fatalf("send by the source: %+v %v", in, err)
+		}
+		// The send's input says it is cancelled while a cancel is asked of
+		// the source, and only then.
+		send := &store.Transfer{Host: "h1", InstanceID: id1, Incarnation: v.Incarnation, Kind: store.TransferSend}
+		cancelled := func() bool {
+			t.Helper()
+			in, err := f.recs.TransferInput(ctx, "h1", agent.TransferAsk{ID: send.ID})
+			if err != nil {
+				t.Fatal(err)
+			}
+			return in.Cancel
+		}
+		var cancels []*store.Transfer
+		for _, host := range []string{"h2", "h1"} {
+			c := &store.Transfer{Host: host, InstanceID: id1, Incarnation: v.Incarnation, Kind: store.TransferCancel}
+			cancels = append(cancels, c)
+			if err := st.Update(ctx, func(tx *store.Tx) error {
+				if send.ID == "" {
+					if err := tx.AskTransfer(send); err != nil {
+						return err
+					}
+				}
+				return tx.AskTransfer(c)
+			}); err != nil {
+				t.Fatal(err)
+			}
+			if got, want := cancelled(), host == "h1"; got != want {
+				t.Fatalf("a cancel asked of %s: the source's send reads cancelled %v, want %v", host, got, want)
+			}
+		}
+		if err := st.Update(ctx, func(tx *store.Tx) error { return tx.WithdrawTransfer(cancels[1].ID) }); err != nil {
+			t.Fatal(err)
+		}
+		if cancelled() {
+			t.Fatal("the cancel withdrawn, the source's send still reads cancelled")
 		}
 		refused("h2", store.TransferSend)
 		refused("h2", store.TransferPrepare)

@@ -79,7 +79,9 @@ func (b *Backend) PrepareIncoming(ctx context.Context, v agent.VTPM, secret []by
 // guest to the host to describes, peer-to-peer, the TPM state in the
 // migration stream (in external mode the guest connects there to the
 // swtpm at to.TPMCtrl). It returns once the guest runs there; when it
-// fails, libvirt resumes the guest here, with its TPM.
+// fails, libvirt resumes the guest here, with its TPM. When ctx ends
+// first, libvirt's migration job is aborted (virDomainAbortJob): the
+// migration fails, unless it was completing.
 func (b *Backend) MigrateLive(ctx context.Context, v agent.VTPM, to agent.Incoming) error {
 	lv, err := b.conn()
 	if err != nil {
@@ -118,7 +120,23 @@ func (b *Backend) MigrateLive(ctx context.Context, v agent.VTPM, to agent.Incomi
 		}
 	}
 	b.log.Info("live-migrating guest", "instance", v.InstanceID, "domain", v.Domain, "to", to.URI)
-	if _, err := lv.DomainMigratePerform3Params(dom, golibvirt.OptString{to.URI}, params, nil, liveFlags); err != nil {
+	done := make(chan struct{})
+	aborted := make(chan error, 1)
+	go func() {
+		select {
+		case <-done:
+			close(aborted)
+		case <-ctx.Done():
+			b.log.Warn("aborting the live migration", "instance", v.InstanceID, "domain", v.Domain, "to", to.URI, "why", context.Cause(ctx))
+			aborted <- lv.DomainAbortJob(dom)
+		}
+	}()
+	_, err = lv.DomainMigratePerform3Params(dom, golibvirt.OptString{to.URI}, params, nil, liveFlags)
+	close(done)
+	if abortErr, ok := <-aborted; ok && err != nil {
+		return fmt.Errorf("live-migrating guest %s to %s: aborted (%w; abort: %v)", v.Domain, to.URI, err, abortErr)
+	}
+	if err != nil {
 		return fmt.Errorf("live-migrating guest %s to %s: %w", v.Domain, to.URI, err)
 	}
 	b.mu.Lock()

@@ -333,10 +333,20 @@ func readIdentity(dir string) ([]agent.EK, error) {
 }
 
 // Remove stops vTPM id's swtpm and removes its state, with any state a
-// resize set aside.
+// resize set aside. A swtpm of id that an earlier vtpmd started and left
+// running, which no supervisor here runs (one a live migration's target
+// prepared before its agent was killed, say), is killed too, found
+// through the pid file in the state it is about to remove.
 func (r *Runtime) Remove(ctx context.Context, id string) error {
 	if err := r.Stop(ctx, id); err != nil {
 		return err
+	}
+	pid, err := swtpm.KillStale(swtpm.Instance{Dir: r.dir(id)})
+	if err != nil {
+		return err
+	}
+	if pid != 0 {
+		r.log.Warn("killed a swtpm an earlier vtpmd left running", "instance", id, "pid", pid)
 	}
 	if err := os.RemoveAll(r.dir(id)); err != nil {
 		return fmt.Errorf("removing state of %s: %w", id, err)
