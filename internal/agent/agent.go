@@ -203,9 +203,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	})
 	for ctx.Err() == nil {
 		a.retry(ctx, "watching the host's vTPMs", func() error {
-			changed, err := a.watch(ctx, a.WatchWait, &wg)
+			changed, transfers, err := a.watch(ctx, a.WatchWait)
 			a.queue.add(changed...)
-			return err
+			return errors.Join(err, a.carry(ctx, &wg, transfers))
 		})
 	}
 	return nil
@@ -229,15 +229,16 @@ func (a *Agent) retry(ctx context.Context, doing string, fn func() error) {
 }
 
 // Reconcile reads what changed on the host and reconciles every vTPM it
-// holds, once, and carries out the transfers handed to it, returning when
-// all are done. A vTPM a transfer holds is left to the next pass.
+// holds, once, then carries out the transfers handed to it, returning when
+// all are done.
 func (a *Agent) Reconcile(ctx context.Context) error {
 	a.init()
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	if _, err := a.watch(ctx, 0, &wg); err != nil {
+	_, transfers, err := a.watch(ctx, 0)
+	if err != nil {
 		return err
 	}
+	var wg sync.WaitGroup
+	defer wg.Wait()
 	sem := make(chan struct{}, a.Workers)
 	for _, id := range a.ids() {
 		sem <- struct{}{}
@@ -246,34 +247,31 @@ func (a *Agent) Reconcile(ctx context.Context) error {
 			a.reconcileID(ctx, id)
 		})
 	}
-	return nil
+	wg.Wait()
+	return a.carry(ctx, &wg, transfers)
 }
 
 // watch reads what changed on the host since the agent's revision,
 // waiting up to wait, takes it in and returns the ids of the vTPMs to
-// reconcile; it answers the drift and adoption requests the watch
-// carries, and has the transfers it carries carried out in goroutines of
-// wg (carry).
-func (a *Agent) watch(ctx context.Context, wait time.Duration, wg *sync.WaitGroup) ([]string, error) {
+// reconcile and the transfers to carry out (carry); it answers the drift
+// and adoption requests the watch carries.
+func (a *Agent) watch(ctx context.Context, wait time.Duration) ([]string, []TransferAsk, error) {
 	a.mu.Lock()
 	since := a.revision
 	a.mu.Unlock()
 	ch, err := a.Records.Watch(ctx, a.Host, since, wait)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	changed := a.apply(ch)
 	var errs []error
 	for _, ask := range ch.Adoptions {
 		errs = append(errs, a.answerAdoption(ctx, ask))
 	}
-	for _, ask := range ch.Transfers {
-		errs = append(errs, a.carry(ctx, wg, ask))
-	}
 	if ch.Drift.ID != 0 {
 		errs = append(errs, a.answerDrift(ctx, ch.Drift))
 	}
-	return changed, errors.Join(errs...)
+	return changed, ch.Transfers, errors.Join(errs...)
 }
 
 // answerAdoption answers the operator's request to take over the vTPM of

@@ -208,12 +208,21 @@ func bundleEKs(eks []EK) []bundle.EK {
 	return out
 }
 
-// carry takes ask for this run (Records.TakeTransfer), so that the watch
-// hands it no more, and carries it out in a goroutine of wg, unless it is
-// under way already. One answered or withdrawn since the watch read it is
-// left. A take that fails otherwise does not hold the transfer up: it is
-// carried out, and the watch, handing it again, takes it again.
-func (a *Agent) carry(ctx context.Context, wg *sync.WaitGroup, ask TransferAsk) error {
+// carry takes each of asks for this run (Records.TakeTransfer), so that
+// the watch hands it no more, and carries it out in a goroutine of wg,
+// unless it is under way already. One answered or withdrawn since the
+// watch read it is left. A take that fails otherwise does not hold the
+// transfer up: it is carried out, and the watch, handing it again, takes
+// it again.
+func (a *Agent) carry(ctx context.Context, wg *sync.WaitGroup, asks []TransferAsk) error {
+	var errs []error
+	for _, ask := range asks {
+		errs = append(errs, a.carryOne(ctx, wg, ask))
+	}
+	return errors.Join(errs...)
+}
+
+func (a *Agent) carryOne(ctx context.Context, wg *sync.WaitGroup, ask TransferAsk) error {
 	err := a.Records.TakeTransfer(ctx, a.Host, ask)
 	if errors.Is(err, ErrNotFound) {
 		return nil
