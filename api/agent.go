@@ -65,6 +65,11 @@ type AgentHost struct {
 	Capacity int      `json:"capacity"`
 	Backend  string   `json:"backend"`
 	Version  string   `json:"version"`
+	// Run names this run of the agent (one start of its process): a
+	// transfer request it takes (POST /v1/agent/transfers/{id}/take) is
+	// no longer carried by its watch, until another run registers. At most
+	// 64 bytes; absent, the agent takes none.
+	Run string `json:"run,omitempty"`
 }
 
 // AgentVTPM is a vTPM as its host's agent sees it: what was asked of it
@@ -130,7 +135,9 @@ type AgentChanges struct {
 	Adoptions []AgentAdoptionAsk `json:"adoptions,omitempty"`
 	// Transfers are the server's requests to export a vTPM's state bundle
 	// or import one (GET /v1/agent/transfers/{id} for the secret and bundle), each to be
-	// answered (PUT /v1/agent/transfers/{id}); absent when none waits.
+	// answered (PUT /v1/agent/transfers/{id}); absent when none waits. A
+	// request the agent's run took (POST /v1/agent/transfers/{id}/take)
+	// is not among them, so its watch goes on while it carries it out.
 	Transfers []AgentTransferAsk `json:"transfers,omitempty"`
 }
 

@@ -104,6 +104,13 @@ func (c *Client) TransferInput(ctx context.Context, id string) (api.AgentTransfe
 	return out, c.do(ctx, http.MethodGet, "/v1/agent/transfers/"+url.PathEscape(id), nil, &out)
 }
 
+// TakeTransfer says the agent's run (api.AgentHost.Run) carries out
+// transfer request id apart from its watch, which carries it no more for
+// that run; 404 if the host has no such request waiting.
+func (c *Client) TakeTransfer(ctx context.Context, id string) error {
+	return c.do(ctx, http.MethodPost, "/v1/agent/transfers/"+url.PathEscape(id)+"/take", nil, nil)
+}
+
 // AnswerTransfer answers transfer request id.
 func (c *Client) AnswerTransfer(ctx context.Context, id string, a api.AgentTransfer) error {
 	return c.do(ctx, http.MethodPut, "/v1/agent/transfers/"+url.PathEscape(id), a, nil)

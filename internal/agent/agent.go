@@ -10,10 +10,23 @@
 // is level-triggered and idempotent: a periodic pass reconciles every
 // vTPM it holds against the backend again, and a pass interrupted by a
 // crash is finished by the next one.
+//
+// The transfers of state the watch hands it (exports, imports, the steps
+// of cold and live migrations) are carried out apart from the watch, each
+// in its own goroutine: the agent takes each one for its run first
+// (Records.TakeTransfer), so that the watch hands it no more and goes on
+// with the host's other changes while a live migration takes minutes. A
+// run is one start of the agent's process; a transfer taken by a run that
+// died unanswered is handed to the next one and carried out again, as the
+// rest of the agent's work is. At most Sends live migrations' sends run at
+// once, and Workers other transfers; a vTPM is acted on by one
+// reconciliation or transfer at a time.
 package agent
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -51,11 +64,26 @@ type Agent struct {
 	// when they stop for longer than its window
 	// (vtpms.Config.HeartbeatWindow).
 	HeartbeatInterval time.Duration
-	// Workers bounds how many vTPMs are reconciled at once; default 8.
+	// Workers bounds how many vTPMs are reconciled at once, and how many
+	// transfers other than live migrations' sends are carried out at once;
+	// default 8 each.
 	Workers int
+	// Sends bounds how many live migrations' sends (each a libvirt
+	// migration, sharing the host's link and CPU) the agent carries out
+	// at once; default 8. The server's own bound (evacuate-live's
+	// --max-concurrent) is the one an operator sets.
+	Sends int
 
 	once sync.Once
-	mu   sync.Mutex
+	// runName names this run of the agent (one start of its process): random,
+	// registered with the host.
+	runName string
+	// sendSlots and transferSlots hold a token per send, and per other
+	// transfer, under way.
+	sendSlots, transferSlots chan struct{}
+	mu                       sync.Mutex
+	// carrying are the ids of the transfers this run carries out now.
+	carrying map[string]bool
 	// held are the host's records as last watched or written, by
 	// instance id.
 	held     map[string]*Record
@@ -96,13 +124,21 @@ func (a *Agent) init() {
 		if a.Workers == 0 {
 			a.Workers = 8
 		}
+		if a.Sends == 0 {
+			a.Sends = 8
+		}
+		run := make([]byte, 8)
+		rand.Read(run) // never fails (crypto/rand)
+		a.runName = hex.EncodeToString(run)
+		a.sendSlots, a.transferSlots = make(chan struct{}, a.Sends), make(chan struct{}, a.Workers)
+		a.carrying = map[string]bool{}
 		a.held = map[string]*Record{}
 		a.queue.init()
 	})
 }
 
 // Register records the host with the traits its backend offers, its
-// capacity and the agent's version.
+// capacity, the agent's version and its run.
 func (a *Agent) Register(ctx context.Context) error {
 	a.init()
 	caps, err := a.Backend.Capabilities(ctx)
@@ -110,7 +146,7 @@ func (a *Agent) Register(ctx context.Context) error {
 		return fmt.Errorf("reading capabilities of host %s: %w", a.Host, err)
 	}
 	return a.Records.RegisterHost(ctx, Host{Name: a.Host, Traits: spec.HostTraits(caps).List(), Capacity: a.Capacity,
-		Backend: a.Backend.Name(), Version: a.Version})
+		Backend: a.Backend.Name(), Version: a.Version, Run: a.runName})
 }
 
 // Heartbeat records that the agent is alive.
@@ -139,9 +175,11 @@ func (a *Agent) beat(ctx context.Context) {
 
 // Run registers the host, then records heartbeats, watches the host's
 // records and reconciles what changes, and every Interval all it holds,
-// until ctx ends. While the control plane cannot be reached, every vTPM
-// keeps running as it is; registering and the watch retry with backoff,
-// and the watch catches up from its revision when it answers again.
+// and carries out the transfers the watch hands it, until ctx ends (and
+// the transfers under way return). While the control plane cannot be
+// reached, every vTPM keeps running as it is; registering and the watch
+// retry with backoff, and the watch catches up from its revision when it
+// answers again.
 func (a *Agent) Run(ctx context.Context) error {
 	a.init()
 	a.retry(ctx, "registering the host", func() error { return a.Register(ctx) })
@@ -165,9 +203,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	})
 	for ctx.Err() == nil {
 		a.retry(ctx, "watching the host's vTPMs", func() error {
-			changed, err := a.watch(ctx, a.WatchWait)
+			changed, transfers, err := a.watch(ctx, a.WatchWait)
 			a.queue.add(changed...)
-			return err
+			return errors.Join(err, a.carry(ctx, &wg, transfers))
 		})
 	}
 	return nil
@@ -191,14 +229,17 @@ func (a *Agent) retry(ctx context.Context, doing string, fn func() error) {
 }
 
 // Reconcile reads what changed on the host and reconciles every vTPM it
-// holds, once, returning when all are done.
+// holds, once, then carries out the transfers handed to it, returning when
+// all are done.
 func (a *Agent) Reconcile(ctx context.Context) error {
 	a.init()
-	if _, err := a.watch(ctx, 0); err != nil {
+	_, transfers, err := a.watch(ctx, 0)
+	if err != nil {
 		return err
 	}
-	sem := make(chan struct{}, a.Workers)
 	var wg sync.WaitGroup
+	defer wg.Wait()
+	sem := make(chan struct{}, a.Workers)
 	for _, id := range a.ids() {
 		sem <- struct{}{}
 		wg.Go(func() {
@@ -207,32 +248,30 @@ func (a *Agent) Reconcile(ctx context.Context) error {
 		})
 	}
 	wg.Wait()
-	return nil
+	return a.carry(ctx, &wg, transfers)
 }
 
 // watch reads what changed on the host since the agent's revision,
 // waiting up to wait, takes it in and returns the ids of the vTPMs to
-// reconcile; it answers a drift request the watch carries.
-func (a *Agent) watch(ctx context.Context, wait time.Duration) ([]string, error) {
+// reconcile and the transfers to carry out (carry); it answers the drift
+// and adoption requests the watch carries.
+func (a *Agent) watch(ctx context.Context, wait time.Duration) ([]string, []TransferAsk, error) {
 	a.mu.Lock()
 	since := a.revision
 	a.mu.Unlock()
 	ch, err := a.Records.Watch(ctx, a.Host, since, wait)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	changed := a.apply(ch)
 	var errs []error
 	for _, ask := range ch.Adoptions {
 		errs = append(errs, a.answerAdoption(ctx, ask))
 	}
-	for _, ask := range ch.Transfers {
-		errs = append(errs, a.answerTransfer(ctx, ask))
-	}
 	if ch.Drift.ID != 0 {
 		errs = append(errs, a.answerDrift(ctx, ch.Drift))
 	}
-	return changed, errors.Join(errs...)
+	return changed, ch.Transfers, errors.Join(errs...)
 }
 
 // answerAdoption answers the operator's request to take over the vTPM of
@@ -356,10 +395,15 @@ func (a *Agent) work(ctx context.Context) {
 	}
 }
 
-// reconcileID reconciles the vTPM held for id, one at a time per id.
+// reconcileID reconciles the vTPM held for id, one at a time per id. One
+// that a transfer or another worker holds is not waited for: whoever holds
+// it queues it again when done.
 func (a *Agent) reconcileID(ctx context.Context, id string) {
-	unlock := a.locks.lock(id)
-	defer unlock()
+	unlock, ok := a.locks.tryLock(id)
+	if !ok {
+		return
+	}
+	defer a.unlockQueue(id, unlock)
 	a.mu.Lock()
 	v := a.held[id]
 	a.mu.Unlock()

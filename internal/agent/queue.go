@@ -65,8 +65,8 @@ func (q *queue) take(ctx context.Context) (string, bool) {
 	}
 }
 
-// keyedMutex locks per key, so that one vTPM is reconciled by one worker
-// at a time while others proceed.
+// keyedMutex locks per key, so that one vTPM is acted on by one worker or
+// transfer at a time while others proceed.
 type keyedMutex struct {
 	mu    sync.Mutex
 	locks map[string]*keyLock
@@ -74,11 +74,13 @@ type keyedMutex struct {
 
 type keyLock struct {
 	sync.Mutex
-	users int
+	users  int  // holding it or waiting for it
+	missed bool // a tryLock found it held since it was last unlocked
 }
 
-// lock locks key and returns its unlock.
-func (k *keyedMutex) lock(key string) (unlock func()) {
+// lock locks key, waiting for it, and returns its unlock, which reports
+// whether a tryLock found key held meanwhile.
+func (k *keyedMutex) lock(key string) (unlock func() (missed bool)) {
 	k.mu.Lock()
 	if k.locks == nil {
 		k.locks = map[string]*keyLock{}
@@ -91,12 +93,38 @@ func (k *keyedMutex) lock(key string) (unlock func()) {
 	l.users++
 	k.mu.Unlock()
 	l.Lock()
-	return func() {
-		l.Unlock()
+	return k.unlock(key, l)
+}
+
+// tryLock locks key if no one holds it or waits for it, and returns its
+// unlock (as lock's); false, and the holder's unlock will report it
+// missed, if someone does.
+func (k *keyedMutex) tryLock(key string) (unlock func() (missed bool), ok bool) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if l := k.locks[key]; l != nil {
+		l.missed = true
+		return nil, false
+	}
+	if k.locks == nil {
+		k.locks = map[string]*keyLock{}
+	}
+	l := &keyLock{users: 1}
+	l.Lock()
+	k.locks[key] = l
+	return k.unlock(key, l), true
+}
+
+func (k *keyedMutex) unlock(key string, l *keyLock) func() bool {
+	return func() bool {
 		k.mu.Lock()
+		missed := l.missed
+		l.missed = false
 		if l.users--; l.users == 0 {
 			delete(k.locks, key)
 		}
 		k.mu.Unlock()
+		l.Unlock()
+		return missed
 	}
 }

@@ -63,6 +63,13 @@ type Records interface {
 	// vTPM's state (released for the transfer, the vTPM running or not)
 	// and, for an import, the bundle; ErrNotFound if it is withdrawn.
 	TransferInput(ctx context.Context, host string, ask TransferAsk) (*TransferInput, error)
+	// TakeTransfer records that the agent's run (Host.Run, as it
+	// registered) carries out host's transfer request ask apart from its
+	// watch: Watch no longer returns it to that run, but does to the next
+	// one, so a request a run took and never answered (the agent died) is
+	// carried out again. Taking it again changes nothing. ErrNotFound if
+	// the request is answered or withdrawn.
+	TakeTransfer(ctx context.Context, host string, ask TransferAsk) error
 	// AnswerTransfer answers host's transfer request ask; ErrNotFound if
 	// it is withdrawn (its server gave up).
 	AnswerTransfer(ctx context.Context, host string, ask TransferAsk, answer Transfer) error
@@ -94,7 +101,8 @@ type Changes struct {
 	// did not make, not yet answered.
 	Adoptions []AdoptionAsk
 	// Transfers are the control plane's requests to export or import a
-	// vTPM's state bundle, not yet answered.
+	// vTPM's state bundle, not yet answered, and not taken by this run of
+	// the agent (Records.TakeTransfer).
 	Transfers []TransferAsk
 }
 
@@ -281,6 +289,10 @@ type Host struct {
 	Capacity int      // how many vTPMs it may hold
 	Backend  string   // Backend.Name
 	Version  string   // the vtpmd build the agent runs
+	// Run names this run of the agent (one start of its process), random:
+	// the transfers it takes (Records.TakeTransfer) are handed again to
+	// the next.
+	Run string
 }
 
 // Heartbeat says that the agent of Host, running vtpmd Version, is alive.

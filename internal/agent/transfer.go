@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/vtpmd/vtpmd/api"
@@ -23,10 +24,10 @@ import (
 // is not stopped for an import (vtpm_not_stopped), a live migration's
 // target cannot undo it (guest_runs_here, guest_arriving), or the backend failed
 // (transfer_failed, its reason in the message). The vTPM is not
-// reconciled meanwhile.
+// reconciled meanwhile (it is reconciled after, if a pass came by).
 func (a *Agent) answerTransfer(ctx context.Context, ask TransferAsk) error {
 	unlock := a.locks.lock(ask.InstanceID)
-	defer unlock()
+	defer a.unlockQueue(ask.InstanceID, unlock)
 	ans, err := a.transfer(ctx, ask)
 	var r *refusal.Error
 	switch {
@@ -244,4 +245,64 @@ func bundleEKs(eks []EK) []bundle.EK {
 		out[i] = bundle.EK{Kind: ek.Kind, Handle: ek.Handle, NVIndex: ek.NVIndex, PublicDER: ek.PublicDER, CertDER: ek.CertDER}
 	}
 	return out
+}
+
+// carry takes each of asks for this run (Records.TakeTransfer), so that
+// the watch hands it no more, and carries it out in a goroutine of wg,
+// unless it is under way already. One answered or withdrawn since the
+// watch read it is left. A take that fails otherwise does not hold the
+// transfer up: it is carried out, and the watch, handing it again, takes
+// it again.
+func (a *Agent) carry(ctx context.Context, wg *sync.WaitGroup, asks []TransferAsk) error {
+	var errs []error
+	for _, ask := range asks {
+		errs = append(errs, a.carryOne(ctx, wg, ask))
+	}
+	return errors.Join(errs...)
+}
+
+func (a *Agent) carryOne(ctx context.Context, wg *sync.WaitGroup, ask TransferAsk) error {
+	err := a.Records.TakeTransfer(ctx, a.Host, ask)
+	if errors.Is(err, ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		err = fmt.Errorf("taking the %s of %s: %w", ask.Kind, ask.InstanceID, err)
+	}
+	a.mu.Lock()
+	busy := a.carrying[ask.ID]
+	a.carrying[ask.ID] = true
+	a.mu.Unlock()
+	if busy {
+		return err
+	}
+	slots := a.transferSlots
+	if ask.Kind == TransferSend {
+		slots = a.sendSlots
+	}
+	wg.Go(func() {
+		defer func() {
+			a.mu.Lock()
+			delete(a.carrying, ask.ID)
+			a.mu.Unlock()
+		}()
+		select {
+		case slots <- struct{}{}:
+		case <-ctx.Done():
+			return
+		}
+		defer func() { <-slots }()
+		if err := a.answerTransfer(ctx, ask); err != nil && ctx.Err() == nil {
+			a.Log.Warn("answering a transfer", "host", a.Host, "instance", ask.InstanceID, "kind", ask.Kind, "err", err)
+		}
+	})
+	return err
+}
+
+// unlockQueue unlocks the vTPM id and queues it to be reconciled if a
+// worker found it held meanwhile.
+func (a *Agent) unlockQueue(id string, unlock func() (missed bool)) {
+	if unlock() {
+		a.queue.add(id)
+	}
 }

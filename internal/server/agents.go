@@ -33,6 +33,9 @@ const maxTraits = 64
 // new vTPM.
 const maxCapacity = 100000
 
+// maxRun bounds the name of an agent's run a host registers.
+const maxRun = 64
+
 // defaultWatchWait is how long a watch without ?wait= waits for a change.
 const defaultWatchWait = 30 * time.Second
 
@@ -49,11 +52,14 @@ func (s *Server) registerHost(w http.ResponseWriter, r *http.Request) error {
 		return refusal.Invalid(api.CodeInvalidParameter, "capacity is 0 to 100000 vTPMs.")
 	case req.Backend == "" || len(req.Backend) > 32:
 		return refusal.Invalid(api.CodeInvalidParameter, "backend names the host's backend (swtpm, libvirt, xen, ...).")
+	case len(req.Run) > maxRun:
+		return refusal.Invalid(api.CodeInvalidParameter, "run is at most 64 bytes.")
 	}
 	if len(req.Traits) > maxTraits || slices.ContainsFunc(req.Traits, func(t string) bool { return !traitRE.MatchString(t) }) {
 		return refusal.Invalid(api.CodeInvalidParameter, "traits are at most 64 placement traits (COMPUTE_... or CUSTOM_..., upper case).")
 	}
-	h := agent.Host{Name: hostName(r), Traits: spec.NewTraitSet(req.Traits...).List(), Capacity: req.Capacity, Backend: req.Backend, Version: req.Version}
+	h := agent.Host{Name: hostName(r), Traits: spec.NewTraitSet(req.Traits...).List(), Capacity: req.Capacity, Backend: req.Backend, Version: req.Version,
+		Run: req.Run}
 	if err := s.Agents.RegisterHost(r.Context(), h); err != nil {
 		return err
 	}
@@ -373,6 +379,17 @@ func (s *Server) transferInput(w http.ResponseWriter, r *http.Request) error {
 		out.VTPM = &rec
 	}
 	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+// takeTransfer records that the calling host's agent, in the run it
+// registered last, carries out its transfer request apart from its watch,
+// which hands the request to that run no more.
+func (s *Server) takeTransfer(w http.ResponseWriter, r *http.Request) error {
+	if err := s.Agents.TakeTransfer(r.Context(), hostName(r), agent.TransferAsk{ID: r.PathValue("id")}); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
 	return nil
 }
 

@@ -26,6 +26,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/ca"
 	"github.com/vtpmd/vtpmd/internal/keyring"
 	"github.com/vtpmd/vtpmd/internal/spec"
+	"github.com/vtpmd/vtpmd/internal/store"
 )
 
 // The agent protocol's vTPM routes over mTLS, each host's agent with the
@@ -701,5 +702,97 @@ func TestAgentRoutesRefuseBadJSON(t *testing.T) {
 	}
 	if after := w.hostNamed(t, "ha"); !reflect.DeepEqual(after, host) {
 		t.Errorf("the host after bad bodies: %+v\nwas %+v", after, host)
+	}
+}
+
+// TestAgentTakesTransfer: a host's agent takes a transfer request its
+// watch carried (204), and its watch carries it no more while the same run
+// is registered, the request still answerable; another host's request, an
+// unknown one and an answered one are 404 and change nothing; the run
+// registered after (the agent restarted) is carried it again. A run name
+// over 64 bytes is refused.
+func TestAgentTakesTransfer(t *testing.T) {
+	w := newAgentHosts(t)
+	ctx := context.Background()
+	register := func(c *http.Client, run string) int {
+		caps := spec.Capabilities{Enabled: true, Versions: []spec.Version{spec.V20}, Models: []spec.Model{spec.CRB}}
+		return w.do(t, c, "PUT", "/v1/agent/host", api.AgentHost{Traits: spec.HostTraits(caps).List(), Capacity: 4, Backend: "swtpm",
+			Version: "test", Run: run}, nil)
+	}
+	if code := register(w.a, "run-1"); code != 204 {
+		t.Fatalf("register ha with a run: %d", code)
+	}
+	var e api.ErrorBody
+	refused(t, "a long run", w.do(t, w.a, "PUT", "/v1/agent/host", api.AgentHost{Capacity: 4, Backend: "swtpm", Run: strings.Repeat("r", 65)}, &e),
+		e, 400, api.CodeInvalidParameter)
+
+	var onHA, onHB, answered store.Transfer
+	err := w.store.Update(ctx, func(tx *store.Tx) error {
+		onHA = store.Transfer{Host: "ha", InstanceID: onA, Incarnation: "a", Kind: store.TransferSend}
+		onHB = store.Transfer{Host: "hb", InstanceID: onB, Incarnation: "b", Kind: store.TransferExport, Generation: 1}
+		answered = store.Transfer{Host: "ha", InstanceID: onAToo, Incarnation: "c", Kind: store.TransferDiscard}
+		for _, x := range []*store.Transfer{&onHA, &onHB, &answered} {
+			if err := tx.AskTransfer(x); err != nil {
+				return err
+			}
+		}
+		return tx.AnswerTransfer("ha", answered.ID, nil, "", "")
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	carried := func(c *http.Client) (ids []string) {
+		t.Helper()
+		var ch api.AgentChanges
+		if code := w.do(t, c, "GET", "/v1/agent/vtpms?since=0&wait=0s", nil, &ch); code != 200 {
+			t.Fatalf("watch: %d", code)
+		}
+		for _, x := range ch.Transfers {
+			ids = append(ids, x.ID)
+		}
+		return ids
+	}
+	if got := carried(w.a); !slices.Equal(got, []string{onHA.ID}) {
+		t.Fatalf("ha's watch carries %v, want %v", got, []string{onHA.ID})
+	}
+	take := func(c *http.Client, id string) (int, api.ErrorBody) {
+		var e api.ErrorBody
+		return w.do(t, c, "POST", "/v1/agent/transfers/"+id+"/take", nil, &e), e
+	}
+	for _, id := range []string{onHB.ID, answered.ID, "0123456789abcdef0123456789abcdef"} {
+		code, e := take(w.a, id)
+		refused(t, "ha taking request "+id, code, e, 404, api.CodeNotFound)
+	}
+	for range 2 {
+		if code, e := take(w.a, onHA.ID); code != 204 {
+			t.Fatalf("ha taking its request: %d %+v", code, e)
+		}
+	}
+	if got := carried(w.a); len(got) != 0 {
+		t.Fatalf("ha's watch carries %v after ha took it", got)
+	}
+	if got := carried(w.b); !slices.Equal(got, []string{onHB.ID}) {
+		t.Fatalf("hb's watch carries %v, want its own request alone", got)
+	}
+	var x *store.Transfer
+	if err := w.store.View(ctx, func(tx *store.Tx) (err error) { x, err = tx.GetTransfer("hb", onHB.ID); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if x.TakenBy != "" {
+		t.Fatalf("hb's request, which ha tried to take, reads taken by %q", x.TakenBy)
+	}
+
+	// The agent restarts as another run: it is carried the request again.
+	if code := register(w.a, "run-2"); code != 204 {
+		t.Fatalf("register ha's next run: %d", code)
+	}
+	if got := carried(w.a); !slices.Equal(got, []string{onHA.ID}) {
+		t.Fatalf("ha's next run is carried %v, want %v", got, []string{onHA.ID})
+	}
+	if code := w.do(t, w.a, "PUT", "/v1/agent/transfers/"+onHA.ID, api.AgentTransfer{}, nil); code != 204 {
+		t.Fatalf("answering the request taken: %d", code)
+	}
+	if code, e := take(w.a, onHA.ID); code != 404 {
+		t.Fatalf("taking an answered request: %d %+v", code, e)
 	}
 }

@@ -224,6 +224,7 @@ func (s *Server) routes() []route {
 		{"PUT /v1/agent/adoptions/{id}", s.answerAdoption, hosts, jsonBody},
 		{"GET /v1/agent/transfers/{id}", s.transferInput, hosts, noBody},
 		{"PUT /v1/agent/transfers/{id}", s.answerTransfer, hosts, jsonBody},
+		{"POST /v1/agent/transfers/{id}/take", s.takeTransfer, hosts, noBody},
 		{"GET /v1/ca", s.caChain, anyone, noBody},
 		{"POST /v1/console/links", s.consoleLink, operator, noBody},
 		{"DELETE /v1/console/sessions", s.endConsoleSessions, operator, noBody},

@@ -19,20 +19,25 @@ type Host struct {
 	HeartbeatAt time.Time
 	// Draining is the operator's: no new vTPMs are placed on the host.
 	Draining bool
+	// AgentRun names the run (one start of its process) of the agent
+	// that registered the host last; "" for an agent that names none. A
+	// transfer that run took (TakeTransfer) is not handed to it again.
+	AgentRun string
 }
 
 // PutHost registers a host, or records again what it offers (traits,
-// capacity, backend) and runs (version), with a heartbeat now. An
-// operator's drain stays as it was.
+// capacity, backend), runs (version) and which run of its agent
+// registers it (AgentRun), with a heartbeat now. An operator's drain
+// stays as it was.
 func (t *Tx) PutHost(h *Host) error {
 	traits, err := json.Marshal(h.Traits)
 	if err != nil {
 		return err
 	}
-	_, err = t.exec(`INSERT INTO hosts (name, traits, capacity, backend, version, heartbeat_at) VALUES (?,?,?,?,?,?)
+	_, err = t.exec(`INSERT INTO hosts (name, traits, capacity, backend, version, heartbeat_at, agent_run) VALUES (?,?,?,?,?,?,?)
 		ON CONFLICT(name) DO UPDATE SET traits=excluded.traits, capacity=excluded.capacity,
-		backend=excluded.backend, version=excluded.version, heartbeat_at=excluded.heartbeat_at`,
-		h.Name, string(traits), h.Capacity, h.Backend, h.Version, stamp(t.now))
+		backend=excluded.backend, version=excluded.version, heartbeat_at=excluded.heartbeat_at, agent_run=excluded.agent_run`,
+		h.Name, string(traits), h.Capacity, h.Backend, h.Version, stamp(t.now), h.AgentRun)
 	if err != nil {
 		return err
 	}
@@ -85,7 +90,7 @@ func (t *Tx) GetHost(name string) (*Host, error) {
 // ListHosts returns every host, by name.
 func (t *Tx) ListHosts() ([]*Host, error) { return t.hosts("") }
 
-const hostColumns = `name, traits, capacity, backend, version, heartbeat_at, draining`
+const hostColumns = `name, traits, capacity, backend, version, heartbeat_at, draining, agent_run`
 
 func (t *Tx) hosts(where string, args ...any) ([]*Host, error) {
 	rows, err := t.query(`SELECT `+hostColumns+` FROM hosts `+where+` ORDER BY name`, args...)
@@ -109,7 +114,7 @@ func (t *Tx) hosts(where string, args ...any) ([]*Host, error) {
 func scanHost(row interface{ Scan(...any) error }, h *Host, more ...any) error {
 	var traits, heartbeat string
 	var draining int
-	if err := row.Scan(append([]any{&h.Name, &traits, &h.Capacity, &h.Backend, &h.Version, &heartbeat, &draining}, more...)...); err != nil {
+	if err := row.Scan(append([]any{&h.Name, &traits, &h.Capacity, &h.Backend, &h.Version, &heartbeat, &draining, &h.AgentRun}, more...)...); err != nil {
 		return err
 	}
 	if err := json.Unmarshal([]byte(traits), &h.Traits); err != nil {

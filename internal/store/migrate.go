@@ -478,6 +478,13 @@ UPDATE broker_secrets SET policy_id = COALESCE((SELECT p.id FROM policies p
 	WHERE p.name = broker_secrets.policy AND p.project IN ('', broker_secrets.project)
 	ORDER BY p.project DESC LIMIT 1), '')
 	WHERE policy <> '';`,
+	// Transfers an agent carries out apart from its watch: the run (one
+	// start of its process) of the agent that registered the host last,
+	// and the run that took each transfer, which its watch no longer hands
+	// to that run; another run (the agent restarted) is handed it again.
+	33: `
+ALTER TABLE hosts ADD COLUMN agent_run TEXT NOT NULL DEFAULT '';
+ALTER TABLE state_transfers ADD COLUMN taken_by TEXT NOT NULL DEFAULT '';`,
 }
 
 func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)-1) }

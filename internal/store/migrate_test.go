@@ -42,6 +42,13 @@ var unmigrated = []struct {
 	}},
 }
 
+// putOldHost writes host's row as schemas 11 to 32 have it (PutHost
+// writes today's).
+func putOldHost(tx *Tx, host string) error {
+	_, err := tx.exec(`INSERT INTO hosts (name, traits, capacity, backend, heartbeat_at) VALUES (?, '[]', 10, 'swtpm', '')`, host)
+	return err
+}
+
 // A database from before hosts' heartbeats and vTPMs' observed sockets:
 // a host's last registration is its last heartbeat, of no known version,
 // not drained; a vTPM has no sockets until its agent records them.
@@ -158,7 +165,7 @@ func TestMigrationDropsOrphanAttestations(t *testing.T) {
 				t.Fatal(err)
 			}
 			err := s.Update(ctx, func(tx *Tx) error {
-				if err := tx.PutHost(&Host{Name: "h1", Capacity: 10, Backend: "swtpm"}); err != nil {
+				if err := putOldHost(tx, "h1"); err != nil {
 					return err
 				}
 				// The row as schema 16 has it (CreateVTPM writes today's).
@@ -219,7 +226,7 @@ func TestMigrationPolicyIdentity(t *testing.T) {
 			}
 			pcr0 := func(b byte) map[int][]byte { return map[int][]byte{0: {b}} }
 			err := s.Update(ctx, func(tx *Tx) error {
-				if err := tx.PutHost(&Host{Name: "h1", Capacity: 10, Backend: "swtpm"}); err != nil {
+				if err := putOldHost(tx, "h1"); err != nil {
 					return err
 				}
 				// The rows as schema 29 has them.
@@ -590,6 +597,52 @@ func TestMigrationBrokerSecretPolicyIdentity(t *testing.T) {
 					if sec.PolicyID != c.want {
 						t.Errorf("secret %s/%s: policy id %q, want %q", c.project, c.name, sec.PolicyID, c.want)
 					}
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// A database from before agents took transfers: its hosts name no agent
+// run and its requests are taken by none, so the watch hands them as
+// before.
+func TestMigrationTransfersUntaken(t *testing.T) {
+	for _, e := range unmigrated {
+		t.Run(e.name, func(t *testing.T) {
+			ctx := context.Background()
+			s := e.open(t)
+			if err := s.migrateTo(ctx, 32); err != nil {
+				t.Fatal(err)
+			}
+			err := s.Update(ctx, func(tx *Tx) error {
+				if err := putOldHost(tx, "h1"); err != nil {
+					return err
+				}
+				_, err := tx.exec(`INSERT INTO state_transfers (id, host, instance_id, incarnation, kind, generation, bundle, answered, code, message, asked_at)
+					VALUES ('x1', 'h1', 'i-1', 'a', 'send', 0, ?, 0, '', '', '')`, []byte{})
+				return err
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := s.migrate(ctx); err != nil {
+				t.Fatal(err)
+			}
+			err = s.View(ctx, func(tx *Tx) error {
+				h, err := tx.GetHost("h1")
+				if err != nil {
+					return err
+				}
+				ch, err := tx.WatchVTPMs("h1", 0)
+				if err != nil {
+					return err
+				}
+				if h.AgentRun != "" || len(ch.Transfers) != 1 || ch.Transfers[0].ID != "x1" || ch.Transfers[0].TakenBy != "" {
+					t.Errorf("after the migration: host's agent run %q, handed %+v", h.AgentRun, ch.Transfers)
 				}
 				return nil
 			})

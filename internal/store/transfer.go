@@ -13,9 +13,10 @@ import (
 // "receive": migrating to it, or unshelved onto it), or remove the copy of
 // a vTPM leaving it (Kind "discard": migrated away, or shelved); or a step
 // of a live migration (Kinds "prepare", "send", "settle", "abort",
-// "cancel"): the
-// host's watch carries it (Changes.Transfers) until the agent answers, and
-// the server that asked withdraws it once it has the answer or gives up.
+// "cancel"): the host's watch carries it (Changes.Transfers) until the
+// agent answers, or until the agent's current run takes it (TakeTransfer)
+// to carry it out apart from its watch; the server that asked withdraws it
+// once it has the answer or gives up.
 type Transfer struct {
 	ID          string // random; names this request
 	Host        string
@@ -31,6 +32,9 @@ type Transfer struct {
 	Code     string
 	Message  string
 	AskedAt  time.Time
+	// TakenBy is the agent run (Host.AgentRun) that took the request to
+	// carry it out; "" while none has.
+	TakenBy string
 }
 
 // The kinds of transfer.
@@ -84,14 +88,34 @@ func (t *Tx) GetTransfer(host, id string) (*Transfer, error) {
 	x := &Transfer{}
 	var answered int
 	var at string
-	err := t.queryRow(`SELECT id, host, instance_id, incarnation, kind, generation, bundle, answered, code, message, asked_at
+	err := t.queryRow(`SELECT id, host, instance_id, incarnation, kind, generation, bundle, answered, code, message, asked_at, taken_by
 		FROM state_transfers WHERE host=? AND id=?`, host, id).
-		Scan(&x.ID, &x.Host, &x.InstanceID, &x.Incarnation, &x.Kind, &x.Generation, &x.Bundle, &answered, &x.Code, &x.Message, &at)
+		Scan(&x.ID, &x.Host, &x.InstanceID, &x.Incarnation, &x.Kind, &x.Generation, &x.Bundle, &answered, &x.Code, &x.Message, &at, &x.TakenBy)
 	if err != nil {
 		return nil, fmt.Errorf("transfer %s on host %s: %w", id, host, notFound(err))
 	}
 	x.Answered, x.AskedAt = answered != 0, parseStamp(at)
 	return x, nil
+}
+
+// TakeTransfer records that the run of host's agent that registered the
+// host last (Host.AgentRun) carries out host's request id apart from its
+// watch: the host's watch no longer hands the request to that run, but
+// hands it again to the next (the agent restarted, and what it was doing
+// is done again). Taking a request the run took already changes nothing.
+// ErrNotFound if the host has no such request waiting (answered,
+// withdrawn, or another host's). The host's watchers are not woken: the
+// taking agent knows.
+func (t *Tx) TakeTransfer(host, id string) error {
+	ok, err := changedRow(t.exec(`UPDATE state_transfers SET taken_by = COALESCE((SELECT h.agent_run FROM hosts h WHERE h.name = ?), '')
+		WHERE host=? AND id=? AND answered=0`, host, host, id))
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return fmt.Errorf("transfer %s on host %s: %w", id, host, ErrNotFound)
+	}
+	return nil
 }
 
 // AnswerTransfer records host's answer to its request id, once: the
@@ -134,11 +158,16 @@ func (t *Tx) WithdrawTransfer(id string) error {
 	return err
 }
 
-// pendingTransfers are host's requests its agent has not answered,
-// without their bundles.
+// handedTransfers is the condition on state_transfers x of the requests
+// the watch hands to the host's agent: not answered, and not taken by the
+// run that registered the host last.
+const handedTransfers = `x.answered = 0 AND (x.taken_by = '' OR x.taken_by <> COALESCE((SELECT ah.agent_run FROM hosts ah WHERE ah.name = x.host), ''))`
+
+// pendingTransfers are host's requests its agent is handed
+// (handedTransfers), without their bundles.
 func (t *Tx) pendingTransfers(host string) ([]Transfer, error) {
-	rows, err := t.query(`SELECT id, instance_id, incarnation, kind, generation, asked_at FROM state_transfers
-		WHERE host=? AND answered=0 ORDER BY asked_at, id`, host)
+	rows, err := t.query(`SELECT x.id, x.instance_id, x.incarnation, x.kind, x.generation, x.asked_at, x.taken_by FROM state_transfers x
+		WHERE x.host=? AND `+handedTransfers+` ORDER BY x.asked_at, x.id`, host)
 	if err != nil {
 		return nil, err
 	}
@@ -147,7 +176,7 @@ func (t *Tx) pendingTransfers(host string) ([]Transfer, error) {
 	for rows.Next() {
 		x := Transfer{Host: host}
 		var at string
-		if err := rows.Scan(&x.ID, &x.InstanceID, &x.Incarnation, &x.Kind, &x.Generation, &at); err != nil {
+		if err := rows.Scan(&x.ID, &x.InstanceID, &x.Incarnation, &x.Kind, &x.Generation, &at, &x.TakenBy); err != nil {
 			return nil, err
 		}
 		x.AskedAt = parseStamp(at)
@@ -165,7 +194,7 @@ func (t *Tx) pendingTransfers(host string) ([]Transfer, error) {
 // that removed it: servers sweeping at once never both report one.
 func (t *Tx) SweepTransfers(cutoff time.Time) ([]Transfer, error) {
 	rows, err := t.query(`DELETE FROM state_transfers WHERE asked_at < ?
-		RETURNING id, host, instance_id, incarnation, kind, generation, answered, code, asked_at`, stamp(cutoff))
+		RETURNING id, host, instance_id, incarnation, kind, generation, answered, code, asked_at, taken_by`, stamp(cutoff))
 	if err != nil {
 		return nil, err
 	}
@@ -175,7 +204,7 @@ func (t *Tx) SweepTransfers(cutoff time.Time) ([]Transfer, error) {
 		var x Transfer
 		var answered int
 		var at string
-		if err := rows.Scan(&x.ID, &x.Host, &x.InstanceID, &x.Incarnation, &x.Kind, &x.Generation, &answered, &x.Code, &at); err != nil {
+		if err := rows.Scan(&x.ID, &x.Host, &x.InstanceID, &x.Incarnation, &x.Kind, &x.Generation, &answered, &x.Code, &at, &x.TakenBy); err != nil {
 			return nil, err
 		}
 		x.Answered, x.AskedAt = answered != 0, parseStamp(at)

@@ -69,7 +69,8 @@ type Changes struct {
 	// (AskAdoption).
 	Adoptions []Adoption
 	// Transfers are the servers' requests to export or import state
-	// bundles its agent has not answered (AskTransfer), without bundles.
+	// bundles (AskTransfer) its agent has not answered, without bundles,
+	// but those the agent's current run took (TakeTransfer).
 	Transfers []Transfer
 }
 
@@ -90,7 +91,7 @@ func (t *Tx) WatchVTPMs(host string, since int64) (*Changes, error) {
 	}
 	err := t.queryRow(`SELECT COALESCE(w.revision, 0), COALESCE(w.horizon, 0), COALESCE(h.drift_asked, 0), COALESCE(h.drift_repair, 0),
 		(SELECT COUNT(*) FROM adoptions a WHERE a.host = q.name AND a.answer = ''),
-		(SELECT COUNT(*) FROM state_transfers x WHERE x.host = q.name AND x.answered = 0), `+timeline+`
+		(SELECT COUNT(*) FROM state_transfers x WHERE x.host = q.name AND `+handedTransfers+`), `+timeline+`
 		FROM (SELECT CAST(? AS TEXT) AS name) q
 		LEFT JOIN watch_revisions w ON w.host = q.name
 		LEFT JOIN hosts h ON h.name = q.name AND h.drift_answered < h.drift_asked`, host).Scan(&c.Revision, &horizon, &c.DriftAsked, &repair, &adoptions, &transfers, &walFile)

@@ -29,7 +29,7 @@ func New(c *client.Client) *Records { return &Records{c: c} }
 
 // RegisterHost implements agent.Records.
 func (r *Records) RegisterHost(ctx context.Context, h agent.Host) error {
-	return agentError(r.c.RegisterHost(ctx, api.AgentHost{Traits: h.Traits, Capacity: h.Capacity, Backend: h.Backend, Version: h.Version}))
+	return agentError(r.c.RegisterHost(ctx, api.AgentHost{Traits: h.Traits, Capacity: h.Capacity, Backend: h.Backend, Version: h.Version, Run: h.Run}))
 }
 
 // Heartbeat implements agent.Records.
@@ -167,6 +167,11 @@ func (r *Records) TransferInput(ctx context.Context, host string, ask agent.Tran
 		out.Record = record(*in.VTPM)
 	}
 	return out, nil
+}
+
+// TakeTransfer implements agent.Records; host is the certificate's.
+func (r *Records) TakeTransfer(ctx context.Context, host string, ask agent.TransferAsk) error {
+	return agentError(r.c.TakeTransfer(ctx, ask.ID))
 }
 
 // AnswerTransfer implements agent.Records; host is the certificate's.

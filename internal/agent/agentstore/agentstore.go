@@ -59,7 +59,7 @@ func errNeedsOwner(v *store.VTPM) error {
 // RegisterHost implements agent.Records.
 func (r *Records) RegisterHost(ctx context.Context, h agent.Host) error {
 	return r.st.Update(ctx, func(tx *store.Tx) error {
-		return tx.PutHost(&store.Host{Name: h.Name, Traits: h.Traits, Capacity: h.Capacity, Backend: h.Backend, Version: h.Version})
+		return tx.PutHost(&store.Host{Name: h.Name, Traits: h.Traits, Capacity: h.Capacity, Backend: h.Backend, Version: h.Version, AgentRun: h.Run})
 	})
 }
 
@@ -570,6 +570,11 @@ func migratingLive(tx *store.Tx, v *store.VTPM, host, kind string) error {
 		return nil
 	}
 	return refusal.Forbidden(api.CodeForbidden, "The vTPM of "+v.InstanceID+" is not live-migrating through host "+host+" at that step.")
+}
+
+// TakeTransfer implements agent.Records.
+func (r *Records) TakeTransfer(ctx context.Context, host string, ask agent.TransferAsk) error {
+	return agentError(r.st.Update(ctx, func(tx *store.Tx) error { return tx.TakeTransfer(host, ask.ID) }))
 }
 
 // AnswerTransfer implements agent.Records.

@@ -82,11 +82,18 @@ func (b *Backend) PrepareIncoming(ctx context.Context, v agent.VTPM, secret []by
 // fails, libvirt resumes the guest here, with its TPM. When ctx ends
 // first, libvirt's migration job is aborted (virDomainAbortJob): the
 // migration fails, unless it was completing.
+//
+// Each migration has a libvirtd connection of its own: libvirtd serves at
+// most max_client_requests calls of one connection at once (5 by
+// default) and reads none of its next ones meanwhile, so migrations on
+// the backend's shared connection, which the agent runs side by side,
+// would hold up its every other call, and each other past five.
 func (b *Backend) MigrateLive(ctx context.Context, v agent.VTPM, to agent.Incoming) error {
-	lv, err := b.conn()
+	lv, err := dial(b.cfg.Socket)
 	if err != nil {
 		return err
 	}
+	defer lv.Disconnect()
 	dom, err := b.domain(lv, v)
 	if err != nil {
 		return err

@@ -218,7 +218,10 @@ func (b *Backend) attach(lv *golibvirt.Libvirt, dom golibvirt.Domain, v agent.VT
 // two external-mode hosts): a cold migration's source, removing its copy,
 // may read the definition just before the target gives the guest its own
 // swtpm and starts it, and must neither stop that guest (it runs with the
-// target's TPM, as its live definition says) nor put back what it read.
+// target's TPM, as its live definition says) nor put back what it read. A
+// domain listed that is gone by the time it is read (another guest
+// live-migrated away meanwhile, its definition undefined here by libvirt,
+// as the agent's concurrent transfers do) is skipped.
 func (b *Backend) detachOthers(lv *golibvirt.Libvirt, v agent.VTPM) error {
 	doms, _, err := lv.ConnectListAllDomains(1, 0)
 	if err != nil {
@@ -228,44 +231,46 @@ func (b *Backend) detachOthers(lv *golibvirt.Libvirt, v agent.VTPM) error {
 		if dom.Name == v.Domain {
 			continue
 		}
-		xml, err := lv.DomainGetXMLDesc(dom, golibvirt.DomainXMLInactive|golibvirt.DomainXMLSecure)
-		if err != nil {
+		if err := b.detachFrom(lv, dom, v); err != nil && !golibvirt.IsNotFound(err) {
 			return err
 		}
-		if !b.uses(xml, v) {
-			continue
-		}
-		if state, reason, err := lv.DomainGetState(dom, 0); err == nil && golibvirt.DomainState(state) == golibvirt.DomainShutoff &&
-			golibvirt.DomainShutoffReason(reason) == golibvirt.DomainShutoffMigrated {
-			// The copy a live migration left behind, the guest running on
-			// another host: libvirt undefines it at the migration's end
-			// (VIR_MIGRATE_UNDEFINE_SOURCE, as the agent asks), unless its
-			// caller went away before then. Its NVRAM may be the guest's
-			// on shared storage: kept.
-			if err := lv.DomainUndefineFlags(dom, golibvirt.DomainUndefineKeepNvram); err != nil {
-				return fmt.Errorf("undefining %s, left behind by its live migration: %w", dom.Name, err)
-			}
-			b.log.Info("undefined the copy of a guest that live-migrated away", "instance", v.InstanceID, "domain", dom.Name)
-			continue
-		}
-		if err := b.stopIfRunningWith(lv, dom, v); err != nil {
-			return err
-		}
-		if xml, err = lv.DomainGetXMLDesc(dom, golibvirt.DomainXMLInactive|golibvirt.DomainXMLSecure); err != nil {
-			return err
-		}
-		if !b.uses(xml, v) {
-			continue
-		}
-		updated, _, err := DetachTPM(xml)
-		if err != nil {
-			return err
-		}
-		if _, err := lv.DomainDefineXML(updated); err != nil {
-			return fmt.Errorf("redefining %s without its vTPM: %w", dom.Name, err)
-		}
-		b.log.Info("detached vTPM", "instance", v.InstanceID, "domain", dom.Name)
 	}
+	return nil
+}
+
+// detachFrom removes v's TPM from dom, if dom holds it (detachOthers).
+func (b *Backend) detachFrom(lv *golibvirt.Libvirt, dom golibvirt.Domain, v agent.VTPM) error {
+	xml, err := lv.DomainGetXMLDesc(dom, golibvirt.DomainXMLInactive|golibvirt.DomainXMLSecure)
+	if err != nil || !b.uses(xml, v) {
+		return err
+	}
+	if state, reason, err := lv.DomainGetState(dom, 0); err == nil && golibvirt.DomainState(state) == golibvirt.DomainShutoff &&
+		golibvirt.DomainShutoffReason(reason) == golibvirt.DomainShutoffMigrated {
+		// The copy a live migration left behind, the guest running on
+		// another host: libvirt undefines it at the migration's end
+		// (VIR_MIGRATE_UNDEFINE_SOURCE, as the agent asks), unless its
+		// caller went away before then. Its NVRAM may be the guest's
+		// on shared storage: kept.
+		if err := lv.DomainUndefineFlags(dom, golibvirt.DomainUndefineKeepNvram); err != nil {
+			return fmt.Errorf("undefining %s, left behind by its live migration: %w", dom.Name, err)
+		}
+		b.log.Info("undefined the copy of a guest that live-migrated away", "instance", v.InstanceID, "domain", dom.Name)
+		return nil
+	}
+	if err := b.stopIfRunningWith(lv, dom, v); err != nil {
+		return err
+	}
+	if xml, err = lv.DomainGetXMLDesc(dom, golibvirt.DomainXMLInactive|golibvirt.DomainXMLSecure); err != nil || !b.uses(xml, v) {
+		return err
+	}
+	updated, _, err := DetachTPM(xml)
+	if err != nil {
+		return err
+	}
+	if _, err := lv.DomainDefineXML(updated); err != nil {
+		return fmt.Errorf("redefining %s without its vTPM: %w", dom.Name, err)
+	}
+	b.log.Info("detached vTPM", "instance", v.InstanceID, "domain", dom.Name)
 	return nil
 }
 
