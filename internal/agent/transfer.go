@@ -175,19 +175,27 @@ const cancelPoll = time.Second
 // migration is aborted: the guest runs on here, unless it landed first
 // (then MigrateLive succeeds all the same). A read that fails (the server
 // restarting, say) cancels nothing; nor does the agent stopping: libvirt
-// drives the migration, and where the guest ends is the target's to say.
+// drives the migration, so sendLive returns (the send left unanswered, for
+// the agent's next run, which finds where the guest went) and the
+// migration goes on.
 func (a *Agent) sendLive(ctx context.Context, lm LiveMigrator, v *Record, to Incoming, ask TransferAsk) error {
 	sendCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	defer cancel()
-	done := make(chan struct{})
-	defer close(done)
+	finished, migrated := make(chan struct{}), make(chan error, 1)
+	go func() {
+		err := lm.MigrateLive(sendCtx, v.VTPM(), to)
+		close(finished)
+		migrated <- err
+	}()
 	go func() {
 		tick := time.NewTicker(cancelPoll)
 		defer tick.Stop()
 		for {
 			select {
-			case <-done:
+			case <-finished:
+				cancel()
 				return
+			case <-ctx.Done():
+				return // the agent stops; the migration goes on, and sendCtx with it
 			case <-tick.C:
 			}
 			if in, err := a.Records.TransferInput(ctx, a.Host, ask); err == nil && in.Cancel {
@@ -197,7 +205,12 @@ func (a *Agent) sendLive(ctx context.Context, lm LiveMigrator, v *Record, to Inc
 			}
 		}
 	}()
-	return lm.MigrateLive(sendCtx, v.VTPM(), to)
+	select {
+	case err := <-migrated:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // export seals v's state, as the backend copies it, into a bundle of
