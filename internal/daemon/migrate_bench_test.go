@@ -5,6 +5,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
+
 	"github.com/vtpmd/vtpmd/api"
 )
 
@@ -27,7 +29,7 @@ func BenchmarkColdMigration(b *testing.B) {
 	hosts := map[string]string{"hv-a": "hv-b", "hv-b": "hv-a"}
 
 	b.Run("stopped", func(b *testing.B) {
-		id := clusterID(70)
+		id := uuid.NewString() // each run its own: -count runs this again on the same cluster
 		if _, err := c.create(id); err != nil {
 			b.Fatal(err)
 		}
@@ -72,7 +74,7 @@ func BenchmarkColdMigration(b *testing.B) {
 	})
 
 	b.Run("running", func(b *testing.B) {
-		id := clusterID(71)
+		id := uuid.NewString()
 		if _, err := c.create(id); err != nil {
 			b.Fatal(err)
 		}
