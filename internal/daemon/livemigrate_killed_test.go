@@ -15,6 +15,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/api"
 	"github.com/vtpmd/vtpmd/client"
+	"github.com/vtpmd/vtpmd/internal/swtpm/swtpmtest"
 )
 
 // TestClusterLiveMigrateTargetKilled kills the target's agent while
@@ -155,21 +156,8 @@ func swtpmOn(t testing.TB, h libvirtHost, id string) []string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	var found []string
-	for _, p := range procs {
-		b, err := os.ReadFile(p)
-		if err != nil || len(b) == 0 {
-			continue // gone, or a zombie
-		}
-		args := bytes.Split(bytes.TrimRight(b, "\x00"), []byte{0})
-		if filepath.Base(string(args[0])) != "swtpm" || !bytes.Contains(b, []byte(id)) {
-			continue
-		}
-		if mnt, err := os.Stat(filepath.Join(filepath.Dir(p), "ns", "mnt")); err != nil || !os.SameFile(mnt, ns) {
-			continue
-		}
-		found = append(found, filepath.Base(filepath.Dir(p))+": "+string(bytes.Join(args, []byte(" "))))
-	}
-	return found
+	return swtpmtest.ProcessesWhere(func(pid string, cmdline []byte) bool {
+		mnt, err := os.Stat(filepath.Join("/proc", pid, "ns", "mnt"))
+		return bytes.Contains(cmdline, []byte(id)) && err == nil && os.SameFile(mnt, ns)
+	})
 }

@@ -76,6 +76,12 @@ func CheckNoProcesses(t testing.TB, root string) {
 // Processes lists "pid: cmdline" of the swtpm processes whose arguments
 // name a path under root.
 func Processes(root string) []string {
+	return ProcessesWhere(func(_ string, cmdline []byte) bool { return bytes.Contains(cmdline, []byte(root+"/")) })
+}
+
+// ProcessesWhere lists "pid: cmdline" of the swtpm processes for which
+// match (given the pid and the NUL-separated command line) holds.
+func ProcessesWhere(match func(pid string, cmdline []byte) bool) []string {
 	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
 	var found []string
 	for _, p := range procs {
@@ -84,10 +90,10 @@ func Processes(root string) []string {
 			continue // gone, or a zombie
 		}
 		args := bytes.Split(bytes.TrimRight(b, "\x00"), []byte{0})
-		if filepath.Base(string(args[0])) != "swtpm" || !bytes.Contains(b, []byte(root+"/")) {
+		pid := filepath.Base(filepath.Dir(p))
+		if filepath.Base(string(args[0])) != "swtpm" || !match(pid, b) {
 			continue
 		}
-		pid := filepath.Base(filepath.Dir(p))
 		found = append(found, pid+": "+string(bytes.Join(args, []byte(" "))))
 	}
 	return found
