@@ -88,12 +88,13 @@ func libvirtSecret(t *testing.T, lv *golibvirt.Libvirt, id string) (value []byte
 	return value, d.Ephemeral == "yes" || d.Private == "yes", true
 }
 
-// bootOnTarget starts the vTPM id, attached to guest dom on its new host,
-// waits for the guest's report of its TPM (printed by the test init) and
-// checks it: its firmware measured the boot into the TPM, and the TPM is
-// the one from before the move: the NV index and counter read data and
-// counter, and its EK public key and certificate are before's.
-func bootOnTarget(t *testing.T, c *cluster, id, console string, before api.Identity, data, counter []byte) {
+// bootChecked starts the vTPM id, attached to its guest on the vTPM's
+// host, waits for the guest's report of its TPM (printed by the test init
+// to console) and checks it: its firmware measured the boot into the TPM,
+// and the TPM is the one from before the move: the NV index and counter
+// read data and counter, and its EK public key and certificate are
+// before's.
+func bootChecked(t *testing.T, c *cluster, id, console string, before api.Identity, data, counter []byte) {
 	t.Helper()
 	if _, err := c.op.Start(context.Background(), id); err != nil {
 		t.Fatal(err)
@@ -164,7 +165,7 @@ func TestClusterLibvirtMigrate(t *testing.T) {
 // libvirt secret is defined there, persistent, and with user and
 // deployment it is not (vtpmd defines it for each start); on lv-a, the
 // state and the libvirt secret are gone. The guest of user's boots on
-// lv-b; the others' TPMs are read through swtpm. Then host's vTPM is
+// lv-a, then, moved, on lv-b; the others' TPMs are read through swtpm. Then host's vTPM is
 // backed up, changed, restored, shelved and unshelved onto lv-a, backed up
 // again, and evacuated from lv-a, lost, onto lv-b: its NV data comes back
 // each time, and its libvirt secret goes with its state.
@@ -236,11 +237,23 @@ func testLibvirtMigrateEmulator(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// The guest of the first (user) is defined on lv-b, the host it moves
-	// to, as Nova defines it there; its vTPM is attached while stopped.
+	// The guest of the first (user) runs on lv-a first, libvirt's swtpm
+	// taking the state the test wrote: what moves is a state libvirt's
+	// swtpm wrote last. It is defined on lv-b too, the host it moves to,
+	// as Nova defines it there (its files on storage both hosts share).
 	gdir := t.TempDir()
-	dom := defineGuest(t, lv2, vtpms[0].id, gdir)
+	dom := defineGuest(t, lv, vtpms[0].id, gdir)
+	defineGuest(t, lv2, vtpms[0].id, gdir)
 	if _, err := c.op.Attach(ctx, vtpms[0].id, dom.Name); err != nil {
+		t.Fatal(err)
+	}
+	console := filepath.Join(gdir, "console.log")
+	bootChecked(t, c, vtpms[0].id, console, vtpms[0].before, vtpms[0].data, vtpms[0].counter)
+	if _, err := c.op.Stop(ctx, vtpms[0].id); err != nil {
+		t.Fatal(err)
+	}
+	c.wait(vtpms[0].id, "stopped")
+	if err := os.Truncate(console, 0); err != nil { // the boot on lv-b writes its own report
 		t.Fatal(err)
 	}
 
@@ -284,7 +297,7 @@ func testLibvirtMigrateEmulator(t *testing.T) {
 			sameEKs(t, m.before, after)
 
 			if m == vtpms[0] {
-				bootOnTarget(t, c, m.id, filepath.Join(gdir, "console.log"), m.before, m.data, m.counter)
+				bootChecked(t, c, m.id, console, m.before, m.data, m.counter)
 				return
 			}
 			onStateSocket(t, tpm2Dir, m.secret, func(sock string) {
@@ -457,7 +470,7 @@ func testLibvirtMigrateExternal(t *testing.T) {
 		t.Fatal(err)
 	}
 	sameEKs(t, before, after)
-	bootOnTarget(t, c, id, filepath.Join(gdir, "console.log"), before, data, counter)
+	bootChecked(t, c, id, filepath.Join(gdir, "console.log"), before, data, counter)
 	if tpms := guestTPM(t, lv, dom); len(tpms) != 1 || tpms[0].Backend.External == nil ||
 		!strings.HasPrefix(tpms[0].Backend.External.Source.UNIX.Path, bSockets+"/") {
 		t.Fatalf("the guest's TPM on lv-b: %+v", tpms[0].Backend.External)
